@@ -321,3 +321,19 @@ pub fn tag_hash(tags: Option<&str>) -> u64 {
         }
     }
 }
+
+impl Message {
+    /// The message in the commit log's record format (with `store_timestamp` 0), for
+    /// callers that keep whole messages elsewhere (the core's timer payloads).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        crate::codec::validate(self)?;
+        let mut out = Vec::with_capacity(crate::codec::encoded_len(self));
+        crate::codec::encode_message(self, 0, &mut out);
+        Ok(out)
+    }
+
+    /// Decode what [`Message::encode`] produced. Shares `bytes` for body and properties.
+    pub fn decode(bytes: Bytes) -> Result<Self> {
+        Ok(crate::codec::decode_message(MessageId(0), bytes)?.message)
+    }
+}

@@ -1,0 +1,910 @@
+//! The broker: topics, publishing (direct to a topic or through an exchange), the delay
+//! scheduler, retention, and the registry of consumer groups.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes};
+use mqgate_store::{
+    GroupName, Message, MessageId, Millis, QueueId, QueueOffset, QueueRef, Store, TimerKey,
+    TopicConfig, TopicName, WriteBatch,
+};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::clock::Clock;
+use crate::config::CoreConfig;
+use crate::error::{CoreError, Result};
+use crate::group::{
+    self, Consumer, GroupHandle, GroupInfo, GroupSpec, MemberOptions, StartPosition,
+};
+use crate::router::{HeaderValue, Router, DEFAULT_VHOST};
+use crate::wire::{put_bytes, put_str, Reader};
+
+/// When a delayed message becomes visible.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Delay {
+    /// One of the configured levels (1-based; RocketMQ: 1s 5s 10s 30s 1m ... 2h).
+    Level(u8),
+    /// After this long.
+    For(Duration),
+    /// At this wall-clock time (ms).
+    At(Millis),
+}
+
+/// A publish straight to a topic (RocketMQ's producer API).
+#[derive(Clone, Debug)]
+pub struct Publish {
+    /// The message; `message.topic` is the topic published to.
+    pub message: Message,
+    /// Messages with the same key go to the same queue, in order.
+    pub sharding_key: Option<String>,
+    /// Or an explicit queue.
+    pub queue: Option<QueueId>,
+    /// Deliver later.
+    pub delay: Option<Delay>,
+}
+
+impl Publish {
+    /// Publish `message` to its topic, round robin over the topic's queues.
+    pub fn new(message: Message) -> Self {
+        Self {
+            message,
+            sharding_key: None,
+            queue: None,
+            delay: None,
+        }
+    }
+}
+
+/// What happened to a publish.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Published {
+    /// Stored and indexed into these queues.
+    Stored {
+        /// The message id.
+        id: MessageId,
+        /// Where it went.
+        offsets: Vec<(QueueRef, QueueOffset)>,
+    },
+    /// Stored as a timer; it will be released at `due`.
+    Delayed {
+        /// The timer.
+        timer: TimerKey,
+    },
+}
+
+impl Published {
+    /// How many queues indexed it (0 when delayed).
+    pub fn routed(&self) -> usize {
+        match self {
+            Published::Stored { offsets, .. } => offsets.len(),
+            Published::Delayed { .. } => 0,
+        }
+    }
+}
+
+/// A route resolved when a delayed message is released (so bindings made during the
+/// delay count, as with RabbitMQ's delayed exchange and EMQX's `$delayed`).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Route {
+    Topic {
+        topic: TopicName,
+        queue: Option<u32>,
+        sharding_key: Option<String>,
+    },
+    Exchange {
+        vhost: String,
+        exchange: String,
+        key: String,
+        headers: Vec<(String, HeaderValue)>,
+    },
+}
+
+const ROUTE_TOPIC: u8 = 1;
+const ROUTE_EXCHANGE: u8 = 2;
+
+fn encode_timer(route: &Route, message: &Message) -> Result<Vec<u8>> {
+    let body = message.encode()?;
+    let mut out = Vec::with_capacity(body.len() + 64);
+    out.put_u8(1);
+    match route {
+        Route::Topic {
+            topic,
+            queue,
+            sharding_key,
+        } => {
+            out.put_u8(ROUTE_TOPIC);
+            put_str(&mut out, topic.as_str());
+            out.put_u64_le(queue.map_or(u64::MAX, u64::from));
+            put_str(&mut out, sharding_key.as_deref().unwrap_or(""));
+            out.put_u8(u8::from(sharding_key.is_some()));
+        }
+        Route::Exchange {
+            vhost,
+            exchange,
+            key,
+            headers,
+        } => {
+            out.put_u8(ROUTE_EXCHANGE);
+            put_str(&mut out, vhost);
+            put_str(&mut out, exchange);
+            put_str(&mut out, key);
+            out.put_u32_le(headers.len() as u32);
+            for (k, v) in headers {
+                put_str(&mut out, k);
+                match v {
+                    HeaderValue::Str(s) => {
+                        out.put_u8(1);
+                        put_str(&mut out, s);
+                    }
+                    HeaderValue::Int(i) => {
+                        out.put_u8(2);
+                        out.put_u64_le(*i as u64);
+                    }
+                    HeaderValue::Float(f) => {
+                        out.put_u8(3);
+                        out.put_u64_le(f.to_bits());
+                    }
+                    HeaderValue::Bool(b) => {
+                        out.put_u8(4);
+                        out.put_u8(u8::from(*b));
+                    }
+                    HeaderValue::Void => out.put_u8(5),
+                    HeaderValue::Other(b) => {
+                        out.put_u8(6);
+                        put_bytes(&mut out, b);
+                    }
+                }
+            }
+        }
+    }
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+fn decode_timer(payload: Bytes) -> Result<(Route, Message)> {
+    let mut r = Reader(payload);
+    if r.u8()? != 1 {
+        return Err(CoreError::Invalid("unknown timer payload version".into()));
+    }
+    let route = match r.u8()? {
+        ROUTE_TOPIC => {
+            let topic = TopicName::new(r.string()?)?;
+            let q = r.u64()?;
+            let key = r.string()?;
+            let has_key = r.u8()? == 1;
+            Route::Topic {
+                topic,
+                queue: u32::try_from(q).ok(),
+                sharding_key: has_key.then_some(key),
+            }
+        }
+        ROUTE_EXCHANGE => {
+            let vhost = r.string()?;
+            let exchange = r.string()?;
+            let key = r.string()?;
+            let n = r.u32()?;
+            let mut headers = Vec::with_capacity(n.min(1024) as usize);
+            for _ in 0..n {
+                let k = r.string()?;
+                let v = match r.u8()? {
+                    1 => HeaderValue::Str(r.string()?),
+                    2 => HeaderValue::Int(r.u64()? as i64),
+                    3 => HeaderValue::Float(f64::from_bits(r.u64()?)),
+                    4 => HeaderValue::Bool(r.u8()? == 1),
+                    5 => HeaderValue::Void,
+                    6 => HeaderValue::Other(r.bytes()?),
+                    t => return Err(CoreError::Invalid(format!("unknown header type {t}"))),
+                };
+                headers.push((k, v));
+            }
+            Route::Exchange {
+                vhost,
+                exchange,
+                key,
+                headers,
+            }
+        }
+        k => return Err(CoreError::Invalid(format!("unknown route kind {k}"))),
+    };
+    Ok((route, Message::decode(r.rest())?))
+}
+
+/// Per-topic state the publish path needs without touching the store's topic map.
+#[derive(Debug)]
+pub(crate) struct TopicHandle {
+    pub(crate) name: TopicName,
+    queue_count: AtomicU32,
+    round_robin: AtomicU64,
+    /// Groups consuming this topic: woken after each append.
+    watchers: RwLock<Vec<Arc<Notify>>>,
+    /// Messages published per producer group.
+    producers: Mutex<HashMap<String, u64>>,
+}
+
+impl TopicHandle {
+    fn new(cfg: &TopicConfig) -> Self {
+        Self {
+            name: cfg.name.clone(),
+            queue_count: AtomicU32::new(cfg.queue_count),
+            round_robin: AtomicU64::new(0),
+            watchers: RwLock::default(),
+            producers: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn queue_count(&self) -> u32 {
+        self.queue_count.load(Ordering::Acquire)
+    }
+
+    fn select(&self, queue: Option<u32>, sharding_key: Option<&str>) -> Result<u32> {
+        let n = self.queue_count();
+        match (queue, sharding_key) {
+            (Some(q), _) if q < n => Ok(q),
+            (Some(q), _) => Err(CoreError::Invalid(format!(
+                "topic {} has {n} queues, no queue {q}",
+                self.name
+            ))),
+            (None, Some(key)) => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                key.hash(&mut h);
+                Ok((h.finish() % u64::from(n)) as u32)
+            }
+            (None, None) => {
+                Ok((self.round_robin.fetch_add(1, Ordering::Relaxed) % u64::from(n)) as u32)
+            }
+        }
+    }
+
+    pub(crate) fn watch(&self, wake: Arc<Notify>) {
+        self.watchers.write().push(wake);
+    }
+
+    pub(crate) fn unwatch(&self, wake: &Arc<Notify>) {
+        self.watchers.write().retain(|w| !Arc::ptr_eq(w, wake));
+    }
+
+    fn wake(&self) {
+        for w in self.watchers.read().iter() {
+            w.notify_one();
+        }
+    }
+}
+
+/// What a producer group has written to a topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProducerStat {
+    /// The topic.
+    pub topic: TopicName,
+    /// The producer group.
+    pub producer_group: String,
+    /// Messages published.
+    pub messages: u64,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) config: CoreConfig,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) router: Router,
+    topics: RwLock<HashMap<TopicName, Arc<TopicHandle>>>,
+    groups: Mutex<HashMap<GroupName, GroupHandle>>,
+    /// Wakes the delay scheduler when a timer earlier than its current wait is added.
+    delay_wake: Notify,
+    /// The earliest due time the scheduler may have skipped past (u64::MAX: none).
+    delay_rewind: AtomicU64,
+    pub(crate) delayed_released: AtomicU64,
+    closed: AtomicBool,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The broker core. Cheap to clone; every adapter holds one.
+#[derive(Clone, Debug)]
+pub struct Broker {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Broker {
+    /// Start the core over `store`: loads topics, starts the delay scheduler and the
+    /// retention task. Must be called inside a tokio runtime.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        config: CoreConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        let topics = store
+            .topics()
+            .iter()
+            .map(|cfg| (cfg.name.clone(), Arc::new(TopicHandle::new(cfg))))
+            .collect();
+        let router = Router::new();
+        router.add_vhost(DEFAULT_VHOST);
+        let inner = Arc::new(Inner {
+            store,
+            config,
+            clock,
+            router,
+            topics: RwLock::new(topics),
+            groups: Mutex::default(),
+            delay_wake: Notify::new(),
+            delay_rewind: AtomicU64::new(u64::MAX),
+            delayed_released: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            tasks: Mutex::default(),
+        });
+        let scheduler = tokio::spawn(crate::delay::run(Arc::downgrade(&inner)));
+        inner.tasks.lock().push(scheduler);
+        Ok(Self { inner })
+    }
+
+    /// The store underneath (for admin read paths).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The routing tables.
+    pub fn router(&self) -> &Router {
+        &self.inner.router
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CoreConfig {
+        &self.inner.config
+    }
+
+    /// The clock.
+    pub fn now(&self) -> Millis {
+        self.inner.clock.now()
+    }
+
+    /// Create a topic (or grow its queue count); `None` takes the default count.
+    pub async fn create_topic(
+        &self,
+        name: &TopicName,
+        queue_count: Option<u32>,
+    ) -> Result<TopicConfig> {
+        self.inner.create_topic(name, queue_count).await
+    }
+
+    /// Delete a topic: its queues, and every group's offsets on it.
+    pub async fn delete_topic(&self, name: &TopicName) -> Result<bool> {
+        let existed = self.inner.store.delete_topic(name).await?;
+        self.inner.topics.write().remove(name);
+        Ok(existed)
+    }
+
+    /// Every topic.
+    pub fn topics(&self) -> Vec<TopicConfig> {
+        self.inner.store.topics()
+    }
+
+    /// Messages published per (topic, producer group), sorted.
+    pub fn producer_stats(&self) -> Vec<ProducerStat> {
+        let topics: Vec<Arc<TopicHandle>> = self.inner.topics.read().values().cloned().collect();
+        let mut out: Vec<ProducerStat> = topics
+            .iter()
+            .flat_map(|t| {
+                t.producers
+                    .lock()
+                    .iter()
+                    .map(|(g, n)| ProducerStat {
+                        topic: t.name.clone(),
+                        producer_group: g.clone(),
+                        messages: *n,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.topic, &a.producer_group).cmp(&(&b.topic, &b.producer_group)));
+        out
+    }
+
+    /// Publish to a topic: round robin, by sharding key, or to a given queue; now or
+    /// after a delay. Returns once stored as durably as the store's policy promises.
+    pub async fn publish(&self, p: Publish) -> Result<Published> {
+        let Publish {
+            mut message,
+            sharding_key,
+            queue,
+            delay,
+        } = p;
+        self.inner.stamp(&mut message);
+        let topic = message.topic.clone();
+        if let Some(due) = self.inner.due(delay) {
+            let route = Route::Topic {
+                topic,
+                queue: queue.map(|q| q.0),
+                sharding_key,
+            };
+            return self.inner.put_timer(due, &route, message).await;
+        }
+        let handle = self.inner.topic_handle(&topic).await?;
+        let q = handle.select(queue.map(|q| q.0), sharding_key.as_deref())?;
+        let mut batch = WriteBatch::new();
+        batch.append(message.clone(), vec![QueueRef::new(topic, q)]);
+        let mut receipt = self.inner.store.write(batch).await?;
+        handle.count(&message.producer_group, 1);
+        handle.wake();
+        let a = receipt.appended.remove(0);
+        Ok(Published::Stored {
+            id: a.id,
+            offsets: a.offsets,
+        })
+    }
+
+    /// Publish through an exchange of `vhost`: the message is stored once and indexed
+    /// into one queue of every topic the exchange routes to (none: `routed() == 0`).
+    pub async fn publish_exchange(
+        &self,
+        vhost: &str,
+        exchange: &str,
+        routing_key: &str,
+        headers: &[(String, HeaderValue)],
+        mut message: Message,
+        delay: Option<Delay>,
+    ) -> Result<Published> {
+        self.inner.stamp(&mut message);
+        if let Some(due) = self.inner.due(delay) {
+            // Unknown exchanges are refused now, not at release.
+            if self.inner.router.exchange(vhost, exchange).is_none() {
+                return Err(CoreError::NoSuchExchange(exchange.to_owned()));
+            }
+            let route = Route::Exchange {
+                vhost: vhost.to_owned(),
+                exchange: exchange.to_owned(),
+                key: routing_key.to_owned(),
+                headers: headers.to_vec(),
+            };
+            return self.inner.put_timer(due, &route, message).await;
+        }
+        let routed = self
+            .inner
+            .router
+            .route(vhost, exchange, routing_key, headers)?;
+        self.inner.append_routed(message, &routed.topics).await
+    }
+
+    /// Join (or create) a consumer group as a member. The group's spec must match the
+    /// existing group's, if any.
+    pub async fn subscribe(&self, spec: GroupSpec, member: MemberOptions) -> Result<Consumer> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(CoreError::ShuttingDown);
+        }
+        let mut watched = Vec::new();
+        for t in spec.all_topics() {
+            watched.push(self.inner.topic_handle(&t).await?);
+        }
+        // A group actor that just ended (memberless) may miss the join: start a new one.
+        for _ in 0..8 {
+            let handle = {
+                let mut groups = self.inner.groups.lock();
+                match groups.get(&spec.name) {
+                    Some(h) if h.is_alive() => {
+                        if !h.spec.compatible(&spec) {
+                            return Err(CoreError::Conflict(format!(
+                                "group {} exists with another mode or topics",
+                                spec.name
+                            )));
+                        }
+                        h.clone()
+                    }
+                    _ => {
+                        let h =
+                            group::spawn(Arc::clone(&self.inner), spec.clone(), watched.clone());
+                        groups.insert(spec.name.clone(), h.clone());
+                        h
+                    }
+                }
+            };
+            if let Some(consumer) = handle.join(member.clone()).await {
+                return Ok(consumer);
+            }
+        }
+        Err(CoreError::ShuttingDown)
+    }
+
+    /// Move a group's position on all its queues (replay), whether or not members are
+    /// connected; consumption continues from there.
+    pub async fn reset_group(&self, group: &GroupName, to: StartPosition) -> Result<()> {
+        let handle = self.inner.groups.lock().get(group).cloned();
+        match handle {
+            Some(h) if h.is_alive() => h.reset(to).await,
+            _ => {
+                let offsets = self.inner.store.committed_offsets(group).await?;
+                if offsets.is_empty() {
+                    return Err(CoreError::NoSuchGroup(group.to_string()));
+                }
+                let mut batch = WriteBatch::new();
+                for (q, _) in offsets {
+                    if let Ok(target) = self.inner.position(&q, &to).await {
+                        batch.commit_offset(group.clone(), q, QueueOffset(target));
+                    }
+                }
+                self.inner.store.write(batch).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// A group's members, offsets and lag (from the live group, or from the store).
+    pub async fn group_info(&self, group: &GroupName) -> Result<GroupInfo> {
+        let handle = self.inner.groups.lock().get(group).cloned();
+        if let Some(h) = handle.filter(|h| h.is_alive()) {
+            return h.info().await;
+        }
+        let offsets = self.inner.store.committed_offsets(group).await?;
+        if offsets.is_empty() {
+            return Err(CoreError::NoSuchGroup(group.to_string()));
+        }
+        GroupInfo::from_offsets(&*self.inner.store, group.clone(), offsets)
+    }
+
+    /// Every group known to the store or live.
+    pub async fn groups(&self) -> Result<Vec<GroupName>> {
+        let mut g = self.inner.store.groups().await?;
+        g.extend(self.inner.groups.lock().keys().cloned());
+        g.sort();
+        g.dedup();
+        Ok(g)
+    }
+
+    /// Messages of a group's dead-letter topic, oldest first, from `from`.
+    pub async fn dlq(
+        &self,
+        group: &GroupName,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<mqgate_store::QueueMessage>> {
+        let q = QueueRef::new(crate::retry::dlq_topic(group)?, 0);
+        if self.inner.store.topic(&q.topic).is_none() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .inner
+            .store
+            .read(
+                &q,
+                QueueOffset(from),
+                mqgate_store::ReadLimits::count(limit),
+            )
+            .await?)
+    }
+
+    /// Send a dead-lettered message back to its original topic (reconsume count reset).
+    pub async fn resend_dlq(&self, group: &GroupName, offset: u64) -> Result<Published> {
+        let msgs = self.dlq(group, offset, 1).await?;
+        let m = msgs
+            .into_iter()
+            .find(|m| m.entry.offset.0 == offset)
+            .ok_or_else(|| CoreError::Invalid(format!("no DLQ message at offset {offset}")))?;
+        let message = crate::retry::restore_original(&m.message.message)?;
+        self.publish(Publish::new(message)).await
+    }
+
+    /// Apply the store's retention policy now.
+    pub async fn enforce_retention(&self) -> Result<mqgate_store::RetentionReport> {
+        Ok(self
+            .inner
+            .store
+            .enforce_retention(self.inner.clock.now())
+            .await?)
+    }
+
+    /// Delayed messages still pending.
+    pub fn delayed_pending(&self) -> u64 {
+        self.inner.store.stats().timers
+    }
+
+    /// Delayed messages released so far by this process.
+    pub fn delayed_released(&self) -> u64 {
+        self.inner.delayed_released.load(Ordering::Relaxed)
+    }
+
+    /// Stop: members are disconnected, groups persist their offsets, tasks end.
+    pub async fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let groups: Vec<GroupHandle> = self.inner.groups.lock().drain().map(|(_, h)| h).collect();
+        for g in groups {
+            g.stop().await;
+        }
+        for t in self.inner.tasks.lock().drain(..) {
+            t.abort();
+        }
+        if let Err(e) = self.inner.store.flush().await {
+            tracing::error!(error = %e, "core: store flush at shutdown failed");
+        }
+    }
+}
+
+impl TopicHandle {
+    fn count(&self, producer_group: &str, n: u64) {
+        let mut p = self.producers.lock();
+        match p.get_mut(producer_group) {
+            Some(c) => *c += n,
+            None => {
+                p.insert(producer_group.to_owned(), n);
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn stamp(&self, message: &mut Message) {
+        if message.producer_group.is_empty() {
+            message
+                .producer_group
+                .clone_from(&self.config.default_producer_group);
+        }
+    }
+
+    /// The due time of a delay, or `None` when it is due now.
+    fn due(&self, delay: Option<Delay>) -> Option<Millis> {
+        let now = self.clock.now();
+        let due = match delay? {
+            Delay::Level(l) => now + self.config.level_delay(l).as_millis() as u64,
+            Delay::For(d) => now + d.as_millis() as u64,
+            Delay::At(t) => t,
+        };
+        (due > now).then_some(due)
+    }
+
+    pub(crate) async fn create_topic(
+        &self,
+        name: &TopicName,
+        queue_count: Option<u32>,
+    ) -> Result<TopicConfig> {
+        let count = queue_count.unwrap_or(self.config.default_queue_count);
+        let cfg = self.store.create_topic(name, count).await?;
+        let mut topics = self.topics.write();
+        match topics.get(name) {
+            Some(h) => h.queue_count.store(cfg.queue_count, Ordering::Release),
+            None => {
+                topics.insert(name.clone(), Arc::new(TopicHandle::new(&cfg)));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The handle of a topic, created on first use when auto-creation is on.
+    pub(crate) async fn topic_handle(&self, name: &TopicName) -> Result<Arc<TopicHandle>> {
+        if let Some(h) = self.topics.read().get(name) {
+            return Ok(Arc::clone(h));
+        }
+        if let Some(cfg) = self.store.topic(name) {
+            let mut topics = self.topics.write();
+            return Ok(Arc::clone(
+                topics
+                    .entry(name.clone())
+                    .or_insert_with(|| Arc::new(TopicHandle::new(&cfg))),
+            ));
+        }
+        if !self.config.auto_create_topics && !crate::retry::is_system_topic(name) {
+            return Err(CoreError::NoSuchTopic(name.to_string()));
+        }
+        let queues = crate::retry::is_system_topic(name).then_some(1);
+        self.create_topic(name, queues).await?;
+        self.topics
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| CoreError::NoSuchTopic(name.to_string()))
+    }
+
+    /// Store `message` once, indexed into one queue (round robin) of each of `topics`.
+    pub(crate) async fn append_routed(
+        &self,
+        message: Message,
+        topics: &[TopicName],
+    ) -> Result<Published> {
+        let mut handles = Vec::with_capacity(topics.len());
+        let mut queues = Vec::with_capacity(topics.len());
+        for t in topics {
+            let h = self.topic_handle(t).await?;
+            queues.push(QueueRef::new(t.clone(), h.select(None, None)?));
+            handles.push(h);
+        }
+        let group = message.producer_group.clone();
+        let mut batch = WriteBatch::new();
+        batch.append(message, queues);
+        let mut receipt = self.store.write(batch).await?;
+        for h in &handles {
+            h.count(&group, 1);
+            h.wake();
+        }
+        let a = receipt.appended.remove(0);
+        Ok(Published::Stored {
+            id: a.id,
+            offsets: a.offsets,
+        })
+    }
+
+    pub(crate) async fn put_timer(
+        &self,
+        due: Millis,
+        route: &Route,
+        message: Message,
+    ) -> Result<Published> {
+        let payload = encode_timer(route, &message)?;
+        let mut batch = WriteBatch::new();
+        batch.timer_put(due, payload);
+        let receipt = self.store.write(batch).await?;
+        self.delay_rewind.fetch_min(due, Ordering::AcqRel);
+        self.delay_wake.notify_one();
+        Ok(Published::Delayed {
+            timer: receipt.timers[0],
+        })
+    }
+
+    /// The offset `to` designates on `queue`.
+    pub(crate) async fn position(&self, queue: &QueueRef, to: &StartPosition) -> Result<u64> {
+        let range = self.store.queue_range(queue)?;
+        Ok(match to {
+            StartPosition::First => range.min.0,
+            StartPosition::Last => range.next.0,
+            StartPosition::Timestamp(t) => self.store.offset_for_timestamp(queue, *t).await?.0,
+            StartPosition::Offset(o) => (*o).clamp(range.min.0, range.next.0),
+        })
+    }
+
+    pub(crate) fn forget_group(&self, name: &GroupName, handle: &GroupHandle) {
+        let mut groups = self.groups.lock();
+        if groups.get(name).is_some_and(|h| h.same(handle)) {
+            groups.remove(name);
+        }
+    }
+
+    pub(crate) fn wake_topic(&self, topic: &TopicName) {
+        if let Some(h) = self.topics.read().get(topic) {
+            h.wake();
+        }
+    }
+
+    /// Release the due timers: one store batch appends each message into its route's
+    /// queues and deletes its timer, so a crash leaves each either pending or released.
+    pub(crate) async fn release_due(
+        &self,
+        after: Option<TimerKey>,
+    ) -> Result<(usize, Option<TimerKey>)> {
+        let now = self.clock.now();
+        let due = self
+            .store
+            .timers_due(now, after, self.config.release_batch)
+            .await?;
+        if due.is_empty() {
+            return Ok((0, after));
+        }
+        let last = due.last().map(|(k, _)| *k);
+        let mut batch = WriteBatch::new();
+        let mut woken = Vec::new();
+        let mut count = 0;
+        for (key, payload) in due {
+            batch.timer_delete(key);
+            let (route, mut message) = match decode_timer(payload) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(timer = ?key, error = %e, "core: dropping undecodable timer");
+                    continue;
+                }
+            };
+            message.deliver_at = Some(key.due);
+            let queues = match self.resolve(&route).await {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::warn!(timer = ?key, error = %e, "core: delayed message has nowhere to go");
+                    Vec::new()
+                }
+            };
+            for q in &queues {
+                woken.push(q.topic.clone());
+            }
+            batch.append(message, queues);
+            count += 1;
+        }
+        self.store.write(batch).await?;
+        self.delayed_released
+            .fetch_add(count as u64, Ordering::Relaxed);
+        woken.sort();
+        woken.dedup();
+        for t in woken {
+            self.wake_topic(&t);
+        }
+        Ok((count, last))
+    }
+
+    async fn resolve(&self, route: &Route) -> Result<Vec<QueueRef>> {
+        match route {
+            Route::Topic {
+                topic,
+                queue,
+                sharding_key,
+            } => {
+                let h = self.topic_handle(topic).await?;
+                let q = h.select(
+                    queue.filter(|q| *q < h.queue_count()),
+                    sharding_key.as_deref(),
+                )?;
+                Ok(vec![QueueRef::new(topic.clone(), q)])
+            }
+            Route::Exchange {
+                vhost,
+                exchange,
+                key,
+                headers,
+            } => {
+                let routed = self.router.route(vhost, exchange, key, headers)?;
+                let mut out = Vec::with_capacity(routed.topics.len());
+                for t in routed.topics {
+                    let h = self.topic_handle(&t).await?;
+                    out.push(QueueRef::new(t, h.select(None, None)?));
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    pub(crate) fn delay_rewind(&self) -> Option<Millis> {
+        let v = self.delay_rewind.swap(u64::MAX, Ordering::AcqRel);
+        (v != u64::MAX).then_some(v)
+    }
+
+    pub(crate) async fn delay_woken(&self) {
+        self.delay_wake.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timer_payload_round_trips() {
+        let mut m = Message::new(TopicName::new("t").unwrap(), "body");
+        m.keys = vec!["k".into()];
+        for route in [
+            Route::Topic {
+                topic: TopicName::new("t").unwrap(),
+                queue: Some(3),
+                sharding_key: Some("key".into()),
+            },
+            Route::Topic {
+                topic: TopicName::new("t").unwrap(),
+                queue: None,
+                sharding_key: None,
+            },
+            Route::Exchange {
+                vhost: "/".into(),
+                exchange: "x".into(),
+                key: "a.b".into(),
+                headers: vec![
+                    ("s".into(), HeaderValue::Str("v".into())),
+                    ("i".into(), HeaderValue::Int(-5)),
+                    ("f".into(), HeaderValue::Float(1.5)),
+                    ("b".into(), HeaderValue::Bool(true)),
+                    ("v".into(), HeaderValue::Void),
+                    ("o".into(), HeaderValue::Other(Bytes::from_static(b"x"))),
+                ],
+            },
+        ] {
+            let enc = encode_timer(&route, &m).unwrap();
+            let (r, back) = decode_timer(Bytes::from(enc.clone())).unwrap();
+            assert_eq!(r, route);
+            assert_eq!(back, m);
+            for cut in 0..enc.len() {
+                assert!(decode_timer(Bytes::copy_from_slice(&enc[..cut])).is_err());
+            }
+        }
+    }
+}

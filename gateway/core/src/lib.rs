@@ -1,0 +1,31 @@
+//! mqgate's broker core: RocketMQ's model as one core every protocol adapter calls.
+//!
+//! - [`Broker`]: topics (auto-created, round robin or sharding-key queue selection),
+//!   publishing straight to a topic or through an exchange ([`Router`]), delayed
+//!   publishing, producer-group accounting, retention.
+//! - Consumer groups ([`GroupSpec`], [`Consumer`]): clustering, shared and broadcast
+//!   consumption with per-message acks, orderly consumption, rebalancing, replay.
+//! - Retry and DLQ ([`retry`]) and the delay scheduler, built on the store's timers.
+//!
+//! Adapters never touch a storage backend: they hold a [`Broker`].
+
+mod broker;
+pub mod clock;
+pub mod config;
+mod delay;
+mod error;
+mod group;
+pub mod retry;
+pub mod router;
+pub mod trie;
+mod wire;
+
+pub use broker::{Broker, Delay, ProducerStat, Publish, Published};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::CoreConfig;
+pub use error::{CoreError, Result};
+pub use group::{
+    AckToken, ConsumeMode, Consumer, Delivery, GroupInfo, GroupSpec, MemberInfo, MemberOptions,
+    OnFailure, QueueInfo, StartPosition,
+};
+pub use router::Router;

@@ -1,0 +1,728 @@
+//! Routing: RabbitMQ's exchanges and bindings, per virtual host, resolving a publish to
+//! the topics that should index it. AMQP declares exchanges and binds queues; MQTT binds
+//! each subscription to `amq.topic` of the default vhost with its filter (RabbitMQ's MQTT
+//! convention), so a publish from either protocol reaches subscribers of both.
+//!
+//! Cost of a route: a direct exchange is one hash lookup, a topic exchange walks a
+//! [`TopicTrie`] (cost grows with matches, not with bindings), fanout lists its bindings
+//! (all of which match), headers exchanges check their own bindings.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use mqgate_store::TopicName;
+use parking_lot::RwLock;
+
+use crate::error::{CoreError, Result};
+use crate::trie::{Syntax, TopicTrie};
+
+/// The default virtual host.
+pub const DEFAULT_VHOST: &str = "/";
+
+/// The exchange types.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum ExchangeKind {
+    /// Routing key equals binding key.
+    Direct,
+    /// Every binding.
+    Fanout,
+    /// Binding key is a pattern (`*`, `#`).
+    Topic,
+    /// Binding arguments match message headers (`x-match` all/any).
+    Headers,
+}
+
+impl ExchangeKind {
+    /// The AMQP name of the type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeKind::Direct => "direct",
+            ExchangeKind::Fanout => "fanout",
+            ExchangeKind::Topic => "topic",
+            ExchangeKind::Headers => "headers",
+        }
+    }
+
+    /// Parse an AMQP type name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "direct" => ExchangeKind::Direct,
+            "fanout" => ExchangeKind::Fanout,
+            "topic" => ExchangeKind::Topic,
+            "headers" => ExchangeKind::Headers,
+            _ => return None,
+        })
+    }
+}
+
+/// An exchange's definition.
+#[derive(Clone, PartialEq, Debug)]
+pub struct ExchangeDef {
+    /// Its name within its vhost (`""` is the default exchange).
+    pub name: String,
+    /// Its type.
+    pub kind: ExchangeKind,
+    /// Survives restarts.
+    pub durable: bool,
+    /// Deleted when its last binding goes.
+    pub auto_delete: bool,
+    /// Clients may not publish to it directly.
+    pub internal: bool,
+    /// Where messages go that it routes nowhere.
+    pub alternate: Option<String>,
+    /// The adapter's encoding of the declare arguments (for equivalence checks).
+    pub arguments: Bytes,
+}
+
+impl ExchangeDef {
+    /// A durable, non-internal exchange of `kind` with no arguments.
+    pub fn new(name: impl Into<String>, kind: ExchangeKind) -> Self {
+        Self {
+            name: name.into(),
+            kind,
+            durable: true,
+            auto_delete: false,
+            internal: false,
+            alternate: None,
+            arguments: Bytes::new(),
+        }
+    }
+}
+
+/// Where a binding delivers.
+#[derive(Clone, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub enum Destination {
+    /// A topic (an AMQP queue, an MQTT session's queue, a RocketMQ topic).
+    Topic(TopicName),
+    /// Another exchange of the same vhost.
+    Exchange(String),
+}
+
+/// A header value, as compared by a headers exchange (type and value must both match).
+#[derive(Clone, PartialEq, Debug)]
+pub enum HeaderValue {
+    /// Text.
+    Str(String),
+    /// Any integer type.
+    Int(i64),
+    /// Any float type.
+    Float(f64),
+    /// A boolean.
+    Bool(bool),
+    /// Void: matches on presence alone.
+    Void,
+    /// Anything else, in the adapter's encoding.
+    Other(Bytes),
+}
+
+/// The match rule of a headers binding.
+#[derive(Clone, PartialEq, Debug)]
+pub struct HeaderMatch {
+    /// `x-match: all` (else any).
+    pub all: bool,
+    /// The headers to match (`x-`-prefixed arguments already removed).
+    pub headers: Vec<(String, HeaderValue)>,
+}
+
+impl HeaderMatch {
+    fn matches(&self, message: &[(String, HeaderValue)]) -> bool {
+        let hit = |(k, v): &(String, HeaderValue)| {
+            message
+                .iter()
+                .any(|(mk, mv)| mk == k && (*v == HeaderValue::Void || mv == v))
+        };
+        if self.all {
+            self.headers.iter().all(hit)
+        } else {
+            self.headers.iter().any(hit)
+        }
+    }
+}
+
+/// A binding from an exchange to a destination.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Binding {
+    /// The source exchange.
+    pub source: String,
+    /// The destination.
+    pub destination: Destination,
+    /// The binding key (a pattern on topic exchanges; an MQTT filter when `mqtt`).
+    pub key: String,
+    /// For headers exchanges.
+    pub headers: Option<HeaderMatch>,
+    /// The key is an MQTT filter (`/`, `+`, `#`, the `$` rule), not an AMQP pattern.
+    pub mqtt: bool,
+    /// The adapter's encoding of the bind arguments (bindings differing only here are
+    /// distinct, as in RabbitMQ).
+    pub arguments: Bytes,
+}
+
+/// Convert an MQTT topic name to an AMQP routing key: `/` and `.` swap (RabbitMQ's MQTT
+/// plugin convention).
+pub fn mqtt_to_amqp(topic: &str) -> String {
+    topic
+        .chars()
+        .map(|c| match c {
+            '/' => '.',
+            '.' => '/',
+            c => c,
+        })
+        .collect()
+}
+
+/// The inverse of [`mqtt_to_amqp`].
+pub fn amqp_to_mqtt(key: &str) -> String {
+    mqtt_to_amqp(key)
+}
+
+#[derive(Debug)]
+enum Index {
+    Direct(HashMap<String, Vec<Destination>>),
+    Fanout(Vec<Destination>),
+    Topic {
+        amqp: TopicTrie<Destination>,
+        mqtt: TopicTrie<Destination>,
+    },
+    Headers(Vec<(HeaderMatch, Destination)>),
+}
+
+#[derive(Debug)]
+struct Exchange {
+    def: ExchangeDef,
+    bindings: Vec<Binding>,
+    index: Index,
+}
+
+impl Exchange {
+    fn new(def: ExchangeDef) -> Self {
+        let index = match def.kind {
+            ExchangeKind::Direct => Index::Direct(HashMap::new()),
+            ExchangeKind::Fanout => Index::Fanout(Vec::new()),
+            ExchangeKind::Topic => Index::Topic {
+                amqp: TopicTrie::new(Syntax::Amqp),
+                mqtt: TopicTrie::new(Syntax::Mqtt),
+            },
+            ExchangeKind::Headers => Index::Headers(Vec::new()),
+        };
+        Self {
+            def,
+            bindings: Vec::new(),
+            index,
+        }
+    }
+
+    /// Rebuild the index from `bindings` (after a removal; rare next to routing).
+    fn reindex(&mut self) {
+        let bindings = std::mem::take(&mut self.bindings);
+        *self = Exchange::new(self.def.clone());
+        for b in bindings {
+            self.add(b);
+        }
+    }
+
+    fn add(&mut self, b: Binding) -> bool {
+        if self.bindings.contains(&b) {
+            return false;
+        }
+        match &mut self.index {
+            Index::Direct(map) => map
+                .entry(b.key.clone())
+                .or_default()
+                .push(b.destination.clone()),
+            Index::Fanout(v) => v.push(b.destination.clone()),
+            Index::Topic { amqp, mqtt } => {
+                if b.mqtt {
+                    mqtt.insert(&b.key, b.destination.clone());
+                } else {
+                    amqp.insert(&b.key, b.destination.clone());
+                }
+            }
+            Index::Headers(v) => v.push((
+                b.headers.clone().unwrap_or(HeaderMatch {
+                    all: true,
+                    headers: Vec::new(),
+                }),
+                b.destination.clone(),
+            )),
+        }
+        self.bindings.push(b);
+        true
+    }
+
+    fn route_into(&self, key: &str, headers: &[(String, HeaderValue)], out: &mut Vec<Destination>) {
+        match &self.index {
+            Index::Direct(map) => {
+                if let Some(d) = map.get(key) {
+                    out.extend(d.iter().cloned());
+                }
+            }
+            Index::Fanout(v) => out.extend(v.iter().cloned()),
+            Index::Topic { amqp, mqtt } => {
+                amqp.matches(key, out);
+                if !mqtt.is_empty() {
+                    mqtt.matches(&amqp_to_mqtt(key), out);
+                }
+            }
+            Index::Headers(v) => out.extend(
+                v.iter()
+                    .filter(|(m, _)| m.matches(headers))
+                    .map(|(_, d)| d.clone()),
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct VHost {
+    exchanges: HashMap<String, Exchange>,
+}
+
+/// The routing tables of every vhost.
+#[derive(Debug, Default)]
+pub struct Router {
+    vhosts: RwLock<HashMap<String, Arc<RwLock<VHost>>>>,
+}
+
+/// The standard exchanges every vhost has (RabbitMQ's set).
+pub fn standard_exchanges() -> Vec<ExchangeDef> {
+    vec![
+        ExchangeDef::new("", ExchangeKind::Direct),
+        ExchangeDef::new("amq.direct", ExchangeKind::Direct),
+        ExchangeDef::new("amq.fanout", ExchangeKind::Fanout),
+        ExchangeDef::new("amq.topic", ExchangeKind::Topic),
+        ExchangeDef::new("amq.headers", ExchangeKind::Headers),
+        ExchangeDef::new("amq.match", ExchangeKind::Headers),
+    ]
+}
+
+/// Where a routed publish goes.
+#[derive(Debug, Default, PartialEq)]
+pub struct Routed {
+    /// The topics, each once.
+    pub topics: Vec<TopicName>,
+}
+
+impl Router {
+    /// A router with no vhosts.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn vhost(&self, vhost: &str) -> Result<Arc<RwLock<VHost>>> {
+        self.vhosts
+            .read()
+            .get(vhost)
+            .cloned()
+            .ok_or_else(|| CoreError::NoSuchExchange(format!("vhost {vhost}")))
+    }
+
+    /// Create a vhost with the standard exchanges (no-op if it exists).
+    pub fn add_vhost(&self, vhost: &str) {
+        let mut vhosts = self.vhosts.write();
+        vhosts.entry(vhost.to_owned()).or_insert_with(|| {
+            let mut v = VHost::default();
+            for def in standard_exchanges() {
+                v.exchanges.insert(def.name.clone(), Exchange::new(def));
+            }
+            Arc::new(RwLock::new(v))
+        });
+    }
+
+    /// Remove a vhost and everything in it.
+    pub fn remove_vhost(&self, vhost: &str) -> bool {
+        self.vhosts.write().remove(vhost).is_some()
+    }
+
+    /// The vhosts, sorted.
+    pub fn vhosts(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.vhosts.read().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Declare an exchange. Returns `Ok(true)` if created, `Ok(false)` if an equivalent one
+    /// exists; a different one with the same name is a [`CoreError::Conflict`].
+    pub fn declare_exchange(&self, vhost: &str, def: ExchangeDef) -> Result<bool> {
+        let v = self.vhost(vhost)?;
+        let mut v = v.write();
+        if let Some(existing) = v.exchanges.get(&def.name) {
+            let e = &existing.def;
+            if e.kind != def.kind
+                || e.durable != def.durable
+                || e.auto_delete != def.auto_delete
+                || e.internal != def.internal
+                || e.arguments != def.arguments
+            {
+                return Err(CoreError::Conflict(format!(
+                    "exchange '{}' in vhost '{vhost}' exists with other properties",
+                    def.name
+                )));
+            }
+            return Ok(false);
+        }
+        v.exchanges.insert(def.name.clone(), Exchange::new(def));
+        Ok(true)
+    }
+
+    /// An exchange's definition.
+    pub fn exchange(&self, vhost: &str, name: &str) -> Option<ExchangeDef> {
+        let v = self.vhost(vhost).ok()?;
+        let v = v.read();
+        v.exchanges.get(name).map(|e| e.def.clone())
+    }
+
+    /// Every exchange of a vhost, sorted by name.
+    pub fn exchanges(&self, vhost: &str) -> Vec<ExchangeDef> {
+        let Ok(v) = self.vhost(vhost) else {
+            return Vec::new();
+        };
+        let v = v.read();
+        let mut out: Vec<ExchangeDef> = v.exchanges.values().map(|e| e.def.clone()).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Delete an exchange, its bindings and bindings to it. With `if_unused`, refuse
+    /// ([`CoreError::Conflict`]) while it has bindings. Returns whether it existed.
+    pub fn delete_exchange(&self, vhost: &str, name: &str, if_unused: bool) -> Result<bool> {
+        let v = self.vhost(vhost)?;
+        let mut v = v.write();
+        match v.exchanges.get(name) {
+            None => return Ok(false),
+            Some(e) if if_unused && !e.bindings.is_empty() => {
+                return Err(CoreError::Conflict(format!("exchange '{name}' in use")))
+            }
+            Some(_) => {}
+        }
+        v.exchanges.remove(name);
+        let dest = Destination::Exchange(name.to_owned());
+        for e in v.exchanges.values_mut() {
+            if e.bindings.iter().any(|b| b.destination == dest) {
+                e.bindings.retain(|b| b.destination != dest);
+                e.reindex();
+            }
+        }
+        Ok(true)
+    }
+
+    /// Add a binding. Returns whether it was new.
+    pub fn bind(&self, vhost: &str, binding: Binding) -> Result<bool> {
+        let v = self.vhost(vhost)?;
+        let mut v = v.write();
+        if let Destination::Exchange(d) = &binding.destination {
+            if !v.exchanges.contains_key(d) {
+                return Err(CoreError::NoSuchExchange(d.clone()));
+            }
+        }
+        let e = v
+            .exchanges
+            .get_mut(&binding.source)
+            .ok_or_else(|| CoreError::NoSuchExchange(binding.source.clone()))?;
+        Ok(e.add(binding))
+    }
+
+    /// Remove a binding (matched by source, destination, key and arguments). Returns
+    /// whether it existed. An auto-delete exchange left without bindings is deleted.
+    pub fn unbind(&self, vhost: &str, binding: &Binding) -> Result<bool> {
+        let v = self.vhost(vhost)?;
+        let mut v = v.write();
+        let e = v
+            .exchanges
+            .get_mut(&binding.source)
+            .ok_or_else(|| CoreError::NoSuchExchange(binding.source.clone()))?;
+        let before = e.bindings.len();
+        e.bindings.retain(|b| {
+            !(b.destination == binding.destination
+                && b.key == binding.key
+                && b.arguments == binding.arguments
+                && b.mqtt == binding.mqtt)
+        });
+        let removed = e.bindings.len() < before;
+        if removed {
+            e.reindex();
+            if e.def.auto_delete && e.bindings.is_empty() {
+                let name = binding.source.clone();
+                v.exchanges.remove(&name);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Remove every binding to `topic` in `vhost` (its queue was deleted).
+    pub fn unbind_topic(&self, vhost: &str, topic: &TopicName) {
+        let Ok(v) = self.vhost(vhost) else { return };
+        let mut v = v.write();
+        let dest = Destination::Topic(topic.clone());
+        let mut emptied = Vec::new();
+        for e in v.exchanges.values_mut() {
+            if e.bindings.iter().any(|b| b.destination == dest) {
+                e.bindings.retain(|b| b.destination != dest);
+                e.reindex();
+                if e.def.auto_delete && e.bindings.is_empty() {
+                    emptied.push(e.def.name.clone());
+                }
+            }
+        }
+        for name in emptied {
+            v.exchanges.remove(&name);
+        }
+    }
+
+    /// The bindings whose source is `exchange` (all exchanges when `None`).
+    pub fn bindings(&self, vhost: &str, exchange: Option<&str>) -> Vec<Binding> {
+        let Ok(v) = self.vhost(vhost) else {
+            return Vec::new();
+        };
+        let v = v.read();
+        v.exchanges
+            .values()
+            .filter(|e| exchange.is_none_or(|x| x == e.def.name))
+            .flat_map(|e| e.bindings.iter().cloned())
+            .collect()
+    }
+
+    /// Resolve a publish to `exchange` with `key` and `headers` to its topics: follows
+    /// exchange-to-exchange bindings (each exchange once) and alternate exchanges.
+    pub fn route(
+        &self,
+        vhost: &str,
+        exchange: &str,
+        key: &str,
+        headers: &[(String, HeaderValue)],
+    ) -> Result<Routed> {
+        let v = self.vhost(vhost)?;
+        let v = v.read();
+        if !v.exchanges.contains_key(exchange) {
+            return Err(CoreError::NoSuchExchange(exchange.to_owned()));
+        }
+        let mut topics = Vec::new();
+        let mut seen_topics = HashSet::new();
+        let mut visited = HashSet::new();
+        let mut pending = vec![exchange.to_owned()];
+        let mut dests = Vec::new();
+        while let Some(name) = pending.pop() {
+            if !visited.insert(name.clone()) {
+                continue;
+            }
+            let Some(e) = v.exchanges.get(&name) else {
+                continue;
+            };
+            dests.clear();
+            e.route_into(key, headers, &mut dests);
+            let mut routed_any = false;
+            for d in dests.drain(..) {
+                routed_any = true;
+                match d {
+                    Destination::Topic(t) => {
+                        if seen_topics.insert(t.clone()) {
+                            topics.push(t);
+                        }
+                    }
+                    Destination::Exchange(x) => pending.push(x),
+                }
+            }
+            if !routed_any {
+                if let Some(ae) = &e.def.alternate {
+                    pending.push(ae.clone());
+                }
+            }
+        }
+        Ok(Routed { topics })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(name: &str) -> TopicName {
+        TopicName::new(name).unwrap()
+    }
+
+    fn bind(r: &Router, source: &str, dest: Destination, key: &str) {
+        r.bind(
+            DEFAULT_VHOST,
+            Binding {
+                source: source.into(),
+                destination: dest,
+                key: key.into(),
+                headers: None,
+                mqtt: false,
+                arguments: Bytes::new(),
+            },
+        )
+        .unwrap();
+    }
+
+    fn route(r: &Router, ex: &str, key: &str) -> Vec<String> {
+        let mut v: Vec<String> = r
+            .route(DEFAULT_VHOST, ex, key, &[])
+            .unwrap()
+            .topics
+            .into_iter()
+            .map(|t| t.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn exchange_types_route() {
+        let r = Router::new();
+        r.add_vhost(DEFAULT_VHOST);
+        bind(&r, "amq.direct", Destination::Topic(t("q1")), "k");
+        bind(&r, "amq.direct", Destination::Topic(t("q2")), "k");
+        bind(&r, "amq.fanout", Destination::Topic(t("q3")), "ignored");
+        bind(&r, "amq.topic", Destination::Topic(t("q4")), "a.*");
+        bind(&r, "amq.topic", Destination::Topic(t("q4")), "#.b");
+        assert_eq!(route(&r, "amq.direct", "k"), vec!["q1", "q2"]);
+        assert!(route(&r, "amq.direct", "x").is_empty());
+        assert_eq!(route(&r, "amq.fanout", "x"), vec!["q3"]);
+        assert_eq!(
+            route(&r, "amq.topic", "a.b"),
+            vec!["q4"],
+            "once, though two bindings match"
+        );
+        assert!(matches!(
+            r.route(DEFAULT_VHOST, "nope", "", &[]),
+            Err(CoreError::NoSuchExchange(_))
+        ));
+    }
+
+    #[test]
+    fn mqtt_and_amqp_meet_on_amq_topic() {
+        let r = Router::new();
+        r.add_vhost(DEFAULT_VHOST);
+        r.bind(
+            DEFAULT_VHOST,
+            Binding {
+                source: "amq.topic".into(),
+                destination: Destination::Topic(t("mqtt-session")),
+                key: "sensors/+/temp".into(),
+                headers: None,
+                mqtt: true,
+                arguments: Bytes::new(),
+            },
+        )
+        .unwrap();
+        bind(
+            &r,
+            "amq.topic",
+            Destination::Topic(t("amqp-q")),
+            "sensors.*.temp",
+        );
+        // An MQTT publish to sensors/k1/temp is the routing key sensors.k1.temp.
+        let key = mqtt_to_amqp("sensors/k1/temp");
+        assert_eq!(key, "sensors.k1.temp");
+        assert_eq!(route(&r, "amq.topic", &key), vec!["amqp-q", "mqtt-session"]);
+        assert_eq!(mqtt_to_amqp("a.b/c"), "a/b.c");
+    }
+
+    #[test]
+    fn headers_exchange() {
+        let r = Router::new();
+        r.add_vhost(DEFAULT_VHOST);
+        let hb = |all, hs: Vec<(&str, HeaderValue)>, q: &str| Binding {
+            source: "amq.headers".into(),
+            destination: Destination::Topic(t(q)),
+            key: String::new(),
+            headers: Some(HeaderMatch {
+                all,
+                headers: hs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            }),
+            mqtt: false,
+            arguments: Bytes::from(q.to_string()),
+        };
+        r.bind(
+            DEFAULT_VHOST,
+            hb(
+                true,
+                vec![
+                    ("a", HeaderValue::Int(1)),
+                    ("b", HeaderValue::Str("x".into())),
+                ],
+                "all",
+            ),
+        )
+        .unwrap();
+        r.bind(
+            DEFAULT_VHOST,
+            hb(
+                false,
+                vec![("a", HeaderValue::Int(1)), ("c", HeaderValue::Void)],
+                "any",
+            ),
+        )
+        .unwrap();
+        let h = |hs: Vec<(&str, HeaderValue)>| {
+            hs.into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect::<Vec<_>>()
+        };
+        let got = |hs| {
+            let mut v: Vec<String> = r
+                .route(DEFAULT_VHOST, "amq.headers", "", &h(hs))
+                .unwrap()
+                .topics
+                .iter()
+                .map(|t| t.to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            got(vec![
+                ("a", HeaderValue::Int(1)),
+                ("b", HeaderValue::Str("x".into()))
+            ]),
+            vec!["all", "any"]
+        );
+        assert_eq!(got(vec![("a", HeaderValue::Int(1))]), vec!["any"]);
+        assert_eq!(got(vec![("c", HeaderValue::Bool(true))]), vec!["any"]);
+        assert_eq!(
+            got(vec![("a", HeaderValue::Str("1".into()))]),
+            Vec::<String>::new(),
+            "type matters"
+        );
+    }
+
+    #[test]
+    fn exchange_to_exchange_alternate_and_cycles() {
+        let r = Router::new();
+        r.add_vhost(DEFAULT_VHOST);
+        let mut ae = ExchangeDef::new("with-ae", ExchangeKind::Direct);
+        ae.alternate = Some("amq.fanout".into());
+        r.declare_exchange(DEFAULT_VHOST, ae).unwrap();
+        bind(&r, "amq.fanout", Destination::Topic(t("unrouted")), "");
+        bind(&r, "with-ae", Destination::Topic(t("routed")), "k");
+        assert_eq!(route(&r, "with-ae", "k"), vec!["routed"]);
+        assert_eq!(route(&r, "with-ae", "other"), vec!["unrouted"]);
+        // e2e with a cycle: a -> b -> a
+        r.declare_exchange(DEFAULT_VHOST, ExchangeDef::new("a", ExchangeKind::Fanout))
+            .unwrap();
+        r.declare_exchange(DEFAULT_VHOST, ExchangeDef::new("b", ExchangeKind::Fanout))
+            .unwrap();
+        bind(&r, "a", Destination::Exchange("b".into()), "");
+        bind(&r, "b", Destination::Exchange("a".into()), "");
+        bind(&r, "b", Destination::Topic(t("qb")), "");
+        assert_eq!(route(&r, "a", "x"), vec!["qb"]);
+        // Redeclare: equivalent is fine, different is a conflict.
+        assert!(!r
+            .declare_exchange(DEFAULT_VHOST, ExchangeDef::new("a", ExchangeKind::Fanout))
+            .unwrap());
+        assert!(matches!(
+            r.declare_exchange(DEFAULT_VHOST, ExchangeDef::new("a", ExchangeKind::Topic)),
+            Err(CoreError::Conflict(_))
+        ));
+        assert!(matches!(
+            r.delete_exchange(DEFAULT_VHOST, "a", true),
+            Err(CoreError::Conflict(_))
+        ));
+        assert!(r.delete_exchange(DEFAULT_VHOST, "a", false).unwrap());
+        assert!(r
+            .bindings(DEFAULT_VHOST, Some("b"))
+            .iter()
+            .all(|b| b.destination != Destination::Exchange("a".into())));
+    }
+}

@@ -1,0 +1,726 @@
+//! The broker core through its API, on both store backends, with a manual clock for
+//! delays and retry ladders.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqgate_core::router::{Binding, Destination, ExchangeDef, ExchangeKind, DEFAULT_VHOST};
+use mqgate_core::{
+    Broker, ConsumeMode, Consumer, CoreConfig, Delay, Delivery, GroupSpec, ManualClock,
+    MemberOptions, OnFailure, Publish, Published, StartPosition,
+};
+use mqgate_store::{GroupName, MemoryStore, Message, RocksConfig, RocksStore, Store, TopicName};
+use tempfile::TempDir;
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Memory,
+    Rocks,
+}
+
+struct Env {
+    kind: Kind,
+    dir: TempDir,
+    clock: ManualClock,
+    broker: Broker,
+    config: CoreConfig,
+}
+
+const T0: u64 = 1_800_000_000_000;
+
+fn open_store(kind: Kind, dir: &TempDir) -> Arc<dyn Store> {
+    match kind {
+        Kind::Memory => Arc::new(MemoryStore::new()),
+        Kind::Rocks => {
+            Arc::new(RocksStore::open(RocksConfig::new(dir.path().join("data"))).unwrap())
+        }
+    }
+}
+
+impl Env {
+    async fn new(kind: Kind) -> Self {
+        Self::with(kind, CoreConfig::default()).await
+    }
+
+    async fn with(kind: Kind, config: CoreConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(T0);
+        let broker = Broker::start(
+            open_store(kind, &dir),
+            config.clone(),
+            Arc::new(clock.clone()),
+        )
+        .await
+        .unwrap();
+        Self {
+            kind,
+            dir,
+            clock,
+            broker,
+            config,
+        }
+    }
+
+    /// Stop the broker and start a new one on the same data (RocksStore only).
+    async fn restart(self) -> Self {
+        assert_eq!(self.kind, Kind::Rocks);
+        self.broker.shutdown().await;
+        let Env {
+            kind,
+            dir,
+            clock,
+            broker,
+            config,
+        } = self;
+        drop(broker);
+        // The store closes when the last reference (held by tasks winding down) goes.
+        let mut store = None;
+        for _ in 0..100 {
+            match RocksStore::open(RocksConfig::new(dir.path().join("data"))) {
+                Ok(s) => {
+                    store = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let store: Arc<dyn Store> = Arc::new(store.expect("store reopens"));
+        let broker = Broker::start(store, config.clone(), Arc::new(clock.clone()))
+            .await
+            .unwrap();
+        Env {
+            kind,
+            dir,
+            clock,
+            broker,
+            config,
+        }
+    }
+}
+
+fn topic(s: &str) -> TopicName {
+    TopicName::new(s).unwrap()
+}
+
+fn group(s: &str) -> GroupName {
+    GroupName::new(s).unwrap()
+}
+
+fn msg(t: &str, body: impl Into<String>) -> Message {
+    Message::new(topic(t), Bytes::from(body.into()))
+}
+
+fn body(d: &Delivery) -> String {
+    String::from_utf8(d.message.message.body.to_vec()).unwrap()
+}
+
+async fn recv(c: &mut Consumer) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(10), c.recv())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("group alive")
+}
+
+async fn nothing(c: &mut Consumer) {
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), c.recv())
+            .await
+            .is_err(),
+        "no delivery expected"
+    );
+}
+
+async fn publish(b: &Broker, t: &str, body: impl Into<String>) -> Published {
+    b.publish(Publish::new(msg(t, body))).await.unwrap()
+}
+
+fn spec(g: &str, t: &str, mode: ConsumeMode) -> GroupSpec {
+    let mut s = GroupSpec::new(group(g), vec![topic(t)], mode);
+    s.start = StartPosition::First;
+    s
+}
+
+async fn order_per_sharding_key(env: Env) {
+    let b = &env.broker;
+    b.create_topic(&topic("orders"), Some(4)).await.unwrap();
+    let mut s = spec("g", "orders", ConsumeMode::Clustering);
+    s.orderly = true;
+    let mut members = Vec::new();
+    for i in 0..3 {
+        members.push(
+            b.subscribe(s.clone(), MemberOptions::new(format!("m{i}"), 16))
+                .await
+                .unwrap(),
+        );
+    }
+    // 8 keys x 25 messages, interleaved.
+    for n in 0..25 {
+        for k in 0..8 {
+            let mut p = Publish::new(msg("orders", format!("{k}:{n}")));
+            p.sharding_key = Some(format!("key-{k}"));
+            b.publish(p).await.unwrap();
+        }
+    }
+    let mut seen: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut queue_of_key: HashMap<String, String> = HashMap::new();
+    let mut got = 0;
+    while got < 200 {
+        for m in members.iter_mut() {
+            while let Some(d) = m.try_recv() {
+                let text = body(&d);
+                let (k, n) = text.split_once(':').unwrap();
+                let q = d.queue.to_string();
+                assert_eq!(
+                    queue_of_key.entry(k.into()).or_insert(q.clone()),
+                    &q,
+                    "one key, one queue"
+                );
+                seen.entry(k.into()).or_default().push(n.parse().unwrap());
+                m.ack(d.ack_token());
+                got += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for (k, ns) in &seen {
+        assert_eq!(ns, &(0..25).collect::<Vec<_>>(), "key {k} in order");
+    }
+    // Each queue was read by exactly one member.
+    let info = b.group_info(&group("g")).await.unwrap();
+    let owned: usize = info.members.iter().map(|m| m.queues.len()).sum();
+    assert_eq!(owned, 4);
+    assert!(info
+        .members
+        .iter()
+        .all(|m| !m.queues.is_empty() && m.queues.len() <= 2));
+}
+
+async fn rebalance_without_loss(env: Env) {
+    let b = env.broker.clone();
+    b.create_topic(&topic("t"), Some(8)).await.unwrap();
+    let s = spec("g", "t", ConsumeMode::Clustering);
+    let total = 600u32;
+    let producer = tokio::spawn({
+        let b = b.clone();
+        async move {
+            for i in 0..total {
+                b.publish(Publish::new(msg("t", i.to_string())))
+                    .await
+                    .unwrap();
+                if i % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    });
+    let mut got: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut members: Vec<Consumer> = vec![b
+        .subscribe(s.clone(), MemberOptions::new("m0", 8))
+        .await
+        .unwrap()];
+    let mut step = 0;
+    while got.len() < total as usize {
+        step += 1;
+        // Members join and leave while the producer runs.
+        if step == 20 || step == 40 {
+            let id = format!("m{}", members.len() + step);
+            members.push(
+                b.subscribe(s.clone(), MemberOptions::new(id, 8))
+                    .await
+                    .unwrap(),
+            );
+        }
+        if step == 60 && members.len() > 1 {
+            drop(members.remove(0)); // leaves with whatever it had in flight
+        }
+        for m in members.iter_mut() {
+            while let Some(d) = m.try_recv() {
+                *got.entry(body(&d).parse().unwrap()).or_default() += 1;
+                m.ack(d.ack_token());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(step < 3000, "stalled with {} of {total}", got.len());
+    }
+    producer.await.unwrap();
+    assert_eq!(got.len() as u32, total, "nothing lost");
+    let dups: u32 = got.values().map(|n| n - 1).sum();
+    assert!(
+        dups <= 8,
+        "duplicates only for in-flight messages, got {dups}"
+    );
+}
+
+async fn broadcast_to_every_member(env: Env) {
+    let b = &env.broker;
+    b.create_topic(&topic("news"), Some(3)).await.unwrap();
+    let s = spec("bc", "news", ConsumeMode::Broadcast);
+    let mut members = Vec::new();
+    for i in 0..4 {
+        members.push(
+            b.subscribe(s.clone(), MemberOptions::new(format!("m{i}"), 100))
+                .await
+                .unwrap(),
+        );
+    }
+    for i in 0..30 {
+        publish(b, "news", i.to_string()).await;
+    }
+    for m in members.iter_mut() {
+        let mut got = Vec::new();
+        for _ in 0..30 {
+            let d = recv(m).await;
+            got.push(body(&d).parse::<u32>().unwrap());
+            m.ack(d.ack_token());
+        }
+        got.sort_unstable();
+        assert_eq!(got, (0..30).collect::<Vec<_>>());
+        nothing(m).await;
+    }
+}
+
+async fn shared_group_redelivers_a_leavers_messages(env: Env) {
+    let b = &env.broker;
+    b.create_topic(&topic("work"), Some(1)).await.unwrap();
+    let s = spec("workers", "work", ConsumeMode::Shared);
+    let mut a = b
+        .subscribe(s.clone(), MemberOptions::new("a", 2))
+        .await
+        .unwrap();
+    for i in 0..4 {
+        publish(b, "work", i.to_string()).await;
+    }
+    let d0 = recv(&mut a).await;
+    let d1 = recv(&mut a).await;
+    nothing(&mut a).await; // prefetch 2
+    a.ack(d0.ack_token());
+    let d2 = recv(&mut a).await;
+    assert_eq!(
+        (body(&d0), body(&d1), body(&d2)),
+        ("0".into(), "1".into(), "2".into())
+    );
+    let mut c = b
+        .subscribe(s.clone(), MemberOptions::new("c", 10))
+        .await
+        .unwrap();
+    let d3 = recv(&mut c).await;
+    assert_eq!(body(&d3), "3");
+    assert!(!d3.redelivered);
+    drop(a); // held 1 and 2 unacked
+    let r1 = recv(&mut c).await;
+    let r2 = recv(&mut c).await;
+    assert_eq!((body(&r1), body(&r2)), ("1".into(), "2".into()));
+    assert!(r1.redelivered && r2.redelivered);
+    assert_eq!(r1.delivery_count, 2);
+    // Nack with requeue: redelivered at once.
+    c.nack(r1.ack_token(), true);
+    let again = recv(&mut c).await;
+    assert_eq!(body(&again), "1");
+    for d in [again, r2, d3] {
+        c.ack(d.ack_token());
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let info = b.group_info(&group("workers")).await.unwrap();
+    let q = info
+        .queues
+        .iter()
+        .find(|q| q.queue.topic == topic("work"))
+        .unwrap();
+    assert_eq!((q.committed, q.next, q.lag), (4, 4, 0));
+}
+
+async fn retry_ladder_to_dlq_and_resend(env: Env) {
+    let mut config = env.config.clone();
+    config.max_reconsume_times = 3;
+    let env = Env::with(env.kind, config).await;
+    let b = &env.broker;
+    b.create_topic(&topic("pay"), Some(2)).await.unwrap();
+    let s = spec("billing", "pay", ConsumeMode::Shared);
+    let mut c = b
+        .subscribe(s.clone(), MemberOptions::new("c", 10))
+        .await
+        .unwrap();
+    let first = publish(b, "pay", "charge").await;
+    let Published::Stored { id, .. } = first else {
+        panic!("stored")
+    };
+    let d = recv(&mut c).await;
+    assert_eq!(d.message.message.reconsume_times, 0);
+    c.nack(d.ack_token(), false);
+    // RocketMQ's ladder from level 3: 10s, 30s, 1m.
+    for (i, wait) in [10u64, 30, 60].into_iter().enumerate() {
+        nothing(&mut c).await;
+        env.clock.advance(Duration::from_secs(wait - 1));
+        nothing(&mut c).await;
+        env.clock.advance(Duration::from_secs(1));
+        let d = recv(&mut c).await;
+        assert_eq!(body(&d), "charge");
+        assert_eq!(d.message.message.reconsume_times, i as u32 + 1);
+        assert_eq!(
+            d.message.message.topic,
+            topic("pay"),
+            "shows its original topic"
+        );
+        assert_eq!(d.queue.topic.as_str(), "%RETRY%billing");
+        c.nack(d.ack_token(), false);
+    }
+    // The 4th failure: into the DLQ, not retried.
+    env.clock.advance(Duration::from_secs(3 * 3600));
+    nothing(&mut c).await;
+    let dlq = b.dlq(&group("billing"), 0, 10).await.unwrap();
+    assert_eq!(dlq.len(), 1);
+    let dead = &dlq[0].message.message;
+    assert_eq!(dead.body, "charge");
+    assert_eq!(dead.topic, topic("pay"));
+    assert_eq!(dead.reconsume_times, 4);
+    assert!(dead.property("ORIGIN_QUEUE").is_some());
+    let _ = id;
+    // Resend: back on the original topic with a fresh count.
+    b.resend_dlq(&group("billing"), 0).await.unwrap();
+    let d = recv(&mut c).await;
+    assert_eq!(body(&d), "charge");
+    assert_eq!(d.message.message.reconsume_times, 0);
+    assert_eq!(d.queue.topic, topic("pay"));
+    c.ack(d.ack_token());
+}
+
+async fn orderly_failure_retries_in_place(env: Env) {
+    let b = &env.broker;
+    b.create_topic(&topic("seq"), Some(1)).await.unwrap();
+    let mut s = spec("ord", "seq", ConsumeMode::Clustering);
+    s.orderly = true;
+    let mut c = b.subscribe(s, MemberOptions::new("c", 10)).await.unwrap();
+    for i in 0..3 {
+        publish(b, "seq", i.to_string()).await;
+    }
+    let d = recv(&mut c).await;
+    assert_eq!(body(&d), "0");
+    nothing(&mut c).await; // one at a time
+    c.nack(d.ack_token(), false);
+    nothing(&mut c).await; // suspended
+    env.clock.advance(env.config.orderly_suspend);
+    let d = recv(&mut c).await;
+    assert_eq!(body(&d), "0", "the failed message again, before the next");
+    assert!(d.redelivered);
+    c.ack(d.ack_token());
+    for want in ["1", "2"] {
+        let d = recv(&mut c).await;
+        assert_eq!(body(&d), want);
+        c.ack(d.ack_token());
+    }
+}
+
+async fn delays_by_level_and_time(env: Env) {
+    let b = &env.broker;
+    b.create_topic(&topic("later"), Some(1)).await.unwrap();
+    let mut c = b
+        .subscribe(
+            spec("g", "later", ConsumeMode::Shared),
+            MemberOptions::new("c", 100),
+        )
+        .await
+        .unwrap();
+    let mut p = Publish::new(msg("later", "level2"));
+    p.delay = Some(Delay::Level(2)); // 5 s
+    assert!(matches!(
+        b.publish(p).await.unwrap(),
+        Published::Delayed { .. }
+    ));
+    let mut p = Publish::new(msg("later", "at+3s"));
+    p.delay = Some(Delay::At(T0 + 3_000));
+    b.publish(p).await.unwrap();
+    let mut p = Publish::new(msg("later", "for1500ms"));
+    p.delay = Some(Delay::For(Duration::from_millis(1500)));
+    b.publish(p).await.unwrap();
+    let mut p = Publish::new(msg("later", "in the past"));
+    p.delay = Some(Delay::At(T0 - 1));
+    assert!(matches!(
+        b.publish(p).await.unwrap(),
+        Published::Stored { .. }
+    ));
+    assert_eq!(body(&recv(&mut c).await), "in the past");
+    assert_eq!(b.delayed_pending(), 3);
+    nothing(&mut c).await;
+    env.clock.advance(Duration::from_millis(1499));
+    nothing(&mut c).await;
+    env.clock.advance(Duration::from_millis(1));
+    let d = recv(&mut c).await;
+    assert_eq!(body(&d), "for1500ms");
+    assert_eq!(d.message.message.deliver_at, Some(T0 + 1500));
+    env.clock.advance(Duration::from_millis(1500));
+    assert_eq!(body(&recv(&mut c).await), "at+3s");
+    env.clock.advance(Duration::from_millis(1999));
+    nothing(&mut c).await;
+    env.clock.advance(Duration::from_millis(1));
+    assert_eq!(body(&recv(&mut c).await), "level2");
+    assert_eq!(b.delayed_pending(), 0);
+    assert_eq!(b.delayed_released(), 3);
+}
+
+async fn delays_survive_restart(env: Env) {
+    if env.kind == Kind::Memory {
+        return; // nothing survives a MemoryStore restart by design
+    }
+    let b = &env.broker;
+    b.create_topic(&topic("later"), Some(1)).await.unwrap();
+    for (i, secs) in [5u64, 60, 3600].into_iter().enumerate() {
+        let mut p = Publish::new(msg("later", format!("d{i}")));
+        p.delay = Some(Delay::For(Duration::from_secs(secs)));
+        b.publish(p).await.unwrap();
+    }
+    let mut env = env.restart().await;
+    assert_eq!(env.broker.delayed_pending(), 3);
+    // Down for a minute: the 5 s and 60 s ones are late, released at once, once.
+    env.clock.advance(Duration::from_secs(61));
+    let mut c = env
+        .broker
+        .subscribe(
+            spec("g", "later", ConsumeMode::Shared),
+            MemberOptions::new("c", 100),
+        )
+        .await
+        .unwrap();
+    let mut got = vec![body(&recv(&mut c).await), body(&recv(&mut c).await)];
+    got.sort();
+    assert_eq!(got, vec!["d0", "d1"]);
+    nothing(&mut c).await;
+    drop(c);
+    env = env.restart().await;
+    assert_eq!(
+        env.broker.delayed_pending(),
+        1,
+        "released ones are not released twice"
+    );
+    env.clock.advance(Duration::from_secs(3600));
+    let mut s = spec("g", "later", ConsumeMode::Shared);
+    s.start = StartPosition::First;
+    let mut c = env
+        .broker
+        .subscribe(s, MemberOptions::new("c", 100))
+        .await
+        .unwrap();
+    let d = recv(&mut c).await;
+    // The group resumes from its committed offset: d0 and d1 were never acked, so
+    // they come again (at-least-once), then d2.
+    let mut bodies = vec![body(&d)];
+    c.ack(d.ack_token());
+    for _ in 0..2 {
+        let d = recv(&mut c).await;
+        bodies.push(body(&d));
+        c.ack(d.ack_token());
+    }
+    bodies.sort();
+    assert_eq!(bodies, vec!["d0", "d1", "d2"]);
+    assert_eq!(env.broker.delayed_pending(), 0);
+}
+
+async fn replay_to_a_timestamp(env: Env) {
+    let b = &env.broker;
+    b.create_topic(&topic("stream"), Some(2)).await.unwrap();
+    let mut c = b
+        .subscribe(
+            spec("g", "stream", ConsumeMode::Clustering),
+            MemberOptions::new("c", 1000),
+        )
+        .await
+        .unwrap();
+    let mut mid = 0;
+    for i in 0..40 {
+        if i == 20 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            mid = mqgate_store::now_millis();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        publish(b, "stream", i.to_string()).await;
+    }
+    for _ in 0..40 {
+        let d = recv(&mut c).await;
+        c.ack(d.ack_token());
+    }
+    nothing(&mut c).await;
+    // Back to the middle, with the member connected.
+    b.reset_group(&group("g"), StartPosition::Timestamp(mid))
+        .await
+        .unwrap();
+    let mut again = Vec::new();
+    for _ in 0..20 {
+        let d = recv(&mut c).await;
+        again.push(body(&d).parse::<u32>().unwrap());
+        c.ack(d.ack_token());
+    }
+    again.sort_unstable();
+    assert_eq!(again, (20..40).collect::<Vec<_>>());
+    nothing(&mut c).await;
+    // Forward past the end: nothing more; new messages still flow.
+    b.reset_group(&group("g"), StartPosition::Last)
+        .await
+        .unwrap();
+    publish(b, "stream", "new").await;
+    assert_eq!(body(&recv(&mut c).await), "new");
+}
+
+async fn fan_out_to_ten_groups_stored_once(env: Env) {
+    let b = &env.broker;
+    b.router()
+        .declare_exchange(
+            DEFAULT_VHOST,
+            ExchangeDef::new("events", ExchangeKind::Fanout),
+        )
+        .unwrap();
+    let mut consumers = Vec::new();
+    for i in 0..10 {
+        let t = format!("q{i}");
+        b.create_topic(&topic(&t), Some(1)).await.unwrap();
+        b.router()
+            .bind(
+                DEFAULT_VHOST,
+                Binding {
+                    source: "events".into(),
+                    destination: Destination::Topic(topic(&t)),
+                    key: String::new(),
+                    headers: None,
+                    mqtt: false,
+                    arguments: Bytes::new(),
+                },
+            )
+            .unwrap();
+        consumers.push(
+            b.subscribe(
+                spec(&format!("g{i}"), &t, ConsumeMode::Shared),
+                MemberOptions::new("c", 10),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let before = b.store().stats();
+    let p = b
+        .publish_exchange(
+            DEFAULT_VHOST,
+            "events",
+            "",
+            &[],
+            msg("events", "x".repeat(1000)),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(p.routed(), 10);
+    let after = b.store().stats();
+    assert_eq!(
+        after.messages - before.messages,
+        1,
+        "one record for ten queues"
+    );
+    assert!(after.log_bytes - before.log_bytes < 1200);
+    let mut ids = Vec::new();
+    for c in consumers.iter_mut() {
+        let d = recv(c).await;
+        ids.push(d.message.id);
+        c.ack(d.ack_token());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "every group got the same stored message");
+}
+
+async fn producer_groups_counted(env: Env) {
+    let b = &env.broker;
+    let mut m = msg("auto", "x");
+    m.producer_group = "billing-svc".into();
+    b.publish(Publish::new(m)).await.unwrap();
+    publish(b, "auto", "y").await;
+    publish(b, "auto", "z").await;
+    assert_eq!(
+        b.topics()
+            .iter()
+            .find(|t| t.name == topic("auto"))
+            .unwrap()
+            .queue_count,
+        8
+    );
+    let stats = b.producer_stats();
+    let count = |g: &str| {
+        stats
+            .iter()
+            .find(|s| s.producer_group == g)
+            .map(|s| s.messages)
+    };
+    assert_eq!(count("billing-svc"), Some(1));
+    assert_eq!(count(&env.config.default_producer_group), Some(2));
+}
+
+async fn start_positions_and_committed_offsets(env: Env) {
+    let b = &env.broker;
+    b.create_topic(&topic("t"), Some(1)).await.unwrap();
+    for i in 0..5 {
+        publish(b, "t", i.to_string()).await;
+    }
+    // A new group starting at Last sees only new messages.
+    let mut s = spec("late", "t", ConsumeMode::Shared);
+    s.start = StartPosition::Last;
+    let mut c = b
+        .subscribe(s.clone(), MemberOptions::new("c", 10))
+        .await
+        .unwrap();
+    nothing(&mut c).await;
+    publish(b, "t", "5").await;
+    let d = recv(&mut c).await;
+    assert_eq!(body(&d), "5");
+    c.ack(d.ack_token());
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // It resumes where it left off, not at its start position.
+    publish(b, "t", "6").await;
+    let mut c = b.subscribe(s, MemberOptions::new("c", 10)).await.unwrap();
+    assert_eq!(body(&recv(&mut c).await), "6");
+    // Offset start.
+    let mut s = spec("from2", "t", ConsumeMode::Shared);
+    s.start = StartPosition::Offset(2);
+    let mut c2 = b.subscribe(s, MemberOptions::new("c", 10)).await.unwrap();
+    assert_eq!(body(&recv(&mut c2).await), "2");
+    // A conflicting spec for a live group is refused.
+    let mut other = spec("from2", "t", ConsumeMode::Broadcast);
+    other.on_failure = OnFailure::Discard;
+    assert!(b
+        .subscribe(other, MemberOptions::new("x", 1))
+        .await
+        .is_err());
+}
+
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Env::new(super::Kind::Memory).await).await
+                }
+            )*
+        }
+        mod rocks {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Env::new(super::Kind::Rocks).await).await
+                }
+            )*
+        }
+    };
+}
+
+both_backends!(
+    order_per_sharding_key,
+    rebalance_without_loss,
+    broadcast_to_every_member,
+    shared_group_redelivers_a_leavers_messages,
+    retry_ladder_to_dlq_and_resend,
+    orderly_failure_retries_in_place,
+    delays_by_level_and_time,
+    delays_survive_restart,
+    replay_to_a_timestamp,
+    fan_out_to_ten_groups_stored_once,
+    producer_groups_counted,
+    start_positions_and_committed_offsets,
+);
