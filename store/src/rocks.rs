@@ -970,6 +970,7 @@ impl Writer {
                     let exists = pending.timers_put.remove(&key) || timers_on_disk.remove(&key);
                     if exists {
                         pending.timers_deleted.insert(key);
+                        debug_assert!(pending.header.timers > 0, "timer count out of step");
                         pending.header.timers = pending.header.timers.saturating_sub(1);
                         wb.delete_cf(s.cf(CF_TIMERS), timer_key(&key));
                     }
@@ -1004,6 +1005,10 @@ impl Writer {
             header.next_seq += 1;
         }
         let mut wb = rocksdb::WriteBatch::default();
+        if existing.is_none() {
+            // Offsets committed on an earlier topic of this name must not apply here.
+            self.delete_topic_offsets(&mut wb, &name)?;
+        }
         let mut v = Vec::with_capacity(12);
         v.put_u64(uid);
         v.put_u32(count);
@@ -1023,16 +1028,26 @@ impl Writer {
 
     fn delete_topic(&mut self, name: &TopicName) -> Result<bool> {
         let s = Arc::clone(&self.s);
+        let mut wb = rocksdb::WriteBatch::default();
+        // Offsets go even when the topic does not exist: none may outlive it.
+        self.delete_topic_offsets(&mut wb, name)?;
         let Some(t) = s.topic_state(name) else {
+            s.db.write_opt(wb, &self.write_options()).map_err(backend)?;
             return Ok(false);
         };
-        let mut wb = rocksdb::WriteBatch::default();
         wb.delete_range_cf(s.cf(CF_CQ), cq_key(t.uid, 0, 0), cq_key(t.uid + 1, 0, 0));
         for q in 0..t.queues.len() as u32 {
             wb.delete_cf(s.cf(CF_META), queue_meta_key(t.uid, q));
         }
         wb.delete_cf(s.cf(CF_META), topic_meta_key(name));
-        // Every group's offsets on this topic: keys are group, 0, topic, 0, queue.
+        s.db.write_opt(wb, &self.write_options()).map_err(backend)?;
+        s.topics.write().remove(name);
+        Ok(true)
+    }
+
+    /// Every group's committed offsets on topic `name` (keys: group, 0, topic, 0, queue).
+    fn delete_topic_offsets(&self, wb: &mut rocksdb::WriteBatch, name: &TopicName) -> Result<()> {
+        let s = &self.s;
         for item in s.db.iterator_cf(s.cf(CF_OFFSETS), IteratorMode::Start) {
             let (k, _) = item.map_err(backend)?;
             let Some(sep) = k.iter().position(|b| *b == 0) else {
@@ -1046,9 +1061,7 @@ impl Writer {
                 wb.delete_cf(s.cf(CF_OFFSETS), &k);
             }
         }
-        s.db.write_opt(wb, &self.write_options()).map_err(backend)?;
-        s.topics.write().remove(name);
-        Ok(true)
+        Ok(())
     }
 
     /// Delete the commit log below `below`, then every queue entry that pointed there.
@@ -1411,6 +1424,9 @@ impl Store for RocksStore {
         after: Option<TimerKey>,
         limit: usize,
     ) -> Result<Vec<(TimerKey, Bytes)>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let s = &self.shared;
         let mut ro = ReadOptions::default();
         if let Some(a) = after {

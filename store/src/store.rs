@@ -262,8 +262,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// configuration after the call. Shrinking is refused.
     async fn create_topic(&self, name: &TopicName, queue_count: u32) -> Result<TopicConfig>;
 
-    /// Delete a topic, its queues' entries and every group's offsets on it. The commit
-    /// log keeps the messages until retention removes them. Returns whether it existed.
+    /// Delete a topic, its queues' entries and every group's offsets on it (those go even
+    /// if the topic does not exist). The commit log keeps the messages until retention
+    /// removes them. Returns whether it existed. Creating a topic also clears offsets
+    /// left on an earlier topic of the same name.
     async fn delete_topic(&self, name: &TopicName) -> Result<bool>;
 
     /// A topic's configuration.
@@ -280,6 +282,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Read `queue` from `from` (raised to the queue's min offset when below it), in
     /// offset order, within `limits`. Returns nothing at or beyond the queue's end.
+    /// An entry whose message retention deletes while the read runs is left out (its
+    /// offset is below the queue's new min by the time the read returns).
     async fn read(
         &self,
         queue: &QueueRef,

@@ -171,7 +171,10 @@ pub struct Message {
     /// Named properties, in the producer's order. Adapters keep their protocol's
     /// headers here (for example the encoded AMQP content header).
     pub properties: Vec<(String, Bytes)>,
-    /// The payload. Stored once however many queues index the message.
+    /// The payload. Stored once however many queues index the message. Readers share
+    /// it (the store's tail cache keeps recent messages decoded), so a producer that
+    /// slices it out of a larger network buffer should copy it first, or that buffer
+    /// stays alive with it.
     pub body: Bytes,
     /// When the producer created it.
     pub born_timestamp: Millis,
