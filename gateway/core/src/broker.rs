@@ -346,7 +346,8 @@ impl Broker {
             tasks: Mutex::default(),
         });
         let scheduler = tokio::spawn(crate::delay::run(Arc::downgrade(&inner)));
-        inner.tasks.lock().push(scheduler);
+        let retention = tokio::spawn(retention_task(Arc::downgrade(&inner)));
+        inner.tasks.lock().extend([scheduler, retention]);
         Ok(Self { inner })
     }
 
@@ -625,6 +626,28 @@ impl Broker {
         }
         if let Err(e) = self.inner.store.flush().await {
             tracing::error!(error = %e, "core: store flush at shutdown failed");
+        }
+    }
+}
+
+/// Apply the store's retention policy every `retention_interval`.
+async fn retention_task(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(interval) = inner.upgrade().map(|i| i.config.retention_interval) else {
+            return;
+        };
+        tokio::time::sleep(interval).await;
+        let Some(i) = inner.upgrade() else { return };
+        // Store timestamps are wall-clock time, whatever clock the core runs on.
+        match i.store.enforce_retention(mqgate_store::now_millis()).await {
+            Ok(r) if r.messages_deleted > 0 => tracing::info!(
+                messages = r.messages_deleted,
+                bytes = r.bytes_deleted,
+                entries = r.entries_deleted,
+                "core: retention deleted old messages"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "core: retention failed"),
         }
     }
 }

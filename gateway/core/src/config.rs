@@ -53,6 +53,8 @@ pub struct CoreConfig {
     pub max_prefetch: usize,
     /// Timers the delay scheduler releases per store write.
     pub release_batch: usize,
+    /// How often the store's retention policy is applied.
+    pub retention_interval: Duration,
 }
 
 impl Default for CoreConfig {
@@ -70,6 +72,7 @@ impl Default for CoreConfig {
             read_batch: 256,
             max_prefetch: 2048,
             release_batch: 512,
+            retention_interval: Duration::from_secs(60),
         }
     }
 }

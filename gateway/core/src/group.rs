@@ -1126,7 +1126,14 @@ impl Actor {
             let (offset, message, count, redelivered) = match next {
                 Some(x) => x,
                 None => {
-                    if !self.fill(&owner_key, queue).await {
+                    // Read only what members can take now: the backlog stays in the store.
+                    let credit = match &target {
+                        Target::Owner(id) | Target::Member(id) => {
+                            self.members.get(id).map_or(0, Member::credit)
+                        }
+                        Target::AnyWithCredit => self.members.values().map(Member::credit).sum(),
+                    };
+                    if !self.fill(&owner_key, queue, credit).await {
                         break;
                     }
                     continue;
@@ -1166,9 +1173,10 @@ impl Actor {
         delivered
     }
 
-    /// Read the next batch of `queue` into its buffer. Returns whether anything came.
-    async fn fill(&mut self, member: &str, queue: &QueueRef) -> bool {
-        let batch = self.inner.config.read_batch;
+    /// Read the next (at most `want`) messages of `queue` into its buffer. Returns
+    /// whether anything changed.
+    async fn fill(&mut self, member: &str, queue: &QueueRef, want: usize) -> bool {
+        let batch = self.inner.config.read_batch.min(want).max(1);
         let store = Arc::clone(&self.inner.store);
         let Ok(range) = store.queue_range(queue) else {
             return false;
