@@ -750,6 +750,57 @@ async fn group_behind_retention_skips_and_counts(env: Env) {
     b.shutdown().await;
 }
 
+async fn silent_member_is_removed_and_its_messages_redelivered(env: Env) {
+    let mut config = env.config.clone();
+    config.heartbeat_timeout = Duration::from_millis(300);
+    let env = Env::with(env.kind, config).await;
+    let b = &env.broker;
+    b.create_topic(&topic("t"), Some(2)).await.unwrap();
+    let s = spec("hb", "t", ConsumeMode::Clustering);
+    let mut opts = MemberOptions::new("quiet", 10);
+    opts.heartbeat = true;
+    let mut quiet = b.subscribe(s.clone(), opts).await.unwrap();
+    let mut opts = MemberOptions::new("steady", 10);
+    opts.heartbeat = true;
+    let mut steady = b.subscribe(s, opts).await.unwrap();
+    for i in 0..4 {
+        publish(b, "t", i.to_string()).await;
+    }
+    // Each owns one queue: two messages each.
+    let held = [recv(&mut quiet).await, recv(&mut quiet).await];
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let d = recv(&mut steady).await;
+        got.push(body(&d));
+        steady.ack(d.ack_token());
+    }
+    // steady heartbeats, quiet does not: quiet is removed, its queue and its two
+    // unacked messages move to steady.
+    for _ in 0..8 {
+        steady.heartbeat();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..2 {
+        let d = recv(&mut steady).await;
+        assert!(d.redelivered);
+        got.push(body(&d));
+        steady.ack(d.ack_token());
+    }
+    got.sort();
+    assert_eq!(got, vec!["0", "1", "2", "3"]);
+    let mut held_bodies: Vec<String> = held.iter().map(body).collect();
+    held_bodies.sort();
+    assert!(got.iter().filter(|b| held_bodies.contains(b)).count() == 2);
+    let info = b.group_info(&group("hb")).await.unwrap();
+    assert_eq!(info.members.len(), 1);
+    assert_eq!(info.members[0].id, "steady");
+    assert_eq!(
+        info.members[0].queues.len(),
+        3,
+        "both queues of t and the group's retry queue"
+    );
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -785,4 +836,5 @@ both_backends!(
     producer_groups_counted,
     start_positions_and_committed_offsets,
     group_behind_retention_skips_and_counts,
+    silent_member_is_removed_and_its_messages_redelivered,
 );
