@@ -1,0 +1,109 @@
+//! `mqgate`: the broker binary. The only place a storage backend is chosen.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mqgate_core::{Broker, CoreConfig, SystemClock};
+use mqgate_store::{MemoryStore, RocksConfig, RocksStore, Store};
+
+/// mqgate: a message broker for AMQP 0-9-1 and MQTT clients, on RocketMQ's log model.
+#[derive(Debug, Parser)]
+#[command(name = "mqgate", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker (the default when no subcommand is given).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Default, clap::Args)]
+struct ServeArgs {
+    /// The data folder of the RocksDB store.
+    #[arg(long, default_value = "./data")]
+    data: PathBuf,
+    /// Keep everything in memory (nothing survives a restart) instead of RocksDB.
+    #[arg(long)]
+    memory: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Serve(a)) => a,
+        None => ServeArgs {
+            data: PathBuf::from("./data"),
+            memory: false,
+        },
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?
+        .block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let store: Arc<dyn Store> = if args.memory {
+        tracing::info!("store: in memory (nothing survives a restart)");
+        Arc::new(MemoryStore::new())
+    } else {
+        let store = RocksStore::open(RocksConfig::new(&args.data))
+            .with_context(|| format!("open the store in {}", args.data.display()))?;
+        let stats = store.stats();
+        tracing::info!(
+            path = %args.data.display(),
+            topics = stats.topics,
+            messages = stats.messages,
+            log_bytes = stats.log_bytes,
+            delayed_pending = stats.timers,
+            "store: RocksDB opened; recovered what is listed"
+        );
+        Arc::new(store)
+    };
+    let broker = Broker::start(store, CoreConfig::default(), Arc::new(SystemClock))
+        .await
+        .context("start the broker core")?;
+    tracing::warn!(
+        "mqgate core running; no protocol listener yet: the MQTT (1883) and AMQP (5672) \
+         adapters are still being built. Ctrl-C or SIGTERM stops."
+    );
+    shutdown_signal().await;
+    tracing::info!("stopping: groups persist their offsets, the store is flushed");
+    broker.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
