@@ -924,8 +924,7 @@ impl Writer {
                 }
                 WriteOp::DeleteOffsets { group, topic } => {
                     let prefix = offsets_prefix(&group, topic.as_ref());
-                    let mut end = prefix.clone();
-                    *end.last_mut().expect("prefix ends in NUL") = 1;
+                    let end = nul_prefix_end(&prefix);
                     wb.delete_range_cf(s.cf(CF_OFFSETS), prefix, end);
                 }
                 WriteOp::Truncate { queue, before } => {
@@ -1273,11 +1272,7 @@ impl Store for RocksStore {
     ) -> Result<Vec<Arc<StoredMessage>>> {
         let s = &self.shared;
         let prefix = key_index_prefix(topic, key);
-        let mut upper = prefix.clone();
-        *upper.last_mut().expect("prefix ends in NUL") = 1;
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(prefix.clone());
-        ro.set_iterate_upper_bound(upper);
+        let ro = prefix_range(&prefix);
         let log_min = s.log_min.load(Ordering::Acquire);
         let mut out = Vec::new();
         let mut it = s.db.iterator_cf_opt(s.cf(CF_KEYS), ro, IteratorMode::Start);
@@ -1316,11 +1311,7 @@ impl Store for RocksStore {
     async fn committed_offsets(&self, group: &GroupName) -> Result<Vec<(QueueRef, QueueOffset)>> {
         let s = &self.shared;
         let prefix = offsets_prefix(group, None);
-        let mut upper = prefix.clone();
-        *upper.last_mut().expect("prefix ends in NUL") = 1;
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(prefix.clone());
-        ro.set_iterate_upper_bound(upper);
+        let ro = prefix_range(&prefix);
         let mut out = Vec::new();
         for item in
             s.db.iterator_cf_opt(s.cf(CF_OFFSETS), ro, IteratorMode::Start)
@@ -1491,6 +1482,22 @@ fn decode_offset(v: &[u8]) -> Result<QueueOffset> {
             what: "offset",
             detail: format!("{} bytes", v.len()),
         })
+}
+
+/// The end of the key range of a prefix that ends in its NUL separator: the same bytes
+/// with the NUL raised to 1, so every key `prefix ++ anything` sorts below it.
+fn nul_prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    *end.last_mut().expect("prefix ends in NUL") = 1;
+    end
+}
+
+/// Read options bounding an iterator to the keys under a NUL-terminated prefix.
+fn prefix_range(prefix: &[u8]) -> ReadOptions {
+    let mut ro = ReadOptions::default();
+    ro.set_iterate_lower_bound(prefix.to_vec());
+    ro.set_iterate_upper_bound(nul_prefix_end(prefix));
+    ro
 }
 
 /// The smallest key greater than every key starting with `prefix`.
