@@ -434,16 +434,10 @@ impl Broker {
         }
         let handle = self.inner.topic_handle(&topic).await?;
         let q = handle.select(queue.map(|q| q.0), sharding_key.as_deref())?;
-        let mut batch = WriteBatch::new();
-        batch.append(message.clone(), vec![QueueRef::new(topic, q)]);
-        let mut receipt = self.inner.store.write(batch).await?;
-        handle.count(&message.producer_group, 1);
-        handle.wake();
-        let a = receipt.appended.remove(0);
-        Ok(Published::Stored {
-            id: a.id,
-            offsets: a.offsets,
-        })
+        let target = QueueRef::new(topic, q);
+        self.inner
+            .append_into(message, vec![(handle, target)])
+            .await
     }
 
     /// Publish through an exchange of `vhost`: the message is stored once and indexed
@@ -732,19 +726,29 @@ impl Inner {
         message: Message,
         topics: &[TopicName],
     ) -> Result<Published> {
-        let mut handles = Vec::with_capacity(topics.len());
-        let mut queues = Vec::with_capacity(topics.len());
+        let mut targets = Vec::with_capacity(topics.len());
         for t in topics {
             let h = self.topic_handle(t).await?;
-            queues.push(QueueRef::new(t.clone(), h.select(None, None)?));
-            handles.push(h);
+            let q = QueueRef::new(t.clone(), h.select(None, None)?);
+            targets.push((h, q));
         }
-        let group = message.producer_group.clone();
+        self.append_into(message, targets).await
+    }
+
+    /// Store `message` once, indexed into `targets`; then count it per producer group and
+    /// wake the groups watching each target topic.
+    async fn append_into(
+        &self,
+        message: Message,
+        targets: Vec<(Arc<TopicHandle>, QueueRef)>,
+    ) -> Result<Published> {
+        let producer_group = message.producer_group.clone();
+        let (handles, queues): (Vec<_>, Vec<_>) = targets.into_iter().unzip();
         let mut batch = WriteBatch::new();
         batch.append(message, queues);
         let mut receipt = self.store.write(batch).await?;
         for h in &handles {
-            h.count(&group, 1);
+            h.count(&producer_group, 1);
             h.wake();
         }
         let a = receipt.appended.remove(0);

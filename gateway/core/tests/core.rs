@@ -132,6 +132,18 @@ async fn nothing(c: &mut Consumer) {
     );
 }
 
+/// Wait until the group's actor has settled every delivery (acks and nacks processed).
+async fn settled(b: &Broker, g: &str) {
+    for _ in 0..500 {
+        let info = b.group_info(&group(g)).await.unwrap();
+        if info.queues.iter().all(|q| q.in_flight == 0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("group {g} still has messages in flight");
+}
+
 async fn publish(b: &Broker, t: &str, body: impl Into<String>) -> Published {
     b.publish(Publish::new(msg(t, body))).await.unwrap()
 }
@@ -351,6 +363,7 @@ async fn retry_ladder_to_dlq_and_resend(env: Env) {
     c.nack(d.ack_token(), false);
     // RocketMQ's ladder from level 3: 10s, 30s, 1m.
     for (i, wait) in [10u64, 30, 60].into_iter().enumerate() {
+        settled(b, "billing").await;
         nothing(&mut c).await;
         env.clock.advance(Duration::from_secs(wait - 1));
         nothing(&mut c).await;
@@ -367,6 +380,7 @@ async fn retry_ladder_to_dlq_and_resend(env: Env) {
         c.nack(d.ack_token(), false);
     }
     // The 4th failure: into the DLQ, not retried.
+    settled(b, "billing").await;
     env.clock.advance(Duration::from_secs(3 * 3600));
     nothing(&mut c).await;
     let dlq = b.dlq(&group("billing"), 0, 10).await.unwrap();
@@ -399,6 +413,7 @@ async fn orderly_failure_retries_in_place(env: Env) {
     assert_eq!(body(&d), "0");
     nothing(&mut c).await; // one at a time
     c.nack(d.ack_token(), false);
+    settled(b, "ord").await;
     nothing(&mut c).await; // suspended
     env.clock.advance(env.config.orderly_suspend);
     let d = recv(&mut c).await;
@@ -731,6 +746,13 @@ async fn group_behind_retention_skips_and_counts(env: Env) {
     }
     // The member holds 5 unacked; the rest waits in the store, where retention drops it.
     let held: Vec<Delivery> = vec![recv(&mut c).await, recv(&mut c).await];
+    for _ in 0..200 {
+        let info = b.group_info(&group("slow")).await.unwrap();
+        if info.queues.iter().map(|q| q.in_flight).sum::<usize>() == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let report = b.enforce_retention().await.unwrap();
     assert_eq!(report.messages_deleted, 30);
     for d in held {
@@ -776,15 +798,17 @@ async fn silent_member_is_removed_and_its_messages_redelivered(env: Env) {
     }
     // steady heartbeats, quiet does not: quiet is removed, its queue and its two
     // unacked messages move to steady.
-    for _ in 0..8 {
+    for _ in 0..400 {
         steady.heartbeat();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    for _ in 0..2 {
-        let d = recv(&mut steady).await;
-        assert!(d.redelivered);
-        got.push(body(&d));
-        steady.ack(d.ack_token());
+        while let Some(d) = steady.try_recv() {
+            assert!(d.redelivered);
+            got.push(body(&d));
+            steady.ack(d.ack_token());
+        }
+        if got.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
     got.sort();
     assert_eq!(got, vec!["0", "1", "2", "3"]);
