@@ -22,8 +22,8 @@ use crate::error::{CoreError, Result};
 use crate::group::{
     self, Consumer, GroupHandle, GroupInfo, GroupSpec, MemberOptions, StartPosition,
 };
-use crate::router::{HeaderValue, Router, DEFAULT_VHOST};
-use crate::wire::{put_bytes, put_str, Reader};
+use crate::router::{Binding, ExchangeDef, HeaderValue, Router, DEFAULT_VHOST};
+use crate::wire::{get_headers, put_headers, put_str, Reader};
 
 /// When a delayed message becomes visible.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -134,33 +134,7 @@ fn encode_timer(route: &Route, message: &Message) -> Result<Vec<u8>> {
             put_str(&mut out, vhost);
             put_str(&mut out, exchange);
             put_str(&mut out, key);
-            out.put_u32_le(headers.len() as u32);
-            for (k, v) in headers {
-                put_str(&mut out, k);
-                match v {
-                    HeaderValue::Str(s) => {
-                        out.put_u8(1);
-                        put_str(&mut out, s);
-                    }
-                    HeaderValue::Int(i) => {
-                        out.put_u8(2);
-                        out.put_u64_le(*i as u64);
-                    }
-                    HeaderValue::Float(f) => {
-                        out.put_u8(3);
-                        out.put_u64_le(f.to_bits());
-                    }
-                    HeaderValue::Bool(b) => {
-                        out.put_u8(4);
-                        out.put_u8(u8::from(*b));
-                    }
-                    HeaderValue::Void => out.put_u8(5),
-                    HeaderValue::Other(b) => {
-                        out.put_u8(6);
-                        put_bytes(&mut out, b);
-                    }
-                }
-            }
+            put_headers(&mut out, headers);
         }
     }
     out.extend_from_slice(&body);
@@ -188,21 +162,7 @@ fn decode_timer(payload: Bytes) -> Result<(Route, Message)> {
             let vhost = r.string()?;
             let exchange = r.string()?;
             let key = r.string()?;
-            let n = r.u32()?;
-            let mut headers = Vec::with_capacity(n.min(1024) as usize);
-            for _ in 0..n {
-                let k = r.string()?;
-                let v = match r.u8()? {
-                    1 => HeaderValue::Str(r.string()?),
-                    2 => HeaderValue::Int(r.u64()? as i64),
-                    3 => HeaderValue::Float(f64::from_bits(r.u64()?)),
-                    4 => HeaderValue::Bool(r.u8()? == 1),
-                    5 => HeaderValue::Void,
-                    6 => HeaderValue::Other(r.bytes()?),
-                    t => return Err(CoreError::Invalid(format!("unknown header type {t}"))),
-                };
-                headers.push((k, v));
-            }
+            let headers = get_headers(&mut r)?;
             Route::Exchange {
                 vhost,
                 exchange,
@@ -332,6 +292,7 @@ impl Broker {
             .collect();
         let router = Router::new();
         router.add_vhost(DEFAULT_VHOST);
+        crate::durable::load(&*store, &router).await?;
         let inner = Arc::new(Inner {
             store,
             config,
@@ -369,6 +330,68 @@ impl Broker {
     /// The clock.
     pub fn now(&self) -> Millis {
         self.inner.clock.now()
+    }
+
+    /// Create a virtual host (with the standard exchanges); it survives restarts.
+    pub async fn add_vhost(&self, vhost: &str) -> Result<()> {
+        self.inner.router.add_vhost(vhost);
+        let mut batch = WriteBatch::new();
+        crate::durable::put_vhost(&mut batch, vhost);
+        self.inner.store.write(batch).await?;
+        Ok(())
+    }
+
+    /// Declare an exchange (see [`Router::declare_exchange`]); a durable one survives
+    /// restarts.
+    pub async fn declare_exchange(&self, vhost: &str, def: ExchangeDef) -> Result<bool> {
+        let created = self.inner.router.declare_exchange(vhost, def.clone())?;
+        if created && def.durable {
+            let mut batch = WriteBatch::new();
+            crate::durable::put_exchange(&mut batch, vhost, &def);
+            self.inner.store.write(batch).await?;
+        }
+        Ok(created)
+    }
+
+    /// Delete an exchange with its bindings and the bindings to it, stored ones included.
+    pub async fn delete_exchange(&self, vhost: &str, name: &str, if_unused: bool) -> Result<bool> {
+        let existed = self.inner.router.delete_exchange(vhost, name, if_unused)?;
+        if existed {
+            crate::durable::prune(&*self.inner.store, &self.inner.router, vhost).await?;
+        }
+        Ok(existed)
+    }
+
+    /// Add a binding; with `durable` (its exchange and destination are durable) it
+    /// survives restarts.
+    pub async fn bind(&self, vhost: &str, binding: Binding, durable: bool) -> Result<bool> {
+        let new = self.inner.router.bind(vhost, binding.clone())?;
+        if new && durable {
+            let mut batch = WriteBatch::new();
+            crate::durable::put_binding(&mut batch, vhost, &binding);
+            self.inner.store.write(batch).await?;
+        }
+        Ok(new)
+    }
+
+    /// Remove a binding (and an auto-delete exchange it leaves empty), stored ones too.
+    pub async fn unbind(&self, vhost: &str, binding: &Binding) -> Result<bool> {
+        let removed = self.inner.router.unbind(vhost, binding)?;
+        if removed {
+            let mut batch = WriteBatch::new();
+            crate::durable::delete_binding(&mut batch, vhost, binding);
+            self.inner.store.write(batch).await?;
+            if self.inner.router.exchange(vhost, &binding.source).is_none() {
+                crate::durable::prune(&*self.inner.store, &self.inner.router, vhost).await?;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Remove every binding to `topic` (its queue was deleted), stored ones too.
+    pub async fn unbind_topic(&self, vhost: &str, topic: &TopicName) -> Result<()> {
+        self.inner.router.unbind_topic(vhost, topic);
+        crate::durable::prune(&*self.inner.store, &self.inner.router, vhost).await
     }
 
     /// Create a topic (or grow its queue count); `None` takes the default count.

@@ -13,6 +13,7 @@ mod broker;
 pub mod clock;
 pub mod config;
 mod delay;
+mod durable;
 mod error;
 mod group;
 pub mod retry;

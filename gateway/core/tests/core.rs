@@ -825,6 +825,71 @@ async fn silent_member_is_removed_and_its_messages_redelivered(env: Env) {
     );
 }
 
+async fn durable_routing_survives_restart(env: Env) {
+    if env.kind == Kind::Memory {
+        return; // nothing survives a MemoryStore restart by design
+    }
+    let b = &env.broker;
+    b.add_vhost("prod").await.unwrap();
+    let mut durable = ExchangeDef::new("orders", ExchangeKind::Topic);
+    durable.alternate = Some("amq.fanout".into());
+    b.declare_exchange("prod", durable.clone()).await.unwrap();
+    let mut transient = ExchangeDef::new("scratch", ExchangeKind::Fanout);
+    transient.durable = false;
+    b.declare_exchange("prod", transient).await.unwrap();
+    let bind = |source: &str, t: &str, key: &str| Binding {
+        source: source.into(),
+        destination: Destination::Topic(topic(t)),
+        key: key.into(),
+        headers: None,
+        mqtt: false,
+        arguments: Bytes::new(),
+    };
+    b.bind("prod", bind("orders", "eu", "order.eu.*"), true)
+        .await
+        .unwrap();
+    b.bind("prod", bind("orders", "gone", "order.#"), true)
+        .await
+        .unwrap();
+    b.bind("prod", bind("orders", "tmp", "order.us.*"), false)
+        .await
+        .unwrap();
+    b.bind("prod", bind("scratch", "eu", ""), false)
+        .await
+        .unwrap();
+    b.unbind("prod", &bind("orders", "gone", "order.#"))
+        .await
+        .unwrap();
+
+    let env = env.restart().await;
+    let b = &env.broker;
+    assert!(b.router().vhosts().contains(&"prod".to_string()));
+    assert_eq!(b.router().exchange("prod", "orders"), Some(durable));
+    assert!(
+        b.router().exchange("prod", "scratch").is_none(),
+        "transient exchange gone"
+    );
+    let routed = |key: &str| -> Vec<String> {
+        b.router()
+            .route("prod", "orders", key, &[])
+            .unwrap()
+            .topics
+            .iter()
+            .map(|t| t.to_string())
+            .collect()
+    };
+    assert_eq!(routed("order.eu.paris"), vec!["eu"]);
+    assert!(
+        routed("order.us.nyc").is_empty(),
+        "transient binding gone, unbound one too"
+    );
+    // Deleting the exchange removes its stored bindings as well.
+    b.delete_exchange("prod", "orders", false).await.unwrap();
+    let env = env.restart().await;
+    assert!(env.broker.router().exchange("prod", "orders").is_none());
+    assert!(env.broker.router().bindings("prod", None).is_empty());
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -861,4 +926,5 @@ both_backends!(
     start_positions_and_committed_offsets,
     group_behind_retention_skips_and_counts,
     silent_member_is_removed_and_its_messages_redelivered,
+    durable_routing_survives_restart,
 );

@@ -1,0 +1,268 @@
+//! Durable routing state in the store's keyed area: vhosts, durable exchanges and durable
+//! bindings survive restarts. [`crate::Broker`] writes here as it changes the router, and
+//! reloads everything at start.
+//!
+//! | namespace       | key                                   | value            |
+//! |-----------------|---------------------------------------|------------------|
+//! | `core.vhost`    | vhost                                 | empty            |
+//! | `core.exchange` | vhost, 0, exchange name               | definition       |
+//! | `core.binding`  | vhost, 0, binding identity            | header match     |
+
+use bytes::{BufMut, Bytes};
+use mqgate_store::{Store, TopicName, WriteBatch};
+
+use crate::error::{CoreError, Result};
+use crate::router::{Binding, Destination, ExchangeDef, ExchangeKind, HeaderMatch, Router};
+use crate::wire::{get_headers, put_bytes, put_headers, put_str, Reader};
+
+const NS_VHOST: &str = "core.vhost";
+const NS_EXCHANGE: &str = "core.exchange";
+const NS_BINDING: &str = "core.binding";
+
+fn vhost_prefix(vhost: &str) -> Vec<u8> {
+    let mut k = vhost.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn exchange_key(vhost: &str, name: &str) -> Vec<u8> {
+    let mut k = vhost_prefix(vhost);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn encode_exchange(def: &ExchangeDef) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.put_u8(match def.kind {
+        ExchangeKind::Direct => 1,
+        ExchangeKind::Fanout => 2,
+        ExchangeKind::Topic => 3,
+        ExchangeKind::Headers => 4,
+    });
+    out.put_u8(
+        u8::from(def.durable) | u8::from(def.auto_delete) << 1 | u8::from(def.internal) << 2,
+    );
+    out.put_u8(u8::from(def.alternate.is_some()));
+    put_str(&mut out, def.alternate.as_deref().unwrap_or(""));
+    put_bytes(&mut out, &def.arguments);
+    out
+}
+
+fn decode_exchange(name: String, v: Bytes) -> Result<ExchangeDef> {
+    let mut r = Reader(v);
+    let kind = match r.u8()? {
+        1 => ExchangeKind::Direct,
+        2 => ExchangeKind::Fanout,
+        3 => ExchangeKind::Topic,
+        4 => ExchangeKind::Headers,
+        k => return Err(CoreError::Invalid(format!("unknown exchange kind {k}"))),
+    };
+    let flags = r.u8()?;
+    let has_alternate = r.u8()? == 1;
+    let alternate = r.string()?;
+    Ok(ExchangeDef {
+        name,
+        kind,
+        durable: flags & 1 != 0,
+        auto_delete: flags & 2 != 0,
+        internal: flags & 4 != 0,
+        alternate: has_alternate.then_some(alternate),
+        arguments: r.bytes()?,
+    })
+}
+
+/// The key of a binding: everything that tells two bindings apart.
+fn binding_key(vhost: &str, b: &Binding) -> Vec<u8> {
+    let mut k = vhost_prefix(vhost);
+    put_str(&mut k, &b.source);
+    match &b.destination {
+        Destination::Topic(t) => {
+            k.put_u8(1);
+            put_str(&mut k, t.as_str());
+        }
+        Destination::Exchange(x) => {
+            k.put_u8(2);
+            put_str(&mut k, x);
+        }
+    }
+    put_str(&mut k, &b.key);
+    k.put_u8(u8::from(b.mqtt));
+    put_bytes(&mut k, &b.arguments);
+    k
+}
+
+fn binding_value(b: &Binding) -> Vec<u8> {
+    let mut v = Vec::new();
+    match &b.headers {
+        None => v.put_u8(0),
+        Some(h) => {
+            v.put_u8(if h.all { 1 } else { 2 });
+            put_headers(&mut v, &h.headers);
+        }
+    }
+    v
+}
+
+fn decode_binding(key_after_vhost: Bytes, value: Bytes) -> Result<Binding> {
+    let mut r = Reader(key_after_vhost);
+    let source = r.string()?;
+    let destination = match r.u8()? {
+        1 => Destination::Topic(TopicName::new(r.string()?)?),
+        2 => Destination::Exchange(r.string()?),
+        d => return Err(CoreError::Invalid(format!("unknown destination kind {d}"))),
+    };
+    let key = r.string()?;
+    let mqtt = r.u8()? == 1;
+    let arguments = r.bytes()?;
+    let mut v = Reader(value);
+    let headers = match v.u8()? {
+        0 => None,
+        m => Some(HeaderMatch {
+            all: m == 1,
+            headers: get_headers(&mut v)?,
+        }),
+    };
+    Ok(Binding {
+        source,
+        destination,
+        key,
+        headers,
+        mqtt,
+        arguments,
+    })
+}
+
+/// Scan a whole namespace (in pages).
+async fn scan_all(store: &dyn Store, ns: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>> {
+    let mut out: Vec<(Bytes, Bytes)> = Vec::new();
+    loop {
+        let after = out.last().map(|(k, _)| k.clone());
+        let page = store.kv_scan(ns, prefix, after.as_deref(), 1024).await?;
+        let done = page.len() < 1024;
+        out.extend(page);
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
+/// Rebuild the router from the store.
+pub(crate) async fn load(store: &dyn Store, router: &Router) -> Result<()> {
+    for (k, _) in scan_all(store, NS_VHOST, b"").await? {
+        router.add_vhost(&String::from_utf8_lossy(&k));
+    }
+    let mut exchanges = 0;
+    for (k, v) in scan_all(store, NS_EXCHANGE, b"").await? {
+        let Some(sep) = k.iter().position(|b| *b == 0) else {
+            continue;
+        };
+        let vhost = String::from_utf8_lossy(&k[..sep]).into_owned();
+        let name = String::from_utf8_lossy(&k[sep + 1..]).into_owned();
+        router.add_vhost(&vhost);
+        let def = decode_exchange(name, v)?;
+        if let Err(e) = router.declare_exchange(&vhost, def) {
+            tracing::warn!(vhost, error = %e, "core: stored exchange conflicts; keeping the built-in one");
+        } else {
+            exchanges += 1;
+        }
+    }
+    let mut bindings = 0;
+    for (k, v) in scan_all(store, NS_BINDING, b"").await? {
+        let Some(sep) = k.iter().position(|b| *b == 0) else {
+            continue;
+        };
+        let vhost = String::from_utf8_lossy(&k[..sep]).into_owned();
+        let b = decode_binding(k.slice(sep + 1..), v)?;
+        match router.bind(&vhost, b) {
+            Ok(_) => bindings += 1,
+            Err(e) => {
+                tracing::warn!(vhost, error = %e, "core: stored binding has no exchange; skipped")
+            }
+        }
+    }
+    if exchanges + bindings > 0 {
+        tracing::info!(exchanges, bindings, "core: routing state recovered");
+    }
+    Ok(())
+}
+
+pub(crate) fn put_vhost(batch: &mut WriteBatch, vhost: &str) {
+    batch.kv_put(
+        NS_VHOST,
+        Bytes::copy_from_slice(vhost.as_bytes()),
+        Bytes::new(),
+    );
+}
+
+pub(crate) fn put_exchange(batch: &mut WriteBatch, vhost: &str, def: &ExchangeDef) {
+    batch.kv_put(
+        NS_EXCHANGE,
+        exchange_key(vhost, &def.name),
+        encode_exchange(def),
+    );
+}
+
+pub(crate) fn put_binding(batch: &mut WriteBatch, vhost: &str, b: &Binding) {
+    batch.kv_put(NS_BINDING, binding_key(vhost, b), binding_value(b));
+}
+
+pub(crate) fn delete_binding(batch: &mut WriteBatch, vhost: &str, b: &Binding) {
+    batch.kv_delete(NS_BINDING, binding_key(vhost, b));
+}
+
+/// Make the stored state of `vhost` match the router after a removal: exchanges and
+/// bindings the router no longer has are deleted (auto-delete and cascades included).
+pub(crate) async fn prune(store: &dyn Store, router: &Router, vhost: &str) -> Result<()> {
+    let prefix = vhost_prefix(vhost);
+    let mut batch = WriteBatch::new();
+    let live_exchanges = router.exchanges(vhost);
+    for (k, _) in scan_all(store, NS_EXCHANGE, &prefix).await? {
+        let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+        if !live_exchanges.iter().any(|e| e.name == name) {
+            batch.kv_delete(NS_EXCHANGE, k);
+        }
+    }
+    let live_bindings = router.bindings(vhost, None);
+    for (k, v) in scan_all(store, NS_BINDING, &prefix).await? {
+        let b = decode_binding(k.slice(prefix.len()..), v)?;
+        if !live_bindings.contains(&b) {
+            batch.kv_delete(NS_BINDING, k);
+        }
+    }
+    if !batch.is_empty() {
+        store.write(batch).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::HeaderValue;
+
+    #[test]
+    fn definitions_round_trip() {
+        let mut def = ExchangeDef::new("x", ExchangeKind::Headers);
+        def.auto_delete = true;
+        def.internal = true;
+        def.alternate = Some("ae".into());
+        def.arguments = Bytes::from_static(b"args");
+        let back = decode_exchange("x".into(), Bytes::from(encode_exchange(&def))).unwrap();
+        assert_eq!(back, def);
+        let b = Binding {
+            source: "x".into(),
+            destination: Destination::Topic(TopicName::new("q").unwrap()),
+            key: "k".into(),
+            headers: Some(HeaderMatch {
+                all: false,
+                headers: vec![("a".into(), HeaderValue::Int(1))],
+            }),
+            mqtt: true,
+            arguments: Bytes::from_static(b"a"),
+        };
+        let key = binding_key("/", &b);
+        let back =
+            decode_binding(Bytes::from(key).slice(2..), Bytes::from(binding_value(&b))).unwrap();
+        assert_eq!(back, b);
+    }
+}
