@@ -277,7 +277,8 @@ pub(crate) struct GroupHandle {
 
 impl GroupHandle {
     pub(crate) fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire)
+        // The channel closes if the actor is gone for any reason, a panic included.
+        self.alive.load(Ordering::Acquire) && !self.cmd.is_closed()
     }
 
     pub(crate) fn same(&self, other: &GroupHandle) -> bool {
