@@ -567,7 +567,11 @@ impl Broker {
         if offsets.is_empty() {
             return Err(CoreError::NoSuchGroup(group.to_string()));
         }
-        GroupInfo::from_offsets(&*self.inner.store, group.clone(), offsets)
+        Ok(GroupInfo::from_offsets(
+            &*self.inner.store,
+            group.clone(),
+            offsets,
+        ))
     }
 
     /// Every group known to the store or live.
@@ -608,7 +612,7 @@ impl Broker {
             .into_iter()
             .find(|m| m.entry.offset.0 == offset)
             .ok_or_else(|| CoreError::Invalid(format!("no DLQ message at offset {offset}")))?;
-        let message = crate::retry::restore_original(&m.message.message)?;
+        let message = crate::retry::restore_original(&m.message.message);
         self.publish(Publish::new(message)).await
     }
 

@@ -372,7 +372,7 @@ impl GroupInfo {
         store: &dyn mqgate_store::Store,
         name: GroupName,
         offsets: Vec<(QueueRef, QueueOffset)>,
-    ) -> Result<Self> {
+    ) -> Self {
         let mut queues = Vec::new();
         for (q, o) in offsets {
             let next = store.queue_range(&q).map(|r| r.next.0).unwrap_or(o.0);
@@ -385,12 +385,12 @@ impl GroupInfo {
                 in_flight: 0,
             });
         }
-        Ok(GroupInfo {
+        GroupInfo {
             name,
             members: Vec::new(),
             queues,
             skipped: 0,
-        })
+        }
     }
 }
 
@@ -621,7 +621,7 @@ impl Actor {
         }
     }
 
-    async fn all_queues(&self) -> Vec<QueueRef> {
+    fn all_queues(&self) -> Vec<QueueRef> {
         let mut out = Vec::new();
         for t in &self.watched {
             for q in 0..t.queue_count() {
@@ -649,7 +649,7 @@ impl Actor {
         if self.broadcast() {
             return Ok(());
         }
-        for q in self.all_queues().await {
+        for q in self.all_queues() {
             let state = self.open_cursor(&q, None).await?;
             self.queues.insert(q, state);
         }
@@ -660,7 +660,7 @@ impl Actor {
 
     /// Pick up queues added to watched topics since the group started.
     async fn refresh_queues(&mut self) -> Result<()> {
-        let all = self.all_queues().await;
+        let all = self.all_queues();
         let mut changed = false;
         if self.broadcast() {
             let ids: Vec<String> = self.members.keys().cloned().collect();
@@ -708,7 +708,7 @@ impl Actor {
                     cursors: BTreeMap::new(),
                 };
                 if self.broadcast() {
-                    for q in self.all_queues().await {
+                    for q in self.all_queues() {
                         match self.open_cursor(&q, Some(&opts.id)).await {
                             Ok(c) => {
                                 member.cursors.insert(q, c);

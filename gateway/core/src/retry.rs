@@ -98,11 +98,11 @@ pub(crate) async fn to_dlq(
 }
 
 /// The message as it was first published, for a resend from the DLQ.
-pub(crate) fn restore_original(m: &Message) -> Result<Message> {
+pub(crate) fn restore_original(m: &Message) -> Message {
     let mut out = m.clone();
     out.reconsume_times = 0;
     out.properties.retain(|(k, _)| {
         k != PROP_ORIGIN_QUEUE && k != PROP_DLQ_FAILURES && k != PROP_ORIGIN_MESSAGE_ID
     });
-    Ok(out)
+    out
 }
