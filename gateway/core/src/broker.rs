@@ -495,6 +495,17 @@ impl Broker {
         self.inner.append_routed(message, &routed.topics).await
     }
 
+    /// Store several messages in one atomic write (one fsync), each indexed into one
+    /// queue (round robin) of each of its topics: what a protocol connection does with
+    /// the publishes it read in one go. Items with no topics are skipped (`None`).
+    /// Resolve topics with [`Router::route`] through [`Broker::router`].
+    pub async fn publish_routed_batch(
+        &self,
+        items: Vec<(Message, Vec<TopicName>)>,
+    ) -> Result<Vec<Option<Published>>> {
+        self.inner.append_many(items).await
+    }
+
     /// Join (or create) a consumer group as a member. The group's spec must match the
     /// existing group's, if any.
     pub async fn subscribe(&self, spec: GroupSpec, member: MemberOptions) -> Result<Consumer> {
@@ -555,6 +566,19 @@ impl Broker {
                 Ok(())
             }
         }
+    }
+
+    /// Delete a group: its members are cut off (their consumers end), its committed
+    /// offsets are forgotten. A later subscribe starts it afresh.
+    pub async fn delete_group(&self, group: &GroupName) -> Result<()> {
+        let handle = self.inner.groups.lock().remove(group);
+        if let Some(h) = handle {
+            h.stop().await;
+        }
+        let mut batch = WriteBatch::new();
+        batch.delete_offsets(group.clone(), None);
+        self.inner.store.write(batch).await?;
+        Ok(())
     }
 
     /// A group's members, offsets and lag (from the live group, or from the store).
@@ -760,6 +784,56 @@ impl Inner {
             targets.push((h, q));
         }
         self.append_into(message, targets).await
+    }
+
+    pub(crate) async fn append_many(
+        &self,
+        items: Vec<(Message, Vec<TopicName>)>,
+    ) -> Result<Vec<Option<Published>>> {
+        let mut batch = WriteBatch::new();
+        let mut touched: Vec<(Arc<TopicHandle>, String)> = Vec::new();
+        let mut stored = Vec::with_capacity(items.len());
+        for (mut message, topics) in items {
+            if topics.is_empty() {
+                stored.push(false);
+                continue;
+            }
+            self.stamp(&mut message);
+            let mut queues = Vec::with_capacity(topics.len());
+            for t in &topics {
+                let h = self.topic_handle(t).await?;
+                queues.push(QueueRef::new(t.clone(), h.select(None, None)?));
+                touched.push((h, message.producer_group.clone()));
+            }
+            batch.append(message, queues);
+            stored.push(true);
+        }
+        if batch.is_empty() {
+            return Ok(stored.into_iter().map(|_| None).collect());
+        }
+        let receipt = self.store.write(batch).await?;
+        for (h, group) in &touched {
+            h.count(group, 1);
+        }
+        let mut woken: Vec<&Arc<TopicHandle>> = Vec::new();
+        for (h, _) in &touched {
+            if !woken.iter().any(|w| Arc::ptr_eq(w, h)) {
+                h.wake();
+                woken.push(h);
+            }
+        }
+        let mut appended = receipt.appended.into_iter();
+        Ok(stored
+            .into_iter()
+            .map(|s| {
+                s.then(|| appended.next())
+                    .flatten()
+                    .map(|a| Published::Stored {
+                        id: a.id,
+                        offsets: a.offsets,
+                    })
+            })
+            .collect())
     }
 
     /// Store `message` once, indexed into `targets`; then count it per producer group and

@@ -222,6 +222,14 @@ impl Consumer {
         self.rx.recv().await
     }
 
+    /// Poll for the next delivery (for adapters that wait on several consumers at once).
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Delivery>> {
+        self.rx.poll_recv(cx)
+    }
+
     /// A delivery if one is ready now.
     pub fn try_recv(&mut self) -> Option<Delivery> {
         self.rx.try_recv().ok()

@@ -16,6 +16,7 @@ mod delay;
 mod durable;
 mod error;
 mod group;
+pub mod props;
 pub mod retry;
 pub mod router;
 pub mod trie;

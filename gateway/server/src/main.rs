@@ -1,11 +1,14 @@
 //! `mqgate`: the broker binary. The only place a storage backend is chosen.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mqgate_core::{Broker, CoreConfig, SystemClock};
+use mqgate_mqtt::{MqttConfig, MqttServer};
 use mqgate_store::{MemoryStore, RocksConfig, RocksStore, Store};
 
 /// mqgate: a message broker for AMQP 0-9-1 and MQTT clients, on RocketMQ's log model.
@@ -22,7 +25,7 @@ enum Command {
     Serve(ServeArgs),
 }
 
-#[derive(Debug, Default, clap::Args)]
+#[derive(Debug, clap::Parser)]
 struct ServeArgs {
     /// The data folder of the RocksDB store.
     #[arg(long, default_value = "./data")]
@@ -30,6 +33,9 @@ struct ServeArgs {
     /// Keep everything in memory (nothing survives a restart) instead of RocksDB.
     #[arg(long)]
     memory: bool,
+    /// Where the MQTT listener binds.
+    #[arg(long, default_value = "0.0.0.0:1883")]
+    mqtt: SocketAddr,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,10 +48,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(a)) => a,
-        None => ServeArgs {
-            data: PathBuf::from("./data"),
-            memory: false,
-        },
+        None => ServeArgs::parse_from(["serve"]),
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -75,12 +78,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let broker = Broker::start(store, CoreConfig::default(), Arc::new(SystemClock))
         .await
         .context("start the broker core")?;
-    tracing::warn!(
-        "mqgate core running; no protocol listener yet: the MQTT (1883) and AMQP (5672) \
-         adapters are still being built. Ctrl-C or SIGTERM stops."
-    );
+    let mqtt = MqttServer::start(broker.clone(), MqttConfig::default())
+        .await
+        .context("start the MQTT adapter")?;
+    let listener = tokio::net::TcpListener::bind(args.mqtt)
+        .await
+        .with_context(|| format!("bind the MQTT listener to {}", args.mqtt))?;
+    tracing::info!(addr = %args.mqtt, "MQTT listening");
+    mqtt.listen(listener);
+    tracing::warn!("the AMQP (5672) adapter is still being built. Ctrl-C or SIGTERM stops.");
     shutdown_signal().await;
-    tracing::info!("stopping: groups persist their offsets, the store is flushed");
+    tracing::info!(
+        "stopping: clients are told, groups persist their offsets, the store is flushed"
+    );
+    mqtt.shutdown(Duration::from_secs(5)).await;
     broker.shutdown().await;
     tracing::info!("stopped");
     Ok(())

@@ -1,0 +1,1639 @@
+//! One MQTT connection: the CONNECT handshake, then one task that reads packets, pulls
+//! deliveries from the session's consumers and writes, without ever blocking on a slow
+//! peer (writes are polled like reads; deliveries pause while output is backed up).
+
+use std::collections::{HashMap, HashSet};
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use mqgate_core::router::{amqp_to_mqtt, Binding, Destination, DEFAULT_VHOST};
+use mqgate_core::{
+    props, AckToken, ConsumeMode, Consumer, Delay, Delivery, GroupSpec, MemberOptions, OnFailure,
+    StartPosition,
+};
+use mqgate_store::{Message, TopicName, WriteBatch};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::codec::{
+    self, reason, Ack, AckKind, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties,
+    Publish, QoS, SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe, Version, Will,
+};
+use crate::config::Access;
+use crate::server::{ClientSlot, Outbound, PendingWill, Shared, MQTT_EXCHANGE};
+use crate::session::{
+    session_group, session_topic, shared_topic, SessionRecord, Subscription, NS_SESSION,
+};
+use crate::topic;
+
+/// Output beyond this stops pulling deliveries until the socket drains.
+const OUT_HIGH_WATER: usize = 256 * 1024;
+/// Output beyond this stops reading too (a client that floods without reading).
+const OUT_HARD_LIMIT: usize = 4 * 1024 * 1024;
+/// Deliveries handled per wake-up before the loop looks at the socket again.
+const DELIVERY_BURST: usize = 256;
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// DISCONNECT from the client; `will`: 5.0 reason 0x04 asked for the will.
+    Client { will: bool },
+    /// The socket closed or failed.
+    Closed,
+    /// The server ends it with a reason code (5.0 gets a DISCONNECT).
+    Server(u8, String),
+}
+
+/// Where an in-flight delivery came from, so its ack reaches the right place.
+#[derive(Debug)]
+enum Source {
+    Session(AckToken),
+    Shared(u32, AckToken),
+    Retained,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stage {
+    /// QoS 1 sent, PUBACK awaited.
+    PubAck,
+    /// QoS 2 sent, PUBREC awaited.
+    PubRec,
+    /// PUBREL sent, PUBCOMP awaited.
+    PubComp,
+}
+
+#[derive(Debug)]
+struct Inflight {
+    source: Option<Source>,
+    stage: Stage,
+}
+
+#[derive(Debug)]
+struct SharedSub {
+    filter: String,
+    options: SubOptions,
+    id: Option<u32>,
+    consumer: Consumer,
+}
+
+/// The connection's state after CONNECT.
+struct Conn<S> {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    rd: ReadHalf<S>,
+    wr: WriteHalf<S>,
+    inbuf: BytesMut,
+    out: BytesMut,
+    version: Version,
+    client_id: String,
+    user: Option<String>,
+    conn_id: u64,
+    keep_alive: Option<Duration>,
+    last_read: Instant,
+    record: SessionRecord,
+    session: Option<Consumer>,
+    shared_subs: HashMap<u32, SharedSub>,
+    next_shared: u32,
+    direct_rx: mpsc::Receiver<Arc<Message>>,
+    kick_rx: mpsc::UnboundedReceiver<u8>,
+    done_tx: watch::Sender<bool>,
+    will: Option<Will>,
+    inflight: HashMap<u16, Inflight>,
+    next_pkid: u16,
+    send_quota: usize,
+    client_max_packet: usize,
+    client_alias_max: u16,
+    aliases_out: HashMap<String, u16>,
+    aliases_in: HashMap<u16, String>,
+    inbound_qos2: HashSet<u16>,
+    problem_info: bool,
+}
+
+impl<S> std::fmt::Debug for Conn<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("client_id", &self.client_id)
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+/// Serve one connection to its end.
+pub(crate) async fn run<S>(shared: Arc<Shared>, stream: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    shared
+        .stats
+        .connections_opened
+        .fetch_add(1, Ordering::Relaxed);
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut inbuf = BytesMut::with_capacity(8 * 1024);
+    let connect = match read_connect(&shared, &mut rd, &mut wr, &mut inbuf, peer).await {
+        Some(c) => c,
+        None => {
+            shared
+                .stats
+                .connections_closed
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    if let Some(mut conn) = accept(shared.clone(), rd, wr, inbuf, peer, *connect).await {
+        let end = conn.serve().await;
+        conn.finish(end).await;
+    }
+    shared
+        .stats
+        .connections_closed
+        .fetch_add(1, Ordering::Relaxed);
+}
+
+/// Read the first packet, which must be CONNECT. Anything else closes the connection.
+async fn read_connect<S: AsyncRead + AsyncWrite>(
+    shared: &Shared,
+    rd: &mut ReadHalf<S>,
+    wr: &mut WriteHalf<S>,
+    inbuf: &mut BytesMut,
+    peer: SocketAddr,
+) -> Option<Box<Connect>> {
+    let deadline = Instant::now() + shared.cfg.connect_timeout;
+    loop {
+        match codec::decode(inbuf, None, shared.cfg.max_packet_size) {
+            Ok(Some(Packet::Connect(c))) => return Some(c),
+            Ok(Some(p)) => {
+                tracing::info!(%peer, packet = p.name(), "MQTT: first packet is not CONNECT; closed");
+                shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            Ok(None) => {}
+            Err(DecodeError::UnsupportedProtocol { name, level }) => {
+                tracing::info!(%peer, %name, level, "MQTT: unsupported protocol version; refused");
+                // 3.1.1's "unacceptable protocol version" (a 5.0 client reads 0x01 too).
+                let mut out = BytesMut::new();
+                let code = if level == 5 {
+                    reason::UNSUPPORTED_PROTOCOL_VERSION
+                } else {
+                    1
+                };
+                let v = if level == 5 {
+                    Version::V5
+                } else {
+                    Version::V311
+                };
+                codec::encode(
+                    &Packet::ConnAck(ConnAck {
+                        session_present: false,
+                        code,
+                        properties: Properties::default(),
+                    }),
+                    v,
+                    &mut out,
+                );
+                let _ = wr.write_all(&out).await;
+                let _ = wr.shutdown().await;
+                return None;
+            }
+            Err(e) => {
+                tracing::info!(%peer, error = %e, "MQTT: bad CONNECT; closed");
+                shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        }
+        match tokio::time::timeout_at(deadline, rd.read_buf(inbuf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                tracing::info!(%peer, "MQTT: no CONNECT in time; closed");
+                return None;
+            }
+        }
+    }
+}
+
+fn connack(code: u8, session_present: bool, properties: Properties) -> Packet {
+    Packet::ConnAck(ConnAck {
+        session_present,
+        code,
+        properties,
+    })
+}
+
+/// Check CONNECT, take over an existing connection, restore or create the session, and
+/// answer CONNACK. `None` when the client was refused.
+async fn accept<S>(
+    shared: Arc<Shared>,
+    rd: ReadHalf<S>,
+    mut wr: WriteHalf<S>,
+    inbuf: BytesMut,
+    peer: SocketAddr,
+    c: Connect,
+) -> Option<Conn<S>>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let v5 = c.version.is_v5();
+    let cfg = &shared.cfg;
+    let refuse = |code_v3: u8, code_v5: u8| {
+        let mut out = BytesMut::new();
+        let code = if v5 { code_v5 } else { code_v3 };
+        codec::encode(
+            &connack(code, false, Properties::default()),
+            c.version,
+            &mut out,
+        );
+        out
+    };
+    macro_rules! refuse {
+        ($v3:expr, $v5:expr, $why:expr) => {{
+            tracing::info!(%peer, client = %c.client_id, reason = $why, "MQTT: connection refused");
+            let out = refuse($v3, $v5);
+            let _ = wr.write_all(&out).await;
+            let _ = wr.shutdown().await;
+            return None;
+        }};
+    }
+    if c.properties.auth_method.is_some() {
+        refuse!(
+            5,
+            reason::BAD_AUTHENTICATION_METHOD,
+            "enhanced authentication is not supported"
+        );
+    }
+    match cfg.authenticate(c.username.as_deref(), c.password.as_deref()) {
+        Ok(()) => {}
+        Err(true) => refuse!(
+            4,
+            reason::BAD_USERNAME_OR_PASSWORD,
+            "bad user name or password"
+        ),
+        Err(false) => refuse!(5, reason::NOT_AUTHORIZED, "not authorized"),
+    }
+    let mut assigned = None;
+    let client_id = if c.client_id.is_empty() {
+        if !v5 && !c.clean_start {
+            refuse!(
+                2,
+                reason::CLIENT_ID_NOT_VALID,
+                "empty client id without clean session"
+            );
+        }
+        let id = format!(
+            "mqgate-{:x}-{:x}",
+            shared.now(),
+            shared.next_conn.fetch_add(1, Ordering::Relaxed)
+        );
+        if v5 {
+            assigned = Some(id.clone());
+        }
+        id
+    } else {
+        c.client_id.clone()
+    };
+    if client_id.len() > cfg.max_client_id_len {
+        refuse!(2, reason::CLIENT_ID_NOT_VALID, "client id too long");
+    }
+    if let Some(w) = &c.will {
+        if !cfg.allowed(c.username.as_deref(), &client_id, Access::Publish, &w.topic) {
+            refuse!(5, reason::NOT_AUTHORIZED, "will topic not allowed");
+        }
+    }
+    // Session expiry: 3.1.1 clean session = 0, persistent = never; 5.0 says.
+    let asked_expiry = if v5 {
+        c.properties.session_expiry.unwrap_or(0)
+    } else if c.clean_start {
+        0
+    } else {
+        u32::MAX
+    };
+    let expiry = asked_expiry.min(cfg.max_session_expiry);
+    let keep_alive =
+        if cfg.max_keep_alive > 0 && (c.keep_alive == 0 || c.keep_alive > cfg.max_keep_alive) {
+            cfg.max_keep_alive
+        } else {
+            c.keep_alive
+        };
+
+    // Take over a connection with the same client id.
+    let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+    let (done_tx, done_rx) = watch::channel(false);
+    let previous = shared.clients.lock().insert(
+        client_id.clone(),
+        ClientSlot {
+            conn: conn_id,
+            kick: kick_tx,
+            done: done_rx,
+        },
+    );
+    if let Some(prev) = previous {
+        tracing::info!(%peer, client = %client_id, "MQTT: session taken over by a new connection");
+        let _ = prev.kick.send(reason::SESSION_TAKEN_OVER);
+        let mut done = prev.done;
+        let _ = tokio::time::timeout(Duration::from_secs(10), done.wait_for(|d| *d)).await;
+    }
+    // A will waiting for its delay is cancelled by the client's return.
+    let pending = shared.wills.lock().remove(&client_id);
+    if let Some(w) = pending {
+        w.task.abort();
+    }
+    shared.expiring.lock().remove(&client_id);
+
+    let store = Arc::clone(shared.broker.store());
+    let existing = match store.kv_get(NS_SESSION, client_id.as_bytes()).await {
+        Ok(v) => v.and_then(SessionRecord::decode),
+        Err(e) => {
+            tracing::error!(client = %client_id, error = %e, "MQTT: reading the session failed");
+            shared.clients.lock().remove(&client_id);
+            let _ = done_tx.send(true);
+            refuse!(3, reason::SERVER_UNAVAILABLE, "store unavailable");
+        }
+    };
+    let topic_name = session_topic(&client_id);
+    let mut record = SessionRecord {
+        expiry,
+        ..Default::default()
+    };
+    let session_present = match existing {
+        Some(old) if !c.clean_start => {
+            record.subscriptions = old.subscriptions;
+            record.inbound_qos2 = old.inbound_qos2;
+            record.pubrel = old.pubrel;
+            true
+        }
+        Some(old) => {
+            shared.destroy_session(&client_id, Some(&old)).await;
+            false
+        }
+        None => {
+            // A session topic left by a clean session that was connected at a crash.
+            if shared.broker.store().topic(&topic_name).is_some() {
+                shared.destroy_session(&client_id, None).await;
+            }
+            false
+        }
+    };
+    if let Err(e) = shared.broker.create_topic(&topic_name, Some(1)).await {
+        tracing::error!(client = %client_id, error = %e, "MQTT: creating the session topic failed");
+        shared.clients.lock().remove(&client_id);
+        let _ = done_tx.send(true);
+        refuse!(3, reason::SERVER_UNAVAILABLE, "store unavailable");
+    }
+    let client_recv_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
+    let send_quota = usize::from(client_recv_max.min(cfg.max_inflight)).max(1);
+    let session_consumer = shared
+        .broker
+        .subscribe(
+            GroupSpec {
+                start: StartPosition::First,
+                on_failure: OnFailure::Discard,
+                ..GroupSpec::new(
+                    session_group(&client_id),
+                    vec![topic_name.clone()],
+                    ConsumeMode::Shared,
+                )
+            },
+            MemberOptions::new(client_id.clone(), send_quota),
+        )
+        .await;
+    let session_consumer = match session_consumer {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(client = %client_id, error = %e, "MQTT: joining the session group failed");
+            shared.clients.lock().remove(&client_id);
+            let _ = done_tx.send(true);
+            refuse!(3, reason::SERVER_UNAVAILABLE, "broker unavailable");
+        }
+    };
+    let (direct_tx, direct_rx) = mpsc::channel(cfg.qos0_queue.max(1));
+    shared
+        .live
+        .write()
+        .insert(topic_name.clone(), (conn_id, direct_tx));
+
+    let mut props = Properties::default();
+    if v5 {
+        props.receive_maximum = Some(cfg.receive_maximum);
+        props.maximum_packet_size = Some(cfg.max_packet_size as u32);
+        props.topic_alias_maximum = Some(cfg.topic_alias_maximum);
+        props.assigned_client_id = assigned;
+        if keep_alive != c.keep_alive {
+            props.server_keep_alive = Some(keep_alive);
+        }
+        if expiry != asked_expiry {
+            props.session_expiry = Some(expiry);
+        }
+    }
+    let mut conn = Conn {
+        shared: Arc::clone(&shared),
+        peer,
+        rd,
+        wr,
+        inbuf,
+        out: BytesMut::with_capacity(16 * 1024),
+        version: c.version,
+        client_id,
+        user: c.username.clone(),
+        conn_id,
+        keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+        last_read: Instant::now(),
+        record,
+        session: Some(session_consumer),
+        shared_subs: HashMap::new(),
+        next_shared: 1,
+        direct_rx,
+        kick_rx,
+        done_tx,
+        will: c.will,
+        inflight: HashMap::new(),
+        next_pkid: 1,
+        send_quota,
+        client_max_packet: c
+            .properties
+            .maximum_packet_size
+            .map_or(usize::MAX, |m| m as usize),
+        client_alias_max: c.properties.topic_alias_maximum.unwrap_or(0),
+        aliases_out: HashMap::new(),
+        aliases_in: HashMap::new(),
+        inbound_qos2: HashSet::new(),
+        problem_info: c.properties.request_problem_info != Some(0),
+    };
+    conn.inbound_qos2 = conn.record.inbound_qos2.iter().copied().collect();
+    conn.send(&connack(reason::SUCCESS, session_present, props));
+    // Restore the subscriptions of a resumed session, and resend unfinished PUBRELs.
+    let subs = conn.record.subscriptions.clone();
+    for s in &subs {
+        if let Err(e) = conn.restore_subscription(s).await {
+            tracing::warn!(client = %conn.client_id, filter = %s.filter, error = %e, "MQTT: restoring a subscription failed");
+        }
+    }
+    for id in conn.record.pubrel.clone() {
+        conn.inflight.insert(
+            id,
+            Inflight {
+                source: None,
+                stage: Stage::PubComp,
+            },
+        );
+        conn.send(&Packet::Ack(Ack {
+            kind: AckKind::PubRel,
+            pkid: id,
+            reason: 0,
+            properties: Properties::default(),
+        }));
+    }
+    if conn.persistent() {
+        conn.save_record().await;
+    }
+    tracing::debug!(%peer, client = %conn.client_id, ?conn.version, session_present, "MQTT: connected");
+    Some(conn)
+}
+
+impl<S> Conn<S>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    fn v5(&self) -> bool {
+        self.version.is_v5()
+    }
+
+    fn persistent(&self) -> bool {
+        self.record.expiry > 0
+    }
+
+    fn send(&mut self, p: &Packet) {
+        codec::encode(p, self.version, &mut self.out);
+    }
+
+    /// The connection's main loop.
+    async fn serve(&mut self) -> End {
+        let mut shutdown = self.shared.shutdown.subscribe();
+        if *shutdown.borrow() {
+            return End::Server(reason::SERVER_SHUTTING_DOWN, "server shutting down".into());
+        }
+        loop {
+            let window_open = self.inflight.len() < self.send_quota;
+            let may_deliver = self.out.len() < OUT_HIGH_WATER;
+            let may_read = self.out.len() < OUT_HARD_LIMIT;
+            let ka_deadline = self.keep_alive.map(|k| self.last_read + k);
+            let has_out = !self.out.is_empty();
+            tokio::select! {
+                biased;
+                r = self.kick_rx.recv() => {
+                    let code = r.unwrap_or(reason::SESSION_TAKEN_OVER);
+                    return End::Server(code, "session taken over".into());
+                }
+                _ = shutdown.changed() => {
+                    return End::Server(reason::SERVER_SHUTTING_DOWN, "server shutting down".into());
+                }
+                w = self.wr.write(&self.out), if has_out => match w {
+                    Ok(0) | Err(_) => return End::Closed,
+                    Ok(n) => { let _ = bytes::Buf::advance(&mut self.out, n); }
+                },
+                r = self.rd.read_buf(&mut self.inbuf), if may_read => match r {
+                    Ok(0) | Err(_) => return End::Closed,
+                    Ok(_) => {
+                        self.last_read = Instant::now();
+                        if let Err(end) = self.handle_input().await {
+                            return end;
+                        }
+                    }
+                },
+                m = self.direct_rx.recv(), if may_deliver => {
+                    if let Some(m) = m {
+                        self.deliver_direct(&m);
+                        for _ in 0..DELIVERY_BURST {
+                            match self.direct_rx.try_recv() {
+                                Ok(m) => self.deliver_direct(&m),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                }
+                d = poll_deliveries(&mut self.session, &mut self.shared_subs), if may_deliver && window_open => {
+                    let (src, d) = d;
+                    self.deliver(src, d);
+                    for _ in 0..DELIVERY_BURST {
+                        if self.inflight.len() >= self.send_quota || self.out.len() >= OUT_HIGH_WATER {
+                            break;
+                        }
+                        match try_deliveries(&mut self.session, &mut self.shared_subs) {
+                            Some((src, d)) => self.deliver(src, d),
+                            None => break,
+                        }
+                    }
+                }
+                _ = sleep_until_opt(ka_deadline) => {
+                    return End::Server(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout".into());
+                }
+            }
+        }
+    }
+
+    /// Decode and handle every whole packet in the input buffer. Publishes read together
+    /// are stored together (one write), then acknowledged in order.
+    async fn handle_input(&mut self) -> Result<(), End> {
+        let max = self.shared.cfg.max_packet_size;
+        let mut batch: Vec<(Outbound, u16, QoS)> = Vec::new();
+        let result = loop {
+            let packet = match codec::decode(&mut self.inbuf, Some(self.version), max) {
+                Ok(Some(p)) => p,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(self.protocol_error(e.reason_code(), &e.to_string())),
+            };
+            match packet {
+                Packet::Publish(p) => {
+                    if let Err(end) = self.on_publish(p, &mut batch) {
+                        break Err(end);
+                    }
+                }
+                other => {
+                    // Keep order: what was published before this packet is stored first.
+                    if !batch.is_empty() {
+                        self.flush_publishes(std::mem::take(&mut batch)).await?;
+                    }
+                    if let Err(end) = self.on_packet(other).await {
+                        break Err(end);
+                    }
+                }
+            }
+        };
+        if !batch.is_empty() {
+            self.flush_publishes(batch).await?;
+        }
+        result
+    }
+
+    fn protocol_error(&self, code: u8, why: &str) -> End {
+        self.shared
+            .stats
+            .protocol_errors
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(client = %self.client_id, peer = %self.peer, reason_code = code, why, "MQTT: protocol violation; connection closed");
+        End::Server(code, why.to_owned())
+    }
+
+    fn on_publish(
+        &mut self,
+        mut p: Publish,
+        batch: &mut Vec<(Outbound, u16, QoS)>,
+    ) -> Result<(), End> {
+        self.shared
+            .stats
+            .publishes_in
+            .fetch_add(1, Ordering::Relaxed);
+        // Topic alias (5.0).
+        if let Some(alias) = p.properties.topic_alias.take() {
+            if alias == 0 || alias > self.shared.cfg.topic_alias_maximum {
+                return Err(
+                    self.protocol_error(reason::TOPIC_ALIAS_INVALID, "topic alias out of range")
+                );
+            }
+            if p.topic.is_empty() {
+                match self.aliases_in.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => {
+                        return Err(
+                            self.protocol_error(reason::PROTOCOL_ERROR, "unknown topic alias")
+                        )
+                    }
+                }
+            } else {
+                self.aliases_in.insert(alias, p.topic.clone());
+            }
+        }
+        if p.topic.is_empty() {
+            return Err(self.protocol_error(reason::TOPIC_NAME_INVALID, "empty topic name"));
+        }
+        if p.qos != QoS::AtMostOnce {
+            let pending =
+                self.inbound_qos2.len() + batch.iter().filter(|b| b.2 != QoS::AtMostOnce).count();
+            if pending >= usize::from(self.shared.cfg.receive_maximum) {
+                return Err(self
+                    .protocol_error(reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded"));
+            }
+        }
+        if p.properties.payload_format == Some(1) && std::str::from_utf8(&p.payload).is_err() {
+            return Err(self.protocol_error(reason::PAYLOAD_FORMAT_INVALID, "payload is not UTF-8"));
+        }
+        // A QoS 2 packet id already received and not released: a duplicate.
+        if p.qos == QoS::ExactlyOnce && self.inbound_qos2.contains(&p.pkid) {
+            self.ack(AckKind::PubRec, p.pkid, reason::SUCCESS);
+            return Ok(());
+        }
+        // `$delayed/<seconds>/<topic>` and the x-delay / x-deliver-at user properties.
+        let mut delay = None;
+        let mut topic_name = p.topic.clone();
+        match topic::parse_delayed(&p.topic) {
+            Ok(Some((secs, t))) => {
+                delay = Some(Delay::For(Duration::from_secs(secs)));
+                topic_name = t.to_owned();
+            }
+            Ok(None) => {}
+            Err(()) => {
+                return Err(self.protocol_error(reason::TOPIC_NAME_INVALID, "bad $delayed topic"))
+            }
+        }
+        for (k, v) in &p.properties.user {
+            match k.as_str() {
+                "x-delay" => {
+                    if let Ok(ms) = v.trim().parse::<u64>() {
+                        delay = Some(Delay::For(Duration::from_millis(ms)));
+                    }
+                }
+                "x-deliver-at" => {
+                    if let Ok(at) = v.trim().parse::<u64>() {
+                        delay = Some(Delay::At(at));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !self.shared.cfg.allowed(
+            self.user.as_deref(),
+            &self.client_id,
+            Access::Publish,
+            &topic_name,
+        ) {
+            tracing::info!(client = %self.client_id, topic = %topic_name, "MQTT: publish not authorized; dropped");
+            match p.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self.ack(AckKind::PubAck, p.pkid, reason::NOT_AUTHORIZED),
+                QoS::ExactlyOnce => self.ack(AckKind::PubRec, p.pkid, reason::NOT_AUTHORIZED),
+            }
+            return Ok(());
+        }
+        let message = self.to_message(&topic_name, p.qos, p.retain, p.payload, &p.properties);
+        batch.push((
+            Outbound {
+                topic: topic_name,
+                qos: p.qos,
+                retain: p.retain,
+                message,
+                delay,
+            },
+            p.pkid,
+            p.qos,
+        ));
+        Ok(())
+    }
+
+    fn to_message(
+        &self,
+        topic: &str,
+        qos: QoS,
+        retain: bool,
+        payload: Bytes,
+        pp: &Properties,
+    ) -> Message {
+        let name = TopicName::new(topic).unwrap_or_else(|_| TopicName::new("?").expect("valid"));
+        // Copy the payload out of the read buffer, so the buffer is not kept alive.
+        let mut m = Message::new(name, Bytes::copy_from_slice(&payload));
+        m.born_timestamp = self.shared.now();
+        m.producer_group = "mqtt".into();
+        let p = &mut m.properties;
+        const QOS_BYTES: [&[u8]; 3] = [&[0], &[1], &[2]];
+        p.push((
+            props::MQTT_QOS.into(),
+            Bytes::from_static(QOS_BYTES[qos as usize]),
+        ));
+        if retain {
+            p.push((props::MQTT_RETAIN.into(), Bytes::from_static(&[1])));
+        }
+        p.push((
+            props::MQTT_FROM.into(),
+            Bytes::copy_from_slice(self.client_id.as_bytes()),
+        ));
+        if let Some(f) = pp.payload_format {
+            p.push((props::PAYLOAD_FORMAT.into(), Bytes::copy_from_slice(&[f])));
+        }
+        if let Some(e) = pp.message_expiry {
+            let at = m.born_timestamp + u64::from(e) * 1000;
+            p.push((
+                props::EXPIRES_AT.into(),
+                Bytes::copy_from_slice(&at.to_be_bytes()),
+            ));
+        }
+        if let Some(ct) = &pp.content_type {
+            p.push((
+                props::CONTENT_TYPE.into(),
+                Bytes::copy_from_slice(ct.as_bytes()),
+            ));
+        }
+        if let Some(rt) = &pp.response_topic {
+            p.push((
+                props::REPLY_TO.into(),
+                Bytes::copy_from_slice(rt.as_bytes()),
+            ));
+        }
+        if let Some(cd) = &pp.correlation_data {
+            p.push((props::CORRELATION_ID.into(), cd.clone()));
+        }
+        for (k, v) in &pp.user {
+            p.push((
+                format!("{}{k}", props::USER_PREFIX),
+                Bytes::copy_from_slice(v.as_bytes()),
+            ));
+        }
+        m
+    }
+
+    /// Store a batch of publishes, then acknowledge each.
+    async fn flush_publishes(&mut self, batch: Vec<(Outbound, u16, QoS)>) -> Result<(), End> {
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut items = Vec::with_capacity(batch.len());
+        for (o, pkid, qos) in batch {
+            acks.push((pkid, qos));
+            items.push(o);
+        }
+        let matched = match self.shared.publish_batch(items).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(client = %self.client_id, error = %e, "MQTT: storing publishes failed");
+                // Nothing is acknowledged: the client resends after reconnecting.
+                return Err(End::Server(
+                    reason::UNSPECIFIED_ERROR,
+                    "store failure".into(),
+                ));
+            }
+        };
+        let mut qos2_added = false;
+        for ((pkid, qos), matched) in acks.into_iter().zip(matched) {
+            let code = if matched || !self.v5() {
+                reason::SUCCESS
+            } else {
+                reason::NO_MATCHING_SUBSCRIBERS
+            };
+            match qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self.ack(AckKind::PubAck, pkid, code),
+                QoS::ExactlyOnce => {
+                    self.inbound_qos2.insert(pkid);
+                    qos2_added = true;
+                    self.ack(AckKind::PubRec, pkid, code)
+                }
+            }
+        }
+        if qos2_added && self.persistent() {
+            self.save_record().await;
+        }
+        Ok(())
+    }
+
+    fn ack(&mut self, kind: AckKind, pkid: u16, code: u8) {
+        self.send(&Packet::Ack(Ack {
+            kind,
+            pkid,
+            reason: code,
+            properties: Properties::default(),
+        }));
+    }
+
+    async fn on_packet(&mut self, packet: Packet) -> Result<(), End> {
+        match packet {
+            Packet::PingReq => self.send(&Packet::PingResp),
+            Packet::Ack(a) => self.on_ack(a).await?,
+            Packet::Subscribe(s) => self.on_subscribe(s).await?,
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
+            Packet::Disconnect(d) => {
+                if let Some(e) = d.properties.session_expiry {
+                    if self.record.expiry == 0 && e > 0 {
+                        return Err(self.protocol_error(
+                            reason::PROTOCOL_ERROR,
+                            "session expiry set at DISCONNECT after 0 at CONNECT",
+                        ));
+                    }
+                    self.record.expiry = e.min(self.shared.cfg.max_session_expiry);
+                }
+                return Err(End::Client {
+                    will: d.reason == reason::DISCONNECT_WITH_WILL,
+                });
+            }
+            Packet::Connect(_) => {
+                return Err(self.protocol_error(reason::PROTOCOL_ERROR, "second CONNECT"))
+            }
+            Packet::Auth(_) => {
+                return Err(self.protocol_error(
+                    reason::PROTOCOL_ERROR,
+                    "AUTH without an authentication method",
+                ))
+            }
+            other => {
+                return Err(self.protocol_error(
+                    reason::PROTOCOL_ERROR,
+                    &format!("{} sent by a client", other.name()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_ack(&mut self, a: Ack) -> Result<(), End> {
+        match a.kind {
+            AckKind::PubRel => {
+                let known = self.inbound_qos2.remove(&a.pkid);
+                let code = if known || !self.v5() {
+                    reason::SUCCESS
+                } else {
+                    reason::PACKET_ID_NOT_FOUND
+                };
+                self.ack(AckKind::PubComp, a.pkid, code);
+                if known && self.persistent() {
+                    self.record.inbound_qos2 = self.inbound_qos2.iter().copied().collect();
+                }
+            }
+            AckKind::PubAck | AckKind::PubRec => {
+                let want = if a.kind == AckKind::PubAck {
+                    Stage::PubAck
+                } else {
+                    Stage::PubRec
+                };
+                match self.inflight.get(&a.pkid) {
+                    Some(f) if f.stage == want => {}
+                    // An ack for nothing in flight (a resend after our restart): ignore.
+                    _ => return Ok(()),
+                }
+                let f = self.inflight.remove(&a.pkid).expect("checked");
+                let failed = a.reason >= 0x80;
+                if let Some(src) = f.source {
+                    self.settle(src, failed);
+                }
+                if a.kind == AckKind::PubRec && !failed {
+                    self.inflight.insert(
+                        a.pkid,
+                        Inflight {
+                            source: None,
+                            stage: Stage::PubComp,
+                        },
+                    );
+                    self.ack(AckKind::PubRel, a.pkid, reason::SUCCESS);
+                    if self.persistent() {
+                        self.record.pubrel.push(a.pkid);
+                    }
+                }
+            }
+            AckKind::PubComp => {
+                if let Some(f) = self.inflight.get(&a.pkid) {
+                    if f.stage == Stage::PubComp {
+                        self.inflight.remove(&a.pkid);
+                        self.record.pubrel.retain(|p| *p != a.pkid);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Settle a delivery with the group it came from. A failed consumption (5.0 reason
+    /// >= 0x80) of a shared subscription goes through the group's retry ladder.
+    fn settle(&mut self, src: Source, failed: bool) {
+        match src {
+            Source::Session(t) => {
+                if let Some(c) = &self.session {
+                    c.ack(t);
+                }
+            }
+            Source::Shared(id, t) => {
+                if let Some(s) = self.shared_subs.get(&id) {
+                    if failed {
+                        s.consumer.nack(t, false);
+                    } else {
+                        s.consumer.ack(t);
+                    }
+                }
+            }
+            Source::Retained => {}
+        }
+    }
+
+    async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), End> {
+        let v5 = self.v5();
+        let sub_id = s.properties.subscription_ids.first().copied();
+        let stream_offset = s
+            .properties
+            .user
+            .iter()
+            .find(|(k, _)| k == "x-stream-offset")
+            .map(|(_, v)| v.clone());
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained_to_send = Vec::new();
+        for (filter, opts) in s.filters {
+            let shared = topic::parse_shared(&filter);
+            let inner = match &shared {
+                Ok(Some((_, f))) => *f,
+                Ok(None) => filter.as_str(),
+                Err(()) => "",
+            };
+            if shared.is_err() || !topic::valid_filter(inner) {
+                codes.push(if v5 {
+                    reason::TOPIC_FILTER_INVALID
+                } else {
+                    0x80
+                });
+                continue;
+            }
+            if matches!(shared, Ok(Some(_))) && opts.no_local {
+                return Err(self
+                    .protocol_error(reason::PROTOCOL_ERROR, "no local on a shared subscription"));
+            }
+            if !self.shared.cfg.allowed(
+                self.user.as_deref(),
+                &self.client_id,
+                Access::Subscribe,
+                inner,
+            ) {
+                tracing::info!(client = %self.client_id, %filter, "MQTT: subscription not authorized");
+                codes.push(if v5 { reason::NOT_AUTHORIZED } else { 0x80 });
+                continue;
+            }
+            let sub = Subscription {
+                filter: filter.clone(),
+                options: opts,
+                id: sub_id,
+            };
+            let existed = self.record.subscriptions.iter().any(|x| x.filter == filter);
+            let r = match shared {
+                Ok(Some((name, f))) => {
+                    let (name, f) = (name.to_owned(), f.to_owned());
+                    self.subscribe_shared(&sub, &name, &f, existed, stream_offset.as_deref())
+                        .await
+                }
+                _ => self.bind(&filter).await,
+            };
+            if let Err(e) = r {
+                tracing::warn!(client = %self.client_id, %filter, error = %e, "MQTT: subscribe failed");
+                codes.push(if v5 { reason::UNSPECIFIED_ERROR } else { 0x80 });
+                continue;
+            }
+            match self
+                .record
+                .subscriptions
+                .iter_mut()
+                .find(|x| x.filter == filter)
+            {
+                Some(x) => *x = sub.clone(),
+                None => self.record.subscriptions.push(sub.clone()),
+            }
+            codes.push(opts.qos as u8);
+            let send_retained = match opts.retain_handling {
+                0 => true,
+                1 => !existed,
+                _ => false,
+            };
+            if send_retained && !filter.starts_with("$share/") {
+                retained_to_send.push(sub);
+            }
+        }
+        self.send(&Packet::SubAck(SubAck {
+            pkid: s.pkid,
+            properties: Properties::default(),
+            codes,
+        }));
+        if self.persistent() {
+            self.save_record().await;
+        }
+        for sub in retained_to_send {
+            for (topic, m) in self.shared.retained_matching(&sub.filter) {
+                self.deliver_retained(&topic, &m, &sub);
+            }
+        }
+        Ok(())
+    }
+
+    fn binding(&self, filter: &str, destination: TopicName) -> Binding {
+        Binding {
+            source: MQTT_EXCHANGE.to_owned(),
+            destination: Destination::Topic(destination),
+            key: filter.to_owned(),
+            headers: None,
+            mqtt: true,
+            arguments: Bytes::new(),
+        }
+    }
+
+    async fn bind(&mut self, filter: &str) -> mqgate_core::Result<()> {
+        let b = self.binding(filter, session_topic(&self.client_id));
+        self.shared
+            .broker
+            .bind(DEFAULT_VHOST, b, self.persistent())
+            .await?;
+        Ok(())
+    }
+
+    async fn subscribe_shared(
+        &mut self,
+        sub: &Subscription,
+        name: &str,
+        filter: &str,
+        existed: bool,
+        stream_offset: Option<&str>,
+    ) -> mqgate_core::Result<()> {
+        let Some((topic, group)) = shared_topic(name, filter) else {
+            return Err(mqgate_core::CoreError::Invalid(
+                "shared subscription name too long".into(),
+            ));
+        };
+        if !existed {
+            self.shared.broker.create_topic(&topic, Some(1)).await?;
+            let b = self.binding(filter, topic.clone());
+            self.shared.broker.bind(DEFAULT_VHOST, b, true).await?;
+            *self
+                .shared
+                .shared_refs
+                .lock()
+                .entry(topic.clone())
+                .or_default() += 1;
+            let consumer = self
+                .shared
+                .broker
+                .subscribe(
+                    GroupSpec {
+                        start: StartPosition::Last,
+                        on_failure: OnFailure::Retry,
+                        ..GroupSpec::new(group.clone(), vec![topic], ConsumeMode::Shared)
+                    },
+                    MemberOptions::new(self.client_id.clone(), self.send_quota),
+                )
+                .await?;
+            let id = self.next_shared;
+            self.next_shared += 1;
+            self.shared_subs.insert(
+                id,
+                SharedSub {
+                    filter: sub.filter.clone(),
+                    options: sub.options,
+                    id: sub.id,
+                    consumer,
+                },
+            );
+        } else if let Some(s) = self
+            .shared_subs
+            .values_mut()
+            .find(|s| s.filter == sub.filter)
+        {
+            s.options = sub.options;
+            s.id = sub.id;
+        }
+        if let Some(pos) = stream_offset {
+            let pos = match pos.trim() {
+                "first" => Some(StartPosition::First),
+                "last" | "next" => Some(StartPosition::Last),
+                t => t.parse::<u64>().ok().map(StartPosition::Timestamp),
+            };
+            if let Some(pos) = pos {
+                self.shared.broker.reset_group(&group, pos).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rejoin what a resumed session subscribed to.
+    async fn restore_subscription(&mut self, s: &Subscription) -> mqgate_core::Result<()> {
+        match topic::parse_shared(&s.filter) {
+            Ok(Some((name, f))) => {
+                let (name, f) = (name.to_owned(), f.to_owned());
+                // The session still holds its reference: join without counting again.
+                let (topic, group) = shared_topic(&name, &f).ok_or_else(|| {
+                    mqgate_core::CoreError::Invalid("bad shared subscription".into())
+                })?;
+                self.shared.broker.create_topic(&topic, Some(1)).await?;
+                let b = self.binding(&f, topic.clone());
+                self.shared.broker.bind(DEFAULT_VHOST, b, true).await?;
+                let consumer = self
+                    .shared
+                    .broker
+                    .subscribe(
+                        GroupSpec {
+                            start: StartPosition::Last,
+                            on_failure: OnFailure::Retry,
+                            ..GroupSpec::new(group, vec![topic], ConsumeMode::Shared)
+                        },
+                        MemberOptions::new(self.client_id.clone(), self.send_quota),
+                    )
+                    .await?;
+                let id = self.next_shared;
+                self.next_shared += 1;
+                self.shared_subs.insert(
+                    id,
+                    SharedSub {
+                        filter: s.filter.clone(),
+                        options: s.options,
+                        id: s.id,
+                        consumer,
+                    },
+                );
+                Ok(())
+            }
+            _ => self.bind(&s.filter).await,
+        }
+    }
+
+    async fn on_unsubscribe(&mut self, u: Unsubscribe) {
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for filter in u.filters {
+            let pos = self
+                .record
+                .subscriptions
+                .iter()
+                .position(|s| s.filter == filter);
+            let Some(pos) = pos else {
+                codes.push(reason::NO_SUBSCRIPTION_EXISTED);
+                continue;
+            };
+            self.record.subscriptions.remove(pos);
+            match topic::parse_shared(&filter) {
+                Ok(Some((name, f))) => {
+                    let (name, f) = (name.to_owned(), f.to_owned());
+                    self.shared_subs.retain(|_, s| s.filter != filter);
+                    self.shared.release_shared(&name, &f).await;
+                }
+                _ => {
+                    let b = self.binding(&filter, session_topic(&self.client_id));
+                    if let Err(e) = self.shared.broker.unbind(DEFAULT_VHOST, &b).await {
+                        tracing::warn!(client = %self.client_id, %filter, error = %e, "MQTT: unbind failed");
+                    }
+                }
+            }
+            codes.push(reason::SUCCESS);
+        }
+        self.send(&Packet::UnsubAck(UnsubAck {
+            pkid: u.pkid,
+            properties: Properties::default(),
+            codes,
+        }));
+        if self.persistent() {
+            self.save_record().await;
+        }
+    }
+
+    async fn save_record(&mut self) {
+        self.record.inbound_qos2 = self.inbound_qos2.iter().copied().collect();
+        let mut b = WriteBatch::new();
+        b.kv_put(
+            NS_SESSION,
+            Bytes::copy_from_slice(self.client_id.as_bytes()),
+            self.record.encode(),
+        );
+        if let Err(e) = self.shared.broker.store().write(b).await {
+            tracing::error!(client = %self.client_id, error = %e, "MQTT: saving the session failed");
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Outgoing
+
+    fn alloc_pkid(&mut self, preferred: Option<u16>) -> Option<u16> {
+        if let Some(p) = preferred {
+            if !self.inflight.contains_key(&p) {
+                return Some(p);
+            }
+        }
+        for _ in 0..u16::MAX {
+            let id = self.next_pkid;
+            self.next_pkid = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.inflight.contains_key(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// A delivery from the session's group or a shared subscription's group.
+    fn deliver(&mut self, src: DeliverySource, d: Delivery) {
+        let m = &d.message.message;
+        let topic = mqtt_topic(m);
+        let (qos_cap, retain_ok, sub_ids, shared_id) = match src {
+            DeliverySource::Session => {
+                let from_self = props::get(&m.properties, props::MQTT_FROM)
+                    .is_some_and(|f| f.as_ref() == self.client_id.as_bytes());
+                let mut best: Option<QoS> = None;
+                let mut rap = false;
+                let mut ids = Vec::new();
+                for s in &self.record.subscriptions {
+                    if s.filter.starts_with("$share/") || (s.options.no_local && from_self) {
+                        continue;
+                    }
+                    if topic::matches(&s.filter, &topic) {
+                        best = Some(best.map_or(s.options.qos, |b| b.max(s.options.qos)));
+                        rap |= s.options.retain_as_published;
+                        ids.extend(s.id);
+                    }
+                }
+                match best {
+                    Some(q) => (q, rap, ids, None),
+                    None => {
+                        // No subscription wants it any more (unsubscribed, or no local).
+                        if let Some(c) = &self.session {
+                            c.ack(d.ack_token());
+                        }
+                        return;
+                    }
+                }
+            }
+            DeliverySource::Shared(id) => match self.shared_subs.get(&id) {
+                Some(s) => (
+                    s.options.qos,
+                    s.options.retain_as_published,
+                    s.id.into_iter().collect(),
+                    Some(id),
+                ),
+                None => return,
+            },
+        };
+        let source = match shared_id {
+            Some(id) => Source::Shared(id, d.ack_token()),
+            None => Source::Session(d.ack_token()),
+        };
+        let preferred = shared_id
+            .is_none()
+            .then(|| (d.offset.0 % 65_535) as u16 + 1);
+        let retain = retain_ok && props::get(&m.properties, props::MQTT_RETAIN).is_some();
+        self.emit(
+            m,
+            topic,
+            qos_cap,
+            retain,
+            d.redelivered,
+            sub_ids,
+            Some(source),
+            preferred,
+        );
+    }
+
+    /// A QoS 0 message handed over directly (never stored).
+    fn deliver_direct(&mut self, m: &Message) {
+        let topic = mqtt_topic(m);
+        let from_self = props::get(&m.properties, props::MQTT_FROM)
+            .is_some_and(|f| f.as_ref() == self.client_id.as_bytes());
+        let mut any = false;
+        let mut rap = false;
+        let mut ids = Vec::new();
+        for s in &self.record.subscriptions {
+            if s.filter.starts_with("$share/") || (s.options.no_local && from_self) {
+                continue;
+            }
+            if topic::matches(&s.filter, &topic) {
+                any = true;
+                rap |= s.options.retain_as_published;
+                ids.extend(s.id);
+            }
+        }
+        if any {
+            let retain = rap && props::get(&m.properties, props::MQTT_RETAIN).is_some();
+            self.emit(m, topic, QoS::AtMostOnce, retain, false, ids, None, None);
+        }
+    }
+
+    fn deliver_retained(&mut self, topic: &str, m: &Message, sub: &Subscription) {
+        let ids = sub.id.into_iter().collect();
+        self.emit(
+            m,
+            topic.to_owned(),
+            sub.options.qos,
+            true,
+            false,
+            ids,
+            Some(Source::Retained),
+            None,
+        );
+    }
+
+    /// Build and queue one PUBLISH: QoS is the lower of the message's and `qos_cap`;
+    /// expired messages and messages over the client's maximum packet size are dropped
+    /// (and settled).
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &mut self,
+        m: &Message,
+        topic: String,
+        qos_cap: QoS,
+        retain: bool,
+        dup: bool,
+        sub_ids: Vec<u32>,
+        source: Option<Source>,
+        preferred: Option<u16>,
+    ) {
+        let msg_qos = props::get(&m.properties, props::MQTT_QOS)
+            .and_then(|v| v.first().copied())
+            .and_then(QoS::from_u8)
+            .unwrap_or(QoS::ExactlyOnce);
+        let qos = msg_qos.min(qos_cap);
+        let now = self.shared.now();
+        let mut properties = Properties::default();
+        if let Some(at) = props::get_u64(&m.properties, props::EXPIRES_AT) {
+            if at <= now {
+                if let Some(s) = source {
+                    self.settle(s, false);
+                }
+                return;
+            }
+            properties.message_expiry = Some(((at - now).div_ceil(1000)) as u32);
+        }
+        if self.v5() {
+            for (k, v) in &m.properties {
+                match k.as_str() {
+                    props::PAYLOAD_FORMAT => properties.payload_format = v.first().copied(),
+                    props::CONTENT_TYPE => {
+                        properties.content_type = Some(String::from_utf8_lossy(v).into_owned())
+                    }
+                    props::REPLY_TO => {
+                        properties.response_topic = Some(String::from_utf8_lossy(v).into_owned())
+                    }
+                    props::CORRELATION_ID => properties.correlation_data = Some(v.clone()),
+                    k if k.starts_with(props::USER_PREFIX) => properties.user.push((
+                        k[props::USER_PREFIX.len()..].to_owned(),
+                        String::from_utf8_lossy(v).into_owned(),
+                    )),
+                    _ => {}
+                }
+            }
+            properties.subscription_ids = sub_ids;
+        } else {
+            properties = Properties::default();
+        }
+        let pkid = if qos == QoS::AtMostOnce {
+            0
+        } else {
+            match self.alloc_pkid(preferred) {
+                Some(id) => id,
+                None => {
+                    if let Some(s) = source {
+                        self.settle(s, false);
+                    }
+                    return;
+                }
+            }
+        };
+        let mut publish = Publish {
+            dup: dup && qos != QoS::AtMostOnce,
+            qos,
+            retain,
+            topic,
+            pkid,
+            properties,
+            payload: m.body.clone(),
+        };
+        if self.v5() && self.client_alias_max > 0 {
+            if let Some(&a) = self.aliases_out.get(&publish.topic) {
+                publish.properties.topic_alias = Some(a);
+                publish.topic.clear();
+            } else if self.aliases_out.len() < usize::from(self.client_alias_max) {
+                let a = self.aliases_out.len() as u16 + 1;
+                self.aliases_out.insert(publish.topic.clone(), a);
+                publish.properties.topic_alias = Some(a);
+            }
+        }
+        if codec::publish_size(&publish, self.v5()) > self.client_max_packet {
+            tracing::debug!(client = %self.client_id, "MQTT: message over the client's maximum packet size; dropped");
+            if let Some(s) = source {
+                self.settle(s, false);
+            }
+            return;
+        }
+        self.shared
+            .stats
+            .publishes_out
+            .fetch_add(1, Ordering::Relaxed);
+        self.send(&Packet::Publish(publish));
+        match (qos, source) {
+            (QoS::AtMostOnce, Some(s)) => self.settle(s, false),
+            (QoS::AtMostOnce, None) => {}
+            (q, source) => {
+                let stage = if q == QoS::AtLeastOnce {
+                    Stage::PubAck
+                } else {
+                    Stage::PubRec
+                };
+                self.inflight.insert(pkid, Inflight { source, stage });
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The end
+
+    async fn finish(mut self, end: End) {
+        let v5 = self.v5();
+        if let End::Server(code, why) = &end {
+            if v5 {
+                let mut properties = Properties::default();
+                if self.problem_info {
+                    properties.reason_string = Some(why.clone());
+                }
+                self.send(&Packet::Disconnect(Disconnect {
+                    reason: *code,
+                    properties,
+                }));
+            }
+        }
+        if !self.out.is_empty() {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), self.wr.write_all(&self.out)).await;
+        }
+        let _ = self.wr.shutdown().await;
+        tracing::debug!(client = %self.client_id, ?end, "MQTT: disconnected");
+
+        let topic = session_topic(&self.client_id);
+        {
+            let mut live = self.shared.live.write();
+            if live.get(&topic).is_some_and(|(c, _)| *c == self.conn_id) {
+                live.remove(&topic);
+            }
+        }
+        // Leave the groups: what is unacknowledged goes back (to other members of a
+        // shared subscription, or to this session's next connection).
+        self.session = None;
+        self.shared_subs.clear();
+
+        let publish_will = !matches!(end, End::Client { will: false });
+        if let Some(will) = self.will.take().filter(|_| publish_will) {
+            let delay = will
+                .properties
+                .will_delay
+                .unwrap_or(0)
+                .min(self.record.expiry);
+            self.schedule_will(will, delay);
+        }
+        let taken_over = matches!(end, End::Server(reason::SESSION_TAKEN_OVER, _));
+        if self.record.expiry == 0 && !taken_over {
+            let rec = self.record.clone();
+            self.shared
+                .destroy_session(&self.client_id, Some(&rec))
+                .await;
+        } else if self.record.expiry == 0 {
+            // The new connection decides what happens to the session.
+            self.record.disconnected_at = self.shared.now();
+            self.save_record().await;
+        } else {
+            self.record.disconnected_at = self.shared.now();
+            self.save_record().await;
+            if self.record.expiry != u32::MAX && !taken_over {
+                let at = self.record.disconnected_at + u64::from(self.record.expiry) * 1000;
+                self.shared
+                    .expiring
+                    .lock()
+                    .insert(self.client_id.clone(), at);
+            }
+        }
+        {
+            let mut clients = self.shared.clients.lock();
+            if clients
+                .get(&self.client_id)
+                .is_some_and(|s| s.conn == self.conn_id)
+            {
+                clients.remove(&self.client_id);
+            }
+        }
+        let _ = self.done_tx.send(true);
+    }
+
+    fn schedule_will(&self, will: Will, delay_secs: u32) {
+        let shared = Arc::clone(&self.shared);
+        let client_id = self.client_id.clone();
+        let message = self.to_message(
+            &will.topic,
+            will.qos,
+            will.retain,
+            will.payload.clone(),
+            &will.properties,
+        );
+        let out = Outbound {
+            topic: will.topic.clone(),
+            qos: will.qos,
+            retain: will.retain,
+            message,
+            delay: None,
+        };
+        if delay_secs == 0 {
+            tokio::spawn(async move {
+                if let Err(e) = shared.publish_batch(vec![out]).await {
+                    tracing::warn!(client = %client_id, error = %e, "MQTT: publishing a will failed");
+                }
+            });
+            return;
+        }
+        let (fire, fired) = tokio::sync::oneshot::channel::<()>();
+        let s2 = Arc::clone(&shared);
+        let id2 = client_id.clone();
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(u64::from(delay_secs))) => {}
+                _ = fired => {}
+            }
+            s2.wills.lock().remove(&id2);
+            if let Err(e) = s2.publish_batch(vec![out]).await {
+                tracing::warn!(client = %id2, error = %e, "MQTT: publishing a will failed");
+            }
+        });
+        shared
+            .wills
+            .lock()
+            .insert(client_id, PendingWill { task, fire });
+    }
+}
+
+/// Which consumer a delivery came from.
+#[derive(Clone, Copy, Debug)]
+enum DeliverySource {
+    Session,
+    Shared(u32),
+}
+
+/// The MQTT topic a message is delivered on: its AMQP routing key when it came through
+/// AMQP, else the topic it was published to.
+fn mqtt_topic(m: &Message) -> String {
+    match props::get(&m.properties, props::AMQP_ROUTING_KEY) {
+        Some(rk) => amqp_to_mqtt(&String::from_utf8_lossy(rk)),
+        None => m.topic.as_str().to_owned(),
+    }
+}
+
+async fn poll_deliveries(
+    session: &mut Option<Consumer>,
+    shared: &mut HashMap<u32, SharedSub>,
+) -> (DeliverySource, Delivery) {
+    poll_fn(|cx| {
+        if let Some(c) = session {
+            if let Poll::Ready(Some(d)) = c.poll_recv(cx) {
+                return Poll::Ready((DeliverySource::Session, d));
+            }
+        }
+        for (id, s) in shared.iter_mut() {
+            if let Poll::Ready(Some(d)) = s.consumer.poll_recv(cx) {
+                return Poll::Ready((DeliverySource::Shared(*id), d));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+fn try_deliveries(
+    session: &mut Option<Consumer>,
+    shared: &mut HashMap<u32, SharedSub>,
+) -> Option<(DeliverySource, Delivery)> {
+    if let Some(c) = session {
+        if let Some(d) = c.try_recv() {
+            return Some((DeliverySource::Session, d));
+        }
+    }
+    for (id, s) in shared.iter_mut() {
+        if let Some(d) = s.consumer.try_recv() {
+            return Some((DeliverySource::Shared(*id), d));
+        }
+    }
+    None
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,463 @@
+//! The MQTT adapter's shared state: connected clients (for takeover), the live QoS 0
+//! paths, retained messages, session expiry and pending wills; and the listener.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqgate_core::router::{mqtt_to_amqp, DEFAULT_VHOST};
+use mqgate_core::{props, Broker, Delay};
+use mqgate_store::{Message, Millis, TopicName, WriteBatch};
+use parking_lot::{Mutex, RwLock};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::codec::QoS;
+use crate::config::MqttConfig;
+use crate::session::{
+    session_group, session_topic, SessionRecord, NS_RETAINED, NS_SESSION, SESSION_PREFIX,
+};
+
+/// The exchange MQTT publishes go through (RabbitMQ's convention).
+pub const MQTT_EXCHANGE: &str = "amq.topic";
+
+/// A connected client's slot, for session takeover.
+#[derive(Debug)]
+pub(crate) struct ClientSlot {
+    pub(crate) conn: u64,
+    /// Tells the connection to end with this reason code.
+    pub(crate) kick: mpsc::UnboundedSender<u8>,
+    /// Becomes `true` once the connection has ended and saved its session.
+    pub(crate) done: watch::Receiver<bool>,
+}
+
+/// A will waiting for its delay: aborted if the client comes back, fired early if its
+/// session ends first.
+#[derive(Debug)]
+pub(crate) struct PendingWill {
+    pub(crate) task: JoinHandle<()>,
+    pub(crate) fire: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Counters, read by operators and benchmarks.
+#[derive(Debug, Default)]
+pub struct MqttStats {
+    /// Connections accepted.
+    pub connections_opened: AtomicU64,
+    /// Connections ended.
+    pub connections_closed: AtomicU64,
+    /// PUBLISH packets received.
+    pub publishes_in: AtomicU64,
+    /// PUBLISH packets sent.
+    pub publishes_out: AtomicU64,
+    /// QoS 0 messages dropped because a client's queue was full or it was offline.
+    pub qos0_dropped: AtomicU64,
+    /// Connections closed for a protocol violation or malformed input.
+    pub protocol_errors: AtomicU64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) broker: Broker,
+    pub(crate) cfg: MqttConfig,
+    pub(crate) clients: Mutex<HashMap<String, ClientSlot>>,
+    /// Session topic → the connected session's QoS 0 queue.
+    pub(crate) live: RwLock<HashMap<TopicName, (u64, mpsc::Sender<Arc<Message>>)>>,
+    pub(crate) retained: RwLock<BTreeMap<String, Arc<Message>>>,
+    /// Disconnected sessions with an expiry: client id → when they expire.
+    pub(crate) expiring: Mutex<HashMap<String, Millis>>,
+    /// Wills waiting for their delay: client id → the task publishing them.
+    pub(crate) wills: Mutex<HashMap<String, PendingWill>>,
+    /// Shared subscriptions (topic) → how many sessions hold them.
+    pub(crate) shared_refs: Mutex<HashMap<TopicName, usize>>,
+    pub(crate) next_conn: AtomicU64,
+    pub(crate) shutdown: watch::Sender<bool>,
+    pub(crate) stats: MqttStats,
+}
+
+/// The MQTT adapter: owns its state; [`MqttServer::listen`] serves a TCP listener,
+/// [`MqttServer::serve_stream`] any byte stream (TLS, WebSocket).
+#[derive(Clone, Debug)]
+pub struct MqttServer {
+    shared: Arc<Shared>,
+}
+
+impl MqttServer {
+    /// Load retained messages and sessions from the store and start session expiry.
+    pub async fn start(broker: Broker, cfg: MqttConfig) -> mqgate_core::Result<Self> {
+        let store = Arc::clone(broker.store());
+        let mut retained = BTreeMap::new();
+        let mut after: Option<Bytes> = None;
+        loop {
+            let page = store
+                .kv_scan(NS_RETAINED, b"", after.as_deref(), 1024)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.0.clone());
+            for (k, v) in page {
+                if let (Ok(topic), Ok(m)) = (String::from_utf8(k.to_vec()), Message::decode(v)) {
+                    retained.insert(topic, Arc::new(m));
+                }
+            }
+        }
+        let now = broker.now();
+        let mut expiring = HashMap::new();
+        let mut known = std::collections::HashSet::new();
+        let mut shared_refs: HashMap<TopicName, usize> = HashMap::new();
+        let mut after: Option<Bytes> = None;
+        let mut fixes = WriteBatch::new();
+        loop {
+            let page = store
+                .kv_scan(NS_SESSION, b"", after.as_deref(), 1024)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.0.clone());
+            for (k, v) in page {
+                let Ok(id) = String::from_utf8(k.to_vec()) else {
+                    continue;
+                };
+                let Some(mut rec) = SessionRecord::decode(v) else {
+                    tracing::warn!(client = %id, "unreadable MQTT session record; dropped");
+                    fixes.kv_delete(NS_SESSION, k);
+                    continue;
+                };
+                if rec.disconnected_at == 0 {
+                    // The broker stopped while it was connected: it disconnected now.
+                    rec.disconnected_at = now;
+                    fixes.kv_put(NS_SESSION, k, rec.encode());
+                }
+                for s in &rec.subscriptions {
+                    if let Ok(Some((name, f))) = crate::topic::parse_shared(&s.filter) {
+                        if let Some((t, _)) = crate::session::shared_topic(name, f) {
+                            *shared_refs.entry(t).or_default() += 1;
+                        }
+                    }
+                }
+                if rec.expiry != u32::MAX {
+                    expiring.insert(
+                        id.clone(),
+                        rec.disconnected_at + u64::from(rec.expiry) * 1000,
+                    );
+                }
+                known.insert(session_topic(&id));
+            }
+        }
+        if !fixes.is_empty() {
+            store.write(fixes).await?;
+        }
+        // Session topics of clean sessions that were connected when the broker stopped.
+        let mut stale = 0;
+        for t in broker.topics() {
+            if t.name.as_str().starts_with(SESSION_PREFIX) && !known.contains(&t.name) {
+                broker.unbind_topic(DEFAULT_VHOST, &t.name).await?;
+                broker.delete_topic(&t.name).await?;
+                stale += 1;
+            }
+        }
+        tracing::info!(
+            retained = retained.len(),
+            sessions = known.len(),
+            stale_clean_sessions = stale,
+            "MQTT state recovered"
+        );
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            broker,
+            cfg,
+            clients: Mutex::default(),
+            live: RwLock::default(),
+            retained: RwLock::new(retained),
+            expiring: Mutex::new(expiring),
+            wills: Mutex::default(),
+            shared_refs: Mutex::new(shared_refs),
+            next_conn: AtomicU64::new(1),
+            shutdown,
+            stats: MqttStats::default(),
+        });
+        let weak = Arc::downgrade(&shared);
+        let interval = shared.cfg.expiry_check_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(s) = weak.upgrade() else { return };
+                if *s.shutdown.borrow() {
+                    return;
+                }
+                s.expire_sessions().await;
+            }
+        });
+        Ok(Self { shared })
+    }
+
+    /// Accept connections on `listener` until shutdown.
+    pub fn listen(&self, listener: TcpListener) -> JoinHandle<()> {
+        let server = self.clone();
+        let mut stop = self.shared.shutdown.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    r = listener.accept() => match r {
+                        Ok((stream, peer)) => {
+                            let _ = stream.set_nodelay(true);
+                            server.serve_stream(stream, peer);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "MQTT accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// Serve one client over any byte stream.
+    pub fn serve_stream<S>(&self, stream: S, peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(crate::conn::run(shared, stream, peer));
+    }
+
+    /// The adapter's counters.
+    pub fn stats(&self) -> &MqttStats {
+        &self.shared.stats
+    }
+
+    /// Connected clients' ids.
+    pub fn clients(&self) -> Vec<String> {
+        self.shared.clients.lock().keys().cloned().collect()
+    }
+
+    /// Close every connection (5.0 clients get DISCONNECT 0x8B "server shutting down")
+    /// and wait up to `grace` for them to save their sessions.
+    pub async fn shutdown(&self, grace: Duration) {
+        let _ = self.shared.shutdown.send(true);
+        let dones: Vec<_> = self
+            .shared
+            .clients
+            .lock()
+            .values()
+            .map(|s| s.done.clone())
+            .collect();
+        let wait = async {
+            for mut d in dones {
+                let _ = d.wait_for(|v| *v).await;
+            }
+        };
+        let _ = tokio::time::timeout(grace, wait).await;
+    }
+}
+
+/// A message ready to publish through `amq.topic`.
+#[derive(Debug)]
+pub(crate) struct Outbound {
+    pub(crate) topic: String,
+    pub(crate) qos: QoS,
+    pub(crate) retain: bool,
+    pub(crate) message: Message,
+    pub(crate) delay: Option<Delay>,
+}
+
+impl Shared {
+    pub(crate) fn now(&self) -> Millis {
+        self.broker.now()
+    }
+
+    /// Route and store a batch of publishes in one write; QoS 0 messages go straight to
+    /// connected sessions instead. Returns, per publish, whether anything matched.
+    pub(crate) async fn publish_batch(
+        &self,
+        items: Vec<Outbound>,
+    ) -> mqgate_core::Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(items.len());
+        let mut batch = Vec::with_capacity(items.len());
+        let mut retained = WriteBatch::new();
+        for item in items {
+            if item.retain {
+                self.set_retained(&item.topic, &item.message, &mut retained);
+            }
+            if let Some(delay) = item.delay {
+                self.broker
+                    .publish_exchange(
+                        DEFAULT_VHOST,
+                        MQTT_EXCHANGE,
+                        &mqtt_to_amqp(&item.topic),
+                        &[],
+                        item.message,
+                        Some(delay),
+                    )
+                    .await?;
+                out.push(true);
+                continue;
+            }
+            let routed = self.broker.router().route(
+                DEFAULT_VHOST,
+                MQTT_EXCHANGE,
+                &mqtt_to_amqp(&item.topic),
+                &[],
+            )?;
+            out.push(!routed.topics.is_empty());
+            if item.qos == QoS::AtMostOnce {
+                let mut stored = Vec::new();
+                let mut shared_msg: Option<Arc<Message>> = None;
+                for t in routed.topics {
+                    if t.as_str().starts_with(SESSION_PREFIX) {
+                        let live = self.live.read();
+                        match live.get(&t) {
+                            Some((_, tx)) => {
+                                let m = shared_msg
+                                    .get_or_insert_with(|| Arc::new(item.message.clone()));
+                                if tx.try_send(Arc::clone(m)).is_err() {
+                                    self.stats.qos0_dropped.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            None => {
+                                self.stats.qos0_dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    } else {
+                        stored.push(t);
+                    }
+                }
+                if !stored.is_empty() {
+                    batch.push((item.message, stored));
+                }
+            } else if !routed.topics.is_empty() {
+                batch.push((item.message, routed.topics));
+            }
+        }
+        if !batch.is_empty() {
+            self.broker.publish_routed_batch(batch).await?;
+        }
+        if !retained.is_empty() {
+            self.broker.store().write(retained).await?;
+        }
+        Ok(out)
+    }
+
+    fn set_retained(&self, topic: &str, message: &Message, batch: &mut WriteBatch) {
+        if message.body.is_empty() {
+            self.retained.write().remove(topic);
+            batch.kv_delete(NS_RETAINED, Bytes::copy_from_slice(topic.as_bytes()));
+        } else {
+            let Ok(enc) = message.encode() else { return };
+            self.retained
+                .write()
+                .insert(topic.to_owned(), Arc::new(message.clone()));
+            batch.kv_put(NS_RETAINED, Bytes::copy_from_slice(topic.as_bytes()), enc);
+        }
+    }
+
+    /// Retained messages matching `filter`, skipping expired ones.
+    pub(crate) fn retained_matching(&self, filter: &str) -> Vec<(String, Arc<Message>)> {
+        let now = self.now();
+        let map = self.retained.read();
+        let live =
+            |m: &Message| props::get_u64(&m.properties, props::EXPIRES_AT).is_none_or(|e| e > now);
+        let wild = filter.find(['+', '#']);
+        match wild {
+            None => map
+                .get(filter)
+                .filter(|m| live(m))
+                .map(|m| vec![(filter.to_owned(), Arc::clone(m))])
+                .unwrap_or_default(),
+            Some(i) => {
+                let prefix = &filter[..i];
+                map.range(prefix.to_owned()..)
+                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .filter(|(k, m)| crate::topic::matches(filter, k) && live(m))
+                    .map(|(k, m)| (k.clone(), Arc::clone(m)))
+                    .collect()
+            }
+        }
+    }
+
+    /// Remove a session for good: its bindings, topic, offsets and record.
+    pub(crate) async fn destroy_session(&self, client_id: &str, rec: Option<&SessionRecord>) {
+        let topic = session_topic(client_id);
+        if let Err(e) = self.broker.delete_group(&session_group(client_id)).await {
+            tracing::warn!(client = client_id, error = %e, "deleting a session group failed");
+        }
+        if let Err(e) = self.broker.unbind_topic(DEFAULT_VHOST, &topic).await {
+            tracing::warn!(client = client_id, error = %e, "unbinding a session failed");
+        }
+        if let Some(rec) = rec {
+            for s in &rec.subscriptions {
+                if let Ok(Some((name, f))) = crate::topic::parse_shared(&s.filter) {
+                    self.release_shared(name, f).await;
+                }
+            }
+        }
+        let _ = self.broker.delete_topic(&topic).await;
+        let mut b = WriteBatch::new();
+        b.kv_delete(NS_SESSION, Bytes::copy_from_slice(client_id.as_bytes()));
+        if let Err(e) = self.broker.store().write(b).await {
+            tracing::warn!(client = client_id, error = %e, "deleting a session record failed");
+        }
+    }
+
+    /// One session stopped holding shared subscription `$share/name/filter`.
+    pub(crate) async fn release_shared(&self, name: &str, filter: &str) {
+        let Some((topic, _)) = crate::session::shared_topic(name, filter) else {
+            return;
+        };
+        let last = {
+            let mut refs = self.shared_refs.lock();
+            match refs.get_mut(&topic) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                _ => {
+                    refs.remove(&topic);
+                    true
+                }
+            }
+        };
+        if last {
+            // Nobody holds it: stop routing to it (its offsets stay, for replay).
+            let _ = self.broker.unbind_topic(DEFAULT_VHOST, &topic).await;
+        }
+    }
+
+    async fn expire_sessions(&self) {
+        let now = self.now();
+        let due: Vec<String> = {
+            let mut exp = self.expiring.lock();
+            let due: Vec<String> = exp
+                .iter()
+                .filter(|(_, &t)| t <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &due {
+                exp.remove(k);
+            }
+            due
+        };
+        for id in due {
+            if self.clients.lock().contains_key(&id) {
+                continue;
+            }
+            let rec = match self.broker.store().kv_get(NS_SESSION, id.as_bytes()).await {
+                Ok(Some(v)) => SessionRecord::decode(v),
+                _ => None,
+            };
+            tracing::debug!(client = %id, "MQTT session expired");
+            // A will still waiting for its delay is published when the session ends.
+            let pending = self.wills.lock().remove(&id);
+            if let Some(w) = pending {
+                let _ = w.fire.send(());
+                let _ = w.task.await;
+            }
+            self.destroy_session(&id, rec.as_ref()).await;
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! Shared harness of the conformance suites (see conformance/README.md).
+pub mod mqtt;

@@ -1,0 +1,298 @@
+//! The MQTT suite's harness: a broker to test (in-process mqgate on an ephemeral port on
+//! either backend, or any broker named by `MQGATE_MQTT_ADDR=host:port`), rumqttc
+//! clients for both protocol versions, and a raw client built on mqgate's codec for the
+//! packets real clients never send.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use mqgate_core::{Broker, CoreConfig, SystemClock};
+use mqgate_mqtt::codec::{self, Connect, DecodeError, Packet, Properties, Version};
+use mqgate_mqtt::{MqttConfig, MqttServer};
+use mqgate_store::{MemoryStore, RocksConfig, RocksStore, Store};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Which storage backend an in-process broker runs on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Backend {
+    /// MemoryStore.
+    Memory,
+    /// RocksStore in a temporary folder.
+    Rocks,
+}
+
+/// The environment variable naming an external broker (`host:port`).
+pub const EXTERNAL_ENV: &str = "MQGATE_MQTT_ADDR";
+
+/// A broker under test.
+#[derive(Debug)]
+pub struct Target {
+    /// Host to connect to.
+    pub host: String,
+    /// Port to connect to.
+    pub port: u16,
+    /// Whether this is mqgate (extensions and mqgate-only configuration can be tested).
+    pub mqgate: bool,
+    inproc: Option<InProc>,
+}
+
+#[derive(Debug)]
+struct InProc {
+    broker: Broker,
+    server: MqttServer,
+    dir: Option<tempfile::TempDir>,
+    cfg: MqttConfig,
+    core: CoreConfig,
+}
+
+/// The external broker's address, when the suite runs against one.
+pub fn external() -> Option<(String, u16)> {
+    let v = std::env::var(EXTERNAL_ENV).ok()?;
+    let (h, p) = v.rsplit_once(':')?;
+    Some((h.to_owned(), p.parse().ok()?))
+}
+
+impl Target {
+    /// The broker for a standard-MQTT scenario: the external one for the memory variant
+    /// (the rocks variant is skipped then: `None`), else an in-process mqgate.
+    pub async fn standard(backend: Backend) -> Option<Target> {
+        if let Some((host, port)) = external() {
+            if backend == Backend::Rocks {
+                eprintln!("skipped: runs once against the external broker");
+                return None;
+            }
+            return Some(Target {
+                host,
+                port,
+                mqgate: false,
+                inproc: None,
+            });
+        }
+        Some(Self::mqgate(backend, MqttConfig::default(), CoreConfig::default()).await)
+    }
+
+    /// An in-process mqgate with this configuration, for mqgate extensions and
+    /// configuration-dependent scenarios (`None`, skipped, against an external broker).
+    pub async fn mqgate_only(backend: Backend, cfg: MqttConfig) -> Option<Target> {
+        if external().is_some() {
+            eprintln!("skipped: an mqgate extension or mqgate configuration");
+            return None;
+        }
+        Some(Self::mqgate(backend, cfg, CoreConfig::default()).await)
+    }
+
+    /// Like [`Target::mqgate_only`] with a core configuration too.
+    pub async fn mqgate_with_core(
+        backend: Backend,
+        cfg: MqttConfig,
+        core: CoreConfig,
+    ) -> Option<Target> {
+        if external().is_some() {
+            eprintln!("skipped: an mqgate extension or mqgate configuration");
+            return None;
+        }
+        Some(Self::mqgate(backend, cfg, core).await)
+    }
+
+    async fn mqgate(backend: Backend, cfg: MqttConfig, core: CoreConfig) -> Target {
+        if let Ok(filter) = std::env::var("MQGATE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+        let dir = (backend == Backend::Rocks).then(|| tempfile::tempdir().expect("tempdir"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let inproc = InProc::start(dir, cfg, core, listener).await;
+        Target {
+            host: "127.0.0.1".into(),
+            port,
+            mqgate: true,
+            inproc: Some(inproc),
+        }
+    }
+
+    /// The in-process broker core (`None` for an external broker).
+    pub fn broker(&self) -> Option<&Broker> {
+        self.inproc.as_ref().map(|i| &i.broker)
+    }
+
+    /// Whether the broker keeps its state across [`Target::restart`] (RocksDB).
+    pub fn durable(&self) -> bool {
+        self.inproc.as_ref().is_some_and(|i| i.dir.is_some())
+    }
+
+    /// Stop the in-process broker cleanly and start it again on the same port and data.
+    pub async fn restart(&mut self) {
+        let i = self
+            .inproc
+            .take()
+            .expect("restart needs an in-process broker");
+        i.server.shutdown(Duration::from_secs(5)).await;
+        i.broker.shutdown().await;
+        drop(i.server);
+        drop(i.broker);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        self.inproc = Some(InProc::start(i.dir, i.cfg, i.core, listener).await);
+    }
+}
+
+impl InProc {
+    async fn start(
+        dir: Option<tempfile::TempDir>,
+        cfg: MqttConfig,
+        core: CoreConfig,
+        listener: tokio::net::TcpListener,
+    ) -> InProc {
+        let store: Arc<dyn Store> = match &dir {
+            Some(d) => Arc::new(RocksStore::open(RocksConfig::new(d.path())).expect("open rocks")),
+            None => Arc::new(MemoryStore::new()),
+        };
+        let broker = Broker::start(store, core.clone(), Arc::new(SystemClock))
+            .await
+            .expect("start core");
+        let server = MqttServer::start(broker.clone(), cfg.clone())
+            .await
+            .expect("start mqtt");
+        server.listen(listener);
+        InProc {
+            broker,
+            server,
+            dir,
+            cfg,
+            core,
+        }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(i) = self.inproc.take() {
+            // Stop accepting and end the broker's tasks without blocking the test.
+            let InProc {
+                broker,
+                server,
+                dir,
+                ..
+            } = i;
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    server.shutdown(Duration::from_millis(200)).await;
+                    broker.shutdown().await;
+                    drop(dir);
+                });
+            }
+        }
+    }
+}
+
+/// How a raw read ended without a packet.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RawEnd {
+    /// The server closed the connection.
+    Closed,
+    /// Nothing arrived in time.
+    Timeout,
+    /// Bytes that are not a packet.
+    Bad(DecodeError),
+}
+
+/// A client that writes and reads exact packets, for protocol-level scenarios.
+#[derive(Debug)]
+pub struct Raw {
+    stream: TcpStream,
+    buf: BytesMut,
+    /// The version packets are encoded and decoded with.
+    pub version: Version,
+}
+
+impl Raw {
+    /// Open a TCP connection (no CONNECT sent).
+    pub async fn open(t: &Target, version: Version) -> Raw {
+        let stream = TcpStream::connect((t.host.as_str(), t.port))
+            .await
+            .expect("connect");
+        stream.set_nodelay(true).ok();
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+            version,
+        }
+    }
+
+    /// Open and CONNECT with `c`; returns the CONNACK's code and properties.
+    pub async fn connect(t: &Target, c: Connect) -> (Raw, codec::ConnAck) {
+        let mut raw = Raw::open(t, c.version).await;
+        raw.send(&Packet::Connect(Box::new(c))).await;
+        match raw.recv(Duration::from_secs(5)).await {
+            Ok(Packet::ConnAck(a)) => (raw, a),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// A CONNECT with the usual defaults.
+    pub fn connect_packet(version: Version, client_id: &str, clean: bool) -> Connect {
+        Connect {
+            version,
+            clean_start: clean,
+            keep_alive: 30,
+            properties: Properties::default(),
+            client_id: client_id.into(),
+            will: None,
+            username: None,
+            password: None,
+        }
+    }
+
+    /// Send one packet.
+    pub async fn send(&mut self, p: &Packet) {
+        let mut out = BytesMut::new();
+        codec::encode(p, self.version, &mut out);
+        self.send_bytes(&out).await;
+    }
+
+    /// Send raw bytes (ignoring a closed connection).
+    pub async fn send_bytes(&mut self, b: &[u8]) {
+        let _ = self.stream.write_all(b).await;
+    }
+
+    /// The next packet.
+    pub async fn recv(&mut self, within: Duration) -> Result<Packet, RawEnd> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match codec::decode(&mut self.buf, Some(self.version), codec::MAX_PACKET_SIZE) {
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) => {}
+                Err(e) => return Err(RawEnd::Bad(e)),
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Err(RawEnd::Closed),
+                Ok(Ok(_)) => {}
+                Err(_) => return Err(RawEnd::Timeout),
+            }
+        }
+    }
+
+    /// Read until the server closes; returns the DISCONNECT reason if one came first.
+    pub async fn expect_close(&mut self, within: Duration) -> Option<u8> {
+        let mut reason = None;
+        loop {
+            match self.recv(within).await {
+                Ok(Packet::Disconnect(d)) => reason = Some(d.reason),
+                Ok(_) => {}
+                Err(RawEnd::Closed) => return reason,
+                Err(e) => panic!("expected the server to close the connection, got {e:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,1893 @@
+//! MQTT conformance: every behaviour of issue 4, through real clients (rumqttc 3.1.1 and
+//! 5.0) and, for what real clients never send, a raw client on mqgate's codec.
+//!
+//! Each scenario runs on an in-process mqgate on both backends, or, with
+//! `MQGATE_MQTT_ADDR=host:port`, once against that broker. Scenarios marked
+//! `mqgate_only` (extensions, or mqgate configuration) are skipped there.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqgate_conformance::mqtt::{Backend, Raw, RawEnd, Target};
+use mqgate_mqtt::codec::{
+    self, reason, Ack, AckKind, Packet, Properties, Publish as RawPublish, QoS as RQoS, SubOptions,
+    Subscribe as RawSubscribe, Version,
+};
+use mqgate_mqtt::{Access, AclRule, MqttConfig};
+use rumqttc::v5::mqttbytes::v5 as p5;
+use rumqttc::v5::mqttbytes::QoS as Q5;
+use rumqttc::QoS as Q3;
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(5);
+const QUIET: Duration = Duration::from_millis(400);
+
+macro_rules! scenario {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$name(super::Backend::Memory).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rocks() {
+                super::$name(super::Backend::Rocks).await
+            }
+        }
+    )*};
+}
+
+// ---------------------------------------------------------------------------------------
+// rumqttc wrappers: an event loop in a task, events in a channel, no reconnects.
+
+struct C3 {
+    client: rumqttc::AsyncClient,
+    rx: mpsc::UnboundedReceiver<Result<rumqttc::Event, String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for C3 {
+    fn drop(&mut self) {
+        // Dropping a client closes its connection (no DISCONNECT: an abnormal close).
+        self.task.abort();
+    }
+}
+
+impl Drop for C5 {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn opts3(t: &Target, id: &str, clean: bool) -> rumqttc::MqttOptions {
+    let mut o = rumqttc::MqttOptions::new(id, t.host.clone(), t.port);
+    o.set_clean_session(clean);
+    o.set_keep_alive(Duration::from_secs(30));
+    o
+}
+
+async fn c3_with(o: rumqttc::MqttOptions) -> Result<(C3, bool), String> {
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 1000);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(ev) => {
+                    if tx.send(Ok(ev)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    loop {
+        match tokio::time::timeout(WAIT, rx.recv()).await {
+            Ok(Some(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))))) => {
+                return Ok((C3 { client, rx, task }, a.session_present));
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(None) => return Err("event loop ended".into()),
+            Err(_) => return Err("no CONNACK".into()),
+        }
+    }
+}
+
+async fn c3(t: &Target, id: &str, clean: bool) -> (C3, bool) {
+    c3_with(opts3(t, id, clean)).await.expect("connect 3.1.1")
+}
+
+impl C3 {
+    async fn subscribe(&mut self, filter: &str, qos: Q3) -> Vec<rumqttc::SubscribeReasonCode> {
+        self.client.subscribe(filter, qos).await.unwrap();
+        loop {
+            match self.next(WAIT).await {
+                Some(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a))) => {
+                    return a.return_codes
+                }
+                Some(_) => {}
+                None => panic!("no SUBACK"),
+            }
+        }
+    }
+
+    async fn next(&mut self, within: Duration) -> Option<rumqttc::Event> {
+        match tokio::time::timeout(within, self.rx.recv()).await {
+            Ok(Some(Ok(ev))) => Some(ev),
+            _ => None,
+        }
+    }
+
+    async fn publish_in(&mut self, within: Duration) -> Option<rumqttc::Publish> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => return Some(p),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    }
+
+    async fn publishes(&mut self, n: usize) -> Vec<rumqttc::Publish> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.publish_in(WAIT).await {
+                Some(p) => out.push(p),
+                None => panic!("got {} of {n} messages", out.len()),
+            }
+        }
+        out
+    }
+
+    /// Wait until every outgoing publish is acknowledged (PUBACK / PUBCOMP seen `n` times).
+    async fn acked(&mut self, n: usize) {
+        let mut seen = 0;
+        while seen < n {
+            match self.next(WAIT).await {
+                Some(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))
+                | Some(rumqttc::Event::Incoming(rumqttc::Packet::PubComp(_))) => seen += 1,
+                Some(_) => {}
+                None => panic!("{seen} of {n} publishes acknowledged"),
+            }
+        }
+    }
+
+    async fn disconnect(mut self) {
+        let _ = self.client.disconnect().await;
+        while let Some(ev) = self.next(Duration::from_secs(2)).await {
+            if matches!(ev, rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct C5 {
+    client: rumqttc::v5::AsyncClient,
+    rx: mpsc::UnboundedReceiver<Result<rumqttc::v5::Event, String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn opts5(t: &Target, id: &str, clean: bool) -> rumqttc::v5::MqttOptions {
+    let mut o = rumqttc::v5::MqttOptions::new(id, t.host.clone(), t.port);
+    o.set_clean_start(clean);
+    o.set_keep_alive(Duration::from_secs(30));
+    o
+}
+
+async fn c5_with(o: rumqttc::v5::MqttOptions) -> Result<(C5, p5::ConnAck), String> {
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 1000);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(ev) => {
+                    if tx.send(Ok(ev)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    loop {
+        match tokio::time::timeout(WAIT, rx.recv()).await {
+            Ok(Some(Ok(rumqttc::v5::Event::Incoming(p5::Packet::ConnAck(a))))) => {
+                return Ok((C5 { client, rx, task }, a));
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(None) => return Err("event loop ended".into()),
+            Err(_) => return Err("no CONNACK".into()),
+        }
+    }
+}
+
+async fn c5(t: &Target, id: &str, clean: bool) -> C5 {
+    c5_with(opts5(t, id, clean)).await.expect("connect 5.0").0
+}
+
+impl C5 {
+    async fn next(&mut self, within: Duration) -> Option<rumqttc::v5::Event> {
+        match tokio::time::timeout(within, self.rx.recv()).await {
+            Ok(Some(Ok(ev))) => Some(ev),
+            Ok(Some(Err(e))) => {
+                eprintln!("client error: {e}");
+                None
+            }
+            _ => None,
+        }
+    }
+
+    async fn suback(&mut self) -> Vec<p5::SubscribeReasonCode> {
+        loop {
+            match self.next(WAIT).await {
+                Some(rumqttc::v5::Event::Incoming(p5::Packet::SubAck(a))) => return a.return_codes,
+                Some(_) => {}
+                None => panic!("no SUBACK"),
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, filter: &str, qos: Q5) -> Vec<p5::SubscribeReasonCode> {
+        self.client.subscribe(filter, qos).await.unwrap();
+        self.suback().await
+    }
+
+    async fn publish_in(&mut self, within: Duration) -> Option<p5::Publish> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(rumqttc::v5::Event::Incoming(p5::Packet::Publish(p))) => return Some(p),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    }
+
+    async fn publishes(&mut self, n: usize) -> Vec<p5::Publish> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.publish_in(WAIT).await {
+                Some(p) => out.push(p),
+                None => panic!("got {} of {n} messages", out.len()),
+            }
+        }
+        out
+    }
+
+    async fn disconnect(mut self) {
+        let _ = self.client.disconnect().await;
+        while let Some(ev) = self.next(Duration::from_secs(2)).await {
+            if matches!(
+                ev,
+                rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Disconnect)
+            ) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn body(p: &rumqttc::Publish) -> String {
+    String::from_utf8_lossy(&p.payload).into_owned()
+}
+
+fn body5(p: &p5::Publish) -> String {
+    String::from_utf8_lossy(&p.payload).into_owned()
+}
+
+fn topic5(p: &p5::Publish) -> String {
+    String::from_utf8_lossy(&p.topic).into_owned()
+}
+
+fn uniq(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{n}", t % 1_000_000_000)
+}
+
+fn raw_publish(topic: &str, qos: RQoS, pkid: u16, payload: &'static [u8]) -> Packet {
+    Packet::Publish(RawPublish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        pkid,
+        properties: Properties::default(),
+        payload: Bytes::from_static(payload),
+    })
+}
+
+fn raw_subscribe(pkid: u16, filter: &str, qos: RQoS) -> Packet {
+    Packet::Subscribe(RawSubscribe {
+        pkid,
+        properties: Properties::default(),
+        filters: vec![(
+            filter.into(),
+            SubOptions {
+                qos,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: 0,
+            },
+        )],
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Connecting
+
+scenario!(pub_sub_both_versions, cross_version_delivery);
+
+async fn pub_sub_both_versions(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("basic");
+    let (mut s3, _) = c3(&t, &uniq("s3"), true).await;
+    s3.subscribe(&topic, Q3::AtLeastOnce).await;
+    let mut s5 = c5(&t, &uniq("s5"), true).await;
+    s5.subscribe(&topic, Q5::AtLeastOnce).await;
+    let (mut p3, _) = c3(&t, &uniq("p3"), true).await;
+    for i in 0..20 {
+        p3.client
+            .publish(&topic, Q3::AtLeastOnce, false, format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    p3.acked(20).await;
+    let got3: Vec<String> = s3.publishes(20).await.iter().map(body).collect();
+    let got5: Vec<String> = s5.publishes(20).await.iter().map(body5).collect();
+    let want: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(got3, want, "3.1.1 subscriber, in order");
+    assert_eq!(got5, want, "5.0 subscriber, in order");
+}
+
+async fn cross_version_delivery(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("x/ver");
+    let (mut s3, _) = c3(&t, &uniq("s3"), true).await;
+    s3.subscribe(&topic, Q3::ExactlyOnce).await;
+    let p5c = c5(&t, &uniq("p5"), true).await;
+    p5c.client
+        .publish(&topic, Q5::ExactlyOnce, false, "from5")
+        .await
+        .unwrap();
+    let got = s3.publish_in(WAIT).await.expect("delivered");
+    assert_eq!(body(&got), "from5");
+    assert_eq!(got.qos, Q3::ExactlyOnce);
+}
+
+scenario!(
+    auth_users_and_anonymous,
+    empty_client_id,
+    unsupported_protocol_level,
+    takeover,
+    keep_alive_timeout,
+    server_keep_alive_announced,
+);
+
+async fn auth_users_and_anonymous(b: Backend) {
+    let mut cfg = MqttConfig {
+        allow_anonymous: false,
+        ..Default::default()
+    };
+    cfg.users.insert("ann".into(), "secret".into());
+    let Some(t) = Target::mqgate_only(b, cfg).await else {
+        return;
+    };
+    // Anonymous: 3.1.1 code 5 (not authorized), 5.0 0x87.
+    let (_, a) = Raw::connect(&t, Raw::connect_packet(Version::V311, "anon", true)).await;
+    assert_eq!(a.code, 5);
+    let (_, a) = Raw::connect(&t, Raw::connect_packet(Version::V5, "anon", true)).await;
+    assert_eq!(a.code, reason::NOT_AUTHORIZED);
+    // Wrong password: 3.1.1 code 4, 5.0 0x86.
+    let mut c = Raw::connect_packet(Version::V311, "ann1", true);
+    c.username = Some("ann".into());
+    c.password = Some(Bytes::from_static(b"wrong"));
+    assert_eq!(Raw::connect(&t, c.clone()).await.1.code, 4);
+    c.version = Version::V5;
+    assert_eq!(
+        Raw::connect(&t, c.clone()).await.1.code,
+        reason::BAD_USERNAME_OR_PASSWORD
+    );
+    // Right password, through rumqttc.
+    let mut o = opts3(&t, "ann2", true);
+    o.set_credentials("ann", "secret");
+    assert!(c3_with(o).await.is_ok());
+    let mut o = opts5(&t, "ann3", true);
+    o.set_credentials("ann", "secret");
+    assert!(c5_with(o).await.is_ok());
+}
+
+async fn empty_client_id(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    // 5.0: an id is assigned and returned.
+    let (mut raw, a) = Raw::connect(&t, Raw::connect_packet(Version::V5, "", true)).await;
+    assert_eq!(a.code, 0);
+    let assigned = a.properties.assigned_client_id.expect("assigned client id");
+    assert!(!assigned.is_empty());
+    raw.send(&Packet::PingReq).await;
+    assert_eq!(raw.recv(WAIT).await, Ok(Packet::PingResp));
+    // 3.1.1 with clean session: accepted.
+    let (_, a) = Raw::connect(&t, Raw::connect_packet(Version::V311, "", true)).await;
+    assert_eq!(a.code, 0);
+    // 3.1.1 without clean session: identifier rejected (2), then closed.
+    let (mut raw, a) = Raw::connect(&t, Raw::connect_packet(Version::V311, "", false)).await;
+    assert_eq!(a.code, 2);
+    assert_eq!(raw.expect_close(WAIT).await, None);
+}
+
+async fn unsupported_protocol_level(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let mut raw = Raw::open(&t, Version::V311).await;
+    // CONNECT "MQTT" level 9.
+    raw.send_bytes(&[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 9, 2, 0, 30, 0, 0])
+        .await;
+    match raw.recv(WAIT).await {
+        Ok(Packet::ConnAck(a)) => assert_eq!(a.code, 1, "unacceptable protocol version"),
+        Err(RawEnd::Closed) => {} // a broker may also just close
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn takeover(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let id = uniq("dup");
+    let (mut first, _) = Raw::connect(&t, Raw::connect_packet(Version::V5, &id, true)).await;
+    let (mut second, a) = Raw::connect(&t, Raw::connect_packet(Version::V5, &id, true)).await;
+    assert_eq!(a.code, 0);
+    assert_eq!(
+        first.expect_close(WAIT).await,
+        Some(reason::SESSION_TAKEN_OVER)
+    );
+    second.send(&Packet::PingReq).await;
+    assert_eq!(second.recv(WAIT).await, Ok(Packet::PingResp));
+    // 3.1.1: the first is simply closed.
+    let id = uniq("dup3");
+    let (mut first, _) = Raw::connect(&t, Raw::connect_packet(Version::V311, &id, true)).await;
+    let _second = Raw::connect(&t, Raw::connect_packet(Version::V311, &id, true)).await;
+    assert_eq!(first.expect_close(WAIT).await, None);
+}
+
+async fn keep_alive_timeout(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let mut c = Raw::connect_packet(Version::V5, &uniq("ka"), true);
+    c.keep_alive = 1;
+    let (mut raw, _) = Raw::connect(&t, c).await;
+    let start = std::time::Instant::now();
+    let r = raw.expect_close(Duration::from_secs(5)).await;
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(900), "closed after {took:?}");
+    assert!(
+        r.is_none() || r == Some(reason::KEEP_ALIVE_TIMEOUT),
+        "{r:?}"
+    );
+    // Pings keep a connection alive.
+    let mut c = Raw::connect_packet(Version::V311, &uniq("ka"), true);
+    c.keep_alive = 1;
+    let (mut raw, _) = Raw::connect(&t, c).await;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        raw.send(&Packet::PingReq).await;
+        assert_eq!(raw.recv(WAIT).await, Ok(Packet::PingResp));
+    }
+}
+
+async fn server_keep_alive_announced(b: Backend) {
+    let cfg = MqttConfig {
+        max_keep_alive: 20,
+        ..Default::default()
+    };
+    let Some(t) = Target::mqgate_only(b, cfg).await else {
+        return;
+    };
+    let mut c = Raw::connect_packet(Version::V5, &uniq("ska"), true);
+    c.keep_alive = 600;
+    let (_, a) = Raw::connect(&t, c).await;
+    assert_eq!(a.properties.server_keep_alive, Some(20));
+    assert_eq!(a.properties.receive_maximum, Some(1024));
+    assert!(a.properties.maximum_packet_size.is_some());
+    assert!(a.properties.topic_alias_maximum.is_some());
+}
+
+// ---------------------------------------------------------------------------------------
+// Wills
+
+scenario!(will_on_abnormal_close_only, will_delay);
+
+async fn will_on_abnormal_close_only(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("will");
+    let (mut watcher, _) = c3(&t, &uniq("w"), true).await;
+    watcher.subscribe(&topic, Q3::AtLeastOnce).await;
+    // Dropped without DISCONNECT: the will is published.
+    let mut c = Raw::connect_packet(Version::V311, &uniq("dying"), true);
+    c.will = Some(codec::Will {
+        topic: topic.clone(),
+        payload: Bytes::from_static(b"gone"),
+        qos: RQoS::AtLeastOnce,
+        retain: false,
+        properties: Properties::default(),
+    });
+    let (raw, _) = Raw::connect(&t, c.clone()).await;
+    drop(raw);
+    let p = watcher.publish_in(WAIT).await.expect("will delivered");
+    assert_eq!(body(&p), "gone");
+    // A normal DISCONNECT: no will.
+    c.client_id = uniq("polite");
+    let (mut raw, _) = Raw::connect(&t, c).await;
+    raw.send(&Packet::Disconnect(codec::Disconnect {
+        reason: 0,
+        properties: Properties::default(),
+    }))
+    .await;
+    assert!(
+        watcher.publish_in(QUIET).await.is_none(),
+        "no will after DISCONNECT"
+    );
+}
+
+async fn will_delay(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("willd");
+    let (mut watcher, _) = c3(&t, &uniq("w"), true).await;
+    watcher.subscribe(&topic, Q3::AtLeastOnce).await;
+    let id = uniq("delayed");
+    let mut c = Raw::connect_packet(Version::V5, &id, true);
+    c.properties.session_expiry = Some(60);
+    let mut wp = Properties::default();
+    wp.will_delay = Some(1);
+    c.will = Some(codec::Will {
+        topic: topic.clone(),
+        payload: Bytes::from_static(b"late"),
+        qos: RQoS::AtLeastOnce,
+        retain: false,
+        properties: wp,
+    });
+    // Reconnecting within the delay cancels the will.
+    let (raw, _) = Raw::connect(&t, c.clone()).await;
+    drop(raw);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut back = c.clone();
+    back.clean_start = false;
+    back.will = None;
+    let (raw2, _) = Raw::connect(&t, back).await;
+    assert!(
+        watcher
+            .publish_in(Duration::from_millis(1500))
+            .await
+            .is_none(),
+        "cancelled"
+    );
+    drop(raw2);
+    // Not reconnecting: published after about a second.
+    let start = std::time::Instant::now();
+    let (raw3, _) = Raw::connect(&t, c).await;
+    drop(raw3);
+    let p = watcher
+        .publish_in(WAIT)
+        .await
+        .expect("will after its delay");
+    assert_eq!(body(&p), "late");
+    assert!(start.elapsed() >= Duration::from_millis(900));
+}
+
+// ---------------------------------------------------------------------------------------
+// Sessions
+
+scenario!(
+    persistent_session_keeps_messages,
+    clean_session_forgets,
+    session_expiry,
+    session_survives_restart,
+);
+
+async fn persistent_session_keeps_messages(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("persist");
+    let id = uniq("keeper");
+    let (mut s, present) = c3(&t, &id, false).await;
+    assert!(!present);
+    s.subscribe(&topic, Q3::AtLeastOnce).await;
+    s.disconnect().await;
+    let (mut p, _) = c3(&t, &uniq("pub"), true).await;
+    for i in 0..10 {
+        p.client
+            .publish(&topic, Q3::AtLeastOnce, false, format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    p.acked(10).await;
+    let (mut s, present) = c3(&t, &id, false).await;
+    assert!(present, "session present");
+    let got: Vec<String> = s.publishes(10).await.iter().map(body).collect();
+    assert_eq!(got, (0..10).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    // 5.0 with a session expiry: the same.
+    let id5 = uniq("keeper5");
+    let mut o = opts5(&t, &id5, true);
+    o.set_connect_properties(p5::ConnectProperties {
+        session_expiry_interval: Some(300),
+        ..Default::default()
+    });
+    let (mut s5, _) = c5_with(o.clone()).await.unwrap();
+    s5.subscribe(&topic, Q5::ExactlyOnce).await;
+    s5.disconnect().await;
+    p.client
+        .publish(&topic, Q3::ExactlyOnce, false, "q2")
+        .await
+        .unwrap();
+    p.acked(1).await;
+    o.set_clean_start(false);
+    let (mut s5, a) = c5_with(o).await.unwrap();
+    assert!(a.session_present);
+    assert_eq!(body5(&s5.publish_in(WAIT).await.expect("kept")), "q2");
+}
+
+async fn clean_session_forgets(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("clean");
+    let id = uniq("c");
+    let (mut s, _) = c3(&t, &id, false).await;
+    s.subscribe(&topic, Q3::AtLeastOnce).await;
+    s.disconnect().await;
+    let (mut p, _) = c3(&t, &uniq("pub"), true).await;
+    p.client
+        .publish(&topic, Q3::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    p.acked(1).await;
+    // Clean session: no session, no messages, no subscription.
+    let (mut s, present) = c3(&t, &id, true).await;
+    assert!(!present);
+    assert!(s.publish_in(QUIET).await.is_none());
+    p.client
+        .publish(&topic, Q3::AtLeastOnce, false, "y")
+        .await
+        .unwrap();
+    p.acked(1).await;
+    assert!(
+        s.publish_in(QUIET).await.is_none(),
+        "the subscription went with the session"
+    );
+}
+
+async fn session_expiry(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let id = uniq("exp");
+    let mut c = Raw::connect_packet(Version::V5, &id, true);
+    c.properties.session_expiry = Some(1);
+    let (mut raw, _) = Raw::connect(&t, c.clone()).await;
+    raw.send(&raw_subscribe(1, "exp/+", RQoS::AtLeastOnce))
+        .await;
+    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    raw.send(&Packet::Disconnect(codec::Disconnect {
+        reason: 0,
+        properties: Properties::default(),
+    }))
+    .await;
+    drop(raw);
+    // Within the interval: present.
+    c.clean_start = false;
+    let (raw, a) = Raw::connect(&t, c.clone()).await;
+    assert!(a.session_present);
+    drop(raw); // abnormal close: the expiry runs from here
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, a) = Raw::connect(&t, c).await;
+    assert!(!a.session_present, "expired");
+}
+
+async fn session_survives_restart(b: Backend) {
+    let Some(mut t) = Target::mqgate_only(b, MqttConfig::default()).await else {
+        return;
+    };
+    if !t.durable() {
+        return; // the memory backend keeps nothing across a restart, by design
+    }
+    let topic = uniq("restart");
+    let id = uniq("durable");
+    let (mut s, _) = c3(&t, &id, false).await;
+    s.subscribe(&topic, Q3::AtLeastOnce).await;
+    s.disconnect().await;
+    let (mut p, _) = c3(&t, &uniq("pub"), true).await;
+    for i in 0..5 {
+        p.client
+            .publish(&topic, Q3::AtLeastOnce, true, format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    p.acked(5).await;
+    drop(p);
+    t.restart().await;
+    let (mut s, present) = c3(&t, &id, false).await;
+    assert!(present);
+    let got: Vec<String> = s.publishes(5).await.iter().map(body).collect();
+    assert_eq!(got, (0..5).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    // The retained message survived too.
+    let (mut n, _) = c3(&t, &uniq("new"), true).await;
+    n.subscribe(&topic, Q3::AtLeastOnce).await;
+    let r = n.publish_in(WAIT).await.expect("retained");
+    assert!(r.retain);
+    assert_eq!(body(&r), "m4");
+}
+
+// ---------------------------------------------------------------------------------------
+// QoS
+
+scenario!(
+    qos_levels_both_ways,
+    qos2_duplicate_suppressed,
+    redelivery_with_dup_after_reconnect,
+    client_receive_maximum_respected,
+    receive_maximum_exceeded,
+);
+
+async fn qos_levels_both_ways(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let base = uniq("qos");
+    let (mut s, _) = c3(&t, &uniq("s"), true).await;
+    s.subscribe(&format!("{base}/0"), Q3::AtMostOnce).await;
+    s.subscribe(&format!("{base}/1"), Q3::AtLeastOnce).await;
+    s.subscribe(&format!("{base}/2"), Q3::ExactlyOnce).await;
+    let (p, _) = c3(&t, &uniq("p"), true).await;
+    for (sub, q) in [
+        ("0", Q3::ExactlyOnce),
+        ("1", Q3::ExactlyOnce),
+        ("2", Q3::ExactlyOnce),
+        ("2", Q3::AtMostOnce),
+    ] {
+        p.client
+            .publish(format!("{base}/{sub}"), q, false, sub)
+            .await
+            .unwrap();
+    }
+    let got = s.publishes(4).await;
+    let mut seen: Vec<(String, Q3)> = got.iter().map(|p| (p.topic.clone(), p.qos)).collect();
+    seen.sort_by(|a, b| a.0.cmp(&b.0).then((a.1 as u8).cmp(&(b.1 as u8))));
+    assert_eq!(
+        seen,
+        vec![
+            (format!("{base}/0"), Q3::AtMostOnce),
+            (format!("{base}/1"), Q3::AtLeastOnce),
+            (format!("{base}/2"), Q3::AtMostOnce),
+            (format!("{base}/2"), Q3::ExactlyOnce),
+        ],
+        "delivered at the lower of published and granted QoS"
+    );
+}
+
+async fn qos2_duplicate_suppressed(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("q2dup");
+    let (mut s, _) = c3(&t, &uniq("s"), true).await;
+    s.subscribe(&topic, Q3::ExactlyOnce).await;
+    let (mut raw, _) = Raw::connect(&t, Raw::connect_packet(Version::V311, &uniq("p"), true)).await;
+    let publish = raw_publish(&topic, RQoS::ExactlyOnce, 7, b"once");
+    raw.send(&publish).await;
+    assert!(matches!(
+        raw.recv(WAIT).await,
+        Ok(Packet::Ack(Ack {
+            kind: AckKind::PubRec,
+            pkid: 7,
+            ..
+        }))
+    ));
+    // The same packet id again, with DUP, before PUBREL: not a new message.
+    if let Packet::Publish(mut p) = publish {
+        p.dup = true;
+        raw.send(&Packet::Publish(p)).await;
+    }
+    assert!(matches!(
+        raw.recv(WAIT).await,
+        Ok(Packet::Ack(Ack {
+            kind: AckKind::PubRec,
+            pkid: 7,
+            ..
+        }))
+    ));
+    raw.send(&Packet::Ack(Ack {
+        kind: AckKind::PubRel,
+        pkid: 7,
+        reason: 0,
+        properties: Properties::default(),
+    }))
+    .await;
+    assert!(matches!(
+        raw.recv(WAIT).await,
+        Ok(Packet::Ack(Ack {
+            kind: AckKind::PubComp,
+            pkid: 7,
+            ..
+        }))
+    ));
+    assert_eq!(body(&s.publish_in(WAIT).await.unwrap()), "once");
+    assert!(s.publish_in(QUIET).await.is_none(), "exactly once");
+}
+
+async fn redelivery_with_dup_after_reconnect(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("redeliver");
+    let id = uniq("slow");
+    let mut c = Raw::connect_packet(Version::V311, &id, false);
+    c.keep_alive = 60;
+    let (mut raw, _) = Raw::connect(&t, c.clone()).await;
+    raw.send(&raw_subscribe(1, &topic, RQoS::AtLeastOnce)).await;
+    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    let (mut p, _) = c3(&t, &uniq("p"), true).await;
+    p.client
+        .publish(&topic, Q3::AtLeastOnce, false, "again")
+        .await
+        .unwrap();
+    p.acked(1).await;
+    let first = match raw.recv(WAIT).await {
+        Ok(Packet::Publish(p)) => p,
+        other => panic!("{other:?}"),
+    };
+    assert!(!first.dup);
+    drop(raw); // never acknowledged
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mut raw, a) = Raw::connect(&t, c).await;
+    assert!(a.session_present);
+    let again = match raw.recv(WAIT).await {
+        Ok(Packet::Publish(p)) => p,
+        other => panic!("{other:?}"),
+    };
+    assert!(again.dup, "resent with DUP");
+    assert_eq!(again.pkid, first.pkid, "with its packet identifier");
+    assert_eq!(again.payload, first.payload);
+    raw.send(&Packet::Ack(Ack {
+        kind: AckKind::PubAck,
+        pkid: again.pkid,
+        reason: 0,
+        properties: Properties::default(),
+    }))
+    .await;
+    assert!(
+        matches!(raw.recv(QUIET).await, Err(RawEnd::Timeout)),
+        "nothing more"
+    );
+}
+
+async fn client_receive_maximum_respected(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("rm");
+    let mut c = Raw::connect_packet(Version::V5, &uniq("small"), true);
+    c.properties.receive_maximum = Some(2);
+    let (mut raw, _) = Raw::connect(&t, c).await;
+    raw.send(&raw_subscribe(1, &topic, RQoS::AtLeastOnce)).await;
+    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    let (mut p, _) = c3(&t, &uniq("p"), true).await;
+    for i in 0..6 {
+        p.client
+            .publish(&topic, Q3::AtLeastOnce, false, format!("{i}"))
+            .await
+            .unwrap();
+    }
+    p.acked(6).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        match raw.recv(WAIT).await {
+            Ok(Packet::Publish(p)) => ids.push(p.pkid),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        matches!(raw.recv(QUIET).await, Err(RawEnd::Timeout)),
+        "at most 2 in flight"
+    );
+    let mut got = 2;
+    while got < 6 {
+        let id = ids.remove(0);
+        raw.send(&Packet::Ack(Ack {
+            kind: AckKind::PubAck,
+            pkid: id,
+            reason: 0,
+            properties: Properties::default(),
+        }))
+        .await;
+        match raw.recv(WAIT).await {
+            Ok(Packet::Publish(p)) => {
+                ids.push(p.pkid);
+                got += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+async fn receive_maximum_exceeded(b: Backend) {
+    let cfg = MqttConfig {
+        receive_maximum: 2,
+        ..Default::default()
+    };
+    let Some(t) = Target::mqgate_only(b, cfg).await else {
+        return;
+    };
+    let (mut raw, a) =
+        Raw::connect(&t, Raw::connect_packet(Version::V5, &uniq("greedy"), true)).await;
+    assert_eq!(a.properties.receive_maximum, Some(2));
+    // Three QoS 2 publishes without PUBREL: the third exceeds the window.
+    for id in 1..=3 {
+        raw.send(&raw_publish("rm/x", RQoS::ExactlyOnce, id, b"x"))
+            .await;
+    }
+    assert_eq!(
+        raw.expect_close(WAIT).await,
+        Some(reason::RECEIVE_MAXIMUM_EXCEEDED)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Subscriptions
+
+scenario!(
+    wildcards_and_dollar_topics,
+    unsubscribe_stops_delivery,
+    acl_denied_filter,
+    subscription_options,
+    overlapping_subscriptions,
+    shared_subscription_splits_and_hands_over,
+);
+
+async fn wildcards_and_dollar_topics(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let base = uniq("wc");
+    let (mut s, _) = c3(&t, &uniq("s"), true).await;
+    s.subscribe(&format!("{base}/+/temp"), Q3::AtLeastOnce)
+        .await;
+    s.subscribe(&format!("{base}/alarms/#"), Q3::AtLeastOnce)
+        .await;
+    let (mut all, _) = c3(&t, &uniq("all"), true).await;
+    all.subscribe("#", Q3::AtMostOnce).await;
+    let (p, _) = c3(&t, &uniq("p"), true).await;
+    for topic in [
+        format!("{base}/kitchen/temp"),
+        format!("{base}/kitchen/humidity"),
+        format!("{base}/alarms"),
+        format!("{base}/alarms/fire/1"),
+        format!("{base}/a/b/temp"),
+    ] {
+        p.client
+            .publish(&topic, Q3::AtLeastOnce, false, topic.clone())
+            .await
+            .unwrap();
+    }
+    let got: HashSet<String> = s.publishes(3).await.iter().map(body).collect();
+    let want: HashSet<String> = [
+        format!("{base}/kitchen/temp"),
+        format!("{base}/alarms"),
+        format!("{base}/alarms/fire/1"),
+    ]
+    .into();
+    assert_eq!(got, want);
+    assert!(s.publish_in(QUIET).await.is_none());
+    // `#` does not match `$` topics.
+    p.client
+        .publish(format!("$test/{base}"), Q3::AtMostOnce, false, "dollar")
+        .await
+        .unwrap();
+    let mut saw_dollar = false;
+    while let Some(m) = all.publish_in(QUIET).await {
+        saw_dollar |= m.topic.starts_with('$');
+    }
+    assert!(!saw_dollar, "a leading wildcard matched a $ topic");
+}
+
+async fn unsubscribe_stops_delivery(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("unsub");
+    let mut s = c5(&t, &uniq("s"), true).await;
+    s.subscribe(&topic, Q5::AtLeastOnce).await;
+    s.client.unsubscribe(&topic).await.unwrap();
+    loop {
+        match s.next(WAIT).await {
+            Some(rumqttc::v5::Event::Incoming(p5::Packet::UnsubAck(u))) => {
+                assert_eq!(u.reasons, vec![p5::UnsubAckReason::Success]);
+                break;
+            }
+            Some(_) => {}
+            None => panic!("no UNSUBACK"),
+        }
+    }
+    let (mut p, _) = c3(&t, &uniq("p"), true).await;
+    p.client
+        .publish(&topic, Q3::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    p.acked(1).await;
+    assert!(s.publish_in(QUIET).await.is_none());
+    // Unsubscribing from nothing: "no subscription existed" (a raw client: rumqttc's
+    // 5.0 client treats that code as a fatal error).
+    let (mut raw, _) = Raw::connect(&t, Raw::connect_packet(Version::V5, &uniq("u"), true)).await;
+    raw.send(&Packet::Unsubscribe(codec::Unsubscribe {
+        pkid: 4,
+        properties: Properties::default(),
+        filters: vec!["never/subscribed".into()],
+    }))
+    .await;
+    match raw.recv(WAIT).await {
+        Ok(Packet::UnsubAck(u)) => assert_eq!(
+            (u.pkid, u.codes),
+            (4, vec![reason::NO_SUBSCRIPTION_EXISTED])
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn acl_denied_filter(b: Backend) {
+    let cfg = MqttConfig {
+        acl: vec![
+            AclRule {
+                user: None,
+                access: Access::Subscribe,
+                filter: "secret/#".into(),
+                allow: false,
+            },
+            AclRule {
+                user: None,
+                access: Access::Publish,
+                filter: "readonly/#".into(),
+                allow: false,
+            },
+        ],
+        ..Default::default()
+    };
+    let Some(t) = Target::mqgate_only(b, cfg).await else {
+        return;
+    };
+    // (rumqttc's 5.0 client treats a failure code as a fatal error: a raw client here.)
+    let (mut s, _) = Raw::connect(&t, Raw::connect_packet(Version::V5, &uniq("s"), true)).await;
+    let opts = SubOptions {
+        qos: RQoS::AtLeastOnce,
+        no_local: false,
+        retain_as_published: false,
+        retain_handling: 0,
+    };
+    s.send(&Packet::Subscribe(RawSubscribe {
+        pkid: 1,
+        properties: Properties::default(),
+        filters: vec![("secret/x".into(), opts), ("public/x".into(), opts)],
+    }))
+    .await;
+    match s.recv(WAIT).await {
+        Ok(Packet::SubAck(a)) => assert_eq!(a.codes, vec![reason::NOT_AUTHORIZED, 1]),
+        other => panic!("{other:?}"),
+    }
+    let (mut s3, _) = c3(&t, &uniq("s3"), true).await;
+    let codes = s3.subscribe("secret/y", Q3::AtLeastOnce).await;
+    assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Failure]);
+    // A denied publish is acknowledged with "not authorized" and not delivered.
+    let mut r = c5(&t, &uniq("r"), true).await;
+    r.subscribe("readonly/#", Q5::AtLeastOnce).await;
+    let (mut raw, _) = Raw::connect(&t, Raw::connect_packet(Version::V5, &uniq("p"), true)).await;
+    raw.send(&raw_publish("readonly/a", RQoS::AtLeastOnce, 3, b"no"))
+        .await;
+    match raw.recv(WAIT).await {
+        Ok(Packet::Ack(a)) => assert_eq!(
+            (a.kind, a.reason),
+            (AckKind::PubAck, reason::NOT_AUTHORIZED)
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(r.publish_in(QUIET).await.is_none());
+}
+
+async fn subscription_options(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let base = uniq("opts");
+    let (mut raw, _) = Raw::connect(&t, Raw::connect_packet(Version::V5, &uniq("me"), true)).await;
+    let sub = |pkid, filter: String, no_local, rap, rh, id: Option<u32>| {
+        let mut properties = Properties::default();
+        properties.subscription_ids.extend(id);
+        Packet::Subscribe(RawSubscribe {
+            pkid,
+            properties,
+            filters: vec![(
+                filter,
+                SubOptions {
+                    qos: RQoS::AtLeastOnce,
+                    no_local,
+                    retain_as_published: rap,
+                    retain_handling: rh,
+                },
+            )],
+        })
+    };
+    // A retained message exists before subscribing.
+    let (p, _) = c3(&t, &uniq("p"), true).await;
+    p.client
+        .publish(format!("{base}/r"), Q3::AtLeastOnce, true, "kept")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // No local: my own publishes are not sent back.
+    raw.send(&sub(1, format!("{base}/nl"), true, false, 0, Some(11)))
+        .await;
+    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    raw.send(&raw_publish(
+        &format!("{base}/nl"),
+        RQoS::AtMostOnce,
+        0,
+        b"mine",
+    ))
+    .await;
+    assert!(
+        matches!(raw.recv(QUIET).await, Err(RawEnd::Timeout)),
+        "no local"
+    );
+    // Retain handling 2: no retained message on subscribe.
+    raw.send(&sub(2, format!("{base}/r"), false, false, 2, None))
+        .await;
+    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    assert!(
+        matches!(raw.recv(QUIET).await, Err(RawEnd::Timeout)),
+        "retain handling 2"
+    );
+    // Retain handling 1 on an existing subscription: none either.
+    raw.send(&sub(3, format!("{base}/r"), false, true, 1, Some(5)))
+        .await;
+    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    assert!(
+        matches!(raw.recv(QUIET).await, Err(RawEnd::Timeout)),
+        "retain handling 1, existing"
+    );
+    // Retain as published, with the subscription identifier.
+    p.client
+        .publish(format!("{base}/r"), Q3::AtLeastOnce, true, "again")
+        .await
+        .unwrap();
+    match raw.recv(WAIT).await {
+        Ok(Packet::Publish(m)) => {
+            assert!(m.retain, "retain as published");
+            assert_eq!(m.properties.subscription_ids, vec![5]);
+            raw.send(&Packet::Ack(Ack {
+                kind: AckKind::PubAck,
+                pkid: m.pkid,
+                reason: 0,
+                properties: Properties::default(),
+            }))
+            .await;
+        }
+        other => panic!("{other:?}"),
+    }
+    // Retain handling 0 on a new subscription: the retained message, flagged retained.
+    raw.send(&sub(4, format!("{base}/+"), false, false, 0, None))
+        .await;
+    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    match raw.recv(WAIT).await {
+        Ok(Packet::Publish(m)) => {
+            assert!(m.retain);
+            assert_eq!(&m.payload[..], b"again");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn overlapping_subscriptions(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let base = uniq("ovl");
+    let (mut raw, _) = Raw::connect(&t, Raw::connect_packet(Version::V5, &uniq("me"), true)).await;
+    for (pkid, filter, qos, id) in [
+        (1, format!("{base}/#"), RQoS::AtMostOnce, 1),
+        (2, format!("{base}/a"), RQoS::AtLeastOnce, 2),
+    ] {
+        let mut properties = Properties::default();
+        properties.subscription_ids.push(id);
+        raw.send(&Packet::Subscribe(RawSubscribe {
+            pkid,
+            properties,
+            filters: vec![(
+                filter,
+                SubOptions {
+                    qos,
+                    no_local: false,
+                    retain_as_published: false,
+                    retain_handling: 0,
+                },
+            )],
+        }))
+        .await;
+        assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    }
+    let (p, _) = c3(&t, &uniq("p"), true).await;
+    p.client
+        .publish(format!("{base}/a"), Q3::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    let mut max_qos = RQoS::AtMostOnce;
+    let mut copies = 0;
+    while let Ok(Packet::Publish(m)) = raw.recv(QUIET).await {
+        copies += 1;
+        max_qos = max_qos.max(m.qos);
+        ids.extend(m.properties.subscription_ids.clone());
+        if m.qos != RQoS::AtMostOnce {
+            raw.send(&Packet::Ack(Ack {
+                kind: AckKind::PubAck,
+                pkid: m.pkid,
+                reason: 0,
+                properties: Properties::default(),
+            }))
+            .await;
+        }
+    }
+    ids.sort();
+    assert!(copies >= 1);
+    assert_eq!(
+        max_qos,
+        RQoS::AtLeastOnce,
+        "delivered at the highest granted QoS"
+    );
+    assert_eq!(ids, vec![1, 2], "every matching subscription identifier");
+}
+
+async fn shared_subscription_splits_and_hands_over(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("work");
+    let share = format!("$share/{}/{topic}", uniq("g"));
+    let mut m1 = c5(&t, &uniq("m1"), true).await;
+    m1.subscribe(&share, Q5::AtLeastOnce).await;
+    let mut m2 = c5(&t, &uniq("m2"), true).await;
+    m2.subscribe(&share, Q5::AtLeastOnce).await;
+    let (mut p, _) = c3(&t, &uniq("p"), true).await;
+    for i in 0..40 {
+        p.client
+            .publish(&topic, Q3::AtLeastOnce, false, format!("{i}"))
+            .await
+            .unwrap();
+    }
+    p.acked(40).await;
+    let mut got = Vec::new();
+    let (mut n1, mut n2) = (0, 0);
+    loop {
+        tokio::select! {
+            Some(m) = m1.publish_in(QUIET) => { n1 += 1; got.push(body5(&m)); }
+            Some(m) = m2.publish_in(QUIET) => { n2 += 1; got.push(body5(&m)); }
+            else => break,
+        }
+        if got.len() == 40 {
+            break;
+        }
+    }
+    got.sort_by_key(|s| s.parse::<u32>().unwrap());
+    assert_eq!(
+        got,
+        (0..40).map(|i| i.to_string()).collect::<Vec<_>>(),
+        "each message once"
+    );
+    assert!(n1 > 0 && n2 > 0, "both members got a share ({n1}, {n2})");
+    // A member that leaves with unacknowledged messages: another member gets them.
+    let mut o = opts5(&t, &uniq("lazy"), true);
+    o.set_manual_acks(true);
+    let (mut lazy, _) = c5_with(o).await.unwrap();
+    lazy.subscribe(&share, Q5::AtLeastOnce).await;
+    m1.disconnect().await;
+    m2.disconnect().await;
+    for i in 0..5 {
+        p.client
+            .publish(&topic, Q3::AtLeastOnce, false, format!("late{i}"))
+            .await
+            .unwrap();
+    }
+    p.acked(5).await;
+    let held = lazy.publishes(5).await;
+    assert_eq!(held.len(), 5);
+    let mut m3 = c5(&t, &uniq("m3"), true).await;
+    m3.subscribe(&share, Q5::AtLeastOnce).await;
+    drop(lazy); // gone without acknowledging
+    let mut again: Vec<String> = m3.publishes(5).await.iter().map(body5).collect();
+    again.sort();
+    assert_eq!(
+        again,
+        (0..5).map(|i| format!("late{i}")).collect::<Vec<_>>()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Retained messages and 5.0 properties
+
+scenario!(
+    retained_lifecycle,
+    message_expiry,
+    properties_pass_through,
+    topic_aliases,
+    no_matching_subscribers
+);
+
+async fn retained_lifecycle(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("ret");
+    let (mut p, _) = c3(&t, &uniq("p"), true).await;
+    p.client
+        .publish(&topic, Q3::AtLeastOnce, true, "v1")
+        .await
+        .unwrap();
+    p.client
+        .publish(&topic, Q3::AtLeastOnce, true, "v2")
+        .await
+        .unwrap();
+    p.acked(2).await;
+    let (mut s, _) = c3(&t, &uniq("s"), true).await;
+    s.subscribe(&topic, Q3::AtLeastOnce).await;
+    let m = s.publish_in(WAIT).await.expect("retained");
+    assert!(m.retain);
+    assert_eq!(body(&m), "v2", "replaced");
+    assert!(s.publish_in(QUIET).await.is_none(), "only the latest");
+    // A live delivery of a retained publish is not flagged retained (3.1.1).
+    p.client
+        .publish(&topic, Q3::AtLeastOnce, true, "v3")
+        .await
+        .unwrap();
+    let live = s.publish_in(WAIT).await.unwrap();
+    assert!(!live.retain);
+    // An empty retained payload clears it.
+    p.client
+        .publish(&topic, Q3::AtLeastOnce, true, "")
+        .await
+        .unwrap();
+    p.acked(2).await;
+    let (mut s2, _) = c3(&t, &uniq("s2"), true).await;
+    s2.subscribe(&topic, Q3::AtLeastOnce).await;
+    assert!(s2.publish_in(QUIET).await.is_none(), "cleared");
+}
+
+async fn message_expiry(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("expiry");
+    let id = uniq("away");
+    let mut c = Raw::connect_packet(Version::V5, &id, true);
+    c.properties.session_expiry = Some(60);
+    let (mut raw, _) = Raw::connect(&t, c.clone()).await;
+    raw.send(&raw_subscribe(1, &topic, RQoS::AtLeastOnce)).await;
+    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    raw.send(&Packet::Disconnect(codec::Disconnect {
+        reason: 0,
+        properties: Properties::default(),
+    }))
+    .await;
+    drop(raw);
+    let pc = c5(&t, &uniq("p"), true).await;
+    let short = p5::PublishProperties {
+        message_expiry_interval: Some(1),
+        ..Default::default()
+    };
+    let long = p5::PublishProperties {
+        message_expiry_interval: Some(100),
+        ..Default::default()
+    };
+    pc.client
+        .publish_with_properties(&topic, Q5::AtLeastOnce, false, "short", short)
+        .await
+        .unwrap();
+    pc.client
+        .publish_with_properties(&topic, Q5::AtLeastOnce, false, "long", long)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    c.clean_start = false;
+    let (mut raw, _) = Raw::connect(&t, c).await;
+    match raw.recv(WAIT).await {
+        Ok(Packet::Publish(m)) => {
+            assert_eq!(&m.payload[..], b"long", "the expired message was dropped");
+            let left = m.properties.message_expiry.expect("expiry sent on");
+            assert!(left < 100 && left >= 95, "decremented: {left}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn properties_pass_through(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("props");
+    let mut s = c5(&t, &uniq("s"), true).await;
+    s.subscribe(&topic, Q5::AtLeastOnce).await;
+    let pc = c5(&t, &uniq("p"), true).await;
+    let props = p5::PublishProperties {
+        payload_format_indicator: Some(1),
+        response_topic: Some("reply/here".into()),
+        correlation_data: Some(Bytes::from_static(b"\x00\x01corr")),
+        content_type: Some("application/json".into()),
+        user_properties: vec![
+            ("k".into(), "v1".into()),
+            ("k".into(), "v2".into()),
+            ("other".into(), "x".into()),
+        ],
+        ..Default::default()
+    };
+    pc.client
+        .publish_with_properties(&topic, Q5::AtLeastOnce, false, "{}", props.clone())
+        .await
+        .unwrap();
+    let m = s.publish_in(WAIT).await.expect("delivered");
+    let got = m.properties.expect("properties");
+    assert_eq!(got.payload_format_indicator, Some(1));
+    assert_eq!(got.response_topic, props.response_topic);
+    assert_eq!(got.correlation_data, props.correlation_data);
+    assert_eq!(got.content_type, props.content_type);
+    assert_eq!(
+        got.user_properties, props.user_properties,
+        "user properties, in order"
+    );
+}
+
+async fn topic_aliases(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("alias");
+    let (mut sub, _) = c3(&t, &uniq("s"), true).await;
+    sub.subscribe(&topic, Q3::AtLeastOnce).await;
+    // Inbound: set the alias with the topic, then use it alone.
+    let (mut raw, a) = Raw::connect(&t, Raw::connect_packet(Version::V5, &uniq("p"), true)).await;
+    assert!(a.properties.topic_alias_maximum.unwrap_or(0) >= 1);
+    let mut first = RawPublish {
+        dup: false,
+        qos: RQoS::AtLeastOnce,
+        retain: false,
+        topic: topic.clone(),
+        pkid: 1,
+        properties: Properties::default(),
+        payload: Bytes::from_static(b"a"),
+    };
+    first.properties.topic_alias = Some(1);
+    raw.send(&Packet::Publish(first.clone())).await;
+    let mut second = first.clone();
+    second.topic.clear();
+    second.pkid = 2;
+    second.payload = Bytes::from_static(b"b");
+    raw.send(&Packet::Publish(second)).await;
+    let got: Vec<String> = sub.publishes(2).await.iter().map(body).collect();
+    assert_eq!(got, vec!["a", "b"]);
+    // Outbound: a client allowing aliases gets them.
+    let mut c = Raw::connect_packet(Version::V5, &uniq("r"), true);
+    c.properties.topic_alias_maximum = Some(5);
+    let (mut r, _) = Raw::connect(&t, c).await;
+    r.send(&raw_subscribe(1, &topic, RQoS::AtMostOnce)).await;
+    assert!(matches!(r.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    for (i, payload) in [b"1", b"2"].iter().enumerate() {
+        raw.send(&raw_publish(&topic, RQoS::AtMostOnce, 0, *payload))
+            .await;
+        match r.recv(WAIT).await {
+            Ok(Packet::Publish(m)) => {
+                let alias = m.properties.topic_alias;
+                if i == 0 {
+                    assert_eq!(m.topic, topic);
+                } else if alias.is_some() {
+                    assert!(m.topic.is_empty(), "an alias already set stands alone");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // An alias over the maximum: DISCONNECT 0x94.
+    let mut bad = first;
+    bad.properties.topic_alias = Some(u16::MAX);
+    bad.pkid = 9;
+    raw.send(&Packet::Publish(bad)).await;
+    assert_eq!(
+        raw.expect_close(WAIT).await,
+        Some(reason::TOPIC_ALIAS_INVALID)
+    );
+}
+
+async fn no_matching_subscribers(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let (mut raw, _) = Raw::connect(&t, Raw::connect_packet(Version::V5, &uniq("p"), true)).await;
+    raw.send(&raw_publish(
+        &uniq("nobody/home"),
+        RQoS::AtLeastOnce,
+        1,
+        b"x",
+    ))
+    .await;
+    match raw.recv(WAIT).await {
+        Ok(Packet::Ack(a)) => {
+            assert_eq!(a.kind, AckKind::PubAck);
+            assert!(
+                a.reason == reason::NO_MATCHING_SUBSCRIBERS || a.reason == 0,
+                "{}",
+                a.reason
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad input
+
+scenario!(
+    publish_before_connect,
+    second_connect,
+    wildcard_in_publish_topic,
+    invalid_utf8,
+    oversize_packet,
+    malformed_reserved_flags,
+);
+
+/// A bystander that must not notice anything.
+async fn bystander(t: &Target) -> (C3, String) {
+    let topic = uniq("bystander");
+    let (mut c, _) = c3(t, &uniq("b"), true).await;
+    c.subscribe(&topic, Q3::AtLeastOnce).await;
+    (c, topic)
+}
+
+async fn bystander_ok(t: &Target, c: &mut C3, topic: &str) {
+    let (p, _) = c3(t, &uniq("bp"), true).await;
+    p.client
+        .publish(topic, Q3::AtLeastOnce, false, "still here")
+        .await
+        .unwrap();
+    assert_eq!(
+        body(&c.publish_in(WAIT).await.expect("bystander unaffected")),
+        "still here"
+    );
+}
+
+async fn publish_before_connect(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let (mut by, topic) = bystander(&t).await;
+    let mut raw = Raw::open(&t, Version::V311).await;
+    raw.send(&raw_publish("a/b", RQoS::AtMostOnce, 0, b"x"))
+        .await;
+    assert_eq!(raw.expect_close(WAIT).await, None);
+    bystander_ok(&t, &mut by, &topic).await;
+}
+
+async fn second_connect(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let (mut by, topic) = bystander(&t).await;
+    let c = Raw::connect_packet(Version::V5, &uniq("twice"), true);
+    let (mut raw, _) = Raw::connect(&t, c.clone()).await;
+    raw.send(&Packet::Connect(Box::new(c))).await;
+    let r = raw.expect_close(WAIT).await;
+    assert!(r.is_none() || r == Some(reason::PROTOCOL_ERROR), "{r:?}");
+    bystander_ok(&t, &mut by, &topic).await;
+}
+
+async fn wildcard_in_publish_topic(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let (mut by, topic) = bystander(&t).await;
+    for v in [Version::V311, Version::V5] {
+        let (mut raw, _) = Raw::connect(&t, Raw::connect_packet(v, &uniq("wild"), true)).await;
+        raw.send(&raw_publish("a/+/c", RQoS::AtLeastOnce, 1, b"x"))
+            .await;
+        let r = raw.expect_close(WAIT).await;
+        if v == Version::V5 {
+            assert!(
+                r.is_none()
+                    || r == Some(reason::TOPIC_NAME_INVALID)
+                    || r == Some(reason::PROTOCOL_ERROR),
+                "{r:?}"
+            );
+        } else {
+            assert_eq!(r, None);
+        }
+    }
+    bystander_ok(&t, &mut by, &topic).await;
+}
+
+async fn invalid_utf8(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let (mut by, topic) = bystander(&t).await;
+    let (mut raw, _) = Raw::connect(&t, Raw::connect_packet(Version::V5, &uniq("utf"), true)).await;
+    // PUBLISH QoS 0, topic of 2 bytes 0xC3 0x28 (invalid UTF-8).
+    raw.send_bytes(&[0x30, 5, 0, 2, 0xC3, 0x28, 0]).await;
+    let r = raw.expect_close(WAIT).await;
+    assert!(r.is_none() || r == Some(reason::MALFORMED_PACKET), "{r:?}");
+    bystander_ok(&t, &mut by, &topic).await;
+}
+
+async fn oversize_packet(b: Backend) {
+    let cfg = MqttConfig {
+        max_packet_size: 1024,
+        ..Default::default()
+    };
+    let Some(t) = Target::mqgate_only(b, cfg).await else {
+        return;
+    };
+    let (mut by, topic) = bystander(&t).await;
+    let (mut raw, a) = Raw::connect(&t, Raw::connect_packet(Version::V5, &uniq("big"), true)).await;
+    assert_eq!(a.properties.maximum_packet_size, Some(1024));
+    // Announce 1 MiB; the broker refuses before the body arrives.
+    raw.send_bytes(&[0x30, 0x80, 0x80, 0x40]).await;
+    assert_eq!(raw.expect_close(WAIT).await, Some(reason::PACKET_TOO_LARGE));
+    let (mut raw, _) =
+        Raw::connect(&t, Raw::connect_packet(Version::V311, &uniq("big3"), true)).await;
+    raw.send_bytes(&[0x30, 0x80, 0x80, 0x40]).await;
+    assert_eq!(raw.expect_close(WAIT).await, None, "3.1.1: a plain close");
+    bystander_ok(&t, &mut by, &topic).await;
+}
+
+async fn malformed_reserved_flags(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let (mut by, topic) = bystander(&t).await;
+    for bytes in [
+        &[0x82u8, 2, 0, 1][..],          // SUBSCRIBE without filters
+        &[0x80, 6, 0, 1, 0, 1, b'a', 0], // SUBSCRIBE with flags 0000
+        &[0x36, 5, 0, 1, b'a', 0, 1],    // PUBLISH QoS 3
+        &[0x00, 0],                      // reserved type 0
+    ] {
+        let (mut raw, _) =
+            Raw::connect(&t, Raw::connect_packet(Version::V311, &uniq("flags"), true)).await;
+        raw.send_bytes(bytes).await;
+        assert_eq!(raw.expect_close(WAIT).await, None, "{bytes:?}");
+    }
+    bystander_ok(&t, &mut by, &topic).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// mqgate extensions: delay, retry ladder, replay
+
+scenario!(
+    delayed_topic_prefix,
+    delay_user_properties,
+    failed_consumption_retries_then_dlq,
+    shared_replay_from_timestamp
+);
+
+async fn delayed_topic_prefix(b: Backend) {
+    let Some(t) = Target::mqgate_only(b, MqttConfig::default()).await else {
+        return;
+    };
+    let topic = uniq("later");
+    let (mut s, _) = c3(&t, &uniq("s"), true).await;
+    s.subscribe(&topic, Q3::AtLeastOnce).await;
+    let (mut p, _) = c3(&t, &uniq("p"), true).await;
+    let start = std::time::Instant::now();
+    p.client
+        .publish(
+            format!("$delayed/1/{topic}"),
+            Q3::AtLeastOnce,
+            false,
+            "tick",
+        )
+        .await
+        .unwrap();
+    p.acked(1).await;
+    let m = s.publish_in(WAIT).await.expect("released");
+    assert_eq!(m.topic, topic, "delivered on the real topic");
+    assert!(
+        start.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+async fn delay_user_properties(b: Backend) {
+    let Some(t) = Target::mqgate_only(b, MqttConfig::default()).await else {
+        return;
+    };
+    let topic = uniq("later5");
+    let mut s = c5(&t, &uniq("s"), true).await;
+    s.subscribe(&topic, Q5::AtLeastOnce).await;
+    let p = c5(&t, &uniq("p"), true).await;
+    let start = std::time::Instant::now();
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 1200;
+    let by_delay = p5::PublishProperties {
+        user_properties: vec![("x-delay".into(), "800".into())],
+        ..Default::default()
+    };
+    let by_time = p5::PublishProperties {
+        user_properties: vec![("x-deliver-at".into(), at.to_string())],
+        ..Default::default()
+    };
+    p.client
+        .publish_with_properties(&topic, Q5::AtLeastOnce, false, "delay", by_delay)
+        .await
+        .unwrap();
+    p.client
+        .publish_with_properties(&topic, Q5::AtLeastOnce, false, "at", by_time)
+        .await
+        .unwrap();
+    let first = s.publish_in(WAIT).await.unwrap();
+    assert_eq!(body5(&first), "delay");
+    assert!(start.elapsed() >= Duration::from_millis(750));
+    let second = s.publish_in(WAIT).await.unwrap();
+    assert_eq!(body5(&second), "at");
+    assert!(start.elapsed() >= Duration::from_millis(1150));
+    assert_eq!(topic5(&second), topic);
+}
+
+async fn failed_consumption_retries_then_dlq(b: Backend) {
+    let core = mqgate_core::CoreConfig {
+        delay_levels: vec![Duration::from_millis(100); 18],
+        max_reconsume_times: 2,
+        ..Default::default()
+    };
+    let Some(t) = Target::mqgate_with_core(b, MqttConfig::default(), core).await else {
+        return;
+    };
+    let topic = uniq("fail");
+    let group = uniq("g");
+    let (mut raw, _) =
+        Raw::connect(&t, Raw::connect_packet(Version::V5, &uniq("picky"), true)).await;
+    raw.send(&raw_subscribe(
+        1,
+        &format!("$share/{group}/{topic}"),
+        RQoS::AtLeastOnce,
+    ))
+    .await;
+    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    let (mut p, _) = c3(&t, &uniq("p"), true).await;
+    p.client
+        .publish(&topic, Q3::AtLeastOnce, false, "poison")
+        .await
+        .unwrap();
+    p.acked(1).await;
+    // Delivered, refused (0x80), retried, ... then dead-lettered: 1 + 2 retries.
+    for attempt in 0..3 {
+        match raw.recv(WAIT).await {
+            Ok(Packet::Publish(m)) => {
+                assert_eq!(&m.payload[..], b"poison", "attempt {attempt}");
+                raw.send(&Packet::Ack(Ack {
+                    kind: AckKind::PubAck,
+                    pkid: m.pkid,
+                    reason: reason::UNSPECIFIED_ERROR,
+                    properties: Properties::default(),
+                }))
+                .await;
+            }
+            other => panic!("attempt {attempt}: {other:?}"),
+        }
+    }
+    assert!(
+        matches!(
+            raw.recv(Duration::from_millis(800)).await,
+            Err(RawEnd::Timeout)
+        ),
+        "no more after the last retry"
+    );
+    let broker = t.broker().unwrap();
+    let g = mqgate_store::GroupName::new(format!(
+        "{}{group}/{topic}",
+        mqgate_mqtt::session::SHARED_PREFIX
+    ))
+    .unwrap();
+    let mut dead = Vec::new();
+    for _ in 0..50 {
+        dead = broker.dlq(&g, 0, 10).await.unwrap();
+        if !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dead.len(), 1, "in the group's DLQ");
+    assert_eq!(&dead[0].message.message.body[..], b"poison");
+}
+
+async fn shared_replay_from_timestamp(b: Backend) {
+    let Some(t) = Target::mqgate_only(b, MqttConfig::default()).await else {
+        return;
+    };
+    let topic = uniq("replay");
+    let share = format!("$share/{}/{topic}", uniq("g"));
+    let mut s = c5(&t, &uniq("s"), true).await;
+    s.subscribe(&share, Q5::AtLeastOnce).await;
+    let (mut p, _) = c3(&t, &uniq("p"), true).await;
+    for i in 0..3 {
+        p.client
+            .publish(&topic, Q3::AtLeastOnce, false, format!("old{i}"))
+            .await
+            .unwrap();
+    }
+    p.acked(3).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mid = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for i in 0..3 {
+        p.client
+            .publish(&topic, Q3::AtLeastOnce, false, format!("new{i}"))
+            .await
+            .unwrap();
+    }
+    p.acked(3).await;
+    assert_eq!(s.publishes(6).await.len(), 6);
+    // Replay from the middle: a SUBSCRIBE carrying x-stream-offset.
+    let props = p5::SubscribeProperties {
+        id: None,
+        user_properties: vec![("x-stream-offset".into(), mid.to_string())],
+    };
+    s.client
+        .subscribe_with_properties(&share, Q5::AtLeastOnce, props)
+        .await
+        .unwrap();
+    s.suback().await;
+    let again: Vec<String> = s.publishes(3).await.iter().map(body5).collect();
+    assert_eq!(again, vec!["new0", "new1", "new2"]);
+    // And from the first.
+    let props = p5::SubscribeProperties {
+        id: None,
+        user_properties: vec![("x-stream-offset".into(), "first".into())],
+    };
+    s.client
+        .subscribe_with_properties(&share, Q5::AtLeastOnce, props)
+        .await
+        .unwrap();
+    s.suback().await;
+    let all: Vec<String> = s.publishes(6).await.iter().map(body5).collect();
+    assert_eq!(all[0], "old0");
+}
