@@ -135,8 +135,23 @@ impl Target {
             .expect("restart needs an in-process broker");
         i.server.shutdown(Duration::from_secs(5)).await;
         i.broker.shutdown().await;
+        let store = Arc::clone(i.broker.store());
         drop(i.server);
         drop(i.broker);
+        // Connection and listener tasks let go of the broker as they end; RocksDB can
+        // only be reopened once the last handle is gone.
+        for _ in 0..200 {
+            if Arc::strong_count(&store) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(
+            Arc::strong_count(&store),
+            1,
+            "the store is still in use after shutdown"
+        );
+        drop(store);
         let listener = loop {
             match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
                 Ok(l) => break l,

@@ -59,6 +59,7 @@ enum Source {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[allow(clippy::enum_variant_names)]
 enum Stage {
     /// QoS 1 sent, PUBACK awaited.
     PubAck,
@@ -534,7 +535,7 @@ where
                 }
                 w = self.wr.write(&self.out), if has_out => match w {
                     Ok(0) | Err(_) => return End::Closed,
-                    Ok(n) => { let _ = bytes::Buf::advance(&mut self.out, n); }
+                    Ok(n) => bytes::Buf::advance(&mut self.out, n),
                 },
                 r = self.rd.read_buf(&mut self.inbuf), if may_read => match r {
                     Ok(0) | Err(_) => return End::Closed,
@@ -676,7 +677,7 @@ where
                 topic_name = t.to_owned();
             }
             Ok(None) => {}
-            Err(()) => {
+            Err(topic::BadForm) => {
                 return Err(self.protocol_error(reason::TOPIC_NAME_INVALID, "bad $delayed topic"))
             }
         }
@@ -968,7 +969,7 @@ where
             let inner = match &shared {
                 Ok(Some((_, f))) => *f,
                 Ok(None) => filter.as_str(),
-                Err(()) => "",
+                Err(topic::BadForm) => "",
             };
             if shared.is_err() || !topic::valid_filter(inner) {
                 codes.push(if v5 {

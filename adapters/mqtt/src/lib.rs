@@ -8,7 +8,7 @@
 //!
 //! How MQTT maps onto the core is described in ARCHITECTURE.md.
 
-pub mod codec;
+pub use mqgate_mqtt_codec as codec;
 mod config;
 mod conn;
 mod server;

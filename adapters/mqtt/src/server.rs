@@ -26,6 +26,9 @@ use crate::session::{
 /// The exchange MQTT publishes go through (RabbitMQ's convention).
 pub const MQTT_EXCHANGE: &str = "amq.topic";
 
+/// A connected session's direct QoS 0 queue, with the id of the connection owning it.
+pub(crate) type LiveSession = (u64, mpsc::Sender<Arc<Message>>);
+
 /// A connected client's slot, for session takeover.
 #[derive(Debug)]
 pub(crate) struct ClientSlot {
@@ -67,7 +70,7 @@ pub(crate) struct Shared {
     pub(crate) cfg: MqttConfig,
     pub(crate) clients: Mutex<HashMap<String, ClientSlot>>,
     /// Session topic → the connected session's QoS 0 queue.
-    pub(crate) live: RwLock<HashMap<TopicName, (u64, mpsc::Sender<Arc<Message>>)>>,
+    pub(crate) live: RwLock<HashMap<TopicName, LiveSession>>,
     pub(crate) retained: RwLock<BTreeMap<String, Arc<Message>>>,
     /// Disconnected sessions with an expiry: client id → when they expire.
     pub(crate) expiring: Mutex<HashMap<String, Millis>>,

@@ -53,29 +53,33 @@ pub fn covers(outer: &str, inner: &str) -> bool {
     }
 }
 
+/// Not a valid `$share/...` or `$delayed/...` form.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct BadForm;
+
 /// A `$share/<name>/<filter>` subscription split into its share name and filter.
 /// `Err` when it starts with `$share/` but is not a valid shared subscription.
-pub fn parse_shared(filter: &str) -> Result<Option<(&str, &str)>, ()> {
+pub fn parse_shared(filter: &str) -> Result<Option<(&str, &str)>, BadForm> {
     let Some(rest) = filter.strip_prefix("$share/") else {
         return Ok(None);
     };
-    let (name, f) = rest.split_once('/').ok_or(())?;
+    let (name, f) = rest.split_once('/').ok_or(BadForm)?;
     if name.is_empty() || name.contains(['+', '#']) || !valid_filter(f) {
-        return Err(());
+        return Err(BadForm);
     }
     Ok(Some((name, f)))
 }
 
 /// EMQX's `$delayed/<seconds>/<topic>`: the delay and the real topic; `Err` when the
 /// prefix is there but the rest is not a delay and a topic.
-pub fn parse_delayed(topic: &str) -> Result<Option<(u64, &str)>, ()> {
+pub fn parse_delayed(topic: &str) -> Result<Option<(u64, &str)>, BadForm> {
     let Some(rest) = topic.strip_prefix("$delayed/") else {
         return Ok(None);
     };
-    let (secs, t) = rest.split_once('/').ok_or(())?;
-    let secs: u64 = secs.parse().map_err(|_| ())?;
+    let (secs, t) = rest.split_once('/').ok_or(BadForm)?;
+    let secs: u64 = secs.parse().map_err(|_| BadForm)?;
     if t.is_empty() {
-        return Err(());
+        return Err(BadForm);
     }
     Ok(Some((secs, t)))
 }

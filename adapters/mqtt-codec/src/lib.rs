@@ -1,4 +1,4 @@
-//! An I/O-free MQTT 3.1.1 / 5.0 codec: framing, every packet both ways, and the checks the
+//! mqgate-mqtt-codec: an I/O-free MQTT 3.1.1 / 5.0 codec: framing, every packet both ways, and the checks the
 //! specification puts on the wire format (reserved flags, QoS 3, UTF-8, property sets,
 //! packet size). Decoding never panics and never allocates more than the packet's size;
 //! payloads are zero-copy slices of the frame.
@@ -227,7 +227,7 @@ fn allowed(ctx: PropCtx, id: u8) -> bool {
         P_WILL_DELAY => ctx == Will,
         P_SERVER_REFERENCE => matches!(ctx, ConnAck | Disconnect),
         P_REASON_STRING => {
-            matches!(ctx, ConnAck | Ack | SubAck | Disconnect | Auth) || ctx == Unsubscribe && false
+            matches!(ctx, ConnAck | Ack | SubAck | Disconnect | Auth)
         }
         P_RECEIVE_MAXIMUM | P_TOPIC_ALIAS_MAXIMUM | P_MAXIMUM_PACKET_SIZE => {
             matches!(ctx, Connect | ConnAck)
@@ -1206,7 +1206,6 @@ pub fn encode(packet: &Packet, version: Version, out: &mut BytesMut) {
             }
             out.put_slice(&props);
             out.put_slice(&p.payload);
-            return;
         }
         Packet::Ack(a) => {
             let header = match a.kind {
