@@ -554,6 +554,13 @@ impl Actor {
         loop {
             let deadline = self.next_deadline();
             let clock = Arc::clone(&self.inner.clock);
+            // The periodic tick only runs when it has work: offsets to persist, members
+            // to watch for heartbeats, or an empty group to end. An idle group with
+            // connected members sleeps until a command or a new message (thousands of
+            // idle MQTT sessions cost nothing between messages).
+            let needs_tick = self.members.is_empty()
+                || self.members.values().any(|m| m.heartbeat)
+                || self.offsets_dirty();
             tokio::select! {
                 biased;
                 cmd = self.rx.recv() => match cmd {
@@ -561,7 +568,7 @@ impl Actor {
                     None => break,
                 },
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(tick) => {}
+                _ = tokio::time::sleep(tick), if needs_tick => {}
                 _ = async move { clock.sleep_until(deadline.unwrap_or(Millis::MAX)).await }, if deadline.is_some() => {}
             }
             while let Ok(c) = self.rx.try_recv() {
@@ -601,6 +608,21 @@ impl Actor {
         }
         if let Some(done) = self.stopped.take() {
             let _ = done.send(());
+        }
+    }
+
+    /// Whether some committed offset is not persisted yet.
+    fn offsets_dirty(&self) -> bool {
+        if self.broadcast() {
+            self.members.values().any(|m| {
+                m.cursors
+                    .values()
+                    .any(|c| c.persisted != Some(c.committed()))
+            })
+        } else {
+            self.queues
+                .values()
+                .any(|c| c.persisted != Some(c.committed()))
         }
     }
 
