@@ -382,6 +382,7 @@ async fn cross_version_delivery(b: Backend) {
 scenario!(
     auth_users_and_anonymous,
     empty_client_id,
+    pipelined_after_connect,
     unsupported_protocol_level,
     takeover,
     keep_alive_timeout,
@@ -439,6 +440,28 @@ async fn empty_client_id(b: Backend) {
     let (mut raw, a) = Raw::connect(&t, Raw::connect_packet(Version::V311, "", false)).await;
     assert_eq!(a.code, 2);
     assert_eq!(raw.expect_close(WAIT).await, None);
+}
+
+async fn pipelined_after_connect(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("pipelined");
+    // CONNECT, SUBSCRIBE and PINGREQ in one write, before any answer.
+    let mut raw = Raw::open(&t, Version::V311).await;
+    let mut out = bytes::BytesMut::new();
+    let c = Raw::connect_packet(Version::V311, &uniq("eager"), true);
+    codec::encode(&Packet::Connect(Box::new(c)), Version::V311, &mut out);
+    codec::encode(
+        &raw_subscribe(1, &topic, RQoS::AtLeastOnce),
+        Version::V311,
+        &mut out,
+    );
+    codec::encode(&Packet::PingReq, Version::V311, &mut out);
+    raw.send_bytes(&out).await;
+    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::ConnAck(_))));
+    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    assert_eq!(raw.recv(WAIT).await, Ok(Packet::PingResp));
 }
 
 async fn unsupported_protocol_level(b: Backend) {
@@ -1122,10 +1145,13 @@ async fn acl_denied_filter(b: Backend) {
     raw.send(&raw_publish("readonly/a", RQoS::AtLeastOnce, 3, b"no"))
         .await;
     match raw.recv(WAIT).await {
-        Ok(Packet::Ack(a)) => assert_eq!(
-            (a.kind, a.reason),
-            (AckKind::PubAck, reason::NOT_AUTHORIZED)
-        ),
+        Ok(Packet::Ack(a)) => {
+            assert_eq!(
+                (a.kind, a.reason),
+                (AckKind::PubAck, reason::NOT_AUTHORIZED)
+            );
+            assert!(a.properties.reason_string.is_some(), "with a reason string");
+        }
         other => panic!("{other:?}"),
     }
     assert!(r.publish_in(QUIET).await.is_none());

@@ -518,6 +518,12 @@ where
         if *shutdown.borrow() {
             return End::Server(reason::SERVER_SHUTTING_DOWN, "server shutting down".into());
         }
+        // Packets sent right behind CONNECT, in the same read.
+        if !self.inbuf.is_empty() {
+            if let Err(end) = self.handle_input().await {
+                return end;
+            }
+        }
         loop {
             let window_open = self.inflight.len() < self.send_quota;
             let may_deliver = self.out.len() < OUT_HIGH_WATER;
@@ -828,11 +834,15 @@ where
     }
 
     fn ack(&mut self, kind: AckKind, pkid: u16, code: u8) {
+        let mut properties = Properties::default();
+        if code >= 0x80 && self.v5() && self.problem_info {
+            properties.reason_string = Some(reason_text(code).to_owned());
+        }
         self.send(&Packet::Ack(Ack {
             kind,
             pkid,
             reason: code,
-            properties: Properties::default(),
+            properties,
         }));
     }
 
@@ -1576,6 +1586,19 @@ where
             .wills
             .lock()
             .insert(client_id, PendingWill { task, fire });
+    }
+}
+
+/// The reason string sent with a failure code (5.0, when the client asks for problem
+/// information).
+fn reason_text(code: u8) -> &'static str {
+    match code {
+        reason::NOT_AUTHORIZED => "not authorized by the broker's access rules",
+        reason::PACKET_ID_NOT_FOUND => "no such packet identifier in flight",
+        reason::TOPIC_NAME_INVALID => "invalid topic name",
+        reason::QUOTA_EXCEEDED => "quota exceeded",
+        reason::PAYLOAD_FORMAT_INVALID => "payload is not UTF-8 as its format indicator says",
+        _ => "unspecified error",
     }
 }
 
