@@ -390,8 +390,20 @@ impl Broker {
 
     /// Remove every binding to `topic` (its queue was deleted), stored ones too.
     pub async fn unbind_topic(&self, vhost: &str, topic: &TopicName) -> Result<()> {
-        self.inner.router.unbind_topic(vhost, topic);
-        crate::durable::prune(&*self.inner.store, &self.inner.router, vhost).await
+        let (removed, emptied) = self.inner.router.unbind_topic(vhost, topic);
+        if removed.is_empty() && emptied.is_empty() {
+            return Ok(());
+        }
+        // Delete exactly what went (deleting a key that was never stored is harmless).
+        let mut batch = WriteBatch::new();
+        for b in &removed {
+            crate::durable::delete_binding(&mut batch, vhost, b);
+        }
+        for name in &emptied {
+            crate::durable::delete_exchange(&mut batch, vhost, name);
+        }
+        self.inner.store.write(batch).await?;
+        Ok(())
     }
 
     /// Create a topic (or grow its queue count); `None` takes the default count.

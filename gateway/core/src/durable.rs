@@ -206,6 +206,10 @@ pub(crate) fn put_binding(batch: &mut WriteBatch, vhost: &str, b: &Binding) {
     batch.kv_put(NS_BINDING, binding_key(vhost, b), binding_value(b));
 }
 
+pub(crate) fn delete_exchange(batch: &mut WriteBatch, vhost: &str, name: &str) {
+    batch.kv_delete(NS_EXCHANGE, exchange_key(vhost, name));
+}
+
 pub(crate) fn delete_binding(batch: &mut WriteBatch, vhost: &str, b: &Binding) {
     batch.kv_delete(NS_BINDING, binding_key(vhost, b));
 }

@@ -187,10 +187,27 @@ enum Index {
     Headers(Vec<(HeaderMatch, Destination)>),
 }
 
+/// What identifies a binding within its exchange (RabbitMQ: destination, key and
+/// arguments; mqgate adds the key syntax).
+type BindKey = (Destination, String, Bytes, bool);
+
+fn bind_key(b: &Binding) -> BindKey {
+    (
+        b.destination.clone(),
+        b.key.clone(),
+        b.arguments.clone(),
+        b.mqtt,
+    )
+}
+
 #[derive(Debug)]
 struct Exchange {
     def: ExchangeDef,
-    bindings: Vec<Binding>,
+    /// Every binding, by identity: adding and removing one costs O(1) here.
+    bindings: HashMap<BindKey, Binding>,
+    /// Binding identities by destination, so a deleted queue's bindings are found
+    /// without a scan.
+    by_dest: HashMap<Destination, Vec<BindKey>>,
     index: Index,
 }
 
@@ -207,47 +224,107 @@ impl Exchange {
         };
         Self {
             def,
-            bindings: Vec::new(),
+            bindings: HashMap::new(),
+            by_dest: HashMap::new(),
             index,
         }
     }
 
-    /// Rebuild the index from `bindings` (after a removal; rare next to routing).
-    fn reindex(&mut self) {
-        let bindings = std::mem::take(&mut self.bindings);
-        *self = Exchange::new(self.def.clone());
-        for b in bindings {
-            self.add(b);
-        }
+    fn header_match(b: &Binding) -> HeaderMatch {
+        b.headers.clone().unwrap_or(HeaderMatch {
+            all: true,
+            headers: Vec::new(),
+        })
     }
 
     fn add(&mut self, b: Binding) -> bool {
-        if self.bindings.contains(&b) {
+        let key = bind_key(&b);
+        if self.bindings.contains_key(&key) {
             return false;
         }
-        match &mut self.index {
-            Index::Direct(map) => map
-                .entry(b.key.clone())
-                .or_default()
-                .push(b.destination.clone()),
-            Index::Fanout(v) => v.push(b.destination.clone()),
-            Index::Topic { amqp, mqtt } => {
-                if b.mqtt {
-                    mqtt.insert(&b.key, b.destination.clone());
-                } else {
-                    amqp.insert(&b.key, b.destination.clone());
+        // Bindings differing only in arguments route alike: index the route once.
+        let routed_already = self.same_route(&b, None);
+        if !routed_already {
+            match &mut self.index {
+                Index::Direct(map) => map
+                    .entry(b.key.clone())
+                    .or_default()
+                    .push(b.destination.clone()),
+                Index::Fanout(v) => v.push(b.destination.clone()),
+                Index::Topic { amqp, mqtt } => {
+                    if b.mqtt {
+                        mqtt.insert(&b.key, b.destination.clone());
+                    } else {
+                        amqp.insert(&b.key, b.destination.clone());
+                    }
+                }
+                Index::Headers(v) => v.push((Self::header_match(&b), b.destination.clone())),
+            }
+        }
+        self.by_dest
+            .entry(b.destination.clone())
+            .or_default()
+            .push(key.clone());
+        self.bindings.insert(key, b);
+        true
+    }
+
+    /// Whether another binding (not `except`) to `b`'s destination routes like `b`.
+    fn same_route(&self, b: &Binding, except: Option<&BindKey>) -> bool {
+        let Some(keys) = self.by_dest.get(&b.destination) else {
+            return false;
+        };
+        keys.iter()
+            .filter(|k| Some(*k) != except)
+            .filter_map(|k| self.bindings.get(k))
+            .any(|o| match self.def.kind {
+                ExchangeKind::Fanout => true,
+                ExchangeKind::Headers => Self::header_match(o) == Self::header_match(b),
+                _ => o.key == b.key && o.mqtt == b.mqtt,
+            })
+    }
+
+    fn remove(&mut self, key: &BindKey) -> Option<Binding> {
+        let b = self.bindings.get(key)?.clone();
+        if !self.same_route(&b, Some(key)) {
+            let dest = &b.destination;
+            match &mut self.index {
+                Index::Direct(map) => {
+                    if let Some(v) = map.get_mut(&b.key) {
+                        v.retain(|d| d != dest);
+                        if v.is_empty() {
+                            map.remove(&b.key);
+                        }
+                    }
+                }
+                Index::Fanout(v) => v.retain(|d| d != dest),
+                Index::Topic { amqp, mqtt } => {
+                    if b.mqtt {
+                        mqtt.remove(&b.key, dest);
+                    } else {
+                        amqp.remove(&b.key, dest);
+                    }
+                }
+                Index::Headers(v) => {
+                    let m = Self::header_match(&b);
+                    v.retain(|(hm, d)| !(d == dest && *hm == m));
                 }
             }
-            Index::Headers(v) => v.push((
-                b.headers.clone().unwrap_or(HeaderMatch {
-                    all: true,
-                    headers: Vec::new(),
-                }),
-                b.destination.clone(),
-            )),
         }
-        self.bindings.push(b);
-        true
+        self.bindings.remove(key);
+        if let Some(keys) = self.by_dest.get_mut(&b.destination) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.by_dest.remove(&b.destination);
+            }
+        }
+        Some(b)
+    }
+
+    /// Remove every binding to `dest`; returns them.
+    fn remove_dest(&mut self, dest: &Destination) -> Vec<Binding> {
+        let keys = self.by_dest.get(dest).cloned().unwrap_or_default();
+        keys.iter().filter_map(|k| self.remove(k)).collect()
     }
 
     fn route_into(&self, key: &str, headers: &[(String, HeaderValue)], out: &mut Vec<Destination>) {
@@ -398,10 +475,7 @@ impl Router {
         v.exchanges.remove(name);
         let dest = Destination::Exchange(name.to_owned());
         for e in v.exchanges.values_mut() {
-            if e.bindings.iter().any(|b| b.destination == dest) {
-                e.bindings.retain(|b| b.destination != dest);
-                e.reindex();
-            }
+            e.remove_dest(&dest);
         }
         Ok(true)
     }
@@ -431,42 +505,37 @@ impl Router {
             .exchanges
             .get_mut(&binding.source)
             .ok_or_else(|| CoreError::NoSuchExchange(binding.source.clone()))?;
-        let before = e.bindings.len();
-        e.bindings.retain(|b| {
-            !(b.destination == binding.destination
-                && b.key == binding.key
-                && b.arguments == binding.arguments
-                && b.mqtt == binding.mqtt)
-        });
-        let removed = e.bindings.len() < before;
-        if removed {
-            e.reindex();
-            if e.def.auto_delete && e.bindings.is_empty() {
-                let name = binding.source.clone();
-                v.exchanges.remove(&name);
-            }
+        let removed = e.remove(&bind_key(binding)).is_some();
+        if removed && e.def.auto_delete && e.bindings.is_empty() {
+            let name = binding.source.clone();
+            v.exchanges.remove(&name);
         }
         Ok(removed)
     }
 
-    /// Remove every binding to `topic` in `vhost` (its queue was deleted).
-    pub fn unbind_topic(&self, vhost: &str, topic: &TopicName) {
-        let Ok(v) = self.vhost(vhost) else { return };
+    /// Remove every binding to `topic` in `vhost` (its queue was deleted). Returns the
+    /// removed bindings and the auto-delete exchanges this left empty (deleted too).
+    /// Costs what the topic had, not what the vhost has.
+    pub fn unbind_topic(&self, vhost: &str, topic: &TopicName) -> (Vec<Binding>, Vec<String>) {
+        let Ok(v) = self.vhost(vhost) else {
+            return (Vec::new(), Vec::new());
+        };
         let mut v = v.write();
         let dest = Destination::Topic(topic.clone());
+        let mut removed = Vec::new();
         let mut emptied = Vec::new();
         for e in v.exchanges.values_mut() {
-            if e.bindings.iter().any(|b| b.destination == dest) {
-                e.bindings.retain(|b| b.destination != dest);
-                e.reindex();
+            if e.by_dest.contains_key(&dest) {
+                removed.extend(e.remove_dest(&dest));
                 if e.def.auto_delete && e.bindings.is_empty() {
                     emptied.push(e.def.name.clone());
                 }
             }
         }
-        for name in emptied {
-            v.exchanges.remove(&name);
+        for name in &emptied {
+            v.exchanges.remove(name);
         }
+        (removed, emptied)
     }
 
     /// The bindings whose source is `exchange` (all exchanges when `None`).
@@ -478,7 +547,11 @@ impl Router {
         v.exchanges
             .values()
             .filter(|e| exchange.is_none_or(|x| x == e.def.name))
-            .flat_map(|e| e.bindings.iter().cloned())
+            .flat_map(|e| {
+                let mut b: Vec<Binding> = e.bindings.values().cloned().collect();
+                b.sort_by(|x, y| (&x.destination, &x.key).cmp(&(&y.destination, &y.key)));
+                b
+            })
             .collect()
     }
 
