@@ -43,7 +43,8 @@ struct Inner {
     topics: BTreeMap<TopicName, MemTopic>,
     /// (message topic, key, id): the key index.
     keys: BTreeSet<(TopicName, String, u64)>,
-    offsets: BTreeMap<(GroupName, QueueRef), QueueOffset>,
+    /// Committed offsets, by group (a group's offsets are found without a scan).
+    offsets: BTreeMap<GroupName, BTreeMap<QueueRef, QueueOffset>>,
     kv: BTreeMap<(String, Bytes), Bytes>,
     timers: BTreeMap<TimerKey, Bytes>,
 }
@@ -173,13 +174,21 @@ impl Inner {
                     queue,
                     offset,
                 } => {
-                    self.offsets.insert((group, queue), offset);
+                    self.offsets.entry(group).or_default().insert(queue, offset);
                 }
-                WriteOp::DeleteOffsets { group, topic } => {
-                    self.offsets.retain(|(g, q), _| {
-                        !(*g == group && topic.as_ref().is_none_or(|t| *t == q.topic))
-                    });
-                }
+                WriteOp::DeleteOffsets { group, topic } => match topic {
+                    None => {
+                        self.offsets.remove(&group);
+                    }
+                    Some(t) => {
+                        if let Some(m) = self.offsets.get_mut(&group) {
+                            m.retain(|q, _| q.topic != t);
+                            if m.is_empty() {
+                                self.offsets.remove(&group);
+                            }
+                        }
+                    }
+                },
                 WriteOp::Truncate { queue, before } => {
                     self.queue_mut(&queue)?.truncate(before.0);
                 }
@@ -269,7 +278,10 @@ impl Store for MemoryStore {
     async fn delete_topic(&self, name: &TopicName) -> Result<bool> {
         let mut inner = self.inner.lock();
         let existed = inner.topics.remove(name).is_some();
-        inner.offsets.retain(|(_, q), _| q.topic != *name);
+        inner.offsets.retain(|_, m| {
+            m.retain(|q, _| q.topic != *name);
+            !m.is_empty()
+        });
         Ok(existed)
     }
 
@@ -374,7 +386,8 @@ impl Store for MemoryStore {
             .inner
             .lock()
             .offsets
-            .get(&(group.clone(), queue.clone()))
+            .get(group)
+            .and_then(|m| m.get(queue))
             .copied())
     }
 
@@ -383,17 +396,14 @@ impl Store for MemoryStore {
             .inner
             .lock()
             .offsets
-            .iter()
-            .filter(|((g, _), _)| g == group)
-            .map(|((_, q), o)| (q.clone(), *o))
-            .collect())
+            .get(group)
+            .map(|m| m.iter().map(|(q, o)| (q.clone(), *o)).collect())
+            .unwrap_or_default())
     }
 
     async fn groups(&self) -> Result<Vec<GroupName>> {
         let inner = self.inner.lock();
-        let mut groups: Vec<GroupName> = inner.offsets.keys().map(|(g, _)| g.clone()).collect();
-        groups.dedup();
-        Ok(groups)
+        Ok(inner.offsets.keys().cloned().collect())
     }
 
     async fn kv_get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>> {

@@ -1003,11 +1003,11 @@ impl Writer {
         if existing.is_none() {
             header.next_seq += 1;
         }
+        // No offset cleanup here: `delete_topic` removes a topic's offsets in the same
+        // batch that removes the topic, and offsets committed before a topic exists are
+        // kept, as the model (and MemoryStore) keep them. Scanning every group's offsets
+        // here made each new topic cost O(all offsets).
         let mut wb = rocksdb::WriteBatch::default();
-        if existing.is_none() {
-            // Offsets committed on an earlier topic of this name must not apply here.
-            self.delete_topic_offsets(&mut wb, &name)?;
-        }
         let mut v = Vec::with_capacity(12);
         v.put_u64(uid);
         v.put_u32(count);
