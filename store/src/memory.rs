@@ -1,6 +1,6 @@
 //! [`MemoryStore`]: the whole store in process memory, for tests and ephemeral brokers.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -45,6 +45,8 @@ struct Inner {
     keys: BTreeSet<(TopicName, String, u64)>,
     /// Committed offsets, by group (a group's offsets are found without a scan).
     offsets: BTreeMap<GroupName, BTreeMap<QueueRef, QueueOffset>>,
+    /// The groups with offsets on each topic (so deleting a topic touches only those).
+    offset_groups: HashMap<TopicName, BTreeSet<GroupName>>,
     kv: BTreeMap<(String, Bytes), Bytes>,
     timers: BTreeMap<TimerKey, Bytes>,
 }
@@ -174,21 +176,33 @@ impl Inner {
                     queue,
                     offset,
                 } => {
+                    self.offset_groups
+                        .entry(queue.topic.clone())
+                        .or_default()
+                        .insert(group.clone());
                     self.offsets.entry(group).or_default().insert(queue, offset);
                 }
-                WriteOp::DeleteOffsets { group, topic } => match topic {
-                    None => {
-                        self.offsets.remove(&group);
-                    }
-                    Some(t) => {
-                        if let Some(m) = self.offsets.get_mut(&group) {
-                            m.retain(|q, _| q.topic != t);
-                            if m.is_empty() {
-                                self.offsets.remove(&group);
+                WriteOp::DeleteOffsets { group, topic } => {
+                    if let Some(m) = self.offsets.get_mut(&group) {
+                        let gone: BTreeSet<TopicName> = m
+                            .keys()
+                            .filter(|q| topic.as_ref().is_none_or(|t| *t == q.topic))
+                            .map(|q| q.topic.clone())
+                            .collect();
+                        m.retain(|q, _| !gone.contains(&q.topic));
+                        if m.is_empty() {
+                            self.offsets.remove(&group);
+                        }
+                        for t in gone {
+                            if let Some(gs) = self.offset_groups.get_mut(&t) {
+                                gs.remove(&group);
+                                if gs.is_empty() {
+                                    self.offset_groups.remove(&t);
+                                }
                             }
                         }
                     }
-                },
+                }
                 WriteOp::Truncate { queue, before } => {
                     self.queue_mut(&queue)?.truncate(before.0);
                 }
@@ -278,10 +292,14 @@ impl Store for MemoryStore {
     async fn delete_topic(&self, name: &TopicName) -> Result<bool> {
         let mut inner = self.inner.lock();
         let existed = inner.topics.remove(name).is_some();
-        inner.offsets.retain(|_, m| {
-            m.retain(|q, _| q.topic != *name);
-            !m.is_empty()
-        });
+        for g in inner.offset_groups.remove(name).unwrap_or_default() {
+            if let Some(m) = inner.offsets.get_mut(&g) {
+                m.retain(|q, _| q.topic != *name);
+                if m.is_empty() {
+                    inner.offsets.remove(&g);
+                }
+            }
+        }
         Ok(existed)
     }
 
