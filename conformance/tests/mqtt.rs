@@ -41,24 +41,132 @@ macro_rules! scenario {
 // ---------------------------------------------------------------------------------------
 // rumqttc wrappers: an event loop in a task, events in a channel, no reconnects.
 
-struct C3 {
-    client: rumqttc::AsyncClient,
-    rx: mpsc::UnboundedReceiver<Result<rumqttc::Event, String>>,
-    task: tokio::task::JoinHandle<()>,
+/// A client wrapper per rumqttc flavour: its event loop runs in a task that forwards
+/// events to a channel and stops at the first error (no reconnects); dropping the
+/// wrapper closes the connection without DISCONNECT (an abnormal close).
+macro_rules! client_wrapper {
+    ($name:ident, $client:ty, $event:ty, $publish:ty, $extract:ident, $outgoing_disconnect:pat) => {
+        struct $name {
+            client: $client,
+            rx: mpsc::UnboundedReceiver<Result<$event, String>>,
+            task: tokio::task::JoinHandle<()>,
+        }
+
+        impl Drop for $name {
+            fn drop(&mut self) {
+                self.task.abort();
+            }
+        }
+
+        impl $name {
+            fn start(client: $client, mut el: impl EventSource<$event> + Send + 'static) -> Self {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let task = tokio::spawn(async move {
+                    loop {
+                        let r = el.next_event().await;
+                        let failed = r.is_err();
+                        if tx.send(r).is_err() || failed {
+                            return;
+                        }
+                    }
+                });
+                Self { client, rx, task }
+            }
+
+            async fn next(&mut self, within: Duration) -> Option<$event> {
+                match tokio::time::timeout(within, self.rx.recv()).await {
+                    Ok(Some(Ok(ev))) => Some(ev),
+                    Ok(Some(Err(e))) => {
+                        eprintln!("client error: {e}");
+                        None
+                    }
+                    _ => None,
+                }
+            }
+
+            async fn publish_in(&mut self, within: Duration) -> Option<$publish> {
+                let deadline = tokio::time::Instant::now() + within;
+                loop {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match self.next(left).await.map($extract) {
+                        Some(Some(p)) => return Some(p),
+                        Some(None) => {}
+                        None => return None,
+                    }
+                }
+            }
+
+            async fn publishes(&mut self, n: usize) -> Vec<$publish> {
+                let mut out = Vec::new();
+                while out.len() < n {
+                    match self.publish_in(WAIT).await {
+                        Some(p) => out.push(p),
+                        None => panic!("got {} of {n} messages", out.len()),
+                    }
+                }
+                out
+            }
+
+            async fn disconnect(mut self) {
+                let _ = self.client.disconnect().await;
+                while let Some(ev) = self.next(Duration::from_secs(2)).await {
+                    if matches!(ev, $outgoing_disconnect) {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
 }
 
-impl Drop for C3 {
-    fn drop(&mut self) {
-        // Dropping a client closes its connection (no DISCONNECT: an abnormal close).
-        self.task.abort();
+/// What both rumqttc event loops offer.
+trait EventSource<E> {
+    fn next_event(&mut self) -> impl std::future::Future<Output = Result<E, String>> + Send;
+}
+
+impl EventSource<rumqttc::Event> for rumqttc::EventLoop {
+    async fn next_event(&mut self) -> Result<rumqttc::Event, String> {
+        self.poll().await.map_err(|e| e.to_string())
     }
 }
 
-impl Drop for C5 {
-    fn drop(&mut self) {
-        self.task.abort();
+impl EventSource<rumqttc::v5::Event> for rumqttc::v5::EventLoop {
+    async fn next_event(&mut self) -> Result<rumqttc::v5::Event, String> {
+        self.poll().await.map_err(|e| e.to_string())
     }
 }
+
+fn publish3(e: rumqttc::Event) -> Option<rumqttc::Publish> {
+    match e {
+        rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => Some(p),
+        _ => None,
+    }
+}
+
+fn publish5(e: rumqttc::v5::Event) -> Option<p5::Publish> {
+    match e {
+        rumqttc::v5::Event::Incoming(p5::Packet::Publish(p)) => Some(p),
+        _ => None,
+    }
+}
+
+client_wrapper!(
+    C3,
+    rumqttc::AsyncClient,
+    rumqttc::Event,
+    rumqttc::Publish,
+    publish3,
+    rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)
+);
+client_wrapper!(
+    C5,
+    rumqttc::v5::AsyncClient,
+    rumqttc::v5::Event,
+    p5::Publish,
+    publish5,
+    rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Disconnect)
+);
 
 fn opts3(t: &Target, id: &str, clean: bool) -> rumqttc::MqttOptions {
     let mut o = rumqttc::MqttOptions::new(id, t.host.clone(), t.port);
@@ -68,27 +176,12 @@ fn opts3(t: &Target, id: &str, clean: bool) -> rumqttc::MqttOptions {
 }
 
 async fn c3_with(o: rumqttc::MqttOptions) -> Result<(C3, bool), String> {
-    let (client, mut el) = rumqttc::AsyncClient::new(o, 1000);
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        loop {
-            match el.poll().await {
-                Ok(ev) => {
-                    if tx.send(Ok(ev)).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            }
-        }
-    });
+    let (client, el) = rumqttc::AsyncClient::new(o, 1000);
+    let mut c = C3::start(client, el);
     loop {
-        match tokio::time::timeout(WAIT, rx.recv()).await {
+        match tokio::time::timeout(WAIT, c.rx.recv()).await {
             Ok(Some(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))))) => {
-                return Ok((C3 { client, rx, task }, a.session_present));
+                return Ok((c, a.session_present));
             }
             Ok(Some(Ok(_))) => {}
             Ok(Some(Err(e))) => return Err(e),
@@ -116,36 +209,6 @@ impl C3 {
         }
     }
 
-    async fn next(&mut self, within: Duration) -> Option<rumqttc::Event> {
-        match tokio::time::timeout(within, self.rx.recv()).await {
-            Ok(Some(Ok(ev))) => Some(ev),
-            _ => None,
-        }
-    }
-
-    async fn publish_in(&mut self, within: Duration) -> Option<rumqttc::Publish> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.next(left).await {
-                Some(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => return Some(p),
-                Some(_) => {}
-                None => return None,
-            }
-        }
-    }
-
-    async fn publishes(&mut self, n: usize) -> Vec<rumqttc::Publish> {
-        let mut out = Vec::new();
-        while out.len() < n {
-            match self.publish_in(WAIT).await {
-                Some(p) => out.push(p),
-                None => panic!("got {} of {n} messages", out.len()),
-            }
-        }
-        out
-    }
-
     /// Wait until every outgoing publish is acknowledged (PUBACK / PUBCOMP seen `n` times).
     async fn acked(&mut self, n: usize) {
         let mut seen = 0;
@@ -158,22 +221,6 @@ impl C3 {
             }
         }
     }
-
-    async fn disconnect(mut self) {
-        let _ = self.client.disconnect().await;
-        while let Some(ev) = self.next(Duration::from_secs(2)).await {
-            if matches!(ev, rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-struct C5 {
-    client: rumqttc::v5::AsyncClient,
-    rx: mpsc::UnboundedReceiver<Result<rumqttc::v5::Event, String>>,
-    task: tokio::task::JoinHandle<()>,
 }
 
 fn opts5(t: &Target, id: &str, clean: bool) -> rumqttc::v5::MqttOptions {
@@ -184,27 +231,12 @@ fn opts5(t: &Target, id: &str, clean: bool) -> rumqttc::v5::MqttOptions {
 }
 
 async fn c5_with(o: rumqttc::v5::MqttOptions) -> Result<(C5, p5::ConnAck), String> {
-    let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 1000);
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        loop {
-            match el.poll().await {
-                Ok(ev) => {
-                    if tx.send(Ok(ev)).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            }
-        }
-    });
+    let (client, el) = rumqttc::v5::AsyncClient::new(o, 1000);
+    let mut c = C5::start(client, el);
     loop {
-        match tokio::time::timeout(WAIT, rx.recv()).await {
+        match tokio::time::timeout(WAIT, c.rx.recv()).await {
             Ok(Some(Ok(rumqttc::v5::Event::Incoming(p5::Packet::ConnAck(a))))) => {
-                return Ok((C5 { client, rx, task }, a));
+                return Ok((c, a));
             }
             Ok(Some(Ok(_))) => {}
             Ok(Some(Err(e))) => return Err(e),
@@ -219,17 +251,6 @@ async fn c5(t: &Target, id: &str, clean: bool) -> C5 {
 }
 
 impl C5 {
-    async fn next(&mut self, within: Duration) -> Option<rumqttc::v5::Event> {
-        match tokio::time::timeout(within, self.rx.recv()).await {
-            Ok(Some(Ok(ev))) => Some(ev),
-            Ok(Some(Err(e))) => {
-                eprintln!("client error: {e}");
-                None
-            }
-            _ => None,
-        }
-    }
-
     async fn suback(&mut self) -> Vec<p5::SubscribeReasonCode> {
         loop {
             match self.next(WAIT).await {
@@ -243,42 +264,6 @@ impl C5 {
     async fn subscribe(&mut self, filter: &str, qos: Q5) -> Vec<p5::SubscribeReasonCode> {
         self.client.subscribe(filter, qos).await.unwrap();
         self.suback().await
-    }
-
-    async fn publish_in(&mut self, within: Duration) -> Option<p5::Publish> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.next(left).await {
-                Some(rumqttc::v5::Event::Incoming(p5::Packet::Publish(p))) => return Some(p),
-                Some(_) => {}
-                None => return None,
-            }
-        }
-    }
-
-    async fn publishes(&mut self, n: usize) -> Vec<p5::Publish> {
-        let mut out = Vec::new();
-        while out.len() < n {
-            match self.publish_in(WAIT).await {
-                Some(p) => out.push(p),
-                None => panic!("got {} of {n} messages", out.len()),
-            }
-        }
-        out
-    }
-
-    async fn disconnect(mut self) {
-        let _ = self.client.disconnect().await;
-        while let Some(ev) = self.next(Duration::from_secs(2)).await {
-            if matches!(
-                ev,
-                rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Disconnect)
-            ) {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

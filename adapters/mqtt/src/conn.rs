@@ -1091,38 +1091,9 @@ where
             ));
         };
         if !existed {
-            self.shared.broker.create_topic(&topic, Some(1)).await?;
-            let b = self.binding(filter, topic.clone());
-            self.shared.broker.bind(DEFAULT_VHOST, b, true).await?;
-            *self
-                .shared
-                .shared_refs
-                .lock()
-                .entry(topic.clone())
-                .or_default() += 1;
-            let consumer = self
-                .shared
-                .broker
-                .subscribe(
-                    GroupSpec {
-                        start: StartPosition::Last,
-                        on_failure: OnFailure::Retry,
-                        ..GroupSpec::new(group.clone(), vec![topic], ConsumeMode::Shared)
-                    },
-                    MemberOptions::new(self.client_id.clone(), self.send_quota),
-                )
+            self.join_shared(sub, filter, topic.clone(), group.clone())
                 .await?;
-            let id = self.next_shared;
-            self.next_shared += 1;
-            self.shared_subs.insert(
-                id,
-                SharedSub {
-                    filter: sub.filter.clone(),
-                    options: sub.options,
-                    id: sub.id,
-                    consumer,
-                },
-            );
+            *self.shared.shared_refs.lock().entry(topic).or_default() += 1;
         } else if let Some(s) = self
             .shared_subs
             .values_mut()
@@ -1144,6 +1115,44 @@ where
         Ok(())
     }
 
+    /// Make sure a shared subscription's topic exists and is bound with `filter`, and
+    /// join its group as a member.
+    async fn join_shared(
+        &mut self,
+        sub: &Subscription,
+        filter: &str,
+        topic: TopicName,
+        group: mqgate_store::GroupName,
+    ) -> mqgate_core::Result<()> {
+        self.shared.broker.create_topic(&topic, Some(1)).await?;
+        let b = self.binding(filter, topic.clone());
+        self.shared.broker.bind(DEFAULT_VHOST, b, true).await?;
+        let consumer = self
+            .shared
+            .broker
+            .subscribe(
+                GroupSpec {
+                    start: StartPosition::Last,
+                    on_failure: OnFailure::Retry,
+                    ..GroupSpec::new(group, vec![topic], ConsumeMode::Shared)
+                },
+                MemberOptions::new(self.client_id.clone(), self.send_quota),
+            )
+            .await?;
+        let id = self.next_shared;
+        self.next_shared += 1;
+        self.shared_subs.insert(
+            id,
+            SharedSub {
+                filter: sub.filter.clone(),
+                options: sub.options,
+                id: sub.id,
+                consumer,
+            },
+        );
+        Ok(())
+    }
+
     /// Rejoin what a resumed session subscribed to.
     async fn restore_subscription(&mut self, s: &Subscription) -> mqgate_core::Result<()> {
         match topic::parse_shared(&s.filter) {
@@ -1153,33 +1162,7 @@ where
                 let (topic, group) = shared_topic(&name, &f).ok_or_else(|| {
                     mqgate_core::CoreError::Invalid("bad shared subscription".into())
                 })?;
-                self.shared.broker.create_topic(&topic, Some(1)).await?;
-                let b = self.binding(&f, topic.clone());
-                self.shared.broker.bind(DEFAULT_VHOST, b, true).await?;
-                let consumer = self
-                    .shared
-                    .broker
-                    .subscribe(
-                        GroupSpec {
-                            start: StartPosition::Last,
-                            on_failure: OnFailure::Retry,
-                            ..GroupSpec::new(group, vec![topic], ConsumeMode::Shared)
-                        },
-                        MemberOptions::new(self.client_id.clone(), self.send_quota),
-                    )
-                    .await?;
-                let id = self.next_shared;
-                self.next_shared += 1;
-                self.shared_subs.insert(
-                    id,
-                    SharedSub {
-                        filter: s.filter.clone(),
-                        options: s.options,
-                        id: s.id,
-                        consumer,
-                    },
-                );
-                Ok(())
+                self.join_shared(s, &f, topic, group).await
             }
             _ => self.bind(&s.filter).await,
         }
@@ -1261,23 +1244,8 @@ where
         let topic = mqtt_topic(m);
         let (qos_cap, retain_ok, sub_ids, shared_id) = match src {
             DeliverySource::Session => {
-                let from_self = props::get(&m.properties, props::MQTT_FROM)
-                    .is_some_and(|f| f.as_ref() == self.client_id.as_bytes());
-                let mut best: Option<QoS> = None;
-                let mut rap = false;
-                let mut ids = Vec::new();
-                for s in &self.record.subscriptions {
-                    if s.filter.starts_with("$share/") || (s.options.no_local && from_self) {
-                        continue;
-                    }
-                    if topic::matches(&s.filter, &topic) {
-                        best = Some(best.map_or(s.options.qos, |b| b.max(s.options.qos)));
-                        rap |= s.options.retain_as_published;
-                        ids.extend(s.id);
-                    }
-                }
-                match best {
-                    Some(q) => (q, rap, ids, None),
+                match self.matching(m, &topic) {
+                    Some((q, rap, ids)) => (q, rap, ids, None),
                     None => {
                         // No subscription wants it any more (unsubscribed, or no local).
                         if let Some(c) = &self.session {
@@ -1317,25 +1285,33 @@ where
         );
     }
 
-    /// A QoS 0 message handed over directly (never stored).
-    fn deliver_direct(&mut self, m: &Message) {
-        let topic = mqtt_topic(m);
+    /// The session's plain subscriptions that want a message on `topic` (no-local ones
+    /// skip the session's own publishes): the highest granted QoS, whether any keeps
+    /// the retain flag, and every subscription identifier. `None`: no subscription
+    /// wants it (any more).
+    fn matching(&self, m: &Message, topic: &str) -> Option<(QoS, bool, Vec<u32>)> {
         let from_self = props::get(&m.properties, props::MQTT_FROM)
             .is_some_and(|f| f.as_ref() == self.client_id.as_bytes());
-        let mut any = false;
+        let mut best: Option<QoS> = None;
         let mut rap = false;
         let mut ids = Vec::new();
         for s in &self.record.subscriptions {
             if s.filter.starts_with("$share/") || (s.options.no_local && from_self) {
                 continue;
             }
-            if topic::matches(&s.filter, &topic) {
-                any = true;
+            if topic::matches(&s.filter, topic) {
+                best = Some(best.map_or(s.options.qos, |b| b.max(s.options.qos)));
                 rap |= s.options.retain_as_published;
                 ids.extend(s.id);
             }
         }
-        if any {
+        best.map(|q| (q, rap, ids))
+    }
+
+    /// A QoS 0 message handed over directly (never stored).
+    fn deliver_direct(&mut self, m: &Message) {
+        let topic = mqtt_topic(m);
+        if let Some((_, rap, ids)) = self.matching(m, &topic) {
             let retain = rap && props::get(&m.properties, props::MQTT_RETAIN).is_some();
             self.emit(m, topic, QoS::AtMostOnce, retain, false, ids, None, None);
         }
