@@ -36,6 +36,10 @@ use crate::topic;
 const OUT_HIGH_WATER: usize = 256 * 1024;
 /// Output beyond this stops reading too (a client that floods without reading).
 const OUT_HARD_LIMIT: usize = 4 * 1024 * 1024;
+/// The smallest and largest room given to one socket read.
+const MIN_READ: usize = 2 * 1024;
+const MAX_READ: usize = 64 * 1024;
+
 /// Deliveries handled per wake-up before the loop looks at the socket again.
 const DELIVERY_BURST: usize = 256;
 
@@ -114,6 +118,9 @@ struct Conn<S> {
     aliases_in: HashMap<u16, String>,
     inbound_qos2: HashSet<u16>,
     problem_info: bool,
+    /// How much room the next read gets: grows while reads fill it, shrinks while
+    /// they do not, so an idle connection holds a small buffer.
+    read_hint: usize,
 }
 
 impl<S> std::fmt::Debug for Conn<S> {
@@ -135,7 +142,7 @@ where
         .connections_opened
         .fetch_add(1, Ordering::Relaxed);
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut inbuf = BytesMut::with_capacity(8 * 1024);
+    let mut inbuf = BytesMut::with_capacity(1024);
     let connect = match read_connect(&shared, &mut rd, &mut wr, &mut inbuf, peer).await {
         Some(c) => c,
         None => {
@@ -437,7 +444,8 @@ where
         rd,
         wr,
         inbuf,
-        out: BytesMut::with_capacity(16 * 1024),
+        out: BytesMut::new(),
+        read_hint: MIN_READ,
         version: c.version,
         client_id,
         user: c.username.clone(),
@@ -530,6 +538,9 @@ where
             let may_read = self.out.len() < OUT_HARD_LIMIT;
             let ka_deadline = self.keep_alive.map(|k| self.last_read + k);
             let has_out = !self.out.is_empty();
+            if self.inbuf.capacity() - self.inbuf.len() < MIN_READ / 2 {
+                self.inbuf.reserve(self.read_hint);
+            }
             tokio::select! {
                 biased;
                 r = self.kick_rx.recv() => {
@@ -541,14 +552,28 @@ where
                 }
                 w = self.wr.write(&self.out), if has_out => match w {
                     Ok(0) | Err(_) => return End::Closed,
-                    Ok(n) => bytes::Buf::advance(&mut self.out, n),
+                    Ok(n) => {
+                        bytes::Buf::advance(&mut self.out, n);
+                        // Give back a buffer a burst made big.
+                        if self.out.is_empty() && self.out.capacity() > OUT_HIGH_WATER {
+                            self.out = BytesMut::new();
+                        }
+                    }
                 },
                 r = self.rd.read_buf(&mut self.inbuf), if may_read => match r {
                     Ok(0) | Err(_) => return End::Closed,
-                    Ok(_) => {
+                    Ok(n) => {
+                        self.read_hint = if n >= self.read_hint / 2 {
+                            (self.read_hint * 2).min(MAX_READ)
+                        } else {
+                            (self.read_hint / 2).max(MIN_READ)
+                        };
                         self.last_read = Instant::now();
                         if let Err(end) = self.handle_input().await {
                             return end;
+                        }
+                        if self.inbuf.is_empty() && self.inbuf.capacity() > 2 * self.read_hint {
+                            self.inbuf = BytesMut::new();
                         }
                     }
                 },
