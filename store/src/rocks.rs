@@ -64,6 +64,9 @@ const CF_LOG: &str = "log";
 const CF_CQ: &str = "cq";
 const CF_KEYS: &str = "keys";
 const CF_OFFSETS: &str = "offsets";
+/// (topic, 0, group) for every group with an offset on a topic: deleting a topic finds
+/// its offsets without scanning every group's.
+const CF_OFFSET_TOPICS: &str = "offset_topics";
 const CF_KV: &str = "kv";
 const CF_TIMERS: &str = "timers";
 const CF_META: &str = "meta";
@@ -200,6 +203,20 @@ fn offsets_key(group: &GroupName, queue: &QueueRef) -> Vec<u8> {
     let mut k = offsets_prefix(group, Some(&queue.topic));
     k.put_u32(queue.queue.0);
     k
+}
+
+fn offset_topic_key(topic: &str, group: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(topic.len() + group.len() + 1);
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(group);
+    k
+}
+
+/// The topic of an offsets key (group, 0, topic, 0, queue as 4 bytes).
+fn offsets_key_topic(k: &[u8]) -> Option<&[u8]> {
+    let sep = k.iter().position(|b| *b == 0)?;
+    (k.len() >= sep + 6).then(|| &k[sep + 1..k.len() - 5])
 }
 
 fn offsets_prefix(group: &GroupName, topic: Option<&TopicName>) -> Vec<u8> {
@@ -432,6 +449,7 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_CQ, cf_opts(32 << 20, true)),
             ColumnFamilyDescriptor::new(CF_KEYS, keys_opts),
             ColumnFamilyDescriptor::new(CF_OFFSETS, cf_opts(4 << 20, false)),
+            ColumnFamilyDescriptor::new(CF_OFFSET_TOPICS, cf_opts(4 << 20, false)),
             ColumnFamilyDescriptor::new(CF_KV, cf_opts(8 << 20, true)),
             ColumnFamilyDescriptor::new(CF_TIMERS, cf_opts(16 << 20, true)),
             ColumnFamilyDescriptor::new(CF_META, cf_opts(4 << 20, false)),
@@ -562,7 +580,36 @@ fn periodic_fsync(shared: &Shared, interval: Duration) {
 }
 
 /// Rebuild the in-memory state from disk.
+/// Stores written before the reverse offset entries existed get them once, at open.
+fn backfill_offset_topics(s: &Shared) -> Result<()> {
+    let mut rev = s.db.raw_iterator_cf(s.cf(CF_OFFSET_TOPICS));
+    rev.seek_to_first();
+    if rev.valid() {
+        return Ok(());
+    }
+    rev.status().map_err(backend)?;
+    let mut wb = rocksdb::WriteBatch::default();
+    for item in s.db.iterator_cf(s.cf(CF_OFFSETS), IteratorMode::Start) {
+        let (k, _) = item.map_err(backend)?;
+        let (Some(sep), Some(topic)) = (k.iter().position(|b| *b == 0), offsets_key_topic(&k))
+        else {
+            continue;
+        };
+        let topic = String::from_utf8_lossy(topic).into_owned();
+        wb.put_cf(
+            s.cf(CF_OFFSET_TOPICS),
+            offset_topic_key(&topic, &k[..sep]),
+            [],
+        );
+    }
+    if !wb.is_empty() {
+        s.db.write(wb).map_err(backend)?;
+    }
+    Ok(())
+}
+
 fn recover(s: &Shared) -> Result<()> {
+    backfill_offset_topics(s)?;
     let meta = s.cf(CF_META);
     let header = match s.db.get_cf(meta, HEADER_KEY).map_err(backend)? {
         Some(v) => Header::decode(&v)?,
@@ -921,9 +968,42 @@ impl Writer {
                         offsets_key(&group, &queue),
                         offset.0.to_le_bytes(),
                     );
+                    wb.put_cf(
+                        s.cf(CF_OFFSET_TOPICS),
+                        offset_topic_key(queue.topic.as_str(), group.as_str().as_bytes()),
+                        [],
+                    );
                 }
                 WriteOp::DeleteOffsets { group, topic } => {
                     let prefix = offsets_prefix(&group, topic.as_ref());
+                    // The reverse entries: of one topic, or of every topic the group has.
+                    let topics: Vec<Vec<u8>> = match &topic {
+                        Some(t) => vec![t.as_str().as_bytes().to_vec()],
+                        None => {
+                            let mut ts: Vec<Vec<u8>> = Vec::new();
+                            let it = s.db.iterator_cf_opt(
+                                s.cf(CF_OFFSETS),
+                                prefix_range(&prefix),
+                                IteratorMode::Start,
+                            );
+                            for item in it {
+                                let (k, _) = item.map_err(backend)?;
+                                if let Some(t) = offsets_key_topic(&k) {
+                                    if ts.last().is_none_or(|l| l.as_slice() != t) {
+                                        ts.push(t.to_vec());
+                                    }
+                                }
+                            }
+                            ts
+                        }
+                    };
+                    for t in topics {
+                        let t = String::from_utf8_lossy(&t).into_owned();
+                        wb.delete_cf(
+                            s.cf(CF_OFFSET_TOPICS),
+                            offset_topic_key(&t, group.as_str().as_bytes()),
+                        );
+                    }
                     let end = nul_prefix_end(&prefix);
                     wb.delete_range_cf(s.cf(CF_OFFSETS), prefix, end);
                 }
@@ -1044,21 +1124,26 @@ impl Writer {
         Ok(true)
     }
 
-    /// Every group's committed offsets on topic `name` (keys: group, 0, topic, 0, queue).
+    /// Every group's committed offsets on topic `name`, found through the reverse
+    /// entries (topic, 0, group): the cost is the groups on this topic, not all groups.
     fn delete_topic_offsets(&self, wb: &mut rocksdb::WriteBatch, name: &TopicName) -> Result<()> {
         let s = &self.s;
-        for item in s.db.iterator_cf(s.cf(CF_OFFSETS), IteratorMode::Start) {
+        let mut prefix = name.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let it = s.db.iterator_cf_opt(
+            s.cf(CF_OFFSET_TOPICS),
+            prefix_range(&prefix),
+            IteratorMode::Start,
+        );
+        for item in it {
             let (k, _) = item.map_err(backend)?;
-            let Some(sep) = k.iter().position(|b| *b == 0) else {
-                continue;
-            };
-            let rest = &k[sep + 1..];
-            if rest.len() == name.as_str().len() + 5
-                && rest.starts_with(name.as_str().as_bytes())
-                && rest[name.as_str().len()] == 0
-            {
-                wb.delete_cf(s.cf(CF_OFFSETS), &k);
-            }
+            let group = &k[prefix.len()..];
+            let mut fwd = group.to_vec();
+            fwd.push(0);
+            fwd.extend_from_slice(&prefix);
+            let end = nul_prefix_end(&fwd);
+            wb.delete_range_cf(s.cf(CF_OFFSETS), fwd, end);
+            wb.delete_cf(s.cf(CF_OFFSET_TOPICS), &k);
         }
         Ok(())
     }
