@@ -302,6 +302,21 @@ fn raw_publish(topic: &str, qos: RQoS, pkid: u16, payload: &'static [u8]) -> Pac
     })
 }
 
+fn raw_ack(kind: AckKind, pkid: u16, reason: u8) -> Packet {
+    Packet::Ack(Ack {
+        kind,
+        pkid,
+        reason,
+        properties: Properties::default(),
+    })
+}
+
+/// Subscribe through a raw client and expect the SUBACK.
+async fn subscribed(raw: &mut Raw, pkid: u16, filter: &str, qos: RQoS) {
+    raw.send(&raw_subscribe(pkid, filter, qos)).await;
+    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+}
+
 fn raw_subscribe(pkid: u16, filter: &str, qos: RQoS) -> Packet {
     Packet::Subscribe(RawSubscribe {
         pkid,
@@ -713,9 +728,7 @@ async fn session_expiry(b: Backend) {
     let mut c = Raw::connect_packet(Version::V5, &id, true);
     c.properties.session_expiry = Some(1);
     let (mut raw, _) = Raw::connect(&t, c.clone()).await;
-    raw.send(&raw_subscribe(1, "exp/+", RQoS::AtLeastOnce))
-        .await;
-    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    subscribed(&mut raw, 1, "exp/+", RQoS::AtLeastOnce).await;
     raw.send(&Packet::Disconnect(codec::Disconnect {
         reason: 0,
         properties: Properties::default(),
@@ -844,13 +857,7 @@ async fn qos2_duplicate_suppressed(b: Backend) {
             ..
         }))
     ));
-    raw.send(&Packet::Ack(Ack {
-        kind: AckKind::PubRel,
-        pkid: 7,
-        reason: 0,
-        properties: Properties::default(),
-    }))
-    .await;
+    raw.send(&raw_ack(AckKind::PubRel, 7, 0)).await;
     assert!(matches!(
         raw.recv(WAIT).await,
         Ok(Packet::Ack(Ack {
@@ -872,8 +879,7 @@ async fn redelivery_with_dup_after_reconnect(b: Backend) {
     let mut c = Raw::connect_packet(Version::V311, &id, false);
     c.keep_alive = 60;
     let (mut raw, _) = Raw::connect(&t, c.clone()).await;
-    raw.send(&raw_subscribe(1, &topic, RQoS::AtLeastOnce)).await;
-    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    subscribed(&mut raw, 1, &topic, RQoS::AtLeastOnce).await;
     let (mut p, _) = c3(&t, &uniq("p"), true).await;
     p.client
         .publish(&topic, Q3::AtLeastOnce, false, "again")
@@ -896,13 +902,7 @@ async fn redelivery_with_dup_after_reconnect(b: Backend) {
     assert!(again.dup, "resent with DUP");
     assert_eq!(again.pkid, first.pkid, "with its packet identifier");
     assert_eq!(again.payload, first.payload);
-    raw.send(&Packet::Ack(Ack {
-        kind: AckKind::PubAck,
-        pkid: again.pkid,
-        reason: 0,
-        properties: Properties::default(),
-    }))
-    .await;
+    raw.send(&raw_ack(AckKind::PubAck, again.pkid, 0)).await;
     assert!(
         matches!(raw.recv(QUIET).await, Err(RawEnd::Timeout)),
         "nothing more"
@@ -917,8 +917,7 @@ async fn client_receive_maximum_respected(b: Backend) {
     let mut c = Raw::connect_packet(Version::V5, &uniq("small"), true);
     c.properties.receive_maximum = Some(2);
     let (mut raw, _) = Raw::connect(&t, c).await;
-    raw.send(&raw_subscribe(1, &topic, RQoS::AtLeastOnce)).await;
-    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    subscribed(&mut raw, 1, &topic, RQoS::AtLeastOnce).await;
     let (mut p, _) = c3(&t, &uniq("p"), true).await;
     for i in 0..6 {
         p.client
@@ -941,13 +940,7 @@ async fn client_receive_maximum_respected(b: Backend) {
     let mut got = 2;
     while got < 6 {
         let id = ids.remove(0);
-        raw.send(&Packet::Ack(Ack {
-            kind: AckKind::PubAck,
-            pkid: id,
-            reason: 0,
-            properties: Properties::default(),
-        }))
-        .await;
+        raw.send(&raw_ack(AckKind::PubAck, id, 0)).await;
         match raw.recv(WAIT).await {
             Ok(Packet::Publish(p)) => {
                 ids.push(p.pkid);
@@ -1212,13 +1205,7 @@ async fn subscription_options(b: Backend) {
         Ok(Packet::Publish(m)) => {
             assert!(m.retain, "retain as published");
             assert_eq!(m.properties.subscription_ids, vec![5]);
-            raw.send(&Packet::Ack(Ack {
-                kind: AckKind::PubAck,
-                pkid: m.pkid,
-                reason: 0,
-                properties: Properties::default(),
-            }))
-            .await;
+            raw.send(&raw_ack(AckKind::PubAck, m.pkid, 0)).await;
         }
         other => panic!("{other:?}"),
     }
@@ -1276,13 +1263,7 @@ async fn overlapping_subscriptions(b: Backend) {
         max_qos = max_qos.max(m.qos);
         ids.extend(m.properties.subscription_ids.clone());
         if m.qos != RQoS::AtMostOnce {
-            raw.send(&Packet::Ack(Ack {
-                kind: AckKind::PubAck,
-                pkid: m.pkid,
-                reason: 0,
-                properties: Properties::default(),
-            }))
-            .await;
+            raw.send(&raw_ack(AckKind::PubAck, m.pkid, 0)).await;
         }
     }
     ids.sort();
@@ -1418,8 +1399,7 @@ async fn message_expiry(b: Backend) {
     let mut c = Raw::connect_packet(Version::V5, &id, true);
     c.properties.session_expiry = Some(60);
     let (mut raw, _) = Raw::connect(&t, c.clone()).await;
-    raw.send(&raw_subscribe(1, &topic, RQoS::AtLeastOnce)).await;
-    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    subscribed(&mut raw, 1, &topic, RQoS::AtLeastOnce).await;
     raw.send(&Packet::Disconnect(codec::Disconnect {
         reason: 0,
         properties: Properties::default(),
@@ -1524,8 +1504,7 @@ async fn topic_aliases(b: Backend) {
     let mut c = Raw::connect_packet(Version::V5, &uniq("r"), true);
     c.properties.topic_alias_maximum = Some(5);
     let (mut r, _) = Raw::connect(&t, c).await;
-    r.send(&raw_subscribe(1, &topic, RQoS::AtMostOnce)).await;
-    assert!(matches!(r.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    subscribed(&mut r, 1, &topic, RQoS::AtMostOnce).await;
     for (i, payload) in [b"1", b"2"].iter().enumerate() {
         raw.send(&raw_publish(&topic, RQoS::AtMostOnce, 0, *payload))
             .await;
@@ -1801,13 +1780,13 @@ async fn failed_consumption_retries_then_dlq(b: Backend) {
     let group = uniq("g");
     let (mut raw, _) =
         Raw::connect(&t, Raw::connect_packet(Version::V5, &uniq("picky"), true)).await;
-    raw.send(&raw_subscribe(
+    subscribed(
+        &mut raw,
         1,
         &format!("$share/{group}/{topic}"),
         RQoS::AtLeastOnce,
-    ))
+    )
     .await;
-    assert!(matches!(raw.recv(WAIT).await, Ok(Packet::SubAck(_))));
     let (mut p, _) = c3(&t, &uniq("p"), true).await;
     p.client
         .publish(&topic, Q3::AtLeastOnce, false, "poison")
@@ -1819,13 +1798,8 @@ async fn failed_consumption_retries_then_dlq(b: Backend) {
         match raw.recv(WAIT).await {
             Ok(Packet::Publish(m)) => {
                 assert_eq!(&m.payload[..], b"poison", "attempt {attempt}");
-                raw.send(&Packet::Ack(Ack {
-                    kind: AckKind::PubAck,
-                    pkid: m.pkid,
-                    reason: reason::UNSPECIFIED_ERROR,
-                    properties: Properties::default(),
-                }))
-                .await;
+                raw.send(&raw_ack(AckKind::PubAck, m.pkid, reason::UNSPECIFIED_ERROR))
+                    .await;
             }
             other => panic!("attempt {attempt}: {other:?}"),
         }
