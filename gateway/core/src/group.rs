@@ -127,6 +127,9 @@ pub struct MemberOptions {
     /// Remove the member if it does not call [`Consumer::heartbeat`] within the broker's
     /// heartbeat timeout (for members not tied to a connection).
     pub heartbeat: bool,
+    /// `prefetch` is taken as given, 0 included (no deliveries until it is raised with
+    /// [`Consumer::set_prefetch`]): for pull-style consumers such as AMQP's basic.get.
+    pub exact_prefetch: bool,
 }
 
 impl MemberOptions {
@@ -136,6 +139,7 @@ impl MemberOptions {
             id: id.into(),
             prefetch,
             heartbeat: false,
+            exact_prefetch: false,
         }
     }
 }
@@ -263,7 +267,8 @@ impl Consumer {
         let _ = self.cmd.send(Cmd::Heartbeat(self.member.clone()));
     }
 
-    /// Change the prefetch limit.
+    /// Change the prefetch limit (0: the broker's maximum, unless the member joined
+    /// with `exact_prefetch`).
     pub fn set_prefetch(&self, prefetch: usize) {
         let _ = self.cmd.send(Cmd::Prefetch(self.member.clone(), prefetch));
     }
@@ -371,6 +376,9 @@ pub struct QueueInfo {
     pub next: u64,
     /// `next - committed`.
     pub lag: u64,
+    /// Messages waiting to be delivered: not in flight, not acknowledged (AMQP's
+    /// message count). Equals `lag` when read from the store.
+    pub ready: u64,
     /// Delivered and not yet acknowledged.
     pub in_flight: usize,
 }
@@ -390,6 +398,7 @@ impl GroupInfo {
                 committed: o.0,
                 next,
                 lag: next.saturating_sub(o.0),
+                ready: next.saturating_sub(o.0),
                 in_flight: 0,
             });
         }
@@ -446,6 +455,7 @@ pub(crate) fn spawn(
 struct Member {
     tx: mpsc::UnboundedSender<Delivery>,
     prefetch: usize,
+    exact: bool,
     unacked: usize,
     heartbeat: bool,
     last_seen: Instant,
@@ -726,12 +736,13 @@ impl Actor {
                     self.remove_member(&opts.id).await;
                 }
                 let prefetch = match opts.prefetch {
-                    0 => self.inner.config.max_prefetch,
+                    0 if !opts.exact_prefetch => self.inner.config.max_prefetch,
                     n => n.min(self.inner.config.max_prefetch),
                 };
                 let mut member = Member {
                     tx,
                     prefetch,
+                    exact: opts.exact_prefetch,
                     unacked: 0,
                     heartbeat: opts.heartbeat,
                     last_seen: Instant::now(),
@@ -762,7 +773,7 @@ impl Actor {
             Cmd::Prefetch(id, n) => {
                 let max = self.inner.config.max_prefetch;
                 if let Some(m) = self.members.get_mut(&id) {
-                    m.prefetch = if n == 0 { max } else { n.min(max) };
+                    m.prefetch = if n == 0 && !m.exact { max } else { n.min(max) };
                 }
             }
             Cmd::Ack(id, token) => {
@@ -989,6 +1000,7 @@ impl Actor {
                 committed,
                 next,
                 lag: next.saturating_sub(committed),
+                ready: next.saturating_sub(c.read) + (c.buffer.len() + c.redeliver.len()) as u64,
                 in_flight: c.in_flight.len(),
             });
         };
