@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use mqgate_amqp::{AmqpConfig, AmqpServer};
 use mqgate_core::{Broker, CoreConfig, SystemClock};
 use mqgate_mqtt::{MqttConfig, MqttServer};
 use mqgate_store::{MemoryStore, RocksConfig, RocksStore, Store};
@@ -36,6 +37,9 @@ struct ServeArgs {
     /// Where the MQTT listener binds.
     #[arg(long, default_value = "0.0.0.0:1883")]
     mqtt: SocketAddr,
+    /// Where the AMQP 0-9-1 listener binds.
+    #[arg(long, default_value = "0.0.0.0:5672")]
+    amqp: SocketAddr,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,12 +90,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("bind the MQTT listener to {}", args.mqtt))?;
     tracing::info!(addr = %args.mqtt, "MQTT listening");
     mqtt.listen(listener);
-    tracing::warn!("the AMQP (5672) adapter is still being built. Ctrl-C or SIGTERM stops.");
+    let amqp = AmqpServer::start(broker.clone(), AmqpConfig::default())
+        .await
+        .context("start the AMQP adapter")?;
+    let listener = tokio::net::TcpListener::bind(args.amqp)
+        .await
+        .with_context(|| format!("bind the AMQP listener to {}", args.amqp))?;
+    tracing::info!(addr = %args.amqp, "AMQP 0-9-1 listening (user guest/guest, vhost /)");
+    amqp.listen(listener);
+    tracing::info!("Ctrl-C or SIGTERM stops.");
     shutdown_signal().await;
     tracing::info!(
         "stopping: clients are told, groups persist their offsets, the store is flushed"
     );
-    mqtt.shutdown(Duration::from_secs(5)).await;
+    tokio::join!(
+        mqtt.shutdown(Duration::from_secs(5)),
+        amqp.shutdown(Duration::from_secs(5))
+    );
     broker.shutdown().await;
     tracing::info!("stopped");
     Ok(())

@@ -1,0 +1,118 @@
+//! The AMQP adapter's settings: users, virtual hosts and permissions, limits.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// What a user may do in one vhost: three regular expressions over resource names, as
+/// RabbitMQ's `set_permissions` takes them (configure, write, read).
+#[derive(Clone, Debug)]
+pub struct Permission {
+    /// Declare and delete queues and exchanges whose name matches.
+    pub configure: regex::Regex,
+    /// Publish to exchanges, bind queues (the queue side) whose name matches.
+    pub write: regex::Regex,
+    /// Consume from queues, bind from exchanges whose name matches.
+    pub read: regex::Regex,
+}
+
+impl Permission {
+    /// Every resource (`.*` three times).
+    pub fn all() -> Self {
+        Self::new(".*", ".*", ".*").expect("valid")
+    }
+
+    /// From three patterns (anchored as RabbitMQ anchors them: a match anywhere counts,
+    /// so use `^` and `$`).
+    pub fn new(configure: &str, write: &str, read: &str) -> Result<Self, regex::Error> {
+        Ok(Self {
+            configure: regex::Regex::new(configure)?,
+            write: regex::Regex::new(write)?,
+            read: regex::Regex::new(read)?,
+        })
+    }
+}
+
+/// A user.
+#[derive(Clone, Debug)]
+pub struct User {
+    /// Its password.
+    pub password: String,
+    /// Its permissions per vhost (no entry: no access to that vhost).
+    pub vhosts: HashMap<String, Permission>,
+}
+
+/// The AMQP adapter's settings.
+#[derive(Clone, Debug)]
+pub struct AmqpConfig {
+    /// Users by name (PLAIN and AMQPLAIN check against them).
+    pub users: HashMap<String, User>,
+    /// The virtual hosts (each gets the standard exchanges).
+    pub vhosts: Vec<String>,
+    /// The largest frame (announced in connection.tune; clients may ask for less).
+    pub frame_max: u32,
+    /// The most channels per connection.
+    pub channel_max: u16,
+    /// The heartbeat interval proposed in connection.tune, in seconds (0: none).
+    pub heartbeat: u16,
+    /// The largest message body accepted.
+    pub max_message_size: u64,
+    /// How long the handshake (protocol header to connection.open) may take.
+    pub handshake_timeout: Duration,
+    /// Prefetch of a consumer that set no limit (and of no-ack consumers).
+    pub default_prefetch: usize,
+    /// Queues declared without `x-retry-policy` use this (`None`: RabbitMQ's behaviour,
+    /// a reject without requeue drops or dead-letters the message).
+    pub default_retry_policy: Option<RetryPolicy>,
+    /// How often queue expiry (`x-expires`) is checked.
+    pub expiry_check_interval: Duration,
+}
+
+/// How a failed consumption (reject / nack without requeue) is handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryPolicy {
+    /// RocketMQ's retry ladder: redelivered after a growing delay, then dead-lettered.
+    RocketMq,
+}
+
+impl RetryPolicy {
+    /// From the `x-retry-policy` argument.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "rocketmq" | "ladder" => Some(RetryPolicy::RocketMq),
+            _ => None,
+        }
+    }
+}
+
+impl Default for AmqpConfig {
+    /// RabbitMQ's defaults: user `guest`/`guest` with every permission on vhost `/`.
+    fn default() -> Self {
+        let mut users = HashMap::new();
+        users.insert(
+            "guest".to_owned(),
+            User {
+                password: "guest".into(),
+                vhosts: HashMap::from([("/".to_owned(), Permission::all())]),
+            },
+        );
+        Self {
+            users,
+            vhosts: vec!["/".into()],
+            frame_max: 131_072,
+            channel_max: 2047,
+            heartbeat: 60,
+            max_message_size: 128 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            default_prefetch: 1024,
+            default_retry_policy: None,
+            expiry_check_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl AmqpConfig {
+    /// The user if `password` is right.
+    pub fn authenticate(&self, user: &str, password: &str) -> Option<&User> {
+        self.users.get(user).filter(|u| u.password == password)
+    }
+}

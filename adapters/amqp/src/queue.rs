@@ -1,0 +1,260 @@
+//! AMQP queues over the core: a queue is a core topic with one queue (its log), consumed
+//! by a group of the same name. Declarations of durable queues are records in the
+//! keyed area ([`NS_QUEUE`]); transient queues are dropped at restart.
+
+use amq_protocol::types::{AMQPValue, FieldTable};
+use bytes::{BufMut, Bytes, BytesMut};
+use mqgate_store::{GroupName, TopicName};
+use parking_lot::Mutex;
+
+use crate::config::RetryPolicy;
+use crate::convert::{int_value, str_value};
+use crate::reply;
+
+/// Keyed-area namespace of durable queue declarations (key: `vhost \0 name`).
+pub const NS_QUEUE: &str = "amqp.queue";
+/// Prefix of queue topics and groups.
+pub const QUEUE_PREFIX: &str = "%AMQP%";
+
+/// The topic (and group) name of queue `name` in `vhost`: `%AMQP%<vhost>/<name>` with
+/// `%` and `/` of the vhost escaped, so names never collide.
+pub fn queue_topic(vhost: &str, name: &str) -> (TopicName, GroupName) {
+    let v = vhost.replace('%', "%25").replace('/', "%2F");
+    let s = format!("{QUEUE_PREFIX}{v}/{name}");
+    (
+        TopicName::new(&s).expect("short strings fit"),
+        GroupName::new(&s).expect("short strings fit"),
+    )
+}
+
+/// What happens to a publish to a full queue (`x-overflow`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overflow {
+    /// Drop (or dead-letter) the oldest messages.
+    DropHead,
+    /// Refuse the publish (confirms: nack).
+    RejectPublish,
+}
+
+/// The queue arguments mqgate acts on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QueueArgs {
+    /// `x-message-ttl` (ms).
+    pub message_ttl: Option<u64>,
+    /// `x-expires` (ms unused before the queue is deleted).
+    pub expires: Option<u64>,
+    /// `x-max-length`.
+    pub max_length: Option<u64>,
+    /// `x-max-length-bytes`.
+    pub max_length_bytes: Option<u64>,
+    /// `x-overflow`.
+    pub overflow: Option<Overflow>,
+    /// `x-dead-letter-exchange`.
+    pub dlx: Option<String>,
+    /// `x-dead-letter-routing-key`.
+    pub dlrk: Option<String>,
+    /// `x-single-active-consumer`.
+    pub single_active: bool,
+    /// `x-delivery-limit`.
+    pub delivery_limit: Option<u32>,
+    /// `x-queue-type: stream`: consumers read the log from `x-stream-offset`,
+    /// acknowledgements do not remove anything.
+    pub stream: bool,
+    /// `x-retry-policy` (or the broker default).
+    pub retry: Option<RetryPolicy>,
+}
+
+/// A channel exception from declaring: code and text.
+pub type ArgError = (u16, String);
+
+impl QueueArgs {
+    /// Read and check the arguments of queue.declare.
+    pub fn parse(args: &FieldTable, default_retry: Option<RetryPolicy>) -> Result<Self, ArgError> {
+        let mut a = QueueArgs {
+            retry: default_retry,
+            ..Default::default()
+        };
+        let bad = |k: &str, why: &str| {
+            (
+                reply::PRECONDITION_FAILED,
+                format!("invalid arg '{k}': {why}"),
+            )
+        };
+        let non_neg = |k: &str, v: &AMQPValue| -> Result<u64, ArgError> {
+            match int_value(v) {
+                Some(n) if n >= 0 => Ok(n as u64),
+                _ => Err(bad(k, "must be a non-negative integer")),
+            }
+        };
+        for (k, v) in args {
+            let k = k.as_str();
+            match k {
+                "x-message-ttl" => a.message_ttl = Some(non_neg(k, v)?),
+                "x-expires" => match int_value(v) {
+                    Some(n) if n > 0 => a.expires = Some(n as u64),
+                    _ => return Err(bad(k, "must be a positive integer")),
+                },
+                "x-max-length" => a.max_length = Some(non_neg(k, v)?),
+                "x-max-length-bytes" => a.max_length_bytes = Some(non_neg(k, v)?),
+                "x-overflow" => {
+                    a.overflow = Some(match str_value(v).as_deref() {
+                        Some("drop-head") => Overflow::DropHead,
+                        Some("reject-publish") | Some("reject-publish-dlx") => {
+                            Overflow::RejectPublish
+                        }
+                        _ => return Err(bad(k, "must be drop-head or reject-publish")),
+                    })
+                }
+                "x-dead-letter-exchange" => {
+                    a.dlx = Some(str_value(v).ok_or_else(|| bad(k, "must be a string"))?)
+                }
+                "x-dead-letter-routing-key" => {
+                    a.dlrk = Some(str_value(v).ok_or_else(|| bad(k, "must be a string"))?)
+                }
+                "x-single-active-consumer" => {
+                    a.single_active = v.as_bool().ok_or_else(|| bad(k, "must be a boolean"))?
+                }
+                "x-delivery-limit" => {
+                    a.delivery_limit = Some(non_neg(k, v)?.min(u32::MAX as u64) as u32)
+                }
+                "x-queue-type" => match str_value(v).as_deref() {
+                    Some("classic") | Some("quorum") => {}
+                    Some("stream") => a.stream = true,
+                    _ => return Err(bad(k, "must be classic, quorum or stream")),
+                },
+                "x-retry-policy" => match str_value(v).as_deref() {
+                    Some("none") | Some("amqp") => a.retry = None,
+                    Some(s) => {
+                        a.retry = Some(
+                            RetryPolicy::parse(s)
+                                .ok_or_else(|| bad(k, "must be rocketmq or none"))?,
+                        )
+                    }
+                    None => return Err(bad(k, "must be a string")),
+                },
+                "x-max-priority" => {
+                    return Err((
+                        reply::PRECONDITION_FAILED,
+                        "invalid arg 'x-max-priority': mqgate queues are logs delivered in \
+                         publish order; priority queues are not supported (use one queue per \
+                         priority)"
+                            .into(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if a.dlrk.is_some() && a.dlx.is_none() {
+            return Err(bad(
+                "x-dead-letter-routing-key",
+                "x-dead-letter-exchange is not set",
+            ));
+        }
+        Ok(a)
+    }
+}
+
+/// A declared queue.
+#[derive(Debug)]
+pub struct Queue {
+    /// Its vhost.
+    pub vhost: String,
+    /// Its name.
+    pub name: String,
+    /// Its core topic.
+    pub topic: TopicName,
+    /// Its core group.
+    pub group: GroupName,
+    /// Survives restarts.
+    pub durable: bool,
+    /// The connection owning it, if exclusive.
+    pub exclusive: Option<u64>,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// The declare arguments as sent (for equivalence checks).
+    pub raw_args: FieldTable,
+    /// What mqgate does with them.
+    pub args: QueueArgs,
+    /// What changes while it lives.
+    pub state: Mutex<QueueState>,
+}
+
+/// A queue's changing state.
+#[derive(Debug, Default)]
+pub struct QueueState {
+    /// Consumers now.
+    pub consumers: usize,
+    /// It had a consumer once (auto-delete applies from then).
+    pub had_consumer: bool,
+    /// An exclusive consumer holds it.
+    pub exclusive_consumer: bool,
+    /// Last consume, get or declare (for `x-expires`).
+    pub last_used: u64,
+    /// Deleted: handles still held see this.
+    pub deleted: bool,
+}
+
+impl Queue {
+    /// Encode the durable declaration.
+    pub fn record(&self) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(1);
+        b.put_u8(u8::from(self.auto_delete));
+        let (args, _) = cookie_factory::gen(
+            amq_protocol::types::generation::gen_field_table(&self.raw_args),
+            Vec::new(),
+        )
+        .expect("writing to a Vec cannot fail");
+        b.put_slice(&args);
+        b.freeze()
+    }
+
+    /// Decode a durable declaration: (auto_delete, arguments).
+    pub fn decode_record(b: &[u8]) -> Option<(bool, FieldTable)> {
+        if b.len() < 2 || b[0] != 1 {
+            return None;
+        }
+        let (rest, t) = amq_protocol::types::parsing::parse_field_table(&b[2..]).ok()?;
+        rest.is_empty().then_some((b[1] == 1, t))
+    }
+
+    /// The record key.
+    pub fn key(vhost: &str, name: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(vhost.len() + name.len() + 1);
+        k.extend_from_slice(vhost.as_bytes());
+        k.push(0);
+        k.extend_from_slice(name.as_bytes());
+        k
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_do_not_collide() {
+        assert_ne!(queue_topic("a/b", "c").0, queue_topic("a", "b/c").0);
+        assert_ne!(queue_topic("a%2Fb", "c").0, queue_topic("a/b", "c").0);
+    }
+
+    #[test]
+    fn record_round_trip() {
+        let mut t = FieldTable::default();
+        t.insert("x-message-ttl".into(), AMQPValue::LongInt(5000));
+        let (topic, group) = queue_topic("/", "q");
+        let q = Queue {
+            vhost: "/".into(),
+            name: "q".into(),
+            topic,
+            group,
+            durable: true,
+            exclusive: None,
+            auto_delete: true,
+            raw_args: t.clone(),
+            args: QueueArgs::parse(&t, None).unwrap(),
+            state: Mutex::default(),
+        };
+        assert_eq!(Queue::decode_record(&q.record()), Some((true, t)));
+    }
+}

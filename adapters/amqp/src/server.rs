@@ -1,0 +1,402 @@
+//! The AMQP adapter's shared state (declared queues, exchange flags the core does not
+//! keep, connections) and the listener.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use amq_protocol::types::FieldTable;
+use bytes::Bytes;
+use mqgate_core::router::{Binding, Destination, ExchangeDef};
+use mqgate_core::{Broker, CoreError, StartPosition};
+use mqgate_store::{Millis, QueueOffset, QueueRef, WriteBatch};
+use parking_lot::{Mutex, RwLock};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::AmqpConfig;
+use crate::queue::{queue_topic, Queue, QueueArgs, NS_QUEUE, QUEUE_PREFIX};
+use crate::reply;
+
+/// A vhost and a name.
+pub(crate) type Key = (String, String);
+
+/// Counters, read by operators and benchmarks.
+#[derive(Debug, Default)]
+pub struct AmqpStats {
+    /// Connections accepted.
+    pub connections_opened: AtomicU64,
+    /// Connections ended.
+    pub connections_closed: AtomicU64,
+    /// Messages published (whole, routed or not).
+    pub published: AtomicU64,
+    /// Messages delivered (basic.deliver and basic.get-ok).
+    pub delivered: AtomicU64,
+    /// Published messages that matched no queue.
+    pub unroutable: AtomicU64,
+    /// Connections closed for a protocol violation or malformed input.
+    pub protocol_errors: AtomicU64,
+}
+
+/// What the adapter keeps about an exchange beyond the core's definition.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ExMeta {
+    /// Declared as `x-delayed-message`: publishes with `x-delay` wait.
+    pub(crate) delayed: bool,
+}
+
+/// The first byte of a stored exchange's arguments: 1 when declared `x-delayed-message`
+/// (the core keeps the routing type; the argument bytes follow).
+pub(crate) const EX_DELAYED: u8 = 1;
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) broker: Broker,
+    pub(crate) cfg: AmqpConfig,
+    pub(crate) queues: RwLock<HashMap<Key, Arc<Queue>>>,
+    pub(crate) exchanges: RwLock<HashMap<Key, ExMeta>>,
+    pub(crate) next_conn: AtomicU64,
+    /// Member ids increase, so a single-active-consumer queue keeps its first consumer.
+    pub(crate) next_member: AtomicU64,
+    pub(crate) shutdown: watch::Sender<bool>,
+    pub(crate) open: Mutex<HashMap<u64, watch::Receiver<bool>>>,
+    pub(crate) stats: AmqpStats,
+    /// When this broker started: transient messages stored before are not delivered.
+    pub(crate) boot: Millis,
+}
+
+/// The AMQP 0-9-1 adapter.
+#[derive(Clone, Debug)]
+pub struct AmqpServer {
+    shared: Arc<Shared>,
+}
+
+impl AmqpServer {
+    /// Load durable queue declarations, drop what transient queues left behind, and
+    /// create the configured vhosts.
+    pub async fn start(broker: Broker, cfg: AmqpConfig) -> mqgate_core::Result<Self> {
+        for v in &cfg.vhosts {
+            if broker.router().exchange(v, "").is_none() {
+                broker.add_vhost(v).await?;
+            }
+        }
+        let store = Arc::clone(broker.store());
+        let mut queues = HashMap::new();
+        let mut after: Option<Bytes> = None;
+        let mut fixes = WriteBatch::new();
+        loop {
+            let page = store.kv_scan(NS_QUEUE, b"", after.as_deref(), 1024).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.0.clone());
+            for (k, v) in page {
+                let parsed = std::str::from_utf8(&k)
+                    .ok()
+                    .and_then(|s| s.split_once('\0'))
+                    .zip(Queue::decode_record(&v));
+                let Some(((vhost, name), (auto_delete, raw_args))) = parsed else {
+                    tracing::warn!("unreadable AMQP queue record; dropped");
+                    fixes.kv_delete(NS_QUEUE, k);
+                    continue;
+                };
+                let args =
+                    QueueArgs::parse(&raw_args, cfg.default_retry_policy).unwrap_or_default();
+                let (topic, group) = queue_topic(vhost, name);
+                queues.insert(
+                    (vhost.to_owned(), name.to_owned()),
+                    Arc::new(Queue {
+                        vhost: vhost.to_owned(),
+                        name: name.to_owned(),
+                        topic,
+                        group,
+                        durable: true,
+                        exclusive: None,
+                        auto_delete,
+                        raw_args,
+                        args,
+                        state: Mutex::default(),
+                    }),
+                );
+            }
+        }
+        if !fixes.is_empty() {
+            store.write(fixes).await?;
+        }
+        // Transient queues die with the broker: their topics, groups and bindings go.
+        let known: HashSet<_> = queues.values().map(|q| q.topic.clone()).collect();
+        let mut dropped = 0;
+        for t in broker.topics() {
+            if t.name.as_str().starts_with(QUEUE_PREFIX) && !known.contains(&t.name) {
+                for v in broker.router().vhosts() {
+                    broker.unbind_topic(&v, &t.name).await?;
+                }
+                if let Ok(g) = mqgate_store::GroupName::new(t.name.as_str()) {
+                    broker.delete_group(&g).await?;
+                }
+                broker.delete_topic(&t.name).await?;
+                dropped += 1;
+            }
+        }
+        let mut exchanges = HashMap::new();
+        for v in broker.router().vhosts() {
+            for def in broker.router().exchanges(&v) {
+                if def.arguments.first() == Some(&EX_DELAYED) {
+                    exchanges.insert((v.clone(), def.name.clone()), ExMeta { delayed: true });
+                }
+            }
+        }
+        tracing::info!(
+            durable_queues = queues.len(),
+            transient_queues_dropped = dropped,
+            "AMQP adapter started"
+        );
+        let (shutdown, _) = watch::channel(false);
+        let boot = broker.now();
+        let shared = Arc::new(Shared {
+            broker,
+            cfg,
+            queues: RwLock::new(queues),
+            exchanges: RwLock::new(exchanges),
+            next_conn: AtomicU64::new(1),
+            next_member: AtomicU64::new(1),
+            shutdown,
+            open: Mutex::new(HashMap::new()),
+            stats: AmqpStats::default(),
+            boot,
+        });
+        let expiry = Arc::clone(&shared);
+        let mut stop = shared.shutdown.subscribe();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(expiry.cfg.expiry_check_interval);
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tick.tick() => expiry.expire_queues().await,
+                }
+            }
+        });
+        Ok(Self { shared })
+    }
+
+    /// Accept connections on `listener` until shutdown.
+    pub fn listen(&self, listener: TcpListener) -> JoinHandle<()> {
+        let server = self.clone();
+        let mut stop = self.shared.shutdown.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    r = listener.accept() => match r {
+                        Ok((stream, peer)) => {
+                            let _ = stream.set_nodelay(true);
+                            server.serve_stream(stream, peer);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "AMQP accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// Serve one client over any byte stream (TCP, TLS).
+    pub fn serve_stream<S>(&self, stream: S, peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(crate::conn::run(shared, stream, peer));
+    }
+
+    /// The adapter's counters.
+    pub fn stats(&self) -> &AmqpStats {
+        &self.shared.stats
+    }
+
+    /// Close every connection (connection.close 320 CONNECTION_FORCED) and wait up to
+    /// `grace` for them to end.
+    pub async fn shutdown(&self, grace: Duration) {
+        let _ = self.shared.shutdown.send(true);
+        let dones: Vec<_> = self.shared.open.lock().values().cloned().collect();
+        let wait = async {
+            for mut d in dones {
+                let _ = d.wait_for(|v| *v).await;
+            }
+        };
+        let _ = tokio::time::timeout(grace, wait).await;
+    }
+}
+
+impl Shared {
+    pub(crate) fn queue(&self, vhost: &str, name: &str) -> Option<Arc<Queue>> {
+        self.queues
+            .read()
+            .get(&(vhost.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    pub(crate) fn ex_meta(&self, vhost: &str, name: &str) -> ExMeta {
+        self.exchanges
+            .read()
+            .get(&(vhost.to_owned(), name.to_owned()))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Create a queue (its topic, its default-exchange binding, its record).
+    pub(crate) async fn create_queue(&self, q: Queue) -> Result<Arc<Queue>, (u16, String)> {
+        let q = Arc::new(q);
+        let internal = |e: CoreError| (reply::INTERNAL_ERROR, e.to_string());
+        self.broker
+            .create_topic(&q.topic, Some(1))
+            .await
+            .map_err(internal)?;
+        // A new queue starts empty even if a topic of that name held messages.
+        let start = self
+            .broker
+            .store()
+            .queue_range(&QueueRef::new(q.topic.clone(), 0))
+            .map(|r| r.next)
+            .unwrap_or(QueueOffset(0));
+        let mut batch = WriteBatch::new();
+        batch.commit_offset(q.group.clone(), QueueRef::new(q.topic.clone(), 0), start);
+        if q.durable {
+            batch.kv_put(NS_QUEUE, Queue::key(&q.vhost, &q.name), q.record());
+        }
+        self.broker
+            .store()
+            .write(batch)
+            .await
+            .map_err(|e| internal(e.into()))?;
+        self.broker
+            .bind(
+                &q.vhost,
+                Binding {
+                    source: String::new(),
+                    destination: Destination::Topic(q.topic.clone()),
+                    key: q.name.clone(),
+                    headers: None,
+                    mqtt: false,
+                    arguments: Bytes::new(),
+                },
+                q.durable,
+            )
+            .await
+            .map_err(internal)?;
+        q.state.lock().last_used = self.broker.now();
+        self.queues
+            .write()
+            .insert((q.vhost.clone(), q.name.clone()), Arc::clone(&q));
+        Ok(q)
+    }
+
+    /// Delete a queue: its bindings, group (consumers are cancelled), topic and record.
+    /// Returns how many messages it held.
+    pub(crate) async fn delete_queue(&self, q: &Arc<Queue>) -> u32 {
+        let count = self.ready_count(q).await;
+        {
+            let mut queues = self.queues.write();
+            match queues.get(&(q.vhost.clone(), q.name.clone())) {
+                Some(cur) if Arc::ptr_eq(cur, q) => {
+                    queues.remove(&(q.vhost.clone(), q.name.clone()));
+                }
+                _ => return 0,
+            }
+        }
+        q.state.lock().deleted = true;
+        let log = |what: &str, e: CoreError| tracing::error!(queue = %q.name, vhost = %q.vhost, error = %e, "AMQP: deleting a queue: {what}");
+        if let Err(e) = self.broker.unbind_topic(&q.vhost, &q.topic).await {
+            log("bindings", e);
+        }
+        if let Err(e) = self.broker.delete_group(&q.group).await {
+            log("group", e);
+        }
+        if let Err(e) = self.broker.delete_topic(&q.topic).await {
+            log("topic", e);
+        }
+        if q.durable {
+            let mut b = WriteBatch::new();
+            b.kv_delete(NS_QUEUE, Queue::key(&q.vhost, &q.name));
+            if let Err(e) = self.broker.store().write(b).await {
+                log("record", e.into());
+            }
+        }
+        count
+    }
+
+    /// Messages ready for delivery in a queue (RabbitMQ's message count).
+    pub(crate) async fn ready_count(&self, q: &Queue) -> u32 {
+        match self.broker.group_info(&q.group).await {
+            Ok(info) => info.queues.iter().map(|i| i.ready).sum::<u64>() as u32,
+            Err(_) => 0,
+        }
+    }
+
+    /// Drop every ready message of a queue; returns how many.
+    pub(crate) async fn purge(&self, q: &Queue) -> Result<u32, CoreError> {
+        let n = self.ready_count(q).await;
+        self.broker
+            .reset_group(&q.group, StartPosition::Last)
+            .await?;
+        Ok(n)
+    }
+
+    /// Delete queues unused for their `x-expires`.
+    async fn expire_queues(&self) {
+        let now = self.broker.now();
+        let expired: Vec<Arc<Queue>> = self
+            .queues
+            .read()
+            .values()
+            .filter(|q| {
+                q.args.expires.is_some_and(|ms| {
+                    let s = q.state.lock();
+                    s.consumers == 0 && s.last_used + ms <= now
+                })
+            })
+            .cloned()
+            .collect();
+        for q in expired {
+            tracing::info!(queue = %q.name, vhost = %q.vhost, "AMQP: queue expired (x-expires); deleted");
+            self.delete_queue(&q).await;
+        }
+    }
+
+    /// Declare an exchange as mqgate stores it; `delayed` marks `x-delayed-message`.
+    pub(crate) fn exchange_def(
+        name: &str,
+        kind: mqgate_core::router::ExchangeKind,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        args: &FieldTable,
+        delayed: bool,
+    ) -> ExchangeDef {
+        let (enc, _) = cookie_factory::gen(
+            amq_protocol::types::generation::gen_field_table(args),
+            vec![u8::from(delayed)],
+        )
+        .expect("writing to a Vec cannot fail");
+        ExchangeDef {
+            name: name.to_owned(),
+            kind,
+            durable,
+            auto_delete,
+            internal,
+            alternate: args
+                .inner()
+                .get("alternate-exchange")
+                .and_then(crate::convert::str_value),
+            arguments: Bytes::from(enc),
+        }
+    }
+
+    pub(crate) fn conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
