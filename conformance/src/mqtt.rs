@@ -47,6 +47,17 @@ struct InProc {
     core: CoreConfig,
 }
 
+/// Broker logs in test output when `MQGATE_TEST_LOG` holds a filter
+/// (`mqgate_mqtt=debug`).
+pub(crate) fn init_test_log() {
+    if let Ok(filter) = std::env::var("MQGATE_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// The external broker's address, when the suite runs against one.
 pub fn external() -> Option<(String, u16)> {
     let v = std::env::var(EXTERNAL_ENV).ok()?;
@@ -97,12 +108,7 @@ impl Target {
     }
 
     async fn mqgate(backend: Backend, cfg: MqttConfig, core: CoreConfig) -> Target {
-        if let Ok(filter) = std::env::var("MQGATE_TEST_LOG") {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-                .with_test_writer()
-                .try_init();
-        }
+        init_test_log();
         let dir = (backend == Backend::Rocks).then(|| tempfile::tempdir().expect("tempdir"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
