@@ -6,10 +6,10 @@
 pub mod config;
 mod conn;
 pub mod convert;
-pub mod frame;
 pub mod queue;
-pub mod reply;
 mod server;
+
+pub use mqgate_amqp_codec::{frame, reply};
 
 pub use config::{AmqpConfig, Permission, RetryPolicy, User};
 pub use server::{AmqpServer, AmqpStats};
