@@ -165,6 +165,11 @@ impl Target {
         self.inproc.as_ref().map(|i| &i.broker)
     }
 
+    /// The in-process AMQP adapter (`None` for an external broker).
+    pub fn amqp(&self) -> Option<&AmqpServer> {
+        self.inproc.as_ref().map(|i| &i.amqp)
+    }
+
     /// Whether the broker keeps its state across [`Target::restart`] (RocksDB).
     pub fn durable(&self) -> bool {
         self.inproc.as_ref().is_some_and(|i| i.dir.is_some())

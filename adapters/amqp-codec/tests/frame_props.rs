@@ -18,8 +18,7 @@ fn value() -> impl Strategy<Value = AMQPValue> {
         any::<i32>().prop_map(AMQPValue::LongInt),
         any::<i64>().prop_map(AMQPValue::LongLongInt),
         short().prop_map(|s| AMQPValue::LongString(LongString::from(s))),
-        proptest::collection::vec(any::<u8>(), 0..20)
-            .prop_map(|b| AMQPValue::ByteArray(b.into())),
+        proptest::collection::vec(any::<u8>(), 0..20).prop_map(|b| AMQPValue::ByteArray(b.into())),
     ]
 }
 

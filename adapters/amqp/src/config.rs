@@ -65,6 +65,9 @@ pub struct AmqpConfig {
     pub default_retry_policy: Option<RetryPolicy>,
     /// How often queue expiry (`x-expires`) is checked.
     pub expiry_check_interval: Duration,
+    /// Above this resident memory (bytes), publishing connections are blocked
+    /// (connection.blocked) until it falls below again; `None`: never.
+    pub memory_high_watermark: Option<u64>,
 }
 
 /// How a failed consumption (reject / nack without requeue) is handled.
@@ -106,6 +109,7 @@ impl Default for AmqpConfig {
             default_prefetch: 1024,
             default_retry_policy: None,
             expiry_check_interval: Duration::from_secs(1),
+            memory_high_watermark: None,
         }
     }
 }

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use crate::config::{Permission, RetryPolicy};
 use crate::convert::{self, DeathReason};
 use crate::frame::{self, ContentHeader, Frame, FrameError, PROTOCOL_HEADER};
-use crate::queue::{queue_topic, Queue, QueueArgs};
+use crate::queue::{queue_topic, Overflow, Queue, QueueArgs};
 use crate::reply;
 use crate::server::{ExMeta, Shared};
 
@@ -279,6 +279,19 @@ where
             return None;
         }
     };
+    let client_cap = |name: &str| {
+        start_ok
+            .client_properties
+            .inner()
+            .get("capabilities")
+            .and_then(|c| match c {
+                AMQPValue::FieldTable(t) => t.inner().get(name),
+                _ => None,
+            })
+            .and_then(AMQPValue::as_bool)
+            .unwrap_or(false)
+    };
+    let blocked_notify = client_cap("connection.blocked");
     let cancel_notify = start_ok
         .client_properties
         .inner()
@@ -386,6 +399,8 @@ where
         channel_max,
         heartbeat,
         cancel_notify,
+        blocked_notify,
+        published: false,
         channels: HashMap::new(),
         last_read: Instant::now(),
         last_write: Instant::now(),
@@ -493,6 +508,10 @@ struct Conn<S> {
     channel_max: u16,
     heartbeat: u16,
     cancel_notify: bool,
+    /// The client understands connection.blocked.
+    blocked_notify: bool,
+    /// It has published: the memory watermark stops reading from it.
+    published: bool,
     channels: HashMap<u16, Channel>,
     last_read: Instant,
     last_write: Instant,
@@ -512,6 +531,8 @@ where
 {
     async fn serve(&mut self) -> End {
         let mut shutdown = self.shared.shutdown.subscribe();
+        let mut blocked = self.shared.blocked.subscribe();
+        let mut told_blocked = false;
         if !self.inbuf.is_empty() {
             if let Err(end) = self.handle_input().await {
                 return end;
@@ -520,12 +541,24 @@ where
         let hb = (self.heartbeat > 0).then(|| Duration::from_secs(self.heartbeat as u64));
         loop {
             let may_deliver = self.out.len() < OUT_HIGH_WATER;
-            let may_read = self.out.len() < OUT_HARD_LIMIT;
+            let is_blocked = blocked.borrow().is_some();
+            if is_blocked != told_blocked && self.blocked_notify {
+                let m = match blocked.borrow().clone() {
+                    Some(reason) => connection::AMQPMethod::Blocked(connection::Blocked {
+                        reason: reason.into(),
+                    }),
+                    None => connection::AMQPMethod::Unblocked(connection::Unblocked {}),
+                };
+                frame::put_method(&mut self.out, 0, AMQPClass::Connection(m));
+            }
+            told_blocked = is_blocked;
+            let may_read = self.out.len() < OUT_HARD_LIMIT && !(is_blocked && self.published);
             let has_out = !self.out.is_empty();
             let hb_send = hb.map(|h| self.last_write + h / 2);
             let hb_dead = hb.map(|h| self.last_read + h * 2);
             tokio::select! {
                 biased;
+                _ = blocked.changed() => continue,
                 _ = shutdown.changed() => {
                     return End::Error(reply::CONNECTION_FORCED,
                         "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'".into(), 0, 0);
@@ -2071,6 +2104,7 @@ where
             return Ok(());
         };
         self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
+        self.published = true;
         let c = Completed {
             channel: ch,
             exchange: p.exchange,
@@ -2180,12 +2214,56 @@ where
                 );
             }
         }
-        self.batch.push(Batched {
-            channel: ch,
-            seq,
-            message,
-            topics: routed.topics,
-        });
+        let limited: Vec<Arc<Queue>> = {
+            let l = self.shared.limited.read();
+            if l.is_empty() {
+                Vec::new()
+            } else {
+                routed
+                    .topics
+                    .iter()
+                    .filter_map(|t| l.get(t).cloned())
+                    .collect()
+            }
+        };
+        if limited.is_empty() {
+            self.batch.push(Batched {
+                channel: ch,
+                seq,
+                message,
+                topics: routed.topics,
+            });
+            return Ok(());
+        }
+        // A queue with a length limit: count with everything published before stored.
+        self.flush_batch()
+            .await
+            .map_err(|_| chan_err(reply::INTERNAL_ERROR, "store failed"))?;
+        let mut topics = routed.topics;
+        let mut rejected = false;
+        let size = c.body.len() as u64;
+        for q in &limited {
+            if q.args.overflow == Some(Overflow::RejectPublish)
+                && self.shared.is_full(q, size).await
+            {
+                topics.retain(|t| *t != q.topic);
+                rejected = true;
+            }
+        }
+        let stored = self
+            .shared
+            .broker
+            .publish_routed_batch(vec![(message, topics)])
+            .await;
+        if let Some(seq) = seq {
+            frame::put_confirm(&mut self.out, ch, seq, false, stored.is_ok() && !rejected);
+        }
+        stored.map_err(internal)?;
+        for q in &limited {
+            if q.args.overflow != Some(Overflow::RejectPublish) {
+                self.shared.trim(q).await;
+            }
+        }
         Ok(())
     }
 
