@@ -1,0 +1,240 @@
+//! One AMQP publisher → one consumer through one queue, with lapin, against any broker:
+//! throughput, end-to-end latency (timestamps in the payload), loss and duplicates
+//! (sequence numbers), and the broker's CPU time per message.
+//!
+//! ```sh
+//! cargo build --release --workspace --bins
+//! ./target/release/mqgate serve --memory --amqp 127.0.0.1:25672 --mqtt 127.0.0.1:21883 &
+//! ./target/release/amqp_pubsub --url amqp://guest:guest@127.0.0.1:25672/%2f --broker-pid $! --durable
+//! ```
+//! `--durable`: durable queue, persistent messages, publisher confirms (a window of
+//! `--window` unconfirmed), manual acks with prefetch `--prefetch` (acked with
+//! multiple=true every `--ack-every`). Without it: transient queue, no confirms, auto-ack.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use futures_util::StreamExt;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use mqgate_bench::{median, percentile, process_cpu};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The broker.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    url: String,
+    /// The broker's process id, for its CPU time.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Messages per round.
+    #[arg(long, default_value_t = 100_000)]
+    messages: u64,
+    /// Payload size in bytes (at least 16).
+    #[arg(long, default_value_t = 128)]
+    size: usize,
+    /// Durable queue, persistent messages, confirms, manual acks.
+    #[arg(long)]
+    durable: bool,
+    /// Unconfirmed publishes allowed in flight (durable mode).
+    #[arg(long, default_value_t = 1000)]
+    window: usize,
+    /// Consumer prefetch (durable mode).
+    #[arg(long, default_value_t = 100)]
+    prefetch: u16,
+    /// Ack with multiple=true every this many deliveries (durable mode).
+    #[arg(long, default_value_t = 10)]
+    ack_every: u64,
+    /// Fixed offered rate in messages per second (0: flat out).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Rounds (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+struct Round {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    p999: Duration,
+    cpu_us: Option<f64>,
+    lost: u64,
+    dup: u64,
+}
+
+async fn round(a: &Args, n: usize) -> Round {
+    let queue = format!("bench.{}.{n}", std::process::id());
+    let pc = Connection::connect(&a.url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let cc = Connection::connect(&a.url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let pch = pc.create_channel().await.expect("channel");
+    let cch = cc.create_channel().await.expect("channel");
+    cch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: a.durable,
+            auto_delete: false,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare");
+    if a.durable {
+        cch.basic_qos(a.prefetch, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        pch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+    }
+    let mut consumer = cch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: !a.durable,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let total = a.messages;
+    let cpu0 = a.broker_pid.and_then(process_cpu);
+    let start = Instant::now();
+    let durable = a.durable;
+    let ack_every = a.ack_every;
+    let recv = tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(total as usize);
+        let mut seen = vec![false; total as usize];
+        let (mut got, mut dup) = (0u64, 0u64);
+        while got < total {
+            let Ok(Some(Ok(d))) =
+                tokio::time::timeout(Duration::from_secs(10), consumer.next()).await
+            else {
+                break;
+            };
+            let seq = u64::from_be_bytes(d.data[0..8].try_into().unwrap());
+            let sent = u64::from_be_bytes(d.data[8..16].try_into().unwrap());
+            lat.push(Duration::from_micros(now_us().saturating_sub(sent)));
+            if std::mem::replace(&mut seen[seq as usize], true) {
+                dup += 1;
+            } else {
+                got += 1;
+            }
+            if durable && (got % ack_every == 0 || got == total) {
+                d.acker
+                    .ack(BasicAckOptions { multiple: true })
+                    .await
+                    .expect("ack");
+            }
+        }
+        (lat, got, dup)
+    });
+    let props = BasicProperties::default().with_delivery_mode(if a.durable { 2 } else { 1 });
+    let mut pending = std::collections::VecDeque::new();
+    let interval = (a.rate > 0).then(|| Duration::from_secs_f64(1.0 / a.rate as f64));
+    let mut body = vec![0u8; a.size.max(16)];
+    for seq in 0..total {
+        if let Some(iv) = interval {
+            let due = start + iv * seq as u32;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        body[0..8].copy_from_slice(&seq.to_be_bytes());
+        body[8..16].copy_from_slice(&now_us().to_be_bytes());
+        let c = pch
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                props.clone(),
+            )
+            .await
+            .expect("publish");
+        if a.durable {
+            pending.push_back(c);
+            while pending.len() > a.window {
+                pending.pop_front().unwrap().await.expect("confirm");
+            }
+        }
+    }
+    for c in pending {
+        c.await.expect("confirm");
+    }
+    let (mut lat, got, dup) = recv.await.expect("receiver");
+    let elapsed = start.elapsed();
+    let cpu = a
+        .broker_pid
+        .and_then(process_cpu)
+        .zip(cpu0)
+        .map(|(b, a)| (b - a).as_secs_f64() * 1e6 / got.max(1) as f64);
+    lat.sort_unstable();
+    let _ = cch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = pc.close(200, "bye".into()).await;
+    let _ = cc.close(200, "bye".into()).await;
+    Round {
+        rate: got as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&lat, 50.0),
+        p99: percentile(&lat, 99.0),
+        p999: percentile(&lat, 99.9),
+        cpu_us: cpu,
+        lost: total - got,
+        dup,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let a = Args::parse();
+    let mut rates = Vec::new();
+    let (mut p50, mut p99, mut p999, mut cpus) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut lost, mut dup) = (0, 0);
+    for n in 0..a.rounds {
+        let r = round(&a, n).await;
+        println!(
+            "round {n}: {:.0} msg/s, p50 {:?}, p99 {:?}, p99.9 {:?}, broker CPU {} µs/msg, lost {}, dup {}",
+            r.rate,
+            r.p50,
+            r.p99,
+            r.p999,
+            r.cpu_us.map(|c| format!("{c:.1}")).unwrap_or("-".into()),
+            r.lost,
+            r.dup
+        );
+        rates.push(r.rate);
+        p50.push(r.p50.as_secs_f64() * 1e6);
+        p99.push(r.p99.as_secs_f64() * 1e6);
+        p999.push(r.p999.as_secs_f64() * 1e6);
+        if let Some(c) = r.cpu_us {
+            cpus.push(c);
+        }
+        lost += r.lost;
+        dup += r.dup;
+    }
+    println!(
+        "median: {:.0} msg/s, p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, broker CPU {:.1} µs/msg; lost {lost}, duplicated {dup}",
+        median(&mut rates),
+        median(&mut p50),
+        median(&mut p99),
+        median(&mut p999),
+        median(&mut cpus)
+    );
+}
