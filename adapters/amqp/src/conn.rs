@@ -580,6 +580,9 @@ where
                         if let Err(end) = self.handle_input().await {
                             return end;
                         }
+                        // A client that publishes without pause still gets its
+                        // deliveries: the read branch wins every biased select.
+                        self.deliver_burst();
                     }
                 },
                 (ch, cid, d) = poll_deliveries(&mut self.channels), if may_deliver => {
@@ -588,16 +591,7 @@ where
                         continue;
                     };
                     self.deliver(ch, cid, d);
-                    for _ in 0..DELIVERY_BURST {
-                        if self.out.len() >= OUT_HIGH_WATER {
-                            break;
-                        }
-                        match try_deliveries(&mut self.channels) {
-                            Some((ch, cid, d)) => self.deliver(ch, cid, d),
-                            None => break,
-                        }
-                    }
-                    self.reap_ended_consumers();
+                    self.deliver_burst();
                 }
                 _ = sleep_until_opt(hb_send) => {
                     if self.out.is_empty() {
@@ -611,6 +605,21 @@ where
                 }
             }
         }
+    }
+
+    /// Deliver what the consumers have ready now, up to a burst.
+    fn deliver_burst(&mut self) {
+        for _ in 0..DELIVERY_BURST {
+            if self.out.len() >= OUT_HIGH_WATER {
+                break;
+            }
+            match try_deliveries(&mut self.channels) {
+                Some((ch, cid, Some(d))) => self.deliver(ch, cid, d),
+                Some((ch, cid, None)) => self.consumer_ended(ch, cid),
+                None => break,
+            }
+        }
+        self.reap_ended_consumers();
     }
 
     /// Decode and handle every whole frame read. Publishes read together are stored
@@ -2473,7 +2482,7 @@ async fn poll_deliveries(channels: &mut HashMap<u16, Channel>) -> (u16, u64, Opt
     .await
 }
 
-fn try_deliveries(channels: &mut HashMap<u16, Channel>) -> Option<(u16, u64, Delivery)> {
+fn try_deliveries(channels: &mut HashMap<u16, Channel>) -> Option<(u16, u64, Option<Delivery>)> {
     for (ch, c) in channels.iter_mut() {
         if c.closing || c.flow_paused {
             continue;
@@ -2486,7 +2495,7 @@ fn try_deliveries(channels: &mut HashMap<u16, Channel>) -> Option<(u16, u64, Del
                 continue;
             }
             if let Some(d) = cons.consumer.try_recv() {
-                return Some((*ch, *id, d));
+                return Some((*ch, *id, Some(d)));
             }
         }
     }
