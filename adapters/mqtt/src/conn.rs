@@ -575,35 +575,48 @@ where
                         if self.inbuf.is_empty() && self.inbuf.capacity() > 2 * self.read_hint {
                             self.inbuf = BytesMut::new();
                         }
+                        // A client that publishes without pause still gets its
+                        // deliveries: the read branch wins every biased select.
+                        self.deliver_burst();
                     }
                 },
                 m = self.direct_rx.recv(), if may_deliver => {
                     if let Some(m) = m {
                         self.deliver_direct(&m);
-                        for _ in 0..DELIVERY_BURST {
-                            match self.direct_rx.try_recv() {
-                                Ok(m) => self.deliver_direct(&m),
-                                Err(_) => break,
-                            }
-                        }
+                        self.deliver_burst();
                     }
                 }
                 d = poll_deliveries(&mut self.session, &mut self.shared_subs), if may_deliver && window_open => {
                     let (src, d) = d;
                     self.deliver(src, d);
-                    for _ in 0..DELIVERY_BURST {
-                        if self.inflight.len() >= self.send_quota || self.out.len() >= OUT_HIGH_WATER {
-                            break;
-                        }
-                        match try_deliveries(&mut self.session, &mut self.shared_subs) {
-                            Some((src, d)) => self.deliver(src, d),
-                            None => break,
-                        }
-                    }
+                    self.deliver_burst();
                 }
                 _ = sleep_until_opt(ka_deadline) => {
                     return End::Server(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout".into());
                 }
+            }
+        }
+    }
+
+    /// Deliver what is ready now (direct QoS 0 and the consumers), up to a burst each,
+    /// within the client's window and the output high-water mark.
+    fn deliver_burst(&mut self) {
+        for _ in 0..DELIVERY_BURST {
+            if self.out.len() >= OUT_HIGH_WATER {
+                break;
+            }
+            match self.direct_rx.try_recv() {
+                Ok(m) => self.deliver_direct(&m),
+                Err(_) => break,
+            }
+        }
+        for _ in 0..DELIVERY_BURST {
+            if self.inflight.len() >= self.send_quota || self.out.len() >= OUT_HIGH_WATER {
+                break;
+            }
+            match try_deliveries(&mut self.session, &mut self.shared_subs) {
+                Some((src, d)) => self.deliver(src, d),
+                None => break,
             }
         }
     }
