@@ -1401,7 +1401,7 @@ where
                             name: name.clone(),
                             topic,
                             group,
-                            durable: d.durable && !d.exclusive,
+                            durable: d.durable,
                             exclusive: d.exclusive.then_some(self.id),
                             auto_delete: d.auto_delete,
                             raw_args: d.arguments.clone(),
@@ -1444,7 +1444,7 @@ where
                 );
                 self.shared
                     .broker
-                    .bind(&self.vhost, binding, q.durable && e.durable)
+                    .bind(&self.vhost, binding, q.persistent() && e.durable)
                     .await
                     .map_err(internal)?;
                 if !b.nowait {

@@ -195,6 +195,12 @@ pub struct QueueState {
 }
 
 impl Queue {
+    /// Whether it survives a restart: durable and not exclusive (an exclusive queue
+    /// dies with its connection).
+    pub fn persistent(&self) -> bool {
+        self.durable && self.exclusive.is_none()
+    }
+
     /// Encode the durable declaration.
     pub fn record(&self) -> Bytes {
         let mut b = BytesMut::new();

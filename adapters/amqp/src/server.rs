@@ -315,7 +315,7 @@ impl Shared {
             .unwrap_or(QueueOffset(0));
         let mut batch = WriteBatch::new();
         batch.commit_offset(q.group.clone(), QueueRef::new(q.topic.clone(), 0), start);
-        if q.durable {
+        if q.persistent() {
             batch.kv_put(NS_QUEUE, Queue::key(&q.vhost, &q.name), q.record());
         }
         self.broker
@@ -334,7 +334,7 @@ impl Shared {
                     mqtt: false,
                     arguments: Bytes::new(),
                 },
-                q.durable,
+                q.persistent(),
             )
             .await
             .map_err(internal)?;
@@ -373,7 +373,7 @@ impl Shared {
         if let Err(e) = self.broker.delete_topic(&q.topic).await {
             log("topic", e);
         }
-        if q.durable {
+        if q.persistent() {
             let mut b = WriteBatch::new();
             b.kv_delete(NS_QUEUE, Queue::key(&q.vhost, &q.name));
             if let Err(e) = self.broker.store().write(b).await {
