@@ -92,7 +92,7 @@ pub enum FrameError {
     #[error("unknown frame type {0}")]
     UnknownType(u8),
     /// A method frame whose payload is not a valid method.
-    #[error("malformed method frame on channel {channel}: {why}")]
+    #[error("cannot decode method frame on channel {channel}: {why}")]
     BadMethod {
         /// Its channel.
         channel: u16,
@@ -108,7 +108,7 @@ impl FrameError {
     /// The connection.close reply code RabbitMQ uses for it.
     pub fn reply_code(&self) -> u16 {
         match self {
-            FrameError::BadMethod { .. } => crate::reply::SYNTAX_ERROR,
+            // RabbitMQ answers an undecodable method with 501 as well.
             _ => crate::reply::FRAME_ERROR,
         }
     }

@@ -63,7 +63,8 @@ pub struct AmqpConfig {
     /// Queues declared without `x-retry-policy` use this (`None`: RabbitMQ's behaviour,
     /// a reject without requeue drops or dead-letters the message).
     pub default_retry_policy: Option<RetryPolicy>,
-    /// How often queue expiry (`x-expires`) is checked.
+    /// How often queue expiry (`x-expires`) and the heads of idle queues with a message
+    /// TTL are checked.
     pub expiry_check_interval: Duration,
     /// Above this resident memory (bytes), publishing connections are blocked
     /// (connection.blocked) until it falls below again; `None`: never.
@@ -108,7 +109,7 @@ impl Default for AmqpConfig {
             handshake_timeout: Duration::from_secs(10),
             default_prefetch: 1024,
             default_retry_policy: None,
-            expiry_check_interval: Duration::from_secs(1),
+            expiry_check_interval: Duration::from_millis(250),
             memory_high_watermark: None,
         }
     }

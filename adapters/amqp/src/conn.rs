@@ -1874,19 +1874,27 @@ where
                 id
             }
         };
-        let mut delivery = self
-            .chan(ch)
-            .consumers
-            .get_mut(&id)
-            .and_then(|c| c.consumer.try_recv());
-        if delivery.is_none() && self.shared.ready_count(&q).await > 0 {
+        let mut delivery = None;
+        // Skip what screening settles (expired, transient from before a restart).
+        for _ in 0..10_000 {
             let cons = self.chan(ch).consumers.get_mut(&id).expect("get member");
-            cons.consumer.set_prefetch(cons.unacked + 1);
-            delivery = tokio::time::timeout(Duration::from_secs(2), cons.consumer.recv())
-                .await
-                .ok()
-                .flatten();
-            cons.consumer.set_prefetch(cons.unacked);
+            let mut d = cons.consumer.try_recv();
+            if d.is_none() && self.shared.ready_count(&q).await > 0 {
+                let cons = self.chan(ch).consumers.get_mut(&id).expect("get member");
+                cons.consumer.set_prefetch(cons.unacked + 1);
+                d = tokio::time::timeout(Duration::from_secs(2), cons.consumer.recv())
+                    .await
+                    .ok()
+                    .flatten();
+                cons.consumer.set_prefetch(cons.unacked);
+            }
+            let Some(d) = d else { break };
+            let shared = Arc::clone(&self.shared);
+            let cons = self.chan(ch).consumers.get(&id).expect("get member");
+            if screen(&shared, cons, &d) {
+                delivery = Some(d);
+                break;
+            }
         }
         let Some(d) = delivery else {
             self.reply(
@@ -2316,8 +2324,6 @@ where
     // ------------------------------------------------------------------ delivering
 
     fn deliver(&mut self, ch: u16, cid: u64, d: Delivery) {
-        let now = self.shared.broker.now();
-        let boot = self.shared.boot;
         let frame_max = self.frame_max;
         let Some(chan) = self.channels.get_mut(&ch) else {
             return;
@@ -2325,38 +2331,11 @@ where
         let Some(cons) = chan.consumers.get_mut(&cid) else {
             return;
         };
+        if !screen(&self.shared, cons, &d) {
+            return;
+        }
         let token = d.ack_token();
         let m = &d.message.message;
-        // Transient messages do not outlive the broker that stored them.
-        if d.message.store_timestamp < boot
-            && props::get(&m.properties, convert::TRANSIENT).is_some()
-        {
-            cons.consumer.ack(token);
-            return;
-        }
-        let q = Arc::clone(&cons.queue);
-        let expired = props::get_u64(&m.properties, props::EXPIRES_AT).is_some_and(|at| at <= now)
-            || q.args
-                .message_ttl
-                .is_some_and(|ttl| d.message.store_timestamp + ttl <= now);
-        let over_limit = q.args.retry.is_none()
-            && q.args
-                .delivery_limit
-                .is_some_and(|l| d.delivery_count.saturating_sub(1) > l);
-        if expired || over_limit {
-            cons.consumer.ack(token);
-            if q.args.dlx.is_some() {
-                let why = if expired {
-                    DeathReason::Expired
-                } else {
-                    DeathReason::DeliveryLimit
-                };
-                let shared = Arc::clone(&self.shared);
-                let msg = Arc::clone(&d.message);
-                tokio::spawn(async move { dead_letter(&shared, &q, &msg, why).await });
-            }
-            return;
-        }
         chan.next_tag += 1;
         let tag = chan.next_tag;
         let ex = props::get(&m.properties, props::AMQP_EXCHANGE);
@@ -2500,6 +2479,46 @@ fn try_deliveries(channels: &mut HashMap<u16, Channel>) -> Option<(u16, u64, Opt
         }
     }
     None
+}
+
+/// Whether a delivery goes to the client. Transient messages stored before this broker
+/// started, expired messages (queue TTL, per-message expiration) and messages past the
+/// queue's delivery limit are settled here instead (and dead-lettered when the queue has
+/// a dead-letter exchange).
+fn screen(shared: &Arc<Shared>, cons: &Cons, d: &Delivery) -> bool {
+    let m = &d.message.message;
+    if d.message.store_timestamp < shared.boot
+        && props::get(&m.properties, convert::TRANSIENT).is_some()
+    {
+        cons.consumer.ack(d.ack_token());
+        return false;
+    }
+    let q = &cons.queue;
+    let now = shared.broker.now();
+    let expired = props::get_u64(&m.properties, props::EXPIRES_AT).is_some_and(|at| at <= now)
+        || q.args
+            .message_ttl
+            .is_some_and(|ttl| d.message.store_timestamp + ttl <= now);
+    let over_limit = q.args.retry.is_none()
+        && q.args
+            .delivery_limit
+            .is_some_and(|l| d.delivery_count.saturating_sub(1) > l);
+    if !(expired || over_limit) {
+        return true;
+    }
+    cons.consumer.ack(d.ack_token());
+    if q.args.dlx.is_some() {
+        let why = if expired {
+            DeathReason::Expired
+        } else {
+            DeathReason::DeliveryLimit
+        };
+        let shared = Arc::clone(shared);
+        let q = Arc::clone(q);
+        let msg = Arc::clone(&d.message);
+        tokio::spawn(async move { dead_letter(&shared, &q, &msg, why).await });
+    }
+    false
 }
 
 /// Republish a message to its queue's dead-letter exchange.

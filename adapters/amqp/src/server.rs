@@ -207,7 +207,10 @@ impl AmqpServer {
             loop {
                 tokio::select! {
                     _ = stop.changed() => return,
-                    _ = tick.tick() => expiry.expire_queues().await,
+                    _ = tick.tick() => {
+                        expiry.expire_queues().await;
+                        expiry.expire_messages().await;
+                    }
                 }
             }
         });
@@ -483,6 +486,74 @@ impl Shared {
             .reset_group(&q.group, StartPosition::Last)
             .await?;
         Ok(n)
+    }
+
+    /// Settle (and dead-letter) expired messages at the head of queues nobody consumes
+    /// (with consumers, delivery screens them): RabbitMQ expires them on time, consumer
+    /// or not.
+    async fn expire_messages(&self) {
+        let idle: Vec<Arc<Queue>> = self
+            .queues
+            .read()
+            .values()
+            .filter(|q| q.args.message_ttl.is_some() && q.state.lock().consumers == 0)
+            .cloned()
+            .collect();
+        for q in idle {
+            if let Err(e) = self.expire_head(&q).await {
+                tracing::warn!(queue = %q.name, error = %e, "AMQP: expiring messages failed");
+            }
+        }
+    }
+
+    async fn expire_head(&self, q: &Queue) -> Result<(), CoreError> {
+        let Some(ttl) = q.args.message_ttl else {
+            return Ok(());
+        };
+        let info = match self.broker.group_info(&q.group).await {
+            Ok(i) => i,
+            Err(CoreError::NoSuchGroup(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let Some(head) = info.queues.first() else {
+            return Ok(());
+        };
+        if head.ready == 0 || head.in_flight > 0 {
+            return Ok(());
+        }
+        let now = self.broker.now();
+        let queue = QueueRef::new(q.topic.clone(), 0);
+        let batch = self
+            .broker
+            .store()
+            .read(&queue, QueueOffset(head.committed), ReadLimits::count(1024))
+            .await?;
+        let mut cut = None;
+        for m in &batch {
+            if m.message.store_timestamp + ttl > now {
+                break;
+            }
+            if let Some(dlx) = &q.args.dlx {
+                let (msg, key) = crate::convert::dead_letter(
+                    &m.message,
+                    &q.name,
+                    crate::convert::DeathReason::Expired,
+                    dlx,
+                    q.args.dlrk.as_deref(),
+                    now,
+                );
+                self.broker
+                    .publish_exchange(&q.vhost, dlx, &key, &[], msg, None)
+                    .await?;
+            }
+            cut = Some(m.entry.offset.0 + 1);
+        }
+        if let Some(to) = cut {
+            self.broker
+                .reset_group(&q.group, StartPosition::Offset(to))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Delete queues unused for their `x-expires`.
