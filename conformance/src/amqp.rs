@@ -40,6 +40,7 @@ struct InProc {
     mqtt: MqttServer,
     dir: Option<tempfile::TempDir>,
     cfg: AmqpConfig,
+    core: CoreConfig,
 }
 
 /// The external broker's host and port, when the suite runs against one.
@@ -54,8 +55,10 @@ fn external() -> Option<(String, u16)> {
 
 /// The configuration every in-process target runs with (see the module docs).
 pub fn test_config() -> AmqpConfig {
-    let mut cfg = AmqpConfig::default();
-    cfg.vhosts = vec!["/".into(), "other".into()];
+    let mut cfg = AmqpConfig {
+        vhosts: vec!["/".into(), "other".into()],
+        ..AmqpConfig::default()
+    };
     cfg.users.insert(
         "guest".into(),
         User {
@@ -108,14 +111,27 @@ impl Target {
 
     /// An in-process mqgate with this configuration (`None` against an external broker).
     pub async fn mqgate_with(backend: Backend, cfg: AmqpConfig) -> Option<Target> {
+        Self::mqgate_with_core(backend, cfg, CoreConfig::default()).await
+    }
+
+    /// Like [`Target::mqgate_with`] with a core configuration too (short retry delays).
+    pub async fn mqgate_with_core(
+        backend: Backend,
+        cfg: AmqpConfig,
+        core: CoreConfig,
+    ) -> Option<Target> {
         if external().is_some() {
             eprintln!("skipped: an mqgate extension or mqgate configuration");
             return None;
         }
-        Some(Self::mqgate(backend, cfg).await)
+        Some(Self::mqgate_core(backend, cfg, core).await)
     }
 
     async fn mqgate(backend: Backend, cfg: AmqpConfig) -> Target {
+        Self::mqgate_core(backend, cfg, CoreConfig::default()).await
+    }
+
+    async fn mqgate_core(backend: Backend, cfg: AmqpConfig, core: CoreConfig) -> Target {
         crate::mqtt::init_test_log();
         let dir = (backend == Backend::Rocks).then(|| tempfile::tempdir().expect("tempdir"));
         let amqp = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -126,7 +142,7 @@ impl Target {
             .expect("bind");
         let port = amqp.local_addr().expect("addr").port();
         let mqtt_port = mqtt.local_addr().expect("addr").port();
-        let inproc = InProc::start(dir, cfg, amqp, mqtt).await;
+        let inproc = InProc::start(dir, cfg, core, amqp, mqtt).await;
         Target {
             host: "127.0.0.1".into(),
             port,
@@ -215,7 +231,7 @@ impl Target {
         };
         let amqp = bind(self.port).await;
         let mqtt = bind(self.mqtt_port.expect("in-process")).await;
-        self.inproc = Some(InProc::start(i.dir, i.cfg, amqp, mqtt).await);
+        self.inproc = Some(InProc::start(i.dir, i.cfg, i.core, amqp, mqtt).await);
     }
 }
 
@@ -223,6 +239,7 @@ impl InProc {
     async fn start(
         dir: Option<tempfile::TempDir>,
         cfg: AmqpConfig,
+        core: CoreConfig,
         amqp_listener: tokio::net::TcpListener,
         mqtt_listener: tokio::net::TcpListener,
     ) -> InProc {
@@ -230,7 +247,7 @@ impl InProc {
             Some(d) => Arc::new(RocksStore::open(RocksConfig::new(d.path())).expect("open rocks")),
             None => Arc::new(MemoryStore::new()),
         };
-        let broker = Broker::start(store, CoreConfig::default(), Arc::new(SystemClock))
+        let broker = Broker::start(store, core.clone(), Arc::new(SystemClock))
             .await
             .expect("start core");
         let amqp = AmqpServer::start(broker.clone(), cfg.clone())
@@ -247,6 +264,7 @@ impl InProc {
             mqtt,
             dir,
             cfg,
+            core,
         }
     }
 }

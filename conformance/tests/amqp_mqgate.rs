@@ -8,7 +8,8 @@ use futures_util::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ExchangeKind};
-use mqgate_conformance::amqp::{Backend, Target};
+use mqgate_conformance::amqp::{test_config, Backend, Target};
+use mqgate_core::CoreConfig;
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -31,7 +32,9 @@ scenario!(
     fanout_stores_the_body_once,
     blocked_and_unblocked,
     max_length_drop_head_keeps_the_newest,
-    max_length_reject_publish_nacks
+    max_length_reject_publish_nacks,
+    retry_ladder_then_dead_letter_exchange,
+    delay_beyond_49_days
 );
 
 async fn fanout_stores_the_body_once(backend: Backend) {
@@ -259,4 +262,194 @@ async fn max_length_reject_publish_nacks(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(q.message_count(), 2);
+}
+
+/// `x-retry-policy: rocketmq`: a nack without requeue comes back after the ladder's delay
+/// as a retry copy (one more reconsume each time); at `x-delivery-limit` it goes to the
+/// dead-letter exchange with an x-death entry. Delay levels are shortened to 200 ms.
+async fn retry_ladder_then_dead_letter_exchange(backend: Backend) {
+    let core = CoreConfig {
+        delay_levels: vec![Duration::from_millis(200); 18],
+        ..CoreConfig::default()
+    };
+    let Some(t) = Target::mqgate_with_core(backend, test_config(), core).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "ladder.dlq".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-retry-policy".into(),
+        AMQPValue::LongString("rocketmq".into()),
+    );
+    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(3));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString("ladder.dlq".into()),
+    );
+    ch.queue_declare("ladder.q".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "ladder.q".into(),
+        BasicPublishOptions::default(),
+        b"fails",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let mut c = ch
+        .basic_consume(
+            "ladder.q".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for attempt in 0..3 {
+        let started = std::time::Instant::now();
+        let d = tokio::time::timeout(WAIT, c.next())
+            .await
+            .expect("delivery")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.data, b"fails");
+        if attempt > 0 {
+            assert!(
+                started.elapsed() >= Duration::from_millis(150),
+                "retried after the ladder's delay"
+            );
+        }
+        seen.push(d.routing_key.as_str().to_owned());
+        d.acker
+            .nack(BasicNackOptions {
+                requeue: false,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        seen,
+        ["ladder.q", "ladder.q", "ladder.q"],
+        "retries keep the routing key"
+    );
+    let mut dlq = ch
+        .basic_consume(
+            "ladder.dlq".into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(WAIT, dlq.next())
+        .await
+        .expect("dead-lettered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.data, b"fails");
+    let headers = d.properties.headers().clone().expect("headers");
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        panic!("x-death missing: {headers:?}")
+    };
+    let AMQPValue::FieldTable(death) = &deaths.as_slice()[0] else {
+        panic!("x-death entry")
+    };
+    assert_eq!(
+        death.inner().get("reason"),
+        Some(&AMQPValue::LongString("rejected".into()))
+    );
+    // Nothing more on the queue: the ladder ended.
+    assert!(tokio::time::timeout(Duration::from_millis(600), c.next())
+        .await
+        .is_err());
+}
+
+/// RabbitMQ's delayed-message plugin caps `x-delay` at 2^32-1 ms (49 days); mqgate's
+/// timers have no cap: a 60-day delay is accepted, confirmed and pending.
+async fn delay_beyond_49_days(backend: Backend) {
+    let Some(t) = Target::mqgate_only(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-delayed-type".into(),
+        AMQPValue::LongString("direct".into()),
+    );
+    ch.exchange_declare(
+        "later.x".into(),
+        ExchangeKind::Custom("x-delayed-message".into()),
+        ExchangeDeclareOptions::default(),
+        args,
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "later.q".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "later.q".into(),
+        "later.x".into(),
+        "k".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let sixty_days_ms: i64 = 60 * 24 * 3600 * 1000;
+    let mut headers = FieldTable::default();
+    headers.insert("x-delay".into(), AMQPValue::LongLongInt(sixty_days_ms));
+    let c = ch
+        .basic_publish(
+            "later.x".into(),
+            "k".into(),
+            BasicPublishOptions::default(),
+            b"in two months",
+            BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(c.is_ack());
+    assert_eq!(t.broker().unwrap().delayed_pending(), 1);
+    let q = ch
+        .queue_declare(
+            "later.q".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(q.message_count(), 0, "not delivered yet");
 }

@@ -573,7 +573,10 @@ fn verify(dir: &Path, reported: &[Durable], new_from: usize, round: u64) -> Veri
         let full = std::env::var_os("MQGATE_CRASH_FULL_READS").is_some();
         let mut rng = XorShift::new(round ^ reported.len() as u64);
         let single = reported.iter().enumerate().filter(|(i, _)| {
-            full || *i >= new_from || rng.next() % (new_from as u64 / OLD_READ_SAMPLE + 1) == 0
+            full || *i >= new_from
+                || rng
+                    .next()
+                    .is_multiple_of(new_from as u64 / OLD_READ_SAMPLE + 1)
         });
         for (_, d) in single {
             let q = QueueRef::new(t.clone(), d.queue);

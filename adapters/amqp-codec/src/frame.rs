@@ -107,10 +107,8 @@ pub enum FrameError {
 impl FrameError {
     /// The connection.close reply code RabbitMQ uses for it.
     pub fn reply_code(&self) -> u16 {
-        match self {
-            // RabbitMQ answers an undecodable method with 501 as well.
-            _ => crate::reply::FRAME_ERROR,
-        }
+        // RabbitMQ answers an undecodable method with 501 as well.
+        crate::reply::FRAME_ERROR
     }
 }
 
@@ -166,7 +164,7 @@ pub fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, Frame
     Ok(Some(match ty {
         FRAME_METHOD => {
             let method = match parse_class(&payload[..]) {
-                Ok((rest, m)) if rest.is_empty() => m,
+                Ok(([], m)) => m,
                 Ok((rest, _)) => {
                     return Err(FrameError::BadMethod {
                         channel,
@@ -209,7 +207,7 @@ fn parse_header(channel: u16, mut payload: Bytes) -> Result<ContentHeader, Frame
     let _weight = payload.get_u16();
     let body_size = payload.get_u64();
     let properties = match parse_properties(&payload[..]) {
-        Ok((rest, p)) if rest.is_empty() => p,
+        Ok(([], p)) => p,
         _ => return Err(FrameError::BadHeader(channel)),
     };
     Ok(ContentHeader {
@@ -223,7 +221,7 @@ fn parse_header(channel: u16, mut payload: Bytes) -> Result<ContentHeader, Frame
 /// Parse a content header's property bytes (as kept in [`ContentHeader::raw_properties`]).
 pub fn parse_raw_properties(raw: &[u8]) -> Option<AMQPProperties> {
     match parse_properties(raw) {
-        Ok((rest, p)) if rest.is_empty() => Some(p),
+        Ok(([], p)) => Some(p),
         _ => None,
     }
 }

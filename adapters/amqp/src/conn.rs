@@ -1430,7 +1430,7 @@ where
                 if ex.is_empty() {
                     return Err(chan_err(
                         reply::ACCESS_REFUSED,
-                        format!("operation not permitted on the default exchange"),
+                        "operation not permitted on the default exchange",
                     ));
                 }
                 self.can_write("queue", &q.name)?;
