@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mqgate_amqp::{AmqpConfig, AmqpServer, Permission, User};
+use mqgate_amqp::{AmqpConfig, AmqpServer, Permission};
 use mqgate_core::{Broker, CoreConfig, SystemClock};
 use mqgate_mqtt::{MqttConfig, MqttServer};
 use mqgate_store::{MemoryStore, RocksConfig, RocksStore, Store};
@@ -59,25 +59,21 @@ pub fn test_config() -> AmqpConfig {
         vhosts: vec!["/".into(), "other".into()],
         ..AmqpConfig::default()
     };
-    cfg.users.insert(
+    cfg.users.insert_plain("guest", "guest", &["administrator"]);
+    cfg.users.insert_plain("limited", "limited", &[]);
+    cfg.permissions.insert(
         "guest".into(),
-        User {
-            password: "guest".into(),
-            vhosts: HashMap::from([
-                ("/".to_owned(), Permission::all()),
-                ("other".to_owned(), Permission::all()),
-            ]),
-        },
+        HashMap::from([
+            ("/".to_owned(), Permission::all()),
+            ("other".to_owned(), Permission::all()),
+        ]),
     );
-    cfg.users.insert(
+    cfg.permissions.insert(
         "limited".into(),
-        User {
-            password: "limited".into(),
-            vhosts: HashMap::from([(
-                "/".to_owned(),
-                Permission::new("^limited\\.", "^limited\\.", ".*").expect("valid"),
-            )]),
-        },
+        HashMap::from([(
+            "/".to_owned(),
+            Permission::new("^limited\\.", "^limited\\.", ".*").expect("valid"),
+        )]),
     );
     cfg
 }

@@ -394,7 +394,7 @@ async fn auth_users_and_anonymous(b: Backend) {
         allow_anonymous: false,
         ..Default::default()
     };
-    cfg.users.insert("ann".into(), "secret".into());
+    cfg.users.insert_plain("ann", "secret", &[]);
     let Some(t) = Target::mqgate_only(b, cfg).await else {
         return;
     };

@@ -32,20 +32,13 @@ impl Permission {
     }
 }
 
-/// A user.
-#[derive(Clone, Debug)]
-pub struct User {
-    /// Its password.
-    pub password: String,
-    /// Its permissions per vhost (no entry: no access to that vhost).
-    pub vhosts: HashMap<String, Permission>,
-}
-
 /// The AMQP adapter's settings.
 #[derive(Clone, Debug)]
 pub struct AmqpConfig {
-    /// Users by name (PLAIN and AMQPLAIN check against them).
-    pub users: HashMap<String, User>,
+    /// Users (shared with the other protocols; PLAIN and AMQPLAIN check against them).
+    pub users: mqgate_core::Users,
+    /// User → vhost → permission (no entry: no access to that vhost).
+    pub permissions: HashMap<String, HashMap<String, Permission>>,
     /// The virtual hosts (each gets the standard exchanges).
     pub vhosts: Vec<String>,
     /// The largest frame (announced in connection.tune; clients may ask for less).
@@ -91,16 +84,15 @@ impl RetryPolicy {
 impl Default for AmqpConfig {
     /// RabbitMQ's defaults: user `guest`/`guest` with every permission on vhost `/`.
     fn default() -> Self {
-        let mut users = HashMap::new();
-        users.insert(
+        let mut users = mqgate_core::Users::default();
+        users.insert_plain("guest", "guest", &["administrator"]);
+        let permissions = HashMap::from([(
             "guest".to_owned(),
-            User {
-                password: "guest".into(),
-                vhosts: HashMap::from([("/".to_owned(), Permission::all())]),
-            },
-        );
+            HashMap::from([("/".to_owned(), Permission::all())]),
+        )]);
         Self {
             users,
+            permissions,
             vhosts: vec!["/".into()],
             frame_max: 131_072,
             channel_max: 2047,
@@ -116,8 +108,13 @@ impl Default for AmqpConfig {
 }
 
 impl AmqpConfig {
-    /// The user if `password` is right.
-    pub fn authenticate(&self, user: &str, password: &str) -> Option<&User> {
-        self.users.get(user).filter(|u| u.password == password)
+    /// Whether `password` is right for `user`.
+    pub fn authenticate(&self, user: &str, password: &str) -> bool {
+        self.users.authenticate(user, password).is_some()
+    }
+
+    /// What `user` may do in `vhost` (`None`: no access).
+    pub fn permission(&self, user: &str, vhost: &str) -> Option<&Permission> {
+        self.permissions.get(user)?.get(vhost)
     }
 }

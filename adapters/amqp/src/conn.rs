@@ -263,7 +263,7 @@ where
     let mechanism = start_ok.mechanism.as_str().to_owned();
     let creds = credentials(&mechanism, start_ok.response.as_bytes());
     let user = match &creds {
-        Some((u, p)) if cfg.authenticate(u, p).is_some() => u.clone(),
+        Some((u, p)) if cfg.authenticate(u, p) => u.clone(),
         _ => {
             let who = creds.map(|c| c.0).unwrap_or_default();
             let text = if mechanism == "PLAIN" || mechanism == "AMQPLAIN" {
@@ -360,11 +360,7 @@ where
         Err(None) => return None,
     };
     let vhost = open.virtual_host.as_str().to_owned();
-    let perm = cfg
-        .users
-        .get(&user)
-        .and_then(|u| u.vhosts.get(&vhost))
-        .cloned();
+    let perm = cfg.permission(&user, &vhost).cloned();
     let exists = shared.broker.router().exchange(&vhost, "").is_some();
     let Some(perm) = perm.filter(|_| exists) else {
         let text = if exists {

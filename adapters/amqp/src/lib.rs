@@ -11,5 +11,5 @@ mod server;
 
 pub use mqgate_amqp_codec::{frame, reply};
 
-pub use config::{AmqpConfig, Permission, RetryPolicy, User};
+pub use config::{AmqpConfig, Permission, RetryPolicy};
 pub use server::{AmqpServer, AmqpStats};

@@ -1,6 +1,5 @@
 //! The MQTT listener's settings, users and topic access rules.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::topic;
@@ -36,8 +35,8 @@ pub struct AclRule {
 pub struct MqttConfig {
     /// Accept connections without a user name.
     pub allow_anonymous: bool,
-    /// User name → password.
-    pub users: HashMap<String, String>,
+    /// Users (shared with the other protocols).
+    pub users: mqgate_core::Users,
     /// Topic access rules.
     pub acl: Vec<AclRule>,
     /// The largest packet accepted (announced as Maximum Packet Size on 5.0).
@@ -67,7 +66,7 @@ impl Default for MqttConfig {
     fn default() -> Self {
         Self {
             allow_anonymous: true,
-            users: HashMap::new(),
+            users: mqgate_core::Users::default(),
             acl: Vec::new(),
             max_packet_size: 1 << 20,
             max_keep_alive: 0,
@@ -117,10 +116,16 @@ impl MqttConfig {
         match user {
             None if self.allow_anonymous && password.is_none() => Ok(()),
             None => Err(password.is_some()),
-            Some(u) => match self.users.get(u) {
-                Some(p) if Some(p.as_bytes()) == password => Ok(()),
+            Some(u) => match self.users.0.get(u) {
+                Some(acct)
+                    if password
+                        .and_then(|p| std::str::from_utf8(p).ok())
+                        .is_some_and(|p| acct.password.verify(p)) =>
+                {
+                    Ok(())
+                }
                 Some(_) => Err(true),
-                None if self.users.is_empty() && self.allow_anonymous => Ok(()),
+                None if self.users.0.is_empty() && self.allow_anonymous => Ok(()),
                 None => Err(true),
             },
         }
@@ -167,7 +172,7 @@ mod tests {
     fn authentication() {
         let mut cfg = MqttConfig::default();
         assert_eq!(cfg.authenticate(None, None), Ok(()));
-        cfg.users.insert("u".into(), "p".into());
+        cfg.users.insert_plain("u", "p", &[]);
         cfg.allow_anonymous = false;
         assert_eq!(cfg.authenticate(None, None), Err(false));
         assert_eq!(cfg.authenticate(Some("u"), Some(b"p")), Ok(()));

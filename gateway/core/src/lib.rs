@@ -9,6 +9,7 @@
 //!
 //! Adapters never touch a storage backend: they hold a [`Broker`].
 
+pub mod auth;
 mod broker;
 pub mod clock;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod router;
 pub mod trie;
 mod wire;
 
+pub use auth::{Password, UserAccount, Users};
 pub use broker::{Broker, Delay, ProducerStat, Publish, Published};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::CoreConfig;

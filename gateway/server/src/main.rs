@@ -1,4 +1,14 @@
 //! `mqgate`: the broker binary. The only place a storage backend is chosen.
+//!
+//! `mqgate serve` (the default) runs the broker; the other subcommands talk to a running
+//! broker's admin API.
+
+// glibc's allocator gives freed buffer memory back and faults it in again under load
+// (a quarter of the broker's CPU in a profile); mimalloc keeps it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod settings;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,19 +17,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mqgate_amqp::{AmqpConfig, AmqpServer};
-use mqgate_core::{Broker, CoreConfig, SystemClock};
-use mqgate_mqtt::{MqttConfig, MqttServer};
-use mqgate_store::{MemoryStore, RocksConfig, RocksStore, Store};
+use mqgate_amqp::AmqpServer;
+use mqgate_core::{Broker, Password, SystemClock};
+use mqgate_mqtt::MqttServer;
+use mqgate_store::{MemoryStore, RocksStore, Store};
 
-// glibc's allocator gives freed buffer memory back and faults it in again under load
-// (a quarter of the broker's CPU in a profile); mimalloc keeps it.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use crate::settings::Settings;
 
 /// mqgate: a message broker for AMQP 0-9-1 and MQTT clients, on RocketMQ's log model.
 #[derive(Debug, Parser)]
-#[command(name = "mqgate", version)]
+#[command(name = "mqgate", version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -29,25 +36,40 @@ struct Cli {
 enum Command {
     /// Run the broker (the default when no subcommand is given).
     Serve(ServeArgs),
+    /// Print RabbitMQ-style salted SHA-256 of a password, for `password_hash` in the
+    /// configuration (reads the password from standard input when not given).
+    HashPassword {
+        /// The password.
+        password: Option<String>,
+    },
 }
 
-#[derive(Debug, clap::Parser)]
+#[derive(Debug, Default, clap::Parser)]
 struct ServeArgs {
-    /// The data folder of the RocksDB store.
-    #[arg(long, default_value = "./data")]
-    data: PathBuf,
+    /// A TOML configuration file (see mqgate.toml for every setting).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// The data folder of the RocksDB store (overrides store.path).
+    #[arg(long)]
+    data: Option<PathBuf>,
     /// Keep everything in memory (nothing survives a restart) instead of RocksDB.
     #[arg(long)]
     memory: bool,
-    /// Where the MQTT listener binds.
-    #[arg(long, default_value = "0.0.0.0:1883")]
-    mqtt: SocketAddr,
-    /// Where the AMQP 0-9-1 listener binds.
-    #[arg(long, default_value = "0.0.0.0:5672")]
-    amqp: SocketAddr,
+    /// Where the MQTT listener binds (overrides listeners.mqtt).
+    #[arg(long)]
+    mqtt: Option<SocketAddr>,
+    /// Where the AMQP 0-9-1 listener binds (overrides listeners.amqp).
+    #[arg(long)]
+    amqp: Option<SocketAddr>,
+    /// Where the admin API and /metrics bind (overrides listeners.admin).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Check the configuration, print where each listener would bind, and exit.
+    #[arg(long)]
+    check_config: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -55,27 +77,100 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    let args = match cli.command {
-        Some(Command::Serve(a)) => a,
-        None => ServeArgs::parse_from(["serve"]),
+    let result = match cli.command {
+        Some(Command::Serve(a)) => run_serve(a),
+        None => run_serve(ServeArgs::default()),
+        Some(Command::HashPassword { password }) => hash_password(password),
     };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: what failed and why.
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("mqgate: {}", chain.join(": "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn hash_password(password: Option<String>) -> anyhow::Result<()> {
+    let password = match password {
+        Some(p) => p,
+        None => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("read the password from standard input")?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    println!("{}", Password::hash(&password).to_hash_string());
+    Ok(())
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut s = Settings::load(args.config.as_deref())?;
+    if let Some(d) = &args.data {
+        s.store.path = d.clone();
+    }
+    if args.memory {
+        s.store.backend = "memory".into();
+    }
+    if let Some(a) = args.mqtt {
+        s.listeners.mqtt = a.to_string();
+    }
+    if let Some(a) = args.amqp {
+        s.listeners.amqp = a.to_string();
+    }
+    if let Some(a) = args.admin {
+        s.listeners.admin = a.to_string();
+    }
+    if args.check_config {
+        println!("configuration is valid");
+        println!("store: {} ({})", s.store.backend, s.store.path.display());
+        let l = &s.listeners;
+        for (name, addr) in [
+            ("amqp", &l.amqp),
+            ("amqps", &l.amqps),
+            ("mqtt", &l.mqtt),
+            ("mqtts", &l.mqtts),
+            ("mqtt_ws", &l.mqtt_ws),
+            ("mqtt_wss", &l.mqtt_wss),
+            ("admin", &l.admin),
+        ] {
+            println!("{name}: {}", if addr.is_empty() { "off" } else { addr });
+        }
+        return Ok(());
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start the async runtime")?
-        .block_on(serve(args))
+        .block_on(serve(s))
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let store: Arc<dyn Store> = if args.memory {
+async fn bind(what: &str, addr: &str) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind the {what} listener to {addr}"))?;
+    tracing::info!(%addr, "{what} listening");
+    Ok(Some(l))
+}
+
+async fn serve(s: Settings) -> anyhow::Result<()> {
+    let store: Arc<dyn Store> = if s.store.backend == "memory" {
         tracing::info!("store: in memory (nothing survives a restart)");
         Arc::new(MemoryStore::new())
     } else {
-        let store = RocksStore::open(RocksConfig::new(&args.data))
-            .with_context(|| format!("open the store in {}", args.data.display()))?;
+        let path = s.store.path.clone();
+        let store = RocksStore::open(s.rocks(&path))
+            .with_context(|| format!("open the store in {}", path.display()))?;
         let stats = store.stats();
         tracing::info!(
-            path = %args.data.display(),
+            path = %path.display(),
             topics = stats.topics,
             messages = stats.messages,
             log_bytes = stats.log_bytes,
@@ -84,25 +179,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         Arc::new(store)
     };
-    let broker = Broker::start(store, CoreConfig::default(), Arc::new(SystemClock))
+    let users = s.users();
+    let broker = Broker::start(store, s.core(), Arc::new(SystemClock))
         .await
         .context("start the broker core")?;
-    let mqtt = MqttServer::start(broker.clone(), MqttConfig::default())
+    let mqtt = MqttServer::start(broker.clone(), s.mqtt(&users))
         .await
         .context("start the MQTT adapter")?;
-    let listener = tokio::net::TcpListener::bind(args.mqtt)
-        .await
-        .with_context(|| format!("bind the MQTT listener to {}", args.mqtt))?;
-    tracing::info!(addr = %args.mqtt, "MQTT listening");
-    mqtt.listen(listener);
-    let amqp = AmqpServer::start(broker.clone(), AmqpConfig::default())
+    if let Some(l) = bind("MQTT", &s.listeners.mqtt).await? {
+        mqtt.listen(l);
+    }
+    let amqp = AmqpServer::start(broker.clone(), s.amqp(&users))
         .await
         .context("start the AMQP adapter")?;
-    let listener = tokio::net::TcpListener::bind(args.amqp)
-        .await
-        .with_context(|| format!("bind the AMQP listener to {}", args.amqp))?;
-    tracing::info!(addr = %args.amqp, "AMQP 0-9-1 listening (user guest/guest, vhost /)");
-    amqp.listen(listener);
+    if let Some(l) = bind("AMQP 0-9-1", &s.listeners.amqp).await? {
+        amqp.listen(l);
+    }
+    if s.users.is_empty() {
+        tracing::warn!("no [[users]] configured: user guest/guest (administrator) and anonymous MQTT are on; see mqgate.toml");
+    }
     tracing::info!("Ctrl-C or SIGTERM stops.");
     shutdown_signal().await;
     tracing::info!(
@@ -136,5 +231,7 @@ async fn shutdown_signal() {
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    {
+        let _ = ctrl_c.await;
+    }
 }
