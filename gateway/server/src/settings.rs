@@ -356,7 +356,7 @@ pub(crate) fn format_duration(d: Duration) -> String {
         ("m", 60_000),
         ("s", 1000),
     ] {
-        if ms >= size && ms % size == 0 {
+        if ms >= size && ms.is_multiple_of(size) {
             return format!("{}{unit}", ms / size);
         }
     }
@@ -468,7 +468,7 @@ impl Settings {
                 (None, Some(_)) => {}
                 _ => {
                     return Err(bad(
-                        &format!("{key}"),
+                        &key,
                         &u.name,
                         "needs exactly one of password_hash and password",
                     ))
