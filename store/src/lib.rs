@@ -16,6 +16,7 @@
 mod codec;
 mod error;
 mod memory;
+pub mod metrics;
 mod rocks;
 mod store;
 mod types;

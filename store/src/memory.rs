@@ -323,7 +323,10 @@ impl Store for MemoryStore {
     }
 
     async fn write(&self, batch: WriteBatch) -> Result<WriteReceipt> {
-        self.inner.lock().apply(batch)
+        let started = std::time::Instant::now();
+        let r = self.inner.lock().apply(batch);
+        metrics::histogram!(crate::metrics::APPEND_SECONDS).record(started.elapsed());
+        r
     }
 
     fn queue_range(&self, queue: &QueueRef) -> Result<OffsetRange> {

@@ -81,7 +81,18 @@ where
     let timeout = shared.cfg.handshake_timeout;
     let conn = tokio::time::timeout(timeout, handshake(&shared, id, peer, rd, wr)).await;
     if let Ok(Some(mut conn)) = conn {
-        let end = conn.serve().await;
+        let (kick, kicked) = tokio::sync::mpsc::unbounded_channel();
+        let info = mqgate_core::ConnectionInfo {
+            id: id.to_string(),
+            protocol: "amqp",
+            peer: peer.to_string(),
+            user: Some(conn.user.clone()),
+            detail: conn.vhost.clone(),
+            connected_at: shared.broker.now(),
+        };
+        shared.conns.lock().insert(id, (info, kick));
+        let end = conn.serve(kicked).await;
+        shared.conns.lock().remove(&id);
         conn.finish(end).await;
     } else if conn.is_err() {
         tracing::info!(%peer, "AMQP: handshake timed out; connection closed");
@@ -525,7 +536,7 @@ impl<S> Conn<S>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    async fn serve(&mut self) -> End {
+    async fn serve(&mut self, mut kicked: tokio::sync::mpsc::UnboundedReceiver<()>) -> End {
         let mut shutdown = self.shared.shutdown.subscribe();
         let mut blocked = self.shared.blocked.subscribe();
         let mut told_blocked = false;
@@ -555,6 +566,11 @@ where
             tokio::select! {
                 biased;
                 _ = blocked.changed() => continue,
+                Some(()) = kicked.recv() => {
+                    tracing::info!(peer = %self.peer, user = %self.user, "AMQP: connection closed by an administrator");
+                    return End::Error(reply::CONNECTION_FORCED,
+                        "CONNECTION_FORCED - Closed via management plugin".into(), 0, 0);
+                }
                 _ = shutdown.changed() => {
                     return End::Error(reply::CONNECTION_FORCED,
                         "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'".into(), 0, 0);
@@ -562,6 +578,7 @@ where
                 w = self.wr.write(&self.out), if has_out => match w {
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(n) => {
+                        self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                         bytes::Buf::advance(&mut self.out, n);
                         self.last_write = Instant::now();
                         if self.out.is_empty() && self.out.capacity() > OUT_HIGH_WATER {
@@ -571,7 +588,8 @@ where
                 },
                 r = self.rd.read_buf(&mut self.inbuf), if may_read => match r {
                     Ok(0) | Err(_) => return End::Closed,
-                    Ok(_) => {
+                    Ok(n) => {
+                        self.shared.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                         self.last_read = Instant::now();
                         if let Err(end) = self.handle_input().await {
                             return end;
@@ -886,7 +904,9 @@ where
                         ids,
                     ));
                 }
-                self.channels.insert(ch, Channel::default());
+                if self.channels.insert(ch, Channel::default()).is_none() {
+                    self.shared.stats.channels.fetch_add(1, Ordering::Relaxed);
+                }
                 frame::put_method(
                     &mut self.out,
                     ch,
@@ -897,11 +917,13 @@ where
             AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
                 if self.channels.get(&ch).is_some_and(|c| c.closing) {
                     self.channels.remove(&ch);
+                    self.shared.stats.channels.fetch_sub(1, Ordering::Relaxed);
                 }
                 return Ok(());
             }
             AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
                 if let Some(c) = self.channels.remove(&ch) {
+                    self.shared.stats.channels.fetch_sub(1, Ordering::Relaxed);
                     self.close_channel_state(c);
                     frame::put_method(
                         &mut self.out,
@@ -1903,11 +1925,13 @@ where
         let (ex, rk) = convert::exchange_and_key(&d.message.message);
         let no_ack = g.no_ack;
         let token = d.ack_token();
+        let shared = Arc::clone(&self.shared);
         let chan = self.chan(ch);
         chan.next_tag += 1;
         let tag = chan.next_tag;
         let cons = chan.consumers.get_mut(&id).expect("get member");
         if no_ack {
+            shared.stats.acked.fetch_add(1, Ordering::Relaxed);
             cons.consumer.ack(token);
         } else {
             cons.unacked += 1;
@@ -1981,6 +2005,7 @@ where
             vec![tag]
         };
         let mut dead = Vec::new();
+        let shared = Arc::clone(&self.shared);
         for t in tags {
             let chan = self.chan(ch);
             let Some(u) = chan.unacked.remove(&t) else {
@@ -1991,6 +2016,7 @@ where
             };
             cons.unacked = cons.unacked.saturating_sub(1);
             if ack {
+                shared.stats.acked.fetch_add(1, Ordering::Relaxed);
                 cons.consumer.ack(u.token);
             } else if requeue {
                 cons.consumer.nack(u.token, true);
@@ -2295,7 +2321,14 @@ where
             items.push((b.message, b.topics));
         }
         let ok = match self.shared.broker.publish_routed_batch(items).await {
-            Ok(_) => true,
+            Ok(stored) => {
+                let routed = stored.iter().filter(|p| p.is_some()).count();
+                self.shared
+                    .stats
+                    .routed
+                    .fetch_add(routed as u64, Ordering::Relaxed);
+                true
+            }
             Err(e) => {
                 tracing::error!(peer = %self.peer, error = %e, "AMQP: storing publishes failed; nacked");
                 false
@@ -2355,7 +2388,14 @@ where
         }
         let props = convert::delivery_properties(m);
         frame::put_content(&mut self.out, ch, &props, &m.body, frame_max);
+        if d.redelivered {
+            self.shared
+                .stats
+                .redelivered
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if cons.no_ack {
+            self.shared.stats.acked.fetch_add(1, Ordering::Relaxed);
             cons.consumer.ack(token);
         } else {
             cons.unacked += 1;
@@ -2423,6 +2463,10 @@ where
         }
         let _ = self.wr.shutdown().await;
         let chans: Vec<Channel> = self.channels.drain().map(|(_, c)| c).collect();
+        self.shared
+            .stats
+            .channels
+            .fetch_sub(chans.len() as u64, Ordering::Relaxed);
         for c in chans {
             self.close_channel_state(c);
         }

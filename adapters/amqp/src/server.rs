@@ -40,6 +40,18 @@ pub struct AmqpStats {
     pub unroutable: AtomicU64,
     /// Connections closed for a protocol violation or malformed input.
     pub protocol_errors: AtomicU64,
+    /// Published messages stored for at least one queue.
+    pub routed: AtomicU64,
+    /// Deliveries acknowledged (basic.ack, or sent to a no-ack consumer).
+    pub acked: AtomicU64,
+    /// Deliveries with the redelivered flag.
+    pub redelivered: AtomicU64,
+    /// Channels open now.
+    pub channels: AtomicU64,
+    /// Bytes read from clients.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to clients.
+    pub bytes_out: AtomicU64,
 }
 
 /// What the adapter keeps about an exchange beyond the core's definition.
@@ -67,6 +79,16 @@ pub(crate) struct Shared {
     pub(crate) next_member: AtomicU64,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) open: Mutex<HashMap<u64, watch::Receiver<bool>>>,
+    /// Open connections past the handshake, with the sender that closes one (admin API).
+    pub(crate) conns: Mutex<
+        HashMap<
+            u64,
+            (
+                mqgate_core::ConnectionInfo,
+                tokio::sync::mpsc::UnboundedSender<()>,
+            ),
+        >,
+    >,
     pub(crate) stats: AmqpStats,
     /// When this broker started: transient messages stored before are not delivered.
     pub(crate) boot: Millis,
@@ -175,6 +197,7 @@ impl AmqpServer {
             next_member: AtomicU64::new(1),
             shutdown,
             open: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
             stats: AmqpStats::default(),
             boot,
             blocked: watch::channel(None).0,
@@ -247,6 +270,31 @@ impl AmqpServer {
     {
         let shared = Arc::clone(&self.shared);
         tokio::spawn(crate::conn::run(shared, stream, peer));
+    }
+
+    /// Open connections, for the admin API.
+    pub fn connections(&self) -> Vec<mqgate_core::ConnectionInfo> {
+        let mut v: Vec<_> = self
+            .shared
+            .conns
+            .lock()
+            .values()
+            .map(|(i, _)| i.clone())
+            .collect();
+        v.sort_by_key(|i| i.id.parse::<u64>().unwrap_or(0));
+        v
+    }
+
+    /// Close a connection (connection.close 320 CONNECTION_FORCED). Returns whether it
+    /// was open.
+    pub fn close(&self, id: &str) -> bool {
+        let Ok(id) = id.parse::<u64>() else {
+            return false;
+        };
+        match self.shared.conns.lock().get(&id) {
+            Some((_, kick)) => kick.send(()).is_ok(),
+            None => false,
+        }
     }
 
     /// The adapter's counters.

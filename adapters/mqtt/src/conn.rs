@@ -338,6 +338,14 @@ where
             conn: conn_id,
             kick: kick_tx,
             done: done_rx,
+            info: mqgate_core::ConnectionInfo {
+                id: client_id.clone(),
+                protocol: "mqtt",
+                peer: peer.to_string(),
+                user: c.username.clone(),
+                detail: format!("{:?}", c.version),
+                connected_at: shared.now(),
+            },
         },
     );
     if let Some(prev) = previous {
@@ -545,7 +553,12 @@ where
                 biased;
                 r = self.kick_rx.recv() => {
                     let code = r.unwrap_or(reason::SESSION_TAKEN_OVER);
-                    return End::Server(code, "session taken over".into());
+                    let why = if code == ADMINISTRATIVE_ACTION {
+                        "closed by an administrator"
+                    } else {
+                        "session taken over"
+                    };
+                    return End::Server(code, why.into());
                 }
                 _ = shutdown.changed() => {
                     return End::Server(reason::SERVER_SHUTTING_DOWN, "server shutting down".into());
@@ -553,6 +566,7 @@ where
                 w = self.wr.write(&self.out), if has_out => match w {
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(n) => {
+                        self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                         bytes::Buf::advance(&mut self.out, n);
                         // Give back a buffer a burst made big.
                         if self.out.is_empty() && self.out.capacity() > OUT_HIGH_WATER {
@@ -563,6 +577,7 @@ where
                 r = self.rd.read_buf(&mut self.inbuf), if may_read => match r {
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(n) => {
+                        self.shared.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                         self.read_hint = if n >= self.read_hint / 2 {
                             (self.read_hint * 2).min(MAX_READ)
                         } else {
@@ -850,6 +865,12 @@ where
         };
         let mut qos2_added = false;
         for ((pkid, qos), matched) in acks.into_iter().zip(matched) {
+            let counter = if matched {
+                &self.shared.stats.routed
+            } else {
+                &self.shared.stats.unroutable
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             let code = if matched || !self.v5() {
                 reason::SUCCESS
             } else {
@@ -982,6 +1003,9 @@ where
     /// Settle a delivery with the group it came from. A failed consumption (5.0 reason
     /// >= 0x80) of a shared subscription goes through the group's retry ladder.
     fn settle(&mut self, src: Source, failed: bool) {
+        if !failed {
+            self.shared.stats.acked.fetch_add(1, Ordering::Relaxed);
+        }
         match src {
             Source::Session(t) => {
                 if let Some(c) = &self.session {
@@ -1436,7 +1460,16 @@ where
             }
         };
         let mut publish = Publish {
-            dup: dup && qos != QoS::AtMostOnce,
+            dup: {
+                let dup = dup && qos != QoS::AtMostOnce;
+                if dup {
+                    self.shared
+                        .stats
+                        .redelivered
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                dup
+            },
             qos,
             retain,
             topic,
@@ -1615,6 +1648,9 @@ fn reason_text(code: u8) -> &'static str {
         _ => "unspecified error",
     }
 }
+
+/// DISCONNECT reason code 0x98: closed by an administrator (admin API).
+pub(crate) const ADMINISTRATIVE_ACTION: u8 = 0x98;
 
 /// Which consumer a delivery came from.
 #[derive(Clone, Copy, Debug)]

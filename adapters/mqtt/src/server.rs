@@ -37,6 +37,8 @@ pub(crate) struct ClientSlot {
     pub(crate) kick: mpsc::UnboundedSender<u8>,
     /// Becomes `true` once the connection has ended and saved its session.
     pub(crate) done: watch::Receiver<bool>,
+    /// What the admin API shows.
+    pub(crate) info: mqgate_core::ConnectionInfo,
 }
 
 /// A will waiting for its delay: aborted if the client comes back, fired early if its
@@ -62,6 +64,18 @@ pub struct MqttStats {
     pub qos0_dropped: AtomicU64,
     /// Connections closed for a protocol violation or malformed input.
     pub protocol_errors: AtomicU64,
+    /// Publishes that matched at least one subscription or queue.
+    pub routed: AtomicU64,
+    /// Publishes that matched nothing.
+    pub unroutable: AtomicU64,
+    /// Deliveries settled (PUBACK / PUBCOMP, or sent at QoS 0).
+    pub acked: AtomicU64,
+    /// Deliveries sent again (DUP).
+    pub redelivered: AtomicU64,
+    /// Bytes read from clients.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to clients.
+    pub bytes_out: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -232,6 +246,33 @@ impl MqttServer {
     /// The adapter's counters.
     pub fn stats(&self) -> &MqttStats {
         &self.shared.stats
+    }
+
+    /// Sessions the broker keeps: connected clients plus disconnected persistent ones.
+    pub fn session_count(&self) -> usize {
+        self.shared.clients.lock().len() + self.shared.expiring.lock().len()
+    }
+
+    /// Connected clients, for the admin API.
+    pub fn connections(&self) -> Vec<mqgate_core::ConnectionInfo> {
+        let mut v: Vec<_> = self
+            .shared
+            .clients
+            .lock()
+            .values()
+            .map(|s| s.info.clone())
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Disconnect a client (5.0: DISCONNECT 0x98 administrative action). Returns whether
+    /// it was connected.
+    pub fn close(&self, client_id: &str) -> bool {
+        match self.shared.clients.lock().get(client_id) {
+            Some(s) => s.kick.send(crate::conn::ADMINISTRATIVE_ACTION).is_ok(),
+            None => false,
+        }
     }
 
     /// Connected clients' ids.

@@ -259,6 +259,10 @@ pub(crate) struct Inner {
     /// The earliest due time the scheduler may have skipped past (u64::MAX: none).
     delay_rewind: AtomicU64,
     pub(crate) delayed_released: AtomicU64,
+    /// Failed consumptions scheduled for retry.
+    pub(crate) retries: AtomicU64,
+    /// Messages moved to a DLQ.
+    pub(crate) dead_lettered: AtomicU64,
     closed: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -303,6 +307,8 @@ impl Broker {
             delay_wake: Notify::new(),
             delay_rewind: AtomicU64::new(u64::MAX),
             delayed_released: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             tasks: Mutex::default(),
         });
@@ -664,6 +670,16 @@ impl Broker {
     /// Delayed messages still pending.
     pub fn delayed_pending(&self) -> u64 {
         self.inner.store.stats().timers
+    }
+
+    /// Failed consumptions scheduled for a retry so far by this process.
+    pub fn retries(&self) -> u64 {
+        self.inner.retries.load(Ordering::Relaxed)
+    }
+
+    /// Messages moved to a dead-letter queue so far by this process.
+    pub fn dead_lettered(&self) -> u64 {
+        self.inner.dead_lettered.load(Ordering::Relaxed)
     }
 
     /// Delayed messages released so far by this process.

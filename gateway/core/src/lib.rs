@@ -33,3 +33,20 @@ pub use group::{
     OnFailure, QueueInfo, StartPosition,
 };
 pub use router::Router;
+
+/// One client connection, as the admin API lists it (every protocol).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// Its id within its protocol (AMQP: a number; MQTT: the client id).
+    pub id: String,
+    /// `amqp` or `mqtt`.
+    pub protocol: &'static str,
+    /// The peer's address.
+    pub peer: String,
+    /// The user it logged in as.
+    pub user: Option<String>,
+    /// AMQP: the vhost; MQTT: the protocol version.
+    pub detail: String,
+    /// When it connected (ms since the epoch).
+    pub connected_at: mqgate_store::Millis,
+}

@@ -74,6 +74,9 @@ pub(crate) async fn fail(
     };
     tracing::debug!(group = %group, failures, ?delay, "core: consumption failed; retry scheduled");
     inner.put_timer(due, &route, m).await?;
+    inner
+        .retries
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
 
@@ -94,6 +97,9 @@ pub(crate) async fn to_dlq(
     let mut batch = WriteBatch::new();
     batch.append(m, vec![QueueRef::new(topic, 0)]);
     inner.store.write(batch).await?;
+    inner
+        .dead_lettered
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
 

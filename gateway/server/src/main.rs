@@ -8,6 +8,9 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod admin;
+mod cli;
+mod metrics;
 mod settings;
 
 use std::net::SocketAddr;
@@ -30,6 +33,8 @@ use crate::settings::Settings;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    remote: cli::Remote,
 }
 
 #[derive(Debug, Subcommand)]
@@ -42,6 +47,21 @@ enum Command {
         /// The password.
         password: Option<String>,
     },
+    /// Topics: list, create, delete, offsets (talks to a running broker's admin API).
+    #[command(subcommand)]
+    Topics(cli::Topics),
+    /// Consumer groups: list, show (offsets and lag), reset (replay).
+    #[command(subcommand)]
+    Groups(cli::Groups),
+    /// Dead-letter queues: list, show, resend.
+    #[command(subcommand)]
+    Dlq(cli::Dlq),
+    /// Messages: by id, by key, a queue's range.
+    #[command(subcommand)]
+    Messages(cli::Messages),
+    /// Client connections: list, close.
+    #[command(subcommand)]
+    Connections(cli::Connections),
 }
 
 #[derive(Debug, Default, clap::Parser)]
@@ -81,6 +101,11 @@ fn main() -> std::process::ExitCode {
         Some(Command::Serve(a)) => run_serve(a),
         None => run_serve(ServeArgs::default()),
         Some(Command::HashPassword { password }) => hash_password(password),
+        Some(Command::Topics(c)) => cli::topics(&cli.remote, c),
+        Some(Command::Groups(c)) => cli::groups(&cli.remote, c),
+        Some(Command::Dlq(c)) => cli::dlq(&cli.remote, c),
+        Some(Command::Messages(c)) => cli::messages(&cli.remote, c),
+        Some(Command::Connections(c)) => cli::connections(&cli.remote, c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -195,6 +220,32 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     if let Some(l) = bind("AMQP 0-9-1", &s.listeners.amqp).await? {
         amqp.listen(l);
     }
+    let admin_stop = tokio::sync::watch::channel(false);
+    if let Some(l) = bind("admin API", &s.listeners.admin).await? {
+        let state = admin::AdminState {
+            broker: broker.clone(),
+            mqtt: mqtt.clone(),
+            amqp: amqp.clone(),
+            users: Arc::new(users.clone()),
+            metrics: metrics::Collector {
+                handle: metrics::install().context("install the Prometheus recorder")?,
+                broker: broker.clone(),
+                mqtt: mqtt.clone(),
+                amqp: amqp.clone(),
+                cfg: s.metrics.clone(),
+            },
+        };
+        let mut stop = admin_stop.1.clone();
+        tokio::spawn(async move {
+            let app = admin::router(state);
+            let shutdown = async move {
+                let _ = stop.wait_for(|v| *v).await;
+            };
+            if let Err(e) = axum::serve(l, app).with_graceful_shutdown(shutdown).await {
+                tracing::error!(error = %e, "admin API stopped");
+            }
+        });
+    }
     if s.users.is_empty() {
         tracing::warn!("no [[users]] configured: user guest/guest (administrator) and anonymous MQTT are on; see mqgate.toml");
     }
@@ -203,6 +254,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     tracing::info!(
         "stopping: clients are told, groups persist their offsets, the store is flushed"
     );
+    let _ = admin_stop.0.send(true);
     tokio::join!(
         mqtt.shutdown(Duration::from_secs(5)),
         amqp.shutdown(Duration::from_secs(5))

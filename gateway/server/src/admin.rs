@@ -1,0 +1,486 @@
+//! The admin HTTP API (JSON, HTTP basic auth with an `administrator` user) and the
+//! Prometheus `/metrics` endpoint, on the admin listener. `docs/openapi.yaml` documents
+//! it; the `mqgate` CLI subcommands use it.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use mqgate_amqp::AmqpServer;
+use mqgate_core::{Broker, CoreError, StartPosition, Users};
+use mqgate_mqtt::MqttServer;
+use mqgate_store::{
+    GroupName, MessageId, QueueOffset, QueueRef, ReadLimits, StoredMessage, TopicName,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::metrics::Collector;
+
+/// What the handlers share.
+#[derive(Clone, Debug)]
+pub(crate) struct AdminState {
+    pub(crate) broker: Broker,
+    pub(crate) mqtt: MqttServer,
+    pub(crate) amqp: AmqpServer,
+    pub(crate) users: Arc<Users>,
+    pub(crate) metrics: Collector,
+}
+
+/// An API error: a status and a message (`{"error": "..."}`).
+pub(crate) struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.0, Json(json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"mqgate\""),
+            );
+        }
+        r
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        let status = match &e {
+            CoreError::NoSuchTopic(_)
+            | CoreError::NoSuchGroup(_)
+            | CoreError::NoSuchExchange(_) => StatusCode::NOT_FOUND,
+            CoreError::Conflict(_) => StatusCode::CONFLICT,
+            CoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<mqgate_store::StoreError> for ApiError {
+    fn from(e: mqgate_store::StoreError) -> Self {
+        ApiError::from(CoreError::from(e))
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn not_found(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, msg.into())
+}
+
+/// Build the router.
+pub(crate) fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route(
+            "/api/health",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
+        .route("/api/overview", get(overview))
+        .route("/api/topics", get(topics).post(create_topic))
+        .route("/api/topics/{name}", get(topic).delete(delete_topic))
+        .route(
+            "/api/topics/{name}/queues/{queue}/messages",
+            get(queue_messages),
+        )
+        .route("/api/groups", get(groups))
+        .route("/api/groups/{name}", get(group))
+        .route("/api/groups/{name}/reset", post(reset_group))
+        .route("/api/dlq/{group}", get(dlq))
+        .route("/api/dlq/{group}/resend", post(resend_dlq))
+        .route("/api/messages/{id}", get(message))
+        .route("/api/messages", get(messages_by_key))
+        .route("/api/connections", get(connections))
+        .route(
+            "/api/connections/{protocol}/{id}",
+            axum::routing::delete(close_connection),
+        )
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+/// Basic auth with an administrator user; `/metrics` and `/api/health` are open (as
+/// Prometheus and load balancers expect).
+async fn auth(
+    State(s): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    if path == "/metrics" || path == "/api/health" {
+        return next.run(req).await;
+    }
+    if authorized(&s.users, req.headers()) {
+        next.run(req).await
+    } else {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            "an administrator user name and password are required (HTTP basic auth)".into(),
+        )
+        .into_response()
+    }
+}
+
+fn authorized(users: &Users, headers: &HeaderMap) -> bool {
+    let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(b64) = v.strip_prefix("Basic ") else {
+        return false;
+    };
+    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
+        return false;
+    };
+    let Ok(text) = String::from_utf8(raw) else {
+        return false;
+    };
+    let Some((user, pass)) = text.split_once(':') else {
+        return false;
+    };
+    users.authenticate(user, pass).is_some_and(|u| u.is_admin())
+}
+
+async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render().await,
+    )
+}
+
+fn topic_name(name: &str) -> Result<TopicName, ApiError> {
+    TopicName::new(name).map_err(|e| bad_request(e.to_string()))
+}
+
+fn group_name(name: &str) -> Result<GroupName, ApiError> {
+    GroupName::new(name).map_err(|e| bad_request(e.to_string()))
+}
+
+fn message_json(m: &StoredMessage) -> Value {
+    let body = &m.message.body;
+    let props: serde_json::Map<String, Value> = m
+        .message
+        .properties
+        .iter()
+        .filter(|(k, _)| k != "amqp.props")
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                Value::String(String::from_utf8_lossy(v).into_owned()),
+            )
+        })
+        .collect();
+    json!({
+        "id": m.id.0,
+        "topic": m.message.topic.as_str(),
+        "stored_at": m.store_timestamp,
+        "born_at": m.message.born_timestamp,
+        "keys": m.message.keys,
+        "tags": m.message.tags,
+        "producer_group": m.message.producer_group,
+        "reconsume_times": m.message.reconsume_times,
+        "properties": props,
+        "size": body.len(),
+        "body": String::from_utf8_lossy(&body[..body.len().min(4096)]),
+        "body_base64": base64::engine::general_purpose::STANDARD.encode(&body[..body.len().min(4096)]),
+        "body_truncated": body.len() > 4096,
+    })
+}
+
+async fn overview(State(s): State<AdminState>) -> ApiResult {
+    let st = s.broker.store().stats();
+    let a = s.amqp.stats();
+    let m = s.mqtt.stats();
+    let r = std::sync::atomic::Ordering::Relaxed;
+    Ok(Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "store": { "messages": st.messages, "log_bytes": st.log_bytes, "topics": st.topics, "timers": st.timers },
+        "delayed_pending": s.broker.delayed_pending(),
+        "connections": {
+            "amqp": a.connections_opened.load(r).saturating_sub(a.connections_closed.load(r)),
+            "mqtt": m.connections_opened.load(r).saturating_sub(m.connections_closed.load(r)),
+        },
+        "mqtt_sessions": s.mqtt.session_count(),
+    })))
+}
+
+fn offsets(s: &AdminState, t: &mqgate_store::TopicConfig) -> Vec<Value> {
+    (0..t.queue_count)
+        .map(|q| {
+            let r = s
+                .broker
+                .store()
+                .queue_range(&QueueRef::new(t.name.clone(), q))
+                .unwrap_or_default();
+            json!({ "queue": q, "min": r.min.0, "next": r.next.0, "messages": r.next.0 - r.min.0 })
+        })
+        .collect()
+}
+
+async fn topics(State(s): State<AdminState>) -> ApiResult {
+    let v: Vec<Value> = s
+        .broker
+        .topics()
+        .iter()
+        .map(|t| {
+            let qs = offsets(&s, t);
+            let messages: u64 = qs.iter().map(|q| q["messages"].as_u64().unwrap_or(0)).sum();
+            json!({ "name": t.name.as_str(), "queues": t.queue_count, "messages": messages })
+        })
+        .collect();
+    Ok(Json(Value::Array(v)))
+}
+
+#[derive(Deserialize)]
+struct CreateTopic {
+    name: String,
+    #[serde(default)]
+    queues: Option<u32>,
+}
+
+async fn create_topic(State(s): State<AdminState>, Json(c): Json<CreateTopic>) -> ApiResult {
+    let t = s
+        .broker
+        .create_topic(&topic_name(&c.name)?, c.queues)
+        .await?;
+    Ok(Json(
+        json!({ "name": t.name.as_str(), "queues": t.queue_count }),
+    ))
+}
+
+async fn topic(State(s): State<AdminState>, Path(name): Path<String>) -> ApiResult {
+    let n = topic_name(&name)?;
+    let t = s
+        .broker
+        .topics()
+        .into_iter()
+        .find(|t| t.name == n)
+        .ok_or_else(|| not_found(format!("no topic {name}")))?;
+    Ok(Json(
+        json!({ "name": name, "queues": t.queue_count, "offsets": offsets(&s, &t) }),
+    ))
+}
+
+async fn delete_topic(State(s): State<AdminState>, Path(name): Path<String>) -> ApiResult {
+    if !s.broker.delete_topic(&topic_name(&name)?).await? {
+        return Err(not_found(format!("no topic {name}")));
+    }
+    Ok(Json(json!({ "deleted": name })))
+}
+
+#[derive(Deserialize)]
+struct Range {
+    #[serde(default)]
+    from: u64,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    20
+}
+
+async fn queue_messages(
+    State(s): State<AdminState>,
+    Path((name, queue)): Path<(String, u32)>,
+    Query(r): Query<Range>,
+) -> ApiResult {
+    let q = QueueRef::new(topic_name(&name)?, queue);
+    let msgs = s
+        .broker
+        .store()
+        .read(
+            &q,
+            QueueOffset(r.from),
+            ReadLimits::count(r.limit.min(1000)),
+        )
+        .await?;
+    Ok(Json(Value::Array(
+        msgs.iter()
+            .map(|m| {
+                let mut v = message_json(&m.message);
+                v["offset"] = json!(m.entry.offset.0);
+                v
+            })
+            .collect(),
+    )))
+}
+
+async fn groups(State(s): State<AdminState>) -> ApiResult {
+    let mut v = Vec::new();
+    for g in s.broker.groups().await? {
+        let info = s.broker.group_info(&g).await.ok();
+        let (lag, members) = info
+            .map(|i| (i.queues.iter().map(|q| q.lag).sum::<u64>(), i.members.len()))
+            .unwrap_or((0, 0));
+        v.push(json!({ "name": g.as_str(), "members": members, "lag": lag }));
+    }
+    Ok(Json(Value::Array(v)))
+}
+
+async fn group(State(s): State<AdminState>, Path(name): Path<String>) -> ApiResult {
+    let i = s.broker.group_info(&group_name(&name)?).await?;
+    Ok(Json(json!({
+        "name": name,
+        "members": i.members.iter().map(|m| json!({
+            "id": m.id, "unacked": m.unacked, "prefetch": m.prefetch,
+            "queues": m.queues.iter().map(|q| q.to_string()).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "queues": i.queues.iter().map(|q| json!({
+            "queue": q.queue.to_string(), "member": q.member, "committed": q.committed,
+            "next": q.next, "lag": q.lag, "ready": q.ready, "in_flight": q.in_flight,
+        })).collect::<Vec<_>>(),
+        "lag": i.queues.iter().map(|q| q.lag).sum::<u64>(),
+        "skipped": i.skipped,
+    })))
+}
+
+#[derive(Deserialize)]
+struct Reset {
+    /// `first`, `last`, or a timestamp in ms since the epoch.
+    to: Value,
+}
+
+async fn reset_group(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    Json(r): Json<Reset>,
+) -> ApiResult {
+    let to = match &r.to {
+        Value::String(x) if x == "first" => StartPosition::First,
+        Value::String(x) if x == "last" => StartPosition::Last,
+        Value::Number(n) => StartPosition::Timestamp(
+            n.as_u64()
+                .ok_or_else(|| bad_request("to: a timestamp in ms since the epoch"))?,
+        ),
+        Value::String(x) => StartPosition::Timestamp(
+            x.parse()
+                .map_err(|_| bad_request("to: first, last, or a timestamp in ms"))?,
+        ),
+        _ => return Err(bad_request("to: first, last, or a timestamp in ms")),
+    };
+    s.broker.reset_group(&group_name(&name)?, to).await?;
+    group(State(s), Path(name)).await
+}
+
+async fn dlq(
+    State(s): State<AdminState>,
+    Path(g): Path<String>,
+    Query(r): Query<Range>,
+) -> ApiResult {
+    let msgs = s
+        .broker
+        .dlq(&group_name(&g)?, r.from, r.limit.min(1000))
+        .await?;
+    Ok(Json(Value::Array(
+        msgs.iter()
+            .map(|m| {
+                let mut v = message_json(&m.message);
+                v["offset"] = json!(m.entry.offset.0);
+                v
+            })
+            .collect(),
+    )))
+}
+
+#[derive(Deserialize)]
+struct Resend {
+    /// DLQ offsets to resend.
+    #[serde(default)]
+    offsets: Vec<u64>,
+    /// Or a range: from this offset, at most `limit` messages.
+    #[serde(default)]
+    from: Option<u64>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn resend_dlq(
+    State(s): State<AdminState>,
+    Path(g): Path<String>,
+    Json(r): Json<Resend>,
+) -> ApiResult {
+    let group = group_name(&g)?;
+    let mut offsets = r.offsets;
+    if let Some(from) = r.from {
+        let limit = r.limit.unwrap_or(1000).min(10_000);
+        let msgs = s.broker.dlq(&group, from, limit).await?;
+        offsets.extend(msgs.iter().map(|m| m.entry.offset.0));
+    }
+    let mut resent = 0;
+    let mut last = None;
+    for o in offsets {
+        s.broker.resend_dlq(&group, o).await?;
+        resent += 1;
+        last = Some(o);
+    }
+    Ok(Json(json!({ "resent": resent, "last_offset": last })))
+}
+
+async fn message(State(s): State<AdminState>, Path(id): Path<u64>) -> ApiResult {
+    let m = s
+        .broker
+        .store()
+        .message(MessageId(id))
+        .await?
+        .ok_or_else(|| not_found(format!("no message {id} (or retention deleted it)")))?;
+    Ok(Json(message_json(&m)))
+}
+
+#[derive(Deserialize)]
+struct ByKey {
+    topic: String,
+    key: String,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+async fn messages_by_key(State(s): State<AdminState>, Query(q): Query<ByKey>) -> ApiResult {
+    let msgs = s
+        .broker
+        .store()
+        .messages_by_key(&topic_name(&q.topic)?, &q.key, q.limit.min(1000))
+        .await?;
+    Ok(Json(Value::Array(
+        msgs.iter().map(|m| message_json(m)).collect(),
+    )))
+}
+
+async fn connections(State(s): State<AdminState>) -> ApiResult {
+    let all = s.amqp.connections().into_iter().chain(s.mqtt.connections());
+    Ok(Json(Value::Array(
+        all.map(|c| {
+            json!({
+                "protocol": c.protocol, "id": c.id, "peer": c.peer, "user": c.user,
+                "detail": c.detail, "connected_at": c.connected_at,
+            })
+        })
+        .collect(),
+    )))
+}
+
+async fn close_connection(
+    State(s): State<AdminState>,
+    Path((protocol, id)): Path<(String, String)>,
+) -> ApiResult {
+    let closed = match protocol.as_str() {
+        "amqp" => s.amqp.close(&id),
+        "mqtt" => s.mqtt.close(&id),
+        _ => return Err(bad_request("protocol: amqp or mqtt")),
+    };
+    if !closed {
+        return Err(not_found(format!("no {protocol} connection {id}")));
+    }
+    Ok(Json(json!({ "closed": id, "protocol": protocol })))
+}
