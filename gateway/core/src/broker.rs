@@ -654,8 +654,29 @@ impl Broker {
             .into_iter()
             .find(|m| m.entry.offset.0 == offset)
             .ok_or_else(|| CoreError::Invalid(format!("no DLQ message at offset {offset}")))?;
+        // Back to the queue it failed in: its topic is the message's address for
+        // RocketMQ topics, but not for AMQP queues or MQTT sessions, whose messages keep
+        // the address they were published to.
+        let origin = m
+            .message
+            .message
+            .property(crate::retry::PROP_ORIGIN_QUEUE)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|s| s.rsplit_once('#'))
+            .and_then(|(t, _)| TopicName::new(t).ok());
         let message = crate::retry::restore_original(&m.message.message);
-        self.publish(Publish::new(message)).await
+        match origin {
+            Some(topic) if topic != message.topic => {
+                self.inner.topic_handle(&topic).await?;
+                let mut r = self
+                    .publish_routed_batch(vec![(message, vec![topic])])
+                    .await?;
+                r.pop()
+                    .flatten()
+                    .ok_or_else(|| CoreError::Invalid("resend stored nothing".into()))
+            }
+            _ => self.publish(Publish::new(message)).await,
+        }
     }
 
     /// Apply the store's retention policy now.

@@ -1,0 +1,166 @@
+//! Helpers for tests that run the `mqgate` binary: free ports, a broker process that is
+//! killed on drop, the dashboards' PromQL expressions.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running `mqgate serve`, killed when dropped.
+pub struct Broker {
+    pub child: Child,
+    pub amqp: u16,
+    pub mqtt: u16,
+    pub admin: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Broker {
+    /// Start on free ports with RocksDB in a temporary folder.
+    pub fn start() -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (amqp, mqtt, admin) = (free_port(), free_port(), free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_mqgate"))
+            .args(["serve", "--data"])
+            .arg(dir.path().join("data"))
+            .args(["--amqp", &format!("127.0.0.1:{amqp}")])
+            .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start mqgate");
+        let b = Broker {
+            child,
+            amqp,
+            mqtt,
+            admin,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", admin)).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", amqp)).is_err()
+        {
+            assert!(Instant::now() < deadline, "mqgate did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        b
+    }
+
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin)
+    }
+
+    /// Run a CLI subcommand against this broker: (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_mqgate"))
+            .args(args)
+            .env("MQGATE_ADMIN_URL", self.admin_url())
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .expect("run mqgate");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP GET (the tests have no HTTP client crate): (status, body).
+pub fn http_get(port: u16, path: &str, auth: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    if let Some(a) = auth {
+        req.push_str(&format!("Authorization: Basic {a}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).expect("write");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = match text.split_once("\r\n\r\n") {
+        Some((head, body))
+            if head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked") =>
+        {
+            dechunk(body)
+        }
+        Some((_, body)) => body.to_owned(),
+        None => String::new(),
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The repository's dashboards folder.
+pub fn dashboards_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dashboards")
+}
+
+/// Every (dashboard file, panel title, PromQL expression).
+pub fn dashboard_queries() -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(dashboards_dir())
+        .expect("dashboards/")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    for f in files {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&f).expect("read")).expect("JSON");
+        for p in v["panels"].as_array().expect("panels") {
+            for t in p["targets"].as_array().expect("targets") {
+                out.push((
+                    f.file_name().unwrap().to_string_lossy().into_owned(),
+                    p["title"].as_str().unwrap_or("").to_owned(),
+                    t["expr"].as_str().expect("expr").to_owned(),
+                ));
+            }
+        }
+    }
+    out
+}
