@@ -34,7 +34,8 @@ scenario!(
     max_length_drop_head_keeps_the_newest,
     max_length_reject_publish_nacks,
     retry_ladder_then_dead_letter_exchange,
-    delay_beyond_49_days
+    delay_beyond_49_days,
+    max_connections_refuses_the_next
 );
 
 async fn fanout_stores_the_body_once(backend: Backend) {
@@ -452,4 +453,25 @@ async fn delay_beyond_49_days(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(q.message_count(), 0, "not delivered yet");
+}
+
+/// `limits.max_connections`: the connection past the limit is refused; a slot that frees
+/// up is usable again.
+async fn max_connections_refuses_the_next(backend: Backend) {
+    let cfg = mqgate_amqp::AmqpConfig {
+        max_connections: 1,
+        ..test_config()
+    };
+    let Some(t) = Target::mqgate_with(backend, cfg).await else {
+        return;
+    };
+    let first = t.connect().await;
+    let url = t.url_for("guest", "guest", "/");
+    let second =
+        tokio::time::timeout(WAIT, lapin::Connection::connect(&url, Default::default())).await;
+    assert!(matches!(second, Ok(Err(_))), "second connection refused");
+    first.close(200, "bye".into()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let again = lapin::Connection::connect(&url, Default::default()).await;
+    assert!(again.is_ok(), "a freed slot is usable");
 }

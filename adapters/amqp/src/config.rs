@@ -41,6 +41,8 @@ pub struct AmqpConfig {
     pub permissions: HashMap<String, HashMap<String, Permission>>,
     /// The virtual hosts (each gets the standard exchanges).
     pub vhosts: Vec<String>,
+    /// Refuse new connections beyond this many open ones (0: no limit).
+    pub max_connections: usize,
     /// The largest frame (announced in connection.tune; clients may ask for less).
     pub frame_max: u32,
     /// The most channels per connection.
@@ -94,6 +96,7 @@ impl Default for AmqpConfig {
             users,
             permissions,
             vhosts: vec!["/".into()],
+            max_connections: 0,
             frame_max: 131_072,
             channel_max: 2047,
             heartbeat: 60,

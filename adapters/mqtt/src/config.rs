@@ -35,6 +35,8 @@ pub struct AclRule {
 pub struct MqttConfig {
     /// Accept connections without a user name.
     pub allow_anonymous: bool,
+    /// Refuse new connections beyond this many open ones (0: no limit).
+    pub max_connections: usize,
     /// Users (shared with the other protocols).
     pub users: mqgate_core::Users,
     /// Topic access rules.
@@ -66,6 +68,7 @@ impl Default for MqttConfig {
     fn default() -> Self {
         Self {
             allow_anonymous: true,
+            max_connections: 0,
             users: mqgate_core::Users::default(),
             acl: Vec::new(),
             max_packet_size: 1 << 20,

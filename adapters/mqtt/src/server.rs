@@ -239,6 +239,21 @@ impl MqttServer {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        let max = self.shared.cfg.max_connections;
+        if max > 0 {
+            let st = &self.shared.stats;
+            let open = st
+                .connections_opened
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_sub(
+                    st.connections_closed
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                );
+            if open >= max as u64 {
+                tracing::warn!(%peer, max, "MQTT: connection refused: max_connections reached");
+                return;
+            }
+        }
         let shared = Arc::clone(&self.shared);
         tokio::spawn(crate::conn::run(shared, stream, peer));
     }

@@ -10,6 +10,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod admin;
 mod cli;
+mod listeners;
 mod metrics;
 mod settings;
 
@@ -221,6 +222,35 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         amqp.listen(l);
     }
     let admin_stop = tokio::sync::watch::channel(false);
+    let l = &s.listeners;
+    let needs_tls = [&l.amqps, &l.mqtts, &l.mqtt_wss]
+        .iter()
+        .any(|a| !a.is_empty());
+    let tls = match (&s.tls.cert_file, &s.tls.key_file) {
+        (Some(c), Some(k)) if needs_tls => Some(listeners::tls_acceptor(c, k)?),
+        _ => None,
+    };
+    if let (Some(lis), Some(t)) = (bind("AMQP 0-9-1 over TLS", &l.amqps).await?, &tls) {
+        listeners::serve_tls("AMQPS", lis, t.clone(), amqp.clone(), admin_stop.1.clone());
+    }
+    if let (Some(lis), Some(t)) = (bind("MQTT over TLS", &l.mqtts).await?, &tls) {
+        listeners::serve_tls("MQTTS", lis, t.clone(), mqtt.clone(), admin_stop.1.clone());
+    }
+    if let Some(lis) = bind("MQTT over WebSocket", &l.mqtt_ws).await? {
+        listeners::serve_ws("MQTT/WS", lis, None, mqtt.clone(), admin_stop.1.clone());
+    }
+    if let (Some(lis), Some(t)) = (
+        bind("MQTT over WebSocket over TLS", &l.mqtt_wss).await?,
+        &tls,
+    ) {
+        listeners::serve_ws(
+            "MQTT/WSS",
+            lis,
+            Some(t.clone()),
+            mqtt.clone(),
+            admin_stop.1.clone(),
+        );
+    }
     if let Some(l) = bind("admin API", &s.listeners.admin).await? {
         let state = admin::AdminState {
             broker: broker.clone(),

@@ -204,6 +204,8 @@ pub(crate) struct AclSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct Limits {
+    /// Open connections per protocol before new ones are refused (0: no limit).
+    pub(crate) max_connections: usize,
     /// AMQP frame_max offered in connection.tune.
     pub(crate) amqp_frame_max: u32,
     /// AMQP channels per connection.
@@ -234,6 +236,7 @@ impl Default for Limits {
         let a = AmqpConfig::default();
         let m = MqttConfig::default();
         Self {
+            max_connections: 0,
             amqp_frame_max: a.frame_max,
             amqp_channel_max: a.channel_max,
             amqp_heartbeat: a.heartbeat,
@@ -648,6 +651,7 @@ impl Settings {
     pub(crate) fn amqp(&self, users: &Users) -> AmqpConfig {
         let mut a = AmqpConfig {
             users: users.clone(),
+            max_connections: self.limits.max_connections,
             frame_max: self.limits.amqp_frame_max,
             channel_max: self.limits.amqp_channel_max,
             heartbeat: self.limits.amqp_heartbeat,
@@ -710,6 +714,7 @@ impl Settings {
                     allow: a.allow,
                 })
                 .collect(),
+            max_connections: self.limits.max_connections,
             max_packet_size: self.limits.mqtt_max_packet_bytes,
             max_keep_alive: self.limits.mqtt_server_keep_alive,
             receive_maximum: self.limits.mqtt_receive_maximum,

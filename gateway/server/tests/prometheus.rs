@@ -165,7 +165,7 @@ async fn traffic(b: &Broker, secs: u64) {
         )
         .await
         .unwrap();
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             for q in ["prom.retry", "prom.dlq"] {
                 ch.basic_publish(
                     "".into(),
@@ -193,7 +193,7 @@ async fn traffic(b: &Broker, secs: u64) {
             .await
             .unwrap();
         // A malformed AMQP connection now and then: protocol errors.
-        if i % 50 == 0 {
+        if i.is_multiple_of(50) {
             use tokio::io::AsyncWriteExt;
             if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", b.amqp)).await {
                 let _ = s.write_all(b"AMQP\x00\x00\x09\x01").await;

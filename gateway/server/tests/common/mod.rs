@@ -28,6 +28,11 @@ pub struct Broker {
 impl Broker {
     /// Start on free ports with RocksDB in a temporary folder.
     pub fn start() -> Broker {
+        Self::start_with(&[])
+    }
+
+    /// Start with extra arguments (`--config <file>`).
+    pub fn start_with(extra: &[&str]) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
         let (amqp, mqtt, admin) = (free_port(), free_port(), free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_mqgate"))
@@ -36,6 +41,7 @@ impl Broker {
             .args(["--amqp", &format!("127.0.0.1:{amqp}")])
             .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
             .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -1,0 +1,224 @@
+//! TLS and WebSocket listeners: they turn an accepted socket into a byte stream and hand
+//! it to an adapter's `serve_stream`, so AMQP and MQTT run unchanged over TLS (5671,
+//! 8883) and MQTT over WebSocket (8083) and WebSocket over TLS (8084).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// How long a TLS or WebSocket handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TLS acceptor from PEM files (certificate chain, private key).
+pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("read the certificate {}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parse the certificate {}", cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("no certificate in {}", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("read the private key {}", key.display()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let cfg = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the certificate and key do not make a TLS configuration")?;
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Something that serves one client over a byte stream (an adapter).
+pub(crate) trait Serve: Clone + Send + Sync + 'static {
+    fn serve<S>(&self, stream: S, peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+}
+
+impl Serve for mqgate_amqp::AmqpServer {
+    fn serve<S>(&self, stream: S, peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        self.serve_stream(stream, peer);
+    }
+}
+
+impl Serve for mqgate_mqtt::MqttServer {
+    fn serve<S>(&self, stream: S, peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        self.serve_stream(stream, peer);
+    }
+}
+
+/// Accept TLS connections and serve them until `stop` turns true.
+pub(crate) fn serve_tls<A: Serve>(
+    what: &'static str,
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    adapter: A,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = stop.changed() => return,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "{what} accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let (tls, adapter) = (tls.clone(), adapter.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                    Ok(Ok(stream)) => adapter.serve(stream, peer),
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "{what}: TLS handshake failed"),
+                    Err(_) => tracing::info!(%peer, "{what}: TLS handshake timed out"),
+                }
+            });
+        }
+    });
+}
+
+/// Accept MQTT-over-WebSocket connections (with TLS when `tls` is given): the
+/// WebSocket handshake must offer the `mqtt` subprotocol (MQTT 3.1.1 and 5.0 say so),
+/// which the answer echoes; each binary message carries MQTT bytes.
+pub(crate) fn serve_ws(
+    what: &'static str,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    mqtt: mqgate_mqtt::MqttServer,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = stop.changed() => return,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "{what} accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let (tls, mqtt) = (tls.clone(), mqtt.clone());
+            tokio::spawn(async move {
+                let handshake = async {
+                    match tls {
+                        Some(tls) => {
+                            let s = tls.accept(tcp).await.map_err(|e| e.to_string())?;
+                            let ws = ws_accept(s).await?;
+                            mqtt.serve_stream(bridge(ws), peer);
+                        }
+                        None => {
+                            let ws = ws_accept(tcp).await?;
+                            mqtt.serve_stream(bridge(ws), peer);
+                        }
+                    }
+                    Ok::<(), String>(())
+                };
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "{what}: handshake failed"),
+                    Err(_) => tracing::info!(%peer, "{what}: handshake timed out"),
+                }
+            });
+        }
+    });
+}
+
+#[allow(clippy::result_large_err)] // tungstenite's callback signature
+async fn ws_accept<S>(stream: S) -> Result<WebSocketStream<S>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let check = |req: &Request, mut resp: Response| {
+        let offered = req
+            .headers()
+            .get_all("Sec-WebSocket-Protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .find(|p| p.eq_ignore_ascii_case("mqtt") || p.eq_ignore_ascii_case("mqttv3.1"));
+        if let Some(p) = offered {
+            if let Ok(v) = HeaderValue::from_str(p) {
+                resp.headers_mut().insert("Sec-WebSocket-Protocol", v);
+            }
+        }
+        Ok(resp)
+    };
+    tokio_tungstenite::accept_hdr_async(stream, check)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Bridge a WebSocket to a byte stream the adapter reads and writes: one task moves
+/// binary messages' bytes in, and each chunk the adapter writes out as one binary
+/// message (sent and flushed before the next).
+fn bridge<S>(ws: WebSocketStream<S>) -> tokio::io::DuplexStream
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let (mut sink, mut stream) = ws.split();
+        let (mut rd, mut wr) = tokio::io::split(theirs);
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            tokio::select! {
+                n = rd.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => {
+                        let _ = sink.close().await;
+                        return;
+                    }
+                    Ok(n) => {
+                        if sink.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                            return;
+                        }
+                    }
+                },
+                m = stream.next() => match m {
+                    Some(Ok(Message::Binary(b))) => {
+                        if wr.write_all(&b).await.is_err() {
+                            return;
+                        }
+                    }
+                    // MQTT travels in binary messages only; text, close or an error ends it.
+                    Some(Ok(Message::Text(_))) | Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                        let _ = wr.shutdown().await;
+                        return;
+                    }
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+    });
+    ours
+}
