@@ -205,28 +205,9 @@ impl Target {
         drop(i.amqp);
         drop(i.mqtt);
         drop(i.broker);
-        for _ in 0..200 {
-            if Arc::strong_count(&store) == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        assert_eq!(
-            Arc::strong_count(&store),
-            1,
-            "the store is still in use after shutdown"
-        );
-        drop(store);
-        let bind = |port: u16| async move {
-            loop {
-                match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
-                    Ok(l) => break l,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        };
-        let amqp = bind(self.port).await;
-        let mqtt = bind(self.mqtt_port.expect("in-process")).await;
+        crate::mqtt::release_store(store).await;
+        let amqp = crate::mqtt::rebind(self.port).await;
+        let mqtt = crate::mqtt::rebind(self.mqtt_port.expect("in-process")).await;
         self.inproc = Some(InProc::start(i.dir, i.cfg, i.core, amqp, mqtt).await);
     }
 }

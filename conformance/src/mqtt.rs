@@ -47,6 +47,32 @@ struct InProc {
     core: CoreConfig,
 }
 
+/// Wait until the last handle on a stopped broker's store is gone (connection and
+/// listener tasks let go as they end; RocksDB can only be reopened then), and drop it.
+pub(crate) async fn release_store(store: Arc<dyn Store>) {
+    for _ in 0..200 {
+        if Arc::strong_count(&store) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        Arc::strong_count(&store),
+        1,
+        "the store is still in use after shutdown"
+    );
+}
+
+/// Bind loopback `port` again once the stopped broker has let go of it.
+pub(crate) async fn rebind(port: u16) -> tokio::net::TcpListener {
+    loop {
+        match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// Broker logs in test output when `MQGATE_TEST_LOG` holds a filter
 /// (`mqgate_mqtt=debug`).
 pub(crate) fn init_test_log() {
@@ -144,26 +170,8 @@ impl Target {
         let store = Arc::clone(i.broker.store());
         drop(i.server);
         drop(i.broker);
-        // Connection and listener tasks let go of the broker as they end; RocksDB can
-        // only be reopened once the last handle is gone.
-        for _ in 0..200 {
-            if Arc::strong_count(&store) == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        assert_eq!(
-            Arc::strong_count(&store),
-            1,
-            "the store is still in use after shutdown"
-        );
-        drop(store);
-        let listener = loop {
-            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
-                Ok(l) => break l,
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
+        release_store(store).await;
+        let listener = rebind(self.port).await;
         self.inproc = Some(InProc::start(i.dir, i.cfg, i.core, listener).await);
     }
 }

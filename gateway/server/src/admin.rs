@@ -306,7 +306,12 @@ async fn queue_messages(
             ReadLimits::count(r.limit.min(1000)),
         )
         .await?;
-    Ok(Json(Value::Array(
+    Ok(Json(with_offsets(&msgs)))
+}
+
+/// Messages read from a queue, each with its offset.
+fn with_offsets(msgs: &[mqgate_store::QueueMessage]) -> Value {
+    Value::Array(
         msgs.iter()
             .map(|m| {
                 let mut v = message_json(&m.message);
@@ -314,7 +319,7 @@ async fn queue_messages(
                 v
             })
             .collect(),
-    )))
+    )
 }
 
 async fn groups(State(s): State<AdminState>) -> ApiResult {
@@ -383,15 +388,7 @@ async fn dlq(
         .broker
         .dlq(&group_name(&g)?, r.from, r.limit.min(1000))
         .await?;
-    Ok(Json(Value::Array(
-        msgs.iter()
-            .map(|m| {
-                let mut v = message_json(&m.message);
-                v["offset"] = json!(m.entry.offset.0);
-                v
-            })
-            .collect(),
-    )))
+    Ok(Json(with_offsets(&msgs)))
 }
 
 #[derive(Deserialize)]

@@ -69,37 +69,51 @@ impl Serve for mqgate_mqtt::MqttServer {
     }
 }
 
+/// Accept TCP connections until `stop` turns true, handing each to `on_accept`.
+fn accept_loop<F>(
+    what: &'static str,
+    listener: TcpListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    on_accept: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr) + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                r = listener.accept() => match r {
+                    Ok((tcp, peer)) => {
+                        let _ = tcp.set_nodelay(true);
+                        on_accept(tcp, peer);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "{what} accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    });
+}
+
 /// Accept TLS connections and serve them until `stop` turns true.
 pub(crate) fn serve_tls<A: Serve>(
     what: &'static str,
     listener: TcpListener,
     tls: TlsAcceptor,
     adapter: A,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = stop.changed() => return,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "{what} accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            let (tls, adapter) = (tls.clone(), adapter.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
-                    Ok(Ok(stream)) => adapter.serve(stream, peer),
-                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "{what}: TLS handshake failed"),
-                    Err(_) => tracing::info!(%peer, "{what}: TLS handshake timed out"),
-                }
-            });
-        }
+    accept_loop(what, listener, stop, move |tcp, peer| {
+        let (tls, adapter) = (tls.clone(), adapter.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                Ok(Ok(stream)) => adapter.serve(stream, peer),
+                Ok(Err(e)) => tracing::info!(%peer, error = %e, "{what}: TLS handshake failed"),
+                Err(_) => tracing::info!(%peer, "{what}: TLS handshake timed out"),
+            }
+        });
     });
 }
 
@@ -111,45 +125,27 @@ pub(crate) fn serve_ws(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     mqtt: mqgate_mqtt::MqttServer,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = stop.changed() => return,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "{what} accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
+    accept_loop(what, listener, stop, move |tcp, peer| {
+        let (tls, mqtt) = (tls.clone(), mqtt.clone());
+        tokio::spawn(async move {
+            let handshake = async {
+                match tls {
+                    Some(tls) => {
+                        let s = tls.accept(tcp).await.map_err(|e| e.to_string())?;
+                        mqtt.serve_stream(bridge(ws_accept(s).await?), peer);
                     }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            let (tls, mqtt) = (tls.clone(), mqtt.clone());
-            tokio::spawn(async move {
-                let handshake = async {
-                    match tls {
-                        Some(tls) => {
-                            let s = tls.accept(tcp).await.map_err(|e| e.to_string())?;
-                            let ws = ws_accept(s).await?;
-                            mqtt.serve_stream(bridge(ws), peer);
-                        }
-                        None => {
-                            let ws = ws_accept(tcp).await?;
-                            mqtt.serve_stream(bridge(ws), peer);
-                        }
-                    }
-                    Ok::<(), String>(())
-                };
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "{what}: handshake failed"),
-                    Err(_) => tracing::info!(%peer, "{what}: handshake timed out"),
+                    None => mqtt.serve_stream(bridge(ws_accept(tcp).await?), peer),
                 }
-            });
-        }
+                Ok::<(), String>(())
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::info!(%peer, error = %e, "{what}: handshake failed"),
+                Err(_) => tracing::info!(%peer, "{what}: handshake timed out"),
+            }
+        });
     });
 }
 
