@@ -91,7 +91,9 @@ struct ServeArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    // Logs go to stderr: stdout is the admin subcommands' output (`--json` pipes).
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

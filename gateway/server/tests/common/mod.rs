@@ -35,18 +35,7 @@ impl Broker {
     pub fn start_with(extra: &[&str]) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
         let (amqp, mqtt, admin) = (free_port(), free_port(), free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_mqgate"))
-            .args(["serve", "--data"])
-            .arg(dir.path().join("data"))
-            .args(["--amqp", &format!("127.0.0.1:{amqp}")])
-            .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
-            .args(["--admin", &format!("127.0.0.1:{admin}")])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start mqgate");
+        let child = Self::spawn(&dir, amqp, mqtt, admin, extra, false);
         let b = Broker {
             child,
             amqp,
@@ -54,14 +43,52 @@ impl Broker {
             admin,
             dir,
         };
+        b.wait_listening();
+        b
+    }
+
+    /// Start again on the same data and ports (after a kill), its log piped for reading.
+    pub fn respawn_logged(&mut self) {
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.dir, self.amqp, self.mqtt, self.admin, &[], true);
+        self.wait_listening();
+    }
+
+    fn spawn(
+        dir: &tempfile::TempDir,
+        amqp: u16,
+        mqtt: u16,
+        admin: u16,
+        extra: &[&str],
+        logged: bool,
+    ) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_mqgate"))
+            .args(["serve", "--data"])
+            .arg(dir.path().join("data"))
+            .args(["--amqp", &format!("127.0.0.1:{amqp}")])
+            .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .args(extra)
+            .env("RUST_LOG", if logged { "info" } else { "warn" })
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(if logged {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
+            .spawn()
+            .expect("start mqgate")
+    }
+
+    fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", admin)).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", amqp)).is_err()
+        while std::net::TcpStream::connect(("127.0.0.1", self.admin)).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", self.amqp)).is_err()
         {
             assert!(Instant::now() < deadline, "mqgate did not start listening");
             std::thread::sleep(Duration::from_millis(50));
         }
-        b
     }
 
     pub fn amqp_url(&self) -> String {

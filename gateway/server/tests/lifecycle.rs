@@ -1,0 +1,127 @@
+//! The broker process as an operator handles it: SIGTERM stops it cleanly (clients are
+//! told, exit code 0); after SIGKILL the next start recovers confirmed messages on its
+//! own and logs what it recovered.
+
+mod common;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use common::Broker;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+
+async fn publish_confirmed(b: &Broker, queue: &str, n: usize) {
+    let conn = lapin::Connection::connect(&b.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..n {
+        let c = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(c.is_ack());
+    }
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_and_tells_clients() {
+    let b = Broker::start();
+    let conn = lapin::Connection::connect(&b.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let pid = b.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut b = b;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(s) = b.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "mqgate did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    // The AMQP client was told (connection.close 320), not cut off.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while conn.status().connected() {
+        assert!(Instant::now() < deadline, "client still connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_then_restart_recovers_and_says_so() {
+    let mut b = Broker::start();
+    publish_confirmed(&b, "survivor", 50).await;
+    b.child.kill().unwrap(); // SIGKILL
+    b.respawn_logged();
+    let conn = lapin::Connection::connect(&b.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            "survivor".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        q.message_count(),
+        50,
+        "every confirmed message survived SIGKILL"
+    );
+    let got = ch
+        .basic_get("survivor".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.delivery.data, b"m0");
+    // Stop it to read its whole log.
+    b.child.kill().unwrap();
+    let mut log = String::new();
+    b.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        log.contains("recovered what is listed") && log.contains("messages=50"),
+        "{log}"
+    );
+    assert!(log.contains("durable_queues=1"), "{log}");
+}
