@@ -647,36 +647,55 @@ impl Broker {
             .await?)
     }
 
-    /// Send a dead-lettered message back to its original topic (reconsume count reset).
+    /// Send a dead-lettered message back to the queue it failed in (reconsume count reset).
     pub async fn resend_dlq(&self, group: &GroupName, offset: u64) -> Result<Published> {
         let msgs = self.dlq(group, offset, 1).await?;
         let m = msgs
             .into_iter()
             .find(|m| m.entry.offset.0 == offset)
             .ok_or_else(|| CoreError::Invalid(format!("no DLQ message at offset {offset}")))?;
-        // Back to the queue it failed in: its topic is the message's address for
-        // RocketMQ topics, but not for AMQP queues or MQTT sessions, whose messages keep
-        // the address they were published to.
-        let origin = m
-            .message
-            .message
-            .property(crate::retry::PROP_ORIGIN_QUEUE)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|s| s.rsplit_once('#'))
-            .and_then(|(t, _)| TopicName::new(t).ok());
-        let message = crate::retry::restore_original(&m.message.message);
-        match origin {
-            Some(topic) if topic != message.topic => {
-                self.inner.topic_handle(&topic).await?;
-                let mut r = self
-                    .publish_routed_batch(vec![(message, vec![topic])])
-                    .await?;
-                r.pop()
-                    .flatten()
-                    .ok_or_else(|| CoreError::Invalid("resend stored nothing".into()))
-            }
-            _ => self.publish(Publish::new(message)).await,
+        let mut r = self.resend_messages(vec![m]).await?;
+        r.pop()
+            .flatten()
+            .ok_or_else(|| CoreError::Invalid("resend stored nothing".into()))
+    }
+
+    /// Resend up to `limit` DLQ messages from offset `from` in one store write (one
+    /// fsync): what a bulk resend pages through. Returns how many and the last offset.
+    pub async fn resend_dlq_page(
+        &self,
+        group: &GroupName,
+        from: u64,
+        limit: usize,
+    ) -> Result<(usize, Option<u64>)> {
+        let msgs = self.dlq(group, from, limit).await?;
+        let last = msgs.last().map(|m| m.entry.offset.0);
+        let n = msgs.len();
+        self.resend_messages(msgs).await?;
+        Ok((n, last))
+    }
+
+    /// Publish DLQ messages again, each back to the queue it failed in: its topic is the
+    /// message's address for RocketMQ topics, but not for AMQP queues or MQTT sessions,
+    /// whose messages keep the address they were published to.
+    async fn resend_messages(
+        &self,
+        msgs: Vec<mqgate_store::QueueMessage>,
+    ) -> Result<Vec<Option<Published>>> {
+        let mut items = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let stored = &m.message.message;
+            let origin = stored
+                .property(crate::retry::PROP_ORIGIN_QUEUE)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|s| s.rsplit_once('#'))
+                .and_then(|(t, _)| TopicName::new(t).ok());
+            let message = crate::retry::restore_original(stored);
+            let topic = origin.unwrap_or_else(|| message.topic.clone());
+            self.inner.topic_handle(&topic).await?;
+            items.push((message, vec![topic]));
         }
+        self.publish_routed_batch(items).await
     }
 
     /// Apply the store's retention policy now.

@@ -409,15 +409,15 @@ async fn resend_dlq(
     Json(r): Json<Resend>,
 ) -> ApiResult {
     let group = group_name(&g)?;
-    let mut offsets = r.offsets;
     if let Some(from) = r.from {
+        // A page in one store write.
         let limit = r.limit.unwrap_or(1000).min(10_000);
-        let msgs = s.broker.dlq(&group, from, limit).await?;
-        offsets.extend(msgs.iter().map(|m| m.entry.offset.0));
+        let (resent, last) = s.broker.resend_dlq_page(&group, from, limit).await?;
+        return Ok(Json(json!({ "resent": resent, "last_offset": last })));
     }
     let mut resent = 0;
     let mut last = None;
-    for o in offsets {
+    for o in r.offsets {
         s.broker.resend_dlq(&group, o).await?;
         resent += 1;
         last = Some(o);
