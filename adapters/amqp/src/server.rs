@@ -243,23 +243,9 @@ impl AmqpServer {
     /// Accept connections on `listener` until shutdown.
     pub fn listen(&self, listener: TcpListener) -> JoinHandle<()> {
         let server = self.clone();
-        let mut stop = self.shared.shutdown.subscribe();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    r = listener.accept() => match r {
-                        Ok((stream, peer)) => {
-                            let _ = stream.set_nodelay(true);
-                            server.serve_stream(stream, peer);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "AMQP accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-            }
+        let stop = self.shared.shutdown.subscribe();
+        mqgate_core::net::accept_loop("AMQP", listener, stop, move |tcp, peer| {
+            server.serve_stream(tcp, peer)
         })
     }
 

@@ -17,6 +17,7 @@ mod delay;
 mod durable;
 mod error;
 mod group;
+pub mod net;
 pub mod props;
 pub mod retry;
 pub mod router;

@@ -69,34 +69,6 @@ impl Serve for mqgate_mqtt::MqttServer {
     }
 }
 
-/// Accept TCP connections until `stop` turns true, handing each to `on_accept`.
-fn accept_loop<F>(
-    what: &'static str,
-    listener: TcpListener,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-    on_accept: F,
-) where
-    F: Fn(tokio::net::TcpStream, SocketAddr) + Send + 'static,
-{
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stop.changed() => return,
-                r = listener.accept() => match r {
-                    Ok((tcp, peer)) => {
-                        let _ = tcp.set_nodelay(true);
-                        on_accept(tcp, peer);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "{what} accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
-        }
-    });
-}
-
 /// Accept TLS connections and serve them until `stop` turns true.
 pub(crate) fn serve_tls<A: Serve>(
     what: &'static str,
@@ -105,7 +77,7 @@ pub(crate) fn serve_tls<A: Serve>(
     adapter: A,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    accept_loop(what, listener, stop, move |tcp, peer| {
+    mqgate_core::net::accept_loop(what, listener, stop, move |tcp, peer| {
         let (tls, adapter) = (tls.clone(), adapter.clone());
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
@@ -127,7 +99,7 @@ pub(crate) fn serve_ws(
     mqtt: mqgate_mqtt::MqttServer,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    accept_loop(what, listener, stop, move |tcp, peer| {
+    mqgate_core::net::accept_loop(what, listener, stop, move |tcp, peer| {
         let (tls, mqtt) = (tls.clone(), mqtt.clone());
         tokio::spawn(async move {
             let handshake = async {
