@@ -30,7 +30,7 @@ use crate::settings::Settings;
 
 /// mqgate: a message broker for AMQP 0-9-1 and MQTT clients, on RocketMQ's log model.
 #[derive(Debug, Parser)]
-#[command(name = "mqgate", version, about)]
+#[command(name = "mqgate", version)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
