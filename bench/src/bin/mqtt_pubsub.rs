@@ -1,0 +1,221 @@
+//! MQTT publishers → subscribers with rumqttc, against any broker: throughput,
+//! end-to-end latency (timestamps in the payload), loss and duplicates (sequence numbers
+//! per publisher), and the broker's CPU time per delivered message.
+//!
+//! ```sh
+//! cargo build --release --workspace --bins
+//! ./target/release/mqgate serve --memory --mqtt 127.0.0.1:21883 --amqp 127.0.0.1:35672 &
+//! ./target/release/mqtt_pubsub --addr 127.0.0.1:21883 --broker-pid $! --qos 1 --pairs 1
+//! ```
+//! `--pairs N`: N publishers, each to its own topic with its own subscriber (N→N).
+//! `--fanout M`: M subscribers on one publisher's topic (1→M; `--pairs` must be 1).
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use mqgate_bench::{median, percentile, process_cpu};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The broker (host:port).
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    addr: String,
+    /// The broker's process id, for its CPU time.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Messages per publisher per round.
+    #[arg(long, default_value_t = 100_000)]
+    messages: u64,
+    /// Payload size in bytes (at least 16).
+    #[arg(long, default_value_t = 128)]
+    size: usize,
+    /// QoS for publishing and subscribing.
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
+    /// Publisher/subscriber pairs, each on its own topic.
+    #[arg(long, default_value_t = 1)]
+    pairs: usize,
+    /// Subscribers of the (single) publisher's topic.
+    #[arg(long, default_value_t = 1)]
+    fanout: usize,
+    /// Offered rate per publisher in messages per second (0: flat out).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Rounds (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+fn qos(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn options(a: &Args, id: String) -> MqttOptions {
+    let (host, port) = a.addr.rsplit_once(':').expect("host:port");
+    let mut o = MqttOptions::new(id, host, port.parse().expect("port"));
+    o.set_keep_alive(Duration::from_secs(60));
+    o.set_inflight(1000);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    o.set_clean_session(true);
+    o
+}
+
+struct Round {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    p999: Duration,
+    cpu_us: Option<f64>,
+    lost: u64,
+    dup: u64,
+}
+
+async fn round(a: &Args, n: usize) -> Round {
+    let q = qos(a.qos);
+    let tag = format!("{}-{n}", std::process::id());
+    let subs_per_topic = if a.pairs == 1 { a.fanout } else { 1 };
+    let expect_per_sub = a.messages;
+    let mut receivers = Vec::new();
+    for p in 0..a.pairs {
+        for s in 0..subs_per_topic {
+            let (client, mut ev) =
+                AsyncClient::new(options(a, format!("sub-{tag}-{p}-{s}")), 10_000);
+            let topic = format!("bench/{tag}/{p}");
+            client.subscribe(&topic, q).await.expect("subscribe");
+            // Wait for the SUBACK before publishing starts.
+            loop {
+                match ev.poll().await.expect("subscriber connection") {
+                    Event::Incoming(Packet::SubAck(_)) => break,
+                    _ => continue,
+                }
+            }
+            let total = expect_per_sub;
+            receivers.push(tokio::spawn(async move {
+                let _client = client;
+                let mut lat = Vec::with_capacity(total as usize);
+                let mut seen = vec![false; total as usize];
+                let (mut got, mut dup) = (0u64, 0u64);
+                while got < total {
+                    match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
+                        Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                            let seq = u64::from_be_bytes(p.payload[0..8].try_into().unwrap());
+                            let sent = u64::from_be_bytes(p.payload[8..16].try_into().unwrap());
+                            lat.push(Duration::from_micros(now_us().saturating_sub(sent)));
+                            if std::mem::replace(&mut seen[seq as usize], true) {
+                                dup += 1;
+                            } else {
+                                got += 1;
+                            }
+                        }
+                        Ok(Ok(_)) => {}
+                        _ => break,
+                    }
+                }
+                (lat, got, dup)
+            }));
+        }
+    }
+    let cpu0 = a.broker_pid.and_then(process_cpu);
+    let start = Instant::now();
+    let mut publishers = Vec::new();
+    for p in 0..a.pairs {
+        let (client, mut ev) = AsyncClient::new(options(a, format!("pub-{tag}-{p}")), 10_000);
+        let topic = format!("bench/{tag}/{p}");
+        let (total, size, rate) = (a.messages, a.size.max(16), a.rate);
+        let driver = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+        publishers.push(tokio::spawn(async move {
+            let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
+            let mut body = vec![0u8; size];
+            for seq in 0..total {
+                if let Some(iv) = interval {
+                    let due = start + iv * seq as u32;
+                    if let Some(w) = due.checked_duration_since(Instant::now()) {
+                        tokio::time::sleep(w).await;
+                    }
+                }
+                body[0..8].copy_from_slice(&seq.to_be_bytes());
+                body[8..16].copy_from_slice(&now_us().to_be_bytes());
+                client
+                    .publish(&topic, q, false, body.clone())
+                    .await
+                    .expect("publish");
+            }
+            (client, driver)
+        }));
+    }
+    let mut keep = Vec::new();
+    for p in publishers {
+        keep.push(p.await.expect("publisher"));
+    }
+    let mut lat = Vec::new();
+    let (mut got, mut dup) = (0u64, 0u64);
+    for r in receivers {
+        let (l, g, d) = r.await.expect("receiver");
+        lat.extend(l);
+        got += g;
+        dup += d;
+    }
+    let elapsed = start.elapsed();
+    for (c, d) in keep {
+        let _ = c.disconnect().await;
+        d.abort();
+    }
+    let cpu = a
+        .broker_pid
+        .and_then(process_cpu)
+        .zip(cpu0)
+        .map(|(b, a)| (b - a).as_secs_f64() * 1e6 / got.max(1) as f64);
+    lat.sort_unstable();
+    let expected = a.messages * (a.pairs * subs_per_topic) as u64;
+    Round {
+        rate: got as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&lat, 50.0),
+        p99: percentile(&lat, 99.0),
+        p999: percentile(&lat, 99.9),
+        cpu_us: cpu,
+        lost: expected - got,
+        dup,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let a = Args::parse();
+    let (mut rates, mut p50, mut p99, mut p999, mut cpus) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut lost, mut dup) = (0, 0);
+    for n in 0..a.rounds {
+        let r = round(&a, n).await;
+        println!(
+            "round {n}: {:.0} deliveries/s, p50 {:?}, p99 {:?}, p99.9 {:?}, broker CPU {} µs/delivery, lost {}, dup {}",
+            r.rate, r.p50, r.p99, r.p999,
+            r.cpu_us.map(|c| format!("{c:.1}")).unwrap_or("-".into()),
+            r.lost, r.dup
+        );
+        rates.push(r.rate);
+        p50.push(r.p50.as_secs_f64() * 1e6);
+        p99.push(r.p99.as_secs_f64() * 1e6);
+        p999.push(r.p999.as_secs_f64() * 1e6);
+        if let Some(c) = r.cpu_us {
+            cpus.push(c);
+        }
+        lost += r.lost;
+        dup += r.dup;
+    }
+    println!(
+        "median: {:.0} deliveries/s, p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, broker CPU {:.1} µs/delivery; lost {lost}, duplicated {dup}",
+        median(&mut rates), median(&mut p50), median(&mut p99), median(&mut p999), median(&mut cpus)
+    );
+}
