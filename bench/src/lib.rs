@@ -41,3 +41,76 @@ pub fn median(v: &mut [f64]) -> f64 {
         v[v.len() / 2]
     }
 }
+
+/// One measured round of a pub/sub benchmark.
+#[derive(Debug, Clone)]
+pub struct Round {
+    /// Deliveries per second.
+    pub rate: f64,
+    /// Latency percentiles.
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// 99.9th percentile.
+    pub p999: Duration,
+    /// Broker CPU time per delivery, µs (when its pid was given).
+    pub cpu_us: Option<f64>,
+    /// Messages never delivered.
+    pub lost: u64,
+    /// Messages delivered more than once.
+    pub dup: u64,
+}
+
+impl Round {
+    /// A round from its sorted latencies and counts.
+    pub fn new(
+        rate: f64,
+        sorted_latencies: &[Duration],
+        cpu_us: Option<f64>,
+        lost: u64,
+        dup: u64,
+    ) -> Self {
+        Self {
+            rate,
+            p50: percentile(sorted_latencies, 50.0),
+            p99: percentile(sorted_latencies, 99.0),
+            p999: percentile(sorted_latencies, 99.9),
+            cpu_us,
+            lost,
+            dup,
+        }
+    }
+
+    /// Print it as round `n`; `unit` names what is counted (`msg`, `delivery`).
+    pub fn print(&self, n: usize, unit: &str) {
+        println!(
+            "round {n}: {:.0} {unit}/s, p50 {:?}, p99 {:?}, p99.9 {:?}, broker CPU {} µs/{unit}, lost {}, dup {}",
+            self.rate,
+            self.p50,
+            self.p99,
+            self.p999,
+            self.cpu_us.map(|c| format!("{c:.1}")).unwrap_or("-".into()),
+            self.lost,
+            self.dup
+        );
+    }
+}
+
+/// Print the medians of `rounds` (and the total lost and duplicated).
+pub fn print_medians(rounds: &[Round], unit: &str) {
+    let us = |f: fn(&Round) -> Duration| -> Vec<f64> {
+        rounds.iter().map(|r| f(r).as_secs_f64() * 1e6).collect()
+    };
+    let mut rates: Vec<f64> = rounds.iter().map(|r| r.rate).collect();
+    let mut cpus: Vec<f64> = rounds.iter().filter_map(|r| r.cpu_us).collect();
+    let lost: u64 = rounds.iter().map(|r| r.lost).sum();
+    let dup: u64 = rounds.iter().map(|r| r.dup).sum();
+    println!(
+        "median: {:.0} {unit}/s, p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, broker CPU {:.1} µs/{unit}; lost {lost}, duplicated {dup}",
+        median(&mut rates),
+        median(&mut us(|r| r.p50)),
+        median(&mut us(|r| r.p99)),
+        median(&mut us(|r| r.p999)),
+        median(&mut cpus)
+    );
+}

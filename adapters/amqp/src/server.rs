@@ -255,19 +255,9 @@ impl AmqpServer {
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let max = self.shared.cfg.max_connections;
-        if max > 0 {
-            let st = &self.shared.stats;
-            let open = st
-                .connections_opened
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .saturating_sub(
-                    st.connections_closed
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                );
-            if open >= max as u64 {
-                tracing::warn!(%peer, max, "AMQP: connection refused: max_connections reached");
-                return;
-            }
+        if max > 0 && self.shared.stats.open_connections() >= max as u64 {
+            tracing::warn!(%peer, max, "AMQP: connection refused: max_connections reached");
+            return;
         }
         let shared = Arc::clone(&self.shared);
         tokio::spawn(crate::conn::run(shared, stream, peer));
@@ -331,6 +321,16 @@ impl AmqpServer {
     /// unblock them: what the memory watermark does, for operators and tests.
     pub fn set_blocked(&self, reason: Option<String>) {
         let _ = self.shared.blocked.send(reason);
+    }
+}
+
+impl AmqpStats {
+    /// Connections open now.
+    pub fn open_connections(&self) -> u64 {
+        let r = std::sync::atomic::Ordering::Relaxed;
+        self.connections_opened
+            .load(r)
+            .saturating_sub(self.connections_closed.load(r))
     }
 }
 

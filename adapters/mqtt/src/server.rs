@@ -226,19 +226,9 @@ impl MqttServer {
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let max = self.shared.cfg.max_connections;
-        if max > 0 {
-            let st = &self.shared.stats;
-            let open = st
-                .connections_opened
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .saturating_sub(
-                    st.connections_closed
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                );
-            if open >= max as u64 {
-                tracing::warn!(%peer, max, "MQTT: connection refused: max_connections reached");
-                return;
-            }
+        if max > 0 && self.shared.stats.open_connections() >= max as u64 {
+            tracing::warn!(%peer, max, "MQTT: connection refused: max_connections reached");
+            return;
         }
         let shared = Arc::clone(&self.shared);
         tokio::spawn(crate::conn::run(shared, stream, peer));
@@ -309,6 +299,16 @@ pub(crate) struct Outbound {
     pub(crate) retain: bool,
     pub(crate) message: Message,
     pub(crate) delay: Option<Delay>,
+}
+
+impl MqttStats {
+    /// Connections open now.
+    pub fn open_connections(&self) -> u64 {
+        let r = std::sync::atomic::Ordering::Relaxed;
+        self.connections_opened
+            .load(r)
+            .saturating_sub(self.connections_closed.load(r))
+    }
 }
 
 impl Shared {

@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use mqgate_bench::{median, percentile, process_cpu};
+use mqgate_bench::{print_medians, process_cpu, Round};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -59,16 +59,6 @@ fn now_us() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_micros() as u64
-}
-
-struct Round {
-    rate: f64,
-    p50: Duration,
-    p99: Duration,
-    p999: Duration,
-    cpu_us: Option<f64>,
-    lost: u64,
-    dup: u64,
 }
 
 async fn round(a: &Args, n: usize) -> Round {
@@ -190,51 +180,23 @@ async fn round(a: &Args, n: usize) -> Round {
         .await;
     let _ = pc.close(200, "bye".into()).await;
     let _ = cc.close(200, "bye".into()).await;
-    Round {
-        rate: got as f64 / elapsed.as_secs_f64(),
-        p50: percentile(&lat, 50.0),
-        p99: percentile(&lat, 99.0),
-        p999: percentile(&lat, 99.9),
-        cpu_us: cpu,
-        lost: total - got,
+    Round::new(
+        got as f64 / elapsed.as_secs_f64(),
+        &lat,
+        cpu,
+        total - got,
         dup,
-    }
+    )
 }
 
 #[tokio::main]
 async fn main() {
     let a = Args::parse();
-    let mut rates = Vec::new();
-    let (mut p50, mut p99, mut p999, mut cpus) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut lost, mut dup) = (0, 0);
+    let mut rounds = Vec::new();
     for n in 0..a.rounds {
         let r = round(&a, n).await;
-        println!(
-            "round {n}: {:.0} msg/s, p50 {:?}, p99 {:?}, p99.9 {:?}, broker CPU {} µs/msg, lost {}, dup {}",
-            r.rate,
-            r.p50,
-            r.p99,
-            r.p999,
-            r.cpu_us.map(|c| format!("{c:.1}")).unwrap_or("-".into()),
-            r.lost,
-            r.dup
-        );
-        rates.push(r.rate);
-        p50.push(r.p50.as_secs_f64() * 1e6);
-        p99.push(r.p99.as_secs_f64() * 1e6);
-        p999.push(r.p999.as_secs_f64() * 1e6);
-        if let Some(c) = r.cpu_us {
-            cpus.push(c);
-        }
-        lost += r.lost;
-        dup += r.dup;
+        r.print(n, "msg");
+        rounds.push(r);
     }
-    println!(
-        "median: {:.0} msg/s, p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, broker CPU {:.1} µs/msg; lost {lost}, duplicated {dup}",
-        median(&mut rates),
-        median(&mut p50),
-        median(&mut p99),
-        median(&mut p999),
-        median(&mut cpus)
-    );
+    print_medians(&rounds, "msg");
 }

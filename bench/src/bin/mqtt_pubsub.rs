@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use mqgate_bench::{median, percentile, process_cpu};
+use mqgate_bench::{print_medians, process_cpu, Round};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 #[derive(Debug, Parser)]
@@ -70,16 +70,6 @@ fn options(a: &Args, id: String) -> MqttOptions {
     o.set_max_packet_size(1 << 20, 1 << 20);
     o.set_clean_session(true);
     o
-}
-
-struct Round {
-    rate: f64,
-    p50: Duration,
-    p99: Duration,
-    p999: Duration,
-    cpu_us: Option<f64>,
-    lost: u64,
-    dup: u64,
 }
 
 async fn round(a: &Args, n: usize) -> Round {
@@ -179,43 +169,23 @@ async fn round(a: &Args, n: usize) -> Round {
         .map(|(b, a)| (b - a).as_secs_f64() * 1e6 / got.max(1) as f64);
     lat.sort_unstable();
     let expected = a.messages * (a.pairs * subs_per_topic) as u64;
-    Round {
-        rate: got as f64 / elapsed.as_secs_f64(),
-        p50: percentile(&lat, 50.0),
-        p99: percentile(&lat, 99.0),
-        p999: percentile(&lat, 99.9),
-        cpu_us: cpu,
-        lost: expected - got,
+    Round::new(
+        got as f64 / elapsed.as_secs_f64(),
+        &lat,
+        cpu,
+        expected - got,
         dup,
-    }
+    )
 }
 
 #[tokio::main]
 async fn main() {
     let a = Args::parse();
-    let (mut rates, mut p50, mut p99, mut p999, mut cpus) =
-        (vec![], vec![], vec![], vec![], vec![]);
-    let (mut lost, mut dup) = (0, 0);
+    let mut rounds = Vec::new();
     for n in 0..a.rounds {
         let r = round(&a, n).await;
-        println!(
-            "round {n}: {:.0} deliveries/s, p50 {:?}, p99 {:?}, p99.9 {:?}, broker CPU {} µs/delivery, lost {}, dup {}",
-            r.rate, r.p50, r.p99, r.p999,
-            r.cpu_us.map(|c| format!("{c:.1}")).unwrap_or("-".into()),
-            r.lost, r.dup
-        );
-        rates.push(r.rate);
-        p50.push(r.p50.as_secs_f64() * 1e6);
-        p99.push(r.p99.as_secs_f64() * 1e6);
-        p999.push(r.p999.as_secs_f64() * 1e6);
-        if let Some(c) = r.cpu_us {
-            cpus.push(c);
-        }
-        lost += r.lost;
-        dup += r.dup;
+        r.print(n, "delivery");
+        rounds.push(r);
     }
-    println!(
-        "median: {:.0} deliveries/s, p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, broker CPU {:.1} µs/delivery; lost {lost}, duplicated {dup}",
-        median(&mut rates), median(&mut p50), median(&mut p99), median(&mut p999), median(&mut cpus)
-    );
+    print_medians(&rounds, "delivery");
 }

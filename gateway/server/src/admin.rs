@@ -202,14 +202,13 @@ async fn overview(State(s): State<AdminState>) -> ApiResult {
     let st = s.broker.store().stats();
     let a = s.amqp.stats();
     let m = s.mqtt.stats();
-    let r = std::sync::atomic::Ordering::Relaxed;
     Ok(Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "store": { "messages": st.messages, "log_bytes": st.log_bytes, "topics": st.topics, "timers": st.timers },
         "delayed_pending": s.broker.delayed_pending(),
         "connections": {
-            "amqp": a.connections_opened.load(r).saturating_sub(a.connections_closed.load(r)),
-            "mqtt": m.connections_opened.load(r).saturating_sub(m.connections_closed.load(r)),
+            "amqp": a.open_connections(),
+            "mqtt": m.open_connections(),
         },
         "mqtt_sessions": s.mqtt.session_count(),
     })))

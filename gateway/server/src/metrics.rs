@@ -115,18 +115,15 @@ impl Collector {
         let m = self.mqtt.stats();
         let l = |p: &str| [("protocol", p.to_owned())];
         let r = Ordering::Relaxed;
-        let open = |o: &std::sync::atomic::AtomicU64, c: &std::sync::atomic::AtomicU64| {
-            o.load(r).saturating_sub(c.load(r)) as f64
-        };
         set_gauge(
             "mqgate_connections",
             &l("amqp"),
-            open(&a.connections_opened, &a.connections_closed),
+            a.open_connections() as f64,
         );
         set_gauge(
             "mqgate_connections",
             &l("mqtt"),
-            open(&m.connections_opened, &m.connections_closed),
+            m.open_connections() as f64,
         );
         set_gauge("mqgate_amqp_channels", &[], a.channels.load(r) as f64);
         set_gauge(
