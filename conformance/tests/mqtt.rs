@@ -788,7 +788,55 @@ scenario!(
     redelivery_with_dup_after_reconnect,
     client_receive_maximum_respected,
     receive_maximum_exceeded,
+    qos0_slow_subscriber_slows_publisher,
 );
+
+/// A connected QoS 0 subscriber that stops reading does not lose messages: once its
+/// queue (64 here) and the socket buffers are full, the publisher is slowed down
+/// instead (mqgate only: Mosquitto and RabbitMQ drop them).
+async fn qos0_slow_subscriber_slows_publisher(b: Backend) {
+    let cfg = MqttConfig {
+        qos0_queue: 64,
+        ..MqttConfig::default()
+    };
+    let Some(t) = Target::mqgate_only(b, cfg).await else {
+        return;
+    };
+    let topic = uniq("slow0");
+    let (mut sub, _) = Raw::connect(&t, Raw::connect_packet(Version::V311, &uniq("s"), true)).await;
+    subscribed(&mut sub, 1, &topic, RQoS::AtMostOnce).await;
+    let (p, _) = c3(&t, &uniq("p"), true).await;
+    // 20 MiB: far more than the queue, the connection's output buffer and both sockets
+    // can hold while the subscriber does not read.
+    const N: u32 = 20_000;
+    let client = p.client.clone();
+    let t2 = topic.clone();
+    let publisher = tokio::spawn(async move {
+        for i in 0..N {
+            let mut body = vec![b'.'; 1024];
+            body[..4].copy_from_slice(&i.to_be_bytes());
+            client
+                .publish(&t2, Q3::AtMostOnce, false, body)
+                .await
+                .unwrap();
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut next = 0u32;
+    while next < N {
+        match sub.recv(WAIT).await {
+            Ok(Packet::Publish(m)) => {
+                let i = u32::from_be_bytes(m.payload[..4].try_into().unwrap());
+                assert_eq!(i, next, "QoS 0 messages arrive all and in order");
+                next += 1;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("after {next} of {N} messages: {e:?}"),
+        }
+    }
+    publisher.await.unwrap();
+    drop(p);
+}
 
 async fn qos_levels_both_ways(b: Backend) {
     let Some(t) = Target::standard(b).await else {

@@ -18,15 +18,19 @@
 //! Every mutation goes through one channel to one writer thread. It drains what is
 //! waiting (up to [`RocksConfig::max_batch_bytes`]), turns all of it into one RocksDB
 //! `WriteBatch` together with the updated header (next id, log size, counts), writes
-//! it with `sync` under [`FsyncPolicy::EveryBatch`], and only then publishes the new
-//! queue ends to readers and answers the writers. Being the only writer, it assigns ids
-//! and offsets without locks: offsets are dense and unique by construction.
+//! it, publishes the new queue ends to readers (readable before durable, see
+//! [`Store::write_notify`]), and under [`FsyncPolicy::EveryBatch`] hands the writers'
+//! answers to the sync thread, which fsyncs the WAL once for every group handed over
+//! so far and only then answers them, while the writer goes on with the next group.
+//! Being the only writer, it assigns ids and offsets without locks: offsets are dense
+//! and unique by construction.
 //!
 //! # Invariants
 //! - The header in `meta` is written in the same RocksDB batch as the data it counts,
 //!   so after a crash it matches the data exactly.
 //! - A queue's `next` in memory never runs ahead of what RocksDB holds: it is published
-//!   after the write returns.
+//!   after the write returns (possibly before the WAL is synced; the writers are only
+//!   answered after).
 //! - A queue's entries point at increasing ids (each append takes a new id), so
 //!   retention finds a queue's first live entry by binary search.
 //! - Every queue-changing truncation also records the queue's min in `meta`, so an empty
@@ -170,8 +174,22 @@ impl TailCache {
     }
 }
 
+/// A writer to answer, with what to answer once its write is durable.
+type Answer = (oneshot::Sender<Result<WriteReceipt>>, Result<WriteReceipt>);
+
+type Grouped = (
+    WriteBatch,
+    oneshot::Sender<Result<WriteReceipt>>,
+    Option<oneshot::Sender<()>>,
+);
+
 enum Request {
-    Write(WriteBatch, oneshot::Sender<Result<WriteReceipt>>),
+    /// A batch, who waits for it to be durable, and who to tell once it is readable.
+    Write(
+        WriteBatch,
+        oneshot::Sender<Result<WriteReceipt>>,
+        Option<oneshot::Sender<()>>,
+    ),
     CreateTopic(TopicName, u32, oneshot::Sender<Result<TopicConfig>>),
     DeleteTopic(TopicName, oneshot::Sender<Result<bool>>),
     /// Delete the commit log below this id (and what pointed into it).
@@ -474,12 +492,27 @@ impl RocksStore {
         let (tx, rx) = mpsc::channel(1024);
         let mut threads = Vec::new();
         let writer_shared = Arc::clone(&shared);
+        let mut syncer = None;
+        let mut syncer_thread = None;
+        if matches!(config.fsync, FsyncPolicy::EveryBatch) {
+            let (stx, srx) = std::sync::mpsc::channel();
+            let s = Arc::clone(&shared);
+            syncer = Some(stx);
+            syncer_thread = Some(
+                std::thread::Builder::new()
+                    .name("mqgate-store-sync".into())
+                    .spawn(move || sync_loop(&s, srx))
+                    .map_err(|e| StoreError::Backend(format!("spawn syncer: {e}")))?,
+            );
+        }
         threads.push(
             std::thread::Builder::new()
                 .name("mqgate-store-writer".into())
-                .spawn(move || Writer::new(writer_shared).run(rx))
+                .spawn(move || Writer::new(writer_shared, syncer).run(rx))
                 .map_err(|e| StoreError::Backend(format!("spawn writer: {e}")))?,
         );
+        // Joined after the writer, whose end closes its channel.
+        threads.extend(syncer_thread);
         if let FsyncPolicy::Periodic { interval } = config.fsync {
             let s = Arc::clone(&shared);
             threads.push(
@@ -560,6 +593,25 @@ impl Drop for RocksStore {
         }
         if let Err(e) = self.shared.db.flush_wal(true) {
             tracing::warn!(error = %e, "store: final WAL sync failed");
+        }
+    }
+}
+
+/// The every-batch policy's fsync: take every group written so far, sync the WAL once,
+/// answer them all. While it syncs, the writer goes on writing the next groups.
+fn sync_loop(shared: &Shared, rx: std::sync::mpsc::Receiver<Vec<Answer>>) {
+    while let Ok(mut answers) = rx.recv() {
+        while let Ok(more) = rx.try_recv() {
+            answers.extend(more);
+        }
+        let synced = std::time::Instant::now();
+        if let Err(e) = shared.db.flush_wal(true) {
+            Writer::fail(answers, e);
+            continue;
+        }
+        metrics::histogram!(crate::metrics::FSYNC_SECONDS).record(synced.elapsed());
+        for (done, r) in answers {
+            let _ = done.send(r);
         }
     }
 }
@@ -699,6 +751,9 @@ fn recover_queue(s: &Shared, uid: u64, queue: u32) -> Result<QueueState> {
 /// The writer thread: the only code that mutates the database and the shared counters.
 struct Writer {
     s: Arc<Shared>,
+    /// Under the every-batch policy: the syncer thread, which fsyncs the WAL and only
+    /// then answers the writers of the groups written before the sync began.
+    syncer: Option<std::sync::mpsc::Sender<Vec<Answer>>>,
     /// Reused encode buffer.
     buf: Vec<u8>,
     /// Timestamp of the last batch: store timestamps never go back.
@@ -719,9 +774,10 @@ struct Pending {
 }
 
 impl Writer {
-    fn new(s: Arc<Shared>) -> Self {
+    fn new(s: Arc<Shared>, syncer: Option<std::sync::mpsc::Sender<Vec<Answer>>>) -> Self {
         Self {
             s,
+            syncer,
             buf: Vec::with_capacity(64 << 10),
             last_ts: 0,
         }
@@ -729,14 +785,14 @@ impl Writer {
 
     fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         while let Some(first) = rx.blocking_recv() {
-            let mut group: Vec<(WriteBatch, oneshot::Sender<Result<WriteReceipt>>)> = Vec::new();
+            let mut group: Vec<Grouped> = Vec::new();
             let mut group_bytes = 0usize;
             let mut next = Some(first);
             while let Some(req) = next.take() {
                 match req {
-                    Request::Write(batch, done) => {
+                    Request::Write(batch, done, visible) => {
                         group_bytes += batch_size(&batch);
-                        group.push((batch, done));
+                        group.push((batch, done, visible));
                     }
                     other => {
                         self.commit_group(std::mem::take(&mut group));
@@ -772,7 +828,7 @@ impl Writer {
         WriteOptions::default()
     }
 
-    fn commit_group(&mut self, group: Vec<(WriteBatch, oneshot::Sender<Result<WriteReceipt>>)>) {
+    fn commit_group(&mut self, group: Vec<Grouped>) {
         if group.is_empty() {
             return;
         }
@@ -786,9 +842,14 @@ impl Writer {
             ..Pending::default()
         };
         let mut answers = Vec::with_capacity(group.len());
-        for (batch, done) in group {
+        let sync = group.iter().any(|(b, _, _)| !b.no_sync);
+        let mut visible = Vec::new();
+        for (batch, done, vis) in group {
             match self.stage(&topics, &mut wb, &mut pending, batch, now) {
-                Ok(receipt) => answers.push((done, Ok(receipt))),
+                Ok(receipt) => {
+                    answers.push((done, Ok(receipt)));
+                    visible.extend(vis);
+                }
                 Err(e) => {
                     let _ = done.send(Err(e));
                 }
@@ -799,27 +860,37 @@ impl Writer {
             return;
         }
         wb.put_cf(s.cf(CF_META), HEADER_KEY, pending.header.encode());
-        // Append, then (every-batch policy) sync the WAL before anyone is answered: the
-        // same durability as a synced write, with the two costs measured apart.
         let started = std::time::Instant::now();
-        let mut result = s.db.write_opt(wb, &self.write_options());
+        if let Err(e) = s.db.write_opt(wb, &self.write_options()) {
+            return Self::fail(answers, e);
+        }
         metrics::histogram!(crate::metrics::APPEND_SECONDS).record(started.elapsed());
-        if result.is_ok() && matches!(s.config.fsync, FsyncPolicy::EveryBatch) {
-            let synced = std::time::Instant::now();
-            result = s.db.flush_wal(true);
-            metrics::histogram!(crate::metrics::FSYNC_SECONDS).record(synced.elapsed());
-        }
-        if let Err(e) = result {
-            let e = backend(e);
-            tracing::error!(error = %e, "store: group commit failed");
-            for (done, _) in answers {
-                let _ = done.send(Err(StoreError::Backend(e.to_string())));
-            }
-            return;
-        }
+        // Readable before durable: consumers may be handed the batch while its fsync
+        // runs (a crash then loses what no writer was told is stored: the writers
+        // resend, at least once). Writers are answered only after the sync.
         self.publish(pending);
+        for v in visible {
+            let _ = v.send(());
+        }
+        // The sync runs on its own thread while this one writes the next group; the
+        // writers are answered once a sync that began after their write is done.
+        let answers = match (&self.syncer, sync) {
+            (Some(syncer), true) => match syncer.send(answers) {
+                Ok(()) => return,
+                Err(back) => back.0,
+            },
+            _ => answers,
+        };
         for (done, r) in answers {
             let _ = done.send(r);
+        }
+    }
+
+    fn fail(answers: Vec<Answer>, e: rocksdb::Error) {
+        let e = backend(e);
+        tracing::error!(error = %e, "store: group commit failed");
+        for (done, _) in answers {
+            let _ = done.send(Err(StoreError::Backend(e.to_string())));
         }
     }
 
@@ -1283,7 +1354,20 @@ impl Store for RocksStore {
         if batch.is_empty() {
             return Ok(WriteReceipt::default());
         }
-        self.request(|tx| Request::Write(batch, tx)).await
+        self.request(|tx| Request::Write(batch, tx, None)).await
+    }
+
+    async fn write_notify(
+        &self,
+        batch: WriteBatch,
+        visible: oneshot::Sender<()>,
+    ) -> Result<WriteReceipt> {
+        if batch.is_empty() {
+            let _ = visible.send(());
+            return Ok(WriteReceipt::default());
+        }
+        self.request(|tx| Request::Write(batch, tx, Some(visible)))
+            .await
     }
 
     fn queue_range(&self, queue: &QueueRef) -> Result<OffsetRange> {

@@ -135,12 +135,23 @@ pub enum WriteOp {
 pub struct WriteBatch {
     /// The operations, applied in order.
     pub ops: Vec<WriteOp>,
+    /// The batch holds only what may be lost in a crash (AMQP transient messages): the
+    /// write is still atomic and ordered, but under [`FsyncPolicy::EveryBatch`] it does
+    /// not wait for an fsync of its own. A group commit made only of such batches skips
+    /// the sync; the next synced write (or the periodic sync) makes it durable too.
+    pub no_sync: bool,
 }
 
 impl WriteBatch {
     /// An empty batch.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Mark the batch as not needing an fsync before [`Store::write`] returns.
+    pub fn no_sync(&mut self) -> &mut Self {
+        self.no_sync = true;
+        self
     }
 
     /// Whether the batch holds no operation.
@@ -276,6 +287,19 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Apply a batch atomically; returns once it is durable under the fsync policy.
     async fn write(&self, batch: WriteBatch) -> Result<WriteReceipt>;
+
+    /// [`Store::write`], and `visible` is sent as soon as readers can see the batch,
+    /// which may be before it is durable (a store that syncs lets consumers read while
+    /// the fsync runs). The returned result still means durable.
+    async fn write_notify(
+        &self,
+        batch: WriteBatch,
+        visible: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<WriteReceipt> {
+        let r = self.write(batch).await;
+        let _ = visible.send(());
+        r
+    }
 
     /// The offsets `queue` holds now.
     fn queue_range(&self, queue: &QueueRef) -> Result<OffsetRange>;

@@ -36,6 +36,10 @@ const OUT_HIGH_WATER: usize = 256 * 1024;
 const OUT_HARD_LIMIT: usize = 4 * 1024 * 1024;
 /// Deliveries taken per wake-up before the loop looks at its socket again.
 const DELIVERY_BURST: usize = 256;
+/// Room kept free in the read buffer: a read takes up to this much of what the client
+/// sent, and every publish in it is stored in one write. (Without it a consumed
+/// `BytesMut` offers reads of a few bytes, and each publish costs a write of its own.)
+const READ_ROOM: usize = 64 * 1024;
 
 /// How a connection ends.
 enum End {
@@ -547,6 +551,9 @@ where
         }
         let hb = (self.heartbeat > 0).then(|| Duration::from_secs(self.heartbeat as u64));
         loop {
+            if self.inbuf.capacity() - self.inbuf.len() < READ_ROOM / 4 {
+                self.inbuf.reserve(READ_ROOM);
+            }
             let may_deliver = self.out.len() < OUT_HIGH_WATER;
             let is_blocked = blocked.borrow().is_some();
             if is_blocked != told_blocked && self.blocked_notify {
@@ -2314,13 +2321,25 @@ where
         let batch = std::mem::take(&mut self.batch);
         let mut confirms: Vec<(u16, u64)> = Vec::new();
         let mut items = Vec::with_capacity(batch.len());
+        // Transient messages (delivery mode 1) are not worth an fsync, as in RabbitMQ; a
+        // batch with one persistent message is synced whole.
+        let mut transient = true;
         for b in batch {
             if let Some(seq) = b.seq {
                 confirms.push((b.channel, seq));
             }
+            transient &= props::get(&b.message.properties, convert::TRANSIENT).is_some();
             items.push((b.message, b.topics));
         }
-        let ok = match self.shared.broker.publish_routed_batch(items).await {
+        let stored = if transient {
+            self.shared
+                .broker
+                .publish_routed_batch_transient(items)
+                .await
+        } else {
+            self.shared.broker.publish_routed_batch(items).await
+        };
+        let ok = match stored {
             Ok(stored) => {
                 let routed = stored.iter().filter(|p| p.is_some()).count();
                 self.shared

@@ -56,8 +56,11 @@ pub struct MqttConfig {
     pub max_session_expiry: u32,
     /// Longest client id accepted, in bytes.
     pub max_client_id_len: usize,
-    /// QoS 0 messages queued for a connected client before more are dropped.
+    /// QoS 0 messages queued for a connected client; when it is full the publisher waits.
     pub qos0_queue: usize,
+    /// How long a publish may wait for full QoS 0 queues before the message is dropped
+    /// for those subscribers (slow-consumer protection).
+    pub qos0_max_wait: Duration,
     /// How long a CONNECT may take to arrive after the TCP connection opens.
     pub connect_timeout: Duration,
     /// How often expired sessions are looked for.
@@ -79,6 +82,7 @@ impl Default for MqttConfig {
             max_session_expiry: u32::MAX,
             max_client_id_len: 512,
             qos0_queue: 10_000,
+            qos0_max_wait: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             expiry_check_interval: Duration::from_secs(1),
         }

@@ -852,17 +852,23 @@ where
             acks.push((pkid, qos));
             items.push(o);
         }
-        let matched = match self.shared.publish_batch(items).await {
+        let own = session_topic(&self.client_id);
+        let matched = match self.shared.publish_batch(items, Some(&own)).await {
             Ok(m) => m,
-            Err(e) => {
-                tracing::error!(client = %self.client_id, error = %e, "MQTT: storing publishes failed");
-                // Nothing is acknowledged: the client resends after reconnecting.
-                return Err(End::Server(
-                    reason::UNSPECIFIED_ERROR,
-                    "store failure".into(),
-                ));
-            }
+            Err(e) => return Err(self.store_failed(&e)),
         };
+        self.finish_publishes(acks, matched).await;
+        Ok(())
+    }
+
+    fn store_failed(&self, e: &mqgate_core::CoreError) -> End {
+        tracing::error!(client = %self.client_id, error = %e, "MQTT: storing publishes failed");
+        // Nothing is acknowledged: the client resends after reconnecting.
+        End::Server(reason::UNSPECIFIED_ERROR, "store failure".into())
+    }
+
+    /// Acknowledge stored publishes (and count them routed or unroutable).
+    async fn finish_publishes(&mut self, acks: Vec<(u16, QoS)>, matched: Vec<bool>) {
         let mut qos2_added = false;
         for ((pkid, qos), matched) in acks.into_iter().zip(matched) {
             let counter = if matched {
@@ -889,7 +895,6 @@ where
         if qos2_added && self.persistent() {
             self.save_record().await;
         }
-        Ok(())
     }
 
     fn ack(&mut self, kind: AckKind, pkid: u16, code: u8) {
@@ -1610,7 +1615,7 @@ where
         };
         if delay_secs == 0 {
             tokio::spawn(async move {
-                if let Err(e) = shared.publish_batch(vec![out]).await {
+                if let Err(e) = shared.publish_batch(vec![out], None).await {
                     tracing::warn!(client = %client_id, error = %e, "MQTT: publishing a will failed");
                 }
             });
@@ -1625,7 +1630,7 @@ where
                 _ = fired => {}
             }
             s2.wills.lock().remove(&id2);
-            if let Err(e) = s2.publish_batch(vec![out]).await {
+            if let Err(e) = s2.publish_batch(vec![out], None).await {
                 tracing::warn!(client = %id2, error = %e, "MQTT: publishing a will failed");
             }
         });

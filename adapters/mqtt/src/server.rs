@@ -291,6 +291,9 @@ impl MqttServer {
     }
 }
 
+/// QoS 0 messages of one batch waiting for room in a session's queue, in order.
+type Qos0Wait = (TopicName, mpsc::Sender<Arc<Message>>, Vec<Arc<Message>>);
+
 /// A message ready to publish through `amq.topic`.
 #[derive(Debug)]
 pub(crate) struct Outbound {
@@ -317,14 +320,18 @@ impl Shared {
     }
 
     /// Route and store a batch of publishes in one write; QoS 0 messages go straight to
-    /// connected sessions instead. Returns, per publish, whether anything matched.
+    /// connected sessions instead. `own` is the publisher's session topic (its own QoS 0
+    /// queue is never waited for: the waiting task is the one that drains it). Returns,
+    /// per publish, whether anything matched.
     pub(crate) async fn publish_batch(
         &self,
         items: Vec<Outbound>,
+        own: Option<&TopicName>,
     ) -> mqgate_core::Result<Vec<bool>> {
         let mut out = Vec::with_capacity(items.len());
         let mut batch = Vec::with_capacity(items.len());
         let mut retained = WriteBatch::new();
+        let mut blocked: Vec<Qos0Wait> = Vec::new();
         for item in items {
             if item.retain {
                 self.set_retained(&item.topic, &item.message, &mut retained);
@@ -360,8 +367,25 @@ impl Shared {
                             Some((_, tx)) => {
                                 let m = shared_msg
                                     .get_or_insert_with(|| Arc::new(item.message.clone()));
-                                if tx.try_send(Arc::clone(m)).is_err() {
-                                    self.stats.qos0_dropped.fetch_add(1, Ordering::Relaxed);
+                                // Behind a message of this batch already waiting for the
+                                // session: wait too, to keep the publisher's order.
+                                if let Some(w) = blocked.iter_mut().find(|w| w.0 == t) {
+                                    w.2.push(Arc::clone(m));
+                                    continue;
+                                }
+                                match tx.try_send(Arc::clone(m)) {
+                                    Ok(()) => {}
+                                    // The subscriber is behind: the publisher waits for it
+                                    // (below) rather than the message being dropped.
+                                    Err(mpsc::error::TrySendError::Full(m)) if own != Some(&t) => {
+                                        blocked.push((t.clone(), tx.clone(), vec![m]));
+                                    }
+                                    Err(mpsc::error::TrySendError::Full(_)) => {
+                                        self.stats.qos0_dropped.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                                        self.stats.qos0_dropped.fetch_add(1, Ordering::Relaxed);
+                                    }
                                 }
                             }
                             None => {
@@ -379,6 +403,9 @@ impl Shared {
                 batch.push((item.message, routed.topics));
             }
         }
+        if !blocked.is_empty() {
+            self.wait_qos0(blocked).await;
+        }
         if !batch.is_empty() {
             self.broker.publish_routed_batch(batch).await?;
         }
@@ -386,6 +413,24 @@ impl Shared {
             self.broker.store().write(retained).await?;
         }
         Ok(out)
+    }
+
+    /// QoS 0 messages for sessions whose queue is full: the publisher's connection waits
+    /// (it reads no more from its socket, so TCP pushes back on the client) until each
+    /// has room, for at most `qos0_max_wait` in all; what still finds no room then is
+    /// dropped and counted, so a stuck subscriber cannot stall a publisher for longer.
+    async fn wait_qos0(&self, blocked: Vec<Qos0Wait>) {
+        let deadline = tokio::time::Instant::now() + self.cfg.qos0_max_wait;
+        for (_, tx, messages) in blocked {
+            for m in messages {
+                match tokio::time::timeout_at(deadline, tx.send(m)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) | Err(_) => {
+                        self.stats.qos0_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
     }
 
     fn set_retained(&self, topic: &str, message: &Message, batch: &mut WriteBatch) {

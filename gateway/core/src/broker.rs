@@ -16,6 +16,10 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+/// Completes when a staged batch is durable: what each item became.
+pub(crate) type Durable =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Option<Published>>>> + Send>>;
+
 use crate::clock::Clock;
 use crate::config::CoreConfig;
 use crate::error::{CoreError, Result};
@@ -521,7 +525,17 @@ impl Broker {
         &self,
         items: Vec<(Message, Vec<TopicName>)>,
     ) -> Result<Vec<Option<Published>>> {
-        self.inner.append_many(items).await
+        self.inner.append_many(items, true).await
+    }
+
+    /// [`Broker::publish_routed_batch`] for messages that may be lost in a crash (AMQP
+    /// transient messages): stored and ordered the same, but the write does not wait
+    /// for an fsync of its own (see [`WriteBatch::no_sync`]).
+    pub async fn publish_routed_batch_transient(
+        &self,
+        items: Vec<(Message, Vec<TopicName>)>,
+    ) -> Result<Vec<Option<Published>>> {
+        self.inner.append_many(items, false).await
     }
 
     /// Join (or create) a consumer group as a member. The group's spec must match the
@@ -857,8 +871,22 @@ impl Inner {
     pub(crate) async fn append_many(
         &self,
         items: Vec<(Message, Vec<TopicName>)>,
+        sync: bool,
     ) -> Result<Vec<Option<Published>>> {
+        self.append_many_staged(items, sync).await?.await
+    }
+
+    /// Store the batch up to the point where it is readable (the consuming groups are
+    /// woken then); the returned future completes once it is durable.
+    pub(crate) async fn append_many_staged(
+        &self,
+        items: Vec<(Message, Vec<TopicName>)>,
+        sync: bool,
+    ) -> Result<Durable> {
         let mut batch = WriteBatch::new();
+        if !sync {
+            batch.no_sync();
+        }
         let mut touched: Vec<(Arc<TopicHandle>, String)> = Vec::new();
         let mut stored = Vec::with_capacity(items.len());
         for (mut message, topics) in items {
@@ -877,31 +905,54 @@ impl Inner {
             stored.push(true);
         }
         if batch.is_empty() {
-            return Ok(stored.into_iter().map(|_| None).collect());
+            let none = stored.into_iter().map(|_| None).collect();
+            return Ok(Box::pin(std::future::ready(Ok(none))));
         }
-        let receipt = self.store.write(batch).await?;
-        for (h, group) in &touched {
-            h.count(group, 1);
-        }
-        let mut woken: Vec<&Arc<TopicHandle>> = Vec::new();
-        for (h, _) in &touched {
-            if !woken.iter().any(|w| Arc::ptr_eq(w, h)) {
-                h.wake();
-                woken.push(h);
+        // Groups are woken as soon as the batch is readable: deliveries go out while
+        // the store syncs; the publisher is answered once it is durable.
+        let wake = |touched: &[(Arc<TopicHandle>, String)]| {
+            let mut woken: Vec<&Arc<TopicHandle>> = Vec::new();
+            for (h, _) in touched {
+                if !woken.iter().any(|w| Arc::ptr_eq(w, h)) {
+                    h.wake();
+                    woken.push(h);
+                }
             }
-        }
-        let mut appended = receipt.appended.into_iter();
-        Ok(stored
-            .into_iter()
-            .map(|s| {
-                s.then(|| appended.next())
-                    .flatten()
-                    .map(|a| Published::Stored {
-                        id: a.id,
-                        offsets: a.offsets,
-                    })
-            })
-            .collect())
+        };
+        let (visible_tx, visible_rx) = tokio::sync::oneshot::channel();
+        let store = Arc::clone(&self.store);
+        let mut write = Box::pin(async move { store.write_notify(batch, visible_tx).await });
+        let done = tokio::select! {
+            r = &mut write => {
+                wake(&touched);
+                Some(r)
+            }
+            Ok(()) = visible_rx => {
+                wake(&touched);
+                None
+            }
+        };
+        Ok(Box::pin(async move {
+            let receipt = match done {
+                Some(r) => r?,
+                None => write.await?,
+            };
+            for (h, group) in &touched {
+                h.count(group, 1);
+            }
+            let mut appended = receipt.appended.into_iter();
+            Ok(stored
+                .into_iter()
+                .map(|s| {
+                    s.then(|| appended.next())
+                        .flatten()
+                        .map(|a| Published::Stored {
+                            id: a.id,
+                            offsets: a.offsets,
+                        })
+                })
+                .collect())
+        }))
     }
 
     /// Store `message` once, indexed into `targets`; then count it per producer group and
