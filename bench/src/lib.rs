@@ -105,12 +105,18 @@ pub fn print_medians(rounds: &[Round], unit: &str) {
     let mut cpus: Vec<f64> = rounds.iter().filter_map(|r| r.cpu_us).collect();
     let lost: u64 = rounds.iter().map(|r| r.lost).sum();
     let dup: u64 = rounds.iter().map(|r| r.dup).sum();
-    println!(
-        "median: {:.0} {unit}/s, p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, broker CPU {:.1} µs/{unit}; lost {lost}, duplicated {dup}",
+    let (rate, p50, p99, p999, cpu) = (
         median(&mut rates),
         median(&mut us(|r| r.p50)),
         median(&mut us(|r| r.p99)),
         median(&mut us(|r| r.p999)),
-        median(&mut cpus)
+        median(&mut cpus),
+    );
+    println!(
+        "median: {rate:.0} {unit}/s, p50 {p50:.0} µs, p99 {p99:.0} µs, p99.9 {p999:.0} µs, broker CPU {cpu:.1} µs/{unit}; lost {lost}, duplicated {dup}"
+    );
+    // For scripts (bench/compare.sh): one line, key=value.
+    println!(
+        "RESULT rate={rate:.0} p50_us={p50:.0} p99_us={p99:.0} p999_us={p999:.0} cpu_us={cpu:.2} lost={lost} dup={dup}"
     );
 }

