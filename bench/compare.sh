@@ -39,7 +39,8 @@ PID=""
 : >"$RAW"
 
 wait_port() { # host:port
-  for _ in $(seq 1 300); do
+  # Long enough for the ephemeral ports a 10,000-client scenario left in TIME_WAIT.
+  for _ in $(seq 1 900); do
     (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0
     sleep 0.1
   done
@@ -152,7 +153,11 @@ run() { # broker scenario-line
 for broker in $BROKERS; do
   echo "== $broker" >&2
   CURRENT=$broker
-  start "$broker"
+  if ! start "$broker"; then
+    echo "compare: $broker did not start; skipped" >&2
+    stop "$broker"
+    continue
+  fi
   for s in "${SCENARIOS[@]}"; do
     echo "-- $broker: ${s%%|*}" >&2
     run "$broker" "$s"

@@ -1,6 +1,6 @@
 //! Shared pieces of mqgate's benchmark tools: percentiles, process CPU time.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The `p`-th percentile (0..=100) of sorted `v`.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -119,4 +119,61 @@ pub fn print_medians(rounds: &[Round], unit: &str) {
     println!(
         "RESULT rate={rate:.0} p50_us={p50:.0} p99_us={p99:.0} p999_us={p999:.0} cpu_us={cpu:.2} lost={lost} dup={dup}"
     );
+}
+
+/// Microseconds since the Unix epoch (the send timestamp put in every payload).
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// Write the sequence number and the send timestamp at the head of a payload.
+pub fn stamp(payload: &mut [u8], seq: u64) {
+    payload[0..8].copy_from_slice(&seq.to_be_bytes());
+    payload[8..16].copy_from_slice(&now_us().to_be_bytes());
+}
+
+/// What one receiver got: latencies, distinct messages, duplicates (from the sequence
+/// number and send timestamp that `stamp` put in each payload).
+#[derive(Debug)]
+pub struct Receipts {
+    /// End-to-end latency of every delivery.
+    pub latencies: Vec<Duration>,
+    seen: Vec<bool>,
+    /// Distinct messages received.
+    pub got: u64,
+    /// Deliveries of a message already received.
+    pub dup: u64,
+}
+
+impl Receipts {
+    /// A receiver expecting sequence numbers `0..total`.
+    pub fn new(total: u64) -> Self {
+        Self {
+            latencies: Vec::with_capacity(total as usize),
+            seen: vec![false; total as usize],
+            got: 0,
+            dup: 0,
+        }
+    }
+
+    /// Record one delivered payload.
+    pub fn record(&mut self, payload: &[u8]) {
+        let seq = u64::from_be_bytes(payload[0..8].try_into().expect("8 bytes"));
+        let sent = u64::from_be_bytes(payload[8..16].try_into().expect("8 bytes"));
+        self.latencies
+            .push(Duration::from_micros(now_us().saturating_sub(sent)));
+        if std::mem::replace(&mut self.seen[seq as usize], true) {
+            self.dup += 1;
+        } else {
+            self.got += 1;
+        }
+    }
+
+    /// Latencies, distinct, duplicates.
+    pub fn into_parts(self) -> (Vec<Duration>, u64, u64) {
+        (self.latencies, self.got, self.dup)
+    }
 }

@@ -15,14 +15,14 @@
 //! (for `bench_sink`, which delivers nothing): the rate is of publishes (confirmed ones
 //! with `--durable`).
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use futures_util::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use mqgate_bench::{print_medians, process_cpu, Round};
+use mqgate_bench::{print_medians, process_cpu, stamp, Receipts, Round};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -69,13 +69,6 @@ struct Args {
     pipeline: usize,
 }
 
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros() as u64
-}
-
 /// Consume `total` messages (or until 10 s of silence): latencies, distinct, duplicates.
 async fn consume(
     mut consumer: lapin::Consumer,
@@ -83,30 +76,21 @@ async fn consume(
     manual_ack: bool,
     ack_every: u64,
 ) -> (Vec<Duration>, u64, u64) {
-    let mut lat = Vec::with_capacity(total as usize);
-    let mut seen = vec![false; total as usize];
-    let (mut got, mut dup) = (0u64, 0u64);
-    while got < total {
+    let mut r = Receipts::new(total);
+    while r.got < total {
         let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await
         else {
             break;
         };
-        let seq = u64::from_be_bytes(d.data[0..8].try_into().unwrap());
-        let sent = u64::from_be_bytes(d.data[8..16].try_into().unwrap());
-        lat.push(Duration::from_micros(now_us().saturating_sub(sent)));
-        if std::mem::replace(&mut seen[seq as usize], true) {
-            dup += 1;
-        } else {
-            got += 1;
-        }
-        if manual_ack && (got % ack_every == 0 || got == total) {
+        r.record(&d.data);
+        if manual_ack && (r.got.is_multiple_of(ack_every) || r.got == total) {
             d.acker
                 .ack(BasicAckOptions { multiple: true })
                 .await
                 .expect("ack");
         }
     }
-    (lat, got, dup)
+    r.into_parts()
 }
 
 async fn round(a: &Args, n: usize) -> Round {
@@ -228,8 +212,7 @@ async fn round(a: &Args, n: usize) -> Round {
             .take(n as usize)
             .enumerate()
             .map(|(i, body)| {
-                body[0..8].copy_from_slice(&(seq + i as u64).to_be_bytes());
-                body[8..16].copy_from_slice(&now_us().to_be_bytes());
+                stamp(body, seq + i as u64);
                 pch.basic_publish(
                     exchange.as_str().into(),
                     routing_key.into(),

@@ -12,10 +12,10 @@
 //! `--publish-only`: no subscribers (for `bench_sink`): the rate is of publishes
 //! acknowledged (QoS 1/2) or written (QoS 0).
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
-use mqgate_bench::{print_medians, process_cpu, Round};
+use mqgate_bench::{print_medians, process_cpu, stamp, Receipts, Round};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
 #[derive(Debug, Parser)]
@@ -50,13 +50,6 @@ struct Args {
     /// Publish only: no subscribers (against a sink that delivers nothing).
     #[arg(long)]
     publish_only: bool,
-}
-
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros() as u64
 }
 
 fn qos(q: u8) -> QoS {
@@ -103,26 +96,15 @@ async fn round(a: &Args, n: usize) -> Round {
             let total = expect_per_sub;
             receivers.push(tokio::spawn(async move {
                 let _client = client;
-                let mut lat = Vec::with_capacity(total as usize);
-                let mut seen = vec![false; total as usize];
-                let (mut got, mut dup) = (0u64, 0u64);
-                while got < total {
+                let mut r = Receipts::new(total);
+                while r.got < total {
                     match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
-                        Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                            let seq = u64::from_be_bytes(p.payload[0..8].try_into().unwrap());
-                            let sent = u64::from_be_bytes(p.payload[8..16].try_into().unwrap());
-                            lat.push(Duration::from_micros(now_us().saturating_sub(sent)));
-                            if std::mem::replace(&mut seen[seq as usize], true) {
-                                dup += 1;
-                            } else {
-                                got += 1;
-                            }
-                        }
+                        Ok(Ok(Event::Incoming(Packet::Publish(p)))) => r.record(&p.payload),
                         Ok(Ok(_)) => {}
                         _ => break,
                     }
                 }
-                (lat, got, dup)
+                r.into_parts()
             }));
         }
     }
@@ -167,8 +149,7 @@ async fn round(a: &Args, n: usize) -> Round {
                         tokio::time::sleep(w).await;
                     }
                 }
-                body[0..8].copy_from_slice(&seq.to_be_bytes());
-                body[8..16].copy_from_slice(&now_us().to_be_bytes());
+                stamp(&mut body, seq);
                 client
                     .publish(&topic, q, false, body.clone())
                     .await

@@ -226,6 +226,11 @@ pub(crate) struct Limits {
     pub(crate) mqtt_topic_alias_maximum: u16,
     /// Longest MQTT session expiry granted, seconds.
     pub(crate) mqtt_max_session_expiry: u32,
+    /// QoS 0 messages queued for a connected MQTT client; when full, publishers wait.
+    pub(crate) mqtt_qos0_queue: usize,
+    /// How long a publish waits for a full QoS 0 queue before the message is dropped
+    /// for that subscriber ("5s").
+    pub(crate) mqtt_qos0_max_wait: String,
     /// Above this resident memory, publishers are blocked: bytes, or a fraction of the
     /// machine's memory below 1 ("0.4"); "" or 0: off.
     pub(crate) memory_high_watermark: String,
@@ -247,6 +252,8 @@ impl Default for Limits {
             mqtt_max_inflight: m.max_inflight,
             mqtt_topic_alias_maximum: m.topic_alias_maximum,
             mqtt_max_session_expiry: m.max_session_expiry,
+            mqtt_qos0_queue: m.qos0_queue,
+            mqtt_qos0_max_wait: "5s".into(),
             memory_high_watermark: "0.4".into(),
         }
     }
@@ -439,6 +446,13 @@ impl Settings {
                 })?;
             }
             v => return Err(bad("store.fsync", v, "must be every-batch or periodic")),
+        }
+        if parse_duration(&self.limits.mqtt_qos0_max_wait).is_none() {
+            return Err(bad(
+                "limits.mqtt_qos0_max_wait",
+                &self.limits.mqtt_qos0_max_wait,
+                "must be a duration such as 5s",
+            ));
         }
         if !self.store.retention_max_age.is_empty()
             && parse_duration(&self.store.retention_max_age).is_none()
@@ -721,6 +735,8 @@ impl Settings {
             max_inflight: self.limits.mqtt_max_inflight,
             topic_alias_maximum: self.limits.mqtt_topic_alias_maximum,
             max_session_expiry: self.limits.mqtt_max_session_expiry,
+            qos0_queue: self.limits.mqtt_qos0_queue.max(1),
+            qos0_max_wait: parse_duration(&self.limits.mqtt_qos0_max_wait).expect("checked"),
             ..MqttConfig::default()
         }
     }
