@@ -877,7 +877,14 @@ impl Writer {
         let answers = match (&self.syncer, sync) {
             (Some(syncer), true) => match syncer.send(answers) {
                 Ok(()) => return,
-                Err(back) => back.0,
+                // The sync thread is gone (it only ends with the writer, so it
+                // panicked): sync here rather than answer anything unsynced.
+                Err(back) => {
+                    if let Err(e) = s.db.flush_wal(true) {
+                        return Self::fail(back.0, e);
+                    }
+                    back.0
+                }
             },
             _ => answers,
         };

@@ -855,20 +855,15 @@ where
         let own = session_topic(&self.client_id);
         let matched = match self.shared.publish_batch(items, Some(&own)).await {
             Ok(m) => m,
-            Err(e) => return Err(self.store_failed(&e)),
+            Err(e) => {
+                tracing::error!(client = %self.client_id, error = %e, "MQTT: storing publishes failed");
+                // Nothing is acknowledged: the client resends after reconnecting.
+                return Err(End::Server(
+                    reason::UNSPECIFIED_ERROR,
+                    "store failure".into(),
+                ));
+            }
         };
-        self.finish_publishes(acks, matched).await;
-        Ok(())
-    }
-
-    fn store_failed(&self, e: &mqgate_core::CoreError) -> End {
-        tracing::error!(client = %self.client_id, error = %e, "MQTT: storing publishes failed");
-        // Nothing is acknowledged: the client resends after reconnecting.
-        End::Server(reason::UNSPECIFIED_ERROR, "store failure".into())
-    }
-
-    /// Acknowledge stored publishes (and count them routed or unroutable).
-    async fn finish_publishes(&mut self, acks: Vec<(u16, QoS)>, matched: Vec<bool>) {
         let mut qos2_added = false;
         for ((pkid, qos), matched) in acks.into_iter().zip(matched) {
             let counter = if matched {
@@ -895,6 +890,7 @@ where
         if qos2_added && self.persistent() {
             self.save_record().await;
         }
+        Ok(())
     }
 
     fn ack(&mut self, kind: AckKind, pkid: u16, code: u8) {

@@ -16,10 +16,6 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-/// Completes when a staged batch is durable: what each item became.
-pub(crate) type Durable =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Option<Published>>>> + Send>>;
-
 use crate::clock::Clock;
 use crate::config::CoreConfig;
 use crate::error::{CoreError, Result};
@@ -873,16 +869,6 @@ impl Inner {
         items: Vec<(Message, Vec<TopicName>)>,
         sync: bool,
     ) -> Result<Vec<Option<Published>>> {
-        self.append_many_staged(items, sync).await?.await
-    }
-
-    /// Store the batch up to the point where it is readable (the consuming groups are
-    /// woken then); the returned future completes once it is durable.
-    pub(crate) async fn append_many_staged(
-        &self,
-        items: Vec<(Message, Vec<TopicName>)>,
-        sync: bool,
-    ) -> Result<Durable> {
         let mut batch = WriteBatch::new();
         if !sync {
             batch.no_sync();
@@ -905,14 +891,13 @@ impl Inner {
             stored.push(true);
         }
         if batch.is_empty() {
-            let none = stored.into_iter().map(|_| None).collect();
-            return Ok(Box::pin(std::future::ready(Ok(none))));
+            return Ok(stored.into_iter().map(|_| None).collect());
         }
         // Groups are woken as soon as the batch is readable: deliveries go out while
         // the store syncs; the publisher is answered once it is durable.
-        let wake = |touched: &[(Arc<TopicHandle>, String)]| {
+        let wake = || {
             let mut woken: Vec<&Arc<TopicHandle>> = Vec::new();
-            for (h, _) in touched {
+            for (h, _) in &touched {
                 if !woken.iter().any(|w| Arc::ptr_eq(w, h)) {
                     h.wake();
                     woken.push(h);
@@ -920,39 +905,33 @@ impl Inner {
             }
         };
         let (visible_tx, visible_rx) = tokio::sync::oneshot::channel();
-        let store = Arc::clone(&self.store);
-        let mut write = Box::pin(async move { store.write_notify(batch, visible_tx).await });
-        let done = tokio::select! {
+        let write = self.store.write_notify(batch, visible_tx);
+        tokio::pin!(write);
+        let receipt = tokio::select! {
             r = &mut write => {
-                wake(&touched);
-                Some(r)
+                wake();
+                r?
             }
             Ok(()) = visible_rx => {
-                wake(&touched);
-                None
+                wake();
+                write.await?
             }
         };
-        Ok(Box::pin(async move {
-            let receipt = match done {
-                Some(r) => r?,
-                None => write.await?,
-            };
-            for (h, group) in &touched {
-                h.count(group, 1);
-            }
-            let mut appended = receipt.appended.into_iter();
-            Ok(stored
-                .into_iter()
-                .map(|s| {
-                    s.then(|| appended.next())
-                        .flatten()
-                        .map(|a| Published::Stored {
-                            id: a.id,
-                            offsets: a.offsets,
-                        })
-                })
-                .collect())
-        }))
+        for (h, group) in &touched {
+            h.count(group, 1);
+        }
+        let mut appended = receipt.appended.into_iter();
+        Ok(stored
+            .into_iter()
+            .map(|s| {
+                s.then(|| appended.next())
+                    .flatten()
+                    .map(|a| Published::Stored {
+                        id: a.id,
+                        offsets: a.offsets,
+                    })
+            })
+            .collect())
     }
 
     /// Store `message` once, indexed into `targets`; then count it per producer group and
