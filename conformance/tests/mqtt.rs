@@ -789,7 +789,61 @@ scenario!(
     client_receive_maximum_respected,
     receive_maximum_exceeded,
     qos0_slow_subscriber_slows_publisher,
+    qos0_stuck_subscriber_costs_a_bounded_wait,
 );
+
+/// A subscriber that never reads holds a publisher up for at most `qos0_max_wait` per
+/// batch; then its QoS 0 messages are dropped for it, and a subscriber that reads gets
+/// every message, in order (mqgate only).
+async fn qos0_stuck_subscriber_costs_a_bounded_wait(b: Backend) {
+    let cfg = MqttConfig {
+        qos0_queue: 64,
+        qos0_max_wait: Duration::from_millis(10),
+        ..MqttConfig::default()
+    };
+    let Some(t) = Target::mqgate_only(b, cfg).await else {
+        return;
+    };
+    let topic = uniq("stuck0");
+    let (mut stuck, _) =
+        Raw::connect(&t, Raw::connect_packet(Version::V311, &uniq("stuck"), true)).await;
+    subscribed(&mut stuck, 1, &topic, RQoS::AtMostOnce).await;
+    let (mut reader, _) = Raw::connect(
+        &t,
+        Raw::connect_packet(Version::V311, &uniq("reader"), true),
+    )
+    .await;
+    subscribed(&mut reader, 1, &topic, RQoS::AtMostOnce).await;
+    let (p, _) = c3(&t, &uniq("p"), true).await;
+    // 20 MiB: the stuck subscriber's queue and sockets fill long before the end.
+    const N: u32 = 20_000;
+    let client = p.client.clone();
+    let t2 = topic.clone();
+    let publisher = tokio::spawn(async move {
+        for i in 0..N {
+            let mut body = vec![b'.'; 1024];
+            body[..4].copy_from_slice(&i.to_be_bytes());
+            client
+                .publish(&t2, Q3::AtMostOnce, false, body)
+                .await
+                .unwrap();
+        }
+    });
+    let mut next = 0u32;
+    while next < N {
+        match reader.recv(WAIT).await {
+            Ok(Packet::Publish(m)) => {
+                let i = u32::from_be_bytes(m.payload[..4].try_into().unwrap());
+                assert_eq!(i, next, "the reading subscriber gets all, in order");
+                next += 1;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("after {next} of {N} messages: {e:?}"),
+        }
+    }
+    publisher.await.unwrap();
+    drop((p, stuck));
+}
 
 /// A connected QoS 0 subscriber that stops reading does not lose messages: once its
 /// queue (64 here) and the socket buffers are full, the publisher is slowed down

@@ -417,20 +417,44 @@ impl Shared {
 
     /// QoS 0 messages for sessions whose queue is full: the publisher's connection waits
     /// (it reads no more from its socket, so TCP pushes back on the client) until each
-    /// has room, for at most `qos0_max_wait` in all; what still finds no room then is
-    /// dropped and counted, so a stuck subscriber cannot stall a publisher for longer.
-    async fn wait_qos0(&self, blocked: Vec<Qos0Wait>) {
+    /// has room, for at most `qos0_max_wait`; what still finds no room then is dropped
+    /// and counted, so a stuck subscriber cannot stall a publisher for longer. The
+    /// sessions wait side by side: a stuck one does not use up the others' time.
+    async fn wait_qos0(&self, mut blocked: Vec<Qos0Wait>) {
         let deadline = tokio::time::Instant::now() + self.cfg.qos0_max_wait;
-        for (_, tx, messages) in blocked {
+        async fn send_all(
+            tx: mpsc::Sender<Arc<Message>>,
+            messages: Vec<Arc<Message>>,
+            deadline: tokio::time::Instant,
+        ) -> u64 {
+            let mut dropped = 0;
             for m in messages {
-                match tokio::time::timeout_at(deadline, tx.send(m)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) | Err(_) => {
-                        self.stats.qos0_dropped.fetch_add(1, Ordering::Relaxed);
-                    }
+                if !matches!(
+                    tokio::time::timeout_at(deadline, tx.send(m)).await,
+                    Ok(Ok(()))
+                ) {
+                    dropped += 1;
                 }
             }
+            dropped
         }
+        let dropped = if blocked.len() == 1 {
+            let (_, tx, messages) = blocked.pop().expect("one");
+            send_all(tx, messages, deadline).await
+        } else {
+            let tasks: Vec<_> = blocked
+                .into_iter()
+                .map(|(_, tx, messages)| tokio::spawn(send_all(tx, messages, deadline)))
+                .collect();
+            let mut dropped = 0;
+            for t in tasks {
+                dropped += t.await.unwrap_or(0);
+            }
+            dropped
+        };
+        self.stats
+            .qos0_dropped
+            .fetch_add(dropped, Ordering::Relaxed);
     }
 
     fn set_retained(&self, topic: &str, message: &Message, batch: &mut WriteBatch) {

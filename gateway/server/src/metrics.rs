@@ -31,6 +31,7 @@ pub(crate) const SERIES: &[(&str, &str, &str, &str)] = &[
     ("mqgate_received_bytes_total", "counter", "bytes", "Bytes read from clients, by protocol."),
     ("mqgate_sent_bytes_total", "counter", "bytes", "Bytes written to clients, by protocol."),
     ("mqgate_protocol_errors_total", "counter", "", "Connections closed for malformed input or a protocol violation, by protocol."),
+    ("mqgate_mqtt_qos0_dropped_total", "counter", "", "MQTT QoS 0 messages not delivered to a connected subscriber whose queue stayed full for limits.mqtt_qos0_max_wait."),
     ("mqgate_topic_messages_published_total", "counter", "", "Messages published per topic (the busiest; the rest summed as topic=\"_other\")."),
     ("mqgate_group_lag_messages", "gauge", "", "Messages not yet consumed per consumer group (the most lagging; the rest summed as group=\"_other\")."),
     ("mqgate_group_consumed_messages_total", "counter", "", "Messages a consumer group has consumed (its committed offsets, summed over its queues)."),
@@ -175,6 +176,11 @@ impl Collector {
             "mqgate_delayed_messages_released_total",
             &[],
             b.delayed_released(),
+        );
+        set_counter(
+            "mqgate_mqtt_qos0_dropped_total",
+            &[],
+            m.qos0_dropped.load(r),
         );
         set_counter("mqgate_retries_total", &[], b.retries());
         set_counter("mqgate_dead_lettered_total", &[], b.dead_lettered());
