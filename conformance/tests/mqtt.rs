@@ -792,6 +792,38 @@ scenario!(
     qos0_stuck_subscriber_costs_a_bounded_wait,
 );
 
+/// Publish `n` QoS 0 messages of 1 KiB, numbered in their first 4 bytes, in a task.
+fn flood_qos0(p: &C3, topic: &str, n: u32) -> tokio::task::JoinHandle<()> {
+    let client = p.client.clone();
+    let topic = topic.to_owned();
+    tokio::spawn(async move {
+        for i in 0..n {
+            let mut body = vec![b'.'; 1024];
+            body[..4].copy_from_slice(&i.to_be_bytes());
+            client
+                .publish(&topic, Q3::AtMostOnce, false, body)
+                .await
+                .unwrap();
+        }
+    })
+}
+
+/// Receive messages numbered 0..n (as `flood_qos0` sends them): every one, in order.
+async fn expect_all_in_order(raw: &mut Raw, n: u32, what: &str) {
+    let mut next = 0u32;
+    while next < n {
+        match raw.recv(WAIT).await {
+            Ok(Packet::Publish(m)) => {
+                let i = u32::from_be_bytes(m.payload[..4].try_into().unwrap());
+                assert_eq!(i, next, "{what}");
+                next += 1;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("after {next} of {n} messages: {e:?}"),
+        }
+    }
+}
+
 /// A subscriber that never reads holds a publisher up for at most `qos0_max_wait` per
 /// batch; then its QoS 0 messages are dropped for it, and a subscriber that reads gets
 /// every message, in order (mqgate only).
@@ -817,30 +849,8 @@ async fn qos0_stuck_subscriber_costs_a_bounded_wait(b: Backend) {
     let (p, _) = c3(&t, &uniq("p"), true).await;
     // 20 MiB: the stuck subscriber's queue and sockets fill long before the end.
     const N: u32 = 20_000;
-    let client = p.client.clone();
-    let t2 = topic.clone();
-    let publisher = tokio::spawn(async move {
-        for i in 0..N {
-            let mut body = vec![b'.'; 1024];
-            body[..4].copy_from_slice(&i.to_be_bytes());
-            client
-                .publish(&t2, Q3::AtMostOnce, false, body)
-                .await
-                .unwrap();
-        }
-    });
-    let mut next = 0u32;
-    while next < N {
-        match reader.recv(WAIT).await {
-            Ok(Packet::Publish(m)) => {
-                let i = u32::from_be_bytes(m.payload[..4].try_into().unwrap());
-                assert_eq!(i, next, "the reading subscriber gets all, in order");
-                next += 1;
-            }
-            Ok(_) => {}
-            Err(e) => panic!("after {next} of {N} messages: {e:?}"),
-        }
-    }
+    let publisher = flood_qos0(&p, &topic, N);
+    expect_all_in_order(&mut reader, N, "the reading subscriber gets all, in order").await;
     publisher.await.unwrap();
     drop((p, stuck));
 }
@@ -863,31 +873,9 @@ async fn qos0_slow_subscriber_slows_publisher(b: Backend) {
     // 20 MiB: far more than the queue, the connection's output buffer and both sockets
     // can hold while the subscriber does not read.
     const N: u32 = 20_000;
-    let client = p.client.clone();
-    let t2 = topic.clone();
-    let publisher = tokio::spawn(async move {
-        for i in 0..N {
-            let mut body = vec![b'.'; 1024];
-            body[..4].copy_from_slice(&i.to_be_bytes());
-            client
-                .publish(&t2, Q3::AtMostOnce, false, body)
-                .await
-                .unwrap();
-        }
-    });
+    let publisher = flood_qos0(&p, &topic, N);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut next = 0u32;
-    while next < N {
-        match sub.recv(WAIT).await {
-            Ok(Packet::Publish(m)) => {
-                let i = u32::from_be_bytes(m.payload[..4].try_into().unwrap());
-                assert_eq!(i, next, "QoS 0 messages arrive all and in order");
-                next += 1;
-            }
-            Ok(_) => {}
-            Err(e) => panic!("after {next} of {N} messages: {e:?}"),
-        }
-    }
+    expect_all_in_order(&mut sub, N, "QoS 0 messages arrive all and in order").await;
     publisher.await.unwrap();
     drop(p);
 }
