@@ -13,20 +13,24 @@
 //!
 //! The invariants every backend keeps are listed on [`Store`].
 
+// Some of the codec (queue entries, keys) serves RocksStore only.
+#[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
 mod codec;
 mod error;
 mod memory;
 pub mod metrics;
+#[cfg(feature = "rocksdb")]
 mod rocks;
 mod store;
 mod types;
 
 pub use error::{Result, StoreError};
 pub use memory::MemoryStore;
+#[cfg(feature = "rocksdb")]
 pub use rocks::{RocksConfig, RocksStore};
 pub use store::{
-    Appended, FsyncPolicy, Retention, RetentionReport, Store, StoreExt, StoreStats, WriteBatch,
-    WriteOp, WriteReceipt,
+    Appended, Degraded, FsyncPolicy, Retention, RetentionReport, Store, StoreExt, StoreHealth,
+    StoreStats, WriteBatch, WriteOp, WriteReceipt,
 };
 pub use types::{
     now_millis, tag_hash, GroupName, Message, MessageId, Millis, OffsetRange, QueueEntry, QueueId,

@@ -62,6 +62,37 @@ pub struct StoreStats {
     pub topics: u64,
 }
 
+/// A period in which the store could not write (a full disk, no file handles left).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Degraded {
+    /// The first error of the period.
+    pub reason: String,
+    /// When the first write failed.
+    pub since: Millis,
+    /// When writes worked again (`None` while it lasts).
+    pub until: Option<Millis>,
+}
+
+/// Whether the store takes writes, from [`Store::health`]. Reads keep working while it
+/// is degraded; writes fail with an error (nothing is confirmed that is not stored) until
+/// the store has recovered by itself.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct StoreHealth {
+    /// Set while writes fail.
+    pub degraded: Option<Degraded>,
+    /// The last degraded period that ended.
+    pub last_degraded: Option<Degraded>,
+    /// Writes (and WAL syncs) that failed since the store opened.
+    pub errors: u64,
+}
+
+impl StoreHealth {
+    /// Whether writes work now.
+    pub fn is_ok(&self) -> bool {
+        self.degraded.is_none()
+    }
+}
+
 /// One operation in a [`WriteBatch`].
 #[derive(Clone, Debug)]
 pub enum WriteOp {
@@ -377,6 +408,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Counters.
     fn stats(&self) -> StoreStats;
+
+    /// Whether writes work now, and the last period they did not. A backend that cannot
+    /// fail transiently (memory) is always healthy.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::default()
+    }
 
     /// Make everything written so far durable (for shutdown under a periodic policy).
     async fn flush(&self) -> Result<()>;

@@ -36,6 +36,10 @@
 //! - Every queue-changing truncation also records the queue's min in `meta`, so an empty
 //!   queue restarts at the right offset.
 
+mod health;
+
+use health::{recovery_loop, Health};
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,7 +49,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, MappedRwLockReadGuard, Mutex, RwLock, RwLockReadGuard};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
     IteratorMode, Options, ReadOptions, WriteBufferManager, WriteOptions, DB,
@@ -55,8 +59,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::codec;
 use crate::error::{Result, StoreError};
 use crate::store::{
-    Appended, FsyncPolicy, Retention, RetentionReport, Store, StoreStats, WriteBatch, WriteOp,
-    WriteReceipt,
+    Appended, Degraded, FsyncPolicy, Retention, RetentionReport, Store, StoreHealth, StoreStats,
+    WriteBatch, WriteOp, WriteReceipt,
 };
 use crate::types::{
     now_millis, tag_hash, GroupName, MessageId, Millis, OffsetRange, QueueEntry, QueueId,
@@ -93,6 +97,10 @@ pub struct RocksConfig {
     pub max_batch_bytes: usize,
     /// Recently appended messages kept decoded for readers at the tail, in bytes.
     pub tail_cache_bytes: usize,
+    /// Table files RocksDB keeps open at once (-1: all of them). The binary bounds it
+    /// below the file handles it reserves for the store, so client sockets can never
+    /// take the handle RocksDB needs for its next file.
+    pub max_open_files: i32,
 }
 
 impl RocksConfig {
@@ -106,6 +114,7 @@ impl RocksConfig {
             write_buffer_bytes: 128 << 20,
             max_batch_bytes: 4 << 20,
             tail_cache_bytes: 32 << 20,
+            max_open_files: -1,
         }
     }
 }
@@ -122,7 +131,9 @@ pub struct RocksStore {
 }
 
 struct Shared {
-    db: DB,
+    /// The database; `None` only while reopening it after an I/O error has failed
+    /// (reads fail then too, until an attempt works).
+    db: RwLock<Option<DB>>,
     config: RocksConfig,
     /// Topic name -> its uid and queues. Written only by the writer thread.
     topics: RwLock<HashMap<TopicName, Arc<TopicState>>>,
@@ -136,8 +147,13 @@ struct Shared {
     log_min: Arc<AtomicU64>,
     /// Decoded recent messages, ids increasing.
     tail: RwLock<TailCache>,
-    /// Tells the fsync thread to stop.
+    /// Tells the fsync and recovery threads to stop.
     stopping: AtomicBool,
+    /// Whether writes work; the recovery thread waits on it.
+    health: Health,
+    /// When the writer's current RocksDB write began (ms; 0: none running), so a write
+    /// stuck behind a background error is noticed.
+    writing_since: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -198,6 +214,14 @@ enum Request {
 
 fn backend(e: rocksdb::Error) -> StoreError {
     StoreError::Backend(e.into_string())
+}
+
+/// The same backend error again, for one more waiting writer.
+fn again(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Backend(m) => StoreError::Backend(m.clone()),
+        other => StoreError::Backend(other.to_string()),
+    }
 }
 
 fn cq_key(uid: u64, queue: u32, offset: u64) -> [u8; 20] {
@@ -333,11 +357,43 @@ impl Header {
     }
 }
 
-impl Shared {
+/// The open database, read-locked: a reopen after an I/O error waits until it is
+/// dropped (readers hold it for one call, never across an `.await`).
+struct Db<'a>(MappedRwLockReadGuard<'a, DB>);
+
+impl std::ops::Deref for Db<'_> {
+    type Target = DB;
+
+    fn deref(&self) -> &DB {
+        &self.0
+    }
+}
+
+impl Db<'_> {
     fn cf(&self, name: &str) -> &ColumnFamily {
-        self.db
+        self.0
             .cf_handle(name)
             .expect("column family created at open")
+    }
+}
+
+impl Shared {
+    /// RocksDB's count of failed flushes and compactions since the handle opened
+    /// (monotonic across reopens is not needed: it is compared with the last value).
+    fn background_errors(&self) -> u64 {
+        self.db()
+            .ok()
+            .and_then(|db| db.property_int_value("rocksdb.background-errors").ok())
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    /// The database, or an error while a reopen after an I/O error has not worked yet.
+    fn db(&self) -> Result<Db<'_>> {
+        // Recursive: a reader may hold it already, and must not wait behind a reopen.
+        RwLockReadGuard::try_map(self.db.read_recursive(), Option::as_ref)
+            .map(Db)
+            .map_err(|_| StoreError::Backend("the store is reopening after an I/O error".into()))
     }
 
     fn header(&self) -> Header {
@@ -366,11 +422,13 @@ impl Shared {
     }
 
     fn entry_at(&self, uid: u64, queue: u32, offset: u64) -> Result<Option<QueueEntry>> {
-        self.db
-            .get_pinned_cf(self.cf(CF_CQ), cq_key(uid, queue, offset))
+        let db = self.db()?;
+        let entry = db
+            .get_pinned_cf(db.cf(CF_CQ), cq_key(uid, queue, offset))
             .map_err(backend)?
             .map(|v| codec::decode_entry(QueueOffset(offset), &v))
-            .transpose()
+            .transpose();
+        entry
     }
 
     /// Messages by id, from the tail cache or the log, `None` where retention took them.
@@ -390,12 +448,13 @@ impl Shared {
         if missing.is_empty() {
             return Ok(out);
         }
-        let log = self.cf(CF_LOG);
+        let db = self.db()?;
+        let log = db.cf(CF_LOG);
         let keys: Vec<_> = missing
             .iter()
             .map(|&i| (log, ids[i].to_be_bytes()))
             .collect();
-        for (&i, got) in missing.iter().zip(self.db.multi_get_cf(keys)) {
+        for (&i, got) in missing.iter().zip(db.multi_get_cf(keys)) {
             if let Some(v) = got.map_err(backend)? {
                 out[i] = Some(Arc::new(codec::decode_message(
                     MessageId(ids[i]),
@@ -413,69 +472,11 @@ impl RocksStore {
     pub fn open(config: RocksConfig) -> Result<Self> {
         std::fs::create_dir_all(&config.path)
             .map_err(|e| StoreError::Backend(format!("create {}: {e}", config.path.display())))?;
-        let cache = Cache::new_lru_cache(config.block_cache_bytes);
-        let wbm = WriteBufferManager::new_write_buffer_manager(config.write_buffer_bytes, true);
         let log_min = Arc::new(AtomicU64::new(0));
-
-        let mut db_opts = Options::default();
-        db_opts.create_if_missing(true);
-        db_opts.create_missing_column_families(true);
-        db_opts.set_max_background_jobs(2);
-        db_opts.set_write_buffer_manager(&wbm);
-        db_opts.set_max_total_wal_size(256 << 20);
-        db_opts.set_bytes_per_sync(1 << 20);
-        db_opts.set_wal_bytes_per_sync(1 << 20);
-        db_opts.set_keep_log_file_num(4);
-
-        let cf_opts = |write_buffer: usize, compress: bool| {
-            let mut o = Options::default();
-            let mut b = BlockBasedOptions::default();
-            b.set_block_cache(&cache);
-            b.set_cache_index_and_filter_blocks(true);
-            b.set_pin_l0_filter_and_index_blocks_in_cache(true);
-            b.set_block_size(16 << 10);
-            o.set_block_based_table_factory(&b);
-            o.set_write_buffer_size(write_buffer);
-            o.set_max_write_buffer_number(3);
-            o.set_target_file_size_base(64 << 20);
-            o.set_compression_type(if compress {
-                DBCompressionType::Lz4
-            } else {
-                DBCompressionType::None
-            });
-            o
-        };
-        let mut keys_opts = cf_opts(16 << 20, true);
-        let filter_min = Arc::clone(&log_min);
-        keys_opts.set_compaction_filter(
-            "mqgate-dead-keys",
-            move |_lvl: u32, key: &[u8], _v: &[u8]| {
-                // The last 8 bytes of a key-index key are the message id.
-                match key.len().checked_sub(8).map(|at| &key[at..]) {
-                    Some(id)
-                        if u64::from_be_bytes(id.try_into().expect("8 bytes"))
-                            < filter_min.load(Ordering::Relaxed) =>
-                    {
-                        rocksdb::compaction_filter::Decision::Remove
-                    }
-                    _ => rocksdb::compaction_filter::Decision::Keep,
-                }
-            },
-        );
-        let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_LOG, cf_opts(64 << 20, true)),
-            ColumnFamilyDescriptor::new(CF_CQ, cf_opts(32 << 20, true)),
-            ColumnFamilyDescriptor::new(CF_KEYS, keys_opts),
-            ColumnFamilyDescriptor::new(CF_OFFSETS, cf_opts(4 << 20, false)),
-            ColumnFamilyDescriptor::new(CF_OFFSET_TOPICS, cf_opts(4 << 20, false)),
-            ColumnFamilyDescriptor::new(CF_KV, cf_opts(8 << 20, true)),
-            ColumnFamilyDescriptor::new(CF_TIMERS, cf_opts(16 << 20, true)),
-            ColumnFamilyDescriptor::new(CF_META, cf_opts(4 << 20, false)),
-        ];
-        let db = DB::open_cf_descriptors(&db_opts, &config.path, cfs).map_err(backend)?;
+        let db = open_db(&config, &log_min)?;
 
         let shared = Shared {
-            db,
+            db: RwLock::new(Some(db)),
             config: config.clone(),
             topics: RwLock::default(),
             next_seq: AtomicU64::new(0),
@@ -485,9 +486,12 @@ impl RocksStore {
             log_min,
             tail: RwLock::default(),
             stopping: AtomicBool::new(false),
+            health: Health::default(),
+            writing_since: AtomicU64::new(0),
         };
         recover(&shared)?;
         let shared = Arc::new(shared);
+        metrics::gauge!(crate::metrics::DEGRADED).set(0.0);
 
         let (tx, rx) = mpsc::channel(1024);
         let mut threads = Vec::new();
@@ -522,6 +526,13 @@ impl RocksStore {
                     .map_err(|e| StoreError::Backend(format!("spawn fsync: {e}")))?,
             );
         }
+        let s = Arc::clone(&shared);
+        threads.push(
+            std::thread::Builder::new()
+                .name("mqgate-store-recovery".into())
+                .spawn(move || recovery_loop(&s))
+                .map_err(|e| StoreError::Backend(format!("spawn recovery: {e}")))?,
+        );
         Ok(Self {
             shared,
             tx: Some(tx),
@@ -533,7 +544,77 @@ impl RocksStore {
     pub fn path(&self) -> &Path {
         &self.shared.config.path
     }
+}
 
+/// Open RocksDB in `config.path` with mqgate's options (at open, and again to recover
+/// from an I/O error). `log_min` feeds the key index's compaction filter.
+fn open_db(config: &RocksConfig, log_min: &Arc<AtomicU64>) -> Result<DB> {
+    let cache = Cache::new_lru_cache(config.block_cache_bytes);
+    // No stall: a writer stalled by the write-buffer manager waits for a flush, and a
+    // flush that cannot run (a full disk) would hold it forever; RocksDB's own write
+    // stalls (too many memtables) give up on a background error or a shutdown.
+    let wbm = WriteBufferManager::new_write_buffer_manager(config.write_buffer_bytes, false);
+
+    let mut db_opts = Options::default();
+    db_opts.create_if_missing(true);
+    db_opts.create_missing_column_families(true);
+    db_opts.set_max_background_jobs(2);
+    db_opts.set_write_buffer_manager(&wbm);
+    db_opts.set_max_total_wal_size(256 << 20);
+    db_opts.set_bytes_per_sync(1 << 20);
+    db_opts.set_wal_bytes_per_sync(1 << 20);
+    db_opts.set_keep_log_file_num(4);
+    db_opts.set_max_open_files(config.max_open_files);
+
+    let cf_opts = |write_buffer: usize, compress: bool| {
+        let mut o = Options::default();
+        let mut b = BlockBasedOptions::default();
+        b.set_block_cache(&cache);
+        b.set_cache_index_and_filter_blocks(true);
+        b.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        b.set_block_size(16 << 10);
+        o.set_block_based_table_factory(&b);
+        o.set_write_buffer_size(write_buffer);
+        o.set_max_write_buffer_number(3);
+        o.set_target_file_size_base(64 << 20);
+        o.set_compression_type(if compress {
+            DBCompressionType::Lz4
+        } else {
+            DBCompressionType::None
+        });
+        o
+    };
+    let mut keys_opts = cf_opts(16 << 20, true);
+    let filter_min = Arc::clone(log_min);
+    keys_opts.set_compaction_filter(
+        "mqgate-dead-keys",
+        move |_lvl: u32, key: &[u8], _v: &[u8]| {
+            // The last 8 bytes of a key-index key are the message id.
+            match key.len().checked_sub(8).map(|at| &key[at..]) {
+                Some(id)
+                    if u64::from_be_bytes(id.try_into().expect("8 bytes"))
+                        < filter_min.load(Ordering::Relaxed) =>
+                {
+                    rocksdb::compaction_filter::Decision::Remove
+                }
+                _ => rocksdb::compaction_filter::Decision::Keep,
+            }
+        },
+    );
+    let cfs = vec![
+        ColumnFamilyDescriptor::new(CF_LOG, cf_opts(64 << 20, true)),
+        ColumnFamilyDescriptor::new(CF_CQ, cf_opts(32 << 20, true)),
+        ColumnFamilyDescriptor::new(CF_KEYS, keys_opts),
+        ColumnFamilyDescriptor::new(CF_OFFSETS, cf_opts(4 << 20, false)),
+        ColumnFamilyDescriptor::new(CF_OFFSET_TOPICS, cf_opts(4 << 20, false)),
+        ColumnFamilyDescriptor::new(CF_KV, cf_opts(8 << 20, true)),
+        ColumnFamilyDescriptor::new(CF_TIMERS, cf_opts(16 << 20, true)),
+        ColumnFamilyDescriptor::new(CF_META, cf_opts(4 << 20, false)),
+    ];
+    DB::open_cf_descriptors(&db_opts, &config.path, cfs).map_err(backend)
+}
+
+impl RocksStore {
     async fn request<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T>>) -> Request,
@@ -563,10 +644,8 @@ impl RocksStore {
             return Ok(None);
         }
         let mut cutoff = None;
-        let it = self
-            .shared
-            .db
-            .iterator_cf(self.shared.cf(CF_LOG), IteratorMode::Start);
+        let db = self.shared.db()?;
+        let it = db.iterator_cf(db.cf(CF_LOG), IteratorMode::Start);
         // Bounded per pass so a huge backlog is trimmed in steps, not in one long stall.
         for item in it.take(1_000_000) {
             let (k, v) = item.map_err(backend)?;
@@ -588,15 +667,20 @@ impl Drop for RocksStore {
     fn drop(&mut self) {
         self.tx.take();
         self.shared.stopping.store(true, Ordering::Release);
+        self.shared.health.wake.notify_all();
         for t in self.threads.lock().drain(..) {
             let _ = t.join();
         }
-        if let Err(e) = self.shared.db.flush_wal(true) {
-            tracing::warn!(error = %e, "store: final WAL sync failed");
+        match self.shared.db() {
+            Ok(db) => {
+                if let Err(e) = db.flush_wal(true) {
+                    tracing::warn!(error = %e, "store: final WAL sync failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "store: closed without a final WAL sync"),
         }
     }
 }
-
 /// The every-batch policy's fsync: take every group written so far, sync the WAL once,
 /// answer them all. While it syncs, the writer goes on writing the next groups.
 fn sync_loop(shared: &Shared, rx: std::sync::mpsc::Receiver<Vec<Answer>>) {
@@ -605,7 +689,11 @@ fn sync_loop(shared: &Shared, rx: std::sync::mpsc::Receiver<Vec<Answer>>) {
             answers.extend(more);
         }
         let synced = std::time::Instant::now();
-        if let Err(e) = shared.db.flush_wal(true) {
+        if let Err(e) = shared
+            .db()
+            .and_then(|db| db.flush_wal(true).map_err(backend))
+        {
+            shared.health.failed("WAL sync", &e);
             Writer::fail(answers, e);
             continue;
         }
@@ -625,8 +713,12 @@ fn periodic_fsync(shared: &Shared, interval: Duration) {
         if waited >= interval {
             waited = Duration::ZERO;
             let synced = std::time::Instant::now();
-            if let Err(e) = shared.db.flush_wal(true) {
+            if let Err(e) = shared
+                .db()
+                .and_then(|db| db.flush_wal(true).map_err(backend))
+            {
                 tracing::error!(error = %e, "store: periodic WAL sync failed");
+                shared.health.failed("periodic WAL sync", &e);
             }
             metrics::histogram!(crate::metrics::FSYNC_SECONDS).record(synced.elapsed());
         }
@@ -636,14 +728,15 @@ fn periodic_fsync(shared: &Shared, interval: Duration) {
 /// Rebuild the in-memory state from disk.
 /// Stores written before the reverse offset entries existed get them once, at open.
 fn backfill_offset_topics(s: &Shared) -> Result<()> {
-    let mut rev = s.db.raw_iterator_cf(s.cf(CF_OFFSET_TOPICS));
+    let db = s.db()?;
+    let mut rev = db.raw_iterator_cf(db.cf(CF_OFFSET_TOPICS));
     rev.seek_to_first();
     if rev.valid() {
         return Ok(());
     }
     rev.status().map_err(backend)?;
     let mut wb = rocksdb::WriteBatch::default();
-    for item in s.db.iterator_cf(s.cf(CF_OFFSETS), IteratorMode::Start) {
+    for item in db.iterator_cf(db.cf(CF_OFFSETS), IteratorMode::Start) {
         let (k, _) = item.map_err(backend)?;
         let (Some(sep), Some(topic)) = (k.iter().position(|b| *b == 0), offsets_key_topic(&k))
         else {
@@ -651,21 +744,22 @@ fn backfill_offset_topics(s: &Shared) -> Result<()> {
         };
         let topic = String::from_utf8_lossy(topic).into_owned();
         wb.put_cf(
-            s.cf(CF_OFFSET_TOPICS),
+            db.cf(CF_OFFSET_TOPICS),
             offset_topic_key(&topic, &k[..sep]),
             [],
         );
     }
     if !wb.is_empty() {
-        s.db.write(wb).map_err(backend)?;
+        db.write(wb).map_err(backend)?;
     }
     Ok(())
 }
 
 fn recover(s: &Shared) -> Result<()> {
     backfill_offset_topics(s)?;
-    let meta = s.cf(CF_META);
-    let header = match s.db.get_cf(meta, HEADER_KEY).map_err(backend)? {
+    let db = s.db()?;
+    let meta = db.cf(CF_META);
+    let header = match db.get_cf(meta, HEADER_KEY).map_err(backend)? {
         Some(v) => Header::decode(&v)?,
         None => Header::default(),
     };
@@ -673,21 +767,21 @@ fn recover(s: &Shared) -> Result<()> {
     s.log_bytes.store(header.log_bytes, Ordering::Release);
     s.messages.store(header.messages, Ordering::Release);
     s.timers.store(header.timers, Ordering::Release);
-    let first_log =
-        s.db.iterator_cf(s.cf(CF_LOG), IteratorMode::Start)
-            .next()
-            .transpose()
-            .map_err(backend)?
-            .map(|(k, _)| be_u64(&k))
-            .transpose()?
-            .unwrap_or(header.next_seq);
+    let first_log = db
+        .iterator_cf(db.cf(CF_LOG), IteratorMode::Start)
+        .next()
+        .transpose()
+        .map_err(backend)?
+        .map(|(k, _)| be_u64(&k))
+        .transpose()?
+        .unwrap_or(header.next_seq);
     s.log_min.store(first_log, Ordering::Release);
 
     let mut topics = HashMap::new();
     let mut ro = ReadOptions::default();
     ro.set_iterate_lower_bound(b"t/".to_vec());
     ro.set_iterate_upper_bound(b"t0".to_vec());
-    for item in s.db.iterator_cf_opt(meta, ro, IteratorMode::Start) {
+    for item in db.iterator_cf_opt(meta, ro, IteratorMode::Start) {
         let (k, v) = item.map_err(backend)?;
         let name = std::str::from_utf8(&k[2..])
             .map_err(|_| StoreError::Corrupt {
@@ -714,14 +808,15 @@ fn recover(s: &Shared) -> Result<()> {
 }
 
 fn recover_queue(s: &Shared, uid: u64, queue: u32) -> Result<QueueState> {
-    let cq = s.cf(CF_CQ);
-    let persisted_min =
-        s.db.get_cf(s.cf(CF_META), queue_meta_key(uid, queue))
-            .map_err(backend)?
-            .map(|v| be_u64(&v))
-            .transpose()?
-            .unwrap_or(0);
-    let mut it = s.db.raw_iterator_cf(cq);
+    let db = s.db()?;
+    let cq = db.cf(CF_CQ);
+    let persisted_min = db
+        .get_cf(db.cf(CF_META), queue_meta_key(uid, queue))
+        .map_err(backend)?
+        .map(|v| be_u64(&v))
+        .transpose()?
+        .unwrap_or(0);
+    let mut it = db.raw_iterator_cf(cq);
     it.seek(cq_key(uid, queue, 0));
     let first = match it.key() {
         Some(k) if k.len() == 20 && k[..12] == cq_key(uid, queue, 0)[..12] => {
@@ -809,6 +904,16 @@ impl Writer {
     }
 
     fn admin(&mut self, req: Request) {
+        // Degraded: refused like writes (see `commit_group`).
+        if let Err(e) = self.s.health.check() {
+            match req {
+                Request::Write(..) => unreachable!("writes are grouped"),
+                Request::CreateTopic(_, _, done) => drop(done.send(Err(e))),
+                Request::DeleteTopic(_, done) => drop(done.send(Err(e))),
+                Request::TrimLog(_, done) => drop(done.send(Err(e))),
+            }
+            return;
+        }
         match req {
             Request::Write(..) => unreachable!("writes are grouped"),
             Request::CreateTopic(name, count, done) => {
@@ -828,11 +933,32 @@ impl Writer {
         WriteOptions::default()
     }
 
+    /// One RocksDB write outside a group commit (topics, retention); a failure marks
+    /// the store degraded.
+    fn write_raw(&self, db: &Db<'_>, wb: rocksdb::WriteBatch) -> Result<()> {
+        db.write_opt(wb, &self.write_options()).map_err(|e| {
+            let e = backend(e);
+            self.s.health.failed("write", &e);
+            e
+        })
+    }
+
     fn commit_group(&mut self, group: Vec<Grouped>) {
         if group.is_empty() {
             return;
         }
         let s = Arc::clone(&self.s);
+        // Degraded (a write or sync failed and the store has not recovered yet): refused
+        // without touching RocksDB; the recovery thread says when writes work again.
+        let db = match s.health.check().and_then(|()| s.db()) {
+            Ok(db) => db,
+            Err(e) => {
+                for (_, done, _) in group {
+                    let _ = done.send(Err(again(&e)));
+                }
+                return;
+            }
+        };
         let now = now_millis().max(self.last_ts);
         self.last_ts = now;
         let topics = s.topics.read();
@@ -859,9 +985,15 @@ impl Writer {
         if answers.is_empty() {
             return;
         }
-        wb.put_cf(s.cf(CF_META), HEADER_KEY, pending.header.encode());
+        wb.put_cf(db.cf(CF_META), HEADER_KEY, pending.header.encode());
         let started = std::time::Instant::now();
-        if let Err(e) = s.db.write_opt(wb, &self.write_options()) {
+        s.writing_since
+            .store(now_millis().max(1), Ordering::Release);
+        let written = db.write_opt(wb, &self.write_options());
+        s.writing_since.store(0, Ordering::Release);
+        if let Err(e) = written {
+            let e = backend(e);
+            s.health.failed("write", &e);
             return Self::fail(answers, e);
         }
         metrics::histogram!(crate::metrics::APPEND_SECONDS).record(started.elapsed());
@@ -880,7 +1012,9 @@ impl Writer {
                 // The sync thread is gone (it only ends with the writer, so it
                 // panicked): sync here rather than answer anything unsynced.
                 Err(back) => {
-                    if let Err(e) = s.db.flush_wal(true) {
+                    if let Err(e) = db.flush_wal(true) {
+                        let e = backend(e);
+                        s.health.failed("WAL sync", &e);
                         return Self::fail(back.0, e);
                     }
                     back.0
@@ -893,11 +1027,10 @@ impl Writer {
         }
     }
 
-    fn fail(answers: Vec<Answer>, e: rocksdb::Error) {
-        let e = backend(e);
+    fn fail(answers: Vec<Answer>, e: StoreError) {
         tracing::error!(error = %e, "store: group commit failed");
         for (done, _) in answers {
-            let _ = done.send(Err(StoreError::Backend(e.to_string())));
+            let _ = done.send(Err(again(&e)));
         }
     }
 
@@ -961,6 +1094,8 @@ impl Writer {
         batch: WriteBatch,
         now: Millis,
     ) -> Result<WriteReceipt> {
+        let s = Arc::clone(&self.s);
+        let db = s.db()?;
         // Validate first: a refused batch leaves no trace, and applying cannot fail.
         let mut timers_on_disk = HashSet::new();
         for op in &batch.ops {
@@ -986,10 +1121,7 @@ impl Writer {
                     if !pending.timers_put.contains(key)
                         && !pending.timers_deleted.contains(key) =>
                 {
-                    let on_disk = self
-                        .s
-                        .db
-                        .get_pinned_cf(self.s.cf(CF_TIMERS), timer_key(key));
+                    let on_disk = db.get_pinned_cf(db.cf(CF_TIMERS), timer_key(key));
                     if on_disk.map_err(backend)?.is_some() {
                         timers_on_disk.insert(*key);
                     }
@@ -997,7 +1129,6 @@ impl Writer {
                 _ => {}
             }
         }
-        let s = Arc::clone(&self.s);
         let mut receipt = WriteReceipt::default();
         for op in batch.ops {
             match op {
@@ -1007,11 +1138,11 @@ impl Writer {
                     self.buf.clear();
                     codec::encode_message(&message, now, &mut self.buf);
                     let size = self.buf.len() as u32;
-                    wb.put_cf(s.cf(CF_LOG), id.to_be_bytes(), &self.buf);
+                    wb.put_cf(db.cf(CF_LOG), id.to_be_bytes(), &self.buf);
                     for k in &message.keys {
                         let mut key = key_index_prefix(&message.topic, k);
                         key.put_u64(id);
-                        wb.put_cf(s.cf(CF_KEYS), key, []);
+                        wb.put_cf(db.cf(CF_KEYS), key, []);
                     }
                     let entry = |offset| QueueEntry {
                         offset: QueueOffset(offset),
@@ -1027,7 +1158,7 @@ impl Writer {
                         let offset = slot.2;
                         slot.2 += 1;
                         wb.put_cf(
-                            s.cf(CF_CQ),
+                            db.cf(CF_CQ),
                             cq_key(uid, qid, offset),
                             codec::encode_entry(&entry(offset)),
                         );
@@ -1053,12 +1184,12 @@ impl Writer {
                     offset,
                 } => {
                     wb.put_cf(
-                        s.cf(CF_OFFSETS),
+                        db.cf(CF_OFFSETS),
                         offsets_key(&group, &queue),
                         offset.0.to_le_bytes(),
                     );
                     wb.put_cf(
-                        s.cf(CF_OFFSET_TOPICS),
+                        db.cf(CF_OFFSET_TOPICS),
                         offset_topic_key(queue.topic.as_str(), group.as_str().as_bytes()),
                         [],
                     );
@@ -1070,8 +1201,8 @@ impl Writer {
                         Some(t) => vec![t.as_str().as_bytes().to_vec()],
                         None => {
                             let mut ts: Vec<Vec<u8>> = Vec::new();
-                            let it = s.db.iterator_cf_opt(
-                                s.cf(CF_OFFSETS),
+                            let it = db.iterator_cf_opt(
+                                db.cf(CF_OFFSETS),
                                 prefix_range(&prefix),
                                 IteratorMode::Start,
                             );
@@ -1089,12 +1220,12 @@ impl Writer {
                     for t in topics {
                         let t = String::from_utf8_lossy(&t).into_owned();
                         wb.delete_cf(
-                            s.cf(CF_OFFSET_TOPICS),
+                            db.cf(CF_OFFSET_TOPICS),
                             offset_topic_key(&t, group.as_str().as_bytes()),
                         );
                     }
                     let end = nul_prefix_end(&prefix);
-                    wb.delete_range_cf(s.cf(CF_OFFSETS), prefix, end);
+                    wb.delete_range_cf(db.cf(CF_OFFSETS), prefix, end);
                 }
                 WriteOp::Truncate { queue, before } => {
                     let (uid, qid) = Self::resolve(topics, pending, &queue).expect("validated");
@@ -1102,12 +1233,12 @@ impl Writer {
                     let new_min = before.0.clamp(slot.1, slot.2);
                     if new_min > slot.1 {
                         wb.delete_range_cf(
-                            s.cf(CF_CQ),
+                            db.cf(CF_CQ),
                             cq_key(uid, qid, slot.1),
                             cq_key(uid, qid, new_min),
                         );
                         wb.put_cf(
-                            s.cf(CF_META),
+                            db.cf(CF_META),
                             queue_meta_key(uid, qid),
                             new_min.to_be_bytes(),
                         );
@@ -1118,9 +1249,9 @@ impl Writer {
                     namespace,
                     key,
                     value,
-                } => wb.put_cf(s.cf(CF_KV), kv_key(&namespace, &key), value),
+                } => wb.put_cf(db.cf(CF_KV), kv_key(&namespace, &key), value),
                 WriteOp::KvDelete { namespace, key } => {
-                    wb.delete_cf(s.cf(CF_KV), kv_key(&namespace, &key))
+                    wb.delete_cf(db.cf(CF_KV), kv_key(&namespace, &key))
                 }
                 WriteOp::TimerPut { due, payload } => {
                     let key = TimerKey {
@@ -1131,7 +1262,7 @@ impl Writer {
                     pending.header.timers += 1;
                     pending.timers_put.insert(key);
                     pending.timers_deleted.remove(&key);
-                    wb.put_cf(s.cf(CF_TIMERS), timer_key(&key), payload);
+                    wb.put_cf(db.cf(CF_TIMERS), timer_key(&key), payload);
                     receipt.timers.push(key);
                 }
                 WriteOp::TimerDelete { key } => {
@@ -1140,7 +1271,7 @@ impl Writer {
                         pending.timers_deleted.insert(key);
                         debug_assert!(pending.header.timers > 0, "timer count out of step");
                         pending.header.timers = pending.header.timers.saturating_sub(1);
-                        wb.delete_cf(s.cf(CF_TIMERS), timer_key(&key));
+                        wb.delete_cf(db.cf(CF_TIMERS), timer_key(&key));
                     }
                 }
             }
@@ -1151,6 +1282,7 @@ impl Writer {
     fn create_topic(&mut self, name: TopicName, count: u32) -> Result<TopicConfig> {
         crate::check_queue_count(count)?;
         let s = Arc::clone(&self.s);
+        let db = s.db()?;
         let existing = s.topic_state(&name);
         let (uid, mut queues) = match &existing {
             Some(t) if (t.queues.len() as u32) > count => {
@@ -1180,9 +1312,9 @@ impl Writer {
         let mut v = Vec::with_capacity(12);
         v.put_u64(uid);
         v.put_u32(count);
-        wb.put_cf(s.cf(CF_META), topic_meta_key(&name), v);
-        wb.put_cf(s.cf(CF_META), HEADER_KEY, header.encode());
-        s.db.write_opt(wb, &self.write_options()).map_err(backend)?;
+        wb.put_cf(db.cf(CF_META), topic_meta_key(&name), v);
+        wb.put_cf(db.cf(CF_META), HEADER_KEY, header.encode());
+        self.write_raw(&db, wb)?;
         s.next_seq.store(header.next_seq, Ordering::Release);
         queues.resize_with(count as usize, Default::default);
         s.topics
@@ -1196,19 +1328,20 @@ impl Writer {
 
     fn delete_topic(&mut self, name: &TopicName) -> Result<bool> {
         let s = Arc::clone(&self.s);
+        let db = s.db()?;
         let mut wb = rocksdb::WriteBatch::default();
         // Offsets go even when the topic does not exist: none may outlive it.
         self.delete_topic_offsets(&mut wb, name)?;
         let Some(t) = s.topic_state(name) else {
-            s.db.write_opt(wb, &self.write_options()).map_err(backend)?;
+            self.write_raw(&db, wb)?;
             return Ok(false);
         };
-        wb.delete_range_cf(s.cf(CF_CQ), cq_key(t.uid, 0, 0), cq_key(t.uid + 1, 0, 0));
+        wb.delete_range_cf(db.cf(CF_CQ), cq_key(t.uid, 0, 0), cq_key(t.uid + 1, 0, 0));
         for q in 0..t.queues.len() as u32 {
-            wb.delete_cf(s.cf(CF_META), queue_meta_key(t.uid, q));
+            wb.delete_cf(db.cf(CF_META), queue_meta_key(t.uid, q));
         }
-        wb.delete_cf(s.cf(CF_META), topic_meta_key(name));
-        s.db.write_opt(wb, &self.write_options()).map_err(backend)?;
+        wb.delete_cf(db.cf(CF_META), topic_meta_key(name));
+        self.write_raw(&db, wb)?;
         s.topics.write().remove(name);
         Ok(true)
     }
@@ -1216,11 +1349,11 @@ impl Writer {
     /// Every group's committed offsets on topic `name`, found through the reverse
     /// entries (topic, 0, group): the cost is the groups on this topic, not all groups.
     fn delete_topic_offsets(&self, wb: &mut rocksdb::WriteBatch, name: &TopicName) -> Result<()> {
-        let s = &self.s;
+        let db = self.s.db()?;
         let mut prefix = name.as_str().as_bytes().to_vec();
         prefix.push(0);
-        let it = s.db.iterator_cf_opt(
-            s.cf(CF_OFFSET_TOPICS),
+        let it = db.iterator_cf_opt(
+            db.cf(CF_OFFSET_TOPICS),
             prefix_range(&prefix),
             IteratorMode::Start,
         );
@@ -1231,8 +1364,8 @@ impl Writer {
             fwd.push(0);
             fwd.extend_from_slice(&prefix);
             let end = nul_prefix_end(&fwd);
-            wb.delete_range_cf(s.cf(CF_OFFSETS), fwd, end);
-            wb.delete_cf(s.cf(CF_OFFSET_TOPICS), &k);
+            wb.delete_range_cf(db.cf(CF_OFFSETS), fwd, end);
+            wb.delete_cf(db.cf(CF_OFFSET_TOPICS), &k);
         }
         Ok(())
     }
@@ -1240,6 +1373,7 @@ impl Writer {
     /// Delete the commit log below `below`, then every queue entry that pointed there.
     fn trim_log(&mut self, below: u64) -> Result<RetentionReport> {
         let s = Arc::clone(&self.s);
+        let db = s.db()?;
         let mut report = RetentionReport::default();
         let log_min = s.log_min.load(Ordering::Acquire);
         if below <= log_min {
@@ -1248,7 +1382,7 @@ impl Writer {
         // Count what goes (sizes are the values' lengths).
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(below.to_be_bytes().to_vec());
-        for item in s.db.iterator_cf_opt(s.cf(CF_LOG), ro, IteratorMode::Start) {
+        for item in db.iterator_cf_opt(db.cf(CF_LOG), ro, IteratorMode::Start) {
             let (_, v) = item.map_err(backend)?;
             report.messages_deleted += 1;
             report.bytes_deleted += v.len() as u64;
@@ -1257,7 +1391,7 @@ impl Writer {
         header.messages -= report.messages_deleted.min(header.messages);
         header.log_bytes -= report.bytes_deleted.min(header.log_bytes);
         let mut wb = rocksdb::WriteBatch::default();
-        wb.delete_range_cf(s.cf(CF_LOG), 0u64.to_be_bytes(), below.to_be_bytes());
+        wb.delete_range_cf(db.cf(CF_LOG), 0u64.to_be_bytes(), below.to_be_bytes());
         let mut moved = Vec::new();
         let topics: Vec<Arc<TopicState>> = s.topics.read().values().cloned().collect();
         for t in topics {
@@ -1278,18 +1412,18 @@ impl Writer {
                 }
                 if lo > min {
                     wb.delete_range_cf(
-                        s.cf(CF_CQ),
+                        db.cf(CF_CQ),
                         cq_key(t.uid, qid, min),
                         cq_key(t.uid, qid, lo),
                     );
-                    wb.put_cf(s.cf(CF_META), queue_meta_key(t.uid, qid), lo.to_be_bytes());
+                    wb.put_cf(db.cf(CF_META), queue_meta_key(t.uid, qid), lo.to_be_bytes());
                     report.entries_deleted += lo - min;
                     moved.push((Arc::clone(q), lo));
                 }
             }
         }
-        wb.put_cf(s.cf(CF_META), HEADER_KEY, header.encode());
-        s.db.write_opt(wb, &self.write_options()).map_err(backend)?;
+        wb.put_cf(db.cf(CF_META), HEADER_KEY, header.encode());
+        self.write_raw(&db, wb)?;
         for (q, lo) in moved {
             q.min.store(lo, Ordering::Release);
         }
@@ -1304,8 +1438,7 @@ impl Writer {
             }
         }
         // Hand whole dead files back to the file system at once.
-        let _ =
-            s.db.delete_file_in_range_cf(s.cf(CF_LOG), 0u64.to_be_bytes(), below.to_be_bytes());
+        let _ = db.delete_file_in_range_cf(db.cf(CF_LOG), 0u64.to_be_bytes(), below.to_be_bytes());
         Ok(report)
     }
 }
@@ -1395,6 +1528,7 @@ impl Store for RocksStore {
         limits: ReadLimits,
     ) -> Result<Vec<QueueMessage>> {
         let s = &self.shared;
+        let db = s.db()?;
         let (uid, q) = s.queue_state(queue)?;
         let next = q.next.load(Ordering::Acquire);
         let start = from.0.max(q.min.load(Ordering::Acquire));
@@ -1408,7 +1542,7 @@ impl Store for RocksStore {
         ro.set_iterate_upper_bound(cq_key(uid, qid, end).to_vec());
         let mut entries = Vec::with_capacity((end - start) as usize);
         let mut bytes = 0usize;
-        for item in s.db.iterator_cf_opt(s.cf(CF_CQ), ro, IteratorMode::Start) {
+        for item in db.iterator_cf_opt(db.cf(CF_CQ), ro, IteratorMode::Start) {
             let (k, v) = item.map_err(backend)?;
             let e = codec::decode_entry(QueueOffset(be_u64(&k[12..])?), &v)?;
             if !entries.is_empty() && bytes + e.size as usize > limits.max_bytes {
@@ -1458,11 +1592,12 @@ impl Store for RocksStore {
         limit: usize,
     ) -> Result<Vec<Arc<StoredMessage>>> {
         let s = &self.shared;
+        let db = s.db()?;
         let prefix = key_index_prefix(topic, key);
         let ro = prefix_range(&prefix);
         let log_min = s.log_min.load(Ordering::Acquire);
         let mut out = Vec::new();
-        let mut it = s.db.iterator_cf_opt(s.cf(CF_KEYS), ro, IteratorMode::Start);
+        let mut it = db.iterator_cf_opt(db.cf(CF_KEYS), ro, IteratorMode::Start);
         while out.len() < limit {
             let mut ids = Vec::new();
             for item in it.by_ref() {
@@ -1489,20 +1624,22 @@ impl Store for RocksStore {
         queue: &QueueRef,
     ) -> Result<Option<QueueOffset>> {
         let s = &self.shared;
-        s.db.get_pinned_cf(s.cf(CF_OFFSETS), offsets_key(group, queue))
+        let db = s.db()?;
+        let offset = db
+            .get_pinned_cf(db.cf(CF_OFFSETS), offsets_key(group, queue))
             .map_err(backend)?
             .map(|v| decode_offset(&v))
-            .transpose()
+            .transpose();
+        offset
     }
 
     async fn committed_offsets(&self, group: &GroupName) -> Result<Vec<(QueueRef, QueueOffset)>> {
         let s = &self.shared;
+        let db = s.db()?;
         let prefix = offsets_prefix(group, None);
         let ro = prefix_range(&prefix);
         let mut out = Vec::new();
-        for item in
-            s.db.iterator_cf_opt(s.cf(CF_OFFSETS), ro, IteratorMode::Start)
-        {
+        for item in db.iterator_cf_opt(db.cf(CF_OFFSETS), ro, IteratorMode::Start) {
             let (k, v) = item.map_err(backend)?;
             let rest = &k[prefix.len()..];
             let corrupt = || StoreError::Corrupt {
@@ -1528,8 +1665,9 @@ impl Store for RocksStore {
 
     async fn groups(&self) -> Result<Vec<GroupName>> {
         let s = &self.shared;
+        let db = s.db()?;
         let mut out = Vec::new();
-        let mut it = s.db.raw_iterator_cf(s.cf(CF_OFFSETS));
+        let mut it = db.raw_iterator_cf(db.cf(CF_OFFSETS));
         it.seek_to_first();
         while let Some(k) = it.key() {
             let sep = k.iter().position(|b| *b == 0).unwrap_or(k.len());
@@ -1549,8 +1687,9 @@ impl Store for RocksStore {
 
     async fn kv_get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>> {
         let s = &self.shared;
-        Ok(s.db
-            .get_cf(s.cf(CF_KV), kv_key(namespace, key))
+        let db = s.db()?;
+        Ok(db
+            .get_cf(db.cf(CF_KV), kv_key(namespace, key))
             .map_err(backend)?
             .map(Bytes::from))
     }
@@ -1563,6 +1702,7 @@ impl Store for RocksStore {
         limit: usize,
     ) -> Result<Vec<(Bytes, Bytes)>> {
         let s = &self.shared;
+        let db = s.db()?;
         let full_prefix = kv_key(namespace, prefix);
         let ns_len = namespace.len() + 1;
         let mut ro = ReadOptions::default();
@@ -1570,7 +1710,7 @@ impl Store for RocksStore {
         if let Some(upper) = prefix_successor(&full_prefix) {
             ro.set_iterate_upper_bound(upper);
         }
-        let mut it = s.db.raw_iterator_cf_opt(s.cf(CF_KV), ro);
+        let mut it = db.raw_iterator_cf_opt(db.cf(CF_KV), ro);
         match after {
             Some(a) if a >= prefix => {
                 let k = kv_key(namespace, a);
@@ -1606,6 +1746,7 @@ impl Store for RocksStore {
             return Ok(Vec::new());
         }
         let s = &self.shared;
+        let db = s.db()?;
         let mut ro = ReadOptions::default();
         if let Some(a) = after {
             ro.set_iterate_lower_bound(timer_key(&a).to_vec());
@@ -1614,9 +1755,7 @@ impl Store for RocksStore {
             ro.set_iterate_upper_bound(end.to_be_bytes().to_vec());
         }
         let mut out = Vec::new();
-        for item in
-            s.db.iterator_cf_opt(s.cf(CF_TIMERS), ro, IteratorMode::Start)
-        {
+        for item in db.iterator_cf_opt(db.cf(CF_TIMERS), ro, IteratorMode::Start) {
             let (k, v) = item.map_err(backend)?;
             let key = decode_timer_key(&k)?;
             if after.is_some_and(|a| key <= a) {
@@ -1632,12 +1771,18 @@ impl Store for RocksStore {
 
     async fn next_timer(&self) -> Result<Option<TimerKey>> {
         let s = &self.shared;
-        s.db.iterator_cf(s.cf(CF_TIMERS), IteratorMode::From(&[], Direction::Forward))
+        let db = s.db()?;
+        let first = db
+            .iterator_cf(
+                db.cf(CF_TIMERS),
+                IteratorMode::From(&[], Direction::Forward),
+            )
             .next()
             .transpose()
             .map_err(backend)?
             .map(|(k, _)| decode_timer_key(&k))
-            .transpose()
+            .transpose();
+        first
     }
 
     async fn enforce_retention(&self, now: Millis) -> Result<RetentionReport> {
@@ -1645,6 +1790,10 @@ impl Store for RocksStore {
             None => Ok(RetentionReport::default()),
             Some(below) => self.request(|tx| Request::TrimLog(below, tx)).await,
         }
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.shared.health.report()
     }
 
     fn stats(&self) -> StoreStats {
@@ -1658,7 +1807,12 @@ impl Store for RocksStore {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.shared.db.flush_wal(true).map_err(backend)
+        let db = self.shared.db()?;
+        db.flush_wal(true).map_err(|e| {
+            let e = backend(e);
+            self.shared.health.failed("WAL sync", &e);
+            e
+        })
     }
 }
 
