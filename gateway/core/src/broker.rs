@@ -248,6 +248,8 @@ pub struct ProducerStat {
 }
 
 pub(crate) struct Inner {
+    /// Failed logins (every protocol and the admin API share it).
+    login: crate::login::LoginThrottle,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) config: CoreConfig,
     pub(crate) clock: Arc<dyn Clock>,
@@ -265,6 +267,8 @@ pub(crate) struct Inner {
     pub(crate) dead_lettered: AtomicU64,
     closed: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Whether publishers are blocked (memory above the watermark).
+    pub(crate) memory: crate::memory::MemoryWatermark,
 }
 
 impl std::fmt::Debug for Inner {
@@ -296,8 +300,11 @@ impl Broker {
             .collect();
         let router = Router::new();
         router.add_vhost(DEFAULT_VHOST);
+        let memory = crate::memory::MemoryWatermark::new(config.memory_high_watermark);
         crate::durable::load(&*store, &router).await?;
+        let login = crate::login::LoginThrottle::new(config.login_throttle);
         let inner = Arc::new(Inner {
+            login,
             store,
             config,
             clock,
@@ -311,10 +318,12 @@ impl Broker {
             dead_lettered: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             tasks: Mutex::default(),
+            memory,
         });
         let scheduler = tokio::spawn(crate::delay::run(Arc::downgrade(&inner)));
         let retention = tokio::spawn(retention_task(Arc::downgrade(&inner)));
-        inner.tasks.lock().extend([scheduler, retention]);
+        let memory = tokio::spawn(crate::memory::run(Arc::downgrade(&inner)));
+        inner.tasks.lock().extend([scheduler, retention, memory]);
         Ok(Self { inner })
     }
 
@@ -326,6 +335,11 @@ impl Broker {
     /// The routing tables.
     pub fn router(&self) -> &Router {
         &self.inner.router
+    }
+
+    /// Failed logins, per source and user, for every protocol and the admin API.
+    pub fn login_throttle(&self) -> &crate::login::LoginThrottle {
+        &self.inner.login
     }
 
     /// The configuration.
@@ -378,6 +392,61 @@ impl Broker {
             self.inner.store.write(batch).await?;
         }
         Ok(new)
+    }
+
+    /// Add many bindings in one go (an MQTT SUBSCRIBE's filters): the router takes its
+    /// lock per [`crate::router::LOCK_CHUNK`] bindings and, with `durable`, the new ones
+    /// are stored in one write. Per binding: whether it was new, or why it could not be
+    /// added; `Err` if the store write failed (the router keeps them, as with
+    /// [`Broker::bind`]).
+    pub async fn bind_many(
+        &self,
+        vhost: &str,
+        bindings: Vec<Binding>,
+        durable: bool,
+    ) -> Result<Vec<Result<bool>>> {
+        let results = self.inner.router.bind_many(vhost, &bindings)?;
+        if durable {
+            let mut batch = WriteBatch::new();
+            for (b, r) in bindings.iter().zip(&results) {
+                if matches!(r, Ok(true)) {
+                    crate::durable::put_binding(&mut batch, vhost, b);
+                }
+            }
+            if !batch.is_empty() {
+                self.inner.store.write(batch).await?;
+            }
+        }
+        Ok(results)
+    }
+
+    /// Remove many bindings in one go (an MQTT UNSUBSCRIBE's filters), stored ones in
+    /// one write. Per binding: whether it existed, or why it could not be removed.
+    pub async fn unbind_many(
+        &self,
+        vhost: &str,
+        bindings: &[Binding],
+    ) -> Result<Vec<Result<bool>>> {
+        let results = self.inner.router.unbind_many(vhost, bindings)?;
+        let mut batch = WriteBatch::new();
+        let mut sources = std::collections::HashSet::new();
+        for (b, r) in bindings.iter().zip(&results) {
+            if matches!(r, Ok(true)) {
+                crate::durable::delete_binding(&mut batch, vhost, b);
+                sources.insert(b.source.as_str());
+            }
+        }
+        if !batch.is_empty() {
+            self.inner.store.write(batch).await?;
+        }
+        // An auto-delete exchange left empty went with its last binding.
+        if sources
+            .iter()
+            .any(|x| self.inner.router.exchange(vhost, x).is_none())
+        {
+            crate::durable::prune(&*self.inner.store, &self.inner.router, vhost).await?;
+        }
+        Ok(results)
     }
 
     /// Remove a binding (and an auto-delete exchange it leaves empty), stored ones too.
@@ -521,7 +590,18 @@ impl Broker {
         &self,
         items: Vec<(Message, Vec<TopicName>)>,
     ) -> Result<Vec<Option<Published>>> {
-        self.inner.append_many(items, true).await
+        self.inner.append_many(WriteBatch::new(), items, true).await
+    }
+
+    /// [`Broker::publish_routed_batch`] with the operations of `extra` (an adapter's
+    /// keyed-area records, such as MQTT retained messages) in the same atomic write:
+    /// both are stored, or neither, under one fsync.
+    pub async fn publish_routed_batch_with(
+        &self,
+        items: Vec<(Message, Vec<TopicName>)>,
+        extra: WriteBatch,
+    ) -> Result<Vec<Option<Published>>> {
+        self.inner.append_many(extra, items, true).await
     }
 
     /// [`Broker::publish_routed_batch`] for messages that may be lost in a crash (AMQP
@@ -531,7 +611,9 @@ impl Broker {
         &self,
         items: Vec<(Message, Vec<TopicName>)>,
     ) -> Result<Vec<Option<Published>>> {
-        self.inner.append_many(items, false).await
+        self.inner
+            .append_many(WriteBatch::new(), items, false)
+            .await
     }
 
     /// Join (or create) a consumer group as a member. The group's spec must match the
@@ -864,12 +946,13 @@ impl Inner {
         self.append_into(message, targets).await
     }
 
+    /// Append `items` to `batch` (which may already hold other operations) and write it.
     pub(crate) async fn append_many(
         &self,
+        mut batch: WriteBatch,
         items: Vec<(Message, Vec<TopicName>)>,
         sync: bool,
     ) -> Result<Vec<Option<Published>>> {
-        let mut batch = WriteBatch::new();
         if !sync {
             batch.no_sync();
         }

@@ -55,6 +55,13 @@ pub struct CoreConfig {
     pub release_batch: usize,
     /// How often the store's retention policy is applied.
     pub retention_interval: Duration,
+    /// Above this resident memory (bytes), connections that publish are no longer read
+    /// (every protocol) until it falls below again; `None`: never.
+    pub memory_high_watermark: Option<u64>,
+    /// How often resident memory is compared with the watermark.
+    pub memory_check_interval: Duration,
+    /// How failed logins (every protocol, the admin API) are slowed down.
+    pub login_throttle: crate::login::LoginThrottleConfig,
 }
 
 impl Default for CoreConfig {
@@ -73,6 +80,9 @@ impl Default for CoreConfig {
             max_prefetch: 2048,
             release_batch: 512,
             retention_interval: Duration::from_secs(60),
+            memory_high_watermark: None,
+            memory_check_interval: Duration::from_millis(250),
+            login_throttle: crate::login::LoginThrottleConfig::default(),
         }
     }
 }

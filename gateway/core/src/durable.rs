@@ -166,20 +166,44 @@ pub(crate) async fn load(store: &dyn Store, router: &Router) -> Result<()> {
             exchanges += 1;
         }
     }
+    // Keys are ordered by vhost: each vhost's bindings go in with one batched call
+    // (linear in the bindings, whatever a destination has).
     let mut bindings = 0;
+    let mut pending: Vec<Binding> = Vec::new();
+    let mut pending_vhost = String::new();
+    let mut flush = |vhost: &str, pending: &mut Vec<Binding>| {
+        if pending.is_empty() {
+            return;
+        }
+        match router.bind_many(vhost, pending) {
+            Ok(results) => {
+                for r in results {
+                    match r {
+                        Ok(_) => bindings += 1,
+                        Err(e) => {
+                            tracing::warn!(vhost, error = %e, "core: stored binding has no exchange; skipped")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(vhost, error = %e, "core: stored bindings of an unknown vhost; skipped")
+            }
+        }
+        pending.clear();
+    };
     for (k, v) in scan_all(store, NS_BINDING, b"").await? {
         let Some(sep) = k.iter().position(|b| *b == 0) else {
             continue;
         };
-        let vhost = String::from_utf8_lossy(&k[..sep]).into_owned();
-        let b = decode_binding(k.slice(sep + 1..), v)?;
-        match router.bind(&vhost, b) {
-            Ok(_) => bindings += 1,
-            Err(e) => {
-                tracing::warn!(vhost, error = %e, "core: stored binding has no exchange; skipped")
-            }
+        let vhost = String::from_utf8_lossy(&k[..sep]);
+        if vhost != pending_vhost {
+            flush(&pending_vhost, &mut pending);
+            pending_vhost = vhost.into_owned();
         }
+        pending.push(decode_binding(k.slice(sep + 1..), v)?);
     }
+    flush(&pending_vhost, &mut pending);
     if exchanges + bindings > 0 {
         tracing::info!(exchanges, bindings, "core: routing state recovered");
     }
@@ -226,10 +250,14 @@ pub(crate) async fn prune(store: &dyn Store, router: &Router, vhost: &str) -> Re
             batch.kv_delete(NS_EXCHANGE, k);
         }
     }
-    let live_bindings = router.bindings(vhost, None);
-    for (k, v) in scan_all(store, NS_BINDING, &prefix).await? {
-        let b = decode_binding(k.slice(prefix.len()..), v)?;
-        if !live_bindings.contains(&b) {
+    // By stored key (a binding's identity): one hash look-up per stored binding.
+    let live_bindings: std::collections::HashSet<Vec<u8>> = router
+        .bindings(vhost, None)
+        .iter()
+        .map(|b| binding_key(vhost, b))
+        .collect();
+    for (k, _) in scan_all(store, NS_BINDING, &prefix).await? {
+        if !live_bindings.contains(k.as_ref()) {
             batch.kv_delete(NS_BINDING, k);
         }
     }

@@ -9,6 +9,7 @@
 //!
 //! Adapters never touch a storage backend: they hold a [`Broker`].
 
+pub mod acl;
 pub mod auth;
 mod broker;
 pub mod clock;
@@ -17,6 +18,8 @@ mod delay;
 mod durable;
 mod error;
 mod group;
+pub mod login;
+mod memory;
 pub mod net;
 pub mod props;
 pub mod retry;
@@ -24,6 +27,7 @@ pub mod router;
 pub mod trie;
 mod wire;
 
+pub use acl::{Access, AclDefault, AclRule, Subject, TopicAcl};
 pub use auth::{Password, UserAccount, Users};
 pub use broker::{Broker, Delay, ProducerStat, Publish, Published};
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -33,6 +37,7 @@ pub use group::{
     AckToken, ConsumeMode, Consumer, Delivery, GroupInfo, GroupSpec, MemberInfo, MemberOptions,
     OnFailure, QueueInfo, StartPosition,
 };
+pub use login::{LoginThrottle, LoginThrottleConfig};
 pub use router::Router;
 
 /// One client connection, as the admin API lists it (every protocol).
