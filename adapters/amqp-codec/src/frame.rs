@@ -16,6 +16,8 @@ use amq_protocol::protocol::basic::{gen_properties, parse_properties, AMQPProper
 use amq_protocol::protocol::{parse_class, AMQPClass};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::depth;
+
 /// The protocol header a 0-9-1 client sends first (and the server answers a wrong one
 /// with).
 pub const PROTOCOL_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
@@ -102,13 +104,24 @@ pub enum FrameError {
     /// A content header that does not parse.
     #[error("malformed content header on channel {0}")]
     BadHeader(u16),
+    /// A field table or array nested deeper than [`depth::MAX_NESTING`] levels.
+    #[error("field table nested deeper than {max} levels on channel {channel}")]
+    TooDeep {
+        /// Its channel.
+        channel: u16,
+        /// The limit.
+        max: usize,
+    },
 }
 
 impl FrameError {
     /// The connection.close reply code RabbitMQ uses for it.
     pub fn reply_code(&self) -> u16 {
-        // RabbitMQ answers an undecodable method with 501 as well.
-        crate::reply::FRAME_ERROR
+        match self {
+            FrameError::TooDeep { .. } => crate::reply::SYNTAX_ERROR,
+            // RabbitMQ answers an undecodable method with 501 as well.
+            _ => crate::reply::FRAME_ERROR,
+        }
     }
 }
 
@@ -163,6 +176,12 @@ pub fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, Frame
     let payload = frame;
     Ok(Some(match ty {
         FRAME_METHOD => {
+            if depth::method_tables_ok(&payload, depth::MAX_NESTING).is_err() {
+                return Err(FrameError::TooDeep {
+                    channel,
+                    max: depth::MAX_NESTING,
+                });
+            }
             let method = match parse_class(&payload[..]) {
                 Ok(([], m)) => m,
                 Ok((rest, _)) => {
@@ -206,6 +225,12 @@ fn parse_header(channel: u16, mut payload: Bytes) -> Result<ContentHeader, Frame
     let class_id = payload.get_u16();
     let _weight = payload.get_u16();
     let body_size = payload.get_u64();
+    if depth::properties_ok(&payload, depth::MAX_NESTING).is_err() {
+        return Err(FrameError::TooDeep {
+            channel,
+            max: depth::MAX_NESTING,
+        });
+    }
     let properties = match parse_properties(&payload[..]) {
         Ok(([], p)) => p,
         _ => return Err(FrameError::BadHeader(channel)),
@@ -220,6 +245,7 @@ fn parse_header(channel: u16, mut payload: Bytes) -> Result<ContentHeader, Frame
 
 /// Parse a content header's property bytes (as kept in [`ContentHeader::raw_properties`]).
 pub fn parse_raw_properties(raw: &[u8]) -> Option<AMQPProperties> {
+    depth::properties_ok(raw, depth::MAX_NESTING).ok()?;
     match parse_properties(raw) {
         Ok(([], p)) => Some(p),
         _ => None,

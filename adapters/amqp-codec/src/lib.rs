@@ -4,5 +4,6 @@
 
 pub use amq_protocol as amq;
 
+pub mod depth;
 pub mod frame;
 pub mod reply;

@@ -43,6 +43,9 @@ pub struct AmqpConfig {
     pub vhosts: Vec<String>,
     /// Refuse new connections beyond this many open ones (0: no limit).
     pub max_connections: usize,
+    /// Connections still in their handshake (before connection.open) at once; more are
+    /// closed at accept (0: no limit). They do not count against `max_connections`.
+    pub max_pending_handshakes: usize,
     /// The largest frame (announced in connection.tune; clients may ask for less).
     pub frame_max: u32,
     /// The most channels per connection.
@@ -61,9 +64,11 @@ pub struct AmqpConfig {
     /// How often queue expiry (`x-expires`) and the heads of idle queues with a message
     /// TTL are checked.
     pub expiry_check_interval: Duration,
-    /// Above this resident memory (bytes), publishing connections are blocked
-    /// (connection.blocked) until it falls below again; `None`: never.
-    pub memory_high_watermark: Option<u64>,
+    /// The topic access rules (one set with MQTT's), applied to `amq.topic` of vhost `/`,
+    /// the exchange MQTT publishes through: basic.publish checks the routing key read as
+    /// an MQTT topic, bindings from it (and into it) are checked for every topic their
+    /// key can match.
+    pub topic_acl: mqgate_core::TopicAcl,
 }
 
 /// How a failed consumption (reject / nack without requeue) is handled.
@@ -97,6 +102,7 @@ impl Default for AmqpConfig {
             permissions,
             vhosts: vec!["/".into()],
             max_connections: 0,
+            max_pending_handshakes: 1024,
             frame_max: 131_072,
             channel_max: 2047,
             heartbeat: 60,
@@ -105,7 +111,7 @@ impl Default for AmqpConfig {
             default_prefetch: 1024,
             default_retry_policy: None,
             expiry_check_interval: Duration::from_millis(250),
-            memory_high_watermark: None,
+            topic_acl: mqgate_core::TopicAcl::default(),
         }
     }
 }

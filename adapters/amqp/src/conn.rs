@@ -12,7 +12,8 @@ use std::time::Duration;
 use amq_protocol::protocol::{basic, channel, confirm, connection, exchange, queue, tx, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::{Bytes, BytesMut};
-use mqgate_core::router::{Binding, Destination, ExchangeKind, HeaderMatch};
+use mqgate_core::acl::{self, Access, Subject};
+use mqgate_core::router::{amqp_to_mqtt, Binding, Destination, ExchangeKind, HeaderMatch};
 use mqgate_core::{
     props, AckToken, ConsumeMode, Consumer, CoreError, Delay, Delivery, GroupSpec, MemberOptions,
     OnFailure, StartPosition,
@@ -29,6 +30,7 @@ use crate::frame::{self, ContentHeader, Frame, FrameError, PROTOCOL_HEADER};
 use crate::queue::{queue_topic, Overflow, Queue, QueueArgs};
 use crate::reply;
 use crate::server::{ExMeta, Shared};
+use mqgate_amqp_codec::depth;
 
 /// Stop pulling deliveries past this much unsent output.
 const OUT_HIGH_WATER: usize = 256 * 1024;
@@ -36,10 +38,17 @@ const OUT_HIGH_WATER: usize = 256 * 1024;
 const OUT_HARD_LIMIT: usize = 4 * 1024 * 1024;
 /// Deliveries taken per wake-up before the loop looks at its socket again.
 const DELIVERY_BURST: usize = 256;
-/// Room kept free in the read buffer: a read takes up to this much of what the client
-/// sent, and every publish in it is stored in one write. (Without it a consumed
-/// `BytesMut` offers reads of a few bytes, and each publish costs a write of its own.)
-const READ_ROOM: usize = 64 * 1024;
+
+/// The exchange MQTT publishes through (vhost `/`): the topic access rules govern it.
+const MQTT_EXCHANGE: &str = "amq.topic";
+/// Room offered to one socket read: it starts small and doubles while reads fill half of
+/// it, up to `MAX_READ`, so a busy publisher's reads take everything it sent and every
+/// publish in them is stored in one write (a consumed `BytesMut` otherwise offers reads of
+/// a few bytes, and each publish costs a write of its own). It halves while reads are
+/// small, and a drained buffer larger than twice the room is given back: an idle
+/// connection holds 2 KiB, not 64.
+const MIN_READ: usize = 2 * 1024;
+const MAX_READ: usize = 64 * 1024;
 
 /// How a connection ends.
 enum End {
@@ -70,8 +79,12 @@ fn internal(e: CoreError) -> ChanErr {
     }
 }
 
-pub(crate) async fn run<S>(shared: Arc<Shared>, stream: S, peer: SocketAddr)
-where
+pub(crate) async fn run<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    peer: SocketAddr,
+    pending: mqgate_core::net::Pending,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let id = shared.conn_id();
@@ -83,8 +96,14 @@ where
     shared.open.lock().insert(id, done_rx);
     let (rd, wr) = tokio::io::split(stream);
     let timeout = shared.cfg.handshake_timeout;
-    let conn = tokio::time::timeout(timeout, handshake(&shared, id, peer, rd, wr)).await;
-    if let Ok(Some(mut conn)) = conn {
+    let evicted = pending.eviction();
+    let conn = tokio::select! {
+        c = tokio::time::timeout(timeout, handshake(&shared, id, peer, rd, wr, pending)) => c,
+        // A newer connection needed the slot (limits.max_pending_handshakes): closed.
+        () = evicted.wait() => Ok(None),
+    };
+    // Counted against limits.max_connections until the connection ends.
+    if let Ok(Some((mut conn, _admitted))) = conn {
         let (kick, kicked) = tokio::sync::mpsc::unbounded_channel();
         let info = mqgate_core::ConnectionInfo {
             id: id.to_string(),
@@ -191,15 +210,21 @@ fn truncate(s: &str, max: usize) -> String {
 fn credentials(mechanism: &str, response: &[u8]) -> Option<(String, String)> {
     match mechanism {
         "PLAIN" => {
+            // RFC 4616: exactly authzid NUL authcid NUL passwd.
             let mut parts = response.split(|b| *b == 0);
             let _authzid = parts.next()?;
             let user = String::from_utf8(parts.next()?.to_vec()).ok()?;
             let pass = String::from_utf8(parts.next()?.to_vec()).ok()?;
+            if parts.next().is_some() {
+                return None;
+            }
             Some((user, pass))
         }
         "AMQPLAIN" => {
-            let mut framed = (response.len() as u32).to_be_bytes().to_vec();
-            framed.extend_from_slice(response);
+            if !amqplain_depth_ok(response) {
+                return None;
+            }
+            let framed = amqplain_table(response);
             let (_, t) = amq_protocol::types::parsing::parse_field_table(&framed[..]).ok()?;
             let get = |k: &str| t.inner().get(k).and_then(convert::str_value);
             Some((get("LOGIN")?, get("PASSWORD")?))
@@ -208,13 +233,27 @@ fn credentials(mechanism: &str, response: &[u8]) -> Option<(String, String)> {
     }
 }
 
+/// AMQPLAIN's response is a field table without its length: give it one.
+fn amqplain_table(response: &[u8]) -> Vec<u8> {
+    let mut framed = (response.len() as u32).to_be_bytes().to_vec();
+    framed.extend_from_slice(response);
+    framed
+}
+
+/// The AMQPLAIN response nests no deeper than the codec allows (it is parsed
+/// recursively, before the client has logged in).
+fn amqplain_depth_ok(response: &[u8]) -> bool {
+    depth::table_ok(&amqplain_table(response), depth::MAX_NESTING).is_ok()
+}
+
 async fn handshake<S>(
     shared: &Arc<Shared>,
     id: u64,
     peer: SocketAddr,
     mut rd: ReadHalf<S>,
     mut wr: WriteHalf<S>,
-) -> Option<Conn<S>>
+    pending: mqgate_core::net::Pending,
+) -> Option<(Conn<S>, mqgate_core::net::Admitted)>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -256,7 +295,9 @@ where
         frame::put_method(&mut out, 0, close_method(code, &text, 0, 0));
         (out, text)
     };
-    let hs_max = cfg.frame_max;
+    // Until tune-ok, frames are held to the spec's minimum frame size (as RabbitMQ does):
+    // a client that has not logged in cannot make the broker buffer or parse more.
+    let hs_max = frame::FRAME_MIN_SIZE;
     let start_ok = match next_method(&mut rd, &mut buf, hs_max).await {
         Ok(AMQPClass::Connection(connection::AMQPMethod::StartOk(s))) => s,
         Ok(_) => {
@@ -276,11 +317,29 @@ where
         Err(None) => return None,
     };
     let mechanism = start_ok.mechanism.as_str().to_owned();
+    if mechanism == "AMQPLAIN" && !amqplain_depth_ok(start_ok.response.as_bytes()) {
+        let text = format!(
+            "SYNTAX_ERROR - AMQPLAIN response nested deeper than {} levels",
+            depth::MAX_NESTING
+        );
+        let (o, _) = fail(reply::SYNTAX_ERROR, text).await;
+        let _ = wr.write_all(&o).await;
+        return None;
+    }
     let creds = credentials(&mechanism, start_ok.response.as_bytes());
     let user = match &creds {
-        Some((u, p)) if cfg.authenticate(u, p) => u.clone(),
+        Some((u, p)) if cfg.authenticate(u, p) => {
+            shared.broker.login_throttle().succeeded(peer.ip());
+            u.clone()
+        }
         _ => {
             let who = creds.map(|c| c.0).unwrap_or_default();
+            // Answered late, later with every recent failure (per source and user).
+            let delay = shared
+                .broker
+                .login_throttle()
+                .failed(peer.ip(), Some(who.as_str()).filter(|w| !w.is_empty()));
+            tokio::time::sleep(delay).await;
             let text = if mechanism == "PLAIN" || mechanism == "AMQPLAIN" {
                 format!("ACCESS_REFUSED - Login was refused using authentication mechanism {mechanism}. For details see the broker logfile.")
             } else {
@@ -387,6 +446,25 @@ where
         let _ = wr.write_all(&o).await;
         return None;
     };
+    // Counted against limits.max_connections from here (one atomic step; pending
+    // handshakes never count). Over it: RabbitMQ's refusal at connection.open.
+    let admitted = match pending.admit() {
+        Ok(a) => a,
+        Err(limit) => {
+            let text = format!(
+                "NOT_ALLOWED - connection refused: node connection limit ({}) is reached",
+                limit.max
+            );
+            if shared.gate.log_refusal().is_some() {
+                tracing::warn!(%peer, %user, max = limit.max, "AMQP: connection refused: limits.max_connections reached");
+            }
+            let mut o = BytesMut::new();
+            frame::put_method(&mut o, 0, close_method(reply::NOT_ALLOWED, &text, 0, 0));
+            let _ = wr.write_all(&o).await;
+            let _ = wr.shutdown().await;
+            return None;
+        }
+    };
     frame::put_method(
         &mut out,
         0,
@@ -395,7 +473,7 @@ where
     wr.write_all(&out).await.ok()?;
     out.clear();
     tracing::debug!(%peer, %user, %vhost, "AMQP: connection open");
-    Some(Conn {
+    let conn = Conn {
         shared: Arc::clone(shared),
         id,
         peer,
@@ -405,6 +483,7 @@ where
         rd,
         wr,
         inbuf: buf,
+        read_hint: MIN_READ,
         out,
         frame_max,
         channel_max,
@@ -419,7 +498,8 @@ where
         batch: Vec::new(),
         next_consumer: 1,
         server_named: 0,
-    })
+    };
+    Some((conn, admitted))
 }
 
 /// A publish whose content is arriving.
@@ -514,6 +594,8 @@ struct Conn<S> {
     rd: ReadHalf<S>,
     wr: WriteHalf<S>,
     inbuf: BytesMut,
+    /// The room the next read is offered (see `MIN_READ`).
+    read_hint: usize,
     out: BytesMut,
     frame_max: u32,
     channel_max: u16,
@@ -542,7 +624,7 @@ where
 {
     async fn serve(&mut self, mut kicked: tokio::sync::mpsc::UnboundedReceiver<()>) -> End {
         let mut shutdown = self.shared.shutdown.subscribe();
-        let mut blocked = self.shared.blocked.subscribe();
+        let mut blocked = self.shared.broker.memory_blocked();
         let mut told_blocked = false;
         if !self.inbuf.is_empty() {
             if let Err(end) = self.handle_input().await {
@@ -551,28 +633,35 @@ where
         }
         let hb = (self.heartbeat > 0).then(|| Duration::from_secs(self.heartbeat as u64));
         loop {
-            if self.inbuf.capacity() - self.inbuf.len() < READ_ROOM / 4 {
-                self.inbuf.reserve(READ_ROOM);
+            if self.inbuf.capacity() - self.inbuf.len() < self.read_hint / 2 {
+                self.inbuf.reserve(self.read_hint);
             }
             let may_deliver = self.out.len() < OUT_HIGH_WATER;
-            let is_blocked = blocked.borrow().is_some();
+            let is_blocked = *blocked.borrow_and_update();
             if is_blocked != told_blocked && self.blocked_notify {
-                let m = match blocked.borrow().clone() {
-                    Some(reason) => connection::AMQPMethod::Blocked(connection::Blocked {
-                        reason: reason.into(),
-                    }),
-                    None => connection::AMQPMethod::Unblocked(connection::Unblocked {}),
+                let m = if is_blocked {
+                    connection::AMQPMethod::Blocked(connection::Blocked {
+                        reason: "low on memory".into(),
+                    })
+                } else {
+                    connection::AMQPMethod::Unblocked(connection::Unblocked {})
                 };
                 frame::put_method(&mut self.out, 0, AMQPClass::Connection(m));
             }
             told_blocked = is_blocked;
-            let may_read = self.out.len() < OUT_HARD_LIMIT && !(is_blocked && self.published);
+            let held = is_blocked && self.published;
+            let may_read = self.out.len() < OUT_HARD_LIMIT && !held;
             let has_out = !self.out.is_empty();
             let hb_send = hb.map(|h| self.last_write + h / 2);
-            let hb_dead = hb.map(|h| self.last_read + h * 2);
+            // A connection not read while blocked is not missing heartbeats (RabbitMQ
+            // pauses its heartbeat monitor too).
+            let hb_dead = hb.filter(|_| !held).map(|h| self.last_read + h * 2);
             tokio::select! {
                 biased;
-                _ = blocked.changed() => continue,
+                _ = blocked.changed() => {
+                    self.last_read = Instant::now();
+                    continue;
+                }
                 Some(()) = kicked.recv() => {
                     tracing::info!(peer = %self.peer, user = %self.user, "AMQP: connection closed by an administrator");
                     return End::Error(reply::CONNECTION_FORCED,
@@ -597,9 +686,17 @@ where
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(n) => {
                         self.shared.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                        self.read_hint = if n >= self.read_hint / 2 {
+                            (self.read_hint * 2).min(MAX_READ)
+                        } else {
+                            (self.read_hint / 2).max(MIN_READ)
+                        };
                         self.last_read = Instant::now();
                         if let Err(end) = self.handle_input().await {
                             return end;
+                        }
+                        if self.inbuf.is_empty() && self.inbuf.capacity() > 2 * self.read_hint {
+                            self.inbuf = BytesMut::new();
                         }
                         // A client that publishes without pause still gets its
                         // deliveries: the read branch wins every biased select.
@@ -997,6 +1094,78 @@ where
         self.check(&format!("read {kind}"), n, self.perm.read.is_match(n))
     }
 
+    /// Whether the topic access rules govern `exchange`: `amq.topic` of vhost `/` (the
+    /// exchange MQTT publishes through), when rules are configured.
+    fn topic_acl_applies(&self, exchange: &str) -> bool {
+        exchange == MQTT_EXCHANGE
+            && self.vhost == mqgate_core::router::DEFAULT_VHOST
+            && !self.shared.cfg.topic_acl.is_open()
+    }
+
+    /// Who the topic access rules see (AMQP has no client id).
+    fn subject(&self) -> Subject<'_> {
+        Subject {
+            user: Some(&self.user),
+            client_id: None,
+        }
+    }
+
+    /// A publish to `amq.topic`: the routing key, read as an MQTT topic, must be one the
+    /// user may publish to (as RabbitMQ's topic authorisation; one rule set with MQTT).
+    fn can_publish_topic(&self, exchange: &str, key: &str) -> ChanResult {
+        if !self.topic_acl_applies(exchange) {
+            return Ok(());
+        }
+        let topic = amqp_to_mqtt(key);
+        if self
+            .shared
+            .cfg
+            .topic_acl
+            .check_topic(self.subject(), Access::Publish, &topic)
+        {
+            return Ok(());
+        }
+        tracing::info!(user = %self.user, %key, "AMQP: publish to amq.topic refused by the topic access rules");
+        Err(chan_err(
+            reply::ACCESS_REFUSED,
+            format!(
+                "write access to topic '{key}' in exchange '{exchange}' in vhost '{}' refused for user '{}'",
+                self.vhost, self.user
+            ),
+        ))
+    }
+
+    /// A binding from `amq.topic` (`Access::Subscribe`: a queue reading MQTT topics) or
+    /// into it (`Access::Publish`): every topic `pattern` can match must be allowed, so
+    /// AMQP deliveries need no check per message.
+    fn can_bind_topic(&self, exchange: &str, access: Access, pattern: &str) -> ChanResult {
+        if !self.topic_acl_applies(exchange) {
+            return Ok(());
+        }
+        let filter = acl::amqp_pattern_to_filter(pattern);
+        if self
+            .shared
+            .cfg
+            .topic_acl
+            .check_filter_strict(self.subject(), access, &filter)
+        {
+            return Ok(());
+        }
+        let kind = if access == Access::Publish {
+            "write"
+        } else {
+            "read"
+        };
+        tracing::info!(user = %self.user, %pattern, kind, "AMQP: binding with amq.topic refused by the topic access rules");
+        Err(chan_err(
+            reply::ACCESS_REFUSED,
+            format!(
+                "{kind} access to topic '{pattern}' in exchange '{exchange}' in vhost '{}' refused for user '{}'",
+                self.vhost, self.user
+            ),
+        ))
+    }
+
     /// A queue this connection may use (404 if missing, 405 if another connection's
     /// exclusive queue).
     fn get_queue(&self, name: &str) -> ChanResult<Arc<Queue>> {
@@ -1174,6 +1343,11 @@ where
                                     ),
                                 ));
                             }
+                            // Unroutable messages go to the alternate exchange with
+                            // their routing key, whatever it is.
+                            if let Some(alt) = &def.alternate {
+                                self.can_bind_topic(alt, Access::Publish, "#")?;
+                            }
                             self.shared
                                 .broker
                                 .declare_exchange(&self.vhost, def)
@@ -1325,6 +1499,11 @@ where
         }
         self.can_write("exchange", dest)?;
         self.can_read("exchange", src)?;
+        if bind {
+            self.can_bind_topic(src, Access::Subscribe, key)?;
+            // What enters amq.topic keeps its routing key, whatever the binding's key.
+            self.can_bind_topic(dest, Access::Publish, "#")?;
+        }
         let d = self.exchange_exists(dest);
         let s = self.exchange_exists(src);
         if !bind && (d.is_err() || s.is_err()) {
@@ -1420,6 +1599,12 @@ where
                         let args =
                             QueueArgs::parse(&d.arguments, self.shared.cfg.default_retry_policy)
                                 .map_err(|(c, t)| chan_err(c, t))?;
+                        // Dead letters are published with the message's routing key (or
+                        // x-dead-letter-routing-key).
+                        if let Some(dlx) = &args.dlx {
+                            let key = args.dlrk.as_deref().unwrap_or("#");
+                            self.can_bind_topic(dlx, Access::Publish, key)?;
+                        }
                         let (topic, group) = queue_topic(&self.vhost, &name);
                         let q = Queue {
                             vhost: self.vhost.clone(),
@@ -1460,6 +1645,7 @@ where
                 }
                 self.can_write("queue", &q.name)?;
                 self.can_read("exchange", ex)?;
+                self.can_bind_topic(ex, Access::Subscribe, b.routing_key.as_str())?;
                 let e = self.exchange_exists(ex)?;
                 let binding = self.binding(
                     &e,
@@ -2174,6 +2360,7 @@ where
     async fn route(&mut self, c: Completed) -> ChanResult {
         let ch = c.channel;
         self.can_write("exchange", &c.exchange)?;
+        self.can_publish_topic(&c.exchange, &c.routing_key)?;
         let def = self.exchange_exists(&c.exchange)?;
         if def.internal {
             return Err(chan_err(

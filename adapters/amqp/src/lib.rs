@@ -9,7 +9,7 @@ pub mod convert;
 pub mod queue;
 mod server;
 
-pub use mqgate_amqp_codec::{frame, reply};
+pub use mqgate_amqp_codec::{depth, frame, reply};
 
 pub use config::{AmqpConfig, Permission, RetryPolicy};
 pub use server::{AmqpServer, AmqpStats};

@@ -90,10 +90,10 @@ pub(crate) struct Shared {
         >,
     >,
     pub(crate) stats: AmqpStats,
+    /// Admission: pending handshakes and open connections (`max_connections`).
+    pub(crate) gate: Arc<mqgate_core::net::ConnGate>,
     /// When this broker started: transient messages stored before are not delivered.
     pub(crate) boot: Millis,
-    /// Why publishing connections are blocked now (`None`: they are not).
-    pub(crate) blocked: watch::Sender<Option<String>>,
 }
 
 /// The AMQP 0-9-1 adapter.
@@ -187,6 +187,11 @@ impl AmqpServer {
             .collect();
         let (shutdown, _) = watch::channel(false);
         let boot = broker.now();
+        let gate = mqgate_core::net::ConnGate::new(
+            "AMQP",
+            cfg.max_connections,
+            cfg.max_pending_handshakes,
+        );
         let shared = Arc::new(Shared {
             broker,
             cfg,
@@ -199,30 +204,9 @@ impl AmqpServer {
             open: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             stats: AmqpStats::default(),
+            gate,
             boot,
-            blocked: watch::channel(None).0,
         });
-        if let Some(limit) = shared.cfg.memory_high_watermark {
-            let watcher = Arc::clone(&shared);
-            let mut stop = shared.shutdown.subscribe();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(250));
-                loop {
-                    tokio::select! {
-                        _ = stop.changed() => return,
-                        _ = tick.tick() => {
-                            let rss = process_rss();
-                            let over = rss > limit;
-                            let was = watcher.blocked.borrow().is_some();
-                            if over != was {
-                                tracing::warn!(rss, limit, blocked = over, "AMQP: memory high watermark crossed");
-                                let _ = watcher.blocked.send(over.then(|| "low on memory".to_owned()));
-                            }
-                        }
-                    }
-                }
-            });
-        }
         let expiry = Arc::clone(&shared);
         let mut stop = shared.shutdown.subscribe();
         tokio::spawn(async move {
@@ -254,13 +238,11 @@ impl AmqpServer {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let max = self.shared.cfg.max_connections;
-        if max > 0 && self.shared.stats.open_connections() >= max as u64 {
-            tracing::warn!(%peer, max, "AMQP: connection refused: max_connections reached");
-            return;
-        }
+        // Pending until its handshake succeeds: capped by `max_pending_handshakes` (the
+        // oldest is evicted for it), never counted against `max_connections`.
+        let pending = self.shared.gate.begin(peer);
         let shared = Arc::clone(&self.shared);
-        tokio::spawn(crate::conn::run(shared, stream, peer));
+        tokio::spawn(crate::conn::run(shared, stream, peer, pending));
     }
 
     /// Open connections, for the admin API.
@@ -293,6 +275,11 @@ impl AmqpServer {
         &self.shared.stats
     }
 
+    /// Connections still in their handshake (capped by `max_pending_handshakes`).
+    pub fn pending_handshakes(&self) -> usize {
+        self.shared.gate.pending()
+    }
+
     /// Close every connection (connection.close 320 CONNECTION_FORCED) and wait up to
     /// `grace` for them to end.
     pub async fn shutdown(&self, grace: Duration) {
@@ -307,20 +294,12 @@ impl AmqpServer {
     }
 }
 
-/// Resident memory of this process in bytes (0 where /proc is missing).
-fn process_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map(|pages| pages * 4096)
-        .unwrap_or(0)
-}
-
 impl AmqpServer {
-    /// Block publishing connections (connection.blocked with `reason`) or, with `None`,
-    /// unblock them: what the memory watermark does, for operators and tests.
+    /// Block publishing connections (connection.blocked) or, with `None`, unblock them:
+    /// what the core's memory watermark does (for every protocol), by hand, for
+    /// operators and tests. The reason clients are told is always the watermark's.
     pub fn set_blocked(&self, reason: Option<String>) {
-        let _ = self.shared.blocked.send(reason);
+        self.shared.broker.set_publishers_blocked(reason.is_some());
     }
 }
 
