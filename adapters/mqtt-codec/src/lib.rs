@@ -85,6 +85,9 @@ pub enum DecodeError {
     /// A PUBLISH topic with wildcards or other invalid content.
     #[error("invalid topic name: {0}")]
     TopicName(&'static str),
+    /// More user properties in one packet than [`MAX_USER_PROPERTIES`].
+    #[error("more than {MAX_USER_PROPERTIES} user properties in one packet")]
+    TooManyUserProperties,
     /// CONNECT with a protocol name or level this server does not speak.
     #[error("unsupported protocol {name:?} level {level}")]
     UnsupportedProtocol {
@@ -103,6 +106,7 @@ impl DecodeError {
             DecodeError::Protocol(_) => reason::PROTOCOL_ERROR,
             DecodeError::TooLarge { .. } => reason::PACKET_TOO_LARGE,
             DecodeError::TopicName(_) => reason::TOPIC_NAME_INVALID,
+            DecodeError::TooManyUserProperties => reason::QUOTA_EXCEEDED,
             DecodeError::UnsupportedProtocol { .. } => reason::UNSUPPORTED_PROTOCOL_VERSION,
         }
     }
@@ -409,6 +413,9 @@ fn decode_props(b: &mut Bytes, ctx: PropCtx) -> DResult<Properties> {
             }
             P_RETAIN_AVAILABLE => once(&mut out.retain_available, flag(get_u8(&mut p)?)?)?,
             P_USER => {
+                if out.user.len() >= MAX_USER_PROPERTIES {
+                    return Err(DecodeError::TooManyUserProperties);
+                }
                 let k = get_string(&mut p)?;
                 let v = get_string(&mut p)?;
                 out.user.push((k, v));
@@ -706,6 +713,11 @@ impl Packet {
 
 // ---------------------------------------------------------------------------------------
 // Framing
+
+/// The most user properties one packet may carry. Each costs a few bytes on the wire and
+/// about 60 in memory (two strings and their pair): without a bound a 1 MiB packet of
+/// empty ones held 13 MiB. Refused with reason 0x97 (quota exceeded).
+pub const MAX_USER_PROPERTIES: usize = 1024;
 
 /// The most bytes a remaining length can say (268,435,455) plus the fixed header.
 pub const MAX_PACKET_SIZE: usize = 268_435_455 + 5;

@@ -400,3 +400,37 @@ proptest! {
         prop_assert!(matches!(r, Err(codec::DecodeError::TooLarge { .. })), "{:?}", r);
     }
 }
+
+/// A packet may carry at most `MAX_USER_PROPERTIES` user properties; one more is refused
+/// with reason 0x97 before it costs more memory.
+#[test]
+fn user_properties_are_capped() {
+    for (n, ok) in [
+        (codec::MAX_USER_PROPERTIES, true),
+        (codec::MAX_USER_PROPERTIES + 1, false),
+        (200_000, false),
+    ] {
+        let p = Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: "t".into(),
+            pkid: 0,
+            properties: Properties {
+                user: vec![(String::new(), String::new()); n],
+                ..Default::default()
+            },
+            payload: Bytes::new(),
+        });
+        let mut buf = BytesMut::new();
+        codec::encode(&p, Version::V5, &mut buf);
+        let got = codec::decode(&mut buf, Some(Version::V5), codec::MAX_PACKET_SIZE);
+        if ok {
+            assert_eq!(got, Ok(Some(p)), "{n} user properties");
+        } else {
+            let e = got.expect_err("refused");
+            assert_eq!(e, codec::DecodeError::TooManyUserProperties);
+            assert_eq!(e.reason_code(), 0x97);
+        }
+    }
+}

@@ -1,34 +1,10 @@
 //! The MQTT listener's settings, users and topic access rules.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::topic;
-
-/// What an access rule governs.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Access {
-    /// PUBLISH (and will messages).
-    Publish,
-    /// SUBSCRIBE.
-    Subscribe,
-    /// Both.
-    All,
-}
-
-/// One topic access rule. Rules are read in order; the first whose user, access and
-/// filter apply decides. `%u` and `%c` in the filter stand for the user name and client
-/// id (Mosquitto's pattern rules). No rule applying means allowed.
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct AclRule {
-    /// The user it applies to (`None`: everyone, anonymous included).
-    pub user: Option<String>,
-    /// What it governs.
-    pub access: Access,
-    /// The topics it covers.
-    pub filter: String,
-    /// Allow or deny.
-    pub allow: bool,
-}
+pub use mqgate_core::acl::{Access, AclDefault, AclRule};
+use mqgate_core::acl::{Subject, TopicAcl};
 
 /// The MQTT adapter's settings.
 #[derive(Clone, Debug)]
@@ -37,12 +13,25 @@ pub struct MqttConfig {
     pub allow_anonymous: bool,
     /// Refuse new connections beyond this many open ones (0: no limit).
     pub max_connections: usize,
+    /// Connections still in their handshake (no CONNECT accepted yet) at once; more are
+    /// closed at accept (0: no limit). They do not count against `max_connections`.
+    pub max_pending_handshakes: usize,
     /// Users (shared with the other protocols).
     pub users: mqgate_core::Users,
-    /// Topic access rules.
+    /// Topic access rules (the core's, shared with AMQP's `amq.topic`), first match
+    /// wins; checked on PUBLISH, SUBSCRIBE and every delivery.
     pub acl: Vec<AclRule>,
+    /// What is decided when no access rule applies.
+    pub acl_default: AclDefault,
+    /// The named users who may connect: those with a permission on vhost `/`, where MQTT
+    /// lives (RabbitMQ's MQTT plugin refuses the others). `None`: every authenticated
+    /// user. Anonymous clients are governed by `allow_anonymous` alone.
+    pub vhost_users: Option<HashSet<String>>,
     /// The largest packet accepted (announced as Maximum Packet Size on 5.0).
     pub max_packet_size: usize,
+    /// The largest CONNECT accepted (will included): what a client that has not logged
+    /// in can make the broker buffer. Larger ones close the connection.
+    pub max_connect_size: usize,
     /// Clients asking for a longer keep alive (or none) get this one (0: no maximum);
     /// announced as Server Keep Alive on 5.0.
     pub max_keep_alive: u16,
@@ -58,13 +47,30 @@ pub struct MqttConfig {
     pub max_client_id_len: usize,
     /// QoS 0 messages queued for a connected client; when it is full the publisher waits.
     pub qos0_queue: usize,
-    /// How long a publish may wait for full QoS 0 queues before the message is dropped
-    /// for those subscribers (slow-consumer protection).
+    /// Slow-consumer protection: a publish waits for a subscriber's full QoS 0 queue
+    /// while the subscriber keeps taking messages (at least 1/64 of its queue per this
+    /// window); one that takes nothing for this long (at least 250 ms) is marked stuck:
+    /// its QoS 0 messages are dropped and counted at once, nobody waits for it, until it
+    /// has drained its queue below half.
     pub qos0_max_wait: Duration,
+    /// Bytes of QoS 0 messages queued for a connected client (besides `qos0_queue`
+    /// messages); a message bigger than this still goes into an empty queue.
+    pub qos0_queue_bytes: usize,
+    /// Subscriptions one session may hold; filters beyond it are refused (SUBACK 0x97
+    /// Quota exceeded on 5.0, 0x80 on 3.1.1).
+    pub max_subscriptions_per_session: usize,
+    /// Filters one SUBSCRIBE may carry; a packet with more is refused whole (every
+    /// filter 0x97 / 0x80, none subscribed).
+    pub max_filters_per_subscribe: usize,
     /// How long a CONNECT may take to arrive after the TCP connection opens.
     pub connect_timeout: Duration,
     /// How often expired sessions are looked for.
     pub expiry_check_interval: Duration,
+    /// Retained message bodies kept in memory (the rest are read from the store when a
+    /// subscription matches them; 0: none).
+    pub retained_cache_messages: usize,
+    /// Bytes of retained message bodies kept in memory.
+    pub retained_cache_bytes: usize,
 }
 
 impl Default for MqttConfig {
@@ -72,9 +78,13 @@ impl Default for MqttConfig {
         Self {
             allow_anonymous: true,
             max_connections: 0,
+            max_pending_handshakes: 1024,
             users: mqgate_core::Users::default(),
             acl: Vec::new(),
+            acl_default: AclDefault::Allow,
+            vhost_users: None,
             max_packet_size: 1 << 20,
+            max_connect_size: 64 << 10,
             max_keep_alive: 0,
             receive_maximum: 1024,
             max_inflight: 1024,
@@ -83,38 +93,43 @@ impl Default for MqttConfig {
             max_client_id_len: 512,
             qos0_queue: 10_000,
             qos0_max_wait: Duration::from_secs(5),
+            qos0_queue_bytes: 16 << 20,
+            max_subscriptions_per_session: 100_000,
+            max_filters_per_subscribe: 10_000,
             connect_timeout: Duration::from_secs(10),
             expiry_check_interval: Duration::from_secs(1),
+            retained_cache_messages: 10_000,
+            retained_cache_bytes: 64 << 20,
         }
     }
 }
 
 impl MqttConfig {
+    /// The access rules as the core checks them.
+    pub fn topic_acl(&self) -> TopicAcl {
+        TopicAcl::new(self.acl.clone(), self.acl_default)
+    }
+
     /// Whether `user` may do `access` on `topic_or_filter` (a topic name for publish, a
-    /// filter for subscribe).
+    /// filter for subscribe). A convenience over [`MqttConfig::topic_acl`] for one check.
     pub fn allowed(&self, user: Option<&str>, client_id: &str, access: Access, what: &str) -> bool {
-        for rule in &self.acl {
-            if let Some(u) = &rule.user {
-                if Some(u.as_str()) != user {
-                    continue;
-                }
-            }
-            if rule.access != Access::All && rule.access != access {
-                continue;
-            }
-            let filter = rule
-                .filter
-                .replace("%u", user.unwrap_or(""))
-                .replace("%c", client_id);
-            let applies = match access {
-                Access::Publish => topic::matches(&filter, what),
-                _ => topic::covers(&filter, what),
-            };
-            if applies {
-                return rule.allow;
-            }
+        let acl = self.topic_acl();
+        let who = Subject {
+            user,
+            client_id: Some(client_id),
+        };
+        match access {
+            Access::Publish => acl.check_topic(who, access, what),
+            _ => acl.check_filter(who, access, what),
         }
-        true
+    }
+
+    /// Whether a named user may use the MQTT vhost (see [`MqttConfig::vhost_users`]).
+    pub fn vhost_allowed(&self, user: &str) -> bool {
+        match &self.vhost_users {
+            Some(set) => !self.users.0.contains_key(user) || set.contains(user),
+            None => true,
+        }
     }
 
     /// Check a user name and password. `Ok(())`, or `Err(true)` for bad credentials and
@@ -185,5 +200,16 @@ mod tests {
         assert_eq!(cfg.authenticate(Some("u"), Some(b"p")), Ok(()));
         assert_eq!(cfg.authenticate(Some("u"), Some(b"x")), Err(true));
         assert_eq!(cfg.authenticate(Some("v"), Some(b"p")), Err(true));
+    }
+
+    #[test]
+    fn vhost_users() {
+        let mut cfg = MqttConfig::default();
+        cfg.users.insert_plain("in", "p", &[]);
+        cfg.users.insert_plain("out", "p", &[]);
+        assert!(cfg.vhost_allowed("out"), "no vhost list: everyone");
+        cfg.vhost_users = Some(HashSet::from(["in".to_owned()]));
+        assert!(cfg.vhost_allowed("in"));
+        assert!(!cfg.vhost_allowed("out"));
     }
 }

@@ -11,6 +11,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use mqgate_core::acl::{Access, Subject};
 use mqgate_core::router::{amqp_to_mqtt, Binding, Destination, DEFAULT_VHOST};
 use mqgate_core::{
     props, AckToken, ConsumeMode, Consumer, Delay, Delivery, GroupSpec, MemberOptions, OnFailure,
@@ -25,7 +26,6 @@ use crate::codec::{
     self, reason, Ack, AckKind, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties,
     Publish, QoS, SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe, Version, Will,
 };
-use crate::config::Access;
 use crate::server::{ClientSlot, Outbound, PendingWill, Shared, MQTT_EXCHANGE};
 use crate::session::{
     session_group, session_topic, shared_topic, SessionRecord, Subscription, NS_SESSION,
@@ -102,10 +102,13 @@ struct Conn<S> {
     keep_alive: Option<Duration>,
     last_read: Instant,
     record: SessionRecord,
+    /// Filter → its place in `record.subscriptions`, so a SUBSCRIBE or UNSUBSCRIBE
+    /// costs each filter O(1), however many the session holds.
+    sub_index: HashMap<String, usize>,
     session: Option<Consumer>,
     shared_subs: HashMap<u32, SharedSub>,
     next_shared: u32,
-    direct_rx: mpsc::Receiver<Arc<Message>>,
+    direct_rx: crate::qos0::Qos0Rx,
     kick_rx: mpsc::UnboundedReceiver<u8>,
     done_tx: watch::Sender<bool>,
     will: Option<Will>,
@@ -118,6 +121,14 @@ struct Conn<S> {
     aliases_in: HashMap<u16, String>,
     inbound_qos2: HashSet<u16>,
     problem_info: bool,
+    /// It has published: the memory watermark stops reading from it.
+    published: bool,
+    /// Retained messages still to send for new subscriptions, sent as the output buffer
+    /// drains; the session's other deliveries wait behind them.
+    retained_todo: std::collections::VecDeque<crate::retained::Pending>,
+    /// Whether the access rules can deny this client a message: each delivery's topic
+    /// is checked then (no cost per message otherwise).
+    check_reads: bool,
     /// How much room the next read gets: grows while reads fill it, shrinks while
     /// they do not, so an idle connection holds a small buffer.
     read_hint: usize,
@@ -133,8 +144,12 @@ impl<S> std::fmt::Debug for Conn<S> {
 }
 
 /// Serve one connection to its end.
-pub(crate) async fn run<S>(shared: Arc<Shared>, stream: S, peer: SocketAddr)
-where
+pub(crate) async fn run<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    peer: SocketAddr,
+    pending: mqgate_core::net::Pending,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     shared
@@ -143,7 +158,13 @@ where
         .fetch_add(1, Ordering::Relaxed);
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut inbuf = BytesMut::with_capacity(1024);
-    let connect = match read_connect(&shared, &mut rd, &mut wr, &mut inbuf, peer).await {
+    let evicted = pending.eviction();
+    let read = tokio::select! {
+        c = read_connect(&shared, &mut rd, &mut wr, &mut inbuf, peer) => c,
+        // A newer connection needed the slot (limits.max_pending_handshakes): closed.
+        () = evicted.wait() => None,
+    };
+    let connect = match read {
         Some(c) => c,
         None => {
             shared
@@ -153,7 +174,10 @@ where
             return;
         }
     };
-    if let Some(mut conn) = accept(shared.clone(), rd, wr, inbuf, peer, *connect).await {
+    // `_admitted` counts it against limits.max_connections until it ends.
+    if let Some((mut conn, _admitted)) =
+        accept(shared.clone(), rd, wr, inbuf, peer, *connect, pending).await
+    {
         let end = conn.serve().await;
         conn.finish(end).await;
     }
@@ -172,8 +196,10 @@ async fn read_connect<S: AsyncRead + AsyncWrite>(
     peer: SocketAddr,
 ) -> Option<Box<Connect>> {
     let deadline = Instant::now() + shared.cfg.connect_timeout;
+    // Before login a client may make the broker hold at most this much.
+    let max = shared.cfg.max_connect_size.min(shared.cfg.max_packet_size);
     loop {
-        match codec::decode(inbuf, None, shared.cfg.max_packet_size) {
+        match codec::decode(inbuf, None, max) {
             Ok(Some(Packet::Connect(c))) => return Some(c),
             Ok(Some(p)) => {
                 tracing::info!(%peer, packet = p.name(), "MQTT: first packet is not CONNECT; closed");
@@ -242,7 +268,8 @@ async fn accept<S>(
     inbuf: BytesMut,
     peer: SocketAddr,
     c: Connect,
-) -> Option<Conn<S>>
+    pending: mqgate_core::net::Pending,
+) -> Option<(Conn<S>, mqgate_core::net::Admitted)>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -275,14 +302,40 @@ where
         );
     }
     match cfg.authenticate(c.username.as_deref(), c.password.as_deref()) {
-        Ok(()) => {}
-        Err(true) => refuse!(
-            4,
-            reason::BAD_USERNAME_OR_PASSWORD,
-            "bad user name or password"
-        ),
+        Ok(()) => shared.broker.login_throttle().succeeded(peer.ip()),
+        Err(true) => {
+            // Answered late, later with every recent failure (per source and user).
+            let delay = shared
+                .broker
+                .login_throttle()
+                .failed(peer.ip(), c.username.as_deref());
+            tokio::time::sleep(delay).await;
+            refuse!(
+                4,
+                reason::BAD_USERNAME_OR_PASSWORD,
+                "bad user name or password"
+            )
+        }
         Err(false) => refuse!(5, reason::NOT_AUTHORIZED, "not authorized"),
     }
+    // MQTT lives in vhost "/": a named user without a permission there is refused, as
+    // RabbitMQ's MQTT plugin does.
+    if let Some(u) = c.username.as_deref() {
+        if !cfg.vhost_allowed(u) {
+            refuse!(5, reason::NOT_AUTHORIZED, "no permission on vhost /");
+        }
+    }
+    // Authenticated: counted against limits.max_connections from here, in one atomic
+    // step (handshakes never count). Over it: 5.0 Quota exceeded, 3.1.1 server unavailable.
+    let admitted = match pending.admit() {
+        Ok(a) => a,
+        Err(limit) => {
+            if let Some(held) = shared.gate.log_refusal() {
+                tracing::warn!(%peer, max = limit.max, refused_since_last_line = held, "MQTT: connection refused: limits.max_connections reached");
+            }
+            refuse!(3, reason::QUOTA_EXCEEDED, "limits.max_connections reached");
+        }
+    };
     let mut assigned = None;
     let client_id = if c.client_id.is_empty() {
         if !v5 && !c.clean_start {
@@ -308,7 +361,11 @@ where
         refuse!(2, reason::CLIENT_ID_NOT_VALID, "client id too long");
     }
     if let Some(w) = &c.will {
-        if !cfg.allowed(c.username.as_deref(), &client_id, Access::Publish, &w.topic) {
+        let who = Subject {
+            user: c.username.as_deref(),
+            client_id: Some(&client_id),
+        };
+        if !shared.acl.check_topic(who, Access::Publish, &w.topic) {
             refuse!(5, reason::NOT_AUTHORIZED, "will topic not allowed");
         }
     }
@@ -427,7 +484,8 @@ where
             refuse!(3, reason::SERVER_UNAVAILABLE, "broker unavailable");
         }
     };
-    let (direct_tx, direct_rx) = mpsc::channel(cfg.qos0_queue.max(1));
+    let (direct_tx, direct_rx) =
+        crate::qos0::queue(topic_name.clone(), cfg.qos0_queue, cfg.qos0_queue_bytes);
     shared
         .live
         .write()
@@ -461,6 +519,7 @@ where
         keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
         last_read: Instant::now(),
         record,
+        sub_index: HashMap::new(),
         session: Some(session_consumer),
         shared_subs: HashMap::new(),
         next_shared: 1,
@@ -480,16 +539,22 @@ where
         aliases_in: HashMap::new(),
         inbound_qos2: HashSet::new(),
         problem_info: c.properties.request_problem_info != Some(0),
+        published: false,
+        retained_todo: std::collections::VecDeque::new(),
+        check_reads: false,
     };
+    conn.check_reads = shared.acl.may_deny(conn.subject(), Access::Subscribe);
     conn.inbound_qos2 = conn.record.inbound_qos2.iter().copied().collect();
+    conn.sub_index = conn
+        .record
+        .subscriptions
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.filter.clone(), i))
+        .collect();
     conn.send(&connack(reason::SUCCESS, session_present, props));
     // Restore the subscriptions of a resumed session, and resend unfinished PUBRELs.
-    let subs = conn.record.subscriptions.clone();
-    for s in &subs {
-        if let Err(e) = conn.restore_subscription(s).await {
-            tracing::warn!(client = %conn.client_id, filter = %s.filter, error = %e, "MQTT: restoring a subscription failed");
-        }
-    }
+    conn.restore_subscriptions().await;
     for id in conn.record.pubrel.clone() {
         conn.inflight.insert(
             id,
@@ -509,7 +574,7 @@ where
         conn.save_record().await;
     }
     tracing::debug!(%peer, client = %conn.client_id, ?conn.version, session_present, "MQTT: connected");
-    Some(conn)
+    Some((conn, admitted))
 }
 
 impl<S> Conn<S>
@@ -518,6 +583,30 @@ where
 {
     fn v5(&self) -> bool {
         self.version.is_v5()
+    }
+
+    /// Who the access rules see.
+    fn subject(&self) -> Subject<'_> {
+        Subject {
+            user: self.user.as_deref(),
+            client_id: Some(&self.client_id),
+        }
+    }
+
+    /// Whether the access rules let this client read a message published to `topic`
+    /// (checked on every delivery: a subscription such as `#` may be granted while some
+    /// of the topics it matches are denied).
+    fn may_read(&self, topic: &str) -> bool {
+        if !self.check_reads
+            || self
+                .shared
+                .acl
+                .check_topic(self.subject(), Access::Subscribe, topic)
+        {
+            return true;
+        }
+        tracing::debug!(client = %self.client_id, %topic, "MQTT: delivery not authorized; skipped");
+        false
     }
 
     fn persistent(&self) -> bool {
@@ -540,17 +629,27 @@ where
                 return end;
             }
         }
+        // Above the memory watermark a connection that publishes is not read (MQTT has
+        // no blocked packet: TCP pushes back on the client) and its keep alive waits.
+        let mut blocked = self.shared.broker.memory_blocked();
         loop {
             let window_open = self.inflight.len() < self.send_quota;
             let may_deliver = self.out.len() < OUT_HIGH_WATER;
-            let may_read = self.out.len() < OUT_HARD_LIMIT;
-            let ka_deadline = self.keep_alive.map(|k| self.last_read + k);
+            let held = self.published && *blocked.borrow_and_update();
+            let retained_first = !self.retained_todo.is_empty();
+            let may_read = self.out.len() < OUT_HARD_LIMIT && !held;
+            let ka_deadline = (!held)
+                .then(|| self.keep_alive.map(|k| self.last_read + k))
+                .flatten();
             let has_out = !self.out.is_empty();
             if self.inbuf.capacity() - self.inbuf.len() < MIN_READ / 2 {
                 self.inbuf.reserve(self.read_hint);
             }
             tokio::select! {
                 biased;
+                _ = blocked.changed() => {
+                    self.last_read = Instant::now();
+                }
                 r = self.kick_rx.recv() => {
                     let code = r.unwrap_or(reason::SESSION_TAKEN_OVER);
                     let why = if code == ADMINISTRATIVE_ACTION {
@@ -595,13 +694,16 @@ where
                         self.deliver_burst();
                     }
                 },
-                m = self.direct_rx.recv(), if may_deliver => {
+                _ = std::future::ready(()), if retained_first && may_deliver && window_open => {
+                    self.send_retained().await;
+                }
+                m = self.direct_rx.recv(), if may_deliver && !retained_first => {
                     if let Some(m) = m {
                         self.deliver_direct(&m);
                         self.deliver_burst();
                     }
                 }
-                d = poll_deliveries(&mut self.session, &mut self.shared_subs), if may_deliver && window_open => {
+                d = poll_deliveries(&mut self.session, &mut self.shared_subs), if may_deliver && window_open && !retained_first => {
                     let (src, d) = d;
                     self.deliver(src, d);
                     self.deliver_burst();
@@ -616,13 +718,17 @@ where
     /// Deliver what is ready now (direct QoS 0 and the consumers), up to a burst each,
     /// within the client's window and the output high-water mark.
     fn deliver_burst(&mut self) {
+        if !self.retained_todo.is_empty() {
+            // Retained messages of new subscriptions go first.
+            return;
+        }
         for _ in 0..DELIVERY_BURST {
             if self.out.len() >= OUT_HIGH_WATER {
                 break;
             }
             match self.direct_rx.try_recv() {
-                Ok(m) => self.deliver_direct(&m),
-                Err(_) => break,
+                Some(m) => self.deliver_direct(&m),
+                None => break,
             }
         }
         for _ in 0..DELIVERY_BURST {
@@ -633,6 +739,25 @@ where
                 Some((src, d)) => self.deliver(src, d),
                 None => break,
             }
+        }
+    }
+
+    /// Send retained messages of new subscriptions until the output buffer or the
+    /// client's window is full; bodies not in the retained cache are read from the store.
+    async fn send_retained(&mut self) {
+        let store = Arc::clone(self.shared.broker.store());
+        let now = self.shared.now();
+        while self.out.len() < OUT_HIGH_WATER && self.inflight.len() < self.send_quota {
+            let Some(mut pending) = self.retained_todo.pop_front() else {
+                return;
+            };
+            let Some((topic, entry)) = pending.next(&self.shared.retained, now) else {
+                continue;
+            };
+            if let Some(m) = self.shared.retained.body(&*store, &topic, entry).await {
+                self.deliver_retained(&topic, &m, &pending.sub);
+            }
+            self.retained_todo.push_front(pending);
         }
     }
 
@@ -684,6 +809,7 @@ where
         mut p: Publish,
         batch: &mut Vec<(Outbound, u16, QoS)>,
     ) -> Result<(), End> {
+        self.published = true;
         self.shared
             .stats
             .publishes_in
@@ -755,12 +881,11 @@ where
                 _ => {}
             }
         }
-        if !self.shared.cfg.allowed(
-            self.user.as_deref(),
-            &self.client_id,
-            Access::Publish,
-            &topic_name,
-        ) {
+        if !self
+            .shared
+            .acl
+            .check_topic(self.subject(), Access::Publish, &topic_name)
+        {
             tracing::info!(client = %self.client_id, topic = %topic_name, "MQTT: publish not authorized; dropped");
             match p.qos {
                 QoS::AtMostOnce => {}
@@ -855,9 +980,28 @@ where
         let own = session_topic(&self.client_id);
         let matched = match self.shared.publish_batch(items, Some(&own)).await {
             Ok(m) => m,
+            Err(e) if self.v5() => {
+                // 5.0 says which messages failed: PUBACK / PUBREC 0x80 for each (a
+                // PUBREC >= 0x80 ends that QoS 2 flow), and the connection goes on; the
+                // client may publish them again (the store recovers by itself).
+                tracing::warn!(client = %self.client_id, error = %e, "MQTT: storing publishes failed; answered 0x80");
+                for (pkid, qos) in acks {
+                    match qos {
+                        QoS::AtMostOnce => {}
+                        QoS::AtLeastOnce => {
+                            self.ack(AckKind::PubAck, pkid, reason::UNSPECIFIED_ERROR)
+                        }
+                        QoS::ExactlyOnce => {
+                            self.ack(AckKind::PubRec, pkid, reason::UNSPECIFIED_ERROR)
+                        }
+                    }
+                }
+                return Ok(());
+            }
             Err(e) => {
                 tracing::error!(client = %self.client_id, error = %e, "MQTT: storing publishes failed");
-                // Nothing is acknowledged: the client resends after reconnecting.
+                // 3.1.1 has no failure code: nothing is acknowledged and the connection
+                // closes; the client resends after reconnecting.
                 return Err(End::Server(
                     reason::UNSPECIFIED_ERROR,
                     "store failure".into(),
@@ -1028,6 +1172,25 @@ where
 
     async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), End> {
         let v5 = self.v5();
+        let quota = if v5 { reason::QUOTA_EXCEEDED } else { 0x80 };
+        let max_filters = self.shared.cfg.max_filters_per_subscribe;
+        if max_filters > 0 && s.filters.len() > max_filters {
+            // Refused whole: a SUBACK still answers every filter (MQTT-3.8.4-5/6), none
+            // is subscribed, and the connection stays up.
+            tracing::warn!(
+                client = %self.client_id,
+                filters = s.filters.len(),
+                max = max_filters,
+                "MQTT: SUBSCRIBE refused: more filters than limits.mqtt_max_filters_per_subscribe"
+            );
+            self.send(&Packet::SubAck(SubAck {
+                pkid: s.pkid,
+                properties: Properties::default(),
+                codes: vec![quota; s.filters.len()],
+            }));
+            return Ok(());
+        }
+        let max_subs = self.shared.cfg.max_subscriptions_per_session;
         let sub_id = s.properties.subscription_ids.first().copied();
         let stream_offset = s
             .properties
@@ -1037,6 +1200,12 @@ where
             .map(|(_, v)| v.clone());
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained_to_send = Vec::new();
+        // Plain subscriptions are bound together after the loop (one router update,
+        // one store write): (place in `codes`, subscription, existed before).
+        let mut plain: Vec<(usize, Subscription, bool)> = Vec::new();
+        // Plain filters this packet adds (not yet in the record).
+        let mut adding: HashSet<String> = HashSet::new();
+        let mut over_quota = 0usize;
         for (filter, opts) in s.filters {
             let shared = topic::parse_shared(&filter);
             let inner = match &shared {
@@ -1066,42 +1235,81 @@ where
                 codes.push(if v5 { reason::NOT_AUTHORIZED } else { 0x80 });
                 continue;
             }
+            let existed = self.sub_index.contains_key(&filter) || adding.contains(&filter);
+            if !existed
+                && max_subs > 0
+                && self.record.subscriptions.len() + adding.len() >= max_subs
+            {
+                over_quota += 1;
+                codes.push(quota);
+                continue;
+            }
             let sub = Subscription {
                 filter: filter.clone(),
                 options: opts,
                 id: sub_id,
             };
-            let existed = self.record.subscriptions.iter().any(|x| x.filter == filter);
-            let r = match shared {
-                Ok(Some((name, f))) => {
-                    let (name, f) = (name.to_owned(), f.to_owned());
-                    self.subscribe_shared(&sub, &name, &f, existed, stream_offset.as_deref())
-                        .await
+            let Ok(Some((name, f))) = shared else {
+                if !existed {
+                    adding.insert(filter);
                 }
-                _ => self.bind(&filter).await,
+                plain.push((codes.len(), sub, existed));
+                codes.push(opts.qos as u8);
+                continue;
             };
+            let (name, f) = (name.to_owned(), f.to_owned());
+            let r = self
+                .subscribe_shared(&sub, &name, &f, existed, stream_offset.as_deref())
+                .await;
             if let Err(e) = r {
                 tracing::warn!(client = %self.client_id, %filter, error = %e, "MQTT: subscribe failed");
                 codes.push(if v5 { reason::UNSPECIFIED_ERROR } else { 0x80 });
                 continue;
             }
-            match self
-                .record
-                .subscriptions
-                .iter_mut()
-                .find(|x| x.filter == filter)
-            {
-                Some(x) => *x = sub.clone(),
-                None => self.record.subscriptions.push(sub.clone()),
-            }
+            self.upsert_subscription(sub);
             codes.push(opts.qos as u8);
-            let send_retained = match opts.retain_handling {
-                0 => true,
-                1 => !existed,
-                _ => false,
+        }
+        if over_quota > 0 {
+            tracing::warn!(
+                client = %self.client_id,
+                refused = over_quota,
+                max = max_subs,
+                "MQTT: subscriptions refused: the session holds limits.mqtt_max_subscriptions_per_session"
+            );
+        }
+        if !plain.is_empty() {
+            let topic = session_topic(&self.client_id);
+            let bindings: Vec<Binding> = plain
+                .iter()
+                .map(|(_, sub, _)| self.binding(&sub.filter, topic.clone()))
+                .collect();
+            let outcome: Vec<Result<(), String>> = match self
+                .shared
+                .broker
+                .bind_many(DEFAULT_VHOST, bindings, self.persistent())
+                .await
+            {
+                Ok(results) => results
+                    .into_iter()
+                    .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+                    .collect(),
+                Err(e) => vec![Err(e.to_string()); plain.len()],
             };
-            if send_retained && !filter.starts_with("$share/") {
-                retained_to_send.push(sub);
+            for ((slot, sub, existed), r) in plain.into_iter().zip(outcome) {
+                if let Err(e) = r {
+                    tracing::warn!(client = %self.client_id, filter = %sub.filter, error = %e, "MQTT: subscribe failed");
+                    codes[slot] = if v5 { reason::UNSPECIFIED_ERROR } else { 0x80 };
+                    continue;
+                }
+                let send_retained = match sub.options.retain_handling {
+                    0 => true,
+                    1 => !existed,
+                    _ => false,
+                };
+                if send_retained {
+                    retained_to_send.push(sub.clone());
+                }
+                self.upsert_subscription(sub);
             }
         }
         self.send(&Packet::SubAck(SubAck {
@@ -1112,12 +1320,37 @@ where
         if self.persistent() {
             self.save_record().await;
         }
-        for sub in retained_to_send {
-            for (topic, m) in self.shared.retained_matching(&sub.filter) {
-                self.deliver_retained(&topic, &m, &sub);
+        // Sent by the main loop as the output buffer drains (`send_retained`).
+        self.retained_todo.extend(
+            retained_to_send
+                .into_iter()
+                .map(crate::retained::Pending::new),
+        );
+        Ok(())
+    }
+
+    /// Add `sub` to the session, or replace the one with its filter.
+    fn upsert_subscription(&mut self, sub: Subscription) {
+        match self.sub_index.get(&sub.filter) {
+            Some(&i) => self.record.subscriptions[i] = sub,
+            None => {
+                self.sub_index
+                    .insert(sub.filter.clone(), self.record.subscriptions.len());
+                self.record.subscriptions.push(sub);
             }
         }
-        Ok(())
+    }
+
+    /// Take the subscription with `filter` out of the session; whether it had one.
+    fn remove_subscription(&mut self, filter: &str) -> bool {
+        let Some(i) = self.sub_index.remove(filter) else {
+            return false;
+        };
+        self.record.subscriptions.swap_remove(i);
+        if let Some(moved) = self.record.subscriptions.get(i) {
+            self.sub_index.insert(moved.filter.clone(), i);
+        }
+        true
     }
 
     fn binding(&self, filter: &str, destination: TopicName) -> Binding {
@@ -1129,15 +1362,6 @@ where
             mqtt: true,
             arguments: Bytes::new(),
         }
-    }
-
-    async fn bind(&mut self, filter: &str) -> mqgate_core::Result<()> {
-        let b = self.binding(filter, session_topic(&self.client_id));
-        self.shared
-            .broker
-            .bind(DEFAULT_VHOST, b, self.persistent())
-            .await?;
-        Ok(())
     }
 
     async fn subscribe_shared(
@@ -1216,8 +1440,46 @@ where
         Ok(())
     }
 
-    /// Rejoin what a resumed session subscribed to.
-    async fn restore_subscription(&mut self, s: &Subscription) -> mqgate_core::Result<()> {
+    /// Rejoin what a resumed session subscribed to: shared subscriptions one by one,
+    /// plain ones in one batch (their bindings are usually there already: durable).
+    async fn restore_subscriptions(&mut self) {
+        let topic = session_topic(&self.client_id);
+        let mut plain = Vec::new();
+        for s in self.record.subscriptions.clone() {
+            if let Err(e) = self.restore_subscription(&s, &topic, &mut plain).await {
+                tracing::warn!(client = %self.client_id, filter = %s.filter, error = %e, "MQTT: restoring a subscription failed");
+            }
+        }
+        if plain.is_empty() {
+            return;
+        }
+        let persistent = self.persistent();
+        match self
+            .shared
+            .broker
+            .bind_many(DEFAULT_VHOST, plain.clone(), persistent)
+            .await
+        {
+            Ok(results) => {
+                for (b, r) in plain.iter().zip(results) {
+                    if let Err(e) = r {
+                        tracing::warn!(client = %self.client_id, filter = %b.key, error = %e, "MQTT: restoring a subscription failed");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(client = %self.client_id, error = %e, "MQTT: restoring the subscriptions failed")
+            }
+        }
+    }
+
+    /// Rejoin one shared subscription, or add a plain one's binding to `plain`.
+    async fn restore_subscription(
+        &mut self,
+        s: &Subscription,
+        session: &TopicName,
+        plain: &mut Vec<Binding>,
+    ) -> mqgate_core::Result<()> {
         match topic::parse_shared(&s.filter) {
             Ok(Some((name, f))) => {
                 let (name, f) = (name.to_owned(), f.to_owned());
@@ -1227,37 +1489,46 @@ where
                 })?;
                 self.join_shared(s, &f, topic, group).await
             }
-            _ => self.bind(&s.filter).await,
+            _ => {
+                plain.push(self.binding(&s.filter, session.clone()));
+                Ok(())
+            }
         }
     }
 
     async fn on_unsubscribe(&mut self, u: Unsubscribe) {
         let mut codes = Vec::with_capacity(u.filters.len());
+        let session = session_topic(&self.client_id);
+        // Plain subscriptions are unbound together (one router update, one write).
+        let mut unbind = Vec::new();
         for filter in u.filters {
-            let pos = self
-                .record
-                .subscriptions
-                .iter()
-                .position(|s| s.filter == filter);
-            let Some(pos) = pos else {
+            if !self.remove_subscription(&filter) {
                 codes.push(reason::NO_SUBSCRIPTION_EXISTED);
                 continue;
-            };
-            self.record.subscriptions.remove(pos);
+            }
             match topic::parse_shared(&filter) {
                 Ok(Some((name, f))) => {
                     let (name, f) = (name.to_owned(), f.to_owned());
                     self.shared_subs.retain(|_, s| s.filter != filter);
                     self.shared.release_shared(&name, &f).await;
                 }
-                _ => {
-                    let b = self.binding(&filter, session_topic(&self.client_id));
-                    if let Err(e) = self.shared.broker.unbind(DEFAULT_VHOST, &b).await {
-                        tracing::warn!(client = %self.client_id, %filter, error = %e, "MQTT: unbind failed");
-                    }
-                }
+                _ => unbind.push(self.binding(&filter, session.clone())),
             }
             codes.push(reason::SUCCESS);
+        }
+        if !unbind.is_empty() {
+            match self.shared.broker.unbind_many(DEFAULT_VHOST, &unbind).await {
+                Ok(results) => {
+                    for (b, r) in unbind.iter().zip(results) {
+                        if let Err(e) = r {
+                            tracing::warn!(client = %self.client_id, filter = %b.key, error = %e, "MQTT: unbind failed");
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(client = %self.client_id, error = %e, "MQTT: unbind failed")
+                }
+            }
         }
         self.send(&Packet::UnsubAck(UnsubAck {
             pkid: u.pkid,
@@ -1305,6 +1576,22 @@ where
     fn deliver(&mut self, src: DeliverySource, d: Delivery) {
         let m = &d.message.message;
         let topic = mqtt_topic(m);
+        if !self.may_read(&topic) {
+            // Settled, so it does not hold the queue; never sent.
+            match src {
+                DeliverySource::Session => {
+                    if let Some(c) = &self.session {
+                        c.ack(d.ack_token());
+                    }
+                }
+                DeliverySource::Shared(id) => {
+                    if let Some(s) = self.shared_subs.get(&id) {
+                        s.consumer.ack(d.ack_token());
+                    }
+                }
+            }
+            return;
+        }
         let (qos_cap, retain_ok, sub_ids, shared_id) = match src {
             DeliverySource::Session => {
                 match self.matching(m, &topic) {
@@ -1374,6 +1661,9 @@ where
     /// A QoS 0 message handed over directly (never stored).
     fn deliver_direct(&mut self, m: &Message) {
         let topic = mqtt_topic(m);
+        if !self.may_read(&topic) {
+            return;
+        }
         if let Some((_, rap, ids)) = self.matching(m, &topic) {
             let retain = rap && props::get(&m.properties, props::MQTT_RETAIN).is_some();
             self.emit(m, topic, QoS::AtMostOnce, retain, false, ids, None, None);
@@ -1381,6 +1671,9 @@ where
     }
 
     fn deliver_retained(&mut self, topic: &str, m: &Message, sub: &Subscription) {
+        if !self.may_read(topic) {
+            return;
+        }
         let ids = sub.id.into_iter().collect();
         self.emit(
             m,

@@ -1,7 +1,7 @@
 //! The MQTT adapter's shared state: connected clients (for takeover), the live QoS 0
 //! paths, retained messages, session expiry and pending wills; and the listener.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mqgate_core::router::{mqtt_to_amqp, DEFAULT_VHOST};
-use mqgate_core::{props, Broker, Delay};
+use mqgate_core::{Broker, Delay};
 use mqgate_store::{Message, Millis, TopicName, WriteBatch};
 use parking_lot::{Mutex, RwLock};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -19,15 +19,14 @@ use tokio::task::JoinHandle;
 
 use crate::codec::QoS;
 use crate::config::MqttConfig;
-use crate::session::{
-    session_group, session_topic, SessionRecord, NS_RETAINED, NS_SESSION, SESSION_PREFIX,
-};
+use crate::qos0::{Offer, Qos0Tx};
+use crate::session::{session_group, session_topic, SessionRecord, NS_SESSION, SESSION_PREFIX};
 
 /// The exchange MQTT publishes go through (RabbitMQ's convention).
 pub const MQTT_EXCHANGE: &str = "amq.topic";
 
 /// A connected session's direct QoS 0 queue, with the id of the connection owning it.
-pub(crate) type LiveSession = (u64, mpsc::Sender<Arc<Message>>);
+pub(crate) type LiveSession = (u64, Qos0Tx);
 
 /// A connected client's slot, for session takeover.
 #[derive(Debug)]
@@ -82,10 +81,13 @@ pub struct MqttStats {
 pub(crate) struct Shared {
     pub(crate) broker: Broker,
     pub(crate) cfg: MqttConfig,
+    /// The topic access rules, built once from `cfg`.
+    pub(crate) acl: mqgate_core::TopicAcl,
     pub(crate) clients: Mutex<HashMap<String, ClientSlot>>,
     /// Session topic → the connected session's QoS 0 queue.
     pub(crate) live: RwLock<HashMap<TopicName, LiveSession>>,
-    pub(crate) retained: RwLock<BTreeMap<String, Arc<Message>>>,
+    /// Retained messages: an index and a bounded cache; bodies in the store.
+    pub(crate) retained: crate::retained::Retained,
     /// Disconnected sessions with an expiry: client id → when they expire.
     pub(crate) expiring: Mutex<HashMap<String, Millis>>,
     /// Wills waiting for their delay: client id → the task publishing them.
@@ -95,6 +97,8 @@ pub(crate) struct Shared {
     pub(crate) next_conn: AtomicU64,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) stats: MqttStats,
+    /// Admission: pending handshakes and open connections (`max_connections`).
+    pub(crate) gate: Arc<mqgate_core::net::ConnGate>,
 }
 
 /// The MQTT adapter: owns its state; [`MqttServer::listen`] serves a TCP listener,
@@ -108,20 +112,12 @@ impl MqttServer {
     /// Load retained messages and sessions from the store and start session expiry.
     pub async fn start(broker: Broker, cfg: MqttConfig) -> mqgate_core::Result<Self> {
         let store = Arc::clone(broker.store());
-        let mut retained = BTreeMap::new();
-        let mut after: Option<Bytes> = None;
-        loop {
-            let page = store
-                .kv_scan(NS_RETAINED, b"", after.as_deref(), 1024)
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.0.clone());
-            for (k, v) in page {
-                if let (Ok(topic), Ok(m)) = (String::from_utf8(k.to_vec()), Message::decode(v)) {
-                    retained.insert(topic, Arc::new(m));
-                }
-            }
-        }
+        let retained = crate::retained::Retained::load(
+            &*store,
+            cfg.retained_cache_messages,
+            cfg.retained_cache_bytes,
+        )
+        .await?;
         let now = broker.now();
         let mut expiring = HashMap::new();
         let mut known = std::collections::HashSet::new();
@@ -177,24 +173,31 @@ impl MqttServer {
             }
         }
         tracing::info!(
-            retained = retained.len(),
+            retained = retained.stats().messages,
             sessions = known.len(),
             stale_clean_sessions = stale,
             "MQTT state recovered"
         );
         let (shutdown, _) = watch::channel(false);
+        let gate = mqgate_core::net::ConnGate::new(
+            "MQTT",
+            cfg.max_connections,
+            cfg.max_pending_handshakes,
+        );
         let shared = Arc::new(Shared {
             broker,
+            acl: cfg.topic_acl(),
             cfg,
             clients: Mutex::default(),
             live: RwLock::default(),
-            retained: RwLock::new(retained),
+            retained,
             expiring: Mutex::new(expiring),
             wills: Mutex::default(),
             shared_refs: Mutex::new(shared_refs),
             next_conn: AtomicU64::new(1),
             shutdown,
             stats: MqttStats::default(),
+            gate,
         });
         let weak = Arc::downgrade(&shared);
         let interval = shared.cfg.expiry_check_interval;
@@ -225,18 +228,26 @@ impl MqttServer {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let max = self.shared.cfg.max_connections;
-        if max > 0 && self.shared.stats.open_connections() >= max as u64 {
-            tracing::warn!(%peer, max, "MQTT: connection refused: max_connections reached");
-            return;
-        }
+        // Pending until its handshake succeeds: capped by `max_pending_handshakes` (the
+        // oldest is evicted for it), never counted against `max_connections`.
+        let pending = self.shared.gate.begin(peer);
         let shared = Arc::clone(&self.shared);
-        tokio::spawn(crate::conn::run(shared, stream, peer));
+        tokio::spawn(crate::conn::run(shared, stream, peer, pending));
     }
 
     /// The adapter's counters.
     pub fn stats(&self) -> &MqttStats {
         &self.shared.stats
+    }
+
+    /// Connections still in their handshake (capped by `max_pending_handshakes`).
+    pub fn pending_handshakes(&self) -> usize {
+        self.shared.gate.pending()
+    }
+
+    /// Retained messages, and what the body cache holds.
+    pub fn retained_stats(&self) -> crate::RetainedStats {
+        self.shared.retained.stats()
     }
 
     /// Sessions the broker keeps: connected clients plus disconnected persistent ones.
@@ -292,7 +303,7 @@ impl MqttServer {
 }
 
 /// QoS 0 messages of one batch waiting for room in a session's queue, in order.
-type Qos0Wait = (TopicName, mpsc::Sender<Arc<Message>>, Vec<Arc<Message>>);
+type Qos0Wait = (TopicName, Qos0Tx, Vec<Arc<Message>>);
 
 /// A message ready to publish through `amq.topic`.
 #[derive(Debug)]
@@ -330,11 +341,17 @@ impl Shared {
     ) -> mqgate_core::Result<Vec<bool>> {
         let mut out = Vec::with_capacity(items.len());
         let mut batch = Vec::with_capacity(items.len());
+        // Retained records go into the same write as the publishes (visible at once; the
+        // guards in `staged` keep their bodies in memory until the write returns).
         let mut retained = WriteBatch::new();
+        let mut staged = Vec::new();
         let mut blocked: Vec<Qos0Wait> = Vec::new();
         for item in items {
             if item.retain {
-                self.set_retained(&item.topic, &item.message, &mut retained);
+                staged.extend(
+                    self.retained
+                        .stage(&item.topic, &item.message, &mut retained),
+                );
             }
             if let Some(delay) = item.delay {
                 self.broker
@@ -374,16 +391,14 @@ impl Shared {
                                     continue;
                                 }
                                 match tx.try_send(Arc::clone(m)) {
-                                    Ok(()) => {}
+                                    Offer::Queued => {}
                                     // The subscriber is behind: the publisher waits for it
                                     // (below) rather than the message being dropped.
-                                    Err(mpsc::error::TrySendError::Full(m)) if own != Some(&t) => {
+                                    Offer::Full(m) if own != Some(&t) => {
                                         blocked.push((t.clone(), tx.clone(), vec![m]));
                                     }
-                                    Err(mpsc::error::TrySendError::Full(_)) => {
-                                        self.stats.qos0_dropped.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                                    // Full for its own publisher, stuck, or gone: dropped.
+                                    Offer::Full(_) | Offer::Refused => {
                                         self.stats.qos0_dropped.fetch_add(1, Ordering::Relaxed);
                                     }
                                 }
@@ -406,33 +421,29 @@ impl Shared {
         if !blocked.is_empty() {
             self.wait_qos0(blocked).await;
         }
-        if !batch.is_empty() {
-            self.broker.publish_routed_batch(batch).await?;
+        if !batch.is_empty() || !retained.is_empty() {
+            self.broker
+                .publish_routed_batch_with(batch, retained)
+                .await?;
         }
-        if !retained.is_empty() {
-            self.broker.store().write(retained).await?;
-        }
+        drop(staged);
         Ok(out)
     }
 
     /// QoS 0 messages for sessions whose queue is full: the publisher's connection waits
     /// (it reads no more from its socket, so TCP pushes back on the client) until each
-    /// has room, for at most `qos0_max_wait`; what still finds no room then is dropped
-    /// and counted, so a stuck subscriber cannot stall a publisher for longer. The
-    /// sessions wait side by side: a stuck one does not use up the others' time.
+    /// has room, as long as the session keeps taking messages (a slow reader slows the
+    /// publisher down, it does not lose messages). A session that takes nothing for
+    /// `qos0_max_wait` is marked stuck (see [`crate::qos0`]): the message is dropped and
+    /// counted, and nobody waits for it again until it drains, so a stuck subscriber
+    /// costs publishers one wait, not one per batch. The sessions wait side by side: a
+    /// stuck one does not use up the others' time.
     async fn wait_qos0(&self, mut blocked: Vec<Qos0Wait>) {
-        let deadline = tokio::time::Instant::now() + self.cfg.qos0_max_wait;
-        async fn send_all(
-            tx: mpsc::Sender<Arc<Message>>,
-            messages: Vec<Arc<Message>>,
-            deadline: tokio::time::Instant,
-        ) -> u64 {
+        let window = self.cfg.qos0_max_wait;
+        async fn send_all(tx: Qos0Tx, messages: Vec<Arc<Message>>, window: Duration) -> u64 {
             let mut dropped = 0;
             for m in messages {
-                if !matches!(
-                    tokio::time::timeout_at(deadline, tx.send(m)).await,
-                    Ok(Ok(()))
-                ) {
+                if !tx.send_by(m, window).await {
                     dropped += 1;
                 }
             }
@@ -440,11 +451,11 @@ impl Shared {
         }
         let dropped = if blocked.len() == 1 {
             let (_, tx, messages) = blocked.pop().expect("one");
-            send_all(tx, messages, deadline).await
+            send_all(tx, messages, window).await
         } else {
             let tasks: Vec<_> = blocked
                 .into_iter()
-                .map(|(_, tx, messages)| tokio::spawn(send_all(tx, messages, deadline)))
+                .map(|(_, tx, messages)| tokio::spawn(send_all(tx, messages, window)))
                 .collect();
             let mut dropped = 0;
             for t in tasks {
@@ -455,43 +466,6 @@ impl Shared {
         self.stats
             .qos0_dropped
             .fetch_add(dropped, Ordering::Relaxed);
-    }
-
-    fn set_retained(&self, topic: &str, message: &Message, batch: &mut WriteBatch) {
-        if message.body.is_empty() {
-            self.retained.write().remove(topic);
-            batch.kv_delete(NS_RETAINED, Bytes::copy_from_slice(topic.as_bytes()));
-        } else {
-            let Ok(enc) = message.encode() else { return };
-            self.retained
-                .write()
-                .insert(topic.to_owned(), Arc::new(message.clone()));
-            batch.kv_put(NS_RETAINED, Bytes::copy_from_slice(topic.as_bytes()), enc);
-        }
-    }
-
-    /// Retained messages matching `filter`, skipping expired ones.
-    pub(crate) fn retained_matching(&self, filter: &str) -> Vec<(String, Arc<Message>)> {
-        let now = self.now();
-        let map = self.retained.read();
-        let live =
-            |m: &Message| props::get_u64(&m.properties, props::EXPIRES_AT).is_none_or(|e| e > now);
-        let wild = filter.find(['+', '#']);
-        match wild {
-            None => map
-                .get(filter)
-                .filter(|m| live(m))
-                .map(|m| vec![(filter.to_owned(), Arc::clone(m))])
-                .unwrap_or_default(),
-            Some(i) => {
-                let prefix = &filter[..i];
-                map.range(prefix.to_owned()..)
-                    .take_while(|(k, _)| k.starts_with(prefix))
-                    .filter(|(k, m)| crate::topic::matches(filter, k) && live(m))
-                    .map(|(k, m)| (k.clone(), Arc::clone(m)))
-                    .collect()
-            }
-        }
     }
 
     /// Remove a session for good: its bindings, topic, offsets and record.
