@@ -53,8 +53,15 @@ impl From<CoreError> for ApiError {
             CoreError::NoSuchTopic(_)
             | CoreError::NoSuchGroup(_)
             | CoreError::NoSuchExchange(_) => StatusCode::NOT_FOUND,
+            CoreError::Store(
+                mqgate_store::StoreError::UnknownQueue(_)
+                | mqgate_store::StoreError::UnknownTopic(_),
+            ) => StatusCode::NOT_FOUND,
             CoreError::Conflict(_) => StatusCode::CONFLICT,
-            CoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+            CoreError::Invalid(_) | CoreError::Store(mqgate_store::StoreError::Invalid(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            CoreError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -81,10 +88,7 @@ fn not_found(msg: impl Into<String>) -> ApiError {
 pub(crate) fn router(state: AdminState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route(
-            "/api/health",
-            get(|| async { Json(json!({ "status": "ok" })) }),
-        )
+        .route("/api/health", get(health))
         .route("/api/overview", get(overview))
         .route("/api/topics", get(topics).post(create_topic))
         .route("/api/topics/{name}", get(topic).delete(delete_topic))
@@ -119,9 +123,22 @@ async fn auth(
     if path == "/metrics" || path == "/api/health" {
         return next.run(req).await;
     }
+    let tried = req.headers().contains_key(header::AUTHORIZATION);
+    let source = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
     if authorized(&s.users, req.headers()) {
+        if let Some(ip) = source {
+            s.broker.login_throttle().succeeded(ip);
+        }
         next.run(req).await
     } else {
+        // Wrong credentials (not a first request without any) are answered late, later
+        // with every recent failure from the same address.
+        if let (true, Some(ip)) = (tried, source) {
+            tokio::time::sleep(s.broker.login_throttle().failed(ip, None)).await;
+        }
         ApiError(
             StatusCode::UNAUTHORIZED,
             "an administrator user name and password are required (HTTP basic auth)".into(),
@@ -150,6 +167,29 @@ fn authorized(users: &Users, headers: &HeaderMap) -> bool {
         return false;
     };
     users.authenticate(user, pass).is_some_and(|u| u.is_admin())
+}
+
+/// 200 `{"status": "ok"}` while the store takes writes; 503 `{"status": "degraded",
+/// "reason", "since_ms"}` while it does not (a full disk, no file handles: it recovers by
+/// itself). `last_degraded` tells the last such period once it ended.
+async fn health(State(s): State<AdminState>) -> Response {
+    let h = s.broker.store().health();
+    let (code, mut body) = match &h.degraded {
+        None => (StatusCode::OK, json!({ "status": "ok" })),
+        Some(d) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "status": "degraded", "reason": d.reason, "since_ms": d.since }),
+        ),
+    };
+    if let Some(l) = &h.last_degraded {
+        body["last_degraded"] = json!({
+            "reason": l.reason,
+            "since_ms": l.since,
+            "until_ms": l.until,
+        });
+    }
+    body["store_errors"] = json!(h.errors);
+    (code, Json(body)).into_response()
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {

@@ -189,6 +189,7 @@ async fn bind(what: &str, addr: &str) -> anyhow::Result<Option<tokio::net::TcpLi
 }
 
 async fn serve(s: Settings) -> anyhow::Result<()> {
+    reserve_fds(s.limits.reserved_fds, s.rocks_max_open_files());
     let store: Arc<dyn Store> = if s.store.backend == "memory" {
         tracing::info!("store: in memory (nothing survives a restart)");
         Arc::new(MemoryStore::new())
@@ -273,7 +274,13 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
             let shutdown = async move {
                 let _ = stop.wait_for(|v| *v).await;
             };
-            if let Err(e) = axum::serve(l, app).with_graceful_shutdown(shutdown).await {
+            if let Err(e) = axum::serve(
+                l,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+            {
                 tracing::error!(error = %e, "admin API stopped");
             }
         });
@@ -294,6 +301,73 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     broker.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raise the soft limit on open files to the hard one (as most servers do), then hold
+/// `reserved` handles back from client sockets: the accept loops refuse a socket once
+/// open sockets + `reserved` would reach the limit, so a connection flood cannot take
+/// the handle RocksDB needs for its next WAL or table file (it keeps at most
+/// `rocks_files` table files open, within the reserve).
+fn reserve_fds(reserved: usize, rocks_files: i32) {
+    if reserved == 0 {
+        tracing::info!("file handles: none reserved for the store (limits.reserved_fds = 0)");
+        return;
+    }
+    let Some(limit) = raise_fd_limit() else {
+        tracing::warn!("file handles: the limit is unknown; client sockets are not bounded by it");
+        return;
+    };
+    let budget = limit.saturating_sub(reserved);
+    mqgate_core::net::set_socket_budget(budget);
+    if budget < 64 {
+        tracing::warn!(
+            limit,
+            reserved,
+            client_sockets = budget,
+            "file handles: the limit leaves few client sockets; raise `ulimit -n` or lower limits.reserved_fds"
+        );
+    } else {
+        tracing::info!(
+            limit,
+            reserved,
+            rocksdb_open_files = rocks_files,
+            client_sockets = budget,
+            "file handles: reserved for the store"
+        );
+    }
+}
+
+/// The open-files limit after raising the soft limit to the hard one.
+#[cfg(unix)]
+fn raise_fd_limit() -> Option<usize> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let lim = getrlimit(Resource::Nofile);
+    let current = lim.current?;
+    // An unlimited hard limit cannot be the soft one for files: the kernel's nr_open is.
+    let hard = lim.maximum.or_else(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    });
+    let mut effective = current;
+    if let Some(hard) = hard.filter(|h| *h > current) {
+        let raised = rustix::process::Rlimit {
+            current: Some(hard),
+            maximum: lim.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => effective = hard,
+            Err(e) => {
+                tracing::warn!(error = %e, current, hard, "file handles: raising the soft limit failed")
+            }
+        }
+    }
+    usize::try_from(effective).ok()
+}
+
+#[cfg(not(unix))]
+fn raise_fd_limit() -> Option<usize> {
+    None
 }
 
 async fn shutdown_signal() {

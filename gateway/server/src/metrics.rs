@@ -44,7 +44,15 @@ pub(crate) const SERIES: &[(&str, &str, &str, &str)] = &[
     ("mqgate_store_topics", "gauge", "", "Topics in the store."),
     ("mqgate_store_append_seconds", "histogram", "seconds", "Time of one group-commit append to the store."),
     ("mqgate_store_fsync_seconds", "histogram", "seconds", "Time of one write-ahead-log sync."),
+    ("mqgate_store_degraded", "gauge", "", "1 while the store cannot write (a full disk, no file handles) and retries, 0 once it has recovered."),
+    ("mqgate_store_errors_total", "counter", "", "Store writes and WAL syncs that failed."),
+    ("mqgate_sockets_open", "gauge", "", "Client sockets open, every listener, handshaking or established."),
+    ("mqgate_handshakes_pending", "gauge", "", "Connections still in their handshake, by protocol (capped by limits.max_pending_handshakes)."),
     ("mqgate_process_resident_memory_bytes", "gauge", "bytes", "Resident memory of the broker process."),
+    ("mqgate_memory_blocked", "gauge", "", "1 while publishers are blocked (memory above limits.memory_high_watermark), else 0."),
+    ("mqgate_mqtt_retained_messages", "gauge", "", "MQTT retained messages (their bodies are in the store)."),
+    ("mqgate_mqtt_retained_cache_messages", "gauge", "", "MQTT retained message bodies cached in memory."),
+    ("mqgate_mqtt_retained_cache_bytes", "gauge", "bytes", "Bytes of the MQTT retained message bodies cached in memory."),
     ("mqgate_process_cpu_seconds_total", "counter", "seconds", "CPU time (user and system) of the broker process."),
 ];
 
@@ -188,9 +196,48 @@ impl Collector {
         set_gauge("mqgate_store_messages", &[], st.messages as f64);
         set_gauge("mqgate_store_size_bytes", &[], st.log_bytes as f64);
         set_gauge("mqgate_store_topics", &[], st.topics as f64);
+        let health = b.store().health();
+        set_gauge(
+            "mqgate_store_degraded",
+            &[],
+            f64::from(u8::from(!health.is_ok())),
+        );
+        set_counter("mqgate_store_errors_total", &[], health.errors);
+        set_gauge(
+            "mqgate_sockets_open",
+            &[],
+            mqgate_core::net::open_sockets() as f64,
+        );
+        set_gauge(
+            "mqgate_handshakes_pending",
+            &l("amqp"),
+            self.amqp.pending_handshakes() as f64,
+        );
+        set_gauge(
+            "mqgate_handshakes_pending",
+            &l("mqtt"),
+            self.mqtt.pending_handshakes() as f64,
+        );
         if let Some(rss) = process_rss() {
             set_gauge("mqgate_process_resident_memory_bytes", &[], rss as f64);
         }
+        set_gauge(
+            "mqgate_memory_blocked",
+            &[],
+            f64::from(u8::from(b.is_memory_blocked())),
+        );
+        let rs = self.mqtt.retained_stats();
+        set_gauge("mqgate_mqtt_retained_messages", &[], rs.messages as f64);
+        set_gauge(
+            "mqgate_mqtt_retained_cache_messages",
+            &[],
+            rs.cached_messages as f64,
+        );
+        set_gauge(
+            "mqgate_mqtt_retained_cache_bytes",
+            &[],
+            rs.cached_bytes as f64,
+        );
         if let Some(cpu) = process_cpu_seconds() {
             metrics::counter!("mqgate_process_cpu_seconds_total").absolute(cpu as u64);
         }

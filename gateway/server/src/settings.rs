@@ -3,14 +3,15 @@
 //! example `mqgate.toml` at the top of the repository. A bad value is refused at start
 //! with its key, its value and why.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mqgate_amqp::{AmqpConfig, Permission, RetryPolicy};
-use mqgate_core::{CoreConfig, Password, UserAccount, Users};
-use mqgate_mqtt::{Access, AclRule, MqttConfig};
+use mqgate_core::router::DEFAULT_VHOST;
+use mqgate_core::{CoreConfig, LoginThrottleConfig, Password, TopicAcl, UserAccount, Users};
+use mqgate_mqtt::{Access, AclDefault, AclRule, MqttConfig};
 use mqgate_store::{FsyncPolicy, Retention, RocksConfig};
 use serde::Deserialize;
 
@@ -173,15 +174,25 @@ impl Default for PermissionSettings {
 pub(crate) struct MqttSettings {
     /// Accept clients without a user name.
     pub(crate) allow_anonymous: bool,
-    /// Topic rules, first match wins.
+    /// Topic rules, first match wins (MQTT, and AMQP's `amq.topic` of vhost "/").
     pub(crate) acl: Vec<AclSettings>,
+    /// When no topic rule applies: `allow` or `deny`.
+    pub(crate) acl_default: String,
+    /// Retained message bodies kept in memory (the rest are read from the store).
+    pub(crate) retained_cache_messages: usize,
+    /// Bytes of retained message bodies kept in memory.
+    pub(crate) retained_cache_bytes: usize,
 }
 
 impl Default for MqttSettings {
     fn default() -> Self {
+        let m = MqttConfig::default();
         Self {
             allow_anonymous: true,
             acl: Vec::new(),
+            acl_default: "allow".into(),
+            retained_cache_messages: m.retained_cache_messages,
+            retained_cache_bytes: m.retained_cache_bytes,
         }
     }
 }
@@ -204,8 +215,15 @@ pub(crate) struct AclSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct Limits {
-    /// Open connections per protocol before new ones are refused (0: no limit).
+    /// Open connections per protocol before new ones are refused (0: no limit). Only
+    /// connections past their handshake count.
     pub(crate) max_connections: usize,
+    /// Connections per protocol still in their handshake at once; more are closed at
+    /// accept (0: no limit).
+    pub(crate) max_pending_handshakes: usize,
+    /// File handles held back from client sockets for the store and the process
+    /// (RocksDB's open files are bounded below it); 0: no reservation.
+    pub(crate) reserved_fds: usize,
     /// AMQP frame_max offered in connection.tune.
     pub(crate) amqp_frame_max: u32,
     /// AMQP channels per connection.
@@ -216,6 +234,8 @@ pub(crate) struct Limits {
     pub(crate) amqp_max_message_bytes: u64,
     /// Largest MQTT packet, in bytes.
     pub(crate) mqtt_max_packet_bytes: usize,
+    /// Largest MQTT CONNECT (before login), in bytes.
+    pub(crate) mqtt_max_connect_bytes: usize,
     /// MQTT Server Keep Alive: the longest keep alive granted, seconds (0: none).
     pub(crate) mqtt_server_keep_alive: u16,
     /// MQTT Receive Maximum announced to clients.
@@ -229,11 +249,23 @@ pub(crate) struct Limits {
     /// QoS 0 messages queued for a connected MQTT client; when full, publishers wait.
     pub(crate) mqtt_qos0_queue: usize,
     /// How long a publish waits for a full QoS 0 queue before the message is dropped
-    /// for that subscriber ("5s").
+    /// for that subscriber ("5s"); a subscriber full that long is marked stuck.
     pub(crate) mqtt_qos0_max_wait: String,
+    /// Bytes of QoS 0 messages queued for a connected MQTT client.
+    pub(crate) mqtt_qos0_queue_bytes: usize,
+    /// Subscriptions one MQTT session may hold (0: no limit).
+    pub(crate) mqtt_max_subscriptions_per_session: usize,
+    /// Filters one MQTT SUBSCRIBE may carry (0: no limit).
+    pub(crate) mqtt_max_filters_per_subscribe: usize,
     /// Above this resident memory, publishers are blocked: bytes, or a fraction of the
     /// machine's memory below 1 ("0.4"); "" or 0: off.
     pub(crate) memory_high_watermark: String,
+    /// A failed login (any protocol, the admin API) is answered after this delay,
+    /// doubled for each recent failure from the same address or for the same user
+    /// ("200ms"; "0s": off).
+    pub(crate) login_failure_delay: String,
+    /// The longest such delay ("5s").
+    pub(crate) login_failure_max_delay: String,
 }
 
 impl Default for Limits {
@@ -242,11 +274,14 @@ impl Default for Limits {
         let m = MqttConfig::default();
         Self {
             max_connections: 0,
+            max_pending_handshakes: a.max_pending_handshakes,
+            reserved_fds: 256,
             amqp_frame_max: a.frame_max,
             amqp_channel_max: a.channel_max,
             amqp_heartbeat: a.heartbeat,
             amqp_max_message_bytes: a.max_message_size,
             mqtt_max_packet_bytes: m.max_packet_size,
+            mqtt_max_connect_bytes: m.max_connect_size,
             mqtt_server_keep_alive: m.max_keep_alive,
             mqtt_receive_maximum: m.receive_maximum,
             mqtt_max_inflight: m.max_inflight,
@@ -254,7 +289,12 @@ impl Default for Limits {
             mqtt_max_session_expiry: m.max_session_expiry,
             mqtt_qos0_queue: m.qos0_queue,
             mqtt_qos0_max_wait: "5s".into(),
+            mqtt_qos0_queue_bytes: m.qos0_queue_bytes,
+            mqtt_max_subscriptions_per_session: m.max_subscriptions_per_session,
+            mqtt_max_filters_per_subscribe: m.max_filters_per_subscribe,
             memory_high_watermark: "0.4".into(),
+            login_failure_delay: "200ms".into(),
+            login_failure_max_delay: "5s".into(),
         }
     }
 }
@@ -447,6 +487,27 @@ impl Settings {
             }
             v => return Err(bad("store.fsync", v, "must be every-batch or periodic")),
         }
+        for (key, v) in [
+            (
+                "limits.login_failure_delay",
+                &self.limits.login_failure_delay,
+            ),
+            (
+                "limits.login_failure_max_delay",
+                &self.limits.login_failure_max_delay,
+            ),
+        ] {
+            if parse_duration(v).is_none() {
+                return Err(bad(key, v, "must be a duration such as 200ms"));
+            }
+        }
+        if (1..128).contains(&self.limits.reserved_fds) {
+            return Err(bad(
+                "limits.reserved_fds",
+                self.limits.reserved_fds,
+                "must be 0 (no reservation) or at least 128 (the store needs that many)",
+            ));
+        }
         if parse_duration(&self.limits.mqtt_qos0_max_wait).is_none() {
             return Err(bad(
                 "limits.mqtt_qos0_max_wait",
@@ -540,6 +601,20 @@ impl Settings {
                     "a rule needs a topic filter",
                 ));
             }
+            if !mqgate_core::acl::valid_filter(&a.filter) {
+                return Err(bad(
+                    &format!("{key}.filter"),
+                    &a.filter,
+                    "not an MQTT topic filter (# only as the whole last level, + only as a whole level)",
+                ));
+            }
+        }
+        if !matches!(self.mqtt.acl_default.as_str(), "allow" | "deny") {
+            return Err(bad(
+                "mqtt.acl_default",
+                &self.mqtt.acl_default,
+                "must be allow or deny",
+            ));
         }
         if self.limits.amqp_frame_max < 4096 {
             return Err(bad(
@@ -640,6 +715,12 @@ impl Settings {
                 .collect(),
             retry_first_level: self.retry.first_level,
             max_reconsume_times: self.retry.max_reconsume_times,
+            memory_high_watermark: self.memory_high_watermark().expect("checked"),
+            login_throttle: LoginThrottleConfig {
+                failure_delay: parse_duration(&self.limits.login_failure_delay).expect("checked"),
+                max_delay: parse_duration(&self.limits.login_failure_max_delay).expect("checked"),
+                ..LoginThrottleConfig::default()
+            },
             ..CoreConfig::default()
         }
     }
@@ -658,7 +739,18 @@ impl Settings {
                 .then_some(self.store.retention_max_bytes),
         };
         r.block_cache_bytes = self.store.block_cache_bytes;
+        r.max_open_files = self.rocks_max_open_files();
         r
+    }
+
+    /// RocksDB's open files: within `limits.reserved_fds`, leaving 64 of them for its
+    /// WAL, MANIFEST, logs, compaction outputs and the process's own handles (-1, no
+    /// bound, when nothing is reserved).
+    pub(crate) fn rocks_max_open_files(&self) -> i32 {
+        match self.limits.reserved_fds {
+            0 => -1,
+            n => i32::try_from(n.saturating_sub(64).max(32)).unwrap_or(i32::MAX),
+        }
     }
 
     /// The AMQP adapter's settings.
@@ -666,13 +758,14 @@ impl Settings {
         let mut a = AmqpConfig {
             users: users.clone(),
             max_connections: self.limits.max_connections,
+            max_pending_handshakes: self.limits.max_pending_handshakes,
             frame_max: self.limits.amqp_frame_max,
             channel_max: self.limits.amqp_channel_max,
             heartbeat: self.limits.amqp_heartbeat,
             max_message_size: self.limits.amqp_max_message_bytes,
             default_retry_policy: (self.retry.amqp_default_policy == "rocketmq")
                 .then_some(RetryPolicy::RocketMq),
-            memory_high_watermark: self.memory_high_watermark().expect("checked"),
+            topic_acl: self.topic_acl(),
             ..AmqpConfig::default()
         };
         if self.vhosts.is_empty() {
@@ -704,8 +797,52 @@ impl Settings {
         a
     }
 
+    /// The topic access rules, one set for MQTT and AMQP's `amq.topic`.
+    pub(crate) fn topic_acl(&self) -> TopicAcl {
+        let rules = self
+            .mqtt
+            .acl
+            .iter()
+            .map(|a| AclRule {
+                user: a.user.clone().filter(|u| !u.is_empty()),
+                access: match a.access.as_str() {
+                    "publish" => Access::Publish,
+                    "subscribe" => Access::Subscribe,
+                    _ => Access::All,
+                },
+                filter: a.filter.clone(),
+                allow: a.allow,
+            })
+            .collect();
+        let default = if self.mqtt.acl_default == "deny" {
+            AclDefault::Deny
+        } else {
+            AclDefault::Allow
+        };
+        TopicAcl::new(rules, default)
+    }
+
+    /// The named users who may use MQTT: those with a permission on vhost "/" (every
+    /// user when no [[vhosts]] are configured; `None`, no check, without [[users]]).
+    fn mqtt_vhost_users(&self) -> Option<HashSet<String>> {
+        if self.users.is_empty() {
+            return None;
+        }
+        if self.vhosts.is_empty() {
+            return Some(self.users.iter().map(|u| u.name.clone()).collect());
+        }
+        Some(
+            self.vhosts
+                .iter()
+                .filter(|v| v.name == DEFAULT_VHOST)
+                .flat_map(|v| v.permissions.iter().map(|p| p.user.clone()))
+                .collect(),
+        )
+    }
+
     /// The MQTT adapter's settings.
     pub(crate) fn mqtt(&self, users: &Users) -> MqttConfig {
+        let acl = self.topic_acl();
         MqttConfig {
             allow_anonymous: self.mqtt.allow_anonymous,
             users: if self.users.is_empty() {
@@ -713,23 +850,13 @@ impl Settings {
             } else {
                 users.clone()
             },
-            acl: self
-                .mqtt
-                .acl
-                .iter()
-                .map(|a| AclRule {
-                    user: a.user.clone().filter(|u| !u.is_empty()),
-                    access: match a.access.as_str() {
-                        "publish" => Access::Publish,
-                        "subscribe" => Access::Subscribe,
-                        _ => Access::All,
-                    },
-                    filter: a.filter.clone(),
-                    allow: a.allow,
-                })
-                .collect(),
+            acl: acl.rules,
+            acl_default: acl.default,
+            vhost_users: self.mqtt_vhost_users(),
             max_connections: self.limits.max_connections,
+            max_pending_handshakes: self.limits.max_pending_handshakes,
             max_packet_size: self.limits.mqtt_max_packet_bytes,
+            max_connect_size: self.limits.mqtt_max_connect_bytes,
             max_keep_alive: self.limits.mqtt_server_keep_alive,
             receive_maximum: self.limits.mqtt_receive_maximum,
             max_inflight: self.limits.mqtt_max_inflight,
@@ -737,6 +864,11 @@ impl Settings {
             max_session_expiry: self.limits.mqtt_max_session_expiry,
             qos0_queue: self.limits.mqtt_qos0_queue.max(1),
             qos0_max_wait: parse_duration(&self.limits.mqtt_qos0_max_wait).expect("checked"),
+            qos0_queue_bytes: self.limits.mqtt_qos0_queue_bytes.max(1),
+            max_subscriptions_per_session: self.limits.mqtt_max_subscriptions_per_session,
+            max_filters_per_subscribe: self.limits.mqtt_max_filters_per_subscribe,
+            retained_cache_messages: self.mqtt.retained_cache_messages,
+            retained_cache_bytes: self.mqtt.retained_cache_bytes,
             ..MqttConfig::default()
         }
     }
@@ -862,5 +994,48 @@ acl = [{ user = "app", access = "publish", filter = "app/#", allow = true }]
         let m = s.mqtt(&users);
         assert!(!m.allow_anonymous);
         assert_eq!(m.acl.len(), 1);
+        // "app" has no permission on "/", where MQTT lives.
+        assert!(!m.vhost_allowed("app"));
+    }
+
+    #[test]
+    fn topic_acl_is_one_rule_set_for_both_doors() {
+        let s = Settings::load(None).unwrap();
+        assert_eq!(s.mqtt(&s.users()).acl_default, AclDefault::Allow);
+        assert!(s.amqp(&s.users()).topic_acl.is_open());
+        let s = from_toml(
+            r#"
+[[users]]
+name = "app"
+password = "pw"
+[[users]]
+name = "other"
+password = "pw"
+[[vhosts]]
+name = "/"
+permissions = [{ user = "app" }]
+[mqtt]
+acl_default = "deny"
+acl = [{ access = "all", filter = "app/%c/#", allow = true }]
+"#,
+        )
+        .unwrap();
+        let users = s.users();
+        let (m, a) = (s.mqtt(&users), s.amqp(&users));
+        assert_eq!(m.acl_default, AclDefault::Deny);
+        assert_eq!(m.topic_acl(), a.topic_acl);
+        assert!(m.vhost_allowed("app"));
+        assert!(!m.vhost_allowed("other"));
+        let e = from_toml("[mqtt]\nacl_default = \"maybe\"\n")
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            e,
+            "config: mqtt.acl_default = \"maybe\": must be allow or deny"
+        );
+        let e = from_toml("[mqtt]\nacl = [{ access = \"all\", filter = \"a/#/b\" }]\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("mqtt.acl[0].filter = \"a/#/b\""), "{e}");
     }
 }
