@@ -154,6 +154,11 @@ impl Target {
         self.inproc.as_ref().map(|i| &i.broker)
     }
 
+    /// The in-process MQTT adapter (`None` for an external broker).
+    pub fn mqtt(&self) -> Option<&MqttServer> {
+        self.inproc.as_ref().map(|i| &i.server)
+    }
+
     /// Whether the broker keeps its state across [`Target::restart`] (RocksDB).
     pub fn durable(&self) -> bool {
         self.inproc.as_ref().is_some_and(|i| i.dir.is_some())
