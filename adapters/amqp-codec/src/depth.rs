@@ -176,21 +176,34 @@ pub fn properties_ok(raw: &[u8], max: usize) -> Result<(), TooDeep> {
 /// ..., or with `arrays` arrays between (the outermost is always a table). For tests and
 /// fuzz targets.
 pub fn nested(depth: usize, arrays: bool) -> Vec<u8> {
-    let mut v: Vec<u8> = 0u32.to_be_bytes().to_vec(); // level 1: an empty table
-    let mut ty = b'F';
+    // Every level's bytes come before the levels inside it: work the sizes out inside
+    // out, then write outside in (linear, however deep).
+    let in_array = |level: usize| arrays && level < depth;
+    // sizes[l]: bytes of the value at level l (1: the innermost empty table, 4 bytes).
+    let mut sizes = vec![0, 4];
     for level in 2..=depth {
-        let in_array = arrays && level < depth;
-        let mut body = Vec::new();
-        if !in_array {
-            body.extend_from_slice(&[1, b'k']);
-        }
-        body.push(ty);
-        body.extend_from_slice(&v);
-        v = (body.len() as u32).to_be_bytes().to_vec();
-        v.extend_from_slice(&body);
-        ty = if in_array { b'A' } else { b'F' };
+        let inner = sizes[level - 1];
+        sizes.push(if in_array(level) {
+            4 + 1 + inner
+        } else {
+            4 + 3 + inner
+        });
     }
-    v
+    let mut out = Vec::with_capacity(sizes[depth.max(1)]);
+    for level in (2..=depth).rev() {
+        out.extend_from_slice(&((sizes[level] - 4) as u32).to_be_bytes());
+        if !in_array(level) {
+            out.extend_from_slice(&[1, b'k']);
+        }
+        // The type of the value inside: an array where that level is one.
+        out.push(if level > 2 && in_array(level - 1) {
+            b'A'
+        } else {
+            b'F'
+        });
+    }
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out
 }
 
 #[cfg(test)]

@@ -136,3 +136,38 @@ proptest! {
         prop_assert!(refused, "{:?}", r);
     }
 }
+
+/// A queue.declare frame whose arguments are `table` (a whole field table).
+fn declare_frame(table: &[u8]) -> BytesMut {
+    let mut payload = vec![0, 50, 0, 10, 0, 0, 1, b'q', 0];
+    payload.extend_from_slice(table);
+    let mut b = BytesMut::new();
+    b.extend_from_slice(&[frame::FRAME_METHOD, 0, 1]);
+    b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    b.extend_from_slice(&payload);
+    b.extend_from_slice(&[frame::FRAME_END]);
+    b
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Field tables nested to any depth (tables or arrays between, thousands of levels:
+    /// far past what overflowed the stack) never crash decoding: within the limit they
+    /// parse, deeper they are refused with TooDeep (reply 502).
+    #[test]
+    fn nesting_is_refused_past_the_limit_never_crashes(depth in 1usize..4000, arrays in any::<bool>()) {
+        let table = mqgate_amqp_codec::depth::nested(depth, arrays);
+        let mut buf = declare_frame(&table);
+        match frame::decode(&mut buf, 1 << 24) {
+            Err(FrameError::TooDeep { .. }) => {
+                prop_assert!(depth > mqgate_amqp_codec::depth::MAX_NESTING, "refused at depth {}", depth);
+                prop_assert_eq!(FrameError::TooDeep { channel: 1, max: 32 }.reply_code(), 502);
+            }
+            Ok(Some(Frame::Method(1, _))) => {
+                prop_assert!(depth <= mqgate_amqp_codec::depth::MAX_NESTING, "accepted depth {}", depth);
+            }
+            other => prop_assert!(false, "depth {}: {:?}", depth, other),
+        }
+    }
+}
