@@ -3,7 +3,6 @@
 
 use super::*;
 
-
 /// Whether writes work. A failed RocksDB write or WAL sync (a full disk, no file handles)
 /// marks the store degraded: the first failure of a period is logged once, writes are
 /// refused without touching RocksDB, and the recovery thread ([`recovery_loop`]) retries
