@@ -267,3 +267,20 @@ impl Drop for Target {
         }
     }
 }
+
+/// Declare a server-named exclusive queue on `ch`; its name.
+pub async fn exclusive_queue(ch: &lapin::Channel) -> String {
+    ch.queue_declare(
+        "".into(),
+        lapin::options::QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("declare an exclusive queue")
+    .name()
+    .as_str()
+    .to_owned()
+}

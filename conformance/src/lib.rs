@@ -1,3 +1,22 @@
 //! Shared harness of the conformance suites (see conformance/README.md).
 pub mod amqp;
 pub mod mqtt;
+
+/// One test module per scenario, running it once on each backend: `scenario!(a, b)` makes
+/// `a::memory`, `a::rocks`, `b::memory`, `b::rocks`, each calling `a(Backend)` on a
+/// two-thread runtime.
+#[macro_export]
+macro_rules! scenario {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$name($crate::mqtt::Backend::Memory).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rocks() {
+                super::$name($crate::mqtt::Backend::Rocks).await
+            }
+        }
+    )*};
+}

@@ -13,20 +13,7 @@ use mqgate_core::CoreConfig;
 
 const WAIT: Duration = Duration::from_secs(5);
 
-macro_rules! scenario {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                super::$name(super::Backend::Memory).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn rocks() {
-                super::$name(super::Backend::Rocks).await
-            }
-        }
-    )*};
-}
+use mqgate_conformance::scenario;
 
 scenario!(
     fanout_stores_the_body_once,

@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    QueueBindOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
@@ -36,20 +36,7 @@ use tokio::net::TcpStream;
 const WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(400);
 
-macro_rules! scenario {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                super::$name(super::Backend::Memory).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn rocks() {
-                super::$name(super::Backend::Rocks).await
-            }
-        }
-    )*};
-}
+use mqgate_conformance::scenario;
 
 scenario!(
     wildcard_subscriptions_never_deliver_denied_topics,
@@ -530,18 +517,7 @@ async fn amqp_bindings_with_amq_topic_obey_the_topic_acl(b: Backend) {
     .await;
     let conn = env.amqp("alice", "pw").await;
     let ch = conn.create_channel().await.expect("channel");
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare");
-    let q = q.name().as_str().to_owned();
+    let q = mqgate_conformance::amqp::exclusive_queue(&ch).await;
     for key in ["denied.#", "#", "*.x", "denied.x"] {
         let ch = conn.create_channel().await.expect("channel");
         let r = ch

@@ -8,8 +8,7 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::BasicProperties;
 use mqgate_amqp::depth;
 use mqgate_conformance::amqp::{Backend, Target};
@@ -18,20 +17,7 @@ use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(5);
 
-macro_rules! scenario {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                super::$name(super::Backend::Memory).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn rocks() {
-                super::$name(super::Backend::Rocks).await
-            }
-        }
-    )*};
-}
+use mqgate_conformance::scenario;
 
 scenario!(
     nested_client_properties_before_login,
@@ -163,20 +149,10 @@ impl Raw {
 async fn still_serves(t: &Target, what: &str) {
     let conn = t.connect().await;
     let ch = conn.create_channel().await.expect("channel");
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare");
+    let q = mqgate_conformance::amqp::exclusive_queue(&ch).await;
     ch.basic_publish(
         "".into(),
-        q.name().as_str().into(),
+        q.as_str().into(),
         BasicPublishOptions::default(),
         b"alive",
         BasicProperties::default(),
@@ -186,7 +162,7 @@ async fn still_serves(t: &Target, what: &str) {
     let got = tokio::time::timeout(WAIT, async {
         loop {
             if let Some(m) = ch
-                .basic_get(q.name().as_str().into(), BasicGetOptions { no_ack: true })
+                .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
                 .await
                 .expect("get")
             {
@@ -303,16 +279,8 @@ async fn nested_arguments_and_headers_after_login(b: Backend) {
     r.send(1, 1, &method(60, 20, &a)).await;
     assert_eq!(r.close_code().await, 502, "nested basic.consume arguments");
 
-    bch.queue_declare(
-        "".into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("the bystander's channel still works");
+    // The bystander's channel still works.
+    mqgate_conformance::amqp::exclusive_queue(&bch).await;
     still_serves(&t, "after nested arguments and headers").await;
 }
 

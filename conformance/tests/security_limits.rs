@@ -8,20 +8,7 @@ use mqgate_conformance::mqtt::{Backend, Raw, RawEnd, Target};
 use mqgate_mqtt::codec::{QoS, Version, Will};
 use mqgate_mqtt::MqttConfig;
 
-macro_rules! scenario {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                super::$name(super::Backend::Memory).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn rocks() {
-                super::$name(super::Backend::Rocks).await
-            }
-        }
-    )*};
-}
+use mqgate_conformance::scenario;
 
 scenario!(
     connect_claiming_a_megabyte_is_refused_at_once,

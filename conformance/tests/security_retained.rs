@@ -20,20 +20,7 @@ const CACHE_BYTES: usize = 64 * 1024;
 const RETAINED: usize = 2_000;
 const BODY: usize = 4 * 1024;
 
-macro_rules! scenario {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                super::$name(super::Backend::Memory).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn rocks() {
-                super::$name(super::Backend::Rocks).await
-            }
-        }
-    )*};
-}
+use mqgate_conformance::scenario;
 
 scenario!(
     retained_replaced_and_cleared,

@@ -1,22 +1,8 @@
 //! Topic names and filters: validation, matching, shared subscriptions, `$delayed`.
 
 /// Whether `filter` is a valid MQTT topic filter: non-empty, `#` only as the whole last
-/// level, `+` only as a whole level.
-pub fn valid_filter(filter: &str) -> bool {
-    if filter.is_empty() {
-        return false;
-    }
-    let mut levels = filter.split('/').peekable();
-    while let Some(level) = levels.next() {
-        if level.contains('#') && (level != "#" || levels.peek().is_some()) {
-            return false;
-        }
-        if level.contains('+') && level != "+" {
-            return false;
-        }
-    }
-    true
-}
+/// level, `+` only as a whole level (the core checks topic rules with the same function).
+pub use mqgate_core::acl::valid_filter;
 
 /// Whether topic name `topic` matches `filter` (which must be valid), with the `$` rule:
 /// a filter starting with a wildcard does not match a topic starting with `$`.

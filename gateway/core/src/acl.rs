@@ -138,8 +138,8 @@ impl TopicAcl {
     }
 }
 
-/// Whether `filter` is a valid rule filter: an MQTT topic filter (non-empty, `#` only as
-/// the whole last level, `+` only as a whole level).
+/// Whether `filter` is a valid MQTT topic filter (and so a valid rule filter): non-empty,
+/// `#` only as the whole last level, `+` only as a whole level.
 pub fn valid_filter(filter: &str) -> bool {
     if filter.is_empty() {
         return false;

@@ -3,36 +3,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{http_get, Broker};
+use common::{http, http_get, Broker};
 
 const GUEST: &str = "Z3Vlc3Q6Z3Vlc3Q="; // guest:guest
 const WRONG: &str = "Z3Vlc3Q6bm9wZQ=="; // guest:nope
 
 /// POST a JSON body: (status, body).
 fn http_post(port: u16, path: &str, auth: &str, body: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nAuthorization: Basic {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).expect("write");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read");
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        text.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default(),
-    )
+    http(port, "POST", path, Some(auth), Some(body))
 }
 
 #[test]

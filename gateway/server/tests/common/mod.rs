@@ -124,13 +124,31 @@ impl Drop for Broker {
 
 /// A plain HTTP GET (the tests have no HTTP client crate): (status, body).
 pub fn http_get(port: u16, path: &str, auth: Option<&str>) -> (u16, String) {
+    http(port, "GET", path, auth, None)
+}
+
+/// A plain HTTP request with an optional JSON body: (status, body).
+pub fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    json: Option<&str>,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
     if let Some(a) = auth {
         req.push_str(&format!("Authorization: Basic {a}\r\n"));
     }
+    if let Some(body) = json {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
     req.push_str("\r\n");
+    req.push_str(json.unwrap_or(""));
     s.write_all(req.as_bytes()).expect("write");
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read");
