@@ -330,3 +330,16 @@ impl Raw {
         }
     }
 }
+
+/// A name unique to this run and call (`prefix-<time>-<n>`): an external broker keeps
+/// what earlier runs left.
+pub fn uniq(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    format!("{prefix}-{}-{n}", t % 1_000_000_000)
+}

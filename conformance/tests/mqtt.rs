@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 const WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(400);
 
+use mqgate_conformance::mqtt::uniq;
 use mqgate_conformance::scenario;
 
 // ---------------------------------------------------------------------------------------
@@ -264,17 +265,6 @@ fn body5(p: &p5::Publish) -> String {
 
 fn topic5(p: &p5::Publish) -> String {
     String::from_utf8_lossy(&p.topic).into_owned()
-}
-
-fn uniq(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{}-{n}", t % 1_000_000_000)
 }
 
 fn raw_publish(topic: &str, qos: RQoS, pkid: u16, payload: &'static [u8]) -> Packet {

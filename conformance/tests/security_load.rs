@@ -25,6 +25,7 @@ use mqgate_mqtt::MqttConfig;
 
 const WAIT: Duration = Duration::from_secs(5);
 
+use mqgate_conformance::mqtt::uniq;
 use mqgate_conformance::scenario;
 
 scenario!(
@@ -36,17 +37,6 @@ scenario!(
 /// The scenarios here measure stalls (with generous bounds): one at a time, so a flood
 /// in one does not count against another's round trips on a two-core machine.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn uniq(prefix: &str) -> String {
-    use std::sync::atomic::AtomicU64;
-    static N: AtomicU64 = AtomicU64::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{}-{n}", t % 1_000_000_000)
-}
 
 fn opts(qos: QoS) -> SubOptions {
     SubOptions {
