@@ -21,6 +21,7 @@ scenario!(
     max_length_drop_head_keeps_the_newest,
     max_length_reject_publish_nacks,
     retry_ladder_then_dead_letter_exchange,
+    delivery_limit_counts_the_same_everywhere,
     delay_beyond_49_days,
     max_connections_refuses_the_next
 );
@@ -256,13 +257,39 @@ async fn max_length_reject_publish_nacks(backend: Backend) {
 /// as a retry copy (one more reconsume each time); at `x-delivery-limit` it goes to the
 /// dead-letter exchange with an x-death entry. Delay levels are shortened to 200 ms.
 async fn retry_ladder_then_dead_letter_exchange(backend: Backend) {
+    // x-delivery-limit 3: three failures are retried, the fourth ends the ladder
+    // (RabbitMQ: dead-lettered once delivered unsuccessfully more than the limit).
+    ladder(backend, Some(3), true, 16, 4).await;
+}
+
+/// The same count without a dead-letter exchange (the ladder ends in the core's DLQ),
+/// and, with no `x-delivery-limit`, the configured ladder length (`max_reconsume_times`,
+/// here 2) rather than a fixed 16, with and without the exchange.
+async fn delivery_limit_counts_the_same_everywhere(backend: Backend) {
+    ladder(backend, Some(3), false, 16, 4).await;
+    ladder(backend, None, true, 2, 3).await;
+    ladder(backend, None, false, 2, 3).await;
+}
+
+/// A queue with the retry ladder: every delivery is nacked; it must be delivered exactly
+/// `deliveries` times, then land in the dead-letter exchange's queue (`dlx`) or the
+/// group's DLQ.
+async fn ladder(
+    backend: Backend,
+    limit: Option<i32>,
+    dlx: bool,
+    max_reconsume: u32,
+    deliveries: usize,
+) {
     let core = CoreConfig {
         delay_levels: vec![Duration::from_millis(200); 18],
+        max_reconsume_times: max_reconsume,
         ..CoreConfig::default()
     };
     let Some(t) = Target::mqgate_with_core(backend, test_config(), core).await else {
         return;
     };
+    let what = format!("limit {limit:?}, dlx {dlx}, ladder {max_reconsume}");
     let conn = t.connect().await;
     let ch = conn.create_channel().await.unwrap();
     ch.queue_declare(
@@ -277,15 +304,19 @@ async fn retry_ladder_then_dead_letter_exchange(backend: Backend) {
         "x-retry-policy".into(),
         AMQPValue::LongString("rocketmq".into()),
     );
-    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(3));
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString("".into()),
-    );
-    args.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString("ladder.dlq".into()),
-    );
+    if let Some(l) = limit {
+        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(l));
+    }
+    if dlx {
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString("ladder.dlq".into()),
+        );
+    }
     ch.queue_declare("ladder.q".into(), QueueDeclareOptions::default(), args)
         .await
         .unwrap();
@@ -308,11 +339,11 @@ async fn retry_ladder_then_dead_letter_exchange(backend: Backend) {
         .await
         .unwrap();
     let mut seen = Vec::new();
-    for attempt in 0..3 {
+    for attempt in 0..deliveries {
         let started = std::time::Instant::now();
         let d = tokio::time::timeout(WAIT, c.next())
             .await
-            .expect("delivery")
+            .unwrap_or_else(|_| panic!("{what}: delivery {}", attempt + 1))
             .unwrap()
             .unwrap();
         assert_eq!(d.data, b"fails");
@@ -333,9 +364,22 @@ async fn retry_ladder_then_dead_letter_exchange(backend: Backend) {
     }
     assert_eq!(
         seen,
-        ["ladder.q", "ladder.q", "ladder.q"],
+        vec!["ladder.q"; deliveries],
         "retries keep the routing key"
     );
+    // Nothing more on the queue: the ladder ended.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), c.next())
+            .await
+            .is_err(),
+        "{what}: delivered more than {deliveries} times"
+    );
+    if !dlx {
+        let (_, group) = mqgate_amqp::queue::queue_topic("/", "ladder.q");
+        let dead = t.broker().unwrap().dlq(&group, 0, 10).await.unwrap();
+        assert_eq!(dead.len(), 1, "{what}: in the group's DLQ");
+        return;
+    }
     let mut dlq = ch
         .basic_consume(
             "ladder.dlq".into(),
@@ -365,10 +409,6 @@ async fn retry_ladder_then_dead_letter_exchange(backend: Backend) {
         death.inner().get("reason"),
         Some(&AMQPValue::LongString("rejected".into()))
     );
-    // Nothing more on the queue: the ladder ended.
-    assert!(tokio::time::timeout(Duration::from_millis(600), c.next())
-        .await
-        .is_err());
 }
 
 /// RabbitMQ's delayed-message plugin caps `x-delay` at 2^32-1 ms (49 days); mqgate's

@@ -2215,8 +2215,14 @@ where
                 cons.consumer.nack(u.token, true);
             } else {
                 let q = Arc::clone(&cons.queue);
-                let last_try =
-                    u.message.message.reconsume_times + 1 >= q.args.delivery_limit.unwrap_or(16);
+                // The same count as the core's ladder (and RabbitMQ's x-delivery-limit):
+                // a message may fail `limit` times and is retried after each; the
+                // failure after that ends the ladder. No limit: the configured ladder.
+                let limit = q
+                    .args
+                    .delivery_limit
+                    .unwrap_or(shared.broker.config().max_reconsume_times);
+                let last_try = u.message.message.reconsume_times + 1 > limit;
                 match (&q.args.dlx, q.args.retry) {
                     // A retry ladder runs in the core until its last step.
                     (_, Some(_)) if !last_try || q.args.dlx.is_none() => {
