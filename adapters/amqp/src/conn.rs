@@ -2228,16 +2228,24 @@ where
                     (_, Some(_)) if !last_try || q.args.dlx.is_none() => {
                         cons.consumer.nack(u.token, false)
                     }
-                    (Some(_), _) => {
-                        cons.consumer.ack(u.token.clone());
-                        dead.push((q, u.message, DeathReason::Rejected));
-                    }
+                    // Settled only once the dead-letter copy is stored (below).
+                    (Some(_), _) => dead.push((q, u.message, u.cons, u.token)),
                     (None, _) => cons.consumer.nack(u.token, false),
                 }
             }
         }
-        for (q, m, why) in dead {
-            dead_letter(&self.shared, &q, &m, why).await;
+        // The copy first, then the ack: a failed dead-letter write puts the message back
+        // in its queue (redelivered), and a crash in between leaves it in both places,
+        // never in neither.
+        for (q, m, cons_id, token) in dead {
+            let stored = dead_letter(&self.shared, &q, &m, DeathReason::Rejected).await;
+            if let Some(cons) = self.chan(ch).consumers.get_mut(&cons_id) {
+                if stored {
+                    cons.consumer.ack(token);
+                } else {
+                    cons.consumer.nack(token, true);
+                }
+            }
         }
         self.reap_ended_consumers();
     }
@@ -2768,22 +2776,37 @@ fn screen(shared: &Arc<Shared>, cons: &Cons, d: &Delivery) -> bool {
         let shared = Arc::clone(shared);
         let q = Arc::clone(q);
         let msg = Arc::clone(&d.message);
-        tokio::spawn(async move { dead_letter(&shared, &q, &msg, why).await });
+        tokio::spawn(async move {
+            // Expired or over its limit at delivery: settled before the copy is
+            // stored, so a failed write still loses it (this policy moves into the
+            // core, with the copy and the settlement in one batch, in issue 12).
+            let _ = dead_letter(&shared, &q, &msg, why).await;
+        });
     }
     false
 }
 
-/// Republish a message to its queue's dead-letter exchange.
-async fn dead_letter(shared: &Shared, q: &Queue, m: &StoredMessage, why: DeathReason) {
-    let Some(dlx) = &q.args.dlx else { return };
+/// Republish a message to its queue's dead-letter exchange. `false` when the copy could
+/// not be stored (the caller keeps the message); a dead-letter exchange that does not
+/// exist drops it, as RabbitMQ does.
+async fn dead_letter(shared: &Shared, q: &Queue, m: &StoredMessage, why: DeathReason) -> bool {
+    let Some(dlx) = &q.args.dlx else { return true };
     let now = shared.broker.now();
     let (msg, key) = convert::dead_letter(m, &q.name, why, dlx, q.args.dlrk.as_deref(), now);
-    if let Err(e) = shared
+    match shared
         .broker
         .publish_exchange(&q.vhost, dlx, &key, &[], msg, None)
         .await
     {
-        tracing::warn!(queue = %q.name, dlx = %dlx, error = %e, "AMQP: dead-lettering failed; message dropped");
+        Ok(_) => true,
+        Err(mqgate_core::CoreError::NoSuchExchange(_)) => {
+            tracing::info!(queue = %q.name, dlx = %dlx, "AMQP: dead-letter exchange does not exist; message dropped");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(queue = %q.name, dlx = %dlx, error = %e, "AMQP: dead-lettering failed; the message stays in its queue");
+            false
+        }
     }
 }
 

@@ -346,3 +346,134 @@ async fn a_full_disk_nacks_publishes_reports_degraded_and_recovers_without_resta
     drop(conn);
     drop(b);
 }
+
+/// A rejected message whose dead-letter copy cannot be stored (the disk is full) stays
+/// in its queue and is delivered again; once space is back, the next reject moves it to
+/// the dead-letter exchange's queue. (It used to be acked first and then lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_cannot_be_stored_stays_in_its_queue() {
+    async fn next(c: &mut lapin::Consumer) -> lapin::message::Delivery {
+        tokio::time::timeout(Duration::from_secs(10), c.next())
+            .await
+            .expect("a delivery")
+            .unwrap()
+            .unwrap()
+    }
+    let fs = match Tmpfs::mount("40m") {
+        Ok(fs) => fs,
+        Err(e) => {
+            println!("skipped: cannot mount a tmpfs ({e})");
+            return;
+        }
+    };
+    let filler = fs.path.join("filler");
+    std::fs::write(&filler, vec![0x5a; 24 << 20]).unwrap();
+    let b = Mqgate::start(&fs.path.join("data"));
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", b.amqp);
+    let conn = lapin::Connection::connect(&url, Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for q in ["dead.target", "fill"] {
+        ch.queue_declare(q.into(), durable, FieldTable::default())
+            .await
+            .unwrap();
+    }
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        lapin::types::AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        lapin::types::AMQPValue::LongString("dead.target".into()),
+    );
+    ch.queue_declare("dead.source".into(), durable, args)
+        .await
+        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let publish = |queue: &'static str, payload: Vec<u8>| {
+        let ch = ch.clone();
+        async move {
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .is_ack()
+        }
+    };
+    assert!(publish("dead.source", b"precious".to_vec()).await);
+    // Fill the disk.
+    let mut seed = 0u64;
+    while publish("fill", body(seed, 16 << 10)).await {
+        seed += 1;
+        assert!(seed < 5_000, "the disk never filled up");
+    }
+    let mut c = ch
+        .basic_consume(
+            "dead.source".into(),
+            "rejecter".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = next(&mut c).await;
+    assert_eq!(d.data, b"precious");
+    d.acker
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    // The copy could not be stored: the message comes back instead of vanishing.
+    let d = next(&mut c).await;
+    assert_eq!(
+        d.data, b"precious",
+        "redelivered after a failed dead-letter write"
+    );
+    assert!(d.redelivered);
+
+    // Space back: wait for the store to recover, then reject again.
+    std::fs::remove_file(&filler).unwrap();
+    let freed = Instant::now();
+    while http_get(b.admin, "/api/health", None).0 != 200 {
+        assert!(freed.elapsed() < Duration::from_secs(20), "never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    d.acker
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    let mut dead = ch
+        .basic_consume(
+            "dead.target".into(),
+            "reader".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = next(&mut dead).await;
+    assert_eq!(d.data, b"precious", "dead-lettered once the store works");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), c.next())
+            .await
+            .is_err(),
+        "and no longer in its queue"
+    );
+}
