@@ -1109,27 +1109,23 @@ impl Actor {
         }
     }
 
-    fn pick(&mut self, target: &Target) -> Option<String> {
+    /// The member the next message goes to, and for round robin its position. It does
+    /// not move the round robin: only a message actually sent does (`pump_queue`), so
+    /// looking for work in an empty queue (or the retry queue) never skips a member.
+    fn pick(&self, target: &Target) -> Option<(String, Option<usize>)> {
         match target {
             Target::Owner(id) | Target::Member(id) => self
                 .members
                 .get(id)
                 .filter(|m| m.credit() > 0)
-                .map(|_| id.clone()),
+                .map(|_| (id.clone(), None)),
             Target::AnyWithCredit => {
                 let n = self.members.len();
-                if n == 0 {
-                    return None;
-                }
-                for k in 0..n {
+                (0..n).find_map(|k| {
                     let i = (self.rr + k) % n;
                     let (id, m) = self.members.iter().nth(i).expect("in range");
-                    if m.credit() > 0 {
-                        self.rr = i + 1;
-                        return Some(id.clone());
-                    }
-                }
-                None
+                    (m.credit() > 0).then(|| (id.clone(), Some(i)))
+                })
             }
         }
     }
@@ -1152,7 +1148,7 @@ impl Actor {
                     break;
                 }
             }
-            let Some(member) = self.pick(&target) else {
+            let Some((member, position)) = self.pick(&target) else {
                 break;
             };
             // Next message: redeliveries first (offset order), then the read-ahead.
@@ -1201,6 +1197,9 @@ impl Actor {
                 break;
             }
             m.unacked += 1;
+            if let Some(i) = position {
+                self.rr = i + 1;
+            }
             let q = self.cursor_mut(&owner_key, queue).expect("checked");
             q.in_flight.insert(
                 offset,
