@@ -1050,6 +1050,7 @@ scenario!(
     subscription_options,
     overlapping_subscriptions,
     shared_subscription_splits_and_hands_over,
+    shared_subscription_rotates_with_a_paced_publisher,
 );
 
 async fn wildcards_and_dollar_topics(b: Backend) {
@@ -1341,6 +1342,49 @@ async fn overlapping_subscriptions(b: Backend) {
         "delivered at the highest granted QoS"
     );
     assert_eq!(ids, vec![1, 2], "every matching subscription identifier");
+}
+
+/// A publisher that waits for each PUBACK and each delivery before the next message (a
+/// burst hides this): 2 and 4 members of one shared subscription take turns, as on
+/// Mosquitto. (mqgate gave one member all 200 of such a run.)
+async fn shared_subscription_rotates_with_a_paced_publisher(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    for n in [2usize, 4] {
+        let topic = uniq("paced");
+        let share = format!("$share/{}/{topic}", uniq("g"));
+        let mut members = Vec::new();
+        for i in 0..n {
+            let mut m = c5(&t, &uniq(&format!("m{i}")), true).await;
+            m.subscribe(&share, Q5::AtLeastOnce).await;
+            members.push(m);
+        }
+        let (mut p, _) = c3(&t, &uniq("p"), true).await;
+        let rounds = 20 * n;
+        let mut got = vec![0usize; n];
+        for k in 0..rounds {
+            p.client
+                .publish(&topic, Q3::AtLeastOnce, false, format!("{k}"))
+                .await
+                .unwrap();
+            p.acked(1).await;
+            let waits = members
+                .iter_mut()
+                .enumerate()
+                .map(|(i, m)| Box::pin(async move { (i, m.publish_in(WAIT).await) }));
+            let ((i, m), _, _) = futures_util::future::select_all(waits).await;
+            let m = m.unwrap_or_else(|| panic!("message {k} delivered to no member"));
+            assert_eq!(body5(&m), k.to_string());
+            got[i] += 1;
+        }
+        for (i, g) in got.iter().enumerate() {
+            assert!(
+                (*g as f64 - 20.0).abs() <= 2.0,
+                "{n} members: member {i} got {g} of {rounds}: {got:?}"
+            );
+        }
+    }
 }
 
 async fn shared_subscription_splits_and_hands_over(b: Backend) {
