@@ -22,6 +22,7 @@ scenario!(
     max_length_reject_publish_nacks,
     retry_ladder_then_dead_letter_exchange,
     delivery_limit_counts_the_same_everywhere,
+    retry_queue_consumers_rotate_with_a_paced_publisher,
     delay_beyond_49_days,
     max_connections_refuses_the_next
 );
@@ -408,6 +409,71 @@ async fn ladder(
     assert_eq!(
         death.inner().get("reason"),
         Some(&AMQPValue::LongString("rejected".into()))
+    );
+}
+
+/// Two consumers of a queue with `x-retry-policy: rocketmq` (its group also reads the
+/// `%RETRY%` queue) and a publisher that waits for each confirm and delivery: they take
+/// turns (it was 60/0: looking into the empty retry queue moved the round robin).
+async fn retry_queue_consumers_rotate_with_a_paced_publisher(backend: Backend) {
+    let Some(t) = Target::mqgate_only(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-retry-policy".into(),
+        AMQPValue::LongString("rocketmq".into()),
+    );
+    ch.queue_declare("paced.q".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut consumers = Vec::new();
+    for tag in ["a", "b"] {
+        let c = conn.create_channel().await.unwrap();
+        consumers.push(
+            c.basic_consume(
+                "paced.q".into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let mut got = [0usize; 2];
+    for k in 0..60 {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                "paced.q".into(),
+                BasicPublishOptions::default(),
+                k.to_string().as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+        let waits = consumers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, c)| Box::pin(async move { (i, tokio::time::timeout(WAIT, c.next()).await) }));
+        let ((i, d), _, _) = futures_util::future::select_all(waits).await;
+        let d = d.expect("a delivery").unwrap().unwrap();
+        assert_eq!(d.data, k.to_string().as_bytes());
+        d.acker.ack(BasicAckOptions::default()).await.unwrap();
+        got[i] += 1;
+    }
+    assert!(
+        got.iter().all(|g| (27..=33).contains(g)),
+        "each consumer half of 60, within 10%: {got:?}"
     );
 }
 
