@@ -993,6 +993,56 @@ async fn method_on_unopened_channel(backend: Backend) {
     alive(&t.connect().await, "a new connection").await;
 }
 
+/// RabbitMQ 3 dropped basic.publish `immediate`: connection.close 540 "immediate=true".
+async fn publish_immediate_is_not_implemented(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let mut r = Raw::guest(&t).await;
+    r.open_channel(1).await;
+    r.method(
+        1,
+        AMQPClass::Basic(protocol::basic::AMQPMethod::Publish(
+            protocol::basic::Publish {
+                exchange: s(""),
+                routing_key: s("nowhere"),
+                immediate: true,
+                ..Default::default()
+            },
+        )),
+    )
+    .await;
+    r.frame(2, 1, &content_header(0)).await;
+    let (code, text) = r.expect_connection_close("publish with immediate").await;
+    assert_eq!(code, 540, "{text}");
+    assert!(text.contains("immediate=true"), "{text}");
+    alive(&t.connect().await, "a new connection").await;
+}
+
+/// The default exchange cannot be declared, not even passively: channel.close 403.
+async fn default_exchange_cannot_be_declared(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    expect_code(
+        ch.exchange_declare(
+            "".into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            no_args(),
+        )
+        .await,
+        403,
+        "passive declare of the default exchange",
+    );
+    alive(&conn, "the connection").await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Exchanges
 
@@ -3111,6 +3161,8 @@ scenario!(
     channels_open_close_flow,
     channel_reopen,
     method_on_unopened_channel,
+    publish_immediate_is_not_implemented,
+    default_exchange_cannot_be_declared,
     direct_fanout_default,
     topic_wildcards,
     headers_exchange,

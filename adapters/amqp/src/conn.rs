@@ -1259,6 +1259,16 @@ where
         match m {
             exchange::AMQPMethod::Declare(d) => {
                 let name = d.exchange.as_str();
+                if name.is_empty() {
+                    // As RabbitMQ: the default exchange is not declared, not even passively.
+                    return Err(chan_err(
+                        reply::ACCESS_REFUSED,
+                        format!(
+                            "operation not permitted on the default exchange (vhost '{}')",
+                            self.vhost
+                        ),
+                    ));
+                }
                 let existing = self.shared.broker.router().exchange(&self.vhost, name);
                 if d.passive {
                     if existing.is_none() {
@@ -1773,6 +1783,10 @@ where
     async fn on_basic(&mut self, ch: u16, m: basic::AMQPMethod) -> ChanResult {
         match m {
             basic::AMQPMethod::Publish(p) => {
+                if p.immediate {
+                    // RabbitMQ 3 dropped `immediate`: a connection error, as there.
+                    return Err(chan_err(reply::NOT_IMPLEMENTED, "immediate=true"));
+                }
                 self.chan(ch).content = Some(Pending {
                     exchange: p.exchange.as_str().to_owned(),
                     routing_key: p.routing_key.as_str().to_owned(),
