@@ -99,6 +99,35 @@ impl Drop for Mqgate {
     }
 }
 
+/// mqgate on a 40 MiB tmpfs already holding a 24 MiB filler file (remove it to free the
+/// space). Fields drop in order: the broker stops before the tmpfs is unmounted.
+struct NearlyFull {
+    broker: Mqgate,
+    filler: PathBuf,
+    _fs: Tmpfs,
+}
+
+impl NearlyFull {
+    /// `None` (after printing `skipped: ...`) where a tmpfs cannot be mounted.
+    fn start() -> Option<Self> {
+        let fs = match Tmpfs::mount("40m") {
+            Ok(fs) => fs,
+            Err(e) => {
+                println!("skipped: cannot mount a tmpfs ({e})");
+                return None;
+            }
+        };
+        let filler = fs.path.join("filler");
+        std::fs::write(&filler, vec![0x5a; 24 << 20]).unwrap();
+        let broker = Mqgate::start(&fs.path.join("data"));
+        Some(Self {
+            broker,
+            filler,
+            _fs: fs,
+        })
+    }
+}
+
 /// Bytes that do not compress, starting with `seed`.
 fn body(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -187,16 +216,10 @@ fn metric(admin: u16, name: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_nacks_publishes_reports_degraded_and_recovers_without_restart() {
-    let fs = match Tmpfs::mount("40m") {
-        Ok(fs) => fs,
-        Err(e) => {
-            println!("skipped: cannot mount a tmpfs ({e})");
-            return;
-        }
+    let Some(disk) = NearlyFull::start() else {
+        return;
     };
-    let filler = fs.path.join("filler");
-    std::fs::write(&filler, vec![0x5a; 24 << 20]).unwrap();
-    let b = Mqgate::start(&fs.path.join("data"));
+    let (b, filler) = (&disk.broker, &disk.filler);
     let (code, health) = http_get(b.admin, "/api/health", None);
     assert_eq!(code, 200, "{health}");
     assert!(health.contains(r#""status":"ok""#), "{health}");
@@ -282,7 +305,7 @@ async fn a_full_disk_nacks_publishes_reports_degraded_and_recovers_without_resta
     assert_eq!(mqtt.publish(3, &body(0, 1024)), Ok(0x80));
 
     // Space freed: confirms come back without a restart.
-    std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(filler).unwrap();
     let freed = Instant::now();
     loop {
         seed += 1;
@@ -344,7 +367,7 @@ async fn a_full_disk_nacks_publishes_reports_degraded_and_recovers_without_resta
         want.remove(&s);
     }
     drop(conn);
-    drop(b);
+    drop(disk);
 }
 
 /// A rejected message whose dead-letter copy cannot be stored (the disk is full) stays
@@ -359,16 +382,10 @@ async fn a_dead_letter_that_cannot_be_stored_stays_in_its_queue() {
             .unwrap()
             .unwrap()
     }
-    let fs = match Tmpfs::mount("40m") {
-        Ok(fs) => fs,
-        Err(e) => {
-            println!("skipped: cannot mount a tmpfs ({e})");
-            return;
-        }
+    let Some(disk) = NearlyFull::start() else {
+        return;
     };
-    let filler = fs.path.join("filler");
-    std::fs::write(&filler, vec![0x5a; 24 << 20]).unwrap();
-    let b = Mqgate::start(&fs.path.join("data"));
+    let (b, filler) = (&disk.broker, &disk.filler);
     let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", b.amqp);
     let conn = lapin::Connection::connect(&url, Default::default())
         .await
@@ -446,7 +463,7 @@ async fn a_dead_letter_that_cannot_be_stored_stays_in_its_queue() {
     assert!(d.redelivered);
 
     // Space back: wait for the store to recover, then reject again.
-    std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(filler).unwrap();
     let freed = Instant::now();
     while http_get(b.admin, "/api/health", None).0 != 200 {
         assert!(freed.elapsed() < Duration::from_secs(20), "never recovered");
