@@ -209,12 +209,23 @@ async fn metrics_have_help_and_pass_promtool() {
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (status, text) = common::http_get(b.admin, "/metrics", None);
-    assert_eq!(status, 200);
     let src =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/metrics.rs")).unwrap();
     let names = regex::Regex::new(r#"\("(mqgate_[a-z_]+)", "(counter|gauge|histogram)""#).unwrap();
+    // The store records its latency histograms from its writer thread once the publish
+    // is written: scrape until every series has shown up (at most 5 s), then check.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (status, text) = loop {
+        let (status, text) = common::http_get(b.admin, "/metrics", None);
+        let all = names
+            .captures_iter(&src)
+            .all(|c| text.contains(&format!("# HELP {} ", &c[1])));
+        if all || std::time::Instant::now() > deadline {
+            break (status, text);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, 200);
     let doc =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../METRICS.md")).unwrap();
     for c in names.captures_iter(&src) {
