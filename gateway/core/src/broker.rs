@@ -22,6 +22,7 @@ use crate::error::{CoreError, Result};
 use crate::group::{
     self, Consumer, GroupHandle, GroupInfo, GroupSpec, MemberOptions, StartPosition,
 };
+use crate::publish::{Destination, Outgoing, PublishBatch};
 use crate::router::{Binding, ExchangeDef, HeaderValue, Router, DEFAULT_VHOST};
 use crate::wire::{get_headers, put_headers, put_str, Reader};
 
@@ -105,13 +106,33 @@ pub(crate) enum Route {
     },
 }
 
+/// Keyed-area namespace of named timers: name -> the generation of its current timer.
+const NS_SCHEDULED: &str = "core.scheduled";
+
 const ROUTE_TOPIC: u8 = 1;
 const ROUTE_EXCHANGE: u8 = 2;
 
-fn encode_timer(route: &Route, message: &Message) -> Result<Vec<u8>> {
+pub(crate) fn encode_timer(route: &Route, message: &Message) -> Result<Vec<u8>> {
+    encode_named_timer(None, route, message)
+}
+
+/// A timer's payload: version 1 `[1][route][message]`, version 2 (a named, cancellable
+/// timer) `[2][name][generation u64][route][message]`.
+pub(crate) fn encode_named_timer(
+    name: Option<(&str, u64)>,
+    route: &Route,
+    message: &Message,
+) -> Result<Vec<u8>> {
     let body = message.encode()?;
     let mut out = Vec::with_capacity(body.len() + 64);
-    out.put_u8(1);
+    match name {
+        None => out.put_u8(1),
+        Some((name, generation)) => {
+            out.put_u8(2);
+            put_str(&mut out, name);
+            out.put_u64_le(generation);
+        }
+    }
     match route {
         Route::Topic {
             topic,
@@ -141,11 +162,19 @@ fn encode_timer(route: &Route, message: &Message) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn decode_timer(payload: Bytes) -> Result<(Route, Message)> {
+/// A timer's name and generation (named timers only), route and message.
+type DecodedTimer = (Option<(String, u64)>, Route, Message);
+
+fn decode_timer(payload: Bytes) -> Result<DecodedTimer> {
     let mut r = Reader(payload);
-    if r.u8()? != 1 {
-        return Err(CoreError::Invalid("unknown timer payload version".into()));
-    }
+    let name = match r.u8()? {
+        1 => None,
+        2 => {
+            let name = r.string()?;
+            Some((name, r.u64()?))
+        }
+        _ => return Err(CoreError::Invalid("unknown timer payload version".into())),
+    };
     let route = match r.u8()? {
         ROUTE_TOPIC => {
             let topic = TopicName::new(r.string()?)?;
@@ -172,7 +201,7 @@ fn decode_timer(payload: Bytes) -> Result<(Route, Message)> {
         }
         k => return Err(CoreError::Invalid(format!("unknown route kind {k}"))),
     };
-    Ok((route, Message::decode(r.rest())?))
+    Ok((name, route, Message::decode(r.rest())?))
 }
 
 /// Per-topic state the publish path needs without touching the store's topic map.
@@ -202,7 +231,7 @@ impl TopicHandle {
         self.queue_count.load(Ordering::Acquire)
     }
 
-    fn select(&self, queue: Option<u32>, sharding_key: Option<&str>) -> Result<u32> {
+    pub(crate) fn select(&self, queue: Option<u32>, sharding_key: Option<&str>) -> Result<u32> {
         let n = self.queue_count();
         match (queue, sharding_key) {
             (Some(q), _) if q < n => Ok(q),
@@ -229,7 +258,7 @@ impl TopicHandle {
         self.watchers.write().retain(|w| !Arc::ptr_eq(w, wake));
     }
 
-    fn wake(&self) {
+    pub(crate) fn wake(&self) {
         for w in self.watchers.read().iter() {
             w.notify_one();
         }
@@ -248,6 +277,9 @@ pub struct ProducerStat {
 }
 
 pub(crate) struct Inner {
+    /// When this broker started (wall clock, ms): transient messages stored before it
+    /// are not delivered.
+    pub(crate) boot: Millis,
     /// Failed logins (every protocol and the admin API share it).
     login: crate::login::LoginThrottle,
     pub(crate) store: Arc<dyn Store>,
@@ -256,6 +288,9 @@ pub(crate) struct Inner {
     pub(crate) router: Router,
     topics: RwLock<HashMap<TopicName, Arc<TopicHandle>>>,
     groups: Mutex<HashMap<GroupName, GroupHandle>>,
+    /// Endpoints whose policy the core applies with or without members (message TTL
+    /// sweeps), by group name.
+    endpoints: Mutex<HashMap<GroupName, GroupSpec>>,
     /// Wakes the delay scheduler when a timer earlier than its current wait is added.
     delay_wake: Notify,
     /// The earliest due time the scheduler may have skipped past (u64::MAX: none).
@@ -265,6 +300,8 @@ pub(crate) struct Inner {
     pub(crate) retries: AtomicU64,
     /// Messages moved to a DLQ.
     pub(crate) dead_lettered: AtomicU64,
+    /// Generations of named timers (unique across restarts: seeded with the time in µs).
+    next_generation: AtomicU64,
     closed: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Whether publishers are blocked (memory above the watermark).
@@ -304,6 +341,7 @@ impl Broker {
         crate::durable::load(&*store, &router).await?;
         let login = crate::login::LoginThrottle::new(config.login_throttle);
         let inner = Arc::new(Inner {
+            boot: mqgate_store::now_millis(),
             login,
             store,
             config,
@@ -311,11 +349,13 @@ impl Broker {
             router,
             topics: RwLock::new(topics),
             groups: Mutex::default(),
+            endpoints: Mutex::default(),
             delay_wake: Notify::new(),
             delay_rewind: AtomicU64::new(u64::MAX),
             delayed_released: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            next_generation: AtomicU64::new(mqgate_store::now_millis().saturating_mul(1000)),
             closed: AtomicBool::new(false),
             tasks: Mutex::default(),
             memory,
@@ -323,7 +363,11 @@ impl Broker {
         let scheduler = tokio::spawn(crate::delay::run(Arc::downgrade(&inner)));
         let retention = tokio::spawn(retention_task(Arc::downgrade(&inner)));
         let memory = tokio::spawn(crate::memory::run(Arc::downgrade(&inner)));
-        inner.tasks.lock().extend([scheduler, retention, memory]);
+        let expiry = tokio::spawn(expiry_task(Arc::downgrade(&inner)));
+        inner
+            .tasks
+            .lock()
+            .extend([scheduler, retention, memory, expiry]);
         Ok(Self { inner })
     }
 
@@ -523,97 +567,107 @@ impl Broker {
         out
     }
 
-    /// Publish to a topic: round robin, by sharding key, or to a given queue; now or
-    /// after a delay. Returns once stored as durably as the store's policy promises.
+    /// Publish a batch: every message (to a topic, to resolved topics, or through an
+    /// exchange; now or delayed) and the records with them in one atomic store write
+    /// (one fsync when durable). Answers, in order: where each message was stored, its
+    /// timer when delayed, `None` when it went nowhere. An exchange that does not exist
+    /// fails the whole batch. See [`crate::publish`].
+    pub async fn publish_batch(&self, batch: PublishBatch) -> Result<Vec<Option<Published>>> {
+        self.inner.publish_batch(batch).await
+    }
+
+    /// Publish one message to a topic: round robin, by sharding key, or to a given
+    /// queue; now or after a delay. Returns once stored as durably as the store's policy
+    /// promises. A one-message [`Broker::publish_batch`].
     pub async fn publish(&self, p: Publish) -> Result<Published> {
         let Publish {
-            mut message,
+            message,
             sharding_key,
             queue,
             delay,
         } = p;
-        self.inner.stamp(&mut message);
-        let topic = message.topic.clone();
-        if let Some(due) = self.inner.due(delay) {
-            let route = Route::Topic {
-                topic,
-                queue: queue.map(|q| q.0),
-                sharding_key,
-            };
-            return self.inner.put_timer(due, &route, message).await;
-        }
-        let handle = self.inner.topic_handle(&topic).await?;
-        let q = handle.select(queue.map(|q| q.0), sharding_key.as_deref())?;
-        let target = QueueRef::new(topic, q);
-        self.inner
-            .append_into(message, vec![(handle, target)])
-            .await
+        let to = Destination::Topic {
+            topic: message.topic.clone(),
+            queue,
+            sharding_key,
+        };
+        self.publish_one(Outgoing { message, to, delay }).await
     }
 
-    /// Publish through an exchange of `vhost`: the message is stored once and indexed
-    /// into one queue of every topic the exchange routes to (none: `routed() == 0`).
+    /// Publish one message through an exchange of `vhost`: stored once and indexed into
+    /// one queue of every topic the exchange routes to (none: `routed() == 0`). A
+    /// one-message [`Broker::publish_batch`].
     pub async fn publish_exchange(
         &self,
         vhost: &str,
         exchange: &str,
         routing_key: &str,
         headers: &[(String, HeaderValue)],
-        mut message: Message,
+        message: Message,
         delay: Option<Delay>,
     ) -> Result<Published> {
-        self.inner.stamp(&mut message);
-        if let Some(due) = self.inner.due(delay) {
-            // Unknown exchanges are refused now, not at release.
-            if self.inner.router.exchange(vhost, exchange).is_none() {
-                return Err(CoreError::NoSuchExchange(exchange.to_owned()));
-            }
-            let route = Route::Exchange {
-                vhost: vhost.to_owned(),
-                exchange: exchange.to_owned(),
-                key: routing_key.to_owned(),
-                headers: headers.to_vec(),
-            };
-            return self.inner.put_timer(due, &route, message).await;
-        }
-        let routed = self
-            .inner
-            .router
-            .route(vhost, exchange, routing_key, headers)?;
-        self.inner.append_routed(message, &routed.topics).await
+        let to = Destination::Exchange {
+            vhost: vhost.to_owned(),
+            exchange: exchange.to_owned(),
+            key: routing_key.to_owned(),
+            headers: headers.to_vec(),
+        };
+        self.publish_one(Outgoing { message, to, delay }).await
     }
 
-    /// Store several messages in one atomic write (one fsync), each indexed into one
-    /// queue (round robin) of each of its topics: what a protocol connection does with
-    /// the publishes it read in one go. Items with no topics are skipped (`None`).
-    /// Resolve topics with [`Router::route`] through [`Broker::router`].
+    /// TEMPORARY shim while the adapters move to publish_batch.
+    #[doc(hidden)]
     pub async fn publish_routed_batch(
         &self,
         items: Vec<(Message, Vec<TopicName>)>,
     ) -> Result<Vec<Option<Published>>> {
-        self.inner.append_many(WriteBatch::new(), items, true).await
+        let mut b = PublishBatch::new();
+        for (m, t) in items {
+            b.push(Outgoing::routed(m, t));
+        }
+        self.publish_batch(b).await
     }
 
-    /// [`Broker::publish_routed_batch`] with the operations of `extra` (an adapter's
-    /// keyed-area records, such as MQTT retained messages) in the same atomic write:
-    /// both are stored, or neither, under one fsync.
+    /// TEMPORARY shim.
+    #[doc(hidden)]
+    pub async fn publish_routed_batch_transient(
+        &self,
+        items: Vec<(Message, Vec<TopicName>)>,
+    ) -> Result<Vec<Option<Published>>> {
+        let mut b = PublishBatch::new();
+        b.durable = false;
+        for (m, t) in items {
+            b.push(Outgoing::routed(m, t));
+        }
+        self.publish_batch(b).await
+    }
+
+    /// TEMPORARY shim.
+    #[doc(hidden)]
     pub async fn publish_routed_batch_with(
         &self,
         items: Vec<(Message, Vec<TopicName>)>,
         extra: WriteBatch,
     ) -> Result<Vec<Option<Published>>> {
-        self.inner.append_many(extra, items, true).await
+        let r = self.publish_routed_batch(items).await?;
+        if !extra.is_empty() {
+            self.inner.store.write(extra).await?;
+        }
+        Ok(r)
     }
 
-    /// [`Broker::publish_routed_batch`] for messages that may be lost in a crash (AMQP
-    /// transient messages): stored and ordered the same, but the write does not wait
-    /// for an fsync of its own (see [`WriteBatch::no_sync`]).
-    pub async fn publish_routed_batch_transient(
-        &self,
-        items: Vec<(Message, Vec<TopicName>)>,
-    ) -> Result<Vec<Option<Published>>> {
-        self.inner
-            .append_many(WriteBatch::new(), items, false)
-            .await
+    async fn publish_one(&self, item: Outgoing) -> Result<Published> {
+        let mut batch = PublishBatch::new();
+        batch.push(item);
+        Ok(self
+            .publish_batch(batch)
+            .await?
+            .pop()
+            .flatten()
+            .unwrap_or(Published::Stored {
+                id: MessageId(0),
+                offsets: Vec::new(),
+            }))
     }
 
     /// Join (or create) a consumer group as a member. The group's spec must match the
@@ -622,37 +676,62 @@ impl Broker {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(CoreError::ShuttingDown);
         }
-        let mut watched = Vec::new();
-        for t in spec.all_topics() {
-            watched.push(self.inner.topic_handle(&t).await?);
-        }
+        let watched = self.inner.watch_topics(&spec).await?;
         // A group actor that just ended (memberless) may miss the join: start a new one.
         for _ in 0..8 {
-            let handle = {
-                let mut groups = self.inner.groups.lock();
-                match groups.get(&spec.name) {
-                    Some(h) if h.is_alive() => {
-                        if !h.spec.compatible(&spec) {
-                            return Err(CoreError::Conflict(format!(
-                                "group {} exists with another mode or topics",
-                                spec.name
-                            )));
-                        }
-                        h.clone()
-                    }
-                    _ => {
-                        let h =
-                            group::spawn(Arc::clone(&self.inner), spec.clone(), watched.clone());
-                        groups.insert(spec.name.clone(), h.clone());
-                        h
-                    }
-                }
-            };
+            let handle = self.inner.group_handle(&spec, &watched)?;
             if let Some(consumer) = handle.join(member.clone()).await {
                 return Ok(consumer);
             }
         }
         Err(CoreError::ShuttingDown)
+    }
+
+    /// Register an endpoint (an AMQP queue, an MQTT session, a shared subscription) with
+    /// the core, so that its policy applies with or without members: expired messages at
+    /// its head are settled (and dead-lettered) on time. Replaces an earlier registration
+    /// of the same group.
+    pub fn register_endpoint(&self, spec: GroupSpec) {
+        self.inner.endpoints.lock().insert(spec.name.clone(), spec);
+    }
+
+    /// Forget an endpoint registered with [`Broker::register_endpoint`].
+    pub fn forget_endpoint(&self, group: &GroupName) {
+        self.inner.endpoints.lock().remove(group);
+    }
+
+    /// Sweep the registered endpoints for expired messages now (the core does it every
+    /// `expiry_interval`).
+    pub async fn expire_endpoints(&self) {
+        self.inner.expire_endpoints().await;
+    }
+
+    /// Publish `message` through `exchange` of `vhost` at `due` (ms), under `name`: a
+    /// later schedule with the same name replaces it and [`Broker::cancel_scheduled`]
+    /// withdraws it. Stored as a timer, it survives restarts (MQTT 5 delayed wills).
+    /// Routing happens when it fires.
+    pub async fn schedule_named(
+        &self,
+        name: &str,
+        vhost: &str,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        due: Millis,
+    ) -> Result<()> {
+        let route = Route::Exchange {
+            vhost: vhost.to_owned(),
+            exchange: exchange.to_owned(),
+            key: routing_key.to_owned(),
+            headers: Vec::new(),
+        };
+        self.inner.schedule_named(name, due, &route, message).await
+    }
+
+    /// Withdraw what [`Broker::schedule_named`] scheduled under `name` (if it has not
+    /// fired yet); whether something was pending.
+    pub async fn cancel_scheduled(&self, name: &str) -> Result<bool> {
+        self.inner.cancel_named(name).await
     }
 
     /// Move a group's position on all its queues (replay), whether or not members are
@@ -681,6 +760,7 @@ impl Broker {
     /// Delete a group: its members are cut off (their consumers end), its committed
     /// offsets are forgotten. A later subscribe starts it afresh.
     pub async fn delete_group(&self, group: &GroupName) -> Result<()> {
+        self.inner.endpoints.lock().remove(group);
         let handle = self.inner.groups.lock().remove(group);
         if let Some(h) = handle {
             h.stop().await;
@@ -787,7 +867,11 @@ impl Broker {
             self.inner.topic_handle(&topic).await?;
             items.push((message, vec![topic]));
         }
-        self.publish_routed_batch(items).await
+        let mut batch = PublishBatch::new();
+        for (message, topic) in items {
+            batch.push(Outgoing::routed(message, topic));
+        }
+        self.publish_batch(batch).await
     }
 
     /// Apply the store's retention policy now.
@@ -835,6 +919,18 @@ impl Broker {
     }
 }
 
+/// Sweep endpoints with a message TTL every `expiry_interval`.
+async fn expiry_task(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(interval) = inner.upgrade().map(|i| i.config.expiry_interval) else {
+            return;
+        };
+        tokio::time::sleep(interval).await;
+        let Some(i) = inner.upgrade() else { return };
+        i.expire_endpoints().await;
+    }
+}
+
 /// Apply the store's retention policy every `retention_interval`.
 async fn retention_task(inner: std::sync::Weak<Inner>) {
     loop {
@@ -858,7 +954,7 @@ async fn retention_task(inner: std::sync::Weak<Inner>) {
 }
 
 impl TopicHandle {
-    fn count(&self, producer_group: &str, n: u64) {
+    pub(crate) fn count(&self, producer_group: &str, n: u64) {
         let mut p = self.producers.lock();
         match p.get_mut(producer_group) {
             Some(c) => *c += n,
@@ -870,7 +966,105 @@ impl TopicHandle {
 }
 
 impl Inner {
-    fn stamp(&self, message: &mut Message) {
+    /// The handles of the topics a group consumes (created on demand).
+    async fn watch_topics(&self, spec: &GroupSpec) -> Result<Vec<Arc<TopicHandle>>> {
+        let mut watched = Vec::new();
+        for t in spec.all_topics() {
+            watched.push(self.topic_handle(&t).await?);
+        }
+        Ok(watched)
+    }
+
+    /// The live actor of a group, or a new one.
+    fn group_handle(
+        self: &Arc<Self>,
+        spec: &GroupSpec,
+        watched: &[Arc<TopicHandle>],
+    ) -> Result<GroupHandle> {
+        let mut groups = self.groups.lock();
+        match groups.get(&spec.name) {
+            Some(h) if h.is_alive() => {
+                if !h.spec.compatible(spec) {
+                    return Err(CoreError::Conflict(format!(
+                        "group {} exists with another mode or topics",
+                        spec.name
+                    )));
+                }
+                Ok(h.clone())
+            }
+            _ => {
+                let h = group::spawn(Arc::clone(self), spec.clone(), watched.to_vec());
+                groups.insert(spec.name.clone(), h.clone());
+                Ok(h)
+            }
+        }
+    }
+
+    /// Sweep the endpoints with a message TTL: expired messages at their head are
+    /// settled (and dead-lettered) by their group, started for the purpose when it has
+    /// no members and something is waiting.
+    async fn expire_endpoints(self: &Arc<Self>) {
+        let specs: Vec<GroupSpec> = self
+            .endpoints
+            .lock()
+            .values()
+            .filter(|s| s.policy.message_ttl.is_some())
+            .cloned()
+            .collect();
+        for spec in specs {
+            let live = self
+                .groups
+                .lock()
+                .get(&spec.name)
+                .filter(|h| h.is_alive())
+                .cloned();
+            let handle = match live {
+                Some(h) => h,
+                None => {
+                    if !self.has_waiting(&spec).await {
+                        continue;
+                    }
+                    let watched = match self.watch_topics(&spec).await {
+                        Ok(w) => w,
+                        Err(e) => {
+                            tracing::warn!(group = %spec.name, error = %e, "core: expiry sweep");
+                            continue;
+                        }
+                    };
+                    match self.group_handle(&spec, &watched) {
+                        Ok(h) => h,
+                        Err(_) => continue,
+                    }
+                }
+            };
+            handle.expire().await;
+        }
+    }
+
+    /// Whether a group without an actor has messages past its committed offsets.
+    async fn has_waiting(&self, spec: &GroupSpec) -> bool {
+        for t in &spec.topics {
+            let Some(cfg) = self.store.topic(t) else {
+                continue;
+            };
+            for q in 0..cfg.queue_count {
+                let queue = QueueRef::new(t.clone(), q);
+                let Ok(range) = self.store.queue_range(&queue) else {
+                    continue;
+                };
+                let committed = match self.store.committed_offset(&spec.name, &queue).await {
+                    Ok(Some(o)) => o.0,
+                    _ => range.min.0,
+                };
+                if range.next.0 > committed.max(range.min.0) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    pub(crate) fn stamp(&self, message: &mut Message) {
         if message.producer_group.is_empty() {
             message
                 .producer_group
@@ -879,7 +1073,7 @@ impl Inner {
     }
 
     /// The due time of a delay, or `None` when it is due now.
-    fn due(&self, delay: Option<Delay>) -> Option<Millis> {
+    pub(crate) fn due(&self, delay: Option<Delay>) -> Option<Millis> {
         let now = self.clock.now();
         let due = match delay? {
             Delay::Level(l) => now + self.config.level_delay(l).as_millis() as u64,
@@ -931,130 +1125,52 @@ impl Inner {
             .ok_or_else(|| CoreError::NoSuchTopic(name.to_string()))
     }
 
-    /// Store `message` once, indexed into one queue (round robin) of each of `topics`.
-    pub(crate) async fn append_routed(
-        &self,
-        message: Message,
-        topics: &[TopicName],
-    ) -> Result<Published> {
-        let mut targets = Vec::with_capacity(topics.len());
-        for t in topics {
-            let h = self.topic_handle(t).await?;
-            let q = QueueRef::new(t.clone(), h.select(None, None)?);
-            targets.push((h, q));
-        }
-        self.append_into(message, targets).await
-    }
-
-    /// Append `items` to `batch` (which may already hold other operations) and write it.
-    pub(crate) async fn append_many(
-        &self,
-        mut batch: WriteBatch,
-        items: Vec<(Message, Vec<TopicName>)>,
-        sync: bool,
-    ) -> Result<Vec<Option<Published>>> {
-        if !sync {
-            batch.no_sync();
-        }
-        let mut touched: Vec<(Arc<TopicHandle>, String)> = Vec::new();
-        let mut stored = Vec::with_capacity(items.len());
-        for (mut message, topics) in items {
-            if topics.is_empty() {
-                stored.push(false);
-                continue;
-            }
-            self.stamp(&mut message);
-            let mut queues = Vec::with_capacity(topics.len());
-            for t in &topics {
-                let h = self.topic_handle(t).await?;
-                queues.push(QueueRef::new(t.clone(), h.select(None, None)?));
-                touched.push((h, message.producer_group.clone()));
-            }
-            batch.append(message, queues);
-            stored.push(true);
-        }
-        if batch.is_empty() {
-            return Ok(stored.into_iter().map(|_| None).collect());
-        }
-        // Groups are woken as soon as the batch is readable: deliveries go out while
-        // the store syncs; the publisher is answered once it is durable.
-        let wake = || {
-            let mut woken: Vec<&Arc<TopicHandle>> = Vec::new();
-            for (h, _) in &touched {
-                if !woken.iter().any(|w| Arc::ptr_eq(w, h)) {
-                    h.wake();
-                    woken.push(h);
-                }
-            }
-        };
-        let (visible_tx, visible_rx) = tokio::sync::oneshot::channel();
-        let write = self.store.write_notify(batch, visible_tx);
-        tokio::pin!(write);
-        let receipt = tokio::select! {
-            r = &mut write => {
-                wake();
-                r?
-            }
-            Ok(()) = visible_rx => {
-                wake();
-                write.await?
-            }
-        };
-        for (h, group) in &touched {
-            h.count(group, 1);
-        }
-        let mut appended = receipt.appended.into_iter();
-        Ok(stored
-            .into_iter()
-            .map(|s| {
-                s.then(|| appended.next())
-                    .flatten()
-                    .map(|a| Published::Stored {
-                        id: a.id,
-                        offsets: a.offsets,
-                    })
-            })
-            .collect())
-    }
-
-    /// Store `message` once, indexed into `targets`; then count it per producer group and
-    /// wake the groups watching each target topic.
-    async fn append_into(
-        &self,
-        message: Message,
-        targets: Vec<(Arc<TopicHandle>, QueueRef)>,
-    ) -> Result<Published> {
-        let producer_group = message.producer_group.clone();
-        let (handles, queues): (Vec<_>, Vec<_>) = targets.into_iter().unzip();
-        let mut batch = WriteBatch::new();
-        batch.append(message, queues);
-        let mut receipt = self.store.write(batch).await?;
-        for h in &handles {
-            h.count(&producer_group, 1);
-            h.wake();
-        }
-        let a = receipt.appended.remove(0);
-        Ok(Published::Stored {
-            id: a.id,
-            offsets: a.offsets,
-        })
-    }
-
-    pub(crate) async fn put_timer(
-        &self,
-        due: Millis,
-        route: &Route,
-        message: Message,
-    ) -> Result<Published> {
-        let payload = encode_timer(route, &message)?;
-        let mut batch = WriteBatch::new();
-        batch.timer_put(due, payload);
-        let receipt = self.store.write(batch).await?;
+    /// A timer due at `due` was written: the scheduler may have to wake earlier.
+    pub(crate) fn timer_added(&self, due: Millis) {
         self.delay_rewind.fetch_min(due, Ordering::AcqRel);
         self.delay_wake.notify_one();
-        Ok(Published::Delayed {
-            timer: receipt.timers[0],
-        })
+    }
+
+    /// Schedule a publish through an exchange at `due` under `name` (one store batch: the
+    /// timer and its name). A later schedule under the same name replaces it, and
+    /// [`Inner::cancel_named`] withdraws it; it survives restarts.
+    pub(crate) async fn schedule_named(
+        &self,
+        name: &str,
+        due: Millis,
+        route: &Route,
+        mut message: Message,
+    ) -> Result<()> {
+        self.stamp(&mut message);
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let payload = encode_named_timer(Some((name, generation)), route, &message)?;
+        let mut batch = WriteBatch::new();
+        batch.timer_put(due, payload);
+        batch.kv_put(
+            NS_SCHEDULED,
+            name.as_bytes().to_vec(),
+            generation.to_be_bytes().to_vec(),
+        );
+        self.store.write(batch).await?;
+        self.timer_added(due);
+        Ok(())
+    }
+
+    /// Withdraw the timer scheduled under `name`; whether there was one. Its timer stays
+    /// in the index and releases into nothing.
+    pub(crate) async fn cancel_named(&self, name: &str) -> Result<bool> {
+        if self
+            .store
+            .kv_get(NS_SCHEDULED, name.as_bytes())
+            .await?
+            .is_none()
+        {
+            return Ok(false);
+        }
+        let mut batch = WriteBatch::new();
+        batch.kv_delete(NS_SCHEDULED, name.as_bytes().to_vec());
+        self.store.write(batch).await?;
+        Ok(true)
     }
 
     /// The offset `to` designates on `queue`.
@@ -1101,13 +1217,23 @@ impl Inner {
         let mut count = 0;
         for (key, payload) in due {
             batch.timer_delete(key);
-            let (route, mut message) = match decode_timer(payload) {
+            let (name, route, mut message) = match decode_timer(payload) {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::error!(timer = ?key, error = %e, "core: dropping undecodable timer");
                     continue;
                 }
             };
+            if let Some((name, generation)) = name {
+                // A named timer fires only if it is still the current one under its
+                // name (not cancelled, not replaced); its name goes with it.
+                match self.store.kv_get(NS_SCHEDULED, name.as_bytes()).await? {
+                    Some(v) if v.as_ref() == generation.to_be_bytes() => {
+                        batch.kv_delete(NS_SCHEDULED, name.into_bytes());
+                    }
+                    _ => continue,
+                }
+            }
             message.deliver_at = Some(key.due);
             let queues = match self.resolve(&route).await {
                 Ok(q) => q,
@@ -1208,8 +1334,13 @@ mod tests {
             },
         ] {
             let enc = encode_timer(&route, &m).unwrap();
-            let (r, back) = decode_timer(Bytes::from(enc.clone())).unwrap();
+            let (name, r, back) = decode_timer(Bytes::from(enc.clone())).unwrap();
+            assert_eq!(name, None);
             assert_eq!(r, route);
+            let named = encode_named_timer(Some(("will/c1", 7)), &route, &m).unwrap();
+            let (name, r2, back2) = decode_timer(Bytes::from(named)).unwrap();
+            assert_eq!(name, Some(("will/c1".to_owned(), 7)));
+            assert_eq!((r2, back2), (route.clone(), m.clone()));
             assert_eq!(back, m);
             for cut in 0..enc.len() {
                 assert!(decode_timer(Bytes::copy_from_slice(&enc[..cut])).is_err());

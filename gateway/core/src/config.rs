@@ -62,6 +62,9 @@ pub struct CoreConfig {
     pub memory_check_interval: Duration,
     /// How failed logins (every protocol, the admin API) are slowed down.
     pub login_throttle: crate::login::LoginThrottleConfig,
+    /// How often endpoints with a message TTL are swept for expired messages at their
+    /// head (consumed or not).
+    pub expiry_interval: Duration,
 }
 
 impl Default for CoreConfig {
@@ -83,6 +86,7 @@ impl Default for CoreConfig {
             memory_high_watermark: None,
             memory_check_interval: Duration::from_millis(250),
             login_throttle: crate::login::LoginThrottleConfig::default(),
+            expiry_interval: Duration::from_millis(250),
         }
     }
 }

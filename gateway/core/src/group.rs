@@ -30,6 +30,7 @@ use mqgate_store::{
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::broker::{Inner, TopicHandle};
+use crate::endpoint::{self, DeathReason, Policy, Verdict};
 use crate::error::{CoreError, Result};
 
 /// How a group's members share its topics' queues.
@@ -85,6 +86,8 @@ pub struct GroupSpec {
     pub on_failure: OnFailure,
     /// Failures before the DLQ (default: the broker's `max_reconsume_times`).
     pub max_reconsume_times: Option<u32>,
+    /// TTL, delivery limit and dead-letter target, applied by the core.
+    pub policy: Policy,
 }
 
 impl GroupSpec {
@@ -98,6 +101,7 @@ impl GroupSpec {
             start: StartPosition::Last,
             on_failure: OnFailure::Retry,
             max_reconsume_times: None,
+            policy: Policy::default(),
         }
     }
 
@@ -192,6 +196,8 @@ enum Cmd {
     Prefetch(String, usize),
     Reset(StartPosition, oneshot::Sender<Result<()>>),
     Info(oneshot::Sender<GroupInfo>),
+    /// Settle expired messages at the head of each queue (members or not).
+    Expire(oneshot::Sender<()>),
     Stop(oneshot::Sender<()>),
 }
 
@@ -215,6 +221,7 @@ impl std::fmt::Debug for Cmd {
             Cmd::Prefetch(..) => "Prefetch",
             Cmd::Reset(..) => "Reset",
             Cmd::Info(..) => "Info",
+            Cmd::Expire(..) => "Expire",
             Cmd::Stop(..) => "Stop",
         })
     }
@@ -319,6 +326,14 @@ impl GroupHandle {
             .send(Cmd::Reset(to, tx))
             .map_err(|_| CoreError::ShuttingDown)?;
         rx.await.map_err(|_| CoreError::ShuttingDown)?
+    }
+
+    /// Settle the expired messages at the head of the group's queues.
+    pub(crate) async fn expire(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Expire(tx)).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     pub(crate) async fn info(&self) -> Result<GroupInfo> {
@@ -481,6 +496,19 @@ struct Pending {
     count: u32,
 }
 
+/// A message the policy settled at delivery, to be dead-lettered.
+struct Dying {
+    offset: u64,
+    message: Arc<StoredMessage>,
+    count: u32,
+    reason: DeathReason,
+}
+
+/// How long a queue pauses after its settlement could not be stored.
+const FAILED_WRITE_PAUSE_MS: u64 = 1_000;
+/// The most messages one expiry sweep settles per queue.
+const EXPIRE_SWEEP_MAX: usize = 10_000;
+
 #[derive(Default)]
 struct QueueState {
     /// Clustering / orderly: the member that reads this queue.
@@ -640,6 +668,7 @@ impl Actor {
         let now = self.inner.clock.now();
         self.queues
             .values()
+            .chain(self.members.values().flat_map(|m| m.cursors.values()))
             .map(|q| q.suspended_until)
             .filter(|t| *t > now)
             .min()
@@ -791,6 +820,10 @@ impl Actor {
             Cmd::Info(reply) => {
                 let _ = reply.send(self.info());
             }
+            Cmd::Expire(done) => {
+                self.expire_heads().await;
+                let _ = done.send(());
+            }
             Cmd::Stop(done) => {
                 self.stopped = Some(done);
             }
@@ -848,29 +881,227 @@ impl Actor {
             );
             return;
         }
-        if self.spec.on_failure == OnFailure::Discard && !orderly {
+        // The failure's effect (a retry timer, the DLQ, the dead-letter target) and the
+        // commit of the offset past the message go in one store batch.
+        let mut batch = WriteBatch::new();
+        let (wake, timer, dlq) = match self.stage_failure(&f, &queue, attempts, &mut batch).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(group = %self.spec.name, error = %e, "core: failed message could not be staged; redelivering");
+                self.put_back(member, &queue, vec![(offset, f.message, f.count)], now);
+                return;
+            }
+        };
+        if batch.is_empty() {
+            // Discarded: nothing to store; the commit follows with the next tick.
             return;
         }
-        // Orderly past its budget, or the retry ladder: hand it to the retry service.
-        let group = self.spec.name.clone();
-        let result = if orderly {
-            crate::retry::to_dlq(&self.inner, &group, &f.message.message, &queue, attempts).await
-        } else {
-            crate::retry::fail(&self.inner, &group, &f.message.message, &queue, max).await
-        };
-        if let Err(e) = result {
-            // Could not store the retry: deliver it again rather than lose it.
-            tracing::error!(group = %group, error = %e, "core: retry/DLQ write failed; redelivering");
-            if let Some(q) = self.cursor_mut(member, &queue) {
-                q.redeliver.insert(
-                    offset,
-                    Pending {
-                        message: f.message,
-                        count: f.count,
-                    },
-                );
+        match self.write_with_commit(member, &queue, batch).await {
+            Ok(()) => {
+                if let Some(due) = timer {
+                    self.inner.timer_added(due);
+                    self.inner.retries.fetch_add(1, Ordering::Relaxed);
+                } else if dlq || !wake.is_empty() {
+                    self.inner.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                }
+                for t in &wake {
+                    self.inner.wake_topic(t);
+                }
+            }
+            Err(e) => {
+                // Could not store it: deliver it again rather than lose it.
+                tracing::error!(group = %self.spec.name, error = %e, "core: retry/dead-letter write failed; redelivering");
+                self.put_back(member, &queue, vec![(offset, f.message, f.count)], now);
             }
         }
+    }
+
+    /// Add what a failed message becomes to `batch`: the next retry (a timer), its
+    /// dead-letter copy, its DLQ copy, or nothing (discarded). Returns the topics to wake,
+    /// the retry's due time, and whether it went to the DLQ.
+    async fn stage_failure(
+        &self,
+        f: &InFlight,
+        queue: &QueueRef,
+        attempts: u32,
+        batch: &mut WriteBatch,
+    ) -> Result<(Vec<TopicName>, Option<Millis>, bool)> {
+        let orderly = self.spec.orderly;
+        let retrying = self.spec.on_failure == OnFailure::Retry && !orderly;
+        let m = &f.message.message;
+        let group = &self.spec.name;
+        if retrying && m.reconsume_times < self.max_reconsume {
+            let due = crate::retry::stage_retry(&self.inner, group, m, queue, batch)?;
+            return Ok((Vec::new(), Some(due), false));
+        }
+        if let Some(dl) = &self.spec.policy.dead_letter {
+            let wake =
+                endpoint::stage(&self.inner, dl, &f.message, DeathReason::Rejected, batch).await?;
+            return Ok((wake, None, false));
+        }
+        if retrying || orderly {
+            let failures = if orderly {
+                attempts
+            } else {
+                m.reconsume_times + 1
+            };
+            let t = crate::retry::stage_dlq(&self.inner, group, m, queue, failures, batch).await?;
+            return Ok((vec![t], None, true));
+        }
+        Ok((Vec::new(), None, false))
+    }
+
+    /// Write `batch` together with the commit of `queue`'s offset (what was settled
+    /// before it is written is past the commit): both, or neither.
+    async fn write_with_commit(
+        &mut self,
+        member: &str,
+        queue: &QueueRef,
+        mut batch: WriteBatch,
+    ) -> Result<()> {
+        let group = self.offsets_group(Some(member));
+        let committed = self.cursor_mut(member, queue).map(|q| q.committed());
+        if let Some(c) = committed {
+            batch.commit_offset(group, queue.clone(), QueueOffset(c));
+        }
+        self.inner.store.write(batch).await?;
+        if let (Some(c), Some(q)) = (committed, self.cursor_mut(member, queue)) {
+            q.persisted = Some(c);
+        }
+        Ok(())
+    }
+
+    /// Messages whose settlement could not be stored go back to be delivered again,
+    /// after a pause (a store that fails now would fail again at once).
+    fn put_back(
+        &mut self,
+        member: &str,
+        queue: &QueueRef,
+        msgs: Vec<(u64, Arc<StoredMessage>, u32)>,
+        now: Millis,
+    ) {
+        if let Some(q) = self.cursor_mut(member, queue) {
+            for (offset, message, count) in msgs {
+                q.redeliver.insert(offset, Pending { message, count });
+            }
+            q.suspended_until = q.suspended_until.max(now + FAILED_WRITE_PAUSE_MS);
+        }
+    }
+
+    /// Dead-letter what the policy settled at delivery, with the commit past it, in one
+    /// batch.
+    async fn flush_dying(&mut self, member: &str, queue: &QueueRef, dying: Vec<Dying>) {
+        let Some(dl) = self.spec.policy.dead_letter.clone() else {
+            return;
+        };
+        if dying.is_empty() {
+            return;
+        }
+        let mut batch = WriteBatch::new();
+        let mut wake = Vec::new();
+        let mut result = Ok(());
+        for d in &dying {
+            match endpoint::stage(&self.inner, &dl, &d.message, d.reason, &mut batch).await {
+                Ok(t) => wake.extend(t),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            result = self.write_with_commit(member, queue, batch).await;
+        }
+        match result {
+            Ok(()) => {
+                self.inner
+                    .dead_lettered
+                    .fetch_add(dying.len() as u64, Ordering::Relaxed);
+                wake.sort();
+                wake.dedup();
+                for t in &wake {
+                    self.inner.wake_topic(t);
+                }
+            }
+            Err(e) => {
+                tracing::error!(group = %self.spec.name, error = %e, "core: dead-letter write failed; the messages stay in their queue");
+                let now = self.inner.clock.now();
+                let back = dying
+                    .into_iter()
+                    .map(|d| (d.offset, d.message, d.count))
+                    .collect();
+                self.put_back(member, queue, back, now);
+            }
+        }
+    }
+
+    /// Settle expired messages at the head of each queue's undelivered part (the sweep
+    /// for endpoints with a TTL, consumed or not).
+    async fn expire_heads(&mut self) {
+        if self.broadcast() {
+            return;
+        }
+        let now = self.inner.clock.now();
+        let boot = self.inner.boot;
+        let queues: Vec<QueueRef> = self.queues.keys().cloned().collect();
+        for queue in queues {
+            let mut dying = Vec::new();
+            for _ in 0..EXPIRE_SWEEP_MAX {
+                let verdict = {
+                    let Some(q) = self.queues.get(&queue) else {
+                        break;
+                    };
+                    if now < q.suspended_until {
+                        break;
+                    }
+                    let head = match q.redeliver.first_key_value() {
+                        Some((_, p)) => Some((&p.message, p.count)),
+                        None => q.buffer.front().map(|m| (&m.message, 0)),
+                    };
+                    match head {
+                        Some((m, count)) => {
+                            Some(
+                                self.spec
+                                    .policy
+                                    .verdict(m, count, self.retrying(), boot, now),
+                            )
+                        }
+                        None => None,
+                    }
+                };
+                match verdict {
+                    None => {
+                        if !self.fill("", &queue, self.inner.config.read_batch).await {
+                            break;
+                        }
+                    }
+                    Some(Verdict::Deliver) => break,
+                    Some(v) => {
+                        let q = self.queues.get_mut(&queue).expect("listed");
+                        let (offset, message, count) = match q.redeliver.pop_first() {
+                            Some((o, p)) => (o, p.message, p.count),
+                            None => match q.buffer.pop_front() {
+                                Some(m) => (m.entry.offset.0, m.message, 0),
+                                None => break,
+                            },
+                        };
+                        if let Verdict::Dead(reason) = v {
+                            dying.push(Dying {
+                                offset,
+                                message,
+                                count,
+                                reason,
+                            });
+                        }
+                    }
+                }
+            }
+            self.flush_dying("", &queue, dying).await;
+        }
+    }
+
+    fn retrying(&self) -> bool {
+        self.spec.on_failure == OnFailure::Retry
     }
 
     async fn remove_member(&mut self, id: &str) {
@@ -1136,15 +1367,34 @@ impl Actor {
             Target::Member(id) => id.clone(),
             _ => String::new(),
         };
+        let mut dying = Vec::new();
+        let delivered = self
+            .pump_queue_into(queue, target, &owner_key, &mut dying)
+            .await;
+        let progress = delivered || !dying.is_empty();
+        self.flush_dying(&owner_key, queue, dying).await;
+        progress
+    }
+
+    async fn pump_queue_into(
+        &mut self,
+        queue: &QueueRef,
+        target: Target,
+        owner_key: &str,
+        dying: &mut Vec<Dying>,
+    ) -> bool {
+        let owner_key = owner_key.to_owned();
         let orderly = self.spec.orderly;
         let now = self.inner.clock.now();
+        let boot = self.inner.boot;
+        let retrying = self.retrying();
         let mut delivered = false;
         for _ in 0..self.inner.config.read_batch {
             {
                 let Some(q) = self.cursor_mut(&owner_key, queue) else {
                     return delivered;
                 };
-                if orderly && (!q.in_flight.is_empty() || now < q.suspended_until) {
+                if now < q.suspended_until || (orderly && !q.in_flight.is_empty()) {
                     break;
                 }
             }
@@ -1163,7 +1413,32 @@ impl Actor {
                 }
             };
             let (offset, message, count, redelivered) = match next {
-                Some(x) => x,
+                Some((offset, message, count, redelivered)) => {
+                    match self
+                        .spec
+                        .policy
+                        .verdict(&message, count, retrying, boot, now)
+                    {
+                        Verdict::Deliver => (offset, message, count, redelivered),
+                        Verdict::Skip => {
+                            delivered = true;
+                            continue;
+                        }
+                        Verdict::Dead(reason) => {
+                            if self.spec.policy.dead_letter.is_some() {
+                                dying.push(Dying {
+                                    offset,
+                                    message,
+                                    count,
+                                    reason,
+                                });
+                            } else {
+                                delivered = true;
+                            }
+                            continue;
+                        }
+                    }
+                }
                 None => {
                     // Read only what members can take now: the backlog stays in the store.
                     let credit = match &target {

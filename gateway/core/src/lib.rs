@@ -16,12 +16,15 @@ pub mod clock;
 pub mod config;
 mod delay;
 mod durable;
+pub mod endpoint;
 mod error;
 mod group;
+mod inspect;
 pub mod login;
 mod memory;
 pub mod net;
 pub mod props;
+pub mod publish;
 pub mod retry;
 pub mod router;
 pub mod trie;
@@ -32,12 +35,14 @@ pub use auth::{Password, UserAccount, Users};
 pub use broker::{Broker, Delay, ProducerStat, Publish, Published};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::CoreConfig;
+pub use endpoint::{DeadLetter, DeadLetterFormat, DeathReason, Policy};
 pub use error::{CoreError, Result};
 pub use group::{
     AckToken, ConsumeMode, Consumer, Delivery, GroupInfo, GroupSpec, MemberInfo, MemberOptions,
     OnFailure, QueueInfo, StartPosition,
 };
 pub use login::{LoginThrottle, LoginThrottleConfig};
+pub use publish::{Destination, Outgoing, PublishBatch, Records};
 pub use router::Router;
 
 /// One client connection, as the admin API lists it (every protocol).

@@ -26,6 +26,10 @@ pub const MQTT_RETAIN: &str = "mqtt.retain";
 /// The MQTT client id that published it (for no-local subscriptions).
 pub const MQTT_FROM: &str = "mqtt.from";
 
+/// Present when the message may be lost in a crash (AMQP delivery mode 1): one
+/// stored before this broker started is skipped at delivery.
+pub const TRANSIENT: &str = "amqp.transient";
+
 /// The AMQP exchange it was published to.
 pub const AMQP_EXCHANGE: &str = "amqp.exchange";
 /// The AMQP routing key it was published with (MQTT delivers it on

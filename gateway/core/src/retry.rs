@@ -8,9 +8,9 @@
 //! properties and failure count, and can be listed and resent.
 
 use bytes::Bytes;
-use mqgate_store::{GroupName, Message, QueueRef, TopicName, WriteBatch};
+use mqgate_store::{GroupName, Message, Millis, QueueRef, TopicName, WriteBatch};
 
-use crate::broker::{Inner, Route};
+use crate::broker::{encode_timer, Inner, Route};
 use crate::error::Result;
 
 /// The property naming the topic a retried or dead-lettered message was first consumed from.
@@ -50,19 +50,17 @@ fn tagged(original: &Message, queue: &QueueRef) -> Message {
     m
 }
 
-/// A consumption of `original` (read from `queue`) failed: schedule its retry, or move it
-/// to the DLQ once it has failed `max` times.
-pub(crate) async fn fail(
+/// A consumption of `original` (read from `queue`) failed and is retried: add to
+/// `batch` a timer for the copy with one more failure, due after the next step of the
+/// ladder, routed to the group's retry topic. Returns the due time.
+pub(crate) fn stage_retry(
     inner: &Inner,
     group: &GroupName,
     original: &Message,
     queue: &QueueRef,
-    max: u32,
-) -> Result<()> {
+    batch: &mut WriteBatch,
+) -> Result<Millis> {
     let failures = original.reconsume_times + 1;
-    if failures > max {
-        return to_dlq(inner, group, original, queue, failures).await;
-    }
     let mut m = tagged(original, queue);
     m.reconsume_times = failures;
     let delay = inner.config.retry_delay(original.reconsume_times);
@@ -73,34 +71,28 @@ pub(crate) async fn fail(
         sharding_key: None,
     };
     tracing::debug!(group = %group, failures, ?delay, "core: consumption failed; retry scheduled");
-    inner.put_timer(due, &route, m).await?;
-    inner
-        .retries
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Ok(())
+    batch.timer_put(due, encode_timer(&route, &m)?);
+    Ok(due)
 }
 
-/// Append `original` to the group's DLQ topic.
-pub(crate) async fn to_dlq(
+/// Add to `batch` the append of `original` to the group's DLQ topic (created on demand).
+/// Returns the DLQ topic.
+pub(crate) async fn stage_dlq(
     inner: &Inner,
     group: &GroupName,
     original: &Message,
     queue: &QueueRef,
     failures: u32,
-) -> Result<()> {
+    batch: &mut WriteBatch,
+) -> Result<TopicName> {
     let topic = dlq_topic(group)?;
     inner.topic_handle(&topic).await?;
     let mut m = tagged(original, queue);
     m.reconsume_times = failures;
     set_property(&mut m, PROP_DLQ_FAILURES, Bytes::from(failures.to_string()));
     tracing::info!(group = %group, failures, "core: message moved to the DLQ");
-    let mut batch = WriteBatch::new();
-    batch.append(m, vec![QueueRef::new(topic, 0)]);
-    inner.store.write(batch).await?;
-    inner
-        .dead_lettered
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Ok(())
+    batch.append(m, vec![QueueRef::new(topic.clone(), 0)]);
+    Ok(topic)
 }
 
 /// The message as it was first published, for a resend from the DLQ.

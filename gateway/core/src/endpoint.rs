@@ -1,0 +1,216 @@
+//! Endpoint policies: what the core does on its own with the messages of a consumable
+//! thing (an AMQP queue, an MQTT session, a shared subscription) before and instead of
+//! delivering them.
+//!
+//! A [`Policy`] travels with the endpoint's [`GroupSpec`](crate::GroupSpec) and is applied by
+//! the group's actor:
+//! - **at delivery**: a transient message stored before this broker started is skipped;
+//!   an expired message (the endpoint's TTL, or the message's own `expires-at`) and a
+//!   message delivered more often than the delivery limit are settled, and dead-lettered
+//!   when the endpoint has a dead-letter target;
+//! - **on failure** (a nack without requeue): the retry ladder, then the dead-letter
+//!   target or the DLQ; or discard, or the dead-letter target;
+//! - **on a sweep** ([`Broker::expire_endpoints`](crate::Broker)): expired messages at the
+//!   head of an endpoint nobody consumes, as RabbitMQ expires them on time.
+//!
+//! A dead-lettered message's copy and the group's offset commit past it are one store
+//! batch: after a crash it is in its queue or in the dead-letter target, never in
+//! neither; a failed write leaves it in its queue, delivered again after a pause.
+
+use std::sync::Arc;
+
+use mqgate_store::{Message, Millis, QueueRef, StoredMessage, TopicName, WriteBatch};
+
+use crate::broker::Inner;
+use crate::error::{CoreError, Result};
+use crate::props;
+
+/// Why a message left its endpoint for a dead-letter target (RabbitMQ's reasons).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeathReason {
+    /// Rejected or nacked without requeue (or out of retries).
+    Rejected,
+    /// Its TTL passed.
+    Expired,
+    /// Dropped from the head of a full queue.
+    MaxLen,
+    /// Delivered more often than the endpoint's delivery limit.
+    DeliveryLimit,
+}
+
+impl DeathReason {
+    /// RabbitMQ's name (`x-death` `reason`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeathReason::Rejected => "rejected",
+            DeathReason::Expired => "expired",
+            DeathReason::MaxLen => "maxlen",
+            DeathReason::DeliveryLimit => "delivery_limit",
+        }
+    }
+}
+
+/// Builds the copy a dead-letter exchange receives, with the protocol's own record of the
+/// death (AMQP: the `x-death` header): pure translation, supplied by the adapter that
+/// declared the endpoint. Returns the copy and the routing key to publish it with.
+pub trait DeadLetterFormat: Send + Sync + std::fmt::Debug {
+    /// The copy of `original` for `target`.
+    fn copy(
+        &self,
+        original: &StoredMessage,
+        target: &DeadLetter,
+        reason: DeathReason,
+        now: Millis,
+    ) -> (Message, String);
+}
+
+/// Where an endpoint's dead messages go: an exchange of a virtual host.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    /// The virtual host of the exchange.
+    pub vhost: String,
+    /// The exchange.
+    pub exchange: String,
+    /// Replaces the message's routing key (`x-dead-letter-routing-key`).
+    pub routing_key: Option<String>,
+    /// The endpoint's name as its protocol knows it (`x-death` `queue`).
+    pub endpoint: String,
+    /// How the copy is made.
+    pub format: Arc<dyn DeadLetterFormat>,
+}
+
+/// What the core does with an endpoint's messages before delivering them.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    /// Messages older than this (ms since stored) are not delivered.
+    pub message_ttl: Option<u64>,
+    /// Deliveries after the first beyond which a message is not delivered again
+    /// (RabbitMQ's `x-delivery-limit`: `limit + 1` deliveries in all). Groups with a
+    /// retry ladder count failures with `max_reconsume_times` instead.
+    pub delivery_limit: Option<u32>,
+    /// Where dead messages go (none: they are dropped, or go to the DLQ after the retry
+    /// ladder).
+    pub dead_letter: Option<DeadLetter>,
+}
+
+/// What happens to a message about to be delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Deliver,
+    /// Settled silently (a transient message from before this broker started).
+    Skip,
+    /// Settled, and dead-lettered when the endpoint has a target.
+    Dead(DeathReason),
+}
+
+impl Policy {
+    /// Whether there is anything to check at delivery (the hot path skips it otherwise,
+    /// apart from the transient and `expires-at` checks every message gets).
+    pub(crate) fn verdict(
+        &self,
+        m: &StoredMessage,
+        deliveries_before: u32,
+        retrying: bool,
+        boot: Millis,
+        now: Millis,
+    ) -> Verdict {
+        let p = &m.message.properties;
+        if m.store_timestamp < boot && props::get(p, props::TRANSIENT).is_some() {
+            return Verdict::Skip;
+        }
+        let expired = props::get_u64(p, props::EXPIRES_AT).is_some_and(|at| at <= now)
+            || self
+                .message_ttl
+                .is_some_and(|ttl| m.store_timestamp.saturating_add(ttl) <= now);
+        if expired {
+            return Verdict::Dead(DeathReason::Expired);
+        }
+        if !retrying && self.delivery_limit.is_some_and(|l| deliveries_before > l) {
+            return Verdict::Dead(DeathReason::DeliveryLimit);
+        }
+        Verdict::Deliver
+    }
+}
+
+/// Add the dead-letter copy of `original` to `batch`: routed now through the target
+/// exchange (a target exchange that does not exist drops it, as RabbitMQ does). Returns
+/// the topics to wake once written.
+pub(crate) async fn stage(
+    inner: &Inner,
+    target: &DeadLetter,
+    original: &StoredMessage,
+    reason: DeathReason,
+    batch: &mut WriteBatch,
+) -> Result<Vec<TopicName>> {
+    let now = inner.clock.now();
+    let (mut copy, key) = target.format.copy(original, target, reason, now);
+    inner.stamp(&mut copy);
+    let routed = match inner
+        .router
+        .route(&target.vhost, &target.exchange, &key, &[])
+    {
+        Ok(r) => r,
+        Err(CoreError::NoSuchExchange(_)) => {
+            tracing::info!(endpoint = %target.endpoint, exchange = %target.exchange, "core: dead-letter exchange does not exist; message dropped");
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(e),
+    };
+    let mut queues = Vec::with_capacity(routed.topics.len());
+    for t in &routed.topics {
+        let h = inner.topic_handle(t).await?;
+        queues.push(QueueRef::new(t.clone(), h.select(None, None)?));
+    }
+    if !queues.is_empty() {
+        batch.append(copy, queues);
+    }
+    Ok(routed.topics)
+}
+
+impl crate::Broker {
+    /// Create an endpoint's storage: its topic with `queues` queues, and `group`'s
+    /// offsets at the topic's end (a new endpoint starts empty even if a topic of that
+    /// name held messages) written in one batch with the endpoint's `records`.
+    pub async fn declare_endpoint(
+        &self,
+        topic: &TopicName,
+        queues: u32,
+        group: &mqgate_store::GroupName,
+        records: crate::Records,
+    ) -> Result<()> {
+        self.create_topic(topic, Some(queues)).await?;
+        let mut batch = WriteBatch::new();
+        for q in 0..queues {
+            let queue = QueueRef::new(topic.clone(), q);
+            let start = self.inner.store.queue_range(&queue)?.next;
+            batch.commit_offset(group.clone(), queue, start);
+        }
+        records.apply(&mut batch);
+        self.inner.store.write(batch).await?;
+        Ok(())
+    }
+
+    /// Delete an endpoint: its bindings in `vhost`, its group (members are told by their
+    /// consumer ending), its topic and its `records`. Each step is logged and the next
+    /// one still runs when one fails.
+    pub async fn delete_endpoint(
+        &self,
+        vhost: &str,
+        topic: &TopicName,
+        group: &mqgate_store::GroupName,
+        records: crate::Records,
+    ) -> Result<()> {
+        let mut first_error = None;
+        let mut note = |what: &str, r: Result<()>| {
+            if let Err(e) = r {
+                tracing::error!(topic = %topic, error = %e, "core: deleting an endpoint: {what}");
+                first_error.get_or_insert(e);
+            }
+        };
+        note("bindings", self.unbind_topic(vhost, topic).await);
+        note("group", self.delete_group(group).await);
+        note("topic", self.delete_topic(topic).await.map(|_| ()));
+        note("records", self.write_records(records).await);
+        first_error.map_or(Ok(()), Err)
+    }
+}

@@ -1,0 +1,350 @@
+//! The one publish path: a batch of messages (each to a topic, to resolved topics, or
+//! through an exchange; now or delayed) and the endpoint records that go with them, in
+//! one atomic store write.
+//!
+//! Adapters translate what they read from a connection in one go into a
+//! [`PublishBatch`]; [`Broker::publish_batch`](crate::Broker::publish_batch) routes what
+//! is not routed yet, turns delayed items into timers (routed at release), appends the
+//! rest (the body once, an index entry per destination queue), adds the records (an MQTT
+//! retained message goes in the same batch as its publish), writes once, wakes the groups
+//! consuming the destinations as soon as the write is readable and answers once it is
+//! durable.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use mqgate_store::{Message, QueueId, QueueRef, TopicName, WriteBatch};
+
+use crate::broker::{encode_timer, Delay, Inner, Published, Route, TopicHandle};
+use crate::error::Result;
+use crate::router::HeaderValue;
+
+/// Where one message of a batch goes.
+#[derive(Clone, Debug)]
+pub enum Destination {
+    /// A topic (RocketMQ's producer API): an explicit queue, the queue of a sharding key,
+    /// or round robin.
+    Topic {
+        /// The topic.
+        topic: TopicName,
+        /// An explicit queue.
+        queue: Option<QueueId>,
+        /// Messages with the same key go to the same queue, in order.
+        sharding_key: Option<String>,
+    },
+    /// Topics already resolved with [`Router::route`](crate::Router::route): one queue of
+    /// each, round robin. None: the message is not stored (`None` in the answer).
+    Topics(Vec<TopicName>),
+    /// Through an exchange of a virtual host: routed now, or at release when delayed.
+    Exchange {
+        /// The virtual host.
+        vhost: String,
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        key: String,
+        /// Headers for a headers exchange.
+        headers: Vec<(String, HeaderValue)>,
+    },
+}
+
+/// One message of a batch.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    /// The message.
+    pub message: Message,
+    /// Where it goes.
+    pub to: Destination,
+    /// Deliver later (a timer in the store; routed when due).
+    pub delay: Option<Delay>,
+}
+
+impl Outgoing {
+    /// A message to resolved topics, now.
+    pub fn routed(message: Message, topics: Vec<TopicName>) -> Self {
+        Self {
+            message,
+            to: Destination::Topics(topics),
+            delay: None,
+        }
+    }
+}
+
+/// Changes to endpoints' durable records (keyed-area entries an adapter owns: AMQP queue
+/// declarations, MQTT sessions and retained messages), written with a publish batch or
+/// on their own, atomically.
+#[derive(Clone, Debug, Default)]
+pub struct Records {
+    ops: Vec<RecordOp>,
+}
+
+#[derive(Clone, Debug)]
+enum RecordOp {
+    Put(String, Bytes, Bytes),
+    Delete(String, Bytes),
+}
+
+impl Records {
+    /// No changes.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Put `value` at `key` of `namespace`.
+    pub fn put(
+        &mut self,
+        namespace: &str,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> &mut Self {
+        self.ops.push(RecordOp::Put(
+            namespace.to_owned(),
+            key.into(),
+            value.into(),
+        ));
+        self
+    }
+
+    /// Delete `key` of `namespace`.
+    pub fn delete(&mut self, namespace: &str, key: impl Into<Bytes>) -> &mut Self {
+        self.ops
+            .push(RecordOp::Delete(namespace.to_owned(), key.into()));
+        self
+    }
+
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Add every change to `batch`.
+    pub(crate) fn apply(self, batch: &mut WriteBatch) {
+        for op in self.ops {
+            match op {
+                RecordOp::Put(ns, k, v) => batch.kv_put(ns, k, v),
+                RecordOp::Delete(ns, k) => batch.kv_delete(ns, k),
+            };
+        }
+    }
+}
+
+/// What a connection publishes in one go.
+#[derive(Clone, Debug)]
+pub struct PublishBatch {
+    /// The messages, answered in this order.
+    pub items: Vec<Outgoing>,
+    /// Records written in the same atomic write.
+    pub records: Records,
+    /// `false`: the messages may be lost in a crash (AMQP delivery mode 1); the write
+    /// does not wait for an fsync of its own.
+    pub durable: bool,
+}
+
+impl PublishBatch {
+    /// An empty durable batch.
+    pub fn new() -> Self {
+        Self {
+            items: Vec::new(),
+            records: Records::new(),
+            durable: true,
+        }
+    }
+
+    /// Add a message.
+    pub fn push(&mut self, item: Outgoing) -> &mut Self {
+        self.items.push(item);
+        self
+    }
+}
+
+impl Default for PublishBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What one item became before the write.
+enum Staged {
+    Skipped,
+    Appended,
+    Timer,
+}
+
+impl Inner {
+    /// [`Broker::publish_batch`](crate::Broker::publish_batch).
+    pub(crate) async fn publish_batch(&self, b: PublishBatch) -> Result<Vec<Option<Published>>> {
+        let PublishBatch {
+            items,
+            records,
+            durable,
+        } = b;
+        let mut batch = WriteBatch::new();
+        if !durable {
+            batch.no_sync();
+        }
+        let mut touched: Vec<(Arc<TopicHandle>, String)> = Vec::new();
+        let mut staged = Vec::with_capacity(items.len());
+        let mut earliest_timer: Option<u64> = None;
+        for Outgoing {
+            mut message,
+            to,
+            delay,
+        } in items
+        {
+            self.stamp(&mut message);
+            if let Some(due) = self.due(delay) {
+                let route = match to {
+                    Destination::Topic {
+                        topic,
+                        queue,
+                        sharding_key,
+                    } => Route::Topic {
+                        topic,
+                        queue: queue.map(|q| q.0),
+                        sharding_key,
+                    },
+                    Destination::Exchange {
+                        vhost,
+                        exchange,
+                        key,
+                        headers,
+                    } => {
+                        // Unknown exchanges are refused now, not at release.
+                        if self.router.exchange(&vhost, &exchange).is_none() {
+                            return Err(crate::CoreError::NoSuchExchange(exchange));
+                        }
+                        Route::Exchange {
+                            vhost,
+                            exchange,
+                            key,
+                            headers,
+                        }
+                    }
+                    Destination::Topics(topics) => match topics.as_slice() {
+                        [] => {
+                            staged.push(Staged::Skipped);
+                            continue;
+                        }
+                        [one] => Route::Topic {
+                            topic: one.clone(),
+                            queue: None,
+                            sharding_key: None,
+                        },
+                        _ => {
+                            return Err(crate::CoreError::Invalid(
+                                "a delayed message goes to one topic or through an exchange".into(),
+                            ))
+                        }
+                    },
+                };
+                batch.timer_put(due, encode_timer(&route, &message)?);
+                earliest_timer = Some(earliest_timer.map_or(due, |e: u64| e.min(due)));
+                staged.push(Staged::Timer);
+                continue;
+            }
+            let queues = match to {
+                Destination::Topic {
+                    topic,
+                    queue,
+                    sharding_key,
+                } => {
+                    let h = self.topic_handle(&topic).await?;
+                    let q = h.select(queue.map(|q| q.0), sharding_key.as_deref())?;
+                    touched.push((h, message.producer_group.clone()));
+                    vec![QueueRef::new(topic, q)]
+                }
+                Destination::Topics(topics) => {
+                    self.one_queue_each(&topics, &message, &mut touched).await?
+                }
+                Destination::Exchange {
+                    vhost,
+                    exchange,
+                    key,
+                    headers,
+                } => {
+                    let routed = self.router.route(&vhost, &exchange, &key, &headers)?;
+                    self.one_queue_each(&routed.topics, &message, &mut touched)
+                        .await?
+                }
+            };
+            if queues.is_empty() {
+                staged.push(Staged::Skipped);
+                continue;
+            }
+            batch.append(message, queues);
+            staged.push(Staged::Appended);
+        }
+        records.apply(&mut batch);
+        if batch.is_empty() {
+            return Ok(staged.into_iter().map(|_| None).collect());
+        }
+        let receipt = self.write_and_wake(batch, &touched).await?;
+        if let Some(due) = earliest_timer {
+            self.timer_added(due);
+        }
+        for (h, group) in &touched {
+            h.count(group, 1);
+        }
+        let mut appended = receipt.appended.into_iter();
+        let mut timers = receipt.timers.into_iter();
+        Ok(staged
+            .into_iter()
+            .map(|s| match s {
+                Staged::Skipped => None,
+                Staged::Appended => appended.next().map(|a| Published::Stored {
+                    id: a.id,
+                    offsets: a.offsets,
+                }),
+                Staged::Timer => timers.next().map(|timer| Published::Delayed { timer }),
+            })
+            .collect())
+    }
+
+    /// One queue (round robin) of each topic.
+    async fn one_queue_each(
+        &self,
+        topics: &[TopicName],
+        message: &Message,
+        touched: &mut Vec<(Arc<TopicHandle>, String)>,
+    ) -> Result<Vec<QueueRef>> {
+        let mut queues = Vec::with_capacity(topics.len());
+        for t in topics {
+            let h = self.topic_handle(t).await?;
+            queues.push(QueueRef::new(t.clone(), h.select(None, None)?));
+            touched.push((h, message.producer_group.clone()));
+        }
+        Ok(queues)
+    }
+
+    /// Write `batch`; wake the groups watching `touched` as soon as it is readable
+    /// (deliveries go out while the store syncs), return once it is durable.
+    async fn write_and_wake(
+        &self,
+        batch: WriteBatch,
+        touched: &[(Arc<TopicHandle>, String)],
+    ) -> Result<mqgate_store::WriteReceipt> {
+        let wake = || {
+            let mut woken: Vec<&Arc<TopicHandle>> = Vec::new();
+            for (h, _) in touched {
+                if !woken.iter().any(|w| Arc::ptr_eq(w, h)) {
+                    h.wake();
+                    woken.push(h);
+                }
+            }
+        };
+        let (visible_tx, visible_rx) = tokio::sync::oneshot::channel();
+        let write = self.store.write_notify(batch, visible_tx);
+        tokio::pin!(write);
+        let receipt = tokio::select! {
+            r = &mut write => {
+                wake();
+                r?
+            }
+            Ok(()) = visible_rx => {
+                wake();
+                write.await?
+            }
+        };
+        Ok(receipt)
+    }
+}
