@@ -1,0 +1,541 @@
+//! The basic class (except publishing): qos, consume, cancel, get, ack/nack/reject,
+//! recover.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use amq_protocol::protocol::{basic, AMQPClass};
+use amq_protocol::types::AMQPValue;
+use bytes::BytesMut;
+use mqgate_core::{ConsumeMode, GroupSpec, MemberOptions, OnFailure, StartPosition};
+use mqgate_store::{GroupName, QueueRef};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::config::RetryPolicy;
+use crate::convert::{self, DeathReason};
+use crate::frame;
+use crate::queue::Queue;
+use crate::reply;
+
+use super::deliver::{dead_letter, screen};
+use super::{chan_err, internal, ChanResult, Conn, Cons, Pending, TxOp, Unacked};
+
+impl<S> Conn<S>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    pub(super) async fn on_basic(&mut self, ch: u16, m: basic::AMQPMethod) -> ChanResult {
+        match m {
+            basic::AMQPMethod::Publish(p) => {
+                if p.immediate {
+                    // RabbitMQ 3 dropped `immediate`: a connection error, as there.
+                    return Err(chan_err(reply::NOT_IMPLEMENTED, "immediate=true"));
+                }
+                self.chan(ch).content = Some(Pending {
+                    exchange: p.exchange.as_str().to_owned(),
+                    routing_key: p.routing_key.as_str().to_owned(),
+                    mandatory: p.mandatory,
+                    header: None,
+                    body: BytesMut::new(),
+                });
+                Ok(())
+            }
+            basic::AMQPMethod::Qos(q) => {
+                let c = self.chan(ch);
+                if q.global {
+                    c.global_prefetch = q.prefetch_count;
+                } else {
+                    c.prefetch = q.prefetch_count;
+                }
+                self.reply(
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
+                );
+                Ok(())
+            }
+            basic::AMQPMethod::Consume(c) => self.consume(ch, c).await,
+            basic::AMQPMethod::Cancel(c) => {
+                let tag = c.consumer_tag.as_str().to_owned();
+                self.cancel(ch, &tag);
+                if !c.nowait {
+                    self.reply(
+                        ch,
+                        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                            consumer_tag: tag.into(),
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            basic::AMQPMethod::Get(g) => self.get(ch, g).await,
+            basic::AMQPMethod::Ack(a) => {
+                self.settle_or_buffer(ch, a.delivery_tag, a.multiple, true, false)
+                    .await
+            }
+            basic::AMQPMethod::Nack(n) => {
+                self.settle_or_buffer(ch, n.delivery_tag, n.multiple, false, n.requeue)
+                    .await
+            }
+            basic::AMQPMethod::Reject(r) => {
+                self.settle_or_buffer(ch, r.delivery_tag, false, false, r.requeue)
+                    .await
+            }
+            basic::AMQPMethod::Recover(r) => {
+                self.recover(ch);
+                let _ = r.requeue;
+                self.reply(
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})),
+                );
+                Ok(())
+            }
+            basic::AMQPMethod::RecoverAsync(_) => {
+                self.recover(ch);
+                Ok(())
+            }
+            _ => Err(chan_err(reply::COMMAND_INVALID, "not a client method")),
+        }
+    }
+
+    /// Every unacknowledged delivery of the channel goes back to its queue.
+    fn recover(&mut self, ch: u16) {
+        let c = self.chan(ch);
+        let all = std::mem::take(&mut c.unacked);
+        for (_, u) in all {
+            if let Some(cons) = c.consumers.get_mut(&u.cons) {
+                cons.unacked = cons.unacked.saturating_sub(1);
+                cons.consumer.nack(u.token, true);
+            }
+        }
+    }
+
+    async fn consume(&mut self, ch: u16, c: basic::Consume) -> ChanResult {
+        let q = self.get_queue(c.queue.as_str())?;
+        self.can_read("queue", &q.name)?;
+        let mut tag = c.consumer_tag.as_str().to_owned();
+        if tag.is_empty() {
+            tag = format!("amq.ctag-{}-{}-{}", self.id, ch, self.next_consumer);
+        }
+        if self.chan(ch).tags.contains_key(&tag) {
+            return Err(chan_err(
+                reply::NOT_ALLOWED,
+                format!("attempt to reuse consumer tag '{tag}'"),
+            ));
+        }
+        {
+            let s = q.state.lock();
+            if s.exclusive_consumer || (c.exclusive && s.consumers > 0) {
+                return Err(chan_err(
+                    reply::ACCESS_REFUSED,
+                    format!(
+                        "queue '{}' in vhost '{}' in exclusive use",
+                        q.name, self.vhost
+                    ),
+                ));
+            }
+        }
+        let prefetch = match self.chan(ch).prefetch as usize {
+            0 => self.shared.cfg.default_prefetch,
+            n => n,
+        };
+        let offset = c.arguments.inner().get("x-stream-offset").cloned();
+        let member = format!(
+            "{:016}",
+            self.shared.next_member.fetch_add(1, Ordering::Relaxed)
+        );
+        let (consumer, stream_group) = if q.args.stream {
+            let pos = self.stream_position(&q, offset.as_ref())?;
+            let g = GroupName::new(format!("{}%stream%{}", q.group, member))
+                .map_err(|e| chan_err(reply::INTERNAL_ERROR, e.to_string()))?;
+            let mut spec = GroupSpec::new(g.clone(), vec![q.topic.clone()], ConsumeMode::Shared);
+            spec.start = pos;
+            spec.on_failure = OnFailure::Discard;
+            let mut opts = MemberOptions::new(member, prefetch);
+            opts.exact_prefetch = true;
+            let cons = self
+                .shared
+                .broker
+                .subscribe(spec, opts)
+                .await
+                .map_err(internal)?;
+            (cons, Some(g))
+        } else {
+            if let Some(v) = offset.as_ref() {
+                // mqgate extension: replay an ordinary queue from a position.
+                let pos = self.stream_position(&q, Some(v))?;
+                self.shared
+                    .broker
+                    .reset_group(&q.group, pos)
+                    .await
+                    .map_err(internal)?;
+            }
+            let mut opts = MemberOptions::new(member, prefetch);
+            opts.exact_prefetch = true;
+            let cons = self
+                .shared
+                .broker
+                .subscribe(self.queue_spec(&q), opts)
+                .await
+                .map_err(internal)?;
+            (cons, None)
+        };
+        {
+            let mut s = q.state.lock();
+            s.consumers += 1;
+            s.had_consumer = true;
+            s.exclusive_consumer |= c.exclusive;
+            s.last_used = self.shared.broker.now();
+        }
+        let id = self.next_consumer;
+        self.next_consumer += 1;
+        let chan = self.chan(ch);
+        chan.tags.insert(tag.clone(), id);
+        chan.consumers.insert(
+            id,
+            Cons {
+                tag: tag.clone(),
+                queue: q,
+                consumer,
+                no_ack: c.no_ack,
+                get: false,
+                stream_group,
+                unacked: 0,
+                cancelled: false,
+                exclusive: c.exclusive,
+            },
+        );
+        if !c.nowait {
+            self.reply(
+                ch,
+                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: tag.into(),
+                })),
+            );
+        }
+        Ok(())
+    }
+
+    fn queue_spec(&self, q: &Queue) -> GroupSpec {
+        let mode = if q.args.single_active {
+            ConsumeMode::Clustering
+        } else {
+            ConsumeMode::Shared
+        };
+        let mut spec = GroupSpec::new(q.group.clone(), vec![q.topic.clone()], mode);
+        spec.start = StartPosition::First;
+        spec.on_failure = match q.args.retry {
+            Some(RetryPolicy::RocketMq) => OnFailure::Retry,
+            None => OnFailure::Discard,
+        };
+        spec.max_reconsume_times = q.args.delivery_limit;
+        spec
+    }
+
+    /// `x-stream-offset`: first, last, next, an offset, or a timestamp (seconds).
+    fn stream_position(&self, q: &Queue, v: Option<&AMQPValue>) -> ChanResult<StartPosition> {
+        let bad = || {
+            chan_err(
+                reply::PRECONDITION_FAILED,
+                "invalid x-stream-offset: use first, last, next, an offset or a timestamp",
+            )
+        };
+        Ok(match v {
+            None => StartPosition::Last,
+            Some(AMQPValue::Timestamp(s)) => StartPosition::Timestamp(s.saturating_mul(1000)),
+            Some(v) => match convert::str_value(v).as_deref() {
+                Some("first") => StartPosition::First,
+                Some("next") => StartPosition::Last,
+                Some("last") => {
+                    let next = self
+                        .shared
+                        .broker
+                        .store()
+                        .queue_range(&QueueRef::new(q.topic.clone(), 0))
+                        .map(|r| r.next.0)
+                        .unwrap_or(0);
+                    StartPosition::Offset(next.saturating_sub(1))
+                }
+                Some(_) => return Err(bad()),
+                None => match convert::int_value(v) {
+                    Some(n) if n >= 0 => StartPosition::Offset(n as u64),
+                    _ => return Err(bad()),
+                },
+            },
+        })
+    }
+
+    /// Cancel a consumer: no more deliveries; what it holds unacknowledged stays
+    /// acknowledgeable on the channel.
+    fn cancel(&mut self, ch: u16, tag: &str) {
+        let chan = self.chan(ch);
+        let Some(id) = chan.tags.remove(tag) else {
+            return;
+        };
+        let Some(cons) = chan.consumers.get_mut(&id) else {
+            return;
+        };
+        cons.cancelled = true;
+        cons.consumer.set_prefetch(0);
+        // Deliveries handed to it but not yet sent go back.
+        while let Some(d) = cons.consumer.try_recv() {
+            cons.consumer.nack(d.ack_token(), true);
+        }
+        let (q, excl, drop_now) = (Arc::clone(&cons.queue), cons.exclusive, cons.unacked == 0);
+        if drop_now {
+            if let Some(cons) = chan.consumers.remove(&id) {
+                if let Some(g) = cons.stream_group {
+                    let broker = self.shared.broker.clone();
+                    drop(cons.consumer);
+                    tokio::spawn(async move {
+                        let _ = broker.delete_group(&g).await;
+                    });
+                }
+            }
+        }
+        self.consumer_gone(&q, excl);
+    }
+
+    async fn get(&mut self, ch: u16, g: basic::Get) -> ChanResult {
+        let q = self.get_queue(g.queue.as_str())?;
+        self.can_read("queue", &q.name)?;
+        if q.args.stream {
+            return Err(chan_err(
+                reply::PRECONDITION_FAILED,
+                "basic.get is not supported by stream queues",
+            ));
+        }
+        q.state.lock().last_used = self.shared.broker.now();
+        let key = (q.vhost.clone(), q.name.clone());
+        let existing = self.chan(ch).gets.get(&key).copied();
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                let member = format!(
+                    "{:016}",
+                    self.shared.next_member.fetch_add(1, Ordering::Relaxed)
+                );
+                let mut opts = MemberOptions::new(member, 0);
+                opts.exact_prefetch = true;
+                let consumer = self
+                    .shared
+                    .broker
+                    .subscribe(self.queue_spec(&q), opts)
+                    .await
+                    .map_err(internal)?;
+                let id = self.next_consumer;
+                self.next_consumer += 1;
+                let chan = self.chan(ch);
+                chan.gets.insert(key, id);
+                chan.consumers.insert(
+                    id,
+                    Cons {
+                        tag: String::new(),
+                        queue: Arc::clone(&q),
+                        consumer,
+                        no_ack: g.no_ack,
+                        get: true,
+                        stream_group: None,
+                        unacked: 0,
+                        cancelled: false,
+                        exclusive: false,
+                    },
+                );
+                id
+            }
+        };
+        let mut delivery = None;
+        // Skip what screening settles (expired, transient from before a restart).
+        for _ in 0..10_000 {
+            let cons = self.chan(ch).consumers.get_mut(&id).expect("get member");
+            let mut d = cons.consumer.try_recv();
+            if d.is_none() && self.shared.ready_count(&q).await > 0 {
+                let cons = self.chan(ch).consumers.get_mut(&id).expect("get member");
+                cons.consumer.set_prefetch(cons.unacked + 1);
+                d = tokio::time::timeout(Duration::from_secs(2), cons.consumer.recv())
+                    .await
+                    .ok()
+                    .flatten();
+                cons.consumer.set_prefetch(cons.unacked);
+            }
+            let Some(d) = d else { break };
+            let shared = Arc::clone(&self.shared);
+            let cons = self.chan(ch).consumers.get(&id).expect("get member");
+            if screen(&shared, cons, &d) {
+                delivery = Some(d);
+                break;
+            }
+        }
+        let Some(d) = delivery else {
+            self.reply(
+                ch,
+                AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
+            );
+            return Ok(());
+        };
+        let remaining = self.shared.ready_count(&q).await;
+        let (ex, rk) = convert::exchange_and_key(&d.message.message);
+        let no_ack = g.no_ack;
+        let token = d.ack_token();
+        let shared = Arc::clone(&self.shared);
+        let chan = self.chan(ch);
+        chan.next_tag += 1;
+        let tag = chan.next_tag;
+        let cons = chan.consumers.get_mut(&id).expect("get member");
+        if no_ack {
+            shared.stats.acked.fetch_add(1, Ordering::Relaxed);
+            cons.consumer.ack(token);
+        } else {
+            cons.unacked += 1;
+            chan.unacked.insert(
+                tag,
+                Unacked {
+                    cons: id,
+                    token,
+                    message: Arc::clone(&d.message),
+                },
+            );
+        }
+        frame::put_get_ok(
+            &mut self.out,
+            ch,
+            tag,
+            d.redelivered,
+            ex.as_bytes(),
+            rk.as_bytes(),
+            remaining,
+        );
+        let props = convert::delivery_properties(&d.message.message);
+        frame::put_content(
+            &mut self.out,
+            ch,
+            &props,
+            &d.message.message.body,
+            self.frame_max,
+        );
+        self.shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn settle_or_buffer(
+        &mut self,
+        ch: u16,
+        tag: u64,
+        multiple: bool,
+        ack: bool,
+        requeue: bool,
+    ) -> ChanResult {
+        let chan = self.chan(ch);
+        let known = (multiple && tag == 0)
+            || chan.unacked.contains_key(&tag)
+            || (multiple && chan.unacked.range(..=tag).next().is_some());
+        if !known {
+            return Err(chan_err(
+                reply::PRECONDITION_FAILED,
+                format!("unknown delivery tag {tag}"),
+            ));
+        }
+        if let Some(ops) = chan.tx.as_mut() {
+            ops.push(TxOp::Settle {
+                tag,
+                multiple,
+                ack,
+                requeue,
+            });
+            return Ok(());
+        }
+        self.settle(ch, tag, multiple, ack, requeue).await;
+        Ok(())
+    }
+
+    pub(super) async fn settle(
+        &mut self,
+        ch: u16,
+        tag: u64,
+        multiple: bool,
+        ack: bool,
+        requeue: bool,
+    ) {
+        let chan = self.chan(ch);
+        let tags: Vec<u64> = if multiple {
+            let upto = if tag == 0 { u64::MAX } else { tag };
+            chan.unacked.range(..=upto).map(|(t, _)| *t).collect()
+        } else {
+            vec![tag]
+        };
+        let mut dead = Vec::new();
+        let shared = Arc::clone(&self.shared);
+        for t in tags {
+            let chan = self.chan(ch);
+            let Some(u) = chan.unacked.remove(&t) else {
+                continue;
+            };
+            let Some(cons) = chan.consumers.get_mut(&u.cons) else {
+                continue;
+            };
+            cons.unacked = cons.unacked.saturating_sub(1);
+            if ack {
+                shared.stats.acked.fetch_add(1, Ordering::Relaxed);
+                cons.consumer.ack(u.token);
+            } else if requeue {
+                cons.consumer.nack(u.token, true);
+            } else {
+                let q = Arc::clone(&cons.queue);
+                // The same count as the core's ladder (and RabbitMQ's x-delivery-limit):
+                // a message may fail `limit` times and is retried after each; the
+                // failure after that ends the ladder. No limit: the configured ladder.
+                let limit = q
+                    .args
+                    .delivery_limit
+                    .unwrap_or(shared.broker.config().max_reconsume_times);
+                let last_try = u.message.message.reconsume_times + 1 > limit;
+                match (&q.args.dlx, q.args.retry) {
+                    // A retry ladder runs in the core until its last step.
+                    (_, Some(_)) if !last_try || q.args.dlx.is_none() => {
+                        cons.consumer.nack(u.token, false)
+                    }
+                    // Settled only once the dead-letter copy is stored (below).
+                    (Some(_), _) => dead.push((q, u.message, u.cons, u.token)),
+                    (None, _) => cons.consumer.nack(u.token, false),
+                }
+            }
+        }
+        // The copy first, then the ack: a failed dead-letter write puts the message back
+        // in its queue (redelivered), and a crash in between leaves it in both places,
+        // never in neither.
+        for (q, m, cons_id, token) in dead {
+            let stored = dead_letter(&self.shared, &q, &m, DeathReason::Rejected).await;
+            if let Some(cons) = self.chan(ch).consumers.get_mut(&cons_id) {
+                if stored {
+                    cons.consumer.ack(token);
+                } else {
+                    cons.consumer.nack(token, true);
+                }
+            }
+        }
+        self.reap_ended_consumers();
+    }
+
+    /// Drop cancelled consumers that hold nothing any more.
+    pub(super) fn reap_ended_consumers(&mut self) {
+        for chan in self.channels.values_mut() {
+            let done: Vec<u64> = chan
+                .consumers
+                .iter()
+                .filter(|(_, c)| c.cancelled && c.unacked == 0)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in done {
+                if let Some(c) = chan.consumers.remove(&id) {
+                    if let Some(g) = c.stream_group {
+                        let broker = self.shared.broker.clone();
+                        drop(c.consumer);
+                        tokio::spawn(async move {
+                            let _ = broker.delete_group(&g).await;
+                        });
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,634 @@
+//! One AMQP connection: the handshake, then a task that reads frames, runs each
+//! channel's state machine, and pulls deliveries from the core for its consumers.
+
+mod access;
+mod basic;
+mod channel;
+mod deliver;
+mod exchange;
+mod handshake;
+mod publish;
+mod queue;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use amq_protocol::protocol::{connection, AMQPClass};
+use amq_protocol::types::ShortString;
+use bytes::{Bytes, BytesMut};
+use mqgate_core::{AckToken, Consumer, CoreError, Delivery};
+use mqgate_store::{GroupName, Message, StoredMessage, TopicName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::Permission;
+use crate::frame::{self, ContentHeader, Frame, FrameError};
+use crate::queue::Queue;
+use crate::reply;
+use crate::server::Shared;
+
+use self::handshake::handshake;
+
+/// Stop pulling deliveries past this much unsent output.
+const OUT_HIGH_WATER: usize = 256 * 1024;
+/// Stop reading past this much unsent output (a client that publishes without reading).
+const OUT_HARD_LIMIT: usize = 4 * 1024 * 1024;
+/// Deliveries taken per wake-up before the loop looks at its socket again.
+const DELIVERY_BURST: usize = 256;
+
+/// Room offered to one socket read: it starts small and doubles while reads fill half of
+/// it, up to `MAX_READ`, so a busy publisher's reads take everything it sent and every
+/// publish in them is stored in one write (a consumed `BytesMut` otherwise offers reads of
+/// a few bytes, and each publish costs a write of its own). It halves while reads are
+/// small, and a drained buffer larger than twice the room is given back: an idle
+/// connection holds 2 KiB, not 64.
+const MIN_READ: usize = 2 * 1024;
+const MAX_READ: usize = 64 * 1024;
+
+/// How a connection ends.
+enum End {
+    /// The peer went away or the socket failed.
+    Closed,
+    /// Close the connection with this code and text (connection.close, then wait for
+    /// close-ok briefly).
+    Error(u16, String, u16, u16),
+    /// The client closed (close-ok sent).
+    ClientClosed,
+}
+
+/// A channel-level failure: the channel is closed with this code.
+struct ChanErr(u16, String);
+
+type ChanResult<T = ()> = Result<T, ChanErr>;
+
+fn chan_err(code: u16, text: impl Into<String>) -> ChanErr {
+    ChanErr(code, format!("{} - {}", reply::name(code), text.into()))
+}
+
+fn internal(e: CoreError) -> ChanErr {
+    match e {
+        CoreError::NoSuchExchange(x) => chan_err(reply::NOT_FOUND, format!("no exchange '{x}'")),
+        CoreError::Conflict(x) => chan_err(reply::PRECONDITION_FAILED, x),
+        CoreError::Invalid(x) => chan_err(reply::PRECONDITION_FAILED, x),
+        other => chan_err(reply::INTERNAL_ERROR, other.to_string()),
+    }
+}
+
+pub(crate) async fn run<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    peer: SocketAddr,
+    pending: mqgate_core::net::Pending,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let id = shared.conn_id();
+    shared
+        .stats
+        .connections_opened
+        .fetch_add(1, Ordering::Relaxed);
+    let (done_tx, done_rx) = watch::channel(false);
+    shared.open.lock().insert(id, done_rx);
+    let (rd, wr) = tokio::io::split(stream);
+    let timeout = shared.cfg.handshake_timeout;
+    let evicted = pending.eviction();
+    let conn = tokio::select! {
+        c = tokio::time::timeout(timeout, handshake(&shared, id, peer, rd, wr, pending)) => c,
+        // A newer connection needed the slot (limits.max_pending_handshakes): closed.
+        () = evicted.wait() => Ok(None),
+    };
+    // Counted against limits.max_connections until the connection ends.
+    if let Ok(Some((mut conn, _admitted))) = conn {
+        let (kick, kicked) = tokio::sync::mpsc::unbounded_channel();
+        let info = mqgate_core::ConnectionInfo {
+            id: id.to_string(),
+            protocol: "amqp",
+            peer: peer.to_string(),
+            user: Some(conn.user.clone()),
+            detail: conn.vhost.clone(),
+            connected_at: shared.broker.now(),
+        };
+        shared.conns.lock().insert(id, (info, kick));
+        let end = conn.serve(kicked).await;
+        shared.conns.lock().remove(&id);
+        conn.finish(end).await;
+    } else if conn.is_err() {
+        tracing::info!(%peer, "AMQP: handshake timed out; connection closed");
+    }
+    shared.open.lock().remove(&id);
+    let _ = done_tx.send(true);
+    shared
+        .stats
+        .connections_closed
+        .fetch_add(1, Ordering::Relaxed);
+}
+
+fn close_method(code: u16, text: &str, class: u16, method: u16) -> AMQPClass {
+    AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+        reply_code: code,
+        reply_text: ShortString::from(truncate(text, 255)),
+        class_id: class,
+        method_id: method,
+    }))
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// A publish whose content is arriving.
+struct Pending {
+    exchange: String,
+    routing_key: String,
+    mandatory: bool,
+    header: Option<Box<ContentHeader>>,
+    body: BytesMut,
+}
+
+/// A whole published message, routed or queued for a transaction.
+struct Completed {
+    channel: u16,
+    exchange: String,
+    routing_key: String,
+    mandatory: bool,
+    header: Box<ContentHeader>,
+    body: Bytes,
+}
+
+/// A routed message waiting for the connection's next store write.
+struct Batched {
+    channel: u16,
+    seq: Option<u64>,
+    message: Message,
+    topics: Vec<TopicName>,
+}
+
+/// One consumer (or the pull member of basic.get) of a channel.
+struct Cons {
+    tag: String,
+    queue: Arc<Queue>,
+    consumer: Consumer,
+    no_ack: bool,
+    get: bool,
+    /// A stream queue's consumer: its own group, deleted on cancel.
+    stream_group: Option<GroupName>,
+    unacked: usize,
+    cancelled: bool,
+    /// basic.consume with exclusive.
+    exclusive: bool,
+}
+
+struct Unacked {
+    cons: u64,
+    token: AckToken,
+    message: Arc<StoredMessage>,
+}
+
+enum TxOp {
+    Publish(Completed),
+    Settle {
+        tag: u64,
+        multiple: bool,
+        ack: bool,
+        requeue: bool,
+    },
+}
+
+#[derive(Default)]
+struct Channel {
+    /// We sent channel.close and wait for close-ok.
+    closing: bool,
+    content: Option<Pending>,
+    confirm: bool,
+    publish_seq: u64,
+    tx: Option<Vec<TxOp>>,
+    next_tag: u64,
+    unacked: BTreeMap<u64, Unacked>,
+    /// Consumers by internal id.
+    consumers: BTreeMap<u64, Cons>,
+    /// Consumer tag → id (active consumers).
+    tags: HashMap<String, u64>,
+    /// Queue key → the id of this channel's basic.get member.
+    gets: HashMap<(String, String), u64>,
+    /// Prefetch for consumers started from now on (0: unlimited).
+    prefetch: u16,
+    /// Unacknowledged deliveries allowed on the whole channel (0: unlimited).
+    global_prefetch: u16,
+    /// channel.flow: false stops deliveries.
+    flow_paused: bool,
+}
+
+struct Conn<S> {
+    shared: Arc<Shared>,
+    id: u64,
+    peer: SocketAddr,
+    user: String,
+    perm: Permission,
+    vhost: String,
+    rd: ReadHalf<S>,
+    wr: WriteHalf<S>,
+    inbuf: BytesMut,
+    /// The room the next read is offered (see `MIN_READ`).
+    read_hint: usize,
+    out: BytesMut,
+    frame_max: u32,
+    channel_max: u16,
+    heartbeat: u16,
+    cancel_notify: bool,
+    /// The client understands connection.blocked.
+    blocked_notify: bool,
+    /// It has published: the memory watermark stops reading from it.
+    published: bool,
+    channels: HashMap<u16, Channel>,
+    last_read: Instant,
+    last_write: Instant,
+    exclusive: Vec<Arc<Queue>>,
+    batch: Vec<Batched>,
+    next_consumer: u64,
+    server_named: u64,
+}
+
+fn method_ids(m: &AMQPClass) -> (u16, u16) {
+    (m.get_amqp_class_id(), m.get_amqp_method_id())
+}
+
+impl<S> Conn<S>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    async fn serve(&mut self, mut kicked: tokio::sync::mpsc::UnboundedReceiver<()>) -> End {
+        let mut shutdown = self.shared.shutdown.subscribe();
+        let mut blocked = self.shared.broker.memory_blocked();
+        let mut told_blocked = false;
+        if !self.inbuf.is_empty() {
+            if let Err(end) = self.handle_input().await {
+                return end;
+            }
+        }
+        let hb = (self.heartbeat > 0).then(|| Duration::from_secs(self.heartbeat as u64));
+        loop {
+            if self.inbuf.capacity() - self.inbuf.len() < self.read_hint / 2 {
+                self.inbuf.reserve(self.read_hint);
+            }
+            let may_deliver = self.out.len() < OUT_HIGH_WATER;
+            let is_blocked = *blocked.borrow_and_update();
+            if is_blocked != told_blocked && self.blocked_notify {
+                let m = if is_blocked {
+                    connection::AMQPMethod::Blocked(connection::Blocked {
+                        reason: "low on memory".into(),
+                    })
+                } else {
+                    connection::AMQPMethod::Unblocked(connection::Unblocked {})
+                };
+                frame::put_method(&mut self.out, 0, AMQPClass::Connection(m));
+            }
+            told_blocked = is_blocked;
+            let held = is_blocked && self.published;
+            let may_read = self.out.len() < OUT_HARD_LIMIT && !held;
+            let has_out = !self.out.is_empty();
+            let hb_send = hb.map(|h| self.last_write + h / 2);
+            // A connection not read while blocked is not missing heartbeats (RabbitMQ
+            // pauses its heartbeat monitor too).
+            let hb_dead = hb.filter(|_| !held).map(|h| self.last_read + h * 2);
+            tokio::select! {
+                biased;
+                _ = blocked.changed() => {
+                    self.last_read = Instant::now();
+                    continue;
+                }
+                Some(()) = kicked.recv() => {
+                    tracing::info!(peer = %self.peer, user = %self.user, "AMQP: connection closed by an administrator");
+                    return End::Error(reply::CONNECTION_FORCED,
+                        "CONNECTION_FORCED - Closed via management plugin".into(), 0, 0);
+                }
+                _ = shutdown.changed() => {
+                    return End::Error(reply::CONNECTION_FORCED,
+                        "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'".into(), 0, 0);
+                }
+                w = self.wr.write(&self.out), if has_out => match w {
+                    Ok(0) | Err(_) => return End::Closed,
+                    Ok(n) => {
+                        self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                        bytes::Buf::advance(&mut self.out, n);
+                        self.last_write = Instant::now();
+                        if self.out.is_empty() && self.out.capacity() > OUT_HIGH_WATER {
+                            self.out = BytesMut::new();
+                        }
+                    }
+                },
+                r = self.rd.read_buf(&mut self.inbuf), if may_read => match r {
+                    Ok(0) | Err(_) => return End::Closed,
+                    Ok(n) => {
+                        self.shared.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                        self.read_hint = if n >= self.read_hint / 2 {
+                            (self.read_hint * 2).min(MAX_READ)
+                        } else {
+                            (self.read_hint / 2).max(MIN_READ)
+                        };
+                        self.last_read = Instant::now();
+                        if let Err(end) = self.handle_input().await {
+                            return end;
+                        }
+                        if self.inbuf.is_empty() && self.inbuf.capacity() > 2 * self.read_hint {
+                            self.inbuf = BytesMut::new();
+                        }
+                        // A client that publishes without pause still gets its
+                        // deliveries: the read branch wins every biased select.
+                        self.deliver_burst();
+                    }
+                },
+                (ch, cid, d) = poll_deliveries(&mut self.channels), if may_deliver => {
+                    let Some(d) = d else {
+                        self.consumer_ended(ch, cid);
+                        continue;
+                    };
+                    self.deliver(ch, cid, d);
+                    self.deliver_burst();
+                }
+                _ = sleep_until_opt(hb_send) => {
+                    if self.out.is_empty() {
+                        frame::put_heartbeat(&mut self.out);
+                    }
+                    self.last_write = Instant::now();
+                }
+                _ = sleep_until_opt(hb_dead) => {
+                    tracing::info!(peer = %self.peer, user = %self.user, "AMQP: missed heartbeats from client; connection closed");
+                    return End::Closed;
+                }
+            }
+        }
+    }
+
+    /// Deliver what the consumers have ready now, up to a burst.
+    fn deliver_burst(&mut self) {
+        for _ in 0..DELIVERY_BURST {
+            if self.out.len() >= OUT_HIGH_WATER {
+                break;
+            }
+            match try_deliveries(&mut self.channels) {
+                Some((ch, cid, Some(d))) => self.deliver(ch, cid, d),
+                Some((ch, cid, None)) => self.consumer_ended(ch, cid),
+                None => break,
+            }
+        }
+        self.reap_ended_consumers();
+    }
+
+    /// Decode and handle every whole frame read. Publishes read together are stored
+    /// together (one write), then confirmed.
+    async fn handle_input(&mut self) -> Result<(), End> {
+        let result = loop {
+            let f = match frame::decode(&mut self.inbuf, self.frame_max) {
+                Ok(Some(f)) => f,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(self.frame_error(&e)),
+            };
+            if let Err(end) = self.on_frame(f).await {
+                break Err(end);
+            }
+        };
+        let flushed = self.flush_batch().await;
+        result.and(flushed)
+    }
+
+    fn frame_error(&self, e: &FrameError) -> End {
+        self.shared
+            .stats
+            .protocol_errors
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(peer = %self.peer, user = %self.user, error = %e, "AMQP: malformed frame; connection closed");
+        End::Error(
+            e.reply_code(),
+            format!("{} - {e}", reply::name(e.reply_code())),
+            0,
+            0,
+        )
+    }
+
+    fn conn_error(&self, code: u16, text: String, ids: (u16, u16)) -> End {
+        self.shared
+            .stats
+            .protocol_errors
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(peer = %self.peer, user = %self.user, code, %text, "AMQP: connection error");
+        End::Error(
+            code,
+            format!("{} - {text}", reply::name(code)),
+            ids.0,
+            ids.1,
+        )
+    }
+
+    async fn on_frame(&mut self, f: Frame) -> Result<(), End> {
+        let ch = f.channel();
+        match f {
+            Frame::Heartbeat(_) => Ok(()),
+            Frame::Method(0, m) => self.on_connection_method(*m).await,
+            Frame::Method(ch, m) => self.on_channel_method(ch, *m).await,
+            Frame::Header(_, h) => {
+                let Some(c) = self.channels.get_mut(&ch).filter(|c| !c.closing) else {
+                    return self.unexpected(ch, "content header");
+                };
+                let Some(p) = c.content.as_mut().filter(|p| p.header.is_none()) else {
+                    return Err(self.conn_error(
+                        reply::UNEXPECTED_FRAME,
+                        format!("expected content body, got content header on channel {ch}"),
+                        (60, 40),
+                    ));
+                };
+                if h.class_id != frame::CLASS_BASIC {
+                    return Err(self.conn_error(
+                        reply::UNEXPECTED_FRAME,
+                        format!("content header for class {} on channel {ch}", h.class_id),
+                        (60, 40),
+                    ));
+                }
+                if h.body_size > self.shared.cfg.max_message_size {
+                    let max = self.shared.cfg.max_message_size;
+                    let size = h.body_size;
+                    c.content = None;
+                    return self.channel_exception(
+                        ch,
+                        chan_err(
+                            reply::PRECONDITION_FAILED,
+                            format!("message size {size} is larger than configured max size {max}"),
+                        ),
+                        (60, 40),
+                    );
+                }
+                p.body = BytesMut::with_capacity(h.body_size as usize);
+                let done = h.body_size == 0;
+                p.header = Some(h);
+                if done {
+                    self.complete_publish(ch).await?;
+                }
+                Ok(())
+            }
+            Frame::Body(_, b) => {
+                let Some(c) = self.channels.get_mut(&ch).filter(|c| !c.closing) else {
+                    return self.unexpected(ch, "content body");
+                };
+                let Some(p) = c.content.as_mut().filter(|p| p.header.is_some()) else {
+                    return Err(self.conn_error(
+                        reply::UNEXPECTED_FRAME,
+                        format!("content body on channel {ch} without a content header"),
+                        (60, 40),
+                    ));
+                };
+                let want = p.header.as_ref().map(|h| h.body_size).unwrap_or(0);
+                if (p.body.len() + b.len()) as u64 > want {
+                    return Err(self.conn_error(
+                        reply::FRAME_ERROR,
+                        format!("content body on channel {ch} longer than its header announced"),
+                        (60, 40),
+                    ));
+                }
+                p.body.extend_from_slice(&b);
+                if p.body.len() as u64 == want {
+                    self.complete_publish(ch).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A frame for a channel that is closing (ignored) or not open (connection error).
+    fn unexpected(&self, ch: u16, what: &str) -> Result<(), End> {
+        if self.channels.get(&ch).is_some_and(|c| c.closing) {
+            return Ok(());
+        }
+        Err(self.conn_error(
+            reply::CHANNEL_ERROR,
+            format!("{what} on channel {ch}, which is not open"),
+            (0, 0),
+        ))
+    }
+
+    async fn on_connection_method(&mut self, m: AMQPClass) -> Result<(), End> {
+        let ids = method_ids(&m);
+        match m {
+            AMQPClass::Connection(connection::AMQPMethod::Close(c)) => {
+                tracing::debug!(peer = %self.peer, code = c.reply_code, "AMQP: client closed the connection");
+                frame::put_method(
+                    &mut self.out,
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+                );
+                Err(End::ClientClosed)
+            }
+            AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) => Err(End::Closed),
+            AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(_)) => {
+                frame::put_method(
+                    &mut self.out,
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::UpdateSecretOk(
+                        connection::UpdateSecretOk {},
+                    )),
+                );
+                Ok(())
+            }
+            AMQPClass::Connection(connection::AMQPMethod::Blocked(_))
+            | AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)) => Ok(()),
+            _ => Err(self.conn_error(
+                reply::COMMAND_INVALID,
+                format!("method {}.{} is not allowed on channel 0", ids.0, ids.1),
+                ids,
+            )),
+        }
+    }
+
+    /// The connection ends: exclusive queues go, consumers leave (their unacked
+    /// messages go back to their queues).
+    async fn finish(mut self, end: End) {
+        match &end {
+            End::Error(code, text, class, method) => {
+                frame::put_method(&mut self.out, 0, close_method(*code, text, *class, *method));
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = self.wr.write_all(&self.out).await;
+                    // Wait briefly for close-ok (or the client closing).
+                    let mut scratch = [0u8; 512];
+                    let _ = self.rd.read(&mut scratch).await;
+                })
+                .await;
+            }
+            End::ClientClosed => {
+                let _ = self.wr.write_all(&self.out).await;
+            }
+            End::Closed => {}
+        }
+        let _ = self.wr.shutdown().await;
+        let chans: Vec<Channel> = self.channels.drain().map(|(_, c)| c).collect();
+        self.shared
+            .stats
+            .channels
+            .fetch_sub(chans.len() as u64, Ordering::Relaxed);
+        for c in chans {
+            self.close_channel_state(c);
+        }
+        for q in std::mem::take(&mut self.exclusive) {
+            self.shared.delete_queue(&q).await;
+        }
+    }
+}
+
+/// The next delivery from any consumer allowed to receive one; `None` for a consumer
+/// whose group ended (its queue was deleted).
+async fn poll_deliveries(channels: &mut HashMap<u16, Channel>) -> (u16, u64, Option<Delivery>) {
+    poll_fn(|cx| {
+        for (ch, c) in channels.iter_mut() {
+            if c.closing || c.flow_paused {
+                continue;
+            }
+            if c.global_prefetch > 0 && c.unacked.len() >= c.global_prefetch as usize {
+                continue;
+            }
+            for (id, cons) in c.consumers.iter_mut() {
+                if cons.get || cons.cancelled {
+                    continue;
+                }
+                if let Poll::Ready(d) = cons.consumer.poll_recv(cx) {
+                    return Poll::Ready((*ch, *id, d));
+                }
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+fn try_deliveries(channels: &mut HashMap<u16, Channel>) -> Option<(u16, u64, Option<Delivery>)> {
+    for (ch, c) in channels.iter_mut() {
+        if c.closing || c.flow_paused {
+            continue;
+        }
+        if c.global_prefetch > 0 && c.unacked.len() >= c.global_prefetch as usize {
+            continue;
+        }
+        for (id, cons) in c.consumers.iter_mut() {
+            if cons.get || cons.cancelled {
+                continue;
+            }
+            if let Some(d) = cons.consumer.try_recv() {
+                return Some((*ch, *id, Some(d)));
+            }
+        }
+    }
+    None
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

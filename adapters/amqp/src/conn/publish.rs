@@ -1,0 +1,317 @@
+//! Publishing: whole messages routed and stored in batches, then confirmed; the tx
+//! class.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use amq_protocol::protocol::{basic, tx, AMQPClass};
+use mqgate_core::{props, Delay};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::convert;
+use crate::frame;
+use crate::queue::{Overflow, Queue};
+use crate::reply;
+
+use super::{chan_err, internal, Batched, ChanResult, Completed, Conn, End, TxOp};
+
+impl<S> Conn<S>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    pub(super) async fn on_tx(&mut self, ch: u16, m: tx::AMQPMethod) -> ChanResult {
+        match m {
+            tx::AMQPMethod::Select(_) => {
+                let c = self.chan(ch);
+                if c.confirm {
+                    return Err(chan_err(
+                        reply::PRECONDITION_FAILED,
+                        "cannot switch from confirm to tx mode",
+                    ));
+                }
+                if c.tx.is_none() {
+                    c.tx = Some(Vec::new());
+                }
+                self.reply(ch, AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {})));
+                Ok(())
+            }
+            tx::AMQPMethod::Commit(_) => {
+                let Some(ops) = self.chan(ch).tx.as_mut().map(std::mem::take) else {
+                    return Err(chan_err(
+                        reply::PRECONDITION_FAILED,
+                        "channel is not transactional",
+                    ));
+                };
+                // Publishes first, all in one store write; then the acks.
+                let mut settles = Vec::new();
+                for op in ops {
+                    match op {
+                        TxOp::Publish(c) => self.route(c).await?,
+                        s => settles.push(s),
+                    }
+                }
+                self.flush_batch()
+                    .await
+                    .map_err(|_| chan_err(reply::INTERNAL_ERROR, "store failed"))?;
+                for s in settles {
+                    if let TxOp::Settle {
+                        tag,
+                        multiple,
+                        ack,
+                        requeue,
+                    } = s
+                    {
+                        self.settle(ch, tag, multiple, ack, requeue).await;
+                    }
+                }
+                self.reply(ch, AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})));
+                Ok(())
+            }
+            tx::AMQPMethod::Rollback(_) => {
+                let Some(ops) = self.chan(ch).tx.as_mut() else {
+                    return Err(chan_err(
+                        reply::PRECONDITION_FAILED,
+                        "channel is not transactional",
+                    ));
+                };
+                ops.clear();
+                self.reply(
+                    ch,
+                    AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {})),
+                );
+                Ok(())
+            }
+            _ => Err(chan_err(reply::COMMAND_INVALID, "not a client method")),
+        }
+    }
+
+    /// A publish's content is complete.
+    pub(super) async fn complete_publish(&mut self, ch: u16) -> Result<(), End> {
+        let Some(p) = self.chan(ch).content.take() else {
+            return Ok(());
+        };
+        let Some(header) = p.header else {
+            return Ok(());
+        };
+        self.shared.stats.published.fetch_add(1, Ordering::Relaxed);
+        self.published = true;
+        let c = Completed {
+            channel: ch,
+            exchange: p.exchange,
+            routing_key: p.routing_key,
+            mandatory: p.mandatory,
+            header,
+            body: p.body.freeze(),
+        };
+        if let Some(ops) = self.chan(ch).tx.as_mut() {
+            ops.push(TxOp::Publish(c));
+            return Ok(());
+        }
+        match self.route(c).await {
+            Ok(()) => Ok(()),
+            Err(e) => self.channel_exception(ch, e, (60, 40)),
+        }
+    }
+
+    /// Route a publish: returned if unroutable and mandatory, stored with the next batch
+    /// otherwise (or as a timer on a delayed exchange).
+    async fn route(&mut self, c: Completed) -> ChanResult {
+        let ch = c.channel;
+        self.can_write("exchange", &c.exchange)?;
+        self.can_publish_topic(&c.exchange, &c.routing_key)?;
+        let def = self.exchange_exists(&c.exchange)?;
+        if def.internal {
+            return Err(chan_err(
+                reply::ACCESS_REFUSED,
+                format!(
+                    "cannot publish to internal exchange '{}' in vhost '{}'",
+                    c.exchange, self.vhost
+                ),
+            ));
+        }
+        let seq = {
+            let chan = self.chan(ch);
+            chan.confirm.then(|| {
+                chan.publish_seq += 1;
+                chan.publish_seq
+            })
+        };
+        let now = self.shared.broker.now();
+        let headers = convert::header_values(&c.header.properties);
+        let message = convert::to_message(
+            &c.exchange,
+            &c.routing_key,
+            &c.header.properties,
+            c.header.raw_properties.clone(),
+            c.body.clone(),
+            now,
+        );
+        let meta = self.shared.ex_meta(&self.vhost, &c.exchange);
+        if meta.delayed {
+            let delay = c
+                .header
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("x-delay"))
+                .and_then(convert::int_value)
+                .filter(|d| *d > 0);
+            if let Some(ms) = delay {
+                self.flush_batch()
+                    .await
+                    .map_err(|_| chan_err(reply::INTERNAL_ERROR, "store failed"))?;
+                let r = self
+                    .shared
+                    .broker
+                    .publish_exchange(
+                        &self.vhost,
+                        &c.exchange,
+                        &c.routing_key,
+                        &headers,
+                        message,
+                        Some(Delay::For(Duration::from_millis(ms as u64))),
+                    )
+                    .await;
+                if let Some(seq) = seq {
+                    frame::put_confirm(&mut self.out, ch, seq, false, r.is_ok());
+                }
+                return r.map(|_| ()).map_err(internal);
+            }
+        }
+        let routed = self
+            .shared
+            .broker
+            .router()
+            .route(&self.vhost, &c.exchange, &c.routing_key, &headers)
+            .map_err(internal)?;
+        if routed.topics.is_empty() {
+            self.shared.stats.unroutable.fetch_add(1, Ordering::Relaxed);
+            if c.mandatory {
+                self.reply(
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                        reply_code: reply::NO_ROUTE,
+                        reply_text: "NO_ROUTE".into(),
+                        exchange: c.exchange.as_str().into(),
+                        routing_key: c.routing_key.as_str().into(),
+                    })),
+                );
+                frame::put_content(
+                    &mut self.out,
+                    ch,
+                    &c.header.raw_properties,
+                    &c.body,
+                    self.frame_max,
+                );
+            }
+        }
+        let limited: Vec<Arc<Queue>> = {
+            let l = self.shared.limited.read();
+            if l.is_empty() {
+                Vec::new()
+            } else {
+                routed
+                    .topics
+                    .iter()
+                    .filter_map(|t| l.get(t).cloned())
+                    .collect()
+            }
+        };
+        if limited.is_empty() {
+            self.batch.push(Batched {
+                channel: ch,
+                seq,
+                message,
+                topics: routed.topics,
+            });
+            return Ok(());
+        }
+        // A queue with a length limit: count with everything published before stored.
+        self.flush_batch()
+            .await
+            .map_err(|_| chan_err(reply::INTERNAL_ERROR, "store failed"))?;
+        let mut topics = routed.topics;
+        let mut rejected = false;
+        let size = c.body.len() as u64;
+        for q in &limited {
+            if q.args.overflow == Some(Overflow::RejectPublish)
+                && self.shared.is_full(q, size).await
+            {
+                topics.retain(|t| *t != q.topic);
+                rejected = true;
+            }
+        }
+        let stored = self
+            .shared
+            .broker
+            .publish_routed_batch(vec![(message, topics)])
+            .await;
+        if let Some(seq) = seq {
+            frame::put_confirm(&mut self.out, ch, seq, false, stored.is_ok() && !rejected);
+        }
+        stored.map_err(internal)?;
+        for q in &limited {
+            if q.args.overflow != Some(Overflow::RejectPublish) {
+                self.shared.trim(q).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Store the batched publishes in one write, then confirm them.
+    pub(super) async fn flush_batch(&mut self) -> Result<(), End> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let mut confirms: Vec<(u16, u64)> = Vec::new();
+        let mut items = Vec::with_capacity(batch.len());
+        // Transient messages (delivery mode 1) are not worth an fsync, as in RabbitMQ; a
+        // batch with one persistent message is synced whole.
+        let mut transient = true;
+        for b in batch {
+            if let Some(seq) = b.seq {
+                confirms.push((b.channel, seq));
+            }
+            transient &= props::get(&b.message.properties, convert::TRANSIENT).is_some();
+            items.push((b.message, b.topics));
+        }
+        let stored = if transient {
+            self.shared
+                .broker
+                .publish_routed_batch_transient(items)
+                .await
+        } else {
+            self.shared.broker.publish_routed_batch(items).await
+        };
+        let ok = match stored {
+            Ok(stored) => {
+                let routed = stored.iter().filter(|p| p.is_some()).count();
+                self.shared
+                    .stats
+                    .routed
+                    .fetch_add(routed as u64, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::error!(peer = %self.peer, error = %e, "AMQP: storing publishes failed; nacked");
+                false
+            }
+        };
+        // One confirm per channel, multiple=true up to its last sequence number.
+        let mut last: Vec<(u16, u64)> = Vec::new();
+        for (ch, seq) in confirms {
+            match last.iter_mut().find(|(c, _)| *c == ch) {
+                Some(e) => e.1 = seq,
+                None => last.push((ch, seq)),
+            }
+        }
+        for (ch, seq) in last {
+            if self.channels.get(&ch).is_some_and(|c| !c.closing) {
+                frame::put_confirm(&mut self.out, ch, seq, true, ok);
+            }
+        }
+        Ok(())
+    }
+}
