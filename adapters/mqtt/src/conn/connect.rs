@@ -1,0 +1,412 @@
+//! The CONNECT handshake: authentication, takeover of an existing connection, the
+//! session restored or created, and CONNACK.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use mqgate_core::acl::{Access, Subject};
+use mqgate_core::{ConsumeMode, GroupSpec, MemberOptions, OnFailure, StartPosition};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::{Conn, Inflight, Stage, MIN_READ};
+use crate::codec::{
+    self, reason, Ack, AckKind, ConnAck, Connect, DecodeError, Packet, Properties, Version,
+};
+use crate::server::{ClientSlot, Shared};
+use crate::session::{session_group, session_topic, SessionRecord, NS_SESSION};
+
+/// Read the first packet, which must be CONNECT. Anything else closes the connection.
+pub(super) async fn read_connect<S: AsyncRead + AsyncWrite>(
+    shared: &Shared,
+    rd: &mut ReadHalf<S>,
+    wr: &mut WriteHalf<S>,
+    inbuf: &mut BytesMut,
+    peer: SocketAddr,
+) -> Option<Box<Connect>> {
+    let deadline = Instant::now() + shared.cfg.connect_timeout;
+    // Before login a client may make the broker hold at most this much.
+    let max = shared.cfg.max_connect_size.min(shared.cfg.max_packet_size);
+    loop {
+        match codec::decode(inbuf, None, max) {
+            Ok(Some(Packet::Connect(c))) => return Some(c),
+            Ok(Some(p)) => {
+                tracing::info!(%peer, packet = p.name(), "MQTT: first packet is not CONNECT; closed");
+                shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            Ok(None) => {}
+            Err(DecodeError::UnsupportedProtocol { name, level }) => {
+                tracing::info!(%peer, %name, level, "MQTT: unsupported protocol version; refused");
+                // 3.1.1's "unacceptable protocol version" (a 5.0 client reads 0x01 too).
+                let mut out = BytesMut::new();
+                let code = if level == 5 {
+                    reason::UNSUPPORTED_PROTOCOL_VERSION
+                } else {
+                    1
+                };
+                let v = if level == 5 {
+                    Version::V5
+                } else {
+                    Version::V311
+                };
+                codec::encode(
+                    &Packet::ConnAck(ConnAck {
+                        session_present: false,
+                        code,
+                        properties: Properties::default(),
+                    }),
+                    v,
+                    &mut out,
+                );
+                let _ = wr.write_all(&out).await;
+                let _ = wr.shutdown().await;
+                return None;
+            }
+            Err(e) => {
+                tracing::info!(%peer, error = %e, "MQTT: bad CONNECT; closed");
+                shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        }
+        match tokio::time::timeout_at(deadline, rd.read_buf(inbuf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                tracing::info!(%peer, "MQTT: no CONNECT in time; closed");
+                return None;
+            }
+        }
+    }
+}
+
+fn connack(code: u8, session_present: bool, properties: Properties) -> Packet {
+    Packet::ConnAck(ConnAck {
+        session_present,
+        code,
+        properties,
+    })
+}
+
+/// Check CONNECT, take over an existing connection, restore or create the session, and
+/// answer CONNACK. `None` when the client was refused.
+pub(super) async fn accept<S>(
+    shared: Arc<Shared>,
+    rd: ReadHalf<S>,
+    mut wr: WriteHalf<S>,
+    inbuf: BytesMut,
+    peer: SocketAddr,
+    c: Connect,
+    pending: mqgate_core::net::Pending,
+) -> Option<(Conn<S>, mqgate_core::net::Admitted)>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let v5 = c.version.is_v5();
+    let cfg = &shared.cfg;
+    let refuse = |code_v3: u8, code_v5: u8| {
+        let mut out = BytesMut::new();
+        let code = if v5 { code_v5 } else { code_v3 };
+        codec::encode(
+            &connack(code, false, Properties::default()),
+            c.version,
+            &mut out,
+        );
+        out
+    };
+    macro_rules! refuse {
+        ($v3:expr, $v5:expr, $why:expr) => {{
+            tracing::info!(%peer, client = %c.client_id, reason = $why, "MQTT: connection refused");
+            let out = refuse($v3, $v5);
+            let _ = wr.write_all(&out).await;
+            let _ = wr.shutdown().await;
+            return None;
+        }};
+    }
+    if c.properties.auth_method.is_some() {
+        refuse!(
+            5,
+            reason::BAD_AUTHENTICATION_METHOD,
+            "enhanced authentication is not supported"
+        );
+    }
+    match cfg.authenticate(c.username.as_deref(), c.password.as_deref()) {
+        Ok(()) => shared.broker.login_throttle().succeeded(peer.ip()),
+        Err(true) => {
+            // Answered late, later with every recent failure (per source and user).
+            let delay = shared
+                .broker
+                .login_throttle()
+                .failed(peer.ip(), c.username.as_deref());
+            tokio::time::sleep(delay).await;
+            refuse!(
+                4,
+                reason::BAD_USERNAME_OR_PASSWORD,
+                "bad user name or password"
+            )
+        }
+        Err(false) => refuse!(5, reason::NOT_AUTHORIZED, "not authorized"),
+    }
+    // MQTT lives in vhost "/": a named user without a permission there is refused, as
+    // RabbitMQ's MQTT plugin does.
+    if let Some(u) = c.username.as_deref() {
+        if !cfg.vhost_allowed(u) {
+            refuse!(5, reason::NOT_AUTHORIZED, "no permission on vhost /");
+        }
+    }
+    // Authenticated: counted against limits.max_connections from here, in one atomic
+    // step (handshakes never count). Over it: 5.0 Quota exceeded, 3.1.1 server unavailable.
+    let admitted = match pending.admit() {
+        Ok(a) => a,
+        Err(limit) => {
+            if let Some(held) = shared.gate.log_refusal() {
+                tracing::warn!(%peer, max = limit.max, refused_since_last_line = held, "MQTT: connection refused: limits.max_connections reached");
+            }
+            refuse!(3, reason::QUOTA_EXCEEDED, "limits.max_connections reached");
+        }
+    };
+    let mut assigned = None;
+    let client_id = if c.client_id.is_empty() {
+        if !v5 && !c.clean_start {
+            refuse!(
+                2,
+                reason::CLIENT_ID_NOT_VALID,
+                "empty client id without clean session"
+            );
+        }
+        let id = format!(
+            "mqgate-{:x}-{:x}",
+            shared.now(),
+            shared.next_conn.fetch_add(1, Ordering::Relaxed)
+        );
+        if v5 {
+            assigned = Some(id.clone());
+        }
+        id
+    } else {
+        c.client_id.clone()
+    };
+    if client_id.len() > cfg.max_client_id_len {
+        refuse!(2, reason::CLIENT_ID_NOT_VALID, "client id too long");
+    }
+    if let Some(w) = &c.will {
+        let who = Subject {
+            user: c.username.as_deref(),
+            client_id: Some(&client_id),
+        };
+        if !shared.acl.check_topic(who, Access::Publish, &w.topic) {
+            refuse!(5, reason::NOT_AUTHORIZED, "will topic not allowed");
+        }
+    }
+    // Session expiry: 3.1.1 clean session = 0, persistent = never; 5.0 says.
+    let asked_expiry = if v5 {
+        c.properties.session_expiry.unwrap_or(0)
+    } else if c.clean_start {
+        0
+    } else {
+        u32::MAX
+    };
+    let expiry = asked_expiry.min(cfg.max_session_expiry);
+    let keep_alive =
+        if cfg.max_keep_alive > 0 && (c.keep_alive == 0 || c.keep_alive > cfg.max_keep_alive) {
+            cfg.max_keep_alive
+        } else {
+            c.keep_alive
+        };
+
+    // Take over a connection with the same client id.
+    let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+    let (done_tx, done_rx) = watch::channel(false);
+    let previous = shared.clients.lock().insert(
+        client_id.clone(),
+        ClientSlot {
+            conn: conn_id,
+            kick: kick_tx,
+            done: done_rx,
+            info: mqgate_core::ConnectionInfo {
+                id: client_id.clone(),
+                protocol: "mqtt",
+                peer: peer.to_string(),
+                user: c.username.clone(),
+                detail: format!("{:?}", c.version),
+                connected_at: shared.now(),
+            },
+        },
+    );
+    if let Some(prev) = previous {
+        tracing::info!(%peer, client = %client_id, "MQTT: session taken over by a new connection");
+        let _ = prev.kick.send(reason::SESSION_TAKEN_OVER);
+        let mut done = prev.done;
+        let _ = tokio::time::timeout(Duration::from_secs(10), done.wait_for(|d| *d)).await;
+    }
+    // A will waiting for its delay is cancelled by the client's return.
+    let pending = shared.wills.lock().remove(&client_id);
+    if let Some(w) = pending {
+        w.task.abort();
+    }
+    shared.expiring.lock().remove(&client_id);
+
+    let store = Arc::clone(shared.broker.store());
+    let existing = match store.kv_get(NS_SESSION, client_id.as_bytes()).await {
+        Ok(v) => v.and_then(SessionRecord::decode),
+        Err(e) => {
+            tracing::error!(client = %client_id, error = %e, "MQTT: reading the session failed");
+            shared.clients.lock().remove(&client_id);
+            let _ = done_tx.send(true);
+            refuse!(3, reason::SERVER_UNAVAILABLE, "store unavailable");
+        }
+    };
+    let topic_name = session_topic(&client_id);
+    let mut record = SessionRecord {
+        expiry,
+        ..Default::default()
+    };
+    let session_present = match existing {
+        Some(old) if !c.clean_start => {
+            record.subscriptions = old.subscriptions;
+            record.inbound_qos2 = old.inbound_qos2;
+            record.pubrel = old.pubrel;
+            true
+        }
+        Some(old) => {
+            shared.destroy_session(&client_id, Some(&old)).await;
+            false
+        }
+        None => {
+            // A session topic left by a clean session that was connected at a crash.
+            if shared.broker.store().topic(&topic_name).is_some() {
+                shared.destroy_session(&client_id, None).await;
+            }
+            false
+        }
+    };
+    if let Err(e) = shared.broker.create_topic(&topic_name, Some(1)).await {
+        tracing::error!(client = %client_id, error = %e, "MQTT: creating the session topic failed");
+        shared.clients.lock().remove(&client_id);
+        let _ = done_tx.send(true);
+        refuse!(3, reason::SERVER_UNAVAILABLE, "store unavailable");
+    }
+    let client_recv_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
+    let send_quota = usize::from(client_recv_max.min(cfg.max_inflight)).max(1);
+    let session_consumer = shared
+        .broker
+        .subscribe(
+            GroupSpec {
+                start: StartPosition::First,
+                on_failure: OnFailure::Discard,
+                ..GroupSpec::new(
+                    session_group(&client_id),
+                    vec![topic_name.clone()],
+                    ConsumeMode::Shared,
+                )
+            },
+            MemberOptions::new(client_id.clone(), send_quota),
+        )
+        .await;
+    let session_consumer = match session_consumer {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(client = %client_id, error = %e, "MQTT: joining the session group failed");
+            shared.clients.lock().remove(&client_id);
+            let _ = done_tx.send(true);
+            refuse!(3, reason::SERVER_UNAVAILABLE, "broker unavailable");
+        }
+    };
+    let (direct_tx, direct_rx) =
+        crate::qos0::queue(topic_name.clone(), cfg.qos0_queue, cfg.qos0_queue_bytes);
+    shared
+        .live
+        .write()
+        .insert(topic_name.clone(), (conn_id, direct_tx));
+
+    let mut props = Properties::default();
+    if v5 {
+        props.receive_maximum = Some(cfg.receive_maximum);
+        props.maximum_packet_size = Some(cfg.max_packet_size as u32);
+        props.topic_alias_maximum = Some(cfg.topic_alias_maximum);
+        props.assigned_client_id = assigned;
+        if keep_alive != c.keep_alive {
+            props.server_keep_alive = Some(keep_alive);
+        }
+        if expiry != asked_expiry {
+            props.session_expiry = Some(expiry);
+        }
+    }
+    let mut conn = Conn {
+        shared: Arc::clone(&shared),
+        peer,
+        rd,
+        wr,
+        inbuf,
+        out: BytesMut::new(),
+        read_hint: MIN_READ,
+        version: c.version,
+        client_id,
+        user: c.username.clone(),
+        conn_id,
+        keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+        last_read: Instant::now(),
+        record,
+        sub_index: HashMap::new(),
+        session: Some(session_consumer),
+        shared_subs: HashMap::new(),
+        next_shared: 1,
+        direct_rx,
+        kick_rx,
+        done_tx,
+        will: c.will,
+        inflight: HashMap::new(),
+        next_pkid: 1,
+        send_quota,
+        client_max_packet: c
+            .properties
+            .maximum_packet_size
+            .map_or(usize::MAX, |m| m as usize),
+        client_alias_max: c.properties.topic_alias_maximum.unwrap_or(0),
+        aliases_out: HashMap::new(),
+        aliases_in: HashMap::new(),
+        inbound_qos2: HashSet::new(),
+        problem_info: c.properties.request_problem_info != Some(0),
+        published: false,
+        retained_todo: std::collections::VecDeque::new(),
+        check_reads: false,
+    };
+    conn.check_reads = shared.acl.may_deny(conn.subject(), Access::Subscribe);
+    conn.inbound_qos2 = conn.record.inbound_qos2.iter().copied().collect();
+    conn.sub_index = conn
+        .record
+        .subscriptions
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.filter.clone(), i))
+        .collect();
+    conn.send(&connack(reason::SUCCESS, session_present, props));
+    // Restore the subscriptions of a resumed session, and resend unfinished PUBRELs.
+    conn.restore_subscriptions().await;
+    for id in conn.record.pubrel.clone() {
+        conn.inflight.insert(
+            id,
+            Inflight {
+                source: None,
+                stage: Stage::PubComp,
+            },
+        );
+        conn.send(&Packet::Ack(Ack {
+            kind: AckKind::PubRel,
+            pkid: id,
+            reason: 0,
+            properties: Properties::default(),
+        }));
+    }
+    if conn.persistent() {
+        conn.save_record().await;
+    }
+    tracing::debug!(%peer, client = %conn.client_id, ?conn.version, session_present, "MQTT: connected");
+    Some((conn, admitted))
+}

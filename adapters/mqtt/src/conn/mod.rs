@@ -1,0 +1,507 @@
+//! One MQTT connection: the CONNECT handshake, then one task that reads packets, pulls
+//! deliveries from the session's consumers and writes, without ever blocking on a slow
+//! peer (writes are polled like reads; deliveries pause while output is backed up).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use mqgate_core::acl::{Access, Subject};
+use mqgate_core::{AckToken, Consumer};
+use mqgate_store::WriteBatch;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::codec::{self, reason, Disconnect, Packet, Properties, QoS, SubOptions, Version, Will};
+use crate::server::{Outbound, Shared};
+use crate::session::{session_topic, SessionRecord, NS_SESSION};
+
+use self::connect::{accept, read_connect};
+use self::deliver::poll_deliveries;
+
+mod connect;
+mod deliver;
+mod publish;
+mod subscribe;
+mod will;
+
+/// Output beyond this stops pulling deliveries until the socket drains.
+const OUT_HIGH_WATER: usize = 256 * 1024;
+/// Output beyond this stops reading too (a client that floods without reading).
+const OUT_HARD_LIMIT: usize = 4 * 1024 * 1024;
+/// The smallest and largest room given to one socket read.
+const MIN_READ: usize = 2 * 1024;
+const MAX_READ: usize = 64 * 1024;
+
+/// Deliveries handled per wake-up before the loop looks at the socket again.
+const DELIVERY_BURST: usize = 256;
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// DISCONNECT from the client; `will`: 5.0 reason 0x04 asked for the will.
+    Client { will: bool },
+    /// The socket closed or failed.
+    Closed,
+    /// The server ends it with a reason code (5.0 gets a DISCONNECT).
+    Server(u8, String),
+}
+
+/// Where an in-flight delivery came from, so its ack reaches the right place.
+#[derive(Debug)]
+enum Source {
+    Session(AckToken),
+    Shared(u32, AckToken),
+    Retained,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[allow(clippy::enum_variant_names)]
+enum Stage {
+    /// QoS 1 sent, PUBACK awaited.
+    PubAck,
+    /// QoS 2 sent, PUBREC awaited.
+    PubRec,
+    /// PUBREL sent, PUBCOMP awaited.
+    PubComp,
+}
+
+#[derive(Debug)]
+struct Inflight {
+    source: Option<Source>,
+    stage: Stage,
+}
+
+#[derive(Debug)]
+struct SharedSub {
+    filter: String,
+    options: SubOptions,
+    id: Option<u32>,
+    consumer: Consumer,
+}
+
+/// The connection's state after CONNECT.
+struct Conn<S> {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    rd: ReadHalf<S>,
+    wr: WriteHalf<S>,
+    inbuf: BytesMut,
+    out: BytesMut,
+    version: Version,
+    client_id: String,
+    user: Option<String>,
+    conn_id: u64,
+    keep_alive: Option<Duration>,
+    last_read: Instant,
+    record: SessionRecord,
+    /// Filter → its place in `record.subscriptions`, so a SUBSCRIBE or UNSUBSCRIBE
+    /// costs each filter O(1), however many the session holds.
+    sub_index: HashMap<String, usize>,
+    session: Option<Consumer>,
+    shared_subs: HashMap<u32, SharedSub>,
+    next_shared: u32,
+    direct_rx: crate::qos0::Qos0Rx,
+    kick_rx: mpsc::UnboundedReceiver<u8>,
+    done_tx: watch::Sender<bool>,
+    will: Option<Will>,
+    inflight: HashMap<u16, Inflight>,
+    next_pkid: u16,
+    send_quota: usize,
+    client_max_packet: usize,
+    client_alias_max: u16,
+    aliases_out: HashMap<String, u16>,
+    aliases_in: HashMap<u16, String>,
+    inbound_qos2: HashSet<u16>,
+    problem_info: bool,
+    /// It has published: the memory watermark stops reading from it.
+    published: bool,
+    /// Retained messages still to send for new subscriptions, sent as the output buffer
+    /// drains; the session's other deliveries wait behind them.
+    retained_todo: std::collections::VecDeque<crate::retained::Pending>,
+    /// Whether the access rules can deny this client a message: each delivery's topic
+    /// is checked then (no cost per message otherwise).
+    check_reads: bool,
+    /// How much room the next read gets: grows while reads fill it, shrinks while
+    /// they do not, so an idle connection holds a small buffer.
+    read_hint: usize,
+}
+
+impl<S> std::fmt::Debug for Conn<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("client_id", &self.client_id)
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+/// Serve one connection to its end.
+pub(crate) async fn run<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    peer: SocketAddr,
+    pending: mqgate_core::net::Pending,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    shared
+        .stats
+        .connections_opened
+        .fetch_add(1, Ordering::Relaxed);
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut inbuf = BytesMut::with_capacity(1024);
+    let evicted = pending.eviction();
+    let read = tokio::select! {
+        c = read_connect(&shared, &mut rd, &mut wr, &mut inbuf, peer) => c,
+        // A newer connection needed the slot (limits.max_pending_handshakes): closed.
+        () = evicted.wait() => None,
+    };
+    let connect = match read {
+        Some(c) => c,
+        None => {
+            shared
+                .stats
+                .connections_closed
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    // `_admitted` counts it against limits.max_connections until it ends.
+    if let Some((mut conn, _admitted)) =
+        accept(shared.clone(), rd, wr, inbuf, peer, *connect, pending).await
+    {
+        let end = conn.serve().await;
+        conn.finish(end).await;
+    }
+    shared
+        .stats
+        .connections_closed
+        .fetch_add(1, Ordering::Relaxed);
+}
+
+impl<S> Conn<S>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    fn v5(&self) -> bool {
+        self.version.is_v5()
+    }
+
+    /// Who the access rules see.
+    fn subject(&self) -> Subject<'_> {
+        Subject {
+            user: self.user.as_deref(),
+            client_id: Some(&self.client_id),
+        }
+    }
+
+    /// Whether the access rules let this client read a message published to `topic`
+    /// (checked on every delivery: a subscription such as `#` may be granted while some
+    /// of the topics it matches are denied).
+    fn may_read(&self, topic: &str) -> bool {
+        if !self.check_reads
+            || self
+                .shared
+                .acl
+                .check_topic(self.subject(), Access::Subscribe, topic)
+        {
+            return true;
+        }
+        tracing::debug!(client = %self.client_id, %topic, "MQTT: delivery not authorized; skipped");
+        false
+    }
+
+    fn persistent(&self) -> bool {
+        self.record.expiry > 0
+    }
+
+    fn send(&mut self, p: &Packet) {
+        codec::encode(p, self.version, &mut self.out);
+    }
+
+    /// The connection's main loop.
+    async fn serve(&mut self) -> End {
+        let mut shutdown = self.shared.shutdown.subscribe();
+        if *shutdown.borrow() {
+            return End::Server(reason::SERVER_SHUTTING_DOWN, "server shutting down".into());
+        }
+        // Packets sent right behind CONNECT, in the same read.
+        if !self.inbuf.is_empty() {
+            if let Err(end) = self.handle_input().await {
+                return end;
+            }
+        }
+        // Above the memory watermark a connection that publishes is not read (MQTT has
+        // no blocked packet: TCP pushes back on the client) and its keep alive waits.
+        let mut blocked = self.shared.broker.memory_blocked();
+        loop {
+            let window_open = self.inflight.len() < self.send_quota;
+            let may_deliver = self.out.len() < OUT_HIGH_WATER;
+            let held = self.published && *blocked.borrow_and_update();
+            let retained_first = !self.retained_todo.is_empty();
+            let may_read = self.out.len() < OUT_HARD_LIMIT && !held;
+            let ka_deadline = (!held)
+                .then(|| self.keep_alive.map(|k| self.last_read + k))
+                .flatten();
+            let has_out = !self.out.is_empty();
+            if self.inbuf.capacity() - self.inbuf.len() < MIN_READ / 2 {
+                self.inbuf.reserve(self.read_hint);
+            }
+            tokio::select! {
+                biased;
+                _ = blocked.changed() => {
+                    self.last_read = Instant::now();
+                }
+                r = self.kick_rx.recv() => {
+                    let code = r.unwrap_or(reason::SESSION_TAKEN_OVER);
+                    let why = if code == ADMINISTRATIVE_ACTION {
+                        "closed by an administrator"
+                    } else {
+                        "session taken over"
+                    };
+                    return End::Server(code, why.into());
+                }
+                _ = shutdown.changed() => {
+                    return End::Server(reason::SERVER_SHUTTING_DOWN, "server shutting down".into());
+                }
+                w = self.wr.write(&self.out), if has_out => match w {
+                    Ok(0) | Err(_) => return End::Closed,
+                    Ok(n) => {
+                        self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                        bytes::Buf::advance(&mut self.out, n);
+                        // Give back a buffer a burst made big.
+                        if self.out.is_empty() && self.out.capacity() > OUT_HIGH_WATER {
+                            self.out = BytesMut::new();
+                        }
+                    }
+                },
+                r = self.rd.read_buf(&mut self.inbuf), if may_read => match r {
+                    Ok(0) | Err(_) => return End::Closed,
+                    Ok(n) => {
+                        self.shared.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                        self.read_hint = if n >= self.read_hint / 2 {
+                            (self.read_hint * 2).min(MAX_READ)
+                        } else {
+                            (self.read_hint / 2).max(MIN_READ)
+                        };
+                        self.last_read = Instant::now();
+                        if let Err(end) = self.handle_input().await {
+                            return end;
+                        }
+                        if self.inbuf.is_empty() && self.inbuf.capacity() > 2 * self.read_hint {
+                            self.inbuf = BytesMut::new();
+                        }
+                        // A client that publishes without pause still gets its
+                        // deliveries: the read branch wins every biased select.
+                        self.deliver_burst();
+                    }
+                },
+                _ = std::future::ready(()), if retained_first && may_deliver && window_open => {
+                    self.send_retained().await;
+                }
+                m = self.direct_rx.recv(), if may_deliver && !retained_first => {
+                    if let Some(m) = m {
+                        self.deliver_direct(&m);
+                        self.deliver_burst();
+                    }
+                }
+                d = poll_deliveries(&mut self.session, &mut self.shared_subs), if may_deliver && window_open && !retained_first => {
+                    let (src, d) = d;
+                    self.deliver(src, d);
+                    self.deliver_burst();
+                }
+                _ = sleep_until_opt(ka_deadline) => {
+                    return End::Server(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout".into());
+                }
+            }
+        }
+    }
+
+    /// Decode and handle every whole packet in the input buffer. Publishes read together
+    /// are stored together (one write), then acknowledged in order.
+    async fn handle_input(&mut self) -> Result<(), End> {
+        let max = self.shared.cfg.max_packet_size;
+        let mut batch: Vec<(Outbound, u16, QoS)> = Vec::new();
+        let result = loop {
+            let packet = match codec::decode(&mut self.inbuf, Some(self.version), max) {
+                Ok(Some(p)) => p,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(self.protocol_error(e.reason_code(), &e.to_string())),
+            };
+            match packet {
+                Packet::Publish(p) => {
+                    if let Err(end) = self.on_publish(p, &mut batch) {
+                        break Err(end);
+                    }
+                }
+                other => {
+                    // Keep order: what was published before this packet is stored first.
+                    if !batch.is_empty() {
+                        self.flush_publishes(std::mem::take(&mut batch)).await?;
+                    }
+                    if let Err(end) = self.on_packet(other).await {
+                        break Err(end);
+                    }
+                }
+            }
+        };
+        if !batch.is_empty() {
+            self.flush_publishes(batch).await?;
+        }
+        result
+    }
+
+    fn protocol_error(&self, code: u8, why: &str) -> End {
+        self.shared
+            .stats
+            .protocol_errors
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(client = %self.client_id, peer = %self.peer, reason_code = code, why, "MQTT: protocol violation; connection closed");
+        End::Server(code, why.to_owned())
+    }
+
+    async fn on_packet(&mut self, packet: Packet) -> Result<(), End> {
+        match packet {
+            Packet::PingReq => self.send(&Packet::PingResp),
+            Packet::Ack(a) => self.on_ack(a).await?,
+            Packet::Subscribe(s) => self.on_subscribe(s).await?,
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
+            Packet::Disconnect(d) => {
+                if let Some(e) = d.properties.session_expiry {
+                    if self.record.expiry == 0 && e > 0 {
+                        return Err(self.protocol_error(
+                            reason::PROTOCOL_ERROR,
+                            "session expiry set at DISCONNECT after 0 at CONNECT",
+                        ));
+                    }
+                    self.record.expiry = e.min(self.shared.cfg.max_session_expiry);
+                }
+                return Err(End::Client {
+                    will: d.reason == reason::DISCONNECT_WITH_WILL,
+                });
+            }
+            Packet::Connect(_) => {
+                return Err(self.protocol_error(reason::PROTOCOL_ERROR, "second CONNECT"))
+            }
+            Packet::Auth(_) => {
+                return Err(self.protocol_error(
+                    reason::PROTOCOL_ERROR,
+                    "AUTH without an authentication method",
+                ))
+            }
+            other => {
+                return Err(self.protocol_error(
+                    reason::PROTOCOL_ERROR,
+                    &format!("{} sent by a client", other.name()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn save_record(&mut self) {
+        self.record.inbound_qos2 = self.inbound_qos2.iter().copied().collect();
+        let mut b = WriteBatch::new();
+        b.kv_put(
+            NS_SESSION,
+            Bytes::copy_from_slice(self.client_id.as_bytes()),
+            self.record.encode(),
+        );
+        if let Err(e) = self.shared.broker.store().write(b).await {
+            tracing::error!(client = %self.client_id, error = %e, "MQTT: saving the session failed");
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The end
+
+    async fn finish(mut self, end: End) {
+        let v5 = self.v5();
+        if let End::Server(code, why) = &end {
+            if v5 {
+                let mut properties = Properties::default();
+                if self.problem_info {
+                    properties.reason_string = Some(why.clone());
+                }
+                self.send(&Packet::Disconnect(Disconnect {
+                    reason: *code,
+                    properties,
+                }));
+            }
+        }
+        if !self.out.is_empty() {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), self.wr.write_all(&self.out)).await;
+        }
+        let _ = self.wr.shutdown().await;
+        tracing::debug!(client = %self.client_id, ?end, "MQTT: disconnected");
+
+        let topic = session_topic(&self.client_id);
+        {
+            let mut live = self.shared.live.write();
+            if live.get(&topic).is_some_and(|(c, _)| *c == self.conn_id) {
+                live.remove(&topic);
+            }
+        }
+        // Leave the groups: what is unacknowledged goes back (to other members of a
+        // shared subscription, or to this session's next connection).
+        self.session = None;
+        self.shared_subs.clear();
+
+        let publish_will = !matches!(end, End::Client { will: false });
+        if let Some(will) = self.will.take().filter(|_| publish_will) {
+            let delay = will
+                .properties
+                .will_delay
+                .unwrap_or(0)
+                .min(self.record.expiry);
+            self.schedule_will(will, delay);
+        }
+        let taken_over = matches!(end, End::Server(reason::SESSION_TAKEN_OVER, _));
+        if self.record.expiry == 0 && !taken_over {
+            let rec = self.record.clone();
+            self.shared
+                .destroy_session(&self.client_id, Some(&rec))
+                .await;
+        } else if self.record.expiry == 0 {
+            // The new connection decides what happens to the session.
+            self.record.disconnected_at = self.shared.now();
+            self.save_record().await;
+        } else {
+            self.record.disconnected_at = self.shared.now();
+            self.save_record().await;
+            if self.record.expiry != u32::MAX && !taken_over {
+                let at = self.record.disconnected_at + u64::from(self.record.expiry) * 1000;
+                self.shared
+                    .expiring
+                    .lock()
+                    .insert(self.client_id.clone(), at);
+            }
+        }
+        {
+            let mut clients = self.shared.clients.lock();
+            if clients
+                .get(&self.client_id)
+                .is_some_and(|s| s.conn == self.conn_id)
+            {
+                clients.remove(&self.client_id);
+            }
+        }
+        let _ = self.done_tx.send(true);
+    }
+}
+
+/// DISCONNECT reason code 0x98: closed by an administrator (admin API).
+pub(crate) const ADMINISTRATIVE_ACTION: u8 = 0x98;
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

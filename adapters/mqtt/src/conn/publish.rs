@@ -1,0 +1,284 @@
+//! Inbound PUBLISH (QoS 0, 1 and 2): topic aliases, checks, batching and storing, and
+//! the acknowledgements of inbound flows.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqgate_core::acl::Access;
+use mqgate_core::{props, Delay};
+use mqgate_store::{Message, TopicName};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{Conn, End};
+use crate::codec::{reason, Ack, AckKind, Packet, Properties, Publish, QoS};
+use crate::server::Outbound;
+use crate::session::session_topic;
+use crate::topic;
+
+impl<S> Conn<S>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    pub(super) fn on_publish(
+        &mut self,
+        mut p: Publish,
+        batch: &mut Vec<(Outbound, u16, QoS)>,
+    ) -> Result<(), End> {
+        self.published = true;
+        self.shared
+            .stats
+            .publishes_in
+            .fetch_add(1, Ordering::Relaxed);
+        // Topic alias (5.0).
+        if let Some(alias) = p.properties.topic_alias.take() {
+            if alias == 0 || alias > self.shared.cfg.topic_alias_maximum {
+                return Err(
+                    self.protocol_error(reason::TOPIC_ALIAS_INVALID, "topic alias out of range")
+                );
+            }
+            if p.topic.is_empty() {
+                match self.aliases_in.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => {
+                        return Err(
+                            self.protocol_error(reason::PROTOCOL_ERROR, "unknown topic alias")
+                        )
+                    }
+                }
+            } else {
+                self.aliases_in.insert(alias, p.topic.clone());
+            }
+        }
+        if p.topic.is_empty() {
+            return Err(self.protocol_error(reason::TOPIC_NAME_INVALID, "empty topic name"));
+        }
+        if p.qos != QoS::AtMostOnce {
+            let pending =
+                self.inbound_qos2.len() + batch.iter().filter(|b| b.2 != QoS::AtMostOnce).count();
+            if pending >= usize::from(self.shared.cfg.receive_maximum) {
+                return Err(self
+                    .protocol_error(reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded"));
+            }
+        }
+        if p.properties.payload_format == Some(1) && std::str::from_utf8(&p.payload).is_err() {
+            return Err(self.protocol_error(reason::PAYLOAD_FORMAT_INVALID, "payload is not UTF-8"));
+        }
+        // A QoS 2 packet id already received and not released: a duplicate.
+        if p.qos == QoS::ExactlyOnce && self.inbound_qos2.contains(&p.pkid) {
+            self.ack(AckKind::PubRec, p.pkid, reason::SUCCESS);
+            return Ok(());
+        }
+        // `$delayed/<seconds>/<topic>` and the x-delay / x-deliver-at user properties.
+        let mut delay = None;
+        let mut topic_name = p.topic.clone();
+        match topic::parse_delayed(&p.topic) {
+            Ok(Some((secs, t))) => {
+                delay = Some(Delay::For(Duration::from_secs(secs)));
+                topic_name = t.to_owned();
+            }
+            Ok(None) => {}
+            Err(topic::BadForm) => {
+                return Err(self.protocol_error(reason::TOPIC_NAME_INVALID, "bad $delayed topic"))
+            }
+        }
+        for (k, v) in &p.properties.user {
+            match k.as_str() {
+                "x-delay" => {
+                    if let Ok(ms) = v.trim().parse::<u64>() {
+                        delay = Some(Delay::For(Duration::from_millis(ms)));
+                    }
+                }
+                "x-deliver-at" => {
+                    if let Ok(at) = v.trim().parse::<u64>() {
+                        delay = Some(Delay::At(at));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !self
+            .shared
+            .acl
+            .check_topic(self.subject(), Access::Publish, &topic_name)
+        {
+            tracing::info!(client = %self.client_id, topic = %topic_name, "MQTT: publish not authorized; dropped");
+            match p.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self.ack(AckKind::PubAck, p.pkid, reason::NOT_AUTHORIZED),
+                QoS::ExactlyOnce => self.ack(AckKind::PubRec, p.pkid, reason::NOT_AUTHORIZED),
+            }
+            return Ok(());
+        }
+        let message = self.to_message(&topic_name, p.qos, p.retain, p.payload, &p.properties);
+        batch.push((
+            Outbound {
+                topic: topic_name,
+                qos: p.qos,
+                retain: p.retain,
+                message,
+                delay,
+            },
+            p.pkid,
+            p.qos,
+        ));
+        Ok(())
+    }
+
+    pub(super) fn to_message(
+        &self,
+        topic: &str,
+        qos: QoS,
+        retain: bool,
+        payload: Bytes,
+        pp: &Properties,
+    ) -> Message {
+        let name = TopicName::new(topic).unwrap_or_else(|_| TopicName::new("?").expect("valid"));
+        // Copy the payload out of the read buffer, so the buffer is not kept alive.
+        let mut m = Message::new(name, Bytes::copy_from_slice(&payload));
+        m.born_timestamp = self.shared.now();
+        m.producer_group = "mqtt".into();
+        let p = &mut m.properties;
+        const QOS_BYTES: [&[u8]; 3] = [&[0], &[1], &[2]];
+        p.push((
+            props::MQTT_QOS.into(),
+            Bytes::from_static(QOS_BYTES[qos as usize]),
+        ));
+        if retain {
+            p.push((props::MQTT_RETAIN.into(), Bytes::from_static(&[1])));
+        }
+        p.push((
+            props::MQTT_FROM.into(),
+            Bytes::copy_from_slice(self.client_id.as_bytes()),
+        ));
+        if let Some(f) = pp.payload_format {
+            p.push((props::PAYLOAD_FORMAT.into(), Bytes::copy_from_slice(&[f])));
+        }
+        if let Some(e) = pp.message_expiry {
+            let at = m.born_timestamp + u64::from(e) * 1000;
+            p.push((
+                props::EXPIRES_AT.into(),
+                Bytes::copy_from_slice(&at.to_be_bytes()),
+            ));
+        }
+        if let Some(ct) = &pp.content_type {
+            p.push((
+                props::CONTENT_TYPE.into(),
+                Bytes::copy_from_slice(ct.as_bytes()),
+            ));
+        }
+        if let Some(rt) = &pp.response_topic {
+            p.push((
+                props::REPLY_TO.into(),
+                Bytes::copy_from_slice(rt.as_bytes()),
+            ));
+        }
+        if let Some(cd) = &pp.correlation_data {
+            p.push((props::CORRELATION_ID.into(), cd.clone()));
+        }
+        for (k, v) in &pp.user {
+            p.push((
+                format!("{}{k}", props::USER_PREFIX),
+                Bytes::copy_from_slice(v.as_bytes()),
+            ));
+        }
+        m
+    }
+
+    /// Store a batch of publishes, then acknowledge each.
+    pub(super) async fn flush_publishes(
+        &mut self,
+        batch: Vec<(Outbound, u16, QoS)>,
+    ) -> Result<(), End> {
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut items = Vec::with_capacity(batch.len());
+        for (o, pkid, qos) in batch {
+            acks.push((pkid, qos));
+            items.push(o);
+        }
+        let own = session_topic(&self.client_id);
+        let matched = match self.shared.publish_batch(items, Some(&own)).await {
+            Ok(m) => m,
+            Err(e) if self.v5() => {
+                // 5.0 says which messages failed: PUBACK / PUBREC 0x80 for each (a
+                // PUBREC >= 0x80 ends that QoS 2 flow), and the connection goes on; the
+                // client may publish them again (the store recovers by itself).
+                tracing::warn!(client = %self.client_id, error = %e, "MQTT: storing publishes failed; answered 0x80");
+                for (pkid, qos) in acks {
+                    match qos {
+                        QoS::AtMostOnce => {}
+                        QoS::AtLeastOnce => {
+                            self.ack(AckKind::PubAck, pkid, reason::UNSPECIFIED_ERROR)
+                        }
+                        QoS::ExactlyOnce => {
+                            self.ack(AckKind::PubRec, pkid, reason::UNSPECIFIED_ERROR)
+                        }
+                    }
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::error!(client = %self.client_id, error = %e, "MQTT: storing publishes failed");
+                // 3.1.1 has no failure code: nothing is acknowledged and the connection
+                // closes; the client resends after reconnecting.
+                return Err(End::Server(
+                    reason::UNSPECIFIED_ERROR,
+                    "store failure".into(),
+                ));
+            }
+        };
+        let mut qos2_added = false;
+        for ((pkid, qos), matched) in acks.into_iter().zip(matched) {
+            let counter = if matched {
+                &self.shared.stats.routed
+            } else {
+                &self.shared.stats.unroutable
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            let code = if matched || !self.v5() {
+                reason::SUCCESS
+            } else {
+                reason::NO_MATCHING_SUBSCRIBERS
+            };
+            match qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self.ack(AckKind::PubAck, pkid, code),
+                QoS::ExactlyOnce => {
+                    self.inbound_qos2.insert(pkid);
+                    qos2_added = true;
+                    self.ack(AckKind::PubRec, pkid, code)
+                }
+            }
+        }
+        if qos2_added && self.persistent() {
+            self.save_record().await;
+        }
+        Ok(())
+    }
+
+    pub(super) fn ack(&mut self, kind: AckKind, pkid: u16, code: u8) {
+        let mut properties = Properties::default();
+        if code >= 0x80 && self.v5() && self.problem_info {
+            properties.reason_string = Some(reason_text(code).to_owned());
+        }
+        self.send(&Packet::Ack(Ack {
+            kind,
+            pkid,
+            reason: code,
+            properties,
+        }));
+    }
+}
+
+/// The reason string sent with a failure code (5.0, when the client asks for problem
+/// information).
+fn reason_text(code: u8) -> &'static str {
+    match code {
+        reason::NOT_AUTHORIZED => "not authorized by the broker's access rules",
+        reason::PACKET_ID_NOT_FOUND => "no such packet identifier in flight",
+        reason::TOPIC_NAME_INVALID => "invalid topic name",
+        reason::QUOTA_EXCEEDED => "quota exceeded",
+        reason::PAYLOAD_FORMAT_INVALID => "payload is not UTF-8 as its format indicator says",
+        _ => "unspecified error",
+    }
+}
