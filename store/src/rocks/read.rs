@@ -1,0 +1,393 @@
+//! Reads: queue ranges and entries, messages from the tail cache or the log, the key
+//! index, committed offsets, kv and timers; and the scan that finds retention's cutoff.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rocksdb::{Direction, IteratorMode, ReadOptions};
+
+use super::keys::{
+    be_u64, cq_key, decode_offset, decode_timer_key, key_index_prefix, kv_key, offsets_key,
+    offsets_prefix, prefix_range, prefix_successor, timer_key, CF_CQ, CF_KEYS, CF_KV, CF_LOG,
+    CF_OFFSETS, CF_TIMERS,
+};
+use super::{backend, RocksStore, Shared};
+use crate::codec;
+use crate::error::{Result, StoreError};
+use crate::store::Retention;
+use crate::types::{
+    GroupName, MessageId, Millis, OffsetRange, QueueEntry, QueueId, QueueMessage, QueueOffset,
+    QueueRef, ReadLimits, StoredMessage, TimerKey, TopicName,
+};
+
+#[derive(Debug, Default)]
+pub(super) struct TailCache {
+    pub(super) messages: VecDeque<Arc<StoredMessage>>,
+    pub(super) bytes: usize,
+}
+
+impl TailCache {
+    fn get(&self, id: u64) -> Option<Arc<StoredMessage>> {
+        let i = self.messages.partition_point(|m| m.id.0 < id);
+        self.messages.get(i).filter(|m| m.id.0 == id).cloned()
+    }
+}
+
+impl Shared {
+    pub(super) fn entry_at(&self, uid: u64, queue: u32, offset: u64) -> Result<Option<QueueEntry>> {
+        let db = self.db()?;
+        let entry = db
+            .get_pinned_cf(db.cf(CF_CQ), cq_key(uid, queue, offset))
+            .map_err(backend)?
+            .map(|v| codec::decode_entry(QueueOffset(offset), &v))
+            .transpose();
+        entry
+    }
+
+    /// Messages by id, from the tail cache or the log, `None` where retention took them.
+    pub(super) fn messages(&self, ids: &[u64]) -> Result<Vec<Option<Arc<StoredMessage>>>> {
+        let mut out: Vec<Option<Arc<StoredMessage>>> = Vec::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        {
+            let tail = self.tail.read();
+            for (i, id) in ids.iter().enumerate() {
+                let m = tail.get(*id);
+                if m.is_none() {
+                    missing.push(i);
+                }
+                out.push(m);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let db = self.db()?;
+        let log = db.cf(CF_LOG);
+        let keys: Vec<_> = missing
+            .iter()
+            .map(|&i| (log, ids[i].to_be_bytes()))
+            .collect();
+        for (&i, got) in missing.iter().zip(db.multi_get_cf(keys)) {
+            if let Some(v) = got.map_err(backend)? {
+                out[i] = Some(Arc::new(codec::decode_message(
+                    MessageId(ids[i]),
+                    Bytes::from(v),
+                )?));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl RocksStore {
+    /// The first id at or after which the log must be kept under `retention` at `now`,
+    /// found by walking the oldest records (their sizes and store timestamps).
+    pub(super) fn retention_cutoff(&self, now: Millis) -> Result<Option<u64>> {
+        let Retention { max_age, max_bytes } = self.shared.config.retention;
+        let age_cutoff = max_age.map(|a| now.saturating_sub(a.as_millis() as u64));
+        let mut excess = max_bytes.map_or(0, |b| {
+            self.shared
+                .log_bytes
+                .load(Ordering::Acquire)
+                .saturating_sub(b)
+        });
+        if age_cutoff.is_none() && excess == 0 {
+            return Ok(None);
+        }
+        let mut cutoff = None;
+        let db = self.shared.db()?;
+        let it = db.iterator_cf(db.cf(CF_LOG), IteratorMode::Start);
+        // Bounded per pass so a huge backlog is trimmed in steps, not in one long stall.
+        for item in it.take(1_000_000) {
+            let (k, v) = item.map_err(backend)?;
+            let ts = v
+                .get(2..10)
+                .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+            let old = age_cutoff.is_some_and(|c| ts < c);
+            if !old && excess == 0 {
+                return Ok(Some(be_u64(&k)?));
+            }
+            excess = excess.saturating_sub(v.len() as u64);
+            cutoff = Some(be_u64(&k)? + 1);
+        }
+        Ok(cutoff)
+    }
+}
+
+impl RocksStore {
+    pub(super) fn read_queue_range(&self, queue: &QueueRef) -> Result<OffsetRange> {
+        let (_, q) = self.shared.queue_state(queue)?;
+        // Read next first: min can only catch up to it, never pass it.
+        let next = q.next.load(Ordering::Acquire);
+        let min = q.min.load(Ordering::Acquire).min(next);
+        Ok(OffsetRange {
+            min: QueueOffset(min),
+            next: QueueOffset(next),
+        })
+    }
+
+    pub(super) fn read_queue(
+        &self,
+        queue: &QueueRef,
+        from: QueueOffset,
+        limits: ReadLimits,
+    ) -> Result<Vec<QueueMessage>> {
+        let s = &self.shared;
+        let db = s.db()?;
+        let (uid, q) = s.queue_state(queue)?;
+        let next = q.next.load(Ordering::Acquire);
+        let start = from.0.max(q.min.load(Ordering::Acquire));
+        if start >= next || limits.max_count == 0 {
+            return Ok(Vec::new());
+        }
+        let qid = queue.queue.0;
+        let end = next.min(start.saturating_add(limits.max_count as u64));
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(cq_key(uid, qid, start).to_vec());
+        ro.set_iterate_upper_bound(cq_key(uid, qid, end).to_vec());
+        let mut entries = Vec::with_capacity((end - start) as usize);
+        let mut bytes = 0usize;
+        for item in db.iterator_cf_opt(db.cf(CF_CQ), ro, IteratorMode::Start) {
+            let (k, v) = item.map_err(backend)?;
+            let e = codec::decode_entry(QueueOffset(be_u64(&k[12..])?), &v)?;
+            if !entries.is_empty() && bytes + e.size as usize > limits.max_bytes {
+                break;
+            }
+            bytes += e.size as usize;
+            entries.push(e);
+        }
+        let ids: Vec<u64> = entries.iter().map(|e| e.id.0).collect();
+        Ok(entries
+            .into_iter()
+            .zip(s.messages(&ids)?)
+            .filter_map(|(entry, m)| m.map(|message| QueueMessage { entry, message }))
+            .collect())
+    }
+
+    pub(super) fn read_offset_for_timestamp(
+        &self,
+        queue: &QueueRef,
+        timestamp: Millis,
+    ) -> Result<QueueOffset> {
+        let s = &self.shared;
+        let (uid, q) = s.queue_state(queue)?;
+        let (mut lo, mut hi) = (
+            q.min.load(Ordering::Acquire),
+            q.next.load(Ordering::Acquire),
+        );
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match s.entry_at(uid, queue.queue.0, mid)? {
+                Some(e) if e.timestamp >= timestamp => hi = mid,
+                // Missing: truncated under us; everything at or below it is gone too.
+                _ => lo = mid + 1,
+            }
+        }
+        Ok(QueueOffset(lo))
+    }
+
+    pub(super) fn read_messages_by_key(
+        &self,
+        topic: &TopicName,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<Arc<StoredMessage>>> {
+        let s = &self.shared;
+        let db = s.db()?;
+        let prefix = key_index_prefix(topic, key);
+        let ro = prefix_range(&prefix);
+        let log_min = s.log_min.load(Ordering::Acquire);
+        let mut out = Vec::new();
+        let mut it = db.iterator_cf_opt(db.cf(CF_KEYS), ro, IteratorMode::Start);
+        while out.len() < limit {
+            let mut ids = Vec::new();
+            for item in it.by_ref() {
+                let (k, _) = item.map_err(backend)?;
+                let id = be_u64(&k[prefix.len()..])?;
+                if id >= log_min {
+                    ids.push(id);
+                }
+                if ids.len() >= limit - out.len() {
+                    break;
+                }
+            }
+            if ids.is_empty() {
+                break;
+            }
+            out.extend(s.messages(&ids)?.into_iter().flatten());
+        }
+        Ok(out)
+    }
+
+    pub(super) fn read_committed_offset(
+        &self,
+        group: &GroupName,
+        queue: &QueueRef,
+    ) -> Result<Option<QueueOffset>> {
+        let s = &self.shared;
+        let db = s.db()?;
+        let offset = db
+            .get_pinned_cf(db.cf(CF_OFFSETS), offsets_key(group, queue))
+            .map_err(backend)?
+            .map(|v| decode_offset(&v))
+            .transpose();
+        offset
+    }
+
+    pub(super) fn read_committed_offsets(
+        &self,
+        group: &GroupName,
+    ) -> Result<Vec<(QueueRef, QueueOffset)>> {
+        let s = &self.shared;
+        let db = s.db()?;
+        let prefix = offsets_prefix(group, None);
+        let ro = prefix_range(&prefix);
+        let mut out = Vec::new();
+        for item in db.iterator_cf_opt(db.cf(CF_OFFSETS), ro, IteratorMode::Start) {
+            let (k, v) = item.map_err(backend)?;
+            let rest = &k[prefix.len()..];
+            let corrupt = || StoreError::Corrupt {
+                what: "offset key",
+                detail: format!("{k:?}"),
+            };
+            if rest.len() < 5 {
+                return Err(corrupt());
+            }
+            let topic = std::str::from_utf8(&rest[..rest.len() - 5]).map_err(|_| corrupt())?;
+            let queue = u32::from_be_bytes(rest[rest.len() - 4..].try_into().expect("4 bytes"));
+            out.push((
+                QueueRef {
+                    topic: TopicName::new(topic)?,
+                    queue: QueueId(queue),
+                },
+                decode_offset(&v)?,
+            ));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    pub(super) fn read_groups(&self) -> Result<Vec<GroupName>> {
+        let s = &self.shared;
+        let db = s.db()?;
+        let mut out = Vec::new();
+        let mut it = db.raw_iterator_cf(db.cf(CF_OFFSETS));
+        it.seek_to_first();
+        while let Some(k) = it.key() {
+            let sep = k.iter().position(|b| *b == 0).unwrap_or(k.len());
+            let name = std::str::from_utf8(&k[..sep]).map_err(|_| StoreError::Corrupt {
+                what: "offset key",
+                detail: "group is not UTF-8".into(),
+            })?;
+            let group = GroupName::new(name)?;
+            let mut skip = k[..sep].to_vec();
+            skip.push(1);
+            out.push(group);
+            it.seek(&skip);
+        }
+        it.status().map_err(backend)?;
+        Ok(out)
+    }
+
+    pub(super) fn read_kv(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>> {
+        let s = &self.shared;
+        let db = s.db()?;
+        Ok(db
+            .get_cf(db.cf(CF_KV), kv_key(namespace, key))
+            .map_err(backend)?
+            .map(Bytes::from))
+    }
+
+    pub(super) fn read_kv_scan(
+        &self,
+        namespace: &str,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Bytes)>> {
+        let s = &self.shared;
+        let db = s.db()?;
+        let full_prefix = kv_key(namespace, prefix);
+        let ns_len = namespace.len() + 1;
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(full_prefix.clone());
+        if let Some(upper) = prefix_successor(&full_prefix) {
+            ro.set_iterate_upper_bound(upper);
+        }
+        let mut it = db.raw_iterator_cf_opt(db.cf(CF_KV), ro);
+        match after {
+            Some(a) if a >= prefix => {
+                let k = kv_key(namespace, a);
+                it.seek(&k);
+                if it.key() == Some(&k[..]) {
+                    it.next();
+                }
+            }
+            _ => it.seek(&full_prefix),
+        }
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            out.push((
+                Bytes::copy_from_slice(&k[ns_len..]),
+                Bytes::copy_from_slice(v),
+            ));
+            it.next();
+        }
+        it.status().map_err(backend)?;
+        Ok(out)
+    }
+
+    pub(super) fn read_timers_due(
+        &self,
+        until: Millis,
+        after: Option<TimerKey>,
+        limit: usize,
+    ) -> Result<Vec<(TimerKey, Bytes)>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let s = &self.shared;
+        let db = s.db()?;
+        let mut ro = ReadOptions::default();
+        if let Some(a) = after {
+            ro.set_iterate_lower_bound(timer_key(&a).to_vec());
+        }
+        if let Some(end) = until.checked_add(1) {
+            ro.set_iterate_upper_bound(end.to_be_bytes().to_vec());
+        }
+        let mut out = Vec::new();
+        for item in db.iterator_cf_opt(db.cf(CF_TIMERS), ro, IteratorMode::Start) {
+            let (k, v) = item.map_err(backend)?;
+            let key = decode_timer_key(&k)?;
+            if after.is_some_and(|a| key <= a) {
+                continue;
+            }
+            out.push((key, Bytes::from(v.into_vec())));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn read_next_timer(&self) -> Result<Option<TimerKey>> {
+        let s = &self.shared;
+        let db = s.db()?;
+        let first = db
+            .iterator_cf(
+                db.cf(CF_TIMERS),
+                IteratorMode::From(&[], Direction::Forward),
+            )
+            .next()
+            .transpose()
+            .map_err(backend)?
+            .map(|(k, _)| decode_timer_key(&k))
+            .transpose();
+        first
+    }
+}

@@ -1,0 +1,715 @@
+//! The writer thread (group commit, topic changes, retention's deletes) and the threads
+//! that sync the WAL.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BufMut;
+use rocksdb::{IteratorMode, ReadOptions, WriteOptions};
+use tokio::sync::{mpsc, oneshot};
+
+use super::keys::{
+    cq_key, key_index_prefix, kv_key, nul_prefix_end, offset_topic_key, offsets_key,
+    offsets_key_topic, offsets_prefix, prefix_range, queue_meta_key, timer_key, topic_meta_key,
+    Header, CF_CQ, CF_KEYS, CF_KV, CF_LOG, CF_META, CF_OFFSETS, CF_OFFSET_TOPICS, CF_TIMERS,
+    HEADER_KEY,
+};
+use super::{backend, Db, QueueState, Shared, TopicState};
+use crate::codec;
+use crate::error::{Result, StoreError};
+use crate::store::{Appended, RetentionReport, WriteBatch, WriteOp, WriteReceipt};
+use crate::types::{
+    now_millis, tag_hash, MessageId, Millis, QueueEntry, QueueOffset, QueueRef, StoredMessage,
+    TimerKey, TopicConfig, TopicName,
+};
+
+/// A writer to answer, with what to answer once its write is durable.
+type Answer = (oneshot::Sender<Result<WriteReceipt>>, Result<WriteReceipt>);
+
+type Grouped = (
+    WriteBatch,
+    oneshot::Sender<Result<WriteReceipt>>,
+    Option<oneshot::Sender<()>>,
+);
+
+pub(super) enum Request {
+    /// A batch, who waits for it to be durable, and who to tell once it is readable.
+    Write(
+        WriteBatch,
+        oneshot::Sender<Result<WriteReceipt>>,
+        Option<oneshot::Sender<()>>,
+    ),
+    CreateTopic(TopicName, u32, oneshot::Sender<Result<TopicConfig>>),
+    DeleteTopic(TopicName, oneshot::Sender<Result<bool>>),
+    /// Delete the commit log below this id (and what pointed into it).
+    TrimLog(u64, oneshot::Sender<Result<RetentionReport>>),
+}
+
+/// The same backend error again, for one more waiting writer.
+fn again(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Backend(m) => StoreError::Backend(m.clone()),
+        other => StoreError::Backend(other.to_string()),
+    }
+}
+
+/// The every-batch policy's fsync: take every group written so far, sync the WAL once,
+/// answer them all. While it syncs, the writer goes on writing the next groups.
+pub(super) fn sync_loop(shared: &Shared, rx: std::sync::mpsc::Receiver<Vec<Answer>>) {
+    while let Ok(mut answers) = rx.recv() {
+        while let Ok(more) = rx.try_recv() {
+            answers.extend(more);
+        }
+        let synced = std::time::Instant::now();
+        if let Err(e) = shared
+            .db()
+            .and_then(|db| db.flush_wal(true).map_err(backend))
+        {
+            shared.health.failed("WAL sync", &e);
+            Writer::fail(answers, e);
+            continue;
+        }
+        metrics::histogram!(crate::metrics::FSYNC_SECONDS).record(synced.elapsed());
+        for (done, r) in answers {
+            let _ = done.send(r);
+        }
+    }
+}
+
+pub(super) fn periodic_fsync(shared: &Shared, interval: Duration) {
+    let step = interval.min(Duration::from_millis(50));
+    let mut waited = Duration::ZERO;
+    while !shared.stopping.load(Ordering::Acquire) {
+        std::thread::sleep(step);
+        waited += step;
+        if waited >= interval {
+            waited = Duration::ZERO;
+            let synced = std::time::Instant::now();
+            if let Err(e) = shared
+                .db()
+                .and_then(|db| db.flush_wal(true).map_err(backend))
+            {
+                tracing::error!(error = %e, "store: periodic WAL sync failed");
+                shared.health.failed("periodic WAL sync", &e);
+            }
+            metrics::histogram!(crate::metrics::FSYNC_SECONDS).record(synced.elapsed());
+        }
+    }
+}
+
+/// The writer thread: the only code that mutates the database and the shared counters.
+pub(super) struct Writer {
+    s: Arc<Shared>,
+    /// Under the every-batch policy: the syncer thread, which fsyncs the WAL and only
+    /// then answers the writers of the groups written before the sync began.
+    syncer: Option<std::sync::mpsc::Sender<Vec<Answer>>>,
+    /// Reused encode buffer.
+    buf: Vec<u8>,
+    /// Timestamp of the last batch: store timestamps never go back.
+    last_ts: Millis,
+}
+
+/// What a group batch will change once written.
+#[derive(Default)]
+struct Pending {
+    header: Header,
+    /// (uid, queue) -> (state, new min, new next)
+    queues: HashMap<(u64, u32), (Arc<QueueState>, u64, u64)>,
+    tail: Vec<Arc<StoredMessage>>,
+    /// Timers put and deleted in this group (so deletes count right before the write).
+    timers_put: HashSet<TimerKey>,
+    timers_deleted: HashSet<TimerKey>,
+    log_min: Option<u64>,
+}
+
+impl Writer {
+    pub(super) fn new(
+        s: Arc<Shared>,
+        syncer: Option<std::sync::mpsc::Sender<Vec<Answer>>>,
+    ) -> Self {
+        Self {
+            s,
+            syncer,
+            buf: Vec::with_capacity(64 << 10),
+            last_ts: 0,
+        }
+    }
+
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut group: Vec<Grouped> = Vec::new();
+            let mut group_bytes = 0usize;
+            let mut next = Some(first);
+            while let Some(req) = next.take() {
+                match req {
+                    Request::Write(batch, done, visible) => {
+                        group_bytes += batch_size(&batch);
+                        group.push((batch, done, visible));
+                    }
+                    other => {
+                        self.commit_group(std::mem::take(&mut group));
+                        group_bytes = 0;
+                        self.admin(other);
+                    }
+                }
+                if group_bytes < self.s.config.max_batch_bytes {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.commit_group(group);
+        }
+    }
+
+    fn admin(&mut self, req: Request) {
+        // Degraded: refused like writes (see `commit_group`).
+        if let Err(e) = self.s.health.check() {
+            match req {
+                Request::Write(..) => unreachable!("writes are grouped"),
+                Request::CreateTopic(_, _, done) => drop(done.send(Err(e))),
+                Request::DeleteTopic(_, done) => drop(done.send(Err(e))),
+                Request::TrimLog(_, done) => drop(done.send(Err(e))),
+            }
+            return;
+        }
+        match req {
+            Request::Write(..) => unreachable!("writes are grouped"),
+            Request::CreateTopic(name, count, done) => {
+                let _ = done.send(self.create_topic(name, count));
+            }
+            Request::DeleteTopic(name, done) => {
+                let _ = done.send(self.delete_topic(&name));
+            }
+            Request::TrimLog(below, done) => {
+                let _ = done.send(self.trim_log(below));
+            }
+        }
+    }
+
+    fn write_options(&self) -> WriteOptions {
+        // Never synced here: the every-batch policy syncs the WAL right after.
+        WriteOptions::default()
+    }
+
+    /// One RocksDB write outside a group commit (topics, retention); a failure marks
+    /// the store degraded.
+    fn write_raw(&self, db: &Db<'_>, wb: rocksdb::WriteBatch) -> Result<()> {
+        db.write_opt(wb, &self.write_options()).map_err(|e| {
+            let e = backend(e);
+            self.s.health.failed("write", &e);
+            e
+        })
+    }
+
+    fn commit_group(&mut self, group: Vec<Grouped>) {
+        if group.is_empty() {
+            return;
+        }
+        let s = Arc::clone(&self.s);
+        // Degraded (a write or sync failed and the store has not recovered yet): refused
+        // without touching RocksDB; the recovery thread says when writes work again.
+        let db = match s.health.check().and_then(|()| s.db()) {
+            Ok(db) => db,
+            Err(e) => {
+                for (_, done, _) in group {
+                    let _ = done.send(Err(again(&e)));
+                }
+                return;
+            }
+        };
+        let now = now_millis().max(self.last_ts);
+        self.last_ts = now;
+        let topics = s.topics.read();
+        let mut wb = rocksdb::WriteBatch::default();
+        let mut pending = Pending {
+            header: s.header(),
+            ..Pending::default()
+        };
+        let mut answers = Vec::with_capacity(group.len());
+        let sync = group.iter().any(|(b, _, _)| !b.no_sync);
+        let mut visible = Vec::new();
+        for (batch, done, vis) in group {
+            match self.stage(&topics, &mut wb, &mut pending, batch, now) {
+                Ok(receipt) => {
+                    answers.push((done, Ok(receipt)));
+                    visible.extend(vis);
+                }
+                Err(e) => {
+                    let _ = done.send(Err(e));
+                }
+            }
+        }
+        drop(topics);
+        if answers.is_empty() {
+            return;
+        }
+        wb.put_cf(db.cf(CF_META), HEADER_KEY, pending.header.encode());
+        let started = std::time::Instant::now();
+        s.writing_since
+            .store(now_millis().max(1), Ordering::Release);
+        let written = db.write_opt(wb, &self.write_options());
+        s.writing_since.store(0, Ordering::Release);
+        if let Err(e) = written {
+            let e = backend(e);
+            s.health.failed("write", &e);
+            return Self::fail(answers, e);
+        }
+        metrics::histogram!(crate::metrics::APPEND_SECONDS).record(started.elapsed());
+        // Readable before durable: consumers may be handed the batch while its fsync
+        // runs (a crash then loses what no writer was told is stored: the writers
+        // resend, at least once). Writers are answered only after the sync.
+        self.publish(pending);
+        for v in visible {
+            let _ = v.send(());
+        }
+        // The sync runs on its own thread while this one writes the next group; the
+        // writers are answered once a sync that began after their write is done.
+        let answers = match (&self.syncer, sync) {
+            (Some(syncer), true) => match syncer.send(answers) {
+                Ok(()) => return,
+                // The sync thread is gone (it only ends with the writer, so it
+                // panicked): sync here rather than answer anything unsynced.
+                Err(back) => {
+                    if let Err(e) = db.flush_wal(true) {
+                        let e = backend(e);
+                        s.health.failed("WAL sync", &e);
+                        return Self::fail(back.0, e);
+                    }
+                    back.0
+                }
+            },
+            _ => answers,
+        };
+        for (done, r) in answers {
+            let _ = done.send(r);
+        }
+    }
+
+    fn fail(answers: Vec<Answer>, e: StoreError) {
+        tracing::error!(error = %e, "store: group commit failed");
+        for (done, _) in answers {
+            let _ = done.send(Err(again(&e)));
+        }
+    }
+
+    /// Make a written batch visible: queue ends, counters, tail cache.
+    fn publish(&self, p: Pending) {
+        let s = &self.s;
+        for (state, min, next) in p.queues.into_values() {
+            state.min.store(min, Ordering::Release);
+            state.next.store(next, Ordering::Release);
+        }
+        s.next_seq.store(p.header.next_seq, Ordering::Release);
+        s.log_bytes.store(p.header.log_bytes, Ordering::Release);
+        s.messages.store(p.header.messages, Ordering::Release);
+        s.timers.store(p.header.timers, Ordering::Release);
+        if let Some(m) = p.log_min {
+            s.log_min.store(m, Ordering::Release);
+        }
+        if !p.tail.is_empty() && s.config.tail_cache_bytes > 0 {
+            let mut tail = s.tail.write();
+            for m in p.tail {
+                tail.bytes += m.size as usize;
+                tail.messages.push_back(m);
+            }
+            while tail.bytes > s.config.tail_cache_bytes {
+                match tail.messages.pop_front() {
+                    Some(m) => tail.bytes -= m.size as usize,
+                    None => break,
+                }
+            }
+        }
+    }
+
+    fn resolve(
+        topics: &HashMap<TopicName, Arc<TopicState>>,
+        pending: &mut Pending,
+        q: &QueueRef,
+    ) -> Result<(u64, u32)> {
+        let t = topics
+            .get(&q.topic)
+            .ok_or_else(|| StoreError::UnknownQueue(q.clone()))?;
+        let state = t
+            .queues
+            .get(q.queue.0 as usize)
+            .ok_or_else(|| StoreError::UnknownQueue(q.clone()))?;
+        pending.queues.entry((t.uid, q.queue.0)).or_insert_with(|| {
+            (
+                Arc::clone(state),
+                state.min.load(Ordering::Acquire),
+                state.next.load(Ordering::Acquire),
+            )
+        });
+        Ok((t.uid, q.queue.0))
+    }
+
+    /// Add one client batch to the group, or refuse it whole without touching the group.
+    fn stage(
+        &mut self,
+        topics: &HashMap<TopicName, Arc<TopicState>>,
+        wb: &mut rocksdb::WriteBatch,
+        pending: &mut Pending,
+        batch: WriteBatch,
+        now: Millis,
+    ) -> Result<WriteReceipt> {
+        let s = Arc::clone(&self.s);
+        let db = s.db()?;
+        // Validate first: a refused batch leaves no trace, and applying cannot fail.
+        let mut timers_on_disk = HashSet::new();
+        for op in &batch.ops {
+            match op {
+                WriteOp::Append { message, queues } => {
+                    codec::validate(message)?;
+                    for q in queues {
+                        Self::resolve(topics, pending, q)?;
+                    }
+                }
+                WriteOp::Truncate { queue, .. } => {
+                    Self::resolve(topics, pending, queue)?;
+                }
+                WriteOp::KvPut { namespace, .. } | WriteOp::KvDelete { namespace, .. }
+                    if namespace.contains('\0') =>
+                {
+                    return Err(StoreError::Invalid(
+                        "a kv namespace may not contain NUL".into(),
+                    ));
+                }
+                // Look on disk now, so applying below cannot fail half-way.
+                WriteOp::TimerDelete { key }
+                    if !pending.timers_put.contains(key)
+                        && !pending.timers_deleted.contains(key) =>
+                {
+                    let on_disk = db.get_pinned_cf(db.cf(CF_TIMERS), timer_key(key));
+                    if on_disk.map_err(backend)?.is_some() {
+                        timers_on_disk.insert(*key);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut receipt = WriteReceipt::default();
+        for op in batch.ops {
+            match op {
+                WriteOp::Append { message, queues } => {
+                    let id = pending.header.next_seq;
+                    pending.header.next_seq += 1;
+                    self.buf.clear();
+                    codec::encode_message(&message, now, &mut self.buf);
+                    let size = self.buf.len() as u32;
+                    wb.put_cf(db.cf(CF_LOG), id.to_be_bytes(), &self.buf);
+                    for k in &message.keys {
+                        let mut key = key_index_prefix(&message.topic, k);
+                        key.put_u64(id);
+                        wb.put_cf(db.cf(CF_KEYS), key, []);
+                    }
+                    let entry = |offset| QueueEntry {
+                        offset: QueueOffset(offset),
+                        id: MessageId(id),
+                        size,
+                        tag_hash: tag_hash(message.tags.as_deref()),
+                        timestamp: now,
+                    };
+                    let mut offsets = Vec::with_capacity(queues.len());
+                    for q in queues {
+                        let (uid, qid) = Self::resolve(topics, pending, &q).expect("validated");
+                        let slot = pending.queues.get_mut(&(uid, qid)).expect("resolved");
+                        let offset = slot.2;
+                        slot.2 += 1;
+                        wb.put_cf(
+                            db.cf(CF_CQ),
+                            cq_key(uid, qid, offset),
+                            codec::encode_entry(&entry(offset)),
+                        );
+                        offsets.push((q, QueueOffset(offset)));
+                    }
+                    pending.header.log_bytes += u64::from(size);
+                    pending.header.messages += 1;
+                    receipt.appended.push(Appended {
+                        id: MessageId(id),
+                        store_timestamp: now,
+                        offsets,
+                    });
+                    pending.tail.push(Arc::new(StoredMessage {
+                        id: MessageId(id),
+                        store_timestamp: now,
+                        size,
+                        message,
+                    }));
+                }
+                WriteOp::CommitOffset {
+                    group,
+                    queue,
+                    offset,
+                } => {
+                    wb.put_cf(
+                        db.cf(CF_OFFSETS),
+                        offsets_key(&group, &queue),
+                        offset.0.to_le_bytes(),
+                    );
+                    wb.put_cf(
+                        db.cf(CF_OFFSET_TOPICS),
+                        offset_topic_key(queue.topic.as_str(), group.as_str().as_bytes()),
+                        [],
+                    );
+                }
+                WriteOp::DeleteOffsets { group, topic } => {
+                    let prefix = offsets_prefix(&group, topic.as_ref());
+                    // The reverse entries: of one topic, or of every topic the group has.
+                    let topics: Vec<Vec<u8>> = match &topic {
+                        Some(t) => vec![t.as_str().as_bytes().to_vec()],
+                        None => {
+                            let mut ts: Vec<Vec<u8>> = Vec::new();
+                            let it = db.iterator_cf_opt(
+                                db.cf(CF_OFFSETS),
+                                prefix_range(&prefix),
+                                IteratorMode::Start,
+                            );
+                            for item in it {
+                                let (k, _) = item.map_err(backend)?;
+                                if let Some(t) = offsets_key_topic(&k) {
+                                    if ts.last().is_none_or(|l| l.as_slice() != t) {
+                                        ts.push(t.to_vec());
+                                    }
+                                }
+                            }
+                            ts
+                        }
+                    };
+                    for t in topics {
+                        let t = String::from_utf8_lossy(&t).into_owned();
+                        wb.delete_cf(
+                            db.cf(CF_OFFSET_TOPICS),
+                            offset_topic_key(&t, group.as_str().as_bytes()),
+                        );
+                    }
+                    let end = nul_prefix_end(&prefix);
+                    wb.delete_range_cf(db.cf(CF_OFFSETS), prefix, end);
+                }
+                WriteOp::Truncate { queue, before } => {
+                    let (uid, qid) = Self::resolve(topics, pending, &queue).expect("validated");
+                    let slot = pending.queues.get_mut(&(uid, qid)).expect("resolved");
+                    let new_min = before.0.clamp(slot.1, slot.2);
+                    if new_min > slot.1 {
+                        wb.delete_range_cf(
+                            db.cf(CF_CQ),
+                            cq_key(uid, qid, slot.1),
+                            cq_key(uid, qid, new_min),
+                        );
+                        wb.put_cf(
+                            db.cf(CF_META),
+                            queue_meta_key(uid, qid),
+                            new_min.to_be_bytes(),
+                        );
+                        slot.1 = new_min;
+                    }
+                }
+                WriteOp::KvPut {
+                    namespace,
+                    key,
+                    value,
+                } => wb.put_cf(db.cf(CF_KV), kv_key(&namespace, &key), value),
+                WriteOp::KvDelete { namespace, key } => {
+                    wb.delete_cf(db.cf(CF_KV), kv_key(&namespace, &key))
+                }
+                WriteOp::TimerPut { due, payload } => {
+                    let key = TimerKey {
+                        due,
+                        seq: pending.header.next_seq,
+                    };
+                    pending.header.next_seq += 1;
+                    pending.header.timers += 1;
+                    pending.timers_put.insert(key);
+                    pending.timers_deleted.remove(&key);
+                    wb.put_cf(db.cf(CF_TIMERS), timer_key(&key), payload);
+                    receipt.timers.push(key);
+                }
+                WriteOp::TimerDelete { key } => {
+                    let exists = pending.timers_put.remove(&key) || timers_on_disk.remove(&key);
+                    if exists {
+                        pending.timers_deleted.insert(key);
+                        debug_assert!(pending.header.timers > 0, "timer count out of step");
+                        pending.header.timers = pending.header.timers.saturating_sub(1);
+                        wb.delete_cf(db.cf(CF_TIMERS), timer_key(&key));
+                    }
+                }
+            }
+        }
+        Ok(receipt)
+    }
+
+    fn create_topic(&mut self, name: TopicName, count: u32) -> Result<TopicConfig> {
+        crate::check_queue_count(count)?;
+        let s = Arc::clone(&self.s);
+        let db = s.db()?;
+        let existing = s.topic_state(&name);
+        let (uid, mut queues) = match &existing {
+            Some(t) if (t.queues.len() as u32) > count => {
+                return Err(StoreError::Invalid(format!(
+                    "topic {name} has {} queues; the count can grow but not shrink to {count}",
+                    t.queues.len()
+                )))
+            }
+            Some(t) if t.queues.len() as u32 == count => {
+                return Ok(TopicConfig {
+                    name,
+                    queue_count: count,
+                })
+            }
+            Some(t) => (t.uid, t.queues.clone()),
+            None => (s.next_seq.load(Ordering::Acquire), Vec::new()),
+        };
+        let mut header = s.header();
+        if existing.is_none() {
+            header.next_seq += 1;
+        }
+        // No offset cleanup here: `delete_topic` removes a topic's offsets in the same
+        // batch that removes the topic, and offsets committed before a topic exists are
+        // kept, as the model (and MemoryStore) keep them. Scanning every group's offsets
+        // here made each new topic cost O(all offsets).
+        let mut wb = rocksdb::WriteBatch::default();
+        let mut v = Vec::with_capacity(12);
+        v.put_u64(uid);
+        v.put_u32(count);
+        wb.put_cf(db.cf(CF_META), topic_meta_key(&name), v);
+        wb.put_cf(db.cf(CF_META), HEADER_KEY, header.encode());
+        self.write_raw(&db, wb)?;
+        s.next_seq.store(header.next_seq, Ordering::Release);
+        queues.resize_with(count as usize, Default::default);
+        s.topics
+            .write()
+            .insert(name.clone(), Arc::new(TopicState { uid, queues }));
+        Ok(TopicConfig {
+            name,
+            queue_count: count,
+        })
+    }
+
+    fn delete_topic(&mut self, name: &TopicName) -> Result<bool> {
+        let s = Arc::clone(&self.s);
+        let db = s.db()?;
+        let mut wb = rocksdb::WriteBatch::default();
+        // Offsets go even when the topic does not exist: none may outlive it.
+        self.delete_topic_offsets(&mut wb, name)?;
+        let Some(t) = s.topic_state(name) else {
+            self.write_raw(&db, wb)?;
+            return Ok(false);
+        };
+        wb.delete_range_cf(db.cf(CF_CQ), cq_key(t.uid, 0, 0), cq_key(t.uid + 1, 0, 0));
+        for q in 0..t.queues.len() as u32 {
+            wb.delete_cf(db.cf(CF_META), queue_meta_key(t.uid, q));
+        }
+        wb.delete_cf(db.cf(CF_META), topic_meta_key(name));
+        self.write_raw(&db, wb)?;
+        s.topics.write().remove(name);
+        Ok(true)
+    }
+
+    /// Every group's committed offsets on topic `name`, found through the reverse
+    /// entries (topic, 0, group): the cost is the groups on this topic, not all groups.
+    fn delete_topic_offsets(&self, wb: &mut rocksdb::WriteBatch, name: &TopicName) -> Result<()> {
+        let db = self.s.db()?;
+        let mut prefix = name.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let it = db.iterator_cf_opt(
+            db.cf(CF_OFFSET_TOPICS),
+            prefix_range(&prefix),
+            IteratorMode::Start,
+        );
+        for item in it {
+            let (k, _) = item.map_err(backend)?;
+            let group = &k[prefix.len()..];
+            let mut fwd = group.to_vec();
+            fwd.push(0);
+            fwd.extend_from_slice(&prefix);
+            let end = nul_prefix_end(&fwd);
+            wb.delete_range_cf(db.cf(CF_OFFSETS), fwd, end);
+            wb.delete_cf(db.cf(CF_OFFSET_TOPICS), &k);
+        }
+        Ok(())
+    }
+
+    /// Delete the commit log below `below`, then every queue entry that pointed there.
+    fn trim_log(&mut self, below: u64) -> Result<RetentionReport> {
+        let s = Arc::clone(&self.s);
+        let db = s.db()?;
+        let mut report = RetentionReport::default();
+        let log_min = s.log_min.load(Ordering::Acquire);
+        if below <= log_min {
+            return Ok(report);
+        }
+        // Count what goes (sizes are the values' lengths).
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(below.to_be_bytes().to_vec());
+        for item in db.iterator_cf_opt(db.cf(CF_LOG), ro, IteratorMode::Start) {
+            let (_, v) = item.map_err(backend)?;
+            report.messages_deleted += 1;
+            report.bytes_deleted += v.len() as u64;
+        }
+        let mut header = s.header();
+        header.messages -= report.messages_deleted.min(header.messages);
+        header.log_bytes -= report.bytes_deleted.min(header.log_bytes);
+        let mut wb = rocksdb::WriteBatch::default();
+        wb.delete_range_cf(db.cf(CF_LOG), 0u64.to_be_bytes(), below.to_be_bytes());
+        let mut moved = Vec::new();
+        let topics: Vec<Arc<TopicState>> = s.topics.read().values().cloned().collect();
+        for t in topics {
+            for (qid, q) in t.queues.iter().enumerate() {
+                let qid = qid as u32;
+                let (min, next) = (
+                    q.min.load(Ordering::Acquire),
+                    q.next.load(Ordering::Acquire),
+                );
+                // Entries point at increasing ids: binary search the first live one.
+                let (mut lo, mut hi) = (min, next);
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    match s.entry_at(t.uid, qid, mid)? {
+                        Some(e) if e.id.0 >= below => hi = mid,
+                        _ => lo = mid + 1,
+                    }
+                }
+                if lo > min {
+                    wb.delete_range_cf(
+                        db.cf(CF_CQ),
+                        cq_key(t.uid, qid, min),
+                        cq_key(t.uid, qid, lo),
+                    );
+                    wb.put_cf(db.cf(CF_META), queue_meta_key(t.uid, qid), lo.to_be_bytes());
+                    report.entries_deleted += lo - min;
+                    moved.push((Arc::clone(q), lo));
+                }
+            }
+        }
+        wb.put_cf(db.cf(CF_META), HEADER_KEY, header.encode());
+        self.write_raw(&db, wb)?;
+        for (q, lo) in moved {
+            q.min.store(lo, Ordering::Release);
+        }
+        s.messages.store(header.messages, Ordering::Release);
+        s.log_bytes.store(header.log_bytes, Ordering::Release);
+        s.log_min.store(below, Ordering::Release);
+        {
+            let mut tail = s.tail.write();
+            while tail.messages.front().is_some_and(|m| m.id.0 < below) {
+                let m = tail.messages.pop_front().expect("front exists");
+                tail.bytes -= m.size as usize;
+            }
+        }
+        // Hand whole dead files back to the file system at once.
+        let _ = db.delete_file_in_range_cf(db.cf(CF_LOG), 0u64.to_be_bytes(), below.to_be_bytes());
+        Ok(report)
+    }
+}
+
+fn batch_size(b: &WriteBatch) -> usize {
+    b.ops
+        .iter()
+        .map(|op| match op {
+            WriteOp::Append { message, queues } => message.body.len() + 64 + 28 * queues.len(),
+            WriteOp::KvPut { value, .. } => value.len() + 32,
+            WriteOp::TimerPut { payload, .. } => payload.len() + 16,
+            _ => 32,
+        })
+        .sum()
+}
