@@ -34,11 +34,12 @@ mod retained_above_the_cache {
     }
 }
 
-fn small_cache() -> MqttConfig {
-    MqttConfig {
+/// Retained messages are the core's: the cache bounds are core settings.
+fn small_cache() -> mqgate_core::CoreConfig {
+    mqgate_core::CoreConfig {
         retained_cache_messages: CACHE_MESSAGES,
         retained_cache_bytes: CACHE_BYTES,
-        ..MqttConfig::default()
+        ..mqgate_core::CoreConfig::default()
     }
 }
 
@@ -150,7 +151,8 @@ async fn expect_all_retained(t: &Target, id: &str) {
 /// stays within its bounds, the bodies stay in the store, a wildcard subscriber still
 /// gets all of them; after a restart nothing but the index is loaded.
 async fn retained_above_the_cache(b: Backend) {
-    let Some(mut t) = Target::mqgate_only(b, small_cache()).await else {
+    let Some(mut t) = Target::mqgate_with_core(b, MqttConfig::default(), small_cache()).await
+    else {
         return;
     };
     let mut p = connect(&t, "ret-pub").await;
@@ -194,11 +196,11 @@ async fn retained_above_the_cache(b: Backend) {
 /// Replacing and clearing retained messages, with bodies in and out of the cache, and
 /// (RocksDB) across a restart.
 async fn retained_replaced_and_cleared(b: Backend) {
-    let cfg = MqttConfig {
+    let core = mqgate_core::CoreConfig {
         retained_cache_messages: 2,
-        ..MqttConfig::default()
+        ..mqgate_core::CoreConfig::default()
     };
-    let Some(mut t) = Target::mqgate_only(b, cfg).await else {
+    let Some(mut t) = Target::mqgate_with_core(b, MqttConfig::default(), core).await else {
         return;
     };
     let mut p = connect(&t, "rc-pub").await;

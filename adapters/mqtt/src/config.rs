@@ -66,11 +66,6 @@ pub struct MqttConfig {
     pub connect_timeout: Duration,
     /// How often expired sessions are looked for.
     pub expiry_check_interval: Duration,
-    /// Retained message bodies kept in memory (the rest are read from the store when a
-    /// subscription matches them; 0: none).
-    pub retained_cache_messages: usize,
-    /// Bytes of retained message bodies kept in memory.
-    pub retained_cache_bytes: usize,
 }
 
 impl Default for MqttConfig {
@@ -98,8 +93,6 @@ impl Default for MqttConfig {
             max_filters_per_subscribe: 10_000,
             connect_timeout: Duration::from_secs(10),
             expiry_check_interval: Duration::from_secs(1),
-            retained_cache_messages: 10_000,
-            retained_cache_bytes: 64 << 20,
         }
     }
 }

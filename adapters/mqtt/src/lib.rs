@@ -12,11 +12,11 @@ pub use mqgate_mqtt_codec as codec;
 mod config;
 mod conn;
 mod qos0;
-mod retained;
 mod server;
 pub mod session;
 pub mod topic;
 
 pub use config::{Access, AclDefault, AclRule, MqttConfig};
-pub use retained::{RetainedStats, NS_RETAINED_INDEX};
+pub use mqgate_core::retained::NS_RETAINED_INDEX;
+pub use mqgate_core::RetainedStats;
 pub use server::{MqttServer, MqttStats, MQTT_EXCHANGE};

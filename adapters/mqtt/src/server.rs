@@ -1,5 +1,6 @@
 //! The MQTT adapter's shared state: connected clients (for takeover), the live QoS 0
-//! paths, retained messages, session expiry and pending wills; and the listener.
+//! paths and session expiry; and the listener. Retained messages and delayed wills are
+//! the core's.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mqgate_core::router::{mqtt_to_amqp, DEFAULT_VHOST};
-use mqgate_core::{Broker, Delay};
-use mqgate_store::{Message, Millis, TopicName, WriteBatch};
+use mqgate_core::{Broker, Delay, Destination, Outgoing, PublishBatch, Records};
+use mqgate_store::{Message, Millis, TopicName};
 use parking_lot::{Mutex, RwLock};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -38,14 +39,6 @@ pub(crate) struct ClientSlot {
     pub(crate) done: watch::Receiver<bool>,
     /// What the admin API shows.
     pub(crate) info: mqgate_core::ConnectionInfo,
-}
-
-/// A will waiting for its delay: aborted if the client comes back, fired early if its
-/// session ends first.
-#[derive(Debug)]
-pub(crate) struct PendingWill {
-    pub(crate) task: JoinHandle<()>,
-    pub(crate) fire: tokio::sync::oneshot::Sender<()>,
 }
 
 /// Counters, read by operators and benchmarks.
@@ -86,12 +79,8 @@ pub(crate) struct Shared {
     pub(crate) clients: Mutex<HashMap<String, ClientSlot>>,
     /// Session topic → the connected session's QoS 0 queue.
     pub(crate) live: RwLock<HashMap<TopicName, LiveSession>>,
-    /// Retained messages: an index and a bounded cache; bodies in the store.
-    pub(crate) retained: crate::retained::Retained,
     /// Disconnected sessions with an expiry: client id → when they expire.
     pub(crate) expiring: Mutex<HashMap<String, Millis>>,
-    /// Wills waiting for their delay: client id → the task publishing them.
-    pub(crate) wills: Mutex<HashMap<String, PendingWill>>,
     /// Shared subscriptions (topic) → how many sessions hold them.
     pub(crate) shared_refs: Mutex<HashMap<TopicName, usize>>,
     pub(crate) next_conn: AtomicU64,
@@ -111,22 +100,15 @@ pub struct MqttServer {
 impl MqttServer {
     /// Load retained messages and sessions from the store and start session expiry.
     pub async fn start(broker: Broker, cfg: MqttConfig) -> mqgate_core::Result<Self> {
-        let store = Arc::clone(broker.store());
-        let retained = crate::retained::Retained::load(
-            &*store,
-            cfg.retained_cache_messages,
-            cfg.retained_cache_bytes,
-        )
-        .await?;
         let now = broker.now();
         let mut expiring = HashMap::new();
         let mut known = std::collections::HashSet::new();
         let mut shared_refs: HashMap<TopicName, usize> = HashMap::new();
         let mut after: Option<Bytes> = None;
-        let mut fixes = WriteBatch::new();
+        let mut fixes = Records::new();
         loop {
-            let page = store
-                .kv_scan(NS_SESSION, b"", after.as_deref(), 1024)
+            let page = broker
+                .records(NS_SESSION, b"", after.as_deref(), 1024)
                 .await?;
             let Some(last) = page.last() else { break };
             after = Some(last.0.clone());
@@ -136,13 +118,13 @@ impl MqttServer {
                 };
                 let Some(mut rec) = SessionRecord::decode(v) else {
                     tracing::warn!(client = %id, "unreadable MQTT session record; dropped");
-                    fixes.kv_delete(NS_SESSION, k);
+                    fixes.delete(NS_SESSION, k);
                     continue;
                 };
                 if rec.disconnected_at == 0 {
                     // The broker stopped while it was connected: it disconnected now.
                     rec.disconnected_at = now;
-                    fixes.kv_put(NS_SESSION, k, rec.encode());
+                    fixes.put(NS_SESSION, k, rec.encode());
                 }
                 for s in &rec.subscriptions {
                     if let Ok(Some((name, f))) = crate::topic::parse_shared(&s.filter) {
@@ -160,9 +142,7 @@ impl MqttServer {
                 known.insert(session_topic(&id));
             }
         }
-        if !fixes.is_empty() {
-            store.write(fixes).await?;
-        }
+        broker.write_records(fixes).await?;
         // Session topics of clean sessions that were connected when the broker stopped.
         let mut stale = 0;
         for t in broker.topics() {
@@ -173,7 +153,7 @@ impl MqttServer {
             }
         }
         tracing::info!(
-            retained = retained.stats().messages,
+            retained = broker.retained().stats().messages,
             sessions = known.len(),
             stale_clean_sessions = stale,
             "MQTT state recovered"
@@ -190,9 +170,7 @@ impl MqttServer {
             cfg,
             clients: Mutex::default(),
             live: RwLock::default(),
-            retained,
             expiring: Mutex::new(expiring),
-            wills: Mutex::default(),
             shared_refs: Mutex::new(shared_refs),
             next_conn: AtomicU64::new(1),
             shutdown,
@@ -246,8 +224,8 @@ impl MqttServer {
     }
 
     /// Retained messages, and what the body cache holds.
-    pub fn retained_stats(&self) -> crate::RetainedStats {
-        self.shared.retained.stats()
+    pub fn retained_stats(&self) -> mqgate_core::RetainedStats {
+        self.shared.broker.retained().stats()
     }
 
     /// Sessions the broker keeps: connected clients plus disconnected persistent ones.
@@ -340,30 +318,24 @@ impl Shared {
         own: Option<&TopicName>,
     ) -> mqgate_core::Result<Vec<bool>> {
         let mut out = Vec::with_capacity(items.len());
-        let mut batch = Vec::with_capacity(items.len());
-        // Retained records go into the same write as the publishes (visible at once; the
-        // guards in `staged` keep their bodies in memory until the write returns).
-        let mut retained = WriteBatch::new();
-        let mut staged = Vec::new();
+        // One core batch: the stored publishes, the delayed ones (timers, routed when
+        // due) and the retained settings (in the same write as their publish).
+        let mut batch = PublishBatch::new();
         let mut blocked: Vec<Qos0Wait> = Vec::new();
         for item in items {
-            if item.retain {
-                staged.extend(
-                    self.retained
-                        .stage(&item.topic, &item.message, &mut retained),
-                );
-            }
+            let retain = item.retain.then(|| item.topic.clone());
             if let Some(delay) = item.delay {
-                self.broker
-                    .publish_exchange(
-                        DEFAULT_VHOST,
-                        MQTT_EXCHANGE,
-                        &mqtt_to_amqp(&item.topic),
-                        &[],
-                        item.message,
-                        Some(delay),
-                    )
-                    .await?;
+                batch.push(Outgoing {
+                    message: item.message,
+                    to: Destination::Exchange {
+                        vhost: DEFAULT_VHOST.to_owned(),
+                        exchange: MQTT_EXCHANGE.to_owned(),
+                        key: mqtt_to_amqp(&item.topic),
+                        headers: Vec::new(),
+                    },
+                    delay: Some(delay),
+                    retain,
+                });
                 out.push(true);
                 continue;
             }
@@ -411,22 +383,25 @@ impl Shared {
                         stored.push(t);
                     }
                 }
-                if !stored.is_empty() {
-                    batch.push((item.message, stored));
+                if !stored.is_empty() || retain.is_some() {
+                    batch.push(Outgoing {
+                        retain,
+                        ..Outgoing::routed(item.message, stored)
+                    });
                 }
-            } else if !routed.topics.is_empty() {
-                batch.push((item.message, routed.topics));
+            } else if !routed.topics.is_empty() || retain.is_some() {
+                batch.push(Outgoing {
+                    retain,
+                    ..Outgoing::routed(item.message, routed.topics)
+                });
             }
         }
         if !blocked.is_empty() {
             self.wait_qos0(blocked).await;
         }
-        if !batch.is_empty() || !retained.is_empty() {
-            self.broker
-                .publish_routed_batch_with(batch, retained)
-                .await?;
+        if !batch.items.is_empty() {
+            self.broker.publish_batch(batch).await?;
         }
-        drop(staged);
         Ok(out)
     }
 
@@ -485,9 +460,9 @@ impl Shared {
             }
         }
         let _ = self.broker.delete_topic(&topic).await;
-        let mut b = WriteBatch::new();
-        b.kv_delete(NS_SESSION, Bytes::copy_from_slice(client_id.as_bytes()));
-        if let Err(e) = self.broker.store().write(b).await {
+        let mut b = Records::new();
+        b.delete(NS_SESSION, Bytes::copy_from_slice(client_id.as_bytes()));
+        if let Err(e) = self.broker.write_records(b).await {
             tracing::warn!(client = client_id, error = %e, "deleting a session record failed");
         }
     }
@@ -534,17 +509,13 @@ impl Shared {
             if self.clients.lock().contains_key(&id) {
                 continue;
             }
-            let rec = match self.broker.store().kv_get(NS_SESSION, id.as_bytes()).await {
+            let rec = match self.broker.record(NS_SESSION, id.as_bytes()).await {
                 Ok(Some(v)) => SessionRecord::decode(v),
                 _ => None,
             };
+            // A will still waiting for its delay is due no later than this: its delay
+            // was capped by the session expiry when it was scheduled (a core timer).
             tracing::debug!(client = %id, "MQTT session expired");
-            // A will still waiting for its delay is published when the session ends.
-            let pending = self.wills.lock().remove(&id);
-            if let Some(w) = pending {
-                let _ = w.fire.send(());
-                let _ = w.task.await;
-            }
             self.destroy_session(&id, rec.as_ref()).await;
         }
     }

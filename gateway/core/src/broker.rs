@@ -113,25 +113,28 @@ const ROUTE_TOPIC: u8 = 1;
 const ROUTE_EXCHANGE: u8 = 2;
 
 pub(crate) fn encode_timer(route: &Route, message: &Message) -> Result<Vec<u8>> {
-    encode_named_timer(None, route, message)
+    encode_named_timer(None, None, route, message)
 }
 
-/// A timer's payload: version 1 `[1][route][message]`, version 2 (a named, cancellable
-/// timer) `[2][name][generation u64][route][message]`.
+/// A timer's payload: version 1 `[1][route][message]`; version 2, for a named
+/// (cancellable) timer or one that sets a retained message when released,
+/// `[2][name][generation u64][retain topic][route][message]` ("" for none).
 pub(crate) fn encode_named_timer(
     name: Option<(&str, u64)>,
+    retain: Option<&str>,
     route: &Route,
     message: &Message,
 ) -> Result<Vec<u8>> {
     let body = message.encode()?;
     let mut out = Vec::with_capacity(body.len() + 64);
-    match name {
-        None => out.put_u8(1),
-        Some((name, generation)) => {
-            out.put_u8(2);
-            put_str(&mut out, name);
-            out.put_u64_le(generation);
-        }
+    if name.is_none() && retain.is_none() {
+        out.put_u8(1);
+    } else {
+        let (n, generation) = name.unwrap_or(("", 0));
+        out.put_u8(2);
+        put_str(&mut out, n);
+        out.put_u64_le(generation);
+        put_str(&mut out, retain.unwrap_or(""));
     }
     match route {
         Route::Topic {
@@ -162,16 +165,29 @@ pub(crate) fn encode_named_timer(
     Ok(out)
 }
 
-/// A timer's name and generation (named timers only), route and message.
-type DecodedTimer = (Option<(String, u64)>, Route, Message);
+/// A decoded timer payload.
+#[derive(Debug, PartialEq)]
+struct DecodedTimer {
+    /// Named timers: the name and generation.
+    name: Option<(String, u64)>,
+    /// The retained topic it sets when released.
+    retain: Option<String>,
+    route: Route,
+    message: Message,
+}
 
 fn decode_timer(payload: Bytes) -> Result<DecodedTimer> {
     let mut r = Reader(payload);
-    let name = match r.u8()? {
-        1 => None,
+    let (name, retain) = match r.u8()? {
+        1 => (None, None),
         2 => {
             let name = r.string()?;
-            Some((name, r.u64()?))
+            let generation = r.u64()?;
+            let retain = r.string()?;
+            (
+                (!name.is_empty()).then_some((name, generation)),
+                (!retain.is_empty()).then_some(retain),
+            )
         }
         _ => return Err(CoreError::Invalid("unknown timer payload version".into())),
     };
@@ -201,7 +217,12 @@ fn decode_timer(payload: Bytes) -> Result<DecodedTimer> {
         }
         k => return Err(CoreError::Invalid(format!("unknown route kind {k}"))),
     };
-    Ok((name, route, Message::decode(r.rest())?))
+    Ok(DecodedTimer {
+        name,
+        retain,
+        route,
+        message: Message::decode(r.rest())?,
+    })
 }
 
 /// Per-topic state the publish path needs without touching the store's topic map.
@@ -306,6 +327,8 @@ pub(crate) struct Inner {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Whether publishers are blocked (memory above the watermark).
     pub(crate) memory: crate::memory::MemoryWatermark,
+    /// Retained messages.
+    pub(crate) retained: crate::retained::Retained,
 }
 
 impl std::fmt::Debug for Inner {
@@ -340,6 +363,12 @@ impl Broker {
         let memory = crate::memory::MemoryWatermark::new(config.memory_high_watermark);
         crate::durable::load(&*store, &router).await?;
         let login = crate::login::LoginThrottle::new(config.login_throttle);
+        let retained = crate::retained::Retained::load(
+            Arc::clone(&store),
+            config.retained_cache_messages,
+            config.retained_cache_bytes,
+        )
+        .await?;
         let inner = Arc::new(Inner {
             boot: mqgate_store::now_millis(),
             login,
@@ -359,6 +388,7 @@ impl Broker {
             closed: AtomicBool::new(false),
             tasks: Mutex::default(),
             memory,
+            retained,
         });
         let scheduler = tokio::spawn(crate::delay::run(Arc::downgrade(&inner)));
         let retention = tokio::spawn(retention_task(Arc::downgrade(&inner)));
@@ -374,6 +404,11 @@ impl Broker {
     /// The store underneath (for admin read paths).
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
+    }
+
+    /// The retained messages.
+    pub fn retained(&self) -> &crate::retained::Retained {
+        &self.inner.retained
     }
 
     /// The routing tables.
@@ -591,7 +626,13 @@ impl Broker {
             queue,
             sharding_key,
         };
-        self.publish_one(Outgoing { message, to, delay }).await
+        self.publish_one(Outgoing {
+            message,
+            to,
+            delay,
+            retain: None,
+        })
+        .await
     }
 
     /// Publish one message through an exchange of `vhost`: stored once and indexed into
@@ -612,7 +653,13 @@ impl Broker {
             key: routing_key.to_owned(),
             headers: headers.to_vec(),
         };
-        self.publish_one(Outgoing { message, to, delay }).await
+        self.publish_one(Outgoing {
+            message,
+            to,
+            delay,
+            retain: None,
+        })
+        .await
     }
 
     /// TEMPORARY shim while the adapters move to publish_batch.
@@ -709,7 +756,9 @@ impl Broker {
     /// Publish `message` through `exchange` of `vhost` at `due` (ms), under `name`: a
     /// later schedule with the same name replaces it and [`Broker::cancel_scheduled`]
     /// withdraws it. Stored as a timer, it survives restarts (MQTT 5 delayed wills).
-    /// Routing happens when it fires.
+    /// Routing happens when it fires; with `retain`, it also becomes that MQTT topic's
+    /// retained message then, in the same write.
+    #[allow(clippy::too_many_arguments)]
     pub async fn schedule_named(
         &self,
         name: &str,
@@ -717,6 +766,7 @@ impl Broker {
         exchange: &str,
         routing_key: &str,
         message: Message,
+        retain: Option<&str>,
         due: Millis,
     ) -> Result<()> {
         let route = Route::Exchange {
@@ -725,7 +775,9 @@ impl Broker {
             key: routing_key.to_owned(),
             headers: Vec::new(),
         };
-        self.inner.schedule_named(name, due, &route, message).await
+        self.inner
+            .schedule_named(name, due, &route, retain, message)
+            .await
     }
 
     /// Withdraw what [`Broker::schedule_named`] scheduled under `name` (if it has not
@@ -1139,11 +1191,12 @@ impl Inner {
         name: &str,
         due: Millis,
         route: &Route,
+        retain: Option<&str>,
         mut message: Message,
     ) -> Result<()> {
         self.stamp(&mut message);
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let payload = encode_named_timer(Some((name, generation)), route, &message)?;
+        let payload = encode_named_timer(Some((name, generation)), retain, route, &message)?;
         let mut batch = WriteBatch::new();
         batch.timer_put(due, payload);
         batch.kv_put(
@@ -1215,9 +1268,15 @@ impl Inner {
         let mut batch = WriteBatch::new();
         let mut woken = Vec::new();
         let mut count = 0;
+        let mut staged = Vec::new();
         for (key, payload) in due {
             batch.timer_delete(key);
-            let (name, route, mut message) = match decode_timer(payload) {
+            let DecodedTimer {
+                name,
+                retain,
+                route,
+                mut message,
+            } = match decode_timer(payload) {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::error!(timer = ?key, error = %e, "core: dropping undecodable timer");
@@ -1245,10 +1304,14 @@ impl Inner {
             for q in &queues {
                 woken.push(q.topic.clone());
             }
+            if let Some(topic) = retain {
+                staged.extend(self.retained.stage(&topic, &message, &mut batch));
+            }
             batch.append(message, queues);
             count += 1;
         }
         self.store.write(batch).await?;
+        drop(staged);
         self.delayed_released
             .fetch_add(count as u64, Ordering::Relaxed);
         woken.sort();
@@ -1334,13 +1397,16 @@ mod tests {
             },
         ] {
             let enc = encode_timer(&route, &m).unwrap();
-            let (name, r, back) = decode_timer(Bytes::from(enc.clone())).unwrap();
-            assert_eq!(name, None);
-            assert_eq!(r, route);
-            let named = encode_named_timer(Some(("will/c1", 7)), &route, &m).unwrap();
-            let (name, r2, back2) = decode_timer(Bytes::from(named)).unwrap();
-            assert_eq!(name, Some(("will/c1".to_owned(), 7)));
-            assert_eq!((r2, back2), (route.clone(), m.clone()));
+            let d = decode_timer(Bytes::from(enc.clone())).unwrap();
+            assert_eq!((d.name, d.retain), (None, None));
+            assert_eq!(d.route, route);
+            let back = d.message;
+            let named =
+                encode_named_timer(Some(("will/c1", 7)), Some("a/b"), &route, &m).unwrap();
+            let d = decode_timer(Bytes::from(named)).unwrap();
+            assert_eq!(d.name, Some(("will/c1".to_owned(), 7)));
+            assert_eq!(d.retain.as_deref(), Some("a/b"));
+            assert_eq!((d.route, d.message), (route.clone(), m.clone()));
             assert_eq!(back, m);
             for cut in 0..enc.len() {
                 assert!(decode_timer(Bytes::copy_from_slice(&enc[..cut])).is_err());

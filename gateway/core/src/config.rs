@@ -65,6 +65,10 @@ pub struct CoreConfig {
     /// How often endpoints with a message TTL are swept for expired messages at their
     /// head (consumed or not).
     pub expiry_interval: Duration,
+    /// Retained message bodies kept in memory (the index of all is always).
+    pub retained_cache_messages: usize,
+    /// Bytes of retained message bodies kept in memory.
+    pub retained_cache_bytes: usize,
 }
 
 impl Default for CoreConfig {
@@ -87,6 +91,8 @@ impl Default for CoreConfig {
             memory_check_interval: Duration::from_millis(250),
             login_throttle: crate::login::LoginThrottleConfig::default(),
             expiry_interval: Duration::from_millis(250),
+            retained_cache_messages: 10_000,
+            retained_cache_bytes: 64 << 20,
         }
     }
 }

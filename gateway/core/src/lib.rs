@@ -25,6 +25,7 @@ mod memory;
 pub mod net;
 pub mod props;
 pub mod publish;
+pub mod retained;
 pub mod retry;
 pub mod router;
 pub mod trie;
@@ -43,6 +44,7 @@ pub use group::{
 };
 pub use login::{LoginThrottle, LoginThrottleConfig};
 pub use publish::{Destination, Outgoing, PublishBatch, Records};
+pub use retained::{Retained, RetainedCursor, RetainedStats};
 pub use router::Router;
 
 /// One client connection, as the admin API lists it (every protocol).

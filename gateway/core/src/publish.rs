@@ -15,7 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use mqgate_store::{Message, QueueId, QueueRef, TopicName, WriteBatch};
 
-use crate::broker::{encode_timer, Delay, Inner, Published, Route, TopicHandle};
+use crate::broker::{Delay, Inner, Published, Route, TopicHandle};
 use crate::error::Result;
 use crate::router::HeaderValue;
 
@@ -57,6 +57,9 @@ pub struct Outgoing {
     pub to: Destination,
     /// Deliver later (a timer in the store; routed when due).
     pub delay: Option<Delay>,
+    /// Also make it the retained message of this MQTT topic (an empty body clears it),
+    /// in the same write (or when a delayed one is released).
+    pub retain: Option<String>,
 }
 
 impl Outgoing {
@@ -66,6 +69,7 @@ impl Outgoing {
             message,
             to: Destination::Topics(topics),
             delay: None,
+            retain: None,
         }
     }
 }
@@ -185,10 +189,14 @@ impl Inner {
         let mut touched: Vec<(Arc<TopicHandle>, String)> = Vec::new();
         let mut staged = Vec::with_capacity(items.len());
         let mut earliest_timer: Option<u64> = None;
+        // Retained settings are visible at once; their guards keep the new bodies in
+        // memory until the write has returned.
+        let mut retained = Vec::new();
         for Outgoing {
             mut message,
             to,
             delay,
+            retain,
         } in items
         {
             self.stamp(&mut message);
@@ -237,7 +245,13 @@ impl Inner {
                         }
                     },
                 };
-                batch.timer_put(due, encode_timer(&route, &message)?);
+                let payload = crate::broker::encode_named_timer(
+                    None,
+                    retain.as_deref(),
+                    &route,
+                    &message,
+                )?;
+                batch.timer_put(due, payload);
                 earliest_timer = Some(earliest_timer.map_or(due, |e: u64| e.min(due)));
                 staged.push(Staged::Timer);
                 continue;
@@ -267,6 +281,9 @@ impl Inner {
                         .await?
                 }
             };
+            if let Some(topic) = &retain {
+                retained.extend(self.retained.stage(topic, &message, &mut batch));
+            }
             if queues.is_empty() {
                 staged.push(Staged::Skipped);
                 continue;
@@ -278,7 +295,9 @@ impl Inner {
         if batch.is_empty() {
             return Ok(staged.into_iter().map(|_| None).collect());
         }
-        let receipt = self.write_and_wake(batch, &touched).await?;
+        let receipt = self.write_and_wake(batch, &touched).await;
+        drop(retained);
+        let receipt = receipt?;
         if let Some(due) = earliest_timer {
             self.timer_added(due);
         }

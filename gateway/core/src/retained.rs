@@ -1,4 +1,6 @@
-//! Retained messages. Bodies live in the store's keyed area ([`NS_RETAINED`], key: the
+//! Retained messages (MQTT's, set by any publish that asks for it: a retained publish,
+//! a delayed one when it is released, a will). The core owns them, so a retained
+//! message is written in the same store batch as its publish. Bodies live in the store's keyed area ([`NS_RETAINED`], key: the
 //! topic name); memory holds only an index for filter matching (topic → size and
 //! expiry, persisted in [`NS_RETAINED_INDEX`] in the same batch as the body, so a
 //! start reads the index, never the bodies) and an LRU cache of bodies bounded by
@@ -11,11 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use mqgate_core::props;
 use mqgate_store::{Message, Millis, Store, WriteBatch};
 use parking_lot::{Mutex, RwLock};
 
-use crate::session::{Subscription, NS_RETAINED};
+use crate::props;
+
+/// Keyed-area namespace of retained bodies (key: the MQTT topic name).
+pub const NS_RETAINED: &str = "mqtt.retained";
 
 /// Keyed-area namespace of the retained index (key: topic name; value: encoded size
 /// and expiry of the body under the same key in [`NS_RETAINED`]).
@@ -28,7 +32,7 @@ const META_INDEXED: &[u8] = b"retained.indexed";
 
 /// What memory keeps of one retained message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Entry {
+pub struct Entry {
     /// Encoded size of the body (what it costs in the cache).
     size: u32,
     /// When it expires (5.0 Message Expiry), ms since the epoch.
@@ -106,8 +110,8 @@ pub struct RetainedStats {
 type Unsettled = (u64, Option<Arc<Message>>);
 
 /// The retained messages: index in memory, bodies in the store, some cached.
-#[derive(Debug)]
-pub(crate) struct Retained {
+pub struct Retained {
+    store: Arc<dyn Store>,
     index: RwLock<BTreeMap<String, Entry>>,
     cache: Mutex<Lru>,
     /// Topics whose latest setting is being written: version and body (`None`: cleared).
@@ -119,10 +123,10 @@ impl Retained {
     /// Read the index (never the bodies; a store from before the index is indexed once,
     /// one page of bodies at a time).
     pub(crate) async fn load(
-        store: &dyn Store,
+        store: Arc<dyn Store>,
         cache_messages: usize,
         cache_bytes: usize,
-    ) -> mqgate_core::Result<Self> {
+    ) -> crate::Result<Self> {
         let mut index = BTreeMap::new();
         let mut version = 0;
         let indexed = store.kv_get(NS_META, META_INDEXED).await?.is_some();
@@ -169,6 +173,7 @@ impl Retained {
             store.write(b).await?;
         }
         Ok(Self {
+            store,
             index: RwLock::new(index),
             cache: Mutex::new(Lru::new(cache_messages, cache_bytes)),
             unsettled: Mutex::default(),
@@ -223,7 +228,7 @@ impl Retained {
     }
 
     /// The live (not expired) retained topics matching `filter`, from the index only.
-    pub(crate) fn matching(&self, filter: &str, now: Millis) -> Vec<(String, Entry)> {
+    pub fn matching(&self, filter: &str, now: Millis) -> Vec<(String, Entry)> {
         let map = self.index.read();
         match filter.find(['+', '#']) {
             None => map
@@ -235,7 +240,7 @@ impl Retained {
                 let prefix = &filter[..i];
                 map.range(prefix.to_owned()..)
                     .take_while(|(k, _)| k.starts_with(prefix))
-                    .filter(|(k, e)| crate::topic::matches(filter, k) && e.live(now))
+                    .filter(|(k, e)| filter_matches(filter, k) && e.live(now))
                     .map(|(k, e)| (k.clone(), *e))
                     .collect()
             }
@@ -276,7 +281,7 @@ impl Retained {
                 return (found, last.cloned());
             }
             last = Some(k);
-            if crate::topic::matches(filter, k) && e.live(now) {
+            if filter_matches(filter, k) && e.live(now) {
                 found.push((k.clone(), *e));
             }
         }
@@ -286,9 +291,8 @@ impl Retained {
     /// The body of `topic`'s retained message (`entry` from [`Retained::matching`]):
     /// from the cache, else read from the store and cached. `None`: cleared meanwhile,
     /// or unreadable.
-    pub(crate) async fn body(
+    pub async fn body(
         &self,
-        store: &dyn Store,
         topic: &str,
         entry: Entry,
     ) -> Option<Arc<Message>> {
@@ -298,7 +302,7 @@ impl Retained {
         if let Some((_, m)) = self.unsettled.lock().get(topic) {
             return m.clone();
         }
-        let v = match store.kv_get(NS_RETAINED, topic.as_bytes()).await {
+        let v = match self.store.kv_get(NS_RETAINED, topic.as_bytes()).await {
             Ok(Some(v)) => v,
             Ok(None) => return None,
             Err(e) => {
@@ -317,7 +321,8 @@ impl Retained {
         Some(m)
     }
 
-    pub(crate) fn stats(&self) -> RetainedStats {
+    /// How many there are and what the cache holds.
+    pub fn stats(&self) -> RetainedStats {
         let messages = self.index.read().len() as u64;
         let c = self.cache.lock();
         RetainedStats {
@@ -328,22 +333,50 @@ impl Retained {
     }
 }
 
-/// Retained messages still to send for one new subscription: where in the index to go
-/// on from and the page read from it. A connection sends them as its output buffer
+impl std::fmt::Debug for Retained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retained")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether MQTT topic filter `filter` matches topic `topic` (`$` topics only by filters
+/// that name their first level).
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The retained messages still to send for one new subscription: where in the index to
+/// go on from and the page read from it. A connection sends them as its output buffer
 /// drains, so a subscription matching many messages holds one page, not all of them.
 #[derive(Debug)]
-pub(crate) struct Pending {
-    pub(crate) sub: Subscription,
+pub struct RetainedCursor {
+    filter: String,
     /// The next page starts after this key (`None`: at the first one).
     after: Option<String>,
     ready: VecDeque<(String, Entry)>,
     done: bool,
 }
 
-impl Pending {
-    pub(crate) fn new(sub: Subscription) -> Self {
+impl RetainedCursor {
+    /// The retained messages matching `filter`, from the first.
+    pub fn new(filter: &str) -> Self {
         Self {
-            sub,
+            filter: filter.to_owned(),
             after: None,
             ready: VecDeque::new(),
             done: false,
@@ -351,7 +384,7 @@ impl Pending {
     }
 
     /// The next matching topic, reading the index a page at a time (`None`: all sent).
-    pub(crate) fn next(&mut self, r: &Retained, now: Millis) -> Option<(String, Entry)> {
+    pub fn next(&mut self, r: &Retained, now: Millis) -> Option<(String, Entry)> {
         loop {
             if let Some(x) = self.ready.pop_front() {
                 return Some(x);
@@ -359,7 +392,7 @@ impl Pending {
             if self.done {
                 return None;
             }
-            let (page, next) = r.matching_page(&self.sub.filter, self.after.as_deref(), now, 1024);
+            let (page, next) = r.matching_page(&self.filter, self.after.as_deref(), now, 1024);
             self.ready = page.into();
             self.done = next.is_none();
             self.after = next;
@@ -441,7 +474,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_from_before_the_index_is_indexed_once() {
-        let store = mqgate_store::MemoryStore::new();
+        let store: Arc<dyn Store> = Arc::new(mqgate_store::MemoryStore::new());
         let mut b = WriteBatch::new();
         for t in ["old/1", "old/2"] {
             let m = msg(100);
@@ -452,7 +485,7 @@ mod tests {
             );
         }
         store.write(b).await.expect("write");
-        let r = Retained::load(&store, 10, 1000).await.expect("load");
+        let r = Retained::load(Arc::clone(&store), 10, 1000).await.expect("load");
         assert_eq!(r.stats().messages, 2);
         assert_eq!(r.stats().cached_messages, 0, "no body kept");
         assert!(store
@@ -466,9 +499,9 @@ mod tests {
             .expect("scan");
         assert_eq!(idx.len(), 2);
         // The next start reads the index only.
-        let r = Retained::load(&store, 10, 1000).await.expect("load");
+        let r = Retained::load(Arc::clone(&store), 10, 1000).await.expect("load");
         let (topic, entry) = r.matching("old/2", 0).pop().expect("indexed");
-        let body = r.body(&store, &topic, entry).await.expect("body");
+        let body = r.body(&topic, entry).await.expect("body");
         assert_eq!(body.body.len(), 100);
         assert_eq!(r.stats().cached_messages, 1, "read on demand, then cached");
     }
@@ -476,6 +509,7 @@ mod tests {
     #[test]
     fn pending_pages_through_the_index_in_order() {
         let r = Retained {
+            store: Arc::new(mqgate_store::MemoryStore::new()),
             index: RwLock::new(BTreeMap::new()),
             cache: Mutex::new(Lru::new(10, 1000)),
             unsettled: Mutex::default(),
@@ -501,17 +535,7 @@ mod tests {
                 },
             );
         }
-        let sub = |f: &str| Subscription {
-            filter: f.into(),
-            options: crate::codec::SubOptions {
-                qos: crate::codec::QoS::AtMostOnce,
-                no_local: false,
-                retain_as_published: false,
-                retain_handling: 0,
-            },
-            id: None,
-        };
-        let mut p = Pending::new(sub("a/+/x"));
+        let mut p = RetainedCursor::new("a/+/x");
         let mut got = Vec::new();
         while let Some((t, _)) = p.next(&r, 10) {
             got.push(t);
@@ -521,7 +545,7 @@ mod tests {
             .map(|i| format!("a/{i:05}/x"))
             .collect();
         assert_eq!(got, want, "every live match once, in order, across pages");
-        let mut p = Pending::new(sub("b/1/x"));
+        let mut p = RetainedCursor::new("b/1/x");
         assert_eq!(p.next(&r, 10).map(|x| x.0), Some("b/1/x".to_owned()));
         assert!(p.next(&r, 10).is_none());
     }

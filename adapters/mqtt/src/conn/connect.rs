@@ -246,14 +246,16 @@ where
         let _ = tokio::time::timeout(Duration::from_secs(10), done.wait_for(|d| *d)).await;
     }
     // A will waiting for its delay is cancelled by the client's return.
-    let pending = shared.wills.lock().remove(&client_id);
-    if let Some(w) = pending {
-        w.task.abort();
+    if let Err(e) = shared
+        .broker
+        .cancel_scheduled(&super::will::will_timer(&client_id))
+        .await
+    {
+        tracing::warn!(client = %client_id, error = %e, "MQTT: cancelling a delayed will failed");
     }
     shared.expiring.lock().remove(&client_id);
 
-    let store = Arc::clone(shared.broker.store());
-    let existing = match store.kv_get(NS_SESSION, client_id.as_bytes()).await {
+    let existing = match shared.broker.record(NS_SESSION, client_id.as_bytes()).await {
         Ok(v) => v.and_then(SessionRecord::decode),
         Err(e) => {
             tracing::error!(client = %client_id, error = %e, "MQTT: reading the session failed");
@@ -280,7 +282,7 @@ where
         }
         None => {
             // A session topic left by a clean session that was connected at a crash.
-            if shared.broker.store().topic(&topic_name).is_some() {
+            if shared.broker.topic(&topic_name).is_some() {
                 shared.destroy_session(&client_id, None).await;
             }
             false

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::task::Poll;
 
 use mqgate_core::router::amqp_to_mqtt;
@@ -51,16 +50,17 @@ where
     /// Send retained messages of new subscriptions until the output buffer or the
     /// client's window is full; bodies not in the retained cache are read from the store.
     pub(super) async fn send_retained(&mut self) {
-        let store = Arc::clone(self.shared.broker.store());
         let now = self.shared.now();
+        let broker = self.shared.broker.clone();
+        let retained = broker.retained();
         while self.out.len() < OUT_HIGH_WATER && self.inflight.len() < self.send_quota {
             let Some(mut pending) = self.retained_todo.pop_front() else {
                 return;
             };
-            let Some((topic, entry)) = pending.next(&self.shared.retained, now) else {
+            let Some((topic, entry)) = pending.cursor.next(retained, now) else {
                 continue;
             };
-            if let Some(m) = self.shared.retained.body(&*store, &topic, entry).await {
+            if let Some(m) = retained.body(&topic, entry).await {
                 self.deliver_retained(&topic, &m, &pending.sub);
             }
             self.retained_todo.push_front(pending);

@@ -11,7 +11,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use mqgate_core::acl::{Access, Subject};
 use mqgate_core::{AckToken, Consumer};
-use mqgate_store::WriteBatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -70,6 +69,20 @@ enum Stage {
     PubComp,
 }
 
+/// Retained messages still to send for one new subscription.
+#[derive(Debug)]
+struct RetainedTodo {
+    sub: crate::session::Subscription,
+    cursor: mqgate_core::RetainedCursor,
+}
+
+impl RetainedTodo {
+    fn new(sub: crate::session::Subscription) -> Self {
+        let cursor = mqgate_core::RetainedCursor::new(&sub.filter);
+        Self { sub, cursor }
+    }
+}
+
 #[derive(Debug)]
 struct Inflight {
     source: Option<Source>,
@@ -122,7 +135,7 @@ struct Conn<S> {
     published: bool,
     /// Retained messages still to send for new subscriptions, sent as the output buffer
     /// drains; the session's other deliveries wait behind them.
-    retained_todo: std::collections::VecDeque<crate::retained::Pending>,
+    retained_todo: std::collections::VecDeque<RetainedTodo>,
     /// Whether the access rules can deny this client a message: each delivery's topic
     /// is checked then (no cost per message otherwise).
     check_reads: bool,
@@ -406,13 +419,13 @@ where
 
     async fn save_record(&mut self) {
         self.record.inbound_qos2 = self.inbound_qos2.iter().copied().collect();
-        let mut b = WriteBatch::new();
-        b.kv_put(
+        let mut b = mqgate_core::Records::new();
+        b.put(
             NS_SESSION,
             Bytes::copy_from_slice(self.client_id.as_bytes()),
             self.record.encode(),
         );
-        if let Err(e) = self.shared.broker.store().write(b).await {
+        if let Err(e) = self.shared.broker.write_records(b).await {
             tracing::error!(client = %self.client_id, error = %e, "MQTT: saving the session failed");
         }
     }
@@ -460,7 +473,7 @@ where
                 .will_delay
                 .unwrap_or(0)
                 .min(self.record.expiry);
-            self.schedule_will(will, delay);
+            self.schedule_will(will, delay).await;
         }
         let taken_over = matches!(end, End::Server(reason::SESSION_TAKEN_OVER, _));
         if self.record.expiry == 0 && !taken_over {

@@ -174,7 +174,7 @@ where
         self.retained_todo.extend(
             retained_to_send
                 .into_iter()
-                .map(crate::retained::Pending::new),
+                .map(super::RetainedTodo::new),
         );
         Ok(())
     }

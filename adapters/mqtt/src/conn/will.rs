@@ -1,21 +1,26 @@
 //! The will message: published when the connection ends without a normal DISCONNECT,
-//! at once or after its delay.
+//! at once or after its delay. A delayed will is a named core timer
+//! (`mqtt.will/<client id>`, with its retained setting), so it survives a restart; the
+//! client's return cancels it.
 
-use std::sync::Arc;
-use std::time::Duration;
-
+use mqgate_core::router::{mqtt_to_amqp, DEFAULT_VHOST};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Conn;
 use crate::codec::Will;
-use crate::server::{Outbound, PendingWill};
+use crate::server::{Outbound, MQTT_EXCHANGE};
+
+/// The name of a client's delayed will among the core's timers.
+pub(crate) fn will_timer(client_id: &str) -> String {
+    format!("mqtt.will/{client_id}")
+}
 
 impl<S> Conn<S>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    pub(super) fn schedule_will(&self, will: Will, delay_secs: u32) {
-        let shared = Arc::clone(&self.shared);
+    pub(super) async fn schedule_will(&mut self, will: Will, delay_secs: u32) {
+        let shared = &self.shared;
         let client_id = self.client_id.clone();
         let message = self.to_message(
             &will.topic,
@@ -32,29 +37,27 @@ where
             delay: None,
         };
         if delay_secs == 0 {
-            tokio::spawn(async move {
-                if let Err(e) = shared.publish_batch(vec![out], None).await {
-                    tracing::warn!(client = %client_id, error = %e, "MQTT: publishing a will failed");
-                }
-            });
+            if let Err(e) = shared.publish_batch(vec![out], None).await {
+                tracing::warn!(client = %client_id, error = %e, "MQTT: publishing a will failed");
+            }
             return;
         }
-        let (fire, fired) = tokio::sync::oneshot::channel::<()>();
-        let s2 = Arc::clone(&shared);
-        let id2 = client_id.clone();
-        let task = tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(u64::from(delay_secs))) => {}
-                _ = fired => {}
-            }
-            s2.wills.lock().remove(&id2);
-            if let Err(e) = s2.publish_batch(vec![out], None).await {
-                tracing::warn!(client = %id2, error = %e, "MQTT: publishing a will failed");
-            }
-        });
-        shared
-            .wills
-            .lock()
-            .insert(client_id, PendingWill { task, fire });
+        let due = shared.now() + u64::from(delay_secs) * 1000;
+        let retain = out.retain.then_some(out.topic.as_str());
+        if let Err(e) = shared
+            .broker
+            .schedule_named(
+                &will_timer(&client_id),
+                DEFAULT_VHOST,
+                MQTT_EXCHANGE,
+                &mqtt_to_amqp(&out.topic),
+                out.message.clone(),
+                retain,
+                due,
+            )
+            .await
+        {
+            tracing::warn!(client = %client_id, error = %e, "MQTT: scheduling a will failed");
+        }
     }
 }
