@@ -26,7 +26,7 @@ use mqgate_core::{Broker, Password, SystemClock};
 use mqgate_mqtt::MqttServer;
 use mqgate_store::{MemoryStore, RocksStore, Store};
 
-use crate::settings::Settings;
+use crate::settings::{Backend, Listener, Settings};
 
 /// mqgate: a message broker for AMQP 0-9-1 and MQTT clients, on RocketMQ's log model.
 #[derive(Debug, Parser)]
@@ -142,31 +142,23 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         s.store.path = d.clone();
     }
     if args.memory {
-        s.store.backend = "memory".into();
+        s.store.backend = Backend::Memory;
     }
     if let Some(a) = args.mqtt {
-        s.listeners.mqtt = a.to_string();
+        s.listeners.mqtt = Listener::from(a);
     }
     if let Some(a) = args.amqp {
-        s.listeners.amqp = a.to_string();
+        s.listeners.amqp = Listener::from(a);
     }
     if let Some(a) = args.admin {
-        s.listeners.admin = a.to_string();
+        s.listeners.admin = Listener::from(a);
     }
     if args.check_config {
         println!("configuration is valid");
         println!("store: {} ({})", s.store.backend, s.store.path.display());
-        let l = &s.listeners;
-        for (name, addr) in [
-            ("amqp", &l.amqp),
-            ("amqps", &l.amqps),
-            ("mqtt", &l.mqtt),
-            ("mqtts", &l.mqtts),
-            ("mqtt_ws", &l.mqtt_ws),
-            ("mqtt_wss", &l.mqtt_wss),
-            ("admin", &l.admin),
-        ] {
-            println!("{name}: {}", if addr.is_empty() { "off" } else { addr });
+        for (name, addr) in s.listeners.all() {
+            // An address, or "off".
+            println!("{name}: {addr}");
         }
         return Ok(());
     }
@@ -177,10 +169,10 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         .block_on(serve(s))
 }
 
-async fn bind(what: &str, addr: &str) -> anyhow::Result<Option<tokio::net::TcpListener>> {
-    if addr.is_empty() {
+async fn bind(what: &str, l: Listener) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = l.addr() else {
         return Ok(None);
-    }
+    };
     let l = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("bind the {what} listener to {addr}"))?;
@@ -190,7 +182,7 @@ async fn bind(what: &str, addr: &str) -> anyhow::Result<Option<tokio::net::TcpLi
 
 async fn serve(s: Settings) -> anyhow::Result<()> {
     reserve_fds(s.limits.reserved_fds, s.rocks_max_open_files());
-    let store: Arc<dyn Store> = if s.store.backend == "memory" {
+    let store: Arc<dyn Store> = if s.store.backend == Backend::Memory {
         tracing::info!("store: in memory (nothing survives a restart)");
         Arc::new(MemoryStore::new())
     } else {
@@ -215,35 +207,33 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     let mqtt = MqttServer::start(broker.clone(), s.mqtt(&users))
         .await
         .context("start the MQTT adapter")?;
-    if let Some(l) = bind("MQTT", &s.listeners.mqtt).await? {
+    if let Some(l) = bind("MQTT", s.listeners.mqtt).await? {
         mqtt.listen(l);
     }
     let amqp = AmqpServer::start(broker.clone(), s.amqp(&users))
         .await
         .context("start the AMQP adapter")?;
-    if let Some(l) = bind("AMQP 0-9-1", &s.listeners.amqp).await? {
+    if let Some(l) = bind("AMQP 0-9-1", s.listeners.amqp).await? {
         amqp.listen(l);
     }
     let admin_stop = tokio::sync::watch::channel(false);
     let l = &s.listeners;
-    let needs_tls = [&l.amqps, &l.mqtts, &l.mqtt_wss]
-        .iter()
-        .any(|a| !a.is_empty());
+    let needs_tls = l.tls_wanted();
     let tls = match (&s.tls.cert_file, &s.tls.key_file) {
         (Some(c), Some(k)) if needs_tls => Some(listeners::tls_acceptor(c, k)?),
         _ => None,
     };
-    if let (Some(lis), Some(t)) = (bind("AMQP 0-9-1 over TLS", &l.amqps).await?, &tls) {
+    if let (Some(lis), Some(t)) = (bind("AMQP 0-9-1 over TLS", l.amqps).await?, &tls) {
         listeners::serve_tls("AMQPS", lis, t.clone(), amqp.clone(), admin_stop.1.clone());
     }
-    if let (Some(lis), Some(t)) = (bind("MQTT over TLS", &l.mqtts).await?, &tls) {
+    if let (Some(lis), Some(t)) = (bind("MQTT over TLS", l.mqtts).await?, &tls) {
         listeners::serve_tls("MQTTS", lis, t.clone(), mqtt.clone(), admin_stop.1.clone());
     }
-    if let Some(lis) = bind("MQTT over WebSocket", &l.mqtt_ws).await? {
+    if let Some(lis) = bind("MQTT over WebSocket", l.mqtt_ws).await? {
         listeners::serve_ws("MQTT/WS", lis, None, mqtt.clone(), admin_stop.1.clone());
     }
     if let (Some(lis), Some(t)) = (
-        bind("MQTT over WebSocket over TLS", &l.mqtt_wss).await?,
+        bind("MQTT over WebSocket over TLS", l.mqtt_wss).await?,
         &tls,
     ) {
         listeners::serve_ws(
@@ -254,7 +244,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
             admin_stop.1.clone(),
         );
     }
-    if let Some(l) = bind("admin API", &s.listeners.admin).await? {
+    if let Some(l) = bind("admin API", s.listeners.admin).await? {
         let state = admin::AdminState {
             broker: broker.clone(),
             mqtt: mqtt.clone(),
