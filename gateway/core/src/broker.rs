@@ -323,6 +323,11 @@ pub(crate) struct Inner {
     pub(crate) dead_lettered: AtomicU64,
     /// Generations of named timers (unique across restarts: seeded with the time in µs).
     next_generation: AtomicU64,
+    /// Held by a release from reading named timers' names until its batch is written,
+    /// and by schedule/cancel of a named timer: a schedule that replaces a name while
+    /// the old timer is being released is never lost, and a cancel that returns `true`
+    /// did stop its timer.
+    named: tokio::sync::Mutex<()>,
     closed: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Whether publishers are blocked (memory above the watermark).
@@ -385,6 +390,7 @@ impl Broker {
             retries: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             next_generation: AtomicU64::new(mqgate_store::now_millis().saturating_mul(1000)),
+            named: tokio::sync::Mutex::new(()),
             closed: AtomicBool::new(false),
             tasks: Mutex::default(),
             memory,
@@ -1195,6 +1201,7 @@ impl Inner {
         mut message: Message,
     ) -> Result<()> {
         self.stamp(&mut message);
+        let _named = self.named.lock().await;
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let payload = encode_named_timer(Some((name, generation)), retain, route, &message)?;
         let mut batch = WriteBatch::new();
@@ -1212,6 +1219,7 @@ impl Inner {
     /// Withdraw the timer scheduled under `name`; whether there was one. Its timer stays
     /// in the index and releases into nothing.
     pub(crate) async fn cancel_named(&self, name: &str) -> Result<bool> {
+        let _named = self.named.lock().await;
         if self
             .store
             .kv_get(NS_SCHEDULED, name.as_bytes())
@@ -1232,6 +1240,7 @@ impl Inner {
         Ok(match to {
             StartPosition::First => range.min.0,
             StartPosition::Last => range.next.0,
+            StartPosition::LastStored => range.next.0.saturating_sub(1).max(range.min.0),
             StartPosition::Timestamp(t) => self.store.offset_for_timestamp(queue, *t).await?.0,
             StartPosition::Offset(o) => (*o).clamp(range.min.0, range.next.0),
         })
@@ -1265,6 +1274,7 @@ impl Inner {
             return Ok((0, after));
         }
         let last = due.last().map(|(k, _)| *k);
+        let _named = self.named.lock().await;
         let mut batch = WriteBatch::new();
         let mut woken = Vec::new();
         let mut count = 0;

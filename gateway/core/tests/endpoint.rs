@@ -21,14 +21,14 @@ use mqgate_core::router::{
     Binding, Destination as BindTo, ExchangeDef, ExchangeKind, DEFAULT_VHOST as VHOST,
 };
 use mqgate_core::{
-    Broker, Clock, ConsumeMode, Consumer, CoreConfig, DeadLetter, DeadLetterFormat, DeathReason, Delay,
-    Delivery, Destination, GroupSpec, ManualClock, MemberOptions, OnFailure, Outgoing,
+    Broker, Clock, ConsumeMode, Consumer, CoreConfig, DeadLetter, DeadLetterFormat, DeathReason,
+    Delay, Delivery, Destination, GroupSpec, ManualClock, MemberOptions, OnFailure, Outgoing,
     PublishBatch, Published, Records, StartPosition,
 };
 use mqgate_store::{
     now_millis, GroupName, MemoryStore, Message, MessageId, Millis, OffsetRange, QueueMessage,
-    QueueOffset, QueueRef, ReadLimits, RetentionReport, Store, StoreError, StoreHealth,
-    StoreStats, StoredMessage, TimerKey, TopicConfig, TopicName, WriteBatch, WriteReceipt,
+    QueueOffset, QueueRef, ReadLimits, RetentionReport, Store, StoreError, StoreHealth, StoreStats,
+    StoredMessage, TimerKey, TopicConfig, TopicName, WriteBatch, WriteReceipt,
 };
 use tokio::sync::Notify;
 
@@ -256,8 +256,10 @@ impl DeadLetterFormat for Tagging {
         let mut m = original.message.clone();
         m.topic = TopicName::new(&target.exchange).unwrap();
         m.properties.retain(|(k, _)| k != EXPIRES_AT);
-        m.properties
-            .push(("death".into(), Bytes::from_static(reason.as_str().as_bytes())));
+        m.properties.push((
+            "death".into(),
+            Bytes::from_static(reason.as_str().as_bytes()),
+        ));
         m.properties
             .push(("death-queue".into(), Bytes::from(target.endpoint.clone())));
         let key = target.routing_key.clone().unwrap_or_else(|| "dead".into());
@@ -406,7 +408,11 @@ async fn messages_in(b: &Broker, t: &str) -> Vec<Arc<StoredMessage>> {
     for q in 0..cfg.queue_count {
         let q = QueueRef::new(topic(t), q);
         let range = b.queue_range(&q).unwrap();
-        for m in b.peek(&q, range.min, ReadLimits::count(1000)).await.unwrap() {
+        for m in b
+            .peek(&q, range.min, ReadLimits::count(1000))
+            .await
+            .unwrap()
+        {
             out.push(m.message);
         }
     }
@@ -574,7 +580,10 @@ async fn failed_dead_letter_write_redelivers_after_a_pause() {
     let before = store.writes();
     c.nack(d1.ack_token(), false);
     settled(b, "g").await;
-    assert!(store.writes() > before, "the dead-letter write was attempted");
+    assert!(
+        store.writes() > before,
+        "the dead-letter write was attempted"
+    );
     assert!(messages_in(b, "dead-target").await.is_empty());
     assert_eq!(env.committed("g", "work").await, Some(0), "not committed");
     // Paused, not redelivered at once (the clock has not moved).
@@ -678,8 +687,10 @@ async fn expired_messages_are_dead_lettered_instead_of_delivered() {
     s2.policy.dead_letter = Some(dead_letter("dlx", Some("dead"), "work2"));
     let now = env.clock.now();
     let mut past = msg("work2", "too late");
-    past.properties
-        .push((EXPIRES_AT.into(), Bytes::copy_from_slice(&(now - 1).to_be_bytes())));
+    past.properties.push((
+        EXPIRES_AT.into(),
+        Bytes::copy_from_slice(&(now - 1).to_be_bytes()),
+    ));
     let mut future = msg("work2", "in time");
     future.properties.push((
         EXPIRES_AT.into(),
@@ -901,15 +912,26 @@ async fn cancelled_named_timer_never_fires() {
     let b = &env.broker;
     declare_wills(b).await;
     let due = env.clock.now() + 1_000;
-    b.schedule_named("c1", VHOST, "wills", "k", msg("wills", "cancelled"), None, due)
-        .await
-        .unwrap();
+    b.schedule_named(
+        "c1",
+        VHOST,
+        "wills",
+        "k",
+        msg("wills", "cancelled"),
+        None,
+        due,
+    )
+    .await
+    .unwrap();
     b.schedule_named("c2", VHOST, "wills", "k", msg("wills", "kept"), None, due)
         .await
         .unwrap();
     assert_eq!(b.delayed_pending(), 2);
     assert!(b.cancel_scheduled("c1").await.unwrap());
-    assert!(!b.cancel_scheduled("c1").await.unwrap(), "already withdrawn");
+    assert!(
+        !b.cancel_scheduled("c1").await.unwrap(),
+        "already withdrawn"
+    );
     assert!(!b.cancel_scheduled("never").await.unwrap());
 
     env.clock.advance(Duration::from_millis(2_000));
@@ -917,7 +939,10 @@ async fn cancelled_named_timer_never_fires() {
     wait_pending(b, 0).await;
     assert_eq!(bodies(b, "will-target").await, ["kept"]);
     assert_eq!(b.delayed_released(), 1);
-    assert!(!b.cancel_scheduled("c2").await.unwrap(), "fired: nothing pending");
+    assert!(
+        !b.cancel_scheduled("c2").await.unwrap(),
+        "fired: nothing pending"
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(bodies(b, "will-target").await, ["kept"]);
 }
@@ -928,12 +953,28 @@ async fn rescheduling_a_name_replaces_the_earlier_timer() {
     let b = &env.broker;
     declare_wills(b).await;
     let now = env.clock.now();
-    b.schedule_named("n", VHOST, "wills", "k", msg("wills", "first"), None, now + 500)
-        .await
-        .unwrap();
-    b.schedule_named("n", VHOST, "wills", "k", msg("wills", "second"), None, now + 1_500)
-        .await
-        .unwrap();
+    b.schedule_named(
+        "n",
+        VHOST,
+        "wills",
+        "k",
+        msg("wills", "first"),
+        None,
+        now + 500,
+    )
+    .await
+    .unwrap();
+    b.schedule_named(
+        "n",
+        VHOST,
+        "wills",
+        "k",
+        msg("wills", "second"),
+        None,
+        now + 1_500,
+    )
+    .await
+    .unwrap();
     assert_eq!(b.delayed_pending(), 2);
 
     // The first one's time comes: it releases into nothing.
@@ -957,12 +998,28 @@ async fn named_timer_survives_a_restart() {
     let b = &env.broker;
     declare_wills(b).await;
     let due = env.clock.now() + 1_000;
-    b.schedule_named("r", VHOST, "wills", "k", msg("wills", "after restart"), None, due)
-        .await
-        .unwrap();
-    b.schedule_named("x", VHOST, "wills", "k", msg("wills", "cancelled later"), None, due)
-        .await
-        .unwrap();
+    b.schedule_named(
+        "r",
+        VHOST,
+        "wills",
+        "k",
+        msg("wills", "after restart"),
+        None,
+        due,
+    )
+    .await
+    .unwrap();
+    b.schedule_named(
+        "x",
+        VHOST,
+        "wills",
+        "k",
+        msg("wills", "cancelled later"),
+        None,
+        due,
+    )
+    .await
+    .unwrap();
     b.shutdown().await;
     drop(env.broker);
 
@@ -970,7 +1027,10 @@ async fn named_timer_survives_a_restart() {
         .await
         .unwrap();
     assert_eq!(b.delayed_pending(), 2);
-    assert!(b.cancel_scheduled("x").await.unwrap(), "the name survived too");
+    assert!(
+        b.cancel_scheduled("x").await.unwrap(),
+        "the name survived too"
+    );
     env.clock.advance(Duration::from_millis(2_000));
     let m = wait_messages(&b, "will-target", 1).await;
     assert_eq!(text(&m[0]), "after restart");
@@ -985,32 +1045,50 @@ async fn named_timer_survives_a_restart() {
 /// generation and writing the release (which deletes the name); a `schedule_named` of
 /// the same name lands in between.
 ///
-/// Core bug (broker.rs, `Inner::release_due`): the release batch deletes the name
-/// unconditionally (`kv_delete(NS_SCHEDULED, name)`) on the strength of a generation read
-/// before the write, with nothing serialising it against `schedule_named`; the new
-/// generation written in between is deleted with it, and the replacing timer later
-/// releases into nothing. (`cancel_named` has the same read-then-write window: it can
-/// return `true` for a timer that fires anyway.)
+/// The release deletes the name it fired; the core serialises releases of named timers
+/// with `schedule_named` / `cancel_named` (the new schedule waits for the release's write),
+/// so the replacing generation is written after the delete, never deleted by it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "core bug: release_due deletes a name rescheduled while its old timer was released"]
 async fn reschedule_racing_the_release_of_the_old_timer_still_fires() {
     let store = Arc::new(FailingStore::default());
     let env = Env::start(store.clone()).await;
     let b = &env.broker;
     declare_wills(b).await;
     let now = env.clock.now();
-    b.schedule_named("n", VHOST, "wills", "k", msg("wills", "first"), None, now + 100)
-        .await
-        .unwrap();
+    b.schedule_named(
+        "n",
+        VHOST,
+        "wills",
+        "k",
+        msg("wills", "first"),
+        None,
+        now + 100,
+    )
+    .await
+    .unwrap();
     let (entered, release) = store.arm_gate(NS_SCHEDULED);
     env.clock.advance(Duration::from_millis(200));
     tokio::time::timeout(Duration::from_secs(5), entered.notified())
         .await
         .expect("the scheduler reads the name");
-    b.schedule_named("n", VHOST, "wills", "k", msg("wills", "second"), None, now + 1_000)
+    let b2 = b.clone();
+    let second = tokio::spawn(async move {
+        b2.schedule_named(
+            "n",
+            VHOST,
+            "wills",
+            "k",
+            msg("wills", "second"),
+            None,
+            now + 1_000,
+        )
         .await
-        .unwrap();
+    });
+    // The schedule waits for the release in progress (it cannot slip in between).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!second.is_finished(), "the schedule waits for the release");
     release.notify_one();
+    second.await.unwrap().unwrap();
     wait_pending(b, 1).await;
     env.clock.advance(Duration::from_millis(2_000));
     wait_pending(b, 0).await;
@@ -1097,10 +1175,7 @@ async fn publish_batch_writes_messages_timers_and_records_at_once() {
     assert_eq!(answers.len(), 5);
     match &answers[0] {
         Some(Published::Stored { offsets, .. }) => {
-            assert_eq!(
-                offsets,
-                &[(QueueRef::new(topic("pb"), 0), QueueOffset(0))]
-            );
+            assert_eq!(offsets, &[(QueueRef::new(topic("pb"), 0), QueueOffset(0))]);
         }
         other => panic!("item 0: {other:?}"),
     }
