@@ -18,9 +18,9 @@ use crate::frame::{encode_properties, parse_raw_properties};
 
 /// The content-header property bytes as the publisher sent them.
 pub const PROPS: &str = "amqp.props";
-/// Present when the publisher asked for a transient message (delivery mode 1): it is not
-/// delivered after a restart.
-pub const TRANSIENT: &str = "amqp.transient";
+/// Present when the publisher asked for a transient message (delivery mode 1): the core
+/// does not deliver it after a restart.
+pub const TRANSIENT: &str = props::TRANSIENT;
 /// The topic (message address) of messages published to the default exchange.
 pub const DEFAULT_EXCHANGE_TOPIC: &str = "amq.default";
 
@@ -214,27 +214,30 @@ pub fn str_value(v: &AMQPValue) -> Option<String> {
     }
 }
 
-/// Why a message was dead-lettered (the `reason` of its x-death entry).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeathReason {
-    /// Rejected or nacked without requeue.
-    Rejected,
-    /// Its TTL passed.
-    Expired,
-    /// Dropped from the head of a full queue.
-    MaxLen,
-    /// Returned more often than the queue's delivery limit.
-    DeliveryLimit,
-}
+/// Why a message was dead-lettered (the core's reasons, RabbitMQ's names).
+pub use mqgate_core::DeathReason;
 
-impl DeathReason {
-    fn as_str(self) -> &'static str {
-        match self {
-            DeathReason::Rejected => "rejected",
-            DeathReason::Expired => "expired",
-            DeathReason::MaxLen => "maxlen",
-            DeathReason::DeliveryLimit => "delivery_limit",
-        }
+/// AMQP's dead-letter copy for the core: RabbitMQ's `x-death` bookkeeping
+/// ([`dead_letter`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AmqpDeadLetter;
+
+impl mqgate_core::DeadLetterFormat for AmqpDeadLetter {
+    fn copy(
+        &self,
+        original: &StoredMessage,
+        target: &mqgate_core::DeadLetter,
+        reason: DeathReason,
+        now: Millis,
+    ) -> (Message, String) {
+        dead_letter(
+            original,
+            &target.endpoint,
+            reason,
+            &target.exchange,
+            target.routing_key.as_deref(),
+            now,
+        )
     }
 }
 

@@ -8,6 +8,7 @@ use mqgate_store::{GroupName, TopicName};
 use parking_lot::Mutex;
 
 use crate::config::RetryPolicy;
+use mqgate_core::{ConsumeMode, DeadLetter, GroupSpec, OnFailure, Policy, StartPosition};
 use crate::convert::{int_value, str_value};
 use crate::reply;
 
@@ -195,6 +196,37 @@ pub struct QueueState {
 }
 
 impl Queue {
+    /// The core group consuming it, with the policies its arguments declare: TTL,
+    /// delivery limit, retry ladder, dead-letter exchange (applied by the core).
+    pub fn spec(&self) -> GroupSpec {
+        let mode = if self.args.single_active {
+            ConsumeMode::Clustering
+        } else {
+            ConsumeMode::Shared
+        };
+        let mut spec = GroupSpec::new(self.group.clone(), vec![self.topic.clone()], mode);
+        spec.start = StartPosition::First;
+        spec.on_failure = match self.args.retry {
+            Some(RetryPolicy::RocketMq) => OnFailure::Retry,
+            None => OnFailure::Discard,
+        };
+        // x-delivery-limit L: L failures are retried (or requeued), the next ends it:
+        // L + 1 deliveries in all, as RabbitMQ counts; no limit: the configured ladder.
+        spec.max_reconsume_times = self.args.delivery_limit;
+        spec.policy = Policy {
+            message_ttl: self.args.message_ttl,
+            delivery_limit: self.args.delivery_limit,
+            dead_letter: self.args.dlx.as_ref().map(|dlx| DeadLetter {
+                vhost: self.vhost.clone(),
+                exchange: dlx.clone(),
+                routing_key: self.args.dlrk.clone(),
+                endpoint: self.name.clone(),
+                format: std::sync::Arc::new(crate::convert::AmqpDeadLetter),
+            }),
+        };
+        spec
+    }
+
     /// Whether it survives a restart: durable and not exclusive (an exclusive queue
     /// dies with its connection).
     pub fn persistent(&self) -> bool {

@@ -10,8 +10,8 @@ use std::time::Duration;
 use amq_protocol::types::FieldTable;
 use bytes::Bytes;
 use mqgate_core::router::{Binding, Destination, ExchangeDef};
-use mqgate_core::{Broker, CoreError, StartPosition};
-use mqgate_store::{Millis, QueueOffset, QueueRef, ReadLimits, TopicName, WriteBatch};
+use mqgate_core::{Broker, CoreError, Records, StartPosition};
+use mqgate_store::{QueueOffset, QueueRef, ReadLimits, TopicName};
 use parking_lot::{Mutex, RwLock};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -92,8 +92,6 @@ pub(crate) struct Shared {
     pub(crate) stats: AmqpStats,
     /// Admission: pending handshakes and open connections (`max_connections`).
     pub(crate) gate: Arc<mqgate_core::net::ConnGate>,
-    /// When this broker started: transient messages stored before are not delivered.
-    pub(crate) boot: Millis,
 }
 
 /// The AMQP 0-9-1 adapter.
@@ -111,12 +109,13 @@ impl AmqpServer {
                 broker.add_vhost(v).await?;
             }
         }
-        let store = Arc::clone(broker.store());
         let mut queues = HashMap::new();
         let mut after: Option<Bytes> = None;
-        let mut fixes = WriteBatch::new();
+        let mut fixes = Records::new();
         loop {
-            let page = store.kv_scan(NS_QUEUE, b"", after.as_deref(), 1024).await?;
+            let page = broker
+                .records(NS_QUEUE, b"", after.as_deref(), 1024)
+                .await?;
             let Some(last) = page.last() else { break };
             after = Some(last.0.clone());
             for (k, v) in page {
@@ -126,7 +125,7 @@ impl AmqpServer {
                     .zip(Queue::decode_record(&v));
                 let Some(((vhost, name), (auto_delete, raw_args))) = parsed else {
                     tracing::warn!("unreadable AMQP queue record; dropped");
-                    fixes.kv_delete(NS_QUEUE, k);
+                    fixes.delete(NS_QUEUE, k);
                     continue;
                 };
                 let args =
@@ -149,8 +148,10 @@ impl AmqpServer {
                 );
             }
         }
-        if !fixes.is_empty() {
-            store.write(fixes).await?;
+        broker.write_records(fixes).await?;
+        // The core applies each queue's policies (TTL sweeps) from now on.
+        for q in queues.values() {
+            broker.register_endpoint(q.spec());
         }
         // Transient queues die with the broker: their topics, groups and bindings go.
         let known: HashSet<_> = queues.values().map(|q| q.topic.clone()).collect();
@@ -186,7 +187,6 @@ impl AmqpServer {
             .map(|q| (q.topic.clone(), Arc::clone(q)))
             .collect();
         let (shutdown, _) = watch::channel(false);
-        let boot = broker.now();
         let gate = mqgate_core::net::ConnGate::new(
             "AMQP",
             cfg.max_connections,
@@ -205,7 +205,6 @@ impl AmqpServer {
             conns: Mutex::new(HashMap::new()),
             stats: AmqpStats::default(),
             gate,
-            boot,
         });
         let expiry = Arc::clone(&shared);
         let mut stop = shared.shutdown.subscribe();
@@ -216,7 +215,6 @@ impl AmqpServer {
                     _ = stop.changed() => return,
                     _ = tick.tick() => {
                         expiry.expire_queues().await;
-                        expiry.expire_messages().await;
                     }
                 }
             }
@@ -333,27 +331,16 @@ impl Shared {
     pub(crate) async fn create_queue(&self, q: Queue) -> Result<Arc<Queue>, (u16, String)> {
         let q = Arc::new(q);
         let internal = |e: CoreError| (reply::INTERNAL_ERROR, e.to_string());
-        self.broker
-            .create_topic(&q.topic, Some(1))
-            .await
-            .map_err(internal)?;
-        // A new queue starts empty even if a topic of that name held messages.
-        let start = self
-            .broker
-            .store()
-            .queue_range(&QueueRef::new(q.topic.clone(), 0))
-            .map(|r| r.next)
-            .unwrap_or(QueueOffset(0));
-        let mut batch = WriteBatch::new();
-        batch.commit_offset(q.group.clone(), QueueRef::new(q.topic.clone(), 0), start);
+        // Its topic, its group at the topic's end (a new queue starts empty even if a
+        // topic of that name held messages) and its record: the core's declaration.
+        let mut record = Records::new();
         if q.persistent() {
-            batch.kv_put(NS_QUEUE, Queue::key(&q.vhost, &q.name), q.record());
+            record.put(NS_QUEUE, Queue::key(&q.vhost, &q.name), q.record());
         }
         self.broker
-            .store()
-            .write(batch)
+            .declare_endpoint(&q.topic, 1, &q.group, record)
             .await
-            .map_err(|e| internal(e.into()))?;
+            .map_err(internal)?;
         self.broker
             .bind(
                 &q.vhost,
@@ -370,6 +357,7 @@ impl Shared {
             .await
             .map_err(internal)?;
         q.state.lock().last_used = self.broker.now();
+        self.broker.register_endpoint(q.spec());
         if q.args.max_length.is_some() || q.args.max_length_bytes.is_some() {
             self.limited.write().insert(q.topic.clone(), Arc::clone(&q));
         }
@@ -394,22 +382,17 @@ impl Shared {
         }
         q.state.lock().deleted = true;
         self.limited.write().remove(&q.topic);
-        let log = |what: &str, e: CoreError| tracing::error!(queue = %q.name, vhost = %q.vhost, error = %e, "AMQP: deleting a queue: {what}");
-        if let Err(e) = self.broker.unbind_topic(&q.vhost, &q.topic).await {
-            log("bindings", e);
-        }
-        if let Err(e) = self.broker.delete_group(&q.group).await {
-            log("group", e);
-        }
-        if let Err(e) = self.broker.delete_topic(&q.topic).await {
-            log("topic", e);
-        }
+        let mut record = Records::new();
         if q.persistent() {
-            let mut b = WriteBatch::new();
-            b.kv_delete(NS_QUEUE, Queue::key(&q.vhost, &q.name));
-            if let Err(e) = self.broker.store().write(b).await {
-                log("record", e.into());
-            }
+            record.delete(NS_QUEUE, Queue::key(&q.vhost, &q.name));
+        }
+        // Bindings, group (consumers end), topic and record; the core logs each failure.
+        if let Err(e) = self
+            .broker
+            .delete_endpoint(&q.vhost, &q.topic, &q.group, record)
+            .await
+        {
+            tracing::error!(queue = %q.name, vhost = %q.vhost, error = %e, "AMQP: deleting a queue failed");
         }
         count
     }
@@ -450,8 +433,7 @@ impl Shared {
         loop {
             let Ok(batch) = self
                 .broker
-                .store()
-                .read(&queue, QueueOffset(from), ReadLimits::count(1024))
+                .peek(&queue, QueueOffset(from), ReadLimits::count(1024))
                 .await
             else {
                 break;
@@ -514,74 +496,6 @@ impl Shared {
             .reset_group(&q.group, StartPosition::Last)
             .await?;
         Ok(n)
-    }
-
-    /// Settle (and dead-letter) expired messages at the head of queues nobody consumes
-    /// (with consumers, delivery screens them): RabbitMQ expires them on time, consumer
-    /// or not.
-    async fn expire_messages(&self) {
-        let idle: Vec<Arc<Queue>> = self
-            .queues
-            .read()
-            .values()
-            .filter(|q| q.args.message_ttl.is_some() && q.state.lock().consumers == 0)
-            .cloned()
-            .collect();
-        for q in idle {
-            if let Err(e) = self.expire_head(&q).await {
-                tracing::warn!(queue = %q.name, error = %e, "AMQP: expiring messages failed");
-            }
-        }
-    }
-
-    async fn expire_head(&self, q: &Queue) -> Result<(), CoreError> {
-        let Some(ttl) = q.args.message_ttl else {
-            return Ok(());
-        };
-        let info = match self.broker.group_info(&q.group).await {
-            Ok(i) => i,
-            Err(CoreError::NoSuchGroup(_)) => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let Some(head) = info.queues.first() else {
-            return Ok(());
-        };
-        if head.ready == 0 || head.in_flight > 0 {
-            return Ok(());
-        }
-        let now = self.broker.now();
-        let queue = QueueRef::new(q.topic.clone(), 0);
-        let batch = self
-            .broker
-            .store()
-            .read(&queue, QueueOffset(head.committed), ReadLimits::count(1024))
-            .await?;
-        let mut cut = None;
-        for m in &batch {
-            if m.message.store_timestamp + ttl > now {
-                break;
-            }
-            if let Some(dlx) = &q.args.dlx {
-                let (msg, key) = crate::convert::dead_letter(
-                    &m.message,
-                    &q.name,
-                    crate::convert::DeathReason::Expired,
-                    dlx,
-                    q.args.dlrk.as_deref(),
-                    now,
-                );
-                self.broker
-                    .publish_exchange(&q.vhost, dlx, &key, &[], msg, None)
-                    .await?;
-            }
-            cut = Some(m.entry.offset.0 + 1);
-        }
-        if let Some(to) = cut {
-            self.broker
-                .reset_group(&q.group, StartPosition::Offset(to))
-                .await?;
-        }
-        Ok(())
     }
 
     /// Delete queues unused for their `x-expires`.

@@ -57,6 +57,24 @@ pub enum StartPosition {
     Timestamp(Millis),
     /// This offset on every queue (clamped to what is stored).
     Offset(u64),
+    /// The last message stored on each queue, and everything after it (RabbitMQ
+    /// streams' `last`).
+    LastStored,
+}
+
+impl StartPosition {
+    /// The words of `x-stream-offset`, meaning the same in every protocol: `first`, `last`
+    /// (the last message stored, as RabbitMQ streams read it) and `next` (only messages
+    /// published from now on). Protocol-specific forms (numbers, timestamps) are the
+    /// adapter's to read.
+    pub fn from_stream_offset_word(word: &str) -> Option<Self> {
+        match word.trim() {
+            "first" => Some(StartPosition::First),
+            "last" => Some(StartPosition::LastStored),
+            "next" => Some(StartPosition::Last),
+            _ => None,
+        }
+    }
 }
 
 /// What a failed consumption (nack without requeue) does.

@@ -9,16 +9,14 @@ use amq_protocol::protocol::{basic, AMQPClass};
 use amq_protocol::types::AMQPValue;
 use bytes::BytesMut;
 use mqgate_core::{ConsumeMode, GroupSpec, MemberOptions, OnFailure, StartPosition};
-use mqgate_store::{GroupName, QueueRef};
+use mqgate_store::GroupName;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::config::RetryPolicy;
-use crate::convert::{self, DeathReason};
+use crate::convert;
 use crate::frame;
 use crate::queue::Queue;
 use crate::reply;
 
-use super::deliver::{dead_letter, screen};
 use super::{chan_err, internal, ChanResult, Conn, Cons, Pending, TxOp, Unacked};
 
 impl<S> Conn<S>
@@ -145,7 +143,7 @@ where
             self.shared.next_member.fetch_add(1, Ordering::Relaxed)
         );
         let (consumer, stream_group) = if q.args.stream {
-            let pos = self.stream_position(&q, offset.as_ref())?;
+            let pos = self.stream_position(offset.as_ref())?;
             let g = GroupName::new(format!("{}%stream%{}", q.group, member))
                 .map_err(|e| chan_err(reply::INTERNAL_ERROR, e.to_string()))?;
             let mut spec = GroupSpec::new(g.clone(), vec![q.topic.clone()], ConsumeMode::Shared);
@@ -163,7 +161,7 @@ where
         } else {
             if let Some(v) = offset.as_ref() {
                 // mqgate extension: replay an ordinary queue from a position.
-                let pos = self.stream_position(&q, Some(v))?;
+                let pos = self.stream_position(Some(v))?;
                 self.shared
                     .broker
                     .reset_group(&q.group, pos)
@@ -217,23 +215,11 @@ where
     }
 
     fn queue_spec(&self, q: &Queue) -> GroupSpec {
-        let mode = if q.args.single_active {
-            ConsumeMode::Clustering
-        } else {
-            ConsumeMode::Shared
-        };
-        let mut spec = GroupSpec::new(q.group.clone(), vec![q.topic.clone()], mode);
-        spec.start = StartPosition::First;
-        spec.on_failure = match q.args.retry {
-            Some(RetryPolicy::RocketMq) => OnFailure::Retry,
-            None => OnFailure::Discard,
-        };
-        spec.max_reconsume_times = q.args.delivery_limit;
-        spec
+        q.spec()
     }
 
     /// `x-stream-offset`: first, last, next, an offset, or a timestamp (seconds).
-    fn stream_position(&self, q: &Queue, v: Option<&AMQPValue>) -> ChanResult<StartPosition> {
+    fn stream_position(&self, v: Option<&AMQPValue>) -> ChanResult<StartPosition> {
         let bad = || {
             chan_err(
                 reply::PRECONDITION_FAILED,
@@ -244,19 +230,7 @@ where
             None => StartPosition::Last,
             Some(AMQPValue::Timestamp(s)) => StartPosition::Timestamp(s.saturating_mul(1000)),
             Some(v) => match convert::str_value(v).as_deref() {
-                Some("first") => StartPosition::First,
-                Some("next") => StartPosition::Last,
-                Some("last") => {
-                    let next = self
-                        .shared
-                        .broker
-                        .store()
-                        .queue_range(&QueueRef::new(q.topic.clone(), 0))
-                        .map(|r| r.next.0)
-                        .unwrap_or(0);
-                    StartPosition::Offset(next.saturating_sub(1))
-                }
-                Some(_) => return Err(bad()),
+                Some(word) => StartPosition::from_stream_offset_word(word).ok_or_else(bad)?,
                 None => match convert::int_value(v) {
                     Some(n) if n >= 0 => StartPosition::Offset(n as u64),
                     _ => return Err(bad()),
@@ -358,13 +332,12 @@ where
                     .flatten();
                 cons.consumer.set_prefetch(cons.unacked);
             }
-            let Some(d) = d else { break };
-            let shared = Arc::clone(&self.shared);
-            let cons = self.chan(ch).consumers.get(&id).expect("get member");
-            if screen(&shared, cons, &d) {
+            // The core settled what is not to be delivered (expired, over its limit,
+            // transient from before a restart).
+            if let Some(d) = d {
                 delivery = Some(d);
-                break;
             }
+            break;
         }
         let Some(d) = delivery else {
             self.reply(
@@ -392,7 +365,6 @@ where
                 Unacked {
                     cons: id,
                     token,
-                    message: Arc::clone(&d.message),
                 },
             );
         }
@@ -463,7 +435,6 @@ where
         } else {
             vec![tag]
         };
-        let mut dead = Vec::new();
         let shared = Arc::clone(&self.shared);
         for t in tags {
             let chan = self.chan(ch);
@@ -477,40 +448,11 @@ where
             if ack {
                 shared.stats.acked.fetch_add(1, Ordering::Relaxed);
                 cons.consumer.ack(u.token);
-            } else if requeue {
-                cons.consumer.nack(u.token, true);
             } else {
-                let q = Arc::clone(&cons.queue);
-                // The same count as the core's ladder (and RabbitMQ's x-delivery-limit):
-                // a message may fail `limit` times and is retried after each; the
-                // failure after that ends the ladder. No limit: the configured ladder.
-                let limit = q
-                    .args
-                    .delivery_limit
-                    .unwrap_or(shared.broker.config().max_reconsume_times);
-                let last_try = u.message.message.reconsume_times + 1 > limit;
-                match (&q.args.dlx, q.args.retry) {
-                    // A retry ladder runs in the core until its last step.
-                    (_, Some(_)) if !last_try || q.args.dlx.is_none() => {
-                        cons.consumer.nack(u.token, false)
-                    }
-                    // Settled only once the dead-letter copy is stored (below).
-                    (Some(_), _) => dead.push((q, u.message, u.cons, u.token)),
-                    (None, _) => cons.consumer.nack(u.token, false),
-                }
-            }
-        }
-        // The copy first, then the ack: a failed dead-letter write puts the message back
-        // in its queue (redelivered), and a crash in between leaves it in both places,
-        // never in neither.
-        for (q, m, cons_id, token) in dead {
-            let stored = dead_letter(&self.shared, &q, &m, DeathReason::Rejected).await;
-            if let Some(cons) = self.chan(ch).consumers.get_mut(&cons_id) {
-                if stored {
-                    cons.consumer.ack(token);
-                } else {
-                    cons.consumer.nack(token, true);
-                }
+                // Requeued, or failed: the core applies the queue's policy (its retry
+                // ladder, its dead-letter exchange with the offset commit in the same
+                // write, or discard).
+                cons.consumer.nack(u.token, requeue);
             }
         }
         self.reap_ended_consumers();

@@ -22,7 +22,7 @@ use amq_protocol::protocol::{connection, AMQPClass};
 use amq_protocol::types::ShortString;
 use bytes::{Bytes, BytesMut};
 use mqgate_core::{AckToken, Consumer, CoreError, Delivery};
-use mqgate_store::{GroupName, Message, StoredMessage, TopicName};
+use mqgate_store::{GroupName, Message, TopicName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -191,7 +191,6 @@ struct Cons {
 struct Unacked {
     cons: u64,
     token: AckToken,
-    message: Arc<StoredMessage>,
 }
 
 enum TxOp {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amq_protocol::protocol::{basic, tx, AMQPClass};
-use mqgate_core::{props, Delay};
+use mqgate_core::{props, Delay, Outgoing, PublishBatch};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::convert;
@@ -242,11 +242,9 @@ where
                 rejected = true;
             }
         }
-        let stored = self
-            .shared
-            .broker
-            .publish_routed_batch(vec![(message, topics)])
-            .await;
+        let mut one = PublishBatch::new();
+        one.push(Outgoing::routed(message, topics));
+        let stored = self.shared.broker.publish_batch(one).await;
         if let Some(seq) = seq {
             frame::put_confirm(&mut self.out, ch, seq, false, stored.is_ok() && !rejected);
         }
@@ -266,7 +264,7 @@ where
         }
         let batch = std::mem::take(&mut self.batch);
         let mut confirms: Vec<(u16, u64)> = Vec::new();
-        let mut items = Vec::with_capacity(batch.len());
+        let mut items = PublishBatch::new();
         // Transient messages (delivery mode 1) are not worth an fsync, as in RabbitMQ; a
         // batch with one persistent message is synced whole.
         let mut transient = true;
@@ -275,16 +273,10 @@ where
                 confirms.push((b.channel, seq));
             }
             transient &= props::get(&b.message.properties, convert::TRANSIENT).is_some();
-            items.push((b.message, b.topics));
+            items.push(Outgoing::routed(b.message, b.topics));
         }
-        let stored = if transient {
-            self.shared
-                .broker
-                .publish_routed_batch_transient(items)
-                .await
-        } else {
-            self.shared.broker.publish_routed_batch(items).await
-        };
+        items.durable = !transient;
+        let stored = self.shared.broker.publish_batch(items).await;
         let ok = match stored {
             Ok(stored) => {
                 let routed = stored.iter().filter(|p| p.is_some()).count();
