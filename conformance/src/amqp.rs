@@ -35,6 +35,9 @@ pub struct Target {
 
 #[derive(Debug)]
 struct InProc {
+    /// The store the broker runs on (the harness waits for it to be released before
+    /// reopening it at a restart; the broker keeps its handle to itself).
+    store: Arc<dyn Store>,
     broker: Broker,
     amqp: AmqpServer,
     mqtt: MqttServer,
@@ -201,7 +204,7 @@ impl Target {
         i.amqp.shutdown(Duration::from_secs(5)).await;
         i.mqtt.shutdown(Duration::from_secs(5)).await;
         i.broker.shutdown().await;
-        let store = Arc::clone(i.broker.store());
+        let store = i.store;
         drop(i.amqp);
         drop(i.mqtt);
         drop(i.broker);
@@ -224,7 +227,7 @@ impl InProc {
             Some(d) => Arc::new(RocksStore::open(RocksConfig::new(d.path())).expect("open rocks")),
             None => Arc::new(MemoryStore::new()),
         };
-        let broker = Broker::start(store, core.clone(), Arc::new(SystemClock))
+        let broker = Broker::start(Arc::clone(&store), core.clone(), Arc::new(SystemClock))
             .await
             .expect("start core");
         let amqp = AmqpServer::start(broker.clone(), cfg.clone())
@@ -236,6 +239,7 @@ impl InProc {
             .expect("start mqtt");
         mqtt.listen(mqtt_listener);
         InProc {
+            store,
             broker,
             amqp,
             mqtt,

@@ -40,6 +40,9 @@ pub struct Target {
 
 #[derive(Debug)]
 struct InProc {
+    /// The store the broker runs on (the harness waits for it to be released before
+    /// reopening it at a restart; the broker keeps its handle to itself).
+    store: Arc<dyn Store>,
     broker: Broker,
     server: MqttServer,
     dir: Option<tempfile::TempDir>,
@@ -172,7 +175,7 @@ impl Target {
             .expect("restart needs an in-process broker");
         i.server.shutdown(Duration::from_secs(5)).await;
         i.broker.shutdown().await;
-        let store = Arc::clone(i.broker.store());
+        let store = i.store;
         drop(i.server);
         drop(i.broker);
         release_store(store).await;
@@ -192,7 +195,7 @@ impl InProc {
             Some(d) => Arc::new(RocksStore::open(RocksConfig::new(d.path())).expect("open rocks")),
             None => Arc::new(MemoryStore::new()),
         };
-        let broker = Broker::start(store, core.clone(), Arc::new(SystemClock))
+        let broker = Broker::start(Arc::clone(&store), core.clone(), Arc::new(SystemClock))
             .await
             .expect("start core");
         let server = MqttServer::start(broker.clone(), cfg.clone())
@@ -200,6 +203,7 @@ impl InProc {
             .expect("start mqtt");
         server.listen(listener);
         InProc {
+            store,
             broker,
             server,
             dir,

@@ -60,7 +60,7 @@ async fn fanout_stores_the_body_once(backend: Backend) {
         .await
         .unwrap();
     }
-    let before = t.broker().unwrap().store().stats().messages;
+    let before = t.broker().unwrap().store_stats().messages;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
@@ -75,7 +75,7 @@ async fn fanout_stores_the_body_once(backend: Backend) {
     .unwrap()
     .await
     .unwrap();
-    let after = t.broker().unwrap().store().stats().messages;
+    let after = t.broker().unwrap().store_stats().messages;
     assert_eq!(after - before, 1, "one commit-log record for 10 queues");
     for i in 0..10 {
         let q = ch

@@ -407,11 +407,6 @@ impl Broker {
         Ok(Self { inner })
     }
 
-    /// The store underneath (for admin read paths).
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
-    }
-
     /// The retained messages.
     pub fn retained(&self) -> &crate::retained::Retained {
         &self.inner.retained
@@ -666,47 +661,6 @@ impl Broker {
             retain: None,
         })
         .await
-    }
-
-    /// TEMPORARY shim while the adapters move to publish_batch.
-    #[doc(hidden)]
-    pub async fn publish_routed_batch(
-        &self,
-        items: Vec<(Message, Vec<TopicName>)>,
-    ) -> Result<Vec<Option<Published>>> {
-        let mut b = PublishBatch::new();
-        for (m, t) in items {
-            b.push(Outgoing::routed(m, t));
-        }
-        self.publish_batch(b).await
-    }
-
-    /// TEMPORARY shim.
-    #[doc(hidden)]
-    pub async fn publish_routed_batch_transient(
-        &self,
-        items: Vec<(Message, Vec<TopicName>)>,
-    ) -> Result<Vec<Option<Published>>> {
-        let mut b = PublishBatch::new();
-        b.durable = false;
-        for (m, t) in items {
-            b.push(Outgoing::routed(m, t));
-        }
-        self.publish_batch(b).await
-    }
-
-    /// TEMPORARY shim.
-    #[doc(hidden)]
-    pub async fn publish_routed_batch_with(
-        &self,
-        items: Vec<(Message, Vec<TopicName>)>,
-        extra: WriteBatch,
-    ) -> Result<Vec<Option<Published>>> {
-        let r = self.publish_routed_batch(items).await?;
-        if !extra.is_empty() {
-            self.inner.store.write(extra).await?;
-        }
-        Ok(r)
     }
 
     async fn publish_one(&self, item: Outgoing) -> Result<Published> {

@@ -665,7 +665,7 @@ async fn fan_out_to_ten_groups_stored_once(env: Env) {
             .unwrap(),
         );
     }
-    let before = b.store().stats();
+    let before = b.store_stats();
     let p = b
         .publish_exchange(
             DEFAULT_VHOST,
@@ -678,7 +678,7 @@ async fn fan_out_to_ten_groups_stored_once(env: Env) {
         .await
         .unwrap();
     assert_eq!(p.routed(), 10);
-    let after = b.store().stats();
+    let after = b.store_stats();
     assert_eq!(
         after.messages - before.messages,
         1,

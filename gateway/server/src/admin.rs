@@ -173,7 +173,7 @@ fn authorized(users: &Users, headers: &HeaderMap) -> bool {
 /// "reason", "since_ms"}` while it does not (a full disk, no file handles: it recovers by
 /// itself). `last_degraded` tells the last such period once it ended.
 async fn health(State(s): State<AdminState>) -> Response {
-    let h = s.broker.store().health();
+    let h = s.broker.store_health();
     let (code, mut body) = match &h.degraded {
         None => (StatusCode::OK, json!({ "status": "ok" })),
         Some(d) => (
@@ -239,7 +239,7 @@ fn message_json(m: &StoredMessage) -> Value {
 }
 
 async fn overview(State(s): State<AdminState>) -> ApiResult {
-    let st = s.broker.store().stats();
+    let st = s.broker.store_stats();
     let a = s.amqp.stats();
     let m = s.mqtt.stats();
     Ok(Json(json!({
@@ -259,7 +259,6 @@ fn offsets(s: &AdminState, t: &mqgate_store::TopicConfig) -> Vec<Value> {
         .map(|q| {
             let r = s
                 .broker
-                .store()
                 .queue_range(&QueueRef::new(t.name.clone(), q))
                 .unwrap_or_default();
             json!({ "queue": q, "min": r.min.0, "next": r.next.0, "messages": r.next.0 - r.min.0 })
@@ -338,8 +337,7 @@ async fn queue_messages(
     let q = QueueRef::new(topic_name(&name)?, queue);
     let msgs = s
         .broker
-        .store()
-        .read(
+        .peek(
             &q,
             QueueOffset(r.from),
             ReadLimits::count(r.limit.min(1000)),
@@ -467,7 +465,6 @@ async fn resend_dlq(
 async fn message(State(s): State<AdminState>, Path(id): Path<u64>) -> ApiResult {
     let m = s
         .broker
-        .store()
         .message(MessageId(id))
         .await?
         .ok_or_else(|| not_found(format!("no message {id} (or retention deleted it)")))?;
@@ -485,7 +482,6 @@ struct ByKey {
 async fn messages_by_key(State(s): State<AdminState>, Query(q): Query<ByKey>) -> ApiResult {
     let msgs = s
         .broker
-        .store()
         .messages_by_key(&topic_name(&q.topic)?, &q.key, q.limit.min(1000))
         .await?;
     Ok(Json(Value::Array(

@@ -192,11 +192,11 @@ impl Collector {
         );
         set_counter("mqgate_retries_total", &[], b.retries());
         set_counter("mqgate_dead_lettered_total", &[], b.dead_lettered());
-        let st = b.store().stats();
+        let st = b.store_stats();
         set_gauge("mqgate_store_messages", &[], st.messages as f64);
         set_gauge("mqgate_store_size_bytes", &[], st.log_bytes as f64);
         set_gauge("mqgate_store_topics", &[], st.topics as f64);
-        let health = b.store().health();
+        let health = b.store_health();
         set_gauge(
             "mqgate_store_degraded",
             &[],
