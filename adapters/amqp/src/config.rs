@@ -61,9 +61,6 @@ pub struct AmqpConfig {
     /// Queues declared without `x-retry-policy` use this (`None`: RabbitMQ's behaviour,
     /// a reject without requeue drops or dead-letters the message).
     pub default_retry_policy: Option<RetryPolicy>,
-    /// How often queue expiry (`x-expires`) and the heads of idle queues with a message
-    /// TTL are checked.
-    pub expiry_check_interval: Duration,
     /// The topic access rules (one set with MQTT's), applied to `amq.topic` of vhost `/`,
     /// the exchange MQTT publishes through: basic.publish checks the routing key read as
     /// an MQTT topic, bindings from it (and into it) are checked for every topic their
@@ -110,7 +107,6 @@ impl Default for AmqpConfig {
             handshake_timeout: Duration::from_secs(10),
             default_prefetch: 1024,
             default_retry_policy: None,
-            expiry_check_interval: Duration::from_millis(250),
             topic_acl: mqgate_core::TopicAcl::default(),
         }
     }

@@ -189,8 +189,6 @@ pub struct QueueState {
     pub had_consumer: bool,
     /// An exclusive consumer holds it.
     pub exclusive_consumer: bool,
-    /// Last consume, get or declare (for `x-expires`).
-    pub last_used: u64,
     /// Deleted: handles still held see this.
     pub deleted: bool,
 }
@@ -225,6 +223,21 @@ impl Queue {
             }),
         };
         spec
+    }
+
+    /// The endpoint the core manages for it: its group and policies, its bindings'
+    /// vhost, its record, and its `x-expires` (deleted by the core once unused that long).
+    pub fn endpoint(&self) -> mqgate_core::Endpoint {
+        mqgate_core::Endpoint {
+            spec: self.spec(),
+            vhost: self.vhost.clone(),
+            records: if self.persistent() {
+                vec![(NS_QUEUE.to_owned(), Bytes::from(Self::key(&self.vhost, &self.name)))]
+            } else {
+                Vec::new()
+            },
+            idle_expiry: self.args.expires,
+        }
     }
 
     /// Whether it survives a restart: durable and not exclusive (an exclusive queue

@@ -151,7 +151,7 @@ impl AmqpServer {
         broker.write_records(fixes).await?;
         // The core applies each queue's policies (TTL sweeps) from now on.
         for q in queues.values() {
-            broker.register_endpoint(q.spec());
+            broker.register_endpoint(q.endpoint());
         }
         // Transient queues die with the broker: their topics, groups and bindings go.
         let known: HashSet<_> = queues.values().map(|q| q.topic.clone()).collect();
@@ -206,16 +206,23 @@ impl AmqpServer {
             stats: AmqpStats::default(),
             gate,
         });
-        let expiry = Arc::clone(&shared);
+        // The core expires unused queues (x-expires); the adapter only forgets them.
+        let mut events = shared.broker.endpoint_events();
+        let weak = Arc::downgrade(&shared);
         let mut stop = shared.shutdown.subscribe();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(expiry.cfg.expiry_check_interval);
             loop {
-                tokio::select! {
+                let ev = tokio::select! {
                     _ = stop.changed() => return,
-                    _ = tick.tick() => {
-                        expiry.expire_queues().await;
+                    ev = events.recv() => ev,
+                };
+                let Some(shared) = weak.upgrade() else { return };
+                match ev {
+                    Ok(mqgate_core::EndpointEvent::Expired { group, .. }) => shared.expired(&group),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "AMQP: missed endpoint events");
                     }
+                    Err(_) => return,
                 }
             }
         });
@@ -356,8 +363,7 @@ impl Shared {
             )
             .await
             .map_err(internal)?;
-        q.state.lock().last_used = self.broker.now();
-        self.broker.register_endpoint(q.spec());
+        self.broker.register_endpoint(q.endpoint());
         if q.args.max_length.is_some() || q.args.max_length_bytes.is_some() {
             self.limited.write().insert(q.topic.clone(), Arc::clone(&q));
         }
@@ -498,24 +504,21 @@ impl Shared {
         Ok(n)
     }
 
-    /// Delete queues unused for their `x-expires`.
-    async fn expire_queues(&self) {
-        let now = self.broker.now();
-        let expired: Vec<Arc<Queue>> = self
-            .queues
-            .read()
-            .values()
-            .filter(|q| {
-                q.args.expires.is_some_and(|ms| {
-                    let s = q.state.lock();
-                    s.consumers == 0 && s.last_used + ms <= now
-                })
-            })
-            .cloned()
-            .collect();
-        for q in expired {
+    /// The core deleted a queue unused for its `x-expires`: forget it (handles still
+    /// held see it deleted).
+    fn expired(&self, group: &mqgate_store::GroupName) {
+        let q = {
+            let mut queues = self.queues.write();
+            let key = queues
+                .iter()
+                .find(|(_, q)| &q.group == group)
+                .map(|(k, _)| k.clone());
+            key.and_then(|k| queues.remove(&k))
+        };
+        if let Some(q) = q {
             tracing::info!(queue = %q.name, vhost = %q.vhost, "AMQP: queue expired (x-expires); deleted");
-            self.delete_queue(&q).await;
+            q.state.lock().deleted = true;
+            self.limited.write().remove(&q.topic);
         }
     }
 

@@ -64,8 +64,6 @@ pub struct MqttConfig {
     pub max_filters_per_subscribe: usize,
     /// How long a CONNECT may take to arrive after the TCP connection opens.
     pub connect_timeout: Duration,
-    /// How often expired sessions are looked for.
-    pub expiry_check_interval: Duration,
 }
 
 impl Default for MqttConfig {
@@ -92,7 +90,6 @@ impl Default for MqttConfig {
             max_subscriptions_per_session: 100_000,
             max_filters_per_subscribe: 10_000,
             connect_timeout: Duration::from_secs(10),
-            expiry_check_interval: Duration::from_secs(1),
         }
     }
 }

@@ -79,8 +79,9 @@ pub(crate) struct Shared {
     pub(crate) clients: Mutex<HashMap<String, ClientSlot>>,
     /// Session topic → the connected session's QoS 0 queue.
     pub(crate) live: RwLock<HashMap<TopicName, LiveSession>>,
-    /// Disconnected sessions with an expiry: client id → when they expire.
-    pub(crate) expiring: Mutex<HashMap<String, Millis>>,
+    /// Disconnected sessions with an expiry (the core expires them: see
+    /// [`Shared::session_endpoint`]).
+    pub(crate) expiring: Mutex<std::collections::HashSet<String>>,
     /// Shared subscriptions (topic) → how many sessions hold them.
     pub(crate) shared_refs: Mutex<HashMap<TopicName, usize>>,
     pub(crate) next_conn: AtomicU64,
@@ -101,7 +102,7 @@ impl MqttServer {
     /// Load retained messages and sessions from the store and start session expiry.
     pub async fn start(broker: Broker, cfg: MqttConfig) -> mqgate_core::Result<Self> {
         let now = broker.now();
-        let mut expiring = HashMap::new();
+        let mut expiring = std::collections::HashSet::new();
         let mut known = std::collections::HashSet::new();
         let mut shared_refs: HashMap<TopicName, usize> = HashMap::new();
         let mut after: Option<Bytes> = None;
@@ -134,10 +135,13 @@ impl MqttServer {
                     }
                 }
                 if rec.expiry != u32::MAX {
-                    expiring.insert(
-                        id.clone(),
-                        rec.disconnected_at + u64::from(rec.expiry) * 1000,
+                    // The core deletes it once unused for its expiry, counted from when
+                    // it disconnected.
+                    broker.register_endpoint_since(
+                        Shared::session_endpoint(&id, rec.expiry),
+                        Some(rec.disconnected_at),
                     );
+                    expiring.insert(id.clone());
                 }
                 known.insert(session_topic(&id));
             }
@@ -177,16 +181,26 @@ impl MqttServer {
             stats: MqttStats::default(),
             gate,
         });
+        // The core expires disconnected sessions; the adapter only lets go of them.
+        let mut events = shared.broker.endpoint_events();
         let weak = Arc::downgrade(&shared);
-        let interval = shared.cfg.expiry_check_interval;
+        let mut stop = shared.shutdown.subscribe();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(interval).await;
+                let ev = tokio::select! {
+                    _ = stop.changed() => return,
+                    ev = events.recv() => ev,
+                };
                 let Some(s) = weak.upgrade() else { return };
-                if *s.shutdown.borrow() {
-                    return;
+                match ev {
+                    Ok(mqgate_core::EndpointEvent::Expired { records, .. }) => {
+                        s.session_expired(records).await
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "MQTT: missed endpoint events");
+                    }
+                    Err(_) => return,
                 }
-                s.expire_sessions().await;
             }
         });
         Ok(Self { shared })
@@ -443,14 +457,62 @@ impl Shared {
             .fetch_add(dropped, Ordering::Relaxed);
     }
 
-    /// Remove a session for good: its bindings, topic, offsets and record.
-    pub(crate) async fn destroy_session(&self, client_id: &str, rec: Option<&SessionRecord>) {
-        let topic = session_topic(client_id);
-        if let Err(e) = self.broker.delete_group(&session_group(client_id)).await {
-            tracing::warn!(client = client_id, error = %e, "deleting a session group failed");
+    /// The endpoint the core manages for a disconnected session: its group and topic,
+    /// its record, deleted after `expiry` seconds unused.
+    pub(crate) fn session_endpoint(client_id: &str, expiry: u32) -> mqgate_core::Endpoint {
+        let spec = mqgate_core::GroupSpec::new(
+            session_group(client_id),
+            vec![session_topic(client_id)],
+            mqgate_core::ConsumeMode::Shared,
+        );
+        mqgate_core::Endpoint {
+            spec,
+            vhost: DEFAULT_VHOST.to_owned(),
+            records: vec![(
+                NS_SESSION.to_owned(),
+                Bytes::copy_from_slice(client_id.as_bytes()),
+            )],
+            idle_expiry: (expiry != u32::MAX).then(|| u64::from(expiry) * 1000),
         }
-        if let Err(e) = self.broker.unbind_topic(DEFAULT_VHOST, &topic).await {
-            tracing::warn!(client = client_id, error = %e, "unbinding a session failed");
+    }
+
+    /// The core deleted a session unused for its expiry: release its shared
+    /// subscriptions.
+    async fn session_expired(&self, records: Vec<(String, Bytes, Option<Bytes>)>) {
+        for (ns, key, value) in records {
+            if ns != NS_SESSION {
+                continue;
+            }
+            let id = String::from_utf8_lossy(&key).into_owned();
+            tracing::debug!(client = %id, "MQTT session expired");
+            self.expiring.lock().remove(&id);
+            if let Some(rec) = value.and_then(SessionRecord::decode) {
+                for s in &rec.subscriptions {
+                    if let Ok(Some((name, f))) = crate::topic::parse_shared(&s.filter) {
+                        self.release_shared(name, f).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Remove a session for good: its bindings, group, topic and record (one core
+    /// operation), and its hold on shared subscriptions.
+    pub(crate) async fn destroy_session(&self, client_id: &str, rec: Option<&SessionRecord>) {
+        self.broker.forget_endpoint(&session_group(client_id));
+        let mut record = Records::new();
+        record.delete(NS_SESSION, Bytes::copy_from_slice(client_id.as_bytes()));
+        if let Err(e) = self
+            .broker
+            .delete_endpoint(
+                DEFAULT_VHOST,
+                &session_topic(client_id),
+                &session_group(client_id),
+                record,
+            )
+            .await
+        {
+            tracing::warn!(client = client_id, error = %e, "deleting a session failed");
         }
         if let Some(rec) = rec {
             for s in &rec.subscriptions {
@@ -458,12 +520,6 @@ impl Shared {
                     self.release_shared(name, f).await;
                 }
             }
-        }
-        let _ = self.broker.delete_topic(&topic).await;
-        let mut b = Records::new();
-        b.delete(NS_SESSION, Bytes::copy_from_slice(client_id.as_bytes()));
-        if let Err(e) = self.broker.write_records(b).await {
-            tracing::warn!(client = client_id, error = %e, "deleting a session record failed");
         }
     }
 
@@ -488,35 +544,6 @@ impl Shared {
         if last {
             // Nobody holds it: stop routing to it (its offsets stay, for replay).
             let _ = self.broker.unbind_topic(DEFAULT_VHOST, &topic).await;
-        }
-    }
-
-    async fn expire_sessions(&self) {
-        let now = self.now();
-        let due: Vec<String> = {
-            let mut exp = self.expiring.lock();
-            let due: Vec<String> = exp
-                .iter()
-                .filter(|(_, &t)| t <= now)
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in &due {
-                exp.remove(k);
-            }
-            due
-        };
-        for id in due {
-            if self.clients.lock().contains_key(&id) {
-                continue;
-            }
-            let rec = match self.broker.record(NS_SESSION, id.as_bytes()).await {
-                Ok(Some(v)) => SessionRecord::decode(v),
-                _ => None,
-            };
-            // A will still waiting for its delay is due no later than this: its delay
-            // was capped by the session expiry when it was scheduled (a core timer).
-            tracing::debug!(client = %id, "MQTT session expired");
-            self.destroy_session(&id, rec.as_ref()).await;
         }
     }
 }

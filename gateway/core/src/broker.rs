@@ -308,10 +308,9 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) router: Router,
     topics: RwLock<HashMap<TopicName, Arc<TopicHandle>>>,
-    groups: Mutex<HashMap<GroupName, GroupHandle>>,
-    /// Endpoints whose policy the core applies with or without members (message TTL
-    /// sweeps), by group name.
-    endpoints: Mutex<HashMap<GroupName, GroupSpec>>,
+    pub(crate) groups: Mutex<HashMap<GroupName, GroupHandle>>,
+    /// The endpoints the core manages (policies with or without members, idle expiry).
+    pub(crate) endpoints: crate::endpoints::Registry,
     /// Wakes the delay scheduler when a timer earlier than its current wait is added.
     delay_wake: Notify,
     /// The earliest due time the scheduler may have skipped past (u64::MAX: none).
@@ -383,7 +382,7 @@ impl Broker {
             router,
             topics: RwLock::new(topics),
             groups: Mutex::default(),
-            endpoints: Mutex::default(),
+            endpoints: crate::endpoints::Registry::new(),
             delay_wake: Notify::new(),
             delay_rewind: AtomicU64::new(u64::MAX),
             delayed_released: AtomicU64::new(0),
@@ -399,7 +398,7 @@ impl Broker {
         let scheduler = tokio::spawn(crate::delay::run(Arc::downgrade(&inner)));
         let retention = tokio::spawn(retention_task(Arc::downgrade(&inner)));
         let memory = tokio::spawn(crate::memory::run(Arc::downgrade(&inner)));
-        let expiry = tokio::spawn(expiry_task(Arc::downgrade(&inner)));
+        let expiry = tokio::spawn(crate::endpoints::run(Arc::downgrade(&inner)));
         inner
             .tasks
             .lock()
@@ -694,25 +693,6 @@ impl Broker {
         Err(CoreError::ShuttingDown)
     }
 
-    /// Register an endpoint (an AMQP queue, an MQTT session, a shared subscription) with
-    /// the core, so that its policy applies with or without members: expired messages at
-    /// its head are settled (and dead-lettered) on time. Replaces an earlier registration
-    /// of the same group.
-    pub fn register_endpoint(&self, spec: GroupSpec) {
-        self.inner.endpoints.lock().insert(spec.name.clone(), spec);
-    }
-
-    /// Forget an endpoint registered with [`Broker::register_endpoint`].
-    pub fn forget_endpoint(&self, group: &GroupName) {
-        self.inner.endpoints.lock().remove(group);
-    }
-
-    /// Sweep the registered endpoints for expired messages now (the core does it every
-    /// `expiry_interval`).
-    pub async fn expire_endpoints(&self) {
-        self.inner.expire_endpoints().await;
-    }
-
     /// Publish `message` through `exchange` of `vhost` at `due` (ms), under `name`: a
     /// later schedule with the same name replaces it and [`Broker::cancel_scheduled`]
     /// withdraws it. Stored as a timer, it survives restarts (MQTT 5 delayed wills).
@@ -772,7 +752,7 @@ impl Broker {
     /// Delete a group: its members are cut off (their consumers end), its committed
     /// offsets are forgotten. A later subscribe starts it afresh.
     pub async fn delete_group(&self, group: &GroupName) -> Result<()> {
-        self.inner.endpoints.lock().remove(group);
+        self.inner.endpoints.forget(group);
         let handle = self.inner.groups.lock().remove(group);
         if let Some(h) = handle {
             h.stop().await;
@@ -931,18 +911,6 @@ impl Broker {
     }
 }
 
-/// Sweep endpoints with a message TTL every `expiry_interval`.
-async fn expiry_task(inner: std::sync::Weak<Inner>) {
-    loop {
-        let Some(interval) = inner.upgrade().map(|i| i.config.expiry_interval) else {
-            return;
-        };
-        tokio::time::sleep(interval).await;
-        let Some(i) = inner.upgrade() else { return };
-        i.expire_endpoints().await;
-    }
-}
-
 /// Apply the store's retention policy every `retention_interval`.
 async fn retention_task(inner: std::sync::Weak<Inner>) {
     loop {
@@ -979,7 +947,7 @@ impl TopicHandle {
 
 impl Inner {
     /// The handles of the topics a group consumes (created on demand).
-    async fn watch_topics(&self, spec: &GroupSpec) -> Result<Vec<Arc<TopicHandle>>> {
+    pub(crate) async fn watch_topics(&self, spec: &GroupSpec) -> Result<Vec<Arc<TopicHandle>>> {
         let mut watched = Vec::new();
         for t in spec.all_topics() {
             watched.push(self.topic_handle(&t).await?);
@@ -988,7 +956,7 @@ impl Inner {
     }
 
     /// The live actor of a group, or a new one.
-    fn group_handle(
+    pub(crate) fn group_handle(
         self: &Arc<Self>,
         spec: &GroupSpec,
         watched: &[Arc<TopicHandle>],
@@ -1010,70 +978,6 @@ impl Inner {
                 Ok(h)
             }
         }
-    }
-
-    /// Sweep the endpoints with a message TTL: expired messages at their head are
-    /// settled (and dead-lettered) by their group, started for the purpose when it has
-    /// no members and something is waiting.
-    async fn expire_endpoints(self: &Arc<Self>) {
-        let specs: Vec<GroupSpec> = self
-            .endpoints
-            .lock()
-            .values()
-            .filter(|s| s.policy.message_ttl.is_some())
-            .cloned()
-            .collect();
-        for spec in specs {
-            let live = self
-                .groups
-                .lock()
-                .get(&spec.name)
-                .filter(|h| h.is_alive())
-                .cloned();
-            let handle = match live {
-                Some(h) => h,
-                None => {
-                    if !self.has_waiting(&spec).await {
-                        continue;
-                    }
-                    let watched = match self.watch_topics(&spec).await {
-                        Ok(w) => w,
-                        Err(e) => {
-                            tracing::warn!(group = %spec.name, error = %e, "core: expiry sweep");
-                            continue;
-                        }
-                    };
-                    match self.group_handle(&spec, &watched) {
-                        Ok(h) => h,
-                        Err(_) => continue,
-                    }
-                }
-            };
-            handle.expire().await;
-        }
-    }
-
-    /// Whether a group without an actor has messages past its committed offsets.
-    async fn has_waiting(&self, spec: &GroupSpec) -> bool {
-        for t in &spec.topics {
-            let Some(cfg) = self.store.topic(t) else {
-                continue;
-            };
-            for q in 0..cfg.queue_count {
-                let queue = QueueRef::new(t.clone(), q);
-                let Ok(range) = self.store.queue_range(&queue) else {
-                    continue;
-                };
-                let committed = match self.store.committed_offset(&spec.name, &queue).await {
-                    Ok(Some(o)) => o.0,
-                    _ => range.min.0,
-                };
-                if range.next.0 > committed.max(range.min.0) {
-                    return true;
-                }
-            }
-        }
-        false
     }
 
     pub(crate) fn stamp(&self, message: &mut Message) {

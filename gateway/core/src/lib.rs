@@ -17,6 +17,7 @@ pub mod config;
 mod delay;
 mod durable;
 pub mod endpoint;
+mod endpoints;
 mod error;
 mod group;
 mod inspect;
@@ -37,6 +38,7 @@ pub use broker::{Broker, Delay, ProducerStat, Publish, Published};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::CoreConfig;
 pub use endpoint::{DeadLetter, DeadLetterFormat, DeathReason, Policy};
+pub use endpoints::{Endpoint, EndpointEvent};
 pub use error::{CoreError, Result};
 pub use group::{
     AckToken, ConsumeMode, Consumer, Delivery, GroupInfo, GroupSpec, MemberInfo, MemberOptions,

@@ -183,8 +183,8 @@ where
             s.consumers += 1;
             s.had_consumer = true;
             s.exclusive_consumer |= c.exclusive;
-            s.last_used = self.shared.broker.now();
         }
+        self.shared.broker.endpoint_in_use(&q.group, true);
         let id = self.next_consumer;
         self.next_consumer += 1;
         let chan = self.chan(ch);
@@ -279,7 +279,7 @@ where
                 "basic.get is not supported by stream queues",
             ));
         }
-        q.state.lock().last_used = self.shared.broker.now();
+        self.shared.broker.touch_endpoint(&q.group);
         let key = (q.vhost.clone(), q.name.clone());
         let existing = self.chan(ch).gets.get(&key).copied();
         let id = match existing {

@@ -87,9 +87,9 @@ where
             if exclusive {
                 s.exclusive_consumer = false;
             }
-            s.last_used = self.shared.broker.now();
             q.auto_delete && s.had_consumer && s.consumers == 0 && !s.deleted
         };
+        self.shared.broker.endpoint_in_use(&q.group, false);
         if delete {
             let shared = Arc::clone(&self.shared);
             let q = Arc::clone(q);

@@ -99,7 +99,7 @@ where
                                 ));
                             }
                         }
-                        q.state.lock().last_used = self.shared.broker.now();
+                        self.shared.broker.touch_endpoint(&q.group);
                         let n = self.shared.ready_count(&q).await;
                         let c = q.state.lock().consumers as u32;
                         (n, c)

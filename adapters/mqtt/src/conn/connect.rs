@@ -253,6 +253,8 @@ where
     {
         tracing::warn!(client = %client_id, error = %e, "MQTT: cancelling a delayed will failed");
     }
+    // Connected: the core no longer expires it.
+    shared.broker.forget_endpoint(&session_group(&client_id));
     shared.expiring.lock().remove(&client_id);
 
     let existing = match shared.broker.record(NS_SESSION, client_id.as_bytes()).await {

@@ -489,11 +489,11 @@ where
             self.record.disconnected_at = self.shared.now();
             self.save_record().await;
             if self.record.expiry != u32::MAX && !taken_over {
-                let at = self.record.disconnected_at + u64::from(self.record.expiry) * 1000;
-                self.shared
-                    .expiring
-                    .lock()
-                    .insert(self.client_id.clone(), at);
+                // The core deletes it once unused for its expiry.
+                self.shared.broker.register_endpoint(
+                    crate::server::Shared::session_endpoint(&self.client_id, self.record.expiry),
+                );
+                self.shared.expiring.lock().insert(self.client_id.clone());
             }
         }
         {

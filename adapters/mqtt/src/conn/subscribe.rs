@@ -240,11 +240,10 @@ where
             s.id = sub.id;
         }
         if let Some(pos) = stream_offset {
-            let pos = match pos.trim() {
-                "first" => Some(StartPosition::First),
-                "last" | "next" => Some(StartPosition::Last),
-                t => t.parse::<u64>().ok().map(StartPosition::Timestamp),
-            };
+            // The words mean what they mean in AMQP (the core's); a number is a
+            // timestamp in ms.
+            let pos = StartPosition::from_stream_offset_word(pos)
+                .or_else(|| pos.trim().parse::<u64>().ok().map(StartPosition::Timestamp));
             if let Some(pos) = pos {
                 self.shared.broker.reset_group(&group, pos).await?;
             }

@@ -1,0 +1,310 @@
+//! The endpoints the core manages: every consumable thing a protocol declares (an AMQP
+//! queue, an MQTT session, a shared subscription) is registered here with its group
+//! (and the policies in its [`GroupSpec`]), the virtual host of its bindings, its durable
+//! records, and how long it may stay unused.
+//!
+//! # Endpoint state machine
+//! ```text
+//!  declare_endpoint ──> Declared (topic, group offsets, records: one batch)
+//!  register_endpoint ──> Managed: unused since registration (or the time given)
+//!  Managed ──endpoint_in_use(true)──> InUse (n users: consumers, a connected client)
+//!  InUse ──endpoint_in_use(false), last user──> Managed, unused since now
+//!  Managed ──touch_endpoint──> Managed, unused since now (AMQP declare, basic.get)
+//!  Managed, unused for idle_expiry ──sweep──> Expired: bindings, group, topic, records
+//!        deleted; EndpointEvent::Expired sent to the adapters (they drop their handles)
+//!  Managed/InUse ──delete_endpoint / delete_group──> gone
+//! ```
+//! The sweep runs every `expiry_interval`; it also settles expired messages at the head
+//! of endpoints with a message TTL (see [`crate::endpoint`]), consumed or not.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use mqgate_store::{GroupName, Millis, QueueRef};
+use parking_lot::Mutex;
+use tokio::sync::broadcast;
+
+use crate::broker::Inner;
+use crate::group::GroupSpec;
+use crate::publish::Records;
+
+/// An endpoint as the core manages it.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    /// Its group: name, topics, mode and policies.
+    pub spec: GroupSpec,
+    /// The virtual host its bindings are in.
+    pub vhost: String,
+    /// Its durable records (namespace, key): handed to the adapter and deleted with it
+    /// when it expires.
+    pub records: Vec<(String, Bytes)>,
+    /// Deleted after this long unused (ms): AMQP `x-expires`, MQTT session expiry.
+    pub idle_expiry: Option<u64>,
+}
+
+impl Endpoint {
+    /// An endpoint of vhost `/` with no records that never expires unused.
+    pub fn new(spec: GroupSpec) -> Self {
+        Self {
+            spec,
+            vhost: crate::router::DEFAULT_VHOST.to_owned(),
+            records: Vec::new(),
+            idle_expiry: None,
+        }
+    }
+}
+
+impl From<GroupSpec> for Endpoint {
+    fn from(spec: GroupSpec) -> Self {
+        Self::new(spec)
+    }
+}
+
+/// What the core did to an endpoint on its own.
+#[derive(Clone, Debug)]
+pub enum EndpointEvent {
+    /// Unused for its `idle_expiry`: deleted with its records.
+    Expired {
+        /// Its group name.
+        group: GroupName,
+        /// Its records as they were (namespace, key, value if it existed).
+        records: Vec<(String, Bytes, Option<Bytes>)>,
+    },
+}
+
+#[derive(Debug)]
+struct Entry {
+    endpoint: Endpoint,
+    users: usize,
+    idle_since: Millis,
+}
+
+/// The registry (one per broker).
+#[derive(Debug)]
+pub(crate) struct Registry {
+    map: Mutex<HashMap<GroupName, Entry>>,
+    events: broadcast::Sender<EndpointEvent>,
+}
+
+impl Registry {
+    pub(crate) fn new() -> Self {
+        Self {
+            map: Mutex::default(),
+            events: broadcast::channel(1024).0,
+        }
+    }
+
+    pub(crate) fn forget(&self, group: &GroupName) {
+        self.map.lock().remove(group);
+    }
+}
+
+impl crate::Broker {
+    /// Manage an endpoint: its policies apply with or without members (expired messages
+    /// at its head are settled on time), and it is deleted once unused for its
+    /// `idle_expiry`. Unused since `idle_since` (now when `None`). Replaces an earlier
+    /// registration of the same group, keeping its users.
+    pub fn register_endpoint_since(&self, endpoint: impl Into<Endpoint>, idle_since: Option<Millis>) {
+        let endpoint = endpoint.into();
+        let now = self.now();
+        let mut map = self.inner.endpoints.map.lock();
+        let users = map.get(&endpoint.spec.name).map_or(0, |e| e.users);
+        map.insert(
+            endpoint.spec.name.clone(),
+            Entry {
+                endpoint,
+                users,
+                idle_since: idle_since.unwrap_or(now),
+            },
+        );
+    }
+
+    /// [`Broker::register_endpoint_since`] now.
+    pub fn register_endpoint(&self, endpoint: impl Into<Endpoint>) {
+        self.register_endpoint_since(endpoint, None);
+    }
+
+    /// Stop managing an endpoint (it is not deleted).
+    pub fn forget_endpoint(&self, group: &GroupName) {
+        self.inner.endpoints.forget(group);
+    }
+
+    /// One more (`true`) or one fewer (`false`) user of an endpoint: a consumer, a
+    /// connected client. Unused from when the last one goes.
+    pub fn endpoint_in_use(&self, group: &GroupName, in_use: bool) {
+        let now = self.now();
+        if let Some(e) = self.inner.endpoints.map.lock().get_mut(group) {
+            if in_use {
+                e.users += 1;
+            } else {
+                e.users = e.users.saturating_sub(1);
+                if e.users == 0 {
+                    e.idle_since = now;
+                }
+            }
+        }
+    }
+
+    /// The endpoint was used just now (AMQP: declared again, basic.get).
+    pub fn touch_endpoint(&self, group: &GroupName) {
+        let now = self.now();
+        if let Some(e) = self.inner.endpoints.map.lock().get_mut(group) {
+            e.idle_since = now;
+        }
+    }
+
+    /// What the core does to endpoints on its own (expiry), for adapters to follow.
+    pub fn endpoint_events(&self) -> broadcast::Receiver<EndpointEvent> {
+        self.inner.endpoints.events.subscribe()
+    }
+
+    /// Sweep the registered endpoints now (the core does it every `expiry_interval`):
+    /// expired messages at their heads, endpoints unused for their `idle_expiry`.
+    pub async fn expire_endpoints(&self) {
+        self.inner.expire_endpoints().await;
+    }
+}
+
+/// Sweep the endpoints every `expiry_interval`.
+pub(crate) async fn run(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(interval) = inner.upgrade().map(|i| i.config.expiry_interval) else {
+            return;
+        };
+        tokio::time::sleep(interval).await;
+        let Some(i) = inner.upgrade() else { return };
+        i.expire_endpoints().await;
+    }
+}
+
+impl Inner {
+    async fn expire_endpoints(self: &Arc<Self>) {
+        self.expire_idle().await;
+        self.expire_messages().await;
+    }
+
+    /// Delete the endpoints unused for their `idle_expiry`.
+    async fn expire_idle(self: &Arc<Self>) {
+        let now = self.clock.now();
+        let expired: Vec<Endpoint> = {
+            let mut map = self.endpoints.map.lock();
+            let names: Vec<GroupName> = map
+                .iter()
+                .filter(|(_, e)| {
+                    e.users == 0
+                        && e.endpoint
+                            .idle_expiry
+                            .is_some_and(|ms| e.idle_since.saturating_add(ms) <= now)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            names
+                .iter()
+                .filter_map(|n| map.remove(n).map(|e| e.endpoint))
+                .collect()
+        };
+        let broker = crate::Broker {
+            inner: Arc::clone(self),
+        };
+        for ep in expired {
+            tracing::info!(group = %ep.spec.name, "core: endpoint unused for its expiry; deleted");
+            let mut records = Vec::with_capacity(ep.records.len());
+            let mut delete = Records::new();
+            for (ns, key) in &ep.records {
+                let value = match self.store.kv_get(ns, key).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(group = %ep.spec.name, error = %e, "core: reading an expired endpoint's record");
+                        None
+                    }
+                };
+                delete.delete(ns, key.clone());
+                records.push((ns.clone(), key.clone(), value));
+            }
+            let mut first = true;
+            for topic in &ep.spec.topics {
+                let recs = if first {
+                    std::mem::take(&mut delete)
+                } else {
+                    Records::new()
+                };
+                first = false;
+                if let Err(e) = broker
+                    .delete_endpoint(&ep.vhost, topic, &ep.spec.name, recs)
+                    .await
+                {
+                    tracing::warn!(group = %ep.spec.name, error = %e, "core: deleting an expired endpoint");
+                }
+            }
+            let _ = self.endpoints.events.send(EndpointEvent::Expired {
+                group: ep.spec.name.clone(),
+                records,
+            });
+        }
+    }
+
+    /// Settle expired messages at the head of endpoints with a message TTL, by their
+    /// group (started for the purpose when it has no members and something is waiting).
+    async fn expire_messages(self: &Arc<Self>) {
+        let specs: Vec<GroupSpec> = self
+            .endpoints
+            .map
+            .lock()
+            .values()
+            .filter(|e| e.endpoint.spec.policy.message_ttl.is_some())
+            .map(|e| e.endpoint.spec.clone())
+            .collect();
+        for spec in specs {
+            let live = self
+                .groups
+                .lock()
+                .get(&spec.name)
+                .filter(|h| h.is_alive())
+                .cloned();
+            let handle = match live {
+                Some(h) => h,
+                None => {
+                    if !self.has_waiting(&spec).await {
+                        continue;
+                    }
+                    let watched = match self.watch_topics(&spec).await {
+                        Ok(w) => w,
+                        Err(e) => {
+                            tracing::warn!(group = %spec.name, error = %e, "core: expiry sweep");
+                            continue;
+                        }
+                    };
+                    match self.group_handle(&spec, &watched) {
+                        Ok(h) => h,
+                        Err(_) => continue,
+                    }
+                }
+            };
+            handle.expire().await;
+        }
+    }
+
+    /// Whether a group without an actor has messages past its committed offsets.
+    async fn has_waiting(&self, spec: &GroupSpec) -> bool {
+        for t in &spec.topics {
+            let Some(cfg) = self.store.topic(t) else {
+                continue;
+            };
+            for q in 0..cfg.queue_count {
+                let queue = QueueRef::new(t.clone(), q);
+                let Ok(range) = self.store.queue_range(&queue) else {
+                    continue;
+                };
+                let committed = match self.store.committed_offset(&spec.name, &queue).await {
+                    Ok(Some(o)) => o.0,
+                    _ => range.min.0,
+                };
+                if range.next.0 > committed.max(range.min.0) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
