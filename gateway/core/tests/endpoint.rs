@@ -1238,3 +1238,88 @@ async fn publish_batch_writes_messages_timers_and_records_at_once() {
     assert!(b.publish_batch(bad).await.is_err());
     assert_eq!(bodies(b, "pb").await, ["now", "twice", "later"]);
 }
+
+// ---------------------------------------------------------------------------------------
+// 9. Idle expiry (AMQP x-expires, MQTT session expiry).
+
+/// An endpoint unused for its `idle_expiry` is deleted by the core (topic, group offsets,
+/// records) and announced with its records; one in use, or touched, is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_endpoints_expire_with_their_records() {
+    let env = Env::memory().await;
+    let b = &env.broker;
+    let mut events = b.endpoint_events();
+    let mut records = Records::new();
+    records.put("test.ep", Bytes::from_static(b"q"), Bytes::from_static(b"decl"));
+    b.declare_endpoint(&topic("idle"), 1, &group("q"), records)
+        .await
+        .unwrap();
+    let ep = mqgate_core::Endpoint {
+        spec: spec("q", "idle", OnFailure::Discard),
+        vhost: VHOST.to_owned(),
+        records: vec![("test.ep".to_owned(), Bytes::from_static(b"q"))],
+        idle_expiry: Some(1_000),
+    };
+    b.register_endpoint(ep);
+    publish(b, "idle", "m").await;
+
+    // In use: never expires, however long.
+    b.endpoint_in_use(&group("q"), true);
+    env.clock.advance(Duration::from_millis(5_000));
+    b.expire_endpoints().await;
+    assert!(b.topic(&topic("idle")).is_some());
+    // Unused from now: 999 ms later it is kept; a touch restarts the count.
+    b.endpoint_in_use(&group("q"), false);
+    env.clock.advance(Duration::from_millis(999));
+    b.expire_endpoints().await;
+    assert!(b.topic(&topic("idle")).is_some());
+    b.touch_endpoint(&group("q"));
+    env.clock.advance(Duration::from_millis(999));
+    b.expire_endpoints().await;
+    assert!(b.topic(&topic("idle")).is_some());
+    env.clock.advance(Duration::from_millis(2));
+    b.expire_endpoints().await;
+
+    assert!(b.topic(&topic("idle")).is_none(), "its topic is deleted");
+    assert!(
+        b.record("test.ep", b"q").await.unwrap().is_none(),
+        "its record is deleted"
+    );
+    assert_eq!(env.committed("q", "idle").await, None, "its offsets are deleted");
+    match tokio::time::timeout(Duration::from_secs(2), events.recv()).await {
+        Ok(Ok(mqgate_core::EndpointEvent::Expired { group: g, records })) => {
+            assert_eq!(g, group("q"));
+            assert_eq!(
+                records,
+                vec![(
+                    "test.ep".to_owned(),
+                    Bytes::from_static(b"q"),
+                    Some(Bytes::from_static(b"decl"))
+                )]
+            );
+        }
+        other => panic!("no expiry event: {other:?}"),
+    }
+    // Gone from the registry: a second sweep does nothing more.
+    b.expire_endpoints().await;
+    assert!(events.try_recv().is_err());
+}
+
+/// A registration with an earlier `idle_since` (an MQTT session that disconnected before
+/// a restart) expires counting from then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_time_counts_from_the_time_given_at_registration() {
+    let env = Env::memory().await;
+    let b = &env.broker;
+    b.declare_endpoint(&topic("s"), 1, &group("s"), Records::new())
+        .await
+        .unwrap();
+    let mut ep = mqgate_core::Endpoint::new(spec("s", "s", OnFailure::Discard));
+    ep.idle_expiry = Some(10_000);
+    b.register_endpoint_since(ep, Some(env.clock.now() - 9_500));
+    b.expire_endpoints().await;
+    assert!(b.topic(&topic("s")).is_some());
+    env.clock.advance(Duration::from_millis(600));
+    b.expire_endpoints().await;
+    assert!(b.topic(&topic("s")).is_none());
+}
