@@ -28,14 +28,8 @@ pub fn queue_topic(vhost: &str, name: &str) -> (TopicName, GroupName) {
     )
 }
 
-/// What happens to a publish to a full queue (`x-overflow`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Overflow {
-    /// Drop (or dead-letter) the oldest messages.
-    DropHead,
-    /// Refuse the publish (confirms: nack).
-    RejectPublish,
-}
+/// What happens to a publish to a full queue (`x-overflow`): the core's.
+pub use mqgate_core::endpoint::Overflow;
 
 /// The queue arguments mqgate acts on.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -221,6 +215,9 @@ impl Queue {
                 endpoint: self.name.clone(),
                 format: std::sync::Arc::new(crate::convert::AmqpDeadLetter),
             }),
+            max_length: self.args.max_length,
+            max_length_bytes: self.args.max_length_bytes,
+            overflow: self.args.overflow.unwrap_or_default(),
         };
         spec
     }

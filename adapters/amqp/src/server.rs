@@ -11,7 +11,6 @@ use amq_protocol::types::FieldTable;
 use bytes::Bytes;
 use mqgate_core::router::{Binding, Destination, ExchangeDef};
 use mqgate_core::{Broker, CoreError, Records, StartPosition};
-use mqgate_store::{QueueOffset, QueueRef, ReadLimits, TopicName};
 use parking_lot::{Mutex, RwLock};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -70,9 +69,6 @@ pub(crate) struct Shared {
     pub(crate) broker: Broker,
     pub(crate) cfg: AmqpConfig,
     pub(crate) queues: RwLock<HashMap<Key, Arc<Queue>>>,
-    /// Queues with `x-max-length` / `x-max-length-bytes`, by topic: a publish routed to
-    /// one of them checks its length.
-    pub(crate) limited: RwLock<HashMap<TopicName, Arc<Queue>>>,
     pub(crate) exchanges: RwLock<HashMap<Key, ExMeta>>,
     pub(crate) next_conn: AtomicU64,
     /// Member ids increase, so a single-active-consumer queue keeps its first consumer.
@@ -181,11 +177,6 @@ impl AmqpServer {
             transient_queues_dropped = dropped,
             "AMQP adapter started"
         );
-        let limited = queues
-            .values()
-            .filter(|q| q.args.max_length.is_some() || q.args.max_length_bytes.is_some())
-            .map(|q| (q.topic.clone(), Arc::clone(q)))
-            .collect();
         let (shutdown, _) = watch::channel(false);
         let gate = mqgate_core::net::ConnGate::new(
             "AMQP",
@@ -196,7 +187,6 @@ impl AmqpServer {
             broker,
             cfg,
             queues: RwLock::new(queues),
-            limited: RwLock::new(limited),
             exchanges: RwLock::new(exchanges),
             next_conn: AtomicU64::new(1),
             next_member: AtomicU64::new(1),
@@ -364,9 +354,6 @@ impl Shared {
             .await
             .map_err(internal)?;
         self.broker.register_endpoint(q.endpoint());
-        if q.args.max_length.is_some() || q.args.max_length_bytes.is_some() {
-            self.limited.write().insert(q.topic.clone(), Arc::clone(&q));
-        }
         self.queues
             .write()
             .insert((q.vhost.clone(), q.name.clone()), Arc::clone(&q));
@@ -387,7 +374,6 @@ impl Shared {
             }
         }
         q.state.lock().deleted = true;
-        self.limited.write().remove(&q.topic);
         let mut record = Records::new();
         if q.persistent() {
             record.delete(NS_QUEUE, Queue::key(&q.vhost, &q.name));
@@ -408,90 +394,6 @@ impl Shared {
         match self.broker.group_info(&q.group).await {
             Ok(info) => info.queues.iter().map(|i| i.ready).sum::<u64>() as u32,
             Err(_) => 0,
-        }
-    }
-
-    /// Whether one more message of `size` bytes would put a queue over its limits.
-    pub(crate) async fn is_full(&self, q: &Queue, size: u64) -> bool {
-        let Ok(info) = self.broker.group_info(&q.group).await else {
-            return false;
-        };
-        let ready: u64 = info.queues.iter().map(|i| i.ready).sum();
-        if q.args.max_length.is_some_and(|max| ready >= max) {
-            return true;
-        }
-        match q.args.max_length_bytes {
-            Some(max) => self.tail_bytes(q, u64::MAX).await.0 + size > max,
-            None => false,
-        }
-    }
-
-    /// Bytes of the newest messages of a queue from its committed offset, walking back
-    /// from its end while within `keep_bytes`: (bytes of all, first offset to keep).
-    async fn tail_bytes(&self, q: &Queue, keep_bytes: u64) -> (u64, u64) {
-        let queue = QueueRef::new(q.topic.clone(), 0);
-        let committed = match self.broker.group_info(&q.group).await {
-            Ok(i) => i.queues.first().map(|x| x.committed).unwrap_or(0),
-            Err(_) => 0,
-        };
-        let mut sizes = Vec::new();
-        let mut from = committed;
-        loop {
-            let Ok(batch) = self
-                .broker
-                .peek(&queue, QueueOffset(from), ReadLimits::count(1024))
-                .await
-            else {
-                break;
-            };
-            let Some(last) = batch.last() else { break };
-            from = last.entry.offset.0 + 1;
-            sizes.extend(
-                batch
-                    .iter()
-                    .map(|m| (m.entry.offset.0, m.message.message.body.len() as u64)),
-            );
-        }
-        let total = sizes.iter().map(|s| s.1).sum();
-        let mut kept = 0u64;
-        let mut first = from;
-        for (o, s) in sizes.iter().rev() {
-            if kept + s > keep_bytes {
-                break;
-            }
-            kept += s;
-            first = *o;
-        }
-        (total, first)
-    }
-
-    /// Drop messages from the head of a full `drop-head` queue until it is within its
-    /// limits.
-    pub(crate) async fn trim(&self, q: &Queue) {
-        let Ok(info) = self.broker.group_info(&q.group).await else {
-            return;
-        };
-        let Some(i) = info.queues.first() else { return };
-        let mut target = i.committed;
-        if let Some(max) = q.args.max_length {
-            if i.ready > max {
-                target = target.max(i.next - max);
-            }
-        }
-        if let Some(max) = q.args.max_length_bytes {
-            let (total, first) = self.tail_bytes(q, max).await;
-            if total > max {
-                target = target.max(first);
-            }
-        }
-        if target > i.committed {
-            if let Err(e) = self
-                .broker
-                .reset_group(&q.group, StartPosition::Offset(target))
-                .await
-            {
-                tracing::warn!(queue = %q.name, error = %e, "AMQP: x-max-length: dropping the head failed");
-            }
         }
     }
 
@@ -518,7 +420,6 @@ impl Shared {
         if let Some(q) = q {
             tracing::info!(queue = %q.name, vhost = %q.vhost, "AMQP: queue expired (x-expires); deleted");
             q.state.lock().deleted = true;
-            self.limited.write().remove(&q.topic);
         }
     }
 

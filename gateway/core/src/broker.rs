@@ -71,20 +71,37 @@ pub enum Published {
         id: MessageId,
         /// Where it went.
         offsets: Vec<(QueueRef, QueueOffset)>,
+        /// Destinations that refused it: full endpoints with `reject-publish`.
+        refused: Vec<TopicName>,
     },
     /// Stored as a timer; it will be released at `due`.
     Delayed {
         /// The timer.
         timer: TimerKey,
     },
+    /// Not stored: every destination was a full endpoint with `reject-publish`.
+    Refused {
+        /// The destinations that refused it.
+        by: Vec<TopicName>,
+    },
 }
 
 impl Published {
-    /// How many queues indexed it (0 when delayed).
+    /// How many queues indexed it (0 when delayed or refused).
     pub fn routed(&self) -> usize {
         match self {
             Published::Stored { offsets, .. } => offsets.len(),
-            Published::Delayed { .. } => 0,
+            Published::Delayed { .. } | Published::Refused { .. } => 0,
+        }
+    }
+
+    /// Whether some destination refused it (a full endpoint with `reject-publish`): the
+    /// publisher is told (AMQP: basic.nack).
+    pub fn refused(&self) -> bool {
+        match self {
+            Published::Stored { refused, .. } => !refused.is_empty(),
+            Published::Refused { .. } => true,
+            Published::Delayed { .. } => false,
         }
     }
 }
@@ -673,6 +690,7 @@ impl Broker {
             .unwrap_or(Published::Stored {
                 id: MessageId(0),
                 offsets: Vec::new(),
+                refused: Vec::new(),
             }))
     }
 
@@ -729,24 +747,7 @@ impl Broker {
     /// Move a group's position on all its queues (replay), whether or not members are
     /// connected; consumption continues from there.
     pub async fn reset_group(&self, group: &GroupName, to: StartPosition) -> Result<()> {
-        let handle = self.inner.groups.lock().get(group).cloned();
-        match handle {
-            Some(h) if h.is_alive() => h.reset(to).await,
-            _ => {
-                let offsets = self.inner.store.committed_offsets(group).await?;
-                if offsets.is_empty() {
-                    return Err(CoreError::NoSuchGroup(group.to_string()));
-                }
-                let mut batch = WriteBatch::new();
-                for (q, _) in offsets {
-                    if let Ok(target) = self.inner.position(&q, &to).await {
-                        batch.commit_offset(group.clone(), q, QueueOffset(target));
-                    }
-                }
-                self.inner.store.write(batch).await?;
-                Ok(())
-            }
-        }
+        self.inner.reset_group(group, to).await
     }
 
     /// Delete a group: its members are cut off (their consumers end), its committed
@@ -765,19 +766,7 @@ impl Broker {
 
     /// A group's members, offsets and lag (from the live group, or from the store).
     pub async fn group_info(&self, group: &GroupName) -> Result<GroupInfo> {
-        let handle = self.inner.groups.lock().get(group).cloned();
-        if let Some(h) = handle.filter(|h| h.is_alive()) {
-            return h.info().await;
-        }
-        let offsets = self.inner.store.committed_offsets(group).await?;
-        if offsets.is_empty() {
-            return Err(CoreError::NoSuchGroup(group.to_string()));
-        }
-        Ok(GroupInfo::from_offsets(
-            &*self.inner.store,
-            group.clone(),
-            offsets,
-        ))
+        self.inner.group_info(group).await
     }
 
     /// Every group known to the store or live.
@@ -946,6 +935,41 @@ impl TopicHandle {
 }
 
 impl Inner {
+    /// [`Broker::group_info`].
+    pub(crate) async fn group_info(&self, group: &GroupName) -> Result<GroupInfo> {
+        let handle = self.groups.lock().get(group).cloned();
+        if let Some(h) = handle.filter(|h| h.is_alive()) {
+            return h.info().await;
+        }
+        let offsets = self.store.committed_offsets(group).await?;
+        if offsets.is_empty() {
+            return Err(CoreError::NoSuchGroup(group.to_string()));
+        }
+        Ok(GroupInfo::from_offsets(&*self.store, group.clone(), offsets))
+    }
+
+    /// [`Broker::reset_group`].
+    pub(crate) async fn reset_group(&self, group: &GroupName, to: StartPosition) -> Result<()> {
+        let handle = self.groups.lock().get(group).cloned();
+        match handle {
+            Some(h) if h.is_alive() => h.reset(to).await,
+            _ => {
+                let offsets = self.store.committed_offsets(group).await?;
+                if offsets.is_empty() {
+                    return Err(CoreError::NoSuchGroup(group.to_string()));
+                }
+                let mut batch = WriteBatch::new();
+                for (q, _) in offsets {
+                    if let Ok(target) = self.position(&q, &to).await {
+                        batch.commit_offset(group.clone(), q, QueueOffset(target));
+                    }
+                }
+                self.store.write(batch).await?;
+                Ok(())
+            }
+        }
+    }
+
     /// The handles of the topics a group consumes (created on demand).
     pub(crate) async fn watch_topics(&self, spec: &GroupSpec) -> Result<Vec<Arc<TopicHandle>>> {
         let mut watched = Vec::new();

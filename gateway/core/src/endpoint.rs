@@ -91,6 +91,30 @@ pub struct Policy {
     /// Where dead messages go (none: they are dropped, or go to the DLQ after the retry
     /// ladder).
     pub dead_letter: Option<DeadLetter>,
+    /// The most messages ready for delivery (`x-max-length`).
+    pub max_length: Option<u64>,
+    /// The most bytes of message bodies ready for delivery (`x-max-length-bytes`).
+    pub max_length_bytes: Option<u64>,
+    /// What a publish to a full endpoint does.
+    pub overflow: Overflow,
+}
+
+/// What a publish to an endpoint at its length limit does (RabbitMQ's `x-overflow`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// Store it, then drop the oldest ready messages until within the limits.
+    #[default]
+    DropHead,
+    /// Leave this endpoint out of the publish; the publisher is told
+    /// ([`Published::Stored`](crate::Published)'s `refused`, or `Refused`).
+    RejectPublish,
+}
+
+impl Policy {
+    /// Whether the endpoint has a length limit.
+    pub fn limited(&self) -> bool {
+        self.max_length.is_some() || self.max_length_bytes.is_some()
+    }
 }
 
 /// What happens to a message about to be delivered.

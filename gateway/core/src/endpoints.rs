@@ -18,11 +18,12 @@
 //! of endpoints with a message TTL (see [`crate::endpoint`]), consumed or not.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use mqgate_store::{GroupName, Millis, QueueRef};
-use parking_lot::Mutex;
+use mqgate_store::{GroupName, Millis, QueueRef, TopicName};
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
 
 use crate::broker::Inner;
@@ -84,6 +85,10 @@ struct Entry {
 #[derive(Debug)]
 pub(crate) struct Registry {
     map: Mutex<HashMap<GroupName, Entry>>,
+    /// Topics of endpoints with a length limit → the endpoint's group (the publish path
+    /// looks here, lock-free when empty).
+    limited: RwLock<HashMap<TopicName, GroupSpec>>,
+    any_limited: AtomicBool,
     events: broadcast::Sender<EndpointEvent>,
 }
 
@@ -91,12 +96,53 @@ impl Registry {
     pub(crate) fn new() -> Self {
         Self {
             map: Mutex::default(),
+            limited: RwLock::default(),
+            any_limited: AtomicBool::new(false),
             events: broadcast::channel(1024).0,
         }
     }
 
     pub(crate) fn forget(&self, group: &GroupName) {
-        self.map.lock().remove(group);
+        if let Some(e) = self.map.lock().remove(group) {
+            self.unlimit(&e.endpoint.spec);
+        }
+    }
+
+    fn unlimit(&self, spec: &GroupSpec) {
+        if !spec.policy.limited() {
+            return;
+        }
+        let mut l = self.limited.write();
+        for t in &spec.topics {
+            if l.get(t).is_some_and(|s| s.name == spec.name) {
+                l.remove(t);
+            }
+        }
+        self.any_limited.store(!l.is_empty(), Ordering::Release);
+    }
+
+    fn limit(&self, spec: &GroupSpec) {
+        if !spec.policy.limited() {
+            return;
+        }
+        let mut l = self.limited.write();
+        for t in &spec.topics {
+            l.insert(t.clone(), spec.clone());
+        }
+        self.any_limited.store(true, Ordering::Release);
+    }
+
+    /// The endpoint with a length limit consuming `topic`, if any.
+    pub(crate) fn limits_for(&self, topic: &TopicName) -> Option<GroupSpec> {
+        if !self.any_limited.load(Ordering::Acquire) {
+            return None;
+        }
+        self.limited.read().get(topic).cloned()
+    }
+
+    /// Whether any endpoint has a length limit.
+    pub(crate) fn any_limited(&self) -> bool {
+        self.any_limited.load(Ordering::Acquire)
     }
 }
 
@@ -110,6 +156,10 @@ impl crate::Broker {
         let now = self.now();
         let mut map = self.inner.endpoints.map.lock();
         let users = map.get(&endpoint.spec.name).map_or(0, |e| e.users);
+        if let Some(old) = map.get(&endpoint.spec.name) {
+            self.inner.endpoints.unlimit(&old.endpoint.spec);
+        }
+        self.inner.endpoints.limit(&endpoint.spec);
         map.insert(
             endpoint.spec.name.clone(),
             Entry {
@@ -199,10 +249,14 @@ impl Inner {
                 })
                 .map(|(k, _)| k.clone())
                 .collect();
-            names
+            let gone: Vec<Endpoint> = names
                 .iter()
                 .filter_map(|n| map.remove(n).map(|e| e.endpoint))
-                .collect()
+                .collect();
+            for e in &gone {
+                self.endpoints.unlimit(&e.spec);
+            }
+            gone
         };
         let broker = crate::Broker {
             inner: Arc::clone(self),

@@ -21,6 +21,7 @@ mod endpoints;
 mod error;
 mod group;
 mod inspect;
+mod limits;
 pub mod login;
 mod memory;
 pub mod net;

@@ -174,24 +174,45 @@ enum Staged {
     Timer,
 }
 
+/// A part of a publish batch written together: the store batch, what each item became,
+/// the topics to wake and count, and the retained settings awaiting the write.
+struct Part<'a> {
+    batch: WriteBatch,
+    staged: Vec<Staged>,
+    touched: Vec<(Arc<TopicHandle>, String)>,
+    retained: Vec<crate::retained::Staged<'a>>,
+    earliest_timer: Option<u64>,
+}
+
+impl Part<'_> {
+    fn new(durable: bool) -> Self {
+        let mut batch = WriteBatch::new();
+        if !durable {
+            batch.no_sync();
+        }
+        Self {
+            batch,
+            staged: Vec::new(),
+            touched: Vec::new(),
+            retained: Vec::new(),
+            earliest_timer: None,
+        }
+    }
+}
+
 impl Inner {
-    /// [`Broker::publish_batch`](crate::Broker::publish_batch).
+    /// [`Broker::publish_batch`](crate::Broker::publish_batch). Items are staged into
+    /// one part, written once; an item routed to an endpoint with a length limit ends
+    /// the part (written first, so the limit counts it) and is written on its own.
     pub(crate) async fn publish_batch(&self, b: PublishBatch) -> Result<Vec<Option<Published>>> {
         let PublishBatch {
             items,
             records,
             durable,
         } = b;
-        let mut batch = WriteBatch::new();
-        if !durable {
-            batch.no_sync();
-        }
-        let mut touched: Vec<(Arc<TopicHandle>, String)> = Vec::new();
-        let mut staged = Vec::with_capacity(items.len());
-        let mut earliest_timer: Option<u64> = None;
-        // Retained settings are visible at once; their guards keep the new bodies in
-        // memory until the write has returned.
-        let mut retained = Vec::new();
+        let mut answers = Vec::with_capacity(items.len());
+        let mut part = Part::new(durable);
+        records.apply(&mut part.batch);
         for Outgoing {
             mut message,
             to,
@@ -230,7 +251,7 @@ impl Inner {
                     }
                     Destination::Topics(topics) => match topics.as_slice() {
                         [] => {
-                            staged.push(Staged::Skipped);
+                            part.staged.push(Staged::Skipped);
                             continue;
                         }
                         [one] => Route::Topic {
@@ -240,7 +261,8 @@ impl Inner {
                         },
                         _ => {
                             return Err(crate::CoreError::Invalid(
-                                "a delayed message goes to one topic or through an exchange".into(),
+                                "a delayed message goes to one topic or through an exchange"
+                                    .into(),
                             ))
                         }
                     },
@@ -251,11 +273,12 @@ impl Inner {
                     &route,
                     &message,
                 )?;
-                batch.timer_put(due, payload);
-                earliest_timer = Some(earliest_timer.map_or(due, |e: u64| e.min(due)));
-                staged.push(Staged::Timer);
+                part.batch.timer_put(due, payload);
+                part.earliest_timer = Some(part.earliest_timer.map_or(due, |e| e.min(due)));
+                part.staged.push(Staged::Timer);
                 continue;
             }
+            let mut touched = Vec::new();
             let queues = match to {
                 Destination::Topic {
                     topic,
@@ -268,7 +291,8 @@ impl Inner {
                     vec![QueueRef::new(topic, q)]
                 }
                 Destination::Topics(topics) => {
-                    self.one_queue_each(&topics, &message, &mut touched).await?
+                    self.one_queue_each(&topics, &message, &mut touched)
+                        .await?
                 }
                 Destination::Exchange {
                     vhost,
@@ -281,17 +305,49 @@ impl Inner {
                         .await?
                 }
             };
-            if let Some(topic) = &retain {
-                retained.extend(self.retained.stage(topic, &message, &mut batch));
-            }
-            if queues.is_empty() {
-                staged.push(Staged::Skipped);
+            let limited: Vec<crate::GroupSpec> = if self.endpoints.any_limited() {
+                queues
+                    .iter()
+                    .filter_map(|q| self.endpoints.limits_for(&q.topic))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            if !limited.is_empty() {
+                // Everything before it first, so the limit counts it.
+                let done = std::mem::replace(&mut part, Part::new(durable));
+                answers.extend(self.write_part(done).await?);
+                answers.push(
+                    self.publish_limited(message, queues, touched, retain, &limited, durable)
+                        .await?,
+                );
                 continue;
             }
-            batch.append(message, queues);
-            staged.push(Staged::Appended);
+            if let Some(topic) = &retain {
+                part.retained
+                    .extend(self.retained.stage(topic, &message, &mut part.batch));
+            }
+            if queues.is_empty() {
+                part.staged.push(Staged::Skipped);
+                continue;
+            }
+            part.touched.extend(touched);
+            part.batch.append(message, queues);
+            part.staged.push(Staged::Appended);
         }
-        records.apply(&mut batch);
+        answers.extend(self.write_part(part).await?);
+        Ok(answers)
+    }
+
+    /// Write a part; the answers of its items, in order.
+    async fn write_part(&self, part: Part<'_>) -> Result<Vec<Option<Published>>> {
+        let Part {
+            batch,
+            staged,
+            touched,
+            retained,
+            earliest_timer,
+        } = part;
         if batch.is_empty() {
             return Ok(staged.into_iter().map(|_| None).collect());
         }
@@ -313,10 +369,57 @@ impl Inner {
                 Staged::Appended => appended.next().map(|a| Published::Stored {
                     id: a.id,
                     offsets: a.offsets,
+                    refused: Vec::new(),
                 }),
                 Staged::Timer => timers.next().map(|timer| Published::Delayed { timer }),
             })
             .collect())
+    }
+
+    /// A message routed to endpoints with length limits, stored on its own: full
+    /// `reject-publish` endpoints are left out (and named in the answer), `drop-head`
+    /// ones are trimmed after the write.
+    async fn publish_limited(
+        &self,
+        message: Message,
+        mut queues: Vec<QueueRef>,
+        mut touched: Vec<(Arc<TopicHandle>, String)>,
+        retain: Option<String>,
+        limited: &[crate::GroupSpec],
+        durable: bool,
+    ) -> Result<Option<Published>> {
+        let size = message.body.len() as u64;
+        let mut refused = Vec::new();
+        for spec in limited {
+            if spec.policy.overflow == crate::endpoint::Overflow::RejectPublish
+                && self.is_full(spec, size).await
+            {
+                refused.extend(spec.topics.iter().cloned());
+            }
+        }
+        queues.retain(|q| !refused.contains(&q.topic));
+        touched.retain(|(h, _)| !refused.contains(&h.name));
+        if queues.is_empty() {
+            return Ok(Some(Published::Refused { by: refused }));
+        }
+        let mut part = Part::new(durable);
+        if let Some(topic) = &retain {
+            part.retained
+                .extend(self.retained.stage(topic, &message, &mut part.batch));
+        }
+        part.touched = touched;
+        part.batch.append(message, queues);
+        part.staged.push(Staged::Appended);
+        let mut answer = self.write_part(part).await?.pop().flatten();
+        if let Some(Published::Stored { refused: r, .. }) = &mut answer {
+            *r = refused;
+        }
+        for spec in limited {
+            if spec.policy.overflow == crate::endpoint::Overflow::DropHead {
+                self.trim(spec).await;
+            }
+        }
+        Ok(answer)
     }
 
     /// One queue (round robin) of each topic.

@@ -1186,7 +1186,7 @@ async fn publish_batch_writes_messages_timers_and_records_at_once() {
     assert_eq!(answers[2], None, "no topics");
     assert_eq!(answers[3], None, "routed nowhere");
     let (id0, id4) = match (&answers[0], &answers[4]) {
-        (Some(Published::Stored { id: a, .. }), Some(Published::Stored { id: b, offsets })) => {
+        (Some(Published::Stored { id: a, .. }), Some(Published::Stored { id: b, offsets, .. })) => {
             assert_eq!(
                 offsets,
                 &[

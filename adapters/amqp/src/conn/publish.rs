@@ -2,7 +2,6 @@
 //! class.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use amq_protocol::protocol::{basic, tx, AMQPClass};
@@ -11,7 +10,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::convert;
 use crate::frame;
-use crate::queue::{Overflow, Queue};
 use crate::reply;
 
 use super::{chan_err, internal, Batched, ChanResult, Completed, Conn, End, TxOp};
@@ -206,54 +204,14 @@ where
                 );
             }
         }
-        let limited: Vec<Arc<Queue>> = {
-            let l = self.shared.limited.read();
-            if l.is_empty() {
-                Vec::new()
-            } else {
-                routed
-                    .topics
-                    .iter()
-                    .filter_map(|t| l.get(t).cloned())
-                    .collect()
-            }
-        };
-        if limited.is_empty() {
-            self.batch.push(Batched {
-                channel: ch,
-                seq,
-                message,
-                topics: routed.topics,
-            });
-            return Ok(());
-        }
-        // A queue with a length limit: count with everything published before stored.
-        self.flush_batch()
-            .await
-            .map_err(|_| chan_err(reply::INTERNAL_ERROR, "store failed"))?;
-        let mut topics = routed.topics;
-        let mut rejected = false;
-        let size = c.body.len() as u64;
-        for q in &limited {
-            if q.args.overflow == Some(Overflow::RejectPublish)
-                && self.shared.is_full(q, size).await
-            {
-                topics.retain(|t| *t != q.topic);
-                rejected = true;
-            }
-        }
-        let mut one = PublishBatch::new();
-        one.push(Outgoing::routed(message, topics));
-        let stored = self.shared.broker.publish_batch(one).await;
-        if let Some(seq) = seq {
-            frame::put_confirm(&mut self.out, ch, seq, false, stored.is_ok() && !rejected);
-        }
-        stored.map_err(internal)?;
-        for q in &limited {
-            if q.args.overflow != Some(Overflow::RejectPublish) {
-                self.shared.trim(q).await;
-            }
-        }
+        // Queue length limits (x-max-length, x-overflow) are the core's: a message a full
+        // reject-publish queue refuses is nacked when the batch is confirmed.
+        self.batch.push(Batched {
+            channel: ch,
+            seq,
+            message,
+            topics: routed.topics,
+        });
         Ok(())
     }
 
@@ -263,37 +221,54 @@ where
             return Ok(());
         }
         let batch = std::mem::take(&mut self.batch);
-        let mut confirms: Vec<(u16, u64)> = Vec::new();
+        // (channel, sequence number, the item it confirms).
+        let mut confirms: Vec<(u16, u64, usize)> = Vec::new();
         let mut items = PublishBatch::new();
         // Transient messages (delivery mode 1) are not worth an fsync, as in RabbitMQ; a
         // batch with one persistent message is synced whole.
         let mut transient = true;
-        for b in batch {
+        for (i, b) in batch.into_iter().enumerate() {
             if let Some(seq) = b.seq {
-                confirms.push((b.channel, seq));
+                confirms.push((b.channel, seq, i));
             }
             transient &= props::get(&b.message.properties, convert::TRANSIENT).is_some();
             items.push(Outgoing::routed(b.message, b.topics));
         }
         items.durable = !transient;
         let stored = self.shared.broker.publish_batch(items).await;
-        let ok = match stored {
+        let (ok, refused) = match stored {
             Ok(stored) => {
-                let routed = stored.iter().filter(|p| p.is_some()).count();
+                let routed = stored
+                    .iter()
+                    .filter(|p| p.as_ref().is_some_and(|p| p.routed() > 0))
+                    .count();
                 self.shared
                     .stats
                     .routed
                     .fetch_add(routed as u64, Ordering::Relaxed);
-                true
+                let refused: Vec<bool> = stored
+                    .iter()
+                    .map(|p| p.as_ref().is_some_and(|p| p.refused()))
+                    .collect();
+                (true, refused)
             }
             Err(e) => {
                 tracing::error!(peer = %self.peer, error = %e, "AMQP: storing publishes failed; nacked");
-                false
+                (false, Vec::new())
             }
         };
+        if refused.iter().any(|r| *r) {
+            // A full queue refused some: each message gets its own ack or nack.
+            for (ch, seq, i) in confirms {
+                if self.channels.get(&ch).is_some_and(|c| !c.closing) {
+                    frame::put_confirm(&mut self.out, ch, seq, false, !refused[i]);
+                }
+            }
+            return Ok(());
+        }
         // One confirm per channel, multiple=true up to its last sequence number.
         let mut last: Vec<(u16, u64)> = Vec::new();
-        for (ch, seq) in confirms {
+        for (ch, seq, _) in confirms {
             match last.iter_mut().find(|(c, _)| *c == ch) {
                 Some(e) => e.1 = seq,
                 None => last.push((ch, seq)),
