@@ -10,12 +10,18 @@
 //! ones; a timer added before the cursor (a short delay while long ones are being
 //! released) rewinds it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Weak;
 use std::time::Duration;
 
-use mqgate_store::TimerKey;
+use bytes::{BufMut, Bytes};
+use mqgate_store::{Message, Millis, QueueRef, TimerKey, TopicName, WriteBatch};
+use tokio::sync::Notify;
 
-use crate::broker::Inner;
+use crate::broker::{Broker, Inner};
+use crate::error::{CoreError, Result};
+use crate::router::HeaderValue;
+use crate::wire::{get_headers, put_headers, put_str, Reader};
 
 pub(crate) async fn run(inner: Weak<Inner>) {
     let mut cursor: Option<TimerKey> = None;
@@ -51,6 +57,436 @@ pub(crate) async fn run(inner: Weak<Inner>) {
         tokio::select! {
             _ = clock.sleep_until(next.unwrap_or(u64::MAX)), if next.is_some() => {}
             _ = b.delay_woken() => {}
+        }
+    }
+}
+
+/// The scheduler's state in the core.
+#[derive(Debug)]
+pub(crate) struct DelayState {
+    /// Wakes the scheduler when a timer earlier than its current wait is added.
+    pub(crate) wake: Notify,
+    /// The earliest due time the scheduler may have skipped past (u64::MAX: none).
+    pub(crate) rewind: AtomicU64,
+    /// Delayed messages released by this process.
+    pub(crate) released: AtomicU64,
+    /// Generations of named timers (unique across restarts: seeded with the time in µs).
+    pub(crate) next_generation: AtomicU64,
+    /// Held by a release from reading named timers' names until its batch is written,
+    /// and by schedule/cancel of a named timer: a schedule that replaces a name while
+    /// the old timer is being released is never lost, and a cancel that returns `true`
+    /// did stop its timer.
+    pub(crate) named: tokio::sync::Mutex<()>,
+}
+
+impl DelayState {
+    pub(crate) fn new() -> Self {
+        Self {
+            wake: Notify::new(),
+            rewind: AtomicU64::new(u64::MAX),
+            released: AtomicU64::new(0),
+            next_generation: AtomicU64::new(mqgate_store::now_millis().saturating_mul(1000)),
+            named: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+/// A route resolved when a delayed message is released (so bindings made during the
+/// delay count, as with RabbitMQ's delayed exchange and EMQX's `$delayed`).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Route {
+    Topic {
+        topic: TopicName,
+        queue: Option<u32>,
+        sharding_key: Option<String>,
+    },
+    Exchange {
+        vhost: String,
+        exchange: String,
+        key: String,
+        headers: Vec<(String, HeaderValue)>,
+    },
+}
+
+/// Keyed-area namespace of named timers: name -> the generation of its current timer.
+const NS_SCHEDULED: &str = "core.scheduled";
+
+const ROUTE_TOPIC: u8 = 1;
+
+const ROUTE_EXCHANGE: u8 = 2;
+
+pub(crate) fn encode_timer(route: &Route, message: &Message) -> Result<Vec<u8>> {
+    encode_named_timer(None, None, route, message)
+}
+
+/// A timer's payload: version 1 `[1][route][message]`; version 2, for a named
+/// (cancellable) timer or one that sets a retained message when released,
+/// `[2][name][generation u64][retain topic][route][message]` ("" for none).
+pub(crate) fn encode_named_timer(
+    name: Option<(&str, u64)>,
+    retain: Option<&str>,
+    route: &Route,
+    message: &Message,
+) -> Result<Vec<u8>> {
+    let body = message.encode()?;
+    let mut out = Vec::with_capacity(body.len() + 64);
+    if name.is_none() && retain.is_none() {
+        out.put_u8(1);
+    } else {
+        let (n, generation) = name.unwrap_or(("", 0));
+        out.put_u8(2);
+        put_str(&mut out, n);
+        out.put_u64_le(generation);
+        put_str(&mut out, retain.unwrap_or(""));
+    }
+    match route {
+        Route::Topic {
+            topic,
+            queue,
+            sharding_key,
+        } => {
+            out.put_u8(ROUTE_TOPIC);
+            put_str(&mut out, topic.as_str());
+            out.put_u64_le(queue.map_or(u64::MAX, u64::from));
+            put_str(&mut out, sharding_key.as_deref().unwrap_or(""));
+            out.put_u8(u8::from(sharding_key.is_some()));
+        }
+        Route::Exchange {
+            vhost,
+            exchange,
+            key,
+            headers,
+        } => {
+            out.put_u8(ROUTE_EXCHANGE);
+            put_str(&mut out, vhost);
+            put_str(&mut out, exchange);
+            put_str(&mut out, key);
+            put_headers(&mut out, headers);
+        }
+    }
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// A decoded timer payload.
+#[derive(Debug, PartialEq)]
+struct DecodedTimer {
+    /// Named timers: the name and generation.
+    name: Option<(String, u64)>,
+    /// The retained topic it sets when released.
+    retain: Option<String>,
+    route: Route,
+    message: Message,
+}
+
+fn decode_timer(payload: Bytes) -> Result<DecodedTimer> {
+    let mut r = Reader(payload);
+    let (name, retain) = match r.u8()? {
+        1 => (None, None),
+        2 => {
+            let name = r.string()?;
+            let generation = r.u64()?;
+            let retain = r.string()?;
+            (
+                (!name.is_empty()).then_some((name, generation)),
+                (!retain.is_empty()).then_some(retain),
+            )
+        }
+        _ => return Err(CoreError::Invalid("unknown timer payload version".into())),
+    };
+    let route = match r.u8()? {
+        ROUTE_TOPIC => {
+            let topic = TopicName::new(r.string()?)?;
+            let q = r.u64()?;
+            let key = r.string()?;
+            let has_key = r.u8()? == 1;
+            Route::Topic {
+                topic,
+                queue: u32::try_from(q).ok(),
+                sharding_key: has_key.then_some(key),
+            }
+        }
+        ROUTE_EXCHANGE => {
+            let vhost = r.string()?;
+            let exchange = r.string()?;
+            let key = r.string()?;
+            let headers = get_headers(&mut r)?;
+            Route::Exchange {
+                vhost,
+                exchange,
+                key,
+                headers,
+            }
+        }
+        k => return Err(CoreError::Invalid(format!("unknown route kind {k}"))),
+    };
+    Ok(DecodedTimer {
+        name,
+        retain,
+        route,
+        message: Message::decode(r.rest())?,
+    })
+}
+
+impl Broker {
+    /// Publish `message` through `exchange` of `vhost` at `due` (ms), under `name`: a
+    /// later schedule with the same name replaces it and [`Broker::cancel_scheduled`]
+    /// withdraws it. Stored as a timer, it survives restarts (MQTT 5 delayed wills).
+    /// Routing happens when it fires; with `retain`, it also becomes that MQTT topic's
+    /// retained message then, in the same write.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn schedule_named(
+        &self,
+        name: &str,
+        vhost: &str,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        retain: Option<&str>,
+        due: Millis,
+    ) -> Result<()> {
+        let route = Route::Exchange {
+            vhost: vhost.to_owned(),
+            exchange: exchange.to_owned(),
+            key: routing_key.to_owned(),
+            headers: Vec::new(),
+        };
+        self.inner
+            .schedule_named(name, due, &route, retain, message)
+            .await
+    }
+
+    /// Withdraw what [`Broker::schedule_named`] scheduled under `name` (if it has not
+    /// fired yet); whether something was pending.
+    pub async fn cancel_scheduled(&self, name: &str) -> Result<bool> {
+        self.inner.cancel_named(name).await
+    }
+
+    /// Delayed messages still pending.
+    pub fn delayed_pending(&self) -> u64 {
+        self.inner.store.stats().timers
+    }
+
+    /// Delayed messages released so far by this process.
+    pub fn delayed_released(&self) -> u64 {
+        self.inner.delay.released.load(Ordering::Relaxed)
+    }
+}
+
+impl Inner {
+    /// A timer due at `due` was written: the scheduler may have to wake earlier.
+    pub(crate) fn timer_added(&self, due: Millis) {
+        self.delay.rewind.fetch_min(due, Ordering::AcqRel);
+        self.delay.wake.notify_one();
+    }
+
+    /// Schedule a publish through an exchange at `due` under `name` (one store batch: the
+    /// timer and its name). A later schedule under the same name replaces it, and
+    /// [`Inner::cancel_named`] withdraws it; it survives restarts.
+    pub(crate) async fn schedule_named(
+        &self,
+        name: &str,
+        due: Millis,
+        route: &Route,
+        retain: Option<&str>,
+        mut message: Message,
+    ) -> Result<()> {
+        self.stamp(&mut message);
+        let _named = self.delay.named.lock().await;
+        let generation = self.delay.next_generation.fetch_add(1, Ordering::Relaxed);
+        let payload = encode_named_timer(Some((name, generation)), retain, route, &message)?;
+        let mut batch = WriteBatch::new();
+        batch.timer_put(due, payload);
+        batch.kv_put(
+            NS_SCHEDULED,
+            name.as_bytes().to_vec(),
+            generation.to_be_bytes().to_vec(),
+        );
+        self.store.write(batch).await?;
+        self.timer_added(due);
+        Ok(())
+    }
+
+    /// Withdraw the timer scheduled under `name`; whether there was one. Its timer stays
+    /// in the index and releases into nothing.
+    pub(crate) async fn cancel_named(&self, name: &str) -> Result<bool> {
+        let _named = self.delay.named.lock().await;
+        if self
+            .store
+            .kv_get(NS_SCHEDULED, name.as_bytes())
+            .await?
+            .is_none()
+        {
+            return Ok(false);
+        }
+        let mut batch = WriteBatch::new();
+        batch.kv_delete(NS_SCHEDULED, name.as_bytes().to_vec());
+        self.store.write(batch).await?;
+        Ok(true)
+    }
+
+    /// Release the due timers: one store batch appends each message into its route's
+    /// queues and deletes its timer, so a crash leaves each either pending or released.
+    pub(crate) async fn release_due(
+        &self,
+        after: Option<TimerKey>,
+    ) -> Result<(usize, Option<TimerKey>)> {
+        let now = self.clock.now();
+        let due = self
+            .store
+            .timers_due(now, after, self.config.release_batch)
+            .await?;
+        if due.is_empty() {
+            return Ok((0, after));
+        }
+        let last = due.last().map(|(k, _)| *k);
+        let _named = self.delay.named.lock().await;
+        let mut batch = WriteBatch::new();
+        let mut woken = Vec::new();
+        let mut count = 0;
+        let mut staged = Vec::new();
+        for (key, payload) in due {
+            batch.timer_delete(key);
+            let DecodedTimer {
+                name,
+                retain,
+                route,
+                mut message,
+            } = match decode_timer(payload) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(timer = ?key, error = %e, "core: dropping undecodable timer");
+                    continue;
+                }
+            };
+            if let Some((name, generation)) = name {
+                // A named timer fires only if it is still the current one under its
+                // name (not cancelled, not replaced); its name goes with it.
+                match self.store.kv_get(NS_SCHEDULED, name.as_bytes()).await? {
+                    Some(v) if v.as_ref() == generation.to_be_bytes() => {
+                        batch.kv_delete(NS_SCHEDULED, name.into_bytes());
+                    }
+                    _ => continue,
+                }
+            }
+            message.deliver_at = Some(key.due);
+            let queues = match self.resolve(&route).await {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::warn!(timer = ?key, error = %e, "core: delayed message has nowhere to go");
+                    Vec::new()
+                }
+            };
+            for q in &queues {
+                woken.push(q.topic.clone());
+            }
+            if let Some(topic) = retain {
+                staged.extend(self.retained.stage(&topic, &message, &mut batch));
+            }
+            batch.append(message, queues);
+            count += 1;
+        }
+        self.store.write(batch).await?;
+        drop(staged);
+        self.delay
+            .released
+            .fetch_add(count as u64, Ordering::Relaxed);
+        woken.sort();
+        woken.dedup();
+        for t in woken {
+            self.wake_topic(&t);
+        }
+        Ok((count, last))
+    }
+
+    async fn resolve(&self, route: &Route) -> Result<Vec<QueueRef>> {
+        match route {
+            Route::Topic {
+                topic,
+                queue,
+                sharding_key,
+            } => {
+                let h = self.topic_handle(topic).await?;
+                let q = h.select(
+                    queue.filter(|q| *q < h.queue_count()),
+                    sharding_key.as_deref(),
+                )?;
+                Ok(vec![QueueRef::new(topic.clone(), q)])
+            }
+            Route::Exchange {
+                vhost,
+                exchange,
+                key,
+                headers,
+            } => {
+                let routed = self.router.route(vhost, exchange, key, headers)?;
+                let mut out = Vec::with_capacity(routed.topics.len());
+                for t in routed.topics {
+                    let h = self.topic_handle(&t).await?;
+                    out.push(QueueRef::new(t, h.select(None, None)?));
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    pub(crate) fn delay_rewind(&self) -> Option<Millis> {
+        let v = self.delay.rewind.swap(u64::MAX, Ordering::AcqRel);
+        (v != u64::MAX).then_some(v)
+    }
+
+    pub(crate) async fn delay_woken(&self) {
+        self.delay.wake.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timer_payload_round_trips() {
+        let mut m = Message::new(TopicName::new("t").unwrap(), "body");
+        m.keys = vec!["k".into()];
+        for route in [
+            Route::Topic {
+                topic: TopicName::new("t").unwrap(),
+                queue: Some(3),
+                sharding_key: Some("key".into()),
+            },
+            Route::Topic {
+                topic: TopicName::new("t").unwrap(),
+                queue: None,
+                sharding_key: None,
+            },
+            Route::Exchange {
+                vhost: "/".into(),
+                exchange: "x".into(),
+                key: "a.b".into(),
+                headers: vec![
+                    ("s".into(), HeaderValue::Str("v".into())),
+                    ("i".into(), HeaderValue::Int(-5)),
+                    ("f".into(), HeaderValue::Float(1.5)),
+                    ("b".into(), HeaderValue::Bool(true)),
+                    ("v".into(), HeaderValue::Void),
+                    ("o".into(), HeaderValue::Other(Bytes::from_static(b"x"))),
+                ],
+            },
+        ] {
+            let enc = encode_timer(&route, &m).unwrap();
+            let d = decode_timer(Bytes::from(enc.clone())).unwrap();
+            assert_eq!((d.name, d.retain), (None, None));
+            assert_eq!(d.route, route);
+            let back = d.message;
+            let named = encode_named_timer(Some(("will/c1", 7)), Some("a/b"), &route, &m).unwrap();
+            let d = decode_timer(Bytes::from(named)).unwrap();
+            assert_eq!(d.name, Some(("will/c1".to_owned(), 7)));
+            assert_eq!(d.retain.as_deref(), Some("a/b"));
+            assert_eq!((d.route, d.message), (route.clone(), m.clone()));
+            assert_eq!(back, m);
+            for cut in 0..enc.len() {
+                assert!(decode_timer(Bytes::copy_from_slice(&enc[..cut])).is_err());
+            }
         }
     }
 }

@@ -30,12 +30,13 @@ pub mod publish;
 pub mod retained;
 pub mod retry;
 pub mod router;
+mod topics;
 pub mod trie;
 mod wire;
 
 pub use acl::{Access, AclDefault, AclRule, Subject, TopicAcl};
 pub use auth::{Password, UserAccount, Users};
-pub use broker::{Broker, Delay, ProducerStat, Publish, Published};
+pub use broker::Broker;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::CoreConfig;
 pub use endpoint::{DeadLetter, DeadLetterFormat, DeathReason, Policy};
@@ -46,9 +47,11 @@ pub use group::{
     OnFailure, QueueInfo, StartPosition,
 };
 pub use login::{LoginThrottle, LoginThrottleConfig};
+pub use publish::{Delay, Publish, Published};
 pub use publish::{Destination, Outgoing, PublishBatch, Records};
 pub use retained::{Retained, RetainedCursor, RetainedStats};
 pub use router::Router;
+pub use topics::ProducerStat;
 
 /// One client connection, as the admin API lists it (every protocol).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,9 +15,94 @@ use std::sync::Arc;
 use bytes::Bytes;
 use mqgate_store::{Message, QueueId, QueueRef, TopicName, WriteBatch};
 
-use crate::broker::{Delay, Inner, Published, Route, TopicHandle};
+use std::time::Duration;
+
+use mqgate_store::{MessageId, Millis, QueueOffset, TimerKey};
+
+use crate::broker::{Inner, TopicHandle};
+use crate::delay::Route;
 use crate::error::Result;
 use crate::router::HeaderValue;
+
+/// When a delayed message becomes visible.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Delay {
+    /// One of the configured levels (1-based; RocketMQ: 1s 5s 10s 30s 1m ... 2h).
+    Level(u8),
+    /// After this long.
+    For(Duration),
+    /// At this wall-clock time (ms).
+    At(Millis),
+}
+
+/// A publish straight to a topic (RocketMQ's producer API).
+#[derive(Clone, Debug)]
+pub struct Publish {
+    /// The message; `message.topic` is the topic published to.
+    pub message: Message,
+    /// Messages with the same key go to the same queue, in order.
+    pub sharding_key: Option<String>,
+    /// Or an explicit queue.
+    pub queue: Option<QueueId>,
+    /// Deliver later.
+    pub delay: Option<Delay>,
+}
+
+impl Publish {
+    /// Publish `message` to its topic, round robin over the topic's queues.
+    pub fn new(message: Message) -> Self {
+        Self {
+            message,
+            sharding_key: None,
+            queue: None,
+            delay: None,
+        }
+    }
+}
+
+/// What happened to a publish.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Published {
+    /// Stored and indexed into these queues.
+    Stored {
+        /// The message id.
+        id: MessageId,
+        /// Where it went.
+        offsets: Vec<(QueueRef, QueueOffset)>,
+        /// Destinations that refused it: full endpoints with `reject-publish`.
+        refused: Vec<TopicName>,
+    },
+    /// Stored as a timer; it will be released at `due`.
+    Delayed {
+        /// The timer.
+        timer: TimerKey,
+    },
+    /// Not stored: every destination was a full endpoint with `reject-publish`.
+    Refused {
+        /// The destinations that refused it.
+        by: Vec<TopicName>,
+    },
+}
+
+impl Published {
+    /// How many queues indexed it (0 when delayed or refused).
+    pub fn routed(&self) -> usize {
+        match self {
+            Published::Stored { offsets, .. } => offsets.len(),
+            Published::Delayed { .. } | Published::Refused { .. } => 0,
+        }
+    }
+
+    /// Whether some destination refused it (a full endpoint with `reject-publish`): the
+    /// publisher is told (AMQP: basic.nack).
+    pub fn refused(&self) -> bool {
+        match self {
+            Published::Stored { refused, .. } => !refused.is_empty(),
+            Published::Refused { .. } => true,
+            Published::Delayed { .. } => false,
+        }
+    }
+}
 
 /// Where one message of a batch goes.
 #[derive(Clone, Debug)]
@@ -261,18 +346,13 @@ impl Inner {
                         },
                         _ => {
                             return Err(crate::CoreError::Invalid(
-                                "a delayed message goes to one topic or through an exchange"
-                                    .into(),
+                                "a delayed message goes to one topic or through an exchange".into(),
                             ))
                         }
                     },
                 };
-                let payload = crate::broker::encode_named_timer(
-                    None,
-                    retain.as_deref(),
-                    &route,
-                    &message,
-                )?;
+                let payload =
+                    crate::delay::encode_named_timer(None, retain.as_deref(), &route, &message)?;
                 part.batch.timer_put(due, payload);
                 part.earliest_timer = Some(part.earliest_timer.map_or(due, |e| e.min(due)));
                 part.staged.push(Staged::Timer);
@@ -291,8 +371,7 @@ impl Inner {
                     vec![QueueRef::new(topic, q)]
                 }
                 Destination::Topics(topics) => {
-                    self.one_queue_each(&topics, &message, &mut touched)
-                        .await?
+                    self.one_queue_each(&topics, &message, &mut touched).await?
                 }
                 Destination::Exchange {
                     vhost,
@@ -468,5 +547,103 @@ impl Inner {
             }
         };
         Ok(receipt)
+    }
+}
+
+impl crate::Broker {
+    /// Publish a batch: every message (to a topic, to resolved topics, or through an
+    /// exchange; now or delayed) and the records with them in one atomic store write
+    /// (one fsync when durable). Answers, in order: where each message was stored, its
+    /// timer when delayed, `None` when it went nowhere. An exchange that does not exist
+    /// fails the whole batch. See [`crate::publish`].
+    pub async fn publish_batch(&self, batch: PublishBatch) -> Result<Vec<Option<Published>>> {
+        self.inner.publish_batch(batch).await
+    }
+
+    /// Publish one message to a topic: round robin, by sharding key, or to a given
+    /// queue; now or after a delay. Returns once stored as durably as the store's policy
+    /// promises. A one-message [`Broker::publish_batch`].
+    pub async fn publish(&self, p: Publish) -> Result<Published> {
+        let Publish {
+            message,
+            sharding_key,
+            queue,
+            delay,
+        } = p;
+        let to = Destination::Topic {
+            topic: message.topic.clone(),
+            queue,
+            sharding_key,
+        };
+        self.publish_one(Outgoing {
+            message,
+            to,
+            delay,
+            retain: None,
+        })
+        .await
+    }
+
+    /// Publish one message through an exchange of `vhost`: stored once and indexed into
+    /// one queue of every topic the exchange routes to (none: `routed() == 0`). A
+    /// one-message [`Broker::publish_batch`].
+    pub async fn publish_exchange(
+        &self,
+        vhost: &str,
+        exchange: &str,
+        routing_key: &str,
+        headers: &[(String, HeaderValue)],
+        message: Message,
+        delay: Option<Delay>,
+    ) -> Result<Published> {
+        let to = Destination::Exchange {
+            vhost: vhost.to_owned(),
+            exchange: exchange.to_owned(),
+            key: routing_key.to_owned(),
+            headers: headers.to_vec(),
+        };
+        self.publish_one(Outgoing {
+            message,
+            to,
+            delay,
+            retain: None,
+        })
+        .await
+    }
+
+    async fn publish_one(&self, item: Outgoing) -> Result<Published> {
+        let mut batch = PublishBatch::new();
+        batch.push(item);
+        Ok(self
+            .publish_batch(batch)
+            .await?
+            .pop()
+            .flatten()
+            .unwrap_or(Published::Stored {
+                id: MessageId(0),
+                offsets: Vec::new(),
+                refused: Vec::new(),
+            }))
+    }
+}
+
+impl Inner {
+    pub(crate) fn stamp(&self, message: &mut Message) {
+        if message.producer_group.is_empty() {
+            message
+                .producer_group
+                .clone_from(&self.config.default_producer_group);
+        }
+    }
+
+    /// The due time of a delay, or `None` when it is due now.
+    pub(crate) fn due(&self, delay: Option<Delay>) -> Option<Millis> {
+        let now = self.clock.now();
+        let due = match delay? {
+            Delay::Level(l) => now + self.config.level_delay(l).as_millis() as u64,
+            Delay::For(d) => now + d.as_millis() as u64,
+            Delay::At(t) => t,
+        };
+        (due > now).then_some(due)
     }
 }

@@ -8,10 +8,14 @@
 //! properties and failure count, and can be listed and resent.
 
 use bytes::Bytes;
-use mqgate_store::{GroupName, Message, Millis, QueueRef, TopicName, WriteBatch};
+use mqgate_store::{GroupName, Message, Millis, QueueOffset, QueueRef, TopicName, WriteBatch};
 
-use crate::broker::{encode_timer, Inner, Route};
-use crate::error::Result;
+use crate::broker::Inner;
+use crate::delay::{encode_timer, Route};
+use std::sync::atomic::Ordering;
+
+use crate::error::{CoreError, Result};
+use crate::publish::{Outgoing, PublishBatch, Published};
 
 /// The property naming the topic a retried or dead-lettered message was first consumed from.
 pub const PROP_ORIGIN_QUEUE: &str = "ORIGIN_QUEUE";
@@ -103,4 +107,93 @@ pub(crate) fn restore_original(m: &Message) -> Message {
         k != PROP_ORIGIN_QUEUE && k != PROP_DLQ_FAILURES && k != PROP_ORIGIN_MESSAGE_ID
     });
     out
+}
+
+impl crate::Broker {
+    /// Messages of a group's dead-letter topic, oldest first, from `from`.
+    pub async fn dlq(
+        &self,
+        group: &GroupName,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<mqgate_store::QueueMessage>> {
+        let q = QueueRef::new(crate::retry::dlq_topic(group)?, 0);
+        if self.inner.store.topic(&q.topic).is_none() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .inner
+            .store
+            .read(
+                &q,
+                QueueOffset(from),
+                mqgate_store::ReadLimits::count(limit),
+            )
+            .await?)
+    }
+
+    /// Send a dead-lettered message back to the queue it failed in (reconsume count reset).
+    pub async fn resend_dlq(&self, group: &GroupName, offset: u64) -> Result<Published> {
+        let msgs = self.dlq(group, offset, 1).await?;
+        let m = msgs
+            .into_iter()
+            .find(|m| m.entry.offset.0 == offset)
+            .ok_or_else(|| CoreError::Invalid(format!("no DLQ message at offset {offset}")))?;
+        let mut r = self.resend_messages(vec![m]).await?;
+        r.pop()
+            .flatten()
+            .ok_or_else(|| CoreError::Invalid("resend stored nothing".into()))
+    }
+
+    /// Resend up to `limit` DLQ messages from offset `from` in one store write (one
+    /// fsync): what a bulk resend pages through. Returns how many and the last offset.
+    pub async fn resend_dlq_page(
+        &self,
+        group: &GroupName,
+        from: u64,
+        limit: usize,
+    ) -> Result<(usize, Option<u64>)> {
+        let msgs = self.dlq(group, from, limit).await?;
+        let last = msgs.last().map(|m| m.entry.offset.0);
+        let n = msgs.len();
+        self.resend_messages(msgs).await?;
+        Ok((n, last))
+    }
+
+    /// Publish DLQ messages again, each back to the queue it failed in: its topic is the
+    /// message's address for RocketMQ topics, but not for AMQP queues or MQTT sessions,
+    /// whose messages keep the address they were published to.
+    async fn resend_messages(
+        &self,
+        msgs: Vec<mqgate_store::QueueMessage>,
+    ) -> Result<Vec<Option<Published>>> {
+        let mut items = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let stored = &m.message.message;
+            let origin = stored
+                .property(crate::retry::PROP_ORIGIN_QUEUE)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|s| s.rsplit_once('#'))
+                .and_then(|(t, _)| TopicName::new(t).ok());
+            let message = crate::retry::restore_original(stored);
+            let topic = origin.unwrap_or_else(|| message.topic.clone());
+            self.inner.topic_handle(&topic).await?;
+            items.push((message, vec![topic]));
+        }
+        let mut batch = PublishBatch::new();
+        for (message, topic) in items {
+            batch.push(Outgoing::routed(message, topic));
+        }
+        self.publish_batch(batch).await
+    }
+
+    /// Failed consumptions scheduled for a retry so far by this process.
+    pub fn retries(&self) -> u64 {
+        self.inner.retries.load(Ordering::Relaxed)
+    }
+
+    /// Messages moved to a dead-letter queue so far by this process.
+    pub fn dead_lettered(&self) -> u64 {
+        self.inner.dead_lettered.load(Ordering::Relaxed)
+    }
 }

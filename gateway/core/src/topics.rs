@@ -1,0 +1,193 @@
+//! Topics as the core holds them: a handle per topic (queue count, round robin,
+//! the groups to wake after an append, producer counts), created on first use when
+//! auto-creation is on.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use mqgate_store::{TopicConfig, TopicName};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+
+use crate::broker::{Broker, Inner};
+use crate::error::{CoreError, Result};
+
+/// Per-topic state the publish path needs without touching the store's topic map.
+#[derive(Debug)]
+pub(crate) struct TopicHandle {
+    pub(crate) name: TopicName,
+    queue_count: AtomicU32,
+    round_robin: AtomicU64,
+    /// Groups consuming this topic: woken after each append.
+    watchers: RwLock<Vec<Arc<Notify>>>,
+    /// Messages published per producer group.
+    producers: Mutex<HashMap<String, u64>>,
+}
+
+impl TopicHandle {
+    pub(crate) fn new(cfg: &TopicConfig) -> Self {
+        Self {
+            name: cfg.name.clone(),
+            queue_count: AtomicU32::new(cfg.queue_count),
+            round_robin: AtomicU64::new(0),
+            watchers: RwLock::default(),
+            producers: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn queue_count(&self) -> u32 {
+        self.queue_count.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn select(&self, queue: Option<u32>, sharding_key: Option<&str>) -> Result<u32> {
+        let n = self.queue_count();
+        match (queue, sharding_key) {
+            (Some(q), _) if q < n => Ok(q),
+            (Some(q), _) => Err(CoreError::Invalid(format!(
+                "topic {} has {n} queues, no queue {q}",
+                self.name
+            ))),
+            (None, Some(key)) => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                key.hash(&mut h);
+                Ok((h.finish() % u64::from(n)) as u32)
+            }
+            (None, None) => {
+                Ok((self.round_robin.fetch_add(1, Ordering::Relaxed) % u64::from(n)) as u32)
+            }
+        }
+    }
+
+    pub(crate) fn watch(&self, wake: Arc<Notify>) {
+        self.watchers.write().push(wake);
+    }
+
+    pub(crate) fn unwatch(&self, wake: &Arc<Notify>) {
+        self.watchers.write().retain(|w| !Arc::ptr_eq(w, wake));
+    }
+
+    pub(crate) fn wake(&self) {
+        for w in self.watchers.read().iter() {
+            w.notify_one();
+        }
+    }
+}
+
+impl TopicHandle {
+    pub(crate) fn count(&self, producer_group: &str, n: u64) {
+        let mut p = self.producers.lock();
+        match p.get_mut(producer_group) {
+            Some(c) => *c += n,
+            None => {
+                p.insert(producer_group.to_owned(), n);
+            }
+        }
+    }
+}
+
+/// What a producer group has written to a topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProducerStat {
+    /// The topic.
+    pub topic: TopicName,
+    /// The producer group.
+    pub producer_group: String,
+    /// Messages published.
+    pub messages: u64,
+}
+
+impl Broker {
+    /// Create a topic (or grow its queue count); `None` takes the default count.
+    pub async fn create_topic(
+        &self,
+        name: &TopicName,
+        queue_count: Option<u32>,
+    ) -> Result<TopicConfig> {
+        self.inner.create_topic(name, queue_count).await
+    }
+
+    /// Delete a topic: its queues, and every group's offsets on it.
+    pub async fn delete_topic(&self, name: &TopicName) -> Result<bool> {
+        let existed = self.inner.store.delete_topic(name).await?;
+        self.inner.topics.write().remove(name);
+        Ok(existed)
+    }
+
+    /// Every topic.
+    pub fn topics(&self) -> Vec<TopicConfig> {
+        self.inner.store.topics()
+    }
+
+    /// Messages published per (topic, producer group), sorted.
+    pub fn producer_stats(&self) -> Vec<ProducerStat> {
+        let topics: Vec<Arc<TopicHandle>> = self.inner.topics.read().values().cloned().collect();
+        let mut out: Vec<ProducerStat> = topics
+            .iter()
+            .flat_map(|t| {
+                t.producers
+                    .lock()
+                    .iter()
+                    .map(|(g, n)| ProducerStat {
+                        topic: t.name.clone(),
+                        producer_group: g.clone(),
+                        messages: *n,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.topic, &a.producer_group).cmp(&(&b.topic, &b.producer_group)));
+        out
+    }
+}
+
+impl Inner {
+    pub(crate) async fn create_topic(
+        &self,
+        name: &TopicName,
+        queue_count: Option<u32>,
+    ) -> Result<TopicConfig> {
+        let count = queue_count.unwrap_or(self.config.default_queue_count);
+        let cfg = self.store.create_topic(name, count).await?;
+        let mut topics = self.topics.write();
+        match topics.get(name) {
+            Some(h) => h.queue_count.store(cfg.queue_count, Ordering::Release),
+            None => {
+                topics.insert(name.clone(), Arc::new(TopicHandle::new(&cfg)));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The handle of a topic, created on first use when auto-creation is on.
+    pub(crate) async fn topic_handle(&self, name: &TopicName) -> Result<Arc<TopicHandle>> {
+        if let Some(h) = self.topics.read().get(name) {
+            return Ok(Arc::clone(h));
+        }
+        if let Some(cfg) = self.store.topic(name) {
+            let mut topics = self.topics.write();
+            return Ok(Arc::clone(
+                topics
+                    .entry(name.clone())
+                    .or_insert_with(|| Arc::new(TopicHandle::new(&cfg))),
+            ));
+        }
+        if !self.config.auto_create_topics && !crate::retry::is_system_topic(name) {
+            return Err(CoreError::NoSuchTopic(name.to_string()));
+        }
+        let queues = crate::retry::is_system_topic(name).then_some(1);
+        self.create_topic(name, queues).await?;
+        self.topics
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| CoreError::NoSuchTopic(name.to_string()))
+    }
+
+    pub(crate) fn wake_topic(&self, topic: &TopicName) {
+        if let Some(h) = self.topics.read().get(topic) {
+            h.wake();
+        }
+    }
+}
