@@ -30,6 +30,7 @@ pub mod publish;
 pub mod retained;
 pub mod retry;
 pub mod router;
+pub mod sockio;
 mod topics;
 pub mod trie;
 mod wire;

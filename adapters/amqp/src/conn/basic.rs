@@ -360,16 +360,10 @@ where
             cons.consumer.ack(token);
         } else {
             cons.unacked += 1;
-            chan.unacked.insert(
-                tag,
-                Unacked {
-                    cons: id,
-                    token,
-                },
-            );
+            chan.unacked.insert(tag, Unacked { cons: id, token });
         }
         frame::put_get_ok(
-            &mut self.out,
+            &mut self.output.out,
             ch,
             tag,
             d.redelivered,
@@ -379,7 +373,7 @@ where
         );
         let props = convert::delivery_properties(&d.message.message);
         frame::put_content(
-            &mut self.out,
+            &mut self.output.out,
             ch,
             &props,
             &d.message.message.body,

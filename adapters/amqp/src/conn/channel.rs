@@ -47,7 +47,7 @@ where
             );
         }
         frame::put_method(
-            &mut self.out,
+            &mut self.output.out,
             ch,
             AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
                 reply_code: code,
@@ -132,7 +132,7 @@ where
                     self.shared.stats.channels.fetch_add(1, Ordering::Relaxed);
                 }
                 frame::put_method(
-                    &mut self.out,
+                    &mut self.output.out,
                     ch,
                     AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
                 );
@@ -150,7 +150,7 @@ where
                     self.shared.stats.channels.fetch_sub(1, Ordering::Relaxed);
                     self.close_channel_state(c);
                     frame::put_method(
-                        &mut self.out,
+                        &mut self.output.out,
                         ch,
                         AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
                     );
@@ -180,7 +180,7 @@ where
     }
 
     pub(super) fn reply(&mut self, ch: u16, m: AMQPClass) {
-        frame::put_method(&mut self.out, ch, m);
+        frame::put_method(&mut self.output.out, ch, m);
     }
 
     async fn on_method(&mut self, ch: u16, m: AMQPClass) -> ChanResult {

@@ -32,13 +32,19 @@ where
         let ex = props::get(&m.properties, props::AMQP_EXCHANGE);
         let rk = props::get(&m.properties, props::AMQP_ROUTING_KEY);
         match (ex, rk) {
-            (Some(ex), Some(rk)) => {
-                frame::put_deliver(&mut self.out, ch, &cons.tag, tag, d.redelivered, ex, rk)
-            }
+            (Some(ex), Some(rk)) => frame::put_deliver(
+                &mut self.output.out,
+                ch,
+                &cons.tag,
+                tag,
+                d.redelivered,
+                ex,
+                rk,
+            ),
             _ => {
                 let (ex, rk) = convert::exchange_and_key(m);
                 frame::put_deliver(
-                    &mut self.out,
+                    &mut self.output.out,
                     ch,
                     &cons.tag,
                     tag,
@@ -49,7 +55,7 @@ where
             }
         }
         let props = convert::delivery_properties(m);
-        frame::put_content(&mut self.out, ch, &props, &m.body, frame_max);
+        frame::put_content(&mut self.output.out, ch, &props, &m.body, frame_max);
         if d.redelivered {
             self.shared
                 .stats
@@ -61,13 +67,7 @@ where
             cons.consumer.ack(token);
         } else {
             cons.unacked += 1;
-            chan.unacked.insert(
-                tag,
-                Unacked {
-                    cons: cid,
-                    token,
-                },
-            );
+            chan.unacked.insert(tag, Unacked { cons: cid, token });
         }
         self.shared.stats.delivered.fetch_add(1, Ordering::Relaxed);
     }
@@ -93,7 +93,7 @@ where
         }
         if !cons.get && !cons.cancelled && self.cancel_notify {
             frame::put_method(
-                &mut self.out,
+                &mut self.output.out,
                 ch,
                 AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
                     consumer_tag: cons.tag.as_str().into(),

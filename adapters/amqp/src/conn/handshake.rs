@@ -9,7 +9,6 @@ use amq_protocol::protocol::{connection, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::time::Instant;
 
 use crate::convert;
 use crate::frame::{self, Frame, PROTOCOL_HEADER};
@@ -17,7 +16,9 @@ use crate::reply;
 use crate::server::Shared;
 use mqgate_amqp_codec::depth;
 
-use super::{close_method, Conn, MIN_READ};
+use mqgate_core::sockio::{Input, Output};
+
+use super::{close_method, Conn};
 
 fn capabilities() -> FieldTable {
     let mut c = FieldTable::default();
@@ -354,11 +355,11 @@ where
         user,
         perm,
         vhost,
-        rd,
-        wr,
-        inbuf: buf,
-        read_hint: MIN_READ,
-        out,
+        input: Input::new(rd, buf),
+        output: Output {
+            out,
+            ..Output::new(wr)
+        },
         frame_max,
         channel_max,
         heartbeat,
@@ -366,8 +367,6 @@ where
         blocked_notify,
         published: false,
         channels: HashMap::new(),
-        last_read: Instant::now(),
-        last_write: Instant::now(),
         exclusive: Vec::new(),
         batch: Vec::new(),
         next_consumer: 1,

@@ -35,21 +35,7 @@ use crate::server::Shared;
 
 use self::handshake::handshake;
 
-/// Stop pulling deliveries past this much unsent output.
-const OUT_HIGH_WATER: usize = 256 * 1024;
-/// Stop reading past this much unsent output (a client that publishes without reading).
-const OUT_HARD_LIMIT: usize = 4 * 1024 * 1024;
-/// Deliveries taken per wake-up before the loop looks at its socket again.
-const DELIVERY_BURST: usize = 256;
-
-/// Room offered to one socket read: it starts small and doubles while reads fill half of
-/// it, up to `MAX_READ`, so a busy publisher's reads take everything it sent and every
-/// publish in them is stored in one write (a consumed `BytesMut` otherwise offers reads of
-/// a few bytes, and each publish costs a write of its own). It halves while reads are
-/// small, and a drained buffer larger than twice the room is given back: an idle
-/// connection holds 2 KiB, not 64.
-const MIN_READ: usize = 2 * 1024;
-const MAX_READ: usize = 64 * 1024;
+use mqgate_core::sockio::{Input, Output, DELIVERY_BURST, OUT_HIGH_WATER};
 
 /// How a connection ends.
 enum End {
@@ -234,12 +220,9 @@ struct Conn<S> {
     user: String,
     perm: Permission,
     vhost: String,
-    rd: ReadHalf<S>,
-    wr: WriteHalf<S>,
-    inbuf: BytesMut,
-    /// The room the next read is offered (see `MIN_READ`).
-    read_hint: usize,
-    out: BytesMut,
+    /// The socket: read room and input, output and the write arm (shared with MQTT).
+    input: Input<ReadHalf<S>>,
+    output: Output<WriteHalf<S>>,
     frame_max: u32,
     channel_max: u16,
     heartbeat: u16,
@@ -249,8 +232,6 @@ struct Conn<S> {
     /// It has published: the memory watermark stops reading from it.
     published: bool,
     channels: HashMap<u16, Channel>,
-    last_read: Instant,
-    last_write: Instant,
     exclusive: Vec<Arc<Queue>>,
     batch: Vec<Batched>,
     next_consumer: u64,
@@ -269,17 +250,15 @@ where
         let mut shutdown = self.shared.shutdown.subscribe();
         let mut blocked = self.shared.broker.memory_blocked();
         let mut told_blocked = false;
-        if !self.inbuf.is_empty() {
+        if !self.input.buf.is_empty() {
             if let Err(end) = self.handle_input().await {
                 return end;
             }
         }
         let hb = (self.heartbeat > 0).then(|| Duration::from_secs(self.heartbeat as u64));
         loop {
-            if self.inbuf.capacity() - self.inbuf.len() < self.read_hint / 2 {
-                self.inbuf.reserve(self.read_hint);
-            }
-            let may_deliver = self.out.len() < OUT_HIGH_WATER;
+            self.input.prepare();
+            let may_deliver = self.output.may_deliver();
             let is_blocked = *blocked.borrow_and_update();
             if is_blocked != told_blocked && self.blocked_notify {
                 let m = if is_blocked {
@@ -289,20 +268,20 @@ where
                 } else {
                     connection::AMQPMethod::Unblocked(connection::Unblocked {})
                 };
-                frame::put_method(&mut self.out, 0, AMQPClass::Connection(m));
+                frame::put_method(&mut self.output.out, 0, AMQPClass::Connection(m));
             }
             told_blocked = is_blocked;
             let held = is_blocked && self.published;
-            let may_read = self.out.len() < OUT_HARD_LIMIT && !held;
-            let has_out = !self.out.is_empty();
-            let hb_send = hb.map(|h| self.last_write + h / 2);
+            let may_read = self.output.may_read() && !held;
+            let has_out = self.output.pending();
+            let hb_send = hb.map(|h| self.output.last + h / 2);
             // A connection not read while blocked is not missing heartbeats (RabbitMQ
             // pauses its heartbeat monitor too).
-            let hb_dead = hb.filter(|_| !held).map(|h| self.last_read + h * 2);
+            let hb_dead = hb.filter(|_| !held).map(|h| self.input.last + h * 2);
             tokio::select! {
                 biased;
                 _ = blocked.changed() => {
-                    self.last_read = Instant::now();
+                    self.input.last = Instant::now();
                     continue;
                 }
                 Some(()) = kicked.recv() => {
@@ -314,33 +293,20 @@ where
                     return End::Error(reply::CONNECTION_FORCED,
                         "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'".into(), 0, 0);
                 }
-                w = self.wr.write(&self.out), if has_out => match w {
+                w = self.output.write_some(), if has_out => match w {
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(n) => {
                         self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                        bytes::Buf::advance(&mut self.out, n);
-                        self.last_write = Instant::now();
-                        if self.out.is_empty() && self.out.capacity() > OUT_HIGH_WATER {
-                            self.out = BytesMut::new();
-                        }
                     }
                 },
-                r = self.rd.read_buf(&mut self.inbuf), if may_read => match r {
+                r = self.input.read_some(), if may_read => match r {
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(n) => {
                         self.shared.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                        self.read_hint = if n >= self.read_hint / 2 {
-                            (self.read_hint * 2).min(MAX_READ)
-                        } else {
-                            (self.read_hint / 2).max(MIN_READ)
-                        };
-                        self.last_read = Instant::now();
                         if let Err(end) = self.handle_input().await {
                             return end;
                         }
-                        if self.inbuf.is_empty() && self.inbuf.capacity() > 2 * self.read_hint {
-                            self.inbuf = BytesMut::new();
-                        }
+                        self.input.settle();
                         // A client that publishes without pause still gets its
                         // deliveries: the read branch wins every biased select.
                         self.deliver_burst();
@@ -355,10 +321,10 @@ where
                     self.deliver_burst();
                 }
                 _ = sleep_until_opt(hb_send) => {
-                    if self.out.is_empty() {
-                        frame::put_heartbeat(&mut self.out);
+                    if self.output.out.is_empty() {
+                        frame::put_heartbeat(&mut self.output.out);
                     }
-                    self.last_write = Instant::now();
+                    self.output.last = Instant::now();
                 }
                 _ = sleep_until_opt(hb_dead) => {
                     tracing::info!(peer = %self.peer, user = %self.user, "AMQP: missed heartbeats from client; connection closed");
@@ -371,7 +337,7 @@ where
     /// Deliver what the consumers have ready now, up to a burst.
     fn deliver_burst(&mut self) {
         for _ in 0..DELIVERY_BURST {
-            if self.out.len() >= OUT_HIGH_WATER {
+            if self.output.out.len() >= OUT_HIGH_WATER {
                 break;
             }
             match try_deliveries(&mut self.channels) {
@@ -387,7 +353,7 @@ where
     /// together (one write), then confirmed.
     async fn handle_input(&mut self) -> Result<(), End> {
         let result = loop {
-            let f = match frame::decode(&mut self.inbuf, self.frame_max) {
+            let f = match frame::decode(&mut self.input.buf, self.frame_max) {
                 Ok(Some(f)) => f,
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(self.frame_error(&e)),
@@ -519,7 +485,7 @@ where
             AMQPClass::Connection(connection::AMQPMethod::Close(c)) => {
                 tracing::debug!(peer = %self.peer, code = c.reply_code, "AMQP: client closed the connection");
                 frame::put_method(
-                    &mut self.out,
+                    &mut self.output.out,
                     0,
                     AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
                 );
@@ -528,7 +494,7 @@ where
             AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) => Err(End::Closed),
             AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(_)) => {
                 frame::put_method(
-                    &mut self.out,
+                    &mut self.output.out,
                     0,
                     AMQPClass::Connection(connection::AMQPMethod::UpdateSecretOk(
                         connection::UpdateSecretOk {},
@@ -551,21 +517,25 @@ where
     async fn finish(mut self, end: End) {
         match &end {
             End::Error(code, text, class, method) => {
-                frame::put_method(&mut self.out, 0, close_method(*code, text, *class, *method));
+                frame::put_method(
+                    &mut self.output.out,
+                    0,
+                    close_method(*code, text, *class, *method),
+                );
                 let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    let _ = self.wr.write_all(&self.out).await;
+                    let _ = self.output.wr.write_all(&self.output.out).await;
                     // Wait briefly for close-ok (or the client closing).
                     let mut scratch = [0u8; 512];
-                    let _ = self.rd.read(&mut scratch).await;
+                    let _ = self.input.rd.read(&mut scratch).await;
                 })
                 .await;
             }
             End::ClientClosed => {
-                let _ = self.wr.write_all(&self.out).await;
+                let _ = self.output.wr.write_all(&self.output.out).await;
             }
             End::Closed => {}
         }
-        let _ = self.wr.shutdown().await;
+        let _ = self.output.wr.shutdown().await;
         let chans: Vec<Channel> = self.channels.drain().map(|(_, c)| c).collect();
         self.shared
             .stats

@@ -172,7 +172,7 @@ where
                     )
                     .await;
                 if let Some(seq) = seq {
-                    frame::put_confirm(&mut self.out, ch, seq, false, r.is_ok());
+                    frame::put_confirm(&mut self.output.out, ch, seq, false, r.is_ok());
                 }
                 return r.map(|_| ()).map_err(internal);
             }
@@ -196,7 +196,7 @@ where
                     })),
                 );
                 frame::put_content(
-                    &mut self.out,
+                    &mut self.output.out,
                     ch,
                     &c.header.raw_properties,
                     &c.body,
@@ -261,7 +261,7 @@ where
             // A full queue refused some: each message gets its own ack or nack.
             for (ch, seq, i) in confirms {
                 if self.channels.get(&ch).is_some_and(|c| !c.closing) {
-                    frame::put_confirm(&mut self.out, ch, seq, false, !refused[i]);
+                    frame::put_confirm(&mut self.output.out, ch, seq, false, !refused[i]);
                 }
             }
             return Ok(());
@@ -276,7 +276,7 @@ where
         }
         for (ch, seq) in last {
             if self.channels.get(&ch).is_some_and(|c| !c.closing) {
-                frame::put_confirm(&mut self.out, ch, seq, true, ok);
+                frame::put_confirm(&mut self.output.out, ch, seq, true, ok);
             }
         }
         Ok(())

@@ -14,7 +14,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::{Conn, Inflight, Stage, MIN_READ};
+use mqgate_core::sockio::{Input, Output};
+
+use super::{Conn, Inflight, Stage};
 use crate::codec::{
     self, reason, Ack, AckKind, ConnAck, Connect, DecodeError, Packet, Properties, Version,
 };
@@ -345,17 +347,13 @@ where
     let mut conn = Conn {
         shared: Arc::clone(&shared),
         peer,
-        rd,
-        wr,
-        inbuf,
-        out: BytesMut::new(),
-        read_hint: MIN_READ,
+        input: Input::new(rd, inbuf),
+        output: Output::new(wr),
         version: c.version,
         client_id,
         user: c.username.clone(),
         conn_id,
         keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
-        last_read: Instant::now(),
         record,
         sub_index: HashMap::new(),
         session: Some(session_consumer),

@@ -28,7 +28,7 @@ where
             return;
         }
         for _ in 0..DELIVERY_BURST {
-            if self.out.len() >= OUT_HIGH_WATER {
+            if self.output.out.len() >= OUT_HIGH_WATER {
                 break;
             }
             match self.direct_rx.try_recv() {
@@ -37,7 +37,7 @@ where
             }
         }
         for _ in 0..DELIVERY_BURST {
-            if self.inflight.len() >= self.send_quota || self.out.len() >= OUT_HIGH_WATER {
+            if self.inflight.len() >= self.send_quota || self.output.out.len() >= OUT_HIGH_WATER {
                 break;
             }
             match try_deliveries(&mut self.session, &mut self.shared_subs) {
@@ -53,7 +53,7 @@ where
         let now = self.shared.now();
         let broker = self.shared.broker.clone();
         let retained = broker.retained();
-        while self.out.len() < OUT_HIGH_WATER && self.inflight.len() < self.send_quota {
+        while self.output.out.len() < OUT_HIGH_WATER && self.inflight.len() < self.send_quota {
             let Some(mut pending) = self.retained_todo.pop_front() else {
                 return;
             };

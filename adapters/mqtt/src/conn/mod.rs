@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use mqgate_core::acl::{Access, Subject};
 use mqgate_core::{AckToken, Consumer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -28,16 +28,7 @@ mod publish;
 mod subscribe;
 mod will;
 
-/// Output beyond this stops pulling deliveries until the socket drains.
-const OUT_HIGH_WATER: usize = 256 * 1024;
-/// Output beyond this stops reading too (a client that floods without reading).
-const OUT_HARD_LIMIT: usize = 4 * 1024 * 1024;
-/// The smallest and largest room given to one socket read.
-const MIN_READ: usize = 2 * 1024;
-const MAX_READ: usize = 64 * 1024;
-
-/// Deliveries handled per wake-up before the loop looks at the socket again.
-const DELIVERY_BURST: usize = 256;
+use mqgate_core::sockio::{Input, Output, DELIVERY_BURST, OUT_HIGH_WATER};
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -101,16 +92,14 @@ struct SharedSub {
 struct Conn<S> {
     shared: Arc<Shared>,
     peer: SocketAddr,
-    rd: ReadHalf<S>,
-    wr: WriteHalf<S>,
-    inbuf: BytesMut,
-    out: BytesMut,
+    /// The socket: read room and input, output and the write arm (shared with AMQP).
+    input: Input<ReadHalf<S>>,
+    output: Output<WriteHalf<S>>,
     version: Version,
     client_id: String,
     user: Option<String>,
     conn_id: u64,
     keep_alive: Option<Duration>,
-    last_read: Instant,
     record: SessionRecord,
     /// Filter → its place in `record.subscriptions`, so a SUBSCRIBE or UNSUBSCRIBE
     /// costs each filter O(1), however many the session holds.
@@ -139,9 +128,6 @@ struct Conn<S> {
     /// Whether the access rules can deny this client a message: each delivery's topic
     /// is checked then (no cost per message otherwise).
     check_reads: bool,
-    /// How much room the next read gets: grows while reads fill it, shrinks while
-    /// they do not, so an idle connection holds a small buffer.
-    read_hint: usize,
 }
 
 impl<S> std::fmt::Debug for Conn<S> {
@@ -234,7 +220,7 @@ where
     }
 
     fn send(&mut self, p: &Packet) {
-        codec::encode(p, self.version, &mut self.out);
+        codec::encode(p, self.version, &mut self.output.out);
     }
 
     /// The connection's main loop.
@@ -244,7 +230,7 @@ where
             return End::Server(reason::SERVER_SHUTTING_DOWN, "server shutting down".into());
         }
         // Packets sent right behind CONNECT, in the same read.
-        if !self.inbuf.is_empty() {
+        if !self.input.buf.is_empty() {
             if let Err(end) = self.handle_input().await {
                 return end;
             }
@@ -254,21 +240,19 @@ where
         let mut blocked = self.shared.broker.memory_blocked();
         loop {
             let window_open = self.inflight.len() < self.send_quota;
-            let may_deliver = self.out.len() < OUT_HIGH_WATER;
+            let may_deliver = self.output.may_deliver();
             let held = self.published && *blocked.borrow_and_update();
             let retained_first = !self.retained_todo.is_empty();
-            let may_read = self.out.len() < OUT_HARD_LIMIT && !held;
+            let may_read = self.output.may_read() && !held;
             let ka_deadline = (!held)
-                .then(|| self.keep_alive.map(|k| self.last_read + k))
+                .then(|| self.keep_alive.map(|k| self.input.last + k))
                 .flatten();
-            let has_out = !self.out.is_empty();
-            if self.inbuf.capacity() - self.inbuf.len() < MIN_READ / 2 {
-                self.inbuf.reserve(self.read_hint);
-            }
+            let has_out = self.output.pending();
+            self.input.prepare();
             tokio::select! {
                 biased;
                 _ = blocked.changed() => {
-                    self.last_read = Instant::now();
+                    self.input.last = Instant::now();
                 }
                 r = self.kick_rx.recv() => {
                     let code = r.unwrap_or(reason::SESSION_TAKEN_OVER);
@@ -282,33 +266,20 @@ where
                 _ = shutdown.changed() => {
                     return End::Server(reason::SERVER_SHUTTING_DOWN, "server shutting down".into());
                 }
-                w = self.wr.write(&self.out), if has_out => match w {
+                w = self.output.write_some(), if has_out => match w {
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(n) => {
                         self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                        bytes::Buf::advance(&mut self.out, n);
-                        // Give back a buffer a burst made big.
-                        if self.out.is_empty() && self.out.capacity() > OUT_HIGH_WATER {
-                            self.out = BytesMut::new();
-                        }
                     }
                 },
-                r = self.rd.read_buf(&mut self.inbuf), if may_read => match r {
+                r = self.input.read_some(), if may_read => match r {
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(n) => {
                         self.shared.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                        self.read_hint = if n >= self.read_hint / 2 {
-                            (self.read_hint * 2).min(MAX_READ)
-                        } else {
-                            (self.read_hint / 2).max(MIN_READ)
-                        };
-                        self.last_read = Instant::now();
                         if let Err(end) = self.handle_input().await {
                             return end;
                         }
-                        if self.inbuf.is_empty() && self.inbuf.capacity() > 2 * self.read_hint {
-                            self.inbuf = BytesMut::new();
-                        }
+                        self.input.settle();
                         // A client that publishes without pause still gets its
                         // deliveries: the read branch wins every biased select.
                         self.deliver_burst();
@@ -341,7 +312,7 @@ where
         let max = self.shared.cfg.max_packet_size;
         let mut batch: Vec<(Outbound, u16, QoS)> = Vec::new();
         let result = loop {
-            let packet = match codec::decode(&mut self.inbuf, Some(self.version), max) {
+            let packet = match codec::decode(&mut self.input.buf, Some(self.version), max) {
                 Ok(Some(p)) => p,
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(self.protocol_error(e.reason_code(), &e.to_string())),
@@ -447,11 +418,14 @@ where
                 }));
             }
         }
-        if !self.out.is_empty() {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), self.wr.write_all(&self.out)).await;
+        if !self.output.out.is_empty() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.output.wr.write_all(&self.output.out),
+            )
+            .await;
         }
-        let _ = self.wr.shutdown().await;
+        let _ = self.output.wr.shutdown().await;
         tracing::debug!(client = %self.client_id, ?end, "MQTT: disconnected");
 
         let topic = session_topic(&self.client_id);
@@ -490,9 +464,12 @@ where
             self.save_record().await;
             if self.record.expiry != u32::MAX && !taken_over {
                 // The core deletes it once unused for its expiry.
-                self.shared.broker.register_endpoint(
-                    crate::server::Shared::session_endpoint(&self.client_id, self.record.expiry),
-                );
+                self.shared
+                    .broker
+                    .register_endpoint(crate::server::Shared::session_endpoint(
+                        &self.client_id,
+                        self.record.expiry,
+                    ));
                 self.shared.expiring.lock().insert(self.client_id.clone());
             }
         }

@@ -171,11 +171,8 @@ where
             self.save_record().await;
         }
         // Sent by the main loop as the output buffer drains (`send_retained`).
-        self.retained_todo.extend(
-            retained_to_send
-                .into_iter()
-                .map(super::RetainedTodo::new),
-        );
+        self.retained_todo
+            .extend(retained_to_send.into_iter().map(super::RetainedTodo::new));
         Ok(())
     }
 

@@ -1,0 +1,140 @@
+//! The socket side of a protocol connection, the same for AMQP and MQTT: the read room,
+//! the output buffer and its high-water marks, and the write arm. Each connection task
+//! selects over [`Input::read_some`] and [`Output::write_some`] (they borrow different
+//! halves, so both can be armed in one `select!`) next to its protocol's own arms
+//! (deliveries, heartbeats, kicks).
+//!
+//! - **Read room.** The room offered to one read starts at [`MIN_READ`] and doubles while
+//!   reads fill half of it, up to [`MAX_READ`], so a busy publisher's reads take everything
+//!   it sent and every publish in them is stored in one write (a consumed `BytesMut`
+//!   otherwise offers reads of a few bytes, and each publish costs a write and an fsync
+//!   of its own). It halves while reads are small, and a drained buffer larger than twice
+//!   the room is given back ([`Input::settle`]): an idle connection holds 2 KiB.
+//! - **Output.** Deliveries are pulled only while the unsent output is under
+//!   [`OUT_HIGH_WATER`]; reading stops past [`OUT_HARD_LIMIT`] (a client that floods
+//!   without reading is pushed back by TCP). A drained output buffer a burst made big is
+//!   given back.
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// Stop pulling deliveries past this much unsent output.
+pub const OUT_HIGH_WATER: usize = 256 * 1024;
+/// Stop reading past this much unsent output.
+pub const OUT_HARD_LIMIT: usize = 4 * 1024 * 1024;
+/// Deliveries taken per wake-up before the loop looks at its socket again.
+pub const DELIVERY_BURST: usize = 256;
+/// The smallest room offered to one read.
+pub const MIN_READ: usize = 2 * 1024;
+/// The largest room offered to one read.
+pub const MAX_READ: usize = 64 * 1024;
+
+/// The reading half of a connection and what it read but has not handled.
+#[derive(Debug)]
+pub struct Input<R> {
+    /// The socket's read half.
+    pub rd: R,
+    /// Read, not yet decoded.
+    pub buf: BytesMut,
+    /// When something was last read.
+    pub last: Instant,
+    room: usize,
+}
+
+impl<R: AsyncRead + Unpin> Input<R> {
+    /// `buf`: what the handshake read beyond its own packets.
+    pub fn new(rd: R, buf: BytesMut) -> Self {
+        Self {
+            rd,
+            buf,
+            last: Instant::now(),
+            room: MIN_READ,
+        }
+    }
+
+    /// Make room for the next read (call before arming [`Input::read_some`]).
+    pub fn prepare(&mut self) {
+        if self.buf.capacity() - self.buf.len() < self.room / 2 {
+            self.buf.reserve(self.room);
+        }
+    }
+
+    /// Read what the socket has; `Ok(0)`: the peer closed.
+    pub async fn read_some(&mut self) -> std::io::Result<usize> {
+        let n = self.rd.read_buf(&mut self.buf).await?;
+        if n > 0 {
+            self.room = if n >= self.room / 2 {
+                (self.room * 2).min(MAX_READ)
+            } else {
+                (self.room / 2).max(MIN_READ)
+            };
+            self.last = Instant::now();
+        }
+        Ok(n)
+    }
+
+    /// After the input was handled: give back a drained buffer a burst made big.
+    pub fn settle(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 2 * self.room {
+            self.buf = BytesMut::new();
+        }
+    }
+}
+
+/// The writing half of a connection and its unsent output.
+#[derive(Debug)]
+pub struct Output<W> {
+    /// The socket's write half.
+    pub wr: W,
+    /// Encoded, not yet written.
+    pub out: BytesMut,
+    /// When something was last written.
+    pub last: Instant,
+}
+
+impl<W: AsyncWrite + Unpin> Output<W> {
+    /// An empty output.
+    pub fn new(wr: W) -> Self {
+        Self {
+            wr,
+            out: BytesMut::new(),
+            last: Instant::now(),
+        }
+    }
+
+    /// Whether there is something to write (arm [`Output::write_some`]).
+    pub fn pending(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Whether to pull more deliveries.
+    pub fn may_deliver(&self) -> bool {
+        self.out.len() < OUT_HIGH_WATER
+    }
+
+    /// Whether to read more input.
+    pub fn may_read(&self) -> bool {
+        self.out.len() < OUT_HARD_LIMIT
+    }
+
+    /// Write some of the output; `Ok(0)`: the peer is gone.
+    pub async fn write_some(&mut self) -> std::io::Result<usize> {
+        let n = self.wr.write(&self.out).await?;
+        if n > 0 {
+            self.out.advance(n);
+            self.last = Instant::now();
+            if self.out.is_empty() && self.out.capacity() > OUT_HIGH_WATER {
+                self.out = BytesMut::new();
+            }
+        }
+        Ok(n)
+    }
+
+    /// Write everything left and shut the write half down (the connection ends).
+    pub async fn close(&mut self) {
+        let _ = self.wr.write_all(&self.out).await;
+        self.out.clear();
+        let _ = self.wr.shutdown().await;
+    }
+}
