@@ -8,9 +8,9 @@ use mqgate_store::{GroupName, TopicName};
 use parking_lot::Mutex;
 
 use crate::config::RetryPolicy;
-use mqgate_core::{ConsumeMode, DeadLetter, GroupSpec, OnFailure, Policy, StartPosition};
 use crate::convert::{int_value, str_value};
 use crate::reply;
+use mqgate_core::{ConsumeMode, DeadLetter, GroupSpec, OnFailure, Policy, StartPosition};
 
 /// Keyed-area namespace of durable queue declarations (key: `vhost \0 name`).
 pub const NS_QUEUE: &str = "amqp.queue";
@@ -229,7 +229,10 @@ impl Queue {
             spec: self.spec(),
             vhost: self.vhost.clone(),
             records: if self.persistent() {
-                vec![(NS_QUEUE.to_owned(), Bytes::from(Self::key(&self.vhost, &self.name)))]
+                vec![(
+                    NS_QUEUE.to_owned(),
+                    Bytes::from(Self::key(&self.vhost, &self.name)),
+                )]
             } else {
                 Vec::new()
             },

@@ -151,7 +151,11 @@ impl crate::Broker {
     /// at its head are settled on time), and it is deleted once unused for its
     /// `idle_expiry`. Unused since `idle_since` (now when `None`). Replaces an earlier
     /// registration of the same group, keeping its users.
-    pub fn register_endpoint_since(&self, endpoint: impl Into<Endpoint>, idle_since: Option<Millis>) {
+    pub fn register_endpoint_since(
+        &self,
+        endpoint: impl Into<Endpoint>,
+        idle_since: Option<Millis>,
+    ) {
         let endpoint = endpoint.into();
         let now = self.now();
         let mut map = self.inner.endpoints.map.lock();

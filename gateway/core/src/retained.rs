@@ -291,11 +291,7 @@ impl Retained {
     /// The body of `topic`'s retained message (`entry` from [`Retained::matching`]):
     /// from the cache, else read from the store and cached. `None`: cleared meanwhile,
     /// or unreadable.
-    pub async fn body(
-        &self,
-        topic: &str,
-        entry: Entry,
-    ) -> Option<Arc<Message>> {
+    pub async fn body(&self, topic: &str, entry: Entry) -> Option<Arc<Message>> {
         if let Some(m) = self.cache.lock().get(topic) {
             return Some(m);
         }
@@ -485,7 +481,9 @@ mod tests {
             );
         }
         store.write(b).await.expect("write");
-        let r = Retained::load(Arc::clone(&store), 10, 1000).await.expect("load");
+        let r = Retained::load(Arc::clone(&store), 10, 1000)
+            .await
+            .expect("load");
         assert_eq!(r.stats().messages, 2);
         assert_eq!(r.stats().cached_messages, 0, "no body kept");
         assert!(store
@@ -499,7 +497,9 @@ mod tests {
             .expect("scan");
         assert_eq!(idx.len(), 2);
         // The next start reads the index only.
-        let r = Retained::load(Arc::clone(&store), 10, 1000).await.expect("load");
+        let r = Retained::load(Arc::clone(&store), 10, 1000)
+            .await
+            .expect("load");
         let (topic, entry) = r.matching("old/2", 0).pop().expect("indexed");
         let body = r.body(&topic, entry).await.expect("body");
         assert_eq!(body.body.len(), 100);

@@ -1250,7 +1250,11 @@ async fn unused_endpoints_expire_with_their_records() {
     let b = &env.broker;
     let mut events = b.endpoint_events();
     let mut records = Records::new();
-    records.put("test.ep", Bytes::from_static(b"q"), Bytes::from_static(b"decl"));
+    records.put(
+        "test.ep",
+        Bytes::from_static(b"q"),
+        Bytes::from_static(b"decl"),
+    );
     b.declare_endpoint(&topic("idle"), 1, &group("q"), records)
         .await
         .unwrap();
@@ -1285,7 +1289,11 @@ async fn unused_endpoints_expire_with_their_records() {
         b.record("test.ep", b"q").await.unwrap().is_none(),
         "its record is deleted"
     );
-    assert_eq!(env.committed("q", "idle").await, None, "its offsets are deleted");
+    assert_eq!(
+        env.committed("q", "idle").await,
+        None,
+        "its offsets are deleted"
+    );
     match tokio::time::timeout(Duration::from_secs(2), events.recv()).await {
         Ok(Ok(mqgate_core::EndpointEvent::Expired { group: g, records })) => {
             assert_eq!(g, group("q"));

@@ -73,11 +73,7 @@ fn describe(e: config::ConfigError) -> ConfigError {
     }
     if let config::ConfigError::Message(m) = &e {
         if let Some(inv) = Invalid::decode(m) {
-            return ConfigError(format!(
-                "config: \"{}\": {}",
-                inv.value,
-                one_line(&inv.why)
-            ));
+            return ConfigError(format!("config: \"{}\": {}", inv.value, one_line(&inv.why)));
         }
     }
     ConfigError(format!("config: {}", one_line(&e.to_string())))
