@@ -1,0 +1,624 @@
+//! The group actor: its state, run loop, membership, offsets and cursors.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mqgate_store::{
+    GroupName, Millis, QueueMessage, QueueOffset, QueueRef, StoredMessage, WriteBatch,
+};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::{
+    Cmd, ConsumeMode, Delivery, GroupHandle, GroupInfo, GroupSpec, MemberInfo, QueueInfo,
+    StartPosition,
+};
+use crate::broker::{Inner, TopicHandle};
+use crate::endpoint::DeathReason;
+use crate::error::Result;
+
+pub(super) struct Member {
+    pub(super) tx: mpsc::UnboundedSender<Delivery>,
+    pub(super) prefetch: usize,
+    pub(super) exact: bool,
+    pub(super) unacked: usize,
+    pub(super) heartbeat: bool,
+    pub(super) last_seen: Instant,
+    /// Broadcast: this member's own cursors.
+    pub(super) cursors: BTreeMap<QueueRef, QueueState>,
+}
+
+impl Member {
+    pub(super) fn credit(&self) -> usize {
+        self.prefetch.saturating_sub(self.unacked)
+    }
+}
+
+pub(super) struct InFlight {
+    pub(super) token: u64,
+    pub(super) member: String,
+    pub(super) count: u32,
+    pub(super) message: Arc<StoredMessage>,
+}
+
+pub(super) struct Pending {
+    pub(super) message: Arc<StoredMessage>,
+    pub(super) count: u32,
+}
+
+/// A message the policy settled at delivery, to be dead-lettered.
+pub(super) struct Dying {
+    pub(super) offset: u64,
+    pub(super) message: Arc<StoredMessage>,
+    pub(super) count: u32,
+    pub(super) reason: DeathReason,
+}
+
+/// How long a queue pauses after its settlement could not be stored.
+pub(super) const FAILED_WRITE_PAUSE_MS: u64 = 1_000;
+/// The most messages one expiry sweep settles per queue.
+pub(super) const EXPIRE_SWEEP_MAX: usize = 10_000;
+
+#[derive(Default)]
+pub(super) struct QueueState {
+    /// Clustering / orderly: the member that reads this queue.
+    pub(super) owner: Option<String>,
+    /// The next offset to read from the store.
+    pub(super) read: u64,
+    /// Read, not yet delivered.
+    pub(super) buffer: VecDeque<QueueMessage>,
+    /// Delivered before, to be delivered again (offset order).
+    pub(super) redeliver: BTreeMap<u64, Pending>,
+    pub(super) in_flight: BTreeMap<u64, InFlight>,
+    /// The committed offset last written to the store.
+    pub(super) persisted: Option<u64>,
+    /// Orderly: no delivery before this time (after a failure).
+    pub(super) suspended_until: Millis,
+}
+
+impl QueueState {
+    pub(super) fn committed(&self) -> u64 {
+        let mut c = self.read;
+        if let Some(m) = self.buffer.front() {
+            c = c.min(m.entry.offset.0);
+        }
+        if let Some((o, _)) = self.redeliver.first_key_value() {
+            c = c.min(*o);
+        }
+        if let Some((o, _)) = self.in_flight.first_key_value() {
+            c = c.min(*o);
+        }
+        c
+    }
+}
+
+pub(super) struct Actor {
+    pub(super) inner: Arc<Inner>,
+    pub(super) spec: GroupSpec,
+    pub(super) max_reconsume: u32,
+    pub(super) members: BTreeMap<String, Member>,
+    /// Clustering and shared groups: one state per queue.
+    pub(super) queues: BTreeMap<QueueRef, QueueState>,
+    pub(super) watched: Vec<Arc<TopicHandle>>,
+    pub(super) wake: Arc<Notify>,
+    pub(super) rx: mpsc::UnboundedReceiver<Cmd>,
+    pub(super) next_token: u64,
+    pub(super) rr: usize,
+    pub(super) skipped: u64,
+    pub(super) last_commit: Instant,
+    pub(super) handle: GroupHandle,
+    pub(super) stopped: Option<oneshot::Sender<()>>,
+    /// Since when the group has had no member (`None`: it has members).
+    pub(super) empty_since: Option<Instant>,
+}
+
+/// RocketMQ's average allocation of `queues` over `members`: member `k` takes a run of
+/// `queues / n` queues, plus one for the first `queues % n` members.
+fn owner_of(index: usize, queues: usize, members: &[String]) -> Option<&String> {
+    let n = members.len();
+    let base = queues.checked_div(n)?;
+    let extra = queues % n;
+    let k = if index < extra * (base + 1) {
+        index / (base + 1)
+    } else {
+        extra + (index - extra * (base + 1)).checked_div(base)?
+    };
+    members.get(k)
+}
+
+/// Where a delivery goes.
+pub(super) enum Target {
+    Owner(String),
+    AnyWithCredit,
+    Member(String),
+}
+
+impl Actor {
+    pub(super) async fn run(mut self) {
+        if let Err(e) = self.load_queues().await {
+            tracing::error!(group = %self.spec.name, error = %e, "core: group failed to load its offsets");
+        }
+        let tick = self.inner.config.offset_commit_interval;
+        loop {
+            let deadline = self.next_deadline();
+            let clock = Arc::clone(&self.inner.clock);
+            // The periodic tick only runs when it has work: offsets to persist, members
+            // to watch for heartbeats, or an empty group to end. An idle group with
+            // connected members sleeps until a command or a new message (thousands of
+            // idle MQTT sessions cost nothing between messages).
+            let needs_tick = self.members.is_empty()
+                || self.members.values().any(|m| m.heartbeat)
+                || self.offsets_dirty();
+            tokio::select! {
+                biased;
+                cmd = self.rx.recv() => match cmd {
+                    Some(c) => self.handle(c).await,
+                    None => break,
+                },
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(tick), if needs_tick => {}
+                _ = async move { clock.sleep_until(deadline.unwrap_or(Millis::MAX)).await }, if deadline.is_some() => {}
+            }
+            while let Ok(c) = self.rx.try_recv() {
+                self.handle(c).await;
+            }
+            if self.stopped.is_some() {
+                break;
+            }
+            self.expire_members();
+            if let Err(e) = self.refresh_queues().await {
+                tracing::warn!(group = %self.spec.name, error = %e, "core: group could not add new queues");
+            }
+            self.pump().await;
+            if self.last_commit.elapsed() >= tick {
+                self.commit().await;
+            }
+            if !self.members.is_empty() {
+                self.empty_since = None;
+            }
+            let idle = self.empty_since.get_or_insert_with(Instant::now).elapsed() >= tick;
+            if self.members.is_empty() && idle && self.rx.is_empty() {
+                // Memberless for a while: persist and end; a later subscribe starts a
+                // fresh actor from the committed offsets.
+                self.commit().await;
+                let inner = Arc::clone(&self.inner);
+                self.handle.alive.store(false, Ordering::Release);
+                inner.forget_group(&self.spec.name, &self.handle);
+                // A join that raced the check above is answered by dropping its reply:
+                // the subscriber retries against a new actor.
+                break;
+            }
+        }
+        self.commit().await;
+        self.handle.alive.store(false, Ordering::Release);
+        for t in &self.watched {
+            t.unwatch(&self.wake);
+        }
+        if let Some(done) = self.stopped.take() {
+            let _ = done.send(());
+        }
+    }
+
+    /// Whether some committed offset is not persisted yet.
+    fn offsets_dirty(&self) -> bool {
+        if self.broadcast() {
+            self.members.values().any(|m| {
+                m.cursors
+                    .values()
+                    .any(|c| c.persisted != Some(c.committed()))
+            })
+        } else {
+            self.queues
+                .values()
+                .any(|c| c.persisted != Some(c.committed()))
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Millis> {
+        let now = self.inner.clock.now();
+        self.queues
+            .values()
+            .chain(self.members.values().flat_map(|m| m.cursors.values()))
+            .map(|q| q.suspended_until)
+            .filter(|t| *t > now)
+            .min()
+    }
+
+    pub(super) fn broadcast(&self) -> bool {
+        self.spec.mode == ConsumeMode::Broadcast
+    }
+
+    pub(super) fn owned(&self) -> bool {
+        self.spec.mode == ConsumeMode::Clustering || self.spec.orderly
+    }
+
+    pub(super) fn offsets_group(&self, member: Option<&str>) -> GroupName {
+        match member {
+            Some(m) if self.broadcast() => GroupName::new(format!("{}%{m}", self.spec.name))
+                .unwrap_or_else(|_| self.spec.name.clone()),
+            _ => self.spec.name.clone(),
+        }
+    }
+
+    fn all_queues(&self) -> Vec<QueueRef> {
+        let mut out = Vec::new();
+        for t in &self.watched {
+            for q in 0..t.queue_count() {
+                out.push(QueueRef::new(t.name.clone(), q));
+            }
+        }
+        out
+    }
+
+    /// A fresh cursor for `queue`: the committed offset, or the start position.
+    async fn open_cursor(&self, queue: &QueueRef, member: Option<&str>) -> Result<QueueState> {
+        let group = self.offsets_group(member);
+        let (read, persisted) = match self.inner.store.committed_offset(&group, queue).await? {
+            Some(o) => (o.0, Some(o.0)),
+            None => (self.inner.position(queue, &self.spec.start).await?, None),
+        };
+        Ok(QueueState {
+            read,
+            persisted,
+            ..QueueState::default()
+        })
+    }
+
+    async fn load_queues(&mut self) -> Result<()> {
+        if self.broadcast() {
+            return Ok(());
+        }
+        for q in self.all_queues() {
+            let state = self.open_cursor(&q, None).await?;
+            self.queues.insert(q, state);
+        }
+        // New groups persist their start so a restart resumes there, not at "last".
+        self.commit().await;
+        Ok(())
+    }
+
+    /// Pick up queues added to watched topics since the group started.
+    async fn refresh_queues(&mut self) -> Result<()> {
+        let all = self.all_queues();
+        let mut changed = false;
+        if self.broadcast() {
+            let ids: Vec<String> = self.members.keys().cloned().collect();
+            for id in ids {
+                for q in &all {
+                    if !self.members[&id].cursors.contains_key(q) {
+                        let c = self.open_cursor(q, Some(&id)).await?;
+                        if let Some(m) = self.members.get_mut(&id) {
+                            m.cursors.insert(q.clone(), c);
+                        }
+                    }
+                }
+            }
+            return Ok(());
+        }
+        for q in all {
+            if !self.queues.contains_key(&q) {
+                let c = self.open_cursor(&q, None).await?;
+                self.queues.insert(q, c);
+                changed = true;
+            }
+        }
+        if changed {
+            self.rebalance();
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Join(opts, tx, done) => {
+                if self.members.contains_key(&opts.id) {
+                    self.remove_member(&opts.id).await;
+                }
+                let prefetch = match opts.prefetch {
+                    0 if !opts.exact_prefetch => self.inner.config.max_prefetch,
+                    n => n.min(self.inner.config.max_prefetch),
+                };
+                let mut member = Member {
+                    tx,
+                    prefetch,
+                    exact: opts.exact_prefetch,
+                    unacked: 0,
+                    heartbeat: opts.heartbeat,
+                    last_seen: Instant::now(),
+                    cursors: BTreeMap::new(),
+                };
+                if self.broadcast() {
+                    for q in self.all_queues() {
+                        match self.open_cursor(&q, Some(&opts.id)).await {
+                            Ok(c) => {
+                                member.cursors.insert(q, c);
+                            }
+                            Err(e) => {
+                                tracing::error!(group = %self.spec.name, error = %e, "core: cursor")
+                            }
+                        }
+                    }
+                }
+                self.members.insert(opts.id, member);
+                self.rebalance();
+                let _ = done.send(());
+            }
+            Cmd::Leave(id) => self.remove_member(&id).await,
+            Cmd::Heartbeat(id) => {
+                if let Some(m) = self.members.get_mut(&id) {
+                    m.last_seen = Instant::now();
+                }
+            }
+            Cmd::Prefetch(id, n) => {
+                let max = self.inner.config.max_prefetch;
+                if let Some(m) = self.members.get_mut(&id) {
+                    m.prefetch = if n == 0 && !m.exact { max } else { n.min(max) };
+                }
+            }
+            Cmd::Ack(id, token) => {
+                self.settle(&id, &token);
+            }
+            Cmd::Nack(id, token, requeue) => {
+                if let Some(f) = self.settle(&id, &token) {
+                    self.failed(&id, token.queue, token.offset, f, requeue)
+                        .await;
+                }
+            }
+            Cmd::Reset(to, reply) => {
+                let _ = reply.send(self.reset(to).await);
+            }
+            Cmd::Info(reply) => {
+                let _ = reply.send(self.info());
+            }
+            Cmd::Expire(done) => {
+                self.expire_heads().await;
+                let _ = done.send(());
+            }
+            Cmd::Stop(done) => {
+                self.stopped = Some(done);
+            }
+        }
+    }
+
+    pub(super) fn cursor_mut(&mut self, member: &str, queue: &QueueRef) -> Option<&mut QueueState> {
+        if self.broadcast() {
+            self.members.get_mut(member)?.cursors.get_mut(queue)
+        } else {
+            self.queues.get_mut(queue)
+        }
+    }
+
+    async fn remove_member(&mut self, id: &str) {
+        let Some(member) = self.members.remove(id) else {
+            return;
+        };
+        if self.broadcast() {
+            let group = self.offsets_group(Some(id));
+            let mut batch = WriteBatch::new();
+            for (q, c) in &member.cursors {
+                batch.commit_offset(group.clone(), q.clone(), QueueOffset(c.committed()));
+            }
+            if let Err(e) = self.inner.store.write(batch).await {
+                tracing::error!(group = %self.spec.name, error = %e, "core: broadcast offsets not saved");
+            }
+            return;
+        }
+        for q in self.queues.values_mut() {
+            let theirs: Vec<u64> = q
+                .in_flight
+                .iter()
+                .filter(|(_, f)| f.member == id)
+                .map(|(o, _)| *o)
+                .collect();
+            for o in theirs {
+                if let Some(f) = q.in_flight.remove(&o) {
+                    q.redeliver.insert(
+                        o,
+                        Pending {
+                            message: f.message,
+                            count: f.count,
+                        },
+                    );
+                }
+            }
+        }
+        self.rebalance();
+    }
+
+    fn expire_members(&mut self) {
+        let timeout = self.inner.config.heartbeat_timeout;
+        let dead: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.heartbeat && m.last_seen.elapsed() > timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in dead {
+            tracing::info!(group = %self.spec.name, member = %id, "core: member missed its heartbeats; removing");
+            // Same path as a leave, minus the await on broadcast offsets (done in commit).
+            let _ = self.handle.cmd.send(Cmd::Leave(id));
+        }
+    }
+
+    /// RocketMQ's average allocation: sorted queues split in contiguous runs over sorted
+    /// members, the first `queues % members` members taking one more.
+    fn rebalance(&mut self) {
+        if !self.owned() {
+            return;
+        }
+        let members: Vec<String> = self.members.keys().cloned().collect();
+        let m = self.queues.len();
+        for (i, q) in self.queues.values_mut().enumerate() {
+            q.owner = owner_of(i, m, &members).cloned();
+        }
+    }
+
+    async fn reset(&mut self, to: StartPosition) -> Result<()> {
+        let mut batch = WriteBatch::new();
+        if self.broadcast() {
+            let ids: Vec<String> = self.members.keys().cloned().collect();
+            for id in ids {
+                let group = self.offsets_group(Some(&id));
+                let queues: Vec<QueueRef> = self.members[&id].cursors.keys().cloned().collect();
+                for q in queues {
+                    let target = self.inner.position(&q, &to).await?;
+                    if let Some(member) = self.members.get_mut(&id) {
+                        if let Some(c) = member.cursors.get_mut(&q) {
+                            member.unacked = member.unacked.saturating_sub(c.in_flight.len());
+                            *c = QueueState {
+                                read: target,
+                                persisted: Some(target),
+                                ..QueueState::default()
+                            };
+                        }
+                    }
+                    batch.commit_offset(group.clone(), q, QueueOffset(target));
+                }
+            }
+        } else {
+            let queues: Vec<QueueRef> = self.queues.keys().cloned().collect();
+            for q in queues {
+                let target = self.inner.position(&q, &to).await?;
+                let state = self.queues.get_mut(&q).expect("listed");
+                for f in state.in_flight.values() {
+                    if let Some(m) = self.members.get_mut(&f.member) {
+                        m.unacked = m.unacked.saturating_sub(1);
+                    }
+                }
+                let owner = state.owner.take();
+                *state = QueueState {
+                    owner,
+                    read: target,
+                    persisted: Some(target),
+                    ..QueueState::default()
+                };
+                batch.commit_offset(self.spec.name.clone(), q, QueueOffset(target));
+            }
+        }
+        self.inner.store.write(batch).await?;
+        Ok(())
+    }
+
+    fn info(&self) -> GroupInfo {
+        let mut queues = Vec::new();
+        let mut add = |q: &QueueRef, c: &QueueState, member: Option<String>| {
+            let next = self
+                .inner
+                .store
+                .queue_range(q)
+                .map(|r| r.next.0)
+                .unwrap_or(0);
+            let committed = c.committed();
+            queues.push(QueueInfo {
+                queue: q.clone(),
+                member,
+                committed,
+                next,
+                lag: next.saturating_sub(committed),
+                ready: next.saturating_sub(c.read) + (c.buffer.len() + c.redeliver.len()) as u64,
+                in_flight: c.in_flight.len(),
+            });
+        };
+        if self.broadcast() {
+            for (id, m) in &self.members {
+                for (q, c) in &m.cursors {
+                    add(q, c, Some(id.clone()));
+                }
+            }
+        } else {
+            for (q, c) in &self.queues {
+                add(q, c, c.owner.clone());
+            }
+        }
+        let members = self
+            .members
+            .iter()
+            .map(|(id, m)| MemberInfo {
+                id: id.clone(),
+                unacked: m.unacked,
+                prefetch: m.prefetch,
+                queues: self
+                    .queues
+                    .iter()
+                    .filter(|(_, c)| c.owner.as_deref() == Some(id))
+                    .map(|(q, _)| q.clone())
+                    .collect(),
+            })
+            .collect();
+        GroupInfo {
+            name: self.spec.name.clone(),
+            members,
+            queues,
+            skipped: self.skipped,
+        }
+    }
+
+    async fn commit(&mut self) {
+        self.last_commit = Instant::now();
+        let mut batch = WriteBatch::new();
+        let mut marks = Vec::new();
+        if self.broadcast() {
+            for (id, m) in &self.members {
+                let group = self.offsets_group(Some(id));
+                for (q, c) in &m.cursors {
+                    let committed = c.committed();
+                    if c.persisted != Some(committed) {
+                        batch.commit_offset(group.clone(), q.clone(), QueueOffset(committed));
+                        marks.push((Some(id.clone()), q.clone(), committed));
+                    }
+                }
+            }
+        } else {
+            for (q, c) in &self.queues {
+                let committed = c.committed();
+                if c.persisted != Some(committed) {
+                    batch.commit_offset(self.spec.name.clone(), q.clone(), QueueOffset(committed));
+                    marks.push((None, q.clone(), committed));
+                }
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.inner.store.write(batch).await {
+            tracing::error!(group = %self.spec.name, error = %e, "core: offset commit failed");
+            return;
+        }
+        for (member, q, committed) in marks {
+            let c = match &member {
+                Some(id) => self.members.get_mut(id).and_then(|m| m.cursors.get_mut(&q)),
+                None => self.queues.get_mut(&q),
+            };
+            if let Some(c) = c {
+                c.persisted = Some(committed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owner_of;
+
+    #[test]
+    fn average_allocation() {
+        let members: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let owners = |m: usize, ms: &[String]| -> Vec<String> {
+            (0..m)
+                .map(|i| owner_of(i, m, ms).cloned().unwrap_or_default())
+                .collect()
+        };
+        assert_eq!(
+            owners(8, &members),
+            ["a", "a", "a", "b", "b", "b", "c", "c"]
+        );
+        assert_eq!(owners(4, &members[..2]), ["a", "a", "b", "b"]);
+        assert_eq!(
+            owners(2, &members),
+            ["a", "b"],
+            "more members than queues: some idle"
+        );
+        assert_eq!(owners(3, &[]), ["", "", ""]);
+    }
+}

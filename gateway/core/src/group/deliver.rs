@@ -1,0 +1,229 @@
+//! Delivery: reading queues into members' credit.
+
+use std::sync::Arc;
+
+use mqgate_store::{QueueOffset, QueueRef, ReadLimits};
+
+use super::actor::{Actor, Dying, InFlight, Member, Pending, Target};
+use super::{Cmd, Delivery};
+use crate::endpoint::Verdict;
+
+impl Actor {
+    /// Deliver as much as members have credit for.
+    pub(super) async fn pump(&mut self) {
+        loop {
+            let mut progress = false;
+            if self.broadcast() {
+                let ids: Vec<String> = self.members.keys().cloned().collect();
+                for id in ids {
+                    let queues: Vec<QueueRef> = self.members[&id].cursors.keys().cloned().collect();
+                    for q in queues {
+                        progress |= self.pump_queue(&q, Target::Member(id.clone())).await;
+                    }
+                }
+            } else {
+                let queues: Vec<QueueRef> = self.queues.keys().cloned().collect();
+                for q in queues {
+                    let target = match (self.owned(), &self.queues[&q].owner) {
+                        (true, Some(o)) => Target::Owner(o.clone()),
+                        (true, None) => continue,
+                        (false, _) => Target::AnyWithCredit,
+                    };
+                    progress |= self.pump_queue(&q, target).await;
+                }
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    /// The member the next message goes to, and for round robin its position. It does
+    /// not move the round robin: only a message actually sent does (`pump_queue`), so
+    /// looking for work in an empty queue (or the retry queue) never skips a member.
+    fn pick(&self, target: &Target) -> Option<(String, Option<usize>)> {
+        match target {
+            Target::Owner(id) | Target::Member(id) => self
+                .members
+                .get(id)
+                .filter(|m| m.credit() > 0)
+                .map(|_| (id.clone(), None)),
+            Target::AnyWithCredit => {
+                let n = self.members.len();
+                (0..n).find_map(|k| {
+                    let i = (self.rr + k) % n;
+                    let (id, m) = self.members.iter().nth(i).expect("in range");
+                    (m.credit() > 0).then(|| (id.clone(), Some(i)))
+                })
+            }
+        }
+    }
+
+    /// Deliver from one queue (at most one read batch per call, for fairness).
+    async fn pump_queue(&mut self, queue: &QueueRef, target: Target) -> bool {
+        let owner_key = match &target {
+            Target::Member(id) => id.clone(),
+            _ => String::new(),
+        };
+        let mut dying = Vec::new();
+        let delivered = self
+            .pump_queue_into(queue, target, &owner_key, &mut dying)
+            .await;
+        let progress = delivered || !dying.is_empty();
+        self.flush_dying(&owner_key, queue, dying).await;
+        progress
+    }
+
+    async fn pump_queue_into(
+        &mut self,
+        queue: &QueueRef,
+        target: Target,
+        owner_key: &str,
+        dying: &mut Vec<Dying>,
+    ) -> bool {
+        let owner_key = owner_key.to_owned();
+        let orderly = self.spec.orderly;
+        let now = self.inner.clock.now();
+        let boot = self.inner.boot;
+        let retrying = self.retrying();
+        let mut delivered = false;
+        for _ in 0..self.inner.config.read_batch {
+            {
+                let Some(q) = self.cursor_mut(&owner_key, queue) else {
+                    return delivered;
+                };
+                if now < q.suspended_until || (orderly && !q.in_flight.is_empty()) {
+                    break;
+                }
+            }
+            let Some((member, position)) = self.pick(&target) else {
+                break;
+            };
+            // Next message: redeliveries first (offset order), then the read-ahead.
+            let next = {
+                let q = self.cursor_mut(&owner_key, queue).expect("checked");
+                match q.redeliver.pop_first() {
+                    Some((offset, p)) => Some((offset, p.message, p.count, true)),
+                    None => q
+                        .buffer
+                        .pop_front()
+                        .map(|m| (m.entry.offset.0, m.message, 0, false)),
+                }
+            };
+            let (offset, message, count, redelivered) = match next {
+                Some((offset, message, count, redelivered)) => {
+                    match self
+                        .spec
+                        .policy
+                        .verdict(&message, count, retrying, boot, now)
+                    {
+                        Verdict::Deliver => (offset, message, count, redelivered),
+                        Verdict::Skip => {
+                            delivered = true;
+                            continue;
+                        }
+                        Verdict::Dead(reason) => {
+                            if self.spec.policy.dead_letter.is_some() {
+                                dying.push(Dying {
+                                    offset,
+                                    message,
+                                    count,
+                                    reason,
+                                });
+                            } else {
+                                delivered = true;
+                            }
+                            continue;
+                        }
+                    }
+                }
+                None => {
+                    // Read only what members can take now: the backlog stays in the store.
+                    let credit = match &target {
+                        Target::Owner(id) | Target::Member(id) => {
+                            self.members.get(id).map_or(0, Member::credit)
+                        }
+                        Target::AnyWithCredit => self.members.values().map(Member::credit).sum(),
+                    };
+                    if !self.fill(&owner_key, queue, credit).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let token = self.next_token;
+            self.next_token += 1;
+            let delivery = Delivery {
+                queue: queue.clone(),
+                offset: QueueOffset(offset),
+                message: Arc::clone(&message),
+                redelivered,
+                delivery_count: count + 1,
+                token,
+            };
+            let m = self.members.get_mut(&member).expect("picked");
+            if m.tx.send(delivery).is_err() {
+                // The member is gone; its Leave is on the way. Put the message back.
+                let q = self.cursor_mut(&owner_key, queue).expect("checked");
+                q.redeliver.insert(offset, Pending { message, count });
+                let _ = self.handle.cmd.send(Cmd::Leave(member));
+                break;
+            }
+            m.unacked += 1;
+            if let Some(i) = position {
+                self.rr = i + 1;
+            }
+            let q = self.cursor_mut(&owner_key, queue).expect("checked");
+            q.in_flight.insert(
+                offset,
+                InFlight {
+                    token,
+                    member,
+                    count: count + 1,
+                    message,
+                },
+            );
+            delivered = true;
+        }
+        delivered
+    }
+
+    /// Read the next (at most `want`) messages of `queue` into its buffer. Returns
+    /// whether anything changed.
+    pub(super) async fn fill(&mut self, member: &str, queue: &QueueRef, want: usize) -> bool {
+        let batch = self.inner.config.read_batch.min(want).max(1);
+        let store = Arc::clone(&self.inner.store);
+        let Ok(range) = store.queue_range(queue) else {
+            return false;
+        };
+        let Some(q) = self.cursor_mut(member, queue) else {
+            return false;
+        };
+        if q.read < range.min.0 {
+            // Retention deleted what this group had not read yet: continue from the new
+            // start, and count the loss.
+            let lost = range.min.0 - q.read;
+            q.read = range.min.0;
+            self.skipped += lost;
+            tracing::warn!(group = %self.spec.name, queue = %queue, lost, "core: group fell behind retention");
+            return true;
+        }
+        if q.read >= range.next.0 {
+            return false;
+        }
+        let from = QueueOffset(q.read);
+        match store.read(queue, from, ReadLimits::count(batch)).await {
+            Ok(msgs) if !msgs.is_empty() => {
+                let q = self.cursor_mut(member, queue).expect("exists");
+                q.read = msgs.last().map_or(q.read, |m| m.entry.offset.0 + 1);
+                q.buffer.extend(msgs);
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::error!(group = %self.spec.name, queue = %queue, error = %e, "core: read failed");
+                false
+            }
+        }
+    }
+}

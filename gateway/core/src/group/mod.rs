@@ -1,0 +1,489 @@
+//! Consumer groups. Each live group is one task (an actor) that owns all of the group's
+//! state: its members, which member owns which queue, what is in flight, and where each
+//! queue is read up to. Members talk to it over channels; publishers wake it through the
+//! topics it watches. Nothing unconsumed is held in memory: the actor reads from the store
+//! only as much as members have credit for.
+//!
+//! # Member state machine
+//! ```text
+//!  join ──> Active ──(ack / nack)──> Active
+//!             │  prefetch full: no deliveries until an ack frees credit
+//!             ├─(Consumer dropped | leave | heartbeat timeout)──> Gone
+//!             │      its in-flight messages go back to be redelivered (redelivered = true)
+//!             └─ rebalance (clustering, orderly): owned queues recomputed on every join/leave
+//! ```
+//! # Per-queue delivery
+//! A queue's committed offset is its lowest offset not yet acknowledged (in flight,
+//! waiting for redelivery, or not yet delivered). It is persisted every
+//! `offset_commit_interval` and when the group stops, so a crash redelivers at most what
+//! was in flight: duplicates, never loss.
+
+mod actor;
+mod deliver;
+mod settle;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use mqgate_store::{GroupName, Millis, QueueOffset, QueueRef, StoredMessage, TopicName};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::broker::{Inner, TopicHandle};
+use crate::endpoint::Policy;
+use crate::error::{CoreError, Result};
+
+use self::actor::Actor;
+
+/// How a group's members share its topics' queues.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ConsumeMode {
+    /// RocketMQ clustering: the members split the queues (average allocation by member
+    /// id); each message goes to the member owning its queue.
+    Clustering,
+    /// Competing consumers on every queue: each message goes to any member with free
+    /// prefetch (AMQP queues, MQTT shared subscriptions).
+    Shared,
+    /// Every member gets every message, with its own offsets.
+    Broadcast,
+}
+
+/// Where a group starts on a queue it has no committed offset for, or moves to on replay.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum StartPosition {
+    /// The oldest message still stored.
+    First,
+    /// Only messages published from now on.
+    Last,
+    /// The first message stored at or after this time (ms).
+    Timestamp(Millis),
+    /// This offset on every queue (clamped to what is stored).
+    Offset(u64),
+    /// The last message stored on each queue, and everything after it (RabbitMQ
+    /// streams' `last`).
+    LastStored,
+}
+
+impl StartPosition {
+    /// The words of `x-stream-offset`, meaning the same in every protocol: `first`, `last`
+    /// (the last message stored, as RabbitMQ streams read it) and `next` (only messages
+    /// published from now on). Protocol-specific forms (numbers, timestamps) are the
+    /// adapter's to read.
+    pub fn from_stream_offset_word(word: &str) -> Option<Self> {
+        match word.trim() {
+            "first" => Some(StartPosition::First),
+            "last" => Some(StartPosition::LastStored),
+            "next" => Some(StartPosition::Last),
+            _ => None,
+        }
+    }
+}
+
+/// What a failed consumption (nack without requeue) does.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum OnFailure {
+    /// RocketMQ's ladder: `%RETRY%<group>` with growing delay, then `%DLQ%<group>`.
+    Retry,
+    /// Drop it (AMQP's default for reject without requeue).
+    Discard,
+}
+
+/// A group's definition. Every member of a group must use the same one.
+#[derive(Clone, Debug)]
+pub struct GroupSpec {
+    /// The group's name.
+    pub name: GroupName,
+    /// The topics it consumes.
+    pub topics: Vec<TopicName>,
+    /// How members share them.
+    pub mode: ConsumeMode,
+    /// One message in flight per queue, one member per queue; a failed message is
+    /// retried in place after a pause, so order holds.
+    pub orderly: bool,
+    /// Where a new group starts.
+    pub start: StartPosition,
+    /// What a failed consumption does.
+    pub on_failure: OnFailure,
+    /// Failures before the DLQ (default: the broker's `max_reconsume_times`).
+    pub max_reconsume_times: Option<u32>,
+    /// TTL, delivery limit and dead-letter target, applied by the core.
+    pub policy: Policy,
+}
+
+impl GroupSpec {
+    /// A group over `topics`: starts at the last offset, retries failures.
+    pub fn new(name: GroupName, topics: Vec<TopicName>, mode: ConsumeMode) -> Self {
+        Self {
+            name,
+            topics,
+            mode,
+            orderly: false,
+            start: StartPosition::Last,
+            on_failure: OnFailure::Retry,
+            max_reconsume_times: None,
+            policy: Policy::default(),
+        }
+    }
+
+    /// Its topics plus its retry topic when failures are retried through one.
+    pub(crate) fn all_topics(&self) -> Vec<TopicName> {
+        let mut t = self.topics.clone();
+        if self.on_failure == OnFailure::Retry && !self.orderly {
+            if let Ok(r) = crate::retry::retry_topic(&self.name) {
+                t.push(r);
+            }
+        }
+        t
+    }
+
+    pub(crate) fn compatible(&self, other: &GroupSpec) -> bool {
+        self.mode == other.mode && self.orderly == other.orderly && self.topics == other.topics
+    }
+}
+
+/// How a member joins.
+#[derive(Clone, Debug)]
+pub struct MemberOptions {
+    /// Unique within the group (a later join with the same id replaces the earlier).
+    pub id: String,
+    /// The most unacknowledged messages it holds (0: the broker's maximum).
+    pub prefetch: usize,
+    /// Remove the member if it does not call [`Consumer::heartbeat`] within the broker's
+    /// heartbeat timeout (for members not tied to a connection).
+    pub heartbeat: bool,
+    /// `prefetch` is taken as given, 0 included (no deliveries until it is raised with
+    /// [`Consumer::set_prefetch`]): for pull-style consumers such as AMQP's basic.get.
+    pub exact_prefetch: bool,
+}
+
+impl MemberOptions {
+    /// A member with a prefetch limit and no heartbeat requirement.
+    pub fn new(id: impl Into<String>, prefetch: usize) -> Self {
+        Self {
+            id: id.into(),
+            prefetch,
+            heartbeat: false,
+            exact_prefetch: false,
+        }
+    }
+}
+
+/// One message handed to a member.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// The queue it came from.
+    pub queue: QueueRef,
+    /// Its offset there.
+    pub offset: QueueOffset,
+    /// The message.
+    pub message: Arc<StoredMessage>,
+    /// Whether it was delivered before (to this or another member).
+    pub redelivered: bool,
+    /// How many times it has been delivered (1 on first delivery).
+    pub delivery_count: u32,
+    token: u64,
+}
+
+impl Delivery {
+    /// The token that acknowledges this delivery (usable after the delivery is dropped).
+    pub fn ack_token(&self) -> AckToken {
+        AckToken {
+            queue: self.queue.clone(),
+            offset: self.offset.0,
+            token: self.token,
+        }
+    }
+}
+
+/// Identifies one delivery for ack / nack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AckToken {
+    queue: QueueRef,
+    offset: u64,
+    token: u64,
+}
+
+enum Cmd {
+    Join(
+        MemberOptions,
+        mpsc::UnboundedSender<Delivery>,
+        oneshot::Sender<()>,
+    ),
+    Leave(String),
+    Ack(String, AckToken),
+    Nack(String, AckToken, bool),
+    Heartbeat(String),
+    Prefetch(String, usize),
+    Reset(StartPosition, oneshot::Sender<Result<()>>),
+    Info(oneshot::Sender<GroupInfo>),
+    /// Settle expired messages at the head of each queue (members or not).
+    Expire(oneshot::Sender<()>),
+    Stop(oneshot::Sender<()>),
+}
+
+/// A member's handle: receive deliveries, acknowledge them. Dropping it leaves the group.
+#[derive(Debug)]
+pub struct Consumer {
+    member: String,
+    group: GroupName,
+    rx: mpsc::UnboundedReceiver<Delivery>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Cmd::Join(..) => "Join",
+            Cmd::Leave(..) => "Leave",
+            Cmd::Ack(..) => "Ack",
+            Cmd::Nack(..) => "Nack",
+            Cmd::Heartbeat(..) => "Heartbeat",
+            Cmd::Prefetch(..) => "Prefetch",
+            Cmd::Reset(..) => "Reset",
+            Cmd::Info(..) => "Info",
+            Cmd::Expire(..) => "Expire",
+            Cmd::Stop(..) => "Stop",
+        })
+    }
+}
+
+impl Consumer {
+    /// The next delivery; `None` once the group has stopped (broker shutdown).
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
+
+    /// Poll for the next delivery (for adapters that wait on several consumers at once).
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Delivery>> {
+        self.rx.poll_recv(cx)
+    }
+
+    /// A delivery if one is ready now.
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        self.rx.try_recv().ok()
+    }
+
+    /// The member id.
+    pub fn member(&self) -> &str {
+        &self.member
+    }
+
+    /// The group.
+    pub fn group(&self) -> &GroupName {
+        &self.group
+    }
+
+    /// Consumption succeeded.
+    pub fn ack(&self, token: AckToken) {
+        let _ = self.cmd.send(Cmd::Ack(self.member.clone(), token));
+    }
+
+    /// Consumption failed. `requeue`: deliver it again now (AMQP requeue), else the
+    /// group's failure policy applies (retry ladder / DLQ, or discard).
+    pub fn nack(&self, token: AckToken, requeue: bool) {
+        let _ = self
+            .cmd
+            .send(Cmd::Nack(self.member.clone(), token, requeue));
+    }
+
+    /// I am alive (for members that joined with `heartbeat: true`).
+    pub fn heartbeat(&self) {
+        let _ = self.cmd.send(Cmd::Heartbeat(self.member.clone()));
+    }
+
+    /// Change the prefetch limit (0: the broker's maximum, unless the member joined
+    /// with `exact_prefetch`).
+    pub fn set_prefetch(&self, prefetch: usize) {
+        let _ = self.cmd.send(Cmd::Prefetch(self.member.clone(), prefetch));
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        let _ = self.cmd.send(Cmd::Leave(self.member.clone()));
+    }
+}
+
+/// A live group's handle, kept in the broker's registry.
+#[derive(Clone, Debug)]
+pub(crate) struct GroupHandle {
+    pub(crate) spec: GroupSpec,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    alive: Arc<AtomicBool>,
+}
+
+impl GroupHandle {
+    pub(crate) fn is_alive(&self) -> bool {
+        // The channel closes if the actor is gone for any reason, a panic included.
+        self.alive.load(Ordering::Acquire) && !self.cmd.is_closed()
+    }
+
+    pub(crate) fn same(&self, other: &GroupHandle) -> bool {
+        Arc::ptr_eq(&self.alive, &other.alive)
+    }
+
+    /// Join; `None` if the actor ended before taking the join (start a new one).
+    pub(crate) async fn join(&self, opts: MemberOptions) -> Option<Consumer> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (done, joined) = oneshot::channel();
+        let member = opts.id.clone();
+        self.cmd.send(Cmd::Join(opts, tx, done)).ok()?;
+        joined.await.ok()?;
+        Some(Consumer {
+            member,
+            group: self.spec.name.clone(),
+            rx,
+            cmd: self.cmd.clone(),
+        })
+    }
+
+    pub(crate) async fn reset(&self, to: StartPosition) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Reset(to, tx))
+            .map_err(|_| CoreError::ShuttingDown)?;
+        rx.await.map_err(|_| CoreError::ShuttingDown)?
+    }
+
+    /// Settle the expired messages at the head of the group's queues.
+    pub(crate) async fn expire(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Expire(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    pub(crate) async fn info(&self) -> Result<GroupInfo> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Info(tx))
+            .map_err(|_| CoreError::ShuttingDown)?;
+        rx.await.map_err(|_| CoreError::ShuttingDown)
+    }
+
+    pub(crate) async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Stop(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// A group as an operator sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupInfo {
+    /// The group.
+    pub name: GroupName,
+    /// Connected members, sorted by id.
+    pub members: Vec<MemberInfo>,
+    /// Per queue: committed offset, end, lag.
+    pub queues: Vec<QueueInfo>,
+    /// Messages skipped because retention deleted them before the group got there.
+    pub skipped: u64,
+}
+
+/// One member.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemberInfo {
+    /// Its id.
+    pub id: String,
+    /// Messages it holds unacknowledged.
+    pub unacked: usize,
+    /// Its prefetch limit.
+    pub prefetch: usize,
+    /// Queues it owns (clustering and orderly groups).
+    pub queues: Vec<QueueRef>,
+}
+
+/// One queue of a group.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueInfo {
+    /// The queue.
+    pub queue: QueueRef,
+    /// The member reading it (broadcast: the member whose cursor this is).
+    pub member: Option<String>,
+    /// The lowest offset not yet acknowledged.
+    pub committed: u64,
+    /// The queue's next offset.
+    pub next: u64,
+    /// `next - committed`.
+    pub lag: u64,
+    /// Messages waiting to be delivered: not in flight, not acknowledged (AMQP's
+    /// message count). Equals `lag` when read from the store.
+    pub ready: u64,
+    /// Delivered and not yet acknowledged.
+    pub in_flight: usize,
+}
+
+impl GroupInfo {
+    pub(crate) fn from_offsets(
+        store: &dyn mqgate_store::Store,
+        name: GroupName,
+        offsets: Vec<(QueueRef, QueueOffset)>,
+    ) -> Self {
+        let mut queues = Vec::new();
+        for (q, o) in offsets {
+            let next = store.queue_range(&q).map(|r| r.next.0).unwrap_or(o.0);
+            queues.push(QueueInfo {
+                queue: q,
+                member: None,
+                committed: o.0,
+                next,
+                lag: next.saturating_sub(o.0),
+                ready: next.saturating_sub(o.0),
+                in_flight: 0,
+            });
+        }
+        GroupInfo {
+            name,
+            members: Vec::new(),
+            queues,
+            skipped: 0,
+        }
+    }
+}
+
+/// Start a group's actor.
+pub(crate) fn spawn(
+    inner: Arc<Inner>,
+    spec: GroupSpec,
+    watched: Vec<Arc<TopicHandle>>,
+) -> GroupHandle {
+    let (cmd, rx) = mpsc::unbounded_channel();
+    let alive = Arc::new(AtomicBool::new(true));
+    let handle = GroupHandle {
+        spec: spec.clone(),
+        cmd,
+        alive: Arc::clone(&alive),
+    };
+    let wake = Arc::new(Notify::new());
+    for t in &watched {
+        t.watch(Arc::clone(&wake));
+    }
+    let max_reconsume = spec
+        .max_reconsume_times
+        .unwrap_or(inner.config.max_reconsume_times);
+    let actor = Actor {
+        inner,
+        spec,
+        max_reconsume,
+        members: BTreeMap::new(),
+        queues: BTreeMap::new(),
+        watched,
+        wake,
+        rx,
+        next_token: 1,
+        rr: 0,
+        skipped: 0,
+        last_commit: Instant::now(),
+        handle: handle.clone(),
+        stopped: None,
+        empty_since: Some(Instant::now()),
+    };
+    tokio::spawn(actor.run());
+    handle
+}
