@@ -318,26 +318,18 @@ where
                 id
             }
         };
-        let mut delivery = None;
-        // Skip what screening settles (expired, transient from before a restart).
-        for _ in 0..10_000 {
+        // One credit for one delivery; the core has settled what is not to be delivered
+        // (expired, over its limit, transient from before a restart).
+        let cons = self.chan(ch).consumers.get_mut(&id).expect("get member");
+        let mut delivery = cons.consumer.try_recv();
+        if delivery.is_none() && self.shared.ready_count(&q).await > 0 {
             let cons = self.chan(ch).consumers.get_mut(&id).expect("get member");
-            let mut d = cons.consumer.try_recv();
-            if d.is_none() && self.shared.ready_count(&q).await > 0 {
-                let cons = self.chan(ch).consumers.get_mut(&id).expect("get member");
-                cons.consumer.set_prefetch(cons.unacked + 1);
-                d = tokio::time::timeout(Duration::from_secs(2), cons.consumer.recv())
-                    .await
-                    .ok()
-                    .flatten();
-                cons.consumer.set_prefetch(cons.unacked);
-            }
-            // The core settled what is not to be delivered (expired, over its limit,
-            // transient from before a restart).
-            if let Some(d) = d {
-                delivery = Some(d);
-            }
-            break;
+            cons.consumer.set_prefetch(cons.unacked + 1);
+            delivery = tokio::time::timeout(Duration::from_secs(2), cons.consumer.recv())
+                .await
+                .ok()
+                .flatten();
+            cons.consumer.set_prefetch(cons.unacked);
         }
         let Some(d) = delivery else {
             self.reply(
