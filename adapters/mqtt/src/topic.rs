@@ -5,23 +5,9 @@
 pub use mqgate_core::acl::valid_filter;
 
 /// Whether topic name `topic` matches `filter` (which must be valid), with the `$` rule:
-/// a filter starting with a wildcard does not match a topic starting with `$`.
-pub fn matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
+/// a filter starting with a wildcard does not match a topic starting with `$` (the
+/// core's, which matches retained messages with it).
+pub use mqgate_core::retained::filter_matches as matches;
 
 /// Whether every topic `inner` matches is also matched by `outer` (both valid filters):
 /// how an ACL rule's filter covers a subscription's filter.

@@ -638,8 +638,9 @@ impl Inner {
 
     /// The due time of a delay, or `None` when it is due now.
     pub(crate) fn due(&self, delay: Option<Delay>) -> Option<Millis> {
+        let delay = delay?;
         let now = self.clock.now();
-        let due = match delay? {
+        let due = match delay {
             Delay::Level(l) => now + self.config.level_delay(l).as_millis() as u64,
             Delay::For(d) => now + d.as_millis() as u64,
             Delay::At(t) => t,
