@@ -1870,6 +1870,132 @@ async fn max_length(backend: Backend) {
     }
 }
 
+/// The reason of a dead-lettered message's newest x-death entry.
+fn death_reason(d: &Delivery) -> String {
+    let deaths = match header(d, "x-death") {
+        Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
+        other => panic!("x-death: {other:?}"),
+    };
+    let AMQPValue::FieldTable(x) = &deaths[0] else {
+        panic!("x-death entry {:?}", deaths[0])
+    };
+    as_str(&x.inner()["reason"])
+}
+
+/// Length limits with a dead-letter exchange: drop-head dead-letters the dropped head
+/// (reason `maxlen`, oldest first); reject-publish-dlx nacks the publish and
+/// dead-letters it; plain reject-publish does not dead-letter.
+async fn max_length_dead_letters(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let dlx = uniq("maxlen.dlx");
+    let dead = uniq("maxlen.dead");
+    exchange(&ch, &dlx, ExchangeKind::Fanout, no_args()).await;
+    declare(&ch, &dead, no_args()).await;
+    bind(&ch, &dead, &dlx, "", no_args()).await;
+
+    let q = uniq("maxlen.head");
+    declare(
+        &ch,
+        &q,
+        table(&[
+            ("x-max-length", AMQPValue::LongInt(2)),
+            ("x-dead-letter-exchange", ls(&dlx)),
+        ]),
+    )
+    .await;
+    for b in ["h0", "h1", "h2", "h3", "h4"] {
+        publish(&ch, "", &q, b).await;
+    }
+    assert_eq!(get_body(&ch, &q).await.as_deref(), Some("h3"));
+    assert_eq!(get_body(&ch, &q).await.as_deref(), Some("h4"));
+    assert_eq!(get_body(&ch, &q).await, None);
+    let mut dc = consume(&ch, &dead, "dead", true).await;
+    for want in ["h0", "h1", "h2"] {
+        let d = next(&mut dc, "dropped head dead-lettered").await;
+        assert_eq!(body(&d), want, "dead-lettered oldest first");
+        assert_eq!(death_reason(&d), "maxlen");
+    }
+
+    let qr = uniq("maxlen.rejdlx");
+    declare(
+        &ch,
+        &qr,
+        table(&[
+            ("x-max-length", AMQPValue::LongInt(1)),
+            ("x-overflow", ls("reject-publish-dlx")),
+            ("x-dead-letter-exchange", ls(&dlx)),
+        ]),
+    )
+    .await;
+    let c1 = publish_props(&ch, "", &qr, b"kept", BasicProperties::default()).await;
+    assert!(matches!(c1, Confirmation::Ack(None)), "first: {c1:?}");
+    let c2 = publish_props(&ch, "", &qr, b"refused", BasicProperties::default()).await;
+    assert!(c2.is_nack(), "over the limit with reject-publish-dlx: {c2:?}");
+    let d = next(&mut dc, "refused publish dead-lettered").await;
+    assert_eq!(body(&d), "refused");
+    assert_eq!(death_reason(&d), "maxlen");
+    assert_eq!(get_body(&ch, &qr).await.as_deref(), Some("kept"));
+
+    let qp = uniq("maxlen.rej");
+    declare(
+        &ch,
+        &qp,
+        table(&[
+            ("x-max-length", AMQPValue::LongInt(1)),
+            ("x-overflow", ls("reject-publish")),
+            ("x-dead-letter-exchange", ls(&dlx)),
+        ]),
+    )
+    .await;
+    publish(&ch, "", &qp, "kept").await;
+    let c = publish_props(&ch, "", &qp, b"refused", BasicProperties::default()).await;
+    assert!(c.is_nack(), "over the limit with reject-publish: {c:?}");
+    // Nothing more reaches the dead-letter queue.
+    publish(&ch, &dlx, "", "marker").await;
+    let m = next(&mut dc, "marker").await;
+    assert_eq!(body(&m), "marker", "reject-publish dead-lettered its refusal");
+    for q in [&q, &qr, &qp, &dead] {
+        delete_queue(&conn, q).await;
+    }
+}
+
+/// drop-head drops ready messages only: an unacknowledged delivery does not count
+/// towards x-max-length and is not dropped (its ack still counts).
+async fn max_length_keeps_unacked(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let q = uniq("maxlen.unacked");
+    declare(&ch, &q, table(&[("x-max-length", AMQPValue::LongInt(2))])).await;
+    publish(&ch, "", &q, "u0").await;
+    let cch = plain(&conn).await;
+    cch.basic_qos(1, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut c = consume(&cch, &q, "held", false).await;
+    let held = next(&mut c, "first delivery").await;
+    assert_eq!(body(&held), "u0");
+    for b in ["u1", "u2", "u3"] {
+        publish(&ch, "", &q, b).await;
+    }
+    // Ready: u2, u3 (u1 dropped); u0 is in flight and kept.
+    held.acker.ack(BasicAckOptions::default()).await.expect("ack");
+    let mut rest = Vec::new();
+    for _ in 0..2 {
+        let d = next(&mut c, "the ready messages").await;
+        rest.push(body(&d));
+        d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    assert_eq!(rest, ["u2", "u3"]);
+    delete_queue(&conn, &q).await;
+}
+
 /// A rejected message goes to x-dead-letter-exchange with x-dead-letter-routing-key and
 /// an x-death header.
 async fn dead_letter_x_death(backend: Backend) {
@@ -3179,6 +3305,8 @@ scenario!(
     message_ttl,
     queue_expires,
     max_length,
+    max_length_dead_letters,
+    max_length_keeps_unacked,
     dead_letter_x_death,
     single_active_consumer,
     delivery_limit,

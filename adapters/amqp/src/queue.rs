@@ -94,10 +94,9 @@ impl QueueArgs {
                 "x-overflow" => {
                     a.overflow = Some(match str_value(v).as_deref() {
                         Some("drop-head") => Overflow::DropHead,
-                        Some("reject-publish") | Some("reject-publish-dlx") => {
-                            Overflow::RejectPublish
-                        }
-                        _ => return Err(bad(k, "must be drop-head or reject-publish")),
+                        Some("reject-publish") => Overflow::RejectPublish,
+                        Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
+                        _ => return Err(bad(k, "must be drop-head, reject-publish or reject-publish-dlx")),
                     })
                 }
                 "x-dead-letter-exchange" => {

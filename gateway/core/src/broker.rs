@@ -418,6 +418,22 @@ impl Inner {
         Ok(watched)
     }
 
+    /// The live actor of a group, or a new one (memberless: it ends after a commit
+    /// interval without members).
+    pub(crate) async fn live_group(self: &Arc<Self>, spec: &GroupSpec) -> Result<GroupHandle> {
+        let live = self
+            .groups
+            .lock()
+            .get(&spec.name)
+            .filter(|h| h.is_alive())
+            .cloned();
+        if let Some(h) = live {
+            return Ok(h);
+        }
+        let watched = self.watch_topics(spec).await?;
+        self.group_handle(spec, &watched)
+    }
+
     /// The live actor of a group, or a new one.
     pub(crate) fn group_handle(
         self: &Arc<Self>,

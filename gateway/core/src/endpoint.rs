@@ -102,12 +102,16 @@ pub struct Policy {
 /// What a publish to an endpoint at its length limit does (RabbitMQ's `x-overflow`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Overflow {
-    /// Store it, then drop the oldest ready messages until within the limits.
+    /// Store it, then drop the oldest ready messages until within the limits (dead-lettered,
+    /// reason `maxlen`, when the endpoint has a target).
     #[default]
     DropHead,
     /// Leave this endpoint out of the publish; the publisher is told
     /// ([`Published::Stored`](crate::Published)'s `refused`, or `Refused`).
     RejectPublish,
+    /// The same, and the refused message is dead-lettered (`maxlen`) when the endpoint
+    /// has a target.
+    RejectPublishDlx,
 }
 
 impl Policy {

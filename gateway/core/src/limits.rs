@@ -9,8 +9,10 @@
 
 use mqgate_store::{QueueOffset, QueueRef, ReadLimits};
 
+use std::sync::Arc;
+
 use crate::broker::Inner;
-use crate::group::{GroupSpec, StartPosition};
+use crate::group::GroupSpec;
 
 impl Inner {
     fn limited_queue(spec: &GroupSpec) -> Option<QueueRef> {
@@ -74,8 +76,10 @@ impl Inner {
     }
 
     /// Drop the oldest ready messages of a `drop-head` endpoint until it is within its
-    /// limits.
-    pub(crate) async fn trim(&self, spec: &GroupSpec) {
+    /// limits: its group (started for the purpose when it has no members) drops them,
+    /// dead-lettering them (`maxlen`) when the endpoint has a target; messages in flight
+    /// stay.
+    pub(crate) async fn trim(self: &Arc<Self>, spec: &GroupSpec) {
         let Ok(info) = self.group_info(&spec.name).await else {
             return;
         };
@@ -93,11 +97,14 @@ impl Inner {
             }
         }
         if target > i.committed {
-            if let Err(e) = self
-                .reset_group(&spec.name, StartPosition::Offset(target))
-                .await
-            {
-                tracing::warn!(group = %spec.name, error = %e, "core: length limit: dropping the head failed");
+            let Some(queue) = Self::limited_queue(spec) else {
+                return;
+            };
+            match self.live_group(spec).await {
+                Ok(g) => g.drop_below(queue, target).await,
+                Err(e) => {
+                    tracing::warn!(group = %spec.name, error = %e, "core: length limit: dropping the head failed")
+                }
             }
         }
     }

@@ -289,7 +289,7 @@ impl Inner {
     /// [`Broker::publish_batch`](crate::Broker::publish_batch). Items are staged into
     /// one part, written once; an item routed to an endpoint with a length limit ends
     /// the part (written first, so the limit counts it) and is written on its own.
-    pub(crate) async fn publish_batch(&self, b: PublishBatch) -> Result<Vec<Option<Published>>> {
+    pub(crate) async fn publish_batch(self: &Arc<Self>, b: PublishBatch) -> Result<Vec<Option<Published>>> {
         let PublishBatch {
             items,
             records,
@@ -459,7 +459,7 @@ impl Inner {
     /// `reject-publish` endpoints are left out (and named in the answer), `drop-head`
     /// ones are trimmed after the write.
     async fn publish_limited(
-        &self,
+        self: &Arc<Self>,
         message: Message,
         mut queues: Vec<QueueRef>,
         mut touched: Vec<(Arc<TopicHandle>, String)>,
@@ -467,34 +467,72 @@ impl Inner {
         limited: &[crate::GroupSpec],
         durable: bool,
     ) -> Result<Option<Published>> {
+        use crate::endpoint::Overflow;
         let size = message.body.len() as u64;
         let mut refused = Vec::new();
+        let mut part = Part::new(durable);
+        // reject-publish-dlx: the refused message is dead-lettered (`maxlen`), in the
+        // same write as its other destinations.
+        let mut dead_woken = Vec::new();
         for spec in limited {
-            if spec.policy.overflow == crate::endpoint::Overflow::RejectPublish
-                && self.is_full(spec, size).await
-            {
+            let rejects = matches!(
+                spec.policy.overflow,
+                Overflow::RejectPublish | Overflow::RejectPublishDlx
+            );
+            if rejects && self.is_full(spec, size).await {
                 refused.extend(spec.topics.iter().cloned());
+                if let (Overflow::RejectPublishDlx, Some(dl)) =
+                    (spec.policy.overflow, &spec.policy.dead_letter)
+                {
+                    let as_stored = mqgate_store::StoredMessage {
+                        id: MessageId(0),
+                        store_timestamp: mqgate_store::now_millis(),
+                        size: 0,
+                        message: message.clone(),
+                    };
+                    dead_woken.extend(
+                        crate::endpoint::stage(
+                            self,
+                            dl,
+                            &as_stored,
+                            crate::endpoint::DeathReason::MaxLen,
+                            &mut part.batch,
+                        )
+                        .await?,
+                    );
+                }
             }
         }
         queues.retain(|q| !refused.contains(&q.topic));
         touched.retain(|(h, _)| !refused.contains(&h.name));
-        if queues.is_empty() {
-            return Ok(Some(Published::Refused { by: refused }));
+        let mut answer = if queues.is_empty() {
+            if !part.batch.is_empty() {
+                self.write_part(part).await?;
+            }
+            Some(Published::Refused {
+                by: refused.clone(),
+            })
+        } else {
+            if let Some(topic) = &retain {
+                part.retained
+                    .extend(self.retained.stage(topic, &message, &mut part.batch));
+            }
+            part.touched = touched;
+            part.batch.append(message, queues);
+            part.staged.push(Staged::Appended);
+            self.write_part(part).await?.pop().flatten()
+        };
+        if !dead_woken.is_empty() {
+            self.dead_lettered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let mut part = Part::new(durable);
-        if let Some(topic) = &retain {
-            part.retained
-                .extend(self.retained.stage(topic, &message, &mut part.batch));
+        for t in &dead_woken {
+            self.wake_topic(t);
         }
-        part.touched = touched;
-        part.batch.append(message, queues);
-        part.staged.push(Staged::Appended);
-        let mut answer = self.write_part(part).await?.pop().flatten();
         if let Some(Published::Stored { refused: r, .. }) = &mut answer {
             *r = refused;
         }
         for spec in limited {
-            if spec.policy.overflow == crate::endpoint::Overflow::DropHead {
+            if spec.policy.overflow == Overflow::DropHead {
                 self.trim(spec).await;
             }
         }

@@ -371,6 +371,10 @@ impl Actor {
             Cmd::Info(reply) => {
                 let _ = reply.send(self.info());
             }
+            Cmd::DropBelow(queue, offset, done) => {
+                self.drop_below(&queue, offset).await;
+                let _ = done.send(());
+            }
             Cmd::Expire(done) => {
                 self.expire_heads().await;
                 let _ = done.send(());
@@ -554,7 +558,7 @@ impl Actor {
         }
     }
 
-    async fn commit(&mut self) {
+    pub(super) async fn commit(&mut self) {
         self.last_commit = Instant::now();
         let mut batch = WriteBatch::new();
         let mut marks = Vec::new();

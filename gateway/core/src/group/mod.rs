@@ -219,6 +219,9 @@ enum Cmd {
     Info(oneshot::Sender<GroupInfo>),
     /// Settle expired messages at the head of each queue (members or not).
     Expire(oneshot::Sender<()>),
+    /// Drop the ready messages of a queue below an offset (a `drop-head` length limit),
+    /// dead-lettered (`maxlen`) when the group's policy has a target.
+    DropBelow(QueueRef, u64, oneshot::Sender<()>),
     Stop(oneshot::Sender<()>),
 }
 
@@ -243,6 +246,7 @@ impl std::fmt::Debug for Cmd {
             Cmd::Reset(..) => "Reset",
             Cmd::Info(..) => "Info",
             Cmd::Expire(..) => "Expire",
+            Cmd::DropBelow(..) => "DropBelow",
             Cmd::Stop(..) => "Stop",
         })
     }
@@ -353,6 +357,14 @@ impl GroupHandle {
     pub(crate) async fn expire(&self) {
         let (tx, rx) = oneshot::channel();
         if self.cmd.send(Cmd::Expire(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Drop the ready messages of `queue` below `offset` (messages in flight stay).
+    pub(crate) async fn drop_below(&self, queue: QueueRef, offset: u64) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::DropBelow(queue, offset, tx)).is_ok() {
             let _ = rx.await;
         }
     }
