@@ -10,11 +10,9 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::free_port;
+use common::Node;
 use futures_util::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
@@ -26,87 +24,6 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-
-// ---------------------------------------------------------------------------------------
-// The broker process
-// ---------------------------------------------------------------------------------------
-
-/// `mqgate serve` on free loopback ports with RocksDB in a temporary folder; it can be
-/// SIGKILLed and started again on the same data and ports. Killed when dropped.
-struct Mqgate {
-    child: Child,
-    amqp: u16,
-    mqtt: u16,
-    admin: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Mqgate {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (amqp, mqtt, admin) = (free_port(), free_port(), free_port());
-        let child = Self::spawn(&dir, amqp, mqtt, admin);
-        let b = Self {
-            child,
-            amqp,
-            mqtt,
-            admin,
-            dir,
-        };
-        b.wait_listening();
-        b
-    }
-
-    fn spawn(dir: &tempfile::TempDir, amqp: u16, mqtt: u16, admin: u16) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_mqgate"))
-            .args(["serve", "--data"])
-            .arg(dir.path().join("data"))
-            .args(["--amqp", &format!("127.0.0.1:{amqp}")])
-            .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
-            .args(["--admin", &format!("127.0.0.1:{admin}")])
-            .env("RUST_LOG", "warn")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start mqgate")
-    }
-
-    fn wait_listening(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", self.admin)).is_err()
-            || TcpStream::connect(("127.0.0.1", self.amqp)).is_err()
-            || TcpStream::connect(("127.0.0.1", self.mqtt)).is_err()
-        {
-            assert!(Instant::now() < deadline, "mqgate did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL, and wait until the process is gone.
-    fn sigkill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Start again on the same data folder and ports.
-    fn restart(&mut self) {
-        let _ = self.child.wait();
-        self.child = Self::spawn(&self.dir, self.amqp, self.mqtt, self.admin);
-        self.wait_listening();
-    }
-
-    fn amqp_url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp)
-    }
-}
-
-impl Drop for Mqgate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // An MQTT 5 client (rumqttc) whose event loop runs in a task and never reconnects
@@ -277,7 +194,7 @@ const DL_PREFETCH: u16 = 50;
 /// to `q.dead`), reject them one after the other with requeue=false, SIGKILL the broker
 /// after `kill_after` rejects, restart it, and check that no message is lost.
 async fn dead_letter_round(kill_after: usize) {
-    let mut b = Mqgate::start();
+    let mut b = Node::start_temp();
     let conn = lapin::Connection::connect(&b.amqp_url(), Default::default())
         .await
         .unwrap();
@@ -478,7 +395,7 @@ async fn persistent_subscriber(port: u16, id: &str, filter: &str) {
 /// Client `w` with a delayed will on `will/w` connects, and its TCP connection drops
 /// without DISCONNECT; the broker is SIGKILLed within the delay and restarted. Returns
 /// when the connection was dropped.
-async fn will_dropped_then_restart(b: &mut Mqgate, delay: u32) -> Instant {
+async fn will_dropped_then_restart(b: &mut Node, delay: u32) -> Instant {
     let will = LastWill::new(
         "will/w",
         "w is gone",
@@ -524,7 +441,7 @@ async fn will_dropped_then_restart(b: &mut Mqgate, delay: u32) -> Instant {
 async fn delayed_will_fires_after_a_restart_during_its_delay() {
     const DELAY: u32 = 3;
     let started = Instant::now();
-    let mut b = Mqgate::start();
+    let mut b = Node::start_temp();
     persistent_subscriber(b.mqtt, "s", "will/#").await;
     let dropped = will_dropped_then_restart(&mut b, DELAY).await;
 
@@ -581,7 +498,7 @@ async fn delayed_will_fires_after_a_restart_during_its_delay() {
 async fn a_returning_client_cancels_its_delayed_will_across_a_restart() {
     const DELAY: u32 = 3;
     let started = Instant::now();
-    let mut b = Mqgate::start();
+    let mut b = Node::start_temp();
     persistent_subscriber(b.mqtt, "s", "will/#").await;
     let dropped = will_dropped_then_restart(&mut b, DELAY).await;
 
@@ -739,10 +656,10 @@ async fn retained_publisher(port: u16, kill_at: KillAt, pid: u32) -> Progress {
 }
 
 async fn retained_round(kill_at: KillAt) {
-    let mut b = Mqgate::start();
+    let mut b = Node::start_temp();
     persistent_subscriber(b.mqtt, "rs", "r/#").await;
 
-    let publisher = tokio::spawn(retained_publisher(b.mqtt, kill_at, b.child.id()));
+    let publisher = tokio::spawn(retained_publisher(b.mqtt, kill_at, b.pid()));
     let at_kill = tokio::time::timeout(Duration::from_secs(30), publisher)
         .await
         .expect("the publisher reached its kill point within 30 s")

@@ -12,11 +12,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{free_port, http_get};
+use common::{http_get, Node};
 use futures_util::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -52,57 +52,10 @@ impl Drop for Tmpfs {
     }
 }
 
-/// `mqgate serve` with its data in `data`, killed on drop (before the tmpfs goes).
-struct Mqgate {
-    child: Child,
-    amqp: u16,
-    mqtt: u16,
-    admin: u16,
-}
-
-impl Mqgate {
-    fn start(data: &Path) -> Self {
-        let (amqp, mqtt, admin) = (free_port(), free_port(), free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_mqgate"))
-            .args(["serve", "--data"])
-            .arg(data)
-            .args(["--amqp", &format!("127.0.0.1:{amqp}")])
-            .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
-            .args(["--admin", &format!("127.0.0.1:{admin}")])
-            .env("RUST_LOG", "warn")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start mqgate");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", admin)).is_err()
-            || TcpStream::connect(("127.0.0.1", amqp)).is_err()
-            || TcpStream::connect(("127.0.0.1", mqtt)).is_err()
-        {
-            assert!(Instant::now() < deadline, "mqgate did not start listening");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self {
-            child,
-            amqp,
-            mqtt,
-            admin,
-        }
-    }
-}
-
-impl Drop for Mqgate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// mqgate on a 40 MiB tmpfs already holding a 24 MiB filler file (remove it to free the
 /// space). Fields drop in order: the broker stops before the tmpfs is unmounted.
 struct NearlyFull {
-    broker: Mqgate,
+    broker: Node,
     filler: PathBuf,
     _fs: Tmpfs,
 }
@@ -119,7 +72,7 @@ impl NearlyFull {
         };
         let filler = fs.path.join("filler");
         std::fs::write(&filler, vec![0x5a; 24 << 20]).unwrap();
-        let broker = Mqgate::start(&fs.path.join("data"));
+        let broker = Node::start(&fs.path.join("data"));
         Some(Self {
             broker,
             filler,

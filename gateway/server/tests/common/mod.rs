@@ -1,4 +1,4 @@
-//! Helpers for tests that run the `mqgate` binary: free ports, a broker process that is
+//! Helpers for tests that run the `mqgate` binary: free ports, broker processes that are
 //! killed on drop, the dashboards' PromQL expressions.
 
 #![allow(dead_code, unreachable_pub)]
@@ -14,6 +14,124 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// `mqgate serve` with its data in `data` on loopback `amqp`, `mqtt` and `admin`, plus
+/// `extra` arguments. Stdout is discarded; the log goes to the test's stderr at `warn`,
+/// or (`logged`) at `info` into a pipe the caller reads.
+fn spawn_mqgate(
+    data: &Path,
+    amqp: u16,
+    mqtt: u16,
+    admin: u16,
+    extra: &[&str],
+    logged: bool,
+) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_mqgate"))
+        .args(["serve", "--data"])
+        .arg(data)
+        .args(["--amqp", &format!("127.0.0.1:{amqp}")])
+        .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .args(extra)
+        .env("RUST_LOG", if logged { "info" } else { "warn" })
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(if logged {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        })
+        .spawn()
+        .expect("start mqgate")
+}
+
+/// Wait (30 s at most) until every loopback port in `ports` accepts a connection.
+fn wait_ports(ports: &[u16]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ports
+        .iter()
+        .any(|&p| std::net::TcpStream::connect(("127.0.0.1", p)).is_err())
+    {
+        assert!(Instant::now() < deadline, "mqgate did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `mqgate serve` on loopback ports with its data in a given folder, logging to the
+/// test's stderr at `warn`. It can be SIGKILLed and started again on the same data and
+/// ports; killed when dropped.
+pub struct Node {
+    child: Child,
+    pub amqp: u16,
+    pub mqtt: u16,
+    pub admin: u16,
+    data: PathBuf,
+    /// The temporary folder holding `data`, for [`Node::start_temp`]; removed after the
+    /// process is killed.
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Node {
+    /// Start on free ports with its data in `data`; returns once all three ports accept.
+    pub fn start(data: &Path) -> Node {
+        Self::start_on(data, free_port(), free_port(), free_port())
+    }
+
+    /// Start on free ports with its data in a temporary folder that the node owns.
+    pub fn start_temp() -> Node {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut n = Self::start(&tmp.path().join("data"));
+        n._tmp = Some(tmp);
+        n
+    }
+
+    /// Start on the given ports with its data in `data`; returns once they all accept.
+    pub fn start_on(data: &Path, amqp: u16, mqtt: u16, admin: u16) -> Node {
+        let n = Node {
+            child: spawn_mqgate(data, amqp, mqtt, admin, &[], false),
+            amqp,
+            mqtt,
+            admin,
+            data: data.to_path_buf(),
+            _tmp: None,
+        };
+        n.wait_listening();
+        n
+    }
+
+    /// Wait (30 s at most) until the AMQP, MQTT and admin ports accept connections.
+    pub fn wait_listening(&self) {
+        wait_ports(&[self.admin, self.amqp, self.mqtt]);
+    }
+
+    /// The process id of the running broker.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and wait until the process is gone.
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start again on the same data folder and ports.
+    pub fn restart(&mut self) {
+        let _ = self.child.wait();
+        self.child = spawn_mqgate(&self.data, self.amqp, self.mqtt, self.admin, &[], false);
+        self.wait_listening();
+    }
+
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
 }
 
 /// A running `mqgate serve`, killed when dropped.
@@ -35,7 +153,7 @@ impl Broker {
     pub fn start_with(extra: &[&str]) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
         let (amqp, mqtt, admin) = (free_port(), free_port(), free_port());
-        let child = Self::spawn(&dir, amqp, mqtt, admin, extra, false);
+        let child = spawn_mqgate(&dir.path().join("data"), amqp, mqtt, admin, extra, false);
         let b = Broker {
             child,
             amqp,
@@ -50,45 +168,13 @@ impl Broker {
     /// Start again on the same data and ports (after a kill), its log piped for reading.
     pub fn respawn_logged(&mut self) {
         let _ = self.child.wait();
-        self.child = Self::spawn(&self.dir, self.amqp, self.mqtt, self.admin, &[], true);
+        let data = self.dir.path().join("data");
+        self.child = spawn_mqgate(&data, self.amqp, self.mqtt, self.admin, &[], true);
         self.wait_listening();
     }
 
-    fn spawn(
-        dir: &tempfile::TempDir,
-        amqp: u16,
-        mqtt: u16,
-        admin: u16,
-        extra: &[&str],
-        logged: bool,
-    ) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_mqgate"))
-            .args(["serve", "--data"])
-            .arg(dir.path().join("data"))
-            .args(["--amqp", &format!("127.0.0.1:{amqp}")])
-            .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
-            .args(["--admin", &format!("127.0.0.1:{admin}")])
-            .args(extra)
-            .env("RUST_LOG", if logged { "info" } else { "warn" })
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(if logged {
-                Stdio::piped()
-            } else {
-                Stdio::inherit()
-            })
-            .spawn()
-            .expect("start mqgate")
-    }
-
     fn wait_listening(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.admin)).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", self.amqp)).is_err()
-        {
-            assert!(Instant::now() < deadline, "mqgate did not start listening");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_ports(&[self.admin, self.amqp]);
     }
 
     pub fn amqp_url(&self) -> String {
