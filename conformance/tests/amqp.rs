@@ -1934,7 +1934,10 @@ async fn max_length_dead_letters(backend: Backend) {
     let c1 = publish_props(&ch, "", &qr, b"kept", BasicProperties::default()).await;
     assert!(matches!(c1, Confirmation::Ack(None)), "first: {c1:?}");
     let c2 = publish_props(&ch, "", &qr, b"refused", BasicProperties::default()).await;
-    assert!(c2.is_nack(), "over the limit with reject-publish-dlx: {c2:?}");
+    assert!(
+        c2.is_nack(),
+        "over the limit with reject-publish-dlx: {c2:?}"
+    );
     let d = next(&mut dc, "refused publish dead-lettered").await;
     assert_eq!(body(&d), "refused");
     assert_eq!(death_reason(&d), "maxlen");
@@ -1957,7 +1960,11 @@ async fn max_length_dead_letters(backend: Backend) {
     // Nothing more reaches the dead-letter queue.
     publish(&ch, &dlx, "", "marker").await;
     let m = next(&mut dc, "marker").await;
-    assert_eq!(body(&m), "marker", "reject-publish dead-lettered its refusal");
+    assert_eq!(
+        body(&m),
+        "marker",
+        "reject-publish dead-lettered its refusal"
+    );
     for q in [&q, &qr, &qp, &dead] {
         delete_queue(&conn, q).await;
     }
@@ -1985,7 +1992,10 @@ async fn max_length_keeps_unacked(backend: Backend) {
         publish(&ch, "", &q, b).await;
     }
     // Ready: u2, u3 (u1 dropped); u0 is in flight and kept.
-    held.acker.ack(BasicAckOptions::default()).await.expect("ack");
+    held.acker
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack");
     let mut rest = Vec::new();
     for _ in 0..2 {
         let d = next(&mut c, "the ready messages").await;

@@ -96,7 +96,12 @@ impl QueueArgs {
                         Some("drop-head") => Overflow::DropHead,
                         Some("reject-publish") => Overflow::RejectPublish,
                         Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
-                        _ => return Err(bad(k, "must be drop-head, reject-publish or reject-publish-dlx")),
+                        _ => {
+                            return Err(bad(
+                                k,
+                                "must be drop-head, reject-publish or reject-publish-dlx",
+                            ))
+                        }
                     })
                 }
                 "x-dead-letter-exchange" => {

@@ -289,7 +289,10 @@ impl Inner {
     /// [`Broker::publish_batch`](crate::Broker::publish_batch). Items are staged into
     /// one part, written once; an item routed to an endpoint with a length limit ends
     /// the part (written first, so the limit counts it) and is written on its own.
-    pub(crate) async fn publish_batch(self: &Arc<Self>, b: PublishBatch) -> Result<Vec<Option<Published>>> {
+    pub(crate) async fn publish_batch(
+        self: &Arc<Self>,
+        b: PublishBatch,
+    ) -> Result<Vec<Option<Published>>> {
         let PublishBatch {
             items,
             records,
@@ -523,7 +526,8 @@ impl Inner {
             self.write_part(part).await?.pop().flatten()
         };
         if !dead_woken.is_empty() {
-            self.dead_lettered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.dead_lettered
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         for t in &dead_woken {
             self.wake_topic(t);

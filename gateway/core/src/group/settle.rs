@@ -227,7 +227,11 @@ impl Actor {
             let Some(q) = self.queues.get_mut(queue) else {
                 break;
             };
-            let head = if q.redeliver.first_key_value().is_some_and(|(o, _)| *o < offset) {
+            let head = if q
+                .redeliver
+                .first_key_value()
+                .is_some_and(|(o, _)| *o < offset)
+            {
                 q.redeliver
                     .pop_first()
                     .map(|(o, p)| (o, p.message, p.count))
