@@ -103,6 +103,12 @@ impl LoginThrottle {
             .min(self.cfg.max_delay)
     }
 
+    /// Record a failed login and wait its delay ([`LoginThrottle::failed`]); the caller
+    /// refuses the login after. Only the failing connection's own task waits.
+    pub async fn refuse_later(&self, source: IpAddr, user: Option<&str>) {
+        tokio::time::sleep(self.failed(source, user)).await;
+    }
+
     /// A successful login from `source`: its failures are forgotten (the user's are
     /// kept: a guesser elsewhere may still be at work on that name).
     pub fn succeeded(&self, source: IpAddr) {

@@ -30,6 +30,15 @@ pub const MIN_READ: usize = 2 * 1024;
 /// The largest room offered to one read.
 pub const MAX_READ: usize = 64 * 1024;
 
+/// Wait until `deadline` (a keep-alive or heartbeat deadline), or forever when there is
+/// none: a `select!` arm for the connection's own deadlines.
+pub async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The reading half of a connection and what it read but has not handled.
 #[derive(Debug)]
 pub struct Input<R> {

@@ -210,11 +210,11 @@ where
         _ => {
             let who = creds.map(|c| c.0).unwrap_or_default();
             // Answered late, later with every recent failure (per source and user).
-            let delay = shared
+            shared
                 .broker
                 .login_throttle()
-                .failed(peer.ip(), Some(who.as_str()).filter(|w| !w.is_empty()));
-            tokio::time::sleep(delay).await;
+                .refuse_later(peer.ip(), Some(who.as_str()).filter(|w| !w.is_empty()))
+                .await;
             let text = if mechanism == "PLAIN" || mechanism == "AMQPLAIN" {
                 format!("ACCESS_REFUSED - Login was refused using authentication mechanism {mechanism}. For details see the broker logfile.")
             } else {

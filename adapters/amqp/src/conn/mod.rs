@@ -320,13 +320,13 @@ where
                     self.deliver(ch, cid, d);
                     self.deliver_burst();
                 }
-                _ = sleep_until_opt(hb_send) => {
+                _ = mqgate_core::sockio::sleep_until(hb_send) => {
                     if self.output.out.is_empty() {
                         frame::put_heartbeat(&mut self.output.out);
                     }
                     self.output.last = Instant::now();
                 }
-                _ = sleep_until_opt(hb_dead) => {
+                _ = mqgate_core::sockio::sleep_until(hb_dead) => {
                     tracing::info!(peer = %self.peer, user = %self.user, "AMQP: missed heartbeats from client; connection closed");
                     return End::Closed;
                 }
@@ -593,11 +593,4 @@ fn try_deliveries(channels: &mut HashMap<u16, Channel>) -> Option<(u16, u64, Opt
         }
     }
     None
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }

@@ -141,11 +141,11 @@ where
         Ok(()) => shared.broker.login_throttle().succeeded(peer.ip()),
         Err(true) => {
             // Answered late, later with every recent failure (per source and user).
-            let delay = shared
+            shared
                 .broker
                 .login_throttle()
-                .failed(peer.ip(), c.username.as_deref());
-            tokio::time::sleep(delay).await;
+                .refuse_later(peer.ip(), c.username.as_deref())
+                .await;
             refuse!(
                 4,
                 reason::BAD_USERNAME_OR_PASSWORD,

@@ -299,7 +299,7 @@ where
                     self.deliver(src, d);
                     self.deliver_burst();
                 }
-                _ = sleep_until_opt(ka_deadline) => {
+                _ = mqgate_core::sockio::sleep_until(ka_deadline) => {
                     return End::Server(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout".into());
                 }
             }
@@ -488,10 +488,3 @@ where
 
 /// DISCONNECT reason code 0x98: closed by an administrator (admin API).
 pub(crate) const ADMINISTRATIVE_ACTION: u8 = 0x98;
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
