@@ -408,7 +408,7 @@ impl Shared {
 
     /// The core deleted a queue unused for its `x-expires`: forget it (handles still
     /// held see it deleted).
-    fn expired(&self, group: &mqgate_store::GroupName) {
+    pub(crate) fn expired(&self, group: &mqgate_store::GroupName) {
         let q = {
             let mut queues = self.queues.write();
             let key = queues

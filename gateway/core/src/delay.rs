@@ -387,6 +387,7 @@ impl Inner {
             count += 1;
         }
         self.store.write(batch).await?;
+        staged.iter_mut().for_each(crate::retained::Staged::confirm);
         drop(staged);
         self.delay
             .released

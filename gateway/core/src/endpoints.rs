@@ -79,6 +79,8 @@ struct Entry {
     endpoint: Endpoint,
     users: usize,
     idle_since: Millis,
+    /// The sweep is deleting it: uses are refused until it is gone.
+    expiring: bool,
 }
 
 /// The registry (one per broker).
@@ -90,6 +92,8 @@ pub(crate) struct Registry {
     limited: RwLock<HashMap<TopicName, GroupSpec>>,
     any_limited: AtomicBool,
     events: broadcast::Sender<EndpointEvent>,
+    /// Woken when an expiring endpoint is gone (or its deletion failed).
+    settled: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -99,12 +103,34 @@ impl Registry {
             limited: RwLock::default(),
             any_limited: AtomicBool::new(false),
             events: broadcast::channel(1024).0,
+            settled: tokio::sync::Notify::new(),
         }
     }
 
+    /// Stop managing `group` (an endpoint the sweep is deleting stays until it is gone).
     pub(crate) fn forget(&self, group: &GroupName) {
-        if let Some(e) = self.map.lock().remove(group) {
-            self.unlimit(&e.endpoint.spec);
+        let mut map = self.map.lock();
+        if map.get(group).is_some_and(|e| !e.expiring) {
+            if let Some(e) = map.remove(group) {
+                self.unlimit(&e.endpoint.spec);
+            }
+        }
+    }
+
+    fn expiring(&self, group: &GroupName) -> bool {
+        self.map.lock().get(group).is_some_and(|e| e.expiring)
+    }
+
+    /// Wait until `group` is not being expired.
+    async fn settled(&self, group: &GroupName) {
+        loop {
+            let woken = self.settled.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if !self.expiring(group) {
+                return;
+            }
+            woken.await;
         }
     }
 
@@ -159,6 +185,10 @@ impl crate::Broker {
         let endpoint = endpoint.into();
         let now = self.now();
         let mut map = self.inner.endpoints.map.lock();
+        if map.get(&endpoint.spec.name).is_some_and(|e| e.expiring) {
+            // Being deleted: a registration after the deletion (a redeclare) makes a new one.
+            return;
+        }
         let users = map.get(&endpoint.spec.name).map_or(0, |e| e.users);
         if let Some(old) = map.get(&endpoint.spec.name) {
             self.inner.endpoints.unlimit(&old.endpoint.spec);
@@ -170,6 +200,7 @@ impl crate::Broker {
                 endpoint,
                 users,
                 idle_since: idle_since.unwrap_or(now),
+                expiring: false,
             },
         );
     }
@@ -184,12 +215,29 @@ impl crate::Broker {
         self.inner.endpoints.forget(group);
     }
 
+    /// Take an endpoint back from the core's management (an MQTT client reconnecting to
+    /// its session): waits while the sweep is deleting it, so the caller then sees it
+    /// either whole or gone, never half deleted.
+    pub async fn claim_endpoint(&self, group: &GroupName) {
+        self.inner.endpoints.settled(group).await;
+        self.inner.endpoints.forget(group);
+    }
+
+    /// Wait until the sweep is not deleting `group` (it is then whole or gone).
+    pub async fn endpoint_settled(&self, group: &GroupName) {
+        self.inner.endpoints.settled(group).await;
+    }
+
     /// One more (`true`) or one fewer (`false`) user of an endpoint: a consumer, a
-    /// connected client. Unused from when the last one goes.
-    pub fn endpoint_in_use(&self, group: &GroupName, in_use: bool) {
+    /// connected client. Unused from when the last one goes. `false` when a new use is
+    /// refused because the sweep is deleting the endpoint (the caller treats it as gone).
+    pub fn endpoint_in_use(&self, group: &GroupName, in_use: bool) -> bool {
         let now = self.now();
         if let Some(e) = self.inner.endpoints.map.lock().get_mut(group) {
             if in_use {
+                if e.expiring {
+                    return false;
+                }
                 e.users += 1;
             } else {
                 e.users = e.users.saturating_sub(1);
@@ -198,14 +246,20 @@ impl crate::Broker {
                 }
             }
         }
+        true
     }
 
-    /// The endpoint was used just now (AMQP: declared again, basic.get).
-    pub fn touch_endpoint(&self, group: &GroupName) {
+    /// The endpoint was used just now (AMQP: declared again, basic.get). `false` when
+    /// the sweep is deleting it (the caller treats it as gone).
+    pub fn touch_endpoint(&self, group: &GroupName) -> bool {
         let now = self.now();
         if let Some(e) = self.inner.endpoints.map.lock().get_mut(group) {
+            if e.expiring {
+                return false;
+            }
             e.idle_since = now;
         }
+        true
     }
 
     /// What the core does to endpoints on its own (expiry), for adapters to follow.
@@ -241,26 +295,23 @@ impl Inner {
     /// Delete the endpoints unused for their `idle_expiry`.
     async fn expire_idle(self: &Arc<Self>) {
         let now = self.clock.now();
+        // Marked first: from here uses are refused (`endpoint_in_use` and
+        // `touch_endpoint` answer false, `claim_endpoint` waits) until it is gone.
         let expired: Vec<Endpoint> = {
             let mut map = self.endpoints.map.lock();
-            let names: Vec<GroupName> = map
-                .iter()
-                .filter(|(_, e)| {
-                    e.users == 0
+            map.values_mut()
+                .filter(|e| {
+                    !e.expiring
+                        && e.users == 0
                         && e.endpoint
                             .idle_expiry
                             .is_some_and(|ms| e.idle_since.saturating_add(ms) <= now)
                 })
-                .map(|(k, _)| k.clone())
-                .collect();
-            let gone: Vec<Endpoint> = names
-                .iter()
-                .filter_map(|n| map.remove(n).map(|e| e.endpoint))
-                .collect();
-            for e in &gone {
-                self.endpoints.unlimit(&e.spec);
-            }
-            gone
+                .map(|e| {
+                    e.expiring = true;
+                    e.endpoint.clone()
+                })
+                .collect()
         };
         let broker = crate::Broker {
             inner: Arc::clone(self),
@@ -281,6 +332,7 @@ impl Inner {
                 records.push((ns.clone(), key.clone(), value));
             }
             let mut first = true;
+            let mut failed = false;
             for topic in &ep.spec.topics {
                 let recs = if first {
                     std::mem::take(&mut delete)
@@ -292,8 +344,23 @@ impl Inner {
                     .delete_endpoint(&ep.vhost, topic, &ep.spec.name, recs)
                     .await
                 {
-                    tracing::warn!(group = %ep.spec.name, error = %e, "core: deleting an expired endpoint");
+                    tracing::warn!(group = %ep.spec.name, error = %e, "core: deleting an expired endpoint failed; the next sweep tries again");
+                    failed = true;
                 }
+            }
+            {
+                let mut map = self.endpoints.map.lock();
+                if failed {
+                    if let Some(e) = map.get_mut(&ep.spec.name) {
+                        e.expiring = false;
+                    }
+                } else if let Some(e) = map.remove(&ep.spec.name) {
+                    self.endpoints.unlimit(&e.endpoint.spec);
+                }
+            }
+            self.endpoints.settled.notify_waiters();
+            if failed {
+                continue;
             }
             let _ = self.endpoints.events.send(EndpointEvent::Expired {
                 group: ep.spec.name.clone(),

@@ -434,6 +434,12 @@ impl Inner {
             return Ok(staged.into_iter().map(|_| None).collect());
         }
         let receipt = self.write_and_wake(batch, &touched).await;
+        let mut retained = retained;
+        if receipt.is_ok() {
+            retained
+                .iter_mut()
+                .for_each(crate::retained::Staged::confirm);
+        }
         drop(retained);
         let receipt = receipt?;
         if let Some(due) = earliest_timer {
@@ -473,10 +479,9 @@ impl Inner {
         use crate::endpoint::Overflow;
         let size = message.body.len() as u64;
         let mut refused = Vec::new();
-        let mut part = Part::new(durable);
         // reject-publish-dlx: the refused message is dead-lettered (`maxlen`), in the
         // same write as its other destinations.
-        let mut dead_woken = Vec::new();
+        let mut dead_letters = Vec::new();
         for spec in limited {
             let rejects = matches!(
                 spec.policy.overflow,
@@ -487,43 +492,53 @@ impl Inner {
                 if let (Overflow::RejectPublishDlx, Some(dl)) =
                     (spec.policy.overflow, &spec.policy.dead_letter)
                 {
-                    let as_stored = mqgate_store::StoredMessage {
-                        id: MessageId(0),
-                        store_timestamp: mqgate_store::now_millis(),
-                        size: 0,
-                        message: message.clone(),
-                    };
-                    dead_woken.extend(
-                        crate::endpoint::stage(
-                            self,
-                            dl,
-                            &as_stored,
-                            crate::endpoint::DeathReason::MaxLen,
-                            &mut part.batch,
-                        )
-                        .await?,
-                    );
+                    dead_letters.push(dl.clone());
                 }
             }
         }
         queues.retain(|q| !refused.contains(&q.topic));
         touched.retain(|(h, _)| !refused.contains(&h.name));
-        let mut answer = if queues.is_empty() {
-            if !part.batch.is_empty() {
-                self.write_part(part).await?;
-            }
-            Some(Published::Refused {
-                by: refused.clone(),
-            })
-        } else {
-            if let Some(topic) = &retain {
-                part.retained
-                    .extend(self.retained.stage(topic, &message, &mut part.batch));
-            }
+        let mut part = Part::new(durable);
+        // A retained setting holds whatever its destinations said (MQTT acknowledges it).
+        if let Some(topic) = &retain {
+            part.retained
+                .extend(self.retained.stage(topic, &message, &mut part.batch));
+        }
+        let as_stored = (!dead_letters.is_empty()).then(|| mqgate_store::StoredMessage {
+            id: MessageId(0),
+            store_timestamp: mqgate_store::now_millis(),
+            size: 0,
+            message: message.clone(),
+        });
+        let stored = !queues.is_empty();
+        if stored {
+            // The message's own append first: the answer describes it, not a copy.
             part.touched = touched;
             part.batch.append(message, queues);
             part.staged.push(Staged::Appended);
-            self.write_part(part).await?.pop().flatten()
+        }
+        let mut dead_woken = Vec::new();
+        if let Some(original) = &as_stored {
+            for dl in &dead_letters {
+                dead_woken.extend(
+                    crate::endpoint::stage(
+                        self,
+                        dl,
+                        original,
+                        crate::endpoint::DeathReason::MaxLen,
+                        &mut part.batch,
+                    )
+                    .await?,
+                );
+            }
+        }
+        let written = self.write_part(part).await?;
+        let mut answer = if stored {
+            written.into_iter().next().flatten()
+        } else {
+            Some(Published::Refused {
+                by: refused.clone(),
+            })
         };
         if !dead_woken.is_empty() {
             self.dead_lettered

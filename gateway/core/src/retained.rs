@@ -78,19 +78,46 @@ impl Entry {
 
 /// A retained message set (or cleared) whose batch is being stored: until it is
 /// dropped, readers take the new body from memory rather than from the store, where it
-/// may not be yet. Drop it once the write has returned (or failed).
+/// may not be yet. [`Staged::confirm`] it once the write has succeeded; dropped without
+/// that (the write failed, or never happened), the setting is undone in memory unless a
+/// newer one was staged since, so memory never shows what the store does not hold.
 #[derive(Debug)]
 pub(crate) struct Staged<'a> {
     retained: &'a Retained,
     topic: String,
     version: u64,
+    /// The index entry before this setting.
+    prev: Option<Entry>,
+    confirmed: bool,
+}
+
+impl Staged<'_> {
+    /// The write holding this setting succeeded.
+    pub(crate) fn confirm(&mut self) {
+        self.confirmed = true;
+    }
 }
 
 impl Drop for Staged<'_> {
     fn drop(&mut self) {
-        let mut u = self.retained.unsettled.lock();
-        if u.get(&self.topic).is_some_and(|x| x.0 == self.version) {
-            u.remove(&self.topic);
+        let r = self.retained;
+        let mut index = r.index.write();
+        let mut cache = r.cache.lock();
+        let mut u = r.unsettled.lock();
+        if u.get(&self.topic).is_none_or(|x| x.0 != self.version) {
+            return;
+        }
+        u.remove(&self.topic);
+        if !self.confirmed {
+            match self.prev {
+                Some(e) => {
+                    index.insert(self.topic.clone(), e);
+                }
+                None => {
+                    index.remove(&self.topic);
+                }
+            }
+            cache.remove(&self.topic);
         }
     }
 }
@@ -203,9 +230,11 @@ impl Retained {
             batch.kv_put(NS_RETAINED_INDEX, key, entry.encode());
             Some((entry, Arc::new(message.clone())))
         };
+        let prev;
         {
             let mut index = self.index.write();
             let mut cache = self.cache.lock();
+            prev = index.get(topic).copied();
             match &set {
                 Some((entry, m)) => {
                     index.insert(topic.to_owned(), *entry);
@@ -224,6 +253,8 @@ impl Retained {
             retained: self,
             topic: topic.to_owned(),
             version,
+            prev,
+            confirmed: false,
         })
     }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use mqgate_core::endpoint::Overflow;
 use mqgate_core::props::EXPIRES_AT;
 use mqgate_core::retry::{dlq_topic, retry_topic, PROP_DLQ_FAILURES};
 use mqgate_core::router::{
@@ -1330,4 +1331,213 @@ async fn idle_time_counts_from_the_time_given_at_registration() {
     env.clock.advance(Duration::from_millis(600));
     b.expire_endpoints().await;
     assert!(b.topic(&topic("s")).is_none());
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. Found in review: length limits count ready messages only, the answer of a partial
+// refusal, expiry against concurrent uses, retained settings of failed writes.
+
+fn limited(g: &str, t: &str) -> GroupSpec {
+    spec(g, t, OnFailure::Discard)
+}
+
+async fn ready(b: &Broker, g: &str) -> u64 {
+    b.group_info(&group(g))
+        .await
+        .unwrap()
+        .queues
+        .iter()
+        .map(|q| q.ready)
+        .sum()
+}
+
+/// drop-head keeps `max_length` ready messages: with older messages back in the ready
+/// set (a member left) and newer ones in flight, it drops only the oldest one, as
+/// RabbitMQ does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_head_drops_only_what_is_over_the_limit_of_ready_messages() {
+    let env = Env::memory().await;
+    let b = &env.broker;
+    b.declare_endpoint(&topic("lim"), 1, &group("q"), Records::new())
+        .await
+        .unwrap();
+    let mut s = limited("q", "lim");
+    s.policy.max_length = Some(5);
+    s.policy.overflow = Overflow::DropHead;
+    b.register_endpoint(s.clone());
+    let mut a = b
+        .subscribe(s.clone(), MemberOptions::new("a", 5))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        publish(b, "lim", &format!("m{i}")).await;
+    }
+    for _ in 0..5 {
+        recv(&mut a).await;
+    }
+    let mut c = b
+        .subscribe(s.clone(), MemberOptions::new("b", 5))
+        .await
+        .unwrap();
+    for i in 5..10 {
+        publish(b, "lim", &format!("m{i}")).await;
+    }
+    for _ in 0..5 {
+        recv(&mut c).await;
+    }
+    drop(a); // m0..m4 back to ready (redeliver); b holds m5..m9
+    for _ in 0..100 {
+        if ready(b, "q").await == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ready(b, "q").await, 5, "m0..m4 ready again");
+    publish(b, "lim", "m10").await; // 6 ready > 5: RabbitMQ drops one (m0)
+    let r = ready(b, "q").await;
+    println!("ready after one publish over the limit: {r}");
+    assert_eq!(
+        r, 5,
+        "RabbitMQ keeps max_length ready messages (drops only m0)"
+    );
+}
+
+/// x-max-length-bytes counts ready bytes only: what is in flight does not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_limit_counts_ready_bytes_only() {
+    let env = Env::memory().await;
+    let b = &env.broker;
+    b.declare_endpoint(&topic("lim"), 1, &group("q"), Records::new())
+        .await
+        .unwrap();
+    let mut s = limited("q", "lim");
+    s.policy.max_length_bytes = Some(10);
+    s.policy.overflow = Overflow::RejectPublish;
+    b.register_endpoint(s.clone());
+    let mut a = b
+        .subscribe(s.clone(), MemberOptions::new("a", 1))
+        .await
+        .unwrap();
+    publish(b, "lim", "aaaaaaaa").await;
+    let _d = recv(&mut a).await; // in flight, not acked
+    assert_eq!(ready(b, "q").await, 0);
+    let p = b
+        .publish(mqgate_core::Publish::new(msg("lim", "bbbbb")))
+        .await
+        .unwrap();
+    assert!(!p.refused(), "only ready bytes count (RabbitMQ); 5 <= 10");
+}
+
+/// reject-publish-dlx with another destination: the answer describes the message where
+/// it was stored, not its dead-letter copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_publish_dlx_answer_describes_the_message_not_its_copy() {
+    let env = Env::memory().await;
+    let b = &env.broker;
+    declare_dlx(b).await;
+    b.create_topic(&topic("other"), Some(1)).await.unwrap();
+    b.declare_endpoint(&topic("lim"), 1, &group("q"), Records::new())
+        .await
+        .unwrap();
+    let mut s = limited("q", "lim");
+    s.policy.max_length = Some(1);
+    s.policy.overflow = Overflow::RejectPublishDlx;
+    s.policy.dead_letter = Some(dead_letter("dlx", None, "lim"));
+    b.register_endpoint(s.clone());
+    let mut batch = PublishBatch::new();
+    batch.push(Outgoing::routed(msg("lim", "first"), vec![topic("lim")]));
+    b.publish_batch(batch).await.unwrap();
+    let mut batch = PublishBatch::new();
+    batch.push(Outgoing::routed(
+        msg("lim", "second"),
+        vec![topic("lim"), topic("other")],
+    ));
+    let ans = b.publish_batch(batch).await.unwrap();
+    match &ans[0] {
+        Some(Published::Stored {
+            offsets, refused, ..
+        }) => {
+            assert_eq!(refused, &vec![topic("lim")]);
+            assert_eq!(
+                offsets[0].0.topic,
+                topic("other"),
+                "the message went to `other`"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A use that arrives while the sweep is deleting an endpoint is refused (the caller
+/// treats the endpoint as gone), and a claim waits until the deletion is over: nobody
+/// gets an endpoint that is deleted under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uses_during_an_expiry_are_refused_and_claims_wait() {
+    let store = Arc::new(FailingStore::default());
+    let env = Env::start(store.clone()).await;
+    let b = env.broker.clone();
+    let mut records = Records::new();
+    records.put(
+        "test.ep",
+        Bytes::from_static(b"q"),
+        Bytes::from_static(b"decl"),
+    );
+    b.declare_endpoint(&topic("idle"), 1, &group("q"), records)
+        .await
+        .unwrap();
+    let s = spec("q", "idle", OnFailure::Discard);
+    b.register_endpoint(mqgate_core::Endpoint {
+        spec: s.clone(),
+        vhost: VHOST.to_owned(),
+        records: vec![("test.ep".to_owned(), Bytes::from_static(b"q"))],
+        idle_expiry: Some(1_000),
+    });
+    env.clock.advance(Duration::from_millis(2_000));
+    let (entered, release) = store.arm_gate("test.ep");
+    let b2 = b.clone();
+    let sweep = tokio::spawn(async move { b2.expire_endpoints().await });
+    entered.notified().await;
+    // A consumer (AMQP basic.consume) or a redeclare arrives now: refused.
+    assert!(
+        !b.endpoint_in_use(&group("q"), true),
+        "a new use is refused"
+    );
+    assert!(!b.touch_endpoint(&group("q")), "a touch is refused");
+    // A reconnecting MQTT client claims its session: it waits for the deletion.
+    let b3 = b.clone();
+    let claim = tokio::spawn(async move { b3.claim_endpoint(&group("q")).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !claim.is_finished(),
+        "the claim waits while the endpoint is being deleted"
+    );
+    release.notify_one();
+    sweep.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(2), claim)
+        .await
+        .expect("the claim ends once the deletion is over")
+        .unwrap();
+    assert!(b.topic(&topic("idle")).is_none(), "then it is gone, whole");
+    assert!(b.record("test.ep", b"q").await.unwrap().is_none());
+    // Not managed any more: a use now is not refused (the adapter declares anew).
+    assert!(b.endpoint_in_use(&group("q"), true));
+}
+
+/// A retained setting whose write fails is undone in memory (index and cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_setting_whose_write_fails_is_undone() {
+    let store = Arc::new(FailingStore::default());
+    let env = Env::start(store.clone()).await;
+    let b = &env.broker;
+    store.set_failing(true);
+    let mut batch = PublishBatch::new();
+    batch.push(Outgoing {
+        retain: Some("a/b".into()),
+        ..Outgoing::routed(msg("x", "retained body"), vec![])
+    });
+    assert!(b.publish_batch(batch).await.is_err());
+    store.set_failing(false);
+    let now = b.now();
+    let m = b.retained().matching("a/b", now);
+    assert!(m.is_empty(), "the write failed: not retained");
 }

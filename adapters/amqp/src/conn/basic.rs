@@ -178,13 +178,21 @@ where
                 .map_err(internal)?;
             (cons, None)
         };
+        if !self.shared.broker.endpoint_in_use(&q.group, true) {
+            // The core is deleting it (x-expires) right now: as if it had gone a moment
+            // earlier. The consumer just made leaves with `consumer`.
+            drop(consumer);
+            return Err(chan_err(
+                reply::NOT_FOUND,
+                format!("no queue '{}' in vhost '{}'", q.name, self.vhost),
+            ));
+        }
         {
             let mut s = q.state.lock();
             s.consumers += 1;
             s.had_consumer = true;
             s.exclusive_consumer |= c.exclusive;
         }
-        self.shared.broker.endpoint_in_use(&q.group, true);
         let id = self.next_consumer;
         self.next_consumer += 1;
         let chan = self.chan(ch);
@@ -279,7 +287,13 @@ where
                 "basic.get is not supported by stream queues",
             ));
         }
-        self.shared.broker.touch_endpoint(&q.group);
+        if !self.shared.broker.touch_endpoint(&q.group) {
+            // Being deleted (x-expires) right now: as if it had gone a moment earlier.
+            return Err(chan_err(
+                reply::NOT_FOUND,
+                format!("no queue '{}' in vhost '{}'", q.name, self.vhost),
+            ));
+        }
         let key = (q.vhost.clone(), q.name.clone());
         let existing = self.chan(ch).gets.get(&key).copied();
         let id = match existing {

@@ -89,7 +89,11 @@ where
             }
             q.auto_delete && s.had_consumer && s.consumers == 0 && !s.deleted
         };
-        self.shared.broker.endpoint_in_use(&q.group, false);
+        // A consumer of a deleted queue does not count against a queue of the same name
+        // declared since (its group name is the same).
+        if !q.state.lock().deleted {
+            self.shared.broker.endpoint_in_use(&q.group, false);
+        }
         if delete {
             let shared = Arc::clone(&self.shared);
             let q = Arc::clone(q);

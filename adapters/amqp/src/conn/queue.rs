@@ -69,7 +69,17 @@ where
                     ));
                 }
                 self.can_configure("queue", &name)?;
-                let (count, consumers) = match self.shared.queue(&self.vhost, &name) {
+                let existing = match self.shared.queue(&self.vhost, &name) {
+                    // The core is deleting it (x-expires) right now: wait until it is
+                    // gone and declare it anew, as if it had gone a moment earlier.
+                    Some(q) if !self.shared.broker.touch_endpoint(&q.group) => {
+                        self.shared.broker.endpoint_settled(&q.group).await;
+                        self.shared.expired(&q.group);
+                        None
+                    }
+                    other => other,
+                };
+                let (count, consumers) = match existing {
                     Some(_) => {
                         let q = self.get_queue(&name)?;
                         let what = if q.durable != d.durable {
@@ -99,7 +109,6 @@ where
                                 ));
                             }
                         }
-                        self.shared.broker.touch_endpoint(&q.group);
                         let n = self.shared.ready_count(&q).await;
                         let c = q.state.lock().consumers as u32;
                         (n, c)

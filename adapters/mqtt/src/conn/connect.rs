@@ -255,8 +255,12 @@ where
     {
         tracing::warn!(client = %client_id, error = %e, "MQTT: cancelling a delayed will failed");
     }
-    // Connected: the core no longer expires it.
-    shared.broker.forget_endpoint(&session_group(&client_id));
+    // Connected: the core no longer expires it (if its sweep is deleting the session
+    // right now, this waits until it is gone, and the client starts a new one).
+    shared
+        .broker
+        .claim_endpoint(&session_group(&client_id))
+        .await;
     shared.expiring.lock().remove(&client_id);
 
     let existing = match shared.broker.record(NS_SESSION, client_id.as_bytes()).await {

@@ -425,7 +425,9 @@ where
             )
             .await;
         }
-        let _ = self.output.wr.shutdown().await;
+        // Bounded: a half-open TLS or WebSocket peer must not hold up the session's end
+        // (a takeover waits for it, then cancels the will and claims the session).
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.output.wr.shutdown()).await;
         tracing::debug!(client = %self.client_id, ?end, "MQTT: disconnected");
 
         let topic = session_topic(&self.client_id);

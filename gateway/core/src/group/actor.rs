@@ -371,8 +371,11 @@ impl Actor {
             Cmd::Info(reply) => {
                 let _ = reply.send(self.info());
             }
-            Cmd::DropBelow(queue, offset, done) => {
-                self.drop_below(&queue, offset).await;
+            Cmd::Ready(bytes, reply) => {
+                let _ = reply.send(self.ready(bytes).await);
+            }
+            Cmd::Trim(max_len, max_bytes, done) => {
+                self.trim(max_len, max_bytes).await;
                 let _ = done.send(());
             }
             Cmd::Expire(done) => {

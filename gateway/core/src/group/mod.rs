@@ -20,6 +20,7 @@
 
 mod actor;
 mod deliver;
+mod limits;
 mod settle;
 
 use std::collections::BTreeMap;
@@ -219,9 +220,11 @@ enum Cmd {
     Info(oneshot::Sender<GroupInfo>),
     /// Settle expired messages at the head of each queue (members or not).
     Expire(oneshot::Sender<()>),
-    /// Drop the ready messages of a queue below an offset (a `drop-head` length limit),
-    /// dead-lettered (`maxlen`) when the group's policy has a target.
-    DropBelow(QueueRef, u64, oneshot::Sender<()>),
+    /// Ready messages and (when asked) their body bytes, over the group's queues.
+    Ready(bool, oneshot::Sender<(u64, u64)>),
+    /// Drop the oldest ready messages until within (count, bytes): a `drop-head` length
+    /// limit; dead-lettered (`maxlen`) when the group's policy has a target.
+    Trim(Option<u64>, Option<u64>, oneshot::Sender<()>),
     Stop(oneshot::Sender<()>),
 }
 
@@ -246,7 +249,8 @@ impl std::fmt::Debug for Cmd {
             Cmd::Reset(..) => "Reset",
             Cmd::Info(..) => "Info",
             Cmd::Expire(..) => "Expire",
-            Cmd::DropBelow(..) => "DropBelow",
+            Cmd::Ready(..) => "Ready",
+            Cmd::Trim(..) => "Trim",
             Cmd::Stop(..) => "Stop",
         })
     }
@@ -361,10 +365,18 @@ impl GroupHandle {
         }
     }
 
-    /// Drop the ready messages of `queue` below `offset` (messages in flight stay).
-    pub(crate) async fn drop_below(&self, queue: QueueRef, offset: u64) {
+    /// Ready messages (not in flight) and, when `bytes`, their body bytes.
+    pub(crate) async fn ready(&self, bytes: bool) -> Option<(u64, u64)> {
         let (tx, rx) = oneshot::channel();
-        if self.cmd.send(Cmd::DropBelow(queue, offset, tx)).is_ok() {
+        self.cmd.send(Cmd::Ready(bytes, tx)).ok()?;
+        rx.await.ok()
+    }
+
+    /// Drop the oldest ready messages until at most `max_len` and `max_bytes` are ready
+    /// (messages in flight stay and do not count).
+    pub(crate) async fn trim(&self, max_len: Option<u64>, max_bytes: Option<u64>) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Trim(max_len, max_bytes, tx)).is_ok() {
             let _ = rx.await;
         }
     }

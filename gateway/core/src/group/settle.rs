@@ -10,10 +10,6 @@ use super::{AckToken, OnFailure};
 use crate::endpoint::{self, DeathReason, Verdict};
 use crate::error::Result;
 
-/// The most messages one `drop-head` trim drops (a trim follows each publish to a full
-/// queue, so it usually drops one).
-const MAX_DROP: usize = 10_000;
-
 impl Actor {
     /// Remove a delivery from flight (ack or nack). Returns it if the token was current.
     pub(super) fn settle(&mut self, member: &str, token: &AckToken) -> Option<InFlight> {
@@ -209,68 +205,6 @@ impl Actor {
                     .collect();
                 self.put_back(member, queue, back, now);
             }
-        }
-    }
-
-    /// Drop the ready messages of `queue` below `offset` (a `drop-head` length limit):
-    /// redeliveries, the read-ahead and unread messages; what is in flight stays. With a
-    /// dead-letter target they are dead-lettered (`maxlen`) in one batch with the commit
-    /// past them, else the commit is written at once.
-    pub(super) async fn drop_below(&mut self, queue: &QueueRef, offset: u64) {
-        if self.broadcast() {
-            return;
-        }
-        let dead = self.spec.policy.dead_letter.is_some();
-        let mut dying = Vec::new();
-        let mut dropped = 0u64;
-        for _ in 0..MAX_DROP {
-            let Some(q) = self.queues.get_mut(queue) else {
-                break;
-            };
-            let head = if q
-                .redeliver
-                .first_key_value()
-                .is_some_and(|(o, _)| *o < offset)
-            {
-                q.redeliver
-                    .pop_first()
-                    .map(|(o, p)| (o, p.message, p.count))
-            } else if q.buffer.front().is_some_and(|m| m.entry.offset.0 < offset) {
-                q.buffer
-                    .pop_front()
-                    .map(|m| (m.entry.offset.0, m.message, 0))
-            } else if q.buffer.is_empty() && q.read < offset {
-                let want = usize::try_from(offset - q.read)
-                    .unwrap_or(usize::MAX)
-                    .min(self.inner.config.read_batch);
-                if !self.fill("", queue, want).await {
-                    break;
-                }
-                continue;
-            } else {
-                None
-            };
-            let Some((offset, message, count)) = head else {
-                break;
-            };
-            dropped += 1;
-            if dead {
-                dying.push(Dying {
-                    offset,
-                    message,
-                    count,
-                    reason: DeathReason::MaxLen,
-                });
-            }
-        }
-        if dropped == 0 {
-            return;
-        }
-        tracing::debug!(group = %self.spec.name, queue = %queue, dropped, "core: length limit: head dropped");
-        if dead {
-            self.flush_dying("", queue, dying).await;
-        } else {
-            self.commit().await;
         }
     }
 
