@@ -1617,6 +1617,16 @@ async fn exclusive_queue(backend: Backend) {
         "consume from another connection's exclusive queue",
     );
     alive(&other, "after 405").await;
+    // Redeclared without the exclusive flag, by its own connection too: RabbitMQ 3.10
+    // closes the channel with 405 RESOURCE_LOCKED (not 406).
+    let own = plain(&owner).await;
+    expect_code(
+        own.queue_declare(s(&q), QueueDeclareOptions::default(), no_args())
+            .await,
+        405,
+        "non-exclusive redeclare of an exclusive queue by its own connection",
+    );
+    alive(&owner, "after 405").await;
     publish(&ch, "", &q, "mine").await;
     assert_eq!(get_body(&ch, &q).await.as_deref(), Some("mine"));
     owner.close(200, s("bye")).await.expect("close");

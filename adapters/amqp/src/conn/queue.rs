@@ -91,6 +91,17 @@ where
                         } else {
                             None
                         };
+                        if matches!(what, Some(("exclusive", _, _))) {
+                            // RabbitMQ answers a mismatched exclusive flag as it answers
+                            // another connection's declare: 405.
+                            return Err(chan_err(
+                                reply::RESOURCE_LOCKED,
+                                format!(
+                                    "cannot obtain exclusive access to locked queue '{name}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+                                    self.vhost
+                                ),
+                            ));
+                        }
                         if let Some((arg, got, cur)) = what {
                             return Err(chan_err(
                                 reply::PRECONDITION_FAILED,
