@@ -6,6 +6,8 @@
 //! every permission on vhosts `/` and `other`; `limited`/`limited` on `/` only, with
 //! configure and write `^limited\.` and read `.*`.
 
+pub mod raw;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -125,10 +125,16 @@ where
                         ids,
                     ));
                 }
-                if ch > self.channel_max {
+                // Any id from 1 to 65535, as RabbitMQ: the negotiated channel_max limits how
+                // many are open at once.
+                let open = self.channels.len();
+                if open >= usize::from(self.channel_max) {
                     return Err(self.conn_error(
-                        reply::CHANNEL_ERROR,
-                        format!("channel {ch} is above channel_max {}", self.channel_max),
+                        reply::NOT_ALLOWED,
+                        format!(
+                            "number of channels opened ({open}) has reached the negotiated channel_max ({})",
+                            self.channel_max
+                        ),
                         ids,
                     ));
                 }

@@ -535,7 +535,9 @@ where
             }
             End::Closed => {}
         }
-        let _ = self.output.wr.shutdown().await;
+        if !matches!(end, End::ClientClosed) {
+            let _ = self.output.wr.shutdown().await;
+        }
         let chans: Vec<Channel> = self.channels.drain().map(|(_, c)| c).collect();
         self.shared
             .stats
@@ -547,8 +549,22 @@ where
         for q in std::mem::take(&mut self.exclusive) {
             self.shared.delete_queue(&q).await;
         }
+        if matches!(end, End::ClientClosed) {
+            // The peer that sent connection.close closes the socket after close-ok
+            // (AMQP 0-9-1 4.2.2): what it still sends is read and discarded until it
+            // does (or for at most CLOSE_LINGER), so its writes do not fail.
+            let mut scratch = [0u8; 4096];
+            let _ = tokio::time::timeout(CLOSE_LINGER, async {
+                while matches!(self.input.rd.read(&mut scratch).await, Ok(n) if n > 0) {}
+            })
+            .await;
+            let _ = self.output.wr.shutdown().await;
+        }
     }
 }
+
+/// How long a connection the client closed waits for the client to close its socket.
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
 
 /// The next delivery from any consumer allowed to receive one; `None` for a consumer
 /// whose group ended (its queue was deleted).
