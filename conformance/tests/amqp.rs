@@ -1980,6 +1980,56 @@ async fn max_length_dead_letters(backend: Backend) {
     }
 }
 
+/// message_count is exact right after acks, nacks and requeues: two messages taken
+/// with basic.get and nacked together (multiple, requeue) count as ready at once, on
+/// another channel of the same connection, without waiting.
+async fn counts_are_exact_after_requeue(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let q = uniq("count.requeue");
+    declare(&ch, &q, no_args()).await;
+    for b in ["c0", "c1", "c2"] {
+        publish(&ch, "", &q, b).await;
+    }
+    let gch = plain(&conn).await;
+    let mut last = None;
+    for want in ["c0", "c1"] {
+        let m = gch
+            .basic_get(s(&q), BasicGetOptions { no_ack: false })
+            .await
+            .expect("get")
+            .expect("a message");
+        assert_eq!(String::from_utf8_lossy(&m.delivery.data), want);
+        last = Some(m);
+    }
+    assert_eq!(count(&ch, &q).await, 1, "two taken, one ready");
+    last.expect("taken")
+        .delivery
+        .acker
+        .nack(BasicNackOptions {
+            multiple: true,
+            requeue: true,
+        })
+        .await
+        .expect("nack");
+    assert_eq!(count(&ch, &q).await, 3, "both requeued: three ready");
+    let m = gch
+        .basic_get(s(&q), BasicGetOptions { no_ack: false })
+        .await
+        .expect("get")
+        .expect("a message");
+    m.delivery
+        .acker
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack");
+    assert_eq!(count(&ch, &q).await, 2, "one acked: two ready");
+    delete_queue(&conn, &q).await;
+}
+
 /// drop-head drops ready messages only: an unacknowledged delivery does not count
 /// towards x-max-length and is not dropped (its ack still counts).
 async fn max_length_keeps_unacked(backend: Backend) {
@@ -3327,6 +3377,7 @@ scenario!(
     max_length,
     max_length_dead_letters,
     max_length_keeps_unacked,
+    counts_are_exact_after_requeue,
     dead_letter_x_death,
     single_active_consumer,
     delivery_limit,

@@ -343,7 +343,11 @@ where
                 .await
                 .ok()
                 .flatten();
-            cons.consumer.set_prefetch(cons.unacked);
+            // Back to no credit at all: a get member receives only while a get waits
+            // (with the in-flight count as prefetch, a nack or requeue of its messages
+            // freed credit and the group handed a ready message to a member nobody
+            // reads: it vanished from message_count until the next get).
+            cons.consumer.set_prefetch(0);
         }
         let Some(d) = delivery else {
             self.reply(
