@@ -173,9 +173,22 @@ async fn bind(what: &str, l: Listener) -> anyhow::Result<Option<tokio::net::TcpL
     let Some(addr) = l.addr() else {
         return Ok(None);
     };
-    let l = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("bind the {what} listener to {addr}"))?;
+    let l = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        // `[::]` (the default) takes IPv6 and IPv4 clients alike; a machine without
+        // IPv6 gets the IPv4 wildcard instead.
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+            let v4 = std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
+            let l = tokio::net::TcpListener::bind(v4)
+                .await
+                .with_context(|| format!("bind the {what} listener to {addr} or {v4}"))?;
+            tracing::info!(%addr, error = %e, "{what}: no IPv6 here; listening on IPv4 only");
+            l
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("bind the {what} listener to {addr}"));
+        }
+    };
     tracing::info!(%addr, "{what} listening");
     Ok(Some(l))
 }

@@ -8,7 +8,7 @@ mod load;
 pub(crate) mod types;
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use mqgate_amqp::{AmqpConfig, Permission, RetryPolicy};
@@ -77,9 +77,11 @@ pub(crate) struct Listeners {
 impl Default for Listeners {
     fn default() -> Self {
         Self {
-            amqp: Listener::on((Ipv4Addr::UNSPECIFIED, 5672)),
+            // Every address, IPv6 and IPv4 alike (clients that resolve `localhost` to
+            // ::1 first reach it too), as RabbitMQ listens.
+            amqp: Listener::on((Ipv6Addr::UNSPECIFIED, 5672)),
             amqps: Listener::OFF,
-            mqtt: Listener::on((Ipv4Addr::UNSPECIFIED, 1883)),
+            mqtt: Listener::on((Ipv6Addr::UNSPECIFIED, 1883)),
             mqtts: Listener::OFF,
             mqtt_ws: Listener::OFF,
             mqtt_wss: Listener::OFF,

@@ -26,7 +26,7 @@ fn err(toml: &str) -> String {
 fn the_shipped_example_is_valid() {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../mqgate.toml");
     let s = Settings::load(Some(&p)).expect("mqgate.toml loads");
-    assert_eq!(s.listeners.amqp.to_string(), "0.0.0.0:5672");
+    assert_eq!(s.listeners.amqp.to_string(), "[::]:5672");
 }
 
 #[test]
@@ -47,7 +47,7 @@ fn defaults_without_a_file() {
     let l = &s.listeners;
     assert_eq!(
         l.all().map(|(k, v)| format!("{k}={v}")).join(" "),
-        "amqp=0.0.0.0:5672 amqps=off mqtt=0.0.0.0:1883 mqtts=off mqtt_ws=off mqtt_wss=off \
+        "amqp=[::]:5672 amqps=off mqtt=[::]:1883 mqtts=off mqtt_ws=off mqtt_wss=off \
          admin=127.0.0.1:15672"
     );
     let r = s.rocks(Path::new("/x"));
