@@ -58,6 +58,32 @@ fn wait_ports(ports: &[u16]) {
     }
 }
 
+/// Spawn `mqgate serve` on free loopback ports and wait until they accept. A port that
+/// another test took between `free_port` and the bind makes the broker exit at once:
+/// then it is started again on other ports (5 tries).
+fn spawn_listening(data: &Path, extra: &[&str], logged: bool) -> (Child, u16, u16, u16) {
+    for _ in 0..5 {
+        let (amqp, mqtt, admin) = (free_port(), free_port(), free_port());
+        let mut child = spawn_mqgate(data, amqp, mqtt, admin, extra, logged);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if [admin, amqp, mqtt]
+                .iter()
+                .all(|&p| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok())
+            {
+                return (child, amqp, mqtt, admin);
+            }
+            if child.try_wait().ok().flatten().is_some() {
+                eprintln!("mqgate exited at start (a port taken meanwhile?); new ports");
+                break;
+            }
+            assert!(Instant::now() < deadline, "mqgate did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("mqgate did not start in 5 tries");
+}
+
 /// `mqgate serve` on loopback ports with its data in a given folder, logging to the
 /// test's stderr at `warn`. It can be SIGKILLed and started again on the same data and
 /// ports; killed when dropped.
@@ -75,7 +101,15 @@ pub struct Node {
 impl Node {
     /// Start on free ports with its data in `data`; returns once all three ports accept.
     pub fn start(data: &Path) -> Node {
-        Self::start_on(data, free_port(), free_port(), free_port())
+        let (child, amqp, mqtt, admin) = spawn_listening(data, &[], false);
+        Node {
+            child,
+            amqp,
+            mqtt,
+            admin,
+            data: data.to_path_buf(),
+            _tmp: None,
+        }
     }
 
     /// Start on free ports with its data in a temporary folder that the node owns.
@@ -152,17 +186,14 @@ impl Broker {
     /// Start with extra arguments (`--config <file>`).
     pub fn start_with(extra: &[&str]) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (amqp, mqtt, admin) = (free_port(), free_port(), free_port());
-        let child = spawn_mqgate(&dir.path().join("data"), amqp, mqtt, admin, extra, false);
-        let b = Broker {
+        let (child, amqp, mqtt, admin) = spawn_listening(&dir.path().join("data"), extra, false);
+        Broker {
             child,
             amqp,
             mqtt,
             admin,
             dir,
-        };
-        b.wait_listening();
-        b
+        }
     }
 
     /// Start again on the same data and ports (after a kill), its log piped for reading.
