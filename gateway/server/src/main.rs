@@ -177,7 +177,13 @@ async fn bind(what: &str, l: Listener) -> anyhow::Result<Option<tokio::net::TcpL
         Ok(l) => l,
         // `[::]` (the default) takes IPv6 and IPv4 clients alike; a machine without
         // IPv6 gets the IPv4 wildcard instead.
-        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+        Err(e)
+            if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED
+                && !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::AddrInUse | std::io::ErrorKind::PermissionDenied
+                ) =>
+        {
             let v4 = std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
             let l = tokio::net::TcpListener::bind(v4)
                 .await
