@@ -118,6 +118,21 @@ pub fn delivery_properties(m: &Message) -> Bytes {
     encode_properties(&foreign_properties(m))
 }
 
+/// The properties of a redelivery tried `count` times before: `raw` with the header
+/// `x-delivery-count` set to `count` (RabbitMQ's quorum queues name it so; a long-long
+/// as RabbitMQ sends it).
+pub fn with_delivery_count(raw: &Bytes, count: u32) -> Bytes {
+    let Some(p) = parse_raw_properties(raw) else {
+        return raw.clone();
+    };
+    let mut headers = p.headers().clone().unwrap_or_default();
+    headers.insert(
+        "x-delivery-count".into(),
+        AMQPValue::LongLongInt(i64::from(count)),
+    );
+    encode_properties(&p.with_headers(headers))
+}
+
 /// AMQP properties for a message that did not come through AMQP (MQTT).
 fn foreign_properties(m: &Message) -> AMQPProperties {
     let mut p = AMQPProperties::default();

@@ -57,7 +57,21 @@ pub struct QueueArgs {
     pub stream: bool,
     /// `x-retry-policy` (or the broker default).
     pub retry: Option<RetryPolicy>,
+    /// `x-orderly: true`: per-key strict order with competing consumers (RocketMQ's
+    /// orderly consumption). The queue is `x-queues` logs (default
+    /// [`ORDERLY_QUEUES`]); a message goes to the log of its `x-sharding-key` header
+    /// (none: the exchange it was published to is its key); the consumers split the
+    /// logs, and each log has one message in flight at a time, retried in place when it
+    /// fails.
+    pub orderly: bool,
+    /// `x-queues`: how many logs an orderly queue has.
+    pub queues: Option<u32>,
 }
+
+/// The logs of an orderly queue when `x-queues` is not given.
+pub const ORDERLY_QUEUES: u32 = 16;
+/// The most logs an orderly queue may have.
+pub const MAX_ORDERLY_QUEUES: u32 = 1024;
 
 /// A channel exception from declaring: code and text.
 pub type ArgError = (u16, String);
@@ -131,6 +145,15 @@ impl QueueArgs {
                     }
                     None => return Err(bad(k, "must be a string")),
                 },
+                "x-orderly" => {
+                    a.orderly = v.as_bool().ok_or_else(|| bad(k, "must be a boolean"))?
+                }
+                "x-queues" => match int_value(v) {
+                    Some(n) if (1..=i64::from(MAX_ORDERLY_QUEUES)).contains(&n) => {
+                        a.queues = Some(n as u32)
+                    }
+                    _ => return Err(bad(k, "must be an integer from 1 to 1024")),
+                },
                 "x-max-priority" => {
                     return Err((
                         reply::PRECONDITION_FAILED,
@@ -142,6 +165,18 @@ impl QueueArgs {
                 }
                 _ => {}
             }
+        }
+        if a.queues.is_some() && !a.orderly {
+            return Err(bad(
+                "x-queues",
+                "only an orderly queue (x-orderly: true) has several",
+            ));
+        }
+        if a.orderly && (a.single_active || a.stream) {
+            return Err(bad(
+                "x-orderly",
+                "cannot be combined with x-single-active-consumer or a stream",
+            ));
         }
         if a.dlrk.is_some() && a.dlx.is_none() {
             return Err(bad(
@@ -195,13 +230,14 @@ impl Queue {
     /// The core group consuming it, with the policies its arguments declare: TTL,
     /// delivery limit, retry ladder, dead-letter exchange (applied by the core).
     pub fn spec(&self) -> GroupSpec {
-        let mode = if self.args.single_active {
+        let mode = if self.args.single_active || self.args.orderly {
             ConsumeMode::Clustering
         } else {
             ConsumeMode::Shared
         };
         let mut spec = GroupSpec::new(self.group.clone(), vec![self.topic.clone()], mode);
         spec.start = StartPosition::First;
+        spec.orderly = self.args.orderly;
         spec.on_failure = match self.args.retry {
             Some(RetryPolicy::RocketMq) => OnFailure::Retry,
             None => OnFailure::Discard,
@@ -241,6 +277,14 @@ impl Queue {
                 Vec::new()
             },
             idle_expiry: self.args.expires,
+        }
+    }
+
+    /// Its number of logs (one, or an orderly queue's `x-queues`).
+    pub fn queue_count(&self) -> u32 {
+        match self.args.orderly {
+            true => self.args.queues.unwrap_or(ORDERLY_QUEUES),
+            false => 1,
         }
     }
 

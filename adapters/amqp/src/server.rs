@@ -335,7 +335,7 @@ impl Shared {
             record.put(NS_QUEUE, Queue::key(&q.vhost, &q.name), q.record());
         }
         self.broker
-            .declare_endpoint(&q.topic, 1, &q.group, record)
+            .declare_endpoint(&q.topic, q.queue_count(), &q.group, record)
             .await
             .map_err(internal)?;
         self.broker

@@ -110,6 +110,113 @@ pub(crate) enum Route {
 
 /// Keyed-area namespace of named timers: name -> the generation of its current timer.
 const NS_SCHEDULED: &str = "core.scheduled";
+/// Keyed-area namespace indexing delayed messages with keys, for cancelling by key:
+/// `topic \0 key \0 generation (u64 BE)` -> nothing. The message's timer is named
+/// [`DELAYED_PREFIX`] + generation; cancelling deletes that name, so the timer releases
+/// into nothing.
+const NS_DELAYED_KEYS: &str = "core.delayed.keys";
+/// Name prefix of the timers of delayed messages with keys.
+const DELAYED_PREFIX: &str = "delayed/";
+
+fn delayed_key_prefix(topic: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(topic.len() + key.len() + 10);
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k.push(0);
+    k
+}
+
+fn delayed_key_entry(topic: &str, key: &str, generation: u64) -> Vec<u8> {
+    let mut k = delayed_key_prefix(topic, key);
+    k.extend_from_slice(&generation.to_be_bytes());
+    k
+}
+
+/// A pending timer as the admin API lists it.
+#[derive(Clone, Debug)]
+pub struct DelayedInfo {
+    /// Its id (`due-seq`): what [`Broker::cancel_delayed`] takes.
+    pub id: TimerKey,
+    /// What it is: `delayed` (a delayed publish), `retry` (a failed message waiting for
+    /// its next attempt) or `scheduled` (a named timer: an MQTT 5 delayed will).
+    pub kind: &'static str,
+    /// The message's address (MQTT topic, AMQP exchange, RocketMQ topic).
+    pub topic: String,
+    /// Where it goes when released: a topic, or `exchange/routing key` of a vhost.
+    pub route: String,
+    /// Its keys.
+    pub keys: Vec<String>,
+    /// Its producer group.
+    pub producer_group: String,
+    /// Its body size.
+    pub size: usize,
+    /// When it was published.
+    pub born_timestamp: Millis,
+}
+
+/// A page of pending timers and where the next page starts.
+#[derive(Clone, Debug, Default)]
+pub struct DelayedPage {
+    /// The timers, in due order.
+    pub timers: Vec<DelayedInfo>,
+    /// Pass as `after` for the next page; `None` when there is no more.
+    pub next: Option<TimerKey>,
+}
+
+/// Stage a delayed message with keys as a cancellable timer: its name and key index
+/// entries go in `batch` with it.
+pub(crate) fn stage_keyed(
+    inner: &Inner,
+    due: Millis,
+    retain: Option<&str>,
+    route: &Route,
+    message: &Message,
+    batch: &mut WriteBatch,
+) -> Result<()> {
+    let generation = inner.delay.next_generation.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{DELAYED_PREFIX}{generation}");
+    let payload = encode_named_timer(Some((&name, generation)), retain, route, message)?;
+    batch.timer_put(due, payload);
+    batch.kv_put(
+        NS_SCHEDULED,
+        name.into_bytes(),
+        generation.to_be_bytes().to_vec(),
+    );
+    for k in &message.keys {
+        batch.kv_put(
+            NS_DELAYED_KEYS,
+            delayed_key_entry(message.topic.as_str(), k, generation),
+            Vec::new(),
+        );
+    }
+    Ok(())
+}
+
+/// Remove a keyed delayed message's index entries (released, cancelled, or found
+/// cancelled at release).
+fn unindex(batch: &mut WriteBatch, name: &str, generation: u64, message: &Message) {
+    if name.starts_with(DELAYED_PREFIX) {
+        for k in &message.keys {
+            batch.kv_delete(
+                NS_DELAYED_KEYS,
+                delayed_key_entry(message.topic.as_str(), k, generation),
+            );
+        }
+    }
+}
+
+fn describe(route: &Route) -> String {
+    match route {
+        Route::Topic { topic, .. } => topic.to_string(),
+        Route::Exchange {
+            vhost,
+            exchange,
+            key,
+            ..
+        } => format!("{vhost}:{exchange}/{key}"),
+    }
+}
 
 const ROUTE_TOPIC: u8 = 1;
 
@@ -262,6 +369,155 @@ impl Broker {
         self.inner.cancel_named(name).await
     }
 
+    /// Pending timers in due order, after `after`, at most `limit` of them, only those
+    /// whose message has address `topic` and/or key `key` when given. Cancelled timers
+    /// (still in the index until due) are left out. Scans at most `10 * limit + 1,000`
+    /// timers per call: page on with [`DelayedPage::next`].
+    pub async fn delayed(
+        &self,
+        after: Option<TimerKey>,
+        limit: usize,
+        topic: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<DelayedPage> {
+        let limit = limit.clamp(1, 1_000);
+        let budget = 10 * limit + 1_000;
+        let store = &self.inner.store;
+        let mut page = DelayedPage::default();
+        let mut cursor = after;
+        let mut scanned = 0;
+        while scanned < budget {
+            let chunk = store.timers_due(u64::MAX, cursor, 256).await?;
+            if chunk.is_empty() {
+                return Ok(page);
+            }
+            for (k, payload) in chunk {
+                scanned += 1;
+                cursor = Some(k);
+                let Ok(t) = decode_timer(payload) else {
+                    continue;
+                };
+                let m = &t.message;
+                if topic.is_some_and(|x| x != m.topic.as_str())
+                    || key.is_some_and(|x| !m.keys.iter().any(|mk| mk == x))
+                {
+                    continue;
+                }
+                let kind = match &t.name {
+                    Some((name, generation)) => {
+                        let current = store.kv_get(NS_SCHEDULED, name.as_bytes()).await?;
+                        if current.as_deref() != Some(&generation.to_be_bytes()[..]) {
+                            continue;
+                        }
+                        if name.starts_with(DELAYED_PREFIX) {
+                            "delayed"
+                        } else {
+                            "scheduled"
+                        }
+                    }
+                    None if matches!(&t.route, Route::Topic { topic, .. } if topic.as_str().starts_with("%RETRY%")) => {
+                        "retry"
+                    }
+                    None => "delayed",
+                };
+                page.timers.push(DelayedInfo {
+                    id: k,
+                    kind,
+                    topic: m.topic.to_string(),
+                    route: describe(&t.route),
+                    keys: m.keys.clone(),
+                    producer_group: m.producer_group.clone(),
+                    size: m.body.len(),
+                    born_timestamp: m.born_timestamp,
+                });
+                if page.timers.len() == limit {
+                    page.next = Some(k);
+                    return Ok(page);
+                }
+            }
+        }
+        page.next = cursor;
+        Ok(page)
+    }
+
+    /// Cancel one pending timer by its id: the delayed message is never delivered.
+    /// Whether it was pending.
+    pub async fn cancel_delayed(&self, id: TimerKey) -> Result<bool> {
+        let inner = &self.inner;
+        // Held against the scheduler: a cancel that returns true did stop its timer.
+        let _named = inner.delay.named.lock().await;
+        let before = if id.seq > 0 {
+            Some(TimerKey {
+                due: id.due,
+                seq: id.seq - 1,
+            })
+        } else {
+            id.due
+                .checked_sub(1)
+                .map(|due| TimerKey { due, seq: u64::MAX })
+        };
+        let found = inner.store.timers_due(id.due, before, 1).await?;
+        let Some((k, payload)) = found.into_iter().next().filter(|(k, _)| *k == id) else {
+            return Ok(false);
+        };
+        let mut batch = WriteBatch::new();
+        batch.timer_delete(k);
+        let mut live = true;
+        if let Ok(DecodedTimer {
+            name: Some((name, generation)),
+            message,
+            ..
+        }) = decode_timer(payload)
+        {
+            let current = inner.store.kv_get(NS_SCHEDULED, name.as_bytes()).await?;
+            live = current.as_deref() == Some(&generation.to_be_bytes()[..]);
+            if live {
+                batch.kv_delete(NS_SCHEDULED, name.clone().into_bytes());
+            }
+            unindex(&mut batch, &name, generation, &message);
+        }
+        inner.store.write(batch).await?;
+        Ok(live)
+    }
+
+    /// Cancel every pending delayed message published to `topic` (its address: MQTT
+    /// topic, AMQP exchange) with key `key`; how many were pending.
+    pub async fn cancel_delayed_by_key(&self, topic: &str, key: &str) -> Result<u64> {
+        let inner = &self.inner;
+        let _named = inner.delay.named.lock().await;
+        let prefix = delayed_key_prefix(topic, key);
+        let mut cancelled = 0;
+        loop {
+            let entries = inner
+                .store
+                .kv_scan(NS_DELAYED_KEYS, &prefix, None, 1_000)
+                .await?;
+            if entries.is_empty() {
+                return Ok(cancelled);
+            }
+            let mut batch = WriteBatch::new();
+            for (k, _) in entries {
+                let Some(generation) = k
+                    .len()
+                    .checked_sub(8)
+                    .and_then(|at| <[u8; 8]>::try_from(&k[at..]).ok())
+                    .map(u64::from_be_bytes)
+                else {
+                    batch.kv_delete(NS_DELAYED_KEYS, k);
+                    continue;
+                };
+                let name = format!("{DELAYED_PREFIX}{generation}");
+                let current = inner.store.kv_get(NS_SCHEDULED, name.as_bytes()).await?;
+                if current.as_deref() == Some(&generation.to_be_bytes()[..]) {
+                    batch.kv_delete(NS_SCHEDULED, name.into_bytes());
+                    cancelled += 1;
+                }
+                batch.kv_delete(NS_DELAYED_KEYS, k);
+            }
+            inner.store.write(batch).await?;
+        }
+    }
+
     /// Delayed messages still pending.
     pub fn delayed_pending(&self) -> u64 {
         self.inner.store.stats().timers
@@ -331,6 +587,10 @@ impl Inner {
         &self,
         after: Option<TimerKey>,
     ) -> Result<(usize, Option<TimerKey>)> {
+        // Held from reading the due timers until their batch is written: a cancel
+        // either comes first (the timer is gone or its name withdrawn) or finds it
+        // released.
+        let _named = self.delay.named.lock().await;
         let now = self.clock.now();
         let due = self
             .store
@@ -340,7 +600,6 @@ impl Inner {
             return Ok((0, after));
         }
         let last = due.last().map(|(k, _)| *k);
-        let _named = self.delay.named.lock().await;
         let mut batch = WriteBatch::new();
         let mut woken = Vec::new();
         let mut count = 0;
@@ -361,7 +620,9 @@ impl Inner {
             };
             if let Some((name, generation)) = name {
                 // A named timer fires only if it is still the current one under its
-                // name (not cancelled, not replaced); its name goes with it.
+                // name (not cancelled, not replaced); its name and key index entries
+                // go with it.
+                unindex(&mut batch, &name, generation, &message);
                 match self.store.kv_get(NS_SCHEDULED, name.as_bytes()).await? {
                     Some(v) if v.as_ref() == generation.to_be_bytes() => {
                         batch.kv_delete(NS_SCHEDULED, name.into_bytes());
@@ -370,7 +631,7 @@ impl Inner {
                 }
             }
             message.deliver_at = Some(key.due);
-            let queues = match self.resolve(&route).await {
+            let queues = match self.resolve(&route, &message).await {
                 Ok(q) => q,
                 Err(e) => {
                     tracing::warn!(timer = ?key, error = %e, "core: delayed message has nowhere to go");
@@ -400,7 +661,7 @@ impl Inner {
         Ok((count, last))
     }
 
-    async fn resolve(&self, route: &Route) -> Result<Vec<QueueRef>> {
+    async fn resolve(&self, route: &Route, message: &Message) -> Result<Vec<QueueRef>> {
         match route {
             Route::Topic {
                 topic,
@@ -424,7 +685,7 @@ impl Inner {
                 let mut out = Vec::with_capacity(routed.topics.len());
                 for t in routed.topics {
                     let h = self.topic_handle(&t).await?;
-                    out.push(QueueRef::new(t, h.select(None, None)?));
+                    out.push(QueueRef::new(t, h.select_for(message)?));
                 }
                 Ok(out)
             }

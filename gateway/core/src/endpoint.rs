@@ -187,7 +187,7 @@ pub(crate) async fn stage(
     let mut queues = Vec::with_capacity(routed.topics.len());
     for t in &routed.topics {
         let h = inner.topic_handle(t).await?;
-        queues.push(QueueRef::new(t.clone(), h.select(None, None)?));
+        queues.push(QueueRef::new(t.clone(), h.select_for(&copy)?));
     }
     if !queues.is_empty() {
         batch.append(copy, queues);

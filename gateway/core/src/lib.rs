@@ -40,6 +40,7 @@ pub use auth::{Password, UserAccount, Users};
 pub use broker::Broker;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::CoreConfig;
+pub use delay::{DelayedInfo, DelayedPage};
 pub use endpoint::{DeadLetter, DeadLetterFormat, DeathReason, Policy};
 pub use endpoints::{Endpoint, EndpointEvent};
 pub use error::{CoreError, Result};

@@ -36,6 +36,40 @@ pub const AMQP_EXCHANGE: &str = "amqp.exchange";
 /// `amqp_to_mqtt(routing key)`).
 pub const AMQP_ROUTING_KEY: &str = "amqp.routing-key";
 
+/// RocketMQ features every protocol reaches through a user header (an AMQP header of
+/// string type, an MQTT 5 user property), stored as [`USER_PREFIX`] + the name:
+///
+/// `x-keys`: the message's business keys (RocketMQ `KEYS`), separated by spaces;
+/// indexed, so `mqgate messages key TOPIC KEY` and the admin API find the message, and a
+/// delayed message can be cancelled by key.
+pub const KEYS_HEADER: &str = "h:x-keys";
+/// `x-producer-group`: the producer group it was sent by (overrides the connection's).
+pub const PRODUCER_GROUP_HEADER: &str = "h:x-producer-group";
+/// `x-sharding-key`: the ordering key. Messages with one key go to one queue of every
+/// topic they reach (RocketMQ's sharding key), so an orderly group delivers them in
+/// publish order, one at a time.
+pub const SHARDING_KEY_HEADER: &str = "h:x-sharding-key";
+
+/// The most keys one message is indexed under, and the longest key (bytes).
+pub const MAX_KEYS: usize = 32;
+/// The longest key indexed.
+pub const MAX_KEY_LEN: usize = 256;
+
+/// The keys of an `x-keys` header value: split on whitespace, empty and over-long ones
+/// dropped, duplicates removed, at most [`MAX_KEYS`].
+pub fn split_keys(v: &[u8]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for k in String::from_utf8_lossy(v).split_whitespace() {
+        if k.len() <= MAX_KEY_LEN && !out.iter().any(|o| o == k) {
+            out.push(k.to_owned());
+            if out.len() == MAX_KEYS {
+                break;
+            }
+        }
+    }
+    out
+}
+
 /// The first value of property `name`.
 pub fn get<'a>(props: &'a [(String, bytes::Bytes)], name: &str) -> Option<&'a bytes::Bytes> {
     props.iter().find(|(k, _)| k == name).map(|(_, v)| v)

@@ -22,6 +22,7 @@ use mqgate_store::{MessageId, Millis, QueueOffset, TimerKey};
 use crate::broker::{Inner, TopicHandle};
 use crate::delay::Route;
 use crate::error::Result;
+use crate::props;
 use crate::router::HeaderValue;
 
 /// When a delayed message becomes visible.
@@ -354,9 +355,25 @@ impl Inner {
                         }
                     },
                 };
-                let payload =
-                    crate::delay::encode_named_timer(None, retain.as_deref(), &route, &message)?;
-                part.batch.timer_put(due, payload);
+                if message.keys.is_empty() {
+                    let payload = crate::delay::encode_named_timer(
+                        None,
+                        retain.as_deref(),
+                        &route,
+                        &message,
+                    )?;
+                    part.batch.timer_put(due, payload);
+                } else {
+                    // Cancellable by key.
+                    crate::delay::stage_keyed(
+                        self,
+                        due,
+                        retain.as_deref(),
+                        &route,
+                        &message,
+                        &mut part.batch,
+                    )?;
+                }
                 part.earliest_timer = Some(part.earliest_timer.map_or(due, |e| e.min(due)));
                 part.staged.push(Staged::Timer);
                 continue;
@@ -568,7 +585,7 @@ impl Inner {
         let mut queues = Vec::with_capacity(topics.len());
         for t in topics {
             let h = self.topic_handle(t).await?;
-            queues.push(QueueRef::new(t.clone(), h.select(None, None)?));
+            queues.push(QueueRef::new(t.clone(), h.select_for(message)?));
             touched.push((h, message.producer_group.clone()));
         }
         Ok(queues)
@@ -685,7 +702,20 @@ impl crate::Broker {
 }
 
 impl Inner {
+    /// What the core reads from a message's user headers before storing it: its keys
+    /// (`x-keys`) and producer group (`x-producer-group`), then the default group.
     pub(crate) fn stamp(&self, message: &mut Message) {
+        if message.keys.is_empty() {
+            if let Some(k) = props::get(&message.properties, props::KEYS_HEADER) {
+                message.keys = props::split_keys(k);
+            }
+        }
+        if let Some(g) = props::get(&message.properties, props::PRODUCER_GROUP_HEADER) {
+            let g = String::from_utf8_lossy(g).trim().to_owned();
+            if !g.is_empty() && g.len() <= 255 {
+                message.producer_group = g;
+            }
+        }
         if message.producer_group.is_empty() {
             message
                 .producer_group

@@ -3,7 +3,6 @@
 //! auto-creation is on.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -49,15 +48,26 @@ impl TopicHandle {
                 "topic {} has {n} queues, no queue {q}",
                 self.name
             ))),
-            (None, Some(key)) => {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                key.hash(&mut h);
-                Ok((h.finish() % u64::from(n)) as u32)
-            }
+            (None, Some(key)) => Ok((key_hash(key) % u64::from(n)) as u32),
             (None, None) => {
                 Ok((self.round_robin.fetch_add(1, Ordering::Relaxed) % u64::from(n)) as u32)
             }
         }
+    }
+
+    /// The queue a routed message (through an exchange, to resolved topics, a dead
+    /// letter) goes to: by its `x-sharding-key`, so one key stays in one queue; without
+    /// one, a topic of several queues (an orderly endpoint) takes the message's address
+    /// as its key (an MQTT topic keeps its order, as EMQX's `hash_topic`), a topic of
+    /// one queue takes it.
+    pub(crate) fn select_for(&self, message: &mqgate_store::Message) -> Result<u32> {
+        if let Some(k) = crate::props::get(&message.properties, crate::props::SHARDING_KEY_HEADER) {
+            return self.select(None, Some(&String::from_utf8_lossy(k)));
+        }
+        if self.queue_count() > 1 {
+            return self.select(None, Some(message.topic.as_str()));
+        }
+        Ok(0)
     }
 
     pub(crate) fn watch(&self, wake: Arc<Notify>) {
@@ -85,6 +95,17 @@ impl TopicHandle {
             }
         }
     }
+}
+
+/// The queue hash of a sharding key: 64-bit FNV-1a, stable across builds and versions
+/// (a key must map to the same queue after an upgrade, or its order breaks).
+pub(crate) fn key_hash(key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 /// What a producer group has written to a topic.

@@ -103,6 +103,9 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/api/dlq/{group}/resend", post(resend_dlq))
         .route("/api/messages/{id}", get(message))
         .route("/api/messages", get(messages_by_key))
+        .route("/api/producers", get(producers))
+        .route("/api/delayed", get(delayed).delete(cancel_delayed_by_key))
+        .route("/api/delayed/{id}", axum::routing::delete(cancel_delayed))
         .route("/api/connections", get(connections))
         .route(
             "/api/connections/{protocol}/{id}",
@@ -305,9 +308,102 @@ async fn topic(State(s): State<AdminState>, Path(name): Path<String>) -> ApiResu
         .into_iter()
         .find(|t| t.name == n)
         .ok_or_else(|| not_found(format!("no topic {name}")))?;
-    Ok(Json(
-        json!({ "name": name, "queues": t.queue_count, "offsets": offsets(&s, &t) }),
-    ))
+    let producers: Vec<Value> = s
+        .broker
+        .producer_stats()
+        .into_iter()
+        .filter(|p| p.topic == n)
+        .map(|p| json!({ "producer_group": p.producer_group, "messages": p.messages }))
+        .collect();
+    Ok(Json(json!({
+        "name": name, "queues": t.queue_count, "offsets": offsets(&s, &t),
+        "producers": producers,
+    })))
+}
+
+/// What each producer group published to each topic since the broker started.
+async fn producers(State(s): State<AdminState>) -> ApiResult {
+    Ok(Json(Value::Array(
+        s.broker
+            .producer_stats()
+            .into_iter()
+            .map(|p| {
+                json!({
+                    "topic": p.topic.as_str(), "producer_group": p.producer_group,
+                    "messages": p.messages,
+                })
+            })
+            .collect(),
+    )))
+}
+
+#[derive(Deserialize)]
+struct DelayedQuery {
+    topic: Option<String>,
+    key: Option<String>,
+    after: Option<String>,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+/// A timer id as the API shows it: `<due ms>-<seq>`.
+fn timer_id(k: &mqgate_store::TimerKey) -> String {
+    format!("{}-{}", k.due, k.seq)
+}
+
+fn parse_timer_id(s: &str) -> Result<mqgate_store::TimerKey, ApiError> {
+    let (due, seq) = s
+        .split_once('-')
+        .and_then(|(d, q)| Some((d.parse().ok()?, q.parse().ok()?)))
+        .ok_or_else(|| bad_request(format!("bad delayed message id {s:?} (want <due>-<seq>)")))?;
+    Ok(mqgate_store::TimerKey { due, seq })
+}
+
+/// Pending delayed messages (and retries, delayed wills), in due order, filtered by
+/// topic and key, a page at a time (`after` = the last id of the previous page).
+async fn delayed(State(s): State<AdminState>, Query(q): Query<DelayedQuery>) -> ApiResult {
+    let after = q.after.as_deref().map(parse_timer_id).transpose()?;
+    let page = s
+        .broker
+        .delayed(after, q.limit, q.topic.as_deref(), q.key.as_deref())
+        .await?;
+    let items: Vec<Value> = page
+        .timers
+        .iter()
+        .map(|t| {
+            json!({
+                "id": timer_id(&t.id), "due": t.id.due, "kind": t.kind, "topic": t.topic,
+                "route": t.route, "keys": t.keys, "producer_group": t.producer_group,
+                "size": t.size, "born_timestamp": t.born_timestamp,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "pending": s.broker.delayed_pending(),
+        "items": items,
+        "next": page.next.as_ref().map(timer_id),
+    })))
+}
+
+/// Cancel one delayed message by its id.
+async fn cancel_delayed(State(s): State<AdminState>, Path(id): Path<String>) -> ApiResult {
+    let key = parse_timer_id(&id)?;
+    if !s.broker.cancel_delayed(key).await? {
+        return Err(not_found(format!("no pending delayed message {id}")));
+    }
+    Ok(Json(json!({ "cancelled": 1, "id": id })))
+}
+
+/// Cancel every pending delayed message of `topic` with `key`.
+async fn cancel_delayed_by_key(
+    State(s): State<AdminState>,
+    Query(q): Query<DelayedQuery>,
+) -> ApiResult {
+    let (Some(topic), Some(key)) = (q.topic.as_deref(), q.key.as_deref()) else {
+        return Err(bad_request("cancelling by key needs topic= and key="));
+    };
+    let n = s.broker.cancel_delayed_by_key(topic, key).await?;
+    Ok(Json(json!({ "cancelled": n, "topic": topic, "key": key })))
 }
 
 async fn delete_topic(State(s): State<AdminState>, Path(name): Path<String>) -> ApiResult {

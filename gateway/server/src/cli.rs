@@ -153,6 +153,39 @@ pub(crate) enum Messages {
     },
 }
 
+/// `mqgate delayed ...`
+#[derive(Debug, Subcommand)]
+pub(crate) enum Delayed {
+    /// Pending delayed messages (and retries, delayed wills) in due order.
+    List {
+        /// Only those published to this topic (MQTT topic, AMQP exchange).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only those with this key (x-keys).
+        #[arg(long)]
+        key: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// After this id (the last of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Cancel a delayed message by its id (from `list`), or every one of a topic with a
+    /// key: it is never delivered.
+    Cancel {
+        /// Its id (`<due>-<seq>`).
+        #[arg(conflicts_with_all = ["topic", "key"], required_unless_present_all = ["topic", "key"])]
+        id: Option<String>,
+        /// The topic it was published to (MQTT topic, AMQP exchange).
+        #[arg(long, requires = "key")]
+        topic: Option<String>,
+        /// The key it was published with (x-keys).
+        #[arg(long, requires = "topic")]
+        key: Option<String>,
+    },
+}
+
 /// `mqgate connections ...`
 #[derive(Debug, Subcommand)]
 pub(crate) enum Connections {
@@ -487,6 +520,61 @@ pub(crate) fn messages(r: &Remote, cmd: Messages) -> anyhow::Result<()> {
             c.print(&v, &["offset", "id", "stored_at", "keys", "size", "body"]);
         }
     }
+    Ok(())
+}
+
+pub(crate) fn delayed(r: &Remote, cmd: Delayed) -> anyhow::Result<()> {
+    let c = Client::new(r);
+    match cmd {
+        Delayed::List {
+            topic,
+            key,
+            limit,
+            after,
+        } => {
+            let mut q = format!("/api/delayed?limit={limit}");
+            for (k, v) in [("topic", topic), ("key", key), ("after", after)] {
+                if let Some(v) = v {
+                    q.push_str(&format!("&{k}={}", enc(&v)));
+                }
+            }
+            let v = c.call("GET", &q, None)?;
+            if c.json {
+                c.print(&v, &[]);
+            } else {
+                c.print(
+                    &v["items"],
+                    &["id", "due", "kind", "topic", "route", "keys", "size"],
+                );
+                if let Some(n) = v["next"].as_str() {
+                    println!("more: --after {n}");
+                }
+            }
+        }
+        Delayed::Cancel { id, topic, key } => {
+            let v = match (id, topic, key) {
+                (Some(id), _, _) => {
+                    c.call("DELETE", &format!("/api/delayed/{}", enc(&id)), None)?
+                }
+                (None, Some(t), Some(k)) => c.call(
+                    "DELETE",
+                    &format!("/api/delayed?topic={}&key={}", enc(&t), enc(&k)),
+                    None,
+                )?,
+                _ => bail!("give an id, or --topic and --key"),
+            };
+            c.print(&v, &["cancelled"]);
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn producers(r: &Remote) -> anyhow::Result<()> {
+    let c = Client::new(r);
+    c.print(
+        &c.call("GET", "/api/producers", None)?,
+        &["topic", "producer_group", "messages"],
+    );
     Ok(())
 }
 

@@ -30,13 +30,26 @@ use crate::settings::{Backend, Listener, Settings};
 
 /// mqgate: a message broker for AMQP 0-9-1 and MQTT clients, on RocketMQ's log model.
 #[derive(Debug, Parser)]
-#[command(name = "mqgate", version)]
+#[command(name = "mqgate", version, after_help = CONVENTIONS)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
     remote: cli::Remote,
 }
+
+/// RocketMQ features as any AMQP or MQTT client reaches them (shown by `--help`).
+const CONVENTIONS: &str = "\
+RocketMQ features from any client (AMQP header = MQTT 5 user property):
+  x-keys: \"k1 k2\"         message keys; find with `mqgate messages key TOPIC KEY`,
+                           cancel a delayed one with `mqgate delayed cancel --topic T --key K`
+  x-producer-group: NAME   producer group (AMQP: also client property producer_group;
+                           MQTT 5: also a CONNECT user property); see `mqgate producers`
+  x-sharding-key: KEY      ordering key for orderly queues and shared subscriptions
+  x-delay: MS, x-deliver-at: MS-SINCE-EPOCH   delayed delivery (MQTT: $delayed/SECONDS/topic)
+  AMQP queue arguments x-orderly: true, x-queues: N   per-key strict order, competing consumers
+  MQTT SUBSCRIBE $share/G/F with user property x-orderly: true   the same for a shared group
+  Redeliveries carry x-delivery-count (times tried before).";
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -63,6 +76,11 @@ enum Command {
     /// Client connections: list, close.
     #[command(subcommand)]
     Connections(cli::Connections),
+    /// Delayed messages pending: list, cancel (by id, or by topic and key).
+    #[command(subcommand)]
+    Delayed(cli::Delayed),
+    /// What each producer group (x-producer-group) published to each topic.
+    Producers,
 }
 
 #[derive(Debug, Default, clap::Parser)]
@@ -109,6 +127,8 @@ fn main() -> std::process::ExitCode {
         Some(Command::Dlq(c)) => cli::dlq(&cli.remote, c),
         Some(Command::Messages(c)) => cli::messages(&cli.remote, c),
         Some(Command::Connections(c)) => cli::connections(&cli.remote, c),
+        Some(Command::Delayed(c)) => cli::delayed(&cli.remote, c),
+        Some(Command::Producers) => cli::producers(&cli.remote),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

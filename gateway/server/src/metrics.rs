@@ -250,8 +250,34 @@ impl Collector {
     /// Per-topic publish counters: the `max_topics` busiest, the rest as `_other`.
     fn topics(&self) {
         let mut per: std::collections::HashMap<String, u64> = Default::default();
+        let mut by_producer: Vec<(String, String, u64)> = Vec::new();
         for s in self.broker.producer_stats() {
             *per.entry(s.topic.to_string()).or_default() += s.messages;
+            by_producer.push((s.topic.to_string(), s.producer_group, s.messages));
+        }
+        // Per (topic, producer group): the busiest `max_topics` pairs, the rest summed.
+        by_producer.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| (&a.0, &a.1).cmp(&(&b.0, &b.1))));
+        let rest: u64 = by_producer
+            .iter()
+            .skip(self.cfg.max_topics)
+            .map(|x| x.2)
+            .sum();
+        for (t, g, n) in by_producer.into_iter().take(self.cfg.max_topics) {
+            set_counter(
+                "mqgate_producer_messages_published_total",
+                &[("topic", t), ("producer_group", g)],
+                n,
+            );
+        }
+        if rest > 0 {
+            set_counter(
+                "mqgate_producer_messages_published_total",
+                &[
+                    ("topic", "_other".into()),
+                    ("producer_group", "_other".into()),
+                ],
+                rest,
+            );
         }
         let mut v: Vec<(String, u64)> = per.into_iter().collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));

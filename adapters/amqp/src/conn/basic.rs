@@ -287,6 +287,13 @@ where
                 "basic.get is not supported by stream queues",
             ));
         }
+        if q.args.orderly {
+            // Its logs are split between consumers; a puller would hold a share of them.
+            return Err(chan_err(
+                reply::PRECONDITION_FAILED,
+                "basic.get is not supported by orderly queues (x-orderly); use basic.consume",
+            ));
+        }
         if !self.shared.broker.touch_endpoint(&q.group) {
             // Being deleted (x-expires) right now: as if it had gone a moment earlier.
             return Err(chan_err(

@@ -54,7 +54,11 @@ where
                 );
             }
         }
-        let props = convert::delivery_properties(m);
+        let mut props = convert::delivery_properties(m);
+        let tried = d.reconsume_count();
+        if tried > 0 {
+            props = convert::with_delivery_count(&props, tried);
+        }
         frame::put_content(&mut self.output.out, ch, &props, &m.body, frame_max);
         if d.redelivered {
             self.shared

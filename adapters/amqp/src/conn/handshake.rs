@@ -251,6 +251,13 @@ where
         })
         .and_then(AMQPValue::as_bool)
         .unwrap_or(false);
+    let producer_group = start_ok
+        .client_properties
+        .inner()
+        .get("producer_group")
+        .and_then(crate::convert::str_value)
+        .map(|g| g.trim().to_owned())
+        .filter(|g| !g.is_empty() && g.len() <= 255);
     frame::put_method(
         &mut out,
         0,
@@ -364,6 +371,7 @@ where
         channel_max,
         heartbeat,
         cancel_notify,
+        producer_group,
         blocked_notify,
         published: false,
         channels: HashMap::new(),

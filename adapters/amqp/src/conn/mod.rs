@@ -227,6 +227,9 @@ struct Conn<S> {
     channel_max: u16,
     heartbeat: u16,
     cancel_notify: bool,
+    /// The client property `producer_group`: the producer group of what this
+    /// connection publishes (a message's `x-producer-group` header overrides it).
+    producer_group: Option<String>,
     /// The client understands connection.blocked.
     blocked_notify: bool,
     /// It has published: the memory watermark stops reading from it.

@@ -137,7 +137,7 @@ where
         };
         let now = self.shared.broker.now();
         let headers = convert::header_values(&c.header.properties);
-        let message = convert::to_message(
+        let mut message = convert::to_message(
             &c.exchange,
             &c.routing_key,
             &c.header.properties,
@@ -145,6 +145,9 @@ where
             c.body.clone(),
             now,
         );
+        if let Some(g) = &self.producer_group {
+            message.producer_group.clone_from(g);
+        }
         let meta = self.shared.ex_meta(&self.vhost, &c.exchange);
         if meta.delayed {
             let delay = c

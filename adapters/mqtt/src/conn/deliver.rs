@@ -224,6 +224,7 @@ where
             qos_cap,
             retain,
             d.redelivered,
+            d.reconsume_count(),
             sub_ids,
             Some(source),
             preferred,
@@ -261,7 +262,7 @@ where
         }
         if let Some((_, rap, ids)) = self.matching(m, &topic) {
             let retain = rap && props::get(&m.properties, props::MQTT_RETAIN).is_some();
-            self.emit(m, topic, QoS::AtMostOnce, retain, false, ids, None, None);
+            self.emit(m, topic, QoS::AtMostOnce, retain, false, 0, ids, None, None);
         }
     }
 
@@ -276,6 +277,7 @@ where
             sub.options.qos,
             true,
             false,
+            0,
             ids,
             Some(Source::Retained),
             None,
@@ -293,6 +295,7 @@ where
         qos_cap: QoS,
         retain: bool,
         dup: bool,
+        tried: u32,
         sub_ids: Vec<u32>,
         source: Option<Source>,
         preferred: Option<u16>,
@@ -330,6 +333,12 @@ where
                     )),
                     _ => {}
                 }
+            }
+            if tried > 0 {
+                // How many times it was tried before (RocketMQ's reconsume times).
+                properties
+                    .user
+                    .push(("x-delivery-count".to_owned(), tried.to_string()));
             }
             properties.subscription_ids = sub_ids;
         } else {

@@ -48,6 +48,9 @@ where
             .iter()
             .find(|(k, _)| k == "x-stream-offset")
             .map(|(_, v)| v.clone());
+        // `x-orderly: true` (and `x-queues: N`) on a shared subscription: per-key strict
+        // order with competing members (RocketMQ's orderly consumption).
+        let orderly = orderly_queues(&s.properties.user);
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained_to_send = Vec::new();
         // Plain subscriptions are bound together after the loop (one router update,
@@ -109,7 +112,7 @@ where
             };
             let (name, f) = (name.to_owned(), f.to_owned());
             let r = self
-                .subscribe_shared(&sub, &name, &f, existed, stream_offset.as_deref())
+                .subscribe_shared(&sub, &name, &f, existed, stream_offset.as_deref(), orderly)
                 .await;
             if let Err(e) = r {
                 tracing::warn!(client = %self.client_id, %filter, error = %e, "MQTT: subscribe failed");
@@ -218,6 +221,7 @@ where
         filter: &str,
         existed: bool,
         stream_offset: Option<&str>,
+        orderly: Option<u32>,
     ) -> mqgate_core::Result<()> {
         let Some((topic, group)) = shared_topic(name, filter) else {
             return Err(mqgate_core::CoreError::Invalid(
@@ -225,7 +229,7 @@ where
             ));
         };
         if !existed {
-            self.join_shared(sub, filter, topic.clone(), group.clone())
+            self.join_shared(sub, filter, topic.clone(), group.clone(), orderly)
                 .await?;
             *self.shared.shared_refs.lock().entry(topic).or_default() += 1;
         } else if let Some(s) = self
@@ -249,15 +253,33 @@ where
     }
 
     /// Make sure a shared subscription's topic exists and is bound with `filter`, and
-    /// join its group as a member.
+    /// join its group as a member. The topic says what the group is: one queue, a
+    /// plain shared group (each message to any member); several (created by a first
+    /// subscriber asking for `orderly` queues, or by an operator with `mqgate topics
+    /// create`), an orderly group (the members split the queues, one message in flight
+    /// per queue, a message's queue chosen by its `x-sharding-key` or else its topic).
     async fn join_shared(
         &mut self,
         sub: &Subscription,
         filter: &str,
         topic: TopicName,
         group: mqgate_store::GroupName,
+        orderly: Option<u32>,
     ) -> mqgate_core::Result<()> {
-        self.shared.broker.create_topic(&topic, Some(1)).await?;
+        let queues = match self.shared.broker.topic(&topic) {
+            Some(c) if orderly.is_some() && c.queue_count == 1 => {
+                return Err(mqgate_core::CoreError::Invalid(
+                    "this shared subscription exists without x-orderly".into(),
+                ))
+            }
+            Some(c) => c.queue_count,
+            None => {
+                let n = orderly.unwrap_or(1);
+                self.shared.broker.create_topic(&topic, Some(n)).await?;
+                n
+            }
+        };
+        let orderly = queues > 1;
         let b = self.binding(filter, topic.clone());
         self.shared.broker.bind(DEFAULT_VHOST, b, true).await?;
         let consumer = self
@@ -267,7 +289,16 @@ where
                 GroupSpec {
                     start: StartPosition::Last,
                     on_failure: OnFailure::Retry,
-                    ..GroupSpec::new(group, vec![topic], ConsumeMode::Shared)
+                    orderly,
+                    ..GroupSpec::new(
+                        group,
+                        vec![topic],
+                        if orderly {
+                            ConsumeMode::Clustering
+                        } else {
+                            ConsumeMode::Shared
+                        },
+                    )
                 },
                 MemberOptions::new(self.client_id.clone(), self.send_quota),
             )
@@ -333,7 +364,7 @@ where
                 let (topic, group) = shared_topic(&name, &f).ok_or_else(|| {
                     mqgate_core::CoreError::Invalid("bad shared subscription".into())
                 })?;
-                self.join_shared(s, &f, topic, group).await
+                self.join_shared(s, &f, topic, group, None).await
             }
             _ => {
                 plain.push(self.binding(&s.filter, session.clone()));
@@ -385,4 +416,22 @@ where
             self.save_record().await;
         }
     }
+}
+
+/// The queues an orderly shared subscription asks for: `x-orderly: true` gives 16 (or
+/// `x-queues`, 1 to 1024); `None` when it does not ask.
+fn orderly_queues(user: &[(String, String)]) -> Option<u32> {
+    let on = user
+        .iter()
+        .any(|(k, v)| k == "x-orderly" && v.trim().eq_ignore_ascii_case("true"));
+    if !on {
+        return None;
+    }
+    let n = user
+        .iter()
+        .find(|(k, _)| k == "x-queues")
+        .and_then(|(_, v)| v.trim().parse::<u32>().ok())
+        .filter(|n| (2..=1024).contains(n))
+        .unwrap_or(16);
+    Some(n)
 }

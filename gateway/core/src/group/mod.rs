@@ -187,6 +187,18 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// How many times it was tried before this delivery: its retries through the
+    /// retry ladder (RocketMQ's reconsume times) plus its earlier deliveries in this
+    /// group (nacked, requeued, or given back by a member that left). 0 on a first
+    /// delivery. AMQP shows it as `x-delivery-count` (as RabbitMQ's quorum queues),
+    /// MQTT 5 as the user property `x-delivery-count`.
+    pub fn reconsume_count(&self) -> u32 {
+        self.message
+            .message
+            .reconsume_times
+            .saturating_add(self.delivery_count.saturating_sub(1))
+    }
+
     /// The token that acknowledges this delivery (usable after the delivery is dropped).
     pub fn ack_token(&self) -> AckToken {
         AckToken {
