@@ -2426,8 +2426,38 @@ async fn exclusive_consumer(backend: Backend) {
         "second consumer on an exclusively consumed queue",
     );
     alive(&conn, "after 403").await;
+    // An exclusive consume where any consumer exists: 403 too.
+    let q2 = uniq("exclc2.q");
+    declare(&ch, &q2, no_args()).await;
+    let _plain = ch
+        .basic_consume(
+            s(&q2),
+            s("shared"),
+            BasicConsumeOptions::default(),
+            no_args(),
+        )
+        .await
+        .expect("plain consume");
+    let ch3 = plain(&conn).await;
+    expect_code(
+        ch3.basic_consume(
+            s(&q2),
+            s(""),
+            BasicConsumeOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            no_args(),
+        )
+        .await
+        .map(|_| ()),
+        403,
+        "exclusive consume of a queue that has a consumer",
+    );
+    alive(&conn, "after the second 403").await;
     drop(c);
     delete_queue(&conn, &q).await;
+    delete_queue(&conn, &q2).await;
 }
 
 /// Server-generated consumer tags; cancel stops deliveries.
