@@ -38,6 +38,8 @@ pub(crate) struct Inner {
     pub(crate) endpoints: crate::endpoints::Registry,
     /// The delay scheduler's state (`delay.rs`).
     pub(crate) delay: crate::delay::DelayState,
+    /// Messages published per (address, producer group) (`topics.rs`).
+    pub(crate) producers: crate::topics::ProducerCounts,
     /// Failed consumptions scheduled for retry.
     pub(crate) retries: AtomicU64,
     /// Messages moved to a DLQ.
@@ -99,6 +101,7 @@ impl Broker {
             groups: Mutex::default(),
             endpoints: crate::endpoints::Registry::new(),
             delay: crate::delay::DelayState::new(),
+            producers: crate::topics::ProducerCounts::default(),
             retries: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             closed: AtomicBool::new(false),

@@ -265,7 +265,9 @@ enum Staged {
 struct Part<'a> {
     batch: WriteBatch,
     staged: Vec<Staged>,
-    touched: Vec<(Arc<TopicHandle>, String)>,
+    touched: Vec<Arc<TopicHandle>>,
+    /// Per item stored or delayed: its address and producer group, counted once written.
+    published: Vec<(TopicName, String)>,
     retained: Vec<crate::retained::Staged<'a>>,
     earliest_timer: Option<u64>,
 }
@@ -280,6 +282,7 @@ impl Part<'_> {
             batch,
             staged: Vec::new(),
             touched: Vec::new(),
+            published: Vec::new(),
             retained: Vec::new(),
             earliest_timer: None,
         }
@@ -375,6 +378,8 @@ impl Inner {
                     )?;
                 }
                 part.earliest_timer = Some(part.earliest_timer.map_or(due, |e| e.min(due)));
+                part.published
+                    .push((message.topic.clone(), message.producer_group.clone()));
                 part.staged.push(Staged::Timer);
                 continue;
             }
@@ -387,7 +392,7 @@ impl Inner {
                 } => {
                     let h = self.topic_handle(&topic).await?;
                     let q = h.select(queue.map(|q| q.0), sharding_key.as_deref())?;
-                    touched.push((h, message.producer_group.clone()));
+                    touched.push(h);
                     vec![QueueRef::new(topic, q)]
                 }
                 Destination::Topics(topics) => {
@@ -431,6 +436,8 @@ impl Inner {
                 continue;
             }
             part.touched.extend(touched);
+            part.published
+                .push((message.topic.clone(), message.producer_group.clone()));
             part.batch.append(message, queues);
             part.staged.push(Staged::Appended);
         }
@@ -444,6 +451,7 @@ impl Inner {
             batch,
             staged,
             touched,
+            published,
             retained,
             earliest_timer,
         } = part;
@@ -462,9 +470,7 @@ impl Inner {
         if let Some(due) = earliest_timer {
             self.timer_added(due);
         }
-        for (h, group) in &touched {
-            h.count(group, 1);
-        }
+        self.producers.count(&published);
         let mut appended = receipt.appended.into_iter();
         let mut timers = receipt.timers.into_iter();
         Ok(staged
@@ -488,7 +494,7 @@ impl Inner {
         self: &Arc<Self>,
         message: Message,
         mut queues: Vec<QueueRef>,
-        mut touched: Vec<(Arc<TopicHandle>, String)>,
+        mut touched: Vec<Arc<TopicHandle>>,
         retain: Option<String>,
         limited: &[crate::GroupSpec],
         durable: bool,
@@ -514,7 +520,7 @@ impl Inner {
             }
         }
         queues.retain(|q| !refused.contains(&q.topic));
-        touched.retain(|(h, _)| !refused.contains(&h.name));
+        touched.retain(|h| !refused.contains(&h.name));
         let mut part = Part::new(durable);
         // A retained setting holds whatever its destinations said (MQTT acknowledges it).
         if let Some(topic) = &retain {
@@ -531,6 +537,8 @@ impl Inner {
         if stored {
             // The message's own append first: the answer describes it, not a copy.
             part.touched = touched;
+            part.published
+                .push((message.topic.clone(), message.producer_group.clone()));
             part.batch.append(message, queues);
             part.staged.push(Staged::Appended);
         }
@@ -580,13 +588,13 @@ impl Inner {
         &self,
         topics: &[TopicName],
         message: &Message,
-        touched: &mut Vec<(Arc<TopicHandle>, String)>,
+        touched: &mut Vec<Arc<TopicHandle>>,
     ) -> Result<Vec<QueueRef>> {
         let mut queues = Vec::with_capacity(topics.len());
         for t in topics {
             let h = self.topic_handle(t).await?;
             queues.push(QueueRef::new(t.clone(), h.select_for(message)?));
-            touched.push((h, message.producer_group.clone()));
+            touched.push(h);
         }
         Ok(queues)
     }
@@ -596,11 +604,11 @@ impl Inner {
     async fn write_and_wake(
         &self,
         batch: WriteBatch,
-        touched: &[(Arc<TopicHandle>, String)],
+        touched: &[Arc<TopicHandle>],
     ) -> Result<mqgate_store::WriteReceipt> {
         let wake = || {
             let mut woken: Vec<&Arc<TopicHandle>> = Vec::new();
-            for (h, _) in touched {
+            for h in touched {
                 if !woken.iter().any(|w| Arc::ptr_eq(w, h)) {
                     h.wake();
                     woken.push(h);

@@ -21,8 +21,6 @@ pub(crate) struct TopicHandle {
     round_robin: AtomicU64,
     /// Groups consuming this topic: woken after each append.
     watchers: RwLock<Vec<Arc<Notify>>>,
-    /// Messages published per producer group.
-    producers: Mutex<HashMap<String, u64>>,
 }
 
 impl TopicHandle {
@@ -32,7 +30,6 @@ impl TopicHandle {
             queue_count: AtomicU32::new(cfg.queue_count),
             round_robin: AtomicU64::new(0),
             watchers: RwLock::default(),
-            producers: Mutex::default(),
         }
     }
 
@@ -85,13 +82,32 @@ impl TopicHandle {
     }
 }
 
-impl TopicHandle {
-    pub(crate) fn count(&self, producer_group: &str, n: u64) {
-        let mut p = self.producers.lock();
-        match p.get_mut(producer_group) {
-            Some(c) => *c += n,
-            None => {
-                p.insert(producer_group.to_owned(), n);
+/// Messages published per (address, producer group). At most
+/// [`MAX_PRODUCER_ENTRIES`] pairs (MQTT topics can be countless: one per device); a
+/// new pair beyond that counts under the address `_other`.
+#[derive(Debug, Default)]
+pub(crate) struct ProducerCounts {
+    map: Mutex<HashMap<(TopicName, String), u64>>,
+}
+
+/// The most (address, producer group) pairs counted one by one.
+pub(crate) const MAX_PRODUCER_ENTRIES: usize = 10_000;
+
+impl ProducerCounts {
+    pub(crate) fn count(&self, published: &[(TopicName, String)]) {
+        if published.is_empty() {
+            return;
+        }
+        let mut map = self.map.lock();
+        for (topic, group) in published {
+            let key = (topic.clone(), group.clone());
+            if let Some(n) = map.get_mut(&key) {
+                *n += 1;
+            } else if map.len() < MAX_PRODUCER_ENTRIES {
+                map.insert(key, 1);
+            } else {
+                let other = (TopicName::new("_other").expect("valid"), group.clone());
+                *map.entry(other).or_default() += 1;
             }
         }
     }
@@ -141,21 +157,20 @@ impl Broker {
         self.inner.store.topics()
     }
 
-    /// Messages published per (topic, producer group), sorted.
+    /// Messages published per (address, producer group) since the broker started,
+    /// sorted: the address is the topic a producer wrote to (MQTT topic, AMQP exchange,
+    /// RocketMQ topic), counted once per message however many queues it reached.
     pub fn producer_stats(&self) -> Vec<ProducerStat> {
-        let topics: Vec<Arc<TopicHandle>> = self.inner.topics.read().values().cloned().collect();
-        let mut out: Vec<ProducerStat> = topics
+        let mut out: Vec<ProducerStat> = self
+            .inner
+            .producers
+            .map
+            .lock()
             .iter()
-            .flat_map(|t| {
-                t.producers
-                    .lock()
-                    .iter()
-                    .map(|(g, n)| ProducerStat {
-                        topic: t.name.clone(),
-                        producer_group: g.clone(),
-                        messages: *n,
-                    })
-                    .collect::<Vec<_>>()
+            .map(|((topic, g), n)| ProducerStat {
+                topic: topic.clone(),
+                producer_group: g.clone(),
+                messages: *n,
             })
             .collect();
         out.sort_by(|a, b| (&a.topic, &a.producer_group).cmp(&(&b.topic, &b.producer_group)));
