@@ -8,6 +8,11 @@ use super::actor::{Actor, Dying, InFlight, Member, Pending, Target};
 use super::{Cmd, Delivery};
 use crate::endpoint::Verdict;
 
+/// The fewest messages a read asks for, whatever the credit.
+const READ_AHEAD: usize = 64;
+/// About the most bytes one read takes (the first message always comes).
+const READ_AHEAD_BYTES: usize = 1 << 20;
+
 impl Actor {
     /// Deliver as much as members have credit for.
     pub(super) async fn pump(&mut self) {
@@ -188,10 +193,20 @@ impl Actor {
         delivered
     }
 
-    /// Read the next (at most `want`) messages of `queue` into its buffer. Returns
-    /// whether anything changed.
+    /// Read the next messages of `queue` into its buffer: `want`, but at least
+    /// [`READ_AHEAD`] (at most `read_batch`, and about [`READ_AHEAD_BYTES`] beyond the
+    /// first), so a consumer acking one message at a time does not cost one store read
+    /// (an iterator) per message. Returns whether anything changed.
     pub(super) async fn fill(&mut self, member: &str, queue: &QueueRef, want: usize) -> bool {
-        let batch = self.inner.config.read_batch.min(want).max(1);
+        let limits = ReadLimits {
+            max_count: self
+                .inner
+                .config
+                .read_batch
+                .min(want.max(READ_AHEAD))
+                .max(1),
+            max_bytes: READ_AHEAD_BYTES,
+        };
         let store = Arc::clone(&self.inner.store);
         let Ok(range) = store.queue_range(queue) else {
             return false;
@@ -212,7 +227,7 @@ impl Actor {
             return false;
         }
         let from = QueueOffset(q.read);
-        match store.read(queue, from, ReadLimits::count(batch)).await {
+        match store.read(queue, from, limits).await {
             Ok(msgs) if !msgs.is_empty() => {
                 let q = self.cursor_mut(member, queue).expect("exists");
                 q.read = msgs.last().map_or(q.read, |m| m.entry.offset.0 + 1);
