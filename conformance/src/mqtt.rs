@@ -237,7 +237,7 @@ impl Drop for Target {
 /// How a raw read ended without a packet.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RawEnd {
-    /// The server closed the connection.
+    /// The server closed the connection (or the read failed: see [`Raw::read_error`]).
     Closed,
     /// Nothing arrived in time.
     Timeout,
@@ -252,6 +252,9 @@ pub struct Raw {
     buf: BytesMut,
     /// The version packets are encoded and decoded with.
     pub version: Version,
+    /// Why the last read failed, when it did (a reset, rather than the server's orderly
+    /// close, which reads as the end of the stream).
+    pub read_error: Option<std::io::ErrorKind>,
 }
 
 impl Raw {
@@ -265,6 +268,7 @@ impl Raw {
             stream,
             buf: BytesMut::new(),
             version,
+            read_error: None,
         }
     }
 
@@ -295,13 +299,23 @@ impl Raw {
     /// Send one packet.
     pub async fn send(&mut self, p: &Packet) {
         let mut out = BytesMut::new();
-        codec::encode(p, self.version, &mut out);
+        self.encode(p, &mut out);
         self.send_bytes(&out).await;
+    }
+
+    /// Encode one packet onto `out` (to send many in one write).
+    pub fn encode(&self, p: &Packet, out: &mut BytesMut) {
+        codec::encode(p, self.version, out);
     }
 
     /// Send raw bytes (ignoring a closed connection).
     pub async fn send_bytes(&mut self, b: &[u8]) {
-        let _ = self.stream.write_all(b).await;
+        let _ = self.try_send_bytes(b).await;
+    }
+
+    /// Send raw bytes; the write's error (a reset, a broken pipe) when it failed.
+    pub async fn try_send_bytes(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(b).await
     }
 
     /// The next packet.
@@ -314,7 +328,11 @@ impl Raw {
                 Err(e) => return Err(RawEnd::Bad(e)),
             }
             match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return Err(RawEnd::Closed),
+                Ok(Ok(0)) => return Err(RawEnd::Closed),
+                Ok(Err(e)) => {
+                    self.read_error = Some(e.kind());
+                    return Err(RawEnd::Closed);
+                }
                 Ok(Ok(_)) => {}
                 Err(_) => return Err(RawEnd::Timeout),
             }

@@ -255,6 +255,19 @@ impl C5 {
     }
 }
 
+/// Clear the retained messages of `topics` (an empty retained publish each), waiting for
+/// the broker's acknowledgements: what a scenario sets, it removes, so a later scenario
+/// on the same broker (an external one keeps everything) starts without it.
+async fn clear_retained(p: &mut C3, topics: &[String]) {
+    for topic in topics {
+        p.client
+            .publish(topic, Q3::AtLeastOnce, true, Vec::<u8>::new())
+            .await
+            .unwrap();
+    }
+    p.acked(topics.len()).await;
+}
+
 fn body(p: &rumqttc::Publish) -> String {
     String::from_utf8_lossy(&p.payload).into_owned()
 }
@@ -705,7 +718,13 @@ async fn session_expiry(b: Backend) {
     let mut c = Raw::connect_packet(Version::V5, &id, true);
     c.properties.session_expiry = Some(1);
     let (mut raw, _) = Raw::connect(&t, c.clone()).await;
-    subscribed(&mut raw, 1, "exp/+", RQoS::AtLeastOnce).await;
+    subscribed(
+        &mut raw,
+        1,
+        &format!("{}/+", uniq("exp")),
+        RQoS::AtLeastOnce,
+    )
+    .await;
     raw.send(&Packet::Disconnect(codec::Disconnect {
         reason: 0,
         properties: Properties::default(),
@@ -765,6 +784,7 @@ scenario!(
     redelivery_with_dup_after_reconnect,
     client_receive_maximum_respected,
     receive_maximum_exceeded,
+    receive_maximum_exceeded_while_writing,
     qos0_slow_subscriber_slows_publisher,
     qos0_stuck_subscriber_costs_a_bounded_wait,
 );
@@ -1040,6 +1060,48 @@ async fn receive_maximum_exceeded(b: Backend) {
     );
 }
 
+/// A client over the Receive Maximum that goes on writing (20 MB of QoS 1 publishes in
+/// one write, more than the sockets' buffers hold) and reads only afterwards: every
+/// write succeeds, then it finds DISCONNECT 0x93 and the end of the stream. The server
+/// reads and discards what follows its DISCONNECT until the client closes, so its
+/// kernel does not answer that data with a reset. (mqgate closed the socket with the
+/// burst unread: the client's write failed with "connection reset" or "broken pipe",
+/// and a client that stops there never reads the reason code.) Mosquitto answers an
+/// excess publish with PUBACK / PUBREC 0x97 and keeps the connection: mqgate only.
+async fn receive_maximum_exceeded_while_writing(b: Backend) {
+    let cfg = MqttConfig {
+        receive_maximum: 2,
+        ..Default::default()
+    };
+    let Some(t) = Target::mqgate_only(b, cfg).await else {
+        return;
+    };
+    let topic = uniq("rm-burst");
+    let (mut raw, _) =
+        Raw::connect(&t, Raw::connect_packet(Version::V5, &uniq("flood"), true)).await;
+    // Three QoS 2 publishes without PUBREL exceed the window; the QoS 1 publishes
+    // follow in the same write.
+    let mut burst = bytes::BytesMut::new();
+    for id in 1..=3 {
+        raw.encode(
+            &raw_publish(&topic, RQoS::ExactlyOnce, id, b"x"),
+            &mut burst,
+        );
+    }
+    for i in 0..180_000u32 {
+        let pkid = (i % 60_000) as u16 + 4;
+        let p = raw_publish(&topic, RQoS::AtLeastOnce, pkid, &[b'.'; 80]);
+        raw.encode(&p, &mut burst);
+    }
+    let written = raw.try_send_bytes(&burst).await.map_err(|e| e.kind());
+    let got = raw.expect_close(WAIT).await;
+    assert_eq!(
+        (written, got, raw.read_error),
+        (Ok(()), Some(reason::RECEIVE_MAXIMUM_EXCEEDED), None),
+        "every write taken, then the DISCONNECT and an orderly close"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Subscriptions
 
@@ -1049,6 +1111,7 @@ scenario!(
     acl_denied_filter,
     subscription_options,
     overlapping_subscriptions,
+    subscription_checks_after_earlier_sessions,
     shared_subscription_splits_and_hands_over,
     shared_subscription_rotates_with_a_paced_publisher,
 );
@@ -1227,12 +1290,12 @@ async fn subscription_options(b: Backend) {
         })
     };
     // A retained message exists before subscribing.
-    let (p, _) = c3(&t, &uniq("p"), true).await;
+    let (mut p, _) = c3(&t, &uniq("p"), true).await;
     p.client
         .publish(format!("{base}/r"), Q3::AtLeastOnce, true, "kept")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.acked(1).await;
     // No local: my own publishes are not sent back.
     raw.send(&sub(1, format!("{base}/nl"), true, false, 0, Some(11)))
         .await;
@@ -1288,6 +1351,8 @@ async fn subscription_options(b: Backend) {
         }
         other => panic!("{other:?}"),
     }
+    // Leave no retained message behind for later scenarios on the same broker.
+    clear_retained(&mut p, &[format!("{base}/r")]).await;
 }
 
 async fn overlapping_subscriptions(b: Backend) {
@@ -1326,7 +1391,8 @@ async fn overlapping_subscriptions(b: Backend) {
     let mut ids = Vec::new();
     let mut max_qos = RQoS::AtMostOnce;
     let mut copies = 0;
-    while let Ok(Packet::Publish(m)) = raw.recv(QUIET).await {
+    // The first copy within WAIT (a loaded machine), further ones within QUIET.
+    while let Ok(Packet::Publish(m)) = raw.recv(if copies == 0 { WAIT } else { QUIET }).await {
         copies += 1;
         max_qos = max_qos.max(m.qos);
         ids.extend(m.properties.subscription_ids.clone());
@@ -1342,6 +1408,311 @@ async fn overlapping_subscriptions(b: Backend) {
         "delivered at the highest granted QoS"
     );
     assert_eq!(ids, vec![1, 2], "every matching subscription identifier");
+}
+
+/// A PUBLISH from a raw client, with its retain flag.
+fn raw_publish_retained(topic: &str, pkid: u16, retain: bool, payload: &'static [u8]) -> Packet {
+    Packet::Publish(RawPublish {
+        dup: false,
+        qos: RQoS::AtLeastOnce,
+        retain,
+        topic: topic.into(),
+        pkid,
+        properties: Properties::default(),
+        payload: Bytes::from_static(payload),
+    })
+}
+
+/// Publish at QoS 1 through a raw client and wait for its PUBACK.
+async fn raw_publish_acked(
+    raw: &mut Raw,
+    topic: &str,
+    pkid: u16,
+    retain: bool,
+    payload: &'static [u8],
+) {
+    raw.send(&raw_publish_retained(topic, pkid, retain, payload))
+        .await;
+    loop {
+        match raw.recv(WAIT).await {
+            Ok(Packet::Ack(a)) if a.kind == AckKind::PubAck && a.pkid == pkid => return,
+            Ok(_) => {}
+            other => panic!("no PUBACK for {topic}: {other:?}"),
+        }
+    }
+}
+
+/// A SUBSCRIBE of one filter with its options and subscription identifier.
+fn raw_subscribe_with(pkid: u16, filter: &str, options: SubOptions, id: u32) -> Packet {
+    let mut properties = Properties::default();
+    properties.subscription_ids.push(id);
+    Packet::Subscribe(RawSubscribe {
+        pkid,
+        properties,
+        filters: vec![(filter.into(), options)],
+    })
+}
+
+fn opts(qos: RQoS, no_local: bool, retain_as_published: bool, retain_handling: u8) -> SubOptions {
+    SubOptions {
+        qos,
+        no_local,
+        retain_as_published,
+        retain_handling,
+    }
+}
+
+/// The next packet, PUBACKed when it is a QoS 1 publish; `None` when nothing came.
+async fn next_acked(raw: &mut Raw, within: Duration) -> Option<Packet> {
+    let p = raw.recv(within).await.ok()?;
+    if let Packet::Publish(m) = &p {
+        if m.qos == RQoS::AtLeastOnce {
+            raw.send(&raw_ack(AckKind::PubAck, m.pkid, 0)).await;
+        }
+    }
+    Some(p)
+}
+
+/// Subscribe and collect the SUBACK and the `retained` publishes it brings, in any
+/// order: (topic, payload, subscription identifiers) of each.
+async fn subscribe_collect(
+    raw: &mut Raw,
+    sub: Packet,
+    retained: usize,
+) -> Vec<(String, String, Vec<u32>)> {
+    raw.send(&sub).await;
+    let (mut acked, mut got) = (false, Vec::new());
+    while !acked || got.len() < retained {
+        match next_acked(raw, WAIT).await {
+            Some(Packet::SubAck(a)) => {
+                assert!(a.codes.iter().all(|c| *c < 0x80), "{:?}", a.codes);
+                acked = true;
+            }
+            Some(Packet::Publish(m)) => {
+                assert!(m.retain, "only retained messages before a live publish");
+                got.push((
+                    m.topic.to_string(),
+                    String::from_utf8_lossy(&m.payload).into_owned(),
+                    m.properties.subscription_ids.clone(),
+                ));
+            }
+            other => panic!("SUBACK and {retained} retained, got {got:?} then {other:?}"),
+        }
+    }
+    got.sort();
+    got
+}
+
+/// Issue 13: the subscription-identifier and subscribe-option checks run after what
+/// earlier scenarios leave on one broker, as a suite that reuses its client ids leaves
+/// it: retained messages on overlapping topics, another client's persistent session
+/// subscribed to them, and, under the client id the checks use, a session holding
+/// overlapping subscriptions (other identifiers, no no-local), an unacked delivery and
+/// a subscription the checks make again, that ended (1) with a DISCONNECT setting its
+/// expiry to 0 and at once a new connection, (2) without an expiry, by that new
+/// connection taking it over. The checks connect with Clean Start 0, as a client
+/// resuming would: the session ended with its connection, so nothing of it may come
+/// back. (mqgate kept a taken-over session without an expiry for the new connection,
+/// and in (1) a session whose DISCONNECT was still unread in the socket when the
+/// takeover came (3 runs in 16): session present, the old subscriptions with
+/// their identifiers (the live publish carried 1, 2 and 8) and options, the unacked
+/// message again. Mosquitto 2.0 keeps none of it.)
+async fn subscription_checks_after_earlier_sessions(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let base = uniq("after");
+    let id = uniq("reused");
+    let o = |s: &str| format!("{base}/o/{s}");
+    let (mut p, _) = Raw::connect(&t, Raw::connect_packet(Version::V5, &uniq("p"), true)).await;
+    // Earlier scenarios: retained messages on overlapping topics, and a persistent
+    // session of another client subscribed over them, left behind.
+    raw_publish_acked(&mut p, &o("a"), 1, true, b"ra").await;
+    raw_publish_acked(&mut p, &o("b/c"), 2, true, b"rbc").await;
+    raw_publish_acked(&mut p, &format!("{base}/r"), 3, true, b"rr").await;
+    let keeper = uniq("keeper");
+    let mut kc = Raw::connect_packet(Version::V5, &keeper, true);
+    kc.properties.session_expiry = Some(300);
+    let (mut k, _) = Raw::connect(&t, kc).await;
+    let q2 = opts(RQoS::ExactlyOnce, false, false, 2);
+    k.send(&raw_subscribe_with(1, &o("#"), q2, 7)).await;
+    assert!(matches!(k.recv(WAIT).await, Ok(Packet::SubAck(_))));
+    drop(k);
+
+    // The client id's own session, left twice, the checks after each.
+    // Round 1's session has an expiry until its DISCONNECT sets it to 0.
+    let mut c = Raw::connect_packet(Version::V5, &id, true);
+    c.properties.session_expiry = Some(300);
+    let (mut old, _) = Raw::connect(&t, c).await;
+    for round in 1..=2u8 {
+        // Leftovers: overlapping subscriptions with other identifiers, `nl` without no
+        // local, `r` subscribed already (retain handling 1 would then send nothing).
+        for (pkid, filter, sub_id) in [
+            (101, o("#"), 9),
+            (102, o("+"), 8),
+            (103, format!("{base}/nl"), 9),
+            (104, format!("{base}/r"), 9),
+        ] {
+            old.send(&raw_subscribe_with(pkid, &filter, q2, sub_id))
+                .await;
+            assert!(matches!(old.recv(WAIT).await, Ok(Packet::SubAck(_))));
+        }
+        // A delivery it does not acknowledge.
+        raw_publish_acked(&mut p, &o("a"), 10 + u16::from(round), false, b"unacked").await;
+        assert!(matches!(old.recv(WAIT).await, Ok(Packet::Publish(_))));
+        // Ended: (1) DISCONNECT, and the new connection right behind it; (2) taken over.
+        if round == 1 {
+            old.send(&Packet::Disconnect(codec::Disconnect {
+                reason: 0,
+                properties: Properties {
+                    session_expiry: Some(0),
+                    ..Default::default()
+                },
+            }))
+            .await;
+        }
+        let (mut raw, a) = Raw::connect(&t, Raw::connect_packet(Version::V5, &id, false)).await;
+        drop(old);
+        assert!(
+            !a.session_present,
+            "round {round}: the session ended with its connection"
+        );
+        assert!(
+            next_acked(&mut raw, QUIET).await.is_none(),
+            "round {round}: nothing of the old session is sent again"
+        );
+
+        // Overlapping subscriptions with identifiers: each brings its retained messages
+        // with its own identifier, and a live publish carries both.
+        let got = subscribe_collect(
+            &mut raw,
+            raw_subscribe_with(1, &o("#"), opts(RQoS::AtMostOnce, false, false, 0), 1),
+            2,
+        )
+        .await;
+        assert_eq!(
+            got,
+            vec![
+                (o("a"), "ra".into(), vec![1]),
+                (o("b/c"), "rbc".into(), vec![1])
+            ],
+            "round {round}"
+        );
+        let got = subscribe_collect(
+            &mut raw,
+            raw_subscribe_with(2, &o("a"), opts(RQoS::AtLeastOnce, false, false, 0), 2),
+            1,
+        )
+        .await;
+        assert_eq!(got, vec![(o("a"), "ra".into(), vec![2])], "round {round}");
+        raw_publish_acked(&mut p, &o("a"), 20, false, b"live").await;
+        let (mut ids, mut max_qos) = (Vec::new(), RQoS::AtMostOnce);
+        let mut copies = 0;
+        while let Some(pk) = next_acked(&mut raw, if copies == 0 { WAIT } else { QUIET }).await {
+            match pk {
+                Packet::Publish(m) => {
+                    assert_eq!((&m.payload[..], m.retain), (&b"live"[..], false));
+                    ids.extend(m.properties.subscription_ids.clone());
+                    max_qos = max_qos.max(m.qos);
+                    copies += 1;
+                }
+                other => panic!("round {round}: {other:?}"),
+            }
+        }
+        ids.sort();
+        assert_eq!(
+            (ids, max_qos),
+            (vec![1, 2], RQoS::AtLeastOnce),
+            "round {round}: every matching identifier, the highest granted QoS"
+        );
+
+        // No local: the client's own publish does not come back.
+        let got = subscribe_collect(
+            &mut raw,
+            raw_subscribe_with(
+                3,
+                &format!("{base}/nl"),
+                opts(RQoS::AtLeastOnce, true, false, 0),
+                3,
+            ),
+            0,
+        )
+        .await;
+        assert!(got.is_empty());
+        raw.send(&raw_publish(
+            &format!("{base}/nl"),
+            RQoS::AtMostOnce,
+            0,
+            b"mine",
+        ))
+        .await;
+        assert!(
+            next_acked(&mut raw, QUIET).await.is_none(),
+            "round {round}: no local"
+        );
+        // Retain handling 1: a new subscription of this session gets the retained
+        // message, once.
+        let rh1 = opts(RQoS::AtLeastOnce, false, false, 1);
+        let got = subscribe_collect(
+            &mut raw,
+            raw_subscribe_with(4, &format!("{base}/r"), rh1, 4),
+            1,
+        )
+        .await;
+        assert_eq!(
+            got,
+            vec![(format!("{base}/r"), "rr".into(), vec![4])],
+            "round {round}"
+        );
+        let got = subscribe_collect(
+            &mut raw,
+            raw_subscribe_with(5, &format!("{base}/r"), rh1, 4),
+            0,
+        )
+        .await;
+        assert!(got.is_empty());
+        assert!(
+            next_acked(&mut raw, QUIET).await.is_none(),
+            "round {round}: retain handling 1 on an existing subscription"
+        );
+        // Retain as published, on a subscription of its own.
+        let rap = format!("{base}/rap/{round}");
+        let got = subscribe_collect(
+            &mut raw,
+            raw_subscribe_with(6, &rap, opts(RQoS::AtLeastOnce, false, true, 2), 6),
+            0,
+        )
+        .await;
+        assert!(got.is_empty());
+        raw_publish_acked(&mut p, &rap, 21, true, b"kept").await;
+        match next_acked(&mut raw, WAIT).await {
+            Some(Packet::Publish(m)) => {
+                assert!(m.retain, "round {round}: retain as published");
+                assert_eq!(m.properties.subscription_ids, vec![6]);
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+        raw_publish_acked(&mut p, &rap, 22, true, b"").await;
+        assert!(matches!(
+            next_acked(&mut raw, WAIT).await,
+            Some(Packet::Publish(_))
+        ));
+        // The next round's leftovers are this connection's.
+        old = raw;
+    }
+
+    // Leave nothing behind: the retained messages, the keeper's session, this one.
+    for (pkid, topic) in [(30, o("a")), (31, o("b/c")), (32, format!("{base}/r"))] {
+        raw_publish_acked(&mut p, &topic, pkid, true, b"").await;
+    }
+    let (mut k, _) = Raw::connect(&t, Raw::connect_packet(Version::V5, &keeper, true)).await;
+    for r in [&mut k, &mut old] {
+        r.send(&Packet::Disconnect(codec::Disconnect {
+            reason: 0,
+            properties: Properties::default(),
+        }))
+        .await;
+    }
 }
 
 /// A publisher that waits for each PUBACK and each delivery before the next message (a

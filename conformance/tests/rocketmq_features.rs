@@ -444,6 +444,10 @@ async fn producer_groups_are_counted(b: Backend) {
     let mut m = Mqtt::connect(&t, &uniq("pgp"), Vec::new()).await;
     m.publish(&topic, b"s", user(&[("x-producer-group", "sensors")]))
         .await;
+    // MQTT 5: a CONNECT user property names the connection's group.
+    let mut meters = Mqtt::connect(&t, &uniq("pgm"), user(&[("x-producer-group", "meters")])).await;
+    meters.publish(&topic, b"m1", Vec::new()).await;
+    meters.publish(&topic, b"m2", Vec::new()).await;
 
     let broker = t.broker().unwrap();
     let count = |topic: &str, group: &str| {
@@ -458,6 +462,7 @@ async fn producer_groups_are_counted(b: Backend) {
     assert_eq!(count(&ex, "billing"), 3, "{:?}", broker.producer_stats());
     assert_eq!(count(&ex, "refunds"), 1);
     assert_eq!(count(&topic, "sensors"), 1);
+    assert_eq!(count(&topic, "meters"), 2);
     let qt = mqgate_amqp::queue::queue_topic("/", &q).0;
     // And each stored message names its group.
     let stored = broker

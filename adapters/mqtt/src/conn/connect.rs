@@ -375,6 +375,14 @@ where
             .maximum_packet_size
             .map_or(usize::MAX, |m| m as usize),
         client_alias_max: c.properties.topic_alias_maximum.unwrap_or(0),
+        producer_group: c
+            .properties
+            .user
+            .iter()
+            .find(|(k, _)| k == "x-producer-group")
+            .map(|(_, v)| v.trim().to_owned())
+            .filter(|g| !g.is_empty() && g.len() <= 255)
+            .unwrap_or_else(|| "mqtt".to_owned()),
         aliases_out: HashMap::new(),
         aliases_in: HashMap::new(),
         inbound_qos2: HashSet::new(),

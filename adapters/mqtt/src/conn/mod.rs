@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use mqgate_core::acl::{Access, Subject};
 use mqgate_core::{AckToken, Consumer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -98,6 +98,10 @@ struct Conn<S> {
     version: Version,
     client_id: String,
     user: Option<String>,
+    /// The producer group of what it publishes: the CONNECT user property
+    /// `x-producer-group` (5.0), else `mqtt`; a PUBLISH's own `x-producer-group`
+    /// overrides it.
+    producer_group: String,
     conn_id: u64,
     keep_alive: Option<Duration>,
     record: SessionRecord,
@@ -170,17 +174,45 @@ pub(crate) async fn run<S>(
             return;
         }
     };
-    // `_admitted` counts it against limits.max_connections until it ends.
-    if let Some((mut conn, _admitted)) =
+    // `admitted` counts it against limits.max_connections until it ends.
+    let mut linger = None;
+    if let Some((mut conn, admitted)) =
         accept(shared.clone(), rd, wr, inbuf, peer, *connect, pending).await
     {
         let end = conn.serve().await;
-        conn.finish(end).await;
+        linger = conn.finish(end).await;
+        drop(admitted);
     }
     shared
         .stats
         .connections_closed
         .fetch_add(1, Ordering::Relaxed);
+    // The session is settled and the broker's state let go of (the store, for a
+    // restart); only the socket's read half waits for the client to close.
+    let stop = shared.shutdown.subscribe();
+    drop(shared);
+    if let Some(rd) = linger {
+        discard_until_closed(rd, stop).await;
+    }
+}
+
+/// How long a connection the server ended (DISCONNECT with a reason code, or a 3.1.1
+/// close) goes on reading what the client still sends, waiting for it to close.
+const DISCONNECT_LINGER: Duration = Duration::from_secs(5);
+
+/// After the server's DISCONNECT and its FIN: read and discard what the client still
+/// sends until it closes (or [`DISCONNECT_LINGER`] passes, or the broker shuts down).
+/// Closing a socket with unread data makes the kernel answer with a reset, and a
+/// client still writing then sees its write fail ("broken pipe", "connection reset")
+/// instead of reading the DISCONNECT that tells it why.
+async fn discard_until_closed<R: AsyncRead + Unpin>(mut rd: R, mut stop: watch::Receiver<bool>) {
+    let mut scratch = vec![0u8; 16 * 1024];
+    let drain = async { while matches!(rd.read(&mut scratch).await, Ok(n) if n > 0) {} };
+    tokio::select! {
+        _ = tokio::time::timeout(DISCONNECT_LINGER, drain) => {}
+        // Also when the adapter is gone (the sender dropped).
+        _ = stop.wait_for(|s| *s) => {}
+    }
 }
 
 impl<S> Conn<S>
@@ -255,6 +287,12 @@ where
                     self.input.last = Instant::now();
                 }
                 r = self.kick_rx.recv() => {
+                    // What the client sent before it was taken over comes first: a
+                    // DISCONNECT or a close already in the socket ends the session the
+                    // way the client asked (expiry, will), not as a takeover.
+                    if let Some(end) = self.handle_arrived().await {
+                        return end;
+                    }
                     let code = r.unwrap_or(reason::SESSION_TAKEN_OVER);
                     let why = if code == ADMINISTRATIVE_ACTION {
                         "closed by an administrator"
@@ -304,6 +342,29 @@ where
                 }
             }
         }
+    }
+
+    /// Handle what the socket already holds, without waiting for more: `Some` when it
+    /// ends the connection (a DISCONNECT, a protocol error, the client's close).
+    async fn handle_arrived(&mut self) -> Option<End> {
+        // Bounded: a client writing without pause must not keep a takeover waiting.
+        for _ in 0..16 {
+            self.input.prepare();
+            match tokio::time::timeout(Duration::ZERO, self.input.read_some()).await {
+                Err(_) => return None,
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(End::Closed),
+                Ok(Ok(n)) => {
+                    self.shared
+                        .stats
+                        .bytes_in
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    if let Err(end) = self.handle_input().await {
+                        return Some(end);
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// Decode and handle every whole packet in the input buffer. Publishes read together
@@ -404,7 +465,11 @@ where
     // -----------------------------------------------------------------------------------
     // The end
 
-    async fn finish(mut self, end: End) {
+    /// End the connection: the server's DISCONNECT written, flushed and followed by
+    /// the write half's shutdown (FIN); then the session settled. Returns the read half
+    /// when the server ended it, to read what the client still sends until it closes
+    /// ([`discard_until_closed`]).
+    async fn finish(mut self, end: End) -> Option<ReadHalf<S>> {
         let v5 = self.v5();
         if let End::Server(code, why) = &end {
             if v5 {
@@ -418,15 +483,19 @@ where
                 }));
             }
         }
-        if !self.output.out.is_empty() {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                self.output.wr.write_all(&self.output.out),
-            )
-            .await;
-        }
-        // Bounded: a half-open TLS or WebSocket peer must not hold up the session's end
-        // (a takeover waits for it, then cancels the will and claims the session).
+        // Bounded: a half-open TLS or WebSocket peer (or a client that reads nothing)
+        // must not hold up the session's end (a takeover waits for it, then cancels the
+        // will and claims the session).
+        let wr = &mut self.output.wr;
+        let out = &self.output.out;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            if !out.is_empty() {
+                wr.write_all(out).await?;
+            }
+            // TLS and WebSocket streams hold what was written until flushed.
+            wr.flush().await
+        })
+        .await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.output.wr.shutdown()).await;
         tracing::debug!(client = %self.client_id, ?end, "MQTT: disconnected");
 
@@ -452,15 +521,16 @@ where
             self.schedule_will(will, delay).await;
         }
         let taken_over = matches!(end, End::Server(reason::SESSION_TAKEN_OVER, _));
-        if self.record.expiry == 0 && !taken_over {
+        if self.record.expiry == 0 {
+            // A session without an expiry ends with its connection, a taken-over one
+            // too (the new connection waits for this): a Clean Start 0 connection must
+            // not inherit its subscriptions, their identifiers or its messages (5.0
+            // 3.1.2.11.2 and 3.1.4-3/4; 3.1.1 3.1.2.4: a clean session's state is never
+            // reused), as Mosquitto does.
             let rec = self.record.clone();
             self.shared
                 .destroy_session(&self.client_id, Some(&rec))
                 .await;
-        } else if self.record.expiry == 0 {
-            // The new connection decides what happens to the session.
-            self.record.disconnected_at = self.shared.now();
-            self.save_record().await;
         } else {
             self.record.disconnected_at = self.shared.now();
             self.save_record().await;
@@ -485,6 +555,7 @@ where
             }
         }
         let _ = self.done_tx.send(true);
+        matches!(end, End::Server(..)).then_some(self.input.rd)
     }
 }
 

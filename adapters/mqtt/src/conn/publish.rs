@@ -137,7 +137,7 @@ where
         // Copy the payload out of the read buffer, so the buffer is not kept alive.
         let mut m = Message::new(name, Bytes::copy_from_slice(&payload));
         m.born_timestamp = self.shared.now();
-        m.producer_group = "mqtt".into();
+        m.producer_group.clone_from(&self.producer_group);
         let p = &mut m.properties;
         const QOS_BYTES: [&[u8]; 3] = [&[0], &[1], &[2]];
         p.push((
