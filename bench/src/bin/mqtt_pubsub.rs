@@ -50,6 +50,10 @@ struct Args {
     /// Publish only: no subscribers (against a sink that delivers nothing).
     #[arg(long)]
     publish_only: bool,
+    /// QoS 1/2 publishes a client keeps in flight (rumqttc's default is 100, paho's
+    /// 20; 1,000 is the tuned row).
+    #[arg(long, default_value_t = 1000)]
+    inflight: u16,
 }
 
 fn qos(q: u8) -> QoS {
@@ -64,7 +68,7 @@ fn options(a: &Args, id: String) -> MqttOptions {
     let (host, port) = a.addr.rsplit_once(':').expect("host:port");
     let mut o = MqttOptions::new(id, host, port.parse().expect("port"));
     o.set_keep_alive(Duration::from_secs(60));
-    o.set_inflight(1000);
+    o.set_inflight(a.inflight);
     o.set_max_packet_size(1 << 20, 1 << 20);
     o.set_clean_session(true);
     o

@@ -92,6 +92,24 @@ impl Actor {
         let boot = self.inner.boot;
         let retrying = self.retrying();
         let mut delivered = false;
+        // Read ahead but deleted by retention since: skipped, as if never read.
+        if let Ok(range) = self.inner.store.queue_range(queue) {
+            let mut dropped = 0u64;
+            if let Some(q) = self.cursor_mut(&owner_key, queue) {
+                while q
+                    .buffer
+                    .front()
+                    .is_some_and(|m| m.entry.offset.0 < range.min.0)
+                {
+                    q.buffer.pop_front();
+                    dropped += 1;
+                }
+            }
+            if dropped > 0 {
+                self.skipped += dropped;
+                tracing::warn!(group = %self.spec.name, queue = %queue, lost = dropped, "core: group fell behind retention");
+            }
+        }
         for _ in 0..self.inner.config.read_batch {
             {
                 let Some(q) = self.cursor_mut(&owner_key, queue) else {
