@@ -562,7 +562,10 @@ async fn producer_groups_of_amqp_and_mqtt_clients_are_counted() {
         assert_eq!(got, want, "{view}");
         viewed += got.len();
     }
-    assert_eq!(viewed, 0, "queue and session topics were not published to: {topics}");
+    assert_eq!(
+        viewed, 0,
+        "queue and session topics were not published to: {topics}"
+    );
 
     // /metrics (per-topic series are on by default; a scrape collects them).
     let (status, metrics) = common::http_get(node.admin, "/metrics", None);
