@@ -160,7 +160,7 @@ pub(crate) async fn run<S>(
     let mut inbuf = BytesMut::with_capacity(1024);
     let evicted = pending.eviction();
     let read = tokio::select! {
-        c = read_connect(&shared, &mut rd, &mut wr, &mut inbuf, peer) => c,
+        c = Box::pin(read_connect(&shared, &mut rd, &mut wr, &mut inbuf, peer)) => c,
         // A newer connection needed the slot (limits.max_pending_handshakes): closed.
         () = evicted.wait() => None,
     };
@@ -176,11 +176,19 @@ pub(crate) async fn run<S>(
     };
     // `admitted` counts it against limits.max_connections until it ends.
     let mut linger = None;
-    if let Some((mut conn, admitted)) =
-        accept(shared.clone(), rd, wr, inbuf, peer, *connect, pending).await
+    if let Some((mut conn, admitted)) = Box::pin(accept(
+        shared.clone(),
+        rd,
+        wr,
+        inbuf,
+        peer,
+        *connect,
+        pending,
+    ))
+    .await
     {
         let end = conn.serve().await;
-        linger = conn.finish(end).await;
+        linger = Box::pin(conn.finish(end)).await;
         drop(admitted);
     }
     shared
@@ -192,7 +200,7 @@ pub(crate) async fn run<S>(
     let stop = shared.shutdown.subscribe();
     drop(shared);
     if let Some(rd) = linger {
-        discard_until_closed(rd, stop).await;
+        Box::pin(discard_until_closed(rd, stop)).await;
     }
 }
 
@@ -263,7 +271,7 @@ where
         }
         // Packets sent right behind CONNECT, in the same read.
         if !self.input.buf.is_empty() {
-            if let Err(end) = self.handle_input().await {
+            if let Err(end) = Box::pin(self.handle_input()).await {
                 return end;
             }
         }
@@ -290,7 +298,7 @@ where
                     // What the client sent before it was taken over comes first: a
                     // DISCONNECT or a close already in the socket ends the session the
                     // way the client asked (expiry, will), not as a takeover.
-                    if let Some(end) = self.handle_arrived().await {
+                    if let Some(end) = Box::pin(self.handle_arrived()).await {
                         return end;
                     }
                     let code = r.unwrap_or(reason::SESSION_TAKEN_OVER);
@@ -314,7 +322,9 @@ where
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(n) => {
                         self.shared.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                        if let Err(end) = self.handle_input().await {
+                        // Boxed: the connection's idle state stays small (thousands
+                        // of idle connections each keep only the select's state).
+                        if let Err(end) = Box::pin(self.handle_input()).await {
                             return end;
                         }
                         self.input.settle();
@@ -324,7 +334,7 @@ where
                     }
                 },
                 _ = std::future::ready(()), if retained_first && may_deliver && window_open => {
-                    self.send_retained().await;
+                    Box::pin(self.send_retained()).await;
                 }
                 m = self.direct_rx.recv(), if may_deliver && !retained_first => {
                     if let Some(m) = m {
