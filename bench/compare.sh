@@ -119,6 +119,14 @@ SCENARIOS=(
   "mqtt-qos1-fanout-1to100|mqtt|--qos 1 --fanout 100 --messages $((MESSAGES / 50))"
   "mqtt-qos1-5000/s|mqtt|--qos 1 --rate 5000 --messages 25000"
   "mqtt-10k-topics|many|--qos 1 --messages 20000"
+  # Clients' default settings (issue 14): rumqttc keeps 100 QoS 1 publishes in flight
+  # (paho 20); pika, amqplib and Celery ack each message on its own.
+  "defaults-mqtt-qos1-1to1|mqtt|--qos 1 --inflight 100"
+  "defaults-mqtt-qos1-1to1-window20|mqtt|--qos 1 --inflight 20"
+  "defaults-mqtt-qos1-4to4|mqtt|--qos 1 --inflight 100 --pairs 4 --messages $((MESSAGES / 4))"
+  "defaults-mqtt-qos1-5000/s|mqtt|--qos 1 --inflight 100 --rate 5000 --messages 25000"
+  "defaults-amqp-durable-ack1-prefetch100|amqp|--durable --ack-every 1 --prefetch 100"
+  "defaults-amqp-durable-ack1-prefetch1000|amqp|--durable --ack-every 1 --prefetch 1000"
 )
 
 run() { # broker scenario-line
