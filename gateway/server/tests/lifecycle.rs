@@ -125,3 +125,31 @@ async fn sigkill_then_restart_recovers_and_says_so() {
     );
     assert!(log.contains("durable_queues=1"), "{log}");
 }
+
+/// `mqgate serve --small` (the edge profile) starts itself again, same process, with the
+/// allocator settings in its environment, and serves: confirmed messages are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_profile_restarts_itself_with_the_allocator_settings_and_serves() {
+    let b = Broker::start_with(&["--small"]);
+    let environ = std::fs::read(format!("/proc/{}/environ", b.child.id())).unwrap();
+    let vars: Vec<&[u8]> = environ.split(|c| *c == 0).collect();
+    assert!(
+        vars.contains(&&b"MIMALLOC_PURGE_DELAY=0"[..]),
+        "the process runs with the small allocator settings"
+    );
+    publish_confirmed(&b, "edge", 50).await;
+    let conn = lapin::Connection::connect(&b.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut got = 0;
+    while let Some(m) = ch
+        .basic_get("edge".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        assert_eq!(m.delivery.data, format!("m{got}").as_bytes());
+        got += 1;
+    }
+    assert_eq!(got, 50);
+}

@@ -141,6 +141,10 @@ pub(crate) struct StoreSettings {
     pub(crate) retention_max_bytes: u64,
     /// RocksDB block cache in bytes.
     pub(crate) block_cache_bytes: usize,
+    /// RocksDB's memtables, all column families together, in bytes.
+    pub(crate) write_buffer_bytes: usize,
+    /// Recently appended messages kept decoded for consumers at the tail, in bytes.
+    pub(crate) tail_cache_bytes: usize,
 }
 
 impl Default for StoreSettings {
@@ -153,6 +157,8 @@ impl Default for StoreSettings {
             retention_max_age: None,
             retention_max_bytes: 0,
             block_cache_bytes: 128 << 20,
+            write_buffer_bytes: 128 << 20,
+            tail_cache_bytes: 32 << 20,
         }
     }
 }
@@ -602,6 +608,17 @@ impl Settings {
     }
 
     /// RocksDB's settings (`path` overrides `store.path`).
+    /// The edge profile (`mqgate serve --small`): caches and buffers cut so the broker
+    /// stays within about 64 MiB under load, at some cost in throughput (see README).
+    pub(crate) fn small(&mut self) {
+        self.store.block_cache_bytes = 4 << 20;
+        self.store.write_buffer_bytes = 8 << 20;
+        self.store.tail_cache_bytes = 2 << 20;
+        self.mqtt.retained_cache_messages = 1_000;
+        self.mqtt.retained_cache_bytes = 4 << 20;
+        self.limits.mqtt_qos0_queue_bytes = 2 << 20;
+    }
+
     pub(crate) fn rocks(&self, path: &Path) -> RocksConfig {
         let mut r = RocksConfig::new(path);
         r.fsync = match self.store.fsync {
@@ -616,6 +633,8 @@ impl Settings {
                 .then_some(self.store.retention_max_bytes),
         };
         r.block_cache_bytes = self.store.block_cache_bytes;
+        r.write_buffer_bytes = self.store.write_buffer_bytes;
+        r.tail_cache_bytes = self.store.tail_cache_bytes;
         r.max_open_files = self.rocks_max_open_files();
         r
     }

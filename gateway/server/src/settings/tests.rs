@@ -403,3 +403,15 @@ acl = [{ access = "all", filter = "app/%c/#", allow = true }]
     let e = err("[mqtt]\nacl = [{ access = \"all\", filter = \"a/#/b\" }]\n");
     assert!(e.contains("mqtt.acl[0].filter = \"a/#/b\""), "{e}");
 }
+
+#[test]
+fn small_profile_cuts_the_caches() {
+    let mut s = Settings::default();
+    s.small();
+    assert_eq!(s.store.block_cache_bytes, 4 << 20);
+    assert_eq!(s.store.write_buffer_bytes, 8 << 20);
+    assert_eq!(s.store.tail_cache_bytes, 2 << 20);
+    let r = s.rocks(std::path::Path::new("/tmp/x"));
+    assert_eq!(r.write_buffer_bytes, 8 << 20);
+    assert_eq!(r.tail_cache_bytes, 2 << 20);
+}
