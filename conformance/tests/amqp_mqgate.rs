@@ -24,7 +24,9 @@ scenario!(
     delivery_limit_counts_the_same_everywhere,
     retry_queue_consumers_rotate_with_a_paced_publisher,
     delay_beyond_49_days,
-    max_connections_refuses_the_next
+    max_connections_refuses_the_next,
+    consumer_lag_slows_publishers,
+    stuck_consumers_slow_nobody
 );
 
 async fn fanout_stores_the_body_once(backend: Backend) {
@@ -567,4 +569,164 @@ async fn max_connections_refuses_the_next(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let again = lapin::Connection::connect(&url, Default::default()).await;
     assert!(again.is_ok(), "a freed slot is usable");
+}
+
+/// Publish `n` persistent messages with confirms, up to 500 unconfirmed, while another
+/// task samples the queue's ready count; the largest backlog seen.
+async fn publish_watching_backlog(t: &Target, queue: &str, n: usize) -> u64 {
+    let broker = t.broker().unwrap().clone();
+    let group = mqgate_amqp::queue::queue_topic("/", queue).1;
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let w = std::sync::Arc::clone(&watching);
+    let watcher = tokio::spawn(async move {
+        let mut most = 0u64;
+        while w.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(info) = broker.group_info(&group).await {
+                let ready: u64 = info.queues.iter().map(|q| q.ready).sum();
+                most = most.max(ready);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        most
+    });
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut pending = std::collections::VecDeque::new();
+    for i in 0..n {
+        let c = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+        pending.push_back(c);
+        if pending.len() >= 500 {
+            assert!(pending.pop_front().unwrap().await.unwrap().is_ack());
+        }
+    }
+    for c in pending {
+        assert!(c.await.unwrap().is_ack());
+    }
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    watcher.await.unwrap()
+}
+
+/// A consumer that acks each message slowly (~2 ms each): with `consumer_lag_limit`
+/// the publisher is held to its pace, the backlog stays near the limit (plus what one
+/// read of the publisher's socket holds); without it the backlog grows to most of what
+/// was published.
+async fn consumer_lag_slows_publishers(backend: Backend) {
+    for limit in [Some(200), None] {
+        let core = CoreConfig {
+            consumer_lag_limit: limit,
+            ..Default::default()
+        };
+        let Some(t) = Target::mqgate_with_core(backend, test_config(), core).await else {
+            return;
+        };
+        let conn = t.connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare(
+            "lagging".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+        let mut c = ch
+            .basic_consume(
+                "lagging".into(),
+                "slow".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let n = 2_000;
+        let consumer = tokio::spawn(async move {
+            let mut got = 0;
+            while got < n {
+                let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(30), c.next()).await
+                else {
+                    break;
+                };
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                d.ack(BasicAckOptions::default()).await.unwrap();
+                got += 1;
+            }
+            got
+        });
+        let most = publish_watching_backlog(&t, "lagging", n).await;
+        let waits = t.broker().unwrap().flow_waits();
+        eprintln!("consumer lag limit {limit:?}: largest backlog {most}, waits {waits}");
+        match limit {
+            Some(l) => {
+                assert!(waits > 0, "publishes waited");
+                assert!(most <= 4 * l, "backlog held near {l}: at most {most}");
+            }
+            None => {
+                assert_eq!(waits, 0);
+                assert!(most > 800, "without flow control the backlog grows: {most}");
+            }
+        }
+        assert_eq!(consumer.await.unwrap(), n, "every message consumed");
+    }
+}
+
+/// Consumers that take nothing (a full prefetch never acked) do not hold publishers:
+/// the queue buffers, as without flow control.
+async fn stuck_consumers_slow_nobody(backend: Backend) {
+    let core = CoreConfig {
+        consumer_lag_limit: Some(100),
+        ..Default::default()
+    };
+    let Some(t) = Target::mqgate_with_core(backend, test_config(), core).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "stuck".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    let _held = ch
+        .basic_consume(
+            "stuck".into(),
+            "never-acks".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // Two seconds of no progress: the consumer counts as stuck.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        publish_watching_backlog(&t, "stuck", 2_000),
+    )
+    .await
+    .expect("publishing is not held by a stuck consumer");
+    let group = mqgate_amqp::queue::queue_topic("/", "stuck").1;
+    let info = t.broker().unwrap().group_info(&group).await.unwrap();
+    let ready: u64 = info.queues.iter().map(|q| q.ready).sum();
+    assert_eq!(ready, 1_990, "the queue buffers all but the prefetch");
+    assert_eq!(t.broker().unwrap().flow_waits(), 0);
 }

@@ -40,6 +40,8 @@ pub(crate) struct Inner {
     pub(crate) delay: crate::delay::DelayState,
     /// Messages published per (address, producer group) (`topics.rs`).
     pub(crate) producers: crate::topics::ProducerCounts,
+    /// Publishes that waited for consumers to catch up (flow control by consumer lag).
+    pub(crate) flow_waits: AtomicU64,
     /// Failed consumptions scheduled for retry.
     pub(crate) retries: AtomicU64,
     /// Messages moved to a DLQ.
@@ -102,6 +104,7 @@ impl Broker {
             endpoints: crate::endpoints::Registry::new(),
             delay: crate::delay::DelayState::new(),
             producers: crate::topics::ProducerCounts::default(),
+            flow_waits: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             closed: AtomicBool::new(false),

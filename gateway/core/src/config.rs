@@ -69,7 +69,19 @@ pub struct CoreConfig {
     pub retained_cache_messages: usize,
     /// Bytes of retained message bodies kept in memory.
     pub retained_cache_bytes: usize,
+    /// Flow control by consumer lag (`None`: off, the default). When a topic consumed by
+    /// one group with members that are making progress holds more than this many
+    /// unconsumed messages, a publish to it returns only once the backlog is back under
+    /// half of it (or after [`FLOW_MAX_WAIT`]): the publisher's connection reads no more
+    /// meanwhile, so TCP slows the client to its consumers' pace and end-to-end latency
+    /// stays bounded. Consumers that make no progress for a second (stuck, or gone) do
+    /// not slow anybody: the queue buffers, as without the setting.
+    pub consumer_lag_limit: Option<u64>,
 }
+
+/// The longest a publish waits for consumers to catch up (then it returns anyway; the
+/// next publish waits again).
+pub const FLOW_MAX_WAIT: Duration = Duration::from_secs(1);
 
 impl Default for CoreConfig {
     fn default() -> Self {
@@ -93,6 +105,7 @@ impl Default for CoreConfig {
             expiry_interval: Duration::from_millis(250),
             retained_cache_messages: 10_000,
             retained_cache_bytes: 64 << 20,
+            consumer_lag_limit: None,
         }
     }
 }

@@ -303,6 +303,7 @@ impl Inner {
             durable,
         } = b;
         let mut answers = Vec::with_capacity(items.len());
+        let mut flow: Vec<Arc<TopicHandle>> = Vec::new();
         let mut part = Part::new(durable);
         records.apply(&mut part.batch);
         for Outgoing {
@@ -409,6 +410,13 @@ impl Inner {
                         .await?
                 }
             };
+            if self.config.consumer_lag_limit.is_some() {
+                for h in &touched {
+                    if !flow.iter().any(|f| Arc::ptr_eq(f, h)) {
+                        flow.push(Arc::clone(h));
+                    }
+                }
+            }
             let limited: Vec<crate::GroupSpec> = if self.endpoints.any_limited() {
                 queues
                     .iter()
@@ -442,7 +450,53 @@ impl Inner {
             part.staged.push(Staged::Appended);
         }
         answers.extend(self.write_part(part).await?);
+        self.flow_wait(&flow).await;
         Ok(answers)
+    }
+
+    /// Flow control by consumer lag ([`crate::CoreConfig::consumer_lag_limit`]): wait
+    /// while a topic just published to holds more than the limit unconsumed and its
+    /// group's members are making progress, until it is back under half the limit, or
+    /// [`crate::config::FLOW_MAX_WAIT`] has passed.
+    async fn flow_wait(&self, topics: &[Arc<TopicHandle>]) {
+        let Some(limit) = self.config.consumer_lag_limit else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + crate::config::FLOW_MAX_WAIT;
+        for h in topics {
+            let mut threshold = limit;
+            loop {
+                let moved = h.flow.moved.notified();
+                let progress = h
+                    .flow
+                    .progress_at
+                    .load(std::sync::atomic::Ordering::Acquire);
+                if progress == 0
+                    || h.watcher_count() != 1
+                    || self.clock.now().saturating_sub(progress) > 1_000
+                {
+                    break;
+                }
+                let committed = h.flow.committed.load(std::sync::atomic::Ordering::Acquire);
+                let next: u64 = (0..h.queue_count())
+                    .filter_map(|q| {
+                        self.store
+                            .queue_range(&QueueRef::new(h.name.clone(), q))
+                            .ok()
+                    })
+                    .map(|r| r.next.0)
+                    .sum();
+                if next.saturating_sub(committed) <= threshold {
+                    break;
+                }
+                self.flow_waits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if tokio::time::timeout_at(deadline, moved).await.is_err() {
+                    return;
+                }
+                threshold = limit / 2;
+            }
+        }
     }
 
     /// Write a part; the answers of its items, in order.

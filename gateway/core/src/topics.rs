@@ -21,6 +21,8 @@ pub(crate) struct TopicHandle {
     round_robin: AtomicU64,
     /// Groups consuming this topic: woken after each append.
     watchers: RwLock<Vec<Arc<Notify>>>,
+    /// Flow control by consumer lag: what the consuming group reports.
+    pub(crate) flow: FlowState,
 }
 
 impl TopicHandle {
@@ -30,6 +32,7 @@ impl TopicHandle {
             queue_count: AtomicU32::new(cfg.queue_count),
             round_robin: AtomicU64::new(0),
             watchers: RwLock::default(),
+            flow: FlowState::default(),
         }
     }
 
@@ -79,6 +82,26 @@ impl TopicHandle {
         for w in self.watchers.read().iter() {
             w.notify_one();
         }
+    }
+}
+
+/// What a topic's consuming group tells publishers for flow control
+/// ([`crate::CoreConfig::consumer_lag_limit`]).
+#[derive(Debug, Default)]
+pub(crate) struct FlowState {
+    /// The sum of the group's committed offsets over the topic's queues.
+    pub(crate) committed: AtomicU64,
+    /// When (ms on the broker's clock) the committed sum last moved; 0: no live group
+    /// with members (nobody to wait for).
+    pub(crate) progress_at: AtomicU64,
+    /// Told when the committed sum moves.
+    pub(crate) moved: Notify,
+}
+
+impl TopicHandle {
+    /// How many watchers (groups) it has.
+    pub(crate) fn watcher_count(&self) -> usize {
+        self.watchers.read().len()
     }
 }
 

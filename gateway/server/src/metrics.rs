@@ -38,6 +38,7 @@ pub(crate) const SERIES: &[(&str, &str, &str, &str)] = &[
     ("mqgate_group_consumed_messages_total", "counter", "", "Messages a consumer group has consumed (its committed offsets, summed over its queues)."),
     ("mqgate_delayed_messages_pending", "gauge", "", "Delayed messages (and retries) waiting for their time."),
     ("mqgate_delayed_messages_released_total", "counter", "", "Delayed messages released by this process."),
+    ("mqgate_flow_waits_total", "counter", "", "Publishes held back until consumers caught up (limits.max_consumer_lag)."),
     ("mqgate_retries_total", "counter", "", "Failed consumptions scheduled for a retry by this process."),
     ("mqgate_dead_lettered_total", "counter", "", "Messages moved to a dead-letter queue by this process."),
     ("mqgate_store_messages", "gauge", "", "Messages in the commit log."),
@@ -186,6 +187,7 @@ impl Collector {
             &[],
             b.delayed_released(),
         );
+        set_counter("mqgate_flow_waits_total", &[], b.flow_waits());
         set_counter(
             "mqgate_mqtt_qos0_dropped_total",
             &[],

@@ -171,6 +171,7 @@ impl Actor {
                 tracing::warn!(group = %self.spec.name, error = %e, "core: group could not add new queues");
             }
             self.pump().await;
+            self.report_flow();
             if self.last_commit.elapsed() >= tick {
                 self.commit().await;
             }
@@ -193,10 +194,41 @@ impl Actor {
         self.commit().await;
         self.handle.alive.store(false, Ordering::Release);
         for t in &self.watched {
+            t.flow.progress_at.store(0, Ordering::Release);
+            t.flow.moved.notify_waiters();
             t.unwatch(&self.wake);
         }
         if let Some(done) = self.stopped.take() {
             let _ = done.send(());
+        }
+    }
+
+    /// Flow control by consumer lag: tell the publishers of each topic this group alone
+    /// consumes how far it has consumed, and whether it has members to wait for.
+    fn report_flow(&self) {
+        if self.inner.config.consumer_lag_limit.is_none() || self.broadcast() {
+            return;
+        }
+        let now = self.inner.clock.now().max(1);
+        for t in &self.watched {
+            if t.watcher_count() != 1 {
+                continue;
+            }
+            if self.members.is_empty() {
+                t.flow.progress_at.store(0, Ordering::Release);
+                continue;
+            }
+            let sum: u64 = self
+                .queues
+                .iter()
+                .filter(|(q, _)| q.topic == t.name)
+                .map(|(_, c)| c.committed())
+                .sum();
+            let before = t.flow.committed.swap(sum, Ordering::AcqRel);
+            if before != sum || t.flow.progress_at.load(Ordering::Acquire) == 0 {
+                t.flow.progress_at.store(now, Ordering::Release);
+                t.flow.moved.notify_waiters();
+            }
         }
     }
 

@@ -389,6 +389,9 @@ pub(crate) struct Limits {
     pub(crate) login_failure_delay: HumanDuration,
     /// The longest such delay ("5s").
     pub(crate) login_failure_max_delay: HumanDuration,
+    /// Flow control by consumer lag: above this many unconsumed messages in a queue
+    /// whose consumers are making progress, its publishers wait for them (0: off).
+    pub(crate) max_consumer_lag: u64,
 }
 
 impl Default for Limits {
@@ -418,6 +421,7 @@ impl Default for Limits {
             memory_high_watermark: MemoryWatermark::Fraction(0.4),
             login_failure_delay: HumanDuration::millis(200),
             login_failure_max_delay: HumanDuration::secs(5),
+            max_consumer_lag: 0,
         }
     }
 }
@@ -603,6 +607,8 @@ impl Settings {
             },
             retained_cache_messages: self.mqtt.retained_cache_messages,
             retained_cache_bytes: self.mqtt.retained_cache_bytes,
+            consumer_lag_limit: (self.limits.max_consumer_lag > 0)
+                .then_some(self.limits.max_consumer_lag),
             ..CoreConfig::default()
         }
     }
