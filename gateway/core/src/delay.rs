@@ -518,11 +518,6 @@ impl Broker {
         }
     }
 
-    /// Publishes that waited for consumers to catch up (flow control by consumer lag).
-    pub fn flow_waits(&self) -> u64 {
-        self.inner.flow_waits.load(Ordering::Relaxed)
-    }
-
     /// Delayed messages still pending.
     pub fn delayed_pending(&self) -> u64 {
         self.inner.store.stats().timers

@@ -687,6 +687,13 @@ impl Inner {
 }
 
 impl crate::Broker {
+    /// Publishes that waited for consumers to catch up (flow control by consumer lag).
+    pub fn flow_waits(&self) -> u64 {
+        self.inner
+            .flow_waits
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Publish a batch: every message (to a topic, to resolved topics, or through an
     /// exchange; now or delayed) and the records with them in one atomic store write
     /// (one fsync when durable). Answers, in order: where each message was stored, its
