@@ -56,11 +56,7 @@ pub(super) fn open_db(config: &RocksConfig, log_min: &Arc<AtomicU64>) -> Result<
         });
         o
     };
-    // Each column family's memtable is a share of the budget (128 MiB by default: the
-    // log 64, queue entries 32, keys and timers 16, kv 8, the small ones 4).
-    let wb = config.write_buffer_bytes.max(2 << 20);
-    let share = |div: usize| (wb / div).max(256 << 10);
-    let mut keys_opts = cf_opts(share(8), true);
+    let mut keys_opts = cf_opts(16 << 20, true);
     let filter_min = Arc::clone(log_min);
     keys_opts.set_compaction_filter(
         "mqgate-dead-keys",
@@ -78,14 +74,14 @@ pub(super) fn open_db(config: &RocksConfig, log_min: &Arc<AtomicU64>) -> Result<
         },
     );
     let cfs = vec![
-        ColumnFamilyDescriptor::new(CF_LOG, cf_opts(share(2), true)),
-        ColumnFamilyDescriptor::new(CF_CQ, cf_opts(share(4), true)),
+        ColumnFamilyDescriptor::new(CF_LOG, cf_opts(64 << 20, true)),
+        ColumnFamilyDescriptor::new(CF_CQ, cf_opts(32 << 20, true)),
         ColumnFamilyDescriptor::new(CF_KEYS, keys_opts),
-        ColumnFamilyDescriptor::new(CF_OFFSETS, cf_opts(share(32), false)),
-        ColumnFamilyDescriptor::new(CF_OFFSET_TOPICS, cf_opts(share(32), false)),
-        ColumnFamilyDescriptor::new(CF_KV, cf_opts(share(16), true)),
-        ColumnFamilyDescriptor::new(CF_TIMERS, cf_opts(share(8), true)),
-        ColumnFamilyDescriptor::new(CF_META, cf_opts(share(32), false)),
+        ColumnFamilyDescriptor::new(CF_OFFSETS, cf_opts(4 << 20, false)),
+        ColumnFamilyDescriptor::new(CF_OFFSET_TOPICS, cf_opts(4 << 20, false)),
+        ColumnFamilyDescriptor::new(CF_KV, cf_opts(8 << 20, true)),
+        ColumnFamilyDescriptor::new(CF_TIMERS, cf_opts(16 << 20, true)),
+        ColumnFamilyDescriptor::new(CF_META, cf_opts(4 << 20, false)),
     ];
     DB::open_cf_descriptors(&db_opts, &config.path, cfs).map_err(backend)
 }
