@@ -571,6 +571,29 @@ async fn max_connections_refuses_the_next(backend: Backend) {
     assert!(again.is_ok(), "a freed slot is usable");
 }
 
+/// A durable queue and a consumer of it with prefetch 10.
+async fn durable_queue_consumed(ch: &lapin::Channel, queue: &str, tag: &str) -> lapin::Consumer {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    ch.basic_consume(
+        queue.into(),
+        tag.into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+}
+
 /// Publish `n` persistent messages with confirms, up to 500 unconfirmed, while another
 /// task samples the queue's ready count; the largest backlog seen.
 async fn publish_watching_backlog(t: &Target, queue: &str, n: usize) -> u64 {
@@ -633,26 +656,7 @@ async fn consumer_lag_slows_publishers(backend: Backend) {
         };
         let conn = t.connect().await;
         let ch = conn.create_channel().await.unwrap();
-        ch.queue_declare(
-            "lagging".into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
-        let mut c = ch
-            .basic_consume(
-                "lagging".into(),
-                "slow".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let mut c = durable_queue_consumed(&ch, "lagging", "slow").await;
         let n = 2_000;
         let consumer = tokio::spawn(async move {
             let mut got = 0;
@@ -696,26 +700,7 @@ async fn stuck_consumers_slow_nobody(backend: Backend) {
     };
     let conn = t.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        "stuck".into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
-    let _held = ch
-        .basic_consume(
-            "stuck".into(),
-            "never-acks".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let _held = durable_queue_consumed(&ch, "stuck", "never-acks").await;
     // Two seconds of no progress: the consumer counts as stuck.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     tokio::time::timeout(

@@ -124,6 +124,20 @@ async fn declare_queue(ch: &Channel, q: &str, args: FieldTable) {
     .expect("queue.declare");
 }
 
+/// A durable queue bound to `exchange` with `key`.
+async fn bound_queue(ch: &Channel, queue: &str, exchange: &str, key: &str) {
+    declare_queue(ch, queue, FieldTable::default()).await;
+    ch.queue_bind(
+        s(queue),
+        s(exchange),
+        s(key),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
 async fn next(c: &mut lapin::Consumer, within: Duration) -> Option<lapin::message::Delivery> {
     match tokio::time::timeout(within, c.next()).await {
         Ok(Some(Ok(d))) => Some(d),
@@ -307,16 +321,7 @@ async fn message_keys_find_messages(b: Backend) {
     )
     .await
     .unwrap();
-    declare_queue(&ch, &q, FieldTable::default()).await;
-    ch.queue_bind(
-        s(&q),
-        s(&ex),
-        s("k"),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    bound_queue(&ch, &q, &ex, "k").await;
     publish(
         &ch,
         &ex,
@@ -329,16 +334,7 @@ async fn message_keys_find_messages(b: Backend) {
     // An MQTT publish is stored when something subscribes to its topic.
     let topic = uniq("keys/mqtt");
     let mq = uniq("keys.mq");
-    declare_queue(&ch, &mq, FieldTable::default()).await;
-    ch.queue_bind(
-        s(&mq),
-        s("amq.topic"),
-        s(&topic.replace('/', ".")),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    bound_queue(&ch, &mq, "amq.topic", &topic.replace('/', ".")).await;
     let mut m = Mqtt::connect(&t, &uniq("kp"), Vec::new()).await;
     m.publish(&topic, b"order two", user(&[("x-keys", "order-2")]))
         .await;
@@ -401,16 +397,7 @@ async fn producer_groups_are_counted(b: Backend) {
     .await
     .unwrap();
     let q = uniq("pg.q");
-    declare_queue(&ch, &q, FieldTable::default()).await;
-    ch.queue_bind(
-        s(&q),
-        s(&ex),
-        s(""),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    bound_queue(&ch, &q, &ex, "").await;
     for i in 0..3 {
         publish(
             &ch,
@@ -431,16 +418,7 @@ async fn producer_groups_are_counted(b: Backend) {
     .await;
     let topic = uniq("pg/mqtt");
     let mqtt_q = uniq("pg.mq");
-    declare_queue(&ch, &mqtt_q, FieldTable::default()).await;
-    ch.queue_bind(
-        s(&mqtt_q),
-        s("amq.topic"),
-        s(&topic.replace('/', ".")),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    bound_queue(&ch, &mqtt_q, "amq.topic", &topic.replace('/', ".")).await;
     let mut m = Mqtt::connect(&t, &uniq("pgp"), Vec::new()).await;
     m.publish(&topic, b"s", user(&[("x-producer-group", "sensors")]))
         .await;
@@ -973,16 +951,7 @@ async fn cancel_delayed_messages(b: Backend) {
     )
     .await
     .unwrap();
-    declare_queue(&ch, &q, FieldTable::default()).await;
-    ch.queue_bind(
-        s(&q),
-        s(&ex),
-        s("k"),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    bound_queue(&ch, &q, &ex, "k").await;
     let delay = |ms: i32, keys: Option<&str>| {
         let mut h = table(&[("x-delay", AMQPValue::LongInt(ms))]);
         if let Some(k) = keys {
@@ -1011,16 +980,7 @@ async fn cancel_delayed_messages(b: Backend) {
     // MQTT: `$delayed/<s>/<topic>` with x-keys, seen by an AMQP queue on amq.topic.
     let topic = uniq("cd/mqtt");
     let mq = uniq("cd.mq");
-    declare_queue(&ch, &mq, FieldTable::default()).await;
-    ch.queue_bind(
-        s(&mq),
-        s("amq.topic"),
-        s(&topic.replace('/', ".")),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    bound_queue(&ch, &mq, "amq.topic", &topic.replace('/', ".")).await;
     let mut m = Mqtt::connect(&t, &uniq("cdp"), Vec::new()).await;
     m.publish(
         &format!("$delayed/2/{topic}"),
