@@ -41,7 +41,7 @@ struct Cli {
 /// RocketMQ features as any AMQP or MQTT client reaches them (shown by `--help`).
 const CONVENTIONS: &str = "\
 RocketMQ features from any client (AMQP header = MQTT 5 user property):
-  x-keys: \"k1 k2\"         message keys; find with `mqgate messages key TOPIC KEY`,
+  x-keys: \"k1 k2\"          message keys; find with `mqgate messages key TOPIC KEY`,
                            cancel a delayed one with `mqgate delayed cancel --topic T --key K`
   x-producer-group: NAME   producer group (AMQP: also client property producer_group;
                            MQTT 5: also a CONNECT user property); see `mqgate producers`
@@ -106,9 +106,9 @@ struct ServeArgs {
     /// Check the configuration, print where each listener would bind, and exit.
     #[arg(long)]
     check_config: bool,
-    /// The edge profile: RocksDB cache 8 MiB and memtables 16 MiB, tail cache 4 MiB,
-    /// retained cache 1,000 messages / 4 MiB, QoS 0 queues 2 MiB each: about 64 MiB
-    /// under load (overrides those settings).
+    /// The edge profile: RocksDB cache 4 MiB and memtables 8 MiB, tail cache 2 MiB,
+    /// retained cache 1,000 messages / 4 MiB, QoS 0 queues 2 MiB each, freed memory
+    /// given back at once: under 64 MiB under load (overrides those settings).
     #[arg(long)]
     small: bool,
 }
