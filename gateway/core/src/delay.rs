@@ -405,8 +405,7 @@ impl Broker {
                 }
                 let kind = match &t.name {
                     Some((name, generation)) => {
-                        let current = store.kv_get(NS_SCHEDULED, name.as_bytes()).await?;
-                        if current.as_deref() != Some(&generation.to_be_bytes()[..]) {
+                        if !self.inner.is_current(name, *generation).await? {
                             continue;
                         }
                         if name.starts_with(DELAYED_PREFIX) {
@@ -469,8 +468,7 @@ impl Broker {
             ..
         }) = decode_timer(payload)
         {
-            let current = inner.store.kv_get(NS_SCHEDULED, name.as_bytes()).await?;
-            live = current.as_deref() == Some(&generation.to_be_bytes()[..]);
+            live = inner.is_current(&name, generation).await?;
             if live {
                 batch.kv_delete(NS_SCHEDULED, name.clone().into_bytes());
             }
@@ -507,8 +505,7 @@ impl Broker {
                     continue;
                 };
                 let name = format!("{DELAYED_PREFIX}{generation}");
-                let current = inner.store.kv_get(NS_SCHEDULED, name.as_bytes()).await?;
-                if current.as_deref() == Some(&generation.to_be_bytes()[..]) {
+                if inner.is_current(&name, generation).await? {
                     batch.kv_delete(NS_SCHEDULED, name.into_bytes());
                     cancelled += 1;
                 }
@@ -561,6 +558,13 @@ impl Inner {
         self.store.write(batch).await?;
         self.timer_added(due);
         Ok(())
+    }
+
+    /// Whether `generation` is still the current timer under `name` (not cancelled, not
+    /// replaced, not yet released).
+    async fn is_current(&self, name: &str, generation: u64) -> Result<bool> {
+        let current = self.store.kv_get(NS_SCHEDULED, name.as_bytes()).await?;
+        Ok(current.as_deref() == Some(&generation.to_be_bytes()[..]))
     }
 
     /// Withdraw the timer scheduled under `name`; whether there was one. Its timer stays
@@ -623,12 +627,10 @@ impl Inner {
                 // name (not cancelled, not replaced); its name and key index entries
                 // go with it.
                 unindex(&mut batch, &name, generation, &message);
-                match self.store.kv_get(NS_SCHEDULED, name.as_bytes()).await? {
-                    Some(v) if v.as_ref() == generation.to_be_bytes() => {
-                        batch.kv_delete(NS_SCHEDULED, name.into_bytes());
-                    }
-                    _ => continue,
+                if !self.is_current(&name, generation).await? {
+                    continue;
                 }
+                batch.kv_delete(NS_SCHEDULED, name.into_bytes());
             }
             message.deliver_at = Some(key.due);
             let queues = match self.resolve(&route, &message).await {

@@ -50,6 +50,13 @@ pub const PRODUCER_GROUP_HEADER: &str = "h:x-producer-group";
 /// publish order, one at a time.
 pub const SHARDING_KEY_HEADER: &str = "h:x-sharding-key";
 
+/// A producer group's name as given (`x-producer-group`, a connection property):
+/// trimmed; `None` when empty or longer than 255 bytes.
+pub fn producer_group_name(v: &str) -> Option<String> {
+    let g = v.trim();
+    (!g.is_empty() && g.len() <= 255).then(|| g.to_owned())
+}
+
 /// The most keys one message is indexed under, and the longest key (bytes).
 pub const MAX_KEYS: usize = 32;
 /// The longest key indexed.

@@ -779,11 +779,10 @@ impl Inner {
                 message.keys = props::split_keys(k);
             }
         }
-        if let Some(g) = props::get(&message.properties, props::PRODUCER_GROUP_HEADER) {
-            let g = String::from_utf8_lossy(g).trim().to_owned();
-            if !g.is_empty() && g.len() <= 255 {
-                message.producer_group = g;
-            }
+        if let Some(g) = props::get(&message.properties, props::PRODUCER_GROUP_HEADER)
+            .and_then(|g| props::producer_group_name(&String::from_utf8_lossy(g)))
+        {
+            message.producer_group = g;
         }
         if message.producer_group.is_empty() {
             message

@@ -256,8 +256,7 @@ where
         .inner()
         .get("producer_group")
         .and_then(crate::convert::str_value)
-        .map(|g| g.trim().to_owned())
-        .filter(|g| !g.is_empty() && g.len() <= 255);
+        .and_then(|g| mqgate_core::props::producer_group_name(&g));
     frame::put_method(
         &mut out,
         0,

@@ -380,8 +380,7 @@ where
             .user
             .iter()
             .find(|(k, _)| k == "x-producer-group")
-            .map(|(_, v)| v.trim().to_owned())
-            .filter(|g| !g.is_empty() && g.len() <= 255)
+            .and_then(|(_, v)| mqgate_core::props::producer_group_name(v))
             .unwrap_or_else(|| "mqtt".to_owned()),
         aliases_out: HashMap::new(),
         aliases_in: HashMap::new(),
