@@ -221,11 +221,28 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         .block_on(serve(s))
 }
 
-async fn bind(what: &str, l: Listener) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+/// A listening socket with `backlog` (the standard library's 128 overflowed under a
+/// burst of connects: the kernel dropped the SYNs and clients retried only after 1 s).
+fn listen_on(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+async fn bind(
+    what: &str,
+    l: Listener,
+    backlog: u32,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
     let Some(addr) = l.addr() else {
         return Ok(None);
     };
-    let l = match tokio::net::TcpListener::bind(addr).await {
+    let l = match listen_on(addr, backlog) {
         Ok(l) => l,
         // `[::]` (the default) takes IPv6 and IPv4 clients alike; a machine without
         // IPv6 gets the IPv4 wildcard instead.
@@ -237,8 +254,7 @@ async fn bind(what: &str, l: Listener) -> anyhow::Result<Option<tokio::net::TcpL
                 ) =>
         {
             let v4 = std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
-            let l = tokio::net::TcpListener::bind(v4)
-                .await
+            let l = listen_on(v4, backlog)
                 .with_context(|| format!("bind the {what} listener to {addr} or {v4}"))?;
             tracing::info!(%addr, error = %e, "{what}: no IPv6 here; listening on IPv4 only");
             l
@@ -272,19 +288,20 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         Arc::new(store)
     };
     let users = s.users();
+    let backlog = s.limits.listen_backlog;
     let broker = Broker::start(store, s.core(), Arc::new(SystemClock))
         .await
         .context("start the broker core")?;
     let mqtt = MqttServer::start(broker.clone(), s.mqtt(&users))
         .await
         .context("start the MQTT adapter")?;
-    if let Some(l) = bind("MQTT", s.listeners.mqtt).await? {
+    if let Some(l) = bind("MQTT", s.listeners.mqtt, backlog).await? {
         mqtt.listen(l);
     }
     let amqp = AmqpServer::start(broker.clone(), s.amqp(&users))
         .await
         .context("start the AMQP adapter")?;
-    if let Some(l) = bind("AMQP 0-9-1", s.listeners.amqp).await? {
+    if let Some(l) = bind("AMQP 0-9-1", s.listeners.amqp, backlog).await? {
         amqp.listen(l);
     }
     let admin_stop = tokio::sync::watch::channel(false);
@@ -294,17 +311,17 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         (Some(c), Some(k)) if needs_tls => Some(listeners::tls_acceptor(c, k)?),
         _ => None,
     };
-    if let (Some(lis), Some(t)) = (bind("AMQP 0-9-1 over TLS", l.amqps).await?, &tls) {
+    if let (Some(lis), Some(t)) = (bind("AMQP 0-9-1 over TLS", l.amqps, backlog).await?, &tls) {
         listeners::serve_tls("AMQPS", lis, t.clone(), amqp.clone(), admin_stop.1.clone());
     }
-    if let (Some(lis), Some(t)) = (bind("MQTT over TLS", l.mqtts).await?, &tls) {
+    if let (Some(lis), Some(t)) = (bind("MQTT over TLS", l.mqtts, backlog).await?, &tls) {
         listeners::serve_tls("MQTTS", lis, t.clone(), mqtt.clone(), admin_stop.1.clone());
     }
-    if let Some(lis) = bind("MQTT over WebSocket", l.mqtt_ws).await? {
+    if let Some(lis) = bind("MQTT over WebSocket", l.mqtt_ws, backlog).await? {
         listeners::serve_ws("MQTT/WS", lis, None, mqtt.clone(), admin_stop.1.clone());
     }
     if let (Some(lis), Some(t)) = (
-        bind("MQTT over WebSocket over TLS", l.mqtt_wss).await?,
+        bind("MQTT over WebSocket over TLS", l.mqtt_wss, backlog).await?,
         &tls,
     ) {
         listeners::serve_ws(
@@ -315,7 +332,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
             admin_stop.1.clone(),
         );
     }
-    if let Some(l) = bind("admin API", s.listeners.admin).await? {
+    if let Some(l) = bind("admin API", s.listeners.admin, backlog).await? {
         let state = admin::AdminState {
             broker: broker.clone(),
             mqtt: mqtt.clone(),

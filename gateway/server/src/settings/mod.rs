@@ -347,6 +347,9 @@ pub(crate) struct Limits {
     /// File handles held back from client sockets for the store and the process
     /// (RocksDB's open files are bounded below it); 0: no reservation.
     pub(crate) reserved_fds: usize,
+    /// Connections the kernel queues for each listener before they are accepted
+    /// (`listen(2)`'s backlog; the kernel caps it at net.core.somaxconn).
+    pub(crate) listen_backlog: u32,
     /// AMQP frame_max offered in connection.tune.
     pub(crate) amqp_frame_max: u32,
     /// AMQP channels per connection.
@@ -402,6 +405,7 @@ impl Default for Limits {
             max_connections: 0,
             max_pending_handshakes: a.max_pending_handshakes,
             reserved_fds: 256,
+            listen_backlog: 4096,
             amqp_frame_max: a.frame_max,
             amqp_channel_max: a.channel_max,
             amqp_heartbeat: a.heartbeat,
@@ -524,6 +528,13 @@ impl Settings {
                 "limits.reserved_fds",
                 self.limits.reserved_fds,
                 "must be 0 (no reservation) or at least 128 (the store needs that many)",
+            ));
+        }
+        if self.limits.listen_backlog == 0 {
+            return Err(bad(
+                "limits.listen_backlog",
+                0,
+                "must be at least 1 (connections the kernel queues before accept)",
             ));
         }
         let mut names = HashSet::new();
