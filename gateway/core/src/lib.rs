@@ -23,6 +23,7 @@ mod group;
 mod inspect;
 mod limits;
 pub mod login;
+mod mailbox;
 mod memory;
 pub mod net;
 pub mod props;

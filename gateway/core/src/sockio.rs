@@ -8,15 +8,21 @@
 //!   reads fill half of it, up to [`MAX_READ`], so a busy publisher's reads take everything
 //!   it sent and every publish in them is stored in one write (a consumed `BytesMut`
 //!   otherwise offers reads of a few bytes, and each publish costs a write and an fsync
-//!   of its own). It halves while reads are small, and a drained buffer larger than twice
-//!   the room is given back ([`Input::settle`]): an idle connection holds 2 KiB.
+//!   of its own). It halves while reads are small. At the smallest room with nothing
+//!   pending, a read lands in a buffer on the polling thread's stack and only what
+//!   arrived is copied to the heap: an idle connection holds no read buffer at all (as
+//!   Mosquitto reads into one buffer per worker). A drained buffer is given back
+//!   ([`Input::settle`]).
 //! - **Output.** Deliveries are pulled only while the unsent output is under
 //!   [`OUT_HIGH_WATER`]; reading stops past [`OUT_HARD_LIMIT`] (a client that floods
 //!   without reading is pushed back by TCP). A drained output buffer a burst made big is
 //!   given back.
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::Poll;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 /// Stop pulling deliveries past this much unsent output.
@@ -62,16 +68,39 @@ impl<R: AsyncRead + Unpin> Input<R> {
         }
     }
 
+    /// Whether the next read goes through the stack: nothing pending, smallest room.
+    fn idle(&self) -> bool {
+        self.buf.is_empty() && self.room == MIN_READ
+    }
+
     /// Make room for the next read (call before arming [`Input::read_some`]).
     pub fn prepare(&mut self) {
-        if self.buf.capacity() - self.buf.len() < self.room / 2 {
+        if !self.idle() && self.buf.capacity() - self.buf.len() < self.room / 2 {
             self.buf.reserve(self.room);
         }
     }
 
     /// Read what the socket has; `Ok(0)`: the peer closed.
     pub async fn read_some(&mut self) -> std::io::Result<usize> {
-        let n = self.rd.read_buf(&mut self.buf).await?;
+        let n = if self.idle() {
+            // The buffer lives only while the read is polled, never across the wait.
+            let (rd, buf) = (&mut self.rd, &mut self.buf);
+            std::future::poll_fn(|cx| {
+                let mut space = [MaybeUninit::<u8>::uninit(); MIN_READ];
+                let mut read = ReadBuf::uninit(&mut space);
+                match Pin::new(&mut *rd).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) => {
+                        buf.extend_from_slice(read.filled());
+                        Poll::Ready(Ok(read.filled().len()))
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await?
+        } else {
+            self.rd.read_buf(&mut self.buf).await?
+        };
         if n > 0 {
             self.room = if n >= self.room / 2 {
                 (self.room * 2).min(MAX_READ)
@@ -83,9 +112,10 @@ impl<R: AsyncRead + Unpin> Input<R> {
         Ok(n)
     }
 
-    /// After the input was handled: give back a drained buffer a burst made big.
+    /// After the input was handled: give back a drained buffer a burst made big, or any
+    /// drained buffer once reads are small again (the next one goes through the stack).
     pub fn settle(&mut self) {
-        if self.buf.is_empty() && self.buf.capacity() > 2 * self.room {
+        if self.buf.is_empty() && (self.buf.capacity() > 2 * self.room || self.room == MIN_READ) {
             self.buf = BytesMut::new();
         }
     }
@@ -145,5 +175,81 @@ impl<W: AsyncWrite + Unpin> Output<W> {
         let _ = self.wr.write_all(&self.out).await;
         self.out.clear();
         let _ = self.wr.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn an_idle_input_holds_no_read_buffer() {
+        let (mut client, server) = tokio::io::duplex(256 * 1024);
+        let mut input = Input::new(server, BytesMut::new());
+        for round in 0..3u8 {
+            input.prepare();
+            assert_eq!(
+                input.buf.capacity(),
+                0,
+                "round {round}: nothing reserved while idle"
+            );
+            client.write_all(&[round; 10]).await.unwrap();
+            assert_eq!(input.read_some().await.unwrap(), 10);
+            assert_eq!(&input.buf[..], &[round; 10]);
+            input.buf.advance(10);
+            input.settle();
+            assert_eq!(
+                input.buf.capacity(),
+                0,
+                "round {round}: drained buffer given back"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_grows_the_room_and_every_byte_arrives_in_order() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut input = Input::new(server, BytesMut::new());
+        let sent: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                client.write_all(&sent).await.unwrap();
+                client
+            })
+        };
+        let mut got = Vec::new();
+        let mut largest_room = 0;
+        while got.len() < sent.len() {
+            input.prepare();
+            let n = input.read_some().await.unwrap();
+            assert!(n > 0);
+            largest_room = largest_room.max(input.room);
+            got.extend_from_slice(&input.buf.split());
+            input.settle();
+        }
+        drop(writer.await.unwrap());
+        assert_eq!(got, sent);
+        assert!(largest_room > MIN_READ, "full reads doubled the room");
+    }
+
+    #[tokio::test]
+    async fn a_partial_frame_stays_buffered_between_reads() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut input = Input::new(server, BytesMut::new());
+        client.write_all(b"hel").await.unwrap();
+        input.prepare();
+        input.read_some().await.unwrap();
+        input.settle();
+        assert_eq!(&input.buf[..], b"hel", "undecoded bytes are kept");
+        client.write_all(b"lo").await.unwrap();
+        input.prepare();
+        input.read_some().await.unwrap();
+        assert_eq!(&input.buf[..], b"hello");
+        drop(client);
+        input.buf.clear();
+        input.settle();
+        assert_eq!(input.read_some().await.unwrap(), 0, "end of stream");
     }
 }

@@ -5,11 +5,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::mailbox;
 use mqgate_store::{
     GroupName, Millis, QueueMessage, QueueOffset, QueueRef, StoredMessage, WriteBatch,
 };
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 
+use super::vecmap::VecMap;
 use super::{
     Cmd, ConsumeMode, Delivery, GroupHandle, GroupInfo, GroupSpec, MemberInfo, QueueInfo,
     StartPosition,
@@ -19,14 +21,14 @@ use crate::endpoint::DeathReason;
 use crate::error::Result;
 
 pub(super) struct Member {
-    pub(super) tx: mpsc::UnboundedSender<Delivery>,
+    pub(super) tx: mailbox::Sender<Delivery>,
     pub(super) prefetch: usize,
     pub(super) exact: bool,
     pub(super) unacked: usize,
     pub(super) heartbeat: bool,
     pub(super) last_seen: Instant,
     /// Broadcast: this member's own cursors.
-    pub(super) cursors: BTreeMap<QueueRef, QueueState>,
+    pub(super) cursors: VecMap<QueueRef, QueueState>,
 }
 
 impl Member {
@@ -97,12 +99,12 @@ pub(super) struct Actor {
     pub(super) inner: Arc<Inner>,
     pub(super) spec: GroupSpec,
     pub(super) max_reconsume: u32,
-    pub(super) members: BTreeMap<String, Member>,
+    pub(super) members: VecMap<String, Member>,
     /// Clustering and shared groups: one state per queue.
-    pub(super) queues: BTreeMap<QueueRef, QueueState>,
+    pub(super) queues: VecMap<QueueRef, QueueState>,
     pub(super) watched: Vec<Arc<TopicHandle>>,
     pub(super) wake: Arc<Notify>,
-    pub(super) rx: mpsc::UnboundedReceiver<Cmd>,
+    pub(super) rx: mailbox::Receiver<Cmd>,
     pub(super) next_token: u64,
     pub(super) rr: usize,
     pub(super) skipped: u64,
@@ -160,7 +162,7 @@ impl Actor {
                 _ = tokio::time::sleep(tick), if needs_tick => {}
                 _ = async move { clock.sleep_until(deadline.unwrap_or(Millis::MAX)).await }, if deadline.is_some() => {}
             }
-            while let Ok(c) = self.rx.try_recv() {
+            while let Some(c) = self.rx.try_recv() {
                 self.handle(c).await;
             }
             if self.stopped.is_some() {
@@ -358,7 +360,7 @@ impl Actor {
                     unacked: 0,
                     heartbeat: opts.heartbeat,
                     last_seen: Instant::now(),
-                    cursors: BTreeMap::new(),
+                    cursors: VecMap::new(),
                 };
                 if self.broadcast() {
                     for q in self.all_queues() {

@@ -22,20 +22,22 @@ mod actor;
 mod deliver;
 mod limits;
 mod settle;
+mod vecmap;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::mailbox;
 use mqgate_store::{GroupName, Millis, QueueOffset, QueueRef, StoredMessage, TopicName};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 
 use crate::broker::{Inner, TopicHandle};
 use crate::endpoint::Policy;
 use crate::error::{CoreError, Result};
 
 use self::actor::Actor;
+use self::vecmap::VecMap;
 
 /// How a group's members share its topics' queues.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -220,7 +222,7 @@ pub struct AckToken {
 enum Cmd {
     Join(
         MemberOptions,
-        mpsc::UnboundedSender<Delivery>,
+        mailbox::Sender<Delivery>,
         oneshot::Sender<()>,
     ),
     Leave(String),
@@ -245,8 +247,8 @@ enum Cmd {
 pub struct Consumer {
     member: String,
     group: GroupName,
-    rx: mpsc::UnboundedReceiver<Delivery>,
-    cmd: mpsc::UnboundedSender<Cmd>,
+    rx: mailbox::Receiver<Delivery>,
+    cmd: mailbox::Sender<Cmd>,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -284,7 +286,7 @@ impl Consumer {
 
     /// A delivery if one is ready now.
     pub fn try_recv(&mut self) -> Option<Delivery> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv()
     }
 
     /// The member id.
@@ -332,7 +334,7 @@ impl Drop for Consumer {
 #[derive(Clone, Debug)]
 pub(crate) struct GroupHandle {
     pub(crate) spec: GroupSpec,
-    cmd: mpsc::UnboundedSender<Cmd>,
+    cmd: mailbox::Sender<Cmd>,
     alive: Arc<AtomicBool>,
 }
 
@@ -348,7 +350,7 @@ impl GroupHandle {
 
     /// Join; `None` if the actor ended before taking the join (start a new one).
     pub(crate) async fn join(&self, opts: MemberOptions) -> Option<Consumer> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mailbox::channel();
         let (done, joined) = oneshot::channel();
         let member = opts.id.clone();
         self.cmd.send(Cmd::Join(opts, tx, done)).ok()?;
@@ -489,7 +491,7 @@ pub(crate) fn spawn(
     spec: GroupSpec,
     watched: Vec<Arc<TopicHandle>>,
 ) -> GroupHandle {
-    let (cmd, rx) = mpsc::unbounded_channel();
+    let (cmd, rx) = mailbox::channel();
     let alive = Arc::new(AtomicBool::new(true));
     let handle = GroupHandle {
         spec: spec.clone(),
@@ -507,8 +509,8 @@ pub(crate) fn spawn(
         inner,
         spec,
         max_reconsume,
-        members: BTreeMap::new(),
-        queues: BTreeMap::new(),
+        members: VecMap::new(),
+        queues: VecMap::new(),
         watched,
         wake,
         rx,
