@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use mqgate_core::mailbox;
 use mqgate_store::{Message, TopicName};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// What a queue took of one message, in bytes: body, topic and properties (what a
@@ -31,6 +32,8 @@ struct State {
     max_messages: usize,
     max_bytes: usize,
     bytes: AtomicUsize,
+    /// Messages queued.
+    queued: AtomicUsize,
     stuck: AtomicBool,
     /// Messages the session has taken so far (its progress).
     taken: AtomicU64,
@@ -42,14 +45,14 @@ struct State {
 /// The publishers' side (cloned into the live-session map).
 #[derive(Clone, Debug)]
 pub(crate) struct Qos0Tx {
-    tx: mpsc::Sender<Arc<Message>>,
+    tx: mailbox::Sender<Arc<Message>>,
     state: Arc<State>,
 }
 
 /// The session's side, drained by its connection task.
 #[derive(Debug)]
 pub(crate) struct Qos0Rx {
-    rx: mpsc::Receiver<Arc<Message>>,
+    rx: mailbox::Receiver<Arc<Message>>,
     state: Arc<State>,
 }
 
@@ -68,12 +71,14 @@ pub(crate) enum Offer {
 /// bytes (one message over `max_bytes` still fits an empty queue).
 pub(crate) fn queue(session: TopicName, max_messages: usize, max_bytes: usize) -> (Qos0Tx, Qos0Rx) {
     let max_messages = max_messages.max(1);
-    let (tx, rx) = mpsc::channel(max_messages);
+    // A mailbox (bounded here by `queued`): an idle session's queue holds no buffer.
+    let (tx, rx) = mailbox::channel();
     let state = Arc::new(State {
         session,
         max_messages,
         max_bytes: max_bytes.max(1),
         bytes: AtomicUsize::new(0),
+        queued: AtomicUsize::new(0),
         stuck: AtomicBool::new(false),
         taken: AtomicU64::new(0),
         waiting: AtomicUsize::new(0),
@@ -89,6 +94,15 @@ pub(crate) fn queue(session: TopicName, max_messages: usize, max_bytes: usize) -
 }
 
 impl Qos0Tx {
+    /// No room: the message back, unless the session is gone (then nobody waits).
+    fn full(&self, m: Arc<Message>) -> Offer {
+        if self.tx.is_closed() {
+            Offer::Refused
+        } else {
+            Offer::Full(m)
+        }
+    }
+
     /// Queue `m` if there is room now.
     pub(crate) fn try_send(&self, m: Arc<Message>) -> Offer {
         let s = &*self.state;
@@ -99,16 +113,19 @@ impl Qos0Tx {
         let before = s.bytes.fetch_add(size, Ordering::AcqRel);
         if before > 0 && before + size > s.max_bytes {
             s.bytes.fetch_sub(size, Ordering::AcqRel);
-            return Offer::Full(m);
+            return self.full(m);
         }
-        match self.tx.try_send(m) {
+        if s.queued.fetch_add(1, Ordering::AcqRel) >= s.max_messages {
+            s.queued.fetch_sub(1, Ordering::AcqRel);
+            s.bytes.fetch_sub(size, Ordering::AcqRel);
+            return self.full(m);
+        }
+        match self.tx.send(m) {
             Ok(()) => Offer::Queued,
-            Err(e) => {
+            Err(_) => {
+                s.queued.fetch_sub(1, Ordering::AcqRel);
                 s.bytes.fetch_sub(size, Ordering::AcqRel);
-                match e {
-                    mpsc::error::TrySendError::Full(m) => Offer::Full(m),
-                    mpsc::error::TrySendError::Closed(_) => Offer::Refused,
-                }
+                Offer::Refused
             }
         }
     }
@@ -188,7 +205,7 @@ impl Qos0Rx {
 
     /// The next message if one is queued.
     pub(crate) fn try_recv(&mut self) -> Option<Arc<Message>> {
-        let m = self.rx.try_recv().ok()?;
+        let m = self.rx.try_recv()?;
         self.took(&m);
         Some(m)
     }
@@ -196,9 +213,10 @@ impl Qos0Rx {
     fn took(&self, m: &Message) {
         let s = &*self.state;
         let bytes = s.bytes.fetch_sub(cost(m), Ordering::AcqRel) - cost(m);
+        let queued = s.queued.fetch_sub(1, Ordering::AcqRel) - 1;
         s.taken.fetch_add(1, Ordering::AcqRel);
         if s.stuck.load(Ordering::Acquire)
-            && self.rx.len() <= s.max_messages / 2
+            && queued <= s.max_messages / 2
             && bytes <= s.max_bytes / 2
             && s.stuck.swap(false, Ordering::AcqRel)
         {

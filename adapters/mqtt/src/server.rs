@@ -15,7 +15,7 @@ use mqgate_store::{Message, Millis, TopicName};
 use parking_lot::{Mutex, RwLock};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::codec::QoS;
@@ -34,7 +34,7 @@ pub(crate) type LiveSession = (u64, Qos0Tx);
 pub(crate) struct ClientSlot {
     pub(crate) conn: u64,
     /// Tells the connection to end with this reason code.
-    pub(crate) kick: mpsc::UnboundedSender<u8>,
+    pub(crate) kick: mqgate_core::mailbox::Sender<u8>,
     /// Becomes `true` once the connection has ended and saved its session.
     pub(crate) done: watch::Receiver<bool>,
     /// What the admin API shows.

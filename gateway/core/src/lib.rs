@@ -23,7 +23,7 @@ mod group;
 mod inspect;
 mod limits;
 pub mod login;
-mod mailbox;
+pub mod mailbox;
 mod memory;
 pub mod net;
 pub mod props;

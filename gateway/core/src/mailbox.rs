@@ -1,6 +1,7 @@
 //! An unbounded many-to-one channel that allocates nothing until it carries a message
-//! and gives its buffer back once drained: the group actors' command channels and their
-//! members' delivery channels. An idle MQTT session holds one of each, so what an empty
+//! and gives its buffer back once drained: the group actors' command channels, their
+//! members' delivery channels, and the MQTT adapter's per-connection queues. An idle MQTT
+//! session holds several, so what an empty
 //! channel costs is paid per connection: tokio's unbounded channel allocates a block of
 //! 32 slots and two cache-padded halves up front (about 2.8 KiB for a command channel),
 //! this one about 100 bytes.
@@ -12,9 +13,6 @@ use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-
-/// A drained queue holding more room than this gives it back.
-const KEEP: usize = 32;
 
 struct State<T> {
     queue: VecDeque<T>,
@@ -28,13 +26,13 @@ struct Shared<T> {
 }
 
 /// The sending half; clone it for more senders.
-pub(crate) struct Sender<T>(Arc<Shared<T>>);
+pub struct Sender<T>(Arc<Shared<T>>);
 
 /// The receiving half: `None` once every sender is gone and the queue is empty.
-pub(crate) struct Receiver<T>(Arc<Shared<T>>);
+pub struct Receiver<T>(Arc<Shared<T>>);
 
 /// A new, empty channel (no allocation but the shared header).
-pub(crate) fn channel<T>() -> (Sender<T>, Receiver<T>) {
+pub fn channel<T>() -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: VecDeque::new(),
@@ -48,7 +46,7 @@ pub(crate) fn channel<T>() -> (Sender<T>, Receiver<T>) {
 
 impl<T> Sender<T> {
     /// Queue `value`; `Err(value)` when the receiver is gone.
-    pub(crate) fn send(&self, value: T) -> Result<(), T> {
+    pub fn send(&self, value: T) -> Result<(), T> {
         let waker = {
             let mut s = self.0.state.lock();
             if !s.receiver {
@@ -64,7 +62,7 @@ impl<T> Sender<T> {
     }
 
     /// Whether the receiver is gone.
-    pub(crate) fn is_closed(&self) -> bool {
+    pub fn is_closed(&self) -> bool {
         !self.0.state.lock().receiver
     }
 }
@@ -96,19 +94,20 @@ impl<T> Drop for Sender<T> {
 impl<T> Receiver<T> {
     fn pop(s: &mut State<T>) -> Option<T> {
         let v = s.queue.pop_front();
-        if s.queue.is_empty() && s.queue.capacity() > KEEP {
+        // A drained queue gives its buffer back: most channels are idle most of the time.
+        if s.queue.is_empty() && s.queue.capacity() > 0 {
             s.queue = VecDeque::new();
         }
         v
     }
 
     /// The next message, waiting for one; `None` once every sender is gone.
-    pub(crate) async fn recv(&mut self) -> Option<T> {
+    pub async fn recv(&mut self) -> Option<T> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
     /// Poll for the next message.
-    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
         let mut s = self.0.state.lock();
         if let Some(v) = Self::pop(&mut s) {
             return Poll::Ready(Some(v));
@@ -124,13 +123,18 @@ impl<T> Receiver<T> {
     }
 
     /// A message if one is queued now.
-    pub(crate) fn try_recv(&mut self) -> Option<T> {
+    pub fn try_recv(&mut self) -> Option<T> {
         Self::pop(&mut self.0.state.lock())
     }
 
     /// Whether nothing is queued.
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.0.state.lock().queue.is_empty()
+    }
+
+    /// Refuse further sends; what is queued can still be received.
+    pub fn close(&mut self) {
+        self.0.state.lock().receiver = false;
     }
 }
 

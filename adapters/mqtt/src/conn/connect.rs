@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use mqgate_core::acl::{Access, Subject};
 use mqgate_core::{ConsumeMode, GroupSpec, MemberOptions, OnFailure, StartPosition};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use mqgate_core::sockio::{Input, Output};
@@ -105,7 +105,7 @@ pub(super) async fn accept<S>(
     peer: SocketAddr,
     c: Connect,
     pending: mqgate_core::net::Pending,
-) -> Option<(Conn<S>, mqgate_core::net::Admitted)>
+) -> Option<(Box<Conn<S>>, mqgate_core::net::Admitted)>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -223,7 +223,7 @@ where
 
     // Take over a connection with the same client id.
     let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+    let (kick_tx, kick_rx) = mqgate_core::mailbox::channel();
     let (done_tx, done_rx) = watch::channel(false);
     let previous = shared.clients.lock().insert(
         client_id.clone(),
@@ -366,7 +366,7 @@ where
         direct_rx,
         kick_rx,
         done_tx,
-        will: c.will,
+        will: c.will.map(Box::new),
         inflight: HashMap::new(),
         next_pkid: 1,
         send_quota,
@@ -421,5 +421,6 @@ where
         conn.save_record().await;
     }
     tracing::debug!(%peer, client = %conn.client_id, ?conn.version, session_present, "MQTT: connected");
-    Some((conn, admitted))
+    // Boxed: the connection task would otherwise hold it in more than one place.
+    Some((Box::new(conn), admitted))
 }

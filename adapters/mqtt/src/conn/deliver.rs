@@ -55,6 +55,8 @@ where
         let retained = broker.retained();
         while self.output.out.len() < OUT_HIGH_WATER && self.inflight.len() < self.send_quota {
             let Some(mut pending) = self.retained_todo.pop_front() else {
+                // All sent: the queue's buffer goes too (an idle session keeps none).
+                self.retained_todo = std::collections::VecDeque::new();
                 return;
             };
             let Some((topic, entry)) = pending.cursor.next(retained, now) else {

@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use mqgate_core::acl::{Access, Subject};
 use mqgate_core::{AckToken, Consumer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::codec::{self, reason, Disconnect, Packet, Properties, QoS, SubOptions, Version, Will};
@@ -112,9 +112,10 @@ struct Conn<S> {
     shared_subs: HashMap<u32, SharedSub>,
     next_shared: u32,
     direct_rx: crate::qos0::Qos0Rx,
-    kick_rx: mpsc::UnboundedReceiver<u8>,
+    kick_rx: mqgate_core::mailbox::Receiver<u8>,
     done_tx: watch::Sender<bool>,
-    will: Option<Will>,
+    /// Boxed: most connections have none, and the connection task holds this while idle.
+    will: Option<Box<Will>>,
     inflight: HashMap<u16, Inflight>,
     next_pkid: u16,
     send_quota: usize,
@@ -164,8 +165,9 @@ pub(crate) async fn run<S>(
         // A newer connection needed the slot (limits.max_pending_handshakes): closed.
         () = evicted.wait() => None,
     };
+    // Out of its box at once: the box would otherwise live as long as this task.
     let connect = match read {
-        Some(c) => c,
+        Some(c) => *c,
         None => {
             shared
                 .stats
@@ -182,7 +184,7 @@ pub(crate) async fn run<S>(
         wr,
         inbuf,
         peer,
-        *connect,
+        connect,
         pending,
     ))
     .await
@@ -528,7 +530,7 @@ where
                 .will_delay
                 .unwrap_or(0)
                 .min(self.record.expiry);
-            self.schedule_will(will, delay).await;
+            self.schedule_will(*will, delay).await;
         }
         let taken_over = matches!(end, End::Server(reason::SESSION_TAKEN_OVER, _));
         if self.record.expiry == 0 {

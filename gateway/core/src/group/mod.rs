@@ -333,7 +333,7 @@ impl Drop for Consumer {
 /// A live group's handle, kept in the broker's registry.
 #[derive(Clone, Debug)]
 pub(crate) struct GroupHandle {
-    pub(crate) spec: GroupSpec,
+    pub(crate) spec: Arc<GroupSpec>,
     cmd: mailbox::Sender<Cmd>,
     alive: Arc<AtomicBool>,
 }
@@ -493,8 +493,9 @@ pub(crate) fn spawn(
 ) -> GroupHandle {
     let (cmd, rx) = mailbox::channel();
     let alive = Arc::new(AtomicBool::new(true));
+    let spec = Arc::new(spec);
     let handle = GroupHandle {
-        spec: spec.clone(),
+        spec: Arc::clone(&spec),
         cmd,
         alive: Arc::clone(&alive),
     };
