@@ -50,7 +50,7 @@ use writer::{periodic_fsync, sync_loop, Request, Writer};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -145,6 +145,9 @@ struct Shared {
     /// When the writer's current RocksDB write began (ms; 0: none running), so a write
     /// stuck behind a background error is noticed.
     writing_since: AtomicU64,
+    /// Group commits handed to the sync thread and not yet synced (every-batch policy):
+    /// while none are, an idle writer syncs its own group instead of waking that thread.
+    sync_pending: AtomicUsize,
 }
 
 impl std::fmt::Debug for Shared {
@@ -257,6 +260,7 @@ impl RocksStore {
             stopping: AtomicBool::new(false),
             health: Health::default(),
             writing_since: AtomicU64::new(0),
+            sync_pending: AtomicUsize::new(0),
         };
         recover(&shared)?;
         let shared = Arc::new(shared);

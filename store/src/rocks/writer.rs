@@ -59,22 +59,35 @@ fn again(e: &StoreError) -> StoreError {
 /// answer them all. While it syncs, the writer goes on writing the next groups.
 pub(super) fn sync_loop(shared: &Shared, rx: std::sync::mpsc::Receiver<Vec<Answer>>) {
     while let Ok(mut answers) = rx.recv() {
+        let mut batches = 1;
         while let Ok(more) = rx.try_recv() {
             answers.extend(more);
+            batches += 1;
         }
-        let synced = std::time::Instant::now();
-        if let Err(e) = shared
+        let started = std::time::Instant::now();
+        let synced = shared
             .db()
-            .and_then(|db| db.flush_wal(true).map_err(backend))
-        {
-            shared.health.failed("WAL sync", &e);
-            Writer::fail(answers, e);
-            continue;
-        }
-        metrics::histogram!(crate::metrics::FSYNC_SECONDS).record(synced.elapsed());
-        for (done, r) in answers {
-            let _ = done.send(r);
-        }
+            .and_then(|db| db.flush_wal(true).map_err(backend));
+        answer_after_sync(shared, synced, started, answers);
+        shared.sync_pending.fetch_sub(batches, Ordering::AcqRel);
+    }
+}
+
+/// After a WAL sync: answer the writers of everything written before it began (a failed
+/// sync fails them all and marks the store degraded).
+fn answer_after_sync(
+    shared: &Shared,
+    synced: Result<()>,
+    started: std::time::Instant,
+    answers: Vec<Answer>,
+) {
+    if let Err(e) = synced {
+        shared.health.failed("WAL sync", &e);
+        return Writer::fail(answers, e);
+    }
+    metrics::histogram!(crate::metrics::FSYNC_SECONDS).record(started.elapsed());
+    for (done, r) in answers {
+        let _ = done.send(r);
     }
 }
 
@@ -142,6 +155,8 @@ impl Writer {
             let mut group: Vec<Grouped> = Vec::new();
             let mut group_bytes = 0usize;
             let mut next = Some(first);
+            // Whether the queue was found empty (not the group full) when it closed.
+            let mut drained = false;
             while let Some(req) = next.take() {
                 match req {
                     Request::Write(batch, done, visible) => {
@@ -149,16 +164,17 @@ impl Writer {
                         group.push((batch, done, visible));
                     }
                     other => {
-                        self.commit_group(std::mem::take(&mut group));
+                        self.commit_group(std::mem::take(&mut group), false);
                         group_bytes = 0;
                         self.admin(other);
                     }
                 }
                 if group_bytes < self.s.config.max_batch_bytes {
                     next = rx.try_recv().ok();
+                    drained = next.is_none();
                 }
             }
-            self.commit_group(group);
+            self.commit_group(group, drained);
         }
     }
 
@@ -202,7 +218,8 @@ impl Writer {
         })
     }
 
-    fn commit_group(&mut self, group: Vec<Grouped>) {
+    /// Write one group commit. `idle`: nothing else is queued behind it.
+    fn commit_group(&mut self, group: Vec<Grouped>, idle: bool) {
         if group.is_empty() {
             return;
         }
@@ -264,13 +281,24 @@ impl Writer {
             let _ = v.send(());
         }
         // The sync runs on its own thread while this one writes the next group; the
-        // writers are answered once a sync that began after their write is done.
+        // writers are answered once a sync that began after their write is done. A lone
+        // group (nothing queued behind it, no sync running) is synced here: waking the
+        // sync thread for it would cost two thread switches and win nothing.
+        if sync && self.syncer.is_some() && idle && s.sync_pending.load(Ordering::Acquire) == 0 {
+            let started = std::time::Instant::now();
+            let synced = db.flush_wal(true).map_err(backend);
+            return answer_after_sync(&s, synced, started, answers);
+        }
         let answers = match (&self.syncer, sync) {
-            (Some(syncer), true) => match syncer.send(answers) {
+            (Some(syncer), true) => match {
+                s.sync_pending.fetch_add(1, Ordering::AcqRel);
+                syncer.send(answers)
+            } {
                 Ok(()) => return,
                 // The sync thread is gone (it only ends with the writer, so it
                 // panicked): sync here rather than answer anything unsynced.
                 Err(back) => {
+                    s.sync_pending.fetch_sub(1, Ordering::AcqRel);
                     if let Err(e) = db.flush_wal(true) {
                         let e = backend(e);
                         s.health.failed("WAL sync", &e);
