@@ -127,6 +127,8 @@ SCENARIOS=(
   "defaults-mqtt-qos1-5000/s|mqtt|--qos 1 --inflight 100 --rate 5000 --messages 25000"
   "defaults-amqp-durable-ack1-prefetch100|amqp|--durable --ack-every 1 --prefetch 100"
   "defaults-amqp-durable-ack1-prefetch1000|amqp|--durable --ack-every 1 --prefetch 1000"
+  # As many idle subscribers as one process may hold here (20,000 file descriptors).
+  "mqtt-19k-idle|many|--qos 1 --messages 20000 --large 19000 --rounds 1"
 )
 
 run() { # broker scenario-line
@@ -147,7 +149,7 @@ run() { # broker scenario-line
       line=$($BIN/mqtt_pubsub --addr "$(mqtt_addr "$broker")" --broker-pid "$PID" \
         --rounds "$ROUNDS" $args $extra | tee >(cat >&2) | grep '^RESULT' || true) ;;
     many)
-      # 10,000 idle subscribed clients: the sink delivers nothing and RabbitMQ's MQTT
+      # 10,000 / 19,000 idle subscribed clients: the sink delivers nothing and RabbitMQ's MQTT
       # plugin takes minutes to connect them; Mosquitto and mqgate only.
       [[ $broker == mqgate || $broker == mosquitto ]] || return 0
       # shellcheck disable=SC2086

@@ -440,14 +440,17 @@ where
         requeue: bool,
     ) {
         let chan = self.chan(ch);
-        let tags: Vec<u64> = if multiple {
+        // One tag (the usual per-message ack) without a list.
+        let many: Vec<u64>;
+        let tags: &[u64] = if multiple {
             let upto = if tag == 0 { u64::MAX } else { tag };
-            chan.unacked.range(..=upto).map(|(t, _)| *t).collect()
+            many = chan.unacked.range(..=upto).map(|(t, _)| *t).collect();
+            &many
         } else {
-            vec![tag]
+            std::slice::from_ref(&tag)
         };
         let shared = Arc::clone(&self.shared);
-        for t in tags {
+        for &t in tags {
             let chan = self.chan(ch);
             let Some(u) = chan.unacked.remove(&t) else {
                 continue;

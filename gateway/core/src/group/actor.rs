@@ -158,6 +158,10 @@ impl Actor {
             tokio::select! {
                 biased;
                 cmd = self.rx.recv() => match cmd {
+                    // Acks, one per message, skip the boxed step: nothing to await.
+                    Some(Cmd::Ack(id, token)) => {
+                        self.settle(&id, &token);
+                    }
                     Some(c) => Box::pin(self.handle(c)).await,
                     None => break,
                 },
@@ -166,7 +170,12 @@ impl Actor {
                 _ = async move { clock.sleep_until(deadline.unwrap_or(Millis::MAX)).await }, if deadline.is_some() => {}
             }
             while let Some(c) = self.rx.try_recv() {
-                Box::pin(self.handle(c)).await;
+                match c {
+                    Cmd::Ack(id, token) => {
+                        self.settle(&id, &token);
+                    }
+                    c => Box::pin(self.handle(c)).await,
+                }
             }
             if self.stopped.is_some() {
                 break;
@@ -383,13 +392,13 @@ impl Actor {
             }
             Cmd::Leave(id) => self.remove_member(&id).await,
             Cmd::Heartbeat(id) => {
-                if let Some(m) = self.members.get_mut(&id) {
+                if let Some(m) = self.members.get_mut(&*id) {
                     m.last_seen = Instant::now();
                 }
             }
             Cmd::Prefetch(id, n) => {
                 let max = self.inner.config.max_prefetch;
-                if let Some(m) = self.members.get_mut(&id) {
+                if let Some(m) = self.members.get_mut(&*id) {
                     m.prefetch = if n == 0 && !m.exact { max } else { n.min(max) };
                 }
             }
@@ -481,7 +490,7 @@ impl Actor {
         for id in dead {
             tracing::info!(group = %self.spec.name, member = %id, "core: member missed its heartbeats; removing");
             // Same path as a leave, minus the await on broadcast offsets (done in commit).
-            let _ = self.handle.cmd.send(Cmd::Leave(id));
+            let _ = self.handle.cmd.send(Cmd::Leave(id.into()));
         }
     }
 

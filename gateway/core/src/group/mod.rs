@@ -225,11 +225,12 @@ enum Cmd {
         mailbox::Sender<Delivery>,
         oneshot::Sender<()>,
     ),
-    Leave(String),
-    Ack(String, AckToken),
-    Nack(String, AckToken, bool),
-    Heartbeat(String),
-    Prefetch(String, usize),
+    // Member ids are shared, not copied: an ack per message sends one.
+    Leave(Arc<str>),
+    Ack(Arc<str>, AckToken),
+    Nack(Arc<str>, AckToken, bool),
+    Heartbeat(Arc<str>),
+    Prefetch(Arc<str>, usize),
     Reset(StartPosition, oneshot::Sender<Result<()>>),
     Info(oneshot::Sender<GroupInfo>),
     /// Settle expired messages at the head of each queue (members or not).
@@ -245,7 +246,7 @@ enum Cmd {
 /// A member's handle: receive deliveries, acknowledge them. Dropping it leaves the group.
 #[derive(Debug)]
 pub struct Consumer {
-    member: String,
+    member: Arc<str>,
     group: GroupName,
     rx: mailbox::Receiver<Delivery>,
     cmd: mailbox::Sender<Cmd>,
@@ -301,7 +302,7 @@ impl Consumer {
 
     /// Consumption succeeded.
     pub fn ack(&self, token: AckToken) {
-        let _ = self.cmd.send(Cmd::Ack(self.member.clone(), token));
+        let _ = self.cmd.send(Cmd::Ack(Arc::clone(&self.member), token));
     }
 
     /// Consumption failed. `requeue`: deliver it again now (AMQP requeue), else the
@@ -309,18 +310,20 @@ impl Consumer {
     pub fn nack(&self, token: AckToken, requeue: bool) {
         let _ = self
             .cmd
-            .send(Cmd::Nack(self.member.clone(), token, requeue));
+            .send(Cmd::Nack(Arc::clone(&self.member), token, requeue));
     }
 
     /// I am alive (for members that joined with `heartbeat: true`).
     pub fn heartbeat(&self) {
-        let _ = self.cmd.send(Cmd::Heartbeat(self.member.clone()));
+        let _ = self.cmd.send(Cmd::Heartbeat(Arc::clone(&self.member)));
     }
 
     /// Change the prefetch limit (0: the broker's maximum, unless the member joined
     /// with `exact_prefetch`).
     pub fn set_prefetch(&self, prefetch: usize) {
-        let _ = self.cmd.send(Cmd::Prefetch(self.member.clone(), prefetch));
+        let _ = self
+            .cmd
+            .send(Cmd::Prefetch(Arc::clone(&self.member), prefetch));
     }
 }
 
@@ -356,7 +359,7 @@ impl GroupHandle {
         self.cmd.send(Cmd::Join(opts, tx, done)).ok()?;
         joined.await.ok()?;
         Some(Consumer {
-            member,
+            member: member.into(),
             group: self.spec.name.clone(),
             rx,
             cmd: self.cmd.clone(),
