@@ -128,7 +128,7 @@ SCENARIOS=(
   "defaults-amqp-durable-ack1-prefetch100|amqp|--durable --ack-every 1 --prefetch 100"
   "defaults-amqp-durable-ack1-prefetch1000|amqp|--durable --ack-every 1 --prefetch 1000"
   # As many idle subscribers as one process may hold here (20,000 file descriptors).
-  "mqtt-19k-idle|many|--qos 1 --messages 20000 --large 19000 --rounds 1"
+  "mqtt-19k-idle|many|--qos 1 --messages 20000 --large 19000"
 )
 
 run() { # broker scenario-line
