@@ -57,6 +57,64 @@ async fn wildcard_listeners_take_ipv6_and_ipv4_clients() {
     }
 }
 
+/// The backlog a listening socket was given, as the kernel reports it (`ss`'s Send-Q
+/// column for a listener).
+fn listen_backlog(port: u16) -> Option<u32> {
+    let out = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|q| q.parse().ok())
+}
+
+/// A burst of connects is queued by the kernel instead of dropped: each listener gets
+/// `limits.listen_backlog` (4096 unless set; the standard library's 128 overflowed when
+/// thousands of clients connected at once, and each dropped SYN cost its client a
+/// 1 s retry).
+#[test]
+fn listeners_get_the_configured_backlog() {
+    if Command::new("ss").arg("-V").output().is_err() {
+        eprintln!("no `ss` here (iproute2): skipped");
+        return;
+    }
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096);
+    for (setting, want) in [(None, 4096u32), (Some("512"), 512)] {
+        let (amqp, mqtt, admin) = (free_port(), free_port(), free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqgate"));
+        cmd.args(["serve", "--memory"])
+            .args(["--amqp", &format!("127.0.0.1:{amqp}")])
+            .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Some(v) = setting {
+            cmd.env("MQGATE__LIMITS__LISTEN_BACKLOG", v);
+        }
+        let _child = KillOnDrop(cmd.spawn().expect("start mqgate"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", admin)).is_err() {
+            assert!(Instant::now() < deadline, "mqgate did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for (what, port) in [("AMQP", amqp), ("MQTT", mqtt), ("admin", admin)] {
+            assert_eq!(
+                listen_backlog(port),
+                Some(want.min(somaxconn)),
+                "{what} listener's backlog with listen_backlog = {setting:?}"
+            );
+        }
+    }
+}
+
 /// The broker process, killed when the test ends (a failing test too).
 struct KillOnDrop(std::process::Child);
 

@@ -213,6 +213,12 @@ fn every_parsed_value_names_key_value_and_reason() {
                 .to_owned(),
         ),
         (
+            "[limits]\nlisten_backlog = 0\n",
+            "config: limits.listen_backlog = \"0\": must be at least 1 (connections the kernel \
+             queues before accept)"
+                .to_owned(),
+        ),
+        (
             "[limits]\namqp_frame_max = 1000\n",
             "config: limits.amqp_frame_max = \"1000\": must be at least 4096".to_owned(),
         ),
