@@ -290,10 +290,7 @@ impl Writer {
             return answer_after_sync(&s, synced, started, answers);
         }
         let answers = match (&self.syncer, sync) {
-            (Some(syncer), true) => match {
-                s.sync_pending.fetch_add(1, Ordering::AcqRel);
-                syncer.send(answers)
-            } {
+            (Some(syncer), true) => match Self::hand_to_syncer(&s, syncer, answers) {
                 Ok(()) => return,
                 // The sync thread is gone (it only ends with the writer, so it
                 // panicked): sync here rather than answer anything unsynced.
@@ -312,6 +309,16 @@ impl Writer {
         for (done, r) in answers {
             let _ = done.send(r);
         }
+    }
+
+    /// Hand a group's answers to the sync thread, counted as pending until it syncs.
+    fn hand_to_syncer(
+        s: &Shared,
+        syncer: &std::sync::mpsc::Sender<Vec<Answer>>,
+        answers: Vec<Answer>,
+    ) -> std::result::Result<(), std::sync::mpsc::SendError<Vec<Answer>>> {
+        s.sync_pending.fetch_add(1, Ordering::AcqRel);
+        syncer.send(answers)
     }
 
     fn fail(answers: Vec<Answer>, e: StoreError) {
