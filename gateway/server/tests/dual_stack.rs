@@ -16,24 +16,7 @@ fn has_ipv6() -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wildcard_listeners_take_ipv6_and_ipv4_clients() {
-    let (amqp, mqtt, admin) = (free_port(), free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_mqgate"))
-        .args(["serve", "--memory"])
-        .args(["--amqp", &format!("[::]:{amqp}")])
-        .args(["--mqtt", &format!("[::]:{mqtt}")])
-        .args(["--admin", &format!("127.0.0.1:{admin}")])
-        .env("RUST_LOG", "warn")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start mqgate");
-    let _child = KillOnDrop(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", admin)).is_err() {
-        assert!(Instant::now() < deadline, "mqgate did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (_child, amqp, mqtt) = start("[::]", None);
     let mut hosts = vec!["127.0.0.1".to_owned()];
     if has_ipv6() {
         hosts.push("[::1]".to_owned());
@@ -86,26 +69,8 @@ fn listeners_get_the_configured_backlog() {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(4096);
     for (setting, want) in [(None, 4096u32), (Some("512"), 512)] {
-        let (amqp, mqtt, admin) = (free_port(), free_port(), free_port());
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqgate"));
-        cmd.args(["serve", "--memory"])
-            .args(["--amqp", &format!("127.0.0.1:{amqp}")])
-            .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
-            .args(["--admin", &format!("127.0.0.1:{admin}")])
-            .env("RUST_LOG", "warn")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        if let Some(v) = setting {
-            cmd.env("MQGATE__LIMITS__LISTEN_BACKLOG", v);
-        }
-        let _child = KillOnDrop(cmd.spawn().expect("start mqgate"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", admin)).is_err() {
-            assert!(Instant::now() < deadline, "mqgate did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for (what, port) in [("AMQP", amqp), ("MQTT", mqtt), ("admin", admin)] {
+        let (_child, amqp, mqtt) = start("127.0.0.1", setting);
+        for (what, port) in [("AMQP", amqp), ("MQTT", mqtt)] {
             assert_eq!(
                 listen_backlog(port),
                 Some(want.min(somaxconn)),
@@ -113,6 +78,32 @@ fn listeners_get_the_configured_backlog() {
             );
         }
     }
+}
+
+/// Start the broker (in memory) with its AMQP and MQTT listeners on `host` (free ports),
+/// with `limits.listen_backlog` when given, and wait until its admin port answers.
+/// Returns the process and the AMQP and MQTT ports.
+fn start(host: &str, listen_backlog: Option<&str>) -> (KillOnDrop, u16, u16) {
+    let (amqp, mqtt, admin) = (free_port(), free_port(), free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqgate"));
+    cmd.args(["serve", "--memory"])
+        .args(["--amqp", &format!("{host}:{amqp}")])
+        .args(["--mqtt", &format!("{host}:{mqtt}")])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if let Some(v) = listen_backlog {
+        cmd.env("MQGATE__LIMITS__LISTEN_BACKLOG", v);
+    }
+    let child = KillOnDrop(cmd.spawn().expect("start mqgate"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", admin)).is_err() {
+        assert!(Instant::now() < deadline, "mqgate did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, amqp, mqtt)
 }
 
 /// The broker process, killed when the test ends (a failing test too).
