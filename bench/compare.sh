@@ -9,6 +9,13 @@
 #   bench/compare.sh                      # everything (about 20 minutes on 2 cores)
 #   ONLY="amqp" bench/compare.sh          # scenarios whose name contains "amqp"
 #   BROKERS="mqgate mosquitto" bench/compare.sh
+#   BROKERS="mqgate mqgate-js" ONLY=durable bench/compare.sh
+#
+# mqgate-js: mqgate on the jetstream backend over three NATS servers started here on
+# loopback (R3, sync_interval always; `nats-server` from NATS_SERVER, PATH, or the one
+# the tests installed under target/); its broker CPU is mqgate's plus the three
+# servers' (BENCH_EXTRA_PIDS). The QoS 0, transient and many-client scenarios are left
+# out for it (they do not touch the log, or take the whole machine).
 #
 # Knobs (environment): ROUNDS (3), MESSAGES (100000), OUT (the markdown table, default
 # /tmp/mqgate-compare.md), RAW (the per-run lines, default /tmp/mqgate-compare.tsv).
@@ -34,6 +41,17 @@ MQGATE_AMQP=127.0.0.1:35672 MQGATE_MQTT=127.0.0.1:21883
 RABBIT_AMQP=127.0.0.1:5672 RABBIT_MQTT=127.0.0.1:1883
 MOSQ_MQTT=127.0.0.1:11883
 SINK_AMQP=127.0.0.1:45672 SINK_MQTT=127.0.0.1:41883
+NATS_PIDS=""
+
+nats_bin() {
+  if [[ -n ${NATS_SERVER:-} ]]; then echo "$NATS_SERVER"; return; fi
+  if command -v nats-server >/dev/null; then command -v nats-server; return; fi
+  for p in target/debug/nats-server-*/bin/nats-server target/release/nats-server-*/bin/nats-server; do
+    [[ -x $p ]] && { echo "$p"; return; }
+  done
+  echo "compare: no nats-server (set NATS_SERVER, or run the jetstream tests once to install it)" >&2
+  return 1
+}
 
 PID=""
 : >"$RAW"
@@ -56,6 +74,34 @@ start() { # broker
         $BIN/mqgate serve --data "$WORK/mqgate-data" --amqp $MQGATE_AMQP --mqtt $MQGATE_MQTT \
         2>"$WORK/mqgate.log" &
       PID=$!
+      wait_port $MQGATE_AMQP && wait_port $MQGATE_MQTT ;;
+    mqgate-js)
+      local nats
+      nats=$(nats_bin) || return 1
+      rm -rf "$WORK/js" && mkdir -p "$WORK/js"
+      NATS_PIDS=""
+      for i in 1 2 3; do
+        printf '%s\n' "server_name: n$i" "listen: 127.0.0.1:3422$i" "http: 127.0.0.1:3822$i" \
+          "jetstream { store_dir: \"$WORK/js/n$i\", sync_interval: always }" \
+          "cluster { name: bench, listen: 127.0.0.1:3622$i, routes: [nats-route://127.0.0.1:36221, nats-route://127.0.0.1:36222, nats-route://127.0.0.1:36223] }" \
+          >"$WORK/js/n$i.conf"
+        "$nats" -c "$WORK/js/n$i.conf" 2>"$WORK/js/n$i.log" &
+        NATS_PIDS="$NATS_PIDS${NATS_PIDS:+,}$!"
+      done
+      for i in 1 2 3; do
+        for _ in $(seq 1 300); do
+          curl -sf "http://127.0.0.1:3822$i/healthz" >/dev/null 2>&1 && break
+          sleep 0.1
+        done
+      done
+      printf '%s\n' '[store]' 'backend = "jetstream"' "path = \"$WORK/js/view\"" '[store.jetstream]' \
+        'servers = ["nats://127.0.0.1:34221", "nats://127.0.0.1:34222", "nats://127.0.0.1:34223"]' \
+        'node_id = "bench"' >"$WORK/js/gw.toml"
+      MQGATE__LISTENERS__ADMIN=127.0.0.1:35673 RUST_LOG=warn \
+        $BIN/mqgate serve --config "$WORK/js/gw.toml" --amqp $MQGATE_AMQP --mqtt $MQGATE_MQTT \
+        2>"$WORK/mqgate-js.log" &
+      PID=$!
+      export BENCH_EXTRA_PIDS=$NATS_PIDS
       wait_port $MQGATE_AMQP && wait_port $MQGATE_MQTT ;;
     rabbitmq)
       rabbitmq-plugins enable --offline rabbitmq_mqtt >/dev/null
@@ -84,20 +130,27 @@ stop() { # broker
     rabbitmq) rabbitmqctl stop >/dev/null 2>&1 || true ;;
     *) kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true ;;
   esac
+  if [[ -n $NATS_PIDS ]]; then
+    # shellcheck disable=SC2086
+    kill ${NATS_PIDS//,/ } 2>/dev/null || true
+    wait 2>/dev/null || true
+    NATS_PIDS=""
+    unset BENCH_EXTRA_PIDS
+  fi
   PID=""
 }
 trap 'stop "${CURRENT:-}" 2>/dev/null; rm -rf "$WORK"' EXIT
 
 amqp_url() {
   case $1 in
-    mqgate) echo "amqp://guest:guest@$MQGATE_AMQP/%2f" ;;
+    mqgate | mqgate-js) echo "amqp://guest:guest@$MQGATE_AMQP/%2f" ;;
     rabbitmq) echo "amqp://guest:guest@$RABBIT_AMQP/%2f" ;;
     sink) echo "amqp://guest:guest@$SINK_AMQP/%2f" ;;
   esac
 }
 mqtt_addr() {
   case $1 in
-    mqgate) echo $MQGATE_MQTT ;;
+    mqgate | mqgate-js) echo $MQGATE_MQTT ;;
     rabbitmq) echo $RABBIT_MQTT ;;
     mosquitto) echo $MOSQ_MQTT ;;
     sink) echo $SINK_MQTT ;;
@@ -138,6 +191,9 @@ run() { # broker scenario-line
   local extra=""
   [[ $broker == sink ]] && extra="--publish-only"
   [[ $args == *--messages* ]] || args="--messages $MESSAGES $args"
+  if [[ $broker == mqgate-js ]]; then
+    [[ $proto == many || $name == *transient* || $name == *qos0* ]] && return 0
+  fi
   case $proto in
     amqp)
       [[ $broker == mosquitto ]] && return 0

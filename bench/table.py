@@ -58,7 +58,7 @@ for name in order:
     sink = r.get("sink")
     ceiling = fmt(f(m, "rate") / f(sink, "rate"), 2) if sink else "-"
     fixed = name.endswith("/s")
-    for peer in ("rabbitmq", "mosquitto"):
+    for peer in ("rabbitmq", "mosquitto", "mqgate-js"):
         p = r.get(peer)
         if not p:
             continue

@@ -13,6 +13,18 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// CPU time (user + system) a process has used, from /proc (Linux).
 pub fn process_cpu(pid: u32) -> Option<Duration> {
+    let mut total = one_process_cpu(pid)?;
+    // A broker made of several processes (mqgate on the jetstream backend and its NATS
+    // servers): `BENCH_EXTRA_PIDS=1,2,3` adds theirs (bench/compare.sh sets it).
+    if let Ok(extra) = std::env::var("BENCH_EXTRA_PIDS") {
+        for p in extra.split(',').filter_map(|p| p.trim().parse().ok()) {
+            total += one_process_cpu(p)?;
+        }
+    }
+    Some(total)
+}
+
+fn one_process_cpu(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which is in parentheses and may hold spaces).
     let rest = &stat[stat.rfind(')')? + 2..];

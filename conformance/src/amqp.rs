@@ -15,7 +15,7 @@ use std::time::Duration;
 use mqgate_amqp::{AmqpConfig, AmqpServer, Permission};
 use mqgate_core::{Broker, CoreConfig, SystemClock};
 use mqgate_mqtt::{MqttConfig, MqttServer};
-use mqgate_store::{MemoryStore, RocksConfig, RocksStore, Store};
+use mqgate_store::Store;
 
 pub use crate::mqtt::Backend;
 
@@ -43,7 +43,7 @@ struct InProc {
     broker: Broker,
     amqp: AmqpServer,
     mqtt: MqttServer,
-    dir: Option<tempfile::TempDir>,
+    dir: Option<crate::mqtt::DataDir>,
     cfg: AmqpConfig,
     core: CoreConfig,
 }
@@ -88,7 +88,7 @@ impl Target {
     /// (the rocks variant is skipped then: `None`), else an in-process mqgate.
     pub async fn standard(backend: Backend) -> Option<Target> {
         if let Some((host, port)) = external() {
-            if backend == Backend::Rocks {
+            if backend != Backend::Memory {
                 eprintln!("skipped: runs once against the external broker");
                 return None;
             }
@@ -134,7 +134,7 @@ impl Target {
 
     async fn mqgate_core(backend: Backend, cfg: AmqpConfig, core: CoreConfig) -> Target {
         crate::mqtt::init_test_log();
-        let dir = (backend == Backend::Rocks).then(|| tempfile::tempdir().expect("tempdir"));
+        let dir = crate::mqtt::DataDir::for_backend(backend);
         let amqp = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -219,16 +219,13 @@ impl Target {
 
 impl InProc {
     async fn start(
-        dir: Option<tempfile::TempDir>,
+        dir: Option<crate::mqtt::DataDir>,
         cfg: AmqpConfig,
         core: CoreConfig,
         amqp_listener: tokio::net::TcpListener,
         mqtt_listener: tokio::net::TcpListener,
     ) -> InProc {
-        let store: Arc<dyn Store> = match &dir {
-            Some(d) => Arc::new(RocksStore::open(RocksConfig::new(d.path())).expect("open rocks")),
-            None => Arc::new(MemoryStore::new()),
-        };
+        let store = crate::mqtt::open_store(&dir).await;
         let broker = Broker::start(Arc::clone(&store), core.clone(), Arc::new(SystemClock))
             .await
             .expect("start core");

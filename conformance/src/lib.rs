@@ -20,3 +20,25 @@ macro_rules! scenario {
         }
     )*};
 }
+
+/// [`scenario!`] plus a third variant, `jetstream`, on the replicated backend (a 3-node
+/// NATS cluster shared by the test process): for the protocol suites.
+#[macro_export]
+macro_rules! scenario_replicated {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$name($crate::mqtt::Backend::Memory).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rocks() {
+                super::$name($crate::mqtt::Backend::Rocks).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn jetstream() {
+                super::$name($crate::mqtt::Backend::JetStream).await
+            }
+        }
+    )*};
+}

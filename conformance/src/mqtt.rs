@@ -21,6 +21,68 @@ pub enum Backend {
     Memory,
     /// RocksStore in a temporary folder.
     Rocks,
+    /// The jetstream backend: RocksStore in a temporary folder as the view of a log
+    /// replicated on a 3-node NATS cluster (one per test process, each target with
+    /// its own stream).
+    JetStream,
+}
+
+/// Where an in-process broker keeps its data (none: MemoryStore).
+#[derive(Debug)]
+pub(crate) struct DataDir {
+    dir: tempfile::TempDir,
+    jetstream: bool,
+}
+
+impl DataDir {
+    pub(crate) fn for_backend(backend: Backend) -> Option<Self> {
+        let dir = || tempfile::tempdir().expect("tempdir");
+        match backend {
+            Backend::Memory => None,
+            Backend::Rocks => Some(Self {
+                dir: dir(),
+                jetstream: false,
+            }),
+            Backend::JetStream => Some(Self {
+                dir: dir(),
+                jetstream: true,
+            }),
+        }
+    }
+}
+
+/// Open the store of an in-process broker (again, at a restart: same folder, same
+/// stream).
+pub(crate) async fn open_store(dir: &Option<DataDir>) -> Arc<dyn Store> {
+    match dir {
+        None => Arc::new(MemoryStore::new()),
+        Some(d) if !d.jetstream => {
+            Arc::new(RocksStore::open(RocksConfig::new(d.dir.path())).expect("open rocks"))
+        }
+        Some(d) => {
+            use mqgate_store::jetstream::{open, testing::NatsCluster, JetStreamConfig};
+            let cluster = tokio::task::block_in_place(NatsCluster::shared);
+            // A stream per target, named after its folder.
+            let name: String = d
+                .dir
+                .path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .collect();
+            let mut cfg = JetStreamConfig::new(
+                cluster.urls(),
+                "conformance",
+                RocksConfig::new(d.dir.path().join("view")),
+            );
+            cfg.stream = format!("c{name}");
+            cfg.lease_ttl = Duration::from_secs(2);
+            let (store, _replication) = open(cfg).await.expect("open the jetstream store");
+            Arc::new(store)
+        }
+    }
 }
 
 /// The environment variable naming an external broker (`host:port`).
@@ -45,7 +107,7 @@ struct InProc {
     store: Arc<dyn Store>,
     broker: Broker,
     server: MqttServer,
-    dir: Option<tempfile::TempDir>,
+    dir: Option<DataDir>,
     cfg: MqttConfig,
     core: CoreConfig,
 }
@@ -99,7 +161,7 @@ impl Target {
     /// (the rocks variant is skipped then: `None`), else an in-process mqgate.
     pub async fn standard(backend: Backend) -> Option<Target> {
         if let Some((host, port)) = external() {
-            if backend == Backend::Rocks {
+            if backend != Backend::Memory {
                 eprintln!("skipped: runs once against the external broker");
                 return None;
             }
@@ -138,7 +200,7 @@ impl Target {
 
     async fn mqgate(backend: Backend, cfg: MqttConfig, core: CoreConfig) -> Target {
         init_test_log();
-        let dir = (backend == Backend::Rocks).then(|| tempfile::tempdir().expect("tempdir"));
+        let dir = DataDir::for_backend(backend);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -186,15 +248,12 @@ impl Target {
 
 impl InProc {
     async fn start(
-        dir: Option<tempfile::TempDir>,
+        dir: Option<DataDir>,
         cfg: MqttConfig,
         core: CoreConfig,
         listener: tokio::net::TcpListener,
     ) -> InProc {
-        let store: Arc<dyn Store> = match &dir {
-            Some(d) => Arc::new(RocksStore::open(RocksConfig::new(d.path())).expect("open rocks")),
-            None => Arc::new(MemoryStore::new()),
-        };
+        let store = open_store(&dir).await;
         let broker = Broker::start(Arc::clone(&store), core.clone(), Arc::new(SystemClock))
             .await
             .expect("start core");

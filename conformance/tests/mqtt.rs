@@ -24,7 +24,7 @@ const WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(400);
 
 use mqgate_conformance::mqtt::uniq;
-use mqgate_conformance::scenario;
+use mqgate_conformance::scenario_replicated as scenario;
 
 // ---------------------------------------------------------------------------------------
 // rumqttc wrappers: an event loop in a task, events in a channel, no reconnects.

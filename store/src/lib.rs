@@ -17,6 +17,8 @@
 #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
 mod codec;
 mod error;
+#[cfg(feature = "jetstream")]
+pub mod jetstream;
 mod memory;
 pub mod metrics;
 #[cfg(feature = "rocksdb")]
@@ -27,7 +29,7 @@ mod types;
 pub use error::{Result, StoreError};
 pub use memory::MemoryStore;
 #[cfg(feature = "rocksdb")]
-pub use rocks::{RocksConfig, RocksStore};
+pub use rocks::{ExternalLog, RocksConfig, RocksStore};
 pub use store::{
     Appended, Degraded, FsyncPolicy, Retention, RetentionReport, Store, StoreExt, StoreHealth,
     StoreStats, WriteBatch, WriteOp, WriteReceipt,

@@ -9,3 +9,9 @@ pub const FSYNC_SECONDS: &str = "mqgate_store_fsync_seconds";
 pub const DEGRADED: &str = "mqgate_store_degraded";
 /// Writes and WAL syncs that failed.
 pub const ERRORS_TOTAL: &str = "mqgate_store_errors_total";
+/// Records the jetstream backend appended to the replicated log.
+pub const REPLICATION_RECORDS: &str = "mqgate_replication_records_total";
+/// 1 while the replicated log takes no writes (no quorum, no server): writers wait.
+pub const REPLICATION_BLOCKED: &str = "mqgate_replication_blocked";
+/// Times this node stopped being the log's writer (fenced, lease lost, view failed).
+pub const REPLICATION_STEP_DOWNS: &str = "mqgate_replication_step_downs_total";

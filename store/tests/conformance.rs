@@ -16,6 +16,9 @@ use tempfile::TempDir;
 enum Kind {
     Memory,
     Rocks,
+    /// RocksStore as a view of a log on a 3-node NATS JetStream cluster the test starts.
+    #[cfg(feature = "jetstream")]
+    JetStream,
 }
 
 struct Harness {
@@ -24,6 +27,8 @@ struct Harness {
     dir: TempDir,
     retention: Retention,
     fsync: FsyncPolicy,
+    #[cfg(feature = "jetstream")]
+    cluster: Option<mqgate_store::jetstream::testing::NatsCluster>,
 }
 
 impl Harness {
@@ -38,7 +43,15 @@ impl Harness {
             dir: tempfile::tempdir().expect("tempdir"),
             retention,
             fsync,
+            #[cfg(feature = "jetstream")]
+            cluster: None,
         };
+        #[cfg(feature = "jetstream")]
+        if kind == Kind::JetStream {
+            h.cluster = Some(tokio::task::block_in_place(|| {
+                mqgate_store::jetstream::testing::NatsCluster::start(3)
+            }));
+        }
         h.store = Some(h.open());
         h
     }
@@ -52,6 +65,20 @@ impl Harness {
                 cfg.fsync = self.fsync;
                 Arc::new(RocksStore::open(cfg).expect("open rocks"))
             }
+            #[cfg(feature = "jetstream")]
+            Kind::JetStream => {
+                use mqgate_store::jetstream::{open, JetStreamConfig};
+                let mut view = RocksConfig::new(self.dir.path().join("view"));
+                view.retention = self.retention;
+                view.fsync = self.fsync;
+                let urls = self.cluster.as_ref().expect("cluster").urls();
+                let cfg = JetStreamConfig::new(urls, "node-a", view);
+                let (store, _replication) = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(open(cfg))
+                })
+                .expect("open the jetstream store");
+                Arc::new(store)
+            }
         }
     }
 
@@ -61,7 +88,7 @@ impl Harness {
 
     /// Close and reopen the store (RocksStore: a real restart; MemoryStore: no-op).
     fn restart(&mut self) {
-        if self.kind == Kind::Rocks {
+        if self.kind != Kind::Memory {
             let old = self.store.take().expect("open");
             assert_eq!(Arc::strong_count(&old), 1, "a test still holds the store");
             drop(old);
@@ -873,9 +900,9 @@ async fn restart_loses_nothing(mut h: Harness) {
 }
 
 async fn periodic_fsync_policy(mut h: Harness) {
-    if h.kind == Kind::Rocks {
+    if h.kind != Kind::Memory {
         h = Harness::with(
-            Kind::Rocks,
+            h.kind,
             Retention::default(),
             FsyncPolicy::Periodic {
                 interval: Duration::from_millis(20),
@@ -990,6 +1017,15 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(super::Harness::new(super::Kind::Rocks)).await
+                }
+            )*
+        }
+        #[cfg(feature = "jetstream")]
+        mod jetstream {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Harness::new(super::Kind::JetStream)).await
                 }
             )*
         }

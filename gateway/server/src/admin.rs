@@ -29,6 +29,10 @@ pub(crate) struct AdminState {
     pub(crate) amqp: AmqpServer,
     pub(crate) users: Arc<Users>,
     pub(crate) metrics: Collector,
+    /// With `store.backend = "jetstream"`: the replicated log's side.
+    pub(crate) replication: Option<mqgate_store::jetstream::Replication>,
+    /// `store.backend`.
+    pub(crate) backend: String,
 }
 
 /// An API error: a status and a message (`{"error": "..."}`).
@@ -90,6 +94,7 @@ pub(crate) fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/health", get(health))
         .route("/api/overview", get(overview))
+        .route("/api/cluster", get(cluster))
         .route("/api/topics", get(topics).post(create_topic))
         .route("/api/topics/{name}", get(topic).delete(delete_topic))
         .route(
@@ -193,6 +198,52 @@ async fn health(State(s): State<AdminState>) -> Response {
     }
     body["store_errors"] = json!(h.errors);
     (code, Json(body)).into_response()
+}
+
+/// The replicated log: this node, the owner and its epoch, the stream's replicas and
+/// each gateway's lag (`{"backend": "rocksdb"}` etc. when the store is not replicated).
+async fn cluster(State(s): State<AdminState>) -> ApiResult {
+    use mqgate_store::jetstream::Role;
+    let Some(r) = &s.replication else {
+        return Ok(Json(json!({ "backend": s.backend, "replicated": false })));
+    };
+    let st = r.status().await.map_err(|e| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the replicated log does not answer: {e}"),
+        )
+    })?;
+    let role = match &st.role {
+        Role::Owner { epoch } => json!({ "role": "owner", "epoch": epoch }),
+        Role::Standby { applied, last } => {
+            json!({ "role": "standby", "applied": applied, "last": last })
+        }
+        Role::SteppedDown { reason } => json!({ "role": "stepped_down", "reason": reason }),
+    };
+    Ok(Json(json!({
+        "backend": "jetstream",
+        "replicated": true,
+        "stream": st.stream,
+        "node": st.node,
+        "this_node": role,
+        "owner": st.owner.as_ref().map(|(n, e)| json!({ "node": n, "epoch": e })),
+        "first_seq": st.first_seq,
+        "last_seq": st.last_seq,
+        "applied": st.applied,
+        "replicas": st.replicas.iter().map(|p| json!({
+            "name": p.name,
+            "leader": p.leader,
+            "current": p.current,
+            "offline": p.offline,
+            "lag": p.lag,
+        })).collect::<Vec<_>>(),
+        "nodes": st.nodes.iter().map(|n| json!({
+            "node": n.node,
+            "role": n.role,
+            "applied": n.applied,
+            "lag": n.lag,
+        })).collect::<Vec<_>>(),
+    })))
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {

@@ -569,6 +569,44 @@ pub(crate) fn delayed(r: &Remote, cmd: Delayed) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `mqgate cluster ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Cluster {
+    /// The replicated log: the owner and its epoch, each gateway's lag, the stream's
+    /// replicas (store.backend = "jetstream").
+    Status,
+}
+
+pub(crate) fn cluster(r: &Remote, cmd: Cluster) -> anyhow::Result<()> {
+    let c = Client::new(r);
+    match cmd {
+        Cluster::Status => {
+            let v = c.call("GET", "/api/cluster", None)?;
+            if c.json {
+                c.print(&v, &[]);
+            } else if v["replicated"] != json!(true) {
+                println!("not replicated: store.backend = {}", cell(&v["backend"]));
+            } else {
+                println!(
+                    "stream {}: records {}..{}; owner {} (epoch {}); answered by {}",
+                    cell(&v["stream"]),
+                    cell(&v["first_seq"]),
+                    cell(&v["last_seq"]),
+                    cell(&v["owner"]["node"]),
+                    cell(&v["owner"]["epoch"]),
+                    cell(&v["node"]),
+                );
+                c.print(&v["nodes"], &["node", "role", "applied", "lag"]);
+                c.print(
+                    &v["replicas"],
+                    &["name", "leader", "current", "offline", "lag"],
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn producers(r: &Remote) -> anyhow::Result<()> {
     let c = Client::new(r);
     c.print(

@@ -81,6 +81,9 @@ enum Command {
     Delayed(cli::Delayed),
     /// What each producer group (x-producer-group) published to each topic.
     Producers,
+    /// The replicated log (store.backend = "jetstream"): owner, epoch, lag, replicas.
+    #[command(subcommand)]
+    Cluster(cli::Cluster),
 }
 
 #[derive(Debug, Default, clap::Parser)]
@@ -134,6 +137,7 @@ fn main() -> std::process::ExitCode {
         Some(Command::Connections(c)) => cli::connections(&cli.remote, c),
         Some(Command::Delayed(c)) => cli::delayed(&cli.remote, c),
         Some(Command::Producers) => cli::producers(&cli.remote),
+        Some(Command::Cluster(c)) => cli::cluster(&cli.remote, c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -269,23 +273,53 @@ async fn bind(
 
 async fn serve(s: Settings) -> anyhow::Result<()> {
     reserve_fds(s.limits.reserved_fds, s.rocks_max_open_files());
-    let store: Arc<dyn Store> = if s.store.backend == Backend::Memory {
-        tracing::info!("store: in memory (nothing survives a restart)");
-        Arc::new(MemoryStore::new())
-    } else {
-        let path = s.store.path.clone();
-        let store = RocksStore::open(s.rocks(&path))
-            .with_context(|| format!("open the store in {}", path.display()))?;
-        let stats = store.stats();
-        tracing::info!(
-            path = %path.display(),
-            topics = stats.topics,
-            messages = stats.messages,
-            log_bytes = stats.log_bytes,
-            delayed_pending = stats.timers,
-            "store: RocksDB opened; recovered what is listed"
-        );
-        Arc::new(store)
+    let mut replication = None;
+    let store: Arc<dyn Store> = match s.store.backend {
+        Backend::Memory => {
+            tracing::info!("store: in memory (nothing survives a restart)");
+            Arc::new(MemoryStore::new())
+        }
+        Backend::Jetstream => {
+            let path = s.store.path.clone();
+            let cfg = s.jetstream(&path);
+            tracing::info!(
+                servers = ?cfg.servers,
+                stream = %cfg.stream,
+                node = %cfg.node_id,
+                view = %path.display(),
+                "store: a log replicated on NATS JetStream; no listener opens until this node holds the lease (a standby refuses connections, so clients try their next address)"
+            );
+            let (store, r) = tokio::select! {
+                r = mqgate_store::jetstream::open(cfg) => r.context("open the replicated log")?,
+                () = shutdown_signal() => {
+                    tracing::info!("stopped while standby");
+                    return Ok(());
+                }
+            };
+            let stats = store.stats();
+            tracing::info!(
+                topics = stats.topics,
+                messages = stats.messages,
+                "store: this node owns the replicated log; serving"
+            );
+            replication = Some(r);
+            Arc::new(store)
+        }
+        Backend::Rocksdb => {
+            let path = s.store.path.clone();
+            let store = RocksStore::open(s.rocks(&path))
+                .with_context(|| format!("open the store in {}", path.display()))?;
+            let stats = store.stats();
+            tracing::info!(
+                path = %path.display(),
+                topics = stats.topics,
+                messages = stats.messages,
+                log_bytes = stats.log_bytes,
+                delayed_pending = stats.timers,
+                "store: RocksDB opened; recovered what is listed"
+            );
+            Arc::new(store)
+        }
     };
     let users = s.users();
     let backlog = s.limits.listen_backlog;
@@ -338,6 +372,8 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
             mqtt: mqtt.clone(),
             amqp: amqp.clone(),
             users: Arc::new(users.clone()),
+            replication: replication.clone(),
+            backend: s.store.backend.to_string(),
             metrics: metrics::Collector {
                 handle: metrics::install().context("install the Prometheus recorder")?,
                 broker: broker.clone(),
@@ -367,7 +403,20 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         tracing::warn!("no [[users]] configured: user guest/guest (administrator) and anonymous MQTT are on; see mqgate.toml");
     }
     tracing::info!("Ctrl-C or SIGTERM stops.");
-    shutdown_signal().await;
+    let mut stepped_down = None;
+    let lost = async {
+        match replication.as_mut() {
+            Some(r) => r.stepped_down().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = shutdown_signal() => {}
+        reason = lost => {
+            tracing::error!(%reason, "this node no longer owns the replicated log: closing every connection and exiting (nothing more is confirmed; restarted, it comes back as a standby)");
+            stepped_down = Some(reason);
+        }
+    }
     tracing::info!(
         "stopping: clients are told, groups persist their offsets, the store is flushed"
     );
@@ -377,6 +426,9 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         amqp.shutdown(Duration::from_secs(5))
     );
     broker.shutdown().await;
+    if let Some(reason) = stepped_down {
+        anyhow::bail!("stepped down: {reason}");
+    }
     tracing::info!("stopped");
     Ok(())
 }

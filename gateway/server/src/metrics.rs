@@ -48,6 +48,9 @@ pub(crate) const SERIES: &[(&str, &str, &str, &str)] = &[
     ("mqgate_store_fsync_seconds", "histogram", "seconds", "Time of one write-ahead-log sync."),
     ("mqgate_store_degraded", "gauge", "", "1 while the store cannot write (a full disk, no file handles) and retries, 0 once it has recovered."),
     ("mqgate_store_errors_total", "counter", "", "Store writes and WAL syncs that failed."),
+    ("mqgate_replication_records_total", "counter", "", "Records this node appended to the replicated log (store.backend = jetstream)."),
+    ("mqgate_replication_blocked", "gauge", "", "1 while the replicated log takes no writes (no quorum, no NATS server): writers wait."),
+    ("mqgate_replication_step_downs_total", "counter", "", "Times this node stopped writing the replicated log (fenced, lease lost, view failed)."),
     ("mqgate_sockets_open", "gauge", "", "Client sockets open, every listener, handshaking or established."),
     ("mqgate_handshakes_pending", "gauge", "", "Connections still in their handshake, by protocol (capped by limits.max_pending_handshakes)."),
     ("mqgate_process_resident_memory_bytes", "gauge", "bytes", "Resident memory of the broker process."),
@@ -87,6 +90,11 @@ pub(crate) fn install() -> anyhow::Result<PrometheusHandle> {
             (_, None) => describe_histogram!(*name, *help),
         }
     }
+    // The store's replication series exist from the start (0 unless the store is
+    // replicated), so a dashboard or alert finds them on every backend.
+    metrics::counter!(mqgate_store::metrics::REPLICATION_RECORDS).increment(0);
+    metrics::counter!(mqgate_store::metrics::REPLICATION_STEP_DOWNS).increment(0);
+    metrics::gauge!(mqgate_store::metrics::REPLICATION_BLOCKED).set(0.0);
     Ok(handle)
 }
 

@@ -51,7 +51,7 @@ fn a_bad_config_gets_one_line_with_key_value_and_reason() {
     let cases = [
         (
             "[store]\nbackend = \"disk\"\n",
-            "store.backend = \"disk\": must be rocksdb or memory",
+            "store.backend = \"disk\": must be rocksdb, jetstream or memory",
         ),
         ("[store]\nbakend = \"memory\"\n", "unknown field `bakend`"),
         (

@@ -163,6 +163,17 @@ pub(super) fn recovery_loop(shared: &Shared) {
                     .failed("background flush or compaction", &backend(e)),
             }
         }
+        // A view of an external log cannot reopen its handle (its WAL is off: the
+        // memtables would be lost): it stops writing, and a restart replays the log.
+        if let Some(log) = &shared.config.external_log {
+            let reason = shared
+                .health
+                .report()
+                .degraded
+                .map_or_else(|| "unknown".to_string(), |d| d.reason);
+            log.poison(&format!("the local view failed: {reason}"));
+            return;
+        }
         // Degraded: resume with backoff.
         let mut backoff = FIRST;
         let mut attempts = 0u32;

@@ -18,6 +18,9 @@ pub(super) const CF_KV: &str = "kv";
 pub(super) const CF_TIMERS: &str = "timers";
 pub(super) const CF_META: &str = "meta";
 pub(super) const HEADER_KEY: &[u8] = b"hdr";
+/// With an external log: the sequence of the last log record this view has applied
+/// (u64 BE), written in the same RocksDB batch as the record itself.
+pub(super) const LOG_SEQ_KEY: &[u8] = b"extlog";
 
 pub(super) fn cq_key(uid: u64, queue: u32, offset: u64) -> [u8; 20] {
     let mut k = [0u8; 20];

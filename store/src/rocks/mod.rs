@@ -92,6 +92,42 @@ pub struct RocksConfig {
     /// below the file handles it reserves for the store, so client sockets can never
     /// take the handle RocksDB needs for its next file.
     pub max_open_files: i32,
+    /// A log outside RocksDB that holds every write before RocksDB does (the jetstream
+    /// backend); RocksDB is then a local view with its own WAL off. `None`: RocksDB's
+    /// WAL is the log, synced under `fsync`.
+    pub external_log: Option<Arc<dyn ExternalLog>>,
+}
+
+/// A write-ahead log outside RocksDB, replicated elsewhere (`crate::jetstream`).
+///
+/// A record is the bytes of one RocksDB write batch, as the writer built it; applying
+/// the records in order to an empty database gives the same database. Each record is
+/// appended, and durable on the log, before it is applied to the local view, and the
+/// view stores the sequence of the last record it applied in the same RocksDB batch
+/// (`meta/extlog`), so after a crash of the view (its WAL is off) the log says what
+/// is missing.
+pub trait ExternalLog: Send + Sync + std::fmt::Debug + 'static {
+    /// At open, before anything is served: hand every record after `applied` to
+    /// `apply` in order, then fence the log so that from now on only this process
+    /// appends to it. Returns the sequence of the last record (the fence's).
+    fn take_over(
+        &self,
+        applied: u64,
+        apply: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<u64>;
+
+    /// Append one record after every earlier one and return its sequence. Blocks until
+    /// the log holds it durably (a quorum has it); while the log is unreachable it
+    /// waits (writers see back-pressure). An error means this process may not append
+    /// again (another one owns the log, or the store is closing).
+    fn append(&self, record: &[u8]) -> Result<u64>;
+
+    /// The local view failed to apply a record the log holds: this process must stop
+    /// writing (a restart replays the record from the log).
+    fn poison(&self, reason: &str);
+
+    /// The store is closing: a blocked `append` gives up.
+    fn close(&self);
 }
 
 impl RocksConfig {
@@ -106,6 +142,7 @@ impl RocksConfig {
             max_batch_bytes: 4 << 20,
             tail_cache_bytes: 32 << 20,
             max_open_files: -1,
+            external_log: None,
         }
     }
 }
@@ -262,6 +299,10 @@ impl RocksStore {
             writing_since: AtomicU64::new(0),
             sync_pending: AtomicUsize::new(0),
         };
+        let log_seq = match &config.external_log {
+            Some(log) => Some(replay_external_log(&shared, log.as_ref())?),
+            None => None,
+        };
         recover(&shared)?;
         let shared = Arc::new(shared);
         metrics::gauge!(crate::metrics::DEGRADED).set(0.0);
@@ -271,7 +312,9 @@ impl RocksStore {
         let writer_shared = Arc::clone(&shared);
         let mut syncer = None;
         let mut syncer_thread = None;
-        if matches!(config.fsync, FsyncPolicy::EveryBatch) {
+        // With an external log, the log's quorum is the durability: no WAL, no syncs.
+        let local_wal = config.external_log.is_none();
+        if local_wal && matches!(config.fsync, FsyncPolicy::EveryBatch) {
             let (stx, srx) = std::sync::mpsc::channel();
             let s = Arc::clone(&shared);
             syncer = Some(stx);
@@ -285,12 +328,12 @@ impl RocksStore {
         threads.push(
             std::thread::Builder::new()
                 .name("mqgate-store-writer".into())
-                .spawn(move || Writer::new(writer_shared, syncer).run(rx))
+                .spawn(move || Writer::new(writer_shared, syncer, log_seq).run(rx))
                 .map_err(|e| StoreError::Backend(format!("spawn writer: {e}")))?,
         );
         // Joined after the writer, whose end closes its channel.
         threads.extend(syncer_thread);
-        if let FsyncPolicy::Periodic { interval } = config.fsync {
+        if let (true, FsyncPolicy::Periodic { interval }) = (local_wal, config.fsync) {
             let s = Arc::clone(&shared);
             threads.push(
                 std::thread::Builder::new()
@@ -318,6 +361,96 @@ impl RocksStore {
         &self.shared.config.path
     }
 }
+/// The sequence of the last external-log record applied to `db` (0: none). A folder
+/// that holds a store not made from the log is refused: its column families may be
+/// numbered differently from the writer's, and the records name them by number.
+fn applied_seq(db: &DB) -> Result<u64> {
+    let meta = db
+        .cf_handle(CF_META)
+        .expect("column family created at open");
+    match db.get_cf(meta, keys::LOG_SEQ_KEY).map_err(backend)? {
+        Some(v) => keys::be_u64(&v),
+        None if db
+            .get_cf(meta, keys::HEADER_KEY)
+            .map_err(backend)?
+            .is_some() =>
+        {
+            Err(StoreError::Invalid(
+                "this folder holds a store that was not made from the replicated log; \
+                 give the jetstream backend's view a folder of its own"
+                    .into(),
+            ))
+        }
+        None => Ok(0),
+    }
+}
+
+/// Apply one external-log record to `db` (WAL off), with its sequence.
+fn apply_record(db: &DB, seq: u64, record: &[u8]) -> Result<()> {
+    let meta = db
+        .cf_handle(CF_META)
+        .expect("column family created at open");
+    let mut wb = rocksdb::WriteBatch::from_data(record);
+    wb.put_cf(meta, keys::LOG_SEQ_KEY, seq.to_be_bytes());
+    let mut no_wal = WriteOptions::default();
+    no_wal.disable_wal(true);
+    db.write_opt(wb, &no_wal).map_err(backend)
+}
+
+/// Bring the view up to date with the external log and fence it (see
+/// [`ExternalLog::take_over`]); returns the log's last sequence.
+fn replay_external_log(shared: &Shared, log: &dyn ExternalLog) -> Result<u64> {
+    let db = shared.db()?;
+    let applied = applied_seq(&db)?;
+    let mut records = 0u64;
+    let last = log.take_over(applied, &mut |seq, record| {
+        records += 1;
+        apply_record(&db, seq, record)
+    })?;
+    tracing::info!(
+        from = applied,
+        to = last,
+        records,
+        "store: the view caught up with the replicated log"
+    );
+    Ok(last)
+}
+
+/// A RocksDB folder opened only to apply an external log's records: a standby's view,
+/// tailing the log until this node may write it.
+#[cfg_attr(not(feature = "jetstream"), allow(dead_code))]
+pub(crate) struct View {
+    db: DB,
+}
+
+#[cfg_attr(not(feature = "jetstream"), allow(dead_code))]
+impl View {
+    pub(crate) fn open(config: &RocksConfig) -> Result<Self> {
+        std::fs::create_dir_all(&config.path)
+            .map_err(|e| StoreError::Backend(format!("create {}: {e}", config.path.display())))?;
+        let db = recovery::open_db_as(config, &Arc::new(AtomicU64::new(0)), true)?;
+        applied_seq(&db)?;
+        Ok(Self { db })
+    }
+
+    pub(crate) fn applied(&self) -> Result<u64> {
+        applied_seq(&self.db)
+    }
+
+    pub(crate) fn apply(&self, seq: u64, record: &[u8]) -> Result<()> {
+        apply_record(&self.db, seq, record)
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        // Its WAL is off: what is not flushed would be read from the log again.
+        if let Err(e) = self.db.flush() {
+            tracing::warn!(error = %e, "store: flushing the standby view failed");
+        }
+    }
+}
+
 impl RocksStore {
     async fn request<T>(
         &self,
@@ -337,12 +470,22 @@ impl RocksStore {
 impl Drop for RocksStore {
     fn drop(&mut self) {
         self.tx.take();
+        if let Some(log) = &self.shared.config.external_log {
+            log.close();
+        }
         self.shared.stopping.store(true, Ordering::Release);
         self.shared.health.wake.notify_all();
         for t in self.threads.lock().drain(..) {
             let _ = t.join();
         }
         match self.shared.db() {
+            // The view's WAL is off: flush its memtables, so the next open replays
+            // little from the log.
+            Ok(db) if self.shared.config.external_log.is_some() => {
+                if let Err(e) = db.flush() {
+                    tracing::warn!(error = %e, "store: final flush of the view failed");
+                }
+            }
             Ok(db) => {
                 if let Err(e) = db.flush_wal(true) {
                     tracing::warn!(error = %e, "store: final WAL sync failed");

@@ -21,6 +21,11 @@ use crate::types::TopicName;
 /// Open RocksDB in `config.path` with mqgate's options (at open, and again to recover
 /// from an I/O error). `log_min` feeds the key index's compaction filter.
 pub(super) fn open_db(config: &RocksConfig, log_min: &Arc<AtomicU64>) -> Result<DB> {
+    open_db_as(config, log_min, config.external_log.is_some())
+}
+
+/// [`open_db`]; `view`: a view of an external log (see `set_atomic_flush` below).
+pub(super) fn open_db_as(config: &RocksConfig, log_min: &Arc<AtomicU64>, view: bool) -> Result<DB> {
     let cache = Cache::new_lru_cache(config.block_cache_bytes);
     // No stall: a writer stalled by the write-buffer manager waits for a flush, and a
     // flush that cannot run (a full disk) would hold it forever; RocksDB's own write
@@ -37,6 +42,9 @@ pub(super) fn open_db(config: &RocksConfig, log_min: &Arc<AtomicU64>) -> Result<
     db_opts.set_wal_bytes_per_sync(1 << 20);
     db_opts.set_keep_log_file_num(4);
     db_opts.set_max_open_files(config.max_open_files);
+    // A view of an external log writes without a WAL: flushing every column family
+    // together keeps what survives a crash a consistent prefix of the log.
+    db_opts.set_atomic_flush(view);
 
     let cf_opts = |write_buffer: usize, compress: bool| {
         let mut o = Options::default();

@@ -14,7 +14,7 @@ use super::keys::{
     cq_key, key_index_prefix, kv_key, nul_prefix_end, offset_topic_key, offsets_key,
     offsets_key_topic, offsets_prefix, prefix_range, queue_meta_key, timer_key, topic_meta_key,
     Header, CF_CQ, CF_KEYS, CF_KV, CF_LOG, CF_META, CF_OFFSETS, CF_OFFSET_TOPICS, CF_TIMERS,
-    HEADER_KEY,
+    HEADER_KEY, LOG_SEQ_KEY,
 };
 use super::{backend, Db, QueueState, Shared, TopicState};
 use crate::codec;
@@ -122,6 +122,8 @@ pub(super) struct Writer {
     buf: Vec<u8>,
     /// Timestamp of the last batch: store timestamps never go back.
     last_ts: Millis,
+    /// With an external log: the sequence of the last record (appended and applied).
+    log_seq: Option<u64>,
 }
 
 /// What a group batch will change once written.
@@ -141,12 +143,14 @@ impl Writer {
     pub(super) fn new(
         s: Arc<Shared>,
         syncer: Option<std::sync::mpsc::Sender<Vec<Answer>>>,
+        log_seq: Option<u64>,
     ) -> Self {
         Self {
             s,
             syncer,
             buf: Vec::with_capacity(64 << 10),
             last_ts: 0,
+            log_seq,
         }
     }
 
@@ -205,17 +209,41 @@ impl Writer {
 
     fn write_options(&self) -> WriteOptions {
         // Never synced here: the every-batch policy syncs the WAL right after.
-        WriteOptions::default()
+        let mut o = WriteOptions::default();
+        // A view of an external log: the log is the WAL.
+        o.disable_wal(self.log_seq.is_some());
+        o
+    }
+
+    /// Write one RocksDB batch: with an external log, append it there first (durable
+    /// once that returns) and then apply it here, with the record's sequence.
+    fn write_db(&mut self, db: &Db<'_>, mut wb: rocksdb::WriteBatch) -> Result<()> {
+        let Some(log) = self.s.config.external_log.clone() else {
+            return db.write_opt(wb, &self.write_options()).map_err(backend);
+        };
+        let seq = log.append(wb.data())?;
+        wb.put_cf(db.cf(CF_META), LOG_SEQ_KEY, seq.to_be_bytes());
+        db.write_opt(wb, &self.write_options()).map_err(|e| {
+            log.poison(&format!("the view could not apply record {seq}: {e}"));
+            backend(e)
+        })?;
+        self.log_seq = Some(seq);
+        Ok(())
     }
 
     /// One RocksDB write outside a group commit (topics, retention); a failure marks
     /// the store degraded.
-    fn write_raw(&self, db: &Db<'_>, wb: rocksdb::WriteBatch) -> Result<()> {
-        db.write_opt(wb, &self.write_options()).map_err(|e| {
-            let e = backend(e);
-            self.s.health.failed("write", &e);
-            e
-        })
+    fn write_raw(&mut self, db: &Db<'_>, wb: rocksdb::WriteBatch) -> Result<()> {
+        self.write_db(db, wb)
+            .inspect_err(|e| self.failed("write", e))
+    }
+
+    /// A failed write marks the store degraded; not with an external log, whose
+    /// failure ends this process's turn as the writer (the log says so itself).
+    fn failed(&self, what: &str, e: &StoreError) {
+        if self.s.config.external_log.is_none() {
+            self.s.health.failed(what, e);
+        }
     }
 
     /// Write one group commit. `idle`: nothing else is queued behind it.
@@ -265,11 +293,10 @@ impl Writer {
         let started = std::time::Instant::now();
         s.writing_since
             .store(now_millis().max(1), Ordering::Release);
-        let written = db.write_opt(wb, &self.write_options());
+        let written = self.write_db(&db, wb);
         s.writing_since.store(0, Ordering::Release);
         if let Err(e) = written {
-            let e = backend(e);
-            s.health.failed("write", &e);
+            self.failed("write", &e);
             return Self::fail(answers, e);
         }
         metrics::histogram!(crate::metrics::APPEND_SECONDS).record(started.elapsed());
@@ -284,6 +311,8 @@ impl Writer {
         // writers are answered once a sync that began after their write is done. A lone
         // group (nothing queued behind it, no sync running) is synced here: waking the
         // sync thread for it would cost two thread switches and win nothing.
+        // With an external log, durable already.
+        let sync = sync && self.log_seq.is_none();
         if sync && self.syncer.is_some() && idle && s.sync_pending.load(Ordering::Acquire) == 0 {
             let started = std::time::Instant::now();
             let synced = db.flush_wal(true).map_err(backend);

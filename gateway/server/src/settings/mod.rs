@@ -145,6 +145,49 @@ pub(crate) struct StoreSettings {
     pub(crate) write_buffer_bytes: usize,
     /// Recently appended messages kept decoded for consumers at the tail, in bytes.
     pub(crate) tail_cache_bytes: usize,
+    /// With `backend = "jetstream"`: the NATS servers, the stream and this node.
+    pub(crate) jetstream: JetStreamSettings,
+}
+
+/// `[store.jetstream]`: the replicated log (see ARCHITECTURE.md, "Replication on NATS
+/// JetStream").
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct JetStreamSettings {
+    /// NATS server URLs.
+    pub(crate) servers: Vec<String>,
+    /// The stream holding the log (the lease bucket is `<stream>-lease`).
+    pub(crate) stream: String,
+    /// This gateway's name in the lease and the log ("": the host name).
+    pub(crate) node_id: String,
+    /// Replicas of the stream and the lease bucket.
+    pub(crate) replicas: usize,
+    /// How long a silent owner keeps the lease.
+    pub(crate) lease_ttl: HumanDuration,
+    /// NATS user and password ("": none).
+    pub(crate) user: String,
+    /// The password for `user`.
+    pub(crate) password: String,
+    /// A NATS token ("": none).
+    pub(crate) token: String,
+    /// A CA file to verify the servers' TLS certificates (TLS on when set).
+    pub(crate) tls_ca_file: Option<PathBuf>,
+}
+
+impl Default for JetStreamSettings {
+    fn default() -> Self {
+        Self {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            stream: "mqgate".into(),
+            node_id: String::new(),
+            replicas: 3,
+            lease_ttl: HumanDuration::millis(10_000),
+            user: String::new(),
+            password: String::new(),
+            token: String::new(),
+            tls_ca_file: None,
+        }
+    }
 }
 
 impl Default for StoreSettings {
@@ -159,6 +202,7 @@ impl Default for StoreSettings {
             block_cache_bytes: 128 << 20,
             write_buffer_bytes: 128 << 20,
             tail_cache_bytes: 32 << 20,
+            jetstream: JetStreamSettings::default(),
         }
     }
 }
@@ -537,6 +581,30 @@ impl Settings {
                 "must be at least 1 (connections the kernel queues before accept)",
             ));
         }
+        let j = &self.store.jetstream;
+        if self.store.backend == Backend::Jetstream {
+            if j.servers.is_empty() {
+                return Err(bad(
+                    "store.jetstream.servers",
+                    "[]",
+                    "list at least one NATS server URL",
+                ));
+            }
+            if j.replicas == 0 || j.replicas > 5 {
+                return Err(bad(
+                    "store.jetstream.replicas",
+                    j.replicas,
+                    "must be 1 to 5 (JetStream's limit; 3 survives the loss of one server)",
+                ));
+            }
+            if j.lease_ttl.get() < std::time::Duration::from_secs(1) {
+                return Err(bad(
+                    "store.jetstream.lease_ttl",
+                    j.lease_ttl,
+                    "must be at least 1s (the owner renews it every fifth of it)",
+                ));
+            }
+        }
         let mut names = HashSet::new();
         for (i, u) in self.users.iter().enumerate() {
             let key = format!("users[{i}].name");
@@ -654,6 +722,36 @@ impl Settings {
         r.tail_cache_bytes = self.store.tail_cache_bytes;
         r.max_open_files = self.rocks_max_open_files();
         r
+    }
+
+    /// The jetstream backend's settings, with `path` as this node's view.
+    pub(crate) fn jetstream(&self, path: &Path) -> mqgate_store::jetstream::JetStreamConfig {
+        let j = &self.store.jetstream;
+        let node = if j.node_id.is_empty() {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "mqgate".into())
+        } else {
+            j.node_id.clone()
+        };
+        let mut c = mqgate_store::jetstream::JetStreamConfig::new(
+            j.servers.clone(),
+            node,
+            self.rocks(path),
+        );
+        c.stream = j.stream.clone();
+        c.replicas = j.replicas;
+        c.lease_ttl = j.lease_ttl.get();
+        if !j.user.is_empty() {
+            c.user = Some((j.user.clone(), j.password.clone()));
+        }
+        if !j.token.is_empty() {
+            c.token = Some(j.token.clone());
+        }
+        c.tls_ca_file = j.tls_ca_file.clone();
+        c
     }
 
     /// RocksDB's open files: within `limits.reserved_fds`, leaving 64 of them for its

@@ -143,7 +143,7 @@ fn bad_values_name_key_value_and_reason() {
     let e = err("[store]\nbackend = \"rockdb\"\n");
     assert_eq!(
         e,
-        "config: store.backend = \"rockdb\": must be rocksdb or memory"
+        "config: store.backend = \"rockdb\": must be rocksdb, jetstream or memory"
     );
     let e = err("[listeners]\nmqtt = \"localhost\"\n");
     assert!(e.contains("listeners.mqtt = \"localhost\""), "{e}");
@@ -216,6 +216,23 @@ fn every_parsed_value_names_key_value_and_reason() {
             "[limits]\nlisten_backlog = 0\n",
             "config: limits.listen_backlog = \"0\": must be at least 1 (connections the kernel \
              queues before accept)"
+                .to_owned(),
+        ),
+        (
+            "[store]\nbackend = \"jetstream\"\n[store.jetstream]\nservers = []\n",
+            "config: store.jetstream.servers = \"[]\": list at least one NATS server URL"
+                .to_owned(),
+        ),
+        (
+            "[store]\nbackend = \"jetstream\"\n[store.jetstream]\nreplicas = 0\n",
+            "config: store.jetstream.replicas = \"0\": must be 1 to 5 (JetStream's limit; 3 \
+             survives the loss of one server)"
+                .to_owned(),
+        ),
+        (
+            "[store]\nbackend = \"jetstream\"\n[store.jetstream]\nlease_ttl = \"500ms\"\n",
+            "config: store.jetstream.lease_ttl = \"500ms\": must be at least 1s (the owner \
+             renews it every fifth of it)"
                 .to_owned(),
         ),
         (
@@ -308,7 +325,7 @@ fn environment_variables_override_the_file_with_the_same_spellings() {
         .0;
     assert_eq!(
         e,
-        "config: store.backend = \"disk\": must be rocksdb or memory"
+        "config: store.backend = \"disk\": must be rocksdb, jetstream or memory"
     );
     let e = from_toml_env("", &[("MQGATE__LIMITS__LOGIN_FAILURE_DELAY", "100")])
         .unwrap_err()
@@ -420,4 +437,32 @@ fn small_profile_cuts_the_caches() {
     let r = s.rocks(std::path::Path::new("/tmp/x"));
     assert_eq!(r.write_buffer_bytes, 8 << 20);
     assert_eq!(r.tail_cache_bytes, 2 << 20);
+}
+
+#[test]
+fn jetstream_settings_reach_the_backend() {
+    let s = from_toml(
+        "[store]\nbackend = \"jetstream\"\npath = \"/v\"\n[store.jetstream]\n\
+         servers = [\"nats://a:4222\", \"nats://b:4222\"]\nstream = \"orders\"\n\
+         node_id = \"gw7\"\nreplicas = 5\nlease_ttl = \"4s\"\nuser = \"u\"\npassword = \"p\"\n",
+    )
+    .unwrap();
+    assert_eq!(s.store.backend, Backend::Jetstream);
+    let j = s.jetstream(Path::new("/v"));
+    assert_eq!(j.servers, ["nats://a:4222", "nats://b:4222"]);
+    assert_eq!(
+        (j.stream.as_str(), j.node_id.as_str(), j.replicas),
+        ("orders", "gw7", 5)
+    );
+    assert_eq!(j.lease_ttl, std::time::Duration::from_secs(4));
+    assert_eq!(j.user, Some(("u".into(), "p".into())));
+    assert_eq!(j.token, None);
+    assert_eq!(j.view.path, Path::new("/v"));
+    // Defaults: one local server, stream "mqgate", 3 replicas, 10 s, the host name.
+    let d = from_toml("[store]\nbackend = \"jetstream\"\n").unwrap();
+    let j = d.jetstream(Path::new("/v"));
+    assert_eq!(j.servers, ["nats://127.0.0.1:4222"]);
+    assert_eq!((j.stream.as_str(), j.replicas), ("mqgate", 3));
+    assert_eq!(j.lease_ttl, std::time::Duration::from_secs(10));
+    assert!(!j.node_id.is_empty());
 }

@@ -306,9 +306,12 @@ macro_rules! keywords {
 
 keywords! {
     /// `store.backend`.
-    Backend, "must be rocksdb or memory" {
+    Backend, "must be rocksdb, jetstream or memory" {
         /// RocksDB in `store.path`.
         Rocksdb = "rocksdb",
+        /// A log replicated on NATS JetStream (`[store.jetstream]`), RocksDB in
+        /// `store.path` as this node's view of it.
+        Jetstream = "jetstream",
         /// In memory: nothing survives a restart.
         Memory = "memory",
     }

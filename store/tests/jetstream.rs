@@ -1,0 +1,269 @@
+//! The jetstream backend's own guarantees, against a 3-node NATS cluster on loopback
+//! that each test starts: a new node rebuilds its view from the log, a stale owner is
+//! fenced and writes nothing after the fence, and writes wait (not fail) while the log
+//! has no quorum. The store conformance suite runs on this backend too
+//! (`conformance.rs`, module `jetstream`).
+#![cfg(feature = "jetstream")]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqgate_store::jetstream::testing::NatsCluster;
+use mqgate_store::jetstream::{open, JetStreamConfig, Replication, Role};
+use mqgate_store::{
+    GroupName, Message, QueueOffset, QueueRef, ReadLimits, RocksConfig, RocksStore, Store,
+    StoreExt, TopicName, WriteBatch,
+};
+
+fn topic(name: &str) -> TopicName {
+    TopicName::new(name).unwrap()
+}
+
+fn q(t: &str, id: u32) -> QueueRef {
+    QueueRef::new(topic(t), id)
+}
+
+fn msg(t: &str, body: &str) -> Message {
+    Message::new(topic(t), Bytes::from(body.to_string()))
+}
+
+fn config(
+    cluster: &NatsCluster,
+    node: &str,
+    dir: &std::path::Path,
+    ttl: Duration,
+) -> JetStreamConfig {
+    let mut cfg = JetStreamConfig::new(cluster.urls(), node, RocksConfig::new(dir.join(node)));
+    cfg.lease_ttl = ttl;
+    cfg
+}
+
+async fn open_node(cfg: JetStreamConfig) -> (Arc<RocksStore>, Replication) {
+    let (s, r) = tokio::time::timeout(Duration::from_secs(60), open(cfg))
+        .await
+        .expect("opened within a minute")
+        .expect("open the jetstream store");
+    (Arc::new(s), r)
+}
+
+async fn bodies(s: &dyn Store, queue: &QueueRef) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let r = s
+            .read(queue, QueueOffset(from), ReadLimits::count(500))
+            .await
+            .unwrap();
+        if r.is_empty() {
+            return out;
+        }
+        for m in r {
+            from = m.entry.offset.0 + 1;
+            out.push(String::from_utf8_lossy(&m.message.message.body).into_owned());
+        }
+    }
+}
+
+async fn in_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// Everything one node wrote (messages in bursts and paced, offsets, kv, timers, a
+/// topic deleted) is there on a node that starts with an empty view folder, and ids
+/// and offsets go on from where the first node stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_rebuilds_its_view_from_the_log() {
+    let cluster = in_blocking(|| NatsCluster::start(3)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = Duration::from_secs(2);
+    let (a, ra) = open_node(config(&cluster, "node-a", dir.path(), ttl)).await;
+    assert!(matches!(ra.role(), Role::Owner { .. }));
+    a.create_topic(&topic("t"), 2).await.unwrap();
+    a.create_topic(&topic("gone"), 1).await.unwrap();
+    // A burst from several writers (grouped), then paced single writes.
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..100 {
+                a.append(msg("t", &format!("{w}:{i}")), vec![q("t", 0)])
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for i in 0..20 {
+        a.append(msg("t", &format!("paced:{i}")), vec![q("t", 1)])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let big = Bytes::from(vec![9u8; 3 << 20]);
+    let mut m = msg("t", "");
+    m.body = big.clone();
+    a.append(m, vec![q("t", 1)]).await.unwrap();
+    let g = GroupName::new("g").unwrap();
+    let mut b = WriteBatch::new();
+    b.commit_offset(g.clone(), q("t", 0), QueueOffset(123))
+        .kv_put("ns", Bytes::from_static(b"k"), Bytes::from_static(b"v"))
+        .timer_put(4_000_000_000_000, Bytes::from_static(b"later"));
+    a.write(b).await.unwrap();
+    assert!(a.delete_topic(&topic("gone")).await.unwrap());
+    let stats = a.stats();
+    let q0 = bodies(a.as_ref(), &q("t", 0)).await;
+    assert_eq!(q0.len(), 400);
+    drop(a);
+    drop(ra);
+
+    // node-b: an empty view; it waits for node-a's lease to expire, then rebuilds.
+    let (b, rb) = open_node(config(&cluster, "node-b", dir.path(), ttl)).await;
+    assert!(matches!(rb.role(), Role::Owner { .. }));
+    assert_eq!(b.stats(), stats);
+    assert!(b.topic(&topic("gone")).is_none());
+    assert_eq!(bodies(b.as_ref(), &q("t", 0)).await, q0);
+    let q1 = b
+        .read(&q("t", 1), QueueOffset(0), ReadLimits::count(100))
+        .await
+        .unwrap();
+    assert_eq!(q1.len(), 21);
+    for (i, m) in q1[..20].iter().enumerate() {
+        assert_eq!(m.message.message.body, format!("paced:{i}").as_bytes());
+    }
+    assert_eq!(q1[20].message.message.body, big, "a record split in parts");
+    assert_eq!(
+        b.committed_offset(&g, &q("t", 0)).await.unwrap(),
+        Some(QueueOffset(123))
+    );
+    assert_eq!(
+        b.kv_get("ns", b"k").await.unwrap(),
+        Some(Bytes::from_static(b"v"))
+    );
+    assert_eq!(
+        b.next_timer().await.unwrap().map(|k| k.due),
+        Some(4_000_000_000_000)
+    );
+    let next = b.append(msg("t", "after"), vec![q("t", 0)]).await.unwrap();
+    assert_eq!(next.offsets[0].1, QueueOffset(400));
+    let status = rb.status().await.unwrap();
+    assert_eq!(status.owner.as_ref().map(|o| o.0.as_str()), Some("node-b"));
+    assert_eq!(status.replicas.len(), 3);
+    assert_eq!(status.applied, status.last_seq);
+}
+
+/// node-a owns the log; its lease goes (as if it had been paused past its time to live)
+/// and node-b takes the log over. node-a's next write fails, it steps down, and the log
+/// holds nothing of it after node-b's fence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_owner_is_fenced_and_steps_down() {
+    let cluster = in_blocking(|| NatsCluster::start(3)).await;
+    let dir = tempfile::tempdir().unwrap();
+    // A long lease: node-a does not renew during the test, as if it were paused.
+    let ttl = Duration::from_secs(120);
+    let (a, mut ra) = open_node(config(&cluster, "node-a", dir.path(), ttl)).await;
+    a.create_topic(&topic("t"), 1).await.unwrap();
+    for i in 0..10 {
+        a.append(msg("t", &format!("a{i}")), vec![q("t", 0)])
+            .await
+            .unwrap();
+    }
+    // The lease expires (deleted here, as its max age would).
+    let nats = async_nats::connect(cluster.urls()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let lease = js.get_key_value("mqgate-lease").await.unwrap();
+    lease.purge("owner").await.unwrap();
+
+    let (b, rb) = open_node(config(&cluster, "node-b", dir.path(), ttl)).await;
+    assert!(matches!(rb.role(), Role::Owner { .. }));
+    assert_eq!(bodies(b.as_ref(), &q("t", 0)).await.len(), 10);
+
+    // node-a still believes it owns the log: its write is refused, not confirmed.
+    let refused = a.append(msg("t", "stale"), vec![q("t", 0)]).await;
+    assert!(refused.is_err(), "a fenced owner confirmed a write");
+    let why = tokio::time::timeout(Duration::from_secs(5), ra.stepped_down())
+        .await
+        .expect("node-a stepped down");
+    assert!(why.contains("another node appended"), "{why}");
+    assert!(a.append(msg("t", "again"), vec![q("t", 0)]).await.is_err());
+
+    b.append(msg("t", "b0"), vec![q("t", 0)]).await.unwrap();
+    let got = bodies(b.as_ref(), &q("t", 0)).await;
+    assert_eq!(got.last().map(String::as_str), Some("b0"));
+    assert!(!got.iter().any(|m| m == "stale" || m == "again"));
+    // No record after node-b's fence comes from node-a.
+    let mut stream = js.get_stream("mqgate").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut fenced_at = None;
+    for seq in 1..=last {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        let id = m.headers.get("Nats-Msg-Id").unwrap().as_str().to_string();
+        if m.headers
+            .get("Mqgate-Fence")
+            .is_some_and(|v| v.as_str().starts_with("node-b/"))
+        {
+            fenced_at = Some(seq);
+        } else if fenced_at.is_some() {
+            assert!(
+                id.starts_with("node-b."),
+                "record {seq} after the fence is {id}"
+            );
+        }
+    }
+    assert!(fenced_at.is_some(), "node-b appended a fence");
+}
+
+/// Two of three NATS servers die: a write waits (nothing is confirmed without a
+/// quorum), reads go on; once they are back the write completes and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_for_a_quorum_and_resume() {
+    let mut cluster = in_blocking(|| NatsCluster::start(3)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _ra) = open_node(config(
+        &cluster,
+        "node-a",
+        dir.path(),
+        Duration::from_secs(10),
+    ))
+    .await;
+    a.create_topic(&topic("t"), 1).await.unwrap();
+    for i in 0..20 {
+        a.append(msg("t", &i.to_string()), vec![q("t", 0)])
+            .await
+            .unwrap();
+    }
+    let mut cluster = in_blocking(move || {
+        cluster.kill(1);
+        cluster.kill(2);
+        cluster
+    })
+    .await;
+    let a2 = a.clone();
+    let pending = tokio::spawn(async move { a2.append(msg("t", "20"), vec![q("t", 0)]).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !pending.is_finished(),
+        "a write was confirmed without a quorum"
+    );
+    assert_eq!(
+        bodies(a.as_ref(), &q("t", 0)).await.len(),
+        20,
+        "reads go on"
+    );
+    let _cluster = in_blocking(move || {
+        cluster.restart(1);
+        cluster.restart(2);
+        cluster
+    })
+    .await;
+    let done = tokio::time::timeout(Duration::from_secs(60), pending)
+        .await
+        .expect("the write completes once the quorum is back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.offsets[0].1, QueueOffset(20));
+    let got = bodies(a.as_ref(), &q("t", 0)).await;
+    assert_eq!(got, (0..=20).map(|i| i.to_string()).collect::<Vec<_>>());
+}
