@@ -7,38 +7,41 @@ pub mod mqtt;
 /// two-thread runtime.
 #[macro_export]
 macro_rules! scenario {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                super::$name($crate::mqtt::Backend::Memory).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn rocks() {
-                super::$name($crate::mqtt::Backend::Rocks).await
-            }
-        }
-    )*};
+    ($($name:ident),* $(,)?) => {
+        $crate::scenario_on!([memory = Memory, rocks = Rocks] $($name),*);
+    };
 }
 
 /// [`scenario!`] plus a third variant, `jetstream`, on the replicated backend (a 3-node
 /// NATS cluster shared by the test process): for the protocol suites.
 #[macro_export]
 macro_rules! scenario_replicated {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn memory() {
-                super::$name($crate::mqtt::Backend::Memory).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn rocks() {
-                super::$name($crate::mqtt::Backend::Rocks).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn jetstream() {
-                super::$name($crate::mqtt::Backend::JetStream).await
-            }
-        }
+    ($($name:ident),* $(,)?) => {
+        $crate::scenario_on!([memory = Memory, rocks = Rocks, jetstream = JetStream] $($name),*);
+    };
+}
+
+/// `scenario_on!([variant = Backend, ...] a, b)`: a module per scenario, a test per
+/// variant.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! scenario_on {
+    ($variants:tt $($name:ident),* $(,)?) => {$(
+        $crate::scenario_module!($name $variants);
     )*};
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! scenario_module {
+    ($name:ident [$($variant:ident = $backend:ident),*]) => {
+        mod $name {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $variant() {
+                    super::$name($crate::mqtt::Backend::$backend).await
+                }
+            )*
+        }
+    };
 }

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::free_port;
 use lapin::options::*;
-use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use mqgate_store::jetstream::testing::NatsCluster;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -137,16 +136,7 @@ async fn amqp_connect(ports: &[u16]) -> (lapin::Connection, lapin::Channel) {
             let url = format!("amqp://guest:guest@127.0.0.1:{p}/%2f");
             if let Ok(conn) = lapin::Connection::connect(&url, Default::default()).await {
                 let ch = conn.create_channel().await.unwrap();
-                ch.queue_declare(
-                    AMQP_QUEUE.into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
+                common::durable_queue(&ch, AMQP_QUEUE).await;
                 ch.confirm_select(ConfirmSelectOptions::default())
                     .await
                     .unwrap();
@@ -323,6 +313,25 @@ async fn check_delivered(
 
 const N: usize = 600;
 
+type AmqpRun = (BTreeSet<usize>, Option<Duration>);
+
+/// Wait for both publishers (4 minutes at most); each got all `N` confirmed.
+async fn both_done(
+    amqp: tokio::task::JoinHandle<AmqpRun>,
+    mqtt: tokio::task::JoinHandle<BTreeSet<usize>>,
+) -> (BTreeSet<usize>, Option<Duration>, BTreeSet<usize>) {
+    let (amqp_confirmed, first) = tokio::time::timeout(Duration::from_secs(240), amqp)
+        .await
+        .expect("the AMQP publisher finished")
+        .unwrap();
+    let mqtt_acked = tokio::time::timeout(Duration::from_secs(240), mqtt)
+        .await
+        .expect("the MQTT publisher finished")
+        .unwrap();
+    assert_eq!((amqp_confirmed.len(), mqtt_acked.len()), (N, N));
+    (amqp_confirmed, first, mqtt_acked)
+}
+
 /// Two gateways on a fresh 3-node cluster: gw1 owns the log and listens, gw2 is a
 /// standby without listeners; the MQTT subscriber's session exists.
 async fn two_gateways(dir: &Path, urls: &[String]) -> (Gateway, Gateway) {
@@ -356,15 +365,7 @@ async fn owner_killed_under_load_standby_takes_over_nothing_confirmed_lost() {
     gw2.wait_listening(Duration::from_secs(30));
     let takeover = killed_at.elapsed();
 
-    let (amqp_confirmed, first_confirm) = tokio::time::timeout(Duration::from_secs(240), amqp)
-        .await
-        .expect("the AMQP publisher finished")
-        .unwrap();
-    let mqtt_acked = tokio::time::timeout(Duration::from_secs(240), mqtt)
-        .await
-        .expect("the MQTT publisher finished")
-        .unwrap();
-    assert_eq!((amqp_confirmed.len(), mqtt_acked.len()), (N, N));
+    let (amqp_confirmed, first_confirm, mqtt_acked) = both_done(amqp, mqtt).await;
     let (amqp_dups, mqtt_dups) =
         check_delivered(gw2.amqp, gw2.mqtt, &amqp_confirmed, &mqtt_acked).await;
     eprintln!(
@@ -437,15 +438,7 @@ async fn stream_leader_killed_writes_pause_and_resume() {
     .await
     .unwrap();
     let killed = Instant::now();
-    let (amqp_confirmed, _) = tokio::time::timeout(Duration::from_secs(240), amqp)
-        .await
-        .expect("the AMQP publisher finished")
-        .unwrap();
-    let mqtt_acked = tokio::time::timeout(Duration::from_secs(240), mqtt)
-        .await
-        .expect("the MQTT publisher finished")
-        .unwrap();
-    assert_eq!((amqp_confirmed.len(), mqtt_acked.len()), (N, N));
+    let (amqp_confirmed, _, mqtt_acked) = both_done(amqp, mqtt).await;
     let (amqp_dups, mqtt_dups) =
         check_delivered(gw1.amqp, gw1.mqtt, &amqp_confirmed, &mqtt_acked).await;
     eprintln!(
@@ -481,15 +474,7 @@ async fn paused_owner_is_fenced_when_it_resumes() {
     let exit = gw1.wait_exit(Duration::from_secs(30));
     assert!(!exit.success(), "a fenced owner exits non-zero: {exit:?}");
 
-    let (amqp_confirmed, _) = tokio::time::timeout(Duration::from_secs(240), amqp)
-        .await
-        .expect("the AMQP publisher finished")
-        .unwrap();
-    let mqtt_acked = tokio::time::timeout(Duration::from_secs(240), mqtt)
-        .await
-        .expect("the MQTT publisher finished")
-        .unwrap();
-    assert_eq!((amqp_confirmed.len(), mqtt_acked.len()), (N, N));
+    let (amqp_confirmed, _, mqtt_acked) = both_done(amqp, mqtt).await;
     check_delivered(gw2.amqp, gw2.mqtt, &amqp_confirmed, &mqtt_acked).await;
 
     // The log: after gw2's fence, every record is gw2's.

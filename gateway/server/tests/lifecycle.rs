@@ -17,16 +17,7 @@ async fn publish_confirmed(b: &Broker, queue: &str, n: usize) {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    common::durable_queue(&ch, queue).await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();

@@ -42,16 +42,7 @@ async fn traffic(b: &Broker, secs: u64) {
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    ch.queue_declare(
-        "prom.q".into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    common::durable_queue(&ch, "prom.q").await;
     let mut retry = FieldTable::default();
     retry.insert(
         "x-retry-policy".into(),

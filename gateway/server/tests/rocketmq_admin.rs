@@ -108,16 +108,7 @@ async fn confirm_channel(conn: &lapin::Connection) -> lapin::Channel {
 
 /// A durable queue `queue` bound to `exchange` with key `queue`.
 async fn bound_queue(ch: &lapin::Channel, exchange: &str, queue: &str) {
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    common::durable_queue(ch, queue).await;
     ch.queue_bind(
         queue.into(),
         exchange.into(),

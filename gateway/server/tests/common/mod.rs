@@ -332,3 +332,17 @@ pub fn dashboard_queries() -> Vec<(String, String, String)> {
     }
     out
 }
+
+/// Declare a durable queue `name` (no arguments) on `ch`.
+pub async fn durable_queue(ch: &lapin::Channel, name: &str) {
+    ch.queue_declare(
+        name.into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("queue.declare");
+}
