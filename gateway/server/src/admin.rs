@@ -226,7 +226,9 @@ async fn cluster(State(s): State<AdminState>) -> ApiResult {
         "stream": st.stream,
         "node": st.node,
         "this_node": role,
-        "owner": st.owner.as_ref().map(|(n, e)| json!({ "node": n, "epoch": e })),
+        // The lease's current revision (it moves at each renewal); the owner's epoch is
+        // the revision it took the log with, `this_node.epoch` on the owner.
+        "owner": st.owner.as_ref().map(|(n, r)| json!({ "node": n, "lease_revision": r })),
         "first_seq": st.first_seq,
         "last_seq": st.last_seq,
         "applied": st.applied,

@@ -588,13 +588,14 @@ pub(crate) fn cluster(r: &Remote, cmd: Cluster) -> anyhow::Result<()> {
                 println!("not replicated: store.backend = {}", cell(&v["backend"]));
             } else {
                 println!(
-                    "stream {}: records {}..{}; owner {} (epoch {}); answered by {}",
+                    "stream {}: records {}..{}; owner {}; answered by {} ({}, epoch {})",
                     cell(&v["stream"]),
                     cell(&v["first_seq"]),
                     cell(&v["last_seq"]),
                     cell(&v["owner"]["node"]),
-                    cell(&v["owner"]["epoch"]),
                     cell(&v["node"]),
+                    cell(&v["this_node"]["role"]),
+                    cell(&v["this_node"]["epoch"]),
                 );
                 c.print(&v["nodes"], &["node", "role", "applied", "lag"]);
                 c.print(

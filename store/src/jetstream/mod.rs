@@ -161,7 +161,8 @@ pub struct ClusterStatus {
     pub node: String,
     /// This node's role.
     pub role: Role,
-    /// The node holding the lease, and the lease's revision (the epoch), if any.
+    /// The node holding the lease and the lease's current revision (it moves at each
+    /// renewal; the owner's epoch is the revision it took the log with), if any.
     pub owner: Option<(String, u64)>,
     /// The stream's first and last sequence.
     pub first_seq: u64,
