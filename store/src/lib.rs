@@ -29,7 +29,7 @@ mod types;
 pub use error::{Result, StoreError};
 pub use memory::MemoryStore;
 #[cfg(feature = "rocksdb")]
-pub use rocks::{ExternalLog, RocksConfig, RocksStore};
+pub use rocks::{ApplyRecord, ExternalLog, RocksConfig, RocksStore};
 pub use store::{
     Appended, Degraded, FsyncPolicy, Retention, RetentionReport, Store, StoreExt, StoreHealth,
     StoreStats, WriteBatch, WriteOp, WriteReceipt,

@@ -267,3 +267,79 @@ async fn writes_wait_for_a_quorum_and_resume() {
     let got = bodies(a.as_ref(), &q("t", 0)).await;
     assert_eq!(got, (0..=20).map(|i| i.to_string()).collect::<Vec<_>>());
 }
+
+/// Retention on the replicated log: after the store deletes old messages, the records
+/// that held only them (and state since rewritten) are purged from the stream, their
+/// live state copied forward first; a node that starts with an empty view rebuilds
+/// exactly what is live (messages kept, offsets, keyed area, timers, counters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_the_log_and_a_new_node_rebuilds_what_is_live() {
+    let cluster = in_blocking(|| NatsCluster::start(3)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = Duration::from_secs(2);
+    let mut cfg = config(&cluster, "node-a", dir.path(), ttl);
+    cfg.view.retention = mqgate_store::Retention {
+        max_age: None,
+        max_bytes: Some(100 << 10),
+    };
+    let (a, ra) = open_node(cfg).await;
+    a.create_topic(&topic("t"), 1).await.unwrap();
+    // State written early, in records that retention will drop.
+    let g = GroupName::new("g").unwrap();
+    let mut b = WriteBatch::new();
+    b.commit_offset(g.clone(), q("t", 0), QueueOffset(7))
+        .kv_put(
+            "ns",
+            Bytes::from_static(b"early"),
+            Bytes::from_static(b"kept"),
+        )
+        .timer_put(4_000_000_000_000, Bytes::from_static(b"later"));
+    a.write(b).await.unwrap();
+    let body = "x".repeat(1000);
+    for i in 0..400 {
+        a.append(msg("t", &format!("{i:04}{body}")), vec![q("t", 0)])
+            .await
+            .unwrap();
+        if i % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let report = a
+        .enforce_retention(mqgate_store::now_millis())
+        .await
+        .unwrap();
+    assert!(report.messages_deleted > 250, "{report:?}");
+    let nats = async_nats::connect(cluster.urls()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let mut stream = js.get_stream("mqgate").await.unwrap();
+    let first = stream.info().await.unwrap().state.first_sequence;
+    assert!(
+        first > 100,
+        "the stream was purged up to the checkpoint: first {first}"
+    );
+    let stats = a.stats();
+    let live = bodies(a.as_ref(), &q("t", 0)).await;
+    assert_eq!(live.len() as u64, 400 - report.messages_deleted);
+    let range = a.queue_range(&q("t", 0)).unwrap();
+    drop(a);
+    drop(ra);
+
+    let (b, _rb) = open_node(config(&cluster, "node-b", dir.path(), ttl)).await;
+    assert_eq!(b.stats(), stats);
+    assert_eq!(b.queue_range(&q("t", 0)).unwrap(), range);
+    assert_eq!(bodies(b.as_ref(), &q("t", 0)).await, live);
+    assert_eq!(
+        b.committed_offset(&g, &q("t", 0)).await.unwrap(),
+        Some(QueueOffset(7))
+    );
+    assert_eq!(
+        b.kv_get("ns", b"early").await.unwrap(),
+        Some(Bytes::from_static(b"kept"))
+    );
+    assert_eq!(
+        b.next_timer().await.unwrap().map(|k| k.due),
+        Some(4_000_000_000_000)
+    );
+    let next = b.append(msg("t", "after"), vec![q("t", 0)]).await.unwrap();
+    assert_eq!(next.offsets[0].1, range.next);
+}

@@ -43,7 +43,7 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::error::{Result, StoreError};
-use crate::rocks::{ExternalLog, RocksConfig, RocksStore, View};
+use crate::rocks::{ApplyRecord, ExternalLog, RocksConfig, RocksStore, View};
 
 pub mod testing;
 
@@ -59,6 +59,8 @@ const HDR_MSG_ID: &str = "Nats-Msg-Id";
 const HDR_PART: &str = "Mqgate-Part";
 /// On a fence record: the node and epoch that appended it.
 const HDR_FENCE: &str = "Mqgate-Fence";
+/// On a record with appends (each part): the first message id it appends.
+const HDR_FIRST_ID: &str = "Mqgate-First-Id";
 
 /// How the jetstream backend is opened.
 #[derive(Clone, Debug)]
@@ -643,13 +645,18 @@ impl Tail {
                 .as_ref()
                 .and_then(|h| h.get(HDR_PART))
                 .and_then(|v| parse_part(v.as_str()));
+            let first_id = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(HDR_FIRST_ID))
+                .and_then(|v| v.as_str().parse::<u64>().ok());
             match part {
                 None => {
                     // A whole record (an incomplete split one before it is dropped:
                     // its writer died between the parts).
                     self.partial.clear();
                     self.parts_seen = 0;
-                    view.apply(seq, &m.payload)?;
+                    view.apply(seq, first_id, &m.payload)?;
                     self.applied = seq;
                 }
                 Some((i, n)) => {
@@ -666,7 +673,7 @@ impl Tail {
                     if i == n {
                         let record = std::mem::take(&mut self.partial);
                         self.parts_seen = 0;
-                        view.apply(seq, &record)?;
+                        view.apply(seq, first_id, &record)?;
                         self.applied = seq;
                     }
                 }
@@ -682,23 +689,20 @@ fn parse_part(v: &str) -> Option<(u32, u32)> {
 
 /// Where records are applied.
 trait Apply {
-    fn apply(&self, seq: u64, record: &[u8]) -> Result<()>;
+    fn apply(&self, seq: u64, first_id: Option<u64>, record: &[u8]) -> Result<()>;
 }
 
 impl Apply for View {
-    fn apply(&self, seq: u64, record: &[u8]) -> Result<()> {
-        View::apply(self, seq, record)
+    fn apply(&self, seq: u64, first_id: Option<u64>, record: &[u8]) -> Result<()> {
+        View::apply(self, seq, first_id, record)
     }
 }
-
-/// What [`ExternalLog::take_over`] is handed to apply records with.
-type ApplyRecord<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<()>;
 
 struct ApplyFn<'a>(Mutex<ApplyRecord<'a>>);
 
 impl Apply for ApplyFn<'_> {
-    fn apply(&self, seq: u64, record: &[u8]) -> Result<()> {
-        (self.0.lock())(seq, record)
+    fn apply(&self, seq: u64, first_id: Option<u64>, record: &[u8]) -> Result<()> {
+        (self.0.lock())(seq, first_id, record)
     }
 }
 
@@ -941,11 +945,7 @@ impl JsLog {
 }
 
 impl ExternalLog for JsLog {
-    fn take_over(
-        &self,
-        applied: u64,
-        apply: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
-    ) -> Result<u64> {
+    fn take_over(&self, applied: u64, apply: ApplyRecord<'_>) -> Result<u64> {
         let apply = ApplyFn(Mutex::new(apply));
         let mut applied = applied;
         loop {
@@ -975,7 +975,7 @@ impl ExternalLog for JsLog {
             match self.fence(tip)? {
                 Published::Stored => {
                     let fence = tip + 1;
-                    apply.apply(fence, rocksdb::WriteBatch::default().data())?;
+                    apply.apply(fence, None, rocksdb::WriteBatch::default().data())?;
                     *self.last.lock() = fence;
                     self.tip.store(fence, Ordering::Release);
                     tracing::info!(node = %self.node, epoch = self.epoch, fence, "replication: the log is fenced; this node is its only writer");
@@ -987,7 +987,7 @@ impl ExternalLog for JsLog {
         }
     }
 
-    fn append(&self, record: &[u8]) -> Result<u64> {
+    fn append(&self, record: &[u8], first_id: Option<u64>) -> Result<u64> {
         let mut last = self.last.lock();
         let parts: Vec<&[u8]> = if record.is_empty() {
             vec![record]
@@ -999,11 +999,13 @@ impl ExternalLog for JsLog {
             .into_iter()
             .enumerate()
             .map(|(i, p)| {
-                let headers = if n > 1 {
-                    vec![(HDR_PART, format!("{}/{n}", i + 1))]
-                } else {
-                    vec![]
-                };
+                let mut headers = Vec::new();
+                if n > 1 {
+                    headers.push((HDR_PART, format!("{}/{n}", i + 1)));
+                }
+                if let Some(id) = first_id {
+                    headers.push((HDR_FIRST_ID, id.to_string()));
+                }
                 (Bytes::copy_from_slice(p), headers)
             })
             .collect();
@@ -1038,6 +1040,22 @@ impl ExternalLog for JsLog {
         self.appended.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(crate::metrics::REPLICATION_RECORDS).increment(1);
         Ok(seq)
+    }
+
+    fn purge_below(&self, seq: u64) -> Result<()> {
+        self.check()?;
+        let purged = self
+            .rt
+            .block_on(std::future::IntoFuture::into_future(
+                self.stream.purge().sequence(seq),
+            ))
+            .map_err(|e| nats("purge the log below the retention checkpoint", e))?;
+        tracing::info!(
+            below = seq,
+            records = purged.purged,
+            "replication: records before the retention checkpoint purged from the log"
+        );
+        Ok(())
     }
 
     fn poison(&self, reason: &str) {

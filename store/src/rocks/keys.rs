@@ -21,6 +21,16 @@ pub(super) const HEADER_KEY: &[u8] = b"hdr";
 /// With an external log: the sequence of the last log record this view has applied
 /// (u64 BE), written in the same RocksDB batch as the record itself.
 pub(super) const LOG_SEQ_KEY: &[u8] = b"extlog";
+/// With an external log: `extlog/<first message id BE>` -> the sequence (u64 BE) of the
+/// record whose first append took that id, for each record with appends: retention
+/// finds there the oldest record it must keep.
+pub(super) const LOG_INDEX_PREFIX: &[u8] = b"extlog/";
+
+pub(super) fn log_index_key(first_id: u64) -> Vec<u8> {
+    let mut k = LOG_INDEX_PREFIX.to_vec();
+    k.extend_from_slice(&first_id.to_be_bytes());
+    k
+}
 
 pub(super) fn cq_key(uid: u64, queue: u32, offset: u64) -> [u8; 20] {
     let mut k = [0u8; 20];

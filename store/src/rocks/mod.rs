@@ -98,6 +98,10 @@ pub struct RocksConfig {
     pub external_log: Option<Arc<dyn ExternalLog>>,
 }
 
+/// How [`ExternalLog::take_over`] applies a record: its sequence, the first message id
+/// it appends (if any), its bytes.
+pub type ApplyRecord<'a> = &'a mut dyn FnMut(u64, Option<u64>, &[u8]) -> Result<()>;
+
 /// A write-ahead log outside RocksDB, replicated elsewhere (`crate::jetstream`).
 ///
 /// A record is the bytes of one RocksDB write batch, as the writer built it; applying
@@ -110,17 +114,20 @@ pub trait ExternalLog: Send + Sync + std::fmt::Debug + 'static {
     /// At open, before anything is served: hand every record after `applied` to
     /// `apply` in order, then fence the log so that from now on only this process
     /// appends to it. Returns the sequence of the last record (the fence's).
-    fn take_over(
-        &self,
-        applied: u64,
-        apply: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
-    ) -> Result<u64>;
+    /// `apply` takes the record's sequence, the first message id it appends (if it
+    /// appends any) and its bytes.
+    fn take_over(&self, applied: u64, apply: ApplyRecord<'_>) -> Result<u64>;
 
-    /// Append one record after every earlier one and return its sequence. Blocks until
-    /// the log holds it durably (a quorum has it); while the log is unreachable it
-    /// waits (writers see back-pressure). An error means this process may not append
+    /// Append one record after every earlier one and return its sequence; `first_id`:
+    /// the first message id the record appends, if any (readers get it back). Blocks
+    /// until the log holds it durably (a quorum has it); while the log is unreachable
+    /// it waits (writers see back-pressure). An error means this process may not append
     /// again (another one owns the log, or the store is closing).
-    fn append(&self, record: &[u8]) -> Result<u64>;
+    fn append(&self, record: &[u8], first_id: Option<u64>) -> Result<u64>;
+
+    /// Drop the records below `seq`: everything they held that is still live has been
+    /// copied forward into a later record (retention's checkpoint).
+    fn purge_below(&self, seq: u64) -> Result<()>;
 
     /// The local view failed to apply a record the log holds: this process must stop
     /// writing (a restart replays the record from the log).
@@ -385,13 +392,17 @@ fn applied_seq(db: &DB) -> Result<u64> {
     }
 }
 
-/// Apply one external-log record to `db` (WAL off), with its sequence.
-fn apply_record(db: &DB, seq: u64, record: &[u8]) -> Result<()> {
+/// Apply one external-log record to `db` (WAL off), with its sequence (and, for a
+/// record with appends, the index entry retention looks up).
+fn apply_record(db: &DB, seq: u64, first_id: Option<u64>, record: &[u8]) -> Result<()> {
     let meta = db
         .cf_handle(CF_META)
         .expect("column family created at open");
     let mut wb = rocksdb::WriteBatch::from_data(record);
     wb.put_cf(meta, keys::LOG_SEQ_KEY, seq.to_be_bytes());
+    if let Some(id) = first_id {
+        wb.put_cf(meta, keys::log_index_key(id), seq.to_be_bytes());
+    }
     let mut no_wal = WriteOptions::default();
     no_wal.disable_wal(true);
     db.write_opt(wb, &no_wal).map_err(backend)
@@ -403,9 +414,9 @@ fn replay_external_log(shared: &Shared, log: &dyn ExternalLog) -> Result<u64> {
     let db = shared.db()?;
     let applied = applied_seq(&db)?;
     let mut records = 0u64;
-    let last = log.take_over(applied, &mut |seq, record| {
+    let last = log.take_over(applied, &mut |seq, first_id, record| {
         records += 1;
-        apply_record(&db, seq, record)
+        apply_record(&db, seq, first_id, record)
     })?;
     tracing::info!(
         from = applied,
@@ -437,8 +448,8 @@ impl View {
         applied_seq(&self.db)
     }
 
-    pub(crate) fn apply(&self, seq: u64, record: &[u8]) -> Result<()> {
-        apply_record(&self.db, seq, record)
+    pub(crate) fn apply(&self, seq: u64, first_id: Option<u64>, record: &[u8]) -> Result<()> {
+        apply_record(&self.db, seq, first_id, record)
     }
 }
 

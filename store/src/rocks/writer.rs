@@ -11,10 +11,10 @@ use rocksdb::{IteratorMode, ReadOptions, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::keys::{
-    cq_key, key_index_prefix, kv_key, nul_prefix_end, offset_topic_key, offsets_key,
+    cq_key, key_index_prefix, kv_key, log_index_key, nul_prefix_end, offset_topic_key, offsets_key,
     offsets_key_topic, offsets_prefix, prefix_range, queue_meta_key, timer_key, topic_meta_key,
     Header, CF_CQ, CF_KEYS, CF_KV, CF_LOG, CF_META, CF_OFFSETS, CF_OFFSET_TOPICS, CF_TIMERS,
-    HEADER_KEY, LOG_SEQ_KEY,
+    HEADER_KEY, LOG_INDEX_PREFIX, LOG_SEQ_KEY,
 };
 use super::{backend, Db, QueueState, Shared, TopicState};
 use crate::codec;
@@ -217,12 +217,21 @@ impl Writer {
 
     /// Write one RocksDB batch: with an external log, append it there first (durable
     /// once that returns) and then apply it here, with the record's sequence.
-    fn write_db(&mut self, db: &Db<'_>, mut wb: rocksdb::WriteBatch) -> Result<()> {
+    /// `first_id`: the first message id the batch appends, if any.
+    fn write_db(
+        &mut self,
+        db: &Db<'_>,
+        mut wb: rocksdb::WriteBatch,
+        first_id: Option<u64>,
+    ) -> Result<()> {
         let Some(log) = self.s.config.external_log.clone() else {
             return db.write_opt(wb, &self.write_options()).map_err(backend);
         };
-        let seq = log.append(wb.data())?;
+        let seq = log.append(wb.data(), first_id)?;
         wb.put_cf(db.cf(CF_META), LOG_SEQ_KEY, seq.to_be_bytes());
+        if let Some(id) = first_id {
+            wb.put_cf(db.cf(CF_META), log_index_key(id), seq.to_be_bytes());
+        }
         db.write_opt(wb, &self.write_options()).map_err(|e| {
             log.poison(&format!("the view could not apply record {seq}: {e}"));
             backend(e)
@@ -234,7 +243,7 @@ impl Writer {
     /// One RocksDB write outside a group commit (topics, retention); a failure marks
     /// the store degraded.
     fn write_raw(&mut self, db: &Db<'_>, wb: rocksdb::WriteBatch) -> Result<()> {
-        self.write_db(db, wb)
+        self.write_db(db, wb, None)
             .inspect_err(|e| self.failed("write", e))
     }
 
@@ -273,6 +282,10 @@ impl Writer {
         };
         let mut answers = Vec::with_capacity(group.len());
         let sync = group.iter().any(|(b, _, _)| !b.no_sync);
+        let appends = group
+            .iter()
+            .any(|(b, _, _)| b.ops.iter().any(|op| matches!(op, WriteOp::Append { .. })));
+        let first_id = appends.then_some(pending.header.next_seq);
         let mut visible = Vec::new();
         for (batch, done, vis) in group {
             match self.stage(&topics, &mut wb, &mut pending, batch, now) {
@@ -293,7 +306,7 @@ impl Writer {
         let started = std::time::Instant::now();
         s.writing_since
             .store(now_millis().max(1), Ordering::Release);
-        let written = self.write_db(&db, wb);
+        let written = self.write_db(&db, wb, first_id);
         s.writing_since.store(0, Ordering::Release);
         if let Err(e) = written {
             self.failed("write", &e);
@@ -762,7 +775,60 @@ impl Writer {
         }
         // Hand whole dead files back to the file system at once.
         let _ = db.delete_file_in_range_cf(db.cf(CF_LOG), 0u64.to_be_bytes(), below.to_be_bytes());
+        if s.config.external_log.is_some() {
+            self.compact_external_log(&db, below)?;
+        }
         Ok(report)
+    }
+
+    /// With an external log, after retention deleted the messages below `below`: the
+    /// records before the one holding message `below` hold nothing live but state
+    /// (offsets, keyed area, timers, topics and queue minimums, counters). Copy that
+    /// state forward into one checkpoint record, then drop those records from the log.
+    /// A node that rebuilds its view replays from the oldest kept record: what it
+    /// replays before the checkpoint is overwritten by it, or deleted later in the log
+    /// as it was here.
+    fn compact_external_log(&mut self, db: &Db<'_>, below: u64) -> Result<()> {
+        let Some(log) = self.s.config.external_log.clone() else {
+            return Ok(());
+        };
+        // The record whose first append is the greatest id <= `below` holds `below`.
+        let seek = log_index_key(below);
+        let mut keep = None;
+        let mut stale = Vec::new();
+        for item in db.iterator_cf(
+            db.cf(CF_META),
+            IteratorMode::From(&seek, rocksdb::Direction::Reverse),
+        ) {
+            let (k, v) = item.map_err(backend)?;
+            if !k.starts_with(LOG_INDEX_PREFIX) {
+                break;
+            }
+            if keep.is_none() {
+                keep = Some(super::keys::be_u64(&v)?);
+            } else {
+                stale.push(k);
+            }
+        }
+        let Some(keep) = keep else {
+            return Ok(());
+        };
+        let mut wb = rocksdb::WriteBatch::default();
+        for cf in [CF_OFFSETS, CF_OFFSET_TOPICS, CF_KV, CF_TIMERS, CF_META] {
+            for item in db.iterator_cf(db.cf(cf), IteratorMode::Start) {
+                let (k, v) = item.map_err(backend)?;
+                if cf == CF_META && (&*k == LOG_SEQ_KEY || k.starts_with(LOG_INDEX_PREFIX)) {
+                    continue;
+                }
+                wb.put_cf(db.cf(cf), k, v);
+            }
+        }
+        // Index entries of records about to go.
+        for k in stale {
+            wb.delete_cf(db.cf(CF_META), k);
+        }
+        self.write_raw(db, wb)?;
+        log.purge_below(keep)
     }
 }
 
