@@ -166,8 +166,6 @@ pub(super) struct JsLog {
     pub(super) role: Arc<watch::Sender<Role>>,
     pub(super) closing: AtomicBool,
     pub(super) lost: AtomicBool,
-    /// Records appended since the take-over.
-    pub(super) appended: AtomicU64,
     /// `last`, readable without waiting for an append in progress.
     pub(super) tip: AtomicU64,
 }
@@ -414,7 +412,6 @@ impl ExternalLog for JsLog {
             *last = seq;
             self.tip.store(seq, Ordering::Release);
         }
-        self.appended.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(crate::metrics::REPLICATION_RECORDS).increment(1);
         Ok(seq)
     }

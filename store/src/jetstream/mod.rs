@@ -171,7 +171,6 @@ pub async fn open(cfg: JetStreamConfig) -> Result<(RocksStore, Replication)> {
         role: Arc::clone(&role_tx),
         closing: AtomicBool::new(false),
         lost: AtomicBool::new(false),
-        appended: AtomicU64::new(0),
         tip: AtomicU64::new(0),
     });
     let mut view = cfg.view.clone();
