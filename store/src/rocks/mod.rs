@@ -392,6 +392,20 @@ fn applied_seq(db: &DB) -> Result<u64> {
     }
 }
 
+/// Add to a record's batch what the view keeps about it: the sequence of the last
+/// record applied and, for a record with appends, the index entry retention looks up.
+fn mark_applied(
+    wb: &mut rocksdb::WriteBatch,
+    meta: &ColumnFamily,
+    seq: u64,
+    first_id: Option<u64>,
+) {
+    wb.put_cf(meta, keys::LOG_SEQ_KEY, seq.to_be_bytes());
+    if let Some(id) = first_id {
+        wb.put_cf(meta, keys::log_index_key(id), seq.to_be_bytes());
+    }
+}
+
 /// Apply one external-log record to `db` (WAL off), with its sequence (and, for a
 /// record with appends, the index entry retention looks up).
 fn apply_record(db: &DB, seq: u64, first_id: Option<u64>, record: &[u8]) -> Result<()> {
@@ -399,10 +413,7 @@ fn apply_record(db: &DB, seq: u64, first_id: Option<u64>, record: &[u8]) -> Resu
         .cf_handle(CF_META)
         .expect("column family created at open");
     let mut wb = rocksdb::WriteBatch::from_data(record);
-    wb.put_cf(meta, keys::LOG_SEQ_KEY, seq.to_be_bytes());
-    if let Some(id) = first_id {
-        wb.put_cf(meta, keys::log_index_key(id), seq.to_be_bytes());
-    }
+    mark_applied(&mut wb, meta, seq, first_id);
     let mut no_wal = WriteOptions::default();
     no_wal.disable_wal(true);
     db.write_opt(wb, &no_wal).map_err(backend)

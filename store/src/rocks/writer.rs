@@ -228,10 +228,7 @@ impl Writer {
             return db.write_opt(wb, &self.write_options()).map_err(backend);
         };
         let seq = log.append(wb.data(), first_id)?;
-        wb.put_cf(db.cf(CF_META), LOG_SEQ_KEY, seq.to_be_bytes());
-        if let Some(id) = first_id {
-            wb.put_cf(db.cf(CF_META), log_index_key(id), seq.to_be_bytes());
-        }
+        super::mark_applied(&mut wb, db.cf(CF_META), seq, first_id);
         db.write_opt(wb, &self.write_options()).map_err(|e| {
             log.poison(&format!("the view could not apply record {seq}: {e}"));
             backend(e)
@@ -282,9 +279,11 @@ impl Writer {
         };
         let mut answers = Vec::with_capacity(group.len());
         let sync = group.iter().any(|(b, _, _)| !b.no_sync);
-        let appends = group
-            .iter()
-            .any(|(b, _, _)| b.ops.iter().any(|op| matches!(op, WriteOp::Append { .. })));
+        // Only an external log indexes its records by first message id.
+        let appends = s.config.external_log.is_some()
+            && group
+                .iter()
+                .any(|(b, _, _)| b.ops.iter().any(|op| matches!(op, WriteOp::Append { .. })));
         let first_id = appends.then_some(pending.header.next_seq);
         let mut visible = Vec::new();
         for (batch, done, vis) in group {
