@@ -27,8 +27,9 @@ struct Harness {
     dir: TempDir,
     retention: Retention,
     fsync: FsyncPolicy,
+    /// The jetstream kind's stream (its own in the test process's shared cluster).
     #[cfg(feature = "jetstream")]
-    cluster: Option<mqgate_store::jetstream::testing::NatsCluster>,
+    stream: String,
 }
 
 impl Harness {
@@ -44,14 +45,14 @@ impl Harness {
             retention,
             fsync,
             #[cfg(feature = "jetstream")]
-            cluster: None,
+            stream: {
+                static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                format!(
+                    "conf{}",
+                    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                )
+            },
         };
-        #[cfg(feature = "jetstream")]
-        if kind == Kind::JetStream {
-            h.cluster = Some(tokio::task::block_in_place(|| {
-                mqgate_store::jetstream::testing::NatsCluster::start(3)
-            }));
-        }
         h.store = Some(h.open());
         h
     }
@@ -71,8 +72,12 @@ impl Harness {
                 let mut view = RocksConfig::new(self.dir.path().join("view"));
                 view.retention = self.retention;
                 view.fsync = self.fsync;
-                let urls = self.cluster.as_ref().expect("cluster").urls();
-                let cfg = JetStreamConfig::new(urls, "node-a", view);
+                // One 3-node cluster for the whole test binary, a stream per harness.
+                let cluster = tokio::task::block_in_place(
+                    mqgate_store::jetstream::testing::NatsCluster::shared,
+                );
+                let mut cfg = JetStreamConfig::new(cluster.urls(), "node-a", view);
+                cfg.stream = self.stream.clone();
                 let (store, _replication) = tokio::task::block_in_place(|| {
                     tokio::runtime::Handle::current().block_on(open(cfg))
                 })

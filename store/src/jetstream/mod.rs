@@ -147,8 +147,8 @@ pub async fn open(cfg: JetStreamConfig) -> Result<(RocksStore, Replication)> {
     check_server(&client)?;
     let js = jetstream::new(client.clone());
     let max_payload = client.server_info().max_payload.max(64 << 10);
-    let mut stream = ensure_stream(&js, &cfg).await?;
-    let lease = ensure_lease_bucket(&js, &cfg).await?;
+    let mut stream = settle("the stream", || ensure_stream(&js, &cfg)).await?;
+    let lease = settle("the lease bucket", || ensure_lease_bucket(&js, &cfg)).await?;
     let (role_tx, role_rx) = watch::channel(Role::Standby {
         applied: 0,
         last: 0,
@@ -195,6 +195,31 @@ pub async fn open(cfg: JetStreamConfig) -> Result<(RocksStore, Replication)> {
             log: Some(log),
         },
     ))
+}
+
+/// Retry `step` while JetStream is not answering yet (a cluster still electing its
+/// meta leader, or a busy one, times out requests), for up to a minute. Errors that are
+/// not about time (a stream with another configuration) return at once.
+async fn settle<T, F, Fut>(what: &str, mut step: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match step().await {
+            Err(StoreError::Backend(e))
+                if tokio::time::Instant::now() < deadline
+                    && (e.contains("timed out") || e.contains("no responders")) =>
+            {
+                tracing::warn!(error = %e, "replication: JetStream does not answer about {what} yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            r => return r,
+        }
+    }
 }
 
 async fn connect(cfg: &JetStreamConfig) -> Result<async_nats::Client> {
