@@ -6,10 +6,12 @@
 pub mod config;
 mod conn;
 pub mod convert;
+pub mod direct;
 pub mod queue;
 mod server;
 
 pub use mqgate_amqp_codec::{depth, frame, reply};
 
 pub use config::{AmqpConfig, Permission, RetryPolicy};
-pub use server::{AmqpServer, AmqpStats};
+pub use direct::{Direct, DirectError, GetAck, GotMessage};
+pub use server::{AmqpServer, AmqpStats, QueueView};

@@ -53,6 +53,85 @@ pub struct AmqpStats {
     pub bytes_out: AtomicU64,
 }
 
+/// A declared queue, as the management API shows it.
+#[derive(Clone, Debug)]
+pub struct QueueView {
+    /// Its vhost.
+    pub vhost: String,
+    /// Its name.
+    pub name: String,
+    /// Survives restarts.
+    pub durable: bool,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// The connection owning it, if exclusive.
+    pub exclusive_owner: Option<u64>,
+    /// The declare arguments as sent.
+    pub arguments: FieldTable,
+    /// Its core group (lag, in-flight and offsets come from it).
+    pub group: mqgate_store::GroupName,
+    /// Its core topic.
+    pub topic: mqgate_store::TopicName,
+    /// Consumers now.
+    pub consumers: usize,
+    /// An exclusive consumer holds it.
+    pub exclusive_consumer: bool,
+    /// `x-single-active-consumer`.
+    pub single_active: bool,
+}
+
+/// An active consumer, as the management API shows it.
+#[derive(Clone, Debug)]
+pub struct ConsumerView {
+    /// The connection's id.
+    pub connection: u64,
+    /// The channel number.
+    pub channel: u16,
+    /// The consumer tag.
+    pub tag: String,
+    /// The queue's vhost.
+    pub vhost: String,
+    /// The queue.
+    pub queue: String,
+    /// Acknowledgements required (not no-ack).
+    pub ack_required: bool,
+    /// basic.consume with exclusive.
+    pub exclusive: bool,
+    /// Its prefetch.
+    pub prefetch: usize,
+    /// The consume arguments.
+    pub arguments: FieldTable,
+}
+
+/// Keeps a consumer listed while it lives (dropped with the consumer, however it ends).
+pub(crate) struct Listed {
+    shared: Arc<Shared>,
+    key: (u64, u16, String),
+}
+
+impl Listed {
+    pub(crate) fn new(shared: &Arc<Shared>, view: ConsumerView) -> Self {
+        let key = (view.connection, view.channel, view.tag.clone());
+        shared.consumers.lock().insert(key.clone(), view);
+        Self {
+            shared: Arc::clone(shared),
+            key,
+        }
+    }
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.shared.consumers.lock().remove(&self.key);
+    }
+}
+
+impl std::fmt::Debug for Listed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Listed").field(&self.key).finish()
+    }
+}
+
 /// What the adapter keeps about an exchange beyond the core's definition.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ExMeta {
@@ -86,6 +165,10 @@ pub(crate) struct Shared {
         >,
     >,
     pub(crate) stats: AmqpStats,
+    /// Open channels (connection id, channel number), for the management API.
+    pub(crate) channels: Mutex<std::collections::BTreeSet<(u64, u16)>>,
+    /// Active consumers by (connection id, channel, tag), for the management API.
+    pub(crate) consumers: Mutex<std::collections::BTreeMap<(u64, u16, String), ConsumerView>>,
     /// Admission: pending handshakes and open connections (`max_connections`).
     pub(crate) gate: Arc<mqgate_core::net::ConnGate>,
 }
@@ -194,6 +277,8 @@ impl AmqpServer {
             open: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             stats: AmqpStats::default(),
+            channels: Mutex::default(),
+            consumers: Mutex::default(),
             gate,
         });
         // The core expires unused queues (x-expires); the adapter only forgets them.
@@ -265,6 +350,44 @@ impl AmqpServer {
         }
     }
 
+    /// Declared queues, sorted by vhost and name (management API).
+    pub fn queues(&self) -> Vec<QueueView> {
+        let mut v: Vec<QueueView> = self
+            .shared
+            .queues
+            .read()
+            .values()
+            .map(|q| view(q))
+            .collect();
+        v.sort_by(|a, b| (&a.vhost, &a.name).cmp(&(&b.vhost, &b.name)));
+        v
+    }
+
+    /// One declared queue.
+    pub fn queue(&self, vhost: &str, name: &str) -> Option<QueueView> {
+        self.shared.queue(vhost, name).map(|q| view(&q))
+    }
+
+    /// Active consumers, by connection, channel and tag.
+    pub fn consumers(&self) -> Vec<ConsumerView> {
+        self.shared.consumers.lock().values().cloned().collect()
+    }
+
+    /// Open channels: (connection id, channel number).
+    pub fn channels(&self) -> Vec<(u64, u16)> {
+        self.shared.channels.lock().iter().copied().collect()
+    }
+
+    /// The adapter's configuration (users' permissions, vhosts).
+    pub fn config(&self) -> &AmqpConfig {
+        &self.shared.cfg
+    }
+
+    /// Whether the exchange was declared `x-delayed-message`.
+    pub fn exchange_delayed(&self, vhost: &str, name: &str) -> bool {
+        self.shared.ex_meta(vhost, name).delayed
+    }
+
     /// The adapter's counters.
     pub fn stats(&self) -> &AmqpStats {
         &self.shared.stats
@@ -286,6 +409,23 @@ impl AmqpServer {
             }
         };
         let _ = tokio::time::timeout(grace, wait).await;
+    }
+}
+
+fn view(q: &Queue) -> QueueView {
+    let s = q.state.lock();
+    QueueView {
+        vhost: q.vhost.clone(),
+        name: q.name.clone(),
+        durable: q.durable,
+        auto_delete: q.auto_delete,
+        exclusive_owner: q.exclusive,
+        arguments: q.raw_args.clone(),
+        group: q.group.clone(),
+        topic: q.topic.clone(),
+        consumers: s.consumers,
+        exclusive_consumer: s.exclusive_consumer,
+        single_active: q.args.single_active,
     }
 }
 

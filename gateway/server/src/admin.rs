@@ -33,6 +33,31 @@ pub(crate) struct AdminState {
     pub(crate) replication: Option<mqgate_store::jetstream::Replication>,
     /// `store.backend`.
     pub(crate) backend: String,
+    /// The RabbitMQ management API's rate samples.
+    pub(crate) rates: Arc<crate::rabbit::Rates>,
+    /// Where the listeners are (RabbitMQ's overview and connections show them).
+    pub(crate) listeners: Listeners,
+    /// When the broker started (ms since the epoch).
+    pub(crate) started_at: mqgate_store::Millis,
+}
+
+/// The bound addresses of the plain listeners.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Listeners {
+    pub(crate) amqp: Option<std::net::SocketAddr>,
+    pub(crate) mqtt: Option<std::net::SocketAddr>,
+    pub(crate) admin: Option<std::net::SocketAddr>,
+}
+
+impl Listeners {
+    /// The listener of `protocol` (`amqp`, `mqtt`).
+    pub(crate) fn of(&self, protocol: &str) -> Option<std::net::SocketAddr> {
+        match protocol {
+            "amqp" => self.amqp,
+            "mqtt" => self.mqtt,
+            _ => None,
+        }
+    }
 }
 
 /// An API error: a status and a message (`{"error": "..."}`).
@@ -88,39 +113,46 @@ fn not_found(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, msg.into())
 }
 
-/// Build the router.
+/// Build the router: mqgate's own API under `/api/mqgate/` (administrators), RabbitMQ's
+/// management API under `/api/` (its own tags, see `rabbit`), and `/metrics`.
 pub(crate) fn router(state: AdminState) -> Router {
-    Router::new()
+    let own = Router::new()
         .route("/metrics", get(metrics))
-        .route("/api/health", get(health))
-        .route("/api/overview", get(overview))
-        .route("/api/cluster", get(cluster))
-        .route("/api/topics", get(topics).post(create_topic))
-        .route("/api/topics/{name}", get(topic).delete(delete_topic))
+        .route("/api/mqgate/health", get(health))
+        .route("/api/mqgate/overview", get(overview))
+        .route("/api/mqgate/cluster", get(cluster))
+        .route("/api/mqgate/topics", get(topics).post(create_topic))
+        .route("/api/mqgate/topics/{name}", get(topic).delete(delete_topic))
         .route(
-            "/api/topics/{name}/queues/{queue}/messages",
+            "/api/mqgate/topics/{name}/queues/{queue}/messages",
             get(queue_messages),
         )
-        .route("/api/groups", get(groups))
-        .route("/api/groups/{name}", get(group))
-        .route("/api/groups/{name}/reset", post(reset_group))
-        .route("/api/dlq/{group}", get(dlq))
-        .route("/api/dlq/{group}/resend", post(resend_dlq))
-        .route("/api/messages/{id}", get(message))
-        .route("/api/messages", get(messages_by_key))
-        .route("/api/producers", get(producers))
-        .route("/api/delayed", get(delayed).delete(cancel_delayed_by_key))
-        .route("/api/delayed/{id}", axum::routing::delete(cancel_delayed))
-        .route("/api/connections", get(connections))
+        .route("/api/mqgate/groups", get(groups))
+        .route("/api/mqgate/groups/{name}", get(group))
+        .route("/api/mqgate/groups/{name}/reset", post(reset_group))
+        .route("/api/mqgate/dlq/{group}", get(dlq))
+        .route("/api/mqgate/dlq/{group}/resend", post(resend_dlq))
+        .route("/api/mqgate/messages/{id}", get(message))
+        .route("/api/mqgate/messages", get(messages_by_key))
+        .route("/api/mqgate/producers", get(producers))
         .route(
-            "/api/connections/{protocol}/{id}",
+            "/api/mqgate/delayed",
+            get(delayed).delete(cancel_delayed_by_key),
+        )
+        .route(
+            "/api/mqgate/delayed/{id}",
+            axum::routing::delete(cancel_delayed),
+        )
+        .route("/api/mqgate/connections", get(connections))
+        .route(
+            "/api/mqgate/connections/{protocol}/{id}",
             axum::routing::delete(close_connection),
         )
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    own.merge(crate::rabbit::router()).with_state(state)
 }
 
-/// Basic auth with an administrator user; `/metrics` and `/api/health` are open (as
+/// Basic auth with an administrator user; `/metrics` and `/api/mqgate/health` are open (as
 /// Prometheus and load balancers expect).
 async fn auth(
     State(s): State<AdminState>,
@@ -128,7 +160,7 @@ async fn auth(
     next: axum::middleware::Next,
 ) -> Response {
     let path = req.uri().path();
-    if path == "/metrics" || path == "/api/health" {
+    if path == "/metrics" || path == "/api/mqgate/health" {
         return next.run(req).await;
     }
     let tried = req.headers().contains_key(header::AUTHORIZATION);

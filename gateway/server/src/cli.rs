@@ -299,23 +299,27 @@ pub(crate) fn topics(r: &Remote, cmd: Topics) -> anyhow::Result<()> {
     let c = Client::new(r);
     match cmd {
         Topics::List => c.print(
-            &c.call("GET", "/api/topics", None)?,
+            &c.call("GET", "/api/mqgate/topics", None)?,
             &["name", "queues", "messages"],
         ),
         Topics::Create { name, queues } => {
             let v = c.call(
                 "POST",
-                "/api/topics",
+                "/api/mqgate/topics",
                 Some(json!({ "name": name, "queues": queues })),
             )?;
             c.print(&v, &["name", "queues"]);
         }
         Topics::Delete { name } => {
-            let v = c.call("DELETE", &format!("/api/topics/{}", enc(&name)), None)?;
+            let v = c.call(
+                "DELETE",
+                &format!("/api/mqgate/topics/{}", enc(&name)),
+                None,
+            )?;
             c.print(&v, &["deleted"]);
         }
         Topics::Offsets { name } => {
-            let v = c.call("GET", &format!("/api/topics/{}", enc(&name)), None)?;
+            let v = c.call("GET", &format!("/api/mqgate/topics/{}", enc(&name)), None)?;
             if c.json {
                 c.print(&v, &[]);
             } else {
@@ -365,17 +369,17 @@ pub(crate) fn groups(r: &Remote, cmd: Groups) -> anyhow::Result<()> {
     let c = Client::new(r);
     match cmd {
         Groups::List => c.print(
-            &c.call("GET", "/api/groups", None)?,
+            &c.call("GET", "/api/mqgate/groups", None)?,
             &["name", "members", "lag"],
         ),
         Groups::Show { name } => show_group(
             &c,
-            &c.call("GET", &format!("/api/groups/{}", enc(&name)), None)?,
+            &c.call("GET", &format!("/api/mqgate/groups/{}", enc(&name)), None)?,
         ),
         Groups::Reset { name, to } => {
             let v = c.call(
                 "POST",
-                &format!("/api/groups/{}/reset", enc(&name)),
+                &format!("/api/mqgate/groups/{}/reset", enc(&name)),
                 Some(json!({ "to": parse_to(&to)? })),
             )?;
             show_group(&c, &v);
@@ -403,7 +407,7 @@ pub(crate) fn dlq(r: &Remote, cmd: Dlq) -> anyhow::Result<()> {
         Dlq::List { group, from, limit } => {
             let v = c.call(
                 "GET",
-                &format!("/api/dlq/{}?from={from}&limit={limit}", enc(&group)),
+                &format!("/api/mqgate/dlq/{}?from={from}&limit={limit}", enc(&group)),
                 None,
             )?;
             c.print(
@@ -414,7 +418,7 @@ pub(crate) fn dlq(r: &Remote, cmd: Dlq) -> anyhow::Result<()> {
         Dlq::Show { group, offset } => {
             let v = c.call(
                 "GET",
-                &format!("/api/dlq/{}?from={offset}&limit=1", enc(&group)),
+                &format!("/api/mqgate/dlq/{}?from={offset}&limit=1", enc(&group)),
                 None,
             )?;
             let m = v
@@ -430,7 +434,7 @@ pub(crate) fn dlq(r: &Remote, cmd: Dlq) -> anyhow::Result<()> {
             offsets,
             all_from,
         } => {
-            let path = format!("/api/dlq/{}/resend", enc(&group));
+            let path = format!("/api/mqgate/dlq/{}/resend", enc(&group));
             let Some(mut from) = all_from else {
                 if offsets.is_empty() {
                     bail!("give DLQ offsets, or --all-from <offset>");
@@ -471,7 +475,7 @@ fn count_dlq(c: &Client, group: &str, mut from: u64) -> anyhow::Result<u64> {
     loop {
         let v = c.call(
             "GET",
-            &format!("/api/dlq/{}?from={from}&limit=1000", enc(group)),
+            &format!("/api/mqgate/dlq/{}?from={from}&limit=1000", enc(group)),
             None,
         )?;
         let page = v.as_array().map(|a| a.len()).unwrap_or(0);
@@ -492,13 +496,17 @@ pub(crate) fn messages(r: &Remote, cmd: Messages) -> anyhow::Result<()> {
     let cols = ["id", "topic", "stored_at", "keys", "size", "body"];
     match cmd {
         Messages::Get { id } => {
-            let v = c.call("GET", &format!("/api/messages/{id}"), None)?;
+            let v = c.call("GET", &format!("/api/mqgate/messages/{id}"), None)?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Messages::Key { topic, key } => {
             let v = c.call(
                 "GET",
-                &format!("/api/messages?topic={}&key={}", enc(&topic), enc(&key)),
+                &format!(
+                    "/api/mqgate/messages?topic={}&key={}",
+                    enc(&topic),
+                    enc(&key)
+                ),
                 None,
             )?;
             c.print(&v, &cols);
@@ -512,7 +520,7 @@ pub(crate) fn messages(r: &Remote, cmd: Messages) -> anyhow::Result<()> {
             let v = c.call(
                 "GET",
                 &format!(
-                    "/api/topics/{}/queues/{queue}/messages?from={from}&limit={limit}",
+                    "/api/mqgate/topics/{}/queues/{queue}/messages?from={from}&limit={limit}",
                     enc(&topic)
                 ),
                 None,
@@ -532,7 +540,7 @@ pub(crate) fn delayed(r: &Remote, cmd: Delayed) -> anyhow::Result<()> {
             limit,
             after,
         } => {
-            let mut q = format!("/api/delayed?limit={limit}");
+            let mut q = format!("/api/mqgate/delayed?limit={limit}");
             for (k, v) in [("topic", topic), ("key", key), ("after", after)] {
                 if let Some(v) = v {
                     q.push_str(&format!("&{k}={}", enc(&v)));
@@ -554,11 +562,11 @@ pub(crate) fn delayed(r: &Remote, cmd: Delayed) -> anyhow::Result<()> {
         Delayed::Cancel { id, topic, key } => {
             let v = match (id, topic, key) {
                 (Some(id), _, _) => {
-                    c.call("DELETE", &format!("/api/delayed/{}", enc(&id)), None)?
+                    c.call("DELETE", &format!("/api/mqgate/delayed/{}", enc(&id)), None)?
                 }
                 (None, Some(t), Some(k)) => c.call(
                     "DELETE",
-                    &format!("/api/delayed?topic={}&key={}", enc(&t), enc(&k)),
+                    &format!("/api/mqgate/delayed?topic={}&key={}", enc(&t), enc(&k)),
                     None,
                 )?,
                 _ => bail!("give an id, or --topic and --key"),
@@ -581,7 +589,7 @@ pub(crate) fn cluster(r: &Remote, cmd: Cluster) -> anyhow::Result<()> {
     let c = Client::new(r);
     match cmd {
         Cluster::Status => {
-            let v = c.call("GET", "/api/cluster", None)?;
+            let v = c.call("GET", "/api/mqgate/cluster", None)?;
             if c.json {
                 c.print(&v, &[]);
             } else if v["replicated"] != json!(true) {
@@ -611,7 +619,7 @@ pub(crate) fn cluster(r: &Remote, cmd: Cluster) -> anyhow::Result<()> {
 pub(crate) fn producers(r: &Remote) -> anyhow::Result<()> {
     let c = Client::new(r);
     c.print(
-        &c.call("GET", "/api/producers", None)?,
+        &c.call("GET", "/api/mqgate/producers", None)?,
         &["topic", "producer_group", "messages"],
     );
     Ok(())
@@ -621,13 +629,13 @@ pub(crate) fn connections(r: &Remote, cmd: Connections) -> anyhow::Result<()> {
     let c = Client::new(r);
     match cmd {
         Connections::List => c.print(
-            &c.call("GET", "/api/connections", None)?,
+            &c.call("GET", "/api/mqgate/connections", None)?,
             &["protocol", "id", "peer", "user", "detail", "connected_at"],
         ),
         Connections::Close { protocol, id } => {
             let v = c.call(
                 "DELETE",
-                &format!("/api/connections/{}/{}", enc(&protocol), enc(&id)),
+                &format!("/api/mqgate/connections/{}/{}", enc(&protocol), enc(&id)),
                 None,
             )?;
             c.print(&v, &["protocol", "closed"]);

@@ -12,6 +12,7 @@ mod admin;
 mod cli;
 mod listeners;
 mod metrics;
+mod rabbit;
 mod settings;
 
 use std::net::SocketAddr;
@@ -329,13 +330,16 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     let mqtt = MqttServer::start(broker.clone(), s.mqtt(&users))
         .await
         .context("start the MQTT adapter")?;
+    let mut bound = admin::Listeners::default();
     if let Some(l) = bind("MQTT", s.listeners.mqtt, backlog).await? {
+        bound.mqtt = l.local_addr().ok();
         mqtt.listen(l);
     }
     let amqp = AmqpServer::start(broker.clone(), s.amqp(&users))
         .await
         .context("start the AMQP adapter")?;
     if let Some(l) = bind("AMQP 0-9-1", s.listeners.amqp, backlog).await? {
+        bound.amqp = l.local_addr().ok();
         amqp.listen(l);
     }
     let admin_stop = tokio::sync::watch::channel(false);
@@ -367,7 +371,11 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         );
     }
     if let Some(l) = bind("admin API", s.listeners.admin, backlog).await? {
+        bound.admin = l.local_addr().ok();
         let state = admin::AdminState {
+            rates: Arc::default(),
+            listeners: bound,
+            started_at: broker.now(),
             broker: broker.clone(),
             mqtt: mqtt.clone(),
             amqp: amqp.clone(),
@@ -382,6 +390,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
                 cfg: s.metrics.clone(),
             },
         };
+        rabbit::spawn_sampler(state.clone(), admin_stop.1.clone());
         let mut stop = admin_stop.1.clone();
         tokio::spawn(async move {
             let app = admin::router(state);

@@ -357,7 +357,7 @@ impl Collector {
     }
 }
 
-fn process_rss() -> Option<u64> {
+pub(crate) fn process_rss() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)

@@ -262,9 +262,12 @@ async fn metrics_have_help_and_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     // The API needs an administrator; /metrics does not.
-    assert_eq!(common::http_get(b.admin, "/api/overview", None).0, 401);
     assert_eq!(
-        common::http_get(b.admin, "/api/overview", Some("Z3Vlc3Q6Z3Vlc3Q=")).0,
+        common::http_get(b.admin, "/api/mqgate/overview", None).0,
+        401
+    );
+    assert_eq!(
+        common::http_get(b.admin, "/api/mqgate/overview", Some("Z3Vlc3Q6Z3Vlc3Q=")).0,
         200
     );
 }

@@ -380,8 +380,8 @@ async fn owner_killed_under_load_standby_takes_over_nothing_confirmed_lost() {
         "failover took {takeover:?}"
     );
 
-    // `GET /api/cluster` (what `mqgate cluster status` shows) on the new owner.
-    let (code, body) = common::http_get(gw2.admin, "/api/cluster", Some("Z3Vlc3Q6Z3Vlc3Q="));
+    // `GET /api/mqgate/cluster` (what `mqgate cluster status` shows) on the new owner.
+    let (code, body) = common::http_get(gw2.admin, "/api/mqgate/cluster", Some("Z3Vlc3Q6Z3Vlc3Q="));
     assert_eq!(code, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["replicated"], true);

@@ -21,3 +21,22 @@ fn every_route_is_documented() {
         "docs/openapi.yaml and admin.rs disagree"
     );
 }
+
+/// docs/rabbitmq-management.md lists every RabbitMQ management route mqgate serves.
+#[test]
+fn every_rabbitmq_route_is_documented() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let doc = std::fs::read_to_string(format!("{root}/docs/rabbitmq-management.md")).unwrap();
+    let src = std::fs::read_to_string(format!("{root}/gateway/server/src/rabbit/mod.rs")).unwrap();
+    let route_re = regex::Regex::new(r#"\.route\(\s*"([^"]+)""#).unwrap();
+    let served: Vec<String> = route_re
+        .captures_iter(&src)
+        .map(|c| c[1].to_owned())
+        .collect();
+    assert!(served.len() > 20);
+    let missing: Vec<&String> = served
+        .iter()
+        .filter(|r| !doc.contains(&format!("| `{r}` |")))
+        .collect();
+    assert!(missing.is_empty(), "not in docs/rabbitmq-management.md: {missing:?}");
+}

@@ -1,9 +1,9 @@
 //! RocketMQ features reached from plain AMQP and MQTT 5 clients, checked through the
 //! admin API and the CLI of the real `mqgate` binary (RocksDB, loopback):
 //!
-//! - message keys (`x-keys`): found by `mqgate messages key` and `GET /api/messages`;
+//! - message keys (`x-keys`): found by `mqgate messages key` and `GET /api/mqgate/messages`;
 //! - producer groups (`x-producer-group`, the AMQP client property `producer_group`):
-//!   counted by `GET /api/producers`, `mqgate producers` and /metrics;
+//!   counted by `GET /api/mqgate/producers`, `mqgate producers` and /metrics;
 //! - delayed messages: listed by `mqgate delayed list`, cancelled by key and by id (CLI
 //!   and API), and still cancelled after a SIGKILL and restart.
 
@@ -374,7 +374,10 @@ async fn keys_from_amqp_and_mqtt_find_their_messages() {
     let v = api(
         &node,
         "GET",
-        &format!("/api/messages?topic={}&key=order-2", enc("shop/orders")),
+        &format!(
+            "/api/mqgate/messages?topic={}&key=order-2",
+            enc("shop/orders")
+        ),
     );
     let found = v.as_array().expect("an array");
     assert_eq!(found.len(), 1, "{v}");
@@ -393,7 +396,7 @@ async fn keys_from_amqp_and_mqtt_find_their_messages() {
 // b. Producer groups
 // ---------------------------------------------------------------------------------------
 
-/// The count of `group` on `topic` in a `GET /api/producers` / `mqgate producers --json`
+/// The count of `group` on `topic` in a `GET /api/mqgate/producers` / `mqgate producers --json`
 /// answer.
 fn produced(v: &Value, topic: &str, group: &str) -> Option<u64> {
     v.as_array()
@@ -403,7 +406,7 @@ fn produced(v: &Value, topic: &str, group: &str) -> Option<u64> {
         .and_then(|p| p["messages"].as_u64())
 }
 
-/// What `group` published, summed over the topics of a `GET /api/producers` answer.
+/// What `group` published, summed over the topics of a `GET /api/mqgate/producers` answer.
 fn produced_by(v: &Value, group: &str) -> u64 {
     v.as_array()
         .expect("an array")
@@ -504,7 +507,7 @@ async fn producer_groups_of_amqp_and_mqtt_clients_are_counted() {
     let node = Node::start_temp();
     let (conn, _mqtt) = publish_as_three_groups(&node, &["prod-sub"]).await;
 
-    let v = api(&node, "GET", "/api/producers");
+    let v = api(&node, "GET", "/api/mqgate/producers");
     assert_eq!(produced_by(&v, "billing"), 3, "{v}");
     assert_eq!(produced_by(&v, "refunds"), 1, "{v}");
     assert_eq!(produced_by(&v, "sensors"), 1, "{v}");
@@ -524,10 +527,10 @@ async fn producer_groups_of_amqp_and_mqtt_clients_are_counted() {
         assert!(table.contains(g), "{g}: {table}");
     }
 
-    // A stored topic's own view lists the producer groups /api/producers has for it
+    // A stored topic's own view lists the producer groups /api/mqgate/producers has for it
     // (here none: producers are counted under the address they wrote to, the exchange
     // and the MQTT topic, and the stored topics are the queues' and sessions').
-    let topics = api(&node, "GET", "/api/topics");
+    let topics = api(&node, "GET", "/api/mqgate/topics");
     let mut viewed = 0;
     for t in topics.as_array().unwrap() {
         let name = t["name"].as_str().unwrap();
@@ -538,7 +541,7 @@ async fn producer_groups_of_amqp_and_mqtt_clients_are_counted() {
             .filter(|p| p["topic"] == name)
             .map(|p| serde_json::json!({"producer_group": p["producer_group"], "messages": p["messages"]}))
             .collect();
-        let view = api(&node, "GET", &format!("/api/topics/{}", enc(name)));
+        let view = api(&node, "GET", &format!("/api/mqgate/topics/{}", enc(name)));
         let mut got = view["producers"]
             .as_array()
             .unwrap_or_else(|| panic!("no producers in {view}"))
@@ -580,7 +583,7 @@ async fn producer_counts_are_per_topic_published_to() {
     let node = Node::start_temp();
     let (conn, _mqtt) = publish_as_three_groups(&node, &["prod-sub-1", "prod-sub-2"]).await;
 
-    let v = api(&node, "GET", "/api/producers");
+    let v = api(&node, "GET", "/api/mqgate/producers");
     assert_eq!(produced(&v, "invoices", "billing"), Some(3), "{v}");
     assert_eq!(produced(&v, "invoices", "refunds"), Some(1), "{v}");
     assert_eq!(produced(&v, "plant/temp", "sensors"), Some(1), "{v}");
@@ -748,7 +751,7 @@ async fn delayed_amqp_messages_cancelled_by_key_and_id_stay_cancelled_after_a_cr
     assert_eq!(r["cancelled"], 1, "{r}");
 
     // Cancel the keyless one by the id the API lists.
-    let v = api(&node, "GET", "/api/delayed?topic=later");
+    let v = api(&node, "GET", "/api/mqgate/delayed?topic=later");
     let ids: Vec<(&str, &Value)> = v["items"]
         .as_array()
         .unwrap()
@@ -771,7 +774,7 @@ async fn delayed_amqp_messages_cancelled_by_key_and_id_stay_cancelled_after_a_cr
     let (status, body) = common::http(
         node.admin,
         "DELETE",
-        &format!("/api/delayed/{keyless}"),
+        &format!("/api/mqgate/delayed/{keyless}"),
         Some(GUEST),
         None,
     );
@@ -780,7 +783,7 @@ async fn delayed_amqp_messages_cancelled_by_key_and_id_stay_cancelled_after_a_cr
     let (status, body) = common::http(
         node.admin,
         "DELETE",
-        "/api/delayed/not-an-id",
+        "/api/mqgate/delayed/not-an-id",
         Some(GUEST),
         None,
     );
@@ -827,7 +830,7 @@ async fn delayed_amqp_messages_cancelled_by_key_and_id_stay_cancelled_after_a_cr
     let ch = conn.create_channel().await.unwrap();
     let got = consume_until(&ch, "later.q", due_by + Duration::from_secs(4)).await;
     assert_eq!(got, ["keep-me"]);
-    let v = api(&node, "GET", "/api/delayed?topic=later");
+    let v = api(&node, "GET", "/api/mqgate/delayed?topic=later");
     assert_eq!(v["items"], serde_json::json!([]), "{v}");
     conn.close(0, "bye".into()).await.ok();
 }
@@ -851,7 +854,7 @@ async fn delayed_mqtt_publish_cancelled_by_key_is_never_delivered() {
         .await;
 
     let topic = enc("door/alarm");
-    let v = api(&node, "GET", &format!("/api/delayed?topic={topic}"));
+    let v = api(&node, "GET", &format!("/api/mqgate/delayed?topic={topic}"));
     let items = v["items"].as_array().expect("items");
     assert_eq!(items.len(), 2, "{v}");
     assert!(
@@ -865,7 +868,7 @@ async fn delayed_mqtt_publish_cancelled_by_key_is_never_delivered() {
     let r = api(
         &node,
         "DELETE",
-        &format!("/api/delayed?topic={topic}&key=m-cancel"),
+        &format!("/api/mqgate/delayed?topic={topic}&key=m-cancel"),
     );
     assert_eq!(r["cancelled"], 1, "{r}");
     assert_eq!(r["topic"], "door/alarm");
@@ -874,19 +877,19 @@ async fn delayed_mqtt_publish_cancelled_by_key_is_never_delivered() {
     let r = api(
         &node,
         "DELETE",
-        &format!("/api/delayed?topic={topic}&key=m-cancel"),
+        &format!("/api/mqgate/delayed?topic={topic}&key=m-cancel"),
     );
     assert_eq!(r["cancelled"], 0, "{r}");
     // Without a key: a bad request.
     let (status, body) = common::http(
         node.admin,
         "DELETE",
-        &format!("/api/delayed?topic={topic}"),
+        &format!("/api/mqgate/delayed?topic={topic}"),
         Some(GUEST),
         None,
     );
     assert_eq!(status, 400, "{body}");
-    let v = api(&node, "GET", &format!("/api/delayed?topic={topic}"));
+    let v = api(&node, "GET", &format!("/api/mqgate/delayed?topic={topic}"));
     let keys: Vec<&Value> = v["items"]
         .as_array()
         .unwrap()

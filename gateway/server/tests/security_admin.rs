@@ -20,15 +20,24 @@ fn bad_input_is_400_or_404_with_the_reason() {
     let b = Broker::start();
     let (status, body) = http_post(
         b.admin,
-        "/api/topics",
+        "/api/mqgate/topics",
         GUEST,
         r#"{"name":"huge","queues":100000000}"#,
     );
     assert_eq!(status, 400, "too many queues: {body}");
     assert!(body.contains("queues"), "the reason: {body}");
-    let (status, body) = http_get(b.admin, "/api/topics/nosuch/queues/0/messages", Some(GUEST));
+    let (status, body) = http_get(
+        b.admin,
+        "/api/mqgate/topics/nosuch/queues/0/messages",
+        Some(GUEST),
+    );
     assert_eq!(status, 404, "a range of an unknown topic: {body}");
-    let (status, body) = http_post(b.admin, "/api/topics", GUEST, r#"{"name":"ok","queues":2}"#);
+    let (status, body) = http_post(
+        b.admin,
+        "/api/mqgate/topics",
+        GUEST,
+        r#"{"name":"ok","queues":2}"#,
+    );
     assert_eq!(status, 200, "a sane request still works: {body}");
 }
 
@@ -36,12 +45,12 @@ fn bad_input_is_400_or_404_with_the_reason() {
 fn wrong_passwords_are_answered_later_and_later() {
     let b = Broker::start();
     // No credentials at all (a browser's first request) is not a failure.
-    let (status, _) = http_get(b.admin, "/api/overview", None);
+    let (status, _) = http_get(b.admin, "/api/mqgate/overview", None);
     assert_eq!(status, 401);
     let mut took = Vec::new();
     for _ in 0..4 {
         let t = Instant::now();
-        let (status, _) = http_get(b.admin, "/api/overview", Some(WRONG));
+        let (status, _) = http_get(b.admin, "/api/mqgate/overview", Some(WRONG));
         assert_eq!(status, 401);
         took.push(t.elapsed());
     }
@@ -49,10 +58,10 @@ fn wrong_passwords_are_answered_later_and_later() {
     assert!(took[0] >= Duration::from_millis(200), "{took:?}");
     assert!(took[3] >= Duration::from_millis(1600), "{took:?}");
     // The right password from the same address is answered at once and resets it.
-    let (status, _) = http_get(b.admin, "/api/overview", Some(GUEST));
+    let (status, _) = http_get(b.admin, "/api/mqgate/overview", Some(GUEST));
     assert_eq!(status, 200);
     let t = Instant::now();
-    let (status, _) = http_get(b.admin, "/api/overview", Some(WRONG));
+    let (status, _) = http_get(b.admin, "/api/mqgate/overview", Some(WRONG));
     assert_eq!(status, 401);
     assert!(
         t.elapsed() < Duration::from_millis(1600),

@@ -1,6 +1,6 @@
 //! The real `mqgate` binary with its data folder on a small tmpfs: a full disk makes
 //! durable publishes fail the way each protocol says (AMQP basic.nack, MQTT 5 PUBACK
-//! 0x80 on the message, the connection kept), `/api/health` answers 503 `degraded` and
+//! 0x80 on the message, the connection kept), `/api/mqgate/health` answers 503 `degraded` and
 //! `mqgate_store_degraded` is 1; once space is freed the broker resumes by itself, with
 //! no restart: confirms come back, health is ok (and tells the degraded period), the
 //! gauge is 0, and every publish confirmed before is still there.
@@ -173,7 +173,7 @@ async fn a_full_disk_nacks_publishes_reports_degraded_and_recovers_without_resta
         return;
     };
     let (b, filler) = (&disk.broker, &disk.filler);
-    let (code, health) = http_get(b.admin, "/api/health", None);
+    let (code, health) = http_get(b.admin, "/api/mqgate/health", None);
     assert_eq!(code, 200, "{health}");
     assert!(health.contains(r#""status":"ok""#), "{health}");
     assert_eq!(metric(b.admin, "mqgate_store_degraded"), Some(0.0));
@@ -242,7 +242,7 @@ async fn a_full_disk_nacks_publishes_reports_degraded_and_recovers_without_resta
     println!("{} publishes confirmed, then a nack", acked.len());
 
     // Degraded: health, metric; more publishes are nacked, the connection stays up.
-    let (code, health) = http_get(b.admin, "/api/health", None);
+    let (code, health) = http_get(b.admin, "/api/mqgate/health", None);
     assert_eq!(code, 503, "{health}");
     assert!(health.contains(r#""status":"degraded""#), "{health}");
     assert!(health.contains(r#""reason":"#) && health.contains(r#""since_ms":"#));
@@ -286,7 +286,7 @@ async fn a_full_disk_nacks_publishes_reports_degraded_and_recovers_without_resta
         0,
         "PUBACK success again"
     );
-    let (code, health) = http_get(b.admin, "/api/health", None);
+    let (code, health) = http_get(b.admin, "/api/mqgate/health", None);
     assert_eq!(code, 200, "{health}");
     assert!(health.contains(r#""status":"ok""#), "{health}");
     assert!(health.contains(r#""last_degraded":"#), "{health}");
@@ -418,7 +418,7 @@ async fn a_dead_letter_that_cannot_be_stored_stays_in_its_queue() {
     // Space back: wait for the store to recover, then reject again.
     std::fs::remove_file(filler).unwrap();
     let freed = Instant::now();
-    while http_get(b.admin, "/api/health", None).0 != 200 {
+    while http_get(b.admin, "/api/mqgate/health", None).0 != 200 {
         assert!(freed.elapsed() < Duration::from_secs(20), "never recovered");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -195,6 +195,20 @@ where
         }
         let id = self.next_consumer;
         self.next_consumer += 1;
+        let listed = crate::server::Listed::new(
+            &self.shared,
+            crate::server::ConsumerView {
+                connection: self.id,
+                channel: ch,
+                tag: tag.clone(),
+                vhost: self.vhost.clone(),
+                queue: q.name.clone(),
+                ack_required: !c.no_ack,
+                exclusive: c.exclusive,
+                prefetch,
+                arguments: c.arguments.clone(),
+            },
+        );
         let chan = self.chan(ch);
         chan.tags.insert(tag.clone(), id);
         chan.consumers.insert(
@@ -209,6 +223,7 @@ where
                 unacked: 0,
                 cancelled: false,
                 exclusive: c.exclusive,
+                _listed: Some(listed),
             },
         );
         if !c.nowait {
@@ -334,6 +349,7 @@ where
                         unacked: 0,
                         cancelled: false,
                         exclusive: false,
+                        _listed: None,
                     },
                 );
                 id

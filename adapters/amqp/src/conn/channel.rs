@@ -141,6 +141,7 @@ where
                 if self.channels.insert(ch, Channel::default()).is_none() {
                     self.shared.stats.channels.fetch_add(1, Ordering::Relaxed);
                 }
+                self.shared.channels.lock().insert((self.id, ch));
                 frame::put_method(
                     &mut self.output.out,
                     ch,
@@ -152,12 +153,14 @@ where
                 if self.channels.get(&ch).is_some_and(|c| c.closing) {
                     self.channels.remove(&ch);
                     self.shared.stats.channels.fetch_sub(1, Ordering::Relaxed);
+                    self.shared.channels.lock().remove(&(self.id, ch));
                 }
                 return Ok(());
             }
             AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
                 if let Some(c) = self.channels.remove(&ch) {
                     self.shared.stats.channels.fetch_sub(1, Ordering::Relaxed);
+                    self.shared.channels.lock().remove(&(self.id, ch));
                     self.close_channel_state(c);
                     frame::put_method(
                         &mut self.output.out,

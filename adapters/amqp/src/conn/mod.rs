@@ -104,6 +104,7 @@ pub(crate) async fn run<S>(
         let end = conn.serve(kicked).await;
         shared.conns.lock().remove(&id);
         conn.finish(end).await;
+        shared.channels.lock().retain(|c| c.0 != id);
     } else if conn.is_err() {
         tracing::info!(%peer, "AMQP: handshake timed out; connection closed");
     }
@@ -172,6 +173,8 @@ struct Cons {
     cancelled: bool,
     /// basic.consume with exclusive.
     exclusive: bool,
+    /// Listed for the management API while it lives (basic.consume only).
+    _listed: Option<crate::server::Listed>,
 }
 
 struct Unacked {
