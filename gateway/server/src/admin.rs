@@ -149,7 +149,9 @@ pub(crate) fn router(state: AdminState) -> Router {
             axum::routing::delete(close_connection),
         )
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth));
-    own.merge(crate::rabbit::router()).with_state(state)
+    own.merge(crate::rabbit::router())
+        .merge(crate::console::router())
+        .with_state(state)
 }
 
 /// Basic auth with an administrator user; `/metrics` and `/api/mqgate/health` are open (as

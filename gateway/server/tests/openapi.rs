@@ -38,5 +38,8 @@ fn every_rabbitmq_route_is_documented() {
         .iter()
         .filter(|r| !doc.contains(&format!("| `{r}` |")))
         .collect();
-    assert!(missing.is_empty(), "not in docs/rabbitmq-management.md: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "not in docs/rabbitmq-management.md: {missing:?}"
+    );
 }

@@ -146,11 +146,19 @@ pub(super) fn recover(s: &Shared) -> Result<()> {
         .unwrap_or(header.next_seq);
     s.log_min.store(first_log, Ordering::Release);
 
+    let topic_keys = || {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(b"t/".to_vec());
+        ro.set_iterate_upper_bound(b"t0".to_vec());
+        ro
+    };
+    // Counted first (keys only, fast) so a long recovery can say how far it is.
+    let total = db
+        .iterator_cf_opt(meta, topic_keys(), IteratorMode::Start)
+        .count() as u64;
+    let mut progress = Progress::new(total, PROGRESS_EVERY);
     let mut topics = HashMap::new();
-    let mut ro = ReadOptions::default();
-    ro.set_iterate_lower_bound(b"t/".to_vec());
-    ro.set_iterate_upper_bound(b"t0".to_vec());
-    for item in db.iterator_cf_opt(meta, ro, IteratorMode::Start) {
+    for item in db.iterator_cf_opt(meta, topic_keys(), IteratorMode::Start) {
         let (k, v) = item.map_err(backend)?;
         let name = std::str::from_utf8(&k[2..])
             .map_err(|_| StoreError::Corrupt {
@@ -171,9 +179,68 @@ pub(super) fn recover(s: &Shared) -> Result<()> {
             queues.push(Arc::new(recover_queue(s, uid, q)?));
         }
         topics.insert(name, Arc::new(TopicState { uid, queues }));
+        if let Some(line) = progress.tick() {
+            tracing::info!("{line}");
+        }
+    }
+    if let Some(line) = progress.finish() {
+        tracing::info!("{line}");
     }
     *s.topics.write() = topics;
     Ok(())
+}
+
+/// How often a long recovery reports progress.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Progress lines for an operator waiting on a recovery at start: "recovering: N of M
+/// topics" every `every`, and how long it took, once it took longer than `every`.
+struct Progress {
+    total: u64,
+    done: u64,
+    started: std::time::Instant,
+    last: std::time::Instant,
+    every: std::time::Duration,
+}
+
+impl Progress {
+    fn new(total: u64, every: std::time::Duration) -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            total,
+            done: 0,
+            started: now,
+            last: now,
+            every,
+        }
+    }
+
+    /// One more topic recovered: a line to log, when one is due.
+    fn tick(&mut self) -> Option<String> {
+        self.done += 1;
+        if self.last.elapsed() < self.every || self.done == self.total {
+            return None;
+        }
+        self.last = std::time::Instant::now();
+        Some(format!(
+            "store: recovering: {} of {} topics ({}%)",
+            self.done,
+            self.total,
+            self.done * 100 / self.total.max(1)
+        ))
+    }
+
+    /// The closing line, when the recovery was long enough to report.
+    fn finish(&self) -> Option<String> {
+        let took = self.started.elapsed();
+        (took >= self.every).then(|| {
+            format!(
+                "store: recovered {} topics in {:.1} s",
+                self.done,
+                took.as_secs_f64()
+            )
+        })
+    }
 }
 
 fn recover_queue(s: &Shared, uid: u64, queue: u32) -> Result<QueueState> {
@@ -210,4 +277,33 @@ fn recover_queue(s: &Shared, uid: u64, queue: u32) -> Result<QueueState> {
         min: AtomicU64::new(min),
         next: AtomicU64::new(next.max(min)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Progress;
+    use std::time::Duration;
+
+    #[test]
+    fn progress_reports_n_of_m_when_due() {
+        let mut p = Progress::new(3, Duration::ZERO);
+        assert_eq!(
+            p.tick().as_deref(),
+            Some("store: recovering: 1 of 3 topics (33%)")
+        );
+        assert_eq!(
+            p.tick().as_deref(),
+            Some("store: recovering: 2 of 3 topics (66%)")
+        );
+        // The last one is said by the closing line.
+        assert_eq!(p.tick(), None);
+        assert!(p
+            .finish()
+            .unwrap()
+            .starts_with("store: recovered 3 topics in "));
+        // A quick recovery says nothing.
+        let mut quick = Progress::new(2, Duration::from_secs(3600));
+        assert_eq!(quick.tick(), None);
+        assert_eq!(quick.finish(), None);
+    }
 }

@@ -1,0 +1,1 @@
+// mqgate console (placeholder until the console lands)
