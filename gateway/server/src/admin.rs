@@ -149,7 +149,7 @@ pub(crate) fn router(state: AdminState) -> Router {
             axum::routing::delete(close_connection),
         )
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth));
-    own.merge(crate::rabbit::router())
+    own.merge(crate::rabbit::router(state.clone()))
         .merge(crate::console::router())
         .with_state(state)
 }
