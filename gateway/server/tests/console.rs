@@ -195,7 +195,10 @@ fn console_pages_work_in_a_real_browser() {
     let python = python();
     let shots = target_dir().join("console-screenshots");
     fs::create_dir_all(&shots).expect("create the screenshots folder");
-    for entry in fs::read_dir(&shots).expect("read the screenshots folder").flatten() {
+    for entry in fs::read_dir(&shots)
+        .expect("read the screenshots folder")
+        .flatten()
+    {
         if entry.path().extension().is_some_and(|x| x == "png") {
             let _ = fs::remove_file(entry.path());
         }
