@@ -71,4 +71,7 @@ pub struct ConnectionInfo {
     pub detail: String,
     /// When it connected (ms since the epoch).
     pub connected_at: mqgate_store::Millis,
+    /// What the client said about itself: AMQP's client properties with text values
+    /// (product, version, platform, connection_name...), in the order sent.
+    pub client: Box<[(String, String)]>,
 }

@@ -341,6 +341,7 @@ async fn overview(State(s): State<AdminState>) -> ApiResult {
             "mqtt": m.open_connections(),
         },
         "mqtt_sessions": s.mqtt.session_count(),
+        "memory": { "resident_bytes": crate::metrics::process_rss() },
     })))
 }
 

@@ -536,6 +536,16 @@ async fn a_queue_read_as_kedas_scaler_reads_it_while_it_grows_and_drains() {
             .any(|c| c["consumer_tag"] == "keda-drain" && c["queue"]["name"] == q.as_str()),
         "{consumers}"
     );
+    // The connection, with what the client said about itself.
+    let (_, conns) = read("/api/connections".into()).await;
+    assert!(
+        conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["client_properties"]["product"] == "lapin" && c["user"] == "guest"),
+        "{conns}"
+    );
     ch.queue_delete(q.as_str().into(), Default::default())
         .await
         .unwrap();

@@ -372,6 +372,14 @@ where
         cancel_notify,
         producer_group,
         blocked_notify,
+        client: start_ok
+            .client_properties
+            .inner()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), convert::str_value(v)?)))
+            .take(32)
+            .map(|(k, v)| (k, v.chars().take(256).collect()))
+            .collect(),
         published: false,
         channels: HashMap::new(),
         exclusive: Vec::new(),

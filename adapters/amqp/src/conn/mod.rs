@@ -99,6 +99,7 @@ pub(crate) async fn run<S>(
             user: Some(conn.user.clone()),
             detail: conn.vhost.clone(),
             connected_at: shared.broker.now(),
+            client: std::mem::take(&mut conn.client).into_boxed_slice(),
         };
         shared.conns.lock().insert(id, (info, kick));
         let end = conn.serve(kicked).await;
@@ -235,6 +236,8 @@ struct Conn<S> {
     producer_group: Option<String>,
     /// The client understands connection.blocked.
     blocked_notify: bool,
+    /// Its client properties with text values (listed by the management API).
+    client: Vec<(String, String)>,
     /// It has published: the memory watermark stops reading from it.
     published: bool,
     channels: HashMap<u16, Channel>,

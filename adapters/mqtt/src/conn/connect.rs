@@ -238,6 +238,7 @@ where
                 user: c.username.clone(),
                 detail: format!("{:?}", c.version),
                 connected_at: shared.now(),
+                client: Box::default(),
             },
         },
     );

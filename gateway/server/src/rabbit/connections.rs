@@ -54,7 +54,11 @@ pub(super) fn conn_json(s: &AdminState, c: &mqgate_core::ConnectionInfo) -> Valu
         "connected_at": c.connected_at,
         "auth_mechanism": if amqp { "PLAIN" } else { "MQTT" },
         "ssl": false,
-        "client_properties": if amqp { json!({}) } else { json!({ "client_id": c.id }) },
+        "client_properties": if amqp {
+            Value::Object(c.client.iter().map(|(k, v)| (k.clone(), json!(v))).collect())
+        } else {
+            json!({ "client_id": c.id })
+        },
         // mqgate: the protocol and id its own API and CLI use.
         "mqgate": { "protocol": c.protocol, "id": c.id },
     }))
