@@ -249,6 +249,18 @@ impl crate::Broker {
         true
     }
 
+    /// Since when a managed endpoint has had no user (ms since the epoch); `None` while
+    /// it is in use or not managed.
+    pub fn endpoint_idle_since(&self, group: &GroupName) -> Option<Millis> {
+        self.inner
+            .endpoints
+            .map
+            .lock()
+            .get(group)
+            .filter(|e| e.users == 0)
+            .map(|e| e.idle_since)
+    }
+
     /// The endpoint was used just now (AMQP: declared again, basic.get). `false` when
     /// the sweep is deleting it (the caller treats it as gone).
     pub fn touch_endpoint(&self, group: &GroupName) -> bool {

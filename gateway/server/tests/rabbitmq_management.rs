@@ -299,6 +299,12 @@ fn http_answers_as_rabbitmq_does() {
     );
     let (_, qv) = get_json(&t, &path);
     assert_eq!(qv["arguments"], json!({"x-max-length": 100}));
+    // Without consumers it is idle since its declaration (Flower shows this).
+    let idle = eventually("idle_since is reported", || {
+        let v = get_json(&t, &path).1["idle_since"].clone();
+        (v.is_string(), v)
+    });
+    assert!(idle.as_str().unwrap().ends_with("+00:00"), "{idle}");
     assert_eq!(qv["vhost"], "/");
     // Publish through the default exchange; routed, then unroutable.
     let publish = |key: &str| {

@@ -60,6 +60,36 @@ fn node() -> String {
     format!("mqgate@{host}")
 }
 
+/// Milliseconds since the epoch as RabbitMQ writes times: `2026-12-02T14:43:18.544+00:00`.
+fn iso_ms(ms: u64) -> String {
+    let (secs, milli) = (ms / 1000, ms % 1000);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}+00:00",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+#[test]
+fn iso_ms_is_rabbitmqs_form() {
+    assert_eq!(iso_ms(0), "1970-01-01T00:00:00.000+00:00");
+    assert_eq!(iso_ms(1_796_222_598_544), "2026-12-02T14:43:18.544+00:00");
+    assert_eq!(iso_ms(951_782_400_000), "2000-02-29T00:00:00.000+00:00");
+}
+
 /// An error as RabbitMQ's API answers it: `{"error": ..., "reason": ...}`.
 pub(crate) struct RError(StatusCode, &'static str, String);
 

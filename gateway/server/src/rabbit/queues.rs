@@ -35,6 +35,8 @@ pub(super) async fn queue_json(s: &AdminState, q: &QueueView) -> Value {
         "consumers": q.consumers,
         "consumer_capacity": if q.consumers > 0 { 1.0 } else { 0.0 },
         "single_active_consumer_tag": if q.single_active { consumers.first().map(|c| c.tag.clone()) } else { None },
+        // Unused since (RabbitMQ's form); absent while it has consumers.
+        "idle_since": s.broker.endpoint_idle_since(&q.group).map(iso_ms),
         "messages": c.messages,
         "messages_details": details(r.messages),
         "messages_ready": c.ready,
