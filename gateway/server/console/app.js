@@ -373,20 +373,6 @@
     return h('input', { type: 'search', id, class: 'filter', placeholder, 'aria-label': placeholder, oninput: onInput });
   }
 
-  /** Run `f` over `items` with at most `n` at a time. */
-  async function pool(items, n, f) {
-    const out = new Array(items.length);
-    let next = 0;
-    async function worker() {
-      while (next < items.length) {
-        const i = next++;
-        out[i] = await f(items[i], i);
-      }
-    }
-    await Promise.all(Array.from({ length: Math.min(n, items.length) }, worker));
-    return out;
-  }
-
   // ------------------------------------------------------------------ login
 
   function showLogin(view) {
@@ -537,7 +523,6 @@
 
   const topicSort = { key: 'name', dir: 1 };
   const queueSort = { key: 'name', dir: 1 };
-  const TOPIC_DETAIL_LIMIT = 100;
 
   function pageTopics(c, view) {
     const s = shell(view, 'Topics & queues');
@@ -545,7 +530,6 @@
     const internal = h('input', { type: 'checkbox', id: 'topic-internal', checked: true, onchange: () => drawTopics() });
     const qFilter = filterBox('queue-filter', 'Filter queues', () => drawQueues());
     const topicsBox = h('div', { id: 'topics-box' });
-    const topicsNote = h('div', { class: 'muted', id: 'topics-note' });
     const queuesBox = h('div', { id: 'queues-box' });
     s.body.append(
       h('section', { class: 'panel' },
@@ -556,7 +540,7 @@
         h('h2', null, 'Topics ', h('span', { class: 'muted' }, 'offset-addressed queues: min = oldest stored, next = offset of the next message')),
         h('div', { class: 'toolbar' }, tFilter,
           h('label', null, internal, 'show retry and dead-letter topics')),
-        topicsBox, topicsNote));
+        topicsBox));
 
     let topics = [];
     let details = new Map();
@@ -593,8 +577,6 @@
           },
         ],
       });
-      topicsNote.textContent = rows.length > TOPIC_DETAIL_LIMIT
-        ? `Queue offsets are loaded for the first ${TOPIC_DETAIL_LIMIT} topics shown; filter to see others.` : '';
     }
 
     function drawQueues() {
@@ -650,21 +632,9 @@
       if (!c.alive) return;
       topics = Array.isArray(t) ? t : [];
       queues = Array.isArray(q) ? q : [];
+      // The list carries each topic's queue offsets: one call, however many topics.
+      details = new Map(topics.map((tp) => [tp.name, { offsets: tp.offsets || [] }]));
       drawQueues();
-      drawTopics();
-      const want = visibleTopics().slice(0, TOPIC_DETAIL_LIMIT);
-      const fresh = new Map();
-      await pool(want, 4, async (tp) => {
-        try {
-          fresh.set(tp.name, await get('/api/mqgate/topics/' + enc(tp.name)));
-        } catch (e) {
-          if (e.status === 401) throw e;
-          // Deleted between the list and this call: say so in its row.
-          fresh.set(tp.name, { error: e.status === 404 ? 'deleted' : message(e) });
-        }
-      });
-      if (!c.alive) return;
-      details = fresh;
       drawTopics();
     });
   }
@@ -902,8 +872,7 @@
       const g = (groups || []).find((x) => x.name === group);
       const t = (topics || []).find((x) => x.name === '%DLQ%' + group);
       if (t) {
-        const d = await get('/api/mqgate/topics/' + enc(t.name));
-        const o = (d.offsets || [])[0] || { min: 0, next: 0 };
+        const o = (t.offsets || [])[0] || { min: 0, next: 0 };
         dlqTopic = { name: t.name, messages: t.messages, min: o.min, next: o.next };
       } else {
         dlqTopic = null;

@@ -365,7 +365,10 @@ async fn topics(State(s): State<AdminState>) -> ApiResult {
         .map(|t| {
             let qs = offsets(&s, t);
             let messages: u64 = qs.iter().map(|q| q["messages"].as_u64().unwrap_or(0)).sum();
-            json!({ "name": t.name.as_str(), "queues": t.queue_count, "messages": messages })
+            json!({
+                "name": t.name.as_str(), "queues": t.queue_count, "messages": messages,
+                "offsets": qs,
+            })
         })
         .collect();
     Ok(Json(Value::Array(v)))
