@@ -14,4 +14,4 @@ pub use mqgate_amqp_codec::{depth, frame, reply};
 
 pub use config::{AmqpConfig, Permission, RetryPolicy};
 pub use direct::{Direct, DirectError, GetAck, GotMessage};
-pub use server::{AmqpServer, AmqpStats, QueueView};
+pub use server::{AmqpServer, AmqpStats, ConsumerView, QueueView};

@@ -52,12 +52,16 @@ use json::ListQuery;
 /// release whose API this follows (tools check it), `product_version` is mqgate's.
 const RABBITMQ_VERSION: &str = "3.10.8";
 
-/// The node name shown where RabbitMQ shows its Erlang node.
+/// The node name shown where RabbitMQ shows its Erlang node (read once).
 fn node() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".into());
-    format!("mqgate@{host}")
+    static NODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NODE.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("mqgate@{host}")
+    })
+    .clone()
 }
 
 /// Milliseconds since the epoch as RabbitMQ writes times: `2026-12-02T14:43:18.544+00:00`.
@@ -227,6 +231,7 @@ async fn auth(
             if let Some(ip) = source {
                 s.broker.login_throttle().succeeded(ip);
             }
+            s.rates.touch();
             req.extensions_mut().insert(Arc::new(w));
             next.run(req).await
         }

@@ -2,13 +2,16 @@
 
 use super::*;
 
-pub(super) async fn queue_json(s: &AdminState, q: &QueueView) -> Value {
+/// A queue as RabbitMQ shows it; `all` is every active consumer (read once per list).
+pub(super) async fn queue_json(
+    s: &AdminState,
+    q: &QueueView,
+    all: &[mqgate_amqp::ConsumerView],
+) -> Value {
     let c = s.rates.queue_now(s, q).await;
     let r = s.rates.queue_rates(&q.vhost, &q.name);
-    let consumers: Vec<_> = s
-        .amqp
-        .consumers()
-        .into_iter()
+    let consumers: Vec<_> = all
+        .iter()
         .filter(|c| c.vhost == q.vhost && c.queue == q.name)
         .collect();
     let exclusive_tag = consumers
@@ -65,11 +68,12 @@ pub(super) fn no_nulls(mut v: Value) -> Value {
 
 pub(super) async fn queue_list(s: &AdminState, w: &Who, vhost: Option<&str>) -> Vec<Value> {
     let mut out = Vec::new();
+    let consumers = s.amqp.consumers();
     for q in s.amqp.queues() {
         if vhost.is_some_and(|v| v != q.vhost) || !w.sees(s, &q.vhost) {
             continue;
         }
-        out.push(queue_json(s, &q).await);
+        out.push(queue_json(s, &q, &consumers).await);
     }
     out
 }
@@ -100,7 +104,7 @@ pub(super) async fn queue(
 ) -> RResult {
     w.vhost(&s, &v)?;
     let q = s.amqp.queue(&v, &name).ok_or_else(not_found)?;
-    one(queue_json(&s, &q).await, &lq)
+    one(queue_json(&s, &q, &s.amqp.consumers()).await, &lq)
 }
 
 pub(super) async fn put_queue(

@@ -2,7 +2,9 @@
 //!
 //! Counts are read live. Rates come from samples a background task takes every
 //! [`INTERVAL`] (RabbitMQ's default `collect_statistics_interval` is 5 s): the change
-//! between the last two samples per second. Per queue: `publish` is the messages its
+//! between the last two samples per second. It samples only while the management API
+//! is being read (within 10 minutes of the last request): after a pause, rates are 0
+//! until two new samples are in. Per queue: `publish` is the messages its
 //! log has taken (the log's next offset), `ack` the offsets its group has settled,
 //! `deliver_get` those plus the ones in flight; the messages counts come from the group
 //! (ready, unacknowledged).
@@ -84,7 +86,15 @@ struct Sample {
 #[derive(Debug, Default)]
 pub(crate) struct Rates {
     samples: Mutex<(Option<Sample>, Option<Sample>)>,
+    /// When the management API was last used: sampling (a group query per queue) runs
+    /// only while someone reads it.
+    last_used: Mutex<Option<Instant>>,
+    /// Wakes the sampler when the API is read after a pause (the first sample at once).
+    woken: tokio::sync::Notify,
 }
+
+/// Sampling stops this long after the management API was last used.
+const IDLE_AFTER: Duration = Duration::from_secs(600);
 
 fn per_sec(new: u64, old: u64, secs: f64) -> f64 {
     (new as f64 - old as f64) / secs
@@ -125,6 +135,27 @@ impl Rates {
         c.messages = c.ready + c.unacked;
         c.deliver_get = c.ack + c.unacked;
         c
+    }
+
+    /// The management API is in use: sample (again).
+    pub(crate) fn touch(&self) {
+        let was = self.last_used.lock().replace(Instant::now());
+        if was.is_none_or(|t| t.elapsed() >= IDLE_AFTER) {
+            self.woken.notify_one();
+        }
+    }
+
+    /// Whether anyone read the management API in the last [`IDLE_AFTER`]; when not,
+    /// the old samples are dropped (a rate over a stale pair would be wrong).
+    fn in_use(&self) -> bool {
+        let used = self
+            .last_used
+            .lock()
+            .is_some_and(|t| t.elapsed() < IDLE_AFTER);
+        if !used {
+            *self.samples.lock() = (None, None);
+        }
+        used
     }
 
     /// Take a sample (the background task calls this every [`INTERVAL`]).
@@ -216,12 +247,15 @@ pub(crate) fn spawn_sampler(s: AdminState, mut stop: tokio::sync::watch::Receive
         loop {
             let stopped = tokio::select! {
                 _ = tick.tick() => false,
+                () = s.rates.woken.notified() => { tick.reset(); false }
                 r = stop.wait_for(|v| *v) => { drop(r); true }
             };
             if stopped {
                 return;
             }
-            s.rates.sample(&s).await;
+            if s.rates.in_use() {
+                s.rates.sample(&s).await;
+            }
         }
     });
 }
