@@ -93,7 +93,9 @@ impl AmqpServer {
     /// client would be: 403 for a bad login, 530 for a vhost it may not use).
     pub async fn direct(&self, user: &str, password: &str, vhost: &str) -> Result<Direct> {
         let (ours, theirs) = tokio::io::duplex(256 * 1024);
-        let peer = SocketAddr::from(([127, 0, 0, 1], 0));
+        // No network peer: an address no client has, so the login throttle's record of
+        // a real source is neither cleared nor charged by management calls.
+        let peer = SocketAddr::from(([0, 0, 0, 0], 0));
         self.serve_stream(theirs, peer);
         let (rd, wr) = tokio::io::split(ours);
         let mut d = Direct {
