@@ -192,9 +192,8 @@ pub(super) async fn post_binding(
     let b = body(&raw)?;
     let routing_key = b.text("routing_key").unwrap_or_default();
     let args = b.arguments()?;
-    let mut d = w.direct(&s, &v).await?;
-    let r = d
-        .binding(
+    w.on_direct(&s, &v, async |d| {
+        d.binding(
             true,
             &source,
             dt == "queue",
@@ -202,9 +201,10 @@ pub(super) async fn post_binding(
             &routing_key,
             args.clone(),
         )
-        .await;
-    d.close().await;
-    r.map_err(from_direct)?;
+        .await
+    })
+    .await?
+    .map_err(from_direct)?;
     let (enc, _) = cookie_factory::gen(
         amq_protocol::types::generation::gen_field_table(&args),
         Vec::new(),
@@ -272,11 +272,11 @@ pub(super) async fn delete_binding(
     let b = find_binding(&s, &v, &source, dt, &dest, &props).ok_or_else(not_found)?;
     let args = json::to_table(&b["arguments"]).map_err(bad_request)?;
     let key = b["routing_key"].as_str().unwrap_or("").to_owned();
-    let mut d = w.direct(&s, &v).await?;
-    let r = d
-        .binding(false, &source, dt == "queue", &dest, &key, args)
-        .await;
-    d.close().await;
-    r.map_err(from_direct)?;
+    w.on_direct(&s, &v, async |d| {
+        d.binding(false, &source, dt == "queue", &dest, &key, args)
+            .await
+    })
+    .await?
+    .map_err(from_direct)?;
     Ok(StatusCode::NO_CONTENT)
 }

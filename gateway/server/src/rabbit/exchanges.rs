@@ -93,12 +93,12 @@ pub(super) async fn put_exchange(
     );
     let args = b.arguments()?;
     let existed = s.broker.router().exchange(&v, &name).is_some();
-    let mut d = w.direct(&s, &v).await?;
-    let r = d
-        .declare_exchange(&name, &kind, durable, auto_delete, internal, args)
-        .await;
-    d.close().await;
-    r.map_err(from_direct)?;
+    w.on_direct(&s, &v, async |d| {
+        d.declare_exchange(&name, &kind, durable, auto_delete, internal, args)
+            .await
+    })
+    .await?
+    .map_err(from_direct)?;
     Ok(if existed {
         StatusCode::NO_CONTENT
     } else {
@@ -120,12 +120,12 @@ pub(super) async fn delete_exchange(
     {
         return Err(not_found());
     }
-    let mut d = w.direct(&s, &v).await?;
-    let r = d
-        .delete_exchange(exchange_name(&name), dq.if_unused == Some(true))
-        .await;
-    d.close().await;
-    r.map_err(from_direct)?;
+    w.on_direct(&s, &v, async |d| {
+        d.delete_exchange(exchange_name(&name), dq.if_unused == Some(true))
+            .await
+    })
+    .await?
+    .map_err(from_direct)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -154,12 +154,13 @@ pub(super) async fn publish(
     {
         return Err(not_found());
     }
-    let mut d = w.direct(&s, &v).await?;
-    let r = d
-        .publish(exchange_name(&name), &routing_key, &props, &payload)
-        .await;
-    d.close().await;
     // RabbitMQ answers a refused publish with 400 and the AMQP error in the reason.
-    let routed = r.map_err(|e| bad_request(format!("{} {}", e.code, e.text)))?;
+    let routed = w
+        .on_direct(&s, &v, async |d| {
+            d.publish(exchange_name(&name), &routing_key, &props, &payload)
+                .await
+        })
+        .await?
+        .map_err(|e| bad_request(format!("{} {}", e.code, e.text)))?;
     Ok(Json(json!({ "routed": routed })))
 }

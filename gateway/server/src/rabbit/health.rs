@@ -20,25 +20,19 @@ pub(super) async fn aliveness(
     Extension(w): Extension<Arc<Who>>,
     Path(v): Path<String>,
 ) -> Response {
-    let run = async {
-        let mut d = w.direct(&s, &v).await?;
-        let r = async {
-            d.declare_queue("aliveness-test", false, false, FieldTable::default())
-                .await?;
-            d.publish(
-                "",
-                "aliveness-test",
-                &BasicProperties::default(),
-                b"test_message",
-            )
+    let run = w.on_direct(&s, &v, async |d| {
+        d.declare_queue("aliveness-test", false, false, FieldTable::default())
             .await?;
-            d.get("aliveness-test", 1, GetAck::Ack).await
-        }
-        .await;
-        d.close().await;
-        r.map_err(from_direct)
-    };
-    match run.await {
+        d.publish(
+            "",
+            "aliveness-test",
+            &BasicProperties::default(),
+            b"test_message",
+        )
+        .await?;
+        d.get("aliveness-test", 1, GetAck::Ack).await
+    });
+    match run.await.and_then(|r| r.map_err(from_direct)) {
         Ok(got) if got.iter().any(|m| &m.body[..] == b"test_message") => {
             Json(json!({ "status": "ok" })).into_response()
         }

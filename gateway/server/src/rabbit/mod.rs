@@ -268,6 +268,20 @@ impl Who {
         Ok(())
     }
 
+    /// Run `f` on a direct connection to `vhost` as this user, then close it: the
+    /// outer error is the connection refused, the inner one what `f` met.
+    async fn on_direct<T>(
+        &self,
+        s: &AdminState,
+        vhost: &str,
+        f: impl AsyncFnOnce(&mut mqgate_amqp::Direct) -> Result<T, DirectError>,
+    ) -> Result<Result<T, DirectError>, RError> {
+        let mut d = self.direct(s, vhost).await?;
+        let r = f(&mut d).await;
+        d.close().await;
+        Ok(r)
+    }
+
     async fn direct(&self, s: &AdminState, vhost: &str) -> Result<mqgate_amqp::Direct, RError> {
         self.vhost(s, vhost)?;
         s.amqp

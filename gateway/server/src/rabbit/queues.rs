@@ -117,10 +117,11 @@ pub(super) async fn put_queue(
     let (durable, auto_delete) = (b.flag("durable", true)?, b.flag("auto_delete", false)?);
     let args = b.arguments()?;
     let existed = s.amqp.queue(&v, &name).is_some();
-    let mut d = w.direct(&s, &v).await?;
-    let r = d.declare_queue(&name, durable, auto_delete, args).await;
-    d.close().await;
-    r.map_err(from_direct)?;
+    w.on_direct(&s, &v, async |d| {
+        d.declare_queue(&name, durable, auto_delete, args).await
+    })
+    .await?
+    .map_err(from_direct)?;
     Ok(if existed {
         StatusCode::NO_CONTENT
     } else {
@@ -146,12 +147,12 @@ pub(super) async fn delete_queue(
     if s.amqp.queue(&v, &name).is_none() {
         return Err(not_found());
     }
-    let mut d = w.direct(&s, &v).await?;
-    let r = d
-        .delete_queue(&name, dq.if_unused == Some(true), dq.if_empty == Some(true))
-        .await;
-    d.close().await;
-    r.map_err(from_direct)?;
+    w.on_direct(&s, &v, async |d| {
+        d.delete_queue(&name, dq.if_unused == Some(true), dq.if_empty == Some(true))
+            .await
+    })
+    .await?
+    .map_err(from_direct)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -164,10 +165,9 @@ pub(super) async fn purge_queue(
     if s.amqp.queue(&v, &name).is_none() {
         return Err(not_found());
     }
-    let mut d = w.direct(&s, &v).await?;
-    let r = d.purge_queue(&name).await;
-    d.close().await;
-    r.map_err(from_direct)?;
+    w.on_direct(&s, &v, async |d| d.purge_queue(&name).await)
+        .await?
+        .map_err(from_direct)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -197,10 +197,12 @@ pub(super) async fn get_messages(
     if s.amqp.queue(&v, &name).is_none() {
         return Err(not_found());
     }
-    let mut d = w.direct(&s, &v).await?;
-    let r = d.get(&name, count.min(100_000) as usize, ack).await;
-    d.close().await;
-    let got = r.map_err(from_direct)?;
+    let got = w
+        .on_direct(&s, &v, async |d| {
+            d.get(&name, count.min(100_000) as usize, ack).await
+        })
+        .await?
+        .map_err(from_direct)?;
     let out: Vec<Value> = got
         .iter()
         .map(|m| {
