@@ -190,25 +190,23 @@ async fn auth(
 }
 
 fn authorized(users: &Users, headers: &HeaderMap) -> bool {
-    let Some(v) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let Some(b64) = v.strip_prefix("Basic ") else {
-        return false;
-    };
-    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
-        return false;
-    };
-    let Ok(text) = String::from_utf8(raw) else {
-        return false;
-    };
-    let Some((user, pass)) = text.split_once(':') else {
-        return false;
-    };
-    users.authenticate(user, pass).is_some_and(|u| u.is_admin())
+    basic_credentials(headers).is_some_and(|(user, pass)| {
+        users
+            .authenticate(&user, &pass)
+            .is_some_and(|u| u.is_admin())
+    })
+}
+
+/// The user name and password of an `Authorization: Basic` header (both APIs log in
+/// with it).
+pub(crate) fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(v.strip_prefix("Basic ")?.trim())
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (user, pass) = text.split_once(':')?;
+    Some((user.to_owned(), pass.to_owned()))
 }
 
 /// 200 `{"status": "ok"}` while the store takes writes; 503 `{"status": "degraded",

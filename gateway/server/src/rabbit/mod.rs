@@ -175,17 +175,7 @@ struct Who {
 }
 
 fn who(s: &AdminState, headers: &HeaderMap) -> Result<Who, RError> {
-    let creds = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
-        .and_then(|b| {
-            base64::engine::general_purpose::STANDARD
-                .decode(b.trim())
-                .ok()
-        })
-        .and_then(|raw| String::from_utf8(raw).ok())
-        .and_then(|t| t.split_once(':').map(|(u, p)| (u.to_owned(), p.to_owned())));
+    let creds = crate::admin::basic_credentials(headers);
     let Some((name, password)) = creds else {
         return Err(RError(StatusCode::UNAUTHORIZED, "", String::new()));
     };
