@@ -134,13 +134,26 @@ async fn amqp_connect(ports: &[u16]) -> (lapin::Connection, lapin::Channel) {
     loop {
         for p in ports {
             let url = format!("amqp://guest:guest@127.0.0.1:{p}/%2f");
-            if let Ok(conn) = lapin::Connection::connect(&url, Default::default()).await {
-                let ch = conn.create_channel().await.unwrap();
-                common::durable_queue(&ch, AMQP_QUEUE).await;
-                ch.confirm_select(ConfirmSelectOptions::default())
-                    .await
-                    .unwrap();
-                return (conn, ch);
+            // A gateway that is stepping down may accept the connection and then close
+            // it (CONNECTION_FORCED): any failure while setting up means try the next.
+            let setup = async {
+                let conn = lapin::Connection::connect(&url, Default::default()).await?;
+                let ch = conn.create_channel().await?;
+                ch.queue_declare(
+                    AMQP_QUEUE.into(),
+                    lapin::options::QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await?;
+                ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                Ok::<_, lapin::Error>((conn, ch))
+            };
+            // A paused gateway's kernel still accepts the socket: bound the handshake.
+            if let Ok(Ok(pair)) = tokio::time::timeout(Duration::from_secs(5), setup).await {
+                return pair;
             }
         }
         assert!(Instant::now() < deadline, "no gateway takes AMQP clients");
