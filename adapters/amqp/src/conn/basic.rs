@@ -36,6 +36,7 @@ where
                     mandatory: p.mandatory,
                     header: None,
                     body: BytesMut::new(),
+                    whole: None,
                 });
                 Ok(())
             }

@@ -141,7 +141,12 @@ struct Pending {
     mandatory: bool,
     header: Option<Box<ContentHeader>>,
     body: BytesMut,
+    /// A body that came in one frame, kept as it was read.
+    whole: Option<Bytes>,
 }
+
+/// Bodies of at least this many bytes that arrive in one frame are not copied.
+const SHARE_BODY_BYTES: usize = 1024;
 
 /// A whole published message, routed or queued for a transaction.
 struct Completed {
@@ -440,7 +445,9 @@ where
                         (60, 40),
                     );
                 }
-                p.body = BytesMut::with_capacity(h.body_size as usize);
+                // Reserved at the first body frame that is copied.
+                p.body = BytesMut::new();
+                p.whole = None;
                 let done = h.body_size == 0;
                 p.header = Some(h);
                 if done {
@@ -467,8 +474,19 @@ where
                         (60, 40),
                     ));
                 }
-                p.body.extend_from_slice(&b);
-                if p.body.len() as u64 == want {
+                if p.body.is_empty() && b.len() as u64 == want && b.len() >= SHARE_BODY_BYTES {
+                    // A large body in one frame (the common case under frame_max): keep
+                    // the bytes as they came, a view of the socket's read buffer, no copy
+                    // (small ones are copied, so a stored message never pins a read
+                    // buffer many times its size).
+                    p.whole = Some(b);
+                } else {
+                    if p.body.is_empty() {
+                        p.body.reserve(want as usize);
+                    }
+                    p.body.extend_from_slice(&b);
+                }
+                if p.whole.is_some() || p.body.len() as u64 == want {
                     self.complete_publish(ch).await?;
                 }
                 Ok(())

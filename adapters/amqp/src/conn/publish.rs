@@ -100,7 +100,7 @@ where
             routing_key: p.routing_key,
             mandatory: p.mandatory,
             header,
-            body: p.body.freeze(),
+            body: p.whole.unwrap_or_else(|| p.body.freeze()),
         };
         if let Some(ops) = self.chan(ch).tx.as_mut() {
             ops.push(TxOp::Publish(c));
