@@ -139,15 +139,7 @@ async fn amqp_connect(ports: &[u16]) -> (lapin::Connection, lapin::Channel) {
             let setup = async {
                 let conn = lapin::Connection::connect(&url, Default::default()).await?;
                 let ch = conn.create_channel().await?;
-                ch.queue_declare(
-                    AMQP_QUEUE.into(),
-                    lapin::options::QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    lapin::types::FieldTable::default(),
-                )
-                .await?;
+                common::try_durable_queue(&ch, AMQP_QUEUE).await?;
                 ch.confirm_select(ConfirmSelectOptions::default()).await?;
                 Ok::<_, lapin::Error>((conn, ch))
             };

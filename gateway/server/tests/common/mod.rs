@@ -335,6 +335,11 @@ pub fn dashboard_queries() -> Vec<(String, String, String)> {
 
 /// Declare a durable queue `name` (no arguments) on `ch`.
 pub async fn durable_queue(ch: &lapin::Channel, name: &str) {
+    try_durable_queue(ch, name).await.expect("queue.declare");
+}
+
+/// [`durable_queue`], for callers that handle a refused or closed connection.
+pub async fn try_durable_queue(ch: &lapin::Channel, name: &str) -> Result<(), lapin::Error> {
     ch.queue_declare(
         name.into(),
         lapin::options::QueueDeclareOptions {
@@ -344,5 +349,5 @@ pub async fn durable_queue(ch: &lapin::Channel, name: &str) {
         lapin::types::FieldTable::default(),
     )
     .await
-    .expect("queue.declare");
+    .map(|_| ())
 }
