@@ -112,14 +112,7 @@ pub(super) async fn delete_exchange(
     Path((v, name)): Path<(String, String)>,
     Query(dq): Query<DeleteQuery>,
 ) -> RResult<StatusCode> {
-    w.vhost(&s, &v)?;
-    if s.broker
-        .router()
-        .exchange(&v, exchange_name(&name))
-        .is_none()
-    {
-        return Err(not_found());
-    }
+    w.exchange(&s, &v, &name)?;
     w.on_direct(&s, &v, async |d| {
         d.delete_exchange(exchange_name(&name), dq.if_unused == Some(true))
             .await
@@ -146,14 +139,7 @@ pub(super) async fn publish(
         other => return Err(bad_request(format!("Unknown payload_encoding: {other}"))),
     };
     let props = properties_from(b.0.get("properties").unwrap_or(&Value::Null))?;
-    w.vhost(&s, &v)?;
-    if s.broker
-        .router()
-        .exchange(&v, exchange_name(&name))
-        .is_none()
-    {
-        return Err(not_found());
-    }
+    w.exchange(&s, &v, &name)?;
     // RabbitMQ answers a refused publish with 400 and the AMQP error in the reason.
     let routed = w
         .on_direct(&s, &v, async |d| {

@@ -258,6 +258,28 @@ impl Who {
         Ok(())
     }
 
+    /// [`Who::vhost`], then 404 unless the AMQP queue `name` is declared there.
+    fn queue(&self, s: &AdminState, vhost: &str, name: &str) -> Result<(), RError> {
+        self.vhost(s, vhost)?;
+        match s.amqp.queue(vhost, name) {
+            Some(_) => Ok(()),
+            None => Err(not_found()),
+        }
+    }
+
+    /// [`Who::vhost`], then 404 unless the exchange `name` exists there.
+    fn exchange(&self, s: &AdminState, vhost: &str, name: &str) -> Result<(), RError> {
+        self.vhost(s, vhost)?;
+        match s
+            .broker
+            .router()
+            .exchange(vhost, exchanges::exchange_name(name))
+        {
+            Some(_) => Ok(()),
+            None => Err(not_found()),
+        }
+    }
+
     /// Run `f` on a direct connection to `vhost` as this user, then close it: the
     /// outer error is the connection refused, the inner one what `f` met.
     async fn on_direct<T>(

@@ -143,10 +143,7 @@ pub(super) async fn delete_queue(
     Path((v, name)): Path<(String, String)>,
     Query(dq): Query<DeleteQuery>,
 ) -> RResult<StatusCode> {
-    w.vhost(&s, &v)?;
-    if s.amqp.queue(&v, &name).is_none() {
-        return Err(not_found());
-    }
+    w.queue(&s, &v, &name)?;
     w.on_direct(&s, &v, async |d| {
         d.delete_queue(&name, dq.if_unused == Some(true), dq.if_empty == Some(true))
             .await
@@ -161,10 +158,7 @@ pub(super) async fn purge_queue(
     Extension(w): Extension<Arc<Who>>,
     Path((v, name)): Path<(String, String)>,
 ) -> RResult<StatusCode> {
-    w.vhost(&s, &v)?;
-    if s.amqp.queue(&v, &name).is_none() {
-        return Err(not_found());
-    }
+    w.queue(&s, &v, &name)?;
     w.on_direct(&s, &v, async |d| d.purge_queue(&name).await)
         .await?
         .map_err(from_direct)?;
@@ -193,10 +187,7 @@ pub(super) async fn get_messages(
     if encoding != "auto" && encoding != "base64" {
         return Err(bad_request(format!("Unknown encoding: {encoding}")));
     }
-    w.vhost(&s, &v)?;
-    if s.amqp.queue(&v, &name).is_none() {
-        return Err(not_found());
-    }
+    w.queue(&s, &v, &name)?;
     let got = w
         .on_direct(&s, &v, async |d| {
             d.get(&name, count.min(100_000) as usize, ack).await
