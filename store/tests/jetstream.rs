@@ -65,6 +65,26 @@ async fn bodies(s: &dyn Store, queue: &QueueRef) -> Vec<String> {
     }
 }
 
+/// A call of the test's own NATS client, retried while it fails for up to a minute:
+/// on two busy cores a JetStream request can time out while the cluster settles
+/// (the store itself retries the same way, see `open`).
+async fn retried<T, E: std::fmt::Debug, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    mut call: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match call().await {
+            Ok(v) => return v,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("{what}: {e:?}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{what}: {e:?}"),
+        }
+    }
+}
+
 async fn in_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.unwrap()
 }
@@ -173,8 +193,8 @@ async fn a_stale_owner_is_fenced_and_steps_down() {
     // The lease expires (deleted here, as its max age would).
     let nats = async_nats::connect(cluster.urls()).await.unwrap();
     let js = async_nats::jetstream::new(nats);
-    let lease = js.get_key_value("mqgate-lease").await.unwrap();
-    lease.purge("owner").await.unwrap();
+    let lease = retried("get the lease bucket", || js.get_key_value("mqgate-lease")).await;
+    retried("purge the lease", || lease.purge("owner")).await;
 
     let (b, rb) = open_node(config(&cluster, "node-b", dir.path(), ttl)).await;
     assert!(matches!(rb.role(), Role::Owner { .. }));
@@ -194,7 +214,7 @@ async fn a_stale_owner_is_fenced_and_steps_down() {
     assert_eq!(got.last().map(String::as_str), Some("b0"));
     assert!(!got.iter().any(|m| m == "stale" || m == "again"));
     // No record after node-b's fence comes from node-a.
-    let mut stream = js.get_stream("mqgate").await.unwrap();
+    let mut stream = retried("get the stream", || js.get_stream("mqgate")).await;
     let last = stream.info().await.unwrap().state.last_sequence;
     let mut fenced_at = None;
     for seq in 1..=last {
@@ -311,7 +331,7 @@ async fn retention_purges_the_log_and_a_new_node_rebuilds_what_is_live() {
     assert!(report.messages_deleted > 250, "{report:?}");
     let nats = async_nats::connect(cluster.urls()).await.unwrap();
     let js = async_nats::jetstream::new(nats);
-    let mut stream = js.get_stream("mqgate").await.unwrap();
+    let mut stream = retried("get the stream", || js.get_stream("mqgate")).await;
     let first = stream.info().await.unwrap().state.first_sequence;
     assert!(
         first > 100,
