@@ -2902,6 +2902,62 @@ async fn bodies_of_every_size(backend: Backend) {
     delete_queue(&conn, &q).await;
 }
 
+/// Publishes not yet confirmed (several store writes in flight on the connection), in a
+/// burst and then paced: a method on the same channel right behind them counts them
+/// all, every confirm is an ack, in order, and a consumer gets them in publish order.
+async fn publishes_in_flight_then_a_method_sees_them(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    let q = uniq("inflight.q");
+    declare(&ch, &q, no_args()).await;
+    let (burst, paced) = (3_000usize, 200usize);
+    let mut pending = Vec::new();
+    for i in 0..burst + paced {
+        if i >= burst {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        pending.push(
+            ch.basic_publish(
+                s(""),
+                s(&q),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish"),
+        );
+    }
+    // Not one confirm awaited yet: the count must still see every publish.
+    assert_eq!(
+        count(&ch, &q).await as usize,
+        burst + paced,
+        "message count right behind the publishes"
+    );
+    for (i, p) in pending.into_iter().enumerate() {
+        let c = tokio::time::timeout(WAIT, p)
+            .await
+            .unwrap_or_else(|_| panic!("confirm {i} in time"));
+        assert!(
+            matches!(c, Ok(Confirmation::Ack(None))),
+            "confirm {i}: {c:?}"
+        );
+    }
+    let mut c = consume(&ch, &q, "inflight", true).await;
+    for i in 0..burst + paced {
+        let d = next(&mut c, "a publish").await;
+        assert_eq!(body(&d), format!("m{i}"), "publish order");
+    }
+    drop(c);
+    delete_queue(&conn, &q).await;
+}
+
 /// tx: rolled-back publishes never arrive, committed ones do.
 async fn tx_commit_rollback(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
@@ -3473,6 +3529,7 @@ scenario!(
     properties_round_trip,
     publisher_confirms,
     bodies_of_every_size,
+    publishes_in_flight_then_a_method_sees_them,
     tx_commit_rollback,
     tx_rollback_acks,
     delayed_message_exchange,

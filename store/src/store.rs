@@ -283,6 +283,10 @@ pub struct WriteReceipt {
     pub timers: Vec<TimerKey>,
 }
 
+/// A write queued by [`Store::write_queued`]: completes once it is durable.
+pub type QueuedWrite =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<WriteReceipt>> + Send + 'static>>;
+
 /// The storage trait: a commit log, consume queues, group offsets, a keyed area and a
 /// timer index. Backends: [`crate::MemoryStore`] and [`crate::RocksStore`].
 ///
@@ -330,6 +334,20 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         let r = self.write(batch).await;
         let _ = visible.send(());
         r
+    }
+
+    /// [`Store::write_notify`] in two steps: the batch is queued for writing when this
+    /// returns (so batches queued one after another by one caller are written in that
+    /// order), and the returned [`QueuedWrite`] completes once it is durable. A caller
+    /// can queue its next batch while earlier ones sync. A store without a write queue
+    /// writes before returning.
+    async fn write_queued(
+        &self,
+        batch: WriteBatch,
+        visible: tokio::sync::oneshot::Sender<()>,
+    ) -> Result<QueuedWrite> {
+        let r = self.write_notify(batch, visible).await;
+        Ok(Box::pin(std::future::ready(r)))
     }
 
     /// The offsets `queue` holds now.

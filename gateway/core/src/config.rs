@@ -83,6 +83,11 @@ pub struct CoreConfig {
 /// next publish waits again).
 pub const FLOW_MAX_WAIT: Duration = Duration::from_secs(1);
 
+/// The store writes one connection keeps in flight ([`crate::Pipeline`]): it reads and
+/// routes its next publishes while earlier ones sync, and stops reading when this many
+/// wait. Each holds what one read brought (at most the read buffer).
+pub const PUBLISH_PIPELINE_DEPTH: usize = 8;
+
 impl Default for CoreConfig {
     fn default() -> Self {
         Self {

@@ -51,7 +51,7 @@ pub use group::{
 };
 pub use login::{LoginThrottle, LoginThrottleConfig};
 pub use publish::{Delay, Publish, Published};
-pub use publish::{Destination, Outgoing, PublishBatch, Records};
+pub use publish::{Destination, Outgoing, Pipeline, PublishBatch, Records, Submitted};
 pub use retained::{Retained, RetainedCursor, RetainedStats};
 pub use router::Router;
 pub use topics::ProducerStat;

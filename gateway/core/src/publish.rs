@@ -297,6 +297,13 @@ impl Inner {
         self: &Arc<Self>,
         b: PublishBatch,
     ) -> Result<Vec<Option<Published>>> {
+        self.publish_submit(b).await?.await
+    }
+
+    /// [`Broker::publish_submit`](crate::Broker::publish_submit): everything up to the
+    /// store write's queueing happens here; the rest (waking the destinations, counting,
+    /// flow control) in the returned [`Submitted`].
+    pub(crate) async fn publish_submit(self: &Arc<Self>, b: PublishBatch) -> Result<Submitted> {
         let PublishBatch {
             items,
             records,
@@ -449,9 +456,19 @@ impl Inner {
             part.batch.append(message, queues);
             part.staged.push(Staged::Appended);
         }
-        answers.extend(self.write_part(part).await?);
-        self.flow_wait(&flow).await;
-        Ok(answers)
+        if !part.retained.is_empty() {
+            // Retained settings borrow the broker's index: written before returning.
+            answers.extend(self.write_part(part).await?);
+            self.flow_wait(&flow).await;
+            return Ok(Submitted::ready(Ok(answers)));
+        }
+        let written = self.queue_part(part).await?;
+        let inner = Arc::clone(self);
+        Ok(Submitted(Box::pin(async move {
+            answers.extend(written.await?);
+            inner.flow_wait(&flow).await;
+            Ok(answers)
+        })))
     }
 
     /// Flow control by consumer lag ([`crate::CoreConfig::consumer_lag_limit`]): wait
@@ -520,14 +537,50 @@ impl Inner {
                 .for_each(crate::retained::Staged::confirm);
         }
         drop(retained);
-        let receipt = receipt?;
+        Ok(self.written(receipt?, staged, &published, earliest_timer))
+    }
+
+    /// Queue a part without retained settings for its store write (in call order);
+    /// the returned future answers as [`Inner::write_part`] once it is durable.
+    async fn queue_part(self: &Arc<Self>, part: Part<'_>) -> Result<PartWrite> {
+        let Part {
+            batch,
+            staged,
+            touched,
+            published,
+            retained,
+            earliest_timer,
+        } = part;
+        debug_assert!(retained.is_empty());
+        drop(retained);
+        if batch.is_empty() {
+            let none = staged.into_iter().map(|_| None).collect();
+            return Ok(Box::pin(std::future::ready(Ok(none))));
+        }
+        let (visible_tx, visible_rx) = tokio::sync::oneshot::channel();
+        let write = self.store.write_queued(batch, visible_tx).await?;
+        let inner = Arc::clone(self);
+        Ok(Box::pin(async move {
+            let receipt = wake_when_visible(write, visible_rx, &touched).await?;
+            Ok(inner.written(receipt, staged, &published, earliest_timer))
+        }))
+    }
+
+    /// A part's write succeeded: count it, note its timers; the answers of its items.
+    fn written(
+        &self,
+        receipt: mqgate_store::WriteReceipt,
+        staged: Vec<Staged>,
+        published: &[(TopicName, String)],
+        earliest_timer: Option<u64>,
+    ) -> Vec<Option<Published>> {
         if let Some(due) = earliest_timer {
             self.timer_added(due);
         }
-        self.producers.count(&published);
+        self.producers.count(published);
         let mut appended = receipt.appended.into_iter();
         let mut timers = receipt.timers.into_iter();
-        Ok(staged
+        staged
             .into_iter()
             .map(|s| match s {
                 Staged::Skipped => None,
@@ -538,7 +591,7 @@ impl Inner {
                 }),
                 Staged::Timer => timers.next().map(|timer| Published::Delayed { timer }),
             })
-            .collect())
+            .collect()
     }
 
     /// A message routed to endpoints with length limits, stored on its own: full
@@ -660,29 +713,72 @@ impl Inner {
         batch: WriteBatch,
         touched: &[Arc<TopicHandle>],
     ) -> Result<mqgate_store::WriteReceipt> {
-        let wake = || {
-            let mut woken: Vec<&Arc<TopicHandle>> = Vec::new();
-            for h in touched {
-                if !woken.iter().any(|w| Arc::ptr_eq(w, h)) {
-                    h.wake();
-                    woken.push(h);
-                }
-            }
-        };
         let (visible_tx, visible_rx) = tokio::sync::oneshot::channel();
-        let write = self.store.write_notify(batch, visible_tx);
-        tokio::pin!(write);
-        let receipt = tokio::select! {
-            r = &mut write => {
-                wake();
-                r?
+        let write = self.store.write_queued(batch, visible_tx).await?;
+        wake_when_visible(write, visible_rx, touched).await
+    }
+}
+
+/// Await a queued write, waking the groups of the topics it touched as soon as
+/// readers can see it (before it is durable when the store syncs after).
+async fn wake_when_visible(
+    mut write: mqgate_store::QueuedWrite,
+    visible: tokio::sync::oneshot::Receiver<()>,
+    touched: &[Arc<TopicHandle>],
+) -> Result<mqgate_store::WriteReceipt> {
+    let wake = || {
+        let mut woken: Vec<&Arc<TopicHandle>> = Vec::new();
+        for h in touched {
+            if !woken.iter().any(|w| Arc::ptr_eq(w, h)) {
+                h.wake();
+                woken.push(h);
             }
-            Ok(()) = visible_rx => {
-                wake();
-                write.await?
-            }
-        };
-        Ok(receipt)
+        }
+    };
+    let receipt = tokio::select! {
+        r = &mut write => {
+            wake();
+            r?
+        }
+        Ok(()) = visible => {
+            wake();
+            write.await?
+        }
+    };
+    Ok(receipt)
+}
+
+/// A part's queued write and what follows it.
+type PartWrite = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<Option<Published>>>> + Send + 'static>,
+>;
+
+/// A publish batch whose store write is queued ([`crate::Broker::publish_submit`]):
+/// resolves to the batch's answers, as [`crate::Broker::publish_batch`] returns them,
+/// once the write is durable (and flow control, if on, lets the publisher go on).
+#[must_use = "a submitted batch is answered only when awaited"]
+pub struct Submitted(PartWrite);
+
+impl Submitted {
+    fn ready(r: Result<Vec<Option<Published>>>) -> Self {
+        Self(Box::pin(std::future::ready(r)))
+    }
+}
+
+impl std::fmt::Debug for Submitted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Submitted")
+    }
+}
+
+impl std::future::Future for Submitted {
+    type Output = Result<Vec<Option<Published>>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
     }
 }
 
@@ -701,6 +797,17 @@ impl crate::Broker {
     /// fails the whole batch. See [`crate::publish`].
     pub async fn publish_batch(&self, batch: PublishBatch) -> Result<Vec<Option<Published>>> {
         self.inner.publish_batch(batch).await
+    }
+
+    /// [`Broker::publish_batch`] in two steps, so a connection can read and route its
+    /// next publishes while earlier ones sync. When this returns, the batch's store
+    /// write is queued: batches submitted one after another by one caller are stored
+    /// in that order. The [`Submitted`] resolves to the same answers once the write is
+    /// durable; until then nothing may be acknowledged. Answers of batches submitted in
+    /// order should be taken in that order (a later batch can be durable first only in
+    /// the sense that its future is polled first; the store writes and syncs in order).
+    pub async fn publish_submit(&self, batch: PublishBatch) -> Result<Submitted> {
+        self.inner.publish_submit(batch).await
     }
 
     /// Publish one message to a topic: round robin, by sharding key, or to a given
@@ -801,5 +908,88 @@ impl Inner {
             Delay::At(t) => t,
         };
         (due > now).then_some(due)
+    }
+}
+
+/// A publisher's store writes in flight, answered in the order they were submitted
+/// ([`crate::Broker::publish_pipeline`]). A connection submits what it read in one go
+/// and reads on while the write syncs; it takes the answers with [`Pipeline::next`]
+/// (in a `select!`) and acknowledges each batch only then. Each batch carries the
+/// caller's `T` (what to acknowledge).
+pub struct Pipeline<T> {
+    inner: Arc<Inner>,
+    depth: usize,
+    inflight: std::collections::VecDeque<(T, Submitted)>,
+}
+
+impl<T> std::fmt::Debug for Pipeline<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("depth", &self.depth)
+            .field("inflight", &self.inflight.len())
+            .finish()
+    }
+}
+
+impl<T> Pipeline<T> {
+    /// Nothing in flight.
+    pub fn is_empty(&self) -> bool {
+        self.inflight.is_empty()
+    }
+
+    /// Batches in flight.
+    pub fn len(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Whether [`Pipeline::next`] must be awaited before the next
+    /// [`Pipeline::submit`]: the pipeline is full, or an endpoint with a length limit
+    /// exists (its check counts what is stored, so earlier writes land first).
+    pub fn must_drain(&self) -> bool {
+        !self.inflight.is_empty()
+            && (self.inflight.len() >= self.depth || self.inner.endpoints.any_limited())
+    }
+
+    /// Route and queue `batch` for its store write, behind the batches already in
+    /// flight. Call only when [`Pipeline::must_drain`] is false. An error (the batch
+    /// was not queued) comes back with its `T`.
+    pub async fn submit(
+        &mut self,
+        batch: PublishBatch,
+        tag: T,
+    ) -> std::result::Result<(), (T, crate::CoreError)> {
+        match self.inner.publish_submit(batch).await {
+            Ok(s) => {
+                self.inflight.push_back((tag, s));
+                Ok(())
+            }
+            Err(e) => Err((tag, e)),
+        }
+    }
+
+    /// The oldest batch's answers once it is durable, with its `T`; pending forever
+    /// when nothing is in flight. Cancel-safe: a batch is taken only when answered.
+    pub async fn next(&mut self) -> (T, Result<Vec<Option<Published>>>) {
+        std::future::poll_fn(|cx| {
+            let Some((_, s)) = self.inflight.front_mut() else {
+                return std::task::Poll::Pending;
+            };
+            let r = std::task::ready!(std::future::Future::poll(std::pin::Pin::new(s), cx));
+            let (tag, _) = self.inflight.pop_front().expect("front was there");
+            std::task::Poll::Ready((tag, r))
+        })
+        .await
+    }
+}
+
+impl crate::Broker {
+    /// A publisher's [`Pipeline`]: at most `depth` batches in flight (1: each batch is
+    /// durable before the next is routed).
+    pub fn publish_pipeline<T>(&self, depth: usize) -> Pipeline<T> {
+        Pipeline {
+            inner: Arc::clone(&self.inner),
+            depth: depth.max(1),
+            inflight: std::collections::VecDeque::new(),
+        }
     }
 }

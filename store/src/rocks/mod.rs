@@ -573,6 +573,27 @@ impl Store for RocksStore {
             .await
     }
 
+    async fn write_queued(
+        &self,
+        batch: WriteBatch,
+        visible: oneshot::Sender<()>,
+    ) -> Result<crate::QueuedWrite> {
+        if batch.is_empty() {
+            let _ = visible.send(());
+            return Ok(Box::pin(std::future::ready(Ok(WriteReceipt::default()))));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(Request::Write(batch, tx, Some(visible)))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(Box::pin(async move {
+            rx.await.map_err(|_| StoreError::Closed)?
+        }))
+    }
+
     fn queue_range(&self, queue: &QueueRef) -> Result<OffsetRange> {
         self.read_queue_range(queue)
     }

@@ -178,9 +178,20 @@ where
             Some(c) if c.closing => return Ok(()),
             Some(_) => {}
         }
-        // Keep order: what was published before this method is stored first.
-        if !matches!(m, AMQPClass::Basic(basic::AMQPMethod::Publish(_))) {
-            self.flush_batch().await?;
+        match &m {
+            AMQPClass::Basic(basic::AMQPMethod::Publish(_)) => {}
+            // Settling deliveries depends on nothing published: the batch goes on.
+            AMQPClass::Basic(
+                basic::AMQPMethod::Ack(_)
+                | basic::AMQPMethod::Nack(_)
+                | basic::AMQPMethod::Reject(_),
+            ) => {}
+            // Keep order: what was published before this method is stored (and
+            // confirmed) first, so a basic.get or a queue's message count sees it.
+            _ => {
+                self.flush_batch().await?;
+                self.settle_writes().await;
+            }
         }
         match self.on_method(ch, m).await {
             Ok(()) => Ok(()),

@@ -384,6 +384,9 @@ where
         channels: HashMap::new(),
         exclusive: Vec::new(),
         batch: Vec::new(),
+        writes: shared
+            .broker
+            .publish_pipeline(mqgate_core::config::PUBLISH_PIPELINE_DEPTH),
         next_consumer: 1,
         server_named: 0,
     };

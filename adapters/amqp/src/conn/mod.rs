@@ -248,6 +248,9 @@ struct Conn<S> {
     channels: HashMap<u16, Channel>,
     exclusive: Vec<Arc<Queue>>,
     batch: Vec<Batched>,
+    /// Batches whose store write is queued, with the confirms each answers
+    /// (channel, sequence number, item): confirmed in order once durable.
+    writes: mqgate_core::Pipeline<Vec<(u16, u64, usize)>>,
     next_consumer: u64,
     server_named: u64,
 }
@@ -313,6 +316,9 @@ where
                         self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                     }
                 },
+                (confirms, stored) = self.writes.next(), if !self.writes.is_empty() => {
+                    self.confirm(confirms, stored);
+                }
                 r = self.input.read_some(), if may_read => match r {
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(n) => {
@@ -511,6 +517,9 @@ where
         match m {
             AMQPClass::Connection(connection::AMQPMethod::Close(c)) => {
                 tracing::debug!(peer = %self.peer, code = c.reply_code, "AMQP: client closed the connection");
+                // Confirms of what it published come before close-ok.
+                self.flush_batch().await?;
+                self.settle_writes().await;
                 frame::put_method(
                     &mut self.output.out,
                     0,
@@ -542,6 +551,8 @@ where
     /// The connection ends: exclusive queues go, consumers leave (their unacked
     /// messages go back to their queues).
     async fn finish(mut self, end: End) {
+        // Writes in flight finish (their topics woken); confirms go out before a close.
+        self.settle_writes().await;
         match &end {
             End::Error(code, text, class, method) => {
                 frame::put_method(

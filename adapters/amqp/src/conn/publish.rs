@@ -52,6 +52,9 @@ where
                 self.flush_batch()
                     .await
                     .map_err(|_| chan_err(reply::INTERNAL_ERROR, "store failed"))?;
+                if !self.settle_writes().await {
+                    return Err(chan_err(reply::INTERNAL_ERROR, "store failed"));
+                }
                 for s in settles {
                     if let TxOp::Settle {
                         tag,
@@ -159,9 +162,11 @@ where
                 .and_then(convert::int_value)
                 .filter(|d| *d > 0);
             if let Some(ms) = delay {
+                // Confirmed in order: what came before is confirmed first.
                 self.flush_batch()
                     .await
                     .map_err(|_| chan_err(reply::INTERNAL_ERROR, "store failed"))?;
+                self.settle_writes().await;
                 let r = self
                     .shared
                     .broker
@@ -218,7 +223,9 @@ where
         Ok(())
     }
 
-    /// Store the batched publishes in one write, then confirm them.
+    /// Queue the batched publishes for one store write, behind the connection's
+    /// earlier writes; they are confirmed when it is durable (`confirm`, from the
+    /// connection's loop). Waits for the oldest write first when the pipeline is full.
     pub(super) async fn flush_batch(&mut self) -> Result<(), End> {
         if self.batch.is_empty() {
             return Ok(());
@@ -238,7 +245,32 @@ where
             items.push(Outgoing::routed(b.message, b.topics));
         }
         items.durable = !transient;
-        let stored = self.shared.broker.publish_batch(items).await;
+        while self.writes.must_drain() {
+            let (c, stored) = self.writes.next().await;
+            self.confirm(c, stored);
+        }
+        if let Err((c, e)) = self.writes.submit(items, confirms).await {
+            self.confirm(c, Err(e));
+        }
+        Ok(())
+    }
+
+    /// Wait for every write in flight and confirm it; whether all were stored.
+    pub(super) async fn settle_writes(&mut self) -> bool {
+        let mut all = true;
+        while !self.writes.is_empty() {
+            let (c, stored) = self.writes.next().await;
+            all &= self.confirm(c, stored);
+        }
+        all
+    }
+
+    /// A batch's write is done: ack (or nack) its publishes; whether it was stored.
+    pub(super) fn confirm(
+        &mut self,
+        confirms: Vec<(u16, u64, usize)>,
+        stored: mqgate_core::Result<Vec<Option<mqgate_core::Published>>>,
+    ) -> bool {
         let (ok, refused) = match stored {
             Ok(stored) => {
                 let routed = stored
@@ -267,7 +299,7 @@ where
                     frame::put_confirm(&mut self.output.out, ch, seq, false, !refused[i]);
                 }
             }
-            return Ok(());
+            return ok;
         }
         // One confirm per channel, multiple=true up to its last sequence number.
         let mut last: Vec<(u16, u64)> = Vec::new();
@@ -282,6 +314,6 @@ where
                 frame::put_confirm(&mut self.output.out, ch, seq, true, ok);
             }
         }
-        Ok(())
+        ok
     }
 }
