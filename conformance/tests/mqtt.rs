@@ -785,6 +785,7 @@ scenario!(
     client_receive_maximum_respected,
     receive_maximum_exceeded,
     receive_maximum_exceeded_while_writing,
+    qos1_acks_in_order_with_writes_in_flight,
     qos0_slow_subscriber_slows_publisher,
     qos0_stuck_subscriber_costs_a_bounded_wait,
 );
@@ -803,6 +804,77 @@ fn flood_qos0(p: &C3, topic: &str, n: u32) -> tokio::task::JoinHandle<()> {
                 .unwrap();
         }
     })
+}
+
+/// QoS 1 publishes whose store writes are in flight while the connection reads on:
+/// sent in bursts of 100 per write, then one per millisecond, with nothing read in
+/// between. Every PUBACK comes once, in publish order; a SUBSCRIBE sent behind them is
+/// answered after the last of them; a subscriber gets every message in order.
+async fn qos1_acks_in_order_with_writes_in_flight(b: Backend) {
+    let Some(t) = Target::mqgate_only(b, MqttConfig::default()).await else {
+        return;
+    };
+    let topic = uniq("inflight1");
+    let (mut sub, _) =
+        Raw::connect(&t, Raw::connect_packet(Version::V311, &uniq("sub"), true)).await;
+    subscribed(&mut sub, 1, &topic, RQoS::AtLeastOnce).await;
+    let (mut publisher, _) =
+        Raw::connect(&t, Raw::connect_packet(Version::V311, &uniq("pub"), true)).await;
+    let (burst, paced) = (1_000u16, 300u16);
+    // QoS 1, packet id i + 1, the number i in its first four bytes.
+    let numbered = |i: u16| {
+        Packet::Publish(RawPublish {
+            pkid: i + 1,
+            payload: Bytes::copy_from_slice(&u32::from(i).to_be_bytes()),
+            ..match raw_publish(&topic, RQoS::AtLeastOnce, 0, b"") {
+                Packet::Publish(p) => p,
+                _ => unreachable!(),
+            }
+        })
+    };
+    for chunk in 0..burst / 100 {
+        let mut bytes = bytes::BytesMut::new();
+        for i in chunk * 100..(chunk + 1) * 100 {
+            publisher.encode(&numbered(i), &mut bytes);
+        }
+        publisher
+            .try_send_bytes(&bytes)
+            .await
+            .expect("burst written");
+    }
+    for i in burst..burst + paced {
+        publisher.send(&numbered(i)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    publisher
+        .send(&raw_subscribe(9, &uniq("other"), RQoS::AtMostOnce))
+        .await;
+    let mut next_ack = 1u16;
+    loop {
+        match publisher.recv(WAIT).await {
+            Ok(Packet::Ack(a)) if a.kind == AckKind::PubAck => {
+                assert_eq!(a.pkid, next_ack, "PUBACKs in publish order");
+                next_ack += 1;
+            }
+            Ok(Packet::SubAck(_)) => {
+                assert_eq!(next_ack, burst + paced + 1, "SUBACK before the last PUBACK");
+                break;
+            }
+            other => panic!("publisher got {other:?} after {} PUBACKs", next_ack - 1),
+        }
+    }
+    let mut next = 0u32;
+    while next < u32::from(burst + paced) {
+        match next_acked(&mut sub, WAIT).await {
+            Some(Packet::Publish(m)) => {
+                let i = u32::from_be_bytes(m.payload[..4].try_into().unwrap());
+                assert_eq!(i, next, "delivery order");
+                next += 1;
+            }
+            Some(_) => {}
+            None => panic!("after {next} messages nothing more came"),
+        }
+    }
 }
 
 /// Receive messages numbered 0..n (as `flood_qos0` sends them): every one, in order.

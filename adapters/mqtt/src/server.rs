@@ -331,6 +331,21 @@ impl Shared {
         items: Vec<Outbound>,
         own: Option<&TopicName>,
     ) -> mqgate_core::Result<Vec<bool>> {
+        let (out, batch) = self.route_batch(items, own).await?;
+        if !batch.items.is_empty() {
+            self.broker.publish_batch(batch).await?;
+        }
+        Ok(out)
+    }
+
+    /// [`Shared::publish_batch`] up to the store write: QoS 0 messages are handed to
+    /// connected sessions, the rest is returned as the core batch to store (a
+    /// connection submits it to its pipeline).
+    pub(crate) async fn route_batch(
+        &self,
+        items: Vec<Outbound>,
+        own: Option<&TopicName>,
+    ) -> mqgate_core::Result<(Vec<bool>, PublishBatch)> {
         let mut out = Vec::with_capacity(items.len());
         // One core batch: the stored publishes, the delayed ones (timers, routed when
         // due) and the retained settings (in the same write as their publish).
@@ -413,10 +428,7 @@ impl Shared {
         if !blocked.is_empty() {
             self.wait_qos0(blocked).await;
         }
-        if !batch.items.is_empty() {
-            self.broker.publish_batch(batch).await?;
-        }
-        Ok(out)
+        Ok((out, batch))
     }
 
     /// QoS 0 messages for sessions whose queue is full: the publisher's connection waits

@@ -386,6 +386,10 @@ where
         aliases_out: HashMap::new(),
         aliases_in: HashMap::new(),
         inbound_qos2: HashSet::new(),
+        writes: shared
+            .broker
+            .publish_pipeline(mqgate_core::config::PUBLISH_PIPELINE_DEPTH),
+        acks_pending: 0,
         problem_info: c.properties.request_problem_info != Some(0),
         published: false,
         retained_todo: std::collections::VecDeque::new(),

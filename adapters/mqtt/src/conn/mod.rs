@@ -88,6 +88,10 @@ struct SharedSub {
     consumer: Consumer,
 }
 
+/// What one stored batch answers: (packet id, QoS) of each publish, and whether each
+/// matched a subscription.
+type PubAcks = (Vec<(u16, QoS)>, Vec<bool>);
+
 /// The connection's state after CONNECT.
 struct Conn<S> {
     shared: Arc<Shared>,
@@ -124,6 +128,10 @@ struct Conn<S> {
     aliases_out: HashMap<String, u16>,
     aliases_in: HashMap<u16, String>,
     inbound_qos2: HashSet<u16>,
+    /// Publishes whose store write is queued, acknowledged in order once durable.
+    writes: mqgate_core::Pipeline<PubAcks>,
+    /// QoS 1 and 2 publishes in `writes` (they count against receive maximum).
+    acks_pending: usize,
     problem_info: bool,
     /// It has published: the memory watermark stops reading from it.
     published: bool,
@@ -320,6 +328,11 @@ where
                         self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                     }
                 },
+                (acks, stored) = self.writes.next(), if !self.writes.is_empty() => {
+                    if let Err(end) = Box::pin(self.acknowledge(acks, stored)).await {
+                        return end;
+                    }
+                }
                 r = self.input.read_some(), if may_read => match r {
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(n) => {
@@ -397,9 +410,14 @@ where
                     }
                 }
                 other => {
-                    // Keep order: what was published before this packet is stored first.
+                    // Keep order: what was published before this packet is stored
+                    // first, and acknowledged before anything but an acknowledgement
+                    // or a ping is handled.
                     if !batch.is_empty() {
                         self.flush_publishes(std::mem::take(&mut batch)).await?;
+                    }
+                    if !matches!(other, Packet::Ack(_) | Packet::PingReq) {
+                        self.settle_writes().await?;
                     }
                     if let Err(end) = self.on_packet(other).await {
                         break Err(end);
@@ -482,6 +500,10 @@ where
     /// when the server ended it, to read what the client still sends until it closes
     /// ([`discard_until_closed`]).
     async fn finish(mut self, end: End) -> Option<ReadHalf<S>> {
+        // Writes in flight finish first: their PUBACKs go out before a DISCONNECT.
+        if let Err(e) = self.settle_writes().await {
+            tracing::debug!(client = %self.client_id, ?e, "MQTT: a write in flight failed at the end");
+        }
         let v5 = self.v5();
         if let End::Server(code, why) = &end {
             if v5 {

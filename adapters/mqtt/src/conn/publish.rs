@@ -10,7 +10,7 @@ use mqgate_core::{props, Delay};
 use mqgate_store::{Message, TopicName};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Conn, End};
+use super::{Conn, End, PubAcks};
 use crate::codec::{reason, Ack, AckKind, Packet, Properties, Publish, QoS};
 use crate::server::Outbound;
 use crate::session::session_topic;
@@ -54,8 +54,13 @@ where
             return Err(self.protocol_error(reason::TOPIC_NAME_INVALID, "empty topic name"));
         }
         if p.qos != QoS::AtMostOnce {
-            let pending =
-                self.inbound_qos2.len() + batch.iter().filter(|b| b.2 != QoS::AtMostOnce).count();
+            // 5.0 told the client its receive maximum, so what waits in the store
+            // pipeline counts; a 3.1.1 client was told no limit (only what one read
+            // brings is counted, as a bound on the batch).
+            let queued = if self.v5() { self.acks_pending } else { 0 };
+            let pending = self.inbound_qos2.len()
+                + queued
+                + batch.iter().filter(|b| b.2 != QoS::AtMostOnce).count();
             if pending >= usize::from(self.shared.cfg.receive_maximum) {
                 return Err(self
                     .protocol_error(reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded"));
@@ -185,7 +190,9 @@ where
         m
     }
 
-    /// Store a batch of publishes, then acknowledge each.
+    /// Store a batch of publishes: routed here, queued on the store behind the
+    /// connection's earlier writes, and acknowledged (`acknowledge`) once durable, in
+    /// order. Waits for the oldest write first when the pipeline is full.
     pub(super) async fn flush_publishes(
         &mut self,
         batch: Vec<(Outbound, u16, QoS)>,
@@ -196,9 +203,47 @@ where
             acks.push((pkid, qos));
             items.push(o);
         }
+        // Until `acknowledge` answers them.
+        self.acks_pending += acks.iter().filter(|a| a.1 != QoS::AtMostOnce).count();
         let own = session_topic(&self.client_id);
-        let matched = match self.shared.publish_batch(items, Some(&own)).await {
-            Ok(m) => m,
+        let (matched, stored) = match self.shared.route_batch(items, Some(&own)).await {
+            Ok(r) => r,
+            Err(e) => return self.acknowledge((acks, Vec::new()), Err(e)).await,
+        };
+        if stored.items.is_empty() && self.writes.is_empty() {
+            // Nothing to store (QoS 0 handed over, or nothing matched): answered now.
+            return self.acknowledge((acks, matched), Ok(Vec::new())).await;
+        }
+        while self.writes.must_drain() {
+            let (t, r) = self.writes.next().await;
+            self.acknowledge(t, r).await?;
+        }
+        if let Err((t, e)) = self.writes.submit(stored, (acks, matched)).await {
+            return self.acknowledge(t, Err(e)).await;
+        }
+        Ok(())
+    }
+
+    /// Wait for every write in flight and acknowledge it.
+    pub(super) async fn settle_writes(&mut self) -> Result<(), End> {
+        while !self.writes.is_empty() {
+            let (t, r) = self.writes.next().await;
+            self.acknowledge(t, r).await?;
+        }
+        Ok(())
+    }
+
+    /// A batch's write is done (or failed): PUBACK / PUBREC each QoS 1 and 2 publish
+    /// of it, in order.
+    pub(super) async fn acknowledge(
+        &mut self,
+        (acks, matched): PubAcks,
+        stored: mqgate_core::Result<Vec<Option<mqgate_core::Published>>>,
+    ) -> Result<(), End> {
+        let answered = acks.iter().filter(|a| a.1 != QoS::AtMostOnce).count();
+        self.acks_pending = self.acks_pending.saturating_sub(answered);
+        match stored {
+            Ok(_) => {}
             Err(e) if self.v5() => {
                 // 5.0 says which messages failed: PUBACK / PUBREC 0x80 for each (a
                 // PUBREC >= 0x80 ends that QoS 2 flow), and the connection goes on; the
@@ -226,7 +271,7 @@ where
                     "store failure".into(),
                 ));
             }
-        };
+        }
         let mut qos2_added = false;
         for ((pkid, qos), matched) in acks.into_iter().zip(matched) {
             let counter = if matched {
