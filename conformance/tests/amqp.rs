@@ -2864,9 +2864,6 @@ async fn bodies_of_every_size(backend: Backend) {
     };
     let conn = t.connect().await;
     let ch = chan(&conn).await;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm.select");
     let q = uniq("bodies.q");
     declare(&ch, &q, no_args()).await;
     let sizes = [0usize, 1, 100, 1023, 1024, 4096, 60_000, 300_000, 1_000_003];
@@ -2911,9 +2908,6 @@ async fn publishes_in_flight_then_a_method_sees_them(backend: Backend) {
     };
     let conn = t.connect().await;
     let ch = chan(&conn).await;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm.select");
     let q = uniq("inflight.q");
     declare(&ch, &q, no_args()).await;
     let (burst, paced) = (3_000usize, 200usize);

@@ -516,28 +516,21 @@ impl Inner {
         }
     }
 
-    /// Write a part; the answers of its items, in order.
-    async fn write_part(&self, part: Part<'_>) -> Result<Vec<Option<Published>>> {
-        let Part {
-            batch,
-            staged,
-            touched,
-            published,
-            retained,
-            earliest_timer,
-        } = part;
-        if batch.is_empty() {
-            return Ok(staged.into_iter().map(|_| None).collect());
-        }
-        let receipt = self.write_and_wake(batch, &touched).await;
-        let mut retained = retained;
-        if receipt.is_ok() {
+    /// Write a part; the answers of its items, in order. Its retained settings are
+    /// confirmed in memory once the write holding them has succeeded.
+    async fn write_part(self: &Arc<Self>, mut part: Part<'_>) -> Result<Vec<Option<Published>>> {
+        let mut retained = std::mem::take(&mut part.retained);
+        let answers = match self.queue_part(part).await {
+            Ok(written) => written.await,
+            Err(e) => Err(e),
+        };
+        if answers.is_ok() {
             retained
                 .iter_mut()
                 .for_each(crate::retained::Staged::confirm);
         }
         drop(retained);
-        Ok(self.written(receipt?, staged, &published, earliest_timer))
+        answers
     }
 
     /// Queue a part without retained settings for its store write (in call order);
@@ -704,18 +697,6 @@ impl Inner {
             touched.push(h);
         }
         Ok(queues)
-    }
-
-    /// Write `batch`; wake the groups watching `touched` as soon as it is readable
-    /// (deliveries go out while the store syncs), return once it is durable.
-    async fn write_and_wake(
-        &self,
-        batch: WriteBatch,
-        touched: &[Arc<TopicHandle>],
-    ) -> Result<mqgate_store::WriteReceipt> {
-        let (visible_tx, visible_rx) = tokio::sync::oneshot::channel();
-        let write = self.store.write_queued(batch, visible_tx).await?;
-        wake_when_visible(write, visible_rx, touched).await
     }
 }
 
