@@ -31,8 +31,8 @@ pub use memory::MemoryStore;
 #[cfg(feature = "rocksdb")]
 pub use rocks::{ApplyRecord, ExternalLog, RocksConfig, RocksStore};
 pub use store::{
-    Appended, Degraded, FsyncPolicy, QueuedWrite, Retention, RetentionReport, Store, StoreExt,
-    StoreHealth, StoreStats, WriteBatch, WriteOp, WriteReceipt,
+    Appended, Degraded, FsyncPolicy, OnVisible, QueuedWrite, Retention, RetentionReport, Store,
+    StoreExt, StoreHealth, StoreStats, WriteBatch, WriteOp, WriteReceipt,
 };
 pub use types::{
     now_millis, tag_hash, GroupName, Message, MessageId, Millis, OffsetRange, QueueEntry, QueueId,

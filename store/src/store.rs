@@ -283,6 +283,11 @@ pub struct WriteReceipt {
     pub timers: Vec<TimerKey>,
 }
 
+/// Called once a queued batch is readable ([`Store::write_queued`]), on the store's
+/// writer thread: it must be quick and must not block (waking tasks is fine). Not
+/// called when the write fails.
+pub type OnVisible = Box<dyn FnOnce() + Send + 'static>;
+
 /// A write queued by [`Store::write_queued`]: completes once it is durable.
 pub type QueuedWrite =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<WriteReceipt>> + Send + 'static>>;
@@ -339,14 +344,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// [`Store::write_notify`] in two steps: the batch is queued for writing when this
     /// returns (so batches queued one after another by one caller are written in that
     /// order), and the returned [`QueuedWrite`] completes once it is durable. A caller
-    /// can queue its next batch while earlier ones sync. A store without a write queue
-    /// writes before returning.
-    async fn write_queued(
-        &self,
-        batch: WriteBatch,
-        visible: tokio::sync::oneshot::Sender<()>,
-    ) -> Result<QueuedWrite> {
-        let r = self.write_notify(batch, visible).await;
+    /// can queue its next batch while earlier ones sync. `visible` runs as soon as
+    /// readers can see the batch, wherever the store is then (no task of the caller's
+    /// is woken for it). A store without a write queue writes before returning.
+    async fn write_queued(&self, batch: WriteBatch, visible: OnVisible) -> Result<QueuedWrite> {
+        let r = self.write(batch).await;
+        if r.is_ok() {
+            visible();
+        }
         Ok(Box::pin(std::future::ready(r)))
     }
 

@@ -550,11 +550,15 @@ impl Inner {
             let none = staged.into_iter().map(|_| None).collect();
             return Ok(Box::pin(std::future::ready(Ok(none))));
         }
-        let (visible_tx, visible_rx) = tokio::sync::oneshot::channel();
-        let write = self.store.write_queued(batch, visible_tx).await?;
+        // The groups consuming what it touched are woken by the store as soon as the
+        // batch is readable (before its fsync), not through this task.
+        let write = self
+            .store
+            .write_queued(batch, Box::new(move || wake_topics(&touched)))
+            .await?;
         let inner = Arc::clone(self);
         Ok(Box::pin(async move {
-            let receipt = wake_when_visible(write, visible_rx, &touched).await?;
+            let receipt = write.await?;
             Ok(inner.written(receipt, staged, &published, earliest_timer))
         }))
     }
@@ -700,33 +704,15 @@ impl Inner {
     }
 }
 
-/// Await a queued write, waking the groups of the topics it touched as soon as
-/// readers can see it (before it is durable when the store syncs after).
-async fn wake_when_visible(
-    mut write: mqgate_store::QueuedWrite,
-    visible: tokio::sync::oneshot::Receiver<()>,
-    touched: &[Arc<TopicHandle>],
-) -> Result<mqgate_store::WriteReceipt> {
-    let wake = || {
-        let mut woken: Vec<&Arc<TopicHandle>> = Vec::new();
-        for h in touched {
-            if !woken.iter().any(|w| Arc::ptr_eq(w, h)) {
-                h.wake();
-                woken.push(h);
-            }
+/// Wake the groups watching each topic once (a batch names a topic per message).
+fn wake_topics(touched: &[Arc<TopicHandle>]) {
+    let mut woken: Vec<&Arc<TopicHandle>> = Vec::new();
+    for h in touched {
+        if !woken.iter().any(|w| Arc::ptr_eq(w, h)) {
+            h.wake();
+            woken.push(h);
         }
-    };
-    let receipt = tokio::select! {
-        r = &mut write => {
-            wake();
-            r?
-        }
-        Ok(()) = visible => {
-            wake();
-            write.await?
-        }
-    };
-    Ok(receipt)
+    }
 }
 
 /// A part's queued write and what follows it.

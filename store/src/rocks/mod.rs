@@ -569,6 +569,9 @@ impl Store for RocksStore {
             let _ = visible.send(());
             return Ok(WriteReceipt::default());
         }
+        let visible: crate::OnVisible = Box::new(move || {
+            let _ = visible.send(());
+        });
         self.request(|tx| Request::Write(batch, tx, Some(visible)))
             .await
     }
@@ -576,10 +579,10 @@ impl Store for RocksStore {
     async fn write_queued(
         &self,
         batch: WriteBatch,
-        visible: oneshot::Sender<()>,
+        visible: crate::OnVisible,
     ) -> Result<crate::QueuedWrite> {
         if batch.is_empty() {
-            let _ = visible.send(());
+            visible();
             return Ok(Box::pin(std::future::ready(Ok(WriteReceipt::default()))));
         }
         let (tx, rx) = oneshot::channel();

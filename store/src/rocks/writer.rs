@@ -31,7 +31,7 @@ type Answer = (oneshot::Sender<Result<WriteReceipt>>, Result<WriteReceipt>);
 type Grouped = (
     WriteBatch,
     oneshot::Sender<Result<WriteReceipt>>,
-    Option<oneshot::Sender<()>>,
+    Option<crate::OnVisible>,
 );
 
 pub(super) enum Request {
@@ -39,7 +39,7 @@ pub(super) enum Request {
     Write(
         WriteBatch,
         oneshot::Sender<Result<WriteReceipt>>,
-        Option<oneshot::Sender<()>>,
+        Option<crate::OnVisible>,
     ),
     CreateTopic(TopicName, u32, oneshot::Sender<Result<TopicConfig>>),
     DeleteTopic(TopicName, oneshot::Sender<Result<bool>>),
@@ -317,7 +317,7 @@ impl Writer {
         // resend, at least once). Writers are answered only after the sync.
         self.publish(pending);
         for v in visible {
-            let _ = v.send(());
+            v();
         }
         // The sync runs on its own thread while this one writes the next group; the
         // writers are answered once a sync that began after their write is done. A lone
