@@ -770,9 +770,9 @@ impl crate::Broker {
     /// next publishes while earlier ones sync. When this returns, the batch's store
     /// write is queued: batches submitted one after another by one caller are stored
     /// in that order. The [`Submitted`] resolves to the same answers once the write is
-    /// durable; until then nothing may be acknowledged. Answers of batches submitted in
-    /// order should be taken in that order (a later batch can be durable first only in
-    /// the sense that its future is polled first; the store writes and syncs in order).
+    /// durable; until then nothing may be acknowledged. The store syncs batches in the
+    /// order they were queued, so a caller takes the answers in that order too
+    /// ([`Pipeline`] does).
     pub async fn publish_submit(&self, batch: PublishBatch) -> Result<Submitted> {
         self.inner.publish_submit(batch).await
     }
