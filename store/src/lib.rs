@@ -29,6 +29,8 @@ mod types;
 pub use error::{Result, StoreError};
 pub use memory::MemoryStore;
 #[cfg(feature = "rocksdb")]
+pub use rocks::crc32c;
+#[cfg(feature = "rocksdb")]
 pub use rocks::{ApplyRecord, ExternalLog, RocksConfig, RocksStore};
 pub use store::{
     Appended, Degraded, FsyncPolicy, OnVisible, QueuedWrite, Retention, RetentionReport, Store,

@@ -8,6 +8,14 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// RocksDB's CRC-32C, chosen at run time (`mqgate_store::crc32c`): build.rs links this
+/// binary with `--wrap` on RocksDB's function; this reference makes the linker take the
+/// replacement from mqgate-store before it reaches RocksDB's objects that call it.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[used]
+static ROCKSDB_CRC32C: unsafe extern "C" fn(u32, *const u8, usize) -> u32 =
+    mqgate_store::crc32c::__wrap__ZN7rocksdb6crc32c6ExtendEjPKcm;
+
 mod admin;
 mod cli;
 mod console;
@@ -319,6 +327,16 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
                 log_bytes = stats.log_bytes,
                 delayed_pending = stats.timers,
                 "store: RocksDB opened; recovered what is listed"
+            );
+            tracing::info!(
+                crc32c = if !mqgate_store::crc32c::wrapped() {
+                    "RocksDB's own"
+                } else if mqgate_store::crc32c::hardware() {
+                    "hardware (SSE4.2)"
+                } else {
+                    "table (this CPU has no SSE4.2)"
+                },
+                "store: WAL checksums"
             );
             Arc::new(store)
         }

@@ -115,6 +115,17 @@ async fn sigkill_then_restart_recovers_and_says_so() {
         "{log}"
     );
     assert!(log.contains("durable_queues=1"), "{log}");
+    // RocksDB's WAL checksums go through mqgate's CRC-32C, in hardware where the CPU
+    // has it (build.rs links the binary with the wrap).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    assert!(
+        log.contains(if std::arch::is_x86_feature_detected!("sse4.2") {
+            "hardware (SSE4.2)"
+        } else {
+            "table (this CPU has no SSE4.2)"
+        }),
+        "{log}"
+    );
 }
 
 /// `mqgate serve --small` (the edge profile) starts itself again, same process, with the

@@ -36,6 +36,7 @@
 //! - Every queue-changing truncation also records the queue's min in `meta`, so an empty
 //!   queue restarts at the right offset.
 
+pub mod crc32c;
 mod health;
 mod keys;
 mod read;
@@ -84,6 +85,12 @@ pub struct RocksConfig {
     pub block_cache_bytes: usize,
     /// The memtable budget for all column families together, in bytes.
     pub write_buffer_bytes: usize,
+    /// Log records (message bodies with their headers) of at least this many bytes go to
+    /// RocksDB's blob files when flushed, so that table files hold only their keys and
+    /// compactions never copy the bodies again (0, the default: no blob files). It pays
+    /// where a deep backlog is compacted; at the tail it costs (bench/RESULTS.md: RocksDB
+    /// writes each blob on its own at flush, 4 KiB transient 16-20 -> 23-28 µs/msg).
+    pub blob_min_bytes: u64,
     /// The largest group-commit batch, in bytes of records.
     pub max_batch_bytes: usize,
     /// Recently appended messages kept decoded for readers at the tail, in bytes.
@@ -146,6 +153,7 @@ impl RocksConfig {
             retention: Retention::default(),
             block_cache_bytes: 128 << 20,
             write_buffer_bytes: 128 << 20,
+            blob_min_bytes: 0,
             max_batch_bytes: 4 << 20,
             tail_cache_bytes: 32 << 20,
             max_open_files: -1,

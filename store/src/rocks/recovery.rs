@@ -81,8 +81,24 @@ pub(super) fn open_db_as(config: &RocksConfig, log_min: &Arc<AtomicU64>, view: b
             }
         },
     );
+    let mut log_opts = cf_opts(64 << 20, true);
+    if config.blob_min_bytes > 0 {
+        // Large bodies leave the table files at flush: the table keeps the key and a
+        // pointer, so neither the flush (block building, LZ4) nor later compactions copy
+        // the body again. Not compressed: bodies are often compressed already, and a
+        // broker's CPU per message matters more than their disk space here. The log is
+        // appended in key order and trimmed from its start, so a blob file is dropped
+        // as soon as the table files that point into it are (no blob GC needed, but on
+        // in case a compaction rewrites a range).
+        log_opts.set_enable_blob_files(true);
+        log_opts.set_min_blob_size(config.blob_min_bytes);
+        log_opts.set_blob_file_size(256 << 20);
+        log_opts.set_blob_compression_type(DBCompressionType::None);
+        log_opts.set_enable_blob_gc(true);
+        log_opts.set_blob_cache(&cache);
+    }
     let cfs = vec![
-        ColumnFamilyDescriptor::new(CF_LOG, cf_opts(64 << 20, true)),
+        ColumnFamilyDescriptor::new(CF_LOG, log_opts),
         ColumnFamilyDescriptor::new(CF_CQ, cf_opts(32 << 20, true)),
         ColumnFamilyDescriptor::new(CF_KEYS, keys_opts),
         ColumnFamilyDescriptor::new(CF_OFFSETS, cf_opts(4 << 20, false)),

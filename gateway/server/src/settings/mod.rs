@@ -143,6 +143,8 @@ pub(crate) struct StoreSettings {
     pub(crate) block_cache_bytes: usize,
     /// RocksDB's memtables, all column families together, in bytes.
     pub(crate) write_buffer_bytes: usize,
+    /// Log records of at least this many bytes go to RocksDB's blob files (0: none).
+    pub(crate) blob_min_bytes: u64,
     /// Recently appended messages kept decoded for consumers at the tail, in bytes.
     pub(crate) tail_cache_bytes: usize,
     /// With `backend = "jetstream"`: the NATS servers, the stream and this node.
@@ -201,6 +203,7 @@ impl Default for StoreSettings {
             retention_max_bytes: 0,
             block_cache_bytes: 128 << 20,
             write_buffer_bytes: 128 << 20,
+            blob_min_bytes: 0,
             tail_cache_bytes: 32 << 20,
             jetstream: JetStreamSettings::default(),
         }
@@ -719,6 +722,7 @@ impl Settings {
         };
         r.block_cache_bytes = self.store.block_cache_bytes;
         r.write_buffer_bytes = self.store.write_buffer_bytes;
+        r.blob_min_bytes = self.store.blob_min_bytes;
         r.tail_cache_bytes = self.store.tail_cache_bytes;
         r.max_open_files = self.rocks_max_open_files();
         r
