@@ -2,29 +2,15 @@
 //! of the table files, read back the same before and after a restart, mixed with small
 //! ones that stay inline, and gone from the disk once retention trims them.
 
+mod common;
+use common::body;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use mqgate_store::{
     Message, QueueOffset, QueueRef, ReadLimits, Retention, RocksConfig, RocksStore, Store,
     TopicName, WriteBatch,
 };
-
-/// Bytes that do not compress, different for every seed.
-fn body(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    v.extend_from_slice(&seed.to_le_bytes());
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len.max(8));
-    Bytes::from(v)
-}
 
 /// Message `i`: 4 KiB, except every fifth, which is 100 bytes (below the threshold).
 fn len_of(i: u64) -> usize {

@@ -6,11 +6,12 @@
 //! where mounting is not allowed the test prints `skipped: ...` and passes. The mount is
 //! undone by a guard, even when the test fails.
 
+mod common;
+use common::body;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use mqgate_store::{
     Message, QueueOffset, QueueRef, ReadLimits, RocksConfig, RocksStore, Store, TopicName,
     WriteBatch,
@@ -44,21 +45,6 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
-}
-
-/// Bytes that do not compress (RocksDB compresses table files).
-fn body(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    v.extend_from_slice(&seed.to_le_bytes());
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len.max(8));
-    Bytes::from(v)
 }
 
 async fn put(store: &RocksStore, q: &QueueRef, seed: u64, len: usize) -> Result<u64, String> {
