@@ -37,6 +37,8 @@ for name in order:
             notes.append("failed")
         if "kib_per_conn" in v:
             notes.append(f"{v['kib_per_conn']} KiB/idle conn; 10 clients: {v.get('small_rate')} /s at {v.get('small_cpu_us')} µs")
+        if "kept_up" in v and broker != "sink":
+            notes.append(f"delivered at {v['kept_up']} of the publisher's confirmed rate")
         if broker == "sink":
             notes.append("publish only (ceiling)")
         print(

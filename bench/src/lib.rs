@@ -71,6 +71,9 @@ pub struct Round {
     pub lost: u64,
     /// Messages delivered more than once.
     pub dup: u64,
+    /// The consumers' delivery rate over the publisher's confirmed rate (1.0: no
+    /// backlog was left when the publisher finished), where the scenario measures it.
+    pub kept_up: Option<f64>,
 }
 
 impl Round {
@@ -90,6 +93,7 @@ impl Round {
             cpu_us,
             lost,
             dup,
+            kept_up: None,
         }
     }
 
@@ -127,9 +131,15 @@ pub fn print_medians(rounds: &[Round], unit: &str) {
     println!(
         "median: {rate:.0} {unit}/s, p50 {p50:.0} µs, p99 {p99:.0} µs, p99.9 {p999:.0} µs, broker CPU {cpu:.1} µs/{unit}; lost {lost}, duplicated {dup}"
     );
+    let mut kept: Vec<f64> = rounds.iter().filter_map(|r| r.kept_up).collect();
+    let kept_up = if kept.is_empty() {
+        String::new()
+    } else {
+        format!(" kept_up={:.2}", median(&mut kept))
+    };
     // For scripts (bench/compare.sh): one line, key=value.
     println!(
-        "RESULT rate={rate:.0} p50_us={p50:.0} p99_us={p99:.0} p999_us={p999:.0} cpu_us={cpu:.2} lost={lost} dup={dup}"
+        "RESULT rate={rate:.0} p50_us={p50:.0} p99_us={p99:.0} p999_us={p999:.0} cpu_us={cpu:.2} lost={lost} dup={dup}{kept_up}"
     );
 }
 

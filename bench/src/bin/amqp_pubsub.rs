@@ -277,16 +277,17 @@ async fn round(a: &Args, n: usize) -> Round {
         total * queues.len() as u64
     };
     let elapsed = start.elapsed();
-    if !a.publish_only {
-        // Whether the consumers kept up: the rate they delivered at against the rate the
-        // publisher was confirmed at (1.0: no backlog left when the publisher finished).
+    // Whether the consumers kept up: the rate they delivered at against the rate the
+    // publisher was confirmed at (1.0: no backlog left when the publisher finished).
+    let kept_up = (!a.publish_only).then(|| {
         let published = total as f64 / published_in.as_secs_f64();
         let delivered = got as f64 / elapsed.as_secs_f64() / queues.len() as f64;
         println!(
             "published {published:.0} msg/s, delivered {delivered:.0} msg/s per queue: {:.2} of it",
             delivered / published
         );
-    }
+        delivered / published
+    });
     let cpu = a
         .broker_pid
         .and_then(process_cpu)
@@ -305,13 +306,15 @@ async fn round(a: &Args, n: usize) -> Round {
             .await;
     }
     let _ = pc.close(200, "bye".into()).await;
-    Round::new(
+    let mut round = Round::new(
         got as f64 / elapsed.as_secs_f64(),
         &lat,
         cpu,
         expected - got,
         dup,
-    )
+    );
+    round.kept_up = kept_up;
+    round
 }
 
 fn unit(a: &Args) -> &'static str {
