@@ -3,7 +3,7 @@
 //! RocksDB checksums every WAL record with CRC-32C (`rocksdb::crc32c::Extend`). Since
 //! RocksDB 8 it picks the hardware instruction at *build* time only (`__SSE4_2__`), and
 //! librocksdb-sys builds it with `-msse4.2` only when Rust's own target has SSE4.2, which
-//! the default x86-64 target has not: the broker then spent ~15 % of its CPU on 4 KiB
+//! the default x86-64 target has not: the broker then spent 15-17 % of its CPU on 4 KiB
 //! bodies in RocksDB's table-driven CRC. Building everything for a newer CPU would break
 //! older ones, so the choice is made here, at run time:
 //!
@@ -64,7 +64,7 @@ static WRAPPED: AtomicBool = AtomicBool::new(false);
 /// `crc32c::Extend` does.
 pub fn extend(crc: u32, data: &[u8]) -> u32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("sse4.2") {
+    if hardware() {
         // SAFETY: the CPU has SSE4.2, checked just above.
         return unsafe { extend_sse42(crc, data) };
     }
