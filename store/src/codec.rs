@@ -265,11 +265,11 @@ pub(crate) fn decode_entry(offset: QueueOffset, mut v: &[u8]) -> Result<QueueEnt
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn arb_message() -> impl Strategy<Value = Message> {
+    pub(crate) fn arb_message() -> impl Strategy<Value = Message> {
         (
             "[a-z/%#.]{1,40}",
             ".{0,20}",

@@ -25,13 +25,14 @@ pub mod metrics;
 mod rocks;
 mod store;
 mod types;
+pub mod wire;
 
 pub use error::{Result, StoreError};
 pub use memory::MemoryStore;
 #[cfg(feature = "rocksdb")]
 pub use rocks::crc32c;
 #[cfg(feature = "rocksdb")]
-pub use rocks::{ApplyRecord, ExternalLog, RocksConfig, RocksStore};
+pub use rocks::{ApplyRecord, ExternalLog, KvChange, RocksConfig, RocksStore, SharedResources};
 pub use store::{
     Appended, Degraded, FsyncPolicy, OnVisible, QueuedWrite, Retention, RetentionReport, Store,
     StoreExt, StoreHealth, StoreStats, WriteBatch, WriteOp, WriteReceipt,

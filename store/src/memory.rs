@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -22,12 +23,25 @@ use crate::types::{
 ///
 /// One mutex guards everything; every operation holds it briefly and never across an
 /// `.await`. Writes are "durable" as soon as they are applied.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
     /// All state, behind one lock: a batch is atomic because it is applied under it.
     inner: Mutex<Inner>,
     /// What [`Store::enforce_retention`] removes.
     retention: Retention,
+    /// Retention keeps ids from this one on ([`Store::set_retention_floor`]; `u64::MAX`:
+    /// no floor).
+    floor: AtomicU64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            retention: Retention::default(),
+            floor: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -87,9 +101,19 @@ impl MemoryStore {
     /// An empty store with a retention policy.
     pub fn with_retention(retention: Retention) -> Self {
         Self {
-            inner: Mutex::default(),
             retention,
+            ..Self::default()
         }
+    }
+
+    /// Start ids (messages and timers) at `base` rather than 0, as a shard's store does
+    /// (see `RocksConfig::id_base`).
+    pub fn with_id_base(self, base: u64) -> Self {
+        {
+            let mut inner = self.inner.lock();
+            inner.next_seq = inner.next_seq.max(base);
+        }
+        self
     }
 }
 
@@ -482,11 +506,18 @@ impl Store for MemoryStore {
     async fn enforce_retention(&self, now: Millis) -> Result<RetentionReport> {
         let Retention { max_age, max_bytes } = self.retention;
         let cutoff = max_age.map(|a| now.saturating_sub(a.as_millis() as u64));
+        let floor = self.floor.load(Ordering::Acquire);
         let mut inner = self.inner.lock();
         Ok(inner.trim_log(|m, log_bytes| {
-            cutoff.is_some_and(|c| m.store_timestamp < c)
-                || max_bytes.is_some_and(|b| log_bytes > b)
+            m.id.0 < floor
+                && (cutoff.is_some_and(|c| m.store_timestamp < c)
+                    || max_bytes.is_some_and(|b| log_bytes > b))
         }))
+    }
+
+    fn set_retention_floor(&self, floor: Option<MessageId>) {
+        self.floor
+            .store(floor.map_or(u64::MAX, |f| f.0), Ordering::Release);
     }
 
     fn stats(&self) -> StoreStats {

@@ -429,6 +429,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Apply the retention policy as of `now`.
     async fn enforce_retention(&self, now: Millis) -> Result<RetentionReport>;
 
+    /// Keep every message whose id is `floor` or more, whatever the retention policy
+    /// says (`None`: no floor). Someone still needs them: a shard's outbox names
+    /// messages not yet forwarded to their destination shards. Not persisted: the
+    /// owner of the need sets it again after a restart, before retention runs.
+    /// A backend that never deletes by itself may ignore it.
+    fn set_retention_floor(&self, _floor: Option<MessageId>) {}
+
     /// Counters.
     fn stats(&self) -> StoreStats;
 

@@ -40,12 +40,14 @@ pub mod crc32c;
 mod health;
 mod keys;
 mod read;
+mod record;
 mod recovery;
 mod writer;
 
 use health::{recovery_loop, Health};
 use keys::{Header, CF_META};
 use read::TailCache;
+pub use record::KvChange;
 use recovery::{open_db, recover};
 use writer::{periodic_fsync, sync_loop, Request, Writer};
 
@@ -103,6 +105,65 @@ pub struct RocksConfig {
     /// backend); RocksDB is then a local view with its own WAL off. `None`: RocksDB's
     /// WAL is the log, synced under `fsync`.
     pub external_log: Option<Arc<dyn ExternalLog>>,
+    /// The first id a fresh store gives (messages and timers); a store whose ids are
+    /// already past it goes on from where it is. Shards of one cluster start theirs at
+    /// `shard << 44` so that an id names its shard and ids are unique across shards.
+    pub id_base: u64,
+    /// A block cache and memtable budget shared with the other stores of this process
+    /// (one per shard): `block_cache_bytes` and `write_buffer_bytes` are then ignored.
+    pub shared: Option<SharedResources>,
+}
+
+/// RocksDB's block cache and write-buffer manager, shared by several stores of one
+/// process (a gateway owning several shards), so the memory they take together is
+/// bounded by one budget rather than one per store.
+#[derive(Clone)]
+pub struct SharedResources {
+    pub(crate) cache: rocksdb::Cache,
+    pub(crate) write_buffers: rocksdb::WriteBufferManager,
+    cache_bytes: usize,
+    write_buffer_bytes: usize,
+}
+
+impl SharedResources {
+    /// One block cache of `cache_bytes` and one memtable budget of `write_buffer_bytes`
+    /// for every store opened with them.
+    pub fn new(cache_bytes: usize, write_buffer_bytes: usize) -> Self {
+        Self {
+            cache: rocksdb::Cache::new_lru_cache(cache_bytes),
+            // No stall, as for a store of its own (see `recovery::open_db_as`).
+            write_buffers: rocksdb::WriteBufferManager::new_write_buffer_manager(
+                write_buffer_bytes,
+                false,
+            ),
+            cache_bytes,
+            write_buffer_bytes,
+        }
+    }
+
+    /// The block cache's capacity in bytes.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache_bytes
+    }
+
+    /// The memtable budget in bytes.
+    pub fn write_buffer_bytes(&self) -> usize {
+        self.write_buffer_bytes
+    }
+
+    /// Bytes the shared memtables use now, all stores together.
+    pub fn write_buffer_usage(&self) -> usize {
+        self.write_buffers.get_usage()
+    }
+}
+
+impl std::fmt::Debug for SharedResources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedResources")
+            .field("cache_bytes", &self.cache_bytes)
+            .field("write_buffer_bytes", &self.write_buffer_bytes)
+            .finish()
+    }
 }
 
 /// How [`ExternalLog::take_over`] applies a record: its sequence, the first message id
@@ -158,6 +219,8 @@ impl RocksConfig {
             tail_cache_bytes: 32 << 20,
             max_open_files: -1,
             external_log: None,
+            id_base: 0,
+            shared: None,
         }
     }
 }
@@ -188,6 +251,9 @@ struct Shared {
     /// The lowest id retention has not deleted: key-index entries below it are dropped
     /// by a compaction filter.
     log_min: Arc<AtomicU64>,
+    /// Retention keeps ids from this one on ([`Store::set_retention_floor`]; `u64::MAX`:
+    /// no floor).
+    retention_floor: AtomicU64,
     /// Decoded recent messages, ids increasing.
     tail: RwLock<TailCache>,
     /// Tells the fsync and recovery threads to stop.
@@ -308,6 +374,7 @@ impl RocksStore {
             messages: AtomicU64::new(0),
             timers: AtomicU64::new(0),
             log_min,
+            retention_floor: AtomicU64::new(u64::MAX),
             tail: RwLock::default(),
             stopping: AtomicBool::new(false),
             health: Health::default(),
@@ -374,6 +441,13 @@ impl RocksStore {
     /// The data folder.
     pub fn path(&self) -> &Path {
         &self.shared.config.path
+    }
+
+    /// The keyed-area changes in `record`, the bytes of a RocksDB write batch made by a
+    /// store of this layout (a record of the jetstream backend's log).
+    pub fn kv_changes(&self, record: &[u8]) -> Result<Vec<KvChange>> {
+        let db = self.shared.db()?;
+        Ok(record::kv_changes(record, record::kv_cf_id(&db)))
     }
 }
 /// The sequence of the last external-log record applied to `db` (0: none). A folder
@@ -687,6 +761,12 @@ impl Store for RocksStore {
             None => Ok(RetentionReport::default()),
             Some(below) => self.request(|tx| Request::TrimLog(below, tx)).await,
         }
+    }
+
+    fn set_retention_floor(&self, floor: Option<MessageId>) {
+        self.shared
+            .retention_floor
+            .store(floor.map_or(u64::MAX, |f| f.0), Ordering::Release);
     }
 
     fn health(&self) -> StoreHealth {

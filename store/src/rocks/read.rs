@@ -96,6 +96,7 @@ impl RocksStore {
         if age_cutoff.is_none() && excess == 0 {
             return Ok(None);
         }
+        let floor = self.shared.retention_floor.load(Ordering::Acquire);
         let mut cutoff = None;
         let db = self.shared.db()?;
         let it = db.iterator_cf(db.cf(CF_LOG), IteratorMode::Start);
@@ -106,11 +107,12 @@ impl RocksStore {
                 .get(2..10)
                 .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
             let old = age_cutoff.is_some_and(|c| ts < c);
-            if !old && excess == 0 {
-                return Ok(Some(be_u64(&k)?));
+            let id = be_u64(&k)?;
+            if (!old && excess == 0) || id >= floor {
+                return Ok(Some(id));
             }
             excess = excess.saturating_sub(v.len() as u64);
-            cutoff = Some(be_u64(&k)? + 1);
+            cutoff = Some(id + 1);
         }
         Ok(cutoff)
     }

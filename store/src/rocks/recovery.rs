@@ -26,11 +26,16 @@ pub(super) fn open_db(config: &RocksConfig, log_min: &Arc<AtomicU64>) -> Result<
 
 /// [`open_db`]; `view`: a view of an external log (see `set_atomic_flush` below).
 pub(super) fn open_db_as(config: &RocksConfig, log_min: &Arc<AtomicU64>, view: bool) -> Result<DB> {
-    let cache = Cache::new_lru_cache(config.block_cache_bytes);
-    // No stall: a writer stalled by the write-buffer manager waits for a flush, and a
-    // flush that cannot run (a full disk) would hold it forever; RocksDB's own write
-    // stalls (too many memtables) give up on a background error or a shutdown.
-    let wbm = WriteBufferManager::new_write_buffer_manager(config.write_buffer_bytes, false);
+    let (cache, wbm) = match &config.shared {
+        Some(r) => (r.cache.clone(), r.write_buffers.clone()),
+        // No stall: a writer stalled by the write-buffer manager waits for a flush, and a
+        // flush that cannot run (a full disk) would hold it forever; RocksDB's own write
+        // stalls (too many memtables) give up on a background error or a shutdown.
+        None => (
+            Cache::new_lru_cache(config.block_cache_bytes),
+            WriteBufferManager::new_write_buffer_manager(config.write_buffer_bytes, false),
+        ),
+    };
 
     let mut db_opts = Options::default();
     db_opts.create_if_missing(true);
@@ -147,6 +152,11 @@ pub(super) fn recover(s: &Shared) -> Result<()> {
     let header = match db.get_cf(meta, HEADER_KEY).map_err(backend)? {
         Some(v) => Header::decode(&v)?,
         None => Header::default(),
+    };
+    // A fresh store starts at its base; one past it goes on.
+    let header = Header {
+        next_seq: header.next_seq.max(s.config.id_base),
+        ..header
     };
     s.next_seq.store(header.next_seq, Ordering::Release);
     s.log_bytes.store(header.log_bytes, Ordering::Release);
