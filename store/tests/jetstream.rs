@@ -363,3 +363,283 @@ async fn retention_purges_the_log_and_a_new_node_rebuilds_what_is_live() {
     let next = b.append(msg("t", "after"), vec![q("t", 0)]).await.unwrap();
     assert_eq!(next.offsets[0].1, range.next);
 }
+
+// ---------------------------------------------------------------------------------
+// Shards (issue 16): one replica per (node, shard), the same fenced writer per shard.
+// ---------------------------------------------------------------------------------
+
+use mqgate_store::jetstream::{Nats, OwnedShard, ReplicaSpec, ShardReplica, SHARD_ID_SHIFT};
+use mqgate_store::KvChange;
+
+async fn nats_node(cluster: &NatsCluster, stream: &str, node: &str, dir: &std::path::Path) -> Nats {
+    let mut cfg = config(cluster, node, dir, Duration::from_secs(10));
+    cfg.stream = stream.into();
+    tokio::time::timeout(Duration::from_secs(60), Nats::connect(cfg))
+        .await
+        .expect("connected within a minute")
+        .expect("connect")
+}
+
+async fn replica(nats: &Nats, shard: u16) -> ShardReplica {
+    let spec = ReplicaSpec::shard(&nats_cfg_of(nats), shard);
+    tokio::time::timeout(Duration::from_secs(60), ShardReplica::open(nats, spec))
+        .await
+        .expect("opened within a minute")
+        .expect("open the replica")
+}
+
+/// The config a `Nats` was made with (the spec of a shard derives from it).
+fn nats_cfg_of(nats: &Nats) -> JetStreamConfig {
+    nats.config().clone()
+}
+
+async fn own(mut r: ShardReplica) -> (Arc<RocksStore>, OwnedShard) {
+    assert!(
+        r.try_acquire().await.unwrap(),
+        "nobody else holds {}",
+        r.spec().lease_key
+    );
+    let (s, o) = tokio::time::timeout(Duration::from_secs(60), r.take_over())
+        .await
+        .expect("took over within a minute")
+        .expect("take over");
+    (Arc::new(s), o)
+}
+
+/// Follow until the view has the stream's last record.
+async fn catch_up(r: &mut ShardReplica) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let last = r.last().await.unwrap();
+        let applied = r
+            .follow(tokio::time::Instant::now() + Duration::from_millis(200))
+            .await
+            .unwrap();
+        if applied >= last {
+            return applied;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "caught up: {applied} of {last}"
+        );
+    }
+}
+
+/// Two nodes each own one shard and follow the other's: each shard is its own stream,
+/// lease key and id range, and a node cannot take a shard another holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_shards_two_nodes() {
+    let cluster = NatsCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let a = nats_node(cluster, "twoshards", "node-a", dir.path()).await;
+    let b = nats_node(cluster, "twoshards", "node-b", dir.path()).await;
+    let (a0, _o0) = own(replica(&a, 0).await).await;
+    let (b1, _o1) = own(replica(&b, 1).await).await;
+    let mut b_follows_0 = replica(&b, 0).await;
+    let mut a_follows_1 = replica(&a, 1).await;
+    assert_eq!(b_follows_0.spec().stream, "twoshards-s00");
+    assert_eq!(a_follows_1.spec().lease_key, "shard.01");
+    assert!(
+        !b_follows_0.try_acquire().await.unwrap(),
+        "shard 0 is node-a's"
+    );
+    assert!(
+        !a_follows_1.try_acquire().await.unwrap(),
+        "shard 1 is node-b's"
+    );
+
+    for (n, s) in [(0u64, &a0), (1, &b1)] {
+        let t = format!("t{n}");
+        s.create_topic(&topic(&t), 1).await.unwrap();
+        for i in 0..50 {
+            let id = s
+                .append(msg(&t, &format!("{n}-{i}")), vec![q(&t, 0)])
+                .await
+                .unwrap()
+                .id;
+            assert_eq!(id.0 >> SHARD_ID_SHIFT, n, "an id names its shard");
+        }
+    }
+    // Each follower's view holds its shard's log, and only that.
+    catch_up(&mut b_follows_0).await;
+    catch_up(&mut a_follows_1).await;
+    assert_eq!(bodies(a0.as_ref(), &q("t0", 0)).await.len(), 50);
+    assert_eq!(bodies(b1.as_ref(), &q("t1", 0)).await.len(), 50);
+    assert!(
+        a0.queue_range(&q("t1", 0)).is_err(),
+        "shard 0 does not hold t1"
+    );
+}
+
+/// A planned move: the owner hands the shard over; the successor takes the lease at
+/// once, has every message, offset and keyed entry, and appends after its own fence;
+/// the old owner's store takes no write after the hand-over record. Then back again,
+/// through the same folders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_over_loses_nothing_and_fences_the_old_owner() {
+    let cluster = NatsCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let a = nats_node(cluster, "handover", "node-a", dir.path()).await;
+    let b = nats_node(cluster, "handover", "node-b", dir.path()).await;
+    let (sa, mut oa) = own(replica(&a, 3).await).await;
+    let mut rb = replica(&b, 3).await;
+    sa.create_topic(&topic("t"), 2).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(
+            sa.append(msg("t", &format!("m{i}")), vec![q("t", i % 2)])
+                .await
+                .unwrap()
+                .id,
+        );
+        if i % 50 == 0 {
+            // Paced and in bursts: a hand-over mid-stream must not depend on batching.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let mut wb = WriteBatch::new();
+    wb.commit_offset(GroupName::new("g").unwrap(), q("t", 0), QueueOffset(40));
+    wb.kv_put(
+        "amqp.queue",
+        Bytes::from_static(b"q1"),
+        Bytes::from_static(b"spec"),
+    );
+    sa.write(wb).await.unwrap();
+    catch_up(&mut rb).await;
+    assert!(!rb.try_acquire().await.unwrap());
+
+    let seq = oa.hand_over(Some("node-b")).await.unwrap();
+    let refused = sa.append(msg("t", "late"), vec![q("t", 0)]).await;
+    assert!(
+        refused.is_err(),
+        "the old owner confirmed a write after handing over"
+    );
+    let sa = Arc::try_unwrap(sa).expect("the test holds the only handle");
+    let mut ra = oa.into_replica(sa).await.unwrap();
+
+    // The key names node-b: it takes the lease without waiting for an expiry.
+    let (sb, mut ob) = own(rb).await;
+    assert!(ob.epoch() > 0);
+    let mut got = bodies(sb.as_ref(), &q("t", 0)).await;
+    got.extend(bodies(sb.as_ref(), &q("t", 1)).await);
+    assert_eq!(got.len(), 200);
+    assert!(!got.iter().any(|m| m == "late"));
+    assert_eq!(
+        sb.message(ids[199]).await.unwrap().unwrap().message.body,
+        Bytes::from_static(b"m199")
+    );
+    assert_eq!(
+        sb.committed_offset(&GroupName::new("g").unwrap(), &q("t", 0))
+            .await
+            .unwrap(),
+        Some(QueueOffset(40))
+    );
+    assert_eq!(
+        sb.kv_get("amqp.queue", b"q1").await.unwrap().as_deref(),
+        Some(&b"spec"[..])
+    );
+    let next = sb.append(msg("t", "b0"), vec![q("t", 0)]).await.unwrap().id;
+    assert!(next > ids[199], "ids go on after the hand-over");
+
+    // In the stream: the hand-over record, then node-b's fence, then only node-b.
+    let js = b.jetstream().clone();
+    let mut stream = retried("get the stream", || js.get_stream("handover-s03")).await;
+    let h = stream.get_raw_message(seq).await.unwrap();
+    let handover = h
+        .headers
+        .get("Mqgate-Handover")
+        .unwrap()
+        .as_str()
+        .to_string();
+    assert!(
+        handover.starts_with("node-a/") && handover.ends_with(" node-b"),
+        "{handover}"
+    );
+    let fence = stream.get_raw_message(seq + 1).await.unwrap();
+    assert!(fence
+        .headers
+        .get("Mqgate-Fence")
+        .is_some_and(|v| v.as_str().starts_with("node-b/")));
+    let last = stream.info().await.unwrap().state.last_sequence;
+    for s in seq + 1..=last {
+        let m = stream.get_raw_message(s).await.unwrap();
+        let id = m.headers.get("Nats-Msg-Id").unwrap().as_str().to_string();
+        assert!(
+            id.starts_with("node-b."),
+            "record {s} after the hand-over is {id}"
+        );
+    }
+
+    // And back: node-a follows again from its own folder and takes the shard.
+    catch_up(&mut ra).await;
+    assert!(!ra.try_acquire().await.unwrap());
+    ob.hand_over(Some("node-a")).await.unwrap();
+    let sb = Arc::try_unwrap(sb).expect("the test holds the only handle");
+    let _rb = ob.into_replica(sb).await.unwrap();
+    let (sa, _oa) = own(ra).await;
+    let mut got = bodies(sa.as_ref(), &q("t", 0)).await;
+    got.extend(bodies(sa.as_ref(), &q("t", 1)).await);
+    assert_eq!(got.len(), 201);
+    assert!(got.iter().any(|m| m == "b0"));
+}
+
+/// A follower hears, record by record, what each one changed in the keyed area: how
+/// every gateway keeps its router in step with the meta stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_sees_kv_changes() {
+    let cluster = NatsCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let a = nats_node(cluster, "kvfollow", "node-a", dir.path()).await;
+    let b = nats_node(cluster, "kvfollow", "node-b", dir.path()).await;
+    let (sa, _oa) = own(replica(&a, 0).await).await;
+    let mut rb = replica(&b, 0).await;
+
+    let mut wb = WriteBatch::new();
+    wb.kv_put(
+        "core.binding",
+        Bytes::from_static(b"x"),
+        Bytes::from_static(b"1"),
+    );
+    sa.write(wb).await.unwrap();
+    sa.create_topic(&topic("t"), 1).await.unwrap();
+    sa.append(msg("t", "not kv"), vec![q("t", 0)])
+        .await
+        .unwrap();
+    let mut wb = WriteBatch::new();
+    wb.kv_put(
+        "core.binding",
+        Bytes::from_static(b"y"),
+        Bytes::from_static(b"2"),
+    );
+    wb.kv_delete("core.binding", Bytes::from_static(b"x"));
+    sa.write(wb).await.unwrap();
+
+    let mut seen: Vec<(u64, KvChange)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let last = rb.last().await.unwrap();
+    while rb.applied() < last {
+        assert!(tokio::time::Instant::now() < deadline, "caught up");
+        rb.follow_with(
+            tokio::time::Instant::now() + Duration::from_millis(200),
+            &mut |seq, changes| seen.extend(changes.into_iter().map(|c| (seq, c))),
+        )
+        .await
+        .unwrap();
+    }
+    let change = |k: &'static [u8], v: Option<&'static [u8]>| KvChange {
+        namespace: "core.binding".into(),
+        key: Bytes::from_static(k),
+        value: v.map(Bytes::from_static),
+    };
+    let changes: Vec<KvChange> = seen.iter().map(|(_, c)| c.clone()).collect();
+    assert_eq!(
+        changes,
+        vec![
+            change(b"x", Some(b"1")),
+            change(b"y", Some(b"2")),
+            change(b"x", None)
+        ]
+    );
+    assert!(seen[0].0 < seen[1].0, "two records");
+    assert_eq!(seen[1].0, seen[2].0, "one record, in its order");
+}

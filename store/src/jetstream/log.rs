@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
-use super::{nats, Role, HDR_FENCE, HDR_FIRST_ID, HDR_MSG_ID, HDR_PART};
+use super::{nats, Role, HDR_FENCE, HDR_FIRST_ID, HDR_HANDOVER, HDR_MSG_ID, HDR_PART};
 use crate::error::{Result, StoreError};
 use crate::rocks::{ApplyRecord, ExternalLog, View};
 
@@ -316,6 +316,35 @@ impl JsLog {
             empty,
             &[(HDR_FENCE, format!("{}/{}", self.node, self.epoch))],
         )
+    }
+}
+
+impl JsLog {
+    /// Append the hand-over record (an empty batch naming `to`) after every earlier
+    /// record, then refuse further appends: the log is the successor's. Fenced like any
+    /// append: if another node appended meanwhile, this node steps down instead.
+    pub(super) fn hand_over(&self, to: Option<&str>) -> Result<u64> {
+        let mut last = self.last.lock();
+        let seq = *last + 1;
+        let empty = Bytes::copy_from_slice(rocksdb::WriteBatch::default().data());
+        let header = format!("{}/{} {}", self.node, self.epoch, to.unwrap_or("-"));
+        match self.publish(seq, empty, &[(HDR_HANDOVER, header)])? {
+            Published::Stored => {
+                *last = seq;
+                self.tip.store(seq, Ordering::Release);
+                // Held under `last`: no append of the store's writer slips in after it.
+                self.closing.store(true, Ordering::Release);
+                Ok(seq)
+            }
+            Published::Conflict => {
+                self.lose(format!(
+                    "another node appended record {seq}: the log was fenced before the hand-over"
+                ));
+                Err(StoreError::Backend(
+                    "this node no longer owns the replicated log (fenced)".into(),
+                ))
+            }
+        }
     }
 }
 

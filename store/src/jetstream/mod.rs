@@ -23,25 +23,21 @@
 //! See ARCHITECTURE.md ("Replication on NATS JetStream").
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use parking_lot::Mutex;
-use tokio::runtime::Handle;
-use tokio::sync::watch;
 
 use crate::error::{Result, StoreError};
-use crate::rocks::{ExternalLog, RocksConfig, RocksStore};
+use crate::rocks::{RocksConfig, RocksStore};
 
 mod lease;
 mod log;
+mod shard;
 mod status;
 pub mod testing;
 
-use lease::{ensure_lease_bucket, renew_lease, standby};
-use log::JsLog;
+pub use shard::{Nats, OwnedShard, ReplicaSpec, ShardReplica, SHARD_ID_SHIFT};
 pub use status::{ClusterStatus, NodeStatus, ReplicaStatus, Replication};
 
 /// The oldest NATS server with what this design needs (`sync_interval: always`,
@@ -58,6 +54,8 @@ const HDR_PART: &str = "Mqgate-Part";
 const HDR_FENCE: &str = "Mqgate-Fence";
 /// On a record with appends (each part): the first message id it appends.
 const HDR_FIRST_ID: &str = "Mqgate-First-Id";
+/// On a hand-over record: `<from node>/<epoch> <to node or ->`.
+pub const HDR_HANDOVER: &str = "Mqgate-Handover";
 
 /// How the jetstream backend is opened.
 #[derive(Clone, Debug)]
@@ -134,67 +132,22 @@ fn lease_bucket(cfg: &JetStreamConfig) -> String {
     format!("{}-lease", cfg.stream)
 }
 
-fn subject(cfg: &JetStreamConfig) -> String {
-    format!("{}.log", cfg.stream)
-}
-
 /// Connect, check the servers, wait for the lease (tailing the log into the view
-/// meanwhile), then open the view as the log's only writer. `on_role` hears each
-/// change of role, the standby's progress included.
+/// meanwhile), then open the view as the log's only writer. The returned
+/// [`Replication`] hears each change of role, the standby's progress included.
 pub async fn open(cfg: JetStreamConfig) -> Result<(RocksStore, Replication)> {
-    let cfg = Arc::new(cfg);
-    let client = connect(&cfg).await?;
-    check_server(&client)?;
-    let js = jetstream::new(client.clone());
-    let max_payload = client.server_info().max_payload.max(64 << 10);
-    let mut stream = settle("the stream", || ensure_stream(&js, &cfg)).await?;
-    let lease = settle("the lease bucket", || ensure_lease_bucket(&js, &cfg)).await?;
-    let (role_tx, role_rx) = watch::channel(Role::Standby {
-        applied: 0,
-        last: 0,
-    });
-    let role_tx = Arc::new(role_tx);
-
-    // Standby: tail the log into the view until the lease is ours.
-    let epoch = standby(&cfg, &mut stream, &lease, &role_tx).await?;
-    tracing::info!(node = %cfg.node_id, epoch, "replication: this node holds the lease; catching up and fencing the log");
-
-    let log = Arc::new(JsLog {
-        rt: Handle::current(),
-        js: js.clone(),
-        stream: stream.clone(),
-        subject: subject(&cfg),
-        node: cfg.node_id.clone(),
-        epoch,
-        last: Mutex::new(0),
-        part_bytes: (max_payload as usize).saturating_sub(8 << 10).max(32 << 10),
-        role: Arc::clone(&role_tx),
-        closing: AtomicBool::new(false),
-        lost: AtomicBool::new(false),
-        tip: AtomicU64::new(0),
-    });
-    let mut view = cfg.view.clone();
-    view.external_log = Some(Arc::clone(&log) as Arc<dyn ExternalLog>);
-    let store = tokio::task::spawn_blocking(move || RocksStore::open(view))
-        .await
-        .map_err(|e| StoreError::Backend(format!("open the view: {e}")))??;
-    role_tx.send_replace(Role::Owner { epoch });
-    tokio::spawn(renew_lease(
-        lease,
-        cfg.node_id.clone(),
-        epoch,
-        cfg.lease_ttl,
-        Arc::clone(&log),
-    ));
-    Ok((
-        store,
-        Replication {
-            role: role_rx,
-            js,
-            cfg,
-            log: Some(log),
-        },
-    ))
+    let nats = Nats::connect(cfg).await?;
+    let spec = ReplicaSpec::single(&nats.cfg);
+    let replica = ShardReplica::open(&nats, spec).await?;
+    let role = replica.role();
+    let (store, owned) = replica.acquire().await?;
+    let replication = Replication {
+        role,
+        js: owned.nats().js.clone(),
+        cfg: Arc::clone(&owned.nats().cfg),
+        log: Some(Arc::clone(&owned.log)),
+    };
+    Ok((store, replication))
 }
 
 /// Retry `step` while JetStream is not answering yet (a cluster still electing its
@@ -288,12 +241,16 @@ fn parse_version(v: &str) -> (u64, u64) {
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
-async fn ensure_stream(js: &jetstream::Context, cfg: &JetStreamConfig) -> Result<stream::Stream> {
+async fn ensure_stream(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+) -> Result<stream::Stream> {
     let want = stream::Config {
-        name: cfg.stream.clone(),
-        subjects: vec![subject(cfg)],
+        name: name.to_owned(),
+        subjects: vec![format!("{name}.log")],
         storage: stream::StorageType::File,
-        num_replicas: cfg.replicas,
+        num_replicas: replicas,
         retention: stream::RetentionPolicy::Limits,
         discard: stream::DiscardPolicy::New,
         allow_direct: true,
@@ -301,12 +258,12 @@ async fn ensure_stream(js: &jetstream::Context, cfg: &JetStreamConfig) -> Result
         duplicate_window: Duration::from_secs(120),
         ..Default::default()
     };
-    let mut s = match js.get_stream(&cfg.stream).await {
+    let mut s = match js.get_stream(name).await {
         Ok(s) => s,
         Err(_) => js
             .create_stream(want.clone())
             .await
-            .map_err(|e| nats(&format!("create the stream {}", cfg.stream), e))?,
+            .map_err(|e| nats(&format!("create the stream {name}"), e))?,
     };
     let have = s
         .info()
@@ -314,14 +271,14 @@ async fn ensure_stream(js: &jetstream::Context, cfg: &JetStreamConfig) -> Result
         .map_err(|e| nats("read the stream's config", e))?
         .config
         .clone();
-    if have.num_replicas != cfg.replicas
+    if have.num_replicas != replicas
         || have.storage != stream::StorageType::File
         || have.subjects != want.subjects
     {
         return Err(StoreError::Invalid(format!(
-            "the stream {} exists with {} replicas on {:?} storage for {:?}; this node wants {} \
-             on file storage for {:?}",
-            cfg.stream, have.num_replicas, have.storage, have.subjects, cfg.replicas, want.subjects
+            "the stream {name} exists with {} replicas on {:?} storage for {:?}; this node wants \
+             {replicas} on file storage for {:?}",
+            have.num_replicas, have.storage, have.subjects, want.subjects
         )));
     }
     Ok(s)

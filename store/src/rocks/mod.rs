@@ -525,6 +525,8 @@ fn replay_external_log(shared: &Shared, log: &dyn ExternalLog) -> Result<u64> {
 #[cfg_attr(not(feature = "jetstream"), allow(dead_code))]
 pub(crate) struct View {
     db: DB,
+    /// The keyed area's column-family number in records.
+    kv_cf: u32,
 }
 
 #[cfg_attr(not(feature = "jetstream"), allow(dead_code))]
@@ -534,7 +536,13 @@ impl View {
             .map_err(|e| StoreError::Backend(format!("create {}: {e}", config.path.display())))?;
         let db = recovery::open_db_as(config, &Arc::new(AtomicU64::new(0)), true)?;
         applied_seq(&db)?;
-        Ok(Self { db })
+        let kv_cf = record::kv_cf_id(&db);
+        Ok(Self { db, kv_cf })
+    }
+
+    /// The keyed-area changes a record of the log carries.
+    pub(crate) fn kv_changes(&self, record: &[u8]) -> Vec<KvChange> {
+        record::kv_changes(record, self.kv_cf)
     }
 
     pub(crate) fn applied(&self) -> Result<u64> {
