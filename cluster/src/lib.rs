@@ -1,0 +1,46 @@
+//! mqgate's scale-out (issue 16, `docs/design/sharding.md`): the pure decisions every
+//! gateway of a cluster must take alike, without talking to each other.
+//!
+//! - [`placement`]: which shard a topic (or a group) lives in.
+//! - [`rendezvous`]: which live gateway owns a shard, and which is its warm standby.
+//!
+//! Both are functions of names only (stable 64-bit hashes, no process state), so two
+//! gateways that see the same live set agree, and a version upgrade never moves a topic.
+
+pub mod placement;
+pub mod rendezvous;
+
+/// 64-bit FNV-1a: stable across builds, platforms and versions (the same function as
+/// the core's sharding-key hash).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// SplitMix64's finaliser: spreads FNV's weak low bits over the whole word, so that
+/// `% shards` and score comparisons see well-mixed values.
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_are_the_published_functions() {
+        // FNV-1a test vectors (Fowler, Noll, Vo).
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+        // SplitMix64 from seed 0: its first output is splitmix64(0).
+        assert_eq!(splitmix64(0), 0xe220_a839_7b1d_cdaf);
+    }
+}

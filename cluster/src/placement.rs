@@ -1,0 +1,71 @@
+//! Where a topic lives: `shard_of(topic) = splitmix64(fnv1a(topic)) % shards`.
+//!
+//! The cluster records each topic's shard the first time it is created (a KV entry,
+//! `docs/design/sharding.md` section 1), so a topic never moves silently if the shard
+//! count ever changes; this function only proposes the shard for a new topic. A group's
+//! home is the shard of its first topic; `%RETRY%<g>` and `%DLQ%<g>` follow the group.
+
+use crate::{fnv1a, splitmix64};
+
+/// A shard's number.
+pub type ShardId = u16;
+
+/// The most shards a cluster may have: ids name their shard in their top bits
+/// (`shard << 44`) and must stay below 2^53 for JSON clients.
+pub const MAX_SHARDS: u16 = 512;
+
+/// The shard a new topic named `topic` goes to, among `shards` (1..=MAX_SHARDS).
+pub fn shard_of(topic: &str, shards: u16) -> ShardId {
+    assert!(
+        (1..=MAX_SHARDS).contains(&shards),
+        "a cluster has 1..={MAX_SHARDS} shards, not {shards}"
+    );
+    (splitmix64(fnv1a(topic.as_bytes())) % u64::from(shards)) as ShardId
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn stable_values() {
+        // Pinned: a change here moves every unrecorded topic of every cluster.
+        let got: Vec<ShardId> = ["orders", "amq.topic", "%MQTT%client-1", ""]
+            .iter()
+            .map(|t| shard_of(t, 16))
+            .collect();
+        // Computed independently (a few lines of Python over the published FNV-1a and
+        // SplitMix64 constants).
+        assert_eq!(got, vec![6, 0, 3, 0]);
+        assert_eq!(shard_of("anything", 1), 0);
+    }
+
+    #[test]
+    fn topics_spread_over_the_shards() {
+        for shards in [2u16, 8, 16, 64] {
+            let mut counts = vec![0u32; usize::from(shards)];
+            let n = 20_000u32;
+            for i in 0..n {
+                counts[usize::from(shard_of(&format!("sensor/{i}/temp"), shards))] += 1;
+            }
+            let mean = f64::from(n) / f64::from(shards);
+            for (s, c) in counts.iter().enumerate() {
+                let off = (f64::from(*c) - mean).abs() / mean;
+                assert!(
+                    off < 0.25,
+                    "shard {s} of {shards} holds {c} topics, mean {mean}"
+                );
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn always_a_valid_shard(topic in ".{0,64}", shards in 1u16..=MAX_SHARDS) {
+            let s = shard_of(&topic, shards);
+            prop_assert!(s < shards);
+            prop_assert_eq!(s, shard_of(&topic, shards));
+        }
+    }
+}
