@@ -3,10 +3,16 @@
 //!
 //! - [`placement`]: which shard a topic (or a group) lives in.
 //! - [`rendezvous`]: which live gateway owns a shard, and which is its warm standby.
+//! - [`nodes`]: which gateways are alive (a TTL key each in a NATS KV bucket).
+//! - [`manager`]: one task per shard on every gateway that follows, takes, keeps or
+//!   hands over the shard's log (`mqgate_store::jetstream::ShardReplica`) as the
+//!   ranking over the live gateways says.
 //!
 //! Both are functions of names only (stable 64-bit hashes, no process state), so two
 //! gateways that see the same live set agree, and a version upgrade never moves a topic.
 
+pub mod manager;
+pub mod nodes;
 pub mod placement;
 pub mod rendezvous;
 

@@ -56,9 +56,9 @@ impl Tail {
 
     /// Apply records until `last` is applied (or seen: an incomplete record at the end
     /// is not applied), or until `deadline`.
-    pub(super) async fn apply_until(
+    pub(super) async fn apply_until<A: Apply + ?Sized>(
         &mut self,
-        view: &dyn Apply,
+        view: &A,
         last: Option<u64>,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<()> {

@@ -37,7 +37,7 @@ mod shard;
 mod status;
 pub mod testing;
 
-pub use shard::{Nats, OwnedShard, ReplicaSpec, ShardReplica, SHARD_ID_SHIFT};
+pub use shard::{Nats, OwnedShard, ReplicaSpec, Reported, ShardReplica, SHARD_ID_SHIFT};
 pub use status::{ClusterStatus, NodeStatus, ReplicaStatus, Replication};
 
 /// The oldest NATS server with what this design needs (`sync_interval: always`,

@@ -86,8 +86,9 @@ pub struct ReplicaSpec {
     pub lease_bucket: String,
     /// The key in it that names the writer.
     pub lease_key: String,
-    /// Where this node reports `<role> <applied>` in the lease bucket.
-    pub status_key: String,
+    /// Each node reports `<role> <applied>` in the lease bucket under this prefix and
+    /// its node id.
+    pub status_prefix: String,
     /// The local view's folder and settings.
     pub view: RocksConfig,
 }
@@ -99,7 +100,7 @@ impl ReplicaSpec {
             stream: cfg.stream.clone(),
             lease_bucket: format!("{}-lease", cfg.stream),
             lease_key: super::LEASE_KEY.into(),
-            status_key: format!("{}{}", super::NODE_KEY_PREFIX, cfg.node_id),
+            status_prefix: super::NODE_KEY_PREFIX.into(),
             view: cfg.view.clone(),
         }
     }
@@ -114,10 +115,38 @@ impl ReplicaSpec {
             stream: format!("{}-s{shard:02}", cfg.stream),
             lease_bucket: format!("{}-leases", cfg.stream),
             lease_key: format!("shard.{shard:02}"),
-            status_key: format!("status.{shard:02}.{}", cfg.node_id),
+            status_prefix: format!("status.{shard:02}."),
             view,
         }
     }
+}
+
+impl ReplicaSpec {
+    /// The key under which `node` reports itself.
+    pub fn status_key(&self, node: &str) -> String {
+        format!("{}{node}", self.status_prefix)
+    }
+}
+
+/// What a node last reported about a log: its role and the last record it applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reported {
+    /// `owner` or `standby`.
+    pub role: String,
+    /// The last record its view applied (an owner: the last it appended).
+    pub applied: u64,
+}
+
+/// `node`'s report for the log of `spec` in `lease` (none: it has not reported within
+/// the bucket's max age).
+async fn reported(lease: &kv::Store, key: &str) -> Option<Reported> {
+    let v = lease.get(key).await.ok()??;
+    let v = String::from_utf8_lossy(&v).into_owned();
+    let (role, applied) = v.split_once(' ')?;
+    Some(Reported {
+        role: role.to_owned(),
+        applied: applied.parse().ok()?,
+    })
 }
 
 /// A follower of one log: it tails the stream into its view and may take the lease.
@@ -212,6 +241,24 @@ impl ShardReplica {
             .map_err(|e| nats("read the stream's state", e))
     }
 
+    /// Report this node as a standby at `applied` (for the owner deciding a hand-over,
+    /// and `cluster status`).
+    pub fn report(&self, applied: u64) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let lease = self.lease.clone();
+        let key = self.spec.status_key(&self.nats.cfg.node_id);
+        async move { report(&lease, &key, "standby", applied).await }
+    }
+
+    /// What `node` last reported about this log.
+    pub fn reported(
+        &self,
+        node: &str,
+    ) -> impl std::future::Future<Output = Option<Reported>> + Send + 'static {
+        let lease = self.lease.clone();
+        let key = self.spec.status_key(node);
+        async move { reported(&lease, &key).await }
+    }
+
     /// Apply what arrives until `deadline`; returns the last record applied.
     pub async fn follow(&mut self, deadline: tokio::time::Instant) -> Result<u64> {
         self.follow_with(deadline, &mut |_, _| {}).await
@@ -286,7 +333,7 @@ impl ShardReplica {
                 applied,
                 last: last.max(applied),
             });
-            report(&self.lease, &self.spec.status_key, "standby", applied).await;
+            self.report(applied).await;
         }
         self.take_over().await
     }
@@ -333,7 +380,7 @@ impl ShardReplica {
         let hold = Arc::new(LeaseHold {
             kv: self.lease.clone(),
             key: self.spec.lease_key.clone(),
-            status_key: self.spec.status_key.clone(),
+            status_key: self.spec.status_key(&cfg.node_id),
             node: cfg.node_id.clone(),
             rev: AtomicU64::new(epoch),
         });
@@ -390,6 +437,26 @@ impl OwnedShard {
     /// The log this node writes.
     pub fn spec(&self) -> &ReplicaSpec {
         &self.spec
+    }
+
+    /// The last record appended.
+    pub fn tip(&self) -> u64 {
+        self.log.tip.load(Ordering::Acquire)
+    }
+
+    /// What `node` last reported about this log (a standby's progress).
+    pub fn reported(
+        &self,
+        node: &str,
+    ) -> impl std::future::Future<Output = Option<Reported>> + Send + 'static {
+        let lease = self.lease.clone();
+        let key = self.spec.status_key(node);
+        async move { reported(&lease, &key).await }
+    }
+
+    /// Whether this node still writes the log (not stepped down, not handed over).
+    pub fn is_writer(&self) -> bool {
+        matches!(&*self.role.borrow(), Role::Owner { .. })
     }
 
     /// This node's role for the log, as it changes (a step-down included).

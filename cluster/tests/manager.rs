@@ -1,0 +1,273 @@
+//! Shards spread over live gateways and move between them (issue 16), at the store
+//! level: three gateways in this process, each with its own `Nats` connection, view
+//! folders and `ShardManager`, on a 3-node NATS cluster on loopback. The test plays the
+//! broker core: it holds each acquired store, writes through whichever gateway owns a
+//! shard now, and gives the store back when asked.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqgate_cluster::manager::{ManagerConfig, ShardEvent, ShardManager};
+use mqgate_cluster::rendezvous::assignment;
+use mqgate_store::jetstream::testing::NatsCluster;
+use mqgate_store::jetstream::{JetStreamConfig, Nats, SHARD_ID_SHIFT};
+use mqgate_store::{
+    Message, QueueOffset, QueueRef, ReadLimits, RocksConfig, RocksStore, Store, StoreExt, TopicName,
+};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+const SHARDS: u16 = 8;
+
+type Stores = Arc<Mutex<HashMap<u16, Arc<RocksStore>>>>;
+
+struct Gateway {
+    name: String,
+    manager: Option<ShardManager>,
+    stores: Stores,
+    core: tokio::task::JoinHandle<()>,
+}
+
+async fn gateway(
+    cluster: &NatsCluster,
+    stream: &str,
+    name: &str,
+    dir: &std::path::Path,
+) -> Gateway {
+    let mut cfg = JetStreamConfig::new(cluster.urls(), name, RocksConfig::new(dir.join(name)));
+    cfg.stream = stream.into();
+    cfg.lease_ttl = Duration::from_secs(3);
+    let nats = tokio::time::timeout(Duration::from_secs(60), Nats::connect(cfg))
+        .await
+        .expect("connected within a minute")
+        .expect("connect");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stores: Stores = Arc::default();
+    let held = Arc::clone(&stores);
+    // The "core": keeps what it acquires, gives it back when asked.
+    let core = tokio::spawn(async move {
+        while let Some(e) = rx.recv().await {
+            match e {
+                ShardEvent::Acquired { shard, store, .. } => {
+                    store
+                        .create_topic(&topic(shard), 1)
+                        .await
+                        .expect("create the shard's topic");
+                    held.lock().insert(shard, store);
+                }
+                ShardEvent::Release { shard, done, .. } => {
+                    held.lock().remove(&shard);
+                    let _ = done.send(());
+                }
+                ShardEvent::Lost { shard, .. } => {
+                    held.lock().remove(&shard);
+                }
+            }
+        }
+    });
+    let manager = ShardManager::start(
+        nats,
+        ManagerConfig {
+            shards: SHARDS,
+            node_ttl: Duration::from_millis(1500),
+            tick: Duration::from_millis(150),
+            move_lag: 100,
+        },
+        tx,
+    )
+    .await
+    .expect("start the manager");
+    Gateway {
+        name: name.into(),
+        manager: Some(manager),
+        stores,
+        core,
+    }
+}
+
+impl Gateway {
+    /// As SIGKILL looks to the others: no hand-over, keys left to expire.
+    fn kill(&mut self) {
+        self.manager.take().expect("running").abort();
+        self.core.abort();
+        self.stores.lock().clear();
+    }
+}
+
+fn topic(shard: u16) -> TopicName {
+    TopicName::new(format!("t{shard}")).unwrap()
+}
+
+/// Wait until each shard is held by exactly the gateway rendezvous names among `live`.
+async fn wait_balanced(gws: &[&Gateway], live: &[&str]) {
+    let want = assignment(live, SHARDS);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut holders: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        for g in gws {
+            for s in g.stores.lock().keys() {
+                holders.entry(*s).or_default().push(g.name.clone());
+            }
+        }
+        let ok = (0..SHARDS).all(|s| {
+            holders.get(&s).map(Vec::as_slice)
+                == Some(&[want[usize::from(s)].0.unwrap().to_string()][..])
+        });
+        if ok {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "shards not where rendezvous puts them over {live:?}: {holders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn owner(gws: &[&Gateway], shard: u16) -> Option<Arc<RocksStore>> {
+    gws.iter()
+        .find_map(|g| g.stores.lock().get(&shard).cloned())
+}
+
+async fn bodies(s: &dyn Store, shard: u16) -> Vec<String> {
+    let q = QueueRef::new(topic(shard), 0);
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let r = s
+            .read(&q, QueueOffset(from), ReadLimits::count(500))
+            .await
+            .unwrap();
+        if r.is_empty() {
+            return out;
+        }
+        for m in r {
+            from = m.entry.offset.0 + 1;
+            out.push(String::from_utf8_lossy(&m.message.message.body).into_owned());
+        }
+    }
+}
+
+/// Every message a writer saw confirmed is in its shard exactly once.
+async fn check(gws: &[&Gateway], confirmed: &BTreeMap<u16, Vec<String>>) {
+    for (shard, want) in confirmed {
+        let store = owner(gws, *shard).expect("the shard has an owner");
+        let got = bodies(store.as_ref(), *shard).await;
+        let mut seen = std::collections::HashSet::new();
+        for b in &got {
+            assert!(seen.insert(b.clone()), "shard {shard} holds {b} twice");
+        }
+        for b in want {
+            assert!(seen.contains(b), "shard {shard} lost the confirmed {b}");
+        }
+    }
+}
+
+/// Write to every shard through whichever gateway owns it now, until `stop`; returns
+/// what was confirmed. Paced: a message per shard every few milliseconds.
+fn writer(
+    gws: Arc<Mutex<Vec<Stores>>>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<BTreeMap<u16, Vec<String>>> {
+    tokio::spawn(async move {
+        let mut confirmed: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        let mut i = 0u64;
+        while !stop.load(Ordering::Acquire) {
+            for shard in 0..SHARDS {
+                let store = gws
+                    .lock()
+                    .iter()
+                    .find_map(|g| g.lock().get(&shard).cloned());
+                let Some(store) = store else { continue };
+                let body = format!("{shard}-{i}");
+                let m = Message::new(topic(shard), Bytes::from(body.clone()));
+                if let Ok(a) = store.append(m, vec![QueueRef::new(topic(shard), 0)]).await {
+                    assert_eq!(
+                        a.id.0 >> SHARD_ID_SHIFT,
+                        u64::from(shard),
+                        "ids name their shard"
+                    );
+                    confirmed.entry(shard).or_default().push(body);
+                }
+            }
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        confirmed
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_spread_over_live_gateways_and_move_when_one_dies() {
+    let cluster = NatsCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let a = gateway(cluster, "spread", "gw-a", dir.path()).await;
+    let b = gateway(cluster, "spread", "gw-b", dir.path()).await;
+    let mut c = gateway(cluster, "spread", "gw-c", dir.path()).await;
+    wait_balanced(&[&a, &b, &c], &["gw-a", "gw-b", "gw-c"]).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(
+        Arc::new(Mutex::new(vec![
+            a.stores.clone(),
+            b.stores.clone(),
+            c.stores.clone(),
+        ])),
+        Arc::clone(&stop),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = std::time::Instant::now();
+    c.kill();
+    // c's shards go to their standbys once its node key and its leases expire.
+    wait_balanced(&[&a, &b, &c], &["gw-a", "gw-b"]).await;
+    eprintln!(
+        "rebalanced over gw-a and gw-b {:?} after gw-c was killed (node ttl 1.5 s, lease ttl 3 s)",
+        killed.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Release);
+    let confirmed = w.await.unwrap();
+    assert_eq!(
+        confirmed.len(),
+        usize::from(SHARDS),
+        "every shard took writes"
+    );
+    check(&[&a, &b], &confirmed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_gateway_takes_its_share_under_load_without_loss() {
+    let cluster = NatsCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let a = gateway(cluster, "join", "gw-a", dir.path()).await;
+    let b = gateway(cluster, "join", "gw-b", dir.path()).await;
+    wait_balanced(&[&a, &b], &["gw-a", "gw-b"]).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let targets = Arc::new(Mutex::new(vec![a.stores.clone(), b.stores.clone()]));
+    let w = writer(Arc::clone(&targets), Arc::clone(&stop));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let joined = std::time::Instant::now();
+    let mut c = gateway(cluster, "join", "gw-c", dir.path()).await;
+    targets.lock().push(c.stores.clone());
+    wait_balanced(&[&a, &b, &c], &["gw-a", "gw-b", "gw-c"]).await;
+    eprintln!(
+        "gw-c took its {} shards {:?} after joining",
+        c.stores.lock().len(),
+        joined.elapsed()
+    );
+    let moved = c.stores.lock().len();
+    assert!(moved > 0, "gw-c took no shard");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Release);
+    let confirmed = w.await.unwrap();
+    eprintln!(
+        "confirmed {} messages over {SHARDS} shards",
+        confirmed.values().map(Vec::len).sum::<usize>()
+    );
+    check(&[&a, &b, &c], &confirmed).await;
+    c.kill();
+}
