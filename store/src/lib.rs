@@ -32,10 +32,10 @@ pub use memory::MemoryStore;
 #[cfg(feature = "rocksdb")]
 pub use rocks::crc32c;
 #[cfg(feature = "rocksdb")]
-pub use rocks::{ApplyRecord, ExternalLog, KvChange, RocksConfig, RocksStore, SharedResources};
+pub use rocks::{ApplyRecord, ExternalLog, RocksConfig, RocksStore, SharedResources};
 pub use store::{
-    Appended, Degraded, FsyncPolicy, OnVisible, QueuedWrite, Retention, RetentionReport, Store,
-    StoreExt, StoreHealth, StoreStats, WriteBatch, WriteOp, WriteReceipt,
+    Appended, Degraded, FsyncPolicy, KvChange, OnVisible, QueuedWrite, Retention, RetentionReport,
+    Store, StoreExt, StoreHealth, StoreStats, WriteBatch, WriteOp, WriteReceipt,
 };
 pub use types::{
     now_millis, tag_hash, GroupName, Message, MessageId, Millis, OffsetRange, QueueEntry, QueueId,

@@ -159,6 +159,18 @@ pub enum WriteOp {
     },
 }
 
+/// One change of the keyed area ([`Store::kv_get`]) as a log record carries it (see
+/// `RocksStore::kv_changes`): how a follower of a replicated log learns what changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvChange {
+    /// The namespace.
+    pub namespace: String,
+    /// The key within it.
+    pub key: Bytes,
+    /// The new value; `None`: deleted.
+    pub value: Option<Bytes>,
+}
+
 /// Operations applied atomically: after a crash either all of them are in the store or
 /// none is. This is what lets the core move a message between a timer and a topic, or
 /// from a queue to a retry topic, without losing or doubling it.

@@ -9,7 +9,7 @@
 //! | `core.binding`  | vhost, 0, binding identity            | header match     |
 
 use bytes::{BufMut, Bytes};
-use mqgate_store::{Store, TopicName, WriteBatch};
+use mqgate_store::{KvChange, Store, TopicName, WriteBatch};
 
 use crate::error::{CoreError, Result};
 use crate::router::{Binding, Destination, ExchangeDef, ExchangeKind, HeaderMatch, Router};
@@ -208,6 +208,73 @@ pub(crate) async fn load(store: &dyn Store, router: &Router) -> Result<()> {
         tracing::info!(exchanges, bindings, "core: routing state recovered");
     }
     Ok(())
+}
+
+/// Apply one stored change of the routing state to `router`, as [`load`] would have
+/// loaded it: how a gateway that follows another's log (the meta stream of a cluster,
+/// `docs/design/sharding.md` section 3) keeps its router equal to the writer's.
+/// Returns whether the change was one of routing state (other namespaces are ignored).
+/// A change that no longer applies (a binding whose exchange went in an earlier change,
+/// a delete of something already gone) is skipped as the writer's own router skipped
+/// it; only undecodable values are errors.
+pub fn apply_change(router: &Router, change: &KvChange) -> Result<bool> {
+    let split = |k: &Bytes| -> Option<(String, Bytes)> {
+        let sep = k.iter().position(|b| *b == 0)?;
+        Some((
+            String::from_utf8_lossy(&k[..sep]).into_owned(),
+            k.slice(sep + 1..),
+        ))
+    };
+    match change.namespace.as_str() {
+        NS_VHOST => {
+            let vhost = String::from_utf8_lossy(&change.key).into_owned();
+            match change.value {
+                Some(_) => router.add_vhost(&vhost),
+                None => {
+                    router.remove_vhost(&vhost);
+                }
+            }
+        }
+        NS_EXCHANGE => {
+            let Some((vhost, name)) = split(&change.key) else {
+                return Ok(true);
+            };
+            let name = String::from_utf8_lossy(&name).into_owned();
+            match &change.value {
+                Some(v) => {
+                    router.add_vhost(&vhost);
+                    let def = decode_exchange(name, v.clone())?;
+                    if let Err(e) = router.declare_exchange(&vhost, def) {
+                        tracing::warn!(vhost, error = %e, "core: a followed exchange conflicts with this router's; kept this one");
+                    }
+                }
+                None => {
+                    let _ = router.delete_exchange(&vhost, &name, false);
+                }
+            }
+        }
+        NS_BINDING => {
+            let Some((vhost, rest)) = split(&change.key) else {
+                return Ok(true);
+            };
+            match &change.value {
+                Some(v) => {
+                    let b = decode_binding(rest, v.clone())?;
+                    if let Err(e) = router.bind(&vhost, b) {
+                        tracing::debug!(vhost, error = %e, "core: a followed binding does not apply (its exchange is gone)");
+                    }
+                }
+                None => {
+                    // The value is not in a delete: the key is the binding's identity,
+                    // and the match it carried does not take part in it.
+                    let b = decode_binding(rest, Bytes::from_static(&[0]))?;
+                    let _ = router.unbind(&vhost, &b);
+                }
+            }
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
 
 pub(crate) fn put_vhost(batch: &mut WriteBatch, vhost: &str) {

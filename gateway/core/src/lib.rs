@@ -42,6 +42,7 @@ pub use broker::Broker;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::CoreConfig;
 pub use delay::{DelayedInfo, DelayedPage};
+pub use durable::apply_change as apply_routing_change;
 pub use endpoint::{DeadLetter, DeadLetterFormat, DeathReason, Policy};
 pub use endpoints::{Endpoint, EndpointEvent};
 pub use error::{CoreError, Result};

@@ -33,7 +33,8 @@ use super::lease::{ensure_lease_bucket, renew_lease, report, try_acquire, LeaseH
 use super::log::{Apply, JsLog, Tail};
 use super::{check_server, connect, ensure_stream, nats, settle, JetStreamConfig, Role};
 use crate::error::{Result, StoreError};
-use crate::rocks::{ExternalLog, KvChange, RocksConfig, RocksStore, View};
+use crate::rocks::{ExternalLog, RocksConfig, RocksStore, View};
+use crate::store::KvChange;
 
 /// The bits a shard's first id is shifted by (`RocksConfig::id_base`): ids name their
 /// shard and stay below 2^53 with up to 512 shards.

@@ -47,7 +47,6 @@ mod writer;
 use health::{recovery_loop, Health};
 use keys::{Header, CF_META};
 use read::TailCache;
-pub use record::KvChange;
 use recovery::{open_db, recover};
 use writer::{periodic_fsync, sync_loop, Request, Writer};
 
@@ -66,8 +65,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Result, StoreError};
 use crate::store::{
-    Degraded, FsyncPolicy, Retention, RetentionReport, Store, StoreHealth, StoreStats, WriteBatch,
-    WriteReceipt,
+    Degraded, FsyncPolicy, KvChange, Retention, RetentionReport, Store, StoreHealth, StoreStats,
+    WriteBatch, WriteReceipt,
 };
 use crate::types::{
     now_millis, GroupName, MessageId, Millis, OffsetRange, QueueMessage, QueueOffset, QueueRef,

@@ -7,17 +7,7 @@ use bytes::Bytes;
 use rocksdb::{WriteBatchIteratorCf, DB};
 
 use super::keys::CF_KV;
-
-/// One change of the keyed area ([`crate::Store::kv_get`]) carried by a record.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KvChange {
-    /// The namespace.
-    pub namespace: String,
-    /// The key within it.
-    pub key: Bytes,
-    /// The new value; `None`: deleted.
-    pub value: Option<Bytes>,
-}
+use crate::store::KvChange;
 
 /// The number RocksDB gives the column family `name` of `db` in write batches.
 /// Learned from a batch that writes to it (the Rust binding does not expose handle ids),
