@@ -26,6 +26,7 @@ pub mod login;
 pub mod mailbox;
 mod memory;
 pub mod net;
+pub mod outbox;
 pub mod props;
 pub mod publish;
 pub mod retained;
