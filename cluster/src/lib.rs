@@ -14,6 +14,7 @@
 pub mod manager;
 pub mod nodes;
 pub mod placement;
+pub mod relay;
 pub mod rendezvous;
 
 /// 64-bit FNV-1a: stable across builds, platforms and versions (the same function as

@@ -1,0 +1,166 @@
+//! The forward relay over a real NATS cluster on loopback: a home shard on one gateway
+//! forwards its outbox to destination shards served by another gateway's inboxes over
+//! core NATS, with replies lost on the way and a destination briefly unserved. Every
+//! destination ends with every message exactly once, in order.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqgate_cluster::relay::forward::{Faults, ForwardServer, NatsForwardTarget};
+use mqgate_core::outbox::{ensure_outboxes, stage, ForwardTarget, Forwarder, Inbox, ShardId};
+use mqgate_store::jetstream::testing::NatsCluster;
+use mqgate_store::{
+    Message, QueueOffset, QueueRef, ReadLimits, RocksConfig, RocksStore, Store, TopicName,
+    WriteBatch,
+};
+
+fn topic(name: &str) -> TopicName {
+    TopicName::new(name).unwrap()
+}
+
+async fn bodies(s: &dyn Store, t: &TopicName) -> Vec<String> {
+    let q = QueueRef::new(t.clone(), 0);
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let r = s
+            .read(&q, QueueOffset(from), ReadLimits::count(500))
+            .await
+            .unwrap();
+        if r.is_empty() {
+            return out;
+        }
+        for m in r {
+            from = m.entry.offset.0 + 1;
+            out.push(String::from_utf8_lossy(&m.message.message.body).into_owned());
+        }
+    }
+}
+
+/// Drain a forwarder, asking again after each failed call (a lost reply times out).
+async fn drain_with_retries(f: &Forwarder) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut failures = 0;
+    loop {
+        match f.drain().await {
+            Ok(_) => return failures,
+            Err(_) => {
+                failures += 1;
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "drained within a minute"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_over_nats_survives_lost_replies_and_an_unserved_destination() {
+    const N: usize = 300;
+    let dests: Vec<ShardId> = (1..=4).collect();
+    let cluster = NatsCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let gw_a = async_nats::connect(cluster.urls()).await.unwrap();
+    let gw_b = async_nats::connect(cluster.urls()).await.unwrap();
+
+    // Gateway A owns the home shard 0.
+    let mut c = RocksConfig::new(dir.path().join("s00"));
+    c.id_base = 0;
+    let home: Arc<dyn Store> = Arc::new(RocksStore::open(c).unwrap());
+    ensure_outboxes(home.as_ref(), dests.iter().copied())
+        .await
+        .unwrap();
+    // Gateway B owns the destinations and serves their inboxes.
+    let faults = Arc::new(Faults::default());
+    faults.drop_reply_every.store(3, Ordering::Relaxed);
+    let mut stores = BTreeMap::new();
+    let mut servers = BTreeMap::new();
+    for d in &dests {
+        let mut c = RocksConfig::new(dir.path().join(format!("s{d:02}")));
+        c.id_base = u64::from(*d) << 44;
+        let s: Arc<dyn Store> = Arc::new(RocksStore::open(c).unwrap());
+        s.create_topic(&topic(&format!("q{d}")), 1).await.unwrap();
+        let inbox = Arc::new(Inbox::new(*d, Arc::clone(&s)));
+        let server = ForwardServer::start(
+            gw_b.clone(),
+            "relaytest",
+            *d,
+            Arc::clone(&inbox),
+            Arc::clone(&faults),
+        )
+        .await
+        .unwrap();
+        stores.insert(*d, (s, inbox));
+        servers.insert(*d, server);
+    }
+    let plan: BTreeMap<ShardId, Vec<TopicName>> = dests
+        .iter()
+        .map(|d| (*d, vec![topic(&format!("q{d}"))]))
+        .collect();
+    for i in 0..N {
+        let mut b = WriteBatch::new();
+        stage(
+            &mut b,
+            Message::new(topic("addr"), Bytes::from(format!("m{i}"))),
+            vec![],
+            &plan,
+        );
+        home.write(b).await.unwrap();
+    }
+    let forwarder = |d: ShardId| {
+        let target =
+            NatsForwardTarget::new(gw_a.clone(), "relaytest", d, Duration::from_millis(300));
+        let mut f = Forwarder::new(
+            0,
+            d,
+            Arc::clone(&home),
+            Arc::new(target) as Arc<dyn ForwardTarget>,
+        );
+        f.batch = 25;
+        f
+    };
+    // Shard 4 is unserved for a while (its owner is moving): no responders, an error at
+    // once, nothing applied; then served again.
+    servers.remove(&4).unwrap().stop();
+    let err = forwarder(4).pump().await.unwrap_err();
+    assert!(err.to_string().contains("relaytest"), "{err}");
+    let mut failures = 0;
+    for d in 1..=3 {
+        failures += drain_with_retries(&forwarder(d)).await;
+    }
+    servers.insert(
+        4,
+        ForwardServer::start(
+            gw_b.clone(),
+            "relaytest",
+            4,
+            Arc::clone(&stores[&4].1),
+            Arc::clone(&faults),
+        )
+        .await
+        .unwrap(),
+    );
+    failures += drain_with_retries(&forwarder(4)).await;
+    assert!(
+        faults.dropped.load(Ordering::Relaxed) > 0,
+        "replies were lost"
+    );
+    assert!(
+        failures > 0,
+        "the forwarders saw the losses and asked again"
+    );
+
+    let want: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
+    for (d, (s, _)) in &stores {
+        assert_eq!(
+            bodies(s.as_ref(), &topic(&format!("q{d}"))).await,
+            want,
+            "shard {d}"
+        );
+    }
+}
