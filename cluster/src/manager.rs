@@ -149,6 +149,30 @@ impl ShardManager {
         self.nodes.live()
     }
 
+    /// A planned leave (SIGTERM): leave every ranking, hand each owned shard to the
+    /// node that now ranks first once it has caught up (a hand-over record each, no
+    /// lease left to expire), then stop and delete this node's key. Returns whether
+    /// every shard was handed over within `timeout` (else the rest expire as after a
+    /// crash).
+    pub async fn leave(self, timeout: Duration) -> bool {
+        self.nodes.drain();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let handed = loop {
+            if self.ctx.owned.lock().await.is_empty() {
+                break true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break false;
+            }
+            tokio::time::sleep(self.ctx.cfg.tick).await;
+        };
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.nodes.leave().await;
+        handed
+    }
+
     /// Stop at once, as a crash would look to the others: no hand-over; the heartbeat
     /// and the lease renewals stop, so the keys expire.
     pub fn abort(self) {

@@ -5,6 +5,8 @@
 //! gateway lists the bucket at the same pace and publishes the live set on a watch
 //! channel, sorted, so rendezvous answers change only when the set does.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
@@ -46,7 +48,16 @@ async fn ensure_bucket(
 pub struct Nodes {
     live: watch::Receiver<LiveSet>,
     task: tokio::task::JoinHandle<()>,
+    draining: Arc<AtomicBool>,
+    kv: kv::Store,
+    node: String,
 }
+
+/// The value of an active gateway's key; a draining one (a planned leave) puts
+/// [`DRAINING`] and is left out of every ranking while it hands its shards over.
+pub const ACTIVE: &[u8] = b"active";
+/// See [`ACTIVE`].
+pub const DRAINING: &[u8] = b"draining";
 
 impl Nodes {
     /// Start heartbeating as `node` in `<stream>-nodes` and watching the live set.
@@ -72,17 +83,23 @@ impl Nodes {
             }
         };
         let (tx, live) = watch::channel(Vec::new());
-        beat(&kv, &node).await;
+        let draining = Arc::new(AtomicBool::new(false));
+        beat(&kv, &node, false).await;
         tx.send_replace(list(&kv).await.unwrap_or_else(|| vec![node.clone()]));
         let every = (ttl / 3).max(Duration::from_millis(50));
+        let (task_kv, task_node, task_draining) = (kv.clone(), node.clone(), Arc::clone(&draining));
         let task = tokio::spawn(async move {
+            let (kv, node) = (task_kv, task_node);
             loop {
                 tokio::time::sleep(every).await;
-                beat(&kv, &node).await;
+                let leaving = task_draining.load(Ordering::Acquire);
+                beat(&kv, &node, leaving).await;
                 if let Some(mut set) = list(&kv).await {
                     // This node is alive by definition while it runs, even if its last
-                    // put has not landed (a slow quorum).
-                    if !set.contains(&node) {
+                    // put has not landed (a slow quorum); unless it is leaving.
+                    if leaving {
+                        set.retain(|n| *n != node);
+                    } else if !set.contains(&node) {
                         set.push(node.clone());
                         set.sort();
                     }
@@ -98,7 +115,26 @@ impl Nodes {
                 }
             }
         });
-        Ok(Self { live, task })
+        Ok(Self {
+            live,
+            task,
+            draining,
+            kv,
+            node,
+        })
+    }
+
+    /// A planned leave: from the next heartbeat on this node is `draining`, out of
+    /// every ranking (its own included), so each shard it owns ranks another node first
+    /// and is handed over.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// The end of a planned leave: stop heartbeating and delete the key at once.
+    pub async fn leave(&self) {
+        self.task.abort();
+        let _ = self.kv.delete(&self.node).await;
     }
 
     /// The live set, as it changes.
@@ -119,19 +155,28 @@ impl Drop for Nodes {
     }
 }
 
-async fn beat(kv: &kv::Store, node: &str) {
-    if let Err(e) = kv.put(node, Bytes::from_static(b"active")).await {
+async fn beat(kv: &kv::Store, node: &str, draining: bool) {
+    let state = if draining { DRAINING } else { ACTIVE };
+    if let Err(e) = kv.put(node, Bytes::from_static(state)).await {
         tracing::warn!(error = %e, "cluster: heartbeat not stored (NATS unavailable?)");
     }
 }
 
-/// The keys of the bucket (the expired ones are gone), sorted; `None` when NATS does
-/// not answer (the last answer stands).
+/// The active gateways' keys (expired ones are gone, draining ones left out), sorted;
+/// `None` when NATS does not answer (the last answer stands).
 async fn list(kv: &kv::Store) -> Option<LiveSet> {
     let mut keys = kv.keys().await.ok()?;
-    let mut out = Vec::new();
+    let mut names = Vec::new();
     while let Some(k) = keys.next().await {
-        out.push(k.ok()?);
+        names.push(k.ok()?);
+    }
+    let mut out = Vec::new();
+    for k in names {
+        if let Ok(Some(v)) = kv.get(&k).await {
+            if v.as_ref() == ACTIVE {
+                out.push(k);
+            }
+        }
     }
     out.sort();
     out.dedup();

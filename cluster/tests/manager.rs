@@ -89,6 +89,18 @@ async fn gateway(
 }
 
 impl Gateway {
+    /// A planned leave (SIGTERM): every shard handed over, then the key deleted.
+    async fn leave(&mut self) -> bool {
+        let handed = self
+            .manager
+            .take()
+            .expect("running")
+            .leave(Duration::from_secs(30))
+            .await;
+        self.core.abort();
+        handed
+    }
+
     /// As SIGKILL looks to the others: no hand-over, keys left to expire.
     fn kill(&mut self) {
         self.manager.take().expect("running").abort();
@@ -270,4 +282,44 @@ async fn a_joining_gateway_takes_its_share_under_load_without_loss() {
     );
     check(&[&a, &b, &c], &confirmed).await;
     c.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_gateway_hands_its_shards_over_under_load_without_loss() {
+    let cluster = NatsCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let a = gateway(cluster, "leave", "gw-a", dir.path()).await;
+    let b = gateway(cluster, "leave", "gw-b", dir.path()).await;
+    let mut c = gateway(cluster, "leave", "gw-c", dir.path()).await;
+    wait_balanced(&[&a, &b, &c], &["gw-a", "gw-b", "gw-c"]).await;
+    assert!(!c.stores.lock().is_empty(), "gw-c owns shards to hand over");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(
+        Arc::new(Mutex::new(vec![
+            a.stores.clone(),
+            b.stores.clone(),
+            c.stores.clone(),
+        ])),
+        Arc::clone(&stop),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = std::time::Instant::now();
+    assert!(c.leave().await, "every shard handed over within 30 s");
+    let handed = left.elapsed();
+    assert!(c.stores.lock().is_empty(), "gw-c released everything");
+    wait_balanced(&[&a, &b, &c], &["gw-a", "gw-b"]).await;
+    eprintln!(
+        "gw-c handed its shards over in {handed:?}; balanced over gw-a and gw-b {:?} after it began leaving",
+        left.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Release);
+    let confirmed = w.await.unwrap();
+    assert_eq!(
+        confirmed.len(),
+        usize::from(SHARDS),
+        "every shard took writes"
+    );
+    check(&[&a, &b], &confirmed).await;
 }
