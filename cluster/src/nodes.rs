@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::watch;
@@ -20,27 +20,6 @@ pub type LiveSet = Vec<String>;
 /// The liveness bucket of a cluster.
 pub fn bucket_name(stream: &str) -> String {
     format!("{stream}-nodes")
-}
-
-async fn ensure_bucket(
-    js: &jetstream::Context,
-    name: &str,
-    ttl: Duration,
-    replicas: usize,
-) -> Result<kv::Store, String> {
-    if let Ok(kv) = js.get_key_value(name).await {
-        return Ok(kv);
-    }
-    js.create_key_value(kv::Config {
-        bucket: name.to_owned(),
-        history: 1,
-        max_age: ttl,
-        num_replicas: replicas,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| format!("create the node bucket {name}: {e}"))
 }
 
 /// This gateway's heartbeat and its view of the live set.
@@ -72,14 +51,14 @@ impl Nodes {
         let name = bucket_name(stream);
         let mut delay = Duration::from_millis(100);
         let kv = loop {
-            match ensure_bucket(&js, &name, ttl, replicas).await {
+            match mqgate_store::jetstream::ensure_kv_bucket(&js, &name, ttl, replicas).await {
                 Ok(kv) => break kv,
                 Err(e) if delay < Duration::from_secs(8) => {
                     tracing::warn!(error = %e, "cluster: the node bucket is not ready; retrying");
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.to_string()),
             }
         };
         let (tx, live) = watch::channel(Vec::new());

@@ -9,22 +9,19 @@
 //! outbox it finds in the log. Every destination queue ends with every confirmed
 //! message exactly once, in order, whichever gateways its shard moved between.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use mqgate_cluster::manager::{ManagerConfig, ShardEvent, ShardManager};
+use mqgate_cluster::manager::{ShardEvent, ShardManager};
 use mqgate_cluster::relay::forward::{Faults, ForwardServer, NatsForwardTarget};
-use mqgate_cluster::rendezvous::assignment;
 use mqgate_core::outbox::{ensure_outboxes, stage, ForwardTarget, Forwarder, Inbox, ShardId};
 use mqgate_store::jetstream::testing::NatsCluster;
-use mqgate_store::jetstream::{JetStreamConfig, Nats};
-use mqgate_store::{
-    Message, QueueOffset, QueueRef, ReadLimits, RocksConfig, RocksStore, Store, TopicName,
-    WriteBatch,
-};
+use mqgate_store::{Message, RocksStore, Store, TopicName, WriteBatch};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
@@ -71,10 +68,7 @@ async fn gateway(
     dir: &std::path::Path,
     forwarding: Arc<AtomicBool>,
 ) -> Gateway {
-    let mut cfg = JetStreamConfig::new(cluster.urls(), name, RocksConfig::new(dir.join(name)));
-    cfg.stream = STREAM.into();
-    cfg.lease_ttl = Duration::from_secs(3);
-    let nats = Nats::connect(cfg).await.expect("connect");
+    let nats = common::connect(cluster, STREAM, name, dir).await;
     let client = nats.jetstream().client();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let shards: Shards = Arc::default();
@@ -153,18 +147,9 @@ async fn gateway(
             }
         }
     });
-    let manager = ShardManager::start(
-        nats,
-        ManagerConfig {
-            shards: SHARDS,
-            node_ttl: Duration::from_millis(1500),
-            tick: Duration::from_millis(150),
-            move_lag: 100,
-        },
-        tx,
-    )
-    .await
-    .expect("start the manager");
+    let manager = ShardManager::start(nats, common::manager_config(SHARDS), tx)
+        .await
+        .expect("start the manager");
     Gateway {
         name: name.into(),
         manager: Some(manager),
@@ -188,45 +173,13 @@ impl Gateway {
 }
 
 async fn wait_balanced(gws: &[&Gateway], live: &[&str]) {
-    let want = assignment(live, SHARDS);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let ok = (0..SHARDS).all(|s| {
-            let holders: Vec<&str> = gws
-                .iter()
-                .filter(|g| g.shards.lock().contains_key(&s))
-                .map(|g| g.name.as_str())
-                .collect();
-            holders == [want[usize::from(s)].0.unwrap()]
-        });
-        if ok {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "shards not balanced over {live:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn bodies(s: &dyn Store, t: &TopicName) -> Vec<String> {
-    let q = QueueRef::new(t.clone(), 0);
-    let mut out = Vec::new();
-    let mut from = 0;
-    loop {
-        let r = s
-            .read(&q, QueueOffset(from), ReadLimits::count(500))
-            .await
-            .unwrap();
-        if r.is_empty() {
-            return out;
-        }
-        for m in r {
-            from = m.entry.offset.0 + 1;
-            out.push(String::from_utf8_lossy(&m.message.message.body).into_owned());
-        }
-    }
+    common::wait_ranked(SHARDS, live, |s| {
+        gws.iter()
+            .filter(|g| g.shards.lock().contains_key(&s))
+            .map(|g| g.name.clone())
+            .collect()
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,7 +233,7 @@ async fn fanout_to_8_shards_exactly_once_when_the_home_owner_dies_before_forward
     for d in 1..SHARDS {
         loop {
             let store = alive.iter().find_map(|g| g.store(d)).expect("an owner");
-            let got = bodies(store.as_ref(), &dest_topic(d)).await;
+            let got = common::bodies(store.as_ref(), &dest_topic(d)).await;
             assert!(
                 got.len() <= N,
                 "shard {d} holds {} > {N}: duplicates",
@@ -303,7 +256,7 @@ async fn fanout_to_8_shards_exactly_once_when_the_home_owner_dies_before_forward
     for d in 1..SHARDS {
         let store = alive.iter().find_map(|g| g.store(d)).unwrap();
         assert_eq!(
-            bodies(store.as_ref(), &dest_topic(d)).await,
+            common::bodies(store.as_ref(), &dest_topic(d)).await,
             want,
             "shard {d}"
         );

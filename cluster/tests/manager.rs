@@ -4,19 +4,18 @@
 //! broker core: it holds each acquired store, writes through whichever gateway owns a
 //! shard now, and gives the store back when asked.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use mqgate_cluster::manager::{ManagerConfig, ShardEvent, ShardManager};
-use mqgate_cluster::rendezvous::assignment;
+use mqgate_cluster::manager::{ShardEvent, ShardManager};
 use mqgate_store::jetstream::testing::NatsCluster;
-use mqgate_store::jetstream::{JetStreamConfig, Nats, SHARD_ID_SHIFT};
-use mqgate_store::{
-    Message, QueueOffset, QueueRef, ReadLimits, RocksConfig, RocksStore, Store, StoreExt, TopicName,
-};
+use mqgate_store::jetstream::SHARD_ID_SHIFT;
+use mqgate_store::{Message, QueueRef, RocksStore, Store, StoreExt, TopicName};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
@@ -37,13 +36,7 @@ async fn gateway(
     name: &str,
     dir: &std::path::Path,
 ) -> Gateway {
-    let mut cfg = JetStreamConfig::new(cluster.urls(), name, RocksConfig::new(dir.join(name)));
-    cfg.stream = stream.into();
-    cfg.lease_ttl = Duration::from_secs(3);
-    let nats = tokio::time::timeout(Duration::from_secs(60), Nats::connect(cfg))
-        .await
-        .expect("connected within a minute")
-        .expect("connect");
+    let nats = common::connect(cluster, stream, name, dir).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let stores: Stores = Arc::default();
     let held = Arc::clone(&stores);
@@ -68,18 +61,9 @@ async fn gateway(
             }
         }
     });
-    let manager = ShardManager::start(
-        nats,
-        ManagerConfig {
-            shards: SHARDS,
-            node_ttl: Duration::from_millis(1500),
-            tick: Duration::from_millis(150),
-            move_lag: 100,
-        },
-        tx,
-    )
-    .await
-    .expect("start the manager");
+    let manager = ShardManager::start(nats, common::manager_config(SHARDS), tx)
+        .await
+        .expect("start the manager");
     Gateway {
         name: name.into(),
         manager: Some(manager),
@@ -115,28 +99,13 @@ fn topic(shard: u16) -> TopicName {
 
 /// Wait until each shard is held by exactly the gateway rendezvous names among `live`.
 async fn wait_balanced(gws: &[&Gateway], live: &[&str]) {
-    let want = assignment(live, SHARDS);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let mut holders: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-        for g in gws {
-            for s in g.stores.lock().keys() {
-                holders.entry(*s).or_default().push(g.name.clone());
-            }
-        }
-        let ok = (0..SHARDS).all(|s| {
-            holders.get(&s).map(Vec::as_slice)
-                == Some(&[want[usize::from(s)].0.unwrap().to_string()][..])
-        });
-        if ok {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "shards not where rendezvous puts them over {live:?}: {holders:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_ranked(SHARDS, live, |s| {
+        gws.iter()
+            .filter(|g| g.stores.lock().contains_key(&s))
+            .map(|g| g.name.clone())
+            .collect()
+    })
+    .await
 }
 
 fn owner(gws: &[&Gateway], shard: u16) -> Option<Arc<RocksStore>> {
@@ -144,30 +113,11 @@ fn owner(gws: &[&Gateway], shard: u16) -> Option<Arc<RocksStore>> {
         .find_map(|g| g.stores.lock().get(&shard).cloned())
 }
 
-async fn bodies(s: &dyn Store, shard: u16) -> Vec<String> {
-    let q = QueueRef::new(topic(shard), 0);
-    let mut out = Vec::new();
-    let mut from = 0;
-    loop {
-        let r = s
-            .read(&q, QueueOffset(from), ReadLimits::count(500))
-            .await
-            .unwrap();
-        if r.is_empty() {
-            return out;
-        }
-        for m in r {
-            from = m.entry.offset.0 + 1;
-            out.push(String::from_utf8_lossy(&m.message.message.body).into_owned());
-        }
-    }
-}
-
 /// Every message a writer saw confirmed is in its shard exactly once.
 async fn check(gws: &[&Gateway], confirmed: &BTreeMap<u16, Vec<String>>) {
     for (shard, want) in confirmed {
         let store = owner(gws, *shard).expect("the shard has an owner");
-        let got = bodies(store.as_ref(), *shard).await;
+        let got = common::bodies(store.as_ref(), &topic(*shard)).await;
         let mut seen = std::collections::HashSet::new();
         for b in &got {
             assert!(seen.insert(b.clone()), "shard {shard} holds {b} twice");
@@ -176,6 +126,54 @@ async fn check(gws: &[&Gateway], confirmed: &BTreeMap<u16, Vec<String>>) {
             assert!(seen.contains(b), "shard {shard} lost the confirmed {b}");
         }
     }
+}
+
+/// Three gateways on `stream`, balanced, and a writer through all of them.
+async fn three_under_load(
+    stream: &str,
+    dir: &std::path::Path,
+) -> (
+    [Gateway; 3],
+    Arc<AtomicBool>,
+    tokio::task::JoinHandle<BTreeMap<u16, Vec<String>>>,
+) {
+    let cluster = NatsCluster::shared();
+    let a = gateway(cluster, stream, "gw-a", dir).await;
+    let b = gateway(cluster, stream, "gw-b", dir).await;
+    let c = gateway(cluster, stream, "gw-c", dir).await;
+    wait_balanced(&[&a, &b, &c], &["gw-a", "gw-b", "gw-c"]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(
+        Arc::new(Mutex::new(vec![
+            a.stores.clone(),
+            b.stores.clone(),
+            c.stores.clone(),
+        ])),
+        Arc::clone(&stop),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ([a, b, c], stop, w)
+}
+
+/// Let the writer go on a little, stop it, and check every confirmed write on `gws`.
+async fn stop_and_check(
+    stop: &AtomicBool,
+    w: tokio::task::JoinHandle<BTreeMap<u16, Vec<String>>>,
+    gws: &[&Gateway],
+) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Release);
+    let confirmed = w.await.unwrap();
+    assert_eq!(
+        confirmed.len(),
+        usize::from(SHARDS),
+        "every shard took writes"
+    );
+    eprintln!(
+        "confirmed {} messages over {SHARDS} shards",
+        confirmed.values().map(Vec::len).sum::<usize>()
+    );
+    check(gws, &confirmed).await;
 }
 
 /// Write to every shard through whichever gateway owns it now, until `stop`; returns
@@ -214,23 +212,8 @@ fn writer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_spread_over_live_gateways_and_move_when_one_dies() {
-    let cluster = NatsCluster::shared();
     let dir = tempfile::tempdir().unwrap();
-    let a = gateway(cluster, "spread", "gw-a", dir.path()).await;
-    let b = gateway(cluster, "spread", "gw-b", dir.path()).await;
-    let mut c = gateway(cluster, "spread", "gw-c", dir.path()).await;
-    wait_balanced(&[&a, &b, &c], &["gw-a", "gw-b", "gw-c"]).await;
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let w = writer(
-        Arc::new(Mutex::new(vec![
-            a.stores.clone(),
-            b.stores.clone(),
-            c.stores.clone(),
-        ])),
-        Arc::clone(&stop),
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ([a, b, mut c], stop, w) = three_under_load("spread", dir.path()).await;
     let killed = std::time::Instant::now();
     c.kill();
     // c's shards go to their standbys once its node key and its leases expire.
@@ -239,15 +222,7 @@ async fn shards_spread_over_live_gateways_and_move_when_one_dies() {
         "rebalanced over gw-a and gw-b {:?} after gw-c was killed (node ttl 1.5 s, lease ttl 3 s)",
         killed.elapsed()
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Release);
-    let confirmed = w.await.unwrap();
-    assert_eq!(
-        confirmed.len(),
-        usize::from(SHARDS),
-        "every shard took writes"
-    );
-    check(&[&a, &b], &confirmed).await;
+    stop_and_check(&stop, w, &[&a, &b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,37 +248,15 @@ async fn a_joining_gateway_takes_its_share_under_load_without_loss() {
     );
     let moved = c.stores.lock().len();
     assert!(moved > 0, "gw-c took no shard");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Release);
-    let confirmed = w.await.unwrap();
-    eprintln!(
-        "confirmed {} messages over {SHARDS} shards",
-        confirmed.values().map(Vec::len).sum::<usize>()
-    );
-    check(&[&a, &b, &c], &confirmed).await;
+    stop_and_check(&stop, w, &[&a, &b, &c]).await;
     c.kill();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaving_gateway_hands_its_shards_over_under_load_without_loss() {
-    let cluster = NatsCluster::shared();
     let dir = tempfile::tempdir().unwrap();
-    let a = gateway(cluster, "leave", "gw-a", dir.path()).await;
-    let b = gateway(cluster, "leave", "gw-b", dir.path()).await;
-    let mut c = gateway(cluster, "leave", "gw-c", dir.path()).await;
-    wait_balanced(&[&a, &b, &c], &["gw-a", "gw-b", "gw-c"]).await;
+    let ([a, b, mut c], stop, w) = three_under_load("leave", dir.path()).await;
     assert!(!c.stores.lock().is_empty(), "gw-c owns shards to hand over");
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let w = writer(
-        Arc::new(Mutex::new(vec![
-            a.stores.clone(),
-            b.stores.clone(),
-            c.stores.clone(),
-        ])),
-        Arc::clone(&stop),
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let left = std::time::Instant::now();
     assert!(c.leave().await, "every shard handed over within 30 s");
     let handed = left.elapsed();
@@ -313,13 +266,5 @@ async fn a_leaving_gateway_hands_its_shards_over_under_load_without_loss() {
         "gw-c handed its shards over in {handed:?}; balanced over gw-a and gw-b {:?} after it began leaving",
         left.elapsed()
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Release);
-    let confirmed = w.await.unwrap();
-    assert_eq!(
-        confirmed.len(),
-        usize::from(SHARDS),
-        "every shard took writes"
-    );
-    check(&[&a, &b], &confirmed).await;
+    stop_and_check(&stop, w, &[&a, &b]).await;
 }

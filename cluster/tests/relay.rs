@@ -3,6 +3,8 @@
 //! core NATS, with replies lost on the way and a destination briefly unserved. Every
 //! destination ends with every message exactly once, in order.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,32 +14,10 @@ use bytes::Bytes;
 use mqgate_cluster::relay::forward::{Faults, ForwardServer, NatsForwardTarget};
 use mqgate_core::outbox::{ensure_outboxes, stage, ForwardTarget, Forwarder, Inbox, ShardId};
 use mqgate_store::jetstream::testing::NatsCluster;
-use mqgate_store::{
-    Message, QueueOffset, QueueRef, ReadLimits, RocksConfig, RocksStore, Store, TopicName,
-    WriteBatch,
-};
+use mqgate_store::{Message, RocksConfig, RocksStore, Store, TopicName, WriteBatch};
 
 fn topic(name: &str) -> TopicName {
     TopicName::new(name).unwrap()
-}
-
-async fn bodies(s: &dyn Store, t: &TopicName) -> Vec<String> {
-    let q = QueueRef::new(t.clone(), 0);
-    let mut out = Vec::new();
-    let mut from = 0;
-    loop {
-        let r = s
-            .read(&q, QueueOffset(from), ReadLimits::count(500))
-            .await
-            .unwrap();
-        if r.is_empty() {
-            return out;
-        }
-        for m in r {
-            from = m.entry.offset.0 + 1;
-            out.push(String::from_utf8_lossy(&m.message.message.body).into_owned());
-        }
-    }
 }
 
 /// Drain a forwarder, asking again after each failed call (a lost reply times out).
@@ -158,7 +138,7 @@ async fn forwarding_over_nats_survives_lost_replies_and_an_unserved_destination(
     let want: Vec<String> = (0..N).map(|i| format!("m{i}")).collect();
     for (d, (s, _)) in &stores {
         assert_eq!(
-            bodies(s.as_ref(), &topic(&format!("q{d}"))).await,
+            common::bodies(s.as_ref(), &topic(&format!("q{d}"))).await,
             want,
             "shard {d}"
         );

@@ -238,6 +238,19 @@ async fn fanout_to_8_shards_exactly_once(kind: Kind) {
     assert_eq!(bodies(home.as_ref(), &topic("local"), 1).await.len(), N);
 }
 
+/// The id of the message at `offset` of the home's local queue.
+async fn local_id(home: &dyn Store, offset: u64) -> mqgate_store::MessageId {
+    home.read(
+        &QueueRef::new(topic("local"), 0),
+        QueueOffset(offset),
+        ReadLimits::count(1),
+    )
+    .await
+    .unwrap()[0]
+        .message
+        .id
+}
+
 /// While a destination is behind, the home's retention floor holds the oldest message
 /// it still needs.
 async fn retention_floor_follows_the_slowest_destination(kind: Kind) {
@@ -248,16 +261,7 @@ async fn retention_floor_follows_the_slowest_destination(kind: Kind) {
     let dests = setup_dests(kind, &dir).await;
     publish(home.as_ref(), 0..30).await;
     let list: Vec<ShardId> = DESTS.collect();
-    let first = home
-        .read(
-            &QueueRef::new(topic("local"), 0),
-            QueueOffset(0),
-            ReadLimits::count(1),
-        )
-        .await
-        .unwrap()[0]
-        .message
-        .id;
+    let first = local_id(home.as_ref(), 0).await;
     assert_eq!(
         retention_floor(home.as_ref(), &list).await.unwrap(),
         Some(first)
@@ -286,16 +290,7 @@ async fn retention_floor_follows_the_slowest_destination(kind: Kind) {
     );
     f5.batch = 10;
     f5.pump().await.unwrap();
-    let eleventh = home
-        .read(
-            &QueueRef::new(topic("local"), 0),
-            QueueOffset(10),
-            ReadLimits::count(1),
-        )
-        .await
-        .unwrap()[0]
-        .message
-        .id;
+    let eleventh = local_id(home.as_ref(), 10).await;
     assert_eq!(
         retention_floor(home.as_ref(), &list).await.unwrap(),
         Some(eleventh)
@@ -304,25 +299,32 @@ async fn retention_floor_follows_the_slowest_destination(kind: Kind) {
     assert_eq!(retention_floor(home.as_ref(), &list).await.unwrap(), None);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fanout_to_8_shards_exactly_once_memory() {
-    fanout_to_8_shards_exactly_once(Kind::Memory).await
+/// Each scenario on each backend.
+macro_rules! per_backend {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Memory).await
+                }
+            )*
+        }
+        mod rocks {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Rocks).await
+                }
+            )*
+        }
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fanout_to_8_shards_exactly_once_rocks() {
-    fanout_to_8_shards_exactly_once(Kind::Rocks).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_floor_follows_the_slowest_destination_memory() {
-    retention_floor_follows_the_slowest_destination(Kind::Memory).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_floor_follows_the_slowest_destination_rocks() {
-    retention_floor_follows_the_slowest_destination(Kind::Rocks).await
-}
+per_backend!(
+    fanout_to_8_shards_exactly_once,
+    retention_floor_follows_the_slowest_destination,
+);
 
 /// The home shard on the jetstream backend; its owner commits 300 fanned-out messages,
 /// forwards part of them, and dies (its renewals stop, its store is gone) before the

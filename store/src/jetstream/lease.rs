@@ -13,7 +13,9 @@ use super::log::JsLog;
 use super::nats;
 use crate::error::Result;
 
-pub(super) async fn ensure_lease_bucket(
+/// Get or create the KV bucket `name` (file storage, one revision per key, keys expire
+/// `ttl` after their last put): the lease buckets and the cluster's node bucket.
+pub async fn ensure_kv_bucket(
     js: &jetstream::Context,
     name: &str,
     ttl: Duration,
@@ -31,7 +33,7 @@ pub(super) async fn ensure_lease_bucket(
         ..Default::default()
     })
     .await
-    .map_err(|e| nats(&format!("create the lease bucket {name}"), e))
+    .map_err(|e| nats(&format!("create the KV bucket {name}"), e))
 }
 
 /// Take the lease `key` if nobody holds it, or if it names this node (a restart, or a

@@ -37,6 +37,7 @@ mod shard;
 mod status;
 pub mod testing;
 
+pub use lease::ensure_kv_bucket;
 pub use shard::{Nats, OwnedShard, ReplicaSpec, Reported, ShardReplica, SHARD_ID_SHIFT};
 pub use status::{ClusterStatus, NodeStatus, ReplicaStatus, Replication};
 

@@ -29,7 +29,7 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::lease::{ensure_lease_bucket, renew_lease, report, try_acquire, LeaseHold};
+use super::lease::{ensure_kv_bucket, renew_lease, report, try_acquire, LeaseHold};
 use super::log::{Apply, JsLog, Tail};
 use super::{check_server, connect, ensure_stream, nats, settle, JetStreamConfig, Role};
 use crate::error::{Result, StoreError};
@@ -138,16 +138,22 @@ pub struct Reported {
     pub applied: u64,
 }
 
-/// `node`'s report for the log of `spec` in `lease` (none: it has not reported within
-/// the bucket's max age).
-async fn reported(lease: &kv::Store, key: &str) -> Option<Reported> {
-    let v = lease.get(key).await.ok()??;
-    let v = String::from_utf8_lossy(&v).into_owned();
-    let (role, applied) = v.split_once(' ')?;
-    Some(Reported {
-        role: role.to_owned(),
-        applied: applied.parse().ok()?,
-    })
+/// The report under `key` in `lease` (none: nothing reported within the bucket's max
+/// age). A future that owns what it needs, so a spawned task may hold it.
+fn reported(
+    lease: &kv::Store,
+    key: String,
+) -> impl std::future::Future<Output = Option<Reported>> + Send + 'static {
+    let lease = lease.clone();
+    async move {
+        let v = lease.get(key).await.ok()??;
+        let v = String::from_utf8_lossy(&v).into_owned();
+        let (role, applied) = v.split_once(' ')?;
+        Some(Reported {
+            role: role.to_owned(),
+            applied: applied.parse().ok()?,
+        })
+    }
 }
 
 /// A follower of one log: it tails the stream into its view and may take the lease.
@@ -199,7 +205,7 @@ impl ShardReplica {
         })
         .await?;
         let lease = settle("the lease bucket", || {
-            ensure_lease_bucket(&nats.js, &spec.lease_bucket, cfg.lease_ttl, cfg.replicas)
+            ensure_kv_bucket(&nats.js, &spec.lease_bucket, cfg.lease_ttl, cfg.replicas)
         })
         .await?;
         let (role, _) = watch::channel(Role::Standby {
@@ -255,9 +261,7 @@ impl ShardReplica {
         &self,
         node: &str,
     ) -> impl std::future::Future<Output = Option<Reported>> + Send + 'static {
-        let lease = self.lease.clone();
-        let key = self.spec.status_key(node);
-        async move { reported(&lease, &key).await }
+        reported(&self.lease, self.spec.status_key(node))
     }
 
     /// Apply what arrives until `deadline`; returns the last record applied.
@@ -450,9 +454,7 @@ impl OwnedShard {
         &self,
         node: &str,
     ) -> impl std::future::Future<Output = Option<Reported>> + Send + 'static {
-        let lease = self.lease.clone();
-        let key = self.spec.status_key(node);
-        async move { reported(&lease, &key).await }
+        reported(&self.lease, self.spec.status_key(node))
     }
 
     /// Whether this node still writes the log (not stepped down, not handed over).
