@@ -1,5 +1,6 @@
-//! mqgate's scale-out (issue 16, `docs/design/sharding.md`): the pure decisions every
-//! gateway of a cluster must take alike, without talking to each other.
+//! mqgate's scale-out (issue 16, `docs/design/sharding.md`): the decisions every
+//! gateway of a cluster must take alike without talking to each other, and the
+//! machinery that moves shards between gateways.
 //!
 //! - [`placement`]: which shard a topic (or a group) lives in.
 //! - [`rendezvous`]: which live gateway owns a shard, and which is its warm standby.
@@ -7,8 +8,10 @@
 //! - [`manager`]: one task per shard on every gateway that follows, takes, keeps or
 //!   hands over the shard's log (`mqgate_store::jetstream::ShardReplica`) as the
 //!   ranking over the live gateways says.
+//! - [`relay`]: requests about a shard relayed to its owner over core NATS.
+//! - [`status`]: each shard's owner, standby and lag, read from NATS.
 //!
-//! Both are functions of names only (stable 64-bit hashes, no process state), so two
+//! Placement and ranking are functions of names only (stable 64-bit hashes, no process state), so two
 //! gateways that see the same live set agree, and a version upgrade never moves a topic.
 
 pub mod manager;
@@ -16,6 +19,7 @@ pub mod nodes;
 pub mod placement;
 pub mod relay;
 pub mod rendezvous;
+pub mod status;
 
 /// 64-bit FNV-1a: stable across builds, platforms and versions (the same function as
 /// the core's sharding-key hash).

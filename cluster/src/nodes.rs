@@ -143,7 +143,7 @@ async fn beat(kv: &kv::Store, node: &str, draining: bool) {
 
 /// The active gateways' keys (expired ones are gone, draining ones left out), sorted;
 /// `None` when NATS does not answer (the last answer stands).
-async fn list(kv: &kv::Store) -> Option<LiveSet> {
+pub(crate) async fn list(kv: &kv::Store) -> Option<LiveSet> {
     let mut keys = kv.keys().await.ok()?;
     let mut names = Vec::new();
     while let Some(k) = keys.next().await {

@@ -214,6 +214,17 @@ fn writer(
 async fn shards_spread_over_live_gateways_and_move_when_one_dies() {
     let dir = tempfile::tempdir().unwrap();
     let ([a, b, mut c], stop, w) = three_under_load("spread", dir.path()).await;
+    // The status every gateway can read: owners as ranked, standbys reporting.
+    let nats = common::connect(NatsCluster::shared(), "spread", "observer", dir.path()).await;
+    let status = mqgate_cluster::status::shards(&nats, SHARDS).await;
+    for s in &status {
+        let owner = s.owner.as_ref().map(|(n, _)| n.clone());
+        assert_eq!(owner, s.ranked_owner, "shard {}: {s:?}", s.shard);
+        assert!(s.standby.is_some() && s.standby != owner, "{s:?}");
+        let by_owner = s.reports.iter().find(|r| Some(&r.node) == owner.as_ref());
+        assert!(by_owner.is_some_and(|r| r.role == "owner"), "{s:?}");
+    }
+    eprintln!("status of shard 0: {:?}", status[0]);
     let killed = std::time::Instant::now();
     c.kill();
     // c's shards go to their standbys once its node key and its leases expire.

@@ -389,6 +389,14 @@ impl ShardReplica {
             node: cfg.node_id.clone(),
             rev: AtomicU64::new(epoch),
         });
+        // Say so at once (the renewals repeat it), for whoever reads the status.
+        report(
+            &self.lease,
+            &hold.status_key,
+            "owner",
+            log.tip.load(Ordering::Acquire),
+        )
+        .await;
         let renew = tokio::spawn(renew_lease(
             Arc::clone(&hold),
             cfg.lease_ttl,
