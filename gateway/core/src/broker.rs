@@ -1,5 +1,5 @@
 //! The broker: the handle adapters hold and the state it shares with the core's services
-//! (`Inner`): topics (`topics.rs`), publishing (`publish.rs`), the delay scheduler
+//! (`ShardCore`, and through it `Common`): topics (`topics.rs`), publishing (`publish.rs`), the delay scheduler
 //! (`delay.rs`), retry and DLQ (`retry.rs`), endpoints (`endpoints.rs`), consumer groups
 //! (`group`), retained messages, retention. This file: start, shutdown, routing
 //! changes, group membership.
@@ -22,22 +22,18 @@ use crate::group::{
 };
 use crate::router::{Binding, ExchangeDef, Router, DEFAULT_VHOST};
 
-pub(crate) struct Inner {
+/// What every shard of a gateway shares: configuration, clock, the routing tables, the
+/// login throttle, the memory watermark, producer counts and the core's counters. One
+/// per gateway (`docs/design/sharding.md` section 2).
+pub(crate) struct Common {
     /// When this broker started (wall clock, ms): transient messages stored before it
     /// are not delivered.
     pub(crate) boot: Millis,
     /// Failed logins (every protocol and the admin API share it).
     login: crate::login::LoginThrottle,
-    pub(crate) store: Arc<dyn Store>,
     pub(crate) config: CoreConfig,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) router: Router,
-    pub(crate) topics: RwLock<HashMap<TopicName, Arc<TopicHandle>>>,
-    pub(crate) groups: Mutex<HashMap<GroupName, GroupHandle>>,
-    /// The endpoints the core manages (policies with or without members, idle expiry).
-    pub(crate) endpoints: crate::endpoints::Registry,
-    /// The delay scheduler's state (`delay.rs`).
-    pub(crate) delay: crate::delay::DelayState,
     /// Messages published per (address, producer group) (`topics.rs`).
     pub(crate) producers: crate::topics::ProducerCounts,
     /// Publishes that waited for consumers to catch up (flow control by consumer lag).
@@ -47,14 +43,37 @@ pub(crate) struct Inner {
     /// Messages moved to a DLQ.
     pub(crate) dead_lettered: AtomicU64,
     closed: AtomicBool,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Whether publishers are blocked (memory above the watermark).
     pub(crate) memory: crate::memory::MemoryWatermark,
+}
+
+/// One shard's core: its store and everything kept beside it (topics, consumer groups,
+/// endpoints, the delay scheduler's state, retained messages, the services' tasks).
+/// Today a broker has one, over its whole store; a sharded gateway will hold one per
+/// shard it owns. The shared part is reached through `Deref` to [`Common`].
+pub(crate) struct ShardCore {
+    pub(crate) common: Arc<Common>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) topics: RwLock<HashMap<TopicName, Arc<TopicHandle>>>,
+    pub(crate) groups: Mutex<HashMap<GroupName, GroupHandle>>,
+    /// The endpoints the core manages (policies with or without members, idle expiry).
+    pub(crate) endpoints: crate::endpoints::Registry,
+    /// The delay scheduler's state (`delay.rs`).
+    pub(crate) delay: crate::delay::DelayState,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Retained messages.
     pub(crate) retained: crate::retained::Retained,
 }
 
-impl std::fmt::Debug for Inner {
+impl std::ops::Deref for ShardCore {
+    type Target = Common;
+
+    fn deref(&self) -> &Common {
+        &self.common
+    }
+}
+
+impl std::fmt::Debug for ShardCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
             .field("store", &self.store)
@@ -65,7 +84,7 @@ impl std::fmt::Debug for Inner {
 /// The broker core. Cheap to clone; every adapter holds one.
 #[derive(Clone, Debug)]
 pub struct Broker {
-    pub(crate) inner: Arc<Inner>,
+    pub(crate) inner: Arc<ShardCore>,
 }
 
 impl Broker {
@@ -92,24 +111,27 @@ impl Broker {
             config.retained_cache_bytes,
         )
         .await?;
-        let inner = Arc::new(Inner {
+        let common = Arc::new(Common {
             boot: mqgate_store::now_millis(),
             login,
-            store,
             config,
             clock,
             router,
-            topics: RwLock::new(topics),
-            groups: Mutex::default(),
-            endpoints: crate::endpoints::Registry::new(),
-            delay: crate::delay::DelayState::new(),
             producers: crate::topics::ProducerCounts::default(),
             flow_waits: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             closed: AtomicBool::new(false),
-            tasks: Mutex::default(),
             memory,
+        });
+        let inner = Arc::new(ShardCore {
+            common,
+            store,
+            topics: RwLock::new(topics),
+            groups: Mutex::default(),
+            endpoints: crate::endpoints::Registry::new(),
+            delay: crate::delay::DelayState::new(),
+            tasks: Mutex::default(),
             retained,
         });
         let scheduler = tokio::spawn(crate::delay::run(Arc::downgrade(&inner)));
@@ -354,7 +376,7 @@ impl Broker {
 }
 
 /// Apply the store's retention policy every `retention_interval`.
-async fn retention_task(inner: std::sync::Weak<Inner>) {
+async fn retention_task(inner: std::sync::Weak<ShardCore>) {
     loop {
         let Some(interval) = inner.upgrade().map(|i| i.config.retention_interval) else {
             return;
@@ -375,7 +397,7 @@ async fn retention_task(inner: std::sync::Weak<Inner>) {
     }
 }
 
-impl Inner {
+impl ShardCore {
     /// [`Broker::group_info`].
     pub(crate) async fn group_info(&self, group: &GroupName) -> Result<GroupInfo> {
         let handle = self.groups.lock().get(group).cloned();

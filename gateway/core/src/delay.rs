@@ -18,12 +18,12 @@ use bytes::{BufMut, Bytes};
 use mqgate_store::{Message, Millis, QueueRef, TimerKey, TopicName, WriteBatch};
 use tokio::sync::Notify;
 
-use crate::broker::{Broker, Inner};
+use crate::broker::{Broker, ShardCore};
 use crate::error::{CoreError, Result};
 use crate::router::HeaderValue;
 use crate::wire::{get_headers, put_headers, put_str, Reader};
 
-pub(crate) async fn run(inner: Weak<Inner>) {
+pub(crate) async fn run(inner: Weak<ShardCore>) {
     let mut cursor: Option<TimerKey> = None;
     loop {
         let Some(b) = inner.upgrade() else { return };
@@ -167,7 +167,7 @@ pub struct DelayedPage {
 /// Stage a delayed message with keys as a cancellable timer: its name and key index
 /// entries go in `batch` with it.
 pub(crate) fn stage_keyed(
-    inner: &Inner,
+    inner: &ShardCore,
     due: Millis,
     retain: Option<&str>,
     route: &Route,
@@ -526,7 +526,7 @@ impl Broker {
     }
 }
 
-impl Inner {
+impl ShardCore {
     /// A timer due at `due` was written: the scheduler may have to wake earlier.
     pub(crate) fn timer_added(&self, due: Millis) {
         self.delay.rewind.fetch_min(due, Ordering::AcqRel);
@@ -535,7 +535,7 @@ impl Inner {
 
     /// Schedule a publish through an exchange at `due` under `name` (one store batch: the
     /// timer and its name). A later schedule under the same name replaces it, and
-    /// [`Inner::cancel_named`] withdraws it; it survives restarts.
+    /// [`ShardCore::cancel_named`] withdraws it; it survives restarts.
     pub(crate) async fn schedule_named(
         &self,
         name: &str,

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use mqgate_store::{Message, Millis, QueueRef, StoredMessage, TopicName, WriteBatch};
 
-use crate::broker::Inner;
+use crate::broker::ShardCore;
 use crate::error::{CoreError, Result};
 use crate::props;
 
@@ -164,7 +164,7 @@ impl Policy {
 /// exchange (a target exchange that does not exist drops it, as RabbitMQ does). Returns
 /// the topics to wake once written.
 pub(crate) async fn stage(
-    inner: &Inner,
+    inner: &ShardCore,
     target: &DeadLetter,
     original: &StoredMessage,
     reason: DeathReason,

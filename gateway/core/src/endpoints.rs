@@ -26,7 +26,7 @@ use mqgate_store::{GroupName, Millis, QueueRef, TopicName};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
 
-use crate::broker::Inner;
+use crate::broker::ShardCore;
 use crate::group::GroupSpec;
 use crate::publish::Records;
 
@@ -287,7 +287,7 @@ impl crate::Broker {
 }
 
 /// Sweep the endpoints every `expiry_interval`.
-pub(crate) async fn run(inner: std::sync::Weak<Inner>) {
+pub(crate) async fn run(inner: std::sync::Weak<ShardCore>) {
     loop {
         let Some(interval) = inner.upgrade().map(|i| i.config.expiry_interval) else {
             return;
@@ -298,7 +298,7 @@ pub(crate) async fn run(inner: std::sync::Weak<Inner>) {
     }
 }
 
-impl Inner {
+impl ShardCore {
     async fn expire_endpoints(self: &Arc<Self>) {
         self.expire_idle().await;
         self.expire_messages().await;

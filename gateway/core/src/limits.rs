@@ -11,10 +11,10 @@
 
 use std::sync::Arc;
 
-use crate::broker::Inner;
+use crate::broker::ShardCore;
 use crate::group::GroupSpec;
 
-impl Inner {
+impl ShardCore {
     /// Whether one more message of `size` bytes would put the endpoint over its limits
     /// (ready messages only: what is in flight does not count, as in RabbitMQ).
     pub(crate) async fn is_full(self: &Arc<Self>, spec: &GroupSpec, size: u64) -> bool {

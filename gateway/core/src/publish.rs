@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use mqgate_store::{MessageId, Millis, QueueOffset, TimerKey};
 
-use crate::broker::{Inner, TopicHandle};
+use crate::broker::{ShardCore, TopicHandle};
 use crate::delay::Route;
 use crate::error::Result;
 use crate::props;
@@ -289,7 +289,7 @@ impl Part<'_> {
     }
 }
 
-impl Inner {
+impl ShardCore {
     /// [`Broker::publish_batch`](crate::Broker::publish_batch). Items are staged into
     /// one part, written once; an item routed to an endpoint with a length limit ends
     /// the part (written first, so the limit counts it) and is written on its own.
@@ -534,7 +534,7 @@ impl Inner {
     }
 
     /// Queue a part without retained settings for its store write (in call order);
-    /// the returned future answers as [`Inner::write_part`] once it is durable.
+    /// the returned future answers as [`ShardCore::write_part`] once it is durable.
     async fn queue_part(self: &Arc<Self>, part: Part<'_>) -> Result<PartWrite> {
         let Part {
             batch,
@@ -844,7 +844,7 @@ impl crate::Broker {
     }
 }
 
-impl Inner {
+impl ShardCore {
     /// What the core reads from a message's user headers before storing it: its keys
     /// (`x-keys`) and producer group (`x-producer-group`), then the default group.
     pub(crate) fn stamp(&self, message: &mut Message) {
@@ -884,7 +884,7 @@ impl Inner {
 /// (in a `select!`) and acknowledges each batch only then. Each batch carries the
 /// caller's `T` (what to acknowledge).
 pub struct Pipeline<T> {
-    inner: Arc<Inner>,
+    inner: Arc<ShardCore>,
     depth: usize,
     inflight: std::collections::VecDeque<(T, Submitted)>,
 }

@@ -10,7 +10,7 @@
 use bytes::Bytes;
 use mqgate_store::{GroupName, Message, Millis, QueueOffset, QueueRef, TopicName, WriteBatch};
 
-use crate::broker::Inner;
+use crate::broker::ShardCore;
 use crate::delay::{encode_timer, Route};
 use std::sync::atomic::Ordering;
 
@@ -58,7 +58,7 @@ fn tagged(original: &Message, queue: &QueueRef) -> Message {
 /// `batch` a timer for the copy with one more failure, due after the next step of the
 /// ladder, routed to the group's retry topic. Returns the due time.
 pub(crate) fn stage_retry(
-    inner: &Inner,
+    inner: &ShardCore,
     group: &GroupName,
     original: &Message,
     queue: &QueueRef,
@@ -82,7 +82,7 @@ pub(crate) fn stage_retry(
 /// Add to `batch` the append of `original` to the group's DLQ topic (created on demand).
 /// Returns the DLQ topic.
 pub(crate) async fn stage_dlq(
-    inner: &Inner,
+    inner: &ShardCore,
     group: &GroupName,
     original: &Message,
     queue: &QueueRef,

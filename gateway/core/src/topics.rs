@@ -10,7 +10,7 @@ use mqgate_store::{TopicConfig, TopicName};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
-use crate::broker::{Broker, Inner};
+use crate::broker::{Broker, ShardCore};
 use crate::error::{CoreError, Result};
 
 /// Per-topic state the publish path needs without touching the store's topic map.
@@ -201,7 +201,7 @@ impl Broker {
     }
 }
 
-impl Inner {
+impl ShardCore {
     pub(crate) async fn create_topic(
         &self,
         name: &TopicName,

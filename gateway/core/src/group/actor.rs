@@ -16,7 +16,7 @@ use super::{
     Cmd, ConsumeMode, Delivery, GroupHandle, GroupInfo, GroupSpec, MemberInfo, QueueInfo,
     StartPosition,
 };
-use crate::broker::{Inner, TopicHandle};
+use crate::broker::{ShardCore, TopicHandle};
 use crate::endpoint::DeathReason;
 use crate::error::Result;
 
@@ -96,7 +96,7 @@ impl QueueState {
 }
 
 pub(super) struct Actor {
-    pub(super) inner: Arc<Inner>,
+    pub(super) inner: Arc<ShardCore>,
     pub(super) spec: Arc<GroupSpec>,
     pub(super) max_reconsume: u32,
     pub(super) members: VecMap<String, Member>,

@@ -32,7 +32,7 @@ use crate::mailbox;
 use mqgate_store::{GroupName, Millis, QueueOffset, QueueRef, StoredMessage, TopicName};
 use tokio::sync::{oneshot, Notify};
 
-use crate::broker::{Inner, TopicHandle};
+use crate::broker::{ShardCore, TopicHandle};
 use crate::endpoint::Policy;
 use crate::error::{CoreError, Result};
 
@@ -490,7 +490,7 @@ impl GroupInfo {
 
 /// Start a group's actor.
 pub(crate) fn spawn(
-    inner: Arc<Inner>,
+    inner: Arc<ShardCore>,
     spec: GroupSpec,
     watched: Vec<Arc<TopicHandle>>,
 ) -> GroupHandle {
