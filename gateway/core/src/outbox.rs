@@ -245,7 +245,10 @@ impl Inbox {
             let mut queues = Vec::with_capacity(topics.len());
             for t in topics {
                 match self.store.topic(&t) {
-                    Some(cfg) => queues.push(QueueRef::new(t, queue_for(&m, cfg.queue_count))),
+                    Some(cfg) => queues.push(QueueRef::new(
+                        t,
+                        crate::topics::queue_for(&m, cfg.queue_count),
+                    )),
                     None => tracing::warn!(
                         shard = self.shard,
                         source = req.source,
@@ -279,19 +282,6 @@ impl ForwardTarget for Inbox {
     async fn apply(&self, req: ForwardReq) -> Result<ForwardReply> {
         Inbox::apply(self, req).await
     }
-}
-
-/// The queue a forwarded message takes in a topic of `queues` queues: as the core
-/// routes it (`TopicHandle::select_for`): by its sharding key, else by its address when
-/// the topic has several queues.
-fn queue_for(m: &Message, queues: u32) -> u32 {
-    if queues <= 1 {
-        return 0;
-    }
-    let key = crate::props::get(&m.properties, crate::props::SHARDING_KEY_HEADER)
-        .map(|k| String::from_utf8_lossy(k).into_owned())
-        .unwrap_or_else(|| m.topic.as_str().to_owned());
-    (crate::topics::key_hash(&key) % u64::from(queues)) as u32
 }
 
 /// The home side for one destination: moves the outbox queue's entries to it.

@@ -61,13 +61,7 @@ impl TopicHandle {
     /// as its key (an MQTT topic keeps its order, as EMQX's `hash_topic`), a topic of
     /// one queue takes it.
     pub(crate) fn select_for(&self, message: &mqgate_store::Message) -> Result<u32> {
-        if let Some(k) = crate::props::get(&message.properties, crate::props::SHARDING_KEY_HEADER) {
-            return self.select(None, Some(&String::from_utf8_lossy(k)));
-        }
-        if self.queue_count() > 1 {
-            return self.select(None, Some(message.topic.as_str()));
-        }
-        Ok(0)
+        Ok(queue_for(message, self.queue_count()))
     }
 
     pub(crate) fn watch(&self, wake: Arc<Notify>) {
@@ -134,6 +128,19 @@ impl ProducerCounts {
             }
         }
     }
+}
+
+/// The queue a routed message takes in a topic of `queues` queues: by its
+/// `x-sharding-key`, else by its address when there are several (see
+/// `TopicHandle::select_for`; a shard applying forwarded messages uses it too).
+pub(crate) fn queue_for(message: &mqgate_store::Message, queues: u32) -> u32 {
+    if let Some(k) = crate::props::get(&message.properties, crate::props::SHARDING_KEY_HEADER) {
+        return (key_hash(&String::from_utf8_lossy(k)) % u64::from(queues.max(1))) as u32;
+    }
+    if queues > 1 {
+        return (key_hash(message.topic.as_str()) % u64::from(queues)) as u32;
+    }
+    0
 }
 
 /// The queue hash of a sharding key: 64-bit FNV-1a, stable across builds and versions
