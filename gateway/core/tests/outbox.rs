@@ -148,6 +148,21 @@ async fn setup_dests(kind: Kind, dir: &TempDir) -> BTreeMap<ShardId, (Arc<dyn St
     out
 }
 
+/// A forwarder from the home shard 0 straight to destination `d`'s inbox (both owned
+/// in this process).
+fn to_inbox(
+    home: &Arc<dyn Store>,
+    dests: &BTreeMap<ShardId, (Arc<dyn Store>, Arc<Inbox>)>,
+    d: ShardId,
+) -> Forwarder {
+    Forwarder::new(
+        0,
+        d,
+        Arc::clone(home),
+        Arc::clone(&dests[&d].1) as Arc<dyn ForwardTarget>,
+    )
+}
+
 async fn check_dests(dests: &BTreeMap<ShardId, (Arc<dyn Store>, Arc<Inbox>)>, n: usize) {
     let want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
     for (d, (s, _)) in dests {
@@ -267,27 +282,14 @@ async fn retention_floor_follows_the_slowest_destination(kind: Kind) {
         Some(first)
     );
     for d in DESTS.filter(|d| *d != 5) {
-        Forwarder::new(
-            0,
-            d,
-            Arc::clone(&home),
-            Arc::clone(&dests[&d].1) as Arc<dyn ForwardTarget>,
-        )
-        .drain()
-        .await
-        .unwrap();
+        to_inbox(&home, &dests, d).drain().await.unwrap();
     }
     assert_eq!(
         retention_floor(home.as_ref(), &list).await.unwrap(),
         Some(first),
         "shard 5 has nothing yet"
     );
-    let mut f5 = Forwarder::new(
-        0,
-        5,
-        Arc::clone(&home),
-        Arc::clone(&dests[&5].1) as Arc<dyn ForwardTarget>,
-    );
+    let mut f5 = to_inbox(&home, &dests, 5);
     f5.batch = 10;
     f5.pump().await.unwrap();
     let eleventh = local_id(home.as_ref(), 10).await;
@@ -386,12 +388,7 @@ async fn home_owner_killed_between_commit_and_forward() {
     let ahead = page(3, 250).await;
     // Part forwarded: shards 1-4 get a page each, 5-8 nothing.
     for d in 1..=4 {
-        let mut f = Forwarder::new(
-            0,
-            d,
-            Arc::clone(&home),
-            Arc::clone(&dests[&d].1) as Arc<dyn ForwardTarget>,
-        );
+        let mut f = to_inbox(&home, &dests, d);
         f.batch = 40 * usize::from(d);
         f.pump().await.unwrap();
     }
@@ -417,15 +414,7 @@ async fn home_owner_killed_between_commit_and_forward() {
         .unwrap()
         .is_some());
     for d in DESTS {
-        Forwarder::new(
-            0,
-            d,
-            Arc::clone(&home),
-            Arc::clone(&dests[&d].1) as Arc<dyn ForwardTarget>,
-        )
-        .drain()
-        .await
-        .unwrap();
+        to_inbox(&home, &dests, d).drain().await.unwrap();
     }
     check_dests(&dests, N).await;
     // The paused owner wakes: its pages change nothing.
