@@ -21,25 +21,9 @@ pub mod relay;
 pub mod rendezvous;
 pub mod status;
 
-/// 64-bit FNV-1a: stable across builds, platforms and versions (the same function as
-/// the core's sharding-key hash).
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
-/// SplitMix64's finaliser: spreads FNV's weak low bits over the whole word, so that
-/// `% shards` and score comparisons see well-mixed values.
-pub fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+/// 64-bit FNV-1a and SplitMix64's finaliser: stable across builds, platforms and
+/// versions; the core's (a sharded broker in one process places topics alike).
+pub use mqgate_core::shard::{fnv1a, splitmix64};
 
 #[cfg(test)]
 mod tests {

@@ -5,23 +5,7 @@
 //! count ever changes; this function only proposes the shard for a new topic. A group's
 //! home is the shard of its first topic; `%RETRY%<g>` and `%DLQ%<g>` follow the group.
 
-use crate::{fnv1a, splitmix64};
-
-/// A shard's number.
-pub type ShardId = u16;
-
-/// The most shards a cluster may have: ids name their shard in their top bits
-/// (`shard << 44`) and must stay below 2^53 for JSON clients.
-pub const MAX_SHARDS: u16 = 512;
-
-/// The shard a new topic named `topic` goes to, among `shards` (1..=MAX_SHARDS).
-pub fn shard_of(topic: &str, shards: u16) -> ShardId {
-    assert!(
-        (1..=MAX_SHARDS).contains(&shards),
-        "a cluster has 1..={MAX_SHARDS} shards, not {shards}"
-    );
-    (splitmix64(fnv1a(topic.as_bytes())) % u64::from(shards)) as ShardId
-}
+pub use mqgate_core::shard::{shard_of, ShardId, MAX_SHARDS};
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mqgate_amqp::{AmqpConfig, AmqpServer, Permission};
-use mqgate_core::{Broker, CoreConfig, SystemClock};
+use mqgate_core::{Broker, CoreConfig};
 use mqgate_mqtt::{MqttConfig, MqttServer};
 use mqgate_store::Store;
 
@@ -37,9 +37,9 @@ pub struct Target {
 
 #[derive(Debug)]
 struct InProc {
-    /// The store the broker runs on (the harness waits for it to be released before
-    /// reopening it at a restart; the broker keeps its handle to itself).
-    store: Arc<dyn Store>,
+    /// The stores the broker runs on (the harness waits for them to be released before
+    /// reopening them at a restart; the broker keeps its handles to itself).
+    stores: Vec<Arc<dyn Store>>,
     broker: Broker,
     amqp: AmqpServer,
     mqtt: MqttServer,
@@ -189,7 +189,9 @@ impl Target {
 
     /// Whether the broker keeps its state across [`Target::restart`] (RocksDB).
     pub fn durable(&self) -> bool {
-        self.inproc.as_ref().is_some_and(|i| i.dir.is_some())
+        self.inproc
+            .as_ref()
+            .is_some_and(|i| i.dir.as_ref().is_some_and(crate::mqtt::DataDir::durable))
     }
 
     /// Where the same broker's MQTT listener is (external: `MQGATE_MQTT_ADDR`).
@@ -206,11 +208,13 @@ impl Target {
         i.amqp.shutdown(Duration::from_secs(5)).await;
         i.mqtt.shutdown(Duration::from_secs(5)).await;
         i.broker.shutdown().await;
-        let store = i.store;
+        let stores = i.stores;
         drop(i.amqp);
         drop(i.mqtt);
         drop(i.broker);
-        crate::mqtt::release_store(store).await;
+        for store in stores {
+            crate::mqtt::release_store(store).await;
+        }
         let amqp = crate::mqtt::rebind(self.port).await;
         let mqtt = crate::mqtt::rebind(self.mqtt_port.expect("in-process")).await;
         self.inproc = Some(InProc::start(i.dir, i.cfg, i.core, amqp, mqtt).await);
@@ -225,10 +229,7 @@ impl InProc {
         amqp_listener: tokio::net::TcpListener,
         mqtt_listener: tokio::net::TcpListener,
     ) -> InProc {
-        let store = crate::mqtt::open_store(&dir).await;
-        let broker = Broker::start(Arc::clone(&store), core.clone(), Arc::new(SystemClock))
-            .await
-            .expect("start core");
+        let (stores, broker) = crate::mqtt::start_core(&dir, core.clone()).await;
         let amqp = AmqpServer::start(broker.clone(), cfg.clone())
             .await
             .expect("start amqp");
@@ -238,7 +239,7 @@ impl InProc {
             .expect("start mqtt");
         mqtt.listen(mqtt_listener);
         InProc {
-            store,
+            stores,
             broker,
             amqp,
             mqtt,

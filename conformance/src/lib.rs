@@ -12,12 +12,13 @@ macro_rules! scenario {
     };
 }
 
-/// [`scenario!`] plus a third variant, `jetstream`, on the replicated backend (a 3-node
-/// NATS cluster shared by the test process): for the protocol suites.
+/// [`scenario!`] plus the variants `jetstream`, on the replicated backend (a 3-node
+/// NATS cluster shared by the test process), and `shards`, a broker over 8 shards in
+/// one process: for the protocol suites.
 #[macro_export]
 macro_rules! scenario_replicated {
     ($($name:ident),* $(,)?) => {
-        $crate::scenario_on!([memory = Memory, rocks = Rocks, jetstream = JetStream] $($name),*);
+        $crate::scenario_on!([memory = Memory, rocks = Rocks, jetstream = JetStream, shards = Shards] $($name),*);
     };
 }
 

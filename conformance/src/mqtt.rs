@@ -25,13 +25,26 @@ pub enum Backend {
     /// replicated on a 3-node NATS cluster (one per test process, each target with
     /// its own stream).
     JetStream,
+    /// A broker over 8 in-memory shard stores in one process: topics spread over the
+    /// shards by name, publishes reaching several shards forwarded from their home.
+    Shards,
 }
+
+/// How many shards the `shards` variant runs with.
+pub const SHARDS: u16 = 8;
 
 /// Where an in-process broker keeps its data (none: MemoryStore).
 #[derive(Debug)]
 pub(crate) struct DataDir {
     dir: tempfile::TempDir,
-    jetstream: bool,
+    backend: Backend,
+}
+
+impl DataDir {
+    /// Whether a restart finds the data again (the `shards` variant is in memory).
+    pub(crate) fn durable(&self) -> bool {
+        self.backend != Backend::Shards
+    }
 }
 
 impl DataDir {
@@ -39,16 +52,34 @@ impl DataDir {
         let dir = || tempfile::tempdir().expect("tempdir");
         match backend {
             Backend::Memory => None,
-            Backend::Rocks => Some(Self {
+            backend => Some(Self {
                 dir: dir(),
-                jetstream: false,
-            }),
-            Backend::JetStream => Some(Self {
-                dir: dir(),
-                jetstream: true,
+                backend,
             }),
         }
     }
+}
+
+/// Start the core of an in-process broker over its stores (again, at a restart: same
+/// folder, same stream); the stores, to wait for their release at a restart.
+pub(crate) async fn start_core(
+    dir: &Option<DataDir>,
+    core: CoreConfig,
+) -> (Vec<Arc<dyn Store>>, Broker) {
+    let stores = match dir {
+        Some(d) if d.backend == Backend::Shards => (0..SHARDS)
+            .map(|s| {
+                let store: Arc<dyn Store> =
+                    Arc::new(MemoryStore::new().with_id_base(u64::from(s) << 44));
+                store
+            })
+            .collect(),
+        _ => vec![open_store(dir).await],
+    };
+    let broker = Broker::start_sharded(stores.clone(), core, Arc::new(SystemClock))
+        .await
+        .expect("start core");
+    (stores, broker)
 }
 
 /// Open the store of an in-process broker (again, at a restart: same folder, same
@@ -56,9 +87,10 @@ impl DataDir {
 pub(crate) async fn open_store(dir: &Option<DataDir>) -> Arc<dyn Store> {
     match dir {
         None => Arc::new(MemoryStore::new()),
-        Some(d) if !d.jetstream => {
+        Some(d) if d.backend == Backend::Rocks => {
             Arc::new(RocksStore::open(RocksConfig::new(d.dir.path())).expect("open rocks"))
         }
+        Some(d) if d.backend == Backend::Shards => unreachable!("start_core opens the shards"),
         Some(d) => {
             use mqgate_store::jetstream::{open, testing::NatsCluster, JetStreamConfig};
             let cluster = tokio::task::block_in_place(NatsCluster::shared);
@@ -104,7 +136,7 @@ pub struct Target {
 struct InProc {
     /// The store the broker runs on (the harness waits for it to be released before
     /// reopening it at a restart; the broker keeps its handle to itself).
-    store: Arc<dyn Store>,
+    stores: Vec<Arc<dyn Store>>,
     broker: Broker,
     server: MqttServer,
     dir: Option<DataDir>,
@@ -226,7 +258,9 @@ impl Target {
 
     /// Whether the broker keeps its state across [`Target::restart`] (RocksDB).
     pub fn durable(&self) -> bool {
-        self.inproc.as_ref().is_some_and(|i| i.dir.is_some())
+        self.inproc
+            .as_ref()
+            .is_some_and(|i| i.dir.as_ref().is_some_and(DataDir::durable))
     }
 
     /// Stop the in-process broker cleanly and start it again on the same port and data.
@@ -237,10 +271,12 @@ impl Target {
             .expect("restart needs an in-process broker");
         i.server.shutdown(Duration::from_secs(5)).await;
         i.broker.shutdown().await;
-        let store = i.store;
+        let stores = i.stores;
         drop(i.server);
         drop(i.broker);
-        release_store(store).await;
+        for store in stores {
+            release_store(store).await;
+        }
         let listener = rebind(self.port).await;
         self.inproc = Some(InProc::start(i.dir, i.cfg, i.core, listener).await);
     }
@@ -253,16 +289,13 @@ impl InProc {
         core: CoreConfig,
         listener: tokio::net::TcpListener,
     ) -> InProc {
-        let store = open_store(&dir).await;
-        let broker = Broker::start(Arc::clone(&store), core.clone(), Arc::new(SystemClock))
-            .await
-            .expect("start core");
+        let (stores, broker) = start_core(&dir, core.clone()).await;
         let server = MqttServer::start(broker.clone(), cfg.clone())
             .await
             .expect("start mqtt");
         server.listen(listener);
         InProc {
-            store,
+            stores,
             broker,
             server,
             dir,

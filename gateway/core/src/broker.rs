@@ -45,13 +45,19 @@ pub(crate) struct Common {
     closed: AtomicBool,
     /// Whether publishers are blocked (memory above the watermark).
     pub(crate) memory: crate::memory::MemoryWatermark,
+    /// Which shard holds each topic and group.
+    pub(crate) placement: crate::shard::Placement,
+    /// Endpoint events of every shard.
+    pub(crate) endpoint_events: tokio::sync::broadcast::Sender<crate::EndpointEvent>,
 }
 
 /// One shard's core: its store and everything kept beside it (topics, consumer groups,
 /// endpoints, the delay scheduler's state, retained messages, the services' tasks).
-/// Today a broker has one, over its whole store; a sharded gateway will hold one per
-/// shard it owns. The shared part is reached through `Deref` to [`Common`].
+/// A broker holds one per shard (one in all, unless started sharded). The shared part
+/// is reached through `Deref` to [`Common`].
 pub(crate) struct ShardCore {
+    /// Its number (0 when the broker has one shard).
+    pub(crate) id: crate::shard::ShardId,
     pub(crate) common: Arc<Common>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) topics: RwLock<HashMap<TopicName, Arc<TopicHandle>>>,
@@ -61,8 +67,15 @@ pub(crate) struct ShardCore {
     /// The delay scheduler's state (`delay.rs`).
     pub(crate) delay: crate::delay::DelayState,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// Retained messages.
+    /// Retained messages (kept in shard 0 of a sharded broker).
     pub(crate) retained: crate::retained::Retained,
+    /// Forwarding from this shard to each other one (index: destination; empty with
+    /// one shard).
+    pub(crate) routes: Vec<Arc<crate::shard::Route>>,
+    /// The broker it belongs to (set once started).
+    set: std::sync::OnceLock<std::sync::Weak<ShardSet>>,
+    /// Messages other shards forwarded into this one (each counted once).
+    pub(crate) forwarded_in: AtomicU64,
 }
 
 impl std::ops::Deref for ShardCore {
@@ -75,16 +88,144 @@ impl std::ops::Deref for ShardCore {
 
 impl std::fmt::Debug for ShardCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker")
+        f.debug_struct("ShardCore")
+            .field("id", &self.id)
             .field("store", &self.store)
             .finish_non_exhaustive()
+    }
+}
+
+impl ShardCore {
+    /// Start shard `id` over `store`: loads its topics and retained messages, starts
+    /// its delay scheduler, retention and endpoint sweep.
+    async fn start(
+        id: crate::shard::ShardId,
+        common: Arc<Common>,
+        store: Arc<dyn Store>,
+        routes: Vec<Arc<crate::shard::Route>>,
+    ) -> Result<Arc<Self>> {
+        let topics = store
+            .topics()
+            .iter()
+            .map(|cfg| {
+                common.placement.topic_is_in(&cfg.name, id);
+                (cfg.name.clone(), Arc::new(TopicHandle::new(cfg)))
+            })
+            .collect();
+        for g in store.groups().await? {
+            common.placement.group_is_in(&g, id);
+        }
+        let retained = crate::retained::Retained::load(
+            Arc::clone(&store),
+            common.config.retained_cache_messages,
+            common.config.retained_cache_bytes,
+        )
+        .await?;
+        if routes.len() > 1 {
+            let dests = (0..routes.len() as u16).filter(|d| *d != id);
+            crate::outbox::ensure_outboxes(&*store, dests).await?;
+        }
+        let inner = Arc::new(ShardCore {
+            id,
+            endpoints: crate::endpoints::Registry::new(common.endpoint_events.clone()),
+            common,
+            store,
+            topics: RwLock::new(topics),
+            groups: Mutex::default(),
+            delay: crate::delay::DelayState::new(),
+            tasks: Mutex::default(),
+            retained,
+            routes,
+            set: std::sync::OnceLock::new(),
+            forwarded_in: AtomicU64::new(0),
+        });
+        let scheduler = tokio::spawn(crate::delay::run(Arc::downgrade(&inner)));
+        let retention = tokio::spawn(retention_task(Arc::downgrade(&inner)));
+        let expiry = tokio::spawn(crate::endpoints::run(Arc::downgrade(&inner)));
+        inner.tasks.lock().extend([scheduler, retention, expiry]);
+        Ok(inner)
+    }
+
+    /// The broker this shard belongs to (`None` once it is gone).
+    pub(crate) fn broker(&self) -> Option<Broker> {
+        let inner = self.set.get()?.upgrade()?;
+        Some(Broker { inner })
+    }
+
+    /// The other shards this one forwards to.
+    pub(crate) fn dests(&self) -> Vec<crate::shard::ShardId> {
+        (0..self.routes.len() as u16)
+            .filter(|d| *d != self.id)
+            .collect()
+    }
+
+    /// Tell retention which messages outbox entries still point at, then apply it.
+    pub(crate) async fn enforce_retention(
+        &self,
+        now: Millis,
+    ) -> Result<mqgate_store::RetentionReport> {
+        if self.routes.len() > 1 {
+            let floor = crate::outbox::retention_floor(&*self.store, &self.dests()).await?;
+            self.store.set_retention_floor(floor);
+        }
+        Ok(self.store.enforce_retention(now).await?)
+    }
+}
+
+/// A broker's shards and what they share.
+pub(crate) struct ShardSet {
+    pub(crate) common: Arc<Common>,
+    /// Index: shard id.
+    pub(crate) shards: Vec<Arc<ShardCore>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::ops::Deref for ShardSet {
+    type Target = Common;
+
+    fn deref(&self) -> &Common {
+        &self.common
+    }
+}
+
+impl std::fmt::Debug for ShardSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("shards", &self.shards)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShardSet {
+    /// Shard 0: routing state, retained messages, named timers, records no endpoint
+    /// anchors.
+    pub(crate) fn meta(&self) -> &Arc<ShardCore> {
+        &self.shards[0]
+    }
+
+    pub(crate) fn shard(&self, id: crate::shard::ShardId) -> &Arc<ShardCore> {
+        &self.shards[usize::from(id)]
+    }
+
+    /// The shard holding (or that would hold) `topic`.
+    pub(crate) fn of_topic(&self, topic: &TopicName) -> &Arc<ShardCore> {
+        self.shard(self.placement.topic(topic))
+    }
+
+    /// The shard holding (or that would hold) `group`.
+    pub(crate) fn of_group(&self, group: &GroupName) -> &Arc<ShardCore> {
+        self.shard(self.placement.group(group))
+    }
+
+    pub(crate) fn sharded(&self) -> bool {
+        self.shards.len() > 1
     }
 }
 
 /// The broker core. Cheap to clone; every adapter holds one.
 #[derive(Clone, Debug)]
 pub struct Broker {
-    pub(crate) inner: Arc<ShardCore>,
+    pub(crate) inner: Arc<ShardSet>,
 }
 
 impl Broker {
@@ -95,22 +236,36 @@ impl Broker {
         config: CoreConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
-        let topics = store
-            .topics()
-            .iter()
-            .map(|cfg| (cfg.name.clone(), Arc::new(TopicHandle::new(cfg))))
-            .collect();
+        Self::start_sharded(vec![store], config, clock).await
+    }
+
+    /// Start the core over several shards in this process, one store each (index:
+    /// shard id). Each store must assign ids from its shard's base (`shard << 44`:
+    /// `RocksConfig::id_base`, `MemoryStore::with_id_base`), so that ids name their
+    /// shard. Shard 0 holds the routing state, retained messages and named timers; a
+    /// topic goes to the shard its name hashes to, a group to its first topic's;
+    /// publishes reaching several shards are forwarded exactly once
+    /// (`docs/design/sharding.md`).
+    pub async fn start_sharded(
+        stores: Vec<Arc<dyn Store>>,
+        config: CoreConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        let shards = u16::try_from(stores.len())
+            .ok()
+            .filter(|n| (1..=crate::shard::MAX_SHARDS).contains(n))
+            .ok_or_else(|| {
+                CoreError::Invalid(format!(
+                    "a broker has 1..={} shards, not {}",
+                    crate::shard::MAX_SHARDS,
+                    stores.len()
+                ))
+            })?;
         let router = Router::new();
         router.add_vhost(DEFAULT_VHOST);
         let memory = crate::memory::MemoryWatermark::new(config.memory_high_watermark);
-        crate::durable::load(&*store, &router).await?;
+        crate::durable::load(&*stores[0], &router).await?;
         let login = crate::login::LoginThrottle::new(config.login_throttle);
-        let retained = crate::retained::Retained::load(
-            Arc::clone(&store),
-            config.retained_cache_messages,
-            config.retained_cache_bytes,
-        )
-        .await?;
         let common = Arc::new(Common {
             boot: mqgate_store::now_millis(),
             login,
@@ -123,31 +278,67 @@ impl Broker {
             dead_lettered: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             memory,
+            placement: crate::shard::Placement::new(shards),
+            endpoint_events: tokio::sync::broadcast::channel(1024).0,
         });
-        let inner = Arc::new(ShardCore {
-            common,
-            store,
-            topics: RwLock::new(topics),
-            groups: Mutex::default(),
-            endpoints: crate::endpoints::Registry::new(),
-            delay: crate::delay::DelayState::new(),
+        let mut cores = Vec::with_capacity(stores.len());
+        for (id, store) in stores.into_iter().enumerate() {
+            let routes = if shards > 1 {
+                (0..shards)
+                    .map(|_| Arc::new(crate::shard::Route::new()))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            cores.push(ShardCore::start(id as u16, Arc::clone(&common), store, routes).await?);
+        }
+        let set = Arc::new(ShardSet {
+            common: Arc::clone(&common),
+            shards: cores,
             tasks: Mutex::default(),
-            retained,
         });
-        let scheduler = tokio::spawn(crate::delay::run(Arc::downgrade(&inner)));
-        let retention = tokio::spawn(retention_task(Arc::downgrade(&inner)));
-        let memory = tokio::spawn(crate::memory::run(Arc::downgrade(&inner)));
-        let expiry = tokio::spawn(crate::endpoints::run(Arc::downgrade(&inner)));
-        inner
-            .tasks
-            .lock()
-            .extend([scheduler, retention, memory, expiry]);
-        Ok(Self { inner })
+        for shard in &set.shards {
+            let _ = shard.set.set(Arc::downgrade(&set));
+        }
+        let mut tasks = vec![tokio::spawn(crate::memory::run(Arc::downgrade(&common)))];
+        for h in &set.shards {
+            for d in &set.shards {
+                if h.id != d.id {
+                    tasks.push(tokio::spawn(crate::shard::forward(
+                        Arc::downgrade(h),
+                        Arc::downgrade(d),
+                        Arc::clone(&h.routes[usize::from(d.id)]),
+                    )));
+                }
+            }
+        }
+        set.tasks.lock().extend(tasks);
+        Ok(Self { inner: set })
+    }
+
+    /// How many shards this broker has.
+    pub fn shard_count(&self) -> u16 {
+        self.inner.shards.len() as u16
+    }
+
+    /// Messages forwarded from their home shard into another, since the start (each
+    /// counted once, by the shard that applied it).
+    pub fn forwarded(&self) -> u64 {
+        self.inner
+            .shards
+            .iter()
+            .map(|s| s.forwarded_in.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The shard holding (or that would hold) `topic`.
+    pub fn shard_of_topic(&self, topic: &TopicName) -> u16 {
+        self.inner.placement.topic(topic)
     }
 
     /// The retained messages.
     pub fn retained(&self) -> &crate::retained::Retained {
-        &self.inner.retained
+        &self.inner.meta().retained
     }
 
     /// The routing tables.
@@ -175,7 +366,7 @@ impl Broker {
         self.inner.router.add_vhost(vhost);
         let mut batch = WriteBatch::new();
         crate::durable::put_vhost(&mut batch, vhost);
-        self.inner.store.write(batch).await?;
+        self.inner.meta().store.write(batch).await?;
         Ok(())
     }
 
@@ -186,7 +377,7 @@ impl Broker {
         if created && def.durable {
             let mut batch = WriteBatch::new();
             crate::durable::put_exchange(&mut batch, vhost, &def);
-            self.inner.store.write(batch).await?;
+            self.inner.meta().store.write(batch).await?;
         }
         Ok(created)
     }
@@ -195,7 +386,7 @@ impl Broker {
     pub async fn delete_exchange(&self, vhost: &str, name: &str, if_unused: bool) -> Result<bool> {
         let existed = self.inner.router.delete_exchange(vhost, name, if_unused)?;
         if existed {
-            crate::durable::prune(&*self.inner.store, &self.inner.router, vhost).await?;
+            crate::durable::prune(&*self.inner.meta().store, &self.inner.router, vhost).await?;
         }
         Ok(existed)
     }
@@ -207,7 +398,7 @@ impl Broker {
         if new && durable {
             let mut batch = WriteBatch::new();
             crate::durable::put_binding(&mut batch, vhost, &binding);
-            self.inner.store.write(batch).await?;
+            self.inner.meta().store.write(batch).await?;
         }
         Ok(new)
     }
@@ -232,7 +423,7 @@ impl Broker {
                 }
             }
             if !batch.is_empty() {
-                self.inner.store.write(batch).await?;
+                self.inner.meta().store.write(batch).await?;
             }
         }
         Ok(results)
@@ -255,14 +446,14 @@ impl Broker {
             }
         }
         if !batch.is_empty() {
-            self.inner.store.write(batch).await?;
+            self.inner.meta().store.write(batch).await?;
         }
         // An auto-delete exchange left empty went with its last binding.
         if sources
             .iter()
             .any(|x| self.inner.router.exchange(vhost, x).is_none())
         {
-            crate::durable::prune(&*self.inner.store, &self.inner.router, vhost).await?;
+            crate::durable::prune(&*self.inner.meta().store, &self.inner.router, vhost).await?;
         }
         Ok(results)
     }
@@ -273,9 +464,9 @@ impl Broker {
         if removed {
             let mut batch = WriteBatch::new();
             crate::durable::delete_binding(&mut batch, vhost, binding);
-            self.inner.store.write(batch).await?;
+            self.inner.meta().store.write(batch).await?;
             if self.inner.router.exchange(vhost, &binding.source).is_none() {
-                crate::durable::prune(&*self.inner.store, &self.inner.router, vhost).await?;
+                crate::durable::prune(&*self.inner.meta().store, &self.inner.router, vhost).await?;
             }
         }
         Ok(removed)
@@ -295,7 +486,7 @@ impl Broker {
         for name in &emptied {
             crate::durable::delete_exchange(&mut batch, vhost, name);
         }
-        self.inner.store.write(batch).await?;
+        self.inner.meta().store.write(batch).await?;
         Ok(())
     }
 
@@ -305,10 +496,11 @@ impl Broker {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(CoreError::ShuttingDown);
         }
-        let watched = self.inner.watch_topics(&spec).await?;
+        let shard = self.group_shard(&spec)?;
+        let watched = shard.watch_topics(&spec).await?;
         // A group actor that just ended (memberless) may miss the join: start a new one.
         for _ in 0..8 {
-            let handle = self.inner.group_handle(&spec, &watched)?;
+            let handle = shard.group_handle(&spec, &watched)?;
             if let Some(consumer) = handle.join(member.clone()).await {
                 return Ok(consumer);
             }
@@ -316,61 +508,90 @@ impl Broker {
         Err(CoreError::ShuttingDown)
     }
 
+    /// The shard a group lives in: its first topic's. Every topic it consumes must be
+    /// there (a group spanning shards is not supported yet).
+    pub(crate) fn group_shard(&self, spec: &GroupSpec) -> Result<&Arc<ShardCore>> {
+        let set = &self.inner;
+        let id = set.placement.place_group(&spec.name, &spec.topics);
+        if set.sharded() {
+            if let Some(t) = spec.topics.iter().find(|t| set.placement.topic(t) != id) {
+                return Err(CoreError::Invalid(format!(
+                    "group {} consumes topics of several shards ({t} is not in shard {id})",
+                    spec.name
+                )));
+            }
+        }
+        Ok(set.shard(id))
+    }
+
     /// Move a group's position on all its queues (replay), whether or not members are
     /// connected; consumption continues from there.
     pub async fn reset_group(&self, group: &GroupName, to: StartPosition) -> Result<()> {
-        self.inner.reset_group(group, to).await
+        self.inner.of_group(group).reset_group(group, to).await
     }
 
     /// Delete a group: its members are cut off (their consumers end), its committed
     /// offsets are forgotten. A later subscribe starts it afresh.
     pub async fn delete_group(&self, group: &GroupName) -> Result<()> {
-        self.inner.endpoints.forget(group);
-        let handle = self.inner.groups.lock().remove(group);
+        let shard = self.inner.of_group(group);
+        shard.endpoints.forget(group);
+        let handle = shard.groups.lock().remove(group);
         if let Some(h) = handle {
             h.stop().await;
         }
         let mut batch = WriteBatch::new();
         batch.delete_offsets(group.clone(), None);
-        self.inner.store.write(batch).await?;
+        shard.store.write(batch).await?;
+        self.inner.placement.group_gone(group);
         Ok(())
     }
 
     /// A group's members, offsets and lag (from the live group, or from the store).
     pub async fn group_info(&self, group: &GroupName) -> Result<GroupInfo> {
-        self.inner.group_info(group).await
+        self.inner.of_group(group).group_info(group).await
     }
 
     /// Every group known to the store or live.
     pub async fn groups(&self) -> Result<Vec<GroupName>> {
-        let mut g = self.inner.store.groups().await?;
-        g.extend(self.inner.groups.lock().keys().cloned());
+        let mut g = Vec::new();
+        for shard in &self.inner.shards {
+            g.extend(shard.store.groups().await?);
+            g.extend(shard.groups.lock().keys().cloned());
+        }
         g.sort();
         g.dedup();
         Ok(g)
     }
 
-    /// Apply the store's retention policy now.
+    /// Apply the store's retention policy now (every shard).
     pub async fn enforce_retention(&self) -> Result<mqgate_store::RetentionReport> {
-        Ok(self
-            .inner
-            .store
-            .enforce_retention(self.inner.clock.now())
-            .await?)
+        let mut total = mqgate_store::RetentionReport::default();
+        for shard in &self.inner.shards {
+            let r = shard.enforce_retention(self.inner.clock.now()).await?;
+            total.messages_deleted += r.messages_deleted;
+            total.bytes_deleted += r.bytes_deleted;
+            total.entries_deleted += r.entries_deleted;
+        }
+        Ok(total)
     }
 
     /// Stop: members are disconnected, groups persist their offsets, tasks end.
     pub async fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::Release);
-        let groups: Vec<GroupHandle> = self.inner.groups.lock().drain().map(|(_, h)| h).collect();
-        for g in groups {
-            g.stop().await;
-        }
         for t in self.inner.tasks.lock().drain(..) {
             t.abort();
         }
-        if let Err(e) = self.inner.store.flush().await {
-            tracing::error!(error = %e, "core: store flush at shutdown failed");
+        for shard in &self.inner.shards {
+            let groups: Vec<GroupHandle> = shard.groups.lock().drain().map(|(_, h)| h).collect();
+            for g in groups {
+                g.stop().await;
+            }
+            for t in shard.tasks.lock().drain(..) {
+                t.abort();
+            }
+            if let Err(e) = shard.store.flush().await {
+                tracing::error!(shard = shard.id, error = %e, "core: store flush at shutdown failed");
+            }
         }
     }
 }
@@ -384,7 +605,7 @@ async fn retention_task(inner: std::sync::Weak<ShardCore>) {
         tokio::time::sleep(interval).await;
         let Some(i) = inner.upgrade() else { return };
         // Store timestamps are wall-clock time, whatever clock the core runs on.
-        match i.store.enforce_retention(mqgate_store::now_millis()).await {
+        match i.enforce_retention(mqgate_store::now_millis()).await {
             Ok(r) if r.messages_deleted > 0 => tracing::info!(
                 messages = r.messages_deleted,
                 bytes = r.bytes_deleted,
@@ -482,6 +703,7 @@ impl ShardCore {
             _ => {
                 let h = group::spawn(Arc::clone(self), spec.clone(), watched.to_vec());
                 groups.insert(spec.name.clone(), h.clone());
+                self.placement.group_is_in(&spec.name, self.id);
                 Ok(h)
             }
         }

@@ -359,6 +359,7 @@ impl Broker {
             headers: Vec::new(),
         };
         self.inner
+            .meta()
             .schedule_named(name, due, &route, retain, message)
             .await
     }
@@ -366,14 +367,95 @@ impl Broker {
     /// Withdraw what [`Broker::schedule_named`] scheduled under `name` (if it has not
     /// fired yet); whether something was pending.
     pub async fn cancel_scheduled(&self, name: &str) -> Result<bool> {
-        self.inner.cancel_named(name).await
+        self.inner.meta().cancel_named(name).await
     }
 
     /// Pending timers in due order, after `after`, at most `limit` of them, only those
     /// whose message has address `topic` and/or key `key` when given. Cancelled timers
     /// (still in the index until due) are left out. Scans at most `10 * limit + 1,000`
-    /// timers per call: page on with [`DelayedPage::next`].
+    /// timers per call (per shard): page on with [`DelayedPage::next`].
     pub async fn delayed(
+        &self,
+        after: Option<TimerKey>,
+        limit: usize,
+        topic: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<DelayedPage> {
+        if !self.inner.sharded() {
+            return self.inner.meta().delayed(after, limit, topic, key).await;
+        }
+        // Each shard's page, merged. A shard with more to scan has looked only up to
+        // its `next`: the merged page holds the timers up to the lowest such point.
+        let limit = limit.clamp(1, 1_000);
+        let mut timers = Vec::new();
+        let mut frontier: Option<TimerKey> = None;
+        for shard in &self.inner.shards {
+            let page = shard.delayed(after, limit, topic, key).await?;
+            if let Some(n) = page.next {
+                frontier = Some(frontier.map_or(n, |f| f.min(n)));
+            }
+            timers.extend(page.timers);
+        }
+        timers.sort_by_key(|t| t.id);
+        if let Some(f) = frontier {
+            timers.retain(|t| t.id <= f);
+        }
+        let more = frontier.is_some() || timers.len() > limit;
+        timers.truncate(limit);
+        let next = match (more, timers.len() == limit) {
+            (false, _) => None,
+            (true, true) => timers.last().map(|t| t.id),
+            (true, false) => frontier,
+        };
+        Ok(DelayedPage { timers, next })
+    }
+
+    /// Cancel one pending timer by its id: the delayed message is never delivered.
+    /// Whether it was pending.
+    pub async fn cancel_delayed(&self, id: TimerKey) -> Result<bool> {
+        for shard in &self.inner.shards {
+            if shard.cancel_delayed(id).await? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Cancel every pending delayed message published to `topic` (its address: MQTT
+    /// topic, AMQP exchange) with key `key`; how many were pending.
+    pub async fn cancel_delayed_by_key(&self, topic: &str, key: &str) -> Result<u64> {
+        let mut n = 0;
+        for shard in &self.inner.shards {
+            n += shard.cancel_delayed_by_key(topic, key).await?;
+        }
+        Ok(n)
+    }
+
+    /// Delayed messages still pending.
+    pub fn delayed_pending(&self) -> u64 {
+        self.inner
+            .shards
+            .iter()
+            .map(|s| s.store.stats().timers)
+            .sum()
+    }
+
+    /// Delayed messages released so far by this process.
+    pub fn delayed_released(&self) -> u64 {
+        self.inner
+            .shards
+            .iter()
+            .map(|s| s.delay.released.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+impl ShardCore {
+    /// Pending timers in due order, after `after`, at most `limit` of them, only those
+    /// whose message has address `topic` and/or key `key` when given. Cancelled timers
+    /// (still in the index until due) are left out. Scans at most `10 * limit + 1,000`
+    /// timers per call: page on with [`DelayedPage::next`].
+    pub(crate) async fn delayed(
         &self,
         after: Option<TimerKey>,
         limit: usize,
@@ -382,7 +464,7 @@ impl Broker {
     ) -> Result<DelayedPage> {
         let limit = limit.clamp(1, 1_000);
         let budget = 10 * limit + 1_000;
-        let store = &self.inner.store;
+        let store = &self.store;
         let mut page = DelayedPage::default();
         let mut cursor = after;
         let mut scanned = 0;
@@ -405,7 +487,7 @@ impl Broker {
                 }
                 let kind = match &t.name {
                     Some((name, generation)) => {
-                        if !self.inner.is_current(name, *generation).await? {
+                        if !self.is_current(name, *generation).await? {
                             continue;
                         }
                         if name.starts_with(DELAYED_PREFIX) {
@@ -441,8 +523,8 @@ impl Broker {
 
     /// Cancel one pending timer by its id: the delayed message is never delivered.
     /// Whether it was pending.
-    pub async fn cancel_delayed(&self, id: TimerKey) -> Result<bool> {
-        let inner = &self.inner;
+    pub(crate) async fn cancel_delayed(&self, id: TimerKey) -> Result<bool> {
+        let inner = self;
         // Held against the scheduler: a cancel that returns true did stop its timer.
         let _named = inner.delay.named.lock().await;
         let before = if id.seq > 0 {
@@ -480,8 +562,8 @@ impl Broker {
 
     /// Cancel every pending delayed message published to `topic` (its address: MQTT
     /// topic, AMQP exchange) with key `key`; how many were pending.
-    pub async fn cancel_delayed_by_key(&self, topic: &str, key: &str) -> Result<u64> {
-        let inner = &self.inner;
+    pub(crate) async fn cancel_delayed_by_key(&self, topic: &str, key: &str) -> Result<u64> {
+        let inner = self;
         let _named = inner.delay.named.lock().await;
         let prefix = delayed_key_prefix(topic, key);
         let mut cancelled = 0;
@@ -515,18 +597,6 @@ impl Broker {
         }
     }
 
-    /// Delayed messages still pending.
-    pub fn delayed_pending(&self) -> u64 {
-        self.inner.store.stats().timers
-    }
-
-    /// Delayed messages released so far by this process.
-    pub fn delayed_released(&self) -> u64 {
-        self.inner.delay.released.load(Ordering::Relaxed)
-    }
-}
-
-impl ShardCore {
     /// A timer due at `due` was written: the scheduler may have to wake earlier.
     pub(crate) fn timer_added(&self, due: Millis) {
         self.delay.rewind.fetch_min(due, Ordering::AcqRel);
@@ -633,20 +703,21 @@ impl ShardCore {
                 batch.kv_delete(NS_SCHEDULED, name.into_bytes());
             }
             message.deliver_at = Some(key.due);
-            let queues = match self.resolve(&route, &message).await {
+            let (queues, remote) = match self.resolve(&route, &message).await {
                 Ok(q) => q,
                 Err(e) => {
                     tracing::warn!(timer = ?key, error = %e, "core: delayed message has nowhere to go");
-                    Vec::new()
+                    Default::default()
                 }
             };
             for q in &queues {
                 woken.push(q.topic.clone());
             }
+            woken.extend(remote.values().flatten().cloned());
             if let Some(topic) = retain {
                 staged.extend(self.retained.stage(&topic, &message, &mut batch));
             }
-            batch.append(message, queues);
+            crate::outbox::stage(&mut batch, message, queues, &remote);
             count += 1;
         }
         self.store.write(batch).await?;
@@ -663,7 +734,13 @@ impl ShardCore {
         Ok((count, last))
     }
 
-    async fn resolve(&self, route: &Route, message: &Message) -> Result<Vec<QueueRef>> {
+    /// Where a released message goes: queues of this shard, and topics of others
+    /// (reached through this shard's outboxes).
+    async fn resolve(
+        &self,
+        route: &Route,
+        message: &Message,
+    ) -> Result<(Vec<QueueRef>, crate::publish::Remote)> {
         match route {
             Route::Topic {
                 topic,
@@ -675,7 +752,7 @@ impl ShardCore {
                     queue.filter(|q| *q < h.queue_count()),
                     sharding_key.as_deref(),
                 )?;
-                Ok(vec![QueueRef::new(topic.clone(), q)])
+                Ok((vec![QueueRef::new(topic.clone(), q)], Default::default()))
             }
             Route::Exchange {
                 vhost,
@@ -684,12 +761,13 @@ impl ShardCore {
                 headers,
             } => {
                 let routed = self.router.route(vhost, exchange, key, headers)?;
-                let mut out = Vec::with_capacity(routed.topics.len());
-                for t in routed.topics {
+                let (local, remote) = self.split_topics(routed.topics);
+                let mut out = Vec::with_capacity(local.len());
+                for t in local {
                     let h = self.topic_handle(&t).await?;
                     out.push(QueueRef::new(t, h.select_for(message)?));
                 }
-                Ok(out)
+                Ok((out, remote))
             }
         }
     }

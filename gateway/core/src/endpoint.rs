@@ -184,13 +184,15 @@ pub(crate) async fn stage(
         }
         Err(e) => return Err(e),
     };
-    let mut queues = Vec::with_capacity(routed.topics.len());
-    for t in &routed.topics {
+    // Queues of other shards get it through this shard's outboxes (woken: forwarded).
+    let (local, remote) = inner.split_topics(routed.topics.clone());
+    let mut queues = Vec::with_capacity(local.len());
+    for t in &local {
         let h = inner.topic_handle(t).await?;
         queues.push(QueueRef::new(t.clone(), h.select_for(&copy)?));
     }
-    if !queues.is_empty() {
-        batch.append(copy, queues);
+    if !queues.is_empty() || !remote.is_empty() {
+        crate::outbox::stage(batch, copy, queues, &remote);
     }
     Ok(routed.topics)
 }
@@ -207,14 +209,29 @@ impl crate::Broker {
         records: crate::Records,
     ) -> Result<()> {
         self.create_topic(topic, Some(queues)).await?;
+        let shard = self.inner.of_topic(topic);
+        self.inner.placement.group_is_in(group, shard.id);
         let mut batch = WriteBatch::new();
         for q in 0..queues {
             let queue = QueueRef::new(topic.clone(), q);
-            let start = self.inner.store.queue_range(&queue)?.next;
+            let start = shard.store.queue_range(&queue)?.next;
             batch.commit_offset(group.clone(), queue, start);
         }
-        records.apply(&mut batch);
-        self.inner.store.write(batch).await?;
+        // The records live with the topic, in the same write; a key some other shard
+        // already holds stays there (written after this batch).
+        let mut here = crate::Records::new();
+        let mut elsewhere = crate::Records::new();
+        for (ns, key, value) in records.into_ops() {
+            match self.record_shard(&ns, &key).await? {
+                Some(at) if at != shard.id => elsewhere.push_op(ns, key, value),
+                _ => here.push_op(ns, key, value),
+            }
+        }
+        here.apply(&mut batch);
+        shard.store.write(batch).await?;
+        if !elsewhere.is_empty() {
+            self.write_records(elsewhere).await?;
+        }
         Ok(())
     }
 

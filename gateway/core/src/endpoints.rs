@@ -97,12 +97,12 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(events: broadcast::Sender<EndpointEvent>) -> Self {
         Self {
             map: Mutex::default(),
             limited: RwLock::default(),
             any_limited: AtomicBool::new(false),
-            events: broadcast::channel(1024).0,
+            events,
             settled: tokio::sync::Notify::new(),
         }
     }
@@ -184,16 +184,21 @@ impl crate::Broker {
     ) {
         let endpoint = endpoint.into();
         let now = self.now();
-        let mut map = self.inner.endpoints.map.lock();
+        let id = self
+            .inner
+            .placement
+            .place_group(&endpoint.spec.name, &endpoint.spec.topics);
+        let registry = &self.inner.shard(id).endpoints;
+        let mut map = registry.map.lock();
         if map.get(&endpoint.spec.name).is_some_and(|e| e.expiring) {
             // Being deleted: a registration after the deletion (a redeclare) makes a new one.
             return;
         }
         let users = map.get(&endpoint.spec.name).map_or(0, |e| e.users);
         if let Some(old) = map.get(&endpoint.spec.name) {
-            self.inner.endpoints.unlimit(&old.endpoint.spec);
+            registry.unlimit(&old.endpoint.spec);
         }
-        self.inner.endpoints.limit(&endpoint.spec);
+        registry.limit(&endpoint.spec);
         map.insert(
             endpoint.spec.name.clone(),
             Entry {
@@ -212,20 +217,21 @@ impl crate::Broker {
 
     /// Stop managing an endpoint (it is not deleted).
     pub fn forget_endpoint(&self, group: &GroupName) {
-        self.inner.endpoints.forget(group);
+        self.inner.of_group(group).endpoints.forget(group);
     }
 
     /// Take an endpoint back from the core's management (an MQTT client reconnecting to
     /// its session): waits while the sweep is deleting it, so the caller then sees it
     /// either whole or gone, never half deleted.
     pub async fn claim_endpoint(&self, group: &GroupName) {
-        self.inner.endpoints.settled(group).await;
-        self.inner.endpoints.forget(group);
+        let registry = &self.inner.of_group(group).endpoints;
+        registry.settled(group).await;
+        registry.forget(group);
     }
 
     /// Wait until the sweep is not deleting `group` (it is then whole or gone).
     pub async fn endpoint_settled(&self, group: &GroupName) {
-        self.inner.endpoints.settled(group).await;
+        self.inner.of_group(group).endpoints.settled(group).await;
     }
 
     /// One more (`true`) or one fewer (`false`) user of an endpoint: a consumer, a
@@ -233,7 +239,14 @@ impl crate::Broker {
     /// refused because the sweep is deleting the endpoint (the caller treats it as gone).
     pub fn endpoint_in_use(&self, group: &GroupName, in_use: bool) -> bool {
         let now = self.now();
-        if let Some(e) = self.inner.endpoints.map.lock().get_mut(group) {
+        if let Some(e) = self
+            .inner
+            .of_group(group)
+            .endpoints
+            .map
+            .lock()
+            .get_mut(group)
+        {
             if in_use {
                 if e.expiring {
                     return false;
@@ -253,6 +266,7 @@ impl crate::Broker {
     /// it is in use or not managed.
     pub fn endpoint_idle_since(&self, group: &GroupName) -> Option<Millis> {
         self.inner
+            .of_group(group)
             .endpoints
             .map
             .lock()
@@ -265,7 +279,14 @@ impl crate::Broker {
     /// the sweep is deleting it (the caller treats it as gone).
     pub fn touch_endpoint(&self, group: &GroupName) -> bool {
         let now = self.now();
-        if let Some(e) = self.inner.endpoints.map.lock().get_mut(group) {
+        if let Some(e) = self
+            .inner
+            .of_group(group)
+            .endpoints
+            .map
+            .lock()
+            .get_mut(group)
+        {
             if e.expiring {
                 return false;
             }
@@ -276,13 +297,15 @@ impl crate::Broker {
 
     /// What the core does to endpoints on its own (expiry), for adapters to follow.
     pub fn endpoint_events(&self) -> broadcast::Receiver<EndpointEvent> {
-        self.inner.endpoints.events.subscribe()
+        self.inner.endpoint_events.subscribe()
     }
 
     /// Sweep the registered endpoints now (the core does it every `expiry_interval`):
     /// expired messages at their heads, endpoints unused for their `idle_expiry`.
     pub async fn expire_endpoints(&self) {
-        self.inner.expire_endpoints().await;
+        for shard in &self.inner.shards {
+            shard.expire_endpoints().await;
+        }
     }
 }
 
@@ -325,15 +348,15 @@ impl ShardCore {
                 })
                 .collect()
         };
-        let broker = crate::Broker {
-            inner: Arc::clone(self),
+        let Some(broker) = self.broker() else {
+            return;
         };
         for ep in expired {
             tracing::info!(group = %ep.spec.name, "core: endpoint unused for its expiry; deleted");
             let mut records = Vec::with_capacity(ep.records.len());
             let mut delete = Records::new();
             for (ns, key) in &ep.records {
-                let value = match self.store.kv_get(ns, key).await {
+                let value = match broker.record(ns, key).await {
                     Ok(v) => v,
                     Err(e) => {
                         tracing::warn!(group = %ep.spec.name, error = %e, "core: reading an expired endpoint's record");

@@ -18,22 +18,46 @@ use crate::publish::Records;
 impl Broker {
     /// The store's counters.
     pub fn store_stats(&self) -> StoreStats {
-        self.inner.store.stats()
+        let mut total = StoreStats::default();
+        for s in &self.inner.shards {
+            let st = s.store.stats();
+            total.messages += st.messages;
+            total.log_bytes += st.log_bytes;
+            total.timers += st.timers;
+            total.topics += st.topics;
+        }
+        if self.inner.sharded() {
+            // The outbox topics are the broker's own.
+            total.topics = self.topics().len() as u64;
+        }
+        total
     }
 
-    /// Whether the store takes writes now, and its last degraded period.
+    /// Whether the store takes writes now, and its last degraded period (a sharded
+    /// broker: the first shard that is degraded, errors summed).
     pub fn store_health(&self) -> StoreHealth {
-        self.inner.store.health()
+        let mut out = self.inner.meta().store.health();
+        for s in self.inner.shards.iter().skip(1) {
+            let h = s.store.health();
+            out.errors += h.errors;
+            if out.degraded.is_none() {
+                out.degraded = h.degraded;
+            }
+            if out.last_degraded.is_none() {
+                out.last_degraded = h.last_degraded;
+            }
+        }
+        out
     }
 
     /// A topic's configuration, if it exists.
     pub fn topic(&self, name: &TopicName) -> Option<TopicConfig> {
-        self.inner.store.topic(name)
+        self.inner.of_topic(name).store.topic(name)
     }
 
     /// The offsets a queue holds (`min..next`).
     pub fn queue_range(&self, queue: &QueueRef) -> Result<OffsetRange> {
-        Ok(self.inner.store.queue_range(queue)?)
+        Ok(self.inner.of_topic(&queue.topic).store.queue_range(queue)?)
     }
 
     /// Read a page of a queue without consuming it.
@@ -43,12 +67,21 @@ impl Broker {
         from: QueueOffset,
         limits: ReadLimits,
     ) -> Result<Vec<QueueMessage>> {
-        Ok(self.inner.store.read(queue, from, limits).await?)
+        Ok(self
+            .inner
+            .of_topic(&queue.topic)
+            .store
+            .read(queue, from, limits)
+            .await?)
     }
 
     /// A message by id, while retention keeps it.
     pub async fn message(&self, id: MessageId) -> Result<Option<Arc<StoredMessage>>> {
-        Ok(self.inner.store.message(id).await?)
+        let shard = crate::shard::shard_of_id(id.0);
+        match self.inner.shards.get(usize::from(shard)) {
+            Some(s) => Ok(s.store.message(id).await?),
+            None => Ok(None),
+        }
     }
 
     /// Messages published to `topic` with `key` among their keys, oldest first.
@@ -58,12 +91,35 @@ impl Broker {
         key: &str,
         limit: usize,
     ) -> Result<Vec<Arc<StoredMessage>>> {
-        Ok(self.inner.store.messages_by_key(topic, key, limit).await?)
+        Ok(self
+            .inner
+            .of_topic(topic)
+            .store
+            .messages_by_key(topic, key, limit)
+            .await?)
     }
 
     /// An endpoint record.
     pub async fn record(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>> {
-        Ok(self.inner.store.kv_get(namespace, key).await?)
+        for s in &self.inner.shards {
+            if let Some(v) = s.store.kv_get(namespace, key).await? {
+                return Ok(Some(v));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The shard holding record `key` of `namespace`, if any.
+    pub(crate) async fn record_shard(&self, namespace: &str, key: &[u8]) -> Result<Option<u16>> {
+        if !self.inner.sharded() {
+            return Ok(None);
+        }
+        for s in &self.inner.shards {
+            if s.store.kv_get(namespace, key).await?.is_some() {
+                return Ok(Some(s.id));
+            }
+        }
+        Ok(None)
     }
 
     /// Endpoint records of `namespace` whose key starts with `prefix`, in key order, at
@@ -75,11 +131,23 @@ impl Broker {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Bytes, Bytes)>> {
-        Ok(self
-            .inner
-            .store
-            .kv_scan(namespace, prefix, after, limit)
-            .await?)
+        if !self.inner.sharded() {
+            return Ok(self
+                .inner
+                .meta()
+                .store
+                .kv_scan(namespace, prefix, after, limit)
+                .await?);
+        }
+        // Each shard's first `limit` after `after`, merged: the first `limit` overall.
+        let mut all = Vec::new();
+        for s in &self.inner.shards {
+            all.extend(s.store.kv_scan(namespace, prefix, after, limit).await?);
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all.dedup_by(|a, b| a.0 == b.0);
+        all.truncate(limit);
+        Ok(all)
     }
 
     /// Write endpoint records (one atomic batch, durable when it returns).
@@ -87,9 +155,24 @@ impl Broker {
         if records.is_empty() {
             return Ok(());
         }
-        let mut batch = mqgate_store::WriteBatch::new();
-        records.apply(&mut batch);
-        self.inner.store.write(batch).await?;
+        if !self.inner.sharded() {
+            let mut batch = mqgate_store::WriteBatch::new();
+            records.apply(&mut batch);
+            self.inner.meta().store.write(batch).await?;
+            return Ok(());
+        }
+        // Each change goes where its key is (an endpoint's records live with its
+        // topic), a new key to shard 0; one atomic write per shard.
+        let mut parts: std::collections::BTreeMap<u16, Records> = Default::default();
+        for (ns, key, op) in records.into_ops() {
+            let at = self.record_shard(&ns, &key).await?.unwrap_or(0);
+            parts.entry(at).or_default().push_op(ns, key, op);
+        }
+        for (at, part) in parts {
+            let mut batch = mqgate_store::WriteBatch::new();
+            part.apply(&mut batch);
+            self.inner.shard(at).store.write(batch).await?;
+        }
         Ok(())
     }
 }

@@ -32,6 +32,7 @@ pub mod publish;
 pub mod retained;
 pub mod retry;
 pub mod router;
+pub mod shard;
 pub mod sockio;
 mod topics;
 pub mod trie;

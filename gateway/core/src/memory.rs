@@ -9,7 +9,7 @@ use std::sync::Weak;
 
 use tokio::sync::watch;
 
-use crate::broker::{Broker, ShardCore};
+use crate::broker::{Broker, Common};
 
 /// The watermark's state, owned by the core.
 #[derive(Debug)]
@@ -71,7 +71,7 @@ impl MemoryWatermark {
 }
 
 /// Check the watermark every `memory_check_interval` until the core stops.
-pub(crate) async fn run(inner: Weak<ShardCore>) {
+pub(crate) async fn run(inner: Weak<Common>) {
     let Some(interval) = inner.upgrade().map(|i| i.config.memory_check_interval) else {
         return;
     };

@@ -51,6 +51,33 @@ pub fn outbox_topic(dest: ShardId) -> TopicName {
     TopicName::new(format!("%OUTBOX%{dest:03}")).expect("a valid topic name")
 }
 
+/// The destination shard of an outbox topic.
+pub fn outbox_dest(topic: &TopicName) -> Option<ShardId> {
+    topic.as_str().strip_prefix("%OUTBOX%")?.parse().ok()
+}
+
+/// A stored message's queue offsets split into its own queues and the topics it was
+/// forwarded to (the [`PROP_FORWARD`] plan is not at hand here: the outbox entries
+/// stand for their shards, named `%OUTBOX%<shard>`).
+pub(crate) fn split_offsets(
+    offsets: Vec<(QueueRef, QueueOffset)>,
+) -> (Vec<(QueueRef, QueueOffset)>, Vec<TopicName>) {
+    if !offsets.iter().any(|(q, _)| is_outbox(&q.topic)) {
+        return (offsets, Vec::new());
+    }
+    let (fwd, own): (Vec<_>, Vec<_>) = offsets.into_iter().partition(|(q, _)| is_outbox(&q.topic));
+    (own, fwd.into_iter().map(|(q, _)| q.topic).collect())
+}
+
+/// Whether `topic` is an outbox (the broker's own, not listed to users).
+pub fn is_outbox(topic: &TopicName) -> bool {
+    topic.as_str().starts_with("%OUTBOX%")
+}
+
+pub(crate) fn outbox_ref(dest: ShardId) -> QueueRef {
+    outbox_queue(dest)
+}
+
 fn outbox_queue(dest: ShardId) -> QueueRef {
     QueueRef::new(outbox_topic(dest), 0)
 }
@@ -219,18 +246,29 @@ impl Inbox {
     /// rest appended to their topics here (a topic this shard does not have is skipped
     /// and logged: its endpoint was deleted), with the new mark, in one batch.
     pub async fn apply(&self, req: ForwardReq) -> Result<ForwardReply> {
+        Ok(self.apply_touched(req).await?.0)
+    }
+
+    /// This shard's mark for `source`: the next outbox offset of it to apply.
+    pub async fn next_for(&self, source: ShardId) -> Result<u64> {
+        self.mark(source).await
+    }
+
+    /// [`Inbox::apply`], also naming the topics it appended to (to wake their readers).
+    pub async fn apply_touched(&self, req: ForwardReq) -> Result<(ForwardReply, Vec<TopicName>)> {
         let lock = Arc::clone(self.locks.lock().entry(req.source).or_default());
         let _held = lock.lock().await;
         let next = self.mark(req.source).await?;
         if req.first > next {
-            return Ok(ForwardReply { next, applied: 0 });
+            return Ok((ForwardReply { next, applied: 0 }, Vec::new()));
         }
         let skip = (next - req.first) as usize;
         if skip >= req.entries.len() {
-            return Ok(ForwardReply { next, applied: 0 });
+            return Ok((ForwardReply { next, applied: 0 }, Vec::new()));
         }
         let mut batch = WriteBatch::new();
         let mut applied = 0;
+        let mut touched: Vec<TopicName> = Vec::new();
         for stored in &req.entries[skip..] {
             let mut m = stored.message.clone();
             let Some(fwd) = crate::props::get(&m.properties, PROP_FORWARD) else {
@@ -245,10 +283,15 @@ impl Inbox {
             let mut queues = Vec::with_capacity(topics.len());
             for t in topics {
                 match self.store.topic(&t) {
-                    Some(cfg) => queues.push(QueueRef::new(
-                        t,
-                        crate::topics::queue_for(&m, cfg.queue_count),
-                    )),
+                    Some(cfg) => {
+                        if !touched.contains(&t) {
+                            touched.push(t.clone());
+                        }
+                        queues.push(QueueRef::new(
+                            t,
+                            crate::topics::queue_for(&m, cfg.queue_count),
+                        ))
+                    }
                     None => tracing::warn!(
                         shard = self.shard,
                         source = req.source,
@@ -269,7 +312,7 @@ impl Inbox {
             Bytes::copy_from_slice(&next.to_be_bytes()),
         );
         self.store.write(batch).await?;
-        Ok(ForwardReply { next, applied })
+        Ok((ForwardReply { next, applied }, touched))
     }
 }
 
@@ -369,6 +412,21 @@ impl Forwarder {
                 let r = self.store.queue_range(&outbox_queue(self.dest))?;
                 if self.target.next(self.home).await? >= r.next.0 {
                     return Ok(total);
+                }
+            }
+        }
+    }
+
+    /// Forward everything there is now; the destination's mark after it (every entry
+    /// below it is applied there).
+    pub async fn drain_to(&self) -> Result<u64> {
+        loop {
+            let n = self.pump().await?;
+            if n == 0 {
+                let r = self.store.queue_range(&outbox_queue(self.dest))?;
+                let mark = self.target.next(self.home).await?;
+                if mark >= r.next.0 {
+                    return Ok(mark);
                 }
             }
         }

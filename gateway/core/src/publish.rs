@@ -72,6 +72,9 @@ pub enum Published {
         offsets: Vec<(QueueRef, QueueOffset)>,
         /// Destinations that refused it: full endpoints with `reject-publish`.
         refused: Vec<TopicName>,
+        /// Destinations in other shards of a sharded broker: stored in this message's
+        /// home shard and forwarded to theirs (each once); empty with one shard.
+        forwarded: Vec<TopicName>,
     },
     /// Stored as a timer; it will be released at `due`.
     Delayed {
@@ -89,7 +92,9 @@ impl Published {
     /// How many queues indexed it (0 when delayed or refused).
     pub fn routed(&self) -> usize {
         match self {
-            Published::Stored { offsets, .. } => offsets.len(),
+            Published::Stored {
+                offsets, forwarded, ..
+            } => offsets.len() + forwarded.len(),
             Published::Delayed { .. } | Published::Refused { .. } => 0,
         }
     }
@@ -207,6 +212,24 @@ impl Records {
         self.ops.is_empty()
     }
 
+    /// The changes: (namespace, key, the new value or `None` to delete).
+    pub(crate) fn into_ops(self) -> Vec<(String, Bytes, Option<Bytes>)> {
+        self.ops
+            .into_iter()
+            .map(|op| match op {
+                RecordOp::Put(ns, k, v) => (ns, k, Some(v)),
+                RecordOp::Delete(ns, k) => (ns, k, None),
+            })
+            .collect()
+    }
+
+    pub(crate) fn push_op(&mut self, ns: String, key: Bytes, value: Option<Bytes>) {
+        self.ops.push(match value {
+            Some(v) => RecordOp::Put(ns, key, v),
+            None => RecordOp::Delete(ns, key),
+        });
+    }
+
     /// Add every change to `batch`.
     pub(crate) fn apply(self, batch: &mut WriteBatch) {
         for op in self.ops {
@@ -270,6 +293,9 @@ struct Part<'a> {
     published: Vec<(TopicName, String)>,
     retained: Vec<crate::retained::Staged<'a>>,
     earliest_timer: Option<u64>,
+    /// Shards this part stages outbox entries for (their forwarders are kicked once
+    /// it is written).
+    forwards: Vec<crate::shard::ShardId>,
 }
 
 impl Part<'_> {
@@ -285,25 +311,48 @@ impl Part<'_> {
             published: Vec::new(),
             retained: Vec::new(),
             earliest_timer: None,
+            forwards: Vec::new(),
+        }
+    }
+
+    /// Append `message` into `queues` here and into `remote`'s shards (through this
+    /// shard's outboxes).
+    fn append(&mut self, message: Message, queues: Vec<QueueRef>, remote: &Remote) {
+        if remote.is_empty() {
+            self.batch.append(message, queues);
+        } else {
+            for d in remote.keys() {
+                if !self.forwards.contains(d) {
+                    self.forwards.push(*d);
+                }
+            }
+            crate::outbox::stage(&mut self.batch, message, queues, remote);
         }
     }
 }
 
-impl ShardCore {
-    /// [`Broker::publish_batch`](crate::Broker::publish_batch). Items are staged into
-    /// one part, written once; an item routed to an endpoint with a length limit ends
-    /// the part (written first, so the limit counts it) and is written on its own.
-    pub(crate) async fn publish_batch(
-        self: &Arc<Self>,
-        b: PublishBatch,
-    ) -> Result<Vec<Option<Published>>> {
-        self.publish_submit(b).await?.await
-    }
+/// Destinations of a message in other shards (shard -> its topics).
+pub(crate) type Remote = std::collections::BTreeMap<crate::shard::ShardId, Vec<TopicName>>;
 
-    /// [`Broker::publish_submit`](crate::Broker::publish_submit): everything up to the
-    /// store write's queueing happens here; the rest (waking the destinations, counting,
+impl ShardCore {
+    /// [`Broker::publish_submit`](crate::Broker::publish_submit) in one shard. Items
+    /// are staged into one part, written once; an item routed to an endpoint with a
+    /// length limit ends the part (written first, so the limit counts it) and is
+    /// written on its own. Everything up to the store write's queueing happens here;
+    /// the rest (waking the destinations, counting,
     /// flow control) in the returned [`Submitted`].
     pub(crate) async fn publish_submit(self: &Arc<Self>, b: PublishBatch) -> Result<Submitted> {
+        self.submit_planned(b, Vec::new()).await
+    }
+
+    /// [`ShardCore::publish_submit`] with, per item, its destinations in other shards
+    /// (`remotes[i]`; missing: none): stored here once, with an outbox entry per shard.
+    pub(crate) async fn submit_planned(
+        self: &Arc<Self>,
+        b: PublishBatch,
+        remotes: Vec<Remote>,
+    ) -> Result<Submitted> {
+        let mut remotes = remotes.into_iter();
         let PublishBatch {
             items,
             records,
@@ -320,6 +369,7 @@ impl ShardCore {
             retain,
         } in items
         {
+            let remote = remotes.next().unwrap_or_default();
             self.stamp(&mut message);
             if let Some(due) = self.due(delay) {
                 let route = match to {
@@ -437,8 +487,10 @@ impl ShardCore {
                 let done = std::mem::replace(&mut part, Part::new(durable));
                 answers.extend(self.write_part(done).await?);
                 answers.push(
-                    self.publish_limited(message, queues, touched, retain, &limited, durable)
-                        .await?,
+                    self.publish_limited(
+                        message, queues, &remote, touched, retain, &limited, durable,
+                    )
+                    .await?,
                 );
                 continue;
             }
@@ -446,14 +498,14 @@ impl ShardCore {
                 part.retained
                     .extend(self.retained.stage(topic, &message, &mut part.batch));
             }
-            if queues.is_empty() {
+            if queues.is_empty() && remote.is_empty() {
                 part.staged.push(Staged::Skipped);
                 continue;
             }
             part.touched.extend(touched);
             part.published
                 .push((message.topic.clone(), message.producer_group.clone()));
-            part.batch.append(message, queues);
+            part.append(message, queues, &remote);
             part.staged.push(Staged::Appended);
         }
         if !part.retained.is_empty() {
@@ -543,6 +595,7 @@ impl ShardCore {
             published,
             retained,
             earliest_timer,
+            forwards,
         } = part;
         debug_assert!(retained.is_empty());
         drop(retained);
@@ -559,6 +612,9 @@ impl ShardCore {
         let inner = Arc::clone(self);
         Ok(Box::pin(async move {
             let receipt = write.await?;
+            for d in forwards {
+                inner.routes[usize::from(d)].kick.notify_one();
+            }
             Ok(inner.written(receipt, staged, &published, earliest_timer))
         }))
     }
@@ -581,10 +637,14 @@ impl ShardCore {
             .into_iter()
             .map(|s| match s {
                 Staged::Skipped => None,
-                Staged::Appended => appended.next().map(|a| Published::Stored {
-                    id: a.id,
-                    offsets: a.offsets,
-                    refused: Vec::new(),
+                Staged::Appended => appended.next().map(|a| {
+                    let (offsets, forwarded) = crate::outbox::split_offsets(a.offsets);
+                    Published::Stored {
+                        id: a.id,
+                        offsets,
+                        refused: Vec::new(),
+                        forwarded,
+                    }
                 }),
                 Staged::Timer => timers.next().map(|timer| Published::Delayed { timer }),
             })
@@ -594,10 +654,12 @@ impl ShardCore {
     /// A message routed to endpoints with length limits, stored on its own: full
     /// `reject-publish` endpoints are left out (and named in the answer), `drop-head`
     /// ones are trimmed after the write.
+    #[allow(clippy::too_many_arguments)]
     async fn publish_limited(
         self: &Arc<Self>,
         message: Message,
         mut queues: Vec<QueueRef>,
+        remote: &Remote,
         mut touched: Vec<Arc<TopicHandle>>,
         retain: Option<String>,
         limited: &[crate::GroupSpec],
@@ -637,13 +699,13 @@ impl ShardCore {
             size: 0,
             message: message.clone(),
         });
-        let stored = !queues.is_empty();
+        let stored = !queues.is_empty() || !remote.is_empty();
         if stored {
             // The message's own append first: the answer describes it, not a copy.
             part.touched = touched;
             part.published
                 .push((message.topic.clone(), message.producer_group.clone()));
-            part.batch.append(message, queues);
+            part.append(message, queues, remote);
             part.staged.push(Staged::Appended);
         }
         let mut dead_woken = Vec::new();
@@ -727,6 +789,10 @@ type PartWrite = std::pin::Pin<
 pub struct Submitted(PartWrite);
 
 impl Submitted {
+    pub(crate) fn boxed(f: PartWrite) -> Self {
+        Self(f)
+    }
+
     fn ready(r: Result<Vec<Option<Published>>>) -> Self {
         Self(Box::pin(std::future::ready(r)))
     }
@@ -840,6 +906,7 @@ impl crate::Broker {
                 id: MessageId(0),
                 offsets: Vec::new(),
                 refused: Vec::new(),
+                forwarded: Vec::new(),
             }))
     }
 }
@@ -884,7 +951,7 @@ impl ShardCore {
 /// (in a `select!`) and acknowledges each batch only then. Each batch carries the
 /// caller's `T` (what to acknowledge).
 pub struct Pipeline<T> {
-    inner: Arc<ShardCore>,
+    inner: Arc<crate::broker::ShardSet>,
     depth: usize,
     inflight: std::collections::VecDeque<(T, Submitted)>,
 }
@@ -914,7 +981,8 @@ impl<T> Pipeline<T> {
     /// exists (its check counts what is stored, so earlier writes land first).
     pub fn must_drain(&self) -> bool {
         !self.inflight.is_empty()
-            && (self.inflight.len() >= self.depth || self.inner.endpoints.any_limited())
+            && (self.inflight.len() >= self.depth
+                || self.inner.shards.iter().any(|s| s.endpoints.any_limited()))
     }
 
     /// Route and queue `batch` for its store write, behind the batches already in

@@ -172,19 +172,35 @@ impl Broker {
         name: &TopicName,
         queue_count: Option<u32>,
     ) -> Result<TopicConfig> {
-        self.inner.create_topic(name, queue_count).await
+        self.inner
+            .of_topic(name)
+            .create_topic(name, queue_count)
+            .await
     }
 
     /// Delete a topic: its queues, and every group's offsets on it.
     pub async fn delete_topic(&self, name: &TopicName) -> Result<bool> {
-        let existed = self.inner.store.delete_topic(name).await?;
-        self.inner.topics.write().remove(name);
+        let shard = self.inner.of_topic(name);
+        let existed = shard.store.delete_topic(name).await?;
+        shard.topics.write().remove(name);
+        self.inner.placement.topic_gone(name);
         Ok(existed)
     }
 
     /// Every topic.
     pub fn topics(&self) -> Vec<TopicConfig> {
-        self.inner.store.topics()
+        if !self.inner.sharded() {
+            return self.inner.meta().store.topics();
+        }
+        let mut all: Vec<TopicConfig> = self
+            .inner
+            .shards
+            .iter()
+            .flat_map(|s| s.store.topics())
+            .filter(|t| !crate::outbox::is_outbox(&t.name))
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 
     /// Messages published per (address, producer group) since the broker started,
@@ -216,6 +232,7 @@ impl ShardCore {
     ) -> Result<TopicConfig> {
         let count = queue_count.unwrap_or(self.config.default_queue_count);
         let cfg = self.store.create_topic(name, count).await?;
+        self.placement.topic_is_in(name, self.id);
         let mut topics = self.topics.write();
         match topics.get(name) {
             Some(h) => h.queue_count.store(cfg.queue_count, Ordering::Release),
@@ -251,9 +268,37 @@ impl ShardCore {
             .ok_or_else(|| CoreError::NoSuchTopic(name.to_string()))
     }
 
+    /// Wake the groups consuming `topic` after a write that reached it; a topic of
+    /// another shard (reached through an outbox) kicks the forwarder to that shard.
     pub(crate) fn wake_topic(&self, topic: &TopicName) {
         if let Some(h) = self.topics.read().get(topic) {
             h.wake();
+            return;
         }
+        if self.routes.len() > 1 {
+            let s = self.placement.topic(topic);
+            if s != self.id {
+                self.routes[usize::from(s)].kick.notify_one();
+            }
+        }
+    }
+
+    /// Routed `topics` split into this shard's and the other shards'.
+    pub(crate) fn split_topics(
+        &self,
+        topics: Vec<TopicName>,
+    ) -> (Vec<TopicName>, crate::publish::Remote) {
+        let mut remote = crate::publish::Remote::new();
+        if self.routes.len() <= 1 {
+            return (topics, remote);
+        }
+        let mut local = Vec::with_capacity(topics.len());
+        for t in topics {
+            match self.placement.topic(&t) {
+                s if s == self.id => local.push(t),
+                s => remote.entry(s).or_default().push(t),
+            }
+        }
+        (local, remote)
     }
 }

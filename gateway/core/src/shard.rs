@@ -1,0 +1,478 @@
+//! Several shards in one gateway (issue 16, `docs/design/sharding.md` section 2).
+//!
+//! A sharded broker holds one [`ShardCore`] per shard, each over its own store. Where
+//! things live:
+//!
+//! - a topic: the shard [`shard_of`] its name proposes, unless the topic already
+//!   exists in another shard (each shard's store lists its own topics; the placement
+//!   remembers them), so a topic never moves;
+//! - a consumer group: the shard of its first topic; its `%RETRY%` and `%DLQ%` topics
+//!   follow it (they are created by the group, in its shard);
+//! - routing state (vhosts, exchanges, durable bindings), retained messages, named
+//!   timers and records that no endpoint anchors: shard 0, the gateway's *meta* shard;
+//! - an endpoint's records: with its topic (one write with its group's offsets).
+//!
+//! A publish whose destinations lie in several shards commits in one of them (its
+//! home) with an outbox entry per other destination shard (`outbox.rs`); the
+//! forwarder tasks here move those entries to each destination's inbox, exactly once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mqgate_store::{GroupName, TopicName};
+use parking_lot::RwLock;
+use tokio::sync::{watch, Notify};
+
+use crate::broker::{ShardCore, ShardSet};
+use crate::error::Result;
+pub use crate::outbox::ShardId;
+use crate::outbox::{ForwardReply, ForwardReq, ForwardTarget, Forwarder, Inbox};
+use crate::publish::{Destination, Outgoing, PublishBatch, Published, Remote, Submitted};
+
+/// The most shards a broker may have: message ids name their shard in their top bits
+/// (`shard << 44`) and stay below 2^53 for JSON clients.
+pub const MAX_SHARDS: u16 = 512;
+
+/// The bit position of the shard in a message id (`RocksConfig::id_base`).
+pub const ID_SHARD_SHIFT: u32 = 44;
+
+/// FNV-1a (64-bit): stable across builds and platforms, unlike std's hasher.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// SplitMix64's finaliser: spreads FNV's weak low bits over the whole word, so that
+/// `% shards` and score comparisons see well-mixed values.
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The shard a new topic named `topic` goes to, among `shards` (1..=MAX_SHARDS):
+/// `splitmix64(fnv1a(topic)) % shards`.
+pub fn shard_of(topic: &str, shards: u16) -> ShardId {
+    assert!(
+        (1..=MAX_SHARDS).contains(&shards),
+        "a broker has 1..={MAX_SHARDS} shards, not {shards}"
+    );
+    (splitmix64(fnv1a(topic.as_bytes())) % u64::from(shards)) as ShardId
+}
+
+/// The shard whose store assigned message id `id` (ids start at `shard << 44`).
+pub fn shard_of_id(id: u64) -> ShardId {
+    (id >> ID_SHARD_SHIFT) as ShardId
+}
+
+/// Which shard holds each topic and group of a sharded broker: what the shards' stores
+/// hold, else the hash of the name (a group: the shard of its first topic).
+#[derive(Debug)]
+pub(crate) struct Placement {
+    shards: u16,
+    topics: RwLock<HashMap<TopicName, ShardId>>,
+    groups: RwLock<HashMap<GroupName, ShardId>>,
+}
+
+impl Placement {
+    pub(crate) fn new(shards: u16) -> Self {
+        assert!((1..=MAX_SHARDS).contains(&shards));
+        Self {
+            shards,
+            topics: RwLock::default(),
+            groups: RwLock::default(),
+        }
+    }
+
+    /// The shard of `topic`: where it is, else where it would be created.
+    pub(crate) fn topic(&self, topic: &TopicName) -> ShardId {
+        if self.shards == 1 {
+            return 0;
+        }
+        if let Some(s) = self.topics.read().get(topic) {
+            return *s;
+        }
+        let name = topic.as_str();
+        if let Some(g) = name
+            .strip_prefix("%RETRY%")
+            .or_else(|| name.strip_prefix("%DLQ%"))
+        {
+            return self.group_named(g);
+        }
+        shard_of(name, self.shards)
+    }
+
+    /// The shard of the group named `g` when known; else the shard a topic of that
+    /// name would have (AMQP queues and MQTT sessions name their group as their topic).
+    pub(crate) fn group_named(&self, g: &str) -> ShardId {
+        if self.shards == 1 {
+            return 0;
+        }
+        if let Ok(name) = GroupName::new(g) {
+            if let Some(s) = self.groups.read().get(&name) {
+                return *s;
+            }
+        }
+        match TopicName::new(g) {
+            Ok(t) if self.topics.read().contains_key(&t) => self.topics.read()[&t],
+            _ => shard_of(g, self.shards),
+        }
+    }
+
+    /// The shard of a group.
+    pub(crate) fn group(&self, g: &GroupName) -> ShardId {
+        self.group_named(g.as_str())
+    }
+
+    /// The shard of a group consuming `topics` (its first topic's), recorded.
+    pub(crate) fn place_group(&self, g: &GroupName, topics: &[TopicName]) -> ShardId {
+        if self.shards == 1 {
+            return 0;
+        }
+        if let Some(s) = self.groups.read().get(g) {
+            return *s;
+        }
+        let s = topics
+            .first()
+            .map_or_else(|| self.group(g), |t| self.topic(t));
+        *self.groups.write().entry(g.clone()).or_insert(s)
+    }
+
+    /// `topic` exists in `shard`.
+    pub(crate) fn topic_is_in(&self, topic: &TopicName, shard: ShardId) {
+        if self.shards > 1 {
+            self.topics.write().insert(topic.clone(), shard);
+        }
+    }
+
+    /// `topic` was deleted: a new one of that name goes where the hash says.
+    pub(crate) fn topic_gone(&self, topic: &TopicName) {
+        if self.shards > 1 {
+            self.topics.write().remove(topic);
+        }
+    }
+
+    /// `group` has offsets in `shard`.
+    pub(crate) fn group_is_in(&self, group: &GroupName, shard: ShardId) {
+        if self.shards > 1 {
+            self.groups.write().insert(group.clone(), shard);
+        }
+    }
+
+    /// `group` was deleted.
+    pub(crate) fn group_gone(&self, group: &GroupName) {
+        if self.shards > 1 {
+            self.groups.write().remove(group);
+        }
+    }
+}
+
+/// One forwarding route (home H to destination D) of a sharded broker in one process:
+/// the task's wake-up and D's mark for H as last seen (what a publisher waits on to
+/// keep its order, see `Broker::publish_submit`).
+#[derive(Debug)]
+pub(crate) struct Route {
+    pub(crate) kick: Notify,
+    pub(crate) mark: watch::Sender<u64>,
+}
+
+impl Route {
+    pub(crate) fn new() -> Self {
+        Self {
+            kick: Notify::new(),
+            mark: watch::channel(0).0,
+        }
+    }
+
+    /// Wait until D has applied H's outbox entry at `offset`.
+    pub(crate) async fn applied(&self, offset: u64) {
+        let mut rx = self.mark.subscribe();
+        // The sender lives as long as the broker; a closed channel ends the wait.
+        let _ = rx.wait_for(|m| *m > offset).await;
+    }
+}
+
+/// A destination shard in this process: its inbox, and its core to wake the groups
+/// consuming what was applied.
+struct LocalTarget {
+    inbox: Inbox,
+    dest: Weak<ShardCore>,
+}
+
+#[async_trait]
+impl ForwardTarget for LocalTarget {
+    async fn next(&self, source: ShardId) -> Result<u64> {
+        self.inbox.next_for(source).await
+    }
+
+    async fn apply(&self, req: ForwardReq) -> Result<ForwardReply> {
+        let source = req.source;
+        let (reply, touched) = self.inbox.apply_touched(req).await?;
+        if let Some(d) = self.dest.upgrade() {
+            if reply.applied > 0 {
+                d.forwarded_in
+                    .fetch_add(reply.applied as u64, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(source, dest = d.id, applied = reply.applied, topics = ?touched, "core: forwarded");
+            }
+            for t in &touched {
+                d.wake_topic(t);
+            }
+        }
+        Ok(reply)
+    }
+}
+
+/// Forward home's outbox entries for dest until the broker goes: after every kick
+/// (a write that staged some) and every second (entries left by a failure or by the
+/// previous run of this shard).
+pub(crate) async fn forward(home: Weak<ShardCore>, dest: Weak<ShardCore>, route: Arc<Route>) {
+    let (fwd, home_id, dest_id) = {
+        let (Some(h), Some(d)) = (home.upgrade(), dest.upgrade()) else {
+            return;
+        };
+        let target = Arc::new(LocalTarget {
+            inbox: Inbox::new(d.id, Arc::clone(&d.store)),
+            dest: Arc::downgrade(&d),
+        });
+        (
+            Forwarder::new(h.id, d.id, Arc::clone(&h.store), target),
+            h.id,
+            d.id,
+        )
+    };
+    loop {
+        match fwd.drain_to().await {
+            Ok(mark) => {
+                route.mark.send_if_modified(|m| {
+                    let moved = mark > *m;
+                    *m = (*m).max(mark);
+                    moved
+                });
+            }
+            Err(e) => {
+                if home.strong_count() == 0 {
+                    return;
+                }
+                tracing::warn!(home = home_id, dest = dest_id, error = %e, "core: forwarding failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        }
+        tokio::select! {
+            () = route.kick.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if home.strong_count() == 0 || dest.strong_count() == 0 {
+            return;
+        }
+    }
+}
+
+/// Where one message of a sharded publish goes.
+enum Planned {
+    /// Nowhere (routed to no topic, no retained setting): answered `None`.
+    Nowhere,
+    /// Every destination in one shard (or a timer there): that shard's own path.
+    One(ShardId, Outgoing),
+    /// Destinations in several shards: stored in the home, forwarded to the others.
+    Split(ShardId, Outgoing, Remote),
+}
+
+impl ShardSet {
+    /// [`crate::Broker::publish_batch`].
+    pub(crate) async fn publish_batch(
+        self: &Arc<Self>,
+        b: PublishBatch,
+    ) -> Result<Vec<Option<Published>>> {
+        self.publish_submit(b).await?.await
+    }
+
+    /// [`crate::Broker::publish_submit`]. With one shard: that shard's path. Sharded:
+    /// each message goes to the shard of its destinations; one whose destinations lie
+    /// in several shards is stored once in its home (the shard holding most of them;
+    /// shard 0 for a retained setting) with an outbox entry per other shard. To keep a
+    /// publisher's order into every queue, such a message is written, and forwarded,
+    /// before anything after it in the batch is submitted: what came before it is
+    /// queued in each shard first, and what follows reaches each shard after it.
+    pub(crate) async fn publish_submit(self: &Arc<Self>, b: PublishBatch) -> Result<Submitted> {
+        if !self.sharded() {
+            return self.meta().publish_submit(b).await;
+        }
+        let PublishBatch {
+            items,
+            records,
+            durable,
+        } = b;
+        let n = items.len();
+        let mut slots: Vec<Option<Published>> = vec![None; n];
+        let mut pending: Vec<(Vec<usize>, Submitted)> = Vec::new();
+        let mut parts: BTreeMap<ShardId, (Vec<usize>, PublishBatch)> = BTreeMap::new();
+        let new_part = || {
+            let mut pb = PublishBatch::new();
+            pb.durable = durable;
+            (Vec::new(), pb)
+        };
+        if !records.is_empty() {
+            // Records given with a publish go with shard 0's part of it.
+            parts.entry(0).or_insert_with(new_part).1.records = records;
+        }
+        for (i, item) in items.into_iter().enumerate() {
+            match self.plan(item)? {
+                Planned::Nowhere => {}
+                Planned::One(s, item) => {
+                    let (idx, pb) = parts.entry(s).or_insert_with(new_part);
+                    idx.push(i);
+                    pb.items.push(item);
+                }
+                Planned::Split(home, item, remote) => {
+                    for (s, (idx, pb)) in std::mem::take(&mut parts) {
+                        pending.push((idx, self.shard(s).publish_submit(pb).await?));
+                    }
+                    let mut pb = PublishBatch::new();
+                    pb.durable = durable;
+                    pb.items.push(item);
+                    let h = self.shard(home);
+                    let answer = h
+                        .submit_planned(pb, vec![remote.clone()])
+                        .await?
+                        .await?
+                        .pop()
+                        .flatten();
+                    if matches!(answer, Some(Published::Stored { .. })) {
+                        for d in remote.keys() {
+                            let next = h.store.queue_range(&crate::outbox::outbox_ref(*d))?.next.0;
+                            if next > 0 {
+                                h.routes[usize::from(*d)].applied(next - 1).await;
+                            }
+                        }
+                    }
+                    slots[i] = answer.map(|a| match a {
+                        Published::Stored {
+                            id,
+                            offsets,
+                            refused,
+                            ..
+                        } => Published::Stored {
+                            id,
+                            offsets,
+                            refused,
+                            forwarded: remote.into_values().flatten().collect(),
+                        },
+                        other => other,
+                    });
+                }
+            }
+        }
+        for (s, (idx, pb)) in parts {
+            pending.push((idx, self.shard(s).publish_submit(pb).await?));
+        }
+        Ok(Submitted::boxed(Box::pin(async move {
+            for (idx, sub) in pending {
+                for (i, a) in idx.into_iter().zip(sub.await?) {
+                    slots[i] = a;
+                }
+            }
+            Ok(slots)
+        })))
+    }
+
+    /// Where `item` goes (see [`ShardSet::publish_submit`]).
+    fn plan(&self, mut item: Outgoing) -> Result<Planned> {
+        let p = &self.placement;
+        if item.delay.is_some() && self.meta().due(item.delay).is_none() {
+            // Due now: routed now.
+            item.delay = None;
+        }
+        if item.delay.is_some() {
+            // A timer: in its topic's shard; through an exchange (routed at release)
+            // or with a retained setting, in shard 0.
+            let s = match (&item.to, &item.retain) {
+                (Destination::Topic { topic, .. }, None) => p.topic(topic),
+                (Destination::Topics(ts), None) if ts.len() == 1 => p.topic(&ts[0]),
+                _ => 0,
+            };
+            return Ok(Planned::One(s, item));
+        }
+        let topics = match &item.to {
+            Destination::Topic { topic, .. } => {
+                let s = p.topic(topic);
+                if item.retain.is_none() || s == 0 {
+                    return Ok(Planned::One(s, item));
+                }
+                vec![topic.clone()]
+            }
+            Destination::Topics(ts) => ts.clone(),
+            Destination::Exchange {
+                vhost,
+                exchange,
+                key,
+                headers,
+            } => self.router.route(vhost, exchange, key, headers)?.topics,
+        };
+        let mut by: Remote = BTreeMap::new();
+        for t in topics {
+            by.entry(p.topic(&t)).or_default().push(t);
+        }
+        let home = if item.retain.is_some() {
+            0
+        } else {
+            // The shard holding most destinations (ties: the lowest).
+            match by
+                .iter()
+                .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(a.0)))
+            {
+                Some((s, _)) => *s,
+                None => return Ok(Planned::Nowhere),
+            }
+        };
+        let local = by.remove(&home).unwrap_or_default();
+        item.to = Destination::Topics(local);
+        if by.is_empty() {
+            return Ok(Planned::One(home, item));
+        }
+        Ok(Planned::Split(home, item, by))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stable_values() {
+        // Pinned: a change here moves every topic not yet created.
+        let got: Vec<ShardId> = ["orders", "amq.topic", "%MQTT%client-1", ""]
+            .iter()
+            .map(|t| shard_of(t, 16))
+            .collect();
+        assert_eq!(got, vec![6, 0, 3, 0]);
+        assert_eq!(shard_of("anything", 1), 0);
+    }
+
+    #[test]
+    fn retry_and_dlq_topics_follow_their_group() {
+        let p = Placement::new(8);
+        let g = GroupName::new("g1").unwrap();
+        let t = TopicName::new("orders").unwrap();
+        let s = p.place_group(&g, std::slice::from_ref(&t));
+        assert_eq!(s, shard_of("orders", 8));
+        assert_eq!(p.topic(&TopicName::new("%RETRY%g1").unwrap()), s);
+        assert_eq!(p.topic(&TopicName::new("%DLQ%g1").unwrap()), s);
+        // An AMQP queue's group is named as its topic: same shard, known or not.
+        let q = "%AMQP%/jobs";
+        assert_eq!(
+            p.topic(&TopicName::new(format!("%RETRY%{q}")).unwrap()),
+            p.topic(&TopicName::new(q).unwrap())
+        );
+        // A topic that exists elsewhere stays there.
+        p.topic_is_in(&t, (s + 1) % 8);
+        assert_eq!(p.topic(&t), (s + 1) % 8);
+    }
+}
