@@ -10,10 +10,13 @@
 //!   ranking over the live gateways says.
 //! - [`relay`]: requests about a shard relayed to its owner over core NATS.
 //! - [`status`]: each shard's owner, standby and lag, read from NATS.
+//! - [`gateway`]: a broker core whose shards come and go with the manager's events,
+//!   forwarding to shards owned elsewhere over the forward relay.
 //!
 //! Placement and ranking are functions of names only (stable 64-bit hashes, no process state), so two
 //! gateways that see the same live set agree, and a version upgrade never moves a topic.
 
+pub mod gateway;
 pub mod manager;
 pub mod nodes;
 pub mod placement;

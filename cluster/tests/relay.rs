@@ -70,7 +70,7 @@ async fn forwarding_over_nats_survives_lost_replies_and_an_unserved_destination(
             gw_b.clone(),
             "relaytest",
             *d,
-            Arc::clone(&inbox),
+            Arc::clone(&inbox) as Arc<dyn ForwardTarget>,
             Arc::clone(&faults),
         )
         .await
@@ -119,7 +119,7 @@ async fn forwarding_over_nats_survives_lost_replies_and_an_unserved_destination(
             gw_b.clone(),
             "relaytest",
             4,
-            Arc::clone(&stores[&4].1),
+            Arc::clone(&stores[&4].1) as Arc<dyn ForwardTarget>,
             Arc::clone(&faults),
         )
         .await

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Buf, BufMut, Bytes};
 use futures_util::StreamExt;
-use mqgate_core::outbox::{ForwardReply, ForwardReq, ForwardTarget, Inbox, ShardId};
+use mqgate_core::outbox::{ForwardReply, ForwardReq, ForwardTarget, ShardId};
 use mqgate_core::{CoreError, Result};
 
 use super::subject;
@@ -157,12 +157,13 @@ pub struct ForwardServer {
 }
 
 impl ForwardServer {
-    /// Serve `inbox` (of shard `shard`) on the cluster of `stream`.
+    /// Serve `inbox` (of shard `shard`: its `Inbox`, or the broker's `inbox(shard)`,
+    /// which also wakes the groups consuming what it applies) on the cluster of `stream`.
     pub async fn start(
         client: async_nats::Client,
         stream: &str,
         shard: ShardId,
-        inbox: Arc<Inbox>,
+        inbox: Arc<dyn ForwardTarget>,
         faults: Arc<Faults>,
     ) -> Result<Self> {
         let mut sub = client

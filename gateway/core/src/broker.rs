@@ -42,7 +42,7 @@ pub(crate) struct Common {
     pub(crate) retries: AtomicU64,
     /// Messages moved to a DLQ.
     pub(crate) dead_lettered: AtomicU64,
-    closed: AtomicBool,
+    pub(crate) closed: AtomicBool,
     /// Whether publishers are blocked (memory above the watermark).
     pub(crate) memory: crate::memory::MemoryWatermark,
     /// Which shard holds each topic and group.
@@ -68,12 +68,14 @@ pub(crate) struct ShardCore {
     pub(crate) delay: crate::delay::DelayState,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Retained messages (kept in shard 0 of a sharded broker).
-    pub(crate) retained: crate::retained::Retained,
+    pub(crate) retained: Arc<crate::retained::Retained>,
+    /// Where forwarded entries from other shards are applied, each once.
+    pub(crate) inbox: crate::outbox::Inbox,
     /// Forwarding from this shard to each other one (index: destination; empty with
     /// one shard).
     pub(crate) routes: Vec<Arc<crate::shard::Route>>,
-    /// The broker it belongs to (set once started).
-    set: std::sync::OnceLock<std::sync::Weak<ShardSet>>,
+    /// The broker it belongs to.
+    set: std::sync::Weak<ShardSet>,
     /// Messages other shards forwarded into this one (each counted once).
     pub(crate) forwarded_in: AtomicU64,
 }
@@ -96,14 +98,14 @@ impl std::fmt::Debug for ShardCore {
 }
 
 impl ShardCore {
-    /// Start shard `id` over `store`: loads its topics and retained messages, starts
-    /// its delay scheduler, retention and endpoint sweep.
+    /// Start shard `id` of `set` over `store`: loads its topics and retained messages,
+    /// starts its delay scheduler, retention, endpoint sweep and its forwarders.
     async fn start(
         id: crate::shard::ShardId,
-        common: Arc<Common>,
+        set: &Arc<ShardSet>,
         store: Arc<dyn Store>,
-        routes: Vec<Arc<crate::shard::Route>>,
     ) -> Result<Arc<Self>> {
+        let common = Arc::clone(&set.common);
         let topics = store
             .topics()
             .iter()
@@ -121,35 +123,57 @@ impl ShardCore {
             common.config.retained_cache_bytes,
         )
         .await?;
-        if routes.len() > 1 {
-            let dests = (0..routes.len() as u16).filter(|d| *d != id);
+        let count = set.count;
+        if count > 1 {
+            let dests = (0..count).filter(|d| *d != id);
             crate::outbox::ensure_outboxes(&*store, dests).await?;
         }
+        let routes = if count > 1 {
+            (0..count)
+                .map(|_| Arc::new(crate::shard::Route::new()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let inner = Arc::new(ShardCore {
             id,
             endpoints: crate::endpoints::Registry::new(common.endpoint_events.clone()),
+            inbox: crate::outbox::Inbox::new(id, Arc::clone(&store)),
             common,
             store,
             topics: RwLock::new(topics),
             groups: Mutex::default(),
             delay: crate::delay::DelayState::new(),
             tasks: Mutex::default(),
-            retained,
+            retained: Arc::new(retained),
             routes,
-            set: std::sync::OnceLock::new(),
+            set: Arc::downgrade(set),
             forwarded_in: AtomicU64::new(0),
         });
         let scheduler = tokio::spawn(crate::delay::run(Arc::downgrade(&inner)));
         let retention = tokio::spawn(retention_task(Arc::downgrade(&inner)));
         let expiry = tokio::spawn(crate::endpoints::run(Arc::downgrade(&inner)));
-        inner.tasks.lock().extend([scheduler, retention, expiry]);
+        let mut tasks = vec![scheduler, retention, expiry];
+        for d in inner.dests() {
+            tasks.push(tokio::spawn(crate::shard::forward(
+                Arc::downgrade(&inner),
+                d,
+                Arc::clone(&inner.routes[usize::from(d)]),
+            )));
+        }
+        inner.tasks.lock().extend(tasks);
         Ok(inner)
     }
 
     /// The broker this shard belongs to (`None` once it is gone).
     pub(crate) fn broker(&self) -> Option<Broker> {
-        let inner = self.set.get()?.upgrade()?;
+        let inner = self.set.upgrade()?;
         Some(Broker { inner })
+    }
+
+    /// The set this shard belongs to (`None` once it is gone).
+    pub(crate) fn shard_set(&self) -> Option<Arc<ShardSet>> {
+        self.set.upgrade()
     }
 
     /// The other shards this one forwards to.
@@ -170,14 +194,35 @@ impl ShardCore {
         }
         Ok(self.store.enforce_retention(now).await?)
     }
+
+    /// Stop serving: members are cut off, groups commit their offsets, tasks end, the
+    /// store is flushed.
+    async fn stop(&self) {
+        let groups: Vec<GroupHandle> = self.groups.lock().drain().map(|(_, h)| h).collect();
+        for g in groups {
+            g.stop().await;
+        }
+        for t in self.tasks.lock().drain(..) {
+            t.abort();
+        }
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(shard = self.id, error = %e, "core: store flush failed");
+        }
+    }
 }
 
 /// A broker's shards and what they share.
 pub(crate) struct ShardSet {
     pub(crate) common: Arc<Common>,
-    /// Index: shard id.
-    pub(crate) shards: Vec<Arc<ShardCore>>,
+    /// How many shards there are (owned here or not).
+    pub(crate) count: u16,
+    /// The shards this broker owns (index: shard id).
+    slots: RwLock<Vec<Option<Arc<ShardCore>>>>,
+    /// How shards owned elsewhere are reached (none: every shard is here).
+    pub(crate) link: Option<Arc<dyn crate::shard::ClusterLink>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Retained messages when shard 0 is not owned here (none).
+    no_retained: Arc<crate::retained::Retained>,
 }
 
 impl std::ops::Deref for ShardSet {
@@ -191,34 +236,58 @@ impl std::ops::Deref for ShardSet {
 impl std::fmt::Debug for ShardSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
-            .field("shards", &self.shards)
+            .field("count", &self.count)
+            .field(
+                "owned",
+                &self.owned().iter().map(|s| s.id).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
 
 impl ShardSet {
-    /// Shard 0: routing state, retained messages, named timers, records no endpoint
-    /// anchors.
-    pub(crate) fn meta(&self) -> &Arc<ShardCore> {
-        &self.shards[0]
+    /// Shard `id` when this broker owns it.
+    pub(crate) fn local(&self, id: crate::shard::ShardId) -> Option<Arc<ShardCore>> {
+        self.slots.read().get(usize::from(id)).cloned().flatten()
     }
 
-    pub(crate) fn shard(&self, id: crate::shard::ShardId) -> &Arc<ShardCore> {
-        &self.shards[usize::from(id)]
+    /// Shard `id`, or why it cannot be used here.
+    pub(crate) fn shard(&self, id: crate::shard::ShardId) -> Result<Arc<ShardCore>> {
+        self.local(id).ok_or(CoreError::NotOwned(id))
+    }
+
+    /// The shards owned here, by id.
+    pub(crate) fn owned(&self) -> Vec<Arc<ShardCore>> {
+        self.slots.read().iter().flatten().cloned().collect()
+    }
+
+    /// Shard 0: routing state, retained messages, named timers, records no endpoint
+    /// anchors.
+    pub(crate) fn meta(&self) -> Result<Arc<ShardCore>> {
+        self.shard(0)
     }
 
     /// The shard holding (or that would hold) `topic`.
-    pub(crate) fn of_topic(&self, topic: &TopicName) -> &Arc<ShardCore> {
+    pub(crate) fn of_topic(&self, topic: &TopicName) -> Result<Arc<ShardCore>> {
         self.shard(self.placement.topic(topic))
     }
 
     /// The shard holding (or that would hold) `group`.
-    pub(crate) fn of_group(&self, group: &GroupName) -> &Arc<ShardCore> {
+    pub(crate) fn of_group(&self, group: &GroupName) -> Result<Arc<ShardCore>> {
         self.shard(self.placement.group(group))
     }
 
     pub(crate) fn sharded(&self) -> bool {
-        self.shards.len() > 1
+        self.count > 1
+    }
+
+    /// Whether an endpoint with a length limit exists in a shard owned here.
+    pub(crate) fn any_limited(&self) -> bool {
+        self.slots
+            .read()
+            .iter()
+            .flatten()
+            .any(|s| s.endpoints.any_limited())
     }
 }
 
@@ -251,21 +320,43 @@ impl Broker {
         config: CoreConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
-        let shards = u16::try_from(stores.len())
-            .ok()
-            .filter(|n| (1..=crate::shard::MAX_SHARDS).contains(n))
-            .ok_or_else(|| {
-                CoreError::Invalid(format!(
-                    "a broker has 1..={} shards, not {}",
-                    crate::shard::MAX_SHARDS,
-                    stores.len()
-                ))
-            })?;
+        let count = u16::try_from(stores.len()).unwrap_or(u16::MAX);
+        let broker = Self::start_empty(count, None, config, clock)?;
+        for (id, store) in stores.into_iter().enumerate() {
+            broker.attach_shard(id as u16, store).await?;
+        }
+        Ok(broker)
+    }
+
+    /// Start the core of one gateway of a cluster of `shards` shards: it owns none
+    /// until [`Broker::attach_shard`]; forwards to shards owned elsewhere go through
+    /// `link`.
+    pub fn start_cluster(
+        shards: u16,
+        link: Arc<dyn crate::shard::ClusterLink>,
+        config: CoreConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        Self::start_empty(shards, Some(link), config, clock)
+    }
+
+    fn start_empty(
+        count: u16,
+        link: Option<Arc<dyn crate::shard::ClusterLink>>,
+        config: CoreConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        if !(1..=crate::shard::MAX_SHARDS).contains(&count) {
+            return Err(CoreError::Invalid(format!(
+                "a broker has 1..={} shards, not {count}",
+                crate::shard::MAX_SHARDS
+            )));
+        }
         let router = Router::new();
         router.add_vhost(DEFAULT_VHOST);
         let memory = crate::memory::MemoryWatermark::new(config.memory_high_watermark);
-        crate::durable::load(&*stores[0], &router).await?;
         let login = crate::login::LoginThrottle::new(config.login_throttle);
+        let retained_cap = (config.retained_cache_messages, config.retained_cache_bytes);
         let common = Arc::new(Common {
             boot: mqgate_store::now_millis(),
             login,
@@ -278,54 +369,104 @@ impl Broker {
             dead_lettered: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             memory,
-            placement: crate::shard::Placement::new(shards),
+            placement: crate::shard::Placement::new(count),
             endpoint_events: tokio::sync::broadcast::channel(1024).0,
         });
-        let mut cores = Vec::with_capacity(stores.len());
-        for (id, store) in stores.into_iter().enumerate() {
-            let routes = if shards > 1 {
-                (0..shards)
-                    .map(|_| Arc::new(crate::shard::Route::new()))
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            cores.push(ShardCore::start(id as u16, Arc::clone(&common), store, routes).await?);
-        }
         let set = Arc::new(ShardSet {
             common: Arc::clone(&common),
-            shards: cores,
+            count,
+            slots: RwLock::new(vec![None; usize::from(count)]),
+            link,
             tasks: Mutex::default(),
+            no_retained: Arc::new(crate::retained::Retained::empty(
+                retained_cap.0,
+                retained_cap.1,
+            )),
         });
-        for shard in &set.shards {
-            let _ = shard.set.set(Arc::downgrade(&set));
-        }
-        let mut tasks = vec![tokio::spawn(crate::memory::run(Arc::downgrade(&common)))];
-        for h in &set.shards {
-            for d in &set.shards {
-                if h.id != d.id {
-                    tasks.push(tokio::spawn(crate::shard::forward(
-                        Arc::downgrade(h),
-                        Arc::downgrade(d),
-                        Arc::clone(&h.routes[usize::from(d.id)]),
-                    )));
-                }
-            }
-        }
-        set.tasks.lock().extend(tasks);
+        set.tasks
+            .lock()
+            .push(tokio::spawn(crate::memory::run(Arc::downgrade(&common))));
         Ok(Self { inner: set })
     }
 
-    /// How many shards this broker has.
+    /// Own shard `id` from now on, over `store` (its only writer): its topics, groups,
+    /// delay scheduler, retention, endpoint sweep and forwarders start; shard 0 also
+    /// brings the routing state.
+    pub async fn attach_shard(
+        &self,
+        id: crate::shard::ShardId,
+        store: Arc<dyn Store>,
+    ) -> Result<()> {
+        let set = &self.inner;
+        if id >= set.count {
+            return Err(CoreError::Invalid(format!(
+                "shard {id} of a broker with {} shards",
+                set.count
+            )));
+        }
+        if set.local(id).is_some() {
+            return Err(CoreError::Conflict(format!(
+                "shard {id} is attached already"
+            )));
+        }
+        if id == 0 {
+            crate::durable::load(&*store, &set.router).await?;
+        }
+        let core = ShardCore::start(id, set, store).await?;
+        set.slots.write()[usize::from(id)] = Some(Arc::clone(&core));
+        // Forwarders to it may find it here now.
+        for h in set.owned() {
+            if h.id != id {
+                h.routes[usize::from(id)].kick.notify_one();
+            }
+        }
+        tracing::info!(shard = id, "core: shard attached");
+        Ok(())
+    }
+
+    /// Stop owning shard `id`: new work on it fails with [`CoreError::NotOwned`], its
+    /// groups commit their offsets and end, its tasks stop, its store is flushed. The
+    /// store is no longer used by the core when this returns.
+    pub async fn detach_shard(&self, id: crate::shard::ShardId) -> bool {
+        let core = self
+            .inner
+            .slots
+            .write()
+            .get_mut(usize::from(id))
+            .and_then(Option::take);
+        let Some(core) = core else {
+            return false;
+        };
+        core.stop().await;
+        tracing::info!(shard = id, "core: shard detached");
+        true
+    }
+
+    /// The shards this broker owns now.
+    pub fn owned_shards(&self) -> Vec<crate::shard::ShardId> {
+        self.inner.owned().iter().map(|s| s.id).collect()
+    }
+
+    /// Shard `id`'s inbox, when owned here: what forwarders of other gateways reach
+    /// (over the cluster's relay) to apply their outbox entries, each once.
+    pub fn inbox(
+        &self,
+        id: crate::shard::ShardId,
+    ) -> Option<Arc<dyn crate::outbox::ForwardTarget>> {
+        let core = self.inner.local(id)?;
+        Some(Arc::new(crate::shard::LocalTarget::new(&core)))
+    }
+
+    /// How many shards this broker has (owned here or not).
     pub fn shard_count(&self) -> u16 {
-        self.inner.shards.len() as u16
+        self.inner.count
     }
 
     /// Messages forwarded from their home shard into another, since the start (each
     /// counted once, by the shard that applied it).
     pub fn forwarded(&self) -> u64 {
         self.inner
-            .shards
+            .owned()
             .iter()
             .map(|s| s.forwarded_in.load(Ordering::Relaxed))
             .sum()
@@ -336,9 +477,12 @@ impl Broker {
         self.inner.placement.topic(topic)
     }
 
-    /// The retained messages.
-    pub fn retained(&self) -> &crate::retained::Retained {
-        &self.inner.meta().retained
+    /// The retained messages (those of shard 0; none when another gateway owns it).
+    pub fn retained(&self) -> Arc<crate::retained::Retained> {
+        match self.inner.local(0) {
+            Some(meta) => Arc::clone(&meta.retained),
+            None => Arc::clone(&self.inner.no_retained),
+        }
     }
 
     /// The routing tables.
@@ -366,7 +510,7 @@ impl Broker {
         self.inner.router.add_vhost(vhost);
         let mut batch = WriteBatch::new();
         crate::durable::put_vhost(&mut batch, vhost);
-        self.inner.meta().store.write(batch).await?;
+        self.inner.meta()?.store.write(batch).await?;
         Ok(())
     }
 
@@ -377,7 +521,7 @@ impl Broker {
         if created && def.durable {
             let mut batch = WriteBatch::new();
             crate::durable::put_exchange(&mut batch, vhost, &def);
-            self.inner.meta().store.write(batch).await?;
+            self.inner.meta()?.store.write(batch).await?;
         }
         Ok(created)
     }
@@ -386,7 +530,7 @@ impl Broker {
     pub async fn delete_exchange(&self, vhost: &str, name: &str, if_unused: bool) -> Result<bool> {
         let existed = self.inner.router.delete_exchange(vhost, name, if_unused)?;
         if existed {
-            crate::durable::prune(&*self.inner.meta().store, &self.inner.router, vhost).await?;
+            crate::durable::prune(&*self.inner.meta()?.store, &self.inner.router, vhost).await?;
         }
         Ok(existed)
     }
@@ -398,7 +542,7 @@ impl Broker {
         if new && durable {
             let mut batch = WriteBatch::new();
             crate::durable::put_binding(&mut batch, vhost, &binding);
-            self.inner.meta().store.write(batch).await?;
+            self.inner.meta()?.store.write(batch).await?;
         }
         Ok(new)
     }
@@ -423,7 +567,7 @@ impl Broker {
                 }
             }
             if !batch.is_empty() {
-                self.inner.meta().store.write(batch).await?;
+                self.inner.meta()?.store.write(batch).await?;
             }
         }
         Ok(results)
@@ -446,14 +590,14 @@ impl Broker {
             }
         }
         if !batch.is_empty() {
-            self.inner.meta().store.write(batch).await?;
+            self.inner.meta()?.store.write(batch).await?;
         }
         // An auto-delete exchange left empty went with its last binding.
         if sources
             .iter()
             .any(|x| self.inner.router.exchange(vhost, x).is_none())
         {
-            crate::durable::prune(&*self.inner.meta().store, &self.inner.router, vhost).await?;
+            crate::durable::prune(&*self.inner.meta()?.store, &self.inner.router, vhost).await?;
         }
         Ok(results)
     }
@@ -464,9 +608,10 @@ impl Broker {
         if removed {
             let mut batch = WriteBatch::new();
             crate::durable::delete_binding(&mut batch, vhost, binding);
-            self.inner.meta().store.write(batch).await?;
+            self.inner.meta()?.store.write(batch).await?;
             if self.inner.router.exchange(vhost, &binding.source).is_none() {
-                crate::durable::prune(&*self.inner.meta().store, &self.inner.router, vhost).await?;
+                crate::durable::prune(&*self.inner.meta()?.store, &self.inner.router, vhost)
+                    .await?;
             }
         }
         Ok(removed)
@@ -486,7 +631,7 @@ impl Broker {
         for name in &emptied {
             crate::durable::delete_exchange(&mut batch, vhost, name);
         }
-        self.inner.meta().store.write(batch).await?;
+        self.inner.meta()?.store.write(batch).await?;
         Ok(())
     }
 
@@ -510,7 +655,7 @@ impl Broker {
 
     /// The shard a group lives in: its first topic's. Every topic it consumes must be
     /// there (a group spanning shards is not supported yet).
-    pub(crate) fn group_shard(&self, spec: &GroupSpec) -> Result<&Arc<ShardCore>> {
+    pub(crate) fn group_shard(&self, spec: &GroupSpec) -> Result<Arc<ShardCore>> {
         let set = &self.inner;
         let id = set.placement.place_group(&spec.name, &spec.topics);
         if set.sharded() {
@@ -521,19 +666,19 @@ impl Broker {
                 )));
             }
         }
-        Ok(set.shard(id))
+        set.shard(id)
     }
 
     /// Move a group's position on all its queues (replay), whether or not members are
     /// connected; consumption continues from there.
     pub async fn reset_group(&self, group: &GroupName, to: StartPosition) -> Result<()> {
-        self.inner.of_group(group).reset_group(group, to).await
+        self.inner.of_group(group)?.reset_group(group, to).await
     }
 
     /// Delete a group: its members are cut off (their consumers end), its committed
     /// offsets are forgotten. A later subscribe starts it afresh.
     pub async fn delete_group(&self, group: &GroupName) -> Result<()> {
-        let shard = self.inner.of_group(group);
+        let shard = self.inner.of_group(group)?;
         shard.endpoints.forget(group);
         let handle = shard.groups.lock().remove(group);
         if let Some(h) = handle {
@@ -548,13 +693,13 @@ impl Broker {
 
     /// A group's members, offsets and lag (from the live group, or from the store).
     pub async fn group_info(&self, group: &GroupName) -> Result<GroupInfo> {
-        self.inner.of_group(group).group_info(group).await
+        self.inner.of_group(group)?.group_info(group).await
     }
 
     /// Every group known to the store or live.
     pub async fn groups(&self) -> Result<Vec<GroupName>> {
         let mut g = Vec::new();
-        for shard in &self.inner.shards {
+        for shard in self.inner.owned() {
             g.extend(shard.store.groups().await?);
             g.extend(shard.groups.lock().keys().cloned());
         }
@@ -566,7 +711,7 @@ impl Broker {
     /// Apply the store's retention policy now (every shard).
     pub async fn enforce_retention(&self) -> Result<mqgate_store::RetentionReport> {
         let mut total = mqgate_store::RetentionReport::default();
-        for shard in &self.inner.shards {
+        for shard in self.inner.owned() {
             let r = shard.enforce_retention(self.inner.clock.now()).await?;
             total.messages_deleted += r.messages_deleted;
             total.bytes_deleted += r.bytes_deleted;
@@ -581,17 +726,17 @@ impl Broker {
         for t in self.inner.tasks.lock().drain(..) {
             t.abort();
         }
-        for shard in &self.inner.shards {
-            let groups: Vec<GroupHandle> = shard.groups.lock().drain().map(|(_, h)| h).collect();
-            for g in groups {
-                g.stop().await;
-            }
-            for t in shard.tasks.lock().drain(..) {
-                t.abort();
-            }
-            if let Err(e) = shard.store.flush().await {
-                tracing::error!(shard = shard.id, error = %e, "core: store flush at shutdown failed");
-            }
+        // Nothing is served from here on: every shard is detached (its work fails
+        // with `NotOwned`), its groups commit, its tasks end.
+        let shards: Vec<Arc<ShardCore>> = self
+            .inner
+            .slots
+            .write()
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        for shard in shards {
+            shard.stop().await;
         }
     }
 }

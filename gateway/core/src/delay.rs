@@ -359,7 +359,7 @@ impl Broker {
             headers: Vec::new(),
         };
         self.inner
-            .meta()
+            .meta()?
             .schedule_named(name, due, &route, retain, message)
             .await
     }
@@ -367,7 +367,7 @@ impl Broker {
     /// Withdraw what [`Broker::schedule_named`] scheduled under `name` (if it has not
     /// fired yet); whether something was pending.
     pub async fn cancel_scheduled(&self, name: &str) -> Result<bool> {
-        self.inner.meta().cancel_named(name).await
+        self.inner.meta()?.cancel_named(name).await
     }
 
     /// Pending timers in due order, after `after`, at most `limit` of them, only those
@@ -382,14 +382,14 @@ impl Broker {
         key: Option<&str>,
     ) -> Result<DelayedPage> {
         if !self.inner.sharded() {
-            return self.inner.meta().delayed(after, limit, topic, key).await;
+            return self.inner.meta()?.delayed(after, limit, topic, key).await;
         }
         // Each shard's page, merged. A shard with more to scan has looked only up to
         // its `next`: the merged page holds the timers up to the lowest such point.
         let limit = limit.clamp(1, 1_000);
         let mut timers = Vec::new();
         let mut frontier: Option<TimerKey> = None;
-        for shard in &self.inner.shards {
+        for shard in self.inner.owned() {
             let page = shard.delayed(after, limit, topic, key).await?;
             if let Some(n) = page.next {
                 frontier = Some(frontier.map_or(n, |f| f.min(n)));
@@ -413,7 +413,7 @@ impl Broker {
     /// Cancel one pending timer by its id: the delayed message is never delivered.
     /// Whether it was pending.
     pub async fn cancel_delayed(&self, id: TimerKey) -> Result<bool> {
-        for shard in &self.inner.shards {
+        for shard in self.inner.owned() {
             if shard.cancel_delayed(id).await? {
                 return Ok(true);
             }
@@ -425,7 +425,7 @@ impl Broker {
     /// topic, AMQP exchange) with key `key`; how many were pending.
     pub async fn cancel_delayed_by_key(&self, topic: &str, key: &str) -> Result<u64> {
         let mut n = 0;
-        for shard in &self.inner.shards {
+        for shard in self.inner.owned() {
             n += shard.cancel_delayed_by_key(topic, key).await?;
         }
         Ok(n)
@@ -434,7 +434,7 @@ impl Broker {
     /// Delayed messages still pending.
     pub fn delayed_pending(&self) -> u64 {
         self.inner
-            .shards
+            .owned()
             .iter()
             .map(|s| s.store.stats().timers)
             .sum()
@@ -443,7 +443,7 @@ impl Broker {
     /// Delayed messages released so far by this process.
     pub fn delayed_released(&self) -> u64 {
         self.inner
-            .shards
+            .owned()
             .iter()
             .map(|s| s.delay.released.load(Ordering::Relaxed))
             .sum()

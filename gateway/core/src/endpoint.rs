@@ -209,7 +209,7 @@ impl crate::Broker {
         records: crate::Records,
     ) -> Result<()> {
         self.create_topic(topic, Some(queues)).await?;
-        let shard = self.inner.of_topic(topic);
+        let shard = self.inner.of_topic(topic)?;
         self.inner.placement.group_is_in(group, shard.id);
         let mut batch = WriteBatch::new();
         for q in 0..queues {

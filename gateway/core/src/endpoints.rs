@@ -188,7 +188,11 @@ impl crate::Broker {
             .inner
             .placement
             .place_group(&endpoint.spec.name, &endpoint.spec.topics);
-        let registry = &self.inner.shard(id).endpoints;
+        let Ok(shard) = self.inner.shard(id) else {
+            tracing::warn!(group = %endpoint.spec.name, shard = id, "core: an endpoint of a shard owned elsewhere is not managed here");
+            return;
+        };
+        let registry = &shard.endpoints;
         let mut map = registry.map.lock();
         if map.get(&endpoint.spec.name).is_some_and(|e| e.expiring) {
             // Being deleted: a registration after the deletion (a redeclare) makes a new one.
@@ -217,21 +221,26 @@ impl crate::Broker {
 
     /// Stop managing an endpoint (it is not deleted).
     pub fn forget_endpoint(&self, group: &GroupName) {
-        self.inner.of_group(group).endpoints.forget(group);
+        if let Ok(shard) = self.inner.of_group(group) {
+            shard.endpoints.forget(group);
+        }
     }
 
     /// Take an endpoint back from the core's management (an MQTT client reconnecting to
     /// its session): waits while the sweep is deleting it, so the caller then sees it
     /// either whole or gone, never half deleted.
     pub async fn claim_endpoint(&self, group: &GroupName) {
-        let registry = &self.inner.of_group(group).endpoints;
-        registry.settled(group).await;
-        registry.forget(group);
+        if let Ok(shard) = self.inner.of_group(group) {
+            shard.endpoints.settled(group).await;
+            shard.endpoints.forget(group);
+        }
     }
 
     /// Wait until the sweep is not deleting `group` (it is then whole or gone).
     pub async fn endpoint_settled(&self, group: &GroupName) {
-        self.inner.of_group(group).endpoints.settled(group).await;
+        if let Ok(shard) = self.inner.of_group(group) {
+            shard.endpoints.settled(group).await;
+        }
     }
 
     /// One more (`true`) or one fewer (`false`) user of an endpoint: a consumer, a
@@ -239,14 +248,10 @@ impl crate::Broker {
     /// refused because the sweep is deleting the endpoint (the caller treats it as gone).
     pub fn endpoint_in_use(&self, group: &GroupName, in_use: bool) -> bool {
         let now = self.now();
-        if let Some(e) = self
-            .inner
-            .of_group(group)
-            .endpoints
-            .map
-            .lock()
-            .get_mut(group)
-        {
+        let Ok(shard) = self.inner.of_group(group) else {
+            return true;
+        };
+        if let Some(e) = shard.endpoints.map.lock().get_mut(group) {
             if in_use {
                 if e.expiring {
                     return false;
@@ -267,6 +272,7 @@ impl crate::Broker {
     pub fn endpoint_idle_since(&self, group: &GroupName) -> Option<Millis> {
         self.inner
             .of_group(group)
+            .ok()?
             .endpoints
             .map
             .lock()
@@ -279,14 +285,10 @@ impl crate::Broker {
     /// the sweep is deleting it (the caller treats it as gone).
     pub fn touch_endpoint(&self, group: &GroupName) -> bool {
         let now = self.now();
-        if let Some(e) = self
-            .inner
-            .of_group(group)
-            .endpoints
-            .map
-            .lock()
-            .get_mut(group)
-        {
+        let Ok(shard) = self.inner.of_group(group) else {
+            return true;
+        };
+        if let Some(e) = shard.endpoints.map.lock().get_mut(group) {
             if e.expiring {
                 return false;
             }
@@ -303,7 +305,7 @@ impl crate::Broker {
     /// Sweep the registered endpoints now (the core does it every `expiry_interval`):
     /// expired messages at their heads, endpoints unused for their `idle_expiry`.
     pub async fn expire_endpoints(&self) {
-        for shard in &self.inner.shards {
+        for shard in self.inner.owned() {
             shard.expire_endpoints().await;
         }
     }

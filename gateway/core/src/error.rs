@@ -23,6 +23,10 @@ pub enum CoreError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The shard holding what was asked for is owned by another gateway of the
+    /// cluster (or by none, while it moves).
+    #[error("shard {0} is not owned by this gateway")]
+    NotOwned(u16),
     /// The broker is shutting down.
     #[error("broker is shutting down")]
     ShuttingDown,

@@ -19,7 +19,7 @@ impl Broker {
     /// The store's counters.
     pub fn store_stats(&self) -> StoreStats {
         let mut total = StoreStats::default();
-        for s in &self.inner.shards {
+        for s in self.inner.owned() {
             let st = s.store.stats();
             total.messages += st.messages;
             total.log_bytes += st.log_bytes;
@@ -36,8 +36,9 @@ impl Broker {
     /// Whether the store takes writes now, and its last degraded period (a sharded
     /// broker: the first shard that is degraded, errors summed).
     pub fn store_health(&self) -> StoreHealth {
-        let mut out = self.inner.meta().store.health();
-        for s in self.inner.shards.iter().skip(1) {
+        let owned = self.inner.owned();
+        let mut out = owned.first().map(|s| s.store.health()).unwrap_or_default();
+        for s in owned.iter().skip(1) {
             let h = s.store.health();
             out.errors += h.errors;
             if out.degraded.is_none() {
@@ -52,12 +53,16 @@ impl Broker {
 
     /// A topic's configuration, if it exists.
     pub fn topic(&self, name: &TopicName) -> Option<TopicConfig> {
-        self.inner.of_topic(name).store.topic(name)
+        self.inner.of_topic(name).ok()?.store.topic(name)
     }
 
     /// The offsets a queue holds (`min..next`).
     pub fn queue_range(&self, queue: &QueueRef) -> Result<OffsetRange> {
-        Ok(self.inner.of_topic(&queue.topic).store.queue_range(queue)?)
+        Ok(self
+            .inner
+            .of_topic(&queue.topic)?
+            .store
+            .queue_range(queue)?)
     }
 
     /// Read a page of a queue without consuming it.
@@ -69,7 +74,7 @@ impl Broker {
     ) -> Result<Vec<QueueMessage>> {
         Ok(self
             .inner
-            .of_topic(&queue.topic)
+            .of_topic(&queue.topic)?
             .store
             .read(queue, from, limits)
             .await?)
@@ -78,7 +83,7 @@ impl Broker {
     /// A message by id, while retention keeps it.
     pub async fn message(&self, id: MessageId) -> Result<Option<Arc<StoredMessage>>> {
         let shard = crate::shard::shard_of_id(id.0);
-        match self.inner.shards.get(usize::from(shard)) {
+        match self.inner.local(shard) {
             Some(s) => Ok(s.store.message(id).await?),
             None => Ok(None),
         }
@@ -93,7 +98,7 @@ impl Broker {
     ) -> Result<Vec<Arc<StoredMessage>>> {
         Ok(self
             .inner
-            .of_topic(topic)
+            .of_topic(topic)?
             .store
             .messages_by_key(topic, key, limit)
             .await?)
@@ -101,7 +106,7 @@ impl Broker {
 
     /// An endpoint record.
     pub async fn record(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>> {
-        for s in &self.inner.shards {
+        for s in self.inner.owned() {
             if let Some(v) = s.store.kv_get(namespace, key).await? {
                 return Ok(Some(v));
             }
@@ -114,7 +119,7 @@ impl Broker {
         if !self.inner.sharded() {
             return Ok(None);
         }
-        for s in &self.inner.shards {
+        for s in self.inner.owned() {
             if s.store.kv_get(namespace, key).await?.is_some() {
                 return Ok(Some(s.id));
             }
@@ -134,14 +139,14 @@ impl Broker {
         if !self.inner.sharded() {
             return Ok(self
                 .inner
-                .meta()
+                .meta()?
                 .store
                 .kv_scan(namespace, prefix, after, limit)
                 .await?);
         }
         // Each shard's first `limit` after `after`, merged: the first `limit` overall.
         let mut all = Vec::new();
-        for s in &self.inner.shards {
+        for s in self.inner.owned() {
             all.extend(s.store.kv_scan(namespace, prefix, after, limit).await?);
         }
         all.sort_by(|a, b| a.0.cmp(&b.0));
@@ -158,7 +163,7 @@ impl Broker {
         if !self.inner.sharded() {
             let mut batch = mqgate_store::WriteBatch::new();
             records.apply(&mut batch);
-            self.inner.meta().store.write(batch).await?;
+            self.inner.meta()?.store.write(batch).await?;
             return Ok(());
         }
         // Each change goes where its key is (an endpoint's records live with its
@@ -171,7 +176,7 @@ impl Broker {
         for (at, part) in parts {
             let mut batch = mqgate_store::WriteBatch::new();
             part.apply(&mut batch);
-            self.inner.shard(at).store.write(batch).await?;
+            self.inner.shard(at)?.store.write(batch).await?;
         }
         Ok(())
     }

@@ -911,6 +911,20 @@ impl crate::Broker {
     }
 }
 
+impl crate::broker::Common {
+    /// The due time of a delay, or `None` when it is due now.
+    pub(crate) fn due(&self, delay: Option<Delay>) -> Option<Millis> {
+        let delay = delay?;
+        let now = self.clock.now();
+        let due = match delay {
+            Delay::Level(l) => now + self.config.level_delay(l).as_millis() as u64,
+            Delay::For(d) => now + d.as_millis() as u64,
+            Delay::At(t) => t,
+        };
+        (due > now).then_some(due)
+    }
+}
+
 impl ShardCore {
     /// What the core reads from a message's user headers before storing it: its keys
     /// (`x-keys`) and producer group (`x-producer-group`), then the default group.
@@ -930,18 +944,6 @@ impl ShardCore {
                 .producer_group
                 .clone_from(&self.config.default_producer_group);
         }
-    }
-
-    /// The due time of a delay, or `None` when it is due now.
-    pub(crate) fn due(&self, delay: Option<Delay>) -> Option<Millis> {
-        let delay = delay?;
-        let now = self.clock.now();
-        let due = match delay {
-            Delay::Level(l) => now + self.config.level_delay(l).as_millis() as u64,
-            Delay::For(d) => now + d.as_millis() as u64,
-            Delay::At(t) => t,
-        };
-        (due > now).then_some(due)
     }
 }
 
@@ -980,9 +982,7 @@ impl<T> Pipeline<T> {
     /// [`Pipeline::submit`]: the pipeline is full, or an endpoint with a length limit
     /// exists (its check counts what is stored, so earlier writes land first).
     pub fn must_drain(&self) -> bool {
-        !self.inflight.is_empty()
-            && (self.inflight.len() >= self.depth
-                || self.inner.shards.iter().any(|s| s.endpoints.any_limited()))
+        !self.inflight.is_empty() && (self.inflight.len() >= self.depth || self.inner.any_limited())
     }
 
     /// Route and queue `batch` for its store write, behind the batches already in

@@ -208,6 +208,18 @@ impl Retained {
         })
     }
 
+    /// No retained messages, over an empty in-memory store: what a gateway that does
+    /// not own shard 0 (where they live) shows.
+    pub(crate) fn empty(cache_messages: usize, cache_bytes: usize) -> Self {
+        Self {
+            store: Arc::new(mqgate_store::MemoryStore::new()),
+            index: RwLock::default(),
+            cache: Mutex::new(Lru::new(cache_messages, cache_bytes)),
+            unsettled: Mutex::default(),
+            versions: AtomicU64::new(1),
+        }
+    }
+
     /// Set (or, with an empty body, clear) `topic`'s retained message: visible at once
     /// (a subscriber that sees the publish live also finds it retained), stored with
     /// `batch`; keep the returned guard until `batch` is written.

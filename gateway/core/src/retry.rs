@@ -118,7 +118,7 @@ impl crate::Broker {
         limit: usize,
     ) -> Result<Vec<mqgate_store::QueueMessage>> {
         let q = QueueRef::new(crate::retry::dlq_topic(group)?, 0);
-        let shard = self.inner.of_topic(&q.topic);
+        let shard = self.inner.of_topic(&q.topic)?;
         if shard.store.topic(&q.topic).is_none() {
             return Ok(Vec::new());
         }
@@ -177,7 +177,7 @@ impl crate::Broker {
                 .and_then(|(t, _)| TopicName::new(t).ok());
             let message = crate::retry::restore_original(stored);
             let topic = origin.unwrap_or_else(|| message.topic.clone());
-            self.inner.of_topic(&topic).topic_handle(&topic).await?;
+            self.inner.of_topic(&topic)?.topic_handle(&topic).await?;
             items.push((message, vec![topic]));
         }
         let mut batch = PublishBatch::new();

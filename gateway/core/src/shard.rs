@@ -26,9 +26,9 @@ use parking_lot::RwLock;
 use tokio::sync::{watch, Notify};
 
 use crate::broker::{ShardCore, ShardSet};
-use crate::error::Result;
+use crate::error::{CoreError, Result};
 pub use crate::outbox::ShardId;
-use crate::outbox::{ForwardReply, ForwardReq, ForwardTarget, Forwarder, Inbox};
+use crate::outbox::{ForwardReply, ForwardReq, ForwardTarget, Forwarder};
 use crate::publish::{Destination, Outgoing, PublishBatch, Published, Remote, Submitted};
 
 /// The most shards a broker may have: message ids name their shard in their top bits
@@ -190,87 +190,93 @@ impl Route {
             mark: watch::channel(0).0,
         }
     }
-
-    /// Wait until D has applied H's outbox entry at `offset`.
-    pub(crate) async fn applied(&self, offset: u64) {
-        let mut rx = self.mark.subscribe();
-        // The sender lives as long as the broker; a closed channel ends the wait.
-        let _ = rx.wait_for(|m| *m > offset).await;
-    }
 }
 
-/// A destination shard in this process: its inbox, and its core to wake the groups
-/// consuming what was applied.
-struct LocalTarget {
-    inbox: Inbox,
+/// How a gateway reaches the shards other gateways own (the cluster's relays).
+pub trait ClusterLink: Send + Sync + std::fmt::Debug {
+    /// Shard `dest`'s inbox, wherever it is owned now.
+    fn forward_target(&self, dest: ShardId) -> Arc<dyn ForwardTarget>;
+}
+
+/// A destination shard owned in this process: its inbox, and its core to wake the
+/// groups consuming what was applied.
+pub(crate) struct LocalTarget {
     dest: Weak<ShardCore>,
+    id: ShardId,
+}
+
+impl LocalTarget {
+    pub(crate) fn new(dest: &Arc<ShardCore>) -> Self {
+        Self {
+            dest: Arc::downgrade(dest),
+            id: dest.id,
+        }
+    }
+
+    fn core(&self) -> Result<Arc<ShardCore>> {
+        self.dest.upgrade().ok_or(CoreError::NotOwned(self.id))
+    }
 }
 
 #[async_trait]
 impl ForwardTarget for LocalTarget {
     async fn next(&self, source: ShardId) -> Result<u64> {
-        self.inbox.next_for(source).await
+        self.core()?.inbox.next_for(source).await
     }
 
     async fn apply(&self, req: ForwardReq) -> Result<ForwardReply> {
+        let d = self.core()?;
         let source = req.source;
-        let (reply, touched) = self.inbox.apply_touched(req).await?;
-        if let Some(d) = self.dest.upgrade() {
-            if reply.applied > 0 {
-                d.forwarded_in
-                    .fetch_add(reply.applied as u64, std::sync::atomic::Ordering::Relaxed);
-                tracing::debug!(source, dest = d.id, applied = reply.applied, topics = ?touched, "core: forwarded");
-            }
-            for t in &touched {
-                d.wake_topic(t);
-            }
+        let (reply, touched) = d.inbox.apply_touched(req).await?;
+        if reply.applied > 0 {
+            d.forwarded_in
+                .fetch_add(reply.applied as u64, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(source, dest = d.id, applied = reply.applied, topics = ?touched, "core: forwarded");
+        }
+        for t in &touched {
+            d.wake_topic(t);
         }
         Ok(reply)
     }
 }
 
-/// Forward home's outbox entries for dest until the broker goes: after every kick
-/// (a write that staged some) and every second (entries left by a failure or by the
-/// previous run of this shard).
-pub(crate) async fn forward(home: Weak<ShardCore>, dest: Weak<ShardCore>, route: Arc<Route>) {
-    let (fwd, home_id, dest_id) = {
-        let (Some(h), Some(d)) = (home.upgrade(), dest.upgrade()) else {
+/// Forward home's outbox entries for `dest` while home is attached: after every kick
+/// (a write that staged some, the destination attached here) and every second
+/// (entries left by a failure, by a previous owner, or for a shard owned nowhere yet).
+/// The destination is looked up each round: in this process, else through the
+/// cluster's link.
+pub(crate) async fn forward(home: Weak<ShardCore>, dest: ShardId, route: Arc<Route>) {
+    loop {
+        let Some(h) = home.upgrade() else {
             return;
         };
-        let target = Arc::new(LocalTarget {
-            inbox: Inbox::new(d.id, Arc::clone(&d.store)),
-            dest: Arc::downgrade(&d),
-        });
-        (
-            Forwarder::new(h.id, d.id, Arc::clone(&h.store), target),
-            h.id,
-            d.id,
-        )
-    };
-    loop {
-        match fwd.drain_to().await {
-            Ok(mark) => {
-                route.mark.send_if_modified(|m| {
-                    let moved = mark > *m;
-                    *m = (*m).max(mark);
-                    moved
-                });
-            }
-            Err(e) => {
-                if home.strong_count() == 0 {
-                    return;
+        let Some(set) = h.shard_set() else {
+            return;
+        };
+        let target = set.target(dest);
+        drop(set);
+        if let Some(target) = target {
+            let fwd = Forwarder::new(h.id, dest, Arc::clone(&h.store), target);
+            match fwd.drain_to().await {
+                Ok(mark) => {
+                    route.mark.send_if_modified(|m| {
+                        let moved = mark > *m;
+                        *m = (*m).max(mark);
+                        moved
+                    });
                 }
-                tracing::warn!(home = home_id, dest = dest_id, error = %e, "core: forwarding failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+                Err(e) => {
+                    tracing::warn!(home = h.id, dest, error = %e, "core: forwarding failed; retrying");
+                    drop(h);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
             }
         }
+        drop(h);
         tokio::select! {
             () = route.kick.notified() => {}
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        if home.strong_count() == 0 || dest.strong_count() == 0 {
-            return;
         }
     }
 }
@@ -286,6 +292,41 @@ enum Planned {
 }
 
 impl ShardSet {
+    /// Shard `dest`'s inbox: here, else through the cluster's link (none: the shard
+    /// is nowhere to be reached now).
+    pub(crate) fn target(&self, dest: ShardId) -> Option<Arc<dyn ForwardTarget>> {
+        match self.local(dest) {
+            Some(d) => Some(Arc::new(LocalTarget::new(&d))),
+            None => self.link.as_ref().map(|l| l.forward_target(dest)),
+        }
+    }
+
+    /// Wait until `dest` has applied home `h`'s outbox entry at `offset`: told by
+    /// `h`'s forwarder, or, once `h` has moved to another gateway (whose forwarder
+    /// goes on from the log), asked of the destination.
+    async fn applied(&self, h: &Arc<ShardCore>, dest: ShardId, offset: u64) {
+        let mut rx = h.routes[usize::from(dest)].mark.subscribe();
+        loop {
+            if *rx.borrow_and_update() > offset
+                || self.closed.load(std::sync::atomic::Ordering::Acquire)
+            {
+                return;
+            }
+            tokio::select! {
+                _ = rx.changed() => continue,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            let moved = !self.local(h.id).is_some_and(|now| Arc::ptr_eq(&now, h));
+            if moved {
+                if let Some(t) = self.target(dest) {
+                    if t.next(h.id).await.is_ok_and(|m| m > offset) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     /// [`crate::Broker::publish_batch`].
     pub(crate) async fn publish_batch(
         self: &Arc<Self>,
@@ -303,7 +344,7 @@ impl ShardSet {
     /// queued in each shard first, and what follows reaches each shard after it.
     pub(crate) async fn publish_submit(self: &Arc<Self>, b: PublishBatch) -> Result<Submitted> {
         if !self.sharded() {
-            return self.meta().publish_submit(b).await;
+            return self.meta()?.publish_submit(b).await;
         }
         let PublishBatch {
             items,
@@ -324,7 +365,7 @@ impl ShardSet {
             parts.entry(0).or_insert_with(new_part).1.records = records;
         }
         for (i, item) in items.into_iter().enumerate() {
-            match self.plan(item)? {
+            match self.plan_here(item)? {
                 Planned::Nowhere => {}
                 Planned::One(s, item) => {
                     let (idx, pb) = parts.entry(s).or_insert_with(new_part);
@@ -333,45 +374,14 @@ impl ShardSet {
                 }
                 Planned::Split(home, item, remote) => {
                     for (s, (idx, pb)) in std::mem::take(&mut parts) {
-                        pending.push((idx, self.shard(s).publish_submit(pb).await?));
+                        pending.push((idx, self.shard(s)?.publish_submit(pb).await?));
                     }
-                    let mut pb = PublishBatch::new();
-                    pb.durable = durable;
-                    pb.items.push(item);
-                    let h = self.shard(home);
-                    let answer = h
-                        .submit_planned(pb, vec![remote.clone()])
-                        .await?
-                        .await?
-                        .pop()
-                        .flatten();
-                    if matches!(answer, Some(Published::Stored { .. })) {
-                        for d in remote.keys() {
-                            let next = h.store.queue_range(&crate::outbox::outbox_ref(*d))?.next.0;
-                            if next > 0 {
-                                h.routes[usize::from(*d)].applied(next - 1).await;
-                            }
-                        }
-                    }
-                    slots[i] = answer.map(|a| match a {
-                        Published::Stored {
-                            id,
-                            offsets,
-                            refused,
-                            ..
-                        } => Published::Stored {
-                            id,
-                            offsets,
-                            refused,
-                            forwarded: remote.into_values().flatten().collect(),
-                        },
-                        other => other,
-                    });
+                    slots[i] = self.publish_split(home, item, remote, durable).await?;
                 }
             }
         }
         for (s, (idx, pb)) in parts {
-            pending.push((idx, self.shard(s).publish_submit(pb).await?));
+            pending.push((idx, self.shard(s)?.publish_submit(pb).await?));
         }
         Ok(Submitted::boxed(Box::pin(async move {
             for (idx, sub) in pending {
@@ -383,10 +393,107 @@ impl ShardSet {
         })))
     }
 
+    /// Store a message in its home `home` with outbox entries for `remote`, and wait
+    /// until every destination has applied it (see [`ShardSet::publish_submit`]). A
+    /// home detached since it was planned (a move racing the publish) is planned again.
+    async fn publish_split(
+        self: &Arc<Self>,
+        mut home: ShardId,
+        mut item: Outgoing,
+        mut remote: Remote,
+        durable: bool,
+    ) -> Result<Option<Published>> {
+        let mut tries = 0;
+        let h = loop {
+            if let Some(h) = self.local(home) {
+                break h;
+            }
+            tries += 1;
+            if tries > 3 {
+                return Err(CoreError::NotOwned(home));
+            }
+            if let Destination::Topics(local) = &mut item.to {
+                local.extend(std::mem::take(&mut remote).into_values().flatten());
+            }
+            match self.plan(item)? {
+                Planned::Nowhere => return Ok(None),
+                Planned::One(s, one) => {
+                    let mut pb = PublishBatch::new();
+                    pb.durable = durable;
+                    pb.items.push(one);
+                    return Ok(self
+                        .shard(s)?
+                        .publish_submit(pb)
+                        .await?
+                        .await?
+                        .pop()
+                        .flatten());
+                }
+                Planned::Split(h2, i2, r2) => (home, item, remote) = (h2, i2, r2),
+            }
+        };
+        let mut pb = PublishBatch::new();
+        pb.durable = durable;
+        pb.items.push(item);
+        let answer = h
+            .submit_planned(pb, vec![remote.clone()])
+            .await?
+            .await?
+            .pop()
+            .flatten();
+        if matches!(answer, Some(Published::Stored { .. })) {
+            for d in remote.keys() {
+                let next = h.store.queue_range(&crate::outbox::outbox_ref(*d))?.next.0;
+                if next > 0 {
+                    self.applied(&h, *d, next - 1).await;
+                }
+            }
+        }
+        Ok(answer.map(|a| match a {
+            Published::Stored {
+                id,
+                offsets,
+                refused,
+                ..
+            } => Published::Stored {
+                id,
+                offsets,
+                refused,
+                forwarded: remote.into_values().flatten().collect(),
+            },
+            other => other,
+        }))
+    }
+
+    /// [`ShardSet::plan`], planned again when a shard it picked was detached in the
+    /// meantime (a move racing the publish).
+    fn plan_here(&self, item: Outgoing) -> Result<Planned> {
+        let mut planned = self.plan(item)?;
+        for _ in 0..3 {
+            let (s, item) = match planned {
+                Planned::One(s, item) if self.local(s).is_none() => (s, item),
+                Planned::Split(s, mut item, remote) if self.local(s).is_none() => {
+                    // The destinations as the plan found them.
+                    if let Destination::Topics(local) = &mut item.to {
+                        local.extend(remote.into_values().flatten());
+                    }
+                    (s, item)
+                }
+                done => return Ok(done),
+            };
+            tracing::debug!(
+                shard = s,
+                "core: a shard moved while a publish was planned; again"
+            );
+            planned = self.plan(item)?;
+        }
+        Ok(planned)
+    }
+
     /// Where `item` goes (see [`ShardSet::publish_submit`]).
     fn plan(&self, mut item: Outgoing) -> Result<Planned> {
         let p = &self.placement;
-        if item.delay.is_some() && self.meta().due(item.delay).is_none() {
+        if item.delay.is_some() && self.due(item.delay).is_none() {
             // Due now: routed now.
             item.delay = None;
         }
@@ -423,9 +530,12 @@ impl ShardSet {
         let home = if item.retain.is_some() {
             0
         } else {
-            // The shard holding most destinations (ties: the lowest).
+            // The shard holding most destinations, among those owned here if any
+            // (ties: the lowest).
+            let here = by.keys().any(|s| self.local(*s).is_some());
             match by
                 .iter()
+                .filter(|(s, _)| !here || self.local(**s).is_some())
                 .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(a.0)))
             {
                 Some((s, _)) => *s,

@@ -173,14 +173,14 @@ impl Broker {
         queue_count: Option<u32>,
     ) -> Result<TopicConfig> {
         self.inner
-            .of_topic(name)
+            .of_topic(name)?
             .create_topic(name, queue_count)
             .await
     }
 
     /// Delete a topic: its queues, and every group's offsets on it.
     pub async fn delete_topic(&self, name: &TopicName) -> Result<bool> {
-        let shard = self.inner.of_topic(name);
+        let shard = self.inner.of_topic(name)?;
         let existed = shard.store.delete_topic(name).await?;
         shard.topics.write().remove(name);
         self.inner.placement.topic_gone(name);
@@ -189,12 +189,11 @@ impl Broker {
 
     /// Every topic.
     pub fn topics(&self) -> Vec<TopicConfig> {
+        let owned = self.inner.owned();
         if !self.inner.sharded() {
-            return self.inner.meta().store.topics();
+            return owned.first().map(|s| s.store.topics()).unwrap_or_default();
         }
-        let mut all: Vec<TopicConfig> = self
-            .inner
-            .shards
+        let mut all: Vec<TopicConfig> = owned
             .iter()
             .flat_map(|s| s.store.topics())
             .filter(|t| !crate::outbox::is_outbox(&t.name))

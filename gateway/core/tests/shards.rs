@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use mqgate_core::outbox::{ForwardReply, ForwardReq, ForwardTarget};
 use mqgate_core::router::{Binding, Destination as BindTo, ExchangeDef, ExchangeKind};
-use mqgate_core::shard::shard_of;
+use mqgate_core::shard::{shard_of, ClusterLink};
 use mqgate_core::{
     Broker, ConsumeMode, CoreConfig, DeadLetter, DeadLetterFormat, DeathReason, Delay, GroupSpec,
     ManualClock, MemberOptions, OnFailure, Outgoing, PublishBatch, Published, Records,
@@ -621,5 +622,167 @@ async fn records_live_with_their_endpoint() {
             .unwrap()
             .is_none());
         b.shutdown().await;
+    }
+}
+
+/// Links brokers of one cluster in one process: a shard's inbox is asked of whichever
+/// of them owns it now.
+#[derive(Debug, Default)]
+struct Loopback {
+    peers: parking_lot::Mutex<Vec<Broker>>,
+}
+
+struct PeerTarget {
+    link: Arc<Loopback>,
+    dest: u16,
+}
+
+impl PeerTarget {
+    fn find(&self) -> mqgate_core::Result<Arc<dyn ForwardTarget>> {
+        self.link
+            .peers
+            .lock()
+            .iter()
+            .find_map(|b| b.inbox(self.dest))
+            .ok_or(mqgate_core::CoreError::NotOwned(self.dest))
+    }
+}
+
+#[async_trait::async_trait]
+impl ForwardTarget for PeerTarget {
+    async fn next(&self, source: u16) -> mqgate_core::Result<u64> {
+        self.find()?.next(source).await
+    }
+
+    async fn apply(&self, req: ForwardReq) -> mqgate_core::Result<ForwardReply> {
+        self.find()?.apply(req).await
+    }
+}
+
+#[derive(Debug)]
+struct LinkHandle(Arc<Loopback>);
+
+impl ClusterLink for LinkHandle {
+    fn forward_target(&self, dest: u16) -> Arc<dyn ForwardTarget> {
+        Arc::new(PeerTarget {
+            link: Arc::clone(&self.0),
+            dest,
+        })
+    }
+}
+
+/// Whichever broker owns `t`'s shard.
+fn owner_of<'a>(brokers: &'a [Broker], t: &str) -> &'a Broker {
+    let s = brokers[0].shard_of_topic(&topic(t));
+    brokers
+        .iter()
+        .find(|b| b.owned_shards().contains(&s))
+        .expect("some broker owns it")
+}
+
+/// Two gateways of one cluster in one process, shards 0-3 on the first and 4-7 on the
+/// second: a fan-out through the first reaches queues in all 8 shards exactly once and
+/// in order while shards move between them (a destination, then the home itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_move_between_brokers_under_a_fanout() {
+    for kind in [Kind::Memory, Kind::Rocks] {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = open(kind, &dir);
+        let link = Arc::new(Loopback::default());
+        let clock = ManualClock::new(T0);
+        let start = || {
+            Broker::start_cluster(
+                SHARDS,
+                Arc::new(LinkHandle(Arc::clone(&link))),
+                config(),
+                Arc::new(clock.clone()),
+            )
+            .unwrap()
+        };
+        let brokers = vec![start(), start()];
+        *link.peers.lock() = brokers.clone();
+        for s in 0..SHARDS {
+            let b = &brokers[usize::from(s / 4)];
+            b.attach_shard(s, Arc::clone(&stores[usize::from(s)]))
+                .await
+                .unwrap();
+        }
+        assert_eq!(brokers[0].owned_shards(), vec![0, 1, 2, 3]);
+        assert_eq!(brokers[1].owned_shards(), vec![4, 5, 6, 7]);
+        let (a, b) = (&brokers[0], &brokers[1]);
+        let queues = one_per_shard("moved");
+        // Each queue is created by its shard's owner; the routing state is shard 0's.
+        for q in &queues {
+            owner_of(&brokers, q)
+                .create_topic(&topic(q), Some(1))
+                .await
+                .unwrap();
+        }
+        a.declare_exchange(VHOST, ExchangeDef::new("fan", ExchangeKind::Fanout))
+            .await
+            .unwrap();
+        for q in &queues {
+            a.bind(VHOST, binding("fan", q, ""), true).await.unwrap();
+        }
+        // The second gateway does not own shard 0: asking it fails plainly.
+        assert!(matches!(
+            b.declare_exchange(
+                VHOST,
+                ExchangeDef {
+                    durable: true,
+                    ..ExchangeDef::new("other", ExchangeKind::Fanout)
+                }
+            )
+            .await,
+            Err(mqgate_core::CoreError::NotOwned(0))
+        ));
+        let n = 240;
+        let publisher = {
+            let a = a.clone();
+            tokio::spawn(async move { publish_through(&a, "fan", n, true).await })
+        };
+        // A destination moves from the second gateway to the first ...
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !publisher.is_finished(),
+            "{kind:?}: the moves happen mid-stream"
+        );
+        assert!(b.detach_shard(5).await);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        a.attach_shard(5, Arc::clone(&stores[5])).await.unwrap();
+        // ... and the home (shard 0, with the routing state) from the first to the
+        // second: the first publishes through another shard it owns from then on.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !publisher.is_finished(),
+            "{kind:?}: the moves happen mid-stream"
+        );
+        assert!(a.detach_shard(0).await);
+        b.attach_shard(0, Arc::clone(&stores[0])).await.unwrap();
+        let answers = publisher.await.unwrap();
+        assert_eq!(answers.len(), n, "{kind:?}");
+        assert!(answers.iter().all(|p| p.routed() == 8), "{kind:?}");
+        for q in &queues {
+            let owner = owner_of(&brokers, q);
+            assert_eq!(
+                wait_bodies(owner, q, n).await,
+                expected(n),
+                "{kind:?} {q}: each once, in order"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for q in &queues {
+            assert_eq!(
+                bodies(owner_of(&brokers, q), q).await.len(),
+                n,
+                "{kind:?} {q}"
+            );
+        }
+        // (Counted by the shard that applied them: a detached shard's count goes with it.)
+        assert!(a.forwarded() + b.forwarded() > 0);
+        for b in &brokers {
+            b.shutdown().await;
+        }
+        link.peers.lock().clear();
     }
 }

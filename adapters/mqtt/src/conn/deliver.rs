@@ -59,7 +59,7 @@ where
                 self.retained_todo = std::collections::VecDeque::new();
                 return;
             };
-            let Some((topic, entry)) = pending.cursor.next(retained, now) else {
+            let Some((topic, entry)) = pending.cursor.next(&retained, now) else {
                 continue;
             };
             if let Some(m) = retained.body(&topic, entry).await {

@@ -1,0 +1,255 @@
+//! Brokers as gateways of one cluster (issue 16): 3 gateways on the shared 3-node NATS
+//! cluster, 8 shards placed by rendezvous, each gateway's broker core attaching and
+//! detaching the shards its manager hands it. A publisher fans messages out to 8
+//! queues in 8 shards through one gateway; that gateway is killed mid-stream, a new
+//! one joins, shards move. Every message ends up in all 8 queues exactly once or in
+//! none (it was never committed), every confirmed one in all 8, each queue in publish
+//! order.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqgate_cluster::gateway::Gateway;
+use mqgate_core::shard::shard_of;
+use mqgate_core::{Broker, CoreConfig, Outgoing, PublishBatch, SystemClock};
+use mqgate_store::jetstream::testing::NatsCluster;
+use mqgate_store::{Message, QueueRef, ReadLimits, TopicName};
+
+const STREAM: &str = "gwcore";
+const SHARDS: u16 = 8;
+
+fn topic(s: &str) -> TopicName {
+    TopicName::new(s).unwrap()
+}
+
+/// One queue per shard.
+fn queues() -> Vec<TopicName> {
+    let mut by: BTreeMap<u16, String> = BTreeMap::new();
+    for n in 0.. {
+        let name = format!("q-{n}");
+        by.entry(shard_of(&name, SHARDS)).or_insert(name);
+        if by.len() == usize::from(SHARDS) {
+            break;
+        }
+    }
+    by.into_values().map(|n| topic(&n)).collect()
+}
+
+async fn start(cluster: &NatsCluster, name: &str, dir: &std::path::Path) -> Gateway {
+    let nats = common::connect(cluster, STREAM, name, dir).await;
+    Gateway::start(
+        nats,
+        common::manager_config(SHARDS),
+        CoreConfig::default(),
+        Arc::new(SystemClock),
+        Duration::from_millis(500),
+    )
+    .await
+    .expect("start the gateway")
+}
+
+fn names(gws: &[(String, Gateway)]) -> Vec<&str> {
+    gws.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+async fn wait_balanced(gws: &[(String, Gateway)]) {
+    let live = names(gws);
+    common::wait_ranked(SHARDS, &live, |s| {
+        gws.iter()
+            .filter(|(_, g)| g.broker().owned_shards().contains(&s))
+            .map(|(n, _)| n.clone())
+            .collect()
+    })
+    .await
+}
+
+fn owner(gws: &[(String, Gateway)], s: u16) -> Option<&Broker> {
+    gws.iter()
+        .map(|(_, g)| g.broker())
+        .find(|b| b.owned_shards().contains(&s))
+}
+
+/// The bodies queue 0 of `t` holds, read on its shard's owner (`None`: owned nowhere
+/// right now).
+async fn bodies(gws: &[(String, Gateway)], t: &TopicName) -> Option<Vec<String>> {
+    let b = owner(gws, shard_of(t.as_str(), SHARDS))?;
+    let q = QueueRef::new(t.clone(), 0);
+    let range = b.queue_range(&q).ok()?;
+    let read = b
+        .peek(&q, range.min, ReadLimits::count(100_000))
+        .await
+        .ok()?;
+    Some(
+        read.iter()
+            .map(|m| String::from_utf8_lossy(&m.message.message.body).into_owned())
+            .collect(),
+    )
+}
+
+/// Publish `m<i>` for `i` in `range` to every queue in batches of 5, 4 batches in
+/// flight, through `b`; the confirmed indexes (stops at the first error: the gateway
+/// went away or lost every shard).
+async fn publish(
+    b: Broker,
+    range: std::ops::Range<usize>,
+    queues: Vec<TopicName>,
+    progress: Arc<AtomicUsize>,
+) -> Vec<usize> {
+    let mut confirmed = Vec::new();
+    let mut pipe = b.publish_pipeline::<Vec<usize>>(4);
+    let mut i = range.start;
+    while i < range.end || !pipe.is_empty() {
+        if i < range.end && !pipe.must_drain() {
+            let mut batch = PublishBatch::new();
+            let mut idx = Vec::new();
+            for _ in 0..5.min(range.end - i) {
+                batch.push(Outgoing::routed(
+                    Message::new(topic("fan"), Bytes::from(format!("m{i}"))),
+                    queues.clone(),
+                ));
+                idx.push(i);
+                i += 1;
+            }
+            if pipe.submit(batch, idx).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        match pipe.next().await {
+            (idx, Ok(answers))
+                if answers
+                    .iter()
+                    .all(|a| a.as_ref().is_some_and(|p| p.routed() == 8)) =>
+            {
+                confirmed.extend(idx);
+                progress.store(confirmed.len(), Ordering::Relaxed);
+            }
+            _ => break,
+        }
+    }
+    confirmed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_exactly_once_while_gateways_die_and_join() {
+    let cluster = NatsCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let mut gws = Vec::new();
+    for name in ["gc-a", "gc-b", "gc-c"] {
+        gws.push((name.to_owned(), start(cluster, name, dir.path()).await));
+    }
+    wait_balanced(&gws).await;
+    let queues = queues();
+    for q in &queues {
+        owner(&gws, shard_of(q.as_str(), SHARDS))
+            .unwrap()
+            .create_topic(q, Some(1))
+            .await
+            .unwrap();
+    }
+
+    // A publisher on the gateway owning shard 0; it is killed after a while.
+    let victim = gws
+        .iter()
+        .position(|(_, g)| g.broker().owned_shards().contains(&0))
+        .unwrap();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let first = tokio::spawn(publish(
+        gws[victim].1.broker().clone(),
+        0..100_000,
+        queues.clone(),
+        Arc::clone(&progress),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while progress.load(Ordering::Relaxed) < 40 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (name, killed) = gws.remove(victim);
+    killed.abort();
+    let confirmed_first = first.await.unwrap();
+    assert!(
+        confirmed_first.len() >= 40,
+        "{name} confirmed {} before it died",
+        confirmed_first.len()
+    );
+    let killed_at = confirmed_first.last().copied().unwrap_or(0) + 100;
+
+    // The others take its shards; a new gateway joins while another publisher runs.
+    wait_balanced(&gws).await;
+    let second = tokio::spawn(publish(
+        gws[0].1.broker().clone(),
+        1_000_000..1_000_000 + 150,
+        queues.clone(),
+        Arc::new(AtomicUsize::new(0)),
+    ));
+    gws.push(("gc-d".to_owned(), start(cluster, "gc-d", dir.path()).await));
+    let confirmed_second = second.await.unwrap();
+    wait_balanced(&gws).await;
+
+    // Every queue: no duplicate, in publish order; each message in all 8 or none.
+    let mut per_queue = Vec::new();
+    for q in &queues {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let got = loop {
+            if let Some(b) = bodies(&gws, q).await {
+                let has_all = confirmed_first
+                    .iter()
+                    .chain(&confirmed_second)
+                    .all(|i| b.contains(&format!("m{i}")));
+                if has_all || tokio::time::Instant::now() > deadline {
+                    break b;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let idx: Vec<usize> = got.iter().map(|s| s[1..].parse().unwrap()).collect();
+        // Each publisher's messages in its order (the dead gateway's last ones may
+        // be forwarded after the second publisher's first ones), none twice.
+        for from_first in [true, false] {
+            let one: Vec<usize> = idx
+                .iter()
+                .copied()
+                .filter(|i| (*i < 1_000_000) == from_first)
+                .collect();
+            let bad = one.windows(2).find(|w| w[0] >= w[1]);
+            assert!(bad.is_none(), "{q}: out of order or twice: {bad:?}");
+        }
+        let mut sorted = idx.clone();
+        sorted.sort_unstable();
+        per_queue.push(sorted);
+    }
+    for (q, idx) in queues.iter().zip(&per_queue) {
+        let missing: Vec<&usize> = confirmed_first
+            .iter()
+            .chain(&confirmed_second)
+            .filter(|i| idx.binary_search(i).is_err())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{q}: confirmed but missing: {missing:?}"
+        );
+    }
+    // Unconfirmed messages of the dead gateway: all 8 queues or none.
+    for i in 0..killed_at {
+        let n = per_queue
+            .iter()
+            .filter(|idx| idx.binary_search(&i).is_ok())
+            .count();
+        assert!(n == 0 || n == 8, "m{i} is in {n} of 8 queues");
+    }
+    eprintln!(
+        "confirmed {} before the kill, {} after; forwarded {}",
+        confirmed_first.len(),
+        confirmed_second.len(),
+        gws.iter().map(|(_, g)| g.broker().forwarded()).sum::<u64>()
+    );
+    for (_, g) in gws {
+        g.leave(Duration::from_secs(5)).await;
+    }
+}
