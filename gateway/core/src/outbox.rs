@@ -51,6 +51,10 @@ pub fn outbox_topic(dest: ShardId) -> TopicName {
     TopicName::new(format!("%OUTBOX%{dest:03}")).expect("a valid topic name")
 }
 
+/// Entries below a destination's mark gathered in an outbox before a forwarder drops
+/// them (see [`Forwarder::drain_to`]).
+pub const TRIM_EVERY: u64 = 256;
+
 /// The destination shard of an outbox topic.
 pub fn outbox_dest(topic: &TopicName) -> Option<ShardId> {
     topic.as_str().strip_prefix("%OUTBOX%")?.parse().ok()
@@ -418,17 +422,49 @@ impl Forwarder {
     }
 
     /// Forward everything there is now; the destination's mark after it (every entry
-    /// below it is applied there).
-    pub async fn drain_to(&self) -> Result<u64> {
+    /// below it is applied there). One `next` question, then one request per page,
+    /// each answer giving the new mark. Entries below the mark are dropped from the
+    /// outbox once at least [`TRIM_EVERY`] have gathered, or all of them with `trim`
+    /// (an idle moment): a truncation is a store write, not worth one per message.
+    pub async fn drain_to(&self, trim: bool) -> Result<u64> {
+        let q = outbox_queue(self.dest);
+        let mut mark = self.target.next(self.home).await?;
         loop {
-            let n = self.pump().await?;
-            if n == 0 {
-                let r = self.store.queue_range(&outbox_queue(self.dest))?;
-                let mark = self.target.next(self.home).await?;
-                if mark >= r.next.0 {
-                    return Ok(mark);
-                }
+            let range = self.store.queue_range(&q)?;
+            if mark < range.min.0 {
+                return Err(CoreError::Invalid(format!(
+                    "shard {} reports mark {mark} for shard {}, whose outbox starts at {}",
+                    self.dest, self.home, range.min.0
+                )));
             }
+            if mark >= range.next.0 {
+                if mark > range.min.0 && (trim || mark - range.min.0 >= TRIM_EVERY) {
+                    self.trim(&q, mark).await?;
+                }
+                return Ok(mark);
+            }
+            let read = self
+                .store
+                .read(&q, QueueOffset(mark), ReadLimits::count(self.batch))
+                .await?;
+            let Some(first) = read.first() else {
+                return Err(CoreError::Invalid(format!(
+                    "outbox of shard {} for {}: nothing readable at {mark} below {}",
+                    self.home, self.dest, range.next.0
+                )));
+            };
+            let req = ForwardReq {
+                source: self.home,
+                first: first.entry.offset.0,
+                entries: read.iter().map(|m| Arc::clone(&m.message)).collect(),
+            };
+            let reply = self.target.apply(req).await?;
+            if reply.next <= mark {
+                // Refused (a gap: the destination is behind what it said) or nothing
+                // new: ask again next round rather than spin.
+                return Ok(reply.next);
+            }
+            mark = reply.next;
         }
     }
 

@@ -246,6 +246,8 @@ impl ForwardTarget for LocalTarget {
 /// The destination is looked up each round: in this process, else through the
 /// cluster's link.
 pub(crate) async fn forward(home: Weak<ShardCore>, dest: ShardId, route: Arc<Route>) {
+    // Woken by the timer rather than a write: drop every forwarded entry.
+    let mut idle = false;
     loop {
         let Some(h) = home.upgrade() else {
             return;
@@ -255,9 +257,10 @@ pub(crate) async fn forward(home: Weak<ShardCore>, dest: ShardId, route: Arc<Rou
         };
         let target = set.target(dest);
         drop(set);
+        let trim = std::mem::take(&mut idle);
         if let Some(target) = target {
             let fwd = Forwarder::new(h.id, dest, Arc::clone(&h.store), target);
-            match fwd.drain_to().await {
+            match fwd.drain_to(trim).await {
                 Ok(mark) => {
                     route.mark.send_if_modified(|m| {
                         let moved = mark > *m;
@@ -274,10 +277,32 @@ pub(crate) async fn forward(home: Weak<ShardCore>, dest: ShardId, route: Arc<Rou
             }
         }
         drop(h);
-        tokio::select! {
-            () = route.kick.notified() => {}
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
+        idle = tokio::select! {
+            () = route.kick.notified() => false,
+            () = tokio::time::sleep(Duration::from_secs(1)) => true,
+        };
+    }
+}
+
+/// A message of a run with one home: its index in the batch, itself, its destinations
+/// in other shards.
+type RunItem = (usize, Outgoing, Remote);
+
+/// A stored message's answer naming the topics of other shards it was forwarded to.
+fn with_forwarded(a: Published, remote: Remote) -> Published {
+    match a {
+        Published::Stored {
+            id,
+            offsets,
+            refused,
+            ..
+        } => Published::Stored {
+            id,
+            offsets,
+            refused,
+            forwarded: remote.into_values().flatten().collect(),
+        },
+        other => other,
     }
 }
 
@@ -364,20 +389,45 @@ impl ShardSet {
             // Records given with a publish go with shard 0's part of it.
             parts.entry(0).or_insert_with(new_part).1.records = records;
         }
+        // Consecutive messages with the same home are stored in one write and waited
+        // for together (their outbox entries travel in the same requests).
+        let mut run: Option<(ShardId, Vec<RunItem>)> = None;
         for (i, item) in items.into_iter().enumerate() {
             match self.plan_here(item)? {
                 Planned::Nowhere => {}
                 Planned::One(s, item) => {
+                    if let Some((home, items)) = run.take() {
+                        for (i, a) in self.publish_run(home, items, durable).await? {
+                            slots[i] = a;
+                        }
+                    }
                     let (idx, pb) = parts.entry(s).or_insert_with(new_part);
                     idx.push(i);
                     pb.items.push(item);
                 }
                 Planned::Split(home, item, remote) => {
+                    match &mut run {
+                        Some((h, items)) if *h == home => {
+                            items.push((i, item, remote));
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    if let Some((home, items)) = run.take() {
+                        for (i, a) in self.publish_run(home, items, durable).await? {
+                            slots[i] = a;
+                        }
+                    }
                     for (s, (idx, pb)) in std::mem::take(&mut parts) {
                         pending.push((idx, self.shard(s)?.publish_submit(pb).await?));
                     }
-                    slots[i] = self.publish_split(home, item, remote, durable).await?;
+                    run = Some((home, vec![(i, item, remote)]));
                 }
+            }
+        }
+        if let Some((home, items)) = run.take() {
+            for (i, a) in self.publish_run(home, items, durable).await? {
+                slots[i] = a;
             }
         }
         for (s, (idx, pb)) in parts {
@@ -391,6 +441,47 @@ impl ShardSet {
             }
             Ok(slots)
         })))
+    }
+
+    /// Store messages of one home in one write with their outbox entries, and wait
+    /// until every destination has applied them; the answers by batch index. A home
+    /// detached since it was planned: each message on its own, planned again.
+    async fn publish_run(
+        self: &Arc<Self>,
+        home: ShardId,
+        items: Vec<RunItem>,
+        durable: bool,
+    ) -> Result<Vec<(usize, Option<Published>)>> {
+        let Some(h) = self.local(home) else {
+            let mut out = Vec::with_capacity(items.len());
+            for (i, item, remote) in items {
+                out.push((i, self.publish_split(home, item, remote, durable).await?));
+            }
+            return Ok(out);
+        };
+        let mut pb = PublishBatch::new();
+        pb.durable = durable;
+        let mut idx = Vec::with_capacity(items.len());
+        let mut remotes = Vec::with_capacity(items.len());
+        let mut dests = std::collections::BTreeSet::new();
+        for (i, item, remote) in items {
+            idx.push(i);
+            dests.extend(remote.keys().copied());
+            remotes.push(remote);
+            pb.items.push(item);
+        }
+        let answers = h.submit_planned(pb, remotes.clone()).await?.await?;
+        for d in dests {
+            let next = h.store.queue_range(&crate::outbox::outbox_ref(d))?.next.0;
+            if next > 0 {
+                self.applied(&h, d, next - 1).await;
+            }
+        }
+        Ok(idx
+            .into_iter()
+            .zip(answers.into_iter().zip(remotes))
+            .map(|(i, (a, remote))| (i, a.map(|a| with_forwarded(a, remote))))
+            .collect())
     }
 
     /// Store a message in its home `home` with outbox entries for `remote`, and wait
@@ -449,20 +540,7 @@ impl ShardSet {
                 }
             }
         }
-        Ok(answer.map(|a| match a {
-            Published::Stored {
-                id,
-                offsets,
-                refused,
-                ..
-            } => Published::Stored {
-                id,
-                offsets,
-                refused,
-                forwarded: remote.into_values().flatten().collect(),
-            },
-            other => other,
-        }))
+        Ok(answer.map(|a| with_forwarded(a, remote)))
     }
 
     /// [`ShardSet::plan`], planned again when a shard it picked was detached in the
