@@ -8,14 +8,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use mqgate_cluster::gateway::Gateway;
-use mqgate_core::shard::shard_of;
+use mqgate_core::shard::{one_name_per_shard, shard_of};
 use mqgate_core::{Broker, CoreConfig, Outgoing, PublishBatch, SystemClock};
 use mqgate_store::jetstream::testing::NatsCluster;
 use mqgate_store::{Message, QueueRef, ReadLimits, TopicName};
@@ -29,15 +28,17 @@ fn topic(s: &str) -> TopicName {
 
 /// One queue per shard.
 fn queues() -> Vec<TopicName> {
-    let mut by: BTreeMap<u16, String> = BTreeMap::new();
-    for n in 0.. {
-        let name = format!("q-{n}");
-        by.entry(shard_of(&name, SHARDS)).or_insert(name);
-        if by.len() == usize::from(SHARDS) {
-            break;
-        }
-    }
-    by.into_values().map(|n| topic(&n)).collect()
+    one_name_per_shard("q", SHARDS)
+        .iter()
+        .map(|n| topic(n))
+        .collect()
+}
+
+/// `f`, or a panic naming `what` after `secs` seconds (a hang fails the test).
+async fn within<T>(secs: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {secs} s"))
 }
 
 async fn start(cluster: &NatsCluster, name: &str, dir: &std::path::Path) -> Gateway {
@@ -172,7 +173,7 @@ async fn fanout_exactly_once_while_gateways_die_and_join() {
     }
     let (name, killed) = gws.remove(victim);
     killed.abort();
-    let confirmed_first = first.await.unwrap();
+    let confirmed_first = within(60, "the first publisher ends", first).await.unwrap();
     assert!(
         confirmed_first.len() >= 40,
         "{name} confirmed {} before it died",
@@ -188,8 +189,11 @@ async fn fanout_exactly_once_while_gateways_die_and_join() {
         queues.clone(),
         Arc::new(AtomicUsize::new(0)),
     ));
-    gws.push(("gc-d".to_owned(), start(cluster, "gc-d", dir.path()).await));
-    let confirmed_second = second.await.unwrap();
+    let joined = within(60, "gc-d joins", start(cluster, "gc-d", dir.path())).await;
+    gws.push(("gc-d".to_owned(), joined));
+    let confirmed_second = within(120, "the second publisher ends", second)
+        .await
+        .unwrap();
     wait_balanced(&gws).await;
 
     // Every queue: no duplicate, in publish order; each message in all 8 or none.
@@ -250,6 +254,6 @@ async fn fanout_exactly_once_while_gateways_die_and_join() {
         gws.iter().map(|(_, g)| g.broker().forwarded()).sum::<u64>()
     );
     for (_, g) in gws {
-        g.leave(Duration::from_secs(5)).await;
+        within(30, "a gateway leaves", g.leave(Duration::from_secs(5))).await;
     }
 }

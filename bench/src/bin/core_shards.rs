@@ -14,13 +14,12 @@
 //!
 //! `cargo run --release -p mqgate-bench --bin core_shards -- --messages 20000 --rounds 3`
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use mqgate_core::shard::shard_of;
+use mqgate_core::shard::one_name_per_shard;
 use mqgate_core::{Broker, CoreConfig, Outgoing, PublishBatch, SystemClock};
 use mqgate_store::{MemoryStore, Message, RocksConfig, RocksStore, Store, TopicName};
 
@@ -73,15 +72,8 @@ fn stores(shards: u16, rocks: bool, dir: &std::path::Path) -> Vec<Arc<dyn Store>
 
 /// One queue per shard of an 8-shard broker.
 fn queues() -> Vec<TopicName> {
-    let mut by: BTreeMap<u16, String> = BTreeMap::new();
-    for n in 0.. {
-        let name = format!("bench-{n}");
-        by.entry(shard_of(&name, SHARDS)).or_insert(name);
-        if by.len() == usize::from(SHARDS) {
-            break;
-        }
-    }
-    by.into_values()
+    one_name_per_shard("bench", SHARDS)
+        .into_iter()
         .map(|n| TopicName::new(n).expect("valid"))
         .collect()
 }

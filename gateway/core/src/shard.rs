@@ -67,6 +67,20 @@ pub fn shard_of(topic: &str, shards: u16) -> ShardId {
     (splitmix64(fnv1a(topic.as_bytes())) % u64::from(shards)) as ShardId
 }
 
+/// `<prefix>-<n>` for the first `n` landing in each of `shards` shards, by shard: names
+/// that spread one per shard (tests and benchmarks of cross-shard paths).
+pub fn one_name_per_shard(prefix: &str, shards: u16) -> Vec<String> {
+    let mut by: BTreeMap<ShardId, String> = BTreeMap::new();
+    for n in 0u64.. {
+        let name = format!("{prefix}-{n}");
+        by.entry(shard_of(&name, shards)).or_insert(name);
+        if by.len() == usize::from(shards) {
+            break;
+        }
+    }
+    by.into_values().collect()
+}
+
 /// The shard whose store assigned message id `id` (ids start at `shard << 44`).
 pub fn shard_of_id(id: u64) -> ShardId {
     (id >> ID_SHARD_SHIFT) as ShardId
@@ -120,10 +134,13 @@ impl Placement {
                 return *s;
             }
         }
-        match TopicName::new(g) {
-            Ok(t) if self.topics.read().contains_key(&t) => self.topics.read()[&t],
-            _ => shard_of(g, self.shards),
-        }
+        // One read of the map: a second read taken while the first is held waits
+        // behind a queued writer, which waits for the first (parking_lot's locks are
+        // fair): both threads stop.
+        let known = TopicName::new(g)
+            .ok()
+            .and_then(|t| self.topics.read().get(&t).copied());
+        known.unwrap_or_else(|| shard_of(g, self.shards))
     }
 
     /// The shard of a group.
@@ -213,8 +230,17 @@ impl LocalTarget {
         }
     }
 
+    /// The destination's core while it is attached (a detached shard's store belongs
+    /// to its next owner).
     fn core(&self) -> Result<Arc<ShardCore>> {
-        self.dest.upgrade().ok_or(CoreError::NotOwned(self.id))
+        self.dest
+            .upgrade()
+            .filter(|d| {
+                d.shard_set()
+                    .and_then(|set| set.local(d.id))
+                    .is_some_and(|now| Arc::ptr_eq(&now, d))
+            })
+            .ok_or(CoreError::NotOwned(self.id))
     }
 }
 

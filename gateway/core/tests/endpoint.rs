@@ -9,6 +9,9 @@
 //! expiry sweeps are pushed an hour out, so every commit a test sees was written by the
 //! operation under test.
 
+mod common;
+
+use common::Tagging;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,9 +25,9 @@ use mqgate_core::router::{
     Binding, Destination as BindTo, ExchangeDef, ExchangeKind, DEFAULT_VHOST as VHOST,
 };
 use mqgate_core::{
-    Broker, Clock, ConsumeMode, Consumer, CoreConfig, DeadLetter, DeadLetterFormat, DeathReason,
-    Delay, Delivery, Destination, GroupSpec, ManualClock, MemberOptions, OnFailure, Outgoing,
-    PublishBatch, Published, Records, StartPosition,
+    Broker, Clock, ConsumeMode, Consumer, CoreConfig, DeadLetter, Delay, Delivery, Destination,
+    GroupSpec, ManualClock, MemberOptions, OnFailure, Outgoing, PublishBatch, Published, Records,
+    StartPosition,
 };
 use mqgate_store::{
     now_millis, GroupName, MemoryStore, Message, MessageId, Millis, OffsetRange, QueueMessage,
@@ -239,34 +242,6 @@ impl Store for FailingStore {
 
 // ---------------------------------------------------------------------------------------
 // The dead-letter copy.
-
-/// Copies the message to the target exchange's address, records the reason in `death`
-/// and the endpoint in `death-queue`, drops the per-message expiry (as RabbitMQ does),
-/// and routes it with the target's routing key or `dead`.
-#[derive(Debug)]
-struct Tagging;
-
-impl DeadLetterFormat for Tagging {
-    fn copy(
-        &self,
-        original: &StoredMessage,
-        target: &DeadLetter,
-        reason: DeathReason,
-        _now: Millis,
-    ) -> (Message, String) {
-        let mut m = original.message.clone();
-        m.topic = TopicName::new(&target.exchange).unwrap();
-        m.properties.retain(|(k, _)| k != EXPIRES_AT);
-        m.properties.push((
-            "death".into(),
-            Bytes::from_static(reason.as_str().as_bytes()),
-        ));
-        m.properties
-            .push(("death-queue".into(), Bytes::from(target.endpoint.clone())));
-        let key = target.routing_key.clone().unwrap_or_else(|| "dead".into());
-        (m, key)
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Helpers.

@@ -5,21 +5,22 @@
 //! views across the shards. On the in-memory and RocksDB stores, with publishers paced
 //! and in bursts.
 
-use std::collections::BTreeMap;
+mod common;
+
+use common::Tagging;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use mqgate_core::outbox::{ForwardReply, ForwardReq, ForwardTarget};
 use mqgate_core::router::{Binding, Destination as BindTo, ExchangeDef, ExchangeKind};
-use mqgate_core::shard::{shard_of, ClusterLink};
+use mqgate_core::shard::{one_name_per_shard, shard_of, ClusterLink};
 use mqgate_core::{
-    Broker, ConsumeMode, CoreConfig, DeadLetter, DeadLetterFormat, DeathReason, Delay, GroupSpec,
-    ManualClock, MemberOptions, OnFailure, Outgoing, PublishBatch, Published, Records,
-    StartPosition,
+    Broker, ConsumeMode, CoreConfig, DeadLetter, Delay, GroupSpec, ManualClock, MemberOptions,
+    OnFailure, Outgoing, PublishBatch, Published, Records, StartPosition,
 };
 use mqgate_store::{
-    GroupName, MemoryStore, Message, Millis, QueueRef, ReadLimits, RocksConfig, RocksStore, Store,
+    GroupName, MemoryStore, Message, QueueRef, ReadLimits, RocksConfig, RocksStore, Store,
     StoredMessage, TopicName,
 };
 use tempfile::TempDir;
@@ -132,17 +133,9 @@ fn topic(s: &str) -> TopicName {
     TopicName::new(s).unwrap()
 }
 
-/// One queue name per shard: `<prefix>-<n>` for the first n landing in each.
+/// One queue name per shard.
 fn one_per_shard(prefix: &str) -> Vec<String> {
-    let mut by: BTreeMap<u16, String> = BTreeMap::new();
-    for n in 0.. {
-        let name = format!("{prefix}-{n}");
-        by.entry(shard_of(&name, SHARDS)).or_insert(name);
-        if by.len() == usize::from(SHARDS) {
-            break;
-        }
-    }
-    by.into_values().collect()
+    one_name_per_shard(prefix, SHARDS)
 }
 
 /// A name of `prefix` in shard `s`.
@@ -451,27 +444,6 @@ async fn delayed_fanout_released_into_every_shard_rocks() {
     delayed_fanout_released_into_every_shard(Kind::Rocks).await;
 }
 
-#[derive(Debug)]
-struct Tagging;
-
-impl DeadLetterFormat for Tagging {
-    fn copy(
-        &self,
-        original: &StoredMessage,
-        target: &DeadLetter,
-        reason: DeathReason,
-        _now: Millis,
-    ) -> (Message, String) {
-        let mut m = original.message.clone();
-        m.topic = topic(&target.exchange);
-        m.properties.push((
-            "death".into(),
-            Bytes::from_static(reason.as_str().as_bytes()),
-        ));
-        (m, "dead".into())
-    }
-}
-
 /// A consumer in shard 1 rejects messages; its dead-letter exchange routes them to a
 /// queue in shard 6. Retries of a RocketMQ-style group stay in the group's shard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -736,27 +708,33 @@ async fn shards_move_between_brokers_under_a_fanout() {
             .await,
             Err(mqgate_core::CoreError::NotOwned(0))
         ));
-        let n = 240;
+        let n = 3000;
         let publisher = {
             let a = a.clone();
             tokio::spawn(async move { publish_through(&a, "fan", n, true).await })
         };
+        // Until the queue in shard 1 (on the first gateway throughout) holds `k`
+        // messages.
+        let home_queue = QueueRef::new(topic(&queues[1]), 0);
+        let reached = |k: u64| {
+            let a = a.clone();
+            let q = home_queue.clone();
+            async move {
+                while a.queue_range(&q).map_or(0, |r| r.next.0) < k {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        };
         // A destination moves from the second gateway to the first ...
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(
-            !publisher.is_finished(),
-            "{kind:?}: the moves happen mid-stream"
-        );
+        reached(n as u64 / 5).await;
+        assert!(!publisher.is_finished(), "{kind:?}: mid-stream");
         assert!(b.detach_shard(5).await);
         tokio::time::sleep(Duration::from_millis(30)).await;
         a.attach_shard(5, Arc::clone(&stores[5])).await.unwrap();
         // ... and the home (shard 0, with the routing state) from the first to the
         // second: the first publishes through another shard it owns from then on.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(
-            !publisher.is_finished(),
-            "{kind:?}: the moves happen mid-stream"
-        );
+        reached(2 * n as u64 / 5).await;
+        assert!(!publisher.is_finished(), "{kind:?}: mid-stream");
         assert!(a.detach_shard(0).await);
         b.attach_shard(0, Arc::clone(&stores[0])).await.unwrap();
         let answers = publisher.await.unwrap();
