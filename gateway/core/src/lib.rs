@@ -27,6 +27,7 @@ pub mod mailbox;
 mod memory;
 pub mod net;
 pub mod outbox;
+mod pipeline;
 pub mod props;
 pub mod publish;
 pub mod retained;
@@ -53,8 +54,9 @@ pub use group::{
     OnFailure, QueueInfo, StartPosition,
 };
 pub use login::{LoginThrottle, LoginThrottleConfig};
+pub use pipeline::Pipeline;
 pub use publish::{Delay, Publish, Published};
-pub use publish::{Destination, Outgoing, Pipeline, PublishBatch, Records, Submitted};
+pub use publish::{Destination, Outgoing, PublishBatch, Records, Submitted};
 pub use retained::{Retained, RetainedCursor, RetainedStats};
 pub use router::Router;
 pub use topics::ProducerStat;
