@@ -259,9 +259,28 @@ impl Inbox {
     }
 
     /// [`Inbox::apply`], also naming the topics it appended to (to wake their readers).
+    ///
+    /// Runs as a task of its own, holding the source's lock until its write is done:
+    /// a caller that gives up waiting (a forwarder stopped because its home shard
+    /// moved) must not release the lock while the write it queued can still land, or
+    /// the next request would read the old mark and apply the same entries again.
     pub async fn apply_touched(&self, req: ForwardReq) -> Result<(ForwardReply, Vec<TopicName>)> {
         let lock = Arc::clone(self.locks.lock().entry(req.source).or_default());
-        let _held = lock.lock().await;
+        let inbox = Inbox {
+            shard: self.shard,
+            store: Arc::clone(&self.store),
+            locks: parking_lot::Mutex::default(),
+        };
+        tokio::spawn(async move {
+            let _held = lock.lock_owned().await;
+            inbox.apply_locked(req).await
+        })
+        .await
+        .map_err(|e| CoreError::Invalid(format!("applying forwarded entries: {e}")))?
+    }
+
+    /// The body of [`Inbox::apply_touched`], under the source's lock.
+    async fn apply_locked(&self, req: ForwardReq) -> Result<(ForwardReply, Vec<TopicName>)> {
         let next = self.mark(req.source).await?;
         if req.first > next {
             return Ok((ForwardReply { next, applied: 0 }, Vec::new()));
