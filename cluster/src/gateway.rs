@@ -4,14 +4,15 @@
 //! ```text
 //!  ShardEvent::Acquired{shard, store} ──> broker.attach_shard(shard, store)
 //!                                         + the shard's inbox served on the forward relay
+//!                                         + its publishes served on the publish relay
 //!  ShardEvent::Release{shard, done}   ──> relay server stopped, broker.detach_shard(shard)
 //!                                         (groups commit, tasks end, store flushed), done
 //!  ShardEvent::Lost{shard}            ──> the same, nothing to answer (another gateway
 //!                                         fenced the log: the store refuses writes)
 //! ```
-//! The broker's forwarders reach a destination shard owned elsewhere through
-//! [`NatsLink`]: the forward relay's queue group on that shard's subject, answered by
-//! whichever gateway owns it now.
+//! The broker's forwarders and publishers reach a shard owned elsewhere through
+//! [`NatsLink`]: the forward and publish relays' queue groups on that shard's
+//! subjects, answered by whichever gateway owns it now.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,20 +20,22 @@ use std::time::Duration;
 
 use mqgate_core::outbox::{ForwardTarget, ShardId};
 use mqgate_core::shard::ClusterLink;
-use mqgate_core::{Broker, Clock, CoreConfig};
+use mqgate_core::{Broker, Clock, CoreConfig, PublishBatch, Result, Submitted};
 use mqgate_store::jetstream::Nats;
 use mqgate_store::Store;
 use tokio::sync::mpsc;
 
 use crate::manager::{ManagerConfig, ShardEvent, ShardManager};
 use crate::relay::forward::{Faults, ForwardServer, NatsForwardTarget};
+use crate::relay::publish::{NatsPublisher, PublishServer};
 
 /// How a broker reaches shards owned by other gateways: over core NATS.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NatsLink {
     client: async_nats::Client,
     stream: String,
     timeout: Duration,
+    publisher: NatsPublisher,
 }
 
 impl NatsLink {
@@ -40,6 +43,7 @@ impl NatsLink {
     /// `timeout` fails (and is retried by its caller).
     pub fn new(client: async_nats::Client, stream: &str, timeout: Duration) -> Self {
         Self {
+            publisher: NatsPublisher::new(client.clone(), stream, timeout),
             client,
             stream: stream.to_owned(),
             timeout,
@@ -47,7 +51,12 @@ impl NatsLink {
     }
 }
 
+#[async_trait::async_trait]
 impl ClusterLink for NatsLink {
+    async fn publish(&self, shard: ShardId, batch: PublishBatch) -> Result<Submitted> {
+        self.publisher.publish(shard, batch).await
+    }
+
     fn forward_target(&self, dest: ShardId) -> Arc<dyn ForwardTarget> {
         Arc::new(NatsForwardTarget::new(
             self.client.clone(),
@@ -132,7 +141,7 @@ async fn drive(
     stream: String,
     mut events: mpsc::UnboundedReceiver<ShardEvent>,
 ) {
-    let mut servers: HashMap<ShardId, ForwardServer> = HashMap::new();
+    let mut servers: HashMap<ShardId, (ForwardServer, Option<PublishServer>)> = HashMap::new();
     while let Some(e) = events.recv().await {
         match e {
             ShardEvent::Acquired { shard, store, .. } => {
@@ -154,7 +163,13 @@ async fn drive(
                 .await
                 {
                     Ok(s) => {
-                        servers.insert(shard, s);
+                        let p = PublishServer::start(client.clone(), &stream, shard, broker.clone())
+                            .await
+                            .map_err(|e| {
+                                tracing::error!(shard, error = %e, "cluster: serving the shard's publishes failed")
+                            })
+                            .ok();
+                        servers.insert(shard, (s, p));
                     }
                     Err(e) => {
                         tracing::error!(shard, error = %e, "cluster: serving the shard's inbox failed")

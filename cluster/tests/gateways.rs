@@ -15,9 +15,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use mqgate_cluster::gateway::Gateway;
 use mqgate_core::shard::{one_name_per_shard, shard_of};
-use mqgate_core::{Broker, CoreConfig, Outgoing, PublishBatch, SystemClock};
+use mqgate_core::{Broker, Outgoing, PublishBatch};
 use mqgate_store::jetstream::testing::NatsCluster;
-use mqgate_store::{Message, QueueRef, ReadLimits, TopicName};
+use mqgate_store::{Message, TopicName};
 
 const STREAM: &str = "gwcore";
 const SHARDS: u16 = 8;
@@ -34,62 +34,12 @@ fn queues() -> Vec<TopicName> {
         .collect()
 }
 
-/// `f`, or a panic naming `what` after `secs` seconds (a hang fails the test).
-async fn within<T>(secs: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: not within {secs} s"))
-}
-
 async fn start(cluster: &NatsCluster, name: &str, dir: &std::path::Path) -> Gateway {
-    let nats = common::connect(cluster, STREAM, name, dir).await;
-    Gateway::start(
-        nats,
-        common::manager_config(SHARDS),
-        CoreConfig::default(),
-        Arc::new(SystemClock),
-        Duration::from_millis(500),
-    )
-    .await
-    .expect("start the gateway")
-}
-
-fn names(gws: &[(String, Gateway)]) -> Vec<&str> {
-    gws.iter().map(|(n, _)| n.as_str()).collect()
+    common::start_gateway(cluster, STREAM, SHARDS, name, dir).await
 }
 
 async fn wait_balanced(gws: &[(String, Gateway)]) {
-    let live = names(gws);
-    common::wait_ranked(SHARDS, &live, |s| {
-        gws.iter()
-            .filter(|(_, g)| g.broker().owned_shards().contains(&s))
-            .map(|(n, _)| n.clone())
-            .collect()
-    })
-    .await
-}
-
-fn owner(gws: &[(String, Gateway)], s: u16) -> Option<&Broker> {
-    gws.iter()
-        .map(|(_, g)| g.broker())
-        .find(|b| b.owned_shards().contains(&s))
-}
-
-/// The bodies queue 0 of `t` holds, read on its shard's owner (`None`: owned nowhere
-/// right now).
-async fn bodies(gws: &[(String, Gateway)], t: &TopicName) -> Option<Vec<String>> {
-    let b = owner(gws, shard_of(t.as_str(), SHARDS))?;
-    let q = QueueRef::new(t.clone(), 0);
-    let range = b.queue_range(&q).ok()?;
-    let read = b
-        .peek(&q, range.min, ReadLimits::count(100_000))
-        .await
-        .ok()?;
-    Some(
-        read.iter()
-            .map(|m| String::from_utf8_lossy(&m.message.message.body).into_owned())
-            .collect(),
-    )
+    common::wait_balanced(SHARDS, gws).await
 }
 
 /// Publish `m<i>` for `i` in `range` to every queue in batches of 5, 4 batches in
@@ -155,7 +105,7 @@ async fn fanout_exactly_once_while_gateways_die_and_join() {
     wait_balanced(&gws).await;
     let queues = queues();
     for q in &queues {
-        owner(&gws, shard_of(q.as_str(), SHARDS))
+        common::owner(&gws, shard_of(q.as_str(), SHARDS))
             .unwrap()
             .create_topic(q, Some(1))
             .await
@@ -180,7 +130,9 @@ async fn fanout_exactly_once_while_gateways_die_and_join() {
     }
     let (name, killed) = gws.remove(victim);
     killed.abort();
-    let confirmed_first = within(60, "the first publisher ends", first).await.unwrap();
+    let confirmed_first = common::within(60, "the first publisher ends", first)
+        .await
+        .unwrap();
     assert!(
         confirmed_first.len() >= 40,
         "{name} confirmed {} before it died",
@@ -196,9 +148,9 @@ async fn fanout_exactly_once_while_gateways_die_and_join() {
         queues.clone(),
         Arc::new(AtomicUsize::new(0)),
     ));
-    let joined = within(60, "gc-d joins", start(cluster, "gc-d", dir.path())).await;
+    let joined = common::within(60, "gc-d joins", start(cluster, "gc-d", dir.path())).await;
     gws.push(("gc-d".to_owned(), joined));
-    let confirmed_second = within(120, "the second publisher ends", second)
+    let confirmed_second = common::within(120, "the second publisher ends", second)
         .await
         .unwrap();
     wait_balanced(&gws).await;
@@ -208,7 +160,7 @@ async fn fanout_exactly_once_while_gateways_die_and_join() {
     for q in &queues {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let got = loop {
-            if let Some(b) = bodies(&gws, q).await {
+            if let Some(b) = common::queue_bodies(&gws, SHARDS, q).await {
                 let has_all = confirmed_first
                     .iter()
                     .chain(&confirmed_second)
@@ -261,6 +213,6 @@ async fn fanout_exactly_once_while_gateways_die_and_join() {
         gws.iter().map(|(_, g)| g.broker().forwarded()).sum::<u64>()
     );
     for (_, g) in gws {
-        within(30, "a gateway leaves", g.leave(Duration::from_secs(5))).await;
+        common::within(30, "a gateway leaves", g.leave(Duration::from_secs(5))).await;
     }
 }

@@ -9,6 +9,7 @@
 //! loss or a duplicate.
 
 pub mod forward;
+pub mod publish;
 
 /// The subject of operation `op` on `shard` in the cluster of `stream`.
 pub fn subject(stream: &str, shard: u16, op: &str) -> String {

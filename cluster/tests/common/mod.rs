@@ -3,7 +3,12 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use mqgate_cluster::gateway::Gateway;
+use mqgate_core::shard::shard_of;
+use mqgate_core::{Broker, CoreConfig, SystemClock};
 
 use mqgate_cluster::manager::ManagerConfig;
 use mqgate_cluster::rendezvous::assignment;
@@ -72,4 +77,71 @@ pub(crate) fn manager_config(shards: u16) -> ManagerConfig {
         tick: Duration::from_millis(150),
         move_lag: 100,
     }
+}
+
+/// `f`, or a panic naming `what` after `secs` seconds (a hang fails the test).
+pub(crate) async fn within<T>(secs: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {secs} s"))
+}
+
+/// Gateway `name` of the cluster of `stream`: a broker core of `shards` shards.
+pub(crate) async fn start_gateway(
+    cluster: &NatsCluster,
+    stream: &str,
+    shards: u16,
+    name: &str,
+    dir: &Path,
+) -> Gateway {
+    let nats = connect(cluster, stream, name, dir).await;
+    Gateway::start(
+        nats,
+        manager_config(shards),
+        CoreConfig::default(),
+        Arc::new(SystemClock),
+        Duration::from_millis(500),
+    )
+    .await
+    .expect("start the gateway")
+}
+
+/// Wait until every shard is owned where rendezvous puts it among `gws`.
+pub(crate) async fn wait_balanced(shards: u16, gws: &[(String, Gateway)]) {
+    let live: Vec<&str> = gws.iter().map(|(n, _)| n.as_str()).collect();
+    wait_ranked(shards, &live, |s| {
+        gws.iter()
+            .filter(|(_, g)| g.broker().owned_shards().contains(&s))
+            .map(|(n, _)| n.clone())
+            .collect()
+    })
+    .await
+}
+
+/// The broker owning shard `s` now.
+pub(crate) fn owner(gws: &[(String, Gateway)], s: u16) -> Option<&Broker> {
+    gws.iter()
+        .map(|(_, g)| g.broker())
+        .find(|b| b.owned_shards().contains(&s))
+}
+
+/// The bodies queue 0 of `t` holds, read on its shard's owner (`None`: owned nowhere
+/// right now).
+pub(crate) async fn queue_bodies(
+    gws: &[(String, Gateway)],
+    shards: u16,
+    t: &TopicName,
+) -> Option<Vec<String>> {
+    let b = owner(gws, shard_of(t.as_str(), shards))?;
+    let q = QueueRef::new(t.clone(), 0);
+    let range = b.queue_range(&q).ok()?;
+    let read = b
+        .peek(&q, range.min, ReadLimits::count(100_000))
+        .await
+        .ok()?;
+    Some(
+        read.iter()
+            .map(|m| String::from_utf8_lossy(&m.message.message.body).into_owned())
+            .collect(),
+    )
 }

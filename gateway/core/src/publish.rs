@@ -213,7 +213,7 @@ impl Records {
     }
 
     /// The changes: (namespace, key, the new value or `None` to delete).
-    pub(crate) fn into_ops(self) -> Vec<(String, Bytes, Option<Bytes>)> {
+    pub fn into_ops(self) -> Vec<(String, Bytes, Option<Bytes>)> {
         self.ops
             .into_iter()
             .map(|op| match op {
@@ -791,6 +791,13 @@ pub struct Submitted(PartWrite);
 impl Submitted {
     pub(crate) fn boxed(f: PartWrite) -> Self {
         Self(f)
+    }
+
+    /// A submitted batch answered by `answers` (a relay's reply, awaited there).
+    pub fn new(
+        answers: impl std::future::Future<Output = Result<Vec<Option<Published>>>> + Send + 'static,
+    ) -> Self {
+        Self(Box::pin(answers))
     }
 
     fn ready(r: Result<Vec<Option<Published>>>) -> Self {

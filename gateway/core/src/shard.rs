@@ -210,9 +210,22 @@ impl Route {
 }
 
 /// How a gateway reaches the shards other gateways own (the cluster's relays).
+#[async_trait]
 pub trait ClusterLink: Send + Sync + std::fmt::Debug {
     /// Shard `dest`'s inbox, wherever it is owned now.
     fn forward_target(&self, dest: ShardId) -> Arc<dyn ForwardTarget>;
+
+    /// Submit `batch` to the gateway owning `shard` (the publish relay): every item's
+    /// destinations lie in that shard, or it is an item for shard 0's routing (an
+    /// exchange, a retained setting, a named timer). Batches submitted one after
+    /// another by one caller reach the owner, and are stored, in that order; the
+    /// [`Submitted`] resolves once the owner answered (after its write is durable). A
+    /// batch nobody answers in time fails: it may or may not have been stored, so
+    /// nothing is acknowledged and the client's resend makes a duplicate at worst.
+    async fn publish(&self, shard: ShardId, batch: PublishBatch) -> Result<Submitted> {
+        let _ = batch;
+        Err(CoreError::NotOwned(shard))
+    }
 }
 
 /// A destination shard owned in this process: its inbox, and its core to wake the
@@ -352,6 +365,23 @@ impl ShardSet {
         }
     }
 
+    /// Whether this gateway routes exchange publishes itself: it holds the routing
+    /// state (shard 0, or a broker that is not part of a cluster). Otherwise they go
+    /// to shard 0's owner as they are.
+    fn routes_here(&self) -> bool {
+        self.link.is_none() || self.local(0).is_some()
+    }
+
+    /// Submit a part whose destinations all lie in shard `s`: here, or through the
+    /// cluster's publish relay to its owner.
+    async fn part_submit(&self, s: ShardId, pb: PublishBatch) -> Result<Submitted> {
+        match (self.local(s), &self.link) {
+            (Some(local), _) => local.publish_submit(pb).await,
+            (None, Some(link)) => link.publish(s, pb).await,
+            (None, None) => Err(CoreError::NotOwned(s)),
+        }
+    }
+
     /// Wait until `dest` has applied home `h`'s outbox entry at `offset`: told by
     /// `h`'s forwarder, or, once `h` has moved to another gateway (whose forwarder
     /// goes on from the log), asked of the destination.
@@ -395,7 +425,7 @@ impl ShardSet {
     /// queued in each shard first, and what follows reaches each shard after it.
     pub(crate) async fn publish_submit(self: &Arc<Self>, b: PublishBatch) -> Result<Submitted> {
         if !self.sharded() {
-            return self.meta()?.publish_submit(b).await;
+            return self.part_submit(0, b).await;
         }
         let PublishBatch {
             items,
@@ -445,7 +475,7 @@ impl ShardSet {
                         }
                     }
                     for (s, (idx, pb)) in std::mem::take(&mut parts) {
-                        pending.push((idx, self.shard(s)?.publish_submit(pb).await?));
+                        pending.push((idx, self.part_submit(s, pb).await?));
                     }
                     run = Some((home, vec![(i, item, remote)]));
                 }
@@ -457,7 +487,7 @@ impl ShardSet {
             }
         }
         for (s, (idx, pb)) in parts {
-            pending.push((idx, self.shard(s)?.publish_submit(pb).await?));
+            pending.push((idx, self.part_submit(s, pb).await?));
         }
         Ok(Submitted::boxed(Box::pin(async move {
             for (idx, sub) in pending {
@@ -471,6 +501,8 @@ impl ShardSet {
 
     /// Store messages of one home in one write with their outbox entries, and wait
     /// until every destination has applied them; the answers by batch index. A home
+    /// owned by another gateway: the run goes to it whole, through the publish relay
+    /// (it stores and forwards them, and answers once they are applied). A home
     /// detached since it was planned: each message on its own, planned again.
     async fn publish_run(
         self: &Arc<Self>,
@@ -478,6 +510,20 @@ impl ShardSet {
         items: Vec<RunItem>,
         durable: bool,
     ) -> Result<Vec<(usize, Option<Published>)>> {
+        if let (None, Some(link)) = (self.local(home), &self.link) {
+            let mut pb = PublishBatch::new();
+            pb.durable = durable;
+            let mut idx = Vec::with_capacity(items.len());
+            for (i, mut item, remote) in items {
+                if let Destination::Topics(local) = &mut item.to {
+                    local.extend(remote.into_values().flatten());
+                }
+                idx.push(i);
+                pb.items.push(item);
+            }
+            let answers = link.publish(home, pb).await?.await?;
+            return Ok(idx.into_iter().zip(answers).collect());
+        }
         let Some(h) = self.local(home) else {
             let mut out = Vec::with_capacity(items.len());
             for (i, item, remote) in items {
@@ -573,6 +619,10 @@ impl ShardSet {
     /// meantime (a move racing the publish).
     fn plan_here(&self, item: Outgoing) -> Result<Planned> {
         let mut planned = self.plan(item)?;
+        if self.link.is_some() {
+            // A gateway of a cluster relays to whichever gateway owns the shard now.
+            return Ok(planned);
+        }
         for _ in 0..3 {
             let (s, item) = match planned {
                 Planned::One(s, item) if self.local(s).is_none() => (s, item),
@@ -620,6 +670,10 @@ impl ShardSet {
                 vec![topic.clone()]
             }
             Destination::Topics(ts) => ts.clone(),
+            Destination::Exchange { .. } if !self.routes_here() => {
+                // Routed by the gateway holding the routing state.
+                return Ok(Planned::One(0, item));
+            }
             Destination::Exchange {
                 vhost,
                 exchange,
