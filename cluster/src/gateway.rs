@@ -5,14 +5,15 @@
 //!  ShardEvent::Acquired{shard, store} ──> broker.attach_shard(shard, store)
 //!                                         + the shard's inbox served on the forward relay
 //!                                         + its publishes served on the publish relay
+//!                                         + its groups served on the consume relay
 //!  ShardEvent::Release{shard, done}   ──> relay server stopped, broker.detach_shard(shard)
 //!                                         (groups commit, tasks end, store flushed), done
 //!  ShardEvent::Lost{shard}            ──> the same, nothing to answer (another gateway
 //!                                         fenced the log: the store refuses writes)
 //! ```
-//! The broker's forwarders and publishers reach a shard owned elsewhere through
-//! [`NatsLink`]: the forward and publish relays' queue groups on that shard's
-//! subjects, answered by whichever gateway owns it now.
+//! The broker's forwarders, publishers and consumers reach a shard owned elsewhere
+//! through [`NatsLink`]: the relays' queue groups on that shard's subjects, answered by
+//! whichever gateway owns it now.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,12 +21,15 @@ use std::time::Duration;
 
 use mqgate_core::outbox::{ForwardTarget, ShardId};
 use mqgate_core::shard::ClusterLink;
-use mqgate_core::{Broker, Clock, CoreConfig, PublishBatch, Result, Submitted};
+use mqgate_core::{
+    Broker, Clock, Consumer, CoreConfig, GroupSpec, MemberOptions, PublishBatch, Result, Submitted,
+};
 use mqgate_store::jetstream::Nats;
 use mqgate_store::Store;
 use tokio::sync::mpsc;
 
 use crate::manager::{ManagerConfig, ShardEvent, ShardManager};
+use crate::relay::consume::{ConsumeServer, DeliveryFaults, NatsConsumers};
 use crate::relay::forward::{Faults, ForwardServer, NatsForwardTarget};
 use crate::relay::publish::{NatsPublisher, PublishServer};
 
@@ -36,6 +40,7 @@ pub struct NatsLink {
     stream: String,
     timeout: Duration,
     publisher: NatsPublisher,
+    consumers: NatsConsumers,
 }
 
 impl NatsLink {
@@ -44,6 +49,7 @@ impl NatsLink {
     pub fn new(client: async_nats::Client, stream: &str, timeout: Duration) -> Self {
         Self {
             publisher: NatsPublisher::new(client.clone(), stream, timeout),
+            consumers: NatsConsumers::new(client.clone(), stream, timeout),
             client,
             stream: stream.to_owned(),
             timeout,
@@ -55,6 +61,15 @@ impl NatsLink {
 impl ClusterLink for NatsLink {
     async fn publish(&self, shard: ShardId, batch: PublishBatch) -> Result<Submitted> {
         self.publisher.publish(shard, batch).await
+    }
+
+    async fn subscribe(
+        &self,
+        shard: ShardId,
+        spec: GroupSpec,
+        member: MemberOptions,
+    ) -> Result<Consumer> {
+        self.consumers.subscribe(shard, spec, member).await
     }
 
     fn forward_target(&self, dest: ShardId) -> Arc<dyn ForwardTarget> {
@@ -73,6 +88,7 @@ pub struct Gateway {
     broker: Broker,
     manager: Option<ShardManager>,
     driver: tokio::task::JoinHandle<()>,
+    faults: Arc<DeliveryFaults>,
 }
 
 impl Gateway {
@@ -91,18 +107,33 @@ impl Gateway {
         let broker = Broker::start_cluster(cfg.shards, link, core, clock)
             .map_err(|e| format!("start the core: {e}"))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let driver = tokio::spawn(drive(broker.clone(), client, stream, rx));
+        let faults = Arc::new(DeliveryFaults::default());
+        let driver = tokio::spawn(drive(
+            broker.clone(),
+            client,
+            stream,
+            relay_timeout,
+            Arc::clone(&faults),
+            rx,
+        ));
         let manager = ShardManager::start(nats, cfg, tx).await?;
         Ok(Self {
             broker,
             manager: Some(manager),
             driver,
+            faults,
         })
     }
 
     /// The broker core (what adapters serve).
     pub fn broker(&self) -> &Broker {
         &self.broker
+    }
+
+    /// Faults injected into the deliveries this gateway relays to members elsewhere
+    /// (tests).
+    pub fn delivery_faults(&self) -> &DeliveryFaults {
+        &self.faults
     }
 
     /// The shard manager.
@@ -134,14 +165,23 @@ impl Gateway {
     }
 }
 
+/// The relay servers of one owned shard (they stop when dropped).
+struct Servers {
+    _forward: ForwardServer,
+    _publish: Option<PublishServer>,
+    _consume: Option<ConsumeServer>,
+}
+
 /// Apply the manager's events to the broker until the manager goes.
 async fn drive(
     broker: Broker,
     client: async_nats::Client,
     stream: String,
+    relay_timeout: Duration,
+    faults: Arc<DeliveryFaults>,
     mut events: mpsc::UnboundedReceiver<ShardEvent>,
 ) {
-    let mut servers: HashMap<ShardId, (ForwardServer, Option<PublishServer>)> = HashMap::new();
+    let mut servers: HashMap<ShardId, Servers> = HashMap::new();
     while let Some(e) = events.recv().await {
         match e {
             ShardEvent::Acquired { shard, store, .. } => {
@@ -162,14 +202,34 @@ async fn drive(
                 )
                 .await
                 {
-                    Ok(s) => {
-                        let p = PublishServer::start(client.clone(), &stream, shard, broker.clone())
+                    Ok(forward) => {
+                        let publish = PublishServer::start(client.clone(), &stream, shard, broker.clone())
                             .await
                             .map_err(|e| {
                                 tracing::error!(shard, error = %e, "cluster: serving the shard's publishes failed")
                             })
                             .ok();
-                        servers.insert(shard, (s, p));
+                        let consume = ConsumeServer::start(
+                            client.clone(),
+                            &stream,
+                            shard,
+                            broker.clone(),
+                            relay_timeout,
+                            Arc::clone(&faults),
+                        )
+                        .await
+                        .map_err(|e| {
+                            tracing::error!(shard, error = %e, "cluster: serving the shard's groups failed")
+                        })
+                        .ok();
+                        servers.insert(
+                            shard,
+                            Servers {
+                                _forward: forward,
+                                _publish: publish,
+                                _consume: consume,
+                            },
+                        );
                     }
                     Err(e) => {
                         tracing::error!(shard, error = %e, "cluster: serving the shard's inbox failed")

@@ -8,6 +8,8 @@
 //! that hears nothing asks again: a lost request or a lost reply costs a retry, never a
 //! loss or a duplicate.
 
+pub(crate) mod codec;
+pub mod consume;
 pub mod forward;
 pub mod publish;
 

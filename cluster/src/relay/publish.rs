@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::{BufMut, Bytes};
 use futures_util::StreamExt;
 use mqgate_core::outbox::ShardId;
 use mqgate_core::router::HeaderValue;
@@ -42,10 +42,11 @@ use mqgate_core::{
     Broker, CoreError, Delay, Destination, Outgoing, PublishBatch, Published, Records, Result,
     Submitted,
 };
-use mqgate_store::{MessageId, QueueId, QueueOffset, QueueRef, StoreError, TimerKey, TopicName};
+use mqgate_store::{MessageId, QueueId, QueueOffset, QueueRef, TimerKey};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, OnceCell};
 
+use super::codec::{decode_error, encode_error, put_bytes, put_opt_str, put_topics, Reader};
 use super::subject;
 
 const LAYOUT: u8 = 1;
@@ -60,105 +61,6 @@ const FRAME_SLACK: usize = 4096;
 
 fn invalid(what: impl Into<String>) -> CoreError {
     CoreError::Invalid(format!("publish relay: {}", what.into()))
-}
-
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    out.put_u32(b.len() as u32);
-    out.extend_from_slice(b);
-}
-
-fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
-    match s {
-        Some(s) => {
-            out.put_u8(1);
-            put_bytes(out, s.as_bytes());
-        }
-        None => out.put_u8(0),
-    }
-}
-
-fn put_topics(out: &mut Vec<u8>, ts: &[TopicName]) {
-    out.put_u32(ts.len() as u32);
-    for t in ts {
-        put_bytes(out, t.as_str().as_bytes());
-    }
-}
-
-/// Reads what the `put_*` functions wrote; anything short or malformed is an error.
-struct Reader(Bytes);
-
-impl Reader {
-    fn need(&self, n: usize) -> Result<()> {
-        if self.0.remaining() < n {
-            return Err(invalid(format!(
-                "{n} bytes needed, {} left",
-                self.0.remaining()
-            )));
-        }
-        Ok(())
-    }
-
-    fn u8(&mut self) -> Result<u8> {
-        self.need(1)?;
-        Ok(self.0.get_u8())
-    }
-
-    fn u16(&mut self) -> Result<u16> {
-        self.need(2)?;
-        Ok(self.0.get_u16())
-    }
-
-    fn u32(&mut self) -> Result<u32> {
-        self.need(4)?;
-        Ok(self.0.get_u32())
-    }
-
-    fn u64(&mut self) -> Result<u64> {
-        self.need(8)?;
-        Ok(self.0.get_u64())
-    }
-
-    fn bytes(&mut self) -> Result<Bytes> {
-        let n = self.u32()? as usize;
-        self.need(n)?;
-        Ok(self.0.split_to(n))
-    }
-
-    fn string(&mut self) -> Result<String> {
-        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| invalid("a string is not UTF-8"))
-    }
-
-    fn opt_string(&mut self) -> Result<Option<String>> {
-        match self.u8()? {
-            0 => Ok(None),
-            1 => self.string().map(Some),
-            k => Err(invalid(format!("option tag {k}"))),
-        }
-    }
-
-    fn topic(&mut self) -> Result<TopicName> {
-        TopicName::new(self.string()?).map_err(|e| invalid(e.to_string()))
-    }
-
-    /// A count of things each at least `min` bytes long (so a forged count cannot
-    /// make the reader reserve more than the request holds).
-    fn count(&mut self, min: usize) -> Result<usize> {
-        let n = self.u32()? as usize;
-        self.need(n.saturating_mul(min))?;
-        Ok(n)
-    }
-
-    fn topics(&mut self) -> Result<Vec<TopicName>> {
-        let n = self.count(4)?;
-        (0..n).map(|_| self.topic()).collect()
-    }
-
-    fn end(&self) -> Result<()> {
-        if self.0.has_remaining() {
-            return Err(invalid(format!("{} trailing bytes", self.0.remaining())));
-        }
-        Ok(())
-    }
 }
 
 fn encode_header(out: &mut Vec<u8>, v: &HeaderValue) {
@@ -419,40 +321,6 @@ fn decode_request(b: Bytes) -> Result<PublishBatch> {
         items,
         records,
         durable,
-    })
-}
-
-fn encode_error(out: &mut Vec<u8>, e: &CoreError) {
-    let (kind, text) = match e {
-        CoreError::NotOwned(s) => {
-            out.put_u8(1);
-            out.put_u16(*s);
-            return;
-        }
-        CoreError::NoSuchExchange(n) => (2, n.clone()),
-        CoreError::NoSuchTopic(n) => (3, n.clone()),
-        CoreError::Conflict(m) => (4, m.clone()),
-        CoreError::ShuttingDown => (5, String::new()),
-        CoreError::Store(e) => (6, e.to_string()),
-        other => (0, other.to_string()),
-    };
-    out.put_u8(kind);
-    put_bytes(out, text.as_bytes());
-}
-
-fn decode_error(r: &mut Reader) -> Result<CoreError> {
-    let kind = r.u8()?;
-    if kind == 1 {
-        return Ok(CoreError::NotOwned(r.u16()?));
-    }
-    let text = r.string()?;
-    Ok(match kind {
-        2 => CoreError::NoSuchExchange(text),
-        3 => CoreError::NoSuchTopic(text),
-        4 => CoreError::Conflict(text),
-        5 => CoreError::ShuttingDown,
-        6 => CoreError::Store(StoreError::Backend(format!("on the shard's owner: {text}"))),
-        _ => CoreError::Invalid(format!("on the shard's owner: {text}")),
     })
 }
 
@@ -776,7 +644,7 @@ impl NatsPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mqgate_store::Message;
+    use mqgate_store::{Message, TopicName};
     use proptest::prelude::*;
 
     fn topic(s: &str) -> TopicName {

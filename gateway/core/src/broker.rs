@@ -641,7 +641,14 @@ impl Broker {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(CoreError::ShuttingDown);
         }
-        let shard = self.group_shard(&spec)?;
+        let shard = match self.group_shard(&spec) {
+            Err(CoreError::NotOwned(id)) => match &self.inner.link {
+                // Owned by another gateway: a member here, its group there.
+                Some(link) => return link.subscribe(id, spec, member).await,
+                None => return Err(CoreError::NotOwned(id)),
+            },
+            other => other?,
+        };
         let watched = shard.watch_topics(&spec).await?;
         // A group actor that just ended (memberless) may miss the join: start a new one.
         for _ in 0..8 {

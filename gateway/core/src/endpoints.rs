@@ -236,6 +236,14 @@ impl crate::Broker {
         }
     }
 
+    /// The group spec of the endpoint registered as `group` in a shard owned here
+    /// (with its policies, dead-letter target included), if any.
+    pub fn endpoint_spec(&self, group: &GroupName) -> Option<GroupSpec> {
+        let shard = self.inner.of_group(group).ok()?;
+        let map = shard.endpoints.map.lock();
+        map.get(group).map(|e| e.endpoint.spec.clone())
+    }
+
     /// Wait until the sweep is not deleting `group` (it is then whole or gone).
     pub async fn endpoint_settled(&self, group: &GroupName) {
         if let Ok(shard) = self.inner.of_group(group) {

@@ -51,7 +51,7 @@ pub use endpoints::{Endpoint, EndpointEvent};
 pub use error::{CoreError, Result};
 pub use group::{
     AckToken, ConsumeMode, Consumer, Delivery, GroupInfo, GroupSpec, MemberInfo, MemberOptions,
-    OnFailure, QueueInfo, StartPosition,
+    OnFailure, QueueInfo, RemoteControl, StartPosition,
 };
 pub use login::{LoginThrottle, LoginThrottleConfig};
 pub use pipeline::Pipeline;

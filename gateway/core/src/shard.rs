@@ -226,6 +226,20 @@ pub trait ClusterLink: Send + Sync + std::fmt::Debug {
         let _ = batch;
         Err(CoreError::NotOwned(shard))
     }
+
+    /// Join group `spec` (which lives in `shard`) on the gateway owning it, as a member
+    /// here (the consume relay): deliveries come over the relay, with credit as the
+    /// member's prefetch; acks go back. A delivery lost on the way is delivered
+    /// again, never lost; when the shard moves, the member joins its next owner.
+    async fn subscribe(
+        &self,
+        shard: ShardId,
+        spec: crate::GroupSpec,
+        member: crate::MemberOptions,
+    ) -> Result<crate::Consumer> {
+        let _ = (spec, member);
+        Err(CoreError::NotOwned(shard))
+    }
 }
 
 /// A destination shard owned in this process: its inbox, and its core to wake the

@@ -209,6 +209,26 @@ impl Delivery {
             token: self.token,
         }
     }
+
+    /// A delivery made on another gateway and relayed here: its fields as the group's
+    /// actor there set them (`token` from [`AckToken::token`]).
+    pub fn relayed(
+        queue: QueueRef,
+        offset: QueueOffset,
+        message: Arc<StoredMessage>,
+        redelivered: bool,
+        delivery_count: u32,
+        token: u64,
+    ) -> Self {
+        Self {
+            queue,
+            offset,
+            message,
+            redelivered,
+            delivery_count,
+            token,
+        }
+    }
 }
 
 /// Identifies one delivery for ack / nack.
@@ -217,6 +237,32 @@ pub struct AckToken {
     queue: QueueRef,
     offset: u64,
     token: u64,
+}
+
+impl AckToken {
+    /// A token carried over the cluster's consume relay.
+    pub fn from_parts(queue: QueueRef, offset: u64, token: u64) -> Self {
+        Self {
+            queue,
+            offset,
+            token,
+        }
+    }
+
+    /// The queue of the delivery.
+    pub fn queue(&self) -> &QueueRef {
+        &self.queue
+    }
+
+    /// Its offset in the queue.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Which delivery of it (a later redelivery has another).
+    pub fn token(&self) -> u64 {
+        self.token
+    }
 }
 
 enum Cmd {
@@ -249,7 +295,39 @@ pub struct Consumer {
     member: Arc<str>,
     group: GroupName,
     rx: mailbox::Receiver<Delivery>,
-    cmd: mailbox::Sender<Cmd>,
+    cmd: Control,
+}
+
+/// Where a consumer's acks and settings go: its group's actor in this process, or a
+/// relay to the gateway owning the group's shard.
+enum Control {
+    Local(mailbox::Sender<Cmd>),
+    Remote(Arc<dyn RemoteControl>),
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Control::Local(_) => "Local",
+            Control::Remote(_) => "Remote",
+        })
+    }
+}
+
+/// The member side of a consumer whose group lives on another gateway (the cluster's
+/// consume relay): what [`Consumer`]'s calls become. Deliveries come the other way,
+/// into the mailbox [`Consumer::remote`] returns.
+pub trait RemoteControl: Send + Sync {
+    /// [`Consumer::ack`].
+    fn ack(&self, token: AckToken);
+    /// [`Consumer::nack`].
+    fn nack(&self, token: AckToken, requeue: bool);
+    /// [`Consumer::heartbeat`].
+    fn heartbeat(&self);
+    /// [`Consumer::set_prefetch`].
+    fn set_prefetch(&self, prefetch: usize);
+    /// The consumer is dropped: leave the group.
+    fn leave(&self);
 }
 
 impl std::fmt::Debug for Cmd {
@@ -300,36 +378,76 @@ impl Consumer {
         &self.group
     }
 
+    /// A consumer whose group lives on another gateway: calls go to `control`,
+    /// deliveries are what the returned sender queues.
+    pub fn remote(
+        member: &str,
+        group: GroupName,
+        control: Arc<dyn RemoteControl>,
+    ) -> (Self, mailbox::Sender<Delivery>) {
+        let (tx, rx) = mailbox::channel();
+        (
+            Self {
+                member: member.into(),
+                group,
+                rx,
+                cmd: Control::Remote(control),
+            },
+            tx,
+        )
+    }
+
     /// Consumption succeeded.
     pub fn ack(&self, token: AckToken) {
-        let _ = self.cmd.send(Cmd::Ack(Arc::clone(&self.member), token));
+        match &self.cmd {
+            Control::Local(c) => {
+                let _ = c.send(Cmd::Ack(Arc::clone(&self.member), token));
+            }
+            Control::Remote(r) => r.ack(token),
+        }
     }
 
     /// Consumption failed. `requeue`: deliver it again now (AMQP requeue), else the
     /// group's failure policy applies (retry ladder / DLQ, or discard).
     pub fn nack(&self, token: AckToken, requeue: bool) {
-        let _ = self
-            .cmd
-            .send(Cmd::Nack(Arc::clone(&self.member), token, requeue));
+        match &self.cmd {
+            Control::Local(c) => {
+                let _ = c.send(Cmd::Nack(Arc::clone(&self.member), token, requeue));
+            }
+            Control::Remote(r) => r.nack(token, requeue),
+        }
     }
 
     /// I am alive (for members that joined with `heartbeat: true`).
     pub fn heartbeat(&self) {
-        let _ = self.cmd.send(Cmd::Heartbeat(Arc::clone(&self.member)));
+        match &self.cmd {
+            Control::Local(c) => {
+                let _ = c.send(Cmd::Heartbeat(Arc::clone(&self.member)));
+            }
+            Control::Remote(r) => r.heartbeat(),
+        }
     }
 
     /// Change the prefetch limit (0: the broker's maximum, unless the member joined
     /// with `exact_prefetch`).
     pub fn set_prefetch(&self, prefetch: usize) {
-        let _ = self
-            .cmd
-            .send(Cmd::Prefetch(Arc::clone(&self.member), prefetch));
+        match &self.cmd {
+            Control::Local(c) => {
+                let _ = c.send(Cmd::Prefetch(Arc::clone(&self.member), prefetch));
+            }
+            Control::Remote(r) => r.set_prefetch(prefetch),
+        }
     }
 }
 
 impl Drop for Consumer {
     fn drop(&mut self) {
-        let _ = self.cmd.send(Cmd::Leave(self.member.clone()));
+        match &self.cmd {
+            Control::Local(c) => {
+                let _ = c.send(Cmd::Leave(self.member.clone()));
+            }
+            Control::Remote(r) => r.leave(),
+        }
     }
 }
 
@@ -362,7 +480,7 @@ impl GroupHandle {
             member: member.into(),
             group: self.spec.name.clone(),
             rx,
-            cmd: self.cmd.clone(),
+            cmd: Control::Local(self.cmd.clone()),
         })
     }
 

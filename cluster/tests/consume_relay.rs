@@ -1,0 +1,249 @@
+//! The consume relay (issue 16): a member on one gateway of a group whose shard another
+//! gateway owns. 3 gateways on the shared 3-node NATS cluster, 8 shards; the consumer
+//! joins through a gateway that does not own its queue's shard, with a prefetch of 20,
+//! and acks each message. The owner drops every 7th delivery batch on the way (as a
+//! lost NATS message): every message still arrives, the lost ones again, flagged
+//! redelivered, and once all are acked the group's committed offset is the queue's
+//! end. Then the owner is killed while a publisher goes on: the member joins the next
+//! owner and every confirmed message arrives (at least once).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqgate_core::shard::{one_name_per_shard, shard_of};
+use mqgate_core::{
+    Broker, ConsumeMode, GroupSpec, MemberOptions, Outgoing, PublishBatch, StartPosition,
+};
+use mqgate_store::jetstream::testing::NatsCluster;
+use mqgate_store::{GroupName, Message, TopicName};
+use parking_lot::Mutex;
+
+const STREAM: &str = "gwcon";
+const SHARDS: u16 = 8;
+
+/// What the consumer saw: body → (times delivered, times flagged redelivered).
+type Seen = Arc<Mutex<BTreeMap<String, (u32, u32)>>>;
+
+/// Publish `range` as `m<i>` to `q` through `b`, batches of 1 to 5, 4 in flight, paced
+/// for the first half; the confirmed indexes (failed batches are left out and
+/// publishing goes on).
+async fn publish(b: Broker, q: TopicName, range: std::ops::Range<usize>) -> Vec<usize> {
+    let mut confirmed = Vec::new();
+    let mut pipe = b.publish_pipeline::<Vec<usize>>(4);
+    let mut i = range.start;
+    let half = range.start + range.len() / 2;
+    while i < range.end || !pipe.is_empty() {
+        if i < range.end && !pipe.must_drain() {
+            let mut batch = PublishBatch::new();
+            let mut idx = Vec::new();
+            for _ in 0..(1 + i % 5).min(range.end - i) {
+                batch.push(Outgoing::routed(
+                    Message::new(q.clone(), Bytes::from(format!("m{i}"))),
+                    vec![q.clone()],
+                ));
+                idx.push(i);
+                i += 1;
+            }
+            if pipe.submit(batch, idx).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if i < half {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            continue;
+        }
+        if let (idx, Ok(answers)) = pipe.next().await {
+            if answers
+                .iter()
+                .all(|a| a.as_ref().is_some_and(|p| p.routed() == 1))
+            {
+                confirmed.extend(idx);
+            }
+        }
+    }
+    confirmed
+}
+
+/// Wait until `seen` holds every one of `want` (up to `secs`).
+async fn wait_seen(seen: &Seen, want: &[usize], secs: u64, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let missing: Vec<usize> = {
+            let s = seen.lock();
+            want.iter()
+                .copied()
+                .filter(|i| !s.contains_key(&format!("m{i}")))
+                .collect()
+        };
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {} confirmed messages never delivered, first {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_on_any_gateway_gets_every_message() {
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(240));
+        eprintln!("a_member_on_any_gateway_gets_every_message: still running after 240 s");
+        std::process::exit(101);
+    });
+    let cluster = NatsCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let mut gws = Vec::new();
+    for name in ["gk-a", "gk-b", "gk-c"] {
+        let g = common::start_gateway(cluster, STREAM, SHARDS, name, dir.path()).await;
+        gws.push((name.to_owned(), g));
+    }
+    common::wait_balanced(SHARDS, &gws).await;
+    // The queue's shard, its owner, and the member's gateway (another one).
+    let q = TopicName::new(one_name_per_shard("cq", SHARDS)[3].clone()).unwrap();
+    let s = shard_of(q.as_str(), SHARDS);
+    let owner_at = gws
+        .iter()
+        .position(|(_, g)| g.broker().owned_shards().contains(&s))
+        .unwrap();
+    let member_at = (owner_at + 1) % gws.len();
+    common::owner(&gws, s)
+        .unwrap()
+        .create_topic(&q, Some(1))
+        .await
+        .unwrap();
+    gws[owner_at]
+        .1
+        .delivery_faults()
+        .drop_every
+        .store(7, Ordering::Relaxed);
+
+    let mut spec = GroupSpec::new(
+        GroupName::new("cq-readers").unwrap(),
+        vec![q.clone()],
+        ConsumeMode::Clustering,
+    );
+    spec.start = StartPosition::First;
+    let mut consumer = common::within(
+        30,
+        "the member joins",
+        gws[member_at]
+            .1
+            .broker()
+            .subscribe(spec, MemberOptions::new("reader-1", 20)),
+    )
+    .await
+    .expect("a member on a gateway not owning the group's shard");
+    let seen: Seen = Arc::default();
+    let reader = {
+        let seen = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Some(d) = consumer.recv().await {
+                let body = String::from_utf8_lossy(&d.message.message.body).into_owned();
+                {
+                    let mut s = seen.lock();
+                    let e = s.entry(body).or_default();
+                    e.0 += 1;
+                    e.1 += u32::from(d.redelivered);
+                }
+                consumer.ack(d.ack_token());
+            }
+        })
+    };
+
+    // Phase 1: 400 messages published through the member's gateway (relayed to the
+    // owner), every 7th delivery batch lost on the way back.
+    let confirmed = common::within(
+        120,
+        "the first publisher ends",
+        publish(gws[member_at].1.broker().clone(), q.clone(), 0..400),
+    )
+    .await;
+    assert_eq!(confirmed.len(), 400, "every publish confirmed");
+    wait_seen(&seen, &confirmed, 60, "with lost batches").await;
+    let dropped = gws[owner_at]
+        .1
+        .delivery_faults()
+        .dropped
+        .load(Ordering::Relaxed);
+    let redelivered: u32 = seen.lock().values().map(|(_, r)| r).sum();
+    eprintln!("phase 1: {dropped} batches dropped, {redelivered} deliveries flagged redelivered");
+    assert!(dropped > 0, "some batches were dropped");
+    assert!(redelivered > 0, "what was lost came again, flagged");
+    // Everything acked: the owner's committed offset reaches the end.
+    let owner = gws[owner_at].1.broker().clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = owner
+            .group_info(&GroupName::new("cq-readers").unwrap())
+            .await
+            .unwrap();
+        let main = info.queues.iter().find(|qi| qi.queue.topic == q);
+        if main.is_some_and(|qi| qi.lag == 0 && qi.next == 400) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "acks reach the owner: {:?}",
+            info.queues
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gws[owner_at]
+        .1
+        .delivery_faults()
+        .drop_every
+        .store(0, Ordering::Relaxed);
+
+    // Phase 2: the owner dies while the third gateway publishes; the member joins the
+    // next owner.
+    let publisher_at = (owner_at + 2) % gws.len();
+    let late = tokio::spawn(publish(
+        gws[publisher_at].1.broker().clone(),
+        q.clone(),
+        1000..1600,
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (killed, g) = gws.remove(owner_at);
+    eprintln!("killing {killed} (owns {:?})", g.broker().owned_shards());
+    g.abort();
+    let confirmed_late = common::within(180, "the second publisher ends", late)
+        .await
+        .unwrap();
+    assert!(
+        !confirmed_late.is_empty(),
+        "some were confirmed around the kill"
+    );
+    common::wait_balanced(SHARDS, &gws).await;
+    wait_seen(&seen, &confirmed_late, 90, "after the owner died").await;
+    {
+        let s = seen.lock();
+        let twice = s.values().filter(|(n, _)| *n > 1).count();
+        let strays: BTreeSet<&String> = s
+            .keys()
+            .filter(|b| {
+                let i: usize = b[1..].parse().unwrap();
+                !(i < 400 || (1000..1600).contains(&i))
+            })
+            .collect();
+        assert!(strays.is_empty(), "never published: {strays:?}");
+        eprintln!(
+            "phase 2: {} confirmed of 600; {} distinct delivered; {twice} delivered more than once",
+            confirmed_late.len(),
+            s.len()
+        );
+    }
+    reader.abort();
+    for (_, g) in gws {
+        common::within(30, "a gateway leaves", g.leave(Duration::from_secs(5))).await;
+    }
+}
