@@ -29,9 +29,10 @@ use mqgate_store::Store;
 use tokio::sync::mpsc;
 
 use crate::manager::{ManagerConfig, ShardEvent, ShardManager};
-use crate::relay::consume::{ConsumeServer, DeliveryFaults, NatsConsumers};
-use crate::relay::forward::{Faults, ForwardServer, NatsForwardTarget};
+use crate::relay::consume::{ConsumeServer, NatsConsumers};
+use crate::relay::forward::{ForwardServer, NatsForwardTarget};
 use crate::relay::publish::{NatsPublisher, PublishServer};
+use crate::relay::Faults;
 
 /// How a broker reaches shards owned by other gateways: over core NATS.
 #[derive(Debug)]
@@ -88,7 +89,7 @@ pub struct Gateway {
     broker: Broker,
     manager: Option<ShardManager>,
     driver: tokio::task::JoinHandle<()>,
-    faults: Arc<DeliveryFaults>,
+    faults: Arc<Faults>,
 }
 
 impl Gateway {
@@ -107,7 +108,7 @@ impl Gateway {
         let broker = Broker::start_cluster(cfg.shards, link, core, clock)
             .map_err(|e| format!("start the core: {e}"))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let faults = Arc::new(DeliveryFaults::default());
+        let faults = Arc::new(Faults::default());
         let driver = tokio::spawn(drive(
             broker.clone(),
             client,
@@ -132,7 +133,7 @@ impl Gateway {
 
     /// Faults injected into the deliveries this gateway relays to members elsewhere
     /// (tests).
-    pub fn delivery_faults(&self) -> &DeliveryFaults {
+    pub fn delivery_faults(&self) -> &Faults {
         &self.faults
     }
 
@@ -178,7 +179,7 @@ async fn drive(
     client: async_nats::Client,
     stream: String,
     relay_timeout: Duration,
-    faults: Arc<DeliveryFaults>,
+    faults: Arc<Faults>,
     mut events: mpsc::UnboundedReceiver<ShardEvent>,
 ) {
     let mut servers: HashMap<ShardId, Servers> = HashMap::new();

@@ -57,7 +57,7 @@ async fn forwarding_over_nats_survives_lost_replies_and_an_unserved_destination(
         .unwrap();
     // Gateway B owns the destinations and serves their inboxes.
     let faults = Arc::new(Faults::default());
-    faults.drop_reply_every.store(3, Ordering::Relaxed);
+    faults.drop_every.store(3, Ordering::Relaxed);
     let mut stores = BTreeMap::new();
     let mut servers = BTreeMap::new();
     for d in &dests {

@@ -58,50 +58,6 @@ struct Args {
 const SHARDS: u16 = 8;
 const BODY: usize = 128;
 
-/// CPU time (user + system) of this process so far.
-#[allow(unsafe_code)]
-fn self_cpu() -> Duration {
-    // SAFETY: getrusage only writes the struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
-        return Duration::ZERO;
-    }
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    tv(u.ru_utime) + tv(u.ru_stime)
-}
-
-/// CPU time of this process's `nats-server` children (from /proc, in clock ticks of
-/// 10 ms: runs last seconds).
-fn nats_cpu() -> Duration {
-    let me = std::process::id();
-    let mut total = 0u64;
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Duration::ZERO;
-    };
-    for e in dir.flatten() {
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ... utime(14) stime(15)
-        let Some(close) = stat.rfind(')') else {
-            continue;
-        };
-        let comm = &stat[stat.find('(').map_or(0, |i| i + 1)..close];
-        let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        if comm != "nats-server" || rest.len() < 13 {
-            continue;
-        }
-        if rest[1].parse::<u32>().ok() != Some(me) {
-            continue;
-        }
-        let t = |i: usize| rest[i].parse::<u64>().unwrap_or(0);
-        total += t(11) + t(12);
-    }
-    Duration::from_millis(total * 10)
-}
-
 async fn start_gateway(
     cluster: &NatsCluster,
     stream: &str,
@@ -241,13 +197,21 @@ async fn run(
     }
     // The idle cluster's own spending, per second.
     let idle = Duration::from_secs(2);
-    let (c0, nc0) = (self_cpu(), nats_cpu());
+    let (c0, nc0) = (
+        mqgate_bench::self_cpu(),
+        mqgate_bench::children_cpu("nats-server"),
+    );
     tokio::time::sleep(idle).await;
-    let idle_self = (self_cpu() - c0).as_secs_f64() / idle.as_secs_f64();
-    let idle_nats = (nats_cpu() - nc0).as_secs_f64() / idle.as_secs_f64();
+    let idle_self = (mqgate_bench::self_cpu() - c0).as_secs_f64() / idle.as_secs_f64();
+    let idle_nats =
+        (mqgate_bench::children_cpu("nats-server") - nc0).as_secs_f64() / idle.as_secs_f64();
 
     let total = args.publishers * args.messages;
-    let (t0, c0, nc0) = (Instant::now(), self_cpu(), nats_cpu());
+    let (t0, c0, nc0) = (
+        Instant::now(),
+        mqgate_bench::self_cpu(),
+        mqgate_bench::children_cpu("nats-server"),
+    );
     let mut tasks = Vec::new();
     for k in 0..args.publishers {
         let g = k % n;
@@ -291,8 +255,8 @@ async fn run(
         Duration::from_secs_f64((used.as_secs_f64() - idle * secs).max(0.0) / total as f64)
     };
     let (c, nc) = (
-        net(self_cpu() - c0, idle_self),
-        net(nats_cpu() - nc0, idle_nats),
+        net(mqgate_bench::self_cpu() - c0, idle_self),
+        net(mqgate_bench::children_cpu("nats-server") - nc0, idle_nats),
     );
     for (_, g) in gws {
         g.abort();

@@ -38,22 +38,6 @@ struct Args {
 
 const SHARDS: u16 = 8;
 
-/// CPU time (user + system) of this process so far, to the microsecond (the
-/// `/proc` figures `mqgate_bench::process_cpu` reads tick at 10 ms: too coarse for a
-/// run of a fraction of a second).
-#[allow(unsafe_code)]
-fn cpu() -> Duration {
-    // SAFETY: getrusage only writes the struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
-        return Duration::ZERO;
-    }
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    tv(u.ru_utime) + tv(u.ru_stime)
-}
-
 fn stores(shards: u16, rocks: bool, dir: &std::path::Path) -> Vec<Arc<dyn Store>> {
     (0..shards)
         .map(|s| {
@@ -99,7 +83,7 @@ async fn run(shards: u16, rocks: bool, fanout: bool, n: usize) -> (f64, Duration
     }
     let body = Bytes::from(vec![b'x'; 128]);
     let mut pipe = broker.publish_pipeline::<()>(8);
-    let (t0, c0) = (Instant::now(), cpu());
+    let (t0, c0) = (Instant::now(), mqgate_bench::self_cpu());
     let mut sent = 0;
     while sent < n || !pipe.is_empty() {
         if sent < n && !pipe.must_drain() {
@@ -123,7 +107,7 @@ async fn run(shards: u16, rocks: bool, fanout: bool, n: usize) -> (f64, Duration
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
-    let (wall, used) = (t0.elapsed(), cpu() - c0);
+    let (wall, used) = (t0.elapsed(), mqgate_bench::self_cpu() - c0);
     broker.shutdown().await;
     (n as f64 / wall.as_secs_f64(), used / n as u32)
 }

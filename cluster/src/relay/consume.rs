@@ -378,33 +378,6 @@ fn decode_dlv(b: Bytes) -> Result<Dlv> {
     Ok(d)
 }
 
-/// Faults a test injects into an owner: drop every `n`-th delivery batch (as a lost
-/// NATS message looks to the member).
-#[derive(Debug, Default)]
-pub struct DeliveryFaults {
-    /// Drop every this many batches (0: none).
-    pub drop_every: AtomicU64,
-    seen: AtomicU64,
-    /// Batches dropped so far.
-    pub dropped: AtomicU64,
-}
-
-impl DeliveryFaults {
-    fn drop_this(&self) -> bool {
-        let every = self.drop_every.load(Ordering::Relaxed);
-        if every == 0 {
-            return false;
-        }
-        let n = self.seen.fetch_add(1, Ordering::Relaxed) + 1;
-        if n.is_multiple_of(every) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// The relay's times, all from the relay timeout `t`.
 #[derive(Debug, Clone, Copy)]
 struct Times {
@@ -436,7 +409,7 @@ type Members = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Cmds>>>>;
 /// end with it and their gateways join the next owner).
 #[derive(Debug)]
 pub struct ConsumeServer {
-    task: tokio::task::JoinHandle<()>,
+    task: super::Serving,
 }
 
 impl ConsumeServer {
@@ -447,16 +420,9 @@ impl ConsumeServer {
         shard: ShardId,
         broker: Broker,
         timeout: Duration,
-        faults: Arc<DeliveryFaults>,
+        faults: Arc<super::Faults>,
     ) -> Result<Self> {
-        let mut sub = client
-            .queue_subscribe(subject(stream, shard, "grp"), "owner".into())
-            .await
-            .map_err(|e| invalid(format!("subscribe: {e}")))?;
-        client
-            .flush()
-            .await
-            .map_err(|e| invalid(format!("flush: {e}")))?;
+        let mut sub = super::owner_subscription(&client, stream, shard, "grp").await?;
         let times = Times::new(timeout);
         let task = tokio::spawn(async move {
             let members: Members = Arc::default();
@@ -507,18 +473,14 @@ impl ConsumeServer {
                 while pumps.try_join_next().is_some() {}
             }
         });
-        Ok(Self { task })
+        Ok(Self {
+            task: super::Serving(task),
+        })
     }
 
     /// Stop serving (the shard is released): the members' pumps end.
     pub fn stop(&self) {
-        self.task.abort();
-    }
-}
-
-impl Drop for ConsumeServer {
-    fn drop(&mut self) {
-        self.task.abort();
+        self.task.0.abort();
     }
 }
 
@@ -532,7 +494,7 @@ async fn pump(
     mut consumer: Consumer,
     mut cmds: mpsc::UnboundedReceiver<Cmds>,
     times: Times,
-    faults: Arc<DeliveryFaults>,
+    faults: Arc<super::Faults>,
     members: Members,
 ) {
     let mut seq = 0u64;
@@ -570,12 +532,15 @@ async fn pump(
                     continue;
                 }
                 if let Err(e) = client.publish(deliver_to.clone(), encode_batch(handle, seq, &batch)).await {
-                    tracing::debug!(handle, error = %e, "cluster: a delivery batch was not sent; it will be requeued");
+                    tracing::warn!(handle, error = %e, "cluster: a delivery batch was not sent; it will be requeued");
                 }
             }
             c = cmds.recv() => {
                 let Some(c) = c else { break };
                 heard = tokio::time::Instant::now();
+                // Every request is a sign of life (for members that joined with
+                // `heartbeat: true`).
+                consumer.heartbeat();
                 for t in c.acks {
                     consumer.ack(t);
                 }

@@ -6,7 +6,6 @@
 //! message in `mqgate_store::wire` form. Reply: `0` ok: next u64 BE, applied u32 BE; `1`
 //! error: text.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -122,38 +121,13 @@ fn decode_reply(mut b: Bytes) -> Result<ForwardReply> {
     }
 }
 
-/// Faults a test injects into a server: drop every `n`-th reply after applying the
-/// request (as a lost reply looks to the caller).
-#[derive(Debug, Default)]
-pub struct Faults {
-    /// Drop every this many replies (0: none).
-    pub drop_reply_every: AtomicU64,
-    seen: AtomicU64,
-    /// Replies dropped so far.
-    pub dropped: AtomicU64,
-}
-
-impl Faults {
-    fn drop_this(&self) -> bool {
-        let every = self.drop_reply_every.load(Ordering::Relaxed);
-        if every == 0 {
-            return false;
-        }
-        let n = self.seen.fetch_add(1, Ordering::Relaxed) + 1;
-        if n.is_multiple_of(every) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            true
-        } else {
-            false
-        }
-    }
-}
+pub use super::Faults;
 
 /// The owner's side: serves a destination shard's inbox while it runs (drop or
 /// [`ForwardServer::stop`] when the shard is released).
 #[derive(Debug)]
 pub struct ForwardServer {
-    task: tokio::task::JoinHandle<()>,
+    task: super::Serving,
 }
 
 impl ForwardServer {
@@ -166,15 +140,7 @@ impl ForwardServer {
         inbox: Arc<dyn ForwardTarget>,
         faults: Arc<Faults>,
     ) -> Result<Self> {
-        let mut sub = client
-            .queue_subscribe(subject(stream, shard, "fwd"), "owner".into())
-            .await
-            .map_err(|e| invalid(format!("subscribe: {e}")))?;
-        // The subscription is in place once the server has seen it.
-        client
-            .flush()
-            .await
-            .map_err(|e| invalid(format!("flush: {e}")))?;
+        let mut sub = super::owner_subscription(&client, stream, shard, "fwd").await?;
         let task = tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let Some(reply_to) = msg.reply.clone() else {
@@ -197,18 +163,14 @@ impl ForwardServer {
                 let _ = client.publish(reply_to, encode_reply(&answer)).await;
             }
         });
-        Ok(Self { task })
+        Ok(Self {
+            task: super::Serving(task),
+        })
     }
 
     /// Stop serving (the shard is released).
     pub fn stop(&self) {
-        self.task.abort();
-    }
-}
-
-impl Drop for ForwardServer {
-    fn drop(&mut self) {
-        self.task.abort();
+        self.task.0.abort();
     }
 }
 

@@ -17,3 +17,61 @@ pub mod publish;
 pub fn subject(stream: &str, shard: u16, op: &str) -> String {
     format!("mqgate.{stream}.s.{shard:02}.{op}")
 }
+
+/// Faults a test injects into a relay server: drop every `n`-th message it would send
+/// (a forward reply, a delivery batch), as a message lost on the way looks.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Drop every this many (0: none).
+    pub drop_every: std::sync::atomic::AtomicU64,
+    seen: std::sync::atomic::AtomicU64,
+    /// Dropped so far.
+    pub dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Faults {
+    pub(crate) fn drop_this(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let every = self.drop_every.load(Ordering::Relaxed);
+        if every == 0 {
+            return false;
+        }
+        let n = self.seen.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_multiple_of(every) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The owner's subscription to operation `op` of `shard`, in queue group `owner`, in
+/// place on the server when this returns.
+pub(crate) async fn owner_subscription(
+    client: &async_nats::Client,
+    stream: &str,
+    shard: u16,
+    op: &str,
+) -> mqgate_core::Result<async_nats::Subscriber> {
+    let invalid = |what: String| mqgate_core::CoreError::Invalid(format!("relay {op}: {what}"));
+    let sub = client
+        .queue_subscribe(subject(stream, shard, op), "owner".into())
+        .await
+        .map_err(|e| invalid(format!("subscribe: {e}")))?;
+    client
+        .flush()
+        .await
+        .map_err(|e| invalid(format!("flush: {e}")))?;
+    Ok(sub)
+}
+
+/// A relay server's task: stopped when dropped (the shard is released).
+#[derive(Debug)]
+pub(crate) struct Serving(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -416,7 +416,7 @@ fn decode_reply(b: Bytes) -> Result<Vec<Option<Published>>> {
 /// the shard (drop or [`PublishServer::stop`] when it is released).
 #[derive(Debug)]
 pub struct PublishServer {
-    task: tokio::task::JoinHandle<()>,
+    task: super::Serving,
 }
 
 impl PublishServer {
@@ -427,14 +427,7 @@ impl PublishServer {
         shard: ShardId,
         broker: Broker,
     ) -> Result<Self> {
-        let mut sub = client
-            .queue_subscribe(subject(stream, shard, "pub"), "owner".into())
-            .await
-            .map_err(|e| invalid(format!("subscribe: {e}")))?;
-        client
-            .flush()
-            .await
-            .map_err(|e| invalid(format!("flush: {e}")))?;
+        let mut sub = super::owner_subscription(&client, stream, shard, "pub").await?;
         let task = tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let Some(reply_to) = msg.reply.clone() else {
@@ -465,18 +458,14 @@ impl PublishServer {
                 });
             }
         });
-        Ok(Self { task })
+        Ok(Self {
+            task: super::Serving(task),
+        })
     }
 
     /// Stop serving (the shard is released).
     pub fn stop(&self) {
-        self.task.abort();
-    }
-}
-
-impl Drop for PublishServer {
-    fn drop(&mut self) {
-        self.task.abort();
+        self.task.0.abort();
     }
 }
 
