@@ -6,6 +6,7 @@
 //!                                         + the shard's inbox served on the forward relay
 //!                                         + its publishes served on the publish relay
 //!                                         + its groups served on the consume relay
+//!                                         + its topics and groups on the admin relay
 //!  ShardEvent::Release{shard, done}   ──> relay server stopped, broker.detach_shard(shard)
 //!                                         (groups commit, tasks end, store flushed), done
 //!  ShardEvent::Lost{shard}            ──> the same, nothing to answer (another gateway
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mqgate_core::outbox::{ForwardTarget, ShardId};
-use mqgate_core::shard::ClusterLink;
+use mqgate_core::shard::{AdminAnswer, AdminOp, ClusterLink};
 use mqgate_core::{
     Broker, Clock, Consumer, CoreConfig, GroupSpec, MemberOptions, PublishBatch, Result, Submitted,
 };
@@ -29,6 +30,7 @@ use mqgate_store::Store;
 use tokio::sync::mpsc;
 
 use crate::manager::{ManagerConfig, ShardEvent, ShardManager};
+use crate::relay::admin::{AdminServer, NatsAdmin};
 use crate::relay::consume::{ConsumeServer, NatsConsumers};
 use crate::relay::forward::{ForwardServer, NatsForwardTarget};
 use crate::relay::publish::{NatsPublisher, PublishServer};
@@ -42,6 +44,7 @@ pub struct NatsLink {
     timeout: Duration,
     publisher: NatsPublisher,
     consumers: NatsConsumers,
+    admin: NatsAdmin,
 }
 
 impl NatsLink {
@@ -51,6 +54,7 @@ impl NatsLink {
         Self {
             publisher: NatsPublisher::new(client.clone(), stream, timeout),
             consumers: NatsConsumers::new(client.clone(), stream, timeout),
+            admin: NatsAdmin::new(client.clone(), stream, timeout),
             client,
             stream: stream.to_owned(),
             timeout,
@@ -71,6 +75,10 @@ impl ClusterLink for NatsLink {
         member: MemberOptions,
     ) -> Result<Consumer> {
         self.consumers.subscribe(shard, spec, member).await
+    }
+
+    async fn admin(&self, shard: ShardId, op: AdminOp) -> Result<AdminAnswer> {
+        self.admin.run(shard, op).await
     }
 
     fn forward_target(&self, dest: ShardId) -> Arc<dyn ForwardTarget> {
@@ -171,6 +179,7 @@ struct Servers {
     _forward: ForwardServer,
     _publish: Option<PublishServer>,
     _consume: Option<ConsumeServer>,
+    _admin: Option<AdminServer>,
 }
 
 /// Apply the manager's events to the broker until the manager goes.
@@ -223,12 +232,19 @@ async fn drive(
                             tracing::error!(shard, error = %e, "cluster: serving the shard's groups failed")
                         })
                         .ok();
+                        let admin = AdminServer::start(client.clone(), &stream, shard, broker.clone())
+                            .await
+                            .map_err(|e| {
+                                tracing::error!(shard, error = %e, "cluster: serving the shard's admin operations failed")
+                            })
+                            .ok();
                         servers.insert(
                             shard,
                             Servers {
                                 _forward: forward,
                                 _publish: publish,
                                 _consume: consume,
+                                _admin: admin,
                             },
                         );
                     }

@@ -4,7 +4,8 @@
 //! and acks each message. The owner drops every 7th delivery batch on the way (as a
 //! lost NATS message): every message still arrives, the lost ones again, flagged
 //! redelivered, and once all are acked the group's committed offset is the queue's
-//! end. Then the owner is killed while a publisher goes on: the member joins the next
+//! end; the topic is created, the group's state read and the group reset through the
+//! member's gateway (the admin relay). Then the owner is killed while a publisher goes on: the member joins the next
 //! owner and every confirmed message arrives (at least once).
 
 mod common;
@@ -116,11 +117,15 @@ async fn a_member_on_any_gateway_gets_every_message() {
         .position(|(_, g)| g.broker().owned_shards().contains(&s))
         .unwrap();
     let member_at = (owner_at + 1) % gws.len();
-    common::owner(&gws, s)
-        .unwrap()
+    // Created through the member's gateway: over the admin relay, on the owner.
+    let created = gws[member_at]
+        .1
+        .broker()
         .create_topic(&q, Some(1))
         .await
-        .unwrap();
+        .expect("a topic created through a gateway not owning its shard");
+    assert_eq!(created.queue_count, 1);
+    assert!(gws[owner_at].1.broker().topic(&q).is_some(), "on the owner");
     gws[owner_at]
         .1
         .delivery_faults()
@@ -179,8 +184,9 @@ async fn a_member_on_any_gateway_gets_every_message() {
     eprintln!("phase 1: {dropped} batches dropped, {redelivered} deliveries flagged redelivered");
     assert!(dropped > 0, "some batches were dropped");
     assert!(redelivered > 0, "what was lost came again, flagged");
-    // Everything acked: the owner's committed offset reaches the end.
-    let owner = gws[owner_at].1.broker().clone();
+    // Everything acked: the owner's committed offset reaches the end (asked through
+    // the member's gateway: the admin relay).
+    let owner = gws[member_at].1.broker().clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let info = owner
@@ -195,6 +201,23 @@ async fn a_member_on_any_gateway_gets_every_message() {
             tokio::time::Instant::now() < deadline,
             "acks reach the owner: {:?}",
             info.queues
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Replay the last 10, asked of the member's gateway (the admin relay): they come
+    // again to the live member, which acks them again.
+    owner
+        .reset_group(
+            &GroupName::new("cq-readers").unwrap(),
+            StartPosition::Offset(390),
+        )
+        .await
+        .expect("a reset through a gateway not owning the group's shard");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while (390..400).any(|i| seen.lock().get(&format!("m{i}")).map_or(0, |e| e.0) < 2) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reset group delivers 390..400 again"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -8,6 +8,7 @@
 //! that hears nothing asks again: a lost request or a lost reply costs a retry, never a
 //! loss or a duplicate.
 
+pub mod admin;
 pub(crate) mod codec;
 pub mod consume;
 pub mod forward;

@@ -679,13 +679,33 @@ impl Broker {
     /// Move a group's position on all its queues (replay), whether or not members are
     /// connected; consumption continues from there.
     pub async fn reset_group(&self, group: &GroupName, to: StartPosition) -> Result<()> {
-        self.inner.of_group(group)?.reset_group(group, to).await
+        let local = match self.inner.of_group(group) {
+            Ok(shard) => shard.reset_group(group, to).await,
+            Err(e) => Err(e),
+        };
+        self.or_relay(
+            local,
+            || crate::shard::AdminOp::ResetGroup(group.clone(), to),
+            |a| matches!(a, crate::shard::AdminAnswer::Done).then_some(()),
+        )
+        .await
     }
 
     /// Delete a group: its members are cut off (their consumers end), its committed
     /// offsets are forgotten. A later subscribe starts it afresh.
     pub async fn delete_group(&self, group: &GroupName) -> Result<()> {
-        let shard = self.inner.of_group(group)?;
+        let shard = match self.inner.of_group(group) {
+            Ok(shard) => shard,
+            Err(e) => {
+                return self
+                    .or_relay(
+                        Err(e),
+                        || crate::shard::AdminOp::DeleteGroup(group.clone()),
+                        |a| matches!(a, crate::shard::AdminAnswer::Done).then_some(()),
+                    )
+                    .await
+            }
+        };
         shard.endpoints.forget(group);
         let handle = shard.groups.lock().remove(group);
         if let Some(h) = handle {
@@ -700,7 +720,19 @@ impl Broker {
 
     /// A group's members, offsets and lag (from the live group, or from the store).
     pub async fn group_info(&self, group: &GroupName) -> Result<GroupInfo> {
-        self.inner.of_group(group)?.group_info(group).await
+        let local = match self.inner.of_group(group) {
+            Ok(shard) => shard.group_info(group).await,
+            Err(e) => Err(e),
+        };
+        self.or_relay(
+            local,
+            || crate::shard::AdminOp::GroupInfo(group.clone()),
+            |a| match a {
+                crate::shard::AdminAnswer::Group(g) => Some(g),
+                _ => None,
+            },
+        )
+        .await
     }
 
     /// Every group known to the store or live.

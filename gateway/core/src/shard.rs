@@ -209,6 +209,94 @@ impl Route {
     }
 }
 
+/// A core operation on a shard another gateway owns (the admin relay): what
+/// [`crate::Broker`]'s method of the same name does there.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AdminOp {
+    /// [`crate::Broker::create_topic`].
+    CreateTopic(TopicName, Option<u32>),
+    /// [`crate::Broker::delete_topic`].
+    DeleteTopic(TopicName),
+    /// [`crate::Broker::group_info`].
+    GroupInfo(GroupName),
+    /// [`crate::Broker::reset_group`].
+    ResetGroup(GroupName, crate::StartPosition),
+    /// [`crate::Broker::delete_group`].
+    DeleteGroup(GroupName),
+}
+
+/// What an [`AdminOp`] answered.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AdminAnswer {
+    /// The topic as it is now.
+    Topic(mqgate_store::TopicConfig),
+    /// Whether it existed.
+    Deleted(bool),
+    /// The group's members, offsets and lag.
+    Group(crate::GroupInfo),
+    /// Done.
+    Done,
+}
+
+impl AdminOp {
+    /// The shard the operation is about, as `set` places it.
+    pub(crate) fn shard(&self, set: &ShardSet) -> ShardId {
+        match self {
+            AdminOp::CreateTopic(t, _) | AdminOp::DeleteTopic(t) => set.placement.topic(t),
+            AdminOp::GroupInfo(g) | AdminOp::ResetGroup(g, _) | AdminOp::DeleteGroup(g) => {
+                set.placement.group(g)
+            }
+        }
+    }
+}
+
+impl crate::Broker {
+    /// Run `op` here (on the gateway owning its shard: what the admin relay's server
+    /// calls), or, on a shard owned elsewhere, through the cluster's admin relay.
+    pub async fn admin(&self, op: AdminOp) -> Result<AdminAnswer> {
+        let shard = op.shard(&self.inner);
+        if self.inner.local(shard).is_none() {
+            if let Some(link) = &self.inner.link {
+                return link.admin(shard, op).await;
+            }
+            return Err(CoreError::NotOwned(shard));
+        }
+        Ok(match op {
+            AdminOp::CreateTopic(t, q) => AdminAnswer::Topic(self.create_topic(&t, q).await?),
+            AdminOp::DeleteTopic(t) => AdminAnswer::Deleted(self.delete_topic(&t).await?),
+            AdminOp::GroupInfo(g) => AdminAnswer::Group(self.group_info(&g).await?),
+            AdminOp::ResetGroup(g, to) => {
+                self.reset_group(&g, to).await?;
+                AdminAnswer::Done
+            }
+            AdminOp::DeleteGroup(g) => {
+                self.delete_group(&g).await?;
+                AdminAnswer::Done
+            }
+        })
+    }
+
+    /// `op` through the admin relay when `local` failed because another gateway owns
+    /// the shard; `local`'s result otherwise.
+    pub(crate) async fn or_relay<T>(
+        &self,
+        local: Result<T>,
+        op: impl FnOnce() -> AdminOp,
+        answer: impl FnOnce(AdminAnswer) -> Option<T>,
+    ) -> Result<T> {
+        match (local, &self.inner.link) {
+            (Err(CoreError::NotOwned(s)), Some(link)) => {
+                let op = op();
+                let what = format!("{op:?}");
+                answer(link.admin(s, op).await?).ok_or_else(|| {
+                    CoreError::Invalid(format!("the admin relay answered {what} with another kind"))
+                })
+            }
+            (r, _) => r,
+        }
+    }
+}
+
 /// How a gateway reaches the shards other gateways own (the cluster's relays).
 #[async_trait]
 pub trait ClusterLink: Send + Sync + std::fmt::Debug {
@@ -238,6 +326,12 @@ pub trait ClusterLink: Send + Sync + std::fmt::Debug {
         member: crate::MemberOptions,
     ) -> Result<crate::Consumer> {
         let _ = (spec, member);
+        Err(CoreError::NotOwned(shard))
+    }
+
+    /// Run `op` (about `shard`) on the gateway owning it (the admin relay).
+    async fn admin(&self, shard: ShardId, op: AdminOp) -> Result<AdminAnswer> {
+        let _ = op;
         Err(CoreError::NotOwned(shard))
     }
 }

@@ -172,15 +172,38 @@ impl Broker {
         name: &TopicName,
         queue_count: Option<u32>,
     ) -> Result<TopicConfig> {
-        self.inner
-            .of_topic(name)?
-            .create_topic(name, queue_count)
-            .await
+        let local = match self.inner.of_topic(name) {
+            Ok(shard) => shard.create_topic(name, queue_count).await,
+            Err(e) => Err(e),
+        };
+        self.or_relay(
+            local,
+            || crate::shard::AdminOp::CreateTopic(name.clone(), queue_count),
+            |a| match a {
+                crate::shard::AdminAnswer::Topic(t) => Some(t),
+                _ => None,
+            },
+        )
+        .await
     }
 
     /// Delete a topic: its queues, and every group's offsets on it.
     pub async fn delete_topic(&self, name: &TopicName) -> Result<bool> {
-        let shard = self.inner.of_topic(name)?;
+        let shard = match self.inner.of_topic(name) {
+            Ok(shard) => shard,
+            Err(e) => {
+                return self
+                    .or_relay(
+                        Err(e),
+                        || crate::shard::AdminOp::DeleteTopic(name.clone()),
+                        |a| match a {
+                            crate::shard::AdminAnswer::Deleted(d) => Some(d),
+                            _ => None,
+                        },
+                    )
+                    .await
+            }
+        };
         let existed = shard.store.delete_topic(name).await?;
         shard.topics.write().remove(name);
         self.inner.placement.topic_gone(name);

@@ -1,0 +1,409 @@
+//! The admin relay: topic and group operations on a shard another gateway owns
+//! (`docs/design/sharding.md` section 4, `adm`): `Broker::create_topic`,
+//! `delete_topic`, `group_info`, `reset_group` and `delete_group` on a gateway that
+//! does not own the shard come here ([`mqgate_core::shard::AdminOp`]) and run on the
+//! owner ([`mqgate_core::Broker::admin`]).
+//!
+//! Request (`s.NN.adm`): tag u8 (1 create topic: name, queues?; 2 delete topic: name;
+//! 3 group info: name; 4 reset group: name, start tag u8 + u64; 5 delete group: name).
+//! Reply: `0` answer: tag u8 (1 topic: name, queue count u32; 2 deleted u8; 3 group:
+//! name, members: count, (id, unacked u64, prefetch u64, queues: count, (topic, queue
+//! u32)); queues: count, (topic, queue u32, member?, committed u64, next u64, lag u64,
+//! ready u64, in flight u64); skipped u64; 4 done); `1` error (`codec::encode_error`).
+//! No owner (*no responders*): asked again while the shard moves (every operation is
+//! idempotent, and nobody received it).
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes};
+use futures_util::StreamExt;
+use mqgate_core::outbox::ShardId;
+use mqgate_core::shard::{AdminAnswer, AdminOp};
+use mqgate_core::{Broker, CoreError, GroupInfo, MemberInfo, QueueInfo, Result, StartPosition};
+use mqgate_store::{GroupName, QueueId, QueueRef, TopicConfig};
+
+use super::codec::{decode_error, encode_error, put_bytes, put_opt_str, Reader};
+use super::subject;
+
+fn invalid(what: impl Into<String>) -> CoreError {
+    CoreError::Invalid(format!("admin relay: {}", what.into()))
+}
+
+fn put_start(out: &mut Vec<u8>, s: StartPosition) {
+    let (tag, v) = match s {
+        StartPosition::First => (0, 0),
+        StartPosition::Last => (1, 0),
+        StartPosition::Timestamp(t) => (2, t),
+        StartPosition::Offset(o) => (3, o),
+        StartPosition::LastStored => (4, 0),
+    };
+    out.put_u8(tag);
+    out.put_u64(v);
+}
+
+fn start(r: &mut Reader) -> Result<StartPosition> {
+    let tag = r.u8()?;
+    let v = r.u64()?;
+    Ok(match tag {
+        0 => StartPosition::First,
+        1 => StartPosition::Last,
+        2 => StartPosition::Timestamp(v),
+        3 => StartPosition::Offset(v),
+        4 => StartPosition::LastStored,
+        k => return Err(invalid(format!("start {k}"))),
+    })
+}
+
+fn group(r: &mut Reader) -> Result<GroupName> {
+    GroupName::new(r.string()?).map_err(|e| invalid(e.to_string()))
+}
+
+fn put_queue(out: &mut Vec<u8>, q: &QueueRef) {
+    put_bytes(out, q.topic.as_str().as_bytes());
+    out.put_u32(q.queue.0);
+}
+
+fn queue(r: &mut Reader) -> Result<QueueRef> {
+    let topic = r.topic()?;
+    Ok(QueueRef {
+        topic,
+        queue: QueueId(r.u32()?),
+    })
+}
+
+fn encode_op(op: &AdminOp) -> Bytes {
+    let mut out = Vec::new();
+    match op {
+        AdminOp::CreateTopic(t, q) => {
+            out.put_u8(1);
+            put_bytes(&mut out, t.as_str().as_bytes());
+            match q {
+                Some(q) => {
+                    out.put_u8(1);
+                    out.put_u32(*q);
+                }
+                None => out.put_u8(0),
+            }
+        }
+        AdminOp::DeleteTopic(t) => {
+            out.put_u8(2);
+            put_bytes(&mut out, t.as_str().as_bytes());
+        }
+        AdminOp::GroupInfo(g) => {
+            out.put_u8(3);
+            put_bytes(&mut out, g.as_str().as_bytes());
+        }
+        AdminOp::ResetGroup(g, s) => {
+            out.put_u8(4);
+            put_bytes(&mut out, g.as_str().as_bytes());
+            put_start(&mut out, *s);
+        }
+        AdminOp::DeleteGroup(g) => {
+            out.put_u8(5);
+            put_bytes(&mut out, g.as_str().as_bytes());
+        }
+    }
+    Bytes::from(out)
+}
+
+fn decode_op(b: Bytes) -> Result<AdminOp> {
+    let mut r = Reader(b);
+    let op = match r.u8()? {
+        1 => {
+            let t = r.topic()?;
+            let q = match r.u8()? {
+                0 => None,
+                1 => Some(r.u32()?),
+                k => return Err(invalid(format!("option tag {k}"))),
+            };
+            AdminOp::CreateTopic(t, q)
+        }
+        2 => AdminOp::DeleteTopic(r.topic()?),
+        3 => AdminOp::GroupInfo(group(&mut r)?),
+        4 => {
+            let g = group(&mut r)?;
+            AdminOp::ResetGroup(g, start(&mut r)?)
+        }
+        5 => AdminOp::DeleteGroup(group(&mut r)?),
+        k => return Err(invalid(format!("unknown operation {k}"))),
+    };
+    r.end()?;
+    Ok(op)
+}
+
+fn encode_reply(r: &Result<AdminAnswer>) -> Bytes {
+    let mut out = Vec::new();
+    let a = match r {
+        Ok(a) => a,
+        Err(e) => {
+            out.put_u8(1);
+            encode_error(&mut out, e);
+            return Bytes::from(out);
+        }
+    };
+    out.put_u8(0);
+    match a {
+        AdminAnswer::Topic(t) => {
+            out.put_u8(1);
+            put_bytes(&mut out, t.name.as_str().as_bytes());
+            out.put_u32(t.queue_count);
+        }
+        AdminAnswer::Deleted(d) => {
+            out.put_u8(2);
+            out.put_u8(u8::from(*d));
+        }
+        AdminAnswer::Group(g) => {
+            out.put_u8(3);
+            put_bytes(&mut out, g.name.as_str().as_bytes());
+            out.put_u32(g.members.len() as u32);
+            for m in &g.members {
+                put_bytes(&mut out, m.id.as_bytes());
+                out.put_u64(m.unacked as u64);
+                out.put_u64(m.prefetch as u64);
+                out.put_u32(m.queues.len() as u32);
+                for q in &m.queues {
+                    put_queue(&mut out, q);
+                }
+            }
+            out.put_u32(g.queues.len() as u32);
+            for q in &g.queues {
+                put_queue(&mut out, &q.queue);
+                put_opt_str(&mut out, q.member.as_deref());
+                out.put_u64(q.committed);
+                out.put_u64(q.next);
+                out.put_u64(q.lag);
+                out.put_u64(q.ready);
+                out.put_u64(q.in_flight as u64);
+            }
+            out.put_u64(g.skipped);
+        }
+        AdminAnswer::Done => out.put_u8(4),
+    }
+    Bytes::from(out)
+}
+
+fn size(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+fn decode_reply(b: Bytes) -> Result<AdminAnswer> {
+    let mut r = Reader(b);
+    match r.u8()? {
+        0 => {}
+        1 => return Err(decode_error(&mut r)?),
+        k => return Err(invalid(format!("unknown reply kind {k}"))),
+    }
+    let a = match r.u8()? {
+        1 => {
+            let name = r.topic()?;
+            AdminAnswer::Topic(TopicConfig {
+                name,
+                queue_count: r.u32()?,
+            })
+        }
+        2 => AdminAnswer::Deleted(r.u8()? != 0),
+        3 => {
+            let name = group(&mut r)?;
+            let n = r.count(24)?;
+            let mut members = Vec::with_capacity(n);
+            for _ in 0..n {
+                let id = r.string()?;
+                let unacked = size(r.u64()?);
+                let prefetch = size(r.u64()?);
+                let k = r.count(8)?;
+                let mut queues = Vec::with_capacity(k);
+                for _ in 0..k {
+                    queues.push(queue(&mut r)?);
+                }
+                members.push(MemberInfo {
+                    id,
+                    unacked,
+                    prefetch,
+                    queues,
+                });
+            }
+            let n = r.count(49)?;
+            let mut queues = Vec::with_capacity(n);
+            for _ in 0..n {
+                let q = queue(&mut r)?;
+                queues.push(QueueInfo {
+                    queue: q,
+                    member: r.opt_string()?,
+                    committed: r.u64()?,
+                    next: r.u64()?,
+                    lag: r.u64()?,
+                    ready: r.u64()?,
+                    in_flight: size(r.u64()?),
+                });
+            }
+            AdminAnswer::Group(GroupInfo {
+                name,
+                members,
+                queues,
+                skipped: r.u64()?,
+            })
+        }
+        4 => AdminAnswer::Done,
+        k => return Err(invalid(format!("answer tag {k}"))),
+    };
+    r.end()?;
+    Ok(a)
+}
+
+/// The owner's side: runs relayed operations for one shard while it owns it.
+#[derive(Debug)]
+pub struct AdminServer {
+    _task: super::Serving,
+}
+
+impl AdminServer {
+    /// Serve operations on shard `shard` of the cluster of `stream`.
+    pub async fn start(
+        client: async_nats::Client,
+        stream: &str,
+        shard: ShardId,
+        broker: Broker,
+    ) -> Result<Self> {
+        let mut sub = super::owner_subscription(&client, stream, shard, "adm").await?;
+        let task = tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Some(reply_to) = msg.reply.clone() else {
+                    continue;
+                };
+                let (broker, client) = (broker.clone(), client.clone());
+                // Each on its own: a slow one (a group stopping) holds up no other.
+                tokio::spawn(async move {
+                    let answer = match decode_op(msg.payload) {
+                        Ok(op) => broker.admin(op).await,
+                        Err(e) => {
+                            tracing::warn!(shard, error = %e, "cluster: a malformed admin request; refused");
+                            Err(e)
+                        }
+                    };
+                    let _ = client.publish(reply_to, encode_reply(&answer)).await;
+                });
+            }
+        });
+        Ok(Self {
+            _task: super::Serving(task),
+        })
+    }
+}
+
+/// The caller's side.
+#[derive(Debug, Clone)]
+pub struct NatsAdmin {
+    client: async_nats::Client,
+    stream: String,
+    timeout: Duration,
+}
+
+impl NatsAdmin {
+    /// Operations on the shards of the cluster of `stream`, each answered within
+    /// `timeout` (a shard owned by none is waited for up to 4 times that, at least
+    /// 2 s).
+    pub fn new(client: async_nats::Client, stream: &str, timeout: Duration) -> Self {
+        Self {
+            client,
+            stream: stream.to_owned(),
+            timeout,
+        }
+    }
+
+    /// Run `op` on the owner of `shard`.
+    pub async fn run(&self, shard: ShardId, op: AdminOp) -> Result<AdminAnswer> {
+        let subject = subject(&self.stream, shard, "adm");
+        let payload = encode_op(&op);
+        let wait = self.timeout.saturating_mul(4).max(Duration::from_secs(2));
+        let since = tokio::time::Instant::now();
+        loop {
+            let req = async_nats::Request::new()
+                .payload(payload.clone())
+                .timeout(Some(self.timeout));
+            match self.client.send_request(subject.clone(), req).await {
+                Ok(reply) => return decode_reply(reply.payload),
+                Err(e)
+                    if e.kind() == async_nats::RequestErrorKind::NoResponders
+                        && since.elapsed() < wait =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                    return Err(CoreError::NotOwned(shard))
+                }
+                Err(e) => return Err(invalid(format!("{subject}: {e}"))),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqgate_store::TopicName;
+    use proptest::prelude::*;
+
+    fn t(s: &str) -> TopicName {
+        TopicName::new(s).unwrap()
+    }
+
+    #[test]
+    fn operations_and_answers_round_trip() {
+        let g = GroupName::new("g").unwrap();
+        for op in [
+            AdminOp::CreateTopic(t("a"), Some(4)),
+            AdminOp::CreateTopic(t("a"), None),
+            AdminOp::DeleteTopic(t("b")),
+            AdminOp::GroupInfo(g.clone()),
+            AdminOp::ResetGroup(g.clone(), StartPosition::Timestamp(9)),
+            AdminOp::DeleteGroup(g.clone()),
+        ] {
+            assert_eq!(decode_op(encode_op(&op)).unwrap(), op);
+        }
+        let q = QueueRef {
+            topic: t("q"),
+            queue: QueueId(1),
+        };
+        for a in [
+            AdminAnswer::Topic(TopicConfig {
+                name: t("a"),
+                queue_count: 4,
+            }),
+            AdminAnswer::Deleted(true),
+            AdminAnswer::Done,
+            AdminAnswer::Group(GroupInfo {
+                name: g.clone(),
+                members: vec![MemberInfo {
+                    id: "m".into(),
+                    unacked: 3,
+                    prefetch: 20,
+                    queues: vec![q.clone()],
+                }],
+                queues: vec![QueueInfo {
+                    queue: q.clone(),
+                    member: Some("m".into()),
+                    committed: 5,
+                    next: 9,
+                    lag: 4,
+                    ready: 1,
+                    in_flight: 3,
+                }],
+                skipped: 2,
+            }),
+        ] {
+            assert_eq!(decode_reply(encode_reply(&Ok(a.clone()))).unwrap(), a);
+        }
+        assert!(matches!(
+            decode_reply(encode_reply(&Err(CoreError::NotOwned(3)))),
+            Err(CoreError::NotOwned(3))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_is_an_error_not_a_panic(junk in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_op(Bytes::from(junk.clone()));
+            let _ = decode_reply(Bytes::from(junk));
+        }
+    }
+}
