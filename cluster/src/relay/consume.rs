@@ -62,6 +62,10 @@ const REPLY_ERR: u8 = 1;
 const DLV_BATCH: u8 = 1;
 const DLV_ENDED: u8 = 2;
 
+/// A member reports at most this many lost batches at once (more: the batch is
+/// ignored as malformed; its messages come again).
+const MAX_GAP: u64 = 4096;
+
 /// A delivery batch holds at most this many messages ...
 const BATCH_COUNT: usize = 256;
 /// ... and about this many bytes of them.
@@ -427,50 +431,87 @@ impl ConsumeServer {
         let task = tokio::spawn(async move {
             let members: Members = Arc::default();
             let mut pumps = tokio::task::JoinSet::new();
-            let next = AtomicU64::new(1);
-            while let Some(msg) = sub.next().await {
+            // Handles unique across owners and restarts: a member that held handle h
+            // on a previous owner of this shard never matches another's here.
+            let base = mqgate_core::shard::splitmix64(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+                    ^ (u64::from(shard) << 48),
+            );
+            let next = Arc::new(AtomicU64::new(0));
+            // Joins run on their own (a join may wait for the group's actor): the
+            // members' commands keep being answered meanwhile.
+            let (joined_tx, mut joined) =
+                mpsc::unbounded_channel::<(u64, String, Consumer, mpsc::UnboundedReceiver<Cmds>)>();
+            loop {
+                let msg = tokio::select! {
+                    m = sub.next() => match m {
+                        Some(m) => m,
+                        None => break,
+                    },
+                    Some((handle, deliver_to, consumer, rx)) = joined.recv() => {
+                        pumps.spawn(pump(
+                            client.clone(),
+                            deliver_to,
+                            handle,
+                            consumer,
+                            rx,
+                            times,
+                            Arc::clone(&faults),
+                            Arc::clone(&members),
+                        ));
+                        continue;
+                    }
+                };
+                while pumps.try_join_next().is_some() {}
                 let Some(reply_to) = msg.reply.clone() else {
                     continue;
                 };
-                let answer = match decode_request(msg.payload) {
+                match decode_request(msg.payload) {
                     Ok(Request::Join(deliver_to, spec, member)) => {
-                        // The endpoint registered here is authoritative (its
-                        // dead-letter target is not carried over the relay).
-                        let spec = broker.endpoint_spec(&spec.name).unwrap_or(*spec);
-                        match broker.subscribe(spec, member).await {
-                            Ok(consumer) => {
-                                let handle = next.fetch_add(1, Ordering::Relaxed);
-                                let (tx, rx) = mpsc::unbounded_channel();
-                                members.lock().insert(handle, tx);
-                                pumps.spawn(pump(
-                                    client.clone(),
-                                    deliver_to,
-                                    handle,
-                                    consumer,
-                                    rx,
-                                    times,
-                                    Arc::clone(&faults),
-                                    Arc::clone(&members),
-                                ));
-                                Ok(handle)
-                            }
-                            Err(e) => Err(e),
-                        }
+                        let (broker, client, members, next, joined_tx) = (
+                            broker.clone(),
+                            client.clone(),
+                            Arc::clone(&members),
+                            Arc::clone(&next),
+                            joined_tx.clone(),
+                        );
+                        tokio::spawn(async move {
+                            let answer = if broker.owned_shards().contains(&shard) {
+                                // The endpoint registered here is authoritative (its
+                                // dead-letter target is not carried over the relay).
+                                let spec = broker.endpoint_spec(&spec.name).unwrap_or(*spec);
+                                match broker.subscribe(spec, member).await {
+                                    Ok(consumer) => {
+                                        let handle =
+                                            base.wrapping_add(next.fetch_add(1, Ordering::Relaxed));
+                                        let (tx, rx) = mpsc::unbounded_channel();
+                                        members.lock().insert(handle, tx);
+                                        let _ = joined_tx.send((handle, deliver_to, consumer, rx));
+                                        Ok(handle)
+                                    }
+                                    Err(e) => Err(e),
+                                }
+                            } else {
+                                Err(CoreError::NotOwned(shard))
+                            };
+                            let _ = client.publish(reply_to, encode_reply(&answer)).await;
+                        });
                     }
                     Ok(Request::Cmds(c)) => {
                         let tx = members.lock().get(&c.handle).cloned();
-                        match tx {
+                        let answer = match tx {
                             Some(tx) if tx.send(c).is_ok() => Ok(0),
                             _ => Err(CoreError::NoSuchGroup("a member of this gateway".into())),
-                        }
+                        };
+                        let _ = client.publish(reply_to, encode_reply(&answer)).await;
                     }
                     Err(e) => {
                         tracing::warn!(shard, error = %e, "cluster: a malformed consume request; refused");
-                        Err(e)
+                        let _ = client.publish(reply_to, encode_reply(&Err(e))).await;
                     }
-                };
-                let _ = client.publish(reply_to, encode_reply(&answer)).await;
-                while pumps.try_join_next().is_some() {}
+                }
             }
         });
         Ok(Self {
@@ -631,7 +672,15 @@ impl NatsConsumers {
         let subject = subject(&self.stream, shard, "grp");
         match self.client.send_request(subject.clone(), req).await {
             Ok(reply) => decode_reply(reply.payload),
-            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            // Nobody serves the shard, or its owner did not answer in time: the
+            // shard is (as far as this gateway can tell) between owners.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::RequestErrorKind::NoResponders
+                        | async_nats::RequestErrorKind::TimedOut
+                ) =>
+            {
                 Err(CoreError::NotOwned(shard))
             }
             Err(e) => Err(invalid(format!("{subject}: {e}"))),
@@ -656,7 +705,7 @@ impl NatsConsumers {
                 .await
             {
                 Ok(h) => return Ok(h),
-                Err(e @ (CoreError::NotOwned(_) | CoreError::Invalid(_)))
+                Err(e @ (CoreError::NotOwned(_) | CoreError::ShuttingDown))
                     if alive.map_or(since.elapsed() < self.times.member, |a| a()) =>
                 {
                     tracing::debug!(shard, error = %e, "cluster: joining a remote group; again");
@@ -695,6 +744,7 @@ impl NatsConsumers {
             expected: 1,
             through: 0,
             pending: Cmds::default(),
+            failures: 0,
         };
         tokio::spawn(member_side.run(sub, ctl_rx, mailbox));
         Ok(consumer)
@@ -715,6 +765,8 @@ struct MemberSide {
     through: u64,
     /// What the next commands request carries.
     pending: Cmds,
+    /// Commands requests not taken in a row.
+    failures: u32,
 }
 
 impl MemberSide {
@@ -733,6 +785,10 @@ impl MemberSide {
                     match decode_dlv(msg.payload) {
                         Ok(Dlv::Batch(h, seq, batch)) if h == self.handle => {
                             if seq < self.expected {
+                                continue;
+                            }
+                            if seq - self.expected > MAX_GAP {
+                                tracing::warn!(seq, expected = self.expected, "cluster: a delivery batch numbered far ahead; ignored (delivered again)");
                                 continue;
                             }
                             self.pending.lost.extend(self.expected..seq);
@@ -773,10 +829,11 @@ impl MemberSide {
                         next = ctl.try_recv().ok();
                     }
                     let leaving = self.pending.leave;
-                    if !self.flush().await && !leaving && !self.rejoin(&mailbox).await {
+                    if leaving {
+                        let _ = self.flush().await;
                         return;
                     }
-                    if leaving {
+                    if !self.flush().await && !self.rejoin(&mailbox).await {
                         return;
                     }
                 }
@@ -794,15 +851,24 @@ impl MemberSide {
         }
     }
 
-    /// Send what is pending (and the heartbeat); whether the owner took it.
+    /// Send what is pending (and the heartbeat). False when the member must join
+    /// anew: the owner does not know it (it moved, restarted, or dropped the member),
+    /// or did not take 3 requests in a row; a single failure is retried with the next
+    /// request.
     async fn flush(&mut self) -> bool {
         let mut c = std::mem::take(&mut self.pending);
         c.handle = self.handle;
         c.received_through = self.through;
         let leave = c.leave;
         match self.link.request(self.shard, encode_cmds(&c)).await {
-            Ok(_) => true,
+            Ok(_) => {
+                self.failures = 0;
+                true
+            }
             Err(e) => {
+                self.failures += 1;
+                let gone = matches!(e, CoreError::NoSuchGroup(_) | CoreError::ShuttingDown)
+                    || self.failures >= 3;
                 tracing::debug!(shard = self.shard, error = %e, "cluster: a remote member's commands were not taken");
                 if !leave {
                     // Sent again with the next ones, unless the member joins anew
@@ -814,7 +880,7 @@ impl MemberSide {
                     c.leave = false;
                     self.pending = c;
                 }
-                false
+                !gone
             }
         }
     }
@@ -845,6 +911,7 @@ impl MemberSide {
                 self.handle = h;
                 self.expected = 1;
                 self.through = 0;
+                self.failures = 0;
                 true
             }
             Err(e) => {

@@ -4,9 +4,11 @@
 //! queue group `owner` while it owns the shard, so a request for a shard nobody owns
 //! fails fast with *no responders*, and a request that meets an old owner after a move
 //! is answered by its fenced store (an error), never as if it had been applied.
-//! Requests are idempotent by construction (the destination's marks), so a caller
-//! that hears nothing asks again: a lost request or a lost reply costs a retry, never a
-//! loss or a duplicate.
+//! What a lost request or reply costs differs by relay: a forward is idempotent (the
+//! destination's marks), so it is asked again, never lost nor applied twice; a publish
+//! with no answer in time fails unacknowledged (the client's resend may duplicate it);
+//! a lost delivery batch is delivered again; an admin operation with nobody serving
+//! the shard is asked again (each is idempotent).
 
 pub mod admin;
 pub(crate) mod codec;

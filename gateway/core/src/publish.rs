@@ -924,8 +924,10 @@ impl crate::broker::Common {
         let delay = delay?;
         let now = self.clock.now();
         let due = match delay {
-            Delay::Level(l) => now + self.config.level_delay(l).as_millis() as u64,
-            Delay::For(d) => now + d.as_millis() as u64,
+            Delay::Level(l) => now.saturating_add(
+                u64::try_from(self.config.level_delay(l).as_millis()).unwrap_or(u64::MAX),
+            ),
+            Delay::For(d) => now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             Delay::At(t) => t,
         };
         (due > now).then_some(due)

@@ -559,6 +559,24 @@ impl ShardSet {
         for (i, item) in items.into_iter().enumerate() {
             match self.plan_here(item)? {
                 Planned::Nowhere => {}
+                Planned::One(0, item)
+                    if matches!(item.to, Destination::Exchange { .. }) && !self.routes_here() =>
+                {
+                    // Routed by shard 0's owner, into shards unknown here: what came
+                    // before it is queued first, and it is queued in its destinations
+                    // (the relay answers `queued` then) before anything after it.
+                    if let Some((home, items)) = run.take() {
+                        for (i, a) in self.publish_run(home, items, durable).await? {
+                            slots[i] = a;
+                        }
+                    }
+                    for (s, (idx, pb)) in std::mem::take(&mut parts) {
+                        pending.push((idx, self.part_submit(s, pb).await?));
+                    }
+                    let (_, mut pb) = new_part();
+                    pb.items.push(item);
+                    pending.push((vec![i], self.part_submit(0, pb).await?));
+                }
                 Planned::One(s, item) => {
                     if let Some((home, items)) = run.take() {
                         for (i, a) in self.publish_run(home, items, durable).await? {

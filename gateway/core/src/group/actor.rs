@@ -390,7 +390,12 @@ impl Actor {
                 self.rebalance();
                 let _ = done.send(());
             }
-            Cmd::Leave(id) => self.remove_member(&id).await,
+            Cmd::Leave(id, if_closed) => {
+                let stale = if_closed && self.members.get(&*id).is_some_and(|m| !m.tx.is_closed());
+                if !stale {
+                    self.remove_member(&id).await;
+                }
+            }
             Cmd::Heartbeat(id) => {
                 if let Some(m) = self.members.get_mut(&*id) {
                     m.last_seen = Instant::now();
@@ -490,7 +495,7 @@ impl Actor {
         for id in dead {
             tracing::info!(group = %self.spec.name, member = %id, "core: member missed its heartbeats; removing");
             // Same path as a leave, minus the await on broadcast offsets (done in commit).
-            let _ = self.handle.cmd.send(Cmd::Leave(id.into()));
+            let _ = self.handle.cmd.send(Cmd::Leave(id.into(), false));
         }
     }
 

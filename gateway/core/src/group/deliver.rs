@@ -189,7 +189,7 @@ impl Actor {
                 // The member is gone; its Leave is on the way. Put the message back.
                 let q = self.cursor_mut(&owner_key, queue).expect("checked");
                 q.redeliver.insert(offset, Pending { message, count });
-                let _ = self.handle.cmd.send(Cmd::Leave(member.into()));
+                let _ = self.handle.cmd.send(Cmd::Leave(member.into(), false));
                 break;
             }
             m.unacked += 1;

@@ -272,7 +272,9 @@ enum Cmd {
         oneshot::Sender<()>,
     ),
     // Member ids are shared, not copied: an ack per message sends one.
-    Leave(Arc<str>),
+    /// A member leaves; `true`: only if its mailbox is closed (the consumer that sends
+    /// it was dropped; a member that joined again under the same id since stays).
+    Leave(Arc<str>, bool),
     Ack(Arc<str>, AckToken),
     Nack(Arc<str>, AckToken, bool),
     Heartbeat(Arc<str>),
@@ -444,7 +446,8 @@ impl Drop for Consumer {
     fn drop(&mut self) {
         match &self.cmd {
             Control::Local(c) => {
-                let _ = c.send(Cmd::Leave(self.member.clone()));
+                self.rx.close();
+                let _ = c.send(Cmd::Leave(self.member.clone(), true));
             }
             Control::Remote(r) => r.leave(),
         }
