@@ -1,0 +1,326 @@
+//! The member's side of the consume relay: a gateway's members of groups whose shards
+//! other gateways own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use mqgate_core::outbox::ShardId;
+use mqgate_core::{
+    AckToken, Consumer, CoreError, Delivery, GroupSpec, MemberOptions, RemoteControl, Result,
+};
+use tokio::sync::mpsc;
+
+use super::wire::{decode_dlv, decode_reply, encode_cmds, encode_join, invalid, Cmds, Dlv};
+use super::Times;
+use crate::relay::subject;
+
+/// A member reports at most this many lost batches at once (more: the batch is
+/// ignored as malformed; its messages come again).
+const MAX_GAP: u64 = 4096;
+
+/// What a remote [`Consumer`]'s calls become on the member's gateway.
+enum Ctl {
+    Ack(AckToken),
+    Nack(AckToken, bool),
+    Prefetch(usize),
+    Heartbeat,
+    Leave,
+}
+
+struct RemoteCtl(mpsc::UnboundedSender<Ctl>);
+
+impl RemoteControl for RemoteCtl {
+    fn ack(&self, token: AckToken) {
+        let _ = self.0.send(Ctl::Ack(token));
+    }
+    fn nack(&self, token: AckToken, requeue: bool) {
+        let _ = self.0.send(Ctl::Nack(token, requeue));
+    }
+    fn heartbeat(&self) {
+        let _ = self.0.send(Ctl::Heartbeat);
+    }
+    fn set_prefetch(&self, prefetch: usize) {
+        let _ = self.0.send(Ctl::Prefetch(prefetch));
+    }
+    fn leave(&self) {
+        let _ = self.0.send(Ctl::Leave);
+    }
+}
+
+/// The member's side: how a gateway joins groups whose shards others own.
+#[derive(Debug, Clone)]
+pub struct NatsConsumers {
+    client: async_nats::Client,
+    stream: String,
+    times: Times,
+}
+
+impl NatsConsumers {
+    /// Members of groups in the cluster of `stream`; requests time out after
+    /// `timeout` (the other times follow from it).
+    pub fn new(client: async_nats::Client, stream: &str, timeout: Duration) -> Self {
+        Self {
+            client,
+            stream: stream.to_owned(),
+            times: Times::new(timeout),
+        }
+    }
+
+    async fn request(&self, shard: ShardId, payload: Bytes) -> Result<u64> {
+        let req = async_nats::Request::new()
+            .payload(payload)
+            .timeout(Some(self.times.request));
+        let subject = subject(&self.stream, shard, "grp");
+        match self.client.send_request(subject.clone(), req).await {
+            Ok(reply) => decode_reply(reply.payload),
+            // Nobody serves the shard, or its owner did not answer in time: the
+            // shard is (as far as this gateway can tell) between owners.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::RequestErrorKind::NoResponders
+                        | async_nats::RequestErrorKind::TimedOut
+                ) =>
+            {
+                Err(CoreError::NotOwned(shard))
+            }
+            Err(e) => Err(invalid(format!("{subject}: {e}"))),
+        }
+    }
+
+    /// Join on the owner, waiting while the shard is between owners (no owner, or no
+    /// answer in time): for up to the member timeout, or while `alive` says so.
+    async fn join(
+        &self,
+        shard: ShardId,
+        deliver_to: &str,
+        spec: &GroupSpec,
+        member: &MemberOptions,
+        alive: Option<&(dyn Fn() -> bool + Sync)>,
+    ) -> Result<u64> {
+        let since = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self
+                .request(shard, encode_join(deliver_to, spec, member))
+                .await
+            {
+                Ok(h) => return Ok(h),
+                Err(e @ (CoreError::NotOwned(_) | CoreError::ShuttingDown))
+                    if alive.map_or(since.elapsed() < self.times.member, |a| a()) =>
+                {
+                    tracing::debug!(shard, error = %e, "cluster: joining a remote group; again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// [`mqgate_core::shard::ClusterLink::subscribe`].
+    pub async fn subscribe(
+        &self,
+        shard: ShardId,
+        spec: GroupSpec,
+        member: MemberOptions,
+    ) -> Result<Consumer> {
+        let deliver_to = self.client.new_inbox();
+        let sub = self
+            .client
+            .subscribe(deliver_to.clone())
+            .await
+            .map_err(|e| invalid(format!("subscribe: {e}")))?;
+        let handle = self.join(shard, &deliver_to, &spec, &member, None).await?;
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let (consumer, mailbox) =
+            Consumer::remote(&member.id, spec.name.clone(), Arc::new(RemoteCtl(ctl_tx)));
+        let member_side = MemberSide {
+            link: self.clone(),
+            shard,
+            deliver_to,
+            spec,
+            member,
+            handle,
+            expected: 1,
+            through: 0,
+            pending: Cmds::default(),
+            failures: 0,
+        };
+        tokio::spawn(member_side.run(sub, ctl_rx, mailbox));
+        Ok(consumer)
+    }
+}
+
+/// The member's gateway's task for one remote member.
+struct MemberSide {
+    link: NatsConsumers,
+    shard: ShardId,
+    deliver_to: String,
+    spec: GroupSpec,
+    member: MemberOptions,
+    handle: u64,
+    /// The next batch number expected from the owner.
+    expected: u64,
+    /// The last batch number received.
+    through: u64,
+    /// What the next commands request carries.
+    pending: Cmds,
+    /// Commands requests not taken in a row.
+    failures: u32,
+}
+
+impl MemberSide {
+    async fn run(
+        mut self,
+        mut sub: async_nats::Subscriber,
+        mut ctl: mpsc::UnboundedReceiver<Ctl>,
+        mailbox: mqgate_core::mailbox::Sender<Delivery>,
+    ) {
+        let mut tick = tokio::time::interval(self.link.times.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = sub.next() => {
+                    let Some(msg) = msg else { return };
+                    match decode_dlv(msg.payload) {
+                        Ok(Dlv::Batch(h, seq, batch)) if h == self.handle => {
+                            if seq < self.expected {
+                                continue;
+                            }
+                            if seq - self.expected > MAX_GAP {
+                                tracing::warn!(seq, expected = self.expected, "cluster: a delivery batch numbered far ahead; ignored (delivered again)");
+                                continue;
+                            }
+                            self.pending.lost.extend(self.expected..seq);
+                            self.expected = seq + 1;
+                            self.through = seq;
+                            for d in batch {
+                                if mailbox.send(d).is_err() {
+                                    // The consumer is gone: leave.
+                                    self.pending.leave = true;
+                                    let _ = self.flush().await;
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(Dlv::Ended(h)) if h == self.handle => {
+                            if !self.rejoin(&mailbox).await {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "cluster: a malformed delivery batch; ignored (delivered again)"),
+                    }
+                }
+                c = ctl.recv() => {
+                    let Some(c) = c else { return };
+                    let mut next = Some(c);
+                    while let Some(c) = next {
+                        match c {
+                            Ctl::Ack(t) => self.pending.acks.push(t),
+                            Ctl::Nack(t, rq) => self.pending.nacks.push((t, rq)),
+                            Ctl::Prefetch(p) => {
+                                self.member.prefetch = p;
+                                self.pending.prefetch = Some(u32::try_from(p).unwrap_or(u32::MAX));
+                            }
+                            Ctl::Heartbeat => {}
+                            Ctl::Leave => self.pending.leave = true,
+                        }
+                        next = ctl.try_recv().ok();
+                    }
+                    let leaving = self.pending.leave;
+                    if leaving {
+                        let _ = self.flush().await;
+                        return;
+                    }
+                    if !self.flush().await && !self.rejoin(&mailbox).await {
+                        return;
+                    }
+                }
+                _ = tick.tick() => {
+                    if mailbox.is_closed() {
+                        self.pending.leave = true;
+                        let _ = self.flush().await;
+                        return;
+                    }
+                    if !self.flush().await && !self.rejoin(&mailbox).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Send what is pending (and the heartbeat). False when the member must join
+    /// anew: the owner does not know it (it moved, restarted, or dropped the member),
+    /// or did not take 3 requests in a row; a single failure is retried with the next
+    /// request.
+    async fn flush(&mut self) -> bool {
+        let mut c = std::mem::take(&mut self.pending);
+        c.handle = self.handle;
+        c.received_through = self.through;
+        let leave = c.leave;
+        match self.link.request(self.shard, encode_cmds(&c)).await {
+            Ok(_) => {
+                self.failures = 0;
+                true
+            }
+            Err(e) => {
+                self.failures += 1;
+                let gone = matches!(e, CoreError::NoSuchGroup(_) | CoreError::ShuttingDown)
+                    || self.failures >= 3;
+                tracing::debug!(shard = self.shard, error = %e, "cluster: a remote member's commands were not taken");
+                if !leave {
+                    // Sent again with the next ones, unless the member joins anew
+                    // (then they are stale: the owner delivers those messages again).
+                    c.acks.append(&mut self.pending.acks);
+                    c.nacks.append(&mut self.pending.nacks);
+                    c.lost.append(&mut self.pending.lost);
+                    c.prefetch = self.pending.prefetch.or(c.prefetch);
+                    c.leave = false;
+                    self.pending = c;
+                }
+                !gone
+            }
+        }
+    }
+
+    /// Join the group's (next) owner anew, for as long as the consumer lives (a
+    /// takeover after a crash takes the lease's time to live); false when it is gone
+    /// or the owner refuses (the consumer ends).
+    async fn rejoin(&mut self, mailbox: &mqgate_core::mailbox::Sender<Delivery>) -> bool {
+        let alive = || !mailbox.is_closed();
+        match self
+            .link
+            .join(
+                self.shard,
+                &self.deliver_to,
+                &self.spec,
+                &self.member,
+                Some(&alive),
+            )
+            .await
+        {
+            Ok(h) => {
+                tracing::info!(shard = self.shard, group = %self.spec.name, "cluster: a remote member joined its group's owner anew");
+                let prefetch = self.pending.prefetch;
+                self.pending = Cmds {
+                    prefetch,
+                    ..Cmds::default()
+                };
+                self.handle = h;
+                self.expected = 1;
+                self.through = 0;
+                self.failures = 0;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(shard = self.shard, group = %self.spec.name, error = %e, "cluster: a remote member lost its group");
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The consume relay: a member on one gateway of a group whose shard another gateway
+//! owns (`docs/design/sharding.md` section 4).
+//!
+//! ```text
+//!  member's gateway                                 owner of the group's shard
+//!   Broker::subscribe ─ClusterLink::subscribe─>
+//!     Join {deliver_to, spec, member} ──s.NN.grp──> broker.subscribe (a local member)
+//!                         <─────── {handle} ──────  + a pump task for it
+//!   mailbox of the Consumer  <──── deliver_to ────  pump: deliveries in batches,
+//!     (seq checked: a gap is      {handle, seq,       numbered; credit is the member's
+//!      reported lost)              deliveries}        prefetch, as for any member
+//!   acks, nacks, prefetch,
+//!   heartbeat ─ Cmds {handle, received_through, ──> applied to the local member;
+//!                lost, acks, nacks, prefetch?}        batches up to received_through
+//!                                                     settled, lost ones requeued
+//! ```
+//! Loss never loses a message, it delivers it again: a lost delivery batch is reported
+//! (a gap) or not covered by `received_through` in time, and its messages are nacked
+//! with requeue on the owner; lost commands are sent again; a member not heard from for
+//! 4 x the relay timeout is dropped on the owner (its messages in flight go to the
+//! others, `redelivered`); an owner gone or moved (its pump ends, commands fail) makes
+//! the member join the next owner, from the group's committed offsets. Acks of what
+//! the member held before become stale there and are ignored: duplicates, never loss.
+//!
+//! Requests (`s.NN.grp`): `1` join: deliver_to, spec (name, topics, mode u8, orderly
+//! u8, start: tag u8 + u64, on failure u8, max reconsume times?, policy: ttl?, delivery
+//! limit?, max length?, max bytes?, overflow u8), member (id, prefetch u32, heartbeat
+//! u8, exact u8); `2` commands: handle u64, received through u64, lost: count, seqs;
+//! acks: count, (topic, queue u32, offset u64, token u64); nacks: the same + requeue
+//! u8; prefetch?; leave u8. Replies: `0` ok (join: handle u64); `1` error (as
+//! `codec::encode_error`). Deliveries (to deliver_to, no reply): `1` batch: handle,
+//! seq, count, per delivery: topic, queue u32, offset u64, redelivered u8, delivery
+//! count u32, token u64, message (`mqgate_store::wire`); `2` ended: handle.
+//!
+//! A dead-letter target is not carried: the owner uses the endpoint registered there
+//! (`Broker::endpoint_spec`), whose spec is authoritative.
+
+mod member;
+mod wire;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes};
+use futures_util::StreamExt;
+use mqgate_core::outbox::ShardId;
+use mqgate_core::{AckToken, Broker, Consumer, CoreError, Delivery, Result};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+pub use self::member::NatsConsumers;
+use self::wire::{decode_request, encode_batch, encode_reply, Cmds, Request, DLV_ENDED};
+
+/// A delivery batch holds at most this many messages ...
+const BATCH_COUNT: usize = 256;
+/// ... and about this many bytes of them.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// The relay's times, all from the relay timeout `t`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Times {
+    /// A member's gateway reports at least this often.
+    pub(super) heartbeat: Duration,
+    /// A batch not reported received within this is delivered again.
+    pub(super) resend: Duration,
+    /// A member not heard from within this is dropped.
+    pub(super) member: Duration,
+    /// A request's answer is waited for this long.
+    pub(super) request: Duration,
+}
+
+impl Times {
+    pub(super) fn new(t: Duration) -> Self {
+        Self {
+            heartbeat: (t / 4).max(Duration::from_millis(50)),
+            resend: t.max(Duration::from_millis(200)),
+            member: t.saturating_mul(4).max(Duration::from_secs(2)),
+            request: t,
+        }
+    }
+}
+
+type Members = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Cmds>>>>;
+
+/// The owner's side: serves joins and commands for one shard's groups while it owns
+/// the shard (drop or [`ConsumeServer::stop`] when it is released; the members' pumps
+/// end with it and their gateways join the next owner).
+#[derive(Debug)]
+pub struct ConsumeServer {
+    task: super::Serving,
+}
+
+impl ConsumeServer {
+    /// Serve the groups of shard `shard` of the cluster of `stream`.
+    pub async fn start(
+        client: async_nats::Client,
+        stream: &str,
+        shard: ShardId,
+        broker: Broker,
+        timeout: Duration,
+        faults: Arc<super::Faults>,
+    ) -> Result<Self> {
+        let mut sub = super::owner_subscription(&client, stream, shard, "grp").await?;
+        let times = Times::new(timeout);
+        let task = tokio::spawn(async move {
+            let members: Members = Arc::default();
+            let mut pumps = tokio::task::JoinSet::new();
+            // Handles unique across owners and restarts: a member that held handle h
+            // on a previous owner of this shard never matches another's here.
+            let base = mqgate_core::shard::splitmix64(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+                    ^ (u64::from(shard) << 48),
+            );
+            let next = Arc::new(AtomicU64::new(0));
+            // Joins run on their own (a join may wait for the group's actor): the
+            // members' commands keep being answered meanwhile.
+            let (joined_tx, mut joined) =
+                mpsc::unbounded_channel::<(u64, String, Consumer, mpsc::UnboundedReceiver<Cmds>)>();
+            loop {
+                let msg = tokio::select! {
+                    m = sub.next() => match m {
+                        Some(m) => m,
+                        None => break,
+                    },
+                    Some((handle, deliver_to, consumer, rx)) = joined.recv() => {
+                        pumps.spawn(pump(
+                            client.clone(),
+                            deliver_to,
+                            handle,
+                            consumer,
+                            rx,
+                            times,
+                            Arc::clone(&faults),
+                            Arc::clone(&members),
+                        ));
+                        continue;
+                    }
+                };
+                while pumps.try_join_next().is_some() {}
+                let Some(reply_to) = msg.reply.clone() else {
+                    continue;
+                };
+                match decode_request(msg.payload) {
+                    Ok(Request::Join(deliver_to, spec, member)) => {
+                        let (broker, client, members, next, joined_tx) = (
+                            broker.clone(),
+                            client.clone(),
+                            Arc::clone(&members),
+                            Arc::clone(&next),
+                            joined_tx.clone(),
+                        );
+                        tokio::spawn(async move {
+                            let answer = if broker.owned_shards().contains(&shard) {
+                                // The endpoint registered here is authoritative (its
+                                // dead-letter target is not carried over the relay).
+                                let spec = broker.endpoint_spec(&spec.name).unwrap_or(*spec);
+                                match broker.subscribe(spec, member).await {
+                                    Ok(consumer) => {
+                                        let handle =
+                                            base.wrapping_add(next.fetch_add(1, Ordering::Relaxed));
+                                        let (tx, rx) = mpsc::unbounded_channel();
+                                        members.lock().insert(handle, tx);
+                                        let _ = joined_tx.send((handle, deliver_to, consumer, rx));
+                                        Ok(handle)
+                                    }
+                                    Err(e) => Err(e),
+                                }
+                            } else {
+                                Err(CoreError::NotOwned(shard))
+                            };
+                            let _ = client.publish(reply_to, encode_reply(&answer)).await;
+                        });
+                    }
+                    Ok(Request::Cmds(c)) => {
+                        let tx = members.lock().get(&c.handle).cloned();
+                        let answer = match tx {
+                            Some(tx) if tx.send(c).is_ok() => Ok(0),
+                            _ => Err(CoreError::NoSuchGroup("a member of this gateway".into())),
+                        };
+                        let _ = client.publish(reply_to, encode_reply(&answer)).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(shard, error = %e, "cluster: a malformed consume request; refused");
+                        let _ = client.publish(reply_to, encode_reply(&Err(e))).await;
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            task: super::Serving(task),
+        })
+    }
+
+    /// Stop serving (the shard is released): the members' pumps end.
+    pub fn stop(&self) {
+        self.task.0.abort();
+    }
+}
+
+/// The owner's side of one remote member: its deliveries out in numbered batches,
+/// its commands in.
+#[allow(clippy::too_many_arguments)]
+async fn pump(
+    client: async_nats::Client,
+    deliver_to: String,
+    handle: u64,
+    mut consumer: Consumer,
+    mut cmds: mpsc::UnboundedReceiver<Cmds>,
+    times: Times,
+    faults: Arc<super::Faults>,
+    members: Members,
+) {
+    let mut seq = 0u64;
+    // Batches sent and not yet reported received: seq, tokens, when sent.
+    let mut sent: VecDeque<(u64, Vec<AckToken>, tokio::time::Instant)> = VecDeque::new();
+    let mut heard = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(times.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let requeue = |consumer: &Consumer, tokens: Vec<AckToken>| {
+        for t in tokens {
+            consumer.nack(t, true);
+        }
+    };
+    loop {
+        tokio::select! {
+            d = consumer.recv() => {
+                let Some(d) = d else {
+                    // The group ended here (the shard is released, the group deleted).
+                    let mut out = vec![DLV_ENDED];
+                    out.put_u64(handle);
+                    let _ = client.publish(deliver_to.clone(), Bytes::from(out)).await;
+                    break;
+                };
+                let mut bytes = d.message.message.body.len();
+                let mut batch = vec![d];
+                while batch.len() < BATCH_COUNT && bytes < BATCH_BYTES {
+                    let Some(d) = consumer.try_recv() else { break };
+                    bytes += d.message.message.body.len();
+                    batch.push(d);
+                }
+                seq += 1;
+                let tokens = batch.iter().map(Delivery::ack_token).collect();
+                sent.push_back((seq, tokens, tokio::time::Instant::now()));
+                if faults.drop_this() {
+                    continue;
+                }
+                if let Err(e) = client.publish(deliver_to.clone(), encode_batch(handle, seq, &batch)).await {
+                    tracing::warn!(handle, error = %e, "cluster: a delivery batch was not sent; it will be requeued");
+                }
+            }
+            c = cmds.recv() => {
+                let Some(c) = c else { break };
+                heard = tokio::time::Instant::now();
+                // Every request is a sign of life (for members that joined with
+                // `heartbeat: true`).
+                consumer.heartbeat();
+                for t in c.acks {
+                    consumer.ack(t);
+                }
+                for (t, rq) in c.nacks {
+                    consumer.nack(t, rq);
+                }
+                if let Some(p) = c.prefetch {
+                    consumer.set_prefetch(p as usize);
+                }
+                while sent.front().is_some_and(|(s, _, _)| *s <= c.received_through) {
+                    let (s, tokens, _) = sent.pop_front().expect("front");
+                    if c.lost.contains(&s) {
+                        requeue(&consumer, tokens);
+                    }
+                }
+                if c.leave {
+                    break;
+                }
+            }
+            _ = tick.tick() => {
+                if heard.elapsed() > times.member {
+                    tracing::info!(handle, "cluster: a remote member went silent; dropped (its messages go to others)");
+                    break;
+                }
+                // Not reported received in time: lost on the way (or its report was).
+                while sent.front().is_some_and(|(_, _, at)| at.elapsed() > times.resend) {
+                    let (_, tokens, _) = sent.pop_front().expect("front");
+                    requeue(&consumer, tokens);
+                }
+            }
+        }
+    }
+    members.lock().remove(&handle);
+}
