@@ -153,7 +153,11 @@ async fn a_member_on_any_gateway_gets_every_message() {
         let seen = Arc::clone(&seen);
         tokio::spawn(async move {
             while let Some(d) = consumer.recv().await {
-                let body = String::from_utf8_lossy(&d.message.message.body).into_owned();
+                let body = if d.message.message.body.len() > 100 {
+                    "big".to_owned()
+                } else {
+                    String::from_utf8_lossy(&d.message.message.body).into_owned()
+                };
                 {
                     let mut s = seen.lock();
                     let e = s.entry(body).or_default();
@@ -226,6 +230,53 @@ async fn a_member_on_any_gateway_gets_every_message() {
         .delivery_faults()
         .drop_every
         .store(0, Ordering::Relaxed);
+    // A message larger than one NATS message (published on the owner, where the
+    // store splits it over records) cannot be relayed: it goes to the group's failure
+    // policy instead of blocking the member, and what follows it arrives.
+    let mut big = PublishBatch::new();
+    big.push(Outgoing::routed(
+        Message::new(q.clone(), Bytes::from(vec![b'b'; 1_500_000])),
+        vec![q.clone()],
+    ));
+    for i in 500..505 {
+        big.push(Outgoing::routed(
+            Message::new(q.clone(), Bytes::from(format!("m{i}"))),
+            vec![q.clone()],
+        ));
+    }
+    gws[owner_at]
+        .1
+        .broker()
+        .publish_batch(big)
+        .await
+        .expect("stored on the owner");
+    wait_seen(
+        &seen,
+        &[500, 501, 502, 503, 504],
+        30,
+        "after a message too large to relay",
+    )
+    .await;
+    assert!(
+        !seen.lock().contains_key("big"),
+        "not delivered over the relay"
+    );
+    // ... and went to the retry ladder (not requeued for ever).
+    let retry = mqgate_store::QueueRef::new(TopicName::new("%RETRY%cq-readers").unwrap(), 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while gws[owner_at]
+        .1
+        .broker()
+        .queue_range(&retry)
+        .map_or(0, |r| r.next.0)
+        == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the message too large to relay is in the retry topic"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Phase 2: the owner dies while the third gateway publishes; the member joins the
     // next owner.
@@ -253,9 +304,10 @@ async fn a_member_on_any_gateway_gets_every_message() {
         let twice = s.values().filter(|(n, _)| *n > 1).count();
         let strays: BTreeSet<&String> = s
             .keys()
+            .filter(|b| b.as_str() != "big")
             .filter(|b| {
                 let i: usize = b[1..].parse().unwrap();
-                !(i < 400 || (1000..1600).contains(&i))
+                !(i < 400 || (500..505).contains(&i) || (1000..1600).contains(&i))
             })
             .collect();
         assert!(strays.is_empty(), "never published: {strays:?}");

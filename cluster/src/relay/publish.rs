@@ -469,6 +469,21 @@ impl PublishServer {
     }
 }
 
+/// Removes its requests from the waiting map when dropped.
+struct Forget {
+    waiting: Waiting,
+    ids: Vec<u64>,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        let mut w = self.waiting.lock();
+        for id in &self.ids {
+            w.remove(id);
+        }
+    }
+}
+
 /// Requests waiting for their replies (first `queued`, then the answer).
 type Waiting = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<async_nats::Message>>>>;
 
@@ -551,27 +566,29 @@ impl NatsPublisher {
         let subject = subject(&self.stream, shard, "pub");
         let timeout = self.timeout;
         let mut answers = Vec::new();
+        // Whatever becomes of this call and of its answers (answered, failed, dropped
+        // unpolled), the requests stop waiting when it is over.
+        let mut guard = Forget {
+            waiting: Arc::clone(waiting),
+            ids: Vec::new(),
+        };
         for (count, payload) in encode_requests(batch, max)? {
             let mut unowned_since: Option<tokio::time::Instant> = None;
             let first = loop {
                 let id = self.next.fetch_add(1, Ordering::Relaxed);
                 let (tx, mut rx) = mpsc::unbounded_channel();
                 waiting.lock().insert(id, tx);
-                let forget = || {
-                    waiting.lock().remove(&id);
-                };
+                guard.ids.push(id);
                 if let Err(e) = self
                     .client
                     .publish_with_reply(subject.clone(), format!("{prefix}.{id}"), payload.clone())
                     .await
                 {
-                    forget();
                     return Err(invalid(format!("{subject}: {e}")));
                 }
                 let first = match tokio::time::timeout(timeout, rx.recv()).await {
                     Ok(Some(msg)) => msg,
                     _ => {
-                        forget();
                         return Err(invalid(format!(
                             "shard {shard}'s owner did not take a batch within {timeout:?}"
                         )));
@@ -581,7 +598,6 @@ impl NatsPublisher {
                     // Nobody received it: the shard is between owners (a move, a
                     // takeover). Sent again once one serves it; nothing after it was
                     // sent meanwhile, so order holds.
-                    forget();
                     let since = *unowned_since.get_or_insert_with(tokio::time::Instant::now);
                     if since.elapsed() >= self.move_wait {
                         return Err(CoreError::NotOwned(shard));
@@ -589,19 +605,19 @@ impl NatsPublisher {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
-                break (id, rx, first);
+                break (rx, first);
             };
-            let (id, rx, first) = first;
+            let (rx, first) = first;
             if first.payload.first() == Some(&REPLY_QUEUED) {
-                answers.push((id, count, Err(rx)));
+                answers.push((count, Err(rx)));
             } else {
-                answers.push((id, count, Ok(first)));
+                answers.push((count, Ok(first)));
             }
         }
-        let waiting = Arc::clone(waiting);
         Ok(Submitted::new(async move {
+            let _guard = guard;
             let mut out = Vec::new();
-            for (id, count, answer) in answers {
+            for (count, answer) in answers {
                 // The answer that came instead of `queued` (an error), or the one to
                 // wait for.
                 let msg = match answer {
@@ -609,7 +625,6 @@ impl NatsPublisher {
                     Err(mut rx) => match tokio::time::timeout(timeout, rx.recv()).await {
                         Ok(Some(msg)) => msg,
                         _ => {
-                            waiting.lock().remove(&id);
                             return Err(invalid(format!(
                                 "shard {shard}'s owner did not answer within {timeout:?}"
                             )));

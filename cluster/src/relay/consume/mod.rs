@@ -55,7 +55,7 @@ use self::wire::{decode_request, encode_batch, encode_reply, Cmds, Request, DLV_
 
 /// A delivery batch holds at most this many messages ...
 const BATCH_COUNT: usize = 256;
-/// ... and about this many bytes of them.
+/// ... and about this many bytes of them (less when NATS carries less).
 const BATCH_BYTES: usize = 256 * 1024;
 
 /// The relay's times, all from the relay timeout `t`.
@@ -201,6 +201,19 @@ impl ConsumeServer {
     }
 }
 
+/// What one delivery adds to a batch on the wire (about).
+fn relayed_len(d: &Delivery) -> usize {
+    mqgate_store::wire::encoded_len(&d.message.message) + d.queue.topic.as_str().len() + 40
+}
+
+/// The next delivery: one carried over, else the member's next.
+async fn next_delivery(consumer: &mut Consumer, carry: &mut Option<Delivery>) -> Option<Delivery> {
+    match carry.take() {
+        Some(d) => Some(d),
+        None => consumer.recv().await,
+    }
+}
+
 /// The owner's side of one remote member: its deliveries out in numbered batches,
 /// its commands in.
 #[allow(clippy::too_many_arguments)]
@@ -215,6 +228,15 @@ async fn pump(
     members: Members,
 ) {
     let mut seq = 0u64;
+    // A delivery taken that did not fit the previous batch.
+    let mut carry: Option<Delivery> = None;
+    let limit = BATCH_BYTES.min(
+        client
+            .server_info()
+            .max_payload
+            .saturating_sub(4096)
+            .max(4096),
+    );
     // Batches sent and not yet reported received: seq, tokens, when sent.
     let mut sent: VecDeque<(u64, Vec<AckToken>, tokio::time::Instant)> = VecDeque::new();
     let mut heard = tokio::time::Instant::now();
@@ -227,7 +249,7 @@ async fn pump(
     };
     loop {
         tokio::select! {
-            d = consumer.recv() => {
+            d = next_delivery(&mut consumer, &mut carry) => {
                 let Some(d) = d else {
                     // The group ended here (the shard is released, the group deleted).
                     let mut out = vec![DLV_ENDED];
@@ -235,11 +257,22 @@ async fn pump(
                     let _ = client.publish(deliver_to.clone(), Bytes::from(out)).await;
                     break;
                 };
-                let mut bytes = d.message.message.body.len();
+                if relayed_len(&d) > limit {
+                    // It cannot cross NATS in one message: the group's failure policy
+                    // (retry ladder, dead letters) takes it rather than a requeue loop.
+                    tracing::error!(handle, size = relayed_len(&d), limit, "cluster: a message too large for the consume relay; nacked");
+                    consumer.nack(d.ack_token(), false);
+                    continue;
+                }
+                let mut bytes = relayed_len(&d);
                 let mut batch = vec![d];
-                while batch.len() < BATCH_COUNT && bytes < BATCH_BYTES {
+                while batch.len() < BATCH_COUNT {
                     let Some(d) = consumer.try_recv() else { break };
-                    bytes += d.message.message.body.len();
+                    if bytes + relayed_len(&d) > limit {
+                        carry = Some(d);
+                        break;
+                    }
+                    bytes += relayed_len(&d);
                     batch.push(d);
                 }
                 seq += 1;
