@@ -19,39 +19,14 @@ use bytes::{BufMut, Bytes};
 use futures_util::StreamExt;
 use mqgate_core::outbox::ShardId;
 use mqgate_core::shard::{AdminAnswer, AdminOp};
-use mqgate_core::{Broker, CoreError, GroupInfo, MemberInfo, QueueInfo, Result, StartPosition};
+use mqgate_core::{Broker, CoreError, GroupInfo, MemberInfo, QueueInfo, Result};
 use mqgate_store::{GroupName, QueueId, QueueRef, TopicConfig};
 
-use super::codec::{decode_error, encode_error, put_bytes, put_opt_str, Reader};
+use super::codec::{decode_error, encode_error, put_bytes, put_opt_str, put_start, start, Reader};
 use super::subject;
 
 fn invalid(what: impl Into<String>) -> CoreError {
     CoreError::Invalid(format!("admin relay: {}", what.into()))
-}
-
-fn put_start(out: &mut Vec<u8>, s: StartPosition) {
-    let (tag, v) = match s {
-        StartPosition::First => (0, 0),
-        StartPosition::Last => (1, 0),
-        StartPosition::Timestamp(t) => (2, t),
-        StartPosition::Offset(o) => (3, o),
-        StartPosition::LastStored => (4, 0),
-    };
-    out.put_u8(tag);
-    out.put_u64(v);
-}
-
-fn start(r: &mut Reader) -> Result<StartPosition> {
-    let tag = r.u8()?;
-    let v = r.u64()?;
-    Ok(match tag {
-        0 => StartPosition::First,
-        1 => StartPosition::Last,
-        2 => StartPosition::Timestamp(v),
-        3 => StartPosition::Offset(v),
-        4 => StartPosition::LastStored,
-        k => return Err(invalid(format!("start {k}"))),
-    })
 }
 
 fn group(r: &mut Reader) -> Result<GroupName> {
@@ -340,6 +315,7 @@ impl NatsAdmin {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mqgate_core::StartPosition;
     use mqgate_store::TopicName;
     use proptest::prelude::*;
 

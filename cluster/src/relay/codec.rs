@@ -3,7 +3,7 @@
 //! short or malformed is an error, never a panic.
 
 use bytes::{Buf, BufMut, Bytes};
-use mqgate_core::{CoreError, Result};
+use mqgate_core::{CoreError, Result, StartPosition};
 use mqgate_store::{StoreError, TopicName};
 
 fn invalid(what: impl Into<String>) -> CoreError {
@@ -142,5 +142,33 @@ pub(crate) fn decode_error(r: &mut Reader) -> Result<CoreError> {
         5 => CoreError::ShuttingDown,
         6 => CoreError::Store(StoreError::Backend(format!("on the shard's owner: {text}"))),
         _ => CoreError::Invalid(format!("on the shard's owner: {text}")),
+    })
+}
+
+/// A start position: tag u8 (0 first, 1 last, 2 timestamp, 3 offset, 4 last stored),
+/// value u64.
+pub(crate) fn put_start(out: &mut Vec<u8>, s: StartPosition) {
+    let (tag, v) = match s {
+        StartPosition::First => (0, 0),
+        StartPosition::Last => (1, 0),
+        StartPosition::Timestamp(t) => (2, t),
+        StartPosition::Offset(o) => (3, o),
+        StartPosition::LastStored => (4, 0),
+    };
+    out.put_u8(tag);
+    out.put_u64(v);
+}
+
+/// What [`put_start`] wrote.
+pub(crate) fn start(r: &mut Reader) -> Result<StartPosition> {
+    let tag = r.u8()?;
+    let v = r.u64()?;
+    Ok(match tag {
+        0 => StartPosition::First,
+        1 => StartPosition::Last,
+        2 => StartPosition::Timestamp(v),
+        3 => StartPosition::Offset(v),
+        4 => StartPosition::LastStored,
+        k => return Err(invalid(format!("start {k}"))),
     })
 }

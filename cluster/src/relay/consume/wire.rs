@@ -6,11 +6,10 @@ use bytes::{BufMut, Bytes};
 use mqgate_core::endpoint::{Overflow, Policy};
 use mqgate_core::{
     AckToken, ConsumeMode, CoreError, Delivery, GroupSpec, MemberOptions, OnFailure, Result,
-    StartPosition,
 };
 use mqgate_store::{GroupName, QueueId, QueueOffset, QueueRef};
 
-use crate::relay::codec::{decode_error, encode_error, put_bytes, Reader};
+use crate::relay::codec::{decode_error, encode_error, put_bytes, put_start, start, Reader};
 
 pub(super) const OP_JOIN: u8 = 1;
 pub(super) const OP_CMDS: u8 = 2;
@@ -50,15 +49,7 @@ pub(super) fn encode_spec(out: &mut Vec<u8>, spec: &GroupSpec) {
         ConsumeMode::Broadcast => 2,
     });
     out.put_u8(u8::from(spec.orderly));
-    let (tag, v) = match spec.start {
-        StartPosition::First => (0, 0),
-        StartPosition::Last => (1, 0),
-        StartPosition::Timestamp(t) => (2, t),
-        StartPosition::Offset(o) => (3, o),
-        StartPosition::LastStored => (4, 0),
-    };
-    out.put_u8(tag);
-    out.put_u64(v);
+    put_start(out, spec.start);
     out.put_u8(match spec.on_failure {
         OnFailure::Retry => 0,
         OnFailure::Discard => 1,
@@ -92,16 +83,7 @@ pub(super) fn decode_spec(r: &mut Reader) -> Result<GroupSpec> {
     };
     let mut spec = GroupSpec::new(name, topics, mode);
     spec.orderly = r.u8()? != 0;
-    let tag = r.u8()?;
-    let v = r.u64()?;
-    spec.start = match tag {
-        0 => StartPosition::First,
-        1 => StartPosition::Last,
-        2 => StartPosition::Timestamp(v),
-        3 => StartPosition::Offset(v),
-        4 => StartPosition::LastStored,
-        k => return Err(invalid(format!("start {k}"))),
-    };
+    spec.start = start(r)?;
     spec.on_failure = match r.u8()? {
         0 => OnFailure::Retry,
         1 => OnFailure::Discard,
@@ -381,7 +363,7 @@ mod tests {
             vec![topic("a")],
             ConsumeMode::Shared,
         );
-        spec.start = StartPosition::Timestamp(77);
+        spec.start = mqgate_core::StartPosition::Timestamp(77);
         spec.on_failure = OnFailure::Discard;
         spec.max_reconsume_times = Some(4);
         spec.policy.message_ttl = Some(1000);
