@@ -282,6 +282,9 @@ async fn bind(
 }
 
 async fn serve(s: Settings) -> anyhow::Result<()> {
+    // Installed before any listener opens: a SIGTERM that arrives once a client can
+    // connect must stop the broker cleanly, never by the signal's default action.
+    let mut stop = StopSignals::install();
     reserve_fds(s.limits.reserved_fds, s.rocks_max_open_files());
     let mut replication = None;
     let store: Arc<dyn Store> = match s.store.backend {
@@ -301,7 +304,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
             );
             let (store, r) = tokio::select! {
                 r = mqgate_store::jetstream::open(cfg) => r.context("open the replicated log")?,
-                () = shutdown_signal() => {
+                () = stop.recv() => {
                     tracing::info!("stopped while standby");
                     return Ok(());
                 }
@@ -439,7 +442,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
-        () = shutdown_signal() => {}
+        () = stop.recv() => {}
         reason = lost => {
             tracing::error!(%reason, "this node no longer owns the replicated log: closing every connection and exiting (nothing more is confirmed; restarted, it comes back as a standby)");
             stepped_down = Some(reason);
@@ -528,26 +531,56 @@ fn raise_fd_limit() -> Option<usize> {
     None
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM and SIGINT (Ctrl-C), listened for from the moment they are installed: a
+/// signal that arrives before anyone waits is kept, not acted on by the default handler.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let listen = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(s) => Some(s),
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
-                    let _ = ctrl_c.await;
-                    return;
+                    tracing::error!(error = %e, "cannot listen for {name}");
+                    None
                 }
             };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            Self {
+                term: listen(SignalKind::terminate(), "SIGTERM"),
+                int: listen(SignalKind::interrupt(), "SIGINT"),
+            }
         }
+        #[cfg(not(unix))]
+        Self {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    /// Until a stop signal arrives (one that arrived earlier returns at once).
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn one(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = one(&mut self.term) => {}
+                () = one(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
