@@ -97,6 +97,8 @@ pub struct Gateway {
     broker: Broker,
     manager: Option<ShardManager>,
     driver: tokio::task::JoinHandle<()>,
+    /// The follower of the routing state (`meta.rs`).
+    follower: tokio::task::JoinHandle<()>,
     faults: Arc<Faults>,
 }
 
@@ -125,11 +127,13 @@ impl Gateway {
             Arc::clone(&faults),
             rx,
         ));
+        let follower = tokio::spawn(crate::meta::follow(nats.clone(), broker.clone()));
         let manager = ShardManager::start(nats, cfg, tx).await?;
         Ok(Self {
             broker,
             manager: Some(manager),
             driver,
+            follower,
             faults,
         })
     }
@@ -159,6 +163,7 @@ impl Gateway {
         };
         self.broker.shutdown().await;
         self.driver.abort();
+        self.follower.abort();
         handed
     }
 
@@ -169,6 +174,7 @@ impl Gateway {
             m.abort();
         }
         self.driver.abort();
+        self.follower.abort();
         let broker = self.broker.clone();
         tokio::spawn(async move { broker.shutdown().await });
     }

@@ -10,6 +10,7 @@
 //!   ranking over the live gateways says.
 //! - [`relay`]: requests about a shard relayed to its owner over core NATS.
 //! - [`status`]: each shard's owner, standby and lag, read from NATS.
+//! - `meta`: every gateway's follower of the routing state (shard 0's log).
 //! - [`gateway`]: a broker core whose shards come and go with the manager's events,
 //!   forwarding to shards owned elsewhere over the forward relay.
 //!
@@ -18,6 +19,7 @@
 
 pub mod gateway;
 pub mod manager;
+mod meta;
 pub mod nodes;
 pub mod placement;
 pub mod relay;

@@ -451,6 +451,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Counters.
     fn stats(&self) -> StoreStats;
 
+    /// Over a replicated log (an external log): the sequence of the last record this
+    /// store wrote or replayed; everything written before a call returns is at or
+    /// below it. A follower that has applied this far has seen those writes (the
+    /// routing barrier of a cluster). `None` for a store without an external log.
+    fn log_position(&self) -> Option<u64> {
+        None
+    }
+
     /// Whether writes work now, and the last period they did not. A backend that cannot
     /// fail transiently (memory) is always healthy.
     fn health(&self) -> StoreHealth {

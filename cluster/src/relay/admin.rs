@@ -5,11 +5,13 @@
 //! owner ([`mqgate_core::Broker::admin`]).
 //!
 //! Request (`s.NN.adm`): tag u8 (1 create topic: name, queues?; 2 delete topic: name;
-//! 3 group info: name; 4 reset group: name, start tag u8 + u64; 5 delete group: name).
+//! 3 group info: name; 4 reset group: name, start tag u8 + u64; 5 delete group: name;
+//! 6 routing change: bytes of `RoutingOp::encode`, run on shard 0).
 //! Reply: `0` answer: tag u8 (1 topic: name, queue count u32; 2 deleted u8; 3 group:
 //! name, members: count, (id, unacked u64, prefetch u64, queues: count, (topic, queue
 //! u32)); queues: count, (topic, queue u32, member?, committed u64, next u64, lag u64,
-//! ready u64, in flight u64); skipped u64; 4 done); `1` error (`codec::encode_error`).
+//! ready u64, in flight u64); skipped u64; 4 done; 5 routed: log position u64, count,
+//! per change u8 0 unchanged / 1 changed / 2 + error); `1` error (`codec::encode_error`).
 //! No owner (*no responders*): asked again while the shard moves (every operation is
 //! idempotent, and nobody received it).
 
@@ -19,7 +21,7 @@ use bytes::{BufMut, Bytes};
 use futures_util::StreamExt;
 use mqgate_core::outbox::ShardId;
 use mqgate_core::shard::{AdminAnswer, AdminOp};
-use mqgate_core::{Broker, CoreError, GroupInfo, MemberInfo, QueueInfo, Result};
+use mqgate_core::{Broker, CoreError, GroupInfo, MemberInfo, QueueInfo, Result, RoutingOp};
 use mqgate_store::{GroupName, QueueId, QueueRef, TopicConfig};
 
 use super::codec::{decode_error, encode_error, put_bytes, put_opt_str, put_start, start, Reader};
@@ -77,6 +79,10 @@ fn encode_op(op: &AdminOp) -> Bytes {
             out.put_u8(5);
             put_bytes(&mut out, g.as_str().as_bytes());
         }
+        AdminOp::Routing(op) => {
+            out.put_u8(6);
+            put_bytes(&mut out, &op.encode());
+        }
     }
     Bytes::from(out)
 }
@@ -100,6 +106,7 @@ fn decode_op(b: Bytes) -> Result<AdminOp> {
             AdminOp::ResetGroup(g, start(&mut r)?)
         }
         5 => AdminOp::DeleteGroup(group(&mut r)?),
+        6 => AdminOp::Routing(RoutingOp::decode(r.bytes()?)?),
         k => return Err(invalid(format!("unknown operation {k}"))),
     };
     r.end()?;
@@ -153,6 +160,20 @@ fn encode_reply(r: &Result<AdminAnswer>) -> Bytes {
             out.put_u64(g.skipped);
         }
         AdminAnswer::Done => out.put_u8(4),
+        AdminAnswer::Routed { results, position } => {
+            out.put_u8(5);
+            out.put_u64(*position);
+            out.put_u32(results.len() as u32);
+            for r in results {
+                match r {
+                    Ok(changed) => out.put_u8(u8::from(*changed)),
+                    Err(e) => {
+                        out.put_u8(2);
+                        encode_error(&mut out, e);
+                    }
+                }
+            }
+        }
     }
     Bytes::from(out)
 }
@@ -219,6 +240,20 @@ fn decode_reply(b: Bytes) -> Result<AdminAnswer> {
             })
         }
         4 => AdminAnswer::Done,
+        5 => {
+            let position = r.u64()?;
+            let n = r.count(1)?;
+            let mut results = Vec::with_capacity(n);
+            for _ in 0..n {
+                results.push(match r.u8()? {
+                    0 => Ok(false),
+                    1 => Ok(true),
+                    2 => Err(decode_error(&mut r)?),
+                    k => return Err(invalid(format!("result tag {k}"))),
+                });
+            }
+            AdminAnswer::Routed { results, position }
+        }
         k => return Err(invalid(format!("answer tag {k}"))),
     };
     r.end()?;
@@ -315,12 +350,24 @@ impl NatsAdmin {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mqgate_core::router::{Binding, Destination, ExchangeDef, ExchangeKind};
     use mqgate_core::StartPosition;
     use mqgate_store::TopicName;
     use proptest::prelude::*;
 
     fn t(s: &str) -> TopicName {
         TopicName::new(s).unwrap()
+    }
+
+    fn binding(source: &str, key: &str) -> Binding {
+        Binding {
+            source: source.into(),
+            destination: Destination::Topic(t("q")),
+            key: key.into(),
+            headers: None,
+            mqtt: true,
+            arguments: Bytes::from_static(b"args"),
+        }
     }
 
     #[test]
@@ -333,6 +380,20 @@ mod tests {
             AdminOp::GroupInfo(g.clone()),
             AdminOp::ResetGroup(g.clone(), StartPosition::Timestamp(9)),
             AdminOp::DeleteGroup(g.clone()),
+            AdminOp::Routing(RoutingOp::AddVhost("v".into())),
+            AdminOp::Routing(RoutingOp::DeclareExchange("/".into(), {
+                let mut d = ExchangeDef::new("x", ExchangeKind::Topic);
+                d.alternate = Some("ae".into());
+                d
+            })),
+            AdminOp::Routing(RoutingOp::DeleteExchange("/".into(), "x".into(), true)),
+            AdminOp::Routing(RoutingOp::Bind(
+                "/".into(),
+                vec![binding("x", "a.*"), binding("amq.topic", "#")],
+                false,
+            )),
+            AdminOp::Routing(RoutingOp::Unbind("/".into(), vec![binding("x", "a.*")])),
+            AdminOp::Routing(RoutingOp::UnbindTopic("/".into(), t("q"))),
         ] {
             assert_eq!(decode_op(encode_op(&op)).unwrap(), op);
         }
@@ -367,8 +428,27 @@ mod tests {
                 skipped: 2,
             }),
         ] {
-            assert_eq!(decode_reply(encode_reply(&Ok(a.clone()))).unwrap(), a);
+            let want = format!("{a:?}");
+            let back = decode_reply(encode_reply(&Ok(a))).unwrap();
+            assert_eq!(format!("{back:?}"), want);
         }
+        let routed = AdminAnswer::Routed {
+            results: vec![
+                Ok(true),
+                Ok(false),
+                Err(CoreError::NoSuchExchange("x".into())),
+            ],
+            position: 77,
+        };
+        let back = decode_reply(encode_reply(&Ok(routed))).unwrap();
+        let AdminAnswer::Routed { results, position } = back else {
+            panic!("{back:?}");
+        };
+        assert_eq!(position, 77);
+        assert!(matches!(
+            results[..],
+            [Ok(true), Ok(false), Err(CoreError::NoSuchExchange(ref x))] if x == "x"
+        ));
         assert!(matches!(
             decode_reply(encode_reply(&Err(CoreError::NotOwned(3)))),
             Err(CoreError::NotOwned(3))

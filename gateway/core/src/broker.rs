@@ -49,6 +49,8 @@ pub(crate) struct Common {
     pub(crate) placement: crate::shard::Placement,
     /// Endpoint events of every shard.
     pub(crate) endpoint_events: tokio::sync::broadcast::Sender<crate::EndpointEvent>,
+    /// How far this gateway followed a cluster's routing log (`meta.rs`).
+    pub(crate) meta_follow: crate::meta::MetaFollow,
 }
 
 /// One shard's core: its store and everything kept beside it (topics, consumer groups,
@@ -371,6 +373,7 @@ impl Broker {
             memory,
             placement: crate::shard::Placement::new(count),
             endpoint_events: tokio::sync::broadcast::channel(1024).0,
+            meta_follow: crate::meta::MetaFollow::default(),
         });
         let set = Arc::new(ShardSet {
             common: Arc::clone(&common),
@@ -409,11 +412,28 @@ impl Broker {
                 "shard {id} is attached already"
             )));
         }
-        if id == 0 {
-            crate::durable::load(&*store, &set.router).await?;
-        }
+        // In a cluster, shard 0's store has the routing state as its last owner left
+        // it: a router rebuilt from it replaces the followed one when the shard is
+        // attached. A broker of its own loads it into its (empty) router.
+        let fresh = match (id, &set.link) {
+            (0, Some(_)) => {
+                let fresh = Router::new();
+                fresh.add_vhost(DEFAULT_VHOST);
+                crate::durable::load(&*store, &fresh).await?;
+                Some(fresh)
+            }
+            (0, None) => {
+                crate::durable::load(&*store, &set.router).await?;
+                None
+            }
+            _ => None,
+        };
         let core = ShardCore::start(id, set, store).await?;
-        set.slots.write()[usize::from(id)] = Some(Arc::clone(&core));
+        let attach = || set.slots.write()[usize::from(id)] = Some(Arc::clone(&core));
+        match fresh {
+            Some(fresh) => self.meta_attached(fresh, attach),
+            None => attach(),
+        }
         // Forwarders to it may find it here now.
         for h in set.owned() {
             if h.id != id {
@@ -428,6 +448,10 @@ impl Broker {
     /// groups commit their offsets and end, its tasks stop, its store is flushed. The
     /// store is no longer used by the core when this returns.
     pub async fn detach_shard(&self, id: crate::shard::ShardId) -> bool {
+        let meta = id == 0 && self.inner.link.is_some() && self.inner.local(0).is_some();
+        if meta {
+            self.meta_detaching();
+        }
         let core = self
             .inner
             .slots
@@ -435,9 +459,15 @@ impl Broker {
             .get_mut(usize::from(id))
             .and_then(Option::take);
         let Some(core) = core else {
+            if meta {
+                self.meta_detached(None);
+            }
             return false;
         };
         core.stop().await;
+        if meta {
+            self.meta_detached(core.store.log_position());
+        }
         tracing::info!(shard = id, "core: shard detached");
         true
     }
@@ -507,6 +537,12 @@ impl Broker {
 
     /// Create a virtual host (with the standard exchanges); it survives restarts.
     pub async fn add_vhost(&self, vhost: &str) -> Result<()> {
+        if let Some(r) = self
+            .relay_routing(|| crate::RoutingOp::AddVhost(vhost.into()))
+            .await?
+        {
+            return crate::meta::first(r).map(drop);
+        }
         self.inner.router.add_vhost(vhost);
         let mut batch = WriteBatch::new();
         crate::durable::put_vhost(&mut batch, vhost);
@@ -517,8 +553,15 @@ impl Broker {
     /// Declare an exchange (see [`Router::declare_exchange`]); a durable one survives
     /// restarts.
     pub async fn declare_exchange(&self, vhost: &str, def: ExchangeDef) -> Result<bool> {
+        if let Some(r) = self
+            .relay_routing(|| crate::RoutingOp::DeclareExchange(vhost.into(), def.clone()))
+            .await?
+        {
+            return crate::meta::first(r);
+        }
         let created = self.inner.router.declare_exchange(vhost, def.clone())?;
-        if created && def.durable {
+        // A cluster's routing log has transient exchanges too (`durable.rs`).
+        if created && (def.durable || self.inner.link.is_some()) {
             let mut batch = WriteBatch::new();
             crate::durable::put_exchange(&mut batch, vhost, &def);
             self.inner.meta()?.store.write(batch).await?;
@@ -528,6 +571,14 @@ impl Broker {
 
     /// Delete an exchange with its bindings and the bindings to it, stored ones included.
     pub async fn delete_exchange(&self, vhost: &str, name: &str, if_unused: bool) -> Result<bool> {
+        if let Some(r) = self
+            .relay_routing(|| {
+                crate::RoutingOp::DeleteExchange(vhost.into(), name.into(), if_unused)
+            })
+            .await?
+        {
+            return crate::meta::first(r);
+        }
         let existed = self.inner.router.delete_exchange(vhost, name, if_unused)?;
         if existed {
             crate::durable::prune(&*self.inner.meta()?.store, &self.inner.router, vhost).await?;
@@ -538,10 +589,16 @@ impl Broker {
     /// Add a binding; with `durable` (its exchange and destination are durable) it
     /// survives restarts.
     pub async fn bind(&self, vhost: &str, binding: Binding, durable: bool) -> Result<bool> {
+        if let Some(r) = self
+            .relay_routing(|| crate::RoutingOp::Bind(vhost.into(), vec![binding.clone()], durable))
+            .await?
+        {
+            return crate::meta::first(r);
+        }
         let new = self.inner.router.bind(vhost, binding.clone())?;
-        if new && durable {
+        if new && (durable || self.inner.link.is_some()) {
             let mut batch = WriteBatch::new();
-            crate::durable::put_binding(&mut batch, vhost, &binding);
+            crate::durable::put_binding(&mut batch, vhost, &binding, durable);
             self.inner.meta()?.store.write(batch).await?;
         }
         Ok(new)
@@ -558,12 +615,18 @@ impl Broker {
         bindings: Vec<Binding>,
         durable: bool,
     ) -> Result<Vec<Result<bool>>> {
+        if let Some(r) = self
+            .relay_routing(|| crate::RoutingOp::Bind(vhost.into(), bindings.clone(), durable))
+            .await?
+        {
+            return Ok(r);
+        }
         let results = self.inner.router.bind_many(vhost, &bindings)?;
-        if durable {
+        if durable || self.inner.link.is_some() {
             let mut batch = WriteBatch::new();
             for (b, r) in bindings.iter().zip(&results) {
                 if matches!(r, Ok(true)) {
-                    crate::durable::put_binding(&mut batch, vhost, b);
+                    crate::durable::put_binding(&mut batch, vhost, b, durable);
                 }
             }
             if !batch.is_empty() {
@@ -580,6 +643,12 @@ impl Broker {
         vhost: &str,
         bindings: &[Binding],
     ) -> Result<Vec<Result<bool>>> {
+        if let Some(r) = self
+            .relay_routing(|| crate::RoutingOp::Unbind(vhost.into(), bindings.to_vec()))
+            .await?
+        {
+            return Ok(r);
+        }
         let results = self.inner.router.unbind_many(vhost, bindings)?;
         let mut batch = WriteBatch::new();
         let mut sources = std::collections::HashSet::new();
@@ -604,6 +673,12 @@ impl Broker {
 
     /// Remove a binding (and an auto-delete exchange it leaves empty), stored ones too.
     pub async fn unbind(&self, vhost: &str, binding: &Binding) -> Result<bool> {
+        if let Some(r) = self
+            .relay_routing(|| crate::RoutingOp::Unbind(vhost.into(), vec![binding.clone()]))
+            .await?
+        {
+            return crate::meta::first(r);
+        }
         let removed = self.inner.router.unbind(vhost, binding)?;
         if removed {
             let mut batch = WriteBatch::new();
@@ -619,6 +694,12 @@ impl Broker {
 
     /// Remove every binding to `topic` (its queue was deleted), stored ones too.
     pub async fn unbind_topic(&self, vhost: &str, topic: &TopicName) -> Result<()> {
+        if let Some(r) = self
+            .relay_routing(|| crate::RoutingOp::UnbindTopic(vhost.into(), topic.clone()))
+            .await?
+        {
+            return crate::meta::first(r).map(drop);
+        }
         let (removed, emptied) = self.inner.router.unbind_topic(vhost, topic);
         if removed.is_empty() && emptied.is_empty() {
             return Ok(());

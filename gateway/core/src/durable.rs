@@ -18,6 +18,24 @@ use crate::wire::{get_headers, put_bytes, put_headers, put_str, Reader};
 const NS_VHOST: &str = "core.vhost";
 const NS_EXCHANGE: &str = "core.exchange";
 const NS_BINDING: &str = "core.binding";
+const NS_EXCHANGE_T: &str = "core.exchange.t";
+const NS_BINDING_T: &str = "core.binding.t";
+
+fn exchange_ns(durable: bool) -> &'static str {
+    if durable {
+        NS_EXCHANGE
+    } else {
+        NS_EXCHANGE_T
+    }
+}
+
+fn binding_ns(durable: bool) -> &'static str {
+    if durable {
+        NS_BINDING
+    } else {
+        NS_BINDING_T
+    }
+}
 
 fn vhost_prefix(vhost: &str) -> Vec<u8> {
     let mut k = vhost.as_bytes().to_vec();
@@ -152,7 +170,9 @@ pub(crate) async fn load(store: &dyn Store, router: &Router) -> Result<()> {
         router.add_vhost(&String::from_utf8_lossy(&k));
     }
     let mut exchanges = 0;
-    for (k, v) in scan_all(store, NS_EXCHANGE, b"").await? {
+    let mut stored = scan_all(store, NS_EXCHANGE, b"").await?;
+    stored.extend(scan_all(store, NS_EXCHANGE_T, b"").await?);
+    for (k, v) in stored {
         let Some(sep) = k.iter().position(|b| *b == 0) else {
             continue;
         };
@@ -192,7 +212,10 @@ pub(crate) async fn load(store: &dyn Store, router: &Router) -> Result<()> {
         }
         pending.clear();
     };
-    for (k, v) in scan_all(store, NS_BINDING, b"").await? {
+    // Each namespace is ordered by vhost; a vhost's bindings may come in two runs.
+    let mut stored = scan_all(store, NS_BINDING, b"").await?;
+    stored.extend(scan_all(store, NS_BINDING_T, b"").await?);
+    for (k, v) in stored {
         let Some(sep) = k.iter().position(|b| *b == 0) else {
             continue;
         };
@@ -235,7 +258,7 @@ pub fn apply_change(router: &Router, change: &KvChange) -> Result<bool> {
                 }
             }
         }
-        NS_EXCHANGE => {
+        NS_EXCHANGE | NS_EXCHANGE_T => {
             let Some((vhost, name)) = split(&change.key) else {
                 return Ok(true);
             };
@@ -253,7 +276,7 @@ pub fn apply_change(router: &Router, change: &KvChange) -> Result<bool> {
                 }
             }
         }
-        NS_BINDING => {
+        NS_BINDING | NS_BINDING_T => {
             let Some((vhost, rest)) = split(&change.key) else {
                 return Ok(true);
             };
@@ -285,24 +308,34 @@ pub(crate) fn put_vhost(batch: &mut WriteBatch, vhost: &str) {
     );
 }
 
+/// Store an exchange: a durable one, or (`def.durable` false) a transient one in a
+/// cluster's routing log.
 pub(crate) fn put_exchange(batch: &mut WriteBatch, vhost: &str, def: &ExchangeDef) {
     batch.kv_put(
-        NS_EXCHANGE,
+        exchange_ns(def.durable),
         exchange_key(vhost, &def.name),
         encode_exchange(def),
     );
 }
 
-pub(crate) fn put_binding(batch: &mut WriteBatch, vhost: &str, b: &Binding) {
-    batch.kv_put(NS_BINDING, binding_key(vhost, b), binding_value(b));
+/// Store a binding: durable, or transient (a cluster's routing log).
+pub(crate) fn put_binding(batch: &mut WriteBatch, vhost: &str, b: &Binding, durable: bool) {
+    batch.kv_put(binding_ns(durable), binding_key(vhost, b), binding_value(b));
 }
 
+/// Delete an exchange's record, durable or transient (deleting a key that was never
+/// stored is harmless).
 pub(crate) fn delete_exchange(batch: &mut WriteBatch, vhost: &str, name: &str) {
-    batch.kv_delete(NS_EXCHANGE, exchange_key(vhost, name));
+    for durable in [true, false] {
+        batch.kv_delete(exchange_ns(durable), exchange_key(vhost, name));
+    }
 }
 
+/// Delete a binding's record, durable or transient.
 pub(crate) fn delete_binding(batch: &mut WriteBatch, vhost: &str, b: &Binding) {
-    batch.kv_delete(NS_BINDING, binding_key(vhost, b));
+    for durable in [true, false] {
+        batch.kv_delete(binding_ns(durable), binding_key(vhost, b));
+    }
 }
 
 /// Make the stored state of `vhost` match the router after a removal: exchanges and
@@ -311,10 +344,12 @@ pub(crate) async fn prune(store: &dyn Store, router: &Router, vhost: &str) -> Re
     let prefix = vhost_prefix(vhost);
     let mut batch = WriteBatch::new();
     let live_exchanges = router.exchanges(vhost);
-    for (k, _) in scan_all(store, NS_EXCHANGE, &prefix).await? {
-        let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-        if !live_exchanges.iter().any(|e| e.name == name) {
-            batch.kv_delete(NS_EXCHANGE, k);
+    for ns in [NS_EXCHANGE, NS_EXCHANGE_T] {
+        for (k, _) in scan_all(store, ns, &prefix).await? {
+            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            if !live_exchanges.iter().any(|e| e.name == name) {
+                batch.kv_delete(ns, k);
+            }
         }
     }
     // By stored key (a binding's identity): one hash look-up per stored binding.
@@ -323,15 +358,140 @@ pub(crate) async fn prune(store: &dyn Store, router: &Router, vhost: &str) -> Re
         .iter()
         .map(|b| binding_key(vhost, b))
         .collect();
-    for (k, _) in scan_all(store, NS_BINDING, &prefix).await? {
-        if !live_bindings.contains(k.as_ref()) {
-            batch.kv_delete(NS_BINDING, k);
+    for ns in [NS_BINDING, NS_BINDING_T] {
+        for (k, _) in scan_all(store, ns, &prefix).await? {
+            if !live_bindings.contains(k.as_ref()) {
+                batch.kv_delete(ns, k);
+            }
         }
     }
     if !batch.is_empty() {
         store.write(batch).await?;
     }
     Ok(())
+}
+
+/// A change of the routing state, as the cluster's admin relay carries it to shard
+/// 0's owner (the one writer of routing state): what [`crate::Broker`]'s method of the
+/// same name does there.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RoutingOp {
+    /// [`crate::Broker::add_vhost`].
+    AddVhost(String),
+    /// [`crate::Broker::declare_exchange`].
+    DeclareExchange(String, ExchangeDef),
+    /// [`crate::Broker::delete_exchange`]: vhost, name, if unused.
+    DeleteExchange(String, String, bool),
+    /// [`crate::Broker::bind_many`] (and [`crate::Broker::bind`]): vhost, bindings,
+    /// durable.
+    Bind(String, Vec<Binding>, bool),
+    /// [`crate::Broker::unbind_many`] (and [`crate::Broker::unbind`]).
+    Unbind(String, Vec<Binding>),
+    /// [`crate::Broker::unbind_topic`].
+    UnbindTopic(String, TopicName),
+}
+
+/// A binding's identity and match, without a vhost.
+fn put_binding_wire(out: &mut Vec<u8>, b: &Binding) {
+    put_bytes(out, &binding_key("", b)[1..]);
+    put_bytes(out, &binding_value(b));
+}
+
+impl RoutingOp {
+    /// Its encoding (the admin relay carries it as it is).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            RoutingOp::AddVhost(v) => {
+                out.put_u8(1);
+                put_str(&mut out, v);
+            }
+            RoutingOp::DeclareExchange(v, def) => {
+                out.put_u8(2);
+                put_str(&mut out, v);
+                put_str(&mut out, &def.name);
+                put_bytes(&mut out, &encode_exchange(def));
+            }
+            RoutingOp::DeleteExchange(v, name, if_unused) => {
+                out.put_u8(3);
+                put_str(&mut out, v);
+                put_str(&mut out, name);
+                out.put_u8(u8::from(*if_unused));
+            }
+            RoutingOp::Bind(v, bindings, durable) => {
+                out.put_u8(4);
+                put_str(&mut out, v);
+                out.put_u8(u8::from(*durable));
+                out.put_u32_le(bindings.len() as u32);
+                for b in bindings {
+                    put_binding_wire(&mut out, b);
+                }
+            }
+            RoutingOp::Unbind(v, bindings) => {
+                out.put_u8(5);
+                put_str(&mut out, v);
+                out.put_u32_le(bindings.len() as u32);
+                for b in bindings {
+                    put_binding_wire(&mut out, b);
+                }
+            }
+            RoutingOp::UnbindTopic(v, t) => {
+                out.put_u8(6);
+                put_str(&mut out, v);
+                put_str(&mut out, t.as_str());
+            }
+        }
+        out
+    }
+
+    /// What [`RoutingOp::encode`] wrote; garbage is an error.
+    pub fn decode(b: Bytes) -> Result<Self> {
+        let mut r = Reader(b);
+        let bindings = |r: &mut Reader| -> Result<Vec<Binding>> {
+            let n = r.u32()? as usize;
+            // Each takes at least 8 bytes: no allocation larger than the input.
+            let mut out = Vec::with_capacity(n.min(r.0.len() / 8));
+            for _ in 0..n {
+                let key = r.bytes()?;
+                let value = r.bytes()?;
+                out.push(decode_binding(key, value)?);
+            }
+            Ok(out)
+        };
+        let op = match r.u8()? {
+            1 => RoutingOp::AddVhost(r.string()?),
+            2 => {
+                let v = r.string()?;
+                let name = r.string()?;
+                RoutingOp::DeclareExchange(v, decode_exchange(name, r.bytes()?)?)
+            }
+            3 => {
+                let v = r.string()?;
+                let name = r.string()?;
+                RoutingOp::DeleteExchange(v, name, r.u8()? != 0)
+            }
+            4 => {
+                let v = r.string()?;
+                let durable = r.u8()? != 0;
+                RoutingOp::Bind(v, bindings(&mut r)?, durable)
+            }
+            5 => {
+                let v = r.string()?;
+                RoutingOp::Unbind(v, bindings(&mut r)?)
+            }
+            6 => {
+                let v = r.string()?;
+                RoutingOp::UnbindTopic(v, TopicName::new(r.string()?)?)
+            }
+            k => return Err(CoreError::Invalid(format!("unknown routing change {k}"))),
+        };
+        if !r.0.is_empty() {
+            return Err(CoreError::Invalid(
+                "trailing bytes after a routing change".into(),
+            ));
+        }
+        Ok(op)
+    }
 }
 
 #[cfg(test)]

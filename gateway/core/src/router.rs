@@ -431,6 +431,11 @@ impl Router {
         Self::default()
     }
 
+    /// Take `other`'s whole state in one step (a route sees the old state or the new).
+    pub(crate) fn replace(&self, other: Router) {
+        *self.vhosts.write() = other.vhosts.into_inner();
+    }
+
     fn vhost(&self, vhost: &str) -> Result<Arc<RwLock<VHost>>> {
         self.vhosts
             .read()

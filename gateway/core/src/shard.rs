@@ -223,10 +223,12 @@ pub enum AdminOp {
     ResetGroup(GroupName, crate::StartPosition),
     /// [`crate::Broker::delete_group`].
     DeleteGroup(GroupName),
+    /// A change of the routing state, run by shard 0's owner (`meta.rs`).
+    Routing(crate::RoutingOp),
 }
 
 /// What an [`AdminOp`] answered.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub enum AdminAnswer {
     /// The topic as it is now.
     Topic(mqgate_store::TopicConfig),
@@ -236,6 +238,14 @@ pub enum AdminAnswer {
     Group(crate::GroupInfo),
     /// Done.
     Done,
+    /// A routing change's result per thing changed, and shard 0's log position once
+    /// it was written (what the caller's follower must reach).
+    Routed {
+        /// Per binding (one for a change of one thing): whether it changed anything.
+        results: Vec<Result<bool>>,
+        /// The log position.
+        position: u64,
+    },
 }
 
 impl AdminOp {
@@ -246,6 +256,7 @@ impl AdminOp {
             AdminOp::GroupInfo(g) | AdminOp::ResetGroup(g, _) | AdminOp::DeleteGroup(g) => {
                 set.placement.group(g)
             }
+            AdminOp::Routing(_) => 0,
         }
     }
 }
@@ -273,6 +284,7 @@ impl crate::Broker {
                 self.delete_group(&g).await?;
                 AdminAnswer::Done
             }
+            AdminOp::Routing(op) => self.run_routing(op).await?,
         })
     }
 
@@ -474,10 +486,10 @@ impl ShardSet {
     }
 
     /// Whether this gateway routes exchange publishes itself: it holds the routing
-    /// state (shard 0, or a broker that is not part of a cluster). Otherwise they go
-    /// to shard 0's owner as they are.
+    /// state (shard 0, or a broker that is not part of a cluster), or follows it and
+    /// has caught up (`meta.rs`). Otherwise they go to shard 0's owner as they are.
     fn routes_here(&self) -> bool {
-        self.link.is_none() || self.local(0).is_some()
+        self.link.is_none() || self.local(0).is_some() || self.meta_follow.ready()
     }
 
     /// Submit a part whose destinations all lie in shard `s`: here, or through the

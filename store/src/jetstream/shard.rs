@@ -188,10 +188,9 @@ struct Reporting<'a> {
 impl Apply for Reporting<'_> {
     fn apply(&self, seq: u64, first_id: Option<u64>, record: &[u8]) -> Result<()> {
         self.view.apply(seq, first_id, record)?;
+        // Every record, changes or none: a follower knows how far it has applied.
         let changes = self.view.kv_changes(record);
-        if !changes.is_empty() {
-            (self.on_kv.lock())(seq, changes);
-        }
+        (self.on_kv.lock())(seq, changes);
         Ok(())
     }
 }
@@ -270,8 +269,8 @@ impl ShardReplica {
     }
 
     /// [`ShardReplica::follow`], handing each applied record's keyed-area changes to
-    /// `on_kv` (its sequence and the changes, in order): what a follower of the meta
-    /// stream keeps its router with.
+    /// `on_kv` (its sequence and the changes, in order; none for a record without
+    /// any): what a follower of the meta stream keeps its router with.
     pub async fn follow_with(
         &mut self,
         deadline: tokio::time::Instant,

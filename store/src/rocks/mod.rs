@@ -265,6 +265,8 @@ struct Shared {
     /// Group commits handed to the sync thread and not yet synced (every-batch policy):
     /// while none are, an idle writer syncs its own group instead of waking that thread.
     sync_pending: AtomicUsize,
+    /// With an external log: the last record written or replayed (0: none).
+    log_position: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -379,11 +381,15 @@ impl RocksStore {
             health: Health::default(),
             writing_since: AtomicU64::new(0),
             sync_pending: AtomicUsize::new(0),
+            log_position: AtomicU64::new(0),
         };
         let log_seq = match &config.external_log {
             Some(log) => Some(replay_external_log(&shared, log.as_ref())?),
             None => None,
         };
+        shared
+            .log_position
+            .store(log_seq.unwrap_or(0), Ordering::Release);
         recover(&shared)?;
         let shared = Arc::new(shared);
         metrics::gauge!(crate::metrics::DEGRADED).set(0.0);
@@ -778,6 +784,14 @@ impl Store for RocksStore {
 
     fn health(&self) -> StoreHealth {
         self.shared.health.report()
+    }
+
+    fn log_position(&self) -> Option<u64> {
+        self.shared
+            .config
+            .external_log
+            .is_some()
+            .then(|| self.shared.log_position.load(Ordering::Acquire))
     }
 
     fn stats(&self) -> StoreStats {

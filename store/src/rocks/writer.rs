@@ -234,6 +234,9 @@ impl Writer {
             backend(e)
         })?;
         self.log_seq = Some(seq);
+        self.s
+            .log_position
+            .store(seq, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 

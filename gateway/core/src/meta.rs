@@ -1,0 +1,232 @@
+//! The routing state of a cluster (`docs/design/sharding.md` section 3, "Meta"): shard
+//! 0's owner is its one writer, and every other gateway follows shard 0's log into its
+//! own router.
+//!
+//! ```text
+//!  bind/declare/... on a gateway without shard 0
+//!     ──admin relay (RoutingOp)──> shard 0's owner: its router, then one write of the
+//!                                  change (transient ones too) to shard 0's log
+//!     <──(per-change results, log position after the write)──
+//!     wait until this gateway's follower applied that position (the barrier), return
+//!
+//!  follower (cluster crate) ──each record of shard 0's log──> apply_followed_routing:
+//!     shard 0 owned here:   skipped (the router is the writer's own)
+//!     shard 0 being let go: held until the detach says from where the log goes on
+//!     otherwise:            each routing change applied to the router
+//! ```
+//! Taking shard 0 rebuilds the router from the store and swaps it in; letting it go
+//! records the log position of the last write, so the follower skips what this
+//! gateway wrote itself. Until its follower has reached the log's end as it was at
+//! start ([`crate::Broker::routing_caught_up`]), a gateway sends exchange publishes to
+//! shard 0's owner rather than routing them with a router still filling.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use mqgate_store::KvChange;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::durable::RoutingOp;
+use crate::error::{CoreError, Result};
+use crate::shard::{AdminAnswer, AdminOp};
+
+/// How long a relayed routing change waits for this gateway's follower to apply it;
+/// after that it returns anyway (the change is durable; this router catches up later).
+const BARRIER: Duration = Duration::from_secs(10);
+
+/// What a gateway knows about how far it followed the routing log.
+#[derive(Debug)]
+pub(crate) struct MetaFollow {
+    /// Held while the router is swapped (shard 0 taken) and while a followed record
+    /// is applied, so neither sees the other half-done.
+    lock: Mutex<Followed>,
+    /// The last record of shard 0's log applied (or skipped as already known).
+    applied: watch::Sender<u64>,
+    /// Whether the follower has reached the log's end as it was at start.
+    ready: AtomicBool,
+    /// Records at or below this one were written by this gateway as shard 0's owner.
+    floor: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Followed {
+    /// Shard 0 is being let go: records arriving now wait here until the detach has
+    /// set the floor.
+    held: Option<Vec<(u64, Vec<KvChange>)>>,
+}
+
+impl Default for MetaFollow {
+    fn default() -> Self {
+        Self {
+            lock: Mutex::default(),
+            applied: watch::channel(0).0,
+            ready: AtomicBool::new(false),
+            floor: AtomicU64::new(0),
+        }
+    }
+}
+
+impl MetaFollow {
+    pub(crate) fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+fn apply_all(router: &crate::Router, seq: u64, changes: &[KvChange]) {
+    for c in changes {
+        if let Err(e) = crate::durable::apply_change(router, c) {
+            tracing::warn!(seq, error = %e, "cluster: a followed routing change could not be decoded; skipped");
+        }
+    }
+}
+
+impl crate::Broker {
+    /// Apply record `seq` of shard 0's log, with its keyed-area changes, to this
+    /// gateway's router (what a follower of the routing log calls for each record, in
+    /// order; `changes` may be empty). Skipped while shard 0 is owned here, and for
+    /// records this gateway wrote as its owner.
+    pub fn apply_followed_routing(&self, seq: u64, changes: Vec<KvChange>) {
+        let m = &self.inner.meta_follow;
+        let mut f = m.lock.lock();
+        if let Some(held) = f.held.as_mut() {
+            held.push((seq, changes));
+            return;
+        }
+        if self.inner.local(0).is_none() && seq > m.floor.load(Ordering::Acquire) {
+            apply_all(&self.inner.router, seq, &changes);
+        }
+        m.applied.send_if_modified(|a| {
+            let newer = seq > *a;
+            *a = (*a).max(seq);
+            newer
+        });
+    }
+
+    /// The follower of the routing log has reached the log's end as it was when it
+    /// started: this gateway routes exchange publishes itself from now on.
+    pub fn routing_caught_up(&self) {
+        if !self.inner.meta_follow.ready.swap(true, Ordering::AcqRel) {
+            tracing::info!(
+                applied = *self.inner.meta_follow.applied.borrow(),
+                "cluster: the routing state is followed; exchange publishes are routed here"
+            );
+        }
+    }
+
+    /// The last record of the routing log this gateway has applied.
+    pub fn routing_applied(&self) -> u64 {
+        *self.inner.meta_follow.applied.borrow()
+    }
+
+    /// Shard 0 is attached here: swap in the router rebuilt from its store.
+    pub(crate) fn meta_attached(&self, fresh: crate::Router, attach: impl FnOnce()) {
+        let _f = self.inner.meta_follow.lock.lock();
+        self.inner.router.replace(fresh);
+        attach();
+    }
+
+    /// Shard 0 is being detached: hold what the follower brings until
+    /// [`crate::Broker::meta_detached`].
+    pub(crate) fn meta_detaching(&self) {
+        self.inner.meta_follow.lock.lock().held = Some(Vec::new());
+    }
+
+    /// Shard 0 is detached; `position` is its log's last record this gateway wrote (or
+    /// replayed). Held records after it are applied.
+    pub(crate) fn meta_detached(&self, position: Option<u64>) {
+        let m = &self.inner.meta_follow;
+        let held = {
+            let mut f = m.lock.lock();
+            if let Some(p) = position {
+                m.floor.fetch_max(p, Ordering::AcqRel);
+                m.applied.send_if_modified(|a| {
+                    let newer = p > *a;
+                    *a = (*a).max(p);
+                    newer
+                });
+            }
+            f.held.take().unwrap_or_default()
+        };
+        for (seq, changes) in held {
+            self.apply_followed_routing(seq, changes);
+        }
+    }
+
+    /// Run `op` on shard 0's owner when that is another gateway: its per-change
+    /// results once this gateway's router has it too. `None`: shard 0 is here (or
+    /// there is no cluster), run it here.
+    pub(crate) async fn relay_routing(
+        &self,
+        op: impl FnOnce() -> RoutingOp,
+    ) -> Result<Option<Vec<Result<bool>>>> {
+        let Some(link) = &self.inner.link else {
+            return Ok(None);
+        };
+        if self.inner.local(0).is_some() {
+            return Ok(None);
+        }
+        match link.admin(0, AdminOp::Routing(op())).await? {
+            AdminAnswer::Routed { results, position } => {
+                self.routing_barrier(position).await;
+                Ok(Some(results))
+            }
+            other => Err(CoreError::Invalid(format!(
+                "the admin relay answered a routing change with {other:?}"
+            ))),
+        }
+    }
+
+    /// Wait until this gateway's router has applied the routing log up to `position`.
+    async fn routing_barrier(&self, position: u64) {
+        let mut rx = self.inner.meta_follow.applied.subscribe();
+        let deadline = tokio::time::Instant::now() + BARRIER;
+        loop {
+            if self.inner.local(0).is_some() || *rx.borrow_and_update() >= position {
+                return;
+            }
+            tokio::select! {
+                _ = rx.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(
+                        position,
+                        applied = *rx.borrow(),
+                        "cluster: a routing change is durable on shard 0's owner but not yet followed here; going on"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Run a routing change here (this gateway owns shard 0): what the admin relay's
+    /// server does for another gateway. The answer carries the log position after it.
+    pub(crate) async fn run_routing(&self, op: RoutingOp) -> Result<AdminAnswer> {
+        let one = |r: Result<bool>| vec![r];
+        let results = match op {
+            RoutingOp::AddVhost(v) => one(self.add_vhost(&v).await.map(|()| true)),
+            RoutingOp::DeclareExchange(v, def) => one(self.declare_exchange(&v, def).await),
+            RoutingOp::DeleteExchange(v, name, if_unused) => {
+                one(self.delete_exchange(&v, &name, if_unused).await)
+            }
+            RoutingOp::Bind(v, bindings, durable) => self.bind_many(&v, bindings, durable).await?,
+            RoutingOp::Unbind(v, bindings) => self.unbind_many(&v, &bindings).await?,
+            RoutingOp::UnbindTopic(v, t) => one(self.unbind_topic(&v, &t).await.map(|()| true)),
+        };
+        let position = match self.inner.local(0) {
+            Some(meta) => meta.store.log_position().unwrap_or(0),
+            None => self.routing_applied(),
+        };
+        Ok(AdminAnswer::Routed { results, position })
+    }
+}
+
+/// The first (only) result of a relayed change of one thing.
+pub(crate) fn first(results: Vec<Result<bool>>) -> Result<bool> {
+    results.into_iter().next().unwrap_or_else(|| {
+        Err(CoreError::Invalid(
+            "a routing change answered nothing".into(),
+        ))
+    })
+}
