@@ -26,10 +26,11 @@ use mqgate_core::{
     Broker, Clock, Consumer, CoreConfig, GroupSpec, MemberOptions, PublishBatch, Result, Submitted,
 };
 use mqgate_store::jetstream::Nats;
-use mqgate_store::Store;
+use mqgate_store::{GroupName, Store};
 use tokio::sync::mpsc;
 
 use crate::manager::{ManagerConfig, ShardEvent, ShardManager};
+use crate::placement::GroupBook;
 use crate::relay::admin::{AdminServer, NatsAdmin};
 use crate::relay::consume::{ConsumeServer, NatsConsumers};
 use crate::relay::forward::{ForwardServer, NatsForwardTarget};
@@ -45,6 +46,7 @@ pub struct NatsLink {
     publisher: NatsPublisher,
     consumers: NatsConsumers,
     admin: NatsAdmin,
+    groups: Option<GroupBook>,
 }
 
 impl NatsLink {
@@ -58,7 +60,15 @@ impl NatsLink {
             client,
             stream: stream.to_owned(),
             timeout,
+            groups: None,
         }
+    }
+
+    /// Record where groups live in `book` (without it, a group is found by name only
+    /// where its placement follows from its name or it was seen).
+    pub fn with_groups(mut self, book: GroupBook) -> Self {
+        self.groups = Some(book);
+        self
     }
 }
 
@@ -81,6 +91,20 @@ impl ClusterLink for NatsLink {
         self.admin.run(shard, op).await
     }
 
+    async fn record_group(&self, group: &GroupName, proposed: ShardId) -> Result<ShardId> {
+        match &self.groups {
+            Some(b) => b.record(group, proposed).await,
+            None => Ok(proposed),
+        }
+    }
+
+    async fn forget_group(&self, group: &GroupName) -> Result<()> {
+        match &self.groups {
+            Some(b) => b.forget(group).await,
+            None => Ok(()),
+        }
+    }
+
     fn forward_target(&self, dest: ShardId) -> Arc<dyn ForwardTarget> {
         Arc::new(NatsForwardTarget::new(
             self.client.clone(),
@@ -99,6 +123,8 @@ pub struct Gateway {
     driver: tokio::task::JoinHandle<()>,
     /// The follower of the routing state (`meta.rs`).
     follower: tokio::task::JoinHandle<()>,
+    /// The follower of the groups' placement records.
+    placement: tokio::task::JoinHandle<()>,
     faults: Arc<Faults>,
 }
 
@@ -114,7 +140,10 @@ impl Gateway {
     ) -> Result<Self, String> {
         let client = nats.jetstream().client();
         let stream = nats.config().stream.clone();
-        let link = Arc::new(NatsLink::new(client.clone(), &stream, relay_timeout));
+        let book = GroupBook::open(&nats).await?;
+        let link = Arc::new(
+            NatsLink::new(client.clone(), &stream, relay_timeout).with_groups(book.clone()),
+        );
         let broker = Broker::start_cluster(cfg.shards, link, core, clock)
             .map_err(|e| format!("start the core: {e}"))?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -128,12 +157,14 @@ impl Gateway {
             rx,
         ));
         let follower = tokio::spawn(crate::meta::follow(nats.clone(), broker.clone()));
+        let placement = tokio::spawn(book.follow(broker.clone()));
         let manager = ShardManager::start(nats, cfg, tx).await?;
         Ok(Self {
             broker,
             manager: Some(manager),
             driver,
             follower,
+            placement,
             faults,
         })
     }
@@ -164,6 +195,7 @@ impl Gateway {
         self.broker.shutdown().await;
         self.driver.abort();
         self.follower.abort();
+        self.placement.abort();
         handed
     }
 
@@ -175,6 +207,7 @@ impl Gateway {
         }
         self.driver.abort();
         self.follower.abort();
+        self.placement.abort();
         let broker = self.broker.clone();
         tokio::spawn(async move { broker.shutdown().await });
     }

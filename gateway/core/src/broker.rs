@@ -722,6 +722,7 @@ impl Broker {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(CoreError::ShuttingDown);
         }
+        self.record_group_placement(&spec).await?;
         let shard = match self.group_shard(&spec) {
             Err(CoreError::NotOwned(id)) => match &self.inner.link {
                 // Owned by another gateway: a member here, its group there.
@@ -743,6 +744,46 @@ impl Broker {
 
     /// The shard a group lives in: its first topic's. Every topic it consumes must be
     /// there (a group spanning shards is not supported yet).
+    /// In a cluster, a group not known here whose first topic lies in another shard
+    /// than its name hashes to is recorded with the cluster (or found there, placed
+    /// by another gateway) before it is placed here.
+    async fn record_group_placement(&self, spec: &GroupSpec) -> Result<()> {
+        let set = &self.inner;
+        let (Some(link), Some(first)) = (&set.link, spec.topics.first()) else {
+            return Ok(());
+        };
+        if set.placement.known_group(&spec.name).is_some() {
+            return Ok(());
+        }
+        let proposed = set.placement.topic(first);
+        if proposed == crate::shard::shard_of(spec.name.as_str(), set.count) {
+            return Ok(());
+        }
+        let s = link.record_group(&spec.name, proposed).await?;
+        set.placement.group_is_in(&spec.name, s);
+        Ok(())
+    }
+
+    /// Where group `group` lives, as the cluster recorded it (`None`: it was deleted):
+    /// what a gateway's follower of the cluster's placement records calls.
+    pub fn learn_group_placement(&self, group: &GroupName, shard: Option<crate::shard::ShardId>) {
+        let p = &self.inner.placement;
+        match shard {
+            Some(s) if s < self.inner.count => p.group_is_in(group, s),
+            Some(_) => {}
+            None => {
+                // Still running here (a subscribe raced the delete): keep it.
+                let live = p
+                    .known_group(group)
+                    .and_then(|s| self.inner.local(s))
+                    .is_some_and(|s| s.groups.lock().contains_key(group));
+                if !live {
+                    p.group_gone(group);
+                }
+            }
+        }
+    }
+
     pub(crate) fn group_shard(&self, spec: &GroupSpec) -> Result<Arc<ShardCore>> {
         let set = &self.inner;
         let id = set.placement.place_group(&spec.name, &spec.topics);
@@ -773,7 +814,8 @@ impl Broker {
     }
 
     /// Delete a group: its members are cut off (their consumers end), its committed
-    /// offsets are forgotten. A later subscribe starts it afresh.
+    /// offsets are forgotten, its `%RETRY%` topic is deleted (its `%DLQ%` kept). A
+    /// later subscribe starts it afresh.
     pub async fn delete_group(&self, group: &GroupName) -> Result<()> {
         let shard = match self.inner.of_group(group) {
             Ok(shard) => shard,
@@ -795,7 +837,24 @@ impl Broker {
         let mut batch = WriteBatch::new();
         batch.delete_offsets(group.clone(), None);
         shard.store.write(batch).await?;
+        // Its retry topic goes with it (as RocketMQ's deleteSubGroup does): what waits
+        // there was the deleted group's, and a group of that name placed again (in a
+        // cluster, maybe in another shard) starts without it. Its DLQ stays.
+        if let Ok(retry) = crate::retry::retry_topic(group) {
+            let here =
+                shard.topics.read().contains_key(&retry) || shard.store.topic(&retry).is_some();
+            if here {
+                shard.store.delete_topic(&retry).await?;
+                shard.topics.write().remove(&retry);
+                self.inner.placement.topic_gone(&retry);
+            }
+        }
         self.inner.placement.group_gone(group);
+        if let Some(link) = &self.inner.link {
+            if let Err(e) = link.forget_group(group).await {
+                tracing::warn!(group = %group, error = %e, "cluster: the deleted group's placement record stays");
+            }
+        }
         Ok(())
     }
 

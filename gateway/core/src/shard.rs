@@ -148,6 +148,14 @@ impl Placement {
         self.group_named(g.as_str())
     }
 
+    /// The shard of `g`, when it is known here (not derived from its name).
+    pub(crate) fn known_group(&self, g: &GroupName) -> Option<ShardId> {
+        if self.shards == 1 {
+            return Some(0);
+        }
+        self.groups.read().get(g).copied()
+    }
+
     /// The shard of a group consuming `topics` (its first topic's), recorded.
     pub(crate) fn place_group(&self, g: &GroupName, topics: &[TopicName]) -> ShardId {
         if self.shards == 1 {
@@ -345,6 +353,23 @@ pub trait ClusterLink: Send + Sync + std::fmt::Debug {
     async fn admin(&self, shard: ShardId, op: AdminOp) -> Result<AdminAnswer> {
         let _ = op;
         Err(CoreError::NotOwned(shard))
+    }
+
+    /// Record that group `group` lives in shard `proposed`, unless the cluster already
+    /// has it elsewhere: the shard it lives in. Every gateway learns it
+    /// ([`crate::Broker::learn_group_placement`]), so the group, its `%RETRY%` and
+    /// `%DLQ%` topics are found by name on any of them. Only asked for a group whose
+    /// shard is not the one its name hashes to (AMQP queues and MQTT sessions name
+    /// their group after their topic: nothing to record).
+    async fn record_group(&self, group: &GroupName, proposed: ShardId) -> Result<ShardId> {
+        let _ = group;
+        Ok(proposed)
+    }
+
+    /// Group `group` was deleted: forget where it lived.
+    async fn forget_group(&self, group: &GroupName) -> Result<()> {
+        let _ = group;
+        Ok(())
     }
 }
 

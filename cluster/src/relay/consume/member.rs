@@ -293,6 +293,11 @@ impl MemberSide {
     /// or the owner refuses (the consumer ends).
     async fn rejoin(&mut self, mailbox: &mqgate_core::mailbox::Sender<Delivery>) -> bool {
         let alive = || !mailbox.is_closed();
+        if !alive() {
+            // Dropped meanwhile: joining again would bring back a group deleted since
+            // (a delete ends its members).
+            return false;
+        }
         match self
             .link
             .join(
