@@ -225,6 +225,60 @@ async fn a_member_on_any_gateway_gets_every_message() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A relay's loss is not a delivery: a group that delivers each message once at
+    // most (`delivery_limit` 0, failures discarded) still gets all 400 while every
+    // 7th batch is lost (with the losses counted, ~1 in 7 would be discarded).
+    let mut once = GroupSpec::new(
+        GroupName::new("cq-once").unwrap(),
+        vec![q.clone()],
+        ConsumeMode::Clustering,
+    );
+    once.start = StartPosition::First;
+    once.on_failure = mqgate_core::OnFailure::Discard;
+    once.policy.delivery_limit = Some(0);
+    let dropped_before = gws[owner_at]
+        .1
+        .delivery_faults()
+        .dropped
+        .load(Ordering::Relaxed);
+    let mut c2 = common::within(
+        30,
+        "the second member joins",
+        gws[member_at]
+            .1
+            .broker()
+            .subscribe(once, MemberOptions::new("once-1", 20)),
+    )
+    .await
+    .expect("joined");
+    let seen2: Seen = Arc::default();
+    let reader2 = {
+        let seen = Arc::clone(&seen2);
+        tokio::spawn(async move {
+            while let Some(d) = c2.recv().await {
+                let body = String::from_utf8_lossy(&d.message.message.body).into_owned();
+                seen.lock().entry(body).or_default().0 += 1;
+                c2.ack(d.ack_token());
+            }
+        })
+    };
+    wait_seen(
+        &seen2,
+        &confirmed,
+        60,
+        "delivered at most once, batches lost",
+    )
+    .await;
+    reader2.abort();
+    assert!(
+        gws[owner_at]
+            .1
+            .delivery_faults()
+            .dropped
+            .load(Ordering::Relaxed)
+            > dropped_before,
+        "batches of the second group were lost too"
+    );
     gws[owner_at]
         .1
         .delivery_faults()

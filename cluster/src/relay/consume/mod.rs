@@ -15,8 +15,9 @@
 //!                                                     settled, lost ones requeued
 //! ```
 //! Loss never loses a message, it delivers it again: a lost delivery batch is reported
-//! (a gap) or not covered by `received_through` in time, and its messages are nacked
-//! with requeue on the owner; lost commands are sent again; a member not heard from for
+//! (a gap) or not covered by `received_through` in time, and its messages are released
+//! on the owner (`Consumer::release`: delivered again, flagged redelivered, not counted
+//! against a delivery limit: the client never had them); lost commands are sent again; a member not heard from for
 //! 4 x the relay timeout is dropped on the owner (its messages in flight go to the
 //! others, `redelivered`); an owner gone or moved (its pump ends, commands fail) makes
 //! the member join the next owner, from the group's committed offsets. Acks of what
@@ -242,9 +243,10 @@ async fn pump(
     let mut heard = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(times.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Never seen by the member's client: again, not counted as a delivery.
     let requeue = |consumer: &Consumer, tokens: Vec<AckToken>| {
         for t in tokens {
-            consumer.nack(t, true);
+            consumer.release(t);
         }
     };
     loop {

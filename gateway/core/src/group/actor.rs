@@ -416,6 +416,11 @@ impl Actor {
                         .await;
                 }
             }
+            Cmd::Release(id, token) => {
+                if let Some(f) = self.settle(&id, &token) {
+                    self.released(&id, &token.queue, token.offset, f);
+                }
+            }
             Cmd::Reset(to, reply) => {
                 let _ = reply.send(self.reset(to).await);
             }

@@ -277,6 +277,8 @@ enum Cmd {
     Leave(Arc<str>, bool),
     Ack(Arc<str>, AckToken),
     Nack(Arc<str>, AckToken, bool),
+    /// A delivery that never reached the member's client: again, not counted.
+    Release(Arc<str>, AckToken),
     Heartbeat(Arc<str>),
     Prefetch(Arc<str>, usize),
     Reset(StartPosition, oneshot::Sender<Result<()>>),
@@ -339,6 +341,7 @@ impl std::fmt::Debug for Cmd {
             Cmd::Leave(..) => "Leave",
             Cmd::Ack(..) => "Ack",
             Cmd::Nack(..) => "Nack",
+            Cmd::Release(..) => "Release",
             Cmd::Heartbeat(..) => "Heartbeat",
             Cmd::Prefetch(..) => "Prefetch",
             Cmd::Reset(..) => "Reset",
@@ -417,6 +420,18 @@ impl Consumer {
                 let _ = c.send(Cmd::Nack(Arc::clone(&self.member), token, requeue));
             }
             Control::Remote(r) => r.nack(token, requeue),
+        }
+    }
+
+    /// The delivery never reached the client (a relay lost it on the way): deliver it
+    /// again, flagged redelivered, without counting it as a delivery (a delivery limit
+    /// counts what clients were given).
+    pub fn release(&self, token: AckToken) {
+        match &self.cmd {
+            Control::Local(c) => {
+                let _ = c.send(Cmd::Release(Arc::clone(&self.member), token));
+            }
+            Control::Remote(r) => r.nack(token, true),
         }
     }
 

@@ -146,6 +146,20 @@ impl Actor {
 
     /// Messages whose settlement could not be stored go back to be delivered again,
     /// after a pause (a store that fails now would fail again at once).
+    /// A delivery that never reached its member's client: delivered again, the
+    /// delivery not counted.
+    pub(super) fn released(&mut self, member: &str, queue: &QueueRef, offset: u64, f: InFlight) {
+        if let Some(q) = self.cursor_mut(member, queue) {
+            q.redeliver.insert(
+                offset,
+                Pending {
+                    message: f.message,
+                    count: f.count.saturating_sub(1),
+                },
+            );
+        }
+    }
+
     fn put_back(
         &mut self,
         member: &str,
