@@ -1,6 +1,6 @@
 //! The follower of the routing state (`docs/design/sharding.md` section 3, "Meta"):
 //! every gateway tails shard 0's log into a view of its own (`<view>/meta`, apart from
-//! the standby's view of the same log) and hands each record's keyed-area changes to
+//! the standby's view of the same log, emptied at start as the router is) and hands each record's keyed-area changes to
 //! its broker ([`mqgate_core::Broker::apply_followed_routing`]), which applies the
 //! routing ones to its router unless it owns shard 0 itself. Once it has reached the
 //! log's end as it was at start, the broker routes exchange publishes itself
@@ -19,6 +19,17 @@ pub(crate) async fn follow(nats: Nats, broker: Broker) {
     let mut spec = ReplicaSpec::shard(nats.config(), 0);
     spec.view.path = nats.config().view.path.join("meta");
     spec.view.id_base = 0;
+    // The router starts empty: so does the view (one left by an earlier run would
+    // resume after records this router never saw).
+    let path = spec.view.path.clone();
+    let wiped = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    })
+    .await;
+    if let Ok(Err(e)) = wiped {
+        tracing::error!(error = %e, "cluster: the routing state's old view could not be removed; the router may miss what it holds");
+    }
     let mut replica = loop {
         match ShardReplica::open(&nats, spec.clone()).await {
             Ok(r) => break r,

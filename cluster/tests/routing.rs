@@ -305,6 +305,34 @@ async fn routing_changes_through_any_gateway_route_everywhere() {
     for (name, _) in &gws {
         arrives(&gws, &extra, &format!("after-{name}")).await;
     }
+
+    // A gateway without shard 0 restarts (same name, same folder): its router is
+    // followed from the start again, not from where its last run's view stopped.
+    let at = gws
+        .iter()
+        .position(|(_, g)| !g.broker().owned_shards().contains(&0))
+        .unwrap();
+    let (name, g) = gws.remove(at);
+    assert!(
+        g.leave(Duration::from_secs(10)).await,
+        "{name} handed its shards over"
+    );
+    let g = common::start_gateway(cluster, STREAM, SHARDS, &name, dir.path()).await;
+    gws.push((name.clone(), g));
+    common::wait_balanced(SHARDS, &gws).await;
+    let state = agreed(&gws).await;
+    assert!(
+        state
+            .iter()
+            .any(|s| s.starts_with("binding") && s.contains("mq-extra")),
+        "the restarted gateway's router has the bindings made before and after its restart"
+    );
+    let back = gws.last().unwrap().1.broker();
+    assert_eq!(
+        publish(back, "fx", "", "after-restart").await,
+        SHARDS as usize + 1,
+        "{name} routes by the followed state after its restart"
+    );
     for (_, g) in gws {
         g.leave(Duration::from_secs(5)).await;
     }

@@ -341,7 +341,13 @@ impl NatsAdmin {
                 Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
                     return Err(CoreError::NotOwned(shard))
                 }
-                Err(e) => return Err(invalid(format!("{subject}: {e}"))),
+                // Unanswered in time: it may or may not have run there (the caller's
+                // error, as a failed store write is: internal, not the client's).
+                Err(e) => {
+                    return Err(CoreError::Store(mqgate_store::StoreError::Backend(
+                        format!("admin relay {subject}: {e}"),
+                    )))
+                }
             }
         }
     }

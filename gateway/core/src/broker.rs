@@ -460,13 +460,24 @@ impl Broker {
             .and_then(Option::take);
         let Some(core) = core else {
             if meta {
-                self.meta_detached(None);
+                self.meta_detached(None, None);
             }
             return false;
         };
         core.stop().await;
         if meta {
-            self.meta_detached(core.store.log_position());
+            // What the log has up to this gateway's last write: a change the router
+            // took whose write failed (fenced, stopped) is not kept.
+            let fresh = Router::new();
+            fresh.add_vhost(DEFAULT_VHOST);
+            let fresh = match crate::durable::load(&*core.store, &fresh).await {
+                Ok(()) => Some(fresh),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: the routing state could not be read back from shard 0; the router stays as it was");
+                    None
+                }
+            };
+            self.meta_detached(core.store.log_position(), fresh);
         }
         tracing::info!(shard = id, "core: shard detached");
         true
@@ -543,6 +554,7 @@ impl Broker {
         {
             return crate::meta::first(r).map(drop);
         }
+        let _turn = self.routing_turn().await;
         self.inner.router.add_vhost(vhost);
         let mut batch = WriteBatch::new();
         crate::durable::put_vhost(&mut batch, vhost);
@@ -559,6 +571,7 @@ impl Broker {
         {
             return crate::meta::first(r);
         }
+        let _turn = self.routing_turn().await;
         let created = self.inner.router.declare_exchange(vhost, def.clone())?;
         // A cluster's routing log has transient exchanges too (`durable.rs`).
         if created && (def.durable || self.inner.link.is_some()) {
@@ -579,6 +592,7 @@ impl Broker {
         {
             return crate::meta::first(r);
         }
+        let _turn = self.routing_turn().await;
         let existed = self.inner.router.delete_exchange(vhost, name, if_unused)?;
         if existed {
             crate::durable::prune(&*self.inner.meta()?.store, &self.inner.router, vhost).await?;
@@ -595,6 +609,7 @@ impl Broker {
         {
             return crate::meta::first(r);
         }
+        let _turn = self.routing_turn().await;
         let new = self.inner.router.bind(vhost, binding.clone())?;
         if new && (durable || self.inner.link.is_some()) {
             let mut batch = WriteBatch::new();
@@ -621,6 +636,7 @@ impl Broker {
         {
             return Ok(r);
         }
+        let _turn = self.routing_turn().await;
         let results = self.inner.router.bind_many(vhost, &bindings)?;
         if durable || self.inner.link.is_some() {
             let mut batch = WriteBatch::new();
@@ -649,6 +665,7 @@ impl Broker {
         {
             return Ok(r);
         }
+        let _turn = self.routing_turn().await;
         let results = self.inner.router.unbind_many(vhost, bindings)?;
         let mut batch = WriteBatch::new();
         let mut sources = std::collections::HashSet::new();
@@ -679,6 +696,7 @@ impl Broker {
         {
             return crate::meta::first(r);
         }
+        let _turn = self.routing_turn().await;
         let removed = self.inner.router.unbind(vhost, binding)?;
         if removed {
             let mut batch = WriteBatch::new();
@@ -700,6 +718,7 @@ impl Broker {
         {
             return crate::meta::first(r).map(drop);
         }
+        let _turn = self.routing_turn().await;
         let (removed, emptied) = self.inner.router.unbind_topic(vhost, topic);
         if removed.is_empty() && emptied.is_empty() {
             return Ok(());
@@ -844,9 +863,15 @@ impl Broker {
             let here =
                 shard.topics.read().contains_key(&retry) || shard.store.topic(&retry).is_some();
             if here {
-                shard.store.delete_topic(&retry).await?;
-                shard.topics.write().remove(&retry);
-                self.inner.placement.topic_gone(&retry);
+                match shard.store.delete_topic(&retry).await {
+                    Ok(_) => {
+                        shard.topics.write().remove(&retry);
+                        self.inner.placement.topic_gone(&retry);
+                    }
+                    Err(e) => {
+                        tracing::warn!(group = %group, error = %e, "core: the deleted group's retry topic stays");
+                    }
+                }
             }
         }
         self.inner.placement.group_gone(group);

@@ -233,6 +233,23 @@ pub(crate) async fn load(store: &dyn Store, router: &Router) -> Result<()> {
     Ok(())
 }
 
+/// Where a change goes when a record's changes are applied together: vhosts, then
+/// exchanges, then bindings put; bindings, then exchanges, then vhosts deleted (a
+/// checkpoint of the log rewrites the keyed area in key order, where bindings come
+/// before their exchanges). `None`: not routing state.
+pub(crate) fn apply_rank(change: &KvChange) -> Option<u8> {
+    let kind = match change.namespace.as_str() {
+        NS_VHOST => 0,
+        NS_EXCHANGE | NS_EXCHANGE_T => 1,
+        NS_BINDING | NS_BINDING_T => 2,
+        _ => return None,
+    };
+    Some(match change.value {
+        Some(_) => kind,
+        None => 5 - kind,
+    })
+}
+
 /// Apply one stored change of the routing state to `router`, as [`load`] would have
 /// loaded it: how a gateway that follows another's log (the meta stream of a cluster,
 /// `docs/design/sharding.md` section 3) keeps its router equal to the writer's.
@@ -498,6 +515,48 @@ impl RoutingOp {
 mod tests {
     use super::*;
     use crate::router::HeaderValue;
+
+    #[test]
+    fn a_record_in_key_order_applies_exchanges_before_their_bindings() {
+        // A checkpoint of the log rewrites the keyed area in key order: bindings,
+        // transient bindings, exchanges, transient exchanges, vhosts.
+        let q = TopicName::new("q").unwrap();
+        let b = Binding {
+            source: "x".into(),
+            destination: Destination::Topic(q.clone()),
+            key: "k".into(),
+            headers: None,
+            mqtt: false,
+            arguments: Bytes::new(),
+        };
+        let mut def = ExchangeDef::new("x", ExchangeKind::Direct);
+        def.durable = true;
+        let put = |ns: &str, k: Vec<u8>, v: Vec<u8>| KvChange {
+            namespace: ns.into(),
+            key: Bytes::from(k),
+            value: Some(Bytes::from(v)),
+        };
+        let mut changes = [
+            put(NS_BINDING, binding_key("v", &b), binding_value(&b)),
+            put(NS_EXCHANGE, exchange_key("v", "x"), encode_exchange(&def)),
+            put(NS_VHOST, b"v".to_vec(), Vec::new()),
+            KvChange {
+                namespace: NS_BINDING_T.into(),
+                key: Bytes::from(binding_key("v", &b)),
+                value: None,
+            },
+            put("amqp.queue", b"k".to_vec(), Vec::new()),
+        ];
+        changes.sort_by_key(|c| apply_rank(c).unwrap_or(u8::MAX));
+        let ranks: Vec<Option<u8>> = changes.iter().map(apply_rank).collect();
+        assert_eq!(ranks, [Some(0), Some(1), Some(2), Some(3), None]);
+        let router = Router::new();
+        for c in &changes[..3] {
+            assert!(apply_change(&router, c).unwrap());
+        }
+        let routed = router.route("v", "x", "k", &[]).unwrap();
+        assert_eq!(routed.topics, vec![q]);
+    }
 
     #[test]
     fn definitions_round_trip() {

@@ -15,8 +15,11 @@
 //!     otherwise:            each routing change applied to the router
 //! ```
 //! Taking shard 0 rebuilds the router from the store and swaps it in; letting it go
-//! records the log position of the last write, so the follower skips what this
-//! gateway wrote itself. Until its follower has reached the log's end as it was at
+//! rebuilds it from the stopped store again (what the log has up to this gateway's
+//! last write) and records that position, so the follower skips what this gateway
+//! wrote itself; records another gateway wrote meanwhile (one that fenced this one)
+//! are applied after it. On the owner, routing changes take turns, so the log has
+//! them in the order the router took them. Until its follower has reached the log's end as it was at
 //! start ([`crate::Broker::routing_caught_up`]), a gateway sends exchange publishes to
 //! shard 0's owner rather than routing them with a router still filling.
 
@@ -38,8 +41,8 @@ const BARRIER: Duration = Duration::from_secs(10);
 /// What a gateway knows about how far it followed the routing log.
 #[derive(Debug)]
 pub(crate) struct MetaFollow {
-    /// Held while the router is swapped (shard 0 taken) and while a followed record
-    /// is applied, so neither sees the other half-done.
+    /// Held while the router is swapped (shard 0 taken or let go) and while a followed
+    /// record is applied, so neither sees the other half-done.
     lock: Mutex<Followed>,
     /// The last record of shard 0's log applied (or skipped as already known).
     applied: watch::Sender<u64>,
@@ -47,13 +50,23 @@ pub(crate) struct MetaFollow {
     ready: AtomicBool,
     /// Records at or below this one were written by this gateway as shard 0's owner.
     floor: AtomicU64,
+    /// Routing changes on the owner run one at a time, so the log has them in the
+    /// order the router took them (a cluster only).
+    writes: tokio::sync::Mutex<()>,
 }
+
+/// A record's routing changes, by sequence.
+type Changes = Vec<(u64, Vec<KvChange>)>;
 
 #[derive(Debug, Default)]
 struct Followed {
-    /// Shard 0 is being let go: records arriving now wait here until the detach has
-    /// set the floor.
-    held: Option<Vec<(u64, Vec<KvChange>)>>,
+    /// While shard 0 is owned here: records beyond this gateway's own log position
+    /// (another gateway that fenced this one wrote them): applied if the shard is let
+    /// go, dropped once the position passes them (they were this gateway's own).
+    foreign: Changes,
+    /// Shard 0 is being let go: records arriving now wait here (and the last sequence
+    /// seen) until the detach has set the floor.
+    held: Option<(Changes, u64)>,
 }
 
 impl Default for MetaFollow {
@@ -63,6 +76,7 @@ impl Default for MetaFollow {
             applied: watch::channel(0).0,
             ready: AtomicBool::new(false),
             floor: AtomicU64::new(0),
+            writes: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -71,6 +85,24 @@ impl MetaFollow {
     pub(crate) fn ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
+
+    fn advance(&self, seq: u64) {
+        self.applied.send_if_modified(|a| {
+            let newer = seq > *a;
+            *a = (*a).max(seq);
+            newer
+        });
+    }
+}
+
+/// The routing changes among `changes`, in the order they apply within one record.
+fn routing_only(changes: Vec<KvChange>) -> Vec<KvChange> {
+    let mut out: Vec<(u8, KvChange)> = changes
+        .into_iter()
+        .filter_map(|c| crate::durable::apply_rank(&c).map(|r| (r, c)))
+        .collect();
+    out.sort_by_key(|(r, _)| *r);
+    out.into_iter().map(|(_, c)| c).collect()
 }
 
 fn apply_all(router: &crate::Router, seq: u64, changes: &[KvChange]) {
@@ -88,19 +120,30 @@ impl crate::Broker {
     /// records this gateway wrote as its owner.
     pub fn apply_followed_routing(&self, seq: u64, changes: Vec<KvChange>) {
         let m = &self.inner.meta_follow;
+        let changes = routing_only(changes);
         let mut f = m.lock.lock();
-        if let Some(held) = f.held.as_mut() {
-            held.push((seq, changes));
+        if let Some((held, last)) = f.held.as_mut() {
+            if !changes.is_empty() {
+                held.push((seq, changes));
+            }
+            *last = (*last).max(seq);
             return;
         }
-        if self.inner.local(0).is_none() && seq > m.floor.load(Ordering::Acquire) {
-            apply_all(&self.inner.router, seq, &changes);
+        match self.inner.local(0) {
+            Some(meta) => {
+                let pos = meta.store.log_position().unwrap_or(0);
+                f.foreign.retain(|(s, _)| *s > pos);
+                if seq > pos && !changes.is_empty() {
+                    f.foreign.push((seq, changes));
+                }
+            }
+            None => {
+                if seq > m.floor.load(Ordering::Acquire) {
+                    apply_all(&self.inner.router, seq, &changes);
+                }
+            }
         }
-        m.applied.send_if_modified(|a| {
-            let newer = seq > *a;
-            *a = (*a).max(seq);
-            newer
-        });
+        m.advance(seq);
     }
 
     /// The follower of the routing log has reached the log's end as it was when it
@@ -119,38 +162,49 @@ impl crate::Broker {
         *self.inner.meta_follow.applied.borrow()
     }
 
+    /// On shard 0's owner in a cluster: the turn of one routing change (router and
+    /// log in the same order). `None` elsewhere.
+    pub(crate) async fn routing_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        self.inner.link.as_ref()?;
+        Some(self.inner.meta_follow.writes.lock().await)
+    }
+
     /// Shard 0 is attached here: swap in the router rebuilt from its store.
     pub(crate) fn meta_attached(&self, fresh: crate::Router, attach: impl FnOnce()) {
-        let _f = self.inner.meta_follow.lock.lock();
+        let mut f = self.inner.meta_follow.lock.lock();
         self.inner.router.replace(fresh);
+        f.foreign.clear();
         attach();
     }
 
     /// Shard 0 is being detached: hold what the follower brings until
     /// [`crate::Broker::meta_detached`].
     pub(crate) fn meta_detaching(&self) {
-        self.inner.meta_follow.lock.lock().held = Some(Vec::new());
+        self.inner.meta_follow.lock.lock().held = Some((Vec::new(), 0));
     }
 
     /// Shard 0 is detached; `position` is its log's last record this gateway wrote (or
-    /// replayed). Held records after it are applied.
-    pub(crate) fn meta_detached(&self, position: Option<u64>) {
+    /// replayed), `fresh` the router rebuilt from its store (what the log says up to
+    /// `position`; `None`: it could not be read, the router stays). Records after
+    /// `position` that arrived meanwhile, or while the shard was owned here, are
+    /// applied in order.
+    pub(crate) fn meta_detached(&self, position: Option<u64>, fresh: Option<crate::Router>) {
         let m = &self.inner.meta_follow;
-        let held = {
-            let mut f = m.lock.lock();
-            if let Some(p) = position {
-                m.floor.fetch_max(p, Ordering::AcqRel);
-                m.applied.send_if_modified(|a| {
-                    let newer = p > *a;
-                    *a = (*a).max(p);
-                    newer
-                });
-            }
-            f.held.take().unwrap_or_default()
-        };
-        for (seq, changes) in held {
-            self.apply_followed_routing(seq, changes);
+        let mut f = m.lock.lock();
+        if let Some(fresh) = fresh {
+            self.inner.router.replace(fresh);
         }
+        let floor = position.unwrap_or(0);
+        m.floor.fetch_max(floor, Ordering::AcqRel);
+        let (held, last) = f.held.take().unwrap_or_default();
+        let mut pending = std::mem::take(&mut f.foreign);
+        pending.extend(held);
+        pending.retain(|(s, _)| *s > floor);
+        pending.sort_by_key(|(s, _)| *s);
+        for (seq, changes) in &pending {
+            apply_all(&self.inner.router, *seq, changes);
+        }
+        m.advance(floor.max(last));
     }
 
     /// Run `op` on shard 0's owner when that is another gateway: its per-change
