@@ -5,7 +5,8 @@
 //! shared 3-node NATS cluster, 8 shards:
 //! - the group's info, reset and `%RETRY%` topic are found through every gateway, also
 //!   those that never saw it;
-//! - deleted through one gateway, it is forgotten everywhere, and the same name placed
+//! - deleted through one gateway while its member on another is connected, the
+//!   member's consumer ends and the group is forgotten everywhere; the same name placed
 //!   again on a topic of another shard lives there.
 
 mod common;
@@ -152,11 +153,15 @@ async fn a_group_is_found_by_name_on_every_gateway() {
     take(&mut c, 3).await;
     everywhere_at(&gws, &t1, 10).await;
 
-    // Deleted through the third gateway: forgotten everywhere.
-    drop(c);
+    // Deleted through the third gateway while its member (on another gateway) is
+    // connected: the member's consumer ends, as a local one's does, and the group is
+    // forgotten everywhere (the member does not bring it back).
     common::within(30, "a delete", third.delete_group(&group()))
         .await
         .expect("deleted");
+    let ended = common::within(30, "the member's consumer ends", c.recv()).await;
+    assert!(ended.is_none(), "a delivery after the delete: {ended:?}");
+    drop(c);
     for (name, g) in &gws {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while g.broker().shard_of_topic(&retry) != by_name {

@@ -206,7 +206,12 @@ impl MemberSide {
                                 }
                             }
                         }
-                        Ok(Dlv::Ended(h)) if h == self.handle => {
+                        Ok(Dlv::Ended(h, true)) if h == self.handle => {
+                            // Deleted or cut off on the owner: the consumer ends.
+                            tracing::info!(shard = self.shard, group = %self.spec.name, "cluster: a remote member was ended by its group's owner");
+                            return;
+                        }
+                        Ok(Dlv::Ended(h, false)) if h == self.handle => {
                             if !self.rejoin(&mailbox).await {
                                 return;
                             }

@@ -17,11 +17,14 @@
 //! Loss never loses a message, it delivers it again: a lost delivery batch is reported
 //! (a gap) or not covered by `received_through` in time, and its messages are released
 //! on the owner (`Consumer::release`: delivered again, flagged redelivered, not counted
-//! against a delivery limit: the client never had them); lost commands are sent again; a member not heard from for
-//! 4 x the relay timeout is dropped on the owner (its messages in flight go to the
-//! others, `redelivered`); an owner gone or moved (its pump ends, commands fail) makes
-//! the member join the next owner, from the group's committed offsets. Acks of what
-//! the member held before become stale there and are ignored: duplicates, never loss.
+//! against a delivery limit: the client never had them); lost commands are sent
+//! again; a member not heard from for 4 x the relay timeout is dropped on the owner
+//! (its messages in flight go to the others, `redelivered`); an owner gone or moved
+//! (its pump ends, commands fail) makes the member join the next owner, from the
+//! group's committed offsets. Acks of what the member held before become stale there
+//! and are ignored: duplicates, never loss. A member ended on an owner that still has
+//! the shard (its group deleted, or the member cut off) is ended on its gateway too:
+//! its consumer ends, as a local member's does, rather than bring the group back.
 //!
 //! Requests (`s.NN.grp`): `1` join: deliver_to, spec (name, topics, mode u8, orderly
 //! u8, start: tag u8 + u64, on failure u8, max reconsume times?, policy: ttl?, delivery
@@ -31,7 +34,8 @@
 //! u8; prefetch?; leave u8. Replies: `0` ok (join: handle u64); `1` error (as
 //! `codec::encode_error`). Deliveries (to deliver_to, no reply): `1` batch: handle,
 //! seq, count, per delivery: topic, queue u32, offset u64, redelivered u8, delivery
-//! count u32, token u64, message (`mqgate_store::wire`); `2` ended: handle.
+//! count u32, token u64, message (`mqgate_store::wire`); `2` ended: handle, for good
+//! u8 (1: the shard is still there, the consumer ends; 0: the shard moved, join anew).
 //!
 //! A dead-letter target is not carried: the owner uses the endpoint registered there
 //! (`Broker::endpoint_spec`), whose spec is authoritative.
@@ -137,6 +141,7 @@ impl ConsumeServer {
                             times,
                             Arc::clone(&faults),
                             Arc::clone(&members),
+                            (broker.clone(), shard),
                         ));
                         continue;
                     }
@@ -227,6 +232,7 @@ async fn pump(
     times: Times,
     faults: Arc<super::Faults>,
     members: Members,
+    (broker, shard): (Broker, ShardId),
 ) {
     let mut seq = 0u64;
     // A delivery taken that did not fit the previous batch.
@@ -253,9 +259,13 @@ async fn pump(
         tokio::select! {
             d = next_delivery(&mut consumer, &mut carry) => {
                 let Some(d) = d else {
-                    // The group ended here (the shard is released, the group deleted).
+                    // The member ended here: the shard was released (it joins the next
+                    // owner), or, the shard still here, its group was deleted or it
+                    // was cut off (its consumer ends, as a local member's does).
+                    let gone = broker.owned_shards().contains(&shard);
                     let mut out = vec![DLV_ENDED];
                     out.put_u64(handle);
+                    out.put_u8(u8::from(gone));
                     let _ = client.publish(deliver_to.clone(), Bytes::from(out)).await;
                     break;
                 };

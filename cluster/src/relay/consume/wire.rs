@@ -271,7 +271,9 @@ pub(super) fn encode_batch(handle: u64, seq: u64, batch: &[Delivery]) -> Bytes {
 #[derive(Debug)]
 pub(super) enum Dlv {
     Batch(u64, u64, Vec<Delivery>),
-    Ended(u64),
+    /// The member ended on the owner: its handle, and whether for good (the group
+    /// deleted, the member cut off) rather than because the shard moved.
+    Ended(u64, bool),
 }
 
 pub(super) fn decode_dlv(b: Bytes) -> Result<Dlv> {
@@ -305,7 +307,10 @@ pub(super) fn decode_dlv(b: Bytes) -> Result<Dlv> {
             }
             Dlv::Batch(handle, seq, out)
         }
-        DLV_ENDED => Dlv::Ended(r.u64()?),
+        DLV_ENDED => {
+            let handle = r.u64()?;
+            Dlv::Ended(handle, r.u8()? != 0)
+        }
         k => return Err(invalid(format!("unknown delivery kind {k}"))),
     };
     r.end()?;
