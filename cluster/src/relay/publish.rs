@@ -5,9 +5,12 @@
 //! (the shard of its destinations, or the home of a cross-shard one); a part for a
 //! shard owned elsewhere comes here. [`NatsPublisher`] sends it on
 //! `mqgate.<stream>.s.<NN>.pub` with a reply subject of its own inbox and returns at
-//! once, so one connection's batches pipeline; the owner's [`PublishServer`] submits
-//! requests to its broker in arrival order (NATS keeps one client's order, the shard's
-//! writer keeps queue order) and answers each once its write is durable.
+//! once it is queued, so one connection's batches pipeline; the owner's
+//! [`PublishServer`] submits each request to its broker as it arrives, in a task of
+//! its own, answers `queued` once its write is queued and the answers once durable. A
+//! publisher sends its next request only after `queued`, so its order holds (the
+//! shard's writer keeps queue order), and a request whose cross-shard items wait for
+//! a destination between owners holds up no other publisher's.
 //!
 //! Failure: no owner (*no responders*, or an owner that let the shard go and answers
 //! `NotOwned`) fails the batch before anything was stored; no answer within the relay
@@ -433,21 +436,24 @@ impl PublishServer {
                 let Some(reply_to) = msg.reply.clone() else {
                     continue;
                 };
-                // Submitted here in arrival order; answered when durable.
-                let submitted = match decode_request(msg.payload) {
-                    Ok(batch) => broker.publish_submit(batch).await,
-                    Err(e) => {
-                        tracing::warn!(shard, error = %e, "cluster: a malformed publish request; refused");
-                        Err(e)
-                    }
-                };
-                if submitted.is_ok() {
-                    let _ = client
-                        .publish(reply_to.clone(), Bytes::from_static(&[REPLY_QUEUED]))
-                        .await;
-                }
-                let client = client.clone();
+                // Each request on its own: one whose cross-shard items wait for their
+                // destinations (one between owners) holds up no other publisher. One
+                // publisher's order needs no more than that: it sends its next request
+                // only once this one is queued.
+                let (client, broker) = (client.clone(), broker.clone());
                 tokio::spawn(async move {
+                    let submitted = match decode_request(msg.payload) {
+                        Ok(batch) => broker.publish_submit(batch).await,
+                        Err(e) => {
+                            tracing::warn!(shard, error = %e, "cluster: a malformed publish request; refused");
+                            Err(e)
+                        }
+                    };
+                    if submitted.is_ok() {
+                        let _ = client
+                            .publish(reply_to.clone(), Bytes::from_static(&[REPLY_QUEUED]))
+                            .await;
+                    }
                     let answer = match submitted {
                         Ok(s) => s.await,
                         Err(e) => Err(e),
