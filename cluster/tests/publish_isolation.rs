@@ -117,7 +117,7 @@ async fn a_publish_waiting_for_a_shard_between_owners_holds_up_no_other() {
     let plain = common::within(
         30,
         "the plain publish",
-        publish(&pa, &[qh.clone()], "alone"),
+        publish(&pa, std::slice::from_ref(&qh), "alone"),
     )
     .await;
     let plain_took = started.elapsed();
