@@ -7,7 +7,10 @@
 //!                                         + its publishes served on the publish relay
 //!                                         + its groups served on the consume relay
 //!                                         + its topics and groups on the admin relay
-//!  ShardEvent::Release{shard, done}   ──> relay server stopped, broker.detach_shard(shard)
+//!                                         (a task per shard starts the four servers,
+//!                                         again until they start, and holds them)
+//!  ShardEvent::Release{shard, done}   ──> relay servers stopped (awaited),
+//!                                         broker.detach_shard(shard)
 //!                                         (groups commit, tasks end, store flushed), done
 //!  ShardEvent::Lost{shard}            ──> the same, nothing to answer (another gateway
 //!                                         fenced the log: the store refuses writes)
@@ -216,9 +219,94 @@ impl Gateway {
 /// The relay servers of one owned shard (they stop when dropped).
 struct Servers {
     _forward: ForwardServer,
-    _publish: Option<PublishServer>,
-    _consume: Option<ConsumeServer>,
-    _admin: Option<AdminServer>,
+    _publish: PublishServer,
+    _consume: ConsumeServer,
+    _admin: AdminServer,
+}
+
+/// What the relay servers of a shard are started with.
+#[derive(Clone)]
+struct ServerCtx {
+    broker: Broker,
+    client: async_nats::Client,
+    stream: String,
+    relay_timeout: Duration,
+    faults: Arc<Faults>,
+}
+
+impl ServerCtx {
+    /// Every relay server of `shard`, or the first failure (those started stop).
+    async fn start(&self, shard: ShardId) -> Result<Servers> {
+        if self.faults.fail_start() {
+            return Err(mqgate_core::CoreError::Invalid(
+                "a relay server start failed (injected)".into(),
+            ));
+        }
+        let inbox = self
+            .broker
+            .inbox(shard)
+            .ok_or(mqgate_core::CoreError::NotOwned(shard))?;
+        let (c, st, b) = (&self.client, self.stream.as_str(), &self.broker);
+        Ok(Servers {
+            _forward: ForwardServer::start(
+                c.clone(),
+                st,
+                shard,
+                inbox,
+                Arc::new(Faults::default()),
+            )
+            .await?,
+            _publish: PublishServer::start(c.clone(), st, shard, b.clone()).await?,
+            _consume: ConsumeServer::start(
+                c.clone(),
+                st,
+                shard,
+                b.clone(),
+                self.relay_timeout,
+                Arc::clone(&self.faults),
+            )
+            .await?,
+            _admin: AdminServer::start(c.clone(), st, shard, b.clone()).await?,
+        })
+    }
+
+    /// A task that starts `shard`'s relay servers, again (100 ms, doubling to 2 s)
+    /// until they start, and holds them until it is aborted (the shard let go, or the
+    /// gateway stopped: dropped): a shard owned here is never left unserved.
+    fn serve(self, shard: ShardId) -> ServingShard {
+        ServingShard(tokio::spawn(async move {
+            let mut pause = Duration::from_millis(100);
+            let _servers = loop {
+                match self.start(shard).await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        tracing::error!(shard, error = %e, retry_in = ?pause, "cluster: the shard's relay servers did not start; trying again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                }
+            };
+            std::future::pending::<()>().await;
+        }))
+    }
+}
+
+/// The task holding a shard's relay servers: stopped when dropped (the driver ends
+/// with the gateway, and its servers with it).
+struct ServingShard(tokio::task::JoinHandle<()>);
+
+impl Drop for ServingShard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Stop shard `shard`'s relay servers (if any), and wait until they are.
+async fn stop_serving(serving: &mut HashMap<ShardId, ServingShard>, shard: ShardId) {
+    if let Some(mut s) = serving.remove(&shard) {
+        s.0.abort();
+        let _ = (&mut s.0).await;
+    }
 }
 
 /// Apply the manager's events to the broker until the manager goes.
@@ -230,7 +318,14 @@ async fn drive(
     faults: Arc<Faults>,
     mut events: mpsc::UnboundedReceiver<ShardEvent>,
 ) {
-    let mut servers: HashMap<ShardId, Servers> = HashMap::new();
+    let ctx = ServerCtx {
+        broker: broker.clone(),
+        client,
+        stream,
+        relay_timeout,
+        faults,
+    };
+    let mut serving: HashMap<ShardId, ServingShard> = HashMap::new();
     while let Some(e) = events.recv().await {
         match e {
             ShardEvent::Acquired { shard, store, .. } => {
@@ -239,67 +334,17 @@ async fn drive(
                     tracing::error!(shard, error = %e, "cluster: attaching an acquired shard failed");
                     continue;
                 }
-                let Some(inbox) = broker.inbox(shard) else {
-                    continue;
-                };
-                match ForwardServer::start(
-                    client.clone(),
-                    &stream,
-                    shard,
-                    inbox,
-                    Arc::new(Faults::default()),
-                )
-                .await
-                {
-                    Ok(forward) => {
-                        let publish = PublishServer::start(client.clone(), &stream, shard, broker.clone())
-                            .await
-                            .map_err(|e| {
-                                tracing::error!(shard, error = %e, "cluster: serving the shard's publishes failed")
-                            })
-                            .ok();
-                        let consume = ConsumeServer::start(
-                            client.clone(),
-                            &stream,
-                            shard,
-                            broker.clone(),
-                            relay_timeout,
-                            Arc::clone(&faults),
-                        )
-                        .await
-                        .map_err(|e| {
-                            tracing::error!(shard, error = %e, "cluster: serving the shard's groups failed")
-                        })
-                        .ok();
-                        let admin = AdminServer::start(client.clone(), &stream, shard, broker.clone())
-                            .await
-                            .map_err(|e| {
-                                tracing::error!(shard, error = %e, "cluster: serving the shard's admin operations failed")
-                            })
-                            .ok();
-                        servers.insert(
-                            shard,
-                            Servers {
-                                _forward: forward,
-                                _publish: publish,
-                                _consume: consume,
-                                _admin: admin,
-                            },
-                        );
-                    }
-                    Err(e) => {
-                        tracing::error!(shard, error = %e, "cluster: serving the shard's inbox failed")
-                    }
-                }
+                stop_serving(&mut serving, shard).await;
+                serving.insert(shard, ctx.clone().serve(shard));
             }
             ShardEvent::Release { shard, done, to } => {
-                servers.remove(&shard);
+                stop_serving(&mut serving, shard).await;
                 broker.detach_shard(shard).await;
                 tracing::info!(shard, to, "cluster: shard released");
                 let _ = done.send(());
             }
             ShardEvent::Lost { shard, reason } => {
-                servers.remove(&shard);
+                stop_serving(&mut serving, shard).await;
                 broker.detach_shard(shard).await;
                 tracing::warn!(shard, reason, "cluster: shard lost");
             }

@@ -4,10 +4,13 @@
 //! after D's owner died: on B it is stored in H and then waits until D, between
 //! owners, applies it (longer than the relay's timeout, so A's batch fails
 //! unacknowledged). Meanwhile A publishes a message to H alone: B takes it at once and
-//! it is confirmed, although the first request is still waiting there.
+//! it is confirmed, although the first request is still waiting there. The shards that
+//! moved are served once their new owners' relay servers start (two failed starts
+//! each, injected, tried again).
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -96,8 +99,16 @@ async fn a_publish_waiting_for_a_shard_between_owners_holds_up_no_other() {
         Ok(true)
     );
 
-    // D's owner dies; the cross-shard message waits on B for D's next owner.
+    // D's owner dies; the cross-shard message waits on B for D's next owner. The
+    // next owners' relay servers fail to start twice first (as a NATS subscription
+    // that fails would): they are started again until they serve.
+    for (i, (_, g)) in gws.iter().enumerate() {
+        if i != k {
+            g.delivery_faults().fail_starts.store(2, Ordering::Relaxed);
+        }
+    }
     let (killed, g) = gws.remove(k);
+    let moved = g.broker().owned_shards();
     eprintln!(
         "killing {killed} (owns {:?}); home {h}, destination {d}",
         g.broker().owned_shards()
@@ -135,6 +146,28 @@ async fn a_publish_waiting_for_a_shard_between_owners_holds_up_no_other() {
         "a publish to H alone is not held up by the stuck one"
     );
     common::wait_balanced(SHARDS, &gws).await;
+    // Every shard that moved is served by its new owner: topics created there and
+    // publishes into them through both gateways.
+    for s in moved {
+        let q = by_shard(s);
+        common::within(30, "a topic is created", pa.create_topic(&q, Some(1)))
+            .await
+            .unwrap();
+        for (name, g) in &gws {
+            let r = common::within(
+                30,
+                "a publish",
+                publish(g.broker(), std::slice::from_ref(&q), name),
+            )
+            .await;
+            assert_eq!(r, Ok(true), "{name} into shard {s}");
+        }
+    }
+    let failed: u64 = gws
+        .iter()
+        .map(|(_, g)| 2 - g.delivery_faults().fail_starts.load(Ordering::Relaxed))
+        .sum();
+    assert!(failed > 0, "some server starts failed and were tried again");
     for (_, g) in gws {
         g.leave(Duration::from_secs(5)).await;
     }

@@ -22,7 +22,8 @@ pub fn subject(stream: &str, shard: u16, op: &str) -> String {
 }
 
 /// Faults a test injects into a relay server: drop every `n`-th message it would send
-/// (a forward reply, a delivery batch), as a message lost on the way looks.
+/// (a forward reply, a delivery batch), as a message lost on the way looks; fail
+/// starts of a shard's servers.
 #[derive(Debug, Default)]
 pub struct Faults {
     /// Drop every this many (0: none).
@@ -30,9 +31,20 @@ pub struct Faults {
     seen: std::sync::atomic::AtomicU64,
     /// Dropped so far.
     pub dropped: std::sync::atomic::AtomicU64,
+    /// Fail this many starts of a shard's relay servers (as a NATS subscription that
+    /// fails would).
+    pub fail_starts: std::sync::atomic::AtomicU64,
 }
 
 impl Faults {
+    /// Whether this start of a shard's relay servers fails (counts one down).
+    pub(crate) fn fail_start(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.fail_starts
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
     pub(crate) fn drop_this(&self) -> bool {
         use std::sync::atomic::Ordering;
         let every = self.drop_every.load(Ordering::Relaxed);
