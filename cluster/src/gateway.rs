@@ -199,6 +199,8 @@ impl Gateway {
         self.driver.abort();
         self.follower.abort();
         self.placement.abort();
+        // Its view is closed when this returns.
+        let _ = (&mut self.follower).await;
         handed
     }
 

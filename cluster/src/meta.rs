@@ -1,6 +1,7 @@
 //! The follower of the routing state (`docs/design/sharding.md` section 3, "Meta"):
 //! every gateway tails shard 0's log into a view of its own (`<view>/meta`, apart from
-//! the standby's view of the same log, emptied at start as the router is) and hands each record's keyed-area changes to
+//! the standby's view of the same log; a new folder each run, as the router starts
+//! empty) and hands each record's keyed-area changes to
 //! its broker ([`mqgate_core::Broker::apply_followed_routing`]), which applies the
 //! routing ones to its router unless it owns shard 0 itself. Once it has reached the
 //! log's end as it was at start, the broker routes exchange publishes itself
@@ -16,20 +17,33 @@ const ROUND: Duration = Duration::from_millis(100);
 
 /// Follow shard 0's log into `broker`'s router until the task is aborted.
 pub(crate) async fn follow(nats: Nats, broker: Broker) {
+    // The router starts empty: so does the view, in a folder of this run's own (one
+    // left by an earlier run would resume after records this router never saw, and
+    // may still be closing); earlier runs' folders are removed.
+    let base = nats.config().view.path.clone();
+    let run = format!(
+        "meta-{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
     let mut spec = ReplicaSpec::shard(nats.config(), 0);
-    spec.view.path = nats.config().view.path.join("meta");
+    spec.view.path = base.join(&run);
     spec.view.id_base = 0;
-    // The router starts empty: so does the view (one left by an earlier run would
-    // resume after records this router never saw).
-    let path = spec.view.path.clone();
-    let wiped = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+    let _ = tokio::task::spawn_blocking(move || {
+        let Ok(dir) = std::fs::read_dir(&base) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if (name == "meta" || name.starts_with("meta-")) && name != run {
+                if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                    tracing::warn!(folder = %e.path().display(), error = %err, "cluster: an earlier run's view of the routing state could not be removed");
+                }
+            }
+        }
     })
     .await;
-    if let Ok(Err(e)) = wiped {
-        tracing::error!(error = %e, "cluster: the routing state's old view could not be removed; the router may miss what it holds");
-    }
     let mut replica = loop {
         match ShardReplica::open(&nats, spec.clone()).await {
             Ok(r) => break r,

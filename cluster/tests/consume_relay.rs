@@ -96,19 +96,17 @@ async fn wait_seen(seen: &Seen, want: &[usize], secs: u64, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_on_any_gateway_gets_every_message() {
-    std::thread::spawn(|| {
-        std::thread::sleep(Duration::from_secs(240));
-        eprintln!("a_member_on_any_gateway_gets_every_message: still running after 240 s");
-        std::process::exit(101);
-    });
+    common::watchdog("a_member_on_any_gateway_gets_every_message", 240);
     let cluster = NatsCluster::shared();
     let dir = tempfile::tempdir().unwrap();
-    let mut gws = Vec::new();
-    for name in ["gk-a", "gk-b", "gk-c"] {
-        let g = common::start_gateway(cluster, STREAM, SHARDS, name, dir.path()).await;
-        gws.push((name.to_owned(), g));
-    }
-    common::wait_balanced(SHARDS, &gws).await;
+    let mut gws = common::start_balanced(
+        cluster,
+        STREAM,
+        SHARDS,
+        &["gk-a", "gk-b", "gk-c"],
+        dir.path(),
+    )
+    .await;
     // The queue's shard, its owner, and the member's gateway (another one).
     let q = TopicName::new(one_name_per_shard("cq", SHARDS)[3].clone()).unwrap();
     let s = shard_of(q.as_str(), SHARDS);

@@ -89,13 +89,7 @@ async fn publish(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_exactly_once_while_gateways_die_and_join() {
-    // A deadlock of the runtime's threads stops its timers too: a plain thread ends
-    // the test process instead of letting it hang.
-    std::thread::spawn(|| {
-        std::thread::sleep(Duration::from_secs(240));
-        eprintln!("fanout_exactly_once_while_gateways_die_and_join: still running after 240 s");
-        std::process::exit(101);
-    });
+    common::watchdog("fanout_exactly_once_while_gateways_die_and_join", 240);
     let cluster = NatsCluster::shared();
     let dir = tempfile::tempdir().unwrap();
     let mut gws = Vec::new();

@@ -96,19 +96,17 @@ async fn everywhere_at(gws: &[(String, Gateway)], t: &TopicName, next: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_is_found_by_name_on_every_gateway() {
-    std::thread::spawn(|| {
-        std::thread::sleep(Duration::from_secs(240));
-        eprintln!("a_group_is_found_by_name_on_every_gateway: still running after 240 s");
-        std::process::exit(101);
-    });
+    common::watchdog("a_group_is_found_by_name_on_every_gateway", 240);
     let cluster = NatsCluster::shared();
     let dir = tempfile::tempdir().unwrap();
-    let mut gws = Vec::new();
-    for name in ["gq-a", "gq-b", "gq-c"] {
-        let g = common::start_gateway(cluster, STREAM, SHARDS, name, dir.path()).await;
-        gws.push((name.to_owned(), g));
-    }
-    common::wait_balanced(SHARDS, &gws).await;
+    let gws = common::start_balanced(
+        cluster,
+        STREAM,
+        SHARDS,
+        &["gq-a", "gq-b", "gq-c"],
+        dir.path(),
+    )
+    .await;
     // Two topics in two shards, neither the one the group's name hashes to.
     let by_name = shard_of(GROUP, SHARDS);
     let names = one_name_per_shard("pt", SHARDS);

@@ -48,19 +48,20 @@ async fn publish(b: &Broker, to: &[TopicName], body: &str) -> Result<bool, Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_waiting_for_a_shard_between_owners_holds_up_no_other() {
-    std::thread::spawn(|| {
-        std::thread::sleep(Duration::from_secs(240));
-        eprintln!("a_publish_waiting_for_a_shard_between_owners_holds_up_no_other: still running after 240 s");
-        std::process::exit(101);
-    });
+    common::watchdog(
+        "a_publish_waiting_for_a_shard_between_owners_holds_up_no_other",
+        240,
+    );
     let cluster = NatsCluster::shared();
     let dir = tempfile::tempdir().unwrap();
-    let mut gws = Vec::new();
-    for name in ["gi-a", "gi-b", "gi-c"] {
-        let g = common::start_gateway(cluster, STREAM, SHARDS, name, dir.path()).await;
-        gws.push((name.to_owned(), g));
-    }
-    common::wait_balanced(SHARDS, &gws).await;
+    let mut gws = common::start_balanced(
+        cluster,
+        STREAM,
+        SHARDS,
+        &["gi-a", "gi-b", "gi-c"],
+        dir.path(),
+    )
+    .await;
     // Shards H < D owned by two gateways B and K (a cross-shard message between two
     // shards that are not the publisher's has the lower one as its home); A is the
     // third.

@@ -195,19 +195,17 @@ async fn check(gws: &[(String, Gateway)], queues: &[TopicName], outcomes: &[(Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_gateway_publishes_into_every_shard() {
-    std::thread::spawn(|| {
-        std::thread::sleep(Duration::from_secs(240));
-        eprintln!("any_gateway_publishes_into_every_shard: still running after 240 s");
-        std::process::exit(101);
-    });
+    common::watchdog("any_gateway_publishes_into_every_shard", 240);
     let cluster = NatsCluster::shared();
     let dir = tempfile::tempdir().unwrap();
-    let mut gws = Vec::new();
-    for name in ["gp-a", "gp-b", "gp-c"] {
-        let g = common::start_gateway(cluster, STREAM, SHARDS, name, dir.path()).await;
-        gws.push((name.to_owned(), g));
-    }
-    common::wait_balanced(SHARDS, &gws).await;
+    let mut gws = common::start_balanced(
+        cluster,
+        STREAM,
+        SHARDS,
+        &["gp-a", "gp-b", "gp-c"],
+        dir.path(),
+    )
+    .await;
     let queues = queues();
     for q in &queues {
         common::owner(&gws, shard_of(q.as_str(), SHARDS))

@@ -69,7 +69,10 @@ fn routes(b: &Broker, exchange: &str, key: &str) -> BTreeSet<String> {
 }
 
 /// Wait until every gateway's router holds the same state; returns it.
-async fn agreed(gws: &[(String, mqgate_cluster::gateway::Gateway)]) -> BTreeSet<String> {
+async fn agreed(
+    gws: &[(String, mqgate_cluster::gateway::Gateway)],
+    stage: &str,
+) -> BTreeSet<String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let all: Vec<BTreeSet<String>> = gws
@@ -81,11 +84,21 @@ async fn agreed(gws: &[(String, mqgate_cluster::gateway::Gateway)]) -> BTreeSet<
         }
         if tokio::time::Instant::now() > deadline {
             let first = &all[0];
-            let diff: Vec<Vec<&String>> = all
+            let diff: Vec<String> = gws
                 .iter()
-                .map(|s| s.symmetric_difference(first).take(4).collect())
+                .zip(&all)
+                .map(|((name, g), s)| {
+                    format!(
+                        "{name} (owns {:?}, applied {}): {} entries, lacks {:?}, has more {:?}",
+                        g.broker().owned_shards(),
+                        g.broker().routing_applied(),
+                        s.len(),
+                        first.difference(s).take(2).collect::<Vec<_>>(),
+                        s.difference(first).take(2).collect::<Vec<_>>(),
+                    )
+                })
                 .collect();
-            panic!("routers differ after 20 s (first differences: {diff:?})");
+            panic!("{stage}: routers differ after 20 s: {diff:#?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -131,21 +144,17 @@ async fn arrives(gws: &[(String, mqgate_cluster::gateway::Gateway)], q: &TopicNa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_changes_through_any_gateway_route_everywhere() {
-    std::thread::spawn(|| {
-        std::thread::sleep(Duration::from_secs(240));
-        eprintln!(
-            "routing_changes_through_any_gateway_route_everywhere: still running after 240 s"
-        );
-        std::process::exit(101);
-    });
+    common::watchdog("routing_changes_through_any_gateway_route_everywhere", 240);
     let cluster = NatsCluster::shared();
     let dir = tempfile::tempdir().unwrap();
-    let mut gws = Vec::new();
-    for name in ["gr-a", "gr-b", "gr-c"] {
-        let g = common::start_gateway(cluster, STREAM, SHARDS, name, dir.path()).await;
-        gws.push((name.to_owned(), g));
-    }
-    common::wait_balanced(SHARDS, &gws).await;
+    let mut gws = common::start_balanced(
+        cluster,
+        STREAM,
+        SHARDS,
+        &["gr-a", "gr-b", "gr-c"],
+        dir.path(),
+    )
+    .await;
     let meta_at = gws
         .iter()
         .position(|(_, g)| g.broker().owned_shards().contains(&0))
@@ -213,7 +222,7 @@ async fn routing_changes_through_any_gateway_route_everywhere() {
         routes(&gc, "tx", "k.3"),
         BTreeSet::from([queues[3].as_str().to_owned()])
     );
-    let state = agreed(&gws).await;
+    let state = agreed(&gws, "declared").await;
     assert!(
         state.iter().filter(|s| s.starts_with("binding")).count() >= 16,
         "the 16 bindings are in every router"
@@ -252,7 +261,7 @@ async fn routing_changes_through_any_gateway_route_everywhere() {
         .unwrap());
     assert!(gc.delete_exchange("/", "gone", false).await.unwrap());
     assert!(gc.router().exchange("/", "gone").is_none());
-    agreed(&gws).await;
+    agreed(&gws, "unbound").await;
     assert_eq!(
         publish(&ga, "tx", "k.5", "t-late").await,
         0,
@@ -265,7 +274,7 @@ async fn routing_changes_through_any_gateway_route_everywhere() {
     eprintln!("killing {killed} (owns {:?})", g.broker().owned_shards());
     g.abort();
     common::wait_balanced(SHARDS, &gws).await;
-    let now = agreed(&gws).await;
+    let now = agreed(&gws, "owner killed").await;
     let before: BTreeSet<String> = snapshot(ga.router());
     assert_eq!(now, before);
     assert!(
@@ -294,7 +303,7 @@ async fn routing_changes_through_any_gateway_route_everywhere() {
     )
     .await
     .unwrap());
-    agreed(&gws).await;
+    agreed(&gws, "bound after the kill").await;
     for (name, g) in &gws {
         assert_eq!(
             publish(g.broker(), "fx", "", &format!("after-{name}")).await,
@@ -320,7 +329,7 @@ async fn routing_changes_through_any_gateway_route_everywhere() {
     let g = common::start_gateway(cluster, STREAM, SHARDS, &name, dir.path()).await;
     gws.push((name.clone(), g));
     common::wait_balanced(SHARDS, &gws).await;
-    let state = agreed(&gws).await;
+    let state = agreed(&gws, "restarted").await;
     assert!(
         state
             .iter()

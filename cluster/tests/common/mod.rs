@@ -106,6 +106,34 @@ pub(crate) async fn start_gateway(
     .expect("start the gateway")
 }
 
+/// A deadlock of the runtime's threads stops its timers too: a plain thread ends the
+/// test process after `secs` rather than let `test` hang.
+pub(crate) fn watchdog(test: &'static str, secs: u64) {
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(secs));
+        eprintln!("{test}: still running after {secs} s");
+        std::process::exit(101);
+    });
+}
+
+/// Gateways `names` of the cluster of `stream` (views under `dir`), started one after
+/// another; returned once every shard is owned where rendezvous puts it.
+pub(crate) async fn start_balanced(
+    cluster: &NatsCluster,
+    stream: &str,
+    shards: u16,
+    names: &[&str],
+    dir: &Path,
+) -> Vec<(String, Gateway)> {
+    let mut gws = Vec::new();
+    for name in names {
+        let g = start_gateway(cluster, stream, shards, name, dir).await;
+        gws.push(((*name).to_owned(), g));
+    }
+    wait_balanced(shards, &gws).await;
+    gws
+}
+
 /// Wait until every shard is owned where rendezvous puts it among `gws`.
 pub(crate) async fn wait_balanced(shards: u16, gws: &[(String, Gateway)]) {
     let live: Vec<&str> = gws.iter().map(|(n, _)| n.as_str()).collect();
