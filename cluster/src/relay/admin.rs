@@ -18,7 +18,6 @@
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes};
-use futures_util::StreamExt;
 use mqgate_core::outbox::ShardId;
 use mqgate_core::shard::{AdminAnswer, AdminOp};
 use mqgate_core::{Broker, CoreError, GroupInfo, MemberInfo, QueueInfo, Result, RoutingOp};
@@ -274,29 +273,23 @@ impl AdminServer {
         shard: ShardId,
         broker: Broker,
     ) -> Result<Self> {
-        let mut sub = super::owner_subscription(&client, stream, shard, "adm").await?;
-        let task = tokio::spawn(async move {
-            while let Some(msg) = sub.next().await {
-                let Some(reply_to) = msg.reply.clone() else {
-                    continue;
+        // Each on its own: a slow one (a group stopping) holds up no other.
+        let c = client.clone();
+        let task = super::serve_each(&client, stream, shard, "adm", move |payload, reply_to| {
+            let (broker, client) = (broker.clone(), c.clone());
+            async move {
+                let answer = match decode_op(payload) {
+                    Ok(op) => broker.admin(op).await,
+                    Err(e) => {
+                        tracing::warn!(shard, error = %e, "cluster: a malformed admin request; refused");
+                        Err(e)
+                    }
                 };
-                let (broker, client) = (broker.clone(), client.clone());
-                // Each on its own: a slow one (a group stopping) holds up no other.
-                tokio::spawn(async move {
-                    let answer = match decode_op(msg.payload) {
-                        Ok(op) => broker.admin(op).await,
-                        Err(e) => {
-                            tracing::warn!(shard, error = %e, "cluster: a malformed admin request; refused");
-                            Err(e)
-                        }
-                    };
-                    let _ = client.publish(reply_to, encode_reply(&answer)).await;
-                });
+                let _ = client.publish(reply_to, encode_reply(&answer)).await;
             }
-        });
-        Ok(Self {
-            _task: super::Serving(task),
         })
+        .await?;
+        Ok(Self { _task: task })
     }
 }
 

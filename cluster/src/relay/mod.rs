@@ -81,6 +81,32 @@ pub(crate) async fn owner_subscription(
     Ok(sub)
 }
 
+/// Serve operation `op` of `shard` as its owner: each request that has a reply subject
+/// is handled by `handle(payload, reply_to)` in a task of its own, so a slow one holds
+/// up no other. The serving task stops when the returned [`Serving`] is dropped.
+pub(crate) async fn serve_each<F, Fut>(
+    client: &async_nats::Client,
+    stream: &str,
+    shard: u16,
+    op: &str,
+    handle: F,
+) -> mqgate_core::Result<Serving>
+where
+    F: Fn(bytes::Bytes, async_nats::Subject) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use futures_util::StreamExt;
+    let mut sub = owner_subscription(client, stream, shard, op).await?;
+    Ok(Serving(tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let Some(reply_to) = msg.reply else {
+                continue;
+            };
+            tokio::spawn(handle(msg.payload, reply_to));
+        }
+    })))
+}
+
 /// A relay server's task: stopped when dropped (the shard is released).
 #[derive(Debug)]
 pub(crate) struct Serving(pub(crate) tokio::task::JoinHandle<()>);

@@ -430,19 +430,15 @@ impl PublishServer {
         shard: ShardId,
         broker: Broker,
     ) -> Result<Self> {
-        let mut sub = super::owner_subscription(&client, stream, shard, "pub").await?;
-        let task = tokio::spawn(async move {
-            while let Some(msg) = sub.next().await {
-                let Some(reply_to) = msg.reply.clone() else {
-                    continue;
-                };
-                // Each request on its own: one whose cross-shard items wait for their
-                // destinations (one between owners) holds up no other publisher. One
-                // publisher's order needs no more than that: it sends its next request
-                // only once this one is queued.
-                let (client, broker) = (client.clone(), broker.clone());
-                tokio::spawn(async move {
-                    let submitted = match decode_request(msg.payload) {
+        // Each request on its own: one whose cross-shard items wait for their
+        // destinations (one between owners) holds up no other publisher. One
+        // publisher's order needs no more than that: it sends its next request only
+        // once this one is queued.
+        let c = client.clone();
+        let task = super::serve_each(&client, stream, shard, "pub", move |payload, reply_to| {
+            let (client, broker) = (c.clone(), broker.clone());
+            async move {
+                    let submitted = match decode_request(payload) {
                         Ok(batch) => broker.publish_submit(batch).await,
                         Err(e) => {
                             tracing::warn!(shard, error = %e, "cluster: a malformed publish request; refused");
@@ -461,12 +457,10 @@ impl PublishServer {
                     if let Err(e) = client.publish(reply_to, encode_reply(&answer)).await {
                         tracing::debug!(shard, error = %e, "cluster: a publish answer was not sent");
                     }
-                });
             }
-        });
-        Ok(Self {
-            task: super::Serving(task),
         })
+        .await?;
+        Ok(Self { task })
     }
 
     /// Stop serving (the shard is released).

@@ -34,6 +34,7 @@ pub mod publish;
 pub mod retained;
 pub mod retry;
 pub mod router;
+mod routing;
 pub mod shard;
 pub mod sockio;
 mod topics;
