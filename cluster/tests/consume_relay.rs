@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use mqgate_core::shard::{one_name_per_shard, shard_of};
 use mqgate_core::{
-    Broker, ConsumeMode, GroupSpec, MemberOptions, Outgoing, PublishBatch, StartPosition,
+    Broker, ConsumeMode, Consumer, GroupSpec, MemberOptions, Outgoing, PublishBatch, StartPosition,
 };
 use mqgate_store::jetstream::testing::NatsCluster;
 use mqgate_store::{GroupName, Message, TopicName};
@@ -68,6 +68,27 @@ async fn publish(b: Broker, q: TopicName, range: std::ops::Range<usize>) -> Vec<
         }
     }
     confirmed
+}
+
+/// Receive and ack every delivery of `consumer` into `seen` (bodies over 100 bytes
+/// as `big`), until it ends.
+fn read_into(mut consumer: Consumer, seen: Seen) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(d) = consumer.recv().await {
+            let body = if d.message.message.body.len() > 100 {
+                "big".to_owned()
+            } else {
+                String::from_utf8_lossy(&d.message.message.body).into_owned()
+            };
+            {
+                let mut s = seen.lock();
+                let e = s.entry(body).or_default();
+                e.0 += 1;
+                e.1 += u32::from(d.redelivered);
+            }
+            consumer.ack(d.ack_token());
+        }
+    })
 }
 
 /// Wait until `seen` holds every one of `want` (up to `secs`).
@@ -136,7 +157,7 @@ async fn a_member_on_any_gateway_gets_every_message() {
         ConsumeMode::Clustering,
     );
     spec.start = StartPosition::First;
-    let mut consumer = common::within(
+    let consumer = common::within(
         30,
         "the member joins",
         gws[member_at]
@@ -147,25 +168,7 @@ async fn a_member_on_any_gateway_gets_every_message() {
     .await
     .expect("a member on a gateway not owning the group's shard");
     let seen: Seen = Arc::default();
-    let reader = {
-        let seen = Arc::clone(&seen);
-        tokio::spawn(async move {
-            while let Some(d) = consumer.recv().await {
-                let body = if d.message.message.body.len() > 100 {
-                    "big".to_owned()
-                } else {
-                    String::from_utf8_lossy(&d.message.message.body).into_owned()
-                };
-                {
-                    let mut s = seen.lock();
-                    let e = s.entry(body).or_default();
-                    e.0 += 1;
-                    e.1 += u32::from(d.redelivered);
-                }
-                consumer.ack(d.ack_token());
-            }
-        })
-    };
+    let reader = read_into(consumer, Arc::clone(&seen));
 
     // Phase 1: 400 messages published through the member's gateway (relayed to the
     // owner), every 7th delivery batch lost on the way back.
@@ -239,7 +242,7 @@ async fn a_member_on_any_gateway_gets_every_message() {
         .delivery_faults()
         .dropped
         .load(Ordering::Relaxed);
-    let mut c2 = common::within(
+    let c2 = common::within(
         30,
         "the second member joins",
         gws[member_at]
@@ -250,16 +253,7 @@ async fn a_member_on_any_gateway_gets_every_message() {
     .await
     .expect("joined");
     let seen2: Seen = Arc::default();
-    let reader2 = {
-        let seen = Arc::clone(&seen2);
-        tokio::spawn(async move {
-            while let Some(d) = c2.recv().await {
-                let body = String::from_utf8_lossy(&d.message.message.body).into_owned();
-                seen.lock().entry(body).or_default().0 += 1;
-                c2.ack(d.ack_token());
-            }
-        })
-    };
+    let reader2 = read_into(c2, Arc::clone(&seen2));
     wait_seen(
         &seen2,
         &confirmed,
