@@ -129,6 +129,8 @@ pub struct Gateway {
     /// The follower of the groups' placement records.
     placement: tokio::task::JoinHandle<()>,
     faults: Arc<Faults>,
+    nats: Nats,
+    shards: u16,
 }
 
 impl Gateway {
@@ -161,7 +163,8 @@ impl Gateway {
         ));
         let follower = tokio::spawn(crate::meta::follow(nats.clone(), broker.clone()));
         let placement = tokio::spawn(book.follow(broker.clone()));
-        let manager = ShardManager::start(nats, cfg, tx).await?;
+        let shards = cfg.shards;
+        let manager = ShardManager::start(nats.clone(), cfg, tx).await?;
         Ok(Self {
             broker,
             manager: Some(manager),
@@ -169,7 +172,35 @@ impl Gateway {
             follower,
             placement,
             faults,
+            nats,
+            shards,
         })
+    }
+
+    /// Wait until this gateway can serve clients: shard 0 (the routing state) has an
+    /// owner and this gateway routes with its state. `false` if not within `timeout`.
+    pub async fn ready(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.broker.routing_followed() && crate::status::owner(&self.nats, 0).await.is_some()
+            {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The cluster's connection (for its status).
+    pub fn nats(&self) -> &Nats {
+        &self.nats
+    }
+
+    /// Every shard as the cluster sees it now (owner, standby, logs).
+    pub async fn shards(&self) -> Vec<crate::status::ShardStatus> {
+        crate::status::shards(&self.nats, self.shards).await
     }
 
     /// The broker core (what adapters serve).

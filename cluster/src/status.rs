@@ -54,6 +54,19 @@ pub async fn live_nodes(nats: &Nats) -> Vec<String> {
     }
 }
 
+/// The gateway holding shard `shard`'s lease now, if any.
+pub async fn owner(nats: &Nats, shard: ShardId) -> Option<String> {
+    let spec = ReplicaSpec::shard(nats.config(), shard);
+    let kv = nats
+        .jetstream()
+        .get_key_value(&spec.lease_bucket)
+        .await
+        .ok()?;
+    let e = kv.entry(&spec.lease_key).await.ok()??;
+    (e.operation == async_nats::jetstream::kv::Operation::Put)
+        .then(|| String::from_utf8_lossy(&e.value).into_owned())
+}
+
 /// Every shard `0..shards` of the cluster `nats` is connected to.
 pub async fn shards(nats: &Nats, shards: u16) -> Vec<ShardStatus> {
     let live = live_nodes(nats).await;

@@ -1,6 +1,7 @@
 //! AMQP queues over the core: a queue is a core topic with one queue (its log), consumed
-//! by a group of the same name. Declarations of durable queues are records in the
-//! keyed area ([`NS_QUEUE`]); transient queues are dropped at restart.
+//! by a group of the same name. Every queue's declaration is a record in the keyed
+//! area ([`NS_QUEUE`]), kept with its topic (in a cluster, in the topic's shard, where
+//! every gateway finds it); transient queues are dropped at restart.
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -188,6 +189,41 @@ impl QueueArgs {
     }
 }
 
+/// A declaration record, decoded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueRecord {
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// Survives restarts.
+    pub durable: bool,
+    /// The exclusive owner: (adapter incarnation, connection id).
+    pub exclusive: Option<(u64, u64)>,
+    /// The arguments as sent.
+    pub args: FieldTable,
+}
+
+/// The owner of an exclusive queue declared by a connection of another gateway (or of
+/// this one before it restarted): no connection here (their ids start at 1).
+pub const FOREIGN_OWNER: u64 = 0;
+
+/// The core's view of AMQP queues: a queue's declaration record back into the endpoint
+/// it is (managed on the gateway owning the queue's shard).
+#[derive(Debug)]
+pub struct QueueKind {
+    /// The broker's `default_retry_policy`.
+    pub default_retry: Option<RetryPolicy>,
+}
+
+impl mqgate_core::EndpointKind for QueueKind {
+    fn namespace(&self) -> &str {
+        NS_QUEUE
+    }
+
+    fn endpoint(&self, key: &[u8], value: &[u8]) -> Option<mqgate_core::Endpoint> {
+        Queue::from_record(key, value, self.default_retry, 0).map(|q| q.endpoint())
+    }
+}
+
 /// A declared queue.
 #[derive(Debug)]
 pub struct Queue {
@@ -268,14 +304,10 @@ impl Queue {
         mqgate_core::Endpoint {
             spec: self.spec(),
             vhost: self.vhost.clone(),
-            records: if self.persistent() {
-                vec![(
-                    NS_QUEUE.to_owned(),
-                    Bytes::from(Self::key(&self.vhost, &self.name)),
-                )]
-            } else {
-                Vec::new()
-            },
+            records: vec![(
+                NS_QUEUE.to_owned(),
+                Bytes::from(Self::key(&self.vhost, &self.name)),
+            )],
             idle_expiry: self.args.expires,
         }
     }
@@ -289,16 +321,26 @@ impl Queue {
     }
 
     /// Whether it survives a restart: durable and not exclusive (an exclusive queue
-    /// dies with its connection).
+    /// dies with its connection). Every queue has a record (other gateways of a cluster
+    /// find it there); a transient one's is dropped at restart.
     pub fn persistent(&self) -> bool {
         self.durable && self.exclusive.is_none()
     }
 
-    /// Encode the durable declaration.
-    pub fn record(&self) -> Bytes {
+    /// Encode the declaration (version 2): flags (auto-delete 1, durable 2, exclusive
+    /// 4), the exclusive owner (the declaring adapter's incarnation and connection id,
+    /// u64 each) when exclusive, then the arguments as sent.
+    pub fn record(&self, incarnation: u64) -> Bytes {
         let mut b = BytesMut::new();
-        b.put_u8(1);
-        b.put_u8(u8::from(self.auto_delete));
+        b.put_u8(2);
+        let flags = u8::from(self.auto_delete)
+            | (u8::from(self.durable) << 1)
+            | (u8::from(self.exclusive.is_some()) << 2);
+        b.put_u8(flags);
+        if let Some(conn) = self.exclusive {
+            b.put_u64(incarnation);
+            b.put_u64(conn);
+        }
         let (args, _) = cookie_factory::gen(
             amq_protocol::types::generation::gen_field_table(&self.raw_args),
             Vec::new(),
@@ -308,13 +350,65 @@ impl Queue {
         b.freeze()
     }
 
-    /// Decode a durable declaration: (auto_delete, arguments).
-    pub fn decode_record(b: &[u8]) -> Option<(bool, FieldTable)> {
-        if b.len() < 2 || b[0] != 1 {
-            return None;
-        }
-        let (rest, t) = amq_protocol::types::parsing::parse_field_table(&b[2..]).ok()?;
-        rest.is_empty().then_some((b[1] == 1, t))
+    /// Decode a declaration (version 1, written before transient queues had records,
+    /// is a durable one).
+    pub fn decode_record(b: &[u8]) -> Option<QueueRecord> {
+        let (flags, rest) = match b {
+            [1, auto_delete, rest @ ..] if *auto_delete <= 1 => (*auto_delete | 2, rest),
+            [2, flags, rest @ ..] if *flags < 8 => (*flags, rest),
+            _ => return None,
+        };
+        let (exclusive, rest) = if flags & 4 != 0 {
+            if rest.len() < 16 {
+                return None;
+            }
+            let (owner, rest) = rest.split_at(16);
+            let incarnation = u64::from_be_bytes(owner[..8].try_into().ok()?);
+            let conn = u64::from_be_bytes(owner[8..].try_into().ok()?);
+            (Some((incarnation, conn)), rest)
+        } else {
+            (None, rest)
+        };
+        let (left, args) = amq_protocol::types::parsing::parse_field_table(rest).ok()?;
+        left.is_empty().then_some(QueueRecord {
+            auto_delete: flags & 1 != 0,
+            durable: flags & 2 != 0,
+            exclusive,
+            args,
+        })
+    }
+
+    /// The queue record `key` → `value` declares, as the adapter of `incarnation`
+    /// holds it: an exclusive queue of another adapter (another gateway, or this one
+    /// before a restart) is locked to every connection here.
+    pub fn from_record(
+        key: &[u8],
+        value: &[u8],
+        default_retry: Option<RetryPolicy>,
+        incarnation: u64,
+    ) -> Option<Self> {
+        let (vhost, name) = std::str::from_utf8(key).ok()?.split_once('\0')?;
+        let r = Self::decode_record(value)?;
+        let args = QueueArgs::parse(&r.args, default_retry).unwrap_or_default();
+        let (topic, group) = queue_topic(vhost, name);
+        Some(Queue {
+            vhost: vhost.to_owned(),
+            name: name.to_owned(),
+            topic,
+            group,
+            durable: r.durable,
+            exclusive: r.exclusive.map(|(inc, conn)| {
+                if inc == incarnation {
+                    conn
+                } else {
+                    FOREIGN_OWNER
+                }
+            }),
+            auto_delete: r.auto_delete,
+            raw_args: r.args,
+            args,
+            state: Mutex::default(),
+        })
     }
 
     /// The record key.
@@ -354,6 +448,36 @@ mod tests {
             args: QueueArgs::parse(&t, None).unwrap(),
             state: Mutex::default(),
         };
-        assert_eq!(Queue::decode_record(&q.record()), Some((true, t)));
+        let want = QueueRecord {
+            auto_delete: true,
+            durable: true,
+            exclusive: None,
+            args: t.clone(),
+        };
+        assert_eq!(Queue::decode_record(&q.record(7)), Some(want.clone()));
+        // Version 1 (durable queues only) still reads.
+        let mut v1 = vec![1u8, 1];
+        v1.extend_from_slice(&q.record(7)[2..]);
+        assert_eq!(Queue::decode_record(&v1), Some(want));
+        // An exclusive queue is this adapter's connection's, another's nobody's here.
+        let ex = Queue {
+            exclusive: Some(5),
+            durable: false,
+            ..q
+        };
+        let rec = ex.record(7);
+        let key = Queue::key("/", "q");
+        assert_eq!(
+            Queue::from_record(&key, &rec, None, 7).unwrap().exclusive,
+            Some(5)
+        );
+        assert_eq!(
+            Queue::from_record(&key, &rec, None, 8).unwrap().exclusive,
+            Some(FOREIGN_OWNER)
+        );
+        assert!(!Queue::from_record(&key, &rec, None, 7).unwrap().durable);
+        for cut in 0..rec.len() {
+            assert!(Queue::decode_record(&rec[..cut]).is_none(), "cut at {cut}");
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use amq_protocol::types::FieldTable;
 use bytes::Bytes;
 use mqgate_core::router::{Binding, Destination, ExchangeDef};
-use mqgate_core::{Broker, CoreError, Records, StartPosition};
+use mqgate_core::{Broker, CoreError, EndpointDecl, Records, StartPosition};
 use parking_lot::{Mutex, RwLock};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::AmqpConfig;
-use crate::queue::{queue_topic, Queue, QueueArgs, NS_QUEUE, QUEUE_PREFIX};
+use crate::queue::{queue_topic, Queue, QueueKind, NS_QUEUE, QUEUE_PREFIX};
 use crate::reply;
 
 /// A vhost and a name.
@@ -148,6 +148,9 @@ pub(crate) struct Shared {
     pub(crate) broker: Broker,
     pub(crate) cfg: AmqpConfig,
     pub(crate) queues: RwLock<HashMap<Key, Arc<Queue>>>,
+    /// This run of the adapter (exclusive queues' records name it with their
+    /// connection).
+    pub(crate) incarnation: u64,
     pub(crate) exchanges: RwLock<HashMap<Key, ExMeta>>,
     pub(crate) next_conn: AtomicU64,
     /// Member ids increase, so a single-active-consumer queue keeps its first consumer.
@@ -173,6 +176,29 @@ pub(crate) struct Shared {
     pub(crate) gate: Arc<mqgate_core::net::ConnGate>,
 }
 
+/// What declaring a queue found.
+#[derive(Debug)]
+pub(crate) enum Declared {
+    /// It did not exist: created as asked.
+    Created(Arc<Queue>),
+    /// It exists (declared before, maybe through another gateway): as it is.
+    Exists(Arc<Queue>),
+}
+
+/// A number naming this run of the adapter: the clock's nanoseconds mixed with the
+/// process id (two gateways, or two runs, do not share one).
+fn incarnation() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut x = nanos ^ (u64::from(std::process::id()) << 40) ^ 0x9e37_79b9_7f4a_7c15;
+    // splitmix64's finaliser.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (x ^ (x >> 31)).max(1)
+}
+
 /// The AMQP 0-9-1 adapter.
 #[derive(Clone, Debug)]
 pub struct AmqpServer {
@@ -188,9 +214,14 @@ impl AmqpServer {
                 broker.add_vhost(v).await?;
             }
         }
+        // Connections of this run own the exclusive queues they declare; an owner of
+        // an earlier run (or another gateway) is nobody here.
+        let incarnation = incarnation();
+        let clustered = broker.clustered();
         let mut queues = HashMap::new();
         let mut after: Option<Bytes> = None;
         let mut fixes = Records::new();
+        let mut leftover = HashSet::new();
         loop {
             let page = broker
                 .records(NS_QUEUE, b"", after.as_deref(), 1024)
@@ -198,45 +229,47 @@ impl AmqpServer {
             let Some(last) = page.last() else { break };
             after = Some(last.0.clone());
             for (k, v) in page {
-                let parsed = std::str::from_utf8(&k)
-                    .ok()
-                    .and_then(|s| s.split_once('\0'))
-                    .zip(Queue::decode_record(&v));
-                let Some(((vhost, name), (auto_delete, raw_args))) = parsed else {
+                let Some(q) = Queue::from_record(&k, &v, cfg.default_retry_policy, incarnation)
+                else {
                     tracing::warn!("unreadable AMQP queue record; dropped");
                     fixes.delete(NS_QUEUE, k);
                     continue;
                 };
-                let args =
-                    QueueArgs::parse(&raw_args, cfg.default_retry_policy).unwrap_or_default();
-                let (topic, group) = queue_topic(vhost, name);
-                queues.insert(
-                    (vhost.to_owned(), name.to_owned()),
-                    Arc::new(Queue {
-                        vhost: vhost.to_owned(),
-                        name: name.to_owned(),
-                        topic,
-                        group,
-                        durable: true,
-                        exclusive: None,
-                        auto_delete,
-                        raw_args,
-                        args,
-                        state: Mutex::default(),
-                    }),
-                );
+                if !q.persistent() {
+                    // A transient queue of an earlier run of this broker: it died with
+                    // it. In a cluster it is another gateway's (or one that died: not
+                    // this one's to judge), and stays.
+                    if !clustered {
+                        fixes.delete(NS_QUEUE, k);
+                        leftover.insert(q.topic.clone());
+                    }
+                    continue;
+                }
+                queues.insert((q.vhost.clone(), q.name.clone()), Arc::new(q));
             }
         }
         broker.write_records(fixes).await?;
-        // The core applies each queue's policies (TTL sweeps) from now on.
-        for q in queues.values() {
-            broker.register_endpoint(q.endpoint());
-        }
+        // The core applies each queue's policies (TTL sweeps, x-expires) where its
+        // shard is owned, from its record; from now on, and wherever the shard moves.
+        broker
+            .add_endpoint_kind(Arc::new(QueueKind {
+                default_retry: cfg.default_retry_policy,
+            }))
+            .await?;
         // Transient queues die with the broker: their topics, groups and bindings go.
+        // (A gateway of a cluster drops nothing: another gateway's transient queues
+        // live in the shards it owns.)
         let known: HashSet<_> = queues.values().map(|q| q.topic.clone()).collect();
         let mut dropped = 0;
-        for t in broker.topics() {
-            if t.name.as_str().starts_with(QUEUE_PREFIX) && !known.contains(&t.name) {
+        let topics = if clustered {
+            Vec::new()
+        } else {
+            broker.topics()
+        };
+        for t in topics {
+            if t.name.as_str().starts_with(QUEUE_PREFIX)
+                && (!known.contains(&t.name) || leftover.contains(&t.name))
+            {
                 for v in broker.router().vhosts() {
                     broker.unbind_topic(&v, &t.name).await?;
                 }
@@ -269,6 +302,7 @@ impl AmqpServer {
         let shared = Arc::new(Shared {
             broker,
             cfg,
+            incarnation,
             queues: RwLock::new(queues),
             exchanges: RwLock::new(exchanges),
             next_conn: AtomicU64::new(1),
@@ -464,20 +498,40 @@ impl Shared {
             .unwrap_or_default()
     }
 
-    /// Create a queue (its topic, its default-exchange binding, its record).
-    pub(crate) async fn create_queue(&self, q: Queue) -> Result<Arc<Queue>, (u16, String)> {
-        let q = Arc::new(q);
+    /// Declare a queue unless it exists (its topic, its record, its default-exchange
+    /// binding), wherever its shard is owned: the queue created, or the queue as it
+    /// exists (for the caller's equivalence checks).
+    pub(crate) async fn create_queue(&self, q: Queue) -> Result<Declared, (u16, String)> {
         let internal = |e: CoreError| (reply::INTERNAL_ERROR, e.to_string());
         // Its topic, its group at the topic's end (a new queue starts empty even if a
-        // topic of that name held messages) and its record: the core's declaration.
-        let mut record = Records::new();
-        if q.persistent() {
-            record.put(NS_QUEUE, Queue::key(&q.vhost, &q.name), q.record());
-        }
-        self.broker
-            .declare_endpoint(&q.topic, q.queue_count(), &q.group, record)
+        // topic of that name held messages) and its record: the core's declaration,
+        // made once on the gateway owning the queue's shard.
+        let key = Queue::key(&q.vhost, &q.name);
+        let decl = EndpointDecl {
+            topic: q.topic.clone(),
+            queues: q.queue_count(),
+            group: q.group.clone(),
+            namespace: NS_QUEUE.to_owned(),
+            key: Bytes::from(key.clone()),
+            record: q.record(self.incarnation),
+        };
+        if let mqgate_core::Declared::Exists(rec) = self
+            .broker
+            .declare_endpoint_once(decl)
             .await
-            .map_err(internal)?;
+            .map_err(internal)?
+        {
+            let existing =
+                Queue::from_record(&key, &rec, self.cfg.default_retry_policy, self.incarnation)
+                    .ok_or_else(|| {
+                        (
+                            reply::INTERNAL_ERROR,
+                            format!("queue '{}': its stored declaration is unreadable", q.name),
+                        )
+                    })?;
+            return Ok(Declared::Exists(self.cache(existing)));
+        }
+        let q = Arc::new(q);
         self.broker
             .bind(
                 &q.vhost,
@@ -493,11 +547,64 @@ impl Shared {
             )
             .await
             .map_err(internal)?;
-        self.broker.register_endpoint(q.endpoint());
         self.queues
             .write()
             .insert((q.vhost.clone(), q.name.clone()), Arc::clone(&q));
-        Ok(q)
+        Ok(Declared::Created(q))
+    }
+
+    /// Hold `q` as this gateway's handle of its queue: the one held already when it
+    /// is the same declaration (its consumers are counted there), else `q`.
+    pub(crate) fn cache(&self, q: Queue) -> Arc<Queue> {
+        let mut queues = self.queues.write();
+        let key = (q.vhost.clone(), q.name.clone());
+        if let Some(cur) = queues.get(&key) {
+            let same = cur.durable == q.durable
+                && cur.exclusive.is_some() == q.exclusive.is_some()
+                && cur.auto_delete == q.auto_delete
+                && cur.raw_args == q.raw_args
+                && !cur.state.lock().deleted;
+            if same {
+                return Arc::clone(cur);
+            }
+        }
+        let q = Arc::new(q);
+        if let Some(old) = queues.insert(key, Arc::clone(&q)) {
+            old.state.lock().deleted = true;
+        }
+        q
+    }
+
+    /// A queue as the gateway owning its shard has it (in a cluster, where another
+    /// gateway may have declared or deleted it): its record read there, held here.
+    /// A broker of its own holds every queue already.
+    pub(crate) async fn lookup_queue(
+        &self,
+        vhost: &str,
+        name: &str,
+    ) -> Result<Option<Arc<Queue>>, CoreError> {
+        if !self.broker.clustered() {
+            return Ok(self.queue(vhost, name));
+        }
+        let (topic, _) = queue_topic(vhost, name);
+        let key = Queue::key(vhost, name);
+        let rec = self.broker.endpoint_record(&topic, NS_QUEUE, &key).await?;
+        let found = rec.and_then(|r| {
+            Queue::from_record(&key, &r, self.cfg.default_retry_policy, self.incarnation)
+        });
+        Ok(match found {
+            Some(q) => Some(self.cache(q)),
+            None => {
+                if let Some(old) = self
+                    .queues
+                    .write()
+                    .remove(&(vhost.to_owned(), name.to_owned()))
+                {
+                    old.state.lock().deleted = true;
+                }
+                None
+            }
+        })
     }
 
     /// Delete a queue: its bindings, group (consumers are cancelled), topic and record.
@@ -515,9 +622,7 @@ impl Shared {
         }
         q.state.lock().deleted = true;
         let mut record = Records::new();
-        if q.persistent() {
-            record.delete(NS_QUEUE, Queue::key(&q.vhost, &q.name));
-        }
+        record.delete(NS_QUEUE, Queue::key(&q.vhost, &q.name));
         // Bindings, group (consumers end), topic and record; the core logs each failure.
         if let Err(e) = self
             .broker

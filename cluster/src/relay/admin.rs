@@ -1,17 +1,22 @@
 //! The admin relay: topic and group operations on a shard another gateway owns
 //! (`docs/design/sharding.md` section 4, `adm`): `Broker::create_topic`,
-//! `delete_topic`, `group_info`, `reset_group` and `delete_group` on a gateway that
-//! does not own the shard come here ([`mqgate_core::shard::AdminOp`]) and run on the
-//! owner ([`mqgate_core::Broker::admin`]).
+//! `delete_topic`, `group_info`, `reset_group`, `delete_group`, and the endpoint
+//! declarations (`declare_endpoint_once`, `endpoint_record`, `delete_endpoint`) on a
+//! gateway that does not own the shard come here ([`mqgate_core::shard::AdminOp`]) and
+//! run on the owner ([`mqgate_core::Broker::admin`]).
 //!
 //! Request (`s.NN.adm`): tag u8 (1 create topic: name, queues?; 2 delete topic: name;
 //! 3 group info: name; 4 reset group: name, start tag u8 + u64; 5 delete group: name;
-//! 6 routing change: bytes of `RoutingOp::encode`, run on shard 0).
+//! 6 routing change: bytes of `RoutingOp::encode`, run on shard 0; 7 declare an
+//! endpoint once: topic, queues u32, group, namespace, key, record; 8 an endpoint
+//! record: topic, namespace, key; 9 delete an endpoint: vhost, topic, group, records:
+//! count, (namespace, key, value?)).
 //! Reply: `0` answer: tag u8 (1 topic: name, queue count u32; 2 deleted u8; 3 group:
 //! name, members: count, (id, unacked u64, prefetch u64, queues: count, (topic, queue
 //! u32)); queues: count, (topic, queue u32, member?, committed u64, next u64, lag u64,
 //! ready u64, in flight u64); skipped u64; 4 done; 5 routed: log position u64, count,
-//! per change u8 0 unchanged / 1 changed / 2 + error); `1` error (`codec::encode_error`).
+//! per change u8 0 unchanged / 1 changed / 2 + error; 6 declared (created); 7 declared
+//! (existed): its record; 8 record: value?); `1` error (`codec::encode_error`).
 //! No owner (*no responders*): asked again while the shard moves (every operation is
 //! idempotent, and nobody received it).
 
@@ -20,7 +25,10 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes};
 use mqgate_core::outbox::ShardId;
 use mqgate_core::shard::{AdminAnswer, AdminOp};
-use mqgate_core::{Broker, CoreError, GroupInfo, MemberInfo, QueueInfo, Result, RoutingOp};
+use mqgate_core::{
+    Broker, CoreError, Declared, EndpointDecl, GroupInfo, MemberInfo, QueueInfo, Records, Result,
+    RoutingOp,
+};
 use mqgate_store::{GroupName, QueueId, QueueRef, TopicConfig};
 
 use super::codec::{decode_error, encode_error, put_bytes, put_opt_str, put_start, start, Reader};
@@ -82,8 +90,69 @@ fn encode_op(op: &AdminOp) -> Bytes {
             out.put_u8(6);
             put_bytes(&mut out, &op.encode());
         }
+        AdminOp::DeclareEndpoint(d) => {
+            out.put_u8(7);
+            put_bytes(&mut out, d.topic.as_str().as_bytes());
+            out.put_u32(d.queues);
+            put_bytes(&mut out, d.group.as_str().as_bytes());
+            put_bytes(&mut out, d.namespace.as_bytes());
+            put_bytes(&mut out, &d.key);
+            put_bytes(&mut out, &d.record);
+        }
+        AdminOp::EndpointRecord {
+            topic,
+            namespace,
+            key,
+        } => {
+            out.put_u8(8);
+            put_bytes(&mut out, topic.as_str().as_bytes());
+            put_bytes(&mut out, namespace.as_bytes());
+            put_bytes(&mut out, key);
+        }
+        AdminOp::DeleteEndpoint {
+            vhost,
+            topic,
+            group,
+            records,
+        } => {
+            out.put_u8(9);
+            put_bytes(&mut out, vhost.as_bytes());
+            put_bytes(&mut out, topic.as_str().as_bytes());
+            put_bytes(&mut out, group.as_str().as_bytes());
+            let ops = records.clone().into_ops();
+            out.put_u32(ops.len() as u32);
+            for (ns, key, value) in ops {
+                put_bytes(&mut out, ns.as_bytes());
+                put_bytes(&mut out, &key);
+                match value {
+                    Some(v) => {
+                        out.put_u8(1);
+                        put_bytes(&mut out, &v);
+                    }
+                    None => out.put_u8(0),
+                }
+            }
+        }
     }
     Bytes::from(out)
+}
+
+fn put_opt_bytes(out: &mut Vec<u8>, b: Option<&Bytes>) {
+    match b {
+        Some(b) => {
+            out.put_u8(1);
+            put_bytes(out, b);
+        }
+        None => out.put_u8(0),
+    }
+}
+
+fn opt_bytes(r: &mut Reader) -> Result<Option<Bytes>> {
+    match r.u8()? {
+        0 => Ok(None),
+        1 => Ok(Some(r.bytes()?)),
+        k => Err(invalid(format!("option tag {k}"))),
+    }
 }
 
 fn decode_op(b: Bytes) -> Result<AdminOp> {
@@ -106,6 +175,40 @@ fn decode_op(b: Bytes) -> Result<AdminOp> {
         }
         5 => AdminOp::DeleteGroup(group(&mut r)?),
         6 => AdminOp::Routing(RoutingOp::decode(r.bytes()?)?),
+        7 => AdminOp::DeclareEndpoint(EndpointDecl {
+            topic: r.topic()?,
+            queues: r.u32()?,
+            group: group(&mut r)?,
+            namespace: r.string()?,
+            key: r.bytes()?,
+            record: r.bytes()?,
+        }),
+        8 => AdminOp::EndpointRecord {
+            topic: r.topic()?,
+            namespace: r.string()?,
+            key: r.bytes()?,
+        },
+        9 => {
+            let vhost = r.string()?;
+            let topic = r.topic()?;
+            let group = group(&mut r)?;
+            let n = r.count(9)?;
+            let mut records = Records::new();
+            for _ in 0..n {
+                let ns = r.string()?;
+                let key = r.bytes()?;
+                match opt_bytes(&mut r)? {
+                    Some(v) => records.put(&ns, key, v),
+                    None => records.delete(&ns, key),
+                };
+            }
+            AdminOp::DeleteEndpoint {
+                vhost,
+                topic,
+                group,
+                records,
+            }
+        }
         k => return Err(invalid(format!("unknown operation {k}"))),
     };
     r.end()?;
@@ -172,6 +275,15 @@ fn encode_reply(r: &Result<AdminAnswer>) -> Bytes {
                     }
                 }
             }
+        }
+        AdminAnswer::Declared(Declared::Created) => out.put_u8(6),
+        AdminAnswer::Declared(Declared::Exists(v)) => {
+            out.put_u8(7);
+            put_bytes(&mut out, v);
+        }
+        AdminAnswer::Record(v) => {
+            out.put_u8(8);
+            put_opt_bytes(&mut out, v.as_ref());
         }
     }
     Bytes::from(out)
@@ -253,6 +365,9 @@ fn decode_reply(b: Bytes) -> Result<AdminAnswer> {
             }
             AdminAnswer::Routed { results, position }
         }
+        6 => AdminAnswer::Declared(Declared::Created),
+        7 => AdminAnswer::Declared(Declared::Exists(r.bytes()?)),
+        8 => AdminAnswer::Record(opt_bytes(&mut r)?),
         k => return Err(invalid(format!("answer tag {k}"))),
     };
     r.end()?;
@@ -393,6 +508,36 @@ mod tests {
             )),
             AdminOp::Routing(RoutingOp::Unbind("/".into(), vec![binding("x", "a.*")])),
             AdminOp::Routing(RoutingOp::UnbindTopic("/".into(), t("q"))),
+            AdminOp::DeclareEndpoint(EndpointDecl {
+                topic: t("%AMQP%/q"),
+                queues: 16,
+                group: g.clone(),
+                namespace: "amqp.queue".into(),
+                key: Bytes::from_static(b"/\0q"),
+                record: Bytes::from_static(b"\x02\x03args"),
+            }),
+            AdminOp::EndpointRecord {
+                topic: t("%AMQP%/q"),
+                namespace: "amqp.queue".into(),
+                key: Bytes::from_static(b"/\0q"),
+            },
+            AdminOp::DeleteEndpoint {
+                vhost: "/".into(),
+                topic: t("%AMQP%/q"),
+                group: g.clone(),
+                records: {
+                    let mut r = Records::new();
+                    r.delete("amqp.queue", Bytes::from_static(b"/\0q"));
+                    r.put("other", Bytes::from_static(b"k"), Bytes::from_static(b""));
+                    r
+                },
+            },
+            AdminOp::DeleteEndpoint {
+                vhost: "v".into(),
+                topic: t("x"),
+                group: g.clone(),
+                records: Records::new(),
+            },
         ] {
             assert_eq!(decode_op(encode_op(&op)).unwrap(), op);
         }
@@ -407,6 +552,11 @@ mod tests {
             }),
             AdminAnswer::Deleted(true),
             AdminAnswer::Done,
+            AdminAnswer::Declared(Declared::Created),
+            AdminAnswer::Declared(Declared::Exists(Bytes::from_static(b"rec"))),
+            AdminAnswer::Declared(Declared::Exists(Bytes::new())),
+            AdminAnswer::Record(None),
+            AdminAnswer::Record(Some(Bytes::from_static(b"rec"))),
             AdminAnswer::Group(GroupInfo {
                 name: g.clone(),
                 members: vec![MemberInfo {

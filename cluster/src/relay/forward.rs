@@ -179,6 +179,7 @@ impl ForwardServer {
 pub struct NatsForwardTarget {
     client: async_nats::Client,
     subject: String,
+    dest: ShardId,
     timeout: Duration,
 }
 
@@ -189,6 +190,7 @@ impl NatsForwardTarget {
         Self {
             client,
             subject: subject(stream, dest, "fwd"),
+            dest,
             timeout,
         }
     }
@@ -201,7 +203,11 @@ impl NatsForwardTarget {
             .client
             .send_request(self.subject.clone(), req)
             .await
-            .map_err(|e| invalid(format!("{}: {e}", self.subject)))?;
+            .map_err(|e| match e.kind() {
+                // Nobody owns the shard now (a move, or a cluster starting).
+                async_nats::RequestErrorKind::NoResponders => CoreError::NotOwned(self.dest),
+                _ => invalid(format!("{}: {e}", self.subject)),
+            })?;
         decode_reply(reply.payload)
     }
 }

@@ -51,6 +51,8 @@ pub(crate) struct Common {
     pub(crate) endpoint_events: tokio::sync::broadcast::Sender<crate::EndpointEvent>,
     /// How far this gateway followed a cluster's routing log (`meta.rs`).
     pub(crate) meta_follow: crate::meta::MetaFollow,
+    /// What turns adapters' declaration records into endpoints (`catalog.rs`).
+    pub(crate) kinds: RwLock<Vec<Arc<dyn crate::catalog::EndpointKind>>>,
 }
 
 /// One shard's core: its store and everything kept beside it (topics, consumer groups,
@@ -80,6 +82,8 @@ pub(crate) struct ShardCore {
     set: std::sync::Weak<ShardSet>,
     /// Messages other shards forwarded into this one (each counted once).
     pub(crate) forwarded_in: AtomicU64,
+    /// Endpoint declarations take turns (`catalog.rs`: declared once).
+    pub(crate) declares: tokio::sync::Mutex<()>,
 }
 
 impl std::ops::Deref for ShardCore {
@@ -151,6 +155,7 @@ impl ShardCore {
             routes,
             set: Arc::downgrade(set),
             forwarded_in: AtomicU64::new(0),
+            declares: tokio::sync::Mutex::new(()),
         });
         let scheduler = tokio::spawn(crate::delay::run(Arc::downgrade(&inner)));
         let retention = tokio::spawn(retention_task(Arc::downgrade(&inner)));
@@ -374,6 +379,7 @@ impl Broker {
             placement: crate::shard::Placement::new(count),
             endpoint_events: tokio::sync::broadcast::channel(1024).0,
             meta_follow: crate::meta::MetaFollow::default(),
+            kinds: RwLock::default(),
         });
         let set = Arc::new(ShardSet {
             common: Arc::clone(&common),
@@ -433,6 +439,10 @@ impl Broker {
         match fresh {
             Some(fresh) => self.meta_attached(fresh, attach),
             None => attach(),
+        }
+        // Its endpoints are managed here now (a moved shard's, by its next owner).
+        if let Err(e) = self.register_endpoints_of(&core).await {
+            tracing::error!(shard = id, error = %e, "core: the shard's endpoint records could not be read; their policies wait for the next declaration");
         }
         // Forwarders to it may find it here now.
         for h in set.owned() {

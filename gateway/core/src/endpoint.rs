@@ -245,6 +245,22 @@ impl crate::Broker {
         group: &mqgate_store::GroupName,
         records: crate::Records,
     ) -> Result<()> {
+        // In a cluster it runs where the endpoint's topic (and its records) are.
+        let id = self.inner.placement.topic(topic);
+        if let (None, Some(link)) = (self.inner.local(id), &self.inner.link) {
+            let op = crate::shard::AdminOp::DeleteEndpoint {
+                vhost: vhost.to_owned(),
+                topic: topic.clone(),
+                group: group.clone(),
+                records,
+            };
+            return match link.admin(id, op).await? {
+                crate::shard::AdminAnswer::Done => Ok(()),
+                other => Err(CoreError::Store(mqgate_store::StoreError::Backend(
+                    format!("the admin relay answered an endpoint's deletion with {other:?}"),
+                ))),
+            };
+        }
         let mut first_error = None;
         let mut note = |what: &str, r: Result<()>| {
             if let Err(e) = r {

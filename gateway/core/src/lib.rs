@@ -12,6 +12,7 @@
 pub mod acl;
 pub mod auth;
 mod broker;
+mod catalog;
 pub mod clock;
 pub mod config;
 mod delay;
@@ -44,6 +45,7 @@ mod wire;
 pub use acl::{Access, AclDefault, AclRule, Subject, TopicAcl};
 pub use auth::{Password, UserAccount, Users};
 pub use broker::Broker;
+pub use catalog::{Declared, EndpointDecl, EndpointKind};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::CoreConfig;
 pub use delay::{DelayedInfo, DelayedPage};

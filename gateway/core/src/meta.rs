@@ -157,6 +157,14 @@ impl crate::Broker {
         }
     }
 
+    /// Whether this gateway routes with the cluster's routing state: it owns shard 0,
+    /// or its follower has caught up once (a broker of its own always does).
+    pub fn routing_followed(&self) -> bool {
+        self.inner.link.is_none()
+            || self.inner.local(0).is_some()
+            || self.inner.meta_follow.ready.load(Ordering::Acquire)
+    }
+
     /// The last record of the routing log this gateway has applied.
     pub fn routing_applied(&self) -> u64 {
         *self.inner.meta_follow.applied.borrow()

@@ -168,12 +168,12 @@ impl Outgoing {
 /// Changes to endpoints' durable records (keyed-area entries an adapter owns: AMQP queue
 /// declarations, MQTT sessions and retained messages), written with a publish batch or
 /// on their own, atomically.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Records {
     ops: Vec<RecordOp>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 enum RecordOp {
     Put(String, Bytes, Bytes),
     Delete(String, Bytes),

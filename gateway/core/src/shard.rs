@@ -233,6 +233,28 @@ pub enum AdminOp {
     DeleteGroup(GroupName),
     /// A change of the routing state, run by shard 0's owner (`meta.rs`).
     Routing(crate::RoutingOp),
+    /// [`crate::Broker::declare_endpoint_once`].
+    DeclareEndpoint(crate::EndpointDecl),
+    /// [`crate::Broker::endpoint_record`].
+    EndpointRecord {
+        /// The endpoint's topic (where the record is).
+        topic: TopicName,
+        /// The record's namespace.
+        namespace: String,
+        /// Its key.
+        key: bytes::Bytes,
+    },
+    /// [`crate::Broker::delete_endpoint`].
+    DeleteEndpoint {
+        /// The virtual host of its bindings.
+        vhost: String,
+        /// Its topic.
+        topic: TopicName,
+        /// Its group.
+        group: GroupName,
+        /// Its records' changes.
+        records: crate::Records,
+    },
 }
 
 /// What an [`AdminOp`] answered.
@@ -246,6 +268,10 @@ pub enum AdminAnswer {
     Group(crate::GroupInfo),
     /// Done.
     Done,
+    /// What a declaration did.
+    Declared(crate::Declared),
+    /// A record, if it exists.
+    Record(Option<bytes::Bytes>),
     /// A routing change's result per thing changed, and shard 0's log position once
     /// it was written (what the caller's follower must reach).
     Routed {
@@ -265,6 +291,10 @@ impl AdminOp {
                 set.placement.group(g)
             }
             AdminOp::Routing(_) => 0,
+            AdminOp::DeclareEndpoint(d) => set.placement.topic(&d.topic),
+            AdminOp::EndpointRecord { topic, .. } | AdminOp::DeleteEndpoint { topic, .. } => {
+                set.placement.topic(topic)
+            }
         }
     }
 }
@@ -293,6 +323,24 @@ impl crate::Broker {
                 AdminAnswer::Done
             }
             AdminOp::Routing(op) => self.run_routing(op).await?,
+            AdminOp::DeclareEndpoint(d) => {
+                AdminAnswer::Declared(self.declare_endpoint_once(d).await?)
+            }
+            AdminOp::EndpointRecord {
+                topic,
+                namespace,
+                key,
+            } => AdminAnswer::Record(self.endpoint_record(&topic, &namespace, &key).await?),
+            AdminOp::DeleteEndpoint {
+                vhost,
+                topic,
+                group,
+                records,
+            } => {
+                self.delete_endpoint(&vhost, &topic, &group, records)
+                    .await?;
+                AdminAnswer::Done
+            }
         })
     }
 
@@ -451,6 +499,16 @@ pub(crate) async fn forward(home: Weak<ShardCore>, dest: ShardId, route: Arc<Rou
                         *m = (*m).max(mark);
                         moved
                     });
+                }
+                Err(CoreError::NotOwned(_)) => {
+                    tracing::debug!(
+                        home = h.id,
+                        dest,
+                        "core: forwarding waits for the destination's owner"
+                    );
+                    drop(h);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
                 }
                 Err(e) => {
                     tracing::warn!(home = h.id, dest, error = %e, "core: forwarding failed; retrying");

@@ -110,7 +110,7 @@ where
     }
 
     async fn consume(&mut self, ch: u16, c: basic::Consume) -> ChanResult {
-        let q = self.get_queue(c.queue.as_str())?;
+        let q = self.get_queue(c.queue.as_str()).await?;
         self.can_read("queue", &q.name)?;
         let mut tag = c.consumer_tag.as_str().to_owned();
         if tag.is_empty() {
@@ -295,7 +295,7 @@ where
     }
 
     async fn get(&mut self, ch: u16, g: basic::Get) -> ChanResult {
-        let q = self.get_queue(g.queue.as_str())?;
+        let q = self.get_queue(g.queue.as_str()).await?;
         self.can_read("queue", &q.name)?;
         if q.args.stream {
             return Err(chan_err(

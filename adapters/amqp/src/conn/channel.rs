@@ -98,6 +98,25 @@ where
             let shared = Arc::clone(&self.shared);
             let q = Arc::clone(q);
             tokio::spawn(async move {
+                // In a cluster its other consumers may be on other gateways: the group
+                // is asked (where the queue lives) until only they are left; the last
+                // consumer to go, wherever, deletes it. (This gateway's own member
+                // leaves the group a moment after its consumer went.)
+                if shared.broker.clustered() {
+                    for _ in 0..10 {
+                        match shared.broker.group_info(&q.group).await {
+                            Ok(g) if !g.members.is_empty() => {
+                                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            }
+                            _ => break,
+                        }
+                    }
+                    if let Ok(g) = shared.broker.group_info(&q.group).await {
+                        if !g.members.is_empty() {
+                            return;
+                        }
+                    }
+                }
                 shared.delete_queue(&q).await;
             });
         }

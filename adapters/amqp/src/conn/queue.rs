@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::queue::{queue_topic, Queue, QueueArgs};
 use crate::reply;
+use crate::server::Declared;
 
 use super::{chan_err, internal, ChanErr, ChanResult, Conn};
 
@@ -18,15 +19,60 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     /// A queue this connection may use (404 if missing, 405 if another connection's
-    /// exclusive queue).
-    pub(super) fn get_queue(&self, name: &str) -> ChanResult<Arc<Queue>> {
-        let q = self.shared.queue(&self.vhost, name).ok_or_else(|| {
+    /// exclusive queue). In a cluster, one this gateway does not hold is looked up
+    /// where its shard is owned (another gateway may have declared it).
+    pub(super) async fn get_queue(&mut self, name: &str) -> ChanResult<Arc<Queue>> {
+        let held = self.shared.queue(&self.vhost, name);
+        let q = match held {
+            Some(q) => Some(q),
+            None if self.shared.broker.clustered() => self
+                .shared
+                .lookup_queue(&self.vhost, name)
+                .await
+                .map_err(internal)?,
+            None => None,
+        };
+        let q = q.ok_or_else(|| {
             chan_err(
                 reply::NOT_FOUND,
                 format!("no queue '{name}' in vhost '{}'", self.vhost),
             )
         })?;
+        self.may_use(&q)?;
+        Ok(q)
+    }
+
+    /// 405 if `q` is another connection's exclusive queue.
+    fn may_use(&self, q: &Queue) -> ChanResult {
         if q.exclusive.is_some_and(|c| c != self.id) {
+            return Err(chan_err(
+                reply::RESOURCE_LOCKED,
+                format!(
+                    "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+                    q.name, self.vhost
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The answer to a declaration of `q`, which exists: 405 / 406 unless `d` declares
+    /// it the same way; else its ready messages and consumers.
+    async fn redeclared(&mut self, q: &Queue, d: &queue::Declare) -> ChanResult<(u32, u32)> {
+        let name = q.name.as_str();
+        self.may_use(q)?;
+        let what = if q.durable != d.durable {
+            Some(("durable", d.durable, q.durable))
+        } else if q.exclusive.is_some() != d.exclusive {
+            Some(("exclusive", d.exclusive, q.exclusive.is_some()))
+        } else if q.auto_delete != d.auto_delete {
+            Some(("auto_delete", d.auto_delete, q.auto_delete))
+        } else {
+            None
+        };
+        if matches!(what, Some(("exclusive", _, _))) {
+            // RabbitMQ answers a mismatched exclusive flag as it answers another
+            // connection's declare: 405.
             return Err(chan_err(
                 reply::RESOURCE_LOCKED,
                 format!(
@@ -35,7 +81,26 @@ where
                 ),
             ));
         }
-        Ok(q)
+        if let Some((arg, got, cur)) = what {
+            return Err(chan_err(
+                reply::PRECONDITION_FAILED,
+                format!("inequivalent arg '{arg}' for queue '{name}' in vhost '{}': received '{got}' but current is '{cur}'", self.vhost),
+            ));
+        }
+        for (k, v) in d.arguments.inner() {
+            if k.as_str().starts_with("x-") && q.raw_args.inner().get(k) != Some(v) {
+                return Err(chan_err(
+                    reply::PRECONDITION_FAILED,
+                    format!(
+                        "inequivalent arg '{k}' for queue '{name}' in vhost '{}'",
+                        self.vhost
+                    ),
+                ));
+            }
+        }
+        let n = self.shared.ready_count(q).await;
+        let c = q.state.lock().consumers as u32;
+        Ok((n, c))
     }
 
     pub(super) async fn on_queue(&mut self, ch: u16, m: queue::AMQPMethod) -> ChanResult {
@@ -55,7 +120,20 @@ where
                         self.server_named
                     );
                 } else if d.passive {
-                    let q = self.get_queue(&name)?;
+                    // In a cluster, asked where the queue lives (deleted elsewhere:
+                    // 404).
+                    let q = self
+                        .shared
+                        .lookup_queue(&self.vhost, &name)
+                        .await
+                        .map_err(internal)?
+                        .ok_or_else(|| {
+                            chan_err(
+                                reply::NOT_FOUND,
+                                format!("no queue '{name}' in vhost '{}'", self.vhost),
+                            )
+                        })?;
+                    self.may_use(&q)?;
                     let count = self.shared.ready_count(&q).await;
                     let consumers = q.state.lock().consumers as u32;
                     if !d.nowait {
@@ -69,7 +147,14 @@ where
                     ));
                 }
                 self.can_configure("queue", &name)?;
-                let existing = match self.shared.queue(&self.vhost, &name) {
+                // A broker of its own holds every queue; in a cluster the gateway
+                // owning the queue's shard answers (another gateway may have declared
+                // or deleted it since).
+                let held = match self.shared.broker.clustered() {
+                    true => None,
+                    false => self.shared.queue(&self.vhost, &name),
+                };
+                let existing = match held {
                     // The core is deleting it (x-expires) right now: wait until it is
                     // gone and declare it anew, as if it had gone a moment earlier.
                     Some(q) if !self.shared.broker.touch_endpoint(&q.group) => {
@@ -80,50 +165,7 @@ where
                     other => other,
                 };
                 let (count, consumers) = match existing {
-                    Some(_) => {
-                        let q = self.get_queue(&name)?;
-                        let what = if q.durable != d.durable {
-                            Some(("durable", d.durable, q.durable))
-                        } else if q.exclusive.is_some() != d.exclusive {
-                            Some(("exclusive", d.exclusive, q.exclusive.is_some()))
-                        } else if q.auto_delete != d.auto_delete {
-                            Some(("auto_delete", d.auto_delete, q.auto_delete))
-                        } else {
-                            None
-                        };
-                        if matches!(what, Some(("exclusive", _, _))) {
-                            // RabbitMQ answers a mismatched exclusive flag as it answers
-                            // another connection's declare: 405.
-                            return Err(chan_err(
-                                reply::RESOURCE_LOCKED,
-                                format!(
-                                    "cannot obtain exclusive access to locked queue '{name}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
-                                    self.vhost
-                                ),
-                            ));
-                        }
-                        if let Some((arg, got, cur)) = what {
-                            return Err(chan_err(
-                                reply::PRECONDITION_FAILED,
-                                format!("inequivalent arg '{arg}' for queue '{name}' in vhost '{}': received '{got}' but current is '{cur}'", self.vhost),
-                            ));
-                        }
-                        for (k, v) in d.arguments.inner() {
-                            if k.as_str().starts_with("x-") && q.raw_args.inner().get(k) != Some(v)
-                            {
-                                return Err(chan_err(
-                                    reply::PRECONDITION_FAILED,
-                                    format!(
-                                        "inequivalent arg '{k}' for queue '{name}' in vhost '{}'",
-                                        self.vhost
-                                    ),
-                                ));
-                            }
-                        }
-                        let n = self.shared.ready_count(&q).await;
-                        let c = q.state.lock().consumers as u32;
-                        (n, c)
-                    }
+                    Some(q) => self.redeclared(&q, &d).await?,
                     None => {
                         let args =
                             QueueArgs::parse(&d.arguments, self.shared.cfg.default_retry_policy)
@@ -147,15 +189,20 @@ where
                             args,
                             state: Mutex::default(),
                         };
-                        let q = self
+                        match self
                             .shared
                             .create_queue(q)
                             .await
-                            .map_err(|(c, t)| chan_err(c, t))?;
-                        if d.exclusive {
-                            self.exclusive.push(q);
+                            .map_err(|(c, t)| chan_err(c, t))?
+                        {
+                            Declared::Created(q) => {
+                                if d.exclusive {
+                                    self.exclusive.push(q);
+                                }
+                                (0, 0)
+                            }
+                            Declared::Exists(q) => self.redeclared(&q, &d).await?,
                         }
-                        (0, 0)
                     }
                 };
                 if !d.nowait {
@@ -164,7 +211,7 @@ where
                 Ok(())
             }
             queue::AMQPMethod::Bind(b) => {
-                let q = self.get_queue(b.queue.as_str())?;
+                let q = self.get_queue(b.queue.as_str()).await?;
                 let ex = b.exchange.as_str();
                 if ex.is_empty() {
                     return Err(chan_err(
@@ -196,7 +243,7 @@ where
                 Ok(())
             }
             queue::AMQPMethod::Unbind(b) => {
-                let q = self.get_queue(b.queue.as_str())?;
+                let q = self.get_queue(b.queue.as_str()).await?;
                 let ex = b.exchange.as_str();
                 if ex.is_empty() {
                     return Err(chan_err(
@@ -226,7 +273,7 @@ where
                 Ok(())
             }
             queue::AMQPMethod::Purge(p) => {
-                let q = self.get_queue(p.queue.as_str())?;
+                let q = self.get_queue(p.queue.as_str()).await?;
                 self.can_read("queue", &q.name)?;
                 let n = self.shared.purge(&q).await.map_err(internal)?;
                 if !p.nowait {
@@ -241,7 +288,7 @@ where
             }
             queue::AMQPMethod::Delete(d) => {
                 let name = d.queue.as_str();
-                let q = match self.get_queue(name) {
+                let q = match self.get_queue(name).await {
                     Ok(q) => q,
                     Err(ChanErr(reply::NOT_FOUND, _)) => {
                         // RabbitMQ: deleting a queue that does not exist succeeds.

@@ -207,6 +207,22 @@ impl ConsumeServer {
     }
 }
 
+/// One use of a managed endpoint while it lives.
+struct InUse(Broker, mqgate_store::GroupName);
+
+impl InUse {
+    fn new(broker: &Broker, group: &mqgate_store::GroupName) -> Self {
+        broker.endpoint_in_use(group, true);
+        Self(broker.clone(), group.clone())
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.0.endpoint_in_use(&self.1, false);
+    }
+}
+
 /// What one delivery adds to a batch on the wire (about).
 fn relayed_len(d: &Delivery) -> usize {
     mqgate_store::wire::encoded_len(&d.message.message) + d.queue.topic.as_str().len() + 40
@@ -234,6 +250,9 @@ async fn pump(
     members: Members,
     (broker, shard): (Broker, ShardId),
 ) {
+    // A member here is a use of its endpoint (an AMQP queue's x-expires, which the
+    // core applies on this gateway, counts it), until the pump ends.
+    let _in_use = InUse::new(&broker, consumer.group());
     let mut seq = 0u64;
     // A delivery taken that did not fit the previous batch.
     let mut carry: Option<Delivery> = None;

@@ -1,0 +1,199 @@
+//! Endpoints declared once, wherever a client asks (issue 16).
+//!
+//! An endpoint's declaration record (an AMQP queue's `amqp.queue` entry) is its
+//! authority, and it lives with the endpoint's topic, in the topic's shard:
+//! - [`Broker::declare_endpoint_once`] runs on the gateway owning that shard (the admin
+//!   relay carries it there from any other), one declaration at a time per shard: the
+//!   first declaration of a name creates the endpoint (topic, group offsets and record in
+//!   one write), every later one gets the record as it is, and the adapter checks it is
+//!   equivalent (AMQP: 406 otherwise). Two gateways declaring one queue at once make one
+//!   queue, and a declaration never resets an existing queue's offsets.
+//! - [`Broker::endpoint_record`] reads it from there (a gateway that has not seen the
+//!   endpoint yet);
+//! - [`Broker::delete_endpoint`] runs there too (`endpoint.rs`).
+//!
+//! The core manages an endpoint (TTL sweeps, length limits, dead letters, idle expiry)
+//! on the gateway owning its shard. An adapter supplies an [`EndpointKind`] per record
+//! namespace, which turns a record back into the [`Endpoint`] it declares; the core
+//! registers the endpoints of a shard's records when the kind is added, when an
+//! endpoint is declared, and when a shard is attached (a moved shard's endpoints are
+//! managed by its next owner from the moment it owns them).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use mqgate_store::{GroupName, TopicName};
+
+use crate::broker::ShardCore;
+use crate::endpoints::Endpoint;
+use crate::error::{CoreError, Result};
+use crate::shard::{AdminAnswer, AdminOp};
+
+/// Turns an adapter's declaration records back into endpoints.
+pub trait EndpointKind: Send + Sync + std::fmt::Debug {
+    /// The keyed-area namespace of the records.
+    fn namespace(&self) -> &str;
+
+    /// The endpoint record `key` → `value` declares, with when it was last used (now
+    /// when `None`); `None` when the record is not one to manage (unreadable, or of a
+    /// kind that is not managed).
+    fn endpoint(&self, key: &[u8], value: &[u8]) -> Option<Endpoint>;
+}
+
+/// An endpoint to declare once: its storage and its record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointDecl {
+    /// Its topic.
+    pub topic: TopicName,
+    /// The topic's queue count.
+    pub queues: u32,
+    /// Its group (offsets start at the topic's end).
+    pub group: GroupName,
+    /// The namespace of its record.
+    pub namespace: String,
+    /// The record's key.
+    pub key: Bytes,
+    /// The record.
+    pub record: Bytes,
+}
+
+/// What [`Broker::declare_endpoint_once`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Declared {
+    /// It was created with the record given.
+    Created,
+    /// It existed: its record as it is (nothing was changed).
+    Exists(Bytes),
+}
+
+/// Records read per page when registering a shard's endpoints.
+const PAGE: usize = 1024;
+
+impl crate::Broker {
+    /// Whether this broker is one gateway of a cluster (shards come and go; work on
+    /// the others' goes over the cluster's relays).
+    pub fn clustered(&self) -> bool {
+        self.inner.link.is_some()
+    }
+
+    /// Manage the endpoints `kind`'s records declare: those of the shards owned now at
+    /// once, those declared or attached later as they come.
+    pub async fn add_endpoint_kind(&self, kind: Arc<dyn EndpointKind>) -> Result<()> {
+        self.inner.kinds.write().push(Arc::clone(&kind));
+        for shard in self.inner.owned() {
+            self.register_kind(&shard, &*kind).await?;
+        }
+        Ok(())
+    }
+
+    /// Register the endpoints of every kind's records in `shard` (just attached).
+    pub(crate) async fn register_endpoints_of(&self, shard: &Arc<ShardCore>) -> Result<()> {
+        let kinds = self.inner.kinds.read().clone();
+        for kind in kinds {
+            self.register_kind(shard, &*kind).await?;
+        }
+        Ok(())
+    }
+
+    async fn register_kind(&self, shard: &Arc<ShardCore>, kind: &dyn EndpointKind) -> Result<()> {
+        let mut after: Option<Bytes> = None;
+        let mut n = 0usize;
+        loop {
+            let page = shard
+                .store
+                .kv_scan(kind.namespace(), b"", after.as_deref(), PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.0.clone());
+            for (k, v) in &page {
+                if let Some(e) = kind.endpoint(k, v) {
+                    self.register_endpoint(e);
+                    n += 1;
+                }
+            }
+        }
+        if n > 0 {
+            tracing::debug!(
+                shard = shard.id,
+                namespace = kind.namespace(),
+                endpoints = n,
+                "core: endpoints of the shard managed here"
+            );
+        }
+        Ok(())
+    }
+
+    /// Declare an endpoint unless its record exists: on the gateway owning its topic's
+    /// shard, one declaration at a time per shard (see the module's notes). The
+    /// endpoint is managed there from now on (its [`EndpointKind`]). An existing one is
+    /// used just now (its idle time restarts).
+    pub async fn declare_endpoint_once(&self, decl: EndpointDecl) -> Result<Declared> {
+        let id = self.inner.placement.topic(&decl.topic);
+        let Some(shard) = self.inner.local(id) else {
+            let Some(link) = &self.inner.link else {
+                return Err(CoreError::NotOwned(id));
+            };
+            return match link.admin(id, AdminOp::DeclareEndpoint(decl)).await? {
+                AdminAnswer::Declared(d) => Ok(d),
+                other => Err(CoreError::Store(mqgate_store::StoreError::Backend(
+                    format!("the admin relay answered a declaration with {other:?}"),
+                ))),
+            };
+        };
+        let _turn = shard.declares.lock().await;
+        if let Some(v) = shard.store.kv_get(&decl.namespace, &decl.key).await? {
+            if self.touch_endpoint(&decl.group) {
+                return Ok(Declared::Exists(v));
+            }
+            // The sweep is deleting it (unused for its idle expiry) right now: declared
+            // anew once it is gone, as if it had gone a moment earlier.
+            self.endpoint_settled(&decl.group).await;
+            if let Some(v) = shard.store.kv_get(&decl.namespace, &decl.key).await? {
+                return Ok(Declared::Exists(v));
+            }
+        }
+        let mut records = crate::Records::new();
+        records.put(&decl.namespace, decl.key.clone(), decl.record.clone());
+        self.declare_endpoint(&decl.topic, decl.queues, &decl.group, records)
+            .await?;
+        let kind = self
+            .inner
+            .kinds
+            .read()
+            .iter()
+            .find(|k| k.namespace() == decl.namespace)
+            .cloned();
+        if let Some(e) = kind.and_then(|k| k.endpoint(&decl.key, &decl.record)) {
+            self.register_endpoint(e);
+        }
+        Ok(Declared::Created)
+    }
+
+    /// The declaration record `key` of `namespace` kept with `topic` (in its shard,
+    /// wherever that is owned).
+    pub async fn endpoint_record(
+        &self,
+        topic: &TopicName,
+        namespace: &str,
+        key: &[u8],
+    ) -> Result<Option<Bytes>> {
+        let id = self.inner.placement.topic(topic);
+        match (self.inner.local(id), &self.inner.link) {
+            (Some(shard), _) => Ok(shard.store.kv_get(namespace, key).await?),
+            (None, Some(link)) => {
+                let op = AdminOp::EndpointRecord {
+                    topic: topic.clone(),
+                    namespace: namespace.to_owned(),
+                    key: Bytes::copy_from_slice(key),
+                };
+                match link.admin(id, op).await? {
+                    AdminAnswer::Record(r) => Ok(r),
+                    other => Err(CoreError::Store(mqgate_store::StoreError::Backend(
+                        format!("the admin relay answered a record read with {other:?}"),
+                    ))),
+                }
+            }
+            (None, None) => Err(CoreError::NotOwned(id)),
+        }
+    }
+}
