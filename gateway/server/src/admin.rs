@@ -31,6 +31,8 @@ pub(crate) struct AdminState {
     pub(crate) metrics: Collector,
     /// With `store.backend = "jetstream"`: the replicated log's side.
     pub(crate) replication: Option<mqgate_store::jetstream::Replication>,
+    /// With `[cluster]`: the cluster's connection, its shard count and this node.
+    pub(crate) sharded: Option<(mqgate_store::jetstream::Nats, u16)>,
     /// `store.backend`.
     pub(crate) backend: String,
     /// The RabbitMQ management API's rate samples.
@@ -236,6 +238,9 @@ async fn health(State(s): State<AdminState>) -> Response {
 /// each gateway's lag (`{"backend": "rocksdb"}` etc. when the store is not replicated).
 async fn cluster(State(s): State<AdminState>) -> ApiResult {
     use mqgate_store::jetstream::Role;
+    if let Some((nats, shards)) = &s.sharded {
+        return Ok(Json(sharded(&s.broker, nats, *shards).await));
+    }
     let Some(r) = &s.replication else {
         return Ok(Json(json!({ "backend": s.backend, "replicated": false })));
     };
@@ -278,6 +283,37 @@ async fn cluster(State(s): State<AdminState>) -> ApiResult {
             "lag": n.lag,
         })).collect::<Vec<_>>(),
     })))
+}
+
+/// A sharded cluster: the live gateways, this one's shards, and per shard its owner,
+/// its ranked owner and standby, its log's length and each gateway's lag.
+async fn sharded(broker: &Broker, nats: &mqgate_store::jetstream::Nats, shards: u16) -> Value {
+    let live = mqgate_cluster::status::live_nodes(nats).await;
+    let st = mqgate_cluster::status::shards(nats, shards).await;
+    json!({
+        "backend": "jetstream",
+        "replicated": true,
+        "sharded": true,
+        "stream": nats.config().stream,
+        "node": nats.config().node_id,
+        "live": live,
+        "owned": broker.owned_shards(),
+        "routing_followed": broker.routing_followed(),
+        "shards": st.iter().map(|x| json!({
+            "shard": x.shard,
+            "owner": x.owner.as_ref().map(|(n, _)| n),
+            "lease_revision": x.owner.as_ref().map(|(_, r)| r),
+            "ranked_owner": x.ranked_owner,
+            "standby": x.standby,
+            "last_seq": x.last_seq,
+            "reports": x.reports.iter().map(|r| json!({
+                "node": r.node,
+                "role": r.role,
+                "applied": r.applied,
+                "lag": r.lag,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {

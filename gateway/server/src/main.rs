@@ -287,68 +287,78 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     let mut stop = StopSignals::install();
     reserve_fds(s.limits.reserved_fds, s.rocks_max_open_files());
     let mut replication = None;
-    let store: Arc<dyn Store> = match s.store.backend {
-        Backend::Memory => {
-            tracing::info!("store: in memory (nothing survives a restart)");
-            Arc::new(MemoryStore::new())
-        }
-        Backend::Jetstream => {
-            let path = s.store.path.clone();
-            let cfg = s.jetstream(&path);
-            tracing::info!(
-                servers = ?cfg.servers,
-                stream = %cfg.stream,
-                node = %cfg.node_id,
-                view = %path.display(),
-                "store: a log replicated on NATS JetStream; no listener opens until this node holds the lease (a standby refuses connections, so clients try their next address)"
-            );
-            let (store, r) = tokio::select! {
-                r = mqgate_store::jetstream::open(cfg) => r.context("open the replicated log")?,
-                () = stop.recv() => {
-                    tracing::info!("stopped while standby");
-                    return Ok(());
-                }
-            };
-            let stats = store.stats();
-            tracing::info!(
-                topics = stats.topics,
-                messages = stats.messages,
-                "store: this node owns the replicated log; serving"
-            );
-            replication = Some(r);
-            Arc::new(store)
-        }
-        Backend::Rocksdb => {
-            let path = s.store.path.clone();
-            let store = RocksStore::open(s.rocks(&path))
-                .with_context(|| format!("open the store in {}", path.display()))?;
-            let stats = store.stats();
-            tracing::info!(
-                path = %path.display(),
-                topics = stats.topics,
-                messages = stats.messages,
-                log_bytes = stats.log_bytes,
-                delayed_pending = stats.timers,
-                "store: RocksDB opened; recovered what is listed"
-            );
-            tracing::info!(
-                crc32c = if !mqgate_store::crc32c::wrapped() {
-                    "RocksDB's own"
-                } else if mqgate_store::crc32c::hardware() {
-                    "hardware (SSE4.2)"
-                } else {
-                    "table (this CPU has no SSE4.2)"
-                },
-                "store: WAL checksums"
-            );
-            Arc::new(store)
-        }
+    let mut gateway = None;
+    let broker = if s.cluster.shards > 0 {
+        let Some(gw) = join_cluster(&s, &mut stop).await? else {
+            return Ok(());
+        };
+        let broker = gw.broker().clone();
+        gateway = Some(gw);
+        broker
+    } else {
+        let store: Arc<dyn Store> = match s.store.backend {
+            Backend::Memory => {
+                tracing::info!("store: in memory (nothing survives a restart)");
+                Arc::new(MemoryStore::new())
+            }
+            Backend::Jetstream => {
+                let path = s.store.path.clone();
+                let cfg = s.jetstream(&path);
+                tracing::info!(
+                    servers = ?cfg.servers,
+                    stream = %cfg.stream,
+                    node = %cfg.node_id,
+                    view = %path.display(),
+                    "store: a log replicated on NATS JetStream; no listener opens until this node holds the lease (a standby refuses connections, so clients try their next address)"
+                );
+                let (store, r) = tokio::select! {
+                    r = mqgate_store::jetstream::open(cfg) => r.context("open the replicated log")?,
+                    () = stop.recv() => {
+                        tracing::info!("stopped while standby");
+                        return Ok(());
+                    }
+                };
+                let stats = store.stats();
+                tracing::info!(
+                    topics = stats.topics,
+                    messages = stats.messages,
+                    "store: this node owns the replicated log; serving"
+                );
+                replication = Some(r);
+                Arc::new(store)
+            }
+            Backend::Rocksdb => {
+                let path = s.store.path.clone();
+                let store = RocksStore::open(s.rocks(&path))
+                    .with_context(|| format!("open the store in {}", path.display()))?;
+                let stats = store.stats();
+                tracing::info!(
+                    path = %path.display(),
+                    topics = stats.topics,
+                    messages = stats.messages,
+                    log_bytes = stats.log_bytes,
+                    delayed_pending = stats.timers,
+                    "store: RocksDB opened; recovered what is listed"
+                );
+                tracing::info!(
+                    crc32c = if !mqgate_store::crc32c::wrapped() {
+                        "RocksDB's own"
+                    } else if mqgate_store::crc32c::hardware() {
+                        "hardware (SSE4.2)"
+                    } else {
+                        "table (this CPU has no SSE4.2)"
+                    },
+                    "store: WAL checksums"
+                );
+                Arc::new(store)
+            }
+        };
+        Broker::start(store, s.core(), Arc::new(SystemClock))
+            .await
+            .context("start the broker core")?
     };
     let users = s.users();
     let backlog = s.limits.listen_backlog;
-    let broker = Broker::start(store, s.core(), Arc::new(SystemClock))
-        .await
-        .context("start the broker core")?;
     let mqtt = MqttServer::start(broker.clone(), s.mqtt(&users))
         .await
         .context("start the MQTT adapter")?;
@@ -403,6 +413,9 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
             amqp: amqp.clone(),
             users: Arc::new(users.clone()),
             replication: replication.clone(),
+            sharded: gateway
+                .as_ref()
+                .map(|g| (g.nats().clone(), s.cluster.shards)),
             backend: s.store.backend.to_string(),
             metrics: metrics::Collector {
                 handle: metrics::install().context("install the Prometheus recorder")?,
@@ -456,12 +469,74 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         mqtt.shutdown(Duration::from_secs(5)),
         amqp.shutdown(Duration::from_secs(5))
     );
-    broker.shutdown().await;
+    match gateway {
+        // Its shards are handed to their next owners (each drained, its hand-over
+        // record appended), then the core stops.
+        Some(gw) => {
+            if !gw.leave(Duration::from_secs(15)).await {
+                tracing::warn!("stopping: not every shard was handed over in 15 s; the others take the rest over once this gateway's key expires");
+            }
+        }
+        None => broker.shutdown().await,
+    }
     if let Some(reason) = stepped_down {
         anyhow::bail!("stepped down: {reason}");
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Join the cluster of `[cluster]` as one of its gateways: its shards come and go as
+/// the live gateways rank them; work on the others' is relayed. Returns once the
+/// cluster can be served (shard 0 owned, its routing state followed here), or `None`
+/// when stopped first.
+async fn join_cluster(
+    s: &Settings,
+    stop: &mut StopSignals,
+) -> anyhow::Result<Option<mqgate_cluster::gateway::Gateway>> {
+    let c = &s.cluster;
+    let cfg = s.jetstream(&s.store.path);
+    tracing::info!(
+        servers = ?cfg.servers,
+        stream = %cfg.stream,
+        node = %cfg.node_id,
+        shards = c.shards,
+        views = %s.store.path.display(),
+        "cluster: joining; this gateway owns the shards rendezvous ranks it first for among the live gateways, and relays the rest"
+    );
+    let nats = tokio::select! {
+        r = mqgate_store::jetstream::Nats::connect(cfg) => r.context("connect to the cluster's NATS servers")?,
+        () = stop.recv() => return Ok(None),
+    };
+    let manager = mqgate_cluster::manager::ManagerConfig {
+        shards: c.shards,
+        node_ttl: c.node_ttl.get(),
+        tick: c.tick.get(),
+        move_lag: c.move_lag,
+    };
+    let gw = mqgate_cluster::gateway::Gateway::start(
+        nats,
+        manager,
+        s.core(),
+        Arc::new(SystemClock),
+        c.relay_timeout.get(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("join the cluster: {e}"))?;
+    tokio::select! {
+        ready = gw.ready(c.ready_timeout.get()) => {
+            if ready {
+                tracing::info!(owned = ?gw.broker().owned_shards(), "cluster: joined; serving");
+            } else {
+                tracing::warn!(waited = %c.ready_timeout, "cluster: shard 0 has no owner yet, or its routing state is not followed; serving anyway (exchange operations wait for it)");
+            }
+        }
+        () = stop.recv() => {
+            gw.leave(Duration::from_secs(15)).await;
+            return Ok(None);
+        }
+    }
+    Ok(Some(gw))
 }
 
 /// Raise the soft limit on open files to the hard one (as most servers do), then hold

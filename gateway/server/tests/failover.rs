@@ -7,11 +7,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::free_port;
+use common::gateway::Gateway;
 use lapin::options::*;
 use lapin::BasicProperties;
 use mqgate_store::jetstream::testing::NatsCluster;
@@ -19,114 +18,6 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 const AMQP_QUEUE: &str = "ha-amqp";
 const MQTT_TOPIC: &str = "ha/mqtt";
-
-/// One gateway: its config, ports and process.
-struct Gateway {
-    name: String,
-    config: PathBuf,
-    amqp: u16,
-    mqtt: u16,
-    admin: u16,
-    child: Option<Child>,
-}
-
-impl Gateway {
-    fn new(dir: &Path, name: &str, nats: &[String]) -> Self {
-        let (amqp, mqtt, admin) = (free_port(), free_port(), free_port());
-        let servers = nats
-            .iter()
-            .map(|u| format!("\"{u}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "[listeners]\namqp = \"127.0.0.1:{amqp}\"\nmqtt = \"127.0.0.1:{mqtt}\"\n\
-                 admin = \"127.0.0.1:{admin}\"\n\n[store]\nbackend = \"jetstream\"\n\
-                 path = \"{}\"\n\n[store.jetstream]\nservers = [{servers}]\nnode_id = \"{name}\"\n\
-                 lease_ttl = \"3s\"\n",
-                dir.join(name).display()
-            ),
-        )
-        .unwrap();
-        Self {
-            name: name.into(),
-            config,
-            amqp,
-            mqtt,
-            admin,
-            child: None,
-        }
-    }
-
-    fn spawn(&mut self) {
-        self.child = Some(
-            Command::new(env!("CARGO_BIN_EXE_mqgate"))
-                .args(["serve", "--config"])
-                .arg(&self.config)
-                .env("RUST_LOG", "warn,mqgate_store=info")
-                .env("NO_COLOR", "1")
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("start mqgate"),
-        );
-    }
-
-    fn listening(&self) -> bool {
-        std::net::TcpStream::connect(("127.0.0.1", self.amqp)).is_ok()
-            && std::net::TcpStream::connect(("127.0.0.1", self.mqtt)).is_ok()
-    }
-
-    fn wait_listening(&self, limit: Duration) {
-        let start = Instant::now();
-        while !self.listening() {
-            assert!(
-                start.elapsed() < limit,
-                "{} did not start listening within {limit:?}",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn sigkill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
-        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
-        assert!(ok.success(), "kill {sig} {pid}");
-    }
-
-    /// Wait until the process exits by itself; its exit status.
-    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self.child.as_mut().expect("running").try_wait().unwrap() {
-                self.child = None;
-                return st;
-            }
-            assert!(
-                start.elapsed() < limit,
-                "{} did not exit within {limit:?}",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
-}
 
 /// The AMQP port of whichever gateway listens (clients with an address list try each).
 async fn amqp_connect(ports: &[u16]) -> (lapin::Connection, lapin::Channel) {
@@ -340,8 +231,8 @@ async fn both_done(
 /// Two gateways on a fresh 3-node cluster: gw1 owns the log and listens, gw2 is a
 /// standby without listeners; the MQTT subscriber's session exists.
 async fn two_gateways(dir: &Path, urls: &[String]) -> (Gateway, Gateway) {
-    let mut gw1 = Gateway::new(dir, "gw1", urls);
-    let mut gw2 = Gateway::new(dir, "gw2", urls);
+    let mut gw1 = Gateway::new(dir, "gw1", urls, "");
+    let mut gw2 = Gateway::new(dir, "gw2", urls, "");
     gw1.spawn();
     gw1.wait_listening(Duration::from_secs(60));
     gw2.spawn();
@@ -413,7 +304,7 @@ async fn stream_leader_killed_writes_pause_and_resume() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut gw1 = Gateway::new(dir.path(), "gw1", &cluster.urls());
+    let mut gw1 = Gateway::new(dir.path(), "gw1", &cluster.urls(), "");
     gw1.spawn();
     gw1.wait_listening(Duration::from_secs(60));
     make_subscriber(gw1.mqtt).await;

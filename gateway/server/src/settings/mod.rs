@@ -48,6 +48,8 @@ pub(crate) struct Settings {
     pub(crate) retry: RetrySettings,
     /// Metric cardinality.
     pub(crate) metrics: MetricsSettings,
+    /// Shards over many gateways (with `store.backend = "jetstream"`).
+    pub(crate) cluster: ClusterSettings,
     /// `limits.memory_high_watermark` in bytes (`None`: off), a fraction resolved
     /// against the machine's memory by [`Settings::load`]. Not a key.
     #[serde(skip)]
@@ -188,6 +190,42 @@ impl Default for JetStreamSettings {
             password: String::new(),
             token: String::new(),
             tls_ca_file: None,
+        }
+    }
+}
+
+/// `[cluster]`: topics in shards spread over every live gateway (ARCHITECTURE.md,
+/// "Scale-out decisions"). Off (`shards = 0`): one gateway owns the whole log, the
+/// others stand by.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct ClusterSettings {
+    /// How many shards (each its own stream and lease); 0: no sharding. Every gateway
+    /// of a cluster must have the same; it never changes for a cluster's streams.
+    pub(crate) shards: u16,
+    /// How long a gateway stays live after its last heartbeat.
+    pub(crate) node_ttl: HumanDuration,
+    /// How often each shard's state is looked at.
+    pub(crate) tick: HumanDuration,
+    /// A planned move waits until the successor is within this many records.
+    pub(crate) move_lag: u64,
+    /// A request relayed to another gateway unanswered this long fails (the client
+    /// is not confirmed, and resends).
+    pub(crate) relay_timeout: HumanDuration,
+    /// How long a starting gateway waits for the cluster (shard 0 owned, its routing
+    /// state followed) before it opens its listeners anyway.
+    pub(crate) ready_timeout: HumanDuration,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            shards: 0,
+            node_ttl: HumanDuration::millis(3_000),
+            tick: HumanDuration::millis(250),
+            move_lag: 1_000,
+            relay_timeout: HumanDuration::millis(5_000),
+            ready_timeout: HumanDuration::millis(60_000),
         }
     }
 }
@@ -605,6 +643,37 @@ impl Settings {
                     "store.jetstream.lease_ttl",
                     j.lease_ttl,
                     "must be at least 1s (the owner renews it every fifth of it)",
+                ));
+            }
+        }
+        let c = &self.cluster;
+        if c.shards > 0 {
+            if self.store.backend != Backend::Jetstream {
+                return Err(bad(
+                    "cluster.shards",
+                    c.shards,
+                    "needs store.backend = \"jetstream\" (each shard is a replicated log)",
+                ));
+            }
+            if c.shards > mqgate_core::shard::MAX_SHARDS {
+                return Err(bad(
+                    "cluster.shards",
+                    c.shards,
+                    &format!("must be at most {}", mqgate_core::shard::MAX_SHARDS),
+                ));
+            }
+            if c.node_ttl.get() < std::time::Duration::from_millis(500) {
+                return Err(bad(
+                    "cluster.node_ttl",
+                    c.node_ttl,
+                    "must be at least 500ms (a gateway renews its key every third of it)",
+                ));
+            }
+            if c.tick.get().is_zero() || c.relay_timeout.get().is_zero() {
+                return Err(bad(
+                    "cluster.tick / cluster.relay_timeout",
+                    "0s",
+                    "must be more than zero",
                 ));
             }
         }

@@ -466,3 +466,30 @@ fn jetstream_settings_reach_the_backend() {
     assert_eq!(j.lease_ttl, std::time::Duration::from_secs(10));
     assert!(!j.node_id.is_empty());
 }
+
+#[test]
+fn cluster_settings_are_checked() {
+    let s = from_toml(
+        "[store]\nbackend = \"jetstream\"\n[cluster]\nshards = 8\nrelay_timeout = \"2s\"\n",
+    )
+    .unwrap();
+    assert_eq!(s.cluster.shards, 8);
+    assert_eq!(s.cluster.relay_timeout.get(), Duration::from_secs(2));
+    assert_eq!(s.cluster.node_ttl.get(), Duration::from_secs(3));
+    assert_eq!(
+        Settings::load(None).unwrap().cluster.shards,
+        0,
+        "off by default"
+    );
+    let e = err("[cluster]\nshards = 8\n");
+    assert!(
+        e.contains("cluster.shards") && e.contains("jetstream"),
+        "{e}"
+    );
+    let e = err("[store]\nbackend = \"jetstream\"\n[cluster]\nshards = 600\n");
+    assert!(e.contains("at most 512"), "{e}");
+    let e = err("[store]\nbackend = \"jetstream\"\n[cluster]\nshards = 4\nnode_ttl = \"100ms\"\n");
+    assert!(e.contains("cluster.node_ttl"), "{e}");
+    let e = err("[cluster]\nshard = 4\n");
+    assert!(e.contains("shard"), "{e}");
+}

@@ -1,0 +1,470 @@
+//! Shards over many gateways, end to end (issue 16): three `mqgate` gateways with
+//! `[cluster] shards = 8` over a 3-node NATS cluster on loopback, all started here.
+//! AMQP clients use any gateway: a queue declared through one is found, published to,
+//! consumed and deleted through the others, with its policies applied where its shard
+//! is owned; a gateway SIGKILLed under load loses no confirmed message.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::gateway::Gateway;
+use futures_util::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use mqgate_store::jetstream::testing::NatsCluster;
+
+const SHARDS: u64 = 8;
+const GUEST: &str = "Z3Vlc3Q6Z3Vlc3Q=";
+const CLUSTER: &str = "[cluster]\nshards = 8\nnode_ttl = \"1500ms\"\ntick = \"150ms\"\n\
+                       move_lag = 100\nrelay_timeout = \"2s\"\n";
+
+/// `GET /api/mqgate/cluster` of `gw`, if it answers.
+fn view(gw: &Gateway) -> Option<serde_json::Value> {
+    let (code, body) = common::http_get(gw.admin, "/api/mqgate/cluster", Some(GUEST));
+    (code == 200).then(|| serde_json::from_str(&body).expect("JSON"))
+}
+
+/// Wait (up to 90 s) until every gateway of `gws` sees exactly them live, every shard
+/// owned by the gateway rendezvous ranks first, and follows the routing state.
+async fn wait_balanced(gws: &[&Gateway]) {
+    let names: BTreeSet<String> = gws.iter().map(|g| g.name.clone()).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let views: Vec<_> = gws.iter().map(|g| view(g)).collect();
+        let settled = views.iter().all(|v| {
+            let Some(v) = v else { return false };
+            let live: BTreeSet<String> = v["live"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect();
+            let shards = v["shards"].as_array().cloned().unwrap_or_default();
+            live == names
+                && v["routing_followed"] == true
+                && shards.len() as u64 == SHARDS
+                && shards
+                    .iter()
+                    .all(|s| !s["owner"].is_null() && s["owner"] == s["ranked_owner"])
+        });
+        // Every shard attached by exactly its owner.
+        let owned: u64 = views
+            .iter()
+            .flatten()
+            .map(|v| v["owned"].as_array().map_or(0, |a| a.len() as u64))
+            .sum();
+        if settled && owned == SHARDS {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster did not settle: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Gateways `names` of a cluster over `nats`, started and settled.
+async fn start(dir: &Path, nats: &NatsCluster, names: &[&str]) -> Vec<Gateway> {
+    let mut gws: Vec<Gateway> = names
+        .iter()
+        .map(|n| Gateway::new(dir, n, &nats.urls(), CLUSTER))
+        .collect();
+    for g in &mut gws {
+        g.spawn();
+    }
+    for g in &gws {
+        g.wait_listening(Duration::from_secs(90));
+    }
+    wait_balanced(&gws.iter().collect::<Vec<_>>()).await;
+    gws
+}
+
+async fn connect(port: u16) -> (Connection, Channel) {
+    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let conn = Connection::connect(&url, Default::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+fn code(e: &lapin::Error) -> u16 {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) => p.get_id(),
+        other => panic!("expected an AMQP exception, got {other:?}"),
+    }
+}
+
+/// Publish `bodies` to queue `q` through `ch` (confirms on), each confirmed.
+async fn publish_confirmed(ch: &Channel, q: &str, bodies: impl IntoIterator<Item = String>) {
+    for b in bodies {
+        let c = ch
+            .basic_publish(
+                "".into(),
+                q.into(),
+                BasicPublishOptions::default(),
+                b.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(c.is_ack(), "{q}: {b} nacked");
+    }
+}
+
+/// The messages of queue `q` through `ch` (consumed, acked): at least `want` of them
+/// (up to 30 s), then whatever more comes within a moment (duplicates).
+async fn drain(ch: &Channel, q: &str, want: usize) -> Vec<String> {
+    let mut c = ch
+        .basic_consume(
+            q.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let wait = match out.len() >= want {
+            true => tokio::time::Instant::now() + Duration::from_millis(300),
+            false => deadline,
+        };
+        let Ok(Some(d)) = tokio::time::timeout_at(wait, c.next()).await else {
+            break;
+        };
+        let d = d.expect("delivery");
+        out.push(String::from_utf8_lossy(&d.data).into_owned());
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    ch.basic_cancel(c.tag(), BasicCancelOptions::default())
+        .await
+        .expect("cancel");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_queues_through_any_gateway() {
+    let nats = tokio::task::spawn_blocking(|| NatsCluster::start(3))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gws = start(dir.path(), &nats, &["gw1", "gw2", "gw3"]).await;
+    let (_c1, ch1) = connect(gws[0].amqp).await;
+    let (_c2, ch2) = connect(gws[1].amqp).await;
+    let (_c3, ch3) = connect(gws[2].amqp).await;
+    ch3.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+
+    // Declared through gw1, published to through gw3: 12 queues over the 8 shards,
+    // most of them owned by another gateway than the one used.
+    let queues: Vec<String> = (0..12).map(|i| format!("q-{i}")).collect();
+    for q in &queues {
+        ch1.queue_declare(q.as_str().into(), durable(), FieldTable::default())
+            .await
+            .expect("declare through gw1");
+    }
+    for q in &queues {
+        publish_confirmed(&ch3, q, (0..20).map(|i| format!("{q}/{i}"))).await;
+    }
+    // Declared again through gw2 (which never saw them): the same queues, not reset.
+    for q in &queues {
+        let st = ch2
+            .queue_declare(q.as_str().into(), durable(), FieldTable::default())
+            .await
+            .expect("declare again through gw2");
+        assert_eq!(st.message_count(), 20, "{q} after a declaration elsewhere");
+        let st = ch3
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive through gw3");
+        assert_eq!(st.message_count(), 20, "{q}, passive");
+    }
+    // Declared otherwise elsewhere: 406, as RabbitMQ answers.
+    let (_c, ch) = connect(gws[2].amqp).await;
+    let e = ch
+        .queue_declare(
+            "q-0".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("a transient declaration of a durable queue");
+    assert_eq!(code(&e), 406, "{e:?}");
+    // Consumed through gw2: each queue's messages once, in order.
+    for q in &queues {
+        let got = drain(&ch2, q, 20).await;
+        let want: Vec<String> = (0..20).map(|i| format!("{q}/{i}")).collect();
+        assert_eq!(got, want, "{q} consumed through gw2");
+    }
+
+    // Deleted through gw3: gone for gw1 (404), declared anew through gw2 (empty).
+    publish_confirmed(&ch3, "q-0", ["left".to_string()]).await;
+    ch3.queue_delete("q-0".into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete through gw3");
+    let (_c, ch) = connect(gws[0].amqp).await;
+    let e = ch
+        .queue_declare(
+            "q-0".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("passive after the delete");
+    assert_eq!(code(&e), 404, "{e:?}");
+    let st = ch2
+        .queue_declare("q-0".into(), durable(), FieldTable::default())
+        .await
+        .expect("declared anew");
+    assert_eq!(st.message_count(), 0, "a queue declared anew starts empty");
+
+    // An exclusive queue of a gw1 connection is locked for gw2's (405).
+    ch1.queue_declare(
+        "mine".into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("exclusive through gw1");
+    let (_c, ch) = connect(gws[1].amqp).await;
+    let e = ch
+        .queue_declare(
+            "mine".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("another gateway's exclusive queue");
+    assert_eq!(code(&e), 405, "{e:?}");
+
+    // Declared at once through all three: one queue each (a message published after
+    // is counted by every gateway's next declaration).
+    let races: Vec<String> = (0..8).map(|i| format!("race-{i}")).collect();
+    let mut tasks = Vec::new();
+    for gw in &gws {
+        let (port, races) = (gw.amqp, races.clone());
+        tasks.push(tokio::spawn(async move {
+            let (c, ch) = connect(port).await;
+            for q in &races {
+                ch.queue_declare(q.as_str().into(), durable(), FieldTable::default())
+                    .await
+                    .expect("racing declaration");
+            }
+            c
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for q in &races {
+        publish_confirmed(&ch3, q, ["one".to_string()]).await;
+    }
+    for ch in [&ch1, &ch2, &ch3] {
+        for q in &races {
+            let st = ch
+                .queue_declare(q.as_str().into(), durable(), FieldTable::default())
+                .await
+                .unwrap();
+            assert_eq!(st.message_count(), 1, "{q}");
+        }
+    }
+
+    // A queue's TTL applies where its shard is owned, whichever gateway declared it:
+    // its message expires unconsumed (the owner's sweep), for every gateway.
+    let mut ttl = FieldTable::default();
+    ttl.insert("x-message-ttl".into(), AMQPValue::LongInt(300));
+    let ttl_queues: Vec<String> = (0..6).map(|i| format!("ttl-{i}")).collect();
+    for q in &ttl_queues {
+        ch1.queue_declare(q.as_str().into(), durable(), ttl.clone())
+            .await
+            .unwrap();
+        publish_confirmed(&ch3, q, ["short-lived".to_string()]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for q in &ttl_queues {
+        let st = ch2
+            .queue_declare(q.as_str().into(), durable(), ttl.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            st.message_count(),
+            0,
+            "{q}: expired where its shard is owned"
+        );
+    }
+}
+
+/// The fault test: AMQP publishers with confirms on 100 queues through all three
+/// gateways; one gateway SIGKILLed midway. Its shards move to the others, its clients
+/// reconnect to another gateway, and every confirmed message is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_one_gateway_under_amqp_load_100_queues() {
+    const QUEUES: usize = 100;
+    const PER_QUEUE: usize = 12;
+    let nats = tokio::task::spawn_blocking(|| NatsCluster::start(3))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut gws = start(dir.path(), &nats, &["gw1", "gw2", "gw3"]).await;
+    let ports: Vec<u16> = gws.iter().map(|g| g.amqp).collect();
+    let queues: Vec<String> = (0..QUEUES).map(|i| format!("load-{i}")).collect();
+    {
+        let (_c, ch) = connect(ports[0]).await;
+        for q in &queues {
+            ch.queue_declare(q.as_str().into(), durable(), FieldTable::default())
+                .await
+                .unwrap();
+        }
+    }
+    // Three publishers, one per gateway, each on a third of the queues, paced.
+    let mut publishers = Vec::new();
+    for p in 0..3 {
+        let mine: Vec<String> = queues.iter().skip(p).step_by(3).cloned().collect();
+        let mut order = ports.clone();
+        order.rotate_left(p);
+        publishers.push(tokio::spawn(publish_through(order, mine, PER_QUEUE)));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gws[0].sigkill();
+    let killed = Instant::now();
+    let mut confirmed: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
+    for p in publishers {
+        for (q, set) in p.await.unwrap() {
+            confirmed.entry(q).or_default().extend(set);
+        }
+    }
+    let survivors: Vec<&Gateway> = gws.iter().skip(1).collect();
+    wait_balanced(&survivors).await;
+    let moved = killed.elapsed();
+    // Read back through the survivors, alternately.
+    let mut dups = 0;
+    for (i, q) in queues.iter().enumerate() {
+        let (_c, ch) = connect(survivors[i % 2].amqp).await;
+        let want = confirmed.get(q).cloned().unwrap_or_default();
+        let got = drain(&ch, q, want.len()).await;
+        let mut seen = BTreeSet::new();
+        for b in &got {
+            let n: usize = b.rsplit('/').next().unwrap().parse().unwrap();
+            if !seen.insert(n) {
+                dups += 1;
+            }
+        }
+        let lost: Vec<_> = want.difference(&seen).collect();
+        assert!(
+            lost.is_empty(),
+            "{q}: confirmed and never delivered: {lost:?}"
+        );
+    }
+    let total: usize = confirmed.values().map(BTreeSet::len).sum();
+    eprintln!(
+        "sharding: {total} messages confirmed on {QUEUES} queues through 3 gateways, one \
+         SIGKILLed; shards settled on the other two {:.1} s after; every confirmed message \
+         delivered, {dups} duplicates",
+        moved.as_secs_f64()
+    );
+    assert_eq!(total, QUEUES * PER_QUEUE, "every publisher finished");
+}
+
+/// Publish `per_queue` persistent messages to each of `queues` (round robin, one at a
+/// time with confirms, paced) through the first of `ports` that takes them; on an
+/// error, reconnect to the next and publish the unconfirmed one again. The confirmed
+/// message numbers per queue.
+async fn publish_through(
+    ports: Vec<u16>,
+    queues: Vec<String>,
+    per_queue: usize,
+) -> BTreeMap<String, BTreeSet<usize>> {
+    let mut confirmed: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
+    let mut at = 0;
+    let open = |at: usize| {
+        let ports = ports.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut i = at;
+            loop {
+                let port = ports[i % ports.len()];
+                let setup = async {
+                    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+                    let conn = Connection::connect(&url, Default::default()).await?;
+                    let ch = conn.create_channel().await?;
+                    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                    Ok::<_, lapin::Error>((conn, ch))
+                };
+                if let Ok(Ok(pair)) = tokio::time::timeout(Duration::from_secs(5), setup).await {
+                    return (i, pair);
+                }
+                assert!(Instant::now() < deadline, "no gateway takes AMQP clients");
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let (i, (mut conn, mut ch)) = open(at).await;
+    at = i;
+    for n in 0..per_queue {
+        for q in &queues {
+            let body = format!("{q}/{n}");
+            loop {
+                let r = async {
+                    ch.basic_publish(
+                        "".into(),
+                        q.as_str().into(),
+                        BasicPublishOptions::default(),
+                        body.as_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await?
+                    .await
+                };
+                match tokio::time::timeout(Duration::from_secs(5), r).await {
+                    Ok(Ok(c)) if c.is_ack() => {
+                        confirmed.entry(q.clone()).or_default().insert(n);
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        break;
+                    }
+                    _ => {
+                        let _ = conn.close(200, "bye".into()).await;
+                        let (i, pair) = open(at + 1).await;
+                        at = i;
+                        (conn, ch) = pair;
+                    }
+                }
+            }
+        }
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    confirmed
+}
