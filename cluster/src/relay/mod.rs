@@ -98,13 +98,94 @@ where
     use futures_util::StreamExt;
     let mut sub = owner_subscription(client, stream, shard, op).await?;
     Ok(Serving(tokio::spawn(async move {
+        let mut parted = PartedRequests::default();
         while let Some(msg) = sub.next().await {
             let Some(reply_to) = msg.reply else {
                 continue;
             };
-            tokio::spawn(handle(msg.payload, reply_to));
+            let payload = if msg.payload.first() == Some(&REQUEST_PART) {
+                match parted.add(&reply_to, &msg.payload) {
+                    Some(whole) => whole,
+                    None => continue,
+                }
+            } else {
+                msg.payload
+            };
+            tokio::spawn(handle(payload, reply_to));
         }
     })))
+}
+
+/// The first byte of a part of a request NATS cannot carry in one message (a large
+/// message): `0xF0`, index u32, count u32, a slice of the request. Parts go in order
+/// with the same reply subject; the owner serves the request once the last is in.
+pub(crate) const REQUEST_PART: u8 = 0xF0;
+const PART_HEAD: usize = 9;
+/// The most a request sent in parts may be (a message is at most 128 MiB).
+const MAX_PARTED: usize = 512 << 20;
+
+/// `payload` as NATS messages of at most `max` bytes: itself when it fits, else parts.
+pub(crate) fn split_request(payload: bytes::Bytes, max: usize) -> Vec<bytes::Bytes> {
+    use bytes::BufMut;
+    if payload.len() <= max {
+        return vec![payload];
+    }
+    let chunk = max.saturating_sub(PART_HEAD).max(1);
+    let count = payload.len().div_ceil(chunk);
+    (0..count)
+        .map(|i| {
+            let part = &payload[i * chunk..((i + 1) * chunk).min(payload.len())];
+            let mut out = Vec::with_capacity(PART_HEAD + part.len());
+            out.put_u8(REQUEST_PART);
+            out.put_u32(i as u32);
+            out.put_u32(count as u32);
+            out.extend_from_slice(part);
+            bytes::Bytes::from(out)
+        })
+        .collect()
+}
+
+/// Requests arriving in parts, by reply subject. One whose parts stop coming (its
+/// sender gave up, or a part was lost) is dropped after a minute, or at once when a
+/// part comes out of order: its sender hears nothing and fails it (not confirmed).
+#[derive(Default)]
+pub(crate) struct PartedRequests {
+    open: std::collections::HashMap<String, (std::time::Instant, u32, u32, Vec<u8>)>,
+}
+
+impl PartedRequests {
+    /// Part `b` of the request answered to `reply`: the whole request once complete.
+    pub(crate) fn add(&mut self, reply: &str, b: &[u8]) -> Option<bytes::Bytes> {
+        let now = std::time::Instant::now();
+        self.open
+            .retain(|_, (at, ..)| now.duration_since(*at) < std::time::Duration::from_secs(60));
+        if b.len() < PART_HEAD || b[0] != REQUEST_PART {
+            return None;
+        }
+        let index = u32::from_be_bytes(b[1..5].try_into().expect("4 bytes"));
+        let count = u32::from_be_bytes(b[5..9].try_into().expect("4 bytes"));
+        let body = &b[PART_HEAD..];
+        if index == 0 {
+            self.open.insert(
+                reply.to_owned(),
+                (now, 0, count, Vec::with_capacity(body.len())),
+            );
+        }
+        let (at, next, want, buf) = self.open.get_mut(reply)?;
+        if index != *next || count != *want || buf.len() + body.len() > MAX_PARTED {
+            self.open.remove(reply);
+            return None;
+        }
+        *at = now;
+        *next += 1;
+        buf.extend_from_slice(body);
+        if *next < *want {
+            return None;
+        }
+        self.open
+            .remove(reply)
+            .map(|(.., buf)| bytes::Bytes::from(buf))
+    }
 }
 
 /// A relay server's task: stopped when dropped (the shard is released).

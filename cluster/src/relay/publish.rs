@@ -276,13 +276,9 @@ fn encode_requests(batch: PublishBatch, max: usize) -> Result<Vec<(usize, Bytes)
         e
     };
     for item in &items {
+        // A message larger than one request carries goes alone, in parts
+        // (`relay::split_request`).
         let one = encode_item(item);
-        if one.len() + FRAME_SLACK > max {
-            return Err(invalid(format!(
-                "a message of {} bytes exceeds what one relay request carries ({max} bytes)",
-                one.len()
-            )));
-        }
         if !cur.is_empty() && size + one.len() + FRAME_SLACK > max {
             let records = if requests.is_empty() {
                 &head
@@ -579,12 +575,14 @@ impl NatsPublisher {
                 let (tx, mut rx) = mpsc::unbounded_channel();
                 waiting.lock().insert(id, tx);
                 guard.ids.push(id);
-                if let Err(e) = self
-                    .client
-                    .publish_with_reply(subject.clone(), format!("{prefix}.{id}"), payload.clone())
-                    .await
-                {
-                    return Err(invalid(format!("{subject}: {e}")));
+                for part in super::split_request(payload.clone(), max - FRAME_SLACK) {
+                    if let Err(e) = self
+                        .client
+                        .publish_with_reply(subject.clone(), format!("{prefix}.{id}"), part)
+                        .await
+                    {
+                        return Err(invalid(format!("{subject}: {e}")));
+                    }
                 }
                 let first = match tokio::time::timeout(timeout, rx.recv()).await {
                     Ok(Some(msg)) => msg,
@@ -783,9 +781,50 @@ mod tests {
     }
 
     #[test]
-    fn an_oversized_message_is_refused_not_sent() {
+    fn an_oversized_message_goes_alone_in_parts() {
         let mut b = PublishBatch::new();
-        b.items.push(item(vec![0; 20_000], 1));
-        assert!(encode_requests(b, 10_000).is_err());
+        b.items.push(item(vec![1; 100], 1));
+        b.items
+            .push(item((0..30_000u32).map(|i| i as u8).collect(), 1));
+        b.items.push(item(vec![2; 100], 1));
+        let sent = b.clone();
+        let requests = encode_requests(b, 10_000).unwrap();
+        assert_eq!(
+            requests.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            [1, 1, 1],
+            "the large one alone"
+        );
+        let mut parted = crate::relay::PartedRequests::default();
+        let mut items = Vec::new();
+        for (_, payload) in requests {
+            let parts = crate::relay::split_request(payload.clone(), 10_000 - FRAME_SLACK);
+            assert!(parts.iter().all(|p| p.len() <= 10_000 - FRAME_SLACK));
+            let whole = if parts.len() == 1 {
+                parts[0].clone()
+            } else {
+                let mut whole = None;
+                for p in &parts {
+                    assert!(whole.is_none(), "complete before its last part");
+                    whole = parted.add("_INBOX.x.1", p);
+                }
+                whole.expect("complete with its last part")
+            };
+            assert_eq!(whole, payload);
+            items.extend(decode_request(whole).unwrap().items);
+        }
+        assert_eq!(items.len(), 3);
+        for (a, b) in items.iter().zip(&sent.items) {
+            assert!(same(a, b));
+        }
+        // A part out of order drops that request; the next one is whole again.
+        let parts = crate::relay::split_request(Bytes::from(vec![9u8; 25_000]), 5_000);
+        assert!(parted.add("r", &parts[0]).is_none());
+        assert!(parted.add("r", &parts[2]).is_none());
+        assert!(parted.add("r", &parts[1]).is_none());
+        let mut whole = None;
+        for p in &parts {
+            whole = parted.add("r", p);
+        }
+        assert_eq!(whole.unwrap().len(), 25_000);
     }
 }

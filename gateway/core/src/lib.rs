@@ -55,8 +55,8 @@ pub use endpoint::{DeadLetter, DeadLetterFormat, DeathReason, Policy};
 pub use endpoints::{Endpoint, EndpointEvent};
 pub use error::{CoreError, Result};
 pub use group::{
-    AckToken, ConsumeMode, Consumer, Delivery, GroupInfo, GroupSpec, MemberInfo, MemberOptions,
-    OnFailure, QueueInfo, RemoteControl, StartPosition,
+    AckToken, ConsumeMode, Consumer, Delivery, GroupInfo, GroupSpec, Left, MemberInfo,
+    MemberOptions, OnFailure, QueueInfo, RemoteControl, StartPosition,
 };
 pub use login::{LoginThrottle, LoginThrottleConfig};
 pub use pipeline::Pipeline;

@@ -84,6 +84,19 @@ async fn start(dir: &Path, nats: &NatsCluster, names: &[&str]) -> Vec<Gateway> {
     gws
 }
 
+/// A queue name (`<prefix>-<n>`) whose shard `gw` owns now.
+fn owned_by(gw: &Gateway, prefix: &str) -> String {
+    let owners = view(gw).expect("cluster view")["shards"].clone();
+    (0..500)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|name| {
+            let (topic, _) = mqgate_amqp::queue::queue_topic("/", name);
+            let shard = mqgate_core::shard::shard_of(topic.as_str(), SHARDS as u16);
+            owners[usize::from(shard)]["owner"] == gw.name.as_str()
+        })
+        .expect("a queue name in a shard of the gateway")
+}
+
 async fn connect(port: u16) -> (Connection, Channel) {
     let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
     let conn = Connection::connect(&url, Default::default())
@@ -301,6 +314,89 @@ async fn amqp_queues_through_any_gateway() {
             assert_eq!(st.message_count(), 1, "{q}");
         }
     }
+
+    // Bodies larger than NATS carries in one message (1 MiB here) cross gateways in
+    // parts, both ways: published through gw3 and consumed through gw2 on a queue whose
+    // shard gw1 owns.
+    let big = owned_by(&gws[0], "big");
+    ch3.queue_declare(big.as_str().into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let sizes = [300_000usize, 1_000_003, 3_000_000];
+    let body = |n: usize| -> Vec<u8> { (0..n).map(|j| (j * 31 + n) as u8).collect() };
+    for n in sizes {
+        let c = ch3
+            .basic_publish(
+                "".into(),
+                big.as_str().into(),
+                BasicPublishOptions::default(),
+                &body(n),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(c.is_ack(), "a body of {n} bytes through gw3");
+    }
+    let mut c = ch2
+        .basic_consume(
+            big.as_str().into(),
+            "big".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for n in sizes {
+        let d = tokio::time::timeout(Duration::from_secs(20), c.next())
+            .await
+            .unwrap_or_else(|_| panic!("a body of {n} bytes through gw2: nothing within 20 s"))
+            .unwrap()
+            .unwrap();
+        assert!(
+            d.data == body(n),
+            "a body of {n} bytes, whole ({} came)",
+            d.data.len()
+        );
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    ch2.basic_cancel("big".into(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+
+    // A channel closed with an unacked message: the message is back in its queue when
+    // close-ok comes (a basic.get right after, on the same connection, has it).
+    let held = owned_by(&gws[0], "held");
+    ch3.queue_declare(held.as_str().into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    publish_confirmed(&ch3, &held, ["held".to_string()]).await;
+    let (holder_conn, holder) = connect(gws[1].amqp).await;
+    let after = holder_conn.create_channel().await.unwrap();
+    let mut c = holder
+        .basic_consume(
+            held.as_str().into(),
+            "holder".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), c.next())
+        .await
+        .expect("delivered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.data, b"held");
+    holder.close(200, "bye".into()).await.unwrap();
+    let got = after
+        .basic_get(held.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the closed channel's unacked message is back at once");
+    assert_eq!(got.delivery.data, b"held");
+    assert!(got.delivery.redelivered, "flagged redelivered");
 
     // A queue's TTL applies where its shard is owned, whichever gateway declared it:
     // its message expires unconsumed (the owner's sweep), for every gateway.

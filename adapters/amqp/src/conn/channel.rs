@@ -14,6 +14,10 @@ use crate::reply;
 
 use super::{chan_err, method_ids, truncate, ChanErr, ChanResult, Channel, Conn, Cons, End};
 
+/// How long a channel's close waits for its consumers to leave groups other gateways
+/// own (their owners answer within the relay's timeout; a lost answer costs this).
+const LEAVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl<S> Conn<S>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -60,13 +64,16 @@ where
     }
 
     /// Release a channel's consumers (their unacked messages go back to their queues).
-    pub(super) fn close_channel_state(&mut self, c: Channel) {
-        for (_, cons) in c.consumers {
-            self.release_consumer(cons);
-        }
+    /// Returns what resolves once each has left its group where the group lives (at
+    /// once on this gateway; a group another gateway owns answers).
+    pub(super) fn close_channel_state(&mut self, c: Channel) -> Vec<mqgate_core::Left> {
+        c.consumers
+            .into_values()
+            .map(|cons| self.release_consumer(cons))
+            .collect()
     }
 
-    fn release_consumer(&mut self, cons: Cons) {
+    fn release_consumer(&mut self, cons: Cons) -> mqgate_core::Left {
         if !cons.get && !cons.cancelled {
             self.consumer_gone(&cons.queue, cons.exclusive);
         }
@@ -76,7 +83,9 @@ where
             tokio::spawn(async move {
                 let _ = broker.delete_group(&g).await;
             });
+            return Box::pin(std::future::ready(()));
         }
+        cons.consumer.leave()
     }
 
     /// A consumer of `q` went: auto-delete queues go with their last consumer.
@@ -180,7 +189,11 @@ where
                 if let Some(c) = self.channels.remove(&ch) {
                     self.shared.stats.channels.fetch_sub(1, Ordering::Relaxed);
                     self.shared.channels.lock().remove(&(self.id, ch));
-                    self.close_channel_state(c);
+                    // Close-ok once the consumers' unacked messages are back in their
+                    // queues (a client's next basic.get sees them, as with RabbitMQ).
+                    for left in self.close_channel_state(c) {
+                        let _ = tokio::time::timeout(LEAVE_WAIT, left).await;
+                    }
                     frame::put_method(
                         &mut self.output.out,
                         ch,

@@ -12,7 +12,9 @@ use mqgate_core::{
 };
 use tokio::sync::mpsc;
 
-use super::wire::{decode_dlv, decode_reply, encode_cmds, encode_join, invalid, Cmds, Dlv};
+use super::wire::{
+    decode_dlv, decode_reply, encode_cmds, encode_join, invalid, Cmds, Dlv, Parts, DLV_PART,
+};
 use super::Times;
 use crate::relay::subject;
 
@@ -29,7 +31,11 @@ enum Ctl {
     Leave,
 }
 
-struct RemoteCtl(mpsc::UnboundedSender<Ctl>);
+struct RemoteCtl(
+    mpsc::UnboundedSender<Ctl>,
+    /// Closed when the member's side ends (after its leave was answered).
+    tokio::sync::watch::Receiver<()>,
+);
 
 impl RemoteControl for RemoteCtl {
     fn ack(&self, token: AckToken) {
@@ -46,6 +52,10 @@ impl RemoteControl for RemoteCtl {
     }
     fn leave(&self) {
         let _ = self.0.send(Ctl::Leave);
+    }
+    fn left(&self) -> mqgate_core::Left {
+        let mut done = self.1.clone();
+        Box::pin(async move { while done.changed().await.is_ok() {} })
     }
 }
 
@@ -135,8 +145,12 @@ impl NatsConsumers {
             .map_err(|e| invalid(format!("subscribe: {e}")))?;
         let handle = self.join(shard, &deliver_to, &spec, &member, None).await?;
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        let (consumer, mailbox) =
-            Consumer::remote(&member.id, spec.name.clone(), Arc::new(RemoteCtl(ctl_tx)));
+        let (done_tx, done_rx) = tokio::sync::watch::channel(());
+        let (consumer, mailbox) = Consumer::remote(
+            &member.id,
+            spec.name.clone(),
+            Arc::new(RemoteCtl(ctl_tx, done_rx)),
+        );
         let member_side = MemberSide {
             link: self.clone(),
             shard,
@@ -148,8 +162,12 @@ impl NatsConsumers {
             through: 0,
             pending: Cmds::default(),
             failures: 0,
+            parts: Parts::default(),
         };
-        tokio::spawn(member_side.run(sub, ctl_rx, mailbox));
+        tokio::spawn(async move {
+            member_side.run(sub, ctl_rx, mailbox).await;
+            drop(done_tx);
+        });
         Ok(consumer)
     }
 }
@@ -170,6 +188,8 @@ struct MemberSide {
     pending: Cmds,
     /// Commands requests not taken in a row.
     failures: u32,
+    /// A delivery batch arriving in parts.
+    parts: Parts,
 }
 
 impl MemberSide {
@@ -185,7 +205,19 @@ impl MemberSide {
             tokio::select! {
                 msg = sub.next() => {
                     let Some(msg) = msg else { return };
-                    match decode_dlv(msg.payload) {
+                    let payload = if msg.payload.first() == Some(&DLV_PART) {
+                        match self.parts.add(&msg.payload, self.handle) {
+                            Ok(Some(whole)) => whole,
+                            Ok(None) => continue,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cluster: a malformed part of a delivery batch; ignored (delivered again)");
+                                continue;
+                            }
+                        }
+                    } else {
+                        msg.payload
+                    };
+                    match decode_dlv(payload) {
                         Ok(Dlv::Batch(h, seq, batch)) if h == self.handle => {
                             if seq < self.expected {
                                 continue;

@@ -35,7 +35,10 @@
 //! `codec::encode_error`). Deliveries (to deliver_to, no reply): `1` batch: handle,
 //! seq, count, per delivery: topic, queue u32, offset u64, redelivered u8, delivery
 //! count u32, token u64, message (`mqgate_store::wire`); `2` ended: handle, for good
-//! u8 (1: the shard is still there, the consumer ends; 0: the shard moved, join anew).
+//! u8 (1: the shard is still there, the consumer ends; 0: the shard moved, join anew);
+//! `3` part of a batch NATS cannot carry in one message (a large message): handle,
+//! seq, index u32, count u32, a slice of the batch's bytes (reassembled in order; a
+//! part lost loses the batch, which is then delivered again like any lost batch).
 //!
 //! A dead-letter target is not carried: the owner uses the endpoint registered there
 //! (`Broker::endpoint_spec`), whose spec is authoritative.
@@ -56,11 +59,12 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 pub use self::member::NatsConsumers;
-use self::wire::{decode_request, encode_batch, encode_reply, Cmds, Request, DLV_ENDED};
+use self::wire::{decode_request, encode_batch, encode_reply, split, Cmds, Request, DLV_ENDED};
 
 /// A delivery batch holds at most this many messages ...
 const BATCH_COUNT: usize = 256;
-/// ... and about this many bytes of them (less when NATS carries less).
+/// ... and about this many bytes of them (less when NATS carries less; a larger
+/// message goes alone, in parts if it must).
 const BATCH_BYTES: usize = 256 * 1024;
 
 /// The relay's times, all from the relay timeout `t`.
@@ -183,8 +187,24 @@ impl ConsumeServer {
                     }
                     Ok(Request::Cmds(c)) => {
                         let tx = members.lock().get(&c.handle).cloned();
+                        let leave = c.leave;
                         let answer = match tx {
-                            Some(tx) if tx.send(c).is_ok() => Ok(0),
+                            Some(tx) if tx.send(c).is_ok() => {
+                                if leave {
+                                    // Answered once the member has left here (what it
+                                    // held released): its gateway's close waits for it.
+                                    let client = client.clone();
+                                    tokio::spawn(async move {
+                                        let _ =
+                                            tokio::time::timeout(times.request / 2, tx.closed())
+                                                .await;
+                                        let _ =
+                                            client.publish(reply_to, encode_reply(&Ok(0))).await;
+                                    });
+                                    continue;
+                                }
+                                Ok(0)
+                            }
                             _ => Err(CoreError::NoSuchGroup("a member of this gateway".into())),
                         };
                         let _ = client.publish(reply_to, encode_reply(&answer)).await;
@@ -256,13 +276,14 @@ async fn pump(
     let mut seq = 0u64;
     // A delivery taken that did not fit the previous batch.
     let mut carry: Option<Delivery> = None;
-    let limit = BATCH_BYTES.min(
-        client
-            .server_info()
-            .max_payload
-            .saturating_sub(4096)
-            .max(4096),
-    );
+    // A batch is about BATCH_BYTES; a larger message goes alone, in parts when NATS
+    // cannot carry it in one message.
+    let max_payload = client
+        .server_info()
+        .max_payload
+        .saturating_sub(1024)
+        .max(4096);
+    let limit = BATCH_BYTES.min(max_payload);
     // Batches sent and not yet reported received: seq, tokens, when sent.
     let mut sent: VecDeque<(u64, Vec<AckToken>, tokio::time::Instant)> = VecDeque::new();
     let mut heard = tokio::time::Instant::now();
@@ -288,13 +309,6 @@ async fn pump(
                     let _ = client.publish(deliver_to.clone(), Bytes::from(out)).await;
                     break;
                 };
-                if relayed_len(&d) > limit {
-                    // It cannot cross NATS in one message: the group's failure policy
-                    // (retry ladder, dead letters) takes it rather than a requeue loop.
-                    tracing::error!(handle, size = relayed_len(&d), limit, "cluster: a message too large for the consume relay; nacked");
-                    consumer.nack(d.ack_token(), false);
-                    continue;
-                }
                 let mut bytes = relayed_len(&d);
                 let mut batch = vec![d];
                 while batch.len() < BATCH_COUNT {
@@ -312,8 +326,11 @@ async fn pump(
                 if faults.drop_this() {
                     continue;
                 }
-                if let Err(e) = client.publish(deliver_to.clone(), encode_batch(handle, seq, &batch)).await {
-                    tracing::warn!(handle, error = %e, "cluster: a delivery batch was not sent; it will be requeued");
+                for part in split(encode_batch(handle, seq, &batch), handle, seq, max_payload) {
+                    if let Err(e) = client.publish(deliver_to.clone(), part).await {
+                        tracing::warn!(handle, error = %e, "cluster: a delivery batch was not sent; it will be requeued");
+                        break;
+                    }
                 }
             }
             c = cmds.recv() => {
@@ -354,5 +371,8 @@ async fn pump(
             }
         }
     }
+    // Left: what it held is released (its actor has the leave) before anyone is told.
+    drop(consumer);
     members.lock().remove(&handle);
+    drop(cmds);
 }

@@ -332,7 +332,16 @@ pub trait RemoteControl: Send + Sync {
     fn set_prefetch(&self, prefetch: usize);
     /// The consumer is dropped: leave the group.
     fn leave(&self);
+    /// Done once the member has left where the group lives (what it held is released
+    /// there); taken before the consumer is dropped.
+    fn left(&self) -> Left {
+        Box::pin(std::future::ready(()))
+    }
 }
+
+/// Resolves once a consumer that was dropped has left its group where the group lives
+/// ([`Consumer::leave`]).
+pub type Left = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
 
 impl std::fmt::Debug for Cmd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -454,6 +463,22 @@ impl Consumer {
             }
             Control::Remote(r) => r.set_prefetch(prefetch),
         }
+    }
+}
+
+impl Consumer {
+    /// Leave the group now (as dropping it does); the returned future resolves once the
+    /// member has left where the group lives: at once for a group on this gateway
+    /// (what comes after reaches its actor after the leave), after the owner's answer
+    /// for one on another gateway. An AMQP channel's close waits for it, so what its
+    /// consumers held is back in the queue when close-ok is sent, as RabbitMQ does.
+    pub fn leave(self) -> Left {
+        let left = match &self.cmd {
+            Control::Local(_) => None,
+            Control::Remote(r) => Some(r.left()),
+        };
+        drop(self);
+        left.unwrap_or_else(|| Box::pin(std::future::ready(())))
     }
 }
 
