@@ -50,6 +50,18 @@ pub struct NatsLink {
     consumers: NatsConsumers,
     admin: NatsAdmin,
     groups: Option<GroupBook>,
+    /// The live gateways (set once the manager runs): how many answers a routing
+    /// barrier waits for.
+    live: parking_lot::Mutex<Option<tokio::sync::watch::Receiver<crate::nodes::LiveSet>>>,
+}
+
+/// How long shard 0's owner waits for every live gateway to apply a routing change
+/// before it answers anyway (a gateway that slow is cut off by its node key soon).
+const ROUTING_BARRIER: Duration = Duration::from_secs(3);
+
+/// The subject every gateway answers routing barriers on.
+fn barrier_subject(stream: &str) -> String {
+    format!("mqgate.{stream}.meta.barrier")
 }
 
 impl NatsLink {
@@ -64,6 +76,7 @@ impl NatsLink {
             stream: stream.to_owned(),
             timeout,
             groups: None,
+            live: parking_lot::Mutex::new(None),
         }
     }
 
@@ -92,6 +105,43 @@ impl ClusterLink for NatsLink {
 
     async fn admin(&self, shard: ShardId, op: AdminOp) -> Result<AdminAnswer> {
         self.admin.run(shard, op).await
+    }
+
+    async fn routing_barrier(&self, position: u64) {
+        use futures_util::StreamExt;
+        let want = match &*self.live.lock() {
+            Some(live) => live.borrow().len(),
+            None => return,
+        };
+        if want <= 1 {
+            return;
+        }
+        let inbox = self.client.new_inbox();
+        let Ok(mut answers) = self.client.subscribe(inbox.clone()).await else {
+            return;
+        };
+        let asked = self
+            .client
+            .publish_with_reply(
+                barrier_subject(&self.stream),
+                inbox,
+                bytes::Bytes::copy_from_slice(&position.to_be_bytes()),
+            )
+            .await;
+        if asked.is_err() {
+            return;
+        }
+        let mut got = 0;
+        let deadline = tokio::time::Instant::now() + ROUTING_BARRIER;
+        while got < want {
+            match tokio::time::timeout_at(deadline, answers.next()).await {
+                Ok(Some(_)) => got += 1,
+                _ => {
+                    tracing::warn!(position, answered = got, live = want, "cluster: not every gateway applied a routing change in time; answering anyway");
+                    return;
+                }
+            }
+        }
     }
 
     async fn record_group(&self, group: &GroupName, proposed: ShardId) -> Result<ShardId> {
@@ -128,6 +178,8 @@ pub struct Gateway {
     follower: tokio::task::JoinHandle<()>,
     /// The follower of the groups' placement records.
     placement: tokio::task::JoinHandle<()>,
+    /// What answers shard 0's owner's routing barriers.
+    barrier: tokio::task::JoinHandle<()>,
     faults: Arc<Faults>,
     nats: Nats,
     shards: u16,
@@ -149,8 +201,14 @@ impl Gateway {
         let link = Arc::new(
             NatsLink::new(client.clone(), &stream, relay_timeout).with_groups(book.clone()),
         );
-        let broker = Broker::start_cluster(cfg.shards, link, core, clock)
+
+        let broker = Broker::start_cluster(cfg.shards, link.clone(), core, clock)
             .map_err(|e| format!("start the core: {e}"))?;
+        let barrier = tokio::spawn(answer_barriers(
+            client.clone(),
+            stream.clone(),
+            broker.clone(),
+        ));
         let (tx, rx) = mpsc::unbounded_channel();
         let faults = Arc::new(Faults::default());
         let driver = tokio::spawn(drive(
@@ -165,12 +223,14 @@ impl Gateway {
         let placement = tokio::spawn(book.follow(broker.clone()));
         let shards = cfg.shards;
         let manager = ShardManager::start(nats.clone(), cfg, tx).await?;
+        *link.live.lock() = Some(manager.live());
         Ok(Self {
             broker,
             manager: Some(manager),
             driver,
             follower,
             placement,
+            barrier,
             faults,
             nats,
             shards,
@@ -230,6 +290,7 @@ impl Gateway {
         self.driver.abort();
         self.follower.abort();
         self.placement.abort();
+        self.barrier.abort();
         // Its view is closed when this returns.
         let _ = (&mut self.follower).await;
         handed
@@ -244,8 +305,40 @@ impl Gateway {
         self.driver.abort();
         self.follower.abort();
         self.placement.abort();
+        self.barrier.abort();
         let broker = self.broker.clone();
         tokio::spawn(async move { broker.shutdown().await });
+    }
+}
+
+/// Answer shard 0's owner's routing barriers: each once this gateway's router has
+/// applied the position asked about (or it owns shard 0); not at all if that takes
+/// longer than `ROUTING_BARRIER`.
+async fn answer_barriers(client: async_nats::Client, stream: String, broker: Broker) {
+    use futures_util::StreamExt;
+    let Ok(mut asks) = client.subscribe(barrier_subject(&stream)).await else {
+        tracing::error!("cluster: routing barriers cannot be answered (no subscription)");
+        return;
+    };
+    while let Some(msg) = asks.next().await {
+        let (Some(reply), Ok(pos)) = (msg.reply, <[u8; 8]>::try_from(&msg.payload[..])) else {
+            continue;
+        };
+        let position = u64::from_be_bytes(pos);
+        let (client, broker) = (client.clone(), broker.clone());
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + ROUTING_BARRIER;
+            let applied =
+                || broker.routing_applied() >= position || broker.owned_shards().contains(&0);
+            while !applied() {
+                if tokio::time::Instant::now() >= deadline {
+                    // Not applied: no answer (the owner's wait says how many did).
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let _ = client.publish(reply, bytes::Bytes::new()).await;
+        });
     }
 }
 

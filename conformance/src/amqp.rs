@@ -33,6 +33,9 @@ pub struct Target {
     pub mqgate: bool,
     mqtt_port: Option<u16>,
     inproc: Option<InProc>,
+    /// The `cluster` variant: every gateway's AMQP port; each connection takes the
+    /// next one (`port` is the first).
+    spread: Option<(Vec<u16>, std::sync::atomic::AtomicUsize)>,
 }
 
 #[derive(Debug)]
@@ -99,6 +102,18 @@ impl Target {
                 mqgate: false,
                 mqtt_port,
                 inproc: None,
+                spread: None,
+            });
+        }
+        if backend == Backend::Cluster {
+            let c = tokio::task::block_in_place(crate::cluster::shared);
+            return Some(Target {
+                host: "127.0.0.1".into(),
+                port: c.amqp[0],
+                mqgate: true,
+                mqtt_port: Some(c.mqtt[1]),
+                inproc: None,
+                spread: Some((c.amqp.clone(), std::sync::atomic::AtomicUsize::new(0))),
             });
         }
         Some(Self::mqgate(backend, test_config()).await)
@@ -123,6 +138,10 @@ impl Target {
     ) -> Option<Target> {
         if external().is_some() {
             eprintln!("skipped: an mqgate extension or mqgate configuration");
+            return None;
+        }
+        if backend == Backend::Cluster {
+            eprintln!("skipped: the cluster variant runs the standard scenarios");
             return None;
         }
         Some(Self::mqgate_core(backend, cfg, core).await)
@@ -150,6 +169,7 @@ impl Target {
             mqgate: true,
             mqtt_port: Some(mqtt_port),
             inproc: Some(inproc),
+            spread: None,
         }
     }
 
@@ -164,7 +184,22 @@ impl Target {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        format!("amqp://{user}:{pass}@{}:{}/{v}", self.host, self.port)
+        format!(
+            "amqp://{user}:{pass}@{}:{}/{v}",
+            self.host,
+            self.next_port()
+        )
+    }
+
+    /// The AMQP port for the next connection (the next gateway of the `cluster`
+    /// variant; `port` otherwise).
+    pub fn next_port(&self) -> u16 {
+        match &self.spread {
+            Some((ports, next)) => {
+                ports[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % ports.len()]
+            }
+            None => self.port,
+        }
     }
 
     /// A lapin connection as guest to vhost `/`.

@@ -1,5 +1,6 @@
 //! Shared harness of the conformance suites (see conformance/README.md).
 pub mod amqp;
+pub mod cluster;
 pub mod mqtt;
 
 /// One test module per scenario, running it once on each backend: `scenario!(a, b)` makes
@@ -19,6 +20,16 @@ macro_rules! scenario {
 macro_rules! scenario_replicated {
     ($($name:ident),* $(,)?) => {
         $crate::scenario_on!([memory = Memory, rocks = Rocks, jetstream = JetStream, shards = Shards] $($name),*);
+    };
+}
+
+/// [`scenario_replicated!`] plus the variant `cluster`: three gateways of one sharded
+/// cluster, clients spread over them (`cluster.rs`; standard scenarios, the others
+/// skip it).
+#[macro_export]
+macro_rules! scenario_clustered {
+    ($($name:ident),* $(,)?) => {
+        $crate::scenario_on!([memory = Memory, rocks = Rocks, jetstream = JetStream, shards = Shards, cluster = Cluster] $($name),*);
     };
 }
 

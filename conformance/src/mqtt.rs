@@ -28,6 +28,10 @@ pub enum Backend {
     /// A broker over 8 in-memory shard stores in one process: topics spread over the
     /// shards by name, publishes reaching several shards forwarded from their home.
     Shards,
+    /// Three gateways of one sharded cluster (8 shards, the shared NATS cluster), one
+    /// per test process (`crate::cluster`); each client connects to the next gateway.
+    /// Standard AMQP scenarios only, for now.
+    Cluster,
 }
 
 /// How many shards the `shards` variant runs with.
@@ -52,6 +56,7 @@ impl DataDir {
         let dir = || tempfile::tempdir().expect("tempdir");
         match backend {
             Backend::Memory => None,
+            Backend::Cluster => unreachable!("the cluster variant shares one cluster"),
             backend => Some(Self {
                 dir: dir(),
                 backend,

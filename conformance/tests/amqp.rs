@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 const WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(400);
 
-use mqgate_conformance::scenario_replicated as scenario;
+use mqgate_conformance::scenario_clustered as scenario;
 
 // ---------------------------------------------------------------------------------------
 // Helpers over lapin.

@@ -557,8 +557,27 @@ impl Broker {
     }
 
     /// Join (or create) a consumer group as a member. The group's spec must match the
-    /// existing group's, if any.
+    /// existing group's, if any. On a gateway of a cluster, a member of a group whose
+    /// shard is owned here follows the shard if it moves (`group/migrate.rs`), and one
+    /// whose shard another gateway owns joins it there over the consume relay.
     pub async fn subscribe(&self, spec: GroupSpec, member: MemberOptions) -> Result<Consumer> {
+        let c = self.subscribe_direct(spec.clone(), member.clone()).await?;
+        if self.inner.link.is_none() || !c.is_local() {
+            return Ok(c);
+        }
+        // A gateway of a cluster: the member follows its group's shard if it moves.
+        let shard = self.inner.placement.group(&spec.name);
+        Ok(self.following(c, spec, member, shard))
+    }
+
+    /// [`Broker::subscribe`] without following the shard's moves: a member here ends
+    /// when its shard is let go (the consume relay's owner side: its remote member then
+    /// joins the next owner by itself).
+    pub async fn subscribe_direct(
+        &self,
+        spec: GroupSpec,
+        member: MemberOptions,
+    ) -> Result<Consumer> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(CoreError::ShuttingDown);
         }

@@ -21,6 +21,8 @@ impl crate::Broker {
         let mut batch = WriteBatch::new();
         crate::durable::put_vhost(&mut batch, vhost);
         self.inner.meta()?.store.write(batch).await?;
+        drop(_turn);
+        self.routing_written().await;
         Ok(())
     }
 
@@ -40,6 +42,8 @@ impl crate::Broker {
             let mut batch = WriteBatch::new();
             crate::durable::put_exchange(&mut batch, vhost, &def);
             self.inner.meta()?.store.write(batch).await?;
+            drop(_turn);
+            self.routing_written().await;
         }
         Ok(created)
     }
@@ -58,6 +62,8 @@ impl crate::Broker {
         let existed = self.inner.router.delete_exchange(vhost, name, if_unused)?;
         if existed {
             crate::durable::prune(&*self.inner.meta()?.store, &self.inner.router, vhost).await?;
+            drop(_turn);
+            self.routing_written().await;
         }
         Ok(existed)
     }
@@ -77,6 +83,8 @@ impl crate::Broker {
             let mut batch = WriteBatch::new();
             crate::durable::put_binding(&mut batch, vhost, &binding, durable);
             self.inner.meta()?.store.write(batch).await?;
+            drop(_turn);
+            self.routing_written().await;
         }
         Ok(new)
     }
@@ -109,6 +117,8 @@ impl crate::Broker {
             }
             if !batch.is_empty() {
                 self.inner.meta()?.store.write(batch).await?;
+                drop(_turn);
+                self.routing_written().await;
             }
         }
         Ok(results)
@@ -195,5 +205,16 @@ impl crate::Broker {
         }
         self.inner.meta()?.store.write(batch).await?;
         Ok(())
+    }
+
+    /// After a routing change written here as shard 0's owner in a cluster: every live
+    /// gateway's router has it when this returns (bounded: see
+    /// `ClusterLink::routing_barrier`), before the change is answered.
+    async fn routing_written(&self) {
+        if let (Some(link), Some(meta)) = (&self.inner.link, self.inner.local(0)) {
+            if let Some(position) = meta.store.log_position() {
+                link.routing_barrier(position).await;
+            }
+        }
     }
 }

@@ -414,6 +414,14 @@ pub trait ClusterLink: Send + Sync + std::fmt::Debug {
         Ok(proposed)
     }
 
+    /// On shard 0's owner, after a routing change written at log position `position`:
+    /// wait (bounded) until every live gateway's router has applied it, so that what a
+    /// client does next, through any gateway, routes with it (a binding, then a publish
+    /// or a dead letter routed elsewhere).
+    async fn routing_barrier(&self, position: u64) {
+        let _ = position;
+    }
+
     /// Group `group` was deleted: forget where it lived.
     async fn forget_group(&self, group: &GroupName) -> Result<()> {
         let _ = group;

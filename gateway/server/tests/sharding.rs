@@ -564,3 +564,119 @@ async fn publish_through(
     let _ = conn.close(200, "bye".into()).await;
     confirmed
 }
+
+/// A gateway joins under load: two gateways serve publishers and consumers (on every
+/// gateway) of 30 queues; a third starts and takes its share of the shards, moved from
+/// the others. Every confirmed message reaches its consumer, and the consumers are not
+/// cancelled by the moves (their clients never see the shards move).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_joins_under_amqp_load() {
+    const QUEUES: usize = 30;
+    const PER_QUEUE: usize = 30;
+    let nats = tokio::task::spawn_blocking(|| NatsCluster::start(3))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut gws = start(dir.path(), &nats, &["gw1", "gw2"]).await;
+    let queues: Vec<String> = (0..QUEUES).map(|i| format!("join-{i}")).collect();
+    let (_c, ch) = connect(gws[0].amqp).await;
+    for q in &queues {
+        ch.queue_declare(q.as_str().into(), durable(), FieldTable::default())
+            .await
+            .unwrap();
+    }
+    // One consuming connection per gateway, 15 queues each.
+    let received = std::sync::Arc::new(parking_lot::Mutex::new(
+        BTreeMap::<String, Vec<usize>>::new(),
+    ));
+    let mut consumers = Vec::new();
+    let mut conns = Vec::new();
+    for (g, mine) in [(0usize, 0usize), (1, 1)] {
+        let (conn, ch) = connect(gws[g].amqp).await;
+        for q in queues.iter().skip(mine).step_by(2) {
+            let mut c = ch
+                .basic_consume(
+                    q.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            let (received, q) = (received.clone(), q.clone());
+            consumers.push(tokio::spawn(async move {
+                // Ends when the consumer is cancelled or the connection closes.
+                while let Some(Ok(d)) = c.next().await {
+                    let n: usize = String::from_utf8_lossy(&d.data)
+                        .rsplit('/')
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    received.lock().entry(q.clone()).or_default().push(n);
+                    let _ = d.ack(BasicAckOptions::default()).await;
+                }
+                q
+            }));
+        }
+        conns.push(conn);
+    }
+    let ports: Vec<u16> = gws.iter().map(|g| g.amqp).collect();
+    let mut publishers = Vec::new();
+    for p in 0..2 {
+        let mine: Vec<String> = queues.iter().skip(p).step_by(2).cloned().collect();
+        let mut order = ports.clone();
+        order.rotate_left(p);
+        publishers.push(tokio::spawn(publish_through(order, mine, PER_QUEUE)));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut gw3 = Gateway::new(dir.path(), "gw3", &nats.urls(), CLUSTER);
+    gw3.spawn();
+    gw3.wait_listening(Duration::from_secs(90));
+    gws.push(gw3);
+    wait_balanced(&gws.iter().collect::<Vec<_>>()).await;
+    let mut confirmed: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
+    for p in publishers {
+        for (q, set) in p.await.unwrap() {
+            confirmed.entry(q).or_default().extend(set);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let missing: usize = {
+            let r = received.lock();
+            confirmed
+                .iter()
+                .map(|(q, want)| {
+                    let got: BTreeSet<usize> = r
+                        .get(q)
+                        .map(|v| v.iter().copied().collect())
+                        .unwrap_or_default();
+                    want.difference(&got).count()
+                })
+                .sum()
+        };
+        if missing == 0 {
+            break;
+        }
+        let ended = consumers.iter().filter(|c| c.is_finished()).count();
+        assert!(
+            Instant::now() < deadline,
+            "{missing} confirmed messages never reached their consumers; {ended} consumers ended"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ended = consumers.iter().filter(|c| c.is_finished()).count();
+    let dups: usize = received
+        .lock()
+        .values()
+        .map(|v| v.len() - v.iter().collect::<BTreeSet<_>>().len())
+        .sum();
+    let total: usize = confirmed.values().map(BTreeSet::len).sum();
+    eprintln!(
+        "sharding: {total} confirmed on {QUEUES} queues while gw3 joined; all consumed, \
+         {dups} duplicates, {ended} consumers cancelled"
+    );
+    assert_eq!(ended, 0, "consumers were cancelled by the shard moves");
+    assert_eq!(total, QUEUES * PER_QUEUE);
+}

@@ -168,7 +168,7 @@ impl ConsumeServer {
                                 // The endpoint registered here is authoritative (its
                                 // dead-letter target is not carried over the relay).
                                 let spec = broker.endpoint_spec(&spec.name).unwrap_or(*spec);
-                                match broker.subscribe(spec, member).await {
+                                match broker.subscribe_direct(spec, member).await {
                                     Ok(consumer) => {
                                         let handle =
                                             base.wrapping_add(next.fetch_add(1, Ordering::Relaxed));

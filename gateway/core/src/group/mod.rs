@@ -21,6 +21,7 @@
 mod actor;
 mod deliver;
 mod limits;
+mod migrate;
 mod settle;
 mod vecmap;
 
@@ -467,6 +468,18 @@ impl Consumer {
 }
 
 impl Consumer {
+    /// Whether its group's actor is in this process.
+    pub(crate) fn is_local(&self) -> bool {
+        matches!(self.cmd, Control::Local(_))
+    }
+
+    /// Its mailbox, taken out (a closed one left in its place): for a consumer that
+    /// wraps this one (`migrate.rs`).
+    fn take_rx(&mut self) -> mailbox::Receiver<Delivery> {
+        let (_, empty) = mailbox::channel();
+        std::mem::replace(&mut self.rx, empty)
+    }
+
     /// Leave the group now (as dropping it does); the returned future resolves once the
     /// member has left where the group lives: at once for a group on this gateway
     /// (what comes after reaches its actor after the leave), after the owner's answer

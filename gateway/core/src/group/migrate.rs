@@ -1,0 +1,181 @@
+//! A member of a group in a shard this gateway owns, in a cluster: when the shard moves
+//! to another gateway, the member follows it (joins the group there, over the consume
+//! relay) instead of ending. The client never sees the move; what it held and had not
+//! acknowledged is delivered again by the new owner (committed offsets), flagged
+//! redelivered, as after any move.
+//!
+//! ```text
+//!  Broker::subscribe (cluster, local shard)
+//!    inner: a local member ──deliveries──> pump ──> the consumer's mailbox
+//!    acks, nacks, prefetch ──> Migrating ──> inner
+//!  the inner member ends:
+//!    shard still owned here (group deleted, member cut off, shutdown) ──> consumer ends
+//!    shard gone (released, lost) ──> join the group wherever it is now (the relay, or
+//!                                   here again), the same member id and prefetch,
+//!                                   and go on pumping from the new inner member
+//! ```
+//! A broker of its own never wraps its consumers: the hop costs a task switch per
+//! delivery, paid only by gateways of a cluster.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::{AckToken, Consumer, Control, GroupSpec, Left, MemberOptions, RemoteControl};
+use crate::error::CoreError;
+use crate::mailbox;
+
+/// How long a member whose shard moved tries to join its next owner (a takeover after
+/// a crash takes the lease's time to live) before its consumer ends.
+const FOLLOW_FOR: Duration = Duration::from_secs(60);
+
+/// The outer consumer's control: whatever the member is now.
+struct Migrating {
+    inner: Mutex<Option<Consumer>>,
+    prefetch: Mutex<usize>,
+    /// The consumer was dropped: the pump closes the member's mailbox, then lets the
+    /// member go (a group's actor ignores a leave while the mailbox is open).
+    leaving: tokio::sync::Notify,
+}
+
+impl RemoteControl for Migrating {
+    fn ack(&self, token: AckToken) {
+        if let Some(c) = &*self.inner.lock() {
+            c.ack(token);
+        }
+    }
+    fn nack(&self, token: AckToken, requeue: bool) {
+        if let Some(c) = &*self.inner.lock() {
+            c.nack(token, requeue);
+        }
+    }
+    fn heartbeat(&self) {
+        if let Some(c) = &*self.inner.lock() {
+            c.heartbeat();
+        }
+    }
+    fn set_prefetch(&self, prefetch: usize) {
+        *self.prefetch.lock() = prefetch;
+        if let Some(c) = &*self.inner.lock() {
+            c.set_prefetch(prefetch);
+        }
+    }
+    fn leave(&self) {
+        self.leaving.notify_one();
+    }
+    fn left(&self) -> Left {
+        match self.inner.lock().as_ref().map(|c| &c.cmd) {
+            Some(Control::Remote(r)) => r.left(),
+            _ => Box::pin(std::future::ready(())),
+        }
+    }
+}
+
+impl crate::Broker {
+    /// `inner`, a member of `spec` in shard `shard` owned here, as a consumer that
+    /// follows the shard wherever it moves (see the module's notes).
+    pub(crate) fn following(
+        &self,
+        mut inner: Consumer,
+        spec: GroupSpec,
+        member: MemberOptions,
+        shard: crate::shard::ShardId,
+    ) -> Consumer {
+        let rx = inner.take_rx();
+        let ctl = Arc::new(Migrating {
+            inner: Mutex::new(Some(inner)),
+            prefetch: Mutex::new(member.prefetch),
+            leaving: tokio::sync::Notify::new(),
+        });
+        let (outer, out) = Consumer::remote(&member.id, spec.name.clone(), ctl.clone());
+        tokio::spawn(pump(self.clone(), ctl, rx, out, spec, member, shard));
+        outer
+    }
+}
+
+async fn pump(
+    broker: crate::Broker,
+    ctl: Arc<Migrating>,
+    mut rx: mailbox::Receiver<super::Delivery>,
+    out: mailbox::Sender<super::Delivery>,
+    spec: GroupSpec,
+    mut member: MemberOptions,
+    mut shard: crate::shard::ShardId,
+) {
+    // Whether the member is in this process now (a member over the relay follows its
+    // group's moves by itself, and ends for good when it ends).
+    let mut local = true;
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = ctl.leaving.notified() => {
+                rx.close();
+                drop(ctl.inner.lock().take());
+                return;
+            }
+            d = rx.recv() => d,
+        };
+        if let Some(d) = next {
+            if out.send(d).is_err() {
+                rx.close();
+                drop(ctl.inner.lock().take());
+                return;
+            }
+            continue;
+        }
+        let closed = broker
+            .inner
+            .closed
+            .load(std::sync::atomic::Ordering::Acquire);
+        if out.is_closed() || closed || !local || broker.inner.local(shard).is_some() {
+            // Ended for good: the group deleted, the member cut off, the broker
+            // stopping, or a relayed member that ended. The consumer ends too.
+            return;
+        }
+        member.prefetch = *ctl.prefetch.lock();
+        let Some((mut next, at)) = follow(&broker, &spec, &member, &out).await else {
+            return;
+        };
+        shard = at;
+        local = matches!(next.cmd, Control::Local(_));
+        rx = next.take_rx();
+        let mut inner = ctl.inner.lock();
+        *inner = Some(next);
+    }
+}
+
+/// Join `spec` again wherever its shard is now, for as long as the consumer lives (up
+/// to [`FOLLOW_FOR`]): the new member and its shard.
+async fn follow(
+    broker: &crate::Broker,
+    spec: &GroupSpec,
+    member: &MemberOptions,
+    out: &mailbox::Sender<super::Delivery>,
+) -> Option<(Consumer, crate::shard::ShardId)> {
+    let since = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        if out.is_closed() {
+            return None;
+        }
+        match broker.subscribe_direct(spec.clone(), member.clone()).await {
+            Ok(c) => {
+                let at = broker.inner.placement.group(&spec.name);
+                tracing::info!(group = %spec.name, member = %member.id, shard = at, "cluster: a member followed its group's shard to its next owner");
+                return Some((c, at));
+            }
+            Err(e @ (CoreError::NotOwned(_) | CoreError::Store(_) | CoreError::Invalid(_)))
+                if since.elapsed() < FOLLOW_FOR =>
+            {
+                tracing::debug!(group = %spec.name, error = %e, "cluster: following a moved group; again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                tracing::warn!(group = %spec.name, error = %e, "cluster: a member could not follow its group's shard; its consumer ends");
+                return None;
+            }
+        }
+    }
+}
