@@ -98,12 +98,12 @@ where
     use futures_util::StreamExt;
     let mut sub = owner_subscription(client, stream, shard, op).await?;
     Ok(Serving(tokio::spawn(async move {
-        let mut parted = PartedRequests::default();
+        let mut parted = Parted::default();
         while let Some(msg) = sub.next().await {
             let Some(reply_to) = msg.reply else {
                 continue;
             };
-            let payload = if msg.payload.first() == Some(&REQUEST_PART) {
+            let payload = if msg.payload.first() == Some(&PART) {
                 match parted.add(&reply_to, &msg.payload) {
                     Some(whole) => whole,
                     None => continue,
@@ -116,16 +116,17 @@ where
     })))
 }
 
-/// The first byte of a part of a request NATS cannot carry in one message (a large
-/// message): `0xF0`, index u32, count u32, a slice of the request. Parts go in order
-/// with the same reply subject; the owner serves the request once the last is in.
-pub(crate) const REQUEST_PART: u8 = 0xF0;
+/// The first byte of a part of a relay message NATS cannot carry in one message (a
+/// large message in a publish request or a delivery batch): `0xF0`, index u32, count
+/// u32, a slice of the message. Parts go in order on one subject (a request's with
+/// one reply subject); the receiver takes the message once the last is in.
+pub(crate) const PART: u8 = 0xF0;
 const PART_HEAD: usize = 9;
-/// The most a request sent in parts may be (a message is at most 128 MiB).
+/// The most a message sent in parts may be (a message is at most 128 MiB).
 const MAX_PARTED: usize = 512 << 20;
 
 /// `payload` as NATS messages of at most `max` bytes: itself when it fits, else parts.
-pub(crate) fn split_request(payload: bytes::Bytes, max: usize) -> Vec<bytes::Bytes> {
+pub(crate) fn split_parts(payload: bytes::Bytes, max: usize) -> Vec<bytes::Bytes> {
     use bytes::BufMut;
     if payload.len() <= max {
         return vec![payload];
@@ -136,7 +137,7 @@ pub(crate) fn split_request(payload: bytes::Bytes, max: usize) -> Vec<bytes::Byt
         .map(|i| {
             let part = &payload[i * chunk..((i + 1) * chunk).min(payload.len())];
             let mut out = Vec::with_capacity(PART_HEAD + part.len());
-            out.put_u8(REQUEST_PART);
+            out.put_u8(PART);
             out.put_u32(i as u32);
             out.put_u32(count as u32);
             out.extend_from_slice(part);
@@ -145,21 +146,23 @@ pub(crate) fn split_request(payload: bytes::Bytes, max: usize) -> Vec<bytes::Byt
         .collect()
 }
 
-/// Requests arriving in parts, by reply subject. One whose parts stop coming (its
-/// sender gave up, or a part was lost) is dropped after a minute, or at once when a
-/// part comes out of order: its sender hears nothing and fails it (not confirmed).
+/// Messages arriving in parts, by key (a request's reply subject; one key for a
+/// member's deliveries). One whose parts stop coming (its sender gave up, or a part
+/// was lost) is dropped after a minute, or at once when a part comes out of order: a
+/// request's sender hears nothing and fails it (not confirmed); a delivery batch is
+/// lost, and delivered again like any lost batch.
 #[derive(Default)]
-pub(crate) struct PartedRequests {
+pub(crate) struct Parted {
     open: std::collections::HashMap<String, (std::time::Instant, u32, u32, Vec<u8>)>,
 }
 
-impl PartedRequests {
-    /// Part `b` of the request answered to `reply`: the whole request once complete.
+impl Parted {
+    /// Part `b` of the message keyed `reply`: the whole message once complete.
     pub(crate) fn add(&mut self, reply: &str, b: &[u8]) -> Option<bytes::Bytes> {
         let now = std::time::Instant::now();
         self.open
             .retain(|_, (at, ..)| now.duration_since(*at) < std::time::Duration::from_secs(60));
-        if b.len() < PART_HEAD || b[0] != REQUEST_PART {
+        if b.len() < PART_HEAD || b[0] != PART {
             return None;
         }
         let index = u32::from_be_bytes(b[1..5].try_into().expect("4 bytes"));

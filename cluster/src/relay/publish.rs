@@ -277,7 +277,7 @@ fn encode_requests(batch: PublishBatch, max: usize) -> Result<Vec<(usize, Bytes)
     };
     for item in &items {
         // A message larger than one request carries goes alone, in parts
-        // (`relay::split_request`).
+        // (`relay::split_parts`).
         let one = encode_item(item);
         if !cur.is_empty() && size + one.len() + FRAME_SLACK > max {
             let records = if requests.is_empty() {
@@ -575,7 +575,7 @@ impl NatsPublisher {
                 let (tx, mut rx) = mpsc::unbounded_channel();
                 waiting.lock().insert(id, tx);
                 guard.ids.push(id);
-                for part in super::split_request(payload.clone(), max - FRAME_SLACK) {
+                for part in super::split_parts(payload.clone(), max - FRAME_SLACK) {
                     if let Err(e) = self
                         .client
                         .publish_with_reply(subject.clone(), format!("{prefix}.{id}"), part)
@@ -794,10 +794,10 @@ mod tests {
             [1, 1, 1],
             "the large one alone"
         );
-        let mut parted = crate::relay::PartedRequests::default();
+        let mut parted = crate::relay::Parted::default();
         let mut items = Vec::new();
         for (_, payload) in requests {
-            let parts = crate::relay::split_request(payload.clone(), 10_000 - FRAME_SLACK);
+            let parts = crate::relay::split_parts(payload.clone(), 10_000 - FRAME_SLACK);
             assert!(parts.iter().all(|p| p.len() <= 10_000 - FRAME_SLACK));
             let whole = if parts.len() == 1 {
                 parts[0].clone()
@@ -817,7 +817,7 @@ mod tests {
             assert!(same(a, b));
         }
         // A part out of order drops that request; the next one is whole again.
-        let parts = crate::relay::split_request(Bytes::from(vec![9u8; 25_000]), 5_000);
+        let parts = crate::relay::split_parts(Bytes::from(vec![9u8; 25_000]), 5_000);
         assert!(parted.add("r", &parts[0]).is_none());
         assert!(parted.add("r", &parts[2]).is_none());
         assert!(parted.add("r", &parts[1]).is_none());

@@ -113,6 +113,20 @@ fn durable() -> QueueDeclareOptions {
     }
 }
 
+fn passive() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    }
+}
+
+fn exclusive() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    }
+}
+
 fn code(e: &lapin::Error) -> u16 {
     match e.kind() {
         lapin::ErrorKind::ProtocolError(p) => p.get_id(),
@@ -204,14 +218,7 @@ async fn amqp_queues_through_any_gateway() {
             .expect("declare again through gw2");
         assert_eq!(st.message_count(), 20, "{q} after a declaration elsewhere");
         let st = ch3
-            .queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+            .queue_declare(q.as_str().into(), passive(), FieldTable::default())
             .await
             .expect("passive through gw3");
         assert_eq!(st.message_count(), 20, "{q}, passive");
@@ -241,14 +248,7 @@ async fn amqp_queues_through_any_gateway() {
         .expect("delete through gw3");
     let (_c, ch) = connect(gws[0].amqp).await;
     let e = ch
-        .queue_declare(
-            "q-0".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+        .queue_declare("q-0".into(), passive(), FieldTable::default())
         .await
         .expect_err("passive after the delete");
     assert_eq!(code(&e), 404, "{e:?}");
@@ -259,26 +259,12 @@ async fn amqp_queues_through_any_gateway() {
     assert_eq!(st.message_count(), 0, "a queue declared anew starts empty");
 
     // An exclusive queue of a gw1 connection is locked for gw2's (405).
-    ch1.queue_declare(
-        "mine".into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("exclusive through gw1");
+    ch1.queue_declare("mine".into(), exclusive(), FieldTable::default())
+        .await
+        .expect("exclusive through gw1");
     let (_c, ch) = connect(gws[1].amqp).await;
     let e = ch
-        .queue_declare(
-            "mine".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+        .queue_declare("mine".into(), exclusive(), FieldTable::default())
         .await
         .expect_err("another gateway's exclusive queue");
     assert_eq!(code(&e), 405, "{e:?}");

@@ -12,11 +12,10 @@ use mqgate_core::{
 };
 use tokio::sync::mpsc;
 
-use super::wire::{
-    decode_dlv, decode_reply, encode_cmds, encode_join, invalid, Cmds, Dlv, Parts, DLV_PART,
-};
+use super::wire::{decode_dlv, decode_reply, encode_cmds, encode_join, invalid, Cmds, Dlv};
 use super::Times;
 use crate::relay::subject;
+use crate::relay::{Parted, PART};
 
 /// A member reports at most this many lost batches at once (more: the batch is
 /// ignored as malformed; its messages come again).
@@ -162,7 +161,7 @@ impl NatsConsumers {
             through: 0,
             pending: Cmds::default(),
             failures: 0,
-            parts: Parts::default(),
+            parts: Parted::default(),
         };
         tokio::spawn(async move {
             member_side.run(sub, ctl_rx, mailbox).await;
@@ -189,7 +188,7 @@ struct MemberSide {
     /// Commands requests not taken in a row.
     failures: u32,
     /// A delivery batch arriving in parts.
-    parts: Parts,
+    parts: Parted,
 }
 
 impl MemberSide {
@@ -205,14 +204,11 @@ impl MemberSide {
             tokio::select! {
                 msg = sub.next() => {
                     let Some(msg) = msg else { return };
-                    let payload = if msg.payload.first() == Some(&DLV_PART) {
-                        match self.parts.add(&msg.payload, self.handle) {
-                            Ok(Some(whole)) => whole,
-                            Ok(None) => continue,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cluster: a malformed part of a delivery batch; ignored (delivered again)");
-                                continue;
-                            }
+                    let payload = if msg.payload.first() == Some(&PART) {
+                        // This member's inbox: one key.
+                        match self.parts.add("", &msg.payload) {
+                            Some(whole) => whole,
+                            None => continue,
                         }
                     } else {
                         msg.payload

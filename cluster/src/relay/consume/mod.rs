@@ -36,9 +36,9 @@
 //! seq, count, per delivery: topic, queue u32, offset u64, redelivered u8, delivery
 //! count u32, token u64, message (`mqgate_store::wire`); `2` ended: handle, for good
 //! u8 (1: the shard is still there, the consumer ends; 0: the shard moved, join anew);
-//! `3` part of a batch NATS cannot carry in one message (a large message): handle,
-//! seq, index u32, count u32, a slice of the batch's bytes (reassembled in order; a
-//! part lost loses the batch, which is then delivered again like any lost batch).
+//! a batch NATS cannot carry in one message (a large message) goes in parts
+//! (`relay::split_parts`), joined on the member's side (a part lost loses the batch,
+//! which is then delivered again like any lost batch).
 //!
 //! A dead-letter target is not carried: the owner uses the endpoint registered there
 //! (`Broker::endpoint_spec`), whose spec is authoritative.
@@ -59,7 +59,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 pub use self::member::NatsConsumers;
-use self::wire::{decode_request, encode_batch, encode_reply, split, Cmds, Request, DLV_ENDED};
+use self::wire::{decode_request, encode_batch, encode_reply, Cmds, Request, DLV_ENDED};
 
 /// A delivery batch holds at most this many messages ...
 const BATCH_COUNT: usize = 256;
@@ -326,7 +326,7 @@ async fn pump(
                 if faults.drop_this() {
                     continue;
                 }
-                for part in split(encode_batch(handle, seq, &batch), handle, seq, max_payload) {
+                for part in super::split_parts(encode_batch(handle, seq, &batch), max_payload) {
                     if let Err(e) = client.publish(deliver_to.clone(), part).await {
                         tracing::warn!(handle, error = %e, "cluster: a delivery batch was not sent; it will be requeued");
                         break;

@@ -17,13 +17,6 @@ pub(super) const REPLY_OK: u8 = 0;
 pub(super) const REPLY_ERR: u8 = 1;
 pub(super) const DLV_BATCH: u8 = 1;
 pub(super) const DLV_ENDED: u8 = 2;
-pub(super) const DLV_PART: u8 = 3;
-
-/// A part's header: kind u8, handle u64, seq u64, index u32, count u32.
-const PART_HEAD: usize = 25;
-/// The most a batch sent in parts may be (a message is at most 128 MiB).
-const MAX_PARTED: usize = 512 << 20;
-
 pub(super) fn invalid(what: impl Into<String>) -> CoreError {
     CoreError::Invalid(format!("consume relay: {}", what.into()))
 }
@@ -273,80 +266,6 @@ pub(super) fn encode_batch(handle: u64, seq: u64, batch: &[Delivery]) -> Bytes {
     Bytes::from(out)
 }
 
-/// `payload` (a delivery batch of `handle` numbered `seq`) as NATS messages of at most
-/// `max` bytes: itself when it fits, else parts (`3` part: handle, seq, index u32,
-/// count u32, then a slice of the payload), sent in order on one subject, so they
-/// arrive in order.
-pub(super) fn split(payload: Bytes, handle: u64, seq: u64, max: usize) -> Vec<Bytes> {
-    if payload.len() <= max {
-        return vec![payload];
-    }
-    let chunk = max.saturating_sub(PART_HEAD).max(1);
-    let count = payload.len().div_ceil(chunk);
-    (0..count)
-        .map(|i| {
-            let part = &payload[i * chunk..((i + 1) * chunk).min(payload.len())];
-            let mut out = Vec::with_capacity(PART_HEAD + part.len());
-            out.put_u8(DLV_PART);
-            out.put_u64(handle);
-            out.put_u64(seq);
-            out.put_u32(i as u32);
-            out.put_u32(count as u32);
-            out.extend_from_slice(part);
-            Bytes::from(out)
-        })
-        .collect()
-}
-
-/// A batch arriving in parts, on the member's side.
-#[derive(Debug, Default)]
-pub(super) struct Parts {
-    seq: u64,
-    next: u32,
-    count: u32,
-    buf: Vec<u8>,
-}
-
-impl Parts {
-    /// Part `b` for member `handle`: the whole batch once its last part is in. A part
-    /// out of order (one before it was lost) drops the batch: it is then lost as any
-    /// lost batch is (a gap, or not reported received in time), and delivered again.
-    pub(super) fn add(&mut self, b: &[u8], handle: u64) -> Result<Option<Bytes>> {
-        if b.len() < PART_HEAD || b[0] != DLV_PART {
-            return Err(invalid("a malformed part"));
-        }
-        let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        let u32_at = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        let (h, seq, index, count) = (u64_at(1), u64_at(9), u32_at(17), u32_at(21));
-        if h != handle {
-            return Ok(None);
-        }
-        if index == 0 {
-            self.seq = seq;
-            self.count = count;
-            self.next = 0;
-            self.buf.clear();
-        }
-        let body = &b[PART_HEAD..];
-        if seq != self.seq
-            || index != self.next
-            || count != self.count
-            || self.buf.len() + body.len() > MAX_PARTED
-        {
-            self.buf = Vec::new();
-            self.next = u32::MAX;
-            return Ok(None);
-        }
-        self.buf.extend_from_slice(body);
-        self.next += 1;
-        if self.next < self.count {
-            return Ok(None);
-        }
-        self.next = u32::MAX;
-        Ok(Some(Bytes::from(std::mem::take(&mut self.buf))))
-    }
-}
-
 /// What the owner sends a member's gateway.
 #[derive(Debug)]
 pub(super) enum Dlv {
@@ -405,42 +324,6 @@ mod tests {
 
     fn topic(s: &str) -> TopicName {
         TopicName::new(s).unwrap()
-    }
-
-    #[test]
-    fn a_batch_in_parts_is_whole_again_and_a_lost_part_drops_it() {
-        let payload = Bytes::from((0..10_000u32).map(|i| i as u8).collect::<Vec<u8>>());
-        assert_eq!(split(payload.clone(), 7, 3, 10_000).len(), 1);
-        let parts = split(payload.clone(), 7, 3, 1_000);
-        assert_eq!(parts.len(), 10_000usize.div_ceil(1_000 - PART_HEAD));
-        assert!(parts.iter().all(|p| p.len() <= 1_000));
-        let mut r = Parts::default();
-        let mut whole = None;
-        for (i, p) in parts.iter().enumerate() {
-            let got = r.add(p, 7).unwrap();
-            assert_eq!(got.is_some(), i == parts.len() - 1);
-            whole = whole.or(got);
-        }
-        assert_eq!(whole.unwrap(), payload);
-        // Another member's parts are not this one's.
-        assert_eq!(r.add(&parts[0], 8).unwrap(), None);
-        // A part lost: nothing comes of that batch; the next one is whole.
-        let mut r = Parts::default();
-        for p in parts
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != 4)
-            .map(|(_, p)| p)
-        {
-            assert_eq!(r.add(p, 7).unwrap(), None);
-        }
-        let next = split(payload.clone(), 7, 4, 1_000);
-        let mut whole = None;
-        for p in &next {
-            whole = whole.or(r.add(p, 7).unwrap());
-        }
-        assert_eq!(whole.unwrap(), payload);
-        assert!(r.add(b"\x03short", 7).is_err());
     }
 
     proptest! {
