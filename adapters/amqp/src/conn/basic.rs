@@ -291,7 +291,7 @@ where
                 }
             }
         }
-        self.consumer_gone(&q, excl);
+        self.consumer_gone(&q, excl, None);
     }
 
     async fn get(&mut self, ch: u16, g: basic::Get) -> ChanResult {

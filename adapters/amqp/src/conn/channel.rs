@@ -74,10 +74,10 @@ where
     }
 
     fn release_consumer(&mut self, cons: Cons) -> mqgate_core::Left {
-        if !cons.get && !cons.cancelled {
-            self.consumer_gone(&cons.queue, cons.exclusive);
-        }
         if let Some(g) = cons.stream_group {
+            if !cons.get && !cons.cancelled {
+                self.consumer_gone(&cons.queue, cons.exclusive, None);
+            }
             let broker = self.shared.broker.clone();
             drop(cons.consumer);
             tokio::spawn(async move {
@@ -85,11 +85,22 @@ where
             });
             return Box::pin(std::future::ready(()));
         }
-        cons.consumer.leave()
+        let (queue, exclusive, gone) = (cons.queue, cons.exclusive, !cons.get && !cons.cancelled);
+        let left = futures_util::FutureExt::shared(cons.consumer.leave());
+        if gone {
+            self.consumer_gone(&queue, exclusive, Some(Box::pin(left.clone())));
+        }
+        Box::pin(left)
     }
 
-    /// A consumer of `q` went: auto-delete queues go with their last consumer.
-    pub(super) fn consumer_gone(&mut self, q: &Arc<Queue>, exclusive: bool) {
+    /// A consumer of `q` went (`left`: resolves once its member has left the group
+    /// where the group lives): auto-delete queues go with their last consumer.
+    pub(super) fn consumer_gone(
+        &mut self,
+        q: &Arc<Queue>,
+        exclusive: bool,
+        left: Option<mqgate_core::Left>,
+    ) {
         let delete = {
             let mut s = q.state.lock();
             s.consumers = s.consumers.saturating_sub(1);
@@ -107,18 +118,12 @@ where
             let shared = Arc::clone(&self.shared);
             let q = Arc::clone(q);
             tokio::spawn(async move {
-                // In a cluster its other consumers may be on other gateways: the group
-                // is asked (where the queue lives) until only they are left; the last
-                // consumer to go, wherever, deletes it. (This gateway's own member
-                // leaves the group a moment after its consumer went.)
+                // In a cluster its other consumers may be on other gateways: once this
+                // gateway's member has left, the group (where the queue lives) says
+                // whether any is left; the last consumer to go, wherever, deletes it.
                 if shared.broker.clustered() {
-                    for _ in 0..10 {
-                        match shared.broker.group_info(&q.group).await {
-                            Ok(g) if !g.members.is_empty() => {
-                                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                            }
-                            _ => break,
-                        }
+                    if let Some(left) = left {
+                        left.await;
                     }
                     if let Ok(g) = shared.broker.group_info(&q.group).await {
                         if !g.members.is_empty() {
