@@ -34,9 +34,8 @@ pub trait EndpointKind: Send + Sync + std::fmt::Debug {
     /// The keyed-area namespace of the records.
     fn namespace(&self) -> &str;
 
-    /// The endpoint record `key` → `value` declares, with when it was last used (now
-    /// when `None`); `None` when the record is not one to manage (unreadable, or of a
-    /// kind that is not managed).
+    /// The endpoint record `key` → `value` declares (managed as unused from now);
+    /// `None` when the record is not one to manage (unreadable).
     fn endpoint(&self, key: &[u8], value: &[u8]) -> Option<Endpoint>;
 }
 

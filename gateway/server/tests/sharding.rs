@@ -153,18 +153,22 @@ async fn publish_confirmed(ch: &Channel, q: &str, bodies: impl IntoIterator<Item
     }
 }
 
+/// A consumer of queue `q` on `ch`, tagged `tag` ("": the server names it), manual acks.
+async fn consume(ch: &Channel, q: &str, tag: &str) -> lapin::Consumer {
+    ch.basic_consume(
+        q.into(),
+        tag.into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("consume")
+}
+
 /// The messages of queue `q` through `ch` (consumed, acked): at least `want` of them
 /// (up to 30 s), then whatever more comes within a moment (duplicates).
 async fn drain(ch: &Channel, q: &str, want: usize) -> Vec<String> {
-    let mut c = ch
-        .basic_consume(
-            q.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let mut c = consume(ch, q, "").await;
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -325,15 +329,7 @@ async fn amqp_queues_through_any_gateway() {
             .unwrap();
         assert!(c.is_ack(), "a body of {n} bytes through gw3");
     }
-    let mut c = ch2
-        .basic_consume(
-            big.as_str().into(),
-            "big".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut c = consume(&ch2, big.as_str(), "big").await;
     for n in sizes {
         let d = tokio::time::timeout(Duration::from_secs(20), c.next())
             .await
@@ -360,15 +356,7 @@ async fn amqp_queues_through_any_gateway() {
     publish_confirmed(&ch3, &held, ["held".to_string()]).await;
     let (holder_conn, holder) = connect(gws[1].amqp).await;
     let after = holder_conn.create_channel().await.unwrap();
-    let mut c = holder
-        .basic_consume(
-            held.as_str().into(),
-            "holder".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut c = consume(&holder, held.as_str(), "holder").await;
     let d = tokio::time::timeout(Duration::from_secs(10), c.next())
         .await
         .expect("delivered")
@@ -580,15 +568,7 @@ async fn a_gateway_joins_under_amqp_load() {
     for (g, mine) in [(0usize, 0usize), (1, 1)] {
         let (conn, ch) = connect(gws[g].amqp).await;
         for q in queues.iter().skip(mine).step_by(2) {
-            let mut c = ch
-                .basic_consume(
-                    q.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
+            let mut c = consume(&ch, q.as_str(), "").await;
             let (received, q) = (received.clone(), q.clone());
             consumers.push(tokio::spawn(async move {
                 // Ends when the consumer is cancelled or the connection closes.
