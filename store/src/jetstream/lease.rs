@@ -38,7 +38,28 @@ pub async fn ensure_kv_bucket(
 
 /// Take the lease `key` if nobody holds it, or if it names this node (a restart, or a
 /// hand-over to it).
+///
+/// A bucket another node has just created may not yet be known to the NATS server this
+/// node talks to (JetStream places streams through its meta leader; the others learn of
+/// it a moment later, answering "no stream found" until then): such an answer is tried
+/// again for up to two seconds before it is an error.
 pub(super) async fn try_acquire(lease: &kv::Store, key: &str, node: &str) -> Result<Option<u64>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match try_acquire_once(lease, key, node).await {
+            Err(e)
+                if tokio::time::Instant::now() < deadline
+                    && e.to_string().contains("no stream found") =>
+            {
+                tracing::debug!(error = %e, key, "replication: the lease bucket is not known here yet; trying again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn try_acquire_once(lease: &kv::Store, key: &str, node: &str) -> Result<Option<u64>> {
     match lease.create(key, Bytes::from(node.to_owned())).await {
         Ok(rev) => Ok(Some(rev)),
         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => match lease.entry(key).await {
