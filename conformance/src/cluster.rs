@@ -2,7 +2,8 @@
 //! (8 shards over the shared 3-node NATS cluster, loopback), each with its AMQP and
 //! MQTT adapters, started once per test process and shared by every scenario of the
 //! variant (scenarios use names of their own). A target connects each client to the
-//! next gateway, so a scenario's publisher and consumer usually meet across gateways.
+//! next gateway, so a scenario's publisher and consumer usually meet across gateways
+//! (an MQTT session is spliced to the gateway owning its shard).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -118,6 +119,8 @@ async fn start(nats: &NatsCluster) -> Held {
             .expect("bind");
         ports.amqp.push(a.local_addr().expect("addr").port());
         ports.mqtt.push(m.local_addr().expect("addr").port());
+        gw.broker()
+            .advertise("mqtt", m.local_addr().expect("addr").to_string());
         amqp.listen(a);
         mqtt.listen(m);
         held.push((gw, amqp, mqtt));

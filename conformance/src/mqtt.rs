@@ -30,7 +30,7 @@ pub enum Backend {
     Shards,
     /// Three gateways of one sharded cluster (8 shards, the shared NATS cluster), one
     /// per test process (`crate::cluster`); each client connects to the next gateway.
-    /// Standard AMQP scenarios only, for now.
+    /// Standard scenarios only.
     Cluster,
 }
 
@@ -135,6 +135,8 @@ pub struct Target {
     /// Whether this is mqgate (extensions and mqgate-only configuration can be tested).
     pub mqgate: bool,
     inproc: Option<InProc>,
+    /// The `cluster` variant: every gateway's port, and which one the next client gets.
+    spread: Option<(Vec<u16>, std::sync::atomic::AtomicUsize)>,
 }
 
 #[derive(Debug)]
@@ -207,6 +209,17 @@ impl Target {
                 port,
                 mqgate: false,
                 inproc: None,
+                spread: None,
+            });
+        }
+        if backend == Backend::Cluster {
+            let c = tokio::task::block_in_place(crate::cluster::shared);
+            return Some(Target {
+                host: "127.0.0.1".into(),
+                port: c.mqtt[0],
+                mqgate: true,
+                inproc: None,
+                spread: Some((c.mqtt.clone(), std::sync::atomic::AtomicUsize::new(0))),
             });
         }
         Some(Self::mqgate(backend, MqttConfig::default(), CoreConfig::default()).await)
@@ -217,6 +230,10 @@ impl Target {
     pub async fn mqgate_only(backend: Backend, cfg: MqttConfig) -> Option<Target> {
         if external().is_some() {
             eprintln!("skipped: an mqgate extension or mqgate configuration");
+            return None;
+        }
+        if backend == Backend::Cluster {
+            eprintln!("skipped: the cluster variant runs the standard scenarios");
             return None;
         }
         Some(Self::mqgate(backend, cfg, CoreConfig::default()).await)
@@ -230,6 +247,10 @@ impl Target {
     ) -> Option<Target> {
         if external().is_some() {
             eprintln!("skipped: an mqgate extension or mqgate configuration");
+            return None;
+        }
+        if backend == Backend::Cluster {
+            eprintln!("skipped: the cluster variant runs the standard scenarios");
             return None;
         }
         Some(Self::mqgate(backend, cfg, core).await)
@@ -248,6 +269,18 @@ impl Target {
             port,
             mqgate: true,
             inproc: Some(inproc),
+            spread: None,
+        }
+    }
+
+    /// The port for the next connection (the next gateway of the `cluster` variant;
+    /// `port` otherwise).
+    pub fn next_port(&self) -> u16 {
+        match &self.spread {
+            Some((ports, next)) => {
+                ports[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % ports.len()]
+            }
+            None => self.port,
         }
     }
 
@@ -357,7 +390,7 @@ pub struct Raw {
 impl Raw {
     /// Open a TCP connection (no CONNECT sent).
     pub async fn open(t: &Target, version: Version) -> Raw {
-        let stream = TcpStream::connect((t.host.as_str(), t.port))
+        let stream = TcpStream::connect((t.host.as_str(), t.next_port()))
             .await
             .expect("connect");
         stream.set_nodelay(true).ok();

@@ -24,7 +24,7 @@ const WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(400);
 
 use mqgate_conformance::mqtt::uniq;
-use mqgate_conformance::scenario_replicated as scenario;
+use mqgate_conformance::scenario_clustered as scenario;
 
 // ---------------------------------------------------------------------------------------
 // rumqttc wrappers: an event loop in a task, events in a channel, no reconnects.
@@ -157,7 +157,7 @@ client_wrapper!(
 );
 
 fn opts3(t: &Target, id: &str, clean: bool) -> rumqttc::MqttOptions {
-    let mut o = rumqttc::MqttOptions::new(id, t.host.clone(), t.port);
+    let mut o = rumqttc::MqttOptions::new(id, t.host.clone(), t.next_port());
     o.set_clean_session(clean);
     o.set_keep_alive(Duration::from_secs(30));
     o
@@ -212,7 +212,7 @@ impl C3 {
 }
 
 fn opts5(t: &Target, id: &str, clean: bool) -> rumqttc::v5::MqttOptions {
-    let mut o = rumqttc::v5::MqttOptions::new(id, t.host.clone(), t.port);
+    let mut o = rumqttc::v5::MqttOptions::new(id, t.host.clone(), t.next_port());
     o.set_clean_start(clean);
     o.set_keep_alive(Duration::from_secs(30));
     o

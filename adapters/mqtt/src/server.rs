@@ -181,14 +181,33 @@ impl MqttServer {
             stats: MqttStats::default(),
             gate,
         });
+        if shared.broker.clustered() {
+            // A shard attached here brings its sessions: the core manages their expiry
+            // here from now on (see `SessionKind`).
+            shared
+                .broker
+                .add_endpoint_kind(Arc::new(SessionKind {
+                    shared: Arc::downgrade(&shared),
+                }))
+                .await?;
+        }
         // The core expires disconnected sessions; the adapter only lets go of them.
         let mut events = shared.broker.endpoint_events();
+        let mut shards = shared.broker.shard_events();
         let weak = Arc::downgrade(&shared);
         let mut stop = shared.shutdown.subscribe();
         tokio::spawn(async move {
             loop {
                 let ev = tokio::select! {
                     _ = stop.changed() => return,
+                    ev = shards.recv() => {
+                        match (ev, weak.upgrade()) {
+                            (Ok(mqgate_core::ShardEvent::Detached(id)), Some(s)) => s.shard_left(id),
+                            (Err(tokio::sync::broadcast::error::RecvError::Closed), _) | (_, None) => return,
+                            _ => {}
+                        }
+                        continue;
+                    }
                     ev = events.recv() => ev,
                 };
                 let Some(s) = weak.upgrade() else { return };
@@ -404,6 +423,10 @@ impl Shared {
                                     }
                                 }
                             }
+                            // A session of another gateway (its shard lives there):
+                            // stored in its topic through the relay and delivered from
+                            // there at QoS 0 (a disconnected one gets it on return).
+                            None if !self.broker.owns_topic(&t) => stored.push(t),
                             None => {
                                 self.stats.qos0_dropped.fetch_add(1, Ordering::Relaxed);
                             }
@@ -488,6 +511,22 @@ impl Shared {
         }
     }
 
+    /// Shard `id` left this gateway: its sessions are closed (5.0: DISCONNECT 0x9C
+    /// "use another server"), and their clients' reconnects go to its next owner.
+    fn shard_left(&self, id: u16) {
+        let clients = self.clients.lock();
+        let mut n = 0;
+        for (client, slot) in clients.iter() {
+            if self.broker.shard_of_topic(&session_topic(client)) == id {
+                let _ = slot.kick.send(crate::conn::USE_ANOTHER_SERVER);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::info!(shard = id, sessions = n, "MQTT: the shard moved to another gateway; its sessions are closed and reconnect there");
+        }
+    }
+
     /// The core deleted a session unused for its expiry: release its shared
     /// subscriptions.
     async fn session_expired(&self, records: Vec<(String, Bytes, Option<Bytes>)>) {
@@ -557,5 +596,41 @@ impl Shared {
             // Nobody holds it: stop routing to it (its offsets stay, for replay).
             let _ = self.broker.unbind_topic(DEFAULT_VHOST, &topic).await;
         }
+    }
+}
+
+/// The core's view of MQTT sessions in a cluster: a disconnected session's record back
+/// into the endpoint that expires it, on the gateway its shard is attached to.
+#[derive(Debug)]
+struct SessionKind {
+    shared: std::sync::Weak<Shared>,
+}
+
+impl mqgate_core::EndpointKind for SessionKind {
+    fn namespace(&self) -> &str {
+        NS_SESSION
+    }
+
+    fn endpoint(&self, key: &[u8], value: &[u8]) -> Option<mqgate_core::Endpoint> {
+        let id = std::str::from_utf8(key).ok()?;
+        let rec = SessionRecord::decode(Bytes::copy_from_slice(value))?;
+        if rec.expiry == u32::MAX {
+            return None;
+        }
+        // Connected here: its connection registers it when it ends.
+        if self
+            .shared
+            .upgrade()
+            .is_some_and(|s| s.clients.lock().contains_key(id))
+        {
+            return None;
+        }
+        Some(Shared::session_endpoint(id, rec.expiry))
+    }
+
+    fn unused_since(&self, _key: &[u8], value: &[u8]) -> Option<Millis> {
+        SessionRecord::decode(Bytes::copy_from_slice(value))
+            .map(|r| r.disconnected_at)
+            .filter(|at| *at > 0)
     }
 }

@@ -10,13 +10,16 @@
 //! 6 routing change: bytes of `RoutingOp::encode`, run on shard 0; 7 declare an
 //! endpoint once: topic, queues u32, group, namespace, key, record; 8 an endpoint
 //! record: topic, namespace, key; 9 delete an endpoint: vhost, topic, group, records:
-//! count, (namespace, key, value?)).
+//! count, (namespace, key, value?); 10 locate: topic, service; 11 a page of retained
+//! messages, on shard 0: filter, after?; 12 write records kept with a topic: topic,
+//! records as in 9).
 //! Reply: `0` answer: tag u8 (1 topic: name, queue count u32; 2 deleted u8; 3 group:
 //! name, members: count, (id, unacked u64, prefetch u64, queues: count, (topic, queue
 //! u32)); queues: count, (topic, queue u32, member?, committed u64, next u64, lag u64,
 //! ready u64, in flight u64); skipped u64; 4 done; 5 routed: log position u64, count,
 //! per change u8 0 unchanged / 1 changed / 2 + error; 6 declared (created); 7 declared
-//! (existed): its record; 8 record: value?); `1` error (`codec::encode_error`).
+//! (existed): its record; 8 record: value?; 9 located: address?; 10 retained: count,
+//! (topic, encoded message), next?); `1` error (`codec::encode_error`).
 //! No owner (*no responders*): asked again while the shard moves (every operation is
 //! idempotent, and nobody received it).
 
@@ -119,22 +122,49 @@ fn encode_op(op: &AdminOp) -> Bytes {
             put_bytes(&mut out, vhost.as_bytes());
             put_bytes(&mut out, topic.as_str().as_bytes());
             put_bytes(&mut out, group.as_str().as_bytes());
-            let ops = records.clone().into_ops();
-            out.put_u32(ops.len() as u32);
-            for (ns, key, value) in ops {
-                put_bytes(&mut out, ns.as_bytes());
-                put_bytes(&mut out, &key);
-                match value {
-                    Some(v) => {
-                        out.put_u8(1);
-                        put_bytes(&mut out, &v);
-                    }
-                    None => out.put_u8(0),
-                }
-            }
+            put_records(&mut out, records);
+        }
+        AdminOp::WriteRecords { topic, records } => {
+            out.put_u8(12);
+            put_bytes(&mut out, topic.as_str().as_bytes());
+            put_records(&mut out, records);
+        }
+        AdminOp::Locate { topic, service } => {
+            out.put_u8(10);
+            put_bytes(&mut out, topic.as_str().as_bytes());
+            put_bytes(&mut out, service.as_bytes());
+        }
+        AdminOp::RetainedPage { filter, after } => {
+            out.put_u8(11);
+            put_bytes(&mut out, filter.as_bytes());
+            put_opt_str(&mut out, after.as_deref());
         }
     }
     Bytes::from(out)
+}
+
+fn put_records(out: &mut Vec<u8>, records: &Records) {
+    let ops = records.clone().into_ops();
+    out.put_u32(ops.len() as u32);
+    for (ns, key, value) in ops {
+        put_bytes(out, ns.as_bytes());
+        put_bytes(out, &key);
+        put_opt_bytes(out, value.as_ref());
+    }
+}
+
+fn records(r: &mut Reader) -> Result<Records> {
+    let n = r.count(9)?;
+    let mut records = Records::new();
+    for _ in 0..n {
+        let ns = r.string()?;
+        let key = r.bytes()?;
+        match opt_bytes(r)? {
+            Some(v) => records.put(&ns, key, v),
+            None => records.delete(&ns, key),
+        };
+    }
+    Ok(records)
 }
 
 fn put_opt_bytes(out: &mut Vec<u8>, b: Option<&Bytes>) {
@@ -192,23 +222,25 @@ fn decode_op(b: Bytes) -> Result<AdminOp> {
             let vhost = r.string()?;
             let topic = r.topic()?;
             let group = group(&mut r)?;
-            let n = r.count(9)?;
-            let mut records = Records::new();
-            for _ in 0..n {
-                let ns = r.string()?;
-                let key = r.bytes()?;
-                match opt_bytes(&mut r)? {
-                    Some(v) => records.put(&ns, key, v),
-                    None => records.delete(&ns, key),
-                };
-            }
             AdminOp::DeleteEndpoint {
                 vhost,
                 topic,
                 group,
-                records,
+                records: records(&mut r)?,
             }
         }
+        10 => AdminOp::Locate {
+            topic: r.topic()?,
+            service: r.string()?,
+        },
+        12 => AdminOp::WriteRecords {
+            topic: r.topic()?,
+            records: records(&mut r)?,
+        },
+        11 => AdminOp::RetainedPage {
+            filter: r.string()?,
+            after: r.opt_string()?,
+        },
         k => return Err(invalid(format!("unknown operation {k}"))),
     };
     r.end()?;
@@ -284,6 +316,20 @@ fn encode_reply(r: &Result<AdminAnswer>) -> Bytes {
         AdminAnswer::Record(v) => {
             out.put_u8(8);
             put_opt_bytes(&mut out, v.as_ref());
+        }
+        AdminAnswer::Located(a) => {
+            out.put_u8(9);
+            put_opt_str(&mut out, a.as_deref());
+        }
+        AdminAnswer::Retained { messages, next } => {
+            out.put_u8(10);
+            out.put_u32(messages.len() as u32);
+            for (topic, m) in messages {
+                put_bytes(&mut out, topic.as_bytes());
+                // A message that cannot be encoded was stored encoded: never fails.
+                put_bytes(&mut out, &m.encode().unwrap_or_default());
+            }
+            put_opt_str(&mut out, next.as_deref());
         }
     }
     Bytes::from(out)
@@ -368,6 +414,21 @@ fn decode_reply(b: Bytes) -> Result<AdminAnswer> {
         6 => AdminAnswer::Declared(Declared::Created),
         7 => AdminAnswer::Declared(Declared::Exists(r.bytes()?)),
         8 => AdminAnswer::Record(opt_bytes(&mut r)?),
+        9 => AdminAnswer::Located(r.opt_string()?),
+        10 => {
+            let n = r.count(8)?;
+            let mut messages = Vec::with_capacity(n);
+            for _ in 0..n {
+                let topic = r.string()?;
+                let m = mqgate_store::Message::decode(r.bytes()?)
+                    .map_err(|e| invalid(format!("a retained message: {e}")))?;
+                messages.push((topic, m));
+            }
+            AdminAnswer::Retained {
+                messages,
+                next: r.opt_string()?,
+            }
+        }
         k => return Err(invalid(format!("answer tag {k}"))),
     };
     r.end()?;
@@ -538,6 +599,30 @@ mod tests {
                 group: g.clone(),
                 records: Records::new(),
             },
+            AdminOp::WriteRecords {
+                topic: t("%MQTT%c"),
+                records: {
+                    let mut r = Records::new();
+                    r.put(
+                        "mqtt.session",
+                        Bytes::from_static(b"c"),
+                        Bytes::from_static(b"rec"),
+                    );
+                    r
+                },
+            },
+            AdminOp::Locate {
+                topic: t("%MQTT%c"),
+                service: "mqtt".into(),
+            },
+            AdminOp::RetainedPage {
+                filter: "a/#".into(),
+                after: None,
+            },
+            AdminOp::RetainedPage {
+                filter: "a/+".into(),
+                after: Some("a/b".into()),
+            },
         ] {
             assert_eq!(decode_op(encode_op(&op)).unwrap(), op);
         }
@@ -557,6 +642,19 @@ mod tests {
             AdminAnswer::Declared(Declared::Exists(Bytes::new())),
             AdminAnswer::Record(None),
             AdminAnswer::Record(Some(Bytes::from_static(b"rec"))),
+            AdminAnswer::Located(None),
+            AdminAnswer::Located(Some("10.0.0.7:1883".into())),
+            AdminAnswer::Retained {
+                messages: vec![],
+                next: None,
+            },
+            AdminAnswer::Retained {
+                messages: vec![(
+                    "a/b".into(),
+                    mqgate_store::Message::new(t("a/b"), Bytes::from_static(b"body")),
+                )],
+                next: Some("a/b".into()),
+            },
             AdminAnswer::Group(GroupInfo {
                 name: g.clone(),
                 members: vec![MemberInfo {

@@ -53,6 +53,10 @@ pub(crate) struct Common {
     pub(crate) meta_follow: crate::meta::MetaFollow,
     /// What turns adapters' declaration records into endpoints (`catalog.rs`).
     pub(crate) kinds: RwLock<Vec<Arc<dyn crate::catalog::EndpointKind>>>,
+    /// Addresses this gateway advertises, by service (`locate.rs`).
+    pub(crate) services: RwLock<HashMap<String, String>>,
+    /// Shards attached and detached here.
+    pub(crate) shard_events: tokio::sync::broadcast::Sender<crate::locate::ShardEvent>,
 }
 
 /// One shard's core: its store and everything kept beside it (topics, consumer groups,
@@ -380,6 +384,8 @@ impl Broker {
             endpoint_events: tokio::sync::broadcast::channel(1024).0,
             meta_follow: crate::meta::MetaFollow::default(),
             kinds: RwLock::default(),
+            services: RwLock::default(),
+            shard_events: tokio::sync::broadcast::channel(256).0,
         });
         let set = Arc::new(ShardSet {
             common: Arc::clone(&common),
@@ -450,6 +456,9 @@ impl Broker {
                 h.routes[usize::from(id)].kick.notify_one();
             }
         }
+        let _ = set
+            .shard_events
+            .send(crate::locate::ShardEvent::Attached(id));
         tracing::info!(shard = id, "core: shard attached");
         Ok(())
     }
@@ -474,6 +483,12 @@ impl Broker {
             }
             return false;
         };
+        // New work on it goes to its next owner from now: adapters let go of what
+        // they keep of it (the MQTT sessions in it).
+        let _ = self
+            .inner
+            .shard_events
+            .send(crate::locate::ShardEvent::Detached(id));
         core.stop().await;
         if meta {
             // What the log has up to this gateway's last write: a change the router

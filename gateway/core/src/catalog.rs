@@ -27,6 +27,7 @@ use mqgate_store::{GroupName, TopicName};
 use crate::broker::ShardCore;
 use crate::endpoints::Endpoint;
 use crate::error::{CoreError, Result};
+use crate::publish::Records;
 use crate::shard::{AdminAnswer, AdminOp};
 
 /// Turns an adapter's declaration records back into endpoints.
@@ -37,6 +38,13 @@ pub trait EndpointKind: Send + Sync + std::fmt::Debug {
     /// The endpoint record `key` → `value` declares (managed as unused from now);
     /// `None` when the record is not one to manage (unreadable).
     fn endpoint(&self, key: &[u8], value: &[u8]) -> Option<Endpoint>;
+
+    /// Since when the endpoint the record declares has been unused, if the record
+    /// says (an MQTT session's disconnection); `None`: from now.
+    fn unused_since(&self, key: &[u8], value: &[u8]) -> Option<mqgate_store::Millis> {
+        let _ = (key, value);
+        None
+    }
 }
 
 /// An endpoint to declare once: its storage and its record.
@@ -106,7 +114,7 @@ impl crate::Broker {
             after = Some(last.0.clone());
             for (k, v) in &page {
                 if let Some(e) = kind.endpoint(k, v) {
-                    self.register_endpoint(e);
+                    self.register_endpoint_since(e, kind.unused_since(k, v));
                     n += 1;
                 }
             }
@@ -189,6 +197,36 @@ impl crate::Broker {
                     AdminAnswer::Record(r) => Ok(r),
                     other => Err(CoreError::Store(mqgate_store::StoreError::Backend(
                         format!("the admin relay answered a record read with {other:?}"),
+                    ))),
+                }
+            }
+            (None, None) => Err(CoreError::NotOwned(id)),
+        }
+    }
+
+    /// Write `records`, kept with `topic` (in its shard, wherever that is owned): an
+    /// endpoint's records that change while it lives (an MQTT session's).
+    pub async fn write_endpoint_records(&self, topic: &TopicName, records: Records) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let id = self.inner.placement.topic(topic);
+        match (self.inner.local(id), &self.inner.link) {
+            (Some(shard), _) => {
+                let mut batch = mqgate_store::WriteBatch::new();
+                records.apply(&mut batch);
+                shard.store.write(batch).await?;
+                Ok(())
+            }
+            (None, Some(link)) => {
+                let op = AdminOp::WriteRecords {
+                    topic: topic.clone(),
+                    records,
+                };
+                match link.admin(id, op).await? {
+                    AdminAnswer::Done => Ok(()),
+                    other => Err(CoreError::Store(mqgate_store::StoreError::Backend(
+                        format!("the admin relay answered a record write with {other:?}"),
                     ))),
                 }
             }

@@ -23,6 +23,7 @@ mod error;
 mod group;
 mod inspect;
 mod limits;
+mod locate;
 pub mod login;
 pub mod mailbox;
 mod memory;
@@ -58,6 +59,7 @@ pub use group::{
     AckToken, ConsumeMode, Consumer, Delivery, GroupInfo, GroupSpec, Left, MemberInfo,
     MemberOptions, OnFailure, QueueInfo, RemoteControl, StartPosition,
 };
+pub use locate::{Located, ShardEvent};
 pub use login::{LoginThrottle, LoginThrottleConfig};
 pub use pipeline::Pipeline;
 pub use publish::{Delay, Publish, Published};

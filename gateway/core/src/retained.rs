@@ -404,20 +404,28 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
 /// drains, so a subscription matching many messages holds one page, not all of them.
 #[derive(Debug)]
 pub struct RetainedCursor {
-    filter: String,
+    pub(crate) filter: String,
     /// The next page starts after this key (`None`: at the first one).
-    after: Option<String>,
+    pub(crate) after: Option<String>,
     ready: VecDeque<(String, Entry)>,
-    done: bool,
+    /// Messages read from shard 0's owner on another gateway (`locate.rs`).
+    pub(crate) fetched: VecDeque<(String, Arc<Message>)>,
+    pub(crate) done: bool,
 }
 
 impl RetainedCursor {
     /// The retained messages matching `filter`, from the first.
     pub fn new(filter: &str) -> Self {
+        Self::after(filter, None)
+    }
+
+    /// The retained messages matching `filter` after the topic `after`.
+    pub(crate) fn after(filter: &str, after: Option<String>) -> Self {
         Self {
             filter: filter.to_owned(),
-            after: None,
+            after,
             ready: VecDeque::new(),
+            fetched: VecDeque::new(),
             done: false,
         }
     }

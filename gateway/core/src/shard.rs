@@ -255,6 +255,29 @@ pub enum AdminOp {
         /// Its records' changes.
         records: crate::Records,
     },
+    /// [`crate::Broker::write_endpoint_records`].
+    WriteRecords {
+        /// The topic they are kept with.
+        topic: TopicName,
+        /// The changes.
+        records: crate::Records,
+    },
+    /// The address the owner of `topic`'s shard advertises for `service`
+    /// ([`crate::Broker::locate`]).
+    Locate {
+        /// The topic.
+        topic: TopicName,
+        /// The service ("mqtt").
+        service: String,
+    },
+    /// A page of the retained messages matching `filter` after the topic `after`, read
+    /// on shard 0's owner ([`crate::Broker::retained_next`]).
+    RetainedPage {
+        /// The MQTT topic filter.
+        filter: String,
+        /// Where the page starts (after this topic).
+        after: Option<String>,
+    },
 }
 
 /// What an [`AdminOp`] answered.
@@ -272,6 +295,16 @@ pub enum AdminAnswer {
     Declared(crate::Declared),
     /// A record, if it exists.
     Record(Option<bytes::Bytes>),
+    /// The address advertised for a service, if any.
+    Located(Option<String>),
+    /// Retained messages (topic, message), and where the next page starts (`None`:
+    /// none left).
+    Retained {
+        /// The page.
+        messages: Vec<(String, mqgate_store::Message)>,
+        /// The last topic of the page when more may follow.
+        next: Option<String>,
+    },
     /// A routing change's result per thing changed, and shard 0's log position once
     /// it was written (what the caller's follower must reach).
     Routed {
@@ -292,9 +325,11 @@ impl AdminOp {
             }
             AdminOp::Routing(_) => 0,
             AdminOp::DeclareEndpoint(d) => set.placement.topic(&d.topic),
-            AdminOp::EndpointRecord { topic, .. } | AdminOp::DeleteEndpoint { topic, .. } => {
-                set.placement.topic(topic)
-            }
+            AdminOp::EndpointRecord { topic, .. }
+            | AdminOp::DeleteEndpoint { topic, .. }
+            | AdminOp::Locate { topic, .. }
+            | AdminOp::WriteRecords { topic, .. } => set.placement.topic(topic),
+            AdminOp::RetainedPage { .. } => 0,
         }
     }
 }
@@ -340,6 +375,15 @@ impl crate::Broker {
                 self.delete_endpoint(&vhost, &topic, &group, records)
                     .await?;
                 AdminAnswer::Done
+            }
+            AdminOp::WriteRecords { topic, records } => {
+                self.write_endpoint_records(&topic, records).await?;
+                AdminAnswer::Done
+            }
+            AdminOp::Locate { service, .. } => AdminAnswer::Located(self.advertised(&service)),
+            AdminOp::RetainedPage { filter, after } => {
+                let (messages, next) = self.retained_page(&filter, after).await?;
+                AdminAnswer::Retained { messages, next }
             }
         })
     }

@@ -365,6 +365,11 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     let mut bound = admin::Listeners::default();
     if let Some(l) = bind("MQTT", s.listeners.mqtt, backlog).await? {
         bound.mqtt = l.local_addr().ok();
+        if let (Some(a), true) = (bound.mqtt, broker.clustered()) {
+            // Where the other gateways send the clients of sessions that live here.
+            let host = advertised_host(&s.cluster.advertise_host, a.ip());
+            broker.advertise("mqtt", format!("{host}:{}", a.port()));
+        }
         mqtt.listen(l);
     }
     let amqp = AmqpServer::start(broker.clone(), s.amqp(&users))
@@ -658,4 +663,23 @@ impl StopSignals {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// The host other gateways reach this one at: `cluster.advertise_host` if set, else
+/// the listener's address, else (a listener on every interface) the machine's name.
+fn advertised_host(configured: &Option<String>, bound: std::net::IpAddr) -> String {
+    if let Some(h) = configured {
+        return h.clone();
+    }
+    if !bound.is_unspecified() {
+        return match bound {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        };
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "127.0.0.1".to_owned())
 }

@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use mqgate_core::acl::{Access, Subject};
-use mqgate_core::{ConsumeMode, GroupSpec, MemberOptions, OnFailure, StartPosition};
+use mqgate_core::{ConsumeMode, GroupSpec, Located, MemberOptions, OnFailure, StartPosition};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use mqgate_core::sockio::{Input, Output};
 
+use super::splice::Preamble;
 use super::{Conn, Inflight, Stage};
 use crate::codec::{
     self, reason, Ack, AckKind, ConnAck, Connect, DecodeError, Packet, Properties, Version,
@@ -24,19 +25,42 @@ use crate::server::{ClientSlot, Shared};
 use crate::session::{session_group, session_topic, SessionRecord, NS_SESSION};
 
 /// Read the first packet, which must be CONNECT. Anything else closes the connection.
+/// A connection another gateway spliced here starts with a preamble naming the
+/// client's address (`splice.rs`): returned with the CONNECT.
 pub(super) async fn read_connect<S: AsyncRead + AsyncWrite>(
     shared: &Shared,
     rd: &mut ReadHalf<S>,
     wr: &mut WriteHalf<S>,
     inbuf: &mut BytesMut,
     peer: SocketAddr,
-) -> Option<Box<Connect>> {
+) -> Option<(Box<Connect>, Option<String>)> {
     let deadline = Instant::now() + shared.cfg.connect_timeout;
     // Before login a client may make the broker hold at most this much.
     let max = shared.cfg.max_connect_size.min(shared.cfg.max_packet_size);
+    // `None` until the first bytes told whether a preamble comes first.
+    let mut via: Option<Option<String>> = None;
     loop {
-        match codec::decode(inbuf, None, max) {
-            Ok(Some(Packet::Connect(c))) => return Some(c),
+        if via.is_none() {
+            match super::splice::preamble(inbuf) {
+                Preamble::No => via = Some(None),
+                Preamble::Line { len, peer: from } => {
+                    let _ = inbuf.split_to(len);
+                    via = Some(Some(from));
+                }
+                Preamble::Bad => {
+                    tracing::info!(%peer, "MQTT: a malformed splice preamble; closed");
+                    shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                Preamble::Partial => {}
+            }
+        }
+        let decoded = match via {
+            Some(_) => codec::decode(inbuf, None, max),
+            None => Ok(None),
+        };
+        match decoded {
+            Ok(Some(Packet::Connect(c))) => return Some((c, via.flatten())),
             Ok(Some(p)) => {
                 tracing::info!(%peer, packet = p.name(), "MQTT: first packet is not CONNECT; closed");
                 shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
@@ -96,7 +120,9 @@ fn connack(code: u8, session_present: bool, properties: Properties) -> Packet {
 }
 
 /// Check CONNECT, take over an existing connection, restore or create the session, and
-/// answer CONNACK. `None` when the client was refused.
+/// answer CONNACK. `None` when the client was refused, or spliced to the gateway owning
+/// its session (`via`: the peer a splice preamble named).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn accept<S>(
     shared: Arc<Shared>,
     rd: ReadHalf<S>,
@@ -104,6 +130,7 @@ pub(super) async fn accept<S>(
     inbuf: BytesMut,
     peer: SocketAddr,
     c: Connect,
+    via: Option<String>,
     pending: mqgate_core::net::Pending,
 ) -> Option<(Box<Conn<S>>, mqgate_core::net::Admitted)>
 where
@@ -205,6 +232,52 @@ where
             refuse!(5, reason::NOT_AUTHORIZED, "will topic not allowed");
         }
     }
+    // In a cluster a session lives on the gateway owning its shard: a client that came
+    // here is spliced there (a client without a client id gets a new clean session,
+    // which stays where it is).
+    if shared.broker.clustered() && !c.client_id.is_empty() {
+        let topic = session_topic(&client_id);
+        let located = match &via {
+            // Spliced here by a gateway that found it here: if it has moved since, the
+            // client tries again (no second hop).
+            Some(_) if shared.broker.owns_topic(&topic) => Ok(Located::Here),
+            Some(_) => Err("the session's shard moved".to_owned()),
+            None => shared
+                .broker
+                .locate(&topic, "mqtt")
+                .await
+                .map_err(|e| format!("the session's shard has no owner now: {e}")),
+        };
+        match located {
+            Ok(Located::Here) | Ok(Located::Unadvertised) => {}
+            Ok(Located::At(addr)) => {
+                let wr = match super::splice::splice(
+                    Arc::clone(&shared),
+                    rd,
+                    wr,
+                    inbuf,
+                    peer,
+                    c.clone(),
+                    &addr,
+                    admitted,
+                )
+                .await
+                {
+                    Ok(()) => return None,
+                    Err((wr, why)) => {
+                        tracing::warn!(%peer, client = %client_id, reason = %why, "MQTT: the session's gateway could not be reached; connection refused");
+                        wr
+                    }
+                };
+                let mut wr = wr;
+                let out = refuse(3, reason::SERVER_UNAVAILABLE);
+                let _ = wr.write_all(&out).await;
+                let _ = wr.shutdown().await;
+                return None;
+            }
+            Err(why) => refuse!(3, reason::SERVER_UNAVAILABLE, why.as_str()),
+        }
+    }
     // Session expiry: 3.1.1 clean session = 0, persistent = never; 5.0 says.
     let asked_expiry = if v5 {
         c.properties.session_expiry.unwrap_or(0)
@@ -234,7 +307,10 @@ where
             info: mqgate_core::ConnectionInfo {
                 id: client_id.clone(),
                 protocol: "mqtt",
-                peer: peer.to_string(),
+                peer: match &via {
+                    Some(from) => format!("{from} (via {peer})"),
+                    None => peer.to_string(),
+                },
                 user: c.username.clone(),
                 detail: format!("{:?}", c.version),
                 connected_at: shared.now(),
@@ -264,7 +340,13 @@ where
         .await;
     shared.expiring.lock().remove(&client_id);
 
-    let existing = match shared.broker.record(NS_SESSION, client_id.as_bytes()).await {
+    // The session's record lives with its topic (in its shard).
+    let topic_name = session_topic(&client_id);
+    let existing = match shared
+        .broker
+        .endpoint_record(&topic_name, NS_SESSION, client_id.as_bytes())
+        .await
+    {
         Ok(v) => v.and_then(SessionRecord::decode),
         Err(e) => {
             tracing::error!(client = %client_id, error = %e, "MQTT: reading the session failed");
@@ -273,7 +355,6 @@ where
             refuse!(3, reason::SERVER_UNAVAILABLE, "store unavailable");
         }
     };
-    let topic_name = session_topic(&client_id);
     let mut record = SessionRecord {
         expiry,
         ..Default::default()

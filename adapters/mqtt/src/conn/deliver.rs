@@ -49,22 +49,19 @@ where
 
     /// Send retained messages of new subscriptions until the output buffer or the
     /// client's window is full; bodies not in the retained cache are read from the store.
+    /// (In a cluster, read from the gateway owning shard 0 when that is another one.)
     pub(super) async fn send_retained(&mut self) {
-        let now = self.shared.now();
         let broker = self.shared.broker.clone();
-        let retained = broker.retained();
         while self.output.out.len() < OUT_HIGH_WATER && self.inflight.len() < self.send_quota {
             let Some(mut pending) = self.retained_todo.pop_front() else {
                 // All sent: the queue's buffer goes too (an idle session keeps none).
                 self.retained_todo = std::collections::VecDeque::new();
                 return;
             };
-            let Some((topic, entry)) = pending.cursor.next(&retained, now) else {
+            let Some((topic, m)) = broker.retained_next(&mut pending.cursor).await else {
                 continue;
             };
-            if let Some(m) = retained.body(&topic, entry).await {
-                self.deliver_retained(&topic, &m, &pending.sub);
-            }
+            self.deliver_retained(&topic, &m, &pending.sub);
             self.retained_todo.push_front(pending);
         }
     }

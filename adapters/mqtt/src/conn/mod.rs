@@ -25,6 +25,7 @@ use self::deliver::poll_deliveries;
 mod connect;
 mod deliver;
 mod publish;
+mod splice;
 mod subscribe;
 mod will;
 
@@ -174,8 +175,8 @@ pub(crate) async fn run<S>(
         () = evicted.wait() => None,
     };
     // Out of its box at once: the box would otherwise live as long as this task.
-    let connect = match read {
-        Some(c) => *c,
+    let (connect, via) = match read {
+        Some((c, via)) => (*c, via),
         None => {
             shared
                 .stats
@@ -193,6 +194,7 @@ pub(crate) async fn run<S>(
         inbuf,
         peer,
         connect,
+        via,
         pending,
     ))
     .await
@@ -312,10 +314,10 @@ where
                         return end;
                     }
                     let code = r.unwrap_or(reason::SESSION_TAKEN_OVER);
-                    let why = if code == ADMINISTRATIVE_ACTION {
-                        "closed by an administrator"
-                    } else {
-                        "session taken over"
+                    let why = match code {
+                        ADMINISTRATIVE_ACTION => "closed by an administrator",
+                        USE_ANOTHER_SERVER => "the session moved to another gateway",
+                        _ => "session taken over",
                     };
                     return End::Server(code, why.into());
                 }
@@ -487,7 +489,8 @@ where
             Bytes::copy_from_slice(self.client_id.as_bytes()),
             self.record.encode(),
         );
-        if let Err(e) = self.shared.broker.write_records(b).await {
+        let topic = session_topic(&self.client_id);
+        if let Err(e) = self.shared.broker.write_endpoint_records(&topic, b).await {
             tracing::error!(client = %self.client_id, error = %e, "MQTT: saving the session failed");
         }
     }
@@ -545,7 +548,11 @@ where
         self.session = None;
         self.shared_subs.clear();
 
-        let publish_will = !matches!(end, End::Client { will: false });
+        // A session moving to another gateway did not fail: its client comes back.
+        let publish_will = !matches!(
+            end,
+            End::Client { will: false } | End::Server(USE_ANOTHER_SERVER, _)
+        );
         if let Some(will) = self.will.take().filter(|_| publish_will) {
             let delay = will
                 .properties
@@ -595,3 +602,6 @@ where
 
 /// DISCONNECT reason code 0x98: closed by an administrator (admin API).
 pub(crate) const ADMINISTRATIVE_ACTION: u8 = 0x98;
+/// DISCONNECT reason code 0x9C: use another server (the session's shard moved to
+/// another gateway of the cluster; the client's reconnect finds it there).
+pub(crate) const USE_ANOTHER_SERVER: u8 = 0x9C;

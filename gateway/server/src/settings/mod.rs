@@ -215,6 +215,10 @@ pub(crate) struct ClusterSettings {
     /// How long a starting gateway waits for the cluster (shard 0 owned, its routing
     /// state followed) before it opens its listeners anyway.
     pub(crate) ready_timeout: HumanDuration,
+    /// The host name or address other gateways reach this one at (MQTT sessions are
+    /// spliced to the gateway owning their shard); default: the MQTT listener's
+    /// address, or the machine's name when it listens on every interface.
+    pub(crate) advertise_host: Option<String>,
 }
 
 impl Default for ClusterSettings {
@@ -226,6 +230,7 @@ impl Default for ClusterSettings {
             move_lag: 1_000,
             relay_timeout: HumanDuration::millis(5_000),
             ready_timeout: HumanDuration::millis(60_000),
+            advertise_host: None,
         }
     }
 }
