@@ -260,6 +260,20 @@ pub struct QueueState {
     pub exclusive_consumer: bool,
     /// Deleted: handles still held see this.
     pub deleted: bool,
+    /// In a cluster, an auto-delete queue's consumers of this gateway that went: each
+    /// resolves once its member has left the group (the last one's deletion waits for
+    /// them all before it asks the group whether any consumer is left).
+    pub leaving: Leaving,
+}
+
+/// Futures resolving once departed consumers' members have left their group.
+#[derive(Default)]
+pub struct Leaving(pub Vec<mqgate_core::Left>);
+
+impl std::fmt::Debug for Leaving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Leaving({})", self.0.len())
+    }
 }
 
 impl Queue {

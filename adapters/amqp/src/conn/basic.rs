@@ -280,6 +280,9 @@ where
             cons.consumer.nack(d.ack_token(), true);
         }
         let (q, excl, drop_now) = (Arc::clone(&cons.queue), cons.exclusive, cons.unacked == 0);
+        // Resolves once its member has left the group (an auto-delete queue's last
+        // consumer waits for it before asking the group whether any is left).
+        let mut left: Option<mqgate_core::Left> = None;
         if drop_now {
             if let Some(cons) = chan.consumers.remove(&id) {
                 if let Some(g) = cons.stream_group {
@@ -288,10 +291,12 @@ where
                     tokio::spawn(async move {
                         let _ = broker.delete_group(&g).await;
                     });
+                } else {
+                    left = Some(cons.consumer.leave());
                 }
             }
         }
-        self.consumer_gone(&q, excl, None);
+        self.consumer_gone(&q, excl, left);
     }
 
     async fn get(&mut self, ch: u16, g: basic::Get) -> ChanResult {

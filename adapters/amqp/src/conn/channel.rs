@@ -101,13 +101,23 @@ where
         exclusive: bool,
         left: Option<mqgate_core::Left>,
     ) {
-        let delete = {
+        let clustered = self.shared.broker.clustered();
+        let (delete, leaving) = {
             let mut s = q.state.lock();
             s.consumers = s.consumers.saturating_sub(1);
             if exclusive {
                 s.exclusive_consumer = false;
             }
-            q.auto_delete && s.had_consumer && s.consumers == 0 && !s.deleted
+            if let (true, true, Some(l)) = (clustered, q.auto_delete, left) {
+                s.leaving.0.push(l);
+            }
+            let delete = q.auto_delete && s.had_consumer && s.consumers == 0 && !s.deleted;
+            let leaving = if s.consumers == 0 {
+                std::mem::take(&mut s.leaving.0)
+            } else {
+                Vec::new()
+            };
+            (delete, leaving)
         };
         // A consumer of a deleted queue does not count against a queue of the same name
         // declared since (its group name is the same).
@@ -121,9 +131,10 @@ where
                 // In a cluster its other consumers may be on other gateways: once this
                 // gateway's member has left, the group (where the queue lives) says
                 // whether any is left; the last consumer to go, wherever, deletes it.
-                if shared.broker.clustered() {
-                    if let Some(left) = left {
-                        left.await;
+                if clustered {
+                    // Every consumer of this gateway has left (not only the last).
+                    for l in leaving {
+                        l.await;
                     }
                     if let Ok(g) = shared.broker.group_info(&q.group).await {
                         if !g.members.is_empty() {
