@@ -397,6 +397,48 @@ impl AmqpServer {
         v
     }
 
+    /// Every declared queue: [`AmqpServer::queues`], and in a cluster those declared
+    /// through other gateways too (their records read from every shard; consumer
+    /// counts are this gateway's).
+    pub async fn queues_everywhere(&self) -> Vec<QueueView> {
+        let mut v = self.queues();
+        if !self.shared.broker.clustered() {
+            return v;
+        }
+        let mut known: std::collections::HashSet<(String, String)> = v
+            .iter()
+            .map(|q| (q.vhost.clone(), q.name.clone()))
+            .collect();
+        let mut after: Option<bytes::Bytes> = None;
+        loop {
+            let page = self
+                .shared
+                .broker
+                .records_everywhere(crate::queue::NS_QUEUE, b"", after.as_deref(), 1024)
+                .await;
+            if !page.missing.is_empty() {
+                tracing::debug!(shards = ?page.missing, "AMQP: queues of shards nobody answers for now are not listed");
+            }
+            let Some(last) = page.items.last() else { break };
+            after = Some(last.0.clone());
+            for (k, r) in &page.items {
+                let Some(q) = Queue::from_record(
+                    k,
+                    r,
+                    self.shared.cfg.default_retry_policy,
+                    crate::queue::FOREIGN_OWNER,
+                ) else {
+                    continue;
+                };
+                if known.insert((q.vhost.clone(), q.name.clone())) {
+                    v.push(view(&q));
+                }
+            }
+        }
+        v.sort_by(|a, b| (&a.vhost, &a.name).cmp(&(&b.vhost, &b.name)));
+        v
+    }
+
     /// One declared queue.
     pub fn queue(&self, vhost: &str, name: &str) -> Option<QueueView> {
         self.shared.queue(vhost, name).map(|q| view(&q))

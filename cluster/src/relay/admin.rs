@@ -12,14 +12,22 @@
 //! record: topic, namespace, key; 9 delete an endpoint: vhost, topic, group, records:
 //! count, (namespace, key, value?); 10 locate: topic, service; 11 a page of retained
 //! messages, on shard 0: filter, after?; 12 write records kept with a topic: topic,
-//! records as in 9).
+//! records as in 9; 13 a shard's topics: shard u16; 14 a shard's groups: shard u16; 15
+//! a topic's view: topic; 16 a message: id u64; 17 by key: topic, key, limit u32; 18
+//! peek: queue, from u64, limit u32; 19 cancel a named timer: name; 20 a shard's
+//! records: shard u16, namespace, prefix, after?, limit u32).
 //! Reply: `0` answer: tag u8 (1 topic: name, queue count u32; 2 deleted u8; 3 group:
 //! name, members: count, (id, unacked u64, prefetch u64, queues: count, (topic, queue
 //! u32)); queues: count, (topic, queue u32, member?, committed u64, next u64, lag u64,
 //! ready u64, in flight u64); skipped u64; 4 done; 5 routed: log position u64, count,
 //! per change u8 0 unchanged / 1 changed / 2 + error; 6 declared (created); 7 declared
 //! (existed): its record; 8 record: value?; 9 located: address?; 10 retained: count,
-//! (topic, encoded message), next?); `1` error (`codec::encode_error`).
+//! (topic, encoded message), next?; 11 topics: count, (name, queue count u32, ranges:
+//! count, (min u64, next u64)); 12 groups: count, names; 13 stored messages: count,
+//! `wire` encodings; 14 queue messages: count, (offset, id u64, size u32, tag hash,
+//! timestamp u64, `wire` encoding); 13 and 14 hold as many as fit 512 KiB, the first
+//! always; 15 records: count, (key, value), as many as fit 512 KiB); `1` error
+//! (`codec::encode_error`).
 //! No owner (*no responders*): asked again while the shard moves (every operation is
 //! idempotent, and nobody received it).
 
@@ -28,11 +36,15 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes};
 use mqgate_core::outbox::ShardId;
 use mqgate_core::shard::{AdminAnswer, AdminOp};
+use mqgate_core::TopicView;
 use mqgate_core::{
     Broker, CoreError, Declared, EndpointDecl, GroupInfo, MemberInfo, QueueInfo, Records, Result,
     RoutingOp,
 };
-use mqgate_store::{GroupName, QueueId, QueueRef, TopicConfig};
+use mqgate_store::{
+    GroupName, MessageId, OffsetRange, QueueEntry, QueueId, QueueMessage, QueueOffset, QueueRef,
+    StoredMessage, TopicConfig,
+};
 
 use super::codec::{decode_error, encode_error, put_bytes, put_opt_str, put_start, start, Reader};
 use super::subject;
@@ -134,6 +146,52 @@ fn encode_op(op: &AdminOp) -> Bytes {
             put_bytes(&mut out, topic.as_str().as_bytes());
             put_bytes(&mut out, service.as_bytes());
         }
+        AdminOp::ShardTopics(shard) => {
+            out.put_u8(13);
+            out.put_u16(*shard);
+        }
+        AdminOp::ShardGroups(shard) => {
+            out.put_u8(14);
+            out.put_u16(*shard);
+        }
+        AdminOp::TopicView(t) => {
+            out.put_u8(15);
+            put_bytes(&mut out, t.as_str().as_bytes());
+        }
+        AdminOp::Message(id) => {
+            out.put_u8(16);
+            out.put_u64(id.0);
+        }
+        AdminOp::ByKey { topic, key, limit } => {
+            out.put_u8(17);
+            put_bytes(&mut out, topic.as_str().as_bytes());
+            put_bytes(&mut out, key.as_bytes());
+            out.put_u32(*limit);
+        }
+        AdminOp::Peek { queue, from, limit } => {
+            out.put_u8(18);
+            put_queue(&mut out, queue);
+            out.put_u64(from.0);
+            out.put_u32(*limit);
+        }
+        AdminOp::ShardRecords {
+            shard,
+            namespace,
+            prefix,
+            after,
+            limit,
+        } => {
+            out.put_u8(20);
+            out.put_u16(*shard);
+            put_bytes(&mut out, namespace.as_bytes());
+            put_bytes(&mut out, prefix);
+            put_opt_bytes(&mut out, after.as_ref());
+            out.put_u32(*limit);
+        }
+        AdminOp::CancelScheduled(name) => {
+            out.put_u8(19);
+            put_bytes(&mut out, name.as_bytes());
+        }
         AdminOp::RetainedPage { filter, after } => {
             out.put_u8(11);
             put_bytes(&mut out, filter.as_bytes());
@@ -165,6 +223,10 @@ fn records(r: &mut Reader) -> Result<Records> {
         };
     }
     Ok(records)
+}
+
+fn stored(r: &mut Reader) -> Result<StoredMessage> {
+    mqgate_store::wire::decode(r.bytes()?).map_err(|e| invalid(format!("a message: {e}")))
 }
 
 fn put_opt_bytes(out: &mut Vec<u8>, b: Option<&Bytes>) {
@@ -236,6 +298,28 @@ fn decode_op(b: Bytes) -> Result<AdminOp> {
         12 => AdminOp::WriteRecords {
             topic: r.topic()?,
             records: records(&mut r)?,
+        },
+        13 => AdminOp::ShardTopics(r.u16()?),
+        14 => AdminOp::ShardGroups(r.u16()?),
+        15 => AdminOp::TopicView(r.topic()?),
+        16 => AdminOp::Message(MessageId(r.u64()?)),
+        17 => AdminOp::ByKey {
+            topic: r.topic()?,
+            key: r.string()?,
+            limit: r.u32()?,
+        },
+        18 => AdminOp::Peek {
+            queue: queue(&mut r)?,
+            from: QueueOffset(r.u64()?),
+            limit: r.u32()?,
+        },
+        19 => AdminOp::CancelScheduled(r.string()?),
+        20 => AdminOp::ShardRecords {
+            shard: r.u16()?,
+            namespace: r.string()?,
+            prefix: r.bytes()?,
+            after: opt_bytes(&mut r)?,
+            limit: r.u32()?,
         },
         11 => AdminOp::RetainedPage {
             filter: r.string()?,
@@ -316,6 +400,77 @@ fn encode_reply(r: &Result<AdminAnswer>) -> Bytes {
         AdminAnswer::Record(v) => {
             out.put_u8(8);
             put_opt_bytes(&mut out, v.as_ref());
+        }
+        AdminAnswer::Topics(ts) => {
+            out.put_u8(11);
+            out.put_u32(ts.len() as u32);
+            for t in ts {
+                put_bytes(&mut out, t.config.name.as_str().as_bytes());
+                out.put_u32(t.config.queue_count);
+                out.put_u32(t.ranges.len() as u32);
+                for r in &t.ranges {
+                    out.put_u64(r.min.0);
+                    out.put_u64(r.next.0);
+                }
+            }
+        }
+        AdminAnswer::Groups(gs) => {
+            out.put_u8(12);
+            out.put_u32(gs.len() as u32);
+            for g in gs {
+                put_bytes(&mut out, g.as_str().as_bytes());
+            }
+        }
+        AdminAnswer::Records(rs) => {
+            out.put_u8(15);
+            // As many as fit one answer (the caller pages on from the last).
+            let mut body = Vec::new();
+            let mut n = 0u32;
+            for (k, v) in rs {
+                if n > 0 && body.len() >= mqgate_core::RELAYED_READ_BYTES {
+                    break;
+                }
+                put_bytes(&mut body, k);
+                put_bytes(&mut body, v);
+                n += 1;
+            }
+            out.put_u32(n);
+            out.extend_from_slice(&body);
+        }
+        AdminAnswer::Stored(ms) => {
+            out.put_u8(13);
+            // As many as fit one answer (the first always).
+            let mut body = Vec::new();
+            let mut n = 0u32;
+            for m in ms {
+                if n > 0 && body.len() >= mqgate_core::RELAYED_READ_BYTES {
+                    break;
+                }
+                put_bytes(&mut body, &mqgate_store::wire::encode(m));
+                n += 1;
+            }
+            out.put_u32(n);
+            out.extend_from_slice(&body);
+        }
+        AdminAnswer::Queue(ms) => {
+            out.put_u8(14);
+            let mut body = Vec::new();
+            let mut n = 0u32;
+            for m in ms {
+                if n > 0 && body.len() >= mqgate_core::RELAYED_READ_BYTES {
+                    break;
+                }
+                let e = &m.entry;
+                body.put_u64(e.offset.0);
+                body.put_u64(e.id.0);
+                body.put_u32(e.size);
+                body.put_u64(e.tag_hash);
+                body.put_u64(e.timestamp);
+                put_bytes(&mut body, &mqgate_store::wire::encode(&m.message));
+                n += 1;
+            }
+            out.put_u32(n);
+            out.extend_from_slice(&body);
         }
         AdminAnswer::Located(a) => {
             out.put_u8(9);
@@ -415,6 +570,69 @@ fn decode_reply(b: Bytes) -> Result<AdminAnswer> {
         7 => AdminAnswer::Declared(Declared::Exists(r.bytes()?)),
         8 => AdminAnswer::Record(opt_bytes(&mut r)?),
         9 => AdminAnswer::Located(r.opt_string()?),
+        11 => {
+            let n = r.count(12)?;
+            let mut ts = Vec::with_capacity(n);
+            for _ in 0..n {
+                let name = r.topic()?;
+                let queue_count = r.u32()?;
+                let q = r.count(16)?;
+                let mut ranges = Vec::with_capacity(q);
+                for _ in 0..q {
+                    ranges.push(OffsetRange {
+                        min: QueueOffset(r.u64()?),
+                        next: QueueOffset(r.u64()?),
+                    });
+                }
+                ts.push(TopicView {
+                    config: TopicConfig { name, queue_count },
+                    ranges,
+                });
+            }
+            AdminAnswer::Topics(ts)
+        }
+        15 => {
+            let n = r.count(8)?;
+            let mut rs = Vec::with_capacity(n);
+            for _ in 0..n {
+                rs.push((r.bytes()?, r.bytes()?));
+            }
+            AdminAnswer::Records(rs)
+        }
+        12 => {
+            let n = r.count(4)?;
+            let mut gs = Vec::with_capacity(n);
+            for _ in 0..n {
+                gs.push(group(&mut r)?);
+            }
+            AdminAnswer::Groups(gs)
+        }
+        13 => {
+            let n = r.count(4)?;
+            let mut ms = Vec::with_capacity(n);
+            for _ in 0..n {
+                ms.push(stored(&mut r)?);
+            }
+            AdminAnswer::Stored(ms)
+        }
+        14 => {
+            let n = r.count(40)?;
+            let mut ms = Vec::with_capacity(n);
+            for _ in 0..n {
+                let entry = QueueEntry {
+                    offset: QueueOffset(r.u64()?),
+                    id: MessageId(r.u64()?),
+                    size: r.u32()?,
+                    tag_hash: r.u64()?,
+                    timestamp: r.u64()?,
+                };
+                ms.push(QueueMessage {
+                    entry,
+                    message: std::sync::Arc::new(stored(&mut r)?),
+                });
+            }
+            AdminAnswer::Queue(ms)
+        }
         10 => {
             let n = r.count(8)?;
             let mut messages = Vec::with_capacity(n);
@@ -615,6 +833,28 @@ mod tests {
                 topic: t("%MQTT%c"),
                 service: "mqtt".into(),
             },
+            AdminOp::ShardTopics(7),
+            AdminOp::ShardGroups(0),
+            AdminOp::TopicView(t("a")),
+            AdminOp::Message(MessageId(7 << 44)),
+            AdminOp::ByKey {
+                topic: t("a"),
+                key: "k".into(),
+                limit: 10,
+            },
+            AdminOp::Peek {
+                queue: QueueRef::new(t("a"), 3),
+                from: QueueOffset(5),
+                limit: 100,
+            },
+            AdminOp::CancelScheduled("mqtt.will/c".into()),
+            AdminOp::ShardRecords {
+                shard: 3,
+                namespace: "amqp.queue".into(),
+                prefix: Bytes::from_static(b"/\0"),
+                after: Some(Bytes::from_static(b"/\0q")),
+                limit: 100,
+            },
             AdminOp::RetainedPage {
                 filter: "a/#".into(),
                 after: None,
@@ -643,6 +883,30 @@ mod tests {
             AdminAnswer::Record(None),
             AdminAnswer::Record(Some(Bytes::from_static(b"rec"))),
             AdminAnswer::Located(None),
+            AdminAnswer::Topics(vec![TopicView {
+                config: TopicConfig {
+                    name: t("a"),
+                    queue_count: 2,
+                },
+                ranges: vec![
+                    OffsetRange::default(),
+                    OffsetRange {
+                        min: QueueOffset(3),
+                        next: QueueOffset(9),
+                    },
+                ],
+            }]),
+            AdminAnswer::Groups(vec![g.clone()]),
+            AdminAnswer::Records(vec![(Bytes::from_static(b"k"), Bytes::from_static(b"v"))]),
+            AdminAnswer::Stored(vec![mqgate_store::wire::decode(
+                mqgate_store::wire::encode(&StoredMessage {
+                    id: MessageId(5),
+                    store_timestamp: 77,
+                    size: 0,
+                    message: mqgate_store::Message::new(t("a"), Bytes::from_static(b"m")),
+                }),
+            )
+            .unwrap()]),
             AdminAnswer::Located(Some("10.0.0.7:1883".into())),
             AdminAnswer::Retained {
                 messages: vec![],

@@ -367,7 +367,20 @@ impl Broker {
     /// Withdraw what [`Broker::schedule_named`] scheduled under `name` (if it has not
     /// fired yet); whether something was pending.
     pub async fn cancel_scheduled(&self, name: &str) -> Result<bool> {
-        self.inner.meta()?.cancel_named(name).await
+        // Named timers live in shard 0, wherever it is owned.
+        let local = match self.inner.meta() {
+            Ok(meta) => return meta.cancel_named(name).await,
+            Err(e) => Err(e),
+        };
+        self.or_relay(
+            local,
+            || crate::shard::AdminOp::CancelScheduled(name.to_owned()),
+            |a| match a {
+                crate::shard::AdminAnswer::Deleted(d) => Some(d),
+                _ => None,
+            },
+        )
+        .await
     }
 
     /// Pending timers in due order, after `after`, at most `limit` of them, only those

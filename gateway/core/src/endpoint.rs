@@ -271,7 +271,7 @@ impl crate::Broker {
         note("bindings", self.unbind_topic(vhost, topic).await);
         note("group", self.delete_group(group).await);
         note("topic", self.delete_topic(topic).await.map(|_| ()));
-        note("records", self.write_records(records).await);
+        note("records", self.write_endpoint_records(topic, records).await);
         first_error.map_or(Ok(()), Err)
     }
 }

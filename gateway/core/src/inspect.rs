@@ -1,15 +1,11 @@
 //! What the core lets adapters and the admin API read and keep: a read-only view of the
-//! log (ranges, pages of a queue, messages by id or key, counters, health) and the
+//! log (ranges, counters, health; pages of a queue and messages by id or key are in
+//! `views.rs`, wherever their shard is owned) and the
 //! endpoints' durable records. Nobody outside the core holds a storage handle, so every
 //! write (messages, offsets, timers, records) goes through the core's own operations.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
-use mqgate_store::{
-    MessageId, OffsetRange, QueueMessage, QueueOffset, QueueRef, ReadLimits, StoreHealth,
-    StoreStats, StoredMessage, TopicConfig, TopicName,
-};
+use mqgate_store::{OffsetRange, QueueRef, StoreHealth, StoreStats, TopicConfig, TopicName};
 
 use crate::broker::Broker;
 use crate::error::Result;
@@ -63,45 +59,6 @@ impl Broker {
             .of_topic(&queue.topic)?
             .store
             .queue_range(queue)?)
-    }
-
-    /// Read a page of a queue without consuming it.
-    pub async fn peek(
-        &self,
-        queue: &QueueRef,
-        from: QueueOffset,
-        limits: ReadLimits,
-    ) -> Result<Vec<QueueMessage>> {
-        Ok(self
-            .inner
-            .of_topic(&queue.topic)?
-            .store
-            .read(queue, from, limits)
-            .await?)
-    }
-
-    /// A message by id, while retention keeps it.
-    pub async fn message(&self, id: MessageId) -> Result<Option<Arc<StoredMessage>>> {
-        let shard = crate::shard::shard_of_id(id.0);
-        match self.inner.local(shard) {
-            Some(s) => Ok(s.store.message(id).await?),
-            None => Ok(None),
-        }
-    }
-
-    /// Messages published to `topic` with `key` among their keys, oldest first.
-    pub async fn messages_by_key(
-        &self,
-        topic: &TopicName,
-        key: &str,
-        limit: usize,
-    ) -> Result<Vec<Arc<StoredMessage>>> {
-        Ok(self
-            .inner
-            .of_topic(topic)?
-            .store
-            .messages_by_key(topic, key, limit)
-            .await?)
     }
 
     /// An endpoint record.

@@ -41,6 +41,7 @@ pub mod shard;
 pub mod sockio;
 mod topics;
 pub mod trie;
+mod views;
 mod wire;
 
 pub use acl::{Access, AclDefault, AclRule, Subject, TopicAcl};
@@ -67,6 +68,7 @@ pub use publish::{Destination, Outgoing, PublishBatch, Records, Submitted};
 pub use retained::{Retained, RetainedCursor, RetainedStats};
 pub use router::Router;
 pub use topics::ProducerStat;
+pub use views::{Gathered, TopicView, RELAYED_READ_BYTES};
 
 /// One client connection, as the admin API lists it (every protocol).
 #[derive(Clone, Debug, PartialEq, Eq)]

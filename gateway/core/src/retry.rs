@@ -118,18 +118,23 @@ impl crate::Broker {
         limit: usize,
     ) -> Result<Vec<mqgate_store::QueueMessage>> {
         let q = QueueRef::new(crate::retry::dlq_topic(group)?, 0);
-        let shard = self.inner.of_topic(&q.topic)?;
-        if shard.store.topic(&q.topic).is_none() {
-            return Ok(Vec::new());
+        if let Ok(shard) = self.inner.of_topic(&q.topic) {
+            if shard.store.topic(&q.topic).is_none() {
+                return Ok(Vec::new());
+            }
         }
-        Ok(shard
-            .store
-            .read(
+        // Where the group lives, wherever that is owned.
+        match self
+            .peek(
                 &q,
                 QueueOffset(from),
                 mqgate_store::ReadLimits::count(limit),
             )
-            .await?)
+            .await
+        {
+            Err(CoreError::NoSuchTopic(_)) => Ok(Vec::new()),
+            r => r,
+        }
     }
 
     /// Send a dead-lettered message back to the queue it failed in (reconsume count reset).

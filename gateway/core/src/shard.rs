@@ -270,6 +270,47 @@ pub enum AdminOp {
         /// The service ("mqtt").
         service: String,
     },
+    /// The topics of shard `.0` with their queues' offsets (`views.rs`).
+    ShardTopics(ShardId),
+    /// The consumer groups of shard `.0`.
+    ShardGroups(ShardId),
+    /// [`crate::Broker::topic_view`].
+    TopicView(TopicName),
+    /// One shard's part of [`crate::Broker::records_everywhere`].
+    ShardRecords {
+        /// The shard.
+        shard: ShardId,
+        /// The namespace.
+        namespace: String,
+        /// Keys start with this.
+        prefix: bytes::Bytes,
+        /// After this key.
+        after: Option<bytes::Bytes>,
+        /// At most this many.
+        limit: u32,
+    },
+    /// [`crate::Broker::message`].
+    Message(mqgate_store::MessageId),
+    /// [`crate::Broker::messages_by_key`].
+    ByKey {
+        /// The topic.
+        topic: TopicName,
+        /// The key.
+        key: String,
+        /// At most this many.
+        limit: u32,
+    },
+    /// [`crate::Broker::peek`].
+    Peek {
+        /// The queue.
+        queue: mqgate_store::QueueRef,
+        /// From this offset.
+        from: mqgate_store::QueueOffset,
+        /// At most this many.
+        limit: u32,
+    },
+    /// [`crate::Broker::cancel_scheduled`] (named timers live in shard 0).
+    CancelScheduled(String),
     /// A page of the retained messages matching `filter` after the topic `after`, read
     /// on shard 0's owner ([`crate::Broker::retained_next`]).
     RetainedPage {
@@ -297,6 +338,16 @@ pub enum AdminAnswer {
     Record(Option<bytes::Bytes>),
     /// The address advertised for a service, if any.
     Located(Option<String>),
+    /// Topics with their queues' offsets.
+    Topics(Vec<crate::views::TopicView>),
+    /// Consumer groups.
+    Groups(Vec<GroupName>),
+    /// Records (key, value).
+    Records(Vec<(bytes::Bytes, bytes::Bytes)>),
+    /// Stored messages.
+    Stored(Vec<mqgate_store::StoredMessage>),
+    /// A page of a queue.
+    Queue(Vec<mqgate_store::QueueMessage>),
     /// Retained messages (topic, message), and where the next page starts (`None`:
     /// none left).
     Retained {
@@ -329,7 +380,13 @@ impl AdminOp {
             | AdminOp::DeleteEndpoint { topic, .. }
             | AdminOp::Locate { topic, .. }
             | AdminOp::WriteRecords { topic, .. } => set.placement.topic(topic),
-            AdminOp::RetainedPage { .. } => 0,
+            AdminOp::RetainedPage { .. } | AdminOp::CancelScheduled(_) => 0,
+            AdminOp::ShardTopics(s)
+            | AdminOp::ShardGroups(s)
+            | AdminOp::ShardRecords { shard: s, .. } => *s,
+            AdminOp::TopicView(t) | AdminOp::ByKey { topic: t, .. } => set.placement.topic(t),
+            AdminOp::Peek { queue, .. } => set.placement.topic(&queue.topic),
+            AdminOp::Message(id) => shard_of_id(id.0),
         }
     }
 }
@@ -381,6 +438,51 @@ impl crate::Broker {
                 AdminAnswer::Done
             }
             AdminOp::Locate { service, .. } => AdminAnswer::Located(self.advertised(&service)),
+            AdminOp::ShardTopics(s) => AdminAnswer::Topics(self.local_topic_views(s)?),
+            AdminOp::ShardGroups(s) => AdminAnswer::Groups(self.local_groups(s).await?),
+            AdminOp::ShardRecords {
+                shard,
+                namespace,
+                prefix,
+                after,
+                limit,
+            } => AdminAnswer::Records(
+                self.local_records(shard, &namespace, &prefix, after.as_deref(), limit as usize)
+                    .await?,
+            ),
+            AdminOp::TopicView(t) => {
+                AdminAnswer::Topics(self.local_topic_view(&t)?.into_iter().collect())
+            }
+            AdminOp::Message(id) => AdminAnswer::Stored(
+                self.message(id)
+                    .await?
+                    .map(|m| mqgate_store::StoredMessage::clone(&m))
+                    .into_iter()
+                    .collect(),
+            ),
+            AdminOp::ByKey { topic, key, limit } => AdminAnswer::Stored(
+                self.messages_by_key(&topic, &key, limit as usize)
+                    .await?
+                    .iter()
+                    .map(|m| mqgate_store::StoredMessage::clone(m))
+                    .collect(),
+            ),
+            AdminOp::Peek { queue, from, limit } => {
+                let limits = mqgate_store::ReadLimits {
+                    max_count: limit as usize,
+                    max_bytes: crate::views::RELAYED_READ_BYTES,
+                };
+                match self.peek(&queue, from, limits).await {
+                    Ok(m) => AdminAnswer::Queue(m),
+                    Err(CoreError::Store(mqgate_store::StoreError::UnknownTopic(t))) => {
+                        return Err(CoreError::NoSuchTopic(t.to_string()))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            AdminOp::CancelScheduled(name) => {
+                AdminAnswer::Deleted(self.cancel_scheduled(&name).await?)
+            }
             AdminOp::RetainedPage { filter, after } => {
                 let (messages, next) = self.retained_page(&filter, after).await?;
                 AdminAnswer::Retained { messages, next }

@@ -379,29 +379,32 @@ async fn overview(State(s): State<AdminState>) -> ApiResult {
     })))
 }
 
-fn offsets(s: &AdminState, t: &mqgate_store::TopicConfig) -> Vec<Value> {
-    (0..t.queue_count)
-        .map(|q| {
-            let r = s
-                .broker
-                .queue_range(&QueueRef::new(t.name.clone(), q))
-                .unwrap_or_default();
+fn offsets(t: &mqgate_core::TopicView) -> Vec<Value> {
+    t.ranges
+        .iter()
+        .enumerate()
+        .map(|(q, r)| {
             json!({ "queue": q, "min": r.min.0, "next": r.next.0, "messages": r.next.0 - r.min.0 })
         })
         .collect()
 }
 
+/// Every topic of every shard (in a cluster, the others' through the gateways owning
+/// them; a shard nobody answers for is logged and left out).
 async fn topics(State(s): State<AdminState>) -> ApiResult {
-    let v: Vec<Value> = s
-        .broker
-        .topics()
+    let all = s.broker.topic_views().await;
+    if !all.missing.is_empty() {
+        tracing::warn!(shards = ?all.missing, "admin: topics of shards nobody answers for now are not listed");
+    }
+    let v: Vec<Value> = all
+        .items
         .iter()
         .map(|t| {
-            let qs = offsets(&s, t);
+            let qs = offsets(t);
             let messages: u64 = qs.iter().map(|q| q["messages"].as_u64().unwrap_or(0)).sum();
             json!({
-                "name": t.name.as_str(), "queues": t.queue_count, "messages": messages,
-                "offsets": qs,
+                "name": t.config.name.as_str(), "queues": t.config.queue_count,
+                "messages": messages, "offsets": qs,
             })
         })
         .collect();
@@ -429,9 +432,8 @@ async fn topic(State(s): State<AdminState>, Path(name): Path<String>) -> ApiResu
     let n = topic_name(&name)?;
     let t = s
         .broker
-        .topics()
-        .into_iter()
-        .find(|t| t.name == n)
+        .topic_view(&n)
+        .await?
         .ok_or_else(|| not_found(format!("no topic {name}")))?;
     let producers: Vec<Value> = s
         .broker
@@ -441,7 +443,7 @@ async fn topic(State(s): State<AdminState>, Path(name): Path<String>) -> ApiResu
         .map(|p| json!({ "producer_group": p.producer_group, "messages": p.messages }))
         .collect();
     Ok(Json(json!({
-        "name": name, "queues": t.queue_count, "offsets": offsets(&s, &t),
+        "name": name, "queues": t.config.queue_count, "offsets": offsets(&t),
         "producers": producers,
     })))
 }
@@ -582,7 +584,11 @@ fn with_offsets(msgs: &[mqgate_store::QueueMessage]) -> Value {
 
 async fn groups(State(s): State<AdminState>) -> ApiResult {
     let mut v = Vec::new();
-    for g in s.broker.groups().await? {
+    let all = s.broker.group_names().await;
+    if !all.missing.is_empty() {
+        tracing::warn!(shards = ?all.missing, "admin: groups of shards nobody answers for now are not listed");
+    }
+    for g in all.items {
         let info = s.broker.group_info(&g).await.ok();
         let (lag, members) = info
             .map(|i| (i.queues.iter().map(|q| q.lag).sum::<u64>(), i.members.len()))

@@ -69,7 +69,7 @@ pub(super) fn no_nulls(mut v: Value) -> Value {
 pub(super) async fn queue_list(s: &AdminState, w: &Who, vhost: Option<&str>) -> Vec<Value> {
     let mut out = Vec::new();
     let consumers = s.amqp.consumers();
-    for q in s.amqp.queues() {
+    for q in s.amqp.queues_everywhere().await {
         if vhost.is_some_and(|v| v != q.vhost) || !w.sees(s, &q.vhost) {
             continue;
         }
