@@ -574,11 +574,37 @@ impl Shared {
         }
     }
 
+    /// One more session holds shared subscription topic `topic`. In a cluster the count
+    /// is kept with the topic, in its shard (sessions on every gateway hold it);
+    /// otherwise here.
+    pub(crate) async fn hold_shared(&self, topic: TopicName) {
+        if self.broker.clustered() {
+            if let Err(e) = self.broker.adjust_refs(&topic, 1).await {
+                tracing::warn!(%topic, error = %e, "MQTT: a shared subscription's holder count could not be raised; it may be released early");
+            }
+            return;
+        }
+        *self.shared_refs.lock().entry(topic).or_default() += 1;
+    }
+
     /// One session stopped holding shared subscription `$share/name/filter`.
     pub(crate) async fn release_shared(&self, name: &str, filter: &str) {
         let Some((topic, _)) = crate::session::shared_topic(name, filter) else {
             return;
         };
+        if self.broker.clustered() {
+            match self.broker.adjust_refs(&topic, -1).await {
+                Ok(0) => {
+                    let _ = self.broker.unbind_topic(DEFAULT_VHOST, &topic).await;
+                }
+                Ok(_) => {}
+                // Kept bound rather than risk cutting off the other holders.
+                Err(e) => {
+                    tracing::warn!(%topic, error = %e, "MQTT: a shared subscription's holder count could not be lowered; it stays bound")
+                }
+            }
+            return;
+        }
         let last = {
             let mut refs = self.shared_refs.lock();
             match refs.get_mut(&topic) {

@@ -15,7 +15,8 @@
 //! records as in 9; 13 a shard's topics: shard u16; 14 a shard's groups: shard u16; 15
 //! a topic's view: topic; 16 a message: id u64; 17 by key: topic, key, limit u32; 18
 //! peek: queue, from u64, limit u32; 19 cancel a named timer: name; 20 a shard's
-//! records: shard u16, namespace, prefix, after?, limit u32).
+//! records: shard u16, namespace, prefix, after?, limit u32; 21 adjust a holder
+//! count: topic, delta i32).
 //! Reply: `0` answer: tag u8 (1 topic: name, queue count u32; 2 deleted u8; 3 group:
 //! name, members: count, (id, unacked u64, prefetch u64, queues: count, (topic, queue
 //! u32)); queues: count, (topic, queue u32, member?, committed u64, next u64, lag u64,
@@ -26,7 +27,8 @@
 //! count, (min u64, next u64)); 12 groups: count, names; 13 stored messages: count,
 //! `wire` encodings; 14 queue messages: count, (offset, id u64, size u32, tag hash,
 //! timestamp u64, `wire` encoding); 13 and 14 hold as many as fit 512 KiB, the first
-//! always; 15 records: count, (key, value), as many as fit 512 KiB); `1` error
+//! always; 15 records: count, (key, value), as many as fit 512 KiB; 16 a count u64);
+//! `1` error
 //! (`codec::encode_error`).
 //! No owner (*no responders*): asked again while the shard moves (every operation is
 //! idempotent, and nobody received it).
@@ -188,6 +190,11 @@ fn encode_op(op: &AdminOp) -> Bytes {
             put_opt_bytes(&mut out, after.as_ref());
             out.put_u32(*limit);
         }
+        AdminOp::AdjustRefs { topic, delta } => {
+            out.put_u8(21);
+            put_bytes(&mut out, topic.as_str().as_bytes());
+            out.put_i32(*delta);
+        }
         AdminOp::CancelScheduled(name) => {
             out.put_u8(19);
             put_bytes(&mut out, name.as_bytes());
@@ -223,6 +230,24 @@ fn records(r: &mut Reader) -> Result<Records> {
         };
     }
     Ok(records)
+}
+
+/// A count, then as many of `items` as fit one answer (`RELAYED_READ_BYTES`; the first
+/// always): the caller asks again from where it ended.
+fn put_capped<T>(out: &mut Vec<u8>, items: &[T], put: impl Fn(&mut Vec<u8>, &T)) {
+    let mut body = Vec::new();
+    let mut n = 0u32;
+    for item in items {
+        let at = body.len();
+        put(&mut body, item);
+        if n > 0 && body.len() > mqgate_core::RELAYED_READ_BYTES {
+            body.truncate(at);
+            break;
+        }
+        n += 1;
+    }
+    out.put_u32(n);
+    out.extend_from_slice(&body);
 }
 
 fn stored(r: &mut Reader) -> Result<StoredMessage> {
@@ -314,6 +339,10 @@ fn decode_op(b: Bytes) -> Result<AdminOp> {
             limit: r.u32()?,
         },
         19 => AdminOp::CancelScheduled(r.string()?),
+        21 => AdminOp::AdjustRefs {
+            topic: r.topic()?,
+            delta: r.u32()? as i32,
+        },
         20 => AdminOp::ShardRecords {
             shard: r.u16()?,
             namespace: r.string()?,
@@ -421,56 +450,34 @@ fn encode_reply(r: &Result<AdminAnswer>) -> Bytes {
                 put_bytes(&mut out, g.as_str().as_bytes());
             }
         }
+        AdminAnswer::Count(n) => {
+            out.put_u8(16);
+            out.put_u64(*n);
+        }
         AdminAnswer::Records(rs) => {
             out.put_u8(15);
-            // As many as fit one answer (the caller pages on from the last).
-            let mut body = Vec::new();
-            let mut n = 0u32;
-            for (k, v) in rs {
-                if n > 0 && body.len() >= mqgate_core::RELAYED_READ_BYTES {
-                    break;
-                }
-                put_bytes(&mut body, k);
-                put_bytes(&mut body, v);
-                n += 1;
-            }
-            out.put_u32(n);
-            out.extend_from_slice(&body);
+            put_capped(&mut out, rs, |body, (k, v)| {
+                put_bytes(body, k);
+                put_bytes(body, v);
+            });
         }
         AdminAnswer::Stored(ms) => {
             out.put_u8(13);
-            // As many as fit one answer (the first always).
-            let mut body = Vec::new();
-            let mut n = 0u32;
-            for m in ms {
-                if n > 0 && body.len() >= mqgate_core::RELAYED_READ_BYTES {
-                    break;
-                }
-                put_bytes(&mut body, &mqgate_store::wire::encode(m));
-                n += 1;
-            }
-            out.put_u32(n);
-            out.extend_from_slice(&body);
+            put_capped(&mut out, ms, |body, m| {
+                put_bytes(body, &mqgate_store::wire::encode(m))
+            });
         }
         AdminAnswer::Queue(ms) => {
             out.put_u8(14);
-            let mut body = Vec::new();
-            let mut n = 0u32;
-            for m in ms {
-                if n > 0 && body.len() >= mqgate_core::RELAYED_READ_BYTES {
-                    break;
-                }
+            put_capped(&mut out, ms, |body, m| {
                 let e = &m.entry;
                 body.put_u64(e.offset.0);
                 body.put_u64(e.id.0);
                 body.put_u32(e.size);
                 body.put_u64(e.tag_hash);
                 body.put_u64(e.timestamp);
-                put_bytes(&mut body, &mqgate_store::wire::encode(&m.message));
-                n += 1;
-            }
-            out.put_u32(n);
-            out.extend_from_slice(&body);
+                put_bytes(body, &mqgate_store::wire::encode(&m.message));
+            });
         }
         AdminAnswer::Located(a) => {
             out.put_u8(9);
@@ -591,6 +598,7 @@ fn decode_reply(b: Bytes) -> Result<AdminAnswer> {
             }
             AdminAnswer::Topics(ts)
         }
+        16 => AdminAnswer::Count(r.u64()?),
         15 => {
             let n = r.count(8)?;
             let mut rs = Vec::with_capacity(n);
@@ -848,6 +856,14 @@ mod tests {
                 limit: 100,
             },
             AdminOp::CancelScheduled("mqtt.will/c".into()),
+            AdminOp::AdjustRefs {
+                topic: t("%SHARE%g/a"),
+                delta: -1,
+            },
+            AdminOp::AdjustRefs {
+                topic: t("%SHARE%g/a"),
+                delta: 1,
+            },
             AdminOp::ShardRecords {
                 shard: 3,
                 namespace: "amqp.queue".into(),
@@ -897,6 +913,7 @@ mod tests {
                 ],
             }]),
             AdminAnswer::Groups(vec![g.clone()]),
+            AdminAnswer::Count(3),
             AdminAnswer::Records(vec![(Bytes::from_static(b"k"), Bytes::from_static(b"v"))]),
             AdminAnswer::Stored(vec![mqgate_store::wire::decode(
                 mqgate_store::wire::encode(&StoredMessage {

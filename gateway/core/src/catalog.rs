@@ -73,6 +73,10 @@ pub enum Declared {
     Exists(Bytes),
 }
 
+/// Keyed-area namespace of holder counts ([`Broker::adjust_refs`]; key: the topic,
+/// value: the count, u64 big-endian).
+pub const NS_REFS: &str = "core.refs";
+
 /// Records read per page when registering a shard's endpoints.
 const PAGE: usize = 1024;
 
@@ -202,6 +206,55 @@ impl crate::Broker {
             }
             (None, None) => Err(CoreError::NotOwned(id)),
         }
+    }
+
+    /// Change the count of holders of `topic` by `delta` (an MQTT shared subscription:
+    /// how many sessions, on any gateway, hold it), on the gateway owning its shard, one
+    /// change at a time per shard, the count durable in the shard ([`NS_REFS`]) before
+    /// this returns. Returns the count after the change (never below 0). The holder
+    /// that takes it to 0 releases what the count guards.
+    pub async fn adjust_refs(&self, topic: &TopicName, delta: i32) -> Result<u64> {
+        let id = self.inner.placement.topic(topic);
+        let Some(shard) = self.inner.local(id) else {
+            let Some(link) = &self.inner.link else {
+                return Err(CoreError::NotOwned(id));
+            };
+            let op = AdminOp::AdjustRefs {
+                topic: topic.clone(),
+                delta,
+            };
+            return match link.admin(id, op).await? {
+                AdminAnswer::Count(n) => Ok(n),
+                other => Err(CoreError::Invalid(format!(
+                    "the admin relay answered a reference count with {other:?}"
+                ))),
+            };
+        };
+        let _turn = shard.declares.lock().await;
+        let key = topic.as_str().as_bytes();
+        let now = match shard.store.kv_get(NS_REFS, key).await? {
+            Some(v) if v.len() == 8 => u64::from_be_bytes(v[..].try_into().expect("8 bytes")),
+            _ => 0,
+        };
+        let next = if delta >= 0 {
+            now.saturating_add(u64::from(delta.unsigned_abs()))
+        } else {
+            now.saturating_sub(u64::from(delta.unsigned_abs()))
+        };
+        let mut batch = mqgate_store::WriteBatch::new();
+        let mut records = Records::new();
+        if next == 0 {
+            records.delete(NS_REFS, Bytes::copy_from_slice(key));
+        } else {
+            records.put(
+                NS_REFS,
+                Bytes::copy_from_slice(key),
+                Bytes::copy_from_slice(&next.to_be_bytes()),
+            );
+        }
+        records.apply(&mut batch);
+        shard.store.write(batch).await?;
+        Ok(next)
     }
 
     /// Write `records`, kept with `topic` (in its shard, wherever that is owned): an

@@ -47,7 +47,7 @@ mod wire;
 pub use acl::{Access, AclDefault, AclRule, Subject, TopicAcl};
 pub use auth::{Password, UserAccount, Users};
 pub use broker::Broker;
-pub use catalog::{Declared, EndpointDecl, EndpointKind};
+pub use catalog::{Declared, EndpointDecl, EndpointKind, NS_REFS};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::CoreConfig;
 pub use delay::{DelayedInfo, DelayedPage};

@@ -255,6 +255,13 @@ pub enum AdminOp {
         /// Its records' changes.
         records: crate::Records,
     },
+    /// [`crate::Broker::adjust_refs`].
+    AdjustRefs {
+        /// The topic.
+        topic: TopicName,
+        /// The change.
+        delta: i32,
+    },
     /// [`crate::Broker::write_endpoint_records`].
     WriteRecords {
         /// The topic they are kept with.
@@ -344,6 +351,8 @@ pub enum AdminAnswer {
     Groups(Vec<GroupName>),
     /// Records (key, value).
     Records(Vec<(bytes::Bytes, bytes::Bytes)>),
+    /// A count.
+    Count(u64),
     /// Stored messages.
     Stored(Vec<mqgate_store::StoredMessage>),
     /// A page of a queue.
@@ -379,7 +388,8 @@ impl AdminOp {
             AdminOp::EndpointRecord { topic, .. }
             | AdminOp::DeleteEndpoint { topic, .. }
             | AdminOp::Locate { topic, .. }
-            | AdminOp::WriteRecords { topic, .. } => set.placement.topic(topic),
+            | AdminOp::WriteRecords { topic, .. }
+            | AdminOp::AdjustRefs { topic, .. } => set.placement.topic(topic),
             AdminOp::RetainedPage { .. } | AdminOp::CancelScheduled(_) => 0,
             AdminOp::ShardTopics(s)
             | AdminOp::ShardGroups(s)
@@ -432,6 +442,9 @@ impl crate::Broker {
                 self.delete_endpoint(&vhost, &topic, &group, records)
                     .await?;
                 AdminAnswer::Done
+            }
+            AdminOp::AdjustRefs { topic, delta } => {
+                AdminAnswer::Count(self.adjust_refs(&topic, delta).await?)
             }
             AdminOp::WriteRecords { topic, records } => {
                 self.write_endpoint_records(&topic, records).await?;

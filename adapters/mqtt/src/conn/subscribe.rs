@@ -231,7 +231,7 @@ where
         if !existed {
             self.join_shared(sub, filter, topic.clone(), group.clone(), orderly)
                 .await?;
-            *self.shared.shared_refs.lock().entry(topic).or_default() += 1;
+            self.shared.hold_shared(topic).await;
         } else if let Some(s) = self
             .shared_subs
             .values_mut()
