@@ -100,6 +100,10 @@ impl crate::Broker {
         cursor: &mut RetainedCursor,
     ) -> Option<(String, Arc<Message>)> {
         let now = self.now();
+        // Read from shard 0's owner before it came here: those first.
+        if let Some(x) = cursor.fetched.pop_front() {
+            return Some(x);
+        }
         if self.inner.link.is_none() || self.inner.local(0).is_some() {
             let r = self.retained();
             loop {
@@ -153,7 +157,7 @@ impl crate::Broker {
         let mut cursor = RetainedCursor::after(filter, after);
         let (mut out, mut bytes) = (Vec::new(), 0usize);
         loop {
-            if out.len() >= RETAINED_PAGE_MESSAGES || bytes >= RETAINED_PAGE_BYTES {
+            if out.len() >= RETAINED_PAGE_MESSAGES {
                 let next = out.last().map(|(t, _): &(String, Message)| t.clone());
                 return Ok((out, next));
             }
@@ -161,7 +165,13 @@ impl crate::Broker {
                 return Ok((out, None));
             };
             if let Some(m) = r.body(&topic, entry).await {
-                bytes += m.body.len() + topic.len() + 64;
+                let size = mqgate_store::wire::encoded_len(&m) + topic.len() + 16;
+                if !out.is_empty() && bytes + size > RETAINED_PAGE_BYTES {
+                    // The next page starts after the last one sent: this one comes first.
+                    let next = out.last().map(|(t, _)| t.clone());
+                    return Ok((out, next));
+                }
+                bytes += size;
                 out.push((topic, Message::clone(&m)));
             }
         }

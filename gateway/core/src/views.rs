@@ -1,6 +1,7 @@
 //! What operators look at, over every shard wherever it is owned (issue 16): topic and
 //! group listings are gathered from each shard (this gateway's own, the others' over
-//! the admin relay: [`AdminOp::ShardTopics`], [`AdminOp::ShardGroups`]); reads of one
+//! the admin relay: [`AdminOp::ShardTopics`], [`AdminOp::ShardGroups`]; all shards
+//! asked at once); reads of one
 //! shard (a message by id, by key, a queue's or a DLQ's page, a topic) go to its owner.
 //! A shard nobody answers for (moving, its owner just lost) is named in
 //! [`Gathered::missing`] rather than failing the whole view.
@@ -50,11 +51,32 @@ fn other(what: &str, a: AdminAnswer) -> crate::CoreError {
 }
 
 impl crate::Broker {
+    /// `op(shard)` run for every shard at once (each here or on its owner), answers in
+    /// shard order.
+    async fn each_shard(
+        &self,
+        op: impl Fn(ShardId) -> AdminOp,
+    ) -> Vec<(ShardId, Result<AdminAnswer>)> {
+        let mut set = tokio::task::JoinSet::new();
+        for s in 0..self.inner.count {
+            let (broker, op) = (self.clone(), op(s));
+            set.spawn(async move { (s, broker.admin(op).await) });
+        }
+        let mut out = Vec::with_capacity(usize::from(self.inner.count));
+        while let Some(r) = set.join_next().await {
+            if let Ok(r) = r {
+                out.push(r);
+            }
+        }
+        out.sort_by_key(|(s, _)| *s);
+        out
+    }
+
     /// Every topic of every shard (internal outbox topics left out), by name.
     pub async fn topic_views(&self) -> Gathered<TopicView> {
         let mut out = Gathered::default();
-        for s in 0..self.inner.count {
-            match self.admin(AdminOp::ShardTopics(s)).await {
+        for (s, answer) in self.each_shard(AdminOp::ShardTopics).await {
+            match answer {
                 Ok(AdminAnswer::Topics(t)) => out.items.extend(t),
                 Ok(a) => {
                     tracing::warn!(shard = s, answer = ?a, "core: a shard's topics answered with another kind");
@@ -73,8 +95,8 @@ impl crate::Broker {
     /// Every consumer group of every shard, by name.
     pub async fn group_names(&self) -> Gathered<GroupName> {
         let mut out = Gathered::default();
-        for s in 0..self.inner.count {
-            match self.admin(AdminOp::ShardGroups(s)).await {
+        for (s, answer) in self.each_shard(AdminOp::ShardGroups).await {
+            match answer {
                 Ok(AdminAnswer::Groups(g)) => out.items.extend(g),
                 Ok(_) | Err(_) => out.missing.push(s),
             }
@@ -95,15 +117,21 @@ impl crate::Broker {
         limit: usize,
     ) -> Gathered<(bytes::Bytes, bytes::Bytes)> {
         let mut out = Gathered::default();
-        for s in 0..self.inner.count {
-            let op = AdminOp::ShardRecords {
+        let (prefix, after) = (
+            bytes::Bytes::copy_from_slice(prefix),
+            after.map(bytes::Bytes::copy_from_slice),
+        );
+        let answers = self
+            .each_shard(|s| AdminOp::ShardRecords {
                 shard: s,
                 namespace: namespace.to_owned(),
-                prefix: bytes::Bytes::copy_from_slice(prefix),
-                after: after.map(bytes::Bytes::copy_from_slice),
+                prefix: prefix.clone(),
+                after: after.clone(),
                 limit: limit.min(u32::MAX as usize) as u32,
-            };
-            match self.admin(op).await {
+            })
+            .await;
+        for (s, answer) in answers {
+            match answer {
                 Ok(AdminAnswer::Records(r)) => out.items.extend(r),
                 Ok(_) | Err(_) => out.missing.push(s),
             }

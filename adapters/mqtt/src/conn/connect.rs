@@ -40,6 +40,10 @@ pub(super) async fn read_connect<S: AsyncRead + AsyncWrite>(
     // `None` until the first bytes told whether a preamble comes first.
     let mut via: Option<Option<String>> = None;
     loop {
+        if via.is_none() && !shared.broker.clustered() {
+            // Only a gateway of a cluster takes spliced connections.
+            via = Some(None);
+        }
         if via.is_none() {
             match super::splice::preamble(inbuf) {
                 Preamble::No => via = Some(None),
@@ -235,6 +239,7 @@ where
     // In a cluster a session lives on the gateway owning its shard: a client that came
     // here is spliced there (a client without a client id gets a new clean session,
     // which stays where it is).
+    let mut owned_here = None;
     if shared.broker.clustered() && !c.client_id.is_empty() {
         let topic = session_topic(&client_id);
         let located = match &via {
@@ -249,7 +254,8 @@ where
                 .map_err(|e| format!("the session's shard has no owner now: {e}")),
         };
         match located {
-            Ok(Located::Here) | Ok(Located::Unadvertised) => {}
+            Ok(Located::Here) => owned_here = Some(topic),
+            Ok(Located::Unadvertised) => {}
             Ok(Located::At(addr)) => {
                 let wr = match super::splice::splice(
                     Arc::clone(&shared),
@@ -318,6 +324,24 @@ where
             },
         },
     );
+    // The shard left between the look-up and the slot (so its sessions were closed
+    // without this one): the client tries again and finds its next owner.
+    if owned_here
+        .as_ref()
+        .is_some_and(|t| !shared.broker.owns_topic(t))
+    {
+        {
+            let mut clients = shared.clients.lock();
+            if clients.get(&client_id).is_some_and(|s| s.conn == conn_id) {
+                clients.remove(&client_id);
+            }
+        }
+        if let Some(prev) = previous {
+            let _ = prev.kick.send(crate::conn::USE_ANOTHER_SERVER);
+        }
+        let _ = done_tx.send(true);
+        refuse!(3, reason::SERVER_UNAVAILABLE, "the session's shard moved");
+    }
     if let Some(prev) = previous {
         tracing::info!(%peer, client = %client_id, "MQTT: session taken over by a new connection");
         let _ = prev.kick.send(reason::SESSION_TAKEN_OVER);

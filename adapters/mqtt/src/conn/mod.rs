@@ -562,7 +562,11 @@ where
             self.schedule_will(*will, delay).await;
         }
         let taken_over = matches!(end, End::Server(reason::SESSION_TAKEN_OVER, _));
-        if self.record.expiry == 0 {
+        if matches!(end, End::Server(USE_ANOTHER_SERVER, _)) {
+            // Its shard moved: the session is its next owner's now (its record is in
+            // the shard, which manages its expiry there). Nothing is written from
+            // here, or a late write could undo the reconnected client's session.
+        } else if self.record.expiry == 0 {
             // A session without an expiry ends with its connection, a taken-over one
             // too (the new connection waits for this): a Clean Start 0 connection must
             // not inherit its subscriptions, their identifiers or its messages (5.0
