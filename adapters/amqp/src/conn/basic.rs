@@ -511,6 +511,22 @@ where
                         tokio::spawn(async move {
                             let _ = broker.delete_group(&g).await;
                         });
+                    } else if self.shared.broker.clustered() && c.queue.auto_delete {
+                        // Cancelled with messages unacknowledged, its member stayed until
+                        // now: an auto-delete queue left without consumers here is
+                        // checked again once it has left.
+                        let unused = {
+                            let s = c.queue.state.lock();
+                            s.had_consumer && s.consumers == 0 && !s.deleted
+                        };
+                        let left = c.consumer.leave();
+                        if unused {
+                            super::channel::auto_delete(
+                                Arc::clone(&self.shared),
+                                Arc::clone(&c.queue),
+                                vec![left],
+                            );
+                        }
                     }
                 }
             }

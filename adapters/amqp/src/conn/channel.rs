@@ -109,6 +109,11 @@ where
                 s.exclusive_consumer = false;
             }
             if let (true, true, Some(l)) = (clustered, q.auto_delete, left) {
+                // Those that have left already are dropped (a long-lived queue with
+                // consumers coming and going keeps only the ones still leaving).
+                s.leaving
+                    .0
+                    .retain_mut(|f| futures_util::FutureExt::now_or_never(f).is_none());
                 s.leaving.0.push(l);
             }
             let delete = q.auto_delete && s.had_consumer && s.consumers == 0 && !s.deleted;
@@ -125,25 +130,7 @@ where
             self.shared.broker.endpoint_in_use(&q.group, false);
         }
         if delete {
-            let shared = Arc::clone(&self.shared);
-            let q = Arc::clone(q);
-            tokio::spawn(async move {
-                // In a cluster its other consumers may be on other gateways: once this
-                // gateway's member has left, the group (where the queue lives) says
-                // whether any is left; the last consumer to go, wherever, deletes it.
-                if clustered {
-                    // Every consumer of this gateway has left (not only the last).
-                    for l in leaving {
-                        l.await;
-                    }
-                    if let Ok(g) = shared.broker.group_info(&q.group).await {
-                        if !g.members.is_empty() {
-                            return;
-                        }
-                    }
-                }
-                shared.delete_queue(&q).await;
-            });
+            auto_delete(Arc::clone(&self.shared), Arc::clone(q), leaving);
         }
     }
 
@@ -307,4 +294,28 @@ where
             }
         }
     }
+}
+
+/// Delete auto-delete queue `q`, whose last consumer of this gateway went. In a cluster
+/// its other consumers may be on other gateways: once this gateway's members have left
+/// (`leaving`), the group (where the queue lives) says whether any is left; the last
+/// consumer to go, wherever, deletes it.
+pub(super) fn auto_delete(
+    shared: Arc<crate::server::Shared>,
+    q: Arc<Queue>,
+    leaving: Vec<mqgate_core::Left>,
+) {
+    tokio::spawn(async move {
+        if shared.broker.clustered() {
+            for l in leaving {
+                l.await;
+            }
+            if let Ok(g) = shared.broker.group_info(&q.group).await {
+                if !g.members.is_empty() {
+                    return;
+                }
+            }
+        }
+        shared.delete_queue(&q).await;
+    });
 }
