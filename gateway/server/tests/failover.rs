@@ -14,7 +14,7 @@ use common::gateway::Gateway;
 use lapin::options::*;
 use lapin::BasicProperties;
 use mqgate_store::jetstream::testing::NatsCluster;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 
 const AMQP_QUEUE: &str = "ha-amqp";
 const MQTT_TOPIC: &str = "ha/mqtt";
@@ -87,32 +87,10 @@ async fn amqp_publisher(
     (confirmed, first_after_kill)
 }
 
-/// An MQTT 3.1.1 connection whose event loop is polled by the caller.
-async fn mqtt_connect(ports: &[u16], id: &str, clean: bool) -> (AsyncClient, rumqttc::EventLoop) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        for p in ports {
-            let mut o = MqttOptions::new(id, "127.0.0.1", *p);
-            o.set_clean_session(clean);
-            o.set_keep_alive(Duration::from_secs(30));
-            let (c, mut el) = AsyncClient::new(o, 100);
-            if let Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) =
-                tokio::time::timeout(Duration::from_secs(5), el.poll()).await
-            {
-                if a.code == rumqttc::ConnectReturnCode::Success {
-                    return (c, el);
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "no gateway takes MQTT clients");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// MQTT: publish `n` QoS 1 messages one at a time (each PUBACK awaited), paced; on an
 /// error, reconnect and publish the unacknowledged one again.
 async fn mqtt_publisher(ports: Vec<u16>, n: usize) -> BTreeSet<usize> {
-    let (mut c, mut el) = mqtt_connect(&ports, "ha-pub", true).await;
+    let (mut c, mut el) = common::mqtt_connect(&ports, "ha-pub", true).await;
     let mut acked = BTreeSet::new();
     let mut i = 0;
     'next: while i < n {
@@ -133,7 +111,7 @@ async fn mqtt_publisher(ports: Vec<u16>, n: usize) -> BTreeSet<usize> {
                 }
             }
         }
-        (c, el) = mqtt_connect(&ports, "ha-pub", true).await;
+        (c, el) = common::mqtt_connect(&ports, "ha-pub", true).await;
     }
     acked
 }
@@ -141,7 +119,7 @@ async fn mqtt_publisher(ports: Vec<u16>, n: usize) -> BTreeSet<usize> {
 /// A persistent MQTT session subscribed to the test topic, made on `port` before the
 /// load: it collects its messages at the end from whichever gateway owns the log.
 async fn make_subscriber(port: u16) {
-    let (c, mut el) = mqtt_connect(&[port], "ha-sub", false).await;
+    let (c, mut el) = common::mqtt_connect(&[port], "ha-sub", false).await;
     c.subscribe(MQTT_TOPIC, QoS::AtLeastOnce).await.unwrap();
     loop {
         if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
@@ -183,7 +161,7 @@ async fn check_delivered(
         "confirmed AMQP messages lost: {missing:?}"
     );
 
-    let (_c, mut el) = mqtt_connect(&[mqtt_port], "ha-sub", false).await;
+    let (_c, mut el) = common::mqtt_connect(&[mqtt_port], "ha-sub", false).await;
     let mut mqtt_got = Vec::new();
     while let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_secs(3), el.poll()).await {
         if let Event::Incoming(Packet::Publish(p)) = ev {

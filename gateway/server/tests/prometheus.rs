@@ -22,17 +22,6 @@ impl Drop for Prometheus {
     }
 }
 
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Traffic of every kind the dashboards show, for `secs` seconds.
 async fn traffic(b: &Broker, secs: u64) {
     let conn = lapin::Connection::connect(&b.amqp_url(), Default::default())
@@ -238,7 +227,7 @@ async fn every_panel_query_returns_data() {
         loop {
             let (status, body) = common::http_get(
                 port,
-                &format!("/api/v1/query?query={}", urlencode(expr)),
+                &format!("/api/v1/query?query={}", common::urlencode(expr)),
                 None,
             );
             let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();

@@ -40,17 +40,6 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Run a CLI subcommand against `node`'s admin API: (success, stdout, stderr).
 fn cli(node: &Node, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mqgate"))
@@ -376,7 +365,7 @@ async fn keys_from_amqp_and_mqtt_find_their_messages() {
         "GET",
         &format!(
             "/api/mqgate/messages?topic={}&key=order-2",
-            enc("shop/orders")
+            common::urlencode("shop/orders")
         ),
     );
     let found = v.as_array().expect("an array");
@@ -541,7 +530,11 @@ async fn producer_groups_of_amqp_and_mqtt_clients_are_counted() {
             .filter(|p| p["topic"] == name)
             .map(|p| serde_json::json!({"producer_group": p["producer_group"], "messages": p["messages"]}))
             .collect();
-        let view = api(&node, "GET", &format!("/api/mqgate/topics/{}", enc(name)));
+        let view = api(
+            &node,
+            "GET",
+            &format!("/api/mqgate/topics/{}", common::urlencode(name)),
+        );
         let mut got = view["producers"]
             .as_array()
             .unwrap_or_else(|| panic!("no producers in {view}"))
@@ -853,7 +846,7 @@ async fn delayed_mqtt_publish_cancelled_by_key_is_never_delivered() {
         .publish("$delayed/3/door/alarm", "kept", &[("x-keys", "m-keep")])
         .await;
 
-    let topic = enc("door/alarm");
+    let topic = common::urlencode("door/alarm");
     let v = api(&node, "GET", &format!("/api/mqgate/delayed?topic={topic}"));
     let items = v["items"].as_array().expect("items");
     assert_eq!(items.len(), 2, "{v}");

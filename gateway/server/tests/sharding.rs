@@ -17,7 +17,7 @@ use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use mqgate_store::jetstream::testing::NatsCluster;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 
 const SHARDS: u64 = 8;
 const GUEST: &str = "Z3Vlc3Q6Z3Vlc3Q=";
@@ -259,12 +259,12 @@ async fn amqp_queues_through_any_gateway() {
                 "{}: {q}'s group with its lag: {groups}",
                 gw.name
             );
-            let path = format!("/api/mqgate/topics/{}", urlencode(topic.as_str()));
+            let path = format!("/api/mqgate/topics/{}", common::urlencode(topic.as_str()));
             let (code, body) = common::http_get(gw.admin, &path, Some(GUEST));
             assert_eq!(code, 200, "{}: {path}: {body}", gw.name);
             let path = format!(
                 "/api/mqgate/topics/{}/queues/0/messages?limit=5",
-                urlencode(topic.as_str())
+                common::urlencode(topic.as_str())
             );
             let (code, body) = common::http_get(gw.admin, &path, Some(GUEST));
             assert_eq!(code, 200, "{}: {path}: {body}", gw.name);
@@ -728,29 +728,6 @@ fn session_owned_by(gw: &Gateway, owner: &str, other: bool, prefix: &str) -> Str
         .unwrap_or_else(|| panic!("a client id in a shard of {owner} ({other}): {owners}"))
 }
 
-/// An MQTT 3.1.1 connection through the first of `ports` that takes it (trying them in
-/// turn for up to 60 s), its event loop polled by the caller.
-async fn mqtt_connect(ports: &[u16], id: &str, clean: bool) -> (AsyncClient, rumqttc::EventLoop) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        for p in ports {
-            let mut o = MqttOptions::new(id, "127.0.0.1", *p);
-            o.set_clean_session(clean);
-            o.set_keep_alive(Duration::from_secs(30));
-            let (c, mut el) = AsyncClient::new(o, 100);
-            if let Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) =
-                tokio::time::timeout(Duration::from_secs(5), el.poll()).await
-            {
-                if a.code == rumqttc::ConnectReturnCode::Success {
-                    return (c, el);
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "no gateway takes MQTT clients");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// QoS 1 publishes of `per_topic` messages to each of `topics` (round robin, one at a
 /// time, each PUBACK awaited, paced) through the first of `ports` that takes them; on
 /// an error, reconnect to the next and publish the unacknowledged one again. The
@@ -763,7 +740,7 @@ async fn mqtt_publish_through(
 ) -> BTreeMap<String, BTreeSet<usize>> {
     let mut acked: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
     let mut order = ports.clone();
-    let (mut c, mut el) = mqtt_connect(&order, &id, true).await;
+    let (mut c, mut el) = common::mqtt_connect(&order, &id, true).await;
     for n in 0..per_topic {
         for t in &topics {
             'again: loop {
@@ -784,7 +761,7 @@ async fn mqtt_publish_through(
                     }
                 }
                 order.rotate_left(1);
-                (c, el) = mqtt_connect(&order, &id, true).await;
+                (c, el) = common::mqtt_connect(&order, &id, true).await;
             }
         }
     }
@@ -816,7 +793,7 @@ async fn sigkill_one_gateway_under_mqtt_load_100_topics() {
     ];
     for (i, id) in sessions.iter().enumerate() {
         // Through the next gateway: spliced to the owner.
-        let (c, mut el) = mqtt_connect(&[ports[(i + 1) % 3]], id, false).await;
+        let (c, mut el) = common::mqtt_connect(&[ports[(i + 1) % 3]], id, false).await;
         c.subscribe("mload/#", QoS::AtLeastOnce).await.unwrap();
         loop {
             if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
@@ -855,7 +832,7 @@ async fn sigkill_one_gateway_under_mqtt_load_100_topics() {
     let alive: Vec<u16> = survivors.iter().map(|g| g.mqtt).collect();
     let mut dups = 0;
     for id in &sessions {
-        let (_c, mut el) = mqtt_connect(&alive, id, false).await;
+        let (_c, mut el) = common::mqtt_connect(&alive, id, false).await;
         let mut seen: BTreeSet<(String, usize)> = BTreeSet::new();
         while let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_secs(3), el.poll()).await {
             if let Event::Incoming(Packet::Publish(p)) = ev {
@@ -885,16 +862,4 @@ async fn sigkill_one_gateway_under_mqtt_load_100_topics() {
          {dups} duplicates",
         moved.as_secs_f64()
     );
-}
-
-/// `s` with every byte but unreserved ones percent-encoded (a path segment).
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

@@ -353,3 +353,43 @@ pub async fn try_durable_queue(ch: &lapin::Channel, name: &str) -> Result<(), la
     .await
     .map(|_| ())
 }
+
+/// `s` with every byte but unreserved ones percent-encoded (a path segment, a query
+/// value).
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// An MQTT 3.1.1 connection through the first of `ports` that takes it (trying them in
+/// turn for up to 60 s), its event loop polled by the caller.
+pub async fn mqtt_connect(
+    ports: &[u16],
+    id: &str,
+    clean: bool,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for p in ports {
+            let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", *p);
+            o.set_clean_session(clean);
+            o.set_keep_alive(Duration::from_secs(30));
+            let (c, mut el) = rumqttc::AsyncClient::new(o, 100);
+            if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) =
+                tokio::time::timeout(Duration::from_secs(5), el.poll()).await
+            {
+                if a.code == rumqttc::ConnectReturnCode::Success {
+                    return (c, el);
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no gateway takes MQTT clients");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
