@@ -75,11 +75,14 @@ async fn start(nats: &NatsCluster) -> Held {
         let mut cfg =
             JetStreamConfig::new(nats.urls(), name, RocksConfig::new(dir.path().join(name)));
         cfg.stream = stream.clone();
-        cfg.lease_ttl = Duration::from_secs(3);
+        cfg.lease_ttl = Duration::from_secs(6);
         let conn = Nats::connect(cfg).await.expect("connect to NATS");
         let manager = ManagerConfig {
             shards: SHARDS,
-            node_ttl: Duration::from_millis(1500),
+            // Generous: a test process running hundreds of scenarios at once on two
+            // cores must not lose a gateway to a late heartbeat (its shards would move
+            // mid-scenario); no scenario here tests failover.
+            node_ttl: Duration::from_secs(6),
             tick: Duration::from_millis(150),
             move_lag: 100,
         };
