@@ -16,7 +16,8 @@
 //! a topic's view: topic; 16 a message: id u64; 17 by key: topic, key, limit u32; 18
 //! peek: queue, from u64, limit u32; 19 cancel a named timer: name; 20 a shard's
 //! records: shard u16, namespace, prefix, after?, limit u32; 21 adjust a holder
-//! count: topic, delta i32).
+//! count: topic, delta i32; 22 schedule a named timer, on shard 0: name, vhost,
+//! exchange, key, encoded message, retain?, due u64).
 //! Reply: `0` answer: tag u8 (1 topic: name, queue count u32; 2 deleted u8; 3 group:
 //! name, members: count, (id, unacked u64, prefetch u64, queues: count, (topic, queue
 //! u32)); queues: count, (topic, queue u32, member?, committed u64, next u64, lag u64,
@@ -195,6 +196,25 @@ fn encode_op(op: &AdminOp) -> Bytes {
             put_bytes(&mut out, topic.as_str().as_bytes());
             out.put_i32(*delta);
         }
+        AdminOp::ScheduleNamed {
+            name,
+            vhost,
+            exchange,
+            key,
+            message,
+            retain,
+            due,
+        } => {
+            out.put_u8(22);
+            put_bytes(&mut out, name.as_bytes());
+            put_bytes(&mut out, vhost.as_bytes());
+            put_bytes(&mut out, exchange.as_bytes());
+            put_bytes(&mut out, key.as_bytes());
+            // A message that cannot be encoded fails at the owner's decode: refused.
+            put_bytes(&mut out, &message.encode().unwrap_or_default());
+            put_opt_str(&mut out, retain.as_deref());
+            out.put_u64(*due);
+        }
         AdminOp::CancelScheduled(name) => {
             out.put_u8(19);
             put_bytes(&mut out, name.as_bytes());
@@ -339,6 +359,18 @@ fn decode_op(b: Bytes) -> Result<AdminOp> {
             limit: r.u32()?,
         },
         19 => AdminOp::CancelScheduled(r.string()?),
+        22 => AdminOp::ScheduleNamed {
+            name: r.string()?,
+            vhost: r.string()?,
+            exchange: r.string()?,
+            key: r.string()?,
+            message: Box::new(
+                mqgate_store::Message::decode(r.bytes()?)
+                    .map_err(|e| invalid(format!("a timer's message: {e}")))?,
+            ),
+            retain: r.opt_string()?,
+            due: r.u64()?,
+        },
         21 => AdminOp::AdjustRefs {
             topic: r.topic()?,
             delta: r.u32()? as i32,
@@ -856,6 +888,18 @@ mod tests {
                 limit: 100,
             },
             AdminOp::CancelScheduled("mqtt.will/c".into()),
+            AdminOp::ScheduleNamed {
+                name: "mqtt.will/c".into(),
+                vhost: "/".into(),
+                exchange: "amq.topic".into(),
+                key: "a.b".into(),
+                message: Box::new(mqgate_store::Message::new(
+                    t("a/b"),
+                    Bytes::from_static(b"w"),
+                )),
+                retain: Some("a/b".into()),
+                due: 1_796_000_000_000,
+            },
             AdminOp::AdjustRefs {
                 topic: t("%SHARE%g/a"),
                 delta: -1,

@@ -358,9 +358,28 @@ impl Broker {
             key: routing_key.to_owned(),
             headers: Vec::new(),
         };
-        self.inner
-            .meta()?
-            .schedule_named(name, due, &route, retain, message)
+        // Named timers live in shard 0, wherever it is owned.
+        let meta = match self.inner.meta() {
+            Ok(meta) => meta,
+            Err(e) => {
+                return self
+                    .or_relay(
+                        Err(e),
+                        || crate::shard::AdminOp::ScheduleNamed {
+                            name: name.to_owned(),
+                            vhost: vhost.to_owned(),
+                            exchange: exchange.to_owned(),
+                            key: routing_key.to_owned(),
+                            message: Box::new(message),
+                            retain: retain.map(str::to_owned),
+                            due,
+                        },
+                        |a| matches!(a, crate::shard::AdminAnswer::Done).then_some(()),
+                    )
+                    .await;
+            }
+        };
+        meta.schedule_named(name, due, &route, retain, message)
             .await
     }
 

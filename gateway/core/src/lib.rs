@@ -10,6 +10,7 @@
 //! Adapters never touch a storage backend: they hold a [`Broker`].
 
 pub mod acl;
+mod admin;
 pub mod auth;
 mod broker;
 mod catalog;
