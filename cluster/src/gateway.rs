@@ -53,6 +53,16 @@ pub struct NatsLink {
     /// The live gateways (set once the manager runs): how many answers a routing
     /// barrier waits for.
     live: parking_lot::Mutex<Option<tokio::sync::watch::Receiver<crate::nodes::LiveSet>>>,
+    /// This gateway's node id.
+    node: String,
+    /// The live gateways' runs (set once the manager runs), and how long one may be
+    /// missing before it is gone (the node TTL).
+    runs: parking_lot::Mutex<
+        Option<(
+            tokio::sync::watch::Receiver<crate::nodes::LiveRuns>,
+            Duration,
+        )>,
+    >,
 }
 
 /// How long shard 0's owner waits for every live gateway to apply a routing change
@@ -68,6 +78,16 @@ impl NatsLink {
     /// The link of the cluster of `stream`; a relayed request unanswered within
     /// `timeout` fails (and is retried by its caller).
     pub fn new(client: async_nats::Client, stream: &str, timeout: Duration) -> Self {
+        Self::for_node(client, stream, timeout, String::new())
+    }
+
+    /// [`NatsLink::new`] for gateway `node`.
+    pub fn for_node(
+        client: async_nats::Client,
+        stream: &str,
+        timeout: Duration,
+        node: String,
+    ) -> Self {
         Self {
             publisher: NatsPublisher::new(client.clone(), stream, timeout),
             consumers: NatsConsumers::new(client.clone(), stream, timeout),
@@ -77,6 +97,8 @@ impl NatsLink {
             timeout,
             groups: None,
             live: parking_lot::Mutex::new(None),
+            node,
+            runs: parking_lot::Mutex::new(None),
         }
     }
 
@@ -90,6 +112,21 @@ impl NatsLink {
 
 #[async_trait::async_trait]
 impl ClusterLink for NatsLink {
+    fn node(&self) -> String {
+        self.node.clone()
+    }
+
+    fn live_runs(&self) -> Option<mqgate_core::LiveRuns> {
+        let runs = self.runs.lock();
+        let (rx, grace) = runs.as_ref()?;
+        let runs = rx.borrow().clone();
+        // Nothing listed yet (the first listing failed): nothing is judged gone.
+        (!runs.is_empty()).then_some(mqgate_core::LiveRuns {
+            runs,
+            grace: *grace,
+        })
+    }
+
     async fn publish(&self, shard: ShardId, batch: PublishBatch) -> Result<Submitted> {
         self.publisher.publish(shard, batch).await
     }
@@ -190,7 +227,7 @@ impl Gateway {
     /// `cfg.shards` shards that owns what the manager hands it.
     pub async fn start(
         nats: Nats,
-        cfg: ManagerConfig,
+        mut cfg: ManagerConfig,
         core: CoreConfig,
         clock: Arc<dyn Clock>,
         relay_timeout: Duration,
@@ -199,7 +236,13 @@ impl Gateway {
         let stream = nats.config().stream.clone();
         let book = GroupBook::open(&nats).await?;
         let link = Arc::new(
-            NatsLink::new(client.clone(), &stream, relay_timeout).with_groups(book.clone()),
+            NatsLink::for_node(
+                client.clone(),
+                &stream,
+                relay_timeout,
+                nats.node_id().to_owned(),
+            )
+            .with_groups(book.clone()),
         );
 
         let broker = Broker::start_cluster(cfg.shards, link.clone(), core, clock)
@@ -222,8 +265,11 @@ impl Gateway {
         let follower = tokio::spawn(crate::meta::follow(nats.clone(), broker.clone()));
         let placement = tokio::spawn(book.follow(broker.clone()));
         let shards = cfg.shards;
+        cfg.run = broker.run().id;
+        let node_ttl = cfg.node_ttl;
         let manager = ShardManager::start(nats.clone(), cfg, tx).await?;
         *link.live.lock() = Some(manager.live());
+        *link.runs.lock() = Some((manager.runs(), node_ttl));
         Ok(Self {
             broker,
             manager: Some(manager),

@@ -40,6 +40,9 @@ pub struct ManagerConfig {
     pub tick: Duration,
     /// A planned move waits until the successor is within this many records.
     pub move_lag: u64,
+    /// The run this gateway heartbeats ([`mqgate_core::Run`]; the gateway sets it from
+    /// its broker).
+    pub run: u64,
 }
 
 impl Default for ManagerConfig {
@@ -49,6 +52,7 @@ impl Default for ManagerConfig {
             node_ttl: Duration::from_secs(3),
             tick: Duration::from_millis(250),
             move_lag: 1_000,
+            run: 0,
         }
     }
 }
@@ -122,6 +126,7 @@ impl ShardManager {
             nats.jetstream().clone(),
             &nats.config().stream,
             node.clone(),
+            cfg.run,
             cfg.node_ttl,
             nats.config().replicas,
         )
@@ -147,6 +152,11 @@ impl ShardManager {
     /// The live gateways as this one sees them.
     pub fn live(&self) -> watch::Receiver<LiveSet> {
         self.nodes.live()
+    }
+
+    /// The live gateways' runs as this one sees them.
+    pub fn runs(&self) -> watch::Receiver<crate::nodes::LiveRuns> {
+        self.nodes.runs()
     }
 
     /// A planned leave (SIGTERM): leave every ranking, hand each owned shard to the

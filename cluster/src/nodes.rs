@@ -17,6 +17,10 @@ use tokio::sync::watch;
 /// The live gateways, sorted by id.
 pub type LiveSet = Vec<String>;
 
+/// The runs of the live gateways (draining ones included: their clients are still
+/// connected), sorted.
+pub type LiveRuns = Vec<mqgate_core::Run>;
+
 /// The liveness bucket of a cluster.
 pub fn bucket_name(stream: &str) -> String {
     format!("{stream}-nodes")
@@ -26,25 +30,51 @@ pub fn bucket_name(stream: &str) -> String {
 #[derive(Debug)]
 pub struct Nodes {
     live: watch::Receiver<LiveSet>,
+    runs: watch::Receiver<LiveRuns>,
     task: tokio::task::JoinHandle<()>,
     draining: Arc<AtomicBool>,
     kv: kv::Store,
     node: String,
 }
 
-/// The value of an active gateway's key; a draining one (a planned leave) puts
-/// [`DRAINING`] and is left out of every ranking while it hands its shards over.
+/// The value of an active gateway's key (then a space and its run, in hex); a
+/// draining one (a planned leave) puts [`DRAINING`] and is left out of every ranking
+/// while it hands its shards over.
 pub const ACTIVE: &[u8] = b"active";
 /// See [`ACTIVE`].
 pub const DRAINING: &[u8] = b"draining";
 
+/// A key's value: its state and run.
+fn value(draining: bool, run: u64) -> Bytes {
+    let state = if draining { DRAINING } else { ACTIVE };
+    let mut v = state.to_vec();
+    v.extend_from_slice(format!(" {run:x}").as_bytes());
+    Bytes::from(v)
+}
+
+/// A key's value read: whether it is active (else draining), and its run (0 when a
+/// gateway of an earlier version put none).
+fn parse(v: &[u8]) -> Option<(bool, u64)> {
+    let (state, run) = match v.iter().position(|b| *b == b' ') {
+        Some(i) => (&v[..i], std::str::from_utf8(&v[i + 1..]).ok()?),
+        None => (v, "0"),
+    };
+    let run = u64::from_str_radix(run, 16).ok()?;
+    match state {
+        ACTIVE => Some((true, run)),
+        DRAINING => Some((false, run)),
+        _ => None,
+    }
+}
+
 impl Nodes {
-    /// Start heartbeating as `node` in `<stream>-nodes` and watching the live set.
-    /// Returns once the first listing (with this node in it) is known.
+    /// Start heartbeating as run `run` of `node` in `<stream>-nodes` and watching the
+    /// live set. Returns once the first listing (with this node in it) is known.
     pub async fn start(
         js: jetstream::Context,
         stream: &str,
         node: String,
+        run: u64,
         ttl: Duration,
         replicas: usize,
     ) -> Result<Self, String> {
@@ -62,9 +92,16 @@ impl Nodes {
             }
         };
         let (tx, live) = watch::channel(Vec::new());
+        let (runs_tx, runs) = watch::channel(Vec::new());
         let draining = Arc::new(AtomicBool::new(false));
-        beat(&kv, &node, false).await;
-        tx.send_replace(list(&kv).await.unwrap_or_else(|| vec![node.clone()]));
+        beat(&kv, &node, run, false).await;
+        let first = listing(&kv).await;
+        tx.send_replace(
+            first
+                .as_ref()
+                .map_or_else(|| vec![node.clone()], |l| l.active.clone()),
+        );
+        runs_tx.send_replace(first.map(|l| l.runs).unwrap_or_default());
         let every = (ttl / 3).max(Duration::from_millis(50));
         let (task_kv, task_node, task_draining) = (kv.clone(), node.clone(), Arc::clone(&draining));
         let task = tokio::spawn(async move {
@@ -72,8 +109,14 @@ impl Nodes {
             loop {
                 tokio::time::sleep(every).await;
                 let leaving = task_draining.load(Ordering::Acquire);
-                beat(&kv, &node, leaving).await;
-                if let Some(mut set) = list(&kv).await {
+                beat(&kv, &node, run, leaving).await;
+                if let Some(l) = listing(&kv).await {
+                    runs_tx.send_if_modified(|cur| {
+                        let changed = *cur != l.runs;
+                        *cur = l.runs;
+                        changed
+                    });
+                    let mut set = l.active;
                     // This node is alive by definition while it runs, even if its last
                     // put has not landed (a slow quorum); unless it is leaving.
                     if leaving {
@@ -96,6 +139,7 @@ impl Nodes {
         });
         Ok(Self {
             live,
+            runs,
             task,
             draining,
             kv,
@@ -121,6 +165,11 @@ impl Nodes {
         self.live.clone()
     }
 
+    /// The live gateways' runs, as they change.
+    pub fn runs(&self) -> watch::Receiver<LiveRuns> {
+        self.runs.clone()
+    }
+
     /// Stop heartbeating (a planned leave deletes the key itself; a crash lets it
     /// expire).
     pub fn stop(&self) {
@@ -134,30 +183,67 @@ impl Drop for Nodes {
     }
 }
 
-async fn beat(kv: &kv::Store, node: &str, draining: bool) {
-    let state = if draining { DRAINING } else { ACTIVE };
-    if let Err(e) = kv.put(node, Bytes::from_static(state)).await {
+async fn beat(kv: &kv::Store, node: &str, run: u64, draining: bool) {
+    if let Err(e) = kv.put(node, value(draining, run)).await {
         tracing::warn!(error = %e, "cluster: heartbeat not stored (NATS unavailable?)");
     }
+}
+
+/// What the node bucket lists.
+pub(crate) struct Listing {
+    /// The active gateways, sorted.
+    pub(crate) active: LiveSet,
+    /// Every listed gateway's run (draining ones too), sorted.
+    pub(crate) runs: LiveRuns,
 }
 
 /// The active gateways' keys (expired ones are gone, draining ones left out), sorted;
 /// `None` when NATS does not answer (the last answer stands).
 pub(crate) async fn list(kv: &kv::Store) -> Option<LiveSet> {
+    listing(kv).await.map(|l| l.active)
+}
+
+/// The bucket's keys and runs; `None` when NATS does not answer.
+pub(crate) async fn listing(kv: &kv::Store) -> Option<Listing> {
     let mut keys = kv.keys().await.ok()?;
     let mut names = Vec::new();
     while let Some(k) = keys.next().await {
         names.push(k.ok()?);
     }
-    let mut out = Vec::new();
+    let mut active = Vec::new();
+    let mut runs = Vec::new();
     for k in names {
         if let Ok(Some(v)) = kv.get(&k).await {
-            if v.as_ref() == ACTIVE {
-                out.push(k);
+            if let Some((is_active, run)) = parse(&v) {
+                runs.push(mqgate_core::Run {
+                    node: k.clone(),
+                    id: run,
+                });
+                if is_active {
+                    active.push(k);
+                }
             }
         }
     }
-    out.sort();
-    out.dedup();
-    Some(out)
+    active.sort();
+    active.dedup();
+    runs.sort_by(|a, b| (&a.node, a.id).cmp(&(&b.node, b.id)));
+    runs.dedup();
+    Some(Listing { active, runs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip() {
+        assert_eq!(parse(&value(false, 0xabc)), Some((true, 0xabc)));
+        assert_eq!(parse(&value(true, u64::MAX)), Some((false, u64::MAX)));
+        // Written by a gateway of an earlier version: no run.
+        assert_eq!(parse(b"active"), Some((true, 0)));
+        assert_eq!(parse(b"draining"), Some((false, 0)));
+        assert_eq!(parse(b"active zz"), None);
+        assert_eq!(parse(b"gone 1"), None);
+    }
 }

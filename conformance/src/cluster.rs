@@ -85,6 +85,7 @@ async fn start(nats: &NatsCluster) -> Held {
             node_ttl: Duration::from_secs(6),
             tick: Duration::from_millis(150),
             move_lag: 100,
+            run: 0,
         };
         let gw = Gateway::start(
             conn,

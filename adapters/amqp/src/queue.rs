@@ -198,6 +198,8 @@ pub struct QueueRecord {
     pub durable: bool,
     /// The exclusive owner: (adapter incarnation, connection id).
     pub exclusive: Option<(u64, u64)>,
+    /// The gateway run a transient queue dies with (written since runs have names).
+    pub owner: Option<mqgate_core::Run>,
     /// The arguments as sent.
     pub args: FieldTable,
 }
@@ -220,7 +222,11 @@ impl mqgate_core::EndpointKind for QueueKind {
     }
 
     fn endpoint(&self, key: &[u8], value: &[u8]) -> Option<mqgate_core::Endpoint> {
-        Queue::from_record(key, value, self.default_retry, 0).map(|q| q.endpoint())
+        let mut e = Queue::from_record(key, value, self.default_retry, 0)?.endpoint();
+        // A transient queue dies with the gateway run that declared it: the core
+        // deletes it once that run is gone (a cluster's gateway killed).
+        e.owner = Queue::decode_record(value)?.owner;
+        Some(e)
     }
 }
 
@@ -323,6 +329,7 @@ impl Queue {
                 Bytes::from(Self::key(&self.vhost, &self.name)),
             )],
             idle_expiry: self.args.expires,
+            owner: None,
         }
     }
 
@@ -342,18 +349,27 @@ impl Queue {
     }
 
     /// Encode the declaration (version 2): flags (auto-delete 1, durable 2, exclusive
-    /// 4), the exclusive owner (the declaring adapter's incarnation and connection id,
-    /// u64 each) when exclusive, then the arguments as sent.
-    pub fn record(&self, incarnation: u64) -> Bytes {
+    /// 4, owner run 8), the exclusive owner (the declaring run's id and connection id,
+    /// u64 each) when exclusive, the declaring run (its node's name, u16 length first,
+    /// and its id, u64) when transient, then the arguments as sent.
+    pub fn record(&self, run: &mqgate_core::Run) -> Bytes {
         let mut b = BytesMut::new();
         b.put_u8(2);
+        let owned = !self.persistent();
         let flags = u8::from(self.auto_delete)
             | (u8::from(self.durable) << 1)
-            | (u8::from(self.exclusive.is_some()) << 2);
+            | (u8::from(self.exclusive.is_some()) << 2)
+            | (u8::from(owned) << 3);
         b.put_u8(flags);
         if let Some(conn) = self.exclusive {
-            b.put_u64(incarnation);
+            b.put_u64(run.id);
             b.put_u64(conn);
+        }
+        if owned {
+            let node = &run.node.as_bytes()[..run.node.len().min(usize::from(u16::MAX))];
+            b.put_u16(node.len() as u16);
+            b.put_slice(node);
+            b.put_u64(run.id);
         }
         let (args, _) = cookie_factory::gen(
             amq_protocol::types::generation::gen_field_table(&self.raw_args),
@@ -369,7 +385,7 @@ impl Queue {
     pub fn decode_record(b: &[u8]) -> Option<QueueRecord> {
         let (flags, rest) = match b {
             [1, auto_delete, rest @ ..] if *auto_delete <= 1 => (*auto_delete | 2, rest),
-            [2, flags, rest @ ..] if *flags < 8 => (*flags, rest),
+            [2, flags, rest @ ..] if *flags < 16 => (*flags, rest),
             _ => return None,
         };
         let (exclusive, rest) = if flags & 4 != 0 {
@@ -383,11 +399,26 @@ impl Queue {
         } else {
             (None, rest)
         };
+        let (owner, rest) = if flags & 8 != 0 {
+            let len = usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?));
+            let node = std::str::from_utf8(rest.get(2..2 + len)?).ok()?;
+            let id = u64::from_be_bytes(rest.get(2 + len..10 + len)?.try_into().ok()?);
+            (
+                Some(mqgate_core::Run {
+                    node: node.to_owned(),
+                    id,
+                }),
+                &rest[10 + len..],
+            )
+        } else {
+            (None, rest)
+        };
         let (left, args) = amq_protocol::types::parsing::parse_field_table(rest).ok()?;
         left.is_empty().then_some(QueueRecord {
             auto_delete: flags & 1 != 0,
             durable: flags & 2 != 0,
             exclusive,
+            owner,
             args,
         })
     }
@@ -466,21 +497,46 @@ mod tests {
             auto_delete: true,
             durable: true,
             exclusive: None,
+            owner: None,
             args: t.clone(),
         };
-        assert_eq!(Queue::decode_record(&q.record(7)), Some(want.clone()));
+        let run = |id| mqgate_core::Run {
+            node: "gw1".into(),
+            id,
+        };
+        assert_eq!(Queue::decode_record(&q.record(&run(7))), Some(want.clone()));
         // Version 1 (durable queues only) still reads.
         let mut v1 = vec![1u8, 1];
-        v1.extend_from_slice(&q.record(7)[2..]);
+        v1.extend_from_slice(&q.record(&run(7))[2..]);
         assert_eq!(Queue::decode_record(&v1), Some(want));
         // An exclusive queue is this adapter's connection's, another's nobody's here.
+        let durable_rec = q.record(&run(7));
         let ex = Queue {
             exclusive: Some(5),
             durable: false,
             ..q
         };
-        let rec = ex.record(7);
+        let rec = ex.record(&run(7));
         let key = Queue::key("/", "q");
+        // A transient queue names the run it dies with.
+        assert_eq!(Queue::decode_record(&rec).unwrap().owner, Some(run(7)));
+        let kind = QueueKind {
+            default_retry: None,
+        };
+        use mqgate_core::EndpointKind;
+        assert_eq!(kind.endpoint(&key, &rec).unwrap().owner, Some(run(7)));
+        assert_eq!(
+            kind.endpoint(&key, &durable_rec).unwrap().owner,
+            None,
+            "a durable queue outlives its declarer"
+        );
+        // Written before runs had names (exclusive, no owner run): still reads.
+        let mut old = rec.to_vec();
+        old[1] &= !8;
+        let name_len = 2 + 3 + 8;
+        old.drain(2 + 16..2 + 16 + name_len);
+        let r = Queue::decode_record(&old).unwrap();
+        assert_eq!((r.exclusive, r.owner), (Some((7, 5)), None));
         assert_eq!(
             Queue::from_record(&key, &rec, None, 7).unwrap().exclusive,
             Some(5)

@@ -151,6 +151,8 @@ pub(crate) struct Shared {
     /// This run of the adapter (exclusive queues' records name it with their
     /// connection).
     pub(crate) incarnation: u64,
+    /// This gateway's run: transient queues' records name it.
+    pub(crate) run: mqgate_core::Run,
     pub(crate) exchanges: RwLock<HashMap<Key, ExMeta>>,
     pub(crate) next_conn: AtomicU64,
     /// Member ids increase, so a single-active-consumer queue keeps its first consumer.
@@ -185,20 +187,6 @@ pub(crate) enum Declared {
     Exists(Arc<Queue>),
 }
 
-/// A number naming this run of the adapter: the clock's nanoseconds mixed with the
-/// process id (two gateways, or two runs, do not share one).
-fn incarnation() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let mut x = nanos ^ (u64::from(std::process::id()) << 40) ^ 0x9e37_79b9_7f4a_7c15;
-    // splitmix64's finaliser.
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (x ^ (x >> 31)).max(1)
-}
-
 /// The AMQP 0-9-1 adapter.
 #[derive(Clone, Debug)]
 pub struct AmqpServer {
@@ -216,7 +204,8 @@ impl AmqpServer {
         }
         // Connections of this run own the exclusive queues they declare; an owner of
         // an earlier run (or another gateway) is nobody here.
-        let incarnation = incarnation();
+        let run = broker.run();
+        let incarnation = run.id;
         let clustered = broker.clustered();
         let mut queues = HashMap::new();
         let mut after: Option<Bytes> = None;
@@ -303,6 +292,7 @@ impl AmqpServer {
             broker,
             cfg,
             incarnation,
+            run,
             queues: RwLock::new(queues),
             exchanges: RwLock::new(exchanges),
             next_conn: AtomicU64::new(1),
@@ -555,7 +545,7 @@ impl Shared {
             group: q.group.clone(),
             namespace: NS_QUEUE.to_owned(),
             key: Bytes::from(key.clone()),
-            record: q.record(self.incarnation),
+            record: q.record(&self.run),
         };
         if let mqgate_core::Declared::Exists(rec) = self
             .broker

@@ -508,6 +508,7 @@ impl Shared {
                 Bytes::copy_from_slice(client_id.as_bytes()),
             )],
             idle_expiry: (expiry != u32::MAX).then(|| u64::from(expiry) * 1000),
+            owner: None,
         }
     }
 

@@ -75,6 +75,7 @@ async fn start_gateway(
             node_ttl: Duration::from_millis(1500),
             tick: Duration::from_millis(150),
             move_lag: 100,
+            run: 0,
         },
         CoreConfig::default(),
         Arc::new(SystemClock),

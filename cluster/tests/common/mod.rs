@@ -76,6 +76,7 @@ pub(crate) fn manager_config(shards: u16) -> ManagerConfig {
         node_ttl: Duration::from_millis(1500),
         tick: Duration::from_millis(150),
         move_lag: 100,
+        run: 0,
     }
 }
 

@@ -232,6 +232,10 @@ pub(crate) struct ShardSet {
     /// How shards owned elsewhere are reached (none: every shard is here).
     pub(crate) link: Option<Arc<dyn crate::shard::ClusterLink>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// This run's number (`runs.rs`).
+    pub(crate) run_id: u64,
+    /// Since when each gateway run asked about has been missing from the live set.
+    pub(crate) absences: crate::runs::Absences,
     /// Retained messages when shard 0 is not owned here (none).
     no_retained: Arc<crate::retained::Retained>,
 }
@@ -393,6 +397,8 @@ impl Broker {
             slots: RwLock::new(vec![None; usize::from(count)]),
             link,
             tasks: Mutex::default(),
+            run_id: crate::runs::draw(),
+            absences: crate::runs::Absences::default(),
             no_retained: Arc::new(crate::retained::Retained::empty(
                 retained_cap.0,
                 retained_cap.1,

@@ -42,6 +42,9 @@ pub struct Endpoint {
     pub records: Vec<(String, Bytes)>,
     /// Deleted after this long unused (ms): AMQP `x-expires`, MQTT session expiry.
     pub idle_expiry: Option<u64>,
+    /// The gateway run it dies with, if transient (an AMQP exclusive or non-durable
+    /// queue): deleted, once unused, when that run is gone ([`crate::Run`]).
+    pub owner: Option<crate::Run>,
 }
 
 impl Endpoint {
@@ -52,6 +55,7 @@ impl Endpoint {
             vhost: crate::router::DEFAULT_VHOST.to_owned(),
             records: Vec::new(),
             idle_expiry: None,
+            owner: None,
         }
     }
 }
@@ -65,7 +69,8 @@ impl From<GroupSpec> for Endpoint {
 /// What the core did to an endpoint on its own.
 #[derive(Clone, Debug)]
 pub enum EndpointEvent {
-    /// Unused for its `idle_expiry`: deleted with its records.
+    /// Unused for its `idle_expiry`, or transient and its declaring gateway run gone:
+    /// deleted with its records.
     Expired {
         /// Its group name.
         group: GroupName,
@@ -337,32 +342,52 @@ impl ShardCore {
         self.expire_messages().await;
     }
 
-    /// Delete the endpoints unused for their `idle_expiry`.
+    /// Delete the endpoints unused for their `idle_expiry`, and the unused transient
+    /// ones whose declaring gateway run is gone (`runs.rs`).
     async fn expire_idle(self: &Arc<Self>) {
         let now = self.clock.now();
-        // Marked first: from here uses are refused (`endpoint_in_use` and
-        // `touch_endpoint` answer false, `claim_endpoint` waits) until it is gone.
-        let expired: Vec<Endpoint> = {
-            let mut map = self.endpoints.map.lock();
-            map.values_mut()
-                .filter(|e| {
-                    !e.expiring
-                        && e.users == 0
-                        && e.endpoint
-                            .idle_expiry
-                            .is_some_and(|ms| e.idle_since.saturating_add(ms) <= now)
-                })
-                .map(|e| {
-                    e.expiring = true;
-                    e.endpoint.clone()
-                })
-                .collect()
-        };
         let Some(broker) = self.broker() else {
             return;
         };
-        for ep in expired {
-            tracing::info!(group = %ep.spec.name, "core: endpoint unused for its expiry; deleted");
+        // The runs owning transient endpoints here, judged once per sweep (outside the
+        // map's lock).
+        let owners: std::collections::HashSet<crate::Run> = {
+            let map = self.endpoints.map.lock();
+            map.values()
+                .filter(|e| e.users == 0 && !e.expiring)
+                .filter_map(|e| e.endpoint.owner.clone())
+                .collect()
+        };
+        let gone: std::collections::HashSet<crate::Run> =
+            owners.into_iter().filter(|r| broker.run_gone(r)).collect();
+        // Marked first: from here uses are refused (`endpoint_in_use` and
+        // `touch_endpoint` answer false, `claim_endpoint` waits) until it is gone.
+        let expired: Vec<(Endpoint, bool)> = {
+            let mut map = self.endpoints.map.lock();
+            map.values_mut()
+                .filter_map(|e| {
+                    if e.expiring || e.users > 0 {
+                        return None;
+                    }
+                    let idle = e
+                        .endpoint
+                        .idle_expiry
+                        .is_some_and(|ms| e.idle_since.saturating_add(ms) <= now);
+                    let orphan = e.endpoint.owner.as_ref().is_some_and(|r| gone.contains(r));
+                    (idle || orphan).then(|| {
+                        e.expiring = true;
+                        (e.endpoint.clone(), !idle)
+                    })
+                })
+                .collect()
+        };
+        for (ep, orphan) in expired {
+            if orphan {
+                let owner = ep.owner.as_ref().expect("an orphan has an owner");
+                tracing::info!(group = %ep.spec.name, node = %owner.node, run = owner.id, "core: a transient endpoint whose gateway is gone; deleted");
+            } else {
+                tracing::info!(group = %ep.spec.name, "core: endpoint unused for its expiry; deleted");
+            }
             let mut records = Vec::with_capacity(ep.records.len());
             let mut delete = Records::new();
             for (ns, key) in &ep.records {

@@ -38,6 +38,7 @@ pub mod retained;
 pub mod retry;
 pub mod router;
 mod routing;
+mod runs;
 pub mod shard;
 pub mod sockio;
 mod topics;
@@ -68,6 +69,7 @@ pub use publish::{Delay, Publish, Published};
 pub use publish::{Destination, Outgoing, PublishBatch, Records, Submitted};
 pub use retained::{Retained, RetainedCursor, RetainedStats};
 pub use router::Router;
+pub use runs::{LiveRuns, Run};
 pub use topics::ProducerStat;
 pub use views::{Gathered, TopicView, RELAYED_READ_BYTES};
 

@@ -221,6 +221,18 @@ impl Route {
 /// How a gateway reaches the shards other gateways own (the cluster's relays).
 #[async_trait]
 pub trait ClusterLink: Send + Sync + std::fmt::Debug {
+    /// This gateway's node id.
+    fn node(&self) -> String {
+        String::new()
+    }
+
+    /// The runs of the live gateways as their heartbeats say now (`None` while not
+    /// known): an endpoint declared by a run missing from them for their grace is
+    /// deleted ([`crate::Run`]).
+    fn live_runs(&self) -> Option<crate::LiveRuns> {
+        None
+    }
+
     /// Shard `dest`'s inbox, wherever it is owned now.
     fn forward_target(&self, dest: ShardId) -> Arc<dyn ForwardTarget>;
 

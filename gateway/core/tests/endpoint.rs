@@ -1239,6 +1239,7 @@ async fn unused_endpoints_expire_with_their_records() {
         vhost: VHOST.to_owned(),
         records: vec![("test.ep".to_owned(), Bytes::from_static(b"q"))],
         idle_expiry: Some(1_000),
+        owner: None,
     };
     b.register_endpoint(ep);
     publish(b, "idle", "m").await;
@@ -1466,6 +1467,7 @@ async fn uses_during_an_expiry_are_refused_and_claims_wait() {
         vhost: VHOST.to_owned(),
         records: vec![("test.ep".to_owned(), Bytes::from_static(b"q"))],
         idle_expiry: Some(1_000),
+        owner: None,
     });
     env.clock.advance(Duration::from_millis(2_000));
     let (entered, release) = store.arm_gate("test.ep");

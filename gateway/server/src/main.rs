@@ -518,6 +518,7 @@ async fn join_cluster(
         node_ttl: c.node_ttl.get(),
         tick: c.tick.get(),
         move_lag: c.move_lag,
+        run: 0,
     };
     let gw = mqgate_cluster::gateway::Gateway::start(
         nats,

@@ -94,13 +94,20 @@ async fn start(dir: &Path, nats: &NatsCluster, names: &[&str], config: &str) -> 
 
 /// A queue name (`<prefix>-<n>`) whose shard `gw` owns now.
 fn owned_by(gw: &Gateway, prefix: &str) -> String {
-    let owners = view(gw).expect("cluster view")["shards"].clone();
+    owned_by_one_of(gw, &[gw.name.as_str()], prefix)
+}
+
+/// A queue name (`<prefix>-<n>`) whose shard one of `owners` owns now (as `gw` sees it).
+fn owned_by_one_of(gw: &Gateway, owners: &[&str], prefix: &str) -> String {
+    let shards = view(gw).expect("cluster view")["shards"].clone();
     (0..500)
         .map(|i| format!("{prefix}-{i}"))
         .find(|name| {
             let (topic, _) = mqgate_amqp::queue::queue_topic("/", name);
             let shard = mqgate_core::shard::shard_of(topic.as_str(), SHARDS as u16);
-            owners[usize::from(shard)]["owner"] == gw.name.as_str()
+            owners
+                .iter()
+                .any(|o| shards[usize::from(shard)]["owner"] == *o)
         })
         .expect("a queue name in a shard of the gateway")
 }
@@ -500,6 +507,41 @@ async fn sigkill_one_gateway_under_amqp_load_100_queues() {
         order.rotate_left(p);
         publishers.push(tokio::spawn(publish_through(order, mine, PER_QUEUE)));
     }
+    // Through the gateway about to die: an exclusive queue and a non-durable one, in
+    // shards the others own. They die with it (as RabbitMQ drops a lost node's).
+    let others = [gws[1].name.as_str(), gws[2].name.as_str()];
+    let exclusive_q = owned_by_one_of(&gws[1], &others, "victims-exclusive");
+    let transient_q = owned_by_one_of(&gws[1], &others, "victims-transient");
+    let (_victim_conn, victim) = connect(ports[0]).await;
+    victim
+        .queue_declare(
+            exclusive_q.as_str().into(),
+            exclusive(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    victim
+        .queue_declare(
+            transient_q.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    {
+        // While its declarer lives, the exclusive queue is locked to everyone else.
+        let (_c, other) = connect(ports[1]).await;
+        let e = other
+            .queue_declare(
+                exclusive_q.as_str().into(),
+                exclusive(),
+                FieldTable::default(),
+            )
+            .await
+            .expect_err("locked");
+        assert_eq!(code(&e), 405, "{e}");
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     gws[0].sigkill();
     let killed = Instant::now();
@@ -512,6 +554,40 @@ async fn sigkill_one_gateway_under_amqp_load_100_queues() {
     let survivors: Vec<&Gateway> = gws.iter().skip(1).collect();
     wait_balanced(&survivors).await;
     let moved = killed.elapsed();
+    // The dead gateway's exclusive queue can be declared anew (not locked forever),
+    // and its non-durable one is gone.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reclaimed = loop {
+        let (_c, ch) = connect(survivors[0].amqp).await;
+        match ch
+            .queue_declare(
+                exclusive_q.as_str().into(),
+                exclusive(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(_) => break killed.elapsed(),
+            Err(e) => {
+                assert_eq!(code(&e), 405, "{e}");
+                assert!(
+                    Instant::now() < deadline,
+                    "{exclusive_q} still locked 30 s after its gateway died"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let (_c, ch) = connect(survivors[1].amqp).await;
+    let e = ch
+        .queue_declare(
+            transient_q.as_str().into(),
+            passive(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("the dead gateway's non-durable queue is gone");
+    assert_eq!(code(&e), 404, "{e}");
     // Read back through the survivors, alternately.
     let mut dups = 0;
     for (i, q) in queues.iter().enumerate() {
@@ -535,8 +611,9 @@ async fn sigkill_one_gateway_under_amqp_load_100_queues() {
     eprintln!(
         "sharding: {total} messages confirmed on {QUEUES} queues through 3 gateways, one \
          SIGKILLed; shards settled on the other two {:.1} s after; every confirmed message \
-         delivered, {dups} duplicates",
-        moved.as_secs_f64()
+         delivered, {dups} duplicates; its exclusive queue declarable again {:.1} s after",
+        moved.as_secs_f64(),
+        reclaimed.as_secs_f64()
     );
     assert_eq!(total, QUEUES * PER_QUEUE, "every publisher finished");
 }
