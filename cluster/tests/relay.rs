@@ -150,3 +150,87 @@ async fn forwarding_over_nats_survives_lost_replies_and_an_unserved_destination(
         );
     }
 }
+
+/// The admin relay carries a request and an answer larger than the NATS server's
+/// payload limit (1 MiB by default) in parts: a 3 MiB record written through it and
+/// read back whole (before, each had to fit one message: a retained message near a
+/// megabyte never reached a subscriber on another gateway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_requests_and_answers_larger_than_a_nats_message() {
+    use mqgate_cluster::relay::admin::{AdminServer, NatsAdmin};
+    use mqgate_core::shard::{AdminAnswer, AdminOp};
+    use mqgate_core::{Broker, CoreConfig, Records, SystemClock};
+
+    let cluster = NatsCluster::shared();
+    let owner_client = async_nats::connect(cluster.urls()).await.unwrap();
+    let caller = async_nats::connect(cluster.urls()).await.unwrap();
+    let limit = caller.server_info().max_payload;
+    let store: Arc<dyn Store> = Arc::new(mqgate_store::MemoryStore::new());
+    let broker = Broker::start(store, CoreConfig::default(), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let stream = "admin-parts";
+    let _server = AdminServer::start(owner_client, stream, 0, broker.clone())
+        .await
+        .unwrap();
+    let admin = NatsAdmin::new(caller, stream, Duration::from_secs(10));
+
+    let t = topic("big-records");
+    let value: Bytes = (0..3 * 1024 * 1024 + 7)
+        .map(|i: usize| (i * 31 % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    assert!(
+        value.len() > limit,
+        "larger than one NATS message ({limit})"
+    );
+    let mut records = Records::new();
+    records.put("test.big", Bytes::from_static(b"k"), value.clone());
+    let done = admin
+        .run(
+            0,
+            AdminOp::WriteRecords {
+                topic: t.clone(),
+                records,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(done, AdminAnswer::Done), "{done:?}");
+    let read = admin
+        .run(
+            0,
+            AdminOp::EndpointRecord {
+                topic: t.clone(),
+                namespace: "test.big".into(),
+                key: Bytes::from_static(b"k"),
+            },
+        )
+        .await
+        .unwrap();
+    match read {
+        AdminAnswer::Record(Some(v)) => assert!(v == value, "read back whole"),
+        other => panic!("{other:?}"),
+    }
+    // Small ones still go as one message, many at once.
+    let mut reads = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (admin, t) = (admin.clone(), t.clone());
+        reads.spawn(async move {
+            admin
+                .run(
+                    0,
+                    AdminOp::EndpointRecord {
+                        topic: t,
+                        namespace: "test.big".into(),
+                        key: Bytes::from_static(b"none"),
+                    },
+                )
+                .await
+                .unwrap()
+        });
+    }
+    while let Some(r) = reads.join_next().await {
+        assert!(matches!(r.unwrap(), AdminAnswer::Record(None)));
+    }
+}

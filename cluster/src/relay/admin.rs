@@ -33,7 +33,13 @@
 //! (`codec::encode_error`).
 //! No owner (*no responders*): asked again while the shard moves (every operation is
 //! idempotent, and nobody received it).
+//! A request or answer larger than the NATS server's payload limit (a retained message
+//! of a megabyte, a large record) goes in parts (`super::split_parts`) on the request's
+//! own reply subject, one inbox per gateway (`<inbox>.<id>`).
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes};
@@ -719,7 +725,11 @@ impl AdminServer {
                         Err(e)
                     }
                 };
-                let _ = client.publish(reply_to, encode_reply(&answer)).await;
+                for part in super::split_parts(encode_reply(&answer), max_part(&client)) {
+                    if client.publish(reply_to.clone(), part).await.is_err() {
+                        break;
+                    }
+                }
             }
         })
         .await?;
@@ -727,12 +737,39 @@ impl AdminServer {
     }
 }
 
-/// The caller's side.
+/// Room left in a NATS message for a part's framing.
+const PART_SLACK: usize = 4096;
+
+/// The most one NATS message of the relay carries (a larger request or answer goes in
+/// parts).
+fn max_part(client: &async_nats::Client) -> usize {
+    client.server_info().max_payload.max(PART_SLACK * 2) - PART_SLACK
+}
+
+/// An answer as it came: its status (*no responders*) and its payload (whole).
+type Reply = (Option<async_nats::StatusCode>, Bytes);
+
+/// Requests waiting for their answer, by id.
+type Waiting = Arc<parking_lot::Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Reply>>>>;
+
+/// A request's place in [`Waiting`], given up when its caller is done or gone.
+struct Pending(Waiting, u64);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
+}
+
+/// The caller's side: one reply inbox per gateway (requests matched to answers by the
+/// last token of the reply subject; answers in parts put together).
 #[derive(Debug, Clone)]
 pub struct NatsAdmin {
     client: async_nats::Client,
     stream: String,
     timeout: Duration,
+    inbox: Arc<tokio::sync::OnceCell<(String, Waiting)>>,
+    next: Arc<AtomicU64>,
 }
 
 impl NatsAdmin {
@@ -744,7 +781,54 @@ impl NatsAdmin {
             client,
             stream: stream.to_owned(),
             timeout,
+            inbox: Arc::default(),
+            next: Arc::new(AtomicU64::new(1)),
         }
+    }
+
+    async fn inbox(&self) -> Result<&(String, Waiting)> {
+        self.inbox
+            .get_or_try_init(|| async {
+                use futures_util::StreamExt;
+                let prefix = self.client.new_inbox();
+                let mut sub = self
+                    .client
+                    .subscribe(format!("{prefix}.*"))
+                    .await
+                    .map_err(|e| invalid(format!("subscribe: {e}")))?;
+                let waiting: Waiting = Arc::default();
+                let w = Arc::downgrade(&waiting);
+                tokio::spawn(async move {
+                    let mut parted = super::Parted::default();
+                    while let Some(msg) = sub.next().await {
+                        let Some(w) = w.upgrade() else {
+                            return;
+                        };
+                        let id = msg
+                            .subject
+                            .rsplit('.')
+                            .next()
+                            .and_then(|t| t.parse::<u64>().ok());
+                        let Some(id) = id else {
+                            continue;
+                        };
+                        let payload = if msg.payload.first() == Some(&super::PART) {
+                            match parted.add(msg.subject.as_str(), &msg.payload) {
+                                Some(whole) => whole,
+                                None => continue,
+                            }
+                        } else {
+                            msg.payload
+                        };
+                        let tx = w.lock().remove(&id);
+                        if let Some(tx) = tx {
+                            let _ = tx.send((msg.status, payload));
+                        }
+                    }
+                });
+                Ok((prefix, waiting))
+            })
+            .await
     }
 
     /// Run `op` on the owner of `shard`.
@@ -753,26 +837,38 @@ impl NatsAdmin {
         let payload = encode_op(&op);
         let wait = self.timeout.saturating_mul(4).max(Duration::from_secs(2));
         let since = tokio::time::Instant::now();
+        let (prefix, waiting) = self.inbox().await?;
+        let max = max_part(&self.client);
         loop {
-            let req = async_nats::Request::new()
-                .payload(payload.clone())
-                .timeout(Some(self.timeout));
-            match self.client.send_request(subject.clone(), req).await {
-                Ok(reply) => return decode_reply(reply.payload),
-                Err(e)
-                    if e.kind() == async_nats::RequestErrorKind::NoResponders
-                        && since.elapsed() < wait =>
+            let id = self.next.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            waiting.lock().insert(id, tx);
+            let _pending = Pending(Arc::clone(waiting), id);
+            let reply = format!("{prefix}.{id}");
+            for part in super::split_parts(payload.clone(), max) {
+                if let Err(e) = self
+                    .client
+                    .publish_with_reply(subject.clone(), reply.clone(), part)
+                    .await
                 {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-                    return Err(CoreError::NotOwned(shard))
-                }
-                // Unanswered in time: it may or may not have run there (the caller's
-                // error, as a failed store write is: internal, not the client's).
-                Err(e) => {
                     return Err(CoreError::Store(mqgate_store::StoreError::Backend(
                         format!("admin relay {subject}: {e}"),
+                    )));
+                }
+            }
+            match tokio::time::timeout(self.timeout, rx).await {
+                Ok(Ok((Some(async_nats::StatusCode::NO_RESPONDERS), _))) => {
+                    if since.elapsed() >= wait {
+                        return Err(CoreError::NotOwned(shard));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(Ok((_, answer))) => return decode_reply(answer),
+                // Unanswered in time: it may or may not have run there (the caller's
+                // error, as a failed store write is: internal, not the client's).
+                _ => {
+                    return Err(CoreError::Store(mqgate_store::StoreError::Backend(
+                        format!("admin relay {subject}: no answer within {:?}", self.timeout),
                     )))
                 }
             }

@@ -42,8 +42,9 @@ impl<T> Default for Gathered<T> {
     }
 }
 
-/// Relayed reads of messages answer at most this many bytes of them (the admin relay's
-/// answer is one NATS message); the caller asks again from where it ended.
+/// Relayed reads of messages answer at most this many bytes of them (the first one
+/// always, whatever its size: an answer larger than a NATS message goes in parts); the
+/// caller asks again from where it ended.
 pub const RELAYED_READ_BYTES: usize = 512 << 10;
 
 fn other(what: &str, a: AdminAnswer) -> crate::CoreError {
