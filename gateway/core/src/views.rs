@@ -73,35 +73,52 @@ impl crate::Broker {
         out
     }
 
-    /// Every topic of every shard (internal outbox topics left out), by name.
-    pub async fn topic_views(&self) -> Gathered<TopicView> {
+    /// `op(shard)` run for every shard at once, the items `take` finds in each answer
+    /// gathered (in shard order); a shard that does not answer, or answers with
+    /// something else, is left out and named in `missing`.
+    async fn gather<T>(
+        &self,
+        what: &str,
+        op: impl Fn(ShardId) -> AdminOp,
+        take: impl Fn(AdminAnswer) -> std::result::Result<Vec<T>, AdminAnswer>,
+    ) -> Gathered<T> {
         let mut out = Gathered::default();
-        for (s, answer) in self.each_shard(AdminOp::ShardTopics).await {
-            match answer {
-                Ok(AdminAnswer::Topics(t)) => out.items.extend(t),
-                Ok(a) => {
-                    tracing::warn!(shard = s, answer = ?a, "core: a shard's topics answered with another kind");
+        for (s, answer) in self.each_shard(op).await {
+            match answer.map(&take) {
+                Ok(Ok(items)) => out.items.extend(items),
+                Ok(Err(a)) => {
+                    tracing::warn!(shard = s, answer = ?a, what, "core: a shard answered a listing with another kind");
                     out.missing.push(s);
                 }
                 Err(e) => {
-                    tracing::debug!(shard = s, error = %e, "core: a shard's topics could not be listed");
+                    tracing::debug!(shard = s, error = %e, what, "core: a shard could not be listed");
                     out.missing.push(s);
                 }
             }
         }
+        out
+    }
+
+    /// Every topic of every shard (internal outbox topics left out), by name.
+    pub async fn topic_views(&self) -> Gathered<TopicView> {
+        let mut out = self
+            .gather("topics", AdminOp::ShardTopics, |a| match a {
+                AdminAnswer::Topics(t) => Ok(t),
+                a => Err(a),
+            })
+            .await;
         out.items.sort_by(|a, b| a.config.name.cmp(&b.config.name));
         out
     }
 
     /// Every consumer group of every shard, by name.
     pub async fn group_names(&self) -> Gathered<GroupName> {
-        let mut out = Gathered::default();
-        for (s, answer) in self.each_shard(AdminOp::ShardGroups).await {
-            match answer {
-                Ok(AdminAnswer::Groups(g)) => out.items.extend(g),
-                Ok(_) | Err(_) => out.missing.push(s),
-            }
-        }
+        let mut out = self
+            .gather("groups", AdminOp::ShardGroups, |a| match a {
+                AdminAnswer::Groups(g) => Ok(g),
+                a => Err(a),
+            })
+            .await;
         out.items.sort();
         out.items.dedup();
         out
@@ -117,26 +134,23 @@ impl crate::Broker {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Gathered<(bytes::Bytes, bytes::Bytes)> {
-        let mut out = Gathered::default();
         let (prefix, after) = (
             bytes::Bytes::copy_from_slice(prefix),
             after.map(bytes::Bytes::copy_from_slice),
         );
-        let answers = self
-            .each_shard(|s| AdminOp::ShardRecords {
-                shard: s,
-                namespace: namespace.to_owned(),
-                prefix: prefix.clone(),
-                after: after.clone(),
-                limit: limit.min(u32::MAX as usize) as u32,
+        let op = |s| AdminOp::ShardRecords {
+            shard: s,
+            namespace: namespace.to_owned(),
+            prefix: prefix.clone(),
+            after: after.clone(),
+            limit: limit.min(u32::MAX as usize) as u32,
+        };
+        let mut out = self
+            .gather("records", op, |a| match a {
+                AdminAnswer::Records(r) => Ok(r),
+                a => Err(a),
             })
             .await;
-        for (s, answer) in answers {
-            match answer {
-                Ok(AdminAnswer::Records(r)) => out.items.extend(r),
-                Ok(_) | Err(_) => out.missing.push(s),
-            }
-        }
         out.items.sort_by(|a, b| a.0.cmp(&b.0));
         out.items.dedup_by(|a, b| a.0 == b.0);
         out.items.truncate(limit);
