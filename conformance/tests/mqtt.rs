@@ -1186,6 +1186,7 @@ scenario!(
     subscription_checks_after_earlier_sessions,
     shared_subscription_splits_and_hands_over,
     shared_subscription_rotates_with_a_paced_publisher,
+    shared_subscription_last_holder_leaves_as_another_comes,
 );
 
 async fn wildcards_and_dollar_topics(b: Backend) {
@@ -1892,6 +1893,48 @@ async fn shared_subscription_splits_and_hands_over(b: Backend) {
         again,
         (0..5).map(|i| format!("late{i}")).collect::<Vec<_>>()
     );
+}
+
+/// The last holder of a shared subscription unsubscribes while a new one subscribes
+/// (through another gateway in the cluster variant): the new one gets what is published
+/// next. The release (count to 0, then unbind) and the new hold (bind, then count)
+/// interleave; an unbind that lands after the new bind must not leave the topic unbound.
+async fn shared_subscription_last_holder_leaves_as_another_comes(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("race");
+    let (mut p, _) = c3(&t, &uniq("p"), true).await;
+    for round in 0..12 {
+        let share = format!("$share/{}/{topic}", uniq("g"));
+        let mut leaving = c5(&t, &uniq("leaving"), true).await;
+        leaving.subscribe(&share, Q5::AtLeastOnce).await;
+        let mut staying = c5(&t, &uniq("staying"), true).await;
+        let unsubscribed = async {
+            leaving.client.unsubscribe(&share).await.unwrap();
+            loop {
+                match leaving.next(WAIT).await {
+                    Some(rumqttc::v5::Event::Incoming(p5::Packet::UnsubAck(_))) => break,
+                    Some(_) => {}
+                    None => panic!("no UNSUBACK"),
+                }
+            }
+        };
+        tokio::join!(unsubscribed, staying.subscribe(&share, Q5::AtLeastOnce));
+        p.client
+            .publish(&topic, Q3::AtLeastOnce, false, format!("{round}"))
+            .await
+            .unwrap();
+        p.acked(1).await;
+        let got = staying.publish_in(WAIT).await;
+        assert_eq!(
+            got.as_ref().map(body5),
+            Some(round.to_string()),
+            "round {round}: the new holder got what was published after it subscribed"
+        );
+        leaving.disconnect().await;
+        staying.disconnect().await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -575,17 +575,19 @@ impl Shared {
         }
     }
 
-    /// One more session holds shared subscription topic `topic`. In a cluster the count
-    /// is kept with the topic, in its shard (sessions on every gateway hold it);
-    /// otherwise here.
-    pub(crate) async fn hold_shared(&self, topic: TopicName) {
-        if self.broker.clustered() {
-            if let Err(e) = self.broker.adjust_refs(&topic, 1).await {
-                tracing::warn!(%topic, error = %e, "MQTT: a shared subscription's holder count could not be raised; it may be released early");
-            }
-            return;
+    /// One more session holds shared subscription topic `topic` (bound with `filter`
+    /// just before). In a cluster the count is kept with the topic, in its shard
+    /// (sessions on every gateway hold it); otherwise here.
+    ///
+    /// A holder's bind and count, and a releaser's count and unbind, are separate
+    /// steps and can interleave (a releaser's unbind after a new holder's bind). So the
+    /// first holder binds again after counting itself, and a releaser that unbound
+    /// looks at the count once more and binds again if a holder came meanwhile: the
+    /// last routing change always matches the count.
+    pub(crate) async fn hold_shared(&self, topic: TopicName, filter: &str) {
+        if self.count_shared(&topic, 1).await == Some(1) {
+            self.bind_shared(&topic, filter).await;
         }
-        *self.shared_refs.lock().entry(topic).or_default() += 1;
     }
 
     /// One session stopped holding shared subscription `$share/name/filter`.
@@ -593,36 +595,57 @@ impl Shared {
         let Some((topic, _)) = crate::session::shared_topic(name, filter) else {
             return;
         };
-        if self.broker.clustered() {
-            match self.broker.adjust_refs(&topic, -1).await {
-                Ok(0) => {
-                    let _ = self.broker.unbind_topic(DEFAULT_VHOST, &topic).await;
-                }
-                Ok(_) => {}
-                // Kept bound rather than risk cutting off the other holders.
-                Err(e) => {
-                    tracing::warn!(%topic, error = %e, "MQTT: a shared subscription's holder count could not be lowered; it stays bound")
-                }
-            }
+        if self.count_shared(&topic, -1).await != Some(0) {
             return;
         }
-        let last = {
-            let mut refs = self.shared_refs.lock();
-            match refs.get_mut(&topic) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    false
-                }
-                _ => {
-                    refs.remove(&topic);
-                    true
-                }
-            }
-        };
-        if last {
-            // Nobody holds it: stop routing to it (its offsets stay, for replay).
-            let _ = self.broker.unbind_topic(DEFAULT_VHOST, &topic).await;
+        // Nobody holds it: stop routing to it (its offsets stay, for replay).
+        let _ = self.broker.unbind_topic(DEFAULT_VHOST, &topic).await;
+        if self.count_shared(&topic, 0).await.is_some_and(|n| n > 0) {
+            self.bind_shared(&topic, filter).await;
         }
+    }
+
+    async fn bind_shared(&self, topic: &TopicName, filter: &str) {
+        let b = mqgate_core::router::Binding {
+            source: MQTT_EXCHANGE.to_owned(),
+            destination: mqgate_core::router::Destination::Topic(topic.clone()),
+            key: filter.to_owned(),
+            headers: None,
+            mqtt: true,
+            arguments: Bytes::new(),
+        };
+        if let Err(e) = self.broker.bind(DEFAULT_VHOST, b, true).await {
+            tracing::warn!(%topic, error = %e, "MQTT: binding a shared subscription again failed");
+        }
+    }
+
+    /// Change the count of sessions holding shared subscription topic `topic` by
+    /// `delta` (0: read it): the count after, `None` when it could not be changed (a
+    /// count that cannot be lowered keeps the topic bound rather than risk cutting off
+    /// the other holders).
+    async fn count_shared(&self, topic: &TopicName, delta: i32) -> Option<u64> {
+        if self.broker.clustered() {
+            return match self.broker.adjust_refs(topic, delta).await {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::warn!(%topic, delta, error = %e, "MQTT: a shared subscription's holder count could not be changed");
+                    None
+                }
+            };
+        }
+        let mut refs = self.shared_refs.lock();
+        let n = refs.entry(topic.clone()).or_default();
+        let d = delta.unsigned_abs() as usize;
+        *n = if delta >= 0 {
+            n.saturating_add(d)
+        } else {
+            n.saturating_sub(d)
+        };
+        let now = *n;
+        if now == 0 {
+            refs.remove(topic);
+        }
+        Some(now as u64)
     }
 }
 

@@ -231,7 +231,7 @@ where
         if !existed {
             self.join_shared(sub, filter, topic.clone(), group.clone(), orderly)
                 .await?;
-            self.shared.hold_shared(topic).await;
+            self.shared.hold_shared(topic, filter).await;
         } else if let Some(s) = self
             .shared_subs
             .values_mut()
