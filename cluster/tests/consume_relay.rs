@@ -360,3 +360,37 @@ async fn a_member_on_any_gateway_gets_every_message() {
         common::within(30, "a gateway leaves", g.leave(Duration::from_secs(5))).await;
     }
 }
+
+/// A consumer that leaves a group whose shard its own gateway owns (a member that
+/// follows the shard if it moves): once its `Left` resolves, the group no longer lists
+/// it. An AMQP auto-delete queue's last consumer asks right then whether any member is
+/// left; before, `Left` resolved before the member had been let go, the queue found a
+/// member and was kept (`auto_delete_queue::cluster` failed now and then in CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_member_that_left_is_gone_from_its_group() {
+    common::watchdog("a_local_member_that_left_is_gone_from_its_group", 180);
+    let cluster = NatsCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let gws = common::start_balanced(cluster, "gwleft", 2, &["gl-a"], dir.path()).await;
+    let b = gws[0].1.broker().clone();
+    let q = TopicName::new("left-q").unwrap();
+    b.create_topic(&q, Some(1)).await.unwrap();
+    let spec = GroupSpec::new(
+        GroupName::new("left-g").unwrap(),
+        vec![q.clone()],
+        ConsumeMode::Shared,
+    );
+    let mut stale = 0;
+    for i in 0..100 {
+        let c = b
+            .subscribe(spec.clone(), MemberOptions::new(format!("m{i}"), 10))
+            .await
+            .unwrap();
+        c.leave().await;
+        let info = b.group_info(&spec.name).await.unwrap();
+        if !info.members.is_empty() {
+            stale += 1;
+        }
+    }
+    assert_eq!(stale, 0, "members still listed right after they left");
+}

@@ -37,6 +37,19 @@ struct Migrating {
     /// The consumer was dropped: the pump closes the member's mailbox, then lets the
     /// member go (a group's actor ignores a leave while the mailbox is open).
     leaving: tokio::sync::Notify,
+    /// Set once the pump has let the member go (its leave sent to a group actor here,
+    /// whose next command sees it gone; or a relayed member's leave answered): what
+    /// [`RemoteControl::left`] waits for.
+    gone: tokio::sync::watch::Sender<bool>,
+}
+
+/// Sets [`Migrating::gone`] when the pump ends, however it ends.
+struct GoneOnExit(Arc<Migrating>);
+
+impl Drop for GoneOnExit {
+    fn drop(&mut self) {
+        self.0.gone.send_replace(true);
+    }
 }
 
 impl RemoteControl for Migrating {
@@ -65,10 +78,13 @@ impl RemoteControl for Migrating {
         self.leaving.notify_one();
     }
     fn left(&self) -> Left {
-        match self.inner.lock().as_ref().map(|c| &c.cmd) {
-            Some(Control::Remote(r)) => r.left(),
-            _ => Box::pin(std::future::ready(())),
-        }
+        // Not at once for a member here: the pump lets it go after the consumer is
+        // dropped, and an auto-delete queue's last consumer asks the group right
+        // after whether any member is left (it found this one still there).
+        let mut gone = self.gone.subscribe();
+        Box::pin(async move {
+            let _ = gone.wait_for(|g| *g).await;
+        })
     }
 }
 
@@ -87,6 +103,7 @@ impl crate::Broker {
             inner: Mutex::new(Some(inner)),
             prefetch: Mutex::new(member.prefetch),
             leaving: tokio::sync::Notify::new(),
+            gone: tokio::sync::watch::channel(false).0,
         });
         let (outer, out) = Consumer::remote(&member.id, spec.name.clone(), ctl.clone());
         tokio::spawn(pump(self.clone(), ctl, rx, out, spec, member, shard));
@@ -106,12 +123,17 @@ async fn pump(
     // Whether the member is in this process now (a member over the relay follows its
     // group's moves by itself, and ends for good when it ends).
     let mut local = true;
+    let _gone = GoneOnExit(Arc::clone(&ctl));
     loop {
         let next = tokio::select! {
             biased;
             () = ctl.leaving.notified() => {
                 rx.close();
-                drop(ctl.inner.lock().take());
+                let inner = ctl.inner.lock().take();
+                if let Some(c) = inner {
+                    // Sends the leave (a relayed member's: and waits for its answer).
+                    c.leave().await;
+                }
                 return;
             }
             d = rx.recv() => d,
