@@ -904,6 +904,32 @@ async fn sigkill_one_gateway_under_mqtt_load_100_topics() {
         c.disconnect().await.unwrap();
         let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
     }
+    // A clean session in a shard of the gateway to be killed, connected through another
+    // gateway (spliced there) and subscribed to the load: it dies with that gateway,
+    // and its session topic (where matching messages would be stored for nobody) goes
+    // with it, though its client never comes back.
+    let clean_id = session_owned_by(&gws[0], "gw1", false, "mclean");
+    let clean_path = format!(
+        "/api/mqgate/topics/{}",
+        common::urlencode(mqgate_mqtt::session::session_topic(&clean_id).as_str())
+    );
+    let (clean, mut clean_el) = common::mqtt_connect(&[ports[1]], &clean_id, true).await;
+    clean.subscribe("mload/#", QoS::AtMostOnce).await.unwrap();
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = clean_el.poll().await.unwrap() {
+            break;
+        }
+    }
+    // Polled until its connection breaks, never reconnected.
+    let clean_poll = tokio::spawn(async move {
+        let _client = clean;
+        while clean_el.poll().await.is_ok() {}
+    });
+    assert_eq!(
+        common::http_get(gws[2].admin, &clean_path, Some(GUEST)).0,
+        200,
+        "{clean_id}: its session topic while it is connected"
+    );
     let mut publishers = Vec::new();
     for p in 0..3 {
         let mine: Vec<String> = topics.iter().skip(p).step_by(3).cloned().collect();
@@ -930,6 +956,20 @@ async fn sigkill_one_gateway_under_mqtt_load_100_topics() {
     let moved = killed.elapsed();
     let total: usize = acked.values().map(BTreeSet::len).sum();
     assert_eq!(total, TOPICS * PER_TOPIC, "every publisher finished");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, _) = common::http_get(survivors[0].admin, &clean_path, Some(GUEST));
+        if code == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{clean_id}: the dead gateway's clean session still has its topic ({code})"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let clean_gone = killed.elapsed();
+    clean_poll.abort();
     let alive: Vec<u16> = survivors.iter().map(|g| g.mqtt).collect();
     let mut dups = 0;
     for id in &sessions {
@@ -960,7 +1000,8 @@ async fn sigkill_one_gateway_under_mqtt_load_100_topics() {
         "sharding: {total} QoS 1 messages acknowledged on {TOPICS} topics through 3 \
          gateways, one SIGKILLed; shards settled on the other two {:.1} s after; each of \
          3 persistent sessions (one in a shard of the killed gateway) received every one, \
-         {dups} duplicates",
-        moved.as_secs_f64()
+         {dups} duplicates; the killed gateway's clean session removed {:.1} s after",
+        moved.as_secs_f64(),
+        clean_gone.as_secs_f64()
     );
 }

@@ -527,7 +527,7 @@ where
             properties: Properties::default(),
         }));
     }
-    if conn.persistent() {
+    if conn.keeps_record() {
         conn.save_record().await;
     }
     tracing::debug!(%peer, client = %conn.client_id, ?conn.version, session_present, "MQTT: connected");

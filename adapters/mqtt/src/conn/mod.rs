@@ -271,6 +271,15 @@ where
         self.record.expiry > 0
     }
 
+    /// Whether the session's record is kept while it is connected: a persistent one's
+    /// always; in a cluster a clean one's too (expiry 0), so that when its shard moves
+    /// away (its gateway killed, or a planned move) the next owner finds it and the
+    /// core deletes the session (its topic and bindings) at once, instead of leaving
+    /// them, matching messages stored for nobody, until the same client id returns.
+    fn keeps_record(&self) -> bool {
+        self.persistent() || self.shared.broker.clustered()
+    }
+
     fn send(&mut self, p: &Packet) {
         codec::encode(p, self.version, &mut self.output.out);
     }

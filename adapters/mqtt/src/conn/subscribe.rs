@@ -170,7 +170,7 @@ where
             properties: Properties::default(),
             codes,
         }));
-        if self.persistent() {
+        if self.keeps_record() {
             self.save_record().await;
         }
         // Sent by the main loop as the output buffer drains (`send_retained`).
@@ -412,7 +412,7 @@ where
             properties: Properties::default(),
             codes,
         }));
-        if self.persistent() {
+        if self.keeps_record() {
             self.save_record().await;
         }
     }
