@@ -31,6 +31,8 @@ pub(crate) struct Common {
     pub(crate) boot: Millis,
     /// Failed logins (every protocol and the admin API share it).
     login: crate::login::LoginThrottle,
+    /// Group actors parked now (idle, without a task: `group/park.rs`).
+    pub(crate) groups_parked: AtomicU64,
     pub(crate) config: CoreConfig,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) router: Router,
@@ -382,6 +384,7 @@ impl Broker {
             flow_waits: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            groups_parked: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             memory,
             placement: crate::shard::Placement::new(count),
@@ -542,6 +545,12 @@ impl Broker {
             .iter()
             .map(|s| s.forwarded_in.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Consumer groups whose actor is parked now: idle, waiting for a message or a
+    /// command without a task of its own (`group/park.rs`).
+    pub fn groups_parked(&self) -> u64 {
+        self.inner.groups_parked.load(Ordering::Relaxed)
     }
 
     /// The shard holding (or that would hold) `topic`.

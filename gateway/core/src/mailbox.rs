@@ -127,6 +127,18 @@ impl<T> Receiver<T> {
         Self::pop(&mut self.0.state.lock())
     }
 
+    /// Leave `waker` to be woken by the next send (or by the last sender going), unless
+    /// a message is queued or every sender is gone already (`false`): a receiver that
+    /// parks its task instead of awaiting (the group actors, `group/park.rs`).
+    pub fn park(&mut self, waker: Waker) -> bool {
+        let mut s = self.0.state.lock();
+        if !s.queue.is_empty() || s.senders == 0 {
+            return false;
+        }
+        s.waker = Some(waker);
+        true
+    }
+
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.0.state.lock().queue.is_empty()

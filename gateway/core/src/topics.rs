@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 
 use crate::broker::{Broker, ShardCore};
 use crate::error::{CoreError, Result};
+use crate::group::GroupWake;
 
 /// Per-topic state the publish path needs without touching the store's topic map.
 #[derive(Debug)]
@@ -20,7 +21,7 @@ pub(crate) struct TopicHandle {
     queue_count: AtomicU32,
     round_robin: AtomicU64,
     /// Groups consuming this topic: woken after each append.
-    watchers: RwLock<Vec<Arc<Notify>>>,
+    watchers: RwLock<Vec<Arc<GroupWake>>>,
     /// Flow control by consumer lag: what the consuming group reports.
     pub(crate) flow: FlowState,
 }
@@ -64,17 +65,17 @@ impl TopicHandle {
         Ok(queue_for(message, self.queue_count()))
     }
 
-    pub(crate) fn watch(&self, wake: Arc<Notify>) {
+    pub(crate) fn watch(&self, wake: Arc<GroupWake>) {
         self.watchers.write().push(wake);
     }
 
-    pub(crate) fn unwatch(&self, wake: &Arc<Notify>) {
+    pub(crate) fn unwatch(&self, wake: &Arc<GroupWake>) {
         self.watchers.write().retain(|w| !Arc::ptr_eq(w, wake));
     }
 
     pub(crate) fn wake(&self) {
         for w in self.watchers.read().iter() {
-            w.notify_one();
+            w.notify();
         }
     }
 }

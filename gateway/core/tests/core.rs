@@ -945,6 +945,64 @@ async fn durable_routing_survives_restart(env: Env) {
     assert!(env.broker.router().bindings("prod", None).is_empty());
 }
 
+/// Wait until `n` group actors are parked.
+async fn parked(b: &Broker, n: u64) {
+    for _ in 0..1000 {
+        if b.groups_parked() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} groups parked, not {n}", b.groups_parked());
+}
+
+/// An idle group's actor parks (its task ends) and comes back for each new message,
+/// for a command, and for a member leaving; a paced publisher (each message finds the
+/// group parked) and a burst both get through whole and in order.
+async fn idle_group_parks_and_resumes(env: Env) {
+    let b = &env.broker;
+    b.create_topic(&topic("quiet"), Some(1)).await.unwrap();
+    let s = spec("q", "quiet", ConsumeMode::Shared);
+    let mut c = b
+        .subscribe(s.clone(), MemberOptions::new("m", 100))
+        .await
+        .unwrap();
+    parked(b, 1).await;
+    for i in 0..5 {
+        publish(b, "quiet", format!("p{i}")).await;
+        let d = recv(&mut c).await;
+        assert_eq!(body(&d), format!("p{i}"));
+        c.ack(d.ack_token());
+        parked(b, 1).await;
+    }
+    // A command goes through the actor.
+    let info = b.group_info(&group("q")).await.unwrap();
+    assert_eq!(info.members.len(), 1);
+    let q = info.queues.iter().find(|q| q.queue.topic == topic("quiet"));
+    assert_eq!(q.map(|q| q.committed), Some(5));
+    parked(b, 1).await;
+    // A second member joins a parked group, and both share a burst.
+    let mut c2 = b.subscribe(s, MemberOptions::new("m2", 100)).await.unwrap();
+    for i in 0..200 {
+        publish(b, "quiet", format!("b{i}")).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < 200 {
+        tokio::select! {
+            d = recv(&mut c) => { got.push(body(&d)); c.ack(d.ack_token()); }
+            d = recv(&mut c2) => { got.push(body(&d)); c2.ack(d.ack_token()); }
+        }
+    }
+    got.sort_by_key(|b| b[1..].parse::<u32>().unwrap());
+    assert_eq!(got, (0..200).map(|i| format!("b{i}")).collect::<Vec<_>>());
+    nothing(&mut c).await;
+    parked(b, 1).await;
+    // Members leaving wake it; memberless, it ends.
+    drop(c);
+    drop(c2);
+    parked(b, 0).await;
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -967,6 +1025,7 @@ macro_rules! both_backends {
 }
 
 both_backends!(
+    idle_group_parks_and_resumes,
     order_per_sharding_key,
     shared_group_rotates_with_a_paced_publisher,
     rebalance_without_loss,

@@ -37,6 +37,7 @@ pub(crate) const SERIES: &[(&str, &str, &str, &str)] = &[
     ("mqgate_group_lag_messages", "gauge", "", "Messages not yet consumed per consumer group (the most lagging; the rest summed as group=\"_other\")."),
     ("mqgate_group_consumed_messages_total", "counter", "", "Messages a consumer group has consumed (its committed offsets, summed over its queues)."),
     ("mqgate_delayed_messages_pending", "gauge", "", "Delayed messages (and retries) waiting for their time."),
+    ("mqgate_groups_parked", "gauge", "", "Consumer groups whose actor is parked: idle, without a task until a message or a command comes."),
     ("mqgate_delayed_messages_released_total", "counter", "", "Delayed messages released by this process."),
     ("mqgate_flow_waits_total", "counter", "", "Publishes held back until consumers caught up (limits.max_consumer_lag)."),
     ("mqgate_retries_total", "counter", "", "Failed consumptions scheduled for a retry by this process."),
@@ -190,6 +191,7 @@ impl Collector {
             &[],
             b.delayed_pending() as f64,
         );
+        set_gauge("mqgate_groups_parked", &[], b.groups_parked() as f64);
         set_counter(
             "mqgate_delayed_messages_released_total",
             &[],

@@ -9,14 +9,15 @@ use crate::mailbox;
 use mqgate_store::{
     GroupName, Millis, QueueMessage, QueueOffset, QueueRef, StoredMessage, WriteBatch,
 };
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 
+use super::park::{CoreRef, GroupWake, Park};
 use super::vecmap::VecMap;
 use super::{
     Cmd, ConsumeMode, Delivery, GroupHandle, GroupInfo, GroupSpec, MemberInfo, QueueInfo,
     StartPosition,
 };
-use crate::broker::{ShardCore, TopicHandle};
+use crate::broker::TopicHandle;
 use crate::endpoint::DeathReason;
 use crate::error::Result;
 
@@ -96,14 +97,14 @@ impl QueueState {
 }
 
 pub(super) struct Actor {
-    pub(super) inner: Arc<ShardCore>,
+    pub(super) inner: CoreRef,
     pub(super) spec: Arc<GroupSpec>,
     pub(super) max_reconsume: u32,
     pub(super) members: VecMap<String, Member>,
     /// Clustering and shared groups: one state per queue.
     pub(super) queues: VecMap<QueueRef, QueueState>,
     pub(super) watched: Vec<Arc<TopicHandle>>,
-    pub(super) wake: Arc<Notify>,
+    pub(super) wake: Arc<GroupWake>,
     pub(super) rx: mailbox::Receiver<Cmd>,
     pub(super) next_token: u64,
     pub(super) rr: usize,
@@ -140,34 +141,53 @@ impl Actor {
     /// The actor's loop. Every step that awaits runs boxed, so the task an idle group
     /// holds is the loop's wait and the actor's fields, not the largest step's state
     /// (1,840 bytes before; an MQTT session holds one of these while it is connected).
-    pub(super) async fn run(mut self) {
+    pub(super) async fn run(mut self: Box<Self>) {
         if let Err(e) = Box::pin(self.load_queues()).await {
             tracing::error!(group = %self.spec.name, error = %e, "core: group failed to load its offsets");
         }
+        self.serve().await;
+    }
+
+    /// The loop, until the group ends or parks (`park.rs`: a new task resumes it here).
+    pub(super) async fn serve(mut self: Box<Self>) {
         let tick = self.inner.config.offset_commit_interval;
         loop {
             let deadline = self.next_deadline();
             let clock = Arc::clone(&self.inner.clock);
             // The periodic tick only runs when it has work: offsets to persist, members
             // to watch for heartbeats, or an empty group to end. An idle group with
-            // connected members sleeps until a command or a new message (thousands of
-            // idle MQTT sessions cost nothing between messages).
+            // connected members waits only for a command or a new message, parked:
+            // without a task (thousands of idle MQTT sessions cost their state only).
             let needs_tick = self.members.is_empty()
                 || self.members.values().any(|m| m.heartbeat)
                 || self.offsets_dirty();
-            tokio::select! {
-                biased;
-                cmd = self.rx.recv() => match cmd {
-                    // Acks, one per message, skip the boxed step: nothing to await.
-                    Some(Cmd::Ack(id, token)) => {
-                        self.settle(&id, &token);
+            let mut wait = true;
+            if !needs_tick && deadline.is_none() && self.stopped.is_none() {
+                let wake = Arc::clone(&self.wake);
+                match wake.park(self) {
+                    Park::Parked => return,
+                    Park::Again(me) => {
+                        self = me;
+                        wait = false;
                     }
-                    Some(c) => Box::pin(self.handle(c)).await,
-                    None => break,
-                },
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(tick), if needs_tick => {}
-                _ = async move { clock.sleep_until(deadline.unwrap_or(Millis::MAX)).await }, if deadline.is_some() => {}
+                    Park::Wait(me) => self = me,
+                }
+            }
+            if wait {
+                tokio::select! {
+                    biased;
+                    cmd = self.rx.recv() => match cmd {
+                        // Acks, one per message, skip the boxed step: nothing to await.
+                        Some(Cmd::Ack(id, token)) => {
+                            self.settle(&id, &token);
+                        }
+                        Some(c) => Box::pin(self.handle(c)).await,
+                        None => break,
+                    },
+                    _ = self.wake.notify.notified() => {}
+                    _ = tokio::time::sleep(tick), if needs_tick => {}
+                    _ = async move { clock.sleep_until(deadline.unwrap_or(Millis::MAX)).await }, if deadline.is_some() => {}
+                }
             }
             while let Some(c) = self.rx.try_recv() {
                 match c {
@@ -197,7 +217,7 @@ impl Actor {
                 // Memberless for a while: persist and end; a later subscribe starts a
                 // fresh actor from the committed offsets.
                 Box::pin(self.commit()).await;
-                let inner = Arc::clone(&self.inner);
+                let inner = Arc::clone(&*self.inner);
                 self.handle.alive.store(false, Ordering::Release);
                 inner.forget_group(&self.spec.name, &self.handle);
                 // A join that raced the check above is answered by dropping its reply:

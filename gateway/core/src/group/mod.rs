@@ -1,8 +1,9 @@
-//! Consumer groups. Each live group is one task (an actor) that owns all of the group's
-//! state: its members, which member owns which queue, what is in flight, and where each
-//! queue is read up to. Members talk to it over channels; publishers wake it through the
-//! topics it watches. Nothing unconsumed is held in memory: the actor reads from the store
-//! only as much as members have credit for.
+//! Consumer groups. Each live group is one actor that owns all of the group's state: its
+//! members, which member owns which queue, what is in flight, and where each queue is
+//! read up to. Members talk to it over channels; publishers wake it through the topics
+//! it watches. It runs as a task while it has work and parks without one while idle
+//! (`park.rs`). Nothing unconsumed is held in memory: the actor reads from the store only
+//! as much as members have credit for.
 //!
 //! # Member state machine
 //! ```text
@@ -22,6 +23,7 @@ mod actor;
 mod deliver;
 mod limits;
 mod migrate;
+mod park;
 mod settle;
 mod vecmap;
 
@@ -31,13 +33,14 @@ use std::time::Instant;
 
 use crate::mailbox;
 use mqgate_store::{GroupName, Millis, QueueOffset, QueueRef, StoredMessage, TopicName};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 
 use crate::broker::{ShardCore, TopicHandle};
 use crate::endpoint::Policy;
 use crate::error::{CoreError, Result};
 
 use self::actor::Actor;
+pub(crate) use self::park::GroupWake;
 use self::vecmap::VecMap;
 
 /// How a group's members share its topics' queues.
@@ -676,7 +679,7 @@ pub(crate) fn spawn(
         cmd,
         alive: Arc::clone(&alive),
     };
-    let wake = Arc::new(Notify::new());
+    let wake = Arc::new(GroupWake::new());
     for t in &watched {
         t.watch(Arc::clone(&wake));
     }
@@ -684,7 +687,7 @@ pub(crate) fn spawn(
         .max_reconsume_times
         .unwrap_or(inner.config.max_reconsume_times);
     let actor = Actor {
-        inner,
+        inner: park::CoreRef::new(inner),
         spec,
         max_reconsume,
         members: VecMap::new(),
@@ -700,6 +703,6 @@ pub(crate) fn spawn(
         stopped: None,
         empty_since: Some(Instant::now()),
     };
-    tokio::spawn(actor.run());
+    tokio::spawn(Box::new(actor).run());
     handle
 }
