@@ -106,6 +106,10 @@ impl<V: Clone + Eq + Hash> TopicTrie<V> {
         if node.values.contains(&value) {
             return false;
         }
+        // Most patterns hold one value (an MQTT session's filter): no room for four.
+        if node.values.len() == node.values.capacity() && node.values.len() < 4 {
+            node.values.reserve_exact(1);
+        }
         node.values.push(value);
         self.len += 1;
         true

@@ -11,7 +11,6 @@ use bytes::BytesMut;
 use mqgate_core::acl::{Access, Subject};
 use mqgate_core::{ConsumeMode, GroupSpec, Located, MemberOptions, OnFailure, StartPosition};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use mqgate_core::sockio::{Input, Output};
@@ -303,13 +302,13 @@ where
     // Take over a connection with the same client id.
     let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (kick_tx, kick_rx) = mqgate_core::mailbox::channel();
-    let (done_tx, done_rx) = watch::channel(false);
+    let done = crate::server::Done::default();
     let previous = shared.clients.lock().insert(
         client_id.clone(),
         ClientSlot {
             conn: conn_id,
             kick: kick_tx,
-            done: done_rx,
+            done: done.clone(),
             info: mqgate_core::ConnectionInfo {
                 id: client_id.clone(),
                 protocol: "mqtt",
@@ -339,14 +338,13 @@ where
         if let Some(prev) = previous {
             let _ = prev.kick.send(crate::conn::USE_ANOTHER_SERVER);
         }
-        let _ = done_tx.send(true);
+        done.set();
         refuse!(3, reason::SERVER_UNAVAILABLE, "the session's shard moved");
     }
     if let Some(prev) = previous {
         tracing::info!(%peer, client = %client_id, "MQTT: session taken over by a new connection");
         let _ = prev.kick.send(reason::SESSION_TAKEN_OVER);
-        let mut done = prev.done;
-        let _ = tokio::time::timeout(Duration::from_secs(10), done.wait_for(|d| *d)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), prev.done.wait()).await;
     }
     // A will waiting for its delay is cancelled by the client's return.
     if let Err(e) = shared
@@ -375,7 +373,7 @@ where
         Err(e) => {
             tracing::error!(client = %client_id, error = %e, "MQTT: reading the session failed");
             shared.clients.lock().remove(&client_id);
-            let _ = done_tx.send(true);
+            done.set();
             refuse!(3, reason::SERVER_UNAVAILABLE, "store unavailable");
         }
     };
@@ -405,7 +403,7 @@ where
     if let Err(e) = shared.broker.create_topic(&topic_name, Some(1)).await {
         tracing::error!(client = %client_id, error = %e, "MQTT: creating the session topic failed");
         shared.clients.lock().remove(&client_id);
-        let _ = done_tx.send(true);
+        done.set();
         refuse!(3, reason::SERVER_UNAVAILABLE, "store unavailable");
     }
     let client_recv_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
@@ -430,7 +428,7 @@ where
         Err(e) => {
             tracing::error!(client = %client_id, error = %e, "MQTT: joining the session group failed");
             shared.clients.lock().remove(&client_id);
-            let _ = done_tx.send(true);
+            done.set();
             refuse!(3, reason::SERVER_UNAVAILABLE, "broker unavailable");
         }
     };
@@ -471,7 +469,7 @@ where
         next_shared: 1,
         direct_rx,
         kick_rx,
-        done_tx,
+        done,
         will: c.will.map(Box::new),
         inflight: HashMap::new(),
         next_pkid: 1,

@@ -118,7 +118,7 @@ struct Conn<S> {
     next_shared: u32,
     direct_rx: crate::qos0::Qos0Rx,
     kick_rx: mqgate_core::mailbox::Receiver<u8>,
-    done_tx: watch::Sender<bool>,
+    done: crate::server::Done,
     /// Boxed: most connections have none, and the connection task holds this while idle.
     will: Option<Box<Will>>,
     inflight: HashMap<u16, Inflight>,
@@ -296,6 +296,9 @@ where
                 return end;
             }
         }
+        // The handshake's buffer (1 KiB) is not kept by a connection that goes idle
+        // after the packets it carried (a client that sent SUBSCRIBE behind CONNECT).
+        self.input.settle();
         // Above the memory watermark a connection that publishes is not read (MQTT has
         // no blocked packet: TCP pushes back on the client) and its keep alive waits.
         let mut blocked = self.shared.broker.memory_blocked();
@@ -608,7 +611,7 @@ where
                 clients.remove(&self.client_id);
             }
         }
-        let _ = self.done_tx.send(true);
+        self.done.set();
         matches!(end, End::Server(..)).then_some(self.input.rd)
     }
 }
