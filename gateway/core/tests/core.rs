@@ -1003,6 +1003,57 @@ async fn idle_group_parks_and_resumes(env: Env) {
     parked(b, 0).await;
 }
 
+/// Publishers racing a group that parks between their messages (offsets committed every
+/// 2 ms, so it parks in most gaps): no message is left waiting for a wake-up that was
+/// lost between the actor's last pass and its parking.
+async fn parking_races_publishers(env: Env) {
+    let mut config = env.config.clone();
+    config.offset_commit_interval = Duration::from_millis(2);
+    let env = Env::with(env.kind, config).await;
+    let b = env.broker.clone();
+    b.create_topic(&topic("race"), Some(2)).await.unwrap();
+    let mut c = b
+        .subscribe(
+            spec("r", "race", ConsumeMode::Shared),
+            MemberOptions::new("m", 1000),
+        )
+        .await
+        .unwrap();
+    let seen_parked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for p in 0..2u64 {
+        let b = b.clone();
+        let seen = Arc::clone(&seen_parked);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..400u64 {
+                if b.groups_parked() > 0 {
+                    seen.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                publish(&b, "race", format!("{p}-{i}")).await;
+                // Gaps from none to 4 ms: some inside the actor's pass, some after it parked.
+                let gap = (i * 7 + p * 3) % 5;
+                if gap > 0 {
+                    tokio::time::sleep(Duration::from_millis(gap)).await;
+                }
+            }
+        }));
+    }
+    let mut got = std::collections::HashSet::new();
+    while got.len() < 800 {
+        let d = recv(&mut c).await;
+        assert!(got.insert(body(&d)), "a duplicate: {}", body(&d));
+        c.ack(d.ack_token());
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        seen_parked.load(std::sync::atomic::Ordering::Relaxed),
+        "the group never parked: the race was not run"
+    );
+    nothing(&mut c).await;
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -1026,6 +1077,7 @@ macro_rules! both_backends {
 
 both_backends!(
     idle_group_parks_and_resumes,
+    parking_races_publishers,
     order_per_sharding_key,
     shared_group_rotates_with_a_paced_publisher,
     rebalance_without_loss,
