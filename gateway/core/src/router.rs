@@ -192,96 +192,229 @@ enum Index {
     Headers(Vec<(HeaderMatch, Destination)>),
 }
 
-/// What identifies a binding within its exchange (RabbitMQ: destination, key and
-/// arguments; mqgate adds the key syntax).
-type BindKey = (Destination, String, Bytes, bool);
-
-fn bind_key(b: &Binding) -> BindKey {
-    (
-        b.destination.clone(),
-        b.key.clone(),
-        b.arguments.clone(),
-        b.mqtt,
-    )
+/// A binding as its exchange stores it: the source is the exchange and the destination
+/// the key of the map it sits under, so neither is stored again. What identifies it
+/// within its destination's bindings (RabbitMQ: key and arguments; mqgate adds the key
+/// syntax) is `key`, `arguments` and `mqtt`.
+#[derive(Clone, PartialEq, Debug)]
+struct Bound {
+    key: Box<str>,
+    arguments: Bytes,
+    mqtt: bool,
+    /// Headers exchanges only.
+    headers: Option<Box<HeaderMatch>>,
 }
 
-/// What a binding contributes to its exchange's index on direct, fanout and topic
-/// exchanges: bindings differing only in arguments route alike and share one entry.
-type RouteKey = (Destination, String, bool);
+impl Bound {
+    fn of(b: &Binding) -> Self {
+        Self {
+            key: b.key.as_str().into(),
+            arguments: b.arguments.clone(),
+            mqtt: b.mqtt,
+            headers: b.headers.clone().map(Box::new),
+        }
+    }
 
-/// One destination's binding identities: a short vector for the usual few (an MQTT
-/// session's subscriptions, a queue's bindings), a hash set past [`KeySet::FEW`] so that
-/// a queue bound ten thousand times still drops one in O(1). An empty `HashSet` with one
-/// element allocates room for three (about 370 bytes here); the vector, one.
-#[derive(Debug)]
-enum KeySet {
-    Few(Vec<BindKey>),
-    Many(HashSet<BindKey>),
-}
+    fn is(&self, b: &Binding) -> bool {
+        *self.key == *b.key && self.arguments == b.arguments && self.mqtt == b.mqtt
+    }
 
-impl Default for KeySet {
-    fn default() -> Self {
-        KeySet::Few(Vec::new())
+    fn binding(&self, source: &str, destination: &Destination) -> Binding {
+        Binding {
+            source: source.to_owned(),
+            destination: destination.clone(),
+            key: self.key.to_string(),
+            headers: self.headers.as_deref().cloned(),
+            mqtt: self.mqtt,
+            arguments: self.arguments.clone(),
+        }
+    }
+
+    fn header_match(&self) -> HeaderMatch {
+        match_of(self.headers.as_deref())
+    }
+
+    /// Whether `self` and `other` (bindings of one destination) share one index entry:
+    /// they route alike whatever their arguments (a fanout binding ignores its key, a
+    /// headers binding routes by its match).
+    fn same_route(&self, other: &Bound, kind: ExchangeKind) -> bool {
+        match kind {
+            ExchangeKind::Fanout => true,
+            ExchangeKind::Headers => self.header_match() == other.header_match(),
+            ExchangeKind::Direct | ExchangeKind::Topic => {
+                self.key == other.key && self.mqtt == other.mqtt
+            }
+        }
+    }
+
+    /// The route-count key of direct, fanout and topic bindings (headers: `None`).
+    fn route_key(&self, kind: ExchangeKind) -> Option<(Box<str>, bool)> {
+        match kind {
+            ExchangeKind::Headers => None,
+            ExchangeKind::Fanout => Some(("".into(), false)),
+            ExchangeKind::Direct | ExchangeKind::Topic => Some((self.key.clone(), self.mqtt)),
+        }
     }
 }
 
-impl KeySet {
+/// A headers binding's match: its own, or (none given) `x-match: all` of nothing, which
+/// every message matches.
+fn match_of(h: Option<&HeaderMatch>) -> HeaderMatch {
+    h.cloned().unwrap_or(HeaderMatch {
+        all: true,
+        headers: Vec::new(),
+    })
+}
+
+/// A binding's identity among its destination's bindings, in [`ManyBound`].
+type BoundId = (Box<str>, Bytes, bool);
+
+/// One destination's bindings in an exchange: a vector sized to fit for the usual few
+/// (an MQTT session's filters, a queue's keys), maps past [`DestBindings::FEW`] so that
+/// a queue bound ten thousand times still adds and drops one in O(1).
+#[derive(Debug)]
+enum DestBindings {
+    Few(Vec<Bound>),
+    Many(Box<ManyBound>),
+}
+
+#[derive(Debug, Default)]
+struct ManyBound {
+    /// By identity: the headers match of each (headers exchanges), else `None`.
+    bound: HashMap<BoundId, Option<Box<HeaderMatch>>>,
+    /// How many bindings share each index entry (not for headers exchanges, whose
+    /// bindings are compared instead): whether a binding is the first or last of its
+    /// route is one look-up.
+    routes: HashMap<(Box<str>, bool), usize>,
+}
+
+impl DestBindings {
     const FEW: usize = 8;
 
-    fn insert(&mut self, key: BindKey) {
+    fn len(&self) -> usize {
         match self {
-            KeySet::Few(v) if v.contains(&key) => {}
-            KeySet::Few(v) if v.len() < Self::FEW => {
+            DestBindings::Few(v) => v.len(),
+            DestBindings::Many(m) => m.bound.len(),
+        }
+    }
+
+    fn contains(&self, b: &Binding) -> bool {
+        match self {
+            DestBindings::Few(v) => v.iter().any(|x| x.is(b)),
+            DestBindings::Many(m) => m.bound.contains_key(&Self::id_of(b)),
+        }
+    }
+
+    fn id_of(b: &Binding) -> BoundId {
+        (b.key.as_str().into(), b.arguments.clone(), b.mqtt)
+    }
+
+    fn each(&self) -> Box<dyn Iterator<Item = Bound> + '_> {
+        match self {
+            DestBindings::Few(v) => Box::new(v.iter().cloned()),
+            DestBindings::Many(m) => Box::new(m.bound.iter().map(
+                |((key, arguments, mqtt), headers)| Bound {
+                    key: key.clone(),
+                    arguments: arguments.clone(),
+                    mqtt: *mqtt,
+                    headers: headers.clone(),
+                },
+            )),
+        }
+    }
+
+    /// Add `b` (not yet here). Returns whether another binding here already routes
+    /// like it (the index has its entry).
+    fn add(&mut self, b: Bound, kind: ExchangeKind) -> bool {
+        if let DestBindings::Few(v) = self {
+            if v.len() < Self::FEW {
+                let routed = v.iter().any(|x| x.same_route(&b, kind));
                 v.reserve_exact(1);
-                v.push(key);
+                v.push(b);
+                return routed;
             }
-            KeySet::Few(v) => {
-                let mut set: HashSet<BindKey> = v.drain(..).collect();
-                set.insert(key);
-                *self = KeySet::Many(set);
+            let mut m = Box::<ManyBound>::default();
+            for x in v.drain(..) {
+                m.insert(x, kind);
             }
-            KeySet::Many(set) => {
-                set.insert(key);
+            *self = DestBindings::Many(m);
+        }
+        let DestBindings::Many(m) = self else {
+            unreachable!("turned into a map above")
+        };
+        m.insert(b, kind)
+    }
+
+    /// Remove the binding identified like `b`. Returns it, and whether another binding
+    /// here still routes like it.
+    fn remove(&mut self, b: &Binding, kind: ExchangeKind) -> Option<(Bound, bool)> {
+        match self {
+            DestBindings::Few(v) => {
+                let at = v.iter().position(|x| x.is(b))?;
+                let gone = v.swap_remove(at);
+                let still = v.iter().any(|x| x.same_route(&gone, kind));
+                Some((gone, still))
+            }
+            DestBindings::Many(m) => {
+                let id = Self::id_of(b);
+                let headers = m.bound.remove(&id)?;
+                let (key, arguments, mqtt) = id;
+                let gone = Bound {
+                    key,
+                    arguments,
+                    mqtt,
+                    headers,
+                };
+                let still = match gone.route_key(kind) {
+                    Some(r) => match m.routes.get_mut(&r) {
+                        Some(n) if *n > 1 => {
+                            *n -= 1;
+                            true
+                        }
+                        _ => {
+                            m.routes.remove(&r);
+                            false
+                        }
+                    },
+                    None => {
+                        let hm = gone.header_match();
+                        m.bound.values().any(|h| match_of(h.as_deref()) == hm)
+                    }
+                };
+                Some((gone, still))
             }
         }
     }
+}
 
-    fn remove(&mut self, key: &BindKey) {
-        match self {
-            KeySet::Few(v) => v.retain(|k| k != key),
-            KeySet::Many(set) => {
-                set.remove(key);
+impl ManyBound {
+    /// Add `b` (not yet here); returns whether another binding routes like it.
+    fn insert(&mut self, b: Bound, kind: ExchangeKind) -> bool {
+        let routed = match b.route_key(kind) {
+            Some(r) => {
+                let n = self.routes.entry(r).or_insert(0);
+                *n += 1;
+                *n > 1
             }
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        match self {
-            KeySet::Few(v) => v.is_empty(),
-            KeySet::Many(set) => set.is_empty(),
-        }
-    }
-
-    fn iter(&self) -> Box<dyn Iterator<Item = &BindKey> + '_> {
-        match self {
-            KeySet::Few(v) => Box::new(v.iter()),
-            KeySet::Many(set) => Box::new(set.iter()),
-        }
+            None => {
+                let hm = b.header_match();
+                self.bound.values().any(|h| match_of(h.as_deref()) == hm)
+            }
+        };
+        self.bound.insert((b.key, b.arguments, b.mqtt), b.headers);
+        routed
     }
 }
 
 #[derive(Debug)]
 struct Exchange {
     def: ExchangeDef,
-    /// Every binding, by identity: adding and removing one costs O(1) here.
-    bindings: HashMap<BindKey, Binding>,
-    /// Binding identities by destination, so a deleted queue's bindings are found
-    /// without a scan (and one is dropped in O(1)).
-    by_dest: HashMap<Destination, KeySet>,
-    /// How many bindings share each index entry (not for headers exchanges, whose
-    /// bindings of one destination are compared instead): whether a binding is the
-    /// first or last of its route is one look-up, whatever the destination has.
-    routes: HashMap<RouteKey, usize>,
+    /// Every binding, under its destination: one map, so a binding is stored once, a
+    /// deleted queue's bindings are found without a scan, and adding or dropping one
+    /// costs O(1) (O(bindings of that destination) up to [`DestBindings::FEW`]).
+    by_dest: HashMap<Destination, DestBindings>,
+    /// How many bindings it has.
+    count: usize,
     index: Index,
 }
 
@@ -298,139 +431,97 @@ impl Exchange {
         };
         Self {
             def,
-            bindings: HashMap::new(),
             by_dest: HashMap::new(),
-            routes: HashMap::new(),
+            count: 0,
             index,
         }
     }
 
-    /// The index entry `b` shares with bindings differing only in arguments (`None` on
-    /// headers exchanges).
-    fn route_key(&self, b: &Binding) -> Option<RouteKey> {
-        match self.def.kind {
-            ExchangeKind::Headers => None,
-            ExchangeKind::Fanout => Some((b.destination.clone(), String::new(), false)),
-            _ => Some((b.destination.clone(), b.key.clone(), b.mqtt)),
-        }
-    }
-
-    fn header_match(b: &Binding) -> HeaderMatch {
-        b.headers.clone().unwrap_or(HeaderMatch {
-            all: true,
-            headers: Vec::new(),
-        })
-    }
-
     fn add(&mut self, b: Binding) -> bool {
-        let key = bind_key(&b);
-        if self.bindings.contains_key(&key) {
+        let kind = self.def.kind;
+        let dest = self
+            .by_dest
+            .entry(b.destination.clone())
+            .or_insert_with(|| DestBindings::Few(Vec::new()));
+        if dest.contains(&b) {
             return false;
         }
         // Bindings differing only in arguments route alike: index the route once.
-        let routed_already = match self.route_key(&b) {
-            Some(r) => {
-                let n = self.routes.entry(r).or_insert(0);
-                *n += 1;
-                *n > 1
-            }
-            None => self.same_route(&b, None),
-        };
+        let routed_already = dest.add(Bound::of(&b), kind);
+        self.count += 1;
         if !routed_already {
             match &mut self.index {
-                Index::Direct(map) => map
-                    .entry(b.key.clone())
-                    .or_default()
-                    .push(b.destination.clone()),
-                Index::Fanout(v) => v.push(b.destination.clone()),
+                Index::Direct(map) => map.entry(b.key).or_default().push(b.destination),
+                Index::Fanout(v) => v.push(b.destination),
                 Index::Topic { amqp, mqtt } => {
                     if b.mqtt {
-                        mqtt.insert(&b.key, b.destination.clone());
+                        mqtt.insert(&b.key, b.destination);
                     } else {
-                        amqp.insert(&b.key, b.destination.clone());
+                        amqp.insert(&b.key, b.destination);
                     }
                 }
-                Index::Headers(v) => v.push((Self::header_match(&b), b.destination.clone())),
+                Index::Headers(v) => v.push((match_of(b.headers.as_ref()), b.destination)),
             }
         }
-        self.by_dest
-            .entry(b.destination.clone())
-            .or_default()
-            .insert(key.clone());
-        self.bindings.insert(key, b);
         true
     }
 
-    /// Headers exchanges only: whether another binding (not `except`) to `b`'s
-    /// destination matches like `b` (costs that destination's bindings here; headers
-    /// bindings are few).
-    fn same_route(&self, b: &Binding, except: Option<&BindKey>) -> bool {
-        let Some(keys) = self.by_dest.get(&b.destination) else {
-            return false;
-        };
-        let m = Self::header_match(b);
-        keys.iter()
-            .filter(|k| Some(*k) != except)
-            .filter_map(|k| self.bindings.get(k))
-            .any(|o| Self::header_match(o) == m)
-    }
-
-    fn remove(&mut self, key: &BindKey) -> Option<Binding> {
-        let b = self.bindings.remove(key)?;
-        let still_routed = match self.route_key(&b) {
-            Some(r) => match self.routes.get_mut(&r) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    true
-                }
-                _ => {
-                    self.routes.remove(&r);
-                    false
-                }
-            },
-            None => self.same_route(&b, Some(key)),
-        };
+    /// Remove the binding identified like `b` (destination, key, arguments, syntax).
+    fn remove(&mut self, b: &Binding) -> Option<Binding> {
+        let kind = self.def.kind;
+        let dest = &b.destination;
+        let bindings = self.by_dest.get_mut(dest)?;
+        let (gone, still_routed) = bindings.remove(b, kind)?;
+        if bindings.len() == 0 {
+            self.by_dest.remove(dest);
+        }
+        self.count -= 1;
         if !still_routed {
-            let dest = &b.destination;
             match &mut self.index {
                 Index::Direct(map) => {
-                    if let Some(v) = map.get_mut(&b.key) {
+                    if let Some(v) = map.get_mut(&*gone.key) {
                         v.retain(|d| d != dest);
                         if v.is_empty() {
-                            map.remove(&b.key);
+                            map.remove(&*gone.key);
                         }
                     }
                 }
                 Index::Fanout(v) => v.retain(|d| d != dest),
                 Index::Topic { amqp, mqtt } => {
-                    if b.mqtt {
-                        mqtt.remove(&b.key, dest);
+                    if gone.mqtt {
+                        mqtt.remove(&gone.key, dest);
                     } else {
-                        amqp.remove(&b.key, dest);
+                        amqp.remove(&gone.key, dest);
                     }
                 }
                 Index::Headers(v) => {
-                    let m = Self::header_match(&b);
+                    let m = gone.header_match();
                     v.retain(|(hm, d)| !(d == dest && *hm == m));
                 }
             }
         }
-        if let Some(keys) = self.by_dest.get_mut(&b.destination) {
-            keys.remove(key);
-            if keys.is_empty() {
-                self.by_dest.remove(&b.destination);
-            }
-        }
-        Some(b)
+        Some(gone.binding(&self.def.name, dest))
+    }
+
+    /// Every binding, as [`Binding`]s.
+    fn bindings(&self) -> Vec<Binding> {
+        self.by_dest
+            .iter()
+            .flat_map(|(d, bs)| bs.each().map(|b| b.binding(&self.def.name, d)))
+            .collect()
     }
 
     /// Remove bindings to `dest`, at most `limit` of them; returns them.
     fn remove_dest(&mut self, dest: &Destination, limit: usize) -> Vec<Binding> {
-        let keys: Vec<BindKey> = match self.by_dest.get(dest) {
-            Some(keys) => keys.iter().take(limit).cloned().collect(),
+        let doomed: Vec<Binding> = match self.by_dest.get(dest) {
+            Some(bs) => bs
+                .each()
+                .take(limit)
+                .map(|b| b.binding(&self.def.name, dest))
+                .collect(),
             None => return Vec::new(),
         };
-        keys.iter().filter_map(|k| self.remove(k)).collect()
+        doomed.iter().filter_map(|b| self.remove(b)).collect()
     }
 
     fn route_into(&self, key: &str, headers: &[(String, HeaderValue)], out: &mut Vec<Destination>) {
@@ -578,7 +669,7 @@ impl Router {
         let mut v = v.write();
         match v.exchanges.get(name) {
             None => return Ok(false),
-            Some(e) if if_unused && !e.bindings.is_empty() => {
+            Some(e) if if_unused && e.count > 0 => {
                 return Err(CoreError::Conflict(format!("exchange '{name}' in use")))
             }
             Some(_) => {}
@@ -655,8 +746,8 @@ impl Router {
             .exchanges
             .get_mut(&binding.source)
             .ok_or_else(|| CoreError::NoSuchExchange(binding.source.clone()))?;
-        let removed = e.remove(&bind_key(binding)).is_some();
-        if removed && e.def.auto_delete && e.bindings.is_empty() {
+        let removed = e.remove(binding).is_some();
+        if removed && e.def.auto_delete && e.count == 0 {
             v.exchanges.remove(&binding.source);
         }
         Ok(removed)
@@ -685,7 +776,7 @@ impl Router {
                     let gone = e.remove_dest(&dest, budget);
                     budget -= gone.len();
                     removed.extend(gone);
-                    if e.def.auto_delete && e.bindings.is_empty() {
+                    if e.def.auto_delete && e.count == 0 {
                         now_empty.push(e.def.name.clone());
                     }
                 }
@@ -711,7 +802,7 @@ impl Router {
             .values()
             .filter(|e| exchange.is_none_or(|x| x == e.def.name))
             .flat_map(|e| {
-                let mut b: Vec<Binding> = e.bindings.values().cloned().collect();
+                let mut b = e.bindings();
                 b.sort_by(|x, y| (&x.destination, &x.key).cmp(&(&y.destination, &y.key)));
                 b
             })
@@ -865,6 +956,79 @@ mod tests {
         }
         assert_eq!(r.unbind_topic(DEFAULT_VHOST, &t("q")).0.len(), 3);
         assert!(route(&r, "amq.direct", "k1").is_empty());
+    }
+
+    /// Bindings differing only in arguments share one index entry: the route stays
+    /// while either is bound and goes with the last, on every exchange type, whether
+    /// the destination holds a few bindings (the vector) or many (the maps).
+    #[test]
+    fn bindings_differing_in_arguments_share_a_route() {
+        for (exchange, many) in [
+            ("amq.direct", false),
+            ("amq.direct", true),
+            ("amq.topic", false),
+            ("amq.topic", true),
+            ("amq.fanout", false),
+            ("amq.fanout", true),
+            ("amq.headers", false),
+            ("amq.headers", true),
+        ] {
+            let r = Router::new();
+            r.add_vhost(DEFAULT_VHOST);
+            let headers = exchange == "amq.headers";
+            let b = |key: &str, args: &str| Binding {
+                source: exchange.into(),
+                destination: Destination::Topic(t("q")),
+                key: key.into(),
+                headers: headers.then(|| HeaderMatch {
+                    all: true,
+                    headers: vec![("h".into(), HeaderValue::Str(key.into()))],
+                }),
+                mqtt: false,
+                arguments: Bytes::from(args.to_owned()),
+            };
+            let others: Vec<Binding> = (0..if many { 12 } else { 2 })
+                .map(|i| b(&format!("other{i}"), ""))
+                .collect();
+            for o in &others {
+                assert!(r.bind(DEFAULT_VHOST, o.clone()).unwrap());
+            }
+            let (x, y) = (b("k", "x"), b("k", "y"));
+            assert!(r.bind(DEFAULT_VHOST, x.clone()).unwrap());
+            assert!(!r.bind(DEFAULT_VHOST, x.clone()).unwrap(), "bound once");
+            assert!(r.bind(DEFAULT_VHOST, y.clone()).unwrap());
+            let routes = || {
+                let h = [("h".to_string(), HeaderValue::Str("k".into()))];
+                !r.route(DEFAULT_VHOST, exchange, "k", &h)
+                    .unwrap()
+                    .topics
+                    .is_empty()
+            };
+            assert!(routes(), "{exchange} many={many}");
+            let listed = r.bindings(DEFAULT_VHOST, Some(exchange));
+            assert_eq!(listed.len(), others.len() + 2);
+            assert!(listed.contains(&x) && listed.contains(&y));
+            assert!(r.unbind(DEFAULT_VHOST, &x).unwrap());
+            assert!(!r.unbind(DEFAULT_VHOST, &x).unwrap(), "removed once");
+            assert!(routes(), "{exchange} many={many}: y still routes");
+            assert!(r.unbind(DEFAULT_VHOST, &y).unwrap());
+            if exchange == "amq.fanout" {
+                // The others route a fanout's every message.
+                assert!(routes());
+                for o in &others {
+                    assert!(r.unbind(DEFAULT_VHOST, o).unwrap());
+                }
+            }
+            assert!(
+                !routes(),
+                "{exchange} many={many}: the route went with the last"
+            );
+            // if-unused sees what is left: nothing on the fanout, the others elsewhere.
+            assert_eq!(
+                r.delete_exchange(DEFAULT_VHOST, exchange, true).is_ok(),
+                exchange == "amq.fanout"
+            );
+        }
     }
 
     #[test]
