@@ -227,7 +227,7 @@ async fn owner_killed_under_load_standby_takes_over_nothing_confirmed_lost() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (mut gw1, gw2) = two_gateways(dir.path(), &cluster.urls()).await;
+    let (mut gw1, mut gw2) = two_gateways(dir.path(), &cluster.urls()).await;
 
     let (kill_tx, kill_rx) = tokio::sync::watch::channel(None);
     let amqp = tokio::spawn(amqp_publisher(vec![gw1.amqp, gw2.amqp], N, kill_rx));
@@ -334,7 +334,7 @@ async fn paused_owner_is_fenced_when_it_resumes() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (mut gw1, gw2) = two_gateways(dir.path(), &cluster.urls()).await;
+    let (mut gw1, mut gw2) = two_gateways(dir.path(), &cluster.urls()).await;
 
     let (_tx, rx) = tokio::sync::watch::channel(None);
     let amqp = tokio::spawn(amqp_publisher(vec![gw1.amqp, gw2.amqp], N, rx));

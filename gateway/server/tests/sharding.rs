@@ -85,7 +85,7 @@ async fn start(dir: &Path, nats: &NatsCluster, names: &[&str], config: &str) -> 
     for g in &mut gws {
         g.spawn();
     }
-    for g in &gws {
+    for g in &mut gws {
         g.wait_listening(Duration::from_secs(90));
     }
     wait_balanced(&gws.iter().collect::<Vec<_>>()).await;

@@ -15,38 +15,51 @@ pub struct Gateway {
     pub mqtt: u16,
     pub admin: u16,
     child: Option<Child>,
+    dir: PathBuf,
+    nats: Vec<String>,
+    extra: String,
 }
 
 impl Gateway {
     /// Gateway `name` over the NATS servers `nats`, its view under `dir/name`, with
     /// `extra` appended to its config file (more sections, such as `[cluster]`).
     pub fn new(dir: &Path, name: &str, nats: &[String], extra: &str) -> Self {
-        let (amqp, mqtt, admin) = (free_port(), free_port(), free_port());
-        let servers = nats
+        let g = Self {
+            name: name.into(),
+            config: dir.join(format!("{name}.toml")),
+            amqp: free_port(),
+            mqtt: free_port(),
+            admin: free_port(),
+            child: None,
+            dir: dir.to_owned(),
+            nats: nats.to_vec(),
+            extra: extra.to_owned(),
+        };
+        g.write_config();
+        g
+    }
+
+    fn write_config(&self) {
+        let (amqp, mqtt, admin) = (self.amqp, self.mqtt, self.admin);
+        let servers = self
+            .nats
             .iter()
             .map(|u| format!("\"{u}\""))
             .collect::<Vec<_>>()
             .join(", ");
-        let config = dir.join(format!("{name}.toml"));
         std::fs::write(
-            &config,
+            &self.config,
             format!(
                 "[listeners]\namqp = \"127.0.0.1:{amqp}\"\nmqtt = \"127.0.0.1:{mqtt}\"\n\
                  admin = \"127.0.0.1:{admin}\"\n\n[store]\nbackend = \"jetstream\"\n\
-                 path = \"{}\"\n\n[store.jetstream]\nservers = [{servers}]\nnode_id = \"{name}\"\n\
-                 lease_ttl = \"3s\"\n\n{extra}\n",
-                dir.join(name).display()
+                 path = \"{}\"\n\n[store.jetstream]\nservers = [{servers}]\nnode_id = \"{}\"\n\
+                 lease_ttl = \"3s\"\n\n{}\n",
+                self.dir.join(&self.name).display(),
+                self.name,
+                self.extra
             ),
         )
         .unwrap();
-        Self {
-            name: name.into(),
-            config,
-            amqp,
-            mqtt,
-            admin,
-            child: None,
-        }
     }
 
     pub fn spawn(&mut self) {
@@ -68,14 +81,34 @@ impl Gateway {
             && std::net::TcpStream::connect(("127.0.0.1", self.mqtt)).is_ok()
     }
 
-    pub fn wait_listening(&self, limit: Duration) {
+    /// Wait until it listens. A gateway that exits first (a port [`free_port`] found
+    /// free was taken before it bound it: an outgoing connection of another test can
+    /// get the same ephemeral port) is started again on new ports, a few times.
+    pub fn wait_listening(&mut self, limit: Duration) {
         let start = Instant::now();
+        let mut restarts = 0;
         while !self.listening() {
             assert!(
                 start.elapsed() < limit,
                 "{} did not start listening within {limit:?}",
                 self.name
             );
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                assert!(
+                    restarts < 5,
+                    "{} exited at start {restarts} times",
+                    self.name
+                );
+                restarts += 1;
+                eprintln!("{} exited at start; trying again on new ports", self.name);
+                (self.amqp, self.mqtt, self.admin) = (free_port(), free_port(), free_port());
+                self.write_config();
+                self.spawn();
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
