@@ -196,11 +196,16 @@ fn progress_floor(max_messages: usize) -> u64 {
 }
 
 impl Qos0Rx {
-    /// The next message (`None`: every sender is gone).
-    pub(crate) async fn recv(&mut self) -> Option<Arc<Message>> {
-        let m = self.rx.recv().await?;
-        self.took(&m);
-        Some(m)
+    /// The next message (`None`: every sender is gone). A poll, not an `async fn`:
+    /// its future holds only the reference.
+    pub(crate) fn recv(&mut self) -> impl std::future::Future<Output = Option<Arc<Message>>> + '_ {
+        std::future::poll_fn(move |cx| {
+            let m = std::task::ready!(self.rx.poll_recv(cx));
+            if let Some(m) = &m {
+                self.took(m);
+            }
+            std::task::Poll::Ready(m)
+        })
     }
 
     /// The next message if one is queued.

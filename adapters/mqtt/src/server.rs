@@ -71,8 +71,9 @@ pub(crate) struct ClientSlot {
     pub(crate) kick: mqgate_core::mailbox::Sender<u8>,
     /// Set once the connection has ended and saved its session.
     pub(crate) done: Done,
-    /// What the admin API shows.
-    pub(crate) info: mqgate_core::ConnectionInfo,
+    /// What the admin API shows (boxed: the registry's table has room for more slots
+    /// than clients, and an empty slot costs the entry's size).
+    pub(crate) info: Box<mqgate_core::ConnectionInfo>,
 }
 
 /// Counters, read by operators and benchmarks.
@@ -307,7 +308,7 @@ impl MqttServer {
             .clients
             .lock()
             .values()
-            .map(|s| s.info.clone())
+            .map(|s| (*s.info).clone())
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
@@ -330,13 +331,18 @@ impl MqttServer {
     /// Close every connection (5.0 clients get DISCONNECT 0x8B "server shutting down")
     /// and wait up to `grace` for them to save their sessions.
     pub async fn shutdown(&self, grace: Duration) {
-        let _ = self.shared.shutdown.send(true);
+        // Set before the connections are kicked: one registered after the kicks below
+        // sees it when its loop starts (a connection's loop holds no watch of its own).
+        self.shared.shutdown.send_replace(true);
         let dones: Vec<_> = self
             .shared
             .clients
             .lock()
             .values()
-            .map(|s| s.done.clone())
+            .map(|s| {
+                let _ = s.kick.send(crate::codec::reason::SERVER_SHUTTING_DOWN);
+                s.done.clone()
+            })
             .collect();
         let wait = async {
             for d in dones {

@@ -5,7 +5,9 @@
 mod common;
 
 use std::io::Read;
+
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::Broker;
 use lapin::options::*;
@@ -45,6 +47,24 @@ async fn sigterm_stops_cleanly_and_tells_clients() {
     let conn = lapin::Connection::connect(&b.amqp_url(), Default::default())
         .await
         .unwrap();
+    // An MQTT 5.0 client, connected and idle.
+    let mut mqtt = tokio::net::TcpStream::connect(("127.0.0.1", b.mqtt))
+        .await
+        .unwrap();
+    // CONNECT: "MQTT" level 5, clean start, keep alive 60, no properties, client id "c1".
+    mqtt.write_all(&[
+        0x10, 15, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0, 0, 2, b'c', b'1',
+    ])
+    .await
+    .unwrap();
+    // CONNACK (its properties fit a one-byte remaining length): flags, reason 0.
+    let mut head = [0u8; 2];
+    mqtt.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[0], 0x20, "CONNACK");
+    assert!(head[1] < 128, "{head:?}");
+    let mut connack = vec![0u8; usize::from(head[1])];
+    mqtt.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack[1], 0, "accepted: {connack:?}");
     let pid = b.child.id().to_string();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -61,6 +81,17 @@ async fn sigterm_stops_cleanly_and_tells_clients() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(exit.success(), "exit status {exit:?}");
+    // The MQTT client was told: DISCONNECT, reason 0x8B (server shutting down), then
+    // the connection's end.
+    let mut told = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), mqtt.read_to_end(&mut told))
+        .await
+        .expect("the MQTT connection ends")
+        .unwrap();
+    assert!(
+        told.len() >= 3 && told[0] == 0xE0 && told[2] == 0x8B,
+        "DISCONNECT 0x8B: {told:?}"
+    );
     // The AMQP client was told (connection.close 320), not cut off.
     let deadline = Instant::now() + Duration::from_secs(5);
     while conn.status().connected() {

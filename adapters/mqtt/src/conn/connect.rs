@@ -1,7 +1,7 @@
 //! The CONNECT handshake: authentication, takeover of an existing connection, the
 //! session restored or created, and CONNACK.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -309,7 +309,7 @@ where
             conn: conn_id,
             kick: kick_tx,
             done: done.clone(),
-            info: mqgate_core::ConnectionInfo {
+            info: Box::new(mqgate_core::ConnectionInfo {
                 id: client_id.clone(),
                 protocol: "mqtt",
                 peer: match &via {
@@ -320,7 +320,7 @@ where
                 detail: format!("{:?}", c.version),
                 connected_at: shared.now(),
                 client: Box::default(),
-            },
+            }),
         },
     );
     // The shard left between the look-up and the slot (so its sessions were closed
@@ -485,10 +485,10 @@ where
             .iter()
             .find(|(k, _)| k == "x-producer-group")
             .and_then(|(_, v)| mqgate_core::props::producer_group_name(v))
-            .unwrap_or_else(|| "mqtt".to_owned()),
-        aliases_out: HashMap::new(),
-        aliases_in: HashMap::new(),
-        inbound_qos2: HashSet::new(),
+            .map(String::into_boxed_str),
+        aliases_out: BTreeMap::new(),
+        aliases_in: BTreeMap::new(),
+        inbound_qos2: BTreeSet::new(),
         writes: shared
             .broker
             .publish_pipeline(mqgate_core::config::PUBLISH_PIPELINE_DEPTH),
@@ -497,6 +497,8 @@ where
         published: false,
         retained_todo: std::collections::VecDeque::new(),
         check_reads: false,
+        keep_alive_timer: mqgate_core::sockio::Timer::default(),
+        memory: None,
     };
     conn.check_reads = shared.acl.may_deny(conn.subject(), Access::Subscribe);
     conn.inbound_qos2 = conn.record.inbound_qos2.iter().copied().collect();

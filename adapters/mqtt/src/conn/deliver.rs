@@ -427,11 +427,13 @@ fn mqtt_topic(m: &Message) -> String {
     }
 }
 
-pub(super) async fn poll_deliveries(
-    session: &mut Option<Consumer>,
-    shared: &mut HashMap<u32, SharedSub>,
-) -> (DeliverySource, Delivery) {
-    poll_fn(|cx| {
+/// The next delivery of the session's consumers: a `select!` arm that holds only the
+/// two references (an `async fn` would hold its state too, in every idle connection).
+pub(super) fn poll_deliveries<'a>(
+    session: &'a mut Option<Consumer>,
+    shared: &'a mut HashMap<u32, SharedSub>,
+) -> impl std::future::Future<Output = (DeliverySource, Delivery)> + 'a {
+    poll_fn(move |cx| {
         if let Some(c) = session {
             if let Poll::Ready(Some(d)) = c.poll_recv(cx) {
                 return Poll::Ready((DeliverySource::Session, d));
@@ -444,7 +446,6 @@ pub(super) async fn poll_deliveries(
         }
         Poll::Pending
     })
-    .await
 }
 
 fn try_deliveries(

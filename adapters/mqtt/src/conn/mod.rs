@@ -2,7 +2,8 @@
 //! deliveries from the session's consumers and writes, without ever blocking on a slow
 //! peer (writes are polled like reads; deliveries pause while output is backed up).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -93,7 +94,9 @@ struct SharedSub {
 /// matched a subscription.
 type PubAcks = (Vec<(u16, QoS)>, Vec<bool>);
 
-/// The connection's state after CONNECT.
+/// The connection's state after CONNECT. Its maps that are empty for most connections
+/// (topic aliases, QoS 2 ids) are B-trees: 24 bytes empty, not 48 (a map that usually
+/// holds one entry stays a hash map: a B-tree's first node has room for eleven).
 struct Conn<S> {
     shared: Arc<Shared>,
     peer: SocketAddr,
@@ -104,9 +107,9 @@ struct Conn<S> {
     client_id: String,
     user: Option<String>,
     /// The producer group of what it publishes: the CONNECT user property
-    /// `x-producer-group` (5.0), else `mqtt`; a PUBLISH's own `x-producer-group`
-    /// overrides it.
-    producer_group: String,
+    /// `x-producer-group` (5.0), else (`None`, nothing allocated) `mqtt`; a PUBLISH's
+    /// own `x-producer-group` overrides it.
+    producer_group: Option<Box<str>>,
     conn_id: u64,
     keep_alive: Option<Duration>,
     record: SessionRecord,
@@ -126,9 +129,9 @@ struct Conn<S> {
     send_quota: usize,
     client_max_packet: usize,
     client_alias_max: u16,
-    aliases_out: HashMap<String, u16>,
-    aliases_in: HashMap<u16, String>,
-    inbound_qos2: HashSet<u16>,
+    aliases_out: BTreeMap<String, u16>,
+    aliases_in: BTreeMap<u16, String>,
+    inbound_qos2: BTreeSet<u16>,
     /// Publishes whose store write is queued, acknowledged in order once durable.
     writes: mqgate_core::Pipeline<PubAcks>,
     /// QoS 1 and 2 publishes in `writes` (they count against receive maximum).
@@ -142,6 +145,47 @@ struct Conn<S> {
     /// Whether the access rules can deny this client a message: each delivery's topic
     /// is checked then (no cost per message otherwise).
     check_reads: bool,
+    /// The keep-alive deadline's timer (moved on only when it fires: reads do not
+    /// re-arm it).
+    keep_alive_timer: mqgate_core::sockio::Timer,
+    /// The memory watermark, watched once it has published.
+    memory: Option<MemoryWatch>,
+}
+
+/// The broker's memory watermark as a connection that publishes sees it.
+struct MemoryWatch {
+    /// Publishers are blocked now.
+    blocked: bool,
+    /// Resolves when that changes, with the watch to go on with.
+    change: std::pin::Pin<Box<dyn Future<Output = watch::Receiver<bool>> + Send>>,
+}
+
+impl MemoryWatch {
+    fn new(mut rx: watch::Receiver<bool>) -> Self {
+        let blocked = *rx.borrow_and_update();
+        Self {
+            blocked,
+            change: Box::pin(async move {
+                if rx.changed().await.is_err() {
+                    // The broker is gone: nothing changes any more.
+                    std::future::pending::<()>().await;
+                }
+                rx
+            }),
+        }
+    }
+
+    /// Resolves when the watermark changes (never when nothing is watched).
+    fn changed(w: &mut Option<MemoryWatch>) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| match w {
+            Some(m) => m
+                .change
+                .as_mut()
+                .poll(cx)
+                .map(|rx| *m = MemoryWatch::new(rx)),
+            None => std::task::Poll::Pending,
+        })
+    }
 }
 
 impl<S> std::fmt::Debug for Conn<S> {
@@ -154,12 +198,51 @@ impl<S> std::fmt::Debug for Conn<S> {
 }
 
 /// Serve one connection to its end.
-pub(crate) async fn run<S>(
+///
+/// Not an `async fn`: its arguments would stay in the task's state for as long as the
+/// connection lives. The handshake runs in its own box, let go of once it is done, so
+/// what an idle connection's task holds is the loop's wait and a few pointers.
+pub(crate) fn run<S>(
     shared: Arc<Shared>,
     stream: S,
     peer: SocketAddr,
     pending: mqgate_core::net::Pending,
-) where
+) -> impl Future<Output = ()> + Send + 'static
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let handshake = Box::pin(handshake(shared, stream, peer, pending));
+    async move {
+        // `admitted` counts it against limits.max_connections until it ends.
+        let Some((mut conn, admitted)) = handshake.await else {
+            return;
+        };
+        let shared = Arc::clone(&conn.shared);
+        let end = conn.serve().await;
+        let linger = Box::pin(conn.finish(end)).await;
+        drop(admitted);
+        shared
+            .stats
+            .connections_closed
+            .fetch_add(1, Ordering::Relaxed);
+        // The session is settled and the broker's state let go of (the store, for a
+        // restart); only the socket's read half waits for the client to close.
+        let stop = shared.shutdown.subscribe();
+        drop(shared);
+        if let Some(rd) = linger {
+            Box::pin(discard_until_closed(rd, stop)).await;
+        }
+    }
+}
+
+/// CONNECT read and answered: the connection's state, or `None` when it ended there.
+async fn handshake<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    peer: SocketAddr,
+    pending: mqgate_core::net::Pending,
+) -> Option<(Box<Conn<S>>, mqgate_core::net::Admitted)>
+where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     shared
@@ -174,46 +257,29 @@ pub(crate) async fn run<S>(
         // A newer connection needed the slot (limits.max_pending_handshakes): closed.
         () = evicted.wait() => None,
     };
-    // Out of its box at once: the box would otherwise live as long as this task.
-    let (connect, via) = match read {
-        Some((c, via)) => (*c, via),
-        None => {
-            shared
-                .stats
-                .connections_closed
-                .fetch_add(1, Ordering::Relaxed);
-            return;
+    let accepted = match read {
+        Some((c, via)) => {
+            Box::pin(accept(
+                shared.clone(),
+                rd,
+                wr,
+                inbuf,
+                peer,
+                *c,
+                via,
+                pending,
+            ))
+            .await
         }
+        None => None,
     };
-    // `admitted` counts it against limits.max_connections until it ends.
-    let mut linger = None;
-    if let Some((mut conn, admitted)) = Box::pin(accept(
-        shared.clone(),
-        rd,
-        wr,
-        inbuf,
-        peer,
-        connect,
-        via,
-        pending,
-    ))
-    .await
-    {
-        let end = conn.serve().await;
-        linger = Box::pin(conn.finish(end)).await;
-        drop(admitted);
+    if accepted.is_none() {
+        shared
+            .stats
+            .connections_closed
+            .fetch_add(1, Ordering::Relaxed);
     }
-    shared
-        .stats
-        .connections_closed
-        .fetch_add(1, Ordering::Relaxed);
-    // The session is settled and the broker's state let go of (the store, for a
-    // restart); only the socket's read half waits for the client to close.
-    let stop = shared.shutdown.subscribe();
-    drop(shared);
-    if let Some(rd) = linger {
-        Box::pin(discard_until_closed(rd, stop)).await;
-    }
+    accepted
 }
 
 /// How long a connection the server ended (DISCONNECT with a reason code, or a 3.1.1
@@ -285,9 +351,15 @@ where
     }
 
     /// The connection's main loop.
+    ///
+    /// What it waits on while idle is the state of this loop's `select!` (a few
+    /// pointers per branch): shutdown comes through the kick mailbox, the keep-alive
+    /// timer and the memory watermark's watch live boxed in the connection (the
+    /// watermark only for a connection that has published).
     async fn serve(&mut self) -> End {
-        let mut shutdown = self.shared.shutdown.subscribe();
-        if *shutdown.borrow() {
+        // Registered in `clients` before this check, so a shutdown either kicks it or
+        // is seen here.
+        if *self.shared.shutdown.borrow() {
             return End::Server(reason::SERVER_SHUTTING_DOWN, "server shutting down".into());
         }
         // Packets sent right behind CONNECT, in the same read.
@@ -299,13 +371,16 @@ where
         // The handshake's buffer (1 KiB) is not kept by a connection that goes idle
         // after the packets it carried (a client that sent SUBSCRIBE behind CONNECT).
         self.input.settle();
-        // Above the memory watermark a connection that publishes is not read (MQTT has
-        // no blocked packet: TCP pushes back on the client) and its keep alive waits.
-        let mut blocked = self.shared.broker.memory_blocked();
         loop {
+            // Above the memory watermark a connection that publishes is not read (MQTT
+            // has no blocked packet: TCP pushes back on the client) and its keep alive
+            // waits.
+            if self.published && self.memory.is_none() {
+                self.memory = Some(MemoryWatch::new(self.shared.broker.memory_blocked()));
+            }
+            let held = self.memory.as_ref().is_some_and(|m| m.blocked);
             let window_open = self.inflight.len() < self.send_quota;
             let may_deliver = self.output.may_deliver();
-            let held = self.published && *blocked.borrow_and_update();
             let retained_first = !self.retained_todo.is_empty();
             let may_read = self.output.may_read() && !held;
             let ka_deadline = (!held)
@@ -315,26 +390,26 @@ where
             self.input.prepare();
             tokio::select! {
                 biased;
-                _ = blocked.changed() => {
+                () = MemoryWatch::changed(&mut self.memory) => {
                     self.input.last = Instant::now();
                 }
-                r = self.kick_rx.recv() => {
+                r = std::future::poll_fn(|cx| self.kick_rx.poll_recv(cx)) => {
+                    let code = r.unwrap_or(reason::SESSION_TAKEN_OVER);
+                    if code == reason::SERVER_SHUTTING_DOWN {
+                        return End::Server(code, "server shutting down".into());
+                    }
                     // What the client sent before it was taken over comes first: a
                     // DISCONNECT or a close already in the socket ends the session the
                     // way the client asked (expiry, will), not as a takeover.
                     if let Some(end) = Box::pin(self.handle_arrived()).await {
                         return end;
                     }
-                    let code = r.unwrap_or(reason::SESSION_TAKEN_OVER);
                     let why = match code {
                         ADMINISTRATIVE_ACTION => "closed by an administrator",
                         USE_ANOTHER_SERVER => "the session moved to another gateway",
                         _ => "session taken over",
                     };
                     return End::Server(code, why.into());
-                }
-                _ = shutdown.changed() => {
-                    return End::Server(reason::SERVER_SHUTTING_DOWN, "server shutting down".into());
                 }
                 w = self.output.write_some(), if has_out => match w {
                     Ok(0) | Err(_) => return End::Closed,
@@ -376,7 +451,7 @@ where
                     self.deliver(src, d);
                     self.deliver_burst();
                 }
-                _ = mqgate_core::sockio::sleep_until(ka_deadline) => {
+                () = mqgate_core::sockio::expired(&mut self.keep_alive_timer, ka_deadline) => {
                     return End::Server(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout".into());
                 }
             }

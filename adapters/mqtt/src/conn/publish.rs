@@ -142,7 +142,7 @@ where
         // Copy the payload out of the read buffer, so the buffer is not kept alive.
         let mut m = Message::new(name, Bytes::copy_from_slice(&payload));
         m.born_timestamp = self.shared.now();
-        m.producer_group.clone_from(&self.producer_group);
+        m.producer_group = self.producer_group.as_deref().unwrap_or("mqtt").to_owned();
         let p = &mut m.properties;
         const QOS_BYTES: [&[u8]; 3] = [&[0], &[1], &[2]];
         p.push((
