@@ -304,12 +304,14 @@ impl Queue {
         spec.policy = Policy {
             message_ttl: self.args.message_ttl,
             delivery_limit: self.args.delivery_limit,
-            dead_letter: self.args.dlx.as_ref().map(|dlx| DeadLetter {
-                vhost: self.vhost.clone(),
-                exchange: dlx.clone(),
-                routing_key: self.args.dlrk.clone(),
-                endpoint: self.name.clone(),
-                format: std::sync::Arc::new(crate::convert::AmqpDeadLetter),
+            dead_letter: self.args.dlx.as_ref().map(|dlx| {
+                Box::new(DeadLetter {
+                    vhost: self.vhost.clone(),
+                    exchange: dlx.clone(),
+                    routing_key: self.args.dlrk.clone(),
+                    endpoint: self.name.clone(),
+                    format: std::sync::Arc::new(crate::convert::AmqpDeadLetter),
+                })
             }),
             max_length: self.args.max_length,
             max_length_bytes: self.args.max_length_bytes,

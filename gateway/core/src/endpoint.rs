@@ -89,8 +89,9 @@ pub struct Policy {
     /// retry ladder count failures with `max_reconsume_times` instead.
     pub delivery_limit: Option<u32>,
     /// Where dead messages go (none: they are dropped, or go to the DLQ after the retry
-    /// ladder).
-    pub dead_letter: Option<DeadLetter>,
+    /// ladder). Boxed: most endpoints have none, and every group's spec holds a policy
+    /// (an idle MQTT session's group among them).
+    pub dead_letter: Option<Box<DeadLetter>>,
     /// The most messages ready for delivery (`x-max-length`).
     pub max_length: Option<u64>,
     /// The most bytes of message bodies ready for delivery (`x-max-length-bytes`).

@@ -64,15 +64,20 @@ impl<T> Pipeline<T> {
     /// The oldest batch's answers once it is durable, with its `T`; pending forever
     /// when nothing is in flight. Cancel-safe: a batch is taken only when answered.
     pub async fn next(&mut self) -> (T, Result<Vec<Option<Published>>>) {
-        std::future::poll_fn(|cx| {
-            let Some((_, s)) = self.inflight.front_mut() else {
-                return std::task::Poll::Pending;
-            };
-            let r = std::task::ready!(std::future::Future::poll(std::pin::Pin::new(s), cx));
-            let (tag, _) = self.inflight.pop_front().expect("front was there");
-            std::task::Poll::Ready((tag, r))
-        })
-        .await
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// [`Pipeline::next`] as a poll.
+    pub fn poll_next(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<(T, Result<Vec<Option<Published>>>)> {
+        let Some((_, s)) = self.inflight.front_mut() else {
+            return std::task::Poll::Pending;
+        };
+        let r = std::task::ready!(std::future::Future::poll(std::pin::Pin::new(s), cx));
+        let (tag, _) = self.inflight.pop_front().expect("front was there");
+        std::task::Poll::Ready((tag, r))
     }
 }
 

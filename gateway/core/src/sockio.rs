@@ -22,8 +22,8 @@ use bytes::{Buf, BytesMut};
 use std::future::Future;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::Poll;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 /// Stop pulling deliveries past this much unsent output.
@@ -59,25 +59,30 @@ pub fn expired(
     timer: &mut Timer,
     deadline: Option<Instant>,
 ) -> impl std::future::Future<Output = ()> + '_ {
-    std::future::poll_fn(move |cx| {
+    std::future::poll_fn(move |cx| timer.poll_expired(deadline, cx))
+}
+
+impl Timer {
+    /// [`expired`] as a poll.
+    pub fn poll_expired(&mut self, deadline: Option<Instant>, cx: &mut Context<'_>) -> Poll<()> {
         let Some(deadline) = deadline else {
             return Poll::Pending;
         };
-        let sleep = timer
+        let sleep = self
             .0
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if sleep.deadline() > deadline {
             sleep.as_mut().reset(deadline);
         }
         loop {
-            std::task::ready!(sleep.as_mut().poll(cx));
+            ready!(sleep.as_mut().poll(cx));
             if sleep.deadline() >= deadline {
                 return Poll::Ready(());
             }
             // Fired at a deadline reads have moved on since: wait for the current one.
             sleep.as_mut().reset(deadline);
         }
-    })
+    }
 }
 
 /// The reading half of a connection and what it read but has not handled.
@@ -117,24 +122,27 @@ impl<R: AsyncRead + Unpin> Input<R> {
 
     /// Read what the socket has; `Ok(0)`: the peer closed.
     pub async fn read_some(&mut self) -> std::io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_read_some(cx)).await
+    }
+
+    /// [`Input::read_some`] as a poll (a connection loop that polls its sources itself
+    /// keeps no future for it).
+    pub fn poll_read_some(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         let n = if self.idle() {
             // The buffer lives only while the read is polled, never across the wait.
-            let (rd, buf) = (&mut self.rd, &mut self.buf);
-            std::future::poll_fn(|cx| {
-                let mut space = [MaybeUninit::<u8>::uninit(); MIN_READ];
-                let mut read = ReadBuf::uninit(&mut space);
-                match Pin::new(&mut *rd).poll_read(cx, &mut read) {
-                    Poll::Ready(Ok(())) => {
-                        buf.extend_from_slice(read.filled());
-                        Poll::Ready(Ok(read.filled().len()))
-                    }
-                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                    Poll::Pending => Poll::Pending,
-                }
-            })
-            .await?
+            let mut space = [MaybeUninit::<u8>::uninit(); MIN_READ];
+            let mut read = ReadBuf::uninit(&mut space);
+            ready!(Pin::new(&mut self.rd).poll_read(cx, &mut read))?;
+            self.buf.extend_from_slice(read.filled());
+            read.filled().len()
         } else {
-            self.rd.read_buf(&mut self.buf).await?
+            // Into the buffer's spare room (what `AsyncReadExt::read_buf` does; a full
+            // buffer gets 64 bytes more).
+            ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.rd),
+                cx,
+                &mut self.buf
+            ))?
         };
         if n > 0 {
             self.room = if n >= self.room / 2 {
@@ -144,7 +152,7 @@ impl<R: AsyncRead + Unpin> Input<R> {
             };
             self.last = Instant::now();
         }
-        Ok(n)
+        Poll::Ready(Ok(n))
     }
 
     /// After the input was handled: give back a drained buffer a burst made big, or any
@@ -194,7 +202,12 @@ impl<W: AsyncWrite + Unpin> Output<W> {
 
     /// Write some of the output; `Ok(0)`: the peer is gone.
     pub async fn write_some(&mut self) -> std::io::Result<usize> {
-        let n = self.wr.write(&self.out).await?;
+        std::future::poll_fn(|cx| self.poll_write_some(cx)).await
+    }
+
+    /// [`Output::write_some`] as a poll.
+    pub fn poll_write_some(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.wr).poll_write(cx, &self.out))?;
         if n > 0 {
             self.out.advance(n);
             self.last = Instant::now();
@@ -202,7 +215,7 @@ impl<W: AsyncWrite + Unpin> Output<W> {
                 self.out = BytesMut::new();
             }
         }
-        Ok(n)
+        Poll::Ready(Ok(n))
     }
 
     /// Write everything left and shut the write half down (the connection ends).

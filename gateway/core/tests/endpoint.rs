@@ -332,14 +332,14 @@ fn spec(g: &str, t: &str, on_failure: OnFailure) -> GroupSpec {
 }
 
 /// The dead-letter target `exchange` of the default vhost, for endpoint `endpoint`.
-fn dead_letter(exchange: &str, routing_key: Option<&str>, endpoint: &str) -> DeadLetter {
-    DeadLetter {
+fn dead_letter(exchange: &str, routing_key: Option<&str>, endpoint: &str) -> Box<DeadLetter> {
+    Box::new(DeadLetter {
         vhost: VHOST.into(),
         exchange: exchange.into(),
         routing_key: routing_key.map(str::to_owned),
         endpoint: endpoint.into(),
         format: Arc::new(Tagging),
-    }
+    })
 }
 
 /// A durable direct exchange that routes `key` to the one-queue topic `target`.

@@ -479,13 +479,13 @@ async fn dead_letters_and_retries_across_shards() {
         );
         s.start = StartPosition::First;
         s.on_failure = OnFailure::Discard;
-        s.policy.dead_letter = Some(DeadLetter {
+        s.policy.dead_letter = Some(Box::new(DeadLetter {
             vhost: VHOST.into(),
             exchange: "dlx".into(),
             routing_key: None,
             endpoint: work.clone(),
             format: Arc::new(Tagging),
-        });
+        }));
         let mut c = b.subscribe(s, MemberOptions::new("c", 10)).await.unwrap();
         for i in 0..20 {
             b.publish(mqgate_core::Publish::new(Message::new(
