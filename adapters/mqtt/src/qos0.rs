@@ -198,14 +198,21 @@ fn progress_floor(max_messages: usize) -> u64 {
 impl Qos0Rx {
     /// The next message (`None`: every sender is gone). A poll, not an `async fn`:
     /// its future holds only the reference.
+    #[cfg(test)]
     pub(crate) fn recv(&mut self) -> impl std::future::Future<Output = Option<Arc<Message>>> + '_ {
-        std::future::poll_fn(move |cx| {
-            let m = std::task::ready!(self.rx.poll_recv(cx));
-            if let Some(m) = &m {
-                self.took(m);
-            }
-            std::task::Poll::Ready(m)
-        })
+        std::future::poll_fn(move |cx| self.poll_recv(cx))
+    }
+
+    /// [`Qos0Rx::recv`] as a poll.
+    pub(crate) fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Arc<Message>>> {
+        let m = std::task::ready!(self.rx.poll_recv(cx));
+        if let Some(m) = &m {
+            self.took(m);
+        }
+        std::task::Poll::Ready(m)
     }
 
     /// The next message if one is queued.

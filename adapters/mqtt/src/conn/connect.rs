@@ -1,7 +1,7 @@
 //! The CONNECT handshake: authentication, takeover of an existing connection, the
 //! session restored or created, and CONNACK.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -463,7 +463,7 @@ where
         conn_id,
         keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
         record,
-        sub_index: HashMap::new(),
+        sub_index: super::SubIndex::default(),
         session: Some(session_consumer),
         shared_subs: HashMap::new(),
         next_shared: 1,
@@ -487,28 +487,18 @@ where
             .and_then(|(_, v)| mqgate_core::props::producer_group_name(v))
             .map(String::into_boxed_str),
         aliases_out: BTreeMap::new(),
-        aliases_in: BTreeMap::new(),
-        inbound_qos2: BTreeSet::new(),
-        writes: shared
-            .broker
-            .publish_pipeline(mqgate_core::config::PUBLISH_PIPELINE_DEPTH),
-        acks_pending: 0,
+        publishing: None,
         problem_info: c.properties.request_problem_info != Some(0),
-        published: false,
         retained_todo: std::collections::VecDeque::new(),
         check_reads: false,
         keep_alive_timer: mqgate_core::sockio::Timer::default(),
-        memory: None,
     };
     conn.check_reads = shared.acl.may_deny(conn.subject(), Access::Subscribe);
-    conn.inbound_qos2 = conn.record.inbound_qos2.iter().copied().collect();
-    conn.sub_index = conn
-        .record
-        .subscriptions
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.filter.clone(), i))
-        .collect();
+    if !conn.record.inbound_qos2.is_empty() {
+        let ids = conn.record.inbound_qos2.iter().copied().collect();
+        conn.publishing().inbound_qos2 = ids;
+    }
+    conn.sub_index = super::SubIndex::new(&conn.record.subscriptions);
     conn.send(&connack(reason::SUCCESS, session_present, props));
     // Restore the subscriptions of a resumed session, and resend unfinished PUBRELs.
     conn.restore_subscriptions().await;

@@ -2,7 +2,6 @@
 //! packet ids, and the acknowledgements of outbound flows.
 
 use std::collections::HashMap;
-use std::future::poll_fn;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
 
@@ -69,7 +68,10 @@ where
     pub(super) async fn on_ack(&mut self, a: Ack) -> Result<(), End> {
         match a.kind {
             AckKind::PubRel => {
-                let known = self.inbound_qos2.remove(&a.pkid);
+                let known = self
+                    .publishing
+                    .as_mut()
+                    .is_some_and(|p| p.inbound_qos2.remove(&a.pkid));
                 let code = if known || !self.v5() {
                     reason::SUCCESS
                 } else {
@@ -77,7 +79,11 @@ where
                 };
                 self.ack(AckKind::PubComp, a.pkid, code);
                 if known && self.persistent() {
-                    self.record.inbound_qos2 = self.inbound_qos2.iter().copied().collect();
+                    self.record.inbound_qos2 = self
+                        .publishing
+                        .as_ref()
+                        .map(|p| p.inbound_qos2.iter().copied().collect())
+                        .unwrap_or_default();
                 }
             }
             AckKind::PubAck | AckKind::PubRec => {
@@ -427,25 +433,24 @@ fn mqtt_topic(m: &Message) -> String {
     }
 }
 
-/// The next delivery of the session's consumers: a `select!` arm that holds only the
-/// two references (an `async fn` would hold its state too, in every idle connection).
-pub(super) fn poll_deliveries<'a>(
-    session: &'a mut Option<Consumer>,
-    shared: &'a mut HashMap<u32, SharedSub>,
-) -> impl std::future::Future<Output = (DeliverySource, Delivery)> + 'a {
-    poll_fn(move |cx| {
-        if let Some(c) = session {
-            if let Poll::Ready(Some(d)) = c.poll_recv(cx) {
-                return Poll::Ready((DeliverySource::Session, d));
-            }
+/// The next delivery of the session's consumers (a poll: the connection's loop holds
+/// no future for it).
+pub(super) fn poll_deliveries(
+    session: &mut Option<Consumer>,
+    shared: &mut HashMap<u32, SharedSub>,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<(DeliverySource, Delivery)> {
+    if let Some(c) = session {
+        if let Poll::Ready(Some(d)) = c.poll_recv(cx) {
+            return Poll::Ready((DeliverySource::Session, d));
         }
-        for (id, s) in shared.iter_mut() {
-            if let Poll::Ready(Some(d)) = s.consumer.poll_recv(cx) {
-                return Poll::Ready((DeliverySource::Shared(*id), d));
-            }
+    }
+    for (id, s) in shared.iter_mut() {
+        if let Poll::Ready(Some(d)) = s.consumer.poll_recv(cx) {
+            return Poll::Ready((DeliverySource::Shared(*id), d));
         }
-        Poll::Pending
-    })
+    }
+    Poll::Pending
 }
 
 fn try_deliveries(

@@ -7,11 +7,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use mqgate_core::acl::{Access, Subject};
-use mqgate_core::{AckToken, Consumer};
+use mqgate_core::{AckToken, Consumer, Delivery};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -21,12 +22,14 @@ use crate::server::{Outbound, Shared};
 use crate::session::{session_topic, SessionRecord, NS_SESSION};
 
 use self::connect::{accept, read_connect};
-use self::deliver::poll_deliveries;
+use self::deliver::{poll_deliveries, DeliverySource};
+use self::subindex::SubIndex;
 
 mod connect;
 mod deliver;
 mod publish;
 mod splice;
+mod subindex;
 mod subscribe;
 mod will;
 
@@ -113,9 +116,8 @@ struct Conn<S> {
     conn_id: u64,
     keep_alive: Option<Duration>,
     record: SessionRecord,
-    /// Filter → its place in `record.subscriptions`, so a SUBSCRIBE or UNSUBSCRIBE
-    /// costs each filter O(1), however many the session holds.
-    sub_index: HashMap<String, usize>,
+    /// Filter → its place in `record.subscriptions`.
+    sub_index: SubIndex,
     session: Option<Consumer>,
     shared_subs: HashMap<u32, SharedSub>,
     next_shared: u32,
@@ -130,15 +132,11 @@ struct Conn<S> {
     client_max_packet: usize,
     client_alias_max: u16,
     aliases_out: BTreeMap<String, u16>,
-    aliases_in: BTreeMap<u16, String>,
-    inbound_qos2: BTreeSet<u16>,
-    /// Publishes whose store write is queued, acknowledged in order once durable.
-    writes: mqgate_core::Pipeline<PubAcks>,
-    /// QoS 1 and 2 publishes in `writes` (they count against receive maximum).
-    acks_pending: usize,
+    /// What a connection that publishes holds (`None` until its first PUBLISH, or a
+    /// resumed session's QoS 2 ids): boxed, so a connection that only subscribes, the
+    /// usual idle one, does not carry it.
+    publishing: Option<Box<Publishing>>,
     problem_info: bool,
-    /// It has published: the memory watermark stops reading from it.
-    published: bool,
     /// Retained messages still to send for new subscriptions, sent as the output buffer
     /// drains; the session's other deliveries wait behind them.
     retained_todo: std::collections::VecDeque<RetainedTodo>,
@@ -148,8 +146,91 @@ struct Conn<S> {
     /// The keep-alive deadline's timer (moved on only when it fires: reads do not
     /// re-arm it).
     keep_alive_timer: mqgate_core::sockio::Timer,
-    /// The memory watermark, watched once it has published.
-    memory: Option<MemoryWatch>,
+}
+
+/// What woke a connection's loop ([`Conn::poll_event`]).
+enum Event {
+    /// Its kick mailbox: taken over, closed, moved, or the server stops (`None`: the
+    /// sender is gone).
+    Kick(Option<u8>),
+    /// Output written.
+    Wrote(std::io::Result<usize>),
+    /// The memory watermark changed (a publishing connection).
+    Memory,
+    /// A store write is done: its publishes are acknowledged.
+    Written(
+        PubAcks,
+        mqgate_core::Result<Vec<Option<mqgate_core::Published>>>,
+    ),
+    /// Input read.
+    Read(std::io::Result<usize>),
+    /// Retained messages are next to send.
+    Retained,
+    /// A QoS 0 message handed over directly.
+    Direct(Option<Arc<mqgate_store::Message>>),
+    /// A delivery of one of the session's consumers.
+    Delivery(DeliverySource, Delivery),
+    /// The keep-alive deadline passed.
+    KeepAlive,
+}
+
+/// Which of the loop's sources are looked at this turn, and the keep-alive deadline.
+struct Arms {
+    write: bool,
+    read: bool,
+    retained: bool,
+    direct: bool,
+    deliveries: bool,
+    keep_alive: Option<Instant>,
+}
+
+/// A step of the loop that awaits, boxed (`Some`: the connection ends).
+type Step<'a> = std::pin::Pin<Box<dyn Future<Output = Option<End>> + Send + 'a>>;
+
+/// A publishing connection's state.
+struct Publishing {
+    aliases_in: BTreeMap<u16, String>,
+    inbound_qos2: BTreeSet<u16>,
+    /// Publishes whose store write is queued, acknowledged in order once durable.
+    writes: mqgate_core::Pipeline<PubAcks>,
+    /// QoS 1 and 2 publishes in `writes` (they count against receive maximum).
+    acks_pending: usize,
+    /// The memory watermark: above it, the connection is not read.
+    memory: MemoryWatch,
+}
+
+impl Publishing {
+    fn new(shared: &Shared) -> Self {
+        Self {
+            aliases_in: BTreeMap::new(),
+            inbound_qos2: BTreeSet::new(),
+            writes: shared
+                .broker
+                .publish_pipeline(mqgate_core::config::PUBLISH_PIPELINE_DEPTH),
+            acks_pending: 0,
+            memory: MemoryWatch::new(shared.broker.memory_blocked()),
+        }
+    }
+
+    /// The memory watermark's next change, or the oldest store write's answers
+    /// (pending for a connection that has not published).
+    fn poll(p: &mut Option<Box<Publishing>>, cx: &mut std::task::Context<'_>) -> Poll<Event> {
+        let Some(p) = p else {
+            return Poll::Pending;
+        };
+        if let Poll::Ready(rx) = p.memory.change.as_mut().poll(cx) {
+            p.memory = MemoryWatch::new(rx);
+            return Poll::Ready(Event::Memory);
+        }
+        p.writes
+            .poll_next(cx)
+            .map(|(acks, stored)| Event::Written(acks, stored))
+    }
+
+    /// Store writes in flight.
+    fn writing(p: &Option<Box<Publishing>>) -> bool {
+        p.as_ref().is_some_and(|p| !p.writes.is_empty())
+    }
 }
 
 /// The broker's memory watermark as a connection that publishes sees it.
@@ -173,18 +254,6 @@ impl MemoryWatch {
                 rx
             }),
         }
-    }
-
-    /// Resolves when the watermark changes (never when nothing is watched).
-    fn changed(w: &mut Option<MemoryWatch>) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| match w {
-            Some(m) => m
-                .change
-                .as_mut()
-                .poll(cx)
-                .map(|rx| *m = MemoryWatch::new(rx)),
-            None => std::task::Poll::Pending,
-        })
     }
 }
 
@@ -375,87 +444,161 @@ where
             // Above the memory watermark a connection that publishes is not read (MQTT
             // has no blocked packet: TCP pushes back on the client) and its keep alive
             // waits.
-            if self.published && self.memory.is_none() {
-                self.memory = Some(MemoryWatch::new(self.shared.broker.memory_blocked()));
-            }
-            let held = self.memory.as_ref().is_some_and(|m| m.blocked);
+            let held = self.publishing.as_ref().is_some_and(|p| p.memory.blocked);
             let window_open = self.inflight.len() < self.send_quota;
             let may_deliver = self.output.may_deliver();
             let retained_first = !self.retained_todo.is_empty();
-            let may_read = self.output.may_read() && !held;
-            let ka_deadline = (!held)
-                .then(|| self.keep_alive.map(|k| self.input.last + k))
-                .flatten();
-            let has_out = self.output.pending();
+            let arms = Arms {
+                write: self.output.pending(),
+                read: self.output.may_read() && !held,
+                retained: retained_first && may_deliver && window_open,
+                direct: may_deliver && !retained_first,
+                deliveries: may_deliver && window_open && !retained_first,
+                keep_alive: (!held)
+                    .then(|| self.keep_alive.map(|k| self.input.last + k))
+                    .flatten(),
+            };
             self.input.prepare();
-            tokio::select! {
-                biased;
-                () = MemoryWatch::changed(&mut self.memory) => {
-                    self.input.last = Instant::now();
-                }
-                r = std::future::poll_fn(|cx| self.kick_rx.poll_recv(cx)) => {
-                    let code = r.unwrap_or(reason::SESSION_TAKEN_OVER);
-                    if code == reason::SERVER_SHUTTING_DOWN {
-                        return End::Server(code, "server shutting down".into());
-                    }
-                    // What the client sent before it was taken over comes first: a
-                    // DISCONNECT or a close already in the socket ends the session the
-                    // way the client asked (expiry, will), not as a takeover.
-                    if let Some(end) = Box::pin(self.handle_arrived()).await {
-                        return end;
-                    }
-                    let why = match code {
-                        ADMINISTRATIVE_ACTION => "closed by an administrator",
-                        USE_ANOTHER_SERVER => "the session moved to another gateway",
-                        _ => "session taken over",
-                    };
-                    return End::Server(code, why.into());
-                }
-                w = self.output.write_some(), if has_out => match w {
-                    Ok(0) | Err(_) => return End::Closed,
-                    Ok(n) => {
-                        self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                },
-                (acks, stored) = self.writes.next(), if !self.writes.is_empty() => {
-                    if let Err(end) = Box::pin(self.acknowledge(acks, stored)).await {
-                        return end;
-                    }
-                }
-                r = self.input.read_some(), if may_read => match r {
-                    Ok(0) | Err(_) => return End::Closed,
-                    Ok(n) => {
-                        self.shared.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                        // Boxed: the connection's idle state stays small (thousands
-                        // of idle connections each keep only the select's state).
-                        if let Err(end) = Box::pin(self.handle_input()).await {
-                            return end;
+            // What awaits runs boxed, after the event is let go: the task an idle
+            // connection keeps is this wait (the event's poll holds only references).
+            let step: Option<Step<'_>> = {
+                let event = std::future::poll_fn(|cx| self.poll_event(cx, &arms)).await;
+                match event {
+                    Event::Kick(r) => {
+                        let code = r.unwrap_or(reason::SESSION_TAKEN_OVER);
+                        if code == reason::SERVER_SHUTTING_DOWN {
+                            return End::Server(code, "server shutting down".into());
                         }
-                        self.input.settle();
-                        // A client that publishes without pause still gets its
-                        // deliveries: the read branch wins every biased select.
-                        self.deliver_burst();
+                        Some(Box::pin(self.kicked(code)))
                     }
-                },
-                _ = std::future::ready(()), if retained_first && may_deliver && window_open => {
-                    Box::pin(self.send_retained()).await;
-                }
-                m = self.direct_rx.recv(), if may_deliver && !retained_first => {
-                    if let Some(m) = m {
-                        self.deliver_direct(&m);
+                    Event::Wrote(Ok(0) | Err(_)) | Event::Read(Ok(0) | Err(_)) => {
+                        return End::Closed
+                    }
+                    Event::Wrote(Ok(n)) => {
+                        self.shared
+                            .stats
+                            .bytes_out
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                        None
+                    }
+                    Event::Memory => {
+                        self.input.last = Instant::now();
+                        None
+                    }
+                    Event::Written(acks, stored) => {
+                        let this = &mut *self;
+                        Some(Box::pin(async move {
+                            this.acknowledge(acks, stored).await.err()
+                        }))
+                    }
+                    Event::Read(Ok(n)) => {
+                        self.shared
+                            .stats
+                            .bytes_in
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                        Some(Box::pin(self.after_read()))
+                    }
+                    Event::Retained => {
+                        let this = &mut *self;
+                        Some(Box::pin(async move {
+                            this.send_retained().await;
+                            None
+                        }))
+                    }
+                    Event::Direct(m) => {
+                        if let Some(m) = m {
+                            self.deliver_direct(&m);
+                            self.deliver_burst();
+                        }
+                        None
+                    }
+                    Event::Delivery(src, d) => {
+                        self.deliver(src, d);
                         self.deliver_burst();
+                        None
+                    }
+                    Event::KeepAlive => {
+                        return End::Server(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout".into())
                     }
                 }
-                d = poll_deliveries(&mut self.session, &mut self.shared_subs), if may_deliver && window_open && !retained_first => {
-                    let (src, d) = d;
-                    self.deliver(src, d);
-                    self.deliver_burst();
-                }
-                () = mqgate_core::sockio::expired(&mut self.keep_alive_timer, ka_deadline) => {
-                    return End::Server(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout".into());
+            };
+            if let Some(step) = step {
+                if let Some(end) = step.await {
+                    return end;
                 }
             }
         }
+    }
+
+    /// What woke the loop, looked at in this order (a biased `select!` written out: each
+    /// source is a poll over a field, so waiting holds no future but the references).
+    fn poll_event(&mut self, cx: &mut std::task::Context<'_>, arms: &Arms) -> Poll<Event> {
+        if let Poll::Ready(r) = self.kick_rx.poll_recv(cx) {
+            return Poll::Ready(Event::Kick(r));
+        }
+        if arms.write {
+            if let Poll::Ready(w) = self.output.poll_write_some(cx) {
+                return Poll::Ready(Event::Wrote(w));
+            }
+        }
+        if let Poll::Ready(e) = Publishing::poll(&mut self.publishing, cx) {
+            return Poll::Ready(e);
+        }
+        if arms.read {
+            if let Poll::Ready(r) = self.input.poll_read_some(cx) {
+                return Poll::Ready(Event::Read(r));
+            }
+        }
+        if arms.retained {
+            return Poll::Ready(Event::Retained);
+        }
+        if arms.direct {
+            if let Poll::Ready(m) = self.direct_rx.poll_recv(cx) {
+                return Poll::Ready(Event::Direct(m));
+            }
+        }
+        if arms.deliveries {
+            if let Poll::Ready((src, d)) =
+                poll_deliveries(&mut self.session, &mut self.shared_subs, cx)
+            {
+                return Poll::Ready(Event::Delivery(src, d));
+            }
+        }
+        if self
+            .keep_alive_timer
+            .poll_expired(arms.keep_alive, cx)
+            .is_ready()
+        {
+            return Poll::Ready(Event::KeepAlive);
+        }
+        Poll::Pending
+    }
+
+    /// Kicked (taken over, closed by an administrator, moved): what the client sent
+    /// before comes first, a DISCONNECT or a close already in the socket ends the session
+    /// the way the client asked (expiry, will), not as a takeover.
+    async fn kicked(&mut self, code: u8) -> Option<End> {
+        if let Some(end) = self.handle_arrived().await {
+            return Some(end);
+        }
+        let why = match code {
+            ADMINISTRATIVE_ACTION => "closed by an administrator",
+            USE_ANOTHER_SERVER => "the session moved to another gateway",
+            _ => "session taken over",
+        };
+        Some(End::Server(code, why.into()))
+    }
+
+    /// Handle what a read brought.
+    async fn after_read(&mut self) -> Option<End> {
+        if let Err(end) = self.handle_input().await {
+            return Some(end);
+        }
+        self.input.settle();
+        // A client that publishes without pause still gets its deliveries: the read
+        // wins every turn of the loop.
+        self.deliver_burst();
+        None
     }
 
     /// Handle what the socket already holds, without waiting for more: `Some` when it
@@ -569,7 +712,11 @@ where
     }
 
     async fn save_record(&mut self) {
-        self.record.inbound_qos2 = self.inbound_qos2.iter().copied().collect();
+        self.record.inbound_qos2 = self
+            .publishing
+            .as_ref()
+            .map(|p| p.inbound_qos2.iter().copied().collect())
+            .unwrap_or_default();
         let mut b = mqgate_core::Records::new();
         b.put(
             NS_SESSION,

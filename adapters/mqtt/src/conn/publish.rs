@@ -20,12 +20,19 @@ impl<S> Conn<S>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    /// The publishing state, made at the first PUBLISH.
+    pub(super) fn publishing(&mut self) -> &mut super::Publishing {
+        let shared = &self.shared;
+        self.publishing
+            .get_or_insert_with(|| Box::new(super::Publishing::new(shared)))
+    }
+
     pub(super) fn on_publish(
         &mut self,
         mut p: Publish,
         batch: &mut Vec<(Outbound, u16, QoS)>,
     ) -> Result<(), End> {
-        self.published = true;
+        self.publishing();
         self.shared
             .stats
             .publishes_in
@@ -38,7 +45,7 @@ where
                 );
             }
             if p.topic.is_empty() {
-                match self.aliases_in.get(&alias) {
+                match self.publishing().aliases_in.get(&alias) {
                     Some(t) => p.topic = t.clone(),
                     None => {
                         return Err(
@@ -47,7 +54,7 @@ where
                     }
                 }
             } else {
-                self.aliases_in.insert(alias, p.topic.clone());
+                self.publishing().aliases_in.insert(alias, p.topic.clone());
             }
         }
         if p.topic.is_empty() {
@@ -57,8 +64,10 @@ where
             // 5.0 told the client its receive maximum, so what waits in the store
             // pipeline counts; a 3.1.1 client was told no limit (only what one read
             // brings is counted, as a bound on the batch).
-            let queued = if self.v5() { self.acks_pending } else { 0 };
-            let pending = self.inbound_qos2.len()
+            let v5 = self.v5();
+            let state = self.publishing();
+            let queued = if v5 { state.acks_pending } else { 0 };
+            let pending = state.inbound_qos2.len()
                 + queued
                 + batch.iter().filter(|b| b.2 != QoS::AtMostOnce).count();
             if pending >= usize::from(self.shared.cfg.receive_maximum) {
@@ -70,7 +79,7 @@ where
             return Err(self.protocol_error(reason::PAYLOAD_FORMAT_INVALID, "payload is not UTF-8"));
         }
         // A QoS 2 packet id already received and not released: a duplicate.
-        if p.qos == QoS::ExactlyOnce && self.inbound_qos2.contains(&p.pkid) {
+        if p.qos == QoS::ExactlyOnce && self.publishing().inbound_qos2.contains(&p.pkid) {
             self.ack(AckKind::PubRec, p.pkid, reason::SUCCESS);
             return Ok(());
         }
@@ -204,21 +213,26 @@ where
             items.push(o);
         }
         // Until `acknowledge` answers them.
-        self.acks_pending += acks.iter().filter(|a| a.1 != QoS::AtMostOnce).count();
+        self.publishing().acks_pending += acks.iter().filter(|a| a.1 != QoS::AtMostOnce).count();
         let own = session_topic(&self.client_id);
         let (matched, stored) = match self.shared.route_batch(items, Some(&own)).await {
             Ok(r) => r,
             Err(e) => return self.acknowledge((acks, Vec::new()), Err(e)).await,
         };
-        if stored.items.is_empty() && self.writes.is_empty() {
+        if stored.items.is_empty() && self.publishing().writes.is_empty() {
             // Nothing to store (QoS 0 handed over, or nothing matched): answered now.
             return self.acknowledge((acks, matched), Ok(Vec::new())).await;
         }
-        while self.writes.must_drain() {
-            let (t, r) = self.writes.next().await;
+        while self.publishing().writes.must_drain() {
+            let (t, r) = self.publishing().writes.next().await;
             self.acknowledge(t, r).await?;
         }
-        if let Err((t, e)) = self.writes.submit(stored, (acks, matched)).await {
+        let submitted = self
+            .publishing()
+            .writes
+            .submit(stored, (acks, matched))
+            .await;
+        if let Err((t, e)) = submitted {
             return self.acknowledge(t, Err(e)).await;
         }
         Ok(())
@@ -226,8 +240,8 @@ where
 
     /// Wait for every write in flight and acknowledge it.
     pub(super) async fn settle_writes(&mut self) -> Result<(), End> {
-        while !self.writes.is_empty() {
-            let (t, r) = self.writes.next().await;
+        while super::Publishing::writing(&self.publishing) {
+            let (t, r) = self.publishing().writes.next().await;
             self.acknowledge(t, r).await?;
         }
         Ok(())
@@ -241,7 +255,8 @@ where
         stored: mqgate_core::Result<Vec<Option<mqgate_core::Published>>>,
     ) -> Result<(), End> {
         let answered = acks.iter().filter(|a| a.1 != QoS::AtMostOnce).count();
-        self.acks_pending = self.acks_pending.saturating_sub(answered);
+        let state = self.publishing();
+        state.acks_pending = state.acks_pending.saturating_sub(answered);
         match stored {
             Ok(_) => {}
             Err(e) if self.v5() => {
@@ -289,7 +304,7 @@ where
                 QoS::AtMostOnce => {}
                 QoS::AtLeastOnce => self.ack(AckKind::PubAck, pkid, code),
                 QoS::ExactlyOnce => {
-                    self.inbound_qos2.insert(pkid);
+                    self.publishing().inbound_qos2.insert(pkid);
                     qos2_added = true;
                     self.ack(AckKind::PubRec, pkid, code)
                 }

@@ -88,7 +88,11 @@ where
                 codes.push(if v5 { reason::NOT_AUTHORIZED } else { 0x80 });
                 continue;
             }
-            let existed = self.sub_index.contains_key(&filter) || adding.contains(&filter);
+            let existed = self
+                .sub_index
+                .find(&self.record.subscriptions, &filter)
+                .is_some()
+                || adding.contains(&filter);
             if !existed
                 && max_subs > 0
                 && self.record.subscriptions.len() + adding.len() >= max_subs
@@ -181,26 +185,16 @@ where
 
     /// Add `sub` to the session, or replace the one with its filter.
     fn upsert_subscription(&mut self, sub: Subscription) {
-        match self.sub_index.get(&sub.filter) {
-            Some(&i) => self.record.subscriptions[i] = sub,
-            None => {
-                self.sub_index
-                    .insert(sub.filter.clone(), self.record.subscriptions.len());
-                self.record.subscriptions.push(sub);
-            }
+        match self.sub_index.find(&self.record.subscriptions, &sub.filter) {
+            Some(i) => self.record.subscriptions[i] = sub,
+            None => self.sub_index.push(&mut self.record.subscriptions, sub),
         }
     }
 
     /// Take the subscription with `filter` out of the session; whether it had one.
     fn remove_subscription(&mut self, filter: &str) -> bool {
-        let Some(i) = self.sub_index.remove(filter) else {
-            return false;
-        };
-        self.record.subscriptions.swap_remove(i);
-        if let Some(moved) = self.record.subscriptions.get(i) {
-            self.sub_index.insert(moved.filter.clone(), i);
-        }
-        true
+        self.sub_index
+            .remove(&mut self.record.subscriptions, filter)
     }
 
     fn binding(&self, filter: &str, destination: TopicName) -> Binding {
