@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use mqgate_conformance::mqtt::{Backend, Raw, RawEnd, Target};
 use mqgate_mqtt::codec::{
-    Ack, AckKind, Packet, Properties, Publish, QoS, SubOptions, Subscribe, Version,
+    reason, Ack, AckKind, Packet, Properties, Publish, QoS, SubOptions, Subscribe, Version,
 };
 use mqgate_mqtt::{MqttConfig, RetainedStats};
 
@@ -24,7 +24,8 @@ use mqgate_conformance::scenario;
 
 scenario!(
     retained_replaced_and_cleared,
-    publisher_held_above_watermark
+    publisher_held_above_watermark,
+    held_publisher_is_not_timed_out
 );
 
 mod retained_above_the_cache {
@@ -334,4 +335,45 @@ async fn publisher_held_above_watermark(b: Backend) {
     assert_eq!(p.recv(QUIET).await.err(), Some(RawEnd::Timeout));
     broker.set_publishers_blocked(false);
     expect_puback(&mut p, 3).await;
+}
+
+/// A publisher held above the watermark is not read, so its keep alive waits: it is not
+/// timed out however long it is held (the keep-alive sweep kicks it, and it finds itself
+/// held), and its clock starts again when it is let go.
+async fn held_publisher_is_not_timed_out(b: Backend) {
+    let Some(t) = Target::mqgate_only(b, MqttConfig::default()).await else {
+        return;
+    };
+    let broker = t.broker().expect("in process").clone();
+    let mut c = Raw::connect_packet(Version::V5, "ka-held", true);
+    c.keep_alive = 1; // timed out after 1.5 s without a packet
+    let (mut p, ack) = Raw::connect(&t, c).await;
+    assert_eq!(ack.code, 0, "CONNACK");
+    p.send(&publish(
+        "ka/a",
+        QoS::AtLeastOnce,
+        1,
+        false,
+        Bytes::from_static(b"one"),
+    ))
+    .await;
+    expect_puback(&mut p, 1).await;
+
+    broker.set_publishers_blocked(true);
+    // Three allowances without a packet, held: still connected.
+    assert_eq!(
+        p.recv(Duration::from_millis(4_500)).await.err(),
+        Some(RawEnd::Timeout),
+        "a held publisher was timed out"
+    );
+    broker.set_publishers_blocked(false);
+    p.send(&Packet::PingReq).await;
+    assert!(matches!(p.recv(WAIT).await, Ok(Packet::PingResp)));
+
+    // Let go and silent: timed out after its allowance.
+    let start = std::time::Instant::now();
+    let code = p.expect_close(Duration::from_secs(5)).await;
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(1_200), "closed after {took:?}");
+    assert_eq!(code, Some(reason::KEEP_ALIVE_TIMEOUT));
 }

@@ -11,6 +11,7 @@
 pub use mqgate_mqtt_codec as codec;
 mod config;
 mod conn;
+mod keepalive;
 mod qos0;
 mod server;
 pub mod session;

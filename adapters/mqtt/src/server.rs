@@ -39,9 +39,15 @@ pub(crate) struct Done(Arc<DoneState>);
 struct DoneState {
     set: std::sync::atomic::AtomicBool,
     notify: tokio::sync::Notify,
+    keep_alive: crate::keepalive::Clock,
 }
 
 impl Done {
+    /// The connection's keep-alive clock (what the sweep reads).
+    pub(crate) fn keep_alive(&self) -> &crate::keepalive::Clock {
+        &self.0.keep_alive
+    }
+
     /// Mark it done and wake whoever waits.
     pub(crate) fn set(&self) {
         self.0.set.store(true, Ordering::Release);
@@ -124,6 +130,8 @@ pub(crate) struct Shared {
     pub(crate) stats: MqttStats,
     /// Admission: pending handshakes and open connections (`max_connections`).
     pub(crate) gate: Arc<mqgate_core::net::ConnGate>,
+    /// When the server started: connections' keep-alive clocks count from it.
+    pub(crate) epoch: tokio::time::Instant,
 }
 
 /// The MQTT adapter: owns its state; [`MqttServer::listen`] serves a TCP listener,
@@ -215,7 +223,9 @@ impl MqttServer {
             shutdown,
             stats: MqttStats::default(),
             gate,
+            epoch: tokio::time::Instant::now(),
         });
+        crate::keepalive::spawn_sweep(&shared);
         if shared.broker.clustered() {
             // A shard attached here brings its sessions: the core manages their expiry
             // here from now on (see `SessionKind`).
@@ -377,6 +387,11 @@ impl MqttStats {
 }
 
 impl Shared {
+    /// `t` in ms since the server started (the keep-alive clocks' unit).
+    pub(crate) fn millis(&self, t: tokio::time::Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
     pub(crate) fn now(&self) -> Millis {
         self.broker.now()
     }

@@ -19,7 +19,6 @@
 //!   given back.
 
 use bytes::{Buf, BytesMut};
-use std::future::Future;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -43,45 +42,6 @@ pub async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
-    }
-}
-
-/// A connection's own deadline timer (a keep-alive deadline), boxed and made only once
-/// there is a deadline. Set to a deadline, it is moved on only when it fires and the
-/// deadline has moved since: a busy connection does not take a timer in and out of the
-/// runtime's wheel on every read, as a `sleep_until` made per `select!` does.
-#[derive(Debug, Default)]
-pub struct Timer(Option<Pin<Box<tokio::time::Sleep>>>);
-
-/// Resolves when `deadline` passes (never when it is `None`), timed by `timer`: a
-/// `select!` arm that holds no timer of its own.
-pub fn expired(
-    timer: &mut Timer,
-    deadline: Option<Instant>,
-) -> impl std::future::Future<Output = ()> + '_ {
-    std::future::poll_fn(move |cx| timer.poll_expired(deadline, cx))
-}
-
-impl Timer {
-    /// [`expired`] as a poll.
-    pub fn poll_expired(&mut self, deadline: Option<Instant>, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(deadline) = deadline else {
-            return Poll::Pending;
-        };
-        let sleep = self
-            .0
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if sleep.deadline() > deadline {
-            sleep.as_mut().reset(deadline);
-        }
-        loop {
-            ready!(sleep.as_mut().poll(cx));
-            if sleep.deadline() >= deadline {
-                return Poll::Ready(());
-            }
-            // Fired at a deadline reads have moved on since: wait for the current one.
-            sleep.as_mut().reset(deadline);
-        }
     }
 }
 

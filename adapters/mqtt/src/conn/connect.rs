@@ -491,9 +491,11 @@ where
         problem_info: c.properties.request_problem_info != Some(0),
         retained_todo: std::collections::VecDeque::new(),
         check_reads: false,
-        keep_alive_timer: mqgate_core::sockio::Timer::default(),
     };
     conn.check_reads = shared.acl.may_deny(conn.subject(), Access::Subscribe);
+    conn.done
+        .keep_alive()
+        .start(conn.keep_alive, shared.millis(conn.input.last));
     if !conn.record.inbound_qos2.is_empty() {
         let ids = conn.record.inbound_qos2.iter().copied().collect();
         conn.publishing().inbound_qos2 = ids;

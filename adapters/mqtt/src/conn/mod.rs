@@ -143,9 +143,6 @@ struct Conn<S> {
     /// Whether the access rules can deny this client a message: each delivery's topic
     /// is checked then (no cost per message otherwise).
     check_reads: bool,
-    /// The keep-alive deadline's timer (moved on only when it fires: reads do not
-    /// re-arm it).
-    keep_alive_timer: mqgate_core::sockio::Timer,
 }
 
 /// What woke a connection's loop ([`Conn::poll_event`]).
@@ -170,18 +167,15 @@ enum Event {
     Direct(Option<Arc<mqgate_store::Message>>),
     /// A delivery of one of the session's consumers.
     Delivery(DeliverySource, Delivery),
-    /// The keep-alive deadline passed.
-    KeepAlive,
 }
 
-/// Which of the loop's sources are looked at this turn, and the keep-alive deadline.
+/// Which of the loop's sources are looked at this turn.
 struct Arms {
     write: bool,
     read: bool,
     retained: bool,
     direct: bool,
     deliveries: bool,
-    keep_alive: Option<Instant>,
 }
 
 /// A step of the loop that awaits, boxed (`Some`: the connection ends).
@@ -454,9 +448,6 @@ where
                 retained: retained_first && may_deliver && window_open,
                 direct: may_deliver && !retained_first,
                 deliveries: may_deliver && window_open && !retained_first,
-                keep_alive: (!held)
-                    .then(|| self.keep_alive.map(|k| self.input.last + k))
-                    .flatten(),
             };
             self.input.prepare();
             // What awaits runs boxed, after the event is let go: the task an idle
@@ -469,7 +460,14 @@ where
                         if code == reason::SERVER_SHUTTING_DOWN {
                             return End::Server(code, "server shutting down".into());
                         }
-                        Some(Box::pin(self.kicked(code)))
+                        if code == reason::KEEP_ALIVE_TIMEOUT {
+                            if self.keep_alive_overdue(held) {
+                                return End::Server(code, "keep alive timeout".into());
+                            }
+                            None
+                        } else {
+                            Some(Box::pin(self.kicked(code)))
+                        }
                     }
                     Event::Wrote(Ok(0) | Err(_)) | Event::Read(Ok(0) | Err(_)) => {
                         return End::Closed
@@ -482,7 +480,11 @@ where
                         None
                     }
                     Event::Memory => {
+                        // Its keep alive waited while it was held: it starts again.
                         self.input.last = Instant::now();
+                        self.done
+                            .keep_alive()
+                            .touch(self.shared.millis(self.input.last));
                         None
                     }
                     Event::Written(acks, stored) => {
@@ -496,6 +498,9 @@ where
                             .stats
                             .bytes_in
                             .fetch_add(n as u64, Ordering::Relaxed);
+                        self.done
+                            .keep_alive()
+                            .touch(self.shared.millis(self.input.last));
                         Some(Box::pin(self.after_read()))
                     }
                     Event::Retained => {
@@ -516,9 +521,6 @@ where
                         self.deliver(src, d);
                         self.deliver_burst();
                         None
-                    }
-                    Event::KeepAlive => {
-                        return End::Server(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout".into())
                     }
                 }
             };
@@ -564,14 +566,22 @@ where
                 return Poll::Ready(Event::Delivery(src, d));
             }
         }
-        if self
-            .keep_alive_timer
-            .poll_expired(arms.keep_alive, cx)
-            .is_ready()
-        {
-            return Poll::Ready(Event::KeepAlive);
-        }
         Poll::Pending
+    }
+
+    /// The keep-alive sweep kicked it: whether it has read nothing for its allowance
+    /// (by its own clock: a read may have raced the sweep). Not while it is held at the
+    /// memory watermark (it is not read then). If not, the sweep's clock is set right.
+    fn keep_alive_overdue(&mut self, held: bool) -> bool {
+        let now = Instant::now();
+        match self.keep_alive {
+            Some(k) if !held && now >= self.input.last + k => true,
+            _ => {
+                let from = if held { now } else { self.input.last };
+                self.done.keep_alive().touch(self.shared.millis(from));
+                false
+            }
+        }
     }
 
     /// Kicked (taken over, closed by an administrator, moved): what the client sent
