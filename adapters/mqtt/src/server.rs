@@ -79,7 +79,37 @@ pub(crate) struct ClientSlot {
     pub(crate) done: Done,
     /// What the admin API shows (boxed: the registry's table has room for more slots
     /// than clients, and an empty slot costs the entry's size).
-    pub(crate) info: Box<mqgate_core::ConnectionInfo>,
+    pub(crate) info: Box<ClientInfo>,
+}
+
+/// What the admin API shows of a connected client. Its [`mqgate_core::ConnectionInfo`]
+/// is made when asked: an idle connection holds no strings for it (the id is the
+/// table's key; the peer, the version and the time are plain values).
+#[derive(Debug)]
+pub(crate) struct ClientInfo {
+    pub(crate) peer: SocketAddr,
+    /// The gateway that spliced the client here, in a cluster.
+    pub(crate) via: Option<Box<str>>,
+    pub(crate) user: Option<Box<str>>,
+    pub(crate) version: crate::codec::Version,
+    pub(crate) connected_at: mqgate_store::Millis,
+}
+
+impl ClientInfo {
+    fn connection(&self, id: &str) -> mqgate_core::ConnectionInfo {
+        mqgate_core::ConnectionInfo {
+            id: id.to_owned(),
+            protocol: "mqtt",
+            peer: match &self.via {
+                Some(from) => format!("{from} (via {})", self.peer),
+                None => self.peer.to_string(),
+            },
+            user: self.user.as_deref().map(str::to_owned),
+            detail: format!("{:?}", self.version),
+            connected_at: self.connected_at,
+            client: Box::default(),
+        }
+    }
 }
 
 /// Counters, read by operators and benchmarks.
@@ -317,8 +347,8 @@ impl MqttServer {
             .shared
             .clients
             .lock()
-            .values()
-            .map(|s| (*s.info).clone())
+            .iter()
+            .map(|(id, s)| s.info.connection(id))
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v

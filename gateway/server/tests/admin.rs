@@ -176,6 +176,20 @@ async fn cli_and_api_show_and_change_the_broker() {
         protos.contains(&"amqp") && protos.contains(&"mqtt"),
         "{conns}"
     );
+    // The MQTT record: its client id, peer, protocol version and when it connected.
+    let mqtt = conns
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["protocol"] == "mqtt")
+        .unwrap();
+    assert_eq!(mqtt["id"], "cli-probe", "{mqtt}");
+    assert_eq!(mqtt["detail"], "V311", "{mqtt}");
+    assert!(
+        mqtt["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{mqtt}"
+    );
+    assert!(mqtt["connected_at"].as_u64().unwrap() > 0, "{mqtt}");
     cli(&["connections", "close", "mqtt", "cli-probe"]);
     tokio::time::timeout(Duration::from_secs(5), closed_rx.recv())
         .await

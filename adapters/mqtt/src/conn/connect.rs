@@ -1,7 +1,7 @@
 //! The CONNECT handshake: authentication, takeover of an existing connection, the
 //! session restored or created, and CONNACK.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -309,17 +309,12 @@ where
             conn: conn_id,
             kick: kick_tx,
             done: done.clone(),
-            info: Box::new(mqgate_core::ConnectionInfo {
-                id: client_id.clone(),
-                protocol: "mqtt",
-                peer: match &via {
-                    Some(from) => format!("{from} (via {peer})"),
-                    None => peer.to_string(),
-                },
-                user: c.username.clone(),
-                detail: format!("{:?}", c.version),
+            info: Box::new(crate::server::ClientInfo {
+                peer,
+                via: via.as_deref().map(Box::from),
+                user: c.username.as_deref().map(Box::from),
+                version: c.version,
                 connected_at: shared.now(),
-                client: Box::default(),
             }),
         },
     );
@@ -465,12 +460,9 @@ where
         record,
         sub_index: super::SubIndex::default(),
         session: Some(session_consumer),
-        shared_subs: HashMap::new(),
-        next_shared: 1,
         direct_rx,
         kick_rx,
         done,
-        will: c.will.map(Box::new),
         inflight: HashMap::new(),
         next_pkid: 1,
         send_quota,
@@ -479,20 +471,24 @@ where
             .maximum_packet_size
             .map_or(usize::MAX, |m| m as usize),
         client_alias_max: c.properties.topic_alias_maximum.unwrap_or(0),
-        producer_group: c
-            .properties
-            .user
-            .iter()
-            .find(|(k, _)| k == "x-producer-group")
-            .and_then(|(_, v)| mqgate_core::props::producer_group_name(v))
-            .map(String::into_boxed_str),
-        aliases_out: BTreeMap::new(),
+        rare: None,
         publishing: None,
         problem_info: c.properties.request_problem_info != Some(0),
-        retained_todo: std::collections::VecDeque::new(),
         check_reads: false,
     };
     conn.check_reads = shared.acl.may_deny(conn.subject(), Access::Subscribe);
+    let producer_group = c
+        .properties
+        .user
+        .iter()
+        .find(|(k, _)| k == "x-producer-group")
+        .and_then(|(_, v)| mqgate_core::props::producer_group_name(v));
+    if let Some(g) = producer_group {
+        conn.rare().producer_group = Some(g.into_boxed_str());
+    }
+    if let Some(will) = c.will {
+        conn.rare().will = Some(Box::new(will));
+    }
     conn.done
         .keep_alive()
         .start(conn.keep_alive, shared.millis(conn.input.last));

@@ -1,7 +1,6 @@
 //! Outbound deliveries: polling the consumers, retained messages of new subscriptions,
 //! packet ids, and the acknowledgements of outbound flows.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
 
@@ -10,7 +9,7 @@ use mqgate_core::{props, Consumer, Delivery};
 use mqgate_store::Message;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Conn, End, Inflight, SharedSub, Source, Stage, DELIVERY_BURST, OUT_HIGH_WATER};
+use super::{Conn, End, Inflight, Source, Stage, DELIVERY_BURST, OUT_HIGH_WATER};
 use crate::codec::{self, reason, Ack, AckKind, Packet, Properties, Publish, QoS};
 use crate::session::Subscription;
 use crate::topic;
@@ -22,7 +21,7 @@ where
     /// Deliver what is ready now (direct QoS 0 and the consumers), up to a burst each,
     /// within the client's window and the output high-water mark.
     pub(super) fn deliver_burst(&mut self) {
-        if !self.retained_todo.is_empty() {
+        if self.retained_pending() {
             // Retained messages of new subscriptions go first.
             return;
         }
@@ -39,7 +38,7 @@ where
             if self.inflight.len() >= self.send_quota || self.output.out.len() >= OUT_HIGH_WATER {
                 break;
             }
-            match try_deliveries(&mut self.session, &mut self.shared_subs) {
+            match try_deliveries(&mut self.session, self.rare.as_deref_mut()) {
                 Some((src, d)) => self.deliver(src, d),
                 None => break,
             }
@@ -52,16 +51,16 @@ where
     pub(super) async fn send_retained(&mut self) {
         let broker = self.shared.broker.clone();
         while self.output.out.len() < OUT_HIGH_WATER && self.inflight.len() < self.send_quota {
-            let Some(mut pending) = self.retained_todo.pop_front() else {
+            let Some(mut pending) = self.rare().retained_todo.pop_front() else {
                 // All sent: the queue's buffer goes too (an idle session keeps none).
-                self.retained_todo = std::collections::VecDeque::new();
+                self.rare().retained_todo = std::collections::VecDeque::new();
                 return;
             };
             let Some((topic, m)) = broker.retained_next(&mut pending.cursor).await else {
                 continue;
             };
             self.deliver_retained(&topic, &m, &pending.sub);
-            self.retained_todo.push_front(pending);
+            self.rare().retained_todo.push_front(pending);
         }
     }
 
@@ -141,7 +140,7 @@ where
                 }
             }
             Source::Shared(id, t) => {
-                if let Some(s) = self.shared_subs.get(&id) {
+                if let Some(s) = self.shared_sub(id) {
                     if failed {
                         s.consumer.nack(t, false);
                     } else {
@@ -185,7 +184,7 @@ where
                     }
                 }
                 DeliverySource::Shared(id) => {
-                    if let Some(s) = self.shared_subs.get(&id) {
+                    if let Some(s) = self.shared_sub(id) {
                         s.consumer.ack(d.ack_token());
                     }
                 }
@@ -205,7 +204,7 @@ where
                     }
                 }
             }
-            DeliverySource::Shared(id) => match self.shared_subs.get(&id) {
+            DeliverySource::Shared(id) => match self.shared_sub(id) {
                 Some(s) => (
                     s.options.qos,
                     s.options.retain_as_published,
@@ -381,12 +380,14 @@ where
             payload: m.body.clone(),
         };
         if self.v5() && self.client_alias_max > 0 {
-            if let Some(&a) = self.aliases_out.get(&publish.topic) {
+            let max = usize::from(self.client_alias_max);
+            let aliases = &mut self.rare().aliases_out;
+            if let Some(&a) = aliases.get(&publish.topic) {
                 publish.properties.topic_alias = Some(a);
                 publish.topic.clear();
-            } else if self.aliases_out.len() < usize::from(self.client_alias_max) {
-                let a = self.aliases_out.len() as u16 + 1;
-                self.aliases_out.insert(publish.topic.clone(), a);
+            } else if aliases.len() < max {
+                let a = aliases.len() as u16 + 1;
+                aliases.insert(publish.topic.clone(), a);
                 publish.properties.topic_alias = Some(a);
             }
         }
@@ -437,7 +438,7 @@ fn mqtt_topic(m: &Message) -> String {
 /// no future for it).
 pub(super) fn poll_deliveries(
     session: &mut Option<Consumer>,
-    shared: &mut HashMap<u32, SharedSub>,
+    rare: Option<&mut super::Rare>,
     cx: &mut std::task::Context<'_>,
 ) -> Poll<(DeliverySource, Delivery)> {
     if let Some(c) = session {
@@ -445,7 +446,7 @@ pub(super) fn poll_deliveries(
             return Poll::Ready((DeliverySource::Session, d));
         }
     }
-    for (id, s) in shared.iter_mut() {
+    for (id, s) in rare.into_iter().flat_map(|r| r.shared_subs.iter_mut()) {
         if let Poll::Ready(Some(d)) = s.consumer.poll_recv(cx) {
             return Poll::Ready((DeliverySource::Shared(*id), d));
         }
@@ -455,14 +456,14 @@ pub(super) fn poll_deliveries(
 
 fn try_deliveries(
     session: &mut Option<Consumer>,
-    shared: &mut HashMap<u32, SharedSub>,
+    rare: Option<&mut super::Rare>,
 ) -> Option<(DeliverySource, Delivery)> {
     if let Some(c) = session {
         if let Some(d) = c.try_recv() {
             return Some((DeliverySource::Session, d));
         }
     }
-    for (id, s) in shared.iter_mut() {
+    for (id, s) in rare.into_iter().flat_map(|r| r.shared_subs.iter_mut()) {
         if let Some(d) = s.consumer.try_recv() {
             return Some((DeliverySource::Shared(*id), d));
         }

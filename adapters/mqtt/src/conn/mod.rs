@@ -112,34 +112,27 @@ struct Conn<S> {
     /// The producer group of what it publishes: the CONNECT user property
     /// `x-producer-group` (5.0), else (`None`, nothing allocated) `mqtt`; a PUBLISH's
     /// own `x-producer-group` overrides it.
-    producer_group: Option<Box<str>>,
     conn_id: u64,
     keep_alive: Option<Duration>,
     record: SessionRecord,
     /// Filter → its place in `record.subscriptions`.
     sub_index: SubIndex,
     session: Option<Consumer>,
-    shared_subs: HashMap<u32, SharedSub>,
-    next_shared: u32,
     direct_rx: crate::qos0::Qos0Rx,
     kick_rx: mqgate_core::mailbox::Receiver<u8>,
     done: crate::server::Done,
-    /// Boxed: most connections have none, and the connection task holds this while idle.
-    will: Option<Box<Will>>,
     inflight: HashMap<u16, Inflight>,
     next_pkid: u16,
     send_quota: usize,
     client_max_packet: usize,
     client_alias_max: u16,
-    aliases_out: BTreeMap<String, u16>,
     /// What a connection that publishes holds (`None` until its first PUBLISH, or a
     /// resumed session's QoS 2 ids): boxed, so a connection that only subscribes, the
     /// usual idle one, does not carry it.
     publishing: Option<Box<Publishing>>,
     problem_info: bool,
-    /// Retained messages still to send for new subscriptions, sent as the output buffer
-    /// drains; the session's other deliveries wait behind them.
-    retained_todo: std::collections::VecDeque<RetainedTodo>,
+    /// What few connections use (`None` until one of them is needed).
+    rare: Option<Box<Rare>>,
     /// Whether the access rules can deny this client a message: each delivery's topic
     /// is checked then (no cost per message otherwise).
     check_reads: bool,
@@ -180,6 +173,26 @@ struct Arms {
 
 /// A step of the loop that awaits, boxed (`Some`: the connection ends).
 type Step<'a> = std::pin::Pin<Box<dyn Future<Output = Option<End>> + Send + 'a>>;
+
+/// What few connections use, boxed out of the connection's state (an idle subscriber,
+/// the usual connection, has none of it).
+#[derive(Default)]
+struct Rare {
+    /// The producer group of what it publishes: the CONNECT user property
+    /// `x-producer-group` (5.0), else `mqtt`; a PUBLISH's own `x-producer-group`
+    /// overrides it.
+    producer_group: Option<Box<str>>,
+    /// Its shared subscriptions, by a number of the connection's own.
+    shared_subs: HashMap<u32, SharedSub>,
+    next_shared: u32,
+    /// Boxed: the rest of this is much smaller.
+    will: Option<Box<Will>>,
+    /// Topic aliases given to the client (5.0).
+    aliases_out: BTreeMap<String, u16>,
+    /// Retained messages still to send for new subscriptions, sent as the output buffer
+    /// drains; the session's other deliveries wait behind them.
+    retained_todo: std::collections::VecDeque<RetainedTodo>,
+}
 
 /// A publishing connection's state.
 struct Publishing {
@@ -441,7 +454,7 @@ where
             let held = self.publishing.as_ref().is_some_and(|p| p.memory.blocked);
             let window_open = self.inflight.len() < self.send_quota;
             let may_deliver = self.output.may_deliver();
-            let retained_first = !self.retained_todo.is_empty();
+            let retained_first = self.retained_pending();
             let arms = Arms {
                 write: self.output.pending(),
                 read: self.output.may_read() && !held,
@@ -561,12 +574,29 @@ where
         }
         if arms.deliveries {
             if let Poll::Ready((src, d)) =
-                poll_deliveries(&mut self.session, &mut self.shared_subs, cx)
+                poll_deliveries(&mut self.session, self.rare.as_deref_mut(), cx)
             {
                 return Poll::Ready(Event::Delivery(src, d));
             }
         }
         Poll::Pending
+    }
+
+    /// What few connections use, made when first needed.
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// The shared subscription numbered `id`.
+    fn shared_sub(&self, id: u32) -> Option<&SharedSub> {
+        self.rare.as_ref()?.shared_subs.get(&id)
+    }
+
+    /// Retained messages of new subscriptions wait to be sent.
+    fn retained_pending(&self) -> bool {
+        self.rare
+            .as_ref()
+            .is_some_and(|r| !r.retained_todo.is_empty())
     }
 
     /// The keep-alive sweep kicked it: whether it has read nothing for its allowance
@@ -790,14 +820,17 @@ where
         // Leave the groups: what is unacknowledged goes back (to other members of a
         // shared subscription, or to this session's next connection).
         self.session = None;
-        self.shared_subs.clear();
+        if let Some(rare) = &mut self.rare {
+            rare.shared_subs.clear();
+        }
 
         // A session moving to another gateway did not fail: its client comes back.
         let publish_will = !matches!(
             end,
             End::Client { will: false } | End::Server(USE_ANOTHER_SERVER, _)
         );
-        if let Some(will) = self.will.take().filter(|_| publish_will) {
+        let will = self.rare.as_mut().and_then(|r| r.will.take());
+        if let Some(will) = will.filter(|_| publish_will) {
             let delay = will
                 .properties
                 .will_delay

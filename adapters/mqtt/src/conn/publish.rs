@@ -151,7 +151,12 @@ where
         // Copy the payload out of the read buffer, so the buffer is not kept alive.
         let mut m = Message::new(name, Bytes::copy_from_slice(&payload));
         m.born_timestamp = self.shared.now();
-        m.producer_group = self.producer_group.as_deref().unwrap_or("mqtt").to_owned();
+        m.producer_group = self
+            .rare
+            .as_ref()
+            .and_then(|r| r.producer_group.as_deref())
+            .unwrap_or("mqtt")
+            .to_owned();
         let p = &mut m.properties;
         const QOS_BYTES: [&[u8]; 3] = [&[0], &[1], &[2]];
         p.push((

@@ -178,8 +178,11 @@ where
             self.save_record().await;
         }
         // Sent by the main loop as the output buffer drains (`send_retained`).
-        self.retained_todo
-            .extend(retained_to_send.into_iter().map(super::RetainedTodo::new));
+        if !retained_to_send.is_empty() {
+            self.rare()
+                .retained_todo
+                .extend(retained_to_send.into_iter().map(super::RetainedTodo::new));
+        }
         Ok(())
     }
 
@@ -227,6 +230,7 @@ where
                 .await?;
             self.shared.hold_shared(topic, filter).await;
         } else if let Some(s) = self
+            .rare()
             .shared_subs
             .values_mut()
             .find(|s| s.filter == sub.filter)
@@ -297,9 +301,10 @@ where
                 MemberOptions::new(self.client_id.clone(), self.send_quota),
             )
             .await?;
-        let id = self.next_shared;
-        self.next_shared += 1;
-        self.shared_subs.insert(
+        let rare = self.rare();
+        rare.next_shared += 1;
+        let id = rare.next_shared;
+        rare.shared_subs.insert(
             id,
             SharedSub {
                 filter: sub.filter.clone(),
@@ -380,7 +385,7 @@ where
             match topic::parse_shared(&filter) {
                 Ok(Some((name, f))) => {
                     let (name, f) = (name.to_owned(), f.to_owned());
-                    self.shared_subs.retain(|_, s| s.filter != filter);
+                    self.rare().shared_subs.retain(|_, s| s.filter != filter);
                     self.shared.release_shared(&name, &f).await;
                 }
                 _ => unbind.push(self.binding(&filter, session.clone())),
