@@ -374,6 +374,9 @@ async fn held_publisher_is_not_timed_out(b: Backend) {
     let start = std::time::Instant::now();
     let code = p.expect_close(Duration::from_secs(5)).await;
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(1_200), "closed after {took:?}");
+    assert!(
+        took >= Duration::from_millis(1_200),
+        "closed after {took:?}"
+    );
     assert_eq!(code, Some(reason::KEEP_ALIVE_TIMEOUT));
 }
