@@ -52,8 +52,13 @@ where
         let broker = self.shared.broker.clone();
         while self.output.out.len() < OUT_HIGH_WATER && self.inflight.len() < self.send_quota {
             let Some(mut pending) = self.rare().retained_todo.pop_front() else {
-                // All sent: the queue's buffer goes too (an idle session keeps none).
+                // All sent: the queue goes too, and what holds it if nothing else is
+                // there (an idle session keeps none: a SUBSCRIBE queues a look-up for
+                // retained messages whether or not there are any).
                 self.rare().retained_todo = std::collections::VecDeque::new();
+                if self.rare.as_ref().is_some_and(|r| r.unused()) {
+                    self.rare = None;
+                }
                 return;
             };
             let Some((topic, m)) = broker.retained_next(&mut pending.cursor).await else {

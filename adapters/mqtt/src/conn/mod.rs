@@ -194,6 +194,18 @@ struct Rare {
     retained_todo: std::collections::VecDeque<RetainedTodo>,
 }
 
+impl Rare {
+    /// Nothing in it, and never a shared subscription (their numbers are not reused
+    /// while an acknowledgement may still name one).
+    fn unused(&self) -> bool {
+        self.producer_group.is_none()
+            && self.next_shared == 0
+            && self.will.is_none()
+            && self.aliases_out.is_empty()
+            && self.retained_todo.is_empty()
+    }
+}
+
 /// A publishing connection's state.
 struct Publishing {
     aliases_in: BTreeMap<u16, String>,
