@@ -36,13 +36,39 @@ pub const MIN_READ: usize = 2 * 1024;
 /// The largest room offered to one read.
 pub const MAX_READ: usize = 64 * 1024;
 
-/// Wait until `deadline` (a keep-alive or heartbeat deadline), or forever when there is
-/// none: a `select!` arm for the connection's own deadlines.
-pub async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
+/// A connection's own deadline timer (AMQP's heartbeats), boxed and made only once there
+/// is a deadline. Set to a deadline, it is moved on only when it fires and the deadline
+/// has moved since: a busy connection does not take a timer in and out of the runtime's
+/// wheel on every turn of its loop, as a `sleep_until` made per `select!` does.
+#[derive(Debug, Default)]
+pub struct Timer(Option<Pin<Box<tokio::time::Sleep>>>);
+
+/// Resolves when `deadline` passes (never when it is `None`), timed by `timer`: a
+/// `select!` arm that holds no timer of its own.
+pub fn expired(
+    timer: &mut Timer,
+    deadline: Option<Instant>,
+) -> impl std::future::Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| {
+        let Some(deadline) = deadline else {
+            return Poll::Pending;
+        };
+        let sleep = timer
+            .0
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() > deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        loop {
+            ready!(std::future::Future::poll(sleep.as_mut(), cx));
+            if sleep.deadline() >= deadline {
+                return Poll::Ready(());
+            }
+            // Fired at a deadline the connection has moved on since: wait for the
+            // current one.
+            sleep.as_mut().reset(deadline);
+        }
+    })
 }
 
 /// The reading half of a connection and what it read but has not handled.

@@ -388,6 +388,7 @@ where
             .broker
             .publish_pipeline(mqgate_core::config::PUBLISH_PIPELINE_DEPTH),
         next_consumer: 1,
+        hb_timer: mqgate_core::sockio::Timer::default(),
         server_named: 0,
     };
     Some((conn, admitted))

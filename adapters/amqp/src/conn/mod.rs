@@ -252,6 +252,8 @@ struct Conn<S> {
     /// (channel, sequence number, item): confirmed in order once durable.
     writes: mqgate_core::Pipeline<Vec<(u16, u64, usize)>>,
     next_consumer: u64,
+    /// The heartbeat timer (sending one, and the client's deadline).
+    hb_timer: mqgate_core::sockio::Timer,
     server_named: u64,
 }
 
@@ -295,6 +297,12 @@ where
             // A connection not read while blocked is not missing heartbeats (RabbitMQ
             // pauses its heartbeat monitor too).
             let hb_dead = hb.filter(|_| !held).map(|h| self.input.last + h * 2);
+            // One timer for both, moved on only when it fires (not made and dropped on
+            // every turn of the loop).
+            let hb_next = match (hb_send, hb_dead) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             tokio::select! {
                 biased;
                 _ = blocked.changed() => {
@@ -340,15 +348,18 @@ where
                     self.deliver(ch, cid, d);
                     self.deliver_burst();
                 }
-                _ = mqgate_core::sockio::sleep_until(hb_send) => {
-                    if self.output.out.is_empty() {
-                        frame::put_heartbeat(&mut self.output.out);
+                () = mqgate_core::sockio::expired(&mut self.hb_timer, hb_next) => {
+                    let now = Instant::now();
+                    if hb_dead.is_some_and(|d| now >= d) {
+                        tracing::info!(peer = %self.peer, user = %self.user, "AMQP: missed heartbeats from client; connection closed");
+                        return End::Closed;
                     }
-                    self.output.last = Instant::now();
-                }
-                _ = mqgate_core::sockio::sleep_until(hb_dead) => {
-                    tracing::info!(peer = %self.peer, user = %self.user, "AMQP: missed heartbeats from client; connection closed");
-                    return End::Closed;
+                    if hb_send.is_some_and(|d| now >= d) {
+                        if self.output.out.is_empty() {
+                            frame::put_heartbeat(&mut self.output.out);
+                        }
+                        self.output.last = now;
+                    }
                 }
             }
         }
