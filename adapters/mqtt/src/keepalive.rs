@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
 use crate::codec::reason;
 use crate::server::Shared;
@@ -59,26 +59,21 @@ impl Clock {
     }
 }
 
-/// Start the sweep; it ends with the server (shutdown, or the last reference gone).
+/// Start the sweep (its timer is the core's, `net::sweep_every`); it ends with the
+/// server (shutdown, or the last reference gone).
 pub(crate) fn spawn_sweep(shared: &Arc<Shared>) {
     let weak: Weak<Shared> = Arc::downgrade(shared);
-    let mut stop = shared.shutdown.subscribe();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(SWEEP);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.changed() => return,
-                _ = tick.tick() => {}
-            }
-            let Some(shared) = weak.upgrade() else { return };
-            let now = shared.millis(Instant::now());
-            for slot in shared.clients.lock().values() {
-                if slot.done.keep_alive().overdue(now) {
-                    let _ = slot.kick.send(reason::KEEP_ALIVE_TIMEOUT);
-                }
+    mqgate_core::net::sweep_every(SWEEP, shared.shutdown.subscribe(), move || {
+        let Some(shared) = weak.upgrade() else {
+            return false;
+        };
+        let now = shared.millis(Instant::now());
+        for slot in shared.clients.lock().values() {
+            if slot.done.keep_alive().overdue(now) {
+                let _ = slot.kick.send(reason::KEEP_ALIVE_TIMEOUT);
             }
         }
+        true
     });
 }
 

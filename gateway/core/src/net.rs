@@ -12,6 +12,8 @@
 //!   handshakes take milliseconds. Only past its handshake does a connection count
 //!   against the connection limit, taken with one atomic `fetch_add` (undone on
 //!   refusal), so the limit holds exactly under any race.
+//! - **Sweeps** ([`sweep_every`]): the timer of a periodic look over an adapter's
+//!   connections (MQTT's keep alive), so that adapters run no timers of their own.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -160,6 +162,32 @@ impl LogLimiter {
         self.held.fetch_add(1, Ordering::Relaxed);
         None
     }
+}
+
+/// Call `sweep` every `period` until `stop` turns true or `sweep` returns false (its
+/// owner is gone): the timer of a sweep over an adapter's connections, one task for all
+/// of them instead of a timer per connection. A late tick is not made up for.
+pub fn sweep_every<F>(
+    period: Duration,
+    mut stop: watch::Receiver<bool>,
+    mut sweep: F,
+) -> JoinHandle<()>
+where
+    F: FnMut() -> bool + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                r = stop.changed() => if r.is_err() || *stop.borrow() { return },
+                _ = tick.tick() => {}
+            }
+            if !sweep() {
+                return;
+            }
+        }
+    })
 }
 
 static BUDGET_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
