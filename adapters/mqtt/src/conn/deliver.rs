@@ -83,11 +83,7 @@ where
                 };
                 self.ack(AckKind::PubComp, a.pkid, code);
                 if known && self.persistent() {
-                    self.record.inbound_qos2 = self
-                        .publishing
-                        .as_ref()
-                        .map(|p| p.inbound_qos2.iter().copied().collect())
-                        .unwrap_or_default();
+                    self.record_inbound_qos2();
                 }
             }
             AckKind::PubAck | AckKind::PubRec => {

@@ -109,9 +109,6 @@ struct Conn<S> {
     version: Version,
     client_id: String,
     user: Option<String>,
-    /// The producer group of what it publishes: the CONNECT user property
-    /// `x-producer-group` (5.0), else (`None`, nothing allocated) `mqtt`; a PUBLISH's
-    /// own `x-producer-group` overrides it.
     conn_id: u64,
     keep_alive: Option<Duration>,
     record: SessionRecord,
@@ -507,9 +504,7 @@ where
                     Event::Memory => {
                         // Its keep alive waited while it was held: it starts again.
                         self.input.last = Instant::now();
-                        self.done
-                            .keep_alive()
-                            .touch(self.shared.millis(self.input.last));
+                        self.keep_alive_from(self.input.last);
                         None
                     }
                     Event::Written(acks, stored) => {
@@ -523,9 +518,7 @@ where
                             .stats
                             .bytes_in
                             .fetch_add(n as u64, Ordering::Relaxed);
-                        self.done
-                            .keep_alive()
-                            .touch(self.shared.millis(self.input.last));
+                        self.keep_alive_from(self.input.last);
                         Some(Box::pin(self.after_read()))
                     }
                     Event::Retained => {
@@ -620,10 +613,24 @@ where
             Some(k) if !held && now >= self.input.last + k => true,
             _ => {
                 let from = if held { now } else { self.input.last };
-                self.done.keep_alive().touch(self.shared.millis(from));
+                self.keep_alive_from(from);
                 false
             }
         }
+    }
+
+    /// Tell the keep-alive sweep that the connection's allowance runs from `at`.
+    fn keep_alive_from(&self, at: Instant) {
+        self.done.keep_alive().touch(self.shared.millis(at));
+    }
+
+    /// The session record's copy of the QoS 2 ids received and awaiting PUBREL.
+    fn record_inbound_qos2(&mut self) {
+        self.record.inbound_qos2 = self
+            .publishing
+            .as_ref()
+            .map(|p| p.inbound_qos2.iter().copied().collect())
+            .unwrap_or_default();
     }
 
     /// Kicked (taken over, closed by an administrator, moved): what the client sent
@@ -764,11 +771,7 @@ where
     }
 
     async fn save_record(&mut self) {
-        self.record.inbound_qos2 = self
-            .publishing
-            .as_ref()
-            .map(|p| p.inbound_qos2.iter().copied().collect())
-            .unwrap_or_default();
+        self.record_inbound_qos2();
         let mut b = mqgate_core::Records::new();
         b.put(
             NS_SESSION,
