@@ -219,8 +219,12 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(a) = args.admin {
         s.listeners.admin = Listener::from(a);
     }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = s.runtime.workers(cores);
+    tracing::info!(workers, cores, "runtime: worker threads");
     if args.check_config {
         println!("configuration is valid");
+        println!("runtime: workers = {workers} (cores: {cores})");
         println!("store: {} ({})", s.store.backend, s.store.path.display());
         for (name, addr) in s.listeners.all() {
             // An address, or "off".
@@ -229,6 +233,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
         .context("start the async runtime")?

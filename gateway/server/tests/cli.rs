@@ -109,6 +109,24 @@ fn environment_overrides_the_file_and_flags_override_both() {
     assert!(out.contains("store: memory"), "{out}");
 }
 
+/// The worker threads: one per core by default, `runtime.workers` when set.
+#[test]
+fn runtime_workers_default_to_one_per_core() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let (ok, out, err) = run(mqgate().args(["serve", "--check-config"]));
+    assert!(ok, "{err}");
+    let want = format!("runtime: workers = {cores} (cores: {cores})");
+    assert!(out.contains(&want), "{out}");
+    let (ok, out, err) = run(mqgate()
+        .env("MQGATE__RUNTIME__WORKERS", "3")
+        .args(["serve", "--check-config"]));
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("runtime: workers = 3 (cores: {cores})")),
+        "{out}"
+    );
+}
+
 #[test]
 fn the_shipped_example_checks() {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../mqgate.toml");

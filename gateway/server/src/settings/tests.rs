@@ -493,3 +493,16 @@ fn cluster_settings_are_checked() {
     let e = err("[cluster]\nshard = 4\n");
     assert!(e.contains("shard"), "{e}");
 }
+
+#[test]
+fn runtime_workers_one_per_core_unless_set() {
+    let auto = Settings::load_with(None, Some(config::Map::new()))
+        .unwrap()
+        .runtime;
+    assert_eq!(auto.workers(1), 1);
+    assert_eq!(auto.workers(2), 2);
+    assert_eq!(auto.workers(8), 8);
+    let set = from_toml("[runtime]\nworkers = 4\n").unwrap().runtime;
+    assert_eq!(set.workers(2), 4);
+    assert!(err("[runtime]\nthreads = 4\n").contains("threads"));
+}
