@@ -527,6 +527,7 @@ impl Store for MemoryStore {
             log_bytes: inner.log_bytes,
             timers: inner.timers.len() as u64,
             topics: inner.topics.len() as u64,
+            cold_reads: 0,
         }
     }
 

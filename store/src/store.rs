@@ -60,6 +60,9 @@ pub struct StoreStats {
     pub timers: u64,
     /// Topics.
     pub topics: u64,
+    /// Consumer reads that missed the store's memory (memtables, block cache) and read
+    /// its files, off the async workers (RocksDB; 0 elsewhere).
+    pub cold_reads: u64,
 }
 
 /// A period in which the store could not write (a full disk, no file handles left).

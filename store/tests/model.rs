@@ -649,6 +649,7 @@ impl Model {
             log_bytes: self.log.values().map(|(_, s, _)| u64::from(*s)).sum(),
             timers: self.timers.len() as u64,
             topics: self.topics.len() as u64,
+            cold_reads: 0,
         }
     }
 

@@ -21,6 +21,7 @@ impl Broker {
             total.log_bytes += st.log_bytes;
             total.timers += st.timers;
             total.topics += st.topics;
+            total.cold_reads += st.cold_reads;
         }
         if self.inner.sharded() {
             // The outbox topics are the broker's own.

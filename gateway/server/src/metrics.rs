@@ -47,6 +47,7 @@ pub(crate) const SERIES: &[(&str, &str, &str, &str)] = &[
     ("mqgate_store_topics", "gauge", "", "Topics in the store."),
     ("mqgate_store_append_seconds", "histogram", "seconds", "Time of one group-commit append to the store."),
     ("mqgate_store_fsync_seconds", "histogram", "seconds", "Time of one write-ahead-log sync."),
+    ("mqgate_store_cold_reads_total", "counter", "", "Consumer reads that had to read the store's files (not in its memtables or block cache), run off the async workers."),
     ("mqgate_store_degraded", "gauge", "", "1 while the store cannot write (a full disk, no file handles) and retries, 0 once it has recovered."),
     ("mqgate_store_errors_total", "counter", "", "Store writes and WAL syncs that failed."),
     ("mqgate_replication_records_total", "counter", "", "Records this node appended to the replicated log (store.backend = jetstream)."),
@@ -209,6 +210,7 @@ impl Collector {
         set_gauge("mqgate_store_messages", &[], st.messages as f64);
         set_gauge("mqgate_store_size_bytes", &[], st.log_bytes as f64);
         set_gauge("mqgate_store_topics", &[], st.topics as f64);
+        set_counter("mqgate_store_cold_reads_total", &[], st.cold_reads);
         let health = b.store_health();
         set_gauge(
             "mqgate_store_degraded",

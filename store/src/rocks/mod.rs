@@ -46,7 +46,7 @@ mod writer;
 
 use health::{recovery_loop, Health};
 use keys::{Header, CF_META};
-use read::TailCache;
+use read::{TailCache, Tier};
 use recovery::{open_db, recover};
 use writer::{periodic_fsync, sync_loop, Request, Writer};
 
@@ -267,6 +267,8 @@ struct Shared {
     sync_pending: AtomicUsize,
     /// With an external log: the last record written or replayed (0: none).
     log_position: AtomicU64,
+    /// Consumer reads that had to read a file, run on the blocking pool.
+    cold_reads: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -289,6 +291,23 @@ struct QueueState {
     min: AtomicU64,
     next: AtomicU64,
 }
+/// A read that has to go to the table files, on tokio's blocking pool: a slow disk then
+/// holds a blocking thread, not an async worker every other connection needs. Inline
+/// outside a runtime. Counted in `StoreStats::cold_reads`.
+async fn off_worker<T: Send + 'static>(
+    shared: &Shared,
+    read: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    shared.cold_reads.fetch_add(1, Ordering::Relaxed);
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => rt
+            .spawn_blocking(read)
+            .await
+            .map_err(|e| StoreError::Backend(format!("a read from disk did not finish: {e}")))?,
+        Err(_) => read(),
+    }
+}
+
 fn backend(e: rocksdb::Error) -> StoreError {
     StoreError::Backend(e.into_string())
 }
@@ -382,6 +401,7 @@ impl RocksStore {
             writing_since: AtomicU64::new(0),
             sync_pending: AtomicUsize::new(0),
             log_position: AtomicU64::new(0),
+            cold_reads: AtomicU64::new(0),
         };
         let log_seq = match &config.external_log {
             Some(log) => Some(replay_external_log(&shared, log.as_ref())?),
@@ -702,7 +722,15 @@ impl Store for RocksStore {
         from: QueueOffset,
         limits: ReadLimits,
     ) -> Result<Vec<QueueMessage>> {
-        self.read_queue(queue, from, limits)
+        if let Some(got) = self.shared.read_queue(queue, from, limits, Tier::Cached)? {
+            return Ok(got);
+        }
+        let (shared, queue) = (Arc::clone(&self.shared), queue.clone());
+        let got = off_worker(&self.shared, move || {
+            shared.read_queue(&queue, from, limits, Tier::Any)
+        })
+        .await?;
+        Ok(got.unwrap_or_default())
     }
 
     async fn offset_for_timestamp(
@@ -714,7 +742,14 @@ impl Store for RocksStore {
     }
 
     async fn message(&self, id: MessageId) -> Result<Option<Arc<StoredMessage>>> {
-        Ok(self.shared.messages(&[id.0])?.pop().flatten())
+        if let Some(mut got) = self.shared.messages_in(&[id.0], Tier::Cached)? {
+            return Ok(got.pop().flatten());
+        }
+        let shared = Arc::clone(&self.shared);
+        off_worker(&self.shared, move || {
+            Ok(shared.messages(&[id.0])?.pop().flatten())
+        })
+        .await
     }
 
     async fn messages_by_key(
@@ -801,6 +836,7 @@ impl Store for RocksStore {
             log_bytes: h.log_bytes,
             timers: h.timers,
             topics: self.shared.topics.read().len() as u64,
+            cold_reads: self.shared.cold_reads.load(Ordering::Relaxed),
         }
     }
 

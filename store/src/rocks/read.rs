@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rocksdb::{Direction, IteratorMode, ReadOptions};
+use rocksdb::{Direction, IteratorMode, ReadOptions, ReadTier};
 
 use super::keys::{
     be_u64, cq_key, decode_offset, decode_timer_key, key_index_prefix, kv_key, offsets_key,
@@ -21,6 +21,36 @@ use crate::types::{
     GroupName, MessageId, Millis, OffsetRange, QueueEntry, QueueId, QueueMessage, QueueOffset,
     QueueRef, ReadLimits, StoredMessage, TimerKey, TopicName,
 };
+
+/// Where a read may look. `Cached` never reads a file: the memtables and the block cache
+/// only, and RocksDB answers `Incomplete` where it would have had to. A consumer's read
+/// runs `Cached` on the async worker first and, only when that misses, `Any` on tokio's
+/// blocking pool (`RocksStore::read`), so a consumer replaying from a slow disk never
+/// holds a worker that every other connection needs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Tier {
+    Cached,
+    Any,
+}
+
+impl Tier {
+    fn options(self) -> ReadOptions {
+        let mut ro = ReadOptions::default();
+        if self == Tier::Cached {
+            ro.set_read_tier(ReadTier::BlockCache);
+        }
+        ro
+    }
+}
+
+/// `Ok(None)` where a `Cached` read would have had to read a file.
+fn cold<T>(tier: Tier, e: rocksdb::Error) -> Result<Option<T>> {
+    if tier == Tier::Cached && e.kind() == rocksdb::ErrorKind::Incomplete {
+        Ok(None)
+    } else {
+        Err(backend(e))
+    }
+}
 
 #[derive(Debug, Default)]
 pub(super) struct TailCache {
@@ -48,6 +78,18 @@ impl Shared {
 
     /// Messages by id, from the tail cache or the log, `None` where retention took them.
     pub(super) fn messages(&self, ids: &[u64]) -> Result<Vec<Option<Arc<StoredMessage>>>> {
+        Ok(self
+            .messages_in(ids, Tier::Any)?
+            .expect("a read of any tier is never cold"))
+    }
+
+    /// [`Shared::messages`], `Ok(None)` if `tier` is `Cached` and one had to be read
+    /// from a file.
+    pub(super) fn messages_in(
+        &self,
+        ids: &[u64],
+        tier: Tier,
+    ) -> Result<Option<Vec<Option<Arc<StoredMessage>>>>> {
         let mut out: Vec<Option<Arc<StoredMessage>>> = Vec::with_capacity(ids.len());
         let mut missing = Vec::new();
         {
@@ -61,7 +103,7 @@ impl Shared {
             }
         }
         if missing.is_empty() {
-            return Ok(out);
+            return Ok(Some(out));
         }
         let db = self.db()?;
         let log = db.cf(CF_LOG);
@@ -69,15 +111,70 @@ impl Shared {
             .iter()
             .map(|&i| (log, ids[i].to_be_bytes()))
             .collect();
-        for (&i, got) in missing.iter().zip(db.multi_get_cf(keys)) {
-            if let Some(v) = got.map_err(backend)? {
+        for (&i, got) in missing
+            .iter()
+            .zip(db.multi_get_cf_opt(keys, &tier.options()))
+        {
+            let got = match got {
+                Ok(got) => got,
+                Err(e) => return cold(tier, e),
+            };
+            if let Some(v) = got {
                 out[i] = Some(Arc::new(codec::decode_message(
                     MessageId(ids[i]),
                     Bytes::from(v),
                 )?));
             }
         }
-        Ok(out)
+        Ok(Some(out))
+    }
+
+    /// A consumer's read: up to `limits` from `from` (clamped to the queue's range),
+    /// `Ok(None)` if `tier` is `Cached` and a file had to be read.
+    pub(super) fn read_queue(
+        &self,
+        queue: &QueueRef,
+        from: QueueOffset,
+        limits: ReadLimits,
+        tier: Tier,
+    ) -> Result<Option<Vec<QueueMessage>>> {
+        let db = self.db()?;
+        let (uid, q) = self.queue_state(queue)?;
+        let next = q.next.load(Ordering::Acquire);
+        let start = from.0.max(q.min.load(Ordering::Acquire));
+        if start >= next || limits.max_count == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let qid = queue.queue.0;
+        let end = next.min(start.saturating_add(limits.max_count as u64));
+        let mut ro = tier.options();
+        ro.set_iterate_lower_bound(cq_key(uid, qid, start).to_vec());
+        ro.set_iterate_upper_bound(cq_key(uid, qid, end).to_vec());
+        let mut entries = Vec::with_capacity((end - start) as usize);
+        let mut bytes = 0usize;
+        for item in db.iterator_cf_opt(db.cf(CF_CQ), ro, IteratorMode::Start) {
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(e) => return cold(tier, e),
+            };
+            let e = codec::decode_entry(QueueOffset(be_u64(&k[12..])?), &v)?;
+            if !entries.is_empty() && bytes + e.size as usize > limits.max_bytes {
+                break;
+            }
+            bytes += e.size as usize;
+            entries.push(e);
+        }
+        let ids: Vec<u64> = entries.iter().map(|e| e.id.0).collect();
+        let Some(messages) = self.messages_in(&ids, tier)? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            entries
+                .into_iter()
+                .zip(messages)
+                .filter_map(|(entry, m)| m.map(|message| QueueMessage { entry, message }))
+                .collect(),
+        ))
     }
 }
 
@@ -128,44 +225,6 @@ impl RocksStore {
             min: QueueOffset(min),
             next: QueueOffset(next),
         })
-    }
-
-    pub(super) fn read_queue(
-        &self,
-        queue: &QueueRef,
-        from: QueueOffset,
-        limits: ReadLimits,
-    ) -> Result<Vec<QueueMessage>> {
-        let s = &self.shared;
-        let db = s.db()?;
-        let (uid, q) = s.queue_state(queue)?;
-        let next = q.next.load(Ordering::Acquire);
-        let start = from.0.max(q.min.load(Ordering::Acquire));
-        if start >= next || limits.max_count == 0 {
-            return Ok(Vec::new());
-        }
-        let qid = queue.queue.0;
-        let end = next.min(start.saturating_add(limits.max_count as u64));
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(cq_key(uid, qid, start).to_vec());
-        ro.set_iterate_upper_bound(cq_key(uid, qid, end).to_vec());
-        let mut entries = Vec::with_capacity((end - start) as usize);
-        let mut bytes = 0usize;
-        for item in db.iterator_cf_opt(db.cf(CF_CQ), ro, IteratorMode::Start) {
-            let (k, v) = item.map_err(backend)?;
-            let e = codec::decode_entry(QueueOffset(be_u64(&k[12..])?), &v)?;
-            if !entries.is_empty() && bytes + e.size as usize > limits.max_bytes {
-                break;
-            }
-            bytes += e.size as usize;
-            entries.push(e);
-        }
-        let ids: Vec<u64> = entries.iter().map(|e| e.id.0).collect();
-        Ok(entries
-            .into_iter()
-            .zip(s.messages(&ids)?)
-            .filter_map(|(entry, m)| m.map(|message| QueueMessage { entry, message }))
-            .collect())
     }
 
     pub(super) fn read_offset_for_timestamp(
