@@ -291,6 +291,7 @@ struct QueueState {
     min: AtomicU64,
     next: AtomicU64,
 }
+
 /// A read that has to go to the table files, on tokio's blocking pool: a slow disk then
 /// holds a blocking thread, not an async worker every other connection needs. Inline
 /// outside a runtime. Counted in `StoreStats::cold_reads`.
@@ -722,15 +723,23 @@ impl Store for RocksStore {
         from: QueueOffset,
         limits: ReadLimits,
     ) -> Result<Vec<QueueMessage>> {
-        if let Some(got) = self.shared.read_queue(queue, from, limits, Tier::Cached)? {
-            return Ok(got);
+        let shared = Arc::clone(&self.shared);
+        let Some(entries) = shared.queue_entries(queue, from, limits, Tier::Cached)? else {
+            let queue = queue.clone();
+            return off_worker(&self.shared, move || {
+                shared.read_queue(&queue, from, limits)
+            })
+            .await;
+        };
+        let ids: Vec<u64> = entries.iter().map(|e| e.id.0).collect();
+        if let Some(messages) = shared.messages_in(&ids, Tier::Cached)? {
+            return Ok(read::joined(entries, messages));
         }
-        let (shared, queue) = (Arc::clone(&self.shared), queue.clone());
-        let got = off_worker(&self.shared, move || {
-            shared.read_queue(&queue, from, limits, Tier::Any)
+        // The entries were in memory, some records are not: only those are read again.
+        off_worker(&self.shared, move || {
+            Ok(read::joined(entries, shared.messages(&ids)?))
         })
-        .await?;
-        Ok(got.unwrap_or_default())
+        .await
     }
 
     async fn offset_for_timestamp(

@@ -24,9 +24,10 @@ use crate::types::{
 
 /// Where a read may look. `Cached` never reads a file: the memtables and the block cache
 /// only, and RocksDB answers `Incomplete` where it would have had to. A consumer's read
-/// runs `Cached` on the async worker first and, only when that misses, `Any` on tokio's
-/// blocking pool (`RocksStore::read`), so a consumer replaying from a slow disk never
-/// holds a worker that every other connection needs.
+/// runs `Cached` on the async worker first and, only for the part that misses (the queue
+/// entries and their messages, or just the messages), `Any` on tokio's blocking pool
+/// (`RocksStore::read`), so a consumer replaying from a slow disk never holds a worker
+/// that every other connection needs.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Tier {
     Cached,
@@ -129,15 +130,29 @@ impl Shared {
         Ok(Some(out))
     }
 
-    /// A consumer's read: up to `limits` from `from` (clamped to the queue's range),
-    /// `Ok(None)` if `tier` is `Cached` and a file had to be read.
+    /// A consumer's read, whole (any tier): the entries, then their messages.
     pub(super) fn read_queue(
         &self,
         queue: &QueueRef,
         from: QueueOffset,
         limits: ReadLimits,
+    ) -> Result<Vec<QueueMessage>> {
+        let entries = self
+            .queue_entries(queue, from, limits, Tier::Any)?
+            .expect("a read of any tier is never cold");
+        let ids: Vec<u64> = entries.iter().map(|e| e.id.0).collect();
+        Ok(joined(entries, self.messages(&ids)?))
+    }
+
+    /// The queue entries of a consumer's read: up to `limits` from `from` (clamped to
+    /// the queue's range), `Ok(None)` if `tier` is `Cached` and a file had to be read.
+    pub(super) fn queue_entries(
+        &self,
+        queue: &QueueRef,
+        from: QueueOffset,
+        limits: ReadLimits,
         tier: Tier,
-    ) -> Result<Option<Vec<QueueMessage>>> {
+    ) -> Result<Option<Vec<QueueEntry>>> {
         let db = self.db()?;
         let (uid, q) = self.queue_state(queue)?;
         let next = q.next.load(Ordering::Acquire);
@@ -164,18 +179,20 @@ impl Shared {
             bytes += e.size as usize;
             entries.push(e);
         }
-        let ids: Vec<u64> = entries.iter().map(|e| e.id.0).collect();
-        let Some(messages) = self.messages_in(&ids, tier)? else {
-            return Ok(None);
-        };
-        Ok(Some(
-            entries
-                .into_iter()
-                .zip(messages)
-                .filter_map(|(entry, m)| m.map(|message| QueueMessage { entry, message }))
-                .collect(),
-        ))
+        Ok(Some(entries))
     }
+}
+
+/// Entries with their messages, in order, leaving out those retention took.
+pub(super) fn joined(
+    entries: Vec<QueueEntry>,
+    messages: Vec<Option<Arc<StoredMessage>>>,
+) -> Vec<QueueMessage> {
+    entries
+        .into_iter()
+        .zip(messages)
+        .filter_map(|(entry, m)| m.map(|message| QueueMessage { entry, message }))
+        .collect()
 }
 
 impl RocksStore {
