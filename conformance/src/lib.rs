@@ -2,10 +2,11 @@
 pub mod amqp;
 pub mod cluster;
 pub mod mqtt;
+pub mod watchdog;
 
 /// One test module per scenario, running it once on each backend: `scenario!(a, b)` makes
 /// `a::memory`, `a::rocks`, `b::memory`, `b::rocks`, each calling `a(Backend)` on a
-/// two-thread runtime.
+/// two-thread runtime, bounded by [`watchdog::LIMIT`].
 #[macro_export]
 macro_rules! scenario {
     ($($name:ident),* $(,)?) => {
@@ -49,9 +50,20 @@ macro_rules! scenario_module {
     ($name:ident [$($variant:ident = $backend:ident),*]) => {
         mod $name {
             $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $variant() {
-                    super::$name($crate::mqtt::Backend::$backend).await
+                #[test]
+                fn $variant() {
+                    // Declared first, dropped last: the runtime's shutdown is watched too.
+                    let _watch = $crate::watchdog::watch(concat!(
+                        module_path!(),
+                        "::",
+                        stringify!($variant)
+                    ));
+                    tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .enable_all()
+                        .build()
+                        .expect("a test runtime")
+                        .block_on(super::$name($crate::mqtt::Backend::$backend))
                 }
             )*
         }

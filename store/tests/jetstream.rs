@@ -288,6 +288,58 @@ async fn writes_wait_for_a_quorum_and_resume() {
     assert_eq!(got, (0..=20).map(|i| i.to_string()).collect::<Vec<_>>());
 }
 
+/// A store let go on its runtime's only worker while a write waits for NATS (every
+/// server paused) closes within seconds: its writer thread gives the write up,
+/// unconfirmed, instead of waiting for an answer that only the worker joining it could
+/// bring in. (It waited in `Handle::block_on`: a conformance run hung for an hour on a
+/// store dropped as its test's runtime shut down.)
+#[test]
+fn a_store_closed_on_the_only_worker_while_a_write_waits_closes() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cluster = NatsCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&cluster, "node-a", dir.path(), Duration::from_secs(10));
+    let a = rt.block_on(async {
+        let (a, _r) = open_node(cfg).await;
+        a.create_topic(&topic("t"), 1).await.unwrap();
+        a.append(msg("t", "0"), vec![q("t", 0)]).await.unwrap();
+        a
+    });
+    for i in 0..3 {
+        cluster.pause(i, true);
+    }
+    let pending = {
+        let a = a.clone();
+        rt.spawn(async move { a.append(msg("t", "1"), vec![q("t", 0)]).await })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !pending.is_finished(),
+        "a write was confirmed without a quorum"
+    );
+    pending.abort();
+    let _ = rt.block_on(pending);
+    assert_eq!(Arc::strong_count(&a), 1);
+    // The last handle, let go on the worker: the store's drop joins its writer there.
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        drop(a);
+        let _ = tx.send(());
+    });
+    if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        // The worker is stuck for good: dropping the runtime would wait for it.
+        std::mem::forget(rt);
+        panic!("the store did not close within 30 s of its last handle going");
+    }
+    for i in 0..3 {
+        cluster.pause(i, false);
+    }
+}
+
 /// Retention on the replicated log: after the store deletes old messages, the records
 /// that held only them (and state since rewritten) are purged from the stream, their
 /// live state copied forward first; a node that starts with an empty view rebuilds

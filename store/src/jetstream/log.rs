@@ -2,6 +2,7 @@
 //! read of the stream that views apply ([`Tail`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -150,6 +151,9 @@ impl Apply for ApplyFn<'_> {
     }
 }
 
+/// How long a store thread still waits for NATS's answer once the store is closing.
+const CLOSING_GRACE: Duration = Duration::from_secs(2);
+
 /// The log on JetStream, as [`RocksStore`]'s writer sees it.
 #[derive(Debug)]
 pub(super) struct JsLog {
@@ -187,6 +191,48 @@ impl JsLog {
         }
     }
 
+    /// Run `fut` on the runtime and wait here, on a store thread (never a runtime
+    /// worker), for its output. Not `Handle::block_on`: only the runtime's workers
+    /// drive its sockets and timers, and the thread that closes the store may be one of
+    /// them, joining this thread (the last handle on the store let go on a worker, a
+    /// runtime with one worker, or one being dropped): the answer would never come, and
+    /// neither thread would end. So once the store is closing, an answer that has not
+    /// come within [`CLOSING_GRACE`] is given up on ([`StoreError::Closed`]; whatever
+    /// it was for is not confirmed, and the next owner reads the stream as it is), and
+    /// a runtime that has stopped (the task dropped unrun) ends the wait at once.
+    fn wait<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let task = self.rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        let mut closing_since: Option<std::time::Instant> = None;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(v) => return Ok(v),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(StoreError::Backend(
+                        "the async runtime stopped while the log was being written".into(),
+                    ))
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.closing.load(Ordering::Acquire)
+                        && closing_since
+                            .get_or_insert_with(std::time::Instant::now)
+                            .elapsed()
+                            >= CLOSING_GRACE
+                    {
+                        task.abort();
+                        tracing::warn!(node = %self.node, "replication: closing without NATS's answer to a write in progress (not confirmed; the next owner reads the stream as it is)");
+                        return Err(StoreError::Closed);
+                    }
+                }
+            }
+        }
+    }
+
     fn check(&self) -> Result<()> {
         if self.lost.load(Ordering::Acquire) {
             return Err(StoreError::Backend(
@@ -209,10 +255,8 @@ impl JsLog {
         loop {
             self.check()?;
             let msg = self.message(seq, payload.clone(), headers);
-            let r = self.rt.block_on(async {
-                let ack = self.js.send_publish(self.subject.clone(), msg).await?;
-                ack.await
-            });
+            let (js, subject) = (self.js.clone(), self.subject.clone());
+            let r = self.wait(async move { js.send_publish(subject, msg).await?.await })?;
             match r {
                 Ok(ack) if ack.sequence == seq => {
                     if let Some(since) = unavailable_since {
@@ -268,11 +312,18 @@ impl JsLog {
     /// trip to the quorum instead of one per part. Returns how many, from the first,
     /// are stored; the rest go through [`JsLog::publish`] one by one.
     fn publish_parts(&self, base: u64, parts: &[(Bytes, Vec<(&str, String)>)]) -> usize {
-        self.rt.block_on(async {
-            let mut acks = Vec::with_capacity(parts.len());
-            for (i, (payload, headers)) in parts.iter().enumerate() {
-                let msg = self.message(base + 1 + i as u64, payload.clone(), headers);
-                match self.js.send_publish(self.subject.clone(), msg).await {
+        let msgs: Vec<PublishMessage> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, (payload, headers))| {
+                self.message(base + 1 + i as u64, payload.clone(), headers)
+            })
+            .collect();
+        let (js, subject) = (self.js.clone(), self.subject.clone());
+        self.wait(async move {
+            let mut acks = Vec::with_capacity(msgs.len());
+            for msg in msgs {
+                match js.send_publish(subject.clone(), msg).await {
                     Ok(ack) => acks.push(ack),
                     Err(_) => break,
                 }
@@ -286,6 +337,7 @@ impl JsLog {
             }
             stored
         })
+        .unwrap_or(0)
     }
 
     /// Whether the stream's record `seq` is the one with message id `id`.
@@ -293,7 +345,8 @@ impl JsLog {
         let mut backoff = Duration::from_millis(20);
         for _ in 0..50 {
             self.check()?;
-            match self.rt.block_on(self.stream.get_raw_message(seq)) {
+            let stream = self.stream.clone();
+            match self.wait(async move { stream.get_raw_message(seq).await })? {
                 Ok(m) => {
                     return Ok(m.headers.get(HDR_MSG_ID).is_some_and(|v| v.as_str() == id));
                 }
@@ -447,11 +500,9 @@ impl ExternalLog for JsLog {
 
     fn purge_below(&self, seq: u64) -> Result<()> {
         self.check()?;
+        let stream = self.stream.clone();
         let purged = self
-            .rt
-            .block_on(std::future::IntoFuture::into_future(
-                self.stream.purge().sequence(seq),
-            ))
+            .wait(async move { stream.purge().sequence(seq).await })?
             .map_err(|e| nats("purge the log below the retention checkpoint", e))?;
         tracing::info!(
             below = seq,

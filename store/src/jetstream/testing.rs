@@ -224,6 +224,20 @@ impl NatsCluster {
         }
     }
 
+    /// Stop server `i` with SIGSTOP (paused: its sockets stay open, nothing answers),
+    /// or let it go on with SIGCONT.
+    pub fn pause(&self, i: usize, paused: bool) {
+        if let Some(c) = &self.nodes[i].child {
+            let sig = if paused { "-STOP" } else { "-CONT" };
+            let ok = Command::new("kill")
+                .arg(sig)
+                .arg(c.id().to_string())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill {sig} nats-server {}", self.nodes[i].name);
+        }
+    }
+
     /// Start server `i` again (after [`kill`](Self::kill)), with its data, and wait
     /// until it is healthy.
     pub fn restart(&mut self, i: usize) {
