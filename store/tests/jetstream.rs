@@ -291,8 +291,8 @@ async fn writes_wait_for_a_quorum_and_resume() {
 /// A store let go on its runtime's only worker while a write waits for NATS (every
 /// server paused) closes within seconds: its writer thread gives the write up,
 /// unconfirmed, instead of waiting for an answer that only the worker joining it could
-/// bring in. (It waited in `Handle::block_on`: a conformance run hung for an hour on a
-/// store dropped as its test's runtime shut down.)
+/// bring in. (Its wait in `Handle::block_on` ended only with the answer: a conformance
+/// run hung for an hour on a store dropped as its test's runtime shut down.)
 #[test]
 fn a_store_closed_on_the_only_worker_while_a_write_waits_closes() {
     let rt = tokio::runtime::Builder::new_multi_thread()

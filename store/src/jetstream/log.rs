@@ -2,7 +2,6 @@
 //! read of the stream that views apply ([`Tail`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -151,9 +150,6 @@ impl Apply for ApplyFn<'_> {
     }
 }
 
-/// How long a store thread still waits for NATS's answer once the store is closing.
-const CLOSING_GRACE: Duration = Duration::from_secs(2);
-
 /// The log on JetStream, as [`RocksStore`]'s writer sees it.
 #[derive(Debug)]
 pub(super) struct JsLog {
@@ -169,6 +165,8 @@ pub(super) struct JsLog {
     pub(super) part_bytes: usize,
     pub(super) role: Arc<watch::Sender<Role>>,
     pub(super) closing: AtomicBool,
+    /// Notified when the store closes: wakes a store thread waiting for NATS.
+    pub(super) closed: tokio::sync::Notify,
     pub(super) lost: AtomicBool,
     /// `last`, readable without waiting for an append in progress.
     pub(super) tip: AtomicU64,
@@ -191,46 +189,33 @@ impl JsLog {
         }
     }
 
-    /// Run `fut` on the runtime and wait here, on a store thread (never a runtime
-    /// worker), for its output. Not `Handle::block_on`: only the runtime's workers
-    /// drive its sockets and timers, and the thread that closes the store may be one of
-    /// them, joining this thread (the last handle on the store let go on a worker, a
-    /// runtime with one worker, or one being dropped): the answer would never come, and
-    /// neither thread would end. So once the store is closing, an answer that has not
-    /// come within [`CLOSING_GRACE`] is given up on ([`StoreError::Closed`]; whatever
-    /// it was for is not confirmed, and the next owner reads the stream as it is), and
-    /// a runtime that has stopped (the task dropped unrun) ends the wait at once.
-    fn wait<T: Send + 'static>(
-        &self,
-        fut: impl std::future::Future<Output = T> + Send + 'static,
-    ) -> Result<T> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let task = self.rt.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        let mut closing_since: Option<std::time::Instant> = None;
-        loop {
-            match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(v) => return Ok(v),
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(StoreError::Backend(
-                        "the async runtime stopped while the log was being written".into(),
-                    ))
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    if self.closing.load(Ordering::Acquire)
-                        && closing_since
-                            .get_or_insert_with(std::time::Instant::now)
-                            .elapsed()
-                            >= CLOSING_GRACE
-                    {
-                        task.abort();
-                        tracing::warn!(node = %self.node, "replication: closing without NATS's answer to a write in progress (not confirmed; the next owner reads the stream as it is)");
-                        return Err(StoreError::Closed);
-                    }
+    /// Run `fut` to its end here, on a store thread (never a runtime worker), or until
+    /// the store closes. Only the runtime's workers drive its sockets and timers, and
+    /// the thread that closes the store may be one of them, joining this thread (the
+    /// last handle on the store let go on a worker: a runtime with one worker, or one
+    /// being dropped): an answer awaited without end would then never come, and
+    /// neither thread would end. So closing the store ([`ExternalLog::close`]) wakes
+    /// this wait directly (a waker unparks this thread, no worker needed) and it gives
+    /// the answer up: [`StoreError::Closed`]. Nobody waits for that write any more
+    /// (the store's last handle is gone); it is not confirmed, and the next owner reads
+    /// the stream as it is.
+    fn wait<F: std::future::Future>(&self, fut: F) -> Result<F::Output> {
+        self.rt.block_on(async {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.closing.load(Ordering::Acquire) {
+                return Err(StoreError::Closed);
+            }
+            tokio::select! {
+                biased;
+                v = fut => Ok(v),
+                () = closed => {
+                    tracing::warn!(node = %self.node, "replication: closing without NATS's answer to a write in progress (not confirmed; the next owner reads the stream as it is)");
+                    Err(StoreError::Closed)
                 }
             }
-        }
+        })
     }
 
     fn check(&self) -> Result<()> {
@@ -255,8 +240,10 @@ impl JsLog {
         loop {
             self.check()?;
             let msg = self.message(seq, payload.clone(), headers);
-            let (js, subject) = (self.js.clone(), self.subject.clone());
-            let r = self.wait(async move { js.send_publish(subject, msg).await?.await })?;
+            let r = self.wait(async {
+                let ack = self.js.send_publish(self.subject.clone(), msg).await?;
+                ack.await
+            })?;
             match r {
                 Ok(ack) if ack.sequence == seq => {
                     if let Some(since) = unavailable_since {
@@ -319,11 +306,10 @@ impl JsLog {
                 self.message(base + 1 + i as u64, payload.clone(), headers)
             })
             .collect();
-        let (js, subject) = (self.js.clone(), self.subject.clone());
-        self.wait(async move {
+        self.wait(async {
             let mut acks = Vec::with_capacity(msgs.len());
             for msg in msgs {
-                match js.send_publish(subject.clone(), msg).await {
+                match self.js.send_publish(self.subject.clone(), msg).await {
                     Ok(ack) => acks.push(ack),
                     Err(_) => break,
                 }
@@ -345,8 +331,7 @@ impl JsLog {
         let mut backoff = Duration::from_millis(20);
         for _ in 0..50 {
             self.check()?;
-            let stream = self.stream.clone();
-            match self.wait(async move { stream.get_raw_message(seq).await })? {
+            match self.wait(self.stream.get_raw_message(seq))? {
                 Ok(m) => {
                     return Ok(m.headers.get(HDR_MSG_ID).is_some_and(|v| v.as_str() == id));
                 }
@@ -500,9 +485,10 @@ impl ExternalLog for JsLog {
 
     fn purge_below(&self, seq: u64) -> Result<()> {
         self.check()?;
-        let stream = self.stream.clone();
         let purged = self
-            .wait(async move { stream.purge().sequence(seq).await })?
+            .wait(std::future::IntoFuture::into_future(
+                self.stream.purge().sequence(seq),
+            ))?
             .map_err(|e| nats("purge the log below the retention checkpoint", e))?;
         tracing::info!(
             below = seq,
@@ -518,5 +504,6 @@ impl ExternalLog for JsLog {
 
     fn close(&self) {
         self.closing.store(true, Ordering::Release);
+        self.closed.notify_waiters();
     }
 }

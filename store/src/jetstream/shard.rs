@@ -372,6 +372,7 @@ impl ShardReplica {
                 .max(32 << 10),
             role: Arc::clone(&self.role),
             closing: AtomicBool::new(false),
+            closed: tokio::sync::Notify::new(),
             lost: AtomicBool::new(false),
             tip: AtomicU64::new(0),
         });
