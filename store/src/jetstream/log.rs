@@ -299,16 +299,10 @@ impl JsLog {
     /// trip to the quorum instead of one per part. Returns how many, from the first,
     /// are stored; the rest go through [`JsLog::publish`] one by one.
     fn publish_parts(&self, base: u64, parts: &[(Bytes, Vec<(&str, String)>)]) -> usize {
-        let msgs: Vec<PublishMessage> = parts
-            .iter()
-            .enumerate()
-            .map(|(i, (payload, headers))| {
-                self.message(base + 1 + i as u64, payload.clone(), headers)
-            })
-            .collect();
         self.wait(async {
-            let mut acks = Vec::with_capacity(msgs.len());
-            for msg in msgs {
+            let mut acks = Vec::with_capacity(parts.len());
+            for (i, (payload, headers)) in parts.iter().enumerate() {
+                let msg = self.message(base + 1 + i as u64, payload.clone(), headers);
                 match self.js.send_publish(self.subject.clone(), msg).await {
                     Ok(ack) => acks.push(ack),
                     Err(_) => break,
