@@ -41,6 +41,8 @@ for name in order:
             notes.append(f"delivered at {v['kept_up']} of the publisher's confirmed rate")
         if broker == "sink":
             notes.append("publish only (ceiling)")
+        if f(v, "steal_ms") >= 10:
+            notes.append(f"the host stole {fmt(f(v, 'steal_ms'))} ms of CPU from this VM")
         print(
             f"| {name} | {broker} | {fmt(f(v, 'rate'))} | {fmt(f(v, 'p50_us'))} | {fmt(f(v, 'p99_us'))} "
             f"| {fmt(f(v, 'p999_us'))} | {fmt(f(v, 'cpu_us'), 1)} | {v.get('lost', '-')} | {v.get('dup', '-')} | {'; '.join(notes)} |"

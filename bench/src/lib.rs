@@ -116,6 +116,20 @@ pub struct Round {
     /// The consumers' delivery rate over the publisher's confirmed rate (1.0: no
     /// backlog was left when the publisher finished), where the scenario measures it.
     pub kept_up: Option<f64>,
+    /// Time the machine's virtual CPUs were ready to run but the host ran something
+    /// else (`steal` in /proc/stat) during the round, ms, summed over CPUs; 0 on a
+    /// machine of its own. A VM throttled by its host stalls every thread at once,
+    /// which shows in the latency tail and in no process's CPU time.
+    pub steal_ms: Option<f64>,
+}
+
+/// The machine's stolen CPU time so far (`steal` of /proc/stat's `cpu` line).
+pub fn machine_steal() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    // user nice system idle iowait irq softirq steal, in USER_HZ (100 on Linux).
+    let ticks: u64 = line.split_whitespace().nth(8)?.parse().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 impl Round {
@@ -136,20 +150,31 @@ impl Round {
             lost,
             dup,
             kept_up: None,
+            steal_ms: None,
         }
+    }
+
+    /// Note the machine's stolen CPU time since `since` (a [`machine_steal`] reading
+    /// taken as the round began).
+    pub fn steal_since(mut self, since: Option<Duration>) -> Self {
+        self.steal_ms = machine_steal()
+            .zip(since)
+            .map(|(now, then)| now.saturating_sub(then).as_secs_f64() * 1e3);
+        self
     }
 
     /// Print it as round `n`; `unit` names what is counted (`msg`, `delivery`).
     pub fn print(&self, n: usize, unit: &str) {
         println!(
-            "round {n}: {:.0} {unit}/s, p50 {:?}, p99 {:?}, p99.9 {:?}, broker CPU {} µs/{unit}, lost {}, dup {}",
+            "round {n}: {:.0} {unit}/s, p50 {:?}, p99 {:?}, p99.9 {:?}, broker CPU {} µs/{unit}, lost {}, dup {}, stolen {} ms",
             self.rate,
             self.p50,
             self.p99,
             self.p999,
             self.cpu_us.map(|c| format!("{c:.1}")).unwrap_or("-".into()),
             self.lost,
-            self.dup
+            self.dup,
+            self.steal_ms.map(|s| format!("{s:.0}")).unwrap_or("-".into()),
         );
     }
 }
@@ -179,9 +204,15 @@ pub fn print_medians(rounds: &[Round], unit: &str) {
     } else {
         format!(" kept_up={:.2}", median(&mut kept))
     };
+    let mut stolen: Vec<f64> = rounds.iter().filter_map(|r| r.steal_ms).collect();
+    let steal = if stolen.is_empty() {
+        String::new()
+    } else {
+        format!(" steal_ms={:.0}", median(&mut stolen))
+    };
     // For scripts (bench/compare.sh): one line, key=value.
     println!(
-        "RESULT rate={rate:.0} p50_us={p50:.0} p99_us={p99:.0} p999_us={p999:.0} cpu_us={cpu:.2} lost={lost} dup={dup}{kept_up}"
+        "RESULT rate={rate:.0} p50_us={p50:.0} p99_us={p99:.0} p999_us={p999:.0} cpu_us={cpu:.2} lost={lost} dup={dup}{kept_up}{steal}"
     );
 }
 

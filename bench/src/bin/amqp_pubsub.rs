@@ -207,6 +207,7 @@ async fn round(a: &Args, n: usize) -> Round {
     }
     let total = a.messages;
     let cpu0 = a.broker_pid.and_then(process_cpu);
+    let steal0 = mqgate_bench::machine_steal();
     let start = Instant::now();
     let receivers: Vec<_> = consumers
         .into_iter()
@@ -312,7 +313,8 @@ async fn round(a: &Args, n: usize) -> Round {
         cpu,
         expected - got,
         dup,
-    );
+    )
+    .steal_since(steal0);
     round.kept_up = kept_up;
     round
 }

@@ -113,6 +113,7 @@ async fn round(a: &Args, n: usize) -> Round {
         }
     }
     let cpu0 = a.broker_pid.and_then(process_cpu);
+    let steal0 = mqgate_bench::machine_steal();
     let start = Instant::now();
     let mut publishers = Vec::new();
     for p in 0..a.pairs {
@@ -201,6 +202,7 @@ async fn round(a: &Args, n: usize) -> Round {
         expected.saturating_sub(got),
         dup,
     )
+    .steal_since(steal0)
 }
 
 #[tokio::main]
