@@ -929,7 +929,15 @@ fn check_messages(
 
 /// Cheap checks after every op: counters, topics, every queue's range.
 fn check_shape(s: &dyn Store, m: &Model) -> Result<(), TestCaseError> {
-    prop_assert_eq!(s.stats(), m.stats(), "stats");
+    // `cold_reads` counts reads RocksDB could not answer from memory, which is not
+    // state the model has: after a `Reopen` the data is in table files not yet in the
+    // block cache, and whether a read goes there depends on what was read before
+    // (store/tests/cold_reads.rs checks the counter itself).
+    let got = StoreStats {
+        cold_reads: 0,
+        ..s.stats()
+    };
+    prop_assert_eq!(got, m.stats(), "stats");
     prop_assert_eq!(s.topics(), m.topics(), "topics()");
     for name in TOPICS {
         let want = m.topics.get(name).map(|qs| TopicConfig {
