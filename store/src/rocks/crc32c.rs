@@ -112,15 +112,138 @@ fn extend_table(crc: u32, data: &[u8]) -> u32 {
     !c
 }
 
-/// The hardware path: SSE4.2's `crc32`, 8 bytes at a time. Three independent streams
-/// would hide the instruction's latency further; one already took RocksDB's checksums
-/// from 17 % to 2.5 % of the broker's CPU on 4 KiB messages (bench/RESULTS.md).
+/// Operators that append `n` zero bytes to a raw (not inverted) CRC-32C state, one
+/// table per byte of the state: `shift(t, crc)` is the state after `n` zeros. They let
+/// three streams be computed at once and joined (Mark Adler's method, as in
+/// `crc32c_hw` of his crc32c.c and in RocksDB's `crc32c_3way`): the CRC of A ‖ B is
+/// the state after A shifted over |B| zero bytes, xor the raw CRC of B alone.
+#[cfg(target_arch = "x86_64")]
+static SHIFT_SHORT: [[u32; 256]; 4] = zeros_tables(SHORT);
+#[cfg(target_arch = "x86_64")]
+static SHIFT_LONG: [[u32; 256]; 4] = zeros_tables(LONG);
+
+/// Lengths of the three streams (powers of two: see [`zeros_op`]).
+#[cfg(target_arch = "x86_64")]
+const SHORT: usize = 256;
+#[cfg(target_arch = "x86_64")]
+const LONG: usize = 8192;
+
+#[cfg(target_arch = "x86_64")]
+/// A 32×32 matrix over GF(2) (column `i` is the image of bit `i`) times `vec`.
+const fn gf2_times(mat: &[u32; 32], mut vec: u32) -> u32 {
+    let mut sum = 0;
+    let mut i = 0;
+    while vec != 0 {
+        if vec & 1 != 0 {
+            sum ^= mat[i];
+        }
+        vec >>= 1;
+        i += 1;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+const fn gf2_square(mat: &[u32; 32]) -> [u32; 32] {
+    let mut sq = [0u32; 32];
+    let mut n = 0;
+    while n < 32 {
+        sq[n] = gf2_times(mat, mat[n]);
+        n += 1;
+    }
+    sq
+}
+
+#[cfg(target_arch = "x86_64")]
+/// The operator that appends `len` zero bytes (`len` a power of two, at least 1).
+const fn zeros_op(len: usize) -> [u32; 32] {
+    // One zero bit.
+    let mut one = [0u32; 32];
+    one[0] = POLY;
+    let mut row = 1u32;
+    let mut n = 1;
+    while n < 32 {
+        one[n] = row;
+        row <<= 1;
+        n += 1;
+    }
+    // Squared three times: one zero byte; then once per doubling of the length.
+    let mut op = gf2_square(&gf2_square(&gf2_square(&one)));
+    let mut l = len;
+    while l > 1 {
+        op = gf2_square(&op);
+        l >>= 1;
+    }
+    op
+}
+
+#[cfg(target_arch = "x86_64")]
+const fn zeros_tables(len: usize) -> [[u32; 256]; 4] {
+    let op = zeros_op(len);
+    let mut t = [[0u32; 256]; 4];
+    let mut n = 0;
+    while n < 256 {
+        let v = n as u32;
+        t[0][n] = gf2_times(&op, v);
+        t[1][n] = gf2_times(&op, v << 8);
+        t[2][n] = gf2_times(&op, v << 16);
+        t[3][n] = gf2_times(&op, v << 24);
+        n += 1;
+    }
+    t
+}
+
+/// The raw state `crc` followed by the table's number of zero bytes.
+#[cfg(target_arch = "x86_64")]
+fn shift(t: &[[u32; 256]; 4], crc: u32) -> u32 {
+    t[0][(crc & 0xff) as usize]
+        ^ t[1][((crc >> 8) & 0xff) as usize]
+        ^ t[2][((crc >> 16) & 0xff) as usize]
+        ^ t[3][(crc >> 24) as usize]
+}
+
+/// The hardware path: SSE4.2's `crc32`, 8 bytes at a time, in three independent
+/// streams over blocks of 3 × 8 KiB and then 3 × 256 bytes (the instruction takes
+/// three cycles but starts one every cycle, so one stream leaves two thirds of it
+/// idle), joined with [`shift`]; what is left, one stream. One stream already took
+/// RocksDB's checksums from 17 % to 2.5-3 % of the broker's CPU on 4 KiB messages
+/// (bench/RESULTS.md); three take a third of that.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse4.2")]
 unsafe fn extend_sse42(crc: u32, data: &[u8]) -> u32 {
     use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
+    /// The little-endian word at `p + at`.
+    ///
+    /// # Safety
+    /// `p + at .. p + at + 8` is readable.
+    #[inline(always)]
+    unsafe fn word(p: *const u8, at: usize) -> u64 {
+        // SAFETY: the caller's.
+        u64::from_le(unsafe { p.add(at).cast::<u64>().read_unaligned() })
+    }
     let mut c = u64::from(!crc);
-    let mut chunks = data.chunks_exact(8);
+    let mut rest = data;
+    for (len, table) in [(LONG, &SHIFT_LONG), (SHORT, &SHIFT_SHORT)] {
+        while rest.len() >= 3 * len {
+            let (block, tail) = rest.split_at(3 * len);
+            let (mut c1, mut c2) = (0u64, 0u64);
+            let p = block.as_ptr();
+            let mut at = 0;
+            while at < len {
+                // SAFETY: `at + 8 <= len` and `block` is `3 * len` bytes.
+                unsafe {
+                    c = _mm_crc32_u64(c, word(p, at));
+                    c1 = _mm_crc32_u64(c1, word(p, len + at));
+                    c2 = _mm_crc32_u64(c2, word(p, 2 * len + at));
+                }
+                at += 8;
+            }
+            let joined = shift(table, c as u32) ^ c1 as u32;
+            c = u64::from(shift(table, joined) ^ c2 as u32);
+            rest = tail;
+        }
+    }
+    let mut chunks = rest.chunks_exact(8);
     for b in &mut chunks {
         c = _mm_crc32_u64(c, u64::from_le_bytes(b.try_into().expect("8 bytes")));
     }
@@ -195,6 +318,50 @@ mod tests {
         }
     }
 
+    /// The three-stream path (blocks of 3 × 256 bytes and 3 × 8 KiB, joined by the
+    /// shift tables) against the one-byte-at-a-time definition's table form, across
+    /// every block boundary and over WAL records of up to 32 KiB and more.
+    #[test]
+    fn three_streams_join_right_at_every_block_boundary() {
+        let data: Vec<u8> = (0..80_000u32)
+            .map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8)
+            .collect();
+        let mut lens: Vec<usize> = vec![0, 1, 8, 255, 256, 257];
+        for k in 1..4 {
+            for base in [3 * 256 * k, 3 * 8192 * k] {
+                lens.extend([base - 9, base - 1, base, base + 1, base + 7, base + 8]);
+            }
+        }
+        lens.extend([4096, 4096 + 40, 32_768, 65_536, 69_999]);
+        for start in [0, 1, 3, 8] {
+            for &len in &lens {
+                let s = &data[start..start + len];
+                for seed in [0u32, 0x1234_5678] {
+                    assert_eq!(
+                        extend(seed, s),
+                        extend_table(seed, s),
+                        "start {start} len {len}"
+                    );
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hardware_and_table_agree(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..20_000),
+            seed in proptest::num::u32::ANY,
+            cut in 0usize..20_000,
+        ) {
+            let cut = cut.min(data.len());
+            let (a, b) = data.split_at(cut);
+            let whole = extend_table(seed, &data);
+            proptest::prop_assert_eq!(extend(seed, &data), whole);
+            proptest::prop_assert_eq!(extend(extend(seed, a), b), whole);
+        }
+    }
+
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     #[test]
     fn same_as_rocksdb_for_every_length_and_alignment() {
@@ -202,7 +369,7 @@ mod tests {
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
         for start in 0..9 {
-            for len in (0..300).chain([1000, 4096, 4097, 4990]) {
+            for len in (0..300).chain([767, 768, 769, 1000, 1536, 4096, 4097, 4990]) {
                 let Some(s) = data.get(start..start + len) else {
                     continue;
                 };

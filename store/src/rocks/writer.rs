@@ -275,7 +275,11 @@ impl Writer {
         let now = now_millis().max(self.last_ts);
         self.last_ts = now;
         let topics = s.topics.read();
-        let mut wb = rocksdb::WriteBatch::default();
+        // Sized once: grown by doubling, RocksDB's batch (a std::string) copied
+        // everything already in it again, 2 % of the broker's CPU on 4 KiB messages.
+        let mut wb = rocksdb::WriteBatch::with_capacity_bytes(
+            BATCH_REP_HEADER + group.iter().map(|(b, _, _)| rep_bytes(b)).sum::<usize>(),
+        );
         let mut pending = Pending {
             header: s.header(),
             ..Pending::default()
@@ -832,6 +836,40 @@ impl Writer {
         self.write_raw(db, wb)?;
         log.purge_below(keep)
     }
+}
+
+/// RocksDB's batch header (sequence and count) and the store header's own record.
+const BATCH_REP_HEADER: usize = 12 + 64;
+
+/// About what `stage` puts into RocksDB's batch for `b` (each record: a type byte, the
+/// column family's id, the key's and the value's lengths as varints, then both), never
+/// less for appends, which are what a batch is mostly made of.
+fn rep_bytes(b: &WriteBatch) -> usize {
+    const RECORD: usize = 1 + 5 + 5 + 5;
+    b.ops
+        .iter()
+        .map(|op| match op {
+            WriteOp::Append { message, queues } => {
+                let topic = message.topic.as_str().len();
+                RECORD
+                    + 8
+                    + codec::encoded_len(message)
+                    + message
+                        .keys
+                        .iter()
+                        .map(|k| RECORD + topic + k.len() + 2 + 8)
+                        .sum::<usize>()
+                    + queues.len() * (RECORD + 20 + codec::ENTRY_LEN)
+            }
+            WriteOp::KvPut {
+                namespace,
+                key,
+                value,
+            } => RECORD + namespace.len() + key.len() + 2 + value.len(),
+            WriteOp::TimerPut { payload, .. } => RECORD + 16 + payload.len(),
+            _ => 2 * RECORD + 128,
+        })
+        .sum()
 }
 
 fn batch_size(b: &WriteBatch) -> usize {
