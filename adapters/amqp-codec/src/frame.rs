@@ -284,24 +284,45 @@ pub fn put_content(
     body: &[u8],
     frame_max: u32,
 ) {
+    out.reserve(12 + raw_properties.len() + body.len() + 2 * FRAME_OVERHEAD);
+    put_content_header(out, channel, raw_properties, body.len());
+    for piece in body.chunks(body_chunk(frame_max)) {
+        put_body_frame_start(out, channel, piece.len());
+        out.put_slice(piece);
+        out.put_u8(FRAME_END);
+    }
+}
+
+/// The content header frame of a body of `body_len` bytes (the body frames follow:
+/// [`put_body_frame_start`], the piece, [`FRAME_END`]).
+pub fn put_content_header(
+    out: &mut BytesMut,
+    channel: u16,
+    raw_properties: &[u8],
+    body_len: usize,
+) {
     let payload = 12 + raw_properties.len();
-    out.reserve(payload + body.len() + 2 * FRAME_OVERHEAD);
+    out.reserve(payload + FRAME_OVERHEAD);
     out.put_u8(FRAME_HEADER);
     out.put_u16(channel);
     out.put_u32(payload as u32);
     out.put_u16(CLASS_BASIC);
     out.put_u16(0);
-    out.put_u64(body.len() as u64);
+    out.put_u64(body_len as u64);
     out.put_slice(raw_properties);
     out.put_u8(FRAME_END);
-    let chunk = (frame_max.max(FRAME_MIN_SIZE) as usize) - FRAME_OVERHEAD;
-    for piece in body.chunks(chunk) {
-        out.put_u8(FRAME_BODY);
-        out.put_u16(channel);
-        out.put_u32(piece.len() as u32);
-        out.put_slice(piece);
-        out.put_u8(FRAME_END);
-    }
+}
+
+/// The most body bytes one frame carries under `frame_max`.
+pub fn body_chunk(frame_max: u32) -> usize {
+    (frame_max.max(FRAME_MIN_SIZE) as usize) - FRAME_OVERHEAD
+}
+
+/// A body frame's header, for a piece of `len` bytes (at most [`body_chunk`]).
+pub fn put_body_frame_start(out: &mut BytesMut, channel: u16, len: usize) {
+    out.put_u8(FRAME_BODY);
+    out.put_u16(channel);
+    out.put_u32(len as u32);
 }
 
 fn put_short(out: &mut BytesMut, s: &[u8]) {

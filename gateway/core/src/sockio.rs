@@ -17,8 +17,16 @@
 //!   [`OUT_HIGH_WATER`]; reading stops past [`OUT_HARD_LIMIT`] (a client that floods
 //!   without reading is pushed back by TCP). A drained output buffer a burst made big is
 //!   given back.
+//! - **Shared bodies.** A large body goes out as the `Bytes` it is stored in
+//!   ([`Output::put_shared`]): what was encoded before it is frozen off the buffer, and
+//!   both wait in order ahead of it; one vectored write (`writev`) sends them all. A
+//!   4 KiB body is then never copied in user space on its way out (it was 2-3 % of the
+//!   broker's CPU on 4 KiB AMQP deliveries). Small ones are still copied: a copy of a
+//!   few hundred bytes costs less than another slice to write.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -31,6 +39,8 @@ pub const OUT_HIGH_WATER: usize = 256 * 1024;
 pub const OUT_HARD_LIMIT: usize = 4 * 1024 * 1024;
 /// Deliveries taken per wake-up before the loop looks at its socket again.
 pub const DELIVERY_BURST: usize = 256;
+/// Slices handed to one vectored write at most.
+const MAX_IOV: usize = 64;
 /// The smallest room offered to one read.
 pub const MIN_READ: usize = 2 * 1024;
 /// The largest room offered to one read.
@@ -155,35 +165,76 @@ impl<R: AsyncRead + Unpin> Input<R> {
 pub struct Output<W> {
     /// The socket's write half.
     pub wr: W,
-    /// Encoded, not yet written.
+    /// Encoded, not yet written; after everything in `shared`.
     pub out: BytesMut,
     /// When something was last written.
     pub last: Instant,
+    /// Output written before `out`: shared bodies and what was encoded before each.
+    /// Made by the first [`Output::put_shared`] (MQTT connections never make it).
+    shared: Option<Box<Shared>>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    parts: VecDeque<Bytes>,
+    bytes: usize,
 }
 
 impl<W: AsyncWrite + Unpin> Output<W> {
     /// An empty output.
     pub fn new(wr: W) -> Self {
+        Self::with_buffer(wr, BytesMut::new())
+    }
+
+    /// An output that goes on from `out` (its unsent bytes, its room).
+    pub fn with_buffer(wr: W, out: BytesMut) -> Self {
         Self {
             wr,
-            out: BytesMut::new(),
+            out,
             last: Instant::now(),
+            shared: None,
         }
+    }
+
+    /// Unsent bytes.
+    pub fn len(&self) -> usize {
+        self.shared.as_ref().map_or(0, |s| s.bytes) + self.out.len()
+    }
+
+    /// Whether everything has been written.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Whether there is something to write (arm [`Output::write_some`]).
     pub fn pending(&self) -> bool {
-        !self.out.is_empty()
+        !self.is_empty()
     }
 
     /// Whether to pull more deliveries.
     pub fn may_deliver(&self) -> bool {
-        self.out.len() < OUT_HIGH_WATER
+        self.len() < OUT_HIGH_WATER
     }
 
     /// Whether to read more input.
     pub fn may_read(&self) -> bool {
-        self.out.len() < OUT_HARD_LIMIT
+        self.len() < OUT_HARD_LIMIT
+    }
+
+    /// Queue `bytes` after everything encoded so far, without copying it; encoding
+    /// goes on into `out` after it.
+    pub fn put_shared(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        let shared = self.shared.get_or_insert_with(Box::default);
+        if !self.out.is_empty() {
+            let head = self.out.split().freeze();
+            shared.bytes += head.len();
+            shared.parts.push_back(head);
+        }
+        shared.bytes += bytes.len();
+        shared.parts.push_back(bytes);
     }
 
     /// Write some of the output; `Ok(0)`: the peer is gone.
@@ -193,9 +244,42 @@ impl<W: AsyncWrite + Unpin> Output<W> {
 
     /// [`Output::write_some`] as a poll.
     pub fn poll_write_some(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        let n = ready!(Pin::new(&mut self.wr).poll_write(cx, &self.out))?;
+        let n = match self.shared.as_deref_mut() {
+            Some(shared) if shared.bytes > 0 => {
+                let mut iov = [IoSlice::new(&[]); MAX_IOV];
+                let mut k = 0;
+                for part in shared.parts.iter().take(MAX_IOV) {
+                    iov[k] = IoSlice::new(part);
+                    k += 1;
+                }
+                if k < MAX_IOV && !self.out.is_empty() {
+                    iov[k] = IoSlice::new(&self.out);
+                    k += 1;
+                }
+                let n = ready!(Pin::new(&mut self.wr).poll_write_vectored(cx, &iov[..k]))?;
+                let mut left = n;
+                while left > 0 {
+                    let Some(part) = shared.parts.front_mut() else {
+                        break;
+                    };
+                    let take = left.min(part.len());
+                    part.advance(take);
+                    shared.bytes -= take;
+                    left -= take;
+                    if part.is_empty() {
+                        shared.parts.pop_front();
+                    }
+                }
+                self.out.advance(left);
+                n
+            }
+            _ => {
+                let n = ready!(Pin::new(&mut self.wr).poll_write(cx, &self.out))?;
+                self.out.advance(n);
+                n
+            }
+        };
         if n > 0 {
-            self.out.advance(n);
             self.last = Instant::now();
             if self.out.is_empty() && self.out.capacity() > OUT_HIGH_WATER {
                 self.out = BytesMut::new();
@@ -204,10 +288,25 @@ impl<W: AsyncWrite + Unpin> Output<W> {
         Poll::Ready(Ok(n))
     }
 
+    /// Write everything unsent (a connection's last words), then flush.
+    pub async fn write_all_pending(&mut self) -> std::io::Result<()> {
+        if let Some(shared) = self.shared.as_deref_mut() {
+            while let Some(part) = shared.parts.pop_front() {
+                shared.bytes -= part.len();
+                self.wr.write_all(&part).await?;
+            }
+        }
+        if !self.out.is_empty() {
+            self.wr.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        // TLS and WebSocket streams hold what was written until flushed.
+        self.wr.flush().await
+    }
+
     /// Write everything left and shut the write half down (the connection ends).
     pub async fn close(&mut self) {
-        let _ = self.wr.write_all(&self.out).await;
-        self.out.clear();
+        let _ = self.write_all_pending().await;
         let _ = self.wr.shutdown().await;
     }
 }
@@ -266,6 +365,69 @@ mod tests {
         drop(writer.await.unwrap());
         assert_eq!(got, sent);
         assert!(largest_room > MIN_READ, "full reads doubled the room");
+    }
+
+    /// Shared bodies and encoded bytes around them reach the peer in the order they
+    /// were queued, through partial writes and more parts than one vectored write
+    /// takes; `len` counts both, and the last words are written whole.
+    async fn shared_bodies_in_order<W, R>(wr: W, mut rd: R)
+    where
+        W: AsyncWrite + Unpin,
+        R: AsyncRead + Unpin + Send + 'static,
+    {
+        let mut out = Output::new(wr);
+        let mut want = Vec::new();
+        for i in 0..300u32 {
+            let head = format!("<{i}>");
+            out.out.extend_from_slice(head.as_bytes());
+            want.extend_from_slice(head.as_bytes());
+            if i % 3 != 0 {
+                let body = Bytes::from(vec![(i % 251) as u8; 1000 + i as usize]);
+                want.extend_from_slice(&body);
+                out.put_shared(body);
+            }
+        }
+        out.out.extend_from_slice(b"end");
+        want.extend_from_slice(b"end");
+        assert_eq!(out.len(), want.len());
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut rd, &mut got)
+                .await
+                .unwrap();
+            got
+        });
+        let mut writes = 0;
+        while out.len() > want.len() / 2 {
+            assert!(out.write_some().await.unwrap() > 0);
+            writes += 1;
+        }
+        assert!(writes > 1, "more than one write");
+        out.put_shared(Bytes::from_static(b"-tail-"));
+        out.out.extend_from_slice(b"!");
+        want.extend_from_slice(b"-tail-!");
+        out.close().await;
+        assert_eq!(out.len(), 0);
+        drop(out);
+        assert_eq!(reader.await.unwrap(), want);
+    }
+
+    #[tokio::test]
+    async fn shared_bodies_go_out_in_order_through_a_pipe() {
+        // A small pipe: partial writes, one slice at a time (no vectored writes).
+        let (client, server) = tokio::io::duplex(1000);
+        shared_bodies_in_order(client, server).await;
+    }
+
+    #[tokio::test]
+    async fn shared_bodies_go_out_in_order_through_tcp() {
+        // writev on a real socket, over 64 slices at once pending.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (server, _) = accepted.unwrap();
+        shared_bodies_in_order(client.unwrap(), server).await;
     }
 
     #[tokio::test]

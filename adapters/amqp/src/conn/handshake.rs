@@ -362,10 +362,7 @@ where
         perm,
         vhost,
         input: Input::new(rd, buf),
-        output: Output {
-            out,
-            ..Output::new(wr)
-        },
+        output: Output::with_buffer(wr, out),
         frame_max,
         channel_max,
         heartbeat,

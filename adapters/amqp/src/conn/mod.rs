@@ -355,7 +355,7 @@ where
                         return End::Closed;
                     }
                     if hb_send.is_some_and(|d| now >= d) {
-                        if self.output.out.is_empty() {
+                        if !self.output.pending() {
                             frame::put_heartbeat(&mut self.output.out);
                         }
                         self.output.last = now;
@@ -368,7 +368,7 @@ where
     /// Deliver what the consumers have ready now, up to a burst.
     fn deliver_burst(&mut self) {
         for _ in 0..DELIVERY_BURST {
-            if self.output.out.len() >= OUT_HIGH_WATER {
+            if self.output.len() >= OUT_HIGH_WATER {
                 break;
             }
             match try_deliveries(&mut self.channels) {
@@ -572,7 +572,7 @@ where
                     close_method(*code, text, *class, *method),
                 );
                 let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    let _ = self.output.wr.write_all(&self.output.out).await;
+                    let _ = self.output.write_all_pending().await;
                     // Wait briefly for close-ok (or the client closing).
                     let mut scratch = [0u8; 512];
                     let _ = self.input.rd.read(&mut scratch).await;
@@ -580,7 +580,7 @@ where
                 .await;
             }
             End::ClientClosed => {
-                let _ = self.output.wr.write_all(&self.output.out).await;
+                let _ = self.output.write_all_pending().await;
             }
             End::Closed => {}
         }

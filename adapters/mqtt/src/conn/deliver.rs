@@ -26,7 +26,7 @@ where
             return;
         }
         for _ in 0..DELIVERY_BURST {
-            if self.output.out.len() >= OUT_HIGH_WATER {
+            if self.output.len() >= OUT_HIGH_WATER {
                 break;
             }
             match self.direct_rx.try_recv() {
@@ -35,7 +35,7 @@ where
             }
         }
         for _ in 0..DELIVERY_BURST {
-            if self.inflight.len() >= self.send_quota || self.output.out.len() >= OUT_HIGH_WATER {
+            if self.inflight.len() >= self.send_quota || self.output.len() >= OUT_HIGH_WATER {
                 break;
             }
             match try_deliveries(&mut self.session, self.rare.as_deref_mut()) {
@@ -50,7 +50,7 @@ where
     /// (In a cluster, read from the gateway owning shard 0 when that is another one.)
     pub(super) async fn send_retained(&mut self) {
         let broker = self.shared.broker.clone();
-        while self.output.out.len() < OUT_HIGH_WATER && self.inflight.len() < self.send_quota {
+        while self.output.len() < OUT_HIGH_WATER && self.inflight.len() < self.send_quota {
             let Some(mut pending) = self.rare().retained_todo.pop_front() else {
                 // All sent: the queue goes too, and what holds it if nothing else is
                 // there (an idle session keeps none: a SUBSCRIBE queues a look-up for

@@ -812,16 +812,8 @@ where
         // Bounded: a half-open TLS or WebSocket peer (or a client that reads nothing)
         // must not hold up the session's end (a takeover waits for it, then cancels the
         // will and claims the session).
-        let wr = &mut self.output.wr;
-        let out = &self.output.out;
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            if !out.is_empty() {
-                wr.write_all(out).await?;
-            }
-            // TLS and WebSocket streams hold what was written until flushed.
-            wr.flush().await
-        })
-        .await;
+        // (TLS and WebSocket streams hold what was written until flushed: it flushes.)
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.output.write_all_pending()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.output.wr.shutdown()).await;
         tracing::debug!(client = %self.client_id, ?end, "MQTT: disconnected");
 
