@@ -523,8 +523,12 @@ impl Shared {
     }
 
     pub(crate) fn ex_meta(&self, vhost: &str, name: &str) -> ExMeta {
-        self.exchanges
-            .read()
+        let exchanges = self.exchanges.read();
+        // Only delayed exchanges are kept: without one, a publish makes no key.
+        if exchanges.is_empty() {
+            return ExMeta::default();
+        }
+        exchanges
             .get(&(vhost.to_owned(), name.to_owned()))
             .copied()
             .unwrap_or_default()

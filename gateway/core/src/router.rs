@@ -441,6 +441,14 @@ impl Router {
         v.exchanges.get(name).map(|e| e.def.clone())
     }
 
+    /// Whether the exchange is internal (`None`: no such exchange), without copying its
+    /// definition (a publish asks this every time).
+    pub fn exchange_internal(&self, vhost: &str, name: &str) -> Option<bool> {
+        let v = self.vhost(vhost).ok()?;
+        let v = v.read();
+        v.exchanges.get(name).map(|e| e.def.internal)
+    }
+
     /// Every exchange of a vhost, sorted by name.
     pub fn exchanges(&self, vhost: &str) -> Vec<ExchangeDef> {
         let Ok(v) = self.vhost(vhost) else {

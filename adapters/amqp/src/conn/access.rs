@@ -15,7 +15,8 @@ impl<S> Conn<S>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    fn check(&self, kind: &str, name: &str, allowed: bool) -> ChanResult {
+    /// `kind` is formatted only for a refusal: a publish checks its exchange every time.
+    fn check(&self, kind: &dyn std::fmt::Display, name: &str, allowed: bool) -> ChanResult {
         if allowed {
             return Ok(());
         }
@@ -30,7 +31,7 @@ where
 
     pub(super) fn can_configure(&self, kind: &str, name: &str) -> ChanResult {
         self.check(
-            &format!("configure {kind}"),
+            &format_args!("configure {kind}"),
             name,
             self.perm.configure.is_match(name),
         )
@@ -38,12 +39,16 @@ where
 
     pub(super) fn can_write(&self, kind: &str, name: &str) -> ChanResult {
         let n = if name.is_empty() { "amq.default" } else { name };
-        self.check(&format!("write {kind}"), n, self.perm.write.is_match(n))
+        self.check(
+            &format_args!("write {kind}"),
+            n,
+            self.perm.write.is_match(n),
+        )
     }
 
     pub(super) fn can_read(&self, kind: &str, name: &str) -> ChanResult {
         let n = if name.is_empty() { "amq.default" } else { name };
-        self.check(&format!("read {kind}"), n, self.perm.read.is_match(n))
+        self.check(&format_args!("read {kind}"), n, self.perm.read.is_match(n))
     }
 
     /// Whether the topic access rules govern `exchange`: `amq.topic` of vhost `/` (the
@@ -121,6 +126,21 @@ where
                 self.vhost, self.user
             ),
         ))
+    }
+
+    /// Whether exchange `name` is internal (clients may not publish to it), or
+    /// not_found: what a publish needs to know, without a copy of the exchange.
+    pub(super) fn exchange_internal(&self, name: &str) -> ChanResult<bool> {
+        self.shared
+            .broker
+            .router()
+            .exchange_internal(&self.vhost, name)
+            .ok_or_else(|| {
+                chan_err(
+                    reply::NOT_FOUND,
+                    format!("no exchange '{name}' in vhost '{}'", self.vhost),
+                )
+            })
     }
 
     pub(super) fn exchange_exists(

@@ -121,8 +121,7 @@ where
         let ch = c.channel;
         self.can_write("exchange", &c.exchange)?;
         self.can_publish_topic(&c.exchange, &c.routing_key)?;
-        let def = self.exchange_exists(&c.exchange)?;
-        if def.internal {
+        if self.exchange_internal(&c.exchange)? {
             return Err(chan_err(
                 reply::ACCESS_REFUSED,
                 format!(
