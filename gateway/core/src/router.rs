@@ -618,14 +618,39 @@ impl Router {
     ) -> Result<Routed> {
         let v = self.vhost(vhost)?;
         let v = v.read();
-        if !v.exchanges.contains_key(exchange) {
+        let Some(first) = v.exchanges.get(exchange) else {
             return Err(CoreError::NoSuchExchange(exchange.to_owned()));
+        };
+        // The usual case, bindings to queues only: no walk of the exchange graph (its
+        // sets and names cost a publish seven allocations and three hashes).
+        let mut dests = Vec::new();
+        first.route_into(key, headers, &mut dests);
+        if !dests.is_empty() && dests.iter().all(|d| matches!(d, Destination::Topic(_))) {
+            let mut topics: Vec<TopicName> = Vec::with_capacity(dests.len());
+            if dests.len() <= 16 {
+                for d in dests {
+                    if let Destination::Topic(t) = d {
+                        if !topics.contains(&t) {
+                            topics.push(t);
+                        }
+                    }
+                }
+            } else {
+                let mut seen = HashSet::with_capacity(dests.len());
+                for d in dests {
+                    if let Destination::Topic(t) = d {
+                        if seen.insert(t.clone()) {
+                            topics.push(t);
+                        }
+                    }
+                }
+            }
+            return Ok(Routed { topics });
         }
         let mut topics = Vec::new();
         let mut seen_topics = HashSet::new();
         let mut visited = HashSet::new();
         let mut pending = vec![exchange.to_owned()];
-        let mut dests = Vec::new();
         while let Some(name) = pending.pop() {
             if !visited.insert(name.clone()) {
                 continue;
