@@ -39,8 +39,7 @@ pub fn to_message(
         exchange
     })
     .expect("exchange names are short strings");
-    let mut m = Message::new(topic, body);
-    m.born_timestamp = now;
+    let mut m = Message::born_at(topic, body, now);
     let p = &mut m.properties;
     p.push((
         props::AMQP_EXCHANGE.into(),

@@ -149,8 +149,7 @@ where
     ) -> Message {
         let name = TopicName::new(topic).unwrap_or_else(|_| TopicName::new("?").expect("valid"));
         // Copy the payload out of the read buffer, so the buffer is not kept alive.
-        let mut m = Message::new(name, Bytes::copy_from_slice(&payload));
-        m.born_timestamp = self.shared.now();
+        let mut m = Message::born_at(name, Bytes::copy_from_slice(&payload), self.shared.now());
         m.producer_group = self
             .rare
             .as_ref()
