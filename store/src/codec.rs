@@ -210,7 +210,7 @@ pub(crate) fn decode_message(id: MessageId, buf: Bytes) -> Result<StoredMessage>
     for _ in 0..nprops {
         let k = r.str16()?;
         let n = r.u32()? as usize;
-        properties.push((k, r.bytes(n)?));
+        properties.push((k.into(), r.bytes(n)?));
     }
     let n = r.u32()? as usize;
     let body = r.bytes(n)?;
@@ -293,7 +293,7 @@ pub(crate) mod tests {
                     tags,
                     properties: props
                         .into_iter()
-                        .map(|(k, v)| (k, Bytes::from(v)))
+                        .map(|(k, v)| (k.into(), Bytes::from(v)))
                         .collect(),
                     body: Bytes::from(body),
                     born_timestamp: born,

@@ -38,8 +38,8 @@ pub use store::{
     Store, StoreExt, StoreHealth, StoreStats, WriteBatch, WriteOp, WriteReceipt,
 };
 pub use types::{
-    now_millis, tag_hash, GroupName, Message, MessageId, Millis, OffsetRange, QueueEntry, QueueId,
-    QueueMessage, QueueOffset, QueueRef, ReadLimits, StoredMessage, TimerKey, TopicConfig,
+    now_millis, tag_hash, GroupName, Message, MessageId, Millis, OffsetRange, PropName, QueueEntry,
+    QueueId, QueueMessage, QueueOffset, QueueRef, ReadLimits, StoredMessage, TimerKey, TopicConfig,
     TopicName,
 };
 

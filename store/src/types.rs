@@ -157,6 +157,10 @@ impl fmt::Display for GroupName {
     }
 }
 
+/// A property's name: the protocols' own names are `&'static str` (no allocation per
+/// message); a name read back from the log or set by a client is owned.
+pub type PropName = std::borrow::Cow<'static, str>;
+
 /// A message as a producer hands it to the store.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Message {
@@ -170,7 +174,7 @@ pub struct Message {
     pub tags: Option<String>,
     /// Named properties, in the producer's order. Adapters keep their protocol's
     /// headers here (for example the encoded AMQP content header).
-    pub properties: Vec<(String, Bytes)>,
+    pub properties: Vec<(PropName, Bytes)>,
     /// The payload. Stored once however many queues index the message. Readers share
     /// it (the store's tail cache keeps recent messages decoded), so a producer that
     /// slices it out of a larger network buffer should copy it first, or that buffer

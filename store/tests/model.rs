@@ -136,7 +136,7 @@ impl MsgSpec {
             properties: self
                 .props
                 .iter()
-                .map(|(n, v)| (PROP_NAMES[*n as usize].to_string(), Bytes::from(v.clone())))
+                .map(|(n, v)| (PROP_NAMES[*n as usize].into(), Bytes::from(v.clone())))
                 .collect(),
             body: Bytes::from(vec![self.body_byte; self.body_len]),
             born_timestamp: self.born,

@@ -81,7 +81,7 @@ pub fn to_message(
             };
             if let Some(t) = text {
                 p.push((
-                    format!("{}{}", props::USER_PREFIX, k.as_str()),
+                    format!("{}{}", props::USER_PREFIX, k.as_str()).into(),
                     Bytes::from(t),
                 ));
             }
@@ -138,7 +138,7 @@ fn foreign_properties(m: &Message) -> AMQPProperties {
     let mut headers = FieldTable::default();
     for (k, v) in &m.properties {
         let text = || String::from_utf8_lossy(v).into_owned();
-        match k.as_str() {
+        match k.as_ref() {
             props::CONTENT_TYPE => p = p.with_content_type(ShortString::from(text())),
             props::CORRELATION_ID => p = p.with_correlation_id(ShortString::from(text())),
             props::REPLY_TO => p = p.with_reply_to(ShortString::from(text())),

@@ -5,6 +5,8 @@
 //! headers of string type) are stored as one property each, named [`USER_PREFIX`] +
 //! the header name, in the producer's order; names may repeat.
 
+use mqgate_store::PropName;
+
 /// The MIME type of the body (MQTT 5 content type, AMQP content-type).
 pub const CONTENT_TYPE: &str = "content-type";
 /// Correlation data (MQTT 5 correlation data, AMQP correlation-id); raw bytes.
@@ -78,12 +80,12 @@ pub fn split_keys(v: &[u8]) -> Vec<String> {
 }
 
 /// The first value of property `name`.
-pub fn get<'a>(props: &'a [(String, bytes::Bytes)], name: &str) -> Option<&'a bytes::Bytes> {
+pub fn get<'a>(props: &'a [(PropName, bytes::Bytes)], name: &str) -> Option<&'a bytes::Bytes> {
     props.iter().find(|(k, _)| k == name).map(|(_, v)| v)
 }
 
 /// A big-endian u64 property.
-pub fn get_u64(props: &[(String, bytes::Bytes)], name: &str) -> Option<u64> {
+pub fn get_u64(props: &[(PropName, bytes::Bytes)], name: &str) -> Option<u64> {
     let v = get(props, name)?;
     let arr: [u8; 8] = v.as_ref().try_into().ok()?;
     Some(u64::from_be_bytes(arr))

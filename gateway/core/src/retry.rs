@@ -39,10 +39,10 @@ pub fn is_system_topic(t: &TopicName) -> bool {
     t.as_str().starts_with("%RETRY%") || t.as_str().starts_with("%DLQ%")
 }
 
-fn set_property(m: &mut Message, name: &str, value: Bytes) {
+fn set_property(m: &mut Message, name: &'static str, value: Bytes) {
     match m.properties.iter_mut().find(|(k, _)| k == name) {
         Some((_, v)) => *v = value,
-        None => m.properties.push((name.to_owned(), value)),
+        None => m.properties.push((name.into(), value)),
     }
 }
 

@@ -340,7 +340,7 @@ fn message_json(m: &StoredMessage) -> Value {
         .filter(|(k, _)| k != "amqp.props")
         .map(|(k, v)| {
             (
-                k.clone(),
+                k.to_string(),
                 Value::String(String::from_utf8_lossy(v).into_owned()),
             )
         })

@@ -323,7 +323,7 @@ where
         }
         if self.v5() {
             for (k, v) in &m.properties {
-                match k.as_str() {
+                match k.as_ref() {
                     props::PAYLOAD_FORMAT => properties.payload_format = v.first().copied(),
                     props::CONTENT_TYPE => {
                         properties.content_type = Some(String::from_utf8_lossy(v).into_owned())

@@ -196,7 +196,7 @@ where
         }
         for (k, v) in &pp.user {
             p.push((
-                format!("{}{k}", props::USER_PREFIX),
+                format!("{}{k}", props::USER_PREFIX).into(),
                 Bytes::copy_from_slice(v.as_bytes()),
             ));
         }
