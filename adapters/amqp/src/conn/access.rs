@@ -131,31 +131,25 @@ where
     /// Whether exchange `name` is internal (clients may not publish to it), or
     /// not_found: what a publish needs to know, without a copy of the exchange.
     pub(super) fn exchange_internal(&self, name: &str) -> ChanResult<bool> {
-        self.shared
-            .broker
-            .router()
-            .exchange_internal(&self.vhost, name)
-            .ok_or_else(|| {
-                chan_err(
-                    reply::NOT_FOUND,
-                    format!("no exchange '{name}' in vhost '{}'", self.vhost),
-                )
-            })
+        let router = self.shared.broker.router();
+        let internal = router.exchange_internal(&self.vhost, name);
+        internal.ok_or_else(|| self.no_exchange(name))
     }
 
     pub(super) fn exchange_exists(
         &self,
         name: &str,
     ) -> ChanResult<mqgate_core::router::ExchangeDef> {
-        self.shared
-            .broker
-            .router()
-            .exchange(&self.vhost, name)
-            .ok_or_else(|| {
-                chan_err(
-                    reply::NOT_FOUND,
-                    format!("no exchange '{name}' in vhost '{}'", self.vhost),
-                )
-            })
+        let router = self.shared.broker.router();
+        let def = router.exchange(&self.vhost, name);
+        def.ok_or_else(|| self.no_exchange(name))
+    }
+
+    /// not_found for exchange `name`.
+    fn no_exchange(&self, name: &str) -> super::ChanErr {
+        chan_err(
+            reply::NOT_FOUND,
+            format!("no exchange '{name}' in vhost '{}'", self.vhost),
+        )
     }
 }
