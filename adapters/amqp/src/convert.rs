@@ -33,22 +33,66 @@ pub fn to_message(
     body: Bytes,
     now: Millis,
 ) -> Message {
-    let topic = TopicName::new(if exchange.is_empty() {
-        DEFAULT_EXCHANGE_TOPIC
-    } else {
-        exchange
-    })
-    .expect("exchange names are short strings");
+    to_message_named(
+        &mut PublishNames::default(),
+        exchange,
+        routing_key,
+        properties,
+        raw_properties,
+        body,
+        now,
+    )
+}
+
+/// The exchange and routing key of a connection's last publish, as the message
+/// carries them (its topic, and the two names as properties), kept for the next: a
+/// publisher mostly sends to one exchange with few routing keys, and each name was an
+/// allocation and a copy per message.
+#[derive(Debug, Default)]
+pub struct PublishNames {
+    topic: Option<TopicName>,
+    exchange: Bytes,
+    routing_key: Bytes,
+}
+
+impl PublishNames {
+    fn get(&mut self, exchange: &str, routing_key: &str) -> (TopicName, Bytes, Bytes) {
+        let topic = match &self.topic {
+            Some(t) if self.exchange == exchange.as_bytes() => t.clone(),
+            _ => {
+                let t = TopicName::new(if exchange.is_empty() {
+                    DEFAULT_EXCHANGE_TOPIC
+                } else {
+                    exchange
+                })
+                .expect("exchange names are short strings");
+                self.exchange = Bytes::copy_from_slice(exchange.as_bytes());
+                self.topic = Some(t.clone());
+                t
+            }
+        };
+        if self.routing_key != routing_key.as_bytes() {
+            self.routing_key = Bytes::copy_from_slice(routing_key.as_bytes());
+        }
+        (topic, self.exchange.clone(), self.routing_key.clone())
+    }
+}
+
+/// [`to_message`], with the names of the connection's last publish to reuse.
+pub fn to_message_named(
+    names: &mut PublishNames,
+    exchange: &str,
+    routing_key: &str,
+    properties: &AMQPProperties,
+    raw_properties: Bytes,
+    body: Bytes,
+    now: Millis,
+) -> Message {
+    let (topic, exchange, routing_key) = names.get(exchange, routing_key);
     let mut m = Message::born_at(topic, body, now);
     let p = &mut m.properties;
-    p.push((
-        props::AMQP_EXCHANGE.into(),
-        Bytes::copy_from_slice(exchange.as_bytes()),
-    ));
-    p.push((
-        props::AMQP_ROUTING_KEY.into(),
-        Bytes::copy_from_slice(routing_key.as_bytes()),
-    ));
+    p.push((props::AMQP_EXCHANGE.into(), exchange));
+    p.push((props::AMQP_ROUTING_KEY.into(), routing_key));
     p.push((PROPS.into(), raw_properties));
     if properties.delivery_mode() != &Some(2) {
         p.push((TRANSIENT.into(), Bytes::from_static(&[1])));

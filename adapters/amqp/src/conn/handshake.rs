@@ -378,6 +378,7 @@ where
             .map(|(k, v)| (k, v.chars().take(256).collect()))
             .collect(),
         published: false,
+        names: Default::default(),
         channels: HashMap::new(),
         exclusive: Vec::new(),
         batch: Vec::new(),

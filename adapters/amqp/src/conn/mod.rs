@@ -245,6 +245,8 @@ struct Conn<S> {
     client: Vec<(String, String)>,
     /// It has published: the memory watermark stops reading from it.
     published: bool,
+    /// The names its last publish carried (reused while they repeat).
+    names: crate::convert::PublishNames,
     channels: HashMap<u16, Channel>,
     exclusive: Vec<Arc<Queue>>,
     batch: Vec<Batched>,

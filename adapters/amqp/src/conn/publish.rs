@@ -139,7 +139,8 @@ where
         };
         let now = self.shared.broker.now();
         let headers = convert::header_values(&c.header.properties);
-        let mut message = convert::to_message(
+        let mut message = convert::to_message_named(
+            &mut self.names,
             &c.exchange,
             &c.routing_key,
             &c.header.properties,
