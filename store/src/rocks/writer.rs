@@ -120,6 +120,8 @@ pub(super) struct Writer {
     syncer: Option<std::sync::mpsc::Sender<Vec<Answer>>>,
     /// Reused encode buffer.
     buf: Vec<u8>,
+    /// The queues of a client batch's appends, resolved once (reused).
+    resolved: Vec<(u64, u32)>,
     /// Timestamp of the last batch: store timestamps never go back.
     last_ts: Millis,
     /// With an external log: the sequence of the last record (appended and applied).
@@ -149,6 +151,7 @@ impl Writer {
             s,
             syncer,
             buf: Vec::with_capacity(64 << 10),
+            resolved: Vec::new(),
             last_ts: 0,
             log_seq,
         }
@@ -439,13 +442,15 @@ impl Writer {
         let s = Arc::clone(&self.s);
         let db = s.db()?;
         // Validate first: a refused batch leaves no trace, and applying cannot fail.
+        self.resolved.clear();
         let mut timers_on_disk = HashSet::new();
         for op in &batch.ops {
             match op {
                 WriteOp::Append { message, queues } => {
                     codec::validate(message)?;
                     for q in queues {
-                        Self::resolve(topics, pending, q)?;
+                        let at = Self::resolve(topics, pending, q)?;
+                        self.resolved.push(at);
                     }
                 }
                 WriteOp::Truncate { queue, .. } => {
@@ -472,6 +477,10 @@ impl Writer {
             }
         }
         let mut receipt = WriteReceipt::default();
+        // Looked up once a batch, not once a message (each a search by name).
+        let (cf_log, cf_cq, cf_keys) = (db.cf(CF_LOG), db.cf(CF_CQ), db.cf(CF_KEYS));
+        // The appends' queues, in the order validated above.
+        let mut resolved = 0;
         for op in batch.ops {
             match op {
                 WriteOp::Append { message, queues } => {
@@ -480,11 +489,11 @@ impl Writer {
                     self.buf.clear();
                     codec::encode_message(&message, now, &mut self.buf);
                     let size = self.buf.len() as u32;
-                    wb.put_cf(db.cf(CF_LOG), id.to_be_bytes(), &self.buf);
+                    wb.put_cf(cf_log, id.to_be_bytes(), &self.buf);
                     for k in &message.keys {
                         let mut key = key_index_prefix(&message.topic, k);
                         key.put_u64(id);
-                        wb.put_cf(db.cf(CF_KEYS), key, []);
+                        wb.put_cf(cf_keys, key, []);
                     }
                     let entry = |offset| QueueEntry {
                         offset: QueueOffset(offset),
@@ -495,12 +504,13 @@ impl Writer {
                     };
                     let mut offsets = Vec::with_capacity(queues.len());
                     for q in queues {
-                        let (uid, qid) = Self::resolve(topics, pending, &q).expect("validated");
+                        let (uid, qid) = self.resolved[resolved];
+                        resolved += 1;
                         let slot = pending.queues.get_mut(&(uid, qid)).expect("resolved");
                         let offset = slot.2;
                         slot.2 += 1;
                         wb.put_cf(
-                            db.cf(CF_CQ),
+                            cf_cq,
                             cq_key(uid, qid, offset),
                             codec::encode_entry(&entry(offset)),
                         );
