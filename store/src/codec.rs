@@ -86,6 +86,13 @@ pub(crate) fn encoded_len(m: &Message) -> usize {
 /// Encode a record for `m` stored at `store_timestamp` into `out`.
 pub(crate) fn encode_message(m: &Message, store_timestamp: Millis, out: &mut Vec<u8>) {
     out.reserve(encoded_len(m));
+    encode_head(m, store_timestamp, out);
+    out.put_slice(&m.body);
+}
+
+/// [`encode_message`] up to the body: the record is this followed by `m.body` (the
+/// RocksDB writer hands the two to its batch as parts, without joining them).
+pub(crate) fn encode_head(m: &Message, store_timestamp: Millis, out: &mut Vec<u8>) {
     let mut flags = 0;
     if m.deliver_at.is_some() {
         flags |= FLAG_DELIVER_AT;
@@ -118,7 +125,6 @@ pub(crate) fn encode_message(m: &Message, store_timestamp: Millis, out: &mut Vec
         out.put_slice(v);
     }
     out.put_u32_le(m.body.len() as u32);
-    out.put_slice(&m.body);
 }
 
 fn put_str16(out: &mut Vec<u8>, s: &str) {

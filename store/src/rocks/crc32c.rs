@@ -19,8 +19,9 @@
 //! RFC 3720 vectors). A binary built without the wrap (the tests, other platforms)
 //! simply keeps RocksDB's own function; [`wrapped`] tells which one a process runs.
 
-// The one module of mqgate-store with `unsafe`: a function RocksDB calls through a C
-// pointer, and a CPU instruction behind a run-time feature check.
+// One of the two modules of mqgate-store with `unsafe` (with `batch.rs`): a function
+// RocksDB calls through a C pointer, and a CPU instruction behind a run-time feature
+// check.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};

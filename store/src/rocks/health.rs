@@ -2,6 +2,7 @@
 //! thread (`mqgate-store-recovery`) brings it back with backoff once the cause is gone.
 
 use super::*;
+use rocksdb::WriteOptions;
 
 /// Whether writes work. A failed RocksDB write or WAL sync (a full disk, no file handles)
 /// marks the store degraded: the first failure of a period is logged once, writes are

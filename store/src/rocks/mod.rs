@@ -36,6 +36,7 @@
 //! - Every queue-changing truncation also records the queue's min in `meta`, so an empty
 //!   queue restarts at the right offset.
 
+mod batch;
 pub mod crc32c;
 mod health;
 mod keys;
@@ -60,7 +61,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::{Condvar, MappedRwLockReadGuard, Mutex, RwLock, RwLockReadGuard};
-use rocksdb::{ColumnFamily, WriteOptions, DB};
+use rocksdb::{ColumnFamily, DB};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Result, StoreError};
@@ -502,12 +503,7 @@ fn applied_seq(db: &DB) -> Result<u64> {
 
 /// Add to a record's batch what the view keeps about it: the sequence of the last
 /// record applied and, for a record with appends, the index entry retention looks up.
-fn mark_applied(
-    wb: &mut rocksdb::WriteBatch,
-    meta: &ColumnFamily,
-    seq: u64,
-    first_id: Option<u64>,
-) {
+fn mark_applied(wb: &mut batch::Batch, meta: &ColumnFamily, seq: u64, first_id: Option<u64>) {
     wb.put_cf(meta, keys::LOG_SEQ_KEY, seq.to_be_bytes());
     if let Some(id) = first_id {
         wb.put_cf(meta, keys::log_index_key(id), seq.to_be_bytes());
@@ -520,11 +516,9 @@ fn apply_record(db: &DB, seq: u64, first_id: Option<u64>, record: &[u8]) -> Resu
     let meta = db
         .cf_handle(CF_META)
         .expect("column family created at open");
-    let mut wb = rocksdb::WriteBatch::from_data(record);
+    let mut wb = batch::Batch::from_data(record);
     mark_applied(&mut wb, meta, seq, first_id);
-    let mut no_wal = WriteOptions::default();
-    no_wal.disable_wal(true);
-    db.write_opt(wb, &no_wal).map_err(backend)
+    wb.write(db, true).map_err(StoreError::Backend)
 }
 
 /// Bring the view up to date with the external log and fence it (see

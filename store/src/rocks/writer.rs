@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BufMut;
-use rocksdb::{IteratorMode, ReadOptions, WriteOptions};
+use rocksdb::{IteratorMode, ReadOptions};
 use tokio::sync::{mpsc, oneshot};
 
+use super::batch::Batch;
 use super::keys::{
     cq_key, key_index_prefix, kv_key, log_index_key, nul_prefix_end, offset_topic_key, offsets_key,
     offsets_key_topic, offsets_prefix, prefix_range, queue_meta_key, timer_key, topic_meta_key,
@@ -210,31 +211,19 @@ impl Writer {
         }
     }
 
-    fn write_options(&self) -> WriteOptions {
-        // Never synced here: the every-batch policy syncs the WAL right after.
-        let mut o = WriteOptions::default();
-        // A view of an external log: the log is the WAL.
-        o.disable_wal(self.log_seq.is_some());
-        o
-    }
-
-    /// Write one RocksDB batch: with an external log, append it there first (durable
-    /// once that returns) and then apply it here, with the record's sequence.
-    /// `first_id`: the first message id the batch appends, if any.
-    fn write_db(
-        &mut self,
-        db: &Db<'_>,
-        mut wb: rocksdb::WriteBatch,
-        first_id: Option<u64>,
-    ) -> Result<()> {
+    /// Write one RocksDB batch (never synced here: the every-batch policy syncs the WAL
+    /// right after): with an external log, append it there first (durable once that
+    /// returns) and then apply it here, with the record's sequence, without RocksDB's WAL
+    /// (the log is the WAL). `first_id`: the first message id the batch appends, if any.
+    fn write_db(&mut self, db: &Db<'_>, mut wb: Batch, first_id: Option<u64>) -> Result<()> {
         let Some(log) = self.s.config.external_log.clone() else {
-            return db.write_opt(wb, &self.write_options()).map_err(backend);
+            return wb.write(db, false).map_err(StoreError::Backend);
         };
         let seq = log.append(wb.data(), first_id)?;
         super::mark_applied(&mut wb, db.cf(CF_META), seq, first_id);
-        db.write_opt(wb, &self.write_options()).map_err(|e| {
+        wb.write(db, true).map_err(|e| {
             log.poison(&format!("the view could not apply record {seq}: {e}"));
-            backend(e)
+            StoreError::Backend(e)
         })?;
         self.log_seq = Some(seq);
         self.s
@@ -245,7 +234,7 @@ impl Writer {
 
     /// One RocksDB write outside a group commit (topics, retention); a failure marks
     /// the store degraded.
-    fn write_raw(&mut self, db: &Db<'_>, wb: rocksdb::WriteBatch) -> Result<()> {
+    fn write_raw(&mut self, db: &Db<'_>, wb: Batch) -> Result<()> {
         self.write_db(db, wb, None)
             .inspect_err(|e| self.failed("write", e))
     }
@@ -280,7 +269,7 @@ impl Writer {
         let topics = s.topics.read();
         // Sized once: grown by doubling, RocksDB's batch (a std::string) copied
         // everything already in it again, 2 % of the broker's CPU on 4 KiB messages.
-        let mut wb = rocksdb::WriteBatch::with_capacity_bytes(
+        let mut wb = Batch::with_capacity_bytes(
             BATCH_REP_HEADER + group.iter().map(|(b, _, _)| rep_bytes(b)).sum::<usize>(),
         );
         let mut pending = Pending {
@@ -434,7 +423,7 @@ impl Writer {
     fn stage(
         &mut self,
         topics: &HashMap<TopicName, Arc<TopicState>>,
-        wb: &mut rocksdb::WriteBatch,
+        wb: &mut Batch,
         pending: &mut Pending,
         batch: WriteBatch,
         now: Millis,
@@ -443,13 +432,19 @@ impl Writer {
         let db = s.db()?;
         // Validate first: a refused batch leaves no trace, and applying cannot fail.
         self.resolved.clear();
+        let mut last: Option<(&QueueRef, (u64, u32))> = None;
         let mut timers_on_disk = HashSet::new();
         for op in &batch.ops {
             match op {
                 WriteOp::Append { message, queues } => {
                     codec::validate(message)?;
                     for q in queues {
-                        let at = Self::resolve(topics, pending, q)?;
+                        // A batch mostly appends to one queue: looked up once per run.
+                        let at = match last {
+                            Some((l, at)) if l == q => at,
+                            _ => Self::resolve(topics, pending, q)?,
+                        };
+                        last = Some((q, at));
                         self.resolved.push(at);
                     }
                 }
@@ -477,6 +472,8 @@ impl Writer {
             }
         }
         let mut receipt = WriteReceipt::default();
+        receipt.appended.reserve(batch.ops.len());
+        pending.tail.reserve(batch.ops.len());
         // Looked up once a batch, not once a message (each a search by name).
         let (cf_log, cf_cq, cf_keys) = (db.cf(CF_LOG), db.cf(CF_CQ), db.cf(CF_KEYS));
         // The appends' queues, in the order validated above.
@@ -487,9 +484,9 @@ impl Writer {
                     let id = pending.header.next_seq;
                     pending.header.next_seq += 1;
                     self.buf.clear();
-                    codec::encode_message(&message, now, &mut self.buf);
-                    let size = self.buf.len() as u32;
-                    wb.put_cf(cf_log, id.to_be_bytes(), &self.buf);
+                    codec::encode_head(&message, now, &mut self.buf);
+                    let size = (self.buf.len() + message.body.len()) as u32;
+                    wb.put_parts_cf(cf_log, &id.to_be_bytes(), &[&self.buf, &message.body]);
                     for k in &message.keys {
                         let mut key = key_index_prefix(&message.topic, k);
                         key.put_u64(id);
@@ -660,7 +657,7 @@ impl Writer {
         // batch that removes the topic, and offsets committed before a topic exists are
         // kept, as the model (and MemoryStore) keep them. Scanning every group's offsets
         // here made each new topic cost O(all offsets).
-        let mut wb = rocksdb::WriteBatch::default();
+        let mut wb = Batch::default();
         let mut v = Vec::with_capacity(12);
         v.put_u64(uid);
         v.put_u32(count);
@@ -681,7 +678,7 @@ impl Writer {
     fn delete_topic(&mut self, name: &TopicName) -> Result<bool> {
         let s = Arc::clone(&self.s);
         let db = s.db()?;
-        let mut wb = rocksdb::WriteBatch::default();
+        let mut wb = Batch::default();
         // Offsets go even when the topic does not exist: none may outlive it.
         self.delete_topic_offsets(&mut wb, name)?;
         let Some(t) = s.topic_state(name) else {
@@ -700,7 +697,7 @@ impl Writer {
 
     /// Every group's committed offsets on topic `name`, found through the reverse
     /// entries (topic, 0, group): the cost is the groups on this topic, not all groups.
-    fn delete_topic_offsets(&self, wb: &mut rocksdb::WriteBatch, name: &TopicName) -> Result<()> {
+    fn delete_topic_offsets(&self, wb: &mut Batch, name: &TopicName) -> Result<()> {
         let db = self.s.db()?;
         let mut prefix = name.as_str().as_bytes().to_vec();
         prefix.push(0);
@@ -742,7 +739,7 @@ impl Writer {
         let mut header = s.header();
         header.messages -= report.messages_deleted.min(header.messages);
         header.log_bytes -= report.bytes_deleted.min(header.log_bytes);
-        let mut wb = rocksdb::WriteBatch::default();
+        let mut wb = Batch::default();
         wb.delete_range_cf(db.cf(CF_LOG), 0u64.to_be_bytes(), below.to_be_bytes());
         let mut moved = Vec::new();
         let topics: Vec<Arc<TopicState>> = s.topics.read().values().cloned().collect();
@@ -829,7 +826,7 @@ impl Writer {
         let Some(keep) = keep else {
             return Ok(());
         };
-        let mut wb = rocksdb::WriteBatch::default();
+        let mut wb = Batch::default();
         for cf in [CF_OFFSETS, CF_OFFSET_TOPICS, CF_KV, CF_TIMERS, CF_META] {
             for item in db.iterator_cf(db.cf(cf), IteratorMode::Start) {
                 let (k, v) = item.map_err(backend)?;
