@@ -117,15 +117,23 @@ impl ProducerCounts {
             return;
         }
         let mut map = self.map.lock();
-        for (topic, group) in published {
+        // A batch mostly repeats one pair: one look-up per run of equal pairs.
+        let mut rest = published;
+        while let [(topic, group), ..] = rest {
+            let run = rest
+                .iter()
+                .take_while(|(t, g)| t == topic && g == group)
+                .count();
+            rest = &rest[run..];
+            let run = run as u64;
             let key = (topic.clone(), group.clone());
             if let Some(n) = map.get_mut(&key) {
-                *n += 1;
+                *n += run;
             } else if map.len() < MAX_PRODUCER_ENTRIES {
-                map.insert(key, 1);
+                map.insert(key, run);
             } else {
                 let other = (TopicName::new("_other").expect("valid"), group.clone());
-                *map.entry(other).or_default() += 1;
+                *map.entry(other).or_default() += run;
             }
         }
     }
@@ -323,5 +331,32 @@ impl ShardCore {
             }
         }
         (local, remote)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs of one pair count as one look-up; pairs apart count apart, in any order.
+    #[test]
+    fn producer_counts_add_runs_and_strays() {
+        let (a, b) = (TopicName::new("a").unwrap(), TopicName::new("b").unwrap());
+        let pairs = [
+            (a.clone(), "g".to_string()),
+            (a.clone(), "g".to_string()),
+            (b.clone(), "g".to_string()),
+            (a.clone(), "g".to_string()),
+            (a.clone(), "h".to_string()),
+        ];
+        let c = ProducerCounts::default();
+        c.count(&pairs);
+        c.count(&pairs[..1]);
+        c.count(&[]);
+        let map = c.map.lock();
+        assert_eq!(map[&(a.clone(), "g".to_string())], 4);
+        assert_eq!(map[&(b, "g".to_string())], 1);
+        assert_eq!(map[&(a, "h".to_string())], 1);
+        assert_eq!(map.len(), 3);
     }
 }
