@@ -1,7 +1,6 @@
 //! The connection handshake: protocol header, start/start-ok (login), tune/tune-ok,
 //! open/open-ok.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -18,7 +17,7 @@ use mqgate_amqp_codec::depth;
 
 use mqgate_core::sockio::{Input, Output};
 
-use super::{close_method, Conn};
+use super::{close_method, Channels, Conn};
 
 fn capabilities() -> FieldTable {
     let mut c = FieldTable::default();
@@ -379,7 +378,7 @@ where
             .collect(),
         published: false,
         names: Default::default(),
-        channels: HashMap::new(),
+        channels: Channels::default(),
         exclusive: Vec::new(),
         batch: Vec::new(),
         writes: shared
