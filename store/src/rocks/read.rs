@@ -167,17 +167,20 @@ impl Shared {
         ro.set_iterate_upper_bound(cq_key(uid, qid, end).to_vec());
         let mut entries = Vec::with_capacity((end - start) as usize);
         let mut bytes = 0usize;
-        for item in db.iterator_cf_opt(db.cf(CF_CQ), ro, IteratorMode::Start) {
-            let (k, v) = match item {
-                Ok(kv) => kv,
-                Err(e) => return cold(tier, e),
-            };
-            let e = codec::decode_entry(QueueOffset(be_u64(&k[12..])?), &v)?;
+        // The raw iterator lends each key and value (the crate's iterator boxes both).
+        let mut it = db.raw_iterator_cf_opt(db.cf(CF_CQ), ro);
+        it.seek_to_first();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let e = codec::decode_entry(QueueOffset(be_u64(&k[12..])?), v)?;
             if !entries.is_empty() && bytes + e.size as usize > limits.max_bytes {
-                break;
+                return Ok(Some(entries));
             }
             bytes += e.size as usize;
             entries.push(e);
+            it.next();
+        }
+        if let Err(e) = it.status() {
+            return cold(tier, e);
         }
         Ok(Some(entries))
     }
