@@ -291,6 +291,9 @@ struct TopicState {
 struct QueueState {
     min: AtomicU64,
     next: AtomicU64,
+    /// The entries a consumer at the tail has yet to read, while one is there
+    /// (`read.rs`, [`read::Recent`]).
+    recent: read::RecentSlot,
 }
 
 /// A read that has to go to the table files, on tokio's blocking pool: a slow disk then

@@ -53,6 +53,114 @@ fn cold<T>(tier: Tier, e: rocksdb::Error) -> Result<Option<T>> {
     }
 }
 
+/// The most entries a queue keeps in memory for consumers at its tail: past that they
+/// have fallen behind, and the queue stops keeping them until one is back at the tail.
+pub(super) const RECENT_MAX: usize = 256;
+
+/// The entries of one queue that its fastest consumer has not read yet, kept in memory
+/// while that consumer reads at the tail: a read then takes them from here instead of
+/// creating a RocksDB iterator (3 % of the broker's CPU on 4 KiB AMQP messages: the
+/// iterator's creation, over every memtable and level-0 file, and a seek, for a read
+/// of a few dozen entries the writer had just written).
+///
+/// A consumer reading up to the queue's end arms it; the writer then appends each group's
+/// new entries before it moves the queue's end on (so a read sees them no later than
+/// the end that covers them), first dropping what the fastest reader has read; more
+/// than [`RECENT_MAX`] unread and the queue stops keeping them. The entries are always
+/// one contiguous run, each put there by the writer with its offset; a read served only
+/// when the run covers it, RocksDB otherwise. So nothing here can be stale: an offset's
+/// entry never changes once written, and retention's truncation moves only the queue's
+/// start, below which no read asks.
+#[derive(Debug)]
+pub(super) struct Recent {
+    /// The offset of `entries[0]` (of the next entry while it is empty).
+    first: u64,
+    entries: VecDeque<QueueEntry>,
+    /// The end of the furthest read served.
+    read_to: u64,
+}
+
+/// A queue's [`Recent`], while armed; `armed` mirrors it for the writer's staging
+/// (checked once per queue per group, not locked per message).
+#[derive(Debug, Default)]
+pub(super) struct RecentSlot {
+    armed: std::sync::atomic::AtomicBool,
+    recent: parking_lot::Mutex<Option<Box<Recent>>>,
+}
+
+impl RecentSlot {
+    /// Whether the writer should hand this queue its new entries.
+    pub(super) fn armed(&self) -> bool {
+        self.armed.load(Ordering::Relaxed)
+    }
+
+    /// The writer: `entries`, contiguous, were written (called before the queue's end
+    /// moves past them).
+    pub(super) fn append(&self, entries: &[QueueEntry]) {
+        let Some(start) = entries.first().map(|e| e.offset.0) else {
+            return;
+        };
+        let mut slot = self.recent.lock();
+        let Some(r) = slot.as_mut() else {
+            return;
+        };
+        while r.first < r.read_to && r.entries.pop_front().is_some() {
+            r.first += 1;
+        }
+        if r.first + r.entries.len() as u64 != start {
+            // Armed at an end this run does not continue (a group the writer wrote
+            // while it was not armed): start again here.
+            r.entries.clear();
+            r.first = start;
+        }
+        r.entries.extend(entries.iter().copied());
+        if r.entries.len() > RECENT_MAX {
+            *slot = None;
+            self.armed.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// A read of `[start, end)` served from memory (at most `max_bytes`, at least one
+    /// entry), if the run covers it.
+    fn read(&self, start: u64, end: u64, max_bytes: usize) -> Option<Vec<QueueEntry>> {
+        let mut slot = self.recent.lock();
+        let r = slot.as_mut()?;
+        let from = usize::try_from(start.checked_sub(r.first)?).ok()?;
+        let to = usize::try_from(end - r.first).ok()?;
+        if to > r.entries.len() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(to - from);
+        let mut bytes = 0usize;
+        for e in r.entries.range(from..to) {
+            if !out.is_empty() && bytes + e.size as usize > max_bytes {
+                break;
+            }
+            bytes += e.size as usize;
+            out.push(*e);
+        }
+        r.read_to = r.read_to.max(start + out.len() as u64);
+        Some(out)
+    }
+
+    /// A read from RocksDB reached `end`, the queue's end when it began: keep what the
+    /// writer appends from there.
+    fn arm(&self, end: u64) {
+        let mut slot = self.recent.lock();
+        match slot.as_mut() {
+            Some(r) => r.read_to = r.read_to.max(end),
+            None => {
+                *slot = Some(Box::new(Recent {
+                    first: end,
+                    entries: VecDeque::new(),
+                    read_to: end,
+                }));
+                self.armed.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct TailCache {
     pub(super) messages: VecDeque<Arc<StoredMessage>>,
@@ -158,10 +266,17 @@ impl Shared {
         let next = q.next.load(Ordering::Acquire);
         let start = from.0.max(q.min.load(Ordering::Acquire));
         if start >= next || limits.max_count == 0 {
+            if start == next {
+                // At the tail: the next entries can come from memory.
+                q.recent.arm(next);
+            }
             return Ok(Some(Vec::new()));
         }
         let qid = queue.queue.0;
         let end = next.min(start.saturating_add(limits.max_count as u64));
+        if let Some(entries) = q.recent.read(start, end, limits.max_bytes) {
+            return Ok(Some(entries));
+        }
         let mut ro = tier.options();
         ro.set_iterate_lower_bound(cq_key(uid, qid, start).to_vec());
         ro.set_iterate_upper_bound(cq_key(uid, qid, end).to_vec());
@@ -181,6 +296,10 @@ impl Shared {
         }
         if let Err(e) = it.status() {
             return cold(tier, e);
+        }
+        if entries.last().map(|e| e.offset.0 + 1) == Some(next) {
+            // Read to the tail: the next entries can come from memory.
+            q.recent.arm(next);
         }
         Ok(Some(entries))
     }
@@ -470,5 +589,66 @@ impl RocksStore {
             .map(|(k, _)| decode_timer_key(&k))
             .transpose();
         first
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{MessageId, QueueEntry, QueueOffset};
+
+    fn entries(from: u64, to: u64) -> Vec<QueueEntry> {
+        (from..to)
+            .map(|o| QueueEntry {
+                offset: QueueOffset(o),
+                id: MessageId(1000 + o),
+                size: 10,
+                tag_hash: 0,
+                timestamp: o,
+            })
+            .collect()
+    }
+
+    fn offsets(v: Option<Vec<QueueEntry>>) -> Option<Vec<u64>> {
+        v.map(|v| v.iter().map(|e| e.offset.0).collect())
+    }
+
+    /// Unarmed, nothing is kept; armed at the end, appends are served, read ones are
+    /// dropped at the next append, a gap restarts the run, too many unread disarm it.
+    #[test]
+    fn the_run_serves_what_it_covers_and_nothing_else() {
+        let s = RecentSlot::default();
+        s.append(&entries(0, 5));
+        assert!(!s.armed());
+        assert_eq!(offsets(s.read(0, 5, usize::MAX)), None);
+        s.arm(5);
+        assert!(s.armed());
+        s.append(&entries(5, 9));
+        assert_eq!(offsets(s.read(4, 9, usize::MAX)), None, "below the run");
+        assert_eq!(offsets(s.read(5, 10, usize::MAX)), None, "past the run");
+        assert_eq!(offsets(s.read(5, 7, usize::MAX)), Some(vec![5, 6]));
+        // Bytes: the first entry always, then within the limit.
+        assert_eq!(offsets(s.read(7, 9, 5)), Some(vec![7]));
+        assert_eq!(offsets(s.read(8, 9, 10)), Some(vec![8]));
+        // Read to 9: the next append drops 5..9.
+        s.append(&entries(9, 11));
+        assert_eq!(
+            offsets(s.read(8, 11, usize::MAX)),
+            None,
+            "dropped once read"
+        );
+        assert_eq!(offsets(s.read(9, 11, 20)), Some(vec![9, 10]));
+        // A gap (a group written while it was not armed): the run starts again.
+        s.append(&entries(20, 22));
+        assert_eq!(offsets(s.read(11, 22, usize::MAX)), None);
+        assert_eq!(offsets(s.read(20, 22, usize::MAX)), Some(vec![20, 21]));
+        // More unread than it keeps: disarmed, and armed again at a read's end.
+        s.append(&entries(22, 22 + RECENT_MAX as u64 + 1));
+        assert!(!s.armed());
+        assert_eq!(offsets(s.read(22, 23, usize::MAX)), None);
+        let end = 22 + RECENT_MAX as u64 + 1;
+        s.arm(end);
+        s.append(&entries(end, end + 1));
+        assert_eq!(offsets(s.read(end, end + 1, usize::MAX)), Some(vec![end]));
     }
 }

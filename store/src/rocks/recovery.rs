@@ -302,6 +302,7 @@ fn recover_queue(s: &Shared, uid: u64, queue: u32) -> Result<QueueState> {
     Ok(QueueState {
         min: AtomicU64::new(min),
         next: AtomicU64::new(next.max(min)),
+        recent: Default::default(),
     })
 }
 

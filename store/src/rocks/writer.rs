@@ -133,13 +133,22 @@ pub(super) struct Writer {
 #[derive(Default)]
 struct Pending {
     header: Header,
-    /// (uid, queue) -> (state, new min, new next)
-    queues: HashMap<(u64, u32), (Arc<QueueState>, u64, u64)>,
+    /// (uid, queue) -> the queue's changes in this group
+    queues: HashMap<(u64, u32), Slot>,
     tail: Vec<Arc<StoredMessage>>,
     /// Timers put and deleted in this group (so deletes count right before the write).
     timers_put: HashSet<TimerKey>,
     timers_deleted: HashSet<TimerKey>,
     log_min: Option<u64>,
+}
+
+/// One queue's changes in a group commit.
+struct Slot {
+    state: Arc<QueueState>,
+    min: u64,
+    next: u64,
+    /// Its new entries, kept while a consumer reads at its tail (`read::Recent`).
+    recent: Option<Vec<QueueEntry>>,
 }
 
 impl Writer {
@@ -371,9 +380,13 @@ impl Writer {
     /// Make a written batch visible: queue ends, counters, tail cache.
     fn publish(&self, p: Pending) {
         let s = &self.s;
-        for (state, min, next) in p.queues.into_values() {
-            state.min.store(min, Ordering::Release);
-            state.next.store(next, Ordering::Release);
+        for slot in p.queues.into_values() {
+            if let Some(entries) = &slot.recent {
+                // Before the end moves: a read up to it finds them.
+                slot.state.recent.append(entries);
+            }
+            slot.state.min.store(slot.min, Ordering::Release);
+            slot.state.next.store(slot.next, Ordering::Release);
         }
         s.next_seq.store(p.header.next_seq, Ordering::Release);
         s.log_bytes.store(p.header.log_bytes, Ordering::Release);
@@ -409,13 +422,15 @@ impl Writer {
             .queues
             .get(q.queue.0 as usize)
             .ok_or_else(|| StoreError::UnknownQueue(q.clone()))?;
-        pending.queues.entry((t.uid, q.queue.0)).or_insert_with(|| {
-            (
-                Arc::clone(state),
-                state.min.load(Ordering::Acquire),
-                state.next.load(Ordering::Acquire),
-            )
-        });
+        pending
+            .queues
+            .entry((t.uid, q.queue.0))
+            .or_insert_with(|| Slot {
+                state: Arc::clone(state),
+                min: state.min.load(Ordering::Acquire),
+                next: state.next.load(Ordering::Acquire),
+                recent: state.recent.armed().then(Vec::new),
+            });
         Ok((t.uid, q.queue.0))
     }
 
@@ -504,13 +519,13 @@ impl Writer {
                         let (uid, qid) = self.resolved[resolved];
                         resolved += 1;
                         let slot = pending.queues.get_mut(&(uid, qid)).expect("resolved");
-                        let offset = slot.2;
-                        slot.2 += 1;
-                        wb.put_cf(
-                            cf_cq,
-                            cq_key(uid, qid, offset),
-                            codec::encode_entry(&entry(offset)),
-                        );
+                        let offset = slot.next;
+                        slot.next += 1;
+                        let e = entry(offset);
+                        wb.put_cf(cf_cq, cq_key(uid, qid, offset), codec::encode_entry(&e));
+                        if let Some(recent) = &mut slot.recent {
+                            recent.push(e);
+                        }
                         offsets.push((q, QueueOffset(offset)));
                     }
                     pending.header.log_bytes += u64::from(size);
@@ -579,11 +594,11 @@ impl Writer {
                 WriteOp::Truncate { queue, before } => {
                     let (uid, qid) = Self::resolve(topics, pending, &queue).expect("validated");
                     let slot = pending.queues.get_mut(&(uid, qid)).expect("resolved");
-                    let new_min = before.0.clamp(slot.1, slot.2);
-                    if new_min > slot.1 {
+                    let new_min = before.0.clamp(slot.min, slot.next);
+                    if new_min > slot.min {
                         wb.delete_range_cf(
                             db.cf(CF_CQ),
-                            cq_key(uid, qid, slot.1),
+                            cq_key(uid, qid, slot.min),
                             cq_key(uid, qid, new_min),
                         );
                         wb.put_cf(
@@ -591,7 +606,7 @@ impl Writer {
                             queue_meta_key(uid, qid),
                             new_min.to_be_bytes(),
                         );
-                        slot.1 = new_min;
+                        slot.min = new_min;
                     }
                 }
                 WriteOp::KvPut {
