@@ -24,26 +24,6 @@ pub const TRANSIENT: &str = props::TRANSIENT;
 /// The topic (message address) of messages published to the default exchange.
 pub const DEFAULT_EXCHANGE_TOPIC: &str = "amq.default";
 
-/// Build the core message for a publish.
-pub fn to_message(
-    exchange: &str,
-    routing_key: &str,
-    properties: &AMQPProperties,
-    raw_properties: Bytes,
-    body: Bytes,
-    now: Millis,
-) -> Message {
-    to_message_named(
-        &mut PublishNames::default(),
-        exchange,
-        routing_key,
-        properties,
-        raw_properties,
-        body,
-        now,
-    )
-}
-
 /// The exchange and routing key of a connection's last publish, as the message
 /// carries them (its topic, and the two names as properties), kept for the next: a
 /// publisher mostly sends to one exchange with few routing keys, and each name was an
@@ -78,8 +58,9 @@ impl PublishNames {
     }
 }
 
-/// [`to_message`], with the names of the connection's last publish to reuse.
-pub fn to_message_named(
+/// Build the core message for a publish; `names`: the connection's last publish's, reused
+/// while they repeat.
+pub fn to_message(
     names: &mut PublishNames,
     exchange: &str,
     routing_key: &str,
@@ -393,6 +374,7 @@ pub fn dead_letter(
     let routing_key = dl_routing_key.map(str::to_owned).unwrap_or(key);
     let raw = encode_properties(&new_props);
     let mut out = to_message(
+        &mut PublishNames::default(),
         dl_exchange,
         &routing_key,
         &new_props,

@@ -139,7 +139,7 @@ where
         };
         let now = self.shared.broker.now();
         let headers = convert::header_values(&c.header.properties);
-        let mut message = convert::to_message_named(
+        let mut message = convert::to_message(
             &mut self.names,
             &c.exchange,
             &c.routing_key,
