@@ -1352,6 +1352,100 @@ async fn exchange_errors(backend: Backend) {
     delete_exchange(&conn, &internal).await;
 }
 
+/// A connection that keeps publishing to one exchange with one routing key sees every
+/// change of the routing tables made meanwhile (mqgate reuses a connection's last route
+/// and its checks while the tables are unchanged): a queue bound later gets the next
+/// message, an unbound one no longer does, a deleted exchange is 404, and one
+/// redeclared internal is 403. Publishes are paced by their confirms.
+async fn publisher_sees_routing_changes(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let admin = plain(&conn).await;
+    let ex = uniq("reroute.x");
+    let (q1, q2) = (uniq("reroute.q1"), uniq("reroute.q2"));
+    exchange(&admin, &ex, ExchangeKind::Direct, no_args()).await;
+    declare(&admin, &q1, no_args()).await;
+    declare(&admin, &q2, no_args()).await;
+    bind(&admin, &q1, &ex, "k", no_args()).await;
+    let ch = chan(&conn).await;
+    publish(&ch, &ex, "k", "1").await;
+    publish(&ch, &ex, "k", "2").await;
+    bind(&admin, &q2, &ex, "k", no_args()).await;
+    publish(&ch, &ex, "k", "3").await;
+    admin
+        .queue_unbind(s(&q1), s(&ex), s("k"), no_args())
+        .await
+        .expect("unbind");
+    publish(&ch, &ex, "k", "4").await;
+    // The default exchange, twice, then the first exchange again.
+    publish(&ch, "", &q1, "5").await;
+    publish(&ch, "", &q1, "6").await;
+    publish(&ch, &ex, "k", "7").await;
+    let mut got = (Vec::new(), Vec::new());
+    while let Some(b) = get_body(&admin, &q1).await {
+        got.0.push(b);
+    }
+    while let Some(b) = get_body(&admin, &q2).await {
+        got.1.push(b);
+    }
+    assert_eq!(got.0, ["1", "2", "3", "5", "6"], "{q1}");
+    assert_eq!(got.1, ["3", "4", "7"], "{q2}");
+
+    // Deleted: the next publish to it closes the channel with 404.
+    delete_exchange(&conn, &ex).await;
+    let r = ch
+        .basic_publish(
+            s(&ex),
+            s("k"),
+            BasicPublishOptions::default(),
+            b"8",
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish write");
+    expect_code(r.await, 404, "publish to a deleted exchange");
+
+    // Declared again, published to, then deleted and declared internal: 403.
+    let admin = plain(&conn).await;
+    exchange(&admin, &ex, ExchangeKind::Direct, no_args()).await;
+    bind(&admin, &q2, &ex, "k", no_args()).await;
+    let ch = chan(&conn).await;
+    publish(&ch, &ex, "k", "9").await;
+    assert_eq!(get_body(&admin, &q2).await.as_deref(), Some("9"));
+    delete_exchange(&conn, &ex).await;
+    admin
+        .exchange_declare(
+            s(&ex),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                internal: true,
+                ..Default::default()
+            },
+            no_args(),
+        )
+        .await
+        .expect("declare internal");
+    bind(&admin, &q2, &ex, "k", no_args()).await;
+    let r = ch
+        .basic_publish(
+            s(&ex),
+            s("k"),
+            BasicPublishOptions::default(),
+            b"10",
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish write");
+    expect_code(r.await, 403, "publish to an exchange redeclared internal");
+    assert_eq!(get_body(&admin, &q2).await, None, "{q2} after the 403");
+    alive(&conn, "after the 403").await;
+    delete_queue(&conn, &q1).await;
+    delete_queue(&conn, &q2).await;
+    delete_exchange(&conn, &ex).await;
+}
+
 /// exchange.bind: messages flow source → destination → queue; exchange.unbind stops it.
 async fn exchange_to_exchange(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
@@ -3491,6 +3585,7 @@ scenario!(
     headers_exchange,
     amq_exchanges,
     exchange_errors,
+    publisher_sees_routing_changes,
     exchange_to_exchange,
     alternate_exchange,
     auto_delete_exchange,

@@ -27,12 +27,17 @@ pub const DEFAULT_EXCHANGE_TOPIC: &str = "amq.default";
 /// The exchange and routing key of a connection's last publish, as the message
 /// carries them (its topic, and the two names as properties), kept for the next: a
 /// publisher mostly sends to one exchange with few routing keys, and each name was an
-/// allocation and a copy per message.
+/// allocation and a copy per message. With them, where they last routed to: the
+/// router's answer and its checks (write permission, topic rules, not internal) are
+/// taken again only when a name or the router's tables changed.
 #[derive(Debug, Default)]
 pub struct PublishNames {
     topic: Option<TopicName>,
     exchange: Bytes,
     routing_key: Bytes,
+    /// The router's generation when these names were last routed and checked, and the
+    /// topics they routed to; cleared when a name changes.
+    routed: Option<(u64, Vec<TopicName>)>,
 }
 
 impl PublishNames {
@@ -48,13 +53,30 @@ impl PublishNames {
                 .expect("exchange names are short strings");
                 self.exchange = Bytes::copy_from_slice(exchange.as_bytes());
                 self.topic = Some(t.clone());
+                self.routed = None;
                 t
             }
         };
         if self.routing_key != routing_key.as_bytes() {
             self.routing_key = Bytes::copy_from_slice(routing_key.as_bytes());
+            self.routed = None;
         }
         (topic, self.exchange.clone(), self.routing_key.clone())
+    }
+
+    /// The topics the last names (those of the message [`to_message`] built last)
+    /// routed to, if they were routed and checked under this `generation` of the router.
+    pub fn routed(&self, generation: u64) -> Option<Vec<TopicName>> {
+        match &self.routed {
+            Some((g, topics)) if *g == generation => Some(topics.clone()),
+            _ => None,
+        }
+    }
+
+    /// The last names passed their checks and routed to `topics` under `generation` (a
+    /// stable answer: [`mqgate_core::router::Router::route_stable`]).
+    pub fn remember(&mut self, generation: u64, topics: &[TopicName]) {
+        self.routed = Some((generation, topics.to_vec()));
     }
 }
 

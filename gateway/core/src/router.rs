@@ -8,11 +8,13 @@
 //! (all of which match), headers exchanges check their own bindings.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use mqgate_store::TopicName;
-use parking_lot::RwLock;
+use parking_lot::{RwLock, RwLockWriteGuard};
 
 use crate::error::{CoreError, Result};
 use crate::trie::{Syntax, TopicTrie};
@@ -346,6 +348,35 @@ struct VHost {
 #[derive(Debug, Default)]
 pub struct Router {
     vhosts: RwLock<HashMap<String, Arc<RwLock<VHost>>>>,
+    /// Moved by every change of any vhost's tables (after the change, before the
+    /// method returns): a publisher that routed under generation `g` and still reads
+    /// `g` may reuse its answer ([`Router::generation`], [`Router::route_stable`]).
+    generation: AtomicU64,
+}
+
+/// A vhost's tables held for writing; the router's generation moves when it is let go.
+struct Changing<'a> {
+    guard: RwLockWriteGuard<'a, VHost>,
+    generation: &'a AtomicU64,
+}
+
+impl Deref for Changing<'_> {
+    type Target = VHost;
+    fn deref(&self) -> &VHost {
+        &self.guard
+    }
+}
+
+impl DerefMut for Changing<'_> {
+    fn deref_mut(&mut self) -> &mut VHost {
+        &mut self.guard
+    }
+}
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
 }
 
 /// The standard exchanges every vhost has (RabbitMQ's set).
@@ -376,6 +407,27 @@ impl Router {
     /// Take `other`'s whole state in one step (a route sees the old state or the new).
     pub(crate) fn replace(&self, other: Router) {
         *self.vhosts.write() = other.vhosts.into_inner();
+        self.changed();
+    }
+
+    /// Note a change of the tables (see `generation`).
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// A vhost's tables for writing: the generation moves once the guard is let go.
+    fn write<'a>(&'a self, v: &'a RwLock<VHost>) -> Changing<'a> {
+        Changing {
+            guard: v.write(),
+            generation: &self.generation,
+        }
+    }
+
+    /// The tables' generation: read it before routing; an answer from
+    /// [`Router::route_stable`] marked stable stays right for the same exchange and key
+    /// while this reads the same.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     fn vhost(&self, vhost: &str) -> Result<Arc<RwLock<VHost>>> {
@@ -396,11 +448,15 @@ impl Router {
             }
             Arc::new(RwLock::new(v))
         });
+        drop(vhosts);
+        self.changed();
     }
 
     /// Remove a vhost and everything in it.
     pub fn remove_vhost(&self, vhost: &str) -> bool {
-        self.vhosts.write().remove(vhost).is_some()
+        let removed = self.vhosts.write().remove(vhost).is_some();
+        self.changed();
+        removed
     }
 
     /// The vhosts, sorted.
@@ -414,7 +470,7 @@ impl Router {
     /// exists; a different one with the same name is a [`CoreError::Conflict`].
     pub fn declare_exchange(&self, vhost: &str, def: ExchangeDef) -> Result<bool> {
         let v = self.vhost(vhost)?;
-        let mut v = v.write();
+        let mut v = self.write(&v);
         if let Some(existing) = v.exchanges.get(&def.name) {
             let e = &existing.def;
             if e.kind != def.kind
@@ -464,7 +520,7 @@ impl Router {
     /// ([`CoreError::Conflict`]) while it has bindings. Returns whether it existed.
     pub fn delete_exchange(&self, vhost: &str, name: &str, if_unused: bool) -> Result<bool> {
         let v = self.vhost(vhost)?;
-        let mut v = v.write();
+        let mut v = self.write(&v);
         match v.exchanges.get(name) {
             None => return Ok(false),
             Some(e) if if_unused && e.count > 0 => {
@@ -483,7 +539,7 @@ impl Router {
     /// Add a binding. Returns whether it was new.
     pub fn bind(&self, vhost: &str, binding: Binding) -> Result<bool> {
         let v = self.vhost(vhost)?;
-        let mut v = v.write();
+        let mut v = self.write(&v);
         Self::bind_locked(&mut v, binding)
     }
 
@@ -495,7 +551,7 @@ impl Router {
         let v = self.vhost(vhost)?;
         let mut out = Vec::with_capacity(bindings.len());
         for chunk in bindings.chunks(LOCK_CHUNK) {
-            let mut v = v.write();
+            let mut v = self.write(&v);
             for b in chunk {
                 out.push(Self::bind_locked(&mut v, b.clone()));
             }
@@ -520,7 +576,7 @@ impl Router {
     /// whether it existed. An auto-delete exchange left without bindings is deleted.
     pub fn unbind(&self, vhost: &str, binding: &Binding) -> Result<bool> {
         let v = self.vhost(vhost)?;
-        let mut v = v.write();
+        let mut v = self.write(&v);
         Self::unbind_locked(&mut v, binding)
     }
 
@@ -531,7 +587,7 @@ impl Router {
         let v = self.vhost(vhost)?;
         let mut out = Vec::with_capacity(bindings.len());
         for chunk in bindings.chunks(LOCK_CHUNK) {
-            let mut v = v.write();
+            let mut v = self.write(&v);
             for b in chunk {
                 out.push(Self::unbind_locked(&mut v, b));
             }
@@ -563,7 +619,7 @@ impl Router {
         let mut removed = Vec::new();
         let mut emptied = Vec::new();
         loop {
-            let mut v = v.write();
+            let mut v = self.write(&v);
             let mut budget = LOCK_CHUNK;
             let mut now_empty = Vec::new();
             for e in v.exchanges.values_mut() {
@@ -616,11 +672,27 @@ impl Router {
         key: &str,
         headers: &[(String, HeaderValue)],
     ) -> Result<Routed> {
+        self.route_stable(vhost, exchange, key, headers)
+            .map(|(routed, _)| routed)
+    }
+
+    /// [`Router::route`], and whether the answer depends only on the exchange and the
+    /// key (the first exchange is not a headers exchange and its bindings lead to queues
+    /// only): such an answer can be reused for the same exchange and key while
+    /// [`Router::generation`] (read before this call) stays the same.
+    pub fn route_stable(
+        &self,
+        vhost: &str,
+        exchange: &str,
+        key: &str,
+        headers: &[(String, HeaderValue)],
+    ) -> Result<(Routed, bool)> {
         let v = self.vhost(vhost)?;
         let v = v.read();
         let Some(first) = v.exchanges.get(exchange) else {
             return Err(CoreError::NoSuchExchange(exchange.to_owned()));
         };
+        let stable = first.def.kind != ExchangeKind::Headers;
         // The usual case, bindings to queues only: no walk of the exchange graph (its
         // sets and names cost a publish seven allocations and three hashes).
         let mut dests = Vec::new();
@@ -645,7 +717,7 @@ impl Router {
                     }
                 }
             }
-            return Ok(Routed { topics });
+            return Ok((Routed { topics }, stable));
         }
         let mut topics = Vec::new();
         let mut seen_topics = HashSet::new();
@@ -678,7 +750,7 @@ impl Router {
                 }
             }
         }
-        Ok(Routed { topics })
+        Ok((Routed { topics }, false))
     }
 }
 
