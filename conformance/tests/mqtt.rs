@@ -1180,6 +1180,7 @@ async fn receive_maximum_exceeded_while_writing(b: Backend) {
 scenario!(
     wildcards_and_dollar_topics,
     unsubscribe_stops_delivery,
+    publisher_sees_subscription_changes,
     acl_denied_filter,
     subscription_options,
     overlapping_subscriptions,
@@ -1276,6 +1277,60 @@ async fn unsubscribe_stops_delivery(b: Backend) {
         ),
         other => panic!("{other:?}"),
     }
+}
+
+/// A connection that keeps publishing to one topic sees every subscription made or
+/// removed meanwhile (mqgate reuses a connection's last route while the routing tables
+/// are unchanged): a subscriber that joins gets the next message, one that leaves no
+/// longer does. Publishes are paced by their PUBACKs, with one at QoS 0.
+async fn publisher_sees_subscription_changes(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("reroute");
+    let (mut p, _) = c3(&t, &uniq("p"), true).await;
+    let (mut first, _) = c3(&t, &uniq("a"), true).await;
+    first.subscribe(&topic, Q3::AtLeastOnce).await;
+    for body in ["1", "2"] {
+        p.client
+            .publish(&topic, Q3::AtLeastOnce, false, body)
+            .await
+            .unwrap();
+        p.acked(1).await;
+    }
+    let (mut second, _) = c3(&t, &uniq("b"), true).await;
+    second.subscribe(&topic, Q3::AtLeastOnce).await;
+    p.client
+        .publish(&topic, Q3::AtLeastOnce, false, "3")
+        .await
+        .unwrap();
+    p.acked(1).await;
+    let got: Vec<String> = first.publishes(3).await.iter().map(body).collect();
+    assert_eq!(got, ["1", "2", "3"], "the first subscriber");
+    first.client.unsubscribe(&topic).await.unwrap();
+    loop {
+        match first.next(WAIT).await {
+            Some(rumqttc::Event::Incoming(rumqttc::Packet::UnsubAck(_))) => break,
+            Some(_) => {}
+            None => panic!("no UNSUBACK"),
+        }
+    }
+    p.client
+        .publish(&topic, Q3::AtMostOnce, false, "4")
+        .await
+        .unwrap();
+    p.client
+        .publish(&topic, Q3::AtLeastOnce, false, "5")
+        .await
+        .unwrap();
+    p.acked(1).await;
+    let mut got: Vec<String> = second.publishes(3).await.iter().map(body).collect();
+    got.sort();
+    assert_eq!(got, ["3", "4", "5"], "the subscriber that joined");
+    assert!(
+        first.publish_in(QUIET).await.is_none(),
+        "a delivery after UNSUBACK"
+    );
 }
 
 async fn acl_denied_filter(b: Backend) {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use mqgate_core::router::{mqtt_to_amqp, DEFAULT_VHOST};
+use mqgate_core::router::{mqtt_to_amqp, RouteMemo, DEFAULT_VHOST};
 use mqgate_core::{Broker, Delay, Destination, Outgoing, PublishBatch, Records};
 use mqgate_store::{Message, Millis, TopicName};
 use parking_lot::{Mutex, RwLock};
@@ -435,7 +435,7 @@ impl Shared {
         items: Vec<Outbound>,
         own: Option<&TopicName>,
     ) -> mqgate_core::Result<Vec<bool>> {
-        let (out, batch) = self.route_batch(items, own).await?;
+        let (out, batch) = self.route_batch(items, own, None).await?;
         if !batch.items.is_empty() {
             self.broker.publish_batch(batch).await?;
         }
@@ -445,10 +445,13 @@ impl Shared {
     /// [`Shared::publish_batch`] up to the store write: QoS 0 messages are handed to
     /// connected sessions, the rest is returned as the core batch to store (a
     /// connection submits it to its pipeline).
+    /// `memo`: the publishing connection's last route, reused while its topic and the
+    /// router's tables are the same.
     pub(crate) async fn route_batch(
         &self,
         items: Vec<Outbound>,
         own: Option<&TopicName>,
+        mut memo: Option<&mut RouteMemo>,
     ) -> mqgate_core::Result<(Vec<bool>, PublishBatch)> {
         let mut out = Vec::with_capacity(items.len());
         // One core batch: the stored publishes, the delayed ones (timers, routed when
@@ -472,17 +475,29 @@ impl Shared {
                 out.push(true);
                 continue;
             }
-            let routed = self.broker.router().route(
-                DEFAULT_VHOST,
-                MQTT_EXCHANGE,
-                &mqtt_to_amqp(&item.topic),
-                &[],
-            )?;
-            out.push(!routed.topics.is_empty());
+            let router = self.broker.router();
+            let generation = router.generation();
+            let known = memo.as_deref().and_then(|m| m.get(&item.topic, generation));
+            let routed_topics = match known {
+                Some(topics) => topics,
+                None => {
+                    let (routed, stable) = router.route_stable(
+                        DEFAULT_VHOST,
+                        MQTT_EXCHANGE,
+                        &mqtt_to_amqp(&item.topic),
+                        &[],
+                    )?;
+                    if let (true, Some(m)) = (stable, memo.as_deref_mut()) {
+                        m.remember(&item.topic, generation, &routed.topics);
+                    }
+                    routed.topics
+                }
+            };
+            out.push(!routed_topics.is_empty());
             if item.qos == QoS::AtMostOnce {
                 let mut stored = Vec::new();
                 let mut shared_msg: Option<Arc<Message>> = None;
-                for t in routed.topics {
+                for t in routed_topics {
                     if t.as_str().starts_with(SESSION_PREFIX) {
                         let live = self.live.read();
                         match live.get(&t) {
@@ -526,10 +541,10 @@ impl Shared {
                         ..Outgoing::routed(item.message, stored)
                     });
                 }
-            } else if !routed.topics.is_empty() || retain.is_some() {
+            } else if !routed_topics.is_empty() || retain.is_some() {
                 batch.push(Outgoing {
                     retain,
-                    ..Outgoing::routed(item.message, routed.topics)
+                    ..Outgoing::routed(item.message, routed_topics)
                 });
             }
         }

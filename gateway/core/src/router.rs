@@ -379,6 +379,33 @@ impl Drop for Changing<'_> {
     }
 }
 
+/// A publisher's last stable route for one routing key ([`Router::route_stable`]),
+/// reused while the key and [`Router::generation`] are the same (an MQTT connection
+/// mostly publishes to one topic: the conversion of its name, two look-ups under locks
+/// and the trie's walk, a publish).
+#[derive(Debug, Default)]
+pub struct RouteMemo {
+    key: String,
+    /// The router's generation it was made under, and the topics.
+    routed: Option<(u64, Vec<TopicName>)>,
+}
+
+impl RouteMemo {
+    /// The topics `key` routed to, if it was routed under this `generation`.
+    pub fn get(&self, key: &str, generation: u64) -> Option<Vec<TopicName>> {
+        match &self.routed {
+            Some((g, topics)) if *g == generation && self.key == key => Some(topics.clone()),
+            _ => None,
+        }
+    }
+
+    /// `key` routed to `topics` under `generation`, a stable answer.
+    pub fn remember(&mut self, key: &str, generation: u64, topics: &[TopicName]) {
+        key.clone_into(&mut self.key);
+        self.routed = Some((generation, topics.to_vec()));
+    }
+}
+
 /// The standard exchanges every vhost has (RabbitMQ's set).
 pub fn standard_exchanges() -> Vec<ExchangeDef> {
     vec![

@@ -213,6 +213,8 @@ struct Publishing {
     acks_pending: usize,
     /// The memory watermark: above it, the connection is not read.
     memory: MemoryWatch,
+    /// The last topic published to and where it routed.
+    route: mqgate_core::router::RouteMemo,
 }
 
 impl Publishing {
@@ -225,6 +227,7 @@ impl Publishing {
                 .publish_pipeline(mqgate_core::config::PUBLISH_PIPELINE_DEPTH),
             acks_pending: 0,
             memory: MemoryWatch::new(shared.broker.memory_blocked()),
+            route: mqgate_core::router::RouteMemo::default(),
         }
     }
 

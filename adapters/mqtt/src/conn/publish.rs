@@ -219,7 +219,8 @@ where
         // Until `acknowledge` answers them.
         self.publishing().acks_pending += acks.iter().filter(|a| a.1 != QoS::AtMostOnce).count();
         let own = session_topic(&self.client_id);
-        let (matched, stored) = match self.shared.route_batch(items, Some(&own)).await {
+        let memo = self.publishing.as_deref_mut().map(|p| &mut p.route);
+        let (matched, stored) = match self.shared.route_batch(items, Some(&own), memo).await {
             Ok(r) => r,
             Err(e) => return self.acknowledge((acks, Vec::new()), Err(e)).await,
         };
