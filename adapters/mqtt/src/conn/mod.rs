@@ -215,6 +215,8 @@ struct Publishing {
     memory: MemoryWatch,
     /// The last topic published to and where it routed.
     route: mqgate_core::router::RouteMemo,
+    /// The last topic's name and the client id, as messages carry them.
+    names: publish::PublishNames,
 }
 
 impl Publishing {
@@ -228,6 +230,7 @@ impl Publishing {
             acks_pending: 0,
             memory: MemoryWatch::new(shared.broker.memory_blocked()),
             route: mqgate_core::router::RouteMemo::default(),
+            names: publish::PublishNames::default(),
         }
     }
 

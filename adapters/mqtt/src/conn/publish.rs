@@ -124,7 +124,17 @@ where
             }
             return Ok(());
         }
-        let message = self.to_message(&topic_name, p.qos, p.retain, p.payload, &p.properties);
+        let names = self.publishing.as_deref_mut().map(|p| &mut p.names);
+        let message = to_message(
+            &self.shared,
+            &self.client_id,
+            self.rare.as_deref(),
+            names,
+            &topic_name,
+            (p.qos, p.retain),
+            p.payload,
+            &p.properties,
+        );
         batch.push((
             Outbound {
                 topic: topic_name,
@@ -137,70 +147,6 @@ where
             p.qos,
         ));
         Ok(())
-    }
-
-    pub(super) fn to_message(
-        &self,
-        topic: &str,
-        qos: QoS,
-        retain: bool,
-        payload: Bytes,
-        pp: &Properties,
-    ) -> Message {
-        let name = TopicName::new(topic).unwrap_or_else(|_| TopicName::new("?").expect("valid"));
-        // Copy the payload out of the read buffer, so the buffer is not kept alive.
-        let mut m = Message::born_at(name, Bytes::copy_from_slice(&payload), self.shared.now());
-        m.producer_group = self
-            .rare
-            .as_ref()
-            .and_then(|r| r.producer_group.as_deref())
-            .unwrap_or("mqtt")
-            .to_owned();
-        let p = &mut m.properties;
-        const QOS_BYTES: [&[u8]; 3] = [&[0], &[1], &[2]];
-        p.push((
-            props::MQTT_QOS.into(),
-            Bytes::from_static(QOS_BYTES[qos as usize]),
-        ));
-        if retain {
-            p.push((props::MQTT_RETAIN.into(), Bytes::from_static(&[1])));
-        }
-        p.push((
-            props::MQTT_FROM.into(),
-            Bytes::copy_from_slice(self.client_id.as_bytes()),
-        ));
-        if let Some(f) = pp.payload_format {
-            p.push((props::PAYLOAD_FORMAT.into(), Bytes::copy_from_slice(&[f])));
-        }
-        if let Some(e) = pp.message_expiry {
-            let at = m.born_timestamp + u64::from(e) * 1000;
-            p.push((
-                props::EXPIRES_AT.into(),
-                Bytes::copy_from_slice(&at.to_be_bytes()),
-            ));
-        }
-        if let Some(ct) = &pp.content_type {
-            p.push((
-                props::CONTENT_TYPE.into(),
-                Bytes::copy_from_slice(ct.as_bytes()),
-            ));
-        }
-        if let Some(rt) = &pp.response_topic {
-            p.push((
-                props::REPLY_TO.into(),
-                Bytes::copy_from_slice(rt.as_bytes()),
-            ));
-        }
-        if let Some(cd) = &pp.correlation_data {
-            p.push((props::CORRELATION_ID.into(), cd.clone()));
-        }
-        for (k, v) in &pp.user {
-            p.push((
-                format!("{}{k}", props::USER_PREFIX).into(),
-                Bytes::copy_from_slice(v.as_bytes()),
-            ));
-        }
-        m
     }
 
     /// Store a batch of publishes: routed here, queued on the store behind the
@@ -346,4 +292,113 @@ fn reason_text(code: u8) -> &'static str {
         reason::PAYLOAD_FORMAT_INVALID => "payload is not UTF-8 as its format indicator says",
         _ => "unspecified error",
     }
+}
+
+/// The names a publishing connection's messages carry, kept from its last publish: the
+/// topic's name (an allocation a message) and the client id as a property.
+#[derive(Debug, Default)]
+pub(super) struct PublishNames {
+    topic: Option<TopicName>,
+    from: Bytes,
+}
+
+impl PublishNames {
+    fn get(&mut self, topic: &str, client_id: &str) -> (TopicName, Bytes) {
+        let name = match &self.topic {
+            Some(t) if t.as_str() == topic => t.clone(),
+            _ => {
+                let t = topic_name(topic);
+                self.topic = Some(t.clone());
+                t
+            }
+        };
+        if self.from.is_empty() {
+            self.from = Bytes::copy_from_slice(client_id.as_bytes());
+        }
+        (name, self.from.clone())
+    }
+}
+
+fn topic_name(topic: &str) -> TopicName {
+    TopicName::new(topic).unwrap_or_else(|_| TopicName::new("?").expect("valid"))
+}
+
+/// Build the core message of a PUBLISH (or a will); `names`: the connection's, reused
+/// while they repeat (none for a will).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn to_message(
+    shared: &crate::server::Shared,
+    client_id: &str,
+    rare: Option<&super::Rare>,
+    names: Option<&mut PublishNames>,
+    topic: &str,
+    (qos, retain): (QoS, bool),
+    payload: Bytes,
+    pp: &Properties,
+) -> Message {
+    let (name, from) = match names {
+        Some(n) => n.get(topic, client_id),
+        None => (
+            topic_name(topic),
+            Bytes::copy_from_slice(client_id.as_bytes()),
+        ),
+    };
+    // Copy the payload out of the read buffer, so the buffer is not kept alive.
+    let mut m = Message::born_at(name, Bytes::copy_from_slice(&payload), shared.now());
+    m.producer_group = rare
+        .and_then(|r| r.producer_group.as_deref())
+        .unwrap_or("mqtt")
+        .to_owned();
+    let p = &mut m.properties;
+    // Sized once: QoS, the sender, then what is there.
+    p.reserve_exact(
+        2 + usize::from(retain)
+            + usize::from(pp.payload_format.is_some())
+            + usize::from(pp.message_expiry.is_some())
+            + usize::from(pp.content_type.is_some())
+            + usize::from(pp.response_topic.is_some())
+            + usize::from(pp.correlation_data.is_some())
+            + pp.user.len(),
+    );
+    const QOS_BYTES: [&[u8]; 3] = [&[0], &[1], &[2]];
+    p.push((
+        props::MQTT_QOS.into(),
+        Bytes::from_static(QOS_BYTES[qos as usize]),
+    ));
+    if retain {
+        p.push((props::MQTT_RETAIN.into(), Bytes::from_static(&[1])));
+    }
+    p.push((props::MQTT_FROM.into(), from));
+    if let Some(f) = pp.payload_format {
+        p.push((props::PAYLOAD_FORMAT.into(), Bytes::copy_from_slice(&[f])));
+    }
+    if let Some(e) = pp.message_expiry {
+        let at = m.born_timestamp + u64::from(e) * 1000;
+        p.push((
+            props::EXPIRES_AT.into(),
+            Bytes::copy_from_slice(&at.to_be_bytes()),
+        ));
+    }
+    if let Some(ct) = &pp.content_type {
+        p.push((
+            props::CONTENT_TYPE.into(),
+            Bytes::copy_from_slice(ct.as_bytes()),
+        ));
+    }
+    if let Some(rt) = &pp.response_topic {
+        p.push((
+            props::REPLY_TO.into(),
+            Bytes::copy_from_slice(rt.as_bytes()),
+        ));
+    }
+    if let Some(cd) = &pp.correlation_data {
+        p.push((props::CORRELATION_ID.into(), cd.clone()));
+    }
+    for (k, v) in &pp.user {
+        p.push((
+            format!("{}{k}", props::USER_PREFIX).into(),
+            Bytes::copy_from_slice(v.as_bytes()),
+        ));
+    }
+    m
 }

@@ -22,10 +22,13 @@ where
     pub(super) async fn schedule_will(&mut self, will: Will, delay_secs: u32) {
         let shared = &self.shared;
         let client_id = self.client_id.clone();
-        let message = self.to_message(
+        let message = super::publish::to_message(
+            shared,
+            &client_id,
+            self.rare.as_deref(),
+            None,
             &will.topic,
-            will.qos,
-            will.retain,
+            (will.qos, will.retain),
             will.payload.clone(),
             &will.properties,
         );
