@@ -186,6 +186,21 @@ async fn publish(ch: &Channel, ex: &str, key: &str, body: &str) {
     );
 }
 
+/// Publish on a confirm-mode channel and expect the channel closed with `want`.
+async fn publish_refused(ch: &Channel, ex: &str, key: &str, body: &[u8], want: u16, what: &str) {
+    let r = ch
+        .basic_publish(
+            s(ex),
+            s(key),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish write");
+    expect_code(r.await, want, what);
+}
+
 async fn consume(ch: &Channel, q: &str, tag: &str, no_ack: bool) -> Consumer {
     consume_args(ch, q, tag, no_ack, no_args()).await
 }
@@ -847,17 +862,15 @@ async fn limited_user_permissions(backend: Backend) {
     assert_eq!(get_body(&ch, &q).await.as_deref(), Some("mine"));
     // Write is `^limited\.` too: publishing to the default exchange is refused.
     let ch2 = chan(&conn).await;
-    let r = ch2
-        .basic_publish(
-            s(""),
-            s(&q),
-            BasicPublishOptions::default(),
-            b"x",
-            BasicProperties::default(),
-        )
-        .await
-        .expect("publish write");
-    expect_code(r.await, 403, "publish to the default exchange as limited");
+    publish_refused(
+        &ch2,
+        "",
+        &q,
+        b"x",
+        403,
+        "publish to the default exchange as limited",
+    )
+    .await;
     ch.exchange_delete(s(&ex), ExchangeDeleteOptions::default())
         .await
         .expect("delete limited.x");
@@ -1313,17 +1326,15 @@ async fn exchange_errors(backend: Backend) {
     )
     .await
     .expect("declare internal");
-    let r = ch
-        .basic_publish(
-            s(&internal),
-            s(""),
-            BasicPublishOptions::default(),
-            b"x",
-            BasicProperties::default(),
-        )
-        .await
-        .expect("publish write");
-    expect_code(r.await, 403, "publish to an internal exchange");
+    publish_refused(
+        &ch,
+        &internal,
+        "",
+        b"x",
+        403,
+        "publish to an internal exchange",
+    )
+    .await;
     alive(&conn, "after 403 on internal").await;
 
     let ch = plain(&conn).await;
@@ -1395,17 +1406,7 @@ async fn publisher_sees_routing_changes(backend: Backend) {
 
     // Deleted: the next publish to it closes the channel with 404.
     delete_exchange(&conn, &ex).await;
-    let r = ch
-        .basic_publish(
-            s(&ex),
-            s("k"),
-            BasicPublishOptions::default(),
-            b"8",
-            BasicProperties::default(),
-        )
-        .await
-        .expect("publish write");
-    expect_code(r.await, 404, "publish to a deleted exchange");
+    publish_refused(&ch, &ex, "k", b"8", 404, "publish to a deleted exchange").await;
 
     // Declared again, published to, then deleted and declared internal: 403.
     let admin = plain(&conn).await;
@@ -1428,17 +1429,15 @@ async fn publisher_sees_routing_changes(backend: Backend) {
         .await
         .expect("declare internal");
     bind(&admin, &q2, &ex, "k", no_args()).await;
-    let r = ch
-        .basic_publish(
-            s(&ex),
-            s("k"),
-            BasicPublishOptions::default(),
-            b"10",
-            BasicProperties::default(),
-        )
-        .await
-        .expect("publish write");
-    expect_code(r.await, 403, "publish to an exchange redeclared internal");
+    publish_refused(
+        &ch,
+        &ex,
+        "k",
+        b"10",
+        403,
+        "publish to an exchange redeclared internal",
+    )
+    .await;
     assert_eq!(get_body(&admin, &q2).await, None, "{q2} after the 403");
     alive(&conn, "after the 403").await;
     delete_queue(&conn, &q1).await;
