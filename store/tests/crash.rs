@@ -19,6 +19,9 @@
 //! its own. Its key names its batch (`b<first seq hex>n<len>`), which lets the parent
 //! check that every batch is in the store whole or not at all.
 //!
+//! Odd rounds write under a 1 MiB memtable budget, so the WAL switches files many times
+//! and flushed WAL files are reused (their old records still in them) when the kill lands.
+//!
 //! Rounds: at least 6 (default 8) against one data folder; every fourth round kills the
 //! child 0..150 ms after spawn (usually while it opens and recovers the store), the
 //! others 150..=900 ms after it printed `READY`. After each round the parent checks
@@ -161,8 +164,15 @@ fn crash_child() {
         .build()
         .expect("tokio runtime");
     rt.block_on(async move {
-        let config = RocksConfig::new(Path::new(&dir));
+        let mut config = RocksConfig::new(Path::new(&dir));
         assert_eq!(config.fsync, FsyncPolicy::EveryBatch);
+        if round % 2 == 1 {
+            // Odd rounds: a memtable budget this small flushes every few hundred
+            // batches, so the WAL switches files many times a round and RocksDB reuses
+            // the flushed ones (`recycle_log_file_num`): the kill lands in a reused file
+            // whose old records are still there after the new ones.
+            config.write_buffer_bytes = 1 << 20;
+        }
         let store = Arc::new(RocksStore::open(config).expect("open store in child"));
         store
             .create_topic(&topic(), QUEUES)

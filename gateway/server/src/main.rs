@@ -20,6 +20,7 @@ mod admin;
 mod cli;
 mod console;
 mod listeners;
+mod malloc;
 mod metrics;
 mod rabbit;
 mod settings;
@@ -199,6 +200,8 @@ fn small_allocator() -> anyhow::Result<()> {
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.small {
         small_allocator()?;
+    } else {
+        malloc::keep_freed_memory();
     }
     let mut s = Settings::load(args.config.as_deref())?;
     if args.small {

@@ -44,7 +44,20 @@ pub(super) fn open_db_as(config: &RocksConfig, log_min: &Arc<AtomicU64>, view: b
     db_opts.set_write_buffer_manager(&wbm);
     db_opts.set_max_total_wal_size(256 << 20);
     db_opts.set_bytes_per_sync(1 << 20);
-    db_opts.set_wal_bytes_per_sync(1 << 20);
+    // RocksDB's background range sync of the WAL smooths a periodic fsync. Under the
+    // every-batch policy a durable batch syncs its own WAL before anyone is answered,
+    // and a transient batch (`no_sync`) is made durable by the next synced one, so it
+    // only costs a `sync_file_range` per MiB (2 % of the broker's CPU on 4 KiB
+    // transient messages).
+    db_opts.set_wal_bytes_per_sync(match config.fsync {
+        crate::FsyncPolicy::EveryBatch => 0,
+        crate::FsyncPolicy::Periodic { .. } => 1 << 20,
+    });
+    // A WAL whose memtables are flushed is kept for reuse instead of deleted: deleting
+    // it evicted its pages from the page cache and the next WAL faulted new ones in and
+    // allocated their blocks (4 % of the broker's CPU on 4 KiB messages). RocksDB marks
+    // reused records with the file's number, so recovery stops at the old ones.
+    db_opts.set_recycle_log_file_num(2);
     db_opts.set_keep_log_file_num(4);
     db_opts.set_max_open_files(config.max_open_files);
     // A view of an external log writes without a WAL: flushing every column family
