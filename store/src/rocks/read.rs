@@ -216,14 +216,19 @@ impl Shared {
         }
         let db = self.db()?;
         let log = db.cf(CF_LOG);
-        let keys: Vec<_> = missing
-            .iter()
-            .map(|&i| (log, ids[i].to_be_bytes()))
-            .collect();
-        for (&i, got) in missing
-            .iter()
-            .zip(db.multi_get_cf_opt(keys, &tier.options()))
-        {
+        let keys: Vec<[u8; 8]> = missing.iter().map(|&i| ids[i].to_be_bytes()).collect();
+        // Batched and pinned: RocksDB hands each value over without copying it into a
+        // string of its own (and the C API into another, and the crate into a `Vec`:
+        // three copies and two mallocs of each body, 7 % of the broker's CPU when a
+        // consumer of 4 KiB messages fell behind the tail cache). A queue's ids
+        // increase, so its reads are sorted and RocksDB can skip sorting them.
+        let sorted = keys.windows(2).all(|w| w[0] < w[1]);
+        for (&i, got) in missing.iter().zip(db.batched_multi_get_cf_opt(
+            log,
+            keys.iter(),
+            sorted,
+            &tier.options(),
+        )) {
             let got = match got {
                 Ok(got) => got,
                 Err(e) => return cold(tier, e),
@@ -231,7 +236,7 @@ impl Shared {
             if let Some(v) = got {
                 out[i] = Some(Arc::new(codec::decode_message(
                     MessageId(ids[i]),
-                    Bytes::from(v),
+                    Bytes::copy_from_slice(&v),
                 )?));
             }
         }

@@ -56,8 +56,12 @@ pub(super) fn open_db_as(config: &RocksConfig, log_min: &Arc<AtomicU64>, view: b
     // A WAL whose memtables are flushed is kept for reuse instead of deleted: deleting
     // it evicted its pages from the page cache and the next WAL faulted new ones in and
     // allocated their blocks (4 % of the broker's CPU on 4 KiB messages). RocksDB marks
-    // reused records with the file's number, so recovery stops at the old ones.
-    db_opts.set_recycle_log_file_num(2);
+    // reused records with the file's number, so recovery stops at the old ones. Not in
+    // a view of an external log: it writes without a WAL, which RocksDB refuses
+    // alongside recycling.
+    if !view {
+        db_opts.set_recycle_log_file_num(4);
+    }
     db_opts.set_keep_log_file_num(4);
     db_opts.set_max_open_files(config.max_open_files);
     // A view of an external log writes without a WAL: flushing every column family
