@@ -441,7 +441,10 @@ impl ShardCore {
                 part.staged.push(Staged::Timer);
                 continue;
             }
-            let mut touched = Vec::new();
+            // This item's topics go straight into the part's list (no list of its own
+            // per message); `touched_from` is where they start, until the item is known
+            // to be appended to the part.
+            let touched_from = part.touched.len();
             let queues = match to {
                 Destination::Topic {
                     topic,
@@ -450,11 +453,12 @@ impl ShardCore {
                 } => {
                     let h = self.topic_handle(&topic).await?;
                     let q = h.select(queue.map(|q| q.0), sharding_key.as_deref())?;
-                    touched.push(h);
+                    part.touched.push(h);
                     vec![QueueRef::new(topic, q)]
                 }
                 Destination::Topics(topics) => {
-                    self.one_queue_each(&topics, &message, &mut touched).await?
+                    self.one_queue_each(&topics, &message, &mut part.touched)
+                        .await?
                 }
                 Destination::Exchange {
                     vhost,
@@ -463,12 +467,12 @@ impl ShardCore {
                     headers,
                 } => {
                     let routed = self.router.route(&vhost, &exchange, &key, &headers)?;
-                    self.one_queue_each(&routed.topics, &message, &mut touched)
+                    self.one_queue_each(&routed.topics, &message, &mut part.touched)
                         .await?
                 }
             };
             if self.config.consumer_lag_limit.is_some() {
-                for h in &touched {
+                for h in &part.touched[touched_from..] {
                     if !flow.iter().any(|f| Arc::ptr_eq(f, h)) {
                         flow.push(Arc::clone(h));
                     }
@@ -483,6 +487,7 @@ impl ShardCore {
                 Vec::new()
             };
             if !limited.is_empty() {
+                let touched = part.touched.split_off(touched_from);
                 // Everything before it first, so the limit counts it.
                 let done = std::mem::replace(&mut part, Part::new(durable));
                 answers.extend(self.write_part(done).await?);
@@ -499,10 +504,22 @@ impl ShardCore {
                     .extend(self.retained.stage(topic, &message, &mut part.batch));
             }
             if queues.is_empty() && remote.is_empty() {
+                part.touched.truncate(touched_from);
                 part.staged.push(Staged::Skipped);
                 continue;
             }
-            part.touched.extend(touched);
+            // A run of messages to one topic keeps it listed once.
+            if touched_from > 0 && part.touched.len() == touched_from + 1 {
+                let last = &part.touched[touched_from];
+                if part.touched[..touched_from]
+                    .iter()
+                    .rev()
+                    .take(4)
+                    .any(|h| Arc::ptr_eq(h, last))
+                {
+                    part.touched.pop();
+                }
+            }
             part.published
                 .push((message.topic.clone(), message.producer_group.clone()));
             part.append(message, queues, &remote);
