@@ -41,17 +41,21 @@ pub async fn ensure_kv_bucket(
 ///
 /// A bucket another node has just created may not yet be known to the NATS server this
 /// node talks to (JetStream places streams through its meta leader; the others learn of
-/// it a moment later, answering "no stream found" until then): such an answer is tried
-/// again for up to two seconds before it is an error.
+/// it a moment later, answering "no stream found" until then), and a bucket's stream
+/// just created may have no leader yet ("503 no responders"): such answers are tried
+/// again for up to two seconds before they are an error.
 pub(super) async fn try_acquire(lease: &kv::Store, key: &str, node: &str) -> Result<Option<u64>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
         match try_acquire_once(lease, key, node).await {
             Err(e)
                 if tokio::time::Instant::now() < deadline
-                    && e.to_string().contains("no stream found") =>
+                    && (e.to_string().contains("no stream found")
+                        || e.to_string().contains("no responders")) =>
             {
-                tracing::debug!(error = %e, key, "replication: the lease bucket is not known here yet; trying again");
+                // Just created: this server may not know the bucket yet, or its stream
+                // may have no leader yet to answer (503 no responders).
+                tracing::debug!(error = %e, key, "replication: the lease bucket is not known or not led here yet; trying again");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             r => return r,
