@@ -509,16 +509,11 @@ impl ShardCore {
                 continue;
             }
             // A run of messages to one topic keeps it listed once.
-            if touched_from > 0 && part.touched.len() == touched_from + 1 {
-                let last = &part.touched[touched_from];
-                if part.touched[..touched_from]
-                    .iter()
-                    .rev()
-                    .take(4)
-                    .any(|h| Arc::ptr_eq(h, last))
-                {
-                    part.touched.pop();
-                }
+            if touched_from > 0
+                && part.touched.len() == touched_from + 1
+                && Arc::ptr_eq(&part.touched[touched_from - 1], &part.touched[touched_from])
+            {
+                part.touched.pop();
             }
             part.published
                 .push((message.topic.clone(), message.producer_group.clone()));

@@ -219,9 +219,10 @@ impl Shared {
         let keys: Vec<[u8; 8]> = missing.iter().map(|&i| ids[i].to_be_bytes()).collect();
         // Batched and pinned: RocksDB hands each value over without copying it into a
         // string of its own (and the C API into another, and the crate into a `Vec`:
-        // three copies and two mallocs of each body, 7 % of the broker's CPU when a
-        // consumer of 4 KiB messages fell behind the tail cache). A queue's ids
-        // increase, so its reads are sorted and RocksDB can skip sorting them.
+        // three copies and two mallocs of each body; this read went from 13.5 to 9.2 %
+        // of the broker's samples for a consumer of 4 KiB messages behind the tail
+        // cache). A queue's ids increase, so its reads are sorted and RocksDB can skip
+        // sorting them.
         let sorted = keys.windows(2).all(|w| w[0] < w[1]);
         for (&i, got) in missing.iter().zip(db.batched_multi_get_cf_opt(
             log,
