@@ -224,6 +224,40 @@ pub fn now_us() -> u64 {
         .as_micros() as u64
 }
 
+/// Random bytes to cut bodies from: each message gets a different slice, so no two
+/// bodies within 256 of each other share bytes and neither a block compressor nor its
+/// window finds repeats (zeros compress to nothing, which real payloads do not).
+#[derive(Debug)]
+pub struct RandomPool {
+    bytes: Vec<u8>,
+    stride: usize,
+}
+
+/// A pool for bodies of `size` bytes.
+pub fn random_pool(size: usize) -> RandomPool {
+    let stride = size + 3;
+    let len = stride * 256 + size;
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let bytes = (0..len)
+        .map(|_| {
+            // xorshift64*
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect();
+    RandomPool { bytes, stride }
+}
+
+impl RandomPool {
+    /// Fill `body` with message `seq`'s slice of the pool.
+    pub fn fill(&self, body: &mut [u8], seq: u64) {
+        let at = (seq % 256) as usize * self.stride;
+        body.copy_from_slice(&self.bytes[at..at + body.len()]);
+    }
+}
+
 /// Write the sequence number and the send timestamp at the head of a payload.
 pub fn stamp(payload: &mut [u8], seq: u64) {
     payload[0..8].copy_from_slice(&seq.to_be_bytes());

@@ -73,6 +73,10 @@ struct Args {
     /// of its chunk; order is kept).
     #[arg(long, default_value_t = 32)]
     pipeline: usize,
+    /// Bodies of random bytes, different for every message (as most real payloads,
+    /// which compress poorly), instead of zeros after the stamp.
+    #[arg(long)]
+    random: bool,
 }
 
 /// Consume `total` messages (or until 10 s of silence): latencies, distinct, duplicates.
@@ -226,6 +230,7 @@ async fn round(a: &Args, n: usize) -> Round {
         a.pipeline.max(1) as u64
     };
     let mut bodies = vec![vec![0u8; a.size.max(16)]; chunk as usize];
+    let pool = a.random.then(|| mqgate_bench::random_pool(a.size.max(16)));
     let mut seq = 0u64;
     while seq < total {
         if let Some(iv) = interval {
@@ -240,6 +245,9 @@ async fn round(a: &Args, n: usize) -> Round {
             .take(n as usize)
             .enumerate()
             .map(|(i, body)| {
+                if let Some(pool) = &pool {
+                    pool.fill(body, seq + i as u64);
+                }
                 stamp(body, seq + i as u64);
                 pch.basic_publish(
                     exchange.as_str().into(),

@@ -30,9 +30,10 @@ where
                     // RabbitMQ 3 dropped `immediate`: a connection error, as there.
                     return Err(chan_err(reply::NOT_IMPLEMENTED, "immediate=true"));
                 }
+                // The names parsed with the method, moved (not copied again).
                 self.chan(ch).content = Some(Pending {
-                    exchange: p.exchange.as_str().to_owned(),
-                    routing_key: p.routing_key.as_str().to_owned(),
+                    exchange: p.exchange.into(),
+                    routing_key: p.routing_key.into(),
                     mandatory: p.mandatory,
                     header: None,
                     body: BytesMut::new(),
