@@ -2,8 +2,8 @@
 # A/B of mqgate builds: each pair runs every binary given, in turn, on a fresh data
 # folder (RocksDB, default settings), with the same client scenario, and prints one line
 # per run: rate /s, p50 latency µs, broker CPU µs per message, CPU the host stole (ms);
-# each the median of the run's rounds. Alternating builds in one sitting is what tells a change of a few
-# per cent from this machine's drift (single runs move by 10-20 %).
+# each the median of the run's rounds. Alternating builds in one sitting is what tells
+# a change of a few per cent from this machine's drift (single runs move by 10-20 %).
 #
 #   cp target/release/mqgate /tmp/mqgate.before   # build, copy, change, build again
 #   bench/ab.sh amqp "--size 4096 --messages 100000" 8 /tmp/mqgate.before target/release/mqgate

@@ -237,15 +237,9 @@ pub struct RandomPool {
 pub fn random_pool(size: usize) -> RandomPool {
     let stride = size + 3;
     let len = stride * 256 + size;
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let bytes = (0..len)
-        .map(|_| {
-            // xorshift64*
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
-        })
+    let bytes = (0..len.div_ceil(8) as u64)
+        .flat_map(|i| mqgate_core::shard::splitmix64(i).to_le_bytes())
+        .take(len)
         .collect();
     RandomPool { bytes, stride }
 }
