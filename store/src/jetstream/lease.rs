@@ -48,19 +48,20 @@ pub(super) async fn try_acquire(lease: &kv::Store, key: &str, node: &str) -> Res
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
         match try_acquire_once(lease, key, node).await {
-            Err(e)
-                if tokio::time::Instant::now() < deadline
-                    && (e.to_string().contains("no stream found")
-                        || e.to_string().contains("no responders")) =>
-            {
-                // Just created: this server may not know the bucket yet, or its stream
-                // may have no leader yet to answer (503 no responders).
+            Err(e) if tokio::time::Instant::now() < deadline && not_ready_yet(&e) => {
                 tracing::debug!(error = %e, key, "replication: the lease bucket is not known or not led here yet; trying again");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             r => return r,
         }
     }
+}
+
+/// A just-created bucket this server does not know yet, or whose stream has no leader
+/// yet (the answers [`try_acquire`] tries again).
+fn not_ready_yet(e: &impl std::fmt::Display) -> bool {
+    let e = e.to_string();
+    e.contains("no stream found") || e.contains("no responders")
 }
 
 async fn try_acquire_once(lease: &kv::Store, key: &str, node: &str) -> Result<Option<u64>> {
