@@ -24,6 +24,7 @@ use crate::delay::Route;
 use crate::error::Result;
 use crate::props;
 use crate::router::HeaderValue;
+use crate::topics::PublishedRuns;
 
 /// When a delayed message becomes visible.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -290,7 +291,7 @@ struct Part<'a> {
     staged: Vec<Staged>,
     touched: Vec<Arc<TopicHandle>>,
     /// Per item stored or delayed: its address and producer group, counted once written.
-    published: Vec<(TopicName, String)>,
+    published: PublishedRuns,
     retained: Vec<crate::retained::Staged<'a>>,
     earliest_timer: Option<u64>,
     /// Shards this part stages outbox entries for (their forwarders are kicked once
@@ -308,7 +309,7 @@ impl Part<'_> {
             batch,
             staged: Vec::new(),
             touched: Vec::new(),
-            published: Vec::new(),
+            published: PublishedRuns::default(),
             retained: Vec::new(),
             earliest_timer: None,
             forwards: Vec::new(),
@@ -436,8 +437,7 @@ impl ShardCore {
                     )?;
                 }
                 part.earliest_timer = Some(part.earliest_timer.map_or(due, |e| e.min(due)));
-                part.published
-                    .push((message.topic.clone(), message.producer_group.clone()));
+                part.published.note(&message.topic, &message.producer_group);
                 part.staged.push(Staged::Timer);
                 continue;
             }
@@ -515,8 +515,7 @@ impl ShardCore {
             {
                 part.touched.pop();
             }
-            part.published
-                .push((message.topic.clone(), message.producer_group.clone()));
+            part.published.note(&message.topic, &message.producer_group);
             part.append(message, queues, &remote);
             part.staged.push(Staged::Appended);
         }
@@ -636,7 +635,7 @@ impl ShardCore {
         &self,
         receipt: mqgate_store::WriteReceipt,
         staged: Vec<Staged>,
-        published: &[(TopicName, String)],
+        published: &PublishedRuns,
         earliest_timer: Option<u64>,
     ) -> Vec<Option<Published>> {
         if let Some(due) = earliest_timer {
@@ -715,8 +714,7 @@ impl ShardCore {
         if stored {
             // The message's own append first: the answer describes it, not a copy.
             part.touched = touched;
-            part.published
-                .push((message.topic.clone(), message.producer_group.clone()));
+            part.published.note(&message.topic, &message.producer_group);
             part.append(message, queues, remote);
             part.staged.push(Staged::Appended);
         }

@@ -111,26 +111,33 @@ pub(crate) struct ProducerCounts {
 /// The most (address, producer group) pairs counted one by one.
 pub(crate) const MAX_PRODUCER_ENTRIES: usize = 10_000;
 
+/// Messages published per (address, producer group), in runs: a batch mostly repeats
+/// one pair, and a run names it once (no copy of the names per message).
+#[derive(Debug, Default)]
+pub(crate) struct PublishedRuns(Vec<(TopicName, String, u64)>);
+
+impl PublishedRuns {
+    /// One more message to `topic` from `group`.
+    pub(crate) fn note(&mut self, topic: &TopicName, group: &str) {
+        match self.0.last_mut() {
+            Some((t, g, n)) if t == topic && g == group => *n += 1,
+            _ => self.0.push((topic.clone(), group.to_owned(), 1)),
+        }
+    }
+}
+
 impl ProducerCounts {
-    pub(crate) fn count(&self, published: &[(TopicName, String)]) {
-        if published.is_empty() {
+    pub(crate) fn count(&self, published: &PublishedRuns) {
+        if published.0.is_empty() {
             return;
         }
         let mut map = self.map.lock();
-        // A batch mostly repeats one pair: one look-up per run of equal pairs.
-        let mut rest = published;
-        while let [(topic, group), ..] = rest {
-            let run = rest
-                .iter()
-                .take_while(|(t, g)| t == topic && g == group)
-                .count();
-            rest = &rest[run..];
-            let run = run as u64;
+        for (topic, group, run) in &published.0 {
             let key = (topic.clone(), group.clone());
             if let Some(n) = map.get_mut(&key) {
                 *n += run;
             } else if map.len() < MAX_PRODUCER_ENTRIES {
-                map.insert(key, run);
+                map.insert(key, *run);
             } else {
                 let other = (TopicName::new("_other").expect("valid"), group.clone());
                 *map.entry(other).or_default() += run;
@@ -342,17 +349,18 @@ mod tests {
     #[test]
     fn producer_counts_add_runs_and_strays() {
         let (a, b) = (TopicName::new("a").unwrap(), TopicName::new("b").unwrap());
-        let pairs = [
-            (a.clone(), "g".to_string()),
-            (a.clone(), "g".to_string()),
-            (b.clone(), "g".to_string()),
-            (a.clone(), "g".to_string()),
-            (a.clone(), "h".to_string()),
-        ];
+        let pairs = [(&a, "g"), (&a, "g"), (&b, "g"), (&a, "g"), (&a, "h")];
+        let mut all = PublishedRuns::default();
+        for (t, g) in pairs {
+            all.note(t, g);
+        }
+        assert_eq!(all.0.len(), 4, "the first two make one run");
+        let mut first = PublishedRuns::default();
+        first.note(&a, "g");
         let c = ProducerCounts::default();
-        c.count(&pairs);
-        c.count(&pairs[..1]);
-        c.count(&[]);
+        c.count(&all);
+        c.count(&first);
+        c.count(&PublishedRuns::default());
         let map = c.map.lock();
         assert_eq!(map[&(a.clone(), "g".to_string())], 4);
         assert_eq!(map[&(b, "g".to_string())], 1);

@@ -38,9 +38,13 @@ impl Member {
     }
 }
 
+/// A member's id in the actor: shared, so a delivery in flight names its member
+/// without a copy of the string.
+pub(super) type MemberId = Arc<str>;
+
 pub(super) struct InFlight {
     pub(super) token: u64,
-    pub(super) member: String,
+    pub(super) member: MemberId,
     pub(super) count: u32,
     pub(super) message: Arc<StoredMessage>,
 }
@@ -66,7 +70,7 @@ pub(super) const EXPIRE_SWEEP_MAX: usize = 10_000;
 #[derive(Default)]
 pub(super) struct QueueState {
     /// Clustering / orderly: the member that reads this queue.
-    pub(super) owner: Option<String>,
+    pub(super) owner: Option<MemberId>,
     /// The next offset to read from the store.
     pub(super) read: u64,
     /// Read, not yet delivered.
@@ -100,7 +104,7 @@ pub(super) struct Actor {
     pub(super) inner: CoreRef,
     pub(super) spec: Arc<GroupSpec>,
     pub(super) max_reconsume: u32,
-    pub(super) members: VecMap<String, Member>,
+    pub(super) members: VecMap<MemberId, Member>,
     /// Clustering and shared groups: one state per queue.
     pub(super) queues: VecMap<QueueRef, QueueState>,
     pub(super) watched: Vec<Arc<TopicHandle>>,
@@ -118,7 +122,7 @@ pub(super) struct Actor {
 
 /// RocketMQ's average allocation of `queues` over `members`: member `k` takes a run of
 /// `queues / n` queues, plus one for the first `queues % n` members.
-fn owner_of(index: usize, queues: usize, members: &[String]) -> Option<&String> {
+fn owner_of(index: usize, queues: usize, members: &[MemberId]) -> Option<&MemberId> {
     let n = members.len();
     let base = queues.checked_div(n)?;
     let extra = queues % n;
@@ -132,9 +136,9 @@ fn owner_of(index: usize, queues: usize, members: &[String]) -> Option<&String> 
 
 /// Where a delivery goes.
 pub(super) enum Target {
-    Owner(String),
+    Owner(MemberId),
     AnyWithCredit,
-    Member(String),
+    Member(MemberId),
 }
 
 impl Actor {
@@ -349,7 +353,7 @@ impl Actor {
         let all = self.all_queues();
         let mut changed = false;
         if self.broadcast() {
-            let ids: Vec<String> = self.members.keys().cloned().collect();
+            let ids: Vec<MemberId> = self.members.keys().cloned().collect();
             for id in ids {
                 for q in &all {
                     if !self.members[&id].cursors.contains_key(q) {
@@ -378,7 +382,7 @@ impl Actor {
     async fn handle(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Join(opts, tx, done) => {
-                if self.members.contains_key(&opts.id) {
+                if self.members.contains_key(opts.id.as_str()) {
                     self.remove_member(&opts.id).await;
                 }
                 let prefetch = match opts.prefetch {
@@ -406,7 +410,7 @@ impl Actor {
                         }
                     }
                 }
-                self.members.insert(opts.id, member);
+                self.members.insert(opts.id.into(), member);
                 self.rebalance();
                 let _ = done.send(());
             }
@@ -491,7 +495,7 @@ impl Actor {
             let theirs: Vec<u64> = q
                 .in_flight
                 .iter()
-                .filter(|(_, f)| f.member == id)
+                .filter(|(_, f)| &*f.member == id)
                 .map(|(o, _)| *o)
                 .collect();
             for o in theirs {
@@ -511,7 +515,7 @@ impl Actor {
 
     fn expire_members(&mut self) {
         let timeout = self.inner.config.heartbeat_timeout;
-        let dead: Vec<String> = self
+        let dead: Vec<MemberId> = self
             .members
             .iter()
             .filter(|(_, m)| m.heartbeat && m.last_seen.elapsed() > timeout)
@@ -520,7 +524,7 @@ impl Actor {
         for id in dead {
             tracing::info!(group = %self.spec.name, member = %id, "core: member missed its heartbeats; removing");
             // Same path as a leave, minus the await on broadcast offsets (done in commit).
-            let _ = self.handle.cmd.send(Cmd::Leave(id.into(), false));
+            let _ = self.handle.cmd.send(Cmd::Leave(id, false));
         }
     }
 
@@ -530,7 +534,7 @@ impl Actor {
         if !self.owned() {
             return;
         }
-        let members: Vec<String> = self.members.keys().cloned().collect();
+        let members: Vec<MemberId> = self.members.keys().cloned().collect();
         let m = self.queues.len();
         for (i, q) in self.queues.values_mut().enumerate() {
             q.owner = owner_of(i, m, &members).cloned();
@@ -540,7 +544,7 @@ impl Actor {
     async fn reset(&mut self, to: StartPosition) -> Result<()> {
         let mut batch = WriteBatch::new();
         if self.broadcast() {
-            let ids: Vec<String> = self.members.keys().cloned().collect();
+            let ids: Vec<MemberId> = self.members.keys().cloned().collect();
             for id in ids {
                 let group = self.offsets_group(Some(&id));
                 let queues: Vec<QueueRef> = self.members[&id].cursors.keys().cloned().collect();
@@ -606,19 +610,19 @@ impl Actor {
         if self.broadcast() {
             for (id, m) in &self.members {
                 for (q, c) in &m.cursors {
-                    add(q, c, Some(id.clone()));
+                    add(q, c, Some(id.to_string()));
                 }
             }
         } else {
             for (q, c) in &self.queues {
-                add(q, c, c.owner.clone());
+                add(q, c, c.owner.as_deref().map(str::to_owned));
             }
         }
         let members = self
             .members
             .iter()
             .map(|(id, m)| MemberInfo {
-                id: id.clone(),
+                id: id.to_string(),
                 unacked: m.unacked,
                 prefetch: m.prefetch,
                 queues: self
@@ -682,14 +686,14 @@ impl Actor {
 
 #[cfg(test)]
 mod tests {
-    use super::owner_of;
+    use super::{owner_of, MemberId};
 
     #[test]
     fn average_allocation() {
-        let members: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        let owners = |m: usize, ms: &[String]| -> Vec<String> {
+        let members: Vec<MemberId> = ["a", "b", "c"].iter().map(|&s| s.into()).collect();
+        let owners = |m: usize, ms: &[MemberId]| -> Vec<String> {
             (0..m)
-                .map(|i| owner_of(i, m, ms).cloned().unwrap_or_default())
+                .map(|i| owner_of(i, m, ms).map_or_else(String::new, |o| o.to_string()))
                 .collect()
         };
         assert_eq!(

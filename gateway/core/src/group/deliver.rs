@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use mqgate_store::{QueueOffset, QueueRef, ReadLimits};
 
-use super::actor::{Actor, Dying, InFlight, Member, Pending, Target};
+use super::actor::{Actor, Dying, InFlight, Member, MemberId, Pending, Target};
 use super::{Cmd, Delivery};
 use crate::endpoint::Verdict;
 
@@ -19,7 +19,7 @@ impl Actor {
         loop {
             let mut progress = false;
             if self.broadcast() {
-                let ids: Vec<String> = self.members.keys().cloned().collect();
+                let ids: Vec<MemberId> = self.members.keys().cloned().collect();
                 for id in ids {
                     let queues: Vec<QueueRef> = self.members[&id].cursors.keys().cloned().collect();
                     for q in queues {
@@ -46,7 +46,7 @@ impl Actor {
     /// The member the next message goes to, and for round robin its position. It does
     /// not move the round robin: only a message actually sent does (`pump_queue`), so
     /// looking for work in an empty queue (or the retry queue) never skips a member.
-    fn pick(&self, target: &Target) -> Option<(String, Option<usize>)> {
+    fn pick(&self, target: &Target) -> Option<(MemberId, Option<usize>)> {
         match target {
             Target::Owner(id) | Target::Member(id) => self
                 .members
@@ -66,16 +66,18 @@ impl Actor {
 
     /// Deliver from one queue (at most one read batch per call, for fairness).
     async fn pump_queue(&mut self, queue: &QueueRef, target: Target) -> bool {
-        let owner_key = match &target {
-            Target::Member(id) => id.clone(),
-            _ => String::new(),
+        // Broadcast: the member whose cursor is read (clustering: none).
+        let owner = match &target {
+            Target::Member(id) => Some(MemberId::clone(id)),
+            _ => None,
         };
+        let owner_key = owner.as_deref().unwrap_or("");
         let mut dying = Vec::new();
         let delivered = self
-            .pump_queue_into(queue, target, &owner_key, &mut dying)
+            .pump_queue_into(queue, target, owner_key, &mut dying)
             .await;
         let progress = delivered || !dying.is_empty();
-        self.flush_dying(&owner_key, queue, dying).await;
+        self.flush_dying(owner_key, queue, dying).await;
         progress
     }
 
@@ -86,7 +88,6 @@ impl Actor {
         owner_key: &str,
         dying: &mut Vec<Dying>,
     ) -> bool {
-        let owner_key = owner_key.to_owned();
         let orderly = self.spec.orderly;
         let now = self.inner.clock.now();
         let boot = self.inner.boot;
@@ -95,7 +96,7 @@ impl Actor {
         // Read ahead but deleted by retention since: skipped, as if never read.
         if let Ok(range) = self.inner.store.queue_range(queue) {
             let mut dropped = 0u64;
-            if let Some(q) = self.cursor_mut(&owner_key, queue) {
+            if let Some(q) = self.cursor_mut(owner_key, queue) {
                 while q
                     .buffer
                     .front()
@@ -112,7 +113,7 @@ impl Actor {
         }
         for _ in 0..self.inner.config.read_batch {
             {
-                let Some(q) = self.cursor_mut(&owner_key, queue) else {
+                let Some(q) = self.cursor_mut(owner_key, queue) else {
                     return delivered;
                 };
                 if now < q.suspended_until || (orderly && !q.in_flight.is_empty()) {
@@ -124,7 +125,7 @@ impl Actor {
             };
             // Next message: redeliveries first (offset order), then the read-ahead.
             let next = {
-                let q = self.cursor_mut(&owner_key, queue).expect("checked");
+                let q = self.cursor_mut(owner_key, queue).expect("checked");
                 match q.redeliver.pop_first() {
                     Some((offset, p)) => Some((offset, p.message, p.count, true)),
                     None => q
@@ -168,7 +169,7 @@ impl Actor {
                         }
                         Target::AnyWithCredit => self.members.values().map(Member::credit).sum(),
                     };
-                    if !self.fill(&owner_key, queue, credit).await {
+                    if !self.fill(owner_key, queue, credit).await {
                         break;
                     }
                     continue;
@@ -187,16 +188,16 @@ impl Actor {
             let m = self.members.get_mut(&member).expect("picked");
             if m.tx.send(delivery).is_err() {
                 // The member is gone; its Leave is on the way. Put the message back.
-                let q = self.cursor_mut(&owner_key, queue).expect("checked");
+                let q = self.cursor_mut(owner_key, queue).expect("checked");
                 q.redeliver.insert(offset, Pending { message, count });
-                let _ = self.handle.cmd.send(Cmd::Leave(member.into(), false));
+                let _ = self.handle.cmd.send(Cmd::Leave(member, false));
                 break;
             }
             m.unacked += 1;
             if let Some(i) = position {
                 self.rr = i + 1;
             }
-            let q = self.cursor_mut(&owner_key, queue).expect("checked");
+            let q = self.cursor_mut(owner_key, queue).expect("checked");
             q.in_flight.insert(
                 offset,
                 InFlight {
