@@ -192,10 +192,34 @@ where
 
 static BUDGET_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
 
+/// The runtimes connections are spread over ([`set_connection_runtimes`]).
+static HOMES: std::sync::OnceLock<Vec<tokio::runtime::Handle>> = std::sync::OnceLock::new();
+/// The next of [`HOMES`] a connection goes to.
+static NEXT_HOME: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// The index in [`HOMES`] of the runtime this thread runs (`usize::MAX`: none).
+    static HOME: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// Spread accepted connections over these runtimes, in turn: each a single thread
+/// (one per core) that runs its connections' tasks, and the tasks they start, from
+/// start to end. Set once, before the first listener opens; without it (tests, the
+/// work-stealing runtime) a connection runs on the runtime that accepted it.
+pub fn set_connection_runtimes(handles: Vec<tokio::runtime::Handle>) {
+    let _ = HOMES.set(handles);
+}
+
+/// This thread runs the runtime at `index` of [`set_connection_runtimes`]'s list.
+pub fn set_home(index: usize) {
+    HOME.with(|h| h.set(index));
+}
+
 /// Accept TCP connections (no Nagle delay) until `stop` changes, handing each to
 /// `on_accept`, counted against the socket budget; a socket over the budget is closed at
 /// once. An accept error (out of file descriptors) is logged and retried after a pause
-/// instead of ending the listener.
+/// instead of ending the listener. With [`set_connection_runtimes`], `on_accept` runs
+/// on the connection's runtime, its socket registered with that runtime's poller.
 pub fn accept_loop<F>(
     what: &'static str,
     listener: TcpListener,
@@ -203,8 +227,9 @@ pub fn accept_loop<F>(
     on_accept: F,
 ) -> JoinHandle<()>
 where
-    F: Fn(Counted<TcpStream>, SocketAddr) + Send + 'static,
+    F: Fn(Counted<TcpStream>, SocketAddr) + Send + Sync + 'static,
 {
+    let on_accept = Arc::new(on_accept);
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -226,7 +251,31 @@ where
                             continue;
                         };
                         let _ = tcp.set_nodelay(true);
-                        on_accept(Counted { inner: tcp, _slot: slot }, peer);
+                        let home = HOMES.get().filter(|h| h.len() > 1).map(|h| {
+                            let i = NEXT_HOME.fetch_add(1, Ordering::Relaxed) % h.len();
+                            (i, &h[i])
+                        });
+                        match home {
+                            Some((i, rt)) if HOME.with(|h| h.get()) != i => {
+                                // Registered again with the other runtime's poller, so
+                                // its readiness wakes that thread, never this one.
+                                let std = match tcp.into_std() {
+                                    Ok(s) => s,
+                                    Err(e) => {
+                                        tracing::warn!(%peer, error = %e, "{what}: socket not handed over");
+                                        continue;
+                                    }
+                                };
+                                let on_accept = Arc::clone(&on_accept);
+                                rt.spawn(async move {
+                                    match TcpStream::from_std(std) {
+                                        Ok(tcp) => on_accept(Counted { inner: tcp, _slot: slot }, peer),
+                                        Err(e) => tracing::warn!(%peer, error = %e, "{what}: socket not taken over"),
+                                    }
+                                });
+                            }
+                            _ => on_accept(Counted { inner: tcp, _slot: slot }, peer),
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "{what} accept failed");

@@ -37,7 +37,7 @@ use mqgate_core::{Broker, Password, SystemClock};
 use mqgate_mqtt::MqttServer;
 use mqgate_store::{MemoryStore, RocksStore, Store};
 
-use crate::settings::{Backend, Listener, Settings};
+use crate::settings::{Backend, Listener, Scheduler, Settings};
 
 /// mqgate: a message broker for AMQP 0-9-1 and MQTT clients, on RocketMQ's log model.
 #[derive(Debug, Parser)]
@@ -224,10 +224,13 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = s.runtime.workers(cores);
-    tracing::info!(workers, cores, "runtime: worker threads");
+    tracing::info!(workers, cores, scheduler = %s.runtime.scheduler, "runtime: worker threads");
     if args.check_config {
         println!("configuration is valid");
-        println!("runtime: workers = {workers} (cores: {cores})");
+        println!(
+            "runtime: workers = {workers} (cores: {cores}), scheduler = {}",
+            s.runtime.scheduler
+        );
         println!("store: {} ({})", s.store.backend, s.store.path.display());
         for (name, addr) in s.listeners.all() {
             // An address, or "off".
@@ -235,12 +238,62 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .context("start the async runtime")?
-        .block_on(serve(s))
+    match s.runtime.scheduler {
+        Scheduler::WorkStealing => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+            .context("start the async runtime")?
+            .block_on(serve(s)),
+        Scheduler::PerCore => per_core(workers, serve(s)),
+    }
+}
+
+/// Run `main` on this thread's single-threaded runtime, with `workers - 1` more such
+/// runtimes on threads of their own; accepted connections are spread over all of them
+/// (`mqgate_core::net::set_connection_runtimes`). A connection's tasks, and the tasks
+/// it starts, stay on its thread: waking one is a queue push on that thread, never a
+/// hand-off to another worker, and what a connection allocates is freed where it was
+/// allocated. The other runtimes stop once `main` has returned.
+fn per_core(
+    workers: usize,
+    main: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let build = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("start the async runtime")
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut threads = Vec::new();
+    let mut handles = Vec::new();
+    for i in 1..workers.max(1) {
+        let rt = build()?;
+        handles.push(rt.handle().clone());
+        let mut stopped = stopped.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("mqgate-worker-{i}"))
+                .spawn(move || {
+                    mqgate_core::net::set_home(i);
+                    rt.block_on(async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    });
+                })
+                .context("start a worker thread")?,
+        );
+    }
+    let rt = build()?;
+    handles.insert(0, rt.handle().clone());
+    mqgate_core::net::set_connection_runtimes(handles);
+    mqgate_core::net::set_home(0);
+    let result = rt.block_on(main);
+    let _ = stop.send(true);
+    for t in threads {
+        let _ = t.join();
+    }
+    result
 }
 
 /// A listening socket with `backlog` (the standard library's 128 overflowed under a

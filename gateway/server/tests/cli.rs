@@ -109,20 +109,24 @@ fn environment_overrides_the_file_and_flags_override_both() {
     assert!(out.contains("store: memory"), "{out}");
 }
 
-/// The worker threads: one per core by default, `runtime.workers` when set.
+/// The worker threads: one per core by default, `runtime.workers` when set; a runtime
+/// of their own each unless `runtime.scheduler` says work-stealing.
 #[test]
 fn runtime_workers_default_to_one_per_core() {
     let cores = std::thread::available_parallelism().unwrap().get();
     let (ok, out, err) = run(mqgate().args(["serve", "--check-config"]));
     assert!(ok, "{err}");
-    let want = format!("runtime: workers = {cores} (cores: {cores})");
+    let want = format!("runtime: workers = {cores} (cores: {cores}), scheduler = per-core");
     assert!(out.contains(&want), "{out}");
     let (ok, out, err) = run(mqgate()
         .env("MQGATE__RUNTIME__WORKERS", "3")
+        .env("MQGATE__RUNTIME__SCHEDULER", "work-stealing")
         .args(["serve", "--check-config"]));
     assert!(ok, "{err}");
     assert!(
-        out.contains(&format!("runtime: workers = 3 (cores: {cores})")),
+        out.contains(&format!(
+            "runtime: workers = 3 (cores: {cores}), scheduler = work-stealing"
+        )),
         "{out}"
     );
 }

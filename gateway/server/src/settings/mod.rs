@@ -22,7 +22,7 @@ use types::{
     AclAccess, AclFallback, AmqpRetryPolicy, Fsync, HumanDuration, Invalid, MemoryWatermark,
     PasswordHash, Pattern,
 };
-pub(crate) use types::{Backend, Listener};
+pub(crate) use types::{Backend, Listener, Scheduler};
 
 /// The whole configuration, as read.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -589,21 +589,33 @@ impl Default for MetricsSettings {
 }
 
 /// The async runtime.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RuntimeSettings {
     /// Threads that run the connections, groups and timers (0: one per core).
     pub(crate) workers: usize,
+    /// `per-core`: each worker a runtime of its own, connections spread over them;
+    /// `work-stealing`: one runtime, tasks move between its workers.
+    pub(crate) scheduler: Scheduler,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            scheduler: Scheduler::PerCore,
+        }
+    }
 }
 
 impl RuntimeSettings {
     /// How many worker threads to start on a machine with `cores` cores: one per core
     /// unless set. Fewer than the cores leaves the store's writer thread a core of its
-    /// own, which costs less CPU per durable message (fewer hand-offs between workers,
+    /// own, which costs less CPU per durable message (fewer hand-offs between threads,
     /// each a futex wake and a context switch) and runs less in parallel: on a 2-core
-    /// machine 1 worker cut MQTT QoS 1 with a window of 20 from 35 to 27 µs of broker
-    /// CPU a message and cost 14 % of QoS 0 4→4 throughput (bench/RESULTS.md, "One
-    /// worker on two cores").
+    /// machine 1 worker (work-stealing) cut MQTT QoS 1 with a window of 20 from 35 to
+    /// 27 µs of broker CPU a message and cost 14 % of QoS 0 4→4 throughput
+    /// (bench/RESULTS.md, "One worker on two cores").
     pub(crate) fn workers(&self, cores: usize) -> usize {
         match self.workers {
             0 => cores.max(1),

@@ -505,4 +505,14 @@ fn runtime_workers_one_per_core_unless_set() {
     let set = from_toml("[runtime]\nworkers = 4\n").unwrap().runtime;
     assert_eq!(set.workers(2), 4);
     assert!(err("[runtime]\nthreads = 4\n").contains("threads"));
+    assert_eq!(auto.scheduler, Scheduler::PerCore);
+    let stealing = from_toml("[runtime]\nscheduler = \"work-stealing\"\n")
+        .unwrap()
+        .runtime;
+    assert_eq!(stealing.scheduler, Scheduler::WorkStealing);
+    let e = err("[runtime]\nscheduler = \"fair\"\n");
+    assert!(
+        e.contains("runtime.scheduler") && e.contains("per-core or work-stealing"),
+        "{e}"
+    );
 }

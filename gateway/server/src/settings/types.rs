@@ -328,6 +328,17 @@ keywords! {
 }
 
 keywords! {
+    /// `runtime.scheduler`.
+    Scheduler, "must be per-core or work-stealing" {
+        /// One single-threaded runtime per worker; each connection runs on one of them,
+        /// in turn, from start to end.
+        PerCore = "per-core",
+        /// One runtime whose workers steal each other's tasks.
+        WorkStealing = "work-stealing",
+    }
+}
+
+keywords! {
     /// `mqtt.acl[].access`.
     AclAccess, "must be publish, subscribe or all" {
         /// PUBLISH (and wills); AMQP basic.publish.
