@@ -14,6 +14,9 @@
 //!   refusal), so the limit holds exactly under any race.
 //! - **Sweeps** ([`sweep_every`]): the timer of a periodic look over an adapter's
 //!   connections (MQTT's keep alive), so that adapters run no timers of their own.
+//! - **Placement** ([`set_connection_runtimes`]): with one single-threaded runtime per
+//!   core, each accepted socket is moved to the next runtime in turn and served there
+//!   from start to end.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
