@@ -15,8 +15,8 @@
 //! - **Sweeps** ([`sweep_every`]): the timer of a periodic look over an adapter's
 //!   connections (MQTT's keep alive), so that adapters run no timers of their own.
 //! - **Placement** ([`set_connection_runtimes`]): with one single-threaded runtime per
-//!   core, each accepted socket is moved to the next runtime in turn and served there
-//!   from start to end.
+//!   core, each accepted socket is moved to the runtime with the fewest open
+//!   connections (ties in turn) and served there from start to end.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -74,12 +74,14 @@ impl Drop for SocketSlot {
     }
 }
 
-/// An accepted stream, counted against the socket budget until it is dropped. It reads
-/// and writes as the stream it wraps.
+/// An accepted stream, counted against the socket budget (and its runtime's open
+/// connections, [`set_connection_runtimes`]) until it is dropped. It reads and writes as
+/// the stream it wraps.
 #[derive(Debug)]
 pub struct Counted<S> {
     inner: S,
     _slot: SocketSlot,
+    _home: Option<HomeSlot>,
 }
 
 impl<S> Counted<S> {
@@ -196,26 +198,75 @@ where
 static BUDGET_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
 
 /// The runtimes connections are spread over ([`set_connection_runtimes`]).
-static HOMES: std::sync::OnceLock<Vec<tokio::runtime::Handle>> = std::sync::OnceLock::new();
-/// The next of [`HOMES`] a connection goes to.
-static NEXT_HOME: AtomicUsize = AtomicUsize::new(0);
+static HOMES: std::sync::OnceLock<Homes> = std::sync::OnceLock::new();
 
 thread_local! {
     /// The index in [`HOMES`] of the runtime this thread runs (`usize::MAX`: none).
     static HOME: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
 }
 
-/// Spread accepted connections over these runtimes, in turn: each a single thread
-/// (one per core) that runs its connections' tasks, and the tasks they start, from
-/// start to end. Set once, before the first listener opens; without it (tests, the
-/// work-stealing runtime) a connection runs on the runtime that accepted it.
+/// Single-threaded runtimes and the connections open on each.
+#[derive(Debug)]
+struct Homes {
+    handles: Vec<tokio::runtime::Handle>,
+    open: Vec<AtomicUsize>,
+    /// Where the search for the least loaded starts next (ties go round).
+    next: AtomicUsize,
+}
+
+impl Homes {
+    /// The runtime with the fewest open connections (the first such from a start that
+    /// moves on each time), counted as holding one more until the slot is dropped.
+    fn place(&'static self) -> (usize, HomeSlot) {
+        let n = self.handles.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let i = (0..n)
+            .map(|k| (start + k) % n)
+            .min_by_key(|&i| self.open[i].load(Ordering::Relaxed))
+            .unwrap_or(0);
+        self.open[i].fetch_add(1, Ordering::AcqRel);
+        (i, HomeSlot(i))
+    }
+}
+
+/// One connection open on runtime `.0` of [`HOMES`].
+#[derive(Debug)]
+struct HomeSlot(usize);
+
+impl Drop for HomeSlot {
+    fn drop(&mut self) {
+        if let Some(h) = HOMES.get() {
+            h.open[self.0].fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Spread accepted connections over these runtimes: each a single thread (one per core)
+/// that runs its connections' tasks, and the tasks they start, from start to end. A new
+/// connection goes to the runtime with the fewest open (ties in turn), so threads whose
+/// connections closed take the next ones. Set once, before the first listener opens;
+/// without it (tests, the work-stealing runtime) a connection runs on the runtime that
+/// accepted it.
 pub fn set_connection_runtimes(handles: Vec<tokio::runtime::Handle>) {
-    let _ = HOMES.set(handles);
+    let open = handles.iter().map(|_| AtomicUsize::new(0)).collect();
+    let _ = HOMES.set(Homes {
+        handles,
+        open,
+        next: AtomicUsize::new(0),
+    });
 }
 
 /// This thread runs the runtime at `index` of [`set_connection_runtimes`]'s list.
 pub fn set_home(index: usize) {
     HOME.with(|h| h.set(index));
+}
+
+/// The connections open on each of [`set_connection_runtimes`]'s runtimes, in its
+/// order (empty without them).
+pub fn runtime_connections() -> Vec<usize> {
+    HOMES.get().map_or_else(Vec::new, |h| {
+        h.open.iter().map(|o| o.load(Ordering::Relaxed)).collect()
+    })
 }
 
 /// Accept TCP connections (no Nagle delay) until `stop` changes, handing each to
@@ -254,12 +305,12 @@ where
                             continue;
                         };
                         let _ = tcp.set_nodelay(true);
-                        let home = HOMES.get().filter(|h| h.len() > 1).map(|h| {
-                            let i = NEXT_HOME.fetch_add(1, Ordering::Relaxed) % h.len();
-                            (i, &h[i])
+                        let home = HOMES.get().filter(|h| h.handles.len() > 1).map(|h| {
+                            let (i, held) = h.place();
+                            (i, &h.handles[i], held)
                         });
                         match home {
-                            Some((i, rt)) if HOME.with(|h| h.get()) != i => {
+                            Some((i, rt, held)) if HOME.with(|h| h.get()) != i => {
                                 // Registered again with the other runtime's poller, so
                                 // its readiness wakes that thread, never this one.
                                 let std = match tcp.into_std() {
@@ -272,12 +323,13 @@ where
                                 let on_accept = Arc::clone(&on_accept);
                                 rt.spawn(async move {
                                     match TcpStream::from_std(std) {
-                                        Ok(tcp) => on_accept(Counted { inner: tcp, _slot: slot }, peer),
+                                        Ok(tcp) => on_accept(Counted { inner: tcp, _slot: slot, _home: Some(held) }, peer),
                                         Err(e) => tracing::warn!(%peer, error = %e, "{what}: socket not taken over"),
                                     }
                                 });
                             }
-                            _ => on_accept(Counted { inner: tcp, _slot: slot }, peer),
+                            Some((_, _, held)) => on_accept(Counted { inner: tcp, _slot: slot, _home: Some(held) }, peer),
+                            None => on_accept(Counted { inner: tcp, _slot: slot, _home: None }, peer),
                         }
                     }
                     Err(e) => {

@@ -1,7 +1,7 @@
 //! Connections spread over per-core runtimes (`net::set_connection_runtimes`): each
-//! accepted socket is served on the next runtime in turn, registered with that
-//! runtime's poller, so it reads and writes there and nowhere else. Its own test
-//! binary: the runtimes are set once per process.
+//! accepted socket is served on the runtime with the fewest open connections (ties in
+//! turn), registered with that runtime's poller, so it reads and writes there and
+//! nowhere else. Its own test binary: the runtimes are set once per process.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,8 +35,24 @@ fn worker(
     (handle, thread)
 }
 
+/// Write to `c` twice and expect each echo from `thread`: the second read needs the
+/// served side's poller again.
+async fn echo_twice(c: &mut TcpStream, i: usize, thread: &str) {
+    for round in 0..2 {
+        let msg = format!("c{i}r{round}");
+        c.write_all(msg.as_bytes()).await.expect("write");
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("echo in time")
+            .expect("read");
+        let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert_eq!(reply, format!("{thread}:{msg}"), "connection {i}");
+    }
+}
+
 #[test]
-fn accepted_connections_run_on_each_runtime_in_turn() {
+fn accepted_connections_go_to_the_least_loaded_runtime() {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (h1, t1) = worker(1, stopped.clone());
     let (h2, t2) = worker(2, stopped.clone());
@@ -74,28 +90,40 @@ fn accepted_connections_run_on_each_runtime_in_turn() {
                 }
             });
         });
+        let main_name = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_owned();
+        let thread_of = |k: usize| match k {
+            0 => main_name.clone(),
+            k => format!("test-worker-{k}"),
+        };
+        let mut clients = Vec::new();
         for i in 0..6 {
             let mut c = TcpStream::connect(addr).await.expect("connect");
-            // Twice, so the second read needs the served side's poller again.
-            for round in 0..2 {
-                let msg = format!("c{i}r{round}");
-                c.write_all(msg.as_bytes()).await.expect("write");
-                let mut buf = [0u8; 64];
-                let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
-                    .await
-                    .expect("echo in time")
-                    .expect("read");
-                let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
-                let expected_thread = match i % 3 {
-                    0 => std::thread::current()
-                        .name()
-                        .unwrap_or("unnamed")
-                        .to_owned(),
-                    k => format!("test-worker-{k}"),
-                };
-                assert_eq!(reply, format!("{expected_thread}:{msg}"), "connection {i}");
-            }
+            echo_twice(&mut c, i, &thread_of(i % 3)).await;
+            clients.push(c);
         }
+        assert_eq!(net::runtime_connections(), [2, 2, 2]);
+        // Both connections of worker 1 close: the next two go there, the runtime with
+        // the fewest open, not on in turn.
+        drop(clients.remove(4));
+        drop(clients.remove(1));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while net::runtime_connections() != [2, 0, 2] {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "closed connections still counted: {:?}",
+                net::runtime_connections()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for i in 6..8 {
+            let mut c = TcpStream::connect(addr).await.expect("connect");
+            echo_twice(&mut c, i, &thread_of(1)).await;
+            clients.push(c);
+        }
+        assert_eq!(net::runtime_connections(), [2, 2, 2]);
     });
     let served = served.lock().clone();
     let main_name = std::thread::current()
@@ -110,9 +138,11 @@ fn accepted_connections_run_on_each_runtime_in_turn() {
             "test-worker-2",
             main_name.as_str(),
             "test-worker-1",
-            "test-worker-2"
+            "test-worker-2",
+            "test-worker-1",
+            "test-worker-1",
         ],
-        "each connection on the next runtime in turn"
+        "each connection on the runtime with the fewest open, ties in turn"
     );
     let _ = stop.send(true);
     t1.join().expect("worker 1");

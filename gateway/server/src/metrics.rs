@@ -54,6 +54,7 @@ pub(crate) const SERIES: &[(&str, &str, &str, &str)] = &[
     ("mqgate_replication_blocked", "gauge", "", "1 while the replicated log takes no writes (no quorum, no NATS server): writers wait."),
     ("mqgate_replication_step_downs_total", "counter", "", "Times this node stopped writing the replicated log (fenced, lease lost, view failed)."),
     ("mqgate_sockets_open", "gauge", "", "Client sockets open, every listener, handshaking or established."),
+    ("mqgate_runtime_connections", "gauge", "", "Client sockets open on each per-core runtime (runtime.scheduler = per-core), by runtime."),
     ("mqgate_handshakes_pending", "gauge", "", "Connections still in their handshake, by protocol (capped by limits.max_pending_handshakes)."),
     ("mqgate_process_resident_memory_bytes", "gauge", "bytes", "Resident memory of the broker process."),
     ("mqgate_memory_blocked", "gauge", "", "1 while publishers are blocked (memory above limits.memory_high_watermark), else 0."),
@@ -223,6 +224,16 @@ impl Collector {
             &[],
             mqgate_core::net::open_sockets() as f64,
         );
+        for (i, n) in mqgate_core::net::runtime_connections()
+            .into_iter()
+            .enumerate()
+        {
+            set_gauge(
+                "mqgate_runtime_connections",
+                &[("runtime", i.to_string())],
+                n as f64,
+            );
+        }
         set_gauge(
             "mqgate_handshakes_pending",
             &l("amqp"),

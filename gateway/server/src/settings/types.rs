@@ -330,8 +330,8 @@ keywords! {
 keywords! {
     /// `runtime.scheduler`.
     Scheduler, "must be per-core or work-stealing" {
-        /// One single-threaded runtime per worker; each connection runs on one of them,
-        /// in turn, from start to end.
+        /// One single-threaded runtime per worker; each connection runs on the one with
+        /// the fewest open connections, from start to end.
         PerCore = "per-core",
         /// One runtime whose workers steal each other's tasks.
         WorkStealing = "work-stealing",
