@@ -203,8 +203,29 @@ pub(crate) async fn list(kv: &kv::Store) -> Option<LiveSet> {
     listing(kv).await.map(|l| l.active)
 }
 
-/// The bucket's keys and runs; `None` when NATS does not answer.
+/// The longest one listing of the bucket may take. The key iterator
+/// (`kv::Store::keys`) notes whether keys are pending when its consumer starts and then
+/// ends only on a delivered key with none pending after it: a key whose max age passes
+/// between the two is never delivered, and the wait never ended (a heartbeat task, or a gateway's start, stuck for good; seen in
+/// `cluster/tests/fanout.rs` on a loaded machine with a 3 s TTL).
+const LISTING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The bucket's keys and runs; `None` when NATS does not answer (within
+/// [`LISTING_TIMEOUT`]).
 pub(crate) async fn listing(kv: &kv::Store) -> Option<Listing> {
+    match tokio::time::timeout(LISTING_TIMEOUT, listing_now(kv)).await {
+        Ok(l) => l,
+        Err(_) => {
+            tracing::warn!(
+                "cluster: listing the live gateways took over {LISTING_TIMEOUT:?}; \
+                 the last answer stands"
+            );
+            None
+        }
+    }
+}
+
+async fn listing_now(kv: &kv::Store) -> Option<Listing> {
     let mut keys = kv.keys().await.ok()?;
     let mut names = Vec::new();
     while let Some(k) = keys.next().await {
