@@ -206,8 +206,9 @@ pub(crate) async fn list(kv: &kv::Store) -> Option<LiveSet> {
 /// The longest one listing of the bucket may take. The key iterator
 /// (`kv::Store::keys`) notes whether keys are pending when its consumer starts and then
 /// ends only on a delivered key with none pending after it: a key whose max age passes
-/// between the two is never delivered, and the wait never ended (a heartbeat task, or a gateway's start, stuck for good; seen in
-/// `cluster/tests/fanout.rs` on a loaded machine with a 3 s TTL).
+/// between the two is never delivered, and the wait never ended (a heartbeat task, or
+/// a gateway's start, stuck for good; seen in `cluster/tests/fanout.rs` on a loaded
+/// machine with a 3 s TTL).
 const LISTING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The bucket's keys and runs; `None` when NATS does not answer (within

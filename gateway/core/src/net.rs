@@ -217,7 +217,7 @@ struct Homes {
 impl Homes {
     /// The runtime with the fewest open connections (the first such from a start that
     /// moves on each time), counted as holding one more until the slot is dropped.
-    fn place(&'static self) -> (usize, HomeSlot) {
+    fn place(&self) -> (usize, HomeSlot) {
         let n = self.handles.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let i = (0..n)
@@ -305,11 +305,11 @@ where
                             continue;
                         };
                         let _ = tcp.set_nodelay(true);
-                        let home = HOMES.get().filter(|h| h.handles.len() > 1).map(|h| {
+                        let placed = HOMES.get().filter(|h| h.handles.len() > 1).map(|h| {
                             let (i, held) = h.place();
                             (i, &h.handles[i], held)
                         });
-                        match home {
+                        match placed {
                             Some((i, rt, held)) if HOME.with(|h| h.get()) != i => {
                                 // Registered again with the other runtime's poller, so
                                 // its readiness wakes that thread, never this one.
@@ -328,8 +328,10 @@ where
                                     }
                                 });
                             }
-                            Some((_, _, held)) => on_accept(Counted { inner: tcp, _slot: slot, _home: Some(held) }, peer),
-                            None => on_accept(Counted { inner: tcp, _slot: slot, _home: None }, peer),
+                            placed => {
+                                let home = placed.map(|(_, _, held)| held);
+                                on_accept(Counted { inner: tcp, _slot: slot, _home: home }, peer);
+                            }
                         }
                     }
                     Err(e) => {

@@ -253,8 +253,8 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
 /// runtimes on threads of their own; accepted connections are spread over all of them
 /// (`mqgate_core::net::set_connection_runtimes`). A connection's tasks, and the tasks
 /// it starts, stay on its thread: waking one is a queue push on that thread, never a
-/// hand-off to another worker, and what a connection allocates is freed where it was
-/// allocated. The other runtimes stop once `main` has returned.
+/// hand-off to another worker, and most of what a connection allocates is freed on
+/// that thread. The other runtimes stop once `main` has returned.
 fn per_core(
     workers: usize,
     main: impl std::future::Future<Output = anyhow::Result<()>>,

@@ -589,7 +589,7 @@ impl Default for MetricsSettings {
 }
 
 /// The async runtime.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct RuntimeSettings {
     /// Threads that run the connections, groups and timers (0: one per core).
@@ -597,15 +597,6 @@ pub(crate) struct RuntimeSettings {
     /// `per-core`: each worker a runtime of its own, connections spread over them;
     /// `work-stealing`: one runtime, tasks move between its workers.
     pub(crate) scheduler: Scheduler,
-}
-
-impl Default for RuntimeSettings {
-    fn default() -> Self {
-        Self {
-            workers: 0,
-            scheduler: Scheduler::PerCore,
-        }
-    }
 }
 
 impl RuntimeSettings {

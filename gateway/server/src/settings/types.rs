@@ -329,9 +329,11 @@ keywords! {
 
 keywords! {
     /// `runtime.scheduler`.
+    #[derive(Default)]
     Scheduler, "must be per-core or work-stealing" {
         /// One single-threaded runtime per worker; each connection runs on the one with
         /// the fewest open connections, from start to end.
+        #[default]
         PerCore = "per-core",
         /// One runtime whose workers steal each other's tasks.
         WorkStealing = "work-stealing",
