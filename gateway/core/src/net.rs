@@ -269,6 +269,42 @@ pub fn runtime_connections() -> Vec<usize> {
     })
 }
 
+/// Serve `tcp` on `rt`, another thread's runtime: taken out of this runtime's poller
+/// and registered with that one's, so its readiness wakes that thread, never this one.
+fn hand_over<F>(
+    what: &'static str,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: SocketSlot,
+    home: HomeSlot,
+    rt: &tokio::runtime::Handle,
+    on_accept: &Arc<F>,
+) where
+    F: Fn(Counted<TcpStream>, SocketAddr) + Send + Sync + 'static,
+{
+    let std = match tcp.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "{what}: socket not handed over");
+            return;
+        }
+    };
+    let on_accept = Arc::clone(on_accept);
+    rt.spawn(async move {
+        match TcpStream::from_std(std) {
+            Ok(tcp) => {
+                let counted = Counted {
+                    inner: tcp,
+                    _slot: slot,
+                    _home: Some(home),
+                };
+                on_accept(counted, peer);
+            }
+            Err(e) => tracing::warn!(%peer, error = %e, "{what}: socket not taken over"),
+        }
+    });
+}
+
 /// Accept TCP connections (no Nagle delay) until `stop` changes, handing each to
 /// `on_accept`, counted against the socket budget; a socket over the budget is closed at
 /// once. An accept error (out of file descriptors) is logged and retried after a pause
@@ -311,22 +347,7 @@ where
                         });
                         match placed {
                             Some((i, rt, held)) if HOME.with(|h| h.get()) != i => {
-                                // Registered again with the other runtime's poller, so
-                                // its readiness wakes that thread, never this one.
-                                let std = match tcp.into_std() {
-                                    Ok(s) => s,
-                                    Err(e) => {
-                                        tracing::warn!(%peer, error = %e, "{what}: socket not handed over");
-                                        continue;
-                                    }
-                                };
-                                let on_accept = Arc::clone(&on_accept);
-                                rt.spawn(async move {
-                                    match TcpStream::from_std(std) {
-                                        Ok(tcp) => on_accept(Counted { inner: tcp, _slot: slot, _home: Some(held) }, peer),
-                                        Err(e) => tracing::warn!(%peer, error = %e, "{what}: socket not taken over"),
-                                    }
-                                });
+                                hand_over(what, tcp, peer, slot, held, rt, &on_accept);
                             }
                             placed => {
                                 let home = placed.map(|(_, _, held)| held);
