@@ -16,7 +16,10 @@ mod wire;
 pub use connect::{ConnAck, Connect, Will};
 pub use control::Disconnect;
 pub use properties::{Properties, MAX_USER_PROPERTIES};
-pub use publish::{check_topic_name, publish_size, Ack, AckKind, Publish};
+pub use publish::{
+    check_topic_name, encode_publish_ref, publish_ref_size, publish_size, Ack, AckKind, Publish,
+    PublishRef,
+};
 pub use subscribe::{SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe};
 pub use wire::{frame_size, MAX_PACKET_SIZE};
 

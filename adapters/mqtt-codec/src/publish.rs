@@ -128,21 +128,76 @@ pub(crate) fn decode_ack(frame: &mut Bytes, kind: AckKind, v5: bool) -> DResult<
     })
 }
 
+/// A PUBLISH to encode from borrowed parts: a delivery is written from the stored
+/// message's topic and body, without a packet of its own that owns copies of them.
+#[derive(Clone, Copy, Debug)]
+pub struct PublishRef<'a> {
+    /// Redelivery flag.
+    pub dup: bool,
+    /// QoS.
+    pub qos: QoS,
+    /// Retain flag.
+    pub retain: bool,
+    /// The topic name (empty when a 5.0 topic alias stands for it).
+    pub topic: &'a str,
+    /// The packet identifier (0 at QoS 0).
+    pub pkid: u16,
+    /// 5.0 properties.
+    pub properties: &'a Properties,
+    /// The payload.
+    pub payload: &'a [u8],
+}
+
+impl Publish {
+    /// This packet's parts, borrowed.
+    pub fn as_parts(&self) -> PublishRef<'_> {
+        PublishRef {
+            dup: self.dup,
+            qos: self.qos,
+            retain: self.retain,
+            topic: &self.topic,
+            pkid: self.pkid,
+            properties: &self.properties,
+            payload: &self.payload,
+        }
+    }
+}
+
+/// The 5.0 property block of a PUBLISH, length included: `None` when it is the one
+/// byte of an empty block (no buffer for the common case) or the packet is 3.1.1.
+fn publish_props(p: &PublishRef<'_>, v5: bool) -> (usize, Option<BytesMut>) {
+    if !v5 {
+        return (0, None);
+    }
+    if *p.properties == Properties::default() {
+        return (1, None);
+    }
+    let mut props = BytesMut::new();
+    encode_props(&mut props, p.properties);
+    (props.len(), Some(props))
+}
+
 /// The encoded size of a PUBLISH, without building it (for Maximum Packet Size checks).
 pub fn publish_size(p: &Publish, v5: bool) -> usize {
-    let mut n = 2 + p.topic.len() + p.payload.len();
-    if p.qos != QoS::AtMostOnce {
-        n += 2;
-    }
-    if v5 {
-        let mut props = BytesMut::new();
-        encode_props(&mut props, &p.properties);
-        n += props.len();
-    }
+    publish_ref_size(&p.as_parts(), v5)
+}
+
+/// [`publish_size`] of borrowed parts.
+pub fn publish_ref_size(p: &PublishRef<'_>, v5: bool) -> usize {
+    let n = remaining_len(p, publish_props(p, v5).0);
     1 + varint_len(n as u32) + n
 }
 
+fn remaining_len(p: &PublishRef<'_>, props: usize) -> usize {
+    2 + p.topic.len() + if p.qos == QoS::AtMostOnce { 0 } else { 2 } + props + p.payload.len()
+}
+
 pub(crate) fn encode_publish(p: &Publish, v5: bool, out: &mut BytesMut) {
+    encode_publish_ref(&p.as_parts(), v5, out);
+}
+
+/// Encode a PUBLISH from borrowed parts into `out`.
+pub fn encode_publish_ref(p: &PublishRef<'_>, v5: bool, out: &mut BytesMut) {
     let mut header = 0x30 | ((p.qos as u8) << 1);
     if p.dup {
         header |= 0x08;
@@ -151,43 +206,48 @@ pub(crate) fn encode_publish(p: &Publish, v5: bool, out: &mut BytesMut) {
         header |= 0x01;
     }
     // Build in place: header, length, then fields; the payload is copied once.
-    let mut props = BytesMut::new();
-    if v5 {
-        encode_props(&mut props, &p.properties);
-    }
-    let n = 2
-        + p.topic.len()
-        + if p.qos == QoS::AtMostOnce { 0 } else { 2 }
-        + props.len()
-        + p.payload.len();
+    let (props_len, props) = publish_props(p, v5);
+    let n = remaining_len(p, props_len);
     out.reserve(n + 5);
     out.put_u8(header);
     put_varint(out, n as u32);
-    put_string(out, &p.topic);
+    put_string(out, p.topic);
     if p.qos != QoS::AtMostOnce {
         out.put_u16(p.pkid);
     }
-    out.put_slice(&props);
-    out.put_slice(&p.payload);
+    match props {
+        Some(b) => out.put_slice(&b),
+        // An empty property block is its length, 0.
+        None if v5 => out.put_u8(0),
+        None => {}
+    }
+    out.put_slice(p.payload);
 }
 
 pub(crate) fn encode_ack(a: &Ack, v5: bool, out: &mut BytesMut) {
-    let mut body = BytesMut::new();
     let header = match a.kind {
         AckKind::PubAck => 0x40,
         AckKind::PubRec => 0x50,
         AckKind::PubRel => 0x62,
         AckKind::PubComp => 0x70,
     };
-    body.put_u16(a.pkid);
-    if v5 {
-        let has_props = a.properties != Properties::default();
-        if a.reason != 0 || has_props {
-            body.put_u8(a.reason);
+    let has_props = v5 && a.properties != Properties::default();
+    if !has_props {
+        // The common case, written in place: the packet id, and a 5.0 reason other
+        // than success.
+        let with_reason = v5 && a.reason != 0;
+        out.reserve(5);
+        out.put_u8(header);
+        out.put_u8(2 + u8::from(with_reason));
+        out.put_u16(a.pkid);
+        if with_reason {
+            out.put_u8(a.reason);
         }
-        if has_props {
-            encode_props(&mut body, &a.properties);
-        }
+        return;
     }
+    let mut body = BytesMut::new();
+    body.put_u16(a.pkid);
+    body.put_u8(a.reason);
+    encode_props(&mut body, &a.properties);
     finish(out, header, &body);
 }

@@ -377,6 +377,19 @@ proptest! {
         prop_assert!(buf.is_empty());
     }
 
+    /// A delivery encoded from borrowed parts (`encode_publish_ref`, no packet of its
+    /// own) is byte for byte the packet's encoding, and `publish_size` its length.
+    #[test]
+    fn publish_parts_encode_as_the_packet((v, p) in version().prop_flat_map(|v| (Just(v), packet(v)))) {
+        if let Packet::Publish(publish) = &p {
+            let whole = encode_all(std::slice::from_ref(&p), v);
+            let mut parts = BytesMut::new();
+            codec::encode_publish_ref(&publish.as_parts(), v.is_v5(), &mut parts);
+            prop_assert_eq!(&parts[..], &whole[..]);
+            prop_assert_eq!(codec::publish_size(publish, v.is_v5()), whole.len());
+        }
+    }
+
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), v in proptest::option::of(version())) {
         let mut buf = BytesMut::from(&bytes[..]);
@@ -433,4 +446,44 @@ fn user_properties_are_capped() {
             assert_eq!(e.reason_code(), 0x97);
         }
     }
+}
+
+/// PUBACK and its kin are written in place: the packet id, and on 5.0 a reason code only
+/// when it is not success (MQTT 5.0, 3.4.2.1: it may be left out then).
+#[test]
+fn acks_written_in_place() {
+    let ack = |kind, reason| {
+        Packet::Ack(Ack {
+            kind,
+            pkid: 0x0107,
+            reason,
+            properties: Properties::default(),
+        })
+    };
+    let bytes = |p: &Packet, v| encode_all(std::slice::from_ref(p), v).to_vec();
+    assert_eq!(
+        bytes(&ack(AckKind::PubAck, 0), Version::V311),
+        [0x40, 2, 1, 7]
+    );
+    assert_eq!(
+        bytes(&ack(AckKind::PubRel, 0), Version::V311),
+        [0x62, 2, 1, 7]
+    );
+    assert_eq!(
+        bytes(&ack(AckKind::PubAck, 0), Version::V5),
+        [0x40, 2, 1, 7]
+    );
+    assert_eq!(
+        bytes(&ack(AckKind::PubRec, 0x87), Version::V5),
+        [0x50, 3, 1, 7, 0x87]
+    );
+    let mut with_props = ack(AckKind::PubComp, 0);
+    if let Packet::Ack(a) = &mut with_props {
+        a.properties.reason_string = Some("ok".into());
+    }
+    // Reason, then properties: length 2 + 1 + (1 + 1 + 2 + 2).
+    assert_eq!(
+        bytes(&with_props, Version::V5),
+        [0x70, 9, 1, 7, 0, 5, 0x1F, 0, 2, b'o', b'k']
+    );
 }

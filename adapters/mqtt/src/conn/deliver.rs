@@ -1,6 +1,7 @@
 //! Outbound deliveries: polling the consumers, retained messages of new subscriptions,
 //! packet ids, and the acknowledgements of outbound flows.
 
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
 
@@ -10,7 +11,7 @@ use mqgate_store::Message;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Conn, End, Inflight, Source, Stage, DELIVERY_BURST, OUT_HIGH_WATER};
-use crate::codec::{self, reason, Ack, AckKind, Packet, Properties, Publish, QoS};
+use crate::codec::{self, reason, Ack, AckKind, Properties, PublishRef, QoS};
 use crate::session::Subscription;
 use crate::topic;
 
@@ -225,7 +226,7 @@ where
         let retain = retain_ok && props::get(&m.properties, props::MQTT_RETAIN).is_some();
         self.emit(
             m,
-            topic,
+            &topic,
             qos_cap,
             retain,
             d.redelivered,
@@ -267,7 +268,17 @@ where
         }
         if let Some((_, rap, ids)) = self.matching(m, &topic) {
             let retain = rap && props::get(&m.properties, props::MQTT_RETAIN).is_some();
-            self.emit(m, topic, QoS::AtMostOnce, retain, false, 0, ids, None, None);
+            self.emit(
+                m,
+                &topic,
+                QoS::AtMostOnce,
+                retain,
+                false,
+                0,
+                ids,
+                None,
+                None,
+            );
         }
     }
 
@@ -278,7 +289,7 @@ where
         let ids = sub.id.into_iter().collect();
         self.emit(
             m,
-            topic.to_owned(),
+            topic,
             sub.options.qos,
             true,
             false,
@@ -291,12 +302,13 @@ where
 
     /// Build and queue one PUBLISH: QoS is the lower of the message's and `qos_cap`;
     /// expired messages and messages over the client's maximum packet size are dropped
-    /// (and settled).
+    /// (and settled). Written from the message's topic and body as they are: nothing is
+    /// allocated for a delivery but what its 5.0 properties need.
     #[allow(clippy::too_many_arguments)]
     fn emit(
         &mut self,
         m: &Message,
-        topic: String,
+        topic: &str,
         qos_cap: QoS,
         retain: bool,
         dup: bool,
@@ -362,37 +374,37 @@ where
                 }
             }
         };
-        let mut publish = Publish {
-            dup: {
-                let dup = dup && qos != QoS::AtMostOnce;
-                if dup {
-                    self.shared
-                        .stats
-                        .redelivered
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                dup
-            },
-            qos,
-            retain,
-            topic,
-            pkid,
-            properties,
-            payload: m.body.clone(),
-        };
+        let dup = dup && qos != QoS::AtMostOnce;
+        if dup {
+            self.shared
+                .stats
+                .redelivered
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let mut topic_out = topic;
         if self.v5() && self.client_alias_max > 0 {
             let max = usize::from(self.client_alias_max);
             let aliases = &mut self.rare().aliases_out;
-            if let Some(&a) = aliases.get(&publish.topic) {
-                publish.properties.topic_alias = Some(a);
-                publish.topic.clear();
+            if let Some(&a) = aliases.get(topic) {
+                properties.topic_alias = Some(a);
+                topic_out = "";
             } else if aliases.len() < max {
                 let a = aliases.len() as u16 + 1;
-                aliases.insert(publish.topic.clone(), a);
-                publish.properties.topic_alias = Some(a);
+                aliases.insert(topic.to_owned(), a);
+                properties.topic_alias = Some(a);
             }
         }
-        if codec::publish_size(&publish, self.v5()) > self.client_max_packet {
+        let publish = PublishRef {
+            dup,
+            qos,
+            retain,
+            topic: topic_out,
+            pkid,
+            properties: &properties,
+            payload: &m.body,
+        };
+        let v5 = self.v5();
+        if codec::publish_ref_size(&publish, v5) > self.client_max_packet {
             tracing::debug!(client = %self.client_id, "MQTT: message over the client's maximum packet size; dropped");
             if let Some(s) = source {
                 self.settle(s, false);
@@ -403,7 +415,7 @@ where
             .stats
             .publishes_out
             .fetch_add(1, Ordering::Relaxed);
-        self.send(&Packet::Publish(publish));
+        codec::encode_publish_ref(&publish, v5, &mut self.output.out);
         match (qos, source) {
             (QoS::AtMostOnce, Some(s)) => self.settle(s, false),
             (QoS::AtMostOnce, None) => {}
@@ -428,10 +440,10 @@ pub(super) enum DeliverySource {
 
 /// The MQTT topic a message is delivered on: its AMQP routing key when it came through
 /// AMQP, else the topic it was published to.
-fn mqtt_topic(m: &Message) -> String {
+fn mqtt_topic(m: &Message) -> Cow<'_, str> {
     match props::get(&m.properties, props::AMQP_ROUTING_KEY) {
-        Some(rk) => amqp_to_mqtt(&String::from_utf8_lossy(rk)),
-        None => m.topic.as_str().to_owned(),
+        Some(rk) => Cow::Owned(amqp_to_mqtt(&String::from_utf8_lossy(rk))),
+        None => Cow::Borrowed(m.topic.as_str()),
     }
 }
 

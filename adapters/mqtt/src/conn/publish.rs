@@ -85,17 +85,17 @@ where
         }
         // `$delayed/<seconds>/<topic>` and the x-delay / x-deliver-at user properties.
         let mut delay = None;
-        let mut topic_name = p.topic.clone();
-        match topic::parse_delayed(&p.topic) {
+        let topic_name = match topic::parse_delayed(&p.topic) {
             Ok(Some((secs, t))) => {
                 delay = Some(Delay::For(Duration::from_secs(secs)));
-                topic_name = t.to_owned();
+                t.to_owned()
             }
-            Ok(None) => {}
+            // The packet's own, moved (it is not read again).
+            Ok(None) => std::mem::take(&mut p.topic),
             Err(topic::BadForm) => {
                 return Err(self.protocol_error(reason::TOPIC_NAME_INVALID, "bad $delayed topic"))
             }
-        }
+        };
         for (k, v) in &p.properties.user {
             match k.as_str() {
                 "x-delay" => {
