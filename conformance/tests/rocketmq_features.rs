@@ -453,7 +453,7 @@ async fn producer_groups_are_counted(b: Backend) {
         .unwrap();
     let groups: Vec<&str> = stored
         .iter()
-        .map(|m| m.message.message.producer_group.as_str())
+        .map(|m| m.message.message.producer_group.as_ref())
         .collect();
     assert_eq!(groups, ["billing", "billing", "billing", "refunds"]);
 }

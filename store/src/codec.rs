@@ -200,7 +200,7 @@ pub(crate) fn decode_message(id: MessageId, buf: Bytes) -> Result<StoredMessage>
         None
     };
     let topic = TopicName::new(r.str16()?).map_err(|e| corrupt(e.to_string()))?;
-    let producer_group = r.str16()?;
+    let producer_group = r.str16()?.into();
     let tags = if flags & FLAG_TAGS != 0 {
         Some(r.str16()?)
     } else {
@@ -294,7 +294,7 @@ pub(crate) mod tests {
             .prop_map(
                 |(topic, group, keys, tags, props, body, born, rc, lvl, at)| Message {
                     topic: TopicName::new(topic).unwrap(),
-                    producer_group: group,
+                    producer_group: group.into(),
                     keys,
                     tags,
                     properties: props

@@ -34,13 +34,13 @@ pub use rocks::crc32c;
 #[cfg(feature = "rocksdb")]
 pub use rocks::{ApplyRecord, ExternalLog, RocksConfig, RocksStore, SharedResources};
 pub use store::{
-    Appended, Degraded, FsyncPolicy, KvChange, OnVisible, QueuedWrite, Retention, RetentionReport,
-    Store, StoreExt, StoreHealth, StoreStats, WriteBatch, WriteOp, WriteReceipt,
+    Appended, Degraded, FsyncPolicy, KvChange, OnVisible, QueueList, QueuedWrite, Retention,
+    RetentionReport, Store, StoreExt, StoreHealth, StoreStats, WriteBatch, WriteOp, WriteReceipt,
 };
 pub use types::{
-    now_millis, tag_hash, GroupName, Message, MessageId, Millis, OffsetRange, PropName, QueueEntry,
-    QueueId, QueueMessage, QueueOffset, QueueRef, ReadLimits, StoredMessage, TimerKey, TopicConfig,
-    TopicName,
+    now_millis, tag_hash, GroupName, Message, MessageId, Millis, OffsetRange, ProducerGroup,
+    PropName, QueueEntry, QueueId, QueueMessage, QueueOffset, QueueRef, ReadLimits, StoredMessage,
+    TimerKey, TopicConfig, TopicName,
 };
 
 /// The most queues one topic may have.

@@ -96,6 +96,10 @@ impl StoreHealth {
     }
 }
 
+/// The queues an appended message is indexed into: one is kept inline (a publish to one
+/// queue allocates no list), more on the heap.
+pub type QueueList = smallvec::SmallVec<[QueueRef; 1]>;
+
 /// One operation in a [`WriteBatch`].
 #[derive(Clone, Debug)]
 pub enum WriteOp {
@@ -105,7 +109,7 @@ pub enum WriteOp {
         /// The message.
         message: Message,
         /// The queues that index it.
-        queues: Vec<QueueRef>,
+        queues: QueueList,
     },
     /// Set a consumer group's committed offset on a queue.
     CommitOffset {
@@ -206,8 +210,11 @@ impl WriteBatch {
     }
 
     /// Append `message`, indexed into `queues`.
-    pub fn append(&mut self, message: Message, queues: Vec<QueueRef>) -> &mut Self {
-        self.ops.push(WriteOp::Append { message, queues });
+    pub fn append(&mut self, message: Message, queues: impl Into<QueueList>) -> &mut Self {
+        self.ops.push(WriteOp::Append {
+            message,
+            queues: queues.into(),
+        });
         self
     }
 

@@ -161,13 +161,17 @@ impl fmt::Display for GroupName {
 /// message); a name read back from the log or set by a client is owned.
 pub type PropName = std::borrow::Cow<'static, str>;
 
+/// A producer group's name: the protocols' defaults are `&'static str` (no allocation
+/// per message); a name a client set or read back from the log is owned.
+pub type ProducerGroup = std::borrow::Cow<'static, str>;
+
 /// A message as a producer hands it to the store.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Message {
     /// The address it was published to (RocketMQ topic, MQTT topic name, AMQP exchange).
     pub topic: TopicName,
     /// The producer group it came from (empty when unknown).
-    pub producer_group: String,
+    pub producer_group: ProducerGroup,
     /// Business keys, indexed for look-up ([`crate::Store::messages_by_key`]).
     pub keys: Vec<String>,
     /// RocketMQ's tag (one per message), hashed into every queue entry for filtering.
@@ -201,7 +205,7 @@ impl Message {
     pub fn born_at(topic: TopicName, body: impl Into<Bytes>, at: Millis) -> Self {
         Self {
             topic,
-            producer_group: String::new(),
+            producer_group: ProducerGroup::Borrowed(""),
             keys: Vec::new(),
             tags: None,
             properties: Vec::new(),

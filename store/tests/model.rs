@@ -122,11 +122,7 @@ impl MsgSpec {
     fn build(&self) -> Message {
         Message {
             topic: topic(TOPICS[self.topic as usize % TOPICS.len()]),
-            producer_group: if self.producer_group {
-                "pg".into()
-            } else {
-                String::new()
-            },
+            producer_group: if self.producer_group { "pg" } else { "" }.into(),
             keys: self
                 .keys
                 .iter()
@@ -1007,7 +1003,7 @@ async fn step(b: &mut Backend, m: &mut Model, op: &Op) -> Result<(), TestCaseErr
             for bop in bops {
                 match bop {
                     BOp::Append(spec, qs) => {
-                        batch.append(spec.build(), qs.iter().map(|q| m.resolve_q(q)).collect());
+                        batch.append(spec.build(), qs.iter().map(|q| m.resolve_q(q)).collect::<Vec<_>>());
                     }
                     BOp::Commit(g, q, o) => {
                         batch.commit_offset(group(*g), m.resolve_q(q), QueueOffset(*o));

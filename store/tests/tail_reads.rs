@@ -107,7 +107,7 @@ async fn reads_at_the_tail_from_memory_match_the_log() {
                         }
                         b.append(
                             Message::new(t.clone(), body),
-                            to.iter().map(|&i| queues[i].clone()).collect(),
+                            to.iter().map(|&i| queues[i].clone()).collect::<Vec<_>>(),
                         );
                     }
                     store.write(b).await.expect("write");

@@ -10,8 +10,8 @@
 use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use bytes::Bytes;
-use mqgate_core::props;
 use mqgate_core::router::{mqtt_to_amqp, HeaderValue};
+use mqgate_core::{props, TopicList};
 use mqgate_store::{Message, Millis, StoredMessage, TopicName};
 
 use crate::frame::{encode_properties, parse_raw_properties};
@@ -37,7 +37,7 @@ pub struct PublishNames {
     routing_key: Bytes,
     /// The router's generation when these names were last routed and checked, and the
     /// topics they routed to; cleared when a name changes.
-    routed: Option<(u64, Vec<TopicName>)>,
+    routed: Option<(u64, TopicList)>,
 }
 
 impl PublishNames {
@@ -66,7 +66,7 @@ impl PublishNames {
 
     /// The topics the last names (those of the message [`to_message`] built last)
     /// routed to, if they were routed and checked under this `generation` of the router.
-    pub fn routed(&self, generation: u64) -> Option<Vec<TopicName>> {
+    pub fn routed(&self, generation: u64) -> Option<TopicList> {
         match &self.routed {
             Some((g, topics)) if *g == generation => Some(topics.clone()),
             _ => None,
@@ -76,7 +76,7 @@ impl PublishNames {
     /// The last names passed their checks and routed to `topics` under `generation` (a
     /// stable answer: [`mqgate_core::router::Router::route_stable`]).
     pub fn remember(&mut self, generation: u64, topics: &[TopicName]) {
-        self.routed = Some((generation, topics.to_vec()));
+        self.routed = Some((generation, topics.iter().cloned().collect()));
     }
 }
 

@@ -490,7 +490,7 @@ impl Shared {
                     if let (true, Some(m)) = (stable, memo.as_deref_mut()) {
                         m.remember(&item.topic, generation, &routed.topics);
                     }
-                    routed.topics
+                    routed.topics.into()
                 }
             };
             out.push(!routed_topics.is_empty());

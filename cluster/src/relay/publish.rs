@@ -179,7 +179,7 @@ fn decode_item(r: &mut Reader) -> Result<Outgoing> {
             },
             sharding_key: r.opt_string()?,
         },
-        2 => Destination::Topics(r.topics()?),
+        2 => Destination::Topics(r.topics()?.into()),
         3 => {
             let vhost = r.string()?;
             let exchange = r.string()?;
@@ -662,7 +662,7 @@ mod tests {
                 queue: Some(QueueId(3)),
                 sharding_key: Some("k".into()),
             },
-            1 => Destination::Topics(vec![topic("a"), topic("b")]),
+            1 => Destination::Topics(vec![topic("a"), topic("b")].into()),
             _ => Destination::Exchange {
                 vhost: "/".into(),
                 exchange: "amq.headers".into(),

@@ -24,6 +24,10 @@ pub const ROCKETMQ_DELAY_LEVELS: [Duration; 18] = [
     Duration::from_secs(2 * 60 * 60),
 ];
 
+/// The producer group of a publish that names none, unless configured otherwise
+/// (RocketMQ's `DEFAULT_PRODUCER`).
+pub const DEFAULT_PRODUCER_GROUP: &str = "DEFAULT_PRODUCER";
+
 /// How the core behaves.
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
@@ -93,7 +97,7 @@ impl Default for CoreConfig {
         Self {
             default_queue_count: 8,
             auto_create_topics: true,
-            default_producer_group: "DEFAULT_PRODUCER".into(),
+            default_producer_group: DEFAULT_PRODUCER_GROUP.into(),
             delay_levels: ROCKETMQ_DELAY_LEVELS.to_vec(),
             retry_first_level: 3,
             max_reconsume_times: 16,

@@ -539,7 +539,7 @@ impl ShardCore {
                     topic: m.topic.to_string(),
                     route: describe(&t.route),
                     keys: m.keys.clone(),
-                    producer_group: m.producer_group.clone(),
+                    producer_group: m.producer_group.to_string(),
                     size: m.body.len(),
                     born_timestamp: m.born_timestamp,
                 });

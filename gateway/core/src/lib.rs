@@ -66,7 +66,7 @@ pub use locate::{Located, ShardEvent};
 pub use login::{LoginThrottle, LoginThrottleConfig};
 pub use pipeline::Pipeline;
 pub use publish::{Delay, Publish, Published};
-pub use publish::{Destination, Outgoing, PublishBatch, Records, Submitted};
+pub use publish::{Destination, Outgoing, PublishBatch, Records, Submitted, TopicList};
 pub use retained::{Retained, RetainedCursor, RetainedStats};
 pub use router::Router;
 pub use runs::{LiveRuns, Run};

@@ -29,8 +29,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes};
 use mqgate_store::{
-    Message, MessageId, QueueOffset, QueueRef, ReadLimits, Store, StoredMessage, TopicName,
-    WriteBatch,
+    Message, MessageId, QueueList, QueueOffset, QueueRef, ReadLimits, Store, StoredMessage,
+    TopicName, WriteBatch,
 };
 
 use crate::error::{CoreError, Result};
@@ -136,9 +136,10 @@ pub async fn ensure_outboxes(
 pub fn stage(
     batch: &mut WriteBatch,
     mut message: Message,
-    mut local: Vec<QueueRef>,
+    local: impl Into<QueueList>,
     remote: &BTreeMap<ShardId, Vec<TopicName>>,
 ) {
+    let mut local = local.into();
     message.properties.retain(|(k, _)| k != PROP_FORWARD);
     if !remote.is_empty() {
         message

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use mqgate_store::{Message, QueueId, QueueRef, TopicName, WriteBatch};
+use mqgate_store::{Message, ProducerGroup, QueueId, QueueList, QueueRef, TopicName, WriteBatch};
 
 use std::time::Duration;
 
@@ -126,7 +126,7 @@ pub enum Destination {
     },
     /// Topics already resolved with [`Router::route`](crate::Router::route): one queue of
     /// each, round robin. None: the message is not stored (`None` in the answer).
-    Topics(Vec<TopicName>),
+    Topics(TopicList),
     /// Through an exchange of a virtual host: routed now, or at release when delayed.
     Exchange {
         /// The virtual host.
@@ -139,6 +139,10 @@ pub enum Destination {
         headers: Vec<(String, HeaderValue)>,
     },
 }
+
+/// The topics a message was routed to: one is kept inline (a route to one topic, the
+/// common case, is remembered and handed on without allocating), more on the heap.
+pub type TopicList = smallvec::SmallVec<[TopicName; 1]>;
 
 /// One message of a batch.
 #[derive(Clone, Debug)]
@@ -156,10 +160,10 @@ pub struct Outgoing {
 
 impl Outgoing {
     /// A message to resolved topics, now.
-    pub fn routed(message: Message, topics: Vec<TopicName>) -> Self {
+    pub fn routed(message: Message, topics: impl Into<TopicList>) -> Self {
         Self {
             message,
-            to: Destination::Topics(topics),
+            to: Destination::Topics(topics.into()),
             delay: None,
             retain: None,
         }
@@ -318,7 +322,7 @@ impl Part<'_> {
 
     /// Append `message` into `queues` here and into `remote`'s shards (through this
     /// shard's outboxes).
-    fn append(&mut self, message: Message, queues: Vec<QueueRef>, remote: &Remote) {
+    fn append(&mut self, message: Message, queues: QueueList, remote: &Remote) {
         if remote.is_empty() {
             self.batch.append(message, queues);
         } else {
@@ -454,7 +458,7 @@ impl ShardCore {
                     let h = self.topic_handle(&topic).await?;
                     let q = h.select(queue.map(|q| q.0), sharding_key.as_deref())?;
                     part.touched.push(h);
-                    vec![QueueRef::new(topic, q)]
+                    QueueList::from_buf([QueueRef::new(topic, q)])
                 }
                 Destination::Topics(topics) => {
                     self.one_queue_each(&topics, &message, &mut part.touched)
@@ -669,7 +673,7 @@ impl ShardCore {
     async fn publish_limited(
         self: &Arc<Self>,
         message: Message,
-        mut queues: Vec<QueueRef>,
+        mut queues: QueueList,
         remote: &Remote,
         mut touched: Vec<Arc<TopicHandle>>,
         retain: Option<String>,
@@ -765,8 +769,8 @@ impl ShardCore {
         topics: &[TopicName],
         message: &Message,
         touched: &mut Vec<Arc<TopicHandle>>,
-    ) -> Result<Vec<QueueRef>> {
-        let mut queues = Vec::with_capacity(topics.len());
+    ) -> Result<QueueList> {
+        let mut queues = QueueList::with_capacity(topics.len());
         for t in topics {
             let h = self.topic_handle(t).await?;
             queues.push(QueueRef::new(t.clone(), h.select_for(message)?));
@@ -956,12 +960,17 @@ impl ShardCore {
         if let Some(g) = props::get(&message.properties, props::PRODUCER_GROUP_HEADER)
             .and_then(|g| props::producer_group_name(&String::from_utf8_lossy(g)))
         {
-            message.producer_group = g;
+            message.producer_group = g.into();
         }
         if message.producer_group.is_empty() {
-            message
-                .producer_group
-                .clone_from(&self.config.default_producer_group);
+            // The configured default is shared, not copied into every message, when it
+            // is the built-in one.
+            let default = &self.config.default_producer_group;
+            message.producer_group = if default == crate::config::DEFAULT_PRODUCER_GROUP {
+                ProducerGroup::Borrowed(crate::config::DEFAULT_PRODUCER_GROUP)
+            } else {
+                ProducerGroup::Owned(default.clone())
+            };
         }
     }
 }

@@ -763,7 +763,7 @@ impl ShardSet {
                 }
                 vec![topic.clone()]
             }
-            Destination::Topics(ts) => ts.clone(),
+            Destination::Topics(ts) => ts.to_vec(),
             Destination::Exchange { .. } if !self.routes_here() => {
                 // Routed by the gateway holding the routing state.
                 return Ok(Planned::One(0, item));
@@ -795,7 +795,7 @@ impl ShardSet {
             }
         };
         let local = by.remove(&home).unwrap_or_default();
-        item.to = Destination::Topics(local);
+        item.to = Destination::Topics(local.into());
         if by.is_empty() {
             return Ok(Planned::One(home, item));
         }

@@ -765,7 +765,7 @@ async fn group_behind_retention_skips_and_counts(env: Env) {
         let probe = MemoryStore::new();
         probe.create_topic(&topic("t"), 1).await.unwrap();
         let mut m = msg("t", "x".repeat(100));
-        m.producer_group = env.config.default_producer_group.clone();
+        m.producer_group = env.config.default_producer_group.clone().into();
         let a = mqgate_store::StoreExt::append(&probe, m, vec![])
             .await
             .unwrap();

@@ -21,8 +21,8 @@ use std::time::Duration;
 use amq_protocol::protocol::{connection, AMQPClass};
 use amq_protocol::types::ShortString;
 use bytes::{Bytes, BytesMut};
-use mqgate_core::{AckToken, Consumer, CoreError, Delivery};
-use mqgate_store::{GroupName, Message, TopicName};
+use mqgate_core::{AckToken, Consumer, CoreError, Delivery, TopicList};
+use mqgate_store::{GroupName, Message};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -163,7 +163,7 @@ struct Batched {
     channel: u16,
     seq: Option<u64>,
     message: Message,
-    topics: Vec<TopicName>,
+    topics: TopicList,
 }
 
 /// One consumer (or the pull member of basic.get) of a channel.

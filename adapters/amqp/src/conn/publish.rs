@@ -126,7 +126,8 @@ where
             &c.routing_key,
             &c.header.properties,
             c.header.raw_properties.clone(),
-            c.body.clone(),
+            // Moved: the unroutable return below sends the message's own.
+            c.body,
             now,
         );
         // The same exchange and routing key as the last publish, with the router's tables
@@ -156,7 +157,7 @@ where
         };
         let headers = convert::header_values(&c.header.properties);
         if let Some(g) = &self.producer_group {
-            message.producer_group.clone_from(g);
+            message.producer_group = g.clone().into();
         }
         let meta = self.shared.ex_meta(&self.vhost, &c.exchange);
         if meta.delayed {
@@ -204,7 +205,7 @@ where
                 if stable {
                     self.names.remember(generation, &routed.topics);
                 }
-                routed.topics
+                routed.topics.into()
             }
         };
         if topics.is_empty() {
@@ -223,7 +224,7 @@ where
                     &mut self.output.out,
                     ch,
                     &c.header.raw_properties,
-                    &c.body,
+                    &message.body,
                     self.frame_max,
                 );
             }

@@ -345,10 +345,10 @@ pub(super) fn to_message(
     };
     // Copy the payload out of the read buffer, so the buffer is not kept alive.
     let mut m = Message::born_at(name, Bytes::copy_from_slice(&payload), shared.now());
-    m.producer_group = rare
-        .and_then(|r| r.producer_group.as_deref())
-        .unwrap_or("mqtt")
-        .to_owned();
+    m.producer_group = match rare.and_then(|r| r.producer_group.as_deref()) {
+        Some(g) => g.to_owned().into(),
+        None => "mqtt".into(),
+    };
     let p = &mut m.properties;
     // Sized once: QoS, the sender, then what is there.
     p.reserve_exact(

@@ -6,6 +6,8 @@ use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use mqgate_store::TopicName;
+
+use crate::TopicList;
 use parking_lot::{RwLock, RwLockWriteGuard};
 
 use super::VHost;
@@ -52,12 +54,12 @@ impl Drop for Changing<'_> {
 pub struct RouteMemo {
     key: String,
     /// The router's generation it was made under, and the topics.
-    routed: Option<(u64, Vec<TopicName>)>,
+    routed: Option<(u64, TopicList)>,
 }
 
 impl RouteMemo {
     /// The topics `key` routed to, if it was routed under this `generation`.
-    pub fn get(&self, key: &str, generation: u64) -> Option<Vec<TopicName>> {
+    pub fn get(&self, key: &str, generation: u64) -> Option<TopicList> {
         match &self.routed {
             Some((g, topics)) if *g == generation && self.key == key => Some(topics.clone()),
             _ => None,
@@ -67,6 +69,6 @@ impl RouteMemo {
     /// `key` routed to `topics` under `generation`, a stable answer.
     pub fn remember(&mut self, key: &str, generation: u64, topics: &[TopicName]) {
         key.clone_into(&mut self.key);
-        self.routed = Some((generation, topics.to_vec()));
+        self.routed = Some((generation, topics.iter().cloned().collect()));
     }
 }
