@@ -1003,7 +1003,10 @@ async fn step(b: &mut Backend, m: &mut Model, op: &Op) -> Result<(), TestCaseErr
             for bop in bops {
                 match bop {
                     BOp::Append(spec, qs) => {
-                        batch.append(spec.build(), qs.iter().map(|q| m.resolve_q(q)).collect::<Vec<_>>());
+                        batch.append(
+                            spec.build(),
+                            qs.iter().map(|q| m.resolve_q(q)).collect::<Vec<_>>(),
+                        );
                     }
                     BOp::Commit(g, q, o) => {
                         batch.commit_offset(group(*g), m.resolve_q(q), QueueOffset(*o));
