@@ -2000,6 +2000,7 @@ scenario!(
     message_expiry,
     properties_pass_through,
     topic_aliases,
+    alias_of_a_dropped_delivery,
     no_matching_subscribers
 );
 
@@ -2181,6 +2182,34 @@ async fn topic_aliases(b: Backend) {
         raw.expect_close(WAIT).await,
         Some(reason::TOPIC_ALIAS_INVALID)
     );
+}
+
+/// A delivery over the client's Maximum Packet Size is dropped (MQTT 5.0, 3.1.2.11.4):
+/// a topic alias it would have set is not taken with it, so the next message on that
+/// topic still names the topic (an alias the client never saw would be a protocol
+/// error, 3.3.2.3.4).
+async fn alias_of_a_dropped_delivery(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("alias-big");
+    let mut c = Raw::connect_packet(Version::V5, &uniq("r"), true);
+    c.properties.topic_alias_maximum = Some(5);
+    c.properties.maximum_packet_size = Some(128);
+    let (mut r, _) = Raw::connect(&t, c).await;
+    subscribed(&mut r, 1, &topic, RQoS::AtMostOnce).await;
+    let (mut raw, _) = Raw::connect(&t, Raw::connect_packet(Version::V5, &uniq("p"), true)).await;
+    raw.send(&raw_publish(&topic, RQoS::AtMostOnce, 0, &[b'x'; 400]))
+        .await;
+    raw.send(&raw_publish(&topic, RQoS::AtMostOnce, 0, b"small"))
+        .await;
+    match r.recv(WAIT).await {
+        Ok(Packet::Publish(m)) => {
+            assert_eq!(&m.payload[..], b"small", "the large one is dropped");
+            assert_eq!(m.topic, topic, "the first delivery on the topic names it");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 async fn no_matching_subscribers(b: Backend) {

@@ -179,13 +179,12 @@ fn publish_props(p: &PublishRef<'_>, v5: bool) -> (usize, Option<BytesMut>) {
 
 /// The encoded size of a PUBLISH, without building it (for Maximum Packet Size checks).
 pub fn publish_size(p: &Publish, v5: bool) -> usize {
-    publish_ref_size(&p.as_parts(), v5)
+    let parts = p.as_parts();
+    packet_len(remaining_len(&parts, publish_props(&parts, v5).0))
 }
 
-/// [`publish_size`] of borrowed parts.
-pub fn publish_ref_size(p: &PublishRef<'_>, v5: bool) -> usize {
-    let n = remaining_len(p, publish_props(p, v5).0);
-    1 + varint_len(n as u32) + n
+fn packet_len(remaining: usize) -> usize {
+    1 + varint_len(remaining as u32) + remaining
 }
 
 fn remaining_len(p: &PublishRef<'_>, props: usize) -> usize {
@@ -193,11 +192,13 @@ fn remaining_len(p: &PublishRef<'_>, props: usize) -> usize {
 }
 
 pub(crate) fn encode_publish(p: &Publish, v5: bool, out: &mut BytesMut) {
-    encode_publish_ref(&p.as_parts(), v5, out);
+    encode_publish_within(&p.as_parts(), v5, usize::MAX, out);
 }
 
-/// Encode a PUBLISH from borrowed parts into `out`.
-pub fn encode_publish_ref(p: &PublishRef<'_>, v5: bool, out: &mut BytesMut) {
+/// Encode a PUBLISH from borrowed parts into `out`, unless it would be larger than `max`
+/// bytes (a client's Maximum Packet Size): then nothing is written and the answer is
+/// false. Its properties are encoded once for both.
+pub fn encode_publish_within(p: &PublishRef<'_>, v5: bool, max: usize, out: &mut BytesMut) -> bool {
     let mut header = 0x30 | ((p.qos as u8) << 1);
     if p.dup {
         header |= 0x08;
@@ -208,6 +209,9 @@ pub fn encode_publish_ref(p: &PublishRef<'_>, v5: bool, out: &mut BytesMut) {
     // Build in place: header, length, then fields; the payload is copied once.
     let (props_len, props) = publish_props(p, v5);
     let n = remaining_len(p, props_len);
+    if packet_len(n) > max {
+        return false;
+    }
     out.reserve(n + 5);
     out.put_u8(header);
     put_varint(out, n as u32);
@@ -222,6 +226,7 @@ pub fn encode_publish_ref(p: &PublishRef<'_>, v5: bool, out: &mut BytesMut) {
         None => {}
     }
     out.put_slice(p.payload);
+    true
 }
 
 pub(crate) fn encode_ack(a: &Ack, v5: bool, out: &mut BytesMut) {

@@ -382,16 +382,19 @@ where
                 .fetch_add(1, Ordering::Relaxed);
         }
         let mut topic_out = topic;
+        // A new alias is taken only once its packet is written: a delivery dropped for
+        // its size must not leave the client an alias it never saw.
+        let mut new_alias = None;
         if self.v5() && self.client_alias_max > 0 {
             let max = usize::from(self.client_alias_max);
-            let aliases = &mut self.rare().aliases_out;
+            let aliases = &self.rare().aliases_out;
             if let Some(&a) = aliases.get(topic) {
                 properties.topic_alias = Some(a);
                 topic_out = "";
             } else if aliases.len() < max {
                 let a = aliases.len() as u16 + 1;
-                aliases.insert(topic.to_owned(), a);
                 properties.topic_alias = Some(a);
+                new_alias = Some(a);
             }
         }
         let publish = PublishRef {
@@ -404,18 +407,21 @@ where
             payload: &m.body,
         };
         let v5 = self.v5();
-        if codec::publish_ref_size(&publish, v5) > self.client_max_packet {
+        if !codec::encode_publish_within(&publish, v5, self.client_max_packet, &mut self.output.out)
+        {
             tracing::debug!(client = %self.client_id, "MQTT: message over the client's maximum packet size; dropped");
             if let Some(s) = source {
                 self.settle(s, false);
             }
             return;
         }
+        if let Some(a) = new_alias {
+            self.rare().aliases_out.insert(topic.to_owned(), a);
+        }
         self.shared
             .stats
             .publishes_out
             .fetch_add(1, Ordering::Relaxed);
-        codec::encode_publish_ref(&publish, v5, &mut self.output.out);
         match (qos, source) {
             (QoS::AtMostOnce, Some(s)) => self.settle(s, false),
             (QoS::AtMostOnce, None) => {}
