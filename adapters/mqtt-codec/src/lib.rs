@@ -16,9 +16,7 @@ mod wire;
 pub use connect::{ConnAck, Connect, Will};
 pub use control::Disconnect;
 pub use properties::{Properties, MAX_USER_PROPERTIES};
-pub use publish::{
-    check_topic_name, encode_publish_within, publish_size, Ack, AckKind, Publish, PublishRef,
-};
+pub use publish::{check_topic_name, encode_publish_within, Ack, AckKind, Publish, PublishRef};
 pub use subscribe::{SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe};
 pub use wire::{frame_size, MAX_PACKET_SIZE};
 

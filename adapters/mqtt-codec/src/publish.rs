@@ -177,12 +177,6 @@ fn publish_props(p: &PublishRef<'_>, v5: bool) -> (usize, Option<BytesMut>) {
     (props.len(), Some(props))
 }
 
-/// The encoded size of a PUBLISH, without building it (for Maximum Packet Size checks).
-pub fn publish_size(p: &Publish, v5: bool) -> usize {
-    let parts = p.as_parts();
-    packet_len(remaining_len(&parts, publish_props(&parts, v5).0))
-}
-
 fn packet_len(remaining: usize) -> usize {
     1 + varint_len(remaining as u32) + remaining
 }
