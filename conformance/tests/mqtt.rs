@@ -542,7 +542,12 @@ async fn server_keep_alive_announced(b: Backend) {
 // ---------------------------------------------------------------------------------------
 // Wills
 
-scenario!(will_on_abnormal_close_only, will_delay);
+scenario!(
+    will_on_abnormal_close_only,
+    will_delay,
+    will_at_takeover,
+    delayed_will_expiry_counts_from_publication
+);
 
 async fn will_on_abnormal_close_only(b: Backend) {
     let Some(t) = Target::standard(b).await else {
@@ -576,6 +581,111 @@ async fn will_on_abnormal_close_only(b: Backend) {
         watcher.publish_in(QUIET).await.is_none(),
         "no will after DISCONNECT"
     );
+}
+
+/// A connection taken over by its own client id: the will goes out only if the session
+/// ends there (a 3.1.1 clean session, or a new connection with Clean Session); a client
+/// that reconnects to resume its session (the everyday reconnect after a half-open TCP
+/// connection) is not gone, and its subscribers must not hear "offline". As Mosquitto 2.
+async fn will_at_takeover(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("willto");
+    let (mut watcher, _) = c3(&t, &uniq("w"), true).await;
+    watcher.subscribe(&topic, Q3::AtLeastOnce).await;
+    let with_will = |id: &str, clean: bool| {
+        let mut c = Raw::connect_packet(Version::V311, id, clean);
+        c.keep_alive = 60;
+        c.will = Some(codec::Will {
+            topic: topic.clone(),
+            payload: Bytes::from(format!("{id} offline")),
+            qos: RQoS::AtLeastOnce,
+            retain: false,
+            properties: Properties::default(),
+        });
+        c
+    };
+    // Persistent session resumed by the same client: no will.
+    let id = uniq("resume");
+    let (mut old, _) = Raw::connect(&t, with_will(&id, false)).await;
+    let (mut new, a) = Raw::connect(&t, with_will(&id, false)).await;
+    assert!(a.session_present, "the session goes on");
+    assert_eq!(old.expect_close(WAIT).await, None);
+    assert!(
+        watcher.publish_in(QUIET).await.is_none(),
+        "no will when the session is resumed"
+    );
+    // The new connection leaves politely (no will).
+    new.send(&Packet::Disconnect(codec::Disconnect {
+        reason: 0,
+        properties: Properties::default(),
+    }))
+    .await;
+    drop(new);
+    // Persistent session, taken over with Clean Session: the session ends, the will goes.
+    let id = uniq("restart");
+    let (_old, _) = Raw::connect(&t, with_will(&id, false)).await;
+    let (mut new, _) = Raw::connect(&t, with_will(&id, true)).await;
+    let p = watcher
+        .publish_in(WAIT)
+        .await
+        .expect("will of the ended session");
+    assert_eq!(body(&p), format!("{id} offline"));
+    new.send(&Packet::Disconnect(codec::Disconnect {
+        reason: 0,
+        properties: Properties::default(),
+    }))
+    .await;
+    // A clean session taken over: it ends, the will goes.
+    let id = uniq("cleanold");
+    let (_old, _) = Raw::connect(&t, with_will(&id, true)).await;
+    let (mut new, _) = Raw::connect(&t, with_will(&id, false)).await;
+    let p = watcher
+        .publish_in(WAIT)
+        .await
+        .expect("will of the clean session");
+    assert_eq!(body(&p), format!("{id} offline"));
+    assert!(watcher.publish_in(QUIET).await.is_none(), "one will each");
+    new.send(&Packet::Disconnect(codec::Disconnect {
+        reason: 0,
+        properties: Properties::default(),
+    }))
+    .await;
+}
+
+/// A delayed will's Message Expiry Interval counts from when the will is published
+/// (5.0 3.1.3.2.4): delay 1 s, expiry 3 s, the subscriber is told about 3 s left, not 2.
+async fn delayed_will_expiry_counts_from_publication(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("willexp");
+    let mut watcher = c5(&t, &uniq("w"), true).await;
+    watcher.subscribe(&topic, Q5::AtLeastOnce).await;
+    let mut c = Raw::connect_packet(Version::V5, &uniq("dying"), true);
+    c.properties.session_expiry = Some(60);
+    c.will = Some(codec::Will {
+        topic: topic.clone(),
+        payload: Bytes::from_static(b"late"),
+        qos: RQoS::AtLeastOnce,
+        retain: false,
+        properties: Properties {
+            will_delay: Some(1),
+            message_expiry: Some(3),
+            ..Default::default()
+        },
+    });
+    let (raw, _) = Raw::connect(&t, c).await;
+    drop(raw);
+    let p = watcher.publish_in(WAIT).await.expect("the will");
+    assert_eq!(body5(&p), "late");
+    let left = p
+        .properties
+        .as_ref()
+        .and_then(|p| p.message_expiry_interval)
+        .expect("expiry sent on");
+    assert_eq!(left, 3, "counted from the will's publication");
 }
 
 async fn will_delay(b: Backend) {
@@ -781,6 +891,7 @@ async fn session_survives_restart(b: Backend) {
 scenario!(
     qos_levels_both_ways,
     qos2_duplicate_suppressed,
+    qos2_packet_id_reused_without_dup,
     redelivery_with_dup_after_reconnect,
     client_receive_maximum_respected,
     receive_maximum_exceeded,
@@ -1027,6 +1138,72 @@ async fn qos2_duplicate_suppressed(b: Backend) {
     ));
     assert_eq!(body(&s.publish_in(WAIT).await.unwrap()), "once");
     assert!(s.publish_in(QUIET).await.is_none(), "exactly once");
+}
+
+/// A QoS 2 packet id the broker still holds (its PUBREL never came: the client restarted
+/// and numbers from 1 again; or the broker's record of the release was lost in a crash),
+/// reused without DUP: a new message, PUBREC'd and delivered, never acknowledged and
+/// dropped as a duplicate (MQTT-3.3.1-1: a re-delivery sets DUP). Mosquitto delivers it.
+async fn qos2_packet_id_reused_without_dup(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("q2reuse");
+    let (mut s, _) = c3(&t, &uniq("s"), true).await;
+    s.subscribe(&topic, Q3::ExactlyOnce).await;
+    let id = uniq("p");
+    let mut c = Raw::connect_packet(Version::V311, &id, false);
+    c.keep_alive = 60;
+    let (mut raw, _) = Raw::connect(&t, c.clone()).await;
+    raw.send(&raw_publish(&topic, RQoS::ExactlyOnce, 9, b"first"))
+        .await;
+    assert!(matches!(
+        raw.recv(WAIT).await,
+        Ok(Packet::Ack(Ack {
+            kind: AckKind::PubRec,
+            pkid: 9,
+            ..
+        }))
+    ));
+    // The client dies before its PUBREL and comes back without its state.
+    drop(raw);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mut raw, a) = Raw::connect(&t, c).await;
+    assert!(a.session_present);
+    raw.send(&raw_publish(&topic, RQoS::ExactlyOnce, 9, b"second"))
+        .await;
+    assert!(matches!(
+        raw.recv(WAIT).await,
+        Ok(Packet::Ack(Ack {
+            kind: AckKind::PubRec,
+            pkid: 9,
+            ..
+        }))
+    ));
+    raw.send(&raw_ack(AckKind::PubRel, 9, 0)).await;
+    assert!(matches!(
+        raw.recv(WAIT).await,
+        Ok(Packet::Ack(Ack {
+            kind: AckKind::PubComp,
+            pkid: 9,
+            ..
+        }))
+    ));
+    // "first" may or may not have gone out (delivered at PUBLISH, or at PUBREL as
+    // Mosquitto does): "second" must.
+    let mut got = Vec::new();
+    while let Some(p) = s.publish_in(WAIT).await {
+        got.push(body(&p));
+        if got.iter().any(|b| b == "second") {
+            break;
+        }
+    }
+    assert!(got.iter().any(|b| b == "second"), "delivered: {got:?}");
+    raw.send(&Packet::Disconnect(codec::Disconnect {
+        reason: 0,
+        properties: Properties::default(),
+    }))
+    .await;
 }
 
 async fn redelivery_with_dup_after_reconnect(b: Backend) {
@@ -1998,6 +2175,7 @@ async fn shared_subscription_last_holder_leaves_as_another_comes(b: Backend) {
 scenario!(
     retained_lifecycle,
     message_expiry,
+    message_expiry_zero,
     properties_pass_through,
     topic_aliases,
     alias_of_a_dropped_delivery,
@@ -2087,6 +2265,35 @@ async fn message_expiry(b: Backend) {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// A Message Expiry Interval of 0 is no expiry, as Mosquitto takes it: the message is
+/// delivered (it used to expire on arrival, while its publisher had its PUBACK).
+async fn message_expiry_zero(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("expiry0");
+    let mut s = c5(&t, &uniq("s"), true).await;
+    s.subscribe(&topic, Q5::AtLeastOnce).await;
+    let pc = c5(&t, &uniq("p"), true).await;
+    let zero = p5::PublishProperties {
+        message_expiry_interval: Some(0),
+        ..Default::default()
+    };
+    pc.client
+        .publish_with_properties(&topic, Q5::AtLeastOnce, false, "zero", zero)
+        .await
+        .unwrap();
+    let p = s.publish_in(WAIT).await.expect("delivered");
+    assert_eq!(body5(&p), "zero");
+    assert_eq!(
+        p.properties
+            .as_ref()
+            .and_then(|p| p.message_expiry_interval),
+        None,
+        "no expiry to count down"
+    );
 }
 
 async fn properties_pass_through(b: Backend) {

@@ -338,7 +338,11 @@ where
     }
     if let Some(prev) = previous {
         tracing::info!(%peer, client = %client_id, "MQTT: session taken over by a new connection");
-        let _ = prev.kick.send(reason::SESSION_TAKEN_OVER);
+        let _ = prev.kick.send(if c.clean_start {
+            super::TAKEN_OVER_CLEAN_START
+        } else {
+            reason::SESSION_TAKEN_OVER
+        });
         let _ = tokio::time::timeout(Duration::from_secs(10), prev.done.wait()).await;
     }
     // A will waiting for its delay is cancelled by the client's return.

@@ -189,6 +189,9 @@ struct Rare {
     /// Retained messages still to send for new subscriptions, sent as the output buffer
     /// drains; the session's other deliveries wait behind them.
     retained_todo: std::collections::VecDeque<RetainedTodo>,
+    /// Taken over by a Clean Start connection: the session ends here, so the will goes
+    /// out now (a takeover that resumes the session sends none).
+    will_at_takeover: bool,
 }
 
 impl Rare {
@@ -646,6 +649,14 @@ where
         if let Some(end) = self.handle_arrived().await {
             return Some(end);
         }
+        let code = if code == TAKEN_OVER_CLEAN_START {
+            if let Some(r) = self.rare.as_mut() {
+                r.will_at_takeover = true;
+            }
+            reason::SESSION_TAKEN_OVER
+        } else {
+            code
+        };
         let why = match code {
             ADMINISTRATIVE_ACTION => "closed by an administrator",
             USE_ANOTHER_SERVER => "the session moved to another gateway",
@@ -837,21 +848,30 @@ where
             rare.shared_subs.clear();
         }
 
-        // A session moving to another gateway did not fail: its client comes back.
-        let publish_will = !matches!(
-            end,
-            End::Client { will: false } | End::Server(USE_ANOTHER_SERVER, _)
-        );
+        let taken_over = matches!(end, End::Server(reason::SESSION_TAKEN_OVER, _));
+        // A session moving to another gateway did not fail: its client comes back. A
+        // takeover sends the will only when the session ends with it: none is kept (5.0
+        // expiry 0, a 3.1.1 clean session), or the new connection starts clean; one that
+        // resumes the session is the client's return (5.0 3.1.2.5, 3.1.3.2.2), and
+        // Mosquitto sends nothing then either.
+        let will_at_takeover = self.rare.as_ref().is_some_and(|r| r.will_at_takeover);
+        let publish_will = match end {
+            End::Client { will: false } | End::Server(USE_ANOTHER_SERVER, _) => false,
+            _ if taken_over => self.record.expiry == 0 || will_at_takeover,
+            _ => true,
+        };
         let will = self.rare.as_mut().and_then(|r| r.will.take());
         if let Some(will) = will.filter(|_| publish_will) {
-            let delay = will
-                .properties
-                .will_delay
-                .unwrap_or(0)
-                .min(self.record.expiry);
+            let delay = if taken_over {
+                0
+            } else {
+                will.properties
+                    .will_delay
+                    .unwrap_or(0)
+                    .min(self.record.expiry)
+            };
             self.schedule_will(*will, delay).await;
         }
-        let taken_over = matches!(end, End::Server(reason::SESSION_TAKEN_OVER, _));
         if matches!(end, End::Server(USE_ANOTHER_SERVER, _)) {
             // Its shard moved: the session is its next owner's now (its record is in
             // the shard, which manages its expiry there). Nothing is written from
@@ -894,6 +914,9 @@ where
     }
 }
 
+/// A kick, not a reason code on the wire: taken over by a connection with Clean Start,
+/// which ends the session (the old client is sent 0x8E, session taken over).
+pub(crate) const TAKEN_OVER_CLEAN_START: u8 = 0x01;
 /// DISCONNECT reason code 0x98: closed by an administrator (admin API).
 pub(crate) const ADMINISTRATIVE_ACTION: u8 = 0x98;
 /// DISCONNECT reason code 0x9C: use another server (the session's shard moved to

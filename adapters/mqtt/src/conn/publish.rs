@@ -60,6 +60,22 @@ where
         if p.topic.is_empty() {
             return Err(self.protocol_error(reason::TOPIC_NAME_INVALID, "empty topic name"));
         }
+        // A QoS 2 packet id already received and not released. A resend (DUP set: a
+        // re-delivery must set it, MQTT-3.3.1-1) is a duplicate: PUBREC again, stored
+        // once, and not counted against the receive maximum a second time. Without DUP
+        // the sender is done with that id, so this is a new message: it had our PUBCOMP
+        // (the release is saved with the session at its end, so a broker crash can keep
+        // a released id), or a client restarted without its state numbers from 1 again.
+        // Mosquitto tells the two apart the same way in effect (a reused id with another
+        // message is a new one), and never drops it.
+        if p.qos == QoS::ExactlyOnce && self.publishing().inbound_qos2.contains(&p.pkid) {
+            if p.dup {
+                self.ack(AckKind::PubRec, p.pkid, reason::SUCCESS);
+                return Ok(());
+            }
+            tracing::debug!(client = %self.client_id, pkid = p.pkid, "MQTT: QoS 2 packet id reused without DUP: a new message");
+            self.publishing().inbound_qos2.remove(&p.pkid);
+        }
         if p.qos != QoS::AtMostOnce {
             // 5.0 told the client its receive maximum, so what waits in the store
             // pipeline counts; a 3.1.1 client was told no limit (only what one read
@@ -77,11 +93,6 @@ where
         }
         if p.properties.payload_format == Some(1) && std::str::from_utf8(&p.payload).is_err() {
             return Err(self.protocol_error(reason::PAYLOAD_FORMAT_INVALID, "payload is not UTF-8"));
-        }
-        // A QoS 2 packet id already received and not released: a duplicate.
-        if p.qos == QoS::ExactlyOnce && self.publishing().inbound_qos2.contains(&p.pkid) {
-            self.ack(AckKind::PubRec, p.pkid, reason::SUCCESS);
-            return Ok(());
         }
         // `$delayed/<seconds>/<topic>` and the x-delay / x-deliver-at user properties.
         let mut delay = None;
@@ -354,7 +365,7 @@ pub(super) fn to_message(
     p.reserve_exact(
         2 + usize::from(retain)
             + usize::from(pp.payload_format.is_some())
-            + usize::from(pp.message_expiry.is_some())
+            + usize::from(pp.message_expiry.is_some_and(|e| e > 0))
             + usize::from(pp.content_type.is_some())
             + usize::from(pp.response_topic.is_some())
             + usize::from(pp.correlation_data.is_some())
@@ -372,7 +383,8 @@ pub(super) fn to_message(
     if let Some(f) = pp.payload_format {
         p.push((props::PAYLOAD_FORMAT.into(), Bytes::copy_from_slice(&[f])));
     }
-    if let Some(e) = pp.message_expiry {
+    // An interval of 0 is no expiry, as Mosquitto takes it (not "expired at once").
+    if let Some(e) = pp.message_expiry.filter(|e| *e > 0) {
         let at = m.born_timestamp + u64::from(e) * 1000;
         p.push((
             props::EXPIRES_AT.into(),

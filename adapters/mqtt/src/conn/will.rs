@@ -3,6 +3,7 @@
 //! (`mqtt.will/<client id>`, with its retained setting), so it survives a restart; the
 //! client's return cancels it.
 
+use mqgate_core::props;
 use mqgate_core::router::{mqtt_to_amqp, DEFAULT_VHOST};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -22,7 +23,7 @@ where
     pub(super) async fn schedule_will(&mut self, will: Will, delay_secs: u32) {
         let shared = &self.shared;
         let client_id = self.client_id.clone();
-        let message = super::publish::to_message(
+        let mut message = super::publish::to_message(
             shared,
             &client_id,
             self.rare.as_deref(),
@@ -32,6 +33,20 @@ where
             will.payload.clone(),
             &will.properties,
         );
+        // A delayed will's Message Expiry Interval counts from when it is published, not
+        // from the disconnect (5.0 3.1.3.2.4), as Mosquitto does.
+        if delay_secs > 0 {
+            if let Some((_, at)) = message
+                .properties
+                .iter_mut()
+                .find(|(k, _)| k.as_ref() == props::EXPIRES_AT)
+            {
+                if let Ok(v) = <[u8; 8]>::try_from(at.as_ref()) {
+                    let shifted = u64::from_be_bytes(v) + u64::from(delay_secs) * 1000;
+                    *at = bytes::Bytes::copy_from_slice(&shifted.to_be_bytes());
+                }
+            }
+        }
         let out = Outbound {
             topic: will.topic.clone(),
             qos: will.qos,
