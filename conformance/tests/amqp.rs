@@ -1199,6 +1199,63 @@ async fn headers_exchange(backend: Backend) {
     delete_exchange(&conn, &ex).await;
 }
 
+/// `x-match: any-with-x` / `all-with-x` (RabbitMQ 3.10): `x-` headers are matched too.
+async fn headers_exchange_with_x(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let ex = uniq("hdrx.x");
+    exchange(&ch, &ex, ExchangeKind::Headers, no_args()).await;
+    let (qany, qall, qplain) = (uniq("hdrx.any"), uniq("hdrx.all"), uniq("hdrx.plain"));
+    for q in [&qany, &qall, &qplain] {
+        declare(&ch, q, no_args()).await;
+    }
+    let binding = |mode: &str| {
+        table(&[
+            ("x-match", ls(mode)),
+            ("x-tenant", ls("a")),
+            ("kind", ls("k")),
+        ])
+    };
+    bind(&ch, &qany, &ex, "", binding("any-with-x")).await;
+    bind(&ch, &qall, &ex, "", binding("all-with-x")).await;
+    // The plain mode leaves `x-tenant` out: `kind` alone decides.
+    bind(&ch, &qplain, &ex, "", binding("all")).await;
+    let cases: [(&str, FieldTable); 4] = [
+        ("tenant", table(&[("x-tenant", ls("a"))])),
+        ("both", table(&[("x-tenant", ls("a")), ("kind", ls("k"))])),
+        ("kind", table(&[("kind", ls("k"))])),
+        ("other tenant", table(&[("x-tenant", ls("b"))])),
+    ];
+    for (name, h) in cases {
+        publish_props(
+            &ch,
+            &ex,
+            "",
+            name.as_bytes(),
+            BasicProperties::default().with_headers(h),
+        )
+        .await;
+    }
+    let mut got = Vec::new();
+    for q in [&qany, &qall, &qplain] {
+        let mut bodies = Vec::new();
+        while let Some(b) = get_body(&ch, q).await {
+            bodies.push(b);
+        }
+        got.push(bodies);
+    }
+    assert_eq!(got[0], ["tenant", "both", "kind"], "any-with-x");
+    assert_eq!(got[1], ["both"], "all-with-x");
+    assert_eq!(got[2], ["both", "kind"], "all, without x- headers");
+    for q in [&qany, &qall, &qplain] {
+        delete_queue(&conn, q).await;
+    }
+    delete_exchange(&conn, &ex).await;
+}
+
 /// The amq.* exchanges exist with their types, and route.
 async fn amq_exchanges(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
@@ -1581,6 +1638,46 @@ async fn auto_delete_exchange(backend: Backend) {
 // Queues
 
 /// passive (missing: 404), durable, server-named, counts in declare-ok.
+/// A redeclare compares arguments as RabbitMQ does: an integer by its value whatever its
+/// width (one client sends `x-message-ttl` as a 32-bit 'I', another as a 64-bit 'l'), but
+/// another value is still refused with 406.
+async fn redeclare_integer_widths(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let q = uniq("qwidth");
+    declare(
+        &ch,
+        &q,
+        table(&[("x-message-ttl", AMQPValue::LongInt(60_000))]),
+    )
+    .await;
+    declare(
+        &ch,
+        &q,
+        table(&[("x-message-ttl", AMQPValue::LongLongInt(60_000))]),
+    )
+    .await;
+    declare(
+        &ch,
+        &q,
+        table(&[("x-message-ttl", AMQPValue::ShortUInt(60_000))]),
+    )
+    .await;
+    let e = ch
+        .queue_declare(
+            s(&q),
+            QueueDeclareOptions::default(),
+            table(&[("x-message-ttl", AMQPValue::LongLongInt(60_001))]),
+        )
+        .await
+        .expect_err("another value is refused");
+    assert_eq!(code(&e), 406, "{e}");
+    delete_queue(&conn, &q).await;
+}
+
 async fn queue_declare_kinds(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
         return;
@@ -1791,6 +1888,61 @@ async fn bind_unbind_purge(backend: Backend) {
         .expect("delete");
     assert_eq!(n, 0, "delete-ok message count");
     delete_exchange(&conn, &ex).await;
+}
+
+/// queue.purge drops the ready messages only: a delivery in hand stays unacknowledged
+/// (prefetch still counts it) and a requeue brings it back, as on RabbitMQ; it used to
+/// be forgotten, so the requeue lost it and the prefetch let the next one through.
+async fn purge_keeps_unacked(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let q = uniq("purgeu.q");
+    declare(&ch, &q, no_args()).await;
+    publish(&ch, "", &q, "held").await;
+    let cch = plain(&conn).await;
+    cch.basic_qos(1, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut c = consume(&cch, &q, "holder", false).await;
+    let held = next(&mut c, "the held one").await;
+    assert_eq!(body(&held), "held");
+    publish(&ch, "", &q, "ready 1").await;
+    publish(&ch, "", &q, "ready 2").await;
+    let n = ch
+        .queue_purge(s(&q), QueuePurgeOptions::default())
+        .await
+        .expect("purge");
+    assert_eq!(n, 2, "the ready ones");
+    publish(&ch, "", &q, "after").await;
+    match tokio::time::timeout(QUIET, c.next()).await {
+        Err(_) => {}
+        other => panic!("prefetch 1 still holds the unacked one: {other:?}"),
+    }
+    held.acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .expect("nack");
+    let again = next(&mut c, "the requeued one").await;
+    assert_eq!(body(&again), "held", "back, not lost");
+    assert!(again.redelivered);
+    again
+        .acker
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack");
+    let last = next(&mut c, "the one after the purge").await;
+    assert_eq!(body(&last), "after");
+    last.acker
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack");
+    delete_queue(&conn, &q).await;
 }
 
 /// queue.delete if-unused with a consumer / if-empty with messages: 406.
@@ -2618,6 +2770,45 @@ async fn cancel_notify_on_delete(backend: Backend) {
     .expect("channel still open after a server cancel");
 }
 
+/// A delivery in hand when its queue is deleted (the server's basic.cancel) is still
+/// acked as usual: RabbitMQ takes the ack; a 406 "unknown delivery tag" would close the
+/// channel under a worker finishing its job.
+async fn ack_after_server_cancel(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let q = uniq("ackcancel.q");
+    declare(&ch, &q, no_args()).await;
+    publish(&ch, "", &q, "job").await;
+    let cch = plain(&conn).await;
+    let mut c = consume(&cch, &q, "worker", false).await;
+    let d = next(&mut c, "the job").await;
+    assert_eq!(body(&d), "job");
+    ch.queue_delete(s(&q), QueueDeleteOptions::default())
+        .await
+        .expect("delete");
+    match tokio::time::timeout(WAIT, c.next()).await {
+        Ok(None) => {}
+        other => panic!("expected the consumer to be cancelled, got {other:?}"),
+    }
+    d.acker
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack after the cancel");
+    cch.queue_declare(
+        s(""),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        no_args(),
+    )
+    .await
+    .expect("the channel is still open after acking the cancelled consumer's delivery");
+}
+
 /// basic.get: message_count in get-ok; get-empty.
 async fn get_and_get_empty(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
@@ -2778,6 +2969,46 @@ async fn qos_prefetch_per_consumer(backend: Backend) {
 }
 
 /// basic.qos global=true: one limit shared by the channel's consumers (RabbitMQ 3.x).
+/// A channel-wide prefetch (`global`) holds back only what that channel may take: a
+/// consumer with `basic.qos(1, global)` and one message unacked leaves the rest of the
+/// queue to the other consumers (its member in the queue's group used to hold up to the
+/// default 1,024, in flight to nobody).
+async fn qos_global_leaves_the_rest_to_others(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let q = uniq("qosgo.q");
+    declare(&ch, &q, no_args()).await;
+    let slow = plain(&conn).await;
+    slow.basic_qos(1, BasicQosOptions { global: true })
+        .await
+        .expect("qos global");
+    let mut a = consume(&slow, &q, "slow", false).await;
+    let other = t.connect().await;
+    let fast = plain(&other).await;
+    fast.basic_qos(1, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut b = consume(&fast, &q, "fast", false).await;
+    for i in 0..10 {
+        publish(&ch, "", &q, &format!("m{i}")).await;
+    }
+    let held = next(&mut a, "the slow consumer's one").await;
+    let mut got = 0;
+    while got < 9 {
+        let d = next(&mut b, "the others, to the fast consumer").await;
+        d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+        got += 1;
+    }
+    held.acker
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack");
+    delete_queue(&conn, &q).await;
+}
+
 async fn qos_global_per_channel(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
         return;
@@ -3068,6 +3299,41 @@ async fn tx_commit_rollback(backend: Backend) {
         got.push(b);
     }
     assert_eq!(got, ["committed 1", "committed 2"]);
+    delete_queue(&conn, &q).await;
+}
+
+/// tx: a publish to a missing exchange closes the channel with 404 at once, as RabbitMQ
+/// does, and the transaction's earlier publishes are never stored (they used to be, by
+/// the commit that failed on the later one).
+async fn tx_publish_to_missing_exchange(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let q = uniq("txmiss.q");
+    declare(&ch, &q, no_args()).await;
+    let tx = plain(&conn).await;
+    tx.tx_select().await.expect("tx.select");
+    publish(&tx, "", &q, "before").await;
+    let _ = tx
+        .basic_publish(
+            s(&uniq("txmiss.nowhere")),
+            s("k"),
+            BasicPublishOptions::default(),
+            b"to nowhere",
+            BasicProperties::default(),
+        )
+        .await;
+    // The 404 may close the channel before the commit is sent (the client then refuses
+    // it), or answer the commit.
+    let e = tx.tx_commit().await.expect_err("the channel is closed");
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) => assert_eq!(p.get_id(), 404, "{e}"),
+        _ => assert!(!tx.status().connected(), "{e}"),
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(count(&ch, &q).await, 0, "nothing of the transaction stored");
     delete_queue(&conn, &q).await;
 }
 
@@ -3582,6 +3848,7 @@ scenario!(
     direct_fanout_default,
     topic_wildcards,
     headers_exchange,
+    headers_exchange_with_x,
     amq_exchanges,
     exchange_errors,
     publisher_sees_routing_changes,
@@ -3589,9 +3856,11 @@ scenario!(
     alternate_exchange,
     auto_delete_exchange,
     queue_declare_kinds,
+    redeclare_integer_widths,
     exclusive_queue,
     auto_delete_queue,
     bind_unbind_purge,
+    purge_keeps_unacked,
     queue_delete_conditions,
     message_ttl,
     queue_expires,
@@ -3609,16 +3878,19 @@ scenario!(
     exclusive_consumer,
     consumer_tags_and_cancel,
     cancel_notify_on_delete,
+    ack_after_server_cancel,
     get_and_get_empty,
     ack_nack_reject,
     recover,
     qos_prefetch_per_consumer,
     qos_global_per_channel,
+    qos_global_leaves_the_rest_to_others,
     properties_round_trip,
     publisher_confirms,
     bodies_of_every_size,
     publishes_in_flight_then_a_method_sees_them,
     tx_commit_rollback,
+    tx_publish_to_missing_exchange,
     tx_rollback_acks,
     delayed_message_exchange,
     rocketmq_retry_policy,

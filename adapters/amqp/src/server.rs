@@ -155,8 +155,11 @@ pub(crate) struct Shared {
     pub(crate) run: mqgate_core::Run,
     pub(crate) exchanges: RwLock<HashMap<Key, ExMeta>>,
     pub(crate) next_conn: AtomicU64,
-    /// Member ids increase, so a single-active-consumer queue keeps its first consumer.
+    /// Member ids increase, so a single-active-consumer queue keeps its first consumer
+    /// ([`Shared::member_id`]).
     pub(crate) next_member: AtomicU64,
+    /// The last millisecond a member id was made in (ids never go back with the clock).
+    member_ms: AtomicU64,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) open: Mutex<HashMap<u64, watch::Receiver<bool>>>,
     /// Open connections past the handshake, with the sender that closes one (admin API).
@@ -297,6 +300,7 @@ impl AmqpServer {
             exchanges: RwLock::new(exchanges),
             next_conn: AtomicU64::new(1),
             next_member: AtomicU64::new(1),
+            member_ms: AtomicU64::new(0),
             shutdown,
             open: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
@@ -515,6 +519,18 @@ impl AmqpStats {
 }
 
 impl Shared {
+    /// A new consumer's member id in its queue's group. Unique across the gateways of a
+    /// cluster (it names this run): a join with an id the group already has replaces
+    /// that member, so two gateways counting from 1 cut each other's consumers off. And
+    /// increasing with the time it was made, then this gateway's count, so the members of
+    /// a single-active-consumer queue sort by when they came (ids compare as text) and
+    /// the first keeps the queue.
+    pub(crate) fn member_id(&self) -> String {
+        let now = self.broker.now();
+        let ms = self.member_ms.fetch_max(now, Ordering::Relaxed).max(now);
+        let n = self.next_member.fetch_add(1, Ordering::Relaxed);
+        format!("{ms:013}-{n:010}-{:016x}", self.incarnation)
+    }
     pub(crate) fn queue(&self, vhost: &str, name: &str) -> Option<Arc<Queue>> {
         self.queues
             .read()

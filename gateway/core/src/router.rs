@@ -134,7 +134,8 @@ pub enum HeaderValue {
 pub struct HeaderMatch {
     /// `x-match: all` (else any).
     pub all: bool,
-    /// The headers to match (`x-`-prefixed arguments already removed).
+    /// The headers to match (without `x-match`; without the other `x-` arguments too
+    /// but in the `any-with-x` / `all-with-x` modes).
     pub headers: Vec<(String, HeaderValue)>,
 }
 

@@ -135,15 +135,21 @@ where
                 ));
             }
         }
-        let prefetch = match self.chan(ch).prefetch as usize {
-            0 => self.shared.cfg.default_prefetch,
-            n => n,
+        // The member's credit in the queue's group: its own limit, and never more than
+        // the channel's global one (RabbitMQ 3's `global`: shared by the channel's
+        // consumers). Beyond what the channel may take, a message held by the member would
+        // be in flight to nobody while other consumers of the queue wait for it.
+        let prefetch = match (
+            self.chan(ch).prefetch as usize,
+            self.chan(ch).global_prefetch as usize,
+        ) {
+            (0, 0) => self.shared.cfg.default_prefetch,
+            (0, global) => global,
+            (own, 0) => own,
+            (own, global) => own.min(global),
         };
         let offset = c.arguments.inner().get("x-stream-offset").cloned();
-        let member = format!(
-            "{:016}",
-            self.shared.next_member.fetch_add(1, Ordering::Relaxed)
-        );
+        let member = self.shared.member_id();
         let (consumer, stream_group) = if q.args.stream {
             let pos = self.stream_position(offset.as_ref())?;
             let g = GroupName::new(format!("{}%stream%{}", q.group, member))
@@ -328,10 +334,7 @@ where
         let id = match existing {
             Some(id) => id,
             None => {
-                let member = format!(
-                    "{:016}",
-                    self.shared.next_member.fetch_add(1, Ordering::Relaxed)
-                );
+                let member = self.shared.member_id();
                 let mut opts = MemberOptions::new(member, 0);
                 opts.exact_prefetch = true;
                 let consumer = self

@@ -106,7 +106,9 @@ where
             return;
         };
         chan.tags.remove(&cons.tag);
-        chan.unacked.retain(|_, u| u.cons != cid);
+        // Its deliveries stay known: a client acks the work it had in hand after the
+        // cancel, and RabbitMQ takes those acks (settling nothing) instead of closing the
+        // channel with 406 for an unknown tag.
         if let Some(k) = chan
             .gets
             .iter()

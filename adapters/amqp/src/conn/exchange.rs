@@ -227,18 +227,23 @@ where
         key: &str,
         args: &FieldTable,
     ) -> Binding {
-        let headers = (source.kind == ExchangeKind::Headers).then(|| HeaderMatch {
-            all: args
-                .inner()
-                .get("x-match")
-                .and_then(convert::str_value)
-                .is_none_or(|m| m != "any" && m != "any-with-x"),
-            headers: args
-                .inner()
-                .iter()
-                .filter(|(k, _)| !k.as_str().starts_with("x-"))
-                .map(|(k, v)| (k.as_str().to_owned(), convert::header_value(v)))
-                .collect(),
+        let headers = (source.kind == ExchangeKind::Headers).then(|| {
+            let mode = args.inner().get("x-match").and_then(convert::str_value);
+            let mode = mode.as_deref();
+            // `any-with-x` / `all-with-x` (RabbitMQ 3.10) match `x-` headers too; the
+            // plain modes leave them out. `x-match` itself is never a header to match.
+            let with_x = matches!(mode, Some("any-with-x" | "all-with-x"));
+            HeaderMatch {
+                all: !matches!(mode, Some("any" | "any-with-x")),
+                headers: args
+                    .inner()
+                    .iter()
+                    .filter(|(k, _)| {
+                        k.as_str() != "x-match" && (with_x || !k.as_str().starts_with("x-"))
+                    })
+                    .map(|(k, v)| (k.as_str().to_owned(), convert::header_value(v)))
+                    .collect(),
+            }
         });
         let (enc, _) = cookie_factory::gen(
             amq_protocol::types::generation::gen_field_table(args),

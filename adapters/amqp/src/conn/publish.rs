@@ -41,7 +41,14 @@ where
                         "channel is not transactional",
                     ));
                 };
-                // Publishes first, all in one store write; then the acks.
+                // Publishes first, all in one store write; then the acks. Checked again
+                // before any is routed (an exchange may have gone since), so a refused
+                // commit stores none of them.
+                for op in &ops {
+                    if let TxOp::Publish(c) = op {
+                        self.check_publish(&c.exchange, &c.routing_key)?;
+                    }
+                }
                 let mut settles = Vec::new();
                 for op in ops {
                     match op {
@@ -105,14 +112,39 @@ where
             header,
             body: p.whole.unwrap_or_else(|| p.body.freeze()),
         };
-        if let Some(ops) = self.chan(ch).tx.as_mut() {
-            ops.push(TxOp::Publish(c));
+        if self.chan(ch).tx.is_some() {
+            // Checked now, as RabbitMQ does: a publish to a missing exchange closes the
+            // channel at once (and its transaction with it), not at the commit.
+            if let Err(e) = self.check_publish(&c.exchange, &c.routing_key) {
+                return self.channel_exception(ch, e, (60, 40));
+            }
+            if let Some(ops) = self.chan(ch).tx.as_mut() {
+                ops.push(TxOp::Publish(c));
+            }
             return Ok(());
         }
         match self.route(c).await {
             Ok(()) => Ok(()),
             Err(e) => self.channel_exception(ch, e, (60, 40)),
         }
+    }
+
+    /// What a publish is refused for before it is routed: the user's write permission on
+    /// the exchange and the topic rules (403), a missing exchange (404), an internal one
+    /// (403).
+    fn check_publish(&self, exchange: &str, routing_key: &str) -> ChanResult {
+        self.can_write("exchange", exchange)?;
+        self.can_publish_topic(exchange, routing_key)?;
+        if self.exchange_internal(exchange)? {
+            return Err(chan_err(
+                reply::ACCESS_REFUSED,
+                format!(
+                    "cannot publish to internal exchange '{exchange}' in vhost '{}'",
+                    self.vhost
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Route a publish: returned if unroutable and mandatory, stored with the next batch
@@ -136,17 +168,7 @@ where
         let generation = self.shared.broker.router().generation();
         let known = self.names.routed(generation);
         if known.is_none() {
-            self.can_write("exchange", &c.exchange)?;
-            self.can_publish_topic(&c.exchange, &c.routing_key)?;
-            if self.exchange_internal(&c.exchange)? {
-                return Err(chan_err(
-                    reply::ACCESS_REFUSED,
-                    format!(
-                        "cannot publish to internal exchange '{}' in vhost '{}'",
-                        c.exchange, self.vhost
-                    ),
-                ));
-            }
+            self.check_publish(&c.exchange, &c.routing_key)?;
         }
         let seq = {
             let chan = self.chan(ch);

@@ -88,7 +88,13 @@ where
             ));
         }
         for (k, v) in d.arguments.inner() {
-            if k.as_str().starts_with("x-") && q.raw_args.inner().get(k) != Some(v) {
+            if k.as_str().starts_with("x-")
+                && !q
+                    .raw_args
+                    .inner()
+                    .get(k)
+                    .is_some_and(|cur| equivalent_arg(cur, v))
+            {
                 return Err(chan_err(
                     reply::PRECONDITION_FAILED,
                     format!(
@@ -342,5 +348,57 @@ where
                 consumer_count: consumers,
             })),
         );
+    }
+}
+
+/// Two declarations' values of one argument are the same, as RabbitMQ compares them
+/// (`rabbit_misc:type_class`): integers of any width and signedness by value (one
+/// client sends `x-message-ttl` as a 32-bit 'I', another as a 64-bit 'l'), short and
+/// long strings by their bytes, anything else as it is.
+fn equivalent_arg(a: &amq_protocol::types::AMQPValue, b: &amq_protocol::types::AMQPValue) -> bool {
+    use amq_protocol::types::AMQPValue as V;
+    fn int(v: &V) -> Option<i128> {
+        Some(match v {
+            V::ShortShortInt(i) => i128::from(*i),
+            V::ShortShortUInt(i) => i128::from(*i),
+            V::ShortInt(i) => i128::from(*i),
+            V::ShortUInt(i) => i128::from(*i),
+            V::LongInt(i) => i128::from(*i),
+            V::LongUInt(i) => i128::from(*i),
+            V::LongLongInt(i) => i128::from(*i),
+            _ => return None,
+        })
+    }
+    fn text(v: &V) -> Option<&[u8]> {
+        match v {
+            V::ShortString(s) => Some(s.as_str().as_bytes()),
+            V::LongString(s) => Some(s.as_bytes()),
+            _ => None,
+        }
+    }
+    match (int(a), int(b), text(a), text(b)) {
+        (Some(x), Some(y), _, _) => x == y,
+        (_, _, Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use amq_protocol::types::AMQPValue as V;
+
+    #[test]
+    fn integer_widths_and_string_kinds_are_one_class() {
+        use super::equivalent_arg as eq;
+        assert!(eq(&V::LongInt(60_000), &V::LongLongInt(60_000)));
+        assert!(eq(&V::ShortUInt(10), &V::LongLongInt(10)));
+        assert!(!eq(&V::LongInt(60_000), &V::LongLongInt(60_001)));
+        assert!(eq(
+            &V::ShortString("lazy".into()),
+            &V::LongString("lazy".into())
+        ));
+        assert!(!eq(&V::LongString("60000".into()), &V::LongInt(60_000)));
+        assert!(eq(&V::Boolean(true), &V::Boolean(true)));
+        assert!(!eq(&V::Boolean(true), &V::Boolean(false)));
     }
 }

@@ -85,6 +85,21 @@ pub(super) struct QueueState {
 }
 
 impl QueueState {
+    /// Move to `target` (a reset: a purge, a replay): what was read and not delivered
+    /// and what waits for redelivery go. Deliveries in flight below `target` stay in
+    /// flight (a purge keeps unacknowledged messages, as RabbitMQ does: an ack settles
+    /// them, a requeue brings them back instead of losing them); those at or above it are
+    /// read again from there, so they are let go (returned, for the members' counts).
+    pub(super) fn reset_to(&mut self, target: u64) -> Vec<InFlight> {
+        let again = self.in_flight.split_off(&target);
+        self.buffer.clear();
+        self.redeliver.clear();
+        self.suspended_until = 0;
+        self.read = target;
+        self.persisted = Some(self.committed());
+        again.into_values().collect()
+    }
+
     pub(super) fn committed(&self) -> u64 {
         let mut c = self.read;
         if let Some(m) = self.buffer.front() {
@@ -550,17 +565,15 @@ impl Actor {
                 let queues: Vec<QueueRef> = self.members[&id].cursors.keys().cloned().collect();
                 for q in queues {
                     let target = self.inner.position(&q, &to).await?;
+                    let mut commit = target;
                     if let Some(member) = self.members.get_mut(&id) {
                         if let Some(c) = member.cursors.get_mut(&q) {
-                            member.unacked = member.unacked.saturating_sub(c.in_flight.len());
-                            *c = QueueState {
-                                read: target,
-                                persisted: Some(target),
-                                ..QueueState::default()
-                            };
+                            let dropped = c.reset_to(target);
+                            member.unacked = member.unacked.saturating_sub(dropped.len());
+                            commit = c.committed();
                         }
                     }
-                    batch.commit_offset(group.clone(), q, QueueOffset(target));
+                    batch.commit_offset(group.clone(), q, QueueOffset(commit));
                 }
             }
         } else {
@@ -568,19 +581,14 @@ impl Actor {
             for q in queues {
                 let target = self.inner.position(&q, &to).await?;
                 let state = self.queues.get_mut(&q).expect("listed");
-                for f in state.in_flight.values() {
+                let dropped = state.reset_to(target);
+                let commit = state.committed();
+                for f in dropped {
                     if let Some(m) = self.members.get_mut(&f.member) {
                         m.unacked = m.unacked.saturating_sub(1);
                     }
                 }
-                let owner = state.owner.take();
-                *state = QueueState {
-                    owner,
-                    read: target,
-                    persisted: Some(target),
-                    ..QueueState::default()
-                };
-                batch.commit_offset(self.spec.name.clone(), q, QueueOffset(target));
+                batch.commit_offset(self.spec.name.clone(), q, QueueOffset(commit));
             }
         }
         self.inner.store.write(batch).await?;
