@@ -1995,6 +1995,44 @@ async fn queue_delete_conditions(backend: Backend) {
 
 /// x-message-ttl: expired messages are not delivered; with a DLX they are
 /// dead-lettered with reason `expired`.
+/// A message's own `expiration` on a queue nobody consumes (the "wait queue" of a
+/// delayed retry: per-message TTL, then the dead-letter exchange sends it on) is
+/// dead-lettered on time, as RabbitMQ does; it used to wait there for ever.
+async fn per_message_ttl_without_consumers(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let (wait, work) = (uniq("pmttl.wait"), uniq("pmttl.work"));
+    declare(&ch, &work, no_args()).await;
+    declare(
+        &ch,
+        &wait,
+        table(&[
+            ("x-dead-letter-exchange", ls("")),
+            ("x-dead-letter-routing-key", ls(&work)),
+        ]),
+    )
+    .await;
+    let c = publish_props(
+        &ch,
+        "",
+        &wait,
+        b"retry me",
+        BasicProperties::default().with_expiration("200".into()),
+    )
+    .await;
+    assert!(matches!(c, Confirmation::Ack(None)), "{c:?}");
+    let mut c = consume(&ch, &work, "pmttl", true).await;
+    let d = next(&mut c, "dead-lettered when its own TTL ran out").await;
+    assert_eq!(body(&d), "retry me");
+    assert_eq!(count(&ch, &wait).await, 0, "nothing left waiting");
+    drop(c);
+    delete_queue(&conn, &wait).await;
+    delete_queue(&conn, &work).await;
+}
+
 async fn message_ttl(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
         return;
@@ -2430,6 +2468,71 @@ async fn single_active_consumer(backend: Backend) {
 
 /// x-delivery-limit (a quorum queue on RabbitMQ): after the limit, the message is
 /// dead-lettered instead of redelivered.
+/// A consumer cancelled while the broker still held deliveries for it that were never
+/// written to its socket (large bodies: the connection pulls the next one only as the
+/// output drains): those go back uncounted, so with `x-delivery-limit: 0` each message
+/// still reaches a client once. They used to count as deliveries, and the limit dropped
+/// them unseen. On RabbitMQ's quorum queue every message arrives once too.
+async fn cancel_gives_back_what_was_never_sent(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let q = uniq("cancelback.q");
+    // A quorum queue: RabbitMQ takes x-delivery-limit only there.
+    declare_with(
+        &ch,
+        &q,
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        table(&[
+            ("x-queue-type", ls("quorum")),
+            ("x-delivery-limit", AMQPValue::LongInt(0)),
+        ]),
+    )
+    .await;
+    let big = vec![b'.'; 512 * 1024];
+    const N: usize = 20;
+    for _ in 0..N {
+        let c = publish_props(&ch, "", &q, &big, BasicProperties::default()).await;
+        assert!(matches!(c, Confirmation::Ack(None)), "{c:?}");
+    }
+    let cch = plain(&conn).await;
+    cch.basic_qos(50, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut c = consume(&cch, &q, "big", false).await;
+    let first = next(&mut c, "the first").await;
+    cch.basic_cancel(s("big"), BasicCancelOptions::default())
+        .await
+        .expect("cancel");
+    let mut got = 1;
+    first
+        .acker
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack");
+    // What was sent before the cancel-ok.
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(QUIET, c.next()).await {
+        d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+        got += 1;
+    }
+    // The rest, once each.
+    while let Some(m) = ch
+        .basic_get(s(&q), BasicGetOptions { no_ack: true })
+        .await
+        .expect("get")
+    {
+        assert_eq!(m.delivery.data.len(), big.len());
+        got += 1;
+    }
+    assert_eq!(got, N, "every message reached a client once");
+    delete_queue(&conn, &q).await;
+}
+
 async fn delivery_limit(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
         return;
@@ -3863,6 +3966,7 @@ scenario!(
     purge_keeps_unacked,
     queue_delete_conditions,
     message_ttl,
+    per_message_ttl_without_consumers,
     queue_expires,
     max_length,
     max_length_dead_letters,
@@ -3871,6 +3975,7 @@ scenario!(
     dead_letter_x_death,
     single_active_consumer,
     delivery_limit,
+    cancel_gives_back_what_was_never_sent,
     max_priority,
     durable_survives_restart,
     mandatory_return,

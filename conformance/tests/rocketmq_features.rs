@@ -464,7 +464,9 @@ async fn producer_groups_are_counted(b: Backend) {
 scenario!(
     delivery_count_on_requeue,
     delivery_count_through_the_retry_ladder,
-    mqtt_delivery_count_user_property
+    mqtt_delivery_count_user_property,
+    replay_leaves_retries_alone,
+    single_active_consumer_gets_its_retries
 );
 
 /// RabbitMQ quorum queues' `x-delivery-count`: absent on the first delivery, then how
@@ -548,6 +550,103 @@ async fn delivery_count_through_the_retry_ladder(b: Backend) {
             d.ack(BasicAckOptions::default()).await.unwrap();
         }
     }
+}
+
+/// A single-active-consumer queue with the retry ladder: the active consumer gets the
+/// retries too, and the other consumer stays idle (it used to own the retry queue, so two
+/// consumers were active).
+async fn single_active_consumer_gets_its_retries(b: Backend) {
+    let Some(t) = target(b).await else { return };
+    let conn = t.connect().await;
+    let ch = confirmed(&conn).await;
+    let q = uniq("sacr.q");
+    declare_queue(
+        &ch,
+        &q,
+        table(&[
+            ("x-retry-policy", ls("rocketmq")),
+            ("x-single-active-consumer", AMQPValue::Boolean(true)),
+        ]),
+    )
+    .await;
+    let consume = |ch: Channel, tag: &'static str| {
+        let q = q.clone();
+        async move {
+            ch.basic_consume(
+                s(&q),
+                s(tag),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let mut active = consume(conn.create_channel().await.unwrap(), "first").await;
+    let mut idle = consume(conn.create_channel().await.unwrap(), "second").await;
+    publish(&ch, "", &q, b"fails once", FieldTable::default()).await;
+    let d = next(&mut active, WAIT)
+        .await
+        .expect("to the active consumer");
+    d.reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    let again = next(&mut active, WAIT)
+        .await
+        .expect("its retry, to the active consumer");
+    assert_eq!(&again.data[..], b"fails once");
+    again.ack(BasicAckOptions::default()).await.unwrap();
+    assert!(
+        next(&mut idle, Duration::from_millis(500)).await.is_none(),
+        "the other consumer stays idle"
+    );
+}
+
+/// A replay (`x-stream-offset` on a queue) moves the group on its queue, not on its
+/// `%RETRY%` queue: a failed message whose retry is due, waiting for a consumer, is still
+/// delivered after a consumer replays from an offset past it (it used to be skipped with
+/// the rest: the offset was applied to the retry queue too).
+async fn replay_leaves_retries_alone(b: Backend) {
+    let Some(t) = target(b).await else { return };
+    let conn = t.connect().await;
+    let ch = confirmed(&conn).await;
+    let q = uniq("rra.q");
+    declare_queue(&ch, &q, table(&[("x-retry-policy", ls("rocketmq"))])).await;
+    publish(&ch, "", &q, b"fails once", FieldTable::default()).await;
+    {
+        let cch = conn.create_channel().await.expect("channel");
+        let mut c = cch
+            .basic_consume(
+                s(&q),
+                s(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let d = next(&mut c, WAIT).await.expect("delivery");
+        d.reject(BasicRejectOptions { requeue: false })
+            .await
+            .unwrap();
+        cch.close(200, s("bye")).await.unwrap();
+    }
+    // Its retry is due (100 ms here) while nobody consumes.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut c = ch
+        .basic_consume(
+            s(&q),
+            s(""),
+            BasicConsumeOptions::default(),
+            table(&[("x-stream-offset", AMQPValue::LongLongInt(1))]),
+        )
+        .await
+        .unwrap();
+    let d = next(&mut c, WAIT)
+        .await
+        .expect("the retry, still delivered");
+    assert_eq!(&d.data[..], b"fails once");
+    assert_eq!(header_int(&d, "x-delivery-count"), Some(1));
+    d.ack(BasicAckOptions::default()).await.unwrap();
 }
 
 /// MQTT 5: a shared subscriber that fails a message (PUBACK 0x80) gets it again with the

@@ -867,6 +867,9 @@ impl ShardCore {
                 }
                 let mut batch = WriteBatch::new();
                 for (q, _) in offsets {
+                    if !crate::retry::reset_moves(group, &to, &q) {
+                        continue;
+                    }
                     if let Ok(target) = self.position(&q, &to).await {
                         batch.commit_offset(group.clone(), q, QueueOffset(target));
                     }

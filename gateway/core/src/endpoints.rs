@@ -439,7 +439,9 @@ impl ShardCore {
         }
     }
 
-    /// Settle expired messages at the head of endpoints with a message TTL, by their
+    /// Settle expired messages at the head of endpoints with a message TTL, or with a
+    /// dead-letter target (where a message's own expiry, AMQP's `expiration`, is what
+    /// moves it on: the "wait queue" of a delayed retry, which nobody consumes), by their
     /// group (started for the purpose when it has no members and something is waiting).
     async fn expire_messages(self: &Arc<Self>) {
         let specs: Vec<GroupSpec> = self
@@ -447,7 +449,10 @@ impl ShardCore {
             .map
             .lock()
             .values()
-            .filter(|e| e.endpoint.spec.policy.message_ttl.is_some())
+            .filter(|e| {
+                let p = &e.endpoint.spec.policy;
+                p.message_ttl.is_some() || p.dead_letter.is_some()
+            })
             .map(|e| e.endpoint.spec.clone())
             .collect();
         for spec in specs {

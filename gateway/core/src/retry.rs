@@ -29,6 +29,17 @@ pub fn retry_topic(group: &GroupName) -> Result<TopicName> {
     Ok(TopicName::new(format!("%RETRY%{group}"))?)
 }
 
+/// Whether a reset of `group` to `to` moves `queue`: a replay moves the group on the
+/// topics it consumes, not on its retry topic, whose messages are failures waiting for
+/// their retry, not part of the timeline being replayed (RocketMQ resets the topic it is
+/// asked to; `%RETRY%` is another). A reset to `Last` (AMQP's queue.purge, and
+/// `x-stream-offset: next`: skip what is waiting) moves it too: what is due again is
+/// ready, and goes with the rest.
+pub(crate) fn reset_moves(group: &GroupName, to: &crate::StartPosition, queue: &QueueRef) -> bool {
+    matches!(to, crate::StartPosition::Last)
+        || retry_topic(group).map_or(true, |r| queue.topic != r)
+}
+
 /// `%DLQ%<group>`.
 pub fn dlq_topic(group: &GroupName) -> Result<TopicName> {
     Ok(TopicName::new(format!("%DLQ%{group}"))?)

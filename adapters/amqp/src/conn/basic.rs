@@ -282,9 +282,11 @@ where
         };
         cons.cancelled = true;
         cons.consumer.set_prefetch(0);
-        // Deliveries handed to it but not yet sent go back.
+        // Deliveries handed to it but not yet sent go back, released: the client never
+        // saw them, so they do not count as deliveries (an `x-delivery-limit` of 0 would
+        // otherwise drop them unseen).
         while let Some(d) = cons.consumer.try_recv() {
-            cons.consumer.nack(d.ack_token(), true);
+            cons.consumer.release(d.ack_token());
         }
         let (q, excl, drop_now) = (Arc::clone(&cons.queue), cons.exclusive, cons.unacked == 0);
         // Resolves once its member has left the group (an auto-delete queue's last

@@ -24,7 +24,8 @@ const MAX_GAP: u64 = 4096;
 /// What a remote [`Consumer`]'s calls become on the member's gateway.
 enum Ctl {
     Ack(AckToken),
-    Nack(AckToken, bool),
+    /// A token and what to do with it (`wire::NACK_*`).
+    Nack(AckToken, u8),
     Prefetch(usize),
     Heartbeat,
     Leave,
@@ -41,7 +42,15 @@ impl RemoteControl for RemoteCtl {
         let _ = self.0.send(Ctl::Ack(token));
     }
     fn nack(&self, token: AckToken, requeue: bool) {
-        let _ = self.0.send(Ctl::Nack(token, requeue));
+        let kind = if requeue {
+            super::wire::NACK_REQUEUE
+        } else {
+            super::wire::NACK_FAILED
+        };
+        let _ = self.0.send(Ctl::Nack(token, kind));
+    }
+    fn release(&self, token: AckToken) {
+        let _ = self.0.send(Ctl::Nack(token, super::wire::NACK_RELEASE));
     }
     fn heartbeat(&self) {
         let _ = self.0.send(Ctl::Heartbeat);

@@ -30,8 +30,8 @@
 //! u8, start: tag u8 + u64, on failure u8, max reconsume times?, policy: ttl?, delivery
 //! limit?, max length?, max bytes?, overflow u8), member (id, prefetch u32, heartbeat
 //! u8, exact u8); `2` commands: handle u64, received through u64, lost: count, seqs;
-//! acks: count, (topic, queue u32, offset u64, token u64); nacks: the same + requeue
-//! u8; prefetch?; leave u8. Replies: `0` ok (join: handle u64); `1` error (as
+//! acks: count, (topic, queue u32, offset u64, token u64); nacks: the same + what u8
+//! (0 failed, 1 requeue, 2 release: never reached the client, not counted); prefetch?; leave u8. Replies: `0` ok (join: handle u64); `1` error (as
 //! `codec::encode_error`). Deliveries (to deliver_to, no reply): `1` batch: handle,
 //! seq, count, per delivery: topic, queue u32, offset u64, redelivered u8, delivery
 //! count u32, token u64, message (`mqgate_store::wire`); `2` ended: handle, for good
@@ -342,8 +342,12 @@ async fn pump(
                 for t in c.acks {
                     consumer.ack(t);
                 }
-                for (t, rq) in c.nacks {
-                    consumer.nack(t, rq);
+                for (t, kind) in c.nacks {
+                    match kind {
+                        wire::NACK_FAILED => consumer.nack(t, false),
+                        wire::NACK_RELEASE => consumer.release(t),
+                        _ => consumer.nack(t, true),
+                    }
                 }
                 if let Some(p) = c.prefetch {
                     consumer.set_prefetch(p as usize);

@@ -144,6 +144,16 @@ pub(super) fn token(r: &mut Reader) -> Result<AckToken> {
     ))
 }
 
+/// A nack: failed (the group's failure policy applies).
+pub(super) const NACK_FAILED: u8 = 0;
+/// A nack: deliver it again (AMQP requeue), counted as a delivery.
+pub(super) const NACK_REQUEUE: u8 = 1;
+/// Never reached the client: deliver it again, not counted ([`Consumer::release`]). An
+/// owner of an earlier version reads it as a requeue (anything but 0 was one).
+///
+/// [`Consumer::release`]: mqgate_core::Consumer::release
+pub(super) const NACK_RELEASE: u8 = 2;
+
 /// What a member's gateway tells the owner, in one request.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(super) struct Cmds {
@@ -151,7 +161,8 @@ pub(super) struct Cmds {
     pub(super) received_through: u64,
     pub(super) lost: Vec<u64>,
     pub(super) acks: Vec<AckToken>,
-    pub(super) nacks: Vec<(AckToken, bool)>,
+    /// Each token with what to do with it (`NACK_*`).
+    pub(super) nacks: Vec<(AckToken, u8)>,
     pub(super) prefetch: Option<u32>,
     pub(super) leave: bool,
 }
@@ -169,9 +180,9 @@ pub(super) fn encode_cmds(c: &Cmds) -> Bytes {
         put_token(&mut out, t);
     }
     out.put_u32(c.nacks.len() as u32);
-    for (t, requeue) in &c.nacks {
+    for (t, kind) in &c.nacks {
         put_token(&mut out, t);
-        out.put_u8(u8::from(*requeue));
+        out.put_u8(*kind);
     }
     put_opt_u64(&mut out, c.prefetch.map(u64::from));
     out.put_u8(u8::from(c.leave));
@@ -195,7 +206,7 @@ pub(super) fn decode_cmds(r: &mut Reader) -> Result<Cmds> {
     let n = r.count(25)?;
     for _ in 0..n {
         let t = token(r)?;
-        c.nacks.push((t, r.u8()? != 0));
+        c.nacks.push((t, r.u8()?));
     }
     c.prefetch = u32_of(opt_u64(r)?)?;
     c.leave = r.u8()? != 0;
@@ -332,7 +343,7 @@ mod tests {
             handle in any::<u64>(),
             through in any::<u64>(),
             lost in proptest::collection::vec(any::<u64>(), 0..5),
-            offsets in proptest::collection::vec((any::<u64>(), any::<u64>(), any::<bool>()), 0..6),
+            offsets in proptest::collection::vec((any::<u64>(), any::<u64>(), 0u8..3), 0..6),
             prefetch in proptest::option::of(any::<u32>()),
             leave in any::<bool>(),
         ) {

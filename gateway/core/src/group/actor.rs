@@ -550,8 +550,31 @@ impl Actor {
             return;
         }
         let members: Vec<MemberId> = self.members.keys().cloned().collect();
-        let m = self.queues.len();
-        for (i, q) in self.queues.values_mut().enumerate() {
+        // The group's own queues are spread over the members, and its retry topic's on
+        // their own (as RocketMQ allocates per topic): the retry queue goes to the first
+        // member, with the first of the group's queues, so a single active consumer also
+        // gets its queue's retries (spread over both together, a second consumer became
+        // active on the retry queue).
+        let retry = crate::retry::retry_topic(&self.spec.name).ok();
+        let is_retry = |q: &QueueRef| retry.as_ref() == Some(&q.topic);
+        let retries = self.queues.keys().filter(|q| is_retry(q)).count();
+        let own = self.queues.len() - retries;
+        let slots: Vec<(usize, usize)> = {
+            let (mut i_own, mut i_retry) = (0, 0);
+            self.queues
+                .keys()
+                .map(|q| {
+                    if is_retry(q) {
+                        i_retry += 1;
+                        (i_retry - 1, retries)
+                    } else {
+                        i_own += 1;
+                        (i_own - 1, own)
+                    }
+                })
+                .collect()
+        };
+        for (q, (i, m)) in self.queues.values_mut().zip(slots) {
             q.owner = owner_of(i, m, &members).cloned();
         }
     }
@@ -562,7 +585,12 @@ impl Actor {
             let ids: Vec<MemberId> = self.members.keys().cloned().collect();
             for id in ids {
                 let group = self.offsets_group(Some(&id));
-                let queues: Vec<QueueRef> = self.members[&id].cursors.keys().cloned().collect();
+                let queues: Vec<QueueRef> = self.members[&id]
+                    .cursors
+                    .keys()
+                    .filter(|q| crate::retry::reset_moves(&self.spec.name, &to, q))
+                    .cloned()
+                    .collect();
                 for q in queues {
                     let target = self.inner.position(&q, &to).await?;
                     let mut commit = target;
@@ -577,7 +605,12 @@ impl Actor {
                 }
             }
         } else {
-            let queues: Vec<QueueRef> = self.queues.keys().cloned().collect();
+            let queues: Vec<QueueRef> = self
+                .queues
+                .keys()
+                .filter(|q| crate::retry::reset_moves(&self.spec.name, &to, q))
+                .cloned()
+                .collect();
             for q in queues {
                 let target = self.inner.position(&q, &to).await?;
                 let state = self.queues.get_mut(&q).expect("listed");

@@ -330,6 +330,10 @@ pub trait RemoteControl: Send + Sync {
     fn ack(&self, token: AckToken);
     /// [`Consumer::nack`].
     fn nack(&self, token: AckToken, requeue: bool);
+    /// [`Consumer::release`] (a link that cannot say it requeues, counted).
+    fn release(&self, token: AckToken) {
+        self.nack(token, true);
+    }
     /// [`Consumer::heartbeat`].
     fn heartbeat(&self);
     /// [`Consumer::set_prefetch`].
@@ -444,7 +448,7 @@ impl Consumer {
             Control::Local(c) => {
                 let _ = c.send(Cmd::Release(Arc::clone(&self.member), token));
             }
-            Control::Remote(r) => r.nack(token, true),
+            Control::Remote(r) => r.release(token),
         }
     }
 
@@ -500,12 +504,23 @@ impl Consumer {
 
 impl Drop for Consumer {
     fn drop(&mut self) {
+        // What is still in the mailbox never reached the client: released, so it does not
+        // count as a delivery (a delivery limit would otherwise drop it unseen), before
+        // the leave puts back what the client did get.
         match &self.cmd {
             Control::Local(c) => {
                 self.rx.close();
+                while let Some(d) = self.rx.try_recv() {
+                    let _ = c.send(Cmd::Release(Arc::clone(&self.member), d.ack_token()));
+                }
                 let _ = c.send(Cmd::Leave(self.member.clone(), true));
             }
-            Control::Remote(r) => r.leave(),
+            Control::Remote(r) => {
+                while let Some(d) = self.rx.try_recv() {
+                    r.release(d.ack_token());
+                }
+                r.leave();
+            }
         }
     }
 }
