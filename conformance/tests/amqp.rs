@@ -1637,7 +1637,6 @@ async fn auto_delete_exchange(backend: Backend) {
 // ---------------------------------------------------------------------------------------
 // Queues
 
-/// passive (missing: 404), durable, server-named, counts in declare-ok.
 /// A redeclare compares arguments as RabbitMQ does: an integer by its value whatever its
 /// width (one client sends `x-message-ttl` as a 32-bit 'I', another as a 64-bit 'l'), but
 /// another value is still refused with 406.
@@ -1678,6 +1677,7 @@ async fn redeclare_integer_widths(backend: Backend) {
     delete_queue(&conn, &q).await;
 }
 
+/// passive (missing: 404), durable, server-named, counts in declare-ok.
 async fn queue_declare_kinds(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
         return;
@@ -1945,6 +1945,71 @@ async fn purge_keeps_unacked(backend: Backend) {
     delete_queue(&conn, &q).await;
 }
 
+/// A purge with a delivery unacknowledged: its consumer leaves without acking, the
+/// broker restarts, and the purged messages stay purged (the delivery in hand may come
+/// back, as on RabbitMQ; the committed offset had stayed behind it, which brought back
+/// every message the purge dropped).
+async fn purge_stays_purged_across_restart(backend: Backend) {
+    let Some(mut t) = Target::standard(backend).await else {
+        return;
+    };
+    if !t.durable() {
+        eprintln!("skipped: the broker does not keep state across a suite restart");
+        return;
+    }
+    let q = uniq("purger.q");
+    {
+        let conn = t.connect().await;
+        let ch = chan(&conn).await;
+        declare_with(
+            &ch,
+            &q,
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            no_args(),
+        )
+        .await;
+        for i in 0..5 {
+            let c = publish_props(
+                &ch,
+                "",
+                &q,
+                format!("m{i}").as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await;
+            assert!(matches!(c, Confirmation::Ack(None)), "{c:?}");
+        }
+        let cch = plain(&conn).await;
+        cch.basic_qos(1, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let mut c = consume(&cch, &q, "holder", false).await;
+        let held = next(&mut c, "the held one").await;
+        assert_eq!(body(&held), "m0");
+        let n = ch
+            .queue_purge(s(&q), QueuePurgeOptions::default())
+            .await
+            .expect("purge");
+        assert_eq!(n, 4, "the ready ones");
+        conn.close(200, s("bye")).await.expect("close");
+    }
+    t.restart().await;
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let mut got = Vec::new();
+    while let Some(b) = get_body(&ch, &q).await {
+        got.push(b);
+    }
+    assert!(
+        got.iter().all(|b| b == "m0"),
+        "only the one in hand may come back: {got:?}"
+    );
+    delete_queue(&conn, &q).await;
+}
+
 /// queue.delete if-unused with a consumer / if-empty with messages: 406.
 async fn queue_delete_conditions(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
@@ -1993,8 +2058,6 @@ async fn queue_delete_conditions(backend: Backend) {
     assert!(n <= 1, "delete-ok count {n}");
 }
 
-/// x-message-ttl: expired messages are not delivered; with a DLX they are
-/// dead-lettered with reason `expired`.
 /// A message's own `expiration` on a queue nobody consumes (the "wait queue" of a
 /// delayed retry: per-message TTL, then the dead-letter exchange sends it on) is
 /// dead-lettered on time, as RabbitMQ does; it used to wait there for ever.
@@ -2033,6 +2096,8 @@ async fn per_message_ttl_without_consumers(backend: Backend) {
     delete_queue(&conn, &work).await;
 }
 
+/// x-message-ttl: expired messages are not delivered; with a DLX they are
+/// dead-lettered with reason `expired`.
 async fn message_ttl(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
         return;
@@ -2466,8 +2531,6 @@ async fn single_active_consumer(backend: Backend) {
     delete_queue(&conn, &q).await;
 }
 
-/// x-delivery-limit (a quorum queue on RabbitMQ): after the limit, the message is
-/// dead-lettered instead of redelivered.
 /// A consumer cancelled while the broker still held deliveries for it that were never
 /// written to its socket (large bodies: the connection pulls the next one only as the
 /// output drains): those go back uncounted, so with `x-delivery-limit: 0` each message
@@ -2533,6 +2596,8 @@ async fn cancel_gives_back_what_was_never_sent(backend: Backend) {
     delete_queue(&conn, &q).await;
 }
 
+/// x-delivery-limit (a quorum queue on RabbitMQ): after the limit, the message is
+/// dead-lettered instead of redelivered.
 async fn delivery_limit(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
         return;
@@ -3071,7 +3136,6 @@ async fn qos_prefetch_per_consumer(backend: Backend) {
     delete_queue(&conn, &q).await;
 }
 
-/// basic.qos global=true: one limit shared by the channel's consumers (RabbitMQ 3.x).
 /// A channel-wide prefetch (`global`) holds back only what that channel may take: a
 /// consumer with `basic.qos(1, global)` and one message unacked leaves the rest of the
 /// queue to the other consumers (its member in the queue's group used to hold up to the
@@ -3112,6 +3176,7 @@ async fn qos_global_leaves_the_rest_to_others(backend: Backend) {
     delete_queue(&conn, &q).await;
 }
 
+/// basic.qos global=true: one limit shared by the channel's consumers (RabbitMQ 3.x).
 async fn qos_global_per_channel(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
         return;
@@ -3964,6 +4029,7 @@ scenario!(
     auto_delete_queue,
     bind_unbind_purge,
     purge_keeps_unacked,
+    purge_stays_purged_across_restart,
     queue_delete_conditions,
     message_ttl,
     per_message_ttl_without_consumers,

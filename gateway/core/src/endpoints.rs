@@ -99,6 +99,11 @@ pub(crate) struct Registry {
     events: broadcast::Sender<EndpointEvent>,
     /// Woken when an expiring endpoint is gone (or its deletion failed).
     settled: tokio::sync::Notify,
+    /// Endpoints without a message TTL whose queue heads the expiry sweep found carrying
+    /// no expiry, by the committed offsets it found them at: only a head expires
+    /// (RabbitMQ's rule), so until those offsets move (a consumer took the head) there is
+    /// nothing to look at, and no group is started for it.
+    quiet_heads: Mutex<HashMap<GroupName, Vec<u64>>>,
 }
 
 impl Registry {
@@ -109,11 +114,13 @@ impl Registry {
             any_limited: AtomicBool::new(false),
             events,
             settled: tokio::sync::Notify::new(),
+            quiet_heads: Mutex::default(),
         }
     }
 
     /// Stop managing `group` (an endpoint the sweep is deleting stays until it is gone).
     pub(crate) fn forget(&self, group: &GroupName) {
+        self.quiet_heads.lock().remove(group);
         let mut map = self.map.lock();
         if map.get(group).is_some_and(|e| !e.expiring) {
             if let Some(e) = map.remove(group) {
@@ -462,12 +469,25 @@ impl ShardCore {
                 .get(&spec.name)
                 .filter(|h| h.is_alive())
                 .cloned();
-            let handle = match live {
-                Some(h) => h,
+            let (handle, marks) = match live {
+                Some(h) => (h, None),
                 None => {
                     if !self.has_waiting(&spec).await {
+                        self.endpoints.quiet_heads.lock().remove(&spec.name);
                         continue;
                     }
+                    // Without a TTL only a message's own expiry can move a head on: none
+                    // at the heads found last time, and the same heads now.
+                    let marks = match spec.policy.message_ttl {
+                        Some(_) => None,
+                        None => {
+                            let m = self.committed_marks(&spec).await;
+                            if self.endpoints.quiet_heads.lock().get(&spec.name) == Some(&m) {
+                                continue;
+                            }
+                            Some(m)
+                        }
+                    };
                     let watched = match self.watch_topics(&spec).await {
                         Ok(w) => w,
                         Err(e) => {
@@ -476,13 +496,40 @@ impl ShardCore {
                         }
                     };
                     match self.group_handle(&spec, &watched) {
-                        Ok(h) => h,
+                        Ok(h) => (h, marks),
                         Err(_) => continue,
                     }
                 }
             };
-            handle.expire().await;
+            let pending = handle.expire().await;
+            if let Some(m) = marks {
+                let mut quiet = self.endpoints.quiet_heads.lock();
+                if pending {
+                    quiet.remove(&spec.name);
+                } else {
+                    quiet.insert(spec.name.clone(), m);
+                }
+            }
         }
+    }
+
+    /// The committed offsets of a group without an actor, queue by queue.
+    async fn committed_marks(&self, spec: &GroupSpec) -> Vec<u64> {
+        let mut marks = Vec::new();
+        for t in &spec.topics {
+            let Some(cfg) = self.store.topic(t) else {
+                continue;
+            };
+            for q in 0..cfg.queue_count {
+                let queue = QueueRef::new(t.clone(), q);
+                let committed = match self.store.committed_offset(&spec.name, &queue).await {
+                    Ok(Some(o)) => o.0,
+                    _ => u64::MAX,
+                };
+                marks.push(committed);
+            }
+        }
+        marks
     }
 
     /// Whether a group without an actor has messages past its committed offsets.

@@ -484,6 +484,7 @@ where
                 continue;
             };
             let Some(cons) = chan.consumers.get_mut(&u.cons) else {
+                // Its consumer ended with its queue: settles nothing.
                 continue;
             };
             cons.unacked = cons.unacked.saturating_sub(1);

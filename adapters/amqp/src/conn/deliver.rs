@@ -108,7 +108,8 @@ where
         chan.tags.remove(&cons.tag);
         // Its deliveries stay known: a client acks the work it had in hand after the
         // cancel, and RabbitMQ takes those acks (settling nothing) instead of closing the
-        // channel with 406 for an unknown tag.
+        // channel with 406 for an unknown tag. They still count against a channel-wide
+        // prefetch until acked, as on RabbitMQ.
         if let Some(k) = chan
             .gets
             .iter()

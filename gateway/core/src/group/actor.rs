@@ -82,20 +82,29 @@ pub(super) struct QueueState {
     pub(super) persisted: Option<u64>,
     /// Orderly: no delivery before this time (after a failure).
     pub(super) suspended_until: Millis,
+    /// Where the last reset put the queue: the committed offset never goes below it,
+    /// though deliveries in flight from before it (kept by [`QueueState::reset_to`]) are
+    /// still settled or redelivered while the group lives. Committing their offset would
+    /// bring back everything the reset skipped (a purge's messages) after a restart.
+    pub(super) floor: u64,
 }
 
 impl QueueState {
     /// Move to `target` (a reset: a purge, a replay): what was read and not delivered
     /// and what waits for redelivery go. Deliveries in flight below `target` stay in
     /// flight (a purge keeps unacknowledged messages, as RabbitMQ does: an ack settles
-    /// them, a requeue brings them back instead of losing them); those at or above it are
-    /// read again from there, so they are let go (returned, for the members' counts).
+    /// them, a requeue brings them back instead of losing them) while the group lives;
+    /// the committed offset is `target` all the same, so a restart does not bring back
+    /// what the reset skipped (it loses those deliveries instead, as before). Those at or
+    /// above `target` are read again from there, so they are let go (returned, for the
+    /// members' counts).
     pub(super) fn reset_to(&mut self, target: u64) -> Vec<InFlight> {
         let again = self.in_flight.split_off(&target);
         self.buffer.clear();
         self.redeliver.clear();
         self.suspended_until = 0;
         self.read = target;
+        self.floor = target;
         self.persisted = Some(self.committed());
         again.into_values().collect()
     }
@@ -111,7 +120,7 @@ impl QueueState {
         if let Some((o, _)) = self.in_flight.first_key_value() {
             c = c.min(*o);
         }
-        c
+        c.max(self.floor)
     }
 }
 
@@ -474,8 +483,8 @@ impl Actor {
                 let _ = done.send(());
             }
             Cmd::Expire(done) => {
-                self.expire_heads().await;
-                let _ = done.send(());
+                let pending = self.expire_heads().await;
+                let _ = done.send(pending);
             }
             Cmd::Stop(done) => {
                 self.stopped = Some(done);

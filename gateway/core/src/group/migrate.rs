@@ -63,6 +63,11 @@ impl RemoteControl for Migrating {
             c.nack(token, requeue);
         }
     }
+    fn release(&self, token: AckToken) {
+        if let Some(c) = &*self.inner.lock() {
+            c.release(token);
+        }
+    }
     fn heartbeat(&self) {
         if let Some(c) = &*self.inner.lock() {
             c.heartbeat();
@@ -131,6 +136,11 @@ async fn pump(
                 rx.close();
                 let inner = ctl.inner.lock().take();
                 if let Some(c) = inner {
+                    // What is still on its way never reached the client: released (not
+                    // counted as a delivery), as a consumer's own mailbox is.
+                    while let Some(d) = rx.try_recv() {
+                        c.release(d.ack_token());
+                    }
                     // Sends the leave (a relayed member's: and waits for its answer).
                     c.leave().await;
                 }

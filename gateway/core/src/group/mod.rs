@@ -288,7 +288,8 @@ enum Cmd {
     Reset(StartPosition, oneshot::Sender<Result<()>>),
     Info(oneshot::Sender<GroupInfo>),
     /// Settle expired messages at the head of each queue (members or not).
-    Expire(oneshot::Sender<()>),
+    /// Settle expired heads; answers whether a head may still expire later.
+    Expire(oneshot::Sender<bool>),
     /// Ready messages and (when asked) their body bytes, over the group's queues.
     Ready(bool, oneshot::Sender<(u64, u64)>),
     /// Drop the oldest ready messages until within (count, bytes): a `drop-head` length
@@ -566,12 +567,14 @@ impl GroupHandle {
         rx.await.map_err(|_| CoreError::ShuttingDown)?
     }
 
-    /// Settle the expired messages at the head of the group's queues.
-    pub(crate) async fn expire(&self) {
+    /// Settle the expired messages at its queues' heads: whether a head left may still
+    /// expire later (it carries an expiry, or the group has a message TTL).
+    pub(crate) async fn expire(&self) -> bool {
         let (tx, rx) = oneshot::channel();
-        if self.cmd.send(Cmd::Expire(tx)).is_ok() {
-            let _ = rx.await;
+        if self.cmd.send(Cmd::Expire(tx)).is_err() {
+            return true;
         }
+        rx.await.unwrap_or(true)
     }
 
     /// Ready messages (not in flight) and, when `bytes`, their body bytes.

@@ -224,10 +224,13 @@ impl Actor {
 
     /// Settle expired messages at the head of each queue's undelivered part (the sweep
     /// for endpoints with a TTL, consumed or not).
-    pub(super) async fn expire_heads(&mut self) {
+    /// Settle expired messages at the heads of the queues; whether a head left may
+    /// still expire later (it carries its own expiry, or the group has a message TTL).
+    pub(super) async fn expire_heads(&mut self) -> bool {
         if self.broadcast() {
-            return;
+            return false;
         }
+        let mut pending = self.spec.policy.message_ttl.is_some();
         let now = self.inner.clock.now();
         let boot = self.inner.boot;
         let queues: Vec<QueueRef> = self.queues.keys().cloned().collect();
@@ -239,6 +242,7 @@ impl Actor {
                         break;
                     };
                     if now < q.suspended_until {
+                        pending = true;
                         break;
                     }
                     let head = match q.redeliver.first_key_value() {
@@ -247,11 +251,20 @@ impl Actor {
                     };
                     match head {
                         Some((m, count)) => {
-                            Some(
-                                self.spec
-                                    .policy
-                                    .verdict(m, count, self.retrying(), boot, now),
-                            )
+                            let v = self
+                                .spec
+                                .policy
+                                .verdict(m, count, self.retrying(), boot, now);
+                            if matches!(v, Verdict::Deliver)
+                                && crate::props::get(
+                                    &m.message.properties,
+                                    crate::props::EXPIRES_AT,
+                                )
+                                .is_some()
+                            {
+                                pending = true;
+                            }
+                            Some(v)
                         }
                         None => None,
                     }
@@ -285,6 +298,7 @@ impl Actor {
             }
             self.flush_dying("", &queue, dying).await;
         }
+        pending
     }
 
     pub(super) fn retrying(&self) -> bool {
