@@ -2583,16 +2583,26 @@ async fn cancel_gives_back_what_was_never_sent(backend: Backend) {
         d.acker.ack(BasicAckOptions::default()).await.expect("ack");
         got += 1;
     }
-    // The rest, once each.
-    while let Some(m) = ch
-        .basic_get(s(&q), BasicGetOptions { no_ack: true })
-        .await
-        .expect("get")
-    {
-        assert_eq!(m.delivery.data.len(), big.len());
-        got += 1;
+    // The rest, once each. Released messages go back to the group as commands of
+    // their own (across gateways, over the relay), so a get may come before them: wait
+    // for them, a while (a member's leave that crosses gateways can take the relay's
+    // timeouts, ~10 s, to give back what was in transit).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got < N && Instant::now() < deadline {
+        match ch
+            .basic_get(s(&q), BasicGetOptions { no_ack: true })
+            .await
+            .expect("get")
+        {
+            Some(m) => {
+                assert_eq!(m.delivery.data.len(), big.len());
+                got += 1;
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
     assert_eq!(got, N, "every message reached a client once");
+    assert!(get(&ch, &q).await.is_none(), "and only once");
     delete_queue(&conn, &q).await;
 }
 

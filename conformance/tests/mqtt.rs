@@ -292,6 +292,15 @@ fn raw_publish(topic: &str, qos: RQoS, pkid: u16, payload: &'static [u8]) -> Pac
     })
 }
 
+/// A DISCONNECT with reason 0 (normal: no will).
+async fn leave_politely(raw: &mut Raw) {
+    raw.send(&Packet::Disconnect(codec::Disconnect {
+        reason: 0,
+        properties: Properties::default(),
+    }))
+    .await;
+}
+
 fn raw_ack(kind: AckKind, pkid: u16, reason: u8) -> Packet {
     Packet::Ack(Ack {
         kind,
@@ -572,11 +581,7 @@ async fn will_on_abnormal_close_only(b: Backend) {
     // A normal DISCONNECT: no will.
     c.client_id = uniq("polite");
     let (mut raw, _) = Raw::connect(&t, c).await;
-    raw.send(&Packet::Disconnect(codec::Disconnect {
-        reason: 0,
-        properties: Properties::default(),
-    }))
-    .await;
+    leave_politely(&mut raw).await;
     assert!(
         watcher.publish_in(QUIET).await.is_none(),
         "no will after DISCONNECT"
@@ -617,11 +622,7 @@ async fn will_at_takeover(b: Backend) {
         "no will when the session is resumed"
     );
     // The new connection leaves politely (no will).
-    new.send(&Packet::Disconnect(codec::Disconnect {
-        reason: 0,
-        properties: Properties::default(),
-    }))
-    .await;
+    leave_politely(&mut new).await;
     drop(new);
     // Persistent session, taken over with Clean Session: the session ends, the will goes.
     let id = uniq("restart");
@@ -632,11 +633,7 @@ async fn will_at_takeover(b: Backend) {
         .await
         .expect("will of the ended session");
     assert_eq!(body(&p), format!("{id} offline"));
-    new.send(&Packet::Disconnect(codec::Disconnect {
-        reason: 0,
-        properties: Properties::default(),
-    }))
-    .await;
+    leave_politely(&mut new).await;
     // A clean session taken over: it ends, the will goes.
     let id = uniq("cleanold");
     let (_old, _) = Raw::connect(&t, with_will(&id, true)).await;
@@ -647,11 +644,7 @@ async fn will_at_takeover(b: Backend) {
         .expect("will of the clean session");
     assert_eq!(body(&p), format!("{id} offline"));
     assert!(watcher.publish_in(QUIET).await.is_none(), "one will each");
-    new.send(&Packet::Disconnect(codec::Disconnect {
-        reason: 0,
-        properties: Properties::default(),
-    }))
-    .await;
+    leave_politely(&mut new).await;
 }
 
 /// A delayed will's Message Expiry Interval counts from when the will is published
@@ -843,11 +836,7 @@ async fn session_expiry(b: Backend) {
         RQoS::AtLeastOnce,
     )
     .await;
-    raw.send(&Packet::Disconnect(codec::Disconnect {
-        reason: 0,
-        properties: Properties::default(),
-    }))
-    .await;
+    leave_politely(&mut raw).await;
     drop(raw);
     // Within the interval: present.
     c.clean_start = false;
@@ -1207,11 +1196,7 @@ async fn qos2_packet_id_reused_without_dup(b: Backend) {
         }
     }
     assert!(got.iter().any(|b| b == "second"), "delivered: {got:?}");
-    raw.send(&Packet::Disconnect(codec::Disconnect {
-        reason: 0,
-        properties: Properties::default(),
-    }))
-    .await;
+    leave_politely(&mut raw).await;
 }
 
 async fn redelivery_with_dup_after_reconnect(b: Backend) {
@@ -2020,11 +2005,7 @@ async fn subscription_checks_after_earlier_sessions(b: Backend) {
     }
     let (mut k, _) = Raw::connect(&t, Raw::connect_packet(Version::V5, &keeper, true)).await;
     for r in [&mut k, &mut old] {
-        r.send(&Packet::Disconnect(codec::Disconnect {
-            reason: 0,
-            properties: Properties::default(),
-        }))
-        .await;
+        leave_politely(r).await;
     }
 }
 
@@ -2239,11 +2220,7 @@ async fn message_expiry(b: Backend) {
     c.properties.session_expiry = Some(60);
     let (mut raw, _) = Raw::connect(&t, c.clone()).await;
     subscribed(&mut raw, 1, &topic, RQoS::AtLeastOnce).await;
-    raw.send(&Packet::Disconnect(codec::Disconnect {
-        reason: 0,
-        properties: Properties::default(),
-    }))
-    .await;
+    leave_politely(&mut raw).await;
     drop(raw);
     let pc = c5(&t, &uniq("p"), true).await;
     let short = p5::PublishProperties {

@@ -234,9 +234,16 @@ impl MemberSide {
                             self.pending.lost.extend(self.expected..seq);
                             self.expected = seq + 1;
                             self.through = seq;
-                            for d in batch {
-                                if mailbox.send(d).is_err() {
-                                    // The consumer is gone: leave.
+                            let mut batch = batch.into_iter();
+                            while let Some(d) = batch.next() {
+                                if let Err(back) = mailbox.send(d) {
+                                    // The consumer is gone: what it never got goes back
+                                    // released (not counted as a delivery), and it leaves.
+                                    for d in std::iter::once(back).chain(batch) {
+                                        self.pending
+                                            .nacks
+                                            .push((d.ack_token(), super::wire::NACK_RELEASE));
+                                    }
                                     self.pending.leave = true;
                                     let _ = self.flush().await;
                                     return;
