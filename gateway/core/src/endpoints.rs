@@ -472,21 +472,20 @@ impl ShardCore {
             let (handle, marks) = match live {
                 Some(h) => (h, None),
                 None => {
-                    if !self.has_waiting(&spec).await {
+                    let Some(marks) = self.waiting(&spec).await else {
                         self.endpoints.quiet_heads.lock().remove(&spec.name);
                         continue;
-                    }
+                    };
                     // Without a TTL only a message's own expiry can move a head on: none
                     // at the heads found last time, and the same heads now.
                     let marks = match spec.policy.message_ttl {
                         Some(_) => None,
-                        None => {
-                            let m = self.committed_marks(&spec).await;
-                            if self.endpoints.quiet_heads.lock().get(&spec.name) == Some(&m) {
-                                continue;
-                            }
-                            Some(m)
+                        None if self.endpoints.quiet_heads.lock().get(&spec.name)
+                            == Some(&marks) =>
+                        {
+                            continue
                         }
+                        None => Some(marks),
                     };
                     let watched = match self.watch_topics(&spec).await {
                         Ok(w) => w,
@@ -513,27 +512,11 @@ impl ShardCore {
         }
     }
 
-    /// The committed offsets of a group without an actor, queue by queue.
-    async fn committed_marks(&self, spec: &GroupSpec) -> Vec<u64> {
+    /// The committed offsets of a group without an actor, queue by queue, when messages
+    /// wait past them (`None`: nothing waits).
+    async fn waiting(&self, spec: &GroupSpec) -> Option<Vec<u64>> {
         let mut marks = Vec::new();
-        for t in &spec.topics {
-            let Some(cfg) = self.store.topic(t) else {
-                continue;
-            };
-            for q in 0..cfg.queue_count {
-                let queue = QueueRef::new(t.clone(), q);
-                let committed = match self.store.committed_offset(&spec.name, &queue).await {
-                    Ok(Some(o)) => o.0,
-                    _ => u64::MAX,
-                };
-                marks.push(committed);
-            }
-        }
-        marks
-    }
-
-    /// Whether a group without an actor has messages past its committed offsets.
-    async fn has_waiting(&self, spec: &GroupSpec) -> bool {
+        let mut waiting = false;
         for t in &spec.topics {
             let Some(cfg) = self.store.topic(t) else {
                 continue;
@@ -546,12 +529,12 @@ impl ShardCore {
                 let committed = match self.store.committed_offset(&spec.name, &queue).await {
                     Ok(Some(o)) => o.0,
                     _ => range.min.0,
-                };
-                if range.next.0 > committed.max(range.min.0) {
-                    return true;
                 }
+                .max(range.min.0);
+                waiting |= range.next.0 > committed;
+                marks.push(committed);
             }
         }
-        false
+        waiting.then_some(marks)
     }
 }

@@ -105,7 +105,7 @@ impl QueueState {
         self.suspended_until = 0;
         self.read = target;
         self.floor = target;
-        self.persisted = Some(self.committed());
+        self.persisted = Some(target);
         again.into_values().collect()
     }
 
@@ -602,15 +602,13 @@ impl Actor {
                     .collect();
                 for q in queues {
                     let target = self.inner.position(&q, &to).await?;
-                    let mut commit = target;
                     if let Some(member) = self.members.get_mut(&id) {
                         if let Some(c) = member.cursors.get_mut(&q) {
                             let dropped = c.reset_to(target);
                             member.unacked = member.unacked.saturating_sub(dropped.len());
-                            commit = c.committed();
                         }
                     }
-                    batch.commit_offset(group.clone(), q, QueueOffset(commit));
+                    batch.commit_offset(group.clone(), q, QueueOffset(target));
                 }
             }
         } else {
@@ -623,14 +621,12 @@ impl Actor {
             for q in queues {
                 let target = self.inner.position(&q, &to).await?;
                 let state = self.queues.get_mut(&q).expect("listed");
-                let dropped = state.reset_to(target);
-                let commit = state.committed();
-                for f in dropped {
+                for f in state.reset_to(target) {
                     if let Some(m) = self.members.get_mut(&f.member) {
                         m.unacked = m.unacked.saturating_sub(1);
                     }
                 }
-                batch.commit_offset(self.spec.name.clone(), q, QueueOffset(commit));
+                batch.commit_offset(self.spec.name.clone(), q, QueueOffset(target));
             }
         }
         self.inner.store.write(batch).await?;
