@@ -292,6 +292,14 @@ fn raw_publish(topic: &str, qos: RQoS, pkid: u16, payload: &'static [u8]) -> Pac
     })
 }
 
+/// The next packet is the acknowledgement `kind` of `pkid`.
+async fn expect_ack(raw: &mut Raw, kind: AckKind, pkid: u16) {
+    match raw.recv(WAIT).await {
+        Ok(Packet::Ack(a)) if a.kind == kind && a.pkid == pkid => {}
+        other => panic!("expected {kind:?} {pkid}, got {other:?}"),
+    }
+}
+
 /// A DISCONNECT with reason 0 (normal: no will).
 async fn leave_politely(raw: &mut Raw) {
     raw.send(&Packet::Disconnect(codec::Disconnect {
@@ -1103,36 +1111,15 @@ async fn qos2_duplicate_suppressed(b: Backend) {
     let (mut raw, _) = Raw::connect(&t, Raw::connect_packet(Version::V311, &uniq("p"), true)).await;
     let publish = raw_publish(&topic, RQoS::ExactlyOnce, 7, b"once");
     raw.send(&publish).await;
-    assert!(matches!(
-        raw.recv(WAIT).await,
-        Ok(Packet::Ack(Ack {
-            kind: AckKind::PubRec,
-            pkid: 7,
-            ..
-        }))
-    ));
+    expect_ack(&mut raw, AckKind::PubRec, 7).await;
     // The same packet id again, with DUP, before PUBREL: not a new message.
     if let Packet::Publish(mut p) = publish {
         p.dup = true;
         raw.send(&Packet::Publish(p)).await;
     }
-    assert!(matches!(
-        raw.recv(WAIT).await,
-        Ok(Packet::Ack(Ack {
-            kind: AckKind::PubRec,
-            pkid: 7,
-            ..
-        }))
-    ));
+    expect_ack(&mut raw, AckKind::PubRec, 7).await;
     raw.send(&raw_ack(AckKind::PubRel, 7, 0)).await;
-    assert!(matches!(
-        raw.recv(WAIT).await,
-        Ok(Packet::Ack(Ack {
-            kind: AckKind::PubComp,
-            pkid: 7,
-            ..
-        }))
-    ));
+    expect_ack(&mut raw, AckKind::PubComp, 7).await;
     assert_eq!(body(&s.publish_in(WAIT).await.unwrap()), "once");
     assert!(s.publish_in(QUIET).await.is_none(), "exactly once");
 }
@@ -1154,14 +1141,7 @@ async fn qos2_packet_id_reused_without_dup(b: Backend) {
     let (mut raw, _) = Raw::connect(&t, c.clone()).await;
     raw.send(&raw_publish(&topic, RQoS::ExactlyOnce, 9, b"first"))
         .await;
-    assert!(matches!(
-        raw.recv(WAIT).await,
-        Ok(Packet::Ack(Ack {
-            kind: AckKind::PubRec,
-            pkid: 9,
-            ..
-        }))
-    ));
+    expect_ack(&mut raw, AckKind::PubRec, 9).await;
     // The client dies before its PUBREL and comes back without its state.
     drop(raw);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1169,23 +1149,9 @@ async fn qos2_packet_id_reused_without_dup(b: Backend) {
     assert!(a.session_present);
     raw.send(&raw_publish(&topic, RQoS::ExactlyOnce, 9, b"second"))
         .await;
-    assert!(matches!(
-        raw.recv(WAIT).await,
-        Ok(Packet::Ack(Ack {
-            kind: AckKind::PubRec,
-            pkid: 9,
-            ..
-        }))
-    ));
+    expect_ack(&mut raw, AckKind::PubRec, 9).await;
     raw.send(&raw_ack(AckKind::PubRel, 9, 0)).await;
-    assert!(matches!(
-        raw.recv(WAIT).await,
-        Ok(Packet::Ack(Ack {
-            kind: AckKind::PubComp,
-            pkid: 9,
-            ..
-        }))
-    ));
+    expect_ack(&mut raw, AckKind::PubComp, 9).await;
     // "first" may or may not have gone out (delivered at PUBLISH, or at PUBREL as
     // Mosquitto does): "second" must.
     let mut got = Vec::new();
