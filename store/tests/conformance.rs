@@ -737,6 +737,70 @@ async fn concurrent_appenders_dense(h: Harness) {
     assert_eq!(seen.len() as u64, n, "every message once");
 }
 
+/// Callers that queue their next batch before the last is durable (as a connection
+/// does), paced and in bursts, with small and large batches: the RocksDB store writes
+/// some on the caller's thread and queues others for its writer thread, and each
+/// caller's batches still land in the order it queued them, offsets dense and unique.
+async fn queued_writes_keep_caller_order(h: Harness) {
+    let s = h.store().clone();
+    s.create_topic(&topic("t"), 1).await.unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..4u32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut pending = Vec::new();
+            for i in 0..120u32 {
+                let mut b = WriteBatch::new();
+                // Every 10th batch is over 8 KiB: never written inline.
+                let body = if i % 10 == 3 {
+                    format!("{w}-{i}-{}", "x".repeat(9000))
+                } else {
+                    format!("{w}-{i}")
+                };
+                b.append(msg("t", &body), vec![q("t", 0)]);
+                if i % 4 == 0 {
+                    b.no_sync();
+                }
+                pending.push(s.write_queued(b, Box::new(|| {})).await.unwrap());
+                // Bursts of 12, then a pause long enough for the writer to go idle.
+                if i % 12 == 11 {
+                    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+                }
+            }
+            let mut offsets = Vec::new();
+            for p in pending {
+                offsets.push(p.await.unwrap().appended[0].offsets[0].1 .0);
+            }
+            offsets
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let offsets = t.await.unwrap();
+        assert!(
+            offsets.windows(2).all(|p| p[0] < p[1]),
+            "one caller's batches in the order queued: {offsets:?}"
+        );
+        all.extend(offsets);
+    }
+    all.sort_unstable();
+    assert_eq!(all, (0..480).collect::<Vec<u64>>(), "dense and unique");
+    let read = s
+        .read(&q("t", 0), QueueOffset(0), ReadLimits::count(10_000))
+        .await
+        .unwrap();
+    for m in &read {
+        let body = String::from_utf8_lossy(&m.message.message.body).into_owned();
+        let mut parts = body.split('-');
+        let (w, i): (u32, u32) = (
+            parts.next().unwrap().parse().unwrap(),
+            parts.next().unwrap().parse().unwrap(),
+        );
+        assert!(w < 4 && i < 120, "{body}");
+    }
+    assert_eq!(read.len(), 480);
+}
+
 fn sized_message(i: usize) -> Message {
     let mut m = msg("t", &format!("{i:0>1000}"));
     m.keys = vec![format!("k{i:02}")];
@@ -1167,6 +1231,7 @@ conformance!(
     kv_scan_pages,
     timers_in_time_order,
     concurrent_appenders_dense,
+    queued_writes_keep_caller_order,
     retention_by_bytes,
     retention_by_age,
     restart_loses_nothing,

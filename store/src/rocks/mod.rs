@@ -14,16 +14,19 @@
 //! Big-endian keys sort numerically, so a queue is one contiguous key range and the
 //! commit log and timers are in id and time order.
 //!
-//! # Writes: one writer thread, group commit
-//! Every mutation goes through one channel to one writer thread. It drains what is
+//! # Writes: one writer at a time, group commit
+//! Every mutation goes through one channel to one writer thread, or, while that thread
+//! is idle and nothing is queued, a small batch is written on its caller's thread under
+//! the same lock (`Writer::write_inline`: no thread hand-off for a lone publish). The
+//! writer thread drains what is
 //! waiting (up to [`RocksConfig::max_batch_bytes`]), turns all of it into one RocksDB
 //! `WriteBatch` together with the updated header (next id, log size, counts), writes
 //! it, publishes the new queue ends to readers (readable before durable, see
 //! [`Store::write_notify`]), and under [`FsyncPolicy::EveryBatch`] hands the writers'
 //! answers to the sync thread, which fsyncs the WAL once for every group handed over
 //! so far and only then answers them, while the writer goes on with the next group.
-//! Being the only writer, it assigns ids and offsets without locks: offsets are dense
-//! and unique by construction.
+//! Whoever holds the writer's lock is the only writer: it assigns ids and offsets from
+//! the writer's state, so offsets are dense and unique by construction.
 //!
 //! # Invariants
 //! - The header in `meta` is written in the same RocksDB batch as the data it counts,
@@ -232,6 +235,10 @@ pub struct RocksStore {
     shared: Arc<Shared>,
     /// The writer thread's inbox; `None` once closing.
     tx: Option<mpsc::Sender<Request>>,
+    /// The writer's state, locked by whichever thread writes: the writer thread, or a
+    /// caller writing inline (`None` with an external log, whose appends are network
+    /// round trips that no caller's thread should wait on).
+    inline: Option<Arc<Mutex<Writer>>>,
     /// The writer and (under a periodic policy) the fsync thread, joined on drop.
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -266,10 +273,24 @@ struct Shared {
     /// Group commits handed to the sync thread and not yet synced (every-batch policy):
     /// while none are, an idle writer syncs its own group instead of waking that thread.
     sync_pending: AtomicUsize,
+    /// Requests sent to the writer thread and not yet carried out: while any are, a
+    /// write is queued behind them rather than carried out on its caller's thread.
+    queued: AtomicUsize,
+    /// When the writer thread last wrote a group ([`Shared::clock_micros`]).
+    thread_wrote_at: AtomicU64,
+    /// The origin of [`Shared::clock_micros`].
+    opened: std::time::Instant,
     /// With an external log: the last record written or replayed (0: none).
     log_position: AtomicU64,
     /// Consumer reads that had to read a file, run on the blocking pool.
     cold_reads: AtomicU64,
+}
+
+impl Shared {
+    /// Microseconds since the store opened (monotonic).
+    fn clock_micros(&self) -> u64 {
+        self.opened.elapsed().as_micros() as u64
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -405,6 +426,9 @@ impl RocksStore {
             health: Health::default(),
             writing_since: AtomicU64::new(0),
             sync_pending: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            thread_wrote_at: AtomicU64::new(0),
+            opened: std::time::Instant::now(),
             log_position: AtomicU64::new(0),
             cold_reads: AtomicU64::new(0),
         };
@@ -437,10 +461,12 @@ impl RocksStore {
                     .map_err(|e| StoreError::Backend(format!("spawn syncer: {e}")))?,
             );
         }
+        let writer = Arc::new(Mutex::new(Writer::new(writer_shared, syncer, log_seq)));
+        let inline = local_wal.then(|| Arc::clone(&writer));
         threads.push(
             std::thread::Builder::new()
                 .name("mqgate-store-writer".into())
-                .spawn(move || Writer::new(writer_shared, syncer, log_seq).run(rx))
+                .spawn(move || Writer::run(&writer, rx))
                 .map_err(|e| StoreError::Backend(format!("spawn writer: {e}")))?,
         );
         // Joined after the writer, whose end closes its channel.
@@ -464,6 +490,7 @@ impl RocksStore {
         Ok(Self {
             shared,
             tx: Some(tx),
+            inline,
             threads: Mutex::new(threads),
         })
     }
@@ -592,19 +619,46 @@ impl RocksStore {
         make: impl FnOnce(oneshot::Sender<Result<T>>) -> Request,
     ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .as_ref()
-            .ok_or(StoreError::Closed)?
-            .send(make(tx))
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.send(make(tx)).await?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Queue a request for the writer thread, counted until it is carried out.
+    async fn send(&self, req: Request) -> Result<()> {
+        let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        tx.send(req).await.map_err(|_| {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            StoreError::Closed
+        })
+    }
+
+    /// A write: on this thread when the writer is idle, else queued for it. The receiver
+    /// answers once the batch is durable.
+    async fn submit(
+        &self,
+        batch: WriteBatch,
+        visible: Option<crate::OnVisible>,
+    ) -> Result<oneshot::Receiver<Result<WriteReceipt>>> {
+        let (batch, visible) = match &self.inline {
+            Some(w) => match Writer::write_inline(w, &self.shared, batch, visible) {
+                Ok(rx) => return Ok(rx),
+                Err(back) => back,
+            },
+            None => (batch, visible),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.send(Request::Write(batch, tx, visible)).await?;
+        Ok(rx)
     }
 }
 
 impl Drop for RocksStore {
     fn drop(&mut self) {
         self.tx.take();
+        // The writer holds the sync thread's sender: the last reference goes with the
+        // writer thread, which then ends the sync thread.
+        self.inline.take();
         if let Some(log) = &self.shared.config.external_log {
             log.close();
         }
@@ -670,7 +724,8 @@ impl Store for RocksStore {
         if batch.is_empty() {
             return Ok(WriteReceipt::default());
         }
-        self.request(|tx| Request::Write(batch, tx, None)).await
+        let rx = self.submit(batch, None).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn write_notify(
@@ -685,8 +740,8 @@ impl Store for RocksStore {
         let visible: crate::OnVisible = Box::new(move || {
             let _ = visible.send(());
         });
-        self.request(|tx| Request::Write(batch, tx, Some(visible)))
-            .await
+        let rx = self.submit(batch, Some(visible)).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn write_queued(
@@ -698,13 +753,7 @@ impl Store for RocksStore {
             visible();
             return Ok(Box::pin(std::future::ready(Ok(WriteReceipt::default()))));
         }
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .as_ref()
-            .ok_or(StoreError::Closed)?
-            .send(Request::Write(batch, tx, Some(visible)))
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        let rx = self.submit(batch, Some(visible)).await?;
         Ok(Box::pin(async move {
             rx.await.map_err(|_| StoreError::Closed)?
         }))

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BufMut;
+use parking_lot::Mutex;
 use rocksdb::{IteratorMode, ReadOptions};
 use tokio::sync::{mpsc, oneshot};
 
@@ -25,6 +26,21 @@ use crate::types::{
     now_millis, tag_hash, MessageId, Millis, QueueEntry, QueueOffset, QueueRef, StoredMessage,
     TimerKey, TopicConfig, TopicName,
 };
+
+/// Batches larger than this go to the writer thread even when it is idle: writing them
+/// takes long enough that the caller's thread is better off reading on while another
+/// core writes.
+const INLINE_MAX_BYTES: usize = 8 << 10;
+
+/// Writes are carried out inline only once the writer thread has had nothing to do for
+/// this long: under load it groups them, on another core.
+const INLINE_AFTER_IDLE_MICROS: u64 = 1_000;
+
+/// Whether RocksDB delays or stops writes now (a flush or compaction is behind).
+fn write_held_back(db: &Db<'_>) -> bool {
+    let int = |name| db.property_int_value(name).ok().flatten().unwrap_or(0);
+    int("rocksdb.is-write-stopped") != 0 || int("rocksdb.actual-delayed-write-rate") != 0
+}
 
 /// A writer to answer, with what to answer once its write is durable.
 type Answer = (oneshot::Sender<Result<WriteReceipt>>, Result<WriteReceipt>);
@@ -129,6 +145,15 @@ pub(super) struct Writer {
     log_seq: Option<u64>,
 }
 
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("last_ts", &self.last_ts)
+            .field("log_seq", &self.log_seq)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What a group batch will change once written.
 #[derive(Default)]
 struct Pending {
@@ -167,8 +192,14 @@ impl Writer {
         }
     }
 
-    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+    /// The writer thread: carries out what reaches it through the channel, holding the
+    /// writer's lock from taking the first request until the group is written, so a
+    /// write carried out on its caller's thread ([`Writer::write_inline`]) never
+    /// passes one queued before it.
+    pub(super) fn run(writer: &Mutex<Writer>, mut rx: mpsc::Receiver<Request>) {
         while let Some(first) = rx.blocking_recv() {
+            let mut w = writer.lock();
+            let mut taken = 1;
             let mut group: Vec<Grouped> = Vec::new();
             let mut group_bytes = 0usize;
             let mut next = Some(first);
@@ -181,18 +212,62 @@ impl Writer {
                         group.push((batch, done, visible));
                     }
                     other => {
-                        self.commit_group(std::mem::take(&mut group), false);
+                        w.commit_group(std::mem::take(&mut group), false);
                         group_bytes = 0;
-                        self.admin(other);
+                        w.admin(other);
                     }
                 }
-                if group_bytes < self.s.config.max_batch_bytes {
+                if group_bytes < w.s.config.max_batch_bytes {
                     next = rx.try_recv().ok();
+                    taken += usize::from(next.is_some());
                     drained = next.is_none();
                 }
             }
-            self.commit_group(group, drained);
+            w.commit_group(group, drained);
+            w.s.queued.fetch_sub(taken, Ordering::AcqRel);
+            w.s.thread_wrote_at
+                .store(w.s.clock_micros(), Ordering::Release);
         }
+    }
+
+    /// Write `batch` on the caller's thread when nothing is queued for the writer
+    /// thread and it is not writing: no thread hand-off. Under the every-batch policy the
+    /// answer still waits for the sync thread; otherwise it is ready on return. The
+    /// batch comes back when it has to be queued instead.
+    pub(super) fn write_inline(
+        writer: &Mutex<Writer>,
+        s: &Shared,
+        batch: WriteBatch,
+        visible: Option<crate::OnVisible>,
+    ) -> std::result::Result<
+        oneshot::Receiver<Result<WriteReceipt>>,
+        (WriteBatch, Option<crate::OnVisible>),
+    > {
+        // Under load (the writer thread wrote in the last millisecond), or for a large
+        // batch, the writer thread writes while the caller's thread reads on.
+        if s.queued.load(Ordering::Acquire) != 0
+            || batch_size(&batch) > INLINE_MAX_BYTES
+            || s.clock_micros()
+                .saturating_sub(s.thread_wrote_at.load(Ordering::Acquire))
+                < INLINE_AFTER_IDLE_MICROS
+        {
+            return Err((batch, visible));
+        }
+        let Some(mut w) = writer.try_lock() else {
+            return Err((batch, visible));
+        };
+        // Checked again under the lock: what the thread took is counted until written.
+        if s.queued.load(Ordering::Acquire) != 0 {
+            return Err((batch, visible));
+        }
+        // Never on a caller's thread while RocksDB holds writes back (too many memtables
+        // or level-0 files): that wait is the writer thread's.
+        if s.db().map_or(true, |db| write_held_back(&db)) {
+            return Err((batch, visible));
+        }
+        let (tx, rx) = oneshot::channel();
+        w.commit_group(vec![(batch, tx, visible)], false);
+        Ok(rx)
     }
 
     fn admin(&mut self, req: Request) {
