@@ -222,6 +222,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(a) = args.admin {
         s.listeners.admin = Listener::from(a);
     }
+    malloc::transparent_huge_pages(s.runtime.transparent_huge_pages);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = s.runtime.workers(cores);
     tracing::info!(workers, cores, scheduler = %s.runtime.scheduler, "runtime: worker threads");

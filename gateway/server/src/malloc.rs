@@ -27,3 +27,16 @@ pub(crate) fn keep_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
+
+/// Turn transparent huge pages off for this process (and what it starts), unless
+/// `runtime.transparent_huge_pages` keeps them: see that setting. Linux only; elsewhere,
+/// or on a kernel without the call, a warning and nothing else.
+pub(crate) fn transparent_huge_pages(keep: bool) {
+    if keep {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::warn!(error = %e, "runtime: could not turn transparent huge pages off");
+    }
+}

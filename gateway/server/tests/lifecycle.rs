@@ -161,6 +161,19 @@ async fn sigkill_then_restart_recovers_and_says_so() {
 
 /// `mqgate serve --small` (the edge profile) starts itself again, same process, with the
 /// allocator settings in its environment, and serves: confirmed messages are kept.
+/// `runtime.transparent_huge_pages = false` (the default): the broker's memory is never
+/// backed by huge pages, whose zeroing on first touch stalled a worker for milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_huge_pages_are_off_by_default() {
+    let b = Broker::start();
+    publish_confirmed(&b, "thp", 10).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", b.child.id())).unwrap();
+    // Kernels since 5.0 report the process's PR_SET_THP_DISABLE flag here.
+    if let Some(line) = status.lines().find(|l| l.starts_with("THP_enabled:")) {
+        assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_profile_restarts_itself_with_the_allocator_settings_and_serves() {
     let b = Broker::start_with(&["--small"]);

@@ -510,6 +510,11 @@ fn runtime_workers_one_per_core_unless_set() {
         .unwrap()
         .runtime;
     assert_eq!(stealing.scheduler, Scheduler::WorkStealing);
+    assert!(!auto.transparent_huge_pages, "off unless kept");
+    let keep = from_toml("[runtime]\ntransparent_huge_pages = true\n")
+        .unwrap()
+        .runtime;
+    assert!(keep.transparent_huge_pages);
     let e = err("[runtime]\nscheduler = \"fair\"\n");
     assert!(
         e.contains("runtime.scheduler") && e.contains("per-core or work-stealing"),
