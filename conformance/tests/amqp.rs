@@ -2606,6 +2606,61 @@ async fn cancel_gives_back_what_was_never_sent(backend: Backend) {
     delete_queue(&conn, &q).await;
 }
 
+/// basic.qos above 2,048 (any short is allowed; RabbitMQ honours it): a consumer that
+/// acks once, with multiple=true, after 2,500 deliveries is sent those 2,500 before its
+/// first ack and not one more; the ack lets the rest through.
+async fn large_prefetch_honoured(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let q = uniq("prefetch.large");
+    declare(&ch, &q, no_args()).await;
+    const N: usize = 2_500;
+    let mut confirms = Vec::new();
+    for i in 0..N + 10 {
+        let body = format!("m{i}");
+        confirms.push(
+            ch.basic_publish(
+                s(""),
+                s(&q),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish"),
+        );
+    }
+    for c in confirms {
+        assert!(matches!(c.await.expect("confirm"), Confirmation::Ack(None)));
+    }
+    let cch = plain(&conn).await;
+    cch.basic_qos(N as u16, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut c = consume(&cch, &q, "large", false).await;
+    let mut last = None;
+    for i in 0..N {
+        let d = next(&mut c, &format!("delivery {i} of the prefetch")).await;
+        assert_eq!(body(&d), format!("m{i}"));
+        last = Some(d);
+    }
+    quiet(&mut c, "the prefetch is full").await;
+    last.expect("deliveries")
+        .acker
+        .ack(BasicAckOptions { multiple: true })
+        .await
+        .expect("ack");
+    let rest = bodies(&mut c, 10, "after the multiple ack").await;
+    assert_eq!(
+        rest,
+        (N..N + 10).map(|i| format!("m{i}")).collect::<Vec<_>>()
+    );
+    delete_queue(&conn, &q).await;
+}
+
 /// x-delivery-limit (a quorum queue on RabbitMQ): after the limit, the message is
 /// dead-lettered instead of redelivered.
 async fn delivery_limit(backend: Backend) {
@@ -4052,6 +4107,7 @@ scenario!(
     single_active_consumer,
     delivery_limit,
     cancel_gives_back_what_was_never_sent,
+    large_prefetch_honoured,
     max_priority,
     durable_survives_restart,
     mandatory_return,

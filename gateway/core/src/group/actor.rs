@@ -158,6 +158,22 @@ fn owner_of(index: usize, queues: usize, members: &[MemberId]) -> Option<&Member
     members.get(k)
 }
 
+/// The most unacknowledged messages a member that asked for an exact limit may hold:
+/// AMQP's largest `prefetch_count` (a short), which RabbitMQ honours.
+pub(crate) const EXACT_PREFETCH_MAX: usize = u16::MAX as usize;
+
+/// A member's credit from what it asked for: 0 is the broker's maximum unless the
+/// member asked for exactly that (a pull consumer); an exact limit is honoured up to
+/// [`EXACT_PREFETCH_MAX`] (a consumer that acks every 5,000 messages with basic.qos
+/// 5,000 must be sent 5,000), any other up to `max` (`CoreConfig::max_prefetch`).
+fn member_prefetch(asked: usize, exact: bool, max: usize) -> usize {
+    match (asked, exact) {
+        (0, false) => max,
+        (n, true) => n.min(EXACT_PREFETCH_MAX.max(max)),
+        (n, false) => n.min(max),
+    }
+}
+
 /// Where a delivery goes.
 pub(super) enum Target {
     Owner(MemberId),
@@ -409,10 +425,11 @@ impl Actor {
                 if self.members.contains_key(opts.id.as_str()) {
                     self.remove_member(&opts.id).await;
                 }
-                let prefetch = match opts.prefetch {
-                    0 if !opts.exact_prefetch => self.inner.config.max_prefetch,
-                    n => n.min(self.inner.config.max_prefetch),
-                };
+                let prefetch = member_prefetch(
+                    opts.prefetch,
+                    opts.exact_prefetch,
+                    self.inner.config.max_prefetch,
+                );
                 let mut member = Member {
                     tx,
                     prefetch,
@@ -452,7 +469,7 @@ impl Actor {
             Cmd::Prefetch(id, n) => {
                 let max = self.inner.config.max_prefetch;
                 if let Some(m) = self.members.get_mut(&*id) {
-                    m.prefetch = if n == 0 && !m.exact { max } else { n.min(max) };
+                    m.prefetch = member_prefetch(n, m.exact, max);
                 }
             }
             Cmd::Ack(id, token) => {

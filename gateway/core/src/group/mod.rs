@@ -160,7 +160,9 @@ pub struct MemberOptions {
     /// heartbeat timeout (for members not tied to a connection).
     pub heartbeat: bool,
     /// `prefetch` is taken as given, 0 included (no deliveries until it is raised with
-    /// [`Consumer::set_prefetch`]): for pull-style consumers such as AMQP's basic.get.
+    /// [`Consumer::set_prefetch`]): for pull-style consumers such as AMQP's basic.get,
+    /// and for AMQP's basic.qos, honoured up to 65,535 rather than
+    /// `CoreConfig::max_prefetch`.
     pub exact_prefetch: bool,
 }
 
