@@ -248,9 +248,9 @@ struct Shared {
     /// (reads fail then too, until an attempt works).
     db: RwLock<Option<DB>>,
     config: RocksConfig,
-    /// Topic name -> its uid and queues. Written only by the writer thread.
+    /// Topic name -> its uid and queues. Written only under the writer's lock.
     topics: RwLock<HashMap<TopicName, Arc<TopicState>>>,
-    /// Counters, written only by the writer thread.
+    /// Counters, written only under the writer's lock.
     next_seq: AtomicU64,
     log_bytes: AtomicU64,
     messages: AtomicU64,

@@ -598,12 +598,8 @@ pub(crate) struct RuntimeSettings {
     /// `work-stealing`: one runtime, tasks move between its workers.
     pub(crate) scheduler: Scheduler,
     /// Whether the kernel may back the broker's memory with transparent huge pages
-    /// (false: turned off for this process with `PR_SET_THP_DISABLE`). The first touch
-    /// of a 2 MiB page zeroes it on the thread that touched it: 4-6 ms on the VMs this
-    /// is benchmarked on, a stall of every connection on that worker, several times a
-    /// second while the tail cache, the memtables or the in-memory store grow. Off,
-    /// MQTT QoS 1 at 5,000 msg/s went from a p99 of 4.7 ms to 0.83 ms (bench/RESULTS.md,
-    /// "Huge pages").
+    /// (false: off for this process, `PR_SET_THP_DISABLE`: zeroing one on first touch
+    /// stalls a worker for milliseconds; ARCHITECTURE.md, "No transparent huge pages").
     pub(crate) transparent_huge_pages: bool,
 }
 
