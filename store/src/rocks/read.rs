@@ -169,6 +169,14 @@ pub(super) struct TailCache {
 
 impl TailCache {
     fn get(&self, id: u64) -> Option<Arc<StoredMessage>> {
+        // Ids are appended in order and mostly without gaps: the message is usually at
+        // its distance from the first, found without a binary search whose every step
+        // follows a pointer (2 % of the broker's CPU with 100,000 small messages cached).
+        let first = self.messages.front()?.id.0;
+        let at = usize::try_from(id.checked_sub(first)?).ok()?;
+        if let Some(m) = self.messages.get(at).filter(|m| m.id.0 == id) {
+            return Some(Arc::clone(m));
+        }
         let i = self.messages.partition_point(|m| m.id.0 < id);
         self.messages.get(i).filter(|m| m.id.0 == id).cloned()
     }
@@ -617,6 +625,46 @@ mod tests {
 
     fn offsets(v: Option<Vec<QueueEntry>>) -> Option<Vec<u64>> {
         v.map(|v| v.iter().map(|e| e.offset.0).collect())
+    }
+
+    fn cached(ids: &[u64]) -> TailCache {
+        let topic = crate::types::TopicName::new("t").unwrap();
+        TailCache {
+            messages: ids
+                .iter()
+                .map(|&id| {
+                    Arc::new(StoredMessage {
+                        id: MessageId(id),
+                        store_timestamp: 0,
+                        size: 1,
+                        message: crate::types::Message::new(topic.clone(), "b"),
+                    })
+                })
+                .collect(),
+            bytes: ids.len(),
+        }
+    }
+
+    /// Found at its distance from the first when ids run without gaps, by search when
+    /// they do not; ids below, between and past the cached ones are not found.
+    #[test]
+    fn tail_cache_finds_ids_with_and_without_gaps() {
+        let got = |c: &TailCache, id| c.get(id).map(|m| m.id.0);
+        assert_eq!(got(&cached(&[]), 5), None);
+        let run = cached(&[10, 11, 12, 13]);
+        for id in 10..14 {
+            assert_eq!(got(&run, id), Some(id));
+        }
+        assert_eq!(got(&run, 9), None);
+        assert_eq!(got(&run, 14), None);
+        assert_eq!(got(&run, u64::MAX), None);
+        let gaps = cached(&[10, 12, 13, 20, 21]);
+        for id in [10, 12, 13, 20, 21] {
+            assert_eq!(got(&gaps, id), Some(id));
+        }
+        for id in [0, 9, 11, 14, 15, 19, 22] {
+            assert_eq!(got(&gaps, id), None, "{id}");
+        }
     }
 
     /// Unarmed, nothing is kept; armed at the end, appends are served, read ones are
