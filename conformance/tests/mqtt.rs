@@ -563,7 +563,8 @@ scenario!(
     will_on_abnormal_close_only,
     will_delay,
     will_at_takeover,
-    delayed_will_expiry_counts_from_publication
+    delayed_will_expiry_counts_from_publication,
+    delayed_will_at_clean_start
 );
 
 async fn will_on_abnormal_close_only(b: Backend) {
@@ -695,6 +696,63 @@ async fn delayed_will_expiry_counts_from_publication(b: Backend) {
         left >= 58,
         "counted from the will's publication: {left} s left"
     );
+}
+
+/// A client gone with a delayed will comes back with Clean Start: that ends its old
+/// session, and a will goes out when its session ends if that comes before its delay
+/// (5.0 3.1.3.2.2), so it is published then, not cancelled and not held for its delay
+/// (30 s here). Its Message Expiry Interval counts from then. As HiveMQ (its pull
+/// request 369); Mosquitto 2.0.11 drops the will (conformance/README.md).
+async fn delayed_will_at_clean_start(b: Backend) {
+    let Some(t) = Target::standard(b).await else {
+        return;
+    };
+    let topic = uniq("willcs");
+    let mut watcher = c5(&t, &uniq("w"), true).await;
+    watcher.subscribe(&topic, Q5::AtLeastOnce).await;
+    let id = uniq("cs");
+    let mut c = Raw::connect_packet(Version::V5, &id, true);
+    c.properties.session_expiry = Some(120);
+    c.will = Some(codec::Will {
+        topic: topic.clone(),
+        payload: Bytes::from_static(b"session over"),
+        qos: RQoS::AtLeastOnce,
+        retain: false,
+        properties: Properties {
+            will_delay: Some(30),
+            message_expiry: Some(60),
+            ..Default::default()
+        },
+    });
+    let (raw, _) = Raw::connect(&t, c.clone()).await;
+    drop(raw);
+    assert!(
+        watcher
+            .publish_in(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "held for its delay while the session lasts"
+    );
+    let mut back = Raw::connect_packet(Version::V5, &id, true);
+    back.properties.session_expiry = Some(120);
+    let (mut raw2, a) = Raw::connect(&t, back).await;
+    assert!(!a.session_present);
+    let p = watcher
+        .publish_in(WAIT)
+        .await
+        .expect("the will of the ended session, before its delay");
+    assert_eq!(body5(&p), "session over");
+    let left = p
+        .properties
+        .as_ref()
+        .and_then(|p| p.message_expiry_interval)
+        .expect("expiry sent on");
+    assert!(
+        left >= 58,
+        "counted from the will's publication: {left} s left"
+    );
+    leave_politely(&mut raw2).await;
+    assert!(watcher.publish_in(QUIET).await.is_none(), "published once");
 }
 
 async fn will_delay(b: Backend) {

@@ -225,6 +225,10 @@ fn encode_op(op: &AdminOp) -> Bytes {
             out.put_u8(19);
             put_bytes(&mut out, name.as_bytes());
         }
+        AdminOp::FireScheduled(name) => {
+            out.put_u8(23);
+            put_bytes(&mut out, name.as_bytes());
+        }
         AdminOp::RetainedPage { filter, after } => {
             out.put_u8(11);
             put_bytes(&mut out, filter.as_bytes());
@@ -365,6 +369,7 @@ fn decode_op(b: Bytes) -> Result<AdminOp> {
             limit: r.u32()?,
         },
         19 => AdminOp::CancelScheduled(r.string()?),
+        23 => AdminOp::FireScheduled(r.string()?),
         22 => AdminOp::ScheduleNamed {
             name: r.string()?,
             vhost: r.string()?,
@@ -984,6 +989,7 @@ mod tests {
                 limit: 100,
             },
             AdminOp::CancelScheduled("mqtt.will/c".into()),
+            AdminOp::FireScheduled("mqtt.will/c".into()),
             AdminOp::ScheduleNamed {
                 name: "mqtt.will/c".into(),
                 vhost: "/".into(),

@@ -126,6 +126,8 @@ pub enum AdminOp {
     },
     /// [`crate::Broker::cancel_scheduled`] (named timers live in shard 0).
     CancelScheduled(String),
+    /// [`crate::Broker::fire_scheduled`] (named timers live in shard 0).
+    FireScheduled(String),
     /// A page of the retained messages matching `filter` after the topic `after`, read
     /// on shard 0's owner ([`crate::Broker::retained_next`]).
     RetainedPage {
@@ -200,6 +202,7 @@ impl AdminOp {
             | AdminOp::AdjustRefs { topic, .. } => set.placement.topic(topic),
             AdminOp::RetainedPage { .. }
             | AdminOp::CancelScheduled(_)
+            | AdminOp::FireScheduled(_)
             | AdminOp::ScheduleNamed { .. } => 0,
             AdminOp::ShardTopics(s)
             | AdminOp::ShardGroups(s)
@@ -327,6 +330,7 @@ impl crate::Broker {
             AdminOp::CancelScheduled(name) => {
                 AdminAnswer::Deleted(self.cancel_scheduled(&name).await?)
             }
+            AdminOp::FireScheduled(name) => AdminAnswer::Deleted(self.fire_scheduled(&name).await?),
             AdminOp::RetainedPage { filter, after } => {
                 let (messages, next) = self.retained_page(&filter, after).await?;
                 AdminAnswer::Retained { messages, next }

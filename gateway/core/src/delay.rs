@@ -108,8 +108,18 @@ pub(crate) enum Route {
     },
 }
 
-/// Keyed-area namespace of named timers: name -> the generation of its current timer.
+/// Keyed-area namespace of named timers: name -> the generation of its current timer
+/// (u64 BE), then, for timers scheduled through [`ShardCore::schedule_named`] since it
+/// was added, its due time (u64 BE, ms), so [`ShardCore::fire_named`] can find it.
 const NS_SCHEDULED: &str = "core.scheduled";
+
+/// The value of a named timer's [`NS_SCHEDULED`] entry.
+fn scheduled_value(generation: u64, due: Millis) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&generation.to_be_bytes());
+    v.extend_from_slice(&due.to_be_bytes());
+    v
+}
 /// Keyed-area namespace indexing delayed messages with keys, for cancelling by key:
 /// `topic \0 key \0 generation (u64 BE)` -> nothing. The message's timer is named
 /// [`DELAYED_PREFIX`] + generation; cancelling deletes that name, so the timer releases
@@ -402,6 +412,28 @@ impl Broker {
         .await
     }
 
+    /// Release what [`Broker::schedule_named`] scheduled under `name` now instead of at
+    /// its due time (an MQTT 5 delayed will whose session ended before its delay did:
+    /// 3.1.3.2.2); whether something was pending. A time to live its message was given
+    /// counting from the due time (`props::EXPIRES_AT`) moves earlier by as much. A
+    /// timer scheduled before due times were kept with names is left to its time.
+    pub async fn fire_scheduled(&self, name: &str) -> Result<bool> {
+        // Named timers live in shard 0, wherever it is owned.
+        let local = match self.inner.meta() {
+            Ok(meta) => return meta.fire_named(name).await,
+            Err(e) => Err(e),
+        };
+        self.or_relay(
+            local,
+            || crate::shard::AdminOp::FireScheduled(name.to_owned()),
+            |a| match a {
+                crate::shard::AdminAnswer::Deleted(d) => Some(d),
+                _ => None,
+            },
+        )
+        .await
+    }
+
     /// Pending timers in due order, after `after`, at most `limit` of them, only those
     /// whose message has address `topic` and/or key `key` when given. Cancelled timers
     /// (still in the index until due) are left out. Scans at most `10 * limit + 1,000`
@@ -655,18 +687,93 @@ impl ShardCore {
         batch.kv_put(
             NS_SCHEDULED,
             name.as_bytes().to_vec(),
-            generation.to_be_bytes().to_vec(),
+            scheduled_value(generation, due),
         );
         self.store.write(batch).await?;
         self.timer_added(due);
         Ok(())
     }
 
+    /// [`Broker::fire_scheduled`] on shard 0: the timer is moved to now (one batch:
+    /// the old timer deleted, the same generation put due now), and the scheduler
+    /// releases it as any due timer.
+    pub(crate) async fn fire_named(&self, name: &str) -> Result<bool> {
+        let _named = self.delay.named.lock().await;
+        let Some(current) = self.store.kv_get(NS_SCHEDULED, name.as_bytes()).await? else {
+            return Ok(false);
+        };
+        let (Some(generation), Some(due)) = (
+            current.get(..8).and_then(|g| <[u8; 8]>::try_from(g).ok()),
+            current.get(8..16).and_then(|d| <[u8; 8]>::try_from(d).ok()),
+        ) else {
+            return Ok(true);
+        };
+        let (generation, due) = (u64::from_be_bytes(generation), u64::from_be_bytes(due));
+        let now = self.clock.now();
+        if due <= now {
+            return Ok(true);
+        }
+        // Every timer due at exactly `due`, a page at a time, until ours.
+        let mut after = due.checked_sub(1).map(|d| TimerKey {
+            due: d,
+            seq: u64::MAX,
+        });
+        loop {
+            let found = self.store.timers_due(due, after, 256).await?;
+            let Some(last) = found.last().map(|(k, _)| *k) else {
+                tracing::warn!(timer = %name, "core: a named timer to fire now was not found; it fires when due");
+                return Ok(true);
+            };
+            after = Some(last);
+            for (key, payload) in found {
+                let Ok(DecodedTimer {
+                    name: Some((n, g)),
+                    retain,
+                    route,
+                    mut message,
+                }) = decode_timer(payload)
+                else {
+                    continue;
+                };
+                if n != name || g != generation {
+                    continue;
+                }
+                if let Some((_, at)) = message
+                    .properties
+                    .iter_mut()
+                    .find(|(k, _)| k.as_ref() == crate::props::EXPIRES_AT)
+                {
+                    if let Ok(v) = <[u8; 8]>::try_from(at.as_ref()) {
+                        let earlier = u64::from_be_bytes(v).saturating_sub(due - now);
+                        *at = Bytes::copy_from_slice(&earlier.to_be_bytes());
+                    }
+                }
+                let payload = encode_named_timer(
+                    Some((name, generation)),
+                    retain.as_deref(),
+                    &route,
+                    &message,
+                )?;
+                let mut batch = WriteBatch::new();
+                batch.timer_delete(key);
+                batch.timer_put(now, payload);
+                batch.kv_put(
+                    NS_SCHEDULED,
+                    name.as_bytes().to_vec(),
+                    scheduled_value(generation, now),
+                );
+                self.store.write(batch).await?;
+                self.timer_added(now);
+                return Ok(true);
+            }
+        }
+    }
+
     /// Whether `generation` is still the current timer under `name` (not cancelled, not
     /// replaced, not yet released).
     async fn is_current(&self, name: &str, generation: u64) -> Result<bool> {
         let current = self.store.kv_get(NS_SCHEDULED, name.as_bytes()).await?;
-        Ok(current.as_deref() == Some(&generation.to_be_bytes()[..]))
+        Ok(current.as_deref().and_then(|v| v.get(..8)) == Some(&generation.to_be_bytes()[..]))
     }
 
     /// Withdraw the timer scheduled under `name`; whether there was one. Its timer stays

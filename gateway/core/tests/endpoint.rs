@@ -923,6 +923,65 @@ async fn cancelled_named_timer_never_fires() {
     assert_eq!(bodies(b, "will-target").await, ["kept"]);
 }
 
+/// `fire_scheduled` releases a named timer now, not at its due time, and only that one
+/// among timers due at the same instant; its message's expiry stamp moves earlier by
+/// as much; a name already released, cancelled or never scheduled fires nothing. On
+/// both stores: the timer is found through the store's timer index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fired_named_timer_releases_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let rocks: Arc<dyn Store> = Arc::new(
+        mqgate_store::RocksStore::open(mqgate_store::RocksConfig::new(dir.path().join("d")))
+            .unwrap(),
+    );
+    for store in [Arc::new(MemoryStore::new()) as Arc<dyn Store>, rocks] {
+        let env = Env::start(store).await;
+        let b = &env.broker;
+        declare_wills(b).await;
+        let now = env.clock.now();
+        let due = now + 60_000;
+        for name in ["f1", "f2", "f3"] {
+            let mut m = msg("wills", name);
+            if name == "f2" {
+                m.properties.push((
+                    EXPIRES_AT.into(),
+                    Bytes::copy_from_slice(&(due + 10_000).to_be_bytes()),
+                ));
+            }
+            b.schedule_named(name, VHOST, "wills", "k", m, None, due)
+                .await
+                .unwrap();
+        }
+        b.schedule_named("c", VHOST, "wills", "k", msg("wills", "c"), None, due)
+            .await
+            .unwrap();
+        assert!(b.cancel_scheduled("c").await.unwrap());
+        assert!(b.fire_scheduled("f2").await.unwrap());
+        let got = wait_messages(b, "will-target", 1).await;
+        assert_eq!(got.iter().map(|m| text(m)).collect::<Vec<_>>(), ["f2"]);
+        let expires = got[0]
+            .message
+            .properties
+            .iter()
+            .find(|(k, _)| k.as_ref() == EXPIRES_AT)
+            .map(|(_, v)| u64::from_be_bytes(<[u8; 8]>::try_from(v.as_ref()).unwrap()));
+        assert_eq!(
+            expires,
+            Some(now + 10_000),
+            "its time to live counts from now"
+        );
+        assert!(!b.fire_scheduled("f2").await.unwrap(), "released already");
+        assert!(!b.fire_scheduled("c").await.unwrap(), "cancelled");
+        assert!(!b.fire_scheduled("never").await.unwrap());
+        wait_pending(b, 3).await; // f1, f3 and the cancelled c (released into nothing)
+        env.clock.advance(Duration::from_millis(61_000));
+        wait_pending(b, 0).await;
+        let mut all = bodies(b, "will-target").await;
+        all.sort();
+        assert_eq!(all, ["f1", "f2", "f3"], "the others at their time, f2 once");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rescheduling_a_name_replaces_the_earlier_timer() {
     let env = Env::memory().await;

@@ -345,13 +345,18 @@ where
         });
         let _ = tokio::time::timeout(Duration::from_secs(10), prev.done.wait()).await;
     }
-    // A will waiting for its delay is cancelled by the client's return.
-    if let Err(e) = shared
-        .broker
-        .cancel_scheduled(&super::will::will_timer(&client_id))
-        .await
-    {
-        tracing::warn!(client = %client_id, error = %e, "MQTT: cancelling a delayed will failed");
+    // A will waiting for its delay: the client's return to its session cancels it; a
+    // return with Clean Start ends that session, and a will goes out when its session
+    // ends if that comes before its delay (5.0 3.1.3.2.2), so it is published now (as
+    // HiveMQ; Mosquitto 2.0.11 drops it).
+    let will = super::will::will_timer(&client_id);
+    let settled = if c.clean_start {
+        shared.broker.fire_scheduled(&will).await
+    } else {
+        shared.broker.cancel_scheduled(&will).await
+    };
+    if let Err(e) = settled {
+        tracing::warn!(client = %client_id, error = %e, "MQTT: settling a delayed will failed");
     }
     // Connected: the core no longer expires it (if its sweep is deleting the session
     // right now, this waits until it is gone, and the client starts a new one).

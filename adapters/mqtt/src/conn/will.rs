@@ -1,7 +1,8 @@
 //! The will message: published when the connection ends without a normal DISCONNECT,
 //! at once or after its delay. A delayed will is a named core timer
 //! (`mqtt.will/<client id>`, with its retained setting), so it survives a restart; the
-//! client's return cancels it.
+//! client's return to its session cancels it, and a return with Clean Start (its
+//! session ends) releases it at once.
 
 use mqgate_core::props;
 use mqgate_core::router::{mqtt_to_amqp, DEFAULT_VHOST};
