@@ -554,6 +554,15 @@ async fn server_keep_alive_announced(b: Backend) {
     assert_eq!(a.properties.receive_maximum, Some(1024));
     assert!(a.properties.maximum_packet_size.is_some());
     assert!(a.properties.topic_alias_maximum.is_some());
+    // 3.1.1 has no Server Keep Alive: a client asking for more than the maximum (or for
+    // none) would be held to a keep alive it does not know, so it is refused with 2, as
+    // Mosquitto's max_keepalive after 2.0.11 (2.0.11 accepts it); one within is accepted.
+    for (asked, code) in [(600, 2), (0, 2), (21, 2), (20, 0), (5, 0)] {
+        let mut c = Raw::connect_packet(Version::V311, &uniq("ska3"), true);
+        c.keep_alive = asked;
+        let (_, a) = Raw::connect(&t, c).await;
+        assert_eq!(a.code, code, "3.1.1 keep alive {asked}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -32,8 +32,10 @@ pub struct MqttConfig {
     /// The largest CONNECT accepted (will included): what a client that has not logged
     /// in can make the broker buffer. Larger ones close the connection.
     pub max_connect_size: usize,
-    /// Clients asking for a longer keep alive (or none) get this one (0: no maximum);
-    /// announced as Server Keep Alive on 5.0.
+    /// 5.0 clients asking for a longer keep alive (or none) get this one, announced as
+    /// Server Keep Alive; 3.1.1 clients asking for more (or none), who cannot be told,
+    /// are refused with CONNACK 2, as Mosquitto's `max_keepalive` after 2.0.11 (0: no
+    /// maximum).
     pub max_keep_alive: u16,
     /// QoS 1/2 publishes a client may have unacknowledged (Receive Maximum, 5.0).
     pub receive_maximum: u16,

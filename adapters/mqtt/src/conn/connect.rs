@@ -226,6 +226,17 @@ where
     if client_id.len() > cfg.max_client_id_len {
         refuse!(2, reason::CLIENT_ID_NOT_VALID, "client id too long");
     }
+    // A 3.1.1 client cannot be told a shorter keep alive (5.0's Server Keep Alive): held
+    // to one it does not know, it would be closed for the silences it was allowed, so
+    // it is refused with 2, as Mosquitto's `max_keepalive` after 2.0.11 (its test suite
+    // expects that CONNACK; Debian's 2.0.11 still accepts the client).
+    if !v5 && cfg.max_keep_alive > 0 && (c.keep_alive == 0 || c.keep_alive > cfg.max_keep_alive) {
+        refuse!(
+            2,
+            reason::CLIENT_ID_NOT_VALID,
+            "keep alive over mqtt.max_keep_alive (3.1.1 cannot be told a shorter one)"
+        );
+    }
     if let Some(w) = &c.will {
         let who = Subject {
             user: c.username.as_deref(),

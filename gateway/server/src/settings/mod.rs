@@ -454,7 +454,8 @@ pub(crate) struct Limits {
     pub(crate) mqtt_max_packet_bytes: usize,
     /// Largest MQTT CONNECT (before login), in bytes.
     pub(crate) mqtt_max_connect_bytes: usize,
-    /// MQTT Server Keep Alive: the longest keep alive granted, seconds (0: none).
+    /// MQTT Server Keep Alive: the longest keep alive granted, seconds (0: none); a
+    /// 3.1.1 client asking for more (or none) is refused.
     pub(crate) mqtt_server_keep_alive: u16,
     /// MQTT Receive Maximum announced to clients.
     pub(crate) mqtt_receive_maximum: u16,
