@@ -3241,6 +3241,114 @@ async fn qos_global_leaves_the_rest_to_others(backend: Backend) {
     delete_queue(&conn, &q).await;
 }
 
+/// A channel-wide prefetch is one limit for the channel's consumers of every queue:
+/// with `basic.qos(2, global)` over two queues, the channel takes 2 messages in all and
+/// leaves the other 8 to another connection's consumer (each of its consumers used to
+/// hold up to 2 of its own queue, 4 in all, 2 of them in flight to nobody). Not in a
+/// cluster of gateways: a consumer whose queue's group lives on another gateway gets the
+/// limit as its own prefetch, not a share of one (ARCHITECTURE.md, "Prefetch").
+async fn qos_global_shared_across_queues(backend: Backend) {
+    if backend == Backend::Cluster {
+        eprintln!("skipped: a channel's global prefetch is shared only by groups on its gateway");
+        return;
+    }
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let (q1, q2) = (uniq("qosgs.q1"), uniq("qosgs.q2"));
+    for q in [&q1, &q2] {
+        declare(&ch, q, no_args()).await;
+    }
+    let slow = plain(&conn).await;
+    slow.basic_qos(2, BasicQosOptions { global: true })
+        .await
+        .expect("qos global");
+    let mut s1 = consume(&slow, &q1, "s1", false).await;
+    let mut s2 = consume(&slow, &q2, "s2", false).await;
+    let other = t.connect().await;
+    let fast = plain(&other).await;
+    fast.basic_qos(100, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut f1 = consume(&fast, &q1, "f1", false).await;
+    let mut f2 = consume(&fast, &q2, "f2", false).await;
+    for i in 0..5 {
+        for q in [&q1, &q2] {
+            publish(&ch, "", q, &format!("{q}-{i}")).await;
+        }
+    }
+    let (mut to_slow, mut to_fast) = (Vec::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while to_fast < 8 && Instant::now() < deadline {
+        tokio::select! {
+            Some(Ok(d)) = s1.next() => to_slow.push(d),
+            Some(Ok(d)) = s2.next() => to_slow.push(d),
+            Some(Ok(d)) = f1.next() => {
+                d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+                to_fast += 1;
+            }
+            Some(Ok(d)) = f2.next() => {
+                d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+                to_fast += 1;
+            }
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    assert_eq!(
+        to_fast, 8,
+        "the other connection gets all the channel does not take"
+    );
+    assert_eq!(to_slow.len(), 2, "the channel's 2, over both queues");
+    for d in to_slow {
+        d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    delete_queue(&conn, &q1).await;
+    delete_queue(&conn, &q2).await;
+}
+
+/// A channel-wide prefetch changed after basic.consume applies to the consumers already
+/// there, raised (Celery raises it while it holds ETA tasks, to take new work) or
+/// lowered.
+async fn qos_global_changed_after_consume(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let q = uniq("qosgc.q");
+    declare(&ch, &q, no_args()).await;
+    for i in 0..6 {
+        publish(&ch, "", &q, &format!("m{i}")).await;
+    }
+    let cch = plain(&conn).await;
+    cch.basic_qos(2, BasicQosOptions { global: true })
+        .await
+        .expect("qos global");
+    let mut c = consume(&cch, &q, "eta", false).await;
+    let mut held = vec![next(&mut c, "1st").await, next(&mut c, "2nd").await];
+    quiet(&mut c, "a third with a global prefetch of 2").await;
+    cch.basic_qos(3, BasicQosOptions { global: true })
+        .await
+        .expect("qos global raised");
+    held.push(next(&mut c, "3rd once the limit is raised to 3").await);
+    quiet(&mut c, "a fourth with a global prefetch of 3").await;
+    cch.basic_qos(1, BasicQosOptions { global: true })
+        .await
+        .expect("qos global lowered");
+    for d in held {
+        d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    let d = next(&mut c, "one after the acks, the limit lowered to 1").await;
+    assert_eq!(body(&d), "m3");
+    quiet(&mut c, "a second with a global prefetch of 1").await;
+    d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+    assert_eq!(body(&next(&mut c, "the next").await), "m4");
+    drop(c);
+    delete_queue(&conn, &q).await;
+}
+
 /// basic.qos global=true: one limit shared by the channel's consumers (RabbitMQ 3.x).
 async fn qos_global_per_channel(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
@@ -4122,6 +4230,8 @@ scenario!(
     qos_prefetch_per_consumer,
     qos_global_per_channel,
     qos_global_leaves_the_rest_to_others,
+    qos_global_shared_across_queues,
+    qos_global_changed_after_consume,
     properties_round_trip,
     publisher_confirms,
     bodies_of_every_size,

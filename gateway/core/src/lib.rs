@@ -59,7 +59,7 @@ pub use endpoint::{DeadLetter, DeadLetterFormat, DeathReason, Policy};
 pub use endpoints::{Endpoint, EndpointEvent};
 pub use error::{CoreError, Result};
 pub use group::{
-    AckToken, ConsumeMode, Consumer, Delivery, GroupInfo, GroupSpec, Left, MemberInfo,
+    AckToken, ConsumeMode, Consumer, CreditPool, Delivery, GroupInfo, GroupSpec, Left, MemberInfo,
     MemberOptions, OnFailure, QueueInfo, RemoteControl, StartPosition,
 };
 pub use locate::{Located, ShardEvent};

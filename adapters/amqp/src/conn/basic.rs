@@ -45,6 +45,17 @@ where
                 let c = self.chan(ch);
                 if q.global {
                     c.global_prefetch = q.prefetch_count;
+                    if let Some(pool) = &c.credit {
+                        pool.set_limit(usize::from(q.prefetch_count));
+                        // A member whose group is on another gateway cannot draw on the
+                        // pool: its own prefetch follows the limit instead (a no-op
+                        // beyond the pool for one on this gateway).
+                        for cons in c.consumers.values() {
+                            if let Some(own) = cons.own_prefetch {
+                                cons.consumer.set_prefetch(pool.capped(own));
+                            }
+                        }
+                    }
                 } else {
                     c.prefetch = q.prefetch_count;
                 }
@@ -135,10 +146,10 @@ where
                 ));
             }
         }
-        // The member's credit in the queue's group: its own limit, and never more than
-        // the channel's global one (RabbitMQ 3's `global`: shared by the channel's
-        // consumers). Beyond what the channel may take, a message held by the member would
-        // be in flight to nobody while other consumers of the queue wait for it.
+        // The consumer's limit as the management API shows it, and a no-ack consumer's
+        // credit in its queue's group: its own limit, never more than the channel's
+        // global one (beyond what the channel may take, a message held by the member would
+        // be in flight to nobody while other consumers of the queue wait for it).
         let prefetch = match (
             self.chan(ch).prefetch as usize,
             self.chan(ch).global_prefetch as usize,
@@ -147,6 +158,27 @@ where
             (0, global) => global,
             (own, 0) => own,
             (own, global) => own.min(global),
+        };
+        // A manual-ack consumer draws on the channel's credit (the global limit) on top
+        // of its own prefetch, so the limit is shared by the channel's queues and a later
+        // global basic.qos reaches it (Celery raises it while it holds ETA tasks); with
+        // only a global limit its own is the largest (the shared one governs). No-ack
+        // consumers take no credit (RabbitMQ applies no prefetch to them).
+        let (own, pool) = if c.no_ack {
+            (prefetch, None)
+        } else {
+            let chan = self.chan(ch);
+            let global = usize::from(chan.global_prefetch);
+            let pool = chan
+                .credit
+                .get_or_insert_with(|| mqgate_core::CreditPool::new(global))
+                .clone();
+            let own = match chan.prefetch {
+                0 if global > 0 => usize::from(u16::MAX),
+                0 => self.shared.cfg.default_prefetch,
+                n => usize::from(n),
+            };
+            (own, Some(pool))
         };
         let offset = c.arguments.inner().get("x-stream-offset").cloned();
         let member = self.shared.member_id();
@@ -157,8 +189,9 @@ where
             let mut spec = GroupSpec::new(g.clone(), vec![q.topic.clone()], ConsumeMode::Shared);
             spec.start = pos;
             spec.on_failure = OnFailure::Discard;
-            let mut opts = MemberOptions::new(member, prefetch);
+            let mut opts = MemberOptions::new(member, own);
             opts.exact_prefetch = true;
+            opts.credit_pool = pool;
             let cons = self
                 .shared
                 .broker
@@ -176,8 +209,9 @@ where
                     .await
                     .map_err(internal)?;
             }
-            let mut opts = MemberOptions::new(member, prefetch);
+            let mut opts = MemberOptions::new(member, own);
             opts.exact_prefetch = true;
+            opts.credit_pool = pool;
             let cons = self
                 .shared
                 .broker
@@ -227,6 +261,7 @@ where
                 consumer,
                 no_ack: c.no_ack,
                 get: false,
+                own_prefetch: (!c.no_ack).then_some(own),
                 stream_group,
                 unacked: 0,
                 cancelled: false,
@@ -357,6 +392,7 @@ where
                         consumer,
                         no_ack: g.no_ack,
                         get: true,
+                        own_prefetch: None,
                         stream_group: None,
                         unacked: 0,
                         cancelled: false,

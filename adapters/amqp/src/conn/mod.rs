@@ -173,6 +173,9 @@ struct Cons {
     consumer: Consumer,
     no_ack: bool,
     get: bool,
+    /// Its own prefetch in its group, for a manual-ack consumer (it also draws on the
+    /// channel's credit); `None` for the others.
+    own_prefetch: Option<usize>,
     /// A stream queue's consumer: its own group, deleted on cancel.
     stream_group: Option<GroupName>,
     unacked: usize,
@@ -218,6 +221,10 @@ struct Channel {
     prefetch: u16,
     /// Unacknowledged deliveries allowed on the whole channel (0: unlimited).
     global_prefetch: u16,
+    /// The same limit as credit every manual-ack consumer of the channel draws on in
+    /// its queue's group (made at the first consume): shared across the channel's
+    /// queues, and followed by consumers already started when basic.qos changes it.
+    credit: Option<Arc<mqgate_core::CreditPool>>,
     /// channel.flow: false stops deliveries.
     flow_paused: bool,
 }

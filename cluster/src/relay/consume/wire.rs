@@ -105,9 +105,17 @@ pub(super) fn decode_spec(r: &mut Reader) -> Result<GroupSpec> {
     Ok(spec)
 }
 
+/// A member's credit pool stays in its process: the group on the far side gets the
+/// member's prefetch capped by the pool's limit instead (as before pools; the AMQP
+/// channel still holds its deliveries to the limit).
 pub(super) fn encode_member(out: &mut Vec<u8>, m: &MemberOptions) {
     put_bytes(out, m.id.as_bytes());
-    out.put_u32(u32::try_from(m.prefetch).unwrap_or(u32::MAX));
+    let prefetch = match &m.credit_pool {
+        Some(pool) if m.prefetch == 0 => pool.limit(),
+        Some(pool) => pool.capped(m.prefetch),
+        None => m.prefetch,
+    };
+    out.put_u32(u32::try_from(prefetch).unwrap_or(u32::MAX));
     out.put_u8(u8::from(m.heartbeat));
     out.put_u8(u8::from(m.exact_prefetch));
 }

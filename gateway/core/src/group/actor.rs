@@ -25,7 +25,11 @@ pub(super) struct Member {
     pub(super) tx: mailbox::Sender<Delivery>,
     pub(super) prefetch: usize,
     pub(super) exact: bool,
+    /// Delivered, not settled; changed through [`Member::delivered`] and
+    /// [`Member::settled`], which keep the credit pool's count with it.
     pub(super) unacked: usize,
+    /// Credit shared with other members ([`super::MemberOptions::credit_pool`]).
+    pub(super) pool: Option<Arc<super::CreditPool>>,
     pub(super) heartbeat: bool,
     pub(super) last_seen: Instant,
     /// Broadcast: this member's own cursors.
@@ -34,7 +38,36 @@ pub(super) struct Member {
 
 impl Member {
     pub(super) fn credit(&self) -> usize {
-        self.prefetch.saturating_sub(self.unacked)
+        let own = self.prefetch.saturating_sub(self.unacked);
+        match &self.pool {
+            Some(p) => own.min(p.available()),
+            None => own,
+        }
+    }
+
+    /// One more delivery in flight (its pool unit, if any, was taken before it was
+    /// chosen).
+    pub(super) fn delivered(&mut self) {
+        self.unacked += 1;
+    }
+
+    /// `n` deliveries settled (or taken back): their pool units go back.
+    pub(super) fn settled(&mut self, n: usize) {
+        let n = n.min(self.unacked);
+        self.unacked -= n;
+        if let Some(p) = &self.pool {
+            p.release(n);
+        }
+    }
+}
+
+impl Drop for Member {
+    /// A member that leaves (or whose group ends) gives back the pool units of what it
+    /// held: those messages go to other members.
+    fn drop(&mut self) {
+        if let Some(p) = &self.pool {
+            p.release(self.unacked);
+        }
     }
 }
 
@@ -430,11 +463,15 @@ impl Actor {
                     opts.exact_prefetch,
                     self.inner.config.max_prefetch,
                 );
+                if let Some(p) = &opts.credit_pool {
+                    p.register(&self.wake);
+                }
                 let mut member = Member {
                     tx,
                     prefetch,
                     exact: opts.exact_prefetch,
                     unacked: 0,
+                    pool: opts.credit_pool.clone(),
                     heartbeat: opts.heartbeat,
                     last_seen: Instant::now(),
                     cursors: VecMap::new(),
@@ -622,7 +659,7 @@ impl Actor {
                     if let Some(member) = self.members.get_mut(&id) {
                         if let Some(c) = member.cursors.get_mut(&q) {
                             let dropped = c.reset_to(target);
-                            member.unacked = member.unacked.saturating_sub(dropped.len());
+                            member.settled(dropped.len());
                         }
                     }
                     batch.commit_offset(group.clone(), q, QueueOffset(target));
@@ -640,7 +677,7 @@ impl Actor {
                 let state = self.queues.get_mut(&q).expect("listed");
                 for f in state.reset_to(target) {
                     if let Some(m) = self.members.get_mut(&f.member) {
-                        m.unacked = m.unacked.saturating_sub(1);
+                        m.settled(1);
                     }
                 }
                 batch.commit_offset(self.spec.name.clone(), q, QueueOffset(target));

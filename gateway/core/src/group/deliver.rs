@@ -123,25 +123,26 @@ impl Actor {
             let Some((member, position)) = self.pick(&target) else {
                 break;
             };
-            // Next message: redeliveries first (offset order), then the read-ahead.
+            // Next message: redeliveries first (offset order), then the read-ahead (its
+            // entry kept, to put it back if a shared credit pool has run dry).
             let next = {
                 let q = self.cursor_mut(owner_key, queue).expect("checked");
                 match q.redeliver.pop_first() {
-                    Some((offset, p)) => Some((offset, p.message, p.count, true)),
+                    Some((offset, p)) => Some((offset, p.message, p.count, true, None)),
                     None => q
                         .buffer
                         .pop_front()
-                        .map(|m| (m.entry.offset.0, m.message, 0, false)),
+                        .map(|m| (m.entry.offset.0, m.message, 0, false, Some(m.entry))),
                 }
             };
-            let (offset, message, count, redelivered) = match next {
-                Some((offset, message, count, redelivered)) => {
+            let (offset, message, count, redelivered, entry) = match next {
+                Some((offset, message, count, redelivered, entry)) => {
                     match self
                         .spec
                         .policy
                         .verdict(&message, count, retrying, boot, now)
                     {
-                        Verdict::Deliver => (offset, message, count, redelivered),
+                        Verdict::Deliver => (offset, message, count, redelivered, entry),
                         Verdict::Skip => {
                             delivered = true;
                             continue;
@@ -175,6 +176,23 @@ impl Actor {
                     continue;
                 }
             };
+            // A unit of a shared credit pool (AMQP's global prefetch), taken only now, when
+            // the message is going out: the pool is shared with groups whose actors run on
+            // other threads, and a unit taken and given back would wake them all for
+            // nothing. None left (another group took the last one since `pick`): the
+            // message goes back where it was, and this group is woken when units return.
+            if !self.take_pool_unit(&member) {
+                let q = self.cursor_mut(owner_key, queue).expect("checked");
+                match entry {
+                    Some(entry) => q
+                        .buffer
+                        .push_front(mqgate_store::QueueMessage { entry, message }),
+                    None => {
+                        q.redeliver.insert(offset, Pending { message, count });
+                    }
+                }
+                break;
+            }
             let token = self.next_token;
             self.next_token += 1;
             let delivery = Delivery {
@@ -188,12 +206,15 @@ impl Actor {
             let m = self.members.get_mut(&member).expect("picked");
             if m.tx.send(delivery).is_err() {
                 // The member is gone; its Leave is on the way. Put the message back.
+                if let Some(p) = &m.pool {
+                    p.release(1);
+                }
                 let q = self.cursor_mut(owner_key, queue).expect("checked");
                 q.redeliver.insert(offset, Pending { message, count });
                 let _ = self.handle.cmd.send(Cmd::Leave(member, false));
                 break;
             }
-            m.unacked += 1;
+            m.delivered();
             if let Some(i) = position {
                 self.rr = i + 1;
             }
@@ -210,6 +231,14 @@ impl Actor {
             delivered = true;
         }
         delivered
+    }
+
+    /// Take a unit of `member`'s credit pool, if it has one; false if none is free.
+    fn take_pool_unit(&self, member: &str) -> bool {
+        self.members
+            .get(member)
+            .and_then(|m| m.pool.as_ref())
+            .is_none_or(|p| p.try_take())
     }
 
     /// Read the next messages of `queue` into its buffer: `want`, but at least

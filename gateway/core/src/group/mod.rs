@@ -20,6 +20,7 @@
 //! was in flight: duplicates, never loss.
 
 mod actor;
+mod credit;
 mod deliver;
 mod limits;
 mod migrate;
@@ -40,6 +41,7 @@ use crate::endpoint::Policy;
 use crate::error::{CoreError, Result};
 
 use self::actor::Actor;
+pub use self::credit::CreditPool;
 pub(crate) use self::park::GroupWake;
 use self::vecmap::VecMap;
 
@@ -164,6 +166,10 @@ pub struct MemberOptions {
     /// and for AMQP's basic.qos, honoured up to 65,535 rather than
     /// `CoreConfig::max_prefetch`.
     pub exact_prefetch: bool,
+    /// Credit shared with other members, of this group or others (AMQP's channel-wide
+    /// `basic.qos` with `global`): a delivery also needs a unit of it. Not carried to a
+    /// group in another process (there the member's prefetch is capped by its limit).
+    pub credit_pool: Option<Arc<CreditPool>>,
 }
 
 impl MemberOptions {
@@ -174,6 +180,7 @@ impl MemberOptions {
             prefetch,
             heartbeat: false,
             exact_prefetch: false,
+            credit_pool: None,
         }
     }
 }
