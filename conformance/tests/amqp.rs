@@ -2096,6 +2096,73 @@ async fn per_message_ttl_without_consumers(backend: Backend) {
     delete_queue(&conn, &work).await;
 }
 
+/// A time to live of 0 (`expiration "0"`, `x-message-ttl 0`): delivered if a consumer
+/// can take it at once, else expired (RabbitMQ: "expire upon reaching a queue unless
+/// they can be delivered to a consumer immediately"; it never delivered before).
+async fn ttl_zero_delivers_now_or_never(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let zero = || BasicProperties::default().with_expiration("0".into());
+    let (msg_ttl, q_ttl) = (uniq("ttl0.msg"), uniq("ttl0.q"));
+    declare(&ch, &msg_ttl, no_args()).await;
+    declare(
+        &ch,
+        &q_ttl,
+        table(&[("x-message-ttl", AMQPValue::LongInt(0))]),
+    )
+    .await;
+    for q in [&msg_ttl, &q_ttl] {
+        let props = if q == &msg_ttl {
+            zero()
+        } else {
+            BasicProperties::default()
+        };
+        // A consumer waiting with credit: delivered.
+        let cch = plain(&conn).await;
+        let mut c = consume(&cch, q, "now", false).await;
+        let r = publish_props(&ch, "", q, b"now", props.clone()).await;
+        assert!(matches!(r, Confirmation::Ack(None)), "{r:?}");
+        let d = next(&mut c, "taken at once by a waiting consumer").await;
+        assert_eq!(body(&d), "now");
+        d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+        cch.basic_cancel("now".into(), BasicCancelOptions::default())
+            .await
+            .expect("cancel");
+        drop(c);
+        // Its only consumer full (prefetch 1, one unacked): expired, never delivered.
+        let full = plain(&conn).await;
+        full.basic_qos(1, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let mut f = consume(&full, q, "full", false).await;
+        publish(&ch, "", q, "fills it").await;
+        let held = next(&mut f, "the consumer's one").await;
+        assert_eq!(body(&held), "fills it");
+        publish_props(&ch, "", q, b"never", props.clone()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        held.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        quiet(&mut f, "expired while no consumer could take it").await;
+        // Nobody consuming: expired.
+        full.basic_cancel("full".into(), BasicCancelOptions::default())
+            .await
+            .expect("cancel");
+        drop(f);
+        publish_props(&ch, "", q, b"never either", props).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut late = consume(&chan(&conn).await, q, "late", true).await;
+        quiet(&mut late, "expired with no consumer").await;
+        drop(late);
+    }
+    delete_queue(&conn, &msg_ttl).await;
+    delete_queue(&conn, &q_ttl).await;
+}
+
 /// x-message-ttl: expired messages are not delivered; with a DLX they are
 /// dead-lettered with reason `expired`.
 async fn message_ttl(backend: Backend) {
@@ -4206,6 +4273,7 @@ scenario!(
     queue_delete_conditions,
     message_ttl,
     per_message_ttl_without_consumers,
+    ttl_zero_delivers_now_or_never,
     queue_expires,
     max_length,
     max_length_dead_letters,

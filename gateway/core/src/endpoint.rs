@@ -122,6 +122,10 @@ impl Policy {
     }
 }
 
+/// How long after its storing a message whose time to live was already over then
+/// (TTL 0) may still go to a consumer: "at once" ([`Policy::verdict`]).
+pub const IMMEDIATE_MS: Millis = 100;
+
 /// What happens to a message about to be delivered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -147,10 +151,21 @@ impl Policy {
         if m.store_timestamp < boot && props::get(p, props::TRANSIENT).is_some() {
             return Verdict::Skip;
         }
-        let expired = props::get_u64(p, props::EXPIRES_AT).is_some_and(|at| at <= now)
+        // A message whose time to live was over when it was stored (AMQP's expiration
+        // "0", x-message-ttl 0: "deliver now or never") goes to a consumer that can take
+        // it at once, as RabbitMQ does: within IMMEDIATE_MS of its storing, the time a
+        // group with credit takes to be woken and send it.
+        let expires = |at: Millis| {
+            if at <= m.store_timestamp {
+                m.store_timestamp.saturating_add(IMMEDIATE_MS)
+            } else {
+                at
+            }
+        };
+        let expired = props::get_u64(p, props::EXPIRES_AT).is_some_and(|at| expires(at) <= now)
             || self
                 .message_ttl
-                .is_some_and(|ttl| m.store_timestamp.saturating_add(ttl) <= now);
+                .is_some_and(|ttl| expires(m.store_timestamp.saturating_add(ttl)) <= now);
         if expired {
             return Verdict::Dead(DeathReason::Expired);
         }
