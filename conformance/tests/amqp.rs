@@ -2483,6 +2483,76 @@ async fn max_length_keeps_unacked(backend: Backend) {
 
 /// A rejected message goes to x-dead-letter-exchange with x-dead-letter-routing-key and
 /// an x-death header.
+/// Dead-letter cycles: a message that would come back to a queue it died in, with no
+/// rejection on the way, is dropped for that queue, as RabbitMQ does (it went round for
+/// ever); with a rejection in the cycle (the delayed-retry pattern) it goes on.
+async fn dead_letter_cycles(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let expiring_to = |target: &str| {
+        table(&[
+            ("x-message-ttl", AMQPValue::LongInt(100)),
+            ("x-dead-letter-exchange", ls("")),
+            ("x-dead-letter-routing-key", ls(target)),
+        ])
+    };
+    // A queue whose expired messages go back to itself.
+    let own = uniq("dlc.self");
+    declare(&ch, &own, expiring_to(&own)).await;
+    // Two queues whose expired messages go to each other.
+    let (a, b) = (uniq("dlc.a"), uniq("dlc.b"));
+    declare(&ch, &a, expiring_to(&b)).await;
+    declare(&ch, &b, expiring_to(&a)).await;
+    publish(&ch, "", &own, "round").await;
+    publish(&ch, "", &a, "and round").await;
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    for _ in 0..2 {
+        for q in [&own, &a, &b] {
+            assert_eq!(count(&ch, q).await, 0, "{q}: dropped, not going round");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A work queue whose rejects wait in a queue that expires them back to it.
+    let (work, wait) = (uniq("dlc.work"), uniq("dlc.wait"));
+    declare(
+        &ch,
+        &work,
+        table(&[
+            ("x-dead-letter-exchange", ls("")),
+            ("x-dead-letter-routing-key", ls(&wait)),
+        ]),
+    )
+    .await;
+    declare(&ch, &wait, expiring_to(&work)).await;
+    publish(&ch, "", &work, "retry me").await;
+    let cch = plain(&conn).await;
+    let mut c = consume(&cch, &work, "retry", false).await;
+    for round in 1..=3 {
+        let d = next(&mut c, "delivered again after its wait").await;
+        assert_eq!(body(&d), "retry me");
+        if round < 3 {
+            d.acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await
+                .expect("reject");
+        } else {
+            let deaths = match header(&d, "x-death") {
+                Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
+                other => panic!("x-death: {other:?}"),
+            };
+            assert_eq!(deaths.len(), 2, "rejected from work, expired from wait");
+            d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+        }
+    }
+    drop(c);
+    for q in [&own, &a, &b, &work, &wait] {
+        delete_queue(&conn, q).await;
+    }
+}
+
 async fn dead_letter_x_death(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
         return;
@@ -4280,6 +4350,7 @@ scenario!(
     max_length_keeps_unacked,
     counts_are_exact_after_requeue,
     dead_letter_x_death,
+    dead_letter_cycles,
     single_active_consumer,
     delivery_limit,
     cancel_gives_back_what_was_never_sent,

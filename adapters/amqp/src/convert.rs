@@ -311,6 +311,48 @@ impl mqgate_core::DeadLetterFormat for AmqpDeadLetter {
             now,
         )
     }
+
+    /// RabbitMQ's cycle check (`rabbit_dead_letter:is_cycle`): not for a rejection;
+    /// otherwise the copy's `x-death` (newest first, this death at its head) is walked
+    /// to the entry of the target queue: a cycle if none on the way, that one included,
+    /// was a rejection.
+    fn cycles(
+        &self,
+        copy: &Message,
+        target: &mqgate_core::DeadLetter,
+        reason: DeathReason,
+        topic: &TopicName,
+    ) -> bool {
+        if reason == DeathReason::Rejected {
+            return false;
+        }
+        let Some(props) =
+            props::get(&copy.properties, PROPS).and_then(|raw| parse_raw_properties(raw))
+        else {
+            return false;
+        };
+        let Some(AMQPValue::FieldArray(deaths)) = props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-death"))
+        else {
+            return false;
+        };
+        for d in deaths.as_slice() {
+            let AMQPValue::FieldTable(d) = d else {
+                continue;
+            };
+            if d.inner().get("reason").and_then(str_value).as_deref() == Some("rejected") {
+                return false;
+            }
+            if let Some(q) = d.inner().get("queue").and_then(str_value) {
+                if crate::queue::queue_topic(&target.vhost, &q).0 == *topic {
+                    return true;
+                }
+            }
+        }
+        false
+    }
 }
 
 /// The message to republish to a dead-letter exchange: RabbitMQ's `x-death` header

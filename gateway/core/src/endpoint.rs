@@ -62,6 +62,20 @@ pub trait DeadLetterFormat: Send + Sync + std::fmt::Debug {
         reason: DeathReason,
         now: Millis,
     ) -> (Message, String);
+
+    /// Whether `copy` (made by [`DeadLetterFormat::copy`] for `reason`) routed to `topic`
+    /// would close a cycle of dead-lettering with no rejection in it: that topic is left
+    /// out, as RabbitMQ drops the message for such a queue (else it would go round for
+    /// ever). Default: never.
+    fn cycles(
+        &self,
+        _copy: &Message,
+        _target: &DeadLetter,
+        _reason: DeathReason,
+        _topic: &TopicName,
+    ) -> bool {
+        false
+    }
 }
 
 /// Where an endpoint's dead messages go: an exchange of a virtual host.
@@ -189,7 +203,7 @@ pub(crate) async fn stage(
     let now = inner.clock.now();
     let (mut copy, key) = target.format.copy(original, target, reason, now);
     inner.stamp(&mut copy);
-    let routed = match inner
+    let mut routed = match inner
         .router
         .route(&target.vhost, &target.exchange, &key, &[])
     {
@@ -200,6 +214,13 @@ pub(crate) async fn stage(
         }
         Err(e) => return Err(e),
     };
+    routed.topics.retain(|t| {
+        let cycle = target.format.cycles(&copy, target, reason, t);
+        if cycle {
+            tracing::warn!(endpoint = %target.endpoint, topic = %t, reason = reason.as_str(), "core: dead-letter cycle without a rejection; the message is dropped for that queue");
+        }
+        !cycle
+    });
     // Queues of other shards get it through this shard's outboxes (woken: forwarded).
     let (local, remote) = inner.split_topics(routed.topics.clone());
     let mut queues = Vec::with_capacity(local.len());
