@@ -3892,6 +3892,34 @@ async fn delayed_message_exchange(backend: Backend) {
         took >= Duration::from_secs(1) && took <= Duration::from_secs(5),
         "delayed by {took:?}"
     );
+    // A time to live counts from the release, as the plugin's queues apply it on
+    // arrival: delayed 800 ms with an expiration of 600, and consumed 300 ms after its
+    // release, it is still there.
+    let later = uniq("delayed.q2");
+    declare(&ch, &later, no_args()).await;
+    bind(&ch, &later, &ex, "k2", no_args()).await;
+    publish_props(
+        &ch,
+        &ex,
+        "k2",
+        b"fresh on release",
+        BasicProperties::default()
+            .with_expiration("600".into())
+            .with_headers(table(&[("x-delay", AMQPValue::LongInt(800))])),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let mut c2 = consume(&ch, &later, "after", true).await;
+    assert_eq!(
+        body(
+            &next(
+                &mut c2,
+                "delayed past its TTL, its TTL counted from the release"
+            )
+            .await
+        ),
+        "fresh on release"
+    );
 }
 
 /// `x-retry-policy: rocketmq`: a nacked message is not redelivered at once (the

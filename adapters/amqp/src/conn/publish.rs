@@ -192,6 +192,19 @@ where
                 .and_then(convert::int_value)
                 .filter(|d| *d > 0);
             if let Some(ms) = delay {
+                // Its expiration counts from when it reaches its queues, as with
+                // RabbitMQ's plugin (the queue applies it on arrival): moved on by the delay.
+                let mut message = message;
+                if let Some((_, at)) = message
+                    .properties
+                    .iter_mut()
+                    .find(|(k, _)| k.as_ref() == mqgate_core::props::EXPIRES_AT)
+                {
+                    if let Ok(v) = <[u8; 8]>::try_from(at.as_ref()) {
+                        let later = u64::from_be_bytes(v).saturating_add(ms as u64);
+                        *at = bytes::Bytes::copy_from_slice(&later.to_be_bytes());
+                    }
+                }
                 // Confirmed in order: what came before is confirmed first.
                 self.flush_batch()
                     .await
