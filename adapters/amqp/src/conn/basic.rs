@@ -42,6 +42,7 @@ where
                 Ok(())
             }
             basic::AMQPMethod::Qos(q) => {
+                let default = self.shared.cfg.default_prefetch;
                 let c = self.chan(ch);
                 if q.global {
                     c.global_prefetch = q.prefetch_count;
@@ -51,8 +52,12 @@ where
                         // pool: its own prefetch follows the limit instead (a no-op
                         // beyond the pool for one on this gateway).
                         for cons in c.consumers.values() {
-                            if let Some(own) = cons.own_prefetch {
-                                cons.consumer.set_prefetch(pool.capped(own));
+                            if let Some(asked) = cons.asked_prefetch {
+                                cons.consumer.set_prefetch(consumer_prefetch(
+                                    asked,
+                                    q.prefetch_count,
+                                    default,
+                                ));
                             }
                         }
                     }
@@ -146,40 +151,18 @@ where
                 ));
             }
         }
-        // The consumer's limit as the management API shows it, and a no-ack consumer's
-        // credit in its queue's group: its own limit, never more than the channel's
-        // global one (beyond what the channel may take, a message held by the member would
-        // be in flight to nobody while other consumers of the queue wait for it).
-        let prefetch = match (
-            self.chan(ch).prefetch as usize,
-            self.chan(ch).global_prefetch as usize,
-        ) {
-            (0, 0) => self.shared.cfg.default_prefetch,
-            (0, global) => global,
-            (own, 0) => own,
-            (own, global) => own.min(global),
-        };
-        // A manual-ack consumer draws on the channel's credit (the global limit) on top
-        // of its own prefetch, so the limit is shared by the channel's queues and a later
-        // global basic.qos reaches it (Celery raises it while it holds ETA tasks); with
-        // only a global limit its own is the largest (the shared one governs). No-ack
-        // consumers take no credit (RabbitMQ applies no prefetch to them).
-        let (own, pool) = if c.no_ack {
-            (prefetch, None)
-        } else {
-            let chan = self.chan(ch);
-            let global = usize::from(chan.global_prefetch);
-            let pool = chan
+        let (asked, global) = (self.chan(ch).prefetch, self.chan(ch).global_prefetch);
+        let prefetch = consumer_prefetch(asked, global, self.shared.cfg.default_prefetch);
+        // A manual-ack consumer also draws on the channel's credit pool (the global
+        // limit), shared by the channel's consumers of every queue and followed when a
+        // global basic.qos changes it (Celery raises it while it holds ETA tasks). No-ack
+        // consumers take none (RabbitMQ applies no prefetch to them).
+        let pool = (!c.no_ack).then(|| {
+            self.chan(ch)
                 .credit
-                .get_or_insert_with(|| mqgate_core::CreditPool::new(global))
-                .clone();
-            let own = match chan.prefetch {
-                0 if global > 0 => usize::from(u16::MAX),
-                0 => self.shared.cfg.default_prefetch,
-                n => usize::from(n),
-            };
-            (own, Some(pool))
-        };
+                .get_or_insert_with(|| mqgate_core::CreditPool::new(usize::from(global)))
+                .clone()
+        });
         let offset = c.arguments.inner().get("x-stream-offset").cloned();
         let member = self.shared.member_id();
         let (consumer, stream_group) = if q.args.stream {
@@ -189,7 +172,7 @@ where
             let mut spec = GroupSpec::new(g.clone(), vec![q.topic.clone()], ConsumeMode::Shared);
             spec.start = pos;
             spec.on_failure = OnFailure::Discard;
-            let mut opts = MemberOptions::new(member, own);
+            let mut opts = MemberOptions::new(member, prefetch);
             opts.exact_prefetch = true;
             opts.credit_pool = pool;
             let cons = self
@@ -209,7 +192,7 @@ where
                     .await
                     .map_err(internal)?;
             }
-            let mut opts = MemberOptions::new(member, own);
+            let mut opts = MemberOptions::new(member, prefetch);
             opts.exact_prefetch = true;
             opts.credit_pool = pool;
             let cons = self
@@ -261,7 +244,7 @@ where
                 consumer,
                 no_ack: c.no_ack,
                 get: false,
-                own_prefetch: (!c.no_ack).then_some(own),
+                asked_prefetch: (!c.no_ack).then_some(asked),
                 stream_group,
                 unacked: 0,
                 cancelled: false,
@@ -392,7 +375,7 @@ where
                         consumer,
                         no_ack: g.no_ack,
                         get: true,
-                        own_prefetch: None,
+                        asked_prefetch: None,
                         stream_group: None,
                         unacked: 0,
                         cancelled: false,
@@ -574,5 +557,18 @@ where
                 }
             }
         }
+    }
+}
+
+/// A consumer's prefetch in its queue's group: its own basic.qos, never more than the
+/// channel's global one (beyond what the channel may take, a message held by its member
+/// would be in flight to nobody while other consumers of the queue wait for it); neither
+/// set: `default`.
+fn consumer_prefetch(asked: u16, global: u16, default: usize) -> usize {
+    match (asked, global) {
+        (0, 0) => default,
+        (0, g) => usize::from(g),
+        (n, 0) => usize::from(n),
+        (n, g) => usize::from(n.min(g)),
     }
 }

@@ -173,9 +173,10 @@ struct Cons {
     consumer: Consumer,
     no_ack: bool,
     get: bool,
-    /// Its own prefetch in its group, for a manual-ack consumer (it also draws on the
-    /// channel's credit); `None` for the others.
-    own_prefetch: Option<usize>,
+    /// The per-consumer basic.qos it started under, for a manual-ack consumer (it also
+    /// draws on the channel's credit, and its own prefetch follows the global limit);
+    /// `None` for the others.
+    asked_prefetch: Option<u16>,
     /// A stream queue's consumer: its own group, deleted on cancel.
     stream_group: Option<GroupName>,
     unacked: usize,

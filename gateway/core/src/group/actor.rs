@@ -45,8 +45,7 @@ impl Member {
         }
     }
 
-    /// One more delivery in flight (its pool unit, if any, was taken before it was
-    /// chosen).
+    /// One more delivery in flight (its pool unit, if any, was taken as it was sent).
     pub(super) fn delivered(&mut self) {
         self.unacked += 1;
     }
