@@ -738,16 +738,9 @@ impl ShardCore {
                 if n != name || g != generation {
                     continue;
                 }
-                if let Some((_, at)) = message
-                    .properties
-                    .iter_mut()
-                    .find(|(k, _)| k.as_ref() == crate::props::EXPIRES_AT)
-                {
-                    if let Ok(v) = <[u8; 8]>::try_from(at.as_ref()) {
-                        let earlier = u64::from_be_bytes(v).saturating_sub(due - now);
-                        *at = Bytes::copy_from_slice(&earlier.to_be_bytes());
-                    }
-                }
+                crate::props::update_u64(&mut message.properties, crate::props::EXPIRES_AT, |at| {
+                    at.saturating_sub(due - now)
+                });
                 let payload = encode_named_timer(
                     Some((name, generation)),
                     retain.as_deref(),

@@ -90,3 +90,13 @@ pub fn get_u64(props: &[(PropName, bytes::Bytes)], name: &str) -> Option<u64> {
     let arr: [u8; 8] = v.as_ref().try_into().ok()?;
     Some(u64::from_be_bytes(arr))
 }
+
+/// Change the big-endian u64 property `name` with `f`, if it is set (as [`get_u64`]
+/// reads it): an expiry moved by a delay.
+pub fn update_u64(props: &mut [(PropName, bytes::Bytes)], name: &str, f: impl FnOnce(u64) -> u64) {
+    if let Some((_, v)) = props.iter_mut().find(|(k, _)| k == name) {
+        if let Ok(arr) = <[u8; 8]>::try_from(v.as_ref()) {
+            *v = bytes::Bytes::copy_from_slice(&f(u64::from_be_bytes(arr)).to_be_bytes());
+        }
+    }
+}

@@ -195,16 +195,10 @@ where
                 // Its expiration counts from when it reaches its queues, as with
                 // RabbitMQ's plugin (the queue applies it on arrival): moved on by the delay.
                 let mut message = message;
-                if let Some((_, at)) = message
-                    .properties
-                    .iter_mut()
-                    .find(|(k, _)| k.as_ref() == mqgate_core::props::EXPIRES_AT)
-                {
-                    if let Ok(v) = <[u8; 8]>::try_from(at.as_ref()) {
-                        let later = u64::from_be_bytes(v).saturating_add(ms as u64);
-                        *at = bytes::Bytes::copy_from_slice(&later.to_be_bytes());
-                    }
-                }
+                let props = &mut message.properties;
+                mqgate_core::props::update_u64(props, mqgate_core::props::EXPIRES_AT, |at| {
+                    at.saturating_add(ms as u64)
+                });
                 // Confirmed in order: what came before is confirmed first.
                 self.flush_batch()
                     .await

@@ -37,16 +37,9 @@ where
         // A delayed will's Message Expiry Interval counts from when it is published, not
         // from the disconnect (5.0 3.1.3.2.4), as Mosquitto does.
         if delay_secs > 0 {
-            if let Some((_, at)) = message
-                .properties
-                .iter_mut()
-                .find(|(k, _)| k.as_ref() == props::EXPIRES_AT)
-            {
-                if let Ok(v) = <[u8; 8]>::try_from(at.as_ref()) {
-                    let shifted = u64::from_be_bytes(v) + u64::from(delay_secs) * 1000;
-                    *at = bytes::Bytes::copy_from_slice(&shifted.to_be_bytes());
-                }
-            }
+            props::update_u64(&mut message.properties, props::EXPIRES_AT, |at| {
+                at + u64::from(delay_secs) * 1000
+            });
         }
         let out = Outbound {
             topic: will.topic.clone(),
