@@ -676,19 +676,7 @@ async fn delayed_will_expiry_counts_from_publication(b: Backend) {
     let topic = uniq("willexp");
     let mut watcher = c5(&t, &uniq("w"), true).await;
     watcher.subscribe(&topic, Q5::AtLeastOnce).await;
-    let mut c = Raw::connect_packet(Version::V5, &uniq("dying"), true);
-    c.properties.session_expiry = Some(60);
-    c.will = Some(codec::Will {
-        topic: topic.clone(),
-        payload: Bytes::from_static(b"late"),
-        qos: RQoS::AtLeastOnce,
-        retain: false,
-        properties: Properties {
-            will_delay: Some(3),
-            message_expiry: Some(60),
-            ..Default::default()
-        },
-    });
+    let c = with_delayed_will(&uniq("dying"), &topic, b"late", 3);
     let (raw, _) = Raw::connect(&t, c).await;
     drop(raw);
     let p = watcher
@@ -696,6 +684,31 @@ async fn delayed_will_expiry_counts_from_publication(b: Backend) {
         .await
         .expect("the will");
     assert_eq!(body5(&p), "late");
+    expiry_counted_from_publication(&p);
+}
+
+/// A 5.0 CONNECT for `id` (session expiry 120 s) with a QoS 1 will of `payload` on
+/// `topic`, delayed `delay` s, its Message Expiry Interval 60 s.
+fn with_delayed_will(id: &str, topic: &str, payload: &'static [u8], delay: u32) -> codec::Connect {
+    let mut c = Raw::connect_packet(Version::V5, id, true);
+    c.properties.session_expiry = Some(120);
+    c.will = Some(codec::Will {
+        topic: topic.to_owned(),
+        payload: Bytes::from_static(payload),
+        qos: RQoS::AtLeastOnce,
+        retain: false,
+        properties: Properties {
+            will_delay: Some(delay),
+            message_expiry: Some(60),
+            ..Default::default()
+        },
+    });
+    c
+}
+
+/// The will [`with_delayed_will`] gave 60 s to live is told 58-60 are left: counted from
+/// its publication, not from the disconnect (58 leaves a second for a slow machine).
+fn expiry_counted_from_publication(p: &p5::Publish) {
     let left = p
         .properties
         .as_ref()
@@ -720,20 +733,8 @@ async fn delayed_will_at_clean_start(b: Backend) {
     let mut watcher = c5(&t, &uniq("w"), true).await;
     watcher.subscribe(&topic, Q5::AtLeastOnce).await;
     let id = uniq("cs");
-    let mut c = Raw::connect_packet(Version::V5, &id, true);
-    c.properties.session_expiry = Some(120);
-    c.will = Some(codec::Will {
-        topic: topic.clone(),
-        payload: Bytes::from_static(b"session over"),
-        qos: RQoS::AtLeastOnce,
-        retain: false,
-        properties: Properties {
-            will_delay: Some(30),
-            message_expiry: Some(60),
-            ..Default::default()
-        },
-    });
-    let (raw, _) = Raw::connect(&t, c.clone()).await;
+    let c = with_delayed_will(&id, &topic, b"session over", 30);
+    let (raw, _) = Raw::connect(&t, c).await;
     drop(raw);
     assert!(
         watcher
@@ -751,15 +752,7 @@ async fn delayed_will_at_clean_start(b: Backend) {
         .await
         .expect("the will of the ended session, before its delay");
     assert_eq!(body5(&p), "session over");
-    let left = p
-        .properties
-        .as_ref()
-        .and_then(|p| p.message_expiry_interval)
-        .expect("expiry sent on");
-    assert!(
-        left >= 58,
-        "counted from the will's publication: {left} s left"
-    );
+    expiry_counted_from_publication(&p);
     leave_politely(&mut raw2).await;
     assert!(watcher.publish_in(QUIET).await.is_none(), "published once");
 }
