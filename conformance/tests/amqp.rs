@@ -3486,6 +3486,49 @@ async fn qos_global_changed_after_consume(backend: Backend) {
     delete_queue(&conn, &q).await;
 }
 
+/// A global basic.qos after a consumer was cancelled (still holding an unacked message)
+/// gives the cancelled consumer nothing: the rest of the queue goes to the consumer of
+/// another connection (it was sent into the cancelled one's mailbox, in flight to
+/// nobody).
+async fn qos_global_skips_cancelled_consumers(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let q = uniq("qosgx.q");
+    declare(&ch, &q, no_args()).await;
+    let gone = plain(&conn).await;
+    gone.basic_qos(1, BasicQosOptions { global: true })
+        .await
+        .expect("qos global");
+    let mut c = consume(&gone, &q, "gone", false).await;
+    publish(&ch, "", &q, "held").await;
+    let held = next(&mut c, "the one it holds").await;
+    gone.basic_cancel("gone".into(), BasicCancelOptions::default())
+        .await
+        .expect("cancel");
+    gone.basic_qos(10, BasicQosOptions { global: true })
+        .await
+        .expect("qos global raised");
+    let other = t.connect().await;
+    let taker = plain(&other).await;
+    let mut d = consume(&taker, &q, "taker", false).await;
+    for i in 0..5 {
+        publish(&ch, "", &q, &format!("m{i}")).await;
+    }
+    for i in 0..5 {
+        let m = next(&mut d, "to the live consumer").await;
+        assert_eq!(body(&m), format!("m{i}"));
+        m.acker.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    held.acker
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack");
+    delete_queue(&conn, &q).await;
+}
+
 /// basic.qos global=true: one limit shared by the channel's consumers (RabbitMQ 3.x).
 async fn qos_global_per_channel(backend: Backend) {
     let Some(t) = Target::standard(backend).await else {
@@ -4399,6 +4442,7 @@ scenario!(
     qos_global_leaves_the_rest_to_others,
     qos_global_shared_across_queues,
     qos_global_changed_after_consume,
+    qos_global_skips_cancelled_consumers,
     properties_round_trip,
     publisher_confirms,
     bodies_of_every_size,

@@ -165,13 +165,16 @@ impl Policy {
         if m.store_timestamp < boot && props::get(p, props::TRANSIENT).is_some() {
             return Verdict::Skip;
         }
-        // A message whose time to live was over when it was stored (AMQP's expiration
-        // "0", x-message-ttl 0: "deliver now or never") goes to a consumer that can take
-        // it at once, as RabbitMQ does: within IMMEDIATE_MS of its storing, the time a
-        // group with credit takes to be woken and send it.
+        // A message whose time to live ran out as it was stored (AMQP's expiration "0",
+        // x-message-ttl 0: "deliver now or never") goes to a consumer that can take it at
+        // once, as RabbitMQ does: within IMMEDIATE_MS of its storing, the time a group
+        // with credit takes to be woken and send it. One that had expired well before it
+        // was stored (written again: forwarded to another shard, released late) gets no
+        // such grace.
+        let ts = m.store_timestamp;
         let expires = |at: Millis| {
-            if at <= m.store_timestamp {
-                m.store_timestamp.saturating_add(IMMEDIATE_MS)
+            if at <= ts && ts - at <= IMMEDIATE_MS {
+                ts.saturating_add(IMMEDIATE_MS)
             } else {
                 at
             }
@@ -310,5 +313,63 @@ impl crate::Broker {
         note("topic", self.delete_topic(topic).await.map(|_| ()));
         note("records", self.write_endpoint_records(topic, records).await);
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(ts: Millis, expires_at: Option<Millis>) -> StoredMessage {
+        let mut message = Message::new(TopicName::new("t").unwrap(), "b");
+        if let Some(at) = expires_at {
+            message.properties.push((
+                props::EXPIRES_AT.into(),
+                bytes::Bytes::copy_from_slice(&at.to_be_bytes()),
+            ));
+        }
+        StoredMessage {
+            id: mqgate_store::MessageId(1),
+            store_timestamp: ts,
+            size: 1,
+            message,
+        }
+    }
+
+    fn verdict(p: &Policy, m: &StoredMessage, now: Millis) -> Verdict {
+        p.verdict(m, 0, false, 0, now)
+    }
+
+    /// A TTL that ran out as the message was stored (0, or a publish a few ms before
+    /// the store) leaves IMMEDIATE_MS to deliver it; one that ran out well before its
+    /// storing (a message written again, late) leaves none.
+    #[test]
+    fn ttl_zero_has_an_instant_and_older_expiries_none() {
+        let (ts, none) = (10_000, Policy::default());
+        let zero_queue = Policy {
+            message_ttl: Some(0),
+            ..Default::default()
+        };
+        for (p, m) in [
+            (&none, stored(ts, Some(ts - 3))),
+            (&zero_queue, stored(ts, None)),
+        ] {
+            assert_eq!(verdict(p, &m, ts + 50), Verdict::Deliver);
+            assert_eq!(
+                verdict(p, &m, ts + IMMEDIATE_MS),
+                Verdict::Dead(DeathReason::Expired)
+            );
+        }
+        let long_gone = stored(ts, Some(ts - 2_000));
+        assert_eq!(
+            verdict(&none, &long_gone, ts),
+            Verdict::Dead(DeathReason::Expired)
+        );
+        let later = stored(ts, Some(ts + 500));
+        assert_eq!(verdict(&none, &later, ts + 499), Verdict::Deliver);
+        assert_eq!(
+            verdict(&none, &later, ts + 500),
+            Verdict::Dead(DeathReason::Expired)
+        );
     }
 }

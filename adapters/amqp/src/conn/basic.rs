@@ -51,7 +51,7 @@ where
                         // A member whose group is on another gateway cannot draw on the
                         // pool: its own prefetch follows the limit instead (a no-op
                         // beyond the pool for one on this gateway).
-                        for cons in c.consumers.values() {
+                        for cons in c.consumers.values().filter(|c| !c.cancelled) {
                             if let Some(asked) = cons.asked_prefetch {
                                 cons.consumer.set_prefetch(consumer_prefetch(
                                     asked,

@@ -50,12 +50,13 @@ impl Member {
         self.unacked += 1;
     }
 
-    /// `n` deliveries settled (or taken back): their pool units go back.
-    pub(super) fn settled(&mut self, n: usize) {
+    /// `n` deliveries settled (or taken back) by the actor of `group`: their pool units
+    /// go back (the other groups drawing on the pool are woken if it was full).
+    pub(super) fn settled(&mut self, n: usize, group: &Arc<GroupWake>) {
         let n = n.min(self.unacked);
         self.unacked -= n;
         if let Some(p) = &self.pool {
-            p.release(n);
+            p.release(n, Some(group));
         }
     }
 }
@@ -65,7 +66,7 @@ impl Drop for Member {
     /// held: those messages go to other members.
     fn drop(&mut self) {
         if let Some(p) = &self.pool {
-            p.release(self.unacked);
+            p.release(self.unacked, None);
         }
     }
 }
@@ -658,7 +659,7 @@ impl Actor {
                     if let Some(member) = self.members.get_mut(&id) {
                         if let Some(c) = member.cursors.get_mut(&q) {
                             let dropped = c.reset_to(target);
-                            member.settled(dropped.len());
+                            member.settled(dropped.len(), &self.wake);
                         }
                     }
                     batch.commit_offset(group.clone(), q, QueueOffset(target));
@@ -676,7 +677,7 @@ impl Actor {
                 let state = self.queues.get_mut(&q).expect("listed");
                 for f in state.reset_to(target) {
                     if let Some(m) = self.members.get_mut(&f.member) {
-                        m.settled(1);
+                        m.settled(1, &self.wake);
                     }
                 }
                 batch.commit_offset(self.spec.name.clone(), q, QueueOffset(target));

@@ -56,7 +56,7 @@ impl CreditPool {
     pub fn set_limit(&self, limit: usize) {
         let before = self.limit.swap(limit, Ordering::AcqRel);
         if limit == 0 || (before != 0 && limit > before) {
-            self.wake_groups();
+            self.wake_groups(None);
         }
     }
 
@@ -91,8 +91,9 @@ impl CreditPool {
             .is_ok()
     }
 
-    /// Give back `n` units; the groups are woken if the pool was full.
-    pub(super) fn release(&self, n: usize) {
+    /// Give back `n` units; the groups are woken if the pool was full, but `by`, the
+    /// group giving them back from its actor (it pumps after settling anyway).
+    pub(super) fn release(&self, n: usize, by: Option<&Arc<GroupWake>>) {
         if n == 0 {
             return;
         }
@@ -104,7 +105,7 @@ impl CreditPool {
             .unwrap_or_else(|u| u);
         let limit = self.limit();
         if limit != 0 && before >= limit && before.saturating_sub(n) < limit {
-            self.wake_groups();
+            self.wake_groups(by);
         }
     }
 
@@ -117,11 +118,15 @@ impl CreditPool {
         }
     }
 
-    fn wake_groups(&self) {
+    fn wake_groups(&self, but: Option<&Arc<GroupWake>>) {
         let live: Vec<Arc<GroupWake>> = {
             let mut groups = self.groups.lock();
             groups.retain(|w| w.strong_count() > 0);
-            groups.iter().filter_map(Weak::upgrade).collect()
+            groups
+                .iter()
+                .filter_map(Weak::upgrade)
+                .filter(|g| but.is_none_or(|b| !Arc::ptr_eq(g, b)))
+                .collect()
         };
         for g in live {
             g.notify();
@@ -141,14 +146,14 @@ mod tests {
         assert!(p.try_take());
         assert!(!p.try_take(), "full");
         assert_eq!(p.available(), 0);
-        p.release(1);
+        p.release(1, None);
         assert!(p.try_take());
         p.set_limit(3);
         assert_eq!(p.available(), 1);
         p.set_limit(1);
         assert_eq!(p.available(), 0, "over a lowered limit: nothing free");
         assert!(!p.try_take());
-        p.release(5);
+        p.release(5, None);
         assert_eq!(p.in_use(), 0, "never below zero");
         p.set_limit(0);
         assert_eq!(p.available(), usize::MAX);

@@ -180,7 +180,8 @@ impl Actor {
             // the message is going out: the pool is shared with groups whose actors run on
             // other threads, and a unit taken and given back would wake them all for
             // nothing. None left (another group took the last one since `pick`): the
-            // message goes back where it was, and this group is woken when units return.
+            // message goes back where it was and the next `pick` sees the pool empty (so
+            // another member may take it); this group is woken when units return.
             if !self.take_pool_unit(&member) {
                 let q = self.cursor_mut(owner_key, queue).expect("checked");
                 match entry {
@@ -191,7 +192,7 @@ impl Actor {
                         q.redeliver.insert(offset, Pending { message, count });
                     }
                 }
-                break;
+                continue;
             }
             let token = self.next_token;
             self.next_token += 1;
@@ -207,7 +208,7 @@ impl Actor {
             if m.tx.send(delivery).is_err() {
                 // The member is gone; its Leave is on the way. Put the message back.
                 if let Some(p) = &m.pool {
-                    p.release(1);
+                    p.release(1, Some(&self.wake));
                 }
                 let q = self.cursor_mut(owner_key, queue).expect("checked");
                 q.redeliver.insert(offset, Pending { message, count });

@@ -20,7 +20,7 @@ impl Actor {
         }
         let f = q.in_flight.remove(&token.offset)?;
         if let Some(m) = self.members.get_mut(&f.member) {
-            m.settled(1);
+            m.settled(1, &self.wake);
         }
         Some(f)
     }
