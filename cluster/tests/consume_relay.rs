@@ -18,7 +18,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use mqgate_core::shard::{one_name_per_shard, shard_of};
 use mqgate_core::{
-    Broker, ConsumeMode, Consumer, GroupSpec, MemberOptions, Outgoing, PublishBatch, StartPosition,
+    Broker, ConsumeMode, Consumer, GroupSpec, MemberOptions, OnFailure, Outgoing, PublishBatch,
+    StartPosition,
 };
 use mqgate_store::jetstream::testing::NatsCluster;
 use mqgate_store::{GroupName, Message, TopicName};
@@ -393,4 +394,70 @@ async fn a_local_member_that_left_is_gone_from_its_group() {
         }
     }
     assert_eq!(stale, 0, "members still listed right after they left");
+}
+
+/// A remote member that leaves while delivery batches are still on their way to it
+/// (an AMQP basic.cancel right after consume, with a large prefetch): its gateway drops
+/// the batches that arrive once it has left, so the owner gives them back released, not
+/// counted as deliveries. Before, the leave put them back as delivered: with a delivery
+/// limit of 0 (an AMQP quorum queue's `x-delivery-limit 0`) they were dropped unseen
+/// (`cancel_gives_back_what_was_never_sent::cluster` failed now and then in CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_member_leaving_gives_back_batches_in_transit() {
+    common::watchdog("a_remote_member_leaving_gives_back_batches_in_transit", 180);
+    let cluster = NatsCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let gws = common::start_balanced(cluster, "gwtransit", 4, &["gt-a", "gt-b"], dir.path()).await;
+    let q = TopicName::new(one_name_per_shard("tq", 4)[1].clone()).unwrap();
+    let s = shard_of(q.as_str(), 4);
+    let owner_at = gws
+        .iter()
+        .position(|(_, g)| g.broker().owned_shards().contains(&s))
+        .unwrap();
+    let owner = gws[owner_at].1.broker().clone();
+    let member = gws[(owner_at + 1) % 2].1.broker().clone();
+    owner.create_topic(&q, Some(1)).await.unwrap();
+    const N: usize = 2_000;
+    let confirmed = common::within(
+        60,
+        "the publisher ends",
+        publish(owner.clone(), q.clone(), 0..N),
+    )
+    .await;
+    assert_eq!(confirmed.len(), N, "every publish confirmed");
+    let mut spec = GroupSpec::new(
+        GroupName::new("tq-readers").unwrap(),
+        vec![q.clone()],
+        ConsumeMode::Shared,
+    );
+    spec.start = StartPosition::First;
+    // As an AMQP queue: no retry ladder, so the delivery limit counts.
+    spec.on_failure = OnFailure::Discard;
+    spec.policy.delivery_limit = Some(0);
+    for round in 0..20 {
+        let c = common::within(
+            30,
+            "a remote member joins",
+            member.subscribe(spec.clone(), MemberOptions::new(format!("r{round}"), N)),
+        )
+        .await
+        .expect("a member on the gateway not owning the shard");
+        common::within(30, "the member leaves", c.leave()).await;
+    }
+    // Every message is still there, for a member that reads them (a message put back
+    // as delivered would be dropped when its turn came).
+    let mut reader = owner
+        .subscribe(spec.clone(), MemberOptions::new("reader", 100))
+        .await
+        .unwrap();
+    let mut got = BTreeSet::new();
+    while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(3), reader.recv()).await {
+        got.insert(d.message.message.body.clone());
+        reader.ack(d.ack_token());
+    }
+    assert_eq!(
+        got.len(),
+        N,
+        "messages the client never had were dropped as delivered"
+    );
 }

@@ -238,15 +238,16 @@ impl MemberSide {
                             while let Some(d) = batch.next() {
                                 if let Err(back) = mailbox.send(d) {
                                     // The consumer is gone: what it never got goes back
-                                    // released (not counted as a delivery), and it leaves.
+                                    // released (not counted as a delivery). Its leave
+                                    // follows (a dropped consumer always sends one,
+                                    // after the releases of what its mailbox held):
+                                    // they all go together then.
                                     for d in std::iter::once(back).chain(batch) {
                                         self.pending
                                             .nacks
                                             .push((d.ack_token(), super::wire::NACK_RELEASE));
                                     }
-                                    self.pending.leave = true;
-                                    let _ = self.flush().await;
-                                    return;
+                                    break;
                                 }
                             }
                         }
@@ -266,20 +267,8 @@ impl MemberSide {
                 }
                 c = ctl.recv() => {
                     let Some(c) = c else { return };
-                    let mut next = Some(c);
-                    while let Some(c) = next {
-                        match c {
-                            Ctl::Ack(t) => self.pending.acks.push(t),
-                            Ctl::Nack(t, rq) => self.pending.nacks.push((t, rq)),
-                            Ctl::Prefetch(p) => {
-                                self.member.prefetch = p;
-                                self.pending.prefetch = Some(u32::try_from(p).unwrap_or(u32::MAX));
-                            }
-                            Ctl::Heartbeat => {}
-                            Ctl::Leave => self.pending.leave = true,
-                        }
-                        next = ctl.try_recv().ok();
-                    }
+                    self.apply(c);
+                    self.take(&mut ctl);
                     let leaving = self.pending.leave;
                     if leaving {
                         let _ = self.flush().await;
@@ -290,16 +279,33 @@ impl MemberSide {
                     }
                 }
                 _ = tick.tick() => {
-                    if mailbox.is_closed() {
-                        self.pending.leave = true;
-                        let _ = self.flush().await;
-                        return;
-                    }
                     if !self.flush().await && !self.rejoin(&mailbox).await {
                         return;
                     }
                 }
             }
+        }
+    }
+
+    /// A consumer's call, into what the next commands request carries.
+    fn apply(&mut self, c: Ctl) {
+        match c {
+            Ctl::Ack(t) => self.pending.acks.push(t),
+            Ctl::Nack(t, rq) => self.pending.nacks.push((t, rq)),
+            Ctl::Prefetch(p) => {
+                self.member.prefetch = p;
+                self.pending.prefetch = Some(u32::try_from(p).unwrap_or(u32::MAX));
+            }
+            Ctl::Heartbeat => {}
+            Ctl::Leave => self.pending.leave = true,
+        }
+    }
+
+    /// Every call made so far (a consumer that was dropped gives back what its
+    /// mailbox held as releases before its leave: they go with the leave).
+    fn take(&mut self, ctl: &mut mpsc::UnboundedReceiver<Ctl>) {
+        while let Ok(c) = ctl.try_recv() {
+            self.apply(c);
         }
     }
 

@@ -359,6 +359,13 @@ async fn pump(
                     }
                 }
                 if c.leave {
+                    // What was sent after `received_through` never reached the client:
+                    // the member drops batches that arrive once it has left. Released
+                    // (not counted as deliveries), or a delivery limit would drop them
+                    // unseen; then the leave puts back what the client did get.
+                    for (_, tokens, _) in sent.drain(..) {
+                        requeue(&consumer, tokens);
+                    }
                     break;
                 }
             }
@@ -374,6 +381,10 @@ async fn pump(
                 }
             }
         }
+    }
+    // A delivery taken and never sent goes back released too.
+    if let Some(d) = carry.take() {
+        consumer.release(d.ack_token());
     }
     // Left: what it held is released (its actor has the leave) before anyone is told.
     drop(consumer);

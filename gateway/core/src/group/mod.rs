@@ -526,6 +526,9 @@ impl Drop for Consumer {
                 let _ = c.send(Cmd::Leave(self.member.clone(), true));
             }
             Control::Remote(r) => {
+                // Closed first: a batch its gateway takes in meanwhile is given back
+                // there (it finds the mailbox closed), not lost with it.
+                self.rx.close();
                 while let Some(d) = self.rx.try_recv() {
                     r.release(d.ack_token());
                 }
