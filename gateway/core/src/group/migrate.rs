@@ -133,25 +133,23 @@ async fn pump(
         let next = tokio::select! {
             biased;
             () = ctl.leaving.notified() => {
-                rx.close();
-                let inner = ctl.inner.lock().take();
-                if let Some(c) = inner {
-                    // What is still on its way never reached the client: released (not
-                    // counted as a delivery), as a consumer's own mailbox is.
-                    while let Some(d) = rx.try_recv() {
-                        c.release(d.ack_token());
-                    }
-                    // Sends the leave (a relayed member's: and waits for its answer).
-                    c.leave().await;
-                }
+                let_go(&ctl, &mut rx).await;
                 return;
             }
             d = rx.recv() => d,
         };
         if let Some(d) = next {
-            if out.send(d).is_err() {
+            if let Err(d) = out.send(d) {
+                // The consumer is being dropped (it closes its mailbox, gives back what
+                // the mailbox held through `ctl`, then leaves): this delivery never
+                // reached the client either. The member goes once the leave comes, so
+                // those releases still find it.
                 rx.close();
-                drop(ctl.inner.lock().take());
+                if let Some(c) = &*ctl.inner.lock() {
+                    c.release(d.ack_token());
+                }
+                ctl.leaving.notified().await;
+                let_go(&ctl, &mut rx).await;
                 return;
             }
             continue;
@@ -174,6 +172,21 @@ async fn pump(
         rx = next.take_rx();
         let mut inner = ctl.inner.lock();
         *inner = Some(next);
+    }
+}
+
+/// The consumer was dropped: the member goes, after what is still on its way to the
+/// consumer is released (it never reached the client: not counted as a delivery, as a
+/// consumer's own mailbox is).
+async fn let_go(ctl: &Migrating, rx: &mut mailbox::Receiver<super::Delivery>) {
+    rx.close();
+    let inner = ctl.inner.lock().take();
+    if let Some(c) = inner {
+        while let Some(d) = rx.try_recv() {
+            c.release(d.ack_token());
+        }
+        // Sends the leave (a relayed member's: and waits for its answer).
+        c.leave().await;
     }
 }
 
