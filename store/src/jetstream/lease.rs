@@ -24,16 +24,18 @@ pub async fn ensure_kv_bucket(
     if let Ok(kv) = js.get_key_value(name).await {
         return Ok(kv);
     }
-    js.create_key_value(kv::Config {
+    let config = kv::Config {
         bucket: name.to_owned(),
         history: 1,
         max_age: ttl,
         num_replicas: replicas,
         storage: stream::StorageType::File,
         ..Default::default()
+    };
+    super::until_placed(&format!("create the KV bucket {name}"), || {
+        js.create_key_value(config.clone())
     })
     .await
-    .map_err(|e| nats(&format!("create the KV bucket {name}"), e))
 }
 
 /// Take the lease `key` if nobody holds it, or if it names this node (a restart, or a

@@ -129,6 +129,41 @@ fn nats(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("NATS JetStream: {what}: {e}"))
 }
 
+/// How long creating a stream or bucket waits for the cluster to have peers for it.
+const PLACEMENT_WAIT: Duration = Duration::from_secs(30);
+
+/// `create` (a stream or a KV bucket), asked again while JetStream cannot place it for
+/// now: no suitable peers (10005: a node starting, restarting, or not heard from for a
+/// moment), no cluster yet (10008), or no answer in time. Anything else, or still so
+/// after [`PLACEMENT_WAIT`], is the error. (async-nats gives a bucket's placement
+/// error only as text, so the codes are read from it.)
+pub(crate) async fn until_placed<T, E, F, Fut>(what: &str, mut create: F) -> Result<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, E>>,
+{
+    let since = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match create().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let text = e.to_string();
+                let transient = ["error code 10005", "error code 10008", "timed out"]
+                    .iter()
+                    .any(|t| text.contains(t));
+                if !transient || since.elapsed() >= PLACEMENT_WAIT {
+                    return Err(nats(what, text));
+                }
+                tracing::warn!(error = %text, "replication: {what}: not placed yet; again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
 fn lease_bucket(cfg: &JetStreamConfig) -> String {
     format!("{}-lease", cfg.stream)
 }
@@ -261,10 +296,12 @@ async fn ensure_stream(
     };
     let mut s = match js.get_stream(name).await {
         Ok(s) => s,
-        Err(_) => js
-            .create_stream(want.clone())
-            .await
-            .map_err(|e| nats(&format!("create the stream {name}"), e))?,
+        Err(_) => {
+            until_placed(&format!("create the stream {name}"), || {
+                js.create_stream(want.clone())
+            })
+            .await?
+        }
     };
     let have = s
         .info()
@@ -283,4 +320,50 @@ async fn ensure_stream(
         )));
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn creation_waits_for_placement_and_no_more() {
+        // Not placed twice (a peer not heard from), then placed.
+        let mut tries = 0;
+        let got = until_placed("create the stream s", || {
+            tries += 1;
+            let n = tries;
+            async move {
+                if n < 3 {
+                    Err("jetstream error: no suitable peers for placement, peer offline (code 400, error code 10005)")
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await
+        .expect("placed on the third try");
+        assert_eq!(got, 3);
+        // Any other refusal is the error at once.
+        let mut tries = 0;
+        let err = until_placed::<(), _, _, _>("create the stream s", || {
+            tries += 1;
+            async {
+                Err("jetstream error: stream name already in use (code 400, error code 10058)")
+            }
+        })
+        .await
+        .expect_err("refused");
+        assert_eq!(tries, 1);
+        assert!(err.to_string().contains("10058"), "{err}");
+        // Never placed: the error once the wait is over.
+        let since = tokio::time::Instant::now();
+        let err = until_placed::<(), _, _, _>("create the KV bucket b", || async {
+            Err("jetstream error: JetStream cluster not available (code 503, error code 10008)")
+        })
+        .await
+        .expect_err("not placed within the wait");
+        assert!(since.elapsed() >= PLACEMENT_WAIT);
+        assert!(err.to_string().contains("create the KV bucket b"), "{err}");
+    }
 }
