@@ -2743,6 +2743,76 @@ async fn cancel_gives_back_what_was_never_sent(backend: Backend) {
     delete_queue(&conn, &q).await;
 }
 
+/// A consumer that never sent basic.qos is sent everything, however much it holds
+/// unacked (RabbitMQ: no prefetch is no limit): 2,000 messages published before it
+/// consumes and 1,000 more published one by one while it holds them all arrive before
+/// its first ack, in order, and one ack with multiple=true settles them. mqgate held such
+/// a consumer to 1,024 unacked, so a consumer acking once per 2,000 waited for ever.
+/// Not in a cluster of gateways: there a member is held to the default prefetch.
+async fn no_qos_sends_everything(backend: Backend) {
+    if backend == Backend::Cluster {
+        eprintln!(
+            "skipped: in a cluster a consumer without basic.qos is held to the default prefetch"
+        );
+        return;
+    }
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let q = uniq("noqos.q");
+    declare(&ch, &q, no_args()).await;
+    const BURST: usize = 2_000;
+    const PACED: usize = 1_000;
+    let mut confirms = Vec::new();
+    for i in 0..BURST {
+        confirms.push(
+            ch.basic_publish(
+                s(""),
+                s(&q),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish"),
+        );
+    }
+    for c in confirms {
+        assert!(matches!(c.await.expect("confirm"), Confirmation::Ack(None)));
+    }
+    let cch = plain(&conn).await;
+    let mut c = consume(&cch, &q, "all", false).await;
+    let paced = {
+        let ch = ch.clone();
+        let q = q.clone();
+        tokio::spawn(async move {
+            for i in BURST..BURST + PACED {
+                publish(&ch, "", &q, &format!("m{i}")).await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let mut last = None;
+    for i in 0..BURST + PACED {
+        let d = next(&mut c, &format!("delivery {i}, none acked yet")).await;
+        assert_eq!(body(&d), format!("m{i}"));
+        last = Some(d);
+    }
+    paced.await.expect("the paced publisher");
+    last.expect("deliveries")
+        .acker
+        .ack(BasicAckOptions { multiple: true })
+        .await
+        .expect("ack");
+    quiet(&mut c, "everything acked").await;
+    assert_eq!(count(&ch, &q).await, 0, "one multiple ack settled them all");
+    cch.close(200, s("bye")).await.expect("close");
+    assert_eq!(count(&ch, &q).await, 0, "nothing came back at close");
+    delete_queue(&conn, &q).await;
+}
+
 /// basic.qos above 2,048 (any short is allowed; RabbitMQ honours it): a consumer that
 /// acks once, with multiple=true, after 2,500 deliveries is sent those 2,500 before its
 /// first ack and not one more; the ack lets the rest through.
@@ -4426,6 +4496,7 @@ scenario!(
     delivery_limit,
     cancel_gives_back_what_was_never_sent,
     large_prefetch_honoured,
+    no_qos_sends_everything,
     max_priority,
     durable_survives_restart,
     mandatory_return,

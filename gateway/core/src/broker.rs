@@ -590,7 +590,12 @@ impl Broker {
     /// existing group's, if any. On a gateway of a cluster, a member of a group whose
     /// shard is owned here follows the shard if it moves (`group/migrate.rs`), and one
     /// whose shard another gateway owns joins it there over the consume relay.
-    pub async fn subscribe(&self, spec: GroupSpec, member: MemberOptions) -> Result<Consumer> {
+    pub async fn subscribe(&self, spec: GroupSpec, mut member: MemberOptions) -> Result<Consumer> {
+        if self.inner.link.is_some() {
+            // A member that may follow its shard's moves is fed through a pump that
+            // empties its mailbox at once: it counts what it holds unacknowledged.
+            member.unbounded = false;
+        }
         let c = self.subscribe_direct(spec.clone(), member.clone()).await?;
         if self.inner.link.is_none() || !c.is_local() {
             return Ok(c);

@@ -348,6 +348,57 @@ async fn broadcast_to_every_member(env: Env) {
     }
 }
 
+/// An unbounded member (AMQP's consumer without basic.qos) holds any number unacked:
+/// its prefetch bounds only what waits in its mailbox. A member that takes nothing is
+/// given its prefetch's worth; one that takes what it is given gets everything, paced
+/// publishes as well as a burst, without acking any.
+async fn unbounded_member_holds_any_number_unacked(env: Env) {
+    let b = &env.broker;
+    b.create_topic(&topic("many"), Some(1)).await.unwrap();
+    let s = spec("takers", "many", ConsumeMode::Shared);
+    let mut opts = MemberOptions::new("u", 10);
+    opts.exact_prefetch = true;
+    opts.unbounded = true;
+    let mut u = b.subscribe(s.clone(), opts).await.unwrap();
+    for i in 0..100 {
+        publish(b, "many", i.to_string()).await;
+    }
+    // Nothing taken: the mailbox holds the prefetch's 10, the rest waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let info = b.group_info(&group("takers")).await.unwrap();
+    assert_eq!(
+        info.members[0].unacked, 10,
+        "only the prefetch's worth given"
+    );
+    let mut held = Vec::new();
+    for i in 0..100 {
+        let d = recv(&mut u).await;
+        assert_eq!(body(&d), i.to_string());
+        held.push(d);
+    }
+    for i in 100..130 {
+        publish(b, "many", i.to_string()).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let d = recv(&mut u).await;
+        assert_eq!(body(&d), i.to_string());
+        held.push(d);
+    }
+    nothing(&mut u).await;
+    let info = b.group_info(&group("takers")).await.unwrap();
+    assert_eq!(info.members[0].unacked, 130, "all held unacked");
+    for d in &held {
+        u.ack(d.ack_token());
+    }
+    settled(b, "takers").await;
+    // A bounded member of the same prefetch stops at 10 unacked.
+    let s2 = spec("holders", "many", ConsumeMode::Shared);
+    let mut h = b.subscribe(s2, MemberOptions::new("h", 10)).await.unwrap();
+    for _ in 0..10 {
+        recv(&mut h).await;
+    }
+    nothing(&mut h).await;
+}
+
 async fn shared_group_redelivers_a_leavers_messages(env: Env) {
     let b = &env.broker;
     b.create_topic(&topic("work"), Some(1)).await.unwrap();
@@ -1083,6 +1134,7 @@ both_backends!(
     rebalance_without_loss,
     broadcast_to_every_member,
     shared_group_redelivers_a_leavers_messages,
+    unbounded_member_holds_any_number_unacked,
     retry_ladder_to_dlq_and_resend,
     orderly_failure_retries_in_place,
     delays_by_level_and_time,

@@ -194,6 +194,11 @@ where
             }
             let mut opts = MemberOptions::new(member, prefetch);
             opts.exact_prefetch = true;
+            // No basic.qos at all: RabbitMQ sends everything, whatever is unacked (a
+            // consumer that acks once per 2,000 messages waited for ever at the
+            // default 1,024). The default bounds what waits for this connection to
+            // take; a later global basic.qos still limits it, through the pool.
+            opts.unbounded = asked == 0 && global == 0 && !c.no_ack;
             opts.credit_pool = pool;
             let cons = self
                 .shared

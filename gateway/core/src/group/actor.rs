@@ -25,6 +25,10 @@ pub(super) struct Member {
     pub(super) tx: mailbox::Sender<Delivery>,
     pub(super) prefetch: usize,
     pub(super) exact: bool,
+    /// An unbounded member ([`super::MemberOptions::unbounded`]): `prefetch` bounds
+    /// what waits in `tx`, and this is set when it is full (the consumer asks for
+    /// more once it has taken everything).
+    pub(super) starved: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Delivered, not settled; changed through [`Member::delivered`] and
     /// [`Member::settled`], which keep the credit pool's count with it.
     pub(super) unacked: usize,
@@ -38,7 +42,17 @@ pub(super) struct Member {
 
 impl Member {
     pub(super) fn credit(&self) -> usize {
-        let own = self.prefetch.saturating_sub(self.unacked);
+        let own = match &self.starved {
+            Some(starved) => match self.prefetch.saturating_sub(self.tx.len()) {
+                // Full: flagged, then looked at again (`Consumer::taken`).
+                0 => {
+                    starved.store(true, std::sync::atomic::Ordering::SeqCst);
+                    self.prefetch.saturating_sub(self.tx.len())
+                }
+                room => room,
+            },
+            None => self.prefetch.saturating_sub(self.unacked),
+        };
         match &self.pool {
             Some(p) => own.min(p.available()),
             None => own,
@@ -454,7 +468,7 @@ impl Actor {
 
     async fn handle(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Join(opts, tx, done) => {
+            Cmd::Join(opts, tx, done, starved) => {
                 if self.members.contains_key(opts.id.as_str()) {
                     self.remove_member(&opts.id).await;
                 }
@@ -470,6 +484,7 @@ impl Actor {
                     tx,
                     prefetch,
                     exact: opts.exact_prefetch,
+                    starved,
                     unacked: 0,
                     pool: opts.credit_pool.clone(),
                     heartbeat: opts.heartbeat,

@@ -170,6 +170,14 @@ pub struct MemberOptions {
     /// `basic.qos` with `global`): a delivery also needs a unit of it. Not carried to a
     /// group in another process (there the member's prefetch is capped by its limit).
     pub credit_pool: Option<Arc<CreditPool>>,
+    /// No limit on what it holds unacknowledged (AMQP's consumer without basic.qos,
+    /// which RabbitMQ sends everything): `prefetch` bounds only the deliveries waiting
+    /// in its mailbox, not yet taken by its connection, and the consumer asks for more
+    /// when it has taken them all. A connection that cannot write stops taking, so what
+    /// it is given stays bounded by its socket. Not carried to a group in another
+    /// process, nor kept by a member that follows its shard's moves (both count
+    /// `prefetch` unacknowledged, as before).
+    pub unbounded: bool,
 }
 
 impl MemberOptions {
@@ -181,6 +189,7 @@ impl MemberOptions {
             heartbeat: false,
             exact_prefetch: false,
             credit_pool: None,
+            unbounded: false,
         }
     }
 }
@@ -279,10 +288,13 @@ impl AckToken {
 }
 
 enum Cmd {
+    /// The last: an unbounded member's flag, set when its mailbox was full
+    /// ([`Consumer::taken`]).
     Join(
         MemberOptions,
         mailbox::Sender<Delivery>,
         oneshot::Sender<()>,
+        Option<Arc<std::sync::atomic::AtomicBool>>,
     ),
     // Member ids are shared, not copied: an ack per message sends one.
     /// A member leaves; `true`: only if its mailbox is closed (the consumer that sends
@@ -314,6 +326,9 @@ pub struct Consumer {
     group: GroupName,
     rx: mailbox::Receiver<Delivery>,
     cmd: Control,
+    /// An unbounded member ([`MemberOptions::unbounded`]): set by its group when the
+    /// mailbox was full; taking the last delivery then asks the group for more.
+    starved: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Where a consumer's acks and settings go: its group's actor in this process, or a
@@ -384,7 +399,7 @@ impl std::fmt::Debug for Cmd {
 impl Consumer {
     /// The next delivery; `None` once the group has stopped (broker shutdown).
     pub async fn recv(&mut self) -> Option<Delivery> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
     /// Poll for the next delivery (for adapters that wait on several consumers at once).
@@ -392,12 +407,36 @@ impl Consumer {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Delivery>> {
-        self.rx.poll_recv(cx)
+        let d = self.rx.poll_recv(cx);
+        if let std::task::Poll::Ready(Some(_)) = &d {
+            self.taken();
+        }
+        d
     }
 
     /// A delivery if one is ready now.
     pub fn try_recv(&mut self) -> Option<Delivery> {
-        self.rx.try_recv()
+        let d = self.rx.try_recv();
+        if d.is_some() {
+            self.taken();
+        }
+        d
+    }
+
+    /// An unbounded member whose group found its mailbox full asks for more once it
+    /// has taken everything (the group counts what waits in the mailbox and is not
+    /// told of each one taken). The group sets the flag before it looks at the
+    /// mailbox again, and this looks at the flag after taking (both under the
+    /// mailbox's lock): either the group sees the room, or this sees the flag.
+    fn taken(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if let Some(starved) = &self.starved {
+            if starved.load(SeqCst) && self.rx.is_empty() && starved.swap(false, SeqCst) {
+                if let Control::Local(c) = &self.cmd {
+                    let _ = c.send(Cmd::Heartbeat(Arc::clone(&self.member)));
+                }
+            }
+        }
     }
 
     /// The member id.
@@ -424,6 +463,7 @@ impl Consumer {
                 group,
                 rx,
                 cmd: Control::Remote(control),
+                starved: None,
             },
             tx,
         )
@@ -561,13 +601,19 @@ impl GroupHandle {
         let (tx, rx) = mailbox::channel();
         let (done, joined) = oneshot::channel();
         let member = opts.id.clone();
-        self.cmd.send(Cmd::Join(opts, tx, done)).ok()?;
+        let starved = opts
+            .unbounded
+            .then(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        self.cmd
+            .send(Cmd::Join(opts, tx, done, starved.clone()))
+            .ok()?;
         joined.await.ok()?;
         Some(Consumer {
             member: member.into(),
             group: self.spec.name.clone(),
             rx,
             cmd: Control::Local(self.cmd.clone()),
+            starved,
         })
     }
 
