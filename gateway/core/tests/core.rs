@@ -399,6 +399,51 @@ async fn unbounded_member_holds_any_number_unacked(env: Env) {
     nothing(&mut h).await;
 }
 
+/// A consumer dropped with a full mailbox gives all of it back uncounted, bounded or
+/// unbounded: the first release frees credit and the group sends again into the closed
+/// mailbox; it used to remove the member then, and the consumer's later releases found
+/// it gone, so those messages came back counted as deliveries (a delivery limit of 0,
+/// as an AMQP quorum queue's `x-delivery-limit 0`, then dropped them unseen).
+async fn dropped_consumer_gives_back_its_mailbox_uncounted(env: Env) {
+    let b = &env.broker;
+    b.create_topic(&topic("full"), Some(1)).await.unwrap();
+    let mut s = spec("fullers", "full", ConsumeMode::Shared);
+    s.on_failure = OnFailure::Discard;
+    s.policy.delivery_limit = Some(0);
+    const N: usize = 200;
+    for i in 0..N {
+        publish(b, "full", i.to_string()).await;
+    }
+    for round in 0..20 {
+        let mut opts = MemberOptions::new(format!("r{round}"), 50);
+        opts.exact_prefetch = true;
+        opts.unbounded = round % 2 == 1;
+        let c = b.subscribe(s.clone(), opts).await.unwrap();
+        for _ in 0..200 {
+            let info = b.group_info(&group("fullers")).await.unwrap();
+            if info.members.iter().map(|m| m.unacked).sum::<usize>() >= 50 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        c.leave().await;
+    }
+    let mut reader = b
+        .subscribe(s.clone(), MemberOptions::new("reader", 1000))
+        .await
+        .unwrap();
+    let mut got = std::collections::BTreeSet::new();
+    while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(500), reader.recv()).await {
+        got.insert(body(&d));
+        reader.ack(d.ack_token());
+    }
+    assert_eq!(
+        got.len(),
+        N,
+        "messages never taken were dropped as delivered"
+    );
+}
+
 async fn shared_group_redelivers_a_leavers_messages(env: Env) {
     let b = &env.broker;
     b.create_topic(&topic("work"), Some(1)).await.unwrap();
@@ -1135,6 +1180,7 @@ both_backends!(
     broadcast_to_every_member,
     shared_group_redelivers_a_leavers_messages,
     unbounded_member_holds_any_number_unacked,
+    dropped_consumer_gives_back_its_mailbox_uncounted,
     retry_ladder_to_dlq_and_resend,
     orderly_failure_retries_in_place,
     delays_by_level_and_time,

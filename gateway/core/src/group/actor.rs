@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::mailbox;
 use mqgate_store::{
@@ -21,14 +21,22 @@ use crate::broker::TopicHandle;
 use crate::endpoint::DeathReason;
 use crate::error::Result;
 
+/// How long a member whose mailbox was found closed waits for its consumer's leave.
+const CLOSED_GRACE: Duration = Duration::from_secs(2);
+
 pub(super) struct Member {
     pub(super) tx: mailbox::Sender<Delivery>,
     pub(super) prefetch: usize,
     pub(super) exact: bool,
     /// An unbounded member ([`super::MemberOptions::unbounded`]): `prefetch` bounds
-    /// what waits in `tx`, and this is set when it is full (the consumer asks for
-    /// more once it has taken everything).
-    pub(super) starved: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// what waits in `tx` (`sent` less what the consumer counts taken).
+    pub(super) drain: Option<Arc<super::Drain>>,
+    /// Deliveries put in `tx` (unbounded members).
+    pub(super) sent: usize,
+    /// Its mailbox was found closed (the consumer is being dropped): nothing more is
+    /// sent to it, and it goes with the leave its consumer sends (what the consumer
+    /// gives back meanwhile still finds it), or after [`CLOSED_GRACE`] without one.
+    pub(super) closed: Option<Instant>,
     /// Delivered, not settled; changed through [`Member::delivered`] and
     /// [`Member::settled`], which keep the credit pool's count with it.
     pub(super) unacked: usize,
@@ -42,12 +50,15 @@ pub(super) struct Member {
 
 impl Member {
     pub(super) fn credit(&self) -> usize {
-        let own = match &self.starved {
-            Some(starved) => match self.prefetch.saturating_sub(self.tx.len()) {
-                // Full: flagged, then looked at again (`Consumer::taken`).
+        if self.closed.is_some() {
+            return 0;
+        }
+        let own = match &self.drain {
+            Some(d) => match self.prefetch.saturating_sub(d.waiting(self.sent)) {
+                // Full: flagged, then counted again (`Drain`).
                 0 => {
-                    starved.store(true, std::sync::atomic::Ordering::SeqCst);
-                    self.prefetch.saturating_sub(self.tx.len())
+                    d.starved.store(true, std::sync::atomic::Ordering::SeqCst);
+                    self.prefetch.saturating_sub(d.waiting(self.sent))
                 }
                 room => room,
             },
@@ -62,6 +73,7 @@ impl Member {
     /// One more delivery in flight (its pool unit, if any, was taken as it was sent).
     pub(super) fn delivered(&mut self) {
         self.unacked += 1;
+        self.sent += 1;
     }
 
     /// `n` deliveries settled (or taken back) by the actor of `group`: their pool units
@@ -250,7 +262,10 @@ impl Actor {
             // connected members waits only for a command or a new message, parked:
             // without a task (thousands of idle MQTT sessions cost their state only).
             let needs_tick = self.members.is_empty()
-                || self.members.values().any(|m| m.heartbeat)
+                || self
+                    .members
+                    .values()
+                    .any(|m| m.heartbeat || m.closed.is_some())
                 || self.offsets_dirty();
             let mut wait = true;
             if !needs_tick && deadline.is_none() && self.stopped.is_none() {
@@ -468,7 +483,7 @@ impl Actor {
 
     async fn handle(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Join(opts, tx, done, starved) => {
+            Cmd::Join(opts, tx, done, drain) => {
                 if self.members.contains_key(opts.id.as_str()) {
                     self.remove_member(&opts.id).await;
                 }
@@ -484,7 +499,9 @@ impl Actor {
                     tx,
                     prefetch,
                     exact: opts.exact_prefetch,
-                    starved,
+                    drain,
+                    sent: 0,
+                    closed: None,
                     unacked: 0,
                     pool: opts.credit_pool.clone(),
                     heartbeat: opts.heartbeat,
@@ -611,11 +628,14 @@ impl Actor {
         let dead: Vec<MemberId> = self
             .members
             .iter()
-            .filter(|(_, m)| m.heartbeat && m.last_seen.elapsed() > timeout)
+            .filter(|(_, m)| {
+                (m.heartbeat && m.last_seen.elapsed() > timeout)
+                    || m.closed.is_some_and(|at| at.elapsed() > CLOSED_GRACE)
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in dead {
-            tracing::info!(group = %self.spec.name, member = %id, "core: member missed its heartbeats; removing");
+            tracing::info!(group = %self.spec.name, member = %id, "core: member missed its heartbeats (or its consumer went without a leave); removing");
             // Same path as a leave, minus the await on broadcast offsets (done in commit).
             let _ = self.handle.cmd.send(Cmd::Leave(id, false));
         }

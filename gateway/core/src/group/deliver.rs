@@ -5,7 +5,7 @@ use std::sync::Arc;
 use mqgate_store::{QueueOffset, QueueRef, ReadLimits};
 
 use super::actor::{Actor, Dying, InFlight, Member, MemberId, Pending, Target};
-use super::{Cmd, Delivery};
+use super::Delivery;
 use crate::endpoint::Verdict;
 
 /// The fewest messages a read asks for, whatever the credit.
@@ -206,14 +206,18 @@ impl Actor {
             };
             let m = self.members.get_mut(&member).expect("picked");
             if m.tx.send(delivery).is_err() {
-                // The member is gone; its Leave is on the way. Put the message back.
+                // The consumer is being dropped: the message goes back as it was, and
+                // nothing more goes to the member. It leaves with the leave its
+                // consumer sends after giving back what its mailbox held (a leave
+                // sent from here went ahead of those, and they came back counted as
+                // deliveries).
                 if let Some(p) = &m.pool {
                     p.release(1, Some(&self.wake));
                 }
+                m.closed.get_or_insert_with(std::time::Instant::now);
                 let q = self.cursor_mut(owner_key, queue).expect("checked");
                 q.redeliver.insert(offset, Pending { message, count });
-                let _ = self.handle.cmd.send(Cmd::Leave(member, false));
-                break;
+                continue;
             }
             m.delivered();
             if let Some(i) = position {

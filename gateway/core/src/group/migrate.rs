@@ -143,8 +143,7 @@ async fn pump(
                 // The consumer is being dropped (it closes its mailbox, gives back what
                 // the mailbox held through `ctl`, then leaves): this delivery never
                 // reached the client either. The member goes once the leave comes, so
-                // those releases still find it.
-                rx.close();
+                // those releases still find it; `let_go` closes the member's mailbox.
                 if let Some(c) = &*ctl.inner.lock() {
                     c.release(d.ack_token());
                 }

@@ -288,13 +288,12 @@ impl AckToken {
 }
 
 enum Cmd {
-    /// The last: an unbounded member's flag, set when its mailbox was full
-    /// ([`Consumer::taken`]).
+    /// The last: an unbounded member's [`Drain`].
     Join(
         MemberOptions,
         mailbox::Sender<Delivery>,
         oneshot::Sender<()>,
-        Option<Arc<std::sync::atomic::AtomicBool>>,
+        Option<Arc<Drain>>,
     ),
     // Member ids are shared, not copied: an ack per message sends one.
     /// A member leaves; `true`: only if its mailbox is closed (the consumer that sends
@@ -326,9 +325,28 @@ pub struct Consumer {
     group: GroupName,
     rx: mailbox::Receiver<Delivery>,
     cmd: Control,
-    /// An unbounded member ([`MemberOptions::unbounded`]): set by its group when the
-    /// mailbox was full; taking the last delivery then asks the group for more.
-    starved: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// An unbounded member ([`MemberOptions::unbounded`]): what it has taken, and
+    /// whether its group is waiting for it to take.
+    drain: Option<Arc<Drain>>,
+}
+
+/// An unbounded member's mailbox as its group counts it, without the mailbox's lock:
+/// the group counts what it put in, the consumer what it took out. When the group finds
+/// the mailbox full it sets `starved`, then counts again; the consumer counts a take,
+/// then looks at `starved`, and asks for more (a `Heartbeat` command) once it has taken
+/// everything. Either the group's second count sees the take, or the consumer sees the
+/// flag (both sequentially consistent).
+#[derive(Debug, Default)]
+pub(crate) struct Drain {
+    taken: std::sync::atomic::AtomicUsize,
+    pub(super) starved: std::sync::atomic::AtomicBool,
+}
+
+impl Drain {
+    /// Deliveries waiting in the mailbox, of `sent` put in.
+    pub(super) fn waiting(&self, sent: usize) -> usize {
+        sent.wrapping_sub(self.taken.load(std::sync::atomic::Ordering::SeqCst))
+    }
 }
 
 /// Where a consumer's acks and settings go: its group's actor in this process, or a
@@ -423,15 +441,13 @@ impl Consumer {
         d
     }
 
-    /// An unbounded member whose group found its mailbox full asks for more once it
-    /// has taken everything (the group counts what waits in the mailbox and is not
-    /// told of each one taken). The group sets the flag before it looks at the
-    /// mailbox again, and this looks at the flag after taking (both under the
-    /// mailbox's lock): either the group sees the room, or this sees the flag.
+    /// An unbounded member counts each delivery it takes, and asks its group for more
+    /// once it has taken everything the group waits on ([`Drain`]).
     fn taken(&self) {
         use std::sync::atomic::Ordering::SeqCst;
-        if let Some(starved) = &self.starved {
-            if starved.load(SeqCst) && self.rx.is_empty() && starved.swap(false, SeqCst) {
+        if let Some(d) = &self.drain {
+            d.taken.fetch_add(1, SeqCst);
+            if d.starved.load(SeqCst) && self.rx.is_empty() && d.starved.swap(false, SeqCst) {
                 if let Control::Local(c) = &self.cmd {
                     let _ = c.send(Cmd::Heartbeat(Arc::clone(&self.member)));
                 }
@@ -463,7 +479,7 @@ impl Consumer {
                 group,
                 rx,
                 cmd: Control::Remote(control),
-                starved: None,
+                drain: None,
             },
             tx,
         )
@@ -601,11 +617,9 @@ impl GroupHandle {
         let (tx, rx) = mailbox::channel();
         let (done, joined) = oneshot::channel();
         let member = opts.id.clone();
-        let starved = opts
-            .unbounded
-            .then(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        let drain = opts.unbounded.then(|| Arc::new(Drain::default()));
         self.cmd
-            .send(Cmd::Join(opts, tx, done, starved.clone()))
+            .send(Cmd::Join(opts, tx, done, drain.clone()))
             .ok()?;
         joined.await.ok()?;
         Some(Consumer {
@@ -613,7 +627,7 @@ impl GroupHandle {
             group: self.spec.name.clone(),
             rx,
             cmd: Control::Local(self.cmd.clone()),
-            starved,
+            drain,
         })
     }
 
