@@ -333,6 +333,28 @@ macro_rules! eventually {
     }};
 }
 
+/// Publish `m<i>` for each `i` of `range` to queue `q`, all in flight at once (a burst),
+/// then wait for every confirm.
+async fn publish_burst(ch: &Channel, q: &str, range: std::ops::Range<usize>) {
+    let mut confirms = Vec::new();
+    for i in range {
+        confirms.push(
+            ch.basic_publish(
+                s(""),
+                s(q),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish"),
+        );
+    }
+    for c in confirms {
+        assert!(matches!(c.await.expect("confirm"), Confirmation::Ack(None)));
+    }
+}
+
 async fn count(ch: &Channel, q: &str) -> u32 {
     ch.queue_declare(
         s(q),
@@ -2765,23 +2787,7 @@ async fn no_qos_sends_everything(backend: Backend) {
     declare(&ch, &q, no_args()).await;
     const BURST: usize = 2_000;
     const PACED: usize = 1_000;
-    let mut confirms = Vec::new();
-    for i in 0..BURST {
-        confirms.push(
-            ch.basic_publish(
-                s(""),
-                s(&q),
-                BasicPublishOptions::default(),
-                format!("m{i}").as_bytes(),
-                BasicProperties::default(),
-            )
-            .await
-            .expect("publish"),
-        );
-    }
-    for c in confirms {
-        assert!(matches!(c.await.expect("confirm"), Confirmation::Ack(None)));
-    }
+    publish_burst(&ch, &q, 0..BURST).await;
     let cch = plain(&conn).await;
     let mut c = consume(&cch, &q, "all", false).await;
     let paced = {
@@ -2825,24 +2831,7 @@ async fn large_prefetch_honoured(backend: Backend) {
     let q = uniq("prefetch.large");
     declare(&ch, &q, no_args()).await;
     const N: usize = 2_500;
-    let mut confirms = Vec::new();
-    for i in 0..N + 10 {
-        let body = format!("m{i}");
-        confirms.push(
-            ch.basic_publish(
-                s(""),
-                s(&q),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                BasicProperties::default(),
-            )
-            .await
-            .expect("publish"),
-        );
-    }
-    for c in confirms {
-        assert!(matches!(c.await.expect("confirm"), Confirmation::Ack(None)));
-    }
+    publish_burst(&ch, &q, 0..N + 10).await;
     let cch = plain(&conn).await;
     cch.basic_qos(N as u16, BasicQosOptions::default())
         .await
