@@ -65,16 +65,6 @@ impl<T> Sender<T> {
     pub fn is_closed(&self) -> bool {
         !self.0.state.lock().receiver
     }
-
-    /// Messages queued and not yet received.
-    pub fn len(&self) -> usize {
-        self.0.state.lock().queue.len()
-    }
-
-    /// Whether nothing is queued.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl<T> Clone for Sender<T> {
