@@ -591,10 +591,12 @@ impl Broker {
     /// shard is owned here follows the shard if it moves (`group/migrate.rs`), and one
     /// whose shard another gateway owns joins it there over the consume relay.
     pub async fn subscribe(&self, spec: GroupSpec, mut member: MemberOptions) -> Result<Consumer> {
-        if self.inner.link.is_some() {
+        if self.inner.link.is_some() && member.unbounded && member.drain.is_none() {
             // A member that may follow its shard's moves is fed through a pump that
-            // empties its mailbox at once: it counts what it holds unacknowledged.
-            member.unbounded = false;
+            // empties its mailbox at once, and one over the relay through another
+            // mailbox: the consumer the client takes from counts what it took, for
+            // whichever member feeds it (`Drain`).
+            member.drain = Some(Arc::default());
         }
         let c = self.subscribe_direct(spec.clone(), member.clone()).await?;
         if self.inner.link.is_none() || !c.is_local() {

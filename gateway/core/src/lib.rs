@@ -59,8 +59,8 @@ pub use endpoint::{DeadLetter, DeadLetterFormat, DeathReason, Policy};
 pub use endpoints::{Endpoint, EndpointEvent};
 pub use error::{CoreError, Result};
 pub use group::{
-    AckToken, ConsumeMode, Consumer, CreditPool, Delivery, GroupInfo, GroupSpec, Left, MemberInfo,
-    MemberOptions, OnFailure, QueueInfo, RemoteControl, StartPosition,
+    AckToken, ConsumeMode, Consumer, CreditPool, Delivery, Drain, GroupInfo, GroupSpec, Left,
+    MemberInfo, MemberOptions, OnFailure, QueueInfo, RemoteControl, StartPosition,
 };
 pub use locate::{Located, ShardEvent};
 pub use login::{LoginThrottle, LoginThrottleConfig};

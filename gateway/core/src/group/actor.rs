@@ -29,10 +29,8 @@ pub(super) struct Member {
     pub(super) prefetch: usize,
     pub(super) exact: bool,
     /// An unbounded member ([`super::MemberOptions::unbounded`]): `prefetch` bounds
-    /// what waits in `tx` (`sent` less what the consumer counts taken).
+    /// what waits on its way to the consumer (put in, not yet taken).
     pub(super) drain: Option<Arc<super::Drain>>,
-    /// Deliveries put in `tx` (unbounded members).
-    pub(super) sent: usize,
     /// Its mailbox was found closed (the consumer is being dropped): nothing more is
     /// sent to it, and it goes with the leave its consumer sends (what the consumer
     /// gives back meanwhile still finds it), or after [`CLOSED_GRACE`] without one.
@@ -54,11 +52,11 @@ impl Member {
             return 0;
         }
         let own = match &self.drain {
-            Some(d) => match self.prefetch.saturating_sub(d.waiting(self.sent)) {
+            Some(d) => match self.prefetch.saturating_sub(d.waiting()) {
                 // Full: flagged, then counted again (`Drain`).
                 0 => {
-                    d.starved.store(true, std::sync::atomic::Ordering::SeqCst);
-                    self.prefetch.saturating_sub(d.waiting(self.sent))
+                    d.starve();
+                    self.prefetch.saturating_sub(d.waiting())
                 }
                 room => room,
             },
@@ -73,7 +71,9 @@ impl Member {
     /// One more delivery in flight (its pool unit, if any, was taken as it was sent).
     pub(super) fn delivered(&mut self) {
         self.unacked += 1;
-        self.sent += 1;
+        if let Some(d) = &self.drain {
+            d.put(1);
+        }
     }
 
     /// `n` deliveries settled (or taken back) by the actor of `group`: their pool units
@@ -500,7 +500,6 @@ impl Actor {
                     prefetch,
                     exact: opts.exact_prefetch,
                     drain,
-                    sent: 0,
                     closed: None,
                     unacked: 0,
                     pool: opts.credit_pool.clone(),
@@ -533,6 +532,12 @@ impl Actor {
             Cmd::Heartbeat(id) => {
                 if let Some(m) = self.members.get_mut(&*id) {
                     m.last_seen = Instant::now();
+                }
+            }
+            Cmd::Bound(id) => {
+                if let Some(m) = self.members.get_mut(&*id) {
+                    // `unacked` counts every delivery, unbounded or not.
+                    m.drain = None;
                 }
             }
             Cmd::Prefetch(id, n) => {

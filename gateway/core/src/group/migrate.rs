@@ -110,7 +110,11 @@ impl crate::Broker {
             leaving: tokio::sync::Notify::new(),
             gone: tokio::sync::watch::channel(false).0,
         });
-        let (outer, out) = Consumer::remote(&member.id, spec.name.clone(), ctl.clone());
+        // An unbounded member's counts are the outer consumer's: the group (here, or
+        // over the relay) counts what it put in, the client's consumer what it took.
+        let drain = member.drain.clone().filter(|_| member.unbounded);
+        let (outer, out) =
+            Consumer::remote_drained(&member.id, spec.name.clone(), ctl.clone(), drain);
         tokio::spawn(pump(self.clone(), ctl, rx, out, spec, member, shard));
         outer
     }
@@ -169,6 +173,12 @@ async fn pump(
         shard = at;
         local = matches!(next.cmd, Control::Local(_));
         rx = next.take_rx();
+        if member.unbounded {
+            // Its group may have found the mailbox full of what the member before put
+            // there, and the consumer have taken it all since, asking the member
+            // before for more: ask this one.
+            next.heartbeat();
+        }
         let mut inner = ctl.inner.lock();
         *inner = Some(next);
     }

@@ -174,10 +174,14 @@ pub struct MemberOptions {
     /// which RabbitMQ sends everything): `prefetch` bounds only the deliveries waiting
     /// in its mailbox, not yet taken by its connection, and the consumer asks for more
     /// when it has taken them all. A connection that cannot write stops taking, so what
-    /// it is given stays bounded by its socket. Not carried to a group in another
-    /// process, nor kept by a member that follows its shard's moves (both count
-    /// `prefetch` unacknowledged, as before).
+    /// it is given stays bounded by its socket. Carried over the consume relay to a
+    /// group on another gateway, and kept by a member that follows its shard's moves:
+    /// both count along the way ([`Drain`]).
     pub unbounded: bool,
+    /// An unbounded member's counts, when a consumer that wraps the member already
+    /// holds them (a member that follows its shard, the relay's member side); `None`:
+    /// new ones.
+    pub drain: Option<Arc<Drain>>,
 }
 
 impl MemberOptions {
@@ -190,6 +194,7 @@ impl MemberOptions {
             exact_prefetch: false,
             credit_pool: None,
             unbounded: false,
+            drain: None,
         }
     }
 }
@@ -305,6 +310,8 @@ enum Cmd {
     Release(Arc<str>, AckToken),
     Heartbeat(Arc<str>),
     Prefetch(Arc<str>, usize),
+    /// An unbounded member is bounded from now on ([`Consumer::bound`]).
+    Bound(Arc<str>),
     Reset(StartPosition, oneshot::Sender<Result<()>>),
     Info(oneshot::Sender<GroupInfo>),
     /// Settle expired messages at the head of each queue (members or not).
@@ -336,16 +343,45 @@ pub struct Consumer {
 /// then looks at `starved`, and asks for more (a `Heartbeat` command) once it has taken
 /// everything. Either the group's second count sees the take, or the consumer sees the
 /// flag (both sequentially consistent).
+///
+/// Shared along a chain of mailboxes: a member that follows its shard's moves, and a
+/// member over the consume relay, count what their group put in the inner mailbox and
+/// what the client's consumer took from the outer one, so `prefetch` bounds everything
+/// on its way to the connection, and a member joined anew after a move adds to the same
+/// counts ([`MemberOptions::drain`]).
 #[derive(Debug, Default)]
-pub(crate) struct Drain {
+pub struct Drain {
+    put: std::sync::atomic::AtomicUsize,
     taken: std::sync::atomic::AtomicUsize,
-    pub(super) starved: std::sync::atomic::AtomicBool,
+    starved: std::sync::atomic::AtomicBool,
 }
 
 impl Drain {
-    /// Deliveries waiting in the mailbox, of `sent` put in.
-    pub(super) fn waiting(&self, sent: usize) -> usize {
-        sent.wrapping_sub(self.taken.load(std::sync::atomic::Ordering::SeqCst))
+    /// Deliveries put in and not yet taken.
+    pub fn waiting(&self) -> usize {
+        use std::sync::atomic::Ordering::SeqCst;
+        // A take counted before its put reads as nothing waiting, never as a wrap.
+        let taken = self.taken.load(SeqCst);
+        self.put.load(SeqCst).saturating_sub(taken)
+    }
+
+    /// `n` more deliveries put in (by whatever feeds the consumer's mailbox).
+    pub fn put(&self, n: usize) {
+        self.put.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// What feeds the mailbox found it full: the consumer asks for more (its
+    /// control's heartbeat) once it has taken everything. Count [`Drain::waiting`]
+    /// again after it: a take that came first did not see the flag.
+    pub fn starve(&self) {
+        self.starved
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Take the flag back (it was seen): whether it was set.
+    pub fn unstarve(&self) -> bool {
+        self.starved
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -404,6 +440,7 @@ impl std::fmt::Debug for Cmd {
             Cmd::Release(..) => "Release",
             Cmd::Heartbeat(..) => "Heartbeat",
             Cmd::Prefetch(..) => "Prefetch",
+            Cmd::Bound(..) => "Bound",
             Cmd::Reset(..) => "Reset",
             Cmd::Info(..) => "Info",
             Cmd::Expire(..) => "Expire",
@@ -448,9 +485,7 @@ impl Consumer {
         if let Some(d) = &self.drain {
             d.taken.fetch_add(1, SeqCst);
             if d.starved.load(SeqCst) && self.rx.is_empty() && d.starved.swap(false, SeqCst) {
-                if let Control::Local(c) = &self.cmd {
-                    let _ = c.send(Cmd::Heartbeat(Arc::clone(&self.member)));
-                }
+                self.heartbeat();
             }
         }
     }
@@ -472,6 +507,18 @@ impl Consumer {
         group: GroupName,
         control: Arc<dyn RemoteControl>,
     ) -> (Self, mailbox::Sender<Delivery>) {
+        Self::remote_drained(member, group, control, None)
+    }
+
+    /// [`Consumer::remote`] for an unbounded member: it counts what it takes in
+    /// `drain`, and asks for more (`control`'s heartbeat) once it has taken everything
+    /// after what feeds it found the mailbox full ([`Drain::starve`]).
+    pub fn remote_drained(
+        member: &str,
+        group: GroupName,
+        control: Arc<dyn RemoteControl>,
+        drain: Option<Arc<Drain>>,
+    ) -> (Self, mailbox::Sender<Delivery>) {
         let (tx, rx) = mailbox::channel();
         (
             Self {
@@ -479,7 +526,7 @@ impl Consumer {
                 group,
                 rx,
                 cmd: Control::Remote(control),
-                drain: None,
+                drain,
             },
             tx,
         )
@@ -536,6 +583,15 @@ impl Consumer {
                 let _ = c.send(Cmd::Prefetch(Arc::clone(&self.member), prefetch));
             }
             Control::Remote(r) => r.set_prefetch(prefetch),
+        }
+    }
+
+    /// An unbounded member ([`MemberOptions::unbounded`]) of a group in this process
+    /// holds at most its prefetch unacknowledged from now on (the consume relay's
+    /// owner side, for a member whose AMQP channel got a global basic.qos limit).
+    pub fn bound(&self) {
+        if let Control::Local(c) = &self.cmd {
+            let _ = c.send(Cmd::Bound(Arc::clone(&self.member)));
         }
     }
 }
@@ -617,7 +673,9 @@ impl GroupHandle {
         let (tx, rx) = mailbox::channel();
         let (done, joined) = oneshot::channel();
         let member = opts.id.clone();
-        let drain = opts.unbounded.then(|| Arc::new(Drain::default()));
+        let drain = opts
+            .unbounded
+            .then(|| opts.drain.clone().unwrap_or_default());
         self.cmd
             .send(Cmd::Join(opts, tx, done, drain.clone()))
             .ok()?;
