@@ -461,3 +461,131 @@ async fn a_remote_member_leaving_gives_back_batches_in_transit() {
         "messages the client never had were dropped as delivered"
     );
 }
+
+/// A member without a bound on what it holds unacknowledged (AMQP's consumer without
+/// basic.qos, `MemberOptions::unbounded`), on the gateway owning its group's shard (a
+/// member that follows its shard, fed through a pump) and on the other one (over the
+/// relay): each gets every message with none acknowledged, while its prefetch still
+/// bounds what waits for its consumer to take. Before, a cluster held such a member to
+/// its prefetch unacknowledged: both stopped at 100. The relay timeout is long here
+/// (20 s: a member's gateway reports every 5 s), so a consumer that has taken all it
+/// was given must be sent more at once, not at the next report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbounded_members_hold_any_number_on_either_gateway() {
+    common::watchdog("unbounded_members_hold_any_number_on_either_gateway", 240);
+    let cluster = NatsCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let gws = common::start_balanced_with(
+        cluster,
+        "gwunb",
+        4,
+        &["gu-a", "gu-b"],
+        dir.path(),
+        Duration::from_secs(20),
+    )
+    .await;
+    let q = TopicName::new(one_name_per_shard("uq", 4)[2].clone()).unwrap();
+    let s = shard_of(q.as_str(), 4);
+    let owner_at = gws
+        .iter()
+        .position(|(_, g)| g.broker().owned_shards().contains(&s))
+        .unwrap();
+    let owner = gws[owner_at].1.broker().clone();
+    let other = gws[(owner_at + 1) % 2].1.broker().clone();
+    owner.create_topic(&q, Some(1)).await.unwrap();
+    const N: usize = 3_000;
+    const WINDOW: usize = 100;
+    let confirmed = common::within(
+        60,
+        "the publisher ends",
+        publish(owner.clone(), q.clone(), 0..N),
+    )
+    .await;
+    assert_eq!(confirmed.len(), N, "every publish confirmed");
+    // Over the relay the member on the owner holds a prefetch's worth in its mailbox
+    // too, besides what is on its way to the consumer or in its mailbox.
+    for (at, b, bound) in [
+        ("the owner", &owner, WINDOW),
+        ("the other gateway", &other, 2 * WINDOW),
+    ] {
+        let mut spec = GroupSpec::new(
+            GroupName::new(format!("uq-{}", at.len())).unwrap(),
+            vec![q.clone()],
+            ConsumeMode::Shared,
+        );
+        spec.start = StartPosition::First;
+        let mut opts = MemberOptions::new("u", WINDOW);
+        opts.exact_prefetch = true;
+        opts.unbounded = true;
+        let mut c = common::within(
+            30,
+            "an unbounded member joins",
+            b.subscribe(spec.clone(), opts),
+        )
+        .await
+        .expect("subscribe");
+        // Not taken: what waits is bounded by the prefetch.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let info = b.group_info(&spec.name).await.expect("the group");
+        let unacked: usize = info.members.iter().map(|m| m.unacked).sum();
+        assert!(
+            unacked > 0 && unacked <= bound,
+            "{at}: {unacked} delivered to a consumer that took nothing (prefetch {WINDOW})"
+        );
+        // Taken, none acknowledged: every message comes, each refill well before the
+        // member's gateway would report on its own.
+        let mut held = Vec::new();
+        let mut bodies = BTreeSet::new();
+        while bodies.len() < N {
+            let d = tokio::time::timeout(Duration::from_secs(4), c.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{at}: delivery {} of {N}, none acked", bodies.len()))
+                .expect("the member ends");
+            let again = !bodies.insert(d.message.message.body.clone());
+            assert!(
+                !again || d.redelivered,
+                "{at}: a duplicate not flagged redelivered"
+            );
+            held.push(d);
+        }
+        for d in &held {
+            c.ack(d.ack_token());
+        }
+        common::within(30, "the member leaves", c.leave()).await;
+    }
+    // Over the relay, a member whose channel gets a global limit later (its credit pool
+    // stays on its gateway) is bounded by its prefetch from then on, as the channel
+    // sets it to the limit.
+    let mut spec = GroupSpec::new(
+        GroupName::new("uq-pool").unwrap(),
+        vec![q.clone()],
+        ConsumeMode::Shared,
+    );
+    spec.start = StartPosition::First;
+    let pool = mqgate_core::CreditPool::new(0);
+    let mut opts = MemberOptions::new("p", WINDOW);
+    opts.exact_prefetch = true;
+    opts.unbounded = true;
+    opts.credit_pool = Some(pool.clone());
+    let mut c = common::within(30, "a member joins", other.subscribe(spec.clone(), opts))
+        .await
+        .expect("subscribe");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    pool.set_limit(5);
+    c.set_prefetch(5);
+    // What was sent before is taken and acked, and more after it.
+    for i in 0..(2 * WINDOW + 50) {
+        let d = tokio::time::timeout(Duration::from_secs(4), c.recv())
+            .await
+            .unwrap_or_else(|_| panic!("delivery {i} under the limit"))
+            .expect("the member ends");
+        c.ack(d.ack_token());
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let info = other.group_info(&spec.name).await.expect("the group");
+    let unacked: usize = info.members.iter().map(|m| m.unacked).sum();
+    assert!(
+        unacked <= 5,
+        "{unacked} delivered to a member bounded to 5 that took nothing more"
+    );
+}

@@ -2770,14 +2770,8 @@ async fn cancel_gives_back_what_was_never_sent(backend: Backend) {
 /// consumes and 1,000 more published one by one while it holds them all arrive before
 /// its first ack, in order, and one ack with multiple=true settles them. mqgate held such
 /// a consumer to 1,024 unacked, so a consumer acking once per 2,000 waited for ever.
-/// Not in a cluster of gateways: there a member is held to the default prefetch.
+/// In a cluster of gateways too, wherever its queue lives (the consume relay carries it).
 async fn no_qos_sends_everything(backend: Backend) {
-    if backend == Backend::Cluster {
-        eprintln!(
-            "skipped: in a cluster a consumer without basic.qos is held to the default prefetch"
-        );
-        return;
-    }
     let Some(t) = Target::standard(backend).await else {
         return;
     };
@@ -3502,6 +3496,56 @@ async fn qos_global_shared_across_queues(backend: Backend) {
     }
     delete_queue(&conn, &q1).await;
     delete_queue(&conn, &q2).await;
+}
+
+/// A consumer that sent no basic.qos holds any number unacked until its channel gets a
+/// global one: then the limit holds it. In a cluster this checks the consume relay's
+/// member turning bounded (its channel's credit pool stays on its gateway).
+async fn qos_global_after_an_unlimited_consume(backend: Backend) {
+    let Some(t) = Target::standard(backend).await else {
+        return;
+    };
+    let conn = t.connect().await;
+    let ch = chan(&conn).await;
+    let q = uniq("qosgu.q");
+    declare(&ch, &q, no_args()).await;
+    for i in 0..5 {
+        publish(&ch, "", &q, &format!("m{i}")).await;
+    }
+    let cch = plain(&conn).await;
+    let mut c = consume(&cch, &q, "any", false).await;
+    let mut held = Vec::new();
+    for i in 0..5 {
+        let d = next(&mut c, &format!("delivery {i} without qos")).await;
+        assert_eq!(body(&d), format!("m{i}"));
+        held.push(d);
+    }
+    cch.basic_qos(2, BasicQosOptions { global: true })
+        .await
+        .expect("qos global");
+    for d in held {
+        d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    for i in 5..10 {
+        publish(&ch, "", &q, &format!("m{i}")).await;
+    }
+    let first = next(&mut c, "1st under the global limit").await;
+    let second = next(&mut c, "2nd under the global limit").await;
+    assert_eq!((body(&first), body(&second)), ("m5".into(), "m6".into()));
+    quiet(&mut c, "a third with a global prefetch of 2").await;
+    first
+        .acker
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack");
+    assert_eq!(body(&next(&mut c, "3rd once one is acked").await), "m7");
+    second
+        .acker
+        .ack(BasicAckOptions { multiple: true })
+        .await
+        .expect("ack");
+    cch.close(200, s("bye")).await.expect("close");
+    delete_queue(&conn, &q).await;
 }
 
 /// A channel-wide prefetch changed after basic.consume applies to the consumers already
@@ -4502,6 +4546,7 @@ scenario!(
     qos_global_leaves_the_rest_to_others,
     qos_global_shared_across_queues,
     qos_global_changed_after_consume,
+    qos_global_after_an_unlimited_consume,
     qos_global_skips_cancelled_consumers,
     properties_round_trip,
     publisher_confirms,

@@ -95,13 +95,28 @@ pub(crate) async fn start_gateway(
     name: &str,
     dir: &Path,
 ) -> Gateway {
+    start_gateway_with(cluster, stream, shards, name, dir, RELAY_TIMEOUT).await
+}
+
+/// The relay timeout of these tests' gateways.
+pub(crate) const RELAY_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// [`start_gateway`] with another relay timeout.
+pub(crate) async fn start_gateway_with(
+    cluster: &NatsCluster,
+    stream: &str,
+    shards: u16,
+    name: &str,
+    dir: &Path,
+    relay_timeout: Duration,
+) -> Gateway {
     let nats = connect(cluster, stream, name, dir).await;
     Gateway::start(
         nats,
         manager_config(shards),
         CoreConfig::default(),
         Arc::new(SystemClock),
-        Duration::from_millis(500),
+        relay_timeout,
     )
     .await
     .expect("start the gateway")
@@ -126,9 +141,21 @@ pub(crate) async fn start_balanced(
     names: &[&str],
     dir: &Path,
 ) -> Vec<(String, Gateway)> {
+    start_balanced_with(cluster, stream, shards, names, dir, RELAY_TIMEOUT).await
+}
+
+/// [`start_balanced`] with another relay timeout.
+pub(crate) async fn start_balanced_with(
+    cluster: &NatsCluster,
+    stream: &str,
+    shards: u16,
+    names: &[&str],
+    dir: &Path,
+    relay_timeout: Duration,
+) -> Vec<(String, Gateway)> {
     let mut gws = Vec::new();
     for name in names {
-        let g = start_gateway(cluster, stream, shards, name, dir).await;
+        let g = start_gateway_with(cluster, stream, shards, name, dir, relay_timeout).await;
         gws.push(((*name).to_owned(), g));
     }
     wait_balanced(shards, &gws).await;

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use mqgate_core::outbox::ShardId;
 use mqgate_core::{
-    AckToken, Consumer, CoreError, Delivery, GroupSpec, MemberOptions, RemoteControl, Result,
+    AckToken, Consumer, CoreError, Delivery, Drain, GroupSpec, MemberOptions, RemoteControl, Result,
 };
 use tokio::sync::mpsc;
 
@@ -109,7 +109,8 @@ impl NatsConsumers {
     }
 
     /// Join on the owner, waiting while the shard is between owners (no owner, or no
-    /// answer in time): for up to the member timeout, or while `alive` says so.
+    /// answer in time): for up to the member timeout, or while `alive` says so. The
+    /// handle, and whether the member joined unbounded (as asked, if it was).
     async fn join(
         &self,
         shard: ShardId,
@@ -117,7 +118,7 @@ impl NatsConsumers {
         spec: &GroupSpec,
         member: &MemberOptions,
         alive: Option<&(dyn Fn() -> bool + Sync)>,
-    ) -> Result<u64> {
+    ) -> Result<(u64, bool)> {
         let since = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(100);
         loop {
@@ -125,13 +126,21 @@ impl NatsConsumers {
                 .request(shard, encode_join(deliver_to, spec, member))
                 .await
             {
-                Ok(h) => return Ok(h),
+                Ok(h) => return Ok((h, member.unbounded)),
                 Err(e @ (CoreError::NotOwned(_) | CoreError::ShuttingDown))
                     if alive.map_or(since.elapsed() < self.times.member, |a| a()) =>
                 {
                     tracing::debug!(shard, error = %e, "cluster: joining a remote group; again");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(CoreError::Invalid(e)) if member.unbounded => {
+                    // An owner of an earlier version knows no unbounded member (it
+                    // refuses the join's last byte): join bounded, as before.
+                    tracing::info!(shard, error = %e, "cluster: an unbounded member joins bounded (the owner does not know them)");
+                    let mut bounded = member.clone();
+                    bounded.unbounded = false;
+                    return Box::pin(self.join(shard, deliver_to, spec, &bounded, alive)).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -151,13 +160,25 @@ impl NatsConsumers {
             .subscribe(deliver_to.clone())
             .await
             .map_err(|e| invalid(format!("subscribe: {e}")))?;
-        let handle = self.join(shard, &deliver_to, &spec, &member, None).await?;
+        let mut member = member;
+        // Unbounded unless its channel's global basic.qos has a limit, which the owner
+        // cannot see (the credit pool stays here): then the prefetch bounds it, as the
+        // AMQP channel set it to the limit.
+        member.unbounded &= !bounded_by_pool(&member);
+        let (handle, unbounded) = self.join(shard, &deliver_to, &spec, &member, None).await?;
+        member.unbounded = unbounded;
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = tokio::sync::watch::channel(());
-        let (consumer, mailbox) = Consumer::remote(
+        // An unbounded member counts what it put in the mailbox and what the consumer
+        // took (with a consumer that wraps it, in that consumer's counts).
+        let drain = member
+            .unbounded
+            .then(|| member.drain.clone().unwrap_or_default());
+        let (consumer, mailbox) = Consumer::remote_drained(
             &member.id,
             spec.name.clone(),
             Arc::new(RemoteCtl(ctl_tx, done_rx)),
+            drain.clone(),
         );
         let member_side = MemberSide {
             link: self.clone(),
@@ -171,6 +192,9 @@ impl NatsConsumers {
             pending: Cmds::default(),
             failures: 0,
             parts: Parted::default(),
+            drain,
+            reported: 0,
+            since: 0,
         };
         tokio::spawn(async move {
             member_side.run(sub, ctl_rx, mailbox).await;
@@ -198,6 +222,15 @@ struct MemberSide {
     failures: u32,
     /// A delivery batch arriving in parts.
     parts: Parted,
+    /// An unbounded member's counts: the owner sends while the batches it has not
+    /// heard of plus what was last reported waiting are under the prefetch, so once
+    /// `reported + since` reaches it the owner has stopped, and the consumer is asked
+    /// to say when it has taken everything (`Drain::starve`, then a report).
+    drain: Option<Arc<Drain>>,
+    /// What the last report said was waiting.
+    reported: usize,
+    /// Deliveries received since the last report.
+    since: usize,
 }
 
 impl MemberSide {
@@ -234,8 +267,12 @@ impl MemberSide {
                             self.pending.lost.extend(self.expected..seq);
                             self.expected = seq + 1;
                             self.through = seq;
+                            self.since += batch.len();
                             let mut batch = batch.into_iter();
                             while let Some(d) = batch.next() {
+                                if let Some(drain) = &self.drain {
+                                    drain.put(1);
+                                }
                                 if let Err(back) = mailbox.send(d) {
                                     // The consumer is gone: what it never got goes back
                                     // released (not counted as a delivery). Its leave
@@ -249,6 +286,9 @@ impl MemberSide {
                                     }
                                     break;
                                 }
+                            }
+                            if self.starved() && !self.flush().await && !self.rejoin(&mailbox).await {
+                                return;
                             }
                         }
                         Ok(Dlv::Ended(h, true)) if h == self.handle => {
@@ -295,10 +335,30 @@ impl MemberSide {
             Ctl::Prefetch(p) => {
                 self.member.prefetch = p;
                 self.pending.prefetch = Some(u32::try_from(p).unwrap_or(u32::MAX));
+                if self.drain.is_some() && bounded_by_pool(&self.member) {
+                    // A global basic.qos with a limit, after the consume: the owner
+                    // counts what the member holds unacknowledged from now on.
+                    self.pending.bounded = true;
+                    self.member.unbounded = false;
+                }
             }
             Ctl::Heartbeat => {}
             Ctl::Leave => self.pending.leave = true,
         }
+    }
+
+    /// An unbounded member whose owner has stopped sending (see `drain`): flag it for
+    /// the consumer, which asks for more once it has taken everything; true when it
+    /// already has (the report goes now).
+    fn starved(&self) -> bool {
+        let Some(drain) = &self.drain else {
+            return false;
+        };
+        if self.reported + self.since < self.member.prefetch {
+            return false;
+        }
+        drain.starve();
+        drain.waiting() == 0 && drain.unstarve()
     }
 
     /// Every call made so far (a consumer that was dropped gives back what its
@@ -314,13 +374,40 @@ impl MemberSide {
     /// or did not take 3 requests in a row; a single failure is retried with the next
     /// request.
     async fn flush(&mut self) -> bool {
+        if !self.flush_once().await {
+            return false;
+        }
+        // Reported as full (the owner stops): the consumer says when it has taken it
+        // all; or it already has.
+        if self.starved() {
+            return self.flush_once().await;
+        }
+        true
+    }
+
+    async fn flush_once(&mut self) -> bool {
         let mut c = std::mem::take(&mut self.pending);
         c.handle = self.handle;
         c.received_through = self.through;
+        let mut waiting = None;
+        if let Some(drain) = &self.drain {
+            let w = drain.waiting();
+            c.waiting = Some(u32::try_from(w).unwrap_or(u32::MAX));
+            waiting = Some(w);
+        }
+        if c.bounded {
+            // Said once: the owner's pump counts no window from then on.
+            self.drain = None;
+        }
         let leave = c.leave;
         match self.link.request(self.shard, encode_cmds(&c)).await {
             Ok(_) => {
                 self.failures = 0;
+                if let Some(w) = waiting {
+                    // What the owner now counts.
+                    self.reported = w;
+                    self.since = 0;
+                }
                 true
             }
             Err(e) => {
@@ -335,6 +422,8 @@ impl MemberSide {
                     c.nacks.append(&mut self.pending.nacks);
                     c.lost.append(&mut self.pending.lost);
                     c.prefetch = self.pending.prefetch.or(c.prefetch);
+                    c.bounded |= self.pending.bounded;
+                    c.waiting = None;
                     c.leave = false;
                     self.pending = c;
                 }
@@ -353,6 +442,7 @@ impl MemberSide {
             // (a delete ends its members).
             return false;
         }
+        self.member.unbounded &= !bounded_by_pool(&self.member);
         match self
             .link
             .join(
@@ -364,8 +454,13 @@ impl MemberSide {
             )
             .await
         {
-            Ok(h) => {
+            Ok((h, unbounded)) => {
+                self.member.unbounded = unbounded;
+                if !unbounded {
+                    self.drain = None;
+                }
                 tracing::info!(shard = self.shard, group = %self.spec.name, "cluster: a remote member joined its group's owner anew");
+                // Joined as it is now: bounded already if it became so.
                 let prefetch = self.pending.prefetch;
                 self.pending = Cmds {
                     prefetch,
@@ -375,6 +470,9 @@ impl MemberSide {
                 self.expected = 1;
                 self.through = 0;
                 self.failures = 0;
+                // The new owner's pump starts from nothing reported.
+                self.reported = 0;
+                self.since = 0;
                 true
             }
             Err(e) => {
@@ -383,4 +481,11 @@ impl MemberSide {
             }
         }
     }
+}
+
+/// A member whose AMQP channel has a global basic.qos limit: its credit pool stays on
+/// this gateway, so the owner bounds it by its prefetch (which the channel sets to the
+/// limit), unbounded or not.
+fn bounded_by_pool(member: &MemberOptions) -> bool {
+    member.credit_pool.as_ref().is_some_and(|p| p.limit() > 0)
 }

@@ -29,9 +29,11 @@
 //! Requests (`s.NN.grp`): `1` join: deliver_to, spec (name, topics, mode u8, orderly
 //! u8, start: tag u8 + u64, on failure u8, max reconsume times?, policy: ttl?, delivery
 //! limit?, max length?, max bytes?, overflow u8), member (id, prefetch u32, heartbeat
-//! u8, exact u8); `2` commands: handle u64, received through u64, lost: count, seqs;
-//! acks: count, (topic, queue u32, offset u64, token u64); nacks: the same + what u8
-//! (0 failed, 1 requeue, 2 release: never reached the client, not counted); prefetch?; leave u8. Replies: `0` ok (join: handle u64); `1` error (as
+//! u8, exact u8, unbounded u8 only when set); `2` commands: handle u64, received
+//! through u64, lost: count, seqs; acks: count, (topic, queue u32, offset u64, token
+//! u64); nacks: the same + what u8 (0 failed, 1 requeue, 2 release: never reached the
+//! client, not counted); prefetch?; leave u8; for an unbounded member only: waiting
+//! u32, bounded u8 (from now on). Replies: `0` ok (join: handle u64); `1` error (as
 //! `codec::encode_error`). Deliveries (to deliver_to, no reply): `1` batch: handle,
 //! seq, count, per delivery: topic, queue u32, offset u64, redelivered u8, delivery
 //! count u32, token u64, message (`mqgate_store::wire`); `2` ended: handle, for good
@@ -127,19 +129,24 @@ impl ConsumeServer {
             let next = Arc::new(AtomicU64::new(0));
             // Joins run on their own (a join may wait for the group's actor): the
             // members' commands keep being answered meanwhile.
-            let (joined_tx, mut joined) =
-                mpsc::unbounded_channel::<(u64, String, Consumer, mpsc::UnboundedReceiver<Cmds>)>();
+            let (joined_tx, mut joined) = mpsc::unbounded_channel::<(
+                u64,
+                String,
+                Consumer,
+                Option<usize>,
+                mpsc::UnboundedReceiver<Cmds>,
+            )>();
             loop {
                 let msg = tokio::select! {
                     m = sub.next() => match m {
                         Some(m) => m,
                         None => break,
                     },
-                    Some((handle, deliver_to, consumer, rx)) = joined.recv() => {
+                    Some((handle, deliver_to, consumer, window, rx)) = joined.recv() => {
                         pumps.spawn(pump(
                             client.clone(),
                             deliver_to,
-                            handle,
+                            (handle, window),
                             consumer,
                             rx,
                             times,
@@ -168,13 +175,17 @@ impl ConsumeServer {
                                 // The endpoint registered here is authoritative (its
                                 // dead-letter target is not carried over the relay).
                                 let spec = broker.endpoint_spec(&spec.name).unwrap_or(*spec);
+                                // An unbounded member: its prefetch bounds what is on
+                                // its way to the client, here and there (`pump`).
+                                let window = member.unbounded.then_some(member.prefetch);
                                 match broker.subscribe_direct(spec, member).await {
                                     Ok(consumer) => {
                                         let handle =
                                             base.wrapping_add(next.fetch_add(1, Ordering::Relaxed));
                                         let (tx, rx) = mpsc::unbounded_channel();
                                         members.lock().insert(handle, tx);
-                                        let _ = joined_tx.send((handle, deliver_to, consumer, rx));
+                                        let _ = joined_tx
+                                            .send((handle, deliver_to, consumer, window, rx));
                                         Ok(handle)
                                     }
                                     Err(e) => Err(e),
@@ -257,12 +268,16 @@ async fn next_delivery(consumer: &mut Consumer, carry: &mut Option<Delivery>) ->
 }
 
 /// The owner's side of one remote member: its deliveries out in numbered batches,
-/// its commands in.
+/// its commands in. `window`: an unbounded member's prefetch, which bounds what is on
+/// its way to the client: batches not yet reported received, and what its gateway last
+/// reported waiting in the consumer's mailbox (`Cmds::waiting`). The pump takes no more
+/// from the member here while that is full; the member here then finds its mailbox
+/// full, and is asked for more when the pump has taken it all (`Drain`).
 #[allow(clippy::too_many_arguments)]
 async fn pump(
     client: async_nats::Client,
     deliver_to: String,
-    handle: u64,
+    (handle, mut window): (u64, Option<usize>),
     mut consumer: Consumer,
     mut cmds: mpsc::UnboundedReceiver<Cmds>,
     times: Times,
@@ -286,6 +301,9 @@ async fn pump(
     let limit = BATCH_BYTES.min(max_payload);
     // Batches sent and not yet reported received: seq, tokens, when sent.
     let mut sent: VecDeque<(u64, Vec<AckToken>, tokio::time::Instant)> = VecDeque::new();
+    // Deliveries in `sent`, and what the member's gateway last reported waiting.
+    let mut in_transit = 0usize;
+    let mut waiting = 0usize;
     let mut heard = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(times.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -296,8 +314,9 @@ async fn pump(
         }
     };
     loop {
+        let room = window.map_or(usize::MAX, |w| w.saturating_sub(in_transit + waiting));
         tokio::select! {
-            d = next_delivery(&mut consumer, &mut carry) => {
+            d = next_delivery(&mut consumer, &mut carry), if room > 0 => {
                 let Some(d) = d else {
                     // The member ended here: the shard was released (it joins the next
                     // owner), or, the shard still here, its group was deleted or it
@@ -311,7 +330,7 @@ async fn pump(
                 };
                 let mut bytes = relayed_len(&d);
                 let mut batch = vec![d];
-                while batch.len() < BATCH_COUNT {
+                while batch.len() < BATCH_COUNT.min(room) {
                     let Some(d) = consumer.try_recv() else { break };
                     if bytes + relayed_len(&d) > limit {
                         carry = Some(d);
@@ -322,6 +341,7 @@ async fn pump(
                 }
                 seq += 1;
                 let tokens = batch.iter().map(Delivery::ack_token).collect();
+                in_transit += batch.len();
                 sent.push_back((seq, tokens, tokio::time::Instant::now()));
                 if faults.drop_this() {
                     continue;
@@ -351,9 +371,21 @@ async fn pump(
                 }
                 if let Some(p) = c.prefetch {
                     consumer.set_prefetch(p as usize);
+                    if window.is_some() {
+                        window = Some(p as usize);
+                    }
+                }
+                if let Some(w) = c.waiting {
+                    waiting = w as usize;
+                }
+                if c.bounded && window.take().is_some() {
+                    // Its channel's global basic.qos got a limit: its prefetch bounds
+                    // what it holds unacknowledged from now on.
+                    consumer.bound();
                 }
                 while sent.front().is_some_and(|(s, _, _)| *s <= c.received_through) {
                     let (s, tokens, _) = sent.pop_front().expect("front");
+                    in_transit -= tokens.len();
                     if c.lost.contains(&s) {
                         requeue(&consumer, tokens);
                     }
@@ -377,6 +409,7 @@ async fn pump(
                 // Not reported received in time: lost on the way (or its report was).
                 while sent.front().is_some_and(|(_, _, at)| at.elapsed() > times.resend) {
                     let (_, tokens, _) = sent.pop_front().expect("front");
+                    in_transit -= tokens.len();
                     requeue(&consumer, tokens);
                 }
             }

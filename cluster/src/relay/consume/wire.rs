@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes};
+use bytes::{Buf, BufMut, Bytes};
 use mqgate_core::endpoint::{Overflow, Policy};
 use mqgate_core::{
     AckToken, ConsumeMode, CoreError, Delivery, GroupSpec, MemberOptions, OnFailure, Result,
@@ -118,12 +118,21 @@ pub(super) fn encode_member(out: &mut Vec<u8>, m: &MemberOptions) {
     out.put_u32(u32::try_from(prefetch).unwrap_or(u32::MAX));
     out.put_u8(u8::from(m.heartbeat));
     out.put_u8(u8::from(m.exact_prefetch));
+    // Last, and only when set: an owner of an earlier version, which knows no
+    // unbounded member, refuses the join (trailing bytes) rather than bound it.
+    if m.unbounded {
+        out.put_u8(1);
+    }
 }
 
+/// The member, last in a join.
 pub(super) fn decode_member(r: &mut Reader) -> Result<MemberOptions> {
     let mut m = MemberOptions::new(r.string()?, r.u32()? as usize);
     m.heartbeat = r.u8()? != 0;
     m.exact_prefetch = r.u8()? != 0;
+    if r.0.has_remaining() {
+        m.unbounded = r.u8()? != 0;
+    }
     Ok(m)
 }
 
@@ -173,6 +182,12 @@ pub(super) struct Cmds {
     pub(super) nacks: Vec<(AckToken, u8)>,
     pub(super) prefetch: Option<u32>,
     pub(super) leave: bool,
+    /// An unbounded member: deliveries its gateway has put in the consumer's mailbox
+    /// that the consumer has not taken yet (last, only for such members) ...
+    pub(super) waiting: Option<u32>,
+    /// ... and whether it is bounded from now on (its channel's global basic.qos got a
+    /// limit). Sent with `waiting`.
+    pub(super) bounded: bool,
 }
 
 pub(super) fn encode_cmds(c: &Cmds) -> Bytes {
@@ -194,6 +209,10 @@ pub(super) fn encode_cmds(c: &Cmds) -> Bytes {
     }
     put_opt_u64(&mut out, c.prefetch.map(u64::from));
     out.put_u8(u8::from(c.leave));
+    if c.waiting.is_some() || c.bounded {
+        out.put_u32(c.waiting.unwrap_or(0));
+        out.put_u8(u8::from(c.bounded));
+    }
     Bytes::from(out)
 }
 
@@ -218,6 +237,10 @@ pub(super) fn decode_cmds(r: &mut Reader) -> Result<Cmds> {
     }
     c.prefetch = u32_of(opt_u64(r)?)?;
     c.leave = r.u8()? != 0;
+    if r.0.has_remaining() {
+        c.waiting = Some(r.u32()?);
+        c.bounded = r.u8()? != 0;
+    }
     Ok(c)
 }
 
@@ -354,6 +377,7 @@ mod tests {
             offsets in proptest::collection::vec((any::<u64>(), any::<u64>(), 0u8..3), 0..6),
             prefetch in proptest::option::of(any::<u32>()),
             leave in any::<bool>(),
+            trailer in proptest::option::of((any::<u32>(), any::<bool>())),
         ) {
             let q = QueueRef { topic: topic("q"), queue: QueueId(3) };
             let c = Cmds {
@@ -364,6 +388,8 @@ mod tests {
                 nacks: offsets.iter().map(|(o, t, r)| (AckToken::from_parts(q.clone(), *o, *t), *r)).collect(),
                 prefetch,
                 leave,
+                waiting: trailer.map(|(w, _)| w),
+                bounded: trailer.is_some_and(|(_, b)| b),
             };
             match decode_request(encode_cmds(&c)).unwrap() {
                 Request::Cmds(back) => prop_assert_eq!(back, c),
@@ -394,12 +420,25 @@ mod tests {
         spec.policy.overflow = Overflow::RejectPublishDlx;
         let mut m = MemberOptions::new("m-1", 20);
         m.heartbeat = true;
-        match decode_request(encode_join("_INBOX.x", &spec, &m)).unwrap() {
-            Request::Join(to, s, back) => {
-                assert_eq!(to, "_INBOX.x");
-                assert_eq!(format!("{s:?}"), format!("{spec:?}"));
-                assert_eq!(format!("{back:?}"), format!("{m:?}"));
+        for unbounded in [false, true] {
+            m.unbounded = unbounded;
+            match decode_request(encode_join("_INBOX.x", &spec, &m)).unwrap() {
+                Request::Join(to, s, back) => {
+                    assert_eq!(to, "_INBOX.x");
+                    assert_eq!(format!("{s:?}"), format!("{spec:?}"));
+                    assert_eq!(format!("{back:?}"), format!("{m:?}"));
+                }
+                Request::Cmds(_) => panic!("a join"),
             }
+        }
+        // A join of an earlier version (no unbounded byte) is a bounded member.
+        m.unbounded = false;
+        let mut old = encode_join("_INBOX.x", &spec, &m).to_vec();
+        m.unbounded = true;
+        assert_eq!(encode_join("_INBOX.x", &spec, &m).len(), old.len() + 1);
+        old.push(1);
+        match decode_request(Bytes::from(old)).unwrap() {
+            Request::Join(_, _, back) => assert!(back.unbounded),
             Request::Cmds(_) => panic!("a join"),
         }
         let msg = Message::new(topic("a"), Bytes::from_static(b"body"));
