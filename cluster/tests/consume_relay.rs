@@ -589,3 +589,107 @@ async fn unbounded_members_hold_any_number_on_either_gateway() {
         "{unacked} delivered to a member bounded to 5 that took nothing more"
     );
 }
+
+/// Unbounded members that follow their shard when it moves (a second gateway joins and
+/// takes some shards): each still gets every message with none acknowledged, whether
+/// its group stayed on its gateway or moved to the other. The member joined anew shares
+/// the consumer's counts (`Drain`) with the member before it, and is asked for more at
+/// once after the move. What a moved member held before comes again from the new
+/// owner, which does not know it was delivered: not flagged redelivered (the same for
+/// bounded members; ARCHITECTURE.md, the state machine of a group member).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbounded_members_follow_their_shard() {
+    common::watchdog("unbounded_members_follow_their_shard", 300);
+    let cluster = NatsCluster::shared();
+    let dir = tempfile::tempdir().unwrap();
+    const SHARDS4: u16 = 4;
+    const N: usize = 1_000;
+    const WINDOW: usize = 50;
+    let relay = Duration::from_secs(20);
+    let a = common::start_gateway_with(cluster, "gwmove", SHARDS4, "gm-a", dir.path(), relay).await;
+    let mut gws = vec![("gm-a".to_owned(), a)];
+    common::wait_balanced(SHARDS4, &gws).await;
+    let b = gws[0].1.broker().clone();
+    let names = one_name_per_shard("mq", SHARDS4);
+    let mut consumers = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let q = TopicName::new(name.clone()).unwrap();
+        b.create_topic(&q, Some(1)).await.unwrap();
+        let confirmed = common::within(
+            60,
+            "the publisher ends",
+            publish(b.clone(), q.clone(), 0..N),
+        )
+        .await;
+        assert_eq!(confirmed.len(), N, "every publish confirmed");
+        let mut spec = GroupSpec::new(
+            GroupName::new(format!("mq-g{i}")).unwrap(),
+            vec![q.clone()],
+            ConsumeMode::Shared,
+        );
+        spec.start = StartPosition::First;
+        let mut opts = MemberOptions::new(format!("u{i}"), WINDOW);
+        opts.exact_prefetch = true;
+        opts.unbounded = true;
+        let mut c = common::within(30, "an unbounded member joins", b.subscribe(spec, opts))
+            .await
+            .expect("subscribe");
+        let mut held = Vec::new();
+        for k in 0..(2 * WINDOW) {
+            let d = common::within(
+                10,
+                &format!("{name}: delivery {k} before the move"),
+                c.recv(),
+            )
+            .await
+            .expect("the member ends");
+            held.push(d);
+        }
+        consumers.push((q, c, held));
+    }
+    let second =
+        common::start_gateway_with(cluster, "gwmove", SHARDS4, "gm-b", dir.path(), relay).await;
+    gws.push(("gm-b".to_owned(), second));
+    common::wait_balanced(SHARDS4, &gws).await;
+    let moved: Vec<TopicName> = consumers
+        .iter()
+        .map(|(q, _, _)| q.clone())
+        .filter(|q| {
+            gws[1]
+                .1
+                .broker()
+                .owned_shards()
+                .contains(&shard_of(q.as_str(), SHARDS4))
+        })
+        .collect();
+    assert!(
+        !moved.is_empty(),
+        "the second gateway took no shard of these queues"
+    );
+    eprintln!("moved: {moved:?}");
+    for (q, mut c, mut held) in consumers {
+        let mut bodies: BTreeSet<Bytes> = held
+            .iter()
+            .map(|d| d.message.message.body.clone())
+            .collect();
+        while bodies.len() < N {
+            let d = tokio::time::timeout(Duration::from_secs(8), c.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{q}: delivery {} of {N}, none acked", bodies.len()))
+                .expect("the member ends");
+            let again = !bodies.insert(d.message.message.body.clone());
+            assert!(
+                !again || moved.contains(&q),
+                "{q}: delivered twice without a move"
+            );
+            held.push(d);
+        }
+        for d in &held {
+            c.ack(d.ack_token());
+        }
+        drop(c);
+    }
+    for (_, g) in gws {
+        common::within(30, "a gateway leaves", g.leave(Duration::from_secs(5))).await;
+    }
+}

@@ -1,8 +1,9 @@
 //! A member of a group in a shard this gateway owns, in a cluster: when the shard moves
 //! to another gateway, the member follows it (joins the group there, over the consume
 //! relay) instead of ending. The client never sees the move; what it held and had not
-//! acknowledged is delivered again by the new owner (committed offsets), flagged
-//! redelivered, as after any move.
+//! acknowledged is delivered again by the new owner (from the committed offsets), as
+//! after any move, and not flagged redelivered: the new owner does not know what the
+//! old one delivered (nothing records it).
 //!
 //! ```text
 //!  Broker::subscribe (cluster, local shard)
