@@ -71,6 +71,33 @@ async fn publish(b: Broker, q: TopicName, range: std::ops::Range<usize>) -> Vec<
     confirmed
 }
 
+/// Queue `name` (one queue) created on whichever of two gateways owns its shard, with
+/// `n` messages published there, every one confirmed: the owner and the other gateway.
+async fn published_on_owner(
+    gws: &[(String, mqgate_cluster::gateway::Gateway)],
+    name: &str,
+    shards: u16,
+    n: usize,
+) -> (TopicName, Broker, Broker) {
+    let q = TopicName::new(name).unwrap();
+    let s = shard_of(q.as_str(), shards);
+    let owner_at = gws
+        .iter()
+        .position(|(_, g)| g.broker().owned_shards().contains(&s))
+        .unwrap();
+    let owner = gws[owner_at].1.broker().clone();
+    let other = gws[(owner_at + 1) % 2].1.broker().clone();
+    owner.create_topic(&q, Some(1)).await.unwrap();
+    let confirmed = common::within(
+        60,
+        "the publisher ends",
+        publish(owner.clone(), q.clone(), 0..n),
+    )
+    .await;
+    assert_eq!(confirmed.len(), n, "every publish confirmed");
+    (q, owner, other)
+}
+
 /// Receive and ack every delivery of `consumer` into `seen` (bodies over 100 bytes
 /// as `big:<length>`), until it ends.
 fn read_into(mut consumer: Consumer, seen: Seen) -> tokio::task::JoinHandle<()> {
@@ -408,23 +435,8 @@ async fn a_remote_member_leaving_gives_back_batches_in_transit() {
     let cluster = NatsCluster::shared();
     let dir = tempfile::tempdir().unwrap();
     let gws = common::start_balanced(cluster, "gwtransit", 4, &["gt-a", "gt-b"], dir.path()).await;
-    let q = TopicName::new(one_name_per_shard("tq", 4)[1].clone()).unwrap();
-    let s = shard_of(q.as_str(), 4);
-    let owner_at = gws
-        .iter()
-        .position(|(_, g)| g.broker().owned_shards().contains(&s))
-        .unwrap();
-    let owner = gws[owner_at].1.broker().clone();
-    let member = gws[(owner_at + 1) % 2].1.broker().clone();
-    owner.create_topic(&q, Some(1)).await.unwrap();
     const N: usize = 2_000;
-    let confirmed = common::within(
-        60,
-        "the publisher ends",
-        publish(owner.clone(), q.clone(), 0..N),
-    )
-    .await;
-    assert_eq!(confirmed.len(), N, "every publish confirmed");
+    let (q, owner, member) = published_on_owner(&gws, &one_name_per_shard("tq", 4)[1], 4, N).await;
     let mut spec = GroupSpec::new(
         GroupName::new("tq-readers").unwrap(),
         vec![q.clone()],
@@ -484,24 +496,9 @@ async fn unbounded_members_hold_any_number_on_either_gateway() {
         Duration::from_secs(20),
     )
     .await;
-    let q = TopicName::new(one_name_per_shard("uq", 4)[2].clone()).unwrap();
-    let s = shard_of(q.as_str(), 4);
-    let owner_at = gws
-        .iter()
-        .position(|(_, g)| g.broker().owned_shards().contains(&s))
-        .unwrap();
-    let owner = gws[owner_at].1.broker().clone();
-    let other = gws[(owner_at + 1) % 2].1.broker().clone();
-    owner.create_topic(&q, Some(1)).await.unwrap();
     const N: usize = 3_000;
     const WINDOW: usize = 100;
-    let confirmed = common::within(
-        60,
-        "the publisher ends",
-        publish(owner.clone(), q.clone(), 0..N),
-    )
-    .await;
-    assert_eq!(confirmed.len(), N, "every publish confirmed");
+    let (q, owner, other) = published_on_owner(&gws, &one_name_per_shard("uq", 4)[2], 4, N).await;
     // Over the relay the member on the owner holds a prefetch's worth in its mailbox
     // too, besides what is on its way to the consumer or in its mailbox.
     for (at, b, bound) in [
