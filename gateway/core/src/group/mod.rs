@@ -484,7 +484,7 @@ impl Consumer {
         use std::sync::atomic::Ordering::SeqCst;
         if let Some(d) = &self.drain {
             d.taken.fetch_add(1, SeqCst);
-            if d.starved.load(SeqCst) && self.rx.is_empty() && d.starved.swap(false, SeqCst) {
+            if d.starved.load(SeqCst) && self.rx.is_empty() && d.unstarve() {
                 self.heartbeat();
             }
         }
