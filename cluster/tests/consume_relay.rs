@@ -474,6 +474,26 @@ async fn a_remote_member_leaving_gives_back_batches_in_transit() {
     );
 }
 
+/// Group `group` of `q` read from its first message, and an unbounded member `id` of
+/// it with prefetch `window` (AMQP's consumer without basic.qos).
+fn unbounded_member(
+    group: &str,
+    q: &TopicName,
+    id: impl Into<String>,
+    window: usize,
+) -> (GroupSpec, MemberOptions) {
+    let mut spec = GroupSpec::new(
+        GroupName::new(group).unwrap(),
+        vec![q.clone()],
+        ConsumeMode::Shared,
+    );
+    spec.start = StartPosition::First;
+    let mut opts = MemberOptions::new(id, window);
+    opts.exact_prefetch = true;
+    opts.unbounded = true;
+    (spec, opts)
+}
+
 /// A member without a bound on what it holds unacknowledged (AMQP's consumer without
 /// basic.qos, `MemberOptions::unbounded`), on the gateway owning its group's shard (a
 /// member that follows its shard, fed through a pump) and on the other one (over the
@@ -505,15 +525,7 @@ async fn unbounded_members_hold_any_number_on_either_gateway() {
         ("the owner", &owner, WINDOW),
         ("the other gateway", &other, 2 * WINDOW),
     ] {
-        let mut spec = GroupSpec::new(
-            GroupName::new(format!("uq-{}", at.len())).unwrap(),
-            vec![q.clone()],
-            ConsumeMode::Shared,
-        );
-        spec.start = StartPosition::First;
-        let mut opts = MemberOptions::new("u", WINDOW);
-        opts.exact_prefetch = true;
-        opts.unbounded = true;
+        let (spec, opts) = unbounded_member(&format!("uq-{}", at.len()), &q, "u", WINDOW);
         let mut c = common::within(
             30,
             "an unbounded member joins",
@@ -553,16 +565,8 @@ async fn unbounded_members_hold_any_number_on_either_gateway() {
     // Over the relay, a member whose channel gets a global limit later (its credit pool
     // stays on its gateway) is bounded by its prefetch from then on, as the channel
     // sets it to the limit.
-    let mut spec = GroupSpec::new(
-        GroupName::new("uq-pool").unwrap(),
-        vec![q.clone()],
-        ConsumeMode::Shared,
-    );
-    spec.start = StartPosition::First;
     let pool = mqgate_core::CreditPool::new(0);
-    let mut opts = MemberOptions::new("p", WINDOW);
-    opts.exact_prefetch = true;
-    opts.unbounded = true;
+    let (spec, mut opts) = unbounded_member("uq-pool", &q, "p", WINDOW);
     opts.credit_pool = Some(pool.clone());
     let mut c = common::within(30, "a member joins", other.subscribe(spec.clone(), opts))
         .await
@@ -602,8 +606,7 @@ async fn unbounded_members_follow_their_shard() {
     const SHARDS4: u16 = 4;
     const N: usize = 1_000;
     const WINDOW: usize = 50;
-    let relay = Duration::from_secs(20);
-    let a = common::start_gateway_with(cluster, "gwmove", SHARDS4, "gm-a", dir.path(), relay).await;
+    let a = common::start_gateway(cluster, "gwmove", SHARDS4, "gm-a", dir.path()).await;
     let mut gws = vec![("gm-a".to_owned(), a)];
     common::wait_balanced(SHARDS4, &gws).await;
     let b = gws[0].1.broker().clone();
@@ -619,15 +622,7 @@ async fn unbounded_members_follow_their_shard() {
         )
         .await;
         assert_eq!(confirmed.len(), N, "every publish confirmed");
-        let mut spec = GroupSpec::new(
-            GroupName::new(format!("mq-g{i}")).unwrap(),
-            vec![q.clone()],
-            ConsumeMode::Shared,
-        );
-        spec.start = StartPosition::First;
-        let mut opts = MemberOptions::new(format!("u{i}"), WINDOW);
-        opts.exact_prefetch = true;
-        opts.unbounded = true;
+        let (spec, opts) = unbounded_member(&format!("mq-g{i}"), &q, format!("u{i}"), WINDOW);
         let mut c = common::within(30, "an unbounded member joins", b.subscribe(spec, opts))
             .await
             .expect("subscribe");
@@ -644,8 +639,7 @@ async fn unbounded_members_follow_their_shard() {
         }
         consumers.push((q, c, held));
     }
-    let second =
-        common::start_gateway_with(cluster, "gwmove", SHARDS4, "gm-b", dir.path(), relay).await;
+    let second = common::start_gateway(cluster, "gwmove", SHARDS4, "gm-b", dir.path()).await;
     gws.push(("gm-b".to_owned(), second));
     common::wait_balanced(SHARDS4, &gws).await;
     let moved: Vec<TopicName> = consumers
