@@ -350,6 +350,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Apply a batch atomically; returns once it is durable under the fsync policy.
     async fn write(&self, batch: WriteBatch) -> Result<WriteReceipt>;
 
+    /// Whether a durable write's answer waits on I/O after the batch is readable (an
+    /// fsync of every batch, a replication quorum), rather than coming at once. A
+    /// protocol connection then has its kernel ACK what it read before that answer
+    /// (`mqgate_core::sockio`, "Answers that wait on a sync").
+    fn answers_wait(&self) -> bool {
+        false
+    }
+
     /// [`Store::write`], and `visible` is sent as soon as readers can see the batch,
     /// which may be before it is durable (a store that syncs lets consumers read while
     /// the fsync runs). The returned result still means durable.

@@ -980,6 +980,9 @@ async fn restart_loses_nothing(mut h: Harness) {
 }
 
 async fn periodic_fsync_policy(mut h: Harness) {
+    // Under the default policy a durable write's answer waits on an fsync (RocksDB) or
+    // a quorum (jetstream); in memory it comes at once.
+    assert_eq!(h.store().answers_wait(), h.kind != Kind::Memory);
     if h.kind != Kind::Memory {
         h = Harness::with(
             h.kind,
@@ -990,6 +993,11 @@ async fn periodic_fsync_policy(mut h: Harness) {
         );
     }
     let s = h.store().clone();
+    // Periodic: answered once in the OS; the replicated log still waits on its quorum.
+    assert_eq!(
+        s.answers_wait(),
+        h.kind != Kind::Memory && h.kind != Kind::Rocks
+    );
     s.create_topic(&topic("t"), 1).await.unwrap();
     for i in 0..100 {
         s.append(msg("t", &i.to_string()), vec![q("t", 0)])

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mqgate_core::router::{mqtt_to_amqp, RouteMemo, DEFAULT_VHOST};
+use mqgate_core::sockio::QuickAck;
 use mqgate_core::{Broker, Delay, Destination, Outgoing, PublishBatch, Records};
 use mqgate_store::{Message, Millis, TopicName};
 use parking_lot::{Mutex, RwLock};
@@ -304,9 +305,18 @@ impl MqttServer {
     pub fn listen(&self, listener: TcpListener) -> JoinHandle<()> {
         let server = self.clone();
         let stop = self.shared.shutdown.subscribe();
+        // Only when answers wait on a sync: otherwise they carry the ACK at once.
+        let ack_early = self.shared.broker.answers_wait();
         mqgate_core::net::accept_loop("MQTT", listener, stop, move |tcp, peer| {
-            server.serve_stream(tcp, peer)
+            let quick = ack_early.then(|| QuickAck::of(tcp.get_ref()));
+            server.serve_tcp_stream(tcp, peer, quick)
         })
+    }
+
+    /// Whether publishes' answers wait on I/O, so that connections ACK early
+    /// ([`mqgate_core::Broker::answers_wait`]).
+    pub fn answers_wait(&self) -> bool {
+        self.shared.broker.answers_wait()
     }
 
     /// Serve one client over any byte stream.
@@ -314,11 +324,21 @@ impl MqttServer {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        self.serve_tcp_stream(stream, peer, None);
+    }
+
+    /// Serve one client over a byte stream carried by the TCP socket `quick` (TLS):
+    /// publishes whose answers wait on an fsync are ACKed at once by its kernel
+    /// (`mqgate_core::sockio`, "Answers that wait on a sync").
+    pub fn serve_tcp_stream<S>(&self, stream: S, peer: SocketAddr, quick: Option<QuickAck>)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         // Pending until its handshake succeeds: capped by `max_pending_handshakes` (the
         // oldest is evicted for it), never counted against `max_connections`.
         let pending = self.shared.gate.begin(peer);
         let shared = Arc::clone(&self.shared);
-        tokio::spawn(crate::conn::run(shared, stream, peer, pending));
+        tokio::spawn(crate::conn::run(shared, stream, peer, pending, quick));
     }
 
     /// The adapter's counters.

@@ -586,6 +586,12 @@ impl Broker {
         self.inner.clock.now()
     }
 
+    /// Whether a durable publish's answer waits on I/O (`Store::answers_wait` of a
+    /// shard owned here, or another gateway's answer in a cluster).
+    pub fn answers_wait(&self) -> bool {
+        self.inner.link.is_some() || self.inner.owned().iter().any(|s| s.store.answers_wait())
+    }
+
     /// Join (or create) a consumer group as a member. The group's spec must match the
     /// existing group's, if any. On a gateway of a cluster, a member of a group whose
     /// shard is owned here follows the shard if it moves (`group/migrate.rs`), and one

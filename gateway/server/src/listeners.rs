@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use mqgate_core::sockio::QuickAck;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -44,15 +45,26 @@ pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAccepto
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
-/// Something that serves one client over a byte stream (an adapter).
+/// Something that serves one client over a byte stream (an adapter), carried by the TCP
+/// socket `quick`.
 pub(crate) trait Serve: Clone + Send + Sync + 'static {
-    fn serve<S>(&self, stream: S, peer: SocketAddr)
+    /// Whether the adapter's connections ACK early what they read (`QuickAck`): its
+    /// publishes' answers wait on I/O and its clients may leave Nagle's algorithm on.
+    fn ack_early(&self) -> bool;
+
+    fn serve<S>(&self, stream: S, peer: SocketAddr, quick: Option<QuickAck>)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static;
 }
 
 impl Serve for mqgate_amqp::AmqpServer {
-    fn serve<S>(&self, stream: S, peer: SocketAddr)
+    /// AMQP clients turn Nagle's algorithm off (lapin, py-amqp, amqplib, the Java
+    /// client): an early ACK would cost a packet for nothing.
+    fn ack_early(&self) -> bool {
+        false
+    }
+
+    fn serve<S>(&self, stream: S, peer: SocketAddr, _quick: Option<QuickAck>)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -61,11 +73,15 @@ impl Serve for mqgate_amqp::AmqpServer {
 }
 
 impl Serve for mqgate_mqtt::MqttServer {
-    fn serve<S>(&self, stream: S, peer: SocketAddr)
+    fn ack_early(&self) -> bool {
+        self.answers_wait()
+    }
+
+    fn serve<S>(&self, stream: S, peer: SocketAddr, quick: Option<QuickAck>)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        self.serve_stream(stream, peer);
+        self.serve_tcp_stream(stream, peer, quick);
     }
 }
 
@@ -77,11 +93,13 @@ pub(crate) fn serve_tls<A: Serve>(
     adapter: A,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let ack_early = adapter.ack_early();
     mqgate_core::net::accept_loop(what, listener, stop, move |tcp, peer| {
         let (tls, adapter) = (tls.clone(), adapter.clone());
+        let quick = ack_early.then(|| QuickAck::of(tcp.get_ref()));
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
-                Ok(Ok(stream)) => adapter.serve(stream, peer),
+                Ok(Ok(stream)) => adapter.serve(stream, peer, quick),
                 Ok(Err(e)) => tracing::info!(%peer, error = %e, "{what}: TLS handshake failed"),
                 Err(_) => tracing::info!(%peer, "{what}: TLS handshake timed out"),
             }
@@ -102,6 +120,7 @@ pub(crate) fn serve_ws(
     mqgate_core::net::accept_loop(what, listener, stop, move |tcp, peer| {
         let (tls, mqtt) = (tls.clone(), mqtt.clone());
         tokio::spawn(async move {
+            // The bridge's task owns the socket, not the connection: no `QuickAck`.
             let handshake = async {
                 match tls {
                     Some(tls) => {

@@ -687,6 +687,11 @@ impl Drop for RocksStore {
 
 #[async_trait]
 impl Store for RocksStore {
+    fn answers_wait(&self) -> bool {
+        let c = &self.shared.config;
+        c.external_log.is_some() || matches!(c.fsync, FsyncPolicy::EveryBatch)
+    }
+
     async fn create_topic(&self, name: &TopicName, queue_count: u32) -> Result<TopicConfig> {
         let name = name.clone();
         self.request(|tx| Request::CreateTopic(name, queue_count, tx))

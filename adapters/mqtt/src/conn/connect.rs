@@ -13,7 +13,7 @@ use mqgate_core::{ConsumeMode, GroupSpec, Located, MemberOptions, OnFailure, Sta
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
-use mqgate_core::sockio::{Input, Output};
+use mqgate_core::sockio::{Input, Output, QuickAck};
 
 use super::splice::Preamble;
 use super::{Conn, Inflight, Stage};
@@ -135,6 +135,7 @@ pub(super) async fn accept<S>(
     c: Connect,
     via: Option<String>,
     pending: mqgate_core::net::Pending,
+    quick: Option<QuickAck>,
 ) -> Option<(Box<Conn<S>>, mqgate_core::net::Admitted)>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -496,6 +497,7 @@ where
         problem_info: c.properties.request_problem_info != Some(0),
         check_reads: false,
     };
+    conn.input.set_quick_ack(quick);
     conn.check_reads = shared.acl.may_deny(conn.subject(), Access::Subscribe);
     let producer_group = c
         .properties

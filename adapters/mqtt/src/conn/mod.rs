@@ -33,7 +33,7 @@ mod subindex;
 mod subscribe;
 mod will;
 
-use mqgate_core::sockio::{Input, Output, DELIVERY_BURST, OUT_HIGH_WATER};
+use mqgate_core::sockio::{Input, Output, QuickAck, DELIVERY_BURST, OUT_HIGH_WATER};
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -301,11 +301,12 @@ pub(crate) fn run<S>(
     stream: S,
     peer: SocketAddr,
     pending: mqgate_core::net::Pending,
+    quick: Option<QuickAck>,
 ) -> impl Future<Output = ()> + Send + 'static
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let handshake = Box::pin(handshake(shared, stream, peer, pending));
+    let handshake = Box::pin(handshake(shared, stream, peer, pending, quick));
     async move {
         // `admitted` counts it against limits.max_connections until it ends.
         let Some((mut conn, admitted)) = handshake.await else {
@@ -335,6 +336,7 @@ async fn handshake<S>(
     stream: S,
     peer: SocketAddr,
     pending: mqgate_core::net::Pending,
+    quick: Option<QuickAck>,
 ) -> Option<(Box<Conn<S>>, mqgate_core::net::Admitted)>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -362,6 +364,7 @@ where
                 *c,
                 via,
                 pending,
+                quick,
             ))
             .await
         }

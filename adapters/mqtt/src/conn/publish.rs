@@ -174,7 +174,13 @@ where
             items.push(o);
         }
         // Until `acknowledge` answers them.
-        self.publishing().acks_pending += acks.iter().filter(|a| a.1 != QoS::AtMostOnce).count();
+        let answered_later = acks.iter().filter(|a| a.1 != QoS::AtMostOnce).count();
+        self.publishing().acks_pending += answered_later;
+        if answered_later > 0 {
+            // Answered once durable: the client's next publish is not held for our ACK
+            // meanwhile (`sockio`, "Answers that wait on a sync").
+            self.input.ack_now();
+        }
         let own = session_topic(&self.client_id);
         let memo = self.publishing.as_deref_mut().map(|p| &mut p.route);
         let (matched, stored) = match self.shared.route_batch(items, Some(&own), memo).await {
