@@ -497,7 +497,11 @@ where
         problem_info: c.properties.request_problem_info != Some(0),
         check_reads: false,
     };
-    conn.input.set_quick_ack(quick);
+    // A connection spliced here by another gateway comes from a socket that sends at once
+    // (`splice.rs`): an early ACK would be a packet for nothing.
+    if via.is_none() {
+        conn.input.set_quick_ack(quick);
+    }
     conn.check_reads = shared.acl.may_deny(conn.subject(), Access::Subscribe);
     let producer_group = c
         .properties

@@ -174,13 +174,8 @@ where
             items.push(o);
         }
         // Until `acknowledge` answers them.
-        let answered_later = acks.iter().filter(|a| a.1 != QoS::AtMostOnce).count();
-        self.publishing().acks_pending += answered_later;
-        if answered_later > 0 {
-            // Answered once durable: the client's next publish is not held for our ACK
-            // meanwhile (`sockio`, "Answers that wait on a sync").
-            self.input.ack_now();
-        }
+        let answered_later = acks.iter().any(|a| a.1 != QoS::AtMostOnce);
+        self.publishing().acks_pending += acks.iter().filter(|a| a.1 != QoS::AtMostOnce).count();
         let own = session_topic(&self.client_id);
         let memo = self.publishing.as_deref_mut().map(|p| &mut p.route);
         let (matched, stored) = match self.shared.route_batch(items, Some(&own), memo).await {
@@ -190,6 +185,11 @@ where
         if stored.items.is_empty() && self.publishing().writes.is_empty() {
             // Nothing to store (QoS 0 handed over, or nothing matched): answered now.
             return self.acknowledge((acks, matched), Ok(Vec::new())).await;
+        }
+        if answered_later {
+            // Answered once durable: the client's next publish is not held for our ACK
+            // meanwhile (`sockio`, "Answers that wait on a sync").
+            self.input.ack_now();
         }
         while self.publishing().writes.must_drain() {
             let (t, r) = self.publishing().writes.next().await;
