@@ -76,9 +76,19 @@ impl Gateway {
         );
     }
 
+    /// Whether its AMQP, MQTT and admin ports accept connections (the admin API binds
+    /// last: the tests ask it for the cluster's view as soon as this is true).
     pub fn listening(&self) -> bool {
-        std::net::TcpStream::connect(("127.0.0.1", self.amqp)).is_ok()
-            && std::net::TcpStream::connect(("127.0.0.1", self.mqtt)).is_ok()
+        [self.amqp, self.mqtt, self.admin]
+            .iter()
+            .all(|&p| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok())
+    }
+
+    /// Whether its AMQP or its MQTT port accepts connections (a standby opens neither).
+    pub fn any_protocol_listening(&self) -> bool {
+        [self.amqp, self.mqtt]
+            .iter()
+            .any(|&p| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok())
     }
 
     /// Wait until it listens. A gateway that exits first (a port [`free_port`] found
