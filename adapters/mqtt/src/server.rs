@@ -308,7 +308,7 @@ impl MqttServer {
         // Only when answers wait on a sync: otherwise they carry the ACK at once.
         let ack_early = self.shared.broker.answers_wait();
         mqgate_core::net::accept_loop("MQTT", listener, stop, move |tcp, peer| {
-            let quick = ack_early.then(|| QuickAck::of(tcp.get_ref()));
+            let quick = ack_early.then(|| QuickAck::of(tcp.get_ref())).flatten();
             server.serve_tcp_stream(tcp, peer, quick)
         })
     }

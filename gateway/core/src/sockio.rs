@@ -98,11 +98,13 @@ pub struct Input<R> {
     pub buf: BytesMut,
     /// When something was last read.
     pub last: Instant,
-    room: usize,
+    /// The room offered to the next read (at most [`MAX_READ`]). A `u32`, so that it and
+    /// `quick` take the 8 bytes it took alone as a `usize`: an idle MQTT connection's
+    /// state stays one 512-byte allocation (ARCHITECTURE.md, "What an idle MQTT
+    /// connection costs").
+    room: u32,
     /// The TCP socket under `rd`, to ACK what was read at once ([`Input::ack_now`]).
     quick: Option<QuickAck>,
-    /// Whether [`Input::ack_now`] ran since the last read (it does nothing then).
-    acked: bool,
 }
 
 /// A TCP connection's socket, for one thing only: to have its kernel acknowledge at once
@@ -112,20 +114,64 @@ pub struct Input<R> {
 /// another, it would ACK that other socket early, or fail, and nothing worse. Linux
 /// only: elsewhere it does nothing.
 #[derive(Clone, Copy, Debug)]
-pub struct QuickAck(#[cfg(target_os = "linux")] std::os::fd::RawFd);
+pub struct QuickAck(
+    /// The descriptor plus one, and [`ACKED`] once [`Input::ack_now`] ran since the last
+    /// read (4 bytes, and `Option<QuickAck>` too).
+    #[cfg(target_os = "linux")]
+    std::num::NonZeroU32,
+);
+
+/// [`QuickAck`]'s flag: asked since the last read (descriptors stay below 2^30 on Linux).
+#[cfg(target_os = "linux")]
+const ACKED: u32 = 1 << 31;
 
 impl QuickAck {
-    /// The socket of `tcp`.
-    pub fn of(tcp: &tokio::net::TcpStream) -> Self {
+    /// The socket of `tcp` (`None` for a descriptor out of range, which Linux never gives).
+    pub fn of(tcp: &tokio::net::TcpStream) -> Option<Self> {
         #[cfg(target_os = "linux")]
         {
             use std::os::fd::AsRawFd;
-            Self(tcp.as_raw_fd())
+            u32::try_from(tcp.as_raw_fd())
+                .ok()
+                .and_then(|fd| fd.checked_add(1))
+                .filter(|v| v & ACKED == 0)
+                .and_then(std::num::NonZeroU32::new)
+                .map(Self)
         }
         #[cfg(not(target_os = "linux"))]
         {
             let _ = tcp;
-            Self()
+            Some(Self())
+        }
+    }
+
+    /// Whether it was asked since the last read.
+    fn acked(self) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            self.0.get() & ACKED != 0
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            false
+        }
+    }
+
+    /// The same socket, with the flag of [`QuickAck::acked`] set or cleared.
+    fn with_acked(self, acked: bool) -> Self {
+        #[cfg(target_os = "linux")]
+        {
+            let v = if acked {
+                self.0.get() | ACKED
+            } else {
+                self.0.get() & !ACKED
+            };
+            std::num::NonZeroU32::new(v).map_or(self, Self)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = acked;
+            self
         }
     }
 
@@ -134,6 +180,7 @@ impl QuickAck {
     fn now(self) {
         #[cfg(target_os = "linux")]
         {
+            let fd = ((self.0.get() & !ACKED) - 1) as std::os::fd::RawFd;
             let one: libc::c_int = 1;
             // SAFETY: setsockopt reads `one`, a c_int alive across the call, and touches
             // nothing else of this process. The descriptor is the connection's socket,
@@ -141,7 +188,7 @@ impl QuickAck {
             // would fail or ACK another socket early, which is harmless.
             let _ = unsafe {
                 libc::setsockopt(
-                    self.0,
+                    fd,
                     libc::IPPROTO_TCP,
                     libc::TCP_QUICKACK,
                     std::ptr::from_ref(&one).cast(),
@@ -159,9 +206,8 @@ impl<R: AsyncRead + Unpin> Input<R> {
             rd,
             buf,
             last: Instant::now(),
-            room: MIN_READ,
+            room: MIN_READ as u32,
             quick: None,
-            acked: false,
         }
     }
 
@@ -172,24 +218,29 @@ impl<R: AsyncRead + Unpin> Input<R> {
 
     /// Have the kernel ACK at once what was read: call when what was read will be
     /// answered only once a write is durable (a client with Nagle's algorithm on holds
-    /// its next small segment until then otherwise). Nothing on a stream that is not
-    /// plain TCP.
+    /// its next small segment until then otherwise). Once a read; nothing on a stream
+    /// that is not plain TCP.
     pub fn ack_now(&mut self) {
-        if let (Some(q), false) = (self.quick, self.acked) {
+        if let Some(q) = self.quick.filter(|q| !q.acked()) {
             q.now();
-            self.acked = true;
+            self.quick = Some(q.with_acked(true));
         }
+    }
+
+    /// The room offered to the next read.
+    fn room(&self) -> usize {
+        self.room as usize
     }
 
     /// Whether the next read goes through the stack: nothing pending, smallest room.
     fn idle(&self) -> bool {
-        self.buf.is_empty() && self.room == MIN_READ
+        self.buf.is_empty() && self.room() == MIN_READ
     }
 
     /// Make room for the next read (call before arming [`Input::read_some`]).
     pub fn prepare(&mut self) {
-        if !self.idle() && self.buf.capacity() - self.buf.len() < self.room / 2 {
-            self.buf.reserve(self.room);
+        if !self.idle() && self.buf.capacity() - self.buf.len() < self.room() / 2 {
+            self.buf.reserve(self.room());
         }
     }
 
@@ -218,12 +269,13 @@ impl<R: AsyncRead + Unpin> Input<R> {
             ))?
         };
         if n > 0 {
-            self.acked = false;
-            self.room = if n >= self.room / 2 {
-                (self.room * 2).min(MAX_READ)
+            self.quick = self.quick.map(|q| q.with_acked(false));
+            let room = if n >= self.room() / 2 {
+                (self.room() * 2).min(MAX_READ)
             } else {
-                (self.room / 2).max(MIN_READ)
+                (self.room() / 2).max(MIN_READ)
             };
+            self.room = room as u32;
             self.last = Instant::now();
         }
         Poll::Ready(Ok(n))
@@ -232,7 +284,8 @@ impl<R: AsyncRead + Unpin> Input<R> {
     /// After the input was handled: give back a drained buffer a burst made big, or any
     /// drained buffer once reads are small again (the next one goes through the stack).
     pub fn settle(&mut self) {
-        if self.buf.is_empty() && (self.buf.capacity() > 2 * self.room || self.room == MIN_READ) {
+        if self.buf.is_empty() && (self.buf.capacity() > 2 * self.room() || self.room() == MIN_READ)
+        {
             self.buf = BytesMut::new();
         }
     }
@@ -403,7 +456,7 @@ mod tests {
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let (rd, _wr) = server.into_split();
-        let quick = QuickAck::of(rd.as_ref());
+        let quick = QuickAck::of(rd.as_ref()).unwrap();
         let mut input = Input::new(rd, BytesMut::new());
         let quickack = |i: &Input<tokio::net::tcp::OwnedReadHalf>| {
             socket2::SockRef::from(i.rd.as_ref())
@@ -418,6 +471,7 @@ mod tests {
         input.ack_now();
         assert!(!quickack(&input), "no socket given: nothing done");
         input.set_quick_ack(Some(quick));
+        assert_eq!(std::mem::size_of::<Option<QuickAck>>(), 4);
         client.write_all(b"PUBLISH").await.unwrap();
         read_all(&mut input, 7).await;
         input.ack_now();
@@ -487,7 +541,7 @@ mod tests {
             input.prepare();
             let n = input.read_some().await.unwrap();
             assert!(n > 0);
-            largest_room = largest_room.max(input.room);
+            largest_room = largest_room.max(input.room());
             got.extend_from_slice(&input.buf.split());
             input.settle();
         }

@@ -96,7 +96,7 @@ pub(crate) fn serve_tls<A: Serve>(
     let ack_early = adapter.ack_early();
     mqgate_core::net::accept_loop(what, listener, stop, move |tcp, peer| {
         let (tls, adapter) = (tls.clone(), adapter.clone());
-        let quick = ack_early.then(|| QuickAck::of(tcp.get_ref()));
+        let quick = ack_early.then(|| QuickAck::of(tcp.get_ref())).flatten();
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
                 Ok(Ok(stream)) => adapter.serve(stream, peer, quick),

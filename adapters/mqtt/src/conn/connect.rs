@@ -423,7 +423,7 @@ where
         refuse!(3, reason::SERVER_UNAVAILABLE, "store unavailable");
     }
     let client_recv_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
-    let send_quota = usize::from(client_recv_max.min(cfg.max_inflight)).max(1);
+    let send_quota = client_recv_max.min(cfg.max_inflight).max(1);
     let session_consumer = shared
         .broker
         .subscribe(
@@ -436,7 +436,7 @@ where
                     ConsumeMode::Shared,
                 )
             },
-            MemberOptions::new(client_id.clone(), send_quota),
+            MemberOptions::new(client_id.clone(), usize::from(send_quota)),
         )
         .await;
     let session_consumer = match session_consumer {
@@ -487,10 +487,8 @@ where
         inflight: HashMap::new(),
         next_pkid: 1,
         send_quota,
-        client_max_packet: c
-            .properties
-            .maximum_packet_size
-            .map_or(usize::MAX, |m| m as usize),
+        // No limit given: u32::MAX, past the largest packet MQTT can encode (256 MiB).
+        client_max_packet: c.properties.maximum_packet_size.unwrap_or(u32::MAX),
         client_alias_max: c.properties.topic_alias_maximum.unwrap_or(0),
         rare: None,
         publishing: None,

@@ -36,7 +36,9 @@ where
             }
         }
         for _ in 0..DELIVERY_BURST {
-            if self.inflight.len() >= self.send_quota || self.output.len() >= OUT_HIGH_WATER {
+            if self.inflight.len() >= usize::from(self.send_quota)
+                || self.output.len() >= OUT_HIGH_WATER
+            {
                 break;
             }
             match try_deliveries(&mut self.session, self.rare.as_deref_mut()) {
@@ -51,7 +53,9 @@ where
     /// (In a cluster, read from the gateway owning shard 0 when that is another one.)
     pub(super) async fn send_retained(&mut self) {
         let broker = self.shared.broker.clone();
-        while self.output.len() < OUT_HIGH_WATER && self.inflight.len() < self.send_quota {
+        while self.output.len() < OUT_HIGH_WATER
+            && self.inflight.len() < usize::from(self.send_quota)
+        {
             let Some(mut pending) = self.rare().retained_todo.pop_front() else {
                 // All sent: the queue goes too, and what holds it if nothing else is
                 // there (an idle session keeps none: a SUBSCRIBE queues a look-up for
@@ -407,8 +411,12 @@ where
             payload: &m.body,
         };
         let v5 = self.v5();
-        if !codec::encode_publish_within(&publish, v5, self.client_max_packet, &mut self.output.out)
-        {
+        if !codec::encode_publish_within(
+            &publish,
+            v5,
+            self.client_max_packet as usize,
+            &mut self.output.out,
+        ) {
             tracing::debug!(client = %self.client_id, "MQTT: message over the client's maximum packet size; dropped");
             if let Some(s) = source {
                 self.settle(s, false);

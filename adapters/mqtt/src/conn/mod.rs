@@ -120,8 +120,8 @@ struct Conn<S> {
     done: crate::server::Done,
     inflight: HashMap<u16, Inflight>,
     next_pkid: u16,
-    send_quota: usize,
-    client_max_packet: usize,
+    send_quota: u16,
+    client_max_packet: u32,
     client_alias_max: u16,
     /// What a connection that publishes holds (`None` until its first PUBLISH, or a
     /// resumed session's QoS 2 ids): boxed, so a connection that only subscribes, the
@@ -473,7 +473,7 @@ where
             // has no blocked packet: TCP pushes back on the client) and its keep alive
             // waits.
             let held = self.publishing.as_ref().is_some_and(|p| p.memory.blocked);
-            let window_open = self.inflight.len() < self.send_quota;
+            let window_open = self.inflight.len() < usize::from(self.send_quota);
             let may_deliver = self.output.may_deliver();
             let retained_first = self.retained_pending();
             let arms = Arms {
@@ -925,3 +925,15 @@ pub(crate) const ADMINISTRATIVE_ACTION: u8 = 0x98;
 /// DISCONNECT reason code 0x9C: use another server (the session's shard moved to
 /// another gateway of the cluster; the client's reconnect finds it there).
 pub(crate) const USE_ANOTHER_SERVER: u8 = 0x9C;
+
+#[cfg(test)]
+mod tests {
+    /// An idle connection's state is one 512-byte allocation (ARCHITECTURE.md, "What an
+    /// idle MQTT connection costs"): a field more must make room for itself.
+    #[test]
+    fn a_connection_state_fits_512_bytes() {
+        type Tcp = mqgate_core::net::Counted<tokio::net::TcpStream>;
+        let size = std::mem::size_of::<super::Conn<Tcp>>();
+        assert!(size <= 512, "Conn is {size} bytes");
+    }
+}

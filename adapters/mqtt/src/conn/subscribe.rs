@@ -298,7 +298,7 @@ where
                         },
                     )
                 },
-                MemberOptions::new(self.client_id.clone(), self.send_quota),
+                MemberOptions::new(self.client_id.clone(), usize::from(self.send_quota)),
             )
             .await?;
         let rare = self.rare();
