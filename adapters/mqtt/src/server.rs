@@ -306,7 +306,7 @@ impl MqttServer {
         let server = self.clone();
         let stop = self.shared.shutdown.subscribe();
         // Only when answers wait on a sync: otherwise they carry the ACK at once.
-        let ack_early = self.shared.broker.answers_wait();
+        let ack_early = self.answers_wait();
         mqgate_core::net::accept_loop("MQTT", listener, stop, move |tcp, peer| {
             let quick = ack_early.then(|| QuickAck::of(tcp.get_ref())).flatten();
             server.serve_tcp_stream(tcp, peer, quick)
