@@ -141,6 +141,10 @@ impl ClusterLink for NatsLink {
     }
 
     async fn admin(&self, shard: ShardId, op: AdminOp) -> Result<AdminAnswer> {
+        if let AdminOp::GroupInfo(group) = &op {
+            // Counts read after this gateway's members acked or requeued see it.
+            self.consumers.settle_group(group).await;
+        }
         self.admin.run(shard, op).await
     }
 

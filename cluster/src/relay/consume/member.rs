@@ -1,6 +1,7 @@
 //! The member's side of the consume relay: a gateway's members of groups whose shards
 //! other gateways own.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use mqgate_core::outbox::ShardId;
 use mqgate_core::{
     AckToken, Consumer, CoreError, Delivery, Drain, GroupSpec, MemberOptions, RemoteControl, Result,
 };
+use mqgate_store::GroupName;
 use tokio::sync::mpsc;
 
 use super::wire::{decode_dlv, decode_reply, encode_cmds, encode_join, invalid, Cmds, Dlv};
@@ -29,6 +31,9 @@ enum Ctl {
     Prefetch(usize),
     Heartbeat,
     Leave,
+    /// Answered once every call before it has been applied on the owner
+    /// ([`NatsConsumers::settle_group`]).
+    Settle(tokio::sync::oneshot::Sender<()>),
 }
 
 struct RemoteCtl(
@@ -73,6 +78,8 @@ pub struct NatsConsumers {
     client: async_nats::Client,
     stream: String,
     times: Times,
+    /// This gateway's remote members, by group (`settle_group`).
+    members: Arc<parking_lot::Mutex<HashMap<GroupName, Vec<mpsc::WeakUnboundedSender<Ctl>>>>>,
 }
 
 impl NatsConsumers {
@@ -83,7 +90,35 @@ impl NatsConsumers {
             client,
             stream: stream.to_owned(),
             times: Times::new(timeout),
+            members: Arc::default(),
         }
+    }
+
+    /// Wait (at most a request's time out) until what this gateway's members of
+    /// `group` acknowledged, rejected or gave back so far has been applied on its
+    /// owner: what the gateway asks the owner next (the group's counts) sees it, as
+    /// on a single broker, where both go through the group's actor in order.
+    pub async fn settle_group(&self, group: &GroupName) {
+        let senders: Vec<_> = {
+            let mut members = self.members.lock();
+            let Some(list) = members.get_mut(group) else {
+                return;
+            };
+            let senders: Vec<_> = list.iter().filter_map(|w| w.upgrade()).collect();
+            if senders.is_empty() {
+                members.remove(group);
+            }
+            senders
+        };
+        let answers: Vec<_> = senders
+            .into_iter()
+            .filter_map(|tx| {
+                let (done, answer) = tokio::sync::oneshot::channel();
+                tx.send(Ctl::Settle(done)).ok().map(|()| answer)
+            })
+            .collect();
+        let _ =
+            tokio::time::timeout(self.times.request, futures_util::future::join_all(answers)).await;
     }
 
     async fn request(&self, shard: ShardId, payload: Bytes) -> Result<u64> {
@@ -168,6 +203,12 @@ impl NatsConsumers {
         let (handle, unbounded) = self.join(shard, &deliver_to, &spec, &member, None).await?;
         member.unbounded = unbounded;
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        {
+            let mut members = self.members.lock();
+            let list = members.entry(spec.name.clone()).or_default();
+            list.retain(|w| w.strong_count() > 0);
+            list.push(ctl_tx.downgrade());
+        }
         let (done_tx, done_rx) = tokio::sync::watch::channel(());
         // An unbounded member counts what it put in the mailbox and what the consumer
         // took (with a consumer that wraps it, in that consumer's counts).
@@ -195,6 +236,7 @@ impl NatsConsumers {
             drain,
             reported: 0,
             since: 0,
+            settles: Vec::new(),
         };
         tokio::spawn(async move {
             member_side.run(sub, ctl_rx, mailbox).await;
@@ -231,6 +273,8 @@ struct MemberSide {
     reported: usize,
     /// Deliveries received since the last report.
     since: usize,
+    /// Answered after the next commands request (`Ctl::Settle`).
+    settles: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl MemberSide {
@@ -314,7 +358,13 @@ impl MemberSide {
                         let _ = self.flush().await;
                         return;
                     }
-                    if !self.flush().await && !self.rejoin(&mailbox).await {
+                    let flushed = self.flush().await;
+                    // The owner answers a commands request once it has applied it (on a
+                    // failure the wait ends too: nothing more is coming).
+                    for done in self.settles.drain(..) {
+                        let _ = done.send(());
+                    }
+                    if !flushed && !self.rejoin(&mailbox).await {
                         return;
                     }
                 }
@@ -344,6 +394,7 @@ impl MemberSide {
             }
             Ctl::Heartbeat => {}
             Ctl::Leave => self.pending.leave = true,
+            Ctl::Settle(done) => self.settles.push(done),
         }
     }
 

@@ -53,6 +53,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::Subject;
 use bytes::{BufMut, Bytes};
 use futures_util::StreamExt;
 use mqgate_core::outbox::ShardId;
@@ -93,7 +94,7 @@ impl Times {
     }
 }
 
-type Members = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Cmds>>>>;
+type Members = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<(Cmds, Option<Subject>)>>>>;
 
 /// The owner's side: serves joins and commands for one shard's groups while it owns
 /// the shard (drop or [`ConsumeServer::stop`] when it is released; the members' pumps
@@ -134,7 +135,7 @@ impl ConsumeServer {
                 String,
                 Consumer,
                 Option<usize>,
-                mpsc::UnboundedReceiver<Cmds>,
+                mpsc::UnboundedReceiver<(Cmds, Option<Subject>)>,
             )>();
             loop {
                 let msg = tokio::select! {
@@ -199,8 +200,12 @@ impl ConsumeServer {
                     Ok(Request::Cmds(c)) => {
                         let tx = members.lock().get(&c.handle).cloned();
                         let leave = c.leave;
+                        // Answered by the pump once it has applied them (so that what
+                        // the member's gateway asks the owner next, a group's counts,
+                        // sees them), a leave once the member has left.
+                        let answer_by_pump = (!leave).then(|| reply_to.clone());
                         let answer = match tx {
-                            Some(tx) if tx.send(c).is_ok() => {
+                            Some(tx) if tx.send((c, answer_by_pump)).is_ok() => {
                                 if leave {
                                     // Answered once the member has left here (what it
                                     // held released): its gateway's close waits for it.
@@ -212,9 +217,8 @@ impl ConsumeServer {
                                         let _ =
                                             client.publish(reply_to, encode_reply(&Ok(0))).await;
                                     });
-                                    continue;
                                 }
-                                Ok(0)
+                                continue;
                             }
                             _ => Err(CoreError::NoSuchGroup("a member of this gateway".into())),
                         };
@@ -279,7 +283,7 @@ async fn pump(
     deliver_to: String,
     (handle, mut window): (u64, Option<usize>),
     mut consumer: Consumer,
-    mut cmds: mpsc::UnboundedReceiver<Cmds>,
+    mut cmds: mpsc::UnboundedReceiver<(Cmds, Option<Subject>)>,
     times: Times,
     faults: Arc<super::Faults>,
     members: Members,
@@ -354,7 +358,7 @@ async fn pump(
                 }
             }
             c = cmds.recv() => {
-                let Some(c) = c else { break };
+                let Some((c, reply_to)) = c else { break };
                 heard = tokio::time::Instant::now();
                 // Every request is a sign of life (for members that joined with
                 // `heartbeat: true`).
@@ -390,6 +394,11 @@ async fn pump(
                         requeue(&consumer, tokens);
                     }
                 }
+                if let Some(to) = reply_to {
+                    // Applied: in the group's actor's mailbox, ahead of anything asked
+                    // of it after this answer.
+                    let _ = client.publish(to, encode_reply(&Ok(0))).await;
+                }
                 if c.leave {
                     // What was sent after `received_through` never reached the client:
                     // the member drops batches that arrive once it has left. Released
@@ -422,5 +431,13 @@ async fn pump(
     // Left: what it held is released (its actor has the leave) before anyone is told.
     drop(consumer);
     members.lock().remove(&handle);
-    drop(cmds);
+    // Commands that came too late were not applied: their requests are told so (the
+    // member joins anew), rather than left to time out.
+    cmds.close();
+    while let Ok((_, reply_to)) = cmds.try_recv() {
+        if let Some(to) = reply_to {
+            let gone = Err(CoreError::NoSuchGroup("a member of this gateway".into()));
+            let _ = client.publish(to, encode_reply(&gone)).await;
+        }
+    }
 }
