@@ -363,15 +363,17 @@ where
                     return End::Error(reply::CONNECTION_FORCED,
                         "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'".into(), 0, 0);
                 }
+                // Store answers before the write: batches made durable by one sync are
+                // confirmed in one write (bounded: new batches need a read, below).
+                (confirms, stored) = self.writes.next(), if !self.writes.is_empty() => {
+                    self.confirm(confirms, stored);
+                }
                 w = self.output.write_some(), if has_out => match w {
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(n) => {
                         self.shared.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                     }
                 },
-                (confirms, stored) = self.writes.next(), if !self.writes.is_empty() => {
-                    self.confirm(confirms, stored);
-                }
                 r = self.input.read_some(), if may_read => match r {
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(n) => {

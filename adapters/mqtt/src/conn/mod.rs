@@ -568,13 +568,16 @@ where
         if let Poll::Ready(r) = self.kick_rx.poll_recv(cx) {
             return Poll::Ready(Event::Kick(r));
         }
+        // Store answers before the write: groups made durable by one sync are answered
+        // together, their PUBACKs in one write (bounded: a group is answered at most
+        // once, and new ones need a read, looked at after the write).
+        if let Poll::Ready(e) = Publishing::poll(&mut self.publishing, cx) {
+            return Poll::Ready(e);
+        }
         if arms.write {
             if let Poll::Ready(w) = self.output.poll_write_some(cx) {
                 return Poll::Ready(Event::Wrote(w));
             }
-        }
-        if let Poll::Ready(e) = Publishing::poll(&mut self.publishing, cx) {
-            return Poll::Ready(e);
         }
         if arms.read {
             if let Poll::Ready(r) = self.input.poll_read_some(cx) {
