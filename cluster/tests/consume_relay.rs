@@ -658,8 +658,8 @@ async fn unbounded_members_hold_any_number_on_either_gateway() {
 /// its group stayed on its gateway or moved to the other. The member joined anew shares
 /// the consumer's counts (`Drain`) with the member before it, and is asked for more at
 /// once after the move. What a moved member held before comes again from the new
-/// owner, which does not know it was delivered: not flagged redelivered (the same for
-/// bounded members; ARCHITECTURE.md, the state machine of a group member).
+/// owner, flagged redelivered: the group's delivered mark came with the shard (the same
+/// for bounded members; ARCHITECTURE.md, "Delivered marks").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unbounded_members_follow_their_shard() {
     common::watchdog("unbounded_members_follow_their_shard", 300);
@@ -734,6 +734,10 @@ async fn unbounded_members_follow_their_shard() {
             assert!(
                 !again || moved.contains(&q),
                 "{q}: delivered twice without a move"
+            );
+            assert!(
+                !again || d.redelivered,
+                "{q}: delivered again after the move, not flagged redelivered"
             );
             held.push(d);
         }

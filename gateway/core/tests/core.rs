@@ -855,6 +855,51 @@ async fn start_positions_and_committed_offsets(env: Env) {
         .is_err());
 }
 
+/// A group's delivered marks (what a restart flags redelivered) are written as it
+/// delivers, one per queue, and go when the group is deleted: a short-lived group (an
+/// MQTT clean session, an auto-deleted AMQP queue) leaves nothing behind.
+async fn deleted_group_takes_its_delivered_marks(env: Env) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(env.kind, &dir);
+    let b = Broker::start(
+        Arc::clone(&store),
+        env.config.clone(),
+        Arc::new(env.clock.clone()),
+    )
+    .await
+    .unwrap();
+    b.create_topic(&topic("marked"), Some(2)).await.unwrap();
+    for i in 0..6 {
+        publish(&b, "marked", i.to_string()).await;
+    }
+    let s = spec("marker", "marked", ConsumeMode::Shared);
+    let mut c = b
+        .subscribe(s.clone(), MemberOptions::new("c", 10))
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        let d = recv(&mut c).await;
+        c.ack(d.ack_token());
+    }
+    let marks = || store.kv_scan("core.delivered", b"", None, 100);
+    let before = marks().await.unwrap();
+    assert!(!before.is_empty(), "a mark for each queue delivered from");
+    assert!(
+        before
+            .iter()
+            .all(|(k, _)| k.starts_with(b"marker\0marked\0")),
+        "{before:?}"
+    );
+    drop(c);
+    b.delete_group(&s.name).await.unwrap();
+    assert_eq!(
+        marks().await.unwrap(),
+        Vec::new(),
+        "the deleted group's marks"
+    );
+    b.shutdown().await;
+}
+
 async fn group_behind_retention_skips_and_counts(env: Env) {
     // A store that keeps about 20 records of this size.
     let record = {
@@ -1192,4 +1237,5 @@ both_backends!(
     group_behind_retention_skips_and_counts,
     silent_member_is_removed_and_its_messages_redelivered,
     durable_routing_survives_restart,
+    deleted_group_takes_its_delivered_marks,
 );

@@ -159,6 +159,117 @@ async fn sigkill_then_restart_recovers_and_says_so() {
     );
 }
 
+/// A consumer on `queue` with prefetch `prefetch`: (connection, channel, consumer).
+async fn consume(
+    b: &Broker,
+    queue: &str,
+    prefetch: u16,
+) -> (lapin::Connection, lapin::Channel, lapin::Consumer) {
+    let conn = lapin::Connection::connect(&b.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let c = ch
+        .basic_consume(
+            queue.into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (conn, ch, c)
+}
+
+/// The next delivery: (index of its body `m<i>`, redelivered).
+async fn next_indexed(c: &mut lapin::Consumer) -> (usize, lapin::message::Delivery) {
+    use futures_util::StreamExt;
+    let d = tokio::time::timeout(Duration::from_secs(10), c.next())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("the consumer goes on")
+        .expect("a delivery");
+    let i = String::from_utf8_lossy(&d.data)[1..].parse().unwrap();
+    (i, d)
+}
+
+/// Messages delivered and not acknowledged before a restart come back flagged
+/// redelivered, as RabbitMQ flags them (before, a restart forgot they had been
+/// delivered). After SIGTERM exactly those; after SIGKILL those, and at most the
+/// delivered mark's stride (256) of messages past them that were never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_deliveries_come_back_flagged_redelivered_after_a_restart() {
+    let mut b = Broker::start();
+    for q in ["again-term", "again-kill"] {
+        publish_confirmed(&b, q, 300).await;
+    }
+    // The first 4 acked, which lets 4 more come: 14 delivered, 10 of them unacked
+    // (the prefetch: nothing more is sent); then SIGTERM.
+    let (conn, _ch, mut c) = consume(&b, "again-term", 10).await;
+    for want in 0..14 {
+        let (i, d) = next_indexed(&mut c).await;
+        assert_eq!((i, d.redelivered), (want, false));
+        if i < 4 {
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    }
+    let pid = b.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    drop(conn);
+    b.respawn_logged();
+    let (_conn, _ch, mut c) = consume(&b, "again-term", 10).await;
+    let mut flagged = Vec::new();
+    for want in 4..300 {
+        let (i, d) = next_indexed(&mut c).await;
+        assert_eq!(i, want, "in order");
+        if d.redelivered {
+            flagged.push(i);
+        }
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    assert_eq!(
+        flagged,
+        (4..14).collect::<Vec<_>>(),
+        "after SIGTERM: the unacknowledged deliveries, and only they, flagged"
+    );
+    // The same before SIGKILL.
+    let (_conn2, _ch2, mut c) = consume(&b, "again-kill", 10).await;
+    for want in 0..14 {
+        let (i, d) = next_indexed(&mut c).await;
+        assert_eq!((i, d.redelivered), (want, false));
+        if i < 4 {
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    }
+    b.child.kill().unwrap(); // SIGKILL
+    b.respawn_logged();
+    let (_conn, _ch, mut c) = consume(&b, "again-kill", 10).await;
+    let mut seen = Vec::new();
+    loop {
+        let (i, d) = next_indexed(&mut c).await;
+        seen.push((i, d.redelivered));
+        d.ack(BasicAckOptions::default()).await.unwrap();
+        if i == 299 {
+            break;
+        }
+    }
+    for (i, redelivered) in seen {
+        if (4..14).contains(&i) {
+            assert!(redelivered, "m{i} was delivered before SIGKILL: flagged");
+        }
+        if i >= 256 {
+            assert!(!redelivered, "m{i} was never delivered: not flagged");
+        }
+    }
+}
+
 /// `mqgate serve --small` (the edge profile) starts itself again, same process, with the
 /// allocator settings in its environment, and serves: confirmed messages are kept.
 /// `runtime.transparent_huge_pages = false` (the default): the broker's memory is never

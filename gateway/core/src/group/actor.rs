@@ -146,6 +146,38 @@ pub(super) struct QueueState {
     /// still settled or redelivered while the group lives. Committing their offset would
     /// bring back everything the reset skipped (a purge's messages) after a restart.
     pub(super) floor: u64,
+    /// Offsets below this may have been delivered before this actor started (its
+    /// delivered mark as stored, [`DELIVERED_NS`]): delivered from the store, they are
+    /// flagged redelivered.
+    pub(super) seen: u64,
+    /// The delivered mark stored in this actor's life: offsets below it are delivered
+    /// without another write.
+    pub(super) marked: u64,
+    /// One past the highest offset this actor delivered.
+    pub(super) delivered_end: u64,
+}
+
+/// The key-value namespace of the groups' delivered marks: per group (a broadcast
+/// member's own offsets group) and queue, an offset below which messages may have
+/// been delivered. Written ahead of the deliveries, [`DELIVERED_STRIDE`] at a time,
+/// and exactly when the group's actor ends, so that after a crash or a restart what
+/// was delivered and not acknowledged comes again flagged redelivered (AMQP's
+/// `redelivered`, MQTT's DUP), as RabbitMQ flags it.
+pub(crate) const DELIVERED_NS: &str = "core.delivered";
+/// How far ahead of the deliveries the delivered mark is written: one small write per
+/// this many messages of a queue; after a crash, at most this many messages past the
+/// last one delivered are flagged redelivered without having been delivered.
+pub(super) const DELIVERED_STRIDE: u64 = 256;
+
+/// The key of `group`'s delivered mark on `queue`.
+pub(super) fn delivered_key(group: &GroupName, queue: &QueueRef) -> Vec<u8> {
+    let mut k = Vec::with_capacity(group.as_str().len() + queue.topic.as_str().len() + 6);
+    k.extend_from_slice(group.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(queue.topic.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(&queue.queue.0.to_be_bytes());
+    k
 }
 
 impl QueueState {
@@ -323,6 +355,7 @@ impl Actor {
                 // Memberless for a while: persist and end; a later subscribe starts a
                 // fresh actor from the committed offsets.
                 Box::pin(self.commit()).await;
+                Box::pin(self.settle_delivered_marks()).await;
                 let inner = Arc::clone(&*self.inner);
                 self.handle.alive.store(false, Ordering::Release);
                 inner.forget_group(&self.spec.name, &self.handle);
@@ -332,6 +365,7 @@ impl Actor {
             }
         }
         Box::pin(self.commit()).await;
+        Box::pin(self.settle_delivered_marks()).await;
         self.handle.alive.store(false, Ordering::Release);
         for t in &self.watched {
             t.flow.progress_at.store(0, Ordering::Release);
@@ -426,15 +460,91 @@ impl Actor {
     /// A fresh cursor for `queue`: the committed offset, or the start position.
     async fn open_cursor(&self, queue: &QueueRef, member: Option<&str>) -> Result<QueueState> {
         let group = self.offsets_group(member);
-        let (read, persisted) = match self.inner.store.committed_offset(&group, queue).await? {
-            Some(o) => (o.0, Some(o.0)),
-            None => (self.inner.position(queue, &self.spec.start).await?, None),
+        let key = delivered_key(&group, queue);
+        let mark = match self.inner.store.kv_get(DELIVERED_NS, &key).await {
+            Ok(v) => v.and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?))),
+            Err(e) => {
+                tracing::warn!(group = %group, queue = %queue, error = %e, "core: a group's delivered mark could not be read; nothing flagged redelivered");
+                None
+            }
+        };
+        let (read, persisted, seen) = match self.inner.store.committed_offset(&group, queue).await?
+        {
+            Some(o) => (o.0, Some(o.0), mark.unwrap_or(0)),
+            None => {
+                if mark.is_some() {
+                    // A mark without offsets: left by a group of this name deleted
+                    // since (or its topic): not this group's.
+                    let mut batch = WriteBatch::new();
+                    batch.no_sync().kv_delete(DELIVERED_NS, key);
+                    if let Err(e) = self.inner.store.write(batch).await {
+                        tracing::warn!(group = %group, queue = %queue, error = %e, "core: a stale delivered mark stays");
+                    }
+                }
+                (self.inner.position(queue, &self.spec.start).await?, None, 0)
+            }
         };
         Ok(QueueState {
             read,
             persisted,
+            seen,
+            marked: seen,
             ..QueueState::default()
         })
+    }
+
+    /// Store `group`'s delivered mark on `queue` (a hint: a failed write is logged).
+    pub(super) async fn write_delivered_mark(
+        &self,
+        group: &GroupName,
+        queue: &QueueRef,
+        mark: u64,
+    ) {
+        let mut batch = WriteBatch::new();
+        batch.no_sync().kv_put(
+            DELIVERED_NS,
+            delivered_key(group, queue),
+            bytes::Bytes::copy_from_slice(&mark.to_be_bytes()),
+        );
+        if let Err(e) = self.inner.store.write(batch).await {
+            tracing::warn!(group = %group, queue = %queue, error = %e, "core: a group's delivered mark was not stored");
+        }
+    }
+
+    /// The actor ends: each queue's delivered mark comes down from where it was
+    /// written ahead to what was delivered (or what a crash before left).
+    async fn settle_delivered_marks(&mut self) {
+        let mut exact = Vec::new();
+        if self.broadcast() {
+            for (id, m) in &self.members {
+                for (q, c) in &m.cursors {
+                    let end = c.delivered_end.max(c.seen);
+                    if end < c.marked {
+                        exact.push((self.offsets_group(Some(id)), q.clone(), end));
+                    }
+                }
+            }
+        } else {
+            for (q, c) in &self.queues {
+                let end = c.delivered_end.max(c.seen);
+                if end < c.marked {
+                    exact.push((self.spec.name.clone(), q.clone(), end));
+                }
+            }
+        }
+        for (group, q, end) in exact {
+            self.write_delivered_mark(&group, &q, end).await;
+        }
+        // Written: not again (the loop's exit settles once more).
+        let lower = |c: &mut QueueState| c.marked = c.marked.min(c.delivered_end.max(c.seen));
+        if self.broadcast() {
+            self.members
+                .values_mut()
+                .flat_map(|m| m.cursors.values_mut())
+                .for_each(lower);
+        } else {
+            self.queues.values_mut().for_each(lower);
+        }
     }
 
     async fn load_queues(&mut self) -> Result<()> {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use mqgate_store::{QueueOffset, QueueRef, ReadLimits};
 
-use super::actor::{Actor, Dying, InFlight, Member, MemberId, Pending, Target};
+use super::actor::{Actor, Dying, InFlight, Member, MemberId, Pending, Target, DELIVERED_STRIDE};
 use super::Delivery;
 use crate::endpoint::Verdict;
 
@@ -127,12 +127,15 @@ impl Actor {
             // entry kept, to put it back if a shared credit pool has run dry).
             let next = {
                 let q = self.cursor_mut(owner_key, queue).expect("checked");
+                let seen = q.seen;
                 match q.redeliver.pop_first() {
                     Some((offset, p)) => Some((offset, p.message, p.count, true, None)),
-                    None => q
-                        .buffer
-                        .pop_front()
-                        .map(|m| (m.entry.offset.0, m.message, 0, false, Some(m.entry))),
+                    // Below the delivered mark of before this actor: delivered then,
+                    // perhaps (a restart, a crash, the shard moved).
+                    None => q.buffer.pop_front().map(|m| {
+                        let offset = m.entry.offset.0;
+                        (offset, m.message, 0, offset < seen, Some(m.entry))
+                    }),
                 }
             };
             let (offset, message, count, redelivered, entry) = match next {
@@ -176,6 +179,19 @@ impl Actor {
                     continue;
                 }
             };
+            // The delivered mark goes ahead of what is delivered, a stride at a time, so a
+            // restart knows what may have been delivered (`DELIVERED_NS`).
+            let marked = self
+                .cursor_mut(owner_key, queue)
+                .map_or(u64::MAX, |q| q.marked);
+            if offset >= marked {
+                let mark = offset + DELIVERED_STRIDE;
+                let group = self.offsets_group(self.broadcast().then_some(owner_key));
+                self.write_delivered_mark(&group, queue, mark).await;
+                if let Some(q) = self.cursor_mut(owner_key, queue) {
+                    q.marked = mark;
+                }
+            }
             // A unit of a shared credit pool (AMQP's global prefetch), taken only now, when
             // the message is going out: the pool is shared with groups whose actors run on
             // other threads, and a unit taken and given back would wake them all for
@@ -224,6 +240,7 @@ impl Actor {
                 self.rr = i + 1;
             }
             let q = self.cursor_mut(owner_key, queue).expect("checked");
+            q.delivered_end = q.delivered_end.max(offset + 1);
             q.in_flight.insert(
                 offset,
                 InFlight {

@@ -2,8 +2,8 @@
 //! to another gateway, the member follows it (joins the group there, over the consume
 //! relay) instead of ending. The client never sees the move; what it held and had not
 //! acknowledged is delivered again by the new owner (from the committed offsets), as
-//! after any move, and not flagged redelivered: the new owner does not know what the
-//! old one delivered (nothing records it).
+//! after any move, flagged redelivered below the group's delivered mark, which the
+//! shard's store carries to the new owner (`actor::DELIVERED_NS`).
 //!
 //! ```text
 //!  Broker::subscribe (cluster, local shard)

@@ -41,6 +41,7 @@ use crate::endpoint::Policy;
 use crate::error::{CoreError, Result};
 
 use self::actor::Actor;
+pub(crate) use self::actor::DELIVERED_NS;
 pub use self::credit::CreditPool;
 pub(crate) use self::park::GroupWake;
 use self::vecmap::VecMap;
