@@ -721,6 +721,7 @@ async fn unbounded_members_follow_their_shard() {
     );
     eprintln!("moved: {moved:?}");
     for (q, mut c, mut held) in consumers {
+        let mut repeats = 0usize;
         let mut bodies: BTreeSet<Bytes> = held
             .iter()
             .map(|d| d.message.message.body.clone())
@@ -739,8 +740,13 @@ async fn unbounded_members_follow_their_shard() {
                 !again || d.redelivered,
                 "{q}: delivered again after the move, not flagged redelivered"
             );
+            repeats += usize::from(again);
             held.push(d);
         }
+        assert!(
+            !moved.contains(&q) || repeats > 0,
+            "{q} moved: what its member held came again"
+        );
         for d in &held {
             c.ack(d.ack_token());
         }

@@ -738,15 +738,18 @@ impl Broker {
         }
         let mut batch = WriteBatch::new();
         batch.delete_offsets(group.clone(), None);
-        // Its delivered marks go with its offsets (`group::DELIVERED_NS`).
-        let mut prefix = group.as_str().as_bytes().to_vec();
-        prefix.push(0);
-        for (key, _) in shard
-            .store
-            .kv_scan(crate::group::DELIVERED_NS, &prefix, None, 65_536)
-            .await?
-        {
-            batch.kv_delete(crate::group::DELIVERED_NS, key);
+        // Its delivered marks go with its offsets (`group::DELIVERED_NS`), a broadcast
+        // group's members' (`<group>%<member>`) too.
+        for end in [0, b'%'] {
+            let mut prefix = group.as_str().as_bytes().to_vec();
+            prefix.push(end);
+            for (key, _) in shard
+                .store
+                .kv_scan(crate::group::DELIVERED_NS, &prefix, None, 65_536)
+                .await?
+            {
+                batch.kv_delete(crate::group::DELIVERED_NS, key);
+            }
         }
         shard.store.write(batch).await?;
         // Its retry topic goes with it (as RocketMQ's deleteSubGroup does): what waits

@@ -897,6 +897,28 @@ async fn deleted_group_takes_its_delivered_marks(env: Env) {
         Vec::new(),
         "the deleted group's marks"
     );
+    // A broadcast member's marks, under its own offsets group, go with its group too.
+    let s = spec("bcast", "marked", ConsumeMode::Broadcast);
+    let mut c = b
+        .subscribe(s.clone(), MemberOptions::new("b1", 10))
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        let d = recv(&mut c).await;
+        c.ack(d.ack_token());
+    }
+    let before = marks().await.unwrap();
+    assert!(
+        !before.is_empty() && before.iter().all(|(k, _)| k.starts_with(b"bcast%b1\0")),
+        "{before:?}"
+    );
+    drop(c);
+    b.delete_group(&s.name).await.unwrap();
+    assert_eq!(
+        marks().await.unwrap(),
+        Vec::new(),
+        "a broadcast member's marks"
+    );
     b.shutdown().await;
 }
 

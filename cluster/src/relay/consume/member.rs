@@ -104,6 +104,7 @@ impl NatsConsumers {
             let Some(list) = members.get_mut(group) else {
                 return;
             };
+            list.retain(live);
             let senders: Vec<_> = list.iter().filter_map(|w| w.upgrade()).collect();
             if senders.is_empty() {
                 members.remove(group);
@@ -206,7 +207,7 @@ impl NatsConsumers {
         {
             let mut members = self.members.lock();
             let list = members.entry(spec.name.clone()).or_default();
-            list.retain(|w| w.strong_count() > 0);
+            list.retain(live);
             list.push(ctl_tx.downgrade());
         }
         let (done_tx, done_rx) = tokio::sync::watch::channel(());
@@ -238,9 +239,19 @@ impl NatsConsumers {
             since: 0,
             settles: Vec::new(),
         };
+        let (registry, group) = (Arc::clone(&self.members), member_side.spec.name.clone());
         tokio::spawn(async move {
             member_side.run(sub, ctl_rx, mailbox).await;
             drop(done_tx);
+            // Its commands channel is closed now: out of the registry (a group's key
+            // goes with its last member).
+            let mut members = registry.lock();
+            if let Some(list) = members.get_mut(&group) {
+                list.retain(live);
+                if list.is_empty() {
+                    members.remove(&group);
+                }
+            }
         });
         Ok(consumer)
     }
@@ -532,6 +543,11 @@ impl MemberSide {
             }
         }
     }
+}
+
+/// A registered member whose task still takes commands.
+fn live(w: &mpsc::WeakUnboundedSender<Ctl>) -> bool {
+    w.upgrade().is_some_and(|s| !s.is_closed())
 }
 
 /// A member whose AMQP channel has a global basic.qos limit: its credit pool stays on

@@ -53,7 +53,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::Subject;
 use bytes::{BufMut, Bytes};
 use futures_util::StreamExt;
 use mqgate_core::outbox::ShardId;
@@ -94,7 +93,9 @@ impl Times {
     }
 }
 
-type Members = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<(Cmds, Option<Subject>)>>>>;
+/// A member's commands, each with what tells the request's task it was applied.
+type CmdsIn = (Cmds, Option<tokio::sync::oneshot::Sender<()>>);
+type Members = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<CmdsIn>>>>;
 
 /// The owner's side: serves joins and commands for one shard's groups while it owns
 /// the shard (drop or [`ConsumeServer::stop`] when it is released; the members' pumps
@@ -135,7 +136,7 @@ impl ConsumeServer {
                 String,
                 Consumer,
                 Option<usize>,
-                mpsc::UnboundedReceiver<(Cmds, Option<Subject>)>,
+                mpsc::UnboundedReceiver<CmdsIn>,
             )>();
             loop {
                 let msg = tokio::select! {
@@ -200,12 +201,14 @@ impl ConsumeServer {
                     Ok(Request::Cmds(c)) => {
                         let tx = members.lock().get(&c.handle).cloned();
                         let leave = c.leave;
-                        // Answered by the pump once it has applied them (so that what
-                        // the member's gateway asks the owner next, a group's counts,
-                        // sees them), a leave once the member has left.
-                        let answer_by_pump = (!leave).then(|| reply_to.clone());
+                        // Answered once the pump has applied them (so that what the
+                        // member's gateway asks the owner next, a group's counts, sees
+                        // them), or has ended without (as before: the member learns
+                        // that from its next request or the pump's ended message); a
+                        // leave once the member has left.
+                        let (applied_tx, applied) = tokio::sync::oneshot::channel();
                         let answer = match tx {
-                            Some(tx) if tx.send((c, answer_by_pump)).is_ok() => {
+                            Some(tx) if tx.send((c, (!leave).then_some(applied_tx))).is_ok() => {
                                 if leave {
                                     // Answered once the member has left here (what it
                                     // held released): its gateway's close waits for it.
@@ -214,6 +217,13 @@ impl ConsumeServer {
                                         let _ =
                                             tokio::time::timeout(times.request / 2, tx.closed())
                                                 .await;
+                                        let _ =
+                                            client.publish(reply_to, encode_reply(&Ok(0))).await;
+                                    });
+                                } else {
+                                    let client = client.clone();
+                                    tokio::spawn(async move {
+                                        let _ = applied.await;
                                         let _ =
                                             client.publish(reply_to, encode_reply(&Ok(0))).await;
                                     });
@@ -283,7 +293,7 @@ async fn pump(
     deliver_to: String,
     (handle, mut window): (u64, Option<usize>),
     mut consumer: Consumer,
-    mut cmds: mpsc::UnboundedReceiver<(Cmds, Option<Subject>)>,
+    mut cmds: mpsc::UnboundedReceiver<CmdsIn>,
     times: Times,
     faults: Arc<super::Faults>,
     members: Members,
@@ -358,7 +368,7 @@ async fn pump(
                 }
             }
             c = cmds.recv() => {
-                let Some((c, reply_to)) = c else { break };
+                let Some((c, applied)) = c else { break };
                 heard = tokio::time::Instant::now();
                 // Every request is a sign of life (for members that joined with
                 // `heartbeat: true`).
@@ -394,10 +404,10 @@ async fn pump(
                         requeue(&consumer, tokens);
                     }
                 }
-                if let Some(to) = reply_to {
-                    // Applied: in the group's actor's mailbox, ahead of anything asked
-                    // of it after this answer.
-                    let _ = client.publish(to, encode_reply(&Ok(0))).await;
+                if let Some(applied) = applied {
+                    // In the group's actor's mailbox, ahead of anything asked of it
+                    // after the answer.
+                    let _ = applied.send(());
                 }
                 if c.leave {
                     // What was sent after `received_through` never reached the client:
@@ -431,13 +441,5 @@ async fn pump(
     // Left: what it held is released (its actor has the leave) before anyone is told.
     drop(consumer);
     members.lock().remove(&handle);
-    // Commands that came too late were not applied: their requests are told so (the
-    // member joins anew), rather than left to time out.
-    cmds.close();
-    while let Ok((_, reply_to)) = cmds.try_recv() {
-        if let Some(to) = reply_to {
-            let gone = Err(CoreError::NoSuchGroup("a member of this gateway".into()));
-            let _ = client.publish(to, encode_reply(&gone)).await;
-        }
-    }
+    drop(cmds);
 }

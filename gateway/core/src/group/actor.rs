@@ -493,21 +493,41 @@ impl Actor {
         })
     }
 
-    /// Store `group`'s delivered mark on `queue` (a hint: a failed write is logged).
+    /// Store `group`'s delivered mark on `queue`: true once it is written (readable,
+    /// in the log: a killed process keeps it), without waiting for a sync it may share
+    /// with publishes (a `no_sync` batch grouped with synced ones is answered after
+    /// their fsync). False, logged, when it was not written.
     pub(super) async fn write_delivered_mark(
         &self,
         group: &GroupName,
         queue: &QueueRef,
         mark: u64,
-    ) {
+    ) -> bool {
         let mut batch = WriteBatch::new();
         batch.no_sync().kv_put(
             DELIVERED_NS,
             delivered_key(group, queue),
             bytes::Bytes::copy_from_slice(&mark.to_be_bytes()),
         );
-        if let Err(e) = self.inner.store.write(batch).await {
-            tracing::warn!(group = %group, queue = %queue, error = %e, "core: a group's delivered mark was not stored");
+        let (seen, written) = oneshot::channel();
+        let visible: mqgate_store::OnVisible = Box::new(move || {
+            let _ = seen.send(());
+        });
+        match self.inner.store.write_queued(batch, visible).await {
+            Ok(done) => {
+                let (group, queue) = (group.clone(), queue.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = done.await {
+                        tracing::warn!(group = %group, queue = %queue, error = %e, "core: a group's delivered mark was not stored");
+                    }
+                });
+                // Dropped unsent when the write failed.
+                written.await.is_ok()
+            }
+            Err(e) => {
+                tracing::warn!(group = %group, queue = %queue, error = %e, "core: a group's delivered mark was not stored");
+                false
+            }
         }
     }
 
@@ -532,8 +552,22 @@ impl Actor {
                 }
             }
         }
+        if exact.is_empty() {
+            return;
+        }
+        let mut batch = WriteBatch::new();
+        batch.no_sync();
         for (group, q, end) in exact {
-            self.write_delivered_mark(&group, &q, end).await;
+            batch.kv_put(
+                DELIVERED_NS,
+                delivered_key(&group, &q),
+                bytes::Bytes::copy_from_slice(&end.to_be_bytes()),
+            );
+        }
+        if let Err(e) = self.inner.store.write(batch).await {
+            // Left where they were written ahead: more flagged than delivered.
+            tracing::warn!(group = %self.spec.name, error = %e, "core: a group's delivered marks were not lowered");
+            return;
         }
         // Written: not again (the loop's exit settles once more).
         let lower = |c: &mut QueueState| c.marked = c.marked.min(c.delivered_end.max(c.seen));
@@ -572,9 +606,14 @@ impl Actor {
                         let c = self.open_cursor(q, Some(&id)).await?;
                         if let Some(m) = self.members.get_mut(&id) {
                             m.cursors.insert(q.clone(), c);
+                            changed = true;
                         }
                     }
                 }
+            }
+            if changed {
+                // Their start stored before any delivery (see below).
+                self.commit().await;
             }
             return Ok(());
         }
@@ -587,6 +626,9 @@ impl Actor {
         }
         if changed {
             self.rebalance();
+            // Their start is stored before anything is delivered from them: a delivered
+            // mark without a committed offset is taken for a stale one.
+            self.commit().await;
         }
         Ok(())
     }
@@ -629,8 +671,14 @@ impl Actor {
                         }
                     }
                 }
+                let broadcast = !member.cursors.is_empty();
                 self.members.insert(opts.id.into(), member);
                 self.rebalance();
+                if broadcast {
+                    // A broadcast member's start stored before any delivery: a delivered
+                    // mark without a committed offset is taken for a stale one.
+                    self.commit().await;
+                }
                 let _ = done.send(());
             }
             Cmd::Leave(id, if_closed) => {
@@ -710,6 +758,15 @@ impl Actor {
             let mut batch = WriteBatch::new();
             for (q, c) in &member.cursors {
                 batch.commit_offset(group.clone(), q.clone(), QueueOffset(c.committed()));
+                // Its delivered marks down to what it was delivered.
+                let end = c.delivered_end.max(c.seen);
+                if end < c.marked {
+                    batch.kv_put(
+                        DELIVERED_NS,
+                        delivered_key(&group, q),
+                        bytes::Bytes::copy_from_slice(&end.to_be_bytes()),
+                    );
+                }
             }
             if let Err(e) = self.inner.store.write(batch).await {
                 tracing::error!(group = %self.spec.name, error = %e, "core: broadcast offsets not saved");

@@ -187,10 +187,22 @@ impl Actor {
             if offset >= marked {
                 let mark = offset + DELIVERED_STRIDE;
                 let group = self.offsets_group(self.broadcast().then_some(owner_key));
-                self.write_delivered_mark(&group, queue, mark).await;
-                if let Some(q) = self.cursor_mut(owner_key, queue) {
-                    q.marked = mark;
+                let written = self.write_delivered_mark(&group, queue, mark).await;
+                let q = self.cursor_mut(owner_key, queue).expect("checked");
+                if !written {
+                    // Not delivered without its mark (a store that fails, an owner
+                    // fenced off): put back, tried again on the next pump.
+                    match entry {
+                        Some(entry) => q
+                            .buffer
+                            .push_front(mqgate_store::QueueMessage { entry, message }),
+                        None => {
+                            q.redeliver.insert(offset, Pending { message, count });
+                        }
+                    }
+                    break;
                 }
+                q.marked = mark;
             }
             // A unit of a shared credit pool (AMQP's global prefetch), taken only now, when
             // the message is going out: the pool is shared with groups whose actors run on
