@@ -872,53 +872,35 @@ async fn deleted_group_takes_its_delivered_marks(env: Env) {
     for i in 0..6 {
         publish(&b, "marked", i.to_string()).await;
     }
-    let s = spec("marker", "marked", ConsumeMode::Shared);
-    let mut c = b
-        .subscribe(s.clone(), MemberOptions::new("c", 10))
-        .await
-        .unwrap();
-    for _ in 0..6 {
-        let d = recv(&mut c).await;
-        c.ack(d.ack_token());
-    }
     let marks = || store.kv_scan("core.delivered", b"", None, 100);
-    let before = marks().await.unwrap();
-    assert!(!before.is_empty(), "a mark for each queue delivered from");
-    assert!(
-        before
-            .iter()
-            .all(|(k, _)| k.starts_with(b"marker\0marked\0")),
-        "{before:?}"
-    );
-    drop(c);
-    b.delete_group(&s.name).await.unwrap();
-    assert_eq!(
-        marks().await.unwrap(),
-        Vec::new(),
-        "the deleted group's marks"
-    );
-    // A broadcast member's marks, under its own offsets group, go with its group too.
-    let s = spec("bcast", "marked", ConsumeMode::Broadcast);
-    let mut c = b
-        .subscribe(s.clone(), MemberOptions::new("b1", 10))
-        .await
-        .unwrap();
-    for _ in 0..6 {
-        let d = recv(&mut c).await;
-        c.ack(d.ack_token());
+    // A broadcast member's marks are under its own offsets group.
+    let cases: [(&str, ConsumeMode, &str, &[u8]); 2] = [
+        ("marker", ConsumeMode::Shared, "c", b"marker\0marked\0"),
+        ("bcast", ConsumeMode::Broadcast, "b1", b"bcast%b1\0"),
+    ];
+    for (name, mode, member, prefix) in cases {
+        let s = spec(name, "marked", mode);
+        let mut c = b
+            .subscribe(s.clone(), MemberOptions::new(member, 10))
+            .await
+            .unwrap();
+        for _ in 0..6 {
+            let d = recv(&mut c).await;
+            c.ack(d.ack_token());
+        }
+        let before = marks().await.unwrap();
+        assert!(
+            !before.is_empty() && before.iter().all(|(k, _)| k.starts_with(prefix)),
+            "{name}: a mark for each queue delivered from: {before:?}"
+        );
+        drop(c);
+        b.delete_group(&s.name).await.unwrap();
+        assert_eq!(
+            marks().await.unwrap(),
+            Vec::new(),
+            "{name}: the deleted group's marks"
+        );
     }
-    let before = marks().await.unwrap();
-    assert!(
-        !before.is_empty() && before.iter().all(|(k, _)| k.starts_with(b"bcast%b1\0")),
-        "{before:?}"
-    );
-    drop(c);
-    b.delete_group(&s.name).await.unwrap();
-    assert_eq!(
-        marks().await.unwrap(),
-        Vec::new(),
-        "a broadcast member's marks"
-    );
     b.shutdown().await;
 }
 

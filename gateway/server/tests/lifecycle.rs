@@ -41,6 +41,16 @@ async fn publish_confirmed(b: &Broker, queue: &str, n: usize) {
     let _ = conn.close(200, "bye".into()).await;
 }
 
+/// Send the broker SIGTERM.
+fn sigterm(b: &Broker) {
+    let pid = b.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_cleanly_and_tells_clients() {
     let b = Broker::start();
@@ -65,12 +75,7 @@ async fn sigterm_stops_cleanly_and_tells_clients() {
     let mut connack = vec![0u8; usize::from(head[1])];
     mqtt.read_exact(&mut connack).await.unwrap();
     assert_eq!(connack[1], 0, "accepted: {connack:?}");
-    let pid = b.child.id().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&b);
     let mut b = b;
     let deadline = Instant::now() + Duration::from_secs(15);
     let exit = loop {
@@ -196,6 +201,23 @@ async fn next_indexed(c: &mut lapin::Consumer) -> (usize, lapin::message::Delive
     (i, d)
 }
 
+/// Consume `queue` (300 messages) with prefetch 10: 14 delivered, the first 4 acked,
+/// so 10 are held unacknowledged and nothing more is sent.
+async fn hold_ten_unacked(
+    b: &Broker,
+    queue: &str,
+) -> (lapin::Connection, lapin::Channel, lapin::Consumer) {
+    let (conn, ch, mut c) = consume(b, queue, 10).await;
+    for want in 0..14 {
+        let (i, d) = next_indexed(&mut c).await;
+        assert_eq!((i, d.redelivered), (want, false));
+        if i < 4 {
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    }
+    (conn, ch, c)
+}
+
 /// Messages delivered and not acknowledged before a restart come back flagged
 /// redelivered, as RabbitMQ flags them (before, a restart forgot they had been
 /// delivered). After SIGTERM exactly those; after SIGKILL those, and at most the
@@ -208,20 +230,8 @@ async fn unacked_deliveries_come_back_flagged_redelivered_after_a_restart() {
     }
     // The first 4 acked, which lets 4 more come: 14 delivered, 10 of them unacked
     // (the prefetch: nothing more is sent); then SIGTERM.
-    let (conn, _ch, mut c) = consume(&b, "again-term", 10).await;
-    for want in 0..14 {
-        let (i, d) = next_indexed(&mut c).await;
-        assert_eq!((i, d.redelivered), (want, false));
-        if i < 4 {
-            d.ack(BasicAckOptions::default()).await.unwrap();
-        }
-    }
-    let pid = b.child.id().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let (conn, _ch, _c) = hold_ten_unacked(&b, "again-term").await;
+    sigterm(&b);
     drop(conn);
     b.respawn_logged();
     let (_conn, _ch, mut c) = consume(&b, "again-term", 10).await;
@@ -240,14 +250,7 @@ async fn unacked_deliveries_come_back_flagged_redelivered_after_a_restart() {
         "after SIGTERM: the unacknowledged deliveries, and only they, flagged"
     );
     // The same before SIGKILL.
-    let (_conn2, _ch2, mut c) = consume(&b, "again-kill", 10).await;
-    for want in 0..14 {
-        let (i, d) = next_indexed(&mut c).await;
-        assert_eq!((i, d.redelivered), (want, false));
-        if i < 4 {
-            d.ack(BasicAckOptions::default()).await.unwrap();
-        }
-    }
+    let _held = hold_ten_unacked(&b, "again-kill").await;
     b.child.kill().unwrap(); // SIGKILL
     b.respawn_logged();
     let (_conn, _ch, mut c) = consume(&b, "again-kill", 10).await;

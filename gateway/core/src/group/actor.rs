@@ -181,6 +181,23 @@ pub(super) fn delivered_key(group: &GroupName, queue: &QueueRef) -> Vec<u8> {
 }
 
 impl QueueState {
+    /// A message taken for delivery and not sent goes back where it came from: the
+    /// read-ahead (`entry`: its index entry) or the redeliveries.
+    pub(super) fn put_back(
+        &mut self,
+        offset: u64,
+        message: Arc<StoredMessage>,
+        count: u32,
+        entry: Option<mqgate_store::QueueEntry>,
+    ) {
+        match entry {
+            Some(entry) => self.buffer.push_front(QueueMessage { entry, message }),
+            None => {
+                self.redeliver.insert(offset, Pending { message, count });
+            }
+        }
+    }
+
     /// Move to `target` (a reset: a purge, a replay): what was read and not delivered
     /// and what waits for redelivery go. Deliveries in flight below `target` stay in
     /// flight (a purge keeps unacknowledged messages, as RabbitMQ does: an ack settles

@@ -192,14 +192,7 @@ impl Actor {
                 if !written {
                     // Not delivered without its mark (a store that fails, an owner
                     // fenced off): put back, tried again on the next pump.
-                    match entry {
-                        Some(entry) => q
-                            .buffer
-                            .push_front(mqgate_store::QueueMessage { entry, message }),
-                        None => {
-                            q.redeliver.insert(offset, Pending { message, count });
-                        }
-                    }
+                    q.put_back(offset, message, count, entry);
                     break;
                 }
                 q.marked = mark;
@@ -212,14 +205,7 @@ impl Actor {
             // another member may take it); this group is woken when units return.
             if !self.take_pool_unit(&member) {
                 let q = self.cursor_mut(owner_key, queue).expect("checked");
-                match entry {
-                    Some(entry) => q
-                        .buffer
-                        .push_front(mqgate_store::QueueMessage { entry, message }),
-                    None => {
-                        q.redeliver.insert(offset, Pending { message, count });
-                    }
-                }
+                q.put_back(offset, message, count, entry);
                 continue;
             }
             let token = self.next_token;
