@@ -510,16 +510,16 @@ impl Actor {
         })
     }
 
-    /// Store `group`'s delivered mark on `queue`: true once it is written (readable,
+    /// Store `group`'s delivered mark on `queue`: returns once it is written (readable,
     /// in the log: a killed process keeps it), without waiting for a sync it may share
     /// with publishes (a `no_sync` batch grouped with synced ones is answered after
-    /// their fsync). False, logged, when it was not written.
+    /// their fsync), or has failed (logged: the mark is a hint).
     pub(super) async fn write_delivered_mark(
         &self,
         group: &GroupName,
         queue: &QueueRef,
         mark: u64,
-    ) -> bool {
+    ) {
         let mut batch = WriteBatch::new();
         batch.no_sync().kv_put(
             DELIVERED_NS,
@@ -539,11 +539,10 @@ impl Actor {
                     }
                 });
                 // Dropped unsent when the write failed.
-                written.await.is_ok()
+                let _ = written.await;
             }
             Err(e) => {
                 tracing::warn!(group = %group, queue = %queue, error = %e, "core: a group's delivered mark was not stored");
-                false
             }
         }
     }

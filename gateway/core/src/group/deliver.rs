@@ -187,14 +187,10 @@ impl Actor {
             if offset >= marked {
                 let mark = offset + DELIVERED_STRIDE;
                 let group = self.offsets_group(self.broadcast().then_some(owner_key));
-                let written = self.write_delivered_mark(&group, queue, mark).await;
+                // A mark that cannot be written (a full disk) does not hold deliveries
+                // back: consumers drain a degraded store; this stride goes unmarked.
+                self.write_delivered_mark(&group, queue, mark).await;
                 let q = self.cursor_mut(owner_key, queue).expect("checked");
-                if !written {
-                    // Not delivered without its mark (a store that fails, an owner
-                    // fenced off): put back, tried again on the next pump.
-                    q.put_back(offset, message, count, entry);
-                    break;
-                }
                 q.marked = mark;
             }
             // A unit of a shared credit pool (AMQP's global prefetch), taken only now, when
