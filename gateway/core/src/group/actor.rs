@@ -11,6 +11,7 @@ use mqgate_store::{
 };
 use tokio::sync::oneshot;
 
+use super::marks::{delivered_key, DELIVERED_NS};
 use super::park::{CoreRef, GroupWake, Park};
 use super::vecmap::VecMap;
 use super::{
@@ -155,29 +156,6 @@ pub(super) struct QueueState {
     pub(super) marked: u64,
     /// One past the highest offset this actor delivered.
     pub(super) delivered_end: u64,
-}
-
-/// The key-value namespace of the groups' delivered marks: per group (a broadcast
-/// member's own offsets group) and queue, an offset below which messages may have
-/// been delivered. Written ahead of the deliveries, [`DELIVERED_STRIDE`] at a time,
-/// and exactly when the group's actor ends, so that after a crash or a restart what
-/// was delivered and not acknowledged comes again flagged redelivered (AMQP's
-/// `redelivered`, MQTT's DUP), as RabbitMQ flags it.
-pub(crate) const DELIVERED_NS: &str = "core.delivered";
-/// How far ahead of the deliveries the delivered mark is written: one small write per
-/// this many messages of a queue; after a crash, at most this many messages past the
-/// last one delivered are flagged redelivered without having been delivered.
-pub(super) const DELIVERED_STRIDE: u64 = 256;
-
-/// The key of `group`'s delivered mark on `queue`.
-pub(super) fn delivered_key(group: &GroupName, queue: &QueueRef) -> Vec<u8> {
-    let mut k = Vec::with_capacity(group.as_str().len() + queue.topic.as_str().len() + 6);
-    k.extend_from_slice(group.as_str().as_bytes());
-    k.push(0);
-    k.extend_from_slice(queue.topic.as_str().as_bytes());
-    k.push(0);
-    k.extend_from_slice(&queue.queue.0.to_be_bytes());
-    k
 }
 
 impl QueueState {
@@ -508,93 +486,6 @@ impl Actor {
             marked: seen,
             ..QueueState::default()
         })
-    }
-
-    /// Store `group`'s delivered mark on `queue`: returns once it is written (readable,
-    /// in the log: a killed process keeps it), without waiting for a sync it may share
-    /// with publishes (a `no_sync` batch grouped with synced ones is answered after
-    /// their fsync), or has failed (logged: the mark is a hint).
-    pub(super) async fn write_delivered_mark(
-        &self,
-        group: &GroupName,
-        queue: &QueueRef,
-        mark: u64,
-    ) {
-        let mut batch = WriteBatch::new();
-        batch.no_sync().kv_put(
-            DELIVERED_NS,
-            delivered_key(group, queue),
-            bytes::Bytes::copy_from_slice(&mark.to_be_bytes()),
-        );
-        let (seen, written) = oneshot::channel();
-        let visible: mqgate_store::OnVisible = Box::new(move || {
-            let _ = seen.send(());
-        });
-        match self.inner.store.write_queued(batch, visible).await {
-            Ok(done) => {
-                let (group, queue) = (group.clone(), queue.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = done.await {
-                        tracing::warn!(group = %group, queue = %queue, error = %e, "core: a group's delivered mark was not stored");
-                    }
-                });
-                // Dropped unsent when the write failed.
-                let _ = written.await;
-            }
-            Err(e) => {
-                tracing::warn!(group = %group, queue = %queue, error = %e, "core: a group's delivered mark was not stored");
-            }
-        }
-    }
-
-    /// The actor ends: each queue's delivered mark comes down from where it was
-    /// written ahead to what was delivered (or what a crash before left).
-    async fn settle_delivered_marks(&mut self) {
-        let mut exact = Vec::new();
-        if self.broadcast() {
-            for (id, m) in &self.members {
-                for (q, c) in &m.cursors {
-                    let end = c.delivered_end.max(c.seen);
-                    if end < c.marked {
-                        exact.push((self.offsets_group(Some(id)), q.clone(), end));
-                    }
-                }
-            }
-        } else {
-            for (q, c) in &self.queues {
-                let end = c.delivered_end.max(c.seen);
-                if end < c.marked {
-                    exact.push((self.spec.name.clone(), q.clone(), end));
-                }
-            }
-        }
-        if exact.is_empty() {
-            return;
-        }
-        let mut batch = WriteBatch::new();
-        batch.no_sync();
-        for (group, q, end) in exact {
-            batch.kv_put(
-                DELIVERED_NS,
-                delivered_key(&group, &q),
-                bytes::Bytes::copy_from_slice(&end.to_be_bytes()),
-            );
-        }
-        if let Err(e) = self.inner.store.write(batch).await {
-            // Left where they were written ahead: more flagged than delivered.
-            tracing::warn!(group = %self.spec.name, error = %e, "core: a group's delivered marks were not lowered");
-            return;
-        }
-        // Written: not again (the loop's exit settles once more).
-        let lower = |c: &mut QueueState| c.marked = c.marked.min(c.delivered_end.max(c.seen));
-        if self.broadcast() {
-            self.members
-                .values_mut()
-                .flat_map(|m| m.cursors.values_mut())
-                .for_each(lower);
-        } else {
-            self.queues.values_mut().for_each(lower);
-        }
     }
 
     async fn load_queues(&mut self) -> Result<()> {

@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use mqgate_store::{QueueOffset, QueueRef, ReadLimits};
 
-use super::actor::{Actor, Dying, InFlight, Member, MemberId, Pending, Target, DELIVERED_STRIDE};
+use super::actor::{Actor, Dying, InFlight, Member, MemberId, Pending, Target};
+use super::marks::DELIVERED_STRIDE;
 use super::Delivery;
 use crate::endpoint::Verdict;
 

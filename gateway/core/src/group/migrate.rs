@@ -3,7 +3,7 @@
 //! relay) instead of ending. The client never sees the move; what it held and had not
 //! acknowledged is delivered again by the new owner (from the committed offsets), as
 //! after any move, flagged redelivered below the group's delivered mark, which the
-//! shard's store carries to the new owner (`actor::DELIVERED_NS`).
+//! shard's store carries to the new owner (`marks::DELIVERED_NS`).
 //!
 //! ```text
 //!  Broker::subscribe (cluster, local shard)

@@ -23,6 +23,7 @@ mod actor;
 mod credit;
 mod deliver;
 mod limits;
+mod marks;
 mod migrate;
 mod park;
 mod settle;
@@ -41,8 +42,8 @@ use crate::endpoint::Policy;
 use crate::error::{CoreError, Result};
 
 use self::actor::Actor;
-pub(crate) use self::actor::DELIVERED_NS;
 pub use self::credit::CreditPool;
+pub(crate) use self::marks::DELIVERED_NS;
 pub(crate) use self::park::GroupWake;
 use self::vecmap::VecMap;
 
