@@ -666,7 +666,7 @@ impl Actor {
             for (q, c) in &member.cursors {
                 batch.commit_offset(group.clone(), q.clone(), QueueOffset(c.committed()));
                 // Its delivered marks down to what it was delivered.
-                let end = c.delivered_end.max(c.seen);
+                let end = c.mark_end();
                 if end < c.marked {
                     batch.kv_put(
                         DELIVERED_NS,

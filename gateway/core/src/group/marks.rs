@@ -30,6 +30,14 @@ pub(super) fn delivered_key(group: &GroupName, queue: &QueueRef) -> Vec<u8> {
     k
 }
 
+impl QueueState {
+    /// Where the delivered mark belongs once nothing more is delivered: one past what
+    /// this actor delivered, or what a crash before left, whichever is further.
+    pub(super) fn mark_end(&self) -> u64 {
+        self.delivered_end.max(self.seen)
+    }
+}
+
 impl Actor {
     /// Store `group`'s delivered mark on `queue`: returns once it is written (readable,
     /// in the log: a killed process keeps it), without waiting for a sync it may share
@@ -75,7 +83,7 @@ impl Actor {
         if self.broadcast() {
             for (id, m) in &self.members {
                 for (q, c) in &m.cursors {
-                    let end = c.delivered_end.max(c.seen);
+                    let end = c.mark_end();
                     if end < c.marked {
                         exact.push((self.offsets_group(Some(id)), q.clone(), end));
                     }
@@ -83,7 +91,7 @@ impl Actor {
             }
         } else {
             for (q, c) in &self.queues {
-                let end = c.delivered_end.max(c.seen);
+                let end = c.mark_end();
                 if end < c.marked {
                     exact.push((self.spec.name.clone(), q.clone(), end));
                 }
@@ -107,7 +115,7 @@ impl Actor {
             return;
         }
         // Written: not again (the loop's exit settles once more).
-        let lower = |c: &mut QueueState| c.marked = c.marked.min(c.delivered_end.max(c.seen));
+        let lower = |c: &mut QueueState| c.marked = c.marked.min(c.mark_end());
         if self.broadcast() {
             self.members
                 .values_mut()
