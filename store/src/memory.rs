@@ -200,6 +200,10 @@ impl Inner {
                     queue,
                     offset,
                 } => {
+                    // No offsets outlive their topic (as RocksStore).
+                    if !self.topics.contains_key(&queue.topic) {
+                        continue;
+                    }
                     self.offset_groups
                         .entry(queue.topic.clone())
                         .or_default()
@@ -449,6 +453,15 @@ impl Store for MemoryStore {
     async fn groups(&self) -> Result<Vec<GroupName>> {
         let inner = self.inner.lock();
         Ok(inner.offsets.keys().cloned().collect())
+    }
+
+    async fn groups_on_topic(&self, topic: &TopicName) -> Result<Vec<GroupName>> {
+        let inner = self.inner.lock();
+        Ok(inner
+            .offset_groups
+            .get(topic)
+            .map(|gs| gs.iter().cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn kv_get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>> {

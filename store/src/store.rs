@@ -218,7 +218,8 @@ impl WriteBatch {
         self
     }
 
-    /// Commit `group`'s offset on `queue`.
+    /// Commit `group`'s offset on `queue`. Left out when `queue`'s topic does not
+    /// exist as the batch is applied (deleted meanwhile): no offsets outlive a topic.
     pub fn commit_offset(
         &mut self,
         group: GroupName,
@@ -430,6 +431,24 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Every group that has a committed offset, sorted.
     async fn groups(&self) -> Result<Vec<GroupName>>;
+
+    /// Every group that has a committed offset on a queue of `topic`, sorted: the
+    /// groups whose offsets [`Store::delete_topic`] deletes. The backends answer from
+    /// an index (the cost is those groups, not all); this default asks every group.
+    async fn groups_on_topic(&self, topic: &TopicName) -> Result<Vec<GroupName>> {
+        let mut out = Vec::new();
+        for g in self.groups().await? {
+            if self
+                .committed_offsets(&g)
+                .await?
+                .iter()
+                .any(|(q, _)| q.topic == *topic)
+            {
+                out.push(g);
+            }
+        }
+        Ok(out)
+    }
 
     /// The value at `key` in `namespace`.
     async fn kv_get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>>;

@@ -523,8 +523,32 @@ async fn topics_lifecycle(mut h: Harness) {
     let s = h.store().clone();
     assert_eq!(s.topic(&topic("t")).unwrap().queue_count, 4);
     assert_eq!(s.queue_range(&q("t", 3)).unwrap().next, QueueOffset(1));
+    assert_eq!(
+        s.groups_on_topic(&topic("t")).await.unwrap(),
+        vec![group("g1"), group("g2")]
+    );
+    assert_eq!(
+        s.groups_on_topic(&topic("a")).await.unwrap(),
+        vec![group("g1")]
+    );
+    assert!(s.groups_on_topic(&topic("z")).await.unwrap().is_empty());
 
     assert!(s.delete_topic(&topic("t")).await.unwrap());
+    assert!(s.groups_on_topic(&topic("t")).await.unwrap().is_empty());
+    // A group that lived on across the deletion commits nothing for the deleted
+    // topic; its other commits in the same batch stand.
+    let mut b = WriteBatch::new();
+    b.commit_offset(group("g2"), q("t", 3), QueueOffset(7));
+    b.commit_offset(group("g2"), q("a", 0), QueueOffset(0));
+    s.write(b).await.unwrap();
+    assert_eq!(
+        s.committed_offsets(&group("g2")).await.unwrap(),
+        vec![(q("a", 0), QueueOffset(0))]
+    );
+    assert_eq!(
+        s.groups_on_topic(&topic("a")).await.unwrap(),
+        vec![group("g1"), group("g2")]
+    );
     assert!(!s.delete_topic(&topic("t")).await.unwrap());
     assert!(s.topic(&topic("t")).is_none());
     assert!(s.queue_range(&q("t", 0)).is_err());
@@ -533,9 +557,18 @@ async fn topics_lifecycle(mut h: Harness) {
         vec![(q("a", 0), QueueOffset(0))],
         "offsets on the deleted topic go with it"
     );
-    assert!(s.committed_offsets(&group("g2")).await.unwrap().is_empty());
-    // Re-created, it starts from offset 0 and holds none of the old entries.
+    assert_eq!(
+        s.committed_offsets(&group("g2")).await.unwrap(),
+        vec![(q("a", 0), QueueOffset(0))]
+    );
+    // Re-created, it starts from offset 0 and holds none of the old entries; no
+    // group has an offset on it.
     s.create_topic(&topic("t"), 1).await.unwrap();
+    assert!(s.groups_on_topic(&topic("t")).await.unwrap().is_empty());
+    assert_eq!(
+        s.committed_offset(&group("g2"), &q("t", 3)).await.unwrap(),
+        None
+    );
     assert!(s.queue_range(&q("t", 0)).unwrap().is_empty());
     assert_eq!(
         s.append(msg("t", "new"), vec![q("t", 0)])

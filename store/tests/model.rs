@@ -676,9 +676,8 @@ impl Model {
 
     fn delete_topic(&mut self, name: &str) -> bool {
         // "Delete a topic, its queues' entries and every group's offsets on it." Offsets
-        // can be committed on any queue, so they are dropped whether or not the topic
-        // existed (MemoryStore does this; RocksStore keeps them when the topic is absent:
-        // see `regressions::delete_topic_of_missing_topic_drops_its_offsets`).
+        // are committed on existing topics only, so none are left when it did not exist
+        // (`regressions::delete_topic_of_missing_topic_drops_its_offsets`).
         self.offsets.retain(|(_, t, _), _| t != name);
         self.topics.remove(name).is_some()
     }
@@ -770,6 +769,11 @@ impl Model {
                     queue,
                     offset,
                 } => {
+                    // "No offsets outlive a topic": a commit on a topic that does not
+                    // exist is left out.
+                    if !self.topics.contains_key(queue.topic.as_str()) {
+                        continue;
+                    }
                     self.offsets.insert(
                         (
                             group.as_str().to_string(),
@@ -1348,8 +1352,9 @@ mod regressions {
     }
 
     /// `delete_topic` removes every group's offsets on the topic; both backends must agree
-    /// when the topic does not exist (offsets can be committed on any queue, and outlive a
-    /// topic deleted while a consumer was still committing).
+    /// when the topic does not exist (a commit on a missing topic is left out: before,
+    /// offsets could be committed on any queue, and outlive a topic deleted while a
+    /// consumer was still committing).
     async fn delete_topic_of_missing_topic_drops_its_offsets(kind: Kind) {
         let b = backend(kind);
         let s = b.s();

@@ -837,6 +837,10 @@ impl Store for RocksStore {
         self.read_groups()
     }
 
+    async fn groups_on_topic(&self, topic: &TopicName) -> Result<Vec<GroupName>> {
+        self.read_groups_on_topic(topic)
+    }
+
     async fn kv_get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>> {
         self.read_kv(namespace, key)
     }

@@ -11,7 +11,7 @@ use rocksdb::{Direction, IteratorMode, ReadOptions, ReadTier};
 use super::keys::{
     be_u64, cq_key, decode_offset, decode_timer_key, key_index_prefix, kv_key, offsets_key,
     offsets_prefix, prefix_range, prefix_successor, timer_key, CF_CQ, CF_KEYS, CF_KV, CF_LOG,
-    CF_OFFSETS, CF_TIMERS,
+    CF_OFFSETS, CF_OFFSET_TOPICS, CF_TIMERS,
 };
 use super::{backend, RocksStore, Shared};
 use crate::codec;
@@ -502,6 +502,29 @@ impl RocksStore {
             it.seek(&skip);
         }
         it.status().map_err(backend)?;
+        Ok(out)
+    }
+
+    /// The groups with offsets on `topic`, from the reverse entries (topic, 0, group).
+    pub(super) fn read_groups_on_topic(&self, topic: &TopicName) -> Result<Vec<GroupName>> {
+        let db = self.shared.db()?;
+        let mut prefix = topic.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        let it = db.iterator_cf_opt(
+            db.cf(CF_OFFSET_TOPICS),
+            prefix_range(&prefix),
+            IteratorMode::Start,
+        );
+        for item in it {
+            let (k, _) = item.map_err(backend)?;
+            let name =
+                std::str::from_utf8(&k[prefix.len()..]).map_err(|_| StoreError::Corrupt {
+                    what: "offset topic key",
+                    detail: "group is not UTF-8".into(),
+                })?;
+            out.push(GroupName::new(name)?);
+        }
         Ok(out)
     }
 

@@ -640,6 +640,12 @@ impl Writer {
                     queue,
                     offset,
                 } => {
+                    // No offsets outlive their topic: a group that lived on across the
+                    // topic's deletion (acks, a member leaving) commits nothing for it,
+                    // so a topic of that name created again starts every group afresh.
+                    if !topics.contains_key(&queue.topic) {
+                        continue;
+                    }
                     wb.put_cf(
                         db.cf(CF_OFFSETS),
                         offsets_key(&group, &queue),
