@@ -220,7 +220,14 @@ impl Broker {
                     .await
             }
         };
+        // The groups with offsets on it, asked while its offsets are there: their
+        // delivered marks on it go too.
+        let groups = shard.store.groups_on_topic(name).await?;
+        let queue_count = shard.store.topic(name).map(|t| t.queue_count);
         let existed = shard.store.delete_topic(name).await?;
+        if let Some(n) = queue_count {
+            crate::group::delete_topic_marks(shard.store.as_ref(), name, n, &groups).await;
+        }
         shard.topics.write().remove(name);
         self.inner.placement.topic_gone(name);
         Ok(existed)

@@ -904,6 +904,90 @@ async fn deleted_group_takes_its_delivered_marks(env: Env) {
     b.shutdown().await;
 }
 
+/// A topic deleted under groups that live on takes their delivered marks on it, and
+/// their actors do not write them again when they end; marks on their other topics stay.
+async fn deleted_topic_takes_its_delivered_marks(env: Env) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(env.kind, &dir);
+    let b = Broker::start(
+        Arc::clone(&store),
+        env.config.clone(),
+        Arc::new(env.clock.clone()),
+    )
+    .await
+    .unwrap();
+    for t in ["kept", "gone"] {
+        b.create_topic(&topic(t), Some(2)).await.unwrap();
+        for i in 0..4 {
+            publish(&b, t, i.to_string()).await;
+        }
+    }
+    let mut both = GroupSpec::new(
+        group("both"),
+        vec![topic("kept"), topic("gone")],
+        ConsumeMode::Shared,
+    );
+    both.start = StartPosition::First;
+    let mut shared = b
+        .subscribe(both, MemberOptions::new("c", 20))
+        .await
+        .unwrap();
+    let mut bcast = b
+        .subscribe(
+            spec("bc", "gone", ConsumeMode::Broadcast),
+            MemberOptions::new("b1", 20),
+        )
+        .await
+        .unwrap();
+    for _ in 0..8 {
+        let d = recv(&mut shared).await;
+        shared.ack(d.ack_token());
+    }
+    for _ in 0..4 {
+        let d = recv(&mut bcast).await;
+        bcast.ack(d.ack_token());
+    }
+    let marks = || async {
+        let mut keys: Vec<String> = store
+            .kv_scan("core.delivered", b"", None, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[..k.len() - 4]).into_owned())
+            .collect();
+        keys.dedup();
+        keys
+    };
+    assert_eq!(
+        marks().await,
+        ["bc%b1\0gone\0", "both\0gone\0", "both\0kept\0"],
+        "a mark per group and topic delivered from"
+    );
+    assert!(b.delete_topic(&topic("gone")).await.unwrap());
+    assert_eq!(marks().await, ["both\0kept\0"], "the deleted topic's marks");
+    // The actors end and lower their marks: not the deleted topic's again.
+    drop((shared, bcast));
+    b.shutdown().await;
+    assert_eq!(
+        marks().await,
+        ["both\0kept\0"],
+        "after the groups' actors ended"
+    );
+    // Nor did they commit offsets on it: a topic of that name starts them afresh.
+    for g in ["both", "bc%b1"] {
+        let offsets = store.committed_offsets(&group(g)).await.unwrap();
+        assert!(
+            offsets.iter().all(|(q, _)| q.topic.as_str() != "gone"),
+            "{g}: {offsets:?}"
+        );
+    }
+    assert!(store
+        .groups_on_topic(&topic("gone"))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 async fn group_behind_retention_skips_and_counts(env: Env) {
     // A store that keeps about 20 records of this size.
     let record = {
@@ -1242,4 +1326,5 @@ both_backends!(
     silent_member_is_removed_and_its_messages_redelivered,
     durable_routing_survives_restart,
     deleted_group_takes_its_delivered_marks,
+    deleted_topic_takes_its_delivered_marks,
 );

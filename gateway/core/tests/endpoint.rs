@@ -182,6 +182,10 @@ impl Store for FailingStore {
         self.inner.groups().await
     }
 
+    async fn groups_on_topic(&self, topic: &TopicName) -> mqgate_store::Result<Vec<GroupName>> {
+        self.inner.groups_on_topic(topic).await
+    }
+
     async fn kv_get(&self, namespace: &str, key: &[u8]) -> mqgate_store::Result<Option<Bytes>> {
         let value = self.inner.kv_get(namespace, key).await;
         let gate = {

@@ -665,9 +665,10 @@ impl Actor {
             let mut batch = WriteBatch::new();
             for (q, c) in &member.cursors {
                 batch.commit_offset(group.clone(), q.clone(), QueueOffset(c.committed()));
-                // Its delivered marks down to what it was delivered.
+                // Its delivered marks down to what it was delivered (not on a topic
+                // deleted meanwhile, which took them; nor are its offsets kept there).
                 let end = c.mark_end();
-                if end < c.marked {
+                if end < c.marked && self.topic_lives(q) {
                     batch.kv_put(
                         DELIVERED_NS,
                         delivered_key(&group, q),

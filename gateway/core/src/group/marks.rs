@@ -2,7 +2,7 @@
 //! below which messages may have been delivered, so that what was delivered and not
 //! acknowledged comes again flagged redelivered after a restart, a crash or a move.
 
-use mqgate_store::{GroupName, QueueRef, WriteBatch};
+use mqgate_store::{GroupName, QueueRef, Store, TopicName, WriteBatch};
 use tokio::sync::oneshot;
 
 use super::actor::{Actor, QueueState};
@@ -28,6 +28,35 @@ pub(super) fn delivered_key(group: &GroupName, queue: &QueueRef) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(&queue.queue.0.to_be_bytes());
     k
+}
+
+/// Topic `topic` is being deleted: the delivered marks of `groups` (those with offsets
+/// on it, [`Store::groups_on_topic`], asked before the deletion) on its `queue_count`
+/// queues go too. A group that lives on never reads those queues again; a mark left
+/// would only be deleted as stale once a topic of that name is read by the group again.
+/// Logged, not returned, when it fails: the topic is gone either way.
+pub(crate) async fn delete_topic_marks(
+    store: &dyn Store,
+    topic: &TopicName,
+    queue_count: u32,
+    groups: &[GroupName],
+) {
+    if groups.is_empty() {
+        return;
+    }
+    let mut batch = WriteBatch::new();
+    batch.no_sync();
+    for g in groups {
+        for q in 0..queue_count {
+            batch.kv_delete(
+                DELIVERED_NS,
+                delivered_key(g, &QueueRef::new(topic.clone(), q)),
+            );
+        }
+    }
+    if let Err(e) = store.write(batch).await {
+        tracing::warn!(topic = %topic, error = %e, "core: the delivered marks of a deleted topic stay");
+    }
 }
 
 impl QueueState {
@@ -76,6 +105,12 @@ impl Actor {
         }
     }
 
+    /// Whether `queue`'s topic is still in the store: a deleted one took its marks
+    /// ([`delete_topic_marks`]), which are not written again.
+    pub(super) fn topic_lives(&self, queue: &QueueRef) -> bool {
+        self.inner.store.topic(&queue.topic).is_some()
+    }
+
     /// The actor ends: each queue's delivered mark comes down from where it was
     /// written ahead to what was delivered (or what a crash before left).
     pub(super) async fn settle_delivered_marks(&mut self) {
@@ -84,7 +119,7 @@ impl Actor {
             for (id, m) in &self.members {
                 for (q, c) in &m.cursors {
                     let end = c.mark_end();
-                    if end < c.marked {
+                    if end < c.marked && self.topic_lives(q) {
                         exact.push((self.offsets_group(Some(id)), q.clone(), end));
                     }
                 }
@@ -92,7 +127,7 @@ impl Actor {
         } else {
             for (q, c) in &self.queues {
                 let end = c.mark_end();
-                if end < c.marked {
+                if end < c.marked && self.topic_lives(q) {
                     exact.push((self.spec.name.clone(), q.clone(), end));
                 }
             }

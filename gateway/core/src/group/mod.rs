@@ -43,7 +43,7 @@ use crate::error::{CoreError, Result};
 
 use self::actor::Actor;
 pub use self::credit::CreditPool;
-pub(crate) use self::marks::DELIVERED_NS;
+pub(crate) use self::marks::{delete_topic_marks, DELIVERED_NS};
 pub(crate) use self::park::GroupWake;
 use self::vecmap::VecMap;
 
