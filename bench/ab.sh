@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A/B of mqgate builds: each pair runs every binary given, in turn, on a fresh data
 # folder (RocksDB, default settings), with the same client scenario, and prints one line
-# per run: rate /s, p50 and p99 latency µs, broker CPU µs per message, CPU the host stole (ms);
-# each the median of the run's rounds. Alternating builds in one sitting is what tells
+# per run: rate /s, p50 and p99 latency µs, broker CPU µs per message, CPU the host stole (ms),
+# and for AMQP the delivered rate over the publisher's (kept_up); each the median of the
+# run's rounds. Alternating builds in one sitting is what tells
 # a change of a few per cent from this machine's drift (single runs move by 10-20 %).
 #
 #   cp target/release/mqgate /tmp/mqgate.before   # build, copy, change, build again
@@ -41,7 +42,7 @@ for _ in $(seq 1 "$PAIRS"); do
       # shellcheck disable=SC2086
       out=$($BIN/mqtt_pubsub --addr 127.0.0.1:21883 --broker-pid $pid $ARGS --rounds "$ROUNDS" 2>&1 | grep RESULT || true)
     fi
-    echo "$b $(sed -n 's/.*rate=\([0-9]*\) p50_us=\([0-9]*\) p99_us=\([0-9]*\).*cpu_us=\([0-9.]*\).*steal_ms=\([0-9]*\).*/rate \1 p50_us \2 p99_us \3 cpu_us \4 steal_ms \5/p' <<<"$out")"
+    echo "$b $(sed -n 's/.*rate=\([0-9]*\) p50_us=\([0-9]*\) p99_us=\([0-9]*\).*cpu_us=\([0-9.]*\).*steal_ms=\([0-9]*\).*/rate \1 p50_us \2 p99_us \3 cpu_us \4 steal_ms \5/p' <<<"$out") $(sed -n 's/.*kept_up=\([0-9.]*\).*/kept_up \1/p' <<<"$out")"
     kill "$pid"
     wait "$pid" 2>/dev/null || true
   done
