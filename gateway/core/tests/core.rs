@@ -39,6 +39,20 @@ fn open_store(kind: Kind, dir: &TempDir) -> Arc<dyn Store> {
     }
 }
 
+/// A broker of `env`'s kind and settings on a store of its own, which the test reads
+/// beside it.
+async fn broker_on_own_store(env: &Env, dir: &TempDir) -> (Arc<dyn Store>, Broker) {
+    let store = open_store(env.kind, dir);
+    let b = Broker::start(
+        Arc::clone(&store),
+        env.config.clone(),
+        Arc::new(env.clock.clone()),
+    )
+    .await
+    .unwrap();
+    (store, b)
+}
+
 impl Env {
     async fn new(kind: Kind) -> Self {
         Self::with(kind, CoreConfig::default()).await
@@ -860,14 +874,7 @@ async fn start_positions_and_committed_offsets(env: Env) {
 /// MQTT clean session, an auto-deleted AMQP queue) leaves nothing behind.
 async fn deleted_group_takes_its_delivered_marks(env: Env) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open_store(env.kind, &dir);
-    let b = Broker::start(
-        Arc::clone(&store),
-        env.config.clone(),
-        Arc::new(env.clock.clone()),
-    )
-    .await
-    .unwrap();
+    let (store, b) = broker_on_own_store(&env, &dir).await;
     b.create_topic(&topic("marked"), Some(2)).await.unwrap();
     for i in 0..6 {
         publish(&b, "marked", i.to_string()).await;
@@ -908,14 +915,7 @@ async fn deleted_group_takes_its_delivered_marks(env: Env) {
 /// their actors do not write them again when they end; marks on their other topics stay.
 async fn deleted_topic_takes_its_delivered_marks(env: Env) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open_store(env.kind, &dir);
-    let b = Broker::start(
-        Arc::clone(&store),
-        env.config.clone(),
-        Arc::new(env.clock.clone()),
-    )
-    .await
-    .unwrap();
+    let (store, b) = broker_on_own_store(&env, &dir).await;
     for t in ["kept", "gone"] {
         b.create_topic(&topic(t), Some(2)).await.unwrap();
         for i in 0..4 {

@@ -355,6 +355,15 @@ impl Db<'_> {
             .cf_handle(name)
             .expect("column family created at open")
     }
+
+    /// The entries of column family `cf` under the NUL-terminated `prefix`, in key order.
+    fn prefix_iter(&self, cf: &str, prefix: &[u8]) -> rocksdb::DBIteratorWithThreadMode<'_, DB> {
+        self.iterator_cf_opt(
+            self.cf(cf),
+            keys::prefix_range(prefix),
+            rocksdb::IteratorMode::Start,
+        )
+    }
 }
 
 impl Shared {

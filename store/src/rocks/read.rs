@@ -511,11 +511,7 @@ impl RocksStore {
         let mut prefix = topic.as_str().as_bytes().to_vec();
         prefix.push(0);
         let mut out = Vec::new();
-        let it = db.iterator_cf_opt(
-            db.cf(CF_OFFSET_TOPICS),
-            prefix_range(&prefix),
-            IteratorMode::Start,
-        );
+        let it = db.prefix_iter(CF_OFFSET_TOPICS, &prefix);
         for item in it {
             let (k, _) = item.map_err(backend)?;
             let name =

@@ -14,9 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::batch::Batch;
 use super::keys::{
     cq_key, key_index_prefix, kv_key, log_index_key, nul_prefix_end, offset_topic_key, offsets_key,
-    offsets_key_topic, offsets_prefix, prefix_range, queue_meta_key, timer_key, topic_meta_key,
-    Header, CF_CQ, CF_KEYS, CF_KV, CF_LOG, CF_META, CF_OFFSETS, CF_OFFSET_TOPICS, CF_TIMERS,
-    HEADER_KEY, LOG_INDEX_PREFIX, LOG_SEQ_KEY,
+    offsets_key_topic, offsets_prefix, queue_meta_key, timer_key, topic_meta_key, Header, CF_CQ,
+    CF_KEYS, CF_KV, CF_LOG, CF_META, CF_OFFSETS, CF_OFFSET_TOPICS, CF_TIMERS, HEADER_KEY,
+    LOG_INDEX_PREFIX, LOG_SEQ_KEY,
 };
 use super::{backend, Db, QueueState, Shared, TopicState};
 use crate::codec;
@@ -664,11 +664,7 @@ impl Writer {
                         Some(t) => vec![t.as_str().as_bytes().to_vec()],
                         None => {
                             let mut ts: Vec<Vec<u8>> = Vec::new();
-                            let it = db.iterator_cf_opt(
-                                db.cf(CF_OFFSETS),
-                                prefix_range(&prefix),
-                                IteratorMode::Start,
-                            );
+                            let it = db.prefix_iter(CF_OFFSETS, &prefix);
                             for item in it {
                                 let (k, _) = item.map_err(backend)?;
                                 if let Some(t) = offsets_key_topic(&k) {
@@ -815,11 +811,7 @@ impl Writer {
         let db = self.s.db()?;
         let mut prefix = name.as_str().as_bytes().to_vec();
         prefix.push(0);
-        let it = db.iterator_cf_opt(
-            db.cf(CF_OFFSET_TOPICS),
-            prefix_range(&prefix),
-            IteratorMode::Start,
-        );
+        let it = db.prefix_iter(CF_OFFSET_TOPICS, &prefix);
         for item in it {
             let (k, _) = item.map_err(backend)?;
             let group = &k[prefix.len()..];
