@@ -640,9 +640,9 @@ impl Writer {
                     queue,
                     offset,
                 } => {
-                    // No offsets outlive their topic: a group that lived on across the
-                    // topic's deletion (acks, a member leaving) commits nothing for it,
-                    // so a topic of that name created again starts every group afresh.
+                    // No offsets outlive their topic: what a group that lived on across
+                    // the topic's deletion commits for it (acks, a member leaving) before
+                    // a topic of that name exists again is left out, not carried over.
                     if !topics.contains_key(&queue.topic) {
                         continue;
                     }
@@ -764,9 +764,9 @@ impl Writer {
             header.next_seq += 1;
         }
         // No offset cleanup here: `delete_topic` removes a topic's offsets in the same
-        // batch that removes the topic, and offsets committed before a topic exists are
-        // kept, as the model (and MemoryStore) keep them. Scanning every group's offsets
-        // here made each new topic cost O(all offsets).
+        // batch that removes the topic, and a commit on a topic that does not exist is
+        // left out (`stage`), so none are waiting. Scanning every group's offsets here
+        // made each new topic cost O(all offsets).
         let mut wb = Batch::default();
         let mut v = Vec::with_capacity(12);
         v.put_u64(uid);

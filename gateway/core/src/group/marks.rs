@@ -78,6 +78,10 @@ impl Actor {
         queue: &QueueRef,
         mark: u64,
     ) {
+        if !self.topic_lives(queue) {
+            // Deleted with its marks: none written again.
+            return;
+        }
         let mut batch = WriteBatch::new();
         batch.no_sync().kv_put(
             DELIVERED_NS,
