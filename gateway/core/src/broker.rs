@@ -71,6 +71,9 @@ pub(crate) struct ShardCore {
     pub(crate) common: Arc<Common>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) topics: RwLock<HashMap<TopicName, Arc<TopicHandle>>>,
+    /// Handles of deleted topics that groups still watch (`ShardCore::forget_topic`):
+    /// a topic of that name created again takes its handle back. Locked after `topics`.
+    pub(crate) retired: Mutex<HashMap<TopicName, Arc<TopicHandle>>>,
     pub(crate) groups: Mutex<HashMap<GroupName, GroupHandle>>,
     /// The endpoints the core manages (policies with or without members, idle expiry).
     pub(crate) endpoints: crate::endpoints::Registry,
@@ -154,6 +157,7 @@ impl ShardCore {
             common,
             store,
             topics: RwLock::new(topics),
+            retired: Mutex::default(),
             groups: Mutex::default(),
             delay: crate::delay::DelayState::new(),
             tasks: Mutex::default(),
@@ -761,7 +765,7 @@ impl Broker {
             if here {
                 match shard.store.delete_topic(&retry).await {
                     Ok(_) => {
-                        shard.topics.write().remove(&retry);
+                        shard.forget_topic(&retry);
                         self.inner.placement.topic_gone(&retry);
                     }
                     Err(e) => {

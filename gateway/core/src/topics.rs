@@ -19,6 +19,10 @@ use crate::group::GroupWake;
 pub(crate) struct TopicHandle {
     pub(crate) name: TopicName,
     queue_count: AtomicU32,
+    /// Moves when the topic is deleted: the groups watching it let go of their state on
+    /// its queues (`Actor::refresh_queues`). A topic of that name created again while
+    /// they watch gets this handle back (`ShardCore::retired`), so they see it.
+    generation: AtomicU32,
     round_robin: AtomicU64,
     /// Groups consuming this topic: woken after each append.
     watchers: RwLock<Vec<Arc<GroupWake>>>,
@@ -31,6 +35,7 @@ impl TopicHandle {
         Self {
             name: cfg.name.clone(),
             queue_count: AtomicU32::new(cfg.queue_count),
+            generation: AtomicU32::new(0),
             round_robin: AtomicU64::new(0),
             watchers: RwLock::default(),
             flow: FlowState::default(),
@@ -39,6 +44,19 @@ impl TopicHandle {
 
     pub(crate) fn queue_count(&self) -> u32 {
         self.queue_count.load(Ordering::Acquire)
+    }
+
+    /// How many times the topic was deleted under this handle.
+    pub(crate) fn generation(&self) -> u32 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The topic was deleted: no queues, a new generation, its watchers woken to let go
+    /// of their state on it.
+    fn retire(&self) {
+        self.queue_count.store(0, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.wake();
     }
 
     pub(crate) fn select(&self, queue: Option<u32>, sharding_key: Option<&str>) -> Result<u32> {
@@ -234,7 +252,7 @@ impl Broker {
         if let Some(n) = queue_count {
             crate::group::delete_topic_marks(shard.store.as_ref(), name, n, &groups).await;
         }
-        shard.topics.write().remove(name);
+        shard.forget_topic(name);
         self.inner.placement.topic_gone(name);
         Ok(existed)
     }
@@ -288,10 +306,49 @@ impl ShardCore {
         match topics.get(name) {
             Some(h) => h.queue_count.store(cfg.queue_count, Ordering::Release),
             None => {
-                topics.insert(name.clone(), Arc::new(TopicHandle::new(&cfg)));
+                let h = self.handle_for(&cfg);
+                topics.insert(name.clone(), h);
             }
         }
         Ok(cfg)
+    }
+
+    /// A new handle for topic `cfg`, or the handle a deleted topic of that name left to
+    /// the groups still watching it: they are woken to pick up its queues.
+    fn handle_for(&self, cfg: &TopicConfig) -> Arc<TopicHandle> {
+        match self.retired.lock().remove(&cfg.name) {
+            Some(h) => {
+                h.queue_count.store(cfg.queue_count, Ordering::Release);
+                h.wake();
+                h
+            }
+            None => Arc::new(TopicHandle::new(cfg)),
+        }
+    }
+
+    /// Topic `name` was deleted: its handle goes, retired (its watchers let go of their
+    /// state on it) and kept for a topic of that name created again. Handles no group
+    /// watches any more are dropped from the kept ones here.
+    pub(crate) fn forget_topic(&self, name: &TopicName) {
+        // Under the map's lock: a topic of that name created meanwhile finds it retired.
+        let mut topics = self.topics.write();
+        let Some(h) = topics.remove(name) else {
+            return;
+        };
+        h.retire();
+        if let Some(cfg) = self.store.topic(name) {
+            // Created again between the store's deletion and this: the same handle
+            // serves the new topic (its watchers start it afresh all the same).
+            h.queue_count.store(cfg.queue_count, Ordering::Release);
+            h.wake();
+            topics.insert(name.clone(), h);
+            return;
+        }
+        // Kept even without watchers: a group may be starting on it (its handle taken,
+        // not yet watched). Those no group watches go at the next deletion.
+        let mut retired = self.retired.lock();
+        retired.retain(|_, h| h.watcher_count() > 0);
+        retired.insert(name.clone(), h);
     }
 
     /// The handle of a topic, created on first use when auto-creation is on.
@@ -304,7 +361,7 @@ impl ShardCore {
             return Ok(Arc::clone(
                 topics
                     .entry(name.clone())
-                    .or_insert_with(|| Arc::new(TopicHandle::new(&cfg))),
+                    .or_insert_with(|| self.handle_for(&cfg)),
             ));
         }
         if !self.config.auto_create_topics && !crate::retry::is_system_topic(name) {

@@ -988,6 +988,176 @@ async fn deleted_topic_takes_its_delivered_marks(env: Env) {
         .is_empty());
 }
 
+/// A topic deleted and created again under groups that live across both: each starts
+/// the new topic at its first offset, is woken by its publishes, and gets back the
+/// credit of what it held unacknowledged from the old one (RocketMQ's deleteTopic takes
+/// the groups' offsets on it; a consumer of a topic created again starts afresh).
+async fn topic_created_again_under_a_live_group(env: Env) {
+    let b = &env.broker;
+    b.create_topic(&topic("again"), Some(2)).await.unwrap();
+    // Prefetch 4: the one left unacknowledged must be given back for the 4 new ones. A
+    // start at `Last`: the new topic's messages, published before the group's actor
+    // sees it, are the group's all the same.
+    let mut shared = b
+        .subscribe(
+            GroupSpec::new(group("sh"), vec![topic("again")], ConsumeMode::Shared),
+            MemberOptions::new("c", 4),
+        )
+        .await
+        .unwrap();
+    for i in 0..4 {
+        publish(b, "again", format!("old{i}")).await;
+    }
+    let mut bcast = b
+        .subscribe(
+            spec("bc", "again", ConsumeMode::Broadcast),
+            MemberOptions::new("b1", 4),
+        )
+        .await
+        .unwrap();
+    for c in [&mut shared, &mut bcast] {
+        for i in 0..4 {
+            let d = recv(c).await;
+            assert!(body(&d).starts_with("old"));
+            if i < 3 {
+                c.ack(d.ack_token());
+            }
+        }
+    }
+    // The three acks applied: one left in flight.
+    for _ in 0..500 {
+        let info = b.group_info(&group("sh")).await.unwrap();
+        if info.queues.iter().map(|q| q.in_flight).sum::<usize>() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(b.delete_topic(&topic("again")).await.unwrap());
+    b.create_topic(&topic("again"), Some(2)).await.unwrap();
+    for i in 0..4 {
+        publish(b, "again", format!("new{i}")).await;
+    }
+    for (name, c) in [("shared", &mut shared), ("broadcast", &mut bcast)] {
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let d = recv(c).await;
+            got.push(body(&d));
+            assert!(!d.redelivered, "{name}: {got:?}");
+            c.ack(d.ack_token());
+        }
+        got.sort();
+        assert_eq!(got, ["new0", "new1", "new2", "new3"], "{name}");
+        nothing(c).await;
+    }
+    settled(b, "sh").await;
+    let info = b.group_info(&group("sh")).await.unwrap();
+    let committed: u64 = info.queues.iter().map(|q| q.committed).sum();
+    assert_eq!(committed, 4, "{info:?}");
+}
+
+/// A group that starts at `First` stores no offset until it delivers: its start goes
+/// in the batch of its first delivered mark on the queue (a mark without offsets would
+/// be taken for a stale one), so an idle MQTT session's connect writes none. A group
+/// that starts at `Last` stores its start at once (a restart must not move it).
+async fn first_start_is_stored_with_the_first_delivery(env: Env) {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, b) = broker_on_own_store(&env, &dir).await;
+    b.create_topic(&topic("lazy"), Some(2)).await.unwrap();
+    let mut shared = b
+        .subscribe(
+            spec("lz", "lazy", ConsumeMode::Shared),
+            MemberOptions::new("c", 10),
+        )
+        .await
+        .unwrap();
+    let mut bcast = b
+        .subscribe(
+            spec("lzb", "lazy", ConsumeMode::Broadcast),
+            MemberOptions::new("b1", 10),
+        )
+        .await
+        .unwrap();
+    let _last = b
+        .subscribe(
+            GroupSpec::new(group("now"), vec![topic("lazy")], ConsumeMode::Shared),
+            MemberOptions::new("n", 10),
+        )
+        .await
+        .unwrap();
+    b.create_topic(&topic("quiet"), Some(2)).await.unwrap();
+    let idle = b
+        .subscribe(
+            spec("idle", "quiet", ConsumeMode::Shared),
+            MemberOptions::new("i", 10),
+        )
+        .await
+        .unwrap();
+    nothing(&mut shared).await;
+    for g in ["lz", "lzb%b1"] {
+        assert_eq!(
+            store.committed_offsets(&group(g)).await.unwrap(),
+            Vec::new(),
+            "{g}: nothing stored before a delivery"
+        );
+    }
+    let now = store.committed_offsets(&group("now")).await.unwrap();
+    assert_eq!(
+        now.iter()
+            .filter(|(q, _)| q.topic.as_str() == "lazy")
+            .count(),
+        2,
+        "a start at Last is stored when the group starts: {now:?}"
+    );
+    publish(&b, "lazy", "m0").await;
+    for (g, c) in [("lz", &mut shared), ("lzb%b1", &mut bcast)] {
+        let d = recv(c).await;
+        // In flight, not acknowledged: its queue's start is stored, with the mark.
+        assert_eq!(
+            store.committed_offsets(&group(g)).await.unwrap(),
+            [(d.queue.clone(), mqgate_store::QueueOffset(0))],
+            "{g}"
+        );
+        let mut key = format!("{g}\0lazy\0").into_bytes();
+        key.extend_from_slice(&d.queue.queue.0.to_be_bytes());
+        assert!(
+            store
+                .kv_get("core.delivered", &key)
+                .await
+                .unwrap()
+                .is_some(),
+            "{g}: its delivered mark"
+        );
+        c.ack(d.ack_token());
+    }
+    assert_eq!(
+        store.committed_offsets(&group("idle")).await.unwrap(),
+        Vec::new(),
+        "a topic with no message: nothing delivered, nothing stored"
+    );
+    drop(idle);
+    b.shutdown().await;
+    // Past the acknowledged message; the other queues' starts stored as the actor ended.
+    let offsets = store.committed_offsets(&group("lz")).await.unwrap();
+    let lazy: Vec<u64> = offsets
+        .iter()
+        .filter(|(q, _)| q.topic.as_str() == "lazy")
+        .map(|(_, o)| o.0)
+        .collect();
+    assert_eq!(lazy.iter().sum::<u64>(), 1, "{offsets:?}");
+    assert_eq!(lazy.len(), 2, "{offsets:?}");
+    // An actor that ends stores the starts it had not stored: the group is known.
+    let idle = store.committed_offsets(&group("idle")).await.unwrap();
+    assert!(
+        idle.iter()
+            .filter(|(q, _)| q.topic.as_str() == "quiet")
+            .count()
+            == 2
+            && idle.iter().all(|(_, o)| o.0 == 0),
+        "{idle:?}"
+    );
+    assert!(store.groups().await.unwrap().contains(&group("idle")));
+}
+
 async fn group_behind_retention_skips_and_counts(env: Env) {
     // A store that keeps about 20 records of this size.
     let record = {
@@ -1327,4 +1497,6 @@ both_backends!(
     durable_routing_survives_restart,
     deleted_group_takes_its_delivered_marks,
     deleted_topic_takes_its_delivered_marks,
+    topic_created_again_under_a_live_group,
+    first_start_is_stored_with_the_first_delivery,
 );

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::mailbox;
 use mqgate_store::{
-    GroupName, Millis, QueueMessage, QueueOffset, QueueRef, StoredMessage, WriteBatch,
+    GroupName, Millis, QueueMessage, QueueOffset, QueueRef, StoredMessage, TopicName, WriteBatch,
 };
 use tokio::sync::oneshot;
 
@@ -140,6 +140,11 @@ pub(super) struct QueueState {
     pub(super) in_flight: BTreeMap<u64, InFlight>,
     /// The committed offset last written to the store.
     pub(super) persisted: Option<u64>,
+    /// `persisted` is the group's start at `First`, not written yet: where a restart
+    /// without it would start too. It is written with the queue's first delivered mark
+    /// or commit (a mark never goes without offsets: see `open_cursor`), so a group that
+    /// never delivers stores nothing (an idle MQTT session's connect writes none).
+    pub(super) unstored: bool,
     /// Orderly: no delivery before this time (after a failure).
     pub(super) suspended_until: Millis,
     /// Where the last reset put the queue: the committed offset never goes below it,
@@ -192,6 +197,7 @@ impl QueueState {
         self.read = target;
         self.floor = target;
         self.persisted = Some(target);
+        self.unstored = false;
         again.into_values().collect()
     }
 
@@ -217,7 +223,7 @@ pub(super) struct Actor {
     pub(super) members: VecMap<MemberId, Member>,
     /// Clustering and shared groups: one state per queue.
     pub(super) queues: VecMap<QueueRef, QueueState>,
-    pub(super) watched: Vec<Arc<TopicHandle>>,
+    pub(super) watched: Vec<Watched>,
     pub(super) wake: Arc<GroupWake>,
     pub(super) rx: mailbox::Receiver<Cmd>,
     pub(super) next_token: u64,
@@ -228,6 +234,35 @@ pub(super) struct Actor {
     pub(super) stopped: Option<oneshot::Sender<()>>,
     /// Since when the group has had no member (`None`: it has members).
     pub(super) empty_since: Option<Instant>,
+}
+
+/// A topic a group consumes, and the generation of it the group's state is of: a
+/// deleted topic moves it ([`TopicHandle::generation`]).
+pub(super) struct Watched {
+    pub(super) topic: Arc<TopicHandle>,
+    pub(super) generation: u32,
+    /// Deleted under the group: the queues of the topic created again start at its
+    /// first offset, whatever the group's start position (`open_cursor`).
+    pub(super) fresh: bool,
+}
+
+impl Watched {
+    pub(super) fn new(topic: Arc<TopicHandle>) -> Self {
+        let generation = topic.generation();
+        Self {
+            topic,
+            generation,
+            fresh: false,
+        }
+    }
+}
+
+impl std::ops::Deref for Watched {
+    type Target = TopicHandle;
+
+    fn deref(&self) -> &TopicHandle {
+        &self.topic
+    }
 }
 
 /// RocketMQ's average allocation of `queues` over `members`: member `k` takes a run of
@@ -349,7 +384,7 @@ impl Actor {
             if self.members.is_empty() && idle && self.rx.is_empty() {
                 // Memberless for a while: persist and end; a later subscribe starts a
                 // fresh actor from the committed offsets.
-                Box::pin(self.commit()).await;
+                Box::pin(self.commit_with(true)).await;
                 Box::pin(self.settle_delivered_marks()).await;
                 let inner = Arc::clone(&*self.inner);
                 self.handle.alive.store(false, Ordering::Release);
@@ -359,7 +394,7 @@ impl Actor {
                 break;
             }
         }
-        Box::pin(self.commit()).await;
+        Box::pin(self.commit_with(true)).await;
         Box::pin(self.settle_delivered_marks()).await;
         self.handle.alive.store(false, Ordering::Release);
         for t in &self.watched {
@@ -399,6 +434,40 @@ impl Actor {
                 t.flow.moved.notify_waiters();
             }
         }
+    }
+
+    /// Topic `name` was deleted (its offsets and delivered marks with it): its queues'
+    /// states go, what was read ahead and what waits for redelivery with them, and the
+    /// members get back the credit of what they held from it unacknowledged (an ack
+    /// of it now finds nothing to settle). Nothing is committed or marked for it.
+    pub(super) fn forget_topic(&mut self, name: &TopicName) {
+        let of = |q: &QueueRef| q.topic == *name;
+        if self.broadcast() {
+            for m in self.members.values_mut() {
+                let gone: Vec<QueueRef> = m.cursors.keys().filter(|q| of(q)).cloned().collect();
+                let mut held = 0;
+                for q in gone {
+                    held += m.cursors.remove(&q).map_or(0, |c| c.in_flight.len());
+                }
+                m.settled(held, &self.wake);
+            }
+            return;
+        }
+        let gone: Vec<QueueRef> = self.queues.keys().filter(|q| of(q)).cloned().collect();
+        if gone.is_empty() {
+            return;
+        }
+        for q in gone {
+            let Some(c) = self.queues.remove(&q) else {
+                continue;
+            };
+            for f in c.in_flight.values() {
+                if let Some(m) = self.members.get_mut(&f.member) {
+                    m.settled(1, &self.wake);
+                }
+            }
+        }
+        self.rebalance();
     }
 
     /// Whether some committed offset is not persisted yet.
@@ -456,6 +525,26 @@ impl Actor {
     async fn open_cursor(&self, queue: &QueueRef, member: Option<&str>) -> Result<QueueState> {
         let group = self.offsets_group(member);
         let key = delivered_key(&group, queue);
+        if self
+            .watched
+            .iter()
+            .any(|w| w.fresh && w.name == queue.topic)
+        {
+            // Its topic was created again under this actor: all of it is new to the
+            // group, and an offset or mark the actor's old state wrote on it after the
+            // deletion (a commit racing it) is not the group's. It starts at the first
+            // offset, stored by the caller (`persisted` is none), the mark deleted.
+            let mut batch = WriteBatch::new();
+            batch.no_sync().kv_delete(DELIVERED_NS, key);
+            if let Err(e) = self.inner.store.write(batch).await {
+                tracing::warn!(group = %group, queue = %queue, error = %e, "core: a stale delivered mark stays");
+            }
+            let read = self.inner.position(queue, &StartPosition::First).await?;
+            return Ok(QueueState {
+                read,
+                ..QueueState::default()
+            });
+        }
         let mark = match self.inner.store.kv_get(DELIVERED_NS, &key).await {
             Ok(v) => v.and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?))),
             Err(e) => {
@@ -463,9 +552,13 @@ impl Actor {
                 None
             }
         };
-        let (read, persisted, seen) = match self.inner.store.committed_offset(&group, queue).await?
+        let (read, persisted, seen, unstored) = match self
+            .inner
+            .store
+            .committed_offset(&group, queue)
+            .await?
         {
-            Some(o) => (o.0, Some(o.0), mark.unwrap_or(0)),
+            Some(o) => (o.0, Some(o.0), mark.unwrap_or(0), false),
             None => {
                 if mark.is_some() {
                     // A mark without offsets: left by a group of this name deleted
@@ -476,12 +569,16 @@ impl Actor {
                         tracing::warn!(group = %group, queue = %queue, error = %e, "core: a stale delivered mark stays");
                     }
                 }
-                (self.inner.position(queue, &self.spec.start).await?, None, 0)
+                let start = self.inner.position(queue, &self.spec.start).await?;
+                // Any other start is stored now (`load_queues`): `Last` moves.
+                let first = matches!(self.spec.start, StartPosition::First);
+                (start, first.then_some(start), 0, first)
             }
         };
         Ok(QueueState {
             read,
             persisted,
+            unstored,
             seen,
             marked: seen,
             ..QueueState::default()
@@ -496,13 +593,25 @@ impl Actor {
             let state = self.open_cursor(&q, None).await?;
             self.queues.insert(q, state);
         }
-        // New groups persist their start so a restart resumes there, not at "last".
+        // New groups persist their start so a restart resumes there, not at "last"
+        // (a start at `First` waits for the first delivery: `QueueState::unstored`).
         self.commit().await;
         Ok(())
     }
 
-    /// Pick up queues added to watched topics since the group started.
+    /// Let go of the state on watched topics deleted since it was taken, and pick up
+    /// queues added to watched topics since the group started (a topic created again
+    /// among them: its queues start afresh from the group's start position).
     async fn refresh_queues(&mut self) -> Result<()> {
+        for i in 0..self.watched.len() {
+            let now = self.watched[i].topic.generation();
+            if now != self.watched[i].generation {
+                self.watched[i].generation = now;
+                self.watched[i].fresh = true;
+                let name = self.watched[i].topic.name.clone();
+                self.forget_topic(&name);
+            }
+        }
         let all = self.all_queues();
         let mut changed = false;
         if self.broadcast() {
@@ -519,9 +628,11 @@ impl Actor {
                 }
             }
             if changed {
-                // Their start stored before any delivery (see below).
+                // Their start stored before any delivery (see below; at `First`, with
+                // the first delivered mark).
                 self.commit().await;
             }
+            self.opened_fresh();
             return Ok(());
         }
         for q in all {
@@ -533,11 +644,21 @@ impl Actor {
         }
         if changed {
             self.rebalance();
-            // Their start is stored before anything is delivered from them: a delivered
-            // mark without a committed offset is taken for a stale one.
+            // Their start is stored before anything is delivered from them (at `First`,
+            // with the first delivered mark): a delivered mark without a committed
+            // offset is taken for a stale one.
             self.commit().await;
         }
+        self.opened_fresh();
         Ok(())
+    }
+
+    /// The queues of topics created again under the group are open: later ones (a
+    /// topic grown) start as any other.
+    fn opened_fresh(&mut self) {
+        for w in &mut self.watched {
+            w.fresh &= w.topic.queue_count() == 0;
+        }
     }
 
     async fn handle(&mut self, cmd: Cmd) {
@@ -582,8 +703,9 @@ impl Actor {
                 self.members.insert(opts.id.into(), member);
                 self.rebalance();
                 if broadcast {
-                    // A broadcast member's start stored before any delivery: a delivered
-                    // mark without a committed offset is taken for a stale one.
+                    // A broadcast member's start stored before any delivery (at `First`,
+                    // with the first delivered mark): a delivered mark without a
+                    // committed offset is taken for a stale one.
                     self.commit().await;
                 }
                 let _ = done.send(());
@@ -857,6 +979,13 @@ impl Actor {
     }
 
     pub(super) async fn commit(&mut self) {
+        self.commit_with(false).await;
+    }
+
+    /// [`Actor::commit`]; `ending`: the actor ends, and starts not stored yet
+    /// ([`QueueState::unstored`]) are stored too, so a group that ends before it
+    /// delivered is known to the store (listed, resettable while no actor runs).
+    pub(super) async fn commit_with(&mut self, ending: bool) {
         self.last_commit = Instant::now();
         let mut batch = WriteBatch::new();
         let mut marks = Vec::new();
@@ -865,7 +994,7 @@ impl Actor {
                 let group = self.offsets_group(Some(id));
                 for (q, c) in &m.cursors {
                     let committed = c.committed();
-                    if c.persisted != Some(committed) {
+                    if c.persisted != Some(committed) || (ending && c.unstored) {
                         batch.commit_offset(group.clone(), q.clone(), QueueOffset(committed));
                         marks.push((Some(id.clone()), q.clone(), committed));
                     }
@@ -874,7 +1003,7 @@ impl Actor {
         } else {
             for (q, c) in &self.queues {
                 let committed = c.committed();
-                if c.persisted != Some(committed) {
+                if c.persisted != Some(committed) || (ending && c.unstored) {
                     batch.commit_offset(self.spec.name.clone(), q.clone(), QueueOffset(committed));
                     marks.push((None, q.clone(), committed));
                 }
@@ -894,6 +1023,7 @@ impl Actor {
             };
             if let Some(c) = c {
                 c.persisted = Some(committed);
+                c.unstored = false;
             }
         }
     }

@@ -182,17 +182,20 @@ impl Actor {
             };
             // The delivered mark goes ahead of what is delivered, a stride at a time, so a
             // restart knows what may have been delivered (`DELIVERED_NS`).
-            let marked = self
+            let (marked, start) = self
                 .cursor_mut(owner_key, queue)
-                .map_or(u64::MAX, |q| q.marked);
+                .map_or((u64::MAX, None), |q| {
+                    (q.marked, q.persisted.filter(|_| q.unstored))
+                });
             if offset >= marked {
                 let mark = offset + DELIVERED_STRIDE;
                 let group = self.offsets_group(self.broadcast().then_some(owner_key));
                 // A mark that cannot be written (a full disk) does not hold deliveries
                 // back: consumers drain a degraded store; this stride goes unmarked.
-                self.write_delivered_mark(&group, queue, mark).await;
+                let written = self.write_delivered_mark(&group, queue, mark, start).await;
                 let q = self.cursor_mut(owner_key, queue).expect("checked");
                 q.marked = mark;
+                q.unstored &= !written;
             }
             // A unit of a shared credit pool (AMQP's global prefetch), taken only now, when
             // the message is going out: the pool is shared with groups whose actors run on

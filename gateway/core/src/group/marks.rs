@@ -68,19 +68,22 @@ impl QueueState {
 }
 
 impl Actor {
-    /// Store `group`'s delivered mark on `queue`: returns once it is written (readable,
-    /// in the log: a killed process keeps it), without waiting for a sync it may share
-    /// with publishes (a `no_sync` batch grouped with synced ones is answered after
-    /// their fsync), or has failed (logged: the mark is a hint).
+    /// Store `group`'s delivered mark on `queue`, with the group's `start` offset on it
+    /// when that is not stored yet ([`QueueState::unstored`]): a mark without offsets is
+    /// taken for a stale one. Returns once it is written (readable, in the log: a killed
+    /// process keeps it), without waiting for a sync it may share with publishes (a
+    /// `no_sync` batch grouped with synced ones is answered after their fsync): `true`;
+    /// or once it has failed (logged: the mark is a hint): `false`.
     pub(super) async fn write_delivered_mark(
         &self,
         group: &GroupName,
         queue: &QueueRef,
         mark: u64,
-    ) {
+        start: Option<u64>,
+    ) -> bool {
         if !self.topic_lives(queue) {
             // Deleted with its marks: none written again.
-            return;
+            return false;
         }
         let mut batch = WriteBatch::new();
         batch.no_sync().kv_put(
@@ -88,6 +91,13 @@ impl Actor {
             delivered_key(group, queue),
             bytes::Bytes::copy_from_slice(&mark.to_be_bytes()),
         );
+        if let Some(start) = start {
+            batch.commit_offset(
+                group.clone(),
+                queue.clone(),
+                mqgate_store::QueueOffset(start),
+            );
+        }
         let (seen, written) = oneshot::channel();
         let visible: mqgate_store::OnVisible = Box::new(move || {
             let _ = seen.send(());
@@ -101,10 +111,11 @@ impl Actor {
                     }
                 });
                 // Dropped unsent when the write failed.
-                let _ = written.await;
+                written.await.is_ok()
             }
             Err(e) => {
                 tracing::warn!(group = %group, queue = %queue, error = %e, "core: a group's delivered mark was not stored");
+                false
             }
         }
     }

@@ -833,6 +833,7 @@ pub(crate) fn spawn(
     for t in &watched {
         t.watch(Arc::clone(&wake));
     }
+    let watched = watched.into_iter().map(actor::Watched::new).collect();
     let max_reconsume = spec
         .max_reconsume_times
         .unwrap_or(inner.config.max_reconsume_times);

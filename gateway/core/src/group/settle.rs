@@ -140,6 +140,7 @@ impl Actor {
         self.inner.store.write(batch).await?;
         if let (Some(c), Some(q)) = (committed, self.cursor_mut(member, queue)) {
             q.persisted = Some(c);
+            q.unstored = false;
         }
         Ok(())
     }
