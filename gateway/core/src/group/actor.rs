@@ -1,4 +1,4 @@
-//! The group actor: its state, run loop, membership, offsets and cursors.
+//! The group actor: its state, run loop, membership and offsets (the queues it reads: `cursors.rs`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use crate::mailbox;
 use mqgate_store::{
-    GroupName, Millis, QueueMessage, QueueOffset, QueueRef, StoredMessage, TopicName, WriteBatch,
+    GroupName, Millis, QueueMessage, QueueOffset, QueueRef, StoredMessage, WriteBatch,
 };
 use tokio::sync::oneshot;
 
+use super::cursors::Watched;
 use super::marks::{delivered_key, DELIVERED_NS};
 use super::park::{CoreRef, GroupWake, Park};
 use super::vecmap::VecMap;
@@ -18,7 +19,6 @@ use super::{
     Cmd, ConsumeMode, Delivery, GroupHandle, GroupInfo, GroupSpec, MemberInfo, QueueInfo,
     StartPosition,
 };
-use crate::broker::TopicHandle;
 use crate::endpoint::DeathReason;
 use crate::error::Result;
 
@@ -236,35 +236,6 @@ pub(super) struct Actor {
     pub(super) empty_since: Option<Instant>,
 }
 
-/// A topic a group consumes, and the generation of it the group's state is of: a
-/// deleted topic moves it ([`TopicHandle::generation`]).
-pub(super) struct Watched {
-    pub(super) topic: Arc<TopicHandle>,
-    pub(super) generation: u32,
-    /// Deleted under the group: the queues of the topic created again start at its
-    /// first offset, whatever the group's start position (`open_cursor`).
-    pub(super) fresh: bool,
-}
-
-impl Watched {
-    pub(super) fn new(topic: Arc<TopicHandle>) -> Self {
-        let generation = topic.generation();
-        Self {
-            topic,
-            generation,
-            fresh: false,
-        }
-    }
-}
-
-impl std::ops::Deref for Watched {
-    type Target = TopicHandle;
-
-    fn deref(&self) -> &TopicHandle {
-        &self.topic
-    }
-}
-
 /// RocketMQ's average allocation of `queues` over `members`: member `k` takes a run of
 /// `queues / n` queues, plus one for the first `queues % n` members.
 fn owner_of(index: usize, queues: usize, members: &[MemberId]) -> Option<&MemberId> {
@@ -436,40 +407,6 @@ impl Actor {
         }
     }
 
-    /// Topic `name` was deleted (its offsets and delivered marks with it): its queues'
-    /// states go, what was read ahead and what waits for redelivery with them, and the
-    /// members get back the credit of what they held from it unacknowledged (an ack
-    /// of it now finds nothing to settle). Nothing is committed or marked for it.
-    pub(super) fn forget_topic(&mut self, name: &TopicName) {
-        let of = |q: &QueueRef| q.topic == *name;
-        if self.broadcast() {
-            for m in self.members.values_mut() {
-                let gone: Vec<QueueRef> = m.cursors.keys().filter(|q| of(q)).cloned().collect();
-                let mut held = 0;
-                for q in gone {
-                    held += m.cursors.remove(&q).map_or(0, |c| c.in_flight.len());
-                }
-                m.settled(held, &self.wake);
-            }
-            return;
-        }
-        let gone: Vec<QueueRef> = self.queues.keys().filter(|q| of(q)).cloned().collect();
-        if gone.is_empty() {
-            return;
-        }
-        for q in gone {
-            let Some(c) = self.queues.remove(&q) else {
-                continue;
-            };
-            for f in c.in_flight.values() {
-                if let Some(m) = self.members.get_mut(&f.member) {
-                    m.settled(1, &self.wake);
-                }
-            }
-        }
-        self.rebalance();
-    }
-
     /// Whether some committed offset is not persisted yet.
     fn offsets_dirty(&self) -> bool {
         if self.broadcast() {
@@ -508,156 +445,6 @@ impl Actor {
             Some(m) if self.broadcast() => GroupName::new(format!("{}%{m}", self.spec.name))
                 .unwrap_or_else(|_| self.spec.name.clone()),
             _ => self.spec.name.clone(),
-        }
-    }
-
-    fn all_queues(&self) -> Vec<QueueRef> {
-        let mut out = Vec::new();
-        for t in &self.watched {
-            for q in 0..t.queue_count() {
-                out.push(QueueRef::new(t.name.clone(), q));
-            }
-        }
-        out
-    }
-
-    /// A fresh cursor for `queue`: the committed offset, or the start position.
-    async fn open_cursor(&self, queue: &QueueRef, member: Option<&str>) -> Result<QueueState> {
-        let group = self.offsets_group(member);
-        let key = delivered_key(&group, queue);
-        if self
-            .watched
-            .iter()
-            .any(|w| w.fresh && w.name == queue.topic)
-        {
-            // Its topic was created again under this actor: all of it is new to the
-            // group, and an offset or mark the actor's old state wrote on it after the
-            // deletion (a commit racing it) is not the group's. It starts at the first
-            // offset, stored by the caller (`persisted` is none), the mark deleted.
-            let mut batch = WriteBatch::new();
-            batch.no_sync().kv_delete(DELIVERED_NS, key);
-            if let Err(e) = self.inner.store.write(batch).await {
-                tracing::warn!(group = %group, queue = %queue, error = %e, "core: a stale delivered mark stays");
-            }
-            let read = self.inner.position(queue, &StartPosition::First).await?;
-            return Ok(QueueState {
-                read,
-                ..QueueState::default()
-            });
-        }
-        let mark = match self.inner.store.kv_get(DELIVERED_NS, &key).await {
-            Ok(v) => v.and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?))),
-            Err(e) => {
-                tracing::warn!(group = %group, queue = %queue, error = %e, "core: a group's delivered mark could not be read; nothing flagged redelivered");
-                None
-            }
-        };
-        let (read, persisted, seen, unstored) = match self
-            .inner
-            .store
-            .committed_offset(&group, queue)
-            .await?
-        {
-            Some(o) => (o.0, Some(o.0), mark.unwrap_or(0), false),
-            None => {
-                if mark.is_some() {
-                    // A mark without offsets: left by a group of this name deleted
-                    // since (or its topic): not this group's.
-                    let mut batch = WriteBatch::new();
-                    batch.no_sync().kv_delete(DELIVERED_NS, key);
-                    if let Err(e) = self.inner.store.write(batch).await {
-                        tracing::warn!(group = %group, queue = %queue, error = %e, "core: a stale delivered mark stays");
-                    }
-                }
-                let start = self.inner.position(queue, &self.spec.start).await?;
-                // Any other start is stored now (`load_queues`): `Last` moves.
-                let first = matches!(self.spec.start, StartPosition::First);
-                (start, first.then_some(start), 0, first)
-            }
-        };
-        Ok(QueueState {
-            read,
-            persisted,
-            unstored,
-            seen,
-            marked: seen,
-            ..QueueState::default()
-        })
-    }
-
-    async fn load_queues(&mut self) -> Result<()> {
-        if self.broadcast() {
-            return Ok(());
-        }
-        for q in self.all_queues() {
-            let state = self.open_cursor(&q, None).await?;
-            self.queues.insert(q, state);
-        }
-        // New groups persist their start so a restart resumes there, not at "last"
-        // (a start at `First` waits for the first delivery: `QueueState::unstored`).
-        self.commit().await;
-        Ok(())
-    }
-
-    /// Let go of the state on watched topics deleted since it was taken, and pick up
-    /// queues added to watched topics since the group started (a topic created again
-    /// among them: its queues start afresh from the group's start position).
-    async fn refresh_queues(&mut self) -> Result<()> {
-        for i in 0..self.watched.len() {
-            let now = self.watched[i].topic.generation();
-            if now != self.watched[i].generation {
-                self.watched[i].generation = now;
-                self.watched[i].fresh = true;
-                let name = self.watched[i].topic.name.clone();
-                self.forget_topic(&name);
-            }
-        }
-        let all = self.all_queues();
-        let mut changed = false;
-        if self.broadcast() {
-            let ids: Vec<MemberId> = self.members.keys().cloned().collect();
-            for id in ids {
-                for q in &all {
-                    if !self.members[&id].cursors.contains_key(q) {
-                        let c = self.open_cursor(q, Some(&id)).await?;
-                        if let Some(m) = self.members.get_mut(&id) {
-                            m.cursors.insert(q.clone(), c);
-                            changed = true;
-                        }
-                    }
-                }
-            }
-            if changed {
-                // Their start stored before any delivery (see below; at `First`, with
-                // the first delivered mark).
-                self.commit().await;
-            }
-            self.opened_fresh();
-            return Ok(());
-        }
-        for q in all {
-            if !self.queues.contains_key(&q) {
-                let c = self.open_cursor(&q, None).await?;
-                self.queues.insert(q, c);
-                changed = true;
-            }
-        }
-        if changed {
-            self.rebalance();
-            // Their start is stored before anything is delivered from them (at `First`,
-            // with the first delivered mark): a delivered mark without a committed
-            // offset is taken for a stale one.
-            self.commit().await;
-        }
-        self.opened_fresh();
-        Ok(())
-    }
-
-    /// The queues of topics created again under the group are open: later ones (a
-    /// topic grown) start as any other.
-    fn opened_fresh(&mut self) {
-        for w in &mut self.watched {
-            w.fresh &= w.topic.queue_count() == 0;
         }
     }
 
@@ -845,7 +632,7 @@ impl Actor {
 
     /// RocketMQ's average allocation: sorted queues split in contiguous runs over sorted
     /// members, the first `queues % members` members taking one more.
-    fn rebalance(&mut self) {
+    pub(super) fn rebalance(&mut self) {
         if !self.owned() {
             return;
         }

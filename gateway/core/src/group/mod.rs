@@ -21,6 +21,7 @@
 
 mod actor;
 mod credit;
+mod cursors;
 mod deliver;
 mod limits;
 mod marks;
@@ -833,7 +834,7 @@ pub(crate) fn spawn(
     for t in &watched {
         t.watch(Arc::clone(&wake));
     }
-    let watched = watched.into_iter().map(actor::Watched::new).collect();
+    let watched = watched.into_iter().map(cursors::Watched::new).collect();
     let max_reconsume = spec
         .max_reconsume_times
         .unwrap_or(inner.config.max_reconsume_times);
