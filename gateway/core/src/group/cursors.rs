@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use mqgate_store::{QueueRef, TopicName, WriteBatch};
+use mqgate_store::{GroupName, QueueRef, TopicName, WriteBatch};
 
 use super::actor::{Actor, MemberId, QueueState};
 use super::marks::{delivered_key, DELIVERED_NS};
@@ -69,11 +69,7 @@ impl Actor {
             // group, and an offset or mark the actor's old state wrote on it after the
             // deletion (a commit racing it) is not the group's. It starts at the first
             // offset, stored by the caller (`persisted` is none), the mark deleted.
-            let mut batch = WriteBatch::new();
-            batch.no_sync().kv_delete(DELIVERED_NS, key);
-            if let Err(e) = self.inner.store.write(batch).await {
-                tracing::warn!(group = %group, queue = %queue, error = %e, "core: a stale delivered mark stays");
-            }
+            self.delete_stale_mark(&group, queue, key).await;
             let read = self.inner.position(queue, &StartPosition::First).await?;
             return Ok(QueueState {
                 read,
@@ -87,29 +83,21 @@ impl Actor {
                 None
             }
         };
-        let (read, persisted, seen, unstored) = match self
-            .inner
-            .store
-            .committed_offset(&group, queue)
-            .await?
-        {
-            Some(o) => (o.0, Some(o.0), mark.unwrap_or(0), false),
-            None => {
-                if mark.is_some() {
-                    // A mark without offsets: left by a group of this name deleted
-                    // since (or its topic): not this group's.
-                    let mut batch = WriteBatch::new();
-                    batch.no_sync().kv_delete(DELIVERED_NS, key);
-                    if let Err(e) = self.inner.store.write(batch).await {
-                        tracing::warn!(group = %group, queue = %queue, error = %e, "core: a stale delivered mark stays");
+        let (read, persisted, seen, unstored) =
+            match self.inner.store.committed_offset(&group, queue).await? {
+                Some(o) => (o.0, Some(o.0), mark.unwrap_or(0), false),
+                None => {
+                    if mark.is_some() {
+                        // A mark without offsets: left by a group of this name deleted
+                        // since (or its topic): not this group's.
+                        self.delete_stale_mark(&group, queue, key).await;
                     }
+                    let start = self.inner.position(queue, &self.spec.start).await?;
+                    // Any other start is stored now (`load_queues`): `Last` moves.
+                    let first = matches!(self.spec.start, StartPosition::First);
+                    (start, first.then_some(start), 0, first)
                 }
-                let start = self.inner.position(queue, &self.spec.start).await?;
-                // Any other start is stored now (`load_queues`): `Last` moves.
-                let first = matches!(self.spec.start, StartPosition::First);
-                (start, first.then_some(start), 0, first)
-            }
-        };
+            };
         Ok(QueueState {
             read,
             persisted,
@@ -118,6 +106,16 @@ impl Actor {
             marked: seen,
             ..QueueState::default()
         })
+    }
+
+    /// Delete `group`'s delivered mark on `queue` (at `key`): not the group's (a hint:
+    /// logged when it stays).
+    async fn delete_stale_mark(&self, group: &GroupName, queue: &QueueRef, key: Vec<u8>) {
+        let mut batch = WriteBatch::new();
+        batch.no_sync().kv_delete(DELIVERED_NS, key);
+        if let Err(e) = self.inner.store.write(batch).await {
+            tracing::warn!(group = %group, queue = %queue, error = %e, "core: a stale delivered mark stays");
+        }
     }
 
     pub(super) async fn load_queues(&mut self) -> Result<()> {
