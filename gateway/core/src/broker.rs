@@ -71,8 +71,9 @@ pub(crate) struct ShardCore {
     pub(crate) common: Arc<Common>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) topics: RwLock<HashMap<TopicName, Arc<TopicHandle>>>,
-    /// Handles of deleted topics that groups still watch (`ShardCore::forget_topic`):
-    /// a topic of that name created again takes its handle back. Locked after `topics`.
+    /// Handles of deleted topics, kept while groups watch them or may start to
+    /// (`ShardCore::forget_topic`): a topic of that name created again takes its handle
+    /// back. Locked after `topics`.
     pub(crate) retired: Mutex<HashMap<TopicName, Arc<TopicHandle>>>,
     pub(crate) groups: Mutex<HashMap<GroupName, GroupHandle>>,
     /// The endpoints the core manages (policies with or without members, idle expiry).

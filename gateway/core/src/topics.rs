@@ -20,8 +20,8 @@ pub(crate) struct TopicHandle {
     pub(crate) name: TopicName,
     queue_count: AtomicU32,
     /// Moves when the topic is deleted: the groups watching it let go of their state on
-    /// its queues (`Actor::refresh_queues`). A topic of that name created again while
-    /// they watch gets this handle back (`ShardCore::retired`), so they see it.
+    /// its queues (`Actor::refresh_queues`). A topic of that name created again gets
+    /// this handle back (`ShardCore::retired`), so they see it.
     generation: AtomicU32,
     round_robin: AtomicU64,
     /// Groups consuming this topic: woken after each append.
@@ -56,6 +56,13 @@ impl TopicHandle {
     fn retire(&self) {
         self.queue_count.store(0, Ordering::Release);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.wake();
+    }
+
+    /// A retired handle's topic exists again with `queue_count` queues: its watchers
+    /// are woken to pick them up.
+    fn revive(&self, queue_count: u32) {
+        self.queue_count.store(queue_count, Ordering::Release);
         self.wake();
     }
 
@@ -318,8 +325,7 @@ impl ShardCore {
     fn handle_for(&self, cfg: &TopicConfig) -> Arc<TopicHandle> {
         match self.retired.lock().remove(&cfg.name) {
             Some(h) => {
-                h.queue_count.store(cfg.queue_count, Ordering::Release);
-                h.wake();
+                h.revive(cfg.queue_count);
                 h
             }
             None => Arc::new(TopicHandle::new(cfg)),
@@ -339,8 +345,7 @@ impl ShardCore {
         if let Some(cfg) = self.store.topic(name) {
             // Created again between the store's deletion and this: the same handle
             // serves the new topic (its watchers start it afresh all the same).
-            h.queue_count.store(cfg.queue_count, Ordering::Release);
-            h.wake();
+            h.revive(cfg.queue_count);
             topics.insert(name.clone(), h);
             return;
         }
