@@ -289,6 +289,11 @@ impl Target {
         self.inproc.as_ref().map(|i| &i.broker)
     }
 
+    /// The stores of the in-process broker, one per shard (none for an external one).
+    pub fn stores(&self) -> &[Arc<dyn Store>] {
+        self.inproc.as_ref().map_or(&[], |i| &i.stores)
+    }
+
     /// The in-process MQTT adapter (`None` for an external broker).
     pub fn mqtt(&self) -> Option<&MqttServer> {
         self.inproc.as_ref().map(|i| &i.server)

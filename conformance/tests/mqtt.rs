@@ -2596,8 +2596,63 @@ scenario!(
     delayed_topic_prefix,
     delay_user_properties,
     failed_consumption_retries_then_dlq,
-    shared_replay_from_timestamp
+    shared_replay_from_timestamp,
+    session_start_stored_unless_clean
 );
+
+/// A session's group stores its start offset when the session connects, so that it is
+/// known (listed, resettable) after a crash, except a clean session's (3.1.1 clean
+/// session, 5.0 session expiry 0), which ends with its connection: its start waits for
+/// its first delivery, and an idle clean connection writes none.
+async fn session_start_stored_unless_clean(b: Backend) {
+    let Some(t) = Target::mqgate_only(b, MqttConfig::default()).await else {
+        return;
+    };
+    let topic = uniq("starts");
+    let stored = |id: &str| {
+        let g = mqgate_mqtt::session::session_group(id);
+        let stores = t.stores().to_vec();
+        async move {
+            let mut n = 0;
+            for s in stores {
+                n += mqgate_store::Store::committed_offsets(&*s, &g)
+                    .await
+                    .unwrap()
+                    .len();
+            }
+            n
+        }
+    };
+    let clean = uniq("clean");
+    let (mut c, _) = c3(&t, &clean, true).await;
+    c.subscribe(&topic, Q3::AtLeastOnce).await;
+    let kept = uniq("kept");
+    let (mut k, _) = c3(&t, &kept, false).await;
+    k.subscribe(&topic, Q3::AtLeastOnce).await;
+    let (v5_clean, v5_kept) = (uniq("clean5"), uniq("kept5"));
+    let mut c5_clean = c5(&t, &v5_clean, true).await;
+    c5_clean.subscribe(&topic, Q5::AtLeastOnce).await;
+    let mut o = opts5(&t, &v5_kept, true);
+    o.set_connect_properties(p5::ConnectProperties {
+        session_expiry_interval: Some(60),
+        ..Default::default()
+    });
+    let (mut k5, _) = c5_with(o).await.unwrap();
+    k5.subscribe(&topic, Q5::AtLeastOnce).await;
+    assert_eq!(stored(&clean).await, 0, "3.1.1 clean session");
+    assert_eq!(stored(&v5_clean).await, 0, "5.0 session expiry 0");
+    assert_eq!(stored(&kept).await, 1, "3.1.1 persistent session");
+    assert_eq!(stored(&v5_kept).await, 1, "5.0 session expiry 60");
+    // The first delivery stores the clean session's start with its delivered mark.
+    let (mut p, _) = c3(&t, &uniq("p"), true).await;
+    p.client
+        .publish(&topic, Q3::AtLeastOnce, false, "one")
+        .await
+        .unwrap();
+    p.acked(1).await;
+    assert_eq!(body(&c.publishes(1).await[0]), "one");
+    assert_eq!(stored(&clean).await, 1, "stored with the first delivery");
+}
 
 async fn delayed_topic_prefix(b: Backend) {
     let Some(t) = Target::mqgate_only(b, MqttConfig::default()).await else {

@@ -168,6 +168,14 @@ fn spec(g: &str, t: &str, mode: ConsumeMode) -> GroupSpec {
     s
 }
 
+/// [`spec`] whose start is stored with its first delivery (`GroupSpec::lazy_start`).
+fn lazy(g: &str, t: &str, mode: ConsumeMode) -> GroupSpec {
+    GroupSpec {
+        lazy_start: true,
+        ..spec(g, t, mode)
+    }
+}
+
 async fn order_per_sharding_key(env: Env) {
     let b = &env.broker;
     b.create_topic(&topic("orders"), Some(4)).await.unwrap();
@@ -1055,24 +1063,26 @@ async fn topic_created_again_under_a_live_group(env: Env) {
     assert_eq!(committed, 4, "{info:?}");
 }
 
-/// A group that starts at `First` stores no offset until it delivers: its start goes
-/// in the batch of its first delivered mark on the queue (a mark without offsets would
-/// be taken for a stale one), so an idle MQTT session's connect writes none. A group
-/// that starts at `Last` stores its start at once (a restart must not move it).
+/// A group with a lazy start at `First` (`GroupSpec::lazy_start`: an MQTT clean
+/// session's) stores no offset until it delivers: its starts go in the batch of its
+/// first delivered mark, every queue's (a mark without offsets would be taken for a
+/// stale one), so an idle connect writes none. A group that starts at `Last` stores its
+/// start at once (a restart must not move it), and so does one at `First` by default
+/// (known to the store, listed, from its start).
 async fn first_start_is_stored_with_the_first_delivery(env: Env) {
     let dir = tempfile::tempdir().unwrap();
     let (store, b) = broker_on_own_store(&env, &dir).await;
     b.create_topic(&topic("lazy"), Some(2)).await.unwrap();
     let mut shared = b
         .subscribe(
-            spec("lz", "lazy", ConsumeMode::Shared),
+            lazy("lz", "lazy", ConsumeMode::Shared),
             MemberOptions::new("c", 10),
         )
         .await
         .unwrap();
     let mut bcast = b
         .subscribe(
-            spec("lzb", "lazy", ConsumeMode::Broadcast),
+            lazy("lzb", "lazy", ConsumeMode::Broadcast),
             MemberOptions::new("b1", 10),
         )
         .await
@@ -1084,10 +1094,17 @@ async fn first_start_is_stored_with_the_first_delivery(env: Env) {
         )
         .await
         .unwrap();
+    let _eager = b
+        .subscribe(
+            spec("eager", "lazy", ConsumeMode::Shared),
+            MemberOptions::new("e", 10),
+        )
+        .await
+        .unwrap();
     b.create_topic(&topic("quiet"), Some(2)).await.unwrap();
     let idle = b
         .subscribe(
-            spec("idle", "quiet", ConsumeMode::Shared),
+            lazy("idle", "quiet", ConsumeMode::Shared),
             MemberOptions::new("i", 10),
         )
         .await
@@ -1100,23 +1117,30 @@ async fn first_start_is_stored_with_the_first_delivery(env: Env) {
             "{g}: nothing stored before a delivery"
         );
     }
-    let now = store.committed_offsets(&group("now")).await.unwrap();
-    assert_eq!(
-        now.iter()
-            .filter(|(q, _)| q.topic.as_str() == "lazy")
-            .count(),
-        2,
-        "a start at Last is stored when the group starts: {now:?}"
-    );
+    for g in ["now", "eager"] {
+        let now = store.committed_offsets(&group(g)).await.unwrap();
+        assert_eq!(
+            now.iter()
+                .filter(|(q, _)| q.topic.as_str() == "lazy")
+                .count(),
+            2,
+            "{g}: a start at Last, or at First unless lazy, is stored when the group starts: {now:?}"
+        );
+    }
     publish(&b, "lazy", "m0").await;
     for (g, c) in [("lz", &mut shared), ("lzb%b1", &mut bcast)] {
         let d = recv(c).await;
-        // In flight, not acknowledged: its queue's start is stored, with the mark.
-        assert_eq!(
-            store.committed_offsets(&group(g)).await.unwrap(),
-            [(d.queue.clone(), mqgate_store::QueueOffset(0))],
-            "{g}"
-        );
+        // In flight, not acknowledged: its queue's start is stored, with the mark, and
+        // the other queue's with it (the store knows the whole group or none of it).
+        let stored: Vec<(u32, u64)> = store
+            .committed_offsets(&group(g))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|(q, _)| q.topic.as_str() == "lazy")
+            .map(|(q, o)| (q.queue.0, o.0))
+            .collect();
+        assert_eq!(stored, [(0, 0), (1, 0)], "{g}");
         let mut key = format!("{g}\0lazy\0").into_bytes();
         key.extend_from_slice(&d.queue.queue.0.to_be_bytes());
         assert!(
@@ -1136,7 +1160,8 @@ async fn first_start_is_stored_with_the_first_delivery(env: Env) {
     );
     drop(idle);
     b.shutdown().await;
-    // Past the acknowledged message; the other queues' starts stored as the actor ended.
+    // Past the acknowledged message; the other queue's start stored with the first
+    // delivery.
     let offsets = store.committed_offsets(&group("lz")).await.unwrap();
     let lazy: Vec<u64> = offsets
         .iter()

@@ -625,6 +625,44 @@ async fn failed_expiry_write_keeps_the_message_for_a_later_sweep() {
     assert_eq!(env.committed("q", "work").await, Some(1));
 }
 
+/// A reset whose write fails is not taken for stored: the group's next commit (here its
+/// last, at shutdown) writes where the reset put it, so a restart does not undo it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_whose_write_failed_is_committed_later() {
+    let store = Arc::new(FailingStore::default());
+    let env = Env::start(store.clone()).await;
+    let b = &env.broker;
+    b.create_topic(&topic("work"), Some(1)).await.unwrap();
+    let mut c = b
+        .subscribe(
+            spec("g", "work", OnFailure::Discard),
+            MemberOptions::new("c", 10),
+        )
+        .await
+        .unwrap();
+    for i in 0..3 {
+        publish(b, "work", &format!("m{i}")).await;
+    }
+    for _ in 0..3 {
+        let d = recv(&mut c).await;
+        c.ack(d.ack_token());
+    }
+    drop(c);
+    b.reset_group(&group("g"), StartPosition::Last)
+        .await
+        .unwrap();
+    assert_eq!(env.committed("g", "work").await, Some(3));
+    store.set_failing(true);
+    assert!(b
+        .reset_group(&group("g"), StartPosition::First)
+        .await
+        .is_err());
+    store.set_failing(false);
+    assert_eq!(env.committed("g", "work").await, Some(3), "not written");
+    b.shutdown().await;
+    assert_eq!(env.committed("g", "work").await, Some(0));
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. Expired at delivery.
 

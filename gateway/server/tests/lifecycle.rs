@@ -313,3 +313,68 @@ async fn small_profile_restarts_itself_with_the_allocator_settings_and_serves() 
     }
     assert_eq!(got, 50);
 }
+
+/// A persistent MQTT session's group stores its start when the session connects (a
+/// clean session's waits for its first delivery: `GroupSpec::lazy_start`), so a broker
+/// killed (SIGKILL) while the session is connected and idle still knows the group after
+/// the restart: the admin API lists it with what waits for it, and the client coming
+/// back gets every message published while it was away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_mqtt_session_killed_before_any_delivery_is_listed_after_restart() {
+    use rumqttc::{Event, Packet, QoS};
+    let mut b = Broker::start();
+    let (c, mut el) = common::mqtt_connect(&[b.mqtt], "keeper", false).await;
+    c.subscribe("news/#", QoS::AtLeastOnce).await.unwrap();
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
+            break;
+        }
+    }
+    b.child.kill().unwrap(); // SIGKILL, the session still connected
+    drop((c, el));
+    b.respawn_logged();
+
+    let (p, mut pel) = common::mqtt_connect(&[b.mqtt], "writer", true).await;
+    for i in 0..3 {
+        p.publish("news/a", QoS::AtLeastOnce, false, format!("n{i}"))
+            .await
+            .unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), pel.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => break,
+                Ok(Ok(_)) => {}
+                other => panic!("no PUBACK: {other:?}"),
+            }
+        }
+    }
+
+    let json = |out: (bool, String, String)| -> serde_json::Value {
+        assert!(out.0, "mqgate CLI failed: {}", out.2);
+        serde_json::from_str(&out.1).unwrap()
+    };
+    let group = "%MQTT%keeper";
+    let list = json(b.cli(&["--json", "groups", "list"]));
+    let listed = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == group)
+        .unwrap_or_else(|| panic!("{group} not listed: {list}"));
+    assert_eq!(listed["lag"], 3, "{list}");
+    let shown = json(b.cli(&["--json", "groups", "show", group]));
+    assert_eq!(shown["lag"], 3, "{shown}");
+    assert!(shown["members"].as_array().unwrap().is_empty(), "{shown}");
+
+    let (_c, mut el) = common::mqtt_connect(&[b.mqtt], "keeper", false).await;
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(m)))) => {
+                got.push(String::from_utf8(m.payload.to_vec()).unwrap());
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("the session got {got:?}, then {other:?}"),
+        }
+    }
+    assert_eq!(got, ["n0", "n1", "n2"]);
+}

@@ -429,6 +429,10 @@ where
         .subscribe(
             GroupSpec {
                 start: StartPosition::First,
+                // A session that ends with its connection needs no start stored until
+                // it delivers (an idle connect writes nothing); one that outlives it
+                // is known to the store from its start (listed after a crash).
+                lazy_start: expiry == 0,
                 on_failure: OnFailure::Discard,
                 ..GroupSpec::new(
                     session_group(&client_id),

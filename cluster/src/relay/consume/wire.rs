@@ -39,6 +39,8 @@ pub(super) fn opt_u64(r: &mut Reader) -> Result<Option<u64>> {
     }
 }
 
+/// `lazy_start` is not carried: a relayed group stores its start when it starts (the
+/// default, always safe; the owner of an earlier version knows no other).
 pub(super) fn encode_spec(out: &mut Vec<u8>, spec: &GroupSpec) {
     put_bytes(out, spec.name.as_str().as_bytes());
     crate::relay::codec::put_topics(out, &spec.topics);

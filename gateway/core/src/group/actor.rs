@@ -140,10 +140,12 @@ pub(super) struct QueueState {
     pub(super) in_flight: BTreeMap<u64, InFlight>,
     /// The committed offset last written to the store.
     pub(super) persisted: Option<u64>,
-    /// `persisted` is the group's start at `First`, not written yet: where a restart
-    /// without it would start too. It is written with the queue's first delivered mark
-    /// or commit (a mark never goes without offsets: see `open_cursor`), so a group that
-    /// never delivers stores nothing (an idle MQTT session's connect writes none).
+    /// `persisted` is the group's start at `First`, not written yet
+    /// ([`GroupSpec::lazy_start`](super::GroupSpec::lazy_start)): where a restart
+    /// without it would start too. It is written with the group's first delivered mark
+    /// or commit, whichever queue's (a mark never goes without offsets: see
+    /// `open_cursor`), so a group that never delivers stores nothing (an idle MQTT
+    /// clean session's connect writes none).
     pub(super) unstored: bool,
     /// Orderly: no delivery before this time (after a failure).
     pub(super) suspended_until: Millis,
@@ -196,8 +198,6 @@ impl QueueState {
         self.suspended_until = 0;
         self.read = target;
         self.floor = target;
-        self.persisted = Some(target);
-        self.unstored = false;
         again.into_values().collect()
     }
 
@@ -490,8 +490,8 @@ impl Actor {
                 self.members.insert(opts.id.into(), member);
                 self.rebalance();
                 if broadcast {
-                    // A broadcast member's start stored before any delivery (at `First`,
-                    // with the first delivered mark): a delivered mark without a
+                    // A broadcast member's start stored before any delivery (a lazy one
+                    // at `First` with the first delivered mark): a delivered mark without a
                     // committed offset is taken for a stale one.
                     self.commit().await;
                 }
@@ -668,6 +668,7 @@ impl Actor {
 
     async fn reset(&mut self, to: StartPosition) -> Result<()> {
         let mut batch = WriteBatch::new();
+        let mut written = Vec::new();
         if self.broadcast() {
             let ids: Vec<MemberId> = self.members.keys().cloned().collect();
             for id in ids {
@@ -686,7 +687,8 @@ impl Actor {
                             member.settled(dropped.len(), &self.wake);
                         }
                     }
-                    batch.commit_offset(group.clone(), q, QueueOffset(target));
+                    batch.commit_offset(group.clone(), q.clone(), QueueOffset(target));
+                    written.push((Some(id.clone()), q, target));
                 }
             }
         } else {
@@ -704,10 +706,23 @@ impl Actor {
                         m.settled(1, &self.wake);
                     }
                 }
-                batch.commit_offset(self.spec.name.clone(), q, QueueOffset(target));
+                batch.commit_offset(self.spec.name.clone(), q.clone(), QueueOffset(target));
+                written.push((None, q, target));
             }
         }
+        // Stored only once written: a reset whose write failed is committed by the
+        // next commit (the committed offset differs from the one stored).
         self.inner.store.write(batch).await?;
+        for (member, q, target) in written {
+            let c = match &member {
+                Some(id) => self.members.get_mut(id).and_then(|m| m.cursors.get_mut(&q)),
+                None => self.queues.get_mut(&q),
+            };
+            if let Some(c) = c {
+                c.persisted = Some(target);
+                c.unstored = false;
+            }
+        }
         Ok(())
     }
 
@@ -771,26 +786,31 @@ impl Actor {
 
     /// [`Actor::commit`]; `ending`: the actor ends, and starts not stored yet
     /// ([`QueueState::unstored`]) are stored too, so a group that ends before it
-    /// delivered is known to the store (listed, resettable while no actor runs).
+    /// delivered is known to the store (listed, resettable while no actor runs). They
+    /// are also stored with any other commit of their offsets group, so that the store
+    /// knows all of it or none of it.
     pub(super) async fn commit_with(&mut self, ending: bool) {
         self.last_commit = Instant::now();
         let mut batch = WriteBatch::new();
         let mut marks = Vec::new();
+        let moved = |c: &QueueState| c.persisted != Some(c.committed());
         if self.broadcast() {
             for (id, m) in &self.members {
                 let group = self.offsets_group(Some(id));
+                let starts = ending || m.cursors.iter().any(|(_, c)| moved(c));
                 for (q, c) in &m.cursors {
                     let committed = c.committed();
-                    if c.persisted != Some(committed) || (ending && c.unstored) {
+                    if moved(c) || (starts && c.unstored) {
                         batch.commit_offset(group.clone(), q.clone(), QueueOffset(committed));
                         marks.push((Some(id.clone()), q.clone(), committed));
                     }
                 }
             }
         } else {
+            let starts = ending || self.queues.iter().any(|(_, c)| moved(c));
             for (q, c) in &self.queues {
                 let committed = c.committed();
-                if c.persisted != Some(committed) || (ending && c.unstored) {
+                if moved(c) || (starts && c.unstored) {
                     batch.commit_offset(self.spec.name.clone(), q.clone(), QueueOffset(committed));
                     marks.push((None, q.clone(), committed));
                 }

@@ -93,9 +93,12 @@ impl Actor {
                         self.delete_stale_mark(&group, queue, key).await;
                     }
                     let start = self.inner.position(queue, &self.spec.start).await?;
-                    // Any other start is stored now (`load_queues`): `Last` moves.
-                    let first = matches!(self.spec.start, StartPosition::First);
-                    (start, first.then_some(start), 0, first)
+                    // Stored now (`load_queues`, `refresh_queues`: `Last` moves, and a
+                    // group is known to the store from its start), unless a `First`
+                    // start may wait for the first delivery (`GroupSpec::lazy_start`).
+                    let lazy =
+                        self.spec.lazy_start && matches!(self.spec.start, StartPosition::First);
+                    (start, lazy.then_some(start), 0, lazy)
                 }
             };
         Ok(QueueState {
@@ -127,7 +130,7 @@ impl Actor {
             self.queues.insert(q, state);
         }
         // New groups persist their start so a restart resumes there, not at "last"
-        // (a start at `First` waits for the first delivery: `QueueState::unstored`).
+        // (a lazy start at `First` waits for the first delivery: `QueueState::unstored`).
         self.commit().await;
         Ok(())
     }
@@ -161,8 +164,8 @@ impl Actor {
                 }
             }
             if changed {
-                // Their start stored before any delivery (see below; at `First`, with
-                // the first delivered mark).
+                // Their start stored before any delivery (see below; a lazy one at
+                // `First` with the first delivered mark).
                 self.commit().await;
             }
             self.opened_fresh();
@@ -177,8 +180,8 @@ impl Actor {
         }
         if changed {
             self.rebalance();
-            // Their start is stored before anything is delivered from them (at `First`,
-            // with the first delivered mark): a delivered mark without a committed
+            // Their start is stored before anything is delivered from them (a lazy
+            // one at `First` with the first delivered mark): a delivered mark without a committed
             // offset is taken for a stale one.
             self.commit().await;
         }

@@ -182,20 +182,28 @@ impl Actor {
             };
             // The delivered mark goes ahead of what is delivered, a stride at a time, so a
             // restart knows what may have been delivered (`DELIVERED_NS`).
-            let (marked, start) = self
+            let (marked, unstored) = self
                 .cursor_mut(owner_key, queue)
-                .map_or((u64::MAX, None), |q| {
-                    (q.marked, q.persisted.filter(|_| q.unstored))
-                });
+                .map_or((u64::MAX, false), |q| (q.marked, q.unstored));
             if offset >= marked {
                 let mark = offset + DELIVERED_STRIDE;
                 let group = self.offsets_group(self.broadcast().then_some(owner_key));
+                // The first delivery stores every start not stored yet, this queue's
+                // and its siblings'.
+                let starts = if unstored {
+                    self.unstored_starts(owner_key)
+                } else {
+                    Vec::new()
+                };
                 // A mark that cannot be written (a full disk) does not hold deliveries
                 // back: consumers drain a degraded store; this stride goes unmarked.
-                let written = self.write_delivered_mark(&group, queue, mark, start).await;
-                let q = self.cursor_mut(owner_key, queue).expect("checked");
-                q.marked = mark;
-                q.unstored &= !written;
+                let written = self
+                    .write_delivered_mark(&group, queue, mark, &starts)
+                    .await;
+                if written {
+                    self.starts_stored(owner_key, &starts);
+                }
+                self.cursor_mut(owner_key, queue).expect("checked").marked = mark;
             }
             // A unit of a shared credit pool (AMQP's global prefetch), taken only now, when
             // the message is going out: the pool is shared with groups whose actors run on

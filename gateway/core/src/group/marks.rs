@@ -68,9 +68,45 @@ impl QueueState {
 }
 
 impl Actor {
-    /// Store `group`'s delivered mark on `queue`, with the group's `start` offset on it
-    /// when that is not stored yet ([`QueueState::unstored`]): a mark without offsets is
-    /// taken for a stale one. Returns once it is written (readable, in the log: a killed
+    /// The starts not stored yet ([`QueueState::unstored`]) of the cursors whose
+    /// offsets `owner` keeps (a broadcast member's own; the group's for a shared one),
+    /// written with whatever the group writes first (a mark, a commit) so that the
+    /// store knows all of the group or none of it. Not those of a topic deleted since
+    /// the cursor opened: it is let go of at the next refresh, and a topic of that name
+    /// created meanwhile starts afresh (`Watched::fresh`).
+    pub(super) fn unstored_starts(&self, owner: &str) -> Vec<(QueueRef, u64)> {
+        let unstored = |(q, c): (&QueueRef, &QueueState)| {
+            let current = self
+                .watched
+                .iter()
+                .find(|w| w.name == q.topic)
+                .is_some_and(|w| w.topic.generation() == w.generation);
+            c.persisted
+                .filter(|_| c.unstored && current)
+                .map(|s| (q.clone(), s))
+        };
+        if self.broadcast() {
+            self.members
+                .get(owner)
+                .map(|m| m.cursors.iter().filter_map(unstored).collect())
+                .unwrap_or_default()
+        } else {
+            self.queues.iter().filter_map(unstored).collect()
+        }
+    }
+
+    /// `owner`'s starts in `starts` ([`Actor::unstored_starts`]) are written.
+    pub(super) fn starts_stored(&mut self, owner: &str, starts: &[(QueueRef, u64)]) {
+        for (q, _) in starts {
+            if let Some(c) = self.cursor_mut(owner, q) {
+                c.unstored = false;
+            }
+        }
+    }
+
+    /// Store `group`'s delivered mark on `queue`, with the group's `starts` not stored
+    /// yet ([`QueueState::unstored`], [`Actor::unstored_starts`]): a mark without offsets
+    /// is taken for a stale one. Returns once it is written (readable, in the log: a killed
     /// process keeps it), without waiting for a sync it may share with publishes (a
     /// `no_sync` batch grouped with synced ones is answered after their fsync): `true`;
     /// or once it has failed (logged: the mark is a hint): `false`.
@@ -79,7 +115,7 @@ impl Actor {
         group: &GroupName,
         queue: &QueueRef,
         mark: u64,
-        start: Option<u64>,
+        starts: &[(QueueRef, u64)],
     ) -> bool {
         if !self.topic_lives(queue) {
             // Deleted with its marks: none written again.
@@ -91,12 +127,8 @@ impl Actor {
             delivered_key(group, queue),
             bytes::Bytes::copy_from_slice(&mark.to_be_bytes()),
         );
-        if let Some(start) = start {
-            batch.commit_offset(
-                group.clone(),
-                queue.clone(),
-                mqgate_store::QueueOffset(start),
-            );
+        for (q, start) in starts {
+            batch.commit_offset(group.clone(), q.clone(), mqgate_store::QueueOffset(*start));
         }
         let (seen, written) = oneshot::channel();
         let visible: mqgate_store::OnVisible = Box::new(move || {

@@ -115,6 +115,13 @@ pub struct GroupSpec {
     pub orderly: bool,
     /// Where a new group starts.
     pub start: StartPosition,
+    /// A start at `First` is stored with the group's first delivery (or its first
+    /// commit, or when its actor ends) instead of when it starts, so that a group that
+    /// never delivers writes nothing: for groups that end with their connection (an
+    /// MQTT clean session, whose idle connect so costs no store write). A crash before
+    /// then leaves the store without the group (it starts at `First` all the same when
+    /// it comes back, but is not listed meanwhile), so it is off by default.
+    pub lazy_start: bool,
     /// What a failed consumption does.
     pub on_failure: OnFailure,
     /// Failures before the DLQ (default: the broker's `max_reconsume_times`).
@@ -132,6 +139,7 @@ impl GroupSpec {
             mode,
             orderly: false,
             start: StartPosition::Last,
+            lazy_start: false,
             on_failure: OnFailure::Retry,
             max_reconsume_times: None,
             policy: Policy::default(),

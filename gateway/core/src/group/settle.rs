@@ -125,7 +125,8 @@ impl Actor {
     }
 
     /// Write `batch` together with the commit of `queue`'s offset (what was settled
-    /// before it is written is past the commit): both, or neither.
+    /// before it is written is past the commit): both, or neither. The group's other
+    /// starts not stored yet go with them ([`Actor::unstored_starts`]).
     async fn write_with_commit(
         &mut self,
         member: &str,
@@ -135,13 +136,19 @@ impl Actor {
         let group = self.offsets_group(Some(member));
         let committed = self.cursor_mut(member, queue).map(|q| q.committed());
         if let Some(c) = committed {
-            batch.commit_offset(group, queue.clone(), QueueOffset(c));
+            batch.commit_offset(group.clone(), queue.clone(), QueueOffset(c));
+        }
+        let mut starts = self.unstored_starts(member);
+        starts.retain(|(q, _)| q != queue);
+        for (q, start) in &starts {
+            batch.commit_offset(group.clone(), q.clone(), QueueOffset(*start));
         }
         self.inner.store.write(batch).await?;
         if let (Some(c), Some(q)) = (committed, self.cursor_mut(member, queue)) {
             q.persisted = Some(c);
             q.unstored = false;
         }
+        self.starts_stored(member, &starts);
         Ok(())
     }
 
