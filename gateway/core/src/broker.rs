@@ -879,11 +879,14 @@ impl ShardCore {
         if offsets.is_empty() {
             return Err(CoreError::NoSuchGroup(group.to_string()));
         }
-        Ok(GroupInfo::from_offsets(
-            &*self.store,
-            group.clone(),
-            offsets,
-        ))
+        let mut info = GroupInfo::from_offsets(&*self.store, group.clone(), offsets);
+        // Messages a reset left held below the committed offsets wait too.
+        for q in &mut info.queues {
+            let held = group::held_at_rest(&*self.store, group, &q.queue, q.committed).await;
+            q.lag += held;
+            q.ready += held;
+        }
+        Ok(info)
     }
 
     /// [`Broker::reset_group`].
@@ -902,7 +905,16 @@ impl ShardCore {
                         continue;
                     }
                     if let Ok(target) = self.position(&q, &to).await {
-                        batch.commit_offset(group.clone(), q, QueueOffset(target));
+                        batch.commit_offset(group.clone(), q.clone(), QueueOffset(target));
+                        // Messages an earlier reset left held (unacknowledged then) wait
+                        // to be delivered again like any other: this one takes them.
+                        if let Some(mark) = group::unheld_mark(&*self.store, group, &q).await? {
+                            batch.kv_put(
+                                group::DELIVERED_NS,
+                                group::delivered_key(group, &q),
+                                mark,
+                            );
+                        }
                     }
                 }
                 self.store.write(batch).await?;

@@ -1183,6 +1183,106 @@ async fn first_start_is_stored_with_the_first_delivery(env: Env) {
     assert!(store.groups().await.unwrap().contains(&group("idle")));
 }
 
+/// A reset (a purge) keeps the deliveries in flight from before it, as RabbitMQ keeps a
+/// purged queue's unacknowledged messages: settled as usual while the group lives, and
+/// delivered again (flagged) after its actor ends or the broker restarts, never lost
+/// below the committed offset the reset stored; a later reset takes them like any
+/// waiting message. Shared and broadcast groups.
+async fn reset_keeps_unacked_deliveries_across_a_restart(env: Env) {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, b) = broker_on_own_store(&env, &dir).await;
+    b.create_topic(&topic("pq"), Some(1)).await.unwrap();
+    let modes = [
+        ("pg", ConsumeMode::Shared, "c"),
+        ("pb", ConsumeMode::Broadcast, "b1"),
+    ];
+    let mut consumers = Vec::new();
+    for (g, mode, member) in modes {
+        let c = b
+            .subscribe(spec(g, "pq", mode), MemberOptions::new(member, 2))
+            .await
+            .unwrap();
+        consumers.push(c);
+    }
+    for i in 0..5 {
+        publish(&b, "pq", format!("m{i}")).await;
+    }
+    for ((g, _, _), c) in modes.iter().zip(consumers.iter_mut()) {
+        // The prefetch: m0 and m1 held unacknowledged, m2..m4 waiting.
+        let d0 = recv(c).await;
+        let d1 = recv(c).await;
+        assert_eq!((body(&d0), body(&d1)), ("m0".into(), "m1".into()), "{g}");
+        nothing(c).await;
+        b.reset_group(&group(g), StartPosition::Last).await.unwrap();
+        // m1 settled as usual; m0 still held.
+        c.ack(d1.ack_token());
+        std::mem::forget(d0);
+    }
+    publish(&b, "pq", "after").await;
+    for ((g, _, _), c) in modes.iter().zip(consumers.iter_mut()) {
+        let d = recv(c).await;
+        assert_eq!(body(&d), "after", "{g}: the purged ones are gone");
+        c.ack(d.ack_token());
+        nothing(c).await;
+    }
+    drop(consumers);
+    b.shutdown().await;
+
+    // Started again on the same store: m0 comes back, flagged, and nothing else.
+    let again = || async {
+        Broker::start(
+            Arc::clone(&store),
+            env.config.clone(),
+            Arc::new(env.clock.clone()),
+        )
+        .await
+        .unwrap()
+    };
+    let b = again().await;
+    let mut consumers = Vec::new();
+    for (g, mode, member) in modes {
+        let mut c = b
+            .subscribe(spec(g, "pq", mode), MemberOptions::new(member, 2))
+            .await
+            .unwrap();
+        let d = recv(&mut c).await;
+        assert_eq!((body(&d), d.redelivered), ("m0".into(), true), "{g}");
+        nothing(&mut c).await;
+        consumers.push((c, d));
+    }
+    // Unacknowledged again when the broker stops: kept again. Then a reset takes it
+    // for the shared group (waiting, not in flight); the broadcast member acks it.
+    drop(consumers);
+    b.shutdown().await;
+    let b = again().await;
+    b.reset_group(&group("pg"), StartPosition::Last)
+        .await
+        .unwrap();
+    for (g, mode, member) in modes {
+        let mut c = b
+            .subscribe(spec(g, "pq", mode), MemberOptions::new(member, 2))
+            .await
+            .unwrap();
+        if g == "pb" {
+            let d = recv(&mut c).await;
+            assert_eq!(body(&d), "m0", "{g}");
+            c.ack(d.ack_token());
+        }
+        nothing(&mut c).await;
+    }
+    b.shutdown().await;
+    let b = again().await;
+    for (g, mode, member) in modes {
+        let mut c = b
+            .subscribe(spec(g, "pq", mode), MemberOptions::new(member, 2))
+            .await
+            .unwrap();
+        nothing(&mut c).await;
+        let _ = g;
+    }
+    b.shutdown().await;
+}
+
 async fn group_behind_retention_skips_and_counts(env: Env) {
     // A store that keeps about 20 records of this size.
     let record = {
@@ -1524,4 +1624,5 @@ both_backends!(
     deleted_topic_takes_its_delivered_marks,
     topic_created_again_under_a_live_group,
     first_start_is_stored_with_the_first_delivery,
+    reset_keeps_unacked_deliveries_across_a_restart,
 );

@@ -273,6 +273,63 @@ async fn unacked_deliveries_come_back_flagged_redelivered_after_a_restart() {
     }
 }
 
+/// queue.purge drops the ready messages and keeps those delivered and not acknowledged
+/// (AMQP 0-9-1: "messages that have been delivered but not yet acknowledged are not
+/// affected"), and as in RabbitMQ they outlive a SIGKILL: after the restart they come
+/// again, flagged redelivered, and the purged ones do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purged_queue_keeps_its_unacked_messages_across_sigkill() {
+    use futures_util::StreamExt;
+    let mut b = Broker::start();
+    publish_confirmed(&b, "purged", 30).await;
+    let (_conn, ch, mut c) = consume(&b, "purged", 10).await;
+    for want in 0..10 {
+        let (i, d) = next_indexed(&mut c).await;
+        assert_eq!((i, d.redelivered), (want, false));
+    }
+    let purged = ch
+        .queue_purge("purged".into(), QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(purged, 20, "the ready ones");
+    b.child.kill().unwrap(); // SIGKILL, the 10 still unacknowledged
+    b.respawn_logged();
+    let conn = lapin::Connection::connect(&b.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let q = conn
+        .create_channel()
+        .await
+        .unwrap()
+        .queue_declare(
+            "purged".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        q.message_count(),
+        10,
+        "ready again, as RabbitMQ counts them"
+    );
+    let (_conn, _ch, mut c) = consume(&b, "purged", 100).await;
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        let (i, d) = next_indexed(&mut c).await;
+        assert!(d.redelivered, "m{i} was delivered before: flagged");
+        got.push(i);
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    got.sort_unstable();
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+    let more = tokio::time::timeout(Duration::from_millis(500), c.next()).await;
+    assert!(more.is_err(), "the purged messages stay purged: {more:?}");
+}
+
 /// `mqgate serve --small` (the edge profile) starts itself again, same process, with the
 /// allocator settings in its environment, and serves: confirmed messages are kept.
 /// `runtime.transparent_huge_pages = false` (the default): the broker's memory is never

@@ -12,7 +12,7 @@ use mqgate_store::{
 use tokio::sync::oneshot;
 
 use super::cursors::Watched;
-use super::marks::{delivered_key, DELIVERED_NS};
+use super::marks::{delivered_key, held_count, DELIVERED_NS};
 use super::park::{CoreRef, GroupWake, Park};
 use super::vecmap::VecMap;
 use super::{
@@ -151,8 +151,9 @@ pub(super) struct QueueState {
     pub(super) suspended_until: Millis,
     /// Where the last reset put the queue: the committed offset never goes below it,
     /// though deliveries in flight from before it (kept by [`QueueState::reset_to`]) are
-    /// still settled or redelivered while the group lives. Committing their offset would
-    /// bring back everything the reset skipped (a purge's messages) after a restart.
+    /// still settled or redelivered ([`QueueState::held`]). Committing their offset would
+    /// bring back everything the reset skipped (a purge's messages) after a restart;
+    /// the delivered mark's record lists them instead.
     pub(super) floor: u64,
     /// Offsets below this may have been delivered before this actor started (its
     /// delivered mark as stored, [`DELIVERED_NS`]): delivered from the store, they are
@@ -163,6 +164,9 @@ pub(super) struct QueueState {
     pub(super) marked: u64,
     /// One past the highest offset this actor delivered.
     pub(super) delivered_end: u64,
+    /// How many offsets below `floor` the stored delivered mark record lists as held
+    /// ([`QueueState::held`]): it is written again when fewer are (they only go).
+    pub(super) held_stored: u32,
 }
 
 impl QueueState {
@@ -186,11 +190,11 @@ impl QueueState {
     /// Move to `target` (a reset: a purge, a replay): what was read and not delivered
     /// and what waits for redelivery go. Deliveries in flight below `target` stay in
     /// flight (a purge keeps unacknowledged messages, as RabbitMQ does: an ack settles
-    /// them, a requeue brings them back instead of losing them) while the group lives;
-    /// the committed offset is `target` all the same, so a restart does not bring back
-    /// what the reset skipped (it loses those deliveries instead, as before). Those at or
-    /// above `target` are read again from there, so they are let go (returned, for the
-    /// members' counts).
+    /// them, a requeue brings them back instead of losing them); the committed offset
+    /// is `target` all the same, so a restart does not bring back what the reset
+    /// skipped, and the delivered mark's record lists them so that a restart delivers
+    /// them again ([`QueueState::held`]). Those at or above `target` are read again from
+    /// there, so they are let go (returned, for the members' counts).
     pub(super) fn reset_to(&mut self, target: u64) -> Vec<InFlight> {
         let again = self.in_flight.split_off(&target);
         self.buffer.clear();
@@ -201,16 +205,38 @@ impl QueueState {
         again.into_values().collect()
     }
 
+    /// Offsets below `floor` still owed to consumers: delivered before the last reset
+    /// and not settled (in flight, or given back to be delivered again). A purge keeps
+    /// them, as RabbitMQ keeps a purged queue's unacknowledged messages; the delivered
+    /// mark's record lists them ([`super::marks::mark_record`]) so that a restart
+    /// delivers them again instead of losing them below the committed offset. After a
+    /// reset they only go.
+    pub(super) fn held(&self) -> Vec<u64> {
+        if self.floor == 0 {
+            return Vec::new();
+        }
+        let mut held: Vec<u64> = self
+            .in_flight
+            .range(..self.floor)
+            .map(|(o, _)| *o)
+            .chain(self.redeliver.range(..self.floor).map(|(o, _)| *o))
+            .collect();
+        held.sort_unstable();
+        held
+    }
+
+    /// The offset to commit: the first not settled at or above the floor (what is held
+    /// below it, [`QueueState::held`], is kept in the delivered mark's record).
     pub(super) fn committed(&self) -> u64 {
         let mut c = self.read;
         if let Some(m) = self.buffer.front() {
             c = c.min(m.entry.offset.0);
         }
-        if let Some((o, _)) = self.redeliver.first_key_value() {
-            c = c.min(*o);
+        if let Some(o) = first_from(&self.redeliver, self.floor) {
+            c = c.min(o);
         }
-        if let Some((o, _)) = self.in_flight.first_key_value() {
-            c = c.min(*o);
+        if let Some(o) = first_from(&self.in_flight, self.floor) {
+            c = c.min(o);
         }
         c.max(self.floor)
     }
@@ -574,15 +600,11 @@ impl Actor {
             let mut batch = WriteBatch::new();
             for (q, c) in &member.cursors {
                 batch.commit_offset(group.clone(), q.clone(), QueueOffset(c.committed()));
-                // Its delivered marks down to what it was delivered (not on a topic
-                // deleted meanwhile, which took them; nor are its offsets kept there).
-                let end = c.mark_end();
-                if end < c.marked && self.topic_lives(q) {
-                    batch.kv_put(
-                        DELIVERED_NS,
-                        delivered_key(&group, q),
-                        bytes::Bytes::copy_from_slice(&end.to_be_bytes()),
-                    );
+                // Its delivered marks down to what it was delivered, with what it holds
+                // below a reset's floor (not on a topic deleted meanwhile, which took
+                // them; nor are its offsets kept there).
+                if let Some(value) = self.settled_mark(q, c) {
+                    batch.kv_put(DELIVERED_NS, delivered_key(&group, q), value);
                 }
             }
             if let Err(e) = self.inner.store.write(batch).await {
@@ -669,9 +691,10 @@ impl Actor {
     async fn reset(&mut self, to: StartPosition) -> Result<()> {
         let mut batch = WriteBatch::new();
         let mut written = Vec::new();
+        let mut failed = None;
         if self.broadcast() {
             let ids: Vec<MemberId> = self.members.keys().cloned().collect();
-            for id in ids {
+            'members: for id in ids {
                 let group = self.offsets_group(Some(&id));
                 let queues: Vec<QueueRef> = self.members[&id]
                     .cursors
@@ -680,15 +703,26 @@ impl Actor {
                     .cloned()
                     .collect();
                 for q in queues {
-                    let target = self.inner.position(&q, &to).await?;
+                    let target = match self.inner.position(&q, &to).await {
+                        Ok(t) => t,
+                        Err(e) => {
+                            failed = Some(e);
+                            break 'members;
+                        }
+                    };
+                    let mut held = None;
                     if let Some(member) = self.members.get_mut(&id) {
                         if let Some(c) = member.cursors.get_mut(&q) {
                             let dropped = c.reset_to(target);
+                            held = held_record(c);
                             member.settled(dropped.len(), &self.wake);
                         }
                     }
                     batch.commit_offset(group.clone(), q.clone(), QueueOffset(target));
-                    written.push((Some(id.clone()), q, target));
+                    if let Some((value, _)) = &held {
+                        batch.kv_put(DELIVERED_NS, delivered_key(&group, &q), value.clone());
+                    }
+                    written.push((Some(id.clone()), q, target, held.map(|h| h.1)));
                 }
             }
         } else {
@@ -699,31 +733,62 @@ impl Actor {
                 .cloned()
                 .collect();
             for q in queues {
-                let target = self.inner.position(&q, &to).await?;
+                let target = match self.inner.position(&q, &to).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                };
                 let state = self.queues.get_mut(&q).expect("listed");
                 for f in state.reset_to(target) {
                     if let Some(m) = self.members.get_mut(&f.member) {
                         m.settled(1, &self.wake);
                     }
                 }
+                let held = held_record(self.queues.get(&q).expect("listed"));
                 batch.commit_offset(self.spec.name.clone(), q.clone(), QueueOffset(target));
-                written.push((None, q, target));
+                if let Some((value, _)) = &held {
+                    batch.kv_put(
+                        DELIVERED_NS,
+                        delivered_key(&self.spec.name, &q),
+                        value.clone(),
+                    );
+                }
+                written.push((None, q, target, held.map(|h| h.1)));
             }
         }
-        // Stored only once written: a reset whose write failed is committed by the
-        // next commit (the committed offset differs from the one stored).
-        self.inner.store.write(batch).await?;
-        for (member, q, target) in written {
+        // Stored only once written: a reset whose write failed (or that stopped on a
+        // queue it could not place) is committed by the next commit (the committed
+        // offset differs from the one stored), its held offsets' record too.
+        let result = match failed {
+            Some(e) => Err(e),
+            None => self
+                .inner
+                .store
+                .write(batch)
+                .await
+                .map(|_| ())
+                .map_err(Into::into),
+        };
+        for (member, q, target, held) in written {
             let c = match &member {
                 Some(id) => self.members.get_mut(id).and_then(|m| m.cursors.get_mut(&q)),
                 None => self.queues.get_mut(&q),
             };
             if let Some(c) = c {
-                c.persisted = Some(target);
-                c.unstored = false;
+                if result.is_ok() {
+                    c.persisted = Some(target);
+                    c.unstored = false;
+                    if let Some(n) = held {
+                        c.held_stored = n;
+                    }
+                } else {
+                    c.held_stored = HELD_UNKNOWN;
+                }
             }
         }
-        Ok(())
+        result
     }
 
     fn info(&self) -> GroupInfo {
@@ -741,7 +806,8 @@ impl Actor {
                 member,
                 committed,
                 next,
-                lag: next.saturating_sub(committed),
+                // What is held below a reset's floor is owed too.
+                lag: next.saturating_sub(committed) + c.held().len() as u64,
                 ready: next.saturating_sub(c.read) + (c.buffer.len() + c.redeliver.len()) as u64,
                 in_flight: c.in_flight.len(),
             });
@@ -793,6 +859,7 @@ impl Actor {
         self.last_commit = Instant::now();
         let mut batch = WriteBatch::new();
         let mut marks = Vec::new();
+        let mut held = Vec::new();
         let moved = |c: &QueueState| c.persisted != Some(c.committed());
         if self.broadcast() {
             for (id, m) in &self.members {
@@ -804,11 +871,19 @@ impl Actor {
                         batch.commit_offset(group.clone(), q.clone(), QueueOffset(committed));
                         marks.push((Some(id.clone()), q.clone(), committed));
                     }
+                    if let Some((value, n)) = held_settled(c).filter(|_| self.topic_lives(q)) {
+                        batch.kv_put(DELIVERED_NS, delivered_key(&group, q), value);
+                        held.push((Some(id.clone()), q.clone(), n));
+                    }
                 }
             }
         } else {
             let starts = ending || self.queues.iter().any(|(_, c)| moved(c));
             for (q, c) in &self.queues {
+                if let Some((value, n)) = held_settled(c).filter(|_| self.topic_lives(q)) {
+                    batch.kv_put(DELIVERED_NS, delivered_key(&self.spec.name, q), value);
+                    held.push((None, q.clone(), n));
+                }
                 let committed = c.committed();
                 if moved(c) || (starts && c.unstored) {
                     batch.commit_offset(self.spec.name.clone(), q.clone(), QueueOffset(committed));
@@ -833,7 +908,53 @@ impl Actor {
                 c.unstored = false;
             }
         }
+        for (member, q, n) in held {
+            let c = match &member {
+                Some(id) => self.members.get_mut(id).and_then(|m| m.cursors.get_mut(&q)),
+                None => self.queues.get_mut(&q),
+            };
+            if let Some(c) = c {
+                c.held_stored = n;
+            }
+        }
     }
+}
+
+/// The first key of `m` at or above `floor`.
+fn first_from<V>(m: &BTreeMap<u64, V>, floor: u64) -> Option<u64> {
+    if floor == 0 {
+        m.keys().next().copied()
+    } else {
+        m.range(floor..).next().map(|(o, _)| *o)
+    }
+}
+
+/// The delivered mark record of `c` right after a reset ([`QueueState::held`]: what
+/// it still holds below its new floor), and how many it lists; `None` when there is
+/// nothing held now or before (the stored record says so already).
+fn held_record(c: &QueueState) -> Option<(bytes::Bytes, u32)> {
+    let held = c.held();
+    (!held.is_empty() || c.held_stored > 0).then(|| {
+        (
+            super::marks::mark_record(c.marked, &held),
+            held_count(&held),
+        )
+    })
+}
+
+/// [`QueueState::held_stored`] when the stored record may not list what is held (a
+/// reset whose write failed): the next commit writes it.
+const HELD_UNKNOWN: u32 = u32::MAX;
+
+/// The delivered mark record of `c` when fewer offsets are held below its floor than
+/// the stored record lists (settled since), and how many it lists now.
+pub(super) fn held_settled(c: &QueueState) -> Option<(bytes::Bytes, u32)> {
+    if c.held_stored == 0 {
+        return None;
+    }
+    let held = c.held();
+    let n = held_count(&held);
+    (n != c.held_stored).then(|| (super::marks::mark_record(c.marked, &held), n))
 }
 
 #[cfg(test)]

@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use mqgate_store::{GroupName, QueueRef, TopicName, WriteBatch};
+use mqgate_store::{GroupName, QueueOffset, QueueRef, ReadLimits, TopicName, WriteBatch};
 
-use super::actor::{Actor, MemberId, QueueState};
-use super::marks::{delivered_key, DELIVERED_NS};
+use super::actor::{Actor, MemberId, Pending, QueueState};
+use super::marks::{delivered_key, parse_mark_record, DELIVERED_NS};
 use super::StartPosition;
 use crate::broker::TopicHandle;
 use crate::error::Result;
@@ -76,13 +76,14 @@ impl Actor {
                 ..QueueState::default()
             });
         }
-        let mark = match self.inner.store.kv_get(DELIVERED_NS, &key).await {
-            Ok(v) => v.and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?))),
+        let record = match self.inner.store.kv_get(DELIVERED_NS, &key).await {
+            Ok(v) => v.and_then(|v| parse_mark_record(&v)),
             Err(e) => {
                 tracing::warn!(group = %group, queue = %queue, error = %e, "core: a group's delivered mark could not be read; nothing flagged redelivered");
                 None
             }
         };
+        let (mark, held) = record.map_or((None, Vec::new()), |(m, h)| (Some(m), h));
         let (read, persisted, seen, unstored) =
             match self.inner.store.committed_offset(&group, queue).await? {
                 Some(o) => (o.0, Some(o.0), mark.unwrap_or(0), false),
@@ -101,14 +102,50 @@ impl Actor {
                     (start, lazy.then_some(start), 0, lazy)
                 }
             };
-        Ok(QueueState {
+        let mut state = QueueState {
             read,
             persisted,
             unstored,
             seen,
             marked: seen,
             ..QueueState::default()
-        })
+        };
+        if persisted.is_some() && !unstored && !held.is_empty() {
+            self.load_held(queue, &mut state, &held).await;
+        }
+        Ok(state)
+    }
+
+    /// Messages a reset left held below the committed offset, unacknowledged when the
+    /// group's last actor ended or the broker stopped ([`QueueState::held`]): they are
+    /// delivered again (flagged), and the committed offset stays where the reset put
+    /// it while they wait (`floor`). Those retention has deleted since are gone.
+    async fn load_held(&self, queue: &QueueRef, state: &mut QueueState, held: &[u64]) {
+        state.floor = state.read;
+        state.held_stored = super::marks::held_count(held);
+        for &o in held.iter().filter(|o| **o < state.read) {
+            match self
+                .inner
+                .store
+                .read(queue, QueueOffset(o), ReadLimits::count(1))
+                .await
+            {
+                Ok(m) => {
+                    if let Some(m) = m.into_iter().find(|m| m.entry.offset.0 == o) {
+                        state.redeliver.insert(
+                            o,
+                            Pending {
+                                message: m.message,
+                                count: 0,
+                            },
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(group = %self.spec.name, queue = %queue, offset = o, error = %e, "core: a message held before a reset could not be read; not delivered again");
+                }
+            }
+        }
     }
 
     /// Delete `group`'s delivered mark on `queue` (at `key`): not the group's (a hint:

@@ -195,15 +195,23 @@ impl Actor {
                 } else {
                     Vec::new()
                 };
+                // What is held below a reset's floor goes with every mark.
+                let held = self
+                    .cursor_mut(owner_key, queue)
+                    .map_or_else(Vec::new, |q| q.held());
                 // A mark that cannot be written (a full disk) does not hold deliveries
                 // back: consumers drain a degraded store; this stride goes unmarked.
                 let written = self
-                    .write_delivered_mark(&group, queue, mark, &starts)
+                    .write_delivered_mark(&group, queue, mark, &held, &starts)
                     .await;
                 if written {
                     self.starts_stored(owner_key, &starts);
                 }
-                self.cursor_mut(owner_key, queue).expect("checked").marked = mark;
+                let q = self.cursor_mut(owner_key, queue).expect("checked");
+                q.marked = mark;
+                if written {
+                    q.held_stored = super::marks::held_count(&held);
+                }
             }
             // A unit of a shared credit pool (AMQP's global prefetch), taken only now, when
             // the message is going out: the pool is shared with groups whose actors run on

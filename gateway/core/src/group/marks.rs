@@ -19,8 +19,31 @@ pub(crate) const DELIVERED_NS: &str = "core.delivered";
 /// last one delivered are flagged redelivered without having been delivered.
 pub(super) const DELIVERED_STRIDE: u64 = 256;
 
+/// The value of a delivered mark's record: the mark, then the offsets held below the
+/// queue's floor ([`QueueState::held`]), each 8 bytes big-endian.
+pub(super) fn mark_record(mark: u64, held: &[u64]) -> bytes::Bytes {
+    let mut v = Vec::with_capacity(8 * (1 + held.len()));
+    v.extend_from_slice(&mark.to_be_bytes());
+    for o in held {
+        v.extend_from_slice(&o.to_be_bytes());
+    }
+    bytes::Bytes::from(v)
+}
+
+/// A delivered mark's record read back: (mark, held offsets); `None` when malformed.
+pub(super) fn parse_mark_record(v: &[u8]) -> Option<(u64, Vec<u64>)> {
+    if v.len() < 8 || !v.len().is_multiple_of(8) {
+        return None;
+    }
+    let mut words = v
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")));
+    let mark = words.next()?;
+    Some((mark, words.collect()))
+}
+
 /// The key of `group`'s delivered mark on `queue`.
-pub(super) fn delivered_key(group: &GroupName, queue: &QueueRef) -> Vec<u8> {
+pub(crate) fn delivered_key(group: &GroupName, queue: &QueueRef) -> Vec<u8> {
     let mut k = Vec::with_capacity(group.as_str().len() + queue.topic.as_str().len() + 6);
     k.extend_from_slice(group.as_str().as_bytes());
     k.push(0);
@@ -115,6 +138,7 @@ impl Actor {
         group: &GroupName,
         queue: &QueueRef,
         mark: u64,
+        held: &[u64],
         starts: &[(QueueRef, u64)],
     ) -> bool {
         if !self.topic_lives(queue) {
@@ -125,7 +149,7 @@ impl Actor {
         batch.no_sync().kv_put(
             DELIVERED_NS,
             delivered_key(group, queue),
-            bytes::Bytes::copy_from_slice(&mark.to_be_bytes()),
+            mark_record(mark, held),
         );
         for (q, start) in starts {
             batch.commit_offset(group.clone(), q.clone(), mqgate_store::QueueOffset(*start));
@@ -159,23 +183,22 @@ impl Actor {
     }
 
     /// The actor ends: each queue's delivered mark comes down from where it was
-    /// written ahead to what was delivered (or what a crash before left).
+    /// written ahead to what was delivered (or what a crash before left), with the
+    /// offsets it still holds below its floor ([`QueueState::held`]).
     pub(super) async fn settle_delivered_marks(&mut self) {
         let mut exact = Vec::new();
         if self.broadcast() {
             for (id, m) in &self.members {
                 for (q, c) in &m.cursors {
-                    let end = c.mark_end();
-                    if end < c.marked && self.topic_lives(q) {
-                        exact.push((self.offsets_group(Some(id)), q.clone(), end));
+                    if let Some(value) = self.settled_mark(q, c) {
+                        exact.push((self.offsets_group(Some(id)), q.clone(), value));
                     }
                 }
             }
         } else {
             for (q, c) in &self.queues {
-                let end = c.mark_end();
-                if end < c.marked && self.topic_lives(q) {
-                    exact.push((self.spec.name.clone(), q.clone(), end));
+                if let Some(value) = self.settled_mark(q, c) {
+                    exact.push((self.spec.name.clone(), q.clone(), value));
                 }
             }
         }
@@ -184,12 +207,8 @@ impl Actor {
         }
         let mut batch = WriteBatch::new();
         batch.no_sync();
-        for (group, q, end) in exact {
-            batch.kv_put(
-                DELIVERED_NS,
-                delivered_key(&group, &q),
-                bytes::Bytes::copy_from_slice(&end.to_be_bytes()),
-            );
+        for (group, q, value) in exact {
+            batch.kv_put(DELIVERED_NS, delivered_key(&group, &q), value);
         }
         if let Err(e) = self.inner.store.write(batch).await {
             // Left where they were written ahead: more flagged than delivered.
@@ -197,7 +216,10 @@ impl Actor {
             return;
         }
         // Written: not again (the loop's exit settles once more).
-        let lower = |c: &mut QueueState| c.marked = c.marked.min(c.mark_end());
+        let lower = |c: &mut QueueState| {
+            c.marked = c.marked.min(c.mark_end());
+            c.held_stored = held_count(&c.held());
+        };
         if self.broadcast() {
             self.members
                 .values_mut()
@@ -205,6 +227,94 @@ impl Actor {
                 .for_each(lower);
         } else {
             self.queues.values_mut().for_each(lower);
+        }
+    }
+
+    /// The record of `queue`'s delivered mark once nothing more is delivered: lowered
+    /// to what was delivered, with what is held below the floor; `None` when the
+    /// stored one already says so (or the topic is gone, with its marks).
+    pub(super) fn settled_mark(&self, queue: &QueueRef, c: &QueueState) -> Option<bytes::Bytes> {
+        let end = c.mark_end();
+        let held = c.held();
+        let changed = end < c.marked || held_count(&held) != c.held_stored;
+        (changed && self.topic_lives(queue)).then(|| mark_record(end.min(c.marked), &held))
+    }
+}
+
+/// [`QueueState::held_stored`] of `held`.
+pub(super) fn held_count(held: &[u64]) -> u32 {
+    u32::try_from(held.len()).unwrap_or(u32::MAX)
+}
+
+/// `group`'s delivered mark record on `queue` without the offsets it holds below a
+/// reset's floor, if it lists any (an offline reset drops them: they wait like the
+/// queue's other messages).
+pub(crate) async fn unheld_mark(
+    store: &dyn Store,
+    group: &GroupName,
+    queue: &QueueRef,
+) -> mqgate_store::Result<Option<bytes::Bytes>> {
+    let Some(v) = store
+        .kv_get(DELIVERED_NS, &delivered_key(group, queue))
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(parse_mark_record(&v)
+        .filter(|(_, held)| !held.is_empty())
+        .map(|(mark, _)| mark_record(mark, &[])))
+}
+
+/// How many messages `group`'s delivered mark record on `queue` lists as held below
+/// `committed` that retention has not deleted: what a live actor would deliver again.
+pub(crate) async fn held_at_rest(
+    store: &dyn Store,
+    group: &GroupName,
+    queue: &QueueRef,
+    committed: u64,
+) -> u64 {
+    let Ok(Some(v)) = store
+        .kv_get(DELIVERED_NS, &delivered_key(group, queue))
+        .await
+    else {
+        return 0;
+    };
+    let min = store.queue_range(queue).map_or(0, |r| r.min.0);
+    parse_mark_record(&v).map_or(0, |(_, held)| {
+        held.iter()
+            .filter(|o| (min..committed).contains(*o))
+            .count() as u64
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{mark_record, parse_mark_record};
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_bare_mark_is_the_record_of_earlier_versions() {
+        assert_eq!(
+            parse_mark_record(&7u64.to_be_bytes()),
+            Some((7, Vec::new()))
+        );
+        assert_eq!(&mark_record(7, &[])[..], &7u64.to_be_bytes());
+        assert_eq!(parse_mark_record(&[]), None);
+        assert_eq!(parse_mark_record(&[0; 12]), None);
+    }
+
+    proptest! {
+        #[test]
+        fn records_round_trip(mark in any::<u64>(), held in proptest::collection::vec(any::<u64>(), 0..40)) {
+            prop_assert_eq!(parse_mark_record(&mark_record(mark, &held)), Some((mark, held)));
+        }
+
+        #[test]
+        fn garbage_is_refused_or_read_whole(v in proptest::collection::vec(any::<u8>(), 0..100)) {
+            match parse_mark_record(&v) {
+                Some((mark, held)) => prop_assert_eq!(&mark_record(mark, &held)[..], &v[..]),
+                None => prop_assert!(v.len() < 8 || v.len() % 8 != 0),
+            }
         }
     }
 }

@@ -44,7 +44,9 @@ use crate::error::{CoreError, Result};
 
 use self::actor::Actor;
 pub use self::credit::CreditPool;
-pub(crate) use self::marks::{delete_topic_marks, DELIVERED_NS};
+pub(crate) use self::marks::{
+    delete_topic_marks, delivered_key, held_at_rest, unheld_mark, DELIVERED_NS,
+};
 pub(crate) use self::park::GroupWake;
 use self::vecmap::VecMap;
 

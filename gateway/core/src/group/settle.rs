@@ -138,6 +138,19 @@ impl Actor {
         if let Some(c) = committed {
             batch.commit_offset(group.clone(), queue.clone(), QueueOffset(c));
         }
+        // A message held below a reset's floor is settled by its record, which goes in
+        // the same write (a dead-lettered one must not come back after a crash).
+        let held = self
+            .cursor_mut(member, queue)
+            .and_then(|q| super::actor::held_settled(q))
+            .filter(|_| self.topic_lives(queue));
+        if let Some((value, _)) = &held {
+            batch.kv_put(
+                super::marks::DELIVERED_NS,
+                super::marks::delivered_key(&group, queue),
+                value.clone(),
+            );
+        }
         let mut starts = self.unstored_starts(member);
         starts.retain(|(q, _)| q != queue);
         for (q, start) in &starts {
@@ -147,6 +160,9 @@ impl Actor {
         if let (Some(c), Some(q)) = (committed, self.cursor_mut(member, queue)) {
             q.persisted = Some(c);
             q.unstored = false;
+            if let Some((_, n)) = held {
+                q.held_stored = n;
+            }
         }
         self.starts_stored(member, &starts);
         Ok(())
