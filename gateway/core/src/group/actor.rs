@@ -583,6 +583,15 @@ impl Actor {
         }
     }
 
+    /// The cursor of `queue` whose offsets `owner` keeps: a broadcast member's own
+    /// (`Some`), the group's (`None`).
+    fn owned_cursor(&mut self, owner: Option<&str>, queue: &QueueRef) -> Option<&mut QueueState> {
+        match owner {
+            Some(id) => self.members.get_mut(id)?.cursors.get_mut(queue),
+            None => self.queues.get_mut(queue),
+        }
+    }
+
     pub(super) fn cursor_mut(&mut self, member: &str, queue: &QueueRef) -> Option<&mut QueueState> {
         if self.broadcast() {
             self.members.get_mut(member)?.cursors.get_mut(queue)
@@ -772,11 +781,7 @@ impl Actor {
                 .map_err(Into::into),
         };
         for (member, q, target, held) in written {
-            let c = match &member {
-                Some(id) => self.members.get_mut(id).and_then(|m| m.cursors.get_mut(&q)),
-                None => self.queues.get_mut(&q),
-            };
-            if let Some(c) = c {
+            if let Some(c) = self.owned_cursor(member.as_deref(), &q) {
                 if result.is_ok() {
                     c.persisted = Some(target);
                     c.unstored = false;
@@ -899,21 +904,13 @@ impl Actor {
             return;
         }
         for (member, q, committed) in marks {
-            let c = match &member {
-                Some(id) => self.members.get_mut(id).and_then(|m| m.cursors.get_mut(&q)),
-                None => self.queues.get_mut(&q),
-            };
-            if let Some(c) = c {
+            if let Some(c) = self.owned_cursor(member.as_deref(), &q) {
                 c.persisted = Some(committed);
                 c.unstored = false;
             }
         }
         for (member, q, n) in held {
-            let c = match &member {
-                Some(id) => self.members.get_mut(id).and_then(|m| m.cursors.get_mut(&q)),
-                None => self.queues.get_mut(&q),
-            };
-            if let Some(c) = c {
+            if let Some(c) = self.owned_cursor(member.as_deref(), &q) {
                 c.held_stored = n;
             }
         }
