@@ -41,6 +41,21 @@ async fn publish_confirmed(b: &Broker, queue: &str, n: usize) {
     let _ = conn.close(200, "bye".into()).await;
 }
 
+/// `queue`'s ready messages, as a passive queue.declare reports them.
+async fn message_count(ch: &lapin::Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
 /// Send the broker SIGTERM.
 fn sigterm(b: &Broker) {
     let pid = b.child.id().to_string();
@@ -115,19 +130,8 @@ async fn sigkill_then_restart_recovers_and_says_so() {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            "survivor".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
     assert_eq!(
-        q.message_count(),
+        message_count(&ch, "survivor").await,
         50,
         "every confirmed message survived SIGKILL"
     );
@@ -297,22 +301,9 @@ async fn purged_queue_keeps_its_unacked_messages_across_sigkill() {
     let conn = lapin::Connection::connect(&b.amqp_url(), Default::default())
         .await
         .unwrap();
-    let q = conn
-        .create_channel()
-        .await
-        .unwrap()
-        .queue_declare(
-            "purged".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
     assert_eq!(
-        q.message_count(),
+        message_count(&ch, "purged").await,
         10,
         "ready again, as RabbitMQ counts them"
     );
