@@ -1283,6 +1283,77 @@ async fn reset_keeps_unacked_deliveries_across_a_restart(env: Env) {
     b.shutdown().await;
 }
 
+/// Messages held below a reset's floor settle like any other: one requeued comes again
+/// at once (flagged) and stays held, one rejected (discarded by the group's policy) or
+/// acknowledged is gone for good, after a restart too, while the rest come back.
+async fn held_messages_settle_like_any_other(env: Env) {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, b) = broker_on_own_store(&env, &dir).await;
+    b.create_topic(&topic("hq"), Some(1)).await.unwrap();
+    let mut s = spec("hg", "hq", ConsumeMode::Shared);
+    s.on_failure = OnFailure::Discard;
+    let mut c = b
+        .subscribe(s.clone(), MemberOptions::new("c", 4))
+        .await
+        .unwrap();
+    for i in 0..6 {
+        publish(&b, "hq", format!("m{i}")).await;
+    }
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let d = recv(&mut c).await;
+        assert_eq!(body(&d), format!("m{i}"));
+        held.push(d);
+    }
+    b.reset_group(&group("hg"), StartPosition::Last)
+        .await
+        .unwrap();
+    c.nack(held[0].ack_token(), true);
+    let again = recv(&mut c).await;
+    assert_eq!((body(&again), again.redelivered), ("m0".into(), true));
+    c.nack(held[1].ack_token(), false);
+    c.ack(held[2].ack_token());
+    nothing(&mut c).await;
+    publish(&b, "hq", "after").await;
+    let d = recv(&mut c).await;
+    assert_eq!(body(&d), "after", "m4 and m5 were purged");
+    c.ack(d.ack_token());
+    drop(c);
+    b.shutdown().await;
+
+    let start = || async {
+        Broker::start(
+            Arc::clone(&store),
+            env.config.clone(),
+            Arc::new(env.clock.clone()),
+        )
+        .await
+        .unwrap()
+    };
+    let b = start().await;
+    let mut c = b
+        .subscribe(s.clone(), MemberOptions::new("c", 4))
+        .await
+        .unwrap();
+    let mut back = Vec::new();
+    for _ in 0..2 {
+        let d = recv(&mut c).await;
+        assert!(d.redelivered, "{}", body(&d));
+        back.push(body(&d));
+        c.ack(d.ack_token());
+    }
+    back.sort();
+    assert_eq!(back, ["m0", "m3"], "the unacknowledged ones, and only they");
+    nothing(&mut c).await;
+    drop(c);
+    b.shutdown().await;
+    let b = start().await;
+    let mut c = b.subscribe(s, MemberOptions::new("c", 4)).await.unwrap();
+    nothing(&mut c).await;
+    drop(c);
+    b.shutdown().await;
+}
+
 async fn group_behind_retention_skips_and_counts(env: Env) {
     // A store that keeps about 20 records of this size.
     let record = {
@@ -1625,4 +1696,5 @@ both_backends!(
     topic_created_again_under_a_live_group,
     first_start_is_stored_with_the_first_delivery,
     reset_keeps_unacked_deliveries_across_a_restart,
+    held_messages_settle_like_any_other,
 );
