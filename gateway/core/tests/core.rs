@@ -43,14 +43,19 @@ fn open_store(kind: Kind, dir: &TempDir) -> Arc<dyn Store> {
 /// beside it.
 async fn broker_on_own_store(env: &Env, dir: &TempDir) -> (Arc<dyn Store>, Broker) {
     let store = open_store(env.kind, dir);
-    let b = Broker::start(
-        Arc::clone(&store),
+    let b = broker_on(env, &store).await;
+    (store, b)
+}
+
+/// A broker started (again) on `store`, as `env`'s.
+async fn broker_on(env: &Env, store: &Arc<dyn Store>) -> Broker {
+    Broker::start(
+        Arc::clone(store),
         env.config.clone(),
         Arc::new(env.clock.clone()),
     )
     .await
-    .unwrap();
-    (store, b)
+    .unwrap()
 }
 
 impl Env {
@@ -1229,15 +1234,7 @@ async fn reset_keeps_unacked_deliveries_across_a_restart(env: Env) {
     b.shutdown().await;
 
     // Started again on the same store: m0 comes back, flagged, and nothing else.
-    let again = || async {
-        Broker::start(
-            Arc::clone(&store),
-            env.config.clone(),
-            Arc::new(env.clock.clone()),
-        )
-        .await
-        .unwrap()
-    };
+    let again = || broker_on(&env, &store);
     let b = again().await;
     let mut consumers = Vec::new();
     for (g, mode, member) in modes {
@@ -1321,15 +1318,7 @@ async fn held_messages_settle_like_any_other(env: Env) {
     drop(c);
     b.shutdown().await;
 
-    let start = || async {
-        Broker::start(
-            Arc::clone(&store),
-            env.config.clone(),
-            Arc::new(env.clock.clone()),
-        )
-        .await
-        .unwrap()
-    };
+    let start = || broker_on(&env, &store);
     let b = start().await;
     let mut c = b
         .subscribe(s.clone(), MemberOptions::new("c", 4))
