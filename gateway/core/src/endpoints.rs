@@ -513,7 +513,8 @@ impl ShardCore {
     }
 
     /// The committed offsets of a group without an actor, queue by queue, when messages
-    /// wait past them (`None`: nothing waits).
+    /// wait past them or held below them (`group::held_at_rest`: unacknowledged when
+    /// its last actor ended) (`None`: nothing waits).
     async fn waiting(&self, spec: &GroupSpec) -> Option<Vec<u64>> {
         let mut marks = Vec::new();
         let mut waiting = false;
@@ -531,7 +532,10 @@ impl ShardCore {
                     _ => range.min.0,
                 }
                 .max(range.min.0);
-                waiting |= range.next.0 > committed;
+                waiting |= range.next.0 > committed
+                    || crate::group::held_at_rest(&*self.store, &spec.name, &queue, committed)
+                        .await
+                        > 0;
                 marks.push(committed);
             }
         }

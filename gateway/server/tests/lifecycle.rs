@@ -277,6 +277,66 @@ async fn unacked_deliveries_come_back_flagged_redelivered_after_a_restart() {
     }
 }
 
+/// Acknowledgements out of order stay acknowledged across a clean restart: with m0 held
+/// and m1..m9 acked, the restart brings back m0 and the other unacknowledged ones,
+/// flagged, and not m1..m9 (the group used to commit at its first unacknowledged
+/// offset, m0, and deliver everything above it again). RabbitMQ 3.10, same scenario
+/// with pika: message_count 11 after the restart, then m0 and m10..m18 redelivered,
+/// m19 not, m1..m9 never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_out_of_order_stay_acked_across_a_clean_restart() {
+    let mut b = Broker::start();
+    publish_confirmed(&b, "ooo", 20).await;
+    let (conn, _ch, mut c) = consume(&b, "ooo", 10).await;
+    let mut first = None;
+    for want in 0..10 {
+        let (i, d) = next_indexed(&mut c).await;
+        assert_eq!((i, d.redelivered), (want, false));
+        if i == 0 {
+            first = Some(d);
+        } else {
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    }
+    // m10..m18 come once the acks are applied (the prefetch's room): held with m0.
+    let mut held = Vec::new();
+    for want in 10..19 {
+        let (i, d) = next_indexed(&mut c).await;
+        assert_eq!(i, want);
+        held.push(d);
+    }
+    sigterm(&b);
+    drop((first, held, conn));
+    b.respawn_logged();
+    let conn = lapin::Connection::connect(&b.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    assert_eq!(message_count(&ch, "ooo").await, 11, "m0, m10..m19");
+    let (_conn, _ch, mut c) = consume(&b, "ooo", 100).await;
+    let mut got = Vec::new();
+    for _ in 0..11 {
+        let (i, d) = next_indexed(&mut c).await;
+        got.push((i, d.redelivered));
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let mut want: Vec<(usize, bool)> = std::iter::once(0)
+        .chain(10..19)
+        .map(|i| (i, true))
+        .collect();
+    want.push((19, false));
+    assert_eq!(
+        got, want,
+        "the unacknowledged ones flagged, the new one not, in order"
+    );
+    let more = tokio::time::timeout(
+        Duration::from_millis(500),
+        futures_util::StreamExt::next(&mut c),
+    )
+    .await;
+    assert!(more.is_err(), "m1..m9 were acknowledged: {more:?}");
+}
+
 /// queue.purge drops the ready messages and keeps those delivered and not acknowledged
 /// (AMQP 0-9-1: "messages that have been delivered but not yet acknowledged are not
 /// affected"), and as in RabbitMQ they outlive a SIGKILL: after the restart they come

@@ -225,6 +225,28 @@ impl QueueState {
         held
     }
 
+    /// The cursor's last commit (the actor ends, or a broadcast member leaves): the
+    /// floor comes up to the first offset never delivered, so the commit is there and
+    /// what is still owed below it (in flight, given back) is listed in the delivered
+    /// mark's record ([`QueueState::held`]), written in the same batch because the
+    /// stored list is marked unknown. Committing at the first unsettled offset instead
+    /// would bring back, at the next start, every message acknowledged above it: with
+    /// acks out of order (several consumers, a slow one holding an old message) a clean
+    /// restart delivered again what had been acknowledged, which RabbitMQ does not.
+    pub(super) fn close(&mut self) {
+        let mut first_new = self.read;
+        if let Some(m) = self.buffer.front() {
+            first_new = first_new.min(m.entry.offset.0);
+        }
+        if first_new <= self.floor {
+            return;
+        }
+        self.floor = first_new;
+        if self.held_stored > 0 || !self.held().is_empty() {
+            self.held_stored = HELD_UNKNOWN;
+        }
+    }
+
     /// The offset to commit: the first not settled at or above the floor (what is held
     /// below it, [`QueueState::held`], is kept in the delivered mark's record).
     pub(super) fn committed(&self) -> u64 {
@@ -313,6 +335,8 @@ impl Actor {
     /// The loop, until the group ends or parks (`park.rs`: a new task resumes it here).
     pub(super) async fn serve(mut self: Box<Self>) {
         let tick = self.inner.config.offset_commit_interval;
+        // Ended for want of members (its last writes done, the group forgotten).
+        let mut ended = false;
         loop {
             let deadline = self.next_deadline();
             let clock = Arc::clone(&self.inner.clock);
@@ -381,18 +405,25 @@ impl Actor {
             if self.members.is_empty() && idle && self.rx.is_empty() {
                 // Memberless for a while: persist and end; a later subscribe starts a
                 // fresh actor from the committed offsets.
+                self.close_cursors();
                 Box::pin(self.commit_with(true)).await;
                 Box::pin(self.settle_delivered_marks()).await;
                 let inner = Arc::clone(&*self.inner);
                 self.handle.alive.store(false, Ordering::Release);
                 inner.forget_group(&self.spec.name, &self.handle);
                 // A join that raced the check above is answered by dropping its reply:
-                // the subscriber retries against a new actor.
+                // the subscriber retries against a new actor. Nothing is written from
+                // here on: that actor may have read the offsets already (a commit that
+                // failed above is not tried again over its state).
+                ended = true;
                 break;
             }
         }
-        Box::pin(self.commit_with(true)).await;
-        Box::pin(self.settle_delivered_marks()).await;
+        if !ended {
+            self.close_cursors();
+            Box::pin(self.commit_with(true)).await;
+            Box::pin(self.settle_delivered_marks()).await;
+        }
         self.handle.alive.store(false, Ordering::Release);
         for t in &self.watched {
             t.flow.progress_at.store(0, Ordering::Release);
@@ -600,13 +631,26 @@ impl Actor {
         }
     }
 
+    /// The actor ends: every cursor's last commit ([`QueueState::close`]).
+    fn close_cursors(&mut self) {
+        if self.broadcast() {
+            self.members
+                .values_mut()
+                .flat_map(|m| m.cursors.values_mut())
+                .for_each(QueueState::close);
+        } else {
+            self.queues.values_mut().for_each(QueueState::close);
+        }
+    }
+
     async fn remove_member(&mut self, id: &str) {
-        let Some(member) = self.members.remove(id) else {
+        let Some(mut member) = self.members.remove(id) else {
             return;
         };
         if self.broadcast() {
             let group = self.offsets_group(Some(id));
             let mut batch = WriteBatch::new();
+            member.cursors.values_mut().for_each(QueueState::close);
             for (q, c) in &member.cursors {
                 batch.commit_offset(group.clone(), q.clone(), QueueOffset(c.committed()));
                 // Its delivered marks down to what it was delivered, with what it holds

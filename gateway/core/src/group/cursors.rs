@@ -76,12 +76,17 @@ impl Actor {
                 ..QueueState::default()
             });
         }
-        let record = match self.inner.store.kv_get(DELIVERED_NS, &key).await {
-            Ok(v) => v.and_then(|v| parse_mark_record(&v)),
-            Err(e) => {
-                tracing::warn!(group = %group, queue = %queue, error = %e, "core: a group's delivered mark could not be read; nothing flagged redelivered");
-                None
+        // Not read: the cursor does not open (its record may list messages owed below
+        // the committed offset, which the next mark written would drop).
+        let record = match self.inner.store.kv_get(DELIVERED_NS, &key).await? {
+            Some(v) => {
+                let parsed = parse_mark_record(&v);
+                if parsed.is_none() {
+                    tracing::warn!(group = %group, queue = %queue, len = v.len(), "core: a group's delivered mark record is malformed; ignored (nothing flagged redelivered, none held)");
+                }
+                parsed
             }
+            None => None,
         };
         let (mark, held) = record.map_or((None, Vec::new()), |(m, h)| (Some(m), h));
         let (read, persisted, seen, unstored) =
@@ -111,27 +116,59 @@ impl Actor {
             ..QueueState::default()
         };
         if persisted.is_some() && !unstored && !held.is_empty() {
-            self.load_held(queue, &mut state, &held).await;
+            self.load_held(queue, &mut state, &held).await?;
         }
         Ok(state)
     }
 
-    /// Messages a reset left held below the committed offset, unacknowledged when the
-    /// group's last actor ended or the broker stopped ([`QueueState::held`]): they are
-    /// delivered again (flagged), and the committed offset stays where the reset put
-    /// it while they wait (`floor`). Those retention has deleted since are gone.
-    async fn load_held(&self, queue: &QueueRef, state: &mut QueueState, held: &[u64]) {
+    /// Messages held below the committed offset, unacknowledged when the group's last
+    /// actor ended or the broker stopped ([`QueueState::held`]: left by a reset, or by
+    /// the last commit, [`QueueState::close`]): they are delivered again (flagged), and
+    /// the committed offset stays where it is while they wait (`floor`). Those retention
+    /// has deleted since are gone. Read a run of consecutive offsets at a time (what a
+    /// consumer held is mostly consecutive).
+    /// A read that fails fails the cursor's opening (what it did not read would be
+    /// dropped from the record at the next commit).
+    async fn load_held(
+        &self,
+        queue: &QueueRef,
+        state: &mut QueueState,
+        held: &[u64],
+    ) -> Result<()> {
+        const RUN_MAX: u64 = 256;
         state.floor = state.read;
         state.held_stored = super::marks::held_count(held);
-        for &o in held.iter().filter(|o| **o < state.read) {
-            match self
-                .inner
-                .store
-                .read(queue, QueueOffset(o), ReadLimits::count(1))
-                .await
-            {
-                Ok(m) => {
-                    if let Some(m) = m.into_iter().find(|m| m.entry.offset.0 == o) {
+        let mut held: Vec<u64> = held.iter().copied().filter(|o| *o < state.read).collect();
+        held.sort_unstable();
+        held.dedup();
+        let mut rest = held.as_slice();
+        while let Some(&first) = rest.first() {
+            let run = rest
+                .iter()
+                .zip(first..first + RUN_MAX)
+                .take_while(|(o, want)| **o == *want)
+                .count();
+            let (this, next) = rest.split_at(run);
+            rest = next;
+            let last = this[run - 1];
+            let mut from = first;
+            // A read stops at its byte limit: on from the last message it returned.
+            while from <= last {
+                let want = usize::try_from(last - from + 1).unwrap_or(usize::MAX);
+                let read = self
+                    .inner
+                    .store
+                    .read(queue, QueueOffset(from), ReadLimits::count(want))
+                    .await
+                    .inspect_err(|e| {
+                        tracing::warn!(group = %self.spec.name, queue = %queue, offset = from, count = want, error = %e, "core: messages held unacknowledged could not be read");
+                    })?;
+                let Some(end) = read.last().map(|m| m.entry.offset.0) else {
+                    break;
+                };
+                for m in read {
+                    let o = m.entry.offset.0;
+                    if this.binary_search(&o).is_ok() {
                         state.redeliver.insert(
                             o,
                             Pending {
@@ -141,11 +178,10 @@ impl Actor {
                         );
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(group = %self.spec.name, queue = %queue, offset = o, error = %e, "core: a message held before a reset could not be read; not delivered again");
-                }
+                from = end + 1;
             }
         }
+        Ok(())
     }
 
     /// Delete `group`'s delivered mark on `queue` (at `key`): not the group's (a hint:
