@@ -1343,6 +1343,66 @@ async fn held_messages_settle_like_any_other(env: Env) {
     b.shutdown().await;
 }
 
+/// What a group owes when it stops comes back whole, however long the list: 700 large
+/// messages delivered, m0 and m350 acknowledged (the rest in runs of 349, longer than
+/// one store read of `load_held` takes, and larger than a read's byte limit), a clean
+/// stop, and the 698 unacknowledged ones come back in order, flagged, and nothing
+/// acknowledged.
+async fn a_long_held_list_comes_back_whole(env: Env) {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, b) = broker_on_own_store(&env, &dir).await;
+    b.create_topic(&topic("long"), Some(1)).await.unwrap();
+    let s = spec("lg", "long", ConsumeMode::Shared);
+    let mut c = b
+        .subscribe(s.clone(), MemberOptions::new("c", 700))
+        .await
+        .unwrap();
+    let pad = "x".repeat(20 << 10);
+    for i in 0..700 {
+        publish(&b, "long", format!("m{i} {pad}")).await;
+    }
+    let mut owed = Vec::new();
+    for i in 0..700 {
+        let d = recv(&mut c).await;
+        let name = body(&d).split(' ').next().unwrap().to_owned();
+        assert_eq!(name, format!("m{i}"));
+        if i % 350 == 0 {
+            c.ack(d.ack_token());
+        } else {
+            owed.push(name);
+        }
+    }
+    settled_to(&b, "lg", 698).await;
+    drop(c);
+    b.shutdown().await;
+
+    let b = broker_on(&env, &store).await;
+    let mut c = b.subscribe(s, MemberOptions::new("c", 1000)).await.unwrap();
+    let mut back = Vec::new();
+    for _ in 0..698 {
+        let d = recv(&mut c).await;
+        assert!(d.redelivered, "{}", body(&d).split(' ').next().unwrap());
+        back.push(body(&d).split(' ').next().unwrap().to_owned());
+        c.ack(d.ack_token());
+    }
+    assert_eq!(back, owed, "the unacknowledged ones, in order");
+    nothing(&mut c).await;
+    drop(c);
+    b.shutdown().await;
+}
+
+/// Wait until the group's actor counts `n` in flight (acks before it applied).
+async fn settled_to(b: &Broker, g: &str, n: usize) {
+    for _ in 0..500 {
+        let info = b.group_info(&group(g)).await.unwrap();
+        if info.queues.iter().map(|q| q.in_flight).sum::<usize>() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{g}: the acks were not applied");
+}
+
 async fn group_behind_retention_skips_and_counts(env: Env) {
     // A store that keeps about 20 records of this size.
     let record = {
@@ -1686,4 +1746,5 @@ both_backends!(
     first_start_is_stored_with_the_first_delivery,
     reset_keeps_unacked_deliveries_across_a_restart,
     held_messages_settle_like_any_other,
+    a_long_held_list_comes_back_whole,
 );
