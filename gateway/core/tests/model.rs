@@ -256,9 +256,7 @@ impl Case {
         m: &mut Model,
         ops: &mut std::vec::IntoIter<Op>,
     ) -> Option<Option<(Broker, Consumer)>> {
-        let b = Broker::start(store, core_config(), Arc::new(ManualClock::new(T0)))
-            .await
-            .unwrap();
+        let b = start(store).await;
         if first {
             b.create_topic(&topic(), Some(1)).await.unwrap();
         }
@@ -364,15 +362,23 @@ impl Case {
             "the group still counts messages owed: {:?}",
             b.group_info(&group()).await.unwrap()
         );
-        let quiet = tokio::time::timeout(Duration::from_millis(200), c.recv()).await;
-        assert!(
-            quiet.is_err(),
-            "nothing more once everything is acknowledged"
-        );
-        b.shutdown().await;
-        drop(c);
+        stop_after_nothing(b, c, "nothing more once everything is acknowledged").await;
         None
     }
+}
+
+async fn start(store: Arc<dyn Store>) -> Broker {
+    Broker::start(store, core_config(), Arc::new(ManualClock::new(T0)))
+        .await
+        .unwrap()
+}
+
+/// Nothing delivered for a while (`what` if something is), then a clean stop.
+async fn stop_after_nothing(b: Broker, mut c: Consumer, what: &str) {
+    let quiet = tokio::time::timeout(Duration::from_millis(200), c.recv()).await;
+    assert!(quiet.is_err(), "{what}");
+    b.shutdown().await;
+    drop(c);
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -412,18 +418,15 @@ fn run(case: &Case, ops: Vec<Op>) {
     let store = case.open(&dir, &memory);
     let rt = runtime();
     rt.block_on(async {
-        let b = Broker::start(store, core_config(), Arc::new(ManualClock::new(T0)))
-            .await
-            .unwrap();
-        let mut c = case.subscribe(&b).await;
+        let b = start(store).await;
+        let c = case.subscribe(&b).await;
         assert_eq!(Case::counted(&b).await, 0, "owed after a clean stop");
-        let quiet = tokio::time::timeout(Duration::from_millis(200), c.recv()).await;
-        assert!(
-            quiet.is_err(),
-            "delivered after everything was acknowledged and the broker stopped cleanly"
-        );
-        b.shutdown().await;
-        drop(c);
+        stop_after_nothing(
+            b,
+            c,
+            "delivered after everything was acknowledged and the broker stopped cleanly",
+        )
+        .await;
     });
     if m.again > 0 {
         eprintln!(
