@@ -27,6 +27,7 @@ mod limits;
 mod marks;
 mod migrate;
 mod park;
+mod queue;
 mod settle;
 mod vecmap;
 
