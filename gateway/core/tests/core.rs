@@ -1344,8 +1344,8 @@ async fn held_messages_settle_like_any_other(env: Env) {
 }
 
 /// What a group owes when it stops comes back whole, however long the list: 700 large
-/// messages delivered, m0 and m350 acknowledged (the rest in runs of 349, longer than
-/// one store read of `load_held` takes, and larger than a read's byte limit), a clean
+/// messages delivered, m0 and m350 acknowledged (the rest in runs of 349, each larger
+/// than one store read's byte limit: `load_held` reads on where a read stopped), a clean
 /// stop, and the 698 unacknowledged ones come back in order, flagged, and nothing
 /// acknowledged.
 async fn a_long_held_list_comes_back_whole(env: Env) {

@@ -126,16 +126,15 @@ impl Actor {
     /// the last commit, [`QueueState::close`]): they are delivered again (flagged), and
     /// the committed offset stays where it is while they wait (`floor`). Those retention
     /// has deleted since are gone. Read a run of consecutive offsets at a time (what a
-    /// consumer held is mostly consecutive).
-    /// A read that fails fails the cursor's opening (what it did not read would be
-    /// dropped from the record at the next commit).
+    /// consumer held is mostly consecutive), as many reads as the store's byte limit
+    /// takes. A read that fails fails the cursor's opening (what it did not read would
+    /// be dropped from the record at the next commit).
     async fn load_held(
         &self,
         queue: &QueueRef,
         state: &mut QueueState,
         held: &[u64],
     ) -> Result<()> {
-        const RUN_MAX: u64 = 256;
         state.floor = state.read;
         state.held_stored = super::marks::held_count(held);
         let mut held: Vec<u64> = held.iter().copied().filter(|o| *o < state.read).collect();
@@ -145,7 +144,7 @@ impl Actor {
         while let Some(&first) = rest.first() {
             let run = rest
                 .iter()
-                .zip(first..first + RUN_MAX)
+                .zip(first..)
                 .take_while(|(o, want)| **o == *want)
                 .count();
             let (this, next) = rest.split_at(run);
