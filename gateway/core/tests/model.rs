@@ -2,7 +2,8 @@
 //! publishes, acks, requeues, rejects, purges, a consumer that leaves and joins again
 //! (at once, or after its group's actor ended),
 //! clean restarts and crashes (the runtime dropped with the broker running, its store
-//! opened again), on both backends, shared and broadcast.
+//! opened again), on both backends, shared and broadcast, over a topic of one or
+//! several queues, with one consumer or (shared) several.
 //!
 //! What the model holds the broker to:
 //! - nothing owed is lost: every message published and neither settled nor purged is
@@ -11,7 +12,8 @@
 //!   runs, and nothing purged ever comes back (a purge keeps only what is in flight);
 //! - a message delivered before is flagged `redelivered`; a first delivery is not
 //!   (until a crash: the delivered mark runs ahead of what was delivered), and first
-//!   deliveries come in publish order;
+//!   deliveries of a queue come in publish order (to each consumer, when several
+//!   share the group);
 //! - a clean restart, or a broadcast member that leaves and joins again, brings back
 //!   exactly what is owed, not what was acknowledged after an older message still
 //!   unacknowledged (as RabbitMQ); after a crash, what comes back beyond what is owed
@@ -30,7 +32,9 @@ use mqgate_core::{
     Broker, ConsumeMode, Consumer, CoreConfig, Delivery, GroupSpec, ManualClock, MemberOptions,
     OnFailure, Publish, StartPosition,
 };
-use mqgate_store::{GroupName, MemoryStore, Message, RocksConfig, RocksStore, Store, TopicName};
+use mqgate_store::{
+    GroupName, MemoryStore, Message, QueueId, RocksConfig, RocksStore, Store, TopicName,
+};
 use proptest::prelude::*;
 use tempfile::TempDir;
 
@@ -54,12 +58,16 @@ enum Kind {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Publish(u8),
+    /// This many messages, to the queue of this index (modulo the topic's queues).
+    Publish(u8, u32),
+    /// Of all deliveries held by the consumers, the one of this index (modulo).
     Ack(usize),
     Requeue(usize),
     Reject(usize),
     Purge,
-    Rejoin,
+    /// The consumer of this index (modulo) leaves and joins again at once.
+    Rejoin(usize),
+    /// Every consumer leaves, long enough for the group's actor to end.
     Away,
     Restart,
     Crash,
@@ -67,12 +75,12 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (1u8..=6).prop_map(Op::Publish),
+        6 => (1u8..=6, any::<u32>()).prop_map(|(k, q)| Op::Publish(k, q)),
         6 => any::<usize>().prop_map(Op::Ack),
         2 => any::<usize>().prop_map(Op::Requeue),
         1 => any::<usize>().prop_map(Op::Reject),
         1 => Just(Op::Purge),
-        1 => Just(Op::Rejoin),
+        1 => any::<usize>().prop_map(Op::Rejoin),
         1 => Just(Op::Away),
         1 => Just(Op::Restart),
         1 => Just(Op::Crash),
@@ -86,8 +94,14 @@ struct Model {
     next: u64,
     /// Owed and not in flight: number -> delivered before.
     ready: BTreeMap<u64, bool>,
-    /// In flight to the consumer, in the order received.
-    held: Vec<(u64, Delivery)>,
+    /// The queue of each message.
+    queue: BTreeMap<u64, QueueId>,
+    /// In flight to each consumer, in the order received.
+    held: Vec<Vec<(u64, Delivery)>>,
+    /// Per consumer and queue, the last first delivery (when several consumers share
+    /// the group, the order each sees is what can be checked: the test reads their
+    /// channels one after another).
+    last_first: BTreeMap<(usize, QueueId), u64>,
     /// Acknowledged or rejected (and not purged since): after a restart or a crash the
     /// group may deliver some of them again (at-least-once), as many as it counts.
     settled: BTreeSet<u64>,
@@ -104,24 +118,37 @@ struct Model {
 }
 
 impl Model {
-    /// Take one delivery and check it against what is owed.
-    fn take(&mut self, d: Delivery) {
+    /// Take one delivery to consumer `to` and check it against what is owed.
+    fn take(&mut self, to: usize, d: Delivery) {
         let body = std::str::from_utf8(&d.message.message.body).expect("utf-8");
         let n: u64 = body[1..].parse().expect("m<number>");
         assert!(
-            !self.held.iter().any(|(h, _)| *h == n),
+            !self.held.iter().flatten().any(|(h, _)| *h == n),
             "{body} delivered while it is in flight"
         );
+        let q = self.queue[&n];
+        assert_eq!(d.queue.queue, q, "{body} comes from the queue it went to");
         if let Some(before) = self.ready.remove(&n) {
             if before {
                 assert!(d.redelivered, "{body} was delivered before: flagged");
             } else {
-                let first = self.ready.iter().find(|(_, b)| !**b).map(|(k, _)| *k);
-                assert!(
-                    first.is_none_or(|f| f > n),
-                    "first deliveries in publish order: {body} before m{}",
-                    first.unwrap_or_default()
-                );
+                if self.held.len() == 1 {
+                    let first = self
+                        .ready
+                        .iter()
+                        .find(|(k, b)| !**b && self.queue[k] == q)
+                        .map(|(k, _)| *k);
+                    assert!(
+                        first.is_none_or(|f| f > n),
+                        "first deliveries in publish order: {body} before m{}",
+                        first.unwrap_or_default()
+                    );
+                } else if let Some(last) = self.last_first.insert((to, q), n) {
+                    assert!(
+                        last < n,
+                        "first deliveries to a consumer in publish order: {body} after m{last}"
+                    );
+                }
                 assert!(
                     self.crashed || !d.redelivered,
                     "{body}: a first delivery is not flagged"
@@ -142,7 +169,19 @@ impl Model {
             self.again += 1;
         }
         self.delivered.insert(n);
-        self.held.push((n, d));
+        self.held[to].push((n, d));
+    }
+
+    /// How many deliveries the consumers hold.
+    fn holding(&self) -> usize {
+        self.held.iter().map(Vec::len).sum()
+    }
+
+    /// Everything in flight goes back, owed again (flagged): the consumers left.
+    fn give_back(&mut self) {
+        for (n, _) in self.held.iter_mut().flat_map(|h| h.drain(..)) {
+            self.ready.insert(n, true);
+        }
     }
 
     /// What the group is to deliver now.
@@ -156,6 +195,10 @@ struct Case {
     kind: Kind,
     mode: ConsumeMode,
     prefetch: usize,
+    /// Consumers in the group (several only when shared).
+    members: usize,
+    /// The topic's queues.
+    queues: u32,
 }
 
 fn topic() -> TopicName {
@@ -190,26 +233,39 @@ impl Case {
         }
     }
 
-    async fn subscribe(&self, b: &Broker) -> Consumer {
-        b.subscribe(self.spec(), MemberOptions::new("c", self.prefetch))
-            .await
-            .unwrap()
+    async fn subscribe(&self, b: &Broker, i: usize) -> Consumer {
+        b.subscribe(
+            self.spec(),
+            MemberOptions::new(format!("c{i}"), self.prefetch),
+        )
+        .await
+        .unwrap()
     }
 
-    /// Deliveries until the consumer holds its prefetch or nothing is owed.
-    async fn fill(&self, c: &mut Consumer, m: &mut Model) {
-        while m.held.len() < self.prefetch && m.owed() > 0 {
-            let d =
-                tokio::time::timeout(Duration::from_secs(10), c.recv())
-                    .await
-                    .unwrap_or_else(|_| {
-                        panic!(
-                        "owed {:?} (+{} settled) and holding {} of {}: nothing delivered in 10 s",
-                        m.ready, m.extra, m.held.len(), self.prefetch
+    async fn subscribe_all(&self, b: &Broker) -> Vec<Consumer> {
+        let mut cs = Vec::new();
+        for i in 0..self.members {
+            cs.push(self.subscribe(b, i).await);
+        }
+        cs
+    }
+
+    /// Deliveries until every consumer holds its prefetch or nothing is owed.
+    async fn fill(&self, cs: &mut [Consumer], m: &mut Model) {
+        while m.holding() < self.prefetch * self.members && m.owed() > 0 {
+            let (to, d) = tokio::time::timeout(Duration::from_secs(10), recv_any(cs))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "owed {:?} (+{} settled) and holding {} of {} × {}: nothing delivered in 10 s",
+                        m.ready,
+                        m.extra,
+                        m.holding(),
+                        self.prefetch,
+                        self.members
                     )
-                    })
-                    .expect("group alive");
-            m.take(d);
+                });
+            m.take(to, d.expect("group alive"));
         }
     }
 
@@ -255,29 +311,46 @@ impl Case {
         first: bool,
         m: &mut Model,
         ops: &mut std::vec::IntoIter<Op>,
-    ) -> Option<Option<(Broker, Consumer)>> {
+    ) -> Option<Option<(Broker, Vec<Consumer>)>> {
         let b = start(store).await;
         if first {
-            b.create_topic(&topic(), Some(1)).await.unwrap();
+            b.create_topic(&topic(), Some(self.queues)).await.unwrap();
         }
-        let mut c = self.subscribe(&b).await;
+        let mut c = self.subscribe_all(&b).await;
         if !first {
             Self::recount(&b, m).await;
         }
         self.fill(&mut c, m).await;
         for op in ops.by_ref() {
             match op {
-                Op::Publish(k) => {
+                Op::Publish(k, q) => {
+                    let q = QueueId(q % self.queues);
                     for _ in 0..k {
                         let n = m.next;
                         m.next += 1;
                         let msg = Message::new(topic(), Bytes::from(format!("m{n}")));
-                        b.publish(Publish::new(msg)).await.unwrap();
+                        let mut p = Publish::new(msg);
+                        p.queue = Some(q);
+                        b.publish(p).await.unwrap();
                         m.ready.insert(n, false);
+                        m.queue.insert(n, q);
                     }
                 }
-                Op::Ack(i) | Op::Requeue(i) | Op::Reject(i) if !m.held.is_empty() => {
-                    let (n, d) = m.held.remove(i % m.held.len());
+                Op::Ack(i) | Op::Requeue(i) | Op::Reject(i) if m.holding() > 0 => {
+                    let mut i = i % m.holding();
+                    let to = m
+                        .held
+                        .iter()
+                        .position(|h| {
+                            let here = i < h.len();
+                            if !here {
+                                i -= h.len();
+                            }
+                            here
+                        })
+                        .expect("an index below the count");
+                    let (n, d) = m.held[to].remove(i);
+                    let c = &c[to];
                     match op {
                         Op::Ack(_) => {
                             c.ack(d.ack_token());
@@ -302,37 +375,32 @@ impl Case {
                     m.settled.clear();
                     m.extra = 0;
                 }
-                Op::Rejoin => {
-                    drop(c);
-                    for (n, _) in m.held.drain(..) {
+                Op::Rejoin(i) => {
+                    let i = i % self.members;
+                    let gone = std::mem::replace(&mut c[i], self.subscribe(&b, i).await);
+                    drop(gone);
+                    for (n, _) in m.held[i].drain(..) {
                         m.ready.insert(n, true);
                     }
-                    c = self.subscribe(&b).await;
                 }
                 Op::Away => {
                     // Long enough without a member that the group's actor ends (its
                     // last commit, `QueueState::close`); the next one starts from what
                     // it stored.
                     drop(c);
-                    for (n, _) in m.held.drain(..) {
-                        m.ready.insert(n, true);
-                    }
+                    m.give_back();
                     tokio::time::sleep(COMMIT_INTERVAL * 10).await;
-                    c = self.subscribe(&b).await;
+                    c = self.subscribe_all(&b).await;
                 }
                 Op::Restart => {
                     b.shutdown().await;
                     drop(c);
-                    for (n, _) in m.held.drain(..) {
-                        m.ready.insert(n, true);
-                    }
+                    m.give_back();
                     m.killed = false;
                     return Some(None);
                 }
                 Op::Crash => {
-                    for (n, _) in m.held.drain(..) {
-                        m.ready.insert(n, true);
-                    }
+                    m.give_back();
                     m.crashed = true;
                     m.killed = true;
                     return Some(Some((b, c)));
@@ -342,10 +410,12 @@ impl Case {
         }
         // The end: everything acknowledged, nothing more comes, and a clean restart
         // brings back nothing.
-        while m.owed() > 0 || !m.held.is_empty() {
-            for (n, d) in m.held.drain(..) {
-                c.ack(d.ack_token());
-                m.settled.insert(n);
+        while m.owed() > 0 || m.holding() > 0 {
+            for (to, held) in m.held.iter_mut().enumerate() {
+                for (n, d) in held.drain(..) {
+                    c[to].ack(d.ack_token());
+                    m.settled.insert(n);
+                }
             }
             self.fill(&mut c, m).await;
         }
@@ -373,9 +443,22 @@ async fn start(store: Arc<dyn Store>) -> Broker {
         .unwrap()
 }
 
+/// The next delivery to any of the consumers, and to which.
+async fn recv_any(cs: &mut [Consumer]) -> (usize, Option<Delivery>) {
+    std::future::poll_fn(|cx| {
+        for (i, c) in cs.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(d) = c.poll_recv(cx) {
+                return std::task::Poll::Ready((i, d));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
 /// Nothing delivered for a while (`what` if something is), then a clean stop.
-async fn stop_after_nothing(b: Broker, mut c: Consumer, what: &str) {
-    let quiet = tokio::time::timeout(Duration::from_millis(200), c.recv()).await;
+async fn stop_after_nothing(b: Broker, mut c: Vec<Consumer>, what: &str) {
+    let quiet = tokio::time::timeout(Duration::from_millis(200), recv_any(&mut c)).await;
     assert!(quiet.is_err(), "{what}");
     b.shutdown().await;
     drop(c);
@@ -392,7 +475,10 @@ fn runtime() -> tokio::runtime::Runtime {
 fn run(case: &Case, ops: Vec<Op>) {
     let dir = tempfile::tempdir().unwrap();
     let memory = Arc::new(MemoryStore::new());
-    let mut m = Model::default();
+    let mut m = Model {
+        held: (0..case.members).map(|_| Vec::new()).collect(),
+        ..Model::default()
+    };
     let mut ops = ops.into_iter();
     let mut first = true;
     loop {
@@ -419,7 +505,7 @@ fn run(case: &Case, ops: Vec<Op>) {
     let rt = runtime();
     rt.block_on(async {
         let b = start(store).await;
-        let c = case.subscribe(&b).await;
+        let c = case.subscribe_all(&b).await;
         assert_eq!(Case::counted(&b).await, 0, "owed after a clean stop");
         stop_after_nothing(
             b,
@@ -450,8 +536,17 @@ macro_rules! model_tests {
             proptest! {
                 #![proptest_config(config())]
                 #[test]
-                fn $name(prefetch in 1usize..=4, ops in prop::collection::vec(op(), 1..40)) {
-                    run(&Case { kind: $kind, mode: $mode, prefetch }, ops);
+                fn $name(
+                    prefetch in 1usize..=4,
+                    members in 1usize..=3,
+                    queues in 1u32..=3,
+                    ops in prop::collection::vec(op(), 1..40),
+                ) {
+                    let mode = $mode;
+                    // Broadcast members each consume everything: one, against a
+                    // model of one cursor.
+                    let members = if mode == ConsumeMode::Broadcast { 1 } else { members };
+                    run(&Case { kind: $kind, mode, prefetch, members, queues }, ops);
                 }
             }
         )*
