@@ -31,8 +31,9 @@ use mqgate_core::{
 };
 use mqgate_store::{
     now_millis, GroupName, MemoryStore, Message, MessageId, Millis, OffsetRange, QueueMessage,
-    QueueOffset, QueueRef, ReadLimits, RetentionReport, Store, StoreError, StoreHealth, StoreStats,
-    StoredMessage, TimerKey, TopicConfig, TopicName, WriteBatch, WriteReceipt,
+    QueueOffset, QueueRef, ReadLimits, RetentionReport, RocksConfig, RocksStore, Store, StoreError,
+    StoreHealth, StoreStats, StoredMessage, TimerKey, TopicConfig, TopicName, WriteBatch,
+    WriteReceipt,
 };
 use tokio::sync::Notify;
 
@@ -874,6 +875,130 @@ async fn expiry_sweep_settles_an_unconsumed_endpoint() {
     c.ack(d.ack_token());
     nothing(&mut c).await;
     assert_eq!(messages_in(b, "dead-target").await.len(), 1);
+}
+
+/// Messages still owed at a clean stop (delivered, unacknowledged, below one that was
+/// acknowledged: the delivered mark's held list) expire like any other once past their
+/// TTL: the next life neither delivers them (`consumed`: a consumer joins) nor leaves
+/// them counted once the sweep has run (no consumer), and dead-letters each once.
+async fn held_past_ttl_after_a_clean_restart(consumed: bool, rocks: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    // The same store in each life: the memory store itself, or RocksDB opened again
+    // once the last life has let it go.
+    let open = || async {
+        if !rocks {
+            return Arc::clone(&mem) as Arc<dyn Store>;
+        }
+        for _ in 0..200 {
+            if let Ok(s) = RocksStore::open(RocksConfig::new(dir.path().join("data"))) {
+                return Arc::new(s) as Arc<dyn Store>;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the store did not open again");
+    };
+    let env = Env::start(open().await).await;
+    let b = &env.broker;
+    declare_dlx(b).await;
+    let mut s = spec("q", "work", OnFailure::Discard);
+    s.policy.message_ttl = Some(1_000);
+    s.policy.dead_letter = Some(dead_letter("dlx", Some("dead"), "work"));
+    b.declare_endpoint(&topic("work"), 1, &group("q"), Records::new())
+        .await
+        .unwrap();
+    b.register_endpoint(s.clone());
+    let mut c = b
+        .subscribe(s.clone(), MemberOptions::new("c", 10))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        publish(b, "work", &format!("m{i}")).await;
+    }
+    for i in 0..5 {
+        let d = recv(&mut c).await;
+        assert_eq!(body(&d), format!("m{i}"));
+        if i % 2 == 1 {
+            c.ack(d.ack_token());
+        }
+    }
+    settled_to(b, "q", 3).await;
+    b.shutdown().await;
+    drop(c);
+    drop(env.broker);
+    drop(env.store);
+
+    let b = Broker::start(open().await, config(), Arc::new(env.clock.clone()))
+        .await
+        .unwrap();
+    b.register_endpoint(s.clone());
+    assert_eq!(owed(&b, "q").await, 3, "m0, m2 and m4 owed after the stop");
+    env.clock.advance(Duration::from_millis(1_500));
+    if consumed {
+        let mut c = b
+            .subscribe(s.clone(), MemberOptions::new("c", 10))
+            .await
+            .unwrap();
+        nothing(&mut c).await;
+        drop(c);
+    } else {
+        b.expire_endpoints().await;
+    }
+    let dead = wait_messages(&b, "dead-target", 3).await;
+    let mut texts: Vec<String> = dead.iter().map(|m| text(m)).collect();
+    texts.sort();
+    assert_eq!(texts, ["m0", "m2", "m4"]);
+    assert!(dead.iter().all(|m| death(m) == Some("expired")));
+    assert_eq!(owed(&b, "q").await, 0, "nothing owed once they expired");
+    b.shutdown().await;
+    drop(b);
+
+    // And they stay settled: the next life owes nothing and dead-letters nothing more.
+    let b = Broker::start(open().await, config(), Arc::new(env.clock.clone()))
+        .await
+        .unwrap();
+    b.register_endpoint(s);
+    assert_eq!(
+        owed(&b, "q").await,
+        0,
+        "nothing owed after the next restart"
+    );
+    b.expire_endpoints().await;
+    assert_eq!(messages_in(&b, "dead-target").await.len(), 3);
+    b.shutdown().await;
+}
+
+/// What the group counts as owed (ready and in flight, all queues).
+async fn owed(b: &Broker, g: &str) -> u64 {
+    let info = b.group_info(&group(g)).await.unwrap();
+    info.queues
+        .iter()
+        .map(|q| q.ready + q.in_flight as u64)
+        .sum()
+}
+
+/// Poll until the group has `n` in flight (its acks processed).
+async fn settled_to(b: &Broker, g: &str, n: usize) {
+    for _ in 0..500 {
+        let info = b.group_info(&group(g)).await.unwrap();
+        if info.queues.iter().map(|q| q.in_flight).sum::<usize>() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("group {g} does not have {n} in flight");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_messages_past_their_ttl_are_not_delivered_after_a_clean_restart() {
+    held_past_ttl_after_a_clean_restart(true, false).await;
+    held_past_ttl_after_a_clean_restart(true, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_messages_past_their_ttl_are_swept_after_a_clean_restart() {
+    held_past_ttl_after_a_clean_restart(false, false).await;
+    held_past_ttl_after_a_clean_restart(false, true).await;
 }
 
 /// The core sweeps on its own every `expiry_interval`.
