@@ -471,6 +471,50 @@ async fn dropped_consumer_gives_back_its_mailbox_uncounted(env: Env) {
     );
 }
 
+/// A consumer dropped after its member id joined again (an MQTT client reconnecting
+/// under its client id, an id reused by an application) leaves only its own
+/// membership, even when the new consumer has been dropped by then too: its leave used
+/// to remove whichever member held the id once that member's mailbox was closed, so
+/// the new consumer's acks, queued behind it, found no member and were lost, and what
+/// they acknowledged came back. Shared and broadcast.
+async fn stale_leave_keeps_a_rejoined_member(env: Env) {
+    let b = &env.broker;
+    for (g, mode) in [
+        ("again-shared", ConsumeMode::Shared),
+        ("again-broadcast", ConsumeMode::Broadcast),
+    ] {
+        b.create_topic(&topic(g), Some(1)).await.unwrap();
+        let s = spec(g, g, mode);
+        let mut old = b
+            .subscribe(s.clone(), MemberOptions::new("c", 10))
+            .await
+            .unwrap();
+        let body_of = format!("{g} m0");
+        publish(b, g, body_of.clone()).await;
+        assert_eq!(body(&recv(&mut old).await), body_of);
+        let mut new = b
+            .subscribe(s.clone(), MemberOptions::new("c", 10))
+            .await
+            .unwrap();
+        let d = recv(&mut new).await;
+        assert_eq!(body(&d), body_of);
+        assert!(d.redelivered);
+        // No await in between: on this test's one thread, the actor takes the old
+        // consumer's leave once the new consumer's mailbox is closed, with its ack and
+        // its own leave queued behind.
+        drop(old);
+        new.ack(d.ack_token());
+        drop(new);
+        let mut again = b
+            .subscribe(s.clone(), MemberOptions::new("c", 10))
+            .await
+            .unwrap();
+        if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(300), again.recv()).await {
+            panic!("{mode:?}: {} was acknowledged, delivered again", body(&d));
+        }
+    }
+}
+
 async fn shared_group_redelivers_a_leavers_messages(env: Env) {
     let b = &env.broker;
     b.create_topic(&topic("work"), Some(1)).await.unwrap();
@@ -1717,6 +1761,20 @@ macro_rules! both_backends {
             )*
         }
     };
+}
+
+/// [`stale_leave_keeps_a_rejoined_member`] on one thread: what it sends without an
+/// await reaches the actor as one run of commands.
+mod one_thread {
+    #[tokio::test(flavor = "current_thread")]
+    async fn stale_leave_keeps_a_rejoined_member_memory() {
+        super::stale_leave_keeps_a_rejoined_member(super::Env::new(super::Kind::Memory).await).await
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn stale_leave_keeps_a_rejoined_member_rocks() {
+        super::stale_leave_keeps_a_rejoined_member(super::Env::new(super::Kind::Rocks).await).await
+    }
 }
 
 both_backends!(

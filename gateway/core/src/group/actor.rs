@@ -358,7 +358,7 @@ impl Actor {
 
     async fn handle(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Join(opts, tx, done, drain) => {
+            Cmd::Join(opts, id, tx, done, drain) => {
                 if self.members.contains_key(opts.id.as_str()) {
                     self.remove_member(&opts.id).await;
                 }
@@ -395,7 +395,7 @@ impl Actor {
                     }
                 }
                 let broadcast = !member.cursors.is_empty();
-                self.members.insert(opts.id.into(), member);
+                self.members.insert(id, member);
                 self.rebalance();
                 if broadcast {
                     // A broadcast member's start stored before any delivery (a lazy one
@@ -406,7 +406,15 @@ impl Actor {
                 let _ = done.send(());
             }
             Cmd::Leave(id, if_closed) => {
-                let stale = if_closed && self.members.get(&*id).is_some_and(|m| !m.tx.is_closed());
+                // From a dropped consumer: its own membership only. Its id may have
+                // joined again since, and that member's consumer be dropped too by now
+                // (its mailbox closed, its acks and leave queued behind this one):
+                // removed here, it would lose those acks.
+                let stale = if_closed
+                    && self
+                        .members
+                        .get_key_value(&*id)
+                        .is_some_and(|(k, m)| !Arc::ptr_eq(k, &id) || !m.tx.is_closed());
                 if !stale {
                     self.remove_member(&id).await;
                 }

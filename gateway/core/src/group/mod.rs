@@ -308,15 +308,19 @@ impl AckToken {
 
 enum Cmd {
     /// The last: an unbounded member's [`Drain`].
+    /// With the member id its consumer holds: a leave names its member by this very
+    /// `Arc`, so a consumer dropped after its id joined again cannot remove the new one.
     Join(
         MemberOptions,
+        Arc<str>,
         mailbox::Sender<Delivery>,
         oneshot::Sender<()>,
         Option<Arc<Drain>>,
     ),
     // Member ids are shared, not copied: an ack per message sends one.
-    /// A member leaves; `true`: only if its mailbox is closed (the consumer that sends
-    /// it was dropped; a member that joined again under the same id since stays).
+    /// A member leaves; `true`: sent by its dropped consumer, whose id (the `Arc` its
+    /// join gave it) must be the member's: a member that joined again under the same id
+    /// since stays.
     Leave(Arc<str>, bool),
     Ack(Arc<str>, AckToken),
     Nack(Arc<str>, AckToken, bool),
@@ -686,16 +690,22 @@ impl GroupHandle {
     pub(crate) async fn join(&self, opts: MemberOptions) -> Option<Consumer> {
         let (tx, rx) = mailbox::channel();
         let (done, joined) = oneshot::channel();
-        let member = opts.id.clone();
+        let member: Arc<str> = opts.id.as_str().into();
         let drain = opts
             .unbounded
             .then(|| opts.drain.clone().unwrap_or_default());
         self.cmd
-            .send(Cmd::Join(opts, tx, done, drain.clone()))
+            .send(Cmd::Join(
+                opts,
+                Arc::clone(&member),
+                tx,
+                done,
+                drain.clone(),
+            ))
             .ok()?;
         joined.await.ok()?;
         Some(Consumer {
-            member: member.into(),
+            member,
             group: self.spec.name.clone(),
             rx,
             cmd: Control::Local(self.cmd.clone()),
