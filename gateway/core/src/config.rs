@@ -81,6 +81,11 @@ pub struct CoreConfig {
     /// stays bounded. Consumers that make no progress for a second (stuck, or gone) do
     /// not slow anybody: the queue buffers, as without the setting.
     pub consumer_lag_limit: Option<u64>,
+    /// Messages acknowledged above a running group's first unacknowledged one (on one
+    /// queue) that make its next commit a checkpoint: committed past them, what is still
+    /// owed below listed with the delivered mark, so that a crash does not bring them
+    /// back (`QueueState::checkpoint_due`). Also needs more of them than would be listed.
+    pub checkpoint_settled: u64,
 }
 
 /// The longest a publish waits for consumers to catch up (then it returns anyway; the
@@ -115,6 +120,7 @@ impl Default for CoreConfig {
             retained_cache_messages: 10_000,
             retained_cache_bytes: 64 << 20,
             consumer_lag_limit: None,
+            checkpoint_settled: 256,
         }
     }
 }

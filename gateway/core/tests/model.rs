@@ -43,9 +43,13 @@ const T0: u64 = 1_800_000_000_000;
 /// The groups' commit interval, which is also how long a group without members lives.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(20);
 
-fn core_config() -> CoreConfig {
+/// `checkpoint`: acknowledgements above a held message that make a running group's
+/// commit a checkpoint (`CoreConfig::checkpoint_settled`; it also needs a gap of twice
+/// what is owed more): 1 makes one of most commits after a few acks out of order.
+fn core_config(checkpoint: u64) -> CoreConfig {
     CoreConfig {
         offset_commit_interval: COMMIT_INTERVAL,
+        checkpoint_settled: checkpoint,
         ..CoreConfig::default()
     }
 }
@@ -69,6 +73,8 @@ enum Op {
     Rejoin(usize),
     /// Every consumer leaves, long enough for the group's actor to end.
     Away,
+    /// A few commit intervals pass (commits, checkpoints).
+    Pause,
     Restart,
     Crash,
 }
@@ -82,6 +88,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Purge),
         1 => any::<usize>().prop_map(Op::Rejoin),
         1 => Just(Op::Away),
+        1 => Just(Op::Pause),
         1 => Just(Op::Restart),
         1 => Just(Op::Crash),
     ]
@@ -199,6 +206,8 @@ struct Case {
     members: usize,
     /// The topic's queues.
     queues: u32,
+    /// [`core_config`]'s checkpoint threshold.
+    checkpoint: u64,
 }
 
 fn topic() -> TopicName {
@@ -312,7 +321,7 @@ impl Case {
         m: &mut Model,
         ops: &mut std::vec::IntoIter<Op>,
     ) -> Option<Option<(Broker, Vec<Consumer>)>> {
-        let b = start(store).await;
+        let b = start(store, self.checkpoint).await;
         if first {
             b.create_topic(&topic(), Some(self.queues)).await.unwrap();
         }
@@ -392,6 +401,7 @@ impl Case {
                     tokio::time::sleep(COMMIT_INTERVAL * 10).await;
                     c = self.subscribe_all(&b).await;
                 }
+                Op::Pause => tokio::time::sleep(COMMIT_INTERVAL * 3).await,
                 Op::Restart => {
                     b.shutdown().await;
                     drop(c);
@@ -437,10 +447,14 @@ impl Case {
     }
 }
 
-async fn start(store: Arc<dyn Store>) -> Broker {
-    Broker::start(store, core_config(), Arc::new(ManualClock::new(T0)))
-        .await
-        .unwrap()
+async fn start(store: Arc<dyn Store>, checkpoint: u64) -> Broker {
+    Broker::start(
+        store,
+        core_config(checkpoint),
+        Arc::new(ManualClock::new(T0)),
+    )
+    .await
+    .unwrap()
 }
 
 /// The next delivery to any of the consumers, and to which.
@@ -504,7 +518,7 @@ fn run(case: &Case, ops: Vec<Op>) {
     let store = case.open(&dir, &memory);
     let rt = runtime();
     rt.block_on(async {
-        let b = start(store).await;
+        let b = start(store, case.checkpoint).await;
         let c = case.subscribe_all(&b).await;
         assert_eq!(Case::counted(&b).await, 0, "owed after a clean stop");
         stop_after_nothing(
@@ -540,13 +554,14 @@ macro_rules! model_tests {
                     prefetch in 1usize..=4,
                     members in 1usize..=3,
                     queues in 1u32..=3,
+                    checkpoint in prop_oneof![Just(1u64), Just(256)],
                     ops in prop::collection::vec(op(), 1..40),
                 ) {
                     let mode = $mode;
                     // Broadcast members each consume everything: one, against a
                     // model of one cursor.
                     let members = if mode == ConsumeMode::Broadcast { 1 } else { members };
-                    run(&Case { kind: $kind, mode, prefetch, members, queues }, ops);
+                    run(&Case { kind: $kind, mode, prefetch, members, queues, checkpoint }, ops);
                 }
             }
         )*

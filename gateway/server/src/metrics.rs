@@ -335,7 +335,7 @@ impl Collector {
                 continue;
             };
             let lag: u64 = info.queues.iter().map(|q| q.lag).sum();
-            let consumed: u64 = info.queues.iter().map(|q| q.committed).sum();
+            let consumed: u64 = info.queues.iter().map(|q| q.consumed()).sum();
             rows.push((g.to_string(), lag, consumed));
         }
         rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));

@@ -337,6 +337,76 @@ async fn acks_out_of_order_stay_acked_across_a_clean_restart() {
     assert!(more.is_err(), "m1..m9 were acknowledged: {more:?}");
 }
 
+/// A consumer holds an old message (a long task) while it acknowledges hundreds after
+/// it: the running group checkpoints (its commit goes past what was acknowledged, the
+/// held message listed with its delivered mark), so a SIGKILL brings back the held
+/// message alone, flagged, not everything acknowledged after it. RabbitMQ keeps acks
+/// across a crash the same way (a queue's index records each); committing at the first
+/// unacknowledged offset, as the group did while running, brought back all 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_above_a_held_message_survive_sigkill() {
+    let mut b = Broker::start();
+    publish_confirmed(&b, "longtask", 400).await;
+    let (conn, _ch, mut c) = consume(&b, "longtask", 10).await;
+    let mut first = None;
+    for want in 0..400 {
+        let (i, d) = next_indexed(&mut c).await;
+        assert_eq!((i, d.redelivered), (want, false));
+        if i == 0 {
+            first = Some(d);
+        } else {
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    }
+    // The admin API shows the group's committed offset in memory: it is stored with
+    // the group's next commit (every 200 ms), waited for below.
+    let json = |out: (bool, String, String)| -> serde_json::Value {
+        assert!(out.0, "mqgate CLI failed: {}", out.2);
+        serde_json::from_str(&out.1).unwrap()
+    };
+    let list = json(b.cli(&["--json", "groups", "list"]));
+    let group = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|g| {
+            let name = g["name"].as_str()?;
+            name.contains("longtask").then(|| name.to_owned())
+        })
+        .unwrap_or_else(|| panic!("no group for the queue: {list}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let shown = json(b.cli(&["--json", "groups", "show", &group]));
+        if shown["queues"][0]["committed"] == 400 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the commit stays below the acknowledged messages: {shown}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.child.kill().unwrap(); // SIGKILL, m0 still unacknowledged
+    drop((first, conn));
+    b.respawn_logged();
+    let conn = lapin::Connection::connect(&b.amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    assert_eq!(message_count(&ch, "longtask").await, 1, "m0 alone");
+    let (_conn, _ch, mut c) = consume(&b, "longtask", 100).await;
+    let (i, d) = next_indexed(&mut c).await;
+    assert_eq!((i, d.redelivered), (0, true));
+    d.ack(BasicAckOptions::default()).await.unwrap();
+    let more = tokio::time::timeout(
+        Duration::from_millis(500),
+        futures_util::StreamExt::next(&mut c),
+    )
+    .await;
+    assert!(more.is_err(), "m1..m399 were acknowledged: {more:?}");
+}
+
 /// queue.purge drops the ready messages and keeps those delivered and not acknowledged
 /// (AMQP 0-9-1: "messages that have been delivered but not yet acknowledged are not
 /// affected"), and as in RabbitMQ they outlive a SIGKILL: after the restart they come

@@ -315,18 +315,18 @@ impl Actor {
         }
     }
 
-    /// Whether some committed offset is not persisted yet.
+    /// Whether some committed offset is not persisted yet, or is due a checkpoint
+    /// ([`QueueState::checkpoint_due`]).
     fn offsets_dirty(&self) -> bool {
+        let threshold = self.inner.config.checkpoint_settled;
+        let dirty = |c: &QueueState| {
+            let committed = c.committed();
+            c.persisted != Some(committed) || c.checkpoint_due_at(committed, threshold)
+        };
         if self.broadcast() {
-            self.members.values().any(|m| {
-                m.cursors
-                    .values()
-                    .any(|c| c.persisted != Some(c.committed()))
-            })
+            self.members.values().any(|m| m.cursors.values().any(dirty))
         } else {
-            self.queues
-                .values()
-                .any(|c| c.persisted != Some(c.committed()))
+            self.queues.values().any(dirty)
         }
     }
 
@@ -754,7 +754,23 @@ impl Actor {
         }
     }
 
+    /// The periodic commit; cursors with many acknowledgements above their first
+    /// unsettled offset are checkpointed first ([`QueueState::checkpoint_due`]).
     pub(super) async fn commit(&mut self) {
+        let threshold = self.inner.config.checkpoint_settled;
+        let checkpoint = |c: &mut QueueState| {
+            if c.checkpoint_due(threshold) {
+                c.close();
+            }
+        };
+        if self.broadcast() {
+            self.members
+                .values_mut()
+                .flat_map(|m| m.cursors.values_mut())
+                .for_each(checkpoint);
+        } else {
+            self.queues.values_mut().for_each(checkpoint);
+        }
         self.commit_with(false).await;
     }
 

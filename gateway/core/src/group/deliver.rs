@@ -195,10 +195,20 @@ impl Actor {
                 } else {
                     Vec::new()
                 };
-                // What is held below a reset's floor goes with every mark.
+                // What is held below the floor goes with every mark, dead messages whose
+                // dead-letter copy is not written yet (`flush_dying`, after this loop)
+                // among them: still owed until it is.
                 let held = self
                     .cursor_mut(owner_key, queue)
-                    .map_or_else(Vec::new, |q| q.held());
+                    .map_or_else(Vec::new, |q| {
+                        let mut held = q.held();
+                        let before = held.len();
+                        held.extend(dying.iter().map(|d| d.offset).filter(|o| *o < q.floor));
+                        if held.len() > before {
+                            held.sort_unstable();
+                        }
+                        held
+                    });
                 // A mark that cannot be written (a full disk) does not hold deliveries
                 // back: consumers drain a degraded store; this stride goes unmarked.
                 let written = self

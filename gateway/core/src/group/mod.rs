@@ -796,17 +796,30 @@ pub struct QueueInfo {
     pub queue: QueueRef,
     /// The member reading it (broadcast: the member whose cursor this is).
     pub member: Option<String>,
-    /// The lowest offset not yet acknowledged.
+    /// The committed offset: the lowest not yet acknowledged, or, once the group has
+    /// checkpointed or closed the queue, the first never delivered, with what is still
+    /// owed below it held (counted in `lag`).
     pub committed: u64,
     /// The queue's next offset.
     pub next: u64,
-    /// `next - committed`.
+    /// `next - committed`, plus what is held below `committed`.
     pub lag: u64,
     /// Messages waiting to be delivered: not in flight, not acknowledged (AMQP's
     /// message count). Equals `lag` when read from the store.
     pub ready: u64,
     /// Delivered and not yet acknowledged.
     pub in_flight: usize,
+}
+
+impl QueueInfo {
+    /// Offsets below `committed` that are settled (consumed): `committed` less what is
+    /// held below it (`lag` beyond `next - committed`).
+    pub fn consumed(&self) -> u64 {
+        let held = self
+            .lag
+            .saturating_sub(self.next.saturating_sub(self.committed));
+        self.committed.saturating_sub(held)
+    }
 }
 
 impl GroupInfo {

@@ -121,19 +121,17 @@ impl QueueState {
         held
     }
 
-    /// The cursor's last commit (the actor ends, or a broadcast member leaves): the
-    /// floor comes up to the first offset never delivered, so the commit is there and
-    /// what is still owed below it (in flight, given back) is listed in the delivered
-    /// mark's record ([`QueueState::held`]), written in the same batch because the
-    /// stored list is marked unknown. Committing at the first unsettled offset instead
-    /// would bring back, at the next start, every message acknowledged above it: with
-    /// acks out of order (several consumers, a slow one holding an old message) a clean
-    /// restart delivered again what had been acknowledged, which RabbitMQ does not.
+    /// The cursor's last commit (the actor ends, or a broadcast member leaves), or a
+    /// checkpoint while it runs ([`QueueState::checkpoint_due`]): the floor comes up to
+    /// the first offset never delivered, so the commit is there and what is still owed
+    /// below it (in flight, given back) is listed in the delivered mark's record
+    /// ([`QueueState::held`]), written in the same batch because the stored list is
+    /// marked unknown. Committing at the first unsettled offset instead would bring
+    /// back, at the next start, every message acknowledged above it: with acks out of
+    /// order (several consumers, a slow one holding an old message) a clean restart
+    /// delivered again what had been acknowledged, which RabbitMQ does not.
     pub(super) fn close(&mut self) {
-        let mut first_new = self.read;
-        if let Some(m) = self.buffer.front() {
-            first_new = first_new.min(m.entry.offset.0);
-        }
+        let first_new = self.first_new();
         if first_new <= self.floor {
             return;
         }
@@ -141,6 +139,36 @@ impl QueueState {
         if self.held_stored > 0 || !self.held().is_empty() {
             self.held_stored = HELD_UNKNOWN;
         }
+    }
+
+    /// The first offset never delivered: the read-ahead's first, or the read position.
+    fn first_new(&self) -> u64 {
+        match self.buffer.front() {
+            Some(m) => self.read.min(m.entry.offset.0),
+            None => self.read,
+        }
+    }
+
+    /// While the actor runs, its commits are at the first unsettled offset, and a crash
+    /// brings back every message acknowledged above it. When at least `threshold`
+    /// ([`crate::CoreConfig::checkpoint_settled`]) of them are, and more than would be
+    /// held, the next commit
+    /// is a checkpoint: [`QueueState::close`], the floor up to the first offset never
+    /// delivered and what is owed below it held (a consumer on a long task while others
+    /// acknowledge thousands after it: a crash then redelivers what it holds, not the
+    /// thousands). The held list's size is bounded by what it saves; consumers that
+    /// acknowledge in order, or nearly, never need one. A bound that costs no walk of
+    /// the maps: more than twice what is owed in all (held or not) above the threshold
+    /// means at least the threshold, and at least what is owed, settled.
+    pub(super) fn checkpoint_due(&self, threshold: u64) -> bool {
+        self.checkpoint_due_at(self.committed(), threshold)
+    }
+
+    /// [`QueueState::checkpoint_due`] with [`QueueState::committed`] computed already.
+    pub(super) fn checkpoint_due_at(&self, committed: u64, threshold: u64) -> bool {
+        let owed = (self.in_flight.len() + self.redeliver.len()) as u64;
+        let gap = self.first_new().saturating_sub(committed);
+        gap >= threshold.max(1) + 2 * owed
     }
 
     /// The offset to commit: the first not settled at or above the floor (what is held

@@ -122,7 +122,7 @@ impl Rates {
             for qi in &info.queues {
                 c.ready += qi.ready;
                 c.unacked += qi.in_flight as u64;
-                c.ack += qi.committed;
+                c.ack += qi.consumed();
                 c.publish += qi.next;
             }
         } else if let Some(t) = s.broker.topic(&q.topic) {
