@@ -1,6 +1,8 @@
 //! The broker core through its API, on both store backends, with a manual clock for
 //! delays and retry ladders.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -1416,7 +1418,7 @@ async fn a_long_held_list_comes_back_whole(env: Env) {
             owed.push(name);
         }
     }
-    settled_to(&b, "lg", 698).await;
+    common::settled_to(&b, &group("lg"), 698).await;
     drop(c);
     b.shutdown().await;
 
@@ -1433,18 +1435,6 @@ async fn a_long_held_list_comes_back_whole(env: Env) {
     nothing(&mut c).await;
     drop(c);
     b.shutdown().await;
-}
-
-/// Wait until the group's actor counts `n` in flight (acks before it applied).
-async fn settled_to(b: &Broker, g: &str, n: usize) {
-    for _ in 0..500 {
-        let info = b.group_info(&group(g)).await.unwrap();
-        if info.queues.iter().map(|q| q.in_flight).sum::<usize>() == n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{g}: the acks were not applied");
 }
 
 async fn group_behind_retention_skips_and_counts(env: Env) {

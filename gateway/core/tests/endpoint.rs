@@ -374,6 +374,21 @@ async fn declare_dlx(b: &Broker) {
     declare_route(b, "dlx", "dead", "dead-target").await;
 }
 
+/// The endpoint `q` over the one-queue topic `work`, whose messages live 1 s and are
+/// dead-lettered through `dlx` (to `dead-target`): declared and registered; its group's
+/// spec.
+async fn ttl_endpoint(b: &Broker) -> GroupSpec {
+    declare_dlx(b).await;
+    let mut s = spec("q", "work", OnFailure::Discard);
+    s.policy.message_ttl = Some(1_000);
+    s.policy.dead_letter = Some(dead_letter("dlx", Some("dead"), "work"));
+    b.declare_endpoint(&topic("work"), 1, &group("q"), Records::new())
+        .await
+        .unwrap();
+    b.register_endpoint(s.clone());
+    s
+}
+
 async fn publish(b: &Broker, t: &str, body: &str) {
     b.publish(mqgate_core::Publish::new(msg(t, body)))
         .await
@@ -597,14 +612,7 @@ async fn failed_expiry_write_keeps_the_message_for_a_later_sweep() {
     let store = Arc::new(FailingStore::default());
     let env = Env::start(store.clone()).await;
     let b = &env.broker;
-    declare_dlx(b).await;
-    let mut s = spec("q", "work", OnFailure::Discard);
-    s.policy.message_ttl = Some(1_000);
-    s.policy.dead_letter = Some(dead_letter("dlx", Some("dead"), "work"));
-    b.declare_endpoint(&topic("work"), 1, &group("q"), Records::new())
-        .await
-        .unwrap();
-    b.register_endpoint(s);
+    ttl_endpoint(b).await;
     publish(b, "work", "old").await;
     env.clock.advance(Duration::from_millis(1_500));
 
@@ -839,14 +847,7 @@ async fn retry_ladder_ends_in_the_dead_letter_target_or_the_dlq() {
 async fn expiry_sweep_settles_an_unconsumed_endpoint() {
     let env = Env::memory().await;
     let b = &env.broker;
-    declare_dlx(b).await;
-    let mut s = spec("q", "work", OnFailure::Discard);
-    s.policy.message_ttl = Some(1_000);
-    s.policy.dead_letter = Some(dead_letter("dlx", Some("dead"), "work"));
-    b.declare_endpoint(&topic("work"), 1, &group("q"), Records::new())
-        .await
-        .unwrap();
-    b.register_endpoint(s.clone());
+    let s = ttl_endpoint(b).await;
     publish(b, "work", "old").await;
 
     // Not expired yet: the sweep leaves it.
@@ -900,14 +901,7 @@ async fn held_past_ttl_after_a_clean_restart(consumed: bool, rocks: bool) {
     };
     let env = Env::start(open().await).await;
     let b = &env.broker;
-    declare_dlx(b).await;
-    let mut s = spec("q", "work", OnFailure::Discard);
-    s.policy.message_ttl = Some(1_000);
-    s.policy.dead_letter = Some(dead_letter("dlx", Some("dead"), "work"));
-    b.declare_endpoint(&topic("work"), 1, &group("q"), Records::new())
-        .await
-        .unwrap();
-    b.register_endpoint(s.clone());
+    let s = ttl_endpoint(b).await;
     let mut c = b
         .subscribe(s.clone(), MemberOptions::new("c", 10))
         .await
@@ -922,7 +916,7 @@ async fn held_past_ttl_after_a_clean_restart(consumed: bool, rocks: bool) {
             c.ack(d.ack_token());
         }
     }
-    settled_to(b, "q", 3).await;
+    common::settled_to(b, &group("q"), 3).await;
     b.shutdown().await;
     drop(c);
     drop(env.broker);
@@ -977,18 +971,6 @@ async fn owed(b: &Broker, g: &str) -> u64 {
         .sum()
 }
 
-/// Poll until the group has `n` in flight (its acks processed).
-async fn settled_to(b: &Broker, g: &str, n: usize) {
-    for _ in 0..500 {
-        let info = b.group_info(&group(g)).await.unwrap();
-        if info.queues.iter().map(|q| q.in_flight).sum::<usize>() == n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("group {g} does not have {n} in flight");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_messages_past_their_ttl_are_not_delivered_after_a_clean_restart() {
     held_past_ttl_after_a_clean_restart(true, false).await;
@@ -1013,14 +995,7 @@ async fn expiry_task_sweeps_by_itself() {
     )
     .await;
     let b = &env.broker;
-    declare_dlx(b).await;
-    let mut s = spec("q", "work", OnFailure::Discard);
-    s.policy.message_ttl = Some(1_000);
-    s.policy.dead_letter = Some(dead_letter("dlx", Some("dead"), "work"));
-    b.declare_endpoint(&topic("work"), 1, &group("q"), Records::new())
-        .await
-        .unwrap();
-    b.register_endpoint(s);
+    ttl_endpoint(b).await;
     publish(b, "work", "old").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(messages_in(b, "dead-target").await.is_empty());

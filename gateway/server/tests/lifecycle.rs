@@ -277,6 +277,21 @@ async fn unacked_deliveries_come_back_flagged_redelivered_after_a_restart() {
     }
 }
 
+/// Take m0..m{n-1}, first deliveries in order: m0 held (returned), the others acked.
+async fn hold_first_ack_the_rest(c: &mut lapin::Consumer, n: usize) -> lapin::message::Delivery {
+    let mut first = None;
+    for want in 0..n {
+        let (i, d) = next_indexed(c).await;
+        assert_eq!((i, d.redelivered), (want, false));
+        if i == 0 {
+            first = Some(d);
+        } else {
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    }
+    first.expect("m0 taken")
+}
+
 /// Acknowledgements out of order stay acknowledged across a clean restart: with m0 held
 /// and m1..m9 acked, the restart brings back m0 and the other unacknowledged ones,
 /// flagged, and not m1..m9 (the group used to commit at its first unacknowledged
@@ -288,16 +303,7 @@ async fn acks_out_of_order_stay_acked_across_a_clean_restart() {
     let mut b = Broker::start();
     publish_confirmed(&b, "ooo", 20).await;
     let (conn, _ch, mut c) = consume(&b, "ooo", 10).await;
-    let mut first = None;
-    for want in 0..10 {
-        let (i, d) = next_indexed(&mut c).await;
-        assert_eq!((i, d.redelivered), (want, false));
-        if i == 0 {
-            first = Some(d);
-        } else {
-            d.ack(BasicAckOptions::default()).await.unwrap();
-        }
-    }
+    let first = hold_first_ack_the_rest(&mut c, 10).await;
     // m10..m18 come once the acks are applied (the prefetch's room): held with m0.
     let mut held = Vec::new();
     for want in 10..19 {
@@ -348,16 +354,7 @@ async fn acks_above_a_held_message_survive_sigkill() {
     let mut b = Broker::start();
     publish_confirmed(&b, "longtask", 400).await;
     let (conn, _ch, mut c) = consume(&b, "longtask", 10).await;
-    let mut first = None;
-    for want in 0..400 {
-        let (i, d) = next_indexed(&mut c).await;
-        assert_eq!((i, d.redelivered), (want, false));
-        if i == 0 {
-            first = Some(d);
-        } else {
-            d.ack(BasicAckOptions::default()).await.unwrap();
-        }
-    }
+    let first = hold_first_ack_the_rest(&mut c, 400).await;
     // The admin API shows the group's committed offset in memory: it is stored with
     // the group's next commit (every 200 ms), waited for below.
     let json = |out: (bool, String, String)| -> serde_json::Value {

@@ -34,3 +34,15 @@ impl DeadLetterFormat for Tagging {
         (m, key)
     }
 }
+
+/// Wait until group `g` counts `n` deliveries in flight (the acks before it applied).
+pub(crate) async fn settled_to(b: &mqgate_core::Broker, g: &mqgate_store::GroupName, n: usize) {
+    for _ in 0..500 {
+        let info = b.group_info(g).await.unwrap();
+        if info.queues.iter().map(|q| q.in_flight).sum::<usize>() == n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{g}: {n} in flight expected, the acks were not applied");
+}
