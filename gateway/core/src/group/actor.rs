@@ -490,16 +490,22 @@ impl Actor {
         }
     }
 
+    /// Every cursor of the group: the members' own (broadcast), or the group's.
+    fn cursors_mut(&mut self) -> Box<dyn Iterator<Item = &mut QueueState> + '_> {
+        if self.broadcast() {
+            Box::new(
+                self.members
+                    .values_mut()
+                    .flat_map(|m| m.cursors.values_mut()),
+            )
+        } else {
+            Box::new(self.queues.values_mut())
+        }
+    }
+
     /// The actor ends: every cursor's last commit ([`QueueState::close`]).
     fn close_cursors(&mut self) {
-        if self.broadcast() {
-            self.members
-                .values_mut()
-                .flat_map(|m| m.cursors.values_mut())
-                .for_each(QueueState::close);
-        } else {
-            self.queues.values_mut().for_each(QueueState::close);
-        }
+        self.cursors_mut().for_each(QueueState::close);
     }
 
     async fn remove_member(&mut self, id: &str) {
@@ -758,19 +764,9 @@ impl Actor {
     /// unsettled offset are checkpointed first ([`QueueState::checkpoint_due`]).
     pub(super) async fn commit(&mut self) {
         let threshold = self.inner.config.checkpoint_settled;
-        let checkpoint = |c: &mut QueueState| {
-            if c.checkpoint_due(threshold) {
-                c.close();
-            }
-        };
-        if self.broadcast() {
-            self.members
-                .values_mut()
-                .flat_map(|m| m.cursors.values_mut())
-                .for_each(checkpoint);
-        } else {
-            self.queues.values_mut().for_each(checkpoint);
-        }
+        self.cursors_mut()
+            .filter(|c| c.checkpoint_due(threshold))
+            .for_each(QueueState::close);
         self.commit_with(false).await;
     }
 

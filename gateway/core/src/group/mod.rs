@@ -307,9 +307,9 @@ impl AckToken {
 }
 
 enum Cmd {
-    /// The last: an unbounded member's [`Drain`].
-    /// With the member id its consumer holds: a leave names its member by this very
-    /// `Arc`, so a consumer dropped after its id joined again cannot remove the new one.
+    /// With the member id its consumer holds (a leave names its member by this very
+    /// `Arc`, so a consumer dropped after its id joined again cannot remove the new
+    /// one); the last: an unbounded member's [`Drain`].
     Join(
         MemberOptions,
         Arc<str>,

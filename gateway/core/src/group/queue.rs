@@ -152,14 +152,14 @@ impl QueueState {
     /// While the actor runs, its commits are at the first unsettled offset, and a crash
     /// brings back every message acknowledged above it. When at least `threshold`
     /// ([`crate::CoreConfig::checkpoint_settled`]) of them are, and more than would be
-    /// held, the next commit
-    /// is a checkpoint: [`QueueState::close`], the floor up to the first offset never
-    /// delivered and what is owed below it held (a consumer on a long task while others
-    /// acknowledge thousands after it: a crash then redelivers what it holds, not the
-    /// thousands). The held list's size is bounded by what it saves; consumers that
-    /// acknowledge in order, or nearly, never need one. A bound that costs no walk of
-    /// the maps: more than twice what is owed in all (held or not) above the threshold
-    /// means at least the threshold, and at least what is owed, settled.
+    /// held, the next commit is a checkpoint: [`QueueState::close`], the floor up to the
+    /// first offset never delivered and what is owed below it held (a consumer on a long
+    /// task while others acknowledge thousands after it: a crash then redelivers what it
+    /// holds, not the thousands). The held list's size is bounded by what it saves;
+    /// consumers that acknowledge in order, or nearly, never need one. A bound that
+    /// costs no walk of the maps: more than twice what is owed in all (held or not)
+    /// above the threshold means at least the threshold, and at least what is owed,
+    /// settled.
     pub(super) fn checkpoint_due(&self, threshold: u64) -> bool {
         self.checkpoint_due_at(self.committed(), threshold)
     }
