@@ -11,6 +11,11 @@
 #   BROKERS="mqgate mosquitto" bench/compare.sh
 #   BROKERS="mqgate mqgate-js" ONLY=durable bench/compare.sh
 #
+# The `py-*` rows drive Python's own clients with their defaults (bench/pyclients.py:
+# pika, py-amqp as Celery uses it, paho-mqtt), from a venv at target/bench-venv (PY
+# names another interpreter) made here from bench/requirements.txt when it is missing;
+# without one they are skipped.
+#
 # mqgate-js: mqgate on the jetstream backend over three NATS servers started here on
 # loopback (R3, sync_interval always; `nats-server` from NATS_SERVER, PATH, or the one
 # the tests installed under target/); its broker CPU is mqgate's plus the three
@@ -52,6 +57,13 @@ nats_bin() {
   echo "compare: no nats-server (set NATS_SERVER, or run the jetstream tests once to install it)" >&2
   return 1
 }
+
+PY=${PY:-target/bench-venv/bin/python}
+if [[ ! -x $PY && $PY == target/bench-venv/bin/python ]]; then
+  echo "compare: making target/bench-venv for the py-* rows (bench/requirements.txt)" >&2
+  { python3 -m venv target/bench-venv && target/bench-venv/bin/pip install -q -r bench/requirements.txt; } >&2 ||
+    echo "compare: no venv; the py-* rows are skipped" >&2
+fi
 
 PID=""
 : >"$RAW"
@@ -192,6 +204,16 @@ SCENARIOS=(
   # Does the consumer keep up over a long run (~30-60 s here, RabbitMQ ~100 s)? The
   # notes give the delivered rate over the publisher's confirmed rate.
   "defaults-amqp-durable-ack1-nowait-prefetch100-2M|amqp|--durable --ack-every 1 --prefetch 100 --ack-nowait --messages 2000000 --rounds 1"
+  # Python's clients with their defaults (bench/pyclients.py), publisher and consumer
+  # in processes of their own: pika with each publish awaiting its confirm (what
+  # `confirm_delivery()` does), then pika as it comes (no confirms, no basic.qos);
+  # py-amqp as a Celery worker with concurrency 2 drives it (prefetch 4 x 2, no
+  # publisher confirms); paho-mqtt with its window of 20, flat out and paced.
+  "py-pika-durable-confirms-ack1-prefetch100|py|--client pika --durable --confirms --prefetch 100 --messages 10000"
+  "py-pika-durable-ack1|py|--client pika --durable --messages 20000"
+  "py-celery-pyamqp-durable-ack1-prefetch8|py|--client pyamqp --durable --prefetch 8 --messages 20000"
+  "py-paho-qos1-1to1|py|--client paho --qos 1 --messages 20000"
+  "py-paho-qos1-1000/s|py|--client paho --qos 1 --rate 1000 --messages 10000"
   # As many idle subscribers as one process may hold here (20,000 file descriptors).
   "mqtt-19k-idle|many|--qos 1 --messages 20000 --large 19000"
 )
@@ -207,6 +229,8 @@ run() { # broker scenario-line
   if [[ $broker == mqgate-js ]]; then
     [[ $proto == many || $name == *transient* || $name == *qos0* || $name == *-2M ]] && return 0
   fi
+  # The Python clients count deliveries, which the sink makes none of.
+  [[ $proto == py && $broker == sink ]] && return 0
   case $proto in
     amqp)
       [[ $broker == mosquitto ]] && return 0
@@ -217,6 +241,13 @@ run() { # broker scenario-line
       # shellcheck disable=SC2086
       line=$($BIN/mqtt_pubsub --addr "$(mqtt_addr "$broker")" --broker-pid "$PID" \
         $args $extra | tee >(cat >&2) | grep '^RESULT' || true) ;;
+    py)
+      [[ -x $PY ]] || return 0
+      [[ $broker == mosquitto && $args != *paho* ]] && return 0
+      # shellcheck disable=SC2086
+      line=$($PY bench/pyclients.py --amqp-url "$(amqp_url "$broker")" \
+        --mqtt-addr "$(mqtt_addr "$broker")" --broker-pid "$PID" $args \
+        | tee >(cat >&2) | grep '^RESULT' || true) ;;
     many)
       # 10,000 / 19,000 idle subscribed clients: the sink delivers nothing and RabbitMQ's MQTT
       # plugin takes minutes to connect them; Mosquitto and mqgate only.
