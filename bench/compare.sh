@@ -59,11 +59,15 @@ nats_bin() {
 }
 
 PY=${PY:-target/bench-venv/bin/python}
-if [[ ! -x $PY && $PY == target/bench-venv/bin/python ]]; then
+py_ready() { "$PY" -c 'import amqp, paho.mqtt, pika' >/dev/null 2>&1; }
+if ! py_ready && [[ $PY == target/bench-venv/bin/python ]]; then
   echo "compare: making target/bench-venv for the py-* rows (bench/requirements.txt)" >&2
+  rm -rf target/bench-venv
   { python3 -m venv target/bench-venv && target/bench-venv/bin/pip install -q -r bench/requirements.txt; } >&2 ||
-    echo "compare: no venv; the py-* rows are skipped" >&2
+    rm -rf target/bench-venv
 fi
+PY_OK=0
+if py_ready; then PY_OK=1; else echo "compare: no Python clients ($PY); the py-* rows are skipped" >&2; fi
 
 PID=""
 : >"$RAW"
@@ -242,7 +246,7 @@ run() { # broker scenario-line
       line=$($BIN/mqtt_pubsub --addr "$(mqtt_addr "$broker")" --broker-pid "$PID" \
         $args $extra | tee >(cat >&2) | grep '^RESULT' || true) ;;
     py)
-      [[ -x $PY ]] || return 0
+      [[ $PY_OK == 1 ]] || return 0
       [[ $broker == mosquitto && $args != *paho* ]] && return 0
       # shellcheck disable=SC2086
       line=$($PY bench/pyclients.py --amqp-url "$(amqp_url "$broker")" \

@@ -84,8 +84,20 @@ class Tally:
     def done(self):
         return self.got >= self.n
 
+    def stop(self, pids):
+        """The consumer has what it will get: the broker's CPU time and the machine's
+        steal now (before the consumer cancels, deletes its queue and closes)."""
+        self.cpu_end, self.steal_end = cpu_seconds(pids), steal_seconds()
+
     def result(self):
-        return {"got": self.got, "dup": self.dup, "lat": self.lat, "last": self.last}
+        return {
+            "got": self.got,
+            "dup": self.dup,
+            "lat": self.lat,
+            "last": self.last,
+            "cpu_end": self.cpu_end,
+            "steal_end": self.steal_end,
+        }
 
 
 # ---- pika -----------------------------------------------------------------------------
@@ -121,13 +133,14 @@ def pika_consumer(a, queue, ready, out):
     ready.set()
     while not t.done() and time.monotonic() - t.last < IDLE_TIMEOUT:
         conn.process_data_events(time_limit=1)
+    t.stop(a.pids)
     ch.basic_cancel(tag)
     ch.queue_delete(queue=queue)
     conn.close()
     out.put(t.result())
 
 
-def pika_publisher(a, queue, go, out):
+def pika_publisher(a, queue, sync, out):
     import pika
 
     conn = pika.BlockingConnection(pika_params(a.amqp_url))
@@ -136,7 +149,7 @@ def pika_publisher(a, queue, go, out):
         ch.confirm_delivery()
     props = pika.BasicProperties(delivery_mode=2 if a.durable else 1)
     pad = bytes(a.size)
-    go.wait()
+    sync.wait_go()
     start = time.monotonic()
     for i in range(a.messages):
         paced(a.rate, start, i)
@@ -186,19 +199,20 @@ def pyamqp_consumer(a, queue, ready, out):
             conn.drain_events(timeout=1)
         except socket.timeout:
             pass
+    t.stop(a.pids)
     ch.basic_cancel(tag)
     ch.queue_delete(queue)
     conn.close()
     out.put(t.result())
 
 
-def pyamqp_publisher(a, queue, go, out):
+def pyamqp_publisher(a, queue, sync, out):
     import amqp
 
     conn = pyamqp_conn(a.amqp_url, confirm=a.confirms)
     ch = conn.channel()
     pad = bytes(a.size)
-    go.wait()
+    sync.wait_go()
     start = time.monotonic()
     for i in range(a.messages):
         paced(a.rate, start, i)
@@ -229,6 +243,9 @@ def paho_consumer(a, topic, ready, out):
     subscribed = threading.Event()
 
     def on_connect(c, _u, _f, rc, _p):
+        if rc.is_failure:
+            print(f"pyclients: the subscriber's CONNECT was refused: {rc}", file=sys.stderr)
+            return
         c.subscribe(topic, qos=a.qos)
 
     def on_subscribe(_c, _u, _mid, _rcs, _p):
@@ -242,16 +259,18 @@ def paho_consumer(a, topic, ready, out):
     c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
     c.connect(host, port, keepalive=60)
     c.loop_start()
-    subscribed.wait(30)
+    if not subscribed.wait(30):
+        sys.exit("pyclients: the subscriber got no SUBACK")
     ready.set()
     while not finished.wait(1) and time.monotonic() - t.last < IDLE_TIMEOUT:
         pass
+    t.stop(a.pids)
     c.disconnect()
     c.loop_stop()
     out.put(t.result())
 
 
-def paho_publisher(a, topic, go, out):
+def paho_publisher(a, topic, sync, out):
     import threading
 
     c, host, port = paho_client(a, f"py-pub-{os.getpid()}")
@@ -259,8 +278,9 @@ def paho_publisher(a, topic, go, out):
     all_acked = threading.Event()
     connected = threading.Event()
 
-    def on_connect(_c, _u, _f, _rc, _p):
-        connected.set()
+    def on_connect(_c, _u, _f, rc, _p):
+        if not rc.is_failure:
+            connected.set()
 
     def on_publish(_c, _u, _mid, _rc, _p):
         acked[0] += 1
@@ -270,14 +290,16 @@ def paho_publisher(a, topic, go, out):
     c.on_connect, c.on_publish = on_connect, on_publish
     c.connect(host, port, keepalive=60)
     c.loop_start()
-    connected.wait(30)
+    if not connected.wait(30):
+        sys.exit("pyclients: the publisher's CONNECT got no CONNACK, or a refusal")
     pad = bytes(a.size)
-    go.wait()
+    sync.wait_go()
     start = time.monotonic()
     for i in range(a.messages):
         paced(a.rate, start, i)
         c.publish(topic, body(i, a.size, pad), qos=a.qos)
-    all_acked.wait(300)
+    if not all_acked.wait(300):
+        sys.exit(f"pyclients: {a.messages - acked[0]} publishes got no PUBACK in 300 s")
     end = time.monotonic()
     c.disconnect()
     c.loop_stop()
@@ -317,18 +339,46 @@ def pct(sorted_values, p):
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * p / 100))]
 
 
-def take(out, proc, procs):
-    """What `proc` put on `out`; if it died without a word, stop every one of `procs`."""
+class Sync:
+    """The publisher says it is connected (and set up: confirms), then waits for go."""
+
+    def __init__(self, ctx):
+        self.connected, self.go = ctx.Event(), ctx.Event()
+
+    def wait_go(self):
+        self.connected.set()
+        self.go.wait()
+
+
+def wait_for(event, proc, procs, what, limit=60):
+    """Wait for `event`; if `proc` dies or `limit` seconds pass first, stop `procs`."""
+    deadline = time.monotonic() + limit
+    while not event.wait(0.2):
+        if not proc.is_alive() or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            sys.exit(f"pyclients: {what}")
+
+
+def take(out, proc, procs, limit):
+    """What `proc` put on `out`; if it died without a word, or said nothing for `limit`
+    seconds (a publisher held by the broker's flow control forever), stop `procs`."""
     import queue
 
+    deadline = time.monotonic() + limit
     while True:
         try:
             return out.get(timeout=1)
         except queue.Empty:
-            if not proc.is_alive() and out.empty():
+            dead = not proc.is_alive() and out.empty()
+            if dead or time.monotonic() > deadline:
                 for p in procs:
                     p.kill()
-                sys.exit("pyclients: a client process died (its error is above)")
+                sys.exit(
+                    "pyclients: a client process died (its error is above)"
+                    if dead
+                    else f"pyclients: a client process said nothing for {limit} s"
+                )
 
 
 def round_(a, n, pids):
@@ -337,24 +387,22 @@ def round_(a, n, pids):
     if a.client == "paho":
         name = "bench/py/" + name
     ctx = mp.get_context("fork")
-    ready, go = ctx.Event(), ctx.Event()
+    ready, sync = ctx.Event(), Sync(ctx)
     cons_out, pub_out = ctx.Queue(), ctx.Queue()
     cons = ctx.Process(target=consumer, args=(a, name, ready, cons_out))
     cons.start()
-    deadline = time.monotonic() + 60
-    while not ready.wait(0.2):
-        if not cons.is_alive() or time.monotonic() > deadline:
-            cons.kill()
-            sys.exit("pyclients: the consumer did not start")
-    pub = ctx.Process(target=publisher, args=(a, name, go, pub_out))
+    wait_for(ready, cons, (cons,), "the consumer did not start")
+    pub = ctx.Process(target=publisher, args=(a, name, sync, pub_out))
     pub.start()
-    time.sleep(0.5)  # the publisher connects
+    wait_for(sync.connected, pub, (cons, pub), "the publisher did not connect")
     cpu0, steal0 = cpu_seconds(pids), steal_seconds()
-    go.set()
+    sync.go.set()
     # Each side reports unless it died: the consumer stops IDLE_TIMEOUT after its last
-    # message, the publisher once its last publish is handed over (acknowledged, paho).
-    c, p = take(cons_out, cons, (cons, pub)), take(pub_out, pub, (cons, pub))
-    cpu1, steal1 = cpu_seconds(pids), steal_seconds()
+    # message (it reads the broker's CPU time as it stops), the publisher once its last
+    # publish is handed over (confirmed with confirms; acknowledged, paho).
+    c = take(cons_out, cons, (cons, pub), a.messages / 100 + 120)
+    p = take(pub_out, pub, (cons, pub), 120)
+    cpu1, steal1 = c["cpu_end"], c["steal_end"]
     cons.join()
     pub.join()
     lat = sorted(c["lat"])
@@ -400,6 +448,7 @@ def main():
     a = ap.parse_args()
     pids = [a.broker_pid] if a.broker_pid else []
     pids += [int(p) for p in os.environ.get("BENCH_EXTRA_PIDS", "").split(",") if p]
+    a.pids = pids
     rounds = [round_(a, n, pids) for n in range(1, a.rounds + 1)]
 
     def med(k):
