@@ -60,6 +60,19 @@ def paced(rate, start, i):
             time.sleep(wait)
 
 
+def publish_all(a, sync, send):
+    """Once the round starts, hand `send` every message's body (paced at `--rate`); the
+    round's start and when the last publish was handed over (for pika with confirms,
+    confirmed: its `basic_publish` waits)."""
+    pad = bytes(a.size)
+    sync.wait_go()
+    start = time.monotonic()
+    for i in range(a.messages):
+        paced(a.rate, start, i)
+        send(body(i, a.size, pad))
+    return start, time.monotonic()
+
+
 class Tally:
     """What a consumer saw."""
 
@@ -83,6 +96,10 @@ class Tally:
 
     def done(self):
         return self.got >= self.n
+
+    def waiting(self):
+        """Not done, and something came within IDLE_TIMEOUT (else the rest is lost)."""
+        return not self.done() and time.monotonic() - self.last < IDLE_TIMEOUT
 
     def stop(self, pids):
         """The consumer has what it will get: the broker's CPU time and the machine's
@@ -109,16 +126,12 @@ def pika_params(url):
     return pika.URLParameters(url)
 
 
-def pika_declare(ch, queue, durable):
-    ch.queue_declare(queue=queue, durable=durable)
-
-
 def pika_consumer(a, queue, ready, out):
     import pika
 
     conn = pika.BlockingConnection(pika_params(a.amqp_url))
     ch = conn.channel()
-    pika_declare(ch, queue, a.durable)
+    ch.queue_declare(queue=queue, durable=a.durable)
     if a.prefetch:
         ch.basic_qos(prefetch_count=a.prefetch)
     t = Tally(a.messages)
@@ -131,7 +144,7 @@ def pika_consumer(a, queue, ready, out):
 
     tag = ch.basic_consume(queue=queue, on_message_callback=on_message, auto_ack=False)
     ready.set()
-    while not t.done() and time.monotonic() - t.last < IDLE_TIMEOUT:
+    while t.waiting():
         conn.process_data_events(time_limit=1)
     t.stop(a.pids)
     ch.basic_cancel(tag)
@@ -148,13 +161,11 @@ def pika_publisher(a, queue, sync, out):
     if a.confirms:
         ch.confirm_delivery()
     props = pika.BasicProperties(delivery_mode=2 if a.durable else 1)
-    pad = bytes(a.size)
-    sync.wait_go()
-    start = time.monotonic()
-    for i in range(a.messages):
-        paced(a.rate, start, i)
-        ch.basic_publish(exchange="", routing_key=queue, body=body(i, a.size, pad), properties=props)
-    end = time.monotonic()
+
+    def send(data):
+        ch.basic_publish(exchange="", routing_key=queue, body=data, properties=props)
+
+    start, end = publish_all(a, sync, send)
     conn.close()
     out.put({"start": start, "end": end})
 
@@ -194,7 +205,7 @@ def pyamqp_consumer(a, queue, ready, out):
     ready.set()
     import socket
 
-    while not t.done() and time.monotonic() - t.last < IDLE_TIMEOUT:
+    while t.waiting():
         try:
             conn.drain_events(timeout=1)
         except socket.timeout:
@@ -211,14 +222,12 @@ def pyamqp_publisher(a, queue, sync, out):
 
     conn = pyamqp_conn(a.amqp_url, confirm=a.confirms)
     ch = conn.channel()
-    pad = bytes(a.size)
-    sync.wait_go()
-    start = time.monotonic()
-    for i in range(a.messages):
-        paced(a.rate, start, i)
-        msg = amqp.Message(body(i, a.size, pad), delivery_mode=2 if a.durable else 1)
-        ch.basic_publish(msg, exchange="", routing_key=queue)
-    end = time.monotonic()
+    mode = 2 if a.durable else 1
+
+    def send(data):
+        ch.basic_publish(amqp.Message(data, delivery_mode=mode), exchange="", routing_key=queue)
+
+    start, end = publish_all(a, sync, send)
     conn.close()
     out.put({"start": start, "end": end})
 
@@ -262,8 +271,8 @@ def paho_consumer(a, topic, ready, out):
     if not subscribed.wait(30):
         sys.exit("pyclients: the subscriber got no SUBACK")
     ready.set()
-    while not finished.wait(1) and time.monotonic() - t.last < IDLE_TIMEOUT:
-        pass
+    while t.waiting():
+        finished.wait(1)
     t.stop(a.pids)
     c.disconnect()
     c.loop_stop()
@@ -292,12 +301,7 @@ def paho_publisher(a, topic, sync, out):
     c.loop_start()
     if not connected.wait(30):
         sys.exit("pyclients: the publisher's CONNECT got no CONNACK, or a refusal")
-    pad = bytes(a.size)
-    sync.wait_go()
-    start = time.monotonic()
-    for i in range(a.messages):
-        paced(a.rate, start, i)
-        c.publish(topic, body(i, a.size, pad), qos=a.qos)
+    start, _ = publish_all(a, sync, lambda data: c.publish(topic, data, qos=a.qos))
     if not all_acked.wait(300):
         sys.exit(f"pyclients: {a.messages - acked[0]} publishes got no PUBACK in 300 s")
     end = time.monotonic()
@@ -350,14 +354,18 @@ class Sync:
         self.go.wait()
 
 
+def abort(procs, why):
+    for p in procs:
+        p.kill()
+    sys.exit(f"pyclients: {why}")
+
+
 def wait_for(event, proc, procs, what, limit=60):
     """Wait for `event`; if `proc` dies or `limit` seconds pass first, stop `procs`."""
     deadline = time.monotonic() + limit
     while not event.wait(0.2):
         if not proc.is_alive() or time.monotonic() > deadline:
-            for p in procs:
-                p.kill()
-            sys.exit(f"pyclients: {what}")
+            abort(procs, what)
 
 
 def take(out, proc, procs, limit):
@@ -370,15 +378,10 @@ def take(out, proc, procs, limit):
         try:
             return out.get(timeout=1)
         except queue.Empty:
-            dead = not proc.is_alive() and out.empty()
-            if dead or time.monotonic() > deadline:
-                for p in procs:
-                    p.kill()
-                sys.exit(
-                    "pyclients: a client process died (its error is above)"
-                    if dead
-                    else f"pyclients: a client process said nothing for {limit} s"
-                )
+            if not proc.is_alive() and out.empty():
+                abort(procs, "a client process died (its error is above)")
+            if time.monotonic() > deadline:
+                abort(procs, f"a client process said nothing for {limit} s")
 
 
 def round_(a, n, pids):
